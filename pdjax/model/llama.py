@@ -1,0 +1,344 @@
+"""The Llama-family decoder as pure functions over a pytree of weights.
+
+Two entry points share one layer body:
+
+* ``prefill_forward``: many tokens per sequence, optionally continuing after a
+  prefix whose KV is already computed (chunked prefill, prefix caching). It
+  returns the new tokens' K/V densely; the caller decides where they live.
+* ``decode_forward``: one token per sequence at per-sequence positions. K/V
+  live in a paged pool ``[layers, pages, page_size, kv_heads, head_dim]``; each
+  sequence owns the pages its row of ``page_table`` names. The new token's K/V
+  is scattered into the pool (donated by the caller, so in place) and
+  attention reads the sequence's pages, masked by its length, so stale data in
+  a recycled page is never visible.
+
+Layers are stacked on a leading axis and run with ``lax.scan``: compile time
+does not grow with depth, and the per-layer weights keep one array per kind,
+which is what the sharding rules and orbax checkpoints address.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.model.config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+
+
+# ------------------------------------------------------------------ layout
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+  """Shape and logical axes of every weight, as a pytree of (shape, axes)."""
+  L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+  H, K, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  layers = {
+      "attn_norm": ((L, D), ("layers", "embed")),
+      "wq": ((L, D, H, hd), ("layers", "embed", "heads", "head_dim")),
+      "wk": ((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+      "wv": ((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+      "wo": ((L, H, hd, D), ("layers", "heads", "head_dim", "embed")),
+      "mlp_norm": ((L, D), ("layers", "embed")),
+      "w_gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "w_up": ((L, D, F), ("layers", "embed", "mlp")),
+      "w_down": ((L, F, D), ("layers", "mlp", "embed")),
+  }
+  if cfg.qkv_bias:
+    layers["bq"] = ((L, H, hd), ("layers", "heads", "head_dim"))
+    layers["bk"] = ((L, K, hd), ("layers", "kv_heads", "head_dim"))
+    layers["bv"] = ((L, K, hd), ("layers", "kv_heads", "head_dim"))
+  if cfg.o_bias:
+    layers["bo"] = ((L, D), ("layers", "embed"))
+  if cfg.mlp_bias:
+    layers["b_gate"] = ((L, F), ("layers", "mlp"))
+    layers["b_up"] = ((L, F), ("layers", "mlp"))
+    layers["b_down"] = ((L, D), ("layers", "embed"))
+  out = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "layers": layers,
+      "final_norm": ((D,), ("embed",)),
+  }
+  if not cfg.tie_word_embeddings:
+    out["lm_head"] = ((D, V), ("embed", "vocab"))
+  return out
+
+
+def _is_leaf(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_logical_axes(cfg: ModelConfig):
+  return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_leaf)
+
+
+def abstract_params(cfg: ModelConfig, shardings=None):
+  """ShapeDtypeStructs of the weights (optionally carrying shardings)."""
+  shapes = jax.tree.map(lambda s: s[0], param_shapes(cfg), is_leaf=_is_leaf)
+  if shardings is None:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, cfg.jnp_dtype),
+                        shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s, cfg.jnp_dtype, sharding=sh),
+      shapes, shardings, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, *, std: float = 0.02,
+                shardings=None) -> Params:
+  """Random weights, born sharded when ``shardings`` is given.
+
+  Norm weights are ones plus a little noise so a bug that drops a norm shows.
+  Used for benchmarks (Llama-3-8B shapes) and tests; real models are loaded.
+  """
+  abstract = abstract_params(cfg)
+  leaves, treedef = jax.tree.flatten(abstract)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(abstract)[0]]
+
+  def make():
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = []
+    for k, leaf, path in zip(keys, leaves, paths):
+      x = jax.random.normal(k, leaf.shape, jnp.float32)
+      if "norm" in path:
+        x = 1.0 + 0.1 * x
+      else:
+        x = std * x
+      out.append(x.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  if shardings is None:
+    return jax.jit(make)()
+  return jax.jit(make, out_shardings=shardings)()
+
+
+# ------------------------------------------------------------------ pieces
+def rms_norm(x, weight, eps):
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight * x32.astype(dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+  """cos/sin of shape positions.shape + (head_dim,), HF rotate-half layout."""
+  inv = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x: [..., T, N, hd]; cos/sin: [..., T, hd]."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[..., None, :] + rotated * sin[..., None, :]
+  return out.astype(dtype)
+
+
+def _dot(x, w, subscripts):
+  return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32
+                    ).astype(x.dtype)
+
+
+def attention_impl(dtype, head_dim: int) -> str | None:
+  """cuDNN on GPU where it applies, XLA elsewhere (CPU, fp32, odd head dims)."""
+  if jax.default_backend() != "gpu":
+    return "xla"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "xla"
+  if head_dim % 8 or head_dim > 256:
+    return "xla"
+  return "cudnn"
+
+
+def _qkv(cfg: ModelConfig, lp, h, cos, sin):
+  q = _dot(h, lp["wq"], "btd,dnh->btnh")
+  k = _dot(h, lp["wk"], "btd,dkh->btkh")
+  v = _dot(h, lp["wv"], "btd,dkh->btkh")
+  if cfg.qkv_bias:
+    q = q + lp["bq"]
+    k = k + lp["bk"]
+    v = v + lp["bv"]
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _attn_out_and_mlp(cfg: ModelConfig, lp, x, attn):
+  o = _dot(attn, lp["wo"], "btnh,nhd->btd")
+  if cfg.o_bias:
+    o = o + lp["bo"]
+  x = x + o
+  h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+  gate = _dot(h, lp["w_gate"], "btd,df->btf")
+  up = _dot(h, lp["w_up"], "btd,df->btf")
+  if cfg.mlp_bias:
+    gate = gate + lp["b_gate"]
+    up = up + lp["b_up"]
+  down = _dot(jax.nn.silu(gate) * up, lp["w_down"], "btf,fd->btd")
+  if cfg.mlp_bias:
+    down = down + lp["b_down"]
+  return x + down
+
+
+def _logits(cfg: ModelConfig, params, x):
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def _embed(params, tokens):
+  return jnp.take(params["embed"], tokens, axis=0)
+
+
+# ------------------------------------------------------------------ prefill
+class PrefillOut(NamedTuple):
+  logits: jax.Array  # [B, V] at the last real token, or [B, T, V]
+  k: jax.Array       # [L, B, T, K, hd] K of the new tokens
+  v: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
+def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
+                    prefix_k=None, prefix_v=None, prefix_len=None,
+                    all_logits: bool = False) -> PrefillOut:
+  """Runs the prompt (or the part after a cached prefix) through the model.
+
+  tokens: [B, T] right-padded; true_len: [B] real new tokens per row.
+  prefix_k/v: [L, B, S, K, hd] KV of earlier tokens (S static, rows padded),
+  prefix_len: [B] how many of the S are real. Positions continue after it.
+  Padding never leaks into real tokens: they sit after them (causal mask) or
+  past prefix_len (masked).
+  """
+  B, T = tokens.shape
+  has_prefix = prefix_k is not None
+  start = prefix_len if has_prefix else jnp.zeros((B,), jnp.int32)
+  positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  cos, sin = rope_tables(cfg, positions)
+  x = _embed(params, tokens)
+  impl = attention_impl(x.dtype, cfg.head_dim)
+  window = cfg.sliding_window
+
+  if has_prefix:
+    S = prefix_k.shape[2]
+    qi = jnp.arange(T)[None, :, None]
+    kj = jnp.arange(S + T)[None, None, :]
+    in_prefix = (kj < S) & (kj < start[:, None, None])
+    in_new = (kj >= S) & (kj - S <= qi)
+    mask = in_prefix | in_new
+    if window is not None:
+      qpos = start[:, None, None] + qi
+      kpos = jnp.where(kj < S, kj, start[:, None, None] + kj - S)
+      mask = mask & (kpos > qpos - window)
+    mask = mask[:, None]  # [B, 1, T, S+T]
+
+  def layer(x, xs):
+    lp, pk, pv = xs
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(cfg, lp, h, cos, sin)
+    if has_prefix:
+      kk = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+      vv = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+      attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
+                                          implementation="xla")
+    else:
+      attn = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation=impl,
+          local_window_size=None if window is None else (window - 1, 0))
+    return _attn_out_and_mlp(cfg, lp, x, attn), (k, v)
+
+  xs = (params["layers"],
+        prefix_k if has_prefix else None,
+        prefix_v if has_prefix else None)
+  x, (k_all, v_all) = jax.lax.scan(layer, x, xs)
+  if all_logits:
+    logits = _logits(cfg, params, x)
+  else:
+    last = jnp.clip(true_len - 1, 0, T - 1)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    logits = _logits(cfg, params, x_last)
+  return PrefillOut(logits, k_all, v_all)
+
+
+# ------------------------------------------------------------------ decode
+class DecodeOut(NamedTuple):
+  logits: jax.Array   # [B, V] float32
+  k_pages: jax.Array  # [L, N, P, K, hd]
+  v_pages: jax.Array
+
+
+def decode_forward(params: Params, tokens, positions, k_pages, v_pages,
+                   page_table, *, cfg: ModelConfig) -> DecodeOut:
+  """One token for each of B sequences; not jitted here (the engine jits it
+  with the pool donated and, for data parallelism, vmapped over replicas).
+
+  tokens, positions: [B]; page_table: [B, M] page ids (page 0 is the null
+  page that idle rows point at); the token at ``positions[b]`` is written to
+  ``page_table[b, pos // P]`` at offset ``pos % P``.
+  """
+  B = tokens.shape[0]
+  P = k_pages.shape[2]
+  M = page_table.shape[1]
+  cos, sin = rope_tables(cfg, positions[:, None])
+  x = _embed(params, tokens[:, None])
+  impl = attention_impl(x.dtype, cfg.head_dim)
+  write_page = jnp.take_along_axis(page_table, (positions // P)[:, None],
+                                   axis=1)[:, 0]
+  write_off = positions % P
+  kv_len = positions + 1
+  window = cfg.sliding_window
+  mask = None
+  if window is not None:
+    kpos = jnp.arange(M * P)[None, :]
+    mask = ((kpos < kv_len[:, None]) & (kpos > positions[:, None] - window))
+    mask = mask[:, None, None, :]  # [B, 1, 1, S]
+    impl = "xla"
+
+  def layer(carry, xs):
+    x, kp, vp = carry
+    lp, li = xs
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(cfg, lp, h, cos, sin)
+    kp = kp.at[li, write_page, write_off].set(k[:, 0].astype(kp.dtype))
+    vp = vp.at[li, write_page, write_off].set(v[:, 0].astype(vp.dtype))
+    kk = kp[li, page_table].reshape(B, M * P, cfg.num_kv_heads, cfg.head_dim)
+    vv = vp[li, page_table].reshape(B, M * P, cfg.num_kv_heads, cfg.head_dim)
+    kk = kk.astype(q.dtype)
+    vv = vv.astype(q.dtype)
+    if mask is not None:
+      attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
+                                          implementation="xla")
+    else:
+      attn = jax.nn.dot_product_attention(
+          q, kk, vv, query_seq_lengths=jnp.ones((B,), jnp.int32),
+          key_value_seq_lengths=kv_len, implementation=impl)
+    return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
+
+  layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  (x, k_pages, v_pages), _ = jax.lax.scan(
+      layer, (x, k_pages, v_pages), (params["layers"], layer_ids))
+  logits = _logits(cfg, params, x[:, 0])
+  return DecodeOut(logits, k_pages, v_pages)
+
+
+def reference_forward(params: Params, tokens, *, cfg: ModelConfig):
+  """Full-sequence logits [B, T, V] in one pass, for tests."""
+  B, T = tokens.shape
+  return prefill_forward(params, tokens, jnp.full((B,), T, jnp.int32),
+                         cfg=cfg, all_logits=True).logits
+
+
+def num_pages_for(tokens: int, page_size: int) -> int:
+  return -(-tokens // page_size)
+
+
+__all__ = [
+    "Params", "param_shapes", "param_logical_axes", "abstract_params",
+    "init_params", "prefill_forward", "decode_forward", "reference_forward",
+    "PrefillOut", "DecodeOut", "rms_norm", "apply_rope", "rope_tables",
+    "num_pages_for",
+]
