@@ -1,0 +1,144 @@
+"""Colocated serving: prefill and decode interleaved on the same devices.
+
+This is the baseline disaggregation is measured against (vLLM's and
+JetStream's interleaved mode) and also what a decode worker does for prompts
+under the local-prefill threshold. Each loop iteration admits waiting
+requests that fit (reserving their KV budget), prefills up to
+``max_prefill_batch`` of them per replica on that replica's own devices, and
+then runs one decode call: a long prompt therefore delays the running
+sequences' next tokens, which is exactly the interference disaggregation
+removes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Sequence
+
+from jax.sharding import Mesh
+
+from pdjax.engine.decode import DecodeConfig, DecodeEngine
+from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
+                                   TokenCallback, TokenEvent)
+from pdjax.engine.sampling import SamplingParams
+from pdjax.model.config import ModelConfig
+from pdjax.model.llama import Params
+from pdjax.sharding import ShardingRules
+
+
+@dataclasses.dataclass
+class _Waiting:
+  request_id: str
+  prompt_ids: Sequence[int]
+  sampling: SamplingParams
+  seed_u32: int
+  callback: TokenCallback
+
+
+class ColocatedEngine:
+  """A decode pool whose replicas also prefill their own requests."""
+
+  def __init__(self, params: Params, cfg: ModelConfig, mesh: Mesh,
+               rules: ShardingRules, pcfg: PrefillConfig = PrefillConfig(),
+               dcfg: DecodeConfig = DecodeConfig(), *,
+               eos_ids: Sequence[int] | None = None,
+               max_waiting: int | None = None):
+    self.cfg = cfg
+    self.decode = DecodeEngine(params, cfg, mesh, rules, dcfg,
+                               eos_ids=eos_ids)
+    sub_rules = rules.without("dp")
+    self.prefill = [PrefillEngine(rep.params, cfg, rep.mesh, sub_rules, pcfg)
+                    for rep in self.decode.replicas]
+    self.pcfg = pcfg
+    self.max_waiting = max_waiting
+    self._waiting: collections.deque[_Waiting] = collections.deque()
+    self._cancelled: set[str] = set()
+    self._lock = threading.Lock()
+
+  def validate(self, prompt_ids: Sequence[int], sampling: SamplingParams):
+    sampling.validate(self.cfg.vocab_size)
+    self.prefill[0].validate(prompt_ids)
+    self.decode.validate(len(prompt_ids), sampling.max_tokens)
+
+  def submit(self, request_id: str, prompt_ids: Sequence[int],
+             sampling: SamplingParams, callback: TokenCallback,
+             seed_u32: int = 0) -> None:
+    """Queues a request; tokens arrive through ``callback`` (first token
+    included), the last event carrying the finish reason."""
+    self.validate(prompt_ids, sampling)
+    with self._lock:
+      if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+        raise OverflowError(f"{len(self._waiting)} requests already waiting")
+      self._waiting.append(_Waiting(request_id, list(prompt_ids), sampling,
+                                    seed_u32, callback))
+
+  def cancel(self, request_id: str) -> None:
+    with self._lock:
+      if any(w.request_id == request_id for w in self._waiting):
+        self._cancelled.add(request_id)
+        return
+    self.decode.cancel(request_id)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self._waiting) or self.decode.has_work
+
+  def step(self) -> int:
+    self._prefill_admitted()
+    return self.decode.step()
+
+  def drain(self, max_iters: int = 100000) -> None:
+    for _ in range(max_iters):
+      if not self.has_work:
+        return
+      self.step()
+    raise RuntimeError("colocated engine did not drain")
+
+  def _prefill_admitted(self) -> None:
+    """Reserves capacity for waiting requests in arrival order and prefills
+    those that got it (at most max_batch per replica per iteration)."""
+    per_replica: dict[int, list[tuple[_Waiting, object]]] = (
+        collections.defaultdict(list))
+    aborted: list[_Waiting] = []
+    with self._lock:
+      keep: collections.deque[_Waiting] = collections.deque()
+      while self._waiting:
+        w = self._waiting.popleft()
+        if w.request_id in self._cancelled:
+          self._cancelled.discard(w.request_id)
+          aborted.append(w)
+          continue
+        res = self.decode.reserve(w.request_id, len(w.prompt_ids),
+                                  w.sampling.max_tokens)
+        if res is None or len(per_replica[res.replica]) >= self.pcfg.max_batch:
+          if res is not None:
+            self.decode.unreserve(w.request_id)
+          keep.append(w)
+          # Arrival order: do not let later requests overtake on capacity.
+          keep.extend(self._waiting)
+          self._waiting.clear()
+          break
+        per_replica[res.replica].append((w, res))
+      self._waiting = keep
+    for w in aborted:
+      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+    for replica, items in per_replica.items():
+      results = self.prefill[replica].prefill(
+          [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32)
+           for w, _ in items])
+      for (w, res), r in zip(items, results):
+        w.callback(TokenEvent(w.request_id, [r.first_token],
+                              [r.first_logprob]))
+        self.decode.submit(DecodeRequest(
+            w.request_id, w.prompt_ids, r.first_token, r.first_logprob, r.kv,
+            w.sampling, w.seed_u32, w.callback, reservation=res))
+
+
+__all__ = ["ColocatedEngine"]

@@ -1,0 +1,582 @@
+"""The decode engine: continuous batching over a paged KV cache.
+
+Lifecycle of a sequence in a replica (the host side of it):
+
+  1. ``reserve``: decode-side admission promises the pages of the request's
+     whole budget (prompt + max_tokens, capped by max_seq_len) before its KV
+     exists, so a sequence never stalls for memory mid-generation.
+  2. ``insert``: the prompt's pages are allocated from the reservation and a
+     jitted, donating scatter writes the request KV into them; the row's
+     first token, position and counters are set on device.
+  3. ``generate``: a jitted, donating program advances every live row by
+     ``steps_per_call`` tokens (``lax.scan``), sampling per row and applying
+     the stop conditions (EOS, stop ids, max_tokens, capacity) on device, so
+     a finished row stops writing at once. The host dispatches call i+1
+     before reading call i's tokens: Python never stalls the device.
+  4. release: when the host reads a finished (or cancelled) row, its pages
+     go back to the pool and the unused rest of its reservation is returned.
+
+Data parallelism: a pool of ``dp`` replicas, each with its own sub-mesh,
+weights view, KV pool and rows (JetStream's one engine per slice). Requests go
+to the replica with the most free KV capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdjax.engine.block_pool import BlockPool
+from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
+                             request_kv_shape, reshard_kv)
+from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
+                                   RequestStatus, TokenEvent)
+from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
+                                   SamplingArrays, sample)
+from pdjax.model.config import ModelConfig
+from pdjax.model.llama import Params, decode_forward
+from pdjax.sharding import (ShardingRules, replica_meshes, replica_view)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  max_seqs: int = 8          # rows per replica
+  page_size: int = 16
+  num_pages: int = 256       # per replica, the null page included
+  max_seq_len: int = 1024    # prompt + generated, per sequence
+  steps_per_call: int = 4
+
+  def __post_init__(self):
+    if self.max_seq_len % self.page_size:
+      raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
+                       f"page_size {self.page_size}")
+
+  @property
+  def pages_per_seq(self) -> int:
+    return self.max_seq_len // self.page_size
+
+  def kv_bytes(self, cfg: ModelConfig) -> int:
+    """Device bytes of one replica's KV pool (the explicit accounting)."""
+    return self.num_pages * self.page_size * cfg.kv_bytes_per_token()
+
+
+# ------------------------------------------------------------------ device
+@struct.dataclass
+class DecodeState:
+  kv: jax.Array         # [L, 2, N, P, K, hd]
+  tokens: jax.Array     # [B] next input token
+  positions: jax.Array  # [B] where that token's KV goes
+  generated: jax.Array  # [B] tokens generated so far (first token included)
+  done: jax.Array       # [B] finished on device
+
+
+@struct.dataclass
+class SlotInputs:
+  """Per-row inputs the host owns; uploaded with each generate call."""
+  page_table: jax.Array   # [B, M]
+  active: jax.Array       # [B] bool
+  temperature: jax.Array
+  top_p: jax.Array
+  top_k: jax.Array
+  seed: jax.Array
+  max_tokens: jax.Array   # [B]
+  stop_ids: jax.Array     # [B, S] (-1 padded)
+  use_eos: jax.Array      # [B] bool
+
+
+class StepOutput(struct.PyTreeNode):
+  tokens: jax.Array     # [S, B]
+  logprobs: jax.Array   # [S, B]
+  valid: jax.Array      # [S, B] the row produced a token at this step
+  finished: jax.Array   # [S, B] ... and it was its last
+  stopped: jax.Array    # [S, B] ... because of EOS / a stop id
+
+
+def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
+  def step(state: DecodeState, _):
+    live = slots.active & ~state.done
+    table = jnp.where(live[:, None], slots.page_table, 0)
+    positions = jnp.where(live, state.positions, 0)
+    logits, kv = decode_forward_pool(params, state.tokens, positions,
+                                     state.kv, table, cfg=cfg)
+    tok, lp = sample(logits, slots.temperature, slots.top_p, slots.top_k,
+                     slots.seed, state.generated)
+    generated = state.generated + live.astype(jnp.int32)
+    is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
+        slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
+    at_len = generated >= slots.max_tokens
+    at_cap = state.positions + 1 >= capacity
+    finished = live & (is_stop | at_len | at_cap)
+    new = DecodeState(
+        kv=kv,
+        tokens=jnp.where(live, tok, state.tokens),
+        positions=state.positions + live.astype(jnp.int32),
+        generated=generated,
+        done=state.done | finished)
+    return new, StepOutput(tok, lp, live, finished, live & is_stop)
+
+  return jax.lax.scan(step, state, None, length=num_steps)
+
+
+def decode_forward_pool(params, tokens, positions, kv, page_table, *, cfg):
+  """``decode_forward`` over a combined ``[L, 2, N, P, K, hd]`` pool."""
+  out = decode_forward(params, tokens, positions, kv[:, 0], kv[:, 1],
+                       page_table, cfg=cfg)
+  return out.logits, jnp.stack([out.k_pages, out.v_pages], axis=1)
+
+
+def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
+  """Writes a request KV's pages into the pool and arms ``row``."""
+  pool = state.kv.at[:, :, dest_pages].set(kv.astype(state.kv.dtype))
+  return DecodeState(
+      kv=pool,
+      tokens=state.tokens.at[row].set(first_token),
+      positions=state.positions.at[row].set(position),
+      generated=state.generated.at[row].set(1),
+      done=state.done.at[row].set(False))
+
+
+def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  B = dcfg.max_seqs
+  return DecodeState(
+      kv=jnp.zeros((L, 2, dcfg.num_pages, dcfg.page_size, K, hd),
+                   cfg.jnp_dtype),
+      tokens=jnp.zeros((B,), jnp.int32),
+      positions=jnp.zeros((B,), jnp.int32),
+      generated=jnp.zeros((B,), jnp.int32),
+      done=jnp.ones((B,), bool))
+
+
+# ------------------------------------------------------------------ host
+@dataclasses.dataclass
+class Reservation:
+  """Pages promised to one request on one replica."""
+  request_id: str
+  replica: int
+  pages: int
+  used: bool = False
+  cancelled: bool = False
+
+
+@dataclasses.dataclass
+class _Row:
+  request: DecodeRequest
+  pages: list[int]
+  reserved_left: int      # pages still promised to this row
+  host_pos: int           # upper bound of the device position
+  budget_pos: int         # the row never needs a position past this
+  tokens_out: int = 1
+  status: RequestStatus = RequestStatus.RUNNING
+
+
+class DecodeReplica:
+  """One DP replica: a KV pool, ``max_seqs`` rows and its jitted programs."""
+
+  def __init__(self, index: int, params: Params, cfg: ModelConfig,
+               mesh: Mesh, rules: ShardingRules, dcfg: DecodeConfig,
+               eos_ids: Sequence[int], programs: "_Programs"):
+    self.index = index
+    self.params = params
+    self.cfg = cfg
+    self.mesh = mesh
+    self.dcfg = dcfg
+    self.eos_ids = tuple(eos_ids)
+    self.programs = programs
+    self.pool = BlockPool(dcfg.num_pages)
+    B, M = dcfg.max_seqs, dcfg.pages_per_seq
+    pool_shape = request_kv_shape(cfg, dcfg.num_pages, dcfg.page_size)
+    self.kv_sharding = kv_sharding(rules, mesh, pool_shape)
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    state_sharding = DecodeState(
+        kv=self.kv_sharding, tokens=self.replicated,
+        positions=self.replicated, generated=self.replicated,
+        done=self.replicated)
+    self.state = jax.jit(functools.partial(_init_state, cfg, dcfg),
+                         out_shardings=state_sharding)()
+    self.rows: list[_Row | None] = [None] * B
+    self.page_table = np.zeros((B, M), np.int32)
+    self.active = np.zeros((B,), bool)
+    self.samp = SamplingArrays.empty(B)
+    self.max_tokens = np.ones((B,), np.int32)
+    self.stop_ids = np.full((B, MAX_STOP_TOKEN_IDS), -1, np.int32)
+    self.use_eos = np.ones((B,), bool)
+    self._slots_dirty = True
+    self._slots_dev: SlotInputs | None = None
+
+  # ---------------------------------------------------------------- counts
+  @property
+  def free_rows(self) -> int:
+    return sum(r is None for r in self.rows)
+
+  @property
+  def live_rows(self) -> int:
+    return self.dcfg.max_seqs - self.free_rows
+
+  def budget_pages(self, prompt_len: int, max_tokens: int) -> int:
+    n = min(prompt_len + max_tokens, self.dcfg.max_seq_len)
+    return pages_for(n, self.dcfg.page_size)
+
+  def payload_sharding(self, num_pages: int) -> NamedSharding:
+    """Where an incoming request KV of ``num_pages`` pages must be placed."""
+    return NamedSharding(self.mesh, self.kv_sharding.spec)
+
+  # ---------------------------------------------------------------- admit
+  def insert(self, req: DecodeRequest, reservation: Reservation) -> int:
+    row = self.rows.index(None)
+    P = self.dcfg.page_size
+    prompt_len = len(req.prompt_ids)
+    budget = self.budget_pages(prompt_len, req.sampling.max_tokens)
+    n_prompt = pages_for(prompt_len, P)
+    # The first generate call writes at positions prompt_len.. +steps: have
+    # those pages too.
+    n_now = min(budget, pages_for(prompt_len + 2 * self.dcfg.steps_per_call,
+                                  P))
+    pages = self.pool.allocate(n_now, reserved=True)
+    reservation.used = True
+    kv = reshard_kv(req.kv, self.payload_sharding(req.kv.kv.shape[2]))
+    n_payload = kv.kv.shape[2]
+    dest = np.zeros((n_payload,), np.int32)
+    dest[:n_prompt] = pages[:n_prompt]
+    self.state = self.programs.insert(
+        self.state, kv.kv, jax.device_put(dest, self.replicated),
+        np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
+    self.rows[row] = _Row(req, pages, reserved_left=reservation.pages - n_now,
+                          host_pos=prompt_len,
+                          budget_pos=min(prompt_len + req.sampling.max_tokens,
+                                         self.dcfg.max_seq_len))
+    self.page_table[row] = 0
+    self.page_table[row, :len(pages)] = pages
+    self.active[row] = True
+    self.samp.set_row(row, req.sampling, req.seed_u32)
+    self.max_tokens[row] = req.sampling.max_tokens
+    self.stop_ids[row] = -1
+    stops = list(req.sampling.stop_token_ids)[:MAX_STOP_TOKEN_IDS]
+    self.stop_ids[row, :len(stops)] = stops
+    self.use_eos[row] = not req.sampling.ignore_eos
+    self._slots_dirty = True
+    return row
+
+  def release(self, row: int) -> None:
+    r = self.rows[row]
+    if r is None:
+      return
+    self.pool.free(r.pages)
+    if r.reserved_left:
+      self.pool.unreserve(r.reserved_left)
+    self.rows[row] = None
+    self.active[row] = False
+    self.page_table[row] = 0
+    self._slots_dirty = True
+
+  # ---------------------------------------------------------------- step
+  def _grow(self) -> None:
+    """Allocates pages so the next call (and the one in flight) can write."""
+    P, S = self.dcfg.page_size, self.dcfg.steps_per_call
+    for row, r in enumerate(self.rows):
+      if r is None:
+        continue
+      r.host_pos = min(r.host_pos + S, r.budget_pos)
+      need = min(pages_for(r.host_pos + S, P),
+                 pages_for(r.budget_pos, P)) - len(r.pages)
+      need = min(need, r.reserved_left)
+      if need > 0:
+        new = self.pool.allocate(need, reserved=True)
+        r.reserved_left -= need
+        self.page_table[row, len(r.pages):len(r.pages) + need] = new
+        r.pages.extend(new)
+        self._slots_dirty = True
+
+  def _slot_inputs(self) -> SlotInputs:
+    if self._slots_dirty or self._slots_dev is None:
+      host = SlotInputs(
+          page_table=self.page_table, active=self.active,
+          temperature=self.samp.temperature, top_p=self.samp.top_p,
+          top_k=self.samp.top_k, seed=self.samp.seed,
+          max_tokens=self.max_tokens, stop_ids=self.stop_ids,
+          use_eos=self.use_eos)
+      self._slots_dev = jax.device_put(host, self.replicated)
+      self._slots_dirty = False
+    return self._slots_dev
+
+  def dispatch(self):
+    """Launches one generate call; returns (outputs, row owners)."""
+    self._grow()
+    slots = self._slot_inputs()
+    self.state, out = self.programs.generate(self.params, self.state, slots)
+    owners = [None if r is None else r.request.request_id for r in self.rows]
+    return out, owners
+
+
+class _Programs:
+  """The jitted programs of a pool, shared by its replicas (jit keeps one
+  executable per device set)."""
+
+  def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
+               eos_ids: tuple[int, ...]):
+    self.generate = jax.jit(
+        functools.partial(_generate_entry, cfg=cfg,
+                          num_steps=dcfg.steps_per_call, eos_ids=eos_ids),
+        donate_argnums=(1,))
+    self.insert = jax.jit(_insert, donate_argnums=(0,))
+
+
+def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids):
+  capacity = slots.page_table.shape[1] * state.kv.shape[3]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity)
+
+
+# ------------------------------------------------------------------ engine
+@dataclasses.dataclass
+class _Pending:
+  request: DecodeRequest
+  reservation: Reservation
+
+
+class DecodeEngine:
+  """The decode pool of one worker: ``dp`` replicas, one host loop.
+
+  Thread-safety: ``reserve``, ``submit`` and ``cancel`` may be called from any
+  thread; ``step`` runs on the engine's own loop thread (``start``) or, in
+  tests, on the caller's.
+  """
+
+  def __init__(self, params: Params, cfg: ModelConfig, mesh: Mesh,
+               rules: ShardingRules, dcfg: DecodeConfig = DecodeConfig(),
+               *, eos_ids: Sequence[int] | None = None):
+    self.cfg = cfg
+    self.dcfg = dcfg
+    self.mesh = mesh
+    self.rules = rules
+    self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    self.programs = _Programs(cfg, dcfg, self.eos_ids)
+    sub_rules = rules.without("dp")
+    self.replicas: list[DecodeReplica] = []
+    from pdjax.model.llama import param_shapes
+    specs = jax.tree.map(
+        lambda s: sub_rules.partition_spec(s[1]), param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+        and isinstance(x[1], tuple))
+    for i, sub in enumerate(replica_meshes(mesh, "dp")):
+      view = jax.tree.map(lambda x, s, sub=sub: replica_view(x, sub, s),
+                          params, specs)
+      self.replicas.append(DecodeReplica(i, view, cfg, sub, sub_rules, dcfg,
+                                         self.eos_ids, self.programs))
+    self._lock = threading.Lock()
+    self._inbox: collections.deque[_Pending] = collections.deque()
+    self._cancelled: set[str] = set()
+    self._where: dict[str, tuple[int, int]] = {}   # request -> (replica, row)
+    self._inflight: list[tuple[int, StepOutput, list]] = []
+    self._reservations: dict[str, Reservation] = {}
+    self._seq = itertools.count()
+    self.stats = collections.Counter()
+
+  # ---------------------------------------------------------------- admit
+  def validate(self, prompt_len: int, max_tokens: int) -> None:
+    if prompt_len >= self.dcfg.max_seq_len:
+      raise InvalidRequest("prompt", f"has {prompt_len} tokens; the decode "
+                           f"pool holds at most {self.dcfg.max_seq_len - 1} "
+                           "prompt tokens")
+    need = pages_for(min(prompt_len + max_tokens, self.dcfg.max_seq_len),
+                     self.dcfg.page_size)
+    if need > self.dcfg.num_pages - 1:
+      raise InvalidRequest("max_tokens", f"prompt + max_tokens needs {need} "
+                           f"KV pages, more than a replica has "
+                           f"({self.dcfg.num_pages - 1})")
+
+  def reserve(self, request_id: str, prompt_len: int, max_tokens: int
+              ) -> Reservation | None:
+    """Promises capacity for a request, or None when the pool is full (the
+    caller queues or refuses, by its policy)."""
+    self.validate(prompt_len, max_tokens)
+    with self._lock:
+      if request_id in self._reservations:
+        return self._reservations[request_id]
+      pending_rows = collections.Counter(
+          r.replica for r in self._reservations.values() if not r.used)
+      order = sorted(range(len(self.replicas)),
+                     key=lambda i: -self.replicas[i].pool.available)
+      for i in order:
+        rep = self.replicas[i]
+        if rep.free_rows - pending_rows[i] <= 0:
+          continue
+        n = rep.budget_pages(prompt_len, max_tokens)
+        if rep.pool.reserve(n):
+          res = Reservation(request_id, i, n)
+          self._reservations[request_id] = res
+          return res
+      return None
+
+  def unreserve(self, request_id: str) -> None:
+    """Returns an unused reservation (transfer failed, request cancelled)."""
+    with self._lock:
+      res = self._reservations.pop(request_id, None)
+      if res is not None and not res.used:
+        self.replicas[res.replica].pool.unreserve(res.pages)
+
+  def submit(self, req: DecodeRequest) -> None:
+    """Queues a request whose KV is ready; it joins the batch at the next
+    step. Reserves on the spot if the caller did not."""
+    first_done = self._first_token_finishes(req)
+    if first_done is not None:
+      self.unreserve(req.request_id)
+      req.callback(TokenEvent(req.request_id, [], [], first_done))
+      return
+    res = req.reservation or self._reservations.get(req.request_id)
+    if res is not None and res.cancelled:
+      self.unreserve(req.request_id)
+      req.callback(TokenEvent(req.request_id, [], [], FinishReason.ABORT))
+      return
+    if res is None:
+      res = self.reserve(req.request_id, len(req.prompt_ids),
+                         req.sampling.max_tokens)
+      if res is None:
+        raise RuntimeError("decode pool is full")
+    with self._lock:
+      self._inbox.append(_Pending(req, res))
+
+  def _first_token_finishes(self, req: DecodeRequest):
+    s = req.sampling
+    if (not s.ignore_eos and req.first_token in self.eos_ids) or (
+        req.first_token in s.stop_token_ids):
+      return FinishReason.STOP
+    if s.max_tokens <= 1 or len(req.prompt_ids) + 1 >= self.dcfg.max_seq_len:
+      return FinishReason.LENGTH
+    return None
+
+  def cancel(self, request_id: str) -> None:
+    with self._lock:
+      self._cancelled.add(request_id)
+
+  # ---------------------------------------------------------------- loop
+  @property
+  def has_work(self) -> bool:
+    return bool(self._inbox or self._where or self._inflight)
+
+  def step(self) -> int:
+    """One iteration: admit, dispatch a call per busy replica, then deliver
+    the previous iteration's tokens. Returns the number of live rows."""
+    self._apply_cancellations()
+    self._admit()
+    launched = []
+    for rep in self.replicas:
+      if rep.live_rows:
+        out, owners = rep.dispatch()
+        launched.append((rep.index, out, owners))
+    previous, self._inflight = self._inflight, launched
+    for item in previous:
+      self._deliver(*item)
+    return sum(rep.live_rows for rep in self.replicas)
+
+  def drain(self, max_iters: int = 100000) -> None:
+    """Runs steps until every submitted request has finished (tests)."""
+    for _ in range(max_iters):
+      if not self.has_work:
+        return
+      self.step()
+    raise RuntimeError("decode engine did not drain")
+
+  def _admit(self) -> None:
+    while True:
+      with self._lock:
+        if not self._inbox:
+          return
+        p = self._inbox.popleft()
+        self._reservations.pop(p.request.request_id, None)
+      rid = p.request.request_id
+      if rid in self._cancelled:
+        self._cancelled.discard(rid)
+        self.replicas[p.reservation.replica].pool.unreserve(
+            p.reservation.pages)
+        p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
+        continue
+      rep = self.replicas[p.reservation.replica]
+      row = rep.insert(p.request, p.reservation)
+      self._where[rid] = (rep.index, row)
+      self.stats["inserted"] += 1
+
+  def _apply_cancellations(self) -> None:
+    """Cancels wherever the request is: running (slot freed now), queued
+    (aborted at admission), or still on its way (its reservation is marked,
+    so the KV is dropped on arrival). Unknown ids are ignored."""
+    with self._lock:
+      cancelled, self._cancelled = self._cancelled, set()
+      inbox_ids = {p.request.request_id for p in self._inbox}
+      for rid in cancelled:
+        res = self._reservations.get(rid)
+        if rid not in self._where and rid not in inbox_ids and res:
+          res.cancelled = True
+      self._cancelled = {rid for rid in cancelled if rid in inbox_ids}
+    for rid in cancelled:
+      where = self._where.pop(rid, None)
+      if where is None:
+        continue
+      rep = self.replicas[where[0]]
+      req = rep.rows[where[1]].request
+      rep.release(where[1])
+      self.stats["cancelled"] += 1
+      req.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
+
+  def _deliver(self, replica: int, out: StepOutput, owners: list) -> None:
+    rep = self.replicas[replica]
+    tokens = np.asarray(out.tokens)
+    logprobs = np.asarray(out.logprobs)
+    valid = np.asarray(out.valid)
+    finished = np.asarray(out.finished)
+    stopped = np.asarray(out.stopped)
+    for row, owner in enumerate(owners):
+      if owner is None or self._where.get(owner) != (replica, row):
+        continue
+      sel = valid[:, row]
+      if not sel.any():
+        continue
+      toks = tokens[sel, row].tolist()
+      lps = logprobs[sel, row].tolist()
+      r = rep.rows[row]
+      r.tokens_out += len(toks)
+      reason = None
+      if finished[:, row].any():
+        reason = (FinishReason.STOP if stopped[:, row].any()
+                  else FinishReason.LENGTH)
+        rep.release(row)
+        del self._where[owner]
+        self.stats["finished"] += 1
+      r.request.callback(TokenEvent(owner, toks, lps, reason))
+
+  # ---------------------------------------------------------------- metrics
+  def kv_usage(self) -> dict[str, int]:
+    """Live KV accounting (pages) summed over replicas."""
+    out = collections.Counter()
+    for rep in self.replicas:
+      out["pages_total"] += rep.pool.capacity
+      out["pages_used"] += rep.pool.num_used
+      out["pages_reserved"] += rep.pool.reserved
+      out["pages_cached"] += rep.pool.num_cached
+      out["pages_available"] += rep.pool.available
+      out["rows_live"] += rep.live_rows
+      out["rows_total"] += self.dcfg.max_seqs
+    out["reservations"] = len(self._reservations)
+    return dict(out)
+
+  def free_capacity(self) -> float:
+    """Share of KV pages still promisable (the router's load signal)."""
+    u = self.kv_usage()
+    return u["pages_available"] / max(u["pages_total"], 1)
+
+
+__all__ = ["DecodeConfig", "DecodeEngine", "DecodeReplica", "DecodeState",
+           "Reservation", "decode_forward_pool", "RequestKV"]

@@ -1,0 +1,143 @@
+"""Sampling parameters (named as vLLM names them) and the batched sampler.
+
+Reproducibility is per sequence: the randomness for the n-th generated token
+of a request comes from ``fold_in(key(seed), n)`` and is drawn for that row
+alone (vmapped), so a seeded request samples the same tokens whatever batch,
+replica or pool (prefill or decode) produces each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_STOP_TOKEN_IDS = 16
+
+
+class InvalidRequest(ValueError):
+  """A request field with an unusable value; ``field`` names it."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_tokens: int = 16
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0          # 0 or -1: no top-k
+  seed: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
+  ignore_eos: bool = False
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  def validate(self, vocab_size: int | None = None) -> None:
+    if self.max_tokens is None or self.max_tokens <= 0:
+      raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
+    if not np.isfinite(self.temperature) or self.temperature < 0:
+      raise InvalidRequest("temperature",
+                           f"must be >= 0 (0 = greedy), got {self.temperature}")
+    if not (0.0 < self.top_p <= 1.0):
+      raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+    if self.top_k < -1:
+      raise InvalidRequest("top_k", f"must be -1, 0 (disabled) or >= 1, got "
+                           f"{self.top_k}")
+    if self.seed is not None and not (0 <= self.seed < 2**63):
+      raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
+    if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+      raise InvalidRequest("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} "
+                           f"ids, got {len(self.stop_token_ids)}")
+    if vocab_size is not None:
+      for t in self.stop_token_ids:
+        if not 0 <= t < vocab_size:
+          raise InvalidRequest("stop_token_ids", f"id {t} is outside the "
+                               f"vocabulary [0, {vocab_size})")
+
+  def seed_u32(self, fallback: int) -> int:
+    """The 32-bit key seed for this request (``fallback`` when unseeded)."""
+    s = fallback if self.seed is None else self.seed
+    return (s ^ (s >> 32)) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+  """Per-row sampling inputs of one batch, as host arrays."""
+  temperature: np.ndarray  # [B] f32
+  top_p: np.ndarray        # [B] f32
+  top_k: np.ndarray        # [B] i32 (0 = off)
+  seed: np.ndarray         # [B] u32
+
+  @classmethod
+  def empty(cls, batch: int) -> "SamplingArrays":
+    return cls(np.zeros((batch,), np.float32), np.ones((batch,), np.float32),
+               np.zeros((batch,), np.int32), np.zeros((batch,), np.uint32))
+
+  def set_row(self, row: int, params: SamplingParams, seed_u32: int) -> None:
+    self.temperature[row] = params.temperature
+    self.top_p[row] = params.top_p
+    self.top_k[row] = max(params.top_k, 0)
+    self.seed[row] = seed_u32
+
+  @classmethod
+  def stack(cls, rows: Sequence[tuple[SamplingParams, int]], batch: int):
+    out = cls.empty(batch)
+    for i, (p, s) in enumerate(rows):
+      out.set_row(i, p, s)
+    return out
+
+  def as_tuple(self):
+    return (self.temperature, self.top_p, self.top_k, self.seed)
+
+
+def _sample_row(logits, temperature, top_p, top_k, seed, index):
+  """One row: logits [V] f32 -> token. Greedy when temperature == 0."""
+  vocab = logits.shape[-1]
+  greedy_tok = jnp.argmax(logits).astype(jnp.int32)
+  key = jax.random.fold_in(jax.random.key(seed), index)
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  # top-k and top-p on the sorted distribution; both are no-ops when off.
+  order = jnp.argsort(-scaled)
+  sorted_logits = scaled[order]
+  rank = jnp.arange(vocab)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  keep = rank < k
+  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+  cum_before = jnp.cumsum(probs) - probs
+  keep = keep & (cum_before < top_p)
+  masked = jnp.where(keep, sorted_logits, -jnp.inf)
+  choice = jax.random.categorical(key, masked)
+  sampled_tok = order[choice].astype(jnp.int32)
+  return jnp.where(temperature == 0.0, greedy_tok, sampled_tok)
+
+
+def sample(logits, temperature, top_p, top_k, seed, index):
+  """Batched sampler: logits [B, V] f32 -> (tokens [B], logprobs [B]).
+
+  ``index`` [B] is the number of tokens the row has generated before this
+  one (0 for the first token, sampled at prefill). The logprob is that of
+  the raw model distribution (before temperature/top-k/top-p), as vLLM
+  reports by default.
+  """
+  logits = logits.astype(jnp.float32)
+  all_greedy = jnp.all(temperature == 0.0)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tokens = jax.lax.cond(
+      all_greedy, lambda: greedy,
+      lambda: jax.vmap(_sample_row)(logits, temperature, top_p, top_k, seed,
+                                    index))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs
+
+
+__all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
+           "MAX_STOP_TOKEN_IDS"]

@@ -1,0 +1,116 @@
+"""Shared pytest setup: a CPU "cluster" of 8 virtual devices, and tiny HF models.
+
+The XLA flags must be in the environment before jax is first imported, which
+is why they are set here at import time rather than in a fixture. Both use
+``setdefault``-style updates, so a GPU run can override them, e.g.
+``JAX_PLATFORMS=cuda pytest ...``.
+
+torch and transformers are imported lazily inside the fixture: most tests do
+not need them, and importing torch costs seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Small dims shared by the random-weight models unless a test overrides them.
+TINY_DIMS = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+)
+
+_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def _randomize_(model, seed: int) -> None:
+  """Gives a fresh HF model weights that exercise every code path.
+
+  HF's default init (std 0.02, unit norms, zero biases) makes logits nearly
+  flat, so greedy decoding is a coin toss between near-ties and a dropped norm
+  or bias goes unnoticed. Instead: norms are 1 + noise, biases are nonzero,
+  projections are scaled by 1/sqrt(fan_in) so activations stay O(1), and the
+  embedding/LM head are large enough that logits spread over several units.
+  """
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  # A tied LM head scores each token against its own embedding, which sits in
+  # the residual stream: a large embedding makes greedy decoding repeat the
+  # input token forever. Keep it small relative to the layers' outputs.
+  embed_std = 0.1 if model.config.tie_word_embeddings else 0.5
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * noise)
+      elif name.endswith("bias"):
+        p.copy_(0.1 * noise)
+      elif "embed_tokens" in name:
+        p.copy_(embed_std * noise)
+      elif "lm_head" in name:
+        p.copy_(0.3 * noise)
+      else:
+        p.copy_(noise / p.shape[-1] ** 0.5)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
+  """Builds (once per argument set) a random-weight HF model directory.
+
+  Usage: ``hf_model_dir_factory("llama", max_shard_size="40KB",
+  num_hidden_layers=3, rope_parameters={...})``. ``arch`` is one of
+  "llama", "mistral", "qwen2"; other keyword arguments override the config
+  fields in ``TINY_DIMS``; ``max_shard_size`` (passed to ``save_pretrained``)
+  makes a sharded checkpoint with an index file; ``seed`` picks the weights.
+  EOS is disabled in the saved config and generation config so that
+  ``generate`` always produces ``max_new_tokens`` tokens.
+  """
+  cache: dict[str, Path] = {}
+
+  def build(arch: str, *, seed: int = 0, max_shard_size: str | None = None,
+            **overrides: Any) -> Path:
+    key = json.dumps([arch, seed, max_shard_size, overrides], sort_keys=True)
+    if key in cache:
+      return cache[key]
+    import torch
+    import transformers
+    cfg_name, model_name = _HF_CLASSES[arch]
+    fields = {**TINY_DIMS, "bos_token_id": 1, "eos_token_id": None,
+              "pad_token_id": 0, **overrides}
+    hf_cfg = getattr(transformers, cfg_name)(**fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(hf_cfg).to(torch.float32)
+    _randomize_(model, seed)
+    if hf_cfg.tie_word_embeddings:
+      model.tie_weights()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    out = tmp_path_factory.mktemp(f"hf_{arch}")
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, **kw)
+    cache[key] = out
+    return out
+
+  return build

@@ -1,0 +1,435 @@
+r"""Batch evaluation driver: offer a workload to a pdjax router and measure it.
+
+The driver is how pdjax's claims get checked: the same workload, arrival
+process and metric definitions (``pdjax.eval.stats``) against a disaggregated
+and a colocated deployment, with one chart comparing them. It talks to the
+router through a small ``Backend`` adapter (``make_backend``) so that the
+measuring code never depends on the client's details.
+
+Examples:
+  # 500 ShareGPT-like requests at 4 req/s (Poisson).
+  python tools/batch_eval.py --target=localhost:50051 --preset=chat \
+      --num_requests=500 --rate=4 --label=disagg --out_dir=runs/chat_disagg
+
+  # A rate sweep; one results dir per rate, sweep.json and sweep.png.
+  python tools/batch_eval.py --target=... --preset=code \
+      --sweep_rates=1,2,4,8,16 --label=colocated --out_dir=runs/code_coloc
+
+  # Tiny CPU model: same shapes scaled down to fit 512 tokens.
+  python tools/batch_eval.py --target=... --preset=summarize \
+      --length_scale=0.05 --max_model_len=512 --vocab_size=320
+
+  # One chart of several deployments' sweeps (or single runs).
+  python tools/batch_eval.py --plot_only=runs/code_disagg,runs/code_coloc \
+      --out_dir=runs/code_compare
+
+Outputs (``--out_dir``): ``results.jsonl`` (one line per request: every
+timing, every ITL, generated text and token ids), ``summary.json``,
+``latency_cdf.png``, ``config.json``; for sweeps, ``results.jsonl`` and
+``summary.json`` per rate under ``rate_<r>/``, plus ``sweep.json``,
+``sweep.png`` and ``latency_cdf.png`` (one line per rate). ``results.jsonl`` is
+appended as requests finish, then rewritten in request order at the end, so a
+killed run still leaves its finished requests on disk. The first Ctrl-C stops
+sending, cancels requests in flight and writes everything (cancelled requests
+are kept, marked ``"status": "cancelled"``); a second Ctrl-C exits at once.
+
+Synthetic presets send random token ids drawn from ``[0, --vocab_size)``
+minus ``--exclude_token_ids``: set both for the served model (defaults fit
+Llama 2). ``--ignore_eos`` defaults to on for presets (so output lengths follow
+the preset) and off for ``--input`` datasets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import math
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from absl import app, flags, logging
+
+from pdjax.eval import load, plots, stats, workloads
+from pdjax.eval.load import Backend, Delta
+from pdjax.eval.stats import RequestRecord, Summary
+from pdjax.eval.workloads import WorkItem
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("target", "localhost:50051", "Router address host:port.")
+flags.DEFINE_string("input", None,
+                    "JSONL (or JSON array) dataset: {'prompt': ...} lines, "
+                    "{'prompt_token_ids': [...]} lines, or ShareGPT records. "
+                    "Overrides --preset's workload (not its SLOs).")
+flags.DEFINE_enum("preset", "chat", sorted(workloads.PRESETS),
+                  "Synthetic workload; also the default SLOs.")
+flags.DEFINE_integer("num_requests", 200, "Requests per run (per rate).")
+flags.DEFINE_integer("seed", 0,
+                     "Seeds the workload, the arrival times and sampling.")
+flags.DEFINE_float("rate", math.inf,
+                   "Offered load, requests/s (Poisson); inf = all at once.")
+flags.DEFINE_integer("concurrency", None,
+                     "Max requests in flight (with --rate=inf: a fixed-"
+                     "concurrency run).")
+flags.DEFINE_list("sweep_rates", None,
+                  "Comma list of rates (req/s); one run per rate.")
+flags.DEFINE_float("ttft_slo", None, "TTFT SLO, seconds (default: preset's).")
+flags.DEFINE_float("tpot_slo", None, "TPOT SLO, seconds (default: preset's).")
+flags.DEFINE_float("attainment_target", 0.9,
+                   "SLO attainment that defines the max goodput rate.")
+flags.DEFINE_integer("max_tokens", None,
+                     "Replaces every request's output budget.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 0, "Top-k sampling; 0 or -1 disables.")
+flags.DEFINE_bool("ignore_eos", None,
+                  "Generate max_tokens regardless of EOS (default: on for "
+                  "presets, off for --input).")
+flags.DEFINE_list("stop_token_ids", [], "Extra stop token ids.")
+flags.DEFINE_float("length_scale", 1.0,
+                   "Multiplies the preset's lengths (e.g. 0.05 on CPU).")
+flags.DEFINE_integer("max_model_len", 4096,
+                     "Every request keeps prompt + max_tokens <= this.")
+flags.DEFINE_integer("vocab_size", 32000,
+                     "Synthetic prompt ids are drawn below this.")
+flags.DEFINE_list("exclude_token_ids", ["0", "1", "2"],
+                  "Ids never drawn for synthetic prompts (special tokens).")
+flags.DEFINE_string("tokenizer", None,
+                    "tokenizer.json (or a dir holding one) to count --input "
+                    "tokens: ShareGPT output targets and max_model_len fit.")
+flags.DEFINE_string("label", "pdjax",
+                    "Deployment name on the charts, e.g. disaggregated.")
+flags.DEFINE_string("out_dir", "runs/batch_eval", "Where results go.")
+flags.DEFINE_list("plot_only", None,
+                  "Re-plot these existing out dirs into --out_dir instead of "
+                  "running anything.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+# ----------------------------------------------------------------------------
+# The adapter to the real client. Keep it tiny: it is the only code here that
+# knows pdjax.client exists.
+
+
+class _ClientBackend:
+  """``pdjax.client.AsyncClient`` as a ``Backend``."""
+
+  def __init__(self, client: Any):
+    self._client = client
+
+  async def stream(self, item: WorkItem,
+                   sampling: dict[str, Any]) -> AsyncIterator[Delta]:
+    seed = sampling.get("seed")
+    async for out in self._client.stream(
+        prompt=item.prompt, prompt_token_ids=item.prompt_token_ids,
+        max_tokens=item.max_tokens, temperature=sampling.get("temperature"),
+        top_p=sampling.get("top_p"), top_k=sampling.get("top_k"),
+        seed=None if seed is None else seed + item.index,
+        stop_token_ids=sampling.get("stop_token_ids"),
+        ignore_eos=sampling.get("ignore_eos"), request_id=item.request_id):
+      usage = out.usage
+      if usage is not None and not isinstance(usage, dict):
+        usage = {k: getattr(usage, k) for k in
+                 ("prompt_tokens", "completion_tokens") if hasattr(usage, k)}
+      yield Delta(list(out.token_ids), out.text or "", out.finish_reason,
+                  usage)
+
+  async def aclose(self) -> None:
+    close = getattr(self._client, "close", None)
+    if close is not None:
+      res = close()
+      if inspect.isawaitable(res):
+        await res
+
+
+def make_backend(target: str) -> Backend:
+  """The router at ``target`` as a Backend (call inside the event loop)."""
+  from pdjax import client  # pylint: disable=import-outside-toplevel
+  return _ClientBackend(client.AsyncClient(target))
+
+
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  """Everything a run needs; built from flags by ``config_from_flags``."""
+  target: str = "localhost:50051"
+  input: str | None = None
+  preset: str = "chat"
+  num_requests: int = 200
+  seed: int = 0
+  rate: float = math.inf
+  concurrency: int | None = None
+  sweep_rates: list[float] | None = None
+  ttft_slo: float | None = None
+  tpot_slo: float | None = None
+  attainment_target: float = 0.9
+  max_tokens: int | None = None
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  ignore_eos: bool | None = None
+  stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+  length_scale: float = 1.0
+  max_model_len: int = 4096
+  vocab_size: int = 32000
+  exclude_token_ids: list[int] = dataclasses.field(
+      default_factory=lambda: [0, 1, 2])
+  tokenizer: str | None = None
+  label: str = "pdjax"
+  out_dir: str = "runs/batch_eval"
+  progress: bool = True
+
+  def __post_init__(self):
+    preset = workloads.get_preset(self.preset)
+    if self.ttft_slo is None:
+      self.ttft_slo = preset.ttft_slo
+    if self.tpot_slo is None:
+      self.tpot_slo = preset.tpot_slo
+    if self.ignore_eos is None:
+      self.ignore_eos = self.input is None
+
+  def sampling(self) -> dict[str, Any]:
+    return dict(temperature=self.temperature, top_p=self.top_p,
+                top_k=self.top_k, seed=self.seed, ignore_eos=self.ignore_eos,
+                stop_token_ids=list(self.stop_token_ids) or None)
+
+
+def config_from_flags() -> EvalConfig:
+  return EvalConfig(
+      target=FLAGS.target, input=FLAGS.input, preset=FLAGS.preset,
+      num_requests=FLAGS.num_requests, seed=FLAGS.seed, rate=FLAGS.rate,
+      concurrency=FLAGS.concurrency,
+      sweep_rates=([float(r) for r in FLAGS.sweep_rates]
+                   if FLAGS.sweep_rates else None),
+      ttft_slo=FLAGS.ttft_slo, tpot_slo=FLAGS.tpot_slo,
+      attainment_target=FLAGS.attainment_target, max_tokens=FLAGS.max_tokens,
+      temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+      ignore_eos=FLAGS.ignore_eos,
+      stop_token_ids=[int(t) for t in FLAGS.stop_token_ids],
+      length_scale=FLAGS.length_scale, max_model_len=FLAGS.max_model_len,
+      vocab_size=FLAGS.vocab_size,
+      exclude_token_ids=[int(t) for t in FLAGS.exclude_token_ids],
+      tokenizer=FLAGS.tokenizer, label=FLAGS.label, out_dir=FLAGS.out_dir,
+      progress=FLAGS.progress)
+
+
+def _token_counter(path: str) -> Callable[[str], int]:
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  p = Path(path)
+  tok = tokenizers.Tokenizer.from_file(
+      str(p / "tokenizer.json" if p.is_dir() else p))
+  return lambda s: len(tok.encode(s, add_special_tokens=False).ids)
+
+
+def build_items(cfg: EvalConfig) -> list[WorkItem]:
+  """The workload: the --input dataset, else the synthetic preset."""
+  if cfg.input:
+    return workloads.load_dataset(
+        cfg.input, num_requests=cfg.num_requests, seed=cfg.seed,
+        count_tokens=_token_counter(cfg.tokenizer) if cfg.tokenizer else None,
+        max_tokens=cfg.max_tokens, max_model_len=cfg.max_model_len)
+  return workloads.generate(
+      cfg.preset, cfg.num_requests, vocab_size=cfg.vocab_size,
+      max_model_len=cfg.max_model_len, seed=cfg.seed,
+      exclude_token_ids=cfg.exclude_token_ids,
+      length_scale=cfg.length_scale, max_tokens=cfg.max_tokens)
+
+
+class _ResultsWriter:
+  """results.jsonl: appended as requests end, rewritten in order at close."""
+
+  def __init__(self, path: Path, extra: dict[str, Any]):
+    self._path = path
+    self._extra = extra
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._f: TextIO | None = path.open("w")
+
+  def _line(self, rec: RequestRecord) -> str:
+    return json.dumps({**self._extra, **rec.to_dict()}) + "\n"
+
+  def append(self, rec: RequestRecord) -> None:
+    if self._f is not None:
+      self._f.write(self._line(rec))
+      self._f.flush()
+
+  def finish(self, records: Sequence[RequestRecord]) -> None:
+    if self._f is not None:
+      self._f.close()
+      self._f = None
+    tmp = self._path.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as f:
+      f.writelines(self._line(r) for r in records)
+    tmp.replace(self._path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  path.write_text(json.dumps(stats.to_jsonable(obj), indent=2) + "\n")
+
+
+def _rate_dir_name(rate: float) -> str:
+  return f"rate_{rate:g}"
+
+
+async def _aclose(backend: Any) -> None:
+  close = getattr(backend, "aclose", None)
+  if close is not None:
+    await close()
+
+
+@dataclasses.dataclass
+class EvalOutcome:
+  summaries: list[Summary]
+  interrupted: bool
+  out_dir: Path
+
+
+async def run_eval(cfg: EvalConfig,
+                   backend: Backend | None = None) -> EvalOutcome:
+  """Runs the configured workload (once, or per sweep rate) and writes it all.
+
+  ``backend`` defaults to ``make_backend(cfg.target)``, closed at the end.
+  """
+  out = Path(cfg.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  _write_json(out / "config.json", dataclasses.asdict(cfg))
+  items = build_items(cfg)
+  own_backend = backend is None
+  if backend is None:
+    backend = make_backend(cfg.target)
+  slo = dict(ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo)
+  meta = dict(label=cfg.label, preset=None if cfg.input else cfg.preset,
+              input=cfg.input, num_items=len(items))
+  task = asyncio.current_task()
+  try:
+    rates = cfg.sweep_rates or [cfg.rate]
+    sweep = cfg.sweep_rates is not None
+    results: list[tuple[float, list[RequestRecord], Summary]] = []
+    for rate in rates:
+      run_dir = out / _rate_dir_name(rate) if sweep else out
+      writer = _ResultsWriter(run_dir / "results.jsonl",
+                              dict(label=cfg.label, rate=rate))
+      records = await load.run_workload(
+          backend, items, rate=rate, concurrency=cfg.concurrency,
+          sampling=cfg.sampling(), seed=cfg.seed, on_record=writer.append,
+          progress=cfg.progress)
+      interrupted = bool(task is not None and task.cancelling())
+      writer.finish(records)
+      summary = stats.summarize(
+          records, stats.wall_duration(records), **slo, label=cfg.label,
+          rate=rate, concurrency=cfg.concurrency)
+      _write_json(run_dir / "summary.json",
+                  {**summary.to_dict(), **meta, "interrupted": interrupted})
+      if not sweep:
+        plots.plot_latency_cdfs({cfg.label: records},
+                                run_dir / "latency_cdf.png", **slo,
+                                title=f"{cfg.label} @ {rate:g} req/s")
+      print(stats.format_table(summary), flush=True)
+      results.append((rate, records, summary))
+      if interrupted:
+        print("Interrupted: wrote the requests finished so far.",
+              file=sys.stderr)
+        break
+    summaries = [s for _, _, s in results]
+    if sweep:
+      best = stats.max_goodput_rate(summaries, cfg.attainment_target)
+      _write_json(out / "sweep.json", {
+          **meta, "attainment_target": cfg.attainment_target,
+          "max_goodput_rate": best, "interrupted": interrupted,
+          "points": [s.to_dict() for s in summaries]})
+      plots.plot_sweep({cfg.label: summaries}, out / "sweep.png",
+                       attainment_target=cfg.attainment_target,
+                       title=f"{cfg.label}: {meta['preset'] or cfg.input}")
+      plots.plot_latency_cdfs(
+          {f"{cfg.label} @ {r:g} req/s": recs for r, recs, _ in results},
+          out / "latency_cdf.png", **slo)
+      print(stats.format_sweep_table(summaries, cfg.attainment_target),
+            flush=True)
+    return EvalOutcome(summaries, interrupted, out)
+  finally:
+    if own_backend:
+      await _aclose(backend)
+
+
+def _read_jsonl(path: Path) -> list[RequestRecord]:
+  with path.open() as f:
+    return [RequestRecord.from_dict(json.loads(l)) for l in f if l.strip()]
+
+
+def plot_only(dirs: Sequence[str], out_dir: str,
+              attainment_target: float = 0.9) -> dict[str, Path]:
+  """Re-plots existing out dirs into ``out_dir``; returns the written PNGs.
+
+  Sweep dirs (``sweep.json``) and single-run dirs (``summary.json``) are both
+  accepted; points sharing a label form one line on the sweep chart (so
+  single runs at several rates combine; of repeated rates the first dir
+  given wins), and single runs' ``results.jsonl`` feed the latency CDF
+  chart.
+  """
+  sweeps: dict[str, list[Summary]] = {}
+  runs: dict[str, list[RequestRecord]] = {}
+  ttft_slo = tpot_slo = None
+  for d in map(Path, dirs):
+    if (d / "sweep.json").exists():
+      data = json.loads((d / "sweep.json").read_text())
+      pts = [Summary.from_dict(p) for p in data["points"]]
+      sweeps.setdefault(data.get("label") or d.name, []).extend(pts)
+    elif (d / "summary.json").exists():
+      s = Summary.from_dict(json.loads((d / "summary.json").read_text()))
+      label = s.label or d.name
+      sweeps.setdefault(label, []).append(s)
+      if (d / "results.jsonl").exists():
+        key = label if label not in runs else f"{label} ({d.name})"
+        runs[key] = _read_jsonl(d / "results.jsonl")
+      pts = [s]
+    else:
+      raise FileNotFoundError(f"{d}: neither sweep.json nor summary.json")
+    if pts and ttft_slo is None:
+      ttft_slo, tpot_slo = pts[0].ttft_slo, pts[0].tpot_slo
+  for label, pts in sweeps.items():  # one point per (label, rate)
+    seen: set[float | None] = set()
+    sweeps[label] = [p for p in pts
+                     if not (p.rate in seen or seen.add(p.rate))]
+    if len(sweeps[label]) < len(pts):
+      print(f"[{label}] repeated rates: kept the first run of each",
+            file=sys.stderr)
+  out = Path(out_dir)
+  written = {}
+  if any(len(v) for v in sweeps.values()):
+    written["sweep"] = plots.plot_sweep(sweeps, out / "sweep.png",
+                                        attainment_target=attainment_target)
+    for label, pts in sweeps.items():
+      print(f"[{label}]")
+      print(stats.format_sweep_table(pts, attainment_target))
+  if runs:
+    written["latency_cdf"] = plots.plot_latency_cdfs(
+        runs, out / "latency_cdf.png", ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+  return written
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.plot_only:
+    for name, path in plot_only(FLAGS.plot_only, FLAGS.out_dir,
+                                FLAGS.attainment_target).items():
+      print(f"wrote {name}: {path}")
+    return 0
+  if FLAGS.input is None and FLAGS.length_scale <= 0:
+    raise app.UsageError("--length_scale must be > 0")
+  if FLAGS.input and FLAGS.length_scale != 1.0:
+    logging.warning("--length_scale applies to synthetic presets only; "
+                    "ignored with --input")
+  cfg = config_from_flags()
+  outcome = asyncio.run(run_eval(cfg))
+  print(f"results in {outcome.out_dir}")
+  return 130 if outcome.interrupted else 0
+
+
+if __name__ == "__main__":
+  app.run(main)
