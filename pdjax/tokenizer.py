@@ -55,7 +55,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _token_content(value: Any) -> str | None:
-  """A special token in tokenizer_config.json: a string or an AddedToken dict."""
+  """A special token of tokenizer_config.json: a string or AddedToken dict."""
   if isinstance(value, dict):
     value = value.get("content")
   return value if isinstance(value, str) else None
@@ -71,6 +71,17 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
 
 def _unique(ids: Iterable[int]) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))
+
+
+def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+  if not path.is_file():
+    raise TokenizerError(
+        f"{path}: not found (pdjax needs a Hugging Face fast tokenizer "
+        "file, tokenizer.json)")
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception.
+    raise TokenizerError(f"{path}: not a valid tokenizer.json: {e}") from e
 
 
 class Tokenizer:
@@ -129,16 +140,8 @@ class Tokenizer:
                 add_bos: bool | None = None) -> "Tokenizer":
     """Loads a ``tokenizer.json``; BOS/EOS only as given here."""
     path = Path(path)
-    if not path.is_file():
-      raise TokenizerError(
-          f"{path}: not found (pdjax needs a Hugging Face fast tokenizer "
-          "file, tokenizer.json)")
-    try:
-      tok = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception.
-      raise TokenizerError(f"{path}: not a valid tokenizer.json: {e}") from e
-    return cls(tok, bos_token_id=bos_token_id, eos_token_ids=eos_token_ids,
-               add_bos=add_bos, source=str(path))
+    return cls(_load_tokenizer_json(path), bos_token_id=bos_token_id,
+               eos_token_ids=eos_token_ids, add_bos=add_bos, source=str(path))
 
   @classmethod
   def from_dir(cls, path: str | Path,
@@ -161,8 +164,7 @@ class Tokenizer:
     tcfg = _read_json(tcfg_file) or {}
     gen = _read_json(path / "generation_config.json") or {}
 
-    base = cls.from_file(tok_file)
-    raw = base._tok
+    raw = _load_tokenizer_json(tok_file)
 
     def lookup(key: str) -> int | None:
       content = _token_content(tcfg.get(key))
@@ -226,7 +228,8 @@ class Tokenizer:
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return self._tok.decode([int(i) for i in ids],
+                            skip_special_tokens=skip_special_tokens)
 
   def id_to_token(self, token_id: int) -> str | None:
     return self._tok.id_to_token(int(token_id))
@@ -281,7 +284,7 @@ class IncrementalDetokenizer:
 
   def push(self, new_ids: Sequence[int]) -> str:
     """Adds generated ids; returns the text they complete (maybe "")."""
-    if not new_ids:
+    if len(new_ids) == 0:
       return ""
     self._ids.extend(int(i) for i in new_ids)
     if self._ids[-1] in self._byte_ids:

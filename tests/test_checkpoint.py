@@ -185,7 +185,7 @@ def test_not_a_checkpoint(tmp_path, tp_checkpoint):
 
 @functools.cache
 def _converter():
-  """The tool as a module (loaded once: it defines absl flags)."""
+  """The tool, imported as a module."""
   spec = importlib.util.spec_from_file_location(
       "convert_hf_to_orbax", REPO / "tools" / "convert_hf_to_orbax.py")
   module = importlib.util.module_from_spec(spec)
@@ -235,13 +235,11 @@ def test_convert_cli(hf_model_dir_factory, tmp_path, capsys):
   from absl import flags
   tool = _converter()
   src = hf_model_dir_factory("qwen2", tie_word_embeddings=True)
-  argv = ["convert", f"--hf_dir={src}", f"--out={tmp_path / 'c'}",
-          "--dtype=bfloat16"]
-  flags.FLAGS(argv)
-  try:
-    tool.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  fv = flags.FlagValues()  # private: other tools' flags may share names
+  tool.define_flags(fv)
+  fv(["convert", f"--hf_dir={src}", f"--out={tmp_path / 'c'}",
+      "--dtype=bfloat16"])
+  tool.main(["convert"], fv)
   printed = capsys.readouterr().out
   assert "params:" in printed and "bytes:" in printed and "time:" in printed
   params, cfg = load_model(tmp_path / "c")

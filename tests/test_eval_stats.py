@@ -462,7 +462,8 @@ def test_runner_multiturn_closed_loop():
 
 
 def _check_run_dir(d: Path, fake: FakeBackend, n: int, png: bool = True):
-  lines = [json.loads(l) for l in (d / "results.jsonl").read_text().splitlines()]
+  text = (d / "results.jsonl").read_text()
+  lines = [json.loads(l) for l in text.splitlines()]
   assert len(lines) == n
   summary = json.loads((d / "summary.json").read_text())
   for l in lines:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,11 +122,17 @@ def test_tiny_tokenizer_attributes(tiny_tok):
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip(any_tok, text):
   ids = any_tok.encode(text, add_bos=False)
-  assert any_tok.bos_token_id not in ids or "<" in text
-  if "<|" in text and any_tok.token_to_id("<|eos|>") is not None:
-    return  # Special-token strings are skipped on decode, by design.
-  assert any_tok.decode(ids) == text
-  assert any_tok.decode(any_tok.encode(text)) == text
+  assert any_tok.decode(ids, skip_special_tokens=False) == text
+  assert any_tok.encode(text) == [any_tok.bos_token_id] + ids
+  if "<|" not in text:  # Special-token strings are dropped by the default.
+    assert any_tok.decode(any_tok.encode(text)) == text
+
+
+def test_decode_accepts_numpy_ids(tiny_tok):
+  ids = np.array(tiny_tok.encode("numpy ids"), dtype=np.int64)
+  assert tiny_tok.decode(ids) == "numpy ids"
+  det = IncrementalDetokenizer(tiny_tok)
+  assert det.push(ids) + det.flush() == "numpy ids"
 
 
 # ------------------------------------------------------------------ BOS

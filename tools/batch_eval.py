@@ -148,7 +148,11 @@ class _ClientBackend:
 
 def make_backend(target: str) -> Backend:
   """The router at ``target`` as a Backend (call inside the event loop)."""
-  from pdjax import client  # pylint: disable=import-outside-toplevel
+  try:
+    from pdjax import client  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise RuntimeError(f"pdjax.client is not available ({e}); the driver "
+                       "needs it to reach a router") from e
   return _ClientBackend(client.AsyncClient(target))
 
 

@@ -6,8 +6,8 @@ checkpoint stores pdjax's layout, so a server restores each device's shard
 directly (see ``pdjax.model.checkpoint``). Conversion runs once, offline.
 
 Usage:
-  python tools/convert_hf_to_orbax.py --hf_dir=/models/Llama-3-8B \
-      --out=/ckpt/llama3-8b --dtype=bfloat16
+  python tools/convert_hf_to_orbax.py --hf_dir=HF_DIR --out=OUT_DIR \\
+      --dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ from typing import Any
 from absl import app
 from absl import flags
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory "
-                              "(config.json + safetensors).")
-_OUT = flags.DEFINE_string("out", None, "Output pdjax checkpoint directory.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16",
-                           ["bfloat16", "float32", "float16"],
-                           "Storage dtype of the converted weights.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Replace an existing checkpoint at --out.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the CLI flags (only when run as a program, so that importing
+  ``convert`` from this module never touches the global absl flags)."""
+  flags.DEFINE_string("hf_dir", None, "Hugging Face model directory "
+                      "(config.json + safetensors).", flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output pdjax checkpoint directory.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                    "Storage dtype of the converted weights.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False,
+                    "Replace an existing checkpoint at --out.",
+                    flag_values=flag_values)
+  flags.mark_flags_as_required(["hf_dir", "out"], flag_values=flag_values)
 
 
 def convert(hf_dir: str | Path, out: str | Path, dtype: str = "bfloat16", *,
@@ -60,14 +67,13 @@ def convert(hf_dir: str | Path, out: str | Path, dtype: str = "bfloat16", *,
   }
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
+         ) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _HF_DIR.value or not _OUT.value:
-    raise app.UsageError("--hf_dir and --out are required")
-  s = convert(_HF_DIR.value, _OUT.value, _DTYPE.value,
-              overwrite=_OVERWRITE.value)
-  print(f"converted {_HF_DIR.value} ({s['architecture']}) -> {s['out']}\n"
+  fv = flag_values
+  s = convert(fv.hf_dir, fv.out, fv.dtype, overwrite=fv.overwrite)
+  print(f"converted {fv.hf_dir} ({s['architecture']}) -> {s['out']}\n"
         f"  params: {s['params']:,} ({s['params'] / 1e9:.2f} B)  "
         f"dtype: {s['dtype']}  bytes: {s['bytes']:,} "
         f"({s['bytes'] / 2**30:.2f} GiB)\n"
@@ -76,4 +82,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

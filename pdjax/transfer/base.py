@@ -1,0 +1,182 @@
+"""The KV hand-off contract between a prefill worker and a decode worker.
+
+Lifecycle of one hand-off (every step has a timeout, every buffer one owner):
+
+  1. The router asks the decode worker to reserve capacity under a
+     ``transfer_id`` it generated (unguessable), and passes the same id and
+     the decode worker's address to the prefill worker (``KvDestination``).
+  2. Prefill side, ``KvSender.send``: makes the KV available to that decode
+     worker and returns a ``KvHandle``. The sender owns the KV until the
+     decode side confirms (``release``) or the TTL expires: nothing is freed
+     early (wrong tokens) and nothing is stranded (leaks).
+  3. Decode side, ``KvReceiver.receive``: redeems the handle into the decode
+     replica's layout, then confirms so the sender frees its copy.
+
+Transports implement the two halves; ``pdjax.transfer.make_transport``
+picks one by name (``--kv_transport``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+from jax.sharding import NamedSharding
+
+from pdjax.engine.requests import RequestKV
+from pdjax.v1 import kv_pb2
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+  """A hand-off that failed; the request may be retried or re-prefilled."""
+
+
+class TransferTimeout(TransferError):
+  pass
+
+
+class TransferDenied(TransferError):
+  """The id is unknown to this worker, or was issued to another worker."""
+
+
+def new_transfer_id() -> str:
+  return secrets.token_hex(16)
+
+
+def new_pull_uuid() -> int:
+  return secrets.randbits(63) or 1
+
+
+@dataclasses.dataclass
+class _Held:
+  value: object
+  deadline: float
+  nbytes: int
+
+
+class LeaseTable:
+  """KV held for a peer, by transfer id, with a TTL: the one owner of every
+  buffer waiting to be picked up. ``reap`` frees what expired."""
+
+  def __init__(self, ttl_s: float, on_free: Callable[[str, object], None]
+               | None = None):
+    self.ttl_s = ttl_s
+    self._items: dict[str, _Held] = {}
+    self._lock = threading.Lock()
+    self._on_free = on_free
+    self.expired = 0
+
+  def put(self, key: str, value: object, nbytes: int = 0) -> None:
+    with self._lock:
+      self._items[key] = _Held(value, time.monotonic() + self.ttl_s, nbytes)
+
+  def pop(self, key: str):
+    with self._lock:
+      held = self._items.pop(key, None)
+    if held is None:
+      return None
+    if self._on_free:
+      self._on_free(key, held.value)
+    return held.value
+
+  def get(self, key: str):
+    with self._lock:
+      held = self._items.get(key)
+    return None if held is None else held.value
+
+  def reap(self) -> int:
+    now = time.monotonic()
+    with self._lock:
+      dead = [k for k, h in self._items.items() if h.deadline < now]
+      values = [(k, self._items.pop(k).value) for k in dead]
+    for k, v in values:
+      self.expired += 1
+      log.warning("KV for transfer %s expired unclaimed after %.0f s", k,
+                  self.ttl_s)
+      if self._on_free:
+        self._on_free(k, v)
+    return len(values)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  @property
+  def nbytes(self) -> int:
+    with self._lock:
+      return sum(h.nbytes for h in self._items.values())
+
+
+class KvSender(abc.ABC):
+  """Prefill side of a transport."""
+
+  name: str = ""
+
+  @abc.abstractmethod
+  def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
+           timeout_s: float) -> kv_pb2.KvHandle:
+    """Makes ``kv`` available to the destination; returns the handle."""
+
+  def release(self, transfer_id: str) -> None:
+    """The decode side has the KV (or gave up): free our copy."""
+
+  def reap(self) -> int:
+    return 0
+
+  def live(self) -> int:
+    """KV buffers held for peers right now."""
+    return 0
+
+  def address(self) -> str:
+    return ""
+
+  def close(self) -> None:
+    pass
+
+
+class KvReceiver(abc.ABC):
+  """Decode side of a transport."""
+
+  name: str = ""
+
+  @abc.abstractmethod
+  def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
+              timeout_s: float) -> RequestKV:
+    """Redeems ``handle`` into ``sharding`` (the decode replica's layout)."""
+
+  def expect(self, transfer_id: str, request_id: str) -> None:
+    """Registers a transfer id the router issued to this worker."""
+
+  def forget(self, transfer_id: str) -> None:
+    """The reservation behind an id is gone: drop anything staged for it."""
+
+  def reap(self) -> int:
+    return 0
+
+  def live(self) -> int:
+    return 0
+
+  def address(self) -> str:
+    return ""
+
+  def close(self) -> None:
+    pass
+
+
+def handle_for(kv: RequestKV, transport: str, transfer_id: str
+               ) -> kv_pb2.KvHandle:
+  return kv_pb2.KvHandle(
+      transport=transport, transfer_id=transfer_id, num_tokens=kv.num_tokens,
+      first_page=kv.first_page, shape=list(kv.kv.shape),
+      dtype=str(kv.kv.dtype))
+
+
+__all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",
+           "KvReceiver", "LeaseTable", "new_transfer_id", "new_pull_uuid",
+           "handle_for"]
