@@ -1,4 +1,4 @@
-"""Shared pytest setup: a CPU "cluster" of 8 virtual devices, and tiny HF models.
+"""Shared pytest setup: a CPU "cluster" of 8 virtual devices, tiny HF models.
 
 The XLA flags must be in the environment before jax is first imported, which
 is why they are set here at import time rather than in a fixture. Both use
@@ -80,7 +80,7 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
   """Builds (once per argument set) a random-weight HF model directory.
 
   Usage: ``hf_model_dir_factory("llama", max_shard_size="40KB",
-  num_hidden_layers=3, rope_parameters={...})``. ``arch`` is one of
+  num_hidden_layers=3, rope_scaling={...})``. ``arch`` is one of
   "llama", "mistral", "qwen2"; other keyword arguments override the config
   fields in ``TINY_DIMS``; ``max_shard_size`` (passed to ``save_pretrained``)
   makes a sharded checkpoint with an index file; ``seed`` picks the weights.

@@ -92,7 +92,7 @@ def test_layout_and_metadata(tp_checkpoint):
   assert meta["extra"] == {"note": "tp4"}
   assert meta["tensors"]["layers/wq"]["shape"] == [2, 64, 8, 16]
   assert meta["param_count"] == sum(
-      int(np.prod(a.shape)) for a in jax.tree.leaves(llama.abstract_params(CFG)))
+      a.size for a in jax.tree.leaves(llama.abstract_params(CFG)))
   assert ckpt.read_checkpoint_config(path) == CFG
 
 

@@ -31,18 +31,20 @@ from pdjax.model.loading import load_model
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+# The transformers 4.x spelling (rope_scaling + rope_theta); 5.x accepts it
+# and stores it as rope_parameters.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 MODELS: dict[str, dict[str, Any]] = {
     # Sharded HF save (several model-*.safetensors + index) for this one.
-    "llama": dict(num_hidden_layers=3, rope_parameters=LLAMA3_ROPE,
-                  max_shard_size="150KB"),
+    "llama": dict(num_hidden_layers=3, rope_scaling=LLAMA3_ROPE,
+                  rope_theta=500000.0, max_shard_size="150KB"),
     "mistral": dict(sliding_window=48),
     "qwen2": dict(tie_word_embeddings=True),
 }
-# One long prompt (+32 new tokens it still fits the 512-token pad, so every
-# full-sequence check below reuses one compiled shape) and two short ones.
+# One long prompt and two short ones. With its 32 new tokens the long one
+# still fits the 512-token pad, so every full-sequence check below reuses one
+# compiled shape.
 PROMPT_LENS = (480, 61, 7)
 PAD_TO = 512
 NEW_TOKENS = 32
@@ -86,8 +88,8 @@ class Model:
     return self._cache["greedy"]
 
 
-# Every pdjax call below uses one of a few shapes ([3, 512] tokens, with or
-# without all_logits), so each model compiles its prefill only twice.
+# pdjax calls below share a few shapes ([3, 512] with all_logits, the [3, 480]
+# prefill of greedy_generate, one chunked shape): compiling dominates runtime.
 def _padded(seqs: list[np.ndarray], length: int = PAD_TO):
   tokens = np.zeros((len(seqs), length), np.int32)
   for b, s in enumerate(seqs):
@@ -107,8 +109,7 @@ def _build(arch: str, factory) -> Model:
   overrides = dict(MODELS[arch])
   hf_dir = factory(arch, **overrides)
   params, cfg = load_model(hf_dir, dtype="float32")
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      hf_dir, dtype=torch.float32).eval()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
   rng = np.random.default_rng(sum(map(ord, arch)))
   prompts = [rng.integers(2, cfg.vocab_size, n).astype(np.int32)
              for n in PROMPT_LENS]
@@ -125,6 +126,8 @@ def test_models_exercise_their_features(model):
   cfg = model.cfg
   if model.arch == "llama":
     assert cfg.rope.rope_type == "llama3"
+    assert cfg.rope.theta == 500000.0
+    assert cfg.rope.original_max_position_embeddings == 64
     assert len(list(model.hf_dir.glob("model-*-of-*.safetensors"))) > 1
     assert (model.hf_dir / "model.safetensors.index.json").exists()
     # All three llama3 bands occur: unscaled, smoothed and fully scaled.

@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -72,9 +73,11 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fv = flag_values
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   s = convert(fv.hf_dir, fv.out, fv.dtype, overwrite=fv.overwrite)
   print(f"converted {fv.hf_dir} ({s['architecture']}) -> {s['out']}\n"
-        f"  params: {s['params']:,} ({s['params'] / 1e9:.2f} B)  "
+        f"  params: {s['params']:,} ({s['params'] / 1e9:.3f} B)  "
         f"dtype: {s['dtype']}  bytes: {s['bytes']:,} "
         f"({s['bytes'] / 2**30:.2f} GiB)\n"
         f"  time: load {s['load_s']:.1f} s, save {s['save_s']:.1f} s\n"

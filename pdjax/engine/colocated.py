@@ -58,6 +58,17 @@ class ColocatedEngine:
     self._cancelled: set[str] = set()
     self._lock = threading.Lock()
 
+  def warmup(self) -> None:
+    """Compiles every prefill and decode program serving can run (each
+    replica's prefill buckets, batch sizes and chunk counts; generate and
+    insert for every KV size the prefill produces), leaving the engine
+    clean: nothing waiting, no rows, pages or reservations used."""
+    if self.has_work:
+      raise RuntimeError("warm up the colocated engine before it serves")
+    for p in self.prefill:
+      p.warmup()
+    self.decode.warmup(self.prefill[0].payload_page_counts())
+
   def validate(self, prompt_ids: Sequence[int], sampling: SamplingParams):
     sampling.validate(self.cfg.vocab_size)
     self.prefill[0].validate(prompt_ids)
@@ -81,6 +92,14 @@ class ColocatedEngine:
         self._cancelled.add(request_id)
         return
     self.decode.cancel(request_id)
+
+  def fail_all(self, message: str) -> None:
+    with self._lock:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+    for w in waiting:
+      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ERROR,
+                            error=message))
+    self.decode.fail_all(message)
 
   @property
   def num_waiting(self) -> int:

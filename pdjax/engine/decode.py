@@ -29,6 +29,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from typing import Sequence
 
 import jax
@@ -118,7 +119,10 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
     is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
         slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
     at_len = generated >= slots.max_tokens
-    at_cap = state.positions + 1 >= capacity
+    # The token just sampled sits at positions + 1, so the sequence now holds
+    # positions + 2 tokens; max_seq_len bounds that (as at prefill, where
+    # prompt + first token == max_seq_len finishes).
+    at_cap = state.positions + 2 >= capacity
     finished = live & (is_stop | at_len | at_cap)
     new = DecodeState(
         kv=kv,
@@ -170,6 +174,8 @@ class Reservation:
   pages: int
   used: bool = False
   cancelled: bool = False
+  transfer_id: str = ""
+  created: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -312,6 +318,32 @@ class DecodeReplica:
       self._slots_dirty = False
     return self._slots_dev
 
+  def warmup(self, payload_page_counts: Sequence[int]) -> None:
+    """Compiles insert (once per payload size) and generate on this
+    replica's devices with dummy data.
+
+    The dummy KV is written to the null page and the dummy row is never made
+    active on the host, so no page, row or reservation is touched: the
+    replica is as clean afterwards as before. Each program is called twice in
+    a row as well as after the other, so every state layout serving can feed
+    it (fresh, after insert, after generate) has been seen.
+    """
+    if self.live_rows:
+      raise RuntimeError("warm up a replica before it serves requests")
+    slots = self._slot_inputs()
+    zero = np.int32(0)
+    for n in payload_page_counts:
+      shape = request_kv_shape(self.cfg, n, self.dcfg.page_size)
+      kv = jax.device_put(np.zeros(shape, self.cfg.jnp_dtype),
+                          self.payload_sharding(n))
+      dest = jax.device_put(np.zeros((n,), np.int32), self.replicated)
+      for _ in range(2):
+        self.state = self.programs.insert(self.state, kv, dest, zero, zero,
+                                          zero)
+    for _ in range(2):
+      self.state, out = self.programs.generate(self.params, self.state, slots)
+    jax.block_until_ready((self.state, out))
+
   def dispatch(self):
     """Launches one generate call; returns (outputs, row owners)."""
     self._grow()
@@ -398,8 +430,8 @@ class DecodeEngine:
                            f"KV pages, more than a replica has "
                            f"({self.dcfg.num_pages - 1})")
 
-  def reserve(self, request_id: str, prompt_len: int, max_tokens: int
-              ) -> Reservation | None:
+  def reserve(self, request_id: str, prompt_len: int, max_tokens: int, *,
+              transfer_id: str = "") -> Reservation | None:
     """Promises capacity for a request, or None when the pool is full (the
     caller queues or refuses, by its policy)."""
     self.validate(prompt_len, max_tokens)
@@ -416,17 +448,53 @@ class DecodeEngine:
           continue
         n = rep.budget_pages(prompt_len, max_tokens)
         if rep.pool.reserve(n):
-          res = Reservation(request_id, i, n)
+          res = Reservation(request_id, i, n, transfer_id=transfer_id)
           self._reservations[request_id] = res
           return res
       return None
 
-  def unreserve(self, request_id: str) -> None:
+  def unreserve(self, request_id: str) -> Reservation | None:
     """Returns an unused reservation (transfer failed, request cancelled)."""
     with self._lock:
       res = self._reservations.pop(request_id, None)
       if res is not None and not res.used:
         self.replicas[res.replica].pool.unreserve(res.pages)
+      return res
+
+  def reservation(self, request_id: str) -> Reservation | None:
+    with self._lock:
+      return self._reservations.get(request_id)
+
+  def reap_reservations(self, ttl_s: float) -> list[Reservation]:
+    """Returns reservations never redeemed within ``ttl_s`` (the router or
+    the prefill worker died between Reserve and Decode)."""
+    now = time.monotonic()
+    with self._lock:
+      queued = {p.request.request_id for p in self._inbox}
+      dead = [r for r in self._reservations.values()
+              if not r.used and now - r.created > ttl_s
+              and r.request_id not in queued]
+    for r in dead:
+      self.unreserve(r.request_id)
+    return dead
+
+  def fail_all(self, message: str) -> None:
+    """Ends every request this engine holds with an error (the engine is
+    broken); frees their rows and reservations."""
+    with self._lock:
+      pending = list(self._inbox)
+      self._inbox.clear()
+    for p in pending:
+      self.unreserve(p.request.request_id)
+      p.request.callback(TokenEvent(p.request.request_id, [], [],
+                                    FinishReason.ERROR, error=message))
+    for rid, (ri, row) in list(self._where.items()):
+      rep = self.replicas[ri]
+      req = rep.rows[row].request
+      rep.release(row)
+      del self._where[rid]
+      req.callback(TokenEvent(rid, [], [], FinishReason.ERROR, error=message))
+    self._inflight = []
 
   def submit(self, req: DecodeRequest) -> None:
     """Queues a request whose KV is ready; it joins the batch at the next
@@ -466,6 +534,30 @@ class DecodeEngine:
   @property
   def has_work(self) -> bool:
     return bool(self._inbox or self._where or self._inflight)
+
+  def default_payload_page_counts(self) -> list[int]:
+    """Page counts of the request KVs a prefill pool with this page size and
+    max_seq_len can send: powers of two up to the padded page budget of the
+    longest sequence (``payload_pages``)."""
+    top = payload_pages(self.dcfg.pages_per_seq)
+    return [1 << i for i in range(top.bit_length())]
+
+  def warmup(self, payload_page_counts: Sequence[int] | None = None) -> None:
+    """Compiles every program serving runs, on every replica, so that no
+    request ever waits for XLA (a compile of a large model's generate
+    program stalls every running sequence for seconds).
+
+    ``payload_page_counts``: the page counts of incoming request KVs
+    (``RequestKV.kv.shape[2]``); defaults to every power of two up to
+    ``max_seq_len / page_size``. Leaves the engine clean: no rows, pages or
+    reservations are used afterwards.
+    """
+    if self.has_work:
+      raise RuntimeError("warm up the decode engine before it serves")
+    counts = sorted(set(payload_page_counts if payload_page_counts is not None
+                        else self.default_payload_page_counts()))
+    for rep in self.replicas:
+      rep.warmup(counts)
 
   def step(self) -> int:
     """One iteration: admit, dispatch a call per busy replica, then deliver

@@ -233,11 +233,31 @@ class PrefillEngine:
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
         self._prefill_batch(reqs, bucket)
-    C = self.config.chunk
-    n = C + 1
-    while n < self.config.max_seq_len:
+    # Chunked prefill compiles one chunk program per chunk index and one
+    # assembly per (chunk count, padded page count): run one prompt of each
+    # such pair (a chunk count can span two padded page counts when the
+    # chunk is not a power-of-two number of pages).
+    for n in self._chunked_warmup_lengths():
       self._prefill_chunked(PrefillRequest("warmup", [1] * n, greedy))
-      n += C
+
+  def _chunked_warmup_lengths(self) -> list[int]:
+    C, P = self.config.chunk, self.config.page_size
+    seen, out = set(), []
+    for n in range(C + 1, self.config.max_seq_len):
+      key = (pages_for(n, C), payload_pages(pages_for(n, P)))
+      if key not in seen:
+        seen.add(key)
+        out.append(n)
+    return out
+
+  def payload_page_counts(self) -> list[int]:
+    """Every page count ``RequestKV.kv.shape[2]`` this engine can produce
+    (a decode pool compiles one insert program per count)."""
+    P = self.config.page_size
+    counts = {b // P for b in self.config.buckets}
+    counts.update(payload_pages(pages_for(n, P))
+                  for n in self._chunked_warmup_lengths())
+    return sorted(counts)
 
 
 __all__ = ["PrefillConfig", "PrefillEngine", "next_pow2"]

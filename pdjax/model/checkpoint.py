@@ -160,7 +160,7 @@ def save_checkpoint(path: str | Path, params: llama.Params, cfg: ModelConfig,
     WeightsError: the params do not match the config.
     FileExistsError: a checkpoint exists at ``path`` and not ``overwrite``.
   """
-  path = Path(path).absolute()
+  path = Path(path).resolve()
   flat = _flatten(params)
   have = {k: tuple(np.shape(v)) for k, v in flat.items()}
   msg = _describe_mismatch(str(path), have, _expected_shapes(cfg),
@@ -176,7 +176,8 @@ def save_checkpoint(path: str | Path, params: llama.Params, cfg: ModelConfig,
         "them or save with cfg.replace(dtype=...)")
   if (path / PARAMS_DIR).exists() and not overwrite:
     raise FileExistsError(f"{path}: already holds a checkpoint (pass "
-                          "overwrite=True to replace it)")
+                          "overwrite=True, or --overwrite to the converter, "
+                          "to replace it)")
 
   is_writer = jax.process_index() == 0
   path.mkdir(parents=True, exist_ok=True)
@@ -220,14 +221,15 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     meta = json.loads(meta_file.read_text())
   except json.JSONDecodeError as e:
     raise WeightsError(f"{meta_file}: not valid JSON: {e}") from e
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+  fmt = meta.get("format") if isinstance(meta, dict) else None
+  if fmt != FORMAT_NAME:
     raise WeightsError(f"{meta_file}: not a pdjax checkpoint description "
-                       f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+                       f"(format {fmt!r}, expected {FORMAT_NAME!r})")
   version = meta.get("format_version")
   if not isinstance(version, int) or version > FORMAT_VERSION:
-    raise WeightsError(f"{meta_file}: format_version {version!r} is newer "
-                       f"than this pdjax supports ({FORMAT_VERSION}); "
-                       "upgrade pdjax")
+    raise WeightsError(f"{meta_file}: format_version {version!r} is not one "
+                       f"this pdjax reads (<= {FORMAT_VERSION}); upgrade "
+                       "pdjax")
   for key in ("pdjax_config", "tensors"):
     if key not in meta:
       raise WeightsError(f"{meta_file}: field {key!r} is missing")
@@ -273,7 +275,7 @@ def restore_checkpoint(path: str | Path, shardings=None, *,
   Raises:
     WeightsError: not a pdjax checkpoint, or shapes that do not match ``cfg``.
   """
-  path = Path(path).absolute()
+  path = Path(path).resolve()
   meta = read_checkpoint_metadata(path)
   saved_cfg = _config_from_json(meta["pdjax_config"], str(path / METADATA_FILE))
   cfg = saved_cfg if cfg is None else cfg

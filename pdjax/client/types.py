@@ -1,0 +1,355 @@
+"""The client's boundary types and the proto conversions both clients share.
+
+Everything here is independent of how the RPC is made (sync or ``grpc.aio``),
+so ``Client`` and ``AsyncClient`` differ only in where they ``await``: the
+request is built by one function (``build_request``), every stream message is
+converted by one function (``delta_from_response``) and a whole completion is
+assembled by one accumulator (``ResultBuilder``).
+
+This module imports neither jax nor the engine: a client process needs only
+grpcio and protobuf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import grpc
+
+from pdjax.v1 import common_pb2, generate_pb2
+
+# Sent on every RPC when the client has a token. gRPC metadata keys are
+# lowercase; the value follows RFC 6750.
+AUTHORIZATION_METADATA_KEY = "authorization"
+
+# Large enough for long token-id prompts and model-info replies; gRPC's own
+# 4 MiB receive default is easy to hit with a 1M-token prompt.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+class GenerationError(RuntimeError):
+  """A failed RPC, with its gRPC status.
+
+  Mirrors ``grpc.RpcError``'s accessors (``code()`` and ``details()`` are
+  methods) so that code written against raw gRPC errors, such as the
+  batch-eval runner's ``e.code().name``, works unchanged. Raised by every
+  client RPC, not just generation.
+  """
+
+  def __init__(self, code: grpc.StatusCode, details: str = ""):
+    super().__init__(f"{code.name}: {details}" if details else code.name)
+    self._code = code
+    self._details = details or ""
+
+  def code(self) -> grpc.StatusCode:
+    return self._code
+
+  def details(self) -> str:
+    return self._details
+
+  def __reduce__(self):
+    # RuntimeError would re-create us from the formatted message alone.
+    return (type(self), (self._code, self._details))
+
+  @classmethod
+  def from_rpc_error(cls, e: grpc.RpcError) -> GenerationError:
+    code = e.code() if callable(getattr(e, "code", None)) else None
+    details = e.details() if callable(getattr(e, "details", None)) else None
+    return cls(code if isinstance(code, grpc.StatusCode)
+               else grpc.StatusCode.UNKNOWN, details or str(e))
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+  """TLS for the channel, from PEM files.
+
+  Attributes:
+    root_ca: CA bundle that signed the server's certificate; None uses the
+      system roots.
+    cert: client certificate chain, for mTLS (together with ``key``).
+    key: the client certificate's private key.
+    server_name: overrides the name checked against the server certificate
+      (``grpc.ssl_target_name_override``), for certificates issued to a name
+      other than the address dialed. Testing and private deployments only.
+  """
+  root_ca: str | None = None
+  cert: str | None = None
+  key: str | None = None
+  server_name: str | None = None
+
+  def __post_init__(self):
+    if (self.cert is None) != (self.key is None):
+      raise ValueError("TlsConfig: set both cert and key (mTLS) or neither")
+
+  def credentials(self) -> grpc.ChannelCredentials:
+    def read(path: str | None) -> bytes | None:
+      return None if path is None else Path(path).read_bytes()
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(self.root_ca), private_key=read(self.key),
+        certificate_chain=read(self.cert))
+
+
+@dataclasses.dataclass
+class Usage:
+  """Per-request accounting, as ``pdjax.v1.Usage`` (times in seconds).
+
+  ``ttft_s`` and ``total_time_s`` are measured by the router from the
+  request's arrival, so they exclude the client's network leg.
+  """
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  ttft_s: float = 0.0
+  total_time_s: float = 0.0
+  prefill_s: float = 0.0
+  kv_transfer_s: float = 0.0
+  prefill_worker: str = ""
+  decode_worker: str = ""
+
+  @classmethod
+  def from_proto(cls, u: common_pb2.Usage) -> Usage:
+    return cls(**{f.name: getattr(u, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class StreamDelta:
+  """One stream message: new tokens, their text and logprobs.
+
+  ``finish_reason`` ("stop", "length", "abort" or "error") and ``usage`` are
+  set on the last message only.
+  """
+  request_id: str
+  token_ids: list[int]
+  text: str
+  logprobs: list[float]
+  finish_reason: str | None = None
+  usage: Usage | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """A whole completion: the concatenation of its stream's deltas."""
+  request_id: str
+  token_ids: list[int]
+  text: str
+  logprobs: list[float]
+  finish_reason: str
+  usage: Usage | None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class GenerateOptions(TypedDict, total=False):
+  """``build_request``'s keyword arguments, for the clients' signatures.
+
+  Keeps ``generate``/``stream`` of both clients in step with the one
+  function that reads these (see it for meanings and defaults).
+  """
+  prompt_token_ids: Sequence[int] | None
+  max_tokens: int | None
+  temperature: float | None
+  top_p: float | None
+  top_k: int | None
+  seed: int | None
+  stop_token_ids: Sequence[int] | None
+  ignore_eos: bool | None
+  request_id: str | None
+  add_special_tokens: bool | None
+  skip_special_tokens: bool
+  cache_salt: str | None
+
+
+def finish_reason_name(value: int) -> str | None:
+  """The proto enum as vLLM's string; None while the request runs."""
+  if value == common_pb2.FINISH_REASON_UNSPECIFIED:
+    return None
+  if value in _FINISH_REASONS:
+    return _FINISH_REASONS[value]
+  # An enum value newer than this client: keep it visible, not None.
+  return f"unknown_{value}"
+
+
+def _token_ids(ids: Iterable[int], field: str) -> list[int]:
+  try:
+    # operator.index accepts ints and numpy integers, and rejects floats and
+    # strings that int() would silently convert.
+    return [operator.index(t) for t in ids]
+  except TypeError as e:
+    raise TypeError(f"{field} must be integers: {e}") from e
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    prompt_token_ids: Sequence[int] | None = None,
+    max_tokens: int | None = 16,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    ignore_eos: bool | None = False,
+    request_id: str | None = None,
+    add_special_tokens: bool | None = None,
+    skip_special_tokens: bool = False,
+    cache_salt: str | None = None,
+) -> generate_pb2.GenerateRequest:
+  """The ``GenerateRequest`` for one completion.
+
+  Sampling arguments left as None stay unset in the proto (its fields are
+  proto3 ``optional``), so the server's defaults apply instead of a value
+  this client happens to assume. Values are range-checked by the server,
+  which owns the rules (``SamplingParams.validate``); only the shape of the
+  request is checked here.
+
+  Args:
+    prompt: text, tokenized by the router.
+    prompt_token_ids: the prompt as token ids (sent as is: no BOS added).
+    max_tokens: output budget; None leaves it to the server (16).
+    temperature: 0 is greedy; None: server default (1.0).
+    top_p: nucleus mass in (0, 1]; None: server default (1.0).
+    top_k: 0 or -1 disables; None: server default (off).
+    seed: same seed, same tokens whatever the batch; None: unseeded.
+    stop_token_ids: ids that end the completion (finish reason "stop").
+    ignore_eos: keep going past EOS (None is False).
+    request_id: the caller's id; empty or None lets the router assign one.
+    add_special_tokens: BOS for text prompts; None: server default (True).
+    skip_special_tokens: drop special tokens from the text deltas.
+    cache_salt: keeps tenants' cached KV apart (prefix cache isolation).
+
+  Raises:
+    ValueError: not exactly one of ``prompt`` and ``prompt_token_ids``, or
+      an empty ``prompt_token_ids``.
+    TypeError: a prompt of the wrong type, or non-integer token ids.
+  """
+  if (prompt is None) == (prompt_token_ids is None):
+    raise ValueError("set exactly one of prompt and prompt_token_ids")
+  req = generate_pb2.GenerateRequest(
+      request_id=request_id or "", skip_special_tokens=bool(skip_special_tokens),
+      cache_salt=cache_salt or "")
+  if prompt is not None:
+    if not isinstance(prompt, str):
+      raise TypeError(f"prompt must be a str, got {type(prompt).__name__}; "
+                      "pass token ids as prompt_token_ids")
+    req.text = prompt
+  else:
+    if isinstance(prompt_token_ids, (str, bytes)):
+      raise TypeError("prompt_token_ids must be a sequence of ints; pass text "
+                      "as prompt")
+    ids = _token_ids(prompt_token_ids, "prompt_token_ids")
+    if not ids:
+      raise ValueError("prompt_token_ids is empty")
+    req.token_ids.ids.extend(ids)
+  if add_special_tokens is not None:
+    req.add_special_tokens = bool(add_special_tokens)
+
+  s = req.sampling
+  if max_tokens is not None:
+    s.max_tokens = max_tokens
+  if temperature is not None:
+    s.temperature = temperature
+  if top_p is not None:
+    s.top_p = top_p
+  if top_k is not None:
+    s.top_k = top_k
+  if seed is not None:
+    s.seed = seed
+  if stop_token_ids:
+    s.stop_token_ids.extend(_token_ids(stop_token_ids, "stop_token_ids"))
+  s.ignore_eos = bool(ignore_eos)
+  return req
+
+
+def delta_from_response(resp: generate_pb2.GenerateResponse) -> StreamDelta:
+  return StreamDelta(
+      request_id=resp.request_id, token_ids=list(resp.token_ids),
+      text=resp.text, logprobs=list(resp.logprobs),
+      finish_reason=finish_reason_name(resp.finish_reason),
+      usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None)
+
+
+class ResultBuilder:
+  """Folds a stream's deltas into one ``GenerationResult``."""
+
+  def __init__(self):
+    self._request_id = ""
+    self._token_ids: list[int] = []
+    self._text: list[str] = []
+    self._logprobs: list[float] = []
+    self._finish_reason: str | None = None
+    self._usage: Usage | None = None
+
+  def add(self, d: StreamDelta) -> None:
+    self._request_id = self._request_id or d.request_id
+    self._token_ids.extend(d.token_ids)
+    self._text.append(d.text)
+    self._logprobs.extend(d.logprobs)
+    if d.finish_reason is not None:
+      self._finish_reason = d.finish_reason
+    if d.usage is not None:
+      self._usage = d.usage
+
+  def result(self) -> GenerationResult:
+    """The completion; raises if the stream ended without finishing.
+
+    A stream that closes with OK status but no finish reason is a server
+    bug; returning its tokens as a success would hide a truncated output.
+    """
+    if self._finish_reason is None:
+      raise GenerationError(
+          grpc.StatusCode.INTERNAL,
+          f"stream for request {self._request_id or '?'} ended without a "
+          "finish reason")
+    return GenerationResult(
+        request_id=self._request_id, token_ids=self._token_ids,
+        text="".join(self._text), logprobs=self._logprobs,
+        finish_reason=self._finish_reason, usage=self._usage)
+
+
+def model_info_to_dict(info: common_pb2.ModelInfo) -> dict[str, Any]:
+  """Every ModelInfo field by its proto name; unset optional ones are None.
+
+  Unlike ``json_format.MessageToDict``, the keys do not depend on which
+  fields happen to hold defaults, so callers can index without ``get``.
+  """
+  out: dict[str, Any] = {}
+  for field in info.DESCRIPTOR.fields:
+    value = getattr(info, field.name)
+    if field.is_repeated:
+      out[field.name] = list(value)
+    elif field.has_presence and not info.HasField(field.name):
+      out[field.name] = None
+    else:
+      out[field.name] = value
+  return out
+
+
+def channel_options(
+    max_message_bytes: int, tls: TlsConfig | None,
+    extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+  opts: list[tuple[str, Any]] = [
+      ("grpc.max_send_message_length", max_message_bytes),
+      ("grpc.max_receive_message_length", max_message_bytes),
+      ("grpc.primary_user_agent", "pdjax-client"),
+  ]
+  if tls is not None and tls.server_name:
+    opts.append(("grpc.ssl_target_name_override", tls.server_name))
+  opts.extend(extra)
+  return opts
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+  if not token:
+    return ()
+  return ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)

@@ -1,0 +1,86 @@
+"""Deployment configuration: what each pool runs, read from ``configs/``.
+
+A deployment file (TOML) has shared keys (checkpoint, dtype, page size,
+context length, transport: the things pools must agree on) and one table per
+pool. Launcher flags override file values; unset flags leave them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pdjax.engine.decode import DecodeConfig
+from pdjax.engine.prefill import PrefillConfig
+from pdjax.sharding import REPO_ROOT
+
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+@dataclasses.dataclass
+class PoolConfig:
+  mesh: str = "tp=1"
+  sharding: str = "prefill_tp"
+  buckets: tuple[int, ...] = (16, 32, 64, 128, 256)
+  max_batch: int = 4
+  max_seqs: int = 8
+  num_pages: int = 512
+  steps_per_call: int = 4
+
+
+@dataclasses.dataclass
+class DeploymentConfig:
+  checkpoint: str = "tiny"
+  dtype: str | None = None
+  kv_transport: str = "grpc"
+  page_size: int = 16
+  max_seq_len: int = 1024
+  prefill: PoolConfig = dataclasses.field(default_factory=lambda: PoolConfig(
+      mesh="tp=1", sharding="prefill_tp"))
+  decode: PoolConfig = dataclasses.field(default_factory=lambda: PoolConfig(
+      mesh="dp=1", sharding="decode_dp"))
+  router: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def load(cls, path: str | Path | None) -> "DeploymentConfig":
+    """A deployment file, by path or by name under configs/deployments/."""
+    if path is None:
+      return cls()
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+      p = CONFIGS_DIR / "deployments" / f"{path}.toml"
+    if not p.exists():
+      raise FileNotFoundError(f"deployment config {path} not found")
+    data = tomllib.loads(p.read_text())
+    pools = {}
+    for name in ("prefill", "decode"):
+      table = dict(data.pop(name, {}))
+      if "buckets" in table:
+        table["buckets"] = tuple(table["buckets"])
+      unknown = set(table) - {f.name for f in dataclasses.fields(PoolConfig)}
+      if unknown:
+        raise ValueError(f"{p}: unknown keys in [{name}]: {sorted(unknown)}")
+      pools[name] = PoolConfig(**table)
+    router = data.pop("router", {})
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"{p}: unknown keys: {sorted(unknown)}")
+    return cls(**data, router=router, **pools)
+
+  def prefill_engine_config(self, pool: PoolConfig | None = None
+                            ) -> PrefillConfig:
+    pool = pool or self.prefill
+    return PrefillConfig(buckets=tuple(pool.buckets), max_batch=pool.max_batch,
+                         page_size=self.page_size,
+                         max_seq_len=self.max_seq_len)
+
+  def decode_engine_config(self) -> DecodeConfig:
+    d = self.decode
+    return DecodeConfig(max_seqs=d.max_seqs, page_size=self.page_size,
+                        num_pages=d.num_pages, max_seq_len=self.max_seq_len,
+                        steps_per_call=d.steps_per_call)
+
+
+__all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR"]

@@ -1,0 +1,2 @@
+"""Launchers: one absl-flags program per pool, plus ``local`` (everything on
+this machine)."""

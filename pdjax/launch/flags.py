@@ -1,0 +1,100 @@
+"""Flags shared by the pdjax launchers (absl, as JAX projects use them).
+
+Values left unset fall back to the deployment file (``--config``), whose
+defaults live in ``pdjax.config``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES, Security
+
+CONFIG = flags.DEFINE_string(
+    "config", "local", "Deployment config: a TOML path or a name under "
+    "configs/deployments/.")
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "pdjax orbax checkpoint or Hugging Face directory, or "
+    "'tiny' (default: the deployment file's).")
+DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                          "Weight and KV dtype (default: the deployment's).")
+HOST = flags.DEFINE_string(
+    "host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the service beyond"
+    " this machine (use TLS then).")
+PORT = flags.DEFINE_integer("port", 0, "gRPC port (0: pick a free one).")
+ADVERTISE = flags.DEFINE_string(
+    "advertise_address", None, "host:port peers use to reach this service "
+    "(default: --host:--port).")
+PORT_FILE = flags.DEFINE_string(
+    "port_file", None, "Write the bound port here once serving (launchers).")
+METRICS_PORT = flags.DEFINE_integer(
+    "metrics_port", -1, "Prometheus /metrics port (0: any free port, "
+    "-1: off).")
+MESH = flags.DEFINE_string("mesh", None, "Mesh, e.g. 'tp=2' or 'dp=2,tp=1'.")
+SHARDING = flags.DEFINE_string(
+    "sharding", None, "Sharding rule set under shardings/ (prefill_tp, "
+    "decode_dp, decode_dp_tp) or a TOML path.")
+KV_TRANSPORT = flags.DEFINE_enum(
+    "kv_transport", None, ["grpc", "device", "local"],
+    "KV hand-off between pools (default: the deployment's).")
+DEVICES = flags.DEFINE_string(
+    "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "
+    "'4,5' (default: the first ones the mesh needs).")
+WARMUP = flags.DEFINE_bool(
+    "warmup", True, "Compile every serving program before reporting ready.")
+MAX_QUEUE = flags.DEFINE_integer(
+    "max_queue", 256, "Requests a worker queues before RESOURCE_EXHAUSTED.")
+TRANSFER_TIMEOUT = flags.DEFINE_float(
+    "transfer_timeout_s", 30.0, "Longest a KV hand-off may take.")
+KV_TTL = flags.DEFINE_float(
+    "kv_ttl_s", 60.0, "Unclaimed KV (and unredeemed reservations) are freed "
+    "after this long.")
+COMPILE_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
+    "JAX persistent compilation cache directory (speeds up restarts).")
+LOG_LEVEL = flags.DEFINE_enum("log_level", "INFO",
+                              ["DEBUG", "INFO", "WARNING", "ERROR"],
+                              "Python logging level.")
+# Multi-host pools (jax.distributed): one process per host of the pool.
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "jax.distributed coordinator host:port "
+    "(multi-host pools; Kubernetes JobSet sets it up automatically when "
+    "'auto').")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                     "jax.distributed process count.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                  "jax.distributed process index.")
+# Security.
+TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate: enables "
+                               "TLS on this service.")
+TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key.")
+TLS_CA = flags.DEFINE_string("tls_ca", None, "PEM CA bundle: verifies peers "
+                             "(and, with --tls_mtls, clients).")
+TLS_MTLS = flags.DEFINE_bool("tls_mtls", False, "Require client "
+                             "certificates (mutual TLS) on every channel.")
+AUTH_TOKEN = flags.DEFINE_string(
+    "auth_token", os.environ.get("PDJAX_AUTH_TOKEN"),
+    "Bearer token required on the client-facing API (router).")
+MAX_MESSAGE = flags.DEFINE_integer(
+    "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit.")
+
+
+def security() -> Security:
+  return Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
+                  mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
+                  max_message_bytes=MAX_MESSAGE.value)
+
+
+def parse_devices(spec: str) -> list[int] | None:
+  if not spec:
+    return None
+  out: list[int] = []
+  for part in spec.split(","):
+    if "-" in part:
+      a, b = part.split("-")
+      out.extend(range(int(a), int(b) + 1))
+    else:
+      out.append(int(part))
+  return out

@@ -1,0 +1,276 @@
+"""``python -m pdjax.launch.local``: a whole deployment on this machine.
+
+Starts prefill and decode workers and a router as separate processes (each
+initialises JAX itself; nothing is forked after JAX starts), gives each its
+own devices (CPU: ``--xla_force_host_platform_device_count`` per process;
+GPU: ``CUDA_VISIBLE_DEVICES``), waits until every one is serving, prints the
+router's address, and with ``--prompt`` runs a generation through it. Ctrl-C
+(or the end of ``--prompt`` without ``--serve``) shuts everything down:
+SIGTERM (workers drain), then SIGKILL after a grace period.
+
+Deployments: the default is disaggregated (``--num_prefill`` prefill
+workers + ``--num_decode`` decode workers). ``--num_prefill=0`` is the
+colocated baseline (decode workers prefill locally). ``--kv_transport=local``
+runs both pools in one worker process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+CONFIG = flags.DEFINE_string("config", "local", "Deployment config.")
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
+                                 "deployment's, 'tiny').")
+KV_TRANSPORT = flags.DEFINE_enum("kv_transport", None,
+                                 ["grpc", "device", "local"],
+                                 "KV transport (default: the deployment's).")
+NUM_PREFILL = flags.DEFINE_integer("num_prefill", 1,
+                                   "Prefill workers (0: colocated).")
+NUM_DECODE = flags.DEFINE_integer("num_decode", 1, "Decode workers.")
+PREFILL_MESH = flags.DEFINE_string("prefill_mesh", None, "e.g. tp=2.")
+DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "e.g. dp=2.")
+PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"],
+                             "Where the workers run.")
+PORT = flags.DEFINE_integer("port", 0, "Router port (0: a free one).")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address of every "
+                           "service.")
+LOCAL_PREFILL = flags.DEFINE_integer("local_prefill_threshold", None,
+                                     "Router's local-prefill threshold.")
+PROMPT = flags.DEFINE_string("prompt", None, "Generate from this prompt "
+                             "through the router once everything is up.")
+MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "For --prompt.")
+SERVE = flags.DEFINE_bool("serve", None, "Keep serving until Ctrl-C "
+                          "(default: true unless --prompt is given).")
+READY_TIMEOUT = flags.DEFINE_float("ready_timeout_s", 600.0,
+                                   "Longest wait for every process to be up.")
+LOG_DIR = flags.DEFINE_string("run_dir", None, "Per-process logs and port files (default: a "
+                              "temporary directory).")
+EXTRA = flags.DEFINE_list("worker_flags", [], "Extra flags for every worker, "
+                          "e.g. --worker_flags=--kv_ttl_s=30.")
+ROUTER_FLAGS = flags.DEFINE_list("router_flags", [], "Extra router flags.")
+
+
+@dataclasses.dataclass(eq=False)
+class Proc:
+  name: str
+  popen: subprocess.Popen
+  port_file: Path
+  log: Path
+
+  def port(self) -> int | None:
+    try:
+      text = self.port_file.read_text().strip()
+    except FileNotFoundError:
+      return None
+    return int(text) if text else None
+
+
+class LocalCluster:
+  """The processes of one local deployment, started and stopped together."""
+
+  def __init__(self, run_dir: Path, platform: str = "cpu",
+               host: str = "127.0.0.1"):
+    self.run_dir = run_dir
+    self.platform = platform
+    self.host = host
+    self.procs: list[Proc] = []
+    self._next_gpu = 0
+
+  def _env(self, devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if self.platform == "cpu":
+      env["JAX_PLATFORMS"] = "cpu"
+      flag = f"--xla_force_host_platform_device_count={devices}"
+      env["XLA_FLAGS"] = " ".join(
+          [f for f in env.get("XLA_FLAGS", "").split()
+           if "force_host_platform_device_count" not in f] + [flag])
+    else:
+      ids = range(self._next_gpu, self._next_gpu + devices)
+      self._next_gpu += devices
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+      for k, v in (("NCCL_NVLS_ENABLE", "0"),
+                   ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                   ("NVSHMEM_DISABLE_NVLS", "1")):
+        env.setdefault(k, v)
+    return env
+
+  def start(self, name: str, module: str, args: list[str], devices: int = 1
+            ) -> Proc:
+    port_file = self.run_dir / f"{name}.port"
+    log = self.run_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", module, f"--port_file={port_file}",
+           f"--host={self.host}", *args]
+    with open(log, "wb") as out:
+      popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                               env=self._env(devices),
+                               start_new_session=True)
+    p = Proc(name, popen, port_file, log)
+    self.procs.append(p)
+    return p
+
+  def wait_ready(self, procs: list[Proc], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(procs)
+    while pending:
+      for p in list(pending):
+        if p.port() is not None:
+          pending.remove(p)
+        elif p.popen.poll() is not None:
+          raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; "
+                             f"log {p.log}:\n{tail(p.log)}")
+      if time.monotonic() > deadline:
+        names = ", ".join(p.name for p in pending)
+        raise TimeoutError(f"not ready after {timeout_s:.0f} s: {names}")
+      time.sleep(0.1)
+
+  def stop(self, grace_s: float = 20.0) -> None:
+    for p in reversed(self.procs):
+      if p.popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(p.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in self.procs:
+      remaining = max(0.1, deadline - time.monotonic())
+      try:
+        p.popen.wait(remaining)
+      except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(p.popen.pid, signal.SIGKILL)
+        p.popen.wait()
+
+
+def tail(path: Path, lines: int = 40) -> str:
+  try:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+  except FileNotFoundError:
+    return "(no log)"
+
+
+def mesh_size(spec: str) -> int:
+  from pdjax.sharding import parse_mesh
+  n = 1
+  for v in parse_mesh(spec).values():
+    n *= v
+  return n
+
+
+def launch(cluster: LocalCluster, *, config: str, checkpoint: str | None,
+           kv_transport: str | None, num_prefill: int, num_decode: int,
+           prefill_mesh: str | None, decode_mesh: str | None,
+           router_port: int = 0, local_prefill_threshold: int | None = None,
+           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
+           ) -> str:
+  """Starts a deployment; returns the router address once all are ready."""
+  from pdjax.config import DeploymentConfig
+  dep = DeploymentConfig.load(config)
+  transport = kv_transport or dep.kv_transport
+  pmesh = prefill_mesh or dep.prefill.mesh
+  dmesh = decode_mesh or dep.decode.mesh
+  common = [f"--config={config}", f"--kv_transport={transport}",
+            *worker_flags]
+  if checkpoint:
+    common.append(f"--checkpoint={checkpoint}")
+  prefill, decode = [], []
+  if transport == "local":
+    if num_prefill < 1:
+      raise app.UsageError("--kv_transport=local needs a prefill pool")
+    for i in range(num_decode):
+      p = cluster.start(f"pd{i}", "pdjax.launch.worker",
+                        ["--role=both", *common],
+                        devices=mesh_size(pmesh) + mesh_size(dmesh))
+      prefill.append(p)
+      decode.append(p)
+  else:
+    for i in range(num_prefill):
+      prefill.append(cluster.start(
+          f"prefill{i}", "pdjax.launch.prefill",
+          [f"--mesh={pmesh}", *common], devices=mesh_size(pmesh)))
+    for i in range(num_decode):
+      decode.append(cluster.start(
+          f"decode{i}", "pdjax.launch.decode",
+          [f"--mesh={dmesh}", *common], devices=mesh_size(dmesh)))
+  workers = list(dict.fromkeys(prefill + decode))
+  cluster.wait_ready(workers, ready_timeout_s)
+  host = cluster.host
+  router_args = [
+      f"--config={config}", f"--kv_transport={transport}",
+      f"--prefill_workers={','.join(f'{host}:{p.port()}' for p in prefill)}",
+      f"--decode_workers={','.join(f'{host}:{p.port()}' for p in decode)}",
+      f"--port={router_port}", "--wait_workers_s=60", *router_flags]
+  if checkpoint:
+    router_args.append(f"--checkpoint={checkpoint}")
+  if local_prefill_threshold is not None:
+    router_args.append(f"--local_prefill_threshold={local_prefill_threshold}")
+  router = cluster.start("router", "pdjax.launch.router", router_args)
+  cluster.wait_ready([router], ready_timeout_s)
+  return f"{host}:{router.port()}"
+
+
+def main(argv) -> None:
+  del argv
+  run_dir = Path(LOG_DIR.value or tempfile.mkdtemp(prefix="pdjax-local-"))
+  run_dir.mkdir(parents=True, exist_ok=True)
+  cluster = LocalCluster(run_dir, PLATFORM.value, HOST.value)
+  serve = SERVE.value if SERVE.value is not None else PROMPT.value is None
+  interrupted = False
+
+  def on_signal(signum, frame):
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGTERM, on_signal)
+  try:
+    print(f"starting (logs in {run_dir}) ...", flush=True)
+    t0 = time.monotonic()
+    address = launch(
+        cluster, config=CONFIG.value, checkpoint=CHECKPOINT.value,
+        kv_transport=KV_TRANSPORT.value, num_prefill=NUM_PREFILL.value,
+        num_decode=NUM_DECODE.value, prefill_mesh=PREFILL_MESH.value,
+        decode_mesh=DECODE_MESH.value, router_port=PORT.value,
+        local_prefill_threshold=LOCAL_PREFILL.value,
+        worker_flags=EXTRA.value, router_flags=ROUTER_FLAGS.value,
+        ready_timeout_s=READY_TIMEOUT.value)
+    print(f"router ready at {address} ({time.monotonic() - t0:.1f} s)",
+          flush=True)
+    if PROMPT.value is not None:
+      from pdjax.client import Client
+      with Client(address) as client:
+        result = client.generate(PROMPT.value, max_tokens=MAX_TOKENS.value,
+                                 temperature=0.0)
+      print(f"prompt: {PROMPT.value!r}")
+      print(f"completion: {result.text!r}")
+      u = result.usage
+      print(f"{u.completion_tokens} tokens, finish={result.finish_reason}, "
+            f"TTFT {u.ttft_s * 1e3:.1f} ms, total {u.total_time_s * 1e3:.1f} "
+            f"ms (prefill {u.prefill_worker or 'local'} -> decode "
+            f"{u.decode_worker})", flush=True)
+    if serve:
+      print("serving; Ctrl-C to stop", flush=True)
+      while True:
+        for p in cluster.procs:
+          if p.popen.poll() is not None:
+            raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:"
+                               f"\n{tail(p.log)}")
+        time.sleep(0.5)
+  except KeyboardInterrupt:
+    interrupted = True
+  finally:
+    print("shutting down ...", flush=True)
+    cluster.stop()
+  if interrupted:
+    sys.exit(130 if not serve else 0)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,117 @@
+"""``python -m pdjax.launch.router``: the client-facing router.
+
+It loads only the tokenizer (no weights, no accelerator), learns the model
+from the workers' handshake, and routes each request across the pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from absl import app, flags
+
+from pdjax.launch import flags as F
+
+PREFILL_WORKERS = flags.DEFINE_list(
+    "prefill_workers", [], "Prefill worker addresses (host:port).")
+DECODE_WORKERS = flags.DEFINE_list(
+    "decode_workers", [], "Decode worker addresses (host:port).")
+LOCAL_PREFILL = flags.DEFINE_integer(
+    "local_prefill_threshold", None, "Prompts shorter than this many tokens "
+    "are prefilled on the decode worker (default: the deployment's, else 0).")
+MAX_INFLIGHT = flags.DEFINE_integer(
+    "max_inflight", 4096, "Requests the router admits at once; beyond it, "
+    "RESOURCE_EXHAUSTED.")
+ON_FULL = flags.DEFINE_enum(
+    "on_full", "queue", ["queue", "reject"], "When decode KV capacity is "
+    "full: wait for it (up to --queue_timeout_s) or refuse at once.")
+QUEUE_TIMEOUT = flags.DEFINE_float("queue_timeout_s", 30.0,
+                                   "Longest wait for decode capacity.")
+WAIT_WORKERS = flags.DEFINE_float(
+    "wait_workers_s", 0.0, "Wait this long for workers to join before "
+    "serving (0: serve at once; requests fail until one joins).")
+
+log = logging.getLogger("pdjax.router")
+
+
+async def serve() -> None:
+  from pdjax.config import DeploymentConfig
+  from pdjax.model.registry import resolve_checkpoint
+  from pdjax.service import common
+  from pdjax.service.metrics import Metrics
+  from pdjax.service.registry import WorkerRegistry
+  from pdjax.service.router import RouterConfig, RouterServicer
+  from pdjax.tokenizer import Tokenizer
+  from pdjax.v1 import generate_pb2_grpc
+
+  dep = DeploymentConfig.load(F.CONFIG.value)
+  sec = F.security()
+  checkpoint = resolve_checkpoint(F.CHECKPOINT.value or dep.checkpoint)
+  tokenizer = None
+  if (Path(checkpoint) / "tokenizer.json").exists():
+    from pdjax.model.config import ModelConfig
+    cfg = None
+    if (Path(checkpoint) / "config.json").exists():
+      cfg = ModelConfig.from_hf_dir(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint, model_config=cfg)
+  else:
+    log.warning("no tokenizer.json in %s: clients must send token ids",
+                checkpoint)
+  metrics = Metrics("router")
+  registry = WorkerRegistry(sec, metrics=metrics)
+  for a in PREFILL_WORKERS.value:
+    registry.add(a, "prefill")
+  for a in DECODE_WORKERS.value:
+    registry.add(a, "decode")
+  threshold = LOCAL_PREFILL.value
+  if threshold is None:
+    threshold = int(dep.router.get("local_prefill_threshold", 0))
+  config = RouterConfig(
+      local_prefill_threshold=threshold,
+      kv_transport=F.KV_TRANSPORT.value or dep.kv_transport,
+      transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
+      max_inflight=MAX_INFLIGHT.value, on_full=ON_FULL.value,
+      queue_timeout_s=QUEUE_TIMEOUT.value)
+  servicer = RouterServicer(registry, tokenizer, config, metrics)
+  server = common.make_server(sec, client_facing=True)
+  generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+  health = common.add_health(server, ["pdjax.v1.Generation"])
+  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  if WAIT_WORKERS.value > 0:
+    ok = await registry.wait_ready(WAIT_WORKERS.value,
+                                   prefill=min(1, len(PREFILL_WORKERS.value)),
+                                   decode=min(1, len(DECODE_WORKERS.value)))
+    if not ok:
+      log.warning("workers not ready after %.0f s; serving anyway",
+                  WAIT_WORKERS.value)
+  registry.start()
+  await server.start()
+  await common.set_serving(health, ["pdjax.v1.Generation"], True)
+  metrics.serve(F.METRICS_PORT.value, F.HOST.value)
+  log.info("router serving on %s:%d (%d prefill, %d decode workers)",
+           F.HOST.value, port, len(PREFILL_WORKERS.value),
+           len(DECODE_WORKERS.value))
+  if F.PORT_FILE.value:
+    Path(F.PORT_FILE.value).write_text(str(port))
+  loop = asyncio.get_running_loop()
+  stop = asyncio.Event()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    loop.add_signal_handler(sig, stop.set)
+  await stop.wait()
+  await common.set_serving(health, ["pdjax.v1.Generation"], False)
+  await server.stop(grace=10)
+  await registry.close()
+
+
+def main(argv) -> None:
+  del argv
+  logging.basicConfig(level=F.LOG_LEVEL.value,
+                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  asyncio.run(serve())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,216 @@
+"""Builds and serves a pool worker: ``prefill``, ``decode``, or ``both`` (the
+two pools in one process, for the ``local`` transport).
+
+Start-up order matters and is the same for every role: jax.distributed (if
+the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
+-> warm-up (every program compiled) -> gRPC server -> health SERVING -> port
+file. A worker reports ready only when serving can no longer compile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from absl import app
+
+from pdjax.launch import flags as F
+
+log = logging.getLogger("pdjax.worker")
+
+
+def _init_jax():
+  import jax
+  if F.COORDINATOR.value:
+    if F.COORDINATOR.value == "auto":
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(F.COORDINATOR.value, F.NUM_PROCESSES.value,
+                                 F.PROCESS_ID.value)
+  if F.COMPILE_CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", F.COMPILE_CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return jax
+
+
+def _mesh(jax, mesh_spec: str, devices: list | None, offset: int = 0):
+  from pdjax.sharding import make_mesh, parse_mesh
+  axes = parse_mesh(mesh_spec)
+  all_devices = jax.devices()
+  if devices is not None:
+    by_id = {d.id: d for d in all_devices}
+    chosen = [by_id[i] for i in devices]
+  else:
+    chosen = all_devices[offset:]
+  return make_mesh(axes, chosen)
+
+
+def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
+  from pdjax.v1 import common_pb2
+  info = common_pb2.ModelInfo(
+      name=cfg.name, architecture=cfg.architecture,
+      fingerprint=cfg.fingerprint(), vocab_size=cfg.vocab_size,
+      max_seq_len=max_seq_len, num_layers=cfg.num_layers,
+      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      page_size=dcfg_page_size, dtype=cfg.dtype,
+      eos_token_ids=list(cfg.eos_token_ids))
+  if cfg.bos_token_id is not None:
+    info.bos_token_id = cfg.bos_token_id
+  return info
+
+
+async def serve(role: str) -> None:
+  jax = _init_jax()
+  import socket
+
+  from pdjax.config import DeploymentConfig
+  from pdjax.engine.setup import load_sharded
+  from pdjax.service import common
+  from pdjax.service.metrics import Metrics
+  from pdjax.sharding import ShardingRules
+  from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
+
+  dep = DeploymentConfig.load(F.CONFIG.value)
+  from pdjax.model.registry import resolve_checkpoint
+  checkpoint = resolve_checkpoint(F.CHECKPOINT.value or dep.checkpoint)
+  dtype = F.DTYPE.value or dep.dtype
+  transport = F.KV_TRANSPORT.value or dep.kv_transport
+  sec = F.security()
+  devices = F.parse_devices(F.DEVICES.value)
+  server = common.make_server(sec)
+  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  address = F.ADVERTISE.value or f"{F.HOST.value}:{port}"
+  roles = ("prefill", "decode") if role == "both" else (role,)
+  exchange = None
+  if transport == "local":
+    if role != "both":
+      raise app.UsageError("--kv_transport=local needs both pools in one "
+                           "process (launch.worker --role=both)")
+    from pdjax.transfer.local import LocalKvExchange
+    exchange = LocalKvExchange(F.KV_TTL.value)
+
+  metrics = Metrics(role)
+  workers = []
+  health_names = []
+  offset = 0
+  cfg = None
+  for r in roles:
+    pool = dep.prefill if r == "prefill" else dep.decode
+    mesh_spec = F.MESH.value if (F.MESH.value and role != "both") else pool.mesh
+    rules_name = (F.SHARDING.value if (F.SHARDING.value and role != "both")
+                  else pool.sharding)
+    mesh = _mesh(jax, mesh_spec, devices, offset)
+    offset += mesh.size
+    rules = ShardingRules.load(rules_name)
+    params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
+    info = common_pb2.WorkerInfo(
+        role=r, address=address,
+        model=_model_info(cfg, dep.page_size, dep.max_seq_len),
+        kv_transport=transport, mesh=mesh_spec, sharding=rules.name,
+        process_id=common.PROCESS_ID, hostname=socket.gethostname())
+    if r == "prefill":
+      from pdjax.engine.prefill import PrefillEngine
+      from pdjax.service.prefill_service import (PrefillServicer,
+                                                 PrefillWorker)
+      engine = PrefillEngine(params, cfg, mesh, rules,
+                             dep.prefill_engine_config())
+      if F.WARMUP.value:
+        engine.warmup()
+      sender = _sender(transport, mesh, sec, exchange)
+      info.kv_transfer_address = sender.address()
+      worker = PrefillWorker(engine, sender, metrics=metrics,
+                             max_queue=F.MAX_QUEUE.value,
+                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value)
+      prefill_pb2_grpc.add_PrefillServicer_to_server(
+          PrefillServicer(worker, info), server)
+      health_names.append("pdjax.v1.Prefill")
+    else:
+      from pdjax.engine.colocated import ColocatedEngine
+      from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
+                                                KvTransferServicer)
+      engine = ColocatedEngine(
+          params, cfg, mesh, rules,
+          dep.prefill_engine_config(dep.decode), dep.decode_engine_config(),
+          max_waiting=F.MAX_QUEUE.value)
+      if F.WARMUP.value:
+        engine.warmup()
+      receiver = _receiver(transport, mesh, exchange)
+      worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
+                            transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
+                            reservation_ttl_s=F.KV_TTL.value)
+      decode_pb2_grpc.add_DecodeServicer_to_server(
+          DecodeServicer(worker, info), server)
+      if transport == "grpc":
+        decode_pb2_grpc.add_KvTransferServicer_to_server(
+            KvTransferServicer(worker), server)
+      health_names.append("pdjax.v1.Decode")
+    workers.append(worker)
+
+  health = common.add_health(server, health_names)
+  for w in workers:
+    w.start()
+  await server.start()
+  await common.set_serving(health, health_names, True)
+  metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
+  log.info("%s worker serving %s on %s (transport %s, metrics %s)", role,
+           cfg.name, address, transport, metrics_port)
+  if F.PORT_FILE.value:
+    Path(F.PORT_FILE.value).write_text(str(port))
+  await _run_until_signal(server, health, health_names, workers)
+
+
+def _sender(transport, mesh, sec, exchange):
+  from pdjax.service import common
+  if transport == "local":
+    from pdjax.transfer.local import LocalSender
+    return LocalSender(exchange)
+  if transport == "device":
+    from pdjax.transfer.device import DeviceSender
+    return DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
+                        ttl_s=F.KV_TTL.value)
+  from pdjax.transfer.grpc_stream import GrpcStreamSender
+  return GrpcStreamSender(lambda a: common.make_channel(a, sec))
+
+
+def _receiver(transport, mesh, exchange):
+  if transport == "local":
+    from pdjax.transfer.local import LocalReceiver
+    return LocalReceiver(exchange)
+  if transport == "device":
+    from pdjax.transfer.device import DeviceReceiver
+    return DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value)
+  from pdjax.transfer.grpc_stream import GrpcStreamReceiver
+  return GrpcStreamReceiver(ttl_s=F.KV_TTL.value)
+
+
+async def _run_until_signal(server, health, names, workers) -> None:
+  """Serves until SIGINT/SIGTERM, then drains: health NOT_SERVING, no new
+  requests, running ones finish (bounded), then exit."""
+  from pdjax.service import common
+  loop = asyncio.get_running_loop()
+  stop = asyncio.Event()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    loop.add_signal_handler(sig, stop.set)
+  await stop.wait()
+  log.info("draining")
+  for w in workers:
+    w.draining = True
+  await common.set_serving(health, names, False)
+  await server.stop(grace=30)
+  for w in workers:
+    w.stop()
+
+
+def run(role: str) -> None:
+  logging.basicConfig(level=F.LOG_LEVEL.value,
+                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  asyncio.run(serve(role))
+
+
+if __name__ == "__main__":
+  from absl import flags as _flags
+  _ROLE = _flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
+                             "Which pool(s) this process serves.")
+  app.run(lambda argv: run(_ROLE.value))

@@ -1,0 +1,341 @@
+"""The decode worker: the ``Decode`` (and, for the grpc transport,
+``KvTransfer``) gRPC services around a colocated engine.
+
+Lifecycle of a disaggregated request here:
+
+  1. ``Reserve`` (router): decode-side admission. The request's KV budget is
+     promised under the router's transfer id, or RESOURCE_EXHAUSTED.
+  2. The prefill worker hands the KV over (pushes it to ``KvTransfer``, or
+     registers it for a pull).
+  3. ``Decode`` (router): redeems the handle into the reserved replica's
+     layout, confirms to the prefill worker, joins the continuous batch and
+     streams tokens. Cancelling the call frees the slot at once.
+
+A request under the local-prefill threshold skips steps 1-2: ``Decode`` with
+``local_prefill`` prefills it here (conditional disaggregation). A
+reservation that is never redeemed expires after ``reservation_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import grpc
+
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.requests import (DecodeRequest, FinishReason, TokenEvent)
+from pdjax.engine.sampling import InvalidRequest
+from pdjax.service import common
+from pdjax.service.metrics import Metrics
+from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
+from pdjax.transfer.base import KvReceiver, TransferError
+from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
+                      prefill_pb2, prefill_pb2_grpc)
+
+log = logging.getLogger(__name__)
+
+FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+
+class EngineLoop:
+  """The thread that steps the engine whenever it has work."""
+
+  def __init__(self, engine: ColocatedEngine, *, on_tick=None):
+    self.engine = engine
+    self._wake = threading.Event()
+    self._stop = threading.Event()
+    self._on_tick = on_tick
+    self.error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name="decode-loop")
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._wake.set()
+    self._thread.join(timeout=10)
+
+  def wake(self) -> None:
+    self._wake.set()
+
+  def _run(self) -> None:
+    last_tick = 0.0
+    while not self._stop.is_set():
+      try:
+        if self.engine.has_work:
+          self.engine.step()
+        else:
+          self._wake.wait(0.02)
+          self._wake.clear()
+        now = time.monotonic()
+        if self._on_tick and now - last_tick > 0.25:
+          last_tick = now
+          self._on_tick()
+      except Exception as e:  # noqa: BLE001
+        log.exception("decode engine step failed; failing live requests")
+        self.error = e
+        self.engine.fail_all(f"decode engine failed: {type(e).__name__}: {e}")
+
+
+class DecodeWorker:
+  """Owns the engine, its loop thread and the KV receiver."""
+
+  def __init__(self, engine: ColocatedEngine, receiver: KvReceiver, *,
+               metrics: Metrics | None = None, security=common.Security(),
+               transfer_timeout_s: float = 30.0,
+               reservation_ttl_s: float = 60.0,
+               max_streams: int = 1024):
+    self.engine = engine
+    self.receiver = receiver
+    self.metrics = metrics or Metrics("decode")
+    self.security = security
+    self.transfer_timeout_s = transfer_timeout_s
+    self.reservation_ttl_s = reservation_ttl_s
+    self.max_streams = max_streams
+    self.streams = 0
+    self.draining = False
+    self._prefill_channels: dict[str, grpc.aio.Channel] = {}
+    self.loop = EngineLoop(engine, on_tick=self._tick)
+
+  def start(self) -> None:
+    self.loop.start()
+
+  def stop(self) -> None:
+    self.loop.stop()
+
+  def _tick(self) -> None:
+    expired = self.engine.decode.reap_reservations(self.reservation_ttl_s)
+    for res in expired:
+      self.receiver.forget(res.transfer_id)
+    self.receiver.reap()
+    usage = self.engine.decode.kv_usage()
+    m = self.metrics
+    m.kv_pages.labels("used").set(usage["pages_used"])
+    m.kv_pages.labels("reserved").set(usage["pages_reserved"])
+    m.kv_pages.labels("cached").set(usage["pages_cached"])
+    m.kv_pages.labels("available").set(usage["pages_available"])
+    m.kv_live.labels("decode_rows").set(usage["rows_live"])
+    m.kv_live.labels("reservations").set(usage["reservations"])
+    m.kv_live.labels("staged_transfers").set(self.receiver.live())
+    m.running.set(usage["rows_live"])
+    m.queue_length.set(self.engine.num_waiting)
+
+  def load(self) -> common_pb2.WorkerLoad:
+    u = self.engine.decode.kv_usage()
+    return common_pb2.WorkerLoad(
+        queued=self.engine.num_waiting, running=u["rows_live"],
+        kv_pages_total=u["pages_total"],
+        kv_pages_available=max(u["pages_available"], 0),
+        rows_free=u["rows_total"] - u["rows_live"])
+
+  def prefill_stub(self, address: str):
+    ch = self._prefill_channels.get(address)
+    if ch is None:
+      ch = self._prefill_channels[address] = common.make_channel(
+          address, self.security, aio=True)
+    return prefill_pb2_grpc.PrefillStub(ch)
+
+
+def _event_bridge(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+  def callback(ev: TokenEvent) -> None:
+    loop.call_soon_threadsafe(q.put_nowait, ev)
+  return callback
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+
+  def __init__(self, worker: DecodeWorker, info: common_pb2.WorkerInfo):
+    self.worker = worker
+    self.info = info
+
+  async def Reserve(self, request: decode_pb2.ReserveRequest, context):
+    w = self.worker
+    if w.draining:
+      await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+    if not request.transfer_id:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "transfer_id: is required")
+    try:
+      res = w.engine.decode.reserve(request.request_id, request.prompt_tokens,
+                                    request.max_tokens,
+                                    transfer_id=request.transfer_id)
+    except InvalidRequest as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if res is None:
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "decode KV capacity is full; retry later or on "
+                          "another worker")
+    w.receiver.expect(request.transfer_id, request.request_id)
+    return decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
+
+  async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
+    res = self.worker.engine.decode.unreserve(request.request_id)
+    if res is not None:
+      self.worker.receiver.forget(res.transfer_id)
+    return common_pb2.Empty()
+
+  async def GetWorkerInfo(self, request, context):
+    info = common_pb2.WorkerInfo()
+    info.CopyFrom(self.info)
+    info.draining = self.worker.draining
+    info.load.CopyFrom(self.worker.load())
+    return info
+
+  async def Decode(self, request: decode_pb2.DecodeRequest, context):
+    w = self.worker
+    engine = w.engine
+    cfg = engine.cfg
+    rid = request.request_id
+    if w.draining and request.local_prefill:
+      await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+    if w.streams >= w.max_streams:
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{w.streams} streams open; retry later")
+    try:
+      sampling = sampling_from_proto(request.sampling,
+                                     vocab_size=cfg.vocab_size)
+      ids = check_prompt_ids(request.prompt_token_ids,
+                             vocab_size=cfg.vocab_size,
+                             max_prompt_len=engine.decode.dcfg.max_seq_len - 1)
+      if not rid:
+        raise InvalidRequest("request_id", "is required")
+    except InvalidRequest as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    callback = _event_bridge(loop, q)
+    finished = False
+    transfer_s = 0.0
+    prefill_s = 0.0
+    w.streams += 1
+    try:
+      if request.local_prefill:
+        t0 = time.perf_counter()
+        try:
+          engine.submit(rid, ids, sampling, callback, request.seed)
+        except InvalidRequest as e:
+          await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except OverflowError as e:
+          await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        w.loop.wake()
+      else:
+        res = engine.decode.reservation(rid)
+        if res is None:
+          await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"no reservation for request {rid!r} (Reserve "
+                              "first, or it expired)")
+        rep = engine.decode.replicas[res.replica]
+        t0 = time.perf_counter()
+        try:
+          kv = await asyncio.to_thread(
+              w.receiver.receive, request.kv,
+              rep.payload_sharding(request.kv.shape[2]),
+              timeout_s=_timeout(context, w.transfer_timeout_s))
+        except TransferError as e:
+          engine.decode.unreserve(rid)
+          w.metrics.transfer_failures.labels(w.receiver.name,
+                                             type(e).__name__).inc()
+          await context.abort(common.status_for(e), str(e))
+        transfer_s = time.perf_counter() - t0
+        w.metrics.transfer_bytes.labels(w.receiver.name, "received").inc(
+            kv.nbytes)
+        w.metrics.transfer_time.labels(w.receiver.name, "received").observe(
+            transfer_s)
+        if request.kv.prefill_address:
+          asyncio.ensure_future(self._confirm(request.kv))
+        engine.decode.submit(DecodeRequest(
+            rid, ids, request.first_token, request.first_logprob, kv,
+            sampling, request.seed, callback, reservation=res))
+        w.loop.wake()
+      first = True
+      last = time.perf_counter()
+      while True:
+        ev: TokenEvent = await q.get()
+        if ev.error:
+          finished = True
+          await context.abort(grpc.StatusCode.INTERNAL, ev.error)
+        if not ev.token_ids and ev.finish_reason is None:
+          continue
+        now = time.perf_counter()
+        if first and request.local_prefill:
+          prefill_s = now - t0
+        elif not first:
+          w.metrics.itl.observe(now - last)
+        last = now
+        w.metrics.tokens.inc(len(ev.token_ids))
+        msg = decode_pb2.DecodeResponse(
+            token_ids=ev.token_ids, logprobs=ev.logprobs,
+            finish_reason=FINISH_TO_PROTO[ev.finish_reason])
+        if first:
+          msg.prefill_s = prefill_s
+          msg.kv_transfer_s = transfer_s
+          first = False
+        yield msg
+        if ev.finish_reason is not None:
+          finished = True
+          w.metrics.requests.labels(ev.finish_reason.value).inc()
+          return
+    finally:
+      w.streams -= 1
+      if not finished:
+        # Cancelled by the caller (or failed): free the slot now.
+        engine.cancel(rid)
+        w.metrics.requests.labels("cancelled").inc()
+        w.loop.wake()
+
+  async def _confirm(self, handle: kv_pb2.KvHandle) -> None:
+    try:
+      await self.worker.prefill_stub(handle.prefill_address).ReleaseKv(
+          prefill_pb2.ReleaseKvRequest(transfer_id=handle.transfer_id),
+          timeout=5)
+    except grpc.RpcError as e:
+      log.warning("ReleaseKv to %s failed (the TTL will free it): %s",
+                  handle.prefill_address, e.code().name)
+
+
+class KvTransferServicer(decode_pb2_grpc.KvTransferServicer):
+  """Host-staged KV intake for the grpc transport."""
+
+  def __init__(self, worker: DecodeWorker):
+    self.receiver = worker.receiver
+    self.metrics = worker.metrics
+
+  async def PushKv(self, request_iterator, context):
+    staging = None
+    try:
+      async for chunk in request_iterator:
+        if staging is None:
+          staging = self.receiver.begin(chunk)
+        if chunk.last:
+          break
+        staging.place(chunk)
+      return self.receiver.finish(staging)
+    except (ValueError, TransferError) as e:
+      self.receiver.abandon(staging)
+      code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
+              else common.status_for(e))
+      await context.abort(code, str(e))
+    except BaseException:
+      self.receiver.abandon(staging)
+      raise
+
+
+def _timeout(context, default: float) -> float:
+  remaining = context.time_remaining()
+  return default if remaining is None else max(0.001, min(default, remaining))
+
+
+__all__ = ["DecodeWorker", "DecodeServicer", "KvTransferServicer",
+           "EngineLoop", "FINISH_TO_PROTO"]

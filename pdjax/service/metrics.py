@@ -1,0 +1,96 @@
+"""Prometheus metrics of the pdjax services.
+
+Each service owns a ``CollectorRegistry`` (no process-global registry, so
+several services can live in one test process) and serves it on its own
+``--metrics_port``. Names follow Prometheus conventions: ``pdjax_`` prefix,
+base units (seconds, bytes), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, start_http_server)
+
+from pdjax.engine import compile_stats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+  """The metric set of one service (``role``: router, prefill, decode)."""
+
+  def __init__(self, role: str):
+    self.role = role
+    r = self.registry = CollectorRegistry()
+    self.requests = Counter(
+        "pdjax_requests_total", "Requests by final outcome.",
+        ["outcome"], registry=r)
+    self.queue_length = Gauge(
+        "pdjax_queue_length", "Requests waiting for this service.",
+        registry=r)
+    self.running = Gauge(
+        "pdjax_running_requests", "Requests being served.", registry=r)
+    self.ttft = Histogram(
+        "pdjax_time_to_first_token_seconds", "Arrival to first token.",
+        buckets=_LATENCY_BUCKETS, registry=r)
+    self.itl = Histogram(
+        "pdjax_inter_token_latency_seconds",
+        "Gap between consecutive token messages of a stream.",
+        buckets=_LATENCY_BUCKETS, registry=r)
+    self.e2e = Histogram(
+        "pdjax_request_latency_seconds", "Arrival to last token.",
+        buckets=_LATENCY_BUCKETS, registry=r)
+    self.prefill_time = Histogram(
+        "pdjax_prefill_seconds", "Prefill compute per batch.",
+        buckets=_LATENCY_BUCKETS, registry=r)
+    self.transfer_bytes = Counter(
+        "pdjax_kv_transfer_bytes_total", "KV bytes handed off.",
+        ["transport", "direction"], registry=r)
+    self.transfer_time = Histogram(
+        "pdjax_kv_transfer_seconds", "KV hand-off time per request.",
+        ["transport", "direction"], buckets=_LATENCY_BUCKETS, registry=r)
+    self.transfer_failures = Counter(
+        "pdjax_kv_transfer_failures_total", "Failed KV hand-offs.",
+        ["transport", "reason"], registry=r)
+    self.kv_pages = Gauge(
+        "pdjax_kv_pages", "KV cache pages by state.", ["state"], registry=r)
+    self.kv_live = Gauge(
+        "pdjax_kv_live_allocations",
+        "KV allocations alive by owner (must return to 0 when idle).",
+        ["owner"], registry=r)
+    self.tokens = Counter(
+        "pdjax_generated_tokens_total", "Tokens generated.", registry=r)
+    self.compilations = Gauge(
+        "pdjax_xla_compilations", "XLA compilations in this process.",
+        registry=r)
+    self.compilations.set_function(compile_stats.compile_count)
+    self.workers = Gauge(
+        "pdjax_workers", "Workers known to the router by role and state.",
+        ["role", "state"], registry=r)
+    self._server = None
+    self._lock = threading.Lock()
+
+  def serve(self, port: int, host: str = "127.0.0.1") -> int:
+    """Starts the /metrics HTTP endpoint; returns its port."""
+    if port < 0:
+      return -1
+    with self._lock:
+      if self._server is None:
+        self._server, _ = start_http_server(port, addr=host,
+                                            registry=self.registry)
+      return self._server.server_port
+
+  def text(self) -> str:
+    return generate_latest(self.registry).decode()
+
+  def close(self) -> None:
+    with self._lock:
+      if self._server is not None:
+        self._server.shutdown()
+        self._server = None
+
+
+__all__ = ["Metrics"]

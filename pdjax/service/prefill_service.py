@@ -1,0 +1,244 @@
+"""The prefill worker: the ``Prefill`` gRPC service around a PrefillEngine.
+
+Lifecycle of a request here:
+
+  1. ``Prefill`` validates and queues it (bounded: RESOURCE_EXHAUSTED past
+     ``max_queue``) and waits, within the caller's deadline.
+  2. The batcher thread takes up to ``max_batch`` queued requests, skipping
+     those whose caller has gone, and runs one prefill.
+  3. Each result's KV goes to a sender thread that hands it to the chosen
+     decode worker through the deployment's transport, so the next batch's
+     prefill overlaps this batch's transfer.
+  4. The response carries the first token and the KV handle; the KV stays
+     owned by the transport until the decode side confirms (``ReleaseKv``)
+     or its TTL expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import grpc
+
+from pdjax.engine.prefill import PrefillEngine
+from pdjax.engine.requests import PrefillRequest, PrefillResult
+from pdjax.engine.sampling import InvalidRequest
+from pdjax.service import common
+from pdjax.service.metrics import Metrics
+from pdjax.service.validation import check_prompt_ids, sampling_from_proto
+from pdjax.transfer.base import KvSender, TransferError
+from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
+                      prefill_pb2_grpc)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Job:
+  request: PrefillRequest
+  destination: kv_pb2.KvDestination
+  deadline: float | None
+  future: asyncio.Future
+  loop: asyncio.AbstractEventLoop
+  enqueued: float = dataclasses.field(default_factory=time.monotonic)
+
+  def resolve(self, value=None, error: BaseException | None = None) -> None:
+    def done():
+      if self.future.done():
+        return
+      if error is not None:
+        self.future.set_exception(error)
+      else:
+        self.future.set_result(value)
+    self.loop.call_soon_threadsafe(done)
+
+  @property
+  def abandoned(self) -> bool:
+    return self.future.done()
+
+
+class PrefillWorker:
+  """Owns the engine, the queue, the batcher and the sender threads."""
+
+  def __init__(self, engine: PrefillEngine, sender: KvSender, *,
+               metrics: Metrics | None = None, max_queue: int = 256,
+               transfer_timeout_s: float = 30.0, sender_threads: int = 4):
+    self.engine = engine
+    self.sender = sender
+    self.metrics = metrics or Metrics("prefill")
+    self.max_queue = max_queue
+    self.transfer_timeout_s = transfer_timeout_s
+    self._queue: queue.Queue[_Job | None] = queue.Queue()
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        sender_threads, thread_name_prefix="kv-send")
+    self._running = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._batch_loop, daemon=True,
+                                    name="prefill-batcher")
+    self.draining = False
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._queue.put(None)
+    self._thread.join(timeout=10)
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  @property
+  def queued(self) -> int:
+    return self._queue.qsize()
+
+  @property
+  def running(self) -> int:
+    return self._running
+
+  def submit(self, job: _Job) -> None:
+    if self._queue.qsize() >= self.max_queue:
+      raise OverflowError(f"prefill queue is full ({self.max_queue} waiting);"
+                          " retry later or on another worker")
+    self._queue.put(job)
+    self.metrics.queue_length.set(self._queue.qsize())
+
+  # ---------------------------------------------------------------- threads
+  def _take_batch(self) -> list[_Job]:
+    job = self._queue.get()
+    if job is None:
+      return []
+    jobs = [job]
+    while len(jobs) < self.engine.config.max_batch:
+      try:
+        nxt = self._queue.get_nowait()
+      except queue.Empty:
+        break
+      if nxt is None:
+        self._stop.set()
+        break
+      jobs.append(nxt)
+    return jobs
+
+  def _batch_loop(self) -> None:
+    while not self._stop.is_set():
+      jobs = self._take_batch()
+      self.metrics.queue_length.set(self._queue.qsize())
+      now = time.monotonic()
+      live = []
+      for j in jobs:
+        if j.abandoned:
+          continue
+        if j.deadline is not None and now > j.deadline:
+          j.resolve(error=TimeoutError("deadline passed while queued"))
+          continue
+        live.append(j)
+      if not live:
+        continue
+      self._running += len(live)
+      t0 = time.perf_counter()
+      try:
+        results = self.engine.prefill([j.request for j in live])
+      except Exception as e:  # noqa: BLE001 - reported to every caller
+        log.exception("prefill failed")
+        for j in live:
+          j.resolve(error=e)
+        self._running -= len(live)
+        continue
+      elapsed = time.perf_counter() - t0
+      self.metrics.prefill_time.observe(elapsed)
+      for j, r in zip(live, results):
+        self._pool.submit(self._hand_off, j, r, elapsed)
+
+  def _hand_off(self, job: _Job, result: PrefillResult, prefill_s: float):
+    try:
+      if job.abandoned:
+        return
+      t0 = time.perf_counter()
+      timeout = self.transfer_timeout_s
+      if job.deadline is not None:
+        timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
+      handle = self.sender.send(result.kv, job.destination, timeout_s=timeout)
+      transfer_s = time.perf_counter() - t0
+      name = self.sender.name
+      self.metrics.transfer_bytes.labels(name, "sent").inc(result.kv.nbytes)
+      self.metrics.transfer_time.labels(name, "sent").observe(transfer_s)
+      job.resolve(prefill_pb2.PrefillResponse(
+          first_token=result.first_token, first_logprob=result.first_logprob,
+          kv=handle, prefill_s=prefill_s, transfer_s=transfer_s))
+      if job.abandoned:
+        # The caller left while we were sending: nobody will redeem it.
+        self.sender.release(job.destination.transfer_id)
+    except Exception as e:  # noqa: BLE001
+      reason = type(e).__name__
+      self.metrics.transfer_failures.labels(self.sender.name, reason).inc()
+      job.resolve(error=e)
+    finally:
+      self._running -= 1
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+
+  def __init__(self, worker: PrefillWorker, info: common_pb2.WorkerInfo):
+    self.worker = worker
+    self.info = info
+
+  async def Prefill(self, request: prefill_pb2.PrefillRequest, context):
+    w = self.worker
+    if w.draining:
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "worker is draining; send to another worker")
+    cfg = w.engine.cfg
+    try:
+      sampling = sampling_from_proto(request.sampling,
+                                     vocab_size=cfg.vocab_size)
+      ids = check_prompt_ids(request.prompt_token_ids,
+                             vocab_size=cfg.vocab_size,
+                             max_prompt_len=w.engine.config.max_seq_len - 1)
+      if not request.destination.transfer_id:
+        raise InvalidRequest("destination.transfer_id", "is required")
+    except InvalidRequest as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    remaining = context.time_remaining()
+    loop = asyncio.get_running_loop()
+    job = _Job(PrefillRequest(request.request_id, ids, sampling,
+                              request.seed),
+               request.destination,
+               None if remaining is None else time.monotonic() + remaining,
+               loop.create_future(), loop)
+    try:
+      w.submit(job)
+    except OverflowError as e:
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    try:
+      return await job.future
+    except asyncio.CancelledError:
+      job.future.cancel()
+      raise
+    except TimeoutError as e:
+      await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+    except (TransferError, InvalidRequest) as e:
+      await context.abort(common.status_for(e), str(e))
+    except Exception as e:  # noqa: BLE001
+      log.exception("prefill of %s failed", request.request_id)
+      await context.abort(grpc.StatusCode.INTERNAL,
+                          f"prefill failed: {type(e).__name__}: {e}")
+
+  async def ReleaseKv(self, request: prefill_pb2.ReleaseKvRequest, context):
+    self.worker.sender.release(request.transfer_id)
+    return common_pb2.Empty()
+
+  async def GetWorkerInfo(self, request, context):
+    info = common_pb2.WorkerInfo()
+    info.CopyFrom(self.info)
+    info.draining = self.worker.draining
+    info.load.queued = self.worker.queued
+    info.load.running = self.worker.running
+    return info
+
+
+__all__ = ["PrefillWorker", "PrefillServicer"]

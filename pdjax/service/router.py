@@ -1,0 +1,375 @@
+"""The router: the client-facing ``Generation`` service.
+
+The data path of one request, top to bottom:
+
+  1. validate and tokenize (INVALID_ARGUMENT naming the field otherwise);
+  2. short prompts (under ``local_prefill_threshold``) or a deployment
+     without prefill workers: ``Decode(local_prefill)`` on the decode worker
+     with the most free KV capacity, and stream;
+  3. otherwise reserve KV capacity on that decode worker under a fresh
+     transfer id, ``Prefill`` on the prefill worker with the shortest queue
+     (the KV goes straight to the reserved decode worker), send the first
+     token, then ``Decode`` with the KV handle and stream the rest.
+
+Before the first token reaches the client, an unreachable worker is routed
+around (another prefill worker; another decode worker). After it, a dying
+decode worker ends only its own streams, with UNAVAILABLE. A client that
+cancels cancels the downstream calls, which frees the decode slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+
+import grpc
+
+from pdjax.engine.sampling import InvalidRequest, SamplingParams
+from pdjax.service import validation
+from pdjax.service.metrics import Metrics
+from pdjax.service.registry import Worker, WorkerRegistry
+from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdjax.transfer.base import new_transfer_id
+from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
+                      generate_pb2_grpc, kv_pb2, prefill_pb2)
+
+log = logging.getLogger(__name__)
+
+# Codes after which another worker may well succeed.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.CANCELLED)
+
+
+@dataclasses.dataclass
+class RouterConfig:
+  local_prefill_threshold: int = 0   # prompts shorter than this skip P
+  max_attempts: int = 3              # workers tried before the first token
+  kv_transport: str = "grpc"
+  transfer_timeout_s: float = 30.0
+  max_inflight: int = 4096           # admission bound of the router
+  on_full: str = "queue"             # "queue" (wait for capacity) | "reject"
+  queue_timeout_s: float = 30.0
+
+
+class _Failed(Exception):
+  """A downstream failure with the status to return to the client."""
+
+  def __init__(self, code: grpc.StatusCode, details: str,
+               retry: bool = False, worker: Worker | None = None):
+    super().__init__(details)
+    self.code = code
+    self.details = details
+    self.retry = retry
+    self.worker = worker
+
+
+class RouterServicer(generate_pb2_grpc.GenerationServicer):
+
+  def __init__(self, registry: WorkerRegistry, tokenizer: Tokenizer | None,
+               config: RouterConfig = RouterConfig(),
+               metrics: Metrics | None = None):
+    self.registry = registry
+    self.tokenizer = tokenizer
+    self.config = config
+    self.metrics = metrics or Metrics("router")
+    self.inflight = 0
+
+  # ---------------------------------------------------------------- info
+  def model_info(self) -> common_pb2.ModelInfo:
+    return self.registry.expected or common_pb2.ModelInfo()
+
+  async def GetModelInfo(self, request, context):
+    if self.registry.expected is None:
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "no worker has joined yet")
+    return self.model_info()
+
+  # ---------------------------------------------------------------- generate
+  def _prepare(self, request: generate_pb2.GenerateRequest):
+    info = self.registry.expected
+    if info is None:
+      raise _Failed(grpc.StatusCode.UNAVAILABLE, "no worker has joined yet")
+    rid = validation.check_request_id(request.request_id)
+    sampling = validation.sampling_from_proto(request.sampling,
+                                              vocab_size=info.vocab_size)
+    which = request.WhichOneof("prompt")
+    if which is None:
+      raise InvalidRequest("prompt", "send either text or token_ids")
+    if which == "text":
+      text = validation.check_text(request.text)
+      if self.tokenizer is None:
+        raise InvalidRequest("text", "this deployment has no tokenizer; send "
+                             "token_ids")
+      add = (request.add_special_tokens
+             if request.HasField("add_special_tokens") else True)
+      ids = self.tokenizer.encode(text, add_bos=add)
+      field = "text"
+    else:
+      ids = list(request.token_ids.ids)
+      field = "token_ids"
+    ids = validation.check_prompt_ids(ids, vocab_size=info.vocab_size,
+                                      max_prompt_len=info.max_seq_len - 1,
+                                      field=field)
+    return rid, ids, sampling
+
+  async def Generate(self, request: generate_pb2.GenerateRequest, context):
+    arrival = time.perf_counter()
+    try:
+      rid, ids, sampling = self._prepare(request)
+    except InvalidRequest as e:
+      self.metrics.requests.labels("invalid").inc()
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except _Failed as e:
+      await context.abort(e.code, e.details)
+    if self.inflight >= self.config.max_inflight:
+      self.metrics.requests.labels("rejected").inc()
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"router has {self.inflight} requests in flight; "
+                          "retry after a short backoff")
+    seed = validation.resolve_seed(sampling)
+    detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids=ids,
+                                    skip_special_tokens=
+                                    request.skip_special_tokens)
+             if self.tokenizer else None)
+    usage = common_pb2.Usage(prompt_tokens=len(ids))
+    self.inflight += 1
+    self.metrics.running.set(self.inflight)
+    first_at = None
+    last_at = None
+    outcome = "error"
+    try:
+      async for msg in self._route(rid, ids, sampling, seed, context, usage):
+        now = time.perf_counter()
+        if msg.token_ids:
+          if first_at is None:
+            first_at = now
+            usage.ttft_s = now - arrival
+            self.metrics.ttft.observe(usage.ttft_s)
+          elif last_at is not None:
+            self.metrics.itl.observe(now - last_at)
+          last_at = now
+        usage.completion_tokens += len(msg.token_ids)
+        out = generate_pb2.GenerateResponse(
+            request_id=rid, token_ids=msg.token_ids, logprobs=msg.logprobs,
+            finish_reason=msg.finish_reason)
+        if detok is not None:
+          out.text = detok.push(list(msg.token_ids))
+          if msg.finish_reason:
+            out.text += detok.flush()
+        if msg.finish_reason:
+          usage.total_time_s = now - arrival
+          out.usage.CopyFrom(usage)
+          outcome = common_pb2.FinishReason.Name(msg.finish_reason).split(
+              "_")[-1].lower()
+          self.metrics.e2e.observe(usage.total_time_s)
+        yield out
+        if msg.finish_reason:
+          break
+    except _Failed as e:
+      outcome = e.code.name.lower()
+      await context.abort(e.code, e.details)
+    except asyncio.CancelledError:
+      outcome = "cancelled"
+      raise
+    finally:
+      self.inflight -= 1
+      self.metrics.running.set(self.inflight)
+      self.metrics.requests.labels(outcome).inc()
+
+  # ---------------------------------------------------------------- routing
+  def _timeout(self, context, default: float | None = None):
+    remaining = context.time_remaining()
+    if remaining is None:
+      return default
+    if remaining <= 0:
+      raise _Failed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "deadline exceeded in the router")
+    return remaining if default is None else min(default, remaining)
+
+  async def _route(self, rid, ids, sampling: SamplingParams, seed: int,
+                   context, usage: common_pb2.Usage):
+    """Yields DecodeResponse-like messages (token_ids, logprobs,
+    finish_reason) for the request, choosing and retrying workers."""
+    reg = self.registry
+    local = (len(ids) < self.config.local_prefill_threshold
+             or not reg.usable("prefill"))
+    tried_p: set[str] = set()
+    tried_d: set[str] = set()
+    last_error: _Failed | None = None
+    for _ in range(self.config.max_attempts):
+      started = False
+      try:
+        if local:
+          d = await self._pick_decode(tried_d, context)
+          tried_d.add(d.address)
+          stream = self._local(d, rid, ids, sampling, seed, context, usage)
+        else:
+          stream = self._disaggregated(rid, ids, sampling, seed, context,
+                                       usage, tried_p, tried_d)
+        async for msg in stream:
+          started = True
+          yield msg
+        return
+      except _Failed as e:
+        last_error = e
+        if not e.retry or started:
+          raise
+        if e.worker is not None:
+          reg.mark_down(e.worker, e.details)
+        log.info("request %s: retrying after %s", rid, e.details)
+        if not reg.usable("prefill"):
+          local = True
+    raise last_error or _Failed(grpc.StatusCode.UNAVAILABLE,
+                                "no worker could serve the request")
+
+  async def _pick_decode(self, exclude, context) -> Worker:
+    d = self.registry.pick_decode(exclude)
+    if d is None:
+      d = self.registry.pick_decode()
+    if d is None:
+      raise _Failed(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready")
+    return d
+
+  async def _local(self, d: Worker, rid, ids, sampling, seed, context, usage):
+    usage.decode_worker = d.address
+    req = decode_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=ids,
+        sampling=validation.sampling_to_proto(sampling), seed=seed,
+        local_prefill=True)
+    async for msg in self._stream_decode(d, req, context, usage,
+                                         first_token_sent=False):
+      yield msg
+
+  async def _reserve(self, rid, ids, sampling, context, tried_d):
+    """Reserves on the decode worker with most room; waits for room when
+    the policy is to queue."""
+    deadline = time.monotonic() + self.config.queue_timeout_s
+    backoff = 0.005
+    while True:
+      d = await self._pick_decode(tried_d, context)
+      transfer_id = new_transfer_id()
+      try:
+        res = await d.stub.Reserve(decode_pb2.ReserveRequest(
+            request_id=rid, prompt_tokens=len(ids),
+            max_tokens=sampling.max_tokens, transfer_id=transfer_id),
+            timeout=self._timeout(context, self.registry.rpc_timeout_s))
+        d.reserved_pages += res.pages
+        return d, res, transfer_id
+      except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+          if (self.config.on_full != "queue"
+              or time.monotonic() > deadline):
+            raise _Failed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "decode capacity is full; retry later") from e
+          await asyncio.sleep(backoff)
+          backoff = min(backoff * 2, 0.2)
+          continue
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+          raise _Failed(e.code(), e.details()) from e
+        tried_d.add(d.address)
+        raise _Failed(e.code(), f"decode worker {d.address}: {e.details()}",
+                      retry=e.code() in _RETRYABLE, worker=d) from e
+
+  async def _disaggregated(self, rid, ids, sampling, seed, context, usage,
+                           tried_p, tried_d):
+    d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
+                                              tried_d)
+    usage.decode_worker = d.address
+    info = d.info
+    p = self.registry.pick_prefill(tried_p)
+    if p is None:
+      await self._unreserve(d, rid)
+      raise _Failed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready",
+                    retry=True)
+    tried_p.add(p.address)
+    usage.prefill_worker = p.address
+    dest = kv_pb2.KvDestination(
+        transport=self.config.kv_transport, transfer_id=transfer_id,
+        decode_address=d.address, replica=res.replica,
+        decode_process_id=info.process_id if info else "",
+        decode_tp=_tp_of(info.mesh if info else ""))
+    p.inflight += 1
+    try:
+      pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
+          request_id=rid, prompt_token_ids=ids,
+          sampling=validation.sampling_to_proto(sampling), seed=seed,
+          destination=dest),
+          timeout=self._timeout(context))
+    except grpc.aio.AioRpcError as e:
+      await self._unreserve(d, rid)
+      retry = e.code() in _RETRYABLE
+      raise _Failed(e.code(), f"prefill worker {p.address}: {e.details()}",
+                    retry=retry, worker=p if retry else None) from e
+    except asyncio.CancelledError:
+      await self._unreserve(d, rid)
+      raise
+    finally:
+      p.inflight -= 1
+    usage.prefill_s = pre.prefill_s
+    usage.kv_transfer_s = pre.transfer_s
+    handle = pre.kv
+    handle.prefill_address = p.address
+    first = decode_pb2.DecodeResponse(
+        token_ids=[pre.first_token], logprobs=[pre.first_logprob])
+    yield first
+    req = decode_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=ids,
+        sampling=validation.sampling_to_proto(sampling), seed=seed,
+        first_token=pre.first_token, first_logprob=pre.first_logprob,
+        kv=handle)
+    async for msg in self._stream_decode(d, req, context, usage,
+                                         first_token_sent=True):
+      yield msg
+
+  async def _unreserve(self, d: Worker, rid: str) -> None:
+    try:
+      await d.stub.Unreserve(decode_pb2.UnreserveRequest(request_id=rid),
+                             timeout=self.registry.rpc_timeout_s)
+    except grpc.aio.AioRpcError:
+      pass   # the reservation's TTL frees it
+
+  async def _stream_decode(self, d: Worker, req, context, usage, *,
+                           first_token_sent: bool):
+    d.inflight += 1
+    call = d.stub.Decode(req, timeout=self._timeout(context))
+    got_tokens = first_token_sent
+    try:
+      async for msg in call:
+        if msg.kv_transfer_s:
+          usage.kv_transfer_s += msg.kv_transfer_s
+        if msg.prefill_s:
+          usage.prefill_s = msg.prefill_s
+        if msg.token_ids:
+          got_tokens = True
+        yield msg
+        if msg.finish_reason:
+          return
+      raise _Failed(grpc.StatusCode.UNAVAILABLE,
+                    f"decode worker {d.address} ended the stream early")
+    except grpc.aio.AioRpcError as e:
+      code = e.code()
+      if got_tokens:
+        if code in _RETRYABLE:
+          self.registry.mark_down(d, e.details() or code.name)
+          raise _Failed(grpc.StatusCode.UNAVAILABLE,
+                        f"decode worker {d.address} failed mid-stream: "
+                        f"{e.details()}") from e
+        raise _Failed(code, e.details()) from e
+      raise _Failed(code, f"decode worker {d.address}: {e.details()}",
+                    retry=code in _RETRYABLE, worker=d) from e
+    finally:
+      d.inflight -= 1
+      call.cancel()
+
+
+def _tp_of(mesh: str) -> int:
+  for part in mesh.split(","):
+    if part.strip().startswith("tp="):
+      return int(part.split("=")[1])
+  return 1
+
+
+__all__ = ["RouterServicer", "RouterConfig"]

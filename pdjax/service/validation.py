@@ -1,0 +1,108 @@
+"""Request validation at the service boundary.
+
+Every field a client sends is checked here before it reaches an engine, and
+every refusal is an ``InvalidRequest`` naming the field and saying what to
+fix (the services turn it into INVALID_ARGUMENT). Defaults are vLLM's.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Sequence
+
+from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
+                                   SamplingParams)
+from pdjax.v1 import common_pb2
+
+DEFAULT_MAX_TOKENS = 16
+MAX_REQUEST_ID_LEN = 256
+MAX_TEXT_CHARS = 1 << 22
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams, *,
+                        vocab_size: int) -> SamplingParams:
+  max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+  temperature = p.temperature if p.HasField("temperature") else 1.0
+  top_p = p.top_p if p.HasField("top_p") else 1.0
+  top_k = p.top_k if p.HasField("top_k") else 0
+  if not math.isfinite(temperature):
+    raise InvalidRequest("sampling.temperature", "must be a finite number")
+  if not math.isfinite(top_p):
+    raise InvalidRequest("sampling.top_p", "must be a finite number")
+  if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+    raise InvalidRequest("sampling.stop_token_ids",
+                         f"at most {MAX_STOP_TOKEN_IDS} ids, got "
+                         f"{len(p.stop_token_ids)}")
+  params = SamplingParams(
+      max_tokens=int(max_tokens), temperature=float(temperature),
+      top_p=float(top_p), top_k=int(top_k),
+      seed=int(p.seed) if p.HasField("seed") else None,
+      stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
+      ignore_eos=bool(p.ignore_eos))
+  try:
+    params.validate(vocab_size)
+  except InvalidRequest as e:
+    raise InvalidRequest(f"sampling.{e.field}", str(e).split(": ", 1)[1])
+  return params
+
+
+def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
+  out = common_pb2.SamplingParams(
+      max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+      top_k=s.top_k, stop_token_ids=list(s.stop_token_ids),
+      ignore_eos=s.ignore_eos)
+  if s.seed is not None:
+    out.seed = s.seed
+  return out
+
+
+def check_request_id(request_id: str) -> str:
+  if len(request_id) > MAX_REQUEST_ID_LEN:
+    raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID_LEN} "
+                         "characters")
+  if request_id and not request_id.isprintable():
+    raise InvalidRequest("request_id", "must be printable text")
+  return request_id or secrets.token_hex(8)
+
+
+def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
+                     max_prompt_len: int, field: str = "prompt_token_ids"
+                     ) -> list[int]:
+  ids = [int(t) for t in ids]
+  if not ids:
+    raise InvalidRequest(field, "is empty; send at least one token")
+  if len(ids) > max_prompt_len:
+    raise InvalidRequest(field, f"has {len(ids)} tokens; the maximum is "
+                         f"{max_prompt_len}")
+  for t in ids:
+    if not 0 <= t < vocab_size:
+      raise InvalidRequest(field, f"token id {t} is outside the vocabulary "
+                           f"[0, {vocab_size})")
+  return ids
+
+
+def check_text(text: str) -> str:
+  if not text:
+    raise InvalidRequest("text", "is empty; send a prompt")
+  if len(text) > MAX_TEXT_CHARS:
+    raise InvalidRequest("text", f"longer than {MAX_TEXT_CHARS} characters")
+  return text
+
+
+def check_budget(prompt_len: int, max_tokens: int, max_seq_len: int) -> None:
+  """Prompt plus at least one generated token must fit the context."""
+  if prompt_len >= max_seq_len:
+    raise InvalidRequest(
+        "prompt", f"has {prompt_len} tokens; with max_seq_len {max_seq_len} "
+        f"at most {max_seq_len - 1} fit (one position for the first token)")
+
+
+def resolve_seed(s: SamplingParams) -> int:
+  """The 32-bit key seed used on every pool for this request."""
+  return s.seed_u32(secrets.randbits(32))
+
+
+__all__ = ["sampling_from_proto", "sampling_to_proto", "check_request_id",
+           "check_prompt_ids", "check_text", "check_budget", "resolve_seed",
+           "DEFAULT_MAX_TOKENS"]

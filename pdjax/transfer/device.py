@@ -1,0 +1,166 @@
+"""The ``device`` transport: ``jax.experimental.transfer`` between processes.
+
+Each worker runs a transfer server. The prefill side lays the request KV out
+with as many kv-head shards as both sides can hold (``gcd`` of the two TP
+degrees: sender and receiver must agree on the shard count), registers it
+with ``await_pull`` under a random 63-bit id, and keeps a reference until the
+decode side confirms (ReleaseKv) or the TTL passes; the server itself drops
+an unpulled registration at the same deadline. The decode side pulls into
+its own devices with the same shard count and reshards to the replica's
+layout (``reshard_kv``).
+
+A pull of an id that was never (or is no longer) registered does not fail,
+it never completes, so the receiver polls readiness against a deadline and
+reports ``TransferTimeout``; the orphaned destination buffer is dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.experimental import transfer
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdjax.engine.kv import reshard_kv
+from pdjax.engine.requests import RequestKV
+from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
+                                 TransferDenied, TransferTimeout, handle_for,
+                                 new_pull_uuid)
+from pdjax.v1 import kv_pb2
+
+_KV_HEADS_AXIS = 4
+
+
+def _start_server(device, host: str, connections: int):
+  return transfer.start_transfer_server(
+      device.client, f"{host}:0", [f"{host}:0"] * connections)
+
+
+def kv_head_shards(sharding) -> int:
+  """How many ways a KV array's kv_heads axis is split."""
+  spec = getattr(sharding, "spec", None)
+  if spec is None or len(spec) <= _KV_HEADS_AXIS or spec[_KV_HEADS_AXIS] is None:
+    return 1
+  axes = spec[_KV_HEADS_AXIS]
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+
+
+def transfer_sharding(devices, shards: int) -> NamedSharding:
+  """kv_heads split ``shards`` ways over the first ``shards`` devices."""
+  mesh = Mesh(np.array(list(devices)[:shards], dtype=object), ("tp",))
+  spec = [None] * 6
+  spec[_KV_HEADS_AXIS] = "tp" if shards > 1 else None
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _ordered_devices(sharding) -> list:
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None:
+    return list(mesh.devices.flat)
+  return sorted(sharding.device_set, key=lambda d: d.id)
+
+
+class DeviceSender(KvSender):
+  name = "device"
+
+  def __init__(self, device, *, host: str = "127.0.0.1",
+               advertise_host: str | None = None, connections: int = 4,
+               ttl_s: float = 60.0):
+    self.ttl_s = ttl_s
+    self._server = _start_server(device, host, connections)
+    self._advertise = _advertised(self._server.address(), advertise_host)
+    self.leases = LeaseTable(ttl_s)
+
+  def address(self) -> str:
+    return self._advertise
+
+  def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
+           timeout_s: float) -> kv_pb2.KvHandle:
+    shards = math.gcd(kv_head_shards(kv.kv.sharding), max(dest.decode_tp, 1))
+    target = transfer_sharding(_ordered_devices(kv.kv.sharding), shards)
+    arr = jax.device_put(kv.kv, target)
+    uuid = new_pull_uuid()
+    expiry = datetime.datetime.now() + datetime.timedelta(seconds=self.ttl_s)
+    self._server.await_pull(uuid, [arr], timeout=expiry)
+    self.leases.put(dest.transfer_id, arr, kv.nbytes)
+    handle = handle_for(kv, self.name, dest.transfer_id)
+    handle.transfer_address = self._advertise
+    handle.pull_uuid = uuid
+    handle.shards = shards
+    return handle
+
+  def release(self, transfer_id: str) -> None:
+    self.leases.pop(transfer_id)
+
+  def reap(self) -> int:
+    return self.leases.reap()
+
+  def live(self) -> int:
+    return len(self.leases)
+
+
+class DeviceReceiver(KvReceiver):
+  name = "device"
+
+  def __init__(self, device, *, host: str = "127.0.0.1", connections: int = 4):
+    self._server = _start_server(device, host, connections)
+    self._conns: dict[str, object] = {}
+    self._lock = threading.Lock()
+    self._expected: dict[str, str] = {}
+
+  def expect(self, transfer_id: str, request_id: str) -> None:
+    with self._lock:
+      self._expected[transfer_id] = request_id
+
+  def forget(self, transfer_id: str) -> None:
+    with self._lock:
+      self._expected.pop(transfer_id, None)
+
+  def _connection(self, address: str):
+    with self._lock:
+      conn = self._conns.get(address)
+      if conn is None:
+        conn = self._conns[address] = self._server.connect(address)
+      return conn
+
+  def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
+              timeout_s: float) -> RequestKV:
+    with self._lock:
+      if handle.transfer_id not in self._expected:
+        raise TransferDenied(f"transfer {handle.transfer_id!r} was not issued "
+                             "to this worker")
+    dtype = jax.numpy.dtype(handle.dtype)
+    landing = transfer_sharding(_ordered_devices(sharding),
+                                max(handle.shards, 1))
+    spec = jax.ShapeDtypeStruct(tuple(handle.shape), dtype, sharding=landing)
+    deadline = time.monotonic() + timeout_s
+    (arr,) = self._connection(handle.transfer_address).pull(
+        handle.pull_uuid, [spec])
+    while not arr.is_ready():
+      if time.monotonic() > deadline:
+        raise TransferTimeout(
+            f"KV pull {handle.transfer_id} from {handle.transfer_address} did "
+            f"not complete within {timeout_s:.1f} s")
+      time.sleep(0.0005)
+    self.forget(handle.transfer_id)
+    out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
+                     sharding)
+    out.kv.block_until_ready()
+    return out
+
+
+def _advertised(address: str, host: str | None) -> str:
+  if not host:
+    return address
+  port = address.rsplit(":", 1)[1]
+  return f"{host}:{port}"
+
+
+__all__ = ["DeviceSender", "DeviceReceiver", "kv_head_shards",
+           "transfer_sharding"]
