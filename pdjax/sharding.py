@@ -124,7 +124,8 @@ class ShardingRules:
         shapes_and_axes, is_leaf=_is_shape_axes)[0]
     treedef = jax.tree.structure(shapes_and_axes, is_leaf=_is_shape_axes)
     out = [self.sharding(mesh, axes, shape,
-                         what=jax.tree_util.keystr(path).strip("[]'\""))
+                         what=jax.tree_util.keystr(path, simple=True,
+                                                   separator="/"))
            for path, (shape, axes) in leaves]
     return jax.tree.unflatten(treedef, out)
 

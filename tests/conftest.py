@@ -20,6 +20,22 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
       os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Persistent XLA compilation cache. Engine tests build many engines whose
+# programs are identical (same shapes, same devices) but belong to different
+# jit objects, so each would compile again; with the cache a repeat is a file
+# read, within a run and across runs. Compiles of a few seconds each are most
+# of the suite's time on CPU. JAX reads these variables when it is imported;
+# set JAX_COMPILATION_CACHE_DIR yourself, or JAX_ENABLE_COMPILATION_CACHE=false,
+# to override.
+if os.environ.get("PDJAX_CACHE"):
+  _JAX_CACHE = os.path.join(os.path.expanduser(os.environ["PDJAX_CACHE"]),
+                            "jax_compilation_cache")
+else:
+  _JAX_CACHE = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
