@@ -10,8 +10,10 @@ JAX reports each backend compilation as the duration event
 ``/jax/core/compile/backend_compile_duration``; it fires for every executable
 JAX builds, persistent-cache hits included (those still create a new
 executable in this process, which is what a latency-sensitive loop cares
-about). The listener is registered once per process (``install``); counters
-are plain integers under a lock, so any thread may read them.
+about). The listener is registered once per process (``install``, which
+importing this module already does, so a service that imports it at start-up
+counts its warm-up too); counters are plain integers under a lock, so any
+thread may read them.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def no_compiles(what: str = "block") -> Iterator[CompileCounter]:
     raise UnexpectedCompilation(
         f"{what} compiled {c.count} program(s) in {c.seconds:.2f}s{names}")
 
+
+install()
 
 __all__ = ["BACKEND_COMPILE_EVENT", "install", "compile_count",
            "compile_seconds", "CompileCounter", "no_compiles",

@@ -30,13 +30,13 @@ import itertools
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
@@ -318,7 +318,9 @@ class DecodeReplica:
       self._slots_dirty = False
     return self._slots_dev
 
-  def warmup(self, payload_page_counts: Sequence[int]) -> None:
+  def warmup(self, payload_page_counts: Sequence[int],
+             source_sharding: Callable[[int], Sharding] | None = None
+             ) -> None:
     """Compiles insert (once per payload size) and generate on this
     replica's devices with dummy data.
 
@@ -326,7 +328,10 @@ class DecodeReplica:
     active on the host, so no page, row or reservation is touched: the
     replica is as clean afterwards as before. Each program is called twice in
     a row as well as after the other, so every state layout serving can feed
-    it (fresh, after insert, after generate) has been seen.
+    it (fresh, after insert, after generate) has been seen. With
+    ``source_sharding`` the dummy KV starts in that layout and goes through
+    ``reshard_kv``, which compiles a slicing program when the source splits
+    the KV heads less than this replica does.
     """
     if self.live_rows:
       raise RuntimeError("warm up a replica before it serves requests")
@@ -334,8 +339,12 @@ class DecodeReplica:
     zero = np.int32(0)
     for n in payload_page_counts:
       shape = request_kv_shape(self.cfg, n, self.dcfg.page_size)
-      kv = jax.device_put(np.zeros(shape, self.cfg.jnp_dtype),
-                          self.payload_sharding(n))
+      host = np.zeros(shape, self.cfg.jnp_dtype)
+      if source_sharding is None:
+        kv = jax.device_put(host, self.payload_sharding(n))
+      else:
+        kv = reshard_kv(RequestKV(jax.device_put(host, source_sharding(n)), 1),
+                        self.payload_sharding(n)).kv
       dest = jax.device_put(np.zeros((n,), np.int32), self.replicated)
       for _ in range(2):
         self.state = self.programs.insert(self.state, kv, dest, zero, zero,
@@ -542,22 +551,28 @@ class DecodeEngine:
     top = payload_pages(self.dcfg.pages_per_seq)
     return [1 << i for i in range(top.bit_length())]
 
-  def warmup(self, payload_page_counts: Sequence[int] | None = None) -> None:
+  def warmup(self, payload_page_counts: Sequence[int] | None = None, *,
+             source_sharding: Callable[[int], Sharding] | None = None
+             ) -> None:
     """Compiles every program serving runs, on every replica, so that no
     request ever waits for XLA (a compile of a large model's generate
     program stalls every running sequence for seconds).
 
     ``payload_page_counts``: the page counts of incoming request KVs
     (``RequestKV.kv.shape[2]``); defaults to every power of two up to
-    ``max_seq_len / page_size``. Leaves the engine clean: no rows, pages or
-    reservations are used afterwards.
+    ``max_seq_len / page_size``. ``source_sharding``: page count -> the
+    layout those KVs arrive in, when they arrive as device arrays of this
+    process (an in-process prefill engine's ``kv_sharding``): moving them
+    onto a replica that splits KV heads more finely compiles a program per
+    size, which this then does now. Leaves the engine clean: no rows, pages
+    or reservations are used afterwards.
     """
     if self.has_work:
       raise RuntimeError("warm up the decode engine before it serves")
     counts = sorted(set(payload_page_counts if payload_page_counts is not None
                         else self.default_payload_page_counts()))
     for rep in self.replicas:
-      rep.warmup(counts)
+      rep.warmup(counts, source_sharding)
 
   def step(self) -> int:
     """One iteration: admit, dispatch a call per busy replica, then deliver

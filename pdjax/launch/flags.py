@@ -87,6 +87,18 @@ def security() -> Security:
                   max_message_bytes=MAX_MESSAGE.value)
 
 
+def write_port_file(port: int, metrics_port: int) -> None:
+  """Tells a launcher (``pdjax.launch.local``) this process is serving:
+  written atomically, last thing before serving."""
+  if not PORT_FILE.value:
+    return
+  import json
+  tmp = PORT_FILE.value + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"port": port, "metrics_port": metrics_port}, f)
+  os.replace(tmp, PORT_FILE.value)
+
+
 def parse_devices(spec: str) -> list[int] | None:
   if not spec:
     return None

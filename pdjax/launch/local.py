@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -67,12 +68,20 @@ class Proc:
   port_file: Path
   log: Path
 
-  def port(self) -> int | None:
+  def ports(self) -> dict | None:
     try:
-      text = self.port_file.read_text().strip()
+      return json.loads(self.port_file.read_text())
     except FileNotFoundError:
       return None
-    return int(text) if text else None
+
+  def port(self) -> int | None:
+    p = self.ports()
+    return None if p is None else p["port"]
+
+  @property
+  def metrics_port(self) -> int | None:
+    p = self.ports()
+    return None if p is None else p.get("metrics_port")
 
 
 class LocalCluster:
@@ -89,6 +98,13 @@ class LocalCluster:
   def _env(self, devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Every worker of a deployment compiles the same programs, and so does
+    # every restart: share XLA's persistent compilation cache.
+    cache_root = os.path.expanduser(os.environ.get("PDJAX_CACHE",
+                                                   "~/.cache/pdjax"))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                   os.path.join(cache_root, "jax_compilation_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     if self.platform == "cpu":
       env["JAX_PLATFORMS"] = "cpu"
       flag = f"--xla_force_host_platform_device_count={devices}"
@@ -109,6 +125,7 @@ class LocalCluster:
   def start(self, name: str, module: str, args: list[str], devices: int = 1
             ) -> Proc:
     port_file = self.run_dir / f"{name}.port"
+    port_file.unlink(missing_ok=True)  # a stale one from an earlier run
     log = self.run_dir / f"{name}.log"
     cmd = [sys.executable, "-m", module, f"--port_file={port_file}",
            f"--host={self.host}", *args]
@@ -166,9 +183,10 @@ def mesh_size(spec: str) -> int:
   return n
 
 
-def launch(cluster: LocalCluster, *, config: str, checkpoint: str | None,
-           kv_transport: str | None, num_prefill: int, num_decode: int,
-           prefill_mesh: str | None, decode_mesh: str | None,
+def launch(cluster: LocalCluster, *, config: str = "local",
+           checkpoint: str | None = None, kv_transport: str | None = None,
+           num_prefill: int = 1, num_decode: int = 1,
+           prefill_mesh: str | None = None, decode_mesh: str | None = None,
            router_port: int = 0, local_prefill_threshold: int | None = None,
            worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
            ) -> str:

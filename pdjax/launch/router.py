@@ -90,12 +90,11 @@ async def serve() -> None:
   registry.start()
   await server.start()
   await common.set_serving(health, ["pdjax.v1.Generation"], True)
-  metrics.serve(F.METRICS_PORT.value, F.HOST.value)
+  metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("router serving on %s:%d (%d prefill, %d decode workers)",
            F.HOST.value, port, len(PREFILL_WORKERS.value),
            len(DECODE_WORKERS.value))
-  if F.PORT_FILE.value:
-    Path(F.PORT_FILE.value).write_text(str(port))
+  F.write_port_file(port, metrics_port)
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):

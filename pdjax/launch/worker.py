@@ -156,8 +156,7 @@ async def serve(role: str) -> None:
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("%s worker serving %s on %s (transport %s, metrics %s)", role,
            cfg.name, address, transport, metrics_port)
-  if F.PORT_FILE.value:
-    Path(F.PORT_FILE.value).write_text(str(port))
+  F.write_port_file(port, metrics_port)
   await _run_until_signal(server, health, health_names, workers)
 
 

@@ -97,6 +97,12 @@ class ModelConfig:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     attn = d * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
     per_layer = attn + 3 * d * f + 2 * d
+    if self.qkv_bias:
+      per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    if self.o_bias:
+      per_layer += d
+    if self.mlp_bias:
+      per_layer += 2 * f + d
     emb = v * d * (1 if self.tie_word_embeddings else 2)
     return self.num_layers * per_layer + emb + d
 
@@ -210,7 +216,10 @@ class ModelConfig:
     gen = None
     gen_file = path / "generation_config.json"
     if gen_file.exists():
-      gen = json.loads(gen_file.read_text())
+      try:
+        gen = json.loads(gen_file.read_text())
+      except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{gen_file}: not valid JSON: {e}") from e
     kw.setdefault("name", path.name)
     return cls.from_hf_dict(hf, source=str(cfg_file), generation_config=gen,
                             **kw)

@@ -92,27 +92,29 @@ def init_params(cfg: ModelConfig, seed: int = 0, *, std: float = 0.02,
 
   Norm weights are ones plus a little noise so a bug that drops a norm shows.
   Used for benchmarks (Llama-3-8B shapes) and tests; real models are loaded.
+  Each leaf is made on its devices by a cached jitted program, so repeated
+  calls (and leaves of equal shape) do not recompile.
   """
   abstract = abstract_params(cfg)
-  leaves, treedef = jax.tree.flatten(abstract)
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(abstract)[0]]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  shard_leaves = (jax.tree.leaves(shardings) if shardings is not None
+                  else [None] * len(flat))
+  out = []
+  for i, ((path, leaf), sharding) in enumerate(zip(flat, shard_leaves)):
+    norm = "norm" in jax.tree_util.keystr(path)
+    make = _random_leaf_fn(leaf.shape, jnp.dtype(leaf.dtype).name, norm,
+                           float(std), sharding)
+    out.append(make(jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+  return jax.tree.unflatten(treedef, out)
 
-  def make():
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    out = []
-    for k, leaf, path in zip(keys, leaves, paths):
-      x = jax.random.normal(k, leaf.shape, jnp.float32)
-      if "norm" in path:
-        x = 1.0 + 0.1 * x
-      else:
-        x = std * x
-      out.append(x.astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, out)
 
-  if shardings is None:
-    return jax.jit(make)()
-  return jax.jit(make, out_shardings=shardings)()
+@functools.lru_cache(maxsize=None)
+def _random_leaf_fn(shape, dtype, norm, std, sharding):
+  def make(key):
+    x = jax.random.normal(key, shape, jnp.float32)
+    x = 1.0 + 0.1 * x if norm else std * x
+    return x.astype(dtype)
+  return jax.jit(make, out_shardings=sharding)
 
 
 # ------------------------------------------------------------------ pieces

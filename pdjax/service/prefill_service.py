@@ -60,7 +60,8 @@ class _Job:
 
   @property
   def abandoned(self) -> bool:
-    return self.future.done()
+    """The caller went away (cancelled its RPC); resolving is not that."""
+    return self.future.cancelled()
 
 
 class PrefillWorker:

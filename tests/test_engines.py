@@ -1,0 +1,739 @@
+"""Engines on 8 CPU devices with pdjax-tiny: equivalence, batching, limits.
+
+What must hold for disaggregation to be worth anything is that it changes
+*where* work runs, never *what* comes out: any TP degree of prefill gives the
+same KV, any DP layout of decode the same tokens, a sequence the same tokens
+whatever batch it shares, and prefill-on-one-mesh -> decode-on-another the
+same tokens as colocated serving. The rest pins the engine contract the
+services build on: request limits, stop conditions, KV accounting that
+returns to zero, and no XLA compilation while serving after warm-up.
+
+Compilation dominates the run time on CPU (a few seconds per program), so
+engines are module fixtures shared by the tests, all use one small config
+(buckets 16/32/64, max_seq_len 128), and prefill batches are shaped to reuse
+programs that are already compiled. Tests leave every shared engine clean,
+which each of them checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from pdjax.engine import compile_stats
+from pdjax.engine.block_pool import BlockPool, PoolExhausted
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.decode import DecodeConfig, DecodeEngine
+from pdjax.engine.kv import reshard_kv
+from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
+                                   PrefillResult, TokenEvent)
+from pdjax.engine.sampling import InvalidRequest, SamplingParams
+from pdjax.engine.setup import load_sharded, shard_params
+from pdjax.model.config import ModelConfig
+from pdjax.model.llama import param_shapes
+from pdjax.model.tiny import ensure_tiny_model
+from pdjax.model.weights import load_hf_params
+from pdjax.sharding import ShardingError, ShardingRules, make_mesh
+
+PAGE = 16
+MAX_SEQ = 128
+PCFG = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
+                     max_seq_len=MAX_SEQ)
+# 31 usable pages per replica, 8 for a sequence of max_seq_len: three such
+# sequences fill a replica, so capacity limits are easy to reach.
+DCFG = DecodeConfig(max_seqs=4, page_size=PAGE, num_pages=32,
+                    max_seq_len=MAX_SEQ, steps_per_call=4)
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def seeded(seed: int, max_tokens: int = 12, **kw) -> SamplingParams:
+  return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9,
+                        top_k=50, seed=seed, ignore_eos=True, **kw)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+  """Token ids from the tiny model's ordinary range (no special tokens)."""
+  return np.random.default_rng(seed).integers(3, 512, n).tolist()
+
+
+# ------------------------------------------------------------------ helpers
+class Collector:
+  """A TokenCallback recording every event per request."""
+
+  def __init__(self):
+    self.events: dict[str, list[TokenEvent]] = collections.defaultdict(list)
+
+  def __call__(self, ev: TokenEvent) -> None:
+    self.events[ev.request_id].append(ev)
+
+  def tokens(self, rid: str) -> list[int]:
+    return [t for e in self.events[rid] for t in e.token_ids]
+
+  def reason(self, rid: str) -> FinishReason:
+    evs = self.events[rid]
+    assert evs, f"{rid}: no events"
+    assert all(e.finish_reason is None for e in evs[:-1]), evs
+    assert evs[-1].finish_reason is not None, f"{rid} did not finish"
+    return evs[-1].finish_reason
+
+  def finished(self, rid: str) -> bool:
+    evs = self.events.get(rid)
+    return bool(evs) and evs[-1].finish_reason is not None
+
+
+def assert_clean(engine) -> None:
+  """No rows, pages, reservations or queued work left, pools consistent."""
+  if isinstance(engine, ColocatedEngine):
+    assert engine.num_waiting == 0
+    engine = engine.decode
+  assert not engine.has_work
+  u = engine.kv_usage()
+  assert u["pages_used"] == 0, u
+  assert u["pages_reserved"] == 0, u
+  assert u["pages_cached"] == 0, u
+  assert u["reservations"] == 0, u
+  assert u["rows_live"] == 0, u
+  assert u["pages_available"] == u["pages_total"], u
+  for rep in engine.replicas:
+    rep.pool.check_invariants()
+    assert not rep.active.any()
+
+
+def prefill_requests(engine: PrefillEngine, reqs) -> list[PrefillResult]:
+  """Prefills (rid, prompt, sampling) triples with the request's seed."""
+  return engine.prefill([PrefillRequest(rid, p, s, s.seed_u32(0))
+                         for rid, p, s in reqs])
+
+
+def submit_decode(engine: DecodeEngine, rid, p, s, r: PrefillResult,
+                  col: Collector) -> int:
+  """The disaggregated hand-off: reserve on the decode pool, move the KV to
+  the chosen replica's layout, submit. Returns the replica index. While
+  the pool is full it runs engine steps, as a router retries a full pool."""
+  col(TokenEvent(rid, [r.first_token], [r.first_logprob]))
+  while (res := engine.reserve(rid, len(p), s.max_tokens)) is None:
+    assert engine.has_work, f"{rid}: an idle decode pool refused it"
+    engine.step()
+  rep = engine.replicas[res.replica]
+  kv = reshard_kv(r.kv, rep.payload_sharding(r.kv.kv.shape[2]))
+  assert kv.kv.sharding == rep.payload_sharding(kv.kv.shape[2])
+  engine.submit(DecodeRequest(rid, p, r.first_token, r.first_logprob, kv, s,
+                              s.seed_u32(0), col, reservation=res))
+  return res.replica
+
+
+def run_disaggregated(prefill: PrefillEngine, decode: DecodeEngine, reqs
+                      ) -> Collector:
+  col = Collector()
+  for (rid, p, s), r in zip(reqs, prefill_requests(prefill, reqs)):
+    submit_decode(decode, rid, p, s, r, col)
+  decode.drain()
+  assert_clean(decode)
+  return col
+
+
+def run_colocated(colo: ColocatedEngine, reqs) -> Collector:
+  col = Collector()
+  for rid, p, s in reqs:
+    colo.submit(rid, p, s, col, seed_u32=s.seed_u32(0))
+  colo.drain()
+  assert_clean(colo)
+  return col
+
+
+def kv_tokens(r: PrefillResult) -> np.ndarray:
+  """The prompt's KV as [layers, 2, tokens, kv_heads, head_dim] on host."""
+  kv = np.asarray(jax.device_get(r.kv.kv))
+  L, two, n, P, K, hd = kv.shape
+  return kv.reshape(L, two, n * P, K, hd)[:, :, :r.prompt_len]
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def tiny():
+  """(cfg, params on the default device) of pdjax-tiny, loaded once."""
+  path = ensure_tiny_model()
+  cfg = ModelConfig.from_hf_dir(path)
+  return cfg, load_hf_params(path, cfg), path
+
+
+@pytest.fixture(scope="module")
+def rules():
+  return {n: ShardingRules.load(n)
+          for n in ("prefill_tp", "decode_dp", "decode_dp_tp")}
+
+
+def _prefill_engine(tiny, rules, tp, devices, pcfg=PCFG):
+  cfg, params, _ = tiny
+  mesh = make_mesh({"tp": tp}, devices)
+  return PrefillEngine(shard_params(params, cfg, rules["prefill_tp"], mesh),
+                       cfg, mesh, rules["prefill_tp"], pcfg)
+
+
+def _decode_engine(tiny, rules, axes, devices, name="decode_dp",
+                   dcfg=DCFG):
+  cfg, params, _ = tiny
+  mesh = make_mesh(axes, devices)
+  return DecodeEngine(shard_params(params, cfg, rules[name], mesh), cfg, mesh,
+                      rules[name], dcfg)
+
+
+@pytest.fixture(scope="module")
+def prefill_tp(tiny, rules):
+  """TP=1, 2 and 4 prefill engines, on meshes over different devices."""
+  d = jax.devices()
+  return {1: _prefill_engine(tiny, rules, 1, d[6:7]),
+          2: _prefill_engine(tiny, rules, 2, d[4:6]),
+          4: _prefill_engine(tiny, rules, 4, d[4:8])}
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny, rules):
+  """Decode pools with one DecodeConfig: dp=1, 2, 4 and dp=2 x tp=2. Their
+  replicas share devices 0..3, so equal programs compile once (the
+  persistent compilation cache) however many pools use them."""
+  d = jax.devices()
+  return {
+      "dp1": _decode_engine(tiny, rules, {"dp": 1}, d[:1]),
+      "dp2": _decode_engine(tiny, rules, {"dp": 2}, d[:2]),
+      "dp4": _decode_engine(tiny, rules, {"dp": 4}, d[:4]),
+      "dp2tp2": _decode_engine(tiny, rules, {"dp": 2, "tp": 2}, d[:4],
+                               name="decode_dp_tp"),
+  }
+
+
+@pytest.fixture(scope="module")
+def colo(tiny, rules):
+  """A warmed-up colocated engine, dp=2 on devices 0 and 1."""
+  cfg, params, _ = tiny
+  mesh = make_mesh({"dp": 2}, jax.devices()[:2])
+  engine = ColocatedEngine(
+      shard_params(params, cfg, rules["decode_dp"], mesh), cfg, mesh,
+      rules["decode_dp"], PCFG, DCFG)
+  engine.warmup()
+  assert_clean(engine)
+  return engine
+
+
+@pytest.fixture(scope="module")
+def local_prefill(colo):
+  """A warmed prefill engine on device 0 (the colocated replica's): feeding
+  the decode-only tests from it compiles nothing new."""
+  return colo.prefill[0]
+
+
+# ------------------------------------------------------------------ units
+def test_block_pool_allocate_free_reserve():
+  pool = BlockPool(8)
+  assert (pool.capacity, pool.num_free, pool.available) == (7, 7, 7)
+  a = pool.allocate(3)
+  assert len(set(a)) == 3 and 0 not in a
+  assert all(pool.ref_count(p) == 1 for p in a)
+  assert (pool.num_used, pool.available) == (3, 4)
+  pool.check_invariants()
+
+  assert pool.reserve(3)
+  assert pool.available == 1
+  assert not pool.reserve(2)
+  with pytest.raises(PoolExhausted):
+    pool.allocate(2)                     # would eat into the reservation
+  b = pool.allocate(2, reserved=True)
+  assert pool.reserved == 1 and pool.available == 1
+  pool.unreserve(1)
+  with pytest.raises(AssertionError):
+    pool.unreserve(1)
+  pool.check_invariants()
+
+  pool.free(a + b + [0])                 # the null page is ignored
+  assert (pool.num_free, pool.num_used, pool.available) == (7, 0, 7)
+  with pytest.raises(AssertionError):
+    pool.free([a[0]])                    # double free
+  with pytest.raises(PoolExhausted):
+    pool.allocate(8)
+  with pytest.raises(ValueError):
+    BlockPool(1)
+  pool.check_invariants()
+
+
+def test_block_pool_cache_and_evict():
+  pool = BlockPool(5)                    # 4 usable pages
+  p, q = pool.allocate(2)
+  assert pool.register(p, "h-p") == p
+  assert pool.register(q, "h-p") == p    # the existing holder wins
+  assert pool.lookup("h-p") == p and pool.ref_count(p) == 2
+  assert pool.lookup("missing") is None
+  pool.free([p, p, q])
+  # Unreferenced but named: cached, still available to admission.
+  assert (pool.num_cached, pool.num_free, pool.available) == (1, 3, 4)
+  assert pool.contains("h-p")
+  pool.check_invariants()
+  assert pool.lookup("h-p") == p and pool.num_cached == 0   # revived
+  pool.free([p])
+  assert pool.reserve(4)                 # cached pages may be promised
+  got = pool.allocate(4, reserved=True)  # ... and are evicted to keep it
+  assert p in got and not pool.contains("h-p")
+  assert pool.stats["evictions"] == 1 and pool.reserved == 0
+  pool.free(got)
+  pool.check_invariants()
+
+  r = pool.allocate(1)[0]
+  pool.register(r, "h-r")
+  pool.free([r])
+  assert pool.evict_all() == 1
+  assert (pool.num_cached, pool.num_free) == (0, 4)
+  pool.check_invariants()
+
+
+def test_sharding_rule_that_does_not_divide(tiny, rules):
+  cfg = tiny[0]
+  mesh = make_mesh({"tp": 8})
+  # pdjax-tiny has 4 KV heads: an 8-way split of them is refused, naming the
+  # weight, the logical axis, the mesh axis and both sizes.
+  with pytest.raises(ShardingError) as e:
+    rules["prefill_tp"].tree(mesh, param_shapes(cfg))
+  msg = str(e.value)
+  for part in ("prefill_tp", "layers/wk", "kv_heads", "size 4", "tp",
+               "size 8", "not divisible"):
+    assert part in msg, msg
+  with pytest.raises(ShardingError, match="kv_heads"):
+    shard_params(tiny[1], cfg, rules["prefill_tp"], mesh)
+  # A mesh axis the rule set does not know.
+  with pytest.raises(ShardingError, match="expects mesh axes"):
+    rules["decode_dp"].tree(make_mesh({"tp": 2}), param_shapes(cfg))
+
+
+def test_sharding_rules_errors():
+  with pytest.raises(ShardingError) as e:
+    ShardingRules.load("no_such_rules")
+  assert "no_such_rules" in str(e.value) and "prefill_tp" in str(e.value)
+  with pytest.raises(ShardingError, match="unknown logical axis"):
+    ShardingRules.from_dict({"mesh_axes": ["tp"], "rules": {"vocabs": "tp"}})
+  with pytest.raises(ShardingError, match="not in mesh_axes"):
+    ShardingRules.from_dict({"mesh_axes": ["tp"], "rules": {"vocab": "dp"}})
+  tp = ShardingRules.load("prefill_tp")
+  assert tuple(tp.partition_spec(("layers", "embed", "heads", "head_dim"))
+               ) == (None, None, "tp", None)
+
+
+def test_compile_counter():
+  import jax.numpy as jnp
+  f = jax.jit(lambda x: x * 3 + 1)
+  before = compile_stats.compile_count()
+  with compile_stats.CompileCounter() as c:
+    f(jnp.arange(5.0)).block_until_ready()
+  assert c.count >= 1 and c.seconds > 0
+  assert compile_stats.compile_count() >= before + c.count
+  with compile_stats.no_compiles("cached call"):
+    f(jnp.arange(5.0)).block_until_ready()
+  with pytest.raises(compile_stats.UnexpectedCompilation, match="compiled"):
+    with compile_stats.no_compiles("new shape"):
+      f(jnp.arange(7.0)).block_until_ready()
+  compile_stats.install()                 # idempotent
+  n = compile_stats.compile_count()
+  with compile_stats.no_compiles():
+    f(jnp.arange(7.0)).block_until_ready()
+  assert compile_stats.compile_count() == n
+
+
+def test_load_sharded_both_formats(tiny, rules, tmp_path):
+  """A HF directory and a pdjax checkpoint load straight into the rule
+  set's shardings, with the same values."""
+  from pdjax.model.checkpoint import save_checkpoint
+  cfg, params, path = tiny
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  want = rules["prefill_tp"].tree(mesh, param_shapes(cfg))
+  orbax_dir = save_checkpoint(tmp_path / "ckpt", params, cfg)
+  for source in (path, orbax_dir):
+    loaded, cfg2 = load_sharded(source, rules["prefill_tp"], mesh)
+    assert cfg2.fingerprint() == cfg.fingerprint()
+    for x, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)):
+      assert x.sharding == s, (source, x.sharding, s)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(b)), loaded, params)
+
+
+def test_warmup_covers_every_payload_size(prefill_tp, decoders):
+  """Chunked prefill's padded page counts, for a chunk that is not a
+  power-of-two number of pages (one chunk count spans two sizes)."""
+  src = prefill_tp[1]
+  config = PrefillConfig(buckets=(16, 48), max_batch=1, page_size=PAGE,
+                         max_seq_len=256)
+  engine = PrefillEngine(src.params, src.cfg, src.mesh, src.rules, config)
+  assert engine._chunked_warmup_lengths() == [49, 65, 97, 129, 145, 193, 241]
+  assert engine.payload_page_counts() == [1, 3, 4, 8, 16]
+  assert decoders["dp1"].default_payload_page_counts() == [1, 2, 4, 8]
+
+
+# ------------------------------------------------------------------ prefill
+def test_tp_prefill_equivalence(tiny, rules, prefill_tp):
+  """TP=1, 2, 4 prefill: same first tokens and KV for a mixed-length batch
+  and a chunked prompt; chunked equals one bucket holding the prompt."""
+  reqs = [("a", prompt(40, 1), GREEDY), ("b", prompt(64, 2), seeded(7)),
+          ("long", prompt(100, 3), GREEDY)]  # 100 > 64: two chunks
+  out = {tp: prefill_requests(e, reqs) for tp, e in prefill_tp.items()}
+  for tp in (2, 4):
+    for r1, r in zip(out[1], out[tp]):
+      assert r.first_token == r1.first_token, (tp, r.request_id)
+      assert r.kv.num_tokens == r1.kv.num_tokens == r.prompt_len
+      assert r.kv.kv.shape == r1.kv.kv.shape
+      np.testing.assert_allclose(kv_tokens(r), kv_tokens(r1), rtol=1e-5,
+                                 atol=1e-5, err_msg=f"tp={tp} {r.request_id}")
+      assert abs(r.first_logprob - r1.first_logprob) < 1e-4
+  # The chunked payload is padded to a power-of-two page count.
+  assert out[1][2].kv.kv.shape[2] == 8
+  # KV sharding: kv_heads split over tp.
+  assert out[4][0].kv.kv.sharding.spec[4] == "tp"
+
+  # Unchunked: a config whose single bucket holds the whole prompt.
+  whole = _prefill_engine(
+      tiny, rules, 1, jax.devices()[6:7],
+      dataclasses.replace(PCFG, buckets=(128,)))
+  (ref,) = prefill_requests(whole, reqs[2:])
+  assert ref.first_token == out[1][2].first_token
+  np.testing.assert_allclose(kv_tokens(out[1][2]), kv_tokens(ref),
+                             rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ decode
+def _mixed_requests(tag: str, n: int = 6):
+  lengths = (5, 30, 64, 17, 100, 50, 9, 77)
+  return [(f"{tag}{i}", prompt(lengths[i % len(lengths)], 100 + i),
+           GREEDY if i % 2 == 0 else seeded(1000 + i, 16))
+          for i in range(n)]
+
+
+def test_dp_decode_equivalence(local_prefill, decoders):
+  """dp=1, 2, 4 and dp=2 x tp=2 decode pools: identical tokens."""
+  reqs = _mixed_requests("dp")
+  results = prefill_requests(local_prefill, reqs)
+  outs = {}
+  for name, engine in decoders.items():
+    col = Collector()
+    used = set()
+    for (rid, p, s), r in zip(reqs, results):
+      used.add(submit_decode(engine, rid, p, s, r, col))
+    engine.drain()
+    assert_clean(engine)
+    assert used == set(range(len(engine.replicas))), name
+    outs[name] = {rid: (col.tokens(rid), col.reason(rid))
+                  for rid, _, _ in reqs}
+  for rid, _, s in reqs:
+    toks, reason = outs["dp1"][rid]
+    assert len(toks) == s.max_tokens and reason == FinishReason.LENGTH
+    for name in decoders:
+      assert outs[name][rid] == outs["dp1"][rid], (name, rid)
+
+
+def test_continuous_batching_matches_alone(local_prefill, decoders):
+  """Sequences joining and leaving at different steps (and one cancelled)
+  produce what each produces alone; seeded ones whatever the replica."""
+  engine, alone_engine = decoders["dp2"], decoders["dp1"]
+  specs = [("cb0", 20, GREEDY), ("cb1", 50, seeded(11, 30)),
+           ("cb2", 7, seeded(12, 9)), ("cb3", 64, dataclasses.replace(
+               GREEDY, max_tokens=21)),
+           ("cb4", 90, seeded(14, 17)), ("cb5", 33, seeded(15, 25)),
+           ("cb6", 12, GREEDY)]
+  reqs = [(rid, prompt(n, 200 + i), s)
+          for i, (rid, n, s) in enumerate(specs)]
+  res = dict(zip([r[0] for r in reqs], prefill_requests(local_prefill, reqs)))
+  by_id = {rid: (p, s) for rid, p, s in reqs}
+
+  def submit(col, eng, rid):
+    p, s = by_id[rid]
+    return submit_decode(eng, rid, p, s, res[rid], col)
+
+  col = Collector()
+  replicas = {}
+  for rid in ("cb0", "cb1", "cb2"):
+    replicas[rid] = submit(col, engine, rid)
+  for _ in range(3):
+    engine.step()
+  replicas["cb3"] = submit(col, engine, "cb3")
+  engine.step()
+  engine.step()
+  engine.cancel("cb1")                   # mid-generation
+  engine.step()
+  for rid in ("cb4", "cb5", "cb6"):
+    replicas[rid] = submit(col, engine, rid)
+  engine.drain()
+  assert_clean(engine)
+  assert set(replicas.values()) == {0, 1}
+  assert col.finished("cb2") and col.finished("cb0")
+
+  for rid in by_id:
+    alone = Collector()
+    submit(alone, alone_engine, rid)
+    alone_engine.drain()
+    assert_clean(alone_engine)
+    want = alone.tokens(rid)
+    got = col.tokens(rid)
+    if rid == "cb1":
+      assert col.reason(rid) == FinishReason.ABORT
+      assert 1 < len(got) < len(want) and got == want[:len(got)]
+    else:
+      assert col.reason(rid) == alone.reason(rid) == FinishReason.LENGTH
+      assert got == want, (rid, replicas[rid])
+      assert len(got) == by_id[rid][1].max_tokens
+
+
+def test_disaggregated_equals_colocated(prefill_tp, decoders, colo):
+  """TP=2 prefill on devices 4-5 -> KV moved -> dp=2 decode on devices 0-1
+  gives what colocated serving gives, greedy and seeded."""
+  # Prompts in bucket 64 (in pairs) or chunked: the programs the TP engine
+  # has compiled already.
+  reqs = [("dg0", prompt(40, 300), GREEDY),
+          ("dg1", prompt(60, 301), seeded(21, 20)),
+          ("dg2", prompt(100, 302), seeded(22, 15)),
+          ("dg3", prompt(70, 303), GREEDY),
+          ("dg4", prompt(50, 304), seeded(24, 10)),
+          ("dg5", prompt(64, 305), dataclasses.replace(GREEDY,
+                                                        max_tokens=30))]
+  dis = run_disaggregated(prefill_tp[2], decoders["dp2"], reqs)
+  col = run_colocated(colo, reqs)
+  for rid, _, s in reqs:
+    assert dis.reason(rid) == col.reason(rid) == FinishReason.LENGTH
+    assert dis.tokens(rid) == col.tokens(rid), rid
+    assert len(col.tokens(rid)) == s.max_tokens
+
+
+# ------------------------------------------------------------------ serving
+def test_no_compiles_while_serving(colo):
+  """After warm-up, 200 requests of random shapes compile nothing."""
+  rng = np.random.default_rng(2024)
+  col = Collector()
+  reqs = []
+  for i in range(200):
+    n = int(rng.integers(1, MAX_SEQ))     # up to 127: some chunked
+    mt = int(rng.integers(1, 40))
+    s = (seeded(int(rng.integers(1 << 31)), mt) if i % 3 else
+         dataclasses.replace(GREEDY, max_tokens=mt, ignore_eos=bool(i % 2)))
+    reqs.append((f"z{i}", prompt(n, 5000 + i), s))
+  before = compile_stats.compile_count()
+  with compile_stats.CompileCounter() as c:
+    pending = collections.deque(reqs)
+    while pending or colo.has_work:
+      # Arrivals in random waves between engine iterations.
+      for _ in range(int(rng.integers(0, 12))):
+        if pending:
+          rid, p, s = pending.popleft()
+          colo.submit(rid, p, s, col, seed_u32=s.seed_u32(0))
+      colo.step()
+  assert c.count == 0, f"serving compiled: {c.names}"
+  assert compile_stats.compile_count() == before
+  assert_clean(colo)
+  for rid, p, s in reqs:
+    toks, reason = col.tokens(rid), col.reason(rid)
+    assert 1 <= len(toks) <= s.max_tokens
+    assert len(p) + len(toks) <= MAX_SEQ
+    if reason == FinishReason.LENGTH:
+      assert len(toks) == min(s.max_tokens, MAX_SEQ - len(p)), rid
+    else:
+      assert reason == FinishReason.STOP and toks[-1] in (1,), rid
+
+
+def test_no_compiles_decode_side_of_disaggregation(prefill_tp, decoders):
+  """KV from a TP=1 prefill moved onto dp=2 x tp=2 replicas: splitting the
+  KV heads finer than the source compiles a slicing program per payload
+  size unless warm-up did it (``source_sharding``)."""
+  src, engine = prefill_tp[1], decoders["dp2tp2"]
+  engine.warmup(src.payload_page_counts(), source_sharding=src.kv_sharding)
+  assert_clean(engine)
+  # Bucket-64 pairs and chunked prompts: programs the TP=1 engine has.
+  reqs = [(f"ds{i}", prompt(n, 1200 + i), seeded(i, 9) if i % 2 else GREEDY)
+          for i, n in enumerate((40, 50, 64, 100, 120, 70, 33, 61))]
+  results = prefill_requests(src, reqs)
+  col = Collector()
+  with compile_stats.no_compiles("disaggregated decode"):
+    for (rid, p, s), r in zip(reqs, results):
+      submit_decode(engine, rid, p, s, r, col)
+    engine.drain()
+  assert_clean(engine)
+  for rid, p, s in reqs:
+    assert col.reason(rid) == FinishReason.LENGTH
+    assert len(col.tokens(rid)) == min(s.max_tokens, MAX_SEQ - len(p))
+
+
+def test_invalid_requests(tiny, rules, colo):
+  cfg = tiny[0]
+
+  def field(prompt_ids, sampling=GREEDY, engine=colo):
+    with pytest.raises(InvalidRequest) as e:
+      engine.submit("bad", prompt_ids, sampling, Collector())
+    assert str(e.value).startswith(e.value.field + ":")
+    return e.value.field
+
+  assert field(prompt(MAX_SEQ, 1)) == "prompt"            # no room to decode
+  assert field(prompt(MAX_SEQ + 50, 1)) == "prompt"
+  assert field([]) == "prompt"
+  assert field([5, cfg.vocab_size, 7]) == "prompt_token_ids"
+  assert field([5, -1]) == "prompt_token_ids"
+  assert field([5], dataclasses.replace(GREEDY, max_tokens=0)) == "max_tokens"
+  assert field([5], dataclasses.replace(GREEDY, top_p=0.0)) == "top_p"
+  assert field([5], dataclasses.replace(
+      GREEDY, stop_token_ids=(cfg.vocab_size,))) == "stop_token_ids"
+  # A replica with fewer pages than one full-length sequence needs: a budget
+  # it can never hold is refused up front, naming max_tokens.
+  small_dcfg = dataclasses.replace(DCFG, num_pages=6)
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  small = ColocatedEngine(shard_params(tiny[1], cfg, rules["decode_dp"], mesh),
+                          cfg, mesh, rules["decode_dp"], PCFG, small_dcfg)
+  assert field(prompt(10, 1), dataclasses.replace(GREEDY, max_tokens=100),
+               engine=small) == "max_tokens"
+  small.validate(prompt(10, 1), dataclasses.replace(GREEDY, max_tokens=60))
+  with pytest.raises(InvalidRequest, match="^max_tokens"):
+    small.decode.reserve("x", 10, 100)
+  assert_clean(colo)
+  assert_clean(small)
+
+
+def test_cache_full_requests_queue(colo):
+  """More full-length budgets than the pool holds: requests wait for
+  capacity, then all complete."""
+  reqs = [(f"q{i}", prompt(30 + i, 400 + i),
+           dataclasses.replace(GREEDY, max_tokens=1000)) for i in range(10)]
+  col = Collector()
+  for rid, p, s in reqs:
+    colo.submit(rid, p, s, col)
+  for _ in range(3):                     # admits max_batch per replica a step
+    colo.step()
+  # 8 pages each, 31 per replica: three run per replica, the rest wait.
+  assert colo.num_waiting == 4
+  assert colo.decode.kv_usage()["pages_available"] == 2 * (31 - 3 * 8)
+  colo.drain()
+  assert_clean(colo)
+  for rid, p, _ in reqs:
+    assert col.reason(rid) == FinishReason.LENGTH
+    assert len(p) + len(col.tokens(rid)) == MAX_SEQ
+
+
+def test_reserve_returns_none_when_full(decoders):
+  engine = decoders["dp1"]
+  # Pages run out: 8 pages per full-length budget, 31 pages.
+  got = [engine.reserve(f"r{i}", 30, 1000) for i in range(4)]
+  assert [g is not None for g in got] == [True, True, True, False]
+  assert engine.kv_usage()["pages_reserved"] == 24
+  assert engine.reserve("r0", 30, 1000) is got[0]       # idempotent
+  for i in range(3):
+    engine.unreserve(f"r{i}")
+  # Rows run out: 4 rows even though pages remain.
+  got = [engine.reserve(f"s{i}", 5, 5) for i in range(5)]
+  assert [g is not None for g in got] == [True] * 4 + [False]
+  for i in range(4):
+    engine.unreserve(f"s{i}")
+  assert_clean(engine)
+
+
+# ------------------------------------------------------------------ stops
+def _reference(colo, p, max_tokens=60):
+  """Greedy continuation ignoring EOS (the unconstrained output)."""
+  s = dataclasses.replace(GREEDY, max_tokens=max_tokens)
+  return run_colocated(colo, [("ref", p, s)]).tokens("ref")
+
+
+def test_max_tokens_and_capacity(colo):
+  p = prompt(23, 500)
+  ref = _reference(colo, p, 11)
+  reqs = [(f"mt{m}", p, dataclasses.replace(GREEDY, max_tokens=m))
+          for m in (1, 2, 4, 5, 11)]
+  col = run_colocated(colo, reqs)
+  for rid, _, s in reqs:
+    assert col.reason(rid) == FinishReason.LENGTH
+    assert col.tokens(rid) == ref[:s.max_tokens]        # first token counts
+  # Capacity: prompt + generated stops at max_seq_len, however large
+  # max_tokens is; a prompt of max_seq_len - 1 gets exactly one token.
+  reqs = [(f"cap{n}", prompt(n, 600 + n),
+           dataclasses.replace(GREEDY, max_tokens=500)) for n in (127, 126,
+                                                                  100, 61)]
+  col = run_colocated(colo, reqs)
+  for rid, p, _ in reqs:
+    assert col.reason(rid) == FinishReason.LENGTH, rid
+    assert len(p) + len(col.tokens(rid)) == MAX_SEQ, rid
+
+
+def test_stop_token_ids(colo):
+  p = prompt(37, 700)
+  ref = _reference(colo, p, 30)
+  k = next(i for i in range(3, len(ref)) if ref[i] not in ref[:i])
+  reqs = [("stop-mid", p, dataclasses.replace(
+              GREEDY, max_tokens=30, stop_token_ids=(ref[k], 511))),
+          ("stop-first", p, dataclasses.replace(
+              GREEDY, max_tokens=30, stop_token_ids=(ref[0],)))]
+  col = run_colocated(colo, reqs)
+  assert col.reason("stop-mid") == FinishReason.STOP
+  assert col.tokens("stop-mid") == ref[:k + 1]          # stop id included
+  assert col.reason("stop-first") == FinishReason.STOP
+  assert col.tokens("stop-first") == ref[:1]
+
+
+def test_eos_from_config(colo, tiny):
+  """EOS (cfg.eos_token_ids) ends a sequence with STOP unless ignore_eos."""
+  eos = tiny[0].eos_token_ids
+  assert eos == colo.decode.eos_ids and eos
+  # Find prompts whose unconstrained greedy output contains EOS: the model
+  # is random, so search a batch of them (cheap: no compiles).
+  cands = [(f"e{i}", prompt(int(n), 800 + i), dataclasses.replace(
+      GREEDY, max_tokens=40)) for i, n in enumerate(
+          np.random.default_rng(8).integers(4, 60, 48))]
+  ref = run_colocated(colo, cands)
+  hits = [(rid, p, ref.tokens(rid)) for rid, p, _ in cands
+          if set(ref.tokens(rid)) & set(eos)]
+  assert hits, "no greedy output of 48 prompts contains EOS"
+  reqs = []
+  for rid, p, toks in hits[:4]:
+    reqs.append((rid, p, dataclasses.replace(GREEDY, max_tokens=40,
+                                             ignore_eos=False)))
+  col = run_colocated(colo, reqs)
+  for rid, p, toks in hits[:4]:
+    k = next(i for i, t in enumerate(toks) if t in eos)
+    assert col.reason(rid) == FinishReason.STOP, rid
+    assert col.tokens(rid) == toks[:k + 1], rid
+
+
+# ------------------------------------------------------------------ cancel
+def test_cancellation_frees_everything(colo, local_prefill, decoders):
+  # Colocated: cancelled while waiting, and while running.
+  col = Collector()
+  long = dataclasses.replace(GREEDY, max_tokens=60)
+  colo.submit("c-wait", prompt(20, 900), long, col)
+  colo.cancel("c-wait")
+  colo.submit("c-run", prompt(20, 901), long, col)
+  colo.submit("c-keep", prompt(25, 902), dataclasses.replace(
+      GREEDY, max_tokens=9), col)
+  for _ in range(3):
+    colo.step()
+  assert col.tokens("c-run") and not col.finished("c-run")
+  colo.cancel("c-run")
+  colo.drain()
+  assert col.reason("c-wait") == FinishReason.ABORT
+  assert col.tokens("c-wait") == []
+  assert col.reason("c-run") == FinishReason.ABORT
+  assert 1 < len(col.tokens("c-run")) < 60
+  assert col.reason("c-keep") == FinishReason.LENGTH
+  assert len(col.tokens("c-keep")) == 9
+  assert_clean(colo)
+
+  # Decode pool: cancelled after reserve (KV still "in transfer"), and
+  # cancelled while queued in the inbox.
+  engine = decoders["dp2"]
+  reqs = [("d-inflight", prompt(20, 903), long),
+          ("d-inbox", prompt(30, 904), long)]
+  r0, r1 = prefill_requests(local_prefill, reqs)
+  col = Collector()
+  res = engine.reserve("d-inflight", 20, 60)
+  engine.cancel("d-inflight")
+  engine.step()
+  engine.submit(DecodeRequest("d-inflight", reqs[0][1], r0.first_token,
+                              r0.first_logprob, r0.kv, long, 0, col,
+                              reservation=res))
+  submit_decode(engine, *reqs[1], r1, col)
+  engine.cancel("d-inbox")
+  engine.drain()
+  assert col.reason("d-inflight") == FinishReason.ABORT
+  assert col.reason("d-inbox") == FinishReason.ABORT
+  assert_clean(engine)
