@@ -36,6 +36,7 @@ class _Waiting:
   sampling: SamplingParams
   seed_u32: int
   callback: TokenCallback
+  forced_first_token: int | None = None
 
 
 class ColocatedEngine:
@@ -76,15 +77,21 @@ class ColocatedEngine:
 
   def submit(self, request_id: str, prompt_ids: Sequence[int],
              sampling: SamplingParams, callback: TokenCallback,
-             seed_u32: int = 0) -> None:
+             seed_u32: int = 0, *, forced_first_token: int | None = None
+             ) -> None:
     """Queues a request; tokens arrive through ``callback`` (first token
-    included), the last event carrying the finish reason."""
+    included), the last event carrying the finish reason.
+
+    ``forced_first_token``: the first token is already known (a remote
+    prefill produced and sent it, then its KV was lost): recompute the KV
+    here and continue from that token instead of sampling a new one; no
+    event is sent for it."""
     self.validate(prompt_ids, sampling)
     with self._lock:
       if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
         raise OverflowError(f"{len(self._waiting)} requests already waiting")
       self._waiting.append(_Waiting(request_id, list(prompt_ids), sampling,
-                                    seed_u32, callback))
+                                    seed_u32, callback, forced_first_token))
 
   def cancel(self, request_id: str) -> None:
     with self._lock:
@@ -153,10 +160,13 @@ class ColocatedEngine:
           [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32)
            for w, _ in items])
       for (w, res), r in zip(items, results):
-        w.callback(TokenEvent(w.request_id, [r.first_token],
-                              [r.first_logprob]))
+        first, logprob = r.first_token, r.first_logprob
+        if w.forced_first_token is None:
+          w.callback(TokenEvent(w.request_id, [first], [logprob]))
+        else:
+          first, logprob = w.forced_first_token, 0.0
         self.decode.submit(DecodeRequest(
-            w.request_id, w.prompt_ids, r.first_token, r.first_logprob, r.kv,
+            w.request_id, w.prompt_ids, first, logprob, r.kv,
             w.sampling, w.seed_u32, w.callback, reservation=res))
 
 

@@ -51,6 +51,9 @@ TRANSFER_TIMEOUT = flags.DEFINE_float(
 KV_TTL = flags.DEFINE_float(
     "kv_ttl_s", 60.0, "Unclaimed KV (and unredeemed reservations) are freed "
     "after this long.")
+DRAIN_TIMEOUT = flags.DEFINE_float(
+    "drain_timeout_s", 60.0, "On SIGTERM, how long running requests may take "
+    "to finish before they are cancelled.")
 COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
     "JAX persistent compilation cache directory (speeds up restarts).")
@@ -72,8 +75,14 @@ TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate: enables "
 TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key.")
 TLS_CA = flags.DEFINE_string("tls_ca", None, "PEM CA bundle: verifies peers "
                              "(and, with --tls_mtls, clients).")
-TLS_MTLS = flags.DEFINE_bool("tls_mtls", False, "Require client "
-                             "certificates (mutual TLS) on every channel.")
+TLS_MTLS = flags.DEFINE_bool(
+    "tls_mtls", False, "Require callers of this service to present a "
+    "certificate signed by --tls_ca (mutual TLS). Outgoing channels present "
+    "--tls_cert to any server that asks, with or without this flag.")
+TLS_SERVER_NAME = flags.DEFINE_string(
+    "tls_server_name", None, "Name to verify peer server certificates "
+    "against instead of the dialed host (when advertised addresses are not "
+    "names in the certificates).")
 AUTH_TOKEN = flags.DEFINE_string(
     "auth_token", os.environ.get("PDJAX_AUTH_TOKEN"),
     "Bearer token required on the client-facing API (router).")
@@ -84,7 +93,8 @@ MAX_MESSAGE = flags.DEFINE_integer(
 def security() -> Security:
   return Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
                   mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
-                  max_message_bytes=MAX_MESSAGE.value)
+                  max_message_bytes=MAX_MESSAGE.value,
+                  server_name=TLS_SERVER_NAME.value)
 
 
 def write_port_file(port: int, metrics_port: int) -> None:

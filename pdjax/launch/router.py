@@ -30,6 +30,10 @@ ON_FULL = flags.DEFINE_enum(
     "full: wait for it (up to --queue_timeout_s) or refuse at once.")
 QUEUE_TIMEOUT = flags.DEFINE_float("queue_timeout_s", 30.0,
                                    "Longest wait for decode capacity.")
+KV_FAILURE_POLICY = flags.DEFINE_enum(
+    "kv_failure_policy", "recompute", ["recompute", "fail"],
+    "After a failed KV hand-off: recompute the prompt on a decode worker, or "
+    "fail the request.")
 WAIT_WORKERS = flags.DEFINE_float(
     "wait_workers_s", 0.0, "Wait this long for workers to join before "
     "serving (0: serve at once; requests fail until one joins).")
@@ -74,7 +78,8 @@ async def serve() -> None:
       kv_transport=F.KV_TRANSPORT.value or dep.kv_transport,
       transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
       max_inflight=MAX_INFLIGHT.value, on_full=ON_FULL.value,
-      queue_timeout_s=QUEUE_TIMEOUT.value)
+      queue_timeout_s=QUEUE_TIMEOUT.value,
+      kv_failure_policy=KV_FAILURE_POLICY.value)
   servicer = RouterServicer(registry, tokenizer, config, metrics)
   server = common.make_server(sec, client_facing=True)
   generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)

@@ -169,8 +169,13 @@ def _sender(transport, mesh, sec, exchange):
     from pdjax.transfer.device import DeviceSender
     return DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
                         ttl_s=F.KV_TTL.value)
-  from pdjax.transfer.grpc_stream import GrpcStreamSender
-  return GrpcStreamSender(lambda a: common.make_channel(a, sec))
+  from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
+                                          GrpcStreamSender)
+  # A chunk is one gRPC message: keep it well under --max_message_bytes, or
+  # a deployment that lowers the limit could not push KV at all.
+  chunk = min(DEFAULT_CHUNK_BYTES, max(sec.max_message_bytes // 2, 1 << 12))
+  return GrpcStreamSender(lambda a: common.make_channel(a, sec),
+                          chunk_bytes=chunk)
 
 
 def _receiver(transport, mesh, exchange):
@@ -197,7 +202,7 @@ async def _run_until_signal(server, health, names, workers) -> None:
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)
-  await server.stop(grace=30)
+  await server.stop(grace=F.DRAIN_TIMEOUT.value)
   for w in workers:
     w.stop()
 

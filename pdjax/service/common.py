@@ -32,6 +32,12 @@ class Security:
   to servers under mutual TLS. ``ca``: the roots it trusts; when set on a
   server together with ``mtls``, clients must present a certificate it
   signed.
+  ``server_name``: the name this process's channels check server
+  certificates against instead of the dialed host (gRPC's
+  ``grpc.ssl_target_name_override``), for deployments whose advertised
+  addresses are not names in the certificates (e.g. pod IPs behind one DNS
+  name). Unset, gRPC verifies the dialed host: ``127.0.0.1:port`` needs an IP
+  subjectAltName.
   """
   cert: str | None = None
   key: str | None = None
@@ -39,6 +45,7 @@ class Security:
   mtls: bool = False
   token: str | None = None
   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+  server_name: str | None = None
 
   @property
   def tls(self) -> bool:
@@ -63,10 +70,14 @@ class Security:
   def channel_credentials(self) -> grpc.ChannelCredentials | None:
     if not (self.ca or self.tls):
       return None
+    # Our certificate is offered whenever we have one, not only under
+    # ``mtls`` (which is about *our* server): a TLS client sends it only if
+    # the server asks, so a router serving clients with TLS + token can
+    # still dial workers that require mutual TLS.
     return grpc.ssl_channel_credentials(
         root_certificates=self._read(self.ca),
-        private_key=self._read(self.key) if self.mtls else None,
-        certificate_chain=self._read(self.cert) if self.mtls else None)
+        private_key=self._read(self.key) if self.tls else None,
+        certificate_chain=self._read(self.cert) if self.tls else None)
 
   def options(self) -> list[tuple[str, int]]:
     n = self.max_message_bytes
@@ -83,7 +94,10 @@ def make_channel(address: str, security: Security = Security(), *,
   mod = grpc.aio if aio else grpc
   if creds is None:
     return mod.insecure_channel(address, options=security.options())
-  return mod.secure_channel(address, creds, options=security.options())
+  options: list[tuple[str, int | str]] = list(security.options())
+  if security.server_name:
+    options.append(("grpc.ssl_target_name_override", security.server_name))
+  return mod.secure_channel(address, creds, options=options)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -153,6 +167,17 @@ async def set_serving(servicer, services: Sequence[str], serving: bool):
     await servicer.set(s, status)
 
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+async def abort_exhausted(context, details: str, retry_after_ms: int = 100):
+  """RESOURCE_EXHAUSTED with a retry hint: the standard gRPC pushback
+  trailer (honoured by gRPC's retry policy) and the delay in the message."""
+  context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(retry_after_ms)),))
+  await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{details} (retry after ~{retry_after_ms} ms)")
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
   """The gRPC code a pdjax exception means, as gRPC intends the codes."""
   from pdjax.transfer.base import (TransferDenied, TransferError,
@@ -171,5 +196,5 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 __all__ = ["Security", "make_channel", "make_server", "bind", "add_health",
-           "set_serving", "status_for", "PROCESS_ID",
+           "set_serving", "status_for", "PROCESS_ID", "abort_exhausted",
            "BearerTokenInterceptor"]

@@ -173,9 +173,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if res is None:
-      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          "decode KV capacity is full; retry later or on "
-                          "another worker")
+      await common.abort_exhausted(
+          context, "decode KV capacity is full; retry later or on another "
+          "worker")
     w.receiver.expect(request.transfer_id, request.request_id)
     return decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
 
@@ -200,8 +200,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     if w.draining and request.local_prefill:
       await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
     if w.streams >= w.max_streams:
-      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{w.streams} streams open; retry later")
+      await common.abort_exhausted(context, f"{w.streams} streams open")
     try:
       sampling = sampling_from_proto(request.sampling,
                                      vocab_size=cfg.vocab_size)
@@ -224,11 +223,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if request.local_prefill:
         t0 = time.perf_counter()
         try:
-          engine.submit(rid, ids, sampling, callback, request.seed)
+          forced = (request.forced_first_token
+                    if request.HasField("forced_first_token") else None)
+          if forced is not None and not 0 <= forced < cfg.vocab_size:
+            raise InvalidRequest("forced_first_token", "outside the "
+                                 "vocabulary")
+          engine.submit(rid, ids, sampling, callback, request.seed,
+                        forced_first_token=forced)
         except InvalidRequest as e:
           await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OverflowError as e:
-          await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+          await common.abort_exhausted(context, str(e))
         w.loop.wake()
       else:
         res = engine.decode.reservation(rid)

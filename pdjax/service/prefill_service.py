@@ -82,10 +82,29 @@ class PrefillWorker:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._batch_loop, daemon=True,
                                     name="prefill-batcher")
+    self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                    name="kv-reaper")
+    self._count_lock = threading.Lock()
     self.draining = False
 
   def start(self) -> None:
     self._thread.start()
+    self._reaper.start()
+
+  def _reap_loop(self) -> None:
+    """Frees KV no decode worker claimed within its TTL; publishes the
+    live count (it must return to zero when idle)."""
+    while not self._stop.wait(0.25):
+      try:
+        self.sender.reap()
+        self.metrics.kv_live.labels("prefill_held").set(self.sender.live())
+        self.metrics.running.set(self._running)
+      except Exception:  # noqa: BLE001
+        log.exception("KV reaper failed")
+
+  def _add_running(self, n: int) -> None:
+    with self._count_lock:
+      self._running += n
 
   def stop(self) -> None:
     self._stop.set()
@@ -140,7 +159,7 @@ class PrefillWorker:
         live.append(j)
       if not live:
         continue
-      self._running += len(live)
+      self._add_running(len(live))
       t0 = time.perf_counter()
       try:
         results = self.engine.prefill([j.request for j in live])
@@ -148,7 +167,7 @@ class PrefillWorker:
         log.exception("prefill failed")
         for j in live:
           j.resolve(error=e)
-        self._running -= len(live)
+        self._add_running(-len(live))
         continue
       elapsed = time.perf_counter() - t0
       self.metrics.prefill_time.observe(elapsed)
@@ -179,7 +198,7 @@ class PrefillWorker:
       self.metrics.transfer_failures.labels(self.sender.name, reason).inc()
       job.resolve(error=e)
     finally:
-      self._running -= 1
+      self._add_running(-1)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -214,7 +233,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     try:
       w.submit(job)
     except OverflowError as e:
-      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+      await common.abort_exhausted(context, str(e))
     try:
       return await job.future
     except asyncio.CancelledError:

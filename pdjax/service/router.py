@@ -28,7 +28,7 @@ import time
 import grpc
 
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
-from pdjax.service import validation
+from pdjax.service import common, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -52,6 +52,10 @@ class RouterConfig:
   max_inflight: int = 4096           # admission bound of the router
   on_full: str = "queue"             # "queue" (wait for capacity) | "reject"
   queue_timeout_s: float = 30.0
+  # After a failed KV hand-off: "recompute" the prompt on a decode worker
+  # (continuing from the first token already sent) or "fail" the request
+  # (vLLM's kv_load_failure_policy).
+  kv_failure_policy: str = "recompute"
 
 
 class _Failed(Exception):
@@ -64,6 +68,19 @@ class _Failed(Exception):
     self.details = details
     self.retry = retry
     self.worker = worker
+
+
+class _KvLost(_Failed):
+  """The decode worker could not redeem the KV handle (timeout, peer gone,
+  refused) before producing any token: the prompt can be recomputed."""
+
+
+# Failures of a Decode call, before any token, that mean "the KV never
+# arrived" rather than "the request is bad".
+_KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
+                  grpc.StatusCode.PERMISSION_DENIED,
+                  grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class RouterServicer(generate_pb2_grpc.GenerationServicer):
@@ -126,9 +143,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       await context.abort(e.code, e.details)
     if self.inflight >= self.config.max_inflight:
       self.metrics.requests.labels("rejected").inc()
-      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"router has {self.inflight} requests in flight; "
-                          "retry after a short backoff")
+      await common.abort_exhausted(
+          context, f"router has {self.inflight} requests in flight")
     seed = validation.resolve_seed(sampling)
     detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids=ids,
                                     skip_special_tokens=
@@ -170,6 +186,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           break
     except _Failed as e:
       outcome = e.code.name.lower()
+      if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        await common.abort_exhausted(context, e.details, 500)
       await context.abort(e.code, e.details)
     except asyncio.CancelledError:
       outcome = "cancelled"
@@ -233,8 +251,16 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready")
     return d
 
+  def _page_estimate(self, prompt_len: int, sampling) -> int:
+    """KV pages a request will reserve on its decode worker."""
+    info = self.registry.expected
+    tokens = min(prompt_len + sampling.max_tokens, info.max_seq_len)
+    return -(-tokens // max(info.page_size, 1))
+
   async def _local(self, d: Worker, rid, ids, sampling, seed, context, usage):
     usage.decode_worker = d.address
+    # Seen by the next pick before the worker's own accounting is polled.
+    d.reserved_pages += self._page_estimate(len(ids), sampling)
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,
         sampling=validation.sampling_to_proto(sampling), seed=seed,
@@ -251,14 +277,18 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     while True:
       d = await self._pick_decode(tried_d, context)
       transfer_id = new_transfer_id()
+      # Count the pages before the call: requests arriving together must
+      # see each other's reservations, or they all pick the same worker.
+      estimate = self._page_estimate(len(ids), sampling)
+      d.reserved_pages += estimate
       try:
         res = await d.stub.Reserve(decode_pb2.ReserveRequest(
             request_id=rid, prompt_tokens=len(ids),
             max_tokens=sampling.max_tokens, transfer_id=transfer_id),
             timeout=self._timeout(context, self.registry.rpc_timeout_s))
-        d.reserved_pages += res.pages
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
+        d.reserved_pages -= estimate
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
           if (self.config.on_full != "queue"
               or time.monotonic() > deadline):
@@ -320,7 +350,29 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         sampling=validation.sampling_to_proto(sampling), seed=seed,
         first_token=pre.first_token, first_logprob=pre.first_logprob,
         kv=handle)
-    async for msg in self._stream_decode(d, req, context, usage,
+    try:
+      async for msg in self._stream_decode(d, req, context, usage,
+                                           first_token_sent=True,
+                                           kv_pending=True):
+        yield msg
+      return
+    except _KvLost as e:
+      if self.config.kv_failure_policy != "recompute":
+        raise _Failed(e.code, e.details) from e
+      self.metrics.requests.labels("kv_recomputed").inc()
+      log.warning("request %s: KV hand-off failed (%s); recomputing the "
+                  "prompt on a decode worker", rid, e.details)
+      if e.code == grpc.StatusCode.UNAVAILABLE:
+        self.registry.mark_down(d, e.details)
+    # Fallback: prefill locally on a decode worker, forced to continue from
+    # the first token the client already has.
+    d2 = await self._pick_decode({d.address}, context)
+    usage.decode_worker = d2.address
+    req = decode_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=ids,
+        sampling=validation.sampling_to_proto(sampling), seed=seed,
+        local_prefill=True, forced_first_token=pre.first_token)
+    async for msg in self._stream_decode(d2, req, context, usage,
                                          first_token_sent=True):
       yield msg
 
@@ -332,18 +384,20 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       pass   # the reservation's TTL frees it
 
   async def _stream_decode(self, d: Worker, req, context, usage, *,
-                           first_token_sent: bool):
+                           first_token_sent: bool, kv_pending: bool = False):
+    """Streams one Decode call. Failures become ``_Failed``: retryable while
+    the client has seen nothing; ``_KvLost`` when a KV handle was being
+    redeemed and no token came back; UNAVAILABLE mid-stream otherwise."""
     d.inflight += 1
     call = d.stub.Decode(req, timeout=self._timeout(context))
-    got_tokens = first_token_sent
+    received = False
     try:
       async for msg in call:
+        received = True
         if msg.kv_transfer_s:
           usage.kv_transfer_s += msg.kv_transfer_s
         if msg.prefill_s:
           usage.prefill_s = msg.prefill_s
-        if msg.token_ids:
-          got_tokens = True
         yield msg
         if msg.finish_reason:
           return
@@ -351,14 +405,16 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                     f"decode worker {d.address} ended the stream early")
     except grpc.aio.AioRpcError as e:
       code = e.code()
-      if got_tokens:
+      where = f"decode worker {d.address}"
+      if kv_pending and not received and code in _KV_LOST_CODES:
+        raise _KvLost(code, f"{where}: {e.details()}") from e
+      if received or first_token_sent:
         if code in _RETRYABLE:
           self.registry.mark_down(d, e.details() or code.name)
           raise _Failed(grpc.StatusCode.UNAVAILABLE,
-                        f"decode worker {d.address} failed mid-stream: "
-                        f"{e.details()}") from e
+                        f"{where} failed mid-stream: {e.details()}") from e
         raise _Failed(code, e.details()) from e
-      raise _Failed(code, f"decode worker {d.address}: {e.details()}",
+      raise _Failed(code, f"{where}: {e.details()}",
                     retry=code in _RETRYABLE, worker=d) from e
     finally:
       d.inflight -= 1

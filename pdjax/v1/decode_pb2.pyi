@@ -21,12 +21,22 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("replica", "pages")
+    __slots__ = ("replica", "pages", "ipc_handle", "ipc_offset", "ipc_bytes", "ipc_device", "decode_tp")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TP_FIELD_NUMBER: _ClassVar[int]
     replica: int
     pages: int
-    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+    ipc_handle: bytes
+    ipc_offset: int
+    ipc_bytes: int
+    ipc_device: int
+    decode_tp: int
+    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class UnreserveRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -35,7 +45,7 @@ class UnreserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "seed", "local_prefill", "first_token", "first_logprob", "kv")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "seed", "local_prefill", "first_token", "first_logprob", "kv", "forced_first_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +54,7 @@ class DecodeRequest(_message.Message):
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -52,7 +63,8 @@ class DecodeRequest(_message.Message):
     first_token: int
     first_logprob: float
     kv: _kv_pb2.KvHandle
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., local_prefill: _Optional[bool] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv: _Optional[_Union[_kv_pb2.KvHandle, _Mapping]] = ...) -> None: ...
+    forced_first_token: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., local_prefill: _Optional[bool] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv: _Optional[_Union[_kv_pb2.KvHandle, _Mapping]] = ..., forced_first_token: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "prefill_s", "kv_transfer_s")
