@@ -30,7 +30,6 @@ pytest.importorskip("cryptography")
 
 # pylint: disable=g-import-not-at-top
 from pdjax.client import Client, GenerationError, TlsConfig
-from pdjax.launch.local import LocalCluster, launch
 from pdjax.security import certs as certs_lib
 from pdjax.service import common
 from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
@@ -65,7 +64,7 @@ def foreign(tmp_path_factory) -> certs_lib.DevCerts:
 
 class _Deployment:
 
-  def __init__(self, cluster: LocalCluster, address: str,
+  def __init__(self, cluster, address: str,
                certs: certs_lib.DevCerts):
     self.cluster = cluster
     self.address = address
@@ -103,6 +102,9 @@ class _Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, certs):
+  # Imported here, not at the top: pdjax.launch.local defines absl flags
+  # that clash with other modules' (tools/batch_eval.py) in one process.
+  from pdjax.launch.local import LocalCluster, launch
   tls = certs.service_flags(mtls=True)
   cluster = LocalCluster(tmp_path_factory.mktemp("tls_cluster"))
   try:
@@ -389,7 +391,7 @@ def test_services_listen_on_loopback_only(deployment):
        "print(F.HOST.default)"], capture_output=True, text=True, timeout=60,
       cwd=_ROOT)
   assert out.stdout.strip() == "127.0.0.1", out.stderr
-  assert LocalCluster(Path(".")).host == "127.0.0.1"
+  assert local.LocalCluster(Path(".")).host == "127.0.0.1"
   for p in deployment.cluster.procs:
     listening = [c.laddr for c in psutil.Process(p.popen.pid).net_connections(
         kind="inet") if c.status == psutil.CONN_LISTEN]
@@ -573,3 +575,33 @@ def test_make_dev_certs_cli(tmp_path):
   assert out.returncode == 0, out.stderr
   assert re.search(r"--tls_cert=\S+server\.pem", out.stdout)
   assert (tmp_path / "server.key").exists()
+
+
+def test_local_launcher_prompt_speaks_the_routers_security(certs, tmp_path):
+  """``python -m pdjax.launch.local --prompt`` on a TLS + mTLS + token
+  deployment (the docs' quick start) dials the router with its security."""
+  import subprocess
+  import sys
+  tls = ",".join(certs.service_flags(mtls=True))
+  out = subprocess.run(
+      [sys.executable, "-m", "pdjax.launch.local", "--config=test",
+       "--prompt=Once upon a time", "--max_tokens=4", f"--run_dir={tmp_path}",
+       f"--worker_flags={tls}", f"--router_flags={tls},--auth_token={TOKEN}"],
+      capture_output=True, text=True, timeout=300, cwd=_ROOT)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "completion:" in out.stdout
+  assert "4 tokens" in out.stdout
+
+
+def test_router_client_settings():
+  from pdjax.launch.local import router_client_settings
+  assert router_client_settings(["--port=1"])[0] is None
+  tls, token = router_client_settings(
+      ["--tls_cert=s.pem", "--tls_key=s.key", "--tls_ca=ca.pem",
+       "--tls_mtls", "--auth_token=t"])
+  assert (tls.root_ca, tls.cert, tls.key, token) == ("ca.pem", "s.pem",
+                                                     "s.key", "t")
+  tls, _ = router_client_settings(
+      ["--tls_cert=s.pem", "--tls_key=s.key", "--tls_ca=ca.pem",
+       "--notls_mtls"])
+  assert (tls.root_ca, tls.cert, tls.key) == ("ca.pem", None, None)

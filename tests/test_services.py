@@ -12,29 +12,17 @@ INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import threading
 import time
-import urllib.request
 
 import grpc
-import numpy as np
 import pytest
 
+from cluster_helpers import (MAX_NEW, Cluster, make_prompts, metric,
+                             reference_tokens)
 from pdjax.client import Client, GenerationError
-from pdjax.launch.local import LocalCluster, launch
 
 pytestmark = pytest.mark.timeout(900)
-
-MAX_NEW = 12
-# Lengths cover both prefill buckets (32, 128) and chunked prefill (> 128).
-PROMPT_LENGTHS = (3, 17, 40, 100, 150, 200)
-
-
-def _prompts(n_lengths=PROMPT_LENGTHS, seed=0):
-  rng = np.random.RandomState(seed)
-  return [rng.randint(3, 512, size=n).tolist() for n in n_lengths]
 
 
 @pytest.fixture(scope="module")
@@ -45,32 +33,8 @@ def tiny_dir():
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-  """Greedy continuations from the in-process colocated engine."""
-  import jax
-  from pdjax.config import DeploymentConfig
-  from pdjax.engine.colocated import ColocatedEngine
-  from pdjax.engine.sampling import SamplingParams
-  from pdjax.engine.setup import load_sharded
-  from pdjax.sharding import ShardingRules, make_mesh
-  dep = DeploymentConfig.load("test")
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(tiny_dir, rules, mesh)
-  engine = ColocatedEngine(params, cfg, mesh, rules,
-                           dep.prefill_engine_config(dep.decode),
-                           dep.decode_engine_config())
-  out: dict[str, list[int]] = {}
-
-  def cb(ev):
-    out.setdefault(ev.request_id, []).extend(ev.token_ids)
-
-  prompts = _prompts()
-  for i, p in enumerate(prompts):
-    engine.submit(str(i), p, SamplingParams(max_tokens=MAX_NEW,
-                                            temperature=0.0,
-                                            ignore_eos=True), cb)
-  engine.drain()
-  return prompts, [out[str(i)] for i in range(len(prompts))]
+  prompts = make_prompts()
+  return prompts, reference_tokens(tiny_dir, prompts)
 
 
 def test_colocated_reference_matches_transformers(tiny_dir, reference):
@@ -87,39 +51,10 @@ def test_colocated_reference_matches_transformers(tiny_dir, reference):
     assert got[0, len(p):].tolist() == want
 
 
-class _Cluster:
-  def __init__(self, tmp_path_factory, name, **kw):
-    self.cluster = LocalCluster(tmp_path_factory.mktemp(name))
-    self.address = launch(self.cluster, config="test", ready_timeout_s=600,
-                          worker_flags=["--metrics_port=0"], **kw)
-
-  def proc(self, name):
-    return next(p for p in self.cluster.procs if p.name == name)
-
-  def kill(self, name):
-    os.killpg(self.proc(name).popen.pid, signal.SIGKILL)
-    self.proc(name).popen.wait()
-
-  def metrics(self, name) -> str:
-    port = self.proc(name).metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
-      return r.read().decode()
-
-  def stop(self):
-    self.cluster.stop()
-
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-  for line in text.splitlines():
-    if line.startswith(name + (("{" + labels + "}") if labels else " ")):
-      return float(line.rsplit(" ", 1)[1])
-  raise KeyError(f"{name}{{{labels}}} not in metrics")
-
-
 @pytest.fixture(scope="module")
 def grpc_cluster(tmp_path_factory):
-  c = _Cluster(tmp_path_factory, "grpc", kv_transport="grpc", num_prefill=2,
-               num_decode=2, prefill_mesh="tp=2", decode_mesh="dp=1")
+  c = Cluster(tmp_path_factory.mktemp("grpc"), kv_transport="grpc",
+              num_prefill=2, num_decode=2)
   yield c
   c.stop()
 
@@ -145,9 +80,8 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
 @pytest.mark.parametrize("transport", ["device", "local"])
 def test_other_transports_match_reference(transport, tmp_path_factory,
                                           reference):
-  c = _Cluster(tmp_path_factory, transport, kv_transport=transport,
-               num_prefill=1, num_decode=1, prefill_mesh="tp=2",
-               decode_mesh="dp=1")
+  c = Cluster(tmp_path_factory.mktemp(transport), kv_transport=transport,
+              num_prefill=1, num_decode=1)
   try:
     prompts, expected = reference
     results = _generate_all(c.address, prompts)
@@ -209,7 +143,7 @@ def test_invalid_requests_name_the_field(grpc_cluster):
 
 
 def _live_rows(cluster, names) -> float:
-  return sum(_metric(cluster.metrics(n), "pdjax_kv_live_allocations",
+  return sum(metric(cluster.metrics(n), "pdjax_kv_live_allocations",
                      'owner="decode_rows"') for n in names)
 
 

@@ -1,7 +1,8 @@
 """Writes a development CA and certificates for a TLS / mTLS deployment.
 
   python tools/make_dev_certs.py --out /tmp/pdjax-certs
-  python tools/make_dev_certs.py --out certs --hosts=127.0.0.1,localhost,10.0.0.5,pd.internal
+  python tools/make_dev_certs.py --out certs \
+      --hosts=127.0.0.1,localhost,10.0.0.5,pd.internal
 
 writes ca.pem, server.pem, server.key, client.pem, client.key. Every pdjax
 service of the deployment uses server.pem/server.key (it is both their server

@@ -54,6 +54,9 @@ KV_TTL = flags.DEFINE_float(
 DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout_s", 60.0, "On SIGTERM, how long running requests may take "
     "to finish before they are cancelled.")
+FAULT_DROP_KV = flags.DEFINE_float(
+    "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs a "
+    "prefill worker silently drops (exercises the recovery path).")
 COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
     "JAX persistent compilation cache directory (speeds up restarts).")

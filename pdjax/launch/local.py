@@ -236,6 +236,30 @@ def launch(cluster: LocalCluster, *, config: str = "local",
   return f"{host}:{router.port()}"
 
 
+def router_client_settings(router_flags) -> tuple:
+  """(TlsConfig or None, token) to dial a router started with these flags.
+
+  ``--prompt`` must speak the router's security: TLS if it serves TLS,
+  presenting the router's own certificate (it is a deployment certificate,
+  valid for client use) where mutual TLS is on, and its bearer token.
+  """
+  values: dict[str, str] = {}
+  for f in router_flags:
+    name, _, value = f.lstrip("-").partition("=")
+    if name == "notls_mtls":
+      name, value = "tls_mtls", "false"
+    values[name] = value or "true"
+  token = values.get("auth_token", os.environ.get("PDJAX_AUTH_TOKEN"))
+  if not values.get("tls_cert"):
+    return None, token
+  from pdjax.client import TlsConfig
+  mtls = values.get("tls_mtls", "false").lower() in ("true", "1")
+  return TlsConfig(root_ca=values.get("tls_ca"),
+                   cert=values["tls_cert"] if mtls else None,
+                   key=values.get("tls_key") if mtls else None,
+                   server_name=values.get("tls_server_name")), token
+
+
 def main(argv) -> None:
   del argv
   run_dir = Path(LOG_DIR.value or tempfile.mkdtemp(prefix="pdjax-local-"))
@@ -263,7 +287,8 @@ def main(argv) -> None:
           flush=True)
     if PROMPT.value is not None:
       from pdjax.client import Client
-      with Client(address) as client:
+      tls, token = router_client_settings(ROUTER_FLAGS.value)
+      with Client(address, tls=tls, token=token) as client:
         result = client.generate(PROMPT.value, max_tokens=MAX_TOKENS.value,
                                  temperature=0.0)
       print(f"prompt: {PROMPT.value!r}")

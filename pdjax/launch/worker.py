@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 from absl import app
@@ -122,7 +124,8 @@ async def serve(role: str) -> None:
       info.kv_transfer_address = sender.address()
       worker = PrefillWorker(engine, sender, metrics=metrics,
                              max_queue=F.MAX_QUEUE.value,
-                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value)
+                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
+                             fault_drop_kv=F.FAULT_DROP_KV.value)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
@@ -198,19 +201,32 @@ async def _run_until_signal(server, health, names, workers) -> None:
   for sig in (signal.SIGINT, signal.SIGTERM):
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
-  log.info("draining")
+  log.info("draining: no new requests; waiting for %d running",
+           sum(w.active() for w in workers))
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)
-  await server.stop(grace=F.DRAIN_TIMEOUT.value)
+  deadline = loop.time() + F.DRAIN_TIMEOUT.value
+  while any(w.active() for w in workers) and loop.time() < deadline:
+    await asyncio.sleep(0.05)
+  left = sum(w.active() for w in workers)
+  if left:
+    log.warning("drain timeout: cancelling %d requests", left)
+  await server.stop(grace=1.0)
   for w in workers:
     w.stop()
+  log.info("stopped")
 
 
 def run(role: str) -> None:
   logging.basicConfig(level=F.LOG_LEVEL.value,
                       format="%(asctime)s %(name)s %(levelname)s %(message)s")
   asyncio.run(serve(role))
+  # Drained and stopped. Leave without waiting for runtime threads (gRPC
+  # pollers, XLA) whose teardown can block interpreter exit.
+  logging.shutdown()
+  sys.stdout.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":

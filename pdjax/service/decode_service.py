@@ -131,6 +131,10 @@ class DecodeWorker:
     m.running.set(usage["rows_live"])
     m.queue_length.set(self.engine.num_waiting)
 
+  def active(self) -> int:
+    """Requests still being served (drain waits for zero)."""
+    return self.streams + self.engine.num_waiting
+
   def load(self) -> common_pb2.WorkerLoad:
     u = self.engine.decode.kv_usage()
     return common_pb2.WorkerLoad(
@@ -216,6 +220,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     q: asyncio.Queue = asyncio.Queue()
     callback = _event_bridge(loop, q)
     finished = False
+    submitted = False   # the engine holds the request (cancel frees it)
     transfer_s = 0.0
     prefill_s = 0.0
     w.streams += 1
@@ -230,6 +235,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                  "vocabulary")
           engine.submit(rid, ids, sampling, callback, request.seed,
                         forced_first_token=forced)
+          submitted = True
         except InvalidRequest as e:
           await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OverflowError as e:
@@ -263,6 +269,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         engine.decode.submit(DecodeRequest(
             rid, ids, request.first_token, request.first_logprob, kv,
             sampling, request.seed, callback, reservation=res))
+        submitted = True
         w.loop.wake()
       first = True
       last = time.perf_counter()
@@ -294,7 +301,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           return
     finally:
       w.streams -= 1
-      if not finished:
+      if not submitted and not request.local_prefill:
+        # Gone before joining the batch (e.g. cancelled while the KV was
+        # arriving): return the reservation now rather than at its TTL.
+        res = engine.decode.unreserve(rid)
+        if res is not None:
+          w.receiver.forget(res.transfer_id)
+      if submitted and not finished:
         # Cancelled by the caller (or failed): free the slot now.
         engine.cancel(rid)
         w.metrics.requests.labels("cancelled").inc()

@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import queue
+import random
 import threading
 import time
 
@@ -32,7 +33,7 @@ from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
-from pdjax.transfer.base import KvSender, TransferError
+from pdjax.transfer.base import KvSender, TransferError, handle_for
 from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
                       prefill_pb2_grpc)
 
@@ -69,12 +70,17 @@ class PrefillWorker:
 
   def __init__(self, engine: PrefillEngine, sender: KvSender, *,
                metrics: Metrics | None = None, max_queue: int = 256,
-               transfer_timeout_s: float = 30.0, sender_threads: int = 4):
+               transfer_timeout_s: float = 30.0, sender_threads: int = 4,
+               fault_drop_kv: float = 0.0):
     self.engine = engine
     self.sender = sender
     self.metrics = metrics or Metrics("prefill")
     self.max_queue = max_queue
     self.transfer_timeout_s = transfer_timeout_s
+    # Fault injection (tests only): this share of hand-offs silently
+    # delivers nothing, as a peer that died mid-transfer would.
+    self.fault_drop_kv = fault_drop_kv
+    self._rng = random.Random()
     self._queue: queue.Queue[_Job | None] = queue.Queue()
     self._pool = concurrent.futures.ThreadPoolExecutor(
         sender_threads, thread_name_prefix="kv-send")
@@ -111,6 +117,10 @@ class PrefillWorker:
     self._queue.put(None)
     self._thread.join(timeout=10)
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def active(self) -> int:
+    """Requests queued or being prefilled/handed off (drain waits)."""
+    return self.queued + self._running
 
   @property
   def queued(self) -> int:
@@ -182,7 +192,14 @@ class PrefillWorker:
       timeout = self.transfer_timeout_s
       if job.deadline is not None:
         timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
-      handle = self.sender.send(result.kv, job.destination, timeout_s=timeout)
+      if self.fault_drop_kv and self._rng.random() < self.fault_drop_kv:
+        log.warning("fault injection: dropping the KV of %s",
+                    job.request.request_id)
+        handle = handle_for(result.kv, self.sender.name,
+                            job.destination.transfer_id)
+      else:
+        handle = self.sender.send(result.kv, job.destination,
+                                  timeout_s=timeout)
       transfer_s = time.perf_counter() - t0
       name = self.sender.name
       self.metrics.transfer_bytes.labels(name, "sent").inc(result.kv.nbytes)

@@ -156,8 +156,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     first_at = None
     last_at = None
     outcome = "error"
+    route = self._route(rid, ids, sampling, seed, context, usage)
     try:
-      async for msg in self._route(rid, ids, sampling, seed, context, usage):
+      async for msg in route:
         now = time.perf_counter()
         if msg.token_ids:
           if first_at is None:
@@ -193,6 +194,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       outcome = "cancelled"
       raise
     finally:
+      # Close the downstream calls now (their generators' finally blocks),
+      # not whenever the event loop finalizes them: a half-read stream keeps
+      # the worker's RPC open and would stall its drain.
+      await route.aclose()
       self.inflight -= 1
       self.metrics.running.set(self.inflight)
       self.metrics.requests.labels(outcome).inc()

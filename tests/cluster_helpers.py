@@ -1,0 +1,102 @@
+"""Shared helpers for the tests that run real deployments (processes on
+loopback): start/stop, kill, metrics scraping, and reference tokens from the
+in-process colocated engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+
+import numpy as np
+
+from pdjax.launch.local import LocalCluster, launch
+
+MAX_NEW = 12
+# Lengths cover both prefill buckets (32, 128) of configs/deployments/test
+# and chunked prefill (> 128).
+PROMPT_LENGTHS = (3, 17, 40, 100, 150, 200)
+
+
+def make_prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+  rng = np.random.RandomState(seed)
+  return [rng.randint(3, 512, size=n).tolist() for n in lengths]
+
+
+def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW) -> list[list[int]]:
+  """Greedy continuations (ignore_eos) from the in-process colocated engine
+  with the test deployment's settings."""
+  import jax
+  from pdjax.config import DeploymentConfig
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  dep = DeploymentConfig.load("test")
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny_dir, rules, mesh)
+  engine = ColocatedEngine(params, cfg, mesh, rules,
+                           dep.prefill_engine_config(dep.decode),
+                           dep.decode_engine_config())
+  out: dict[str, list[int]] = {}
+
+  def cb(ev):
+    out.setdefault(ev.request_id, []).extend(ev.token_ids)
+
+  for i, p in enumerate(prompts):
+    engine.submit(str(i), p, SamplingParams(max_tokens=max_new,
+                                            temperature=0.0,
+                                            ignore_eos=True), cb)
+  engine.drain()
+  return [out[str(i)] for i in range(len(prompts))]
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+  """One sample of a Prometheus text exposition (0 if absent)."""
+  head = name + (("{" + labels + "}") if labels else "")
+  for line in text.splitlines():
+    if line.startswith(head + " "):
+      return float(line.rsplit(" ", 1)[1])
+  return 0.0
+
+
+class Cluster:
+  """A deployment of ``configs/deployments/test.toml`` on loopback."""
+
+  def __init__(self, tmp_dir, *, worker_flags=(), router_flags=(), **kw):
+    self.cluster = LocalCluster(tmp_dir)
+    self.address = launch(self.cluster, config="test", ready_timeout_s=600,
+                          worker_flags=["--metrics_port=0", *worker_flags],
+                          router_flags=["--metrics_port=0", *router_flags],
+                          **kw)
+
+  def proc(self, name):
+    return next(p for p in self.cluster.procs if p.name == name)
+
+  def worker_names(self, role: str) -> list[str]:
+    return [p.name for p in self.cluster.procs if p.name.startswith(role)
+            and p.popen.poll() is None]
+
+  def kill(self, name, sig=signal.SIGKILL, wait=True):
+    p = self.proc(name)
+    os.killpg(p.popen.pid, sig)
+    if wait:
+      p.popen.wait()
+
+  def metrics(self, name) -> str:
+    port = self.proc(name).metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                timeout=10) as r:
+      return r.read().decode()
+
+  def rss_bytes(self, name) -> int:
+    pid = self.proc(name).popen.pid
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+    return 0
+
+  def stop(self):
+    self.cluster.stop()

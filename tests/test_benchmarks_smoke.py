@@ -1,0 +1,155 @@
+"""Smoke tests of the engine benchmarks (``tools/bench_*.py``) on CPU.
+
+The benchmarks run on the GPU machine in one timed call, where a crash or a
+record with a missing field costs the whole call; these run each tool end to
+end on the tiny model with the smallest sizes, and check that every record
+is complete and that every ratio is the quotient it claims to be (computed
+from the record's own measured time and limits, never a number written
+here).
+
+Each tool defines absl flags at import, so each runs as its own process
+(``python tools/bench_x.py ...``), as it does on the GPU machine. The
+environment conftest.py sets (CPU platform, 8 virtual devices, the
+persistent compilation cache) is inherited, so repeated runs reuse
+compiled programs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+ENV_FIELDS = ("tool", "measurement", "run_id", "date", "model",
+              "model_config", "params", "results", "limits", "device_kind",
+              "platform", "num_devices", "jax_version", "xla_flags")
+# Explicit limits: on CPU the tools print ratios as n/a unless given.
+LIMITS = ["--hbm_bw=2e10", "--matmul_flops=1e11", "--spec_hbm_bw=4e10",
+          "--spec_matmul_flops=2e11"]
+
+
+def run_tool(script: str, out: Path, *args: str, timeout: int = 240):
+  """Runs a tool; returns (stdout, the JSON records it wrote)."""
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / script), f"--out={out}", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, (
+      f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+      f"stderr:\n{proc.stderr[-4000:]}")
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert records, f"{script} wrote no records"
+  for r in records:
+    missing = [f for f in ENV_FIELDS if f not in r]
+    assert not missing, (missing, r)
+    assert r["device_kind"] and r["jax_version"]
+  return proc.stdout, records
+
+
+def close(a, b, rel=1e-9):
+  assert a is not None and b is not None, (a, b)
+  assert math.isclose(a, b, rel_tol=rel), (a, b)
+
+
+def test_prefill(tmp_path):
+  stdout, records = run_tool(
+      "bench_prefill.py", tmp_path / "prefill.jsonl", "--prompt_lengths=16,32",
+      "--tp=1,2", "--warmup=1", "--repeat=2", "--measure_ceilings",
+      "--ceiling_hbm_mib=4", "--ceiling_matmul_n=128", *LIMITS)
+  rows = [r for r in records if r["measurement"] == "prefill"]
+  assert {(r["params"]["tp"], r["params"]["prompt_len"]) for r in rows} == {
+      (1, 16), (1, 32), (2, 16), (2, 32)}
+  for r in rows:
+    p, x, lim = r["params"], r["results"], r["limits"]
+    sec = x["time_s"]["median"]
+    assert sec > 0 and len(x["time_s"]["samples"]) == 2
+    assert x["compiles_during_timing"] == 0
+    close(x["flops"]["total"], x["flops"]["linear"] + x["flops"]["attention"]
+          + x["flops"]["lm_head"])
+    close(x["achieved_flops"], x["flops"]["total"] / sec)
+    close(x["tokens_per_s"], p["prompt_len"] / sec)
+    close(x["mfu"], x["achieved_flops"] / (lim["matmul_flops"] * p["tp"]))
+    close(x["mfu_spec"],
+          x["achieved_flops"] / (lim["spec_matmul_flops"] * p["tp"]))
+    close(x["mfu_run_ceiling"],
+          x["achieved_flops"] / (lim["run_matmul_flops"] * p["tp"]))
+    assert x["e2e_time_s"]["median"] > 0
+  assert "speedup" in stdout and "MFU" in stdout
+
+
+def test_decode(tmp_path):
+  stdout, records = run_tool(
+      "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1,2",
+      "--context_lengths=16", "--steps_per_call=2", "--calls_per_sample=2",
+      "--warmup=1", "--repeat=2", "--compare_steps_per_call",
+      "--compare_at=2x16", *LIMITS)
+  rows = [r for r in records if r["measurement"] == "decode"]
+  assert {(r["params"]["batch"], r["params"]["steps_per_call"])
+          for r in rows} == {(1, 2), (2, 2), (2, 1)}
+  for r in rows:
+    p, x, lim = r["params"], r["results"], r["limits"]
+    assert x["rows_live_every_step"], r
+    assert x["compiles_during_timing"] == 0
+    step = x["step_time_s"]
+    close(step, x["call_time_s"]["median"] / p["steps_per_call"])
+    by = x["bytes_per_step"]
+    kvbpt = r["model_config"]["kv_bytes_per_token"]
+    close(by["kv"], p["batch"] * x["ctx_mean"] * kvbpt)
+    assert x["ctx_mean"] > p["context"]
+    close(x["roofline_s"], by["total"] / lim["hbm_bw"])
+    close(x["ratio"], step / x["roofline_s"])
+    close(x["ratio_spec"], step / (by["total"] / lim["spec_hbm_bw"]))
+    assert x["ratio_run"] is None  # No --measure_ceilings here.
+    close(x["achieved_bw"], by["total"] / step)
+    close(x["tokens_per_s"], p["batch"] / step)
+  assert "dispatch overhead" in stdout
+
+
+def test_decode_skips_what_does_not_fit(tmp_path):
+  _, records = run_tool(
+      "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=4",
+      "--context_lengths=64", "--hbm_gib=0.0001", "--warmup=0",
+      "--repeat=1")
+  assert [r["measurement"] for r in records] == ["skipped"]
+  x = records[0]["results"]
+  assert x["estimated_need_bytes"] > x["budget_bytes"]
+
+
+def test_transfer(tmp_path):
+  stdout, records = run_tool(
+      "bench_transfer.py", tmp_path / "transfer.jsonl", "--sizes_mib=1",
+      "--transports=local,device,grpc", "--warmup=1", "--repeat=2")
+  rows = {r["params"]["transport"]: r for r in records
+          if r["measurement"] == "transfer"}
+  assert set(rows) == {"local", "device", "grpc"}, records
+  ceilings = {r["params"]["path"]: r["results"]["bw"] for r in records
+              if r["measurement"] == "ceiling"}
+  assert "p2p" in ceilings and "device_copy" in ceilings  # 8 CPU devices.
+  for name, r in rows.items():
+    p, x = r["params"], r["results"]
+    assert x["checksum_ok"], name
+    assert not x["zero_copy"], name  # Device 0 -> device 1.
+    close(x["bw"], p["bytes"] / x["e2e_time_s"]["median"])
+    close(x["ceiling_bw"], ceilings[p["ceiling_path"]])
+    close(x["ratio_to_ceiling"], x["bw"] / x["ceiling_bw"])
+  assert "MISMATCH" not in stdout
+
+
+def test_correctness_check(tmp_path):
+  stdout, records = run_tool("bench_common.py", tmp_path / "check.jsonl",
+                             "--check_model=tiny")
+  (r,) = records
+  assert r["results"]["ok"] and len(r["results"]["cases"]) == 2
+  assert "CHECK PASSED" in stdout
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-v"]))

@@ -1,0 +1,363 @@
+r"""Decode benchmark: the DecodeEngine's generate call against the HBM roofline.
+
+For each batch size B and context length C (combinations whose KV does not
+fit ``--hbm_gib`` are skipped and recorded as such), this builds a
+``DecodeEngine`` (``decode_dp`` rules, one replica on device 0) with
+``max_seqs=B`` and enough pages for B rows of C tokens plus the steps the
+measurement advances them, fills every row with a sequence at position C,
+and times the replica's generate call.
+
+Setting up the rows: through the engine's own admission path. One dummy
+request KV of C tokens (zeros, already in the replica's payload layout) is
+submitted B times (``reserve`` -> ``submit``), and the first ``step()`` runs
+the replica's jitted insert program once per row and then the first
+generate call (which compiles). The KV values are zeros: decode time does
+not depend on them, and a zero pool cannot hold NaNs that would change the
+sampler's path. Every row runs greedy with ``ignore_eos`` and a budget that
+outlasts the measurement, which checks afterwards that all B rows produced a
+token at every step.
+
+Timing: ``DecodeReplica.dispatch()`` (page growth on the host, a slot
+upload when the page table changed, then ``programs.generate``), called
+``--calls_per_sample`` times back to back without waiting, as the serving
+loop does, then one wait; a sample is the elapsed time / calls. The median
+sample / ``steps_per_call`` is the step time. ``host_ms`` is the time
+``dispatch()`` itself takes to return: while it stays below the step time,
+Python is hidden behind the device.
+
+Roofline per step, what a perfect implementation must read from HBM:
+
+  bytes = weights (all, minus the embedding table when it is not tied, plus
+          the B rows of it the step looks up)
+        + B * ctx * kv_bytes_per_token   (ctx: mean KV length over the timed
+                                          steps, C plus the tokens generated)
+  roofline_s = bytes / hbm_bw
+
+``hbm_bw`` defaults to 2.55e12 B/s, the H100 figure measured as (bytes read
++ bytes written) / time of an elementwise pass: we divide the bytes *read*
+by that total-traffic rate, i.e. assume reads alone stream at the rate reads
+and writes together reach. The spec column divides by 3.35e12 B/s. ratio =
+measured / roofline (target <= 1.25); GB/s = bytes / measured time.
+
+Also recorded, to explain a gap: ``kv_gathered_bytes`` (decode_forward
+gathers every page of each row's page table, ``max_seq_len / page_size``
+pages, whatever the row's length) and ``pool_bytes`` (the whole KV pool).
+
+``--compare_steps_per_call`` also times steps_per_call=1 (a second engine,
+a second compile) for the combos in ``--compare_at`` (all if empty), to
+show what per-call dispatch costs.
+
+Examples:
+  python tools/bench_decode.py --model=tiny --batch_sizes=1,4 \
+      --context_lengths=32,128 --compare_steps_per_call
+  python tools/bench_decode.py --model=llama3-8b --batch_sizes=1,32,128,256 \
+      --context_lengths=1024,4096 --out=/tmp/decode.jsonl
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+
+import bench_common as bc  # Sets up sys.path and XLA_FLAGS before jax.
+
+from absl import app, flags
+
+bc.define_common_flags()
+flags.DEFINE_string("batch_sizes", "1,8,32,64,128,256", "Rows per replica.")
+flags.DEFINE_string("context_lengths", "128,1024,4096,8192",
+                    "Tokens already in each row's KV when timing starts.")
+flags.DEFINE_integer("steps_per_call", 8, "Decode steps per generate call.")
+flags.DEFINE_integer("calls_per_sample", 4,
+                     "Generate calls dispatched back to back per sample.")
+flags.DEFINE_integer("page_size", 16, "KV page size.")
+flags.DEFINE_float("hbm_gib", None,
+                   "Device memory for the fit check (default: the "
+                   "allocator's bytes_limit on device 0, else 80).")
+flags.DEFINE_float("pool_copies", 1.0,
+                   "Extra copies of the KV pool the generate program holds "
+                   "as temporaries, for the fit check (1 seen in its HLO).")
+flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
+flags.DEFINE_integer("cpu_max_context", 256,
+                     "On CPU, longer contexts are skipped.")
+flags.DEFINE_bool("compare_steps_per_call", False,
+                  "Also time steps_per_call=1 (dispatch overhead).")
+flags.DEFINE_string("compare_at", "",
+                    "BxC combos for --compare_steps_per_call, e.g. "
+                    "'32x1024,1x1024' (empty: every combo).")
+flags.DEFINE_bool("memory_analysis", False,
+                  "Also compile the generate program ahead of time and "
+                  "record XLA's memory analysis (one more compile per combo).")
+FLAGS = flags.FLAGS
+
+TOOL = "bench_decode"
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _step_bytes(cfg, B: int, ctx_mean: float) -> dict[str, float]:
+  """HBM bytes a perfect decode step reads (module docstring)."""
+  pb = bc.param_bytes(cfg)
+  item = pb["embed"] // (cfg.vocab_size * cfg.hidden_size)
+  weights = pb["total"] - (0 if cfg.tie_word_embeddings else pb["embed"])
+  weights += B * cfg.hidden_size * item
+  kv = B * ctx_mean * cfg.kv_bytes_per_token()
+  return {"weights": float(weights), "kv": float(kv),
+          "total": float(weights + kv)}
+
+
+def _layout(cfg, B: int, C: int, S: int):
+  """DecodeConfig for B rows at context C that stay live for the whole
+  measurement; plus the memory estimate of the fit check."""
+  from pdjax.engine.decode import DecodeConfig
+  from pdjax.engine.kv import pages_for, payload_pages
+  P = FLAGS.page_size
+  total_calls = 1 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
+  # The last step writes at C + S*calls - 1; the row finishes once
+  # position + 2 reaches max_seq_len, so leave room past it.
+  max_seq_len = _round_up(C + S * total_calls + 2, P)
+  M = max_seq_len // P
+  dcfg = DecodeConfig(max_seqs=B, page_size=P, num_pages=B * M + 1,
+                      max_seq_len=max_seq_len, steps_per_call=S)
+  kvbpt = cfg.kv_bytes_per_token()
+  pool = dcfg.num_pages * P * kvbpt
+  payload = payload_pages(pages_for(C, P)) * P * kvbpt
+  gathered = B * M * P * kvbpt
+  weights = bc.param_bytes(cfg)["total"]
+  need = (weights + pool * (1 + FLAGS.pool_copies) + payload
+          + 2 * gathered / cfg.num_layers + 3 * B * cfg.vocab_size * 4
+          + (256 << 20))
+  return dcfg, {"pool_bytes": pool, "payload_bytes": payload,
+                "kv_gathered_bytes": gathered, "weight_bytes": weights,
+                "estimated_need_bytes": need, "total_calls": total_calls}
+
+
+def _fill(engine, cfg, B: int, C: int, seed: int):
+  """Queues B requests at context C (see the module docstring)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from pdjax.engine.kv import pages_for, payload_pages, request_kv_shape
+  from pdjax.engine.requests import DecodeRequest, RequestKV
+  from pdjax.engine.sampling import SamplingParams
+  rep = engine.replicas[0]
+  P = engine.dcfg.page_size
+  n = payload_pages(pages_for(C, P))
+  kv = jnp.zeros(request_kv_shape(cfg, n, P), cfg.jnp_dtype,
+                 device=rep.payload_sharding(n))
+  greedy = SamplingParams(max_tokens=engine.dcfg.max_seq_len - C,
+                          temperature=0.0, ignore_eos=True)
+  first = np.random.default_rng(seed).integers(3, cfg.vocab_size, B)
+  for i in range(B):
+    rid = f"bench-{i}"
+    res = engine.reserve(rid, C, greedy.max_tokens)
+    if res is None:
+      raise RuntimeError(f"decode pool refused row {i} of {B}")
+    engine.submit(DecodeRequest(
+        rid, range(C), int(first[i]), 0.0, RequestKV(kv, C), greedy, i,
+        lambda ev: None, reservation=res))
+
+
+def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
+  import jax
+  import numpy as np
+  from pdjax.engine import compile_stats
+  from pdjax.engine.decode import DecodeEngine
+
+  dcfg, mem = _layout(cfg, B, C, S)
+  params_rec = {"batch": B, "context": C, "steps_per_call": S,
+                "calls_per_sample": FLAGS.calls_per_sample,
+                "page_size": dcfg.page_size, "max_seq_len": dcfg.max_seq_len,
+                "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
+                "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
+                "setup": "engine.submit of a zero KV -> insert program",
+                "timed": "DecodeReplica.dispatch -> programs.generate"}
+  if mem["estimated_need_bytes"] > budget:
+    print(f"  B={B} C={C} S={S}: skipped, needs ~"
+          f"{mem['estimated_need_bytes'] / 2**30:.1f} GiB of "
+          f"{budget / 2**30:.1f}", flush=True)
+    return writer.write(TOOL, "skipped", params_rec,
+                        {"reason": "does not fit", **mem,
+                         "budget_bytes": budget})
+  engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  rep = engine.replicas[0]
+  try:
+    mem_analysis = None
+    if FLAGS.memory_analysis:
+      compiled = engine.programs.generate.lower(
+          rep.params, rep.state, rep._slot_inputs()).compile()  # pylint: disable=protected-access
+      m = compiled.memory_analysis()
+      mem_analysis = {k: getattr(m, k, None) for k in (
+          "temp_size_in_bytes", "argument_size_in_bytes",
+          "output_size_in_bytes", "alias_size_in_bytes",
+          "generated_code_size_in_bytes")}
+      del compiled
+    _fill(engine, cfg, B, C, FLAGS.seed)
+    with compile_stats.CompileCounter() as cc:
+      t0 = time.perf_counter()
+      engine.step()  # Inserts the B rows, then the first generate call.
+      jax.block_until_ready(rep.state)
+      setup_s = time.perf_counter() - t0
+    if rep.live_rows != B:
+      raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
+    out = None
+    for _ in range(FLAGS.warmup):
+      out, _ = rep.dispatch()
+      jax.block_until_ready(out)
+    samples, host = [], []
+    with compile_stats.CompileCounter() as timed_cc:
+      for _ in range(max(FLAGS.repeat, 1)):
+        t0 = time.perf_counter()
+        for _ in range(FLAGS.calls_per_sample):
+          h0 = time.perf_counter()
+          out, _ = rep.dispatch()
+          host.append(time.perf_counter() - h0)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / FLAGS.calls_per_sample)
+    valid = np.asarray(out.valid)
+    positions = np.asarray(rep.state.positions)
+    calls = 1 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
+    rows_ok = bool(valid.all()) and bool((positions == C + S * calls).all())
+  finally:
+    del engine, rep
+    gc.collect()
+  timing = bc.Timing(samples)
+  step_s = timing.median / S
+  timed_steps = max(FLAGS.repeat, 1) * FLAGS.calls_per_sample * S
+  # KV length during a step is position + 1.
+  ctx_mean = C + S * (1 + FLAGS.warmup) + (timed_steps - 1) / 2 + 1
+  by = _step_bytes(cfg, B, ctx_mean)
+
+  def roof(bw):
+    return None if bw is None else by["total"] / bw
+
+  results = {
+      "call_time_s": timing.as_dict(), "step_time_s": step_s,
+      "host_dispatch_s": bc.Timing(host).as_dict(),
+      "setup_s": setup_s, "compile_s": cc.seconds,
+      "compiles_during_timing": timed_cc.count,
+      "rows_live_every_step": rows_ok, "ctx_mean": ctx_mean,
+      "bytes_per_step": by, "tokens_per_s": B / step_s,
+      "achieved_bw": by["total"] / step_s,
+      "roofline_s": roof(limits.hbm_bw),
+      "roofline_spec_s": roof(limits.spec_hbm_bw),
+      "roofline_run_s": roof(limits.run_hbm_bw),
+      "ratio": bc.ratio(step_s, roof(limits.hbm_bw)),
+      "ratio_spec": bc.ratio(step_s, roof(limits.spec_hbm_bw)),
+      "ratio_run": bc.ratio(step_s, roof(limits.run_hbm_bw)),
+      "memory_analysis": mem_analysis, **mem}
+  rec = writer.write(TOOL, "decode", params_rec, results)
+  print(f"  B={B} C={C} S={S}: step {step_s * 1e3:.3f} ms, roofline "
+        f"{bc.fmt(results['roofline_s'] and results['roofline_s'] * 1e3, '.3f')}"
+        f" ms, ratio {bc.fmt(results['ratio'], '.2f')}, "
+        f"{B / step_s:.0f} tok/s (compile {cc.seconds:.1f} s)"
+        + ("" if rows_ok else "  WARNING: rows finished early"), flush=True)
+  return rec
+
+
+def main(argv) -> None:
+  del argv
+  import jax
+  from pdjax.sharding import ShardingRules, make_mesh
+
+  cfg = bc.model_from_flags()
+  limits = bc.resolve_limits()
+  writer = bc.RecordWriter(FLAGS.out, model=FLAGS.model, cfg=cfg,
+                           limits=limits)
+  if FLAGS.measure_ceilings:
+    bc.measure_ceilings(limits, writer, TOOL)
+  batches = bc.parse_ints(FLAGS.batch_sizes)
+  contexts = bc.parse_ints(FLAGS.context_lengths)
+  if not bc.is_gpu():
+    batches = [b for b in batches if b <= FLAGS.cpu_max_batch]
+    contexts = [c for c in contexts if c <= FLAGS.cpu_max_context]
+    print(f"CPU: batches {batches}, contexts {contexts} (caps "
+          f"--cpu_max_batch/--cpu_max_context)")
+  compare_at = {tuple(int(v) for v in s.split("x"))
+                for s in FLAGS.compare_at.split(",") if s}
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  t0 = time.perf_counter()
+  params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
+  budget = bc.hbm_budget_bytes(FLAGS.hbm_gib)
+  print(f"decode benchmark: {cfg.name} ({cfg.param_count() / 1e9:.2f}B, "
+        f"{cfg.dtype}) on {bc.device_kind()}, weights ready in "
+        f"{time.perf_counter() - t0:.1f} s; memory budget "
+        f"{budget / 2**30:.1f} GiB; limits: {limits.source}", flush=True)
+  for B in batches:
+    for C in contexts:
+      steps = [FLAGS.steps_per_call]
+      if FLAGS.compare_steps_per_call and FLAGS.steps_per_call != 1 and (
+          not compare_at or (B, C) in compare_at):
+        steps.append(1)
+      for S in steps:
+        try:
+          _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer,
+                     budget)
+        except Exception as e:  # pylint: disable=broad-except
+          oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(
+              e).lower()
+          print(f"  B={B} C={C} S={S}: {'OOM' if oom else 'FAILED'}: "
+                f"{str(e)[:300]}", flush=True)
+          if not oom:
+            traceback.print_exc()
+          writer.write(TOOL, "oom" if oom else "error",
+                       {"batch": B, "context": C, "steps_per_call": S},
+                       {"error": str(e)[:2000]})
+          gc.collect()
+  _print_summary(writer.records, limits)
+
+
+def _print_summary(records, limits) -> None:
+  rows, steps = [], {}
+  for r in records:
+    p, x = r["params"], r["results"]
+    if r["measurement"] != "decode":
+      continue
+    steps[(p["batch"], p["context"], p["steps_per_call"])] = x["step_time_s"]
+    rows.append([
+        p["batch"], p["context"], p["steps_per_call"],
+        bc.fmt(x["step_time_s"] * 1e3, ".3f"),
+        bc.fmt(x["roofline_s"] and x["roofline_s"] * 1e3, ".3f"),
+        bc.fmt(x["ratio"], ".2f"), bc.fmt(x["ratio_spec"], ".2f"),
+        bc.fmt(x["ratio_run"], ".2f"),
+        bc.fmt(x["achieved_bw"] / 1e9, ".1f"),
+        bc.fmt(x["tokens_per_s"], ".0f"),
+        bc.fmt(x["host_dispatch_s"]["median"] * 1e3, ".3f"),
+        bc.fmt(x["compile_s"], ".1f"),
+        "ok" if x["rows_live_every_step"] else "ROWS-ENDED"])
+
+  def gbs(x):
+    return bc.fmt(None if x is None else x / 1e9, ".4g")
+
+  note = ("roofline = (weight bytes + B*ctx*kv_bytes_per_token) / HBM rate; "
+          f"rate (GB/s): measured {gbs(limits.hbm_bw)} ({limits.source}; "
+          "read+write elementwise figure, bytes read divided by it), spec "
+          f"{gbs(limits.spec_hbm_bw)}, this run {gbs(limits.run_hbm_bw)}. "
+          "ratio = step / roofline (target <= 1.25).")
+  bc.print_table("decode step (median), one replica",
+                 ["B", "ctx", "S", "step_ms", "roof_ms", "ratio",
+                  "ratio_spec", "ratio_run", "GB/s", "tok/s", "host_ms",
+                  "compile_s", "rows"], rows, note)
+  pairs = [(b, c, s) for (b, c, s) in steps if s != 1 and (b, c, 1) in steps]
+  if pairs:
+    bc.print_table(
+        "dispatch overhead: steps_per_call 1 vs N (per-step ms)",
+        ["B", "ctx", "N", "S=1_ms", "S=N_ms", "S=1/S=N", "overhead_ms"],
+        [[b, c, s, bc.fmt(steps[(b, c, 1)] * 1e3, ".3f"),
+          bc.fmt(steps[(b, c, s)] * 1e3, ".3f"),
+          bc.fmt(steps[(b, c, 1)] / steps[(b, c, s)], ".2f"),
+          bc.fmt((steps[(b, c, 1)] - steps[(b, c, s)]) * 1e3, ".3f")]
+         for b, c, s in pairs])
+  skipped = [r for r in records if r["measurement"] in ("skipped", "oom",
+                                                         "error")]
+  if skipped:
+    print("not measured: " + ", ".join(
+        f"B={r['params']['batch']} C={r['params']['context']} "
+        f"({r['measurement']})" for r in skipped))
+
+
+if __name__ == "__main__":
+  app.run(main)
