@@ -10,7 +10,7 @@ import urllib.request
 
 import numpy as np
 
-from pdjax.launch.local import LocalCluster, launch
+from pdjax.launch.cluster import LocalCluster, launch
 
 MAX_NEW = 12
 # Lengths cover both prefill buckets (32, 128) of configs/deployments/test

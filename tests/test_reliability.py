@@ -268,7 +268,7 @@ def test_sigterm_drains_and_replacement_rejoins(tmp_path_factory, reference):
     port = old.port()
     new = c.cluster.start("decode0b", "pdjax.launch.decode",
                           ["--config=test", "--kv_transport=grpc",
-                           f"--mesh=dp=1", f"--port={port}"])
+                           "--mesh=dp=1", f"--port={port}"])
     c.cluster.wait_ready([new], 300)
     seen = set()
     with Client(c.address, timeout_s=60) as client:

@@ -16,18 +16,16 @@ runs both pools in one worker process.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from absl import app, flags
+
+from pdjax.launch.cluster import (LocalCluster, launch,
+                                  router_client_settings, tail)
 
 CONFIG = flags.DEFINE_string("config", "local", "Deployment config.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
@@ -59,205 +57,6 @@ LOG_DIR = flags.DEFINE_string("run_dir", None, "Per-process logs and port files 
 EXTRA = flags.DEFINE_list("worker_flags", [], "Extra flags for every worker, "
                           "e.g. --worker_flags=--kv_ttl_s=30.")
 ROUTER_FLAGS = flags.DEFINE_list("router_flags", [], "Extra router flags.")
-
-
-@dataclasses.dataclass(eq=False)
-class Proc:
-  name: str
-  popen: subprocess.Popen
-  port_file: Path
-  log: Path
-
-  def ports(self) -> dict | None:
-    try:
-      return json.loads(self.port_file.read_text())
-    except FileNotFoundError:
-      return None
-
-  def port(self) -> int | None:
-    p = self.ports()
-    return None if p is None else p["port"]
-
-  @property
-  def metrics_port(self) -> int | None:
-    p = self.ports()
-    return None if p is None else p.get("metrics_port")
-
-
-class LocalCluster:
-  """The processes of one local deployment, started and stopped together."""
-
-  def __init__(self, run_dir: Path, platform: str = "cpu",
-               host: str = "127.0.0.1"):
-    self.run_dir = run_dir
-    self.platform = platform
-    self.host = host
-    self.procs: list[Proc] = []
-    self._next_gpu = 0
-
-  def _env(self, devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Every worker of a deployment compiles the same programs, and so does
-    # every restart: share XLA's persistent compilation cache.
-    cache_root = os.path.expanduser(os.environ.get("PDJAX_CACHE",
-                                                   "~/.cache/pdjax"))
-    env.setdefault("JAX_COMPILATION_CACHE_DIR",
-                   os.path.join(cache_root, "jax_compilation_cache"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    if self.platform == "cpu":
-      env["JAX_PLATFORMS"] = "cpu"
-      flag = f"--xla_force_host_platform_device_count={devices}"
-      env["XLA_FLAGS"] = " ".join(
-          [f for f in env.get("XLA_FLAGS", "").split()
-           if "force_host_platform_device_count" not in f] + [flag])
-    else:
-      ids = range(self._next_gpu, self._next_gpu + devices)
-      self._next_gpu += devices
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
-      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-      for k, v in (("NCCL_NVLS_ENABLE", "0"),
-                   ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                   ("NVSHMEM_DISABLE_NVLS", "1")):
-        env.setdefault(k, v)
-    return env
-
-  def start(self, name: str, module: str, args: list[str], devices: int = 1
-            ) -> Proc:
-    port_file = self.run_dir / f"{name}.port"
-    port_file.unlink(missing_ok=True)  # a stale one from an earlier run
-    log = self.run_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", module, f"--port_file={port_file}",
-           f"--host={self.host}", *args]
-    with open(log, "wb") as out:
-      popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                               env=self._env(devices),
-                               start_new_session=True)
-    p = Proc(name, popen, port_file, log)
-    self.procs.append(p)
-    return p
-
-  def wait_ready(self, procs: list[Proc], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(procs)
-    while pending:
-      for p in list(pending):
-        if p.port() is not None:
-          pending.remove(p)
-        elif p.popen.poll() is not None:
-          raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; "
-                             f"log {p.log}:\n{tail(p.log)}")
-      if time.monotonic() > deadline:
-        names = ", ".join(p.name for p in pending)
-        raise TimeoutError(f"not ready after {timeout_s:.0f} s: {names}")
-      time.sleep(0.1)
-
-  def stop(self, grace_s: float = 20.0) -> None:
-    for p in reversed(self.procs):
-      if p.popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-          os.killpg(p.popen.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in self.procs:
-      remaining = max(0.1, deadline - time.monotonic())
-      try:
-        p.popen.wait(remaining)
-      except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-          os.killpg(p.popen.pid, signal.SIGKILL)
-        p.popen.wait()
-
-
-def tail(path: Path, lines: int = 40) -> str:
-  try:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-  except FileNotFoundError:
-    return "(no log)"
-
-
-def mesh_size(spec: str) -> int:
-  from pdjax.sharding import parse_mesh
-  n = 1
-  for v in parse_mesh(spec).values():
-    n *= v
-  return n
-
-
-def launch(cluster: LocalCluster, *, config: str = "local",
-           checkpoint: str | None = None, kv_transport: str | None = None,
-           num_prefill: int = 1, num_decode: int = 1,
-           prefill_mesh: str | None = None, decode_mesh: str | None = None,
-           router_port: int = 0, local_prefill_threshold: int | None = None,
-           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
-           ) -> str:
-  """Starts a deployment; returns the router address once all are ready."""
-  from pdjax.config import DeploymentConfig
-  dep = DeploymentConfig.load(config)
-  transport = kv_transport or dep.kv_transport
-  pmesh = prefill_mesh or dep.prefill.mesh
-  dmesh = decode_mesh or dep.decode.mesh
-  common = [f"--config={config}", f"--kv_transport={transport}",
-            *worker_flags]
-  if checkpoint:
-    common.append(f"--checkpoint={checkpoint}")
-  prefill, decode = [], []
-  if transport == "local":
-    if num_prefill < 1:
-      raise app.UsageError("--kv_transport=local needs a prefill pool")
-    for i in range(num_decode):
-      p = cluster.start(f"pd{i}", "pdjax.launch.worker",
-                        ["--role=both", *common],
-                        devices=mesh_size(pmesh) + mesh_size(dmesh))
-      prefill.append(p)
-      decode.append(p)
-  else:
-    for i in range(num_prefill):
-      prefill.append(cluster.start(
-          f"prefill{i}", "pdjax.launch.prefill",
-          [f"--mesh={pmesh}", *common], devices=mesh_size(pmesh)))
-    for i in range(num_decode):
-      decode.append(cluster.start(
-          f"decode{i}", "pdjax.launch.decode",
-          [f"--mesh={dmesh}", *common], devices=mesh_size(dmesh)))
-  workers = list(dict.fromkeys(prefill + decode))
-  cluster.wait_ready(workers, ready_timeout_s)
-  host = cluster.host
-  router_args = [
-      f"--config={config}", f"--kv_transport={transport}",
-      f"--prefill_workers={','.join(f'{host}:{p.port()}' for p in prefill)}",
-      f"--decode_workers={','.join(f'{host}:{p.port()}' for p in decode)}",
-      f"--port={router_port}", "--wait_workers_s=60", *router_flags]
-  if checkpoint:
-    router_args.append(f"--checkpoint={checkpoint}")
-  if local_prefill_threshold is not None:
-    router_args.append(f"--local_prefill_threshold={local_prefill_threshold}")
-  router = cluster.start("router", "pdjax.launch.router", router_args)
-  cluster.wait_ready([router], ready_timeout_s)
-  return f"{host}:{router.port()}"
-
-
-def router_client_settings(router_flags) -> tuple:
-  """(TlsConfig or None, token) to dial a router started with these flags.
-
-  ``--prompt`` must speak the router's security: TLS if it serves TLS,
-  presenting the router's own certificate (it is a deployment certificate,
-  valid for client use) where mutual TLS is on, and its bearer token.
-  """
-  values: dict[str, str] = {}
-  for f in router_flags:
-    name, _, value = f.lstrip("-").partition("=")
-    if name == "notls_mtls":
-      name, value = "tls_mtls", "false"
-    values[name] = value or "true"
-  token = values.get("auth_token", os.environ.get("PDJAX_AUTH_TOKEN"))
-  if not values.get("tls_cert"):
-    return None, token
-  from pdjax.client import TlsConfig
-  mtls = values.get("tls_mtls", "false").lower() in ("true", "1")
-  return TlsConfig(root_ca=values.get("tls_ca"),
-                   cert=values["tls_cert"] if mtls else None,
-                   key=values.get("tls_key") if mtls else None,
-                   server_name=values.get("tls_server_name")), token
 
 
 def main(argv) -> None:

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from absl import app
 
@@ -139,7 +138,7 @@ async def serve(role: str) -> None:
           max_waiting=F.MAX_QUEUE.value)
       if F.WARMUP.value:
         engine.warmup()
-      receiver = _receiver(transport, mesh, exchange)
+      receiver = _receiver(transport, mesh, exchange, cfg, dep.page_size)
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                             reservation_ttl_s=F.KV_TTL.value)
@@ -181,7 +180,7 @@ def _sender(transport, mesh, sec, exchange):
                           chunk_bytes=chunk)
 
 
-def _receiver(transport, mesh, exchange):
+def _receiver(transport, mesh, exchange, cfg, page_size):
   if transport == "local":
     from pdjax.transfer.local import LocalReceiver
     return LocalReceiver(exchange)
@@ -189,7 +188,10 @@ def _receiver(transport, mesh, exchange):
     from pdjax.transfer.device import DeviceReceiver
     return DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
-  return GrpcStreamReceiver(ttl_s=F.KV_TTL.value)
+  return GrpcStreamReceiver(
+      ttl_s=F.KV_TTL.value,
+      geometry=(cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
+                cfg.dtype))
 
 
 async def _run_until_signal(server, health, names, workers) -> None:

@@ -180,7 +180,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       await common.abort_exhausted(
           context, "decode KV capacity is full; retry later or on another "
           "worker")
-    w.receiver.expect(request.transfer_id, request.request_id)
+    w.receiver.expect(request.transfer_id, request.request_id,
+                      max_pages=res.pages)
     return decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
@@ -247,6 +248,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"no reservation for request {rid!r} (Reserve "
                               "first, or it expired)")
+        if request.kv.transfer_id != res.transfer_id:
+          # Only the id the router issued for *this* request redeems it.
+          engine.decode.unreserve(rid)
+          w.receiver.forget(res.transfer_id)
+          await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              "kv.transfer_id is not the one reserved for "
+                              f"request {rid!r}")
         rep = engine.decode.replicas[res.replica]
         t0 = time.perf_counter()
         try:
@@ -256,6 +264,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
               timeout_s=_timeout(context, w.transfer_timeout_s))
         except TransferError as e:
           engine.decode.unreserve(rid)
+          w.receiver.forget(res.transfer_id)
           w.metrics.transfer_failures.labels(w.receiver.name,
                                              type(e).__name__).inc()
           await context.abort(common.status_for(e), str(e))

@@ -150,8 +150,10 @@ class KvReceiver(abc.ABC):
               timeout_s: float) -> RequestKV:
     """Redeems ``handle`` into ``sharding`` (the decode replica's layout)."""
 
-  def expect(self, transfer_id: str, request_id: str) -> None:
-    """Registers a transfer id the router issued to this worker."""
+  def expect(self, transfer_id: str, request_id: str, *,
+             max_pages: int | None = None) -> None:
+    """Registers a transfer id the router issued to this worker, and the
+    most KV pages it may bring (its reservation)."""
 
   def forget(self, transfer_id: str) -> None:
     """The reservation behind an id is gone: drop anything staged for it."""

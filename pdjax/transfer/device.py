@@ -114,7 +114,8 @@ class DeviceReceiver(KvReceiver):
     self._lock = threading.Lock()
     self._expected: dict[str, str] = {}
 
-  def expect(self, transfer_id: str, request_id: str) -> None:
+  def expect(self, transfer_id: str, request_id: str, *,
+             max_pages: int | None = None) -> None:
     with self._lock:
       self._expected[transfer_id] = request_id
 

@@ -166,14 +166,20 @@ class GrpcStreamReceiver(KvReceiver):
 
   name = "grpc"
 
-  def __init__(self, *, ttl_s: float = 60.0):
+  def __init__(self, *, ttl_s: float = 60.0,
+               geometry: tuple[int, int, int, int, str] | None = None):
+    """``geometry``: (layers, page_size, kv_heads, head_dim, dtype) of this
+    worker's KV; a stream whose handle disagrees is refused before any
+    buffer is allocated for it."""
     self.staged = LeaseTable(ttl_s)
-    self._expected: dict[str, str] = {}
+    self.geometry = geometry
+    self._expected: dict[str, tuple[str, int | None]] = {}
     self._lock = threading.Lock()
 
-  def expect(self, transfer_id: str, request_id: str) -> None:
+  def expect(self, transfer_id: str, request_id: str, *,
+             max_pages: int | None = None) -> None:
     with self._lock:
-      self._expected[transfer_id] = request_id
+      self._expected[transfer_id] = (request_id, max_pages)
 
   def forget(self, transfer_id: str) -> None:
     with self._lock:
@@ -196,11 +202,36 @@ class GrpcStreamReceiver(KvReceiver):
     with self._lock:
       if tid not in self._expected:
         raise TransferDenied(f"transfer {tid!r} was not issued to this worker")
-    if len(first.handle.shape) != 6:
-      raise ValueError(f"KV shape {list(first.handle.shape)} is not 6-D")
+      _, max_pages = self._expected[tid]
+    self._check_handle(first.handle, max_pages)
     staging = _Staging(first.handle)
     self.staged.put(tid, staging, staging.expected)
     return staging
+
+  def _check_handle(self, h: kv_pb2.KvHandle, max_pages: int | None) -> None:
+    """The sender does not get to choose how much memory we allocate."""
+    shape = tuple(h.shape)
+    if len(shape) != 6 or shape[1] != 2 or min(shape) <= 0:
+      raise ValueError(f"KV shape {list(shape)} is not [layers, 2, pages, "
+                       "page, kv_heads, head_dim]")
+    try:
+      np.dtype(jax.numpy.dtype(h.dtype))
+    except TypeError as e:
+      raise ValueError(f"KV dtype {h.dtype!r} is not a dtype") from e
+    if self.geometry is not None:
+      L, P, K, hd, dtype = self.geometry
+      if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
+          h.dtype != dtype):
+        raise ValueError(f"KV {list(shape)} {h.dtype} does not match this "
+                         f"worker's layout [{L}, 2, n, {P}, {K}, {hd}] "
+                         f"{dtype}")
+    if max_pages is not None:
+      from pdjax.engine.kv import payload_pages
+      if shape[2] > payload_pages(max_pages):
+        raise ValueError(f"KV of {shape[2]} pages exceeds the {max_pages} "
+                         "reserved for it")
+    if h.num_tokens <= 0 or -(-h.num_tokens // shape[3]) > shape[2]:
+      raise ValueError(f"num_tokens {h.num_tokens} does not fit the KV shape")
 
   def finish(self, staging: _Staging | None) -> kv_pb2.KvAck:
     if staging is None:

@@ -55,7 +55,8 @@ class LocalReceiver(KvReceiver):
     self.exchange = exchange
     self._expected: set[str] = set()
 
-  def expect(self, transfer_id: str, request_id: str) -> None:
+  def expect(self, transfer_id: str, request_id: str, *,
+             max_pages: int | None = None) -> None:
     self._expected.add(transfer_id)
 
   def forget(self, transfer_id: str) -> None:
