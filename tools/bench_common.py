@@ -287,12 +287,12 @@ def measure_ceilings(limits: Limits, writer: "RecordWriter | None" = None,
   scale = jax.jit(lambda a: a * jnp.asarray(1.0001, dtype))
   t_bw = time_calls(lambda: scale(x), warmup=2, repeat=max(FLAGS.repeat, 5))
   bw = 2 * x.nbytes / t_bw.median
-  del x
+  x = None  # Frees the array before the matmul's.
   a = jax.device_put(jnp.ones((n, n), dtype), dev)
   mm = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=dtype))
   t_mm = time_calls(lambda: mm(a, a), warmup=2, repeat=max(FLAGS.repeat, 5))
   flops = 2.0 * n ** 3 / t_mm.median
-  del a
+  a = None
   limits.run_hbm_bw, limits.run_matmul_flops = bw, flops
   if writer is not None:
     writer.write(tool, "ceilings", {"hbm_mib": mib, "matmul_n": n,

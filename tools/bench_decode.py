@@ -286,8 +286,10 @@ def main(argv) -> None:
         f"{cfg.dtype}) on {bc.device_kind()}, weights ready in "
         f"{time.perf_counter() - t0:.1f} s; memory budget "
         f"{budget / 2**30:.1f} GiB; limits: {limits.source}", flush=True)
-  for B in batches:
-    for C in contexts:
+  # Context-major: the whole batch sweep at the first context comes first,
+  # so a run cut short by its timeout still has a throughput curve.
+  for C in contexts:
+    for B in batches:
       steps = [FLAGS.steps_per_call]
       if FLAGS.compare_steps_per_call and FLAGS.steps_per_call != 1 and (
           not compare_at or (B, C) in compare_at):

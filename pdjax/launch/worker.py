@@ -138,7 +138,9 @@ async def serve(role: str) -> None:
           max_waiting=F.MAX_QUEUE.value)
       if F.WARMUP.value:
         engine.warmup()
-      receiver = _receiver(transport, mesh, exchange, cfg, dep.page_size)
+      receiver = _receiver(
+          transport, mesh, exchange, cfg, dep.page_size,
+          max(engine.decode.default_payload_page_counts()))
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                             reservation_ttl_s=F.KV_TTL.value)
@@ -180,7 +182,7 @@ def _sender(transport, mesh, sec, exchange):
                           chunk_bytes=chunk)
 
 
-def _receiver(transport, mesh, exchange, cfg, page_size):
+def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages):
   if transport == "local":
     from pdjax.transfer.local import LocalReceiver
     return LocalReceiver(exchange)
@@ -191,7 +193,7 @@ def _receiver(transport, mesh, exchange, cfg, page_size):
   return GrpcStreamReceiver(
       ttl_s=F.KV_TTL.value,
       geometry=(cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
-                cfg.dtype))
+                cfg.dtype, max_payload_pages))
 
 
 async def _run_until_signal(server, health, names, workers) -> None:

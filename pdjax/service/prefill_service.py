@@ -258,8 +258,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
       raise
     except TimeoutError as e:
       await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-    except (TransferError, InvalidRequest) as e:
-      await context.abort(common.status_for(e), str(e))
+    except InvalidRequest as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except TransferError as e:
+      # The hand-off failed, not this worker: ABORTED tells the router to
+      # retry the request without taking the worker out of rotation.
+      await context.abort(grpc.StatusCode.ABORTED,
+                          f"KV hand-off failed: {e}")
     except Exception as e:  # noqa: BLE001
       log.exception("prefill of %s failed", request.request_id)
       await context.abort(grpc.StatusCode.INTERNAL,

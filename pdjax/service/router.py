@@ -37,9 +37,10 @@ from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
 
 log = logging.getLogger(__name__)
 
-# Codes after which another worker may well succeed.
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
-              grpc.StatusCode.CANCELLED)
+# Codes after which another worker may well succeed. Only UNAVAILABLE
+# takes the worker out of rotation (until its next successful poll).
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.UNKNOWN)
 
 
 @dataclasses.dataclass
@@ -239,7 +240,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         last_error = e
         if not e.retry or started:
           raise
-        if e.worker is not None:
+        if e.worker is not None and e.code == grpc.StatusCode.UNAVAILABLE:
           reg.mark_down(e.worker, e.details)
         log.info("request %s: retrying after %s", rid, e.details)
         if not reg.usable("prefill"):
@@ -414,7 +415,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         raise _KvLost(code, f"{where}: {e.details()}") from e
       if received or first_token_sent:
         if code in _RETRYABLE:
-          self.registry.mark_down(d, e.details() or code.name)
+          if code == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_down(d, e.details() or code.name)
           raise _Failed(grpc.StatusCode.UNAVAILABLE,
                         f"{where} failed mid-stream: {e.details()}") from e
         raise _Failed(code, e.details()) from e

@@ -167,10 +167,10 @@ class GrpcStreamReceiver(KvReceiver):
   name = "grpc"
 
   def __init__(self, *, ttl_s: float = 60.0,
-               geometry: tuple[int, int, int, int, str] | None = None):
-    """``geometry``: (layers, page_size, kv_heads, head_dim, dtype) of this
-    worker's KV; a stream whose handle disagrees is refused before any
-    buffer is allocated for it."""
+               geometry: tuple[int, int, int, int, str, int] | None = None):
+    """``geometry``: (layers, page_size, kv_heads, head_dim, dtype,
+    max_payload_pages) of this worker's KV; a stream whose handle disagrees
+    is refused before any buffer is allocated for it."""
     self.staged = LeaseTable(ttl_s)
     self.geometry = geometry
     self._expected: dict[str, tuple[str, int | None]] = {}
@@ -219,19 +219,21 @@ class GrpcStreamReceiver(KvReceiver):
     except TypeError as e:
       raise ValueError(f"KV dtype {h.dtype!r} is not a dtype") from e
     if self.geometry is not None:
-      L, P, K, hd, dtype = self.geometry
+      L, P, K, hd, dtype, max_payload = self.geometry
       if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
           h.dtype != dtype):
         raise ValueError(f"KV {list(shape)} {h.dtype} does not match this "
                          f"worker's layout [{L}, 2, n, {P}, {K}, {hd}] "
                          f"{dtype}")
-    if max_pages is not None:
-      from pdjax.engine.kv import payload_pages
-      if shape[2] > payload_pages(max_pages):
-        raise ValueError(f"KV of {shape[2]} pages exceeds the {max_pages} "
-                         "reserved for it")
+      if shape[2] > max_payload:
+        raise ValueError(f"KV of {shape[2]} pages exceeds the largest "
+                         f"payload this worker accepts ({max_payload})")
     if h.num_tokens <= 0 or -(-h.num_tokens // shape[3]) > shape[2]:
       raise ValueError(f"num_tokens {h.num_tokens} does not fit the KV shape")
+    data_pages = -(-h.num_tokens // shape[3]) - h.first_page
+    if max_pages is not None and data_pages > max_pages:
+      raise ValueError(f"KV of {data_pages} pages exceeds the {max_pages} "
+                       "reserved for it")
 
   def finish(self, staging: _Staging | None) -> kv_pb2.KvAck:
     if staging is None:

@@ -6,7 +6,7 @@
 # Order: a correctness check (engine prefill + decode of a small random bf16
 # Llama against a full forward pass), then prefill, decode and KV-transfer
 # benchmarks on Llama-3-8B shapes with random bf16 weights. Every part runs
-# under `timeout` within an overall budget (BUDGET_S, default 450 s), writes
+# under `timeout` within an overall budget (BUDGET_S, default 480 s), writes
 # JSON lines (flushed per measurement, so a part cut off by its timeout keeps
 # what it measured) and a log under OUT_DIR; the tables are printed last.
 #
@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/../.." || exit 1
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama3-8b}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-480}
 DECODE_STEPS=${DECODE_STEPS:-16}
 PREFILL_LENGTHS=${PREFILL_LENGTHS:-512,2048,8192}
 DECODE_BATCHES=${DECODE_BATCHES:-1,32,128,256}
@@ -45,12 +45,13 @@ MULTI_ENV=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)
 
 START=$SECONDS
 remaining() { echo $(( BUDGET_S - (SECONDS - START) )); }
-cap() {  # cap WANTED -> min(WANTED, remaining budget), at least 10
-  local r; r=$(remaining)
+cap() {  # cap WANTED RESERVE -> min(WANTED, remaining - RESERVE), >= 10
+  local r; r=$(( $(remaining) - $2 ))
   (( r < $1 )) && echo $(( r > 10 ? r : 10 )) || echo "$1"
 }
-run_part() {  # run_part NAME TIMEOUT CMD...
-  local name=$1 limit; limit=$(cap "$2"); shift 2
+run_part() {  # run_part NAME TIMEOUT RESERVE CMD...
+  # RESERVE: seconds of the budget kept for the parts after this one.
+  local name=$1 limit; limit=$(cap "$2" "$3"); shift 3
   echo "=== [$((SECONDS - START)) s] $name (timeout ${limit} s)"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -67,30 +68,31 @@ run_part() {  # run_part NAME TIMEOUT CMD...
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-TPS=1; (( NGPU >= 2 )) && TPS=1,2
+TPS=1; PREFILL_TIMEOUT=150
+(( NGPU >= 2 )) && { TPS=1,2; PREFILL_TIMEOUT=210; }
 echo "GPUs: $NGPU; prefill TP degrees: $TPS; budget ${BUDGET_S} s"
 
-run_part check 90 "${SINGLE_ENV[@]}" $PY tools/bench_common.py \
+run_part check 90 300 "${SINGLE_ENV[@]}" $PY tools/bench_common.py \
   --out="$OUT/check.jsonl"
 
-run_part prefill 150 "${SINGLE_ENV[@]}" $PY tools/bench_prefill.py \
+run_part prefill "$PREFILL_TIMEOUT" 240 "${SINGLE_ENV[@]}" $PY tools/bench_prefill.py \
   --model="$MODEL" --prompt_lengths="$PREFILL_LENGTHS" --tp="$TPS" \
   --warmup=2 --repeat=5 --measure_ceilings --out="$OUT/prefill.jsonl"
 
-# Grid order is batch-major: the most informative shapes come first if the
-# timeout cuts the part short. 32x1024 is also timed with 1 step per call.
-run_part decode 210 "${SINGLE_ENV[@]}" $PY tools/bench_decode.py \
+# Context-major: the batch sweep at 1024 comes first in case the timeout cuts
+# the part short. 32x1024 is also timed with 1 step per call.
+run_part decode 240 90 "${SINGLE_ENV[@]}" $PY tools/bench_decode.py \
   --model="$MODEL" --batch_sizes="$DECODE_BATCHES" --context_lengths="$DECODE_CONTEXTS" \
   --steps_per_call="$DECODE_STEPS" --calls_per_sample=4 --warmup=1 --repeat=3 \
   --compare_steps_per_call --compare_at=32x1024 --measure_ceilings \
   --out="$OUT/decode.jsonl"
 
-run_part transfer 120 "${MULTI_ENV[@]}" $PY tools/bench_transfer.py \
+run_part transfer 120 0 "${MULTI_ENV[@]}" $PY tools/bench_transfer.py \
   --model="$MODEL" --sizes_mib="$TRANSFER_SIZES" --grpc_max_mib=512 \
   --warmup=1 --repeat=3 --out="$OUT/transfer.jsonl"
 
 if [[ "$EXTRA_TRITON_OFF" == 1 ]] && (( $(remaining) > 70 )); then
-  run_part decode_triton_off 100 "${SINGLE_ENV[@]}" \
+  run_part decode_triton_off 100 0 "${SINGLE_ENV[@]}" \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
     $PY tools/bench_decode.py --model="$MODEL" --batch_sizes=1,32 \
     --context_lengths=1024 --steps_per_call="$DECODE_STEPS" \
