@@ -396,16 +396,16 @@ def test_services_listen_on_loopback_only(deployment):
   psutil = pytest.importorskip("psutil")
   import subprocess
   import sys
-  from pdjax.launch import local
-  assert local.HOST.default == "127.0.0.1"
-  # The services' own --host default (its module clashes with launch.local's
-  # absl flags, so it is read in a fresh interpreter).
-  out = subprocess.run(
-      [sys.executable, "-c", "from pdjax.launch import flags as F; "
-       "print(F.HOST.default)"], capture_output=True, text=True, timeout=60,
-      cwd=_ROOT)
-  assert out.stdout.strip() == "127.0.0.1", out.stderr
-  assert local.LocalCluster(Path(".")).host == "127.0.0.1"
+  from pdjax.launch.cluster import LocalCluster
+  # The launchers' --host defaults, read in a fresh interpreter (their absl
+  # flags must not be defined in the test process).
+  for module in ("pdjax.launch.flags", "pdjax.launch.local"):
+    out = subprocess.run(
+        [sys.executable, "-c", f"import {module} as m; "
+         "print(m.HOST.default)"], capture_output=True, text=True,
+        timeout=60, cwd=_ROOT)
+    assert out.stdout.strip() == "127.0.0.1", (module, out.stderr)
+  assert LocalCluster(Path(".")).host == "127.0.0.1"
   for p in deployment.cluster.procs:
     listening = [c.laddr for c in psutil.Process(p.popen.pid).net_connections(
         kind="inet") if c.status == psutil.CONN_LISTEN]

@@ -211,8 +211,10 @@ def child_main() -> None:
       if op == "quit":
         break
       if op == "expect":
-        drecv.expect(msg["tid"], "bench")
-        grecv.expect(msg["tid"], "bench")
+        # As the decode worker does: the id is bound to a reservation of
+        # this many pages.
+        drecv.expect(msg["tid"], "bench", max_pages=msg["max_pages"])
+        grecv.expect(msg["tid"], "bench", max_pages=msg["max_pages"])
         _emit({"ok": True})
         continue
       handle = kv_pb2.KvHandle.FromString(base64.b64decode(msg["handle"]))
@@ -308,7 +310,8 @@ def _hand_offs(transport, kv, child, senders, local, timeout_s, repeat,
       r_s = t2 - t1
       del out
     else:
-      child.request({"op": "expect", "tid": tid}, timeout_s)
+      child.request({"op": "expect", "tid": tid,
+                     "max_pages": int(kv.kv.shape[2])}, timeout_s)
       sender = senders[transport]
       dest = kv_pb2.KvDestination(
           transport=transport, transfer_id=tid, decode_tp=1,
@@ -364,13 +367,27 @@ def main(argv) -> None:
         f"{len(devices)} x {bc.device_kind()}; sender device {src}, local "
         f"receiver device {dst}", flush=True)
 
+  def start_child():
+    """The receiver process, or None (recorded) if it cannot start: the
+    in-process transport is still measured."""
+    t0 = time.perf_counter()
+    try:
+      c = Child(1 if len(devices) > 1 else 0, FLAGS.timeout_s)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"receiver process failed to start: {e}", flush=True)
+      writer.write(TOOL, "error", {"transport": "child"},
+                   {"error": str(e)[:2000]})
+      return None
+    print(f"receiver process ready in {time.perf_counter() - t0:.1f} s on "
+          f"{c.info['device']}", flush=True)
+    return c
+
   child = None
   senders = {}
   if "device" in transports or "grpc" in transports:
-    t0 = time.perf_counter()
-    child = Child(1 if len(devices) > 1 else 0, FLAGS.timeout_s)
-    print(f"receiver process ready in {time.perf_counter() - t0:.1f} s on "
-          f"{child.info['device']}", flush=True)
+    child = start_child()
+    if child is None:
+      transports = [t for t in transports if t == "local"]
     if "device" in transports:
       senders["device"] = DeviceSender(
           src, connections=FLAGS.device_connections,
@@ -436,7 +453,9 @@ def main(argv) -> None:
           writer.write(TOOL, "error", params, {"error": str(e)[:2000]})
           if transport != "local" and child is not None:
             child.close()  # It may be wedged: start a fresh one.
-            child = Child(1 if len(devices) > 1 else 0, FLAGS.timeout_s)
+            child = start_child()
+            if child is None:
+              transports = [t for t in transports if t == "local"]
           continue
         bw = None if zero_copy else nbytes / e2e.median
         results = {
@@ -484,9 +503,10 @@ def _print_summary(records) -> None:
       "device_copy = same-device copy (bytes/time; HBM moves 2x).")
   bad = [r for r in records if r["measurement"] == "error"]
   if bad:
-    print("FAILED: " + ", ".join(f"{r['params']['transport']} "
-                                 f"{r['params']['size_mib']} MiB"
-                                 for r in bad))
+    print("FAILED: " + "; ".join(
+        f"{r['params'].get('transport')}"
+        + (f" {r['params']['size_mib']} MiB" if "size_mib" in r["params"]
+           else "") + f": {r['results']['error'][:200]}" for r in bad))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@
 # llama3-8b), PREFILL_LENGTHS (512,2048,8192), DECODE_BATCHES (1,32,128,256),
 # DECODE_CONTEXTS (1024,4096), DECODE_STEPS (steps per generate call, 16),
 # TRANSFER_SIZES (MiB: 128,512,2048,4096), EXTRA_TRITON_OFF=1|0 (default 1:
-# if time is left, re-time two decode shapes with XLA's Triton GEMMs off,
+# if time is left, re-time B=1,32 at the first context with Triton GEMMs off,
 # which FIELD_NOTES §3 says helps small-batch matmuls).
 
 set -u
 OUT=${1:?usage: run_engine_benchmarks.sh OUT_DIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # Absolute: the script moves to the repository root.
 cd "$(dirname "$0")/../.." || exit 1
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama3-8b}
@@ -37,6 +38,7 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_DISABLE_NVLS=1
 # Shared by the parts: the weight-initialisation programs compile once.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/pdjax_jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 # Single-process parts may use most of the card (the default 75% would make
 # the decode fit check skip shapes that fit).
 SINGLE_ENV=(env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92)
@@ -95,11 +97,11 @@ if [[ "$EXTRA_TRITON_OFF" == 1 ]] && (( $(remaining) > 70 )); then
   run_part decode_triton_off 100 0 "${SINGLE_ENV[@]}" \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
     $PY tools/bench_decode.py --model="$MODEL" --batch_sizes=1,32 \
-    --context_lengths=1024 --steps_per_call="$DECODE_STEPS" \
+    --context_lengths="${DECODE_CONTEXTS%%,*}" --steps_per_call="$DECODE_STEPS" \
     --calls_per_sample=4 --warmup=1 --repeat=3 --memory_analysis \
     --out="$OUT/decode_triton_off.jsonl"
-else
-  echo "skipping decode_triton_off ($(remaining) s left)"
+elif [[ "$EXTRA_TRITON_OFF" == 1 ]]; then
+  echo "skipping decode_triton_off (only $(remaining) s of the budget left)"
 fi
 
 echo
@@ -112,9 +114,13 @@ for part in check prefill decode transfer decode_triton_off; do
   # The tables (from the first '== ' heading on); the log's tail if none.
   if grep -q '^== ' "$log"; then
     awk '/^== /{p=1} p' "$log" | grep -v '^[IWE][0-9]\{4\} '
-  else
+  elif [[ -s "$log" ]]; then
     tail -n 25 "$log"
+  else
+    echo "(no output)"
   fi
+  jsonl="$OUT/$part.jsonl"
+  [[ -f "$jsonl" ]] && echo "($(wc -l < "$jsonl") records in $jsonl)"
 done
 echo
 echo "JSON records: $OUT/*.jsonl; logs: $OUT/*.log"
