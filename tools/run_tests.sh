@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine (what CI runs: .ci/run calls this).
+# torch is installed first and pinned to the CPU build, so the test extra's
+# `torch` requirement never pulls a CUDA build; the suite needs no GPU and
+# gives itself 8 CPU devices (tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+.venv/bin/pip install -q "torch==${PDJAX_TORCH_VERSION:-2.13.0}"
+.venv/bin/pip install -q -e ".[test]"
+exec .venv/bin/python -m pytest -q "$@"
