@@ -28,6 +28,7 @@ class PoolConfig:
   max_seqs: int = 8
   num_pages: int = 512
   steps_per_call: int = 4
+  table_buckets: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -57,8 +58,9 @@ class DeploymentConfig:
     pools = {}
     for name in ("prefill", "decode"):
       table = dict(data.pop(name, {}))
-      if "buckets" in table:
-        table["buckets"] = tuple(table["buckets"])
+      for key in ("buckets", "table_buckets"):
+        if key in table:
+          table[key] = tuple(table[key])
       unknown = set(table) - {f.name for f in dataclasses.fields(PoolConfig)}
       if unknown:
         raise ValueError(f"{p}: unknown keys in [{name}]: {sorted(unknown)}")
@@ -80,7 +82,8 @@ class DeploymentConfig:
     d = self.decode
     return DecodeConfig(max_seqs=d.max_seqs, page_size=self.page_size,
                         num_pages=d.num_pages, max_seq_len=self.max_seq_len,
-                        steps_per_call=d.steps_per_call)
+                        steps_per_call=d.steps_per_call,
+                        table_buckets=tuple(d.table_buckets))
 
 
 __all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR"]

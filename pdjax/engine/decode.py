@@ -59,15 +59,40 @@ class DecodeConfig:
   num_pages: int = 256       # per replica, the null page included
   max_seq_len: int = 1024    # prompt + generated, per sequence
   steps_per_call: int = 4
+  # Widths (in pages) of the page table a generate program reads. Each call
+  # uses the smallest that covers its longest row, so attention gathers
+  # what the batch needs, not max_seq_len for everyone. One program per
+  # width; () = powers of two up to max_seq_len / page_size.
+  table_buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_seq_len % self.page_size:
       raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
                        f"page_size {self.page_size}")
+    for b in self.table_buckets:
+      if not 0 < b <= self.pages_per_seq:
+        raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
 
   @property
   def pages_per_seq(self) -> int:
     return self.max_seq_len // self.page_size
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Page-table widths, increasing, the last always pages_per_seq."""
+    if self.table_buckets:
+      out = sorted(set(self.table_buckets))
+    else:
+      out, w = [], 1
+      while w < self.pages_per_seq:
+        out.append(w)
+        w *= 2
+    if not out or out[-1] != self.pages_per_seq:
+      out.append(self.pages_per_seq)
+    return tuple(out)
+
+  def width_for(self, pages: int) -> int:
+    return next(w for w in self.widths if w >= pages)
 
   def kv_bytes(self, cfg: ModelConfig) -> int:
     """Device bytes of one replica's KV pool (the explicit accounting)."""
@@ -77,7 +102,8 @@ class DecodeConfig:
 # ------------------------------------------------------------------ device
 @struct.dataclass
 class DecodeState:
-  kv: jax.Array         # [L, 2, N, P, K, hd]
+  k: jax.Array          # [L * N, P, K, hd] (see llama.decode_forward)
+  v: jax.Array
   tokens: jax.Array     # [B] next input token
   positions: jax.Array  # [B] where that token's KV goes
   generated: jax.Array  # [B] tokens generated so far (first token included)
@@ -111,9 +137,9 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
     live = slots.active & ~state.done
     table = jnp.where(live[:, None], slots.page_table, 0)
     positions = jnp.where(live, state.positions, 0)
-    logits, kv = decode_forward_pool(params, state.tokens, positions,
-                                     state.kv, table, cfg=cfg)
-    tok, lp = sample(logits, slots.temperature, slots.top_p, slots.top_k,
+    out = decode_forward(params, state.tokens, positions, state.k, state.v,
+                         table, cfg=cfg)
+    tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.seed, state.generated)
     generated = state.generated + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
@@ -125,7 +151,7 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
     at_cap = state.positions + 2 >= capacity
     finished = live & (is_stop | at_len | at_cap)
     new = DecodeState(
-        kv=kv,
+        k=out.k_pool, v=out.v_pool,
         tokens=jnp.where(live, tok, state.tokens),
         positions=state.positions + live.astype(jnp.int32),
         generated=generated,
@@ -135,18 +161,18 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
   return jax.lax.scan(step, state, None, length=num_steps)
 
 
-def decode_forward_pool(params, tokens, positions, kv, page_table, *, cfg):
-  """``decode_forward`` over a combined ``[L, 2, N, P, K, hd]`` pool."""
-  out = decode_forward(params, tokens, positions, kv[:, 0], kv[:, 1],
-                       page_table, cfg=cfg)
-  return out.logits, jnp.stack([out.k_pages, out.v_pages], axis=1)
-
-
 def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
-  """Writes a request KV's pages into the pool and arms ``row``."""
-  pool = state.kv.at[:, :, dest_pages].set(kv.astype(state.kv.dtype))
+  """Writes a request KV ``[L, 2, n, P, K, hd]`` into the pools' rows
+  ``l * N + dest_pages`` and arms ``row``."""
+  L, _, n = kv.shape[:3]
+  N = state.k.shape[0] // L
+  rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
+          + dest_pages[None, :]).reshape(L * n)
+  flat = kv.astype(state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
+  k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]))
+  v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]))
   return DecodeState(
-      kv=pool,
+      k=k, v=v,
       tokens=state.tokens.at[row].set(first_token),
       positions=state.positions.at[row].set(position),
       generated=state.generated.at[row].set(1),
@@ -156,13 +182,16 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
 def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
   L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
   B = dcfg.max_seqs
+  pool = (L * dcfg.num_pages, dcfg.page_size, K, hd)
   return DecodeState(
-      kv=jnp.zeros((L, 2, dcfg.num_pages, dcfg.page_size, K, hd),
-                   cfg.jnp_dtype),
+      k=jnp.zeros(pool, cfg.jnp_dtype), v=jnp.zeros(pool, cfg.jnp_dtype),
       tokens=jnp.zeros((B,), jnp.int32),
       positions=jnp.zeros((B,), jnp.int32),
       generated=jnp.zeros((B,), jnp.int32),
       done=jnp.ones((B,), bool))
+
+
+POOL_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
 
 
 # ------------------------------------------------------------------ host
@@ -204,11 +233,16 @@ class DecodeReplica:
     self.programs = programs
     self.pool = BlockPool(dcfg.num_pages)
     B, M = dcfg.max_seqs, dcfg.pages_per_seq
-    pool_shape = request_kv_shape(cfg, dcfg.num_pages, dcfg.page_size)
-    self.kv_sharding = kv_sharding(rules, mesh, pool_shape)
+    # Request KVs arrive in the request layout; the pools keep every layer's
+    # pages on one axis. Both split kv_heads the same way (the rule set's).
+    self.kv_sharding = kv_sharding(
+        rules, mesh, request_kv_shape(cfg, 1, dcfg.page_size))
+    pool_sharding = rules.sharding(
+        mesh, POOL_AXES, (cfg.num_layers * dcfg.num_pages, dcfg.page_size,
+                          cfg.num_kv_heads, cfg.head_dim), what="kv pool")
     self.replicated = NamedSharding(mesh, PartitionSpec())
     state_sharding = DecodeState(
-        kv=self.kv_sharding, tokens=self.replicated,
+        k=pool_sharding, v=pool_sharding, tokens=self.replicated,
         positions=self.replicated, generated=self.replicated,
         done=self.replicated)
     self.state = jax.jit(functools.partial(_init_state, cfg, dcfg),
@@ -222,6 +256,7 @@ class DecodeReplica:
     self.use_eos = np.ones((B,), bool)
     self._slots_dirty = True
     self._slots_dev: SlotInputs | None = None
+    self._slots_width = 0
 
   # ---------------------------------------------------------------- counts
   @property
@@ -306,16 +341,25 @@ class DecodeReplica:
         r.pages.extend(new)
         self._slots_dirty = True
 
-  def _slot_inputs(self) -> SlotInputs:
-    if self._slots_dirty or self._slots_dev is None:
+  def _width(self) -> int:
+    """Page-table width of the next call: covers every row's pages."""
+    need = max((len(r.pages) for r in self.rows if r is not None), default=1)
+    return self.dcfg.width_for(need)
+
+  def _slot_inputs(self, width: int | None = None) -> SlotInputs:
+    width = self._width() if width is None else width
+    if (self._slots_dirty or self._slots_dev is None
+        or width != self._slots_width):
       host = SlotInputs(
-          page_table=self.page_table, active=self.active,
+          page_table=np.ascontiguousarray(self.page_table[:, :width]),
+          active=self.active,
           temperature=self.samp.temperature, top_p=self.samp.top_p,
           top_k=self.samp.top_k, seed=self.samp.seed,
           max_tokens=self.max_tokens, stop_ids=self.stop_ids,
           use_eos=self.use_eos)
       self._slots_dev = jax.device_put(host, self.replicated)
       self._slots_dirty = False
+      self._slots_width = width
     return self._slots_dev
 
   def warmup(self, payload_page_counts: Sequence[int],
@@ -335,7 +379,6 @@ class DecodeReplica:
     """
     if self.live_rows:
       raise RuntimeError("warm up a replica before it serves requests")
-    slots = self._slot_inputs()
     zero = np.int32(0)
     for n in payload_page_counts:
       shape = request_kv_shape(self.cfg, n, self.dcfg.page_size)
@@ -349,8 +392,11 @@ class DecodeReplica:
       for _ in range(2):
         self.state = self.programs.insert(self.state, kv, dest, zero, zero,
                                           zero)
-    for _ in range(2):
-      self.state, out = self.programs.generate(self.params, self.state, slots)
+    for width in self.dcfg.widths:
+      slots = self._slot_inputs(width)
+      for _ in range(2):
+        self.state, out = self.programs.generate(self.params, self.state,
+                                                 slots)
     jax.block_until_ready((self.state, out))
 
   def dispatch(self):
@@ -370,13 +416,14 @@ class _Programs:
                eos_ids: tuple[int, ...]):
     self.generate = jax.jit(
         functools.partial(_generate_entry, cfg=cfg,
-                          num_steps=dcfg.steps_per_call, eos_ids=eos_ids),
+                          num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
+                          capacity=dcfg.max_seq_len),
         donate_argnums=(1,))
     self.insert = jax.jit(_insert, donate_argnums=(0,))
 
 
-def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids):
-  capacity = slots.page_table.shape[1] * state.kv.shape[3]
+def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
+                    capacity):
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity)
 
@@ -686,4 +733,4 @@ class DecodeEngine:
 
 
 __all__ = ["DecodeConfig", "DecodeEngine", "DecodeReplica", "DecodeState",
-           "Reservation", "decode_forward_pool", "RequestKV"]
+           "Reservation", "RequestKV"]

@@ -28,12 +28,13 @@ def _decode_step(params, tokens, positions, k_pages, v_pages, page_table, *,
   out = llama.decode_forward(params, tokens, positions, k_pages, v_pages,
                              page_table, cfg=cfg)
   next_tokens = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
-  return next_tokens, out.logits, out.k_pages, out.v_pages
+  return next_tokens, out.logits, out.k_pool, out.v_pool
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _write_prefill_kv(k_pages, v_pages, k, v, page_table):
-  """Scatters dense prefill K/V [L, B, T, K, hd] into the sequences' pages.
+  """Scatters dense prefill K/V [L, B, T, K, hd] into the sequences' pages
+  of the ``[L * N, P, K, hd]`` pools.
 
   T is a multiple of the page size and ``page_table[:, :T // P]`` names the
   pages that hold positions [0, T). Padding positions are written too; they
@@ -41,12 +42,14 @@ def _write_prefill_kv(k_pages, v_pages, k, v, page_table):
   at positions >= the current length).
   """
   L, B, T, K, hd = k.shape
-  P = k_pages.shape[2]
-  pages = page_table[:, :T // P]
-  k_pages = k_pages.at[:, pages].set(
-      k.reshape(L, B, T // P, P, K, hd).astype(k_pages.dtype))
-  v_pages = v_pages.at[:, pages].set(
-      v.reshape(L, B, T // P, P, K, hd).astype(v_pages.dtype))
+  P = k_pages.shape[1]
+  N = k_pages.shape[0] // L
+  pages = page_table[:, :T // P]                       # [B, T/P]
+  rows = (jnp.arange(L)[:, None, None] * N + pages[None]).reshape(-1)
+  k_pages = k_pages.at[rows].set(
+      k.reshape(L * B * (T // P), P, K, hd).astype(k_pages.dtype))
+  v_pages = v_pages.at[rows].set(
+      v.reshape(L * B * (T // P), P, K, hd).astype(v_pages.dtype))
   return k_pages, v_pages
 
 
@@ -107,7 +110,9 @@ def greedy_generate(params: llama.Params, cfg: ModelConfig,
     tokens[b, :len(p)] = p
   # Page 0 is the null page; sequence b owns pages 1 + b*M ... (b+1)*M.
   page_table = jnp.asarray(1 + np.arange(B * M, dtype=np.int32).reshape(B, M))
-  pool_shape = (cfg.num_layers, 1 + B * M, P, cfg.num_kv_heads, cfg.head_dim)
+  # Every layer's pages on one axis (layer l's page p is row l * N + p).
+  pool_shape = (cfg.num_layers * (1 + B * M), P, cfg.num_kv_heads,
+                cfg.head_dim)
   k_pages = jnp.zeros(pool_shape, cfg.jnp_dtype)
   v_pages = jnp.zeros(pool_shape, cfg.jnp_dtype)
 

@@ -6,8 +6,8 @@ Two entry points share one layer body:
   prefix whose KV is already computed (chunked prefill, prefix caching). It
   returns the new tokens' K/V densely; the caller decides where they live.
 * ``decode_forward``: one token per sequence at per-sequence positions. K/V
-  live in a paged pool ``[layers, pages, page_size, kv_heads, head_dim]``; each
-  sequence owns the pages its row of ``page_table`` names. The new token's K/V
+  live in paged pools ``[layers * pages, page_size, kv_heads, head_dim]``;
+  each sequence owns the pages its row of ``page_table`` names. The new token's K/V
   is scattered into the pool (donated by the caller, so in place) and
   attention reads the sequence's pages, masked by its length, so stale data in
   a recycled page is never visible.
@@ -268,22 +268,33 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
 # ------------------------------------------------------------------ decode
 class DecodeOut(NamedTuple):
   logits: jax.Array   # [B, V] float32
-  k_pages: jax.Array  # [L, N, P, K, hd]
-  v_pages: jax.Array
+  k_pool: jax.Array   # [L * N, P, K, hd]
+  v_pool: jax.Array
 
 
-def decode_forward(params: Params, tokens, positions, k_pages, v_pages,
+def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
                    page_table, *, cfg: ModelConfig) -> DecodeOut:
   """One token for each of B sequences; not jitted here (the engine jits it
-  with the pool donated and, for data parallelism, vmapped over replicas).
+  with the pools donated).
 
-  tokens, positions: [B]; page_table: [B, M] page ids (page 0 is the null
-  page that idle rows point at); the token at ``positions[b]`` is written to
-  ``page_table[b, pos // P]`` at offset ``pos % P``.
+  The pools hold every layer's pages on one axis: layer ``l``'s page ``p``
+  is row ``l * N + p`` of ``[L * N, P, K, hd]``. Writes and reads are then a
+  scatter and a gather on the whole pool by computed row ids, never a slice
+  of one layer (a slice of a loop-carried buffer is a copy: of the entire
+  pool, every step).
+
+  tokens, positions: [B]; page_table: [B, M] page ids of each row's first M
+  pages (page 0 is the null page idle rows point at). The token at
+  ``positions[b]`` is written to ``page_table[b, pos // P]`` at offset
+  ``pos % P``; attention reads the row's M pages, masked by its length, so
+  stale data in a recycled page is never visible.
   """
   B = tokens.shape[0]
-  P = k_pages.shape[2]
+  L = cfg.num_layers
+  N = k_pool.shape[0] // L
+  P = k_pool.shape[1]
   M = page_table.shape[1]
+  K, hd = cfg.num_kv_heads, cfg.head_dim
   cos, sin = rope_tables(cfg, positions[:, None])
   x = _embed(params, tokens[:, None])
   impl = attention_impl(x.dtype, cfg.head_dim)
@@ -297,19 +308,18 @@ def decode_forward(params: Params, tokens, positions, k_pages, v_pages,
     kpos = jnp.arange(M * P)[None, :]
     mask = ((kpos < kv_len[:, None]) & (kpos > positions[:, None] - window))
     mask = mask[:, None, None, :]  # [B, 1, 1, S]
-    impl = "xla"
 
   def layer(carry, xs):
     x, kp, vp = carry
     lp, li = xs
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
-    kp = kp.at[li, write_page, write_off].set(k[:, 0].astype(kp.dtype))
-    vp = vp.at[li, write_page, write_off].set(v[:, 0].astype(vp.dtype))
-    kk = kp[li, page_table].reshape(B, M * P, cfg.num_kv_heads, cfg.head_dim)
-    vv = vp[li, page_table].reshape(B, M * P, cfg.num_kv_heads, cfg.head_dim)
-    kk = kk.astype(q.dtype)
-    vv = vv.astype(q.dtype)
+    rows = li * N + write_page
+    kp = kp.at[rows, write_off].set(k[:, 0].astype(kp.dtype))
+    vp = vp.at[rows, write_off].set(v[:, 0].astype(vp.dtype))
+    table = li * N + page_table
+    kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
+    vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     if mask is not None:
       attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
                                           implementation="xla")
@@ -319,11 +329,11 @@ def decode_forward(params: Params, tokens, positions, k_pages, v_pages,
           key_value_seq_lengths=kv_len, implementation=impl)
     return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
 
-  layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-  (x, k_pages, v_pages), _ = jax.lax.scan(
-      layer, (x, k_pages, v_pages), (params["layers"], layer_ids))
+  layer_ids = jnp.arange(L, dtype=jnp.int32)
+  (x, k_pool, v_pool), _ = jax.lax.scan(
+      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
   logits = _logits(cfg, params, x[:, 0])
-  return DecodeOut(logits, k_pages, v_pages)
+  return DecodeOut(logits, k_pool, v_pool)
 
 
 def reference_forward(params: Params, tokens, *, cfg: ModelConfig):
