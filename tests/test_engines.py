@@ -361,12 +361,13 @@ def test_load_sharded_both_formats(tiny, rules, tmp_path):
 
 def test_warmup_covers_every_payload_size(prefill_tp, decoders):
   """Chunked prefill's padded page counts, for a chunk that is not a
-  power-of-two number of pages (one chunk count spans two sizes)."""
+  power-of-two number of pages: one warm-up prompt per payload size (the
+  chunk program itself is one program for every chunk)."""
   src = prefill_tp[1]
   config = PrefillConfig(buckets=(16, 48), max_batch=1, page_size=PAGE,
                          max_seq_len=256)
   engine = PrefillEngine(src.params, src.cfg, src.mesh, src.rules, config)
-  assert engine._chunked_warmup_lengths() == [49, 65, 97, 129, 145, 193, 241]
+  assert engine._chunked_warmup_lengths() == [49, 65, 129]
   assert engine.payload_page_counts() == [1, 3, 4, 8, 16]
   assert decoders["dp1"].default_payload_page_counts() == [1, 2, 4, 8]
 

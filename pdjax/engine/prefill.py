@@ -83,24 +83,29 @@ def _prefill_program(params, tokens, true_len, samp, *, cfg, page_size,
   return tok, lp, rows
 
 
-def _chunk_program(params, tokens, true_len, prefix_k, prefix_v, prefix_len,
-                   samp, *, cfg, page_size, kv_spec):
-  out = prefill_forward(params, tokens, true_len, cfg=cfg, prefix_k=prefix_k,
-                        prefix_v=prefix_v, prefix_len=prefix_len)
+def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
+                   cfg):
+  """One chunk of a long prompt: attends to the buffer's first ``start``
+  positions (the chunks before it) and writes its own K/V after them.
+
+  The buffers ``[L, 1, S, K, hd]`` have one static size (max_seq_len
+  rounded up to whole chunks), so every chunk of every prompt runs this one
+  program; positions past ``start`` are masked, whatever they hold.
+  """
+  out = prefill_forward(params, tokens, true_len, cfg=cfg, prefix_k=k_buf,
+                        prefix_v=v_buf, prefix_len=start)
   tok, lp = sample(out.logits, *samp, jnp.zeros((1,), jnp.int32))
-  pages = jax.lax.with_sharding_constraint(
-      _to_pages(out.k, out.v, page_size)[0], kv_spec)
-  new_k = jnp.concatenate([prefix_k, out.k], axis=2)
-  new_v = jnp.concatenate([prefix_v, out.v], axis=2)
-  return tok, lp, pages, new_k, new_v
+  at = (0, 0, start[0], 0, 0)
+  k_buf = jax.lax.dynamic_update_slice(k_buf, out.k.astype(k_buf.dtype), at)
+  v_buf = jax.lax.dynamic_update_slice(v_buf, out.v.astype(v_buf.dtype), at)
+  return tok, lp, k_buf, v_buf
 
 
-def _assemble(chunks, *, total_pages, kv_spec):
-  kv = jnp.concatenate(chunks, axis=2)
-  pad = total_pages - kv.shape[2]
-  if pad:
-    kv = jnp.pad(kv, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-  return jax.lax.with_sharding_constraint(kv, kv_spec)
+def _buffer_to_pages(k_buf, v_buf, *, num_pages, page_size, kv_spec):
+  """The first ``num_pages`` pages of the chunk buffers, in request layout."""
+  n = num_pages * page_size
+  return jax.lax.with_sharding_constraint(
+      _to_pages(k_buf[:, :, :n], v_buf[:, :, :n], page_size)[0], kv_spec)
 
 
 class PrefillEngine:
@@ -120,10 +125,9 @@ class PrefillEngine:
     self._prefill = jax.jit(
         functools.partial(_prefill_program, cfg=cfg, page_size=P,
                           kv_spec=kv_spec))
-    self._chunk = jax.jit(
-        functools.partial(_chunk_program, cfg=cfg, page_size=P,
-                          kv_spec=kv_spec))
-    self._assemble_fns = {}
+    self._chunk = jax.jit(functools.partial(_chunk_program, cfg=cfg),
+                          donate_argnums=(3, 4))
+    self._pages_fns = {}
 
   # ---------------------------------------------------------------- layout
   def kv_sharding(self, num_pages: int) -> NamedSharding:
@@ -190,38 +194,44 @@ class PrefillEngine:
                           len(r.prompt_ids))
             for i, r in enumerate(reqs)]
 
+  @property
+  def chunk_buffer_len(self) -> int:
+    C = self.config.chunk
+    return -(-self.config.max_seq_len // C) * C
+
   def _prefill_chunked(self, r: PrefillRequest) -> PrefillResult:
     C, P = self.config.chunk, self.config.page_size
     n = len(r.prompt_ids)
     cfg = self.cfg
     samp = tuple(self._put(a) for a in SamplingArrays.stack(
         [(r.sampling, r.seed_u32)], 1).as_tuple())
-    k = jnp.zeros((cfg.num_layers, 1, 0, cfg.num_kv_heads, cfg.head_dim),
-                  cfg.jnp_dtype, device=self._replicated)
-    v = k
-    chunks = []
+    shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
+             cfg.head_dim)
+    buf_sharding = self.rules.sharding(
+        self.mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
+        what="chunk buffer")
+    k = jnp.zeros(shape, cfg.jnp_dtype, device=buf_sharding)
+    v = jnp.zeros(shape, cfg.jnp_dtype, device=buf_sharding)
     tok = lp = None
     for start in range(0, n, C):
       part = np.zeros((1, C), np.int32)
       piece = r.prompt_ids[start:start + C]
       part[0, :len(piece)] = piece
-      tok, lp, pages, k, v = self._chunk(
-          self.params, self._put(part), self._put(np.array([len(piece)],
-                                                           np.int32)),
-          k, v, self._put(np.array([start], np.int32)), samp)
-      chunks.append(pages)
-    total = payload_pages(pages_for(n, P))
-    kv = self._assemble_fn(len(chunks), total)(chunks)
+      tok, lp, k, v = self._chunk(
+          self.params, self._put(part),
+          self._put(np.array([len(piece)], np.int32)), k, v,
+          self._put(np.array([start], np.int32)), samp)
+    kv = self._pages_fn(payload_pages(pages_for(n, P)))(k, v)
     return PrefillResult(r.request_id, int(np.asarray(tok)[0]),
                          float(np.asarray(lp)[0]), RequestKV(kv, n), n)
 
-  def _assemble_fn(self, num_chunks: int, total_pages: int):
-    key = (num_chunks, total_pages)
-    if key not in self._assemble_fns:
-      self._assemble_fns[key] = jax.jit(functools.partial(
-          _assemble, total_pages=total_pages,
-          kv_spec=self.kv_sharding(total_pages)))
-    return self._assemble_fns[key]
+  def _pages_fn(self, num_pages: int):
+    if num_pages not in self._pages_fns:
+      self._pages_fns[num_pages] = jax.jit(functools.partial(
+          _buffer_to_pages, num_pages=num_pages,
+          page_size=self.config.page_size,
+          kv_spec=self.kv_sharding(num_pages)))
+    return self._pages_fns[num_pages]
 
   # ---------------------------------------------------------------- warmup
   def warmup(self) -> None:
@@ -233,18 +243,18 @@ class PrefillEngine:
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
         self._prefill_batch(reqs, bucket)
-    # Chunked prefill compiles one chunk program per chunk index and one
-    # assembly per (chunk count, padded page count): run one prompt of each
-    # such pair (a chunk count can span two padded page counts when the
-    # chunk is not a power-of-two number of pages).
+    # Chunked prefill: one chunk program, plus one page extraction per
+    # payload size a long prompt can have.
     for n in self._chunked_warmup_lengths():
       self._prefill_chunked(PrefillRequest("warmup", [1] * n, greedy))
 
   def _chunked_warmup_lengths(self) -> list[int]:
+    """A prompt length for each payload page count beyond the largest
+    bucket (empty when max_seq_len fits the largest bucket)."""
     C, P = self.config.chunk, self.config.page_size
     seen, out = set(), []
     for n in range(C + 1, self.config.max_seq_len):
-      key = (pages_for(n, C), payload_pages(pages_for(n, P)))
+      key = payload_pages(pages_for(n, P))
       if key not in seen:
         seen.add(key)
         out.append(n)
