@@ -131,32 +131,11 @@ def define_common_flags() -> None:
 def preset_config(name: str, *, model_config: str | None = None,
                   dtype: str | None = None):
   """The ModelConfig of a preset (``--model``)."""
-  from pdjax.model.config import ModelConfig, RopeConfig
-  if name == "tiny":
-    from pdjax.model.tiny import tiny_config
-    cfg = tiny_config()
-  elif name == "llama3-8b":
-    cfg = ModelConfig(
-        architecture="llama", vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-        head_dim=128, rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0,
-                        low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=8192),
-        max_position_embeddings=131072, dtype="bfloat16",
-        name="llama3-8b-random")
-  elif name == "llama3-1b":
-    # Llama-3.2-1B: tied embeddings, head_dim 64, rope factor 32.
-    cfg = ModelConfig(
-        architecture="llama", vocab_size=128256, hidden_size=2048,
-        intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
-        head_dim=64, rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=32.0,
-                        low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=8192),
-        max_position_embeddings=131072, tie_word_embeddings=True,
-        dtype="bfloat16", name="llama3-1b-random")
-  elif name == "custom":
+  from pdjax.model.config import ModelConfig
+  from pdjax.model.presets import preset_config as named_preset
+  if name != "custom":
+    cfg = named_preset(name)
+  else:
     if not model_config:
       raise ValueError("--model=custom needs --model_config (a config.json "
                        "or its directory)")

@@ -75,9 +75,10 @@ flags.DEFINE_integer("page_size", 16, "KV page size.")
 flags.DEFINE_float("hbm_gib", None,
                    "Device memory for the fit check (default: the "
                    "allocator's bytes_limit on device 0, else 80).")
-flags.DEFINE_float("pool_copies", 1.0,
+flags.DEFINE_float("pool_copies", 0.0,
                    "Extra copies of the KV pool the generate program holds "
-                   "as temporaries, for the fit check (1 seen in its HLO).")
+                   "as temporaries, for the fit check (0 since the pools are "
+                   "updated in place).")
 flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
 flags.DEFINE_integer("cpu_max_context", 256,
                      "On CPU, longer contexts are skipped.")
@@ -120,8 +121,10 @@ def _layout(cfg, B: int, C: int, S: int):
   # position + 2 reaches max_seq_len, so leave room past it.
   max_seq_len = _round_up(C + S * total_calls + 2, P)
   M = max_seq_len // P
+  # One page-table width (every row is at the same length): one program.
   dcfg = DecodeConfig(max_seqs=B, page_size=P, num_pages=B * M + 1,
-                      max_seq_len=max_seq_len, steps_per_call=S)
+                      max_seq_len=max_seq_len, steps_per_call=S,
+                      table_buckets=(M,))
   kvbpt = cfg.kv_bytes_per_token()
   pool = dcfg.num_pages * P * kvbpt
   payload = payload_pages(pages_for(C, P)) * P * kvbpt

@@ -59,16 +59,18 @@ class ColocatedEngine:
     self._cancelled: set[str] = set()
     self._lock = threading.Lock()
 
-  def warmup(self) -> None:
+  def warmup(self, remote_payload_page_counts: Sequence[int] = ()) -> None:
     """Compiles every prefill and decode program serving can run (each
     replica's prefill buckets, batch sizes and chunk counts; generate and
-    insert for every KV size the prefill produces), leaving the engine
+    insert for every KV size the local prefill, or a remote prefill pool
+    with ``remote_payload_page_counts``, produces), leaving the engine
     clean: nothing waiting, no rows, pages or reservations used."""
     if self.has_work:
       raise RuntimeError("warm up the colocated engine before it serves")
     for p in self.prefill:
       p.warmup()
-    self.decode.warmup(self.prefill[0].payload_page_counts())
+    self.decode.warmup(sorted(set(self.prefill[0].payload_page_counts())
+                              | set(remote_payload_page_counts)))
 
   def validate(self, prompt_ids: Sequence[int], sampling: SamplingParams):
     sampling.validate(self.cfg.vocab_size)

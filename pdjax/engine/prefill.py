@@ -57,6 +57,26 @@ class PrefillConfig:
         return b
     return None
 
+  def chunked_warmup_lengths(self) -> list[int]:
+    """A prompt length for each payload page count beyond the largest
+    bucket (empty when max_seq_len fits the largest bucket)."""
+    C, P = self.chunk, self.page_size
+    seen, out = set(), []
+    for n in range(C + 1, self.max_seq_len):
+      key = payload_pages(pages_for(n, P))
+      if key not in seen:
+        seen.add(key)
+        out.append(n)
+    return out
+
+  def payload_page_counts(self) -> list[int]:
+    """Every page count ``RequestKV.kv.shape[2]`` a prefill with this config
+    can produce (a decode pool compiles one insert program per count)."""
+    counts = {b // self.page_size for b in self.buckets}
+    counts.update(payload_pages(pages_for(n, self.page_size))
+                  for n in self.chunked_warmup_lengths())
+    return sorted(counts)
+
   def batch_sizes(self) -> list[int]:
     out, b = [], 1
     while b < self.max_batch:
@@ -249,25 +269,10 @@ class PrefillEngine:
       self._prefill_chunked(PrefillRequest("warmup", [1] * n, greedy))
 
   def _chunked_warmup_lengths(self) -> list[int]:
-    """A prompt length for each payload page count beyond the largest
-    bucket (empty when max_seq_len fits the largest bucket)."""
-    C, P = self.config.chunk, self.config.page_size
-    seen, out = set(), []
-    for n in range(C + 1, self.config.max_seq_len):
-      key = payload_pages(pages_for(n, P))
-      if key not in seen:
-        seen.add(key)
-        out.append(n)
-    return out
+    return self.config.chunked_warmup_lengths()
 
   def payload_page_counts(self) -> list[int]:
-    """Every page count ``RequestKV.kv.shape[2]`` this engine can produce
-    (a decode pool compiles one insert program per count)."""
-    P = self.config.page_size
-    counts = {b // P for b in self.config.buckets}
-    counts.update(payload_pages(pages_for(n, P))
-                  for n in self._chunked_warmup_lengths())
-    return sorted(counts)
+    return self.config.payload_page_counts()
 
 
 __all__ = ["PrefillConfig", "PrefillEngine", "next_pow2"]

@@ -50,7 +50,15 @@ def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
 def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  mesh: Mesh, dtype=None) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
-  ``mesh``. ``dtype`` overrides the checkpoint's storage dtype."""
+  ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
+  ``random:<preset>`` (``pdjax.model.presets``) makes seeded random weights
+  on the devices instead."""
+  from pdjax.model import presets
+  if presets.is_random(checkpoint_dir):
+    cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
+                                dtype=dtype)
+    return llama.init_params(cfg, shardings=param_shardings(cfg, rules,
+                                                            mesh)), cfg
   from pdjax.model.loading import load_model
   return load_model(checkpoint_dir,
                     lambda cfg: param_shardings(cfg, rules, mesh),

@@ -53,9 +53,14 @@ async def serve() -> None:
 
   dep = DeploymentConfig.load(F.CONFIG.value)
   sec = F.security()
-  checkpoint = resolve_checkpoint(F.CHECKPOINT.value or dep.checkpoint)
+  from pdjax.model import presets
+  checkpoint = F.CHECKPOINT.value or dep.checkpoint
   tokenizer = None
-  if (Path(checkpoint) / "tokenizer.json").exists():
+  if presets.is_random(checkpoint):
+    log.info("random weights (%s): no tokenizer, clients send token ids",
+             checkpoint)
+  elif (Path(resolve_checkpoint(checkpoint)) / "tokenizer.json").exists():
+    checkpoint = resolve_checkpoint(checkpoint)
     from pdjax.model.config import ModelConfig
     cfg = None
     if (Path(checkpoint) / "config.json").exists():

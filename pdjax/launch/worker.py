@@ -74,8 +74,11 @@ async def serve(role: str) -> None:
   from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
 
   dep = DeploymentConfig.load(F.CONFIG.value)
+  from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
-  checkpoint = resolve_checkpoint(F.CHECKPOINT.value or dep.checkpoint)
+  checkpoint = F.CHECKPOINT.value or dep.checkpoint
+  if not presets.is_random(checkpoint):
+    checkpoint = resolve_checkpoint(checkpoint)
   dtype = F.DTYPE.value or dep.dtype
   transport = F.KV_TRANSPORT.value or dep.kv_transport
   sec = F.security()
@@ -137,7 +140,7 @@ async def serve(role: str) -> None:
           dep.prefill_engine_config(dep.decode), dep.decode_engine_config(),
           max_waiting=F.MAX_QUEUE.value)
       if F.WARMUP.value:
-        engine.warmup()
+        engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
           max(engine.decode.default_payload_page_counts()))
