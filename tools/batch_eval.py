@@ -133,8 +133,13 @@ class _ClientBackend:
         ignore_eos=sampling.get("ignore_eos"), request_id=item.request_id):
       usage = out.usage
       if usage is not None and not isinstance(usage, dict):
-        usage = {k: getattr(usage, k) for k in
-                 ("prompt_tokens", "completion_tokens") if hasattr(usage, k)}
+        # Every field the router reports (TTFT, prefill and KV hand-off
+        # time, workers): the results file is where the share of TTFT the
+        # hand-off takes is read from.
+        usage = (dataclasses.asdict(usage) if dataclasses.is_dataclass(usage)
+                 else {k: getattr(usage, k) for k in
+                       ("prompt_tokens", "completion_tokens")
+                       if hasattr(usage, k)})
       yield Delta(list(out.token_ids), out.text or "", out.finish_reason,
                   usage)
 

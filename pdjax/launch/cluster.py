@@ -50,7 +50,8 @@ class LocalCluster:
 
   def __init__(self, run_dir: Path, platform: str = "cpu",
                host: str = "127.0.0.1"):
-    self.run_dir = run_dir
+    self.run_dir = Path(run_dir)
+    self.run_dir.mkdir(parents=True, exist_ok=True)
     self.platform = platform
     self.host = host
     self.procs: list[Proc] = []
