@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Disaggregated vs colocated goodput on two GPUs (Llama-3-8B-shaped random
+# bf16 weights), in one call of the device tool:
+#
+#   bash tools/gpu/run_goodput.sh OUT_DIR CONFIG[,CONFIG...]
+#
+# CONFIG names (each a deployment started by pdjax.launch.local, then the
+# batch-eval driver's `chat` and `summarize` presets swept over rates):
+#   coloc2   two colocated replicas behind the router, one per GPU
+#   disagg   one prefill worker (GPU 0) + one decode worker (GPU 1), device
+#            transport (CUDA IPC fast path when available)
+#   grpc     the same over the grpc transport
+#   xfer     the same over jax.experimental.transfer (fast path off)
+#   tp2      one colocated engine with TP=2 over both GPUs
+# Raw results (results.jsonl + summary.json per run), worker logs and plots
+# go to OUT_DIR as a few files (the device tool returns at most 8).
+# Knobs: BUDGET_S (default 540), CHAT_RATES, SUM_RATES, CHAT_N, SUM_N.
+set -u
+OUT=${1:?usage: run_goodput.sh OUT_DIR CONFIGS}
+CONFIGS=${2:-disagg,coloc2}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+PY=${PYTHON:-python3}
+DEPLOY=${DEPLOY:-gpu-8b}
+PLATFORM=${PLATFORM:-gpu}
+VOCAB=${VOCAB:-128000}
+MAX_LEN=${MAX_LEN:-8192}
+EXTRA_EVAL=${EXTRA_EVAL:-}
+BUDGET_S=${BUDGET_S:-540}
+CHAT_RATES=${CHAT_RATES:-2,4,8,16}
+SUM_RATES=${SUM_RATES:-0.5,1,2,4}
+CHAT_N=${CHAT_N:-48}
+SUM_N=${SUM_N:-24}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
+RUNS=/tmp/pdjax_goodput; rm -rf "$RUNS"; mkdir -p "$RUNS"
+START=$SECONDS
+left() { echo $(( BUDGET_S - (SECONDS - START) )); }
+
+deploy_args() {
+  case $1 in
+    coloc2) echo "--num_prefill=0 --num_decode=2" ;;
+    disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device" ;;
+    grpc)   echo "--num_prefill=1 --num_decode=1 --kv_transport=grpc" ;;
+    xfer)   echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--kv_fast_path=off" ;;
+    tp2)    echo "--num_prefill=0 --num_decode=1 --decode_mesh=dp=1,tp=2 --worker_flags=--sharding=decode_dp_tp" ;;
+    *) echo "unknown config $1" >&2; return 1 ;;
+  esac
+}
+
+for cfg in ${CONFIGS//,/ }; do
+  if (( $(left) < 90 )); then echo "budget left $(left) s: skipping $cfg"; continue; fi
+  echo "=== [$((SECONDS - START)) s] $cfg"
+  dir=$RUNS/$cfg; mkdir -p "$dir"
+  # shellcheck disable=SC2046
+  timeout $(( $(left) - 20 )) $PY -m pdjax.launch.local --config=$DEPLOY --platform=$PLATFORM \
+    --serve --run_dir="$dir/cluster" --port=50151 $(deploy_args "$cfg") \
+    --ready_timeout_s=400 > "$dir/launch.log" 2>&1 &
+  LPID=$!
+  for _ in $(seq 1 400); do
+    grep -q "router ready" "$dir/launch.log" 2>/dev/null && break
+    kill -0 $LPID 2>/dev/null || break; sleep 1
+  done
+  if ! grep -q "router ready" "$dir/launch.log"; then
+    echo "  $cfg did not start:"; tail -20 "$dir/launch.log"
+    for f in "$dir"/cluster/*.log; do echo "--- $f"; grep -v "^W0000\|^I0000" "$f" | tail -8; done
+    kill $LPID 2>/dev/null; wait $LPID 2>/dev/null; continue
+  fi
+  echo "  up after $((SECONDS - START)) s"
+  for preset in chat summarize; do
+    if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; else rates=$SUM_RATES; n=$SUM_N; fi
+    t=$(( $(left) - 30 )); (( t < 30 )) && { echo "  no time for $preset"; continue; }
+    timeout $t $PY tools/batch_eval.py --target=127.0.0.1:50151 --preset=$preset \
+      --sweep_rates=$rates --num_requests=$n --vocab_size=$VOCAB --max_model_len=$MAX_LEN $EXTRA_EVAL \
+      --label=$cfg --out_dir="$dir/$preset" --noprogress > "$dir/$preset.log" 2>&1
+    echo "  $preset: exit $? at $((SECONDS - START)) s"
+    grep -A12 "max goodput\|Max goodput\|rate " "$dir/$preset.log" | tail -14
+  done
+  kill -INT $LPID 2>/dev/null; wait $LPID 2>/dev/null
+done
+
+for preset in chat summarize; do
+  dirs=$(ls -d "$RUNS"/*/"$preset" 2>/dev/null | paste -sd, -)
+  [ -n "$dirs" ] && $PY tools/batch_eval.py --plot_only="$dirs" --out_dir="$RUNS/plots_$preset" > /dev/null 2>&1 \
+    && cp "$RUNS/plots_$preset"/*sweep*.png "$OUT/${preset}_goodput.png" 2>/dev/null
+done
+tar -C "$RUNS" -czf "$OUT/goodput_runs.tar.gz" --exclude='*.port' . 2>/dev/null
+for d in "$RUNS"/*/; do for p in chat summarize; do
+  [ -f "$d/$p.log" ] && { echo "##### $(basename "$d") $p"; tail -40 "$d/$p.log"; }
+done; done > "$OUT/summary.txt"
+cat "$OUT/summary.txt" | tail -120
+echo "done after $((SECONDS - START)) s"
