@@ -39,6 +39,22 @@ SHARDING = flags.DEFINE_string(
 KV_TRANSPORT = flags.DEFINE_enum(
     "kv_transport", None, ["grpc", "device", "local"],
     "KV hand-off between pools (default: the deployment's).")
+# --- device transport fast paths (pdjax.transfer.cuda_ipc) -----------------
+KV_FAST_PATH = flags.DEFINE_enum(
+    "kv_fast_path", "auto", ["auto", "off"],
+    "--kv_transport=device: hand KV to a decode worker in this process by "
+    "device_put, and to one on this host by CUDA IPC into a landing buffer "
+    "it lends (NVLink), else by jax.experimental.transfer. auto: on when the "
+    "backend is GPU (cuda-bindings and CuPy importable); off: always "
+    "jax.experimental.transfer.")
+IPC_LANDING_BUFFERS = flags.DEFINE_integer(
+    "ipc_landing_buffers", 2, "Decode workers, --kv_transport=device on GPU: "
+    "CUDA IPC landing buffers to allocate once and lend (in regions, one per "
+    "request) to same-host prefill workers; 0 turns CUDA IPC off.")
+IPC_LANDING_BYTES = flags.DEFINE_integer(
+    "ipc_landing_bytes", 0, "Bytes of each CUDA IPC landing buffer (0: the "
+    "largest KV payload this worker accepts, so every request fits one).")
+# --- end fast paths ----------------------------------------------------------
 DEVICES = flags.DEFINE_string(
     "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "
     "'4,5' (default: the first ones the mesh needs).")

@@ -143,7 +143,8 @@ async def serve(role: str) -> None:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
-          max(engine.decode.default_payload_page_counts()))
+          max(engine.decode.default_payload_page_counts()),
+          prefill_buckets=dep.prefill_engine_config().buckets)
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                             reservation_ttl_s=F.KV_TTL.value)
@@ -173,9 +174,13 @@ def _sender(transport, mesh, sec, exchange):
     from pdjax.transfer.local import LocalSender
     return LocalSender(exchange)
   if transport == "device":
+    from pdjax.transfer.cuda_ipc import make_sender
     from pdjax.transfer.device import DeviceSender
-    return DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
-                        ttl_s=F.KV_TTL.value)
+    # Picks same-process / CUDA IPC / jax.experimental.transfer per hand-off.
+    return make_sender(
+        DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
+                     ttl_s=F.KV_TTL.value),
+        fast_path=F.KV_FAST_PATH.value, process_id=common.PROCESS_ID)
   from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
                                           GrpcStreamSender)
   # A chunk is one gRPC message: keep it well under --max_message_bytes, or
@@ -185,18 +190,26 @@ def _sender(transport, mesh, sec, exchange):
                           chunk_bytes=chunk)
 
 
-def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages):
+def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
+              prefill_buckets=None):
+  geometry = (cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
+              cfg.dtype, max_payload_pages)
   if transport == "local":
     from pdjax.transfer.local import LocalReceiver
     return LocalReceiver(exchange)
   if transport == "device":
+    from pdjax.transfer.cuda_ipc import make_receiver
     from pdjax.transfer.device import DeviceReceiver
-    return DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value)
+    # Lends CUDA IPC landing buffers at Reserve when the fast path is on.
+    return make_receiver(
+        DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value),
+        mesh.devices.flat[0], geometry=geometry,
+        fast_path=F.KV_FAST_PATH.value,
+        landing_buffers=F.IPC_LANDING_BUFFERS.value,
+        landing_bytes=F.IPC_LANDING_BYTES.value,
+        prefill_buckets=prefill_buckets, lease_s=F.KV_TTL.value)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
-  return GrpcStreamReceiver(
-      ttl_s=F.KV_TTL.value,
-      geometry=(cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
-                cfg.dtype, max_payload_pages))
+  return GrpcStreamReceiver(ttl_s=F.KV_TTL.value, geometry=geometry)
 
 
 async def _run_until_signal(server, health, names, workers) -> None:

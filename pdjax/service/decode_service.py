@@ -182,7 +182,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           "worker")
     w.receiver.expect(request.transfer_id, request.request_id,
                       max_pages=res.pages)
-    return decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
+    resp = decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
+    # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
+    # Lend a CUDA IPC landing region for this transfer when the receiver has
+    # a pool; receiver.forget (Unreserve, expiry, failure) returns it.
+    lend = getattr(w.receiver, "lend_landing", None)
+    slot = lend(request.transfer_id, request.prompt_tokens) if lend else None
+    if slot is not None:
+      resp.ipc_handle = slot.handle
+      resp.ipc_offset = slot.offset
+      resp.ipc_bytes = slot.nbytes
+      resp.ipc_device = slot.device
+      resp.ipc_deadline_ms = slot.deadline_ms
+    # --- end fast path -----------------------------------------------------
+    return resp
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
     res = self.worker.engine.decode.unreserve(request.request_id)

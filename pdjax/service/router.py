@@ -326,6 +326,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         decode_address=d.address, replica=res.replica,
         decode_process_id=info.process_id if info else "",
         decode_tp=_tp_of(info.mesh if info else ""))
+    # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
+    dest.decode_hostname = info.hostname if info else ""
+    if res.ipc_handle:   # the landing region the decode worker lent
+      dest.ipc_handle = res.ipc_handle
+      dest.ipc_offset = res.ipc_offset
+      dest.ipc_bytes = res.ipc_bytes
+      dest.ipc_deadline_ms = res.ipc_deadline_ms
+    # --- end fast path -----------------------------------------------------
     p.inflight += 1
     try:
       pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(

@@ -21,7 +21,7 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("replica", "pages", "ipc_handle", "ipc_offset", "ipc_bytes", "ipc_device", "decode_tp")
+    __slots__ = ("replica", "pages", "ipc_handle", "ipc_offset", "ipc_bytes", "ipc_device", "decode_tp", "ipc_deadline_ms")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class ReserveResponse(_message.Message):
     IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
     IPC_DEVICE_FIELD_NUMBER: _ClassVar[int]
     DECODE_TP_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     replica: int
     pages: int
     ipc_handle: bytes
@@ -36,7 +37,8 @@ class ReserveResponse(_message.Message):
     ipc_bytes: int
     ipc_device: int
     decode_tp: int
-    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
+    ipc_deadline_ms: int
+    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., decode_tp: _Optional[int] = ..., ipc_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class UnreserveRequest(_message.Message):
     __slots__ = ("request_id",)
