@@ -145,8 +145,6 @@ def preset_config(name: str, *, model_config: str | None = None,
     else:
       cfg = ModelConfig.from_hf_dict(json.loads(path.read_text()),
                                      source=str(path), name=path.parent.name)
-  else:
-    raise ValueError(f"unknown model preset {name!r}")
   if dtype:
     cfg = cfg.replace(dtype=dtype)
   return cfg

@@ -1,4 +1,4 @@
-"""The ``device`` transport's fast paths: same process, and same host (CUDA IPC).
+"""The ``device`` transport's fast paths: same process, same host (CUDA IPC).
 
 ``jax.experimental.transfer`` moves KV through pinned host memory and TCP:
 about 7 GB/s between two processes on one host, where NVLink between two
@@ -926,9 +926,12 @@ class AutoDeviceSender(KvSender):
         self.paths[PATH_CUDA_IPC] += 1
         return handle
       except TransferError as e:
+        # A driver failure is news; a payload larger than the region lent
+        # (the decode side's size guess) or a lease ending is routine.
         self.fallbacks[type(e).__name__] += 1
-        log.warning("CUDA IPC hand-off of %s failed, using "
-                    "jax.experimental.transfer: %s", dest.transfer_id, e)
+        log.log(logging.WARNING if isinstance(e, CudaError) else logging.INFO,
+                "CUDA IPC hand-off of %s not possible, using "
+                "jax.experimental.transfer: %s", dest.transfer_id, e)
     self.paths[PATH_TRANSFER] += 1
     return self.transfer.send(kv, dest, timeout_s=timeout_s)
 
@@ -978,6 +981,7 @@ class AutoDeviceReceiver(KvReceiver):
     self.local = (LocalReceiver(exchange or process_exchange()) if local
                   else None)
     self.payload_bytes = payload_bytes
+    self.ipc_disabled: str | None = None   # why lending stopped, if it did
 
   def _subs(self) -> list[KvReceiver]:
     return [r for r in (self.transfer, self.ipc, self.local) if r is not None]
@@ -986,7 +990,7 @@ class AutoDeviceReceiver(KvReceiver):
                    prompt_tokens: int) -> LandingSlot | None:
     """A landing region for this transfer's KV, or None (no pool, none
     free, or the payload is larger than a buffer)."""
-    if self.ipc is None or self.payload_bytes is None:
+    if self.ipc is None or self.payload_bytes is None or self.ipc_disabled:
       return None
     return self.ipc.lend(transfer_id, self.payload_bytes(prompt_tokens))
 
@@ -1021,7 +1025,17 @@ class AutoDeviceReceiver(KvReceiver):
         if self.ipc is None:
           raise TransferError("a cuda_ipc handle, but this worker lends no "
                               "landing buffers")
-        return self.ipc.receive(handle, sharding, timeout_s=timeout_s)
+        try:
+          return self.ipc.receive(handle, sharding, timeout_s=timeout_s)
+        except CudaError as e:
+          # The driver or the import failed, not this hand-off's data: stop
+          # lending, so later hand-offs take the transfer path instead of
+          # failing the same way.
+          if not self.ipc_disabled:
+            self.ipc_disabled = str(e)
+            log.error("CUDA IPC import failed; no more landing buffers are "
+                      "lent (hand-offs use jax.experimental.transfer): %s", e)
+          raise
       if self.ipc is not None:
         self.ipc.discard(tid)   # lent, but the KV came another way
       if path == PATH_LOCAL:

@@ -1,0 +1,688 @@
+"""The device transport's fast paths (pdjax.transfer.cuda_ipc), on CPU.
+
+The CUDA driver is the fake one: "device memory" is host memory, handles are
+shared through a registry as the host's driver shares them between two
+processes, and copies move real bytes. So what these tests pin is what a GPU
+cannot show cheaply: that the bytes landing are exactly the KV sent, that a
+landing region is never handed to two transfers at once nor reused while a
+sender may still write it, that every path gives its region back, and that
+any fast-path problem becomes a fallback to jax.experimental.transfer rather
+than a failed request. tests/gpu/test_cuda_ipc_gpu.py runs the real driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import random
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdjax.engine.kv import pages_for, payload_pages
+from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.requests import RequestKV
+from pdjax.transfer import cuda_ipc as ci
+from pdjax.transfer.base import TransferDenied, TransferError, TransferTimeout
+from pdjax.transfer.device import DeviceReceiver, DeviceSender
+from pdjax.transfer.local import LocalKvExchange
+from pdjax.v1 import decode_pb2, kv_pb2
+
+MiB = 1 << 20
+KV_SHAPE = (2, 2, 4, 4, 2, 8)   # [layers, 2, pages, page, kv_heads, head_dim]
+
+
+class Clock:
+  """A settable wall clock for leases."""
+
+  def __init__(self, t: float = 1_000_000.0):
+    self.t = t
+
+  def __call__(self) -> float:
+    return self.t
+
+
+def _devices():
+  return jax.devices()
+
+
+def _kv(dtype=jnp.bfloat16, shape=KV_SHAPE, *, device=None, sharding=None,
+        num_tokens=13, seed=0):
+  """A KV payload whose every element has a distinct value."""
+  n = int(np.prod(shape))
+  rng = np.random.default_rng(seed)
+  host = (rng.standard_normal(n).astype(np.float32) * 3).reshape(shape)
+  arr = jnp.asarray(host, dtype)
+  arr = jax.device_put(arr, sharding or device or _devices()[0])
+  return RequestKV(arr, num_tokens)
+
+
+def _bits(a) -> np.ndarray:
+  a = np.asarray(jax.device_get(a))
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def _replica_sharding(first: int, tp: int) -> NamedSharding:
+  mesh = Mesh(np.array(_devices()[first:first + tp]), ("tp",))
+  return NamedSharding(mesh, PartitionSpec(None, None, None, None,
+                                           "tp" if tp > 1 else None))
+
+
+def _dest(slot: ci.LandingSlot | None, tid: str, **kw) -> kv_pb2.KvDestination:
+  d = kv_pb2.KvDestination(transport="device", transfer_id=tid,
+                           decode_process_id="hostA:2:bbbb",
+                           decode_hostname="hostA", decode_tp=1, **kw)
+  if slot is not None:
+    d.ipc_handle = slot.handle
+    d.ipc_offset = slot.offset
+    d.ipc_bytes = slot.nbytes
+    d.ipc_deadline_ms = slot.deadline_ms
+  return d
+
+
+@pytest.fixture
+def pair():
+  """A fake prefill process and a fake decode process on one host: two
+  drivers over one registry, a landing pool of 2 x 1 MiB on the decode
+  side, clocks shared."""
+  registry = ci.FakeIpcRegistry()
+  clock = Clock()
+  recv_driver = ci.FakeCudaDriver(registry)
+  send_driver = ci.FakeCudaDriver(registry)
+  pool = ci.LandingPool(recv_driver, 2, 2, MiB, lease_s=60.0, grace_s=2.0,
+                        clock=clock)
+  receiver = ci.CudaIpcReceiver(pool, _devices()[2])
+  sender = ci.CudaIpcSender(send_driver, clock=clock)
+  yield types.SimpleNamespace(registry=registry, clock=clock, pool=pool,
+                              receiver=receiver, sender=sender,
+                              send_driver=send_driver)
+  sender.close()
+  pool.close()
+
+
+# ------------------------------------------------------------- path selection
+@pytest.mark.parametrize("dest_kw, expected", [
+    (dict(decode_process_id="hostA:1:aaaa"), "local"),
+    (dict(decode_process_id="hostA:1:aaaa", ipc_handle=b"h" * 64), "local"),
+    (dict(decode_process_id="hostA:2:bbbb", decode_hostname="hostA",
+          ipc_handle=b"h" * 64), "cuda_ipc"),
+    # Hostname from the process id when the router did not fill it in.
+    (dict(decode_process_id="hostA:2:bbbb", ipc_handle=b"h" * 64),
+     "cuda_ipc"),
+    (dict(decode_process_id="hostA:2:bbbb", decode_hostname="hostA"),
+     "transfer"),   # same host, but no landing buffer lent
+    (dict(decode_process_id="hostB:2:bbbb", decode_hostname="hostB",
+          ipc_handle=b"h" * 64), "transfer"),
+    (dict(ipc_handle=b"h" * 64), "transfer"),   # nothing says where it is
+    (dict(), "transfer"),
+])
+def test_select_path(dest_kw, expected):
+  dest = kv_pb2.KvDestination(transfer_id="t", **dest_kw)
+  assert ci.select_path(dest, my_process_id="hostA:1:aaaa",
+                        my_hostname="hostA") == expected
+
+
+def test_select_path_empty_process_ids_are_not_the_same_process():
+  dest = kv_pb2.KvDestination(transfer_id="t")
+  assert ci.select_path(dest, my_process_id="", my_hostname="") == "transfer"
+
+
+# ------------------------------------------------------------- landing pool
+def test_pool_exports_each_buffer_once_and_frees_them_on_close():
+  registry = ci.FakeIpcRegistry()
+  driver = ci.FakeCudaDriver(registry)
+  pool = ci.LandingPool(driver, 0, 3, MiB)
+  assert len(registry.allocations) == 3 and len(registry.handles) == 3
+  assert pool.total_bytes == 3 * MiB and pool.free_bytes() == 3 * MiB
+  pool.close()
+  assert not registry.allocations and not registry.handles
+  with pytest.raises(ci.CudaError, match="double free"):
+    driver.mem_free(0, 12345)
+
+
+def test_pool_acquire_is_aligned_best_fit_and_idempotent():
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 2, MiB, clock=Clock())
+  a = pool.acquire("a", 100)
+  assert a.nbytes == ci.REGION_ALIGN and a.offset == 0
+  assert pool.acquire("a", 100) is a                 # same id, same region
+  assert pool.acquire("a", 2 * ci.REGION_ALIGN) is None   # it cannot grow
+  b = pool.acquire("b", MiB - ci.REGION_ALIGN)       # the rest of buffer 0
+  assert (b.buffer, b.offset) == (a.buffer, ci.REGION_ALIGN)
+  c = pool.acquire("c", MiB)                          # all of buffer 1
+  assert c.buffer != a.buffer and c.offset == 0
+  assert pool.live() == 3 and pool.free_bytes() == 0
+  assert pool.acquire("d", 1) is None                 # exhausted
+  assert pool.acquire("e", MiB + 1) is None           # larger than a buffer
+  assert pool.stats()["exhausted"] == 1 and pool.stats()["too_large"] == 1
+  for tid in "abc":
+    assert pool.begin_read(tid) is not None
+    pool.end_read(tid)
+  assert pool.live() == 0 and pool.free_bytes() == 2 * MiB
+  # Freed regions coalesce: a whole buffer is one region again.
+  assert pool.acquire("f", MiB) is not None
+  pool.close()
+
+
+def test_pool_regions_are_reused_after_a_read():
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, clock=Clock())
+  first = pool.acquire("a", MiB)
+  assert pool.acquire("b", MiB) is None
+  pool.begin_read("a")
+  pool.end_read("a")
+  again = pool.acquire("b", MiB)
+  assert (again.buffer, again.offset, again.handle) == (
+      first.buffer, first.offset, first.handle)
+  pool.close()
+
+
+def test_unread_release_waits_for_the_lease_to_end():
+  """A sender may still be copying into a region whose transfer was
+  cancelled: it is not lent again before the sender's deadline has passed."""
+  clock = Clock()
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, lease_s=60.0,
+                        grace_s=2.0, clock=clock)
+  pool.acquire("a", MiB)
+  assert pool.release("a") is True
+  assert pool.release("a") is False                  # never released twice
+  assert pool.live() == 0 and pool.quarantined() == 1
+  clock.t += 30
+  assert pool.acquire("b", MiB) is None
+  clock.t += 33                                       # past deadline + grace
+  assert pool.acquire("b", MiB) is not None
+  assert pool.quarantined() == 0
+  pool.close()
+
+
+def test_release_of_an_unused_region_frees_it_at_once():
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, clock=Clock())
+  pool.acquire("a", MiB)
+  assert pool.release("a", writer_done=True)
+  assert pool.acquire("b", MiB) is not None
+  pool.close()
+
+
+def test_release_during_a_read_is_deferred_to_its_end():
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, clock=Clock())
+  pool.acquire("a", MiB)
+  assert pool.begin_read("a") is not None
+  with pytest.raises(TransferError, match="already being read"):
+    pool.begin_read("a")
+  assert pool.release("a") is True          # e.g. the Decode call cancelled
+  assert pool.live() == 1                   # still pinned by the reader
+  assert pool.acquire("b", MiB) is None
+  pool.end_read("a")
+  assert pool.live() == 0 and pool.quarantined() == 0
+  assert pool.acquire("b", MiB) is not None
+  pool.close()
+
+
+def test_a_failed_read_quarantines_the_region():
+  clock = Clock()
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, lease_s=10.0,
+                        grace_s=1.0, clock=clock)
+  pool.acquire("a", MiB)
+  pool.begin_read("a")
+  pool.end_read("a", ok=False)
+  assert pool.live() == 0 and pool.quarantined() == 1
+  assert pool.acquire("b", MiB) is None
+  clock.t += 12
+  assert pool.acquire("b", MiB) is not None
+  pool.close()
+
+
+def test_reap_reclaims_leases_that_ran_out_unread():
+  clock = Clock()
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 1, MiB, lease_s=5.0,
+                        grace_s=1.0, clock=clock)
+  pool.acquire("a", MiB // 2)
+  pool.acquire("b", MiB // 2)
+  pool.begin_read("b")                      # a reader pins its region
+  clock.t += 5.5
+  assert pool.reap() == 0                   # within the grace period
+  clock.t += 1.0
+  assert pool.reap() == 1                   # "a" expired; "b" is being read
+  assert pool.live() == 1 and pool.begin_read("a") is None
+  pool.end_read("b")
+  assert pool.live() == 0 and pool.free_bytes() == MiB
+  assert pool.stats()["expired"] == 1
+  pool.close()
+
+
+def test_pool_invariants_under_random_operations():
+  """Lent and quarantined regions never overlap; every byte is accounted
+  for; the pool empties when everything is given back."""
+  rng = random.Random(0)
+  clock = Clock()
+  pool = ci.LandingPool(ci.FakeCudaDriver(), 0, 3, 64 * ci.REGION_ALIGN,
+                        lease_s=10.0, grace_s=1.0, clock=clock)
+  live: list[str] = []
+  for step in range(3000):
+    op = rng.random()
+    if op < 0.45:
+      tid = f"t{step}"
+      if pool.acquire(tid, rng.randint(1, 40 * ci.REGION_ALIGN)):
+        live.append(tid)
+    elif op < 0.75 and live:
+      tid = live.pop(rng.randrange(len(live)))
+      if pool.begin_read(tid) is not None:
+        pool.end_read(tid, ok=rng.random() < 0.9)
+    elif op < 0.9 and live:
+      tid = live.pop(rng.randrange(len(live)))
+      pool.release(tid, writer_done=rng.random() < 0.3)
+    else:
+      clock.t += rng.random() * 3
+      pool.reap()
+    live = [t for t in live if pool._slots.get(t) is not None]
+    regions = [(s.buffer, s.offset, s.offset + s.nbytes)
+               for s in pool._slots.values()]
+    regions += [(s.buffer, s.offset, s.offset + s.nbytes)
+                for _, s in pool._quarantine]
+    regions.sort()
+    for (b1, _, e1), (b2, s2, _) in zip(regions, regions[1:]):
+      assert b1 != b2 or e1 <= s2, "two owners of one landing region"
+    used = sum(e - s for _, s, e in regions)
+    assert used + pool.free_bytes() == pool.total_bytes
+  for tid in live:
+    pool.release(tid, writer_done=True)
+  clock.t += 100
+  pool.reap()
+  assert pool.live() == 0 and pool.quarantined() == 0
+  assert pool.free_bytes() == pool.total_bytes
+  pool.close()
+
+
+# ------------------------------------------------------- sender and receiver
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+def test_bytes_that_land_are_the_kv_sent(pair, dtype):
+  kv = _kv(dtype)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert handle.transport == "cuda_ipc" and list(handle.shape) == list(
+      KV_SHAPE)
+  assert pair.registry.bytes_copied == kv.kv.nbytes
+  target = _replica_sharding(2, 1)
+  out = pair.receiver.receive(handle, target, timeout_s=5)
+  assert out.kv.dtype == dtype and out.kv.sharding == target
+  assert out.num_tokens == kv.num_tokens
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  assert pair.pool.live() == 0 and pair.pool.free_bytes() == 2 * MiB
+
+
+def test_landing_at_an_offset_and_into_a_tp_replica(pair):
+  """A second region of a shared buffer (non-zero offset), a payload
+  resharded onto a TP=2 decode replica."""
+  first = pair.pool.acquire("other", 3 * ci.REGION_ALIGN)
+  kv = _kv(jnp.bfloat16, seed=1)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  assert slot.buffer == first.buffer and slot.offset > 0
+  # Something already in the neighbouring region must survive the copy.
+  ctypes.memset(first.ptr, 0x5A, first.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  target = _replica_sharding(2, 2)
+  out = pair.receiver.receive(handle, target, timeout_s=5)
+  assert out.kv.sharding == target
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  assert ctypes.string_at(first.ptr, first.nbytes) == b"\x5a" * first.nbytes
+
+
+def test_a_tp2_prefill_kv_is_gathered_before_the_copy(pair):
+  kv = _kv(jnp.bfloat16, sharding=_replica_sharding(0, 2), seed=2)
+  assert len(kv.kv.sharding.device_set) == 2
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  out = pair.receiver.receive(handle, _replica_sharding(4, 1), timeout_s=5)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+
+
+def test_a_too_small_landing_buffer_is_a_clear_transfer_error(pair):
+  kv = _kv(jnp.bfloat16)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes // 2)
+  dest = _dest(slot, "t1")
+  dest.ipc_bytes = kv.kv.nbytes // 2
+  with pytest.raises(TransferError, match=r"does not fit the \d+-byte "
+                     "landing buffer"):
+    pair.sender.send(kv, dest, timeout_s=5)
+  assert pair.registry.copies == 0
+
+
+def test_sender_refuses_without_a_handle_or_past_the_lease(pair):
+  kv = _kv(jnp.bfloat16)
+  with pytest.raises(TransferError, match="lent no landing buffer"):
+    pair.sender.send(kv, _dest(None, "t0"), timeout_s=5)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.clock.t = slot.deadline - 0.5        # inside the sender's margin
+  with pytest.raises(TransferError, match="past its lease"):
+    pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert pair.registry.copies == 0
+
+
+def test_sender_opens_each_handle_once_and_closes_them(pair):
+  for i in range(3):
+    kv = _kv(jnp.bfloat16, seed=i)
+    slot = pair.pool.acquire(f"t{i}", kv.kv.nbytes)
+    pair.receiver.expect(f"t{i}", "r")
+    h = pair.sender.send(kv, _dest(slot, f"t{i}"), timeout_s=5)
+    pair.receiver.receive(h, _replica_sharding(2, 1), timeout_s=5)
+  assert sum(pair.registry.opened.values()) == 1   # one buffer, opened once
+  pair.sender.close()
+  assert sum(pair.registry.opened.values()) == 0
+
+
+def test_sender_handle_cache_is_bounded():
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 4, MiB)
+  sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry), max_open_handles=2)
+  for i in range(4):
+    slot = pool.acquire(f"t{i}", MiB)
+    sender.send(_kv(), _dest(slot, f"t{i}"), timeout_s=5)
+  assert sum(registry.opened.values()) == 2
+  sender.close()
+  assert sum(registry.opened.values()) == 0
+  pool.close()
+
+
+def test_receiver_refuses_what_was_not_lent_or_is_malformed(pair):
+  kv = _kv(jnp.bfloat16)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  target = _replica_sharding(2, 1)
+  with pytest.raises(TransferDenied):
+    pair.receiver.receive(handle, target, timeout_s=5)   # no expect()
+  pair.receiver.expect("t1", "r1", max_pages=1)
+  with pytest.raises(TransferError, match="exceeds the 1 reserved"):
+    pair.receiver.receive(handle, target, timeout_s=5)
+  pair.receiver.expect("t1", "r1")
+  bad = kv_pb2.KvHandle()
+  bad.CopyFrom(handle)
+  del bad.shape[-1]
+  with pytest.raises(TransferError, match="is not \\[layers"):
+    pair.receiver.receive(bad, target, timeout_s=5)
+  bad.CopyFrom(handle)
+  bad.dtype = "complex128"
+  with pytest.raises(TransferError, match="not 1, 2 or 4 bytes"):
+    pair.receiver.receive(bad, target, timeout_s=5)
+  assert pair.pool.live() == 1          # checks come before the region
+  bad.CopyFrom(handle)
+  bad.shape[2] = 1 << 20                # would read past the region
+  with pytest.raises(TransferError, match="cannot be in the"):
+    pair.receiver.receive(bad, target, timeout_s=5)
+  # That failed read could not vouch for the sender: the region waits.
+  assert pair.pool.live() == 0 and pair.pool.quarantined() == 1
+
+
+def test_receive_after_the_lease_was_reaped_times_out(pair):
+  kv = _kv(jnp.bfloat16)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  pair.clock.t += 120
+  assert pair.receiver.reap() == 1
+  with pytest.raises(TransferTimeout):
+    pair.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  assert pair.receiver.live() == 0
+
+
+def test_forget_returns_the_region(pair):
+  pair.pool.acquire("t1", MiB)
+  pair.receiver.expect("t1", "r1")
+  pair.receiver.forget("t1")
+  assert pair.receiver.live() == 0
+  pair.receiver.forget("t1")                 # idempotent
+
+
+# --------------------------------------------------------------- auto device
+@pytest.fixture
+def auto():
+  """Prefill and decode sides of the device transport, fast paths on, with
+  the fake driver: the "decode process" is hostA:2, the sender hostA:1."""
+  devs = _devices()
+  registry = ci.FakeIpcRegistry()
+  clock = Clock()
+  geometry = (KV_SHAPE[0], KV_SHAPE[3], KV_SHAPE[4], KV_SHAPE[5], "bfloat16",
+              16)
+  exchange = LocalKvExchange()
+  receiver = ci.make_receiver(
+      DeviceReceiver(devs[2]), devs[2], geometry=geometry,
+      landing_buffers=1, landing_bytes=MiB,
+      driver=ci.FakeCudaDriver(registry))
+  receiver.ipc.pool._clock = clock
+  receiver.local = ci.LocalReceiver(exchange)
+  sender = ci.make_sender(DeviceSender(devs[0]), process_id="hostA:1:aaaa",
+                          hostname="hostA",
+                          driver=ci.FakeCudaDriver(registry))
+  sender.ipc._clock = clock
+  sender.local = ci.LocalSender(exchange)
+  yield types.SimpleNamespace(receiver=receiver, sender=sender, clock=clock,
+                              registry=registry, target=_replica_sharding(2, 2))
+  sender.close()
+  receiver.close()
+
+
+def _reserve(auto, tid: str, prompt_tokens: int, *, process="hostA:2:bbbb",
+             host="hostA"):
+  """What Reserve and the router do: lend, then build the destination."""
+  auto.receiver.expect(tid, "r-" + tid)
+  slot = auto.receiver.lend_landing(tid, prompt_tokens)
+  dest = _dest(slot, tid)
+  dest.decode_process_id = process
+  dest.decode_hostname = host
+  return slot, dest
+
+
+def test_auto_same_host_takes_cuda_ipc(auto):
+  kv = _kv(jnp.bfloat16)
+  slot, dest = _reserve(auto, "t1", kv.num_tokens)
+  assert slot is not None and slot.nbytes >= kv.kv.nbytes
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "cuda_ipc"
+  out = auto.receiver.receive(handle, auto.target, timeout_s=5)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  assert auto.sender.paths == {"cuda_ipc": 1}
+  assert auto.receiver.live() == 0 and auto.sender.live() == 0
+
+
+def test_auto_other_host_takes_transfer_and_returns_the_region(auto):
+  kv = _kv(jnp.bfloat16)
+  slot, dest = _reserve(auto, "t1", kv.num_tokens, process="hostB:2:bbbb",
+                        host="hostB")
+  assert slot is not None
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "device" and handle.pull_uuid
+  assert auto.receiver.live() == 1       # the region lent at Reserve
+  assert auto.sender.live() == 1         # the KV registered for the pull
+  out = auto.receiver.receive(handle, auto.target, timeout_s=10)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  auto.sender.release("t1")
+  assert auto.registry.copies == 0
+  # The sender never wrote the region: it is free at once, not quarantined.
+  assert auto.receiver.live() == 0 and auto.receiver.ipc.pool.quarantined() == 0
+  assert auto.sender.live() == 0
+
+
+def test_auto_falls_back_when_the_region_is_too_small(auto):
+  """The decode side's size guess was short (a larger prefill bucket): the
+  hand-off still succeeds, over the transfer path."""
+  kv = _kv(jnp.bfloat16)
+  slot, dest = _reserve(auto, "t1", kv.num_tokens)
+  dest.ipc_bytes = kv.kv.nbytes - 1
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "device"
+  assert auto.sender.fallbacks == {"TransferError": 1}
+  out = auto.receiver.receive(handle, auto.target, timeout_s=10)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  auto.sender.release("t1")
+  assert auto.receiver.live() == 0 and auto.sender.live() == 0
+
+
+def test_auto_falls_back_when_the_handle_cannot_be_opened(auto):
+  """Same hostname, different machines (or a restarted decode worker)."""
+  auto.sender.ipc.driver.fail_open = True
+  kv = _kv(jnp.bfloat16)
+  _, dest = _reserve(auto, "t1", kv.num_tokens)
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "device"
+  auto.receiver.receive(handle, auto.target, timeout_s=10)
+  auto.sender.release("t1")
+  assert auto.receiver.live() == 0 and auto.sender.live() == 0
+
+
+def test_auto_same_process_takes_the_local_path(auto):
+  kv = _kv(jnp.bfloat16)
+  _, dest = _reserve(auto, "t1", kv.num_tokens, process="hostA:1:aaaa")
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "local"
+  assert auto.sender.live() == 1                 # parked until redeemed
+  out = auto.receiver.receive(handle, auto.target, timeout_s=5)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  assert auto.sender.live() == 0 and auto.receiver.live() == 0
+
+
+def test_auto_cancelled_reservation_returns_the_region_after_its_lease(auto):
+  kv = _kv(jnp.bfloat16)
+  _reserve(auto, "t1", kv.num_tokens)
+  auto.receiver.forget("t1")                     # Unreserve
+  pool = auto.receiver.ipc.pool
+  assert auto.receiver.live() == 0 and pool.quarantined() == 1
+  auto.clock.t += pool.lease_s + pool.grace_s + 1
+  auto.receiver.reap()
+  assert pool.quarantined() == 0 and pool.free_bytes() == pool.total_bytes
+
+
+def test_auto_stops_lending_after_a_driver_failure(auto):
+  """A broken CUDA stack (e.g. CuPy missing on the decode side) fails the
+  hand-off in flight, and sends every later one over the transfer path."""
+  kv = _kv(jnp.bfloat16)
+  _, dest = _reserve(auto, "t1", kv.num_tokens)
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "cuda_ipc"
+
+  def broken(*a, **k):
+    raise ci.CudaError("importing a landing buffer into JAX needs CuPy")
+
+  auto.receiver.ipc.pool.driver.to_jax = broken
+  with pytest.raises(ci.CudaError):
+    auto.receiver.receive(handle, auto.target, timeout_s=5)
+  assert "CuPy" in auto.receiver.ipc_disabled
+  slot, dest = _reserve(auto, "t2", kv.num_tokens)
+  assert slot is None and not dest.ipc_handle
+  handle = auto.sender.send(kv, dest, timeout_s=5)
+  assert handle.transport == "device"
+  out = auto.receiver.receive(handle, auto.target, timeout_s=10)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  auto.sender.release("t2")
+  assert auto.receiver.live() == 0 and auto.sender.live() == 0
+
+
+def test_auto_unknown_transport_is_refused(auto):
+  _reserve(auto, "t1", 13)
+  h = kv_pb2.KvHandle(transport="grpc", transfer_id="t1", num_tokens=13,
+                      shape=list(KV_SHAPE), dtype="bfloat16")
+  with pytest.raises(TransferError, match="'grpc'"):
+    auto.receiver.receive(h, auto.target, timeout_s=1)
+  assert auto.receiver.live() == 0
+
+
+def test_make_on_cpu_without_a_driver_is_the_plain_device_transport():
+  assert jax.default_backend() == "cpu"
+  assert not ci.fast_path_on("auto") and not ci.fast_path_on("off")
+  devs = _devices()
+  s = ci.make_sender(DeviceSender(devs[0]), process_id="x:1:a")
+  r = ci.make_receiver(DeviceReceiver(devs[1]), devs[1],
+                       geometry=(2, 4, 2, 8, "bfloat16", 16))
+  assert s.ipc is None and s.local is None
+  assert r.ipc is None and r.local is None
+  assert r.lend_landing("t", 100) is None
+  # Same process id, but the fast path is off: jax.experimental.transfer.
+  kv = _kv(jnp.bfloat16)
+  r.expect("t1", "r1")
+  h = s.send(kv, kv_pb2.KvDestination(transfer_id="t1",
+                                      decode_process_id="x:1:a"),
+             timeout_s=5)
+  assert h.transport == "device"
+  out = r.receive(h, _replica_sharding(1, 1), timeout_s=10)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  s.release("t1")
+  assert s.live() == 0 and r.live() == 0
+  s.close()
+  r.close()
+
+
+def test_make_receiver_pool_defaults_to_the_largest_payload():
+  geometry = (2, 4, 2, 8, "bfloat16", 16)
+  page_bytes = 2 * 2 * 4 * 2 * 8 * 2
+  assert ci.page_bytes_of(geometry) == page_bytes
+  r = ci.make_receiver(DeviceReceiver(_devices()[1]), _devices()[1],
+                       geometry=geometry, landing_buffers=2,
+                       driver=ci.FakeCudaDriver())
+  pool = r.ipc.pool
+  assert pool.buffer_bytes == (16 * page_bytes // ci.REGION_ALIGN
+                               * ci.REGION_ALIGN)
+  assert len(pool._bases) == 2
+  r.close()
+
+
+@pytest.mark.parametrize("buckets", [(16, 32, 64, 128), (48, 96, 128),
+                                     (16, 32, 64, 128, 256, 512)])
+def test_landing_size_matches_what_prefill_sends(buckets):
+  """The region lent at Reserve is exactly the payload the prefill engine
+  makes for that prompt (bucket pages, or chunked prefill's power of two)."""
+  cfg = PrefillConfig(buckets=buckets, page_size=16, max_seq_len=1024)
+  size = ci.landing_payload_bytes(1000, 16, buckets=buckets)
+  for n in [1, 15, 16, 17, 47, 48, 49, 100, 128, 129, 300, 1000]:
+    b = cfg.bucket_for(n)
+    pages = b // 16 if b is not None else payload_pages(pages_for(n, 16))
+    assert size(n) == pages * 1000, n
+  # Without the bucket list: the power-of-two page count.
+  assert ci.landing_payload_bytes(1000, 16)(100) == 8 * 1000
+
+
+# ------------------------------------------------- the decode service's part
+class _Ctx:
+  async def abort(self, code, details):
+    raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_decode_service_reserve_lends_and_unreserve_returns():
+  from pdjax.engine.decode import Reservation
+  from pdjax.service.decode_service import DecodeServicer
+
+  registry = ci.FakeIpcRegistry()
+  devs = _devices()
+  receiver = ci.make_receiver(
+      DeviceReceiver(devs[1]), devs[1],
+      geometry=(2, 4, 2, 8, "bfloat16", 16), landing_buffers=1,
+      driver=ci.FakeCudaDriver(registry))
+  reservations = {}
+
+  def reserve(rid, prompt, max_tokens, *, transfer_id=""):
+    return reservations.setdefault(rid, Reservation(rid, 0, 4,
+                                                    transfer_id=transfer_id))
+
+  decode = types.SimpleNamespace(reserve=reserve,
+                                 unreserve=lambda rid: reservations.pop(rid))
+  worker = types.SimpleNamespace(draining=False, receiver=receiver,
+                                 engine=types.SimpleNamespace(decode=decode))
+  servicer = DecodeServicer(worker, None)
+
+  async def go():
+    req = decode_pb2.ReserveRequest(request_id="r1", prompt_tokens=9,
+                                    max_tokens=4, transfer_id="t1")
+    resp = await servicer.Reserve(req, _Ctx())
+    assert len(resp.ipc_handle) == ci.IPC_HANDLE_BYTES
+    assert resp.ipc_bytes >= 4 * ci.page_bytes_of(
+        (2, 4, 2, 8, "bfloat16", 16))       # 9 tokens: 3 pages -> 4
+    assert resp.ipc_deadline_ms > 0 and resp.ipc_device == 1
+    assert receiver.live() == 1
+    await servicer.Unreserve(decode_pb2.UnreserveRequest(request_id="r1"),
+                             _Ctx())
+    assert receiver.live() == 0
+
+  asyncio.run(go())
+  receiver.close()

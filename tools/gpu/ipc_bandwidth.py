@@ -1,0 +1,364 @@
+r"""KV hand-off bandwidth GPU 0 -> GPU 1 between two pdjax processes (CUDA IPC).
+
+This process is the prefill side (GPU 0, ``CudaIpcSender``); it starts a
+receiver process (GPU 1, ``LandingPool`` + ``CudaIpcReceiver``) and, for
+each payload size, hands KV shaped like Llama-3-8B's (``[32, 2, n, 16, 8,
+128]`` bf16: 2 MiB a page) through pdjax's classes, against the raw rates
+measured in the same run:
+
+* ``device_put``: ``jax.device_put`` GPU 0 -> GPU 1 in this process (XLA's
+  peer copy, one process);
+* ``raw_ipc``: one ``cuMemcpyDtoD`` from this process's JAX buffer into the
+  receiver's landing buffer, nothing else (the link through CUDA IPC);
+* ``send``: ``CudaIpcSender.send`` (lease check, copy, stream sync);
+* ``recv``: ``CudaIpcReceiver.receive`` in the receiver (DLPack import of the
+  landing region, copy into a JAX array of its own, bitcast, region freed);
+* ``e2e``: send + recv (the hand-off as the decode worker sees it, less the
+  gRPC round trip that carries the handle).
+
+Every hand-off is checked: a position-weighted checksum of the bits is
+computed on device on both sides, and the first elements are compared.
+
+  timeout 120 python tools/gpu/ipc_bandwidth.py --out /tmp/ipc.json
+  python tools/gpu/ipc_bandwidth.py --sizes_mib 256 --reps 3 --out x.json
+
+Needs two GPUs, ``cuda-bindings`` and CuPy. Exits 2 (with a JSON line saying
+why) where they are missing. Writes the JSON after each size, and stops
+starting new sizes past ``--budget_s``, so ``timeout`` keeps what was
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Two JAX processes share the GPUs: neither may take most of the memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
+               ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+  os.environ.setdefault(_k, _v)
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+PAGE_SHAPE = (32, 2, None, 16, 8, 128)   # Llama-3-8B KV, n pages
+PAGE_BYTES = 32 * 2 * 16 * 8 * 128 * 2
+_PREFIX = "@@"
+
+
+def _shape(pages: int) -> tuple[int, ...]:
+  return tuple(pages if s is None else s for s in PAGE_SHAPE)
+
+
+def _payload(shape, seed: int, device):
+  """Finite bf16 values with a distinct bit pattern per element, made on
+  the device (4 GiB never touches the host)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import SingleDeviceSharding
+  n = 1
+  for s in shape:
+    n *= s
+
+  def fill():
+    i = jax.lax.iota(jnp.uint32, n)
+    h = (i ^ jnp.uint32(seed)) * jnp.uint32(2654435761)
+    h = h ^ (h >> 15)
+    bits = (h & jnp.uint32(0x3FFF)).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).reshape(shape)
+
+  return jax.jit(fill, out_shardings=SingleDeviceSharding(device))()
+
+
+def _checksum_fn():
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def checksum(x):
+    u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    u = u.reshape(-1)
+    w = jax.lax.iota(jnp.uint32, u.size) % jnp.uint32(65521) + 1
+    return jnp.sum(u * w, dtype=jnp.uint32)
+
+  return lambda x: int(checksum(x))
+
+
+def _head(x, n: int = 16) -> str:
+  """The first ``n`` elements' bits (an index, not a reshape: no copy of a
+  4 GiB array)."""
+  import jax
+  import numpy as np
+  first = x[(0,) * (x.ndim - 1)][:n]
+  return np.asarray(jax.device_get(first)).view(np.uint16).tobytes().hex()
+
+
+def _unavailable() -> str | None:
+  try:
+    import jax
+  except ImportError as e:
+    return f"jax: {e}"
+  if jax.default_backend() != "gpu":
+    return f"backend is {jax.default_backend()}, not gpu"
+  if len(jax.devices()) < 2:
+    return f"{len(jax.devices())} GPU(s); need 2"
+  try:
+    from pdjax.transfer.cuda_ipc import RealCudaDriver
+    RealCudaDriver()
+  except Exception as e:  # noqa: BLE001
+    return f"CUDA driver bindings: {e}"
+  try:
+    import cupy  # noqa: F401
+  except ImportError as e:
+    return f"cupy: {e}"
+  return None
+
+
+def _emit(obj) -> None:
+  sys.stdout.write(_PREFIX + json.dumps(obj) + "\n")
+  sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ receiver
+def receiver_main(args, inp=None, emit=None) -> int:
+  """Serves the sender's commands (JSON lines on ``inp``, answers through
+  ``emit``; stdin/stdout by default)."""
+  inp = sys.stdin if inp is None else inp
+  emit = _emit if emit is None else emit
+  import jax
+  from jax.sharding import SingleDeviceSharding
+
+  from pdjax.transfer.cuda_ipc import (CudaIpcReceiver, LandingPool,
+                                       RealCudaDriver, device_ordinal)
+  from pdjax.v1 import kv_pb2
+
+  dev = jax.devices()[args.device]
+  driver = RealCudaDriver()
+  pool = LandingPool(driver, device_ordinal(dev), 1, args.pool_bytes,
+                     lease_s=3600.0)
+  receiver = CudaIpcReceiver(pool, dev)
+  checksum = _checksum_fn()
+  target = SingleDeviceSharding(dev)
+  emit({"ready": True, "device": str(dev)})
+  for line in inp:
+    cmd = json.loads(line)
+    try:
+      if cmd["cmd"] == "lend":
+        slot = receiver.lend(cmd["tid"], cmd["nbytes"])
+        receiver.expect(cmd["tid"], "bench")
+        emit(None if slot is None else {
+            "handle": slot.handle.hex(), "offset": slot.offset,
+            "nbytes": slot.nbytes, "deadline_ms": slot.deadline_ms,
+            "device": slot.device})
+      elif cmd["cmd"] == "receive":
+        handle = kv_pb2.KvHandle.FromString(base64.b64decode(cmd["handle"]))
+        t = time.perf_counter()
+        out = receiver.receive(handle, target, timeout_s=60)
+        out.kv.block_until_ready()
+        recv_s = time.perf_counter() - t
+        emit({"recv_s": recv_s, "checksum": checksum(out.kv),
+              "head": _head(out.kv), "live": receiver.live()})
+        del out
+      elif cmd["cmd"] == "discard":
+        # The raw copies are done (synchronised): the region may be reused.
+        receiver.discard(cmd["tid"])
+        receiver.forget(cmd["tid"])
+        emit({"ok": True})
+      elif cmd["cmd"] == "quit":
+        break
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+      emit({"error": f"{type(e).__name__}: {e}"})
+  pool.close()
+  return 0
+
+
+# ------------------------------------------------------------------ sender
+class _Child:
+  def __init__(self, argv: list[str]):
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True,
+                                 cwd=str(ROOT))
+
+  def read(self, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"receiver exited ({self.proc.poll()})")
+      if line.startswith(_PREFIX):
+        return json.loads(line[len(_PREFIX):])
+      sys.stderr.write("[receiver] " + line)
+    raise TimeoutError("receiver did not answer")
+
+  def ask(self, obj):
+    self.proc.stdin.write(json.dumps(obj) + "\n")
+    self.proc.stdin.flush()
+    out = self.read()
+    if isinstance(out, dict) and "error" in out:
+      raise RuntimeError("receiver: " + out["error"])
+    return out
+
+  def close(self):
+    try:
+      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.proc.stdin.flush()
+      self.proc.wait(timeout=20)
+    except Exception:  # noqa: BLE001
+      self.proc.kill()
+
+
+def _median(xs):
+  xs = sorted(xs)
+  return xs[len(xs) // 2]
+
+
+def sender_main(args) -> int:
+  start = time.monotonic()
+  reason = _unavailable()
+  if reason:
+    print(json.dumps({"skipped": reason}))
+    return 2
+  import jax
+
+  from pdjax.engine.requests import RequestKV
+  from pdjax.transfer.cuda_ipc import (CudaIpcSender, RealCudaDriver,
+                                       device_ordinal)
+  from pdjax.v1 import kv_pb2
+
+  sizes = [int(s) for s in args.sizes_mib.split(",")]
+  pages = [max(1, (s << 20) // PAGE_BYTES) for s in sizes]
+  pool_bytes = max(pages) * PAGE_BYTES
+  child = _Child([sys.executable, str(Path(__file__).resolve()),
+                  "--role", "receiver", "--device", "1",
+                  "--pool_bytes", str(pool_bytes)])
+  src_dev, dst_dev = jax.devices()[0], jax.devices()[1]
+  checksum = _checksum_fn()
+  driver = RealCudaDriver()
+  sender = CudaIpcSender(driver)
+  ordinal = device_ordinal(src_dev)
+  results = {"device": str(src_dev.device_kind), "src": str(src_dev),
+             "dst": str(dst_dev), "kv_shape": "[32, 2, n, 16, 8, 128] bf16",
+             "rows": []}
+  out_path = Path(args.out) if args.out else None
+
+  def write():
+    if out_path:
+      out_path.parent.mkdir(parents=True, exist_ok=True)
+      out_path.write_text(json.dumps(results, indent=1))
+
+  try:
+    ready = child.read(timeout_s=180)
+    assert ready.get("ready"), ready
+    for i, n in enumerate(pages):
+      if time.monotonic() - start > args.budget_s:
+        results["stopped"] = f"budget of {args.budget_s} s spent"
+        break
+      shape = _shape(n)
+      nbytes = n * PAGE_BYTES
+      x = _payload(shape, 17 + i, src_dev)
+      x.block_until_ready()
+      want_sum, want_head = checksum(x), _head(x)
+      row = {"mib": nbytes >> 20, "pages": n, "bytes": nbytes}
+
+      # jax.device_put GPU 0 -> GPU 1, one process.
+      ts = []
+      for r in range(args.reps + 1):
+        t = time.perf_counter()
+        y = jax.device_put(x, dst_dev)
+        y.block_until_ready()
+        if r:
+          ts.append(time.perf_counter() - t)
+        del y
+      row["device_put_GBps"] = nbytes / _median(ts) / 1e9
+
+      # Raw cuMemcpyDtoD into the receiver's landing buffer.
+      tid = f"raw-{i}"
+      slot = child.ask({"cmd": "lend", "tid": tid, "nbytes": nbytes})
+      remote = sender.remote_pointer(ordinal, bytes.fromhex(slot["handle"]))
+      src = x.addressable_data(0).unsafe_buffer_pointer()
+      ts = []
+      for r in range(args.reps + 1):
+        t = time.perf_counter()
+        driver.memcpy_dtod(ordinal, remote + slot["offset"], src, nbytes)
+        driver.synchronize(ordinal)
+        if r:
+          ts.append(time.perf_counter() - t)
+      row["raw_ipc_GBps"] = nbytes / _median(ts) / 1e9
+      child.ask({"cmd": "discard", "tid": tid})
+
+      # pdjax: CudaIpcSender -> CudaIpcReceiver (first round warms up).
+      kv = RequestKV(x, n * shape[3])
+      sends, recvs, correct = [], [], True
+      for r in range(args.reps + 1):
+        tid = f"kv-{i}-{r}"
+        slot = child.ask({"cmd": "lend", "tid": tid, "nbytes": nbytes})
+        if slot is None:
+          raise RuntimeError(f"no landing region for {nbytes} bytes")
+        dest = kv_pb2.KvDestination(
+            transport="device", transfer_id=tid,
+            ipc_handle=bytes.fromhex(slot["handle"]),
+            ipc_offset=slot["offset"], ipc_bytes=slot["nbytes"],
+            ipc_deadline_ms=slot["deadline_ms"])
+        t = time.perf_counter()
+        handle = sender.send(kv, dest, timeout_s=60)
+        send_s = time.perf_counter() - t
+        got = child.ask({"cmd": "receive", "handle": base64.b64encode(
+            handle.SerializeToString()).decode()})
+        ok = got["checksum"] == want_sum and got["head"] == want_head
+        correct = correct and ok and got["live"] == 0
+        if r:
+          sends.append(send_s)
+          recvs.append(got["recv_s"])
+      row.update(
+          send_GBps=nbytes / _median(sends) / 1e9,
+          recv_GBps=nbytes / _median(recvs) / 1e9,
+          e2e_GBps=nbytes / _median([a + b for a, b in zip(sends, recvs)])
+          / 1e9,
+          send_ms=_median(sends) * 1e3, recv_ms=_median(recvs) * 1e3,
+          correct=correct)
+      row["e2e_over_raw"] = row["e2e_GBps"] / row["raw_ipc_GBps"]
+      results["rows"].append(row)
+      write()
+      del x, kv
+  finally:
+    sender.close()
+    child.close()
+  results["elapsed_s"] = time.monotonic() - start
+  write()
+  cols = ("mib", "device_put_GBps", "raw_ipc_GBps", "send_GBps", "recv_GBps",
+          "e2e_GBps", "e2e_over_raw", "correct")
+  print(" | ".join(f"{c:>15}" for c in cols))
+  for row in results["rows"]:
+    print(" | ".join(f"{row[c]:>15.3f}" if isinstance(row[c], float)
+                     else f"{row[c]!s:>15}" for c in cols))
+  print(json.dumps({"summary": results["rows"]}))
+  return 0 if all(r["correct"] for r in results["rows"]) else 1
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--sizes_mib", default="128,512,2048,4096")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--out", default=None, help="JSON results file")
+  ap.add_argument("--budget_s", type=float, default=90.0,
+                  help="no new size starts after this long")
+  ap.add_argument("--role", default="sender", choices=["sender", "receiver"])
+  ap.add_argument("--device", type=int, default=1, help=argparse.SUPPRESS)
+  ap.add_argument("--pool_bytes", type=int, default=0, help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.role == "receiver":
+    return receiver_main(args)
+  return sender_main(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
