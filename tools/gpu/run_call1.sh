@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device-tool call on the two-GPU kind: environment facts, the two-GPU
+# hand-off correctness check, the CUDA IPC test and bandwidth table, and the
+# engine benchmarks (prefill TP=1/2, decode roofline, transfers). Every part
+# is bounded; results land in OUT_DIR as at most 8 files.
+set -u
+OUT=${1:?usage: run_call1.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+W=/tmp/pdjax_call1; rm -rf "$W"; mkdir -p "$W"
+START=$SECONDS
+# Wheels the image may lack (carried in .whl).
+python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+python3 -m pip install -q --no-deps --no-index -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
+{
+  date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvidia-smi topo -m 2>&1 | head -5
+  python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'
+  python3 -c 'import cupy, cuda.bindings; print("cupy", cupy.__version__, "cuda.bindings", cuda.bindings.__version__)' 2>&1
+} > "$W/env.txt" 2>&1
+cat "$W/env.txt"
+echo "=== [$((SECONDS-START)) s] two-GPU hand-off check"
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache timeout 150 python3 tools/gpu/check_two_gpu.py --nobf16_8b --out="$W/check_two_gpu.json" > "$W/check_two_gpu.log" 2>&1
+echo "exit $?"; grep '^{' "$W/check_two_gpu.log" | cut -c1-600
+echo "=== [$((SECONDS-START)) s] CUDA IPC test + bandwidth"
+JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 90 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$W/ipc_test.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$W/ipc_test.log" | tail -6
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 tools/gpu/ipc_bandwidth.py --out="$W/ipc.json" --budget_s=80 > "$W/ipc_bw.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$W/ipc_bw.log" | tail -14
+echo "=== [$((SECONDS-START)) s] engine benchmarks"
+DECODE_BATCHES=1,32,128 BUDGET_S=$(( 545 - (SECONDS - START) )) PYTHON=python3 bash tools/gpu/run_engine_benchmarks.sh "$W/bench" > "$W/bench.log" 2>&1
+echo "exit $?"; tail -80 "$W/bench.log"
+tar -C "$W" -czf "$OUT/call1.tar.gz" .
+cp "$W/bench.log" "$OUT/bench.log" 2>/dev/null
+echo "done after $((SECONDS-START)) s"
