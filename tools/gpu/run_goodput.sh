@@ -34,6 +34,9 @@ SUM_N=${SUM_N:-24}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
+python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 RUNS=/tmp/pdjax_goodput; rm -rf "$RUNS"; mkdir -p "$RUNS"
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
