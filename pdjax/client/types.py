@@ -115,6 +115,9 @@ class Usage:
   kv_transfer_s: float = 0.0
   prefill_worker: str = ""
   decode_worker: str = ""
+  kv_path: str = ""
+  kv_send_s: float = 0.0
+  kv_receive_s: float = 0.0
 
   @classmethod
   def from_proto(cls, u: common_pb2.Usage) -> Usage:

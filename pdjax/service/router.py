@@ -353,6 +353,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       p.inflight -= 1
     usage.prefill_s = pre.prefill_s
     usage.kv_transfer_s = pre.transfer_s
+    usage.kv_send_s = pre.transfer_s
+    usage.kv_path = pre.kv.transport
     handle = pre.kv
     handle.prefill_address = p.address
     first = decode_pb2.DecodeResponse(
@@ -409,6 +411,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         received = True
         if msg.kv_transfer_s:
           usage.kv_transfer_s += msg.kv_transfer_s
+          usage.kv_receive_s = msg.kv_transfer_s
         if msg.prefill_s:
           usage.prefill_s = msg.prefill_s
         yield msg

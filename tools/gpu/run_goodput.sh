@@ -26,6 +26,8 @@ PLATFORM=${PLATFORM:-gpu}
 VOCAB=${VOCAB:-128000}
 MAX_LEN=${MAX_LEN:-8192}
 EXTRA_EVAL=${EXTRA_EVAL:-}
+CHAT_EVAL=${CHAT_EVAL:-}
+SUM_EVAL=${SUM_EVAL:-}
 BUDGET_S=${BUDGET_S:-540}
 CHAT_RATES=${CHAT_RATES:-2,4,8,16}
 SUM_RATES=${SUM_RATES:-0.5,1,2,4}
@@ -72,10 +74,10 @@ for cfg in ${CONFIGS//,/ }; do
   fi
   echo "  up after $((SECONDS - START)) s"
   for preset in chat summarize; do
-    if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; else rates=$SUM_RATES; n=$SUM_N; fi
+    if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; pe=$CHAT_EVAL; else rates=$SUM_RATES; n=$SUM_N; pe=$SUM_EVAL; fi
     t=$(( $(left) - 30 )); (( t < 30 )) && { echo "  no time for $preset"; continue; }
     timeout $t $PY tools/batch_eval.py --target=127.0.0.1:50151 --preset=$preset \
-      --sweep_rates=$rates --num_requests=$n --vocab_size=$VOCAB --max_model_len=$MAX_LEN $EXTRA_EVAL \
+      --sweep_rates=$rates --num_requests=$n --vocab_size=$VOCAB --max_model_len=$MAX_LEN $EXTRA_EVAL $pe \
       --label=$cfg --out_dir="$dir/$preset" --noprogress > "$dir/$preset.log" 2>&1
     echo "  $preset: exit $? at $((SECONDS - START)) s"
     grep -A12 "max goodput\|Max goodput\|rate " "$dir/$preset.log" | tail -14
