@@ -367,8 +367,9 @@ def test_warmup_covers_every_payload_size(prefill_tp, decoders):
   config = PrefillConfig(buckets=(16, 48), max_batch=1, page_size=PAGE,
                          max_seq_len=256)
   engine = PrefillEngine(src.params, src.cfg, src.mesh, src.rules, config)
-  assert engine._chunked_warmup_lengths() == [49, 65, 129]
-  assert engine.payload_page_counts() == [1, 3, 4, 8, 16]
+  # Buckets' page counts, and (the buffered path: cached prefix, skipped
+  # pages) every power of two.
+  assert engine.payload_page_counts() == [1, 2, 3, 4, 8, 16]
   assert decoders["dp1"].default_payload_page_counts() == [1, 2, 4, 8]
 
 

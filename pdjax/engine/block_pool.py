@@ -138,6 +138,12 @@ class BlockPool:
         self.stats["misses"] += 1
         return None
       if self._ref[page] == 0:
+        # Reviving a cached page takes one page of ``available``; when all
+        # of it is promised to reservations, taking it would break a
+        # promise (reserved > free + cached), so it is a miss instead.
+        if self.available < 1:
+          self.stats["misses"] += 1
+          return None
         del self._evictable[page]
       self._ref[page] += 1
       self.stats["hits"] += 1

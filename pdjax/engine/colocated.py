@@ -19,7 +19,8 @@ from typing import Sequence
 
 from jax.sharding import Mesh
 
-from pdjax.engine.decode import DecodeConfig, DecodeEngine
+from pdjax.engine.decode import (DecodeConfig, DecodeEngine,
+                                 ReplicaPrefixStore)
 from pdjax.engine.prefill import PrefillConfig, PrefillEngine
 from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
                                    TokenCallback, TokenEvent)
@@ -37,6 +38,7 @@ class _Waiting:
   seed_u32: int
   callback: TokenCallback
   forced_first_token: int | None = None
+  cache_salt: str = ""
 
 
 class ColocatedEngine:
@@ -51,7 +53,10 @@ class ColocatedEngine:
     self.decode = DecodeEngine(params, cfg, mesh, rules, dcfg,
                                eos_ids=eos_ids)
     sub_rules = rules.without("dp")
-    self.prefill = [PrefillEngine(rep.params, cfg, rep.mesh, sub_rules, pcfg)
+    self.prefill = [PrefillEngine(
+        rep.params, cfg, rep.mesh, sub_rules, pcfg,
+        prefix_store=(ReplicaPrefixStore(rep) if dcfg.prefix_caching
+                      else None))
                     for rep in self.decode.replicas]
     self.pcfg = pcfg
     self.max_waiting = max_waiting
@@ -79,8 +84,8 @@ class ColocatedEngine:
 
   def submit(self, request_id: str, prompt_ids: Sequence[int],
              sampling: SamplingParams, callback: TokenCallback,
-             seed_u32: int = 0, *, forced_first_token: int | None = None
-             ) -> None:
+             seed_u32: int = 0, *, forced_first_token: int | None = None,
+             cache_salt: str = "") -> None:
     """Queues a request; tokens arrive through ``callback`` (first token
     included), the last event carrying the finish reason.
 
@@ -93,7 +98,8 @@ class ColocatedEngine:
       if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
         raise OverflowError(f"{len(self._waiting)} requests already waiting")
       self._waiting.append(_Waiting(request_id, list(prompt_ids), sampling,
-                                    seed_u32, callback, forced_first_token))
+                                    seed_u32, callback, forced_first_token,
+                                    cache_salt))
 
   def cancel(self, request_id: str) -> None:
     with self._lock:
@@ -144,7 +150,9 @@ class ColocatedEngine:
           aborted.append(w)
           continue
         res = self.decode.reserve(w.request_id, len(w.prompt_ids),
-                                  w.sampling.max_tokens)
+                                  w.sampling.max_tokens,
+                                  prompt_ids=w.prompt_ids,
+                                  cache_salt=w.cache_salt)
         if res is None or len(per_replica[res.replica]) >= self.pcfg.max_batch:
           if res is not None:
             self.decode.unreserve(w.request_id)
@@ -159,8 +167,11 @@ class ColocatedEngine:
       w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
     for replica, items in per_replica.items():
       results = self.prefill[replica].prefill(
-          [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32)
-           for w, _ in items])
+          [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32,
+                          cache_salt=w.cache_salt,
+                          skip_pages=res.cached_blocks,
+                          prefix_pages=res.cached_pages)
+           for w, res in items])
       for (w, res), r in zip(items, results):
         first, logprob = r.first_token, r.first_logprob
         if w.forced_first_token is None:
@@ -169,7 +180,8 @@ class ColocatedEngine:
           first, logprob = w.forced_first_token, 0.0
         self.decode.submit(DecodeRequest(
             w.request_id, w.prompt_ids, first, logprob, r.kv,
-            w.sampling, w.seed_u32, w.callback, reservation=res))
+            w.sampling, w.seed_u32, w.callback, reservation=res,
+            cache_salt=w.cache_salt))
 
 
 __all__ = ["ColocatedEngine"]

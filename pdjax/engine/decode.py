@@ -39,6 +39,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from pdjax.engine.block_pool import BlockPool
+from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
+                                      layout_fingerprint)
 from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
                              request_kv_shape, reshard_kv)
 from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
@@ -64,6 +66,10 @@ class DecodeConfig:
   # what the batch needs, not max_seq_len for everyone. One program per
   # width; () = powers of two up to max_seq_len / page_size.
   table_buckets: tuple[int, ...] = ()
+  # Keep finished sequences' full blocks, named by content, for requests
+  # that share a prefix (they are evicted, least recently used first, only
+  # when pages are needed).
+  prefix_caching: bool = False
 
   def __post_init__(self):
     if self.max_seq_len % self.page_size:
@@ -205,6 +211,13 @@ class Reservation:
   cancelled: bool = False
   transfer_id: str = ""
   created: float = dataclasses.field(default_factory=time.monotonic)
+  # Leading prompt blocks already in this replica's pool (pinned: one
+  # reference each, held by the reservation, then by the row).
+  cached_pages: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def cached_blocks(self) -> int:
+    return len(self.cached_pages)
 
 
 @dataclasses.dataclass
@@ -216,6 +229,7 @@ class _Row:
   budget_pos: int         # the row never needs a position past this
   tokens_out: int = 1
   status: RequestStatus = RequestStatus.RUNNING
+  generated: list[int] = dataclasses.field(default_factory=list)
 
 
 class DecodeReplica:
@@ -232,6 +246,9 @@ class DecodeReplica:
     self.eos_ids = tuple(eos_ids)
     self.programs = programs
     self.pool = BlockPool(dcfg.num_pages)
+    # Prefix caching: blocks are named by content (None: off).
+    self.fingerprint = (layout_fingerprint(cfg, dcfg.page_size)
+                        if dcfg.prefix_caching else None)
     B, M = dcfg.max_seqs, dcfg.pages_per_seq
     # Request KVs arrive in the request layout; the pools keep every layer's
     # pages on one axis. Both split kv_heads the same way (the rule set's).
@@ -286,19 +303,32 @@ class DecodeReplica:
     # those pages too.
     n_now = min(budget, pages_for(prompt_len + 2 * self.dcfg.steps_per_call,
                                   P))
-    pages = self.pool.allocate(n_now, reserved=True)
+    cached = list(reservation.cached_pages)
+    first = req.kv.first_page
+    if first > len(cached):
+      raise ValueError(f"the KV starts at page {first} but only "
+                       f"{len(cached)} leading pages are cached here")
+    pages = cached + self.pool.allocate(max(n_now - len(cached), 0),
+                                        reserved=True)
     reservation.used = True
     kv = reshard_kv(req.kv, self.payload_sharding(req.kv.kv.shape[2]))
     n_payload = kv.kv.shape[2]
+    # Payload page i is block first + i. Blocks already cached here may be
+    # shared with other sequences: never write them (null page instead).
     dest = np.zeros((n_payload,), np.int32)
-    dest[:n_prompt] = pages[:n_prompt]
+    for i in range(min(n_payload, n_prompt - first)):
+      if first + i >= len(cached):
+        dest[i] = pages[first + i]
     self.state = self.programs.insert(
         self.state, kv.kv, jax.device_put(dest, self.replicated),
         np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
-    self.rows[row] = _Row(req, pages, reserved_left=reservation.pages - n_now,
+    self.rows[row] = _Row(req, pages,
+                          reserved_left=reservation.pages - (len(pages)
+                                                             - len(cached)),
                           host_pos=prompt_len,
                           budget_pos=min(prompt_len + req.sampling.max_tokens,
-                                         self.dcfg.max_seq_len))
+                                         self.dcfg.max_seq_len),
+                          generated=[req.first_token])
     self.page_table[row] = 0
     self.page_table[row, :len(pages)] = pages
     self.active[row] = True
@@ -311,10 +341,20 @@ class DecodeReplica:
     self._slots_dirty = True
     return row
 
-  def release(self, row: int) -> None:
+  def release(self, row: int, *, cache: bool = True) -> None:
+    """Frees a row. With prefix caching, its full blocks (prompt and
+    generated tokens whose KV was written) stay in the pool, named, for
+    later requests; pages beyond them are free at once."""
     r = self.rows[row]
     if r is None:
       return
+    if cache and self.fingerprint is not None:
+      written = (list(r.request.prompt_ids) + r.generated)[
+          :len(r.request.prompt_ids) + r.tokens_out - 1]
+      hashes = block_hashes(written, self.dcfg.page_size, self.fingerprint,
+                            r.request.cache_salt)
+      for page, h in zip(r.pages, hashes):
+        self.pool.register(page, h)
     self.pool.free(r.pages)
     if r.reserved_left:
       self.pool.unreserve(r.reserved_left)
@@ -408,6 +448,47 @@ class DecodeReplica:
     return out, owners
 
 
+class ReplicaPrefixStore:
+  """A decode replica's cached blocks, as its colocated prefill engine sees
+  them: a request's cached prefix is pinned at reservation
+  (``Reservation.cached_pages``) and gathered from the replica's pools into
+  the prefill buffer; the prefill computes only the rest."""
+
+  def __init__(self, replica: "DecodeReplica"):
+    self.replica = replica
+    self.page_size = replica.dcfg.page_size
+    self._gather = jax.jit(
+        functools.partial(_gather_blocks, num_layers=replica.cfg.num_layers),
+        donate_argnums=(3, 4))
+
+  def hashes(self, token_ids, salt: str = "") -> list[bytes]:
+    return block_hashes(token_ids, self.page_size, self.replica.fingerprint,
+                        salt)
+
+  def match(self, hashes) -> list[int]:
+    pages = []
+    for h in hashes:
+      page = self.replica.pool.lookup(h)
+      if page is None:
+        break
+      pages.append(page)
+    return pages
+
+  def release(self, pages) -> None:
+    self.replica.pool.free(pages)
+
+  def gather_into(self, pages, k_buf, v_buf):
+    table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)
+    table[:len(pages)] = pages
+    st = self.replica.state
+    return self._gather(st.k, st.v, jax.device_put(
+        table, self.replica.replicated), k_buf, v_buf)
+
+  def warmup(self, engine) -> None:
+    k, v = engine._zeros()  # pylint: disable=protected-access
+    jax.block_until_ready(self.gather_into([], k, v))
+
+
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
   executable per device set)."""
@@ -487,34 +568,72 @@ class DecodeEngine:
                            f"({self.dcfg.num_pages - 1})")
 
   def reserve(self, request_id: str, prompt_len: int, max_tokens: int, *,
-              transfer_id: str = "") -> Reservation | None:
+              transfer_id: str = "", prompt_ids: Sequence[int] | None = None,
+              cache_salt: str = "") -> Reservation | None:
     """Promises capacity for a request, or None when the pool is full (the
-    caller queues or refuses, by its policy)."""
+    caller queues or refuses, by its policy).
+
+    With prefix caching and ``prompt_ids``, the replica holding the longest
+    cached prefix of the prompt is preferred, and those blocks are pinned
+    for the request (``Reservation.cached_pages``): the prefill need not
+    send them. At least the prompt's last block always comes from prefill.
+    """
     self.validate(prompt_len, max_tokens)
     with self._lock:
       if request_id in self._reservations:
         return self._reservations[request_id]
       pending_rows = collections.Counter(
           r.replica for r in self._reservations.values() if not r.used)
+      hashes = self.block_hashes(prompt_ids, cache_salt)
+      limit = max(prompt_len - 1, 0) // self.dcfg.page_size
+      hashes = hashes[:limit]
+
+      def cached(i):
+        n = 0
+        for h in hashes:
+          if not self.replicas[i].pool.contains(h):
+            break
+          n += 1
+        return n
+
       order = sorted(range(len(self.replicas)),
-                     key=lambda i: -self.replicas[i].pool.available)
+                     key=lambda i: (-cached(i),
+                                    -self.replicas[i].pool.available))
       for i in order:
         rep = self.replicas[i]
         if rep.free_rows - pending_rows[i] <= 0:
           continue
-        n = rep.budget_pages(prompt_len, max_tokens)
+        pages = []
+        for h in hashes:
+          page = rep.pool.lookup(h)
+          if page is None:
+            break
+          pages.append(page)
+        n = rep.budget_pages(prompt_len, max_tokens) - len(pages)
         if rep.pool.reserve(n):
-          res = Reservation(request_id, i, n, transfer_id=transfer_id)
+          res = Reservation(request_id, i, n, transfer_id=transfer_id,
+                            cached_pages=pages)
           self._reservations[request_id] = res
+          self.stats["prefix_hit_blocks"] += len(pages)
+          self.stats["prefix_query_blocks"] += len(hashes)
           return res
+        rep.pool.free(pages)
       return None
+
+  def block_hashes(self, prompt_ids, cache_salt: str = "") -> list[bytes]:
+    fp = self.replicas[0].fingerprint
+    if fp is None or prompt_ids is None:
+      return []
+    return block_hashes(prompt_ids, self.dcfg.page_size, fp, cache_salt)
 
   def unreserve(self, request_id: str) -> Reservation | None:
     """Returns an unused reservation (transfer failed, request cancelled)."""
     with self._lock:
       res = self._reservations.pop(request_id, None)
       if res is not None and not res.used:
-        self.replicas[res.replica].pool.unreserve(res.pages)
+        pool = self.replicas[res.replica].pool
+        pool.unreserve(res.pages)
+        pool.free(res.cached_pages)
       return res
 
   def reservation(self, request_id: str) -> Reservation | None:
@@ -547,7 +666,7 @@ class DecodeEngine:
     for rid, (ri, row) in list(self._where.items()):
       rep = self.replicas[ri]
       req = rep.rows[row].request
-      rep.release(row)
+      rep.release(row, cache=False)
       del self._where[rid]
       req.callback(TokenEvent(rid, [], [], FinishReason.ERROR, error=message))
     self._inflight = []
@@ -652,14 +771,21 @@ class DecodeEngine:
         p = self._inbox.popleft()
         self._reservations.pop(p.request.request_id, None)
       rid = p.request.request_id
+      rep = self.replicas[p.reservation.replica]
       if rid in self._cancelled:
         self._cancelled.discard(rid)
-        self.replicas[p.reservation.replica].pool.unreserve(
-            p.reservation.pages)
+        rep.pool.unreserve(p.reservation.pages)
+        rep.pool.free(p.reservation.cached_pages)
         p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
         continue
-      rep = self.replicas[p.reservation.replica]
-      row = rep.insert(p.request, p.reservation)
+      try:
+        row = rep.insert(p.request, p.reservation)
+      except ValueError as e:
+        rep.pool.unreserve(p.reservation.pages)
+        rep.pool.free(p.reservation.cached_pages)
+        p.request.callback(TokenEvent(rid, [], [], FinishReason.ERROR,
+                                      error=str(e)))
+        continue
       self._where[rid] = (rep.index, row)
       self.stats["inserted"] += 1
 
@@ -702,6 +828,7 @@ class DecodeEngine:
       lps = logprobs[sel, row].tolist()
       r = rep.rows[row]
       r.tokens_out += len(toks)
+      r.generated.extend(toks)
       reason = None
       if finished[:, row].any():
         reason = (FinishReason.STOP if stopped[:, row].any()

@@ -1,12 +1,20 @@
 """The prefill engine: prompts -> first token + the prompt's KV, on a TP mesh.
 
-One jitted program per (prompt-length bucket, batch size); prompts are
-right-padded to the smallest bucket that holds them. A prompt longer than
-the largest bucket runs as chunked prefill: bucket-sized chunks, each
-attending to the KV of the chunks before it (the same code path a cached
-prefix takes). The KV comes out already in page layout and sharded by the
-rule set (kv_heads over ``tp``), one array per request, so handing it on is a
-matter of moving that array, never of slicing a batch.
+Two paths, one model:
+
+* batched: one jitted program per (prompt-length bucket, batch size);
+  prompts are right-padded to the smallest bucket that holds them.
+* buffered: one request at a time through a KV buffer of static size
+  (max_seq_len), in bucket-sized chunks that each attend to everything
+  before them. It serves prompts longer than the largest bucket (chunked
+  prefill) and prompts whose leading blocks are cached: those blocks are
+  gathered into the buffer and only the rest is computed. The same path
+  drops the leading pages the decode worker already holds from the KV it
+  hands on (``skip_pages``).
+
+The KV comes out in page layout and sharded by the rule set (kv_heads over
+``tp``), one array per request, so handing it on is a matter of moving that
+array, never of slicing a batch.
 """
 
 from __future__ import annotations
@@ -57,24 +65,14 @@ class PrefillConfig:
         return b
     return None
 
-  def chunked_warmup_lengths(self) -> list[int]:
-    """A prompt length for each payload page count beyond the largest
-    bucket (empty when max_seq_len fits the largest bucket)."""
-    C, P = self.chunk, self.page_size
-    seen, out = set(), []
-    for n in range(C + 1, self.max_seq_len):
-      key = payload_pages(pages_for(n, P))
-      if key not in seen:
-        seen.add(key)
-        out.append(n)
-    return out
-
   def payload_page_counts(self) -> list[int]:
     """Every page count ``RequestKV.kv.shape[2]`` a prefill with this config
-    can produce (a decode pool compiles one insert program per count)."""
+    can produce (a decode pool compiles one insert program per count): the
+    buckets' page counts, and every power of two up to the longest prompt's
+    (the buffered path: chunked prompts, cached prefixes, skipped pages)."""
+    top = payload_pages(self.max_seq_len // self.page_size)
     counts = {b // self.page_size for b in self.buckets}
-    counts.update(payload_pages(pages_for(n, self.page_size))
-                  for n in self.chunked_warmup_lengths())
+    counts.update(1 << i for i in range(top.bit_length()))
     return sorted(counts)
 
   def batch_sizes(self) -> list[int]:
@@ -105,13 +103,11 @@ def _prefill_program(params, tokens, true_len, samp, *, cfg, page_size,
 
 def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
                    cfg):
-  """One chunk of a long prompt: attends to the buffer's first ``start``
-  positions (the chunks before it) and writes its own K/V after them.
-
-  The buffers ``[L, 1, S, K, hd]`` have one static size (max_seq_len
-  rounded up to whole chunks), so every chunk of every prompt runs this one
-  program; positions past ``start`` are masked, whatever they hold.
-  """
+  """One chunk of a prompt: attends to the buffer's first ``start``
+  positions (cached blocks and earlier chunks) and writes its own K/V after
+  them. The buffers ``[L, 1, S, K, hd]`` have one static size, so a chunk
+  program exists once per chunk length; positions past ``start`` are
+  masked, whatever they hold."""
   out = prefill_forward(params, tokens, true_len, cfg=cfg, prefix_k=k_buf,
                         prefix_v=v_buf, prefix_len=start)
   tok, lp = sample(out.logits, *samp, jnp.zeros((1,), jnp.int32))
@@ -121,23 +117,33 @@ def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
   return tok, lp, k_buf, v_buf
 
 
-def _buffer_to_pages(k_buf, v_buf, *, num_pages, page_size, kv_spec):
-  """The first ``num_pages`` pages of the chunk buffers, in request layout."""
-  n = num_pages * page_size
-  return jax.lax.with_sharding_constraint(
-      _to_pages(k_buf[:, :, :n], v_buf[:, :, :n], page_size)[0], kv_spec)
+def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
+  """Pages ``first .. first + num_pages`` of the buffers in request layout
+  (indices past the buffer are clamped: those are padding pages)."""
+  L, _, S, K, hd = k_buf.shape
+  nb = S // page_size
+  idx = jnp.clip(first + jnp.arange(num_pages, dtype=jnp.int32), 0, nb - 1)
+  kp = k_buf.reshape(L, nb, page_size, K, hd)[:, idx]
+  vp = v_buf.reshape(L, nb, page_size, K, hd)[:, idx]
+  return jax.lax.with_sharding_constraint(jnp.stack([kp, vp], axis=1),
+                                          kv_spec)
 
 
 class PrefillEngine:
   """Runs prefill for batches of prompts on one mesh (TP or a replica's)."""
 
   def __init__(self, params: Params, cfg: ModelConfig, mesh: Mesh,
-               rules: ShardingRules, config: PrefillConfig = PrefillConfig()):
+               rules: ShardingRules, config: PrefillConfig = PrefillConfig(),
+               *, prefix_store=None):
+    """``prefix_store``: where cached blocks live (``PrefillKVStore`` on a
+    prefill worker, the decode replica's pools in a colocated engine), or
+    None for no prefix reuse."""
     self.params = params
     self.cfg = cfg
     self.mesh = mesh
     self.rules = rules
     self.config = config
+    self.prefix_store = prefix_store
     P = config.page_size
     self._kv_sharding = {}
     self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -148,6 +154,16 @@ class PrefillEngine:
     self._chunk = jax.jit(functools.partial(_chunk_program, cfg=cfg),
                           donate_argnums=(3, 4))
     self._pages_fns = {}
+    shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
+             cfg.head_dim)
+    self._buf_sharding = rules.sharding(
+        mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
+        what="chunk buffer")
+    self._zeros = jax.jit(lambda: (jnp.zeros(shape, cfg.jnp_dtype),
+                                   jnp.zeros(shape, cfg.jnp_dtype)),
+                          out_shardings=(self._buf_sharding,
+                                         self._buf_sharding))
+    self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
 
   # ---------------------------------------------------------------- layout
   def kv_sharding(self, num_pages: int) -> NamedSharding:
@@ -177,16 +193,18 @@ class PrefillEngine:
 
   # ---------------------------------------------------------------- run
   def prefill(self, requests: Sequence[PrefillRequest]) -> list[PrefillResult]:
-    """Prefills every request; results in the order given. Requests that
-    share a bucket run together, up to ``max_batch`` at a time."""
+    """Prefills every request; results in the order given. Requests with
+    nothing cached and nothing to skip that share a bucket run together, up
+    to ``max_batch`` at a time; the others run buffered."""
     for r in requests:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}
     by_bucket: dict[int, list[int]] = {}
     for i, r in enumerate(requests):
+      prefix, owned, hashes = self._prefix_for(r)
       b = self.config.bucket_for(len(r.prompt_ids))
-      if b is None:
-        results[i] = self._prefill_chunked(r)
+      if b is None or prefix or r.skip_pages:
+        results[i] = self._prefill_buffered(r, prefix, owned, hashes)
       else:
         by_bucket.setdefault(b, []).append(i)
     for bucket, idxs in by_bucket.items():
@@ -194,7 +212,25 @@ class PrefillEngine:
         group = idxs[s:s + self.config.max_batch]
         outs = self._prefill_batch([requests[i] for i in group], bucket)
         results.update(zip(group, outs))
-    return [results[i] for i in range(len(requests))]
+    out = [results[i] for i in range(len(requests))]
+    for r in out:
+      self.stats["prompt_tokens"] += r.prompt_len
+      self.stats["cached_tokens"] += r.cached_tokens
+    return out
+
+  def _prefix_for(self, r: PrefillRequest):
+    """(cached pages to start from, whether this engine pinned them, block
+    names). At least one prompt token is always computed: its logits give
+    the first token."""
+    store = self.prefix_store
+    if store is None:
+      return [], False, []
+    limit = (len(r.prompt_ids) - 1) // self.config.page_size
+    if r.prefix_pages is not None:
+      return list(r.prefix_pages)[:limit], False, []
+    hashes = store.hashes(r.prompt_ids, r.cache_salt)
+    pages = store.match(hashes[:limit])
+    return pages, True, hashes
 
   def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int):
     batch = next(b for b in self.config.batch_sizes() if b >= len(reqs))
@@ -209,6 +245,10 @@ class PrefillEngine:
                                   self._put(true_len),
                                   tuple(self._put(a) for a in samp.as_tuple()))
     tok, lp = np.asarray(tok), np.asarray(lp)
+    store = self.prefix_store
+    if store is not None and hasattr(store, "store_pages"):
+      for i, r in enumerate(reqs):
+        store.store_pages(store.hashes(r.prompt_ids, r.cache_salt), rows[i])
     return [PrefillResult(r.request_id, int(tok[i]), float(lp[i]),
                           RequestKV(rows[i], len(r.prompt_ids)),
                           len(r.prompt_ids))
@@ -219,31 +259,46 @@ class PrefillEngine:
     C = self.config.chunk
     return -(-self.config.max_seq_len // C) * C
 
-  def _prefill_chunked(self, r: PrefillRequest) -> PrefillResult:
-    C, P = self.config.chunk, self.config.page_size
+  def _chunk_len(self, remaining: int) -> int:
+    return self.config.bucket_for(remaining) or self.config.chunk
+
+  def _prefill_buffered(self, r: PrefillRequest, prefix: list[int],
+                        owned: bool, hashes: list[bytes]) -> PrefillResult:
+    P = self.config.page_size
     n = len(r.prompt_ids)
-    cfg = self.cfg
     samp = tuple(self._put(a) for a in SamplingArrays.stack(
         [(r.sampling, r.seed_u32)], 1).as_tuple())
-    shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
-             cfg.head_dim)
-    buf_sharding = self.rules.sharding(
-        self.mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
-        what="chunk buffer")
-    k = jnp.zeros(shape, cfg.jnp_dtype, device=buf_sharding)
-    v = jnp.zeros(shape, cfg.jnp_dtype, device=buf_sharding)
-    tok = lp = None
-    for start in range(0, n, C):
-      part = np.zeros((1, C), np.int32)
-      piece = r.prompt_ids[start:start + C]
-      part[0, :len(piece)] = piece
-      tok, lp, k, v = self._chunk(
-          self.params, self._put(part),
-          self._put(np.array([len(piece)], np.int32)), k, v,
-          self._put(np.array([start], np.int32)), samp)
-    kv = self._pages_fn(payload_pages(pages_for(n, P)))(k, v)
+    k, v = self._zeros()
+    try:
+      if prefix:
+        k, v = self.prefix_store.gather_into(prefix, k, v)
+      start = len(prefix) * P
+      tok = lp = None
+      while start < n:
+        C = self._chunk_len(n - start)
+        part = np.zeros((1, C), np.int32)
+        piece = r.prompt_ids[start:start + C]
+        part[0, :len(piece)] = piece
+        tok, lp, k, v = self._chunk(
+            self.params, self._put(part),
+            self._put(np.array([len(piece)], np.int32)), k, v,
+            self._put(np.array([start], np.int32)), samp)
+        start += C
+      if owned:
+        self.prefix_store.store(hashes, len(prefix), k, v)
+    finally:
+      if owned and prefix:
+        self.prefix_store.release(prefix)
+    skip = min(r.skip_pages, pages_for(n, P) - 1)
+    num = payload_pages(pages_for(n, P) - skip)
+    kv = self._pages_fn(num)(k, v, self._put(np.int32(skip)))
     return PrefillResult(r.request_id, int(np.asarray(tok)[0]),
-                         float(np.asarray(lp)[0]), RequestKV(kv, n), n)
+                         float(np.asarray(lp)[0]),
+                         RequestKV(kv, n, first_page=skip), n,
+                         cached_tokens=len(prefix) * P)
+
+  def _prefill_chunked(self, r: PrefillRequest) -> PrefillResult:
+    return self._prefill_buffered(r, [], False, [])
 
   def _pages_fn(self, num_pages: int):
     if num_pages not in self._pages_fns:
@@ -263,15 +318,26 @@ class PrefillEngine:
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
         self._prefill_batch(reqs, bucket)
-    # Chunked prefill: one chunk program, plus one page extraction per
-    # payload size a long prompt can have.
-    for n in self._chunked_warmup_lengths():
-      self._prefill_chunked(PrefillRequest("warmup", [1] * n, greedy))
+    # Buffered path: one chunk program per chunk length (the buckets),
+    # page extraction for every payload size, and the cache's programs.
+    for bucket in self.config.buckets:
+      self._prefill_buffered(PrefillRequest("warmup", [1] * bucket, greedy),
+                             [], False, [])
+    k, v = self._zeros()
+    first = self._put(np.int32(0))
+    for num in self.buffered_payload_page_counts():
+      self._pages_fn(num)(k, v, first)
+    if self.prefix_store is not None and hasattr(self.prefix_store,
+                                                 "warmup"):
+      self.prefix_store.warmup(self)
 
-  def _chunked_warmup_lengths(self) -> list[int]:
-    return self.config.chunked_warmup_lengths()
+  def buffered_payload_page_counts(self) -> list[int]:
+    top = payload_pages(self.config.max_seq_len // self.config.page_size)
+    return [1 << i for i in range(top.bit_length())]
 
   def payload_page_counts(self) -> list[int]:
+    """Page counts of the KVs this engine hands on (every size a decode
+    pool must compile an insert for)."""
     return self.config.payload_page_counts()
 
 

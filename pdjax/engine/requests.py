@@ -100,6 +100,12 @@ class PrefillRequest:
   prompt_ids: Sequence[int]
   sampling: SamplingParams
   seed_u32: int = 0
+  cache_salt: str = ""
+  # Leading pages the decode side already holds: not handed on.
+  skip_pages: int = 0
+  # Cached leading blocks already pinned by the caller (colocated: in the
+  # decode replica's pools); None = look them up in the engine's store.
+  prefix_pages: Sequence[int] | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +115,7 @@ class PrefillResult:
   first_logprob: float
   kv: RequestKV
   prompt_len: int
+  cached_tokens: int = 0   # prompt tokens whose KV came from a cache
 
 
 @dataclasses.dataclass
@@ -122,9 +129,9 @@ class DecodeRequest:
   sampling: SamplingParams
   seed_u32: int
   callback: TokenCallback
-  # Extra tokens already generated (first token included); for the decode
-  # step the sequence resumes at position len(prompt_ids).
+  # The decode step resumes at position len(prompt_ids).
   reservation: "object | None" = None
+  cache_salt: str = ""
 
 
 __all__ = ["RequestStatus", "FinishReason", "TokenEvent", "TokenCallback",

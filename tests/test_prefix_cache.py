@@ -1,0 +1,209 @@
+"""KV reuse across requests, at the engine level (8 CPU devices, tiny model).
+
+Tokens must be identical with the cache on and off, greedy and seeded, for
+prompts sharing 0, 1, many and all blocks with earlier ones; a block in use
+is never evicted (tiny cache under pressure); different cache salts never
+share; the prefill worker's store and the decode side's block reuse both
+work through the disaggregated path, which then moves fewer KV bytes.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.decode import DecodeConfig, DecodeEngine
+from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+from pdjax.engine.prefix_cache import (PrefillKVStore, block_hashes,
+                                       layout_fingerprint)
+from pdjax.engine.requests import DecodeRequest, PrefillRequest
+from pdjax.engine.sampling import SamplingParams
+from pdjax.engine.setup import load_sharded
+from pdjax.sharding import ShardingRules, make_mesh
+
+PAGE = 16
+PCFG = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
+                     max_seq_len=256)
+
+
+def _dcfg(**kw):
+  base = dict(max_seqs=4, page_size=PAGE, num_pages=96, max_seq_len=256,
+              steps_per_call=3, table_buckets=(4,))
+  base.update(kw)
+  return DecodeConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  from pdjax.model.tiny import ensure_tiny_model
+  return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def decode_params(tiny):
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny, rules, mesh)
+  return params, cfg, mesh, rules
+
+
+def _prompts():
+  """A family of prompts sharing 0, 1, many and all blocks."""
+  rng = np.random.RandomState(7)
+  base = rng.randint(3, 500, size=100).tolist()
+  other = rng.randint(3, 500, size=40).tolist()
+  return [
+      base[:70],                       # first: nothing cached
+      base[:70],                       # all of its full blocks again
+      base[:16] + other[:30],          # 1 block shared
+      base[:64] + other[:20],          # 4 blocks shared (many)
+      base[:100],                      # extends the first
+      other[:40],                      # nothing shared
+      base[:64],                       # exactly 4 full blocks: the last is
+  ]                                    # recomputed (logits for token 1)
+
+
+def _run(engine, prompts, sampling, salts=None):
+  out = {}
+
+  def cb(ev):
+    out.setdefault(ev.request_id, []).extend(ev.token_ids)
+
+  for i, p in enumerate(prompts):
+    engine.submit(str(i), p, sampling(i), cb,
+                  cache_salt=(salts[i] if salts else ""))
+    engine.drain()          # one at a time: later ones see earlier blocks
+  return [out[str(i)] for i in range(len(prompts))]
+
+
+def _greedy(i):
+  return SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _seeded(i):
+  return SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9,
+                        top_k=40, seed=100 + i, ignore_eos=True)
+
+
+def test_block_hashes_are_chained_salted_and_layout_bound(decode_params):
+  _, cfg, _, _ = decode_params
+  fp = layout_fingerprint(cfg, PAGE)
+  a = list(range(3, 3 + 48))
+  b = list(a)
+  b[5] = 499
+  ha, hb = block_hashes(a, PAGE, fp), block_hashes(b, PAGE, fp)
+  assert len(ha) == 3 and len(set(ha)) == 3
+  # A change in block 0 changes every later name (chained), not only one.
+  assert all(x != y for x, y in zip(ha, hb))
+  assert block_hashes(a[:40], PAGE, fp) == ha[:2]      # partial: not named
+  assert block_hashes(a, PAGE, fp, "tenant-a") != ha
+  assert block_hashes(a, PAGE, fp, "tenant-a") != block_hashes(
+      a, PAGE, fp, "tenant-b")
+  assert block_hashes(a, PAGE, layout_fingerprint(cfg, 32)) != ha[:1]
+  assert block_hashes(a, PAGE, layout_fingerprint(
+      cfg.replace(dtype="bfloat16"), PAGE)) != ha
+
+
+@pytest.mark.parametrize("sampling", [_greedy, _seeded],
+                         ids=["greedy", "seeded"])
+def test_colocated_cache_on_equals_off(decode_params, sampling):
+  params, cfg, mesh, rules = decode_params
+  prompts = _prompts()
+  off = ColocatedEngine(params, cfg, mesh, rules, PCFG, _dcfg())
+  on = ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                       _dcfg(prefix_caching=True))
+  assert _run(on, prompts, sampling) == _run(off, prompts, sampling)
+  stats = on.prefill[0].stats
+  # 4 + 1 + 4 + 4 + 3 reused blocks (see _prompts).
+  assert stats["cached_tokens"] == 16 * PAGE
+  usage = on.decode.kv_usage()
+  assert usage["pages_used"] == 0 and usage["reservations"] == 0
+  assert usage["pages_cached"] > 0
+  on.decode.replicas[0].pool.check_invariants()
+
+
+def test_salts_never_share_blocks(decode_params):
+  params, cfg, mesh, rules = decode_params
+  prompts = [_prompts()[0]] * 3
+  eng = ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                        _dcfg(prefix_caching=True))
+  out = _run(eng, prompts, _greedy, salts=["a", "b", "a"])
+  assert out[0] == out[1] == out[2]
+  # Only the third request (same salt as the first) reused anything.
+  assert eng.prefill[0].stats["cached_tokens"] == 4 * PAGE
+
+
+def test_tiny_cache_under_pressure_stays_correct(decode_params):
+  """12 pages (the null page included) for 4 rows: cached blocks are
+  evicted constantly, pinned ones never; results equal the uncached run."""
+  params, cfg, mesh, rules = decode_params
+  rng = np.random.RandomState(3)
+  base = rng.randint(3, 500, size=60).tolist()
+  prompts = [base[:rng.randint(17, 60)] + rng.randint(3, 500, size=5).tolist()
+             for _ in range(12)]
+  small = dict(num_pages=13, max_seq_len=96, max_seqs=4)
+  pcfg = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
+                       max_seq_len=96)
+  off = ColocatedEngine(params, cfg, mesh, rules, pcfg, _dcfg(**small))
+  on = ColocatedEngine(params, cfg, mesh, rules, pcfg,
+                       _dcfg(prefix_caching=True, **small))
+  outs = {}
+  for name, eng in (("off", off), ("on", on)):
+    res = {}
+
+    def cb(ev, res=res):
+      res.setdefault(ev.request_id, []).extend(ev.token_ids)
+
+    for i, p in enumerate(prompts):   # all at once: they compete for pages
+      eng.submit(str(i), p, _greedy(i), cb)
+    eng.drain()
+    outs[name] = [res[str(i)] for i in range(len(prompts))]
+    pool = eng.decode.replicas[0].pool
+    pool.check_invariants()
+    assert pool.num_used == 0 and pool.reserved == 0
+  assert outs["on"] == outs["off"]
+  assert on.decode.replicas[0].pool.stats["evictions"] > 0
+
+
+def test_disaggregated_reuse_on_both_sides(tiny):
+  """Prefill worker store + decode-side block reuse: the second and third
+  requests compute fewer prompt tokens and move fewer KV pages, and their
+  tokens equal a cache-free colocated run."""
+  prules = ShardingRules.load("prefill_tp")
+  pmesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  pparams, cfg = load_sharded(tiny, prules, pmesh)
+  store = PrefillKVStore(cfg, pmesh, prules, num_pages=64, page_size=PAGE)
+  pe = PrefillEngine(pparams, cfg, pmesh, prules, PCFG, prefix_store=store)
+  drules = ShardingRules.load("decode_dp")
+  dmesh = make_mesh({"dp": 2}, jax.devices()[4:6])
+  dparams, _ = load_sharded(tiny, drules, dmesh)
+  de = DecodeEngine(dparams, cfg, dmesh, drules, _dcfg(prefix_caching=True))
+  ref = ColocatedEngine(*load_sharded(tiny, drules, make_mesh(
+      {"dp": 1}, jax.devices()[6:7]))[:2], make_mesh(
+          {"dp": 1}, jax.devices()[6:7]), drules, PCFG, _dcfg())
+
+  prompts = _prompts()[:5]
+  want = _run(ref, prompts, _greedy)
+  got, sent_pages, cached_tokens = {}, [], []
+  for i, p in enumerate(prompts):
+    sp = _greedy(i)
+    res = de.reserve(str(i), len(p), sp.max_tokens, prompt_ids=p)
+    [r] = pe.prefill([PrefillRequest(str(i), p, sp,
+                                     skip_pages=res.cached_blocks)])
+    sent_pages.append(r.kv.num_pages)
+    cached_tokens.append(r.cached_tokens)
+    got[str(i)] = [r.first_token]
+    de.submit(DecodeRequest(str(i), p, r.first_token, r.first_logprob, r.kv,
+                            sp, 0, lambda ev: got[ev.request_id].extend(
+                                ev.token_ids), reservation=res))
+    de.drain()
+  assert [got[str(i)] for i in range(len(prompts))] == want
+  # Prompt 1 repeats prompt 0 (70 tokens: 4 full blocks): both sides reuse.
+  assert cached_tokens[1] == 4 * PAGE and sent_pages[1] == 1
+  assert cached_tokens[0] == 0 and sent_pages[0] == 5
+  assert sum(cached_tokens) > 0
+  for rep in de.replicas:
+    rep.pool.check_invariants()
+    assert rep.pool.num_used == 0 and rep.pool.reserved == 0

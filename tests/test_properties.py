@@ -1,0 +1,728 @@
+"""Property-based tests of request validation and the KV allocator.
+
+Hand-written cases check the inputs someone thought of; these let hypothesis
+search for the ones nobody did (NaN temperatures, ids past int32, a control
+character in a request id, an interleaving of reserve/lookup/evict that hands
+a cached page out twice). Each property is stated against an independent
+oracle or reference model, not against the code's own branches:
+
+* validation: every client-controlled field either comes out satisfying the
+  documented invariants, with defaults applied exactly when a field is
+  absent, or is refused with an ``InvalidRequest`` naming an offending field;
+  nothing else ever escapes (a stray TypeError would become INTERNAL instead
+  of INVALID_ARGUMENT);
+* ``BlockPool``: a rule-based state machine that drives the pool through
+  random reserve/allocate/free/register/lookup/evict sequences and compares
+  it, after every step, with a reference model (page states, reference
+  counts, LRU order, what each page holds);
+* ``LeaseTable``: with a fake clock, every lease is freed exactly once, by
+  ``pop`` or by ``reap``, and ``reap`` frees only what is past its deadline.
+
+Everything here is pure Python (no jax programs), so the whole file runs in
+seconds; example counts are set to keep it well under 30 s.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import string
+import types
+import unicodedata
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 precondition, rule)
+
+from pdjax.engine.block_pool import BlockPool, PoolExhausted
+from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
+                                   SamplingParams)
+from pdjax.service.validation import (DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LEN,
+                                      MAX_TEXT_CHARS, check_budget,
+                                      check_prompt_ids, check_request_id,
+                                      check_text, sampling_from_proto,
+                                      sampling_to_proto)
+from pdjax.transfer import base as transfer_base
+from pdjax.transfer.base import LeaseTable
+from pdjax.v1 import common_pb2
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+UINT64_MAX = 2**64 - 1
+F32_MAX = 3.4028234663852886e+38     # largest finite float32
+F32_TINY = 1.401298464324817e-45    # smallest positive float32
+
+# Pure-Python properties: no deadline (CI machines stall), modest counts.
+FAST = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+# ============================================================== strategies
+def _wide_ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+  """Integers in [lo, hi], biased towards the edges where bugs live: the
+  type limits, zero, +-1, and small values."""
+  edges = [v for v in (lo, lo + 1, -2, -1, 0, 1, 2, hi - 1, hi) if lo <= v <= hi]
+  return st.one_of(st.sampled_from(edges), st.integers(lo, hi),
+                   st.integers(max(lo, -100), min(hi, 100)))
+
+
+# Any double: protobuf stores temperature/top_p as float32, so values past
+# float32 range become inf and tiny ones 0 on assignment; both must still be
+# handled by validation, so the wide range is the point.
+_any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(width=32, allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-45, 1.0000001, 0.9999999,
+                     math.inf, -math.inf, math.nan, 3.4028235e38, 1e300]))
+
+_vocab = st.integers(1, 5000)
+
+
+def _stop_ids(vocab: int) -> st.SearchStrategy[list[int]]:
+  """Stop-id lists of any length (past the cap too), inside and outside the
+  vocabulary."""
+  in_vocab = st.integers(0, vocab - 1)
+  anywhere = _wide_ints(INT32_MIN, INT32_MAX)
+  near = st.sampled_from([-1, vocab - 1, vocab, vocab + 1])
+  return st.lists(st.one_of(in_vocab, anywhere, near),
+                  max_size=MAX_STOP_TOKEN_IDS + 8)
+
+
+@st.composite
+def _proto_fields(draw):
+  """(vocab_size, kwargs for the proto); absent optional fields are simply
+  not in kwargs, so HasField is False for them."""
+  vocab = draw(_vocab)
+  kw = {}
+  if draw(st.booleans()):
+    kw["max_tokens"] = draw(_wide_ints(INT32_MIN, INT32_MAX))
+  if draw(st.booleans()):
+    kw["temperature"] = draw(_any_float)
+  if draw(st.booleans()):
+    kw["top_p"] = draw(_any_float)
+  if draw(st.booleans()):
+    kw["top_k"] = draw(_wide_ints(INT32_MIN, INT32_MAX))
+  if draw(st.booleans()):
+    kw["seed"] = draw(st.one_of(_wide_ints(0, UINT64_MAX),
+                                st.sampled_from([2**63 - 1, 2**63])))
+  if draw(st.booleans()):
+    kw["stop_token_ids"] = draw(_stop_ids(vocab))
+  if draw(st.booleans()):
+    kw["ignore_eos"] = draw(st.booleans())
+  return vocab, kw
+
+
+@st.composite
+def _valid_proto_fields(draw):
+  """Fields that satisfy every documented constraint, drawn explicitly (not
+  filtered), so acceptance is asserted, not assumed."""
+  vocab = draw(_vocab)
+  kw = {}
+  if draw(st.booleans()):
+    kw["max_tokens"] = draw(st.integers(1, INT32_MAX))
+  if draw(st.booleans()):
+    kw["temperature"] = draw(st.floats(0.0, F32_MAX, width=32))
+  if draw(st.booleans()):
+    # (0, 1] in float32: the smallest positive float32 up to exactly 1.
+    kw["top_p"] = draw(st.one_of(
+        st.floats(F32_TINY, 1.0, width=32), st.just(1.0)))
+  if draw(st.booleans()):
+    kw["top_k"] = draw(st.integers(-1, INT32_MAX))
+  if draw(st.booleans()):
+    kw["seed"] = draw(st.integers(0, 2**63 - 1))
+  if draw(st.booleans()):
+    kw["stop_token_ids"] = draw(st.lists(st.integers(0, vocab - 1),
+                                         max_size=MAX_STOP_TOKEN_IDS))
+  if draw(st.booleans()):
+    kw["ignore_eos"] = draw(st.booleans())
+  return vocab, kw
+
+
+def _offending_fields(p: common_pb2.SamplingParams, vocab: int) -> set[str]:
+  """The oracle: which fields of ``p`` break a documented constraint. Read
+  from the proto (after its float32/int32 conversion), written from the
+  contract in SamplingParams and the proto comments, not from the code."""
+  bad = set()
+  if p.HasField("max_tokens") and p.max_tokens < 1:
+    bad.add("sampling.max_tokens")
+  if p.HasField("temperature") and not (math.isfinite(p.temperature)
+                                        and p.temperature >= 0):
+    bad.add("sampling.temperature")
+  if p.HasField("top_p") and not (math.isfinite(p.top_p)
+                                  and 0 < p.top_p <= 1):
+    bad.add("sampling.top_p")
+  if p.HasField("top_k") and p.top_k < -1:
+    bad.add("sampling.top_k")
+  if p.HasField("seed") and not 0 <= p.seed < 2**63:
+    bad.add("sampling.seed")
+  if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
+      not 0 <= t < vocab for t in p.stop_token_ids):
+    bad.add("sampling.stop_token_ids")
+  return bad
+
+
+def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
+  """What an engine may rely on for any SamplingParams validation let in."""
+  assert isinstance(s.max_tokens, int) and s.max_tokens >= 1
+  assert isinstance(s.temperature, float)
+  assert math.isfinite(s.temperature) and s.temperature >= 0
+  assert isinstance(s.top_p, float) and 0 < s.top_p <= 1
+  assert isinstance(s.top_k, int) and s.top_k >= -1
+  assert s.seed is None or (isinstance(s.seed, int) and 0 <= s.seed < 2**63)
+  assert isinstance(s.stop_token_ids, tuple)
+  assert len(s.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+  assert all(isinstance(t, int) and 0 <= t < vocab for t in s.stop_token_ids)
+  assert isinstance(s.ignore_eos, bool)
+  # Defaults exactly when absent, the client's value exactly when present.
+  assert s.max_tokens == (p.max_tokens if p.HasField("max_tokens")
+                          else DEFAULT_MAX_TOKENS)
+  assert s.temperature == (p.temperature if p.HasField("temperature")
+                           else 1.0)
+  assert s.top_p == (p.top_p if p.HasField("top_p") else 1.0)
+  assert s.top_k == (p.top_k if p.HasField("top_k") else 0)
+  assert s.seed == (p.seed if p.HasField("seed") else None)
+  assert s.stop_token_ids == tuple(p.stop_token_ids)
+  assert s.ignore_eos == p.ignore_eos
+  # An accepted request's params must survive the engine's own check too
+  # (the decode side calls validate again on what the router forwarded).
+  s.validate(vocab)
+
+
+# ============================================================ sampling params
+@FAST
+@given(_proto_fields())
+def test_sampling_from_proto_accepts_valid_or_names_the_field(case):
+  vocab, kw = case
+  p = common_pb2.SamplingParams(**kw)
+  bad = _offending_fields(p, vocab)
+  if bad:
+    with pytest.raises(InvalidRequest) as info:
+      sampling_from_proto(p, vocab_size=vocab)
+    assert info.value.field in bad, (info.value.field, bad)
+    assert str(info.value).startswith(info.value.field + ": ")
+    assert len(str(info.value)) > len(info.value.field) + 2  # says what to fix
+  else:
+    # Any exception here (InvalidRequest or otherwise) fails the test.
+    s = sampling_from_proto(p, vocab_size=vocab)
+    _assert_documented_invariants(s, p, vocab)
+
+
+@FAST
+@given(_valid_proto_fields())
+def test_sampling_from_proto_never_refuses_a_valid_request(case):
+  vocab, kw = case
+  p = common_pb2.SamplingParams(**kw)
+  assert not _offending_fields(p, vocab)  # the generator is right
+  s = sampling_from_proto(p, vocab_size=vocab)
+  _assert_documented_invariants(s, p, vocab)
+  # The router forwards params as a proto: the round trip must be exact, or
+  # the decode worker would sample with something the client did not ask.
+  again = sampling_from_proto(sampling_to_proto(s), vocab_size=vocab)
+  assert again == s
+
+
+def test_sampling_from_proto_defaults_for_an_empty_message():
+  s = sampling_from_proto(common_pb2.SamplingParams(), vocab_size=10)
+  assert s == SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0,
+                             top_p=1.0, top_k=0, seed=None,
+                             stop_token_ids=(), ignore_eos=False)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(0, 10**6))
+def test_check_budget(prompt_len, max_seq_len):
+  if prompt_len >= max_seq_len:
+    with pytest.raises(InvalidRequest) as info:
+      check_budget(prompt_len, 16, max_seq_len)
+    assert info.value.field == "prompt"
+  else:
+    check_budget(prompt_len, 16, max_seq_len)
+
+
+# ================================================================ prompt ids
+_token_lists = st.lists(
+    st.one_of(st.integers(), st.integers(-3, 3), st.integers(0, 5000),
+              st.sampled_from([2**31, 2**63, -(2**63), 10**30])),
+    max_size=40)
+
+
+@FAST
+@given(_token_lists, _vocab, st.integers(1, 40),
+       st.sampled_from(["prompt_token_ids", "messages[0].token_ids"]))
+def test_check_prompt_ids_accepts_valid_or_names_the_field(ids, vocab, max_len,
+                                                           field):
+  ok = 1 <= len(ids) <= max_len and all(0 <= t < vocab for t in ids)
+  if ok:
+    out = check_prompt_ids(ids, vocab_size=vocab, max_prompt_len=max_len,
+                           field=field)
+    assert out == ids and all(type(t) is int for t in out)
+  else:
+    with pytest.raises(InvalidRequest) as info:
+      check_prompt_ids(ids, vocab_size=vocab, max_prompt_len=max_len,
+                       field=field)
+    assert info.value.field == field
+
+
+@FAST
+@given(st.data(), _vocab, st.integers(1, 64))
+def test_check_prompt_ids_never_refuses_a_valid_prompt(data, vocab, max_len):
+  ids = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1,
+                           max_size=max_len))
+  assert check_prompt_ids(tuple(ids), vocab_size=vocab,
+                          max_prompt_len=max_len) == ids
+
+
+# ====================================================================== text
+@FAST
+@given(st.text(alphabet=st.characters(codec=None), max_size=200))
+def test_check_text_accepts_any_nonempty_text(text):
+  if text:
+    assert check_text(text) is text
+  else:
+    with pytest.raises(InvalidRequest) as info:
+      check_text(text)
+    assert info.value.field == "text"
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(-2, 2), st.characters())
+def test_check_text_length_limit(offset, ch):
+  """Around the cap, built directly (hypothesis would not draw 4M chars)."""
+  text = ch * (MAX_TEXT_CHARS + offset)
+  if offset <= 0:
+    assert check_text(text) is text
+  else:
+    with pytest.raises(InvalidRequest) as info:
+      check_text(text)
+    assert info.value.field == "text"
+
+
+# ================================================================ request id
+# Python's definition of printable, restated by category, so the oracle is
+# not ``str.isprintable`` itself: request ids end up in logs and metrics
+# labels, where a newline or an escape sequence is an injection.
+_NON_PRINTABLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
+
+
+def _printable(s: str) -> bool:
+  return all(c == " " or unicodedata.category(c)
+             not in _NON_PRINTABLE_CATEGORIES for c in s)
+
+
+_request_ids = st.one_of(
+    st.text(alphabet=st.characters(codec=None), max_size=MAX_REQUEST_ID_LEN + 20),
+    st.text(alphabet=st.characters(categories=["Cc", "Cf", "Zl", "Zp", "Zs"]),
+            max_size=5),
+    st.integers(MAX_REQUEST_ID_LEN - 2, MAX_REQUEST_ID_LEN + 2).map(
+        lambda n: "r" * n),
+    st.sampled_from(["", " ", "a\nb", "a\x1b[2Jb", "\u2028", "id\x00",
+                     "\u200b", "req-1"]))
+
+
+@FAST
+@given(_request_ids)
+def test_check_request_id_accepts_valid_or_refuses(request_id):
+  ok = len(request_id) <= MAX_REQUEST_ID_LEN and _printable(request_id)
+  if not ok:
+    with pytest.raises(InvalidRequest) as info:
+      check_request_id(request_id)
+    assert info.value.field == "request_id"
+    return
+  out = check_request_id(request_id)
+  if request_id:
+    assert out == request_id
+  else:
+    # An empty id gets a generated one: unique enough, and itself valid.
+    assert len(out) == 16 and all(c in string.hexdigits for c in out)
+    assert check_request_id(out) == out
+
+
+@FAST
+@given(st.text(alphabet=string.ascii_letters + string.digits + "-_.:/ ",
+               max_size=MAX_REQUEST_ID_LEN))
+def test_check_request_id_never_refuses_a_valid_id(request_id):
+  out = check_request_id(request_id)
+  assert out == request_id or (not request_id and len(out) == 16)
+
+
+# ========================================================== KV allocator
+_HASHES = "abcd"   # a small alphabet, so registrations collide often
+
+
+class BlockPoolMachine(RuleBasedStateMachine):
+  """Drives a BlockPool and a reference model side by side.
+
+  The model is the pool's documented contract: each page free, in use or
+  cached; allocation takes free pages first, then cached ones least recently
+  used first (forgetting their content name); a lookup hit takes a
+  reference; ``available`` = free + cached - reserved. The test also plays
+  the sequences that own pages: it writes a fresh content tag into every
+  page it allocates and checks that a lookup hit returns a page still
+  holding what was registered under that hash (a page reused while
+  referenced or named would fail this).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.pool: BlockPool | None = None
+
+  @initialize(num_pages=st.integers(2, 10))
+  def init_pool(self, num_pages):
+    self.pool = BlockPool(num_pages)
+    self.n = num_pages
+    self.free_set = set(range(1, num_pages))
+    self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self.ref = [0] * num_pages
+    self.hash_of: dict[int, str] = {}
+    self.page_of: dict[str, int] = {}
+    self.reservations: list[int] = []   # each one held by some "sequence"
+    self.held: list[int] = []           # one entry per reference we own
+    self.content: dict[int, int] = {}   # page -> tag last written into it
+    self.tag_of_hash: dict[str, int] = {}
+    self.next_tag = 0
+
+  # ------------------------------------------------------------ helpers
+  @property
+  def m_reserved(self) -> int:
+    return sum(self.reservations)
+
+  @property
+  def m_available(self) -> int:
+    return len(self.free_set) + len(self.lru) - self.m_reserved
+
+  def _snapshot(self):
+    p = self.pool
+    return (p.num_free, p.num_cached, p.num_used, p.reserved, p.available,
+            tuple(p.ref_count(i) for i in range(self.n)),
+            tuple(p.contains(h) for h in _HASHES), p.stats["evictions"])
+
+  def _forget(self, page: int) -> None:
+    h = self.hash_of.pop(page, None)
+    if h is not None:
+      del self.page_of[h]
+      del self.tag_of_hash[h]
+
+  def _take(self, pages: list[int], n: int) -> None:
+    """Checks an allocation of n pages against the model and applies it."""
+    assert len(pages) == n
+    assert len(set(pages)) == n, f"a page handed out twice in one call: {pages}"
+    assert 0 not in pages, "the null page was handed out"
+    for page in pages:
+      assert page not in self.held, f"page {page} handed out while held"
+      assert self.ref[page] == 0
+    from_free = min(n, len(self.free_set))
+    assert set(pages[:from_free]) <= self.free_set, (
+        "cached pages were evicted while free ones were left")
+    oldest = list(self.lru)[:n - from_free]
+    assert pages[from_free:] == oldest, "eviction is not least recently used"
+    for page in pages[:from_free]:
+      self.free_set.remove(page)
+    for page in pages[from_free:]:
+      del self.lru[page]
+      self._forget(page)
+    for page in pages:
+      self.ref[page] = 1
+      self.held.append(page)
+      self.content[page] = self.next_tag   # the sequence writes its KV
+      self.next_tag += 1
+
+  def _release(self, page: int) -> None:
+    self.held.remove(page)
+    self.ref[page] -= 1
+    if self.ref[page] == 0:
+      if page in self.hash_of:
+        self.lru[page] = None
+      else:
+        self.free_set.add(page)
+
+  # -------------------------------------------------------------- rules
+  @precondition(lambda self: self.pool is not None)
+  @rule(n=st.integers(0, 11))
+  def reserve(self, n):
+    expected = n <= self.m_available
+    before = self._snapshot()
+    assert self.pool.reserve(n) == expected
+    if expected:
+      self.reservations.append(n)
+    else:
+      assert self._snapshot() == before, "a refused reserve changed the pool"
+
+  @precondition(lambda self: self.pool is not None and self.reservations)
+  @rule(i=st.integers(0, 100))
+  def unreserve(self, i):
+    n = self.reservations.pop(i % len(self.reservations))
+    self.pool.unreserve(n)
+
+  @precondition(lambda self: self.pool is not None and self.reservations)
+  @rule(i=st.integers(0, 100), data=st.data())
+  def allocate_reserved(self, i, data):
+    """A sequence draws k pages of its reservation; the rest stays held."""
+    r = self.reservations.pop(i % len(self.reservations))
+    k = data.draw(st.integers(0, r), label="k")
+    pages = self.pool.allocate(k, reserved=True)
+    if r - k:
+      self.reservations.append(r - k)
+    self._take(pages, k)
+
+  @precondition(lambda self: self.pool is not None)
+  @rule(n=st.integers(0, 11))
+  def allocate(self, n):
+    if n > self.m_available:
+      before = self._snapshot()
+      with pytest.raises(PoolExhausted):
+        self.pool.allocate(n)
+      assert self._snapshot() == before, "a refused allocate changed the pool"
+      return
+    self._take(self.pool.allocate(n), n)
+
+  @precondition(lambda self: self.pool is not None)
+  @rule(extra=st.integers(1, 3))
+  def allocate_too_many(self, extra):
+    """Beyond availability (reservations of others count): refused, and
+    the pool is exactly as before."""
+    n = max(self.m_available, 0) + extra
+    before = self._snapshot()
+    with pytest.raises(PoolExhausted):
+      self.pool.allocate(n)
+    assert self._snapshot() == before
+
+  @precondition(lambda self: self.pool is not None and self.held)
+  @rule(picks=st.lists(st.integers(0, 100), min_size=1, max_size=6,
+                       unique=True))
+  def free(self, picks):
+    idx = sorted({i % len(self.held) for i in picks})
+    pages = [self.held[i] for i in idx]
+    self.pool.free(pages)
+    for page in pages:
+      self._release(page)
+
+  @precondition(lambda self: self.pool is not None and self.held)
+  @rule(i=st.integers(0, 100), h=st.sampled_from(_HASHES),
+        swap=st.booleans())
+  def register(self, i, h, swap):
+    page = self.held[i % len(self.held)]
+    if h in self.page_of:
+      expected = self.page_of[h]
+    elif page in self.hash_of:
+      expected = page    # already named by its own content: unchanged
+    else:
+      expected = page
+      self.hash_of[page] = h
+      self.page_of[h] = page
+      self.tag_of_hash[h] = self.content[page]
+    assert self.pool.register(page, h) == expected
+    if swap and expected != page and self._lookup(h) is not None:
+      # What a sequence does when another page already has its content:
+      # take a reference to that one and drop its own.
+      self.pool.free([page])
+      self._release(page)
+
+  @precondition(lambda self: self.pool is not None)
+  @rule(h=st.sampled_from(_HASHES))
+  def lookup(self, h):
+    self._lookup(h)
+
+  def _lookup(self, h: str) -> int | None:
+    expected = self.page_of.get(h)
+    if (expected is not None and self.ref[expected] == 0
+        and self.m_available < 1):
+      # Reviving a cached page uses one page of availability; when every
+      # page is promised to a reservation, the hit must be a miss, or a
+      # reserved sequence would later find the pool empty.
+      expected = None
+    got = self.pool.lookup(h)
+    assert got == expected
+    if got is None:
+      return None
+    assert got != 0
+    assert self.content[got] == self.tag_of_hash[h], (
+        f"lookup({h!r}) returned page {got}, whose content was overwritten")
+    if self.ref[got] == 0:
+      del self.lru[got]
+    self.ref[got] += 1
+    self.held.append(got)
+    return got
+
+  @precondition(lambda self: self.pool is not None)
+  @rule()
+  def evict_all(self):
+    expected = len(self.lru)
+    assert self.pool.evict_all() == expected
+    for page in list(self.lru):
+      self._forget(page)
+      self.free_set.add(page)
+    self.lru.clear()
+    # Pages still referenced keep their names: they were not evicted.
+    for page in self.hash_of:
+      assert self.ref[page] > 0
+
+  @precondition(lambda self: self.pool is not None)
+  @rule()
+  def release_everything(self):
+    """Every sequence finishes: nothing may be left in use or reserved
+    (the soak test's "every allocation back to zero", in miniature)."""
+    self.pool.free(list(self.held))
+    for page in list(self.held):
+      self._release(page)
+    for n in self.reservations:
+      self.pool.unreserve(n)
+    self.reservations.clear()
+    assert self.pool.num_used == 0 and self.pool.reserved == 0
+    assert self.pool.num_free + self.pool.num_cached == self.pool.capacity
+
+  # --------------------------------------------------------- invariants
+  @invariant()
+  def pool_matches_model(self):
+    if self.pool is None:
+      return
+    p = self.pool
+    p.check_invariants()
+    assert p.available == p.num_free + p.num_cached - p.reserved
+    # Every reservation can still be honoured in full.
+    assert p.available >= 0, "a reservation was broken"
+    assert p.available == self.m_available
+    assert p.reserved == self.m_reserved
+    assert p.num_free == len(self.free_set)
+    assert p.num_cached == len(self.lru)
+    assert p.ref_count(0) == 0
+    counts = collections.Counter(self.held)
+    for page in range(1, self.n):
+      assert p.ref_count(page) == self.ref[page] == counts[page], page
+    for h in _HASHES:
+      assert p.contains(h) == (h in self.page_of)
+
+
+def test_lookup_does_not_take_a_page_promised_to_a_reservation():
+  """The sequence hypothesis found (shrunk): a cached page counted in
+  ``available`` is reserved by one request, then revived by another's prefix
+  lookup, leaving reserved > free + cached, so the first request's
+  ``allocate(reserved=True)`` would raise PoolExhausted mid-generation."""
+  pool = BlockPool(9)                    # 8 usable pages
+  a, _ = pool.allocate(2)
+  pool.register(a, "h")
+  pool.free([a])                         # cached: 6 free + 1 cached
+  assert pool.available == 7 and pool.reserve(7)
+  assert pool.available == 0
+  assert pool.lookup("h") is None        # promised: a miss, not a hit
+  pool.check_invariants()
+  got = pool.allocate(7, reserved=True)  # the promise holds
+  assert len(got) == 7 and a in got and pool.reserved == 0
+  pool.check_invariants()
+
+
+BlockPoolMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestBlockPool = BlockPoolMachine.TestCase
+
+
+# ============================================================== lease table
+class _FakeClock:
+
+  def __init__(self):
+    self.now = 1000.0
+
+  def monotonic(self) -> float:
+    return self.now
+
+
+_lease_ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 1 << 20)),
+    st.tuples(st.just("pop"), st.integers(0, 100)),
+    st.tuples(st.just("get"), st.integers(0, 100)),
+    st.tuples(st.just("advance"), st.floats(0, 30)),
+    st.tuples(st.just("reap"), st.just(0))), max_size=60)
+
+
+@FAST
+@given(st.sampled_from([0.0, 0.5, 5.0, 10.0]), _lease_ops)
+def test_lease_table_frees_every_lease_exactly_once(ttl, ops):
+  clock = _FakeClock()
+  freed = collections.Counter()
+  freed_value = {}
+
+  def on_free(key, value):
+    freed[key] += 1
+    freed_value[key] = value
+
+  with pytest.MonkeyPatch.context() as mp:
+    # Only base.py's view of the clock: hypothesis and logging keep theirs.
+    mp.setattr(transfer_base, "time",
+               types.SimpleNamespace(monotonic=clock.monotonic))
+    table = LeaseTable(ttl, on_free=on_free)
+    live: dict[str, tuple[object, float, int]] = {}
+    values: dict[str, object] = {}
+    reaped = 0
+    for op, arg in ops:
+      if op == "put":
+        key = f"t{len(values)}"    # transfer ids are unique
+        value, nbytes = object(), arg
+        table.put(key, value, nbytes)
+        values[key] = value
+        live[key] = (value, clock.now + ttl, nbytes)
+      elif op in ("pop", "get"):
+        # A key put earlier (live or already freed) or one never issued.
+        keys = list(values) + ["never-issued"]
+        key = keys[arg % len(keys)]
+        want = live[key][0] if key in live else None
+        if op == "get":
+          assert table.get(key) is want
+          assert freed[key] == (key in values and key not in live)
+        else:
+          assert table.pop(key) is want
+          live.pop(key, None)
+      elif op == "advance":
+        clock.now += arg
+      else:
+        due = {k for k, (_, deadline, _) in live.items()
+               if deadline < clock.now}
+        before = dict(freed)
+        assert table.reap() == len(due)
+        reaped += len(due)
+        for k in due:
+          del live[k]
+        newly = {k for k in freed if freed[k] != before.get(k, 0)}
+        assert newly == due, "reap freed something not past its deadline"
+      assert len(table) == len(live)
+      assert table.nbytes == sum(nb for _, _, nb in live.values())
+      for k in values:
+        assert freed[k] == (0 if k in live else 1), k
+    assert table.expired == reaped
+
+    # Every lease is eventually freed: past every deadline, reap takes the
+    # rest, each once, with the value it was put with.
+    clock.now += ttl + 1
+    assert table.reap() == len(live)
+    assert len(table) == 0 and table.nbytes == 0
+    assert set(freed) == set(values)
+    assert all(n == 1 for n in freed.values())
+    assert all(freed_value[k] is values[k] for k in values)
+
+
+def test_lease_table_reap_is_strictly_after_the_deadline():
+  clock = _FakeClock()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(transfer_base, "time",
+               types.SimpleNamespace(monotonic=clock.monotonic))
+    freed = []
+    table = LeaseTable(5.0, on_free=lambda k, v: freed.append(k))
+    table.put("a", 1)
+    clock.now += 5.0          # exactly at the deadline: still held
+    assert table.reap() == 0 and table.get("a") == 1
+    clock.now += 1e-6
+    assert table.reap() == 1 and freed == ["a"]
+    assert table.pop("a") is None and freed == ["a"]  # not freed twice
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LeaseTable.put over a live key drops the old value without on_free; "
+    "latent (no transport passes on_free today and transfer ids are "
+    "unique), see tests/test_properties.py report"))
+def test_lease_table_put_over_a_live_key_frees_the_old_value():
+  freed = []
+  table = LeaseTable(60.0, on_free=lambda k, v: freed.append(v))
+  table.put("t", "first")
+  table.put("t", "second")
+  table.pop("t")
+  assert sorted(freed) == ["first", "second"]
