@@ -29,6 +29,10 @@ class PoolConfig:
   num_pages: int = 512
   steps_per_call: int = 4
   table_buckets: tuple[int, ...] = ()
+  # Prefix caching: pages of the prefill worker's block store (0: off), and
+  # whether decode workers keep finished sequences' blocks for reuse.
+  cache_pages: int = 0
+  prefix_caching: bool = False
 
 
 @dataclasses.dataclass
@@ -83,7 +87,8 @@ class DeploymentConfig:
     return DecodeConfig(max_seqs=d.max_seqs, page_size=self.page_size,
                         num_pages=d.num_pages, max_seq_len=self.max_seq_len,
                         steps_per_call=d.steps_per_call,
-                        table_buckets=tuple(d.table_buckets))
+                        table_buckets=tuple(d.table_buckets),
+                        prefix_caching=d.prefix_caching)
 
 
 __all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR"]

@@ -70,6 +70,12 @@ KV_TTL = flags.DEFINE_float(
 DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout_s", 60.0, "On SIGTERM, how long running requests may take "
     "to finish before they are cancelled.")
+PREFIX_CACHE_PAGES = flags.DEFINE_integer(
+    "prefix_cache_pages", None, "Prefill worker: pages of its prefix-cache "
+    "block store (0: off; default: the deployment's [prefill] cache_pages).")
+PREFIX_CACHING = flags.DEFINE_bool(
+    "prefix_caching", None, "Decode worker: keep finished sequences' KV "
+    "blocks for requests sharing a prefix (default: the deployment's).")
 FAULT_DROP_KV = flags.DEFINE_float(
     "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs a "
     "prefill worker silently drops (exercises the recovery path).")

@@ -10,6 +10,7 @@ file. A worker reports ready only when serving can no longer compile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -118,8 +119,15 @@ async def serve(role: str) -> None:
       from pdjax.engine.prefill import PrefillEngine
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
+      cache_pages = (F.PREFIX_CACHE_PAGES.value
+                     if F.PREFIX_CACHE_PAGES.value is not None
+                     else dep.prefill.cache_pages)
+      store = None
+      if cache_pages:
+        from pdjax.engine.prefix_cache import PrefillKVStore
+        store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size)
       engine = PrefillEngine(params, cfg, mesh, rules,
-                             dep.prefill_engine_config())
+                             dep.prefill_engine_config(), prefix_store=store)
       if F.WARMUP.value:
         engine.warmup()
       sender = _sender(transport, mesh, sec, exchange)
@@ -135,9 +143,12 @@ async def serve(role: str) -> None:
       from pdjax.engine.colocated import ColocatedEngine
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
                                                 KvTransferServicer)
+      dcfg = dep.decode_engine_config()
+      if F.PREFIX_CACHING.value is not None:
+        dcfg = dataclasses.replace(dcfg, prefix_caching=F.PREFIX_CACHING.value)
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
-          dep.prefill_engine_config(dep.decode), dep.decode_engine_config(),
+          dep.prefill_engine_config(dep.decode), dcfg,
           max_waiting=F.MAX_QUEUE.value)
       if F.WARMUP.value:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())

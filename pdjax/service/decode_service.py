@@ -107,6 +107,8 @@ class DecodeWorker:
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
     self.loop = EngineLoop(engine, on_tick=self._tick)
+    self._seen_cached = 0
+    self._seen_computed = 0
 
   def start(self) -> None:
     self.loop.start()
@@ -130,6 +132,17 @@ class DecodeWorker:
     m.kv_live.labels("staged_transfers").set(self.receiver.live())
     m.running.set(usage["rows_live"])
     m.queue_length.set(self.engine.num_waiting)
+    for stat in ("hits", "misses", "evictions"):
+      m.cache_blocks.labels("decode", stat).set(
+          sum(rep.pool.stats[stat] for rep in self.engine.decode.replicas))
+    # Local prefill (colocated / short prompts): counters advance by the
+    # engines' totals since the last tick.
+    cached = sum(p.stats["cached_tokens"] for p in self.engine.prefill)
+    computed = sum(p.stats["prompt_tokens"] for p in self.engine.prefill
+                   ) - cached
+    m.prefill_tokens.labels("cache").inc(cached - self._seen_cached)
+    m.prefill_tokens.labels("computed").inc(computed - self._seen_computed)
+    self._seen_cached, self._seen_computed = cached, computed
 
   def active(self) -> int:
     """Requests still being served (drain waits for zero)."""
@@ -171,9 +184,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "transfer_id: is required")
     try:
+      ids = list(request.prompt_token_ids) or None
+      if ids is not None and len(ids) != request.prompt_tokens:
+        raise InvalidRequest("prompt_token_ids", "length differs from "
+                             "prompt_tokens")
       res = w.engine.decode.reserve(request.request_id, request.prompt_tokens,
                                     request.max_tokens,
-                                    transfer_id=request.transfer_id)
+                                    transfer_id=request.transfer_id,
+                                    prompt_ids=ids,
+                                    cache_salt=request.cache_salt)
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if res is None:
@@ -182,7 +201,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           "worker")
     w.receiver.expect(request.transfer_id, request.request_id,
                       max_pages=res.pages)
-    resp = decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages)
+    resp = decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages,
+                                      cached_blocks=res.cached_blocks)
     # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
     # Lend a CUDA IPC landing region for this transfer when the receiver has
     # a pool; receiver.forget (Unreserve, expiry, failure) returns it.
@@ -248,7 +268,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequest("forced_first_token", "outside the "
                                  "vocabulary")
           engine.submit(rid, ids, sampling, callback, request.seed,
-                        forced_first_token=forced)
+                        forced_first_token=forced,
+                        cache_salt=request.cache_salt)
           submitted = True
         except InvalidRequest as e:
           await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -290,7 +311,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           asyncio.ensure_future(self._confirm(request.kv))
         engine.decode.submit(DecodeRequest(
             rid, ids, request.first_token, request.first_logprob, kv,
-            sampling, request.seed, callback, reservation=res))
+            sampling, request.seed, callback, reservation=res,
+            cache_salt=request.cache_salt))
         submitted = True
         w.loop.wake()
       first = True

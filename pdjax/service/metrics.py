@@ -61,6 +61,18 @@ class Metrics:
         "pdjax_kv_live_allocations",
         "KV allocations alive by owner (must return to 0 when idle).",
         ["owner"], registry=r)
+    self.prefill_tokens = Counter(
+        "pdjax_prefill_tokens_total",
+        "Prompt tokens by where their KV came from: computed or a cache.",
+        ["source"], registry=r)
+    self.cache_blocks = Gauge(
+        "pdjax_prefix_cache_blocks",
+        "Prefix-cache block lookups and evictions (cumulative) by pool.",
+        ["pool", "stat"], registry=r)
+    self.kv_skipped_bytes = Counter(
+        "pdjax_kv_transfer_skipped_bytes_total",
+        "KV bytes not sent because the decode worker already held them.",
+        ["transport"], registry=r)
     self.tokens = Counter(
         "pdjax_generated_tokens_total", "Tokens generated.", registry=r)
     self.compilations = Gauge(

@@ -104,6 +104,11 @@ class PrefillWorker:
       try:
         self.sender.reap()
         self.metrics.kv_live.labels("prefill_held").set(self.sender.live())
+        store = self.engine.prefix_store
+        if store is not None:
+          for stat in ("hits", "misses", "evictions"):
+            self.metrics.cache_blocks.labels("prefill", stat).set(
+                store.pool.stats[stat])
         self.metrics.running.set(self._running)
       except Exception:  # noqa: BLE001
         log.exception("KV reaper failed")
@@ -181,6 +186,10 @@ class PrefillWorker:
         continue
       elapsed = time.perf_counter() - t0
       self.metrics.prefill_time.observe(elapsed)
+      for r in results:
+        self.metrics.prefill_tokens.labels("cache").inc(r.cached_tokens)
+        self.metrics.prefill_tokens.labels("computed").inc(
+            r.prompt_len - r.cached_tokens)
       for j, r in zip(live, results):
         self._pool.submit(self._hand_off, j, r, elapsed)
 
@@ -203,6 +212,10 @@ class PrefillWorker:
       transfer_s = time.perf_counter() - t0
       name = self.sender.name
       self.metrics.transfer_bytes.labels(name, "sent").inc(result.kv.nbytes)
+      if result.kv.first_page:
+        per_page = result.kv.kv.nbytes // result.kv.kv.shape[2]
+        self.metrics.kv_skipped_bytes.labels(name).inc(
+            per_page * result.kv.first_page)
       self.metrics.transfer_time.labels(name, "sent").observe(transfer_s)
       job.resolve(prefill_pb2.PrefillResponse(
           first_token=result.first_token, first_logprob=result.first_logprob,
@@ -243,7 +256,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     remaining = context.time_remaining()
     loop = asyncio.get_running_loop()
     job = _Job(PrefillRequest(request.request_id, ids, sampling,
-                              request.seed),
+                              request.seed, cache_salt=request.cache_salt,
+                              skip_pages=request.destination.skip_pages),
                request.destination,
                None if remaining is None else time.monotonic() + remaining,
                loop.create_future(), loop)

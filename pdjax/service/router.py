@@ -110,6 +110,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     if info is None:
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no worker has joined yet")
     rid = validation.check_request_id(request.request_id)
+    validation.check_cache_salt(request.cache_salt)
     sampling = validation.sampling_from_proto(request.sampling,
                                               vocab_size=info.vocab_size)
     which = request.WhichOneof("prompt")
@@ -156,7 +157,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     first_at = None
     last_at = None
     outcome = "error"
-    route = self._route(rid, ids, sampling, seed, context, usage)
+    route = self._route(rid, ids, sampling, seed, context, usage,
+                        request.cache_salt)
     try:
       async for msg in route:
         now = time.perf_counter()
@@ -213,7 +215,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     return remaining if default is None else min(default, remaining)
 
   async def _route(self, rid, ids, sampling: SamplingParams, seed: int,
-                   context, usage: common_pb2.Usage):
+                   context, usage: common_pb2.Usage, salt: str = ""):
     """Yields DecodeResponse-like messages (token_ids, logprobs,
     finish_reason) for the request, choosing and retrying workers."""
     reg = self.registry
@@ -228,10 +230,11 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         if local:
           d = await self._pick_decode(tried_d, context)
           tried_d.add(d.address)
-          stream = self._local(d, rid, ids, sampling, seed, context, usage)
+          stream = self._local(d, rid, ids, sampling, seed, context, usage,
+                               salt)
         else:
           stream = self._disaggregated(rid, ids, sampling, seed, context,
-                                       usage, tried_p, tried_d)
+                                       usage, tried_p, tried_d, salt)
         async for msg in stream:
           started = True
           yield msg
@@ -262,19 +265,20 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     tokens = min(prompt_len + sampling.max_tokens, info.max_seq_len)
     return -(-tokens // max(info.page_size, 1))
 
-  async def _local(self, d: Worker, rid, ids, sampling, seed, context, usage):
+  async def _local(self, d: Worker, rid, ids, sampling, seed, context, usage,
+                   salt=""):
     usage.decode_worker = d.address
     # Seen by the next pick before the worker's own accounting is polled.
     d.reserved_pages += self._page_estimate(len(ids), sampling)
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,
         sampling=validation.sampling_to_proto(sampling), seed=seed,
-        local_prefill=True)
+        local_prefill=True, cache_salt=salt)
     async for msg in self._stream_decode(d, req, context, usage,
                                          first_token_sent=False):
       yield msg
 
-  async def _reserve(self, rid, ids, sampling, context, tried_d):
+  async def _reserve(self, rid, ids, sampling, context, tried_d, salt=""):
     """Reserves on the decode worker with most room; waits for room when
     the policy is to queue."""
     deadline = time.monotonic() + self.config.queue_timeout_s
@@ -289,7 +293,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       try:
         res = await d.stub.Reserve(decode_pb2.ReserveRequest(
             request_id=rid, prompt_tokens=len(ids),
-            max_tokens=sampling.max_tokens, transfer_id=transfer_id),
+            max_tokens=sampling.max_tokens, transfer_id=transfer_id,
+            prompt_token_ids=ids, cache_salt=salt),
             timeout=self._timeout(context, self.registry.rpc_timeout_s))
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
@@ -309,9 +314,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                       retry=e.code() in _RETRYABLE, worker=d) from e
 
   async def _disaggregated(self, rid, ids, sampling, seed, context, usage,
-                           tried_p, tried_d):
+                           tried_p, tried_d, salt=""):
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
-                                              tried_d)
+                                              tried_d, salt)
     usage.decode_worker = d.address
     info = d.info
     p = self.registry.pick_prefill(tried_p)
@@ -334,12 +339,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       dest.ipc_bytes = res.ipc_bytes
       dest.ipc_deadline_ms = res.ipc_deadline_ms
     # --- end fast path -----------------------------------------------------
+    dest.skip_pages = res.cached_blocks
     p.inflight += 1
     try:
       pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
           request_id=rid, prompt_token_ids=ids,
           sampling=validation.sampling_to_proto(sampling), seed=seed,
-          destination=dest),
+          destination=dest, cache_salt=salt),
           timeout=self._timeout(context))
     except grpc.aio.AioRpcError as e:
       await self._unreserve(d, rid)
@@ -364,7 +370,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         request_id=rid, prompt_token_ids=ids,
         sampling=validation.sampling_to_proto(sampling), seed=seed,
         first_token=pre.first_token, first_logprob=pre.first_logprob,
-        kv=handle)
+        kv=handle, cache_salt=salt)
     try:
       async for msg in self._stream_decode(d, req, context, usage,
                                            first_token_sent=True,
@@ -386,7 +392,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,
         sampling=validation.sampling_to_proto(sampling), seed=seed,
-        local_prefill=True, forced_first_token=pre.first_token)
+        local_prefill=True, forced_first_token=pre.first_token,
+        cache_salt=salt)
     async for msg in self._stream_decode(d2, req, context, usage,
                                          first_token_sent=True):
       yield msg

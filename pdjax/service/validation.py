@@ -82,6 +82,16 @@ def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
   return ids
 
 
+MAX_CACHE_SALT_LEN = 256
+
+
+def check_cache_salt(salt: str) -> str:
+  if len(salt) > MAX_CACHE_SALT_LEN:
+    raise InvalidRequest("cache_salt", f"longer than {MAX_CACHE_SALT_LEN} "
+                         "characters")
+  return salt
+
+
 def check_text(text: str) -> str:
   if not text:
     raise InvalidRequest("text", "is empty; send a prompt")
@@ -103,6 +113,6 @@ def resolve_seed(s: SamplingParams) -> int:
   return s.seed_u32(secrets.randbits(32))
 
 
-__all__ = ["sampling_from_proto", "sampling_to_proto", "check_request_id",
+__all__ = ["check_cache_salt", "sampling_from_proto", "sampling_to_proto", "check_request_id",
            "check_prompt_ids", "check_text", "check_budget", "resolve_seed",
            "DEFAULT_MAX_TOKENS"]

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvDestination(_message.Message):
-    __slots__ = ("transport", "transfer_id", "decode_address", "replica", "decode_process_id", "decode_tp", "ipc_handle", "ipc_offset", "ipc_bytes", "decode_hostname", "ipc_deadline_ms")
+    __slots__ = ("transport", "transfer_id", "decode_address", "replica", "decode_process_id", "decode_tp", "ipc_handle", "ipc_offset", "ipc_bytes", "decode_hostname", "ipc_deadline_ms", "skip_pages")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class KvDestination(_message.Message):
     IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECODE_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
     transport: str
     transfer_id: str
     decode_address: str
@@ -30,7 +31,8 @@ class KvDestination(_message.Message):
     ipc_bytes: int
     decode_hostname: str
     ipc_deadline_ms: int
-    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., replica: _Optional[int] = ..., decode_process_id: _Optional[str] = ..., decode_tp: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., decode_hostname: _Optional[str] = ..., ipc_deadline_ms: _Optional[int] = ...) -> None: ...
+    skip_pages: int
+    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., replica: _Optional[int] = ..., decode_process_id: _Optional[str] = ..., decode_tp: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., decode_hostname: _Optional[str] = ..., ipc_deadline_ms: _Optional[int] = ..., skip_pages: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
     __slots__ = ("transport", "transfer_id", "num_tokens", "first_page", "shape", "dtype", "transfer_address", "pull_uuid", "shards", "prefill_address")
