@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 
 class PoolExhausted(RuntimeError):
@@ -28,7 +28,8 @@ class PoolExhausted(RuntimeError):
 
 class BlockPool:
 
-  def __init__(self, num_pages: int):
+  def __init__(self, num_pages: int,
+               on_event: Callable[[str, Hashable], None] | None = None):
     if num_pages < 2:
       raise ValueError(f"a KV pool needs at least 2 pages, got {num_pages}")
     self.num_pages = num_pages
@@ -43,6 +44,13 @@ class BlockPool:
     self._reserved = 0
     self._lock = threading.RLock()
     self.stats = collections.Counter()
+    # KV-aware routing (pdjax.engine.cache_events): told ("stored", hash)
+    # when a hash is first named here and ("evicted", hash) when forgotten.
+    self._on_event = on_event
+    # --- host KV tier (pdjax.engine.host_tier): on_evict(page, hash) is
+    # called inside allocate for each cached page it takes back, before the
+    # page is handed out, so the owner can queue a copy of its content. ---
+    self.on_evict: Callable[[int, Hashable], None] | None = None
 
   # ---------------------------------------------------------------- counts
   @property
@@ -104,8 +112,11 @@ class BlockPool:
           page = self._free.popleft()
         else:
           page, _ = self._evictable.popitem(last=False)
+          evicted_hash = self._hash_of.get(page)   # host KV tier
           self._forget(page)
           self.stats["evictions"] += 1
+          if self.on_evict is not None:            # host KV tier
+            self.on_evict(page, evicted_hash)
         self._ref[page] = 1
         out.append(page)
       return out
@@ -166,6 +177,8 @@ class BlockPool:
         return page
       self._hash_of[page] = block_hash
       self._page_of[block_hash] = page
+      if self._on_event is not None:
+        self._on_event("stored", block_hash)
       return page
 
   def evict_all(self) -> int:
@@ -182,6 +195,8 @@ class BlockPool:
     h = self._hash_of.pop(page, None)
     if h is not None:
       self._page_of.pop(h, None)
+      if self._on_event is not None:
+        self._on_event("evicted", h)
 
   def check_invariants(self) -> None:
     """For tests: every page is in exactly one state."""

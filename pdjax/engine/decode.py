@@ -39,6 +39,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from pdjax.engine.block_pool import BlockPool
+from pdjax.engine import host_tier  # host KV tier
+from pdjax.engine.cache_events import CacheEventLog
 from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
@@ -70,8 +72,14 @@ class DecodeConfig:
   # that share a prefix (they are evicted, least recently used first, only
   # when pages are needed).
   prefix_caching: bool = False
+  # Host KV tier (pdjax.engine.host_tier): blocks evicted from the pool are
+  # kept in host memory, up to this many, and uploaded back on a later hit
+  # instead of recomputed. 0 = off; needs prefix_caching.
+  host_cache_blocks: int = 0
 
   def __post_init__(self):
+    if self.host_cache_blocks < 0:
+      raise ValueError(f"host_cache_blocks {self.host_cache_blocks} < 0")
     if self.max_seq_len % self.page_size:
       raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
                        f"page_size {self.page_size}")
@@ -237,7 +245,8 @@ class DecodeReplica:
 
   def __init__(self, index: int, params: Params, cfg: ModelConfig,
                mesh: Mesh, rules: ShardingRules, dcfg: DecodeConfig,
-               eos_ids: Sequence[int], programs: "_Programs"):
+               eos_ids: Sequence[int], programs: "_Programs",
+               on_cache_event=None):
     self.index = index
     self.params = params
     self.cfg = cfg
@@ -245,7 +254,7 @@ class DecodeReplica:
     self.dcfg = dcfg
     self.eos_ids = tuple(eos_ids)
     self.programs = programs
-    self.pool = BlockPool(dcfg.num_pages)
+    self.pool = BlockPool(dcfg.num_pages, on_event=on_cache_event)
     # Prefix caching: blocks are named by content (None: off).
     self.fingerprint = (layout_fingerprint(cfg, dcfg.page_size)
                         if dcfg.prefix_caching else None)
@@ -264,6 +273,11 @@ class DecodeReplica:
         done=self.replicated)
     self.state = jax.jit(functools.partial(_init_state, cfg, dcfg),
                          out_shardings=state_sharding)()
+    # --- host KV tier: evicted cached blocks go to host memory ---
+    self.host_tier = host_tier.make_link(
+        dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
+        cfg, dcfg.page_size, lambda: (self.state.k, self.state.v),
+        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)))
     self.rows: list[_Row | None] = [None] * B
     self.page_table = np.zeros((B, M), np.int32)
     self.active = np.zeros((B,), bool)
@@ -319,6 +333,7 @@ class DecodeReplica:
     for i in range(min(n_payload, n_prompt - first)):
       if first + i >= len(cached):
         dest[i] = pages[first + i]
+    host_tier.flush(self.host_tier)   # queued tier copies go first
     self.state = self.programs.insert(
         self.state, kv.kv, jax.device_put(dest, self.replicated),
         np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
@@ -432,6 +447,8 @@ class DecodeReplica:
       for _ in range(2):
         self.state = self.programs.insert(self.state, kv, dest, zero, zero,
                                           zero)
+    if self.host_tier is not None:   # host KV tier programs
+      self.host_tier.warmup()
     for width in self.dcfg.widths:
       slots = self._slot_inputs(width)
       for _ in range(2):
@@ -442,6 +459,7 @@ class DecodeReplica:
   def dispatch(self):
     """Launches one generate call; returns (outputs, row owners)."""
     self._grow()
+    host_tier.flush(self.host_tier)   # queued tier copies go first
     slots = self._slot_inputs()
     self.state, out = self.programs.generate(self.params, self.state, slots)
     owners = [None if r is None else r.request.request_id for r in self.rows]
@@ -466,13 +484,8 @@ class ReplicaPrefixStore:
                         salt)
 
   def match(self, hashes) -> list[int]:
-    pages = []
-    for h in hashes:
-      page = self.replica.pool.lookup(h)
-      if page is None:
-        break
-      pages.append(page)
-    return pages
+    return host_tier.match_with_tier(self.replica.pool, hashes,
+                                     self.replica.host_tier)
 
   def release(self, pages) -> None:
     self.replica.pool.free(pages)
@@ -480,6 +493,7 @@ class ReplicaPrefixStore:
   def gather_into(self, pages, k_buf, v_buf):
     table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)
     table[:len(pages)] = pages
+    host_tier.flush(self.replica.host_tier)   # promoted pages land first
     st = self.replica.state
     return self._gather(st.k, st.v, jax.device_put(
         table, self.replica.replicated), k_buf, v_buf)
@@ -534,6 +548,8 @@ class DecodeEngine:
     self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     self.programs = _Programs(cfg, dcfg, self.eos_ids)
     sub_rules = rules.without("dp")
+    # KV-aware routing: every replica's block-set changes, for the router.
+    self.cache_events = (CacheEventLog() if dcfg.prefix_caching else None)
     self.replicas: list[DecodeReplica] = []
     from pdjax.model.llama import param_shapes
     specs = jax.tree.map(
@@ -543,8 +559,10 @@ class DecodeEngine:
     for i, sub in enumerate(replica_meshes(mesh, "dp")):
       view = jax.tree.map(lambda x, s, sub=sub: replica_view(x, sub, s),
                           params, specs)
-      self.replicas.append(DecodeReplica(i, view, cfg, sub, sub_rules, dcfg,
-                                         self.eos_ids, self.programs))
+      self.replicas.append(DecodeReplica(
+          i, view, cfg, sub, sub_rules, dcfg, self.eos_ids, self.programs,
+          on_cache_event=(self.cache_events.on_event
+                          if self.cache_events else None)))
     self._lock = threading.Lock()
     self._inbox: collections.deque[_Pending] = collections.deque()
     self._cancelled: set[str] = set()
@@ -603,12 +621,7 @@ class DecodeEngine:
         rep = self.replicas[i]
         if rep.free_rows - pending_rows[i] <= 0:
           continue
-        pages = []
-        for h in hashes:
-          page = rep.pool.lookup(h)
-          if page is None:
-            break
-          pages.append(page)
+        pages = host_tier.match_with_tier(rep.pool, hashes, rep.host_tier)
         n = rep.budget_pages(prompt_len, max_tokens) - len(pages)
         if rep.pool.reserve(n):
           res = Reservation(request_id, i, n, transfer_id=transfer_id,

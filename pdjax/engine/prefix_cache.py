@@ -28,6 +28,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pdjax.engine.block_pool import BlockPool
+from pdjax.engine import host_tier  # host KV tier
+from pdjax.engine.cache_events import CacheEventLog
 from pdjax.model.config import ModelConfig
 from pdjax.sharding import ShardingRules
 
@@ -110,10 +112,14 @@ class PrefillKVStore:
   """The prefill worker's block cache (device pool + names)."""
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules,
-               num_pages: int, page_size: int):
+               num_pages: int, page_size: int, host_cache_blocks: int = 0):
+    """``host_cache_blocks``: blocks evicted from the device pool are kept
+    in host memory, up to this many (``pdjax.engine.host_tier``; 0: off)."""
     self.cfg = cfg
     self.page_size = page_size
-    self.pool = BlockPool(num_pages)
+    # KV-aware routing: this store's block-set changes, for the router.
+    self.cache_events = CacheEventLog()
+    self.pool = BlockPool(num_pages, on_event=self.cache_events.on_event)
     self.fingerprint = layout_fingerprint(cfg, page_size)
     shape = (cfg.num_layers * num_pages, page_size, cfg.num_kv_heads,
              cfg.head_dim)
@@ -130,6 +136,13 @@ class PrefillKVStore:
     self._store_kv = jax.jit(functools.partial(_store_kv_pages,
                                                num_layers=L),
                              donate_argnums=(0, 1))
+    # --- host KV tier: evicted cached blocks go to host memory ---
+    self.host_tier = host_tier.make_link(
+        host_cache_blocks, self.pool, cfg, page_size,
+        lambda: (self.k, self.v), self._set_pools)
+
+  def _set_pools(self, k, v) -> None:   # host KV tier
+    self.k, self.v = k, v
 
   def hashes(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
     return block_hashes(token_ids, self.page_size, self.fingerprint, salt)
@@ -137,13 +150,7 @@ class PrefillKVStore:
   def match(self, hashes: Sequence[bytes]) -> list[int]:
     """Pages of the longest cached prefix of ``hashes``, each pinned (one
     reference taken): the caller must ``release`` them."""
-    pages = []
-    for h in hashes:
-      page = self.pool.lookup(h)
-      if page is None:
-        break
-      pages.append(page)
-    return pages
+    return host_tier.match_with_tier(self.pool, hashes, self.host_tier)
 
   def release(self, pages: Sequence[int]) -> None:
     self.pool.free(pages)
@@ -153,6 +160,7 @@ class PrefillKVStore:
     masked garbage the chunks overwrite). Consumes the buffers given."""
     table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)
     table[:len(pages)] = pages
+    host_tier.flush(self.host_tier)   # promoted pages land first
     return self._gather(self.k, self.v, jnp.asarray(table), k_buf, v_buf)
 
   def _claim(self, hashes: Sequence[bytes], first: int, table: np.ndarray
@@ -181,6 +189,7 @@ class PrefillKVStore:
     table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)
     new = self._claim(hashes, first, table)
     if new:
+      host_tier.flush(self.host_tier)   # evicted pages are read first
       self.k, self.v = self._store(self.k, self.v, k_buf, v_buf,
                                    jnp.asarray(table))
       self.pool.free(new)   # unreferenced now: cached, evictable
@@ -191,6 +200,7 @@ class PrefillKVStore:
     table = np.zeros((kv.shape[2],), np.int32)
     new = self._claim(hashes, 0, table)
     if new:
+      host_tier.flush(self.host_tier)   # evicted pages are read first
       self.k, self.v = self._store_kv(self.k, self.v, kv, jnp.asarray(table))
       self.pool.free(new)
     return len(new)
@@ -210,6 +220,8 @@ class PrefillKVStore:
                      device=engine.kv_sharding(n))
       self.k, self.v = self._store_kv(self.k, self.v, kv,
                                       jnp.zeros((n,), jnp.int32))
+    if self.host_tier is not None:   # host KV tier programs
+      self.host_tier.warmup()
     jax.block_until_ready((self.k, self.v))
 
 

@@ -73,6 +73,11 @@ DRAIN_TIMEOUT = flags.DEFINE_float(
 PREFIX_CACHE_PAGES = flags.DEFINE_integer(
     "prefix_cache_pages", None, "Prefill worker: pages of its prefix-cache "
     "block store (0: off; default: the deployment's [prefill] cache_pages).")
+HOST_CACHE_BLOCKS = flags.DEFINE_integer(
+    "host_cache_blocks", 0, "Prefill and decode workers: KV blocks evicted "
+    "from the device prefix cache are kept in host memory (pinned where the "
+    "backend has it), up to this many, and uploaded back on a later hit "
+    "instead of recomputed (0: off). Decode needs --prefix_caching.")
 PREFIX_CACHING = flags.DEFINE_bool(
     "prefix_caching", None, "Decode worker: keep finished sequences' KV "
     "blocks for requests sharing a prefix (default: the deployment's).")

@@ -34,6 +34,13 @@ KV_FAILURE_POLICY = flags.DEFINE_enum(
     "kv_failure_policy", "recompute", ["recompute", "fail"],
     "After a failed KV hand-off: recompute the prompt on a decode worker, or "
     "fail the request.")
+KV_OVERLAP_WEIGHT = flags.DEFINE_float(
+    "kv_overlap_weight", 0.0, "KV-aware routing: a worker's score is this "
+    "times the request's prompt blocks it holds cached, minus its load "
+    "(prefill: queued requests; decode: KV pages); 0: load only.")
+KV_STALE_AFTER = flags.DEFINE_float(
+    "kv_stale_after_s", 2.0, "KV-aware routing: a worker whose cache was "
+    "last polled longer ago than this is judged on load alone.")
 WAIT_WORKERS = flags.DEFINE_float(
     "wait_workers_s", 0.0, "Wait this long for workers to join before "
     "serving (0: serve at once; requests fail until one joins).")
@@ -70,7 +77,9 @@ async def serve() -> None:
     log.warning("no tokenizer.json in %s: clients must send token ids",
                 checkpoint)
   metrics = Metrics("router")
-  registry = WorkerRegistry(sec, metrics=metrics)
+  registry = WorkerRegistry(sec, metrics=metrics,
+                            kv_overlap_weight=KV_OVERLAP_WEIGHT.value,
+                            kv_stale_after_s=KV_STALE_AFTER.value)
   for a in PREFILL_WORKERS.value:
     registry.add(a, "prefill")
   for a in DECODE_WORKERS.value:

@@ -60,6 +60,9 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
       eos_token_ids=list(cfg.eos_token_ids))
   if cfg.bos_token_id is not None:
     info.bos_token_id = cfg.bos_token_id
+  # KV-aware routing: the router names blocks as the workers do.
+  from pdjax.engine.prefix_cache import layout_fingerprint
+  info.layout_fingerprint = layout_fingerprint(cfg, dcfg_page_size)
   return info
 
 
@@ -125,7 +128,8 @@ async def serve(role: str) -> None:
       store = None
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
-        store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size)
+        store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
+                               host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
       engine = PrefillEngine(params, cfg, mesh, rules,
                              dep.prefill_engine_config(), prefix_store=store)
       if F.WARMUP.value:
@@ -146,6 +150,9 @@ async def serve(role: str) -> None:
       dcfg = dep.decode_engine_config()
       if F.PREFIX_CACHING.value is not None:
         dcfg = dataclasses.replace(dcfg, prefix_caching=F.PREFIX_CACHING.value)
+      if F.HOST_CACHE_BLOCKS.value:   # host KV tier
+        dcfg = dataclasses.replace(dcfg,
+                                   host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,

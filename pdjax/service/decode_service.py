@@ -25,10 +25,11 @@ import time
 
 import grpc
 
+from pdjax.engine import host_tier  # host KV tier metrics
 from pdjax.engine.colocated import ColocatedEngine
 from pdjax.engine.requests import (DecodeRequest, FinishReason, TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
-from pdjax.service import common
+from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.transfer.base import KvReceiver, TransferError
@@ -135,6 +136,14 @@ class DecodeWorker:
     for stat in ("hits", "misses", "evictions"):
       m.cache_blocks.labels("decode", stat).set(
           sum(rep.pool.stats[stat] for rep in self.engine.decode.replicas))
+    # --- host KV tier: its counters and size, summed over replicas ---
+    tiers = [rep.host_tier.tier for rep in self.engine.decode.replicas
+             if getattr(rep, "host_tier", None) is not None]
+    if tiers:
+      for stat in host_tier.STATS:
+        m.cache_blocks.labels("decode_host", stat).set(
+            sum(t.stats[stat] for t in tiers))
+    # --- end host KV tier ---
     # Local prefill (colocated / short prompts): counters advance by the
     # engines' totals since the last tick.
     cached = sum(p.stats["cached_tokens"] for p in self.engine.prefill)
@@ -228,6 +237,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     info.CopyFrom(self.info)
     info.draining = self.worker.draining
     info.load.CopyFrom(self.worker.load())
+    # --- KV-aware routing: the block-set changes since the caller's seq ---
+    kv_router.fill_cache_info(
+        info, getattr(self.worker.engine.decode, "cache_events", None),
+        request.cache_events_since)
+    # --- end KV-aware routing ---
     return info
 
   async def Decode(self, request: decode_pb2.DecodeRequest, context):

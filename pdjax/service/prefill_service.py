@@ -27,10 +27,11 @@ import time
 
 import grpc
 
+from pdjax.engine import host_tier  # host KV tier metrics
 from pdjax.engine.prefill import PrefillEngine
 from pdjax.engine.requests import PrefillRequest, PrefillResult
 from pdjax.engine.sampling import InvalidRequest
-from pdjax.service import common
+from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
 from pdjax.transfer.base import KvSender, TransferError, handle_for
@@ -109,6 +110,14 @@ class PrefillWorker:
           for stat in ("hits", "misses", "evictions"):
             self.metrics.cache_blocks.labels("prefill", stat).set(
                 store.pool.stats[stat])
+          # --- host KV tier: its counters and size ---
+          link = getattr(store, "host_tier", None)
+          if link is not None:
+            tier_stats = link.tier.stats
+            for stat in host_tier.STATS:
+              self.metrics.cache_blocks.labels("prefill_host", stat).set(
+                  tier_stats[stat])
+          # --- end host KV tier ---
         self.metrics.running.set(self._running)
       except Exception:  # noqa: BLE001
         log.exception("KV reaper failed")
@@ -294,6 +303,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     info.draining = self.worker.draining
     info.load.queued = self.worker.queued
     info.load.running = self.worker.running
+    # --- KV-aware routing: the block-set changes since the caller's seq ---
+    store = self.worker.engine.prefix_store
+    kv_router.fill_cache_info(info, getattr(store, "cache_events", None),
+                              request.cache_events_since)
+    # --- end KV-aware routing ---
     return info
 
 

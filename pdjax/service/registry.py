@@ -20,6 +20,8 @@ import time
 import grpc
 
 from pdjax.service import common
+from pdjax.service.kv_router import (DEFAULT_STALE_AFTER_S, CacheMirror,
+                                     KvScorer)
 from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class Worker:
   inflight: int = 0             # requests the router has on it now
   reserved_pages: int = 0       # pages reserved since the last poll
   failures: int = 0
+  # KV-aware routing: the worker's cached blocks, as last polled.
+  cache: CacheMirror = dataclasses.field(default_factory=CacheMirror)
 
   @property
   def usable(self) -> bool:
@@ -67,13 +71,16 @@ class WorkerRegistry:
   def __init__(self, security: common.Security = common.Security(), *,
                poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0,
                expected_model: common_pb2.ModelInfo | None = None,
-               metrics=None):
+               metrics=None, kv_overlap_weight: float = 0.0,
+               kv_stale_after_s: float = DEFAULT_STALE_AFTER_S):
     self.security = security
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
     self.expected = expected_model
     self.metrics = metrics
     self.workers: dict[tuple[str, str], Worker] = {}
+    # KV-aware routing (pdjax.service.kv_router); weight 0: load only.
+    self.kv = KvScorer(kv_overlap_weight, kv_stale_after_s, metrics)
     self._task: asyncio.Task | None = None
 
   # ---------------------------------------------------------------- members
@@ -100,16 +107,17 @@ class WorkerRegistry:
     return [w for w in self.of_role(role) if w.usable]
 
   # ---------------------------------------------------------------- choice
-  def pick_prefill(self, exclude=()) -> Worker | None:
-    """Shortest queue."""
+  def pick_prefill(self, exclude=(), keys=()) -> Worker | None:
+    """Shortest queue, less the cached prefix of the request's block
+    ``keys`` times the KV overlap weight (``kv_router.KvScorer``)."""
     cands = [w for w in self.usable("prefill") if w.address not in exclude]
-    return min(cands, key=Worker.load_score, default=None)
+    return self.kv.pick("prefill", cands, keys)
 
-  def pick_decode(self, exclude=()) -> Worker | None:
-    """Most free KV capacity, then fewest streams."""
+  def pick_decode(self, exclude=(), keys=()) -> Worker | None:
+    """Most free KV capacity (plus the weighted cached prefix of ``keys``),
+    then fewest streams."""
     cands = [w for w in self.usable("decode") if w.address not in exclude]
-    return max(cands, key=lambda w: (w.free_pages(), -w.inflight),
-               default=None)
+    return self.kv.pick("decode", cands, keys)
 
   def mark_down(self, w: Worker, why: str) -> None:
     if w.state is not WorkerState.DOWN:
@@ -127,9 +135,10 @@ class WorkerRegistry:
 
   async def _poll(self, w: Worker) -> None:
     try:
-      info = await w.stub.GetWorkerInfo(common_pb2.WorkerInfoRequest(),
-                                        timeout=self.rpc_timeout_s)
+      info = await w.stub.GetWorkerInfo(common_pb2.WorkerInfoRequest(
+          cache_events_since=w.cache.seq), timeout=self.rpc_timeout_s)
     except grpc.RpcError as e:
+      w.cache.mark_failed()
       if w.state is WorkerState.READY or w.state is WorkerState.DRAINING:
         self.mark_down(w, e.code().name)
       elif w.state is WorkerState.JOINING:
@@ -149,6 +158,11 @@ class WorkerRegistry:
     if w.state is not WorkerState.READY and not info.draining:
       log.info("%s worker %s joined (%s, mesh %s)", w.role, w.address,
                info.model.name, info.mesh)
+    # --- KV-aware routing: the cache events, then keep info small --------
+    w.cache.apply(info)
+    info.ClearField("cache_stored")
+    info.ClearField("cache_evicted")
+    # --- end KV-aware routing ---------------------------------------------
     w.info = info
     w.reserved_pages = 0
     w.last_ok = time.monotonic()

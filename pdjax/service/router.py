@@ -27,7 +27,7 @@ import time
 import grpc
 
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
-from pdjax.service import common, validation
+from pdjax.service import common, kv_router, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -219,6 +219,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     """Yields DecodeResponse-like messages (token_ids, logprobs,
     finish_reason) for the request, choosing and retrying workers."""
     reg = self.registry
+    # KV-aware routing: the prompt's block keys, named once per request.
+    keys = kv_router.request_keys(ids, salt, reg.expected)
     local = (len(ids) < self.config.local_prefill_threshold
              or not reg.usable("prefill"))
     tried_p: set[str] = set()
@@ -228,13 +230,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       started = False
       try:
         if local:
-          d = await self._pick_decode(tried_d, context)
+          d = await self._pick_decode(tried_d, context, keys)
           tried_d.add(d.address)
           stream = self._local(d, rid, ids, sampling, seed, context, usage,
                                salt)
         else:
           stream = self._disaggregated(rid, ids, sampling, seed, context,
-                                       usage, tried_p, tried_d, salt)
+                                       usage, tried_p, tried_d, salt, keys)
         async for msg in stream:
           started = True
           yield msg
@@ -251,10 +253,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     raise last_error or _Failed(grpc.StatusCode.UNAVAILABLE,
                                 "no worker could serve the request")
 
-  async def _pick_decode(self, exclude, context) -> Worker:
-    d = self.registry.pick_decode(exclude)
+  async def _pick_decode(self, exclude, context, keys=()) -> Worker:
+    d = self.registry.pick_decode(exclude, keys)
     if d is None:
-      d = self.registry.pick_decode()
+      d = self.registry.pick_decode(keys=keys)
     if d is None:
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready")
     return d
@@ -278,13 +280,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                                          first_token_sent=False):
       yield msg
 
-  async def _reserve(self, rid, ids, sampling, context, tried_d, salt=""):
+  async def _reserve(self, rid, ids, sampling, context, tried_d, salt="",
+                     keys=()):
     """Reserves on the decode worker with most room; waits for room when
     the policy is to queue."""
     deadline = time.monotonic() + self.config.queue_timeout_s
     backoff = 0.005
     while True:
-      d = await self._pick_decode(tried_d, context)
+      d = await self._pick_decode(tried_d, context, keys)
       transfer_id = new_transfer_id()
       # Count the pages before the call: requests arriving together must
       # see each other's reservations, or they all pick the same worker.
@@ -314,12 +317,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                       retry=e.code() in _RETRYABLE, worker=d) from e
 
   async def _disaggregated(self, rid, ids, sampling, seed, context, usage,
-                           tried_p, tried_d, salt=""):
+                           tried_p, tried_d, salt="", keys=()):
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
-                                              tried_d, salt)
+                                              tried_d, salt, keys)
     usage.decode_worker = d.address
     info = d.info
-    p = self.registry.pick_prefill(tried_p)
+    # Prefer a prefill worker not tried yet; after a failed hand-off (not a
+    # dead worker) the same one may well succeed.
+    p = self.registry.pick_prefill(tried_p, keys) or self.registry.pick_prefill()
     if p is None:
       await self._unreserve(d, rid)
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready",
@@ -387,7 +392,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         self.registry.mark_down(d, e.details)
     # Fallback: prefill locally on a decode worker, forced to continue from
     # the first token the client already has.
-    d2 = await self._pick_decode({d.address}, context)
+    d2 = await self._pick_decode({d.address}, context, keys)
     usage.decode_worker = d2.address
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,

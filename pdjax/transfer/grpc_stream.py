@@ -228,9 +228,10 @@ class GrpcStreamReceiver(KvReceiver):
       if shape[2] > max_payload:
         raise ValueError(f"KV of {shape[2]} pages exceeds the largest "
                          f"payload this worker accepts ({max_payload})")
-    if h.num_tokens <= 0 or -(-h.num_tokens // shape[3]) > shape[2]:
-      raise ValueError(f"num_tokens {h.num_tokens} does not fit the KV shape")
     data_pages = -(-h.num_tokens // shape[3]) - h.first_page
+    if h.num_tokens <= 0 or not 0 < data_pages <= shape[2]:
+      raise ValueError(f"num_tokens {h.num_tokens} from page {h.first_page} "
+                       f"does not fit the KV shape {list(shape)}")
     if max_pages is not None and data_pages > max_pages:
       raise ValueError(f"KV of {data_pages} pages exceeds the {max_pages} "
                        "reserved for it")

@@ -65,7 +65,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_path: _Optional[str] = ..., kv_send_s: _Optional[float] = ..., kv_receive_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "fingerprint", "vocab_size", "max_seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "dtype", "eos_token_ids", "bos_token_id")
+    __slots__ = ("name", "architecture", "fingerprint", "vocab_size", "max_seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "dtype", "eos_token_ids", "bos_token_id", "layout_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     fingerprint: str
@@ -90,14 +91,17 @@ class ModelInfo(_message.Message):
     dtype: str
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     bos_token_id: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ...) -> None: ...
+    layout_fingerprint: bytes
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., layout_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cache_events_since",)
+    CACHE_EVENTS_SINCE_FIELD_NUMBER: _ClassVar[int]
+    cache_events_since: int
+    def __init__(self, cache_events_since: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load")
+    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load", "cache_stored", "cache_evicted", "cache_seq", "cache_complete", "prefix_caching")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,11 @@ class WorkerInfo(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STORED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CACHE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     model: ModelInfo
@@ -120,7 +129,12 @@ class WorkerInfo(_message.Message):
     hostname: str
     draining: bool
     load: WorkerLoad
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    cache_stored: _containers.RepeatedScalarFieldContainer[bytes]
+    cache_evicted: _containers.RepeatedScalarFieldContainer[bytes]
+    cache_seq: int
+    cache_complete: bool
+    prefix_caching: bool
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., cache_stored: _Optional[_Iterable[bytes]] = ..., cache_evicted: _Optional[_Iterable[bytes]] = ..., cache_seq: _Optional[int] = ..., cache_complete: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("queued", "running", "kv_pages_total", "kv_pages_available", "rows_free")

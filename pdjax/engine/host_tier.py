@@ -1,0 +1,438 @@
+"""A second KV tier in host memory, below a device pool's prefix cache.
+
+A device pool keeps finished blocks, named by content, until it needs their
+pages (``BlockPool``'s LRU eviction). Without a second tier an evicted block
+is gone, and the next request sharing that prefix recomputes it. Host memory
+is an order of magnitude larger than the KV pool and a host->device copy of
+a block is far cheaper than recomputing it, so:
+
+* demotion: when the pool evicts a cached block, its K and V (every layer)
+  are copied to ``HostKVTier``, an LRU store keyed by the block hash;
+* promotion: when a lookup misses on the device but the host tier has the
+  block, a device page is allocated, named, and the block uploaded into it;
+  the request then uses it exactly like a block found on the device.
+
+Ordering is the subtle part. Eviction happens inside ``BlockPool.allocate``,
+and the page is handed to a new owner that will write it. The copy must read
+the page before that write, and must not race the owner thread's programs,
+which donate (consume) the pools: a decode replica's ``reserve`` runs on gRPC
+threads while its loop thread replaces ``state`` every step. So every device
+operation of the tier is *queued* (``HostTierLink``: the pool's ``on_evict``
+hook queues a read, a promotion queues an upload) and runs in ``flush``,
+which the pool's owner calls on its own thread right before any program that
+reads or writes the pools. A page can only be written by a program its owner
+dispatches after allocating it (and so after the flush that reads it), or by
+a queued upload that runs after the reads of the same flush; JAX runs the
+flush's programs in dispatch order with the owner's later ones.
+
+Where the backend has the ``pinned_host`` memory kind (GPU, TPU, recent CPU
+backends), tier blocks are JAX arrays in page-locked host memory, so both
+directions are asynchronous DMA; otherwise they are numpy arrays.
+
+The tier is inclusive: a promoted block stays on the host too (touched as
+recently used), so evicting it from the device again costs no copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import math
+import threading
+from typing import Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pdjax.engine.block_pool import BlockPool, PoolExhausted
+
+log = logging.getLogger(__name__)
+
+PINNED_HOST = "pinned_host"
+# The counters and gauges ``HostKVTier.stats`` reports (metric ``stat``s).
+STATS = ("hits", "misses", "evictions", "demotions", "blocks", "bytes")
+
+
+class _Block:
+  """One tier entry: ``data`` is ``[2, L, P, K, hd]`` (K then V), a host
+  array, or a device array still on its way to the host, or None while its
+  read is queued. Entries are shared by reference with queued uploads, so a
+  block dropped from the tier can still be uploaded."""
+
+  __slots__ = ("data", "in_tier")
+
+  def __init__(self):
+    self.data = None
+    self.in_tier = False
+
+
+class HostKVTier:
+  """LRU store of KV blocks in host memory, by block hash.
+
+  Thread-safe. ``capacity_blocks`` bounds the number of blocks held (each
+  ``2 * prod(page_shape) * itemsize`` bytes); adding one more drops the
+  least recently used.
+  """
+
+  def __init__(self, capacity_blocks: int, page_shape: Sequence[int], dtype,
+               *, use_pinned_host: bool = True):
+    """``page_shape``: one block of one of K, V for all layers,
+    ``(L, P, K, hd)``. ``use_pinned_host=False`` forces numpy storage."""
+    if capacity_blocks < 1:
+      raise ValueError(f"a host tier needs capacity >= 1, got "
+                       f"{capacity_blocks}")
+    self.capacity_blocks = capacity_blocks
+    self.page_shape = tuple(int(d) for d in page_shape)
+    self.dtype = np.dtype(dtype)
+    self.block_shape = (2, *self.page_shape)
+    self.block_bytes = 2 * math.prod(self.page_shape) * self.dtype.itemsize
+    self.use_pinned_host = use_pinned_host
+    self._blocks: collections.OrderedDict[Hashable, _Block] = (
+        collections.OrderedDict())
+    self._lock = threading.RLock()
+    self._counts = collections.Counter()
+    self._host_shardings: dict = {}
+
+  # ---------------------------------------------------------------- store
+  def __len__(self) -> int:
+    return len(self._blocks)
+
+  def contains(self, block_hash: Hashable, *, touch: bool = False) -> bool:
+    with self._lock:
+      if block_hash not in self._blocks:
+        return False
+      if touch:
+        self._blocks.move_to_end(block_hash)
+      return True
+
+  def get(self, block_hash: Hashable) -> _Block | None:
+    """The entry for ``block_hash`` (now most recently used), counting a hit
+    or a miss."""
+    with self._lock:
+      blk = self._blocks.get(block_hash)
+      if blk is None:
+        self._counts["misses"] += 1
+        return None
+      self._blocks.move_to_end(block_hash)
+      self._counts["hits"] += 1
+      return blk
+
+  def put(self, block_hash: Hashable, blk: _Block) -> None:
+    """Adds (or refreshes) an entry, dropping LRU ones beyond capacity."""
+    with self._lock:
+      old = self._blocks.pop(block_hash, None)
+      if old is not None and old is not blk:
+        old.in_tier = False
+      self._blocks[block_hash] = blk
+      blk.in_tier = True
+      while len(self._blocks) > self.capacity_blocks:
+        _, gone = self._blocks.popitem(last=False)
+        gone.in_tier = False
+        self._counts["evictions"] += 1
+
+  def count(self, stat: str, n: int = 1) -> None:
+    with self._lock:
+      self._counts[stat] += n
+
+  def clear(self) -> None:
+    """Drops everything (e.g. the weights changed, so every block is
+    stale)."""
+    with self._lock:
+      for blk in self._blocks.values():
+        blk.in_tier = False
+      self._blocks.clear()
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Cumulative hits, misses, evictions (LRU drops), demotions (blocks
+    copied in); current blocks and bytes held."""
+    with self._lock:
+      out = {s: self._counts[s] for s in ("hits", "misses", "evictions",
+                                          "demotions")}
+      out["blocks"] = len(self._blocks)
+      out["bytes"] = len(self._blocks) * self.block_bytes
+      return out
+
+  # ---------------------------------------------------------------- memory
+  def host_sharding(self, device_sharding):
+    """``device_sharding`` in pinned host memory, or None where the backend
+    (or this JAX version) lacks it: then blocks are kept as numpy arrays.
+    Checked once per sharding with a real round trip of one block, since
+    advertising the memory kind does not guarantee transfers to it work."""
+    if not self.use_pinned_host:
+      return None
+    key = device_sharding
+    if key in self._host_shardings:
+      return self._host_shardings[key]
+    host = None
+    try:
+      for dev in device_sharding.device_set:
+        kinds = {m.kind for m in dev.addressable_memories()}
+        if PINNED_HOST not in kinds:
+          raise ValueError(f"{dev} has no {PINNED_HOST} memory")
+      cand = device_sharding.with_memory_kind(PINNED_HOST)
+      probe = np.arange(math.prod(self.block_shape)).astype(
+          self.dtype).reshape(self.block_shape)
+      x = jax.device_put(probe, device_sharding)
+      h = jax.device_put(x, cand)
+      back = np.asarray(jax.device_put(h, device_sharding))
+      if h.sharding.memory_kind != PINNED_HOST or not np.array_equal(
+          back, probe):
+        raise ValueError("pinned_host round trip changed the data")
+      host = cand
+    except Exception as e:  # noqa: BLE001 - any failure: numpy fallback
+      log.info("host KV tier: no %s memory (%s); using numpy", PINNED_HOST, e)
+    self._host_shardings[key] = host
+    return host
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+# ------------------------------------------------------------------ programs
+def _read_pages(k_pool, v_pool, pages, *, num_layers):
+  """Blocks ``[2, L, P, K, hd]`` of pool pages ``pages[i]`` (page p of
+  layer l is row ``l * N + p``), one output per page."""
+  N = k_pool.shape[0] // num_layers
+  rows = jnp.arange(num_layers, dtype=jnp.int32)[None, :] * N + pages[:, None]
+  blocks = jnp.stack([k_pool[rows], v_pool[rows]], axis=1)
+  return tuple(blocks[i] for i in range(pages.shape[0]))
+
+
+def _write_pages(k_pool, v_pool, pages, blocks, *, num_layers):
+  """Writes ``blocks[i]`` into pool page ``pages[i]`` (0: the null page,
+  padding)."""
+  L = num_layers
+  N = k_pool.shape[0] // L
+  b = jnp.stack(blocks)                         # [n, 2, L, P, K, hd]
+  n = b.shape[0]
+  rows = (jnp.arange(L, dtype=jnp.int32)[None, :] * N
+          + pages[:, None]).reshape(n * L)
+  k = b[:, 0].reshape(n * L, *b.shape[3:]).astype(k_pool.dtype)
+  v = b[:, 1].reshape(n * L, *b.shape[3:]).astype(v_pool.dtype)
+  return k_pool.at[rows].set(k), v_pool.at[rows].set(v)
+
+
+def _block_sharding(pool_sharding):
+  """The layout of one block ``[2, L, P, K, hd]`` matching a pool's
+  ``[L*N, P, K, hd]`` (same split of slots, heads and head dim)."""
+  if isinstance(pool_sharding, NamedSharding):
+    spec = tuple(pool_sharding.spec) + (None,) * (4 - len(pool_sharding.spec))
+    return NamedSharding(pool_sharding.mesh,
+                         PartitionSpec(None, None, *spec[1:]))
+  return pool_sharding
+
+
+class HostTierLink:
+  """Connects one device pool (its ``BlockPool`` and K/V pools) to a
+  ``HostKVTier``: installs the pool's ``on_evict`` hook, promotes on device
+  misses, and runs the queued copies in ``flush``.
+
+  Threads: ``promote`` and the hook may run on any thread (they only queue);
+  ``flush`` must run on the thread that dispatches the owner's programs.
+  """
+
+  def __init__(self, tier: HostKVTier, pool: BlockPool,
+               get_pools: Callable[[], tuple[jax.Array, jax.Array]],
+               set_pools: Callable[[jax.Array, jax.Array], None], *,
+               num_layers: int, max_batch: int = 32):
+    self.tier = tier
+    self.pool = pool
+    self._get_pools = get_pools
+    self._set_pools = set_pools
+    self.num_layers = num_layers
+    self.max_batch = _next_pow2(max_batch)
+    k, _ = get_pools()
+    self._pool_sharding = k.sharding
+    self._block_sharding = _block_sharding(k.sharding)
+    self._host_sharding = tier.host_sharding(self._block_sharding)
+    self._lock = threading.Lock()
+    self._demote: list[tuple[int, _Block]] = []
+    self._upload: dict[int, _Block] = {}       # page -> source, FIFO
+    self._unlanded: list[_Block] = []          # numpy mode: device copies
+    self._read_fns: dict[int, Callable] = {}
+    self._write_fns: dict[int, Callable] = {}
+    self.stats = collections.Counter()         # device-side: promotions...
+    pool.on_evict = self._on_evict
+
+  @property
+  def memory_kind(self) -> str:
+    """Where tier blocks live: ``pinned_host`` or ``numpy``."""
+    return PINNED_HOST if self._host_sharding is not None else "numpy"
+
+  # ---------------------------------------------------------------- hooks
+  def _on_evict(self, page: int, block_hash: Hashable | None) -> None:
+    """Called by ``BlockPool.allocate`` (under its lock) for each cached
+    page it takes back, before the page is handed out: queues the read."""
+    if block_hash is None:
+      return
+    with self._lock:
+      src = self._upload.pop(page, None)
+      if src is not None:
+        # Promoted, then evicted before its upload ran: the page's content
+        # is the upload's source; no device copy exists to read.
+        self.tier.put(block_hash, src)
+        return
+      if self.tier.contains(block_hash, touch=True):
+        self.stats["demotions_skipped"] += 1   # inclusive: already there
+        return
+      blk = _Block()
+      self.tier.put(block_hash, blk)
+      self._demote.append((page, blk))
+
+  def promote(self, block_hash: Hashable) -> int | None:
+    """After a device miss: a fresh device page named ``block_hash`` (one
+    reference, like ``BlockPool.lookup``) whose upload from the host tier is
+    queued, or None when the tier lacks the block or no page is available
+    without breaking a reservation."""
+    if self.pool.available < 1:
+      return None
+    blk = self.tier.get(block_hash)
+    if blk is None:
+      return None
+    try:
+      (page,) = self.pool.allocate(1)   # may evict: its read queues first
+    except PoolExhausted:
+      return None
+    with self._lock:
+      self._upload[page] = blk
+    if self.pool.register(page, block_hash) != page:
+      # Another thread named a page by this hash meanwhile: use that one.
+      with self._lock:
+        self._upload.pop(page, None)
+      self.pool.free([page])
+      return self.pool.lookup(block_hash)
+    self.stats["promotions"] += 1
+    return page
+
+  # ---------------------------------------------------------------- device
+  def flush(self) -> None:
+    """Runs the queued copies: first every read (demotions), then every
+    upload (promotions), each batched into as few programs as possible."""
+    with self._lock:
+      demote, self._demote = self._demote, []
+      upload, self._upload = self._upload, {}
+    self._land()
+    if demote:
+      needed = {id(b) for b in upload.values()}
+      # Blocks the tier already dropped again need no copy, unless an
+      # upload still reads them.
+      demote = [(p, b) for p, b in demote if b.in_tier or id(b) in needed]
+      self._read(demote)
+    if upload:
+      self._write(list(upload.items()))
+
+  def _read_fn(self, n: int):
+    if n not in self._read_fns:
+      self._read_fns[n] = jax.jit(
+          functools.partial(_read_pages, num_layers=self.num_layers),
+          out_shardings=(self._block_sharding,) * n)
+    return self._read_fns[n]
+
+  def _write_fn(self, n: int):
+    if n not in self._write_fns:
+      self._write_fns[n] = jax.jit(
+          functools.partial(_write_pages, num_layers=self.num_layers),
+          out_shardings=(self._pool_sharding, self._pool_sharding),
+          donate_argnums=(0, 1))
+    return self._write_fns[n]
+
+  def _chunks(self, items):
+    for s in range(0, len(items), self.max_batch):
+      part = items[s:s + self.max_batch]
+      n = _next_pow2(len(part))
+      pages = np.zeros((n,), np.int32)
+      pages[:len(part)] = [p for p, _ in part]
+      yield part, n, pages
+
+  def _read(self, items: list[tuple[int, _Block]]) -> None:
+    for part, n, pages in self._chunks(items):
+      k, v = self._get_pools()
+      outs = self._read_fn(n)(k, v, pages)
+      for (_, blk), out in zip(part, outs):
+        blk.data = self._to_host(out, blk)
+      self.tier.count("demotions", len(part))
+
+  def _write(self, items: list[tuple[int, _Block]]) -> None:
+    for part, n, pages in self._chunks(items):
+      blocks = [jax.device_put(blk.data, self._block_sharding)
+                for _, blk in part]
+      blocks += [blocks[0]] * (n - len(part))   # padding -> the null page
+      k, v = self._get_pools()
+      self._set_pools(*self._write_fn(n)(k, v, pages, tuple(blocks)))
+
+  def _to_host(self, out: jax.Array, blk: _Block):
+    if self._host_sharding is not None:
+      return jax.device_put(out, self._host_sharding)   # async DMA
+    out.copy_to_host_async()
+    self._unlanded.append(blk)
+    return out
+
+  def _land(self) -> None:
+    """numpy mode: turns the previous flushes' device copies into numpy
+    (their transfers were started then), freeing the device memory."""
+    landing, self._unlanded = self._unlanded, []
+    for blk in landing:
+      if isinstance(blk.data, jax.Array):
+        blk.data = np.asarray(blk.data)
+
+  def warmup(self) -> None:
+    """Compiles every read and upload program (batch sizes up to
+    ``max_batch``) on the null page only, so serving never compiles them;
+    leaves the tier and the pool as they were."""
+    n = 1
+    while n <= self.max_batch:
+      k, v = self._get_pools()
+      pages = np.zeros((n,), np.int32)
+      outs = self._read_fn(n)(k, v, pages)
+      blk = _Block()
+      blk.data = self._to_host(outs[0], blk)
+      self._land()
+      dev = jax.device_put(blk.data, self._block_sharding)
+      k, v = self._get_pools()
+      self._set_pools(*self._write_fn(n)(k, v, pages, (dev,) * n))
+      n *= 2
+    jax.block_until_ready(self._get_pools())
+
+
+def make_link(capacity_blocks: int, pool: BlockPool, cfg, page_size: int,
+              get_pools, set_pools, **kw) -> HostTierLink | None:
+  """A tier of ``capacity_blocks`` linked to ``pool`` (None when 0: off)."""
+  if capacity_blocks <= 0:
+    return None
+  tier = HostKVTier(capacity_blocks, (cfg.num_layers, page_size,
+                                      cfg.num_kv_heads, cfg.head_dim),
+                    cfg.jnp_dtype, **kw)
+  return HostTierLink(tier, pool, get_pools, set_pools,
+                      num_layers=cfg.num_layers)
+
+
+def match_with_tier(pool: BlockPool, hashes: Sequence[Hashable],
+                    link: HostTierLink | None = None) -> list[int]:
+  """Pages of the longest prefix of ``hashes`` found on the device or, with
+  ``link``, promoted from its host tier; each pinned (one reference, the
+  caller frees it). Promoted pages are ordinary named pages: their upload is
+  queued and runs at the owner's next ``flush``."""
+  pages = []
+  for h in hashes:
+    page = pool.lookup(h)
+    if page is None and link is not None:
+      page = link.promote(h)
+    if page is None:
+      break
+    pages.append(page)
+  return pages
+
+
+def flush(link: HostTierLink | None) -> None:
+  """``link.flush()``, or nothing when the tier is off."""
+  if link is not None:
+    link.flush()
+
+
+__all__ = ["HostKVTier", "HostTierLink", "make_link", "match_with_tier",
+           "flush", "STATS", "PINNED_HOST"]
