@@ -661,7 +661,8 @@ def test_decode_service_reserve_lends_and_unreserve_returns():
       driver=ci.FakeCudaDriver(registry))
   reservations = {}
 
-  def reserve(rid, prompt, max_tokens, *, transfer_id=""):
+  def reserve(rid, prompt, max_tokens, *, transfer_id="", prompt_ids=None,
+              cache_salt=""):
     return reservations.setdefault(rid, Reservation(rid, 0, 4,
                                                     transfer_id=transfer_id))
 
