@@ -132,6 +132,9 @@ class Tokenizer:
     self.byte_fallback_ids: frozenset[int] = frozenset(
         i for i in (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
         if i is not None)
+    self.special_ids: frozenset[int] = frozenset(
+        i for i, t in tokenizer.get_added_tokens_decoder().items()
+        if t.special)
 
   # ---------------------------------------------------------------- loading
   @classmethod
@@ -261,6 +264,10 @@ class IncrementalDetokenizer:
     self._tokenizer = tokenizer
     self._skip = skip_special_tokens
     self._byte_ids = tokenizer.byte_fallback_ids
+    # Skipped special tokens vanish from the text, so byte-fallback pieces on
+    # either side of them decode as one run: look through them.
+    self._invisible = tokenizer.special_ids if skip_special_tokens else (
+        frozenset())
     self._ids: list[int] = list(prompt_ids or ())
     self._num_prompt = len(self._ids)
     # ids[prefix:read] decode to text already accounted for (emitted, or
@@ -287,7 +294,9 @@ class IncrementalDetokenizer:
     if len(new_ids) == 0:
       return ""
     self._ids.extend(int(i) for i in new_ids)
-    if self._ids[-1] in self._byte_ids:
+    last = next((i for i in reversed(self._ids) if i not in self._invisible),
+                None)
+    if last in self._byte_ids:
       return ""  # Mid byte-fallback run: its text is not final yet.
     return self._advance(final=False)
 

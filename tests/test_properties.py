@@ -525,6 +525,17 @@ class BlockPoolMachine(RuleBasedStateMachine):
       self.pool.free([page])
       self._release(page)
 
+  @precondition(lambda self: self.pool is not None and self.held)
+  @rule(i=st.integers(0, 100), h=st.sampled_from(_HASHES))
+  def finish_and_cache(self, i, h):
+    """A sequence ends as the decode engine's ``release`` ends it: its page
+    is named by its content, then dropped (cached if nobody else holds
+    it)."""
+    page = self.held[i % len(self.held)]
+    self.register(i % len(self.held), h, swap=False)
+    self.pool.free([page])
+    self._release(page)
+
   @precondition(lambda self: self.pool is not None)
   @rule(h=st.sampled_from(_HASHES))
   def lookup(self, h):
@@ -619,7 +630,7 @@ def test_lookup_does_not_take_a_page_promised_to_a_reservation():
 
 
 BlockPoolMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=200, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestBlockPool = BlockPoolMachine.TestCase
 

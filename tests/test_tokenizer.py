@@ -358,3 +358,13 @@ def _check_random_stream(tok: Tokenizer, data, skip: bool):
   cuts = data.draw(st.lists(st.integers(0, 40), max_size=8), label="cuts")
   deltas = _stream(tok, _chunked(ids, cuts), skip=skip)
   assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_stream_byte_run_across_skipped_specials(sp_tok):
+  """A byte-fallback run interrupted by special tokens that are skipped
+  decodes as one run (found by the property test above): the NUL byte must
+  not be emitted early."""
+  ids = [0, 0, 3, 0, 0, 131]   # <unk> <unk> <0x00> <unk> <unk> <0x80>
+  for cuts in ([], [1, 2, 3, 4, 5], [3]):
+    assert "".join(_stream(sp_tok, _chunked(ids, cuts), skip=True)) == (
+        sp_tok.decode(ids, skip_special_tokens=True))

@@ -19,6 +19,7 @@ thread may read them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Iterator
 
@@ -32,6 +33,9 @@ _count = 0
 _seconds = 0.0
 # Open CompileCounter blocks; each gets every compile that happens while open.
 _active: list["CompileCounter"] = []
+# After warm-up a compile is a bug worth a log line (with the program name).
+_warn = False
+_log = logging.getLogger(__name__)
 
 
 def _listener(event: str, duration: float, *args, **kwargs) -> None:
@@ -48,6 +52,17 @@ def _listener(event: str, duration: float, *args, **kwargs) -> None:
     _seconds += float(duration)
     for c in _active:
       c._record(float(duration), name)
+    warn = _warn
+  if warn:
+    _log.warning("XLA compiled %s (%.2f s) while serving: a program missing "
+                 "from the warm-up", name or "a program", duration)
+
+
+def warn_on_compile(enabled: bool = True) -> None:
+  """From now on, log every compilation as a warning (call after warm-up)."""
+  global _warn
+  with _lock:
+    _warn = enabled
 
 
 def install() -> None:

@@ -174,6 +174,8 @@ async def serve(role: str) -> None:
       health_names.append("pdjax.v1.Decode")
     workers.append(worker)
 
+  from pdjax.engine import compile_stats
+  compile_stats.warn_on_compile()
   health = common.add_health(server, health_names)
   for w in workers:
     w.start()

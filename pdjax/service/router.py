@@ -298,7 +298,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
             request_id=rid, prompt_tokens=len(ids),
             max_tokens=sampling.max_tokens, transfer_id=transfer_id,
             prompt_token_ids=ids, cache_salt=salt),
-            timeout=self._timeout(context, self.registry.rpc_timeout_s))
+            # A busy worker may answer slowly; the request's own deadline
+            # is what bounds this.
+            timeout=self._timeout(context, self.config.queue_timeout_s))
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate

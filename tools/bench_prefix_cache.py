@@ -1,0 +1,162 @@
+"""KV reuse measured end to end: a deployment per scenario, the batch-eval
+driver's ``multiturn`` (or ``shared-prefix``) preset through it, and the
+workers' own counters.
+
+  python tools/bench_prefix_cache.py --config=test --platform=cpu \\
+      --preset=multiturn --num_requests=48 --out=/tmp/prefix.json
+
+Scenarios (``--scenarios``, comma list):
+  off        no prefix caching anywhere
+  prefill    the prefill worker's block store only
+  both       prefill store + decode-side block reuse (only missing blocks
+             are sent)
+  kv0, kv1   2 prefill workers with both caches; router KV-aware weight 0
+             (load only) vs 1 (Dynamo-style overlap scoring)
+Reported per scenario: TTFT p50/p90, prompt tokens computed vs served
+from a cache (prefill side), KV bytes sent vs skipped (decode-side reuse),
+and the prefill workers that served.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = flags.DEFINE_string("config", "test", "Deployment config.")
+PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Where.")
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model override.")
+PRESET = flags.DEFINE_string("preset", "multiturn", "Batch-eval preset.")
+NUM = flags.DEFINE_integer("num_requests", 48, "Requests per scenario.")
+RATE = flags.DEFINE_float("rate", 8.0, "Offered load (req/s).")
+LENGTH_SCALE = flags.DEFINE_float("length_scale", 0.1,
+                                  "Preset length scale (CPU: small).")
+MAX_LEN = flags.DEFINE_integer("max_model_len", 256, "Prompt + output cap.")
+VOCAB = flags.DEFINE_integer("vocab_size", 512, "Synthetic ids below this.")
+SCENARIOS = flags.DEFINE_list("scenarios", ["off", "prefill", "both", "kv0",
+                                            "kv1"], "What to run.")
+CACHE_PAGES = flags.DEFINE_integer("cache_pages", 256,
+                                   "Prefill store pages when on.")
+OUT = flags.DEFINE_string("out", None, "JSON results file.")
+
+SCENARIO_ARGS = {
+    "off": dict(num_prefill=1, worker=[], router=[]),
+    "prefill": dict(num_prefill=1, worker=["--prefix_cache_pages={pages}"],
+                    router=[]),
+    "both": dict(num_prefill=1, worker=["--prefix_cache_pages={pages}",
+                                        "--prefix_caching"], router=[]),
+    "kv0": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
+                                       "--prefix_caching"],
+                router=["--kv_overlap_weight=0"]),
+    "kv1": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
+                                       "--prefix_caching"],
+                router=["--kv_overlap_weight=1"]),
+}
+
+
+def _metric_sum(text: str, name: str, label: str = "") -> float:
+  total = 0.0
+  for line in text.splitlines():
+    if line.startswith(name) and (not label or label in line) and (
+        not line.startswith("#")):
+      total += float(line.rsplit(" ", 1)[1])
+  return total
+
+
+def _scrape(proc) -> str:
+  import urllib.request
+  port = proc.metrics_port
+  with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                              timeout=10) as r:
+    return r.read().decode()
+
+
+def run_scenario(name: str, work: Path) -> dict:
+  from pdjax.launch.cluster import LocalCluster, launch
+  spec = SCENARIO_ARGS[name]
+  worker = [f.format(pages=CACHE_PAGES.value) for f in spec["worker"]]
+  cluster = LocalCluster(work / name, PLATFORM.value)
+  try:
+    address = launch(cluster, config=CONFIG.value,
+                     checkpoint=CHECKPOINT.value, kv_transport=None,
+                     num_prefill=spec["num_prefill"], num_decode=1,
+                     worker_flags=["--metrics_port=0", *worker],
+                     router_flags=["--metrics_port=0", *spec["router"]])
+    out = work / name / "eval"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "batch_eval.py"),
+         f"--target={address}", f"--preset={PRESET.value}",
+         f"--num_requests={NUM.value}", f"--rate={RATE.value}",
+         f"--length_scale={LENGTH_SCALE.value}",
+         f"--max_model_len={MAX_LEN.value}",
+         f"--vocab_size={VOCAB.value}", f"--label={name}",
+         f"--out_dir={out}", "--noprogress"],
+        capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+      raise RuntimeError(f"batch_eval failed: {proc.stderr[-2000:]}")
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    prefill = [p for p in cluster.procs if p.name.startswith("prefill")]
+    decode = [p for p in cluster.procs if p.name.startswith("decode")]
+    ptexts = [_scrape(p) for p in prefill]
+    records = [json.loads(l) for l in
+               (out / "results.jsonl").read_text().splitlines()]
+    served = {}
+    for r in records:
+      w = (r.get("usage") or {}).get("prefill_worker", "")
+      served[w] = served.get(w, 0) + 1
+    return {
+        "scenario": name, "wall_s": wall,
+        "ttft_p50_ms": summary["ttft"]["p50"] * 1e3,
+        "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
+        "completed": summary["completed"],
+        "prompt_tokens_computed": sum(_metric_sum(
+            t, "pdjax_prefill_tokens_total", 'source="computed"')
+                                      for t in ptexts),
+        "prompt_tokens_cached": sum(_metric_sum(
+            t, "pdjax_prefill_tokens_total", 'source="cache"')
+                                    for t in ptexts),
+        "kv_bytes_sent": sum(_metric_sum(
+            t, "pdjax_kv_transfer_bytes_total", 'direction="sent"')
+                             for t in ptexts),
+        "kv_bytes_skipped": sum(_metric_sum(
+            t, "pdjax_kv_transfer_skipped_bytes_total") for t in ptexts),
+        "decode_cache_hits": sum(_metric_sum(
+            _scrape(p), "pdjax_prefix_cache_blocks",
+            'pool="decode",stat="hits"') for p in decode),
+        "prefill_workers_served": served,
+    }
+  finally:
+    cluster.stop()
+
+
+def main(argv) -> None:
+  del argv
+  work = Path(tempfile.mkdtemp(prefix="pdjax-prefix-"))
+  rows = [run_scenario(s, work) for s in SCENARIOS.value]
+  cols = ("scenario", "ttft_p50_ms", "ttft_p90_ms", "prompt_tokens_computed",
+          "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
+          "decode_cache_hits")
+  print(" | ".join(cols))
+  for r in rows:
+    print(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
+                     for c in cols), "|", r["prefill_workers_served"])
+  if OUT.value:
+    Path(OUT.value).write_text(json.dumps(
+        {"preset": PRESET.value, "num_requests": NUM.value,
+         "rate": RATE.value, "length_scale": LENGTH_SCALE.value,
+         "config": CONFIG.value, "platform": PLATFORM.value,
+         "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
