@@ -205,9 +205,10 @@ class KvScorer:
     out = []
     for w, load in zip(workers, loads):
       mirror = w.cache
-      stale = mirror.enabled and mirror.stale(self.stale_after_s, now)
-      if mirror.synced_at is None:
-        stale = True   # never synced: nothing known
+      # Never synced: nothing known. A worker without a cache has nothing
+      # to be stale about.
+      stale = mirror.synced_at is None or (
+          mirror.enabled and mirror.stale(self.stale_after_s, now))
       overlap = 0 if stale or not keys else mirror.overlap(keys)
       out.append(Choice(w, overlap, load,
                         self.overlap_weight * overlap - load, stale))
