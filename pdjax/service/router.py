@@ -326,7 +326,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     info = d.info
     # Prefer a prefill worker not tried yet; after a failed hand-off (not a
     # dead worker) the same one may well succeed.
-    p = self.registry.pick_prefill(tried_p, keys) or self.registry.pick_prefill()
+    p = (self.registry.pick_prefill(tried_p, keys)
+         or self.registry.pick_prefill(keys=keys))
     if p is None:
       await self._unreserve(d, rid)
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready",
