@@ -321,7 +321,8 @@ class ResultBuilder:
 
 
 def model_info_to_dict(info: common_pb2.ModelInfo) -> dict[str, Any]:
-  """Every ModelInfo field by its proto name; unset optional ones are None.
+  """Every ModelInfo field by its proto name; unset optional ones are None,
+  bytes fields as hex strings.
 
   Unlike ``json_format.MessageToDict``, the keys do not depend on which
   fields happen to hold defaults, so callers can index without ``get``.
@@ -333,6 +334,8 @@ def model_info_to_dict(info: common_pb2.ModelInfo) -> dict[str, Any]:
       out[field.name] = list(value)
     elif field.has_presence and not info.HasField(field.name):
       out[field.name] = None
+    elif isinstance(value, bytes):
+      out[field.name] = value.hex()  # e.g. layout_fingerprint: JSON-safe
     else:
       out[field.name] = value
   return out
