@@ -795,10 +795,6 @@ def test_lease_table_reap_is_strictly_after_the_deadline():
     assert table.pop("a") is None and freed == ["a"]  # not freed twice
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LeaseTable.put over a live key drops the old value without on_free. "
-    "Latent: no transport passes on_free today and transfer ids are "
-    "random, but a retried grpc stream reusing its id would hit it"))
 def test_lease_table_put_over_a_live_key_frees_the_old_value():
   freed = []
   table = LeaseTable(60.0, on_free=lambda k, v: freed.append(v))

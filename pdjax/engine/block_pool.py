@@ -26,6 +26,11 @@ class PoolExhausted(RuntimeError):
   """Asked for more pages than are free or evictable (a bug: reserve first)."""
 
 
+def _check_count(n: int) -> None:
+  if n < 0:
+    raise ValueError(f"page count must be >= 0, got {n}")
+
+
 class BlockPool:
 
   def __init__(self, num_pages: int,
@@ -79,6 +84,7 @@ class BlockPool:
 
   # ---------------------------------------------------------------- reserve
   def reserve(self, n: int) -> bool:
+    _check_count(n)
     with self._lock:
       if n > self.available:
         return False
@@ -86,6 +92,7 @@ class BlockPool:
       return True
 
   def unreserve(self, n: int) -> None:
+    _check_count(n)
     with self._lock:
       if n > self._reserved:
         raise AssertionError(f"unreserve {n} > reserved {self._reserved}")
@@ -95,6 +102,7 @@ class BlockPool:
   def allocate(self, n: int, *, reserved: bool = False) -> list[int]:
     """n fresh pages (ref 1). With ``reserved``, they come out of an earlier
     reservation of the caller."""
+    _check_count(n)
     with self._lock:
       if reserved:
         self.unreserve(n)

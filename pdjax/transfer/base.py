@@ -74,8 +74,13 @@ class LeaseTable:
     self.expired = 0
 
   def put(self, key: str, value: object, nbytes: int = 0) -> None:
+    """Holds ``value`` under ``key``; a value already held there (a retried
+    hand-off reusing its id) is freed, never silently dropped."""
     with self._lock:
+      old = self._items.get(key)
       self._items[key] = _Held(value, time.monotonic() + self.ttl_s, nbytes)
+    if old is not None and self._on_free:
+      self._on_free(key, old.value)
 
   def pop(self, key: str):
     with self._lock:
