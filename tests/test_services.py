@@ -12,6 +12,7 @@ INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import threading
 import time
 
@@ -176,9 +177,11 @@ def test_zz_prefill_death_is_routed_around(grpc_cluster, reference):
 
 
 def test_zzz_decode_death_ends_only_its_streams(grpc_cluster, reference):
-  """Kills a decode worker while it is serving streams (chosen by its live
-  rows at that moment): exactly its streams end with UNAVAILABLE; the other
-  worker's streams complete, correct, and it keeps serving."""
+  """Kills a decode worker while it is serving streams: exactly its streams
+  end with UNAVAILABLE; the other worker's streams complete, correct, and it
+  keeps serving. Both decode workers are frozen (SIGSTOP) before the victim
+  is chosen from the router's per-worker in-flight gauge, so no stream can
+  finish between the choice and the kill."""
   prompts, expected = reference
   outcomes = []
   long = 200   # + a prompt of <= 40 tokens stays within max_seq_len 256
@@ -204,11 +207,21 @@ def test_zzz_decode_death_ends_only_its_streams(grpc_cluster, reference):
   for t in threads:
     t.start()
   started.wait(timeout=60)
-  live = {n: _live_rows(grpc_cluster, [n]) for n in ("decode0", "decode1")}
+  decoders = ("decode0", "decode1")
+  for n in decoders:
+    grpc_cluster.kill(n, signal.SIGSTOP, wait=False)
+  time.sleep(0.3)   # tokens already on the wire reach the router
+  router = grpc_cluster.metrics("router")
+  live = {n: metric(router, "pdjax_worker_inflight",
+                    f'role="decode",worker="127.0.0.1:'
+                    f'{grpc_cluster.proc(n).port()}"') for n in decoders}
   victim = max(live, key=live.get)
   assert live[victim] > 0, live
   victim_port = grpc_cluster.proc(victim).port()
   grpc_cluster.kill(victim)
+  for n in decoders:
+    if n != victim:
+      grpc_cluster.kill(n, signal.SIGCONT, wait=False)
   for t in threads:
     t.join(timeout=300)
   assert len(outcomes) == 8

@@ -82,6 +82,11 @@ class Metrics:
     self.workers = Gauge(
         "pdjax_workers", "Workers known to the router by role and state.",
         ["role", "state"], registry=r)
+    self.worker_inflight = Gauge(
+        "pdjax_worker_inflight",
+        "Requests the router has on each worker now (set as they start and "
+        "end, so it is current when scraped, unlike the polled load).",
+        ["role", "worker"], registry=r)
     self._server = None
     self._lock = threading.Lock()
 

@@ -12,6 +12,7 @@ while the router runs (the registry a future discovery service will feed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -98,7 +99,28 @@ class WorkerRegistry:
   async def remove(self, address: str, role: str) -> None:
     w = self.workers.pop((role, address), None)
     if w is not None:
+      if self.metrics is not None:
+        try:
+          self.metrics.worker_inflight.remove(role, address)
+        except KeyError:
+          pass
       await w.channel.close()
+
+  @contextlib.contextmanager
+  def busy(self, w: Worker):
+    """Counts one request on ``w`` for as long as the block runs: the load
+    the scorer reads and the ``pdjax_worker_inflight`` gauge."""
+    w.inflight += 1
+    self._show_inflight(w)
+    try:
+      yield w
+    finally:
+      w.inflight -= 1
+      self._show_inflight(w)
+
+  def _show_inflight(self, w: Worker) -> None:
+    if self.metrics is not None:
+      self.metrics.worker_inflight.labels(w.role, w.address).set(w.inflight)
 
   def of_role(self, role: str) -> list[Worker]:
     return [w for w in self.workers.values() if w.role == role]

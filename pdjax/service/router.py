@@ -348,13 +348,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       dest.ipc_deadline_ms = res.ipc_deadline_ms
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
-    p.inflight += 1
     try:
-      pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
-          request_id=rid, prompt_token_ids=ids,
-          sampling=validation.sampling_to_proto(sampling), seed=seed,
-          destination=dest, cache_salt=salt),
-          timeout=self._timeout(context))
+      with self.registry.busy(p):
+        pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=ids,
+            sampling=validation.sampling_to_proto(sampling), seed=seed,
+            destination=dest, cache_salt=salt),
+            timeout=self._timeout(context))
     except grpc.aio.AioRpcError as e:
       await self._unreserve(d, rid)
       retry = e.code() in _RETRYABLE
@@ -363,8 +363,6 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     except asyncio.CancelledError:
       await self._unreserve(d, rid)
       raise
-    finally:
-      p.inflight -= 1
     usage.prefill_s = pre.prefill_s
     usage.kv_transfer_s = pre.transfer_s
     usage.kv_send_s = pre.transfer_s
@@ -418,39 +416,38 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     """Streams one Decode call. Failures become ``_Failed``: retryable while
     the client has seen nothing; ``_KvLost`` when a KV handle was being
     redeemed and no token came back; UNAVAILABLE mid-stream otherwise."""
-    d.inflight += 1
-    call = d.stub.Decode(req, timeout=self._timeout(context))
-    received = False
-    try:
-      async for msg in call:
-        received = True
-        if msg.kv_transfer_s:
-          usage.kv_transfer_s += msg.kv_transfer_s
-          usage.kv_receive_s = msg.kv_transfer_s
-        if msg.prefill_s:
-          usage.prefill_s = msg.prefill_s
-        yield msg
-        if msg.finish_reason:
-          return
-      raise _Failed(grpc.StatusCode.UNAVAILABLE,
-                    f"decode worker {d.address} ended the stream early")
-    except grpc.aio.AioRpcError as e:
-      code = e.code()
-      where = f"decode worker {d.address}"
-      if kv_pending and not received and code in _KV_LOST_CODES:
-        raise _KvLost(code, f"{where}: {e.details()}") from e
-      if received or first_token_sent:
-        if code in _RETRYABLE:
-          if code == grpc.StatusCode.UNAVAILABLE:
-            self.registry.mark_down(d, e.details() or code.name)
-          raise _Failed(grpc.StatusCode.UNAVAILABLE,
-                        f"{where} failed mid-stream: {e.details()}") from e
-        raise _Failed(code, e.details()) from e
-      raise _Failed(code, f"{where}: {e.details()}",
-                    retry=code in _RETRYABLE, worker=d) from e
-    finally:
-      d.inflight -= 1
-      call.cancel()
+    with self.registry.busy(d):
+      call = d.stub.Decode(req, timeout=self._timeout(context))
+      received = False
+      try:
+        async for msg in call:
+          received = True
+          if msg.kv_transfer_s:
+            usage.kv_transfer_s += msg.kv_transfer_s
+            usage.kv_receive_s = msg.kv_transfer_s
+          if msg.prefill_s:
+            usage.prefill_s = msg.prefill_s
+          yield msg
+          if msg.finish_reason:
+            return
+        raise _Failed(grpc.StatusCode.UNAVAILABLE,
+                      f"decode worker {d.address} ended the stream early")
+      except grpc.aio.AioRpcError as e:
+        code = e.code()
+        where = f"decode worker {d.address}"
+        if kv_pending and not received and code in _KV_LOST_CODES:
+          raise _KvLost(code, f"{where}: {e.details()}") from e
+        if received or first_token_sent:
+          if code in _RETRYABLE:
+            if code == grpc.StatusCode.UNAVAILABLE:
+              self.registry.mark_down(d, e.details() or code.name)
+            raise _Failed(grpc.StatusCode.UNAVAILABLE,
+                          f"{where} failed mid-stream: {e.details()}") from e
+          raise _Failed(code, e.details()) from e
+        raise _Failed(code, f"{where}: {e.details()}",
+                      retry=code in _RETRYABLE, worker=d) from e
+      finally:
+        call.cancel()
 
 
 def _tp_of(mesh: str) -> int:
