@@ -11,4 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q "torch==${PDJAX_TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
-exec .venv/bin/python -m pytest -q "$@"
+# Test files run in ${PDJAX_TEST_WORKERS:-2} processes, a file's tests in one
+# of them (module fixtures start deployments once); 0 runs them in this one.
+exec .venv/bin/python -m pytest -q -n "${PDJAX_TEST_WORKERS:-2}" \
+  --dist loadfile "$@"
