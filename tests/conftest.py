@@ -138,3 +138,44 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
     return out
 
   return build
+
+
+# --------------------------------------------- two test processes (xdist)
+# Files that start deployments (several processes each, with latency bounds
+# such as "cancel frees the row within 1.5 s") run one after another in one
+# pytest-xdist worker; the in-process tests share the other. Two deployments
+# at once on CI's two cores would starve each other's routers.
+_DEPLOYMENT_FILES = {
+    "test_batch_eval_e2e.py", "test_client.py", "test_kv_router.py",
+    "test_prefix_cache_services.py", "test_reliability.py",
+    "test_security.py", "test_services.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name in _DEPLOYMENT_FILES:
+      item.add_marker(pytest.mark.xdist_group("deployments"))
+    else:
+      item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+# ------------------------------------------------- the default tiny model
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+  """pdjax-tiny-v1 as a Hugging Face directory (made once, kept on disk)."""
+  from pdjax.model.tiny import ensure_tiny_model
+  return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_decode_params(tiny_model_dir):
+  """(params, cfg, mesh, rules) of the tiny model on a one-device
+  ``decode_dp`` mesh, the layout most engine tests decode in."""
+  import jax
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  return params, cfg, mesh, rules

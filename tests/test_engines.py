@@ -642,6 +642,44 @@ def test_reserve_returns_none_when_full(decoders):
   assert_clean(engine)
 
 
+def test_row_stays_counted_while_its_request_is_admitted(local_prefill,
+                                                         decoders):
+  """A reserve() from a service thread that lands while the engine thread
+  is inserting a reserved request must still count that request's row: a
+  full replica refuses rather than promising the row twice (which made the
+  second insert fail with an internal error under load)."""
+  engine = decoders["dp1"]                   # one replica of 4 rows
+  reqs = [(f"a{i}", prompt(12, 950 + i), GREEDY) for i in range(4)]
+  col = Collector()
+  for (rid, p, s), r in zip(reqs, prefill_requests(local_prefill, reqs)):
+    submit_decode(engine, rid, p, s, r, col)
+  rep = engine.replicas[0]
+  seen = []
+  real_insert = rep.insert
+
+  def insert_and_race(req, reservation):
+    seen.append(engine.reserve(f"late-{req.request_id}", 5, 5))
+    # A stray unreserve (another thread) cannot free it mid-admission.
+    assert engine.unreserve(req.request_id) is None
+    row = real_insert(req, reservation)
+    seen.append(engine.reserve(f"late2-{req.request_id}", 5, 5))
+    return row
+
+  rep.insert = insert_and_race
+  try:
+    engine.step()                            # admits all four
+  finally:
+    del rep.insert
+  assert len(seen) == 8 and seen[-1] is None
+  # Before its row is taken, a request's reservation still holds its row.
+  assert [s is None for s in seen[::2]] == [True] * 4
+  assert rep.live_rows == 4
+  engine.drain()
+  for rid, _, _ in reqs:
+    assert col.reason(rid) == FinishReason.LENGTH
+  assert_clean(engine)
+
+
 # ------------------------------------------------------------------ stops
 def _reference(colo, p, max_tokens=60):
   """Greedy continuation ignoring EOS (the unconstrained output)."""

@@ -39,24 +39,10 @@ def _dcfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  from pdjax.model.tiny import ensure_tiny_model
-  return ensure_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def decode_params(tiny):
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(tiny, rules, mesh)
-  return params, cfg, mesh, rules
-
-
-@pytest.fixture(scope="module")
-def prefill_params(tiny):
+def prefill_params(tiny_model_dir):
   rules = ShardingRules.load("prefill_tp")
   mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
-  _, cfg = load_sharded(tiny, rules, mesh)
+  _, cfg = load_sharded(tiny_model_dir, rules, mesh)
   return cfg, mesh, rules
 
 
@@ -75,12 +61,12 @@ def _run_one_at_a_time(engine, prompts):
   return [out[str(i)] for i in range(len(prompts))]
 
 
-def test_evicted_prefix_comes_back_from_host(decode_params):
+def test_evicted_prefix_comes_back_from_host(tiny_decode_params):
   """A (4 full blocks) is evicted from the 12-page pool by three fillers,
   then asked for again: its blocks are promoted from the host tier, the
   prefill computes only the last partial block, and every token equals
   the cache-free run."""
-  params, cfg, mesh, rules = decode_params
+  params, cfg, mesh, rules = tiny_decode_params
   rng = np.random.RandomState(11)
   a = rng.randint(3, 500, size=70).tolist()
   fillers = [rng.randint(3, 500, size=60).tolist() for _ in range(3)]
@@ -103,13 +89,13 @@ def test_evicted_prefix_comes_back_from_host(decode_params):
   assert rep.pool.num_used == 0 and rep.pool.reserved == 0
 
 
-def test_pinned_blocks_are_never_demoted_under_pressure(decode_params):
+def test_pinned_blocks_are_never_demoted_under_pressure(tiny_decode_params):
   """All requests at once on a 12-page pool with a host tier of 6 blocks
   (four prompt families compete, so blocks go down and come back up
   constantly): every demoted page was unreferenced and in no live row or
   reservation when it was taken; tokens equal the cache-free run; the tier
   stays within its bound."""
-  params, cfg, mesh, rules = decode_params
+  params, cfg, mesh, rules = tiny_decode_params
   rng = np.random.RandomState(3)
   bases = [rng.randint(3, 500, size=60).tolist() for _ in range(4)]
   prompts = [bases[i % 4][:rng.randint(33, 60)]
@@ -232,8 +218,8 @@ def test_promoted_block_round_trips_exactly(prefill_params, pinned):
   assert len(link.tier) <= 4 and link.tier.stats["blocks"] <= 4
 
 
-def test_off_path_is_unchanged(decode_params):
-  params, cfg, mesh, rules = decode_params
+def test_off_path_is_unchanged(tiny_decode_params):
+  params, cfg, mesh, rules = tiny_decode_params
   for dcfg in (_dcfg(), _dcfg(host_cache_blocks=0),
                _dcfg(prefix_caching=False, host_cache_blocks=8)):
     eng = ColocatedEngine(params, cfg, mesh, rules, PCFG, dcfg)

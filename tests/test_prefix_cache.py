@@ -35,20 +35,6 @@ def _dcfg(**kw):
   return DecodeConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  from pdjax.model.tiny import ensure_tiny_model
-  return ensure_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def decode_params(tiny):
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(tiny, rules, mesh)
-  return params, cfg, mesh, rules
-
-
 def _prompts():
   """A family of prompts sharing 0, 1, many and all blocks."""
   rng = np.random.RandomState(7)
@@ -87,8 +73,8 @@ def _seeded(i):
                         top_k=40, seed=100 + i, ignore_eos=True)
 
 
-def test_block_hashes_are_chained_salted_and_layout_bound(decode_params):
-  _, cfg, _, _ = decode_params
+def test_block_hashes_are_chained_salted_and_layout_bound(tiny_decode_params):
+  _, cfg, _, _ = tiny_decode_params
   fp = layout_fingerprint(cfg, PAGE)
   a = list(range(3, 3 + 48))
   b = list(a)
@@ -108,8 +94,8 @@ def test_block_hashes_are_chained_salted_and_layout_bound(decode_params):
 
 @pytest.mark.parametrize("sampling", [_greedy, _seeded],
                          ids=["greedy", "seeded"])
-def test_colocated_cache_on_equals_off(decode_params, sampling):
-  params, cfg, mesh, rules = decode_params
+def test_colocated_cache_on_equals_off(tiny_decode_params, sampling):
+  params, cfg, mesh, rules = tiny_decode_params
   prompts = _prompts()
   off = ColocatedEngine(params, cfg, mesh, rules, PCFG, _dcfg())
   on = ColocatedEngine(params, cfg, mesh, rules, PCFG,
@@ -124,8 +110,8 @@ def test_colocated_cache_on_equals_off(decode_params, sampling):
   on.decode.replicas[0].pool.check_invariants()
 
 
-def test_salts_never_share_blocks(decode_params):
-  params, cfg, mesh, rules = decode_params
+def test_salts_never_share_blocks(tiny_decode_params):
+  params, cfg, mesh, rules = tiny_decode_params
   prompts = [_prompts()[0]] * 3
   eng = ColocatedEngine(params, cfg, mesh, rules, PCFG,
                         _dcfg(prefix_caching=True))
@@ -135,10 +121,10 @@ def test_salts_never_share_blocks(decode_params):
   assert eng.prefill[0].stats["cached_tokens"] == 4 * PAGE
 
 
-def test_tiny_cache_under_pressure_stays_correct(decode_params):
+def test_tiny_cache_under_pressure_stays_correct(tiny_decode_params):
   """12 pages (the null page included) for 4 rows: cached blocks are
   evicted constantly, pinned ones never; results equal the uncached run."""
-  params, cfg, mesh, rules = decode_params
+  params, cfg, mesh, rules = tiny_decode_params
   rng = np.random.RandomState(3)
   base = rng.randint(3, 500, size=60).tolist()
   prompts = [base[:rng.randint(17, 60)] + rng.randint(3, 500, size=5).tolist()
@@ -167,20 +153,20 @@ def test_tiny_cache_under_pressure_stays_correct(decode_params):
   assert on.decode.replicas[0].pool.stats["evictions"] > 0
 
 
-def test_disaggregated_reuse_on_both_sides(tiny):
+def test_disaggregated_reuse_on_both_sides(tiny_model_dir):
   """Prefill worker store + decode-side block reuse: the second and third
   requests compute fewer prompt tokens and move fewer KV pages, and their
   tokens equal a cache-free colocated run."""
   prules = ShardingRules.load("prefill_tp")
   pmesh = make_mesh({"tp": 2}, jax.devices()[2:4])
-  pparams, cfg = load_sharded(tiny, prules, pmesh)
+  pparams, cfg = load_sharded(tiny_model_dir, prules, pmesh)
   store = PrefillKVStore(cfg, pmesh, prules, num_pages=64, page_size=PAGE)
   pe = PrefillEngine(pparams, cfg, pmesh, prules, PCFG, prefix_store=store)
   drules = ShardingRules.load("decode_dp")
   dmesh = make_mesh({"dp": 2}, jax.devices()[4:6])
-  dparams, _ = load_sharded(tiny, drules, dmesh)
+  dparams, _ = load_sharded(tiny_model_dir, drules, dmesh)
   de = DecodeEngine(dparams, cfg, dmesh, drules, _dcfg(prefix_caching=True))
-  ref = ColocatedEngine(*load_sharded(tiny, drules, make_mesh(
+  ref = ColocatedEngine(*load_sharded(tiny_model_dir, drules, make_mesh(
       {"dp": 1}, jax.devices()[6:7]))[:2], make_mesh(
           {"dp": 1}, jax.devices()[6:7]), drules, PCFG, _dcfg())
 

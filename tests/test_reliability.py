@@ -33,15 +33,9 @@ LIVE_OWNERS = ("decode_rows", "reservations", "staged_transfers",
 
 
 @pytest.fixture(scope="module")
-def tiny_dir():
-  from pdjax.model.tiny import ensure_tiny_model
-  return ensure_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
+def reference(tiny_model_dir):
   prompts = make_prompts()
-  return prompts, reference_tokens(tiny_dir, prompts)
+  return prompts, reference_tokens(tiny_model_dir, prompts)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q "torch==${PDJAX_TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
-# Test files run in ${PDJAX_TEST_WORKERS:-2} processes, a file's tests in one
-# of them (module fixtures start deployments once); 0 runs them in this one.
+# Tests run in ${PDJAX_TEST_WORKERS:-2} processes (0: in this one): a file's
+# tests in one of them (module fixtures are made once), and the files that
+# start deployments one after another (tests/conftest.py says why).
 exec .venv/bin/python -m pytest -q -n "${PDJAX_TEST_WORKERS:-2}" \
-  --dist loadfile "$@"
+  --dist loadgroup "$@"

@@ -217,6 +217,7 @@ class Reservation:
   pages: int
   used: bool = False
   cancelled: bool = False
+  admitting: bool = False   # the engine thread is inserting it now
   transfer_id: str = ""
   created: float = dataclasses.field(default_factory=time.monotonic)
   # Leading prompt blocks already in this replica's pool (pinned: one
@@ -324,7 +325,6 @@ class DecodeReplica:
                        f"{len(cached)} leading pages are cached here")
     pages = cached + self.pool.allocate(max(n_now - len(cached), 0),
                                         reserved=True)
-    reservation.used = True
     kv = reshard_kv(req.kv, self.payload_sharding(req.kv.kv.shape[2]))
     n_payload = kv.kv.shape[2]
     # Payload page i is block first + i. Blocks already cached here may be
@@ -344,6 +344,9 @@ class DecodeReplica:
                           budget_pos=min(prompt_len + req.sampling.max_tokens,
                                          self.dcfg.max_seq_len),
                           generated=[req.first_token])
+    # Only now: until the row is taken, the reservation must still count as
+    # pending, or a concurrent reserve() sees a free row twice.
+    reservation.used = True
     self.page_table[row] = 0
     self.page_table[row, :len(pages)] = pages
     self.active[row] = True
@@ -640,10 +643,15 @@ class DecodeEngine:
     return block_hashes(prompt_ids, self.dcfg.page_size, fp, cache_salt)
 
   def unreserve(self, request_id: str) -> Reservation | None:
-    """Returns an unused reservation (transfer failed, request cancelled)."""
+    """Returns an unused reservation (transfer failed, request cancelled).
+    One being admitted is left alone: admission frees or uses it, and a
+    cancel reaches it through ``cancel``."""
     with self._lock:
-      res = self._reservations.pop(request_id, None)
-      if res is not None and not res.used:
+      res = self._reservations.get(request_id)
+      if res is None or res.admitting:
+        return None
+      del self._reservations[request_id]
+      if not res.used:
         pool = self.replicas[res.replica].pool
         pool.unreserve(res.pages)
         pool.free(res.cached_pages)
@@ -782,25 +790,35 @@ class DecodeEngine:
         if not self._inbox:
           return
         p = self._inbox.popleft()
-        self._reservations.pop(p.request.request_id, None)
-      rid = p.request.request_id
-      rep = self.replicas[p.reservation.replica]
-      if rid in self._cancelled:
-        self._cancelled.discard(rid)
-        rep.pool.unreserve(p.reservation.pages)
-        rep.pool.free(p.reservation.cached_pages)
-        p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
-        continue
+        p.reservation.admitting = True
       try:
-        row = rep.insert(p.request, p.reservation)
-      except ValueError as e:
-        rep.pool.unreserve(p.reservation.pages)
-        rep.pool.free(p.reservation.cached_pages)
-        p.request.callback(TokenEvent(rid, [], [], FinishReason.ERROR,
-                                      error=str(e)))
-        continue
-      self._where[rid] = (rep.index, row)
-      self.stats["inserted"] += 1
+        self._admit_one(p)
+      finally:
+        # Dropped only once the request holds its row (or gave it back):
+        # reserve() counts pending reservations against free rows.
+        with self._lock:
+          if self._reservations.get(p.request.request_id) is p.reservation:
+            del self._reservations[p.request.request_id]
+
+  def _admit_one(self, p) -> None:
+    rid = p.request.request_id
+    rep = self.replicas[p.reservation.replica]
+    if rid in self._cancelled:
+      self._cancelled.discard(rid)
+      rep.pool.unreserve(p.reservation.pages)
+      rep.pool.free(p.reservation.cached_pages)
+      p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
+      return
+    try:
+      row = rep.insert(p.request, p.reservation)
+    except ValueError as e:
+      rep.pool.unreserve(p.reservation.pages)
+      rep.pool.free(p.reservation.cached_pages)
+      p.request.callback(TokenEvent(rid, [], [], FinishReason.ERROR,
+                                    error=str(e)))
+      return
+    self._where[rid] = (rep.index, row)
+    self.stats["inserted"] += 1
 
   def _apply_cancellations(self) -> None:
     """Cancels wherever the request is: running (slot freed now), queued

@@ -84,6 +84,10 @@ PREFIX_CACHING = flags.DEFINE_bool(
 FAULT_DROP_KV = flags.DEFINE_float(
     "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs a "
     "prefill worker silently drops (exercises the recovery path).")
+FAULT_STEP_DELAY = flags.DEFINE_float(
+    "fault_injection_decode_step_delay_s", 0.0, "TESTING ONLY: a decode "
+    "worker sleeps this long before each engine step (a slow device), so "
+    "tests can act on streams that are certainly mid-generation.")
 COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
     "JAX persistent compilation cache directory (speeds up restarts).")

@@ -165,7 +165,8 @@ async def serve(role: str) -> None:
           prefill_buckets=dep.prefill_engine_config().buckets)
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                            reservation_ttl_s=F.KV_TTL.value)
+                            reservation_ttl_s=F.KV_TTL.value,
+                            fault_step_delay_s=F.FAULT_STEP_DELAY.value)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
       if transport == "grpc":

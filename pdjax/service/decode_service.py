@@ -50,8 +50,10 @@ FINISH_TO_PROTO = {
 class EngineLoop:
   """The thread that steps the engine whenever it has work."""
 
-  def __init__(self, engine: ColocatedEngine, *, on_tick=None):
+  def __init__(self, engine: ColocatedEngine, *, on_tick=None,
+               step_delay_s: float = 0.0):
     self.engine = engine
+    self.step_delay_s = step_delay_s   # fault injection (tests) only
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._on_tick = on_tick
@@ -75,6 +77,8 @@ class EngineLoop:
     while not self._stop.is_set():
       try:
         if self.engine.has_work:
+          if self.step_delay_s:
+            time.sleep(self.step_delay_s)
           self.engine.step()
         else:
           self._wake.wait(0.02)
@@ -96,6 +100,7 @@ class DecodeWorker:
                metrics: Metrics | None = None, security=common.Security(),
                transfer_timeout_s: float = 30.0,
                reservation_ttl_s: float = 60.0,
+               fault_step_delay_s: float = 0.0,
                max_streams: int = 1024):
     self.engine = engine
     self.receiver = receiver
@@ -107,7 +112,8 @@ class DecodeWorker:
     self.streams = 0
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
-    self.loop = EngineLoop(engine, on_tick=self._tick)
+    self.loop = EngineLoop(engine, on_tick=self._tick,
+                           step_delay_s=fault_step_delay_s)
     self._seen_cached = 0
     self._seen_computed = 0
 
