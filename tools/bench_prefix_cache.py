@@ -146,7 +146,7 @@ def main(argv) -> None:
   cols = ("scenario", "ttft_p50_ms", "ttft_p90_ms", "prompt_tokens_computed",
           "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
           "decode_cache_hits")
-  print(" | ".join(cols))
+  print(" | ".join(cols + ("requests per prefill worker",)))
   for r in rows:
     print(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
                      for c in cols), "|", r["prefill_workers_served"])
