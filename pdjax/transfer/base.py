@@ -26,8 +26,10 @@ import threading
 import time
 from typing import Callable
 
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from pdjax.engine.kv import pages_for
 from pdjax.engine.requests import RequestKV
 from pdjax.v1 import kv_pb2
 
@@ -44,6 +46,39 @@ class TransferTimeout(TransferError):
 
 class TransferDenied(TransferError):
   """The id is unknown to this worker, or was issued to another worker."""
+
+
+def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
+                    max_pages: int | None = None, *, error=TransferError):
+  """(shape, dtype) of a handle's KV, or ``error``: the sender does not get
+  to choose how much memory a receiver allocates or reads. ``geometry``:
+  (layers, page_size, kv_heads, head_dim, dtype, max_payload_pages) of this
+  worker; ``max_pages``: the pages reserved for the request."""
+  shape = tuple(int(s) for s in h.shape)
+  if len(shape) != 6 or shape[1] != 2 or min(shape) <= 0:
+    raise error(f"KV shape {list(shape)} is not [layers, 2, pages, page, "
+                "kv_heads, head_dim]")
+  try:
+    dtype = jnp.dtype(h.dtype)
+  except TypeError as e:
+    raise error(f"KV dtype {h.dtype!r} is not a dtype") from e
+  if geometry is not None:
+    L, P, K, hd, gdtype, max_payload = geometry
+    if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
+        jnp.dtype(gdtype) != dtype):
+      raise error(f"KV {list(shape)} {h.dtype} does not match this worker's "
+                  f"layout [{L}, 2, n, {P}, {K}, {hd}] {gdtype}")
+    if shape[2] > max_payload:
+      raise error(f"KV of {shape[2]} pages exceeds the largest payload this "
+                  f"worker accepts ({max_payload})")
+  data_pages = pages_for(h.num_tokens, shape[3]) - h.first_page
+  if h.num_tokens <= 0 or not 0 < data_pages <= shape[2]:
+    raise error(f"num_tokens {h.num_tokens} from page {h.first_page} does "
+                f"not fit the KV shape {list(shape)}")
+  if max_pages is not None and data_pages > max_pages:
+    raise error(f"KV of {data_pages} pages exceeds the {max_pages} reserved "
+                "for it")
+  return shape, dtype
 
 
 def new_transfer_id() -> str:
@@ -185,5 +220,6 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
 
 
 __all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",
+           "check_kv_handle",
            "KvReceiver", "LeaseTable", "new_transfer_id", "new_pull_uuid",
            "handle_for"]

@@ -72,6 +72,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from pdjax.engine.kv import pages_for, payload_pages, reshard_kv
 from pdjax.engine.requests import RequestKV
+from pdjax.transfer import base as transfer_base
 from pdjax.transfer.base import (KvReceiver, KvSender, TransferDenied,
                                  TransferError, TransferTimeout, handle_for)
 from pdjax.transfer.local import (LocalKvExchange, LocalReceiver,
@@ -765,37 +766,11 @@ def _from_bits_fn(shape: tuple[int, ...], dtype: str):
 
 def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
                     max_pages: int | None = None):
-  """(shape, dtype) of a handle's KV, or TransferError: the sender does not
-  choose how much we read. ``geometry``: (layers, page_size, kv_heads,
-  head_dim, dtype, max_payload_pages) of this worker, as the grpc receiver
-  takes it."""
-  shape = tuple(int(s) for s in h.shape)
-  if len(shape) != 6 or shape[1] != 2 or min(shape) <= 0:
-    raise TransferError(f"KV shape {list(shape)} is not [layers, 2, pages, "
-                        "page, kv_heads, head_dim]")
-  try:
-    dtype = jnp.dtype(h.dtype)
-  except TypeError as e:
-    raise TransferError(f"KV dtype {h.dtype!r} is not a dtype") from e
+  """``transfer_base.check_kv_handle``, and a dtype this path can view
+  as raw words."""
+  shape, dtype = transfer_base.check_kv_handle(h, geometry, max_pages)
   if dtype.itemsize not in _VIEW_DTYPES:
     raise TransferError(f"KV dtype {h.dtype} is not 1, 2 or 4 bytes wide")
-  if geometry is not None:
-    L, P, K, hd, gdtype, max_payload = geometry
-    if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
-        jnp.dtype(gdtype) != dtype):
-      raise TransferError(f"KV {list(shape)} {h.dtype} does not match this "
-                          f"worker's layout [{L}, 2, n, {P}, {K}, {hd}] "
-                          f"{gdtype}")
-    if shape[2] > max_payload:
-      raise TransferError(f"KV of {shape[2]} pages exceeds the largest "
-                          f"payload this worker accepts ({max_payload})")
-  data_pages = pages_for(h.num_tokens, shape[3]) - h.first_page
-  if h.num_tokens <= 0 or not 0 < data_pages <= shape[2]:
-    raise TransferError(f"num_tokens {h.num_tokens} from page {h.first_page}"
-                        f" does not fit the KV shape {list(shape)}")
-  if max_pages is not None and data_pages > max_pages:
-    raise TransferError(f"KV of {data_pages} pages exceeds the {max_pages} "
-                        "reserved for it")
   return shape, dtype
 
 

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
                                  TransferDenied, TransferError, TransferTimeout,
-                                 handle_for)
+                                 check_kv_handle, handle_for)
 from pdjax.v1 import decode_pb2_grpc, kv_pb2
 
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -203,38 +203,11 @@ class GrpcStreamReceiver(KvReceiver):
       if tid not in self._expected:
         raise TransferDenied(f"transfer {tid!r} was not issued to this worker")
       _, max_pages = self._expected[tid]
-    self._check_handle(first.handle, max_pages)
+    # A malformed handle is the caller's error: INVALID_ARGUMENT.
+    check_kv_handle(first.handle, self.geometry, max_pages, error=ValueError)
     staging = _Staging(first.handle)
     self.staged.put(tid, staging, staging.expected)
     return staging
-
-  def _check_handle(self, h: kv_pb2.KvHandle, max_pages: int | None) -> None:
-    """The sender does not get to choose how much memory we allocate."""
-    shape = tuple(h.shape)
-    if len(shape) != 6 or shape[1] != 2 or min(shape) <= 0:
-      raise ValueError(f"KV shape {list(shape)} is not [layers, 2, pages, "
-                       "page, kv_heads, head_dim]")
-    try:
-      np.dtype(jax.numpy.dtype(h.dtype))
-    except TypeError as e:
-      raise ValueError(f"KV dtype {h.dtype!r} is not a dtype") from e
-    if self.geometry is not None:
-      L, P, K, hd, dtype, max_payload = self.geometry
-      if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
-          h.dtype != dtype):
-        raise ValueError(f"KV {list(shape)} {h.dtype} does not match this "
-                         f"worker's layout [{L}, 2, n, {P}, {K}, {hd}] "
-                         f"{dtype}")
-      if shape[2] > max_payload:
-        raise ValueError(f"KV of {shape[2]} pages exceeds the largest "
-                         f"payload this worker accepts ({max_payload})")
-    data_pages = -(-h.num_tokens // shape[3]) - h.first_page
-    if h.num_tokens <= 0 or not 0 < data_pages <= shape[2]:
-      raise ValueError(f"num_tokens {h.num_tokens} from page {h.first_page} "
-                       f"does not fit the KV shape {list(shape)}")
-    if max_pages is not None and data_pages > max_pages:
-      raise ValueError(f"KV of {data_pages} pages exceeds the {max_pages} "
-                       "reserved for it")
 
   def finish(self, staging: _Staging | None) -> kv_pb2.KvAck:
     if staging is None:
