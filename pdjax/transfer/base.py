@@ -48,6 +48,32 @@ class TransferDenied(TransferError):
   """The id is unknown to this worker, or was issued to another worker."""
 
 
+class IssuedTransfers:
+  """The transfer ids the router issued to this worker (at Reserve), each
+  with the most KV pages it may bring. A hand-off under any other id is
+  refused: KV lands only where it was routed."""
+
+  def __init__(self):
+    self._ids: dict[str, int | None] = {}
+    self._lock = threading.Lock()
+
+  def add(self, transfer_id: str, max_pages: int | None = None) -> None:
+    with self._lock:
+      self._ids[transfer_id] = max_pages
+
+  def discard(self, transfer_id: str) -> None:
+    with self._lock:
+      self._ids.pop(transfer_id, None)
+
+  def check(self, transfer_id: str) -> int | None:
+    """The id's page bound, or TransferDenied for an id not issued here."""
+    with self._lock:
+      if transfer_id not in self._ids:
+        raise TransferDenied(f"transfer {transfer_id!r} was not issued to "
+                             "this worker")
+      return self._ids[transfer_id]
+
+
 def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
                     max_pages: int | None = None, *, error=TransferError):
   """(shape, dtype) of a handle's KV, or ``error``: the sender does not get
@@ -220,6 +246,6 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
 
 
 __all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",
-           "check_kv_handle",
+           "check_kv_handle", "IssuedTransfers",
            "KvReceiver", "LeaseTable", "new_transfer_id", "new_pull_uuid",
            "handle_for"]

@@ -73,8 +73,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from pdjax.engine.kv import pages_for, payload_pages, reshard_kv
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer import base as transfer_base
-from pdjax.transfer.base import (KvReceiver, KvSender, TransferDenied,
-                                 TransferError, TransferTimeout, handle_for)
+from pdjax.transfer.base import (KvReceiver, KvSender, TransferError,
+                                 TransferTimeout, handle_for)
 from pdjax.transfer.local import (LocalKvExchange, LocalReceiver,
                                   LocalSender)
 from pdjax.v1 import kv_pb2
@@ -786,20 +786,17 @@ class CudaIpcReceiver(KvReceiver):
     self.pool = pool
     self.device = device
     self.geometry = geometry
-    self._expected: dict[str, int | None] = {}
-    self._lock = threading.Lock()
+    self._issued = transfer_base.IssuedTransfers()
 
   def lend(self, transfer_id: str, nbytes: int) -> LandingSlot | None:
     return self.pool.acquire(transfer_id, nbytes)
 
   def expect(self, transfer_id: str, request_id: str, *,
              max_pages: int | None = None) -> None:
-    with self._lock:
-      self._expected[transfer_id] = max_pages
+    self._issued.add(transfer_id, max_pages)
 
   def forget(self, transfer_id: str) -> None:
-    with self._lock:
-      self._expected.pop(transfer_id, None)
+    self._issued.discard(transfer_id)
     self.pool.release(transfer_id)
 
   def discard(self, transfer_id: str) -> None:
@@ -818,10 +815,7 @@ class CudaIpcReceiver(KvReceiver):
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
     tid = handle.transfer_id
-    with self._lock:
-      if tid not in self._expected:
-        raise TransferDenied(f"transfer {tid!r} was not issued to this worker")
-      max_pages = self._expected[tid]
+    max_pages = self._issued.check(tid)
     if handle.transport != PATH_CUDA_IPC:
       raise TransferError(f"handle of transport {handle.transport!r} given "
                           "to the cuda_ipc receiver")
@@ -845,8 +839,7 @@ class CudaIpcReceiver(KvReceiver):
       ok = True
     finally:
       self.pool.end_read(tid, ok=ok)
-      with self._lock:
-        self._expected.pop(tid, None)
+      self._issued.discard(tid)
     out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
                      sharding)
     out.kv.block_until_ready()

@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
-                                 TransferDenied, TransferTimeout, handle_for,
+from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
+                                 LeaseTable, TransferTimeout, handle_for,
                                  new_pull_uuid)
 from pdjax.v1 import kv_pb2
 
@@ -112,16 +112,14 @@ class DeviceReceiver(KvReceiver):
     self._server = _start_server(device, host, connections)
     self._conns: dict[str, object] = {}
     self._lock = threading.Lock()
-    self._expected: dict[str, str] = {}
+    self._issued = IssuedTransfers()
 
   def expect(self, transfer_id: str, request_id: str, *,
              max_pages: int | None = None) -> None:
-    with self._lock:
-      self._expected[transfer_id] = request_id
+    self._issued.add(transfer_id, max_pages)
 
   def forget(self, transfer_id: str) -> None:
-    with self._lock:
-      self._expected.pop(transfer_id, None)
+    self._issued.discard(transfer_id)
 
   def _connection(self, address: str):
     with self._lock:
@@ -132,10 +130,7 @@ class DeviceReceiver(KvReceiver):
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
-    with self._lock:
-      if handle.transfer_id not in self._expected:
-        raise TransferDenied(f"transfer {handle.transfer_id!r} was not issued "
-                             "to this worker")
+    self._issued.check(handle.transfer_id)
     dtype = jax.numpy.dtype(handle.dtype)
     landing = transfer_sharding(_ordered_devices(sharding),
                                 max(handle.shards, 1))

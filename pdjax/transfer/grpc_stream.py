@@ -28,9 +28,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
-                                 TransferDenied, TransferError, TransferTimeout,
-                                 check_kv_handle, handle_for)
+from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
+                                 LeaseTable, TransferDenied, TransferError,
+                                 TransferTimeout, check_kv_handle, handle_for)
 from pdjax.v1 import decode_pb2_grpc, kv_pb2
 
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -173,17 +173,14 @@ class GrpcStreamReceiver(KvReceiver):
     is refused before any buffer is allocated for it."""
     self.staged = LeaseTable(ttl_s)
     self.geometry = geometry
-    self._expected: dict[str, tuple[str, int | None]] = {}
-    self._lock = threading.Lock()
+    self._issued = IssuedTransfers()
 
   def expect(self, transfer_id: str, request_id: str, *,
              max_pages: int | None = None) -> None:
-    with self._lock:
-      self._expected[transfer_id] = (request_id, max_pages)
+    self._issued.add(transfer_id, max_pages)
 
   def forget(self, transfer_id: str) -> None:
-    with self._lock:
-      self._expected.pop(transfer_id, None)
+    self._issued.discard(transfer_id)
     self.staged.pop(transfer_id)
 
   def reap(self) -> int:
@@ -199,10 +196,7 @@ class GrpcStreamReceiver(KvReceiver):
     if not first.HasField("handle"):
       raise ValueError("the first chunk must carry the KV handle")
     tid = first.handle.transfer_id
-    with self._lock:
-      if tid not in self._expected:
-        raise TransferDenied(f"transfer {tid!r} was not issued to this worker")
-      _, max_pages = self._expected[tid]
+    max_pages = self._issued.check(tid)
     # A malformed handle is the caller's error: INVALID_ARGUMENT.
     check_kv_handle(first.handle, self.geometry, max_pages, error=ValueError)
     staging = _Staging(first.handle)
@@ -243,9 +237,7 @@ class GrpcStreamReceiver(KvReceiver):
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
     tid = handle.transfer_id
-    with self._lock:
-      if tid not in self._expected:
-        raise TransferDenied(f"transfer {tid!r} was not issued to this worker")
+    self._issued.check(tid)
     deadline = time.monotonic() + timeout_s
     while True:
       staging = self.staged.get(tid)

@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding
 
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
-                                 TransferDenied, TransferTimeout, handle_for)
+from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
+                                 LeaseTable, TransferTimeout, handle_for)
 from pdjax.v1 import kv_pb2
 
 
@@ -53,20 +53,18 @@ class LocalReceiver(KvReceiver):
 
   def __init__(self, exchange: LocalKvExchange):
     self.exchange = exchange
-    self._expected: set[str] = set()
+    self._issued = IssuedTransfers()
 
   def expect(self, transfer_id: str, request_id: str, *,
              max_pages: int | None = None) -> None:
-    self._expected.add(transfer_id)
+    self._issued.add(transfer_id, max_pages)
 
   def forget(self, transfer_id: str) -> None:
-    self._expected.discard(transfer_id)
+    self._issued.discard(transfer_id)
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
-    if handle.transfer_id not in self._expected:
-      raise TransferDenied(f"transfer {handle.transfer_id!r} was not issued "
-                           "to this worker")
+    self._issued.check(handle.transfer_id)
     deadline = time.monotonic() + timeout_s
     while True:
       kv = self.exchange.leases.pop(handle.transfer_id)
@@ -76,7 +74,7 @@ class LocalReceiver(KvReceiver):
         raise TransferTimeout(f"KV for transfer {handle.transfer_id} did not "
                               f"arrive within {timeout_s:.1f} s")
       time.sleep(0.001)
-    self._expected.discard(handle.transfer_id)
+    self._issued.discard(handle.transfer_id)
     out = reshard_kv(kv, sharding)
     out.kv.block_until_ready()
     return out
