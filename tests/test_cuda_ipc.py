@@ -310,7 +310,27 @@ def test_bytes_that_land_are_the_kv_sent(pair, dtype):
   assert out.kv.dtype == dtype and out.kv.sharding == target
   assert out.num_tokens == kv.num_tokens
   np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  # Lent until whoever took the KV has read it (the decode engine's insert).
+  assert out.borrowed and pair.pool.live() == 1
+  out.release()
+  out.release()                         # idempotent
   assert pair.pool.live() == 0 and pair.pool.free_bytes() == 2 * MiB
+
+
+def test_the_receiver_views_the_region_without_a_copy(pair):
+  """On a one-device replica the KV the receiver returns *is* the landing
+  region (the hand-off's only copy is the decode engine's insert)."""
+  kv = _kv(jnp.bfloat16)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  dev = pair.receiver.device
+  out = pair.receiver.receive(handle, NamedSharding(
+      Mesh(np.array([dev]), ("tp",)), PartitionSpec()), timeout_s=5)
+  assert out.kv.addressable_data(0).unsafe_buffer_pointer() == slot.ptr
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  out.release()
+  assert pair.pool.live() == 0
 
 
 def test_landing_at_an_offset_and_into_a_tp_replica(pair):
@@ -406,7 +426,7 @@ def test_receiver_refuses_what_was_not_lent_or_is_malformed(pair):
     pair.receiver.receive(bad, target, timeout_s=5)
   bad.CopyFrom(handle)
   bad.dtype = "complex128"
-  with pytest.raises(TransferError, match="not 1, 2 or 4 bytes"):
+  with pytest.raises(TransferError, match="cannot be viewed through DLPack"):
     pair.receiver.receive(bad, target, timeout_s=5)
   assert pair.pool.live() == 1          # checks come before the region
   bad.CopyFrom(handle)
@@ -485,6 +505,8 @@ def test_auto_same_host_takes_cuda_ipc(auto):
   out = auto.receiver.receive(handle, auto.target, timeout_s=5)
   np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
   assert auto.sender.paths == {"cuda_ipc": 1}
+  assert auto.receiver.live() == 1 and out.borrowed   # until it is read
+  out.release()
   assert auto.receiver.live() == 0 and auto.sender.live() == 0
 
 
@@ -556,7 +578,7 @@ def test_auto_cancelled_reservation_returns_the_region_after_its_lease(auto):
 
 
 def test_auto_stops_lending_after_a_driver_failure(auto):
-  """A broken CUDA stack (e.g. CuPy missing on the decode side) fails the
+  """A broken CUDA stack (e.g. JAX refusing the DLPack view) fails the
   hand-off in flight, and sends every later one over the transfer path."""
   kv = _kv(jnp.bfloat16)
   _, dest = _reserve(auto, "t1", kv.num_tokens)
@@ -564,12 +586,12 @@ def test_auto_stops_lending_after_a_driver_failure(auto):
   assert handle.transport == "cuda_ipc"
 
   def broken(*a, **k):
-    raise ci.CudaError("importing a landing buffer into JAX needs CuPy")
+    raise ci.CudaError("importing a landing buffer into JAX failed: no view")
 
-  auto.receiver.ipc.pool.driver.to_jax = broken
+  auto.receiver.ipc.pool.driver.view = broken
   with pytest.raises(ci.CudaError):
     auto.receiver.receive(handle, auto.target, timeout_s=5)
-  assert "CuPy" in auto.receiver.ipc_disabled
+  assert "no view" in auto.receiver.ipc_disabled
   slot, dest = _reserve(auto, "t2", kv.num_tokens)
   assert slot is None and not dest.ipc_handle
   handle = auto.sender.send(kv, dest, timeout_s=5)

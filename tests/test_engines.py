@@ -31,7 +31,7 @@ from pdjax.engine.decode import DecodeConfig, DecodeEngine
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.prefill import PrefillConfig, PrefillEngine
 from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
-                                   PrefillResult, TokenEvent)
+                                   PrefillResult, RequestKV, TokenEvent)
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
 from pdjax.engine.setup import load_sharded, shard_params
 from pdjax.model.config import ModelConfig
@@ -505,6 +505,100 @@ def test_disaggregated_equals_colocated(prefill_tp, decoders, colo):
     assert dis.reason(rid) == col.reason(rid) == FinishReason.LENGTH
     assert dis.tokens(rid) == col.tokens(rid), rid
     assert len(col.tokens(rid)) == s.max_tokens
+
+
+def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
+                                                      colo):
+  """The same-host path end to end, CUDA driver faked (host memory, real
+  byte copies): TP=2 prefill KV copied into a landing region, the decode
+  worker's zero-copy view of it inserted by the dp=2 engine, the region
+  back in the pool only once that insert has run. One small landing buffer
+  for six requests, so regions are reused while earlier requests decode;
+  tokens must still be the colocated ones."""
+  from pdjax.transfer import cuda_ipc as ci
+  from pdjax.v1 import kv_pb2
+  engine = decoders["dp2"]
+  reqs = [("ci0", prompt(40, 310), GREEDY),
+          ("ci1", prompt(60, 311), seeded(31, 20)),
+          ("ci2", prompt(100, 312), seeded(32, 15)),
+          ("ci3", prompt(70, 313), GREEDY),
+          ("ci4", prompt(50, 314), seeded(34, 10)),
+          ("ci5", prompt(64, 315), GREEDY)]
+  results = prefill_requests(prefill_tp[2], reqs)
+  registry = ci.FakeIpcRegistry()
+  largest = max(r.kv.kv.nbytes for r in results)
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 1, 2 * largest)
+  receiver = ci.CudaIpcReceiver(pool, engine.replicas[0].mesh.devices.flat[0])
+  sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry))
+  col = Collector()
+  try:
+    for (rid, p, s), r in zip(reqs, results):
+      col(TokenEvent(rid, [r.first_token], [r.first_logprob]))
+      while (res := engine.reserve(rid, len(p), s.max_tokens)) is None:
+        engine.step()
+      for _ in range(200):          # regions come back as inserts complete
+        if (slot := pool.acquire(rid, r.kv.kv.nbytes)) is not None:
+          break
+        engine.step()
+        engine.borrowed.wait_idle()
+      assert slot is not None, f"{rid}: no landing region ever came back"
+      receiver.expect(rid, rid)
+      dest = kv_pb2.KvDestination(
+          transfer_id=rid, ipc_handle=slot.handle, ipc_offset=slot.offset,
+          ipc_bytes=slot.nbytes, ipc_deadline_ms=slot.deadline_ms)
+      handle = sender.send(r.kv, dest, timeout_s=5)
+      rep = engine.replicas[res.replica]
+      kv = receiver.receive(handle, rep.payload_sharding(r.kv.kv.shape[2]),
+                            timeout_s=5)
+      assert kv.borrowed and pool.live() >= 1
+      engine.submit(DecodeRequest(rid, p, r.first_token, r.first_logprob,
+                                  kv, s, s.seed_u32(0), col,
+                                  reservation=res))
+    engine.drain()
+    assert engine.borrowed.wait_idle()
+    assert pool.live() == 0 and pool.free_bytes() == pool.total_bytes
+    assert pool.counts["read"] == len(reqs) and registry.copies == len(reqs)
+    assert_clean(engine)
+  finally:
+    sender.close()
+    pool.close()
+  ref = run_colocated(colo, reqs)
+  for rid, _, _ in reqs:
+    assert col.tokens(rid) == ref.tokens(rid), rid
+
+
+def test_borrowed_kv_goes_back_only_after_its_reader_finished():
+  """A borrowed KV is released when the program that reads it has
+  completed, not when it was dispatched; one dropped unread goes back at
+  once; owned KV is left alone."""
+  import threading
+  from pdjax.engine.borrowed_kv import BorrowedKvReturns
+
+  class Receipt:   # a program still running until `done` is set
+    def __init__(self):
+      self.done = threading.Event()
+
+    def block_until_ready(self):
+      assert self.done.wait(10)
+      return self
+
+  released = []
+  returns = BorrowedKvReturns()
+  payload = jax.numpy.zeros((1,))
+  kv = RequestKV(payload, 1, release_fn=lambda: released.append("read"))
+  receipt = Receipt()
+  returns.after(receipt, kv)
+  assert returns.pending == 1 and not returns.wait_idle(0.2)
+  assert released == []                     # still being read
+  receipt.done.set()
+  assert returns.wait_idle()
+  assert released == ["read"] and returns.pending == 0 and not kv.borrowed
+  unread = RequestKV(payload, 1, release_fn=lambda: released.append("unread"))
+  returns.after(None, unread)
+  assert released == ["read", "unread"]
+  returns.after(Receipt(), RequestKV(payload, 1))   # owned: nothing to wait
+  assert returns.pending == 0
+  returns.close()
 
 
 # ------------------------------------------------------------------ serving

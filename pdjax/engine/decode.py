@@ -45,6 +45,7 @@ from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
                              request_kv_shape, reshard_kv)
+from pdjax.engine.borrowed_kv import BorrowedKvReturns
 from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    RequestStatus, TokenEvent)
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
@@ -177,7 +178,9 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
 
 def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
   """Writes a request KV ``[L, 2, n, P, K, hd]`` into the pools' rows
-  ``l * N + dest_pages`` and arms ``row``."""
+  ``l * N + dest_pages`` and arms ``row``. Also returns a receipt: a scalar
+  that is ready when this program has finished reading ``kv``
+  (``BorrowedKvReturns``)."""
   L, _, n = kv.shape[:3]
   N = state.k.shape[0] // L
   rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
@@ -185,12 +188,13 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
   flat = kv.astype(state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
   k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]))
   v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]))
+  positions = state.positions.at[row].set(position)
   return DecodeState(
       k=k, v=v,
       tokens=state.tokens.at[row].set(first_token),
-      positions=state.positions.at[row].set(position),
+      positions=positions,
       generated=state.generated.at[row].set(1),
-      done=state.done.at[row].set(False))
+      done=state.done.at[row].set(False)), positions[row]
 
 
 def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
@@ -308,7 +312,11 @@ class DecodeReplica:
     return NamedSharding(self.mesh, self.kv_sharding.spec)
 
   # ---------------------------------------------------------------- admit
-  def insert(self, req: DecodeRequest, reservation: Reservation) -> int:
+  def insert(self, req: DecodeRequest,
+             reservation: Reservation) -> tuple[int, jax.Array]:
+    """Takes a row and dispatches the program that writes the request's KV
+    into the pools. Returns the row and the program's receipt (ready when
+    the KV has been read). Raises ValueError before dispatching anything."""
     row = self.rows.index(None)
     P = self.dcfg.page_size
     prompt_len = len(req.prompt_ids)
@@ -334,10 +342,11 @@ class DecodeReplica:
       if first + i >= len(cached):
         dest[i] = pages[first + i]
     host_tier.flush(self.host_tier)   # queued tier copies go first
-    self.state = self.programs.insert(
+    self.state, receipt = self.programs.insert(
         self.state, kv.kv, jax.device_put(dest, self.replicated),
         np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
-    self.rows[row] = _Row(req, pages,
+    # The row keeps the request, not its KV: the payload is in the pools now.
+    self.rows[row] = _Row(dataclasses.replace(req, kv=None), pages,
                           reserved_left=reservation.pages - (len(pages)
                                                              - len(cached)),
                           host_pos=prompt_len,
@@ -357,7 +366,7 @@ class DecodeReplica:
     self.stop_ids[row, :len(stops)] = stops
     self.use_eos[row] = not req.sampling.ignore_eos
     self._slots_dirty = True
-    return row
+    return row, receipt
 
   def release(self, row: int, *, cache: bool = True) -> None:
     """Frees a row. With prefix caching, its full blocks (prompt and
@@ -448,8 +457,8 @@ class DecodeReplica:
                         self.payload_sharding(n)).kv
       dest = jax.device_put(np.zeros((n,), np.int32), self.replicated)
       for _ in range(2):
-        self.state = self.programs.insert(self.state, kv, dest, zero, zero,
-                                          zero)
+        self.state, _ = self.programs.insert(self.state, kv, dest, zero,
+                                             zero, zero)
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
     for width in self.dcfg.widths:
@@ -574,6 +583,9 @@ class DecodeEngine:
     self._reservations: dict[str, Reservation] = {}
     self._seq = itertools.count()
     self.stats = collections.Counter()
+    # Request KVs that are views of a transport's memory go back to it once
+    # their insert has completed.
+    self.borrowed = BorrowedKvReturns()
 
   # ---------------------------------------------------------------- admit
   def validate(self, prompt_len: int, max_tokens: int) -> None:
@@ -694,22 +706,29 @@ class DecodeEngine:
 
   def submit(self, req: DecodeRequest) -> None:
     """Queues a request whose KV is ready; it joins the batch at the next
-    step. Reserves on the spot if the caller did not."""
+    step. Reserves on the spot if the caller did not. From here on the
+    engine owns ``req.kv``: a borrowed one is given back on every path."""
     first_done = self._first_token_finishes(req)
     if first_done is not None:
+      self.borrowed.after(None, req.kv)
       self.unreserve(req.request_id)
       req.callback(TokenEvent(req.request_id, [], [], first_done))
       return
     res = req.reservation or self._reservations.get(req.request_id)
     if res is not None and res.cancelled:
+      self.borrowed.after(None, req.kv)
       self.unreserve(req.request_id)
       req.callback(TokenEvent(req.request_id, [], [], FinishReason.ABORT))
       return
     if res is None:
-      res = self.reserve(req.request_id, len(req.prompt_ids),
-                         req.sampling.max_tokens)
-      if res is None:
-        raise RuntimeError("decode pool is full")
+      try:
+        res = self.reserve(req.request_id, len(req.prompt_ids),
+                           req.sampling.max_tokens)
+        if res is None:
+          raise RuntimeError("decode pool is full")
+      except BaseException:
+        self.borrowed.after(None, req.kv)
+        raise
     with self._lock:
       self._inbox.append(_Pending(req, res))
 
@@ -805,18 +824,21 @@ class DecodeEngine:
     rep = self.replicas[p.reservation.replica]
     if rid in self._cancelled:
       self._cancelled.discard(rid)
+      self.borrowed.after(None, p.request.kv)   # dropped unread
       rep.pool.unreserve(p.reservation.pages)
       rep.pool.free(p.reservation.cached_pages)
       p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
       return
     try:
-      row = rep.insert(p.request, p.reservation)
+      row, receipt = rep.insert(p.request, p.reservation)
     except ValueError as e:
+      self.borrowed.after(None, p.request.kv)   # nothing was dispatched
       rep.pool.unreserve(p.reservation.pages)
       rep.pool.free(p.reservation.cached_pages)
       p.request.callback(TokenEvent(rid, [], [], FinishReason.ERROR,
                                     error=str(e)))
       return
+    self.borrowed.after(receipt, p.request.kv)
     self._where[rid] = (rep.index, row)
     self.stats["inserted"] += 1
 

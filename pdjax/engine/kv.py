@@ -54,8 +54,9 @@ def reshard_kv(kv: RequestKV, sharding: NamedSharding) -> RequestKV:
   if kv.kv.sharding == sharding:
     return kv
   moved = jax.device_put(kv.kv, sharding)
+  # A borrowed source is read by the copy: it is given back with the copy.
   return RequestKV(kv=moved, num_tokens=kv.num_tokens,
-                   first_page=kv.first_page)
+                   first_page=kv.first_page, release_fn=kv.release_fn)
 
 
 def host_pages(kv: RequestKV) -> np.ndarray:

@@ -73,10 +73,29 @@ class RequestKV:
   compiles once per bucket; only the first ``ceil(num_tokens / page_size)``
   pages carry data. ``first_page`` > 0 when the leading pages are not
   included (the receiver already holds them: prefix reuse).
+
+  ``release_fn``: set when ``kv`` is a view of memory lent by a transport
+  (a CUDA IPC landing region) rather than memory JAX owns. The consumer
+  reads ``kv`` into its own pools, and once the program doing so has
+  *completed* calls ``release()``, so the lender may reuse the memory; a
+  consumer that drops the KV unread calls it too.
   """
   kv: jax.Array
   num_tokens: int
   first_page: int = 0
+  release_fn: Callable[[], None] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
+
+  @property
+  def borrowed(self) -> bool:
+    return self.release_fn is not None
+
+  def release(self) -> None:
+    """Gives borrowed memory back (nothing reads ``kv`` any more). A no-op
+    for KV that JAX owns, and after the first call."""
+    fn, self.release_fn = self.release_fn, None
+    if fn is not None:
+      fn()
 
   @property
   def page_size(self) -> int:
@@ -125,7 +144,7 @@ class DecodeRequest:
   prompt_ids: Sequence[int]
   first_token: int
   first_logprob: float
-  kv: RequestKV
+  kv: RequestKV | None   # None once inserted (the engine keeps no payload)
   sampling: SamplingParams
   seed_u32: int
   callback: TokenCallback

@@ -19,6 +19,7 @@ reservation that is never redeemed expires after ``reservation_ttl_s``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -27,7 +28,8 @@ import grpc
 
 from pdjax.engine import host_tier  # host KV tier metrics
 from pdjax.engine.colocated import ColocatedEngine
-from pdjax.engine.requests import (DecodeRequest, FinishReason, TokenEvent)
+from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
+                                   TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
@@ -312,8 +314,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         rep = engine.decode.replicas[res.replica]
         t0 = time.perf_counter()
         try:
-          kv = await asyncio.to_thread(
-              w.receiver.receive, request.kv,
+          kv = await _receive(
+              w.receiver, request.kv,
               rep.payload_sharding(request.kv.shape[2]),
               timeout_s=_timeout(context, w.transfer_timeout_s))
         except TransferError as e:
@@ -385,6 +387,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     except grpc.RpcError as e:
       log.warning("ReleaseKv to %s failed (the TTL will free it): %s",
                   handle.prefill_address, e.code().name)
+
+
+async def _receive(receiver: KvReceiver, handle: kv_pb2.KvHandle, sharding,
+                   *, timeout_s: float) -> RequestKV:
+  """``receiver.receive`` on a worker thread. A cancelled RPC cannot stop
+  that thread: if it still brings a KV that borrows a transport's memory
+  (a landing region), the memory is given back rather than stranded."""
+  fut = asyncio.get_running_loop().run_in_executor(
+      None, functools.partial(receiver.receive, handle, sharding,
+                              timeout_s=timeout_s))
+  try:
+    return await asyncio.shield(fut)
+  except asyncio.CancelledError:
+    fut.add_done_callback(_release_unclaimed)
+    raise
+
+
+def _release_unclaimed(fut: "asyncio.Future[RequestKV]") -> None:
+  if not fut.cancelled() and fut.exception() is None:
+    fut.result().release()
 
 
 class KvTransferServicer(decode_pb2_grpc.KvTransferServicer):

@@ -214,7 +214,10 @@ class KvReceiver(abc.ABC):
   @abc.abstractmethod
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
-    """Redeems ``handle`` into ``sharding`` (the decode replica's layout)."""
+    """Redeems ``handle`` into ``sharding`` (the decode replica's layout).
+    The result may borrow the transport's memory (``RequestKV.borrowed``):
+    whoever takes it must ``release()`` it once read (the decode engine
+    does, after its insert)."""
 
   def expect(self, transfer_id: str, request_id: str, *,
              max_pages: int | None = None) -> None:

@@ -24,10 +24,14 @@ landing buffers with ``cuMemAlloc`` once, exports them with
 request at ``Reserve`` (``ReserveResponse.ipc_*``, copied by the router into
 ``KvDestination.ipc_*``). The prefill worker opens the handle (once per
 buffer, cached), and ``cuMemcpyDtoD``s its single-device KV array into the
-region (``CudaIpcSender``). The decode worker imports the region into JAX
-through DLPack (CuPy ``UnownedMemory``; bf16 as a uint16 view, bitcast
-back), copies it into an array of its own so the region is free at once,
-and reshards it into the replica's layout (``CudaIpcReceiver``).
+region (``CudaIpcSender``). The decode worker makes the region a JAX array
+without a copy (a DLPack view, ``pdjax.transfer.foreign_memory``) in the
+replica's layout (``CudaIpcReceiver``); the decode engine's insert program
+reads it straight into the page pools, and the region goes back to the pool
+once that program has completed (``RequestKV.release``,
+``pdjax.engine.borrowed_kv``). The one device-local copy of the hand-off is
+the insert every path has; an earlier version copied the region out first,
+which held the hand-off to 62% of the link.
 
 Ownership of a landing region (the failure modes of FIELD_NOTES §4: data
 overwritten before it was read, memory stranded by peers that vanished):
@@ -36,14 +40,15 @@ overwritten before it was read, memory stranded by peers that vanished):
   deadline (``ipc_deadline_ms``; both sides are on one host, so one clock);
 * the sender never starts a copy later than ``deadline_margin_s`` before
   that deadline (it falls back to the transfer path instead);
-* read successfully: the region is free at once (the sender finished before
-  its handle existed);
+* read successfully: the region is free once the insert that reads it has
+  completed (the sender finished before its handle existed);
 * released unread (cancel, Unreserve, reservation expiry, failed Decode):
   the region stays out of use until its lease has ended (+ ``grace_s``),
   because a slow sender may still be writing into it; an unread lease that
   simply runs out is reclaimed by ``reap`` the same way;
-* a release that arrives while the receiver is still importing the region is
-  deferred to the end of the read: a region is never reused while read.
+* a release that arrives while the region is being read (imported, then
+  inserted) is deferred to the end of the read: a region is never reused
+  while read.
 
 The CUDA driver is behind a small seam (``CudaDriver``): ``RealCudaDriver``
 (``cuda.bindings.driver``, imported lazily) on GPUs, ``FakeCudaDriver`` on
@@ -73,6 +78,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from pdjax.engine.kv import pages_for, payload_pages, reshard_kv
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer import base as transfer_base
+from pdjax.transfer import foreign_memory
 from pdjax.transfer.base import (KvReceiver, KvSender, TransferError,
                                  TransferTimeout, handle_for)
 from pdjax.transfer.local import (LocalKvExchange, LocalReceiver,
@@ -84,11 +90,6 @@ log = logging.getLogger(__name__)
 IPC_HANDLE_BYTES = 64        # sizeof(CUipcMemHandle)
 REGION_ALIGN = 4096          # landing regions start on this boundary
 PATH_LOCAL, PATH_CUDA_IPC, PATH_TRANSFER = "local", "cuda_ipc", "transfer"
-
-# Unsigned integer views by element size: DLPack (and numpy) have no bf16,
-# so the bytes travel as these and are bitcast back inside JAX.
-_VIEW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-
 
 class CudaError(TransferError):
   """A CUDA driver call failed, or CUDA IPC is unavailable here."""
@@ -112,10 +113,10 @@ class CudaDriver(Protocol):
                   nbytes: int) -> None: ...
   def synchronize(self, ordinal: int) -> None: ...
 
-  def to_jax(self, ordinal: int, ptr: int, nbytes: int, view_dtype,
-             device) -> jax.Array:
-    """A copy of ``nbytes`` at ``ptr`` as a flat ``view_dtype`` array on
-    ``device``, owned by JAX: the memory at ``ptr`` may be reused after."""
+  def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
+           device) -> jax.Array:
+    """The memory at ``ptr`` as a ``shape`` / ``dtype`` array on ``device``,
+    without a copy: it must stay unchanged until nothing reads the array."""
     ...
 
 
@@ -231,25 +232,14 @@ class RealCudaDriver:
     self._check(self._cu.cuStreamSynchronize(self._stream(ordinal)),
                 "cuStreamSynchronize")
 
-  def to_jax(self, ordinal: int, ptr: int, nbytes: int, view_dtype,
-             device) -> jax.Array:
+  def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
+           device) -> jax.Array:
+    self.activate(ordinal)
     try:
-      import cupy
-    except ImportError as e:
-      raise CudaError("importing a landing buffer into JAX needs CuPy "
-                      "(cupy-cuda13x on CUDA 13)") from e
-    view_dtype = np.dtype(view_dtype)
-    with cupy.cuda.Device(ordinal):
-      mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, ordinal)
-      view = cupy.ndarray((nbytes // view_dtype.itemsize,), view_dtype,
-                          cupy.cuda.MemoryPointer(mem, 0))
-      alias = jax.dlpack.from_dlpack(view)      # zero-copy: the landing bytes
-      out = jnp.array(alias, copy=True)         # ours: the region may go
-      out.block_until_ready()
-    del alias, view, mem
-    if device is not None and out.devices() != {device}:
-      out = jax.device_put(out, device)
-    return out
+      return foreign_memory.view(ptr, shape, dtype, device)
+    except (TypeError, ValueError, BufferError, RuntimeError) as e:
+      raise CudaError(f"importing a landing buffer into JAX failed: {e}") \
+          from e
 
 
 class FakeIpcRegistry:
@@ -258,8 +248,14 @@ class FakeIpcRegistry:
 
   def __init__(self):
     self.lock = threading.Lock()
-    self.allocations: dict[int, ctypes.Array] = {}   # base address -> memory
+    # base address -> (memory, size). Bases are 256-byte aligned, as
+    # cuMemAlloc's are (JAX views host memory only at 64-byte alignment).
+    self.allocations: dict[int, tuple[ctypes.Array, int]] = {}
     self.handles: dict[bytes, int] = {}              # handle -> base address
+    # Freed memory is kept, never returned to the host allocator: a stale
+    # view (a lifecycle bug) then reads stale bytes, and a test catches it,
+    # instead of reading freed memory.
+    self.freed: list[ctypes.Array] = []
     self.opened: collections.Counter = collections.Counter()
     self.copies = 0
     self.bytes_copied = 0
@@ -267,8 +263,7 @@ class FakeIpcRegistry:
   def find(self, ptr: int, nbytes: int) -> tuple[int, int] | None:
     """(base, size) of the allocation holding [ptr, ptr + nbytes)."""
     with self.lock:
-      for base, buf in self.allocations.items():
-        size = ctypes.sizeof(buf)
+      for base, (_, size) in self.allocations.items():
         if base <= ptr and ptr + nbytes <= base + size:
           return base, size
     return None
@@ -302,17 +297,19 @@ class FakeCudaDriver:
 
   def mem_alloc(self, ordinal: int, nbytes: int) -> int:
     self.activate(ordinal)
-    buf = (ctypes.c_char * nbytes)()
-    ptr = ctypes.addressof(buf)
+    buf = (ctypes.c_char * (nbytes + 256))()
+    ptr = -(-ctypes.addressof(buf) // 256) * 256
     with self.registry.lock:
-      self.registry.allocations[ptr] = buf
+      self.registry.allocations[ptr] = (buf, nbytes)
     return ptr
 
   def mem_free(self, ordinal: int, ptr: int) -> None:
     with self.registry.lock:
-      if self.registry.allocations.pop(ptr, None) is None:
+      freed = self.registry.allocations.pop(ptr, None)
+      if freed is None:
         raise CudaError(f"cuMemFree of {ptr:#x}: not allocated (double "
                         "free?)")
+      self.registry.freed.append(freed[0])
       for h in [h for h, p in self.registry.handles.items() if p == ptr]:
         del self.registry.handles[h]
 
@@ -364,13 +361,17 @@ class FakeCudaDriver:
   def synchronize(self, ordinal: int) -> None:
     self.syncs += 1
 
-  def to_jax(self, ordinal: int, ptr: int, nbytes: int, view_dtype,
-             device) -> jax.Array:
+  def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
+           device) -> jax.Array:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if self.registry.find(ptr, nbytes) is None:
       raise CudaError(f"read of [{ptr:#x}, +{nbytes}) outside every "
                       "allocation")
-    host = np.frombuffer(ctypes.string_at(ptr, nbytes), np.dtype(view_dtype))
-    return jax.device_put(host, device)
+    try:   # a real zero-copy view of the host memory (JAX's CPU backend)
+      return foreign_memory.view(ptr, shape, dtype, device)
+    except (TypeError, ValueError, BufferError, RuntimeError) as e:
+      raise CudaError(f"importing a landing buffer into JAX failed: {e}") \
+          from e
 
 
 def device_ordinal(device) -> int:
@@ -523,9 +524,10 @@ class LandingPool:
       return slot
 
   def end_read(self, transfer_id: str, *, ok: bool = True) -> None:
-    """The receiver is done with the region. ``ok``: it holds its own copy
-    of what the sender wrote, and the sender finished before its handle
-    existed, so no write can still be coming: the region is free now. A read
+    """The receiver is done with the region. ``ok``: what the sender wrote
+    has been read (inserted into the decode pools), and the sender finished
+    before its handle existed, so no write can still be coming: the region
+    is free now. A read
     that failed (a malformed or premature handle) cannot vouch for the
     sender, so the region then waits for its lease to end, as an unread
     release does. A ``release`` during the read was deferred to here."""
@@ -757,21 +759,26 @@ class CudaIpcSender(KvSender):
 
 
 # ---------------------------------------------------------------- receiver
-@functools.lru_cache(maxsize=256)
-def _from_bits_fn(shape: tuple[int, ...], dtype: str):
-  dt = jnp.dtype(dtype)
-  return jax.jit(lambda bits: jax.lax.bitcast_convert_type(bits, dt)
-                 .reshape(shape))
-
-
 def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
                     max_pages: int | None = None):
-  """``transfer_base.check_kv_handle``, and a dtype this path can view
-  as raw words."""
+  """``transfer_base.check_kv_handle``, and a dtype DLPack can describe
+  (the region is imported as a view of that dtype)."""
   shape, dtype = transfer_base.check_kv_handle(h, geometry, max_pages)
-  if dtype.itemsize not in _VIEW_DTYPES:
-    raise TransferError(f"KV dtype {h.dtype} is not 1, 2 or 4 bytes wide")
+  if not foreign_memory.viewable(dtype):
+    raise TransferError(f"KV dtype {h.dtype} cannot be viewed through DLPack")
   return shape, dtype
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+  lock, done = threading.Lock(), [False]
+
+  def call():
+    with lock:
+      if done[0]:
+        return
+      done[0] = True
+    fn()
+  return call
 
 
 class CudaIpcReceiver(KvReceiver):
@@ -823,27 +830,26 @@ class CudaIpcReceiver(KvReceiver):
     nbytes = math.prod(shape) * dtype.itemsize
     slot = self.pool.begin_read(tid)
     if slot is None:
+      self._issued.discard(tid)
       raise TransferTimeout(f"no landing buffer is lent for transfer {tid} "
                             "(its lease ended, or it was released)")
-    ok = False
     try:
       if nbytes > slot.nbytes:
         raise TransferError(f"KV of {nbytes} bytes cannot be in the "
                             f"{slot.nbytes}-byte landing region of {tid}")
-      bits = self.pool.driver.to_jax(slot.device, slot.ptr, nbytes,
-                                     _VIEW_DTYPES[dtype.itemsize],
-                                     self.device)
-      arr = _from_bits_fn(shape, dtype.name)(bits)
-      arr.block_until_ready()
-      del bits
-      ok = True
+      # A view, not a copy: the region stays being read until the consumer
+      # has inserted it (RequestKV.release -> end_read frees it).
+      arr = self.pool.driver.view(slot.device, slot.ptr, shape, dtype,
+                                  self.device)
+      kv = RequestKV(arr, handle.num_tokens, handle.first_page,
+                     release_fn=_once(functools.partial(
+                         self.pool.end_read, tid, ok=True)))
+      return reshard_kv(kv, sharding)
+    except BaseException:
+      self.pool.end_read(tid, ok=False)
+      raise
     finally:
-      self.pool.end_read(tid, ok=ok)
       self._issued.discard(tid)
-    out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
-                     sharding)
-    out.kv.block_until_ready()
-    return out
 
 
 # ---------------------------------------------------------------- auto device
@@ -1057,12 +1063,9 @@ def fast_path_on(setting: str) -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _real_driver(need_cupy: bool) -> RealCudaDriver | None:
+def _real_driver() -> RealCudaDriver | None:
   try:
-    driver = RealCudaDriver()
-    if need_cupy:
-      import cupy  # noqa: F401 - the receiver imports landing buffers with it
-    return driver
+    return RealCudaDriver()
   except (CudaError, ImportError, OSError, RuntimeError) as e:
     log.warning("CUDA IPC KV fast path unavailable (%s); same-host hand-offs "
                 "use jax.experimental.transfer", e)
@@ -1077,7 +1080,7 @@ def make_sender(transfer: KvSender, *, fast_path: str = "auto",
   loads (``driver`` overrides it, for tests)."""
   if driver is None and not fast_path_on(fast_path):
     return AutoDeviceSender(transfer)
-  driver = driver or _real_driver(need_cupy=False)
+  driver = driver or _real_driver()
   ipc = CudaIpcSender(driver) if driver is not None else None
   return AutoDeviceSender(transfer, ipc=ipc, local=True,
                           process_id=process_id, hostname=hostname)
@@ -1100,7 +1103,7 @@ def make_receiver(transfer: KvReceiver, device, *, geometry,
   ipc = None
   page_bytes = page_bytes_of(geometry)
   if landing_buffers > 0:
-    driver = driver or _real_driver(need_cupy=True)
+    driver = driver or _real_driver()
     if driver is not None:
       size = landing_bytes or page_bytes * geometry[5]
       try:

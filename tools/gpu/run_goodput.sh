@@ -14,7 +14,7 @@
 #   tp2      one colocated engine with TP=2 over both GPUs
 # Raw results (results.jsonl + summary.json per run), worker logs and plots
 # go to OUT_DIR as a few files (the device tool returns at most 8).
-# Knobs: BUDGET_S (default 540), CHAT_RATES, SUM_RATES, CHAT_N, SUM_N.
+# Knobs: BUDGET_S (default 540), PRESETS, CHAT_RATES, SUM_RATES, CHAT_N, SUM_N.
 set -u
 OUT=${1:?usage: run_goodput.sh OUT_DIR CONFIGS}
 CONFIGS=${2:-disagg,coloc2}
@@ -33,6 +33,7 @@ CHAT_RATES=${CHAT_RATES:-2,4,8,16}
 SUM_RATES=${SUM_RATES:-0.5,1,2,4}
 CHAT_N=${CHAT_N:-48}
 SUM_N=${SUM_N:-24}
+PRESETS=${PRESETS:-chat summarize}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
@@ -73,7 +74,7 @@ for cfg in ${CONFIGS//,/ }; do
     kill $LPID 2>/dev/null; wait $LPID 2>/dev/null; continue
   fi
   echo "  up after $((SECONDS - START)) s"
-  for preset in chat summarize; do
+  for preset in $PRESETS; do
     if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; pe=$CHAT_EVAL; else rates=$SUM_RATES; n=$SUM_N; pe=$SUM_EVAL; fi
     t=$(( $(left) - 30 )); (( t < 30 )) && { echo "  no time for $preset"; continue; }
     timeout $t $PY tools/batch_eval.py --target=127.0.0.1:50151 --preset=$preset \

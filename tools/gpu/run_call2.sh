@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device-tool call on the two-GPU kind, for the zero-copy CUDA IPC
+# receiver: the GPU IPC test, the hand-off bandwidth table (128 MiB..4 GiB,
+# every path against the raw copy), disaggregated-over-IPC tokens against
+# colocated ones, then (time allowing) the disaggregated `chat` sweep again.
+#
+#   bash tools/gpu/run_call2.sh OUT_DIR        (carry .whl)
+#
+# STEPS (default test,bw,tokens,sweep) picks the parts; SWEEP_CONFIGS (default
+# disagg) the run_goodput.sh configurations of the chat sweep.
+set -u
+STEPS=${STEPS:-test,bw,tokens,sweep}
+SWEEP_CONFIGS=${SWEEP_CONFIGS:-disagg}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+OUT=${1:?usage: run_call2.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-560}
+python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{
+  date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'
+  python3 -c 'import cuda.bindings; print("cuda.bindings", cuda.bindings.__version__)' 2>&1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if has test; then
+echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
+JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$OUT/ipc_test.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/ipc_test.log" | tail -6
+fi
+if has bw; then
+echo "=== [$((SECONDS-START)) s] hand-off bandwidth"
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 tools/gpu/ipc_bandwidth.py --out="$OUT/ipc.json" --budget_s=110 > "$OUT/ipc_bw.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/ipc_bw.log" | tail -8
+fi
+if has tokens; then
+echo "=== [$((SECONDS-START)) s] disaggregated (CUDA IPC) vs colocated tokens"
+timeout 280 bash tools/gpu/check_ipc_tokens.sh "$OUT" > "$OUT/ipc_tokens.log" 2>&1
+echo "exit $?"; tail -6 "$OUT/ipc_tokens.log"
+fi
+LEFT=$(( BUDGET_S - (SECONDS - START) ))
+if has sweep && (( LEFT > 200 )); then
+  echo "=== [$((SECONDS-START)) s] chat sweep $SWEEP_CONFIGS ($LEFT s left)"
+  BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=8,16,32 CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
+    bash tools/gpu/run_goodput.sh /tmp/pdjax_call2_goodput "$SWEEP_CONFIGS" > "$OUT/goodput.log" 2>&1
+  cp /tmp/pdjax_call2_goodput/goodput_runs.tar.gz "$OUT/goodput_${SWEEP_CONFIGS//,/_}.tar.gz" 2>/dev/null
+  cp /tmp/pdjax_call2_goodput/chat_goodput.png "$OUT/" 2>/dev/null
+  cp /tmp/pdjax_call2_goodput/summary.txt "$OUT/" 2>/dev/null
+  grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
+fi
+echo "done after $((SECONDS-START)) s"
