@@ -671,11 +671,24 @@ class _Ctx:
     raise AssertionError(f"aborted: {code} {details}")
 
 
-def test_decode_service_reserve_lends_and_unreserve_returns():
+class _Aborted(Exception):
+  pass
+
+
+class _RecordingCtx:
+  def __init__(self):
+    self.code = None
+
+  async def abort(self, code, details):
+    self.code = code
+    raise _Aborted(details)
+
+
+def _lending_decode_service(registry):
+  """A DecodeServicer over a fake engine whose receiver has a landing pool
+  of one buffer (fake CUDA driver)."""
   from pdjax.engine.decode import Reservation
   from pdjax.service.decode_service import DecodeServicer
-
-  registry = ci.FakeIpcRegistry()
   devs = _devices()
   receiver = ci.make_receiver(
       DeviceReceiver(devs[1]), devs[1],
@@ -692,20 +705,198 @@ def test_decode_service_reserve_lends_and_unreserve_returns():
                                  unreserve=lambda rid: reservations.pop(rid))
   worker = types.SimpleNamespace(draining=False, receiver=receiver,
                                  engine=types.SimpleNamespace(decode=decode))
-  servicer = DecodeServicer(worker, None)
+  return DecodeServicer(worker, None), receiver
+
+
+def test_decode_service_lends_when_asked_and_unreserve_returns():
+  """Reserve lends nothing (a region lent then would idle while the request
+  queues for prefill); LendLanding lends for a reserved transfer only, and
+  Unreserve returns the region."""
+  import grpc
+  registry = ci.FakeIpcRegistry()
+  servicer, receiver = _lending_decode_service(registry)
 
   async def go():
     req = decode_pb2.ReserveRequest(request_id="r1", prompt_tokens=9,
                                     max_tokens=4, transfer_id="t1")
     resp = await servicer.Reserve(req, _Ctx())
-    assert len(resp.ipc_handle) == ci.IPC_HANDLE_BYTES
-    assert resp.ipc_bytes >= 4 * ci.page_bytes_of(
+    assert not resp.ipc_handle and receiver.live() == 0
+    ctx = _RecordingCtx()
+    with pytest.raises(_Aborted, match="not issued"):
+      await servicer.LendLanding(decode_pb2.LendLandingRequest(
+          transfer_id="t-forged", prompt_tokens=9), ctx)
+    assert ctx.code == grpc.StatusCode.PERMISSION_DENIED
+    lent = await servicer.LendLanding(decode_pb2.LendLandingRequest(
+        transfer_id="t1", prompt_tokens=9), _Ctx())
+    assert len(lent.ipc_handle) == ci.IPC_HANDLE_BYTES
+    assert lent.ipc_bytes >= 4 * ci.page_bytes_of(
         (2, 4, 2, 8, "bfloat16", 16))       # 9 tokens: 3 pages -> 4
-    assert resp.ipc_deadline_ms > 0 and resp.ipc_device == 1
+    assert lent.ipc_deadline_ms > 0 and lent.ipc_device == 1
     assert receiver.live() == 1
     await servicer.Unreserve(decode_pb2.UnreserveRequest(request_id="r1"),
                              _Ctx())
     assert receiver.live() == 0
+    with pytest.raises(_Aborted):         # forgotten: no region any more
+      await servicer.LendLanding(decode_pb2.LendLandingRequest(
+          transfer_id="t1", prompt_tokens=9), _RecordingCtx())
 
   asyncio.run(go())
   receiver.close()
+
+
+def test_prefill_side_asks_for_a_region_and_writes_into_it():
+  """LandingRequests against a real gRPC decode service: asked for as the
+  prefill starts, the region lands in the destination, the CUDA IPC
+  sender writes the KV into it and the receiver reads it back. Another
+  host, or a failing call, leaves the destination as it was."""
+  import grpc
+  from pdjax.service.landing import LandingRequests
+  from pdjax.v1 import decode_pb2_grpc
+  registry = ci.FakeIpcRegistry()
+  servicer, receiver = _lending_decode_service(registry)
+  sender = ci.make_sender(DeviceSender(_devices()[0]), process_id="hostA:1:a",
+                          hostname="hostA",
+                          driver=ci.FakeCudaDriver(registry))
+  kv = _kv(jnp.bfloat16, (2, 2, 4, 4, 2, 8), num_tokens=13)
+
+  async def go():
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    landing = LandingRequests(sender)
+    try:
+      await servicer.Reserve(decode_pb2.ReserveRequest(
+          request_id="r1", prompt_tokens=13, max_tokens=4,
+          transfer_id="t1"), _Ctx())
+      dest = kv_pb2.KvDestination(
+          transport="device", transfer_id="t1",
+          decode_address=f"127.0.0.1:{port}",
+          decode_process_id="hostA:2:b", decode_hostname="hostA")
+      assert sender.wants_landing(dest)
+      pending = landing.request(dest, 13)
+      filled = await asyncio.to_thread(landing.apply, dest, pending)
+      assert filled.ipc_handle and not dest.ipc_handle
+      assert not sender.wants_landing(filled)     # it has one now
+      handle = sender.send(kv, filled, timeout_s=5)
+      assert handle.transport == "cuda_ipc"
+      out = receiver.receive(handle, NamedSharding(
+          Mesh(np.array([_devices()[1]]), ("tp",)), PartitionSpec()),
+          timeout_s=5)
+      np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+      out.release()
+      assert receiver.live() == 0
+      # Another host: nothing is asked. A forged id: refused, dest as is.
+      other = kv_pb2.KvDestination()
+      other.CopyFrom(dest)
+      other.decode_hostname = "hostB"
+      other.decode_process_id = "hostB:2:b"
+      assert landing.request(other, 13) is None
+      forged = kv_pb2.KvDestination()
+      forged.CopyFrom(dest)
+      forged.transfer_id = "t-forged"
+      same = await asyncio.to_thread(landing.apply, forged,
+                                     landing.request(forged, 13))
+      assert same == forged and not same.ipc_handle
+      assert landing.asked == 2 and landing.lent == 1
+    finally:
+      landing.close()
+      await server.stop(None)
+
+  asyncio.run(go())
+  sender.close()
+  receiver.close()
+
+
+def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
+  """The prefill worker asks for every request's landing region before it
+  runs the batch (the answer arrives while the prefill computes) and sends
+  into the destination the answer filled in."""
+  from pdjax.engine.requests import PrefillRequest, PrefillResult
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.service.prefill_service import PrefillWorker, _Job
+  from pdjax.transfer.base import KvSender, handle_for
+
+  events = []
+
+  class Engine:
+    config = types.SimpleNamespace(max_batch=4)
+    prefix_store = None
+
+    def prefill(self, reqs):
+      events.append("prefill")
+      return [PrefillResult(r.request_id, 5, -0.1, _kv(), len(r.prompt_ids))
+              for r in reqs]
+
+  class Landing:
+    def request(self, dest, prompt_tokens):
+      events.append(("ask", dest.transfer_id, prompt_tokens))
+      return f"answer-{dest.transfer_id}"
+
+    def apply(self, dest, pending):
+      events.append(("apply", pending))
+      out = kv_pb2.KvDestination()
+      out.CopyFrom(dest)
+      out.ipc_offset = 4096
+      return out
+
+    def close(self):
+      events.append("closed")
+
+  class Sender(KvSender):
+    name = "fake"
+
+    def send(self, kv, dest, *, timeout_s):
+      events.append(("send", dest.transfer_id, dest.ipc_offset))
+      return handle_for(kv, self.name, dest.transfer_id)
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(Engine(), Sender(), landing=Landing())
+    worker.start()
+    try:
+      job = _Job(PrefillRequest("r1", [3, 4, 5], SamplingParams(max_tokens=4)),
+                 kv_pb2.KvDestination(transfer_id="t1"), None,
+                 loop.create_future(), loop)
+      worker.submit(job)
+      resp = await asyncio.wait_for(job.future, 10)
+      assert resp.first_token == 5 and resp.kv.transfer_id == "t1"
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert events == [("ask", "t1", 3), "prefill", ("apply", "answer-t1"),
+                    ("send", "t1", 4096), "closed"]
+
+
+def test_a_kv_received_for_a_cancelled_decode_call_is_given_back():
+  """The receive runs on a worker thread that a cancelled RPC cannot stop;
+  a borrowed KV it brings afterwards goes back to the transport."""
+  import threading
+  from pdjax.service import decode_service
+
+  go_on, released = threading.Event(), []
+
+  class SlowReceiver:
+    def receive(self, handle, sharding, *, timeout_s):
+      assert go_on.wait(10)
+      return RequestKV(jnp.zeros((1,)), 1,
+                       release_fn=lambda: released.append(handle.transfer_id))
+
+  async def go():
+    task = asyncio.ensure_future(decode_service._receive(
+        SlowReceiver(), kv_pb2.KvHandle(transfer_id="t1"), None,
+        timeout_s=5))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+      await task
+    assert released == []
+    go_on.set()
+    for _ in range(100):
+      if released:
+        break
+      await asyncio.sleep(0.02)
+
+  asyncio.run(go())
+  assert released == ["t1"]

@@ -136,10 +136,15 @@ async def serve(role: str) -> None:
         engine.warmup()
       sender = _sender(transport, mesh, sec, exchange)
       info.kv_transfer_address = sender.address()
+      landing = None
+      if getattr(sender, "ipc", None) is not None:   # CUDA IPC fast path
+        from pdjax.service.landing import LandingRequests
+        landing = LandingRequests(sender, sec)
       worker = PrefillWorker(engine, sender, metrics=metrics,
                              max_queue=F.MAX_QUEUE.value,
                              transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                             fault_drop_kv=F.FAULT_DROP_KV.value)
+                             fault_drop_kv=F.FAULT_DROP_KV.value,
+                             landing=landing)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")

@@ -220,18 +220,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                       max_pages=res.pages)
     resp = decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages,
                                       cached_blocks=res.cached_blocks)
-    # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
-    # Lend a CUDA IPC landing region for this transfer when the receiver has
-    # a pool; receiver.forget (Unreserve, expiry, failure) returns it.
+    # CUDA IPC landing regions are lent later, when the prefill starts
+    # (LendLanding below), not here.
+    return resp
+
+  async def LendLanding(self, request: decode_pb2.LendLandingRequest,
+                        context):
+    """A CUDA IPC landing region for a reserved transfer (same-host fast
+    path). receiver.forget (Unreserve, expiry, failure) returns it."""
+    w = self.worker
+    resp = decode_pb2.LendLandingResponse()
     lend = getattr(w.receiver, "lend_landing", None)
-    slot = lend(request.transfer_id, request.prompt_tokens) if lend else None
+    if lend is None:
+      return resp
+    try:
+      slot = lend(request.transfer_id, request.prompt_tokens)
+    except TransferError as e:   # not issued here, or already forgotten
+      await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     if slot is not None:
       resp.ipc_handle = slot.handle
       resp.ipc_offset = slot.offset
       resp.ipc_bytes = slot.nbytes
       resp.ipc_device = slot.device
       resp.ipc_deadline_ms = slot.deadline_ms
-    # --- end fast path -----------------------------------------------------
     return resp
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):

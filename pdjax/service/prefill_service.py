@@ -32,6 +32,7 @@ from pdjax.engine.prefill import PrefillEngine
 from pdjax.engine.requests import PrefillRequest, PrefillResult
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
+from pdjax.service.landing import LandingRequests
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
 from pdjax.transfer.base import KvSender, TransferError, handle_for
@@ -49,6 +50,7 @@ class _Job:
   future: asyncio.Future
   loop: asyncio.AbstractEventLoop
   enqueued: float = dataclasses.field(default_factory=time.monotonic)
+  landing: object = None   # a pending LendLanding answer (same-host IPC)
 
   def resolve(self, value=None, error: BaseException | None = None) -> None:
     def done():
@@ -72,9 +74,13 @@ class PrefillWorker:
   def __init__(self, engine: PrefillEngine, sender: KvSender, *,
                metrics: Metrics | None = None, max_queue: int = 256,
                transfer_timeout_s: float = 30.0, sender_threads: int = 4,
-               fault_drop_kv: float = 0.0):
+               fault_drop_kv: float = 0.0,
+               landing: LandingRequests | None = None):
+    """``landing``: asks same-host decode workers for CUDA IPC landing
+    regions as each prefill starts (None: the sender cannot use them)."""
     self.engine = engine
     self.sender = sender
+    self.landing = landing
     self.metrics = metrics or Metrics("prefill")
     self.max_queue = max_queue
     self.transfer_timeout_s = transfer_timeout_s
@@ -131,6 +137,8 @@ class PrefillWorker:
     self._queue.put(None)
     self._thread.join(timeout=10)
     self._pool.shutdown(wait=False, cancel_futures=True)
+    if self.landing is not None:
+      self.landing.close()
 
   def active(self) -> int:
     """Requests queued or being prefilled/handed off (drain waits)."""
@@ -184,6 +192,9 @@ class PrefillWorker:
       if not live:
         continue
       self._add_running(len(live))
+      if self.landing is not None:   # answered while the prefill runs
+        for j in live:
+          j.landing = self._ask_landing(j)
       t0 = time.perf_counter()
       try:
         results = self.engine.prefill([j.request for j in live])
@@ -202,11 +213,22 @@ class PrefillWorker:
       for j, r in zip(live, results):
         self._pool.submit(self._hand_off, j, r, elapsed)
 
+  def _ask_landing(self, job: _Job):
+    try:
+      return self.landing.request(job.destination,
+                                  len(job.request.prompt_ids))
+    except Exception:  # noqa: BLE001 - costs the fast path, not the request
+      log.exception("asking for a landing region failed")
+      return None
+
   def _hand_off(self, job: _Job, result: PrefillResult, prefill_s: float):
     try:
       if job.abandoned:
         return
-      t0 = time.perf_counter()
+      t0 = time.perf_counter()   # the hand-off's time includes the lend
+      dest = job.destination
+      if self.landing is not None:
+        dest = self.landing.apply(dest, job.landing)
       timeout = self.transfer_timeout_s
       if job.deadline is not None:
         timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
@@ -216,8 +238,7 @@ class PrefillWorker:
         handle = handle_for(result.kv, self.sender.name,
                             job.destination.transfer_id)
       else:
-        handle = self.sender.send(result.kv, job.destination,
-                                  timeout_s=timeout)
+        handle = self.sender.send(result.kv, dest, timeout_s=timeout)
       transfer_s = time.perf_counter() - t0
       name = self.sender.name
       self.metrics.transfer_bytes.labels(name, "sent").inc(result.kv.nbytes)

@@ -341,7 +341,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         decode_tp=_tp_of(info.mesh if info else ""))
     # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
     dest.decode_hostname = info.hostname if info else ""
-    if res.ipc_handle:   # the landing region the decode worker lent
+    # Workers lend landing regions when the prefill starts (LendLanding);
+    # one lent at Reserve (an older worker) is still passed on.
+    if res.ipc_handle:
       dest.ipc_handle = res.ipc_handle
       dest.ipc_offset = res.ipc_offset
       dest.ipc_bytes = res.ipc_bytes

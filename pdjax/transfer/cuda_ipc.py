@@ -21,8 +21,9 @@ exported by legacy CUDA IPC (``cuIpcGetMemHandle`` answers
 ``CUDA_ERROR_INVALID_VALUE`` for them). So the decode worker allocates a few
 landing buffers with ``cuMemAlloc`` once, exports them with
 ``cuIpcGetMemHandle`` (``LandingPool``), and lends a region of one to each
-request at ``Reserve`` (``ReserveResponse.ipc_*``, copied by the router into
-``KvDestination.ipc_*``). The prefill worker opens the handle (once per
+request when the prefill worker asks, as it starts the request's prefill
+(``LendLanding``, answered while the prefill runs;
+``pdjax.service.landing.LandingRequests``). The prefill worker opens the handle (once per
 buffer, cached), and ``cuMemcpyDtoD``s its single-device KV array into the
 region (``CudaIpcSender``). The decode worker makes the region a JAX array
 without a copy (a DLPack view, ``pdjax.transfer.foreign_memory``) in the
@@ -36,8 +37,12 @@ which held the hand-off to 62% of the link.
 Ownership of a landing region (the failure modes of FIELD_NOTES §4: data
 overwritten before it was read, memory stranded by peers that vanished):
 
-* it is lent under one transfer id, with a lease that ends at a wall-clock
-  deadline (``ipc_deadline_ms``; both sides are on one host, so one clock);
+* it is lent under one transfer id issued to the worker (a reserved
+  request), when the prefill worker starts that request's prefill
+  (``LendLanding``; a region lent at Reserve would sit idle while the
+  request queues for prefill, and under load every region would be held by
+  queued requests), with a lease that ends at a wall-clock deadline
+  (``ipc_deadline_ms``; both sides are on one host, so one clock);
 * the sender never starts a copy later than ``deadline_margin_s`` before
   that deadline (it falls back to the transfer path instead);
 * read successfully: the region is free once the insert that reads it has
@@ -796,6 +801,9 @@ class CudaIpcReceiver(KvReceiver):
     self._issued = transfer_base.IssuedTransfers()
 
   def lend(self, transfer_id: str, nbytes: int) -> LandingSlot | None:
+    """A region for a transfer issued to this worker (``TransferDenied``
+    otherwise: only a reserved request may hold landing memory)."""
+    self._issued.check(transfer_id)
     return self.pool.acquire(transfer_id, nbytes)
 
   def expect(self, transfer_id: str, request_id: str, *,
@@ -887,6 +895,18 @@ class AutoDeviceSender(KvSender):
     self.paths = collections.Counter()   # path -> hand-offs it carried
     self.fallbacks = collections.Counter()  # reason -> hand-offs
 
+  def wants_landing(self, dest: kv_pb2.KvDestination) -> bool:
+    """Whether a landing region would let this hand-off take the CUDA IPC
+    path: the decode worker is another process on this host, and none is
+    lent yet (``pdjax.service.landing`` then asks for one)."""
+    if self.ipc is None or dest.ipc_handle or dest.transport not in (
+        "device", ""):
+      return False
+    if dest.decode_process_id and dest.decode_process_id == self.process_id:
+      return False
+    host = dest.decode_hostname or _host_of(dest.decode_process_id)
+    return bool(host) and host == self.hostname
+
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
            timeout_s: float) -> kv_pb2.KvHandle:
     path = select_path(dest, my_process_id=self.process_id,
@@ -963,7 +983,8 @@ class AutoDeviceReceiver(KvReceiver):
   def lend_landing(self, transfer_id: str,
                    prompt_tokens: int) -> LandingSlot | None:
     """A landing region for this transfer's KV, or None (no pool, none
-    free, or the payload is larger than a buffer)."""
+    free, or the payload is larger than a buffer). ``TransferDenied`` for
+    an id that was not issued here (or was forgotten)."""
     if self.ipc is None or self.payload_bytes is None or self.ipc_disabled:
       return None
     return self.ipc.lend(transfer_id, self.payload_bytes(prompt_tokens))

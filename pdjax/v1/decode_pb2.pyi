@@ -46,6 +46,28 @@ class ReserveResponse(_message.Message):
     cached_blocks: int
     def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., decode_tp: _Optional[int] = ..., ipc_deadline_ms: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
+class LendLandingRequest(_message.Message):
+    __slots__ = ("transfer_id", "prompt_tokens")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    prompt_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class LendLandingResponse(_message.Message):
+    __slots__ = ("ipc_handle", "ipc_offset", "ipc_bytes", "ipc_device", "ipc_deadline_ms")
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    ipc_handle: bytes
+    ipc_offset: int
+    ipc_bytes: int
+    ipc_device: int
+    ipc_deadline_ms: int
+    def __init__(self, ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., ipc_deadline_ms: _Optional[int] = ...) -> None: ...
+
 class UnreserveRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

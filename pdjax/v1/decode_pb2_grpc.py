@@ -56,6 +56,11 @@ class DecodeStub:
                 request_serializer=pdjax_dot_v1_dot_common__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_common__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.LendLanding = channel.unary_unary(
+                '/pdjax.v1.Decode/LendLanding',
+                request_serializer=pdjax_dot_v1_dot_decode__pb2.LendLandingRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_decode__pb2.LendLandingResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -92,6 +97,18 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LendLanding(self, request, context):
+        """Same-host fast path (cuda_ipc): a prefill worker on this host asks for a
+        landing region for a reserved transfer when it starts that request's
+        prefill (not at Reserve: a request may queue for prefill a long time,
+        and a region lent that early sits idle). Unknown or expired transfer
+        ids are refused with PERMISSION_DENIED; an empty handle means none is
+        free (the hand-off then takes another path).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +131,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.GetWorkerInfo,
                     request_deserializer=pdjax_dot_v1_dot_common__pb2.WorkerInfoRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
+            ),
+            'LendLanding': grpc.unary_unary_rpc_method_handler(
+                    servicer.LendLanding,
+                    request_deserializer=pdjax_dot_v1_dot_decode__pb2.LendLandingRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_decode__pb2.LendLandingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +246,33 @@ class Decode:
             '/pdjax.v1.Decode/GetWorkerInfo',
             pdjax_dot_v1_dot_common__pb2.WorkerInfoRequest.SerializeToString,
             pdjax_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LendLanding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdjax.v1.Decode/LendLanding',
+            pdjax_dot_v1_dot_decode__pb2.LendLandingRequest.SerializeToString,
+            pdjax_dot_v1_dot_decode__pb2.LendLandingResponse.FromString,
             options,
             channel_credentials,
             insecure,

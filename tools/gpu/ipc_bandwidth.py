@@ -159,8 +159,8 @@ def receiver_main(args, inp=None, emit=None) -> int:
     cmd = json.loads(line)
     try:
       if cmd["cmd"] == "lend":
+        receiver.expect(cmd["tid"], "bench")    # issued, as at Reserve
         slot = receiver.lend(cmd["tid"], cmd["nbytes"])
-        receiver.expect(cmd["tid"], "bench")
         if slot is not None:
           lent_at[cmd["tid"]] = slot.ptr
         emit(None if slot is None else {
