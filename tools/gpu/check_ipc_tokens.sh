@@ -25,6 +25,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # then give identical bits, and a token that differs means a KV that did.
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. tools/gpu/deploy_lib.sh
 RUNS=/tmp/pdjax_ipc_tokens; rm -rf "$RUNS"; mkdir -p "$RUNS"
 
 for cfg in disagg coloc; do
@@ -32,21 +33,9 @@ for cfg in disagg coloc; do
     disagg) args="--num_prefill=1 --num_decode=1 --prefill_mesh=tp=1 --decode_mesh=dp=1 --kv_transport=device" ;;
     coloc)  args="--num_prefill=0 --num_decode=1 --prefill_mesh=tp=1 --decode_mesh=dp=1" ;;
   esac
-  dir=$RUNS/$cfg; mkdir -p "$dir"
+  dir=$RUNS/$cfg
   # shellcheck disable=SC2086
-  timeout 240 $PY -m pdjax.launch.local --config=local --platform=$PLATFORM --serve \
-    --run_dir="$dir/cluster" --port=50161 $args --ready_timeout_s=200 \
-    > "$dir/launch.log" 2>&1 &
-  LPID=$!
-  for _ in $(seq 1 200); do
-    grep -q "router ready" "$dir/launch.log" 2>/dev/null && break
-    kill -0 $LPID 2>/dev/null || break; sleep 1
-  done
-  if ! grep -q "router ready" "$dir/launch.log"; then
-    echo "$cfg did not start"; tail -20 "$dir/launch.log"
-    for f in "$dir"/cluster/*.log; do echo "--- $f"; grep -v "^W0000\|^I0000" "$f" | tail -8; done
-    kill $LPID 2>/dev/null; exit 1
-  fi
+  deploy_up "$dir" 50161 200 --config=local --platform=$PLATFORM $args || exit 1
   timeout 120 $PY tools/batch_eval.py --target=127.0.0.1:50161 --preset=chat \
     --num_requests=$N --concurrency=1 --length_scale=0.25 --max_model_len=1024 \
     --vocab_size=512 --max_tokens=32 --ignore_eos --label=$cfg \

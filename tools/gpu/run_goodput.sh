@@ -40,6 +40,7 @@ export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
 python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
 python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. tools/gpu/deploy_lib.sh
 RUNS=/tmp/pdjax_goodput; rm -rf "$RUNS"; mkdir -p "$RUNS"
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -58,21 +59,10 @@ deploy_args() {
 for cfg in ${CONFIGS//,/ }; do
   if (( $(left) < 90 )); then echo "budget left $(left) s: skipping $cfg"; continue; fi
   echo "=== [$((SECONDS - START)) s] $cfg"
-  dir=$RUNS/$cfg; mkdir -p "$dir"
+  dir=$RUNS/$cfg
   # shellcheck disable=SC2046
-  timeout $(( $(left) - 20 )) $PY -m pdjax.launch.local --config=$DEPLOY --platform=$PLATFORM \
-    --serve --run_dir="$dir/cluster" --port=50151 $(deploy_args "$cfg") \
-    --ready_timeout_s=400 > "$dir/launch.log" 2>&1 &
-  LPID=$!
-  for _ in $(seq 1 400); do
-    grep -q "router ready" "$dir/launch.log" 2>/dev/null && break
-    kill -0 $LPID 2>/dev/null || break; sleep 1
-  done
-  if ! grep -q "router ready" "$dir/launch.log"; then
-    echo "  $cfg did not start:"; tail -20 "$dir/launch.log"
-    for f in "$dir"/cluster/*.log; do echo "--- $f"; grep -v "^W0000\|^I0000" "$f" | tail -8; done
-    kill $LPID 2>/dev/null; wait $LPID 2>/dev/null; continue
-  fi
+  deploy_up "$dir" 50151 $(( $(left) - 20 )) --config=$DEPLOY \
+    --platform=$PLATFORM $(deploy_args "$cfg") || continue
   echo "  up after $((SECONDS - START)) s"
   for preset in $PRESETS; do
     if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; pe=$CHAT_EVAL; else rates=$SUM_RATES; n=$SUM_N; pe=$SUM_EVAL; fi

@@ -1,0 +1,27 @@
+# Sourced by the GPU scripts: start a pdjax.launch.local deployment in the
+# background and wait until its router serves.
+#
+#   deploy_up DIR PORT TIMEOUT_S [launch.local flags...]
+#
+# Sets LPID (the launcher's pid; `kill -INT $LPID` stops the deployment).
+# Returns non-zero, after printing the launcher's and workers' last log
+# lines and stopping it, when the router is not ready within TIMEOUT_S.
+deploy_up() {
+  local dir=$1 port=$2 limit=$3; shift 3
+  mkdir -p "$dir"
+  timeout "$limit" "${PY:-python3}" -m pdjax.launch.local --serve \
+    --run_dir="$dir/cluster" --port="$port" --ready_timeout_s="$limit" "$@" \
+    > "$dir/launch.log" 2>&1 &
+  LPID=$!
+  for _ in $(seq 1 "$limit"); do
+    grep -q "router ready" "$dir/launch.log" 2>/dev/null && return 0
+    kill -0 $LPID 2>/dev/null || break; sleep 1
+  done
+  grep -q "router ready" "$dir/launch.log" && return 0
+  echo "  deployment in $dir did not start:"; tail -20 "$dir/launch.log"
+  for f in "$dir"/cluster/*.log; do
+    echo "--- $f"; grep -v "^W0000\|^I0000" "$f" | tail -8
+  done
+  kill $LPID 2>/dev/null; wait $LPID 2>/dev/null
+  return 1
+}
