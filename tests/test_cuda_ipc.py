@@ -333,6 +333,23 @@ def test_the_receiver_views_the_region_without_a_copy(pair):
   assert pair.pool.live() == 0
 
 
+def test_a_second_release_does_not_free_a_region_lent_again(pair):
+  """A resharded RequestKV carries the same release function as the one it
+  came from; whichever releases second must not free the region after it
+  was lent to another transfer."""
+  kv = _kv(jnp.bfloat16)
+  slot = pair.pool.acquire("t1", kv.kv.nbytes)
+  pair.receiver.expect("t1", "r1")
+  handle = pair.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  out = pair.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  other_holder = out.release_fn
+  out.release()
+  again = pair.pool.acquire("t2", kv.kv.nbytes)
+  assert (again.buffer, again.offset) == (slot.buffer, slot.offset)
+  other_holder()
+  assert pair.pool.live() == 1 and pair.pool.acquire("t2", 1) is again
+
+
 def test_landing_at_an_offset_and_into_a_tp_replica(pair):
   """A second region of a shared buffer (non-zero offset), a payload
   resharded onto a TP=2 decode replica."""

@@ -641,15 +641,28 @@ def _host_of(process_id: str) -> str:
   return parts[0] if len(parts) == 3 else ""
 
 
+def _decode_is(dest: kv_pb2.KvDestination, *, my_process_id: str,
+               my_hostname: str) -> str:
+  """Where ``dest``'s decode worker runs from here: ``"this process"``,
+  ``"this host"`` or ``"elsewhere"`` (also when nothing says)."""
+  if dest.decode_process_id and dest.decode_process_id == my_process_id:
+    return "this process"
+  host = dest.decode_hostname or _host_of(dest.decode_process_id)
+  if host and my_hostname and host == my_hostname:
+    return "this host"
+  return "elsewhere"
+
+
 def select_path(dest: kv_pb2.KvDestination, *, my_process_id: str,
                 my_hostname: str) -> str:
   """Which path a hand-off from this process to ``dest`` can take:
   ``"local"`` (the decode worker is this process), ``"cuda_ipc"`` (same host,
   and it lent a landing buffer) or ``"transfer"`` (anything else)."""
-  if dest.decode_process_id and dest.decode_process_id == my_process_id:
+  where = _decode_is(dest, my_process_id=my_process_id,
+                     my_hostname=my_hostname)
+  if where == "this process":
     return PATH_LOCAL
-  host = dest.decode_hostname or _host_of(dest.decode_process_id)
-  if dest.ipc_handle and host and my_hostname and host == my_hostname:
+  if where == "this host" and dest.ipc_handle:
     return PATH_CUDA_IPC
   return PATH_TRANSFER
 
@@ -774,21 +787,9 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
   return shape, dtype
 
 
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-  lock, done = threading.Lock(), [False]
-
-  def call():
-    with lock:
-      if done[0]:
-        return
-      done[0] = True
-    fn()
-  return call
-
-
 class CudaIpcReceiver(KvReceiver):
   """Decode side of the ``cuda_ipc`` path: lends landing regions (``lend``,
-  at Reserve) and imports what the sender copied into them."""
+  when the prefill starts) and imports what the sender copied into them."""
 
   name = PATH_CUDA_IPC
 
@@ -849,9 +850,11 @@ class CudaIpcReceiver(KvReceiver):
       # has inserted it (RequestKV.release -> end_read frees it).
       arr = self.pool.driver.view(slot.device, slot.ptr, shape, dtype,
                                   self.device)
+      # end_read is idempotent (a second call finds no region under this
+      # unique id), so a resharded copy of the RequestKV may release too.
       kv = RequestKV(arr, handle.num_tokens, handle.first_page,
-                     release_fn=_once(functools.partial(
-                         self.pool.end_read, tid, ok=True)))
+                     release_fn=functools.partial(self.pool.end_read, tid,
+                                                  ok=True))
       return reshard_kv(kv, sharding)
     except BaseException:
       self.pool.end_read(tid, ok=False)
@@ -902,10 +905,8 @@ class AutoDeviceSender(KvSender):
     if self.ipc is None or dest.ipc_handle or dest.transport not in (
         "device", ""):
       return False
-    if dest.decode_process_id and dest.decode_process_id == self.process_id:
-      return False
-    host = dest.decode_hostname or _host_of(dest.decode_process_id)
-    return bool(host) and host == self.hostname
+    return _decode_is(dest, my_process_id=self.process_id,
+                      my_hostname=self.hostname) == "this host"
 
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
            timeout_s: float) -> kv_pb2.KvHandle:
