@@ -601,6 +601,101 @@ def test_borrowed_kv_goes_back_only_after_its_reader_finished():
   returns.close()
 
 
+class _Reading:
+  """A receipt whose program runs until ``done`` is set."""
+
+  def __init__(self):
+    import threading
+    self.done = threading.Event()
+
+  def block_until_ready(self):
+    assert self.done.wait(10)
+    return self
+
+
+def test_closing_borrowed_kv_returns_gives_everything_back_then_ends():
+  """close waits for the programs still reading borrowed KVs, gives those
+  back and ends the waiter thread; one read past the timeout is left to the
+  thread rather than given back while possibly being read. A borrowed KV
+  after a close starts a new thread."""
+  import threading
+  from pdjax.engine.borrowed_kv import BorrowedKvReturns
+  released = []
+  payload = jax.numpy.zeros((1,))
+
+  def borrowed(name):
+    return RequestKV(payload, 1, release_fn=lambda: released.append(name))
+
+  returns = BorrowedKvReturns()
+  assert returns.close()                    # never started: nothing to do
+  first, second = _Reading(), _Reading()
+  returns.after(first, borrowed("a"))
+  returns.after(second, borrowed("b"))
+  thread = returns._thread
+  threading.Timer(0.1, first.done.set).start()
+  threading.Timer(0.2, second.done.set).start()
+  assert returns.close()
+  assert released == ["a", "b"] and returns.pending == 0
+  assert not thread.is_alive()
+
+  stuck = _Reading()
+  returns.after(stuck, borrowed("c"))       # a fresh thread
+  thread = returns._thread
+  assert thread.is_alive()
+  assert not returns.close(0.1)             # still being read: kept
+  assert released == ["a", "b"] and returns.pending == 1
+  stuck.done.set()
+  thread.join(10)
+  assert not thread.is_alive()
+  assert released == ["a", "b", "c"] and returns.pending == 0
+
+
+def test_stopping_the_decode_worker_gives_borrowed_kv_back(colo):
+  """DecodeWorker.stop closes the engine: a borrowed KV whose insert is
+  still running goes back once it has finished, and the waiter thread
+  ends (before, it lived on and pending KVs were never given back)."""
+  import threading
+  from pdjax.service.decode_service import DecodeWorker
+  from pdjax.transfer.base import KvReceiver
+
+  class Receiver(KvReceiver):
+    def receive(self, handle, sharding, *, timeout_s):
+      raise AssertionError("nothing is received here")
+
+  released = []
+  worker = DecodeWorker(colo, Receiver())
+  worker.start()
+  borrowed = colo.decode.borrowed
+  inserting = _Reading()
+  borrowed.after(inserting, RequestKV(jax.numpy.zeros((1,)), 1,
+                                      release_fn=lambda: released.append(1)))
+  thread = borrowed._thread
+  threading.Timer(0.2, inserting.done.set).start()
+  worker.stop()
+  assert released == [1] and borrowed.pending == 0
+  assert not thread.is_alive() and not worker.loop._thread.is_alive()
+  assert_clean(colo)
+
+
+def test_closing_the_decode_engine_aborts_queued_requests_and_gives_kv_back(
+    decoders):
+  """A request queued with a borrowed KV when the engine closes is never
+  read: aborted, its reservation returned and its KV given back."""
+  engine = decoders["dp1"]
+  col = Collector()
+  released = []
+  p = prompt(20, 400)
+  res = engine.reserve("q0", len(p), GREEDY.max_tokens)
+  kv = RequestKV(jax.numpy.zeros((1,)), len(p),
+                 release_fn=lambda: released.append("q0"))
+  engine.submit(DecodeRequest("q0", p, 7, -0.5, kv, GREEDY,
+                              GREEDY.seed_u32(0), col, reservation=res))
+  assert engine.has_work and released == []
+  assert engine.close()
+  assert released == ["q0"] and col.reason("q0") == FinishReason.ABORT
+  assert_clean(engine)
+
+
 # ------------------------------------------------------------------ serving
 def test_no_compiles_while_serving(colo):
   """After warm-up, 200 requests of random shapes compile nothing."""

@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 class BorrowedKvReturns:
   """One waiter thread per engine, started on the first borrowed KV (an
   engine that never sees one has no thread). Returns are in order of the
-  programs that read them, which is the order they complete in."""
+  programs that read them, which is the order they complete in.
+
+  ``close`` (engine shutdown) ends the thread once everything queued to it
+  is back; a borrowed KV that arrives later starts a fresh one, so an engine
+  stays usable after a close (tests share engines)."""
 
   def __init__(self):
-    self._queue: queue.Queue = queue.Queue()
+    self._queue: queue.Queue | None = None   # the running thread's
     self._thread: threading.Thread | None = None
     self._lock = threading.Lock()
     self._pending = 0
@@ -54,30 +58,48 @@ class BorrowedKvReturns:
     with self._lock:
       self._pending += 1
       if self._thread is None:
+        # Each thread has its own queue: one still finishing a close's
+        # work never takes what was queued for its successor.
+        self._queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(self._queue,),
                                         name="borrowed-kv-returns")
         self._thread.start()
-    self._queue.put((receipt, kv))
+      # Under the lock, so nothing lands behind the stop a close queues.
+      self._queue.put((receipt, kv))
 
   def wait_idle(self, timeout_s: float = 10.0) -> bool:
     """Until every pending return is done (tests, shutdown)."""
     with self._lock:
       if self._thread is None:
-        return True
-    done = threading.Event()
-    self._queue.put(done)
+        return self._pending == 0
+      done = threading.Event()
+      self._queue.put(done)
     return done.wait(timeout_s)
 
-  def close(self) -> None:
+  def close(self, timeout_s: float = 10.0) -> bool:
+    """Ends the waiter thread (engine shutdown) after it has given back
+    every borrowed KV queued to it, each once its reading program is done.
+    False when that took longer than ``timeout_s``: those KVs are then left
+    to the thread, still waiting, rather than given back while possibly
+    being read (the transport would lend the memory again)."""
     with self._lock:
-      thread = self._thread
-    if thread is not None:
-      self._queue.put(None)
-      thread.join(timeout=10)
+      thread, q = self._thread, self._queue
+      self._thread = self._queue = None
+      if thread is None:
+        return True
+      q.put(None)
+    thread.join(timeout_s)
+    if thread.is_alive():
+      log.warning("closing: %d borrowed KVs still being read after %.0f s; "
+                  "they go back when their programs finish", self.pending,
+                  timeout_s)
+      return False
+    return True
 
-  def _run(self) -> None:
+  def _run(self, q: queue.Queue) -> None:
     while True:
-      item = self._queue.get()
+      item = q.get()
       if item is None:
         return
       if isinstance(item, threading.Event):

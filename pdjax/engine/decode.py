@@ -693,6 +693,7 @@ class DecodeEngine:
       pending = list(self._inbox)
       self._inbox.clear()
     for p in pending:
+      self.borrowed.after(None, p.request.kv)   # dropped unread
       self.unreserve(p.request.request_id)
       p.request.callback(TokenEvent(p.request.request_id, [], [],
                                     FinishReason.ERROR, error=message))
@@ -703,6 +704,21 @@ class DecodeEngine:
       del self._where[rid]
       req.callback(TokenEvent(rid, [], [], FinishReason.ERROR, error=message))
     self._inflight = []
+
+  def close(self, timeout_s: float = 10.0) -> bool:
+    """Shutdown, once the loop no longer steps: every borrowed KV goes back
+    to its transport, so a landing region is not held by an engine that
+    will never read it. Queued requests are aborted (their KV was never
+    read); inserted ones are given back once their insert has finished, and
+    the waiter thread ends. False when that wait passed ``timeout_s``."""
+    with self._lock:
+      queued, self._inbox = list(self._inbox), collections.deque()
+    for p in queued:
+      self.borrowed.after(None, p.request.kv)   # dropped unread
+      self.unreserve(p.request.request_id)
+      p.request.callback(TokenEvent(p.request.request_id, [], [],
+                                    FinishReason.ABORT))
+    return self.borrowed.close(timeout_s)
 
   def submit(self, req: DecodeRequest) -> None:
     """Queues a request whose KV is ready; it joins the batch at the next

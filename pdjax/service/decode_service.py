@@ -123,7 +123,10 @@ class DecodeWorker:
     self.loop.start()
 
   def stop(self) -> None:
+    """Stops stepping, then gives back every borrowed KV the engine holds
+    (landing regions) and ends its waiter thread."""
     self.loop.stop()
+    self.engine.decode.close()
 
   def _tick(self) -> None:
     expired = self.engine.decode.reap_reservations(self.reservation_ttl_s)

@@ -340,14 +340,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         decode_process_id=info.process_id if info else "",
         decode_tp=_tp_of(info.mesh if info else ""))
     # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
+    # Only where the decode worker runs: the prefill worker asks it for a
+    # landing region (LendLanding) when the prefill starts, not the router.
     dest.decode_hostname = info.hostname if info else ""
-    # Workers lend landing regions when the prefill starts (LendLanding);
-    # one lent at Reserve (an older worker) is still passed on.
-    if res.ipc_handle:
-      dest.ipc_handle = res.ipc_handle
-      dest.ipc_offset = res.ipc_offset
-      dest.ipc_bytes = res.ipc_bytes
-      dest.ipc_deadline_ms = res.ipc_deadline_ms
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
     try:

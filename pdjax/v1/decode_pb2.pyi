@@ -25,26 +25,16 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("replica", "pages", "ipc_handle", "ipc_offset", "ipc_bytes", "ipc_device", "decode_tp", "ipc_deadline_ms", "cached_blocks")
+    __slots__ = ("replica", "pages", "decode_tp", "cached_blocks")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
-    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
-    IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
-    IPC_DEVICE_FIELD_NUMBER: _ClassVar[int]
     DECODE_TP_FIELD_NUMBER: _ClassVar[int]
-    IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     replica: int
     pages: int
-    ipc_handle: bytes
-    ipc_offset: int
-    ipc_bytes: int
-    ipc_device: int
     decode_tp: int
-    ipc_deadline_ms: int
     cached_blocks: int
-    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_device: _Optional[int] = ..., decode_tp: _Optional[int] = ..., ipc_deadline_ms: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
+    def __init__(self, replica: _Optional[int] = ..., pages: _Optional[int] = ..., decode_tp: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class LendLandingRequest(_message.Message):
     __slots__ = ("transfer_id", "prompt_tokens")
