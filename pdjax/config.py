@@ -17,6 +17,19 @@ from pdjax.engine.prefill import PrefillConfig
 from pdjax.sharding import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
+# Layer groups of an auto-configured prefill worker whose hand-offs can take
+# the CUDA IPC path: the hand-off left after the prefill is about a quarter
+# of the KV's copy (BENCHMARKS.md, "hand-off under prefill").
+AUTO_LAYER_GROUPS = 4
+
+
+def resolve_layer_groups(setting: int, *, layer_wise_sender: bool) -> int:
+  """``PoolConfig.layer_groups`` (or the flag) -> the engine's count."""
+  if setting < 0:
+    raise ValueError(f"layer_groups must be >= 0 (0: auto), got {setting}")
+  if setting:
+    return setting
+  return AUTO_LAYER_GROUPS if layer_wise_sender else 1
 
 
 @dataclasses.dataclass
@@ -33,6 +46,11 @@ class PoolConfig:
   # whether decode workers keep finished sequences' blocks for reuse.
   cache_pages: int = 0
   prefix_caching: bool = False
+  # Prefill workers: run bucketed prompts' layers as this many programs so
+  # the KV hand-off moves each group under the rest of the prefill (0:
+  # auto, ``AUTO_LAYER_GROUPS`` when hand-offs can take the CUDA IPC path,
+  # which writes layer ranges; 1 otherwise).
+  layer_groups: int = 0
 
 
 @dataclasses.dataclass
@@ -75,12 +93,13 @@ class DeploymentConfig:
       raise ValueError(f"{p}: unknown keys: {sorted(unknown)}")
     return cls(**data, router=router, **pools)
 
-  def prefill_engine_config(self, pool: PoolConfig | None = None
-                            ) -> PrefillConfig:
+  def prefill_engine_config(self, pool: PoolConfig | None = None, *,
+                            layer_groups: int = 1) -> PrefillConfig:
     pool = pool or self.prefill
     return PrefillConfig(buckets=tuple(pool.buckets), max_batch=pool.max_batch,
                          page_size=self.page_size,
-                         max_seq_len=self.max_seq_len)
+                         max_seq_len=self.max_seq_len,
+                         layer_groups=layer_groups)
 
   def decode_engine_config(self) -> DecodeConfig:
     d = self.decode
@@ -91,4 +110,5 @@ class DeploymentConfig:
                         prefix_caching=d.prefix_caching)
 
 
-__all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR"]
+__all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR", "AUTO_LAYER_GROUPS",
+           "resolve_layer_groups"]

@@ -859,10 +859,13 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
     config = types.SimpleNamespace(max_batch=4)
     prefix_store = None
 
-    def prefill(self, reqs):
+    def prefill(self, reqs, kv_ready=None):
       events.append("prefill")
-      return [PrefillResult(r.request_id, 5, -0.1, _kv(), len(r.prompt_ids))
-              for r in reqs]
+      out = [PrefillResult(r.request_id, 5, -0.1, _kv(), len(r.prompt_ids))
+             for r in reqs]
+      for i, r in enumerate(out):
+        kv_ready(i, r.kv)
+      return out
 
   class Landing:
     def request(self, dest, prompt_tokens):
@@ -903,6 +906,74 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
   asyncio.run(go())
   assert events == [("ask", "t1", 3), "prefill", ("apply", "answer-t1"),
                     ("send", "t1", 4096), "closed"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_prefill_worker_hands_off_while_the_prefill_runs(fail):
+  """Hand-offs start when the engine reports a request's KV dispatched
+  (``kv_ready``), not when the prefill returns: here the engine returns
+  only once the KV was sent, so the answer's ``transfer_s`` (the part of
+  the hand-off TTFT pays) is 0. A prefill that fails after the KV went out
+  releases what was sent and reports the prefill's error; nothing stays
+  counted as running."""
+  import threading
+  from pdjax.engine.requests import PrefillRequest, PrefillResult
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.service.prefill_service import PrefillWorker, _Job
+  from pdjax.transfer.base import KvSender, handle_for
+
+  sent, released = threading.Event(), []
+
+  class Engine:
+    config = types.SimpleNamespace(max_batch=2)
+    prefix_store = None
+
+    def prefill(self, reqs, kv_ready=None):
+      out = [PrefillResult(r.request_id, 7, -0.2, _kv(), len(r.prompt_ids))
+             for r in reqs]
+      for i, r in enumerate(out):
+        kv_ready(i, r.kv)
+      assert sent.wait(10), "the hand-off did not start during the prefill"
+      if fail:
+        raise RuntimeError("the prefill program failed")
+      return out
+
+  class Sender(KvSender):
+    name = "fake"
+
+    def send(self, kv, dest, *, timeout_s):
+      sent.set()
+      return handle_for(kv, self.name, dest.transfer_id)
+
+    def release(self, transfer_id):
+      released.append(transfer_id)
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(Engine(), Sender())
+    worker.start()
+    try:
+      job = _Job(PrefillRequest("r1", [3, 4], SamplingParams(max_tokens=4)),
+                 kv_pb2.KvDestination(transfer_id="t1"), None,
+                 loop.create_future(), loop)
+      worker.submit(job)
+      if fail:
+        with pytest.raises(RuntimeError, match="prefill program failed"):
+          await asyncio.wait_for(job.future, 10)
+      else:
+        resp = await asyncio.wait_for(job.future, 10)
+        assert resp.first_token == 7 and resp.kv.transfer_id == "t1"
+        assert resp.transfer_s == 0.0 and resp.prefill_s > 0
+      for _ in range(100):
+        if worker.running == 0:
+          break
+        await asyncio.sleep(0.01)
+      assert worker.running == 0
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert released == (["t1"] if fail else [])
 
 
 def test_a_kv_received_for_a_cancelled_decode_call_is_given_back():

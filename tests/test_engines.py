@@ -403,6 +403,61 @@ def test_tp_prefill_equivalence(tiny, rules, prefill_tp):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_layer_group_settings():
+  """Groups as even as possible; 0 means auto (groups only where the
+  hand-off can write them one by one); a deployment file may set them."""
+  from pdjax.config import (AUTO_LAYER_GROUPS, DeploymentConfig,
+                            resolve_layer_groups)
+  assert PrefillConfig(layer_groups=3).layer_group_sizes(32) == [11, 11, 10]
+  assert PrefillConfig(layer_groups=8).layer_group_sizes(2) == [1, 1]
+  assert PrefillConfig().layer_group_sizes(32) == [32]
+  assert resolve_layer_groups(0, layer_wise_sender=True) == AUTO_LAYER_GROUPS
+  assert resolve_layer_groups(0, layer_wise_sender=False) == 1
+  assert resolve_layer_groups(2, layer_wise_sender=False) == 2
+  with pytest.raises(ValueError, match="layer_groups"):
+    resolve_layer_groups(-1, layer_wise_sender=True)
+  dep = DeploymentConfig.load("gpu-8b")
+  assert dep.prefill_engine_config(layer_groups=4).layer_groups == 4
+
+
+def test_prefill_in_layer_groups_equals_fused(tiny, rules):
+  """Prefill run as layer-group programs (3 layers in groups of 2 and 1, so
+  both group programs exist) at TP=2: the fused program's first tokens and
+  KV. Each bucketed request's KV comes as its groups, and reaches
+  ``kv_ready`` (the same object the result carries); the chunked prompt
+  runs fused."""
+  from pdjax.model.llama import init_params
+  cfg = tiny[0].replace(num_layers=3)
+  mesh = make_mesh({"tp": 2}, jax.devices()[4:6])
+  params = shard_params(init_params(cfg, seed=3), cfg, rules["prefill_tp"],
+                        mesh)
+  fused = PrefillEngine(params, cfg, mesh, rules["prefill_tp"], PCFG)
+  grouped = PrefillEngine(params, cfg, mesh, rules["prefill_tp"],
+                          dataclasses.replace(PCFG, layer_groups=2))
+  reqs = [("a", prompt(40, 11), GREEDY), ("b", prompt(27, 12), seeded(7)),
+          ("c", prompt(9, 13), GREEDY),
+          ("long", prompt(100, 14), GREEDY)]   # two chunks: fused
+  seen = {}
+  out = grouped.prefill([PrefillRequest(rid, p, s, s.seed_u32(0))
+                         for rid, p, s in reqs],
+                        kv_ready=lambda i, kv: seen.setdefault(i, kv))
+  ref = prefill_requests(fused, reqs)
+  assert sorted(seen) == [0, 1, 2, 3]
+  for i, (r, f) in enumerate(zip(out, ref)):
+    assert seen[i] is r.kv
+    assert r.first_token == f.first_token, r.request_id
+    assert abs(r.first_logprob - f.first_logprob) < 1e-5
+    assert r.kv.shape == f.kv.kv.shape
+    np.testing.assert_allclose(kv_tokens(r), kv_tokens(f), rtol=1e-6,
+                               atol=1e-6, err_msg=r.request_id)
+  for r in out[:3]:
+    assert [g.shape[0] for g in r.kv.layer_groups] == [2, 1]
+    assert r.kv.layer_groups[0].sharding.spec[4] == "tp"
+  assert out[3].kv.layer_groups == ()
+  with pytest.raises(ValueError, match="layer_groups"):
+    PrefillConfig(layer_groups=0)
+
+
 # ------------------------------------------------------------------ decode
 def _mixed_requests(tag: str, n: int = 6):
   lengths = (5, 30, 64, 17, 100, 50, 9, 77)
@@ -507,14 +562,16 @@ def test_disaggregated_equals_colocated(prefill_tp, decoders, colo):
     assert len(col.tokens(rid)) == s.max_tokens
 
 
+@pytest.mark.parametrize("layer_groups", [1, 2])
 def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
-                                                      colo):
+                                                      colo, layer_groups):
   """The same-host path end to end, CUDA driver faked (host memory, real
   byte copies): TP=2 prefill KV copied into a landing region, the decode
   worker's zero-copy view of it inserted by the dp=2 engine, the region
   back in the pool only once that insert has run. One small landing buffer
   for six requests, so regions are reused while earlier requests decode;
-  tokens must still be the colocated ones."""
+  tokens must still be the colocated ones. With the prefill in two layer
+  groups each group is its own copy, at its own offset in the region."""
   from pdjax.transfer import cuda_ipc as ci
   from pdjax.v1 import kv_pb2
   engine = decoders["dp2"]
@@ -524,9 +581,13 @@ def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
           ("ci3", prompt(70, 313), GREEDY),
           ("ci4", prompt(50, 314), seeded(34, 10)),
           ("ci5", prompt(64, 315), GREEDY)]
-  results = prefill_requests(prefill_tp[2], reqs)
+  src = prefill_tp[2]
+  prefill = (src if layer_groups == 1 else PrefillEngine(
+      src.params, src.cfg, src.mesh, src.rules,
+      dataclasses.replace(PCFG, layer_groups=layer_groups)))
+  results = prefill_requests(prefill, reqs)
   registry = ci.FakeIpcRegistry()
-  largest = max(r.kv.kv.nbytes for r in results)
+  largest = max(r.kv.payload_bytes for r in results)
   pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 1, 2 * largest)
   receiver = ci.CudaIpcReceiver(pool, engine.replicas[0].mesh.devices.flat[0])
   sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry))
@@ -537,7 +598,7 @@ def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
       while (res := engine.reserve(rid, len(p), s.max_tokens)) is None:
         engine.step()
       for _ in range(200):          # regions come back as inserts complete
-        if (slot := pool.acquire(rid, r.kv.kv.nbytes)) is not None:
+        if (slot := pool.acquire(rid, r.kv.payload_bytes)) is not None:
           break
         engine.step()
         engine.borrowed.wait_idle()
@@ -548,7 +609,7 @@ def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
           ipc_bytes=slot.nbytes, ipc_deadline_ms=slot.deadline_ms)
       handle = sender.send(r.kv, dest, timeout_s=5)
       rep = engine.replicas[res.replica]
-      kv = receiver.receive(handle, rep.payload_sharding(r.kv.kv.shape[2]),
+      kv = receiver.receive(handle, rep.payload_sharding(r.kv.shape[2]),
                             timeout_s=5)
       assert kv.borrowed and pool.live() >= 1
       engine.submit(DecodeRequest(rid, p, r.first_token, r.first_logprob,
@@ -557,7 +618,12 @@ def test_disaggregated_over_cuda_ipc_equals_colocated(prefill_tp, decoders,
     engine.drain()
     assert engine.borrowed.wait_idle()
     assert pool.live() == 0 and pool.free_bytes() == pool.total_bytes
-    assert pool.counts["read"] == len(reqs) and registry.copies == len(reqs)
+    copies = sum(len(r.kv.pieces) for r in results)
+    chunked = sum(len(p) > PCFG.chunk for _, p, _ in reqs)   # run fused
+    assert chunked == 2
+    assert copies == (len(reqs) if layer_groups == 1
+                      else 2 * len(reqs) - chunked)
+    assert pool.counts["read"] == len(reqs) and registry.copies == copies
     assert_clean(engine)
   finally:
     sender.close()

@@ -77,11 +77,16 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
     assert r.usage.kv_transfer_s > 0
 
 
-@pytest.mark.parametrize("transport", ["device", "local"])
-def test_other_transports_match_reference(transport, tmp_path_factory,
-                                          reference):
+@pytest.mark.parametrize("transport,layer_groups", [("device", 2),
+                                                    ("local", 1)])
+def test_other_transports_match_reference(transport, layer_groups,
+                                          tmp_path_factory, reference):
+  """The device transport's worker runs its prefill in two layer groups:
+  a hand-off that cannot write them one by one (no CUDA IPC on CPU) joins
+  them, with the same tokens."""
   c = Cluster(tmp_path_factory.mktemp(transport), kv_transport=transport,
-              num_prefill=1, num_decode=1)
+              num_prefill=1, num_decode=1,
+              worker_flags=[f"--prefill_layer_groups={layer_groups}"])
   try:
     prompts, expected = reference
     results = _generate_all(c.address, prompts)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import Params, prefill_forward
+from pdjax.model.llama import (Params, prefill_embed, prefill_forward,
+                               prefill_last_logits, prefill_layer_group)
 from pdjax.sharding import ShardingRules
 
 
@@ -43,8 +44,14 @@ class PrefillConfig:
   max_batch: int = 4
   page_size: int = 16
   max_seq_len: int = 1024
+  # Bucketed prompts run their layers as this many programs, so each
+  # group's KV can be handed off while later layers compute (1: one fused
+  # program). Chunked and prefix-cached prompts always run fused.
+  layer_groups: int = 1
 
   def __post_init__(self):
+    if self.layer_groups < 1:
+      raise ValueError(f"layer_groups must be >= 1, got {self.layer_groups}")
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
       raise ValueError(f"buckets must be increasing, got {self.buckets}")
     for b in self.buckets:
@@ -75,6 +82,12 @@ class PrefillConfig:
     counts.update(1 << i for i in range(top.bit_length()))
     return sorted(counts)
 
+  def layer_group_sizes(self, num_layers: int) -> list[int]:
+    """Layers per group, as even as possible (at most two sizes, so at
+    most two group programs per bucket and batch size)."""
+    g = min(self.layer_groups, num_layers)
+    return [num_layers // g + (i < num_layers % g) for i in range(g)]
+
   def batch_sizes(self) -> list[int]:
     out, b = [], 1
     while b < self.max_batch:
@@ -99,6 +112,27 @@ def _prefill_program(params, tokens, true_len, samp, *, cfg, page_size,
   rows = _to_pages(out.k, out.v, page_size)
   rows = [jax.lax.with_sharding_constraint(r, kv_spec) for r in rows]
   return tok, lp, rows
+
+
+def _embed_program(params, tokens, *, x_spec):
+  return jax.lax.with_sharding_constraint(prefill_embed(params, tokens),
+                                          x_spec)
+
+
+def _group_program(params, x, first_layer, *, cfg, num_layers, page_size,
+                   kv_spec, x_spec):
+  """One layer group of a batch: the residual stream on, and the group's
+  KV per request (``[num_layers, 2, T/P, P, K, hd]``)."""
+  x, k, v = prefill_layer_group(params, x, first_layer, cfg=cfg,
+                                num_layers=num_layers)
+  rows = [jax.lax.with_sharding_constraint(r, kv_spec)
+          for r in _to_pages(k, v, page_size)]
+  return jax.lax.with_sharding_constraint(x, x_spec), rows
+
+
+def _head_program(params, x, true_len, samp, *, cfg):
+  logits = prefill_last_logits(params, x, true_len, cfg=cfg)
+  return sample(logits, *samp, jnp.zeros(x.shape[:1], jnp.int32))
 
 
 def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
@@ -129,6 +163,10 @@ def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
                                           kv_spec)
 
 
+# Called with (request index, its KV) once the KV's programs are dispatched.
+KvReady = Callable[[int, RequestKV], None]
+
+
 class PrefillEngine:
   """Runs prefill for batches of prompts on one mesh (TP or a replica's)."""
 
@@ -153,6 +191,20 @@ class PrefillEngine:
                           kv_spec=kv_spec))
     self._chunk = jax.jit(functools.partial(_chunk_program, cfg=cfg),
                           donate_argnums=(3, 4))
+    self._group_sizes = config.layer_group_sizes(cfg.num_layers)
+    if len(self._group_sizes) > 1:
+      x_spec = rules.sharding(mesh, ("batch", "seq", "embed"),
+                              (config.max_batch, config.chunk,
+                               cfg.hidden_size), what="residual stream")
+      self._embed = jax.jit(functools.partial(_embed_program, x_spec=x_spec))
+      self._groups = {
+          n: jax.jit(functools.partial(
+              _group_program, cfg=cfg, num_layers=n, page_size=P,
+              kv_spec=kv_spec, x_spec=x_spec))
+          for n in set(self._group_sizes)}
+      self._head = jax.jit(functools.partial(_head_program, cfg=cfg))
+      starts = np.cumsum([0] + self._group_sizes[:-1])
+      self._group_starts = [self._put(np.int32(f)) for f in starts]
     self._pages_fns = {}
     shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
              cfg.head_dim)
@@ -164,6 +216,11 @@ class PrefillEngine:
                           out_shardings=(self._buf_sharding,
                                          self._buf_sharding))
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+
+  @property
+  def layer_group_sizes(self) -> list[int]:
+    """Layers of each program a bucketed prompt runs in (one: fused)."""
+    return list(self._group_sizes)
 
   # ---------------------------------------------------------------- layout
   def kv_sharding(self, num_pages: int) -> NamedSharding:
@@ -192,10 +249,17 @@ class PrefillEngine:
                            f"the vocabulary [0, {self.cfg.vocab_size})")
 
   # ---------------------------------------------------------------- run
-  def prefill(self, requests: Sequence[PrefillRequest]) -> list[PrefillResult]:
+  def prefill(self, requests: Sequence[PrefillRequest], *,
+              kv_ready: KvReady | None = None) -> list[PrefillResult]:
     """Prefills every request; results in the order given. Requests with
     nothing cached and nothing to skip that share a bucket run together, up
-    to ``max_batch`` at a time; the others run buffered."""
+    to ``max_batch`` at a time; the others run buffered.
+
+    ``kv_ready(i, kv)``, if given, is called with request ``i``'s KV as soon
+    as the programs computing it are dispatched, before they finish (JAX
+    dispatches asynchronously), so a hand-off can start while the prefill
+    still runs; with ``layer_groups`` > 1 the early groups are done first.
+    The KV is the same object the result carries."""
     for r in requests:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}
@@ -205,12 +269,17 @@ class PrefillEngine:
       b = self.config.bucket_for(len(r.prompt_ids))
       if b is None or prefix or r.skip_pages:
         results[i] = self._prefill_buffered(r, prefix, owned, hashes)
+        if kv_ready is not None:
+          kv_ready(i, results[i].kv)
       else:
         by_bucket.setdefault(b, []).append(i)
     for bucket, idxs in by_bucket.items():
       for s in range(0, len(idxs), self.config.max_batch):
         group = idxs[s:s + self.config.max_batch]
-        outs = self._prefill_batch([requests[i] for i in group], bucket)
+        ready = (None if kv_ready is None else
+                 lambda j, kv, group=group: kv_ready(group[j], kv))
+        outs = self._prefill_batch([requests[i] for i in group], bucket,
+                                   kv_ready=ready)
         results.update(zip(group, outs))
     out = [results[i] for i in range(len(requests))]
     for r in out:
@@ -232,7 +301,8 @@ class PrefillEngine:
     pages = store.match(hashes[:limit])
     return pages, True, hashes
 
-  def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int):
+  def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int, *,
+                     kv_ready: KvReady | None = None):
     batch = next(b for b in self.config.batch_sizes() if b >= len(reqs))
     tokens = np.zeros((batch, bucket), np.int32)
     true_len = np.ones((batch,), np.int32)
@@ -241,16 +311,31 @@ class PrefillEngine:
       true_len[i] = len(r.prompt_ids)
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
-    tok, lp, rows = self._prefill(self.params, self._put(tokens),
-                                  self._put(true_len),
-                                  tuple(self._put(a) for a in samp.as_tuple()))
+    samp = tuple(self._put(a) for a in samp.as_tuple())
+    tokens, true_len = self._put(tokens), self._put(true_len)
+    if len(self._group_sizes) == 1:
+      tok, lp, rows = self._prefill(self.params, tokens, true_len, samp)
+      kvs = [RequestKV(rows[i], len(r.prompt_ids))
+             for i, r in enumerate(reqs)]
+    else:
+      x = self._embed(self.params, tokens)
+      pieces = [[] for _ in reqs]
+      for n, first in zip(self._group_sizes, self._group_starts):
+        x, rows = self._groups[n](self.params, x, first)
+        for i in range(len(reqs)):
+          pieces[i].append(rows[i])
+      tok, lp = self._head(self.params, x, true_len, samp)
+      kvs = [RequestKV(None, len(r.prompt_ids), layer_groups=pieces[i])
+             for i, r in enumerate(reqs)]
+    if kv_ready is not None:
+      for i, kv in enumerate(kvs):
+        kv_ready(i, kv)
     tok, lp = np.asarray(tok), np.asarray(lp)
     store = self.prefix_store
     if store is not None and hasattr(store, "store_pages"):
-      for i, r in enumerate(reqs):
-        store.store_pages(store.hashes(r.prompt_ids, r.cache_salt), rows[i])
-    return [PrefillResult(r.request_id, int(tok[i]), float(lp[i]),
-                          RequestKV(rows[i], len(r.prompt_ids)),
+      for r, kv in zip(reqs, kvs):
+        store.store_pages(store.hashes(r.prompt_ids, r.cache_salt), kv.kv)
+    return [PrefillResult(r.request_id, int(tok[i]), float(lp[i]), kvs[i],
                           len(r.prompt_ids))
             for i, r in enumerate(reqs)]
 
@@ -317,7 +402,11 @@ class PrefillEngine:
       for batch in self.config.batch_sizes():
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
-        self._prefill_batch(reqs, bucket)
+        out = self._prefill_batch(reqs, bucket)
+      # Layer groups joined into one array: a hand-off that falls back
+      # from CUDA IPC to a path that moves the whole KV.
+      if out[0].kv.layer_groups:
+        out[0].kv.kv.block_until_ready()
     # Buffered path: one chunk program per chunk length (the buckets),
     # page extraction for every payload size, and the cache's programs.
     for bucket in self.config.buckets:
@@ -341,4 +430,4 @@ class PrefillEngine:
     return self.config.payload_page_counts()
 
 
-__all__ = ["PrefillConfig", "PrefillEngine", "next_pow2"]
+__all__ = ["PrefillConfig", "PrefillEngine", "KvReady", "next_pow2"]

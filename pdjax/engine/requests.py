@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from pdjax.engine.sampling import SamplingParams
 
@@ -64,7 +66,6 @@ class TokenEvent:
 TokenCallback = Callable[[TokenEvent], None]
 
 
-@dataclasses.dataclass
 class RequestKV:
   """A prompt's KV cache in page layout, as the prefill engine hands it on.
 
@@ -74,17 +75,51 @@ class RequestKV:
   pages carry data. ``first_page`` > 0 when the leading pages are not
   included (the receiver already holds them: prefix reuse).
 
+  ``layer_groups``: set when the prefill ran its layers as several programs
+  (``PrefillConfig.layer_groups``): the KV as consecutive slices of its
+  layer axis, each an output of its own program, so each is ready while
+  later layers still compute. A hand-off that can write layer ranges (the
+  CUDA IPC path: the layer axis leads, so a layer range is one contiguous
+  byte range) moves each slice as soon as it is done, under the rest of the
+  prefill. ``kv`` is then joined from them on first use (one device copy),
+  only by consumers that need the whole array.
+
   ``release_fn``: set when ``kv`` is a view of memory lent by a transport
   (a CUDA IPC landing region) rather than memory JAX owns. The consumer
   reads ``kv`` into its own pools, and once the program doing so has
   *completed* calls ``release()``, so the lender may reuse the memory; a
   consumer that drops the KV unread calls it too.
   """
-  kv: jax.Array
-  num_tokens: int
-  first_page: int = 0
-  release_fn: Callable[[], None] | None = dataclasses.field(
-      default=None, repr=False, compare=False)
+
+  def __init__(self, kv: jax.Array | None, num_tokens: int,
+               first_page: int = 0,
+               release_fn: Callable[[], None] | None = None, *,
+               layer_groups: Sequence[jax.Array] = ()):
+    if (kv is None) == (not layer_groups):
+      raise ValueError("a RequestKV is made of the whole array or of its "
+                       "layer groups, exactly one of them")
+    self._kv = kv
+    self.layer_groups = tuple(layer_groups)
+    self.num_tokens = num_tokens
+    self.first_page = first_page
+    self.release_fn = release_fn
+    first = kv if kv is not None else self.layer_groups[0]
+    layers = (kv.shape[0] if kv is not None
+              else sum(g.shape[0] for g in self.layer_groups))
+    self.shape = (layers,) + tuple(first.shape[1:])
+    self.dtype = first.dtype
+
+  @property
+  def kv(self) -> jax.Array:
+    if self._kv is None:
+      self._kv = _join_layers(self.layer_groups)
+    return self._kv
+
+  @property
+  def pieces(self) -> tuple[jax.Array, ...]:
+    """The KV as slices of its layer axis, in order: the layer groups, or
+    the whole array."""
+    return self.layer_groups or (self._kv,)
 
   @property
   def borrowed(self) -> bool:
@@ -99,7 +134,7 @@ class RequestKV:
 
   @property
   def page_size(self) -> int:
-    return self.kv.shape[3]
+    return self.shape[3]
 
   @property
   def num_pages(self) -> int:
@@ -107,10 +142,26 @@ class RequestKV:
     return -(-self.num_tokens // self.page_size) - self.first_page
 
   @property
+  def payload_bytes(self) -> int:
+    """Bytes of the whole padded payload."""
+    return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+  @property
   def nbytes(self) -> int:
     """Bytes of the pages that carry data."""
-    per_page = self.kv.nbytes // self.kv.shape[2]
-    return per_page * self.num_pages
+    return self.payload_bytes // self.shape[2] * self.num_pages
+
+  def __repr__(self) -> str:
+    groups = (f", layer_groups={len(self.layer_groups)}"
+              if self.layer_groups else "")
+    return (f"RequestKV(shape={self.shape}, dtype={self.dtype}, "
+            f"num_tokens={self.num_tokens}, first_page={self.first_page}"
+            f"{groups})")
+
+
+@jax.jit
+def _join_layers(groups):
+  return jnp.concatenate(groups, axis=0)
 
 
 @dataclasses.dataclass

@@ -54,6 +54,12 @@ IPC_LANDING_BUFFERS = flags.DEFINE_integer(
 IPC_LANDING_BYTES = flags.DEFINE_integer(
     "ipc_landing_bytes", 0, "Bytes of each CUDA IPC landing buffer (0: the "
     "largest KV payload this worker accepts, so every request fits one).")
+PREFILL_LAYER_GROUPS = flags.DEFINE_integer(
+    "prefill_layer_groups", None, "Prefill workers: run each bucketed "
+    "prompt's layers as this many programs, so the CUDA IPC hand-off copies "
+    "each group's KV while later layers compute (1: one fused program; 0: "
+    "auto, 4 when hand-offs can take the CUDA IPC path; default: the "
+    "deployment's [prefill] layer_groups).")
 # --- end fast paths ----------------------------------------------------------
 DEVICES = flags.DEFINE_string(
     "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "

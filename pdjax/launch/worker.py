@@ -70,7 +70,7 @@ async def serve(role: str) -> None:
   jax = _init_jax()
   import socket
 
-  from pdjax.config import DeploymentConfig
+  from pdjax.config import DeploymentConfig, resolve_layer_groups
   from pdjax.engine.setup import load_sharded
   from pdjax.service import common
   from pdjax.service.metrics import Metrics
@@ -130,12 +130,20 @@ async def serve(role: str) -> None:
         from pdjax.engine.prefix_cache import PrefillKVStore
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
                                host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
-      engine = PrefillEngine(params, cfg, mesh, rules,
-                             dep.prefill_engine_config(), prefix_store=store)
-      if F.WARMUP.value:
-        engine.warmup()
       sender = _sender(transport, mesh, sec, exchange)
       info.kv_transfer_address = sender.address()
+      groups = resolve_layer_groups(
+          F.PREFILL_LAYER_GROUPS.value
+          if F.PREFILL_LAYER_GROUPS.value is not None
+          else dep.prefill.layer_groups,
+          layer_wise_sender=getattr(sender, "ipc", None) is not None)
+      engine = PrefillEngine(
+          params, cfg, mesh, rules,
+          dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
+      log.info("prefill runs bucketed prompts in %d layer group(s) %s",
+               len(engine.layer_group_sizes), engine.layer_group_sizes)
+      if F.WARMUP.value:
+        engine.warmup()
       landing = None
       if getattr(sender, "ipc", None) is not None:   # CUDA IPC fast path
         from pdjax.service.landing import LandingRequests

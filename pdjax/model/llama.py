@@ -239,17 +239,14 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
 
   def layer(x, xs):
     lp, pk, pv = xs
+    if not has_prefix:
+      return _causal_layer(cfg, lp, x, cos, sin, impl)
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
-    if has_prefix:
-      kk = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-      vv = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-      attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
-                                          implementation="xla")
-    else:
-      attn = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation=impl,
-          local_window_size=None if window is None else (window - 1, 0))
+    kk = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+    vv = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+    attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
+                                        implementation="xla")
     return _attn_out_and_mlp(cfg, lp, x, attn), (k, v)
 
   xs = (params["layers"],
@@ -259,10 +256,68 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
   if all_logits:
     logits = _logits(cfg, params, x)
   else:
-    last = jnp.clip(true_len - 1, 0, T - 1)
-    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    logits = _logits(cfg, params, x_last)
+    logits = prefill_last_logits(params, x, true_len, cfg=cfg)
   return PrefillOut(logits, k_all, v_all)
+
+
+def _causal_layer(cfg: ModelConfig, lp, x, cos, sin, impl):
+  """One layer over whole prompts (no cached prefix): causal attention
+  among the new tokens. Returns the residual stream and the layer's K/V."""
+  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+  q, k, v = _qkv(cfg, lp, h, cos, sin)
+  window = cfg.sliding_window
+  attn = jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=impl,
+      local_window_size=None if window is None else (window - 1, 0))
+  return _attn_out_and_mlp(cfg, lp, x, attn), (k, v)
+
+
+# ------------------------------------------------------ prefill in groups
+# The same computation as ``prefill_forward`` without a prefix, cut into
+# programs the caller runs one after another: embed, a run of layers (as
+# many times as there are layer groups), last-token logits. Each layer
+# group's K/V is then an output of its own program, ready while later
+# groups still compute, so a hand-off can move it under the rest of the
+# prefill (``PrefillEngine``'s ``layer_groups``).
+def prefill_embed(params: Params, tokens) -> jax.Array:
+  """tokens [B, T] -> the residual stream [B, T, D] entering layer 0."""
+  return _embed(params, tokens)
+
+
+def prefill_layer_group(params: Params, x, first_layer, *, cfg: ModelConfig,
+                        num_layers: int):
+  """Layers ``first_layer .. first_layer + num_layers`` over whole prompts
+  (positions from 0; right padding is harmless, as in ``prefill_forward``).
+
+  ``first_layer`` is a traced int32, so one compiled program serves every
+  group of the same size: each layer's weights are indexed out of the
+  stacked ones inside the loop, as ``lax.scan`` over the stack does.
+  Returns (x, k, v), k/v: [num_layers, B, T, K, hd].
+  """
+  B, T = x.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  cos, sin = rope_tables(cfg, positions)
+  impl = attention_impl(x.dtype, cfg.head_dim)
+  stacked = params["layers"]
+
+  def layer(x, li):
+    lp = jax.tree.map(
+        lambda w: jax.lax.dynamic_index_in_dim(w, li, 0, keepdims=False),
+        stacked)
+    return _causal_layer(cfg, lp, x, cos, sin, impl)
+
+  ids = jnp.asarray(first_layer, jnp.int32) + jnp.arange(num_layers,
+                                                         dtype=jnp.int32)
+  x, (k, v) = jax.lax.scan(layer, x, ids)
+  return x, k, v
+
+
+def prefill_last_logits(params: Params, x, true_len, *, cfg: ModelConfig):
+  """Logits [B, V] at each row's last real token (``true_len - 1``)."""
+  T = x.shape[1]
+  last = jnp.clip(true_len - 1, 0, T - 1)
+  x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+  return _logits(cfg, params, x_last)
 
 
 # ------------------------------------------------------------------ decode
@@ -349,7 +404,8 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
-    "init_params", "prefill_forward", "decode_forward", "reference_forward",
+    "init_params", "prefill_forward", "prefill_embed", "prefill_layer_group",
+    "prefill_last_logits", "decode_forward", "reference_forward",
     "PrefillOut", "DecodeOut", "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]

@@ -29,7 +29,7 @@ import grpc
 
 from pdjax.engine import host_tier  # host KV tier metrics
 from pdjax.engine.prefill import PrefillEngine
-from pdjax.engine.requests import PrefillRequest, PrefillResult
+from pdjax.engine.requests import PrefillRequest, RequestKV
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.landing import LandingRequests
@@ -89,8 +89,11 @@ class PrefillWorker:
     self.fault_drop_kv = fault_drop_kv
     self._rng = random.Random()
     self._queue: queue.Queue[_Job | None] = queue.Queue()
+    # A hand-off occupies its thread from dispatch to answer: two batches'
+    # worth, so the next batch's hand-offs never queue behind this one's.
     self._pool = concurrent.futures.ThreadPoolExecutor(
-        sender_threads, thread_name_prefix="kv-send")
+        max(sender_threads, 2 * engine.config.max_batch),
+        thread_name_prefix="kv-send")
     self._running = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._batch_loop, daemon=True,
@@ -195,23 +198,38 @@ class PrefillWorker:
       if self.landing is not None:   # answered while the prefill runs
         for j in live:
           j.landing = self._ask_landing(j)
+      # Hand-offs start as soon as each request's KV is dispatched: they
+      # wait for its programs (layer group by layer group, where the engine
+      # runs groups) and move it while the rest of the prefill computes.
+      done: concurrent.futures.Future = concurrent.futures.Future()
+      started: set[int] = set()
+
+      def kv_ready(i, kv, live=live, done=done, started=started):
+        started.add(i)
+        self._pool.submit(self._hand_off, live[i], i, kv, done)
+
       t0 = time.perf_counter()
       try:
-        results = self.engine.prefill([j.request for j in live])
+        results = self.engine.prefill([j.request for j in live],
+                                      kv_ready=kv_ready)
       except Exception as e:  # noqa: BLE001 - reported to every caller
         log.exception("prefill failed")
-        for j in live:
-          j.resolve(error=e)
-        self._add_running(-len(live))
+        done.set_exception(e)   # hand-offs already started report it
+        for i, j in enumerate(live):
+          if i not in started:
+            j.resolve(error=e)
+            self._add_running(-1)
         continue
       elapsed = time.perf_counter() - t0
+      done.set_result((results, elapsed, time.perf_counter()))
       self.metrics.prefill_time.observe(elapsed)
       for r in results:
         self.metrics.prefill_tokens.labels("cache").inc(r.cached_tokens)
         self.metrics.prefill_tokens.labels("computed").inc(
             r.prompt_len - r.cached_tokens)
-      for j, r in zip(live, results):
-        self._pool.submit(self._hand_off, j, r, elapsed)
+      for i, (j, r) in enumerate(zip(live, results)):
+        if i not in started:   # an engine that never called kv_ready
+          self._pool.submit(self._hand_off, j, i, r.kv, done)
 
   def _ask_landing(self, job: _Job):
     try:
@@ -221,7 +239,11 @@ class PrefillWorker:
       log.exception("asking for a landing region failed")
       return None
 
-  def _hand_off(self, job: _Job, result: PrefillResult, prefill_s: float):
+  def _hand_off(self, job: _Job, index: int, kv: RequestKV,
+                done: concurrent.futures.Future):
+    """Sends request ``index``'s KV (its programs may still be running),
+    then answers the caller once the batch's first tokens are known."""
+    sent = False
     try:
       if job.abandoned:
         return
@@ -235,18 +257,22 @@ class PrefillWorker:
       if self.fault_drop_kv and self._rng.random() < self.fault_drop_kv:
         log.warning("fault injection: dropping the KV of %s",
                     job.request.request_id)
-        handle = handle_for(result.kv, self.sender.name,
-                            job.destination.transfer_id)
+        handle = handle_for(kv, self.sender.name, job.destination.transfer_id)
       else:
-        handle = self.sender.send(result.kv, dest, timeout_s=timeout)
-      transfer_s = time.perf_counter() - t0
+        handle = self.sender.send(kv, dest, timeout_s=timeout)
+      sent = True
+      t_sent = time.perf_counter()
+      results, prefill_s, t_prefilled = done.result()
+      result = results[index]
+      # What the hand-off added to TTFT: the part after the prefill ended.
+      transfer_s = max(0.0, t_sent - max(t0, t_prefilled))
       name = self.sender.name
-      self.metrics.transfer_bytes.labels(name, "sent").inc(result.kv.nbytes)
-      if result.kv.first_page:
-        per_page = result.kv.kv.nbytes // result.kv.kv.shape[2]
+      self.metrics.transfer_bytes.labels(name, "sent").inc(kv.nbytes)
+      if kv.first_page:
+        per_page = kv.payload_bytes // kv.shape[2]
         self.metrics.kv_skipped_bytes.labels(name).inc(
-            per_page * result.kv.first_page)
-      self.metrics.transfer_time.labels(name, "sent").observe(transfer_s)
+            per_page * kv.first_page)
+      self.metrics.transfer_time.labels(name, "sent").observe(t_sent - t0)
       job.resolve(prefill_pb2.PrefillResponse(
           first_token=result.first_token, first_logprob=result.first_logprob,
           kv=handle, prefill_s=prefill_s, transfer_s=transfer_s))
@@ -254,8 +280,11 @@ class PrefillWorker:
         # The caller left while we were sending: nobody will redeem it.
         self.sender.release(job.destination.transfer_id)
     except Exception as e:  # noqa: BLE001
-      reason = type(e).__name__
-      self.metrics.transfer_failures.labels(self.sender.name, reason).inc()
+      if sent:   # the prefill failed after the KV was sent: nobody redeems it
+        self.sender.release(job.destination.transfer_id)
+      else:
+        reason = type(e).__name__
+        self.metrics.transfer_failures.labels(self.sender.name, reason).inc()
       job.resolve(error=e)
     finally:
       self._add_running(-1)

@@ -244,8 +244,8 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
                ) -> kv_pb2.KvHandle:
   return kv_pb2.KvHandle(
       transport=transport, transfer_id=transfer_id, num_tokens=kv.num_tokens,
-      first_page=kv.first_page, shape=list(kv.kv.shape),
-      dtype=str(kv.kv.dtype))
+      first_page=kv.first_page, shape=list(kv.shape),
+      dtype=str(jnp.dtype(kv.dtype)))
 
 
 __all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",

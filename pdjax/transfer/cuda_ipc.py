@@ -686,14 +686,21 @@ def _single_device(arr: jax.Array) -> jax.Array:
 
 
 class CudaIpcSender(KvSender):
-  """Prefill side of the ``cuda_ipc`` path: one synchronous device-to-device
-  copy into the landing region the decode worker lent. Nothing is held
-  afterwards, so ``release`` has nothing to do.
+  """Prefill side of the ``cuda_ipc`` path: device-to-device copies into the
+  landing region the decode worker lent. Nothing is held afterwards, so
+  ``release`` has nothing to do.
 
-  The copy is the whole padded payload (``kv.kv.nbytes``): it is one
-  contiguous buffer, and one large copy runs at the link's rate. Copies are
-  serialised (one lock): one copy already fills NVLink, and the handle cache
-  is then single-threaded.
+  The KV's layer axis leads, so each layer group of a prefill run in groups
+  (``RequestKV.layer_groups``) is one contiguous byte range of the region:
+  each is copied as soon as its program has finished, while later groups
+  still compute, and the hand-off that remains after the prefill is the
+  last group's copy. A KV in one piece is one copy of the whole padded
+  payload (one large copy runs at the link's rate).
+
+  Copies go on one stream per device, in the order issued: one copy
+  already fills NVLink. The lock covers the handle cache and the issuing,
+  never the wait for a group's program, so the hand-offs of one batch
+  interleave their groups as they become ready.
   """
 
   name = PATH_CUDA_IPC
@@ -710,6 +717,7 @@ class CudaIpcSender(KvSender):
     self._lock = threading.Lock()
     self.sent = 0
     self.bytes_sent = 0
+    self.copies = 0
 
   def remote_pointer(self, ordinal: int, handle: bytes) -> int:
     """This process's address of a peer's landing buffer, opened once per
@@ -743,23 +751,32 @@ class CudaIpcSender(KvSender):
       raise TransferError(f"transfer {dest.transfer_id}: the decode worker "
                           "lent no landing buffer")
     self._check_lease(dest)
-    arr = _single_device(kv.kv)
-    nbytes = arr.nbytes
+    nbytes = kv.payload_bytes
     if nbytes > dest.ipc_bytes:
       raise TransferError(
-          f"KV payload of {nbytes} bytes ({list(arr.shape)} {arr.dtype}) "
-          f"does not fit the {dest.ipc_bytes}-byte landing buffer lent for "
-          f"transfer {dest.transfer_id}")
-    arr.block_until_ready()
-    (dev,) = arr.devices()
-    ordinal = device_ordinal(dev)
-    src = arr.addressable_data(0).unsafe_buffer_pointer()
-    with self._lock:
-      base = self.remote_pointer(ordinal, dest.ipc_handle)
-      self._check_lease(dest)   # opening may have taken a while
-      self.driver.memcpy_dtod(ordinal, base + dest.ipc_offset, src, nbytes)
-      self.driver.synchronize(ordinal)
-    del arr   # the source had to live until the copy finished
+          f"KV payload of {nbytes} bytes ({list(kv.shape)} "
+          f"{jnp.dtype(kv.dtype)}) does not fit the {dest.ipc_bytes}-byte "
+          f"landing buffer lent for transfer {dest.transfer_id}")
+    sources, offset, ordinal = [], dest.ipc_offset, None
+    try:
+      for piece in kv.pieces:
+        arr = _single_device(piece)
+        arr.block_until_ready()     # this group's program has finished
+        (dev,) = arr.devices()
+        if ordinal is None:
+          ordinal = device_ordinal(dev)
+        src = arr.addressable_data(0).unsafe_buffer_pointer()
+        with self._lock:
+          base = self.remote_pointer(ordinal, dest.ipc_handle)
+          self._check_lease(dest)   # a group or the open may have been slow
+          self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
+          self.copies += 1
+        sources.append(arr)         # must live until its copy has run
+        offset += arr.nbytes
+    finally:
+      if ordinal is not None:       # nothing may still be writing on failure
+        self.driver.synchronize(ordinal)
+    del sources
     self.sent += 1
     self.bytes_sent += nbytes
     handle = handle_for(kv, self.name, dest.transfer_id)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device-tool call on the two-GPU kind, for the hand-off under prefill
+# (prefill in layer groups, each group's KV copied over CUDA IPC while the
+# next computes): the GPU IPC test, the overlap table on a
+# Llama-3-8B-shaped model (tools/gpu/handoff_overlap.py), tokens through
+# the real two-process path with the prefill in groups, then (time
+# allowing) the disaggregated goodput at a few rates with the default
+# (auto) layer groups.
+#
+#   bash tools/gpu/run_call3.sh OUT_DIR        (carry .whl)
+#
+# STEPS (default test,overlap,tokens,sweep) picks the parts.
+set -u
+STEPS=${STEPS:-test,overlap,tokens,sweep}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+OUT=${1:?usage: run_call3.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-560}
+python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{
+  date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'
+  python3 -c 'import cuda.bindings; print("cuda.bindings", cuda.bindings.__version__)' 2>&1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if has test; then
+echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
+JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$OUT/ipc_test.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/ipc_test.log" | tail -4
+fi
+if has overlap; then
+echo "=== [$((SECONDS-START)) s] hand-off under prefill (8B, layer groups)"
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${OVERLAP_TIMEOUT:-330} python3 tools/gpu/handoff_overlap.py \
+  --lengths=${LENGTHS:-2048,8192} --groups=${GROUPS_LIST:-1,2,4,8} --reps=5 \
+  --budget_s=${OVERLAP_BUDGET:-260} --out="$OUT/overlap.json" > "$OUT/overlap.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000\|^{" "$OUT/overlap.log" | tail -12
+fi
+if has tokens; then
+echo "=== [$((SECONDS-START)) s] disaggregated (CUDA IPC, layer groups) vs colocated tokens"
+timeout 280 bash tools/gpu/check_ipc_tokens.sh "$OUT" > "$OUT/ipc_tokens.log" 2>&1
+echo "exit $?"; tail -4 "$OUT/ipc_tokens.log"
+grep -h "layer group" /tmp/pdjax_ipc_tokens/disagg/cluster/*.log 2>/dev/null | head -2
+fi
+LEFT=$(( BUDGET_S - (SECONDS - START) ))
+if has sweep && (( LEFT > 200 )); then
+  echo "=== [$((SECONDS-START)) s] chat sweep disagg ($LEFT s left)"
+  BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=${CHAT_RATES:-8,16,32} CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
+    bash tools/gpu/run_goodput.sh /tmp/pdjax_call3_goodput disagg > "$OUT/goodput.log" 2>&1
+  cp /tmp/pdjax_call3_goodput/goodput_runs.tar.gz "$OUT/goodput_disagg.tar.gz" 2>/dev/null
+  cp /tmp/pdjax_call3_goodput/summary.txt "$OUT/" 2>/dev/null
+  grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
+fi
+echo "done after $((SECONDS-START)) s"
