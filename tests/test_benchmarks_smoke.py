@@ -153,3 +153,29 @@ def test_correctness_check(tmp_path):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_handoff_overlap_tool(tmp_path):
+  """The hand-off-under-prefill tool end to end with the fake CUDA driver:
+  every hand-off's landed bits checked, the same first token for every
+  layer-group count, each group's KV done before the next (the groups are
+  separate programs), and the derived columns the differences they claim."""
+  out = tmp_path / "overlap.json"
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / "gpu" / "handoff_overlap.py"), "--fake",
+       "--model", "tiny", "--lengths", "64", "--groups", "1,2", "--reps",
+       "2", "--out", str(out)],
+      capture_output=True, text=True, timeout=240, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["layer_groups"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["correct"] and r["token_as_g1"]
+    for rep in r["reps"]:
+      done = rep["group_done_ms"]
+      assert len(done) == r["layer_groups"] and done == sorted(done)
+    tails = sorted(rep["sent_ms"] - rep["group_done_ms"][-1]
+                   for rep in r["reps"])
+    assert r["tail_ms"] == tails[len(tails) // 2]
+  assert rows[1]["hidden"] == pytest.approx(
+      1 - rows[1]["tail_ms"] / rows[0]["tail_ms"])

@@ -167,6 +167,12 @@ def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
 KvReady = Callable[[int, RequestKV], None]
 
 
+def _announce(kvs: Sequence[RequestKV], kv_ready: KvReady | None) -> None:
+  if kv_ready is not None:
+    for i, kv in enumerate(kvs):
+      kv_ready(i, kv)
+
+
 class PrefillEngine:
   """Runs prefill for batches of prompts on one mesh (TP or a replica's)."""
 
@@ -313,10 +319,15 @@ class PrefillEngine:
                                 batch)
     samp = tuple(self._put(a) for a in samp.as_tuple())
     tokens, true_len = self._put(tokens), self._put(true_len)
+    # kv_ready goes out before any program that samples: sampling branches
+    # on a device value (``lax.cond``: all rows greedy?), which XLA's GPU
+    # runtime resolves on the host, so that call returns only once the
+    # program has run (the layer groups' calls return at once).
     if len(self._group_sizes) == 1:
       tok, lp, rows = self._prefill(self.params, tokens, true_len, samp)
       kvs = [RequestKV(rows[i], len(r.prompt_ids))
              for i, r in enumerate(reqs)]
+      _announce(kvs, kv_ready)
     else:
       x = self._embed(self.params, tokens)
       pieces = [[] for _ in reqs]
@@ -324,12 +335,10 @@ class PrefillEngine:
         x, rows = self._groups[n](self.params, x, first)
         for i in range(len(reqs)):
           pieces[i].append(rows[i])
-      tok, lp = self._head(self.params, x, true_len, samp)
       kvs = [RequestKV(None, len(r.prompt_ids), layer_groups=pieces[i])
              for i, r in enumerate(reqs)]
-    if kv_ready is not None:
-      for i, kv in enumerate(kvs):
-        kv_ready(i, kv)
+      _announce(kvs, kv_ready)
+      tok, lp = self._head(self.params, x, true_len, samp)
     tok, lp = np.asarray(tok), np.asarray(lp)
     store = self.prefix_store
     if store is not None and hasattr(store, "store_pages"):

@@ -13,20 +13,22 @@ landing regions and reads them (``tools/gpu/ipc_bandwidth.py``'s receiver:
 ``--reps``:
 
 * ``alone_ms``: the prefill with no hand-off (dispatch -> first token on
-  the host), for this G: the TTFT a hand-off would leave untouched;
-* ``prefill_ms``: the same with the hand-off running beside it;
-* ``exposed_ms``: first token -> the KV is in the landing region;
-* ``ttft_ms``: ``prefill_ms + exposed_ms``; ``cost_ms``: ``ttft_ms -
-  alone_ms``, what the hand-off adds to TTFT. Both parts count: a copy
-  still running when the first token is ready also delays the token's own
-  device-to-host read (it queues behind the copy), so ``exposed_ms`` alone
-  understates the cost;
-* ``copy_ms``: the KV's bytes at the raw IPC rate measured in the same run
-  (what a hand-off after the prefill would cost at best); ``hidden``:
-  ``1 - cost_ms / copy_ms``;
-* ``tflops``: the prefill's useful FLOP rate (does splitting cost compute?).
+  the host), for this G; ``tflops``: its useful FLOP rate (does splitting
+  the layers into programs cost compute?);
+* ``tail_ms``: from the moment the last layer's KV is done to the moment
+  the KV is in the landing region: the hand-off left after the layers.
+  At G=1 that is the whole copy; ``hidden``: ``1 - tail_ms / tail_ms(G=1)``;
+* ``head_ms``: from the last layer's KV done to the first token on the host
+  (final norm, LM head, sampling, the read-back): the time a tail shorter
+  than it costs nothing;
+* ``exposed_ms``: how far the hand-off ran past the first token (what it
+  adds to TTFT);
+* ``copy_ms``: the KV's bytes at the raw IPC rate measured in the same run.
 
-Runs with and without the hand-off alternate, so drift hits both alike.
+Medians over runs of per-run differences: the GPU's own run-to-run
+spread (several ms at 8K tokens) is larger than the copy, so comparing
+two medians of whole prefills would measure that spread, not the hand-off.
+Runs with and without the hand-off alternate.
 
 Every hand-off is checked: the landed bits' checksum equals the KV's, and
 the first token is the same for every G.
@@ -180,12 +182,16 @@ def run(args) -> dict:
       Path(args.out).write_text(json.dumps(results, indent=1))
 
   def timed_send(kv, dest):
+    handle = sender.send(kv, dest, timeout_s=60)
+    return handle, time.perf_counter()
+
+  def watch(kv):
+    """When each layer group's KV was done (beside the send, not before)."""
     ready = []
-    for piece in kv.pieces:       # when each layer group's KV was done
+    for piece in kv.pieces:
       piece.block_until_ready()
       ready.append(time.perf_counter())
-    handle = sender.send(kv, dest, timeout_s=60)
-    return handle, time.perf_counter(), ready
+    return ready
 
   try:
     for T in lengths:
@@ -220,12 +226,14 @@ def run(args) -> dict:
           def kv_ready(i, kv, dest=dest, box=box):
             box["called"] = time.perf_counter()
             box["send"] = threads.submit(timed_send, kv, dest)
+            box["watch"] = threads.submit(watch, kv)
 
           t0 = time.perf_counter()
           (res,) = engine.prefill([PrefillRequest(tid, prompt, greedy)],
                                   kv_ready=kv_ready)
           t1 = time.perf_counter()
-          handle, t_sent, ready = box["send"].result()
+          handle, t_sent = box["send"].result()
+          ready = box["watch"].result()
           got = child.ask({"cmd": "receive", "handle": base64.b64encode(
               handle.SerializeToString()).decode()})
           ok = (got["checksum"] == checksum(res.kv.kv) and got["live"] == 0)
@@ -243,22 +251,22 @@ def run(args) -> dict:
         row = {
             "prompt_len": T, "layer_groups": G, "kv_bytes": nbytes,
             "alone_ms": _median(alone) * 1e3,
-            "prefill_ms": _median([r["prefill_s"] for r in rows]) * 1e3,
             "exposed_ms": _median([r["exposed_s"] for r in rows]) * 1e3,
             "correct": all(r["ok"] for r in rows),
             "first_token": rows[0]["token"],
             "same_token": len({r["token"] for r in rows}) == 1}
-        ttfts = sorted(r["prefill_s"] + r["exposed_s"] for r in rows)
-        row["ttft_ms"] = _median(ttfts) * 1e3
-        row["cost_ms"] = row["ttft_ms"] - row["alone_ms"]
+        last = [r["group_done_ms"][-1] for r in rows]
+        row["tail_ms"] = _median([r["sent_ms"] - t
+                                  for r, t in zip(rows, last)])
+        row["head_ms"] = _median([r["token_ms"] - t
+                                  for r, t in zip(rows, last)])
         row["copy_ms"] = nbytes / raw_rate * 1e3
-        row["hidden"] = 1 - row["cost_ms"] / row["copy_ms"]
         row["tflops"] = (bc.prefill_flops(cfg, 1, T)["total"]
                          / (row["alone_ms"] / 1e3) / 1e12)
         if base is None:
           base = row
+        row["hidden"] = 1 - row["tail_ms"] / base["tail_ms"]
         row["alone_vs_g1"] = row["alone_ms"] / base["alone_ms"]
-        row["ttft_vs_g1"] = row["ttft_ms"] / base["ttft_ms"]
         row["reps"] = rows
         row["token_as_g1"] = row["first_token"] == base["first_token"]
         results["rows"].append(row)
@@ -275,8 +283,8 @@ def run(args) -> dict:
 
 def print_table(results) -> None:
   print(f"raw IPC copy: {results['raw_ipc_GBps']:.1f} GB/s")
-  cols = ("prompt_len", "layer_groups", "alone_ms", "ttft_ms", "cost_ms",
-          "copy_ms", "hidden", "exposed_ms", "alone_vs_g1", "tflops",
+  cols = ("prompt_len", "layer_groups", "alone_ms", "alone_vs_g1", "tflops",
+          "copy_ms", "tail_ms", "hidden", "head_ms", "exposed_ms",
           "correct", "token_as_g1")
   print(" | ".join(f"{c:>13}" for c in cols))
   for row in results["rows"]:
@@ -292,7 +300,7 @@ def main(argv=None) -> int:
   ap.add_argument("--lengths", default="2048,8192")
   ap.add_argument("--groups", default="1,2,4,8",
                   help="layer-group counts; the first is the baseline")
-  ap.add_argument("--reps", type=int, default=9)
+  ap.add_argument("--reps", type=int, default=15)
   ap.add_argument("--budget_s", type=float, default=300.0,
                   help="no new configuration starts after this long")
   ap.add_argument("--fake", action="store_true",

@@ -36,7 +36,7 @@ fi
 if has overlap; then
 echo "=== [$((SECONDS-START)) s] hand-off under prefill (8B, layer groups)"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${OVERLAP_TIMEOUT:-330} python3 tools/gpu/handoff_overlap.py \
-  --lengths=${LENGTHS:-2048,8192} --groups=${GROUPS_LIST:-1,2,4,8} --reps=5 \
+  --lengths=${LENGTHS:-2048,8192} --groups=${GROUPS_LIST:-1,2,4,8} --reps=${REPS:-15} \
   --budget_s=${OVERLAP_BUDGET:-260} --out="$OUT/overlap.json" > "$OUT/overlap.log" 2>&1
 echo "exit $?"; grep -v "^W0000\|^I0000\|^{" "$OUT/overlap.log" | tail -12
 fi
