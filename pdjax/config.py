@@ -51,6 +51,8 @@ class PoolConfig:
   # auto, ``AUTO_LAYER_GROUPS`` when hand-offs can take the CUDA IPC path,
   # which writes layer ranges; 1 otherwise).
   layer_groups: int = 0
+  # Decode workers on GPUs: the generate program's GEMMs (DecodeConfig).
+  triton_gemm: str = "auto"
 
 
 @dataclasses.dataclass
@@ -107,6 +109,7 @@ class DeploymentConfig:
                         num_pages=d.num_pages, max_seq_len=self.max_seq_len,
                         steps_per_call=d.steps_per_call,
                         table_buckets=tuple(d.table_buckets),
+                        triton_gemm=d.triton_gemm,
                         prefix_caching=d.prefix_caching)
 
 

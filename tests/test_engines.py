@@ -1043,3 +1043,25 @@ def test_cancellation_frees_everything(colo, local_prefill, decoders):
   assert col.reason("d-inflight") == FinishReason.ABORT
   assert col.reason("d-inbox") == FinishReason.ABORT
   assert_clean(engine)
+
+
+def test_generate_gemm_choice():
+  """The generate program's GEMM kernels: cuBLAS from CUBLAS_MIN_ROWS rows
+  on GPUs unless told otherwise; no option at all off GPUs (a CPU compiler
+  rejects GPU options)."""
+  from pdjax.engine.decode import CUBLAS_MIN_ROWS, generate_compiler_options
+  many = DecodeConfig(max_seqs=CUBLAS_MIN_ROWS)
+  one = DecodeConfig(max_seqs=1)
+  assert generate_compiler_options(many, "gpu") == {
+      "xla_gpu_enable_triton_gemm": False}
+  assert generate_compiler_options(one, "gpu") == {
+      "xla_gpu_enable_triton_gemm": True}
+  assert generate_compiler_options(
+      dataclasses.replace(many, triton_gemm="on"), "cuda") == {
+          "xla_gpu_enable_triton_gemm": True}
+  assert generate_compiler_options(
+      dataclasses.replace(one, triton_gemm="off"), "gpu") == {
+          "xla_gpu_enable_triton_gemm": False}
+  assert generate_compiler_options(many, "cpu") is None
+  with pytest.raises(ValueError, match="triton_gemm"):
+    DecodeConfig(triton_gemm="cublas")

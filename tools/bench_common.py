@@ -493,7 +493,8 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
   page = 16
   pcfg = PrefillConfig(buckets=(64,), max_batch=1, page_size=page,
                        max_seq_len=128)
-  dcfg = DecodeConfig(max_seqs=2, page_size=page, num_pages=24,
+  # Rows enough for the GEMM kernels decode serves with (CUBLAS_MIN_ROWS).
+  dcfg = DecodeConfig(max_seqs=4, page_size=page, num_pages=24,
                       max_seq_len=128, steps_per_call=4)
   rng = np.random.default_rng(0)
   prompt = rng.integers(0, cfg.vocab_size, prompt_len).tolist()

@@ -72,6 +72,9 @@ flags.DEFINE_integer("steps_per_call", 8, "Decode steps per generate call.")
 flags.DEFINE_integer("calls_per_sample", 4,
                      "Generate calls dispatched back to back per sample.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
+flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
+                  "GEMM kernels of the generate program on GPUs "
+                  "(DecodeConfig.triton_gemm).")
 flags.DEFINE_float("hbm_gib", None,
                    "Device memory for the fit check (default: the "
                    "allocator's bytes_limit on device 0, else 80).")
@@ -124,7 +127,7 @@ def _layout(cfg, B: int, C: int, S: int):
   # One page-table width (every row is at the same length): one program.
   dcfg = DecodeConfig(max_seqs=B, page_size=P, num_pages=B * M + 1,
                       max_seq_len=max_seq_len, steps_per_call=S,
-                      table_buckets=(M,))
+                      table_buckets=(M,), triton_gemm=FLAGS.triton_gemm)
   kvbpt = cfg.kv_bytes_per_token()
   pool = dcfg.num_pages * P * kvbpt
   payload = payload_pages(pages_for(C, P)) * P * kvbpt
@@ -175,6 +178,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "page_size": dcfg.page_size, "max_seq_len": dcfg.max_seq_len,
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
+                "triton_gemm": dcfg.triton_gemm,
                 "setup": "engine.submit of a zero KV -> insert program",
                 "timed": "DecodeReplica.dispatch -> programs.generate"}
   if mem["estimated_need_bytes"] > budget:
@@ -185,6 +189,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                         {"reason": "does not fit", **mem,
                          "budget_bytes": budget})
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  compiler_options = engine.programs.compiler_options
   rep = engine.replicas[0]
   try:
     mem_analysis = None
@@ -240,6 +245,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
       "call_time_s": timing.as_dict(), "step_time_s": step_s,
       "host_dispatch_s": bc.Timing(host).as_dict(),
       "setup_s": setup_s, "compile_s": cc.seconds,
+      "compiler_options": compiler_options,
       "compiles_during_timing": timed_cc.count,
       "rows_live_every_step": rows_ok, "ctx_mean": ctx_mean,
       "bytes_per_step": by, "tokens_per_s": B / step_s,

@@ -77,8 +77,18 @@ class DecodeConfig:
   # kept in host memory, up to this many, and uploaded back on a later hit
   # instead of recomputed. 0 = off; needs prefix_caching.
   host_cache_blocks: int = 0
+  # GEMM kernels of the generate program on GPUs: XLA's Triton GEMMs ("on"),
+  # the vendor library's ("off": cuBLAS), or "auto": cuBLAS from
+  # CUBLAS_MIN_ROWS rows on, Triton below. At decode shapes (a few rows
+  # times a whole weight matrix) cuBLAS steps 1.6-1.9x faster from 4 rows
+  # on and 1.5x slower at 1 (H200, BENCHMARKS.md "XLA flags against the
+  # decode gap").
+  triton_gemm: str = "auto"
 
   def __post_init__(self):
+    if self.triton_gemm not in ("auto", "on", "off"):
+      raise ValueError(f"triton_gemm must be auto, on or off, got "
+                       f"{self.triton_gemm!r}")
     if self.host_cache_blocks < 0:
       raise ValueError(f"host_cache_blocks {self.host_cache_blocks} < 0")
     if self.max_seq_len % self.page_size:
@@ -515,17 +525,32 @@ class ReplicaPrefixStore:
     jax.block_until_ready(self.gather_into([], k, v))
 
 
+CUBLAS_MIN_ROWS = 4
+
+
+def generate_compiler_options(dcfg: DecodeConfig,
+                              platform: str) -> dict[str, bool] | None:
+  """XLA options of the generate program (None: XLA's defaults). Only GPU
+  compilers know the GEMM option."""
+  if platform not in ("gpu", "cuda"):
+    return None
+  triton = dcfg.triton_gemm == "on" or (
+      dcfg.triton_gemm == "auto" and dcfg.max_seqs < CUBLAS_MIN_ROWS)
+  return {"xla_gpu_enable_triton_gemm": triton}
+
+
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
   executable per device set)."""
 
   def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
-               eos_ids: tuple[int, ...]):
+               eos_ids: tuple[int, ...], platform: str):
+    self.compiler_options = generate_compiler_options(dcfg, platform)
     self.generate = jax.jit(
         functools.partial(_generate_entry, cfg=cfg,
                           num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
                           capacity=dcfg.max_seq_len),
-        donate_argnums=(1,))
+        donate_argnums=(1,), compiler_options=self.compiler_options)
     self.insert = jax.jit(_insert, donate_argnums=(0,))
 
 
@@ -558,7 +583,8 @@ class DecodeEngine:
     self.mesh = mesh
     self.rules = rules
     self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    self.programs = _Programs(cfg, dcfg, self.eos_ids)
+    self.programs = _Programs(cfg, dcfg, self.eos_ids,
+                              mesh.devices.flat[0].platform)
     sub_rules = rules.without("dp")
     # KV-aware routing: every replica's block-set changes, for the router.
     self.cache_events = (CacheEventLog() if dcfg.prefix_caching else None)
