@@ -51,8 +51,10 @@ class PoolConfig:
   # auto, ``AUTO_LAYER_GROUPS`` when hand-offs can take the CUDA IPC path,
   # which writes layer ranges; 1 otherwise).
   layer_groups: int = 0
-  # Decode workers on GPUs: the generate program's GEMMs (DecodeConfig).
+  # Decode workers on GPUs: the generate program's GEMMs and how attention
+  # reads the pages (DecodeConfig).
   triton_gemm: str = "auto"
+  attention: str = "auto"
 
 
 @dataclasses.dataclass
@@ -110,6 +112,7 @@ class DeploymentConfig:
                         steps_per_call=d.steps_per_call,
                         table_buckets=tuple(d.table_buckets),
                         triton_gemm=d.triton_gemm,
+                        attention=d.attention,
                         prefix_caching=d.prefix_caching)
 
 

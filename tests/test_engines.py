@@ -1065,3 +1065,60 @@ def test_generate_gemm_choice():
   assert generate_compiler_options(many, "cpu") is None
   with pytest.raises(ValueError, match="triton_gemm"):
     DecodeConfig(triton_gemm="cublas")
+
+
+def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
+  """decode_forward's cuDNN paged-attention path (GPU only) exercised on CPU
+  with cuDNN's own argument checks (``check_layout``: block count, page
+  table shape, dtypes) and a reference kernel standing in for cuDNN: the
+  logits equal the gather path's, so the table padding, layer offsets,
+  lengths and scale handed to cuDNN are right. Also: the selection never
+  picks it off GPUs, and asking for it there is an error that says why."""
+  import jax.numpy as jnp
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  from pdjax.engine.decode import use_paged_attention
+  from pdjax.model import llama
+  cfg0, params0, _ = tiny
+  cfg = cfg0.replace(dtype="bfloat16")
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params0)
+  calls = []
+
+  def fake_paged(q, k, v, q_seqlen, kv_seqlen, pt_k, pt_v, *, scale,
+                 mask_type, qkv_layout):
+    fa.check_layout(q, k, v, None, q_seqlen, kv_seqlen, None, None, pt_k,
+                    pt_v, fa.AttentionLayout.BTNH)
+    assert mask_type == fa.MaskType.PADDING and qkv_layout == "BTNH"
+    calls.append(pt_k.shape)
+    pages = pt_k[:, 0, :, 0]                           # [B, W]
+    B, W = pages.shape
+    kk = k[pages].reshape(B, W * k.shape[1], *k.shape[2:])
+    vv = v[pages].reshape(B, W * v.shape[1], *v.shape[2:])
+    return jax.nn.dot_product_attention(
+        q, kk, vv, scale=scale, query_seq_lengths=q_seqlen,
+        key_value_seq_lengths=kv_seqlen, implementation="xla")
+
+  monkeypatch.setattr(fa, "paged_attention", fake_paged)
+  B, N, P, M = 2, 6, 16, 2          # 2 layers x 6 pages = 12 blocks = 2 x 6
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  rng = np.random.default_rng(0)
+  pool = jnp.asarray(rng.normal(size=(L * N, P, K, hd)), jnp.bfloat16)
+  table = jnp.asarray([[1, 2], [4, 5]], jnp.int32)
+  positions = jnp.asarray([20, 7], jnp.int32)
+  tokens = jnp.asarray([5, 9], jnp.int32)
+  out = {}
+  for paged in (False, True):
+    out[paged] = llama.decode_forward(params, tokens, positions, pool, pool,
+                                      table, cfg=cfg, paged_attention=paged)
+  assert calls == [(B, 1, L * N // B, 1)]   # the layer loop traces once
+  np.testing.assert_allclose(np.asarray(out[True].logits),
+                             np.asarray(out[False].logits), atol=2e-2)
+  np.testing.assert_array_equal(np.asarray(out[True].k_pool),
+                                np.asarray(out[False].k_pool))
+  # Off GPUs the gather always; "paged" asked for there is refused.
+  dcfg = DecodeConfig(max_seqs=2, num_pages=N, page_size=P, max_seq_len=M * P)
+  assert not use_paged_attention(cfg, dcfg, "cpu", 1)
+  with pytest.raises(ValueError, match="one device per decode replica"):
+    use_paged_attention(cfg, dataclasses.replace(dcfg, attention="paged"),
+                        "cpu", 1)
+  with pytest.raises(ValueError, match="attention"):
+    DecodeConfig(attention="flash")

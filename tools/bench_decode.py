@@ -57,6 +57,7 @@ Examples:
 from __future__ import annotations
 
 import gc
+import math
 import time
 import traceback
 
@@ -72,6 +73,8 @@ flags.DEFINE_integer("steps_per_call", 8, "Decode steps per generate call.")
 flags.DEFINE_integer("calls_per_sample", 4,
                      "Generate calls dispatched back to back per sample.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
+flags.DEFINE_enum("attention", "auto", ["auto", "paged", "gather"],
+                  "How attention reads the pages (DecodeConfig.attention).")
 flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "GEMM kernels of the generate program on GPUs "
                   "(DecodeConfig.triton_gemm).")
@@ -125,9 +128,14 @@ def _layout(cfg, B: int, C: int, S: int):
   max_seq_len = _round_up(C + S * total_calls + 2, P)
   M = max_seq_len // P
   # One page-table width (every row is at the same length): one program.
-  dcfg = DecodeConfig(max_seqs=B, page_size=P, num_pages=B * M + 1,
+  # Pages rounded so layers x pages is a multiple of B (cuDNN's paged
+  # attention wants the pool's blocks to be B x a table width).
+  step = B // math.gcd(B, cfg.num_layers)
+  dcfg = DecodeConfig(max_seqs=B, page_size=P,
+                      num_pages=_round_up(B * M + 1, step),
                       max_seq_len=max_seq_len, steps_per_call=S,
-                      table_buckets=(M,), triton_gemm=FLAGS.triton_gemm)
+                      table_buckets=(M,), triton_gemm=FLAGS.triton_gemm,
+                      attention=FLAGS.attention)
   kvbpt = cfg.kv_bytes_per_token()
   pool = dcfg.num_pages * P * kvbpt
   payload = payload_pages(pages_for(C, P)) * P * kvbpt
@@ -178,7 +186,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "page_size": dcfg.page_size, "max_seq_len": dcfg.max_seq_len,
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
-                "triton_gemm": dcfg.triton_gemm,
+                "triton_gemm": dcfg.triton_gemm, "attention": dcfg.attention,
                 "setup": "engine.submit of a zero KV -> insert program",
                 "timed": "DecodeReplica.dispatch -> programs.generate"}
   if mem["estimated_need_bytes"] > budget:
@@ -190,6 +198,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                          "budget_bytes": budget})
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
   compiler_options = engine.programs.compiler_options
+  paged_attention = engine.programs.paged_attention
   rep = engine.replicas[0]
   try:
     mem_analysis = None
@@ -246,6 +255,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
       "host_dispatch_s": bc.Timing(host).as_dict(),
       "setup_s": setup_s, "compile_s": cc.seconds,
       "compiler_options": compiler_options,
+      "paged_attention": paged_attention,
       "compiles_during_timing": timed_cc.count,
       "rows_live_every_step": rows_ok, "ctx_mean": ctx_mean,
       "bytes_per_step": by, "tokens_per_s": B / step_s,

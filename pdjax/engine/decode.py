@@ -51,7 +51,8 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
                                    SamplingArrays, sample)
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import Params, decode_forward
+from pdjax.model.llama import (Params, cudnn_paged_attention_applies,
+                               decode_forward)
 from pdjax.sharding import (ShardingRules, replica_meshes, replica_view)
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,15 @@ class DecodeConfig:
   # on and 1.5x slower at 1 (H200, BENCHMARKS.md "XLA flags against the
   # decode gap").
   triton_gemm: str = "auto"
+  # How attention reads a row's pages: "gather" them into a dense buffer
+  # per layer (every backend), "paged": cuDNN's paged attention reads them
+  # in place (GPUs, one device per replica), "auto": paged where it applies.
+  attention: str = "auto"
 
   def __post_init__(self):
+    if self.attention not in ("auto", "paged", "gather"):
+      raise ValueError(f"attention must be auto, paged or gather, got "
+                       f"{self.attention!r}")
     if self.triton_gemm not in ("auto", "on", "off"):
       raise ValueError(f"triton_gemm must be auto, on or off, got "
                        f"{self.triton_gemm!r}")
@@ -157,13 +165,14 @@ class StepOutput(struct.PyTreeNode):
   stopped: jax.Array    # [S, B] ... because of EOS / a stop id
 
 
-def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity):
+def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
+                paged=False):
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
     table = jnp.where(live[:, None], slots.page_table, 0)
     positions = jnp.where(live, state.positions, 0)
     out = decode_forward(params, state.tokens, positions, state.k, state.v,
-                         table, cfg=cfg)
+                         table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.seed, state.generated)
     generated = state.generated + live.astype(jnp.int32)
@@ -539,25 +548,49 @@ def generate_compiler_options(dcfg: DecodeConfig,
   return {"xla_gpu_enable_triton_gemm": triton}
 
 
+def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
+                        devices_per_replica: int) -> bool:
+  """Resolves ``DecodeConfig.attention``. cuDNN's paged kernel has no
+  partitioning rule, so a replica spanning devices gathers."""
+  if dcfg.attention == "gather":
+    return False
+  applies = (platform in ("gpu", "cuda") and devices_per_replica == 1
+             and cudnn_paged_attention_applies(
+                 cfg, cfg.num_layers * dcfg.num_pages, dcfg.max_seqs,
+                 dcfg.pages_per_seq))
+  if dcfg.attention == "paged" and not applies:
+    raise ValueError(
+        "attention='paged' needs a GPU with cuDNN attention for this model "
+        "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), "
+        "one device per decode replica, and layers x num_pages a multiple "
+        "of max_seqs; use 'auto' or 'gather'")
+  return applies
+
+
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
   executable per device set)."""
 
   def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
-               eos_ids: tuple[int, ...], platform: str):
+               eos_ids: tuple[int, ...], platform: str,
+               devices_per_replica: int):
     self.compiler_options = generate_compiler_options(dcfg, platform)
+    self.paged_attention = use_paged_attention(cfg, dcfg, platform,
+                                               devices_per_replica)
     self.generate = jax.jit(
         functools.partial(_generate_entry, cfg=cfg,
                           num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
-                          capacity=dcfg.max_seq_len),
+                          capacity=dcfg.max_seq_len,
+                          paged=self.paged_attention),
         donate_argnums=(1,), compiler_options=self.compiler_options)
     self.insert = jax.jit(_insert, donate_argnums=(0,))
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
-                    capacity):
+                    capacity, paged=False):
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity)
+  return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
+                     paged)
 
 
 # ------------------------------------------------------------------ engine
@@ -583,8 +616,13 @@ class DecodeEngine:
     self.mesh = mesh
     self.rules = rules
     self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    self.programs = _Programs(cfg, dcfg, self.eos_ids,
-                              mesh.devices.flat[0].platform)
+    self.programs = _Programs(
+        cfg, dcfg, self.eos_ids, mesh.devices.flat[0].platform,
+        mesh.size // dict(zip(mesh.axis_names, mesh.devices.shape)).get(
+            "dp", 1))
+    log.info("decode attention: %s; generate compiler options: %s",
+             "cuDNN paged" if self.programs.paged_attention else "gather",
+             self.programs.compiler_options)
     sub_rules = rules.without("dp")
     # KV-aware routing: every replica's block-set changes, for the router.
     self.cache_events = (CacheEventLog() if dcfg.prefix_caching else None)

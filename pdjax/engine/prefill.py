@@ -262,10 +262,12 @@ class PrefillEngine:
     to ``max_batch`` at a time; the others run buffered.
 
     ``kv_ready(i, kv)``, if given, is called with request ``i``'s KV as soon
-    as the programs computing it are dispatched, before they finish (JAX
-    dispatches asynchronously), so a hand-off can start while the prefill
-    still runs; with ``layer_groups`` > 1 the early groups are done first.
-    The KV is the same object the result carries."""
+    as the programs computing it are dispatched, so a hand-off can start
+    while the prefill still runs. That pays with ``layer_groups`` > 1: the
+    group programs' calls return at once and each group's KV is done while
+    later ones compute. (A program that samples, the fused one included,
+    returns only once it has run; see ``_prefill_batch``.) The KV is the
+    same object the result carries."""
     for r in requests:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}

@@ -327,8 +327,46 @@ class DecodeOut(NamedTuple):
   v_pool: jax.Array
 
 
+def cudnn_paged_attention_applies(cfg: ModelConfig, num_blocks: int,
+                                  batch: int, table_width: int) -> bool:
+  """Whether ``decode_forward(paged_attention=True)`` can run here: a GPU
+  with cuDNN attention for this dtype and head size, no sliding window, and
+  a pool whose block count cuDNN accepts (a multiple of the batch, at least
+  the page-table width per row)."""
+  if attention_impl(cfg.jnp_dtype, cfg.head_dim) != "cudnn":
+    return False
+  if cfg.sliding_window is not None or num_blocks % batch:
+    return False
+  if num_blocks // batch < table_width:
+    return False
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+  except ImportError:
+    return False
+  return hasattr(fa, "paged_attention")
+
+
+def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
+  """q [B, 1, H, hd] attends to each row's pages of the whole pool
+  ``[blocks, P, K, hd]``, read in place by cuDNN through a page table,
+  instead of gathering them into a dense [B, M * P, K, hd] copy first.
+
+  cuDNN wants as many blocks as batch x table width, so the table is padded
+  to ``blocks // B`` columns; the padding is never read (``kv_len`` bounds
+  each row)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  B, M = table.shape
+  width = k_pool.shape[0] // B
+  pt = jnp.pad(table, ((0, 0), (0, width - M)))[:, None, :, None]
+  return fa.paged_attention(
+      q, k_pool, v_pool, jnp.ones((B,), jnp.int32), kv_len, pt, pt,
+      scale=1.0 / float(q.shape[-1]) ** 0.5,
+      mask_type=fa.MaskType.PADDING, qkv_layout="BTNH")
+
+
 def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
-                   page_table, *, cfg: ModelConfig) -> DecodeOut:
+                   page_table, *, cfg: ModelConfig,
+                   paged_attention: bool = False) -> DecodeOut:
   """One token for each of B sequences; not jitted here (the engine jits it
   with the pools donated).
 
@@ -342,7 +380,9 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
   pages (page 0 is the null page idle rows point at). The token at
   ``positions[b]`` is written to ``page_table[b, pos // P]`` at offset
   ``pos % P``; attention reads the row's M pages, masked by its length, so
-  stale data in a recycled page is never visible.
+  stale data in a recycled page is never visible. ``paged_attention``: read
+  them in place with cuDNN's paged attention (GPUs,
+  ``cudnn_paged_attention_applies``) instead of gathering them first.
   """
   B = tokens.shape[0]
   L = cfg.num_layers
@@ -373,6 +413,9 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
     kp = kp.at[rows, write_off].set(k[:, 0].astype(kp.dtype))
     vp = vp.at[rows, write_off].set(v[:, 0].astype(vp.dtype))
     table = li * N + page_table
+    if paged_attention:
+      attn = _cudnn_paged_attention(q, kp, vp, table, kv_len)
+      return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
     kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     if mask is not None:

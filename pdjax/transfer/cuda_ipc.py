@@ -24,8 +24,10 @@ landing buffers with ``cuMemAlloc`` once, exports them with
 request when the prefill worker asks, as it starts the request's prefill
 (``LendLanding``, answered while the prefill runs;
 ``pdjax.service.landing.LandingRequests``). The prefill worker opens the handle (once per
-buffer, cached), and ``cuMemcpyDtoD``s its single-device KV array into the
-region (``CudaIpcSender``). The decode worker makes the region a JAX array
+buffer, cached), and ``cuMemcpyDtoD``s its single-device KV into the region
+(``CudaIpcSender``): layer group by layer group when the prefill runs its
+layers as several programs, each group as soon as it is computed, so the
+copy runs under the rest of the prefill. The decode worker makes the region a JAX array
 without a copy (a DLPack view, ``pdjax.transfer.foreign_memory``) in the
 replica's layout (``CudaIpcReceiver``); the decode engine's insert program
 reads it straight into the page pools, and the region goes back to the pool

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The generate program's GEMM choice (DecodeConfig.triton_gemm) on one GPU:
-# the engine correctness check (prefill + decode vs a full forward, with
-# enough decode rows for cuBLAS GEMMs), then the decode step with the
-# default (auto: cuBLAS from 4 rows) against Triton GEMMs everywhere.
+# Decode program choices on one GPU: the engine correctness check (prefill +
+# decode vs a full forward, 4 decode rows: cuBLAS GEMMs and, where it
+# applies, cuDNN paged attention), then the decode step under each
+# bench_decode.py argument set in VARIANTS (';'-separated name=args).
 #
 #   bash tools/gpu/run_decode_gemm.sh OUT_DIR
 set -u
@@ -11,18 +11,25 @@ mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BATCHES=${BATCHES:-1,4,32,128}
+CONTEXTS=${CONTEXTS:-1024}
+VARIANTS=${VARIANTS:-"auto=--triton_gemm=auto;on=--triton_gemm=on"}
 START=$SECONDS
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 echo "=== [$((SECONDS-START)) s] correctness check"
 timeout 150 python3 tools/bench_common.py --out="$OUT/check.jsonl" > "$OUT/check.log" 2>&1
-echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/check.log" | tail -6
-for g in auto on; do
-  echo "=== [$((SECONDS-START)) s] decode, triton_gemm=$g"
-  timeout 200 python3 tools/bench_decode.py --model=llama3-8b --batch_sizes="$BATCHES" \
-    --context_lengths=1024 --steps_per_call=16 --calls_per_sample=4 --warmup=1 --repeat=3 \
-    --triton_gemm=$g --measure_ceilings --out="$OUT/decode_$g.jsonl" > "$OUT/decode_$g.log" 2>&1
-  echo "exit $?"; grep -A7 "decode step (median)" "$OUT/decode_$g.log" | grep -v "^--"
+echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/check.log" | grep -i "decode attention\|check\|ok\|fail\|error" | tail -6
+IFS=';' read -ra VS <<< "$VARIANTS"
+for v in "${VS[@]}"; do
+  name=${v%%=*}; args=${v#*=}
+  echo "=== [$((SECONDS-START)) s] decode, $name: $args"
+  # shellcheck disable=SC2086
+  timeout ${PART_TIMEOUT:-200} python3 tools/bench_decode.py --model=llama3-8b --batch_sizes="$BATCHES" \
+    --context_lengths="$CONTEXTS" --steps_per_call=16 --calls_per_sample=4 --warmup=1 --repeat=3 \
+    $args --out="$OUT/decode_$name.jsonl" > "$OUT/decode_$name.log" 2>&1
+  echo "exit $?"; grep -A7 "decode step (median)" "$OUT/decode_$name.log" | grep -v "^--"
+  grep -h "decode attention" "$OUT/decode_$name.log" | head -1 | cut -c1-200
+  grep -h "Error\|error:" "$OUT/decode_$name.log" | head -3 | cut -c1-300
 done
 echo "done after $((SECONDS-START)) s"
