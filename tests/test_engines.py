@@ -1122,3 +1122,15 @@ def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
                         "cpu", 1)
   with pytest.raises(ValueError, match="attention"):
     DecodeConfig(attention="flash")
+
+
+def test_auto_attention_says_which_pool_size_would_allow_paged(tiny, caplog):
+  """A GPU pool whose block count cuDNN cannot take falls back to the
+  gather, and says which num_pages would let it read the pages in place."""
+  import logging
+  from pdjax.engine.decode import use_paged_attention
+  cfg = tiny[0].replace(dtype="bfloat16")          # 2 layers
+  dcfg = DecodeConfig(max_seqs=8, num_pages=33, page_size=16, max_seq_len=64)
+  with caplog.at_level(logging.WARNING, logger="pdjax.engine.decode"):
+    assert not use_paged_attention(cfg, dcfg, "gpu", 1)
+  assert "multiple of 4" in caplog.text

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from typing import Callable, Sequence
@@ -558,6 +559,14 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
              and cudnn_paged_attention_applies(
                  cfg, cfg.num_layers * dcfg.num_pages, dcfg.max_seqs,
                  dcfg.pages_per_seq))
+  blocks = cfg.num_layers * dcfg.num_pages
+  if (not applies and dcfg.attention == "auto" and devices_per_replica == 1
+      and platform in ("gpu", "cuda") and blocks % dcfg.max_seqs):
+    step = dcfg.max_seqs // math.gcd(dcfg.max_seqs, cfg.num_layers)
+    log.warning("decode attention gathers pages: cuDNN's paged attention "
+                "needs layers x num_pages (%d) to be a multiple of max_seqs "
+                "(%d); a num_pages that is a multiple of %d would allow it",
+                blocks, dcfg.max_seqs, step)
   if dcfg.attention == "paged" and not applies:
     raise ValueError(
         "attention='paged' needs a GPU with cuDNN attention for this model "
