@@ -555,13 +555,12 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
   partitioning rule, so a replica spanning devices gathers."""
   if dcfg.attention == "gather":
     return False
-  applies = (platform in ("gpu", "cuda") and devices_per_replica == 1
-             and cudnn_paged_attention_applies(
-                 cfg, cfg.num_layers * dcfg.num_pages, dcfg.max_seqs,
-                 dcfg.pages_per_seq))
   blocks = cfg.num_layers * dcfg.num_pages
-  if (not applies and dcfg.attention == "auto" and devices_per_replica == 1
-      and platform in ("gpu", "cuda") and blocks % dcfg.max_seqs):
+  one_gpu = platform in ("gpu", "cuda") and devices_per_replica == 1
+  applies = one_gpu and cudnn_paged_attention_applies(
+      cfg, blocks, dcfg.max_seqs, dcfg.pages_per_seq)
+  if (not applies and dcfg.attention == "auto" and one_gpu
+      and blocks % dcfg.max_seqs):
     step = dcfg.max_seqs // math.gcd(dcfg.max_seqs, cfg.num_layers)
     log.warning("decode attention gathers pages: cuDNN's paged attention "
                 "needs layers x num_pages (%d) to be a multiple of max_seqs "
@@ -627,8 +626,7 @@ class DecodeEngine:
     self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     self.programs = _Programs(
         cfg, dcfg, self.eos_ids, mesh.devices.flat[0].platform,
-        mesh.size // dict(zip(mesh.axis_names, mesh.devices.shape)).get(
-            "dp", 1))
+        mesh.size // mesh.shape.get("dp", 1))
     log.info("decode attention: %s; generate compiler options: %s",
              "cuDNN paged" if self.programs.paged_attention else "gather",
              self.programs.compiler_options)
@@ -762,14 +760,7 @@ class DecodeEngine:
   def fail_all(self, message: str) -> None:
     """Ends every request this engine holds with an error (the engine is
     broken); frees their rows and reservations."""
-    with self._lock:
-      pending = list(self._inbox)
-      self._inbox.clear()
-    for p in pending:
-      self.borrowed.after(None, p.request.kv)   # dropped unread
-      self.unreserve(p.request.request_id)
-      p.request.callback(TokenEvent(p.request.request_id, [], [],
-                                    FinishReason.ERROR, error=message))
+    self._drop_queued(FinishReason.ERROR, message)
     for rid, (ri, row) in list(self._where.items()):
       rep = self.replicas[ri]
       req = rep.rows[row].request
@@ -784,14 +775,21 @@ class DecodeEngine:
     will never read it. Queued requests are aborted (their KV was never
     read); inserted ones are given back once their insert has finished, and
     the waiter thread ends. False when that wait passed ``timeout_s``."""
+    self._drop_queued(FinishReason.ABORT)
+    return self.borrowed.close(timeout_s)
+
+  def _drop_queued(self, reason: FinishReason,
+                   error: str | None = None) -> None:
+    """Ends every request still queued for admission (its KV never read,
+    its reservation returned) with ``reason``."""
     with self._lock:
-      queued, self._inbox = list(self._inbox), collections.deque()
+      queued = list(self._inbox)
+      self._inbox.clear()
     for p in queued:
       self.borrowed.after(None, p.request.kv)   # dropped unread
       self.unreserve(p.request.request_id)
-      p.request.callback(TokenEvent(p.request.request_id, [], [],
-                                    FinishReason.ABORT))
-    return self.borrowed.close(timeout_s)
+      p.request.callback(TokenEvent(p.request.request_id, [], [], reason,
+                                    error=error))
 
   def submit(self, req: DecodeRequest) -> None:
     """Queues a request whose KV is ready; it joins the batch at the next

@@ -180,7 +180,6 @@ class CudaIpcSender(KvSender):
     self._lock = threading.Lock()
     self.sent = 0
     self.bytes_sent = 0
-    self.copies = 0
 
   def remote_pointer(self, ordinal: int, handle: bytes) -> int:
     """This process's address of a peer's landing buffer, opened once per
@@ -233,7 +232,6 @@ class CudaIpcSender(KvSender):
           base = self.remote_pointer(ordinal, dest.ipc_handle)
           self._check_lease(dest)   # a group or the open may have been slow
           self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
-          self.copies += 1
         sources.append(arr)         # must live until its copy has run
         offset += arr.nbytes
     finally:
@@ -437,9 +435,9 @@ class AutoDeviceSender(KvSender):
 
 
 class AutoDeviceReceiver(KvReceiver):
-  """The ``device`` transport's decode side: lends landing regions at
-  Reserve (``lend_landing``) when it has a pool, and redeems each handle by
-  the path its ``transport`` names. Whatever path a hand-off took, its
+  """The ``device`` transport's decode side: lends landing regions when a
+  prefill starts (``lend_landing``, asked by ``LendLanding``) when it has a
+  pool, and redeems each handle by the path its ``transport`` names. Whatever path a hand-off took, its
   landing region (if any) is returned when it is redeemed or forgotten."""
 
   name = "device"
@@ -450,7 +448,7 @@ class AutoDeviceReceiver(KvReceiver):
                payload_bytes: Callable[[int], int] | None = None):
     """``payload_bytes(prompt_tokens)``: the size of the KV payload a prefill
     worker will send for such a prompt (``landing_payload_bytes``); the
-    region lent at Reserve is that large."""
+    region lent for it is that large."""
     self.transfer = transfer
     self.ipc = ipc
     self.local = (LocalReceiver(exchange or process_exchange()) if local

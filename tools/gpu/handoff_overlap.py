@@ -142,7 +142,6 @@ def run(args) -> dict:
   from pdjax.model.presets import preset_config
   from pdjax.sharding import ShardingRules, make_mesh
   from pdjax.transfer import cuda_ipc as ci
-  from pdjax.v1 import kv_pb2
 
   start = time.monotonic()
   cfg = preset_config(args.model)
@@ -213,14 +212,7 @@ def run(args) -> dict:
           engine.prefill([PrefillRequest(tid, prompt, greedy)])
           if rep:
             alone.append(time.perf_counter() - t0)
-          slot = child.ask({"cmd": "lend", "tid": tid, "nbytes": nbytes})
-          if slot is None:
-            raise RuntimeError(f"no landing region for {nbytes} bytes")
-          dest = kv_pb2.KvDestination(
-              transport="device", transfer_id=tid,
-              ipc_handle=bytes.fromhex(slot["handle"]),
-              ipc_offset=slot["offset"], ipc_bytes=slot["nbytes"],
-              ipc_deadline_ms=slot["deadline_ms"])
+          dest = ib.lend_destination(child, tid, nbytes)
           box = {}
 
           def kv_ready(i, kv, dest=dest, box=box):

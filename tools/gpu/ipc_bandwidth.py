@@ -233,6 +233,19 @@ class _Child:
       self.proc.kill()
 
 
+def lend_destination(child, tid: str, nbytes: int):
+  """Asks the receiver to lend a region for ``tid``; the ``KvDestination``
+  a prefill worker would get for it."""
+  from pdjax.v1 import kv_pb2
+  slot = child.ask({"cmd": "lend", "tid": tid, "nbytes": nbytes})
+  if slot is None:
+    raise RuntimeError(f"no landing region for {nbytes} bytes")
+  return kv_pb2.KvDestination(
+      transport="device", transfer_id=tid,
+      ipc_handle=bytes.fromhex(slot["handle"]), ipc_offset=slot["offset"],
+      ipc_bytes=slot["nbytes"], ipc_deadline_ms=slot["deadline_ms"])
+
+
 def _median(xs):
   xs = sorted(xs)
   return xs[len(xs) // 2]
@@ -249,7 +262,6 @@ def sender_main(args) -> int:
   from pdjax.engine.requests import RequestKV
   from pdjax.transfer.cuda_ipc import (CudaIpcSender, RealCudaDriver,
                                        device_ordinal)
-  from pdjax.v1 import kv_pb2
 
   sizes = [int(s) for s in args.sizes_mib.split(",")]
   pages = [max(1, (s << 20) // PAGE_BYTES) for s in sizes]
@@ -317,14 +329,7 @@ def sender_main(args) -> int:
       sends, recvs, inserts, views, correct = [], [], [], [], True
       for r in range(args.reps + 1):
         tid = f"kv-{i}-{r}"
-        slot = child.ask({"cmd": "lend", "tid": tid, "nbytes": nbytes})
-        if slot is None:
-          raise RuntimeError(f"no landing region for {nbytes} bytes")
-        dest = kv_pb2.KvDestination(
-            transport="device", transfer_id=tid,
-            ipc_handle=bytes.fromhex(slot["handle"]),
-            ipc_offset=slot["offset"], ipc_bytes=slot["nbytes"],
-            ipc_deadline_ms=slot["deadline_ms"])
+        dest = lend_destination(child, tid, nbytes)
         t = time.perf_counter()
         handle = sender.send(kv, dest, timeout_s=60)
         send_s = time.perf_counter() - t

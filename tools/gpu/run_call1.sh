@@ -7,12 +7,10 @@ set -u
 OUT=${1:?usage: run_call1.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. tools/gpu/gpu_env.sh
 W=/tmp/pdjax_call1; rm -rf "$W"; mkdir -p "$W"
 START=$SECONDS
-# Wheels the image may lack (carried in .whl).
-python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
-python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+install_carried_wheels
 python3 -m pip install -q --no-deps --no-index -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
 {
   date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

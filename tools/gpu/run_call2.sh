@@ -15,18 +15,12 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 OUT=${1:?usage: run_call2.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. tools/gpu/gpu_env.sh
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-560}
-python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
-python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+install_carried_wheels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{
-  date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'
-  python3 -c 'import cuda.bindings; print("cuda.bindings", cuda.bindings.__version__)' 2>&1
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+record_env "$OUT"
 if has test; then
 echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$OUT/ipc_test.log" 2>&1

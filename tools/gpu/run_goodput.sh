@@ -34,11 +34,10 @@ SUM_RATES=${SUM_RATES:-0.5,1,2,4}
 CHAT_N=${CHAT_N:-48}
 SUM_N=${SUM_N:-24}
 PRESETS=${PRESETS:-chat summarize}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
-python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
-python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+install_carried_wheels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 . tools/gpu/deploy_lib.sh
 RUNS=/tmp/pdjax_goodput; rm -rf "$RUNS"; mkdir -p "$RUNS"

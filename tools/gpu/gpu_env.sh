@@ -1,0 +1,21 @@
+# Sourced by the GPU scripts, from the repository root: the environment
+# every run on the device machine starts with (NVLink multicast off in every
+# process, KINDS.md says why), the wheels the image may lack (carried in
+# .whl), and a record of the machine for the results folder.
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+install_carried_wheels() {
+  python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+  python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+}
+
+# record_env DIR: date, GPUs, Python, jax and cuda.bindings into DIR/env.txt
+# (and on stdout).
+record_env() {
+  {
+    date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'
+    python3 -c 'import cuda.bindings; print("cuda.bindings", cuda.bindings.__version__)' 2>&1
+  } > "$1/env.txt" 2>&1
+  cat "$1/env.txt"
+}
