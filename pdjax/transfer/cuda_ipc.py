@@ -178,8 +178,10 @@ class CudaIpcSender(KvSender):
     self._open: collections.OrderedDict[tuple[int, bytes], int] = (
         collections.OrderedDict())
     self._lock = threading.Lock()
-    self.sent = 0
-    self.bytes_sent = 0
+    # The latest send's phases (ms: waiting for the KV's programs, issuing
+    # the copies, the final stream sync, all): where a small hand-off's
+    # time goes (tools/gpu/ipc_bandwidth.py). Any one send when they overlap.
+    self.last_phases: dict[str, float] = {}
 
   def remote_pointer(self, ordinal: int, handle: bytes) -> int:
     """This process's address of a peer's landing buffer, opened once per
@@ -220,26 +222,35 @@ class CudaIpcSender(KvSender):
           f"{jnp.dtype(kv.dtype)}) does not fit the {dest.ipc_bytes}-byte "
           f"landing buffer lent for transfer {dest.transfer_id}")
     sources, offset, ordinal = [], dest.ipc_offset, None
+    t0 = time.perf_counter()
+    waited = issued = synced = 0.0
     try:
       for piece in kv.pieces:
         arr = _single_device(piece)
+        t = time.perf_counter()
         arr.block_until_ready()     # this group's program has finished
+        waited += time.perf_counter() - t
         (dev,) = arr.devices()
         if ordinal is None:
           ordinal = device_ordinal(dev)
-        src = arr.addressable_data(0).unsafe_buffer_pointer()
+        src = arr.unsafe_buffer_pointer()
+        t = time.perf_counter()
         with self._lock:
           base = self.remote_pointer(ordinal, dest.ipc_handle)
           self._check_lease(dest)   # a group or the open may have been slow
           self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
+        issued += time.perf_counter() - t
         sources.append(arr)         # must live until its copy has run
         offset += arr.nbytes
     finally:
       if ordinal is not None:       # nothing may still be writing on failure
+        t = time.perf_counter()
         self.driver.synchronize(ordinal)
+        synced = time.perf_counter() - t
     del sources
-    self.sent += 1
-    self.bytes_sent += nbytes
+    self.last_phases = {"wait_ms": waited * 1e3, "issue_ms": issued * 1e3,
+                        "sync_ms": synced * 1e3,
+                        "total_ms": (time.perf_counter() - t0) * 1e3}
     handle = handle_for(kv, self.name, dest.transfer_id)
     handle.shards = 1
     return handle
@@ -271,6 +282,12 @@ class CudaIpcReceiver(KvReceiver):
 
   name = PATH_CUDA_IPC
 
+  # Views kept for reuse. Regions recur at the same offsets with the same
+  # shapes (payloads are bucketed, regions carved best-fit from each
+  # buffer's start), and an import costs about 0.3 ms whatever the size
+  # (BENCHMARKS.md): most of a small hand-off's receive.
+  MAX_VIEWS = 256
+
   def __init__(self, pool: LandingPool, device, *, geometry=None):
     """``device``: the JAX device of the pool's GPU (where the KV is
     imported before it is resharded onto the replica)."""
@@ -278,6 +295,35 @@ class CudaIpcReceiver(KvReceiver):
     self.device = device
     self.geometry = geometry
     self._issued = transfer_base.IssuedTransfers()
+    self._views: collections.OrderedDict[tuple, jax.Array] = (
+        collections.OrderedDict())
+    self._views_lock = threading.Lock()
+    self.view_imports = 0
+    # The latest receive's phases (ms), as CudaIpcSender.last_phases.
+    self.last_phases: dict[str, float] = {}
+
+  def _view(self, slot: LandingSlot, shape, dtype) -> jax.Array:
+    """The region as a JAX array: a view made for an earlier hand-off into
+    the same bytes with the same shape, or a fresh import. A view is only a
+    description of memory, so one array may stand for many hand-offs in
+    turn; the pool's lending rules keep each hand-off's bytes in place until
+    its reader is done, whichever array object reads them."""
+    key = (slot.ptr, tuple(shape), jnp.dtype(dtype).name)
+    with self._views_lock:
+      arr = self._views.get(key)
+      if arr is not None:
+        self._views.move_to_end(key)
+        return arr
+    arr = self.pool.driver.view(slot.device, slot.ptr, shape, dtype,
+                                self.device)
+    with self._views_lock:
+      self.view_imports += 1
+      self._views[key] = arr
+      while len(self._views) > self.MAX_VIEWS:
+        # Only the reference goes: a reader still holding it keeps the
+        # array, and the memory lives as long as the pool.
+        self._views.popitem(last=False)
+    return arr
 
   def lend(self, transfer_id: str, nbytes: int) -> LandingSlot | None:
     """A region for a transfer issued to this worker (``TransferDenied``
@@ -304,10 +350,13 @@ class CudaIpcReceiver(KvReceiver):
     return self.pool.live()
 
   def close(self) -> None:
+    with self._views_lock:
+      self._views.clear()     # before the memory they describe is freed
     self.pool.close()
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
+    t0 = time.perf_counter()
     tid = handle.transfer_id
     max_pages = self._issued.check(tid)
     if handle.transport != PATH_CUDA_IPC:
@@ -326,14 +375,20 @@ class CudaIpcReceiver(KvReceiver):
                             f"{slot.nbytes}-byte landing region of {tid}")
       # A view, not a copy: the region stays being read until the consumer
       # has inserted it (RequestKV.release -> end_read frees it).
-      arr = self.pool.driver.view(slot.device, slot.ptr, shape, dtype,
-                                  self.device)
+      imports = self.view_imports
+      t = time.perf_counter()
+      arr = self._view(slot, shape, dtype)
+      view_s = time.perf_counter() - t
       # end_read is idempotent (a second call finds no region under this
       # unique id), so a resharded copy of the RequestKV may release too.
       kv = RequestKV(arr, handle.num_tokens, handle.first_page,
                      release_fn=functools.partial(self.pool.end_read, tid,
                                                   ok=True))
-      return reshard_kv(kv, sharding)
+      out = reshard_kv(kv, sharding)
+      self.last_phases = {"view_ms": view_s * 1e3,
+                          "imported": float(self.view_imports > imports),
+                          "total_ms": (time.perf_counter() - t0) * 1e3}
+      return out
     except BaseException:
       self.pool.end_read(tid, ok=False)
       raise

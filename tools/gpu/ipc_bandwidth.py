@@ -180,6 +180,7 @@ def receiver_main(args, inp=None, emit=None) -> int:
         pools.block_until_ready()
         insert_s = time.perf_counter() - t
         got = {"recv_s": recv_s, "insert_s": insert_s, "view": bool(view),
+               "phases": receiver.last_phases,
                "checksum": checksum(out.kv), "head": _head(out.kv)}
         out.release()
         del out
@@ -327,6 +328,7 @@ def sender_main(args) -> int:
       # pdjax: CudaIpcSender -> CudaIpcReceiver (first round warms up).
       kv = RequestKV(x, n * shape[3])
       sends, recvs, inserts, views, correct = [], [], [], [], True
+      send_phases, recv_phases = [], []
       for r in range(args.reps + 1):
         tid = f"kv-{i}-{r}"
         dest = lend_destination(child, tid, nbytes)
@@ -337,7 +339,11 @@ def sender_main(args) -> int:
             handle.SerializeToString()).decode()})
         ok = got["checksum"] == want_sum and got["head"] == want_head
         correct = correct and ok and got["live"] == 0
+        if not r:   # the first hand-off into this region imports its view
+          row["recv_first_ms"] = got["recv_s"] * 1e3
         if r:
+          send_phases.append(dict(sender.last_phases))
+          recv_phases.append(got["phases"])
           sends.append(send_s)
           recvs.append(got["recv_s"])
           inserts.append(got["insert_s"])
@@ -350,7 +356,11 @@ def sender_main(args) -> int:
           send_ms=_median(sends) * 1e3, recv_ms=_median(recvs) * 1e3,
           insert_ms=_median(inserts) * 1e3,
           insert_GBps=nbytes / _median(inserts) / 1e9,
-          zero_copy=all(views), correct=correct)
+          zero_copy=all(views), correct=correct,
+          send_phases_ms={k: _median([p[k] for p in send_phases])
+                          for k in send_phases[0]},
+          recv_phases_ms={k: _median([p[k] for p in recv_phases])
+                          for k in recv_phases[0]})
       row["e2e_over_raw"] = row["e2e_GBps"] / row["raw_ipc_GBps"]
       results["rows"].append(row)
       write()
@@ -360,7 +370,8 @@ def sender_main(args) -> int:
     child.close()
   results["elapsed_s"] = time.monotonic() - start
   write()
-  cols = ("mib", "device_put_GBps", "raw_ipc_GBps", "send_GBps", "recv_ms",
+  cols = ("mib", "device_put_GBps", "raw_ipc_GBps", "send_GBps", "send_ms",
+          "recv_ms", "recv_first_ms",
           "e2e_GBps", "e2e_over_raw", "insert_GBps", "zero_copy", "correct")
   print(" | ".join(f"{c:>15}" for c in cols))
   for row in results["rows"]:
