@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pdjax.engine.sampling import SamplingParams
 
@@ -144,7 +145,7 @@ class RequestKV:
   @property
   def payload_bytes(self) -> int:
     """Bytes of the whole padded payload."""
-    return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
   @property
   def nbytes(self) -> int:

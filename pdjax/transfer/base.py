@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import logging
 import secrets
 import threading
@@ -27,6 +28,7 @@ import time
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
 from pdjax.engine.kv import pages_for
@@ -74,6 +76,13 @@ class IssuedTransfers:
       return self._ids[transfer_id]
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_of(spec) -> np.dtype:
+  """``jnp.dtype(spec)``, remembered: every hand-off names its dtype, and the
+  lookup is a measurable part of a small hand-off's fixed cost."""
+  return jnp.dtype(spec)
+
+
 def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
                     max_pages: int | None = None, *, error=TransferError):
   """(shape, dtype) of a handle's KV, or ``error``: the sender does not get
@@ -85,13 +94,13 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
     raise error(f"KV shape {list(shape)} is not [layers, 2, pages, page, "
                 "kv_heads, head_dim]")
   try:
-    dtype = jnp.dtype(h.dtype)
+    dtype = _dtype_of(h.dtype)
   except TypeError as e:
     raise error(f"KV dtype {h.dtype!r} is not a dtype") from e
   if geometry is not None:
     L, P, K, hd, gdtype, max_payload = geometry
     if (shape[0], shape[3], shape[4], shape[5]) != (L, P, K, hd) or (
-        jnp.dtype(gdtype) != dtype):
+        _dtype_of(gdtype) != dtype):
       raise error(f"KV {list(shape)} {h.dtype} does not match this worker's "
                   f"layout [{L}, 2, n, {P}, {K}, {hd}] {gdtype}")
     if shape[2] > max_payload:
@@ -245,7 +254,7 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
   return kv_pb2.KvHandle(
       transport=transport, transfer_id=transfer_id, num_tokens=kv.num_tokens,
       first_page=kv.first_page, shape=list(kv.shape),
-      dtype=str(jnp.dtype(kv.dtype)))
+      dtype=np.dtype(kv.dtype).name)
 
 
 __all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",

@@ -67,7 +67,8 @@ def _payload(shape, seed: int, device):
   the device (4 GiB never touches the host)."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import SingleDeviceSharding
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   n = 1
   for s in shape:
     n *= s
@@ -146,7 +147,8 @@ def receiver_main(args, inp=None, emit=None) -> int:
                      lease_s=3600.0)
   receiver = CudaIpcReceiver(pool, dev)
   checksum = _checksum_fn()
-  target = SingleDeviceSharding(dev)
+  # The layout the decode engine asks for: its one-device replica's mesh.
+  target = NamedSharding(Mesh(np.array([dev]), ("tp",)), PartitionSpec())
   import jax.numpy as jnp
   pages = args.pool_bytes // PAGE_BYTES
   # Stands in for the decode pools the insert writes into (donated, reused).

@@ -6,7 +6,8 @@
 #
 #   bash tools/gpu/run_call2.sh OUT_DIR        (carry .whl)
 #
-# STEPS (default test,bw,tokens,sweep) picks the parts; SWEEP_CONFIGS (default
+# STEPS (default test,bw,tokens,sweep; also probe: the per-call fixed costs)
+# picks the parts; SWEEP_CONFIGS (default
 # disagg) the run_goodput.sh configurations of the chat sweep.
 set -u
 STEPS=${STEPS:-test,bw,tokens,sweep}
@@ -30,6 +31,11 @@ if has bw; then
 echo "=== [$((SECONDS-START)) s] hand-off bandwidth"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 tools/gpu/ipc_bandwidth.py --out="$OUT/ipc.json" --budget_s=110 > "$OUT/ipc_bw.log" 2>&1
 echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/ipc_bw.log" | tail -8
+fi
+if has probe; then
+echo "=== [$((SECONDS-START)) s] fixed costs of a hand-off, call by call"
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 tools/gpu/probe_ipc_overheads.py --out="$OUT/overheads.json" > "$OUT/overheads.log" 2>&1
+echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/overheads.log" | tail -26
 fi
 if has tokens; then
 echo "=== [$((SECONDS-START)) s] disaggregated (CUDA IPC) vs colocated tokens"
