@@ -67,8 +67,7 @@ def _payload(shape, seed: int, device):
   the device (4 GiB never touches the host)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from jax.sharding import SingleDeviceSharding
   n = 1
   for s in shape:
     n *= s
@@ -135,7 +134,8 @@ def receiver_main(args, inp=None, emit=None) -> int:
   inp = sys.stdin if inp is None else inp
   emit = _emit if emit is None else emit
   import jax
-  from jax.sharding import SingleDeviceSharding
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   from pdjax.transfer.cuda_ipc import (CudaIpcReceiver, LandingPool,
                                        RealCudaDriver, device_ordinal)
