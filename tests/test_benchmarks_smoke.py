@@ -113,6 +113,25 @@ def test_decode(tmp_path):
   assert "dispatch overhead" in stdout
 
 
+@pytest.mark.parametrize("args", [
+    ("--timed=step", "--temperature=0.7"),
+    ("--sampling_path=device",)])
+def test_decode_serving_loop_and_sampling_paths(tmp_path, args):
+  """The engine iteration (dispatch + delivery) and the sampled program;
+  the on-device sampling choice (the baseline)."""
+  _, records = run_tool(
+      "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=2",
+      "--context_lengths=16", "--steps_per_call=2", "--calls_per_sample=2",
+      "--warmup=1", "--repeat=1", *args, *LIMITS)
+  (r,) = [r for r in records if r["measurement"] == "decode"]
+  assert r["results"]["rows_live_every_step"]
+  assert r["results"]["compiles_during_timing"] == 0
+  flags = dict(a[2:].split("=") for a in args)
+  assert r["params"]["timed_call"] == flags.get("timed", "dispatch")
+  assert r["params"]["sampling_path"] == flags.get("sampling_path", "host")
+  assert r["params"]["temperature"] == float(flags.get("temperature", 0))
+
+
 def test_decode_skips_what_does_not_fit(tmp_path):
   _, records = run_tool(
       "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=4",

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -1042,6 +1043,62 @@ def test_cancellation_frees_everything(colo, local_prefill, decoders):
   engine.drain()
   assert col.reason("d-inflight") == FinishReason.ABORT
   assert col.reason("d-inbox") == FinishReason.ABORT
+  assert_clean(engine)
+
+
+def test_sampling_path_chosen_on_the_host_matches_the_device_choice():
+  """``sample`` with the path fixed by the caller (what the decode loop
+  does, so its calls dispatch ahead) gives the tokens the on-device
+  ``lax.cond`` gives: argmax for greedy rows, and for a mixed batch the same
+  draws for the sampled rows."""
+  from pdjax.engine.sampling import sample
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.standard_normal((4, 64)) * 3, jnp.float32)
+  args = (jnp.asarray([1.0, 1.0, 1.0, 1.0]), jnp.asarray([0.9] * 4),
+          jnp.asarray([8, 0, 8, 0], jnp.int32),
+          jnp.asarray([1, 2, 3, 4], jnp.uint32), jnp.zeros((4,), jnp.int32))
+  greedy_t = jnp.zeros((4,))
+  mixed_t = jnp.asarray([0.0, 0.7, 0.0, 1.3])
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  for fixed in (None, True, False):
+    tok, lp = sample(logits, greedy_t, *args[1:], all_greedy=fixed)
+    np.testing.assert_array_equal(np.asarray(tok), argmax)
+  want, want_lp = sample(logits, mixed_t, *args[1:])
+  got, got_lp = sample(logits, mixed_t, *args[1:], all_greedy=False)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_allclose(np.asarray(got_lp), np.asarray(want_lp))
+  assert (np.asarray(got)[[0, 2]] == argmax[[0, 2]]).all()
+  # A sampled batch does draw: on flat logits, tokens off the argmax.
+  flat = logits / 10
+  drawn, _ = sample(flat, *args, all_greedy=False)
+  assert (np.asarray(drawn) != np.asarray(jnp.argmax(flat, -1))).any()
+
+
+def test_decode_dispatch_picks_the_program_for_its_rows(local_prefill,
+                                                        decoders):
+  """All active rows greedy: the greedy program; one sampled row: the
+  sampled one (finished rows' settings do not count)."""
+  engine = decoders["dp1"]
+  rep = engine.replicas[0]
+  used = []
+  programs = rep.programs
+  real = programs.generate
+  try:
+    programs.generate = lambda g: used.append(g) or real(g)
+    col = Collector()
+    reqs = [("pg0", prompt(20, 71), GREEDY),
+            ("pg1", prompt(20, 72), seeded(3, 4))]
+    results = prefill_requests(local_prefill, reqs)
+    submit_decode(engine, *reqs[0], results[0], col)
+    engine.step()
+    assert rep.all_greedy() and used[-1] is True
+    submit_decode(engine, *reqs[1], results[1], col)
+    engine.step()
+    assert not rep.all_greedy() and used[-1] is False
+    engine.drain()            # the sampled row ends first (4 tokens)
+    assert False in used and used[-1] is True
+  finally:
+    del programs.generate
   assert_clean(engine)
 
 

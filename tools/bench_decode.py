@@ -23,7 +23,13 @@ upload when the page table changed, then ``programs.generate``), called
 loop does, then one wait; a sample is the elapsed time / calls. The median
 sample / ``steps_per_call`` is the step time. ``host_ms`` is the time
 ``dispatch()`` itself takes to return: while it stays below the step time,
-Python is hidden behind the device.
+Python is hidden behind the device. ``--timed=step`` times
+``DecodeEngine.step()`` instead: the serving loop's iteration, which also
+delivers the previous call's tokens (host work the device must not wait
+for). ``--sampling_path=device`` is the baseline of one program deciding
+greedy or sampled on device (a ``lax.cond``, resolved on the host by XLA's
+GPU runtime, so every call returns only once it has run); ``--temperature``
+> 0 times the sampled program.
 
 Roofline per step, what a perfect implementation must read from HBM:
 
@@ -56,6 +62,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import time
@@ -85,6 +92,19 @@ flags.DEFINE_float("pool_copies", 0.0,
                    "Extra copies of the KV pool the generate program holds "
                    "as temporaries, for the fit check (0 since the pools are "
                    "updated in place).")
+flags.DEFINE_float("temperature", 0.0,
+                   "Every row's temperature: 0 times the greedy program, "
+                   "> 0 the sampled one (top_p 0.9, top_k 0: a sort of the "
+                   "vocabulary per row and step).")
+flags.DEFINE_enum("sampling_path", "host", ["host", "device"],
+                  "host: the program for the rows' sampling, chosen per "
+                  "call (serving). device: one program deciding with an "
+                  "on-device lax.cond, as before 2026-11-26 (the baseline "
+                  "for what the host choice saves).")
+flags.DEFINE_enum("timed", "dispatch", ["dispatch", "step"],
+                  "dispatch: DecodeReplica.dispatch alone. step: "
+                  "DecodeEngine.step, which also delivers the previous "
+                  "call's tokens to the requests (the serving loop).")
 flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
 flags.DEFINE_integer("cpu_max_context", 256,
                      "On CPU, longer contexts are skipped.")
@@ -122,7 +142,7 @@ def _layout(cfg, B: int, C: int, S: int):
   from pdjax.engine.decode import DecodeConfig
   from pdjax.engine.kv import pages_for, payload_pages
   P = FLAGS.page_size
-  total_calls = 1 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
+  total_calls = 2 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
   # The last step writes at C + S*calls - 1; the row finishes once
   # position + 2 reaches max_seq_len, so leave room past it.
   max_seq_len = _round_up(C + S * total_calls + 2, P)
@@ -162,7 +182,9 @@ def _fill(engine, cfg, B: int, C: int, seed: int):
   kv = jnp.zeros(request_kv_shape(cfg, n, P), cfg.jnp_dtype,
                  device=rep.payload_sharding(n))
   greedy = SamplingParams(max_tokens=engine.dcfg.max_seq_len - C,
-                          temperature=0.0, ignore_eos=True)
+                          temperature=FLAGS.temperature,
+                          top_p=0.9 if FLAGS.temperature else 1.0,
+                          ignore_eos=True)
   first = np.random.default_rng(seed).integers(3, cfg.vocab_size, B)
   for i in range(B):
     rid = f"bench-{i}"
@@ -187,6 +209,8 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
                 "triton_gemm": dcfg.triton_gemm, "attention": dcfg.attention,
+                "temperature": FLAGS.temperature,
+                "sampling_path": FLAGS.sampling_path, "timed_call": FLAGS.timed,
                 "setup": "engine.submit of a zero KV -> insert program",
                 "timed": "DecodeReplica.dispatch -> programs.generate"}
   if mem["estimated_need_bytes"] > budget:
@@ -197,13 +221,23 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                         {"reason": "does not fit", **mem,
                          "budget_bytes": budget})
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  if FLAGS.sampling_path == "device":
+    # One program for every batch, its sampling path a lax.cond on device.
+    from pdjax.engine.decode import _generate_entry
+    progs = engine.programs
+    on_device = jax.jit(functools.partial(
+        _generate_entry, cfg=cfg, num_steps=dcfg.steps_per_call,
+        eos_ids=(), capacity=dcfg.max_seq_len,
+        paged=progs.paged_attention, all_greedy=None),
+        donate_argnums=(1,), compiler_options=progs.compiler_options)
+    progs.generate = lambda all_greedy: on_device
   compiler_options = engine.programs.compiler_options
   paged_attention = engine.programs.paged_attention
   rep = engine.replicas[0]
   try:
     mem_analysis = None
     if FLAGS.memory_analysis:
-      compiled = engine.programs.generate.lower(
+      compiled = engine.programs.generate(True).lower(
           rep.params, rep.state, rep._slot_inputs()).compile()  # pylint: disable=protected-access
       m = compiled.memory_analysis()
       mem_analysis = {k: getattr(m, k, None) for k in (
@@ -220,22 +254,30 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
     if rep.live_rows != B:
       raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
     out = None
+    def call():
+      """One timed call: the replica's dispatch, or the engine's whole
+      iteration (dispatch, then delivering the previous call's tokens)."""
+      if FLAGS.timed == "dispatch":
+        return rep.dispatch()[0]
+      engine.step()
+      return engine._inflight[0][1]  # pylint: disable=protected-access
+
+    engine.step()  # the first iteration's tokens are delivered here
     for _ in range(FLAGS.warmup):
-      out, _ = rep.dispatch()
-      jax.block_until_ready(out)
+      jax.block_until_ready(call())
     samples, host = [], []
     with compile_stats.CompileCounter() as timed_cc:
       for _ in range(max(FLAGS.repeat, 1)):
         t0 = time.perf_counter()
         for _ in range(FLAGS.calls_per_sample):
           h0 = time.perf_counter()
-          out, _ = rep.dispatch()
+          out = call()
           host.append(time.perf_counter() - h0)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / FLAGS.calls_per_sample)
     valid = np.asarray(out.valid)
     positions = np.asarray(rep.state.positions)
-    calls = 1 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
+    calls = 2 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
     rows_ok = bool(valid.all()) and bool((positions == C + S * calls).all())
   finally:
     del engine, rep
@@ -244,7 +286,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   step_s = timing.median / S
   timed_steps = max(FLAGS.repeat, 1) * FLAGS.calls_per_sample * S
   # KV length during a step is position + 1.
-  ctx_mean = C + S * (1 + FLAGS.warmup) + (timed_steps - 1) / 2 + 1
+  ctx_mean = C + S * (2 + FLAGS.warmup) + (timed_steps - 1) / 2 + 1
   by = _step_bytes(cfg, B, ctx_mean)
 
   def roof(bw):

@@ -167,7 +167,7 @@ class StepOutput(struct.PyTreeNode):
 
 
 def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
-                paged=False):
+                paged=False, all_greedy=None):
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
     table = jnp.where(live[:, None], slots.page_table, 0)
@@ -175,7 +175,7 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
     out = decode_forward(params, state.tokens, positions, state.k, state.v,
                          table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
-                     slots.seed, state.generated)
+                     slots.seed, state.generated, all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
         slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
@@ -452,7 +452,8 @@ class DecodeReplica:
   def warmup(self, payload_page_counts: Sequence[int],
              source_sharding: Callable[[int], Sharding] | None = None
              ) -> None:
-    """Compiles insert (once per payload size) and generate on this
+    """Compiles insert (once per payload size) and both generate programs
+    (greedy and sampled) on this
     replica's devices with dummy data.
 
     The dummy KV is written to the null page and the dummy row is never made
@@ -483,17 +484,22 @@ class DecodeReplica:
       self.host_tier.warmup()
     for width in self.dcfg.widths:
       slots = self._slot_inputs(width)
-      for _ in range(2):
-        self.state, out = self.programs.generate(self.params, self.state,
-                                                 slots)
+      for all_greedy in (True, True, False, False):
+        self.state, out = self.programs.generate(all_greedy)(
+            self.params, self.state, slots)
     jax.block_until_ready((self.state, out))
+
+  def all_greedy(self) -> bool:
+    """Whether every active row samples greedily (picks the program)."""
+    return not bool(np.any(self.samp.temperature[self.active] != 0.0))
 
   def dispatch(self):
     """Launches one generate call; returns (outputs, row owners)."""
     self._grow()
     host_tier.flush(self.host_tier)   # queued tier copies go first
     slots = self._slot_inputs()
-    self.state, out = self.programs.generate(self.params, self.state, slots)
+    self.state, out = self.programs.generate(self.all_greedy())(
+        self.params, self.state, slots)
     owners = [None if r is None else r.request.request_id for r in self.rows]
     return out, owners
 
@@ -585,20 +591,35 @@ class _Programs:
     self.compiler_options = generate_compiler_options(dcfg, platform)
     self.paged_attention = use_paged_attention(cfg, dcfg, platform,
                                                devices_per_replica)
-    self.generate = jax.jit(
-        functools.partial(_generate_entry, cfg=cfg,
-                          num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
-                          capacity=dcfg.max_seq_len,
-                          paged=self.paged_attention),
-        donate_argnums=(1,), compiler_options=self.compiler_options)
+
+    def generate(all_greedy: bool):
+      return jax.jit(
+          functools.partial(_generate_entry, cfg=cfg,
+                            num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
+                            capacity=dcfg.max_seq_len,
+                            paged=self.paged_attention,
+                            all_greedy=all_greedy),
+          donate_argnums=(1,), compiler_options=self.compiler_options)
+
+    # Two generate programs, the sampling path chosen on the host per call
+    # (``DecodeReplica.dispatch``): one deciding on device would be a
+    # lax.cond, which XLA's GPU runtime resolves on the host, so each call
+    # would block until it had run and nothing could be dispatched ahead
+    # (the next call, the other replicas' calls, the host's delivery).
+    self.generate_greedy = generate(True)
+    self.generate_sampled = generate(False)
     self.insert = jax.jit(_insert, donate_argnums=(0,))
+
+  def generate(self, all_greedy: bool):
+    """The generate program for a batch that is (or is not) all greedy."""
+    return self.generate_greedy if all_greedy else self.generate_sampled
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
-                    capacity, paged=False):
+                    capacity, paged=False, all_greedy=None):
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
-                     paged)
+                     paged, all_greedy)
 
 
 # ------------------------------------------------------------------ engine

@@ -119,21 +119,33 @@ def _sample_row(logits, temperature, top_p, top_k, seed, index):
   return jnp.where(temperature == 0.0, greedy_tok, sampled_tok)
 
 
-def sample(logits, temperature, top_p, top_k, seed, index):
+def sample(logits, temperature, top_p, top_k, seed, index, *,
+           all_greedy: bool | None = None):
   """Batched sampler: logits [B, V] f32 -> (tokens [B], logprobs [B]).
 
   ``index`` [B] is the number of tokens the row has generated before this
   one (0 for the first token, sampled at prefill). The logprob is that of
   the raw model distribution (before temperature/top-k/top-p), as vLLM
   reports by default.
+
+  ``all_greedy``: whether every row is greedy, when the caller knows it
+  (then the program has only that path); None decides on device with a
+  ``lax.cond``. XLA's GPU runtime reads a cond's predicate on the host, so
+  a program with one returns from its call only after it has run: callers
+  that dispatch ahead (the decode loop) choose the path on the host.
   """
   logits = logits.astype(jnp.float32)
-  all_greedy = jnp.all(temperature == 0.0)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  tokens = jax.lax.cond(
-      all_greedy, lambda: greedy,
-      lambda: jax.vmap(_sample_row)(logits, temperature, top_p, top_k, seed,
-                                    index))
+
+  def sampled():
+    return jax.vmap(_sample_row)(logits, temperature, top_p, top_k, seed,
+                                 index)
+
+  if all_greedy is None:
+    tokens = jax.lax.cond(jnp.all(temperature == 0.0), lambda: greedy,
+                          sampled)
+  else:
+    tokens = greedy if all_greedy else sampled()
   logp = jax.nn.log_softmax(logits, axis=-1)
   logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
   return tokens, logprobs

@@ -242,6 +242,10 @@ class CudaIpcSender(KvSender):
         issued += time.perf_counter() - t
         sources.append(arr)         # must live until its copy has run
         offset += arr.nbytes
+      # Built while the last copy runs: the fixed cost of a small hand-off
+      # is mostly host work, and this part of it need not wait.
+      handle = handle_for(kv, self.name, dest.transfer_id)
+      handle.shards = 1
     finally:
       if ordinal is not None:       # nothing may still be writing on failure
         t = time.perf_counter()
@@ -251,8 +255,6 @@ class CudaIpcSender(KvSender):
     self.last_phases = {"wait_ms": waited * 1e3, "issue_ms": issued * 1e3,
                         "sync_ms": synced * 1e3,
                         "total_ms": (time.perf_counter() - t0) * 1e3}
-    handle = handle_for(kv, self.name, dest.transfer_id)
-    handle.shards = 1
     return handle
 
   def close(self) -> None:
