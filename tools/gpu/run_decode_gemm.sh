@@ -2,7 +2,8 @@
 # Decode program choices on one GPU: the engine correctness check (prefill +
 # decode vs a full forward, 4 decode rows: cuBLAS GEMMs and, where it
 # applies, cuDNN paged attention), then the decode step under each
-# bench_decode.py argument set in VARIANTS (';'-separated name=args).
+# bench_decode.py argument set in VARIANTS (;-separated name=args), at
+# STEPS_PER_CALL steps per call (default 16; serving configs use 4).
 #
 #   bash tools/gpu/run_decode_gemm.sh OUT_DIR
 set -u
@@ -26,7 +27,7 @@ for v in "${VS[@]}"; do
   echo "=== [$((SECONDS-START)) s] decode, $name: $args"
   # shellcheck disable=SC2086
   timeout ${PART_TIMEOUT:-200} python3 tools/bench_decode.py --model=llama3-8b --batch_sizes="$BATCHES" \
-    --context_lengths="$CONTEXTS" --steps_per_call=16 --calls_per_sample=4 --warmup=1 --repeat=3 \
+    --context_lengths="$CONTEXTS" --steps_per_call=${STEPS_PER_CALL:-16} --calls_per_sample=4 --warmup=1 --repeat=3 \
     $args --out="$OUT/decode_$name.jsonl" > "$OUT/decode_$name.log" 2>&1
   echo "exit $?"; grep -A7 "decode step (median)" "$OUT/decode_$name.log" | grep -v "^--"
   grep -h "decode attention" "$OUT/decode_$name.log" | head -1 | cut -c1-200
