@@ -7,8 +7,9 @@
 #   bash tools/gpu/run_call2.sh OUT_DIR        (carry .whl)
 #
 # STEPS (default test,bw,tokens,sweep; also probe: the per-call fixed costs)
-# picks the parts; SWEEP_CONFIGS (default
-# disagg) the run_goodput.sh configurations of the chat sweep.
+# picks the parts; SWEEP_CONFIGS (default disagg) the run_goodput.sh
+# configurations of the chat sweep, SWEEP_RATES (default 8,16,32) its rates.
+# Logs come back as logs.tar.gz.
 set -u
 STEPS=${STEPS:-test,bw,tokens,sweep}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-disagg}
@@ -45,11 +46,13 @@ fi
 LEFT=$(( BUDGET_S - (SECONDS - START) ))
 if has sweep && (( LEFT > 200 )); then
   echo "=== [$((SECONDS-START)) s] chat sweep $SWEEP_CONFIGS ($LEFT s left)"
-  BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=8,16,32 CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
+  BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=${SWEEP_RATES:-8,16,32} CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
     bash tools/gpu/run_goodput.sh /tmp/pdjax_call2_goodput "$SWEEP_CONFIGS" > "$OUT/goodput.log" 2>&1
   cp /tmp/pdjax_call2_goodput/goodput_runs.tar.gz "$OUT/goodput_${SWEEP_CONFIGS//,/_}.tar.gz" 2>/dev/null
   cp /tmp/pdjax_call2_goodput/chat_goodput.png "$OUT/" 2>/dev/null
   cp /tmp/pdjax_call2_goodput/summary.txt "$OUT/" 2>/dev/null
   grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
 fi
+# The device tool returns at most 8 files: the logs travel as one archive.
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log ipc_tokens.json 2>/dev/null; rm -f ./*.log ipc_tokens.json)
 echo "done after $((SECONDS-START)) s"
