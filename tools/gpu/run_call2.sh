@@ -54,5 +54,5 @@ if has sweep && (( LEFT > 200 )); then
   grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
 fi
 # The device tool returns at most 8 files: the logs travel as one archive.
-(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log ipc_tokens.json 2>/dev/null; rm -f ./*.log ipc_tokens.json)
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 echo "done after $((SECONDS-START)) s"
