@@ -166,7 +166,9 @@ def test_correctness_check(tmp_path):
   stdout, records = run_tool("bench_common.py", tmp_path / "check.jsonl",
                              "--check_model=tiny")
   (r,) = records
-  assert r["results"]["ok"] and len(r["results"]["cases"]) == 2
+  cases = r["results"]["cases"]
+  assert r["results"]["ok"] and [(c["path"], c["tp"]) for c in cases] == [
+      ("bucket", 1), ("bucket", 2), ("chunked", 1)]
   assert "CHECK PASSED" in stdout
 
 

@@ -508,7 +508,13 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
   ref = jax.jit(functools.partial(llama.reference_forward, cfg=cfg))
   out: dict[str, Any] = {"ok": True, "cases": []}
   prefill_rules = ShardingRules.load("prefill_tp")
-  for tp in (1, 2):
+  # The buffered path too: a prompt longer than the largest bucket runs in
+  # chunks, each attending to the earlier ones' KV (the path cached
+  # prefixes take).
+  chunked = PrefillConfig(buckets=(16, 32), max_batch=1, page_size=page,
+                          max_seq_len=128)
+  for path, tp, pcfg in (("bucket", 1, pcfg), ("bucket", 2, pcfg),
+                         ("chunked", 1, chunked)):
     if tp > len(devices):
       continue
     mesh = make_mesh({"tp": tp}, devices[:tp])
@@ -517,7 +523,7 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
     pre = PrefillEngine(pparams, cfg, mesh, prefill_rules, pcfg)
     res = pre.prefill([PrefillRequest("check", prompt, greedy)])[0]
     events = []
-    rid = f"check-tp{tp}"
+    rid = f"check-{path}-tp{tp}"
     kv = res.kv
     from pdjax.engine.kv import reshard_kv
     rep = decoder.replicas[0]
@@ -536,7 +542,7 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
       row = logp[prompt_len - 1 + i]
       diffs.append(abs(float(row[tok]) - lp))
       gaps.append(float(row.max() - row[tok]))
-    case = {"tp": tp, "tokens": tokens, "max_logprob_diff": max(diffs),
+    case = {"path": path, "tp": tp, "tokens": tokens, "max_logprob_diff": max(diffs),
             "max_argmax_gap": max(gaps), "num_tokens": len(tokens),
             "ok": (len(tokens) == new_tokens and max(diffs) <= tol
                    and max(gaps) <= tol)}
@@ -560,12 +566,14 @@ def _check_main(argv) -> None:
   writer.write("check", "prefill_decode_vs_reference",
                {"backend": jax.default_backend()},
                {**result, "elapsed_s": elapsed})
-  rows = [(c["tp"], c["num_tokens"], fmt(c["max_logprob_diff"], ".4f"),
+  rows = [(c["path"], c["tp"], c["num_tokens"],
+           fmt(c["max_logprob_diff"], ".4f"),
            fmt(c["max_argmax_gap"], ".4f"), "ok" if c["ok"] else "FAILED")
           for c in result["cases"]]
   print_table(f"correctness: engine prefill+decode vs full forward "
               f"({cfg.name}, {cfg.dtype}, tol {result['tol']})",
-              ["prefill_tp", "tokens", "max|dlogp|", "argmax_gap", "status"],
+              ["prefill", "tp", "tokens", "max|dlogp|", "argmax_gap",
+               "status"],
               rows)
   print("CHECK", "PASSED" if result["ok"] else "FAILED", flush=True)
   if not result["ok"]:
