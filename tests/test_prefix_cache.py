@@ -193,3 +193,24 @@ def test_disaggregated_reuse_on_both_sides(tiny_model_dir):
   for rep in de.replicas:
     rep.pool.check_invariants()
     assert rep.pool.num_used == 0 and rep.pool.reserved == 0
+
+
+def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(
+    tiny_decode_params):
+  """A cached prefix ending near max_seq_len leaves less room in the prefill
+  buffer than the last chunk's bucket (here 48 tokens of room, 40 to
+  compute, bucket 64). The chunk must still be written after the prefix,
+  not shifted back over it."""
+  params, cfg, mesh, rules = tiny_decode_params
+  rng = np.random.RandomState(11)
+  base = rng.randint(3, 500, size=240).tolist()
+  prompts = [base[:224], base[:208] + rng.randint(3, 500, size=40).tolist()]
+
+  def short(i):
+    return SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+  off = ColocatedEngine(params, cfg, mesh, rules, PCFG, _dcfg())
+  on = ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                       _dcfg(prefix_caching=True))
+  assert _run(on, prompts, short) == _run(off, prompts, short)
+  assert on.prefill[0].stats["cached_tokens"] == 208

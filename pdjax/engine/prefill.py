@@ -352,8 +352,13 @@ class PrefillEngine:
 
   @property
   def chunk_buffer_len(self) -> int:
+    """Room for the longest prompt plus one chunk: a chunk is a whole bucket
+    however few of its tokens are real, and after a cached prefix it starts
+    at any page, so the last one may reach up to a bucket past the prompt.
+    (``dynamic_update_slice`` would move a write that does not fit back
+    over the prefix, silently.)"""
     C = self.config.chunk
-    return -(-self.config.max_seq_len // C) * C
+    return -(-self.config.max_seq_len // C) * C + C
 
   def _chunk_len(self, remaining: int) -> int:
     return self.config.bucket_for(remaining) or self.config.chunk
