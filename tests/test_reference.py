@@ -198,10 +198,10 @@ def test_paged_decode_matches_full_forward(model):
 
 
 def test_chunked_prefill_matches_unchunked(model):
-  """Prefill each prompt in two chunks, the second attending to the first's
-  K/V through prefix_k/prefix_v, split at a different point per row (the
-  shorter prefixes are padded; prefix_len masks the padding), against the
-  unchunked pass. For Mistral the window straddles the chunk boundary."""
+  """Prefill each prompt in two parts, the second through ``prefill_chunk``
+  over a buffer holding the first part's K/V, split at a different point
+  per row (the buffer's rows hold prefixes of different lengths), against
+  the unchunked pass. For Mistral the window straddles the split."""
   cfg, params, full = model.cfg, model.params, model.full()
   split = np.array([200, 40, 3], np.int32)
   # Padded like greedy_generate pads its prompts: the same compiled prefill.
@@ -212,18 +212,28 @@ def test_chunked_prefill_matches_unchunked(model):
                                 cfg=cfg)
   rest = [p[s:] for p, s in zip(model.prompts, split)]
   rest_tokens, rest_lens = _padded(rest, length=288)
-  second = llama.prefill_forward(
-      params, rest_tokens, rest_lens, cfg=cfg, prefix_k=first.k,
-      prefix_v=first.v, prefix_len=jnp.asarray(split), all_logits=True)
+  # Room for the longest prefix plus the second part; junk past each row's
+  # prefix must never be read.
+  S = int(split.max()) + 288
+  T1 = first.k.shape[2]
+
+  def buffer(part):
+    junk = jnp.full(part.shape[:2] + (S,) + part.shape[3:], 7.0, part.dtype)
+    return jax.lax.dynamic_update_slice(junk, part, (0, 0, 0, 0, 0))
+
+  second = llama.prefill_chunk(
+      params, rest_tokens, rest_lens, buffer(first.k), buffer(first.v),
+      jnp.asarray(split), cfg=cfg, all_logits=True)
+  assert second.k.shape[2] == S and T1 <= S
 
   for b, (s, r) in enumerate(zip(split, rest)):
     n = len(r)
     assert _rel_err(second.logits[b, :n], full.logits[b, s:s + n]
                     ) <= INTERNAL_RTOL, (model.arch, b)
-    for new, ref in ((second.k, full.k), (second.v, full.v)):
-      assert _rel_err(new[:, b, :n], ref[:, b, s:s + n]) <= INTERNAL_RTOL
-    for old, ref in ((first.k, full.k), (first.v, full.v)):
-      assert _rel_err(old[:, b, :s], ref[:, b, :s]) <= INTERNAL_RTOL
+    for buf, ref in ((second.k, full.k), (second.v, full.v)):
+      # The part lands after the row's prefix, and the prefix is intact.
+      assert _rel_err(buf[:, b, s:s + n], ref[:, b, s:s + n]) <= INTERNAL_RTOL
+      assert _rel_err(buf[:, b, :s], ref[:, b, :s]) <= INTERNAL_RTOL
 
 
 # ------------------------------------------------------------- bfloat16

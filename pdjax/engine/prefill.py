@@ -33,8 +33,9 @@ from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import (Params, prefill_embed, prefill_forward,
-                               prefill_last_logits, prefill_layer_group)
+from pdjax.model.llama import (Params, prefill_chunk, prefill_embed,
+                               prefill_forward, prefill_last_logits,
+                               prefill_layer_group)
 from pdjax.sharding import ShardingRules
 
 
@@ -137,18 +138,14 @@ def _head_program(params, x, true_len, samp, *, cfg):
 
 def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
                    cfg):
-  """One chunk of a prompt: attends to the buffer's first ``start``
-  positions (cached blocks and earlier chunks) and writes its own K/V after
+  """One chunk of a prompt: writes its K/V into the buffers after the first
+  ``start`` positions (cached blocks and earlier chunks) and attends to
   them. The buffers ``[L, 1, S, K, hd]`` have one static size, so a chunk
-  program exists once per chunk length; positions past ``start`` are
-  masked, whatever they hold."""
-  out = prefill_forward(params, tokens, true_len, cfg=cfg, prefix_k=k_buf,
-                        prefix_v=v_buf, prefix_len=start)
+  program exists once per chunk length; positions past the chunk are never
+  read, whatever they hold."""
+  out = prefill_chunk(params, tokens, true_len, k_buf, v_buf, start, cfg=cfg)
   tok, lp = sample(out.logits, *samp, jnp.zeros((1,), jnp.int32))
-  at = (0, 0, start[0], 0, 0)
-  k_buf = jax.lax.dynamic_update_slice(k_buf, out.k.astype(k_buf.dtype), at)
-  v_buf = jax.lax.dynamic_update_slice(v_buf, out.v.astype(v_buf.dtype), at)
-  return tok, lp, k_buf, v_buf
+  return tok, lp, out.k, out.v
 
 
 def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):

@@ -1,10 +1,12 @@
 """The Llama-family decoder as pure functions over a pytree of weights.
 
-Two entry points share one layer body:
+Three entry points share one layer body:
 
-* ``prefill_forward``: many tokens per sequence, optionally continuing after a
-  prefix whose KV is already computed (chunked prefill, prefix caching). It
-  returns the new tokens' K/V densely; the caller decides where they live.
+* ``prefill_forward``: whole prompts, many tokens per sequence. It returns
+  their K/V densely; the caller decides where they live.
+* ``prefill_chunk``: the next part of prompts whose earlier tokens' K/V sit
+  in a buffer (chunked prefill, prefix caching): the part's K/V are written
+  after them and its queries attend to both.
 * ``decode_forward``: one token per sequence at per-sequence positions. K/V
   live in paged pools ``[layers * pages, page_size, kv_heads, head_dim]``;
   each sequence owns the pages its row of ``page_table`` names. The new token's K/V
@@ -199,67 +201,86 @@ def _embed(params, tokens):
 # ------------------------------------------------------------------ prefill
 class PrefillOut(NamedTuple):
   logits: jax.Array  # [B, V] at the last real token, or [B, T, V]
-  k: jax.Array       # [L, B, T, K, hd] K of the new tokens
-  v: jax.Array
+  k: jax.Array       # [L, B, T, K, hd] K of the new tokens (prefill_chunk:
+  v: jax.Array       # the whole updated buffers, [L, B, S, K, hd])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
 def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
-                    prefix_k=None, prefix_v=None, prefix_len=None,
                     all_logits: bool = False) -> PrefillOut:
-  """Runs the prompt (or the part after a cached prefix) through the model.
+  """Runs whole prompts through the model.
 
-  tokens: [B, T] right-padded; true_len: [B] real new tokens per row.
-  prefix_k/v: [L, B, S, K, hd] KV of earlier tokens (S static, rows padded),
-  prefix_len: [B] how many of the S are real. Positions continue after it.
-  Padding never leaks into real tokens: they sit after them (causal mask) or
-  past prefix_len (masked).
+  tokens: [B, T] right-padded; true_len: [B] real tokens per row. Padding
+  never leaks into real tokens: it sits after them (causal mask).
   """
   B, T = tokens.shape
-  has_prefix = prefix_k is not None
-  start = prefix_len if has_prefix else jnp.zeros((B,), jnp.int32)
-  positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   cos, sin = rope_tables(cfg, positions)
   x = _embed(params, tokens)
   impl = attention_impl(x.dtype, cfg.head_dim)
-  window = cfg.sliding_window
 
-  if has_prefix:
-    S = prefix_k.shape[2]
-    qi = jnp.arange(T)[None, :, None]
-    kj = jnp.arange(S + T)[None, None, :]
-    in_prefix = (kj < S) & (kj < start[:, None, None])
-    in_new = (kj >= S) & (kj - S <= qi)
-    mask = in_prefix | in_new
-    if window is not None:
-      qpos = start[:, None, None] + qi
-      kpos = jnp.where(kj < S, kj, start[:, None, None] + kj - S)
-      mask = mask & (kpos > qpos - window)
-    mask = mask[:, None]  # [B, 1, T, S+T]
+  def layer(x, lp):
+    return _causal_layer(cfg, lp, x, cos, sin, impl)
 
-  def layer(x, xs):
-    lp, pk, pv = xs
-    if not has_prefix:
-      return _causal_layer(cfg, lp, x, cos, sin, impl)
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(cfg, lp, h, cos, sin)
-    kk = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-    vv = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-    # cuDNN takes the mask as an additive bias: still its fused kernel,
-    # about ten times XLA's masked attention on an H100.
-    attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
-                                        implementation=impl)
-    return _attn_out_and_mlp(cfg, lp, x, attn), (k, v)
-
-  xs = (params["layers"],
-        prefix_k if has_prefix else None,
-        prefix_v if has_prefix else None)
-  x, (k_all, v_all) = jax.lax.scan(layer, x, xs)
+  x, (k_all, v_all) = jax.lax.scan(layer, x, params["layers"])
   if all_logits:
     logits = _logits(cfg, params, x)
   else:
     logits = prefill_last_logits(params, x, true_len, cfg=cfg)
   return PrefillOut(logits, k_all, v_all)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
+def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
+                  cfg: ModelConfig, all_logits: bool = False) -> PrefillOut:
+  """The next part of prompts whose earlier tokens' K/V are in buffers.
+
+  tokens: [B, T] right-padded, true_len: [B] real tokens of the part;
+  k_buf/v_buf: [L, B, S, K, hd], each row's first ``start[b]`` positions
+  holding its earlier tokens' K/V. The part's K/V are written at
+  ``[start, start + T)`` (the caller leaves that much room: a write that
+  does not fit would be moved back over the prefix) and each query attends
+  to the keys up to its own position: the causal diagonal shifted by
+  ``start``. Keys from ``start + T`` on are padding, which cuDNN skips
+  (``key_value_seq_lengths``), so a part costs what its prefix holds, not
+  what the buffer could. Returns the logits and the updated buffers as
+  ``PrefillOut.k`` / ``.v``.
+  """
+  B, T = tokens.shape
+  S = k_buf.shape[2]
+  positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  cos, sin = rope_tables(cfg, positions)
+  x = _embed(params, tokens)
+  impl = attention_impl(x.dtype, cfg.head_dim)
+  kpos = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+  qpos = positions[:, :, None]
+  mask = kpos <= qpos
+  if cfg.sliding_window is not None:
+    mask = mask & (kpos > qpos - cfg.sliding_window)
+  mask = mask[:, None]                         # [B, 1, T, S]
+  kv_len = jnp.minimum(start + T, S).astype(jnp.int32)
+  write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(
+      buf, new.astype(buf.dtype), (at, 0, 0)))
+
+  def layer(x, xs):
+    lp, kb, vb = xs                            # kb, vb: [B, S, K, hd]
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(cfg, lp, h, cos, sin)
+    kb, vb = write(kb, k, start), write(vb, v, start)
+    # cuDNN takes the mask as an additive bias: still its fused kernel,
+    # about ten times XLA's masked attention on an H100.
+    attn = jax.nn.dot_product_attention(
+        q, kb.astype(q.dtype), vb.astype(q.dtype), mask=mask,
+        key_value_seq_lengths=kv_len, implementation=impl)
+    return _attn_out_and_mlp(cfg, lp, x, attn), (kb, vb)
+
+  x, (k_buf, v_buf) = jax.lax.scan(layer, x,
+                                   (params["layers"], k_buf, v_buf))
+  if all_logits:
+    logits = _logits(cfg, params, x)
+  else:
+    logits = prefill_last_logits(params, x, true_len, cfg=cfg)
+  return PrefillOut(logits, k_buf, v_buf)
 
 
 def _causal_layer(cfg: ModelConfig, lp, x, cos, sin, impl):
@@ -449,7 +470,8 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
-    "init_params", "prefill_forward", "prefill_embed", "prefill_layer_group",
+    "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
+    "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "reference_forward",
     "PrefillOut", "DecodeOut", "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
