@@ -27,14 +27,21 @@ PYTHONPATH=$PWD timeout 260 python3 tools/bench_prefix_cache.py "${ARGS[@]}" \
 echo "exit $?"; grep -A4 "^scenario" "$OUT/prefix.log"
 # The baseline: the tree at BASE_REF (a commit of this repository; needs the
 # .git directory), run the same way. Skipped without BASE_REF.
-if [[ -n "${BASE_REF:-}" ]] && git rev-parse -q --verify "$BASE_REF^{commit}" >/dev/null 2>&1; then
+# Or BASE_DIR: such a tree already unpacked (git archive REF | tar -x -C DIR),
+# for machines that get the working tree without its history.
+BASE=""
+if [[ -n "${BASE_DIR:-}" && -d "${BASE_DIR:-}" ]]; then
+  BASE=$(cd "$BASE_DIR" && pwd)
+elif [[ -n "${BASE_REF:-}" ]] && git rev-parse -q --verify "$BASE_REF^{commit}" >/dev/null 2>&1; then
   BASE=/tmp/pdjax_prefix_base
   rm -rf "$BASE"; mkdir -p "$BASE"; git archive "$BASE_REF" | tar -x -C "$BASE"
-  echo "=== [$((SECONDS-START)) s] prefix cache at $BASE_REF (baseline)"
+fi
+if [[ -n "$BASE" ]]; then
+  echo "=== [$((SECONDS-START)) s] prefix cache, baseline tree ${BASE_REF:-$BASE_DIR}"
   (cd "$BASE" && PYTHONPATH=$BASE timeout 200 python3 tools/bench_prefix_cache.py "${ARGS[@]}" \
     --scenarios="${BASE_SCENARIOS:-both}" --out="$OUT/prefix_base.json" > "$OUT/prefix_base.log" 2>&1)
   echo "exit $?"; grep -A3 "^scenario" "$OUT/prefix_base.log"
 else
-  echo "no baseline: BASE_REF unset or not a commit here"
+  echo "no baseline: neither BASE_DIR nor a BASE_REF commit here"
 fi
 echo "done after $((SECONDS-START)) s"
