@@ -46,6 +46,9 @@ flags.DEFINE_string("tp", "1,2", "Tensor-parallel degrees; those needing "
 flags.DEFINE_integer("cpu_max_prompt_len", 512,
                      "On CPU, prompt lengths above this are skipped.")
 flags.DEFINE_integer("page_size", 16, "KV page size of the engine.")
+flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
+                  "GEMM kernels of the prefill programs on GPUs "
+                  "(PrefillConfig.triton_gemm): on Triton, off cuBLAS.")
 flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
                   "host path around the same program).")
 FLAGS = flags.FLAGS
@@ -107,7 +110,9 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   params_rec = {"tp": tp, "prompt_len": T, "batch": 1,
                 "page_size": FLAGS.page_size, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "prefill_tp",
-                "program": "PrefillEngine._prefill"}
+                "program": "PrefillEngine._prefill",
+                "triton_gemm": FLAGS.triton_gemm,
+                "compiler_options": engine.compiler_options}
   return writer.write(TOOL, "prefill", params_rec, results)
 
 
@@ -150,7 +155,7 @@ def main(argv) -> None:
           flush=True)
     engine = PrefillEngine(params, cfg, mesh, rules, PrefillConfig(
         buckets=tuple(lengths), max_batch=1, page_size=P,
-        max_seq_len=lengths[-1] + P))
+        max_seq_len=lengths[-1] + P, triton_gemm=FLAGS.triton_gemm))
     for T in lengths:
       rec = _run_one(engine, params, cfg, tp, T, limits, writer)
       r = rec["results"]

@@ -49,8 +49,15 @@ class PrefillConfig:
   # group's KV can be handed off while later layers compute (1: one fused
   # program). Chunked and prefix-cached prompts always run fused.
   layer_groups: int = 1
+  # GEMM kernels of the prefill programs on GPUs: "on" Triton (XLA's
+  # default), "off" cuBLAS, "auto" the measured choice
+  # (``prefill_compiler_options``).
+  triton_gemm: str = "auto"
 
   def __post_init__(self):
+    if self.triton_gemm not in ("auto", "on", "off"):
+      raise ValueError(f"triton_gemm must be auto, on or off, got "
+                       f"{self.triton_gemm!r}")
     if self.layer_groups < 1:
       raise ValueError(f"layer_groups must be >= 1, got {self.layer_groups}")
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -95,6 +102,15 @@ class PrefillConfig:
       out.append(b)
       b *= 2
     return out + [self.max_batch]
+
+
+def prefill_compiler_options(config: PrefillConfig,
+                             platform: str) -> dict[str, bool] | None:
+  """XLA options of the prefill programs (None: XLA's defaults). Only GPU
+  compilers know the GEMM option."""
+  if platform not in ("gpu", "cuda"):
+    return None
+  return {"xla_gpu_enable_triton_gemm": config.triton_gemm != "off"}
 
 
 def _to_pages(k, v, page_size):
@@ -189,11 +205,14 @@ class PrefillEngine:
     self._kv_sharding = {}
     self._replicated = NamedSharding(mesh, PartitionSpec())
     kv_spec = self.kv_sharding(payload_pages(config.chunk // P))
-    self._prefill = jax.jit(
+    self.compiler_options = prefill_compiler_options(
+        config, mesh.devices.flat[0].platform)
+    jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
+    self._prefill = jit(
         functools.partial(_prefill_program, cfg=cfg, page_size=P,
                           kv_spec=kv_spec))
-    self._chunk = jax.jit(functools.partial(_chunk_program, cfg=cfg),
-                          donate_argnums=(3, 4))
+    self._chunk = jit(functools.partial(_chunk_program, cfg=cfg),
+                      donate_argnums=(3, 4))
     self._group_sizes = config.layer_group_sizes(cfg.num_layers)
     if len(self._group_sizes) > 1:
       x_spec = rules.sharding(mesh, ("batch", "seq", "embed"),
@@ -201,11 +220,11 @@ class PrefillEngine:
                                cfg.hidden_size), what="residual stream")
       self._embed = jax.jit(functools.partial(_embed_program, x_spec=x_spec))
       self._groups = {
-          n: jax.jit(functools.partial(
+          n: jit(functools.partial(
               _group_program, cfg=cfg, num_layers=n, page_size=P,
               kv_spec=kv_spec, x_spec=x_spec))
           for n in set(self._group_sizes)}
-      self._head = jax.jit(functools.partial(_head_program, cfg=cfg))
+      self._head = jit(functools.partial(_head_program, cfg=cfg))
       starts = np.cumsum([0] + self._group_sizes[:-1])
       self._group_starts = [self._put(np.int32(f)) for f in starts]
     self._pages_fns = {}
