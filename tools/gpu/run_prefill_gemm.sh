@@ -16,6 +16,6 @@ for g in ${VARIANTS:-on off}; do
   timeout ${PART_TIMEOUT:-200} python3 tools/bench_prefill.py --model=llama3-8b --tp=1 \
     --prompt_lengths=${LENGTHS:-128,256,512,1024,2048,8192} --triton_gemm=$g \
     --out="$OUT/prefill_$g.jsonl" > "$OUT/prefill_$g.log" 2>&1
-  echo "exit $?"; grep -B2 -A9 "^ *tp *T" "$OUT/prefill_$g.log" | grep -v "^W0000\|^I0000" | tail -12
+  echo "exit $?"; grep -A8 "^== prefill" "$OUT/prefill_$g.log"
 done
 echo "done after $((SECONDS-START)) s"
