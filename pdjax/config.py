@@ -51,8 +51,8 @@ class PoolConfig:
   # auto, ``AUTO_LAYER_GROUPS`` when hand-offs can take the CUDA IPC path,
   # which writes layer ranges; 1 otherwise).
   layer_groups: int = 0
-  # Decode workers on GPUs: the generate program's GEMMs and how attention
-  # reads the pages (DecodeConfig).
+  # On GPUs: the pool's GEMM kernels (PrefillConfig / DecodeConfig
+  # .triton_gemm), and how decode attention reads the pages (DecodeConfig).
   triton_gemm: str = "auto"
   attention: str = "auto"
 
@@ -103,7 +103,8 @@ class DeploymentConfig:
     return PrefillConfig(buckets=tuple(pool.buckets), max_batch=pool.max_batch,
                          page_size=self.page_size,
                          max_seq_len=self.max_seq_len,
-                         layer_groups=layer_groups)
+                         layer_groups=layer_groups,
+                         triton_gemm=pool.triton_gemm)
 
   def decode_engine_config(self) -> DecodeConfig:
     d = self.decode

@@ -1124,6 +1124,26 @@ def test_generate_gemm_choice():
     DecodeConfig(triton_gemm="cublas")
 
 
+def test_prefill_gemm_choice():
+  """Prefill programs take cuBLAS on GPUs unless told Triton; nothing off
+  GPUs; a deployment file's [prefill] triton_gemm reaches the engine."""
+  from pdjax.config import DeploymentConfig
+  from pdjax.engine.prefill import prefill_compiler_options
+  assert prefill_compiler_options(PrefillConfig(), "gpu") == {
+      "xla_gpu_enable_triton_gemm": False}
+  assert prefill_compiler_options(PrefillConfig(triton_gemm="on"),
+                                  "cuda") == {
+                                      "xla_gpu_enable_triton_gemm": True}
+  assert prefill_compiler_options(PrefillConfig(triton_gemm="on"),
+                                  "cpu") is None
+  with pytest.raises(ValueError, match="triton_gemm"):
+    PrefillConfig(triton_gemm="cublas")
+  dep = DeploymentConfig.load("gpu-8b")
+  assert dep.prefill_engine_config().triton_gemm == "auto"
+  dep.prefill.triton_gemm = "on"
+  assert dep.prefill_engine_config().triton_gemm == "on"
+
+
 def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
   """decode_forward's cuDNN paged-attention path (GPU only) exercised on CPU
   with cuDNN's own argument checks (``check_layout``: block count, page
