@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import random
+import threading
 import types
 
 import jax
@@ -466,6 +467,41 @@ def test_sender_handle_cache_is_bounded():
   assert sum(registry.opened.values()) == 2
   sender.close()
   assert sum(registry.opened.values()) == 0
+  pool.close()
+
+
+def test_sender_never_closes_a_handle_its_copies_are_still_using():
+  """A send's copies run until its stream sync: the handle cache's bound
+  must not close that buffer's mapping under them (other sends opening
+  more buffers meanwhile); it is closed once the send is done."""
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 3, MiB)
+  syncing, release = threading.Event(), threading.Event()
+
+  class SlowSync(ci.FakeCudaDriver):
+    def synchronize(self, ordinal):
+      if threading.current_thread().name == "slow-send":
+        syncing.set()
+        assert release.wait(5)
+      super().synchronize(ordinal)
+
+  sender = ci.CudaIpcSender(SlowSync(registry), max_open_handles=1)
+  slots = [pool.acquire(f"t{i}", MiB) for i in range(3)]
+  done = []
+  slow = threading.Thread(name="slow-send", target=lambda: done.append(
+      sender.send(_kv(), _dest(slots[0], "t0"), timeout_s=5)))
+  slow.start()
+  assert syncing.wait(5)
+  for i in (1, 2):                       # two more buffers, bound of one
+    sender.send(_kv(), _dest(slots[i], f"t{i}"), timeout_s=5)
+  assert registry.opened[slots[0].handle] == 1    # still mapped
+  release.set()
+  slow.join(5)
+  assert done and done[0].transport == "cuda_ipc"
+  sender.send(_kv(), _dest(slots[1], "t1"), timeout_s=5)
+  assert registry.opened[slots[0].handle] == 0    # now it could go
+  assert sum(registry.opened.values()) == 1
+  sender.close()
   pool.close()
 
 

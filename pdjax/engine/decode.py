@@ -930,21 +930,23 @@ class DecodeEngine:
   def _admit_one(self, p) -> None:
     rid = p.request.request_id
     rep = self.replicas[p.reservation.replica]
-    if rid in self._cancelled:
-      self._cancelled.discard(rid)
-      self.borrowed.after(None, p.request.kv)   # dropped unread
+
+    def refuse(reason: FinishReason, error: str | None = None) -> None:
+      """Nothing was dispatched: the KV goes back unread, and so do the
+      reserved and the pinned cached pages."""
+      self.borrowed.after(None, p.request.kv)
       rep.pool.unreserve(p.reservation.pages)
       rep.pool.free(p.reservation.cached_pages)
-      p.request.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
+      p.request.callback(TokenEvent(rid, [], [], reason, error=error))
+
+    if rid in self._cancelled:
+      self._cancelled.discard(rid)
+      refuse(FinishReason.ABORT)
       return
     try:
       row, receipt = rep.insert(p.request, p.reservation)
     except ValueError as e:
-      self.borrowed.after(None, p.request.kv)   # nothing was dispatched
-      rep.pool.unreserve(p.reservation.pages)
-      rep.pool.free(p.reservation.cached_pages)
-      p.request.callback(TokenEvent(rid, [], [], FinishReason.ERROR,
-                                    error=str(e)))
+      refuse(FinishReason.ERROR, str(e))
       return
     self.borrowed.after(receipt, p.request.kv)
     self._where[rid] = (rep.index, row)

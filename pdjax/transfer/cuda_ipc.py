@@ -177,6 +177,9 @@ class CudaIpcSender(KvSender):
     self.max_open_handles = max_open_handles
     self._open: collections.OrderedDict[tuple[int, bytes], int] = (
         collections.OrderedDict())
+    # Sends with copies possibly in flight, per open handle.
+    self._copying: collections.Counter[tuple[int, bytes]] = (
+        collections.Counter())
     self._lock = threading.Lock()
     # The latest send's phases (ms: waiting for the KV's programs, issuing
     # the copies, the final stream sync, all): where a small hand-off's
@@ -194,10 +197,16 @@ class CudaIpcSender(KvSender):
       return ptr
     ptr = self.driver.ipc_open(ordinal, key[1])
     self._open[key] = ptr
-    while len(self._open) > self.max_open_handles:
-      (old_ord, _), old = self._open.popitem(last=False)
+    # Least recently used first; never one a send is still copying into
+    # (its copies are in flight until that send's stream sync).
+    for old_key in list(self._open):
+      if len(self._open) <= self.max_open_handles:
+        break
+      if old_key == key or self._copying[old_key]:
+        continue
+      old = self._open.pop(old_key)
       try:
-        self.driver.ipc_close(old_ord, old)
+        self.driver.ipc_close(old_key[0], old)
       except CudaError as e:
         log.warning("closing a peer's landing buffer failed: %s", e)
     return ptr
@@ -221,7 +230,7 @@ class CudaIpcSender(KvSender):
           f"KV payload of {nbytes} bytes ({list(kv.shape)} "
           f"{jnp.dtype(kv.dtype)}) does not fit the {dest.ipc_bytes}-byte "
           f"landing buffer lent for transfer {dest.transfer_id}")
-    sources, offset, ordinal = [], dest.ipc_offset, None
+    sources, offset, ordinal, copying = [], dest.ipc_offset, None, None
     t0 = time.perf_counter()
     waited = issued = synced = 0.0
     try:
@@ -238,6 +247,9 @@ class CudaIpcSender(KvSender):
         with self._lock:
           base = self.remote_pointer(ordinal, dest.ipc_handle)
           self._check_lease(dest)   # a group or the open may have been slow
+          if copying is None:
+            copying = (ordinal, bytes(dest.ipc_handle))
+            self._copying[copying] += 1
           self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
         issued += time.perf_counter() - t
         sources.append(arr)         # must live until its copy has run
@@ -251,6 +263,11 @@ class CudaIpcSender(KvSender):
         t = time.perf_counter()
         self.driver.synchronize(ordinal)
         synced = time.perf_counter() - t
+      if copying is not None:
+        with self._lock:
+          self._copying[copying] -= 1
+          if not self._copying[copying]:
+            del self._copying[copying]
     del sources
     self.last_phases = {"wait_ms": waited * 1e3, "issue_ms": issued * 1e3,
                         "sync_ms": synced * 1e3,
