@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
                              request_kv_shape)
+from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
 from pdjax.model.config import ModelConfig
@@ -247,9 +248,14 @@ class PrefillEngine:
 
   # ---------------------------------------------------------------- layout
   def kv_sharding(self, num_pages: int) -> NamedSharding:
+    """The layout of a request KV this engine hands on: the rules' (KV heads
+    split over tp), or replicated when the mesh spans processes, so that one
+    process holds all of it to hand off (``pdjax.engine.lockstep``)."""
     if num_pages not in self._kv_sharding:
       shape = request_kv_shape(self.cfg, num_pages, self.config.page_size)
-      self._kv_sharding[num_pages] = kv_sharding(self.rules, self.mesh, shape)
+      self._kv_sharding[num_pages] = (
+          self._replicated if spans_processes(self.mesh)
+          else kv_sharding(self.rules, self.mesh, shape))
     return self._kv_sharding[num_pages]
 
   def _put(self, x):
