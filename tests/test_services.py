@@ -96,6 +96,29 @@ def test_other_transports_match_reference(transport, layer_groups,
     c.stop()
 
 
+def test_prefill_pool_spanning_two_processes_matches_reference(
+    tmp_path_factory, reference):
+  """One prefill worker made of two processes over jax.distributed (its
+  TP=2 mesh half in each, as two hosts of a multi-host pool would hold it):
+  the leader serves and hands off, the follower replays its batches; the
+  tokens are the reference's, and both leave cleanly on SIGTERM."""
+  c = Cluster(tmp_path_factory.mktemp("spanning"), kv_transport="grpc",
+              num_prefill=1, num_decode=1, prefill_mesh="tp=2",
+              prefill_processes=2)
+  try:
+    prompts, expected = reference
+    results = _generate_all(c.address, prompts)
+    assert [r.token_ids for r in results] == expected
+    assert all(r.usage.prefill_worker for r in results)
+    assert c.proc("prefill0p1").popen.poll() is None     # still following
+  finally:
+    c.stop()
+  assert c.proc("prefill0").popen.returncode == 0
+  assert c.proc("prefill0p1").popen.returncode == 0
+  log = c.proc("prefill0p1").log.read_text()
+  assert "stopped by the leader after" in log
+
+
 def test_text_prompt_and_streaming(grpc_cluster):
   with Client(grpc_cluster.address, timeout_s=60) as client:
     full = client.generate("Once upon a time", max_tokens=MAX_NEW,

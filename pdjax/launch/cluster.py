@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,13 @@ class LocalCluster:
         p.popen.wait()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+  """A port free now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
+
+
 def tail(path: Path, lines: int = 40) -> str:
   try:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -149,10 +157,15 @@ def launch(cluster: LocalCluster, *, config: str = "local",
            checkpoint: str | None = None, kv_transport: str | None = None,
            num_prefill: int = 1, num_decode: int = 1,
            prefill_mesh: str | None = None, decode_mesh: str | None = None,
+           prefill_processes: int = 1,
            router_port: int = 0, local_prefill_threshold: int | None = None,
            worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
            ) -> str:
-  """Starts a deployment; returns the router address once all are ready."""
+  """Starts a deployment; returns the router address once all are ready.
+
+  ``prefill_processes`` > 1: each prefill worker is that many processes
+  over jax.distributed, its mesh spread evenly over them, as the pods of one
+  multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``)."""
   from pdjax.config import DeploymentConfig
   dep = DeploymentConfig.load(config)
   transport = kv_transport or dep.kv_transport
@@ -162,7 +175,7 @@ def launch(cluster: LocalCluster, *, config: str = "local",
             *worker_flags]
   if checkpoint:
     common.append(f"--checkpoint={checkpoint}")
-  prefill, decode = [], []
+  prefill, decode, followers = [], [], []
   if transport == "local":
     if num_prefill < 1:
       raise UsageError("--kv_transport=local needs a prefill pool")
@@ -173,16 +186,37 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       prefill.append(p)
       decode.append(p)
   else:
+    size = mesh_size(pmesh)
+    if prefill_processes < 1 or size % prefill_processes:
+      raise UsageError(f"prefill mesh {pmesh} ({size} devices) does not "
+                       f"split over {prefill_processes} processes")
     for i in range(num_prefill):
-      prefill.append(cluster.start(
-          f"prefill{i}", "pdjax.launch.prefill",
-          [f"--mesh={pmesh}", *common], devices=mesh_size(pmesh)))
+      if prefill_processes == 1:
+        prefill.append(cluster.start(
+            f"prefill{i}", "pdjax.launch.prefill",
+            [f"--mesh={pmesh}", *common], devices=size))
+        continue
+      coordinator = f"{cluster.host}:{free_port(cluster.host)}"
+      for k in range(prefill_processes):
+        p = cluster.start(
+            f"prefill{i}" + (f"p{k}" if k else ""), "pdjax.launch.prefill",
+            [f"--mesh={pmesh}", f"--coordinator_address={coordinator}",
+             f"--num_processes={prefill_processes}", f"--process_id={k}",
+             *common], devices=size // prefill_processes)
+        if k == 0:
+          prefill.append(p)        # serves; the others follow it
+        else:
+          followers.append(p)
     for i in range(num_decode):
       decode.append(cluster.start(
           f"decode{i}", "pdjax.launch.decode",
           [f"--mesh={dmesh}", *common], devices=mesh_size(dmesh)))
   workers = list(dict.fromkeys(prefill + decode))
   cluster.wait_ready(workers, ready_timeout_s)
+  for p in followers:        # they serve nothing, but must still be there
+    if p.popen.poll() is not None:
+      raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log "
+                         f"{p.log}:\n{tail(p.log)}")
   host = cluster.host
   router_args = [
       f"--config={config}", f"--kv_transport={transport}",

@@ -37,6 +37,9 @@ NUM_PREFILL = flags.DEFINE_integer("num_prefill", 1,
                                    "Prefill workers (0: colocated).")
 NUM_DECODE = flags.DEFINE_integer("num_decode", 1, "Decode workers.")
 PREFILL_MESH = flags.DEFINE_string("prefill_mesh", None, "e.g. tp=2.")
+PREFILL_PROCESSES = flags.DEFINE_integer(
+    "prefill_processes", 1, "Processes per prefill worker (jax.distributed, "
+    "the mesh spread over them; as the hosts of a multi-host pool).")
 DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "e.g. dp=2.")
 PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"],
                              "Where the workers run.")
@@ -78,7 +81,8 @@ def main(argv) -> None:
         cluster, config=CONFIG.value, checkpoint=CHECKPOINT.value,
         kv_transport=KV_TRANSPORT.value, num_prefill=NUM_PREFILL.value,
         num_decode=NUM_DECODE.value, prefill_mesh=PREFILL_MESH.value,
-        decode_mesh=DECODE_MESH.value, router_port=PORT.value,
+        decode_mesh=DECODE_MESH.value,
+        prefill_processes=PREFILL_PROCESSES.value, router_port=PORT.value,
         local_prefill_threshold=LOCAL_PREFILL.value,
         worker_flags=EXTRA.value, router_flags=ROUTER_FLAGS.value,
         ready_timeout_s=READY_TIMEOUT.value)

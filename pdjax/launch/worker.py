@@ -26,6 +26,12 @@ log = logging.getLogger("pdjax.worker")
 def _init_jax():
   import jax
   if F.COORDINATOR.value:
+    # Collectives between processes' CPU devices (tests, CPU deployments);
+    # GPUs use NCCL whatever this says.
+    try:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # a JAX without the option
+      log.warning("no gloo CPU collectives in this JAX")
     if F.COORDINATOR.value == "auto":
       jax.distributed.initialize()
     else:
@@ -104,6 +110,7 @@ async def serve(role: str) -> None:
   health_names = []
   offset = 0
   cfg = None
+  from pdjax.engine import lockstep
   for r in roles:
     pool = dep.prefill if r == "prefill" else dep.decode
     mesh_spec = F.MESH.value if (F.MESH.value and role != "both") else pool.mesh
@@ -111,6 +118,14 @@ async def serve(role: str) -> None:
                   else pool.sharding)
     mesh = _mesh(jax, mesh_spec, devices, offset)
     offset += mesh.size
+    # A pool may span processes (jax.distributed): only prefill pools, for
+    # now, and only on their own (pdjax.engine.lockstep).
+    spans = lockstep.spans_processes(mesh)
+    if spans and (r != "prefill" or role == "both"):
+      raise app.UsageError(
+          f"a {r} pool spanning processes is not supported yet: run one "
+          "decode worker per process (data parallel) and span processes "
+          "with --role=prefill only")
     rules = ShardingRules.load(rules_name)
     params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
     info = common_pb2.WorkerInfo(
@@ -126,17 +141,26 @@ async def serve(role: str) -> None:
                      if F.PREFIX_CACHE_PAGES.value is not None
                      else dep.prefill.cache_pages)
       store = None
+      if cache_pages and spans:
+        raise app.UsageError("the prefix cache is not supported yet on a "
+                             "prefill pool spanning processes; drop "
+                             "--prefix_cache_pages / [prefill] cache_pages")
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
                                host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
-      sender = _sender(transport, mesh, sec, exchange)
-      info.kv_transfer_address = sender.address()
+      leader = jax.process_index() == 0
+      sender = _sender(transport, mesh, sec, exchange) if leader else None
+      if sender is not None:
+        info.kv_transfer_address = sender.address()
+      # Every process of a pool must build the same programs: auto layer
+      # groups may not depend on what one process's sender can do.
       groups = resolve_layer_groups(
           F.PREFILL_LAYER_GROUPS.value
           if F.PREFILL_LAYER_GROUPS.value is not None
           else dep.prefill.layer_groups,
-          layer_wise_sender=getattr(sender, "ipc", None) is not None)
+          layer_wise_sender=(not spans
+                             and getattr(sender, "ipc", None) is not None))
       engine = PrefillEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
@@ -144,6 +168,16 @@ async def serve(role: str) -> None:
                len(engine.layer_group_sizes), engine.layer_group_sizes)
       if F.WARMUP.value:
         engine.warmup()
+      if spans and not leader:
+        log.info("prefill process %d of %d: replaying the leader's batches",
+                 jax.process_index(), jax.process_count())
+        n = lockstep.follow(engine)
+        log.info("stopped by the leader after %d batches", n)
+        return
+      if spans:
+        log.info("prefill leader of %d processes (mesh %s)",
+                 jax.process_count(), mesh_spec)
+        engine = lockstep.LockstepPrefill(engine)
       landing = None
       if getattr(sender, "ipc", None) is not None:   # CUDA IPC fast path
         from pdjax.service.landing import LandingRequests
@@ -276,6 +310,14 @@ def run(role: str) -> None:
   logging.basicConfig(level=F.LOG_LEVEL.value,
                       format="%(asctime)s %(name)s %(levelname)s %(message)s")
   asyncio.run(serve(role))
+  if F.COORDINATOR.value:
+    # Leave the jax.distributed job together: process 0 hosts its
+    # coordination service, and a peer that finds it gone aborts.
+    import jax
+    try:
+      jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001 - leaving anyway
+      log.warning("jax.distributed shutdown: %s", e)
   # Drained and stopped. Leave without waiting for runtime threads (gRPC
   # pollers, XLA) whose teardown can block interpreter exit.
   logging.shutdown()

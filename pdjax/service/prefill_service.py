@@ -142,6 +142,9 @@ class PrefillWorker:
     self._pool.shutdown(wait=False, cancel_futures=True)
     if self.landing is not None:
       self.landing.close()
+    close = getattr(self.engine, "close", None)
+    if close is not None:   # a pool spanning processes: stop the followers
+      close()
 
   def active(self) -> int:
     """Requests queued or being prefilled/handed off (drain waits)."""
