@@ -62,3 +62,18 @@ def test_prefill_pool_across_two_processes(tmp_path):
   # The KV handed on is whole, on the leader's own device.
   assert leader["kv_local"] and leader["ready_local"]
   assert leader["max_kv_diff"] <= 1e-4 * max(leader["kv_scale"], 1.0)
+
+
+def test_what_may_span_processes_is_checked_at_start_up():
+  from absl import app
+  from pdjax.launch.worker import check_spanning_pool
+  check_spanning_pool("prefill", "prefill", 0)
+  for role, pool, pages, match in (("decode", "decode", 0, "decode pool"),
+                                   ("both", "prefill", 0, "role=prefill"),
+                                   ("prefill", "prefill", 64, "prefix cache")):
+    try:
+      check_spanning_pool(role, pool, pages)
+    except app.UsageError as e:
+      assert match in str(e)
+    else:
+      raise AssertionError(f"{role}/{pool}/{pages} was accepted")

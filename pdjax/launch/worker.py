@@ -43,6 +43,20 @@ def _init_jax():
   return jax
 
 
+def check_spanning_pool(role: str, pool: str, cache_pages: int) -> None:
+  """What a pool whose mesh spans processes may be, for now: a prefill pool
+  on its own, without the prefix cache (``pdjax.engine.lockstep``)."""
+  if pool != "prefill" or role == "both":
+    raise app.UsageError(
+        f"a {pool} pool spanning processes is not supported yet: run one "
+        "decode worker per process (data parallel) and span processes with "
+        "--role=prefill only")
+  if cache_pages:
+    raise app.UsageError("the prefix cache is not supported yet on a "
+                         "prefill pool spanning processes; drop "
+                         "--prefix_cache_pages / [prefill] cache_pages")
+
+
 def _mesh(jax, mesh_spec: str, devices: list | None, offset: int = 0):
   from pdjax.sharding import make_mesh, parse_mesh
   axes = parse_mesh(mesh_spec)
@@ -118,14 +132,11 @@ async def serve(role: str) -> None:
                   else pool.sharding)
     mesh = _mesh(jax, mesh_spec, devices, offset)
     offset += mesh.size
-    # A pool may span processes (jax.distributed): only prefill pools, for
-    # now, and only on their own (pdjax.engine.lockstep).
     spans = lockstep.spans_processes(mesh)
-    if spans and (r != "prefill" or role == "both"):
-      raise app.UsageError(
-          f"a {r} pool spanning processes is not supported yet: run one "
-          "decode worker per process (data parallel) and span processes "
-          "with --role=prefill only")
+    if spans:
+      check_spanning_pool(role, r, F.PREFIX_CACHE_PAGES.value
+                          if F.PREFIX_CACHE_PAGES.value is not None
+                          else dep.prefill.cache_pages)
     rules = ShardingRules.load(rules_name)
     params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
     info = common_pb2.WorkerInfo(
@@ -141,10 +152,6 @@ async def serve(role: str) -> None:
                      if F.PREFIX_CACHE_PAGES.value is not None
                      else dep.prefill.cache_pages)
       store = None
-      if cache_pages and spans:
-        raise app.UsageError("the prefix cache is not supported yet on a "
-                             "prefill pool spanning processes; drop "
-                             "--prefix_cache_pages / [prefill] cache_pages")
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
