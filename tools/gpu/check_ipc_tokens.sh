@@ -12,6 +12,13 @@
 # tokens must be identical, not merely close). Writes OUT_DIR/ipc_tokens.json
 # and exits non-zero on any mismatch or when a hand-off did not take the
 # cuda_ipc path.
+#
+# DISAGG_ARGS replaces the disaggregated deployment's launch flags, e.g. a
+# prefill worker spanning two processes (three GPUs: the prefill pool's two,
+# then the decode worker's):
+#   DISAGG_ARGS="--num_prefill=1 --num_decode=1 --prefill_mesh=tp=2 \
+#     --prefill_processes=2 --decode_mesh=dp=1 --kv_transport=device" \
+#     bash tools/gpu/check_ipc_tokens.sh OUT_DIR
 set -u
 OUT=${1:?usage: check_ipc_tokens.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -30,7 +37,7 @@ RUNS=/tmp/pdjax_ipc_tokens; rm -rf "$RUNS"; mkdir -p "$RUNS"
 
 for cfg in disagg coloc; do
   case $cfg in
-    disagg) args="--num_prefill=1 --num_decode=1 --prefill_mesh=tp=1 --decode_mesh=dp=1 --kv_transport=device" ;;
+    disagg) args=${DISAGG_ARGS:-"--num_prefill=1 --num_decode=1 --prefill_mesh=tp=1 --decode_mesh=dp=1 --kv_transport=device"} ;;
     coloc)  args="--num_prefill=0 --num_decode=1 --prefill_mesh=tp=1 --decode_mesh=dp=1" ;;
   esac
   dir=$RUNS/$cfg
