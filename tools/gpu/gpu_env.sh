@@ -19,3 +19,20 @@ record_env() {
   } > "$1/env.txt" 2>&1
   cat "$1/env.txt"
 }
+
+# start_call DIR: what a one-call script does first (the clock, the carried
+# wheels, this tree on PYTHONPATH, the machine recorded into DIR).
+start_call() {
+  START=$SECONDS
+  install_carried_wheels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  record_env "$1"
+}
+
+# ipc_gpu_test DIR LINES: the CUDA IPC GPU test, its log in DIR/ipc_test.log,
+# the last LINES lines shown.
+ipc_gpu_test() {
+  echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
+  JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$1/ipc_test.log" 2>&1
+  echo "exit $?"; grep -v "^W0000\|^I0000" "$1/ipc_test.log" | tail -"$2"
+}

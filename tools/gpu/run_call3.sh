@@ -17,16 +17,9 @@ OUT=${1:?usage: run_call3.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
-START=$SECONDS
 BUDGET_S=${BUDGET_S:-560}
-install_carried_wheels
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-record_env "$OUT"
-if has test; then
-echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
-JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$OUT/ipc_test.log" 2>&1
-echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/ipc_test.log" | tail -4
-fi
+start_call "$OUT"
+has test && ipc_gpu_test "$OUT" 4
 if has overlap; then
 echo "=== [$((SECONDS-START)) s] hand-off under prefill (8B, layer groups)"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${OVERLAP_TIMEOUT:-330} python3 tools/gpu/handoff_overlap.py \

@@ -13,16 +13,14 @@ OUT=${1:?usage: run_prefix_attention.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
-install_carried_wheels
-record_env "$OUT"
-START=$SECONDS
+start_call "$OUT"
 ARGS=(--config=gpu-8b --platform=gpu --preset=multiturn --num_requests=24 --rate=4
       --length_scale=0.5 --max_model_len=8192 --vocab_size=128000 --cache_pages=4096)
 echo "=== [$((SECONDS-START)) s] correctness check"
-PYTHONPATH=$PWD timeout 150 python3 tools/bench_common.py --out="$OUT/check.jsonl" > "$OUT/check.log" 2>&1
+timeout 150 python3 tools/bench_common.py --out="$OUT/check.jsonl" > "$OUT/check.log" 2>&1
 echo "exit $?"; grep -A6 "correctness" "$OUT/check.log"
 echo "=== [$((SECONDS-START)) s] prefix cache, this tree"
-PYTHONPATH=$PWD timeout 260 python3 tools/bench_prefix_cache.py "${ARGS[@]}" \
+timeout 260 python3 tools/bench_prefix_cache.py "${ARGS[@]}" \
   --scenarios="${SCENARIOS:-off,both}" --out="$OUT/prefix.json" > "$OUT/prefix.log" 2>&1
 echo "exit $?"; grep -A4 "^scenario" "$OUT/prefix.log"
 # The baseline: the tree at BASE_REF (a commit of this repository; needs the
