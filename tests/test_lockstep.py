@@ -5,6 +5,8 @@ prefill worker behind the router, tokens against the reference)."""
 
 from __future__ import annotations
 
+import pytest
+
 from pdjax.engine import lockstep
 from pdjax.engine.requests import PrefillRequest
 from pdjax.engine.sampling import SamplingParams
@@ -33,3 +35,36 @@ def test_what_may_span_processes_is_checked_at_start_up():
       assert match in str(e)
     else:
       raise AssertionError(f"{role}/{pool}/{pages} was accepted")
+
+
+def test_the_leader_hands_on_the_kv_its_result_carries(monkeypatch):
+  """``kv_ready`` and the result get one and the same KV object (what
+  ``PrefillEngine.prefill`` promises), and a KV held whole stays as it is;
+  the batch is broadcast before the engine runs it, once validated."""
+  import jax.numpy as jnp
+  from pdjax.engine.requests import PrefillResult, RequestKV
+  sent = []
+  monkeypatch.setattr(lockstep, "_broadcast", sent.append)
+
+  class Engine:
+    def validate(self, prompt_ids):
+      if not prompt_ids:
+        raise ValueError("empty")
+
+    def prefill(self, requests, *, kv_ready=None):
+      assert sent, "ran before the followers were told"
+      kv = RequestKV(jnp.zeros((1, 2, 1, 4, 1, 2)), 3)
+      kv_ready(0, kv)
+      return [PrefillResult(requests[0].request_id, 1, 0.0, kv, 3)]
+
+  leader = lockstep.LockstepPrefill(Engine())
+  handed = []
+  (res,) = leader.prefill([PrefillRequest("a", [5, 6, 7], SamplingParams())],
+                          kv_ready=lambda i, kv: handed.append(kv))
+  assert len(handed) == 1 and handed[0] is res.kv
+  assert lockstep.decode(sent[0])[0].request_id == "a"
+  with pytest.raises(ValueError, match="empty"):
+    leader.prefill([PrefillRequest("b", [], SamplingParams())])
+  assert len(sent) == 1          # refused before anything was broadcast
+  leader.close()
+  assert sent[-1] is None and leader.closed

@@ -62,7 +62,6 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 import gc
 import math
 import time
@@ -223,14 +222,8 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
   if FLAGS.sampling_path == "device":
     # One program for every batch, its sampling path a lax.cond on device.
-    from pdjax.engine.decode import _generate_entry
-    progs = engine.programs
-    on_device = jax.jit(functools.partial(
-        _generate_entry, cfg=cfg, num_steps=dcfg.steps_per_call,
-        eos_ids=(), capacity=dcfg.max_seq_len,
-        paged=progs.paged_attention, all_greedy=None),
-        donate_argnums=(1,), compiler_options=progs.compiler_options)
-    progs.generate = lambda all_greedy: on_device
+    on_device = engine.programs.generate_program(None)
+    engine.programs.generate = lambda all_greedy: on_device
   compiler_options = engine.programs.compiler_options
   paged_attention = engine.programs.paged_attention
   rep = engine.replicas[0]
@@ -253,7 +246,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
       setup_s = time.perf_counter() - t0
     if rep.live_rows != B:
       raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
-    out = None
+
     def call():
       """One timed call: the replica's dispatch, or the engine's whole
       iteration (dispatch, then delivering the previous call's tokens)."""

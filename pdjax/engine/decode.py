@@ -591,24 +591,24 @@ class _Programs:
     self.compiler_options = generate_compiler_options(dcfg, platform)
     self.paged_attention = use_paged_attention(cfg, dcfg, platform,
                                                devices_per_replica)
-
-    def generate(all_greedy: bool):
-      return jax.jit(
-          functools.partial(_generate_entry, cfg=cfg,
-                            num_steps=dcfg.steps_per_call, eos_ids=eos_ids,
-                            capacity=dcfg.max_seq_len,
-                            paged=self.paged_attention,
-                            all_greedy=all_greedy),
-          donate_argnums=(1,), compiler_options=self.compiler_options)
-
+    self._entry = functools.partial(
+        _generate_entry, cfg=cfg, num_steps=dcfg.steps_per_call,
+        eos_ids=eos_ids, capacity=dcfg.max_seq_len,
+        paged=self.paged_attention)
     # Two generate programs, the sampling path chosen on the host per call
     # (``DecodeReplica.dispatch``): one deciding on device would be a
     # lax.cond, which XLA's GPU runtime resolves on the host, so each call
     # would block until it had run and nothing could be dispatched ahead
     # (the next call, the other replicas' calls, the host's delivery).
-    self.generate_greedy = generate(True)
-    self.generate_sampled = generate(False)
+    self.generate_greedy = self.generate_program(True)
+    self.generate_sampled = self.generate_program(False)
     self.insert = jax.jit(_insert, donate_argnums=(0,))
+
+  def generate_program(self, all_greedy: bool | None):
+    """A new jitted generate program; ``all_greedy`` None decides on device
+    (``sample``'s ``lax.cond``: the benchmarks' baseline, not served)."""
+    return jax.jit(functools.partial(self._entry, all_greedy=all_greedy),
+                   donate_argnums=(1,), compiler_options=self.compiler_options)
 
   def generate(self, all_greedy: bool):
     """The generate program for a batch that is (or is not) all greedy."""

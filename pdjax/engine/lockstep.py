@@ -87,7 +87,11 @@ def _broadcast(payload: bytes | None = None) -> bytes | None:
 
 def local_kv(kv: RequestKV) -> RequestKV:
   """The leader's own copy of a KV replicated over processes: single-device
-  arrays on its first device, which every transport can send."""
+  arrays on its first device, which every transport can send. A KV this
+  process holds whole already is returned as it is."""
+  if all(p.is_fully_addressable for p in kv.pieces):
+    return kv
+
   def local(a: jax.Array) -> jax.Array:
     if a.is_fully_addressable:
       return a
@@ -122,10 +126,19 @@ class LockstepPrefill:
     for r in requests:     # refused here, before any process computes
       self.engine.validate(r.prompt_ids)
     _broadcast(encode(requests))
+    # One local copy per KV, handed to kv_ready and carried by the result
+    # alike (the engine's contract: the same object).
+    local: dict[int, RequestKV] = {}
+
+    def localized(kv: RequestKV) -> RequestKV:
+      if id(kv) not in local:
+        local[id(kv)] = local_kv(kv)
+      return local[id(kv)]
+
     ready = (None if kv_ready is None
-             else lambda i, kv: kv_ready(i, local_kv(kv)))
+             else lambda i, kv: kv_ready(i, localized(kv)))
     results = self.engine.prefill(requests, kv_ready=ready)
-    return [dataclasses.replace(r, kv=local_kv(r.kv)) for r in results]
+    return [dataclasses.replace(r, kv=localized(r.kv)) for r in results]
 
   def close(self) -> None:
     """Tells the followers to stop (once; the worker is shutting down)."""

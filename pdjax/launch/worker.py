@@ -125,6 +125,9 @@ async def serve(role: str) -> None:
   offset = 0
   cfg = None
   from pdjax.engine import lockstep
+  cache_pages = (F.PREFIX_CACHE_PAGES.value
+                 if F.PREFIX_CACHE_PAGES.value is not None
+                 else dep.prefill.cache_pages)   # the prefill worker's store
   for r in roles:
     pool = dep.prefill if r == "prefill" else dep.decode
     mesh_spec = F.MESH.value if (F.MESH.value and role != "both") else pool.mesh
@@ -134,9 +137,7 @@ async def serve(role: str) -> None:
     offset += mesh.size
     spans = lockstep.spans_processes(mesh)
     if spans:
-      check_spanning_pool(role, r, F.PREFIX_CACHE_PAGES.value
-                          if F.PREFIX_CACHE_PAGES.value is not None
-                          else dep.prefill.cache_pages)
+      check_spanning_pool(role, r, cache_pages)
     rules = ShardingRules.load(rules_name)
     params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
     info = common_pb2.WorkerInfo(
@@ -148,9 +149,6 @@ async def serve(role: str) -> None:
       from pdjax.engine.prefill import PrefillEngine
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
-      cache_pages = (F.PREFIX_CACHE_PAGES.value
-                     if F.PREFIX_CACHE_PAGES.value is not None
-                     else dep.prefill.cache_pages)
       store = None
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore

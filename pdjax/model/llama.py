@@ -223,11 +223,8 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
     return _causal_layer(cfg, lp, x, cos, sin, impl)
 
   x, (k_all, v_all) = jax.lax.scan(layer, x, params["layers"])
-  if all_logits:
-    logits = _logits(cfg, params, x)
-  else:
-    logits = prefill_last_logits(params, x, true_len, cfg=cfg)
-  return PrefillOut(logits, k_all, v_all)
+  return PrefillOut(_prefill_logits(params, x, true_len, cfg, all_logits),
+                    k_all, v_all)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
@@ -276,11 +273,15 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
 
   x, (k_buf, v_buf) = jax.lax.scan(layer, x,
                                    (params["layers"], k_buf, v_buf))
+  return PrefillOut(_prefill_logits(params, x, true_len, cfg, all_logits),
+                    k_buf, v_buf)
+
+
+def _prefill_logits(params, x, true_len, cfg, all_logits):
+  """Every position's logits, or each row's last real token's."""
   if all_logits:
-    logits = _logits(cfg, params, x)
-  else:
-    logits = prefill_last_logits(params, x, true_len, cfg=cfg)
-  return PrefillOut(logits, k_buf, v_buf)
+    return _logits(cfg, params, x)
+  return prefill_last_logits(params, x, true_len, cfg=cfg)
 
 
 def _causal_layer(cfg: ModelConfig, lp, x, cos, sin, impl):
@@ -296,12 +297,12 @@ def _causal_layer(cfg: ModelConfig, lp, x, cos, sin, impl):
 
 
 # ------------------------------------------------------ prefill in groups
-# The same computation as ``prefill_forward`` without a prefix, cut into
-# programs the caller runs one after another: embed, a run of layers (as
-# many times as there are layer groups), last-token logits. Each layer
-# group's K/V is then an output of its own program, ready while later
-# groups still compute, so a hand-off can move it under the rest of the
-# prefill (``PrefillEngine``'s ``layer_groups``).
+# The same computation as ``prefill_forward``, cut into programs the caller
+# runs one after another: embed, a run of layers (as many times as there are
+# layer groups), last-token logits. Each layer group's K/V is then an output
+# of its own program, ready while later groups still compute, so a hand-off
+# can move it under the rest of the prefill (``PrefillEngine``'s
+# ``layer_groups``).
 def prefill_embed(params: Params, tokens) -> jax.Array:
   """tokens [B, T] -> the residual stream [B, T, D] entering layer 0."""
   return _embed(params, tokens)
