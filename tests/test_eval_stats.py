@@ -529,6 +529,26 @@ def test_cli_sweep_and_plot_only(tmp_path, capsys):
   assert "[disaggregated]" in out and "[colocated]" in out
 
 
+def test_sweep_with_an_arrival_window_sends_rate_times_window(tmp_path):
+  be = _batch_eval()
+  fake = FakeBackend()
+  cfg = be.EvalConfig(preset="chat", duration_s=0.05, sweep_rates=[100, 300],
+                      length_scale=0.02, vocab_size=320, label="w",
+                      out_dir=str(tmp_path / "w"), progress=False)
+  assert cfg.num_requests == 15          # enough for the highest rate
+  out = asyncio.run(be.run_eval(cfg, backend=fake))
+  assert [s.completed for s in out.summaries] == [5, 15]
+  low = _check_run_dir(tmp_path / "w" / "rate_100", fake, 5, png=False)[0]
+  high = _check_run_dir(tmp_path / "w" / "rate_300", fake, 15, png=False)[0]
+  # The lower rate sends the first requests of the same workload.
+  assert ([l["request_id"] for l in low]
+          == [l["request_id"] for l in high][:5])
+  with pytest.raises(ValueError, match="finite rate"):
+    be.EvalConfig(duration_s=10.0)
+  with pytest.raises(ValueError, match="> 0"):
+    be.EvalConfig(duration_s=0.0, rate=4.0)
+
+
 def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   be = _batch_eval()
   fake = FakeBackend()

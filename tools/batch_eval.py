@@ -68,6 +68,13 @@ flags.DEFINE_string("input", None,
 flags.DEFINE_enum("preset", "chat", sorted(workloads.PRESETS),
                   "Synthetic workload; also the default SLOs.")
 flags.DEFINE_integer("num_requests", 200, "Requests per run (per rate).")
+flags.DEFINE_float("duration_s", None,
+                   "Arrival window of each run instead of a fixed count: a "
+                   "run at R req/s sends the workload's first round(R * "
+                   "duration_s) requests, so every rate of a sweep is "
+                   "measured over the same stretch of steady load (a fixed "
+                   "count is a short burst at high rates). Needs a finite "
+                   "--rate or --sweep_rates; --num_requests is ignored.")
 flags.DEFINE_integer("seed", 0,
                      "Seeds the workload, the arrival times and sampling.")
 flags.DEFINE_float("rate", math.inf,
@@ -171,6 +178,7 @@ class EvalConfig:
   input: str | None = None
   preset: str = "chat"
   num_requests: int = 200
+  duration_s: float | None = None
   seed: int = 0
   rate: float = math.inf
   concurrency: int | None = None
@@ -202,6 +210,23 @@ class EvalConfig:
       self.tpot_slo = preset.tpot_slo
     if self.ignore_eos is None:
       self.ignore_eos = self.input is None
+    if self.duration_s is not None:
+      if not self.duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+      if not all(map(math.isfinite, self.sweep_rates or [self.rate])):
+        raise ValueError("duration_s needs a finite rate (--rate or "
+                         "--sweep_rates): an arrival window at an infinite "
+                         "rate has no length")
+      # Enough of the workload for the highest rate; lower rates send a
+      # prefix of it, so every rate sees the same first requests.
+      self.num_requests = self.requests_at(max(self.sweep_rates
+                                               or [self.rate]))
+
+  def requests_at(self, rate: float) -> int:
+    """Requests a run at ``rate`` sends."""
+    if self.duration_s is None:
+      return self.num_requests
+    return max(1, round(rate * self.duration_s))
 
   def sampling(self) -> dict[str, Any]:
     return dict(temperature=self.temperature, top_p=self.top_p,
@@ -212,7 +237,8 @@ class EvalConfig:
 def config_from_flags() -> EvalConfig:
   return EvalConfig(
       target=FLAGS.target, input=FLAGS.input, preset=FLAGS.preset,
-      num_requests=FLAGS.num_requests, seed=FLAGS.seed, rate=FLAGS.rate,
+      num_requests=FLAGS.num_requests, duration_s=FLAGS.duration_s,
+      seed=FLAGS.seed, rate=FLAGS.rate,
       concurrency=FLAGS.concurrency,
       sweep_rates=([float(r) for r in FLAGS.sweep_rates]
                    if FLAGS.sweep_rates else None),
@@ -324,7 +350,7 @@ async def run_eval(cfg: EvalConfig,
       writer = _ResultsWriter(run_dir / "results.jsonl",
                               dict(label=cfg.label, rate=rate))
       records = await load.run_workload(
-          backend, items, rate=rate, concurrency=cfg.concurrency,
+          backend, items[:cfg.requests_at(rate)], rate=rate, concurrency=cfg.concurrency,
           sampling=cfg.sampling(), seed=cfg.seed, on_record=writer.append,
           progress=cfg.progress)
       interrupted = bool(task is not None and task.cancelling())
@@ -434,7 +460,10 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.input and FLAGS.length_scale != 1.0:
     logging.warning("--length_scale applies to synthetic presets only; "
                     "ignored with --input")
-  cfg = config_from_flags()
+  try:
+    cfg = config_from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   outcome = asyncio.run(run_eval(cfg))
   print(f"results in {outcome.out_dir}")
   return 130 if outcome.interrupted else 0

@@ -56,6 +56,8 @@ class LocalCluster:
     self.platform = platform
     self.host = host
     self.procs: list[Proc] = []
+    # Worker k's GPUs are the next ones of this list, in order.
+    self._gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"))
     self._next_gpu = 0
 
   def _env(self, devices: int) -> dict[str, str]:
@@ -75,9 +77,16 @@ class LocalCluster:
           [f for f in env.get("XLA_FLAGS", "").split()
            if "force_host_platform_device_count" not in f] + [flag])
     else:
-      ids = range(self._next_gpu, self._next_gpu + devices)
+      ids = [str(i) for i in range(self._next_gpu, self._next_gpu + devices)]
+      if self._gpus is not None:
+        if self._next_gpu + devices > len(self._gpus):
+          raise UsageError(
+              f"the deployment needs more GPUs than CUDA_VISIBLE_DEVICES="
+              f"{','.join(self._gpus)} lists ({len(self._gpus)}); list more, "
+              "or ask for fewer workers or smaller meshes")
+        ids = self._gpus[self._next_gpu:self._next_gpu + devices]
       self._next_gpu += devices
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       for k, v in (("NCCL_NVLS_ENABLE", "0"),
                    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -129,6 +138,17 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
           os.killpg(p.popen.pid, signal.SIGKILL)
         p.popen.wait()
+
+
+def visible_gpus(setting: str | None) -> list[str] | None:
+  """The GPUs a local deployment may hand out, from the launcher's own
+  ``CUDA_VISIBLE_DEVICES`` (None: unset, every GPU from 0 up). Honouring it
+  lets two deployments share one host on disjoint GPUs (``0,1`` and
+  ``2,3``), as every CUDA program honours it."""
+  if setting is None:
+    return None
+  ids = [s.strip() for s in setting.split(",") if s.strip()]
+  return ids
 
 
 def free_port(host: str = "127.0.0.1") -> int:

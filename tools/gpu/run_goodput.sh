@@ -14,7 +14,12 @@
 #   tp2      one colocated engine with TP=2 over both GPUs
 # Raw results (results.jsonl + summary.json per run), worker logs and plots
 # go to OUT_DIR as a few files (the device tool returns at most 8).
-# Knobs: BUDGET_S (default 540), PRESETS, CHAT_RATES, SUM_RATES, CHAT_N, SUM_N.
+# Knobs: BUDGET_S (default 540), PRESETS, CHAT_RATES, SUM_RATES, CHAT_N,
+# SUM_N (requests per rate), CHAT_DUR, SUM_DUR (instead of a count: the
+# arrival window per rate, seconds: batch_eval --duration_s), PORT (router,
+# default 50151), RUNS (scratch dir, default /tmp/pdjax_goodput). GPUs: from
+# 0 up, or those CUDA_VISIBLE_DEVICES lists (two sweeps can share a host:
+# tools/gpu/run_goodput_pairs.sh).
 set -u
 OUT=${1:?usage: run_goodput.sh OUT_DIR CONFIGS}
 CONFIGS=${2:-disagg,coloc2}
@@ -33,6 +38,9 @@ CHAT_RATES=${CHAT_RATES:-2,4,8,16}
 SUM_RATES=${SUM_RATES:-0.5,1,2,4}
 CHAT_N=${CHAT_N:-48}
 SUM_N=${SUM_N:-24}
+CHAT_DUR=${CHAT_DUR:-}
+SUM_DUR=${SUM_DUR:-}
+PORT=${PORT:-50151}
 PRESETS=${PRESETS:-chat summarize}
 . tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -40,7 +48,7 @@ export PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
 install_carried_wheels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 . tools/gpu/deploy_lib.sh
-RUNS=/tmp/pdjax_goodput; rm -rf "$RUNS"; mkdir -p "$RUNS"
+RUNS=${RUNS:-/tmp/pdjax_goodput}; rm -rf "$RUNS"; mkdir -p "$RUNS"
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 
@@ -60,14 +68,16 @@ for cfg in ${CONFIGS//,/ }; do
   echo "=== [$((SECONDS - START)) s] $cfg"
   dir=$RUNS/$cfg
   # shellcheck disable=SC2046
-  deploy_up "$dir" 50151 $(( $(left) - 20 )) --config=$DEPLOY \
+  deploy_up "$dir" "$PORT" $(( $(left) - 20 )) --config=$DEPLOY \
     --platform=$PLATFORM $(deploy_args "$cfg") || continue
   echo "  up after $((SECONDS - START)) s"
   for preset in $PRESETS; do
-    if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; pe=$CHAT_EVAL; else rates=$SUM_RATES; n=$SUM_N; pe=$SUM_EVAL; fi
+    if [ $preset = chat ]; then rates=$CHAT_RATES; n=$CHAT_N; dur=$CHAT_DUR; pe=$CHAT_EVAL
+    else rates=$SUM_RATES; n=$SUM_N; dur=$SUM_DUR; pe=$SUM_EVAL; fi
+    count="--num_requests=$n"; [ -n "$dur" ] && count="--duration_s=$dur"
     t=$(( $(left) - 30 )); (( t < 30 )) && { echo "  no time for $preset"; continue; }
-    timeout $t $PY tools/batch_eval.py --target=127.0.0.1:50151 --preset=$preset \
-      --sweep_rates=$rates --num_requests=$n --vocab_size=$VOCAB --max_model_len=$MAX_LEN $EXTRA_EVAL $pe \
+    timeout $t $PY tools/batch_eval.py --target=127.0.0.1:$PORT --preset=$preset \
+      --sweep_rates=$rates $count --vocab_size=$VOCAB --max_model_len=$MAX_LEN $EXTRA_EVAL $pe \
       --label=$cfg --out_dir="$dir/$preset" --noprogress > "$dir/$preset.log" 2>&1
     echo "  $preset: exit $? at $((SECONDS - START)) s"
     grep -A12 "max goodput\|Max goodput\|rate " "$dir/$preset.log" | tail -14

@@ -1,0 +1,38 @@
+"""How a local deployment hands GPUs to its workers (no GPU needed: only the
+environment each worker would be started with is checked)."""
+
+import pytest
+
+from pdjax.launch.cluster import LocalCluster, UsageError, visible_gpus
+
+
+def _gpu_envs(tmp_path, monkeypatch, visible, sizes):
+  if visible is None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  else:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+  cluster = LocalCluster(tmp_path, platform="gpu")
+  return [cluster._env(n)["CUDA_VISIBLE_DEVICES"] for n in sizes]
+
+
+def test_workers_get_consecutive_gpus_from_zero(tmp_path, monkeypatch):
+  assert _gpu_envs(tmp_path, monkeypatch, None, [2, 1, 1]) == ["0,1", "2",
+                                                                "3"]
+
+
+def test_workers_get_the_launchers_visible_gpus(tmp_path, monkeypatch):
+  # Two deployments on one host: the second one launched with GPUs 2 and 3.
+  assert _gpu_envs(tmp_path, monkeypatch, "2,3", [1, 1]) == ["2", "3"]
+  assert _gpu_envs(tmp_path, monkeypatch, "GPU-a, GPU-b,GPU-c",
+                   [2, 1]) == ["GPU-a,GPU-b", "GPU-c"]
+
+
+def test_more_gpus_than_visible_is_a_usage_error(tmp_path, monkeypatch):
+  with pytest.raises(UsageError, match="CUDA_VISIBLE_DEVICES=4,5"):
+    _gpu_envs(tmp_path, monkeypatch, "4,5", [2, 1])
+
+
+def test_visible_gpus_parsing():
+  assert visible_gpus(None) is None
+  assert visible_gpus("") == []
+  assert visible_gpus("1, 3") == ["1", "3"]
