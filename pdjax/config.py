@@ -38,6 +38,7 @@ class PoolConfig:
   sharding: str = "prefill_tp"
   buckets: tuple[int, ...] = (16, 32, 64, 128, 256)
   max_batch: int = 4
+  max_batch_tokens: int = 0
   max_seqs: int = 8
   num_pages: int = 512
   steps_per_call: int = 4
@@ -101,6 +102,7 @@ class DeploymentConfig:
                             layer_groups: int = 1) -> PrefillConfig:
     pool = pool or self.prefill
     return PrefillConfig(buckets=tuple(pool.buckets), max_batch=pool.max_batch,
+                         max_batch_tokens=pool.max_batch_tokens,
                          page_size=self.page_size,
                          max_seq_len=self.max_seq_len,
                          layer_groups=layer_groups,

@@ -1124,6 +1124,39 @@ def test_generate_gemm_choice():
     DecodeConfig(triton_gemm="cublas")
 
 
+def test_prefill_batch_token_cap(tiny, rules, prefill_tp, monkeypatch):
+  """max_batch_tokens caps the prompts of one batched program by its
+  bucket (never below one prompt); a capped engine's results equal the
+  uncapped engine's, and the deployment file's setting reaches it."""
+  from pdjax.config import DeploymentConfig
+  cap = PrefillConfig(buckets=(16, 32, 64), max_batch=4, page_size=PAGE,
+                      max_seq_len=MAX_SEQ, max_batch_tokens=64)
+  assert [cap.batch_limit(b) for b in (16, 32, 64)] == [4, 2, 1]
+  assert [cap.batch_sizes(b) for b in (16, 32, 64)] == [[1, 2, 4], [1, 2],
+                                                          [1]]
+  assert PCFG.batch_sizes(64) == [1, 2]            # no cap: max_batch
+  assert dataclasses.replace(cap, max_batch_tokens=8).batch_limit(16) == 1
+  with pytest.raises(ValueError, match="max_batch_tokens"):
+    dataclasses.replace(cap, max_batch_tokens=-1)
+  capped = _prefill_engine(tiny, rules, 1, jax.devices()[6:7],
+                           dataclasses.replace(PCFG, max_batch_tokens=32))
+  sizes = []
+  run = capped._prefill_batch
+  monkeypatch.setattr(capped, "_prefill_batch", lambda reqs, bucket, **kw: (
+      sizes.append((bucket, len(reqs))), run(reqs, bucket, **kw))[1])
+  reqs = [PrefillRequest(f"r{i}", prompt(n, 40 + i), GREEDY, 0)
+          for i, n in enumerate((40, 50, 12, 9))]
+  got = capped.prefill(reqs)
+  want = prefill_tp[1].prefill(reqs)
+  assert sorted(sizes) == [(16, 2), (64, 1), (64, 1)]
+  for g, w in zip(got, want):
+    assert g.first_token == w.first_token
+    np.testing.assert_allclose(np.asarray(g.kv.kv), np.asarray(w.kv.kv),
+                               atol=1e-5)
+  dep = DeploymentConfig.load("gpu-8b")
+  assert dep.prefill_engine_config().max_batch_tokens == 8192
+
+
 def test_prefill_gemm_choice():
   """Prefill programs take cuBLAS on GPUs unless told Triton; nothing off
   GPUs; a deployment file's [prefill] triton_gemm reaches the engine."""

@@ -44,6 +44,11 @@ from pdjax.sharding import ShardingRules
 class PrefillConfig:
   buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
   max_batch: int = 4
+  # Prompt tokens one batched program may hold (0: no cap), as vLLM's
+  # max_num_batched_tokens: long buckets run fewer prompts at a time, which
+  # bounds what one program allocates (4 x 8192 tokens of an 8B model want
+  # 7.7 GiB at once, beside a decode worker's page pool).
+  max_batch_tokens: int = 0
   page_size: int = 16
   max_seq_len: int = 1024
   # Bucketed prompts run their layers as this many programs, so each
@@ -71,6 +76,9 @@ class PrefillConfig:
     if self.max_seq_len % self.page_size:
       raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
                        f"page_size {self.page_size}")
+    if self.max_batch_tokens < 0:
+      raise ValueError(f"max_batch_tokens must be >= 0 (0: no cap), got "
+                       f"{self.max_batch_tokens}")
 
   @property
   def chunk(self) -> int:
@@ -98,12 +106,21 @@ class PrefillConfig:
     g = min(self.layer_groups, num_layers)
     return [num_layers // g + (i < num_layers % g) for i in range(g)]
 
-  def batch_sizes(self) -> list[int]:
-    out, b = [], 1
-    while b < self.max_batch:
+  def batch_limit(self, bucket: int) -> int:
+    """Prompts one program of ``bucket`` tokens runs at most (always 1 or
+    more: a prompt longer than the cap still runs, alone)."""
+    if not self.max_batch_tokens:
+      return self.max_batch
+    return max(1, min(self.max_batch, self.max_batch_tokens // bucket))
+
+  def batch_sizes(self, bucket: int) -> list[int]:
+    """The batch sizes compiled for ``bucket``: powers of two, then its
+    limit."""
+    limit, out, b = self.batch_limit(bucket), [], 1
+    while b < limit:
       out.append(b)
       b *= 2
-    return out + [self.max_batch]
+    return out + [limit]
 
 
 def prefill_compiler_options(config: PrefillConfig,
@@ -305,8 +322,9 @@ class PrefillEngine:
       else:
         by_bucket.setdefault(b, []).append(i)
     for bucket, idxs in by_bucket.items():
-      for s in range(0, len(idxs), self.config.max_batch):
-        group = idxs[s:s + self.config.max_batch]
+      step = self.config.batch_limit(bucket)
+      for s in range(0, len(idxs), step):
+        group = idxs[s:s + step]
         ready = (None if kv_ready is None else
                  lambda j, kv, group=group: kv_ready(group[j], kv))
         outs = self._prefill_batch([requests[i] for i in group], bucket,
@@ -334,7 +352,8 @@ class PrefillEngine:
 
   def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int, *,
                      kv_ready: KvReady | None = None):
-    batch = next(b for b in self.config.batch_sizes() if b >= len(reqs))
+    batch = next(b for b in self.config.batch_sizes(bucket)
+                 if b >= len(reqs))
     tokens = np.zeros((batch, bucket), np.int32)
     true_len = np.ones((batch,), np.int32)
     for i, r in enumerate(reqs):
@@ -438,7 +457,7 @@ class PrefillEngine:
     from pdjax.engine.sampling import SamplingParams
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     for bucket in self.config.buckets:
-      for batch in self.config.batch_sizes():
+      for batch in self.config.batch_sizes(bucket):
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
         out = self._prefill_batch(reqs, bucket)
