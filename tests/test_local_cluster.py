@@ -36,3 +36,15 @@ def test_visible_gpus_parsing():
   assert visible_gpus(None) is None
   assert visible_gpus("") == []
   assert visible_gpus("1, 3") == ["1", "3"]
+
+
+def test_the_router_takes_no_gpu(tmp_path, monkeypatch):
+  # devices=0 (the router) between two workers: it takes none of their GPUs.
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+  cluster = LocalCluster(tmp_path, platform="gpu")
+  first = cluster._env(1)
+  router = cluster._env(0)
+  assert (router["CUDA_VISIBLE_DEVICES"], router["JAX_PLATFORMS"]) == ("",
+                                                                       "cpu")
+  assert (first["CUDA_VISIBLE_DEVICES"],
+          cluster._env(1)["CUDA_VISIBLE_DEVICES"]) == ("2", "3")

@@ -70,7 +70,11 @@ class LocalCluster:
     env.setdefault("JAX_COMPILATION_CACHE_DIR",
                    os.path.join(cache_root, "jax_compilation_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    if self.platform == "cpu":
+    if devices == 0:             # the router: no accelerator of its own
+      env["JAX_PLATFORMS"] = "cpu"
+      if self.platform != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif self.platform == "cpu":
       env["JAX_PLATFORMS"] = "cpu"
       flag = f"--xla_force_host_platform_device_count={devices}"
       env["XLA_FLAGS"] = " ".join(
@@ -247,7 +251,8 @@ def launch(cluster: LocalCluster, *, config: str = "local",
     router_args.append(f"--checkpoint={checkpoint}")
   if local_prefill_threshold is not None:
     router_args.append(f"--local_prefill_threshold={local_prefill_threshold}")
-  router = cluster.start("router", "pdjax.launch.router", router_args)
+  router = cluster.start("router", "pdjax.launch.router", router_args,
+                         devices=0)
   cluster.wait_ready([router], ready_timeout_s)
   return f"{host}:{router.port()}"
 
