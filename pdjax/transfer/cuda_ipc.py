@@ -274,7 +274,9 @@ class CudaIpcSender(KvSender):
     so the record its wait sees is this hand-off's or a later one, which
     completes after this hand-off's copies too. The sources stay referenced
     until their copies have run (``_Retirement``), and so does the landing
-    buffer's mapping.
+    buffer's mapping. The event lives as long as the sender: CUDA leaves a
+    wait on an event its maker destroyed undefined (it may never return),
+    so ``close`` is for shutdown, once the hand-offs sent are received.
   * ``"sync"``: ``send`` synchronizes the stream before it returns and the
     handle carries no event (what older senders do; receivers accept both).
     For comparisons (tools/gpu/ipc_bandwidth.py), and for callers that time
