@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import random
 import threading
+import time
 import types
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +74,16 @@ def _replica_sharding(first: int, tp: int) -> NamedSharding:
   mesh = Mesh(np.array(_devices()[first:first + tp]), ("tp",))
   return NamedSharding(mesh, PartitionSpec(None, None, None, None,
                                            "tp" if tp > 1 else None))
+
+
+def _until(cond, timeout_s: float = 5.0) -> bool:
+  """Polls ``cond`` until it holds (a background thread's work is done)."""
+  deadline = time.monotonic() + timeout_s
+  while not cond():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.002)
+  return True
 
 
 def _dest(slot: ci.LandingSlot | None, tid: str, **kw) -> kv_pb2.KvDestination:
@@ -470,23 +483,26 @@ def test_sender_handle_cache_is_bounded():
   pool.close()
 
 
-def test_sender_never_closes_a_handle_its_copies_are_still_using():
-  """A send's copies run until its stream sync: the handle cache's bound
-  must not close that buffer's mapping under them (other sends opening
-  more buffers meanwhile); it is closed once the send is done."""
+@pytest.mark.parametrize("signal", ["sync", "event"])
+def test_sender_never_closes_a_handle_its_copies_are_still_using(signal):
+  """A send's copies run until its stream sync (in the send with the sync
+  signal, in the retirement after it with the event signal): the handle
+  cache's bound must not close that buffer's mapping under them (other
+  sends opening more buffers meanwhile); it is closed once they have run."""
   registry = ci.FakeIpcRegistry()
-  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 3, MiB)
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 0, 4, MiB)
   syncing, release = threading.Event(), threading.Event()
 
   class SlowSync(ci.FakeCudaDriver):
     def synchronize(self, ordinal):
-      if threading.current_thread().name == "slow-send":
+      if threading.current_thread().name in ("slow-send", "cuda-ipc-retire"):
         syncing.set()
         assert release.wait(5)
       super().synchronize(ordinal)
 
-  sender = ci.CudaIpcSender(SlowSync(registry), max_open_handles=1)
-  slots = [pool.acquire(f"t{i}", MiB) for i in range(3)]
+  sender = ci.CudaIpcSender(SlowSync(registry), max_open_handles=1,
+                            signal=signal)
+  slots = [pool.acquire(f"t{i}", MiB) for i in range(4)]
   done = []
   slow = threading.Thread(name="slow-send", target=lambda: done.append(
       sender.send(_kv(), _dest(slots[0], "t0"), timeout_s=5)))
@@ -498,11 +514,246 @@ def test_sender_never_closes_a_handle_its_copies_are_still_using():
   release.set()
   slow.join(5)
   assert done and done[0].transport == "cuda_ipc"
-  sender.send(_kv(), _dest(slots[1], "t1"), timeout_s=5)
+  assert _until(lambda: sender.in_flight == 0)
+  sender.send(_kv(), _dest(slots[3], "t3"), timeout_s=5)
   assert registry.opened[slots[0].handle] == 0    # now it could go
   assert sum(registry.opened.values()) == 1
   sender.close()
   pool.close()
+
+
+# ------------------------------------------- completion signalled by an event
+class HeldGpu(ci.FakeCudaDriver):
+  """The prefill process's driver on a slow GPU: copies are deferred, and
+  this process's own waits for them (the retirement's stream syncs) hang
+  until ``go`` is set. So the copies run only when the receiver waits on
+  the event, or once ``go`` is set: nothing else can make the bytes land."""
+
+  def __init__(self, registry):
+    super().__init__(registry, deferred=True)
+    self.go = threading.Event()
+
+  def synchronize(self, ordinal):
+    assert self.go.wait(10), "the test never let the copies run"
+    super().synchronize(ordinal)
+
+
+@pytest.fixture
+def slow():
+  """``pair``, with deferred copies and a held sender-side wait."""
+  registry = ci.FakeIpcRegistry()
+  recv_driver = ci.FakeCudaDriver(registry, deferred=True)
+  send_driver = HeldGpu(registry)
+  pool = ci.LandingPool(recv_driver, 2, 2, MiB)
+  receiver = ci.CudaIpcReceiver(pool, _devices()[2])
+  sender = ci.CudaIpcSender(send_driver)
+  yield types.SimpleNamespace(registry=registry, pool=pool, receiver=receiver,
+                              sender=sender, send_driver=send_driver,
+                              recv_driver=recv_driver)
+  send_driver.go.set()
+  sender.close()
+  receiver.close()
+
+
+def _grouped_kv(seed: int = 5) -> RequestKV:
+  """A KV in two layer groups: a send of it is two copies, then the
+  record."""
+  whole = _kv(jnp.bfloat16, seed=seed).kv
+  return RequestKV(None, 13, layer_groups=[whole[:1], whole[1:]])
+
+
+def test_the_receiver_reads_the_region_only_after_the_senders_event(slow):
+  """The sender returns with its copies still queued and its event's handle
+  in the KvHandle; the region is still empty then. The receiver waits on
+  the event, which runs them, and only then reads."""
+  kv = _grouped_kv()
+  want = _bits(kv.kv)
+  slot = slow.pool.acquire("t1", kv.payload_bytes)
+  slow.receiver.expect("t1", "r1")
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert len(handle.ipc_event_handle) == ci.IPC_EVENT_HANDLE_BYTES
+  assert slow.sender.last_phases["sync_ms"] == 0
+  assert slow.sender.in_flight == 1
+  assert slow.registry.copies == 0
+  assert ctypes.string_at(slot.ptr, kv.payload_bytes) == bytes(
+      kv.payload_bytes)                   # nothing has landed yet
+  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  assert slow.registry.copies == 2        # both groups, by the wait
+  np.testing.assert_array_equal(_bits(out.kv), want)
+  assert slow.receiver.last_phases["copies_pending"] == 1.0
+  assert slow.receiver.last_phases["wait_ms"] >= 0
+  out.release()
+  slow.send_driver.go.set()
+  assert _until(lambda: slow.sender.in_flight == 0)
+
+
+def test_a_receiver_that_skips_the_wait_reads_stale_bytes(slow, monkeypatch):
+  """What the test above relies on: without the wait the receiver reads the
+  region before the copies ran (on a GPU, a race it would mostly lose
+  silently), so a receiver that skipped it would fail that test."""
+  monkeypatch.setattr(slow.recv_driver, "event_synchronize",
+                      lambda ordinal, event: None)
+  kv = _kv(jnp.bfloat16, seed=6)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.receiver.expect("t1", "r1")
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  got = _bits(out.kv)
+  assert not got.any()                    # zeros: the copy had not run
+  assert not np.array_equal(got, _bits(kv.kv))
+  slow.send_driver.go.set()               # the GPU catches up
+  assert _until(lambda: slow.sender.in_flight == 0)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  out.release()
+
+
+def test_a_handle_without_an_event_is_read_at_once():
+  """A sender that synchronizes (``signal="sync"``, as older senders did)
+  sends no event; its copies have run before its handle exists, and the
+  receiver reads without waiting."""
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry, deferred=True), 2, 1, MiB)
+  receiver = ci.CudaIpcReceiver(pool, _devices()[2])
+  send_driver = ci.FakeCudaDriver(registry, deferred=True)
+  sender = ci.CudaIpcSender(send_driver, signal="sync")
+  kv = _kv(jnp.bfloat16, seed=7)
+  slot = pool.acquire("t1", kv.kv.nbytes)
+  receiver.expect("t1", "r1")
+  handle = sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert not handle.ipc_event_handle and send_driver.syncs == 1
+  assert registry.bytes_copied == kv.kv.nbytes and sender.in_flight == 0
+  out = receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  assert receiver.last_phases["copies_pending"] == 0.0
+  assert not registry.events and not registry.events_opened
+  out.release()
+  with pytest.raises(ValueError, match="signal"):
+    ci.CudaIpcSender(send_driver, signal="poll")
+  sender.close()
+  receiver.close()
+
+
+def test_sources_live_until_their_copies_have_run(slow):
+  """The copy reads the prefill's KV after ``send`` returned: the sender
+  keeps the array (else XLA could reuse its memory under the copy) until
+  the copy has run, and not longer."""
+  kv = _kv(jnp.bfloat16, seed=8)
+  want = _bits(kv.kv)
+  source = weakref.ref(kv.kv)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  del kv
+  gc.collect()
+  assert source() is not None and slow.sender.in_flight == 1
+  slow.send_driver.go.set()
+  assert _until(lambda: slow.sender.in_flight == 0)
+  gc.collect()
+  assert source() is None
+  # The retirement's wait ran the copy, with no receiver involved.
+  got = np.frombuffer(ctypes.string_at(slot.ptr, want.nbytes), want.dtype)
+  np.testing.assert_array_equal(got, want.reshape(-1))
+
+
+def test_close_retires_the_copies_before_unmapping_and_destroys_events(slow):
+  kv = _kv(jnp.bfloat16, seed=9)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.receiver.expect("t1", "r1")
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  event_handle = handle.ipc_event_handle
+  closing = threading.Thread(target=slow.sender.close)
+  closing.start()
+  closing.join(0.2)
+  assert closing.is_alive()              # waiting for the copy to run
+  assert slow.registry.opened[slot.handle] == 1 and slow.registry.events
+  slow.send_driver.go.set()
+  closing.join(5)
+  assert not closing.is_alive() and slow.sender.in_flight == 0
+  assert slow.registry.bytes_copied == kv.kv.nbytes
+  assert not sum(slow.registry.opened.values())
+  assert event_handle not in slow.registry.events    # destroyed
+  # The receiver opened no event yet; one it opens it destroys on close.
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 2, 1, MiB)
+  receiver = ci.CudaIpcReceiver(pool, _devices()[2])
+  sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry))
+  for i in range(2):                     # one event, opened once
+    slot = pool.acquire(f"t{i}", kv.kv.nbytes)
+    receiver.expect(f"t{i}", "r")
+    handle = sender.send(kv, _dest(slot, f"t{i}"), timeout_s=5)
+    receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5).release()
+  assert len(registry.events) == 1
+  assert sum(registry.events_opened.values()) == 1
+  receiver.close()
+  assert sum(registry.events_opened.values()) == 0
+  sender.close()
+  assert not registry.events
+
+
+def test_the_receiver_keeps_a_bounded_number_of_events(monkeypatch):
+  """One event per sending device is kept open; a receiver that has seen
+  more senders than MAX_EVENTS destroys the least recently used."""
+  monkeypatch.setattr(ci.CudaIpcReceiver, "MAX_EVENTS", 2)
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 2, 1, MiB)
+  receiver = ci.CudaIpcReceiver(pool, _devices()[2])
+  senders = [ci.CudaIpcSender(ci.FakeCudaDriver(registry)) for _ in range(3)]
+  for i, sender in enumerate(senders + senders[:1]):
+    kv = _kv(jnp.bfloat16, seed=i)
+    slot = pool.acquire(f"t{i}", kv.kv.nbytes)
+    receiver.expect(f"t{i}", "r")
+    out = receiver.receive(sender.send(kv, _dest(slot, f"t{i}"), timeout_s=5),
+                           _replica_sharding(2, 1), timeout_s=5)
+    np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+    out.release()
+  assert len(receiver._events) == 2
+  assert sum(registry.events_opened.values()) == 2
+  receiver.close()
+  for sender in senders:
+    sender.close()
+  assert not registry.events and not sum(registry.events_opened.values())
+
+
+def test_a_failed_send_waits_for_the_copies_it_issued():
+  """A send that fails after some copies were issued syncs before it
+  raises (nothing may still be writing into a region whose hand-off
+  failed), hands nothing to the retirement and records no event."""
+  registry = ci.FakeIpcRegistry()
+  pool = ci.LandingPool(ci.FakeCudaDriver(registry), 2, 1, MiB)
+
+  class SecondCopyFails(ci.FakeCudaDriver):
+    def memcpy_dtod(self, ordinal, dst, src, nbytes):
+      if self.copies_issued == 1:
+        raise ci.CudaError("cuMemcpyDtoDAsync failed: CUDA_ERROR_UNKNOWN")
+      super().memcpy_dtod(ordinal, dst, src, nbytes)
+
+  driver = SecondCopyFails(registry, deferred=True)
+  sender = ci.CudaIpcSender(driver)
+  kv = _grouped_kv()
+  slot = pool.acquire("t1", kv.payload_bytes)
+  with pytest.raises(ci.CudaError, match="UNKNOWN"):
+    sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert driver.syncs == 1 and registry.copies == 1   # the first one ran
+  assert sender.in_flight == 0 and not sender._copying
+  assert not registry.events
+  sender.close()
+  pool.close()
+
+
+def test_a_failed_wait_quarantines_the_region(slow, monkeypatch):
+  """A driver error while waiting on the sender's event fails the hand-off
+  as a failed read does: the region waits out its lease (the sender's
+  copies may still run), and the error reaches the caller."""
+  def broken(ordinal, event):
+    raise ci.CudaError("cuEventSynchronize failed: CUDA_ERROR_LAUNCH_FAILED")
+
+  monkeypatch.setattr(slow.recv_driver, "event_synchronize", broken)
+  kv = _kv(jnp.bfloat16)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.receiver.expect("t1", "r1")
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  with pytest.raises(ci.CudaError, match="LAUNCH_FAILED"):
+    slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  assert slow.pool.live() == 0 and slow.pool.quarantined() == 1
 
 
 def test_receiver_refuses_what_was_not_lent_or_is_malformed(pair):

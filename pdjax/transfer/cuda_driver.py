@@ -4,8 +4,11 @@
 deployments and CI never need it); ``FakeCudaDriver`` stands in on CPU: its
 "device memory" is host memory and its copies move real bytes, bounds-
 checked against the destination allocation, so what lands can be checked
-byte for byte and an offset bug fails loudly. The path itself, and the
-ownership rules of the memory it lends, are in ``pdjax.transfer.cuda_ipc``.
+byte for byte and an offset bug fails loudly. With ``deferred=True`` its
+copies also run late, as a GPU's do (only when something waits for them), so
+a reader that skips the wait reads stale bytes and its test fails. The path
+itself, and the ownership rules of the memory it lends, are in
+``pdjax.transfer.cuda_ipc``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pdjax.transfer import foreign_memory
 from pdjax.transfer.base import TransferError
 
 IPC_HANDLE_BYTES = 64        # sizeof(CUipcMemHandle)
+IPC_EVENT_HANDLE_BYTES = 64  # sizeof(CUipcEventHandle)
 
 
 class CudaError(TransferError):
@@ -46,6 +50,23 @@ class CudaDriver(Protocol):
   def memcpy_dtod(self, ordinal: int, dst: int, src: int,
                   nbytes: int) -> None: ...
   def synchronize(self, ordinal: int) -> None: ...
+
+  # Interprocess events: the sender records one after a hand-off's copies
+  # on its copy stream, and the receiver waits on it, instead of the sender
+  # waiting for the copies before it may say they are there.
+  def event_create_ipc(self, ordinal: int) -> tuple[object, bytes]:
+    """A new interprocess event, and its handle for other processes."""
+    ...
+
+  def event_record(self, ordinal: int, event) -> None:
+    """Records ``event`` on the copy stream: it completes once every copy
+    issued before has."""
+    ...
+
+  def event_open(self, ordinal: int, handle: bytes) -> object: ...
+  def event_synchronize(self, ordinal: int, event) -> None: ...
+  def event_query(self, ordinal: int, event) -> bool: ...
+  def event_destroy(self, ordinal: int, event) -> None: ...
 
   def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
            device) -> jax.Array:
@@ -166,6 +187,51 @@ class RealCudaDriver:
     self._check(self._cu.cuStreamSynchronize(self._stream(ordinal)),
                 "cuStreamSynchronize")
 
+  def event_create_ipc(self, ordinal: int) -> tuple[object, bytes]:
+    self.activate(ordinal)
+    cu = self._cu
+    flags = (cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+             | cu.CUevent_flags.CU_EVENT_INTERPROCESS)
+    event = self._check(cu.cuEventCreate(int(flags)), "cuEventCreate")
+    try:
+      h = self._check(cu.cuIpcGetEventHandle(event), "cuIpcGetEventHandle")
+    except CudaError:
+      cu.cuEventDestroy(event)
+      raise
+    return event, bytes(h.reserved)
+
+  def event_record(self, ordinal: int, event) -> None:
+    self.activate(ordinal)
+    self._check(self._cu.cuEventRecord(event, self._stream(ordinal)),
+                "cuEventRecord")
+
+  def event_open(self, ordinal: int, handle: bytes) -> object:
+    if len(handle) != IPC_EVENT_HANDLE_BYTES:
+      raise CudaError(f"an IPC event handle has {IPC_EVENT_HANDLE_BYTES} "
+                      f"bytes, got {len(handle)}")
+    self.activate(ordinal)
+    h = self._cu.CUipcEventHandle()
+    h.reserved = bytes(handle)
+    return self._check(self._cu.cuIpcOpenEventHandle(h),
+                       "cuIpcOpenEventHandle")
+
+  def event_synchronize(self, ordinal: int, event) -> None:
+    self.activate(ordinal)
+    self._check(self._cu.cuEventSynchronize(event), "cuEventSynchronize")
+
+  def event_query(self, ordinal: int, event) -> bool:
+    self.activate(ordinal)
+    result = self._cu.cuEventQuery(event)
+    err = result[0] if isinstance(result, tuple) else result
+    if err == self._cu.CUresult.CUDA_ERROR_NOT_READY:
+      return False
+    self._check(result, "cuEventQuery")
+    return True
+
+  def event_destroy(self, ordinal: int, event) -> None:
+    self.activate(ordinal)
+    self._check(self._cu.cuEventDestroy(event), "cuEventDestroy")
+
   def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
            device) -> jax.Array:
     self.activate(ordinal)
@@ -191,7 +257,9 @@ class FakeIpcRegistry:
     # instead of reading freed memory.
     self.freed: list[ctypes.Array] = []
     self.opened: collections.Counter = collections.Counter()
-    self.copies = 0
+    self.events: dict[bytes, _FakeEvent] = {}        # handle -> event
+    self.events_opened: collections.Counter = collections.Counter()
+    self.copies = 0           # copies that have run (not merely issued)
     self.bytes_copied = 0
 
   def find(self, ptr: int, nbytes: int) -> tuple[int, int] | None:
@@ -203,6 +271,19 @@ class FakeIpcRegistry:
     return None
 
 
+class _FakeEvent:
+  """An interprocess event of the fake driver. A driver that opens its
+  handle gets this same object, as an opened CUevent is the same event.
+  ``recorded``: the driver whose copy queue it was last recorded on, and
+  how many copies that driver had issued then (one tuple, so a reader on
+  another thread never sees half a record)."""
+
+  def __init__(self, handle: bytes):
+    self.handle = handle
+    self.recorded: tuple[FakeCudaDriver, int] | None = None
+    self.destroyed = False
+
+
 class FakeCudaDriver:
   """A CUDA driver for CPU tests. "Device memory" is host memory; pointers
   are real host addresses (a JAX CPU array's ``unsafe_buffer_pointer`` can be
@@ -210,21 +291,37 @@ class FakeCudaDriver:
   against the destination allocation, so an offset or size bug fails loudly
   instead of corrupting memory.
 
+  ``deferred``: a copy is only queued when issued (bounds checked then), and
+  the queue runs, in order, when something waits for it: ``synchronize``,
+  or ``event_synchronize`` on an event recorded after the copies (by any
+  driver that opened it: events are shared through the registry as memory
+  handles are). ``event_query`` runs nothing; it says whether the copies
+  before the record have run. So a reader that does not wait reads what
+  was there before, deterministically, where a GPU would race. One queue
+  stands for the streams of all devices. Off, copies run when issued.
+
   ``fail_open``: every ``ipc_open`` fails (a peer on another host, a stale
-  handle). ``ipc_open`` refuses a handle this same driver exported, as CUDA
-  refuses to open a handle in the process that made it.
+  handle). ``ipc_open`` and ``event_open`` refuse a handle this same driver
+  exported, as CUDA refuses to open a handle in the process that made it.
   """
 
   kind = "fake"
 
   def __init__(self, registry: FakeIpcRegistry | None = None, *,
-               fail_open: bool = False):
+               fail_open: bool = False, deferred: bool = False):
     self.registry = registry or FakeIpcRegistry()
     self.fail_open = fail_open
+    self.deferred = deferred
     self._exported: set[bytes] = set()
     self.open_handles: dict[int, bytes] = {}
+    self.open_events: collections.Counter = collections.Counter()
     self.activated: set[int] = set()
     self.syncs = 0
+    self._copy_lock = threading.Lock()
+    self._queued: collections.deque[tuple[int, int, int]] = (
+        collections.deque())
+    self.copies_issued = 0
+    self.copies_done = 0
 
   def activate(self, ordinal: int) -> None:
     self.activated.add(ordinal)
@@ -287,13 +384,91 @@ class FakeCudaDriver:
     if self.registry.find(dst, nbytes) is None:
       raise CudaError(f"cuMemcpyDtoD: destination [{dst:#x}, +{nbytes}) is "
                       "outside every allocation (CUDA_ERROR_INVALID_VALUE)")
-    ctypes.memmove(dst, src, nbytes)
-    with self.registry.lock:
-      self.registry.copies += 1
-      self.registry.bytes_copied += nbytes
+    with self._copy_lock:
+      self._queued.append((dst, src, nbytes))
+      self.copies_issued += 1
+      issued = self.copies_issued
+    if not self.deferred:
+      self._run_until(issued)
+
+  def _run_until(self, issued: int | None = None) -> None:
+    """Runs the queued copies, in order, until ``issued`` copies (all when
+    None) have run."""
+    with self._copy_lock:
+      n = self.copies_issued if issued is None else issued
+      while self.copies_done < n:
+        dst, src, nbytes = self._queued.popleft()
+        ctypes.memmove(dst, src, nbytes)
+        self.copies_done += 1
+        with self.registry.lock:
+          self.registry.copies += 1
+          self.registry.bytes_copied += nbytes
 
   def synchronize(self, ordinal: int) -> None:
     self.syncs += 1
+    self._run_until()
+
+  def event_create_ipc(self, ordinal: int) -> tuple[_FakeEvent, bytes]:
+    self.activate(ordinal)
+    handle = secrets.token_bytes(IPC_EVENT_HANDLE_BYTES)
+    event = _FakeEvent(handle)
+    with self.registry.lock:
+      self.registry.events[handle] = event
+    self._exported.add(handle)
+    return event, handle
+
+  @staticmethod
+  def _live(event: _FakeEvent, what: str) -> None:
+    if event.destroyed:
+      raise CudaError(f"{what} failed: CUDA_ERROR_INVALID_HANDLE (the event "
+                      "was destroyed by the process that made it)")
+
+  def event_record(self, ordinal: int, event: _FakeEvent) -> None:
+    self.activate(ordinal)
+    self._live(event, "cuEventRecord")
+    with self._copy_lock:
+      event.recorded = (self, self.copies_issued)
+
+  def event_open(self, ordinal: int, handle: bytes) -> _FakeEvent:
+    self.activate(ordinal)
+    handle = bytes(handle)
+    if handle in self._exported:
+      raise CudaError("cuIpcOpenEventHandle failed: "
+                      "CUDA_ERROR_INVALID_CONTEXT (handle of this process)")
+    with self.registry.lock:
+      event = self.registry.events.get(handle)
+      if event is None:
+        raise CudaError("cuIpcOpenEventHandle failed: "
+                        "CUDA_ERROR_INVALID_VALUE (unknown or destroyed "
+                        "event)")
+      self.registry.events_opened[handle] += 1
+    self.open_events[handle] += 1
+    return event
+
+  def event_synchronize(self, ordinal: int, event: _FakeEvent) -> None:
+    self._live(event, "cuEventSynchronize")
+    recorded = event.recorded
+    if recorded is not None:
+      recorder, issued = recorded
+      recorder._run_until(issued)  # pylint: disable=protected-access
+
+  def event_query(self, ordinal: int, event: _FakeEvent) -> bool:
+    self._live(event, "cuEventQuery")
+    recorded = event.recorded
+    return recorded is None or recorded[0].copies_done >= recorded[1]
+
+  def event_destroy(self, ordinal: int, event: _FakeEvent) -> None:
+    if event.handle in self._exported:
+      with self.registry.lock:
+        self.registry.events.pop(event.handle, None)
+      event.destroyed = True
+      return
+    if not self.open_events[event.handle]:
+      raise CudaError("cuEventDestroy: CUDA_ERROR_INVALID_HANDLE (not an "
+                      "event of this process)")
+    self.open_events[event.handle] -= 1
+    with self.registry.lock:
+      self.registry.events_opened[event.handle] -= 1
 
   def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
            device) -> jax.Array:
@@ -315,5 +490,6 @@ def device_ordinal(device) -> int:
   return int(device.id if hw is None else hw)
 
 
-__all__ = ["IPC_HANDLE_BYTES", "CudaError", "CudaDriver", "RealCudaDriver",
-           "FakeIpcRegistry", "FakeCudaDriver", "device_ordinal"]
+__all__ = ["IPC_HANDLE_BYTES", "IPC_EVENT_HANDLE_BYTES", "CudaError",
+           "CudaDriver", "RealCudaDriver", "FakeIpcRegistry", "FakeCudaDriver",
+           "device_ordinal"]

@@ -23,18 +23,33 @@ landing buffers with ``cuMemAlloc`` once, exports them with
 ``cuIpcGetMemHandle`` (``LandingPool``), and lends a region of one to each
 request when the prefill worker asks, as it starts the request's prefill
 (``LendLanding``, answered while the prefill runs;
-``pdjax.service.landing.LandingRequests``). The prefill worker opens the handle (once per
-buffer, cached), and ``cuMemcpyDtoD``s its single-device KV into the region
-(``CudaIpcSender``): layer group by layer group when the prefill runs its
-layers as several programs, each group as soon as it is computed, so the
-copy runs under the rest of the prefill. The decode worker makes the region a JAX array
-without a copy (a DLPack view, ``pdjax.transfer.foreign_memory``) in the
-replica's layout (``CudaIpcReceiver``); the decode engine's insert program
-reads it straight into the page pools, and the region goes back to the pool
-once that program has completed (``RequestKV.release``,
-``pdjax.engine.borrowed_kv``). The one device-local copy of the hand-off is
-the insert every path has; an earlier version copied the region out first,
-which held the hand-off to 62% of the link.
+``pdjax.service.landing.LandingRequests``). The prefill worker opens the
+handle (once per buffer, cached), and ``cuMemcpyDtoD``s its single-device
+KV into the region (``CudaIpcSender``): layer group by layer group when the
+prefill runs its layers as several programs, each group as soon as it is
+computed, so the copy runs under the rest of the prefill.
+
+One hand-off, in order:
+
+1. the sender issues the copies on its device's copy stream;
+2. it records its interprocess event on that stream, after them;
+3. it answers with the ``KvHandle``, which carries the event's handle
+   (``ipc_event_handle``), without waiting for the copies: they run while
+   the handle travels;
+4. the receiver opens the event (once per sender device, cached) and waits
+   on it (``cuEventSynchronize``);
+5. then it makes the region a JAX array without a copy (a DLPack view,
+   ``pdjax.transfer.foreign_memory``) in the replica's layout
+   (``CudaIpcReceiver``); the decode engine's insert program reads it
+   straight into the page pools, and the region goes back to the pool once
+   that program has completed (``RequestKV.release``,
+   ``pdjax.engine.borrowed_kv``).
+
+A sender may instead synchronize its stream before answering
+(``signal="sync"``, and senders older than the event): the handle then has
+no event, and the receiver reads at once. The one device-local copy of the
+hand-off is the insert every path has; an earlier version copied the region
+out first, which held the hand-off to 62% of the link.
 
 Ownership of a landing region (the failure modes of FIELD_NOTES §4: data
 overwritten before it was read, memory stranded by peers that vanished):
@@ -48,7 +63,8 @@ overwritten before it was read, memory stranded by peers that vanished):
 * the sender never starts a copy later than ``deadline_margin_s`` before
   that deadline (it falls back to the transfer path instead);
 * read successfully: the region is free once the insert that reads it has
-  completed (the sender finished before its handle existed);
+  completed (the receiver waited for the sender's copies before reading:
+  their event, or the sender's own sync before its handle existed);
 * released unread (cancel, Unreserve, reservation expiry, failed Decode):
   the region stays out of use until its lease has ended (+ ``grace_s``),
   because a slow sender may still be writing into it; an unread lease that
@@ -83,7 +99,8 @@ from pdjax.transfer import base as transfer_base
 from pdjax.transfer import foreign_memory
 from pdjax.transfer.base import (KvReceiver, KvSender, TransferError,
                                  TransferTimeout, handle_for)
-from pdjax.transfer.cuda_driver import (IPC_HANDLE_BYTES, CudaDriver,
+from pdjax.transfer.cuda_driver import (IPC_EVENT_HANDLE_BYTES,
+                                        IPC_HANDLE_BYTES, CudaDriver,
                                         CudaError, FakeCudaDriver,
                                         FakeIpcRegistry, RealCudaDriver,
                                         device_ordinal)
@@ -148,10 +165,89 @@ def _single_device(arr: jax.Array) -> jax.Array:
   return jax.device_put(arr, SingleDeviceSharding(first))
 
 
+class _Retirement:
+  """Keeps what a hand-off's copies still use until they have run: the
+  source arrays (once their last reference goes, XLA may free or reuse the
+  memory under the copy) and the landing buffer's place in the sender's
+  handle cache (``done``: the cache must not unmap it under the copy).
+  ``CudaIpcSender.send`` returns while its copies run, so it hands both here.
+
+  One daemon thread per sender, started by its first hand-off, takes
+  everything queued so far, waits with one stream sync per device (a
+  device's copies run in order on its one stream, so that sync covers every
+  copy issued before it) and retires the lot. So it lags the copies by at
+  most one sync, and what it holds is bounded by the copies in flight; its
+  wait is off the sender's path and the receiver's.
+  """
+
+  def __init__(self, driver: CudaDriver):
+    self.driver = driver
+    self._cond = threading.Condition()
+    self._queued: list[tuple[int, list[jax.Array], Callable[[], None]]] = []
+    self._held = 0
+    self._closing = False
+    self._thread: threading.Thread | None = None
+
+  @property
+  def held(self) -> int:
+    """Hand-offs whose copies may still be running."""
+    with self._cond:
+      return self._held
+
+  def add(self, ordinal: int, sources: list[jax.Array],
+          done: Callable[[], None]) -> None:
+    with self._cond:
+      self._queued.append((ordinal, sources, done))
+      self._held += 1
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="cuda-ipc-retire")
+        self._thread.start()
+      self._cond.notify()
+
+  def close(self) -> None:
+    """Returns once everything queued has been retired, its copies having
+    run, and the thread has ended (a later ``add`` starts another)."""
+    with self._cond:
+      thread = self._thread
+      self._closing = True
+      self._cond.notify()
+    if thread is not None:
+      thread.join()
+    with self._cond:
+      self._closing = False
+
+  def _take(self):
+    with self._cond:
+      self._cond.wait_for(lambda: self._queued or self._closing)
+      if not self._queued:
+        self._thread = None
+        return None
+      batch, self._queued = self._queued, []
+      return batch
+
+  def _retire(self, batch) -> None:
+    for ordinal in sorted({b[0] for b in batch}):
+      try:
+        self.driver.synchronize(ordinal)
+      except CudaError as e:
+        # The context is broken: nothing it still had queued will run.
+        log.error("waiting for CUDA IPC copies on GPU %d failed: %s",
+                  ordinal, e)
+    for _, _, done in batch:
+      done()
+    with self._cond:
+      self._held -= len(batch)
+
+  def _run(self) -> None:
+    while (batch := self._take()) is not None:
+      self._retire(batch)
+      del batch       # holding no source while waiting for the next
+
+
 class CudaIpcSender(KvSender):
   """Prefill side of the ``cuda_ipc`` path: device-to-device copies into the
-  landing region the decode worker lent. Nothing is held afterwards, so
-  ``release`` has nothing to do.
+  landing region the decode worker lent. ``release`` has nothing to do.
 
   The KV's layer axis leads, so each layer group of a prefill run in groups
   (``RequestKV.layer_groups``) is one contiguous byte range of the region:
@@ -164,27 +260,62 @@ class CudaIpcSender(KvSender):
   already fills NVLink. The lock covers the handle cache and the issuing,
   never the wait for a group's program, so the hand-offs of one batch
   interleave their groups as they become ready.
+
+  How the decode side learns the copies are done (``signal``):
+
+  * ``"event"`` (default): after issuing them, ``send`` records the device's
+    interprocess event on the copy stream and returns at once, the event's
+    handle in the ``KvHandle``; the receiver waits on the event before it
+    reads. So the copy runs while the handle travels, where a sync here
+    would add the copy's tail, the sync's own latency and the notification
+    after it (a 128 MiB hand-off reached 61% of the raw copy rate so). One
+    event per device suffices: its copies run in order on one stream, and
+    the receiver waits only once it has the handle, made after the record,
+    so the record its wait sees is this hand-off's or a later one, which
+    completes after this hand-off's copies too. The sources stay referenced
+    until their copies have run (``_Retirement``), and so does the landing
+    buffer's mapping. The event lives as long as the sender: CUDA leaves a
+    wait on an event its maker destroyed undefined (it may never return),
+    so ``close`` is for shutdown, once the hand-offs sent are received.
+  * ``"sync"``: ``send`` synchronizes the stream before it returns and the
+    handle carries no event (what older senders do; receivers accept both).
+    For comparisons (tools/gpu/ipc_bandwidth.py), and for callers that time
+    the copy's completion from the sender.
   """
 
   name = PATH_CUDA_IPC
 
   def __init__(self, driver: CudaDriver, *, deadline_margin_s: float = 1.0,
                clock: Callable[[], float] = time.time,
-               max_open_handles: int = 64):
+               max_open_handles: int = 64, signal: str = "event"):
+    if signal not in ("event", "sync"):
+      raise ValueError(f"signal must be 'event' or 'sync', got {signal!r}")
     self.driver = driver
     self.deadline_margin_s = deadline_margin_s
     self._clock = clock
     self.max_open_handles = max_open_handles
+    self.signal = signal
     self._open: collections.OrderedDict[tuple[int, bytes], int] = (
         collections.OrderedDict())
     # Sends with copies possibly in flight, per open handle.
     self._copying: collections.Counter[tuple[int, bytes]] = (
         collections.Counter())
     self._lock = threading.Lock()
+    # Per device: the interprocess event recorded after each hand-off's
+    # copies, and its handle (made on first use).
+    self._events: dict[int, tuple[object, bytes]] = {}
+    self._retirement = _Retirement(driver)
     # The latest send's phases (ms: waiting for the KV's programs, issuing
-    # the copies, the final stream sync, all): where a small hand-off's
-    # time goes (tools/gpu/ipc_bandwidth.py). Any one send when they overlap.
+    # the copies and the event record, the stream sync -- 0 with the event
+    # signal, whose wait is the receiver's --, all): where a small
+    # hand-off's time goes (tools/gpu/ipc_bandwidth.py). Any one send when
+    # they overlap.
     self.last_phases: dict[str, float] = {}
+
+  @property
+  def in_flight(self) -> int:
+    """Hand-offs whose copies may still be running (their sources held)."""
+    return self._retirement.held
 
   def remote_pointer(self, ordinal: int, handle: bytes) -> int:
     """This process's address of a peer's landing buffer, opened once per
@@ -197,8 +328,8 @@ class CudaIpcSender(KvSender):
       return ptr
     ptr = self.driver.ipc_open(ordinal, key[1])
     self._open[key] = ptr
-    # Least recently used first; never one a send is still copying into
-    # (its copies are in flight until that send's stream sync).
+    # Least recently used first; never one a send may still be copying into
+    # (its copies are in flight until they are retired).
     for old_key in list(self._open):
       if len(self._open) <= self.max_open_handles:
         break
@@ -210,6 +341,26 @@ class CudaIpcSender(KvSender):
       except CudaError as e:
         log.warning("closing a peer's landing buffer failed: %s", e)
     return ptr
+
+  def _done_copying(self, key: tuple[int, bytes] | None) -> None:
+    """A send's copies have run (or never will): the cache may close its
+    buffer again."""
+    if key is None:
+      return
+    with self._lock:
+      self._copying[key] -= 1
+      if not self._copying[key]:
+        del self._copying[key]
+
+  def _record(self, ordinal: int) -> bytes:
+    """Records the device's interprocess event after every copy issued so
+    far on its stream; returns the event's handle."""
+    with self._lock:
+      made = self._events.get(ordinal)
+      if made is None:
+        made = self._events[ordinal] = self.driver.event_create_ipc(ordinal)
+    self.driver.event_record(ordinal, made[0])
+    return made[1]
 
   def _check_lease(self, dest: kv_pb2.KvDestination) -> None:
     if dest.ipc_deadline_ms and (self._clock() * 1000 > dest.ipc_deadline_ms
@@ -258,16 +409,26 @@ class CudaIpcSender(KvSender):
       # is mostly host work, and this part of it need not wait.
       handle = handle_for(kv, self.name, dest.transfer_id)
       handle.shards = 1
-    finally:
-      if ordinal is not None:       # nothing may still be writing on failure
+      if copying is not None and self.signal == "event":
+        t = time.perf_counter()
+        handle.ipc_event_handle = self._record(ordinal)
+        issued += time.perf_counter() - t
+      elif copying is not None:
         t = time.perf_counter()
         self.driver.synchronize(ordinal)
         synced = time.perf_counter() - t
-      if copying is not None:
-        with self._lock:
-          self._copying[copying] -= 1
-          if not self._copying[copying]:
-            del self._copying[copying]
+    except BaseException:
+      try:
+        if ordinal is not None:     # nothing may still be writing on failure
+          self.driver.synchronize(ordinal)
+      finally:
+        self._done_copying(copying)
+      raise
+    if copying is not None and self.signal == "event":
+      self._retirement.add(ordinal, sources,
+                           functools.partial(self._done_copying, copying))
+    else:
+      self._done_copying(copying)
     del sources
     self.last_phases = {"wait_ms": waited * 1e3, "issue_ms": issued * 1e3,
                         "sync_ms": synced * 1e3,
@@ -275,13 +436,21 @@ class CudaIpcSender(KvSender):
     return handle
 
   def close(self) -> None:
+    # Every copy has run before a buffer is unmapped or an event destroyed.
+    self._retirement.close()
     with self._lock:
+      events, self._events = self._events, {}
       while self._open:
         (ordinal, _), ptr = self._open.popitem()
         try:
           self.driver.ipc_close(ordinal, ptr)
         except CudaError as e:
           log.warning("closing a peer's landing buffer failed: %s", e)
+    for ordinal, (event, _) in events.items():
+      try:
+        self.driver.event_destroy(ordinal, event)
+      except CudaError as e:
+        log.warning("destroying a CUDA IPC event failed: %s", e)
 
 
 # ---------------------------------------------------------------- receiver
@@ -297,7 +466,14 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
 
 class CudaIpcReceiver(KvReceiver):
   """Decode side of the ``cuda_ipc`` path: lends landing regions (``lend``,
-  when the prefill starts) and imports what the sender copied into them."""
+  when the prefill starts) and imports what the sender copied into them.
+
+  A handle may arrive while the sender's copies still run: it then carries
+  the sender's interprocess event (``ipc_event_handle``), recorded after
+  them, and ``receive`` waits on it before it makes the region an array.
+  A handle without one comes from a sender that synchronized before it
+  answered. Each sender's event is opened once and kept (``MAX_EVENTS``).
+  """
 
   name = PATH_CUDA_IPC
 
@@ -306,6 +482,9 @@ class CudaIpcReceiver(KvReceiver):
   # buffer's start), and an import costs about 0.3 ms whatever the size
   # (BENCHMARKS.md): most of a small hand-off's receive.
   MAX_VIEWS = 256
+  # Senders' events kept open: one per prefill device that sends here (a
+  # restarted prefill worker brings new ones; the least recently used go).
+  MAX_EVENTS = 64
 
   def __init__(self, pool: LandingPool, device, *, geometry=None):
     """``device``: the JAX device of the pool's GPU (where the KV is
@@ -318,6 +497,9 @@ class CudaIpcReceiver(KvReceiver):
         collections.OrderedDict())
     self._views_lock = threading.Lock()
     self.view_imports = 0
+    self._events: collections.OrderedDict[bytes, object] = (
+        collections.OrderedDict())
+    self._events_lock = threading.Lock()
     # The latest receive's phases (ms), as CudaIpcSender.last_phases.
     self.last_phases: dict[str, float] = {}
 
@@ -355,6 +537,33 @@ class CudaIpcReceiver(KvReceiver):
         self._views.popitem(last=False)
     return arr
 
+  def _wait_for_copies(self, event_handle: bytes) -> bool:
+    """Returns once the sender's copies recorded before ``event_handle``'s
+    event have run; True when they were still running as the handle came
+    (the copy overlapped the handle's trip). The event is opened under the
+    lock, once per handle: a second open could race the first."""
+    driver, ordinal = self.pool.driver, self.pool.device
+    with self._events_lock:
+      event = self._events.get(event_handle)
+      if event is None:
+        event = driver.event_open(ordinal, event_handle)
+        self._events[event_handle] = event
+        while len(self._events) > self.MAX_EVENTS:
+          # The least recently used: MAX_EVENTS other senders' events were
+          # used since (its sender is gone, most likely), so nothing is
+          # waiting on it.
+          _, old = self._events.popitem(last=False)
+          try:
+            driver.event_destroy(ordinal, old)
+          except CudaError as e:
+            log.warning("destroying a sender's CUDA IPC event failed: %s", e)
+      else:
+        self._events.move_to_end(event_handle)
+    if driver.event_query(ordinal, event):
+      return False
+    driver.event_synchronize(ordinal, event)
+    return True
+
   def lend(self, transfer_id: str, nbytes: int) -> LandingSlot | None:
     """A region for a transfer issued to this worker (``TransferDenied``
     otherwise: only a reserved request may hold landing memory)."""
@@ -382,6 +591,13 @@ class CudaIpcReceiver(KvReceiver):
   def close(self) -> None:
     with self._views_lock:
       self._views.clear()     # before the memory they describe is freed
+    with self._events_lock:
+      events, self._events = self._events, collections.OrderedDict()
+    for event in events.values():
+      try:
+        self.pool.driver.event_destroy(self.pool.device, event)
+      except CudaError as e:
+        log.warning("destroying a sender's CUDA IPC event failed: %s", e)
     self.pool.close()
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
@@ -403,6 +619,10 @@ class CudaIpcReceiver(KvReceiver):
       if nbytes > slot.nbytes:
         raise TransferError(f"KV of {nbytes} bytes cannot be in the "
                             f"{slot.nbytes}-byte landing region of {tid}")
+      t = time.perf_counter()
+      pending = bool(handle.ipc_event_handle) and self._wait_for_copies(
+          handle.ipc_event_handle)
+      wait_s = time.perf_counter() - t
       # A view, not a copy: the region stays being read until the consumer
       # has inserted it (RequestKV.release -> end_read frees it).
       imports = self.view_imports
@@ -415,7 +635,9 @@ class CudaIpcReceiver(KvReceiver):
                      release_fn=functools.partial(self.pool.end_read, tid,
                                                   ok=True))
       out = reshard_kv(kv, sharding)
-      self.last_phases = {"view_ms": view_s * 1e3,
+      self.last_phases = {"wait_ms": wait_s * 1e3,
+                          "copies_pending": float(pending),
+                          "view_ms": view_s * 1e3,
                           "imported": float(self.view_imports > imports),
                           "total_ms": (time.perf_counter() - t0) * 1e3}
       return out
@@ -708,7 +930,7 @@ def make_receiver(transfer: KvReceiver, device, *, geometry,
 
 # The driver seam and the pool are re-exported: this module is the path's
 # one entry point.
-__all__ = ["IPC_HANDLE_BYTES", "REGION_ALIGN",
+__all__ = ["IPC_HANDLE_BYTES", "IPC_EVENT_HANDLE_BYTES", "REGION_ALIGN",
            "CudaDriver", "RealCudaDriver", "FakeCudaDriver", "FakeIpcRegistry",
            "CudaError", "LandingPool", "LandingSlot", "CudaIpcSender",
            "CudaIpcReceiver", "AutoDeviceSender", "AutoDeviceReceiver",

@@ -167,12 +167,13 @@ class LandingPool:
 
   def end_read(self, transfer_id: str, *, ok: bool = True) -> None:
     """The receiver is done with the region. ``ok``: what the sender wrote
-    has been read (inserted into the decode pools), and the sender finished
-    before its handle existed, so no write can still be coming: the region
-    is free now. A read
-    that failed (a malformed or premature handle) cannot vouch for the
-    sender, so the region then waits for its lease to end, as an unread
-    release does. A ``release`` during the read was deferred to here."""
+    has been read (inserted into the decode pools), and the receiver waited
+    for the sender's copies before it read (their event, or the sender's
+    sync before its handle existed), so no write can still be coming: the
+    region is free now. A read that failed (a malformed or premature
+    handle, a failed wait) cannot vouch for the sender, so the region then
+    waits for its lease to end, as an unread release does. A ``release``
+    during the read was deferred to here."""
     now = self._clock()
     with self._lock:
       slot = self._slots.pop(transfer_id, None)

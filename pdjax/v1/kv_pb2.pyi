@@ -35,7 +35,7 @@ class KvDestination(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., replica: _Optional[int] = ..., decode_process_id: _Optional[str] = ..., decode_tp: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., decode_hostname: _Optional[str] = ..., ipc_deadline_ms: _Optional[int] = ..., skip_pages: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transport", "transfer_id", "num_tokens", "first_page", "shape", "dtype", "transfer_address", "pull_uuid", "shards", "prefill_address")
+    __slots__ = ("transport", "transfer_id", "num_tokens", "first_page", "shape", "dtype", "transfer_address", "pull_uuid", "shards", "prefill_address", "ipc_event_handle")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class KvHandle(_message.Message):
     PULL_UUID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     transport: str
     transfer_id: str
     num_tokens: int
@@ -56,7 +57,8 @@ class KvHandle(_message.Message):
     pull_uuid: int
     shards: int
     prefill_address: str
-    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., first_page: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., shards: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
+    ipc_event_handle: bytes
+    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., first_page: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., shards: _Optional[int] = ..., prefill_address: _Optional[str] = ..., ipc_event_handle: _Optional[bytes] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("handle", "layer", "kv", "page_start", "num_pages", "head_start", "num_heads", "data", "crc32", "last")

@@ -159,7 +159,7 @@ def run(args) -> dict:
   if args.fake:
     registry = ci.FakeIpcRegistry()
     child = _FakeReceiver(registry, pool_bytes, jax.devices()[-1])
-    sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry))
+    sender = ci.CudaIpcSender(ci.FakeCudaDriver(registry), signal="sync")
   else:
     child = ib._Child([sys.executable,  # pylint: disable=protected-access
                        str(Path(ib.__file__).resolve()), "--role",
@@ -167,7 +167,7 @@ def run(args) -> dict:
                        str(pool_bytes)])
     ready = child.read(timeout_s=180)
     assert ready.get("ready"), ready
-    sender = ci.CudaIpcSender(ci.RealCudaDriver())
+    sender = ci.CudaIpcSender(ci.RealCudaDriver(), signal="sync")
   raw_rate = _raw_rate(child, sender, pool_bytes, src_dev)
   threads = concurrent.futures.ThreadPoolExecutor(2)
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
@@ -181,6 +181,8 @@ def run(args) -> dict:
       Path(args.out).write_text(json.dumps(results, indent=1))
 
   def timed_send(kv, dest):
+    # The sender synchronizes (signal="sync"), so its return is when the KV
+    # is in the landing region (with the event signal it returns earlier).
     handle = sender.send(kv, dest, timeout_s=60)
     return handle, time.perf_counter()
 

@@ -10,15 +10,31 @@ measured in the same run:
   peer copy, one process);
 * ``raw_ipc``: one ``cuMemcpyDtoD`` from this process's JAX buffer into the
   receiver's landing buffer, nothing else (the link through CUDA IPC);
-* ``send``: ``CudaIpcSender.send`` (lease check, copy, stream sync);
-* ``recv``: ``CudaIpcReceiver.receive`` in the receiver: the landing region
-  as a JAX array in the replica's layout, a DLPack view (no copy);
-* ``e2e``: send + recv (the hand-off as the decode worker sees it, less the
-  gRPC round trip that carries the handle);
+* ``send``: ``CudaIpcSender.send``: lease check, copies, then either the
+  interprocess event's record (``signal="event"``, the default: the copy
+  runs on after it returns) or a stream sync (``signal="sync"``, the
+  ``_sync`` keys: the sender waits for the copy);
+* ``recv``: ``CudaIpcReceiver.receive`` in the receiver: the wait on the
+  sender's event (event signal), then the landing region as a JAX array in
+  the replica's layout, a DLPack view (no copy);
+* ``e2e``: wall time from just before ``send`` (this process) to the
+  receiver's view being ready (its process): ``time.perf_counter`` is
+  ``CLOCK_MONOTONIC``, one clock for the processes of a host. It includes
+  the handle's trip through the pipe between them (a real part of a
+  hand-off; a deployment's gRPC trip is longer). With the event signal the
+  copy overlaps that trip, so send + recv would undercount it;
+* ``stream``: ``--stream_k`` hand-offs back to back into as many regions,
+  the sender writing each handle to the receiver as ``send`` returns and
+  waiting for no answer until all are sent: ``k * bytes`` over first send
+  start -> last view ready (no insert, and the bytes are checked after);
 * ``insert``: what the decode engine then does with it, emulated: a jitted
   device-local copy of the viewed KV into a donated pool-sized array, after
   which the region is released (every path pays this copy; the earlier
   receiver paid it twice, copying the region out first).
+
+Keys without ``_sync`` are the event signal's (the default sender); both
+signals are measured in the same run, alternating, so the table shows one
+against the other.
 
 Every hand-off is checked: a position-weighted checksum of the bits is
 computed on device on both sides, and the first elements are compared.
@@ -143,8 +159,8 @@ def receiver_main(args, inp=None, emit=None) -> int:
 
   dev = jax.devices()[args.device]
   driver = RealCudaDriver()
-  pool = LandingPool(driver, device_ordinal(dev), 1, args.pool_bytes,
-                     lease_s=3600.0)
+  pool = LandingPool(driver, device_ordinal(dev), args.pool_buffers,
+                     args.pool_bytes, lease_s=3600.0)
   receiver = CudaIpcReceiver(pool, dev)
   checksum = _checksum_fn()
   # The layout the decode engine asks for: its one-device replica's mesh.
@@ -156,6 +172,17 @@ def receiver_main(args, inp=None, emit=None) -> int:
   insert = jax.jit(lambda pools, kv: jax.lax.dynamic_update_slice(
       pools, kv, (0,) * kv.ndim), donate_argnums=(0,))
   lent_at: dict[str, int] = {}   # transfer id -> the region's address
+  held = {}   # transfer id -> a stream's KV, checked once the stream is done
+
+  def check(out, tid: str) -> dict:
+    """Whether ``out`` is a view of the region lent under ``tid``, and its
+    bits' checksum and first elements; then the region goes back."""
+    got = {"view": bool(out.kv.addressable_data(0).unsafe_buffer_pointer()
+                        == lent_at.pop(tid, None)),
+           "checksum": checksum(out.kv), "head": _head(out.kv)}
+    out.release()
+    return got
+
   emit({"ready": True, "device": str(dev)})
   for line in inp:
     cmd = json.loads(line)
@@ -174,20 +201,26 @@ def receiver_main(args, inp=None, emit=None) -> int:
         t = time.perf_counter()
         out = receiver.receive(handle, target, timeout_s=60)
         out.kv.block_until_ready()
-        recv_s = time.perf_counter() - t
-        view = (out.kv.addressable_data(0).unsafe_buffer_pointer()
-                == lent_at.pop(handle.transfer_id, None))
+        t_done = time.perf_counter()     # the view is ready: the hand-off's end
+        got = {"recv_s": t_done - t, "t_done": t_done,
+               "phases": receiver.last_phases}
+        if cmd.get("hold"):
+          # Part of a stream: answered at once, checked by check_held (a
+          # check here would delay the stream's next hand-off).
+          held[handle.transfer_id] = out
+          emit(got)
+          continue
         t = time.perf_counter()
         pools = insert(pools, out.kv)
         pools.block_until_ready()
-        insert_s = time.perf_counter() - t
-        got = {"recv_s": recv_s, "insert_s": insert_s, "view": bool(view),
-               "phases": receiver.last_phases,
-               "checksum": checksum(out.kv), "head": _head(out.kv)}
-        out.release()
+        got["insert_s"] = time.perf_counter() - t
+        got.update(check(out, handle.transfer_id))
         del out
         got["live"] = receiver.live()
         emit(got)
+      elif cmd["cmd"] == "check_held":
+        checks = [check(held.pop(tid), tid) for tid in list(held)]
+        emit({"checks": checks, "live": receiver.live()})
       elif cmd["cmd"] == "discard":
         # The raw copies are done (synchronised): the region may be reused.
         receiver.discard(cmd["tid"])
@@ -219,13 +252,19 @@ class _Child:
       sys.stderr.write("[receiver] " + line)
     raise TimeoutError("receiver did not answer")
 
-  def ask(self, obj):
+  def write(self, obj) -> None:
     self.proc.stdin.write(json.dumps(obj) + "\n")
     self.proc.stdin.flush()
+
+  def answer(self):
     out = self.read()
     if isinstance(out, dict) and "error" in out:
       raise RuntimeError("receiver: " + out["error"])
     return out
+
+  def ask(self, obj):
+    self.write(obj)
+    return self.answer()
 
   def close(self):
     try:
@@ -254,6 +293,24 @@ def _median(xs):
   return xs[len(xs) // 2]
 
 
+def _encode(handle) -> str:
+  return base64.b64encode(handle.SerializeToString()).decode()
+
+
+SIGNALS = ("sync", "event")      # the sender's signal; event is the default
+
+
+def _table(rows, cols) -> None:
+  widths = [max(len(c), 8) for c in cols]
+  print(" | ".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
+  for row in rows:
+    cells = []
+    for c, w in zip(cols, widths):
+      v = row.get(c, "n/a")
+      cells.append(f"{v:>{w}.3f}" if isinstance(v, float) else f"{v!s:>{w}}")
+    print(" | ".join(cells))
+
+
 def sender_main(args) -> int:
   start = time.monotonic()
   reason = _unavailable()
@@ -269,17 +326,22 @@ def sender_main(args) -> int:
   sizes = [int(s) for s in args.sizes_mib.split(",")]
   pages = [max(1, (s << 20) // PAGE_BYTES) for s in sizes]
   pool_bytes = max(pages) * PAGE_BYTES
+  # One buffer per region a stream has lent at once (the largest size).
   child = _Child([sys.executable, str(Path(__file__).resolve()),
                   "--role", "receiver", "--device", "1",
-                  "--pool_bytes", str(pool_bytes)])
+                  "--pool_bytes", str(pool_bytes),
+                  "--pool_buffers", str(max(1, args.stream_k))])
   src_dev, dst_dev = jax.devices()[0], jax.devices()[1]
   checksum = _checksum_fn()
   driver = RealCudaDriver()
+  # One sender for both signals (``signal`` is read per send): two would
+  # each open the landing buffers, and a context opens a handle only once.
   sender = CudaIpcSender(driver)
   ordinal = device_ordinal(src_dev)
   results = {"device": str(src_dev.device_kind), "src": str(src_dev),
              "dst": str(dst_dev), "kv_shape": "[32, 2, n, 16, 8, 128] bf16",
-             "rows": []}
+             "clock": time.get_clock_info("perf_counter").implementation,
+             "stream_k": args.stream_k, "rows": []}
   out_path = Path(args.out) if args.out else None
 
   def write():
@@ -327,43 +389,84 @@ def sender_main(args) -> int:
       row["raw_ipc_GBps"] = nbytes / _median(ts) / 1e9
       child.ask({"cmd": "discard", "tid": tid})
 
-      # pdjax: CudaIpcSender -> CudaIpcReceiver (first round warms up).
+      # pdjax: CudaIpcSender -> CudaIpcReceiver, one hand-off at a time, the
+      # two signals alternating (the first round of each warms up).
       kv = RequestKV(x, n * shape[3])
-      sends, recvs, inserts, views, correct = [], [], [], [], True
-      send_phases, recv_phases = [], []
+      runs = {m: {"send": [], "recv": [], "e2e": [], "insert": [],
+                  "view": [], "send_phases": [], "recv_phases": []}
+              for m in SIGNALS}
+      correct = dict.fromkeys(SIGNALS, True)   # every hand-off's bits
       for r in range(args.reps + 1):
-        tid = f"kv-{i}-{r}"
-        dest = lend_destination(child, tid, nbytes)
-        t = time.perf_counter()
-        handle = sender.send(kv, dest, timeout_s=60)
-        send_s = time.perf_counter() - t
-        got = child.ask({"cmd": "receive", "handle": base64.b64encode(
-            handle.SerializeToString()).decode()})
-        ok = got["checksum"] == want_sum and got["head"] == want_head
-        correct = correct and ok and got["live"] == 0
-        if not r:   # the first hand-off into this region imports its view
-          row["recv_first_ms"] = got["recv_s"] * 1e3
-        if r:
-          send_phases.append(dict(sender.last_phases))
-          recv_phases.append(got["phases"])
-          sends.append(send_s)
-          recvs.append(got["recv_s"])
-          inserts.append(got["insert_s"])
-          views.append(got["view"])
-      row.update(
-          send_GBps=nbytes / _median(sends) / 1e9,
-          recv_GBps=nbytes / _median(recvs) / 1e9,
-          e2e_GBps=nbytes / _median([a + b for a, b in zip(sends, recvs)])
-          / 1e9,
-          send_ms=_median(sends) * 1e3, recv_ms=_median(recvs) * 1e3,
-          insert_ms=_median(inserts) * 1e3,
-          insert_GBps=nbytes / _median(inserts) / 1e9,
-          zero_copy=all(views), correct=correct,
-          send_phases_ms={k: _median([p[k] for p in send_phases])
-                          for k in send_phases[0]},
-          recv_phases_ms={k: _median([p[k] for p in recv_phases])
-                          for k in recv_phases[0]})
-      row["e2e_over_raw"] = row["e2e_GBps"] / row["raw_ipc_GBps"]
+        for mode in SIGNALS:
+          sender.signal = mode
+          tid = f"kv-{i}-{mode}-{r}"
+          dest = lend_destination(child, tid, nbytes)
+          t = time.perf_counter()
+          handle = sender.send(kv, dest, timeout_s=60)
+          send_s = time.perf_counter() - t
+          got = child.ask({"cmd": "receive", "handle": _encode(handle)})
+          correct[mode] &= (got["checksum"] == want_sum
+                            and got["head"] == want_head
+                            and got["live"] == 0)
+          if "recv_first_ms" not in row:   # it imports the region's view
+            row["recv_first_ms"] = got["recv_s"] * 1e3
+          if r:
+            run = runs[mode]
+            run["send_phases"].append(dict(sender.last_phases))
+            run["recv_phases"].append(got["phases"])
+            run["send"].append(send_s)
+            run["recv"].append(got["recv_s"])
+            run["e2e"].append(got["t_done"] - t)
+            run["insert"].append(got["insert_s"])
+            run["view"].append(got["view"])
+      for mode, run in runs.items():
+        sfx = "" if mode == "event" else "_" + mode
+        row.update({
+            f"send{sfx}_GBps": nbytes / _median(run["send"]) / 1e9,
+            f"recv{sfx}_GBps": nbytes / _median(run["recv"]) / 1e9,
+            f"e2e{sfx}_GBps": nbytes / _median(run["e2e"]) / 1e9,
+            f"send{sfx}_ms": _median(run["send"]) * 1e3,
+            f"recv{sfx}_ms": _median(run["recv"]) * 1e3,
+            f"e2e{sfx}_ms": _median(run["e2e"]) * 1e3,
+            f"send{sfx}_phases_ms": {
+                k: _median([p[k] for p in run["send_phases"]])
+                for k in run["send_phases"][0]},
+            f"recv{sfx}_phases_ms": {
+                k: _median([p[k] for p in run["recv_phases"]])
+                for k in run["recv_phases"][0]}})
+        row[f"e2e{sfx}_over_raw"] = (row[f"e2e{sfx}_GBps"]
+                                     / row["raw_ipc_GBps"])
+      inserts = runs["event"]["insert"] + runs["sync"]["insert"]
+      row.update(insert_ms=_median(inserts) * 1e3,
+                 insert_GBps=nbytes / _median(inserts) / 1e9,
+                 zero_copy=all(runs["event"]["view"] + runs["sync"]["view"]))
+
+      # A stream: stream_k hand-offs back to back into as many regions.
+      for mode in SIGNALS if args.stream_k else ():
+        sender.signal = mode
+        rates = []
+        for r in range(args.reps + 1):
+          dests = [lend_destination(child, f"st-{i}-{mode}-{r}-{k}", nbytes)
+                   for k in range(args.stream_k)]
+          t0 = time.perf_counter()
+          for dest in dests:
+            child.write({"cmd": "receive", "hold": True,
+                         "handle": _encode(sender.send(kv, dest,
+                                                       timeout_s=60))})
+          got = [child.answer() for _ in dests]
+          span = max(g["t_done"] for g in got) - t0
+          checked = child.ask({"cmd": "check_held"})
+          correct[mode] &= checked["live"] == 0 and all(
+              c["checksum"] == want_sum and c["head"] == want_head
+              and c["view"] for c in checked["checks"])
+          if r:
+            rates.append(args.stream_k * nbytes / span)
+        sfx = "" if mode == "event" else "_" + mode
+        row[f"stream{sfx}_GBps"] = _median(rates) / 1e9
+        row[f"stream{sfx}_over_raw"] = (row[f"stream{sfx}_GBps"]
+                                        / row["raw_ipc_GBps"])
+      row["correct_by_signal"] = correct
+      row["correct"] = all(correct.values())
       results["rows"].append(row)
       write()
       del x, kv
@@ -372,13 +475,17 @@ def sender_main(args) -> int:
     child.close()
   results["elapsed_s"] = time.monotonic() - start
   write()
-  cols = ("mib", "device_put_GBps", "raw_ipc_GBps", "send_GBps", "send_ms",
-          "recv_ms", "recv_first_ms",
-          "e2e_GBps", "e2e_over_raw", "insert_GBps", "zero_copy", "correct")
-  print(" | ".join(f"{c:>15}" for c in cols))
-  for row in results["rows"]:
-    print(" | ".join(f"{row[c]:>15.3f}" if isinstance(row[c], float)
-                     else f"{row[c]!s:>15}" for c in cols))
+  print(f"GB/s (rates) and their share of the raw IPC copy; _sync: the "
+        f"sender synchronizes, else it signals by event; stream: "
+        f"{args.stream_k} hand-offs back to back")
+  _table(results["rows"], ("mib", "device_put_GBps", "raw_ipc_GBps",
+                           "e2e_sync_GBps", "e2e_GBps", "e2e_sync_over_raw",
+                           "e2e_over_raw", "stream_sync_GBps", "stream_GBps",
+                           "stream_over_raw", "correct"))
+  print("one hand-off, ms")
+  _table(results["rows"], ("mib", "send_sync_ms", "recv_sync_ms",
+                           "e2e_sync_ms", "send_ms", "recv_ms", "e2e_ms",
+                           "recv_first_ms", "insert_GBps", "zero_copy"))
   print(json.dumps({"summary": results["rows"]}))
   return 0 if all(r["correct"] for r in results["rows"]) else 1
 
@@ -391,9 +498,15 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="JSON results file")
   ap.add_argument("--budget_s", type=float, default=90.0,
                   help="no new size starts after this long")
+  ap.add_argument("--stream_k", type=int, default=8,
+                  help="hand-offs per stream measurement (0: none); the "
+                       "receiver allocates this many landing buffers of the "
+                       "largest size (8 x 4 GiB at the default sizes)")
   ap.add_argument("--role", default="sender", choices=["sender", "receiver"])
   ap.add_argument("--device", type=int, default=1, help=argparse.SUPPRESS)
   ap.add_argument("--pool_bytes", type=int, default=0, help=argparse.SUPPRESS)
+  ap.add_argument("--pool_buffers", type=int, default=1,
+                  help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.role == "receiver":
     return receiver_main(args)

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
 
   slot, dest = lend("t-probe")
   handle = sender.send(kv, dest, timeout_s=10)
+  if not args.fake:   # nor its own event: the receiver waits on the sender's
+    receiver._events[handle.ipc_event_handle] = sender._events[s_ord][0]
   src = x.unsafe_buffer_pointer()
   rows: dict[str, float] = {}
   r = args.reps
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
   rows.update({f"receive phase {k}": v * 1e3
                for k, v in receiver.last_phases.items()})
   sender._open.clear()
+  receiver._events.clear()   # the sender's own event: it destroys it
   sender.close()
   receiver.close()
 
