@@ -33,6 +33,6 @@ start_call() {
 # the last LINES lines shown.
 ipc_gpu_test() {
   echo "=== [$((SECONDS-START)) s] CUDA IPC GPU test"
-  JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$1/ipc_test.log" 2>&1
+  JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$1/ipc_test.log" 2>&1
   echo "exit $?"; grep -v "^W0000\|^I0000" "$1/ipc_test.log" | tail -"$2"
 }
