@@ -1338,3 +1338,75 @@ def test_a_kv_received_for_a_cancelled_decode_call_is_given_back():
 
   asyncio.run(go())
   assert released == ["t1"]
+
+
+def test_device_failure_names_out_of_memory():
+  from pdjax.transfer.base import TransferExhausted, device_failure
+  oom = device_failure(RuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB "
+      "with allocator GPU_0_bfc\nCurrent allocation summary follows."),
+                       "KV pull t1")
+  assert isinstance(oom, TransferExhausted)
+  assert "out of memory" in str(oom) and "summary" not in str(oom)
+  other = device_failure(RuntimeError("INTERNAL: stream failed"), "KV pull")
+  assert type(other) is TransferError and "stream failed" in str(other)
+
+
+@pytest.mark.parametrize("error, code", [
+    ("exhausted", "RESOURCE_EXHAUSTED"), ("unforeseen", "INTERNAL"),
+    ("timeout", "DEADLINE_EXCEEDED")])
+def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
+  """A KV that cannot land (the device out of memory, an error no transport
+  foresaw, a timeout) gets the gRPC code it means, with the message, and
+  the request's reservation and issued id go back at once."""
+  import grpc
+  from pdjax.engine.decode import Reservation
+  from pdjax.service.decode_service import DecodeServicer
+  from pdjax.transfer.base import TransferExhausted
+  raised = {"exhausted": TransferExhausted("KV pull t1: the device is out "
+                                           "of memory"),
+            "unforeseen": RuntimeError("boom"),
+            "timeout": TransferTimeout("KV pull t1 did not complete")}[error]
+  forgotten, failures = [], []
+  reservations = {"r1": Reservation("r1", 0, 4, transfer_id="t1")}
+
+  class Receiver:
+    name = "device"
+
+    def receive(self, handle, sharding, *, timeout_s):
+      raise raised
+
+    def forget(self, tid):
+      forgotten.append(tid)
+
+  decode = types.SimpleNamespace(
+      dcfg=types.SimpleNamespace(max_seq_len=64),
+      reservation=reservations.get,
+      unreserve=lambda rid: reservations.pop(rid, None),
+      replicas=[types.SimpleNamespace(payload_sharding=lambda n: None)])
+  counter = types.SimpleNamespace(inc=lambda: None)
+  metrics = types.SimpleNamespace(transfer_failures=types.SimpleNamespace(
+      labels=lambda *a: failures.append(a) or counter))
+  worker = types.SimpleNamespace(
+      draining=False, streams=0, max_streams=8, receiver=Receiver(),
+      metrics=metrics, transfer_timeout_s=5.0,
+      engine=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=64),
+                                   decode=decode))
+  ctx = _RecordingCtx()
+  ctx.time_remaining = lambda: None
+  request = decode_pb2.DecodeRequest(
+      request_id="r1", prompt_token_ids=[1, 2, 3], first_token=4,
+      kv=kv_pb2.KvHandle(transfer_id="t1", shape=[1, 2, 1, 2, 2]))
+  request.sampling.max_tokens = 4
+
+  async def run():
+    async for _ in DecodeServicer(worker, None).Decode(request, ctx):
+      pass
+
+  with pytest.raises(_Aborted, match={"exhausted": "out of memory",
+                                      "unforeseen": "boom",
+                                      "timeout": "did not complete"}[error]):
+    asyncio.run(run())
+  assert ctx.code == getattr(grpc.StatusCode, code)
+  assert reservations == {} and forgotten[0] == "t1"
+  assert worker.streams == 0 and failures[0][1] == type(raised).__name__

@@ -235,8 +235,8 @@ async def serve(role: str) -> None:
   await server.start()
   await common.set_serving(health, health_names, True)
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
-  log.info("%s worker serving %s on %s (transport %s, metrics %s)", role,
-           cfg.name, address, transport, metrics_port)
+  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,
+           cfg.name, address, transport, metrics_port, memory_note())
   F.write_port_file(port, metrics_port)
   await _run_until_signal(server, health, health_names, workers)
 
@@ -283,6 +283,21 @@ def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
         prefill_buckets=prefill_buckets, lease_s=F.KV_TTL.value)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
   return GrpcStreamReceiver(ttl_s=F.KV_TTL.value, geometry=geometry)
+
+
+def memory_note() -> str:
+  """Device memory after warm-up, per local device that reports it (GPUs):
+  what serving starts from, so an out-of-memory under load can be read
+  against it (weights, pages, landing buffers, retained temporaries)."""
+  import jax
+  parts = []
+  for d in jax.local_devices():
+    stats = getattr(d, "memory_stats", lambda: None)() or {}
+    if "bytes_in_use" in stats and stats.get("bytes_limit"):
+      parts.append(f"{d}: {stats['bytes_in_use'] / 2**30:.1f} GiB in use, "
+                   f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.1f}, "
+                   f"limit {stats['bytes_limit'] / 2**30:.1f}")
+  return "; memory " + "; ".join(parts) if parts else ""
 
 
 async def _run_until_signal(server, health, names, workers) -> None:

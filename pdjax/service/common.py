@@ -181,11 +181,13 @@ async def abort_exhausted(context, details: str, retry_after_ms: int = 100):
 def status_for(exc: BaseException) -> grpc.StatusCode:
   """The gRPC code a pdjax exception means, as gRPC intends the codes."""
   from pdjax.transfer.base import (TransferDenied, TransferError,
-                                   TransferTimeout)
+                                   TransferExhausted, TransferTimeout)
   if isinstance(exc, InvalidRequest):
     return grpc.StatusCode.INVALID_ARGUMENT
   if isinstance(exc, TransferDenied):
     return grpc.StatusCode.PERMISSION_DENIED
+  if isinstance(exc, TransferExhausted):
+    return grpc.StatusCode.RESOURCE_EXHAUSTED
   if isinstance(exc, TransferTimeout):
     return grpc.StatusCode.DEADLINE_EXCEEDED
   if isinstance(exc, TransferError):

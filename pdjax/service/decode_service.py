@@ -332,12 +332,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
               w.receiver, request.kv,
               rep.payload_sharding(request.kv.shape[2]),
               timeout_s=_timeout(context, w.transfer_timeout_s))
-        except TransferError as e:
+        except Exception as e:  # noqa: BLE001 - the reservation goes back
+          # Whatever failed (a transfer error, or one no transport foresaw),
+          # the reservation and the issued id are released before the
+          # status goes out: a failed hand-off holds no KV slot.
           engine.decode.unreserve(rid)
           w.receiver.forget(res.transfer_id)
           w.metrics.transfer_failures.labels(w.receiver.name,
                                              type(e).__name__).inc()
-          await context.abort(common.status_for(e), str(e))
+          if not isinstance(e, TransferError):
+            log.exception("receiving the KV of %s failed", rid)
+          await context.abort(common.status_for(e),
+                              str(e) or type(e).__name__)
         transfer_s = time.perf_counter() - t0
         w.metrics.transfer_bytes.labels(w.receiver.name, "received").inc(
             kv.nbytes)

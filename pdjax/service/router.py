@@ -77,10 +77,14 @@ class _KvLost(_Failed):
 
 # Failures of a Decode call, before any token, that mean "the KV never
 # arrived" rather than "the request is bad".
+# RESOURCE_EXHAUSTED here: the decode worker had no device memory to land
+# the KV (it released the request's reservation), so its prompt is
+# recomputed or the request fails, by the KV failure policy.
 _KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
                   grpc.StatusCode.PERMISSION_DENIED,
-                  grpc.StatusCode.FAILED_PRECONDITION)
+                  grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class RouterServicer(generate_pb2_grpc.GenerationServicer):

@@ -50,6 +50,22 @@ class TransferDenied(TransferError):
   """The id is unknown to this worker, or was issued to another worker."""
 
 
+class TransferExhausted(TransferError):
+  """The receiving device has no memory for the KV now (the request may be
+  retried later or elsewhere; the worker itself is fine)."""
+
+
+def device_failure(e: Exception, what: str) -> TransferError:
+  """A JAX runtime error met while a KV lands, as the transfer error it
+  means: out of device memory is ``TransferExhausted`` (the caller answers
+  RESOURCE_EXHAUSTED and releases what the request held), anything else a
+  plain ``TransferError``. The runtime's first line says what ran out."""
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  if "RESOURCE_EXHAUSTED" in first or "Out of memory" in first:
+    return TransferExhausted(f"{what}: the device is out of memory ({first})")
+  return TransferError(f"{what}: {first}")
+
+
 class IssuedTransfers:
   """The transfer ids the router issued to this worker (at Reserve), each
   with the most KV pages it may bring. A hand-off under any other id is

@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
-                                 LeaseTable, TransferTimeout, handle_for,
-                                 new_pull_uuid)
+                                 LeaseTable, TransferTimeout, device_failure,
+                                 handle_for, new_pull_uuid)
 from pdjax.v1 import kv_pb2
 
 _KV_HEADS_AXIS = 4
@@ -136,18 +136,22 @@ class DeviceReceiver(KvReceiver):
                                 max(handle.shards, 1))
     spec = jax.ShapeDtypeStruct(tuple(handle.shape), dtype, sharding=landing)
     deadline = time.monotonic() + timeout_s
-    (arr,) = self._connection(handle.transfer_address).pull(
-        handle.pull_uuid, [spec])
-    while not arr.is_ready():
-      if time.monotonic() > deadline:
-        raise TransferTimeout(
-            f"KV pull {handle.transfer_id} from {handle.transfer_address} did "
-            f"not complete within {timeout_s:.1f} s")
-      time.sleep(0.0005)
-    self.forget(handle.transfer_id)
-    out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
-                     sharding)
-    out.kv.block_until_ready()
+    try:
+      (arr,) = self._connection(handle.transfer_address).pull(
+          handle.pull_uuid, [spec])
+      while not arr.is_ready():
+        if time.monotonic() > deadline:
+          raise TransferTimeout(
+              f"KV pull {handle.transfer_id} from {handle.transfer_address} "
+              f"did not complete within {timeout_s:.1f} s")
+        time.sleep(0.0005)
+      self.forget(handle.transfer_id)
+      out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
+                       sharding)
+      out.kv.block_until_ready()
+    except jax.errors.JaxRuntimeError as e:
+      raise device_failure(e, f"KV pull {handle.transfer_id} from "
+                           f"{handle.transfer_address}") from e
     return out
 
 

@@ -55,7 +55,9 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 deploy_args() {
   case $1 in
     coloc2) echo "--num_prefill=0 --num_decode=2" ;;
-    disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device" ;;
+    # Four 1 GiB landing buffers: summarize KVs (up to 1 GiB each) then
+    # rarely fall back to jax.experimental.transfer while two are lent.
+    disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4" ;;
     grpc)   echo "--num_prefill=1 --num_decode=1 --kv_transport=grpc" ;;
     xfer)   echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--kv_fast_path=off" ;;
     tp2)    echo "--num_prefill=0 --num_decode=1 --decode_mesh=dp=1,tp=2 --worker_flags=--sharding=decode_dp_tp" ;;
