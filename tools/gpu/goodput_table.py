@@ -23,6 +23,8 @@ def rows(runs: Path, preset: str):
     rates = sorted((p for p in (cfg_dir / preset).glob("rate_*")),
                    key=lambda p: float(p.name[5:]))
     for rate_dir in rates:
+      if not (rate_dir / "summary.json").exists():
+        continue    # cut off by the run's time limit: no summary, no row
       s = json.loads((rate_dir / "summary.json").read_text())
       recs = [json.loads(line) for line in
               (rate_dir / "results.jsonl").read_text().splitlines()]
