@@ -477,6 +477,9 @@ def test_sender_handle_cache_is_bounded():
   for i in range(4):
     slot = pool.acquire(f"t{i}", MiB)
     sender.send(_kv(), _dest(slot, f"t{i}"), timeout_s=5)
+    # A buffer whose copies may still run is never closed: once they are
+    # retired, the next open may evict it.
+    assert _until(lambda: sender.in_flight == 0)
   assert sum(registry.opened.values()) == 2
   sender.close()
   assert sum(registry.opened.values()) == 0

@@ -159,13 +159,19 @@ class RealCudaDriver:
     h = self._check(self._cu.cuIpcGetMemHandle(ptr), "cuIpcGetMemHandle")
     return bytes(h.reserved)
 
-  def ipc_open(self, ordinal: int, handle: bytes) -> int:
-    if len(handle) != IPC_HANDLE_BYTES:
-      raise CudaError(f"an IPC handle has {IPC_HANDLE_BYTES} bytes, got "
+  def _handle(self, kind, nbytes: int, handle: bytes, what: str):
+    """A peer's exported handle bytes as the driver's handle struct."""
+    if len(handle) != nbytes:
+      raise CudaError(f"an IPC {what} handle has {nbytes} bytes, got "
                       f"{len(handle)}")
-    self.activate(ordinal)
-    h = self._cu.CUipcMemHandle()
+    h = kind()
     h.reserved = bytes(handle)
+    return h
+
+  def ipc_open(self, ordinal: int, handle: bytes) -> int:
+    h = self._handle(self._cu.CUipcMemHandle, IPC_HANDLE_BYTES, handle,
+                     "memory")
+    self.activate(ordinal)
     return int(self._check(
         self._cu.cuIpcOpenMemHandle(
             h, self._cu.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
@@ -206,12 +212,9 @@ class RealCudaDriver:
                 "cuEventRecord")
 
   def event_open(self, ordinal: int, handle: bytes) -> object:
-    if len(handle) != IPC_EVENT_HANDLE_BYTES:
-      raise CudaError(f"an IPC event handle has {IPC_EVENT_HANDLE_BYTES} "
-                      f"bytes, got {len(handle)}")
+    h = self._handle(self._cu.CUipcEventHandle, IPC_EVENT_HANDLE_BYTES,
+                     handle, "event")
     self.activate(ordinal)
-    h = self._cu.CUipcEventHandle()
-    h.reserved = bytes(handle)
     return self._check(self._cu.cuIpcOpenEventHandle(h),
                        "cuIpcOpenEventHandle")
 
@@ -354,20 +357,28 @@ class FakeCudaDriver:
     self._exported.add(handle)
     return handle
 
+  def _open_peer(self, handle: bytes, table: dict, opened, call: str):
+    """What a handle another driver of the registry exported names in
+    ``table``, counted open, refused as CUDA refuses it: a handle of this
+    same process, or one unknown (never exported, freed, destroyed)."""
+    if handle in self._exported:
+      raise CudaError(f"{call} failed: CUDA_ERROR_INVALID_CONTEXT (handle "
+                      "of this process)")
+    with self.registry.lock:
+      found = table.get(handle)
+      if found is None:
+        raise CudaError(f"{call} failed: CUDA_ERROR_INVALID_VALUE (unknown, "
+                        "freed or destroyed)")
+      opened[handle] += 1
+    return found
+
   def ipc_open(self, ordinal: int, handle: bytes) -> int:
     self.activate(ordinal)
     handle = bytes(handle)
     if self.fail_open:
       raise CudaError("cuIpcOpenMemHandle failed: CUDA_ERROR_INVALID_VALUE")
-    if handle in self._exported:
-      raise CudaError("cuIpcOpenMemHandle failed: CUDA_ERROR_INVALID_CONTEXT"
-                      " (handle of this process)")
-    with self.registry.lock:
-      ptr = self.registry.handles.get(handle)
-      if ptr is None:
-        raise CudaError("cuIpcOpenMemHandle failed: CUDA_ERROR_INVALID_VALUE"
-                        " (unknown or freed handle)")
-      self.registry.opened[handle] += 1
+    ptr = self._open_peer(handle, self.registry.handles, self.registry.opened,
+                          "cuIpcOpenMemHandle")
     self.open_handles[ptr] = handle
     return ptr
 
@@ -432,16 +443,9 @@ class FakeCudaDriver:
   def event_open(self, ordinal: int, handle: bytes) -> _FakeEvent:
     self.activate(ordinal)
     handle = bytes(handle)
-    if handle in self._exported:
-      raise CudaError("cuIpcOpenEventHandle failed: "
-                      "CUDA_ERROR_INVALID_CONTEXT (handle of this process)")
-    with self.registry.lock:
-      event = self.registry.events.get(handle)
-      if event is None:
-        raise CudaError("cuIpcOpenEventHandle failed: "
-                        "CUDA_ERROR_INVALID_VALUE (unknown or destroyed "
-                        "event)")
-      self.registry.events_opened[handle] += 1
+    event = self._open_peer(handle, self.registry.events,
+                            self.registry.events_opened,
+                            "cuIpcOpenEventHandle")
     self.open_events[handle] += 1
     return event
 
