@@ -360,3 +360,44 @@ def test_shared_prefix_follows_the_cache(kv_cluster):
   assert metric(c.metrics(plain_router),
                 "pdjax_router_kv_overlap_blocks_total",
                 'role="prefill"') == (NUM_REQUESTS - 2) * blocks
+
+
+def test_late_polls_mark_a_worker_down_only_in_a_row():
+  """A poll that times out once (a busy worker) leaves it READY; as many in
+  a row as late_polls_down make it DOWN; an answer resets the count and
+  brings it back; a refused connection is DOWN at once."""
+  import grpc
+  from pdjax.service.registry import WorkerRegistry, WorkerState
+  answers = []
+
+  class Late(grpc.RpcError):
+    def __init__(self, code):
+      self._code = code
+
+    def code(self):
+      return self._code
+
+  class Stub:
+    async def GetWorkerInfo(self, request, timeout=None):
+      a = answers.pop(0)
+      if a is not None:
+        raise Late(a)
+      return common_pb2.WorkerInfo(role="decode", process_id="p")
+
+  late, refused = (grpc.StatusCode.DEADLINE_EXCEEDED,
+                   grpc.StatusCode.UNAVAILABLE)
+
+  async def run():
+    reg = WorkerRegistry(late_polls_down=3)
+    w = reg.add("127.0.0.1:1", "decode")
+    w.stub = Stub()
+    states = []
+    answers.extend([None, late, late, None, late, late, late, None, refused])
+    for _ in range(len(answers)):
+      await reg.poll_once()
+      states.append(w.state)
+    await reg.close()
+    return states
+
+  R, D = WorkerState.READY, WorkerState.DOWN
+  assert asyncio.run(run()) == [R, R, R, R, R, R, D, R, D]

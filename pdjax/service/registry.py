@@ -47,7 +47,7 @@ class Worker:
   last_ok: float = 0.0
   inflight: int = 0             # requests the router has on it now
   reserved_pages: int = 0       # pages reserved since the last poll
-  failures: int = 0
+  poll_failures: int = 0        # polls unanswered in a row
   # KV-aware routing: the worker's cached blocks, as last polled.
   cache: CacheMirror = dataclasses.field(default_factory=CacheMirror)
 
@@ -73,10 +73,16 @@ class WorkerRegistry:
                poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0,
                expected_model: common_pb2.ModelInfo | None = None,
                metrics=None, kv_overlap_weight: float = 0.0,
-               kv_stale_after_s: float = DEFAULT_STALE_AFTER_S):
+               kv_stale_after_s: float = DEFAULT_STALE_AFTER_S,
+               late_polls_down: int = 3):
     self.security = security
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
+    # A worker whose polls time out this many times in a row is down; one
+    # late answer is a busy worker (a GPU under load, a long host-side
+    # step), and calling it down would turn every request away from it.
+    # A refused connection (UNAVAILABLE) is down at once.
+    self.late_polls_down = max(1, late_polls_down)
     self.expected = expected_model
     self.metrics = metrics
     self.workers: dict[tuple[str, str], Worker] = {}
@@ -161,8 +167,16 @@ class WorkerRegistry:
           cache_events_since=w.cache.seq), timeout=self.rpc_timeout_s)
     except grpc.RpcError as e:
       w.cache.mark_failed()
+      w.poll_failures += 1
       if w.state is WorkerState.READY or w.state is WorkerState.DRAINING:
-        self.mark_down(w, e.code().name)
+        late = e.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        if late and w.poll_failures < self.late_polls_down:
+          log.info("%s worker %s answered no poll within %.1f s (%d in a "
+                   "row); still routing to it", w.role, w.address,
+                   self.rpc_timeout_s, w.poll_failures)
+          return
+        self.mark_down(w, f"{e.code().name} ({w.poll_failures} polls in a "
+                       "row)")
       elif w.state is WorkerState.JOINING:
         pass
       else:
@@ -187,6 +201,7 @@ class WorkerRegistry:
     # --- end KV-aware routing ---------------------------------------------
     w.info = info
     w.reserved_pages = 0
+    w.poll_failures = 0
     w.last_ok = time.monotonic()
     w.state = WorkerState.DRAINING if info.draining else WorkerState.READY
 
