@@ -113,8 +113,12 @@ def test_prefill_pool_spanning_two_processes_matches_reference(
     assert c.proc("prefill0p1").popen.poll() is None     # still following
   finally:
     c.stop()
-  assert c.proc("prefill0").popen.returncode == 0
-  assert c.proc("prefill0p1").popen.returncode == 0
+  # On failure, the processes' last lines say which exit step hung.
+  tails = "\n".join(f"--- {n}\n" + "\n".join(
+      c.proc(n).log.read_text().splitlines()[-12:])
+                    for n in ("prefill0", "prefill0p1"))
+  assert c.proc("prefill0").popen.returncode == 0, tails
+  assert c.proc("prefill0p1").popen.returncode == 0, tails
   log = c.proc("prefill0p1").log.read_text()
   assert "stopped by the leader after" in log
 

@@ -109,6 +109,11 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                      "jax.distributed process count.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                   "jax.distributed process index.")
+DISTRIBUTED_SHUTDOWN_S = flags.DEFINE_integer(
+    "distributed_shutdown_timeout_s", 10, "How long the processes of a "
+    "pool spanning processes wait for each other when they leave the "
+    "jax.distributed job (then each exits anyway, inside a Kubernetes "
+    "termination grace period).")
 # Security.
 TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate: enables "
                                "TLS on this service.")

@@ -32,11 +32,13 @@ def _init_jax():
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # a JAX without the option
       log.warning("no gloo CPU collectives in this JAX")
+    timeouts = dict(
+        shutdown_timeout_seconds=F.DISTRIBUTED_SHUTDOWN_S.value)
     if F.COORDINATOR.value == "auto":
-      jax.distributed.initialize()
+      jax.distributed.initialize(**timeouts)
     else:
       jax.distributed.initialize(F.COORDINATOR.value, F.NUM_PROCESSES.value,
-                                 F.PROCESS_ID.value)
+                                 F.PROCESS_ID.value, **timeouts)
   if F.COMPILE_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", F.COMPILE_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -332,10 +334,14 @@ def run(role: str) -> None:
   asyncio.run(serve(role))
   if F.COORDINATOR.value:
     # Leave the jax.distributed job together: process 0 hosts its
-    # coordination service, and a peer that finds it gone aborts.
+    # coordination service, and a peer that finds it gone aborts. Bounded
+    # by --distributed_shutdown_timeout_s; logged, so a slow exit shows
+    # which step it is in.
     import jax
+    log.info("leaving the jax.distributed job")
     try:
       jax.distributed.shutdown()
+      log.info("left the jax.distributed job")
     except Exception as e:  # noqa: BLE001 - leaving anyway
       log.warning("jax.distributed shutdown: %s", e)
   # Drained and stopped. Leave without waiting for runtime threads (gRPC
