@@ -331,7 +331,13 @@ async def _run_until_signal(server, health, names, workers) -> None:
 def run(role: str) -> None:
   logging.basicConfig(level=F.LOG_LEVEL.value,
                       format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  asyncio.run(serve(role))
+  # Not asyncio.run: its teardown joins the default executor's threads
+  # without a bound, and one still blocked there (a hand-off waiting on a
+  # peer) would hold the exit; the process leaves by os._exit below anyway,
+  # once serve() has drained and stopped.
+  loop = asyncio.new_event_loop()
+  asyncio.set_event_loop(loop)
+  loop.run_until_complete(serve(role))
   if F.COORDINATOR.value:
     # Leave the jax.distributed job together: process 0 hosts its
     # coordination service, and a peer that finds it gone aborts. Bounded
