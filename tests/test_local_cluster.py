@@ -1,5 +1,6 @@
-"""How a local deployment hands GPUs to its workers (no GPU needed: only the
-environment each worker would be started with is checked)."""
+"""How a local deployment hands GPUs to its workers, and how much of each
+GPU's memory a worker gives XLA (no GPU needed: only the environment each
+worker would start with is checked)."""
 
 import pytest
 
@@ -48,3 +49,13 @@ def test_the_router_takes_no_gpu(tmp_path, monkeypatch):
                                                                        "cpu")
   assert (first["CUDA_VISIBLE_DEVICES"],
           cluster._env(1)["CUDA_VISIBLE_DEVICES"]) == ("2", "3")
+
+
+def test_gpu_memory_fraction_becomes_xlas_setting():
+  from absl import app
+  from pdjax.launch.worker import xla_memory_env
+  assert xla_memory_env(None) == {}
+  assert xla_memory_env(0.9) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+  for bad in (0.0, 1.5, -0.1):
+    with pytest.raises(app.UsageError, match="gpu_memory_fraction"):
+      xla_memory_env(bad)

@@ -100,6 +100,11 @@ COMPILE_CACHE = flags.DEFINE_string(
 LOG_LEVEL = flags.DEFINE_enum("log_level", "INFO",
                               ["DEBUG", "INFO", "WARNING", "ERROR"],
                               "Python logging level.")
+GPU_MEMORY_FRACTION = flags.DEFINE_float(
+    "gpu_memory_fraction", None, "Share of each GPU's memory XLA may use "
+    "(XLA_PYTHON_CLIENT_MEM_FRACTION; default: XLA's 0.75). An 8B decode "
+    "worker on an 80 GB card holds 47 of XLA's 59.4 GiB after warm-up "
+    "(BENCHMARKS.md); CUDA IPC landing buffers are allocated outside it.")
 # Multi-host pools (jax.distributed): one process per host of the pool.
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "jax.distributed coordinator host:port "

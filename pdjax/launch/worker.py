@@ -23,7 +23,20 @@ from pdjax.launch import flags as F
 log = logging.getLogger("pdjax.worker")
 
 
+def xla_memory_env(fraction: float | None) -> dict[str, str]:
+  """The environment that gives XLA ``fraction`` of each GPU's memory
+  (``--gpu_memory_fraction``; None: XLA's default). XLA reads it when the
+  GPU backend starts, so it is set before anything touches a device."""
+  if fraction is None:
+    return {}
+  if not 0 < fraction <= 1:
+    raise app.UsageError(f"--gpu_memory_fraction must be in (0, 1], got "
+                         f"{fraction}")
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)}
+
+
 def _init_jax():
+  os.environ.update(xla_memory_env(F.GPU_MEMORY_FRACTION.value))
   import jax
   if F.COORDINATOR.value:
     # Collectives between processes' CPU devices (tests, CPU deployments);
