@@ -37,6 +37,10 @@ from pdjax.v1 import kv_pb2
 
 log = logging.getLogger(__name__)
 
+# The paths a ``device`` hand-off may take (``KvHandle.transport`` names the
+# one it took; ``pdjax.transfer.cuda_ipc`` chooses).
+PATH_LOCAL, PATH_CUDA_IPC, PATH_TRANSFER = "local", "cuda_ipc", "transfer"
+
 
 class TransferError(RuntimeError):
   """A hand-off that failed; the request may be retried or re-prefilled."""
