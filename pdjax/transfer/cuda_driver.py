@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import logging
 import math
 import secrets
 import threading
@@ -26,12 +27,24 @@ import numpy as np
 from pdjax.transfer import foreign_memory
 from pdjax.transfer.base import TransferError
 
+log = logging.getLogger(__name__)
+
 IPC_HANDLE_BYTES = 64        # sizeof(CUipcMemHandle)
 IPC_EVENT_HANDLE_BYTES = 64  # sizeof(CUipcEventHandle)
 
 
 class CudaError(TransferError):
   """A CUDA driver call failed, or CUDA IPC is unavailable here."""
+
+
+def release_quietly(what: str, call, *args) -> None:
+  """A driver call that gives something back (frees a buffer, unmaps a
+  peer's, destroys an event): its failure is logged, not raised, since the
+  caller is letting go either way (closing, evicting a cache entry)."""
+  try:
+    call(*args)
+  except CudaError as e:
+    log.warning("%s failed: %s", what, e)
 
 
 class CudaDriver(Protocol):
@@ -495,5 +508,6 @@ def device_ordinal(device) -> int:
 
 
 __all__ = ["IPC_HANDLE_BYTES", "IPC_EVENT_HANDLE_BYTES", "CudaError",
+           "release_quietly",
            "CudaDriver", "RealCudaDriver", "FakeIpcRegistry", "FakeCudaDriver",
            "device_ordinal"]

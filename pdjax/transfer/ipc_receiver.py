@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
 import math
 import threading
 import time
@@ -22,11 +21,9 @@ from pdjax.transfer import base as transfer_base
 from pdjax.transfer import foreign_memory
 from pdjax.transfer.base import (PATH_CUDA_IPC, KvReceiver, TransferError,
                                  TransferTimeout)
-from pdjax.transfer.cuda_driver import CudaError
+from pdjax.transfer.cuda_driver import release_quietly
 from pdjax.transfer.landing_pool import LandingPool, LandingSlot
 from pdjax.v1 import kv_pb2
-
-log = logging.getLogger(__name__)
 
 
 def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
@@ -128,10 +125,8 @@ class CudaIpcReceiver(KvReceiver):
           # used since (its sender is gone, most likely), so nothing is
           # waiting on it.
           _, old = self._events.popitem(last=False)
-          try:
-            driver.event_destroy(ordinal, old)
-          except CudaError as e:
-            log.warning("destroying a sender's CUDA IPC event failed: %s", e)
+          release_quietly("destroying a sender's CUDA IPC event",
+                          driver.event_destroy, ordinal, old)
       else:
         self._events.move_to_end(event_handle)
     if driver.event_query(ordinal, event):
@@ -169,10 +164,8 @@ class CudaIpcReceiver(KvReceiver):
     with self._events_lock:
       events, self._events = self._events, collections.OrderedDict()
     for event in events.values():
-      try:
-        self.pool.driver.event_destroy(self.pool.device, event)
-      except CudaError as e:
-        log.warning("destroying a sender's CUDA IPC event failed: %s", e)
+      release_quietly("destroying a sender's CUDA IPC event",
+                      self.pool.driver.event_destroy, self.pool.device, event)
     self.pool.close()
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,

@@ -19,7 +19,8 @@ from jax.sharding import SingleDeviceSharding
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer.base import (PATH_CUDA_IPC, KvSender, TransferError,
                                  handle_for)
-from pdjax.transfer.cuda_driver import CudaDriver, CudaError, device_ordinal
+from pdjax.transfer.cuda_driver import (CudaDriver, CudaError, device_ordinal,
+                                        release_quietly)
 from pdjax.v1 import kv_pb2
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,9 @@ class CudaIpcSender(KvSender):
         break
       if old_key == key or self._copying[old_key]:
         continue
-      old = self._open.pop(old_key)
-      try:
-        self.driver.ipc_close(old_key[0], old)
-      except CudaError as e:
-        log.warning("closing a peer's landing buffer failed: %s", e)
+      release_quietly("closing a peer's landing buffer",
+                      self.driver.ipc_close, old_key[0],
+                      self._open.pop(old_key))
     return ptr
 
   def _done_copying(self, key: tuple[int, bytes] | None) -> None:
@@ -319,15 +318,11 @@ class CudaIpcSender(KvSender):
       events, self._events = self._events, {}
       while self._open:
         (ordinal, _), ptr = self._open.popitem()
-        try:
-          self.driver.ipc_close(ordinal, ptr)
-        except CudaError as e:
-          log.warning("closing a peer's landing buffer failed: %s", e)
+        release_quietly("closing a peer's landing buffer",
+                        self.driver.ipc_close, ordinal, ptr)
     for ordinal, (event, _) in events.items():
-      try:
-        self.driver.event_destroy(ordinal, event)
-      except CudaError as e:
-        log.warning("destroying a CUDA IPC event failed: %s", e)
+      release_quietly("destroying a CUDA IPC event",
+                      self.driver.event_destroy, ordinal, event)
 
 
 __all__ = ["CudaIpcSender"]

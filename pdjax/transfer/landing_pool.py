@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from pdjax.transfer.base import TransferError
-from pdjax.transfer.cuda_driver import CudaDriver, CudaError
+from pdjax.transfer.cuda_driver import CudaDriver, release_quietly
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,8 @@ class LandingPool:
   def _free_buffers(self) -> None:
     bases, self._bases = self._bases, []
     for ptr in bases:
-      try:
-        self.driver.mem_free(self.device, ptr)
-      except CudaError as e:
-        log.warning("freeing a landing buffer failed: %s", e)
+      release_quietly("freeing a landing buffer", self.driver.mem_free,
+                      self.device, ptr)
 
 
 __all__ = ["REGION_ALIGN", "LandingSlot", "LandingPool"]
