@@ -527,6 +527,14 @@ def test_cli_sweep_and_plot_only(tmp_path, capsys):
   assert written["latency_cdf"].stat().st_size > 0
   out = capsys.readouterr().out
   assert "[disaggregated]" in out and "[colocated]" in out
+  # A sweep cut off before its sweep.json (a time limit): its finished rate
+  # runs stand for it; a folder with neither is still an error.
+  (tmp_path / "colocated" / "sweep.json").unlink()
+  be.plot_only([str(tmp_path / "colocated")], str(tmp_path / "cut"))
+  out = capsys.readouterr().out
+  assert "[colocated]" in out and "100.00" in out and "400.00" in out
+  with pytest.raises(FileNotFoundError, match="neither"):
+    be.plot_only([str(tmp_path / "cut")], str(tmp_path / "none"))
 
 
 def test_sweep_with_an_arrival_window_sends_rate_times_window(tmp_path):

@@ -307,8 +307,11 @@ def _write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(stats.to_jsonable(obj), indent=2) + "\n")
 
 
+_RATE_DIR = "rate_"   # a sweep's run at rate R is in rate_R/
+
+
 def _rate_dir_name(rate: float) -> str:
-  return f"rate_{rate:g}"
+  return f"{_RATE_DIR}{rate:g}"
 
 
 async def _aclose(backend: Any) -> None:
@@ -396,20 +399,32 @@ def _read_jsonl(path: Path) -> list[RequestRecord]:
     return [RequestRecord.from_dict(json.loads(l)) for l in f if l.strip()]
 
 
+def _finished_runs(d: Path) -> list[Path]:
+  """The rate runs of a sweep that was cut off (a time limit) before it
+  wrote ``sweep.json``: those that finished, lowest rate first."""
+  done = [p.parent for p in d.glob(f"{_RATE_DIR}*/summary.json")]
+  return sorted(done, key=lambda p: float(p.name[len(_RATE_DIR):]))
+
+
 def plot_only(dirs: Sequence[str], out_dir: str,
               attainment_target: float = 0.9) -> dict[str, Path]:
   """Re-plots existing out dirs into ``out_dir``; returns the written PNGs.
 
   Sweep dirs (``sweep.json``) and single-run dirs (``summary.json``) are both
-  accepted; points sharing a label form one line on the sweep chart (so
-  single runs at several rates combine; of repeated rates the first dir
-  given wins), and single runs' ``results.jsonl`` feed the latency CDF
-  chart.
+  accepted, and so is a sweep cut off before its ``sweep.json`` (its
+  finished rate runs stand for it); points sharing a label form one line
+  on the sweep chart (so single runs at several rates combine; of repeated
+  rates the first dir given wins), and single runs' ``results.jsonl`` feed
+  the latency CDF chart.
   """
   sweeps: dict[str, list[Summary]] = {}
   runs: dict[str, list[RequestRecord]] = {}
   ttft_slo = tpot_slo = None
+  expanded = []
   for d in map(Path, dirs):
+    cut = not ((d / "sweep.json").exists() or (d / "summary.json").exists())
+    expanded += (_finished_runs(d) or [d]) if cut else [d]
+  for d in expanded:
     if (d / "sweep.json").exists():
       data = json.loads((d / "sweep.json").read_text())
       pts = [Summary.from_dict(p) for p in data["points"]]

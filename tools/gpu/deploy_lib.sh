@@ -1,5 +1,6 @@
 # Sourced by the GPU scripts: start a pdjax.launch.local deployment in the
-# background and wait until its router serves.
+# background and wait until its router serves (deploy_up); chart the sweeps
+# of several deployments together (plot_goodput).
 #
 #   deploy_up DIR PORT TIMEOUT_S [launch.local flags...]
 #
@@ -24,4 +25,17 @@ deploy_up() {
   done
   kill $LPID 2>/dev/null; wait $LPID 2>/dev/null
   return 1
+}
+
+# plot_goodput OUT SCRATCH RUNS_DIR...: one sweep chart per preset with every
+# configuration under the RUNS_DIRs (CONFIG/PRESET, as run_goodput.sh writes
+# them) on it, as OUT/PRESET_goodput.png; the plotter's log in SCRATCH.
+plot_goodput() {
+  local out=$1 scratch=$2 preset dirs; shift 2
+  for preset in chat summarize; do
+    dirs=$(for r in "$@"; do ls -d "$r"/*/"$preset" 2>/dev/null; done | paste -sd, -)
+    [ -n "$dirs" ] && "${PY:-python3}" tools/batch_eval.py --plot_only="$dirs" \
+      --out_dir="$scratch/plots_$preset" > "$scratch/plot_$preset.log" 2>&1 \
+      && cp "$scratch/plots_$preset/sweep.png" "$out/${preset}_goodput.png"
+  done
 }

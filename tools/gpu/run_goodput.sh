@@ -87,11 +87,7 @@ for cfg in ${CONFIGS//,/ }; do
   kill -INT $LPID 2>/dev/null; wait $LPID 2>/dev/null
 done
 
-for preset in chat summarize; do
-  dirs=$(ls -d "$RUNS"/*/"$preset" 2>/dev/null | paste -sd, -)
-  [ -n "$dirs" ] && $PY tools/batch_eval.py --plot_only="$dirs" --out_dir="$RUNS/plots_$preset" > /dev/null 2>&1 \
-    && cp "$RUNS/plots_$preset"/*sweep*.png "$OUT/${preset}_goodput.png" 2>/dev/null
-done
+plot_goodput "$OUT" "$RUNS" "$RUNS"
 tar -C "$RUNS" -czf "$OUT/goodput_runs.tar.gz" --exclude='*.port' . 2>/dev/null
 for d in "$RUNS"/*/; do for p in chat summarize; do
   [ -f "$d/$p.log" ] && { echo "##### $(basename "$d") $p"; tail -40 "$d/$p.log"; }

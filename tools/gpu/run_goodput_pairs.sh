@@ -27,12 +27,8 @@ PB=$!
 wait $PA; echo "pair A ($A) exit $?"
 wait $PB; echo "pair B ($B) exit $?"
 PY=${PYTHON:-python3}
-for preset in chat summarize; do
-  dirs=$(ls -d "$S"/runs_[ab]/*/"$preset" 2>/dev/null | paste -sd, -)
-  [ -n "$dirs" ] && $PY tools/batch_eval.py --plot_only="$dirs" \
-    --out_dir="$S/plots_$preset" > "$S/plot_$preset.log" 2>&1 \
-    && cp "$S/plots_$preset"/sweep.png "$OUT/${preset}_goodput.png"
-done
+. tools/gpu/deploy_lib.sh
+plot_goodput "$OUT" "$S" "$S/runs_a" "$S/runs_b"
 mkdir -p "$S/all"
 for x in a b; do [ -d "$S/runs_$x" ] && cp -r "$S/runs_$x"/. "$S/all/"; done
 tar -C "$S/all" -czf "$OUT/goodput_runs.tar.gz" --exclude='*.port' .
