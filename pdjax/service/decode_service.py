@@ -332,12 +332,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
               w.receiver, request.kv,
               rep.payload_sharding(request.kv.shape[2]),
               timeout_s=_timeout(context, w.transfer_timeout_s))
-        except Exception as e:  # noqa: BLE001 - the reservation goes back
+        except Exception as e:  # noqa: BLE001 - answered with its status
           # Whatever failed (a transfer error, or one no transport foresaw),
-          # the reservation and the issued id are released before the
-          # status goes out: a failed hand-off holds no KV slot.
-          engine.decode.unreserve(rid)
-          w.receiver.forget(res.transfer_id)
+          # the request was never submitted: the ``finally`` below returns
+          # its reservation and issued id before the status goes out.
           w.metrics.transfer_failures.labels(w.receiver.name,
                                              type(e).__name__).inc()
           if not isinstance(e, TransferError):
