@@ -64,7 +64,8 @@ def device_failure(e: Exception, what: str) -> TransferError:
   means: out of device memory is ``TransferExhausted`` (the caller answers
   RESOURCE_EXHAUSTED and releases what the request held), anything else a
   plain ``TransferError``. The runtime's first line says what ran out."""
-  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  text = str(e).strip()
+  first = text.splitlines()[0] if text else type(e).__name__
   if "RESOURCE_EXHAUSTED" in first or "Out of memory" in first:
     return TransferExhausted(f"{what}: the device is out of memory ({first})")
   return TransferError(f"{what}: {first}")
