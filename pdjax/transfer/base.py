@@ -270,6 +270,22 @@ class KvReceiver(abc.ABC):
     pass
 
 
+class IssuedKvReceiver(KvReceiver):
+  """A receiver that redeems only the transfer ids the router issued to
+  this worker (``IssuedTransfers``): ``expect`` registers one, ``forget``
+  drops it (a subclass that stages anything for an id drops that too)."""
+
+  def __init__(self):
+    self._issued = IssuedTransfers()
+
+  def expect(self, transfer_id: str, request_id: str, *,
+             max_pages: int | None = None) -> None:
+    self._issued.add(transfer_id, max_pages)
+
+  def forget(self, transfer_id: str) -> None:
+    self._issued.discard(transfer_id)
+
+
 def handle_for(kv: RequestKV, transport: str, transfer_id: str
                ) -> kv_pb2.KvHandle:
   return kv_pb2.KvHandle(
@@ -278,7 +294,8 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
       dtype=np.dtype(kv.dtype).name)
 
 
-__all__ = ["TransferError", "TransferTimeout", "TransferDenied", "KvSender",
-           "check_kv_handle", "IssuedTransfers",
-           "KvReceiver", "LeaseTable", "new_transfer_id", "new_pull_uuid",
-           "handle_for"]
+__all__ = ["TransferError", "TransferTimeout", "TransferDenied",
+           "TransferExhausted", "KvSender", "check_kv_handle",
+           "IssuedTransfers", "KvReceiver", "IssuedKvReceiver", "LeaseTable",
+           "new_transfer_id", "new_pull_uuid", "handle_for", "device_failure",
+           "PATH_LOCAL", "PATH_CUDA_IPC", "PATH_TRANSFER"]

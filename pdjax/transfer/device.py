@@ -28,9 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
-                                 LeaseTable, TransferTimeout, device_failure,
-                                 handle_for, new_pull_uuid)
+from pdjax.transfer.base import (IssuedKvReceiver, KvSender, LeaseTable,
+                                 TransferTimeout, device_failure, handle_for,
+                                 new_pull_uuid)
 from pdjax.v1 import kv_pb2
 
 _KV_HEADS_AXIS = 4
@@ -105,21 +105,14 @@ class DeviceSender(KvSender):
     return len(self.leases)
 
 
-class DeviceReceiver(KvReceiver):
+class DeviceReceiver(IssuedKvReceiver):
   name = "device"
 
   def __init__(self, device, *, host: str = "127.0.0.1", connections: int = 4):
     self._server = _start_server(device, host, connections)
     self._conns: dict[str, object] = {}
     self._lock = threading.Lock()
-    self._issued = IssuedTransfers()
-
-  def expect(self, transfer_id: str, request_id: str, *,
-             max_pages: int | None = None) -> None:
-    self._issued.add(transfer_id, max_pages)
-
-  def forget(self, transfer_id: str) -> None:
-    self._issued.discard(transfer_id)
+    super().__init__()
 
   def _connection(self, address: str):
     with self._lock:

@@ -28,8 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
-                                 LeaseTable, TransferDenied, TransferError,
+from pdjax.transfer.base import (IssuedKvReceiver, KvSender, LeaseTable,
+                                 TransferDenied, TransferError,
                                  TransferTimeout, check_kv_handle, handle_for)
 from pdjax.v1 import decode_pb2_grpc, kv_pb2
 
@@ -160,7 +160,7 @@ class _Staging:
     self.chunks += 1
 
 
-class GrpcStreamReceiver(KvReceiver):
+class GrpcStreamReceiver(IssuedKvReceiver):
   """Decode side: also the ``KvTransfer`` servicer (registered by the
   decode service)."""
 
@@ -173,14 +173,10 @@ class GrpcStreamReceiver(KvReceiver):
     is refused before any buffer is allocated for it."""
     self.staged = LeaseTable(ttl_s)
     self.geometry = geometry
-    self._issued = IssuedTransfers()
-
-  def expect(self, transfer_id: str, request_id: str, *,
-             max_pages: int | None = None) -> None:
-    self._issued.add(transfer_id, max_pages)
+    super().__init__()
 
   def forget(self, transfer_id: str) -> None:
-    self._issued.discard(transfer_id)
+    super().forget(transfer_id)
     self.staged.pop(transfer_id)
 
   def reap(self) -> int:

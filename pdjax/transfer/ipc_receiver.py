@@ -19,8 +19,8 @@ from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer import base as transfer_base
 from pdjax.transfer import foreign_memory
-from pdjax.transfer.base import (PATH_CUDA_IPC, KvReceiver, TransferError,
-                                 TransferTimeout)
+from pdjax.transfer.base import (PATH_CUDA_IPC, IssuedKvReceiver,
+                                 TransferError, TransferTimeout)
 from pdjax.transfer.cuda_driver import release_quietly
 from pdjax.transfer.landing_pool import LandingPool, LandingSlot
 from pdjax.v1 import kv_pb2
@@ -36,7 +36,7 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
   return shape, dtype
 
 
-class CudaIpcReceiver(KvReceiver):
+class CudaIpcReceiver(IssuedKvReceiver):
   """Decode side of the ``cuda_ipc`` path: lends landing regions (``lend``,
   when the prefill starts) and imports what the sender copied into them.
 
@@ -64,7 +64,7 @@ class CudaIpcReceiver(KvReceiver):
     self.pool = pool
     self.device = device
     self.geometry = geometry
-    self._issued = transfer_base.IssuedTransfers()
+    super().__init__()
     self._views: collections.OrderedDict[tuple, jax.Array] = (
         collections.OrderedDict())
     self._views_lock = threading.Lock()
@@ -140,12 +140,8 @@ class CudaIpcReceiver(KvReceiver):
     self._issued.check(transfer_id)
     return self.pool.acquire(transfer_id, nbytes)
 
-  def expect(self, transfer_id: str, request_id: str, *,
-             max_pages: int | None = None) -> None:
-    self._issued.add(transfer_id, max_pages)
-
   def forget(self, transfer_id: str) -> None:
-    self._issued.discard(transfer_id)
+    super().forget(transfer_id)
     self.pool.release(transfer_id)
 
   def discard(self, transfer_id: str) -> None:

@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding
 
 from pdjax.engine.kv import reshard_kv
 from pdjax.engine.requests import RequestKV
-from pdjax.transfer.base import (IssuedTransfers, KvReceiver, KvSender,
-                                 LeaseTable, TransferTimeout, handle_for)
+from pdjax.transfer.base import (IssuedKvReceiver, KvSender, LeaseTable,
+                                 TransferTimeout, handle_for)
 from pdjax.v1 import kv_pb2
 
 
@@ -48,19 +48,12 @@ class LocalSender(KvSender):
     return len(self.exchange.leases)
 
 
-class LocalReceiver(KvReceiver):
+class LocalReceiver(IssuedKvReceiver):
   name = "local"
 
   def __init__(self, exchange: LocalKvExchange):
     self.exchange = exchange
-    self._issued = IssuedTransfers()
-
-  def expect(self, transfer_id: str, request_id: str, *,
-             max_pages: int | None = None) -> None:
-    self._issued.add(transfer_id, max_pages)
-
-  def forget(self, transfer_id: str) -> None:
-    self._issued.discard(transfer_id)
+    super().__init__()
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
               timeout_s: float) -> RequestKV:
