@@ -371,7 +371,10 @@ def test_a_region_lent_again_reuses_its_view_and_reads_the_new_bytes(pair):
   assert [s[0] for s in seen] == [pair.pool.acquire("x", 1).ptr] * 3
   assert [s[1:] for s in seen] == [(1, 1.0), (1, 0.0), (2, 1.0)]
   assert set(pair.sender.last_phases) == {"wait_ms", "issue_ms", "sync_ms",
-                                          "total_ms"}
+                                          "first_copy_ms", "total_ms"}
+  assert set(pair.receiver.last_phases) == {
+      "wait_ms", "copies_pending", "view_ms", "imported", "after_wait_ms",
+      "total_ms"}
 
 
 def test_the_receiver_keeps_a_bounded_number_of_views(pair, monkeypatch):
@@ -608,6 +611,47 @@ def test_a_receiver_that_skips_the_wait_reads_stale_bytes(slow, monkeypatch):
   assert _until(lambda: slow.sender.in_flight == 0)
   np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
   out.release()
+
+
+def test_a_spinning_receiver_returns_once_the_copies_have_run(slow):
+  """With ``spin_s`` the receiver polls the event instead of blocking on
+  it: it returns when the copies end (here: the GPU, a thread, runs them
+  after 50 ms), never before, and never blocks."""
+  kv = _kv(jnp.bfloat16, seed=8)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.receiver.expect("t1", "r1")
+  slow.receiver.spin_s = 30.0
+  blocked = []
+  slow.recv_driver.event_synchronize = lambda *a: blocked.append(a)
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  gpu = threading.Timer(0.05, slow.send_driver._run_until)
+  gpu.start()
+  t = time.monotonic()
+  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  assert 0.04 < time.monotonic() - t < 10
+  assert blocked == []
+  assert slow.receiver.last_phases["copies_pending"] == 1.0
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  out.release()
+  slow.send_driver.go.set()
+  assert _until(lambda: slow.sender.in_flight == 0)
+
+
+def test_a_spinning_receiver_blocks_once_its_spin_is_spent(slow):
+  """A copy slower than the spin: the receiver falls back to the blocking
+  wait (which, on the fake, runs the copies) and reads correct bytes."""
+  kv = _kv(jnp.bfloat16, seed=9)
+  slot = slow.pool.acquire("t1", kv.kv.nbytes)
+  slow.receiver.expect("t1", "r1")
+  slow.receiver.spin_s = 0.01
+  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
+  assert slow.registry.copies == 0
+  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
+  assert slow.registry.copies == 1        # run by the blocking wait
+  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
+  out.release()
+  slow.send_driver.go.set()
+  assert _until(lambda: slow.sender.in_flight == 0)
 
 
 def test_a_handle_without_an_event_is_read_at_once():

@@ -58,10 +58,13 @@ class CudaIpcReceiver(IssuedKvReceiver):
   # restarted prefill worker brings new ones; the least recently used go).
   MAX_EVENTS = 64
 
-  def __init__(self, pool: LandingPool, device, *, geometry=None):
+  def __init__(self, pool: LandingPool, device, *, geometry=None,
+               spin_s: float = 0.0):
     """``device``: the JAX device of the pool's GPU (where the KV is
-    imported before it is resharded onto the replica)."""
+    imported before it is resharded onto the replica). ``spin_s``: how long
+    a receive polls the sender's event before it blocks on it."""
     self.pool = pool
+    self.spin_s = spin_s
     self.device = device
     self.geometry = geometry
     super().__init__()
@@ -131,6 +134,14 @@ class CudaIpcReceiver(IssuedKvReceiver):
         self._events.move_to_end(event_handle)
     if driver.event_query(ordinal, event):
       return False
+    if self.spin_s > 0:
+      # Polling until the copies are due, then blocking: how promptly a
+      # blocked wait wakes depends on the context's scheduling flags (XLA
+      # sets them, not us). tools/gpu/ipc_bandwidth.py measures both.
+      deadline = time.perf_counter() + self.spin_s
+      while time.perf_counter() < deadline:
+        if driver.event_query(ordinal, event):
+          return True
     driver.event_synchronize(ordinal, event)
     return True
 
@@ -183,12 +194,10 @@ class CudaIpcReceiver(IssuedKvReceiver):
       if nbytes > slot.nbytes:
         raise TransferError(f"KV of {nbytes} bytes cannot be in the "
                             f"{slot.nbytes}-byte landing region of {tid}")
-      t = time.perf_counter()
-      pending = bool(handle.ipc_event_handle) and self._wait_for_copies(
-          handle.ipc_event_handle)
-      wait_s = time.perf_counter() - t
-      # A view, not a copy: the region stays being read until the consumer
-      # has inserted it (RequestKV.release -> end_read frees it).
+      # The view first, while the copies may still run: it only describes
+      # the region (nothing reads it until the consumer runs a program on
+      # it, after this returns), and made after the wait it would be on the
+      # hand-off's critical path.
       imports = self.view_imports
       t = time.perf_counter()
       arr = self._view(slot, shape, dtype, sharding)
@@ -198,12 +207,21 @@ class CudaIpcReceiver(IssuedKvReceiver):
       kv = RequestKV(arr, handle.num_tokens, handle.first_page,
                      release_fn=functools.partial(self.pool.end_read, tid,
                                                   ok=True))
+      t = time.perf_counter()
+      pending = bool(handle.ipc_event_handle) and self._wait_for_copies(
+          handle.ipc_event_handle)
+      t_waited = time.perf_counter()
+      wait_s = t_waited - t
+      # A copy onto a replica spanning devices reads the region: after the
+      # wait (a no-op where the view is already in the replica's layout).
       out = reshard_kv(kv, sharding)
+      t_end = time.perf_counter()
       self.last_phases = {"wait_ms": wait_s * 1e3,
                           "copies_pending": float(pending),
                           "view_ms": view_s * 1e3,
                           "imported": float(self.view_imports > imports),
-                          "total_ms": (time.perf_counter() - t0) * 1e3}
+                          "after_wait_ms": (t_end - t_waited) * 1e3,
+                          "total_ms": (t_end - t0) * 1e3}
       return out
     except BaseException:
       self.pool.end_read(tid, ok=False)

@@ -184,8 +184,9 @@ class CudaIpcSender(KvSender):
     self._events: dict[int, tuple[object, bytes]] = {}
     self._retirement = _Retirement(driver)
     # The latest send's phases (ms: waiting for the KV's programs, issuing
-    # the copies and the event record, the stream sync -- 0 with the event
-    # signal, whose wait is the receiver's --, all): where a small
+    # the copies and the event record, from the call to the first copy
+    # issued, the stream sync -- 0 with the event signal, whose wait is the
+    # receiver's --, all): where a small
     # hand-off's time goes (tools/gpu/ipc_bandwidth.py). Any one send when
     # they overlap.
     self.last_phases: dict[str, float] = {}
@@ -247,6 +248,7 @@ class CudaIpcSender(KvSender):
 
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
            timeout_s: float) -> kv_pb2.KvHandle:
+    t0 = time.perf_counter()
     if not dest.ipc_handle:
       raise TransferError(f"transfer {dest.transfer_id}: the decode worker "
                           "lent no landing buffer")
@@ -258,8 +260,7 @@ class CudaIpcSender(KvSender):
           f"{jnp.dtype(kv.dtype)}) does not fit the {dest.ipc_bytes}-byte "
           f"landing buffer lent for transfer {dest.transfer_id}")
     sources, offset, ordinal, copying = [], dest.ipc_offset, None, None
-    t0 = time.perf_counter()
-    waited = issued = synced = 0.0
+    waited = issued = synced = first_copy = 0.0
     try:
       for piece in kv.pieces:
         arr = _single_device(piece)
@@ -278,6 +279,8 @@ class CudaIpcSender(KvSender):
             copying = (ordinal, bytes(dest.ipc_handle))
             self._copying[copying] += 1
           self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
+        if not sources:
+          first_copy = time.perf_counter() - t0
         issued += time.perf_counter() - t
         sources.append(arr)         # must live until its copy has run
         offset += arr.nbytes
@@ -307,6 +310,7 @@ class CudaIpcSender(KvSender):
       self._done_copying(copying)
     del sources
     self.last_phases = {"wait_ms": waited * 1e3, "issue_ms": issued * 1e3,
+                        "first_copy_ms": first_copy * 1e3,
                         "sync_ms": synced * 1e3,
                         "total_ms": (time.perf_counter() - t0) * 1e3}
     return handle
