@@ -56,6 +56,8 @@ class PoolConfig:
   # .triton_gemm), and how decode attention reads the pages (DecodeConfig).
   triton_gemm: str = "auto"
   attention: str = "auto"
+  # XLA's DotMerger in the pool's programs (Prefill/DecodeConfig.merge_dots).
+  merge_dots: str = "auto"
 
 
 @dataclasses.dataclass
@@ -106,7 +108,8 @@ class DeploymentConfig:
                          page_size=self.page_size,
                          max_seq_len=self.max_seq_len,
                          layer_groups=layer_groups,
-                         triton_gemm=pool.triton_gemm)
+                         triton_gemm=pool.triton_gemm,
+                         merge_dots=pool.merge_dots)
 
   def decode_engine_config(self) -> DecodeConfig:
     d = self.decode
@@ -115,6 +118,7 @@ class DeploymentConfig:
                         steps_per_call=d.steps_per_call,
                         table_buckets=tuple(d.table_buckets),
                         triton_gemm=d.triton_gemm,
+                        merge_dots=d.merge_dots,
                         attention=d.attention,
                         prefix_caching=d.prefix_caching)
 

@@ -1109,19 +1109,26 @@ def test_generate_gemm_choice():
   from pdjax.engine.decode import CUBLAS_MIN_ROWS, generate_compiler_options
   many = DecodeConfig(max_seqs=CUBLAS_MIN_ROWS)
   one = DecodeConfig(max_seqs=1)
+  apart = {"xla_gpu_dot_merger_threshold_mb": 0}
   assert generate_compiler_options(many, "gpu") == {
-      "xla_gpu_enable_triton_gemm": False}
+      "xla_gpu_enable_triton_gemm": False, **apart}
   assert generate_compiler_options(one, "gpu") == {
-      "xla_gpu_enable_triton_gemm": True}
+      "xla_gpu_enable_triton_gemm": True, **apart}
   assert generate_compiler_options(
       dataclasses.replace(many, triton_gemm="on"), "cuda") == {
-          "xla_gpu_enable_triton_gemm": True}
+          "xla_gpu_enable_triton_gemm": True, **apart}
   assert generate_compiler_options(
       dataclasses.replace(one, triton_gemm="off"), "gpu") == {
+          "xla_gpu_enable_triton_gemm": False, **apart}
+  # DotMerger left to XLA's default only when asked for.
+  assert generate_compiler_options(
+      dataclasses.replace(many, merge_dots="on"), "gpu") == {
           "xla_gpu_enable_triton_gemm": False}
   assert generate_compiler_options(many, "cpu") is None
   with pytest.raises(ValueError, match="triton_gemm"):
     DecodeConfig(triton_gemm="cublas")
+  with pytest.raises(ValueError, match="merge_dots"):
+    DecodeConfig(merge_dots="yes")
 
 
 def test_prefill_batch_token_cap(tiny, rules, prefill_tp, monkeypatch):
@@ -1171,10 +1178,21 @@ def test_prefill_gemm_choice():
                                   "cpu") is None
   with pytest.raises(ValueError, match="triton_gemm"):
     PrefillConfig(triton_gemm="cublas")
+  assert prefill_compiler_options(PrefillConfig(merge_dots="off"),
+                                  "gpu") == {
+      "xla_gpu_enable_triton_gemm": False,
+      "xla_gpu_dot_merger_threshold_mb": 0}
+  with pytest.raises(ValueError, match="merge_dots"):
+    PrefillConfig(merge_dots="never")
   dep = DeploymentConfig.load("gpu-8b")
   assert dep.prefill_engine_config().triton_gemm == "auto"
   dep.prefill.triton_gemm = "on"
   assert dep.prefill_engine_config().triton_gemm == "on"
+  # The deployment file's DotMerger settings reach both engines.
+  assert dep.prefill_engine_config().merge_dots == "auto"
+  assert dep.decode_engine_config().merge_dots == "auto"
+  dep.decode.merge_dots = "on"
+  assert dep.decode_engine_config().merge_dots == "on"
 
 
 def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):

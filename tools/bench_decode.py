@@ -84,6 +84,9 @@ flags.DEFINE_enum("attention", "auto", ["auto", "paged", "gather"],
 flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "GEMM kernels of the generate program on GPUs "
                   "(DecodeConfig.triton_gemm).")
+flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
+                  "XLA's DotMerger in the generate program "
+                  "(DecodeConfig.merge_dots; auto: off).")
 flags.DEFINE_float("hbm_gib", None,
                    "Device memory for the fit check (default: the "
                    "allocator's bytes_limit on device 0, else 80).")
@@ -154,6 +157,7 @@ def _layout(cfg, B: int, C: int, S: int):
                       num_pages=_round_up(B * M + 1, step),
                       max_seq_len=max_seq_len, steps_per_call=S,
                       table_buckets=(M,), triton_gemm=FLAGS.triton_gemm,
+                      merge_dots=FLAGS.merge_dots,
                       attention=FLAGS.attention)
   kvbpt = cfg.kv_bytes_per_token()
   pool = dcfg.num_pages * P * kvbpt
@@ -208,6 +212,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
                 "triton_gemm": dcfg.triton_gemm, "attention": dcfg.attention,
+                "merge_dots": dcfg.merge_dots,
                 "temperature": FLAGS.temperature,
                 "sampling_path": FLAGS.sampling_path, "timed_call": FLAGS.timed,
                 "setup": "engine.submit of a zero KV -> insert program",

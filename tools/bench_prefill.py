@@ -49,6 +49,9 @@ flags.DEFINE_integer("page_size", 16, "KV page size of the engine.")
 flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "GEMM kernels of the prefill programs on GPUs "
                   "(PrefillConfig.triton_gemm): on Triton, off cuBLAS.")
+flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
+                  "XLA's DotMerger in the prefill programs "
+                  "(PrefillConfig.merge_dots; auto: on).")
 flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
                   "host path around the same program).")
 FLAGS = flags.FLAGS
@@ -112,6 +115,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
                 "repeat": FLAGS.repeat, "rules": "prefill_tp",
                 "program": "PrefillEngine._prefill",
                 "triton_gemm": FLAGS.triton_gemm,
+                "merge_dots": FLAGS.merge_dots,
                 "compiler_options": engine.compiler_options}
   return writer.write(TOOL, "prefill", params_rec, results)
 
@@ -155,7 +159,8 @@ def main(argv) -> None:
           flush=True)
     engine = PrefillEngine(params, cfg, mesh, rules, PrefillConfig(
         buckets=tuple(lengths), max_batch=1, page_size=P,
-        max_seq_len=lengths[-1] + P, triton_gemm=FLAGS.triton_gemm))
+        max_seq_len=lengths[-1] + P, triton_gemm=FLAGS.triton_gemm,
+        merge_dots=FLAGS.merge_dots))
     for T in lengths:
       rec = _run_one(engine, params, cfg, tp, T, limits, writer)
       r = rec["results"]

@@ -49,6 +49,7 @@ from pdjax.engine.kv import (kv_sharding, pages_for, payload_pages,
 from pdjax.engine.borrowed_kv import BorrowedKvReturns
 from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    RequestStatus, TokenEvent)
+from pdjax.engine.xla_options import check_on_off, gemm_options
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
                                    SamplingArrays, sample)
 from pdjax.model.config import ModelConfig
@@ -86,6 +87,13 @@ class DecodeConfig:
   # on and 1.5x slower at 1 (H200, BENCHMARKS.md "XLA flags against the
   # decode gap").
   triton_gemm: str = "auto"
+  # XLA's DotMerger ("on", XLA's default) turns dots that share an input
+  # (q/k/v of a layer) into one dot against the concatenation of their
+  # weights. The layer loop's weights are slices of stacked arrays, so that
+  # concatenation is a copy of those weights on every step: 1.3 ms of a
+  # 9.5 ms step at 32 rows (8B, H100, tools/profile_decode.py). "off" keeps
+  # the dots apart; "auto": off.
+  merge_dots: str = "auto"
   # How attention reads a row's pages: "gather" them into a dense buffer
   # per layer (every backend), "paged": cuDNN's paged attention reads them
   # in place (GPUs, one device per replica), "auto": paged where it applies.
@@ -95,9 +103,8 @@ class DecodeConfig:
     if self.attention not in ("auto", "paged", "gather"):
       raise ValueError(f"attention must be auto, paged or gather, got "
                        f"{self.attention!r}")
-    if self.triton_gemm not in ("auto", "on", "off"):
-      raise ValueError(f"triton_gemm must be auto, on or off, got "
-                       f"{self.triton_gemm!r}")
+    check_on_off("triton_gemm", self.triton_gemm)
+    check_on_off("merge_dots", self.merge_dots)
     if self.host_cache_blocks < 0:
       raise ValueError(f"host_cache_blocks {self.host_cache_blocks} < 0")
     if self.max_seq_len % self.page_size:
@@ -545,14 +552,14 @@ CUBLAS_MIN_ROWS = 4
 
 
 def generate_compiler_options(dcfg: DecodeConfig,
-                              platform: str) -> dict[str, bool] | None:
+                              platform: str) -> dict[str, bool | int] | None:
   """XLA options of the generate program (None: XLA's defaults). Only GPU
-  compilers know the GEMM option."""
+  compilers know the GEMM options."""
   if platform not in ("gpu", "cuda"):
     return None
   triton = dcfg.triton_gemm == "on" or (
       dcfg.triton_gemm == "auto" and dcfg.max_seqs < CUBLAS_MIN_ROWS)
-  return {"xla_gpu_enable_triton_gemm": triton}
+  return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
 
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,

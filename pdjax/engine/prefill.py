@@ -33,6 +33,7 @@ from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
 from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
+from pdjax.engine.xla_options import check_on_off, gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (Params, prefill_chunk, prefill_embed,
                                prefill_forward, prefill_last_logits,
@@ -60,11 +61,15 @@ class PrefillConfig:
   # 8B prefill 1.57x-1.07x faster than Triton (H200, BENCHMARKS.md "Prefill
   # GEMM kernels"), and prefill programs always have at least 16 rows.
   triton_gemm: str = "auto"
+  # XLA's DotMerger: "on" (XLA's default) joins the q/k/v dots of a layer
+  # into one against their weights' concatenation, a copy of those weights
+  # per call (DecodeConfig.merge_dots); "off" keeps them apart. "auto": on
+  # (prefill GEMMs are compute-bound, and one wider GEMM may outrun three).
+  merge_dots: str = "auto"
 
   def __post_init__(self):
-    if self.triton_gemm not in ("auto", "on", "off"):
-      raise ValueError(f"triton_gemm must be auto, on or off, got "
-                       f"{self.triton_gemm!r}")
+    check_on_off("triton_gemm", self.triton_gemm)
+    check_on_off("merge_dots", self.merge_dots)
     if self.layer_groups < 1:
       raise ValueError(f"layer_groups must be >= 1, got {self.layer_groups}")
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -124,12 +129,13 @@ class PrefillConfig:
 
 
 def prefill_compiler_options(config: PrefillConfig,
-                             platform: str) -> dict[str, bool] | None:
+                             platform: str) -> dict[str, bool | int] | None:
   """XLA options of the prefill programs (None: XLA's defaults). Only GPU
-  compilers know the GEMM option."""
+  compilers know the GEMM options."""
   if platform not in ("gpu", "cuda"):
     return None
-  return {"xla_gpu_enable_triton_gemm": config.triton_gemm == "on"}
+  return gemm_options(triton=config.triton_gemm == "on",
+                      merge_dots=config.merge_dots != "off")
 
 
 def _to_pages(k, v, page_size):
