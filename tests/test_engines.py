@@ -1169,19 +1169,20 @@ def test_prefill_gemm_choice():
   GPUs; a deployment file's [prefill] triton_gemm reaches the engine."""
   from pdjax.config import DeploymentConfig
   from pdjax.engine.prefill import prefill_compiler_options
+  apart = {"xla_gpu_dot_merger_threshold_mb": 0}
   assert prefill_compiler_options(PrefillConfig(), "gpu") == {
-      "xla_gpu_enable_triton_gemm": False}
+      "xla_gpu_enable_triton_gemm": False, **apart}
   assert prefill_compiler_options(PrefillConfig(triton_gemm="on"),
                                   "cuda") == {
-                                      "xla_gpu_enable_triton_gemm": True}
+                                      "xla_gpu_enable_triton_gemm": True,
+                                      **apart}
   assert prefill_compiler_options(PrefillConfig(triton_gemm="on"),
                                   "cpu") is None
   with pytest.raises(ValueError, match="triton_gemm"):
     PrefillConfig(triton_gemm="cublas")
-  assert prefill_compiler_options(PrefillConfig(merge_dots="off"),
+  assert prefill_compiler_options(PrefillConfig(merge_dots="on"),
                                   "gpu") == {
-      "xla_gpu_enable_triton_gemm": False,
-      "xla_gpu_dot_merger_threshold_mb": 0}
+      "xla_gpu_enable_triton_gemm": False}
   with pytest.raises(ValueError, match="merge_dots"):
     PrefillConfig(merge_dots="never")
   dep = DeploymentConfig.load("gpu-8b")

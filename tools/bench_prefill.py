@@ -51,7 +51,7 @@ flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "(PrefillConfig.triton_gemm): on Triton, off cuBLAS.")
 flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
                   "XLA's DotMerger in the prefill programs "
-                  "(PrefillConfig.merge_dots; auto: on).")
+                  "(PrefillConfig.merge_dots; auto: off).")
 flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
                   "host path around the same program).")
 FLAGS = flags.FLAGS

@@ -92,7 +92,8 @@ class DecodeConfig:
   # weights. The layer loop's weights are slices of stacked arrays, so that
   # concatenation is a copy of those weights on every step: 1.3 ms of a
   # 9.5 ms step at 32 rows (8B, H100, tools/profile_decode.py). "off" keeps
-  # the dots apart; "auto": off.
+  # the dots apart; "auto": off (8.5 vs 9.4 ms at 32 rows, 13.8 vs 14.6 at
+  # 128, BENCHMARKS.md "DotMerger").
   merge_dots: str = "auto"
   # How attention reads a row's pages: "gather" them into a dense buffer
   # per layer (every backend), "paged": cuDNN's paged attention reads them
