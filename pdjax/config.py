@@ -58,6 +58,25 @@ class PoolConfig:
   attention: str = "auto"
   # XLA's DotMerger in the pool's programs (Prefill/DecodeConfig.merge_dots).
   merge_dots: str = "auto"
+  # Share of each GPU's memory XLA may use in the pool's workers (None:
+  # XLA's 0.75; --gpu_memory_fraction overrides).
+  gpu_memory_fraction: float | None = None
+  # Decode workers: device memory that KV receives in flight may allocate
+  # at once (MiB; 0: no bound; pdjax.service.receive_budget).
+  max_receive_mib: int = 2048
+
+  def __post_init__(self):
+    f = self.gpu_memory_fraction
+    if f is not None and not 0 < f <= 1:
+      raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {f}")
+    if self.max_receive_mib < 0:
+      raise ValueError(f"max_receive_mib must be >= 0, got "
+                       f"{self.max_receive_mib}")
+
+  def memory_fraction(self, flag: float | None) -> float | None:
+    """XLA's share of each GPU for this pool's workers: the flag if given,
+    else the file's."""
+    return self.gpu_memory_fraction if flag is None else flag
 
 
 @dataclasses.dataclass

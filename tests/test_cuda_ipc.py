@@ -613,47 +613,6 @@ def test_a_receiver_that_skips_the_wait_reads_stale_bytes(slow, monkeypatch):
   out.release()
 
 
-def test_a_spinning_receiver_returns_once_the_copies_have_run(slow):
-  """With ``spin_s`` the receiver polls the event instead of blocking on
-  it: it returns when the copies end (here: the GPU, a thread, runs them
-  after 50 ms), never before, and never blocks."""
-  kv = _kv(jnp.bfloat16, seed=8)
-  slot = slow.pool.acquire("t1", kv.kv.nbytes)
-  slow.receiver.expect("t1", "r1")
-  slow.receiver.spin_s = 30.0
-  blocked = []
-  slow.recv_driver.event_synchronize = lambda *a: blocked.append(a)
-  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
-  gpu = threading.Timer(0.05, slow.send_driver._run_until)
-  gpu.start()
-  t = time.monotonic()
-  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
-  assert 0.04 < time.monotonic() - t < 10
-  assert blocked == []
-  assert slow.receiver.last_phases["copies_pending"] == 1.0
-  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
-  out.release()
-  slow.send_driver.go.set()
-  assert _until(lambda: slow.sender.in_flight == 0)
-
-
-def test_a_spinning_receiver_blocks_once_its_spin_is_spent(slow):
-  """A copy slower than the spin: the receiver falls back to the blocking
-  wait (which, on the fake, runs the copies) and reads correct bytes."""
-  kv = _kv(jnp.bfloat16, seed=9)
-  slot = slow.pool.acquire("t1", kv.kv.nbytes)
-  slow.receiver.expect("t1", "r1")
-  slow.receiver.spin_s = 0.01
-  handle = slow.sender.send(kv, _dest(slot, "t1"), timeout_s=5)
-  assert slow.registry.copies == 0
-  out = slow.receiver.receive(handle, _replica_sharding(2, 1), timeout_s=5)
-  assert slow.registry.copies == 1        # run by the blocking wait
-  np.testing.assert_array_equal(_bits(out.kv), _bits(kv.kv))
-  out.release()
-  slow.send_driver.go.set()
-  assert _until(lambda: slow.sender.in_flight == 0)
-
-
 def test_a_handle_without_an_event_is_read_at_once():
   """A sender that synchronizes (``signal="sync"``, as older senders did)
   sends no event; its copies have run before its handle exists, and the
@@ -1401,19 +1360,25 @@ def test_device_failure_names_out_of_memory():
 
 @pytest.mark.parametrize("error, code", [
     ("exhausted", "RESOURCE_EXHAUSTED"), ("unforeseen", "INTERNAL"),
-    ("timeout", "DEADLINE_EXCEEDED")])
+    ("timeout", "DEADLINE_EXCEEDED"), ("budget", "RESOURCE_EXHAUSTED")])
 def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
   """A KV that cannot land (the device out of memory, an error no transport
-  foresaw, a timeout) gets the gRPC code it means, with the message, and
-  the request's reservation and issued id go back at once."""
+  foresaw, a timeout, no room in the worker's receive budget until the
+  deadline) gets the gRPC code it means, with the message, and the
+  request's reservation and issued id go back at once."""
   import grpc
   from pdjax.engine.decode import Reservation
   from pdjax.service.decode_service import DecodeServicer
+  from pdjax.service.receive_budget import ReceiveBudget
   from pdjax.transfer.base import TransferExhausted
   raised = {"exhausted": TransferExhausted("KV pull t1: the device is out "
                                            "of memory"),
             "unforeseen": RuntimeError("boom"),
-            "timeout": TransferTimeout("KV pull t1 did not complete")}[error]
+            "timeout": TransferTimeout("KV pull t1 did not complete"),
+            "budget": AssertionError("never received: no room")}[error]
+  budget = ReceiveBudget(1024)
+  if error == "budget":
+    budget.held = 1000      # another receive holds most of it
   forgotten, failures = [], []
   reservations = {"r1": Reservation("r1", 0, 4, transfer_id="t1")}
 
@@ -1436,14 +1401,16 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
       labels=lambda *a: failures.append(a) or counter))
   worker = types.SimpleNamespace(
       draining=False, streams=0, max_streams=8, receiver=Receiver(),
-      metrics=metrics, transfer_timeout_s=5.0,
+      metrics=metrics, receive_budget=budget,
+      transfer_timeout_s=0.2 if error == "budget" else 5.0,
       engine=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=64),
                                    decode=decode))
   ctx = _RecordingCtx()
   ctx.time_remaining = lambda: None
   request = decode_pb2.DecodeRequest(
       request_id="r1", prompt_token_ids=[1, 2, 3], first_token=4,
-      kv=kv_pb2.KvHandle(transfer_id="t1", shape=[1, 2, 1, 2, 2]))
+      kv=kv_pb2.KvHandle(transfer_id="t1", shape=[1, 2, 1, 2, 2, 8],
+                         dtype="float32", transport="transfer"))
   request.sampling.max_tokens = 4
 
   async def run():
@@ -1452,8 +1419,11 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
 
   with pytest.raises(_Aborted, match={"exhausted": "out of memory",
                                       "unforeseen": "boom",
-                                      "timeout": "did not complete"}[error]):
+                                      "timeout": "did not complete",
+                                      "budget": "receive budget"}[error]):
     asyncio.run(run())
   assert ctx.code == getattr(grpc.StatusCode, code)
   assert reservations == {} and forgotten[0] == "t1"
-  assert worker.streams == 0 and failures[0][1] == type(raised).__name__
+  want = "TransferExhausted" if error == "budget" else type(raised).__name__
+  assert worker.streams == 0 and failures[0][1] == want
+  assert budget.held == (1000 if error == "budget" else 0)

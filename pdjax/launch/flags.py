@@ -105,6 +105,11 @@ GPU_MEMORY_FRACTION = flags.DEFINE_float(
     "(XLA_PYTHON_CLIENT_MEM_FRACTION; default: XLA's 0.75). An 8B decode "
     "worker on an 80 GB card holds 47 of XLA's 59.4 GiB after warm-up "
     "(BENCHMARKS.md); CUDA IPC landing buffers are allocated outside it.")
+MAX_RECEIVE_MIB = flags.DEFINE_integer(
+    "max_receive_mib", None, "Decode workers: device memory (MiB) that KV "
+    "receives in flight may allocate at once; a receive past it waits, up "
+    "to its deadline, then gets RESOURCE_EXHAUSTED (0: no bound; default: "
+    "the deployment file's [decode] max_receive_mib).")
 # Multi-host pools (jax.distributed): one process per host of the pool.
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "jax.distributed coordinator host:port "

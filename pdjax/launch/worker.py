@@ -35,8 +35,20 @@ def xla_memory_env(fraction: float | None) -> dict[str, str]:
   return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)}
 
 
-def _init_jax():
-  os.environ.update(xla_memory_env(F.GPU_MEMORY_FRACTION.value))
+def worker_memory_fraction(dep, role: str, flag: float | None
+                           ) -> float | None:
+  """XLA's share of each GPU in a worker of ``role``: the flag, else its
+  pool's ``gpu_memory_fraction`` (the larger of the two pools' for a
+  worker running both)."""
+  pools = {"prefill": [dep.prefill], "decode": [dep.decode],
+           "both": [dep.prefill, dep.decode]}[role]
+  shares = [p.memory_fraction(flag) for p in pools]
+  shares = [s for s in shares if s is not None]
+  return max(shares) if shares else None
+
+
+def _init_jax(memory_fraction: float | None = None):
+  os.environ.update(xla_memory_env(memory_fraction))
   import jax
   if F.COORDINATOR.value:
     # Collectives between processes' CPU devices (tests, CPU deployments);
@@ -102,17 +114,19 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
 
 
 async def serve(role: str) -> None:
-  jax = _init_jax()
+  from pdjax.config import DeploymentConfig, resolve_layer_groups
+  # Read before JAX starts a backend: the file may set XLA's memory share.
+  dep = DeploymentConfig.load(F.CONFIG.value)
+  jax = _init_jax(worker_memory_fraction(dep, role,
+                                         F.GPU_MEMORY_FRACTION.value))
   import socket
 
-  from pdjax.config import DeploymentConfig, resolve_layer_groups
   from pdjax.engine.setup import load_sharded
   from pdjax.service import common
   from pdjax.service.metrics import Metrics
   from pdjax.sharding import ShardingRules
   from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
 
-  dep = DeploymentConfig.load(F.CONFIG.value)
   from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
   checkpoint = F.CHECKPOINT.value or dep.checkpoint
@@ -233,7 +247,11 @@ async def serve(role: str) -> None:
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                             reservation_ttl_s=F.KV_TTL.value,
-                            fault_step_delay_s=F.FAULT_STEP_DELAY.value)
+                            fault_step_delay_s=F.FAULT_STEP_DELAY.value,
+                            max_receive_bytes=(
+                                dep.decode.max_receive_mib << 20
+                                if F.MAX_RECEIVE_MIB.value is None
+                                else F.MAX_RECEIVE_MIB.value << 20))
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
       if transport == "grpc":

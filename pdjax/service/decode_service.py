@@ -33,6 +33,7 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
+from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.transfer.base import KvReceiver, TransferError
 from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
@@ -103,7 +104,10 @@ class DecodeWorker:
                transfer_timeout_s: float = 30.0,
                reservation_ttl_s: float = 60.0,
                fault_step_delay_s: float = 0.0,
-               max_streams: int = 1024):
+               max_streams: int = 1024,
+               max_receive_bytes: int = 0):
+    """``max_receive_bytes``: device memory KV receives in flight may
+    allocate at once (``ReceiveBudget``; 0: no bound)."""
     self.engine = engine
     self.receiver = receiver
     self.metrics = metrics or Metrics("decode")
@@ -111,6 +115,7 @@ class DecodeWorker:
     self.transfer_timeout_s = transfer_timeout_s
     self.reservation_ttl_s = reservation_ttl_s
     self.max_streams = max_streams
+    self.receive_budget = ReceiveBudget(max_receive_bytes)
     self.streams = 0
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
@@ -327,11 +332,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                               f"request {rid!r}")
         rep = engine.decode.replicas[res.replica]
         t0 = time.perf_counter()
+        timeout_s = _timeout(context, w.transfer_timeout_s)
         try:
-          kv = await _receive(
-              w.receiver, request.kv,
-              rep.payload_sharding(request.kv.shape[2]),
-              timeout_s=_timeout(context, w.transfer_timeout_s))
+          # Memory first (a receive that allocates waits for room), then
+          # the KV, both within the one transfer deadline.
+          async with w.receive_budget.hold(receive_bytes(request.kv),
+                                           timeout_s):
+            kv = await _receive(
+                w.receiver, request.kv,
+                rep.payload_sharding(request.kv.shape[2]),
+                timeout_s=max(0.001,
+                              timeout_s - (time.perf_counter() - t0)))
         except Exception as e:  # noqa: BLE001 - answered with its status
           # Whatever failed (a transfer error, or one no transport foresaw),
           # the request was never submitted: the ``finally`` below returns

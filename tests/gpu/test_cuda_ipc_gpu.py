@@ -93,8 +93,6 @@ def test_event_signalled_hand_off_of_a_large_kv_lands_intact(rows):
   row = rows[1024]
   assert row["bytes"] == 1024 << 20
   assert row["correct_by_signal"]["event"], row
-  # ... and with the receiver polling the event instead of blocking on it.
-  assert row["correct_by_signal"]["spin"], row
   # The event path's sender did not wait for its copy.
   assert row["send_phases_ms"]["sync_ms"] == 0, row
   assert row["zero_copy"], row

@@ -32,12 +32,9 @@ measured in the same run:
   which the region is released (every path pays this copy; the earlier
   receiver paid it twice, copying the region out first).
 
-Keys without a suffix are the event signal's (the default sender), the
-receiver blocking on the event at once; ``_sync`` keys the sender's sync;
-``_spin`` keys the event signal with the receiver polling the event for up
-to 5 ms before it blocks (``CudaIpcReceiver.spin_s``). The modes are
-measured in the same run, alternating, so the table shows one against the
-other. ``*_phases_ms`` say where a hand-off's time goes (the sender's
+Keys without a suffix are the event signal's (the default sender);
+``_sync`` keys the sender's sync. The signals are measured in the same run,
+alternating, so the table shows one against the other. ``*_phases_ms`` say where a hand-off's time goes (the sender's
 ``first_copy_ms``: from the call to its first copy issued; the receiver's
 ``after_wait_ms``: from the copies' end to its return).
 
@@ -203,7 +200,6 @@ def receiver_main(args, inp=None, emit=None) -> int:
             "device": slot.device})
       elif cmd["cmd"] == "receive":
         handle = kv_pb2.KvHandle.FromString(base64.b64decode(cmd["handle"]))
-        receiver.spin_s = cmd.get("spin_s", 0.0)
         t = time.perf_counter()
         out = receiver.receive(handle, target, timeout_s=60)
         out.kv.block_until_ready()
@@ -304,10 +300,6 @@ def _encode(handle) -> str:
 
 
 SIGNALS = ("sync", "event")      # the sender's signal; event is the default
-# One hand-off at a time is measured in these modes: the sender's signal,
-# and how long the receiver polls the event before it blocks on it.
-MODES = {"sync": ("sync", 0.0), "event": ("event", 0.0),
-         "spin": ("event", 0.005)}
 
 
 def _table(rows, cols) -> None:
@@ -404,18 +396,17 @@ def sender_main(args) -> int:
       kv = RequestKV(x, n * shape[3])
       runs = {m: {"send": [], "recv": [], "e2e": [], "insert": [],
                   "view": [], "send_phases": [], "recv_phases": []}
-              for m in MODES}
-      correct = dict.fromkeys(MODES, True)   # every hand-off's bits
+              for m in SIGNALS}
+      correct = dict.fromkeys(SIGNALS, True)   # every hand-off's bits
       for r in range(args.reps + 1):
-        for mode, (signal, spin_s) in MODES.items():
-          sender.signal = signal
+        for mode in SIGNALS:
+          sender.signal = mode
           tid = f"kv-{i}-{mode}-{r}"
           dest = lend_destination(child, tid, nbytes)
           t = time.perf_counter()
           handle = sender.send(kv, dest, timeout_s=60)
           send_s = time.perf_counter() - t
-          got = child.ask({"cmd": "receive", "handle": _encode(handle),
-                           "spin_s": spin_s})
+          got = child.ask({"cmd": "receive", "handle": _encode(handle)})
           correct[mode] &= (got["checksum"] == want_sum
                             and got["head"] == want_head
                             and got["live"] == 0)
@@ -492,13 +483,13 @@ def sender_main(args) -> int:
         f"{args.stream_k} hand-offs back to back")
   _table(results["rows"], ("mib", "device_put_GBps", "raw_ipc_GBps",
                            "e2e_sync_GBps", "e2e_GBps", "e2e_sync_over_raw",
-                           "e2e_over_raw", "e2e_spin_over_raw",
+                           "e2e_over_raw",
                            "stream_sync_GBps", "stream_GBps",
                            "stream_over_raw", "correct"))
   print("one hand-off, ms")
   _table(results["rows"], ("mib", "send_sync_ms", "recv_sync_ms",
                            "e2e_sync_ms", "send_ms", "recv_ms", "e2e_ms",
-                           "e2e_spin_ms", "recv_first_ms", "insert_GBps",
+                           "recv_first_ms", "insert_GBps",
                            "zero_copy"))
   print("one hand-off (event), phases, ms")
   _table([{"mib": r["mib"],

@@ -11,7 +11,9 @@
 #
 # run_goodput.sh's knobs (CHAT_DUR, SUM_DUR, ...) apply to both sweeps; the
 # rates are per chain (CHAT_RATES_A, SUM_RATES_A, CHAT_RATES_B, SUM_RATES_B:
-# the host-staged grpc transport saturates far earlier); BUDGET_S (default 560) bounds the call. OUT_DIR gets
+# the host-staged grpc transport saturates far earlier), and so are the
+# presets (PRESETS_A, PRESETS_B) and the IPC steps (IPC_STEPS, default
+# test,bw: run_call2.sh's STEPS); BUDGET_S (default 560) bounds the call. OUT_DIR gets
 # ipc.tar.gz, one chart per preset with both sweeps on it,
 # goodput_runs.tar.gz, summary.txt, env.txt and logs.tar.gz (the device tool
 # returns 8 files).
@@ -28,16 +30,16 @@ S=/tmp/pdjax_call5; rm -rf "$S"; mkdir -p "$S/ipc"
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 (
   export CUDA_VISIBLE_DEVICES=0,1
-  STEPS=test,bw BUDGET_S=200 bash tools/gpu/run_call2.sh "$S/ipc"
+  STEPS=${IPC_STEPS:-test,bw} BUDGET_S=200 bash tools/gpu/run_call2.sh "$S/ipc"
   echo "=== [$((SECONDS - START)) s] sweep $CONFIGS_A"
   CHAT_RATES=${CHAT_RATES_A:-8,16,24,32} SUM_RATES=${SUM_RATES_A:-2,4,8,12} \
-  PORT=50151 RUNS=$S/runs_a BUDGET_S=$(( $(left) - 15 )) \
+  PRESETS=${PRESETS_A:-chat summarize} PORT=50151 RUNS=$S/runs_a BUDGET_S=$(( $(left) - 15 )) \
     bash tools/gpu/run_goodput.sh "$S/a" "$CONFIGS_A"
 ) > "$S/chain_a.log" 2>&1 &
 PA=$!
 (
   CHAT_RATES=${CHAT_RATES_B:-1,2,4,8} SUM_RATES=${SUM_RATES_B:-0.5,1,2,4} \
-  CUDA_VISIBLE_DEVICES=2,3 PORT=50251 RUNS=$S/runs_b BUDGET_S=$(( $(left) - 15 )) \
+  PRESETS=${PRESETS_B:-chat summarize} CUDA_VISIBLE_DEVICES=2,3 PORT=50251 RUNS=$S/runs_b BUDGET_S=$(( $(left) - 15 )) \
     bash tools/gpu/run_goodput.sh "$S/b" "$CONFIGS_B"
 ) > "$S/chain_b.log" 2>&1 &
 PB=$!
