@@ -9,6 +9,7 @@
 #   coloc2   two colocated replicas behind the router, one per GPU
 #   disagg   one prefill worker (GPU 0) + one decode worker (GPU 1), device
 #            transport (CUDA IPC fast path when available)
+#   disagg_mem75  the same with XLA's default 0.75 memory share
 #   grpc     the same over the grpc transport
 #   xfer     the same over jax.experimental.transfer (fast path off)
 #   tp2      one colocated engine with TP=2 over both GPUs
@@ -58,6 +59,8 @@ deploy_args() {
     # Four 1 GiB landing buffers: summarize KVs (up to 1 GiB each) then
     # rarely fall back to jax.experimental.transfer while two are lent.
     disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4" ;;
+    # The same at XLA's default memory share (gpu-8b's decode pool sets 0.85).
+    disagg_mem75) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4,--gpu_memory_fraction=0.75" ;;
     grpc)   echo "--num_prefill=1 --num_decode=1 --kv_transport=grpc" ;;
     xfer)   echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--kv_fast_path=off" ;;
     tp2)    echo "--num_prefill=0 --num_decode=1 --decode_mesh=dp=1,tp=2 --worker_flags=--sharding=decode_dp_tp" ;;
