@@ -316,6 +316,19 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   return rec
 
 
+def grid() -> tuple[list[int], list[int]]:
+  """The batch sizes and context lengths the flags ask for, capped on CPU
+  (--cpu_max_batch, --cpu_max_context)."""
+  batches = bc.parse_ints(FLAGS.batch_sizes)
+  contexts = bc.parse_ints(FLAGS.context_lengths)
+  if not bc.is_gpu():
+    batches = [b for b in batches if b <= FLAGS.cpu_max_batch]
+    contexts = [c for c in contexts if c <= FLAGS.cpu_max_context]
+    print(f"CPU: batches {batches}, contexts {contexts} (caps "
+          f"--cpu_max_batch/--cpu_max_context)")
+  return batches, contexts
+
+
 def main(argv) -> None:
   del argv
   import jax
@@ -327,13 +340,7 @@ def main(argv) -> None:
                            limits=limits)
   if FLAGS.measure_ceilings:
     bc.measure_ceilings(limits, writer, TOOL)
-  batches = bc.parse_ints(FLAGS.batch_sizes)
-  contexts = bc.parse_ints(FLAGS.context_lengths)
-  if not bc.is_gpu():
-    batches = [b for b in batches if b <= FLAGS.cpu_max_batch]
-    contexts = [c for c in contexts if c <= FLAGS.cpu_max_context]
-    print(f"CPU: batches {batches}, contexts {contexts} (caps "
-          f"--cpu_max_batch/--cpu_max_context)")
+  batches, contexts = grid()
   compare_at = {tuple(int(v) for v in s.split("x"))
                 for s in FLAGS.compare_at.split(",") if s}
   rules = ShardingRules.load("decode_dp")

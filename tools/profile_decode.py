@@ -577,13 +577,7 @@ def main(argv) -> None:
   limits = bc.resolve_limits()
   bw = _bandwidth(limits)
   writer = bc.RecordWriter(None, model=FLAGS.model, cfg=cfg, limits=limits)
-  batches = bc.parse_ints(FLAGS.batch_sizes)
-  contexts = bc.parse_ints(FLAGS.context_lengths)
-  if not bc.is_gpu():
-    batches = [b for b in batches if b <= FLAGS.cpu_max_batch]
-    contexts = [c for c in contexts if c <= FLAGS.cpu_max_context]
-    print(f"CPU: batches {batches}, contexts {contexts} (caps "
-          f"--cpu_max_batch/--cpu_max_context)")
+  batches, contexts = bd.grid()
   trace_root = Path(FLAGS.trace_dir or tempfile.mkdtemp(prefix=TOOL + "_"))
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])

@@ -1,6 +1,7 @@
 # Sourced by the GPU scripts: start a pdjax.launch.local deployment in the
 # background and wait until its router serves (deploy_up); chart the sweeps
-# of several deployments together (plot_goodput).
+# of several deployments together (plot_goodput); gather two concurrent
+# sweeps' results into a few files (collect_pair).
 #
 #   deploy_up DIR PORT TIMEOUT_S [launch.local flags...]
 #
@@ -38,4 +39,20 @@ plot_goodput() {
       --out_dir="$scratch/plots_$preset" > "$scratch/plot_$preset.log" 2>&1 \
       && cp "$scratch/plots_$preset/sweep.png" "$out/${preset}_goodput.png"
   done
+}
+
+# collect_pair OUT SCRATCH LOG...: the two sweeps run_goodput.sh wrote under
+# SCRATCH/{a,b} (runs in SCRATCH/runs_{a,b}) as OUT's charts,
+# goodput_runs.tar.gz (every run), summary.txt (both summaries) and
+# logs.tar.gz (the LOGs, relative to SCRATCH, and the plotters' logs); the
+# device tool returns 8 files.
+collect_pair() {
+  local out=$1 s=$2 x; shift 2
+  plot_goodput "$out" "$s" "$s/runs_a" "$s/runs_b"
+  mkdir -p "$s/all"
+  for x in a b; do [ -d "$s/runs_$x" ] && cp -r "$s/runs_$x"/. "$s/all/"; done
+  tar -C "$s/all" -czf "$out/goodput_runs.tar.gz" --exclude='*.port' .
+  cat "$s"/a/summary.txt "$s"/b/summary.txt > "$out/summary.txt" 2>/dev/null
+  tar -C "$s" -czf "$out/logs.tar.gz" "$@" $(cd "$s" && ls plot_*.log 2>/dev/null)
+  grep -h "max goodput\|^#####\|rate    attain" -A8 "$out/summary.txt" | grep -v "^--$" | head -80
 }

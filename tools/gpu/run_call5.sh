@@ -50,11 +50,5 @@ grep -v "^W0000\|^I0000" "$S/chain_b.log" | head -100
 tar -C "$S/ipc" -czf "$OUT/ipc.tar.gz" .
 PY=${PYTHON:-python3}
 . tools/gpu/deploy_lib.sh
-plot_goodput "$OUT" "$S" "$S/runs_a" "$S/runs_b"
-mkdir -p "$S/all"
-for x in a b; do [ -d "$S/runs_$x" ] && cp -r "$S/runs_$x"/. "$S/all/"; done
-tar -C "$S/all" -czf "$OUT/goodput_runs.tar.gz" --exclude='*.port' .
-cat "$S"/a/summary.txt "$S"/b/summary.txt > "$OUT/summary.txt" 2>/dev/null
-tar -C "$S" -czf "$OUT/logs.tar.gz" chain_a.log chain_b.log $(cd "$S" && ls plot_*.log 2>/dev/null)
-grep -h "max goodput\|^#####\|rate    attain" -A8 "$OUT/summary.txt" | grep -v "^--$" | head -60
+collect_pair "$OUT" "$S" chain_a.log chain_b.log
 echo "done after $((SECONDS - START)) s"

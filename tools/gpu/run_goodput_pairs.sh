@@ -28,11 +28,5 @@ wait $PA; echo "pair A ($A) exit $?"
 wait $PB; echo "pair B ($B) exit $?"
 PY=${PYTHON:-python3}
 . tools/gpu/deploy_lib.sh
-plot_goodput "$OUT" "$S" "$S/runs_a" "$S/runs_b"
-mkdir -p "$S/all"
-for x in a b; do [ -d "$S/runs_$x" ] && cp -r "$S/runs_$x"/. "$S/all/"; done
-tar -C "$S/all" -czf "$OUT/goodput_runs.tar.gz" --exclude='*.port' .
-cat "$S"/a/summary.txt "$S"/b/summary.txt > "$OUT/summary.txt" 2>/dev/null
-tar -C "$S" -czf "$OUT/logs.tar.gz" a.log b.log $(cd "$S" && ls plot_*.log 2>/dev/null)
-grep -h "max goodput\|^#####\|rate    attain" -A8 "$OUT/summary.txt" | grep -v "^--$" | head -80
+collect_pair "$OUT" "$S" a.log b.log
 echo "done after $((SECONDS-START)) s"
