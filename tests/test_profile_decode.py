@@ -1,37 +1,38 @@
-"""tools/profile_decode.py: the aggregation of a trace's kernels, and the
-tool end to end on CPU.
+"""tools/profile_decode.py and its trace reader, tools/trace_kernels.py:
+the aggregation of a trace's kernels, and the tool end to end on CPU.
 
 The aggregation runs on hand-made events whose counts, times, overlaps and
 categories are known, so a wrong per-step division, a kernel counted twice
 or a cuDNN kernel filed as a GEMM fails here rather than in a GPU run. The
-end-to-end run uses the tiny model in this process (the tool's ``main``
-with parsed flags); on CPU the trace has no device plane, so it exercises
-the host fallback, the roofline arithmetic and the JSON record.
+end-to-end run is the tool on the tiny model in a subprocess (it defines
+the benchmarks' absl flags, which must not meet the launchers' in a test
+process); on CPU the trace has no device plane, so it exercises the host
+fallback, the roofline arithmetic and the JSON record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from absl import flags
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
 if str(TOOLS) not in sys.path:
-  # The tools import each other as top-level modules (bench_common).
   sys.path.insert(0, str(TOOLS))
 
-import profile_decode as pdx  # noqa: E402
+import trace_kernels as tk  # noqa: E402  (flag-free)
 
-FLAGS = flags.FLAGS
 US = 1000.0  # ns
 
 
 def ev(name, start_us, dur_us, op="", module="jit_gen", line="s0"):
-  return pdx.Event(name, start_us * US, dur_us * US, op, module, line)
+  return tk.Event(name, start_us * US, dur_us * US, op, module, line)
 
 
 GEMM = "nvjet_sm90_tss_128x32_64x10_4x1_v_bz_NNT"
@@ -72,11 +73,11 @@ def synthetic():
     ("something_else", "", "other"),
 ])
 def test_categorize(name, op, category):
-  assert pdx.categorize(name, op) == category
+  assert tk.categorize(name, op) == category
 
 
 def test_aggregate_counts_divides_and_groups():
-  agg = pdx.aggregate(synthetic(), steps=2)
+  agg = tk.aggregate(synthetic(), steps=2)
   assert agg["steps"] == 2 and agg["num_events"] == 13
   assert agg["kernel_us_per_step"] == pytest.approx(65 / 2)
   assert agg["busy_us_per_step"] == pytest.approx(64 / 2)
@@ -105,7 +106,7 @@ def test_aggregate_counts_divides_and_groups():
 
 
 def test_aggregate_of_nothing():
-  agg = pdx.aggregate([], steps=4)
+  agg = tk.aggregate([], steps=4)
   assert agg["kernel_us_per_step"] == 0 and agg["kernels"] == []
   assert all(c["share"] == 0 for c in agg["categories"].values())
 
@@ -114,33 +115,33 @@ def test_leaf_events_drop_enclosing_thunks():
   """A while loop's thunk spans its body's; touching events are siblings."""
   evs = [ev("while", 0, 100), ev("a", 10, 10), ev("call", 30, 40),
          ev("b", 35, 5), ev("c", 50, 10), ev("d", 100, 5), ev("e", 105, 5)]
-  assert [e.name for e in pdx.leaf_events(evs)] == ["a", "b", "c", "d", "e"]
+  assert [e.name for e in tk.leaf_events(evs)] == ["a", "b", "c", "d", "e"]
 
 
 def test_union_and_dedupe():
   evs = [ev("x", 0, 10), ev("y", 5, 10), ev("z", 20, 5), ev("x", 0, 10)]
-  assert pdx.union_ns(evs) == pytest.approx(20 * US)
-  assert len(pdx.dedupe(evs)) == 3
+  assert tk.union_ns(evs) == pytest.approx(20 * US)
+  assert len(tk.dedupe(evs)) == 3
 
 
 def _run_main(tmp_path, *args):
-  """The tool's main in this process on the tiny model; its JSON."""
+  """The tool on the tiny model, in a subprocess; (its JSON, stdout)."""
   out = tmp_path / "profile.json"
-  argv = ["profile_decode", "--model=tiny", "--batch_sizes=2",
-          "--context_lengths=16", "--steps_per_call=2", "--warmup=1",
-          "--repeat=1", "--calls_per_sample=4", f"--out={out}",
-          f"--trace_dir={tmp_path / 'traces'}", *args]
-  FLAGS.unparse_flags()
-  FLAGS(argv)
-  try:
-    pdx.main([])
-  finally:
-    FLAGS.unparse_flags()
-  return json.loads(out.read_text())
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / "profile_decode.py"), "--model=tiny",
+       "--batch_sizes=2", "--context_lengths=16", "--steps_per_call=2",
+       "--warmup=1", "--repeat=1", "--calls_per_sample=4", f"--out={out}",
+       f"--trace_dir={tmp_path / 'traces'}", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(out.read_text()), proc.stdout
 
 
-def test_cpu_end_to_end(tmp_path, capsys):
-  data = _run_main(tmp_path, "--trace_calls=2", "--hbm_tbps=0.02", "--top=5")
+def test_cpu_end_to_end(tmp_path):
+  data, printed = _run_main(tmp_path, "--trace_calls=2", "--hbm_tbps=0.02",
+                            "--top=5")
   assert data["tool"] == "profile_decode"
   (rec,) = data["points"]
   assert rec["measurement"] == "profile", rec["results"]
@@ -171,21 +172,26 @@ def test_cpu_end_to_end(tmp_path, capsys):
   assert by["kv"] == pytest.approx(2 * r["ctx_mean"] * kvbpt)
   assert r["roofline_s"] == pytest.approx(by["total"] / 0.02e12)
   assert r["ratio_wall"] == pytest.approx(x["wall_step_s"] / r["roofline_s"])
-  cfg = pdx.bc.preset_config("tiny")
-  assert r["gemm"]["bytes"] == pdx.gemm_weight_bytes(cfg) > 0
+  # The weights the GEMMs read: every layer's projections and the LM head.
+  c = rec["model_config"]
+  D, F, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+  H, K, L, V = c["num_heads"], c["num_kv_heads"], c["num_layers"], \
+      c["vocab_size"]
+  item = 4 if c["dtype"] == "float32" else 2
+  want = (L * (D * (H + 2 * K) * hd + H * hd * D + 3 * D * F) + D * V) * item
+  assert r["gemm"]["bytes"] == want
   assert r["gemm"]["roofline_us"] == pytest.approx(
       r["gemm"]["bytes"] / 0.02e12 * 1e6)
   assert r["gemm"]["us_per_step"] == x["categories"]["gemm"]["us_per_step"]
   # No --hbm_bw on CPU: bench_decode's rate does not apply.
   assert x["roofline_bench_bw"]["roofline_s"] is None
-  printed = capsys.readouterr().out
   assert "categories (per step)" in printed and "top 5 of" in printed
 
 
 def test_layout_too_small_is_an_error_record(tmp_path):
   """More calls than bench_decode's layout leaves room for: the point is
   recorded as an error, and the run goes on."""
-  data = _run_main(tmp_path, "--trace_calls=20")
+  data, _ = _run_main(tmp_path, "--trace_calls=20")
   (rec,) = data["points"]
   assert rec["measurement"] == "error"
   assert "--trace_calls" in rec["results"]["error"]
@@ -194,9 +200,9 @@ def test_layout_too_small_is_an_error_record(tmp_path):
 def test_jax_op_column_names_the_model_op():
   path = ("jit(_generate_entry)/while/body/eval_jaxpr/while/body/"
           "jit(dynamic_index_in_dim)/dynamic_slice")
-  assert pdx._jax_op({"jax_ops": [path], "ops": ["x.1"]}) == (
+  assert tk.jax_op_label({"jax_ops": [path], "ops": ["x.1"]}) == (
       "jit(dynamic_index_in_dim)/dynamic_slice")
-  assert pdx._jax_op({"jax_ops": [], "ops": ["copy.3"]}) == "copy.3"
+  assert tk.jax_op_label({"jax_ops": [], "ops": ["copy.3"]}) == "copy.3"
   # Nothing but loop scaffolding: the XLA op says more.
-  assert pdx._jax_op({"jax_ops": ["jit(g)/while/body/eval_jaxpr"],
+  assert tk.jax_op_label({"jax_ops": ["jit(g)/while/body/eval_jaxpr"],
                       "ops": ["gemm_fusion_dot.15"]}) == "gemm_fusion_dot.15"
