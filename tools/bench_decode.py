@@ -199,11 +199,50 @@ def _fill(engine, cfg, B: int, C: int, seed: int):
         lambda ev: None, reservation=res))
 
 
+def new_engine(params, cfg, mesh, rules, dcfg):
+  """The engine a point is measured on (with --sampling_path=device, its
+  one program for every batch, the sampling path a lax.cond on device)."""
+  from pdjax.engine.decode import DecodeEngine
+  engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  if FLAGS.sampling_path == "device":
+    on_device = engine.programs.generate_program(None)
+    engine.programs.generate = lambda all_greedy: on_device
+  return engine
+
+
+def first_iteration(engine, cfg, B: int, C: int) -> float:
+  """Fills B rows of C tokens and runs the engine's first iteration (the
+  inserts, then the first generate call, which compiles); its seconds."""
+  import jax
+  rep = engine.replicas[0]
+  _fill(engine, cfg, B, C, FLAGS.seed)
+  t0 = time.perf_counter()
+  engine.step()
+  jax.block_until_ready(rep.state)
+  seconds = time.perf_counter() - t0
+  if rep.live_rows != B:
+    raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
+  return seconds
+
+
+def timed_call(engine):
+  """One call as --timed says: the replica's dispatch, or the engine's
+  whole iteration (dispatch, then delivering the previous call's tokens).
+  Returns the call's output to wait on."""
+  rep = engine.replicas[0]
+
+  def call():
+    if FLAGS.timed == "dispatch":
+      return rep.dispatch()[0]
+    engine.step()
+    return engine._inflight[0][1]  # pylint: disable=protected-access
+  return call
+
+
 def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   import jax
   import numpy as np
   from pdjax.engine import compile_stats
-  from pdjax.engine.decode import DecodeEngine
 
   dcfg, mem = _layout(cfg, B, C, S)
   params_rec = {"batch": B, "context": C, "steps_per_call": S,
@@ -224,11 +263,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
     return writer.write(TOOL, "skipped", params_rec,
                         {"reason": "does not fit", **mem,
                          "budget_bytes": budget})
-  engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
-  if FLAGS.sampling_path == "device":
-    # One program for every batch, its sampling path a lax.cond on device.
-    on_device = engine.programs.generate_program(None)
-    engine.programs.generate = lambda all_greedy: on_device
+  engine = new_engine(params, cfg, mesh, rules, dcfg)
   compiler_options = engine.programs.compiler_options
   paged_attention = engine.programs.paged_attention
   rep = engine.replicas[0]
@@ -243,23 +278,9 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
           "output_size_in_bytes", "alias_size_in_bytes",
           "generated_code_size_in_bytes")}
       del compiled
-    _fill(engine, cfg, B, C, FLAGS.seed)
     with compile_stats.CompileCounter() as cc:
-      t0 = time.perf_counter()
-      engine.step()  # Inserts the B rows, then the first generate call.
-      jax.block_until_ready(rep.state)
-      setup_s = time.perf_counter() - t0
-    if rep.live_rows != B:
-      raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
-
-    def call():
-      """One timed call: the replica's dispatch, or the engine's whole
-      iteration (dispatch, then delivering the previous call's tokens)."""
-      if FLAGS.timed == "dispatch":
-        return rep.dispatch()[0]
-      engine.step()
-      return engine._inflight[0][1]  # pylint: disable=protected-access
-
+      setup_s = first_iteration(engine, cfg, B, C)
+    call = timed_call(engine)
     engine.step()  # the first iteration's tokens are delivered here
     for _ in range(FLAGS.warmup):
       jax.block_until_ready(call())

@@ -127,17 +127,6 @@ def _calls_needed() -> int:
   return 2 + FLAGS.warmup + 2 * FLAGS.trace_calls
 
 
-def _make_call(engine, rep):
-  """One call as bench_decode times it (--timed): the replica's dispatch, or
-  the engine's whole iteration. Returns its output to wait on."""
-  def call():
-    if FLAGS.timed == "dispatch":
-      return rep.dispatch()[0]
-    engine.step()
-    return engine._inflight[0][1]  # pylint: disable=protected-access
-  return call
-
-
 def _timed_calls(call, n: int) -> float:
   """Wall seconds of n calls dispatched back to back, then one wait."""
   import jax
@@ -152,27 +141,17 @@ def _setup(params, cfg, mesh, rules, B: int, C: int, S: int):
   """bench_decode's engine at (B, C, S), filled, past its first two
   iterations (insert + compile, first delivery) and the warm-up."""
   import jax
-  from pdjax.engine.decode import DecodeEngine
   dcfg, mem = bd._layout(cfg, B, C, S)  # pylint: disable=protected-access
   if _calls_needed() > mem["total_calls"]:
     raise ValueError(
         f"{_calls_needed()} calls need more room than bench_decode's layout "
         f"leaves ({mem['total_calls']} calls): raise --repeat or "
         "--calls_per_sample, or lower --trace_calls/--warmup")
-  engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
-  if FLAGS.sampling_path == "device":
-    on_device = engine.programs.generate_program(None)
-    engine.programs.generate = lambda all_greedy: on_device
+  engine = bd.new_engine(params, cfg, mesh, rules, dcfg)
   rep = engine.replicas[0]
-  bd._fill(engine, cfg, B, C, FLAGS.seed)  # pylint: disable=protected-access
-  t0 = time.perf_counter()
+  setup_s = bd.first_iteration(engine, cfg, B, C)
   engine.step()
-  jax.block_until_ready(rep.state)
-  setup_s = time.perf_counter() - t0
-  if rep.live_rows != B:
-    raise RuntimeError(f"only {rep.live_rows} of {B} rows were admitted")
-  engine.step()
-  call = _make_call(engine, rep)
+  call = bd.timed_call(engine)
   for _ in range(FLAGS.warmup):
     jax.block_until_ready(call())
   return engine, rep, call, dcfg, mem, setup_s
