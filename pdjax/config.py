@@ -73,10 +73,6 @@ class PoolConfig:
       raise ValueError(f"max_receive_mib must be >= 0, got "
                        f"{self.max_receive_mib}")
 
-  def memory_fraction(self, flag: float | None) -> float | None:
-    """XLA's share of each GPU for this pool's workers: the flag if given,
-    else the file's."""
-    return self.gpu_memory_fraction if flag is None else flag
 
 
 @dataclasses.dataclass

@@ -40,10 +40,12 @@ def worker_memory_fraction(dep, role: str, flag: float | None
   """XLA's share of each GPU in a worker of ``role``: the flag, else its
   pool's ``gpu_memory_fraction`` (the larger of the two pools' for a
   worker running both)."""
+  if flag is not None:
+    return flag
   pools = {"prefill": [dep.prefill], "decode": [dep.decode],
            "both": [dep.prefill, dep.decode]}[role]
-  shares = [p.memory_fraction(flag) for p in pools]
-  shares = [s for s in shares if s is not None]
+  shares = [p.gpu_memory_fraction for p in pools
+            if p.gpu_memory_fraction is not None]
   return max(shares) if shares else None
 
 
@@ -249,9 +251,9 @@ async def serve(role: str) -> None:
                             reservation_ttl_s=F.KV_TTL.value,
                             fault_step_delay_s=F.FAULT_STEP_DELAY.value,
                             max_receive_bytes=(
-                                dep.decode.max_receive_mib << 20
+                                dep.decode.max_receive_mib
                                 if F.MAX_RECEIVE_MIB.value is None
-                                else F.MAX_RECEIVE_MIB.value << 20))
+                                else F.MAX_RECEIVE_MIB.value) << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
       if transport == "grpc":
