@@ -105,35 +105,31 @@ def load_events(path: str | Path) -> dict[str, Any]:
   data = jax.profiler.ProfileData.from_file(str(path))
   planes = list(data.planes)
   devices = [p for p in planes if DEVICE_PLANE.match(p.name)]
+  hosts = [p for p in planes if not DEVICE_PLANE.match(p.name)]
+  # Where to look, in order; the first that yields events is used. Host
+  # lines hold the CPU runtime's thunks: leaves only, and only those that
+  # name their XLA op.
+  attempts = (("device kernels", devices, KERNEL_LINE.match, False),
+              ("device XLA ops", devices, lambda n: n == OP_LINE, False),
+              ("host XLA ops (no device plane)", hosts, lambda n: True, True))
   lines: dict[str, int] = {}
   events: list[Event] = []
-  source = None
-  for plane in devices:
-    for line in plane.lines:
-      if KERNEL_LINE.match(line.name):
-        ev = _to_events(line, plane.name)
+  for source, where, wanted, host in attempts:
+    for plane in where:
+      for line in plane.lines:
+        if not wanted(line.name):
+          continue
+        ev = _to_events(line, plane.name, need_hlo_op=host)
+        if host:
+          ev = leaf_events(ev)
+          if not ev:
+            continue
         lines[f"{plane.name}/{line.name}"] = len(ev)
         events += ev
-  if events:
-    source = "device kernels"
+    if events:
+      break
   else:
-    for plane in devices:
-      for line in plane.lines:
-        if line.name == OP_LINE:
-          ev = _to_events(line, plane.name)
-          lines[f"{plane.name}/{line.name}"] = len(ev)
-          events += ev
-    source = "device XLA ops" if events else None
-  if not events:
-    for plane in planes:
-      if DEVICE_PLANE.match(plane.name):
-        continue
-      for line in plane.lines:
-        ev = leaf_events(_to_events(line, plane.name, need_hlo_op=True))
-        if ev:
-          lines[f"{plane.name}/{line.name}"] = len(ev)
-          events += ev
-    source = "host XLA ops (no device plane)" if events else "nothing found"
+    source = "nothing found"
   return {"source": source, "events": dedupe(events), "lines": lines,
           "planes": [p.name for p in planes]}
 
