@@ -1,9 +1,27 @@
-# Sourced by the GPU scripts: start a pdjax.launch.local deployment in the
-# background and wait until its router serves (deploy_up); chart the sweeps
-# of several deployments together (plot_goodput); gather two concurrent
-# sweeps' results into a few files (collect_pair).
-#
-#   deploy_up DIR PORT TIMEOUT_S [launch.local flags...]
+# Sourced by the GPU scripts: the launch.local flags of each named
+# configuration (deploy_args; run_goodput.sh describes them); start a
+# pdjax.launch.local deployment in the background and wait until its router
+# serves (deploy_up); chart the sweeps of several deployments together
+# (plot_goodput); gather two concurrent sweeps' results into a few files
+# (collect_pair).
+
+# deploy_args CONFIG: its launch.local flags (besides config and platform).
+deploy_args() {
+  case $1 in
+    coloc2) echo "--num_prefill=0 --num_decode=2" ;;
+    # Four 1 GiB landing buffers: summarize KVs (up to 1 GiB each) then
+    # rarely fall back to jax.experimental.transfer while two are lent.
+    disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4" ;;
+    # The same at XLA's default memory share (gpu-8b's decode pool sets 0.85).
+    disagg_mem75) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4,--gpu_memory_fraction=0.75" ;;
+    grpc)   echo "--num_prefill=1 --num_decode=1 --kv_transport=grpc" ;;
+    xfer)   echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--kv_fast_path=off" ;;
+    tp2)    echo "--num_prefill=0 --num_decode=1 --decode_mesh=dp=1,tp=2 --worker_flags=--sharding=decode_dp_tp" ;;
+    *) echo "unknown config $1" >&2; return 1 ;;
+  esac
+}
+
+# deploy_up DIR PORT TIMEOUT_S [launch.local flags...]
 #
 # Sets LPID (the launcher's pid; `kill -INT $LPID` stops the deployment).
 # Returns non-zero, after printing the launcher's and workers' last log

@@ -34,9 +34,10 @@ measured in the same run:
 
 Keys without a suffix are the event signal's (the default sender);
 ``_sync`` keys the sender's sync. The signals are measured in the same run,
-alternating, so the table shows one against the other. ``*_phases_ms`` say where a hand-off's time goes (the sender's
-``first_copy_ms``: from the call to its first copy issued; the receiver's
-``after_wait_ms``: from the copies' end to its return).
+alternating, so the table shows one against the other. ``*_phases_ms`` say
+where a hand-off's time goes (the sender's ``first_copy_ms``: from the call
+to its first copy issued; the receiver's ``after_wait_ms``: from the
+copies' end to its return).
 
 Every hand-off is checked: a position-weighted checksum of the bits is
 computed on device on both sides, and the first elements are compared.
@@ -483,14 +484,12 @@ def sender_main(args) -> int:
         f"{args.stream_k} hand-offs back to back")
   _table(results["rows"], ("mib", "device_put_GBps", "raw_ipc_GBps",
                            "e2e_sync_GBps", "e2e_GBps", "e2e_sync_over_raw",
-                           "e2e_over_raw",
-                           "stream_sync_GBps", "stream_GBps",
+                           "e2e_over_raw", "stream_sync_GBps", "stream_GBps",
                            "stream_over_raw", "correct"))
   print("one hand-off, ms")
   _table(results["rows"], ("mib", "send_sync_ms", "recv_sync_ms",
                            "e2e_sync_ms", "send_ms", "recv_ms", "e2e_ms",
-                           "recv_first_ms", "insert_GBps",
-                           "zero_copy"))
+                           "recv_first_ms", "insert_GBps", "zero_copy"))
   print("one hand-off (event), phases, ms")
   _table([{"mib": r["mib"],
            **{"send_" + k: v for k, v in r["send_phases_ms"].items()},

@@ -6,6 +6,8 @@
 # its first request.
 #
 #   bash tools/gpu/run_after_chat.sh OUT_DIR      (carry .whl; two GPUs)
+#
+# OUT_DIR gets after_chat.tar.gz (every run and log) and env.txt.
 set -u
 OUT=${1:?usage: run_after_chat.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -13,13 +15,12 @@ cd "$(dirname "$0")/../.." || exit 1
 PY=${PYTHON:-python3}
 . tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PDJAX_CACHE=${PDJAX_CACHE:-/tmp/pdjax_cache}
-install_carried_wheels
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+start_call "$OUT"
 . tools/gpu/deploy_lib.sh
-START=$SECONDS
 D=/tmp/pdjax_after_chat; rm -rf "$D"
-deploy_up "$D" 50151 240 --config=gpu-8b --platform=gpu --num_prefill=1 --num_decode=1 \
-  --kv_transport=device --worker_flags=--ipc_landing_buffers=4 || exit 1
+# shellcheck disable=SC2046
+deploy_up "$D" 50151 240 --config=gpu-8b --platform=gpu \
+  $(deploy_args "${CONFIG:-disagg}") || exit 1
 echo "up after $((SECONDS - START)) s"
 run() {  # name preset rate dur
   $PY tools/batch_eval.py --target=127.0.0.1:50151 --preset=$2 --sweep_rates=$3 \

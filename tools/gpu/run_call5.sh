@@ -2,7 +2,7 @@
 # One device-tool call on the four-GPU kind (nvidia-h100-x4), two chains at
 # once:
 #   GPUs 0,1: the CUDA IPC GPU test and the hand-off bandwidth table (sender
-#     sync / event / event with the receiver spinning), then run_goodput.sh's
+#     sync / event, with each hand-off's phases), then run_goodput.sh's
 #     CONFIGS_A sweep (default xfer: the device transport with the CUDA IPC
 #     fast path off, so jax.experimental.transfer);
 #   GPUs 2,3: the CONFIGS_B sweep (default grpc).
@@ -13,8 +13,8 @@
 # rates are per chain (CHAT_RATES_A, SUM_RATES_A, CHAT_RATES_B, SUM_RATES_B:
 # the host-staged grpc transport saturates far earlier), and so are the
 # presets (PRESETS_A, PRESETS_B) and the IPC steps (IPC_STEPS, default
-# test,bw: run_call2.sh's STEPS); BUDGET_S (default 560) bounds the call. OUT_DIR gets
-# ipc.tar.gz, one chart per preset with both sweeps on it,
+# test,bw: run_call2.sh's STEPS); BUDGET_S (default 560) bounds the call.
+# OUT_DIR gets ipc.tar.gz, one chart per preset with both sweeps on it,
 # goodput_runs.tar.gz, summary.txt, env.txt and logs.tar.gz (the device tool
 # returns 8 files).
 set -u

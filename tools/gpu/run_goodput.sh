@@ -53,21 +53,6 @@ RUNS=${RUNS:-/tmp/pdjax_goodput}; rm -rf "$RUNS"; mkdir -p "$RUNS"
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 
-deploy_args() {
-  case $1 in
-    coloc2) echo "--num_prefill=0 --num_decode=2" ;;
-    # Four 1 GiB landing buffers: summarize KVs (up to 1 GiB each) then
-    # rarely fall back to jax.experimental.transfer while two are lent.
-    disagg) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4" ;;
-    # The same at XLA's default memory share (gpu-8b's decode pool sets 0.85).
-    disagg_mem75) echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--ipc_landing_buffers=4,--gpu_memory_fraction=0.75" ;;
-    grpc)   echo "--num_prefill=1 --num_decode=1 --kv_transport=grpc" ;;
-    xfer)   echo "--num_prefill=1 --num_decode=1 --kv_transport=device --worker_flags=--kv_fast_path=off" ;;
-    tp2)    echo "--num_prefill=0 --num_decode=1 --decode_mesh=dp=1,tp=2 --worker_flags=--sharding=decode_dp_tp" ;;
-    *) echo "unknown config $1" >&2; return 1 ;;
-  esac
-}
-
 for cfg in ${CONFIGS//,/ }; do
   if (( $(left) < 90 )); then echo "budget left $(left) s: skipping $cfg"; continue; fi
   echo "=== [$((SECONDS - START)) s] $cfg"
