@@ -120,6 +120,9 @@ def test_prefill_pool_spanning_two_processes_matches_reference(
   assert c.proc("prefill0").popen.returncode == 0, tails
   assert c.proc("prefill0p1").popen.returncode == 0, tails
   log = c.proc("prefill0p1").log.read_text()
+  # Signalled first (the cluster stops in reverse start order), it kept
+  # following until the leader's stop.
+  assert "SIGTERM: following until the leader stops the pool" in log
   assert "stopped by the leader after" in log
 
 

@@ -59,6 +59,15 @@ def _init_jax(memory_fraction: float | None = None):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # a JAX without the option
       log.warning("no gloo CPU collectives in this JAX")
+    # pdjax drains on SIGTERM itself (the leader's loop, below). JAX's
+    # preemption service would install its own SIGTERM handler, which
+    # takes the signal in a follower (no Python handler of its own there);
+    # its shutdown then stalled the job's shutdown barrier until the
+    # coordination service aborted both processes.
+    try:
+      jax.config.update("jax_enable_preemption_service", False)
+    except AttributeError:  # a JAX without the service
+      pass
     timeouts = dict(
         shutdown_timeout_seconds=F.DISTRIBUTED_SHUTDOWN_S.value)
     if F.COORDINATOR.value == "auto":
@@ -207,6 +216,7 @@ async def serve(role: str) -> None:
       if spans and not leader:
         log.info("prefill process %d of %d: replaying the leader's batches",
                  jax.process_index(), jax.process_count())
+        _follow_through_sigterm()
         n = lockstep.follow(engine)
         log.info("stopped by the leader after %d batches", n)
         return
@@ -333,6 +343,18 @@ def memory_note() -> str:
                    f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.1f}, "
                    f"limit {stats['bytes_limit'] / 2**30:.1f}")
   return "; memory " + "; ".join(parts) if parts else ""
+
+
+def _follow_through_sigterm() -> None:
+  """A follower leaves when its leader stops the pool, not on its own
+  SIGTERM: Kubernetes signals every pod of a group at once, and a follower
+  gone first would strand the leader's collectives mid-drain. A follower
+  still waiting after the pod's grace period is killed, as it should be."""
+  def note(signum, frame):
+    log.info("%s: following until the leader stops the pool",
+             signal.Signals(signum).name)
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, note)
 
 
 async def _run_until_signal(server, health, names, workers) -> None:
