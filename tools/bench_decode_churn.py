@@ -1,0 +1,318 @@
+r"""Does a decode step get slower once the engine has served other requests?
+
+Why this exists: on two H100s, a disaggregated 8B deployment decoded the same
+6,175-token summarize request at 42 ms per 4-step call before 10 s of chat
+traffic and at 110 ms after it, whatever the KV transport
+(``tools/gpu/run_after_chat.sh``; BENCHMARKS.md, "An open problem: decode
+steps slow down after a chat load"). A fresh deployment decodes it fast
+again, so something the engine or the device runtime keeps from the
+traffic makes later steps slower. This tool takes the deployment out of the
+question: one ``DecodeEngine`` in one process, the same probe request
+before and after a churn of chat-shaped requests.
+
+Phases, each on the same engine:
+
+1. probe: one request of ``--probe_context`` tokens alone; after its first
+   iteration (insert), ``--probe_calls`` engine iterations are timed as the
+   serving loop runs them (``DecodeEngine.step``: dispatch the next call,
+   deliver the previous one), then it runs to its end.
+2. churn: ``--churn_requests`` requests with the ``chat`` preset's prompt
+   and output lengths (``pdjax.eval.workloads``), admitted whenever the
+   pool has room (up to ``--max_seqs`` live), each with a KV freshly
+   allocated on the device as a transport's receive allocates it
+   (``--churn_kv=shared``: one KV for all, so only the engine's own state
+   changes), stepped until every one has finished.
+3. probe again, the same request.
+
+Per probe: the median time per iteration and per step, the median host time
+of the replica's ``dispatch`` (page growth, slot upload, launching the
+program: if it grows, the host is where the time goes, e.g. XLA updating a
+CUDA graph's buffer addresses), the probe's pages (how scattered they are
+in the pool after churn), and the device allocator's figures where the
+backend reports them (bytes in use, peak, allocations, largest free block).
+The last line is the ratio after / before.
+
+``--nocommand_buffers`` runs without XLA's CUDA graphs
+(``--xla_gpu_enable_command_buffer=`` in XLA_FLAGS), so a ratio that falls
+to 1 there points at their update cost.
+
+Examples:
+  python tools/bench_decode_churn.py --model=tiny          # CPU, seconds
+  python tools/bench_decode_churn.py --model=llama3-8b --out=/tmp/churn.jsonl
+  python tools/bench_decode_churn.py --model=llama3-8b --nocommand_buffers
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import bench_common as bc  # Sets up sys.path and XLA_FLAGS before jax.
+
+from absl import app, flags
+
+bc.define_common_flags()
+flags.DEFINE_integer("probe_context", None,
+                     "Prompt tokens of the probe request (default: 6144 on "
+                     "GPU, 200 on CPU).")
+flags.DEFINE_integer("probe_calls", 16, "Timed iterations per probe.")
+flags.DEFINE_integer("churn_requests", None,
+                     "Chat-shaped requests between the probes (default: 400 "
+                     "on GPU, 40 on CPU).")
+flags.DEFINE_enum("churn_kv", "fresh", ["fresh", "shared"],
+                  "fresh: each churn request's KV is a new device array (as "
+                  "a receive makes it); shared: one array for all.")
+flags.DEFINE_integer("max_seqs", None, "Rows (default: 128 GPU, 8 CPU).")
+flags.DEFINE_integer("num_pages", None,
+                     "KV pages (default: 16384 GPU, 512 CPU).")
+flags.DEFINE_integer("max_seq_len", None,
+                     "Per sequence (default: 8192 GPU, 1024 CPU).")
+flags.DEFINE_string("table_buckets", None,
+                    "Page-table widths (default: 32,128 as gpu-8b.toml).")
+flags.DEFINE_integer("steps_per_call", 4, "Decode steps per generate call.")
+flags.DEFINE_enum("attention", "auto", ["auto", "paged", "gather"],
+                  "Attention over the pages (DecodeConfig.attention).")
+flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
+                  "DecodeConfig.triton_gemm.")
+flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
+                  "DecodeConfig.merge_dots (XLA's DotMerger).")
+flags.DEFINE_bool("command_buffers", True,
+                  "False: XLA runs without CUDA graphs "
+                  "(--xla_gpu_enable_command_buffer= in XLA_FLAGS).")
+FLAGS = flags.FLAGS
+
+TOOL = "bench_decode_churn"
+
+
+def _defaults(gpu: bool) -> dict:
+  """The flags left unset: gpu-8b.toml's decode pool on a GPU, a small
+  pool on CPU (the tiny model, seconds)."""
+  pick = lambda name, g, c: (FLAGS[name].value if FLAGS[name].value
+                             is not None else (g if gpu else c))
+  return {
+      "probe_context": pick("probe_context", 6144, 200),
+      "churn_requests": pick("churn_requests", 400, 40),
+      "max_seqs": pick("max_seqs", 128, 8),
+      "num_pages": pick("num_pages", 16384, 512),
+      "max_seq_len": pick("max_seq_len", 8192, 1024),
+      "table_buckets": tuple(bc.parse_ints(pick("table_buckets", "32,128",
+                                                "4,16"))),
+  }
+
+
+def _kv(engine, cfg, tokens: int):
+  """A zero request KV of ``tokens`` tokens in the replica's payload layout,
+  freshly allocated on its devices."""
+  import jax.numpy as jnp
+  from pdjax.engine.kv import pages_for, payload_pages, request_kv_shape
+  rep = engine.replicas[0]
+  n = payload_pages(pages_for(tokens, engine.dcfg.page_size))
+  return jnp.zeros(request_kv_shape(cfg, n, engine.dcfg.page_size),
+                   cfg.jnp_dtype, device=rep.payload_sharding(n))
+
+
+def _submit(engine, cfg, rid: str, prompt_len: int, max_tokens: int, kv,
+            on_finish) -> bool:
+  """Reserves and submits one greedy request (False: no room now)."""
+  from pdjax.engine.requests import DecodeRequest, RequestKV
+  from pdjax.engine.sampling import SamplingParams
+  res = engine.reserve(rid, prompt_len, max_tokens)
+  if res is None:
+    return False
+  sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+  def callback(ev):
+    if ev.finish_reason is not None:
+      on_finish(rid, ev)
+  engine.submit(DecodeRequest(rid, range(prompt_len), 3, 0.0,
+                              RequestKV(kv, prompt_len), sampling, 0, callback,
+                              reservation=res))
+  return True
+
+
+def _device_memory() -> dict:
+  """The allocator's figures for device 0 (empty where it reports none)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  keys = ("bytes_in_use", "peak_bytes_in_use", "num_allocs",
+          "largest_free_block_bytes", "bytes_limit")
+  return {k: stats[k] for k in keys if k in stats}
+
+
+def _runs(pages: list[int]) -> int:
+  """Contiguous runs in a page list: 1 = one block of the pool."""
+  return 1 + sum(b != a + 1 for a, b in zip(pages, pages[1:]))
+
+
+def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
+  """Times ``calls`` serving-loop iterations of one request alone."""
+  import jax
+  from pdjax.engine import compile_stats
+  rep = engine.replicas[0]
+  S = engine.dcfg.steps_per_call
+  done = []
+  # Two iterations to admit and fill the pipeline, the timed ones, and one
+  # more to deliver the last of them.
+  max_tokens = S * (calls + 4)
+  if not _submit(engine, cfg, f"probe-{tag}", context, max_tokens,
+                 _kv(engine, cfg, context), lambda rid, ev: done.append(ev)):
+    raise RuntimeError("the pool refused the probe request")
+  host_s = []
+  dispatch = rep.dispatch
+
+  def timed_dispatch():
+    t = time.perf_counter()
+    out = dispatch()
+    host_s.append(time.perf_counter() - t)
+    return out
+  rep.dispatch = timed_dispatch
+  try:
+    for _ in range(2):
+      engine.step()
+    pages = list(next(r for r in rep.rows if r is not None).pages)
+    host_s.clear()
+    stamps = [time.perf_counter()]
+    with compile_stats.CompileCounter() as compiled:
+      for _ in range(calls):
+        engine.step()
+        stamps.append(time.perf_counter())
+    timed_host = list(host_s)
+    engine.drain()
+    jax.block_until_ready(rep.state)
+  finally:
+    rep.dispatch = dispatch
+  if not done or done[0].error:
+    raise RuntimeError(f"probe {tag} did not finish cleanly: {done}")
+  per_call = [b - a for a, b in zip(stamps, stamps[1:])]
+  call_s = statistics.median(per_call)
+  return {"context": context, "calls": calls,
+          "call_ms": call_s * 1e3, "step_ms": call_s / S * 1e3,
+          "call_ms_max": max(per_call) * 1e3,
+          "dispatch_host_ms": statistics.median(timed_host) * 1e3,
+          "pages": len(pages), "page_runs": _runs(sorted(pages)),
+          "first_page": min(pages), "last_page": max(pages),
+          "compiles_during_timing": compiled.count,
+          "memory": _device_memory()}
+
+
+def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
+  """Serves chat-shaped requests, as many at once as the pool takes, until
+  all have finished."""
+  import jax
+  from pdjax.eval import workloads
+  items = workloads.generate("chat", num_requests,
+                             vocab_size=cfg.vocab_size,
+                             max_model_len=engine.dcfg.max_seq_len,
+                             seed=FLAGS.seed)
+  pending = [(it.request_id, len(it.prompt_token_ids), it.max_tokens)
+             for it in items]
+  shared: dict[int, object] = {}   # payload pages -> the one KV of them
+  finished: dict[str, object] = {}
+  t0 = time.perf_counter()
+  iterations = tokens = peak_live = 0
+  while pending or engine.has_work:
+    while pending:
+      rid, plen, out = pending[0]
+      if fresh_kv:
+        kv = _kv(engine, cfg, plen)
+      else:
+        n = _kv_pages(engine, plen)
+        if n not in shared:
+          shared[n] = _kv(engine, cfg, plen)
+        kv = shared[n]
+      if not _submit(engine, cfg, rid, plen, out, kv,
+                     lambda r, ev: finished.__setitem__(r, ev)):
+        break
+      pending.pop(0)
+      tokens += out
+    peak_live = max(peak_live, engine.step())
+    iterations += 1
+  jax.block_until_ready(engine.replicas[0].state)
+  errors = [r for r, ev in finished.items() if ev.error]
+  if len(finished) != num_requests or errors:
+    raise RuntimeError(f"churn: {len(finished)} of {num_requests} finished, "
+                       f"{len(errors)} with errors")
+  return {"requests": num_requests, "output_tokens": tokens,
+          "iterations": iterations, "peak_live_rows": peak_live,
+          "seconds": time.perf_counter() - t0, "kv": FLAGS.churn_kv}
+
+
+def _kv_pages(engine, tokens: int) -> int:
+  from pdjax.engine.kv import pages_for, payload_pages
+  return payload_pages(pages_for(tokens, engine.dcfg.page_size))
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.command_buffers:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
+  import jax
+  from pdjax.engine.decode import DecodeConfig, DecodeEngine
+  from pdjax.sharding import ShardingRules, make_mesh
+
+  cfg = bc.model_from_flags()
+  limits = bc.resolve_limits()
+  writer = bc.RecordWriter(FLAGS.out, model=FLAGS.model, cfg=cfg,
+                           limits=limits)
+  d = _defaults(bc.is_gpu())
+  dcfg = DecodeConfig(max_seqs=d["max_seqs"], num_pages=d["num_pages"],
+                      max_seq_len=d["max_seq_len"],
+                      steps_per_call=FLAGS.steps_per_call,
+                      table_buckets=d["table_buckets"],
+                      triton_gemm=FLAGS.triton_gemm,
+                      merge_dots=FLAGS.merge_dots, attention=FLAGS.attention)
+  if d["probe_context"] + FLAGS.steps_per_call * (FLAGS.probe_calls + 4) > (
+      dcfg.max_seq_len):
+    raise app.UsageError("--probe_context + the probe's steps exceed "
+                         "--max_seq_len")
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  t0 = time.perf_counter()
+  params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
+  engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  engine.warmup()
+  print(f"{TOOL}: {cfg.name} on {bc.device_kind()}, {dcfg.max_seqs} rows, "
+        f"{dcfg.num_pages} pages, widths {dcfg.widths}; command buffers "
+        f"{'on' if FLAGS.command_buffers else 'off'}; ready in "
+        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  params_rec = {"max_seqs": dcfg.max_seqs, "num_pages": dcfg.num_pages,
+                "max_seq_len": dcfg.max_seq_len,
+                "steps_per_call": dcfg.steps_per_call,
+                "table_buckets": list(dcfg.table_buckets),
+                "attention": FLAGS.attention,
+                "triton_gemm": FLAGS.triton_gemm,
+                "merge_dots": FLAGS.merge_dots,
+                "command_buffers": FLAGS.command_buffers,
+                "churn_kv": FLAGS.churn_kv}
+  before = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "before")
+  print(f"  before: {before['call_ms']:.2f} ms per call", flush=True)
+  traffic = churn(engine, cfg, d["churn_requests"], FLAGS.churn_kv == "fresh")
+  print(f"  churn: {traffic['requests']} requests, {traffic['iterations']} "
+        f"iterations, up to {traffic['peak_live_rows']} rows, "
+        f"{traffic['seconds']:.1f} s", flush=True)
+  after = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "after")
+  ratio = after["call_ms"] / before["call_ms"]
+  writer.write(TOOL, "probe_ratio", params_rec,
+               {"before": before, "churn": traffic, "after": after,
+                "ratio": ratio})
+  rows = []
+  for name, p in (("before", before), ("after", after)):
+    m = p["memory"]
+    rows.append([name, bc.fmt(p["call_ms"], ".2f"), bc.fmt(p["step_ms"], ".2f"),
+                 bc.fmt(p["call_ms_max"], ".2f"),
+                 bc.fmt(p["dispatch_host_ms"], ".3f"),
+                 f"{p['pages']}/{p['page_runs']}",
+                 bc.fmt(m.get("bytes_in_use", 0) / 2**30, ".2f"),
+                 bc.fmt(m.get("num_allocs"))])
+  bc.print_table(
+      f"one {d['probe_context']}-token request, before and after "
+      f"{traffic['requests']} chat requests",
+      ["probe", "ms/call", "ms/step", "max ms/call", "dispatch host ms",
+       "pages/runs", "GiB in use", "allocs"], rows,
+      note=f"after / before: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
