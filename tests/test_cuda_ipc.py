@@ -1195,6 +1195,7 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
   class Engine:
     config = types.SimpleNamespace(max_batch=4)
     prefix_store = None
+    mesh = None         # no devices: no memory gauges
 
     def prefill(self, reqs, kv_ready=None):
       events.append("prefill")
@@ -1264,6 +1265,7 @@ def test_prefill_worker_hands_off_while_the_prefill_runs(fail):
   class Engine:
     config = types.SimpleNamespace(max_batch=2)
     prefix_store = None
+    mesh = None         # no devices: no memory gauges
 
     def prefill(self, reqs, kv_ready=None):
       out = [PrefillResult(r.request_id, 7, -0.2, _kv(), len(r.prompt_ids))

@@ -489,6 +489,29 @@ def test_dp_decode_equivalence(local_prefill, decoders):
       assert outs[name][rid] == outs["dp1"][rid], (name, rid)
 
 
+def test_iteration_timing(local_prefill, decoders):
+  """Each step says how long its launch and delivery took and how many
+  generate calls it launched: one per replica with live rows; none once
+  the last tokens are only being delivered."""
+  engine = decoders["dp2"]
+  reqs = _mixed_requests("it", n=2)
+  col = Collector()
+  used = {submit_decode(engine, rid, p, s, r, col)
+          for (rid, p, s), r in zip(reqs, prefill_requests(local_prefill,
+                                                           reqs))}
+  assert used == {0, 1}
+  timings = []
+  while engine.has_work:
+    engine.step()
+    timings.append(engine.last_iteration)
+  assert_clean(engine)
+  assert timings[0].calls == 2 and timings[0].live_rows == 2
+  assert timings[-1].calls == 0 and timings[-1].live_rows == 0
+  assert all(t.launch_s > 0 and t.deliver_s > 0 for t in timings)
+  # Every step but the first delivered a call, so it waited on the device.
+  assert [t.calls for t in timings].count(0) == 1
+
+
 def test_continuous_batching_matches_alone(local_prefill, decoders):
   """Sequences joining and leaving at different steps (and one cancelled)
   produce what each produces alone; seeded ones whatever the replica."""

@@ -130,6 +130,12 @@ def test_soak_2000_requests_leave_nothing_behind(cluster):
   for n in decoders:
     grown = cluster.rss_bytes(n) - rss_before[n]
     assert grown < 64 << 20, f"{n} grew {grown / 2**20:.0f} MiB"
+    # The decode loop's iterations are in its metrics, both phases.
+    text = cluster.metrics(n)
+    count = "pdjax_decode_iteration_seconds_count"
+    launched = metric(text, count, 'phase="launch"')
+    assert launched > 100, (n, launched)
+    assert metric(text, count, 'phase="deliver"') == launched
 
 
 def test_dropped_kv_is_recomputed(tmp_path_factory, reference):

@@ -637,6 +637,23 @@ class _Pending:
   reservation: Reservation
 
 
+@dataclasses.dataclass(frozen=True)
+class IterationTiming:
+  """Host wall time of one ``DecodeEngine.step``, in its two halves.
+
+  ``launch_s``: cancellations, admissions (inserts) and dispatching every
+  busy replica's generate call: host work, which XLA's runtime also does
+  here (argument handling, CUDA graph updates). ``deliver_s``: reading the
+  previous call's tokens, which waits for the device to finish it, and
+  handing them to their streams. In steady decoding the iteration's time is
+  the device's, in ``deliver_s``; a ``launch_s`` that grows means the host
+  (or the runtime on it) is what the tokens wait for."""
+  launch_s: float
+  deliver_s: float
+  live_rows: int
+  calls: int
+
+
 class DecodeEngine:
   """The decode pool of one worker: ``dp`` replicas, one host loop.
 
@@ -683,6 +700,7 @@ class DecodeEngine:
     self._reservations: dict[str, Reservation] = {}
     self._seq = itertools.count()
     self.stats = collections.Counter()
+    self.last_iteration: IterationTiming | None = None
     # Request KVs that are views of a transport's memory go back to it once
     # their insert has completed.
     self.borrowed = BorrowedKvReturns()
@@ -898,7 +916,9 @@ class DecodeEngine:
 
   def step(self) -> int:
     """One iteration: admit, dispatch a call per busy replica, then deliver
-    the previous iteration's tokens. Returns the number of live rows."""
+    the previous iteration's tokens. Returns the number of live rows; its
+    timing is in ``last_iteration``."""
+    t0 = time.perf_counter()
     self._apply_cancellations()
     self._admit()
     launched = []
@@ -907,9 +927,13 @@ class DecodeEngine:
         out, owners = rep.dispatch()
         launched.append((rep.index, out, owners))
     previous, self._inflight = self._inflight, launched
+    t1 = time.perf_counter()
     for item in previous:
       self._deliver(*item)
-    return sum(rep.live_rows for rep in self.replicas)
+    live = sum(rep.live_rows for rep in self.replicas)
+    self.last_iteration = IterationTiming(t1 - t0, time.perf_counter() - t1,
+                                          live, len(launched))
+    return live
 
   def drain(self, max_iters: int = 100000) -> None:
     """Runs steps until every submitted request has finished (tests)."""
@@ -1031,4 +1055,4 @@ class DecodeEngine:
 
 
 __all__ = ["DecodeConfig", "DecodeEngine", "DecodeReplica", "DecodeState",
-           "Reservation", "RequestKV"]
+           "IterationTiming", "Reservation", "RequestKV"]

@@ -32,7 +32,7 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
-from pdjax.service.metrics import Metrics
+from pdjax.service.metrics import Metrics, local_devices
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.transfer.base import KvReceiver, TransferError
@@ -54,12 +54,15 @@ class EngineLoop:
   """The thread that steps the engine whenever it has work."""
 
   def __init__(self, engine: ColocatedEngine, *, on_tick=None,
-               step_delay_s: float = 0.0):
+               on_iteration=None, step_delay_s: float = 0.0):
+    """``on_tick()``: about every 0.25 s; ``on_iteration(timing)``: after
+    each engine iteration, with its ``IterationTiming``."""
     self.engine = engine
     self.step_delay_s = step_delay_s   # fault injection (tests) only
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._on_tick = on_tick
+    self._on_iteration = on_iteration
     self.error: BaseException | None = None
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name="decode-loop")
@@ -83,6 +86,8 @@ class EngineLoop:
           if self.step_delay_s:
             time.sleep(self.step_delay_s)
           self.engine.step()
+          if self._on_iteration:
+            self._on_iteration(self.engine.decode.last_iteration)
         else:
           self._wake.wait(0.02)
           self._wake.clear()
@@ -120,7 +125,9 @@ class DecodeWorker:
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
     self.loop = EngineLoop(engine, on_tick=self._tick,
+                           on_iteration=self.metrics.observe_iteration,
                            step_delay_s=fault_step_delay_s)
+    self._devices = local_devices(engine.decode.mesh)   # for the memory gauges
     self._seen_cached = 0
     self._seen_computed = 0
 
@@ -149,6 +156,7 @@ class DecodeWorker:
     m.kv_live.labels("staged_transfers").set(self.receiver.live())
     m.running.set(usage["rows_live"])
     m.queue_length.set(self.engine.num_waiting)
+    m.observe_device_memory(self._devices)
     for stat in ("hits", "misses", "evictions"):
       m.cache_blocks.labels("decode", stat).set(
           sum(rep.pool.stats[stat] for rep in self.engine.decode.replicas))

@@ -17,6 +17,23 @@ from pdjax.engine import compile_stats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A decode iteration is a few to a few hundred ms: fine steps there.
+_ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03,
+                      0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# What jax's Device.memory_stats() calls them -> this metric's stat label.
+_MEMORY_STATS = {"bytes_in_use": "in_use", "peak_bytes_in_use": "peak",
+                 "bytes_limit": "limit",
+                 "largest_free_block_bytes": "largest_free_block"}
+
+
+def local_devices(mesh) -> list:
+  """The devices of ``mesh`` this process drives (a pool's mesh may span
+  processes); none for no mesh."""
+  if mesh is None:
+    return []
+  import jax
+  me = jax.process_index()
+  return [d for d in mesh.devices.flat if d.process_index == me]
 
 
 class Metrics:
@@ -87,8 +104,33 @@ class Metrics:
         "Requests the router has on each worker now (set as they start and "
         "end, so it is current when scraped, unlike the polled load).",
         ["role", "worker"], registry=r)
+    self.decode_iteration = Histogram(
+        "pdjax_decode_iteration_seconds",
+        "Host wall time of a decode engine iteration by phase: launch "
+        "(admissions and dispatching the generate calls) and deliver "
+        "(waiting for the previous calls' tokens and streaming them).",
+        ["phase"], buckets=_ITERATION_BUCKETS, registry=r)
+    self.device_memory = Gauge(
+        "pdjax_device_memory_bytes",
+        "Device memory of this process's devices as XLA's allocator "
+        "reports it (none on CPU).", ["device", "stat"], registry=r)
     self._server = None
     self._lock = threading.Lock()
+
+  def observe_iteration(self, timing) -> None:
+    """A ``decode.IterationTiming`` that launched at least one call."""
+    if timing is not None and timing.calls:
+      self.decode_iteration.labels("launch").observe(timing.launch_s)
+      self.decode_iteration.labels("deliver").observe(timing.deliver_s)
+
+  def observe_device_memory(self, devices) -> None:
+    """Sets the device memory gauges from each device's allocator stats
+    (devices that report none, as CPUs, are skipped)."""
+    for d in devices:
+      stats = getattr(d, "memory_stats", lambda: None)() or {}
+      for key, stat in _MEMORY_STATS.items():
+        if key in stats:
+          self.device_memory.labels(str(d), stat).set(stats[key])
 
   def serve(self, port: int, host: str = "127.0.0.1") -> int:
     """Starts the /metrics HTTP endpoint; returns its port."""

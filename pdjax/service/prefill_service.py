@@ -33,7 +33,7 @@ from pdjax.engine.requests import PrefillRequest, RequestKV
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.landing import LandingRequests
-from pdjax.service.metrics import Metrics
+from pdjax.service.metrics import Metrics, local_devices
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
 from pdjax.transfer.base import KvSender, TransferError, handle_for
 from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
@@ -102,6 +102,7 @@ class PrefillWorker:
                                     name="kv-reaper")
     self._count_lock = threading.Lock()
     self.draining = False
+    self._devices = local_devices(engine.mesh)   # for the memory gauges
 
   def start(self) -> None:
     self._thread.start()
@@ -128,6 +129,7 @@ class PrefillWorker:
                   tier_stats[stat])
           # --- end host KV tier ---
         self.metrics.running.set(self._running)
+        self.metrics.observe_device_memory(self._devices)
       except Exception:  # noqa: BLE001
         log.exception("KV reaper failed")
 
