@@ -1197,7 +1197,7 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
     prefix_store = None
     mesh = None         # no devices: no memory gauges
 
-    def prefill(self, reqs, kv_ready=None):
+    def prefill(self, reqs, kv_ready=None, on_result=None):
       events.append("prefill")
       out = [PrefillResult(r.request_id, 5, -0.1, _kv(), len(r.prompt_ids))
              for r in reqs]
@@ -1267,7 +1267,7 @@ def test_prefill_worker_hands_off_while_the_prefill_runs(fail):
     prefix_store = None
     mesh = None         # no devices: no memory gauges
 
-    def prefill(self, reqs, kv_ready=None):
+    def prefill(self, reqs, kv_ready=None, on_result=None):
       out = [PrefillResult(r.request_id, 7, -0.2, _kv(), len(r.prompt_ids))
              for r in reqs]
       for i, r in enumerate(out):

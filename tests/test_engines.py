@@ -489,6 +489,32 @@ def test_dp_decode_equivalence(local_prefill, decoders):
       assert outs[name][rid] == outs["dp1"][rid], (name, rid)
 
 
+def test_prefill_results_come_out_as_each_is_known(local_prefill):
+  """``on_result`` hands each request's result over as soon as its first
+  token is on the host: a buffered request's before the next request
+  starts, a batch's together once it has run; the same objects the call
+  returns, whose tokens are those of a call without it."""
+  reqs = [PrefillRequest("skip", prompt(40, 1), GREEDY, skip_pages=1),
+          PrefillRequest("b1", prompt(10, 2), GREEDY),
+          PrefillRequest("b2", prompt(12, 3), GREEDY),
+          PrefillRequest("long", prompt(100, 4), GREEDY)]
+  events, early = [], {}
+
+  def on_result(i, r):
+    events.append(("result", i))
+    early[i] = r
+
+  out = local_prefill.prefill(
+      reqs, kv_ready=lambda i, kv: events.append(("kv", i)),
+      on_result=on_result)
+  assert events == [("kv", 0), ("result", 0), ("kv", 3), ("result", 3),
+                    ("kv", 1), ("kv", 2), ("result", 1), ("result", 2)]
+  assert all(early[i] is r for i, r in enumerate(out))
+  plain = local_prefill.prefill(reqs)
+  assert [(r.first_token, r.prompt_len) for r in out] == [
+      (r.first_token, r.prompt_len) for r in plain]
+
+
 def test_iteration_timing(local_prefill, decoders):
   """Each step says how long its launch and delivery took and how many
   generate calls it launched: one per replica with live rows; none once

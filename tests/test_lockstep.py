@@ -38,8 +38,9 @@ def test_what_may_span_processes_is_checked_at_start_up():
 
 
 def test_the_leader_hands_on_the_kv_its_result_carries(monkeypatch):
-  """``kv_ready`` and the result get one and the same KV object (what
-  ``PrefillEngine.prefill`` promises), and a KV held whole stays as it is;
+  """``kv_ready``, ``on_result`` and the result get one and the same KV
+  object (what ``PrefillEngine.prefill`` promises), and a KV held whole
+  stays as it is;
   the batch is broadcast before the engine runs it, once validated."""
   import jax.numpy as jnp
   from pdjax.engine.requests import PrefillResult, RequestKV
@@ -51,17 +52,22 @@ def test_the_leader_hands_on_the_kv_its_result_carries(monkeypatch):
       if not prompt_ids:
         raise ValueError("empty")
 
-    def prefill(self, requests, *, kv_ready=None):
+    def prefill(self, requests, *, kv_ready=None, on_result=None):
       assert sent, "ran before the followers were told"
       kv = RequestKV(jnp.zeros((1, 2, 1, 4, 1, 2)), 3)
       kv_ready(0, kv)
-      return [PrefillResult(requests[0].request_id, 1, 0.0, kv, 3)]
+      out = PrefillResult(requests[0].request_id, 1, 0.0, kv, 3)
+      if on_result is not None:
+        on_result(0, out)
+      return [out]
 
   leader = lockstep.LockstepPrefill(Engine())
-  handed = []
+  handed, early = [], []
   (res,) = leader.prefill([PrefillRequest("a", [5, 6, 7], SamplingParams())],
-                          kv_ready=lambda i, kv: handed.append(kv))
+                          kv_ready=lambda i, kv: handed.append(kv),
+                          on_result=lambda i, r: early.append((i, r)))
   assert len(handed) == 1 and handed[0] is res.kv
+  assert early == [(0, res)] and early[0][1].kv is res.kv
   assert lockstep.decode(sent[0])[0].request_id == "a"
   with pytest.raises(ValueError, match="empty"):
     leader.prefill([PrefillRequest("b", [], SamplingParams())])

@@ -120,7 +120,7 @@ class LockstepPrefill:
     return getattr(self.engine, name)
 
   def prefill(self, requests: Sequence[PrefillRequest], *,
-              kv_ready=None) -> list[PrefillResult]:
+              kv_ready=None, on_result=None) -> list[PrefillResult]:
     if self.closed:
       raise RuntimeError("the prefill pool's followers have been stopped")
     for r in requests:     # refused here, before any process computes
@@ -135,10 +135,15 @@ class LockstepPrefill:
         local[id(kv)] = local_kv(kv)
       return local[id(kv)]
 
+    def local_result(r: PrefillResult) -> PrefillResult:
+      return dataclasses.replace(r, kv=localized(r.kv))
+
     ready = (None if kv_ready is None
              else lambda i, kv: kv_ready(i, localized(kv)))
-    results = self.engine.prefill(requests, kv_ready=ready)
-    return [dataclasses.replace(r, kv=localized(r.kv)) for r in results]
+    done = (None if on_result is None
+            else lambda i, r: on_result(i, local_result(r)))
+    results = self.engine.prefill(requests, kv_ready=ready, on_result=done)
+    return [local_result(r) for r in results]
 
   def close(self) -> None:
     """Tells the followers to stop (once; the worker is shutting down)."""

@@ -204,6 +204,7 @@ def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
 
 # Called with (request index, its KV) once the KV's programs are dispatched.
 KvReady = Callable[[int, RequestKV], None]
+OnResult = Callable[[int, PrefillResult], None]
 
 
 def _announce(kvs: Sequence[RequestKV], kv_ready: KvReady | None) -> None:
@@ -303,10 +304,18 @@ class PrefillEngine:
 
   # ---------------------------------------------------------------- run
   def prefill(self, requests: Sequence[PrefillRequest], *,
-              kv_ready: KvReady | None = None) -> list[PrefillResult]:
+              kv_ready: KvReady | None = None,
+              on_result: OnResult | None = None) -> list[PrefillResult]:
     """Prefills every request; results in the order given. Requests with
     nothing cached and nothing to skip that share a bucket run together, up
-    to ``max_batch`` at a time; the others run buffered.
+    to ``max_batch`` at a time; the others run buffered, one by one.
+
+    ``on_result(i, result)``, if given, is called with request ``i``'s
+    result as soon as its first token is on the host, before the call goes
+    on to the next request or group: a caller can answer request ``i``
+    without waiting for the rest of the call (a batch of cached-prefix
+    requests runs one after another, so the last would otherwise set every
+    one's time to first token).
 
     ``kv_ready(i, kv)``, if given, is called with request ``i``'s KV as soon
     as the programs computing it are dispatched, so a hand-off can start
@@ -326,6 +335,8 @@ class PrefillEngine:
         results[i] = self._prefill_buffered(r, prefix, owned, hashes)
         if kv_ready is not None:
           kv_ready(i, results[i].kv)
+        if on_result is not None:
+          on_result(i, results[i])
       else:
         by_bucket.setdefault(b, []).append(i)
     for bucket, idxs in by_bucket.items():
@@ -337,6 +348,9 @@ class PrefillEngine:
         outs = self._prefill_batch([requests[i] for i in group], bucket,
                                    kv_ready=ready)
         results.update(zip(group, outs))
+        if on_result is not None:
+          for i, out in zip(group, outs):
+            on_result(i, out)
     out = [results[i] for i in range(len(requests))]
     for r in out:
       self.stats["prompt_tokens"] += r.prompt_len
@@ -495,4 +509,4 @@ class PrefillEngine:
     return self.config.payload_page_counts()
 
 
-__all__ = ["PrefillConfig", "PrefillEngine", "KvReady", "next_pow2"]
+__all__ = ["PrefillConfig", "PrefillEngine", "KvReady", "OnResult", "next_pow2"]

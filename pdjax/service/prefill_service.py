@@ -206,35 +206,46 @@ class PrefillWorker:
       # Hand-offs start as soon as each request's KV is dispatched: they
       # wait for its programs (layer group by layer group, where the engine
       # runs groups) and move it while the rest of the prefill computes.
-      done: concurrent.futures.Future = concurrent.futures.Future()
+      # Each request is answered once its own first token is known, not
+      # the batch's last (the engine runs cached-prefix requests one by
+      # one): one future per request.
+      t0 = time.perf_counter()
+      done = [concurrent.futures.Future() for _ in live]
       started: set[int] = set()
 
       def kv_ready(i, kv, live=live, done=done, started=started):
         started.add(i)
-        self._pool.submit(self._hand_off, live[i], i, kv, done)
+        self._pool.submit(self._hand_off, live[i], kv, done[i])
 
-      t0 = time.perf_counter()
+      def on_result(i, r, done=done, t0=t0):
+        now = time.perf_counter()
+        done[i].set_result((r, now - t0, now))
+
       try:
         results = self.engine.prefill([j.request for j in live],
-                                      kv_ready=kv_ready)
+                                      kv_ready=kv_ready, on_result=on_result)
       except Exception as e:  # noqa: BLE001 - reported to every caller
         log.exception("prefill failed")
-        done.set_exception(e)   # hand-offs already started report it
+        # Requests with a result keep it; the others get the error, through
+        # their hand-off where one started.
         for i, j in enumerate(live):
+          if not done[i].done():
+            done[i].set_exception(e)
           if i not in started:
             j.resolve(error=e)
             self._add_running(-1)
         continue
-      elapsed = time.perf_counter() - t0
-      done.set_result((results, elapsed, time.perf_counter()))
-      self.metrics.prefill_time.observe(elapsed)
+      now = time.perf_counter()
+      self.metrics.prefill_time.observe(now - t0)
       for r in results:
         self.metrics.prefill_tokens.labels("cache").inc(r.cached_tokens)
         self.metrics.prefill_tokens.labels("computed").inc(
             r.prompt_len - r.cached_tokens)
       for i, (j, r) in enumerate(zip(live, results)):
-        if i not in started:   # an engine that never called kv_ready
-          self._pool.submit(self._hand_off, j, i, r.kv, done)
+        if not done[i].done():   # an engine that never called on_result
+          done[i].set_result((r, now - t0, now))
+        if i not in started:     # ... or kv_ready
+          self._pool.submit(self._hand_off, j, r.kv, done[i])
 
   def _ask_landing(self, job: _Job):
     try:
@@ -244,10 +255,11 @@ class PrefillWorker:
       log.exception("asking for a landing region failed")
       return None
 
-  def _hand_off(self, job: _Job, index: int, kv: RequestKV,
+  def _hand_off(self, job: _Job, kv: RequestKV,
                 done: concurrent.futures.Future):
-    """Sends request ``index``'s KV (its programs may still be running),
-    then answers the caller once the batch's first tokens are known."""
+    """Sends the job's KV (its programs may still be running), then answers
+    the caller once its first token is known (``done``: the result, the
+    seconds from the batch's start to it, and when it came)."""
     sent = False
     try:
       if job.abandoned:
@@ -267,8 +279,7 @@ class PrefillWorker:
         handle = self.sender.send(kv, dest, timeout_s=timeout)
       sent = True
       t_sent = time.perf_counter()
-      results, prefill_s, t_prefilled = done.result()
-      result = results[index]
+      result, prefill_s, t_prefilled = done.result()
       # What the hand-off added to TTFT: the part after the prefill ended.
       transfer_s = max(0.0, t_sent - max(t0, t_prefilled))
       name = self.sender.name
