@@ -1155,7 +1155,8 @@ def test_generate_gemm_choice():
   """The generate program's GEMM kernels: cuBLAS from CUBLAS_MIN_ROWS rows
   on GPUs unless told otherwise; no option at all off GPUs (a CPU compiler
   rejects GPU options)."""
-  from pdjax.engine.decode import CUBLAS_MIN_ROWS, generate_compiler_options
+  from pdjax.engine.decode_programs import (CUBLAS_MIN_ROWS,
+                                            generate_compiler_options)
   many = DecodeConfig(max_seqs=CUBLAS_MIN_ROWS)
   one = DecodeConfig(max_seqs=1)
   apart = {"xla_gpu_dot_merger_threshold_mb": 0}
@@ -1254,7 +1255,7 @@ def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
   picks it off GPUs, and asking for it there is an error that says why."""
   import jax.numpy as jnp
   from jax._src.cudnn import fused_attention_stablehlo as fa
-  from pdjax.engine.decode import use_paged_attention
+  from pdjax.engine.decode_programs import use_paged_attention
   from pdjax.model import llama
   cfg0, params0, _ = tiny
   cfg = cfg0.replace(dtype="bfloat16")
@@ -1306,9 +1307,9 @@ def test_auto_attention_says_which_pool_size_would_allow_paged(tiny, caplog):
   """A GPU pool whose block count cuDNN cannot take falls back to the
   gather, and says which num_pages would let it read the pages in place."""
   import logging
-  from pdjax.engine.decode import use_paged_attention
+  from pdjax.engine.decode_programs import use_paged_attention
   cfg = tiny[0].replace(dtype="bfloat16")          # 2 layers
   dcfg = DecodeConfig(max_seqs=8, num_pages=33, page_size=16, max_seq_len=64)
-  with caplog.at_level(logging.WARNING, logger="pdjax.engine.decode"):
+  with caplog.at_level(logging.WARNING, logger="pdjax.engine.decode_programs"):
     assert not use_paged_attention(cfg, dcfg, "gpu", 1)
   assert "multiple of 4" in caplog.text

@@ -19,8 +19,8 @@ from typing import Sequence
 
 from jax.sharding import Mesh
 
-from pdjax.engine.decode import (DecodeConfig, DecodeEngine,
-                                 ReplicaPrefixStore)
+from pdjax.engine.decode import DecodeConfig, DecodeEngine
+from pdjax.engine.decode_replica import ReplicaPrefixStore
 from pdjax.engine.prefill import PrefillConfig, PrefillEngine
 from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
                                    TokenCallback, TokenEvent)

@@ -1,0 +1,94 @@
+"""A decode pool's shape and settings: rows, pages, steps per call, and the
+kernel choices of its programs (one frozen value, read by every part of the
+pool)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pdjax.engine.xla_options import check_on_off
+from pdjax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  max_seqs: int = 8          # rows per replica
+  page_size: int = 16
+  num_pages: int = 256       # per replica, the null page included
+  max_seq_len: int = 1024    # prompt + generated, per sequence
+  steps_per_call: int = 4
+  # Widths (in pages) of the page table a generate program reads. Each call
+  # uses the smallest that covers its longest row, so attention gathers
+  # what the batch needs, not max_seq_len for everyone. One program per
+  # width; () = powers of two up to max_seq_len / page_size.
+  table_buckets: tuple[int, ...] = ()
+  # Keep finished sequences' full blocks, named by content, for requests
+  # that share a prefix (they are evicted, least recently used first, only
+  # when pages are needed).
+  prefix_caching: bool = False
+  # Host KV tier (pdjax.engine.host_tier): blocks evicted from the pool are
+  # kept in host memory, up to this many, and uploaded back on a later hit
+  # instead of recomputed. 0 = off; needs prefix_caching.
+  host_cache_blocks: int = 0
+  # GEMM kernels of the generate program on GPUs: XLA's Triton GEMMs ("on"),
+  # the vendor library's ("off": cuBLAS), or "auto": cuBLAS from
+  # CUBLAS_MIN_ROWS rows on, Triton below. At decode shapes (a few rows
+  # times a whole weight matrix) cuBLAS steps 1.6-1.9x faster from 4 rows
+  # on and 1.5x slower at 1 (H200, BENCHMARKS.md "XLA flags against the
+  # decode gap").
+  triton_gemm: str = "auto"
+  # XLA's DotMerger ("on", XLA's default) turns dots that share an input
+  # (q/k/v of a layer) into one dot against the concatenation of their
+  # weights. The layer loop's weights are slices of stacked arrays, so that
+  # concatenation is a copy of those weights on every step: 1.3 ms of a
+  # 9.5 ms step at 32 rows (8B, H100, tools/profile_decode.py). "off" keeps
+  # the dots apart; "auto": off (8.5 vs 9.4 ms at 32 rows, 13.8 vs 14.6 at
+  # 128, BENCHMARKS.md "DotMerger").
+  merge_dots: str = "auto"
+  # How attention reads a row's pages: "gather" them into a dense buffer
+  # per layer (every backend), "paged": cuDNN's paged attention reads them
+  # in place (GPUs, one device per replica), "auto": paged where it applies.
+  attention: str = "auto"
+
+  def __post_init__(self):
+    if self.attention not in ("auto", "paged", "gather"):
+      raise ValueError(f"attention must be auto, paged or gather, got "
+                       f"{self.attention!r}")
+    check_on_off("triton_gemm", self.triton_gemm)
+    check_on_off("merge_dots", self.merge_dots)
+    if self.host_cache_blocks < 0:
+      raise ValueError(f"host_cache_blocks {self.host_cache_blocks} < 0")
+    if self.max_seq_len % self.page_size:
+      raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
+                       f"page_size {self.page_size}")
+    for b in self.table_buckets:
+      if not 0 < b <= self.pages_per_seq:
+        raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
+
+  @property
+  def pages_per_seq(self) -> int:
+    return self.max_seq_len // self.page_size
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Page-table widths, increasing, the last always pages_per_seq."""
+    if self.table_buckets:
+      out = sorted(set(self.table_buckets))
+    else:
+      out, w = [], 1
+      while w < self.pages_per_seq:
+        out.append(w)
+        w *= 2
+    if not out or out[-1] != self.pages_per_seq:
+      out.append(self.pages_per_seq)
+    return tuple(out)
+
+  def width_for(self, pages: int) -> int:
+    return next(w for w in self.widths if w >= pages)
+
+  def kv_bytes(self, cfg: ModelConfig) -> int:
+    """Device bytes of one replica's KV pool (the explicit accounting)."""
+    return self.num_pages * self.page_size * cfg.kv_bytes_per_token()
+
+
+__all__ = ["DecodeConfig"]

@@ -1,0 +1,208 @@
+"""The decode pool's device side: its state (the KV pools and per-row
+counters), the per-call inputs the host uploads, and the jitted programs
+over them, pure functions of their arguments: ``insert`` writes a request's
+KV into the pools and arms a row; ``generate`` advances every live row by
+``steps_per_call`` tokens (a ``lax.scan`` of ``decode_forward`` and the
+sampler), stopping rows on device. The state is donated into each call, so
+the pools are updated in place."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pdjax.engine.decode_config import DecodeConfig
+from pdjax.engine.sampling import sample
+from pdjax.engine.xla_options import gemm_options
+from pdjax.model.config import ModelConfig
+from pdjax.model.llama import cudnn_paged_attention_applies, decode_forward
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class DecodeState:
+  k: jax.Array          # [L * N, P, K, hd] (see llama.decode_forward)
+  v: jax.Array
+  tokens: jax.Array     # [B] next input token
+  positions: jax.Array  # [B] where that token's KV goes
+  generated: jax.Array  # [B] tokens generated so far (first token included)
+  done: jax.Array       # [B] finished on device
+
+
+@struct.dataclass
+class SlotInputs:
+  """Per-row inputs the host owns; uploaded with each generate call."""
+  page_table: jax.Array   # [B, M]
+  active: jax.Array       # [B] bool
+  temperature: jax.Array
+  top_p: jax.Array
+  top_k: jax.Array
+  seed: jax.Array
+  max_tokens: jax.Array   # [B]
+  stop_ids: jax.Array     # [B, S] (-1 padded)
+  use_eos: jax.Array      # [B] bool
+
+
+class StepOutput(struct.PyTreeNode):
+  tokens: jax.Array     # [S, B]
+  logprobs: jax.Array   # [S, B]
+  valid: jax.Array      # [S, B] the row produced a token at this step
+  finished: jax.Array   # [S, B] ... and it was its last
+  stopped: jax.Array    # [S, B] ... because of EOS / a stop id
+
+
+def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
+                paged=False, all_greedy=None):
+  def step(state: DecodeState, _):
+    live = slots.active & ~state.done
+    table = jnp.where(live[:, None], slots.page_table, 0)
+    positions = jnp.where(live, state.positions, 0)
+    out = decode_forward(params, state.tokens, positions, state.k, state.v,
+                         table, cfg=cfg, paged_attention=paged)
+    tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
+                     slots.seed, state.generated, all_greedy=all_greedy)
+    generated = state.generated + live.astype(jnp.int32)
+    is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
+        slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
+    at_len = generated >= slots.max_tokens
+    # The token just sampled sits at positions + 1, so the sequence now holds
+    # positions + 2 tokens; max_seq_len bounds that (as at prefill, where
+    # prompt + first token == max_seq_len finishes).
+    at_cap = state.positions + 2 >= capacity
+    finished = live & (is_stop | at_len | at_cap)
+    new = DecodeState(
+        k=out.k_pool, v=out.v_pool,
+        tokens=jnp.where(live, tok, state.tokens),
+        positions=state.positions + live.astype(jnp.int32),
+        generated=generated,
+        done=state.done | finished)
+    return new, StepOutput(tok, lp, live, finished, live & is_stop)
+
+  return jax.lax.scan(step, state, None, length=num_steps)
+
+
+def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
+  """Writes a request KV ``[L, 2, n, P, K, hd]`` into the pools' rows
+  ``l * N + dest_pages`` and arms ``row``. Also returns a receipt: a scalar
+  that is ready when this program has finished reading ``kv``
+  (``BorrowedKvReturns``)."""
+  L, _, n = kv.shape[:3]
+  N = state.k.shape[0] // L
+  rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
+          + dest_pages[None, :]).reshape(L * n)
+  flat = kv.astype(state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
+  k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]))
+  v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]))
+  positions = state.positions.at[row].set(position)
+  return DecodeState(
+      k=k, v=v,
+      tokens=state.tokens.at[row].set(first_token),
+      positions=positions,
+      generated=state.generated.at[row].set(1),
+      done=state.done.at[row].set(False)), positions[row]
+
+
+def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  B = dcfg.max_seqs
+  pool = (L * dcfg.num_pages, dcfg.page_size, K, hd)
+  return DecodeState(
+      k=jnp.zeros(pool, cfg.jnp_dtype), v=jnp.zeros(pool, cfg.jnp_dtype),
+      tokens=jnp.zeros((B,), jnp.int32),
+      positions=jnp.zeros((B,), jnp.int32),
+      generated=jnp.zeros((B,), jnp.int32),
+      done=jnp.ones((B,), bool))
+
+
+POOL_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
+
+
+CUBLAS_MIN_ROWS = 4
+
+
+def generate_compiler_options(dcfg: DecodeConfig,
+                              platform: str) -> dict[str, bool | int] | None:
+  """XLA options of the generate program (None: XLA's defaults). Only GPU
+  compilers know the GEMM options."""
+  if platform not in ("gpu", "cuda"):
+    return None
+  triton = dcfg.triton_gemm == "on" or (
+      dcfg.triton_gemm == "auto" and dcfg.max_seqs < CUBLAS_MIN_ROWS)
+  return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
+
+
+def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
+                        devices_per_replica: int) -> bool:
+  """Resolves ``DecodeConfig.attention``. cuDNN's paged kernel has no
+  partitioning rule, so a replica spanning devices gathers."""
+  if dcfg.attention == "gather":
+    return False
+  blocks = cfg.num_layers * dcfg.num_pages
+  one_gpu = platform in ("gpu", "cuda") and devices_per_replica == 1
+  applies = one_gpu and cudnn_paged_attention_applies(
+      cfg, blocks, dcfg.max_seqs, dcfg.pages_per_seq)
+  if (not applies and dcfg.attention == "auto" and one_gpu
+      and blocks % dcfg.max_seqs):
+    step = dcfg.max_seqs // math.gcd(dcfg.max_seqs, cfg.num_layers)
+    log.warning("decode attention gathers pages: cuDNN's paged attention "
+                "needs layers x num_pages (%d) to be a multiple of max_seqs "
+                "(%d); a num_pages that is a multiple of %d would allow it",
+                blocks, dcfg.max_seqs, step)
+  if dcfg.attention == "paged" and not applies:
+    raise ValueError(
+        "attention='paged' needs a GPU with cuDNN attention for this model "
+        "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), "
+        "one device per decode replica, and layers x num_pages a multiple "
+        "of max_seqs; use 'auto' or 'gather'")
+  return applies
+
+
+class _Programs:
+  """The jitted programs of a pool, shared by its replicas (jit keeps one
+  executable per device set)."""
+
+  def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
+               eos_ids: tuple[int, ...], platform: str,
+               devices_per_replica: int):
+    self.compiler_options = generate_compiler_options(dcfg, platform)
+    self.paged_attention = use_paged_attention(cfg, dcfg, platform,
+                                               devices_per_replica)
+    self._entry = functools.partial(
+        _generate_entry, cfg=cfg, num_steps=dcfg.steps_per_call,
+        eos_ids=eos_ids, capacity=dcfg.max_seq_len,
+        paged=self.paged_attention)
+    # Two generate programs, the sampling path chosen on the host per call
+    # (``DecodeReplica.dispatch``): one deciding on device would be a
+    # lax.cond, which XLA's GPU runtime resolves on the host, so each call
+    # would block until it had run and nothing could be dispatched ahead
+    # (the next call, the other replicas' calls, the host's delivery).
+    self.generate_greedy = self.generate_program(True)
+    self.generate_sampled = self.generate_program(False)
+    self.insert = jax.jit(_insert, donate_argnums=(0,))
+
+  def generate_program(self, all_greedy: bool | None):
+    """A new jitted generate program; ``all_greedy`` None decides on device
+    (``sample``'s ``lax.cond``: the benchmarks' baseline, not served)."""
+    return jax.jit(functools.partial(self._entry, all_greedy=all_greedy),
+                   donate_argnums=(1,), compiler_options=self.compiler_options)
+
+  def generate(self, all_greedy: bool):
+    """The generate program for a batch that is (or is not) all greedy."""
+    return self.generate_greedy if all_greedy else self.generate_sampled
+
+
+def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
+                    capacity, paged=False, all_greedy=None):
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
+                     paged, all_greedy)
+
+
+__all__ = ["CUBLAS_MIN_ROWS", "DecodeState", "POOL_AXES", "SlotInputs",
+           "StepOutput", "generate_compiler_options", "use_paged_attention"]
