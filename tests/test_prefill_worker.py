@@ -1,6 +1,7 @@
-"""The prefill worker's batching, with a scripted engine and sender: each
-request of a batch is answered once its own result is known, and a batch
-that fails part way keeps the results it had."""
+"""The prefill worker's batching, with scripted engines and a fake sender:
+hand-offs start while the prefill runs, each request of a batch is answered
+once its own result is known, and a batch that fails part way keeps the
+results it had and gives back what it sent for the rest."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ class _Sender(KvSender):
   name = "fake"
 
   def __init__(self):
+    self.sent = threading.Event()
     self.released = []
 
   def send(self, kv, dest, *, timeout_s):
+    self.sent.set()
     return handle_for(kv, self.name, dest.transfer_id)
 
   def release(self, transfer_id):
@@ -37,46 +40,98 @@ class _Sender(KvSender):
 
 
 class _Engine:
-  """Computes request 0, then waits for ``gate`` before request 1 (and
-  fails there when ``fail``): what the worker answers in between is what it
-  answers before the rest of its batch has run."""
+  """What the worker needs of an engine; ``prefill`` is each test's."""
   config = types.SimpleNamespace(max_batch=2)
   prefix_store = None
-  mesh = None
+  mesh = None         # no devices: no memory gauges
 
-  def __init__(self, gate: threading.Event, fail: bool):
-    self.gate, self.fail, self.calls = gate, fail, 0
 
-  def prefill(self, reqs, kv_ready=None, on_result=None):
-    self.calls += 1
-    first = _result(reqs[0], 11)
-    kv_ready(0, first.kv)
-    on_result(0, first)
-    assert self.gate.wait(10), "request 0 was not answered"
-    if self.fail:
-      raise RuntimeError("the second program failed")
-    second = _result(reqs[1], 22)
-    kv_ready(1, second.kv)
-    on_result(1, second)
-    return [first, second]
+def _jobs(loop, n: int) -> list[_Job]:
+  return [_Job(PrefillRequest(f"r{i}", [3, 4, 5], SamplingParams()),
+               kv_pb2.KvDestination(transfer_id=f"t{i}"), None,
+               loop.create_future(), loop) for i in range(n)]
+
+
+async def _wait_idle(worker: PrefillWorker) -> None:
+  """Until nothing counts as running (hand-offs end after their answer)."""
+  for _ in range(200):
+    if worker.running == 0:
+      return
+    await asyncio.sleep(0.01)
+  assert worker.running == 0
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_hand_off_starts_while_the_prefill_runs(fail):
+  """Hand-offs start when the engine reports a request's KV dispatched
+  (``kv_ready``), not when the prefill returns: here the engine returns
+  only once the KV was sent, so the answer's ``transfer_s`` (the part of
+  the hand-off TTFT pays) is 0. A prefill that fails after the KV went out
+  releases what was sent and reports the prefill's error."""
+  sender = _Sender()
+
+  class Engine(_Engine):
+    def prefill(self, reqs, kv_ready=None, on_result=None):
+      out = [_result(r, 7) for r in reqs]
+      for i, r in enumerate(out):
+        kv_ready(i, r.kv)
+      assert sender.sent.wait(10), "the hand-off did not start"
+      if fail:
+        raise RuntimeError("the prefill program failed")
+      return out
+
+  async def go():
+    worker = PrefillWorker(Engine(), sender)
+    worker.start()
+    try:
+      (job,) = _jobs(asyncio.get_running_loop(), 1)
+      worker.submit(job)
+      if fail:
+        with pytest.raises(RuntimeError, match="prefill program failed"):
+          await asyncio.wait_for(job.future, 10)
+      else:
+        resp = await asyncio.wait_for(job.future, 10)
+        assert resp.first_token == 7 and resp.kv.transfer_id == "t0"
+        assert resp.transfer_s == 0.0 and resp.prefill_s > 0
+      await _wait_idle(worker)
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert sender.released == (["t0"] if fail else [])
 
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_each_request_is_answered_when_its_result_is_known(fail):
+  """The engine computes request 0, then waits for ``gate`` (set once
+  request 0 is answered) before request 1, and fails there when ``fail``:
+  request 0's answer cannot wait for the rest of its batch, and keeps its
+  result when the rest fails."""
   gate = threading.Event()
-  engine, sender = _Engine(gate, fail), _Sender()
+  sender = _Sender()
+  calls = []
+
+  class Engine(_Engine):
+    def prefill(self, reqs, kv_ready=None, on_result=None):
+      calls.append(len(reqs))
+      first = _result(reqs[0], 11)
+      kv_ready(0, first.kv)
+      on_result(0, first)
+      assert gate.wait(10), "request 0 was not answered"
+      if fail:
+        raise RuntimeError("the second program failed")
+      second = _result(reqs[1], 22)
+      kv_ready(1, second.kv)
+      on_result(1, second)
+      return [first, second]
 
   async def go():
-    loop = asyncio.get_running_loop()
-    worker = PrefillWorker(engine, sender)
-    jobs = [_Job(PrefillRequest(f"r{i}", [3, 4, 5], SamplingParams()),
-                 kv_pb2.KvDestination(transfer_id=f"t{i}"), None,
-                 loop.create_future(), loop) for i in range(2)]
+    worker = PrefillWorker(Engine(), sender)
+    jobs = _jobs(asyncio.get_running_loop(), 2)
     for j in jobs:             # queued before the batcher runs: one batch
       worker.submit(j)
     worker.start()
     try:
-      # Request 0 is answered while the engine still holds request 1 back.
       first = await asyncio.wait_for(jobs[0].future, 10)
       assert not jobs[1].future.done()
       gate.set()
@@ -88,15 +143,11 @@ def test_each_request_is_answered_when_its_result_is_known(fail):
         second = await asyncio.wait_for(jobs[1].future, 10)
         assert second.first_token == 22
         assert second.prefill_s >= first.prefill_s
-      for _ in range(200):
-        if worker.running == 0:
-          break
-        await asyncio.sleep(0.01)
-      assert worker.running == 0
+      await _wait_idle(worker)
     finally:
       gate.set()
       worker.stop()
 
   asyncio.run(go())
-  assert engine.calls == 1
+  assert calls == [2]
   assert sender.released == []
