@@ -118,7 +118,8 @@ class Metrics:
     self._lock = threading.Lock()
 
   def observe_iteration(self, timing) -> None:
-    """A ``decode.IterationTiming`` that launched at least one call."""
+    """Records a ``decode.IterationTiming``'s phases; an iteration that
+    launched no call (it only delivered the last tokens) is left out."""
     if timing is not None and timing.calls:
       self.decode_iteration.labels("launch").observe(timing.launch_s)
       self.decode_iteration.labels("deliver").observe(timing.deliver_s)
@@ -127,7 +128,7 @@ class Metrics:
     """Sets the device memory gauges from each device's allocator stats
     (devices that report none, as CPUs, are skipped)."""
     for d in devices:
-      stats = getattr(d, "memory_stats", lambda: None)() or {}
+      stats = d.memory_stats() or {}
       for key, stat in _MEMORY_STATS.items():
         if key in stats:
           self.device_memory.labels(str(d), stat).set(stats[key])
