@@ -1,6 +1,7 @@
-"""How a local deployment hands GPUs to its workers, and how much of each
+"""How a local deployment hands GPUs to its workers, how much of each
 GPU's memory a worker gives XLA (no GPU needed: only the environment each
-worker would start with is checked)."""
+worker would start with is checked), and the address a worker's KV
+transfer server is advertised at."""
 
 import pytest
 
@@ -59,3 +60,18 @@ def test_gpu_memory_fraction_becomes_xlas_setting():
   for bad in (0.0, 1.5, -0.1):
     with pytest.raises(app.UsageError, match="gpu_memory_fraction"):
       xla_memory_env(bad)
+
+
+def test_device_transfer_server_is_advertised_at_the_workers_address():
+  """A worker bound to 0.0.0.0 (a Kubernetes pod) tells decode workers to
+  pull its KVs from its --advertise_address host, not from 0.0.0.0."""
+  import jax
+  from pdjax.launch.worker import advertised_host
+  from pdjax.transfer.device import DeviceSender
+  assert advertised_host(None) is None
+  assert advertised_host("10.4.0.7:50061") == "10.4.0.7"
+  assert advertised_host("[fd00::7]:50061") == "[fd00::7]"
+  sender = DeviceSender(jax.devices()[0], host="0.0.0.0",
+                        advertise_host=advertised_host("10.4.0.7:50061"))
+  host, port = sender.address().rsplit(":", 1)
+  assert host == "10.4.0.7" and int(port) > 0

@@ -286,6 +286,16 @@ async def serve(role: str) -> None:
   await _run_until_signal(server, health, health_names, workers)
 
 
+def advertised_host(advertise: str | None) -> str | None:
+  """The host of ``--advertise_address`` (None: unset). The KV transfer
+  server a ``device`` sender starts is reached at the same host as the
+  worker: bound to 0.0.0.0 in a Kubernetes pod, it would otherwise tell
+  decode workers to pull from 0.0.0.0."""
+  if not advertise:
+    return None
+  return advertise.rsplit(":", 1)[0]
+
+
 def _sender(transport, mesh, sec, exchange):
   from pdjax.service import common
   if transport == "local":
@@ -297,6 +307,7 @@ def _sender(transport, mesh, sec, exchange):
     # Picks same-process / CUDA IPC / jax.experimental.transfer per hand-off.
     return make_sender(
         DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
+                     advertise_host=advertised_host(F.ADVERTISE.value),
                      ttl_s=F.KV_TTL.value),
         fast_path=F.KV_FAST_PATH.value, process_id=common.PROCESS_ID)
   from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
