@@ -1,0 +1,146 @@
+"""The Kubernetes example (configs/k8s/) against the code it runs: every
+flag a container passes is one its launcher defines, every ``$(VAR)`` is
+set for the container (by its env or by the LeaderWorkerSet controller),
+the deployment files it names exist, the router's worker addresses are the
+pods' stable names and ports, the meshes fit the GPUs each pod asks for,
+and the grace periods outlast the drains. No cluster is needed: a manifest
+that would fail at start-up fails here."""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = sorted((REPO / "configs" / "k8s").glob("*.yaml"))
+# What the LeaderWorkerSet controller sets in every pod of a group.
+LWS_ENV = {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"}
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_flags(module: str) -> frozenset[str]:
+  """The flags ``python -m module`` defines (its --helpfull)."""
+  proc = subprocess.run([sys.executable, "-m", module, "--helpfull"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  names = re.findall(r"^\s+--(?:\[no\])?(\w+):", proc.stdout, re.M)
+  assert names, f"{module} --helpfull listed no flags:\n{proc.stderr[-2000:]}"
+  return frozenset(names)
+
+
+def _docs(path: Path) -> dict[tuple[str, str], dict]:
+  return {(d["kind"], d["metadata"]["name"]): d
+          for d in yaml.safe_load_all(path.read_text()) if d}
+
+
+def _pod_specs(doc: dict) -> list[tuple[dict, bool]]:
+  """(pod spec, made by LeaderWorkerSet) of every pod template in doc."""
+  if doc["kind"] == "LeaderWorkerSet":
+    t = doc["spec"]["leaderWorkerTemplate"]
+    return [(t[k]["spec"], True) for k in ("leaderTemplate", "workerTemplate")
+            if k in t]
+  if doc["kind"] in ("Deployment", "StatefulSet"):
+    return [(doc["spec"]["template"]["spec"], False)]
+  return []
+
+
+def _flags(container: dict) -> dict[str, str]:
+  out = {}
+  for arg in container.get("args", []):
+    assert arg.startswith("--"), f"{container['name']}: {arg!r} is not a flag"
+    name, _, value = arg[2:].partition("=")
+    out[name] = value
+  return out
+
+
+def _gpus(container: dict) -> int:
+  return int(container.get("resources", {}).get("limits", {}).get(
+      "nvidia.com/gpu", 0))
+
+
+def _mesh_size(spec: str) -> int:
+  size = 1
+  for part in spec.split(","):
+    size *= int(part.split("=")[1])
+  return size
+
+
+def test_there_is_an_example():
+  assert MANIFESTS, "configs/k8s/ has no manifest"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_containers_start_with_flags_their_launchers_define(path):
+  for doc in _docs(path).values():
+    for spec, by_lws in _pod_specs(doc):
+      for c in spec["containers"]:
+        assert c["command"][:2] == ["python", "-m"], c["command"]
+        module = c["command"][2]
+        defined = launcher_flags(module)
+        flags = _flags(c)
+        unknown = [f for f in flags
+                   if f not in defined and not (f.startswith("no")
+                                                and f[2:] in defined)]
+        assert not unknown, f"{module} has no flag(s) {unknown}"
+        env = {e["name"] for e in c.get("env", [])} | (LWS_ENV if by_lws
+                                                       else set())
+        for arg in c["args"]:
+          for var in re.findall(r"\$\((\w+)\)", arg):
+            assert var in env, f"{c['name']}: $({var}) is never set"
+        config = flags.get("config")
+        if config:
+          assert (REPO / "configs" / "deployments" / f"{config}.toml"
+                  ).exists(), config
+        if module != "pdjax.launch.router":
+          # A mesh may not ask for more devices than the pod has: the
+          # local ones, times the processes of a group spanning pods.
+          procs = doc["spec"]["leaderWorkerTemplate"]["size"] if by_lws else 1
+          assert _mesh_size(flags["mesh"]) == _gpus(c) * procs, (
+              module, flags["mesh"], _gpus(c), procs)
+          if by_lws:
+            assert flags["num_processes"] == "$(LWS_GROUP_SIZE)"
+            assert flags["process_id"] == "$(LWS_WORKER_INDEX)"
+        # Serving workers are dialled at their pod IP.
+        if "advertise_address" in flags:
+          assert flags["advertise_address"].endswith(":" + flags["port"])
+        assert flags.get("host") == "0.0.0.0", "bind beyond the pod's loopback"
+        drain = float(flags.get("drain_timeout_s", 60))
+        assert spec.get("terminationGracePeriodSeconds", 30) > drain
+        for probe in ("startupProbe", "readinessProbe"):
+          if probe in c:
+            assert c[probe]["grpc"]["port"] == int(flags["port"]), probe
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_router_names_every_worker_at_its_stable_address(path):
+  docs = _docs(path)
+  (router,) = [d for (k, _), d in docs.items() if k == "Deployment"
+               and _pod_specs(d)[0][0]["containers"][0]["command"][2]
+               == "pdjax.launch.router"]
+  flags = _flags(_pod_specs(router)[0][0]["containers"][0])
+  expected = {"prefill_workers": [], "decode_workers": []}
+  for (kind, name), d in docs.items():
+    if kind == "StatefulSet":
+      assert ("Service", d["spec"]["serviceName"]) in docs, name
+      port = _flags(d["spec"]["template"]["spec"]["containers"][0])["port"]
+      expected["decode_workers"] += [
+          f"{name}-{i}.{d['spec']['serviceName']}:{port}"
+          for i in range(d["spec"]["replicas"])]
+    if kind == "LeaderWorkerSet":
+      leader = d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+      port = _flags(leader["spec"]["containers"][0])["port"]
+      expected["prefill_workers"] += [f"{name}-{i}.{name}:{port}"
+                                      for i in range(d["spec"]["replicas"])]
+  for key, want in expected.items():
+    assert flags[key].split(",") == want, key
+  # Every worker serves the transport the router expects.
+  for d in docs.values():
+    for spec, _ in _pod_specs(d):
+      assert _flags(spec["containers"][0])["kv_transport"] == flags[
+          "kv_transport"]
