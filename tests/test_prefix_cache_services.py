@@ -1,9 +1,13 @@
-"""Prefix caching through the services, for every transport: tokens equal
-a cache-free run (greedy and seeded) for prompts sharing 0, 1, many and all
-blocks with earlier ones; the prefill worker computes fewer prompt tokens
-and the decode worker receives fewer KV bytes."""
+"""Prefix caching through the services, for every transport and for the
+decode worker's own prefills: tokens equal a cache-free run (greedy and
+seeded) for prompts sharing 0, 1, many and all blocks with earlier ones;
+the prefill worker computes fewer prompt tokens, the decode worker receives
+fewer KV bytes, and each response's usage reports its cached prompt
+tokens."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -60,18 +64,29 @@ def reference():
   return out
 
 
-@pytest.mark.parametrize("transport", ["grpc", "device", "local"])
-def test_prefix_caching_end_to_end(transport, tmp_path, reference):
+@pytest.mark.parametrize("transport,local_prefill", [
+    ("grpc", 0), ("device", 0), ("local", 0), ("grpc", 70)])
+def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
+                                   reference):
+  """``local_prefill``: prompts shorter than this are prefilled on the
+  decode worker, from its own cached blocks. Every response's usage says
+  how many prompt tokens came from a cache; together they are what the
+  workers counted."""
   c = Cluster(tmp_path / transport, kv_transport=transport, num_prefill=1,
               num_decode=1,
-              worker_flags=["--prefix_cache_pages=64", "--prefix_caching"])
+              worker_flags=["--prefix_cache_pages=64", "--prefix_caching"],
+              router_flags=[f"--local_prefill_threshold={local_prefill}"])
   try:
+    reported = []
     with Client(c.address, timeout_s=120) as client:
       for seeded in (False, True):
         for i, p in enumerate(_family()):
           r = client.generate(prompt_token_ids=p, max_tokens=NEW,
                               ignore_eos=True, **_sampling(i, seeded))
           assert r.token_ids == reference[(seeded, i)], (transport, seeded, i)
+          assert bool(r.usage.prefill_worker) == (len(p) >= local_prefill)
+          reported.append(r.usage.cached_prompt_tokens)
+    assert reported[0] == 0 and reported[1] > 0   # the same prompt again
     pname = "pd0" if transport == "local" else "prefill0"
     text = c.metrics(pname)
     cached = metric(text, "pdjax_prefill_tokens_total", 'source="cache"')
@@ -82,5 +97,18 @@ def test_prefix_caching_end_to_end(transport, tmp_path, reference):
                f'transport="{t}"') for t in ("grpc", "device", "local"))
     assert cached > 0 and computed > 0
     assert skipped > 0
+    if transport != "local":
+      # The decode worker's own prefills: its counters advance on its loop's
+      # tick (every 0.25 s), so the last request's may still be on the way.
+      deadline = time.monotonic() + 10
+      while True:
+        local = metric(c.metrics("decode0"), "pdjax_prefill_tokens_total",
+                       'source="cache"')
+        if sum(reported) == cached + local or time.monotonic() > deadline:
+          break
+        time.sleep(0.1)
+      assert (local > 0) == bool(local_prefill)
+      cached += local
+    assert sum(reported) == cached
   finally:
     c.stop()

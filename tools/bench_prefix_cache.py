@@ -12,9 +12,10 @@ Scenarios (``--scenarios``, comma list):
              are sent)
   kv0, kv1   2 prefill workers with both caches; router KV-aware weight 0
              (load only) vs 1 (Dynamo-style overlap scoring)
-Reported per scenario: TTFT p50/p90, prompt tokens computed vs served
-from a cache (prefill side), KV bytes sent vs skipped (decode-side reuse),
-and the prefill workers that served.
+Reported per scenario: TTFT p50/p90, and apart for the requests a cache
+served part of (their usage's ``cached_prompt_tokens``) and the others,
+prompt tokens computed vs served from a cache (prefill side), KV bytes
+sent vs skipped (decode-side reuse), and the prefill workers that served.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def run_scenario(name: str, work: Path) -> dict:
         "scenario": name, "wall_s": wall,
         "ttft_p50_ms": summary["ttft"]["p50"] * 1e3,
         "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
+        # Which requests set the tail: those a cache served part of (the
+        # buffered path) or those computed whole.
+        **_ttft_by_cache(records),
         "completed": summary["completed"],
         "prompt_tokens_computed": sum(_metric_sum(
             t, "pdjax_prefill_tokens_total", 'source="computed"')
@@ -139,11 +143,31 @@ def run_scenario(name: str, work: Path) -> dict:
     cluster.stop()
 
 
+def _ttft_by_cache(records) -> dict:
+  """TTFT p50/p90 (ms) and count of the completed requests whose usage
+  reports cached prompt tokens, and of the others."""
+  import numpy as np
+  out = {}
+  for key, hit in (("cached", True), ("uncached", False)):
+    ttft = [r["ttft"] * 1e3 for r in records
+            if r.get("ttft") is not None and r.get("status") == "completed"
+            and bool((r.get("usage") or {}).get("cached_prompt_tokens"))
+            == hit]
+    out[f"{key}_requests"] = len(ttft)
+    out[f"ttft_p50_{key}_ms"] = (float(np.percentile(ttft, 50)) if ttft
+                                 else None)
+    out[f"ttft_p90_{key}_ms"] = (float(np.percentile(ttft, 90)) if ttft
+                                 else None)
+  return out
+
+
 def main(argv) -> None:
   del argv
   work = Path(tempfile.mkdtemp(prefix="pdjax-prefix-"))
   rows = [run_scenario(s, work) for s in SCENARIOS.value]
-  cols = ("scenario", "ttft_p50_ms", "ttft_p90_ms", "prompt_tokens_computed",
+  cols = ("scenario", "ttft_p50_ms", "ttft_p90_ms", "cached_requests",
+          "ttft_p90_cached_ms", "ttft_p90_uncached_ms",
+          "prompt_tokens_computed",
           "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
           "decode_cache_hits")
   print(" | ".join(cols + ("requests per prefill worker",)))

@@ -118,6 +118,7 @@ class Usage:
   kv_path: str = ""
   kv_send_s: float = 0.0
   kv_receive_s: float = 0.0
+  cached_prompt_tokens: int = 0
 
   @classmethod
   def from_proto(cls, u: common_pb2.Usage) -> Usage:

@@ -175,7 +175,8 @@ class ColocatedEngine:
       for (w, res), r in zip(items, results):
         first, logprob = r.first_token, r.first_logprob
         if w.forced_first_token is None:
-          w.callback(TokenEvent(w.request_id, [first], [logprob]))
+          w.callback(TokenEvent(w.request_id, [first], [logprob],
+                                cached_tokens=r.cached_tokens))
         else:
           first, logprob = w.forced_first_token, 0.0
         self.decode.submit(DecodeRequest(

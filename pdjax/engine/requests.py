@@ -62,6 +62,9 @@ class TokenEvent:
   logprobs: list[float]
   finish_reason: FinishReason | None = None
   error: str | None = None
+  # A locally prefilled request's first event: prompt tokens whose KV came
+  # from a prefix cache instead of being computed.
+  cached_tokens: int = 0
 
 
 TokenCallback = Callable[[TokenEvent], None]

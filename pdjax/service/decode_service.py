@@ -396,6 +396,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if first:
           msg.prefill_s = prefill_s
           msg.kv_transfer_s = transfer_s
+          msg.cached_tokens = ev.cached_tokens
           first = False
         yield msg
         if ev.finish_reason is not None:

@@ -291,7 +291,8 @@ class PrefillWorker:
       self.metrics.transfer_time.labels(name, "sent").observe(t_sent - t0)
       job.resolve(prefill_pb2.PrefillResponse(
           first_token=result.first_token, first_logprob=result.first_logprob,
-          kv=handle, prefill_s=prefill_s, transfer_s=transfer_s))
+          kv=handle, prefill_s=prefill_s, transfer_s=transfer_s,
+          cached_tokens=result.cached_tokens))
       if job.abandoned:
         # The caller left while we were sending: nobody will redeem it.
         self.sender.release(job.destination.transfer_id)

@@ -365,6 +365,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       await self._unreserve(d, rid)
       raise
     usage.prefill_s = pre.prefill_s
+    usage.cached_prompt_tokens = pre.cached_tokens
     usage.kv_transfer_s = pre.transfer_s
     usage.kv_send_s = pre.transfer_s
     usage.kv_path = pre.kv.transport
@@ -428,6 +429,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
             usage.kv_receive_s = msg.kv_transfer_s
           if msg.prefill_s:
             usage.prefill_s = msg.prefill_s
+            usage.cached_prompt_tokens = msg.cached_tokens
           yield msg
           if msg.finish_reason:
             return
