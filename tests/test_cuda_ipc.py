@@ -1195,7 +1195,7 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
   class Engine:
     config = types.SimpleNamespace(max_batch=4)
     prefix_store = None
-    mesh = None         # no devices: no memory gauges
+    mesh = types.SimpleNamespace(local_devices=[])   # no memory gauges
 
     def prefill(self, reqs, kv_ready=None, on_result=None):
       events.append("prefill")

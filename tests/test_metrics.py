@@ -4,12 +4,10 @@ device memory, as a Prometheus scrape shows them."""
 from __future__ import annotations
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
 
 from cluster_helpers import metric
 from pdjax.engine.decode import IterationTiming
-from pdjax.service.metrics import Metrics, local_devices
+from pdjax.service.metrics import Metrics
 
 
 def test_iteration_phases_are_observed_only_when_calls_were_launched():
@@ -49,10 +47,3 @@ def test_device_memory_gauges_from_allocator_stats():
   assert metric(text, name, 'device="cuda:0",stat="limit"') == 60 << 30
   assert f'device="{cpu}"' not in text
   assert "num_allocs" not in text
-
-
-def test_local_devices_of_a_mesh():
-  devs = jax.devices()[:4]
-  mesh = Mesh(np.array(devs).reshape(2, 2), ("dp", "tp"))
-  assert local_devices(mesh) == devs
-  assert local_devices(None) == []

@@ -43,7 +43,7 @@ class _Engine:
   """What the worker needs of an engine; ``prefill`` is each test's."""
   config = types.SimpleNamespace(max_batch=2)
   prefix_store = None
-  mesh = None         # no devices: no memory gauges
+  mesh = types.SimpleNamespace(local_devices=[])   # no memory gauges
 
 
 def _jobs(loop, n: int) -> list[_Job]:

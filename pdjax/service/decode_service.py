@@ -32,7 +32,7 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
-from pdjax.service.metrics import Metrics, local_devices
+from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.transfer.base import KvReceiver, TransferError
@@ -127,7 +127,8 @@ class DecodeWorker:
     self.loop = EngineLoop(engine, on_tick=self._tick,
                            on_iteration=self.metrics.observe_iteration,
                            step_delay_s=fault_step_delay_s)
-    self._devices = local_devices(engine.decode.mesh)   # for the memory gauges
+    # The memory gauges' devices: this process's part of the pool's mesh.
+    self._devices = engine.decode.mesh.local_devices
     self._seen_cached = 0
     self._seen_computed = 0
 

@@ -26,16 +26,6 @@ _MEMORY_STATS = {"bytes_in_use": "in_use", "peak_bytes_in_use": "peak",
                  "largest_free_block_bytes": "largest_free_block"}
 
 
-def local_devices(mesh) -> list:
-  """The devices of ``mesh`` this process drives (a pool's mesh may span
-  processes); none for no mesh."""
-  if mesh is None:
-    return []
-  import jax
-  me = jax.process_index()
-  return [d for d in mesh.devices.flat if d.process_index == me]
-
-
 class Metrics:
   """The metric set of one service (``role``: router, prefill, decode)."""
 

@@ -33,7 +33,7 @@ from pdjax.engine.requests import PrefillRequest, RequestKV
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.landing import LandingRequests
-from pdjax.service.metrics import Metrics, local_devices
+from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
 from pdjax.transfer.base import KvSender, TransferError, handle_for
 from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
@@ -102,7 +102,8 @@ class PrefillWorker:
                                     name="kv-reaper")
     self._count_lock = threading.Lock()
     self.draining = False
-    self._devices = local_devices(engine.mesh)   # for the memory gauges
+    # The memory gauges' devices: this process's part of the pool's mesh.
+    self._devices = engine.mesh.local_devices
 
   def start(self) -> None:
     self._thread.start()
