@@ -74,7 +74,6 @@ class PoolConfig:
                        f"{self.max_receive_mib}")
 
 
-
 @dataclasses.dataclass
 class DeploymentConfig:
   checkpoint: str = "tiny"

@@ -441,6 +441,26 @@ def is_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def payload_page_count(engine, tokens: int) -> int:
+  """Pages of the request KV a prefill hands a decode engine for a prompt
+  of ``tokens`` tokens (its payload, padded as the prefill pads it)."""
+  from pdjax.engine.kv import pages_for, payload_pages
+  return payload_pages(pages_for(tokens, engine.dcfg.page_size))
+
+
+def zero_request_kv(engine, cfg, tokens: int):
+  """A zero request KV of ``tokens`` tokens, freshly allocated in the
+  payload layout of the decode engine's first replica: the decode
+  benchmarks' stand-in for a hand-off (decode time does not depend on the
+  values, and zeros hold no NaN that would change the sampler's path)."""
+  import jax.numpy as jnp
+  from pdjax.engine.kv import request_kv_shape
+  n = payload_page_count(engine, tokens)
+  return jnp.zeros(request_kv_shape(cfg, n, engine.dcfg.page_size),
+                   cfg.jnp_dtype,
+                   device=engine.replicas[0].payload_sharding(n))
+
+
 def hbm_budget_bytes(flag_gib: float | None) -> int:
   """Usable device memory: ``flag_gib`` if given, else what the allocator
   may use on device 0 (``bytes_limit``), else 80 GiB."""

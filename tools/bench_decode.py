@@ -174,16 +174,10 @@ def _layout(cfg, B: int, C: int, S: int):
 
 def _fill(engine, cfg, B: int, C: int, seed: int):
   """Queues B requests at context C (see the module docstring)."""
-  import jax.numpy as jnp
   import numpy as np
-  from pdjax.engine.kv import pages_for, payload_pages, request_kv_shape
   from pdjax.engine.requests import DecodeRequest, RequestKV
   from pdjax.engine.sampling import SamplingParams
-  rep = engine.replicas[0]
-  P = engine.dcfg.page_size
-  n = payload_pages(pages_for(C, P))
-  kv = jnp.zeros(request_kv_shape(cfg, n, P), cfg.jnp_dtype,
-                 device=rep.payload_sharding(n))
+  kv = bc.zero_request_kv(engine, cfg, C)
   greedy = SamplingParams(max_tokens=engine.dcfg.max_seq_len - C,
                           temperature=FLAGS.temperature,
                           top_p=0.9 if FLAGS.temperature else 1.0,

@@ -20,7 +20,7 @@ Phases, each on the same engine:
    and output lengths (``pdjax.eval.workloads``), admitted whenever the
    pool has room (up to ``--max_seqs`` live), each with a KV freshly
    allocated on the device as a transport's receive allocates it
-   (``--churn_kv=shared``: one KV for all, so only the engine's own state
+   (``--churn_kv=shared``: one KV per size, so only the engine's own state
    changes), stepped until every one has finished.
 3. probe again, the same request.
 
@@ -101,17 +101,6 @@ def _defaults(gpu: bool) -> dict:
   }
 
 
-def _kv(engine, cfg, tokens: int):
-  """A zero request KV of ``tokens`` tokens in the replica's payload layout,
-  freshly allocated on its devices."""
-  import jax.numpy as jnp
-  from pdjax.engine.kv import pages_for, payload_pages, request_kv_shape
-  rep = engine.replicas[0]
-  n = payload_pages(pages_for(tokens, engine.dcfg.page_size))
-  return jnp.zeros(request_kv_shape(cfg, n, engine.dcfg.page_size),
-                   cfg.jnp_dtype, device=rep.payload_sharding(n))
-
-
 def _submit(engine, cfg, rid: str, prompt_len: int, max_tokens: int, kv,
             on_finish) -> bool:
   """Reserves and submits one greedy request (False: no room now)."""
@@ -156,7 +145,8 @@ def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
   # more to deliver the last of them.
   max_tokens = S * (calls + 4)
   if not _submit(engine, cfg, f"probe-{tag}", context, max_tokens,
-                 _kv(engine, cfg, context), lambda rid, ev: done.append(ev)):
+                 bc.zero_request_kv(engine, cfg, context),
+                 lambda rid, ev: done.append(ev)):
     raise RuntimeError("the pool refused the probe request")
   host_s = []
   dispatch = rep.dispatch
@@ -215,11 +205,11 @@ def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
     while pending:
       rid, plen, out = pending[0]
       if fresh_kv:
-        kv = _kv(engine, cfg, plen)
+        kv = bc.zero_request_kv(engine, cfg, plen)
       else:
-        n = _kv_pages(engine, plen)
+        n = bc.payload_page_count(engine, plen)
         if n not in shared:
-          shared[n] = _kv(engine, cfg, plen)
+          shared[n] = bc.zero_request_kv(engine, cfg, plen)
         kv = shared[n]
       if not _submit(engine, cfg, rid, plen, out, kv,
                      lambda r, ev: finished.__setitem__(r, ev)):
@@ -237,10 +227,6 @@ def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
           "iterations": iterations, "peak_live_rows": peak_live,
           "seconds": time.perf_counter() - t0, "kv": FLAGS.churn_kv}
 
-
-def _kv_pages(engine, tokens: int) -> int:
-  from pdjax.engine.kv import pages_for, payload_pages
-  return payload_pages(pages_for(tokens, engine.dcfg.page_size))
 
 
 def main(argv) -> None:
