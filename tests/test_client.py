@@ -9,6 +9,7 @@ both what the client sent and how it read the answer. It serves the standard
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import pickle
@@ -379,6 +380,72 @@ def test_wait_ready_for_a_server_that_starts_late():
       timer.join()
       for s in started:
         s.stop(0)
+
+
+class _SlowConnectFront:
+  """A TCP front for a server whose connections take about a second to open.
+
+  Its listen queue (backlog 0) is kept full by one connection it does not
+  accept for ``hold_s``; the kernel drops SYNs meanwhile, so a client's
+  connect completes only on its SYN retransmit (about 1 s later), as over a
+  slow network or on a loaded host. Accepted connections are piped to
+  ``target``."""
+
+  def __init__(self, target: str, hold_s: float = 0.3):
+    host, port = target.rsplit(":", 1)
+    self._target = (host, int(port))
+    self._listener = socket.socket()
+    self._listener.bind(("127.0.0.1", 0))
+    self._listener.listen(0)
+    self.address = "127.0.0.1:%d" % self._listener.getsockname()[1]
+    self._filler = socket.create_connection(self._listener.getsockname())
+    self._hold_s = hold_s
+    self._socks: list[socket.socket] = [self._filler]
+    threading.Thread(target=self._serve, daemon=True).start()
+
+  def _serve(self):
+    time.sleep(self._hold_s)
+    self._listener.accept()[0].close()   # the filler: room in the queue
+    while True:
+      try:
+        conn, _ = self._listener.accept()
+      except OSError:                    # closed
+        return
+      upstream = socket.create_connection(self._target)
+      self._socks += [conn, upstream]
+      for a, b in ((conn, upstream), (upstream, conn)):
+        threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+  @staticmethod
+  def _pipe(src: socket.socket, dst: socket.socket):
+    try:
+      while data := src.recv(65536):
+        dst.sendall(data)
+    except OSError:
+      pass
+    finally:
+      with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+  def close(self):
+    for s in [self._listener, *self._socks]:
+      with contextlib.suppress(OSError):
+        s.close()
+
+
+def test_slow_connect_is_waited_for(router):
+  """A connection that takes a second to open (a loaded host, a far
+  network) is waited for by a fail-fast call, not given up after 100 ms:
+  gRPC takes ``grpc.min_reconnect_backoff_ms`` as its connect timeout."""
+  front = _SlowConnectFront(router[2])
+  try:
+    with pc.Client(front.address, timeout_s=30) as c:
+      start = time.monotonic()
+      assert c.health() == "SERVING"
+      assert time.monotonic() - start > 0.5   # the front did slow it
+      assert c.generate("hi", max_tokens=2).token_ids == [100, 101]
+  finally:
+    front.close()
 
 
 # ---------------------------------------------------------------------------

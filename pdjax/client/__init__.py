@@ -70,9 +70,11 @@ _FATAL_HEALTH_CODES = frozenset({
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT})
 # gRPC's default reconnect backoff grows to 120 s, so a client that started
 # before its router could sit out two minutes after the router came up.
+# ``grpc.min_reconnect_backoff_ms`` is deliberately absent: despite its name
+# gRPC takes it as the connect *timeout* (default 20 s), and at 100 ms a
+# loaded host or a far network fails calls with "tcp handshaker shutdown".
 _RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
