@@ -10,7 +10,7 @@ import urllib.request
 
 import numpy as np
 
-from pdjax.launch.cluster import LocalCluster, launch
+from pdjax.launch.cluster import LocalCluster, launch, tail
 
 MAX_NEW = 12
 # Lengths cover both prefill buckets (32, 128) of configs/deployments/test
@@ -99,4 +99,10 @@ class Cluster:
     return 0
 
   def stop(self):
+    """Stops every process and prints the end of each one's log: pytest
+    shows a test's output only when it fails, which is when they matter
+    (CI keeps no other trace of the services)."""
     self.cluster.stop()
+    for p in self.cluster.procs:
+      print(f"----- {p.name} (exit {p.popen.returncode}): {p.log}\n"
+            f"{tail(p.log, 25)}")
