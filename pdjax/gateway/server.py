@@ -15,8 +15,8 @@ One request, in order:
      chunk if asked, and ``data: [DONE]``. A failure after the first byte
      goes out as a last ``data: {"error": ...}`` event before ``[DONE]``.
 
-The app is run with aiohttp's handler cancellation on, so a client that
-disconnects cancels its handler, which closes the merged stream and with it
+The app is run with aiohttp's handler cancellation on (``make_runner``), so
+a client that disconnects cancels its handler, which closes the merged stream and with it
 every router call of the request (the router then frees the decode slots).
 """
 
@@ -331,4 +331,15 @@ def create_app(config: GatewayConfig) -> web.Application:
   return app
 
 
-__all__ = ["CLIENT", "GatewayConfig", "ModelCard", "create_app"]
+def make_runner(app: web.Application, *,
+                shutdown_timeout_s: float = 60.0) -> web.AppRunner:
+  """The runner to serve ``app`` with. Handler cancellation is on (aiohttp
+  turned it off by default in 3.9): without it a client that disconnects
+  while its router call is between tokens (or before the first) leaves the
+  call running, holding a decode slot, until the next write fails."""
+  return web.AppRunner(app, handler_cancellation=True,
+                       shutdown_timeout=shutdown_timeout_s)
+
+
+__all__ = ["CLIENT", "GatewayConfig", "ModelCard", "create_app",
+           "make_runner"]

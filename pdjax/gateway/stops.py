@@ -6,7 +6,8 @@ accumulated text. Text that might be the start of a stop string (the last
 ``len(longest stop) - 1`` characters) is held back until the next delta
 settles it, so a stop string split across deltas never reaches the client.
 On a match the output ends just before the stop string (which is not
-included), with finish reason "stop".
+included), with finish reason "stop"; of several stop strings, the one whose
+last character arrives first wins.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ class StopMatcher:
     # earlier one would have been found by an earlier push.
     start = max(self._released, len(self._text) - self._hold)
     self._text += delta
-    hits = [i for i in (self._text.find(s, start) for s in self._stops)
-            if i >= 0]
+    # The stop string that completes first (then the longer one), as a
+    # scan character by character would find it: the result does not
+    # depend on how the text was split into deltas.
+    hits = [(i + len(s), i) for s in self._stops
+            if (i := self._text.find(s, start)) >= 0]
     if hits:
       self.stopped = True
-      return self._take(min(hits))
+      return self._take(min(hits)[1])
     return self._take(max(self._released, len(self._text) - self._hold))
 
   def flush(self) -> str:

@@ -91,7 +91,7 @@ async def serve() -> None:
   from pdjax.gateway import GatewayConfig, create_app
   from pdjax.gateway.chat_template import (ChatTemplateError,
                                            load_chat_template)
-  from pdjax.gateway.server import CLIENT
+  from pdjax.gateway.server import CLIENT, make_runner
 
   directory = model_dir()
   try:
@@ -111,8 +111,7 @@ async def serve() -> None:
       tokenizer=load_tokenizer(directory),
       request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token)
   gateway = create_app(config)
-  runner = web.AppRunner(gateway, handler_cancellation=True,
-                         shutdown_timeout=F.DRAIN_TIMEOUT.value)
+  runner = make_runner(gateway, shutdown_timeout_s=F.DRAIN_TIMEOUT.value)
   await runner.setup()
   try:
     if WAIT_ROUTER.value > 0:
