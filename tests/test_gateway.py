@@ -721,6 +721,26 @@ def test_abnormal_finishes_are_errors(router):
     assert data["error"]["type"] == "server_error"
 
 
+class _BrokenTokenizer:
+  """Fails where the gateway names logprob tokens: a stand-in for a bug."""
+
+  def decode(self, ids, skip_special_tokens=True):
+    raise RuntimeError("broken")
+
+
+def test_a_gateway_bug_is_still_an_openai_error(router):
+  body = {"prompt": "a", "max_tokens": 3, "logprobs": 0}
+  status, data = _post(router, "/v1/completions", body,
+                       tokenizer=_BrokenTokenizer())
+  assert status == 500 and data["error"]["code"] == "internal_error"
+  # Mid-stream: an error event, then [DONE], on the open stream.
+  events = _stream(router, "/v1/completions", {**body, "stream": True},
+                   tokenizer=_BrokenTokenizer())
+  assert events == [{"error": {
+      "message": "internal error in the gateway (its log has the details)",
+      "type": "server_error", "param": None, "code": "internal_error"}}]
+
+
 def test_request_timeout_is_a_504(router):
   status, data = _post(router, "/v1/completions", {"prompt": "hang"},
                        request_timeout_s=0.3)

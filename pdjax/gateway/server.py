@@ -123,6 +123,11 @@ _STATE = web.AppKey("pdjax_gateway_state", _State)
 
 
 # ------------------------------------------------------------- middlewares
+def _internal_error() -> ApiError:
+  return ApiError(500, "internal error in the gateway (its log has the "
+                  "details)", code="internal_error")
+
+
 def _error_response(e: ApiError) -> web.Response:
   return web.json_response(e.body(), status=e.status, headers=e.headers())
 
@@ -140,6 +145,13 @@ async def _errors(request: web.Request, handler):
     return _error_response(ApiError(
         e.status, f"{e.reason}: {request.method} {request.path}"
         + (f" ({e.text})" if e.status == 413 and e.text else "")))
+  except ConnectionResetError:      # the client left; nobody to answer
+    raise
+  except Exception:                 # a gateway bug: still an OpenAI error
+    # (streams never get here: _stream_events answers in-band once the
+    # headers are out).
+    log.exception("%s %s failed", request.method, request.path)
+    return _error_response(_internal_error())
 
 
 def _auth(api_key: str | None):
@@ -225,6 +237,11 @@ async def _stream_events(request: web.Request, stream: AsyncIterator,
   except GenerationError as e:
     log.info("%s failed mid-stream: %s", fmt.request_id, e)
     await resp.write(_sse(from_generation_error(e).body()))
+  except ConnectionResetError:
+    raise
+  except Exception:
+    log.exception("%s failed mid-stream", fmt.request_id)
+    await resp.write(_sse(_internal_error().body()))
   await resp.write(b"data: [DONE]\n\n")
   await resp.write_eof()
   return resp
