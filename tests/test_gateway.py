@@ -363,6 +363,12 @@ def test_completion_stream_with_usage(router):
   assert [c["choices"][0]["finish_reason"] for c in chunks] == [
       None, None, "length"]
   assert all(c["usage"] is None for c in chunks)
+  # A delta whose text is still held back (here by a possible stop string)
+  # sends no empty chunk.
+  events = _stream(router, "/v1/completions", {
+      "prompt": "script-end:" + json.dumps(["a", "b", "c"]), "stream": True,
+      "stop": "abcd"})
+  assert [e["choices"][0]["text"] for e in events] == ["abc"]
   assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
   assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": _CACHED}
   # Without include_usage: no usage anywhere.
@@ -391,6 +397,7 @@ def test_chat_response_and_stream(router):
       "role": "assistant", "content": ""}, "logprobs": None,
       "finish_reason": None}]
   assert all("role" not in c["choices"][0]["delta"] for c in content)
+  assert all(c["choices"][0]["delta"] for c in content)   # none empty
   assert "".join(c["choices"][0]["delta"].get("content", "")
                  for c in content) == "<100><101><102>"
   assert content[-1]["choices"][0]["finish_reason"] == "length"
@@ -479,6 +486,13 @@ def test_stop_string_split_across_stream_deltas(router):
   assert content[-1]["finish_reason"] == "stop"
   assert events[-1]["usage"]["completion_tokens"] == 3
   assert fake.cancelled[_rid(events[0]["id"])].wait(5)
+  # Deltas held back whole send nothing: the role chunk, then the text.
+  events = _stream(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "script-end:" + json.dumps(
+          ["a", "b", "c"])}], "stop": "abcd", "stream": True},
+      chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
+  assert [e["choices"][0]["delta"] for e in events] == [
+      {"role": "assistant", "content": ""}, {"content": "abc"}]
 
 
 def test_stop_string_prompt_tokens_from_the_gateways_tokenizer(

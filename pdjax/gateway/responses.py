@@ -94,7 +94,8 @@ class Formatter:
     raise NotImplementedError
 
   def _chunk_choices(self, d: ChoiceDelta) -> list[dict[str, Any]]:
-    """The choice objects of ``d``'s chunks (one chunk each)."""
+    """The choice objects of ``d``'s chunks (one chunk each; none when it
+    carries nothing the client asked for, e.g. text still held back)."""
     raise NotImplementedError
 
   # ---- shared
@@ -115,11 +116,7 @@ class Formatter:
             "usage": usage.to_json()}
 
   def chunks(self, d: ChoiceDelta) -> list[dict[str, Any]]:
-    """The stream chunks for one delta (none for a delta that carries
-    nothing the client asked for, e.g. text still held back)."""
-    if (not d.text and d.finish_reason is None and not self.params.logprobs
-        and not self.params.return_token_ids and d.index in self._started):
-      return []
+    """The stream chunks for one delta (maybe none)."""
     out = []
     for choice in self._chunk_choices(d):
       chunk = {**self._head(self.chunk_object), "choices": [choice]}
@@ -133,6 +130,13 @@ class Formatter:
     """The last chunk with ``stream_options.include_usage``."""
     return {**self._head(self.chunk_object), "choices": [],
             "usage": usage.to_json()}
+
+  def _carries(self, d: ChoiceDelta) -> bool:
+    """Whether ``d`` has anything for the client: text, the end, or
+    tokens when their logprobs or ids were asked for."""
+    wants_tokens = self.params.logprobs or self.params.return_token_ids
+    return bool(d.text or d.finish_reason is not None
+                or (wants_tokens and d.token_ids))
 
   def _advance_offsets(self, index: int, tokens: list[str]) -> list[int]:
     start = self._offsets.get(index, 0)
@@ -163,7 +167,7 @@ class CompletionFormatter(Formatter):
             "finish_reason": c.finish_reason}
 
   def _chunk_choices(self, d: ChoiceDelta) -> list[dict[str, Any]]:
-    return [self._extras(self._choice(d), d)]
+    return [self._extras(self._choice(d), d)] if self._carries(d) else []
 
 
 class ChatFormatter(Formatter):
@@ -194,8 +198,8 @@ class ChatFormatter(Formatter):
       out.append({"index": d.index,
                   "delta": {"role": "assistant", "content": ""},
                   "logprobs": None, "finish_reason": None})
-      if not d.text and d.finish_reason is None and not d.token_ids:
-        return out
+    if not self._carries(d):
+      return out
     delta = {"content": d.text} if d.text or d.finish_reason is None else {}
     out.append(self._extras({"index": d.index, "delta": delta,
                              "logprobs": self._logprobs(d),
