@@ -222,8 +222,10 @@ async def _respond(request: web.Request, params: protocol.Params,
 async def _stream_events(request: web.Request, stream: AsyncIterator,
                          first, fmt: Formatter, usage: UsageTally,
                          include_usage: bool) -> web.StreamResponse:
+  # X-Accel-Buffering: proxies such as nginx would otherwise hold events.
   resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                     "Cache-Control": "no-cache"})
+                                     "Cache-Control": "no-cache",
+                                     "X-Accel-Buffering": "no"})
   await resp.prepare(request)
   try:
     delta = first
