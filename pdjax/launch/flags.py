@@ -152,6 +152,21 @@ def security() -> Security:
                   server_name=TLS_SERVER_NAME.value)
 
 
+def router_client_settings():
+  """(``pdjax.client.TlsConfig`` or None, token) for a process that calls
+  the router as a client (the OpenAI gateway): the same channel security
+  as every pdjax channel (``Security.channel_credentials``: TLS when
+  --tls_ca or a certificate is given, presenting --tls_cert to a router
+  that asks for one) and --auth_token as the bearer token."""
+  from pdjax.client import TlsConfig
+  sec = security()
+  if not (sec.ca or sec.tls):
+    return None, sec.token
+  return TlsConfig(root_ca=sec.ca, cert=sec.cert if sec.tls else None,
+                   key=sec.key if sec.tls else None,
+                   server_name=sec.server_name), sec.token
+
+
 def write_port_file(port: int, metrics_port: int) -> None:
   """Tells a launcher (``pdjax.launch.local``) this process is serving:
   written atomically, last thing before serving."""

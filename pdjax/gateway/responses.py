@@ -1,0 +1,211 @@
+"""OpenAI response JSON: whole responses, stream chunks, usage, logprobs.
+
+One ``Formatter`` per request builds every object the client receives, so
+the id, ``created`` and ``model`` of its chunks agree. The two endpoints
+differ only in how a choice's text is wrapped (``text`` against a chat
+``message``/``delta``) and in their logprobs layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pdjax.client import Usage
+from pdjax.gateway.choices import ChoiceDelta
+from pdjax.gateway.protocol import Params
+
+TokenText = Callable[[int], str]
+
+
+def token_id_text(token_id: int) -> str:
+  """A token's name when the gateway has no tokenizer (vLLM's
+  ``return_tokens_as_token_ids`` form)."""
+  return f"token_id:{token_id}"
+
+
+class UsageTally:
+  """Token counts over every choice of a request.
+
+  Completion tokens are counted as received (so a choice a stop string
+  ended counts the tokens that reached the gateway, not what the router
+  would have generated). Prompt tokens come from the router's usage; when
+  no choice got that far (every one ended by a stop string, whose early
+  close means the router's last message never came), from ``prompt_tokens``,
+  with the cached-token count then unknown.
+  """
+
+  def __init__(self, prompt_tokens: Callable[[], int | None]):
+    self._prompt_tokens = prompt_tokens
+    self._completion = 0
+    self._router: Usage | None = None
+
+  def add(self, d: ChoiceDelta) -> None:
+    self._completion += len(d.token_ids)
+    if d.usage is not None and self._router is None:
+      self._router = d.usage
+
+  def to_json(self) -> dict[str, Any]:
+    cached = None
+    if self._router is not None:
+      prompt = self._router.prompt_tokens
+      cached = self._router.cached_prompt_tokens
+    else:
+      prompt = self._prompt_tokens() or 0
+    out: dict[str, Any] = {"prompt_tokens": prompt,
+                           "completion_tokens": self._completion,
+                           "total_tokens": prompt + self._completion}
+    if cached is not None:
+      out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
+
+
+def collect(deltas: Iterable[ChoiceDelta]) -> list[ChoiceDelta]:
+  """Each choice's deltas joined into one, ordered by index."""
+  by_index: dict[int, ChoiceDelta] = {}
+  for d in deltas:
+    acc = by_index.setdefault(d.index, ChoiceDelta(d.index, "", [], []))
+    acc.text += d.text
+    acc.token_ids.extend(d.token_ids)
+    acc.logprobs.extend(d.logprobs)
+    acc.finish_reason = d.finish_reason or acc.finish_reason
+  return [by_index[i] for i in sorted(by_index)]
+
+
+@dataclasses.dataclass
+class Formatter:
+  """Builds one request's JSON objects (subclasses: one per endpoint)."""
+  request_id: str
+  model: str
+  created: int
+  params: Params
+  token_text: TokenText = token_id_text
+
+  object_name = ""
+  chunk_object = ""
+
+  def __post_init__(self):
+    self._started: set[int] = set()
+    self._offsets: dict[int, int] = {}
+
+  # ---- per endpoint
+  def _choice(self, c: ChoiceDelta) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _chunk_choices(self, d: ChoiceDelta) -> list[dict[str, Any]]:
+    """The choice objects of ``d``'s chunks (one chunk each; none when it
+    carries nothing the client asked for, e.g. text still held back)."""
+    raise NotImplementedError
+
+  # ---- shared
+  def _head(self, object_name: str) -> dict[str, Any]:
+    return {"id": self.request_id, "object": object_name,
+            "created": self.created, "model": self.model}
+
+  def _extras(self, out: dict[str, Any], c: ChoiceDelta) -> dict[str, Any]:
+    if self.params.return_token_ids:
+      out["token_ids"] = list(c.token_ids)
+    return out
+
+  def response(self, choices: list[ChoiceDelta],
+               usage: UsageTally) -> dict[str, Any]:
+    """The whole (non-streaming) response."""
+    return {**self._head(self.object_name),
+            "choices": [self._extras(self._choice(c), c) for c in choices],
+            "usage": usage.to_json()}
+
+  def chunks(self, d: ChoiceDelta) -> list[dict[str, Any]]:
+    """The stream chunks for one delta (maybe none)."""
+    out = []
+    for choice in self._chunk_choices(d):
+      chunk = {**self._head(self.chunk_object), "choices": [choice]}
+      if self.params.include_usage:
+        chunk["usage"] = None   # as OpenAI: only the last chunk has usage
+      out.append(chunk)
+    self._started.add(d.index)
+    return out
+
+  def usage_chunk(self, usage: UsageTally) -> dict[str, Any]:
+    """The last chunk with ``stream_options.include_usage``."""
+    return {**self._head(self.chunk_object), "choices": [],
+            "usage": usage.to_json()}
+
+  def _carries(self, d: ChoiceDelta) -> bool:
+    """Whether ``d`` has anything for the client: text, the end, or
+    tokens when their logprobs or ids were asked for."""
+    wants_tokens = self.params.logprobs or self.params.return_token_ids
+    return bool(d.text or d.finish_reason is not None
+                or (wants_tokens and d.token_ids))
+
+  def _advance_offsets(self, index: int, tokens: list[str]) -> list[int]:
+    start = self._offsets.get(index, 0)
+    offsets = []
+    for t in tokens:
+      offsets.append(start)
+      start += len(t)
+    self._offsets[index] = start
+    return offsets
+
+
+class CompletionFormatter(Formatter):
+  """``text_completion`` objects."""
+  object_name = "text_completion"
+  chunk_object = "text_completion"
+
+  def _logprobs(self, c: ChoiceDelta) -> dict[str, Any] | None:
+    if not self.params.logprobs:
+      return None
+    tokens = [self.token_text(t) for t in c.token_ids]
+    return {"tokens": tokens, "token_logprobs": list(c.logprobs),
+            # The chosen token only: pdjax returns no alternatives.
+            "top_logprobs": [{t: lp} for t, lp in zip(tokens, c.logprobs)],
+            "text_offset": self._advance_offsets(c.index, tokens)}
+
+  def _choice(self, c: ChoiceDelta) -> dict[str, Any]:
+    return {"index": c.index, "text": c.text, "logprobs": self._logprobs(c),
+            "finish_reason": c.finish_reason}
+
+  def _chunk_choices(self, d: ChoiceDelta) -> list[dict[str, Any]]:
+    return [self._extras(self._choice(d), d)] if self._carries(d) else []
+
+
+class ChatFormatter(Formatter):
+  """``chat.completion`` objects; a stream opens each choice with a chunk
+  whose delta carries the assistant role, as OpenAI's does."""
+  object_name = "chat.completion"
+  chunk_object = "chat.completion.chunk"
+
+  def _logprobs(self, c: ChoiceDelta) -> dict[str, Any] | None:
+    if not self.params.logprobs:
+      return None
+    content = []
+    for t, lp in zip(c.token_ids, c.logprobs):
+      text = self.token_text(t)
+      content.append({"token": text, "logprob": lp,
+                      "bytes": list(text.encode("utf-8")),
+                      "top_logprobs": []})
+    return {"content": content}
+
+  def _choice(self, c: ChoiceDelta) -> dict[str, Any]:
+    return {"index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+
+  def _chunk_choices(self, d: ChoiceDelta) -> list[dict[str, Any]]:
+    out = []
+    if d.index not in self._started:
+      out.append({"index": d.index,
+                  "delta": {"role": "assistant", "content": ""},
+                  "logprobs": None, "finish_reason": None})
+    if not self._carries(d):
+      return out
+    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+    out.append(self._extras({"index": d.index, "delta": delta,
+                             "logprobs": self._logprobs(d),
+                             "finish_reason": d.finish_reason}, d))
+    return out
+
+
+__all__ = ["ChatFormatter", "CompletionFormatter", "Formatter", "UsageTally",
+           "collect", "token_id_text"]

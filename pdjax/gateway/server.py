@@ -1,0 +1,364 @@
+"""The gateway's HTTP app (aiohttp): OpenAI's endpoints over the router.
+
+One request, in order:
+
+  1. auth (``Authorization: Bearer <api key>`` when the gateway has one;
+     /health is exempt, as load balancers probe it);
+  2. parse and check the body (``protocol``), the model name, and for chat
+     render the messages (``chat_template``): every refusal is a 400/404
+     before any router call;
+  3. start one router call per choice (``choices``), through the shared
+     ``AsyncClient`` (its deadline: ``request_timeout_s``);
+  4. non-streaming: wait for every choice and answer once. Streaming: wait
+     for the first delta, so a router refusal still gets its own HTTP
+     status; then send server-sent events, one chunk per delta, a usage
+     chunk if asked, and ``data: [DONE]``. A failure after the first byte
+     goes out as a last ``data: {"error": ...}`` event before ``[DONE]``.
+
+The app is run with aiohttp's handler cancellation on (``make_runner``), so
+a client that disconnects cancels its handler, which closes the merged stream and with it
+every router call of the request (the router then frees the decode slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from pdjax.client import (GENERATION_SERVICE, AsyncClient, GenerationError,
+                          TlsConfig)
+from pdjax.gateway import protocol
+from pdjax.gateway.chat_template import ChatTemplate, ChatTemplateError
+from pdjax.gateway.choices import RouterCall, run_choices
+from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
+from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
+                                     Formatter, UsageTally, collect,
+                                     token_id_text)
+from pdjax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Token-id prompts of a long context are a few MB of JSON; aiohttp's 1 MiB
+# default would refuse them.
+MAX_BODY_BYTES = 64 << 20
+_HEALTH_TIMEOUT_S = 5.0
+_MODEL_INFO_TIMEOUT_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+  """What the gateway serves and how it reaches the router.
+
+  Attributes:
+    router: the router's ``host:port``.
+    served_model_name: the name clients use (default: the router's model).
+    api_key: required as ``Authorization: Bearer`` on every endpoint but
+      /health; None: no auth.
+    chat_template: renders chat messages; None: chat requests get a 400.
+    tokenizer: optional; counts prompt tokens for usage when a stop string
+      ended every choice early, and names tokens in logprobs.
+    request_timeout_s: deadline of each router call (None: none).
+    tls, router_token: how to dial the router (its TLS and bearer token).
+  """
+  router: str
+  served_model_name: str | None = None
+  api_key: str | None = None
+  chat_template: ChatTemplate | None = None
+  tokenizer: Tokenizer | None = None
+  request_timeout_s: float | None = None
+  tls: TlsConfig | None = None
+  router_token: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+  """The served model, from the router's ``GetModelInfo``."""
+  name: str
+  root: str
+  max_model_len: int
+
+
+CLIENT = web.AppKey("pdjax_router_client", AsyncClient)
+
+
+class _State:
+  """Per-app state: config, and the model card fetched once."""
+
+  def __init__(self, config: GatewayConfig):
+    self.config = config
+    self.created = int(time.time())
+    self._card: ModelCard | None = None
+    self._lock = asyncio.Lock()
+
+  async def card(self, client: AsyncClient) -> ModelCard:
+    async with self._lock:
+      if self._card is None:
+        try:
+          info = await client.model_info(timeout_s=_MODEL_INFO_TIMEOUT_S)
+        except GenerationError as e:
+          raise from_generation_error(e) from e
+        self._card = ModelCard(
+            name=self.config.served_model_name or info["name"],
+            root=info["name"], max_model_len=int(info["max_seq_len"]))
+      return self._card
+
+  def token_text(self, token_id: int) -> str:
+    tok = self.config.tokenizer
+    if tok is None:
+      return token_id_text(token_id)
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+_STATE = web.AppKey("pdjax_gateway_state", _State)
+
+
+# ------------------------------------------------------------- middlewares
+def _internal_error() -> ApiError:
+  return ApiError(500, "internal error in the gateway (its log has the "
+                  "details)", code="internal_error")
+
+
+def _error_response(e: ApiError) -> web.Response:
+  return web.json_response(e.body(), status=e.status, headers=e.headers())
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+  """Every failure as an OpenAI error body."""
+  try:
+    return await handler(request)
+  except ApiError as e:
+    return _error_response(e)
+  except web.HTTPException as e:    # unknown path, wrong method, too large
+    if e.status < 400:
+      raise
+    return _error_response(ApiError(
+        e.status, f"{e.reason}: {request.method} {request.path}"
+        + (f" ({e.text})" if e.status == 413 and e.text else "")))
+  except ConnectionResetError:      # the client left; nobody to answer
+    raise
+  except Exception:                 # a gateway bug: still an OpenAI error
+    # (streams never get here: _stream_events answers in-band once the
+    # headers are out).
+    log.exception("%s %s failed", request.method, request.path)
+    return _error_response(_internal_error())
+
+
+def _auth(api_key: str | None):
+  expected = f"Bearer {api_key}".encode()
+
+  @web.middleware
+  async def auth(request: web.Request, handler):
+    if api_key and request.path != "/health":
+      got = request.headers.get("Authorization", "").encode()
+      if not hmac.compare_digest(got, expected):
+        raise ApiError(401, "missing or invalid API key (send "
+                       "'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+    return await handler(request)
+  return auth
+
+
+# ------------------------------------------------------------------ helpers
+async def _json_body(request: web.Request) -> Any:
+  raw = await request.read()
+  try:
+    return json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise bad_request(None, f"the body is not valid JSON: {e}") from e
+
+
+def _check_model(params: protocol.Params, card: ModelCard) -> None:
+  if params.model is not None and params.model != card.name:
+    raise ApiError(404, f"the model {params.model!r} does not exist; this "
+                   f"gateway serves {card.name!r}", param="model",
+                   code="model_not_found")
+
+
+def _sse(obj: Any) -> bytes:
+  return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _calls(base_id: str, params: protocol.Params, prompt: str | None,
+           extra: dict[str, Any]) -> list[RouterCall]:
+  """One router call per choice; request ids ``base`` or ``base-i``."""
+  calls = []
+  for i in range(params.n):
+    rid = base_id if params.n == 1 else f"{base_id}-{i}"
+    calls.append(RouterCall(i, prompt, {**params.router_options(i, rid),
+                                        **extra}))
+  return calls
+
+
+async def _respond(request: web.Request, params: protocol.Params,
+                   calls: list[RouterCall], fmt: Formatter,
+                   usage: UsageTally) -> web.StreamResponse:
+  client = request.app[CLIENT]
+  stream = run_choices(client, calls, params.stop)
+  async with contextlib.aclosing(stream):
+    try:
+      if not params.stream:
+        deltas = [d async for d in stream]
+        for d in deltas:
+          usage.add(d)
+        return web.json_response(fmt.response(collect(deltas), usage))
+      first = await anext(stream)
+    except GenerationError as e:
+      raise from_generation_error(e) from e
+    return await _stream_events(request, stream, first, fmt, usage,
+                                params.include_usage)
+
+
+async def _stream_events(request: web.Request, stream: AsyncIterator,
+                         first, fmt: Formatter, usage: UsageTally,
+                         include_usage: bool) -> web.StreamResponse:
+  # X-Accel-Buffering: proxies such as nginx would otherwise hold events.
+  resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                     "Cache-Control": "no-cache",
+                                     "X-Accel-Buffering": "no"})
+  await resp.prepare(request)
+  try:
+    delta = first
+    while delta is not None:
+      usage.add(delta)
+      for chunk in fmt.chunks(delta):
+        await resp.write(_sse(chunk))
+      delta = await anext(stream, None)
+    if include_usage:
+      await resp.write(_sse(fmt.usage_chunk(usage)))
+  except GenerationError as e:
+    log.info("%s failed mid-stream: %s", fmt.request_id, e)
+    await resp.write(_sse(from_generation_error(e).body()))
+  except ConnectionResetError:
+    raise
+  except Exception:
+    log.exception("%s failed mid-stream", fmt.request_id)
+    await resp.write(_sse(_internal_error().body()))
+  await resp.write(b"data: [DONE]\n\n")
+  await resp.write_eof()
+  return resp
+
+
+def _prompt_counter(state: _State, text: str | None,
+                    ids: tuple[int, ...] | None, add_bos: bool):
+  """Prompt tokens for usage when the router's count never arrived."""
+  def count() -> int | None:
+    if ids is not None:
+      return len(ids)
+    tok = state.config.tokenizer
+    return None if tok is None else len(tok.encode(text, add_bos=add_bos))
+  return count
+
+
+# ----------------------------------------------------------------- handlers
+async def health(request: web.Request) -> web.Response:
+  """200 while the router's Generation service is SERVING, else 503."""
+  try:
+    status = await request.app[CLIENT].health(GENERATION_SERVICE,
+                                              timeout_s=_HEALTH_TIMEOUT_S)
+  except GenerationError as e:
+    status = f"router unreachable: {e}"
+  return web.json_response({"status": status},
+                           status=200 if status == "SERVING" else 503)
+
+
+async def models(request: web.Request) -> web.Response:
+  state = request.app[_STATE]
+  card = await state.card(request.app[CLIENT])
+  return web.json_response({"object": "list", "data": [{
+      "id": card.name, "object": "model", "created": state.created,
+      "owned_by": "pdjax", "root": card.root,
+      "max_model_len": card.max_model_len}]})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+  state = request.app[_STATE]
+  req = protocol.parse_completion(await _json_body(request))
+  card = await state.card(request.app[CLIENT])
+  _check_model(req.params, card)
+  base = uuid.uuid4().hex
+  extra: dict[str, Any] = {"add_special_tokens": req.add_special_tokens}
+  if req.prompt_token_ids is not None:
+    extra["prompt_token_ids"] = list(req.prompt_token_ids)
+  calls = _calls(base, req.params, req.prompt, extra)
+  fmt = CompletionFormatter(f"cmpl-{base}", card.name, int(time.time()),
+                            req.params, state.token_text)
+  usage = UsageTally(_prompt_counter(
+      state, req.prompt, req.prompt_token_ids,
+      req.add_special_tokens is not False))
+  return await _respond(request, req.params, calls, fmt, usage)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+  state = request.app[_STATE]
+  req = protocol.parse_chat(await _json_body(request))
+  template = state.config.chat_template
+  if template is None:
+    raise bad_request("messages", "this model has no chat template (its "
+                      "tokenizer_config.json has none): start the gateway "
+                      "with --chat_template=FILE (e.g. "
+                      "configs/chat_templates/plain.jinja), or use "
+                      "/v1/completions")
+  card = await state.card(request.app[CLIENT])
+  _check_model(req.params, card)
+  try:
+    prompt = template.render(req.messages)
+  except ChatTemplateError as e:
+    raise bad_request("messages", str(e)) from e
+  params = req.params
+  if params.max_tokens is None:
+    # As vLLM: up to the end of the context (the engines stop there).
+    params = dataclasses.replace(params, max_tokens=card.max_model_len)
+  base = uuid.uuid4().hex
+  calls = _calls(base, params, prompt, {"add_special_tokens": False})
+  fmt = ChatFormatter(f"chatcmpl-{base}", card.name, int(time.time()),
+                      params, state.token_text)
+  usage = UsageTally(_prompt_counter(state, prompt, None, False))
+  return await _respond(request, params, calls, fmt, usage)
+
+
+# ---------------------------------------------------------------------- app
+def create_app(config: GatewayConfig) -> web.Application:
+  """The gateway app; its router client lives from startup to cleanup."""
+  app = web.Application(client_max_size=MAX_BODY_BYTES,
+                        middlewares=[_errors, _auth(config.api_key)])
+  app[_STATE] = _State(config)
+
+  async def router_client(app: web.Application):
+    # grpc.aio channels belong to the loop that creates them: this one.
+    app[CLIENT] = AsyncClient(config.router, tls=config.tls,
+                              token=config.router_token,
+                              timeout_s=config.request_timeout_s)
+    yield
+    await app[CLIENT].close()
+
+  app.cleanup_ctx.append(router_client)
+  app.router.add_get("/health", health)
+  app.router.add_get("/v1/models", models)
+  app.router.add_post("/v1/completions", completions)
+  app.router.add_post("/v1/chat/completions", chat_completions)
+  return app
+
+
+def make_runner(app: web.Application, *,
+                shutdown_timeout_s: float = 60.0) -> web.AppRunner:
+  """The runner to serve ``app`` with. Handler cancellation is on (aiohttp
+  turned it off by default in 3.9): without it a client that disconnects
+  while its router call is between tokens (or before the first) leaves the
+  call running, holding a decode slot, until the next write fails."""
+  return web.AppRunner(app, handler_cancellation=True,
+                       shutdown_timeout=shutdown_timeout_s)
+
+
+__all__ = ["CLIENT", "GatewayConfig", "ModelCard", "create_app",
+           "make_runner"]

@@ -1,0 +1,149 @@
+"""``python -m pdjax.launch.gateway``: the OpenAI-compatible HTTP gateway.
+
+  python -m pdjax.launch.gateway --router=127.0.0.1:50051 --port=8000 \\
+      --chat_template=plain
+
+It loads no weights and needs no accelerator: only the checkpoint's
+tokenizer files (``tokenizer_config.json`` for the chat template and its
+special tokens, ``tokenizer.json`` for token counts and logprob token
+names), found as the router finds them (``--checkpoint``, else the
+deployment file's). It waits for the router, then serves HTTP; on SIGTERM
+it stops accepting, lets running requests finish for up to
+``--drain_timeout_s``, then cancels the rest (which cancels their router
+calls). The router's TLS and token come from the usual ``--tls_*`` and
+``--auth_token`` flags; ``--api_key`` is the gateway's own key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from absl import app, flags
+
+from pdjax.launch import flags as F
+
+ROUTER = flags.DEFINE_string("router", None, "The router's host:port.")
+CHAT_TEMPLATE = flags.DEFINE_string(
+    "chat_template", None, "Jinja chat template for /v1/chat/completions: "
+    "a file, or a name under configs/chat_templates/ (e.g. 'plain'); "
+    "default: the checkpoint's tokenizer_config.json chat_template.")
+SERVED_MODEL_NAME = flags.DEFINE_string(
+    "served_model_name", None, "The model name clients send and see "
+    "(default: the router's model name).")
+API_KEY = flags.DEFINE_string(
+    "api_key", os.environ.get("PDJAX_API_KEY"), "Clients must send "
+    "'Authorization: Bearer <key>' (all endpoints but /health); default: "
+    "$PDJAX_API_KEY, unset: no auth.")
+REQUEST_TIMEOUT = flags.DEFINE_float(
+    "request_timeout_s", None, "Deadline of each router call; past it the "
+    "client gets a 504 (unset: none).")
+WAIT_ROUTER = flags.DEFINE_float(
+    "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
+    "before serving HTTP (then serve anyway: /health answers 503 until it "
+    "is).")
+flags.mark_flag_as_required("router")
+
+log = logging.getLogger("pdjax.gateway")
+
+
+def template_path(spec: str) -> Path:
+  """A template file, or a bare name under configs/chat_templates/."""
+  from pdjax.config import CONFIGS_DIR
+  path = Path(spec)
+  named = CONFIGS_DIR / "chat_templates" / f"{spec}.jinja"
+  if not path.exists() and not path.suffix and named.exists():
+    return named
+  return path
+
+
+def model_dir() -> Path | None:
+  """The checkpoint directory holding the tokenizer files (None for
+  random-weight presets, which have none)."""
+  from pdjax.config import DeploymentConfig
+  from pdjax.model import presets
+  from pdjax.model.registry import resolve_checkpoint
+  checkpoint = (F.CHECKPOINT.value or
+                DeploymentConfig.load(F.CONFIG.value).checkpoint)
+  if presets.is_random(checkpoint):
+    return None
+  return Path(resolve_checkpoint(checkpoint))
+
+
+def load_tokenizer(path: Path | None):
+  """The model's tokenizer, loaded as the router loads it, or None."""
+  if path is None or not (path / "tokenizer.json").exists():
+    return None
+  from pdjax.model.config import ModelConfig
+  from pdjax.tokenizer import Tokenizer
+  cfg = (ModelConfig.from_hf_dir(path) if (path / "config.json").exists()
+         else None)
+  return Tokenizer.from_dir(path, model_config=cfg)
+
+
+async def serve() -> None:
+  from aiohttp import web
+
+  from pdjax.client import GenerationError
+  from pdjax.gateway import GatewayConfig, create_app
+  from pdjax.gateway.chat_template import (ChatTemplateError,
+                                           load_chat_template)
+  from pdjax.gateway.server import CLIENT, make_runner
+
+  directory = model_dir()
+  try:
+    template = load_chat_template(
+        template_path(CHAT_TEMPLATE.value) if CHAT_TEMPLATE.value else None,
+        directory)
+  except ChatTemplateError as e:
+    raise SystemExit(f"error: {e}") from e
+  if template is None:
+    log.warning("no chat template in %s/tokenizer_config.json and no "
+                "--chat_template: /v1/chat/completions answers 400",
+                directory)
+  tls, token = F.router_client_settings()
+  config = GatewayConfig(
+      router=ROUTER.value, served_model_name=SERVED_MODEL_NAME.value,
+      api_key=API_KEY.value or None, chat_template=template,
+      tokenizer=load_tokenizer(directory),
+      request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token)
+  gateway = create_app(config)
+  runner = make_runner(gateway, shutdown_timeout_s=F.DRAIN_TIMEOUT.value)
+  await runner.setup()
+  try:
+    if WAIT_ROUTER.value > 0:
+      try:
+        await gateway[CLIENT].wait_ready(WAIT_ROUTER.value)
+      except TimeoutError as e:
+        log.warning("%s; serving anyway", e)
+      except GenerationError as e:   # e.g. a wrong token: waiting won't help
+        raise SystemExit(f"error: router {ROUTER.value}: {e}") from e
+    site = web.TCPSite(runner, F.HOST.value, F.PORT.value)
+    await site.start()
+    port = runner.addresses[0][1]
+    log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
+             F.HOST.value, port, ROUTER.value,
+             template.origin if template else "none")
+    F.write_port_file(port, -1)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0f s)", F.DRAIN_TIMEOUT.value)
+  finally:
+    await runner.cleanup()
+
+
+def main(argv) -> None:
+  del argv
+  logging.basicConfig(level=F.LOG_LEVEL.value,
+                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  asyncio.run(serve())
+
+
+if __name__ == "__main__":
+  app.run(main)

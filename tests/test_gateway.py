@@ -1,0 +1,1011 @@
+"""The OpenAI-compatible gateway (pdjax.gateway) against a fake router, plus
+one end-to-end run on a real local deployment of the tiny model.
+
+The fake ``Generation`` servicer answers according to the prompt (see
+``_FakeRouter``) and records every request it received, its metadata and
+whether the caller cancelled it, so each test checks both what the gateway
+sent the router and what it told the HTTP client. The gateway runs in
+aiohttp's test server, one per test, inside ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp.test_utils import TestClient, TestServer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pdjax.gateway import GatewayConfig, create_app
+from pdjax.gateway.chat_template import (ChatTemplate, ChatTemplateError,
+                                         load_chat_template)
+from pdjax.gateway.server import make_runner
+from pdjax.gateway.stops import StopMatcher
+from pdjax.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+_ROOT = Path(__file__).resolve().parents[1]
+_PLAIN = _ROOT / "configs" / "chat_templates" / "plain.jinja"
+_CACHED = 3       # the fake's cached_prompt_tokens
+_MODEL = "fake-model"
+
+
+class _FakeRouter(generate_pb2_grpc.GenerationServicer):
+  """Answers by prompt text.
+
+  "abort:CODE": fails with that status ("boom (retry after ~1500 ms)" for
+  RESOURCE_EXHAUSTED, as the router's retry hint reads; "boom" otherwise).
+  "midfail": two messages, then RESOURCE_EXHAUSTED "out of KV pages".
+  "hang": one token, then waits until the caller cancels.
+  "finish:ABORT" / "finish:ERROR": one token with that finish reason.
+  "nofinish": one token, then ends OK with no finish reason.
+  "script:[json pieces]": one token (200, 201, ...) per piece, text the
+  piece, then waits until the caller cancels; "script-end:" finishes with
+  "length" on the last piece instead.
+  anything else, text or token ids: tokens 100, 101, ... up to max_tokens
+  (16 unset), two per message, text "<id>" each, logprob -id/1000; an id
+  in stop_token_ids ends it with "stop".
+
+  Records every request by id (in ``order`` too), its metadata, and sets
+  ``cancelled[id]`` when the call ended before the servicer finished it
+  (the caller cancelled it).
+  """
+
+  def __init__(self):
+    self.requests: dict[str, generate_pb2.GenerateRequest] = {}
+    self.metadata: dict[str, dict[str, str]] = {}
+    self.cancelled: dict[str, threading.Event] = {}
+    self.order: list[str] = []
+    self._finished: set[str] = set()
+    self._lock = threading.Lock()
+
+  def _ended(self, rid):
+    if rid not in self._finished:
+      self.cancelled[rid].set()
+
+  def _wait_for_cancel(self, context):
+    while context.is_active():
+      time.sleep(0.005)
+
+  def Generate(self, request, context):
+    rid = request.request_id
+    with self._lock:
+      self.requests[rid] = request
+      self.metadata[rid] = dict(context.invocation_metadata())
+      self.cancelled[rid] = threading.Event()
+      self.order.append(rid)
+    context.add_callback(lambda: self._ended(rid))  # on any termination
+    text = request.text if request.WhichOneof("prompt") == "text" else None
+    prompt_len = (len(text) if text is not None
+                  else len(request.token_ids.ids))
+    usage = common_pb2.Usage(prompt_tokens=prompt_len,
+                             cached_prompt_tokens=_CACHED)
+
+    def msg(ids, text=None, **kw):
+      if text is None:
+        text = "".join(f"<{t}>" for t in ids)
+      return generate_pb2.GenerateResponse(
+          request_id=rid, token_ids=ids, text=text,
+          logprobs=[-t / 1000 for t in ids], **kw)
+
+    if text and text.startswith("abort:"):
+      code = grpc.StatusCode[text.split(":", 1)[1]]
+      context.abort(code, "boom (retry after ~1500 ms)"
+                    if code is grpc.StatusCode.RESOURCE_EXHAUSTED else "boom")
+    if text == "midfail":
+      yield msg([100])
+      yield msg([101])
+      context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of KV pages")
+    if text == "hang":
+      yield msg([100])
+      self._wait_for_cancel(context)
+      return
+    if text and text.startswith("finish:"):
+      reason = common_pb2.FinishReason.Value(
+          "FINISH_REASON_" + text.split(":", 1)[1])
+      self._finished.add(rid)
+      yield msg([100], finish_reason=reason, usage=usage)
+      return
+    if text == "nofinish":
+      self._finished.add(rid)
+      yield msg([100])
+      return
+    if text and text.startswith(("script:", "script-end:")):
+      kind, pieces = text.split(":", 1)
+      pieces = json.loads(pieces)
+      for k, piece in enumerate(pieces):
+        last = kind == "script-end" and k == len(pieces) - 1
+        if last:
+          self._finished.add(rid)
+          usage.completion_tokens = len(pieces)
+          yield msg([200 + k], piece,
+                    finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                    usage=usage)
+          return
+        yield msg([200 + k], piece)
+      self._wait_for_cancel(context)
+      return
+
+    s = request.sampling
+    n = s.max_tokens if s.HasField("max_tokens") else 16
+    ids, reason = [], common_pb2.FINISH_REASON_LENGTH
+    for i in range(n):
+      ids.append(100 + i)
+      if ids[-1] in s.stop_token_ids:
+        reason = common_pb2.FINISH_REASON_STOP
+        break
+    chunks = [ids[i:i + 2] for i in range(0, len(ids), 2)]
+    for chunk in chunks[:-1]:
+      yield msg(chunk)
+    usage.completion_tokens = len(ids)
+    self._finished.add(rid)
+    yield msg(chunks[-1], finish_reason=reason, usage=usage)
+
+  def GetModelInfo(self, request, context):
+    return common_pb2.ModelInfo(name=_MODEL, vocab_size=320, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def router():
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+  fake = _FakeRouter()
+  generate_pb2_grpc.add_GenerationServicer_to_server(fake, server)
+  health_servicer = health.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  health_servicer.set("pdjax.v1.Generation",
+                      health_pb2.HealthCheckResponse.SERVING)
+  port = server.add_insecure_port("127.0.0.1:0")
+  server.start()
+  yield fake, health_servicer, f"127.0.0.1:{port}"
+  server.stop(0)
+
+
+def _serve(address, test, **config):
+  """Runs ``await test(client)`` against a gateway in front of ``address``
+  (aiohttp's test server, which cancels handlers of departed clients)."""
+  config.setdefault("chat_template", ChatTemplate(
+      _PLAIN.read_text(), {"bos_token": "<s>"}))
+
+  async def go():
+    app = create_app(GatewayConfig(address, **config))
+    async with TestClient(TestServer(app),
+                          timeout=ClientTimeout(total=20)) as client:
+      return await test(client)
+  return asyncio.run(go())
+
+
+def _post(router, path, body, headers=None, **config):
+  """(status, parsed JSON body) of one POST."""
+  async def test(client):
+    r = await client.post(path, json=body, headers=headers)
+    return r.status, await r.json(), r.headers
+  status, data, _ = _serve(router[2], test, **config)
+  return status, data
+
+
+def _events(text: str) -> list:
+  """The data of each server-sent event; checks the framing: every event
+  is one "data: " line, the last one is [DONE]."""
+  assert text.endswith("\n\n"), text[-50:]
+  events = text[:-2].split("\n\n")
+  out = []
+  for e in events:
+    assert e.startswith("data: ") and "\n" not in e, e
+    out.append(e[len("data: "):])
+  assert out[-1] == "[DONE]" and "[DONE]" not in out[:-1]
+  return [json.loads(e) for e in out[:-1]]
+
+
+def _stream(router, path, body, **config):
+  async def test(client):
+    r = await client.post(path, json=body)
+    assert r.status == 200, await r.text()
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    return _events(await r.text())
+  return _serve(router[2], test, **config)
+
+
+def _rid(response_id: str) -> str:
+  return response_id.split("-", 1)[1]
+
+
+# ------------------------------------------------------------- stop strings
+def _feed(stops, deltas):
+  m = StopMatcher(stops)
+  out = [m.push(d) for d in deltas]
+  if not m.stopped:
+    out.append(m.flush())
+  return out, m.stopped
+
+
+def test_stop_string_split_across_deltas_never_leaks():
+  out, stopped = _feed(["STOP"], ["Hel", "lo S", "TO", "P and more"])
+  assert stopped and "".join(out) == "Hello "
+  assert not any("S" in piece for piece in out)
+  # Text that only looked like the start of a stop string is released.
+  out, stopped = _feed(["STOP"], ["a ST", "AR", "T"])
+  assert not stopped and "".join(out) == "a START"
+  assert out[0] == "a"     # "ST" held back until the next delta
+
+
+def test_the_stop_string_completed_first_wins_and_ends_the_output():
+  out, stopped = _feed(["world", "lo"], ["hello world"])
+  assert stopped and out == ["hel"]
+  # "bc" completes before "abcd" does, however the text was split.
+  for deltas in (["abcd"], ["abc", "d"], ["a", "b", "c", "d"]):
+    assert "".join(_feed(["abcd", "bc"], deltas)[0]) == "a"
+  m = StopMatcher(["x"])
+  assert m.push("axb") == "a" and m.stopped
+  assert m.push("more") == "" and m.flush() == ""
+  # Without stop strings nothing is held back.
+  assert _feed([], ["ab", "c"]) == (["ab", "c", ""], False)
+
+
+@given(text=st.text(alphabet="abc", max_size=30),
+       cuts=st.lists(st.integers(0, 30), max_size=6),
+       stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
+                      min_size=1, max_size=3))
+def test_stop_strings_any_split_gives_the_text_before_the_first_stop(
+    text, cuts, stops):
+  bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+  deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+  # (end, start) of each stop string's first occurrence: the one that ends
+  # first is what a character-by-character scan finds.
+  hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+  out, stopped = _feed(stops, deltas)
+  assert stopped == bool(hits)
+  assert "".join(out) == (text[:min(hits)[1]] if hits else text)
+
+
+# --------------------------------------------------------- request mapping
+def test_every_completion_field_reaches_the_router_exactly(router):
+  fake = router[0]
+  status, data = _post(router, "/v1/completions", {
+      "model": _MODEL, "prompt": "hello", "max_tokens": 7,
+      "temperature": 0.5, "top_p": 0.25, "top_k": 5, "seed": 42,
+      "stop_token_ids": [9, 10], "ignore_eos": True,
+      "skip_special_tokens": False, "add_special_tokens": False,
+      "cache_salt": "tenant-a", "user": "u1", "some_future_field": 1})
+  assert status == 200, data
+  req = fake.requests[_rid(data["id"])]
+  assert req.WhichOneof("prompt") == "text" and req.text == "hello"
+  s = req.sampling
+  assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (
+      7, 0.5, 0.25, 5, 42)
+  assert list(s.stop_token_ids) == [9, 10] and s.ignore_eos
+  assert not req.skip_special_tokens
+  assert req.HasField("add_special_tokens") and not req.add_special_tokens
+  assert req.cache_salt == "tenant-a"
+
+
+def test_unset_fields_stay_unset(router):
+  fake = router[0]
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": [5, 6, 7], "temperature": 0})
+  assert status == 200, data
+  req = fake.requests[_rid(data["id"])]
+  assert list(req.token_ids.ids) == [5, 6, 7]
+  s = req.sampling
+  # temperature 0 (greedy) is a value, not "unset".
+  assert s.HasField("temperature") and s.temperature == 0
+  for name in ("max_tokens", "top_p", "top_k", "seed"):
+    assert not s.HasField(name), name
+  assert list(s.stop_token_ids) == [] and not s.ignore_eos
+  assert not req.HasField("add_special_tokens")
+  assert req.skip_special_tokens   # vLLM's default for the OpenAI API
+  assert req.cache_salt == ""
+  # The router's default of 16 tokens applied.
+  assert data["usage"]["completion_tokens"] == 16
+
+
+def test_chat_sends_the_rendered_template_without_special_tokens(router):
+  fake = router[0]
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": [
+                       {"type": "text", "text": "Hi"},
+                       {"type": "text", "text": "there"}]}],
+      "temperature": 0.25, "top_k": 3, "seed": 1})
+  assert status == 200, data
+  req = fake.requests[_rid(data["id"])]
+  assert req.text == "<s>System: Be brief.\nUser: Hi\nthere\nAssistant:"
+  assert req.HasField("add_special_tokens") and not req.add_special_tokens
+  # No max tokens: up to the end of the context, as vLLM does.
+  assert req.sampling.max_tokens == 1024
+  assert (req.sampling.temperature, req.sampling.top_k,
+          req.sampling.seed) == (0.25, 3, 1)
+  # max_completion_tokens wins over the older max_tokens.
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "x"}],
+      "max_completion_tokens": 3, "max_tokens": 9})
+  assert fake.requests[_rid(data["id"])].sampling.max_tokens == 3
+
+
+# -------------------------------------------------------------- responses
+def test_completion_response(router):
+  status, data = _post(router, "/v1/completions",
+                       {"model": _MODEL, "prompt": "hello", "max_tokens": 5,
+                        "return_token_ids": True})
+  assert status == 200, data
+  assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
+  assert data["model"] == _MODEL and abs(data["created"] - time.time()) < 60
+  assert data["choices"] == [{
+      "index": 0, "text": "<100><101><102><103><104>", "logprobs": None,
+      "finish_reason": "length", "token_ids": [100, 101, 102, 103, 104]}]
+  assert data["usage"] == {"prompt_tokens": 5, "completion_tokens": 5,
+                           "total_tokens": 10,
+                           "prompt_tokens_details": {"cached_tokens": _CACHED}}
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": [[1, 2]], "stop_token_ids": [101]})
+  assert data["choices"][0]["finish_reason"] == "stop"
+  assert data["choices"][0]["text"] == "<100><101>"
+  assert data["usage"]["prompt_tokens"] == 2
+
+
+def test_completion_stream_with_usage(router):
+  events = _stream(router, "/v1/completions", {
+      "prompt": "hello", "max_tokens": 5, "stream": True,
+      "stream_options": {"include_usage": True}})
+  *chunks, last = events
+  assert {c["id"] for c in events} == {events[0]["id"]}
+  assert all(c["object"] == "text_completion" for c in events)
+  assert "".join(c["choices"][0]["text"] for c in chunks) == \
+      "<100><101><102><103><104>"
+  assert [c["choices"][0]["finish_reason"] for c in chunks] == [
+      None, None, "length"]
+  assert all(c["usage"] is None for c in chunks)
+  # A delta whose text is still held back (here by a possible stop string)
+  # sends no empty chunk.
+  events = _stream(router, "/v1/completions", {
+      "prompt": "script-end:" + json.dumps(["a", "b", "c"]), "stream": True,
+      "stop": "abcd"})
+  assert [e["choices"][0]["text"] for e in events] == ["abc"]
+  assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+  assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": _CACHED}
+  # Without include_usage: no usage anywhere.
+  events = _stream(router, "/v1/completions",
+                   {"prompt": "hello", "max_tokens": 2, "stream": True})
+  assert len(events) == 1 and "usage" not in events[0]
+
+
+def test_chat_response_and_stream(router):
+  body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+  status, data = _post(router, "/v1/chat/completions", body)
+  assert status == 200, data
+  assert data["id"].startswith("chatcmpl-")
+  assert data["object"] == "chat.completion"
+  assert data["choices"] == [{
+      "index": 0, "message": {"role": "assistant",
+                              "content": "<100><101><102>"},
+      "logprobs": None, "finish_reason": "length"}]
+  assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 3
+
+  events = _stream(router, "/v1/chat/completions", {
+      **body, "stream": True, "stream_options": {"include_usage": True}})
+  assert all(e["object"] == "chat.completion.chunk" for e in events)
+  first, *content, usage = events
+  assert first["choices"] == [{"index": 0, "delta": {
+      "role": "assistant", "content": ""}, "logprobs": None,
+      "finish_reason": None}]
+  assert all("role" not in c["choices"][0]["delta"] for c in content)
+  assert all(c["choices"][0]["delta"] for c in content)   # none empty
+  assert "".join(c["choices"][0]["delta"].get("content", "")
+                 for c in content) == "<100><101><102>"
+  assert content[-1]["choices"][0]["finish_reason"] == "length"
+  assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
+def test_n_choices_with_seed_use_seed_plus_i(router):
+  fake = router[0]
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "hello", "max_tokens": 2, "n": 3,
+                        "seed": 10})
+  assert status == 200, data
+  assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+  base = _rid(data["id"])
+  seeds = [fake.requests[f"{base}-{i}"].sampling.seed for i in range(3)]
+  assert seeds == [10, 11, 12]
+  assert data["usage"]["completion_tokens"] == 6
+  assert data["usage"]["prompt_tokens"] == 5     # the prompt, once
+  # Without a seed every choice is unseeded.
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "x"}], "n": 2,
+      "max_tokens": 1})
+  base = _rid(data["id"])
+  assert not any(fake.requests[f"{base}-{i}"].sampling.HasField("seed")
+                 for i in range(2))
+  # Streaming: each choice gets its role chunk, then its content.
+  events = _stream(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "x"}], "n": 2,
+      "max_tokens": 3, "stream": True})
+  for i in range(2):
+    mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+    assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["delta"].get("content", "") for c in mine) == \
+        "<100><101><102>"
+    assert mine[-1]["finish_reason"] == "length"
+
+
+def test_logprobs_are_the_chosen_tokens(router):
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "hello", "max_tokens": 3, "logprobs": 0})
+  assert status == 200, data
+  lp = data["choices"][0]["logprobs"]
+  assert lp["token_logprobs"] == pytest.approx([-0.1, -0.101, -0.102])
+  assert lp["tokens"] == ["token_id:100", "token_id:101", "token_id:102"]
+  assert lp["top_logprobs"][1] == {"token_id:101": pytest.approx(-0.101)}
+  assert lp["text_offset"] == [0, 12, 24]
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+      "logprobs": True, "top_logprobs": 0})
+  content = data["choices"][0]["logprobs"]["content"]
+  assert [c["token"] for c in content] == ["token_id:100", "token_id:101"]
+  assert content[0]["logprob"] == pytest.approx(-0.1)
+  assert content[0]["bytes"] == list(b"token_id:100")
+  assert content[0]["top_logprobs"] == []
+
+
+# ------------------------------------------------------- stop strings (HTTP)
+def test_stop_string_cuts_the_output_and_cancels_the_router_call(router):
+  fake = router[0]
+  pieces = ["Hel", "lo, wor", "ld! The", " end", " never sent"]
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "script:" + json.dumps(pieces), "stop": ["! T", "zzz"]})
+  assert status == 200, data
+  assert data["choices"][0]["text"] == "Hello, world"
+  assert data["choices"][0]["finish_reason"] == "stop"
+  # The three tokens that reached the gateway; no router usage came.
+  assert data["usage"]["completion_tokens"] == 3
+  assert "prompt_tokens_details" not in data["usage"]
+  # The router call was cancelled (the fake never ends one by itself).
+  assert fake.cancelled[_rid(data["id"])].wait(5)
+
+
+def test_stop_string_split_across_stream_deltas(router):
+  fake = router[0]
+  pieces = ["Hi S", "T", "OP", "more"]
+  # A template that sends the message as is, so the fake reads the script.
+  events = _stream(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "script:" + json.dumps(
+          pieces)}], "stop": "STOP", "stream": True,
+      "stream_options": {"include_usage": True}},
+      chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
+  content = [e["choices"][0] for e in events[1:-1]]
+  text = "".join(c["delta"].get("content", "") for c in content)
+  assert text == "Hi "
+  assert not any("S" in c["delta"].get("content", "") for c in content)
+  assert content[-1]["finish_reason"] == "stop"
+  assert events[-1]["usage"]["completion_tokens"] == 3
+  assert fake.cancelled[_rid(events[0]["id"])].wait(5)
+  # Deltas held back whole send nothing: the role chunk, then the text.
+  events = _stream(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "script-end:" + json.dumps(
+          ["a", "b", "c"])}], "stop": "abcd", "stream": True},
+      chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
+  assert [e["choices"][0]["delta"] for e in events] == [
+      {"role": "assistant", "content": ""}, {"content": "abc"}]
+
+
+def test_stop_string_prompt_tokens_from_the_gateways_tokenizer(
+    router, tiny_model_dir):
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  prompt = "script:" + json.dumps(["a", "b", "STOP"])
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": prompt, "stop": "STOP"}, tokenizer=tok)
+  assert status == 200, data
+  assert data["usage"]["prompt_tokens"] == len(tok.encode(prompt))
+  assert data["choices"][0]["text"] == "ab"
+  # ... and logprob tokens are named by the tokenizer.
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "x", "max_tokens": 1, "logprobs": 1},
+                       tokenizer=tok)
+  assert data["choices"][0]["logprobs"]["tokens"] == [tok.decode([100])]
+
+
+def test_unmatched_stop_string_releases_everything(router):
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "script-end:" + json.dumps(["ab", "c", "ST"]),
+      "stop": ["STOP"]})
+  assert data["choices"][0]["text"] == "abcST"
+  assert data["choices"][0]["finish_reason"] == "length"
+  assert data["usage"]["prompt_tokens_details"] == {"cached_tokens": _CACHED}
+
+
+# ------------------------------------------------------------ 400s, 404s
+_CHAT = [{"role": "user", "content": "hi"}]
+_BAD = [
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 1.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2**31}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "temperature": -0.1}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "temperature": "hot"},
+     "temperature"),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "a", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "a", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "a", "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": "a", "seed": 2**63 - 1, "n": 2}, "seed"),
+    ("/v1/completions", {"prompt": "a", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": 129}, "n"),
+    ("/v1/completions", {"prompt": "a", "stop": ""}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stop": ["x", 1]}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [1.0]},
+     "stop_token_ids"),
+    ("/v1/completions", {"prompt": "a", "ignore_eos": 1}, "ignore_eos"),
+    ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {
+        "include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {
+        "include_usage": 1}}, "stream_options.include_usage"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5},
+     "presence_penalty"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": -1},
+     "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 1}},
+     "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "a", "cache_salt": 3}, "cache_salt"),
+    ("/v1/completions", {"prompt": "a", "model": 3}, "model"),
+    ("/v1/chat/completions", {}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]},
+     "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": _CHAT, "top_logprobs": 2,
+                              "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": _CHAT, "logprobs": 1},
+     "logprobs"),
+    ("/v1/chat/completions", {"messages": _CHAT,
+                              "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": _CHAT, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": _CHAT, "response_format": {
+        "type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": _CHAT, "frequency_penalty": 1},
+     "frequency_penalty"),
+]
+
+
+def test_every_invalid_request_is_a_400_naming_its_param(router):
+  fake = router[0]
+  before = len(fake.order)
+
+  async def test(client):
+    out = []
+    for path, body, _ in _BAD:
+      r = await client.post(path, json=body)
+      out.append((r.status, await r.json()))
+    return out
+
+  results = _serve(router[2], test)
+  for (path, body, param), (status, data) in zip(_BAD, results):
+    assert status == 400, (path, body, data)
+    err = data["error"]
+    assert err["param"] == param, (body, err)
+    assert err["type"] == "invalid_request_error"
+    assert err["message"].startswith(param), err
+  assert len(fake.order) == before     # no router call for any of them
+  # Documented defaults of the refused fields pass.
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "a", "max_tokens": 1, "echo": False, "best_of": 1,
+      "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+      "suffix": None, "logprobs": None, "stream": False})
+  assert status == 200, data
+
+
+def test_malformed_bodies_unknown_paths_and_models(router):
+  async def test(client):
+    out = []
+    for body in (b"{not json", b"[1, 2]", b"\xff"):
+      r = await client.post("/v1/completions", data=body)
+      out.append((r.status, await r.json()))
+    r = await client.get("/v1/nothing")
+    out.append((r.status, await r.json()))
+    r = await client.post("/v1/completions",
+                          json={"prompt": "a", "model": "gpt-4"})
+    out.append((r.status, await r.json()))
+    return out
+
+  *malformed, missing, model = _serve(router[2], test)
+  for status, data in malformed:
+    assert status == 400 and data["error"]["param"] is None, data
+  assert missing[0] == 404 and "/v1/nothing" in missing[1]["error"]["message"]
+  assert model[0] == 404
+  assert model[1]["error"]["code"] == "model_not_found"
+  assert model[1]["error"]["param"] == "model"
+  assert _MODEL in model[1]["error"]["message"]
+
+
+def test_served_model_name_and_models_endpoint(router):
+  async def test(client):
+    r = await client.get("/v1/models")
+    models = await r.json()
+    r = await client.post("/v1/completions",
+                          json={"model": "mine", "prompt": "a",
+                                "max_tokens": 1})
+    ok = await r.json()
+    r = await client.post("/v1/completions",
+                          json={"model": _MODEL, "prompt": "a"})
+    return models, ok, r.status
+
+  models, ok, router_name_status = _serve(router[2], test,
+                                          served_model_name="mine")
+  assert models["object"] == "list"
+  card, = models["data"]
+  assert (card["id"], card["object"], card["root"], card["max_model_len"],
+          card["owned_by"]) == ("mine", "model", _MODEL, 1024, "pdjax")
+  assert ok["model"] == "mine"
+  assert router_name_status == 404
+
+
+def test_missing_or_refusing_chat_template(router):
+  status, data = _post(router, "/v1/chat/completions", {"messages": _CHAT},
+                       chat_template=None)
+  assert status == 400 and "--chat_template" in data["error"]["message"]
+  strict = ChatTemplate(
+      "{% for m in messages %}{% if m['role'] == 'system' %}"
+      "{{ raise_exception('System role not supported') }}{% endif %}"
+      "{{ m['content'] }}{% endfor %}")
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "system", "content": "x"}]},
+      chat_template=strict)
+  assert status == 400 and data["error"]["param"] == "messages"
+  assert "System role not supported" in data["error"]["message"]
+
+
+# ------------------------------------------------------------ router errors
+@pytest.mark.parametrize("code, status", [
+    (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (grpc.StatusCode.OUT_OF_RANGE, 400),
+    (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (grpc.StatusCode.UNAUTHENTICATED, 401),
+    (grpc.StatusCode.PERMISSION_DENIED, 403),
+    (grpc.StatusCode.NOT_FOUND, 404),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (grpc.StatusCode.CANCELLED, 499),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.INTERNAL, 500),
+    (grpc.StatusCode.UNKNOWN, 500),
+])
+def test_router_status_becomes_http_status(router, code, status):
+  async def test(client):
+    out = []
+    for stream in (False, True):
+      r = await client.post("/v1/completions", json={
+          "prompt": f"abort:{code.name}", "stream": stream})
+      out.append((r.status, await r.json(), r.headers))
+    return out
+
+  for got, data, headers in _serve(router[2], test):
+    # Streaming too: the first delta is awaited before the headers go out.
+    assert got == status, data
+    err = data["error"]
+    assert err["code"] == code.name.lower()
+    assert err["message"].startswith("router: boom")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+      assert err["type"] == "rate_limit_error"
+      assert headers["Retry-After"] == "2"   # ~1500 ms, rounded up
+    else:
+      assert "Retry-After" not in headers
+
+
+def test_failure_after_the_stream_started_is_a_final_error_event(router):
+  events = _stream(router, "/v1/completions",
+                   {"prompt": "midfail", "stream": True})
+  assert [e["choices"][0]["text"] for e in events[:-1]] == ["<100>", "<101>"]
+  err = events[-1]["error"]
+  assert err["code"] == "resource_exhausted"
+  assert "out of KV pages" in err["message"]
+
+
+def test_abnormal_finishes_are_errors(router):
+  for prompt, status in (("finish:ABORT", 500), ("finish:ERROR", 500),
+                         ("nofinish", 500)):
+    got, data = _post(router, "/v1/completions", {"prompt": prompt})
+    assert got == status, (prompt, data)
+    assert data["error"]["type"] == "server_error"
+
+
+class _BrokenTokenizer:
+  """Fails where the gateway names logprob tokens: a stand-in for a bug."""
+
+  def decode(self, ids, skip_special_tokens=True):
+    raise RuntimeError("broken")
+
+
+def test_a_gateway_bug_is_still_an_openai_error(router):
+  body = {"prompt": "a", "max_tokens": 3, "logprobs": 0}
+  status, data = _post(router, "/v1/completions", body,
+                       tokenizer=_BrokenTokenizer())
+  assert status == 500 and data["error"]["code"] == "internal_error"
+  # Mid-stream: an error event, then [DONE], on the open stream.
+  events = _stream(router, "/v1/completions", {**body, "stream": True},
+                   tokenizer=_BrokenTokenizer())
+  assert events == [{"error": {
+      "message": "internal error in the gateway (its log has the details)",
+      "type": "server_error", "param": None, "code": "internal_error"}}]
+
+
+def test_request_timeout_is_a_504(router):
+  status, data = _post(router, "/v1/completions", {"prompt": "hang"},
+                       request_timeout_s=0.3)
+  assert status == 504 and data["error"]["code"] == "deadline_exceeded"
+
+
+# ------------------------------------------------------------ cancellation
+def _serve_for_real(address, test):
+  """Runs ``await test(session, base_url)`` against the gateway served as
+  the launcher serves it (``make_runner``), not through aiohttp's test
+  server, which turns handler cancellation on by itself."""
+  async def go():
+    runner = make_runner(create_app(GatewayConfig(address)),
+                         shutdown_timeout_s=1)
+    await runner.setup()
+    try:
+      site = web.TCPSite(runner, "127.0.0.1", 0)
+      await site.start()
+      port = runner.addresses[0][1]
+      async with ClientSession(timeout=ClientTimeout(total=20)) as session:
+        return await test(session, f"http://127.0.0.1:{port}")
+    finally:
+      await runner.cleanup()
+  return asyncio.run(go())
+
+
+async def _new_rids(fake, before, n):
+  while len(rids := set(fake.order) - before) < n:
+    await asyncio.sleep(0.01)
+  return rids
+
+
+def test_client_disconnect_cancels_the_router_calls(router):
+  fake = router[0]
+
+  async def test(session, url):
+    before = set(fake.order)
+    r = await session.post(f"{url}/v1/completions",
+                           json={"prompt": "hang", "stream": True, "n": 2})
+    assert r.status == 200
+    await r.content.readuntil(b"\n\n")   # the first token arrived
+    rids = await _new_rids(fake, before, 2)
+    assert not any(fake.cancelled[rid].is_set() for rid in rids)
+    r.close()                            # the client goes away
+    for rid in rids:
+      assert await asyncio.to_thread(fake.cancelled[rid].wait, 5), rid
+
+  _serve_for_real(router[2], test)
+
+
+def test_non_streaming_disconnect_cancels_too(router):
+  fake = router[0]
+
+  async def test(session, url):
+    before = set(fake.order)
+    task = asyncio.create_task(session.post(f"{url}/v1/completions",
+                                            json={"prompt": "hang"}))
+    rid, = await _new_rids(fake, before, 1)
+    assert not fake.cancelled[rid].is_set()
+    task.cancel()                        # drops the connection
+    assert await asyncio.to_thread(fake.cancelled[rid].wait, 5)
+
+  _serve_for_real(router[2], test)
+
+
+# ------------------------------------------------------------ auth, health
+def test_api_key(router):
+  async def test(client):
+    out = []
+    for headers in ({}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "sekret"},
+                    {"Authorization": "Bearer sekret"}):
+      r = await client.post("/v1/completions", headers=headers,
+                            json={"prompt": "a", "max_tokens": 1})
+      out.append((r.status, await r.json()))
+    r = await client.get("/v1/models")
+    out.append((r.status, await r.json()))
+    r = await client.get("/health")    # probes carry no key
+    out.append((r.status, await r.json()))
+    return out
+
+  *denied, ok, models, health_ = _serve(router[2], test, api_key="sekret")
+  for status, data in denied:
+    assert status == 401, data
+    assert data["error"]["code"] == "invalid_api_key"
+    assert data["error"]["type"] == "authentication_error"
+  assert ok[0] == 200 and ok[1]["choices"][0]["text"] == "<100>"
+  assert models[0] == 401
+  assert health_ == (200, {"status": "SERVING"})
+
+
+def test_router_token_is_sent(router):
+  fake = router[0]
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "a", "max_tokens": 1},
+                       router_token="router-tok")
+  assert fake.metadata[_rid(data["id"])]["authorization"] == \
+      "Bearer router-tok"
+
+
+def test_health_follows_the_router(router):
+  health_servicer = router[1]
+
+  async def probe(client):
+    r = await client.get("/health")
+    return r.status, await r.json()
+
+  assert _serve(router[2], probe) == (200, {"status": "SERVING"})
+  health_servicer.set("pdjax.v1.Generation",
+                      health_pb2.HealthCheckResponse.NOT_SERVING)
+  try:
+    assert _serve(router[2], probe) == (503, {"status": "NOT_SERVING"})
+  finally:
+    health_servicer.set("pdjax.v1.Generation",
+                        health_pb2.HealthCheckResponse.SERVING)
+  # No router at all: 503, and the API says the router is unavailable.
+  status, data = _serve("127.0.0.1:1", probe)
+  assert status == 503 and "unreachable" in data["status"]
+  status, data = _post(("", "", "127.0.0.1:1"), "/v1/completions",
+                       {"prompt": "a"})
+  assert status == 503 and data["error"]["code"] == "unavailable"
+
+
+# ----------------------------------------------------------- chat templates
+_LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Whitespace control, tojson, namespace, loop controls, the tools variable,
+# strftime_now and a {% generation %} block: what real templates use.
+_FANCY = """{%- set ns = namespace(n=0) -%}
+{% if tools is not none %}TOOLS {{ tools | tojson }}{% endif %}
+{% for m in messages %}
+  {% if m['role'] == 'skip' %}{% continue %}{% endif %}
+  {% set ns.n = ns.n + 1 %}
+  [{{ ns.n }}] {{ m['role'] }} {{ m | tojson }}
+  {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% endif %}
+{% endfor %}
+{{ strftime_now('%Y') }}{% if add_generation_prompt %}<gen>{% endif %}
+"""
+_MESSAGES = [
+    {"role": "system", "content": "  Be brief: «ünïcode» & <html>  "},
+    {"role": "user", "content": "Hi"},
+    {"role": "skip", "content": "nope"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir):
+  from transformers import PreTrainedTokenizerFast
+  return PreTrainedTokenizerFast(
+      tokenizer_file=str(tiny_model_dir / "tokenizer.json"),
+      bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+
+
+@pytest.mark.parametrize("source", [_LLAMA3, _FANCY, _PLAIN.read_text()],
+                         ids=["llama3", "fancy", "plain"])
+def test_chat_template_renders_as_transformers_does(
+    source, hf_tokenizer, tiny_model_dir, tmp_path):
+  expected = hf_tokenizer.apply_chat_template(
+      _MESSAGES, chat_template=source, tokenize=False,
+      add_generation_prompt=True)
+  (tmp_path / "t.jinja").write_text(source)
+  # Special tokens from the tiny model's tokenizer_config.json.
+  ours = load_chat_template(tmp_path / "t.jinja", tiny_model_dir)
+  assert ours.render(_MESSAGES) == expected
+  assert ours.special_tokens["bos_token"] == "<|bos|>"
+
+
+def test_chat_template_from_tokenizer_config(tmp_path):
+  assert load_chat_template(None, tmp_path) is None   # no config at all
+  config = {"bos_token": {"content": "<s>", "lstrip": False},
+            "eos_token": "</s>", "chat_template": [
+                {"name": "tool_use", "template": "tools"},
+                {"name": "default",
+                 "template": "{{ bos_token }}{{ messages[0]['content'] }}"
+                             "{{ eos_token }}"}]}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  t = load_chat_template(None, tmp_path)
+  assert t.render([{"role": "user", "content": "x"}]) == "<s>x</s>"
+  config["chat_template"] = "{{ messages | length }}"
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  assert load_chat_template(None, tmp_path).render(_MESSAGES) == "5"
+  config["chat_template"] = [{"name": "rag", "template": "x"}]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  with pytest.raises(ChatTemplateError, match="default"):
+    load_chat_template(None, tmp_path)
+  with pytest.raises(ChatTemplateError, match="not a valid Jinja"):
+    ChatTemplate("{% for %}")
+
+
+def test_chat_template_is_sandboxed():
+  t = ChatTemplate("{{ messages.__class__.__mro__ }}")
+  with pytest.raises(ChatTemplateError):
+    t.render(_MESSAGES)
+
+
+# -------------------------------------------------------------- end to end
+def _http(port, path, body):
+  req = urllib.request.Request(
+      f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+      headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=60) as r:
+    return r.read().decode()
+
+
+def test_gateway_on_a_local_deployment(tmp_path):
+  """The launcher in front of a real router on the tiny model: greedy
+  completions match pdjax.client's, and chat streams."""
+  from cluster_helpers import Cluster
+
+  from pdjax.client import Client
+  cluster = Cluster(tmp_path)
+  try:
+    gw = cluster.cluster.start("gateway", "pdjax.launch.gateway", [
+        f"--router={cluster.address}", "--config=test",
+        "--chat_template=plain"], devices=0)
+    cluster.cluster.wait_ready([gw], 60)
+    prompt = "The quick brown fox"
+    sampling = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    with Client(cluster.address, timeout_s=60) as c:
+      ref = c.generate(prompt, skip_special_tokens=True, **sampling)
+      chat_ref = c.generate("<|bos|>User: Hello\nAssistant:",
+                            add_special_tokens=False,
+                            skip_special_tokens=True, **sampling)
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{gw.port()}/v1/models", timeout=30) as r:
+      model = json.loads(r.read())["data"][0]["id"]
+    out = json.loads(_http(gw.port(), "/v1/completions", {
+        "model": model, "prompt": prompt, "return_token_ids": True,
+        **sampling}))
+    choice, = out["choices"]
+    assert choice["token_ids"] == ref.token_ids
+    assert choice["text"] == ref.text and choice["finish_reason"] == "length"
+    assert out["usage"]["prompt_tokens"] == ref.usage.prompt_tokens
+
+    events = _events(_http(gw.port(), "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+        "stream_options": {"include_usage": True}, **sampling}))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "")
+                   for e in events[1:-1])
+    assert text == chat_ref.text
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 8
+    assert events[-1]["usage"]["prompt_tokens"] == \
+        chat_ref.usage.prompt_tokens
+  finally:
+    cluster.stop()
