@@ -163,7 +163,7 @@ def pytest_collection_modifyitems(config, items):
 # ------------------------------------------------- the default tiny model
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-  """pdjax-tiny-v1 as a Hugging Face directory (made once, kept on disk)."""
+  """pdjax-tiny as a Hugging Face directory (made once, kept on disk)."""
   from pdjax.model.tiny import ensure_tiny_model
   return ensure_tiny_model()
 

@@ -958,9 +958,9 @@ def test_chat_template_is_sandboxed():
 
 
 # -------------------------------------------------------------- end to end
-def _http(port, path, body):
+def _http(url, path, body):
   req = urllib.request.Request(
-      f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+      f"{url}{path}", data=json.dumps(body).encode(),
       headers={"Content-Type": "application/json"})
   with urllib.request.urlopen(req, timeout=60) as r:
     return r.read().decode()
@@ -968,16 +968,15 @@ def _http(port, path, body):
 
 def test_gateway_on_a_local_deployment(tmp_path):
   """The launcher in front of a real router on the tiny model: greedy
-  completions match pdjax.client's, and chat streams."""
+  completions match pdjax.client's, and chat streams, with the chat
+  template the checkpoint's tokenizer_config.json carries."""
   from cluster_helpers import Cluster
 
   from pdjax.client import Client
+  from pdjax.launch.cluster import start_gateway
   cluster = Cluster(tmp_path)
   try:
-    gw = cluster.cluster.start("gateway", "pdjax.launch.gateway", [
-        f"--router={cluster.address}", "--config=test",
-        "--chat_template=plain"], devices=0)
-    cluster.cluster.wait_ready([gw], 60)
+    url = start_gateway(cluster.cluster, cluster.address, config="test")
     prompt = "The quick brown fox"
     sampling = dict(max_tokens=8, temperature=0, ignore_eos=True)
     with Client(cluster.address, timeout_s=60) as c:
@@ -986,9 +985,9 @@ def test_gateway_on_a_local_deployment(tmp_path):
                             add_special_tokens=False,
                             skip_special_tokens=True, **sampling)
     with urllib.request.urlopen(
-        f"http://127.0.0.1:{gw.port()}/v1/models", timeout=30) as r:
+        f"{url}/v1/models", timeout=30) as r:
       model = json.loads(r.read())["data"][0]["id"]
-    out = json.loads(_http(gw.port(), "/v1/completions", {
+    out = json.loads(_http(url, "/v1/completions", {
         "model": model, "prompt": prompt, "return_token_ids": True,
         **sampling}))
     choice, = out["choices"]
@@ -996,7 +995,7 @@ def test_gateway_on_a_local_deployment(tmp_path):
     assert choice["text"] == ref.text and choice["finish_reason"] == "length"
     assert out["usage"]["prompt_tokens"] == ref.usage.prompt_tokens
 
-    events = _events(_http(gw.port(), "/v1/chat/completions", {
+    events = _events(_http(url, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Hello"}], "stream": True,
         "stream_options": {"include_usage": True}, **sampling}))
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"

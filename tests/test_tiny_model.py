@@ -134,6 +134,15 @@ def test_transformers_and_pdjax_logits_match(model_dir, cfg, params, tok):
   assert hf_tok("<|bos|>x")["input_ids"] == [0] + tok.encode("<|bos|>x")
   assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
       0, 1, 2)
+  # Its chat template (tokenizer_config.json) renders for transformers as
+  # for the gateway.
+  from pdjax.gateway.chat_template import load_chat_template
+  chat = [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "Hi"}]
+  want = hf_tok.apply_chat_template(chat, tokenize=False,
+                                    add_generation_prompt=True)
+  assert want == "<|bos|>System: Be brief.\nUser: Hi\nAssistant:"
+  assert load_chat_template(None, model_dir).render(chat) == want
 
 
 def test_tokenizer(tok, model_dir):
@@ -229,17 +238,17 @@ def test_ensure_refuses_a_foreign_directory(tmp_path):
 
 def test_default_location(monkeypatch, tmp_path):
   monkeypatch.setenv("PDJAX_CACHE", str(tmp_path))
-  want = tmp_path / "models" / "pdjax-tiny-v1"
+  want = tmp_path / "models" / "pdjax-tiny-v2"
   assert tiny.default_tiny_model_dir() == want
   monkeypatch.delenv("PDJAX_CACHE")
   assert tiny.default_tiny_model_dir() == (
-      Path.home() / ".cache" / "pdjax" / "models" / "pdjax-tiny-v1")
+      Path.home() / ".cache" / "pdjax" / "models" / "pdjax-tiny-v2")
 
 
 # ------------------------------------------------------------------ registry
 def test_resolve_checkpoint(monkeypatch, tmp_path, model_dir):
   monkeypatch.setenv("PDJAX_CACHE", str(tmp_path / "cache"))
-  want = tmp_path / "cache" / "models" / "pdjax-tiny-v1"
+  want = tmp_path / "cache" / "models" / "pdjax-tiny-v2"
   monkeypatch.setattr(tiny, "write_tiny_model", _copy_from(model_dir))
   for spec in ("tiny", "builtin:tiny", "pdjax-tiny", "builtin:pdjax-tiny"):
     assert registry.resolve_checkpoint(spec) == want
@@ -289,5 +298,5 @@ def test_make_tiny_model_tool(tmp_path, model_dir):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.splitlines() == [
-      f"pdjax-tiny-v1 already present: {out}"]
+      f"pdjax-tiny-v2 already present: {out}"]
   assert tiny.is_complete(out)

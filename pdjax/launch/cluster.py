@@ -257,6 +257,28 @@ def launch(cluster: LocalCluster, *, config: str = "local",
   return f"{host}:{router.port()}"
 
 
+# Router flags a client of the router must share (its TLS and bearer token).
+_ROUTER_SECURITY_FLAGS = ("tls_", "notls_", "auth_token")
+
+
+def start_gateway(cluster: LocalCluster, router_address: str, *,
+                  config: str = "local", checkpoint: str | None = None,
+                  port: int = 0, router_flags=(), gateway_flags=(),
+                  ready_timeout_s: float = 120.0) -> str:
+  """Starts the OpenAI-compatible gateway in front of a router ``launch``
+  started; returns its base URL once it serves. It dials the router with
+  the router's own TLS and token flags (``router_flags``)."""
+  security = [f for f in router_flags
+              if f.lstrip("-").startswith(_ROUTER_SECURITY_FLAGS)]
+  args = [f"--router={router_address}", f"--config={config}",
+          f"--port={port}", *security, *gateway_flags]
+  if checkpoint:
+    args.append(f"--checkpoint={checkpoint}")
+  gateway = cluster.start("gateway", "pdjax.launch.gateway", args, devices=0)
+  cluster.wait_ready([gateway], ready_timeout_s)
+  return f"http://{cluster.host}:{gateway.port()}"
+
+
 def router_client_settings(router_flags) -> tuple:
   """(TlsConfig or None, token) to dial a router started with these flags.
 

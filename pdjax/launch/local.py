@@ -4,7 +4,9 @@ Starts prefill and decode workers and a router as separate processes (each
 initialises JAX itself; nothing is forked after JAX starts), gives each its
 own devices (CPU: ``--xla_force_host_platform_device_count`` per process;
 GPU: ``CUDA_VISIBLE_DEVICES``), waits until every one is serving, prints the
-router's address, and with ``--prompt`` runs a generation through it. Ctrl-C
+router's address (and with ``--gateway_port`` starts the OpenAI-compatible
+HTTP gateway in front of it), and with ``--prompt`` runs a generation
+through it. Ctrl-C
 (or the end of ``--prompt`` without ``--serve``) shuts everything down:
 SIGTERM (workers drain), then SIGKILL after a grace period.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from absl import app, flags
 
 from pdjax.launch.cluster import (LocalCluster, launch,
-                                  router_client_settings, tail)
+                                  router_client_settings, start_gateway, tail)
 
 CONFIG = flags.DEFINE_string("config", "local", "Deployment config.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
@@ -60,6 +62,11 @@ LOG_DIR = flags.DEFINE_string("run_dir", None, "Per-process logs and port files 
 EXTRA = flags.DEFINE_list("worker_flags", [], "Extra flags for every worker, "
                           "e.g. --worker_flags=--kv_ttl_s=30.")
 ROUTER_FLAGS = flags.DEFINE_list("router_flags", [], "Extra router flags.")
+GATEWAY_PORT = flags.DEFINE_integer(
+    "gateway_port", None, "Also serve the OpenAI-compatible HTTP API "
+    "(pdjax.launch.gateway) on this port (0: a free one); unset: no gateway.")
+GATEWAY_FLAGS = flags.DEFINE_list("gateway_flags", [], "Extra gateway "
+                                  "flags, e.g. --gateway_flags=--api_key=k.")
 
 
 def main(argv) -> None:
@@ -88,6 +95,12 @@ def main(argv) -> None:
         ready_timeout_s=READY_TIMEOUT.value)
     print(f"router ready at {address} ({time.monotonic() - t0:.1f} s)",
           flush=True)
+    if GATEWAY_PORT.value is not None:
+      url = start_gateway(
+          cluster, address, config=CONFIG.value, checkpoint=CHECKPOINT.value,
+          port=GATEWAY_PORT.value, router_flags=ROUTER_FLAGS.value,
+          gateway_flags=GATEWAY_FLAGS.value)
+      print(f"OpenAI-compatible gateway at {url}/v1", flush=True)
     if PROMPT.value is not None:
       from pdjax.client import Client
       tls, token = router_client_settings(ROUTER_FLAGS.value)

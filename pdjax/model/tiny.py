@@ -33,7 +33,7 @@ from pdjax.model.config import ModelConfig, RopeConfig
 from pdjax.model.llama import param_shapes
 
 TINY_MODEL_NAME = "pdjax-tiny"
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"  # v2: a chat template in tokenizer_config.json
 TINY_VOCAB_SIZE = 512
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2
@@ -166,8 +166,17 @@ def tiny_params(cfg: ModelConfig | None = None, seed: int = WEIGHTS_SEED
 
 
 # ------------------------------------------------------------------ writing
+def _chat_template() -> str:
+  """The plain "Role: content" template (configs/chat_templates/plain.jinja):
+  instruct checkpoints carry their chat template in tokenizer_config.json,
+  and so does pdjax-tiny, so its chat serving runs the same code path."""
+  from pdjax.config import CONFIGS_DIR
+  return (CONFIGS_DIR / "chat_templates" / "plain.jinja").read_text()
+
+
 def _tokenizer_config(cfg: ModelConfig) -> dict:
   return {
+      "chat_template": _chat_template(),
       "tokenizer_class": "PreTrainedTokenizerFast",
       "bos_token": BOS_TOKEN,
       "eos_token": EOS_TOKEN,
@@ -207,7 +216,7 @@ def write_tiny_model(path: str | Path) -> Path:
 
 
 def default_tiny_model_dir() -> Path:
-  """``$PDJAX_CACHE/models/pdjax-tiny-v1``, ``$PDJAX_CACHE`` defaulting to
+  """``$PDJAX_CACHE/models/pdjax-tiny-v2``, ``$PDJAX_CACHE`` defaulting to
   ``~/.cache/pdjax``."""
   root = os.environ.get("PDJAX_CACHE") or Path.home() / ".cache" / "pdjax"
   return Path(root).expanduser() / "models" / (
