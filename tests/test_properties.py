@@ -45,7 +45,7 @@ from pdjax.engine.block_pool import BlockPool, PoolExhausted
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
                                    SamplingParams)
 from pdjax.service.validation import (DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LEN,
-                                      MAX_TEXT_CHARS, check_budget,
+                                      MAX_TEXT_CHARS,
                                       check_prompt_ids, check_request_id,
                                       check_text, sampling_from_proto,
                                       sampling_to_proto)
@@ -288,17 +288,6 @@ def test_sampling_from_proto_defaults_for_an_empty_message():
   assert s == SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0,
                              top_p=1.0, top_k=0, seed=None,
                              stop_token_ids=(), ignore_eos=False)
-
-
-@FAST
-@given(st.integers(0, 10**6), st.integers(0, 10**6))
-def test_check_budget(prompt_len, max_seq_len):
-  if prompt_len >= max_seq_len:
-    with pytest.raises(InvalidRequest) as info:
-      check_budget(prompt_len, 16, max_seq_len)
-    assert info.value.field == "prompt"
-  else:
-    check_budget(prompt_len, 16, max_seq_len)
 
 
 # ================================================================ prompt ids

@@ -100,19 +100,11 @@ def check_text(text: str) -> str:
   return text
 
 
-def check_budget(prompt_len: int, max_tokens: int, max_seq_len: int) -> None:
-  """Prompt plus at least one generated token must fit the context."""
-  if prompt_len >= max_seq_len:
-    raise InvalidRequest(
-        "prompt", f"has {prompt_len} tokens; with max_seq_len {max_seq_len} "
-        f"at most {max_seq_len - 1} fit (one position for the first token)")
-
-
 def resolve_seed(s: SamplingParams) -> int:
   """The 32-bit key seed used on every pool for this request."""
   return s.seed_u32(secrets.randbits(32))
 
 
 __all__ = ["check_cache_salt", "sampling_from_proto", "sampling_to_proto", "check_request_id",
-           "check_prompt_ids", "check_text", "check_budget", "resolve_seed",
+           "check_prompt_ids", "check_text", "resolve_seed",
            "DEFAULT_MAX_TOKENS"]
