@@ -2,8 +2,9 @@
 
 One request, in order:
 
-  1. auth (``Authorization: Bearer <api key>`` when the gateway has one;
-     /health is exempt, as load balancers probe it);
+  1. auth (``Authorization: Bearer <api key>`` when the gateway has one)
+     on the API's ``/v1/`` paths; /health and /metrics are open, as load
+     balancers and Prometheus probe them;
   2. parse and check the body (``protocol``), the model name, and for chat
      render the messages (``chat_template``): every refusal is a 400/404
      before any router call;
@@ -41,6 +42,7 @@ from pdjax.gateway import protocol
 from pdjax.gateway.chat_template import ChatTemplate, ChatTemplateError
 from pdjax.gateway.choices import RouterCall, run_choices
 from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
+from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
                                      Formatter, UsageTally, collect,
                                      token_id_text)
@@ -96,6 +98,7 @@ class _State:
 
   def __init__(self, config: GatewayConfig):
     self.config = config
+    self.metrics = GatewayMetrics()
     self.created = int(time.time())
     self._card: ModelCard | None = None
     self._lock = asyncio.Lock()
@@ -123,6 +126,37 @@ _STATE = web.AppKey("pdjax_gateway_state", _State)
 
 
 # ------------------------------------------------------------- middlewares
+_ARRIVAL = web.RequestKey("pdjax_arrival", float)
+
+
+def _endpoint(request: web.Request) -> str:
+  """The route's path, a bounded label set ("other" for unknown paths)."""
+  resource = request.match_info.route.resource
+  return resource.canonical if resource is not None else "other"
+
+
+@web.middleware
+async def _measure(request: web.Request, handler):
+  """Counts every request by endpoint and final status, and times it."""
+  metrics = request.app[_STATE].metrics
+  endpoint = _endpoint(request)
+  request[_ARRIVAL] = time.perf_counter()
+  metrics.running.inc()
+  status = CLIENT_CLOSED       # unless an answer says otherwise
+  try:
+    response = await handler(request)
+    status = str(response.status)
+    return response
+  except web.HTTPException as e:
+    status = str(e.status)
+    raise
+  finally:
+    metrics.running.dec()
+    metrics.requests.labels(endpoint, status).inc()
+    metrics.latency.labels(endpoint).observe(
+        time.perf_counter() - request[_ARRIVAL])
+
+
 def _internal_error() -> ApiError:
   return ApiError(500, "internal error in the gateway (its log has the "
                   "details)", code="internal_error")
@@ -159,7 +193,7 @@ def _auth(api_key: str | None):
 
   @web.middleware
   async def auth(request: web.Request, handler):
-    if api_key and request.path != "/health":
+    if api_key and request.path.startswith("/v1/"):
       got = request.headers.get("Authorization", "").encode()
       if not hmac.compare_digest(got, expected):
         raise ApiError(401, "missing or invalid API key (send "
@@ -227,22 +261,30 @@ async def _stream_events(request: web.Request, stream: AsyncIterator,
                                      "Cache-Control": "no-cache",
                                      "X-Accel-Buffering": "no"})
   await resp.prepare(request)
+  metrics, endpoint = request.app[_STATE].metrics, _endpoint(request)
+  sent_any = False
   try:
     delta = first
     while delta is not None:
       usage.add(delta)
       for chunk in fmt.chunks(delta):
         await resp.write(_sse(chunk))
+        if not sent_any:
+          sent_any = True
+          metrics.ttft.labels(endpoint).observe(
+              time.perf_counter() - request[_ARRIVAL])
       delta = await anext(stream, None)
     if include_usage:
       await resp.write(_sse(fmt.usage_chunk(usage)))
   except GenerationError as e:
     log.info("%s failed mid-stream: %s", fmt.request_id, e)
+    metrics.stream_errors.labels(endpoint).inc()
     await resp.write(_sse(from_generation_error(e).body()))
   except ConnectionResetError:
     raise
   except Exception:
     log.exception("%s failed mid-stream", fmt.request_id)
+    metrics.stream_errors.labels(endpoint).inc()
     await resp.write(_sse(_internal_error().body()))
   await resp.write(b"data: [DONE]\n\n")
   await resp.write_eof()
@@ -270,6 +312,11 @@ async def health(request: web.Request) -> web.Response:
     status = f"router unreachable: {e}"
   return web.json_response({"status": status},
                            status=200 if status == "SERVING" else 503)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+  body, content_type = request.app[_STATE].metrics.exposition()
+  return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -331,7 +378,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 def create_app(config: GatewayConfig) -> web.Application:
   """The gateway app; its router client lives from startup to cleanup."""
   app = web.Application(client_max_size=MAX_BODY_BYTES,
-                        middlewares=[_errors, _auth(config.api_key)])
+                        middlewares=[_measure, _errors,
+                                     _auth(config.api_key)])
   app[_STATE] = _State(config)
 
   async def router_client(app: web.Application):
@@ -344,6 +392,7 @@ def create_app(config: GatewayConfig) -> web.Application:
 
   app.cleanup_ctx.append(router_client)
   app.router.add_get("/health", health)
+  app.router.add_get("/metrics", prometheus)
   app.router.add_get("/v1/models", models)
   app.router.add_post("/v1/completions", completions)
   app.router.add_post("/v1/chat/completions", chat_completions)

@@ -36,7 +36,8 @@ SERVED_MODEL_NAME = flags.DEFINE_string(
     "(default: the router's model name).")
 API_KEY = flags.DEFINE_string(
     "api_key", os.environ.get("PDJAX_API_KEY"), "Clients must send "
-    "'Authorization: Bearer <key>' (all endpoints but /health); default: "
+    "'Authorization: Bearer <key>' (the /v1/ endpoints; /health and "
+    "/metrics stay open); default: "
     "$PDJAX_API_KEY, unset: no auth.")
 REQUEST_TIMEOUT = flags.DEFINE_float(
     "request_timeout_s", None, "Deadline of each router call; past it the "

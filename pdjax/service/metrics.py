@@ -15,7 +15,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 
 from pdjax.engine import compile_stats
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A decode iteration is a few to a few hundred ms: fine steps there.
 _ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03,
@@ -42,23 +42,23 @@ class Metrics:
         "pdjax_running_requests", "Requests being served.", registry=r)
     self.ttft = Histogram(
         "pdjax_time_to_first_token_seconds", "Arrival to first token.",
-        buckets=_LATENCY_BUCKETS, registry=r)
+        buckets=LATENCY_BUCKETS, registry=r)
     self.itl = Histogram(
         "pdjax_inter_token_latency_seconds",
         "Gap between consecutive token messages of a stream.",
-        buckets=_LATENCY_BUCKETS, registry=r)
+        buckets=LATENCY_BUCKETS, registry=r)
     self.e2e = Histogram(
         "pdjax_request_latency_seconds", "Arrival to last token.",
-        buckets=_LATENCY_BUCKETS, registry=r)
+        buckets=LATENCY_BUCKETS, registry=r)
     self.prefill_time = Histogram(
         "pdjax_prefill_seconds", "Prefill compute per batch.",
-        buckets=_LATENCY_BUCKETS, registry=r)
+        buckets=LATENCY_BUCKETS, registry=r)
     self.transfer_bytes = Counter(
         "pdjax_kv_transfer_bytes_total", "KV bytes handed off.",
         ["transport", "direction"], registry=r)
     self.transfer_time = Histogram(
         "pdjax_kv_transfer_seconds", "KV hand-off time per request.",
-        ["transport", "direction"], buckets=_LATENCY_BUCKETS, registry=r)
+        ["transport", "direction"], buckets=LATENCY_BUCKETS, registry=r)
     self.transfer_failures = Counter(
         "pdjax_kv_transfer_failures_total", "Failed KV hand-offs.",
         ["transport", "reason"], registry=r)
