@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -816,6 +818,17 @@ def test_non_streaming_disconnect_cancels_too(router):
     assert not fake.cancelled[rid].is_set()
     task.cancel()                        # drops the connection
     assert await asyncio.to_thread(fake.cancelled[rid].wait, 5)
+    # Counted as the client's going away (499), the request no longer open.
+    for _ in range(100):
+      async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+      if _sample(text, "pdjax_gateway_requests_total",
+                 endpoint="/v1/completions", status="499"):
+        break
+      await asyncio.sleep(0.05)
+    assert _sample(text, "pdjax_gateway_requests_total",
+                   endpoint="/v1/completions", status="499") == 1
+    assert _sample(text, "pdjax_gateway_running_requests") == 1  # /metrics
 
   _serve_for_real(router[2], test)
 
@@ -834,9 +847,13 @@ def test_api_key(router):
     out.append((r.status, await r.json()))
     r = await client.get("/health")    # probes carry no key
     out.append((r.status, await r.json()))
+    r = await client.get("/metrics")   # nor does Prometheus
+    out.append((r.status, await r.text()))
     return out
 
-  *denied, ok, models, health_ = _serve(router[2], test, api_key="sekret")
+  *denied, ok, models, health_, metrics_ = _serve(router[2], test,
+                                                  api_key="sekret")
+  assert metrics_[0] == 200 and "pdjax_gateway_requests_total" in metrics_[1]
   for status, data in denied:
     assert status == 401, data
     assert data["error"]["code"] == "invalid_api_key"
@@ -844,6 +861,54 @@ def test_api_key(router):
   assert ok[0] == 200 and ok[1]["choices"][0]["text"] == "<100>"
   assert models[0] == 401
   assert health_ == (200, {"status": "SERVING"})
+
+
+def _sample(text: str, name: str, **labels) -> float:
+  """One sample of a Prometheus text exposition (0 when absent)."""
+  from prometheus_client.parser import text_string_to_metric_families
+  for family in text_string_to_metric_families(text):
+    for sample in family.samples:
+      if sample.name == name and all(sample.labels.get(k) == v
+                                     for k, v in labels.items()):
+        return sample.value
+  return 0.0
+
+
+def test_metrics_count_what_clients_saw(router):
+  """Requests by endpoint and status (a 400, a 429, an unknown path, a
+  stream whose router call failed after its 200), streaming TTFT, and no
+  request left open."""
+  async def test(client):
+    await client.post("/v1/completions", json={"prompt": "a",
+                                               "max_tokens": 2})
+    await client.post("/v1/completions", json={"prompt": "a",
+                                               "max_tokens": 2,
+                                               "stream": True})
+    await client.post("/v1/completions", json={"prompt": "a", "n": 0})
+    await client.post("/v1/completions",
+                      json={"prompt": "abort:RESOURCE_EXHAUSTED"})
+    r = await client.post("/v1/completions", json={"prompt": "midfail",
+                                                   "stream": True})
+    await r.text()
+    await client.get("/no/such/path")
+    r = await client.get("/metrics")
+    assert r.headers["Content-Type"].startswith("text/plain")
+    return await r.text()
+
+  text = _serve(router[2], test)
+  total = "pdjax_gateway_requests_total"
+  done = "/v1/completions"
+  assert _sample(text, total, endpoint=done, status="200") == 3
+  assert _sample(text, total, endpoint=done, status="400") == 1
+  assert _sample(text, total, endpoint=done, status="429") == 1
+  assert _sample(text, total, endpoint="other", status="404") == 1
+  assert _sample(text, "pdjax_gateway_stream_errors_total",
+                 endpoint=done) == 1
+  assert _sample(text, "pdjax_gateway_time_to_first_token_seconds_count",
+                 endpoint=done) == 2     # both streams sent a first event
+  assert _sample(text, "pdjax_gateway_request_latency_seconds_count",
+                 endpoint=done) == 5
+  assert _sample(text, "pdjax_gateway_running_requests") == 1  # /metrics
 
 
 def test_router_token_is_sent(router):
@@ -957,6 +1022,71 @@ def test_chat_template_is_sandboxed():
     t.render(_MESSAGES)
 
 
+# ------------------------------------------- the batch-eval driver's backend
+def test_openai_backend_measures_through_the_gateway(router):
+  """``tools/batch_eval.py --backend=openai``'s adapter, through the gateway:
+  every token with its id, the server's usage, seed + index per request,
+  and a refusal as its HTTP status with the router's message."""
+  from pdjax.eval.load import run_workload
+  from pdjax.eval.openai_backend import OpenAIBackend
+  from pdjax.eval.workloads import WorkItem
+  fake = router[0]
+  items = [WorkItem(request_id="ob0", max_tokens=5,
+                    prompt_token_ids=[7, 8, 77]),
+           WorkItem(request_id="ob1", max_tokens=3, prompt="ob1 hello",
+                    index=1),
+           WorkItem(request_id="ob2", max_tokens=2,
+                    prompt="abort:RESOURCE_EXHAUSTED", index=2)]
+
+  async def test(client):
+    backend = OpenAIBackend(str(client.server.make_url("/")))
+    try:
+      records = await run_workload(
+          backend, items, sampling=dict(temperature=0.0, seed=7, top_k=5,
+                                        ignore_eos=True, stop_token_ids=[9]),
+          progress=False)
+    finally:
+      await backend.aclose()
+    return records, backend.model
+
+  records, model = _serve(router[2], test)
+  assert model == _MODEL          # asked /v1/models
+  ok, text, refused = records
+  assert ok.error is None and ok.token_ids == [100, 101, 102, 103, 104]
+  assert ok.finish_reason == "length" and len(ok.token_times) == 5
+  assert ok.prompt_tokens == 3 and ok.usage["completion_tokens"] == 5
+  assert ok.usage["cached_prompt_tokens"] == _CACHED
+  assert text.text == "<100><101><102>"
+  sent = {r.text if r.WhichOneof("prompt") == "text"
+          else tuple(r.token_ids.ids): r for r in fake.requests.values()}
+  assert sent[(7, 8, 77)].sampling.seed == 7
+  assert sent["ob1 hello"].sampling.seed == 8
+  s = sent["ob1 hello"].sampling
+  assert (s.max_tokens, s.top_k, s.ignore_eos, list(s.stop_token_ids)) == (
+      3, 5, True, [9])
+  assert refused.status_code == "HTTP 429" and "boom" in refused.error
+
+
+def test_openai_backend_counts_chunks_without_token_ids():
+  """Servers that send no token ids: one token per non-empty chunk (as
+  vLLM's serving benchmark counts), id unknown; the usage chunk's cached
+  tokens under pdjax's name; an in-stream error fails the request."""
+  from pdjax.eval.openai_backend import (UNKNOWN_TOKEN_ID, OpenAIBackend,
+                                         OpenAIError, base_url)
+  d = OpenAIBackend._delta({"choices": [{"text": "ab", "index": 0}]})
+  assert d.token_ids == [UNKNOWN_TOKEN_ID] and d.text == "ab"
+  assert OpenAIBackend._delta({"choices": [{"text": ""}]}).token_ids == []
+  u = OpenAIBackend._delta({"choices": [], "usage": {
+      "prompt_tokens": 4, "completion_tokens": 2,
+      "prompt_tokens_details": {"cached_tokens": 2}}})
+  assert u.token_ids == [] and u.usage == {
+      "prompt_tokens": 4, "completion_tokens": 2, "cached_prompt_tokens": 2}
+  with pytest.raises(OpenAIError, match="out of KV"):
+    OpenAIBackend._delta({"error": {"message": "out of KV pages"}})
+  assert base_url("h:1") == base_url("http://h:1/") == "http://h:1/v1"
+  assert base_url("https://h/v1") == "https://h/v1"
+
+
 # -------------------------------------------------------------- end to end
 def _http(url, path, body):
   req = urllib.request.Request(
@@ -1006,5 +1136,24 @@ def test_gateway_on_a_local_deployment(tmp_path):
     assert events[-1]["usage"]["completion_tokens"] == 8
     assert events[-1]["usage"]["prompt_tokens"] == \
         chat_ref.usage.prompt_tokens
+
+    # The batch-eval driver measures through the gateway.
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, str(_ROOT / "tools" / "batch_eval.py"),
+         "--backend=openai", f"--target={url}", "--preset=chat",
+         "--length_scale=0.05", "--max_model_len=256", "--vocab_size=512",
+         "--num_requests=8", "--rate=8", f"--out_dir={out}",
+         "--noprogress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
   finally:
     cluster.stop()
+  records = [json.loads(line) for line in
+             (out / "results.jsonl").read_text().splitlines()]
+  assert len(records) == 8
+  for r in records:
+    assert r["status"] == "completed", r
+    assert r["output_tokens"] == r["max_tokens"] == len(r["token_times"])
+    assert min(r["token_ids"]) >= 0      # the gateway sent real ids
+    assert r["usage"]["completion_tokens"] == r["output_tokens"]
+    assert r["usage"]["prompt_tokens"] == r["prompt_tokens"] > 0

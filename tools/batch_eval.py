@@ -4,7 +4,9 @@ The driver is how pdjax's claims get checked: the same workload, arrival
 process and metric definitions (``pdjax.eval.stats``) against a disaggregated
 and a colocated deployment, with one chart comparing them. It talks to the
 router through a small ``Backend`` adapter (``make_backend``) so that the
-measuring code never depends on the client's details.
+measuring code never depends on the client's details; ``--backend=openai``
+offers the same load to an OpenAI-compatible server instead (pdjax's
+gateway, or vLLM/SGLang for a comparison on the same GPUs).
 
 Examples:
   # 500 ShareGPT-like requests at 4 req/s (Poisson).
@@ -18,6 +20,10 @@ Examples:
   # Tiny CPU model: same shapes scaled down to fit 512 tokens.
   python tools/batch_eval.py --target=... --preset=summarize \
       --length_scale=0.05 --max_model_len=512 --vocab_size=320
+
+  # The same through pdjax's OpenAI gateway (or any OpenAI-compatible server).
+  python tools/batch_eval.py --backend=openai --target=http://localhost:8000 \
+      --preset=chat --num_requests=500 --rate=4 --out_dir=runs/chat_gateway
 
   # One chart of several deployments' sweeps (or single runs).
   python tools/batch_eval.py --plot_only=runs/code_disagg,runs/code_coloc \
@@ -60,7 +66,17 @@ from pdjax.eval.workloads import WorkItem
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("target", "localhost:50051", "Router address host:port.")
+flags.DEFINE_string("target", "localhost:50051",
+                    "Router address host:port; with --backend=openai, the "
+                    "server's URL (http://host:port).")
+flags.DEFINE_enum("backend", "pdjax", ["pdjax", "openai"],
+                  "pdjax: the router's gRPC API (pdjax.client); openai: an "
+                  "OpenAI-compatible server's streamed /v1/completions "
+                  "(pdjax.launch.gateway, vLLM, SGLang).")
+flags.DEFINE_string("model", None, "--backend=openai: the model name to "
+                    "send (default: the first of the server's /v1/models).")
+flags.DEFINE_string("api_key", None, "--backend=openai: sent as "
+                    "'Authorization: Bearer'.")
 flags.DEFINE_string("input", None,
                     "JSONL (or JSON array) dataset: {'prompt': ...} lines, "
                     "{'prompt_token_ids': [...]} lines, or ShareGPT records. "
@@ -158,8 +174,14 @@ class _ClientBackend:
         await res
 
 
-def make_backend(target: str) -> Backend:
-  """The router at ``target`` as a Backend (call inside the event loop)."""
+def make_backend(target: str, kind: str = "pdjax", *,
+                 model: str | None = None,
+                 api_key: str | None = None) -> Backend:
+  """The server at ``target`` as a Backend (call inside the event loop):
+  pdjax's router, or an OpenAI-compatible server (``kind="openai"``)."""
+  if kind == "openai":
+    from pdjax.eval.openai_backend import OpenAIBackend  # pylint: disable=import-outside-toplevel
+    return OpenAIBackend(target, model=model, api_key=api_key)
   try:
     from pdjax import client  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -175,6 +197,9 @@ def make_backend(target: str) -> Backend:
 class EvalConfig:
   """Everything a run needs; built from flags by ``config_from_flags``."""
   target: str = "localhost:50051"
+  backend: str = "pdjax"
+  model: str | None = None
+  api_key: str | None = dataclasses.field(default=None, repr=False)
   input: str | None = None
   preset: str = "chat"
   num_requests: int = 200
@@ -236,7 +261,8 @@ class EvalConfig:
 
 def config_from_flags() -> EvalConfig:
   return EvalConfig(
-      target=FLAGS.target, input=FLAGS.input, preset=FLAGS.preset,
+      target=FLAGS.target, backend=FLAGS.backend, model=FLAGS.model,
+      api_key=FLAGS.api_key, input=FLAGS.input, preset=FLAGS.preset,
       num_requests=FLAGS.num_requests, duration_s=FLAGS.duration_s,
       seed=FLAGS.seed, rate=FLAGS.rate,
       concurrency=FLAGS.concurrency,
@@ -331,15 +357,18 @@ async def run_eval(cfg: EvalConfig,
                    backend: Backend | None = None) -> EvalOutcome:
   """Runs the configured workload (once, or per sweep rate) and writes it all.
 
-  ``backend`` defaults to ``make_backend(cfg.target)``, closed at the end.
+  ``backend`` defaults to ``make_backend(cfg.target, cfg.backend)``,
+  closed at the end.
   """
   out = Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _write_json(out / "config.json", dataclasses.asdict(cfg))
+  _write_json(out / "config.json",
+              {**dataclasses.asdict(cfg), "api_key": None})  # no secrets
   items = build_items(cfg)
   own_backend = backend is None
   if backend is None:
-    backend = make_backend(cfg.target)
+    backend = make_backend(cfg.target, cfg.backend, model=cfg.model,
+                           api_key=cfg.api_key)
   slo = dict(ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo)
   meta = dict(label=cfg.label, preset=None if cfg.input else cfg.preset,
               input=cfg.input, num_items=len(items))
