@@ -20,6 +20,9 @@ yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "configs" / "k8s").glob("*.yaml"))
+# Launchers of the pools (they hold a mesh of GPUs).
+WORKERS = ("pdjax.launch.prefill", "pdjax.launch.decode",
+           "pdjax.launch.worker")
 # What the LeaderWorkerSet controller sets in every pod of a group.
 LWS_ENV = {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"}
 
@@ -97,7 +100,7 @@ def test_containers_start_with_flags_their_launchers_define(path):
         if config:
           assert (REPO / "configs" / "deployments" / f"{config}.toml"
                   ).exists(), config
-        if module != "pdjax.launch.router":
+        if module in WORKERS:
           # A mesh may not ask for more devices than the pod has: the
           # local ones, times the processes of a group spanning pods.
           procs = doc["spec"]["leaderWorkerTemplate"]["size"] if by_lws else 1
@@ -114,7 +117,8 @@ def test_containers_start_with_flags_their_launchers_define(path):
         assert spec.get("terminationGracePeriodSeconds", 30) > drain
         for probe in ("startupProbe", "readinessProbe"):
           if probe in c:
-            assert c[probe]["grpc"]["port"] == int(flags["port"]), probe
+            how = c[probe].get("grpc") or c[probe]["httpGet"]
+            assert how["port"] == int(flags["port"]), probe
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -142,5 +146,36 @@ def test_the_router_names_every_worker_at_its_stable_address(path):
   # Every worker serves the transport the router expects.
   for d in docs.values():
     for spec, _ in _pod_specs(d):
-      assert _flags(spec["containers"][0])["kv_transport"] == flags[
-          "kv_transport"]
+      c = spec["containers"][0]
+      if c["command"][2] in WORKERS:
+        assert _flags(c)["kv_transport"] == flags["kv_transport"]
+
+
+def _module(doc: dict) -> str:
+  return _pod_specs(doc)[0][0]["containers"][0]["command"][2]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_gateways_dial_the_routers_service(path):
+  """A gateway's --router is the router Service's name and port, and the
+  Service in front of each gateway forwards to the port it serves."""
+  docs = _docs(path)
+  services = {name: d for (kind, name), d in docs.items()
+              if kind == "Service"}
+  routers = {d["spec"]["template"]["metadata"]["labels"]["app"]
+             for (kind, _), d in docs.items()
+             if kind == "Deployment" and _module(d) == "pdjax.launch.router"}
+  gateways = [d for (kind, _), d in docs.items() if kind == "Deployment"
+              and _module(d) == "pdjax.launch.gateway"]
+  assert gateways, "the example has no gateway"
+  for gw in gateways:
+    target, _, port = _flags(_pod_specs(gw)[0][0]["containers"][0])[
+        "router"].partition(":")
+    svc = services[target]
+    assert svc["spec"]["selector"]["app"] in routers
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    own = [s for s in services.values() if s["spec"]["selector"]["app"]
+           == gw["spec"]["template"]["metadata"]["labels"]["app"]]
+    served = int(_flags(_pod_specs(gw)[0][0]["containers"][0])["port"])
+    assert own and all(p.get("targetPort", p["port"]) == served
+                       for s in own for p in s["spec"]["ports"])

@@ -23,7 +23,7 @@ DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
 HOST = flags.DEFINE_string(
     "host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the service beyond"
     " this machine (use TLS then).")
-PORT = flags.DEFINE_integer("port", 0, "gRPC port (0: pick a free one).")
+PORT = flags.DEFINE_integer("port", 0, "Port to serve on (0: pick a free one).")
 ADVERTISE = flags.DEFINE_string(
     "advertise_address", None, "host:port peers use to reach this service "
     "(default: --host:--port).")

@@ -47,6 +47,8 @@ WAIT_ROUTER = flags.DEFINE_float(
     "before serving HTTP (then serve anyway: /health answers 503 until it "
     "is).")
 flags.mark_flag_as_required("router")
+# HTTP, where OpenAI-compatible servers (vLLM, SGLang) listen by default.
+flags.set_default(F.PORT, 8000)
 
 log = logging.getLogger("pdjax.gateway")
 
