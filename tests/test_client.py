@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import pickle
 import shutil
@@ -503,26 +502,12 @@ def test_async_client(router):
   asyncio.run(go())
 
 
-def _batch_eval():
-  """tools/batch_eval.py, imported once (it defines absl flags).
-
-  Same module name as tests/test_eval_stats.py uses, so the two share it.
-  """
-  name = "pdjax_tools_batch_eval"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(
-        name, _ROOT / "tools" / "batch_eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-  return sys.modules[name]
-
-
 def test_batch_eval_backend_adapter(router):
-  """The driver's ``make_backend`` adapter works with this client."""
-  from pdjax.eval.load import run_workload  # pylint: disable=import-outside-toplevel
-  from pdjax.eval.workloads import WorkItem  # pylint: disable=import-outside-toplevel
-  be = _batch_eval()
+  """The driver's router adapter (``pdjax.eval.backends``) works with
+  this client."""
+  from pdjax.eval.backends import make_backend
+  from pdjax.eval.load import run_workload
+  from pdjax.eval.workloads import WorkItem
   fake, _, address = router
   items = [WorkItem(request_id="be0", max_tokens=4, prompt_token_ids=[1, 2]),
            WorkItem(request_id="be1", max_tokens=3, prompt="hello", index=1),
@@ -530,7 +515,7 @@ def test_batch_eval_backend_adapter(router):
                     prompt="abort:UNAVAILABLE", index=2)]
 
   async def go():
-    backend = be.make_backend(address)
+    backend = make_backend(address)
     try:
       return await run_workload(
           backend, items, sampling=dict(temperature=0.0, seed=7,

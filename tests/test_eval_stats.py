@@ -560,7 +560,9 @@ def test_sweep_with_an_arrival_window_sends_rate_times_window(tmp_path):
 def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   be = _batch_eval()
   fake = FakeBackend()
-  monkeypatch.setattr(be, "make_backend", lambda target: fake)
+  made = []
+  monkeypatch.setattr(be, "make_backend",
+                      lambda *a, **kw: made.append((a, kw)) or fake)
   data = tmp_path / "in.jsonl"
   data.write_text("\n".join(json.dumps({"prompt": f"p{i}", "max_tokens": 3})
                             for i in range(4)))
@@ -573,6 +575,8 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   finally:
     be.FLAGS.unparse_flags()
   _check_run_dir(tmp_path / "o", fake, 6)
+  assert made == [(("localhost:50051", "pdjax"),
+                   {"model": None, "api_key": None})]
   s = fake.sampling["req-000000"]
   assert s == {"temperature": 0.7, "top_p": 1.0, "top_k": 5, "seed": 0,
                "ignore_eos": False, "stop_token_ids": [9, 10]}
@@ -580,7 +584,7 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
 
 
 def test_client_adapter_maps_the_stream():
-  be = _batch_eval()
+  from pdjax.eval.backends import RouterBackend
 
   class Out:
 
@@ -603,7 +607,7 @@ def test_client_adapter_maps_the_stream():
                   index=4)
 
   async def go():
-    return [d async for d in be._ClientBackend(Client()).stream(
+    return [d async for d in RouterBackend(Client()).stream(
         item, {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 10,
                "ignore_eos": True, "stop_token_ids": None})]
 

@@ -3,8 +3,8 @@ r"""Batch evaluation driver: offer a workload to a pdjax router and measure it.
 The driver is how pdjax's claims get checked: the same workload, arrival
 process and metric definitions (``pdjax.eval.stats``) against a disaggregated
 and a colocated deployment, with one chart comparing them. It talks to the
-router through a small ``Backend`` adapter (``make_backend``) so that the
-measuring code never depends on the client's details; ``--backend=openai``
+router through a small ``Backend`` adapter (``pdjax.eval.backends``) so
+that the measuring code never depends on the client's details; ``--backend=openai``
 offers the same load to an OpenAI-compatible server instead (pdjax's
 gateway, or vLLM/SGLang for a comparison on the same GPUs).
 
@@ -49,18 +49,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import json
 import math
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from absl import app, flags, logging
 
 from pdjax.eval import load, plots, stats, workloads
-from pdjax.eval.load import Backend, Delta
+from pdjax.eval.backends import KINDS, make_backend
+from pdjax.eval.load import Backend
 from pdjax.eval.stats import RequestRecord, Summary
 from pdjax.eval.workloads import WorkItem
 
@@ -69,7 +69,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "localhost:50051",
                     "Router address host:port; with --backend=openai, the "
                     "server's URL (http://host:port).")
-flags.DEFINE_enum("backend", "pdjax", ["pdjax", "openai"],
+flags.DEFINE_enum("backend", "pdjax", list(KINDS),
                   "pdjax: the router's gRPC API (pdjax.client); openai: an "
                   "OpenAI-compatible server's streamed /v1/completions "
                   "(pdjax.launch.gateway, vLLM, SGLang).")
@@ -131,63 +131,6 @@ flags.DEFINE_list("plot_only", None,
                   "Re-plot these existing out dirs into --out_dir instead of "
                   "running anything.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-# ----------------------------------------------------------------------------
-# The adapter to the real client. Keep it tiny: it is the only code here that
-# knows pdjax.client exists.
-
-
-class _ClientBackend:
-  """``pdjax.client.AsyncClient`` as a ``Backend``."""
-
-  def __init__(self, client: Any):
-    self._client = client
-
-  async def stream(self, item: WorkItem,
-                   sampling: dict[str, Any]) -> AsyncIterator[Delta]:
-    seed = sampling.get("seed")
-    async for out in self._client.stream(
-        prompt=item.prompt, prompt_token_ids=item.prompt_token_ids,
-        max_tokens=item.max_tokens, temperature=sampling.get("temperature"),
-        top_p=sampling.get("top_p"), top_k=sampling.get("top_k"),
-        seed=None if seed is None else seed + item.index,
-        stop_token_ids=sampling.get("stop_token_ids"),
-        ignore_eos=sampling.get("ignore_eos"), request_id=item.request_id):
-      usage = out.usage
-      if usage is not None and not isinstance(usage, dict):
-        # Every field the router reports (TTFT, prefill and KV hand-off
-        # time, workers): the results file is where the share of TTFT the
-        # hand-off takes is read from.
-        usage = (dataclasses.asdict(usage) if dataclasses.is_dataclass(usage)
-                 else {k: getattr(usage, k) for k in
-                       ("prompt_tokens", "completion_tokens")
-                       if hasattr(usage, k)})
-      yield Delta(list(out.token_ids), out.text or "", out.finish_reason,
-                  usage)
-
-  async def aclose(self) -> None:
-    close = getattr(self._client, "close", None)
-    if close is not None:
-      res = close()
-      if inspect.isawaitable(res):
-        await res
-
-
-def make_backend(target: str, kind: str = "pdjax", *,
-                 model: str | None = None,
-                 api_key: str | None = None) -> Backend:
-  """The server at ``target`` as a Backend (call inside the event loop):
-  pdjax's router, or an OpenAI-compatible server (``kind="openai"``)."""
-  if kind == "openai":
-    from pdjax.eval.openai_backend import OpenAIBackend  # pylint: disable=import-outside-toplevel
-    return OpenAIBackend(target, model=model, api_key=api_key)
-  try:
-    from pdjax import client  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise RuntimeError(f"pdjax.client is not available ({e}); the driver "
-                       "needs it to reach a router") from e
-  return _ClientBackend(client.AsyncClient(target))
 
 
 # ----------------------------------------------------------------------------

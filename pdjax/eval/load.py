@@ -8,8 +8,8 @@ with ``time.perf_counter()`` on the client, independent of server clocks.
 
 Backends: anything with ``stream(item, sampling)`` returning an async iterator
 of ``Delta`` (an ``async def`` generator method is the natural way). The
-pdjax gRPC client is adapted to it in ``tools/batch_eval.py``; tests use an
-in-process fake. An exception raised by the stream marks the request failed
+router and OpenAI-compatible servers are adapted to it in
+``pdjax.eval.backends``; tests use an in-process fake. An exception raised by the stream marks the request failed
 with the exception's message, and with the gRPC status code name when the
 exception has a ``code()`` method (``grpc.aio.AioRpcError`` does).
 
