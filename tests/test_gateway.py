@@ -1146,8 +1146,21 @@ def test_gateway_on_a_local_deployment(tmp_path):
          "--num_requests=8", "--rate=8", f"--out_dir={out}",
          "--noprogress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # And the gateway's cost against the router, same requests both ways.
+    bench = subprocess.run(
+        [sys.executable, str(_ROOT / "tools" / "bench_gateway.py"),
+         f"--router={cluster.address}", f"--gateway={url}",
+         "--num_requests=6", "--rounds=2", "--rate=16",
+         f"--out={tmp_path / 'gw.json'}"],
+        capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
   finally:
     cluster.stop()
+  assert "| TTFT p50 (ms) |" in bench.stdout
+  result = json.loads((tmp_path / "gw.json").read_text())
+  assert result["identical_tokens"] == result["requests"] == 12
+  assert result["summaries"]["gateway"]["completed"] == 12
   records = [json.loads(line) for line in
              (out / "results.jsonl").read_text().splitlines()]
   assert len(records) == 8
