@@ -1,0 +1,190 @@
+"""Size the prefill and decode pools from SLOs and a measured run.
+
+  # Fit on a batch-eval sweep of one prefill + one decode worker: the
+  # prefill from its lowest rate, the decode from every rate; then plan.
+  python tools/plan_pools.py --sweep=runs/chat_disagg --rates=16,32,64 \\
+      --max_batch=4 --max_batch_tokens=8192 --max_rows=128
+
+  # Check the model against a measurement: predicted TTFT and TPOT p90 of
+  # 1 + 1 workers at each measured rate next to the measured (the fitted
+  # sweep, or another one of the same deployment with --validate_on).
+  python tools/plan_pools.py --sweep=runs/chat_disagg --validate \
+      --validate_on=runs/chat_disagg_again ...
+
+``--sweep`` is a ``tools/batch_eval.py --sweep_rates`` output directory
+(``rate_*/results.jsonl``, ``config.json`` for the SLOs); ``--profile`` a
+single run's ``results.jsonl`` instead. ``--max_batch``,
+``--max_batch_tokens`` and ``--max_rows`` are the deployment's prefill
+batching and decode rows (``[prefill] max_batch``, ``max_batch_tokens``,
+``[decode] max_seqs``). Prints tables; ``--out`` writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SWEEP = flags.DEFINE_string("sweep", None, "A batch_eval sweep directory.")
+PROFILE = flags.DEFINE_string("profile", None, "One run's results.jsonl "
+                              "(instead of --sweep).")
+DECODE_WORKERS = flags.DEFINE_integer(
+    "profiled_decode_workers", 1, "Decode workers of the measured "
+    "deployment.")
+RATES = flags.DEFINE_list("rates", [], "Traffic rates (req/s) to plan for.")
+TTFT_SLO = flags.DEFINE_float("ttft_slo", None, "Seconds (default: the "
+                              "sweep's config).")
+TPOT_SLO = flags.DEFINE_float("tpot_slo", None, "Seconds (default: the "
+                              "sweep's config).")
+ATTAINMENT = flags.DEFINE_float("attainment", 0.9, "Share of requests that "
+                                "must meet both SLOs.")
+MAX_BATCH = flags.DEFINE_integer("max_batch", 1, "Prefill prompts per "
+                                 "program.")
+MAX_BATCH_TOKENS = flags.DEFINE_integer("max_batch_tokens", None,
+                                        "Prefill tokens per program.")
+MAX_ROWS = flags.DEFINE_integer("max_rows", None, "Rows per decode worker.")
+VALIDATE = flags.DEFINE_bool("validate", False, "Predict the measured "
+                             "deployment at each measured rate.")
+VALIDATE_ON = flags.DEFINE_string(
+    "validate_on", None, "--validate against this sweep directory (another "
+    "measurement of the same deployment) instead of --sweep.")
+OUT = flags.DEFINE_string("out", None, "JSON results file.")
+
+
+def _read(path: Path):
+  from pdjax.eval.stats import RequestRecord
+  with path.open() as f:
+    return [RequestRecord.from_dict(json.loads(line)) for line in f
+            if line.strip()]
+
+
+def _sweep_runs(sweep: Path) -> list[tuple[float, Path]]:
+  runs = sorted((float(d.name.split("_", 1)[1]), d)
+                for d in sweep.glob("rate_*") if (d / "results.jsonl")
+                .exists())
+  if not runs:
+    raise app.UsageError(f"{sweep}: no rate_*/results.jsonl")
+  return runs
+
+
+def _summary(run: Path, slo) -> dict:
+  """The run's summary.json, or the same computed from its records (a run
+  a time limit cut off has none)."""
+  if (run / "summary.json").exists():
+    return json.loads((run / "summary.json").read_text())
+  from pdjax.eval import stats
+  records = _read(run / "results.jsonl")
+  return stats.summarize(records, stats.wall_duration(records), slo.ttft_s,
+                         slo.tpot_s).to_dict()
+
+
+def _ms(v: float) -> str:
+  return "inf" if math.isinf(v) else f"{v * 1e3:.1f}"
+
+
+def main(argv) -> None:
+  del argv
+  sys.path.insert(0, str(ROOT))
+  from pdjax.planner import (Batching, Slo, Traffic, capacity, fit_profile,
+                             plan, predict)
+  if bool(SWEEP.value) == bool(PROFILE.value):
+    raise app.UsageError("give one of --sweep or --profile")
+  config: dict = {}
+  runs: list[tuple[float, Path]] = []
+  if SWEEP.value:
+    sweep = Path(SWEEP.value)
+    runs = _sweep_runs(sweep)
+    if (sweep / "config.json").exists():
+      config = json.loads((sweep / "config.json").read_text())
+    records = _read(runs[0][1] / "results.jsonl")
+    decode_runs = [_read(d / "results.jsonl") for _, d in runs]
+  else:
+    records = _read(Path(PROFILE.value))
+    decode_runs = None
+  ttft = TTFT_SLO.value or config.get("ttft_slo")
+  tpot = TPOT_SLO.value or config.get("tpot_slo")
+  if ttft is None or tpot is None:
+    raise app.UsageError("no SLOs: pass --ttft_slo and --tpot_slo")
+  slo = Slo(float(ttft), float(tpot), ATTAINMENT.value)
+  batching = Batching(MAX_BATCH.value, MAX_BATCH_TOKENS.value)
+  profile = fit_profile(records, decode_runs,
+                        decode_workers=DECODE_WORKERS.value)
+  p, d = profile.prefill, profile.decode
+  print(f"profile: {profile.requests} requests"
+        + (f" (prefill from the {runs[0][0]:g} req/s run, decode from "
+           f"{len(runs)} runs)" if runs else "")
+        + f"\n  prefill s = {p.a * 1e3:.2f} ms + {p.b * 1e6:.3f} us/token"
+        f" + {p.c * 1e9:.3f} ns/token^2; fixed TTFT cost "
+        f"{profile.overhead_s * 1e3:.2f} ms\n  decode TPOT = "
+        f"{d.alpha * 1e3:.2f} ms + {d.beta * 1e6:.2f} us/row "
+        f"(p90/mean {d.tpot_spread:.2f})\n  SLO: TTFT <= {slo.ttft_s:g} s, "
+        f"TPOT <= {slo.tpot_s:g} s for {slo.attainment:.0%}; prefill "
+        f"batches of {batching.max_batch}"
+        + (f", rows per decode worker {MAX_ROWS.value}"
+           if MAX_ROWS.value else ""))
+  result: dict = {
+      "slo": dataclasses.asdict(slo),
+      "batching": dataclasses.asdict(batching), "max_rows": MAX_ROWS.value,
+      "profile": {"prefill": dataclasses.asdict(p),
+                  "decode": dataclasses.asdict(d),
+                  "overhead_s": profile.overhead_s,
+                  "requests": profile.requests}}
+  cap = capacity(profile, slo, 1, 1, max_rows=MAX_ROWS.value,
+                 batching=batching)
+  print(f"  1 prefill + 1 decode worker: up to {cap:.1f} req/s\n")
+  result["capacity_1p1d"] = cap
+
+  if VALIDATE.value and VALIDATE_ON.value:
+    runs = _sweep_runs(Path(VALIDATE_ON.value))
+  if VALIDATE.value and runs:
+    print(f"measured: {VALIDATE_ON.value or SWEEP.value}")
+    print("| rate | TTFT p90 predicted / measured (ms) | TPOT p90 predicted"
+          " / measured (ms) | measured attainment |\n|---|---|---|---|")
+    rows = []
+    for rate, path in runs:
+      s = _summary(path, slo)
+      pr = predict(profile, Traffic.like(profile, rate), 1, 1,
+                   quantile=slo.attainment, max_rows=MAX_ROWS.value,
+                   batching=batching)
+      print(f"| {rate:g} | {_ms(pr.ttft_s)} / {_ms(s['ttft']['p90'])} | "
+            f"{_ms(pr.tpot_s)} / {_ms(s['tpot']['p90'])} | "
+            f"{s['slo_attainment']:.1%} |")
+      rows.append({"rate": rate, "predicted_ttft_s": pr.ttft_s,
+                   "measured_ttft_s": s["ttft"]["p90"],
+                   "predicted_tpot_s": pr.tpot_s,
+                   "measured_tpot_s": s["tpot"]["p90"],
+                   "measured_attainment": s["slo_attainment"]})
+    result["validation"] = rows
+    print()
+
+  if RATES.value:
+    print("| rate | prefill workers | decode workers | TTFT p90 (ms) | "
+          "TPOT p90 (ms) | rows per decode worker |\n|---|---|---|---|---|"
+          "---|")
+    plans = []
+    for rate in (float(r) for r in RATES.value):
+      pl = plan(profile, Traffic.like(profile, rate), slo,
+                max_rows=MAX_ROWS.value, batching=batching)
+      if pl is None:
+        print(f"| {rate:g} | - | - | no deployment meets the SLOs | | |")
+        plans.append({"rate": rate})
+        continue
+      print(f"| {rate:g} | {pl.num_prefill} | {pl.num_decode} | "
+            f"{_ms(pl.ttft_s)} | {_ms(pl.tpot_s)} | {pl.decode_rows:.0f} |")
+      plans.append({"rate": rate, "num_prefill": pl.num_prefill,
+                    "num_decode": pl.num_decode, "ttft_s": pl.ttft_s,
+                    "tpot_s": pl.tpot_s, "decode_rows": pl.decode_rows})
+    result["plans"] = plans
+  if OUT.value:
+    Path(OUT.value).write_text(json.dumps(result, indent=2,
+                                          default=float) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
