@@ -226,7 +226,6 @@ def capacity(profile: Profile, slo: Slo, num_prefill: int, num_decode: int,
     return predict(profile, Traffic.like(profile, rate), num_prefill,
                    num_decode, quantile=slo.attainment, max_rows=max_rows,
                    batching=batching).meets(slo)
-  lo = 0.0
   if not ok(tolerance):
     return 0.0
   lo = tolerance
