@@ -12,7 +12,8 @@ time is the profile's fixed cost ``a`` once plus ``b L + c L^2`` per prompt
 (so batching amortises ``a`` under load). TTFT = the profile's fixed cost
 around the prefill + wait + the batch's run, its quantile over the
 simulated requests (a seeded draw, the first tenth left out as warm-up).
-With ``max_batch=1`` this is the M/G/1 queue of each worker.
+With one worker and ``max_batch=1`` this is the M/G/1 queue (its mean
+wait is Pollaczek-Khinchine's, as the tests check).
 
 Decode: a worker with B requests decoding spends ``alpha + beta B`` per
 token, and by Little's law B is the tokens it must produce per second
