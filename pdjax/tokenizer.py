@@ -42,7 +42,9 @@ class TokenizerError(ValueError):
   """A tokenizer directory or file that cannot be used, with the file named."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_config(path: Path) -> dict[str, Any] | None:
+  """A checkpoint's JSON config file (tokenizer_config.json,
+  generation_config.json) as a dict; None when it is absent."""
   if not path.exists():
     return None
   try:
@@ -54,7 +56,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
   return data
 
 
-def _token_content(value: Any) -> str | None:
+def special_token_text(value: Any) -> str | None:
   """A special token of tokenizer_config.json: a string or AddedToken dict."""
   if isinstance(value, dict):
     value = value.get("content")
@@ -164,13 +166,13 @@ class Tokenizer:
                 "saving them with transformers' fast tokenizer)")
       raise TokenizerError(f"{tok_file}: not found{hint}")
     tcfg_file = path / "tokenizer_config.json"
-    tcfg = _read_json(tcfg_file) or {}
-    gen = _read_json(path / "generation_config.json") or {}
+    tcfg = read_json_config(tcfg_file) or {}
+    gen = read_json_config(path / "generation_config.json") or {}
 
     raw = _load_tokenizer_json(tok_file)
 
     def lookup(key: str) -> int | None:
-      content = _token_content(tcfg.get(key))
+      content = special_token_text(tcfg.get(key))
       if content is None:
         return None
       i = raw.token_to_id(content)
@@ -320,4 +322,5 @@ class IncrementalDetokenizer:
     return delta
 
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "TokenizerError"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "TokenizerError",
+           "read_json_config", "special_token_text"]

@@ -33,6 +33,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pdjax.tokenizer import TokenizerError, read_json_config, special_token_text
+
 # tokenizer_config.json keys whose strings templates see by name (the
 # special tokens transformers passes: its special_tokens_map).
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token",
@@ -116,14 +118,6 @@ class ChatTemplate:
                               f"{type(e).__name__}: {e}") from e
 
 
-def _token_string(value: Any) -> str | None:
-  """A special token as tokenizer_config.json writes it: a string or an
-  AddedToken object ({"content": ...})."""
-  if isinstance(value, dict):
-    value = value.get("content")
-  return value if isinstance(value, str) else None
-
-
 def _config_template(value: Any, origin: str) -> str | None:
   if value is None or isinstance(value, str):
     return value
@@ -152,15 +146,12 @@ def load_chat_template(template_file: str | Path | None,
   config_path = None
   if tokenizer_dir is not None:
     config_path = Path(tokenizer_dir) / "tokenizer_config.json"
-    if config_path.is_file():
-      try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatTemplateError(f"{config_path}: not valid JSON: {e}") from e
-      if not isinstance(config, dict):
-        raise ChatTemplateError(f"{config_path}: expected a JSON object")
+    try:
+      config = read_json_config(config_path) or {}
+    except TokenizerError as e:
+      raise ChatTemplateError(str(e)) from e
   special = {k: s for k in _SPECIAL_TOKEN_KEYS
-             if (s := _token_string(config.get(k))) is not None}
+             if (s := special_token_text(config.get(k))) is not None}
   if template_file is not None:
     path = Path(template_file)
     try:
