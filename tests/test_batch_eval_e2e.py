@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import Cluster
+from cluster_helpers import Cluster, metric
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -30,6 +30,7 @@ def test_driver_against_local_cluster(tmp_path):
          "--rate=16", "--seed=3", f"--out_dir={out}", "--label=disagg",
          "--noprogress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    router_metrics = c.metrics("router")
   finally:
     c.stop()
   assert "Goodput" in proc.stdout and "TTFT" in proc.stdout
@@ -57,3 +58,10 @@ def test_driver_against_local_cluster(tmp_path):
   assert abs(summary["goodput"] - summary["slo_met"]
              / summary["duration_s"]) < 1e-6
   assert (out / "latency_cdf.png").stat().st_size > 0
+  # The router's traffic histograms (what the pool planner reads) count
+  # every request's lengths.
+  assert metric(router_metrics, "pdjax_request_prompt_tokens_count") == 32
+  assert metric(router_metrics, "pdjax_request_prompt_tokens_sum") == sum(
+      r["prompt_tokens"] for r in records)
+  assert metric(router_metrics, "pdjax_request_generation_tokens_sum") == \
+      summary["total_output_tokens"]

@@ -196,3 +196,88 @@ def test_plan_pools_tool_on_a_sweep(tmp_path):
   assert [p["rate"] for p in result["plans"]] == [2.0, 20.0]
   assert result["plans"][0]["num_prefill"] >= 1
   assert len(result["validation"]) == 2
+
+
+def test_traffic_from_two_scrapes_of_the_routers_histograms():
+  """The window's rate and lengths: requests finished between the scrapes
+  only, their mean exact, each length within its bucket's bounds."""
+  from prometheus_client import generate_latest
+
+  from pdjax.planner.traffic import traffic_between
+  from pdjax.service.metrics import Metrics
+  m = Metrics("router")
+
+  def finish(prompt, output):
+    m.request_prompt_tokens.observe(prompt)
+    m.request_generation_tokens.observe(output)
+
+  for _ in range(5):                      # before the window
+    finish(10_000, 3)
+  before = generate_latest(m.registry).decode()
+  prompts = [100, 120, 300, 300, 900, 3000] * 5
+  outputs = [20, 40, 60, 200, 250, 500] * 5
+  for p, o in zip(prompts, outputs):
+    finish(p, o)
+  t = traffic_between(before, generate_latest(m.registry).decode(), 10.0)
+  assert t.rate == pytest.approx(3.0)
+  assert np.mean(t.prompt_tokens) == pytest.approx(np.mean(prompts), rel=0.01)
+  assert np.mean(t.output_tokens) == pytest.approx(np.mean(outputs), rel=0.01)
+  assert max(t.prompt_tokens) < 10_000    # the earlier requests left out
+  assert min(t.prompt_tokens) >= 64 and max(t.prompt_tokens) <= 4096 * 1.5
+  with pytest.raises(ValueError, match="no request finished"):
+    traffic_between(before, before, 10.0)
+  with pytest.raises(ValueError, match="pdjax router"):
+    traffic_between("", "", 10.0)
+
+
+def test_plan_pools_plans_for_a_routers_measured_traffic(tmp_path):
+  """--router_metrics: two scrapes of a /metrics endpoint give the rate and
+  lengths the plan is made for."""
+  import http.server
+  import threading
+
+  from prometheus_client import generate_latest
+
+  from pdjax.service.metrics import Metrics
+  m = Metrics("router")
+  pages = [generate_latest(m.registry)]
+  for _ in range(40):
+    m.request_prompt_tokens.observe(500)
+    m.request_generation_tokens.observe(100)
+  pages.append(generate_latest(m.registry))
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      body = pages.pop(0) if len(pages) > 1 else pages[0]
+      self.send_response(200)
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  records, _ = _prefill_run()
+  profile = tmp_path / "results.jsonl"
+  profile.write_text("".join(json.dumps(r.to_dict()) + "\n"
+                             for r in records))
+  out = tmp_path / "plan.json"
+  try:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plan_pools.py"),
+         f"--profile={profile}", "--ttft_slo=0.5", "--tpot_slo=0.1",
+         f"--router_metrics=http://127.0.0.1:{server.server_port}/metrics",
+         "--window_s=2", f"--out={out}"],
+        capture_output=True, text=True, timeout=120)
+  finally:
+    server.shutdown()
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  measured = result["measured_traffic"]
+  assert measured["rate"] == pytest.approx(20.0)
+  assert measured["mean_prompt_tokens"] == pytest.approx(500, rel=0.01)
+  assert measured["mean_output_tokens"] == pytest.approx(100, rel=0.01)
+  (planned,) = result["plans"]
+  assert planned["rate"] == pytest.approx(20.0)
+  assert planned["num_prefill"] >= 1 and planned["num_decode"] >= 1

@@ -16,7 +16,10 @@
 single run's ``results.jsonl`` instead. ``--max_batch``,
 ``--max_batch_tokens`` and ``--max_rows`` are the deployment's prefill
 batching and decode rows (``[prefill] max_batch``, ``max_batch_tokens``,
-``[decode] max_seqs``). Prints tables; ``--out`` writes them as JSON.
+``[decode] max_seqs``). ``--router_metrics`` plans for the traffic a
+running deployment's router finished over ``--window_s`` (its request
+rate and lengths, ``pdjax.planner.traffic``). Prints tables; ``--out``
+writes them as JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +59,12 @@ VALIDATE = flags.DEFINE_bool("validate", False, "Predict the measured "
 VALIDATE_ON = flags.DEFINE_string(
     "validate_on", None, "--validate against this sweep directory (another "
     "measurement of the same deployment) instead of --sweep.")
+ROUTER_METRICS = flags.DEFINE_string(
+    "router_metrics", None, "A running router's /metrics URL: measure its "
+    "traffic over --window_s and plan for it (--rates then take the "
+    "measured lengths).")
+WINDOW = flags.DEFINE_float("window_s", 30.0, "--router_metrics: seconds "
+                            "between the two scrapes.")
 OUT = flags.DEFINE_string("out", None, "JSON results file.")
 
 
@@ -163,13 +174,29 @@ def main(argv) -> None:
     result["validation"] = rows
     print()
 
-  if RATES.value:
+  lengths = (profile.prompt_tokens, profile.output_tokens)
+  rates = [float(r) for r in RATES.value]
+  if ROUTER_METRICS.value:
+    from pdjax.planner.traffic import scrape, traffic_between
+    before = scrape(ROUTER_METRICS.value)
+    time.sleep(WINDOW.value)
+    measured = traffic_between(before, scrape(ROUTER_METRICS.value),
+                               WINDOW.value)
+    lengths = (measured.prompt_tokens, measured.output_tokens)
+    print(f"measured traffic: {measured.rate:.2f} req/s over "
+          f"{WINDOW.value:g} s, prompt {np.mean(lengths[0]):.0f} tokens, "
+          f"output {np.mean(lengths[1]):.0f} tokens on average\n")
+    result["measured_traffic"] = {
+        "rate": measured.rate, "mean_prompt_tokens": float(np.mean(
+            lengths[0])), "mean_output_tokens": float(np.mean(lengths[1]))}
+    rates = rates or [measured.rate]
+  if rates:
     print("| rate | prefill workers | decode workers | TTFT p90 (ms) | "
           "TPOT p90 (ms) | rows per decode worker |\n|---|---|---|---|---|"
           "---|")
     plans = []
-    for rate in (float(r) for r in RATES.value):
-      pl = plan(profile, Traffic.like(profile, rate), slo,
+    for rate in rates:
+      pl = plan(profile, Traffic(rate, *lengths), slo,
                 max_rows=MAX_ROWS.value, batching=batching)
       if pl is None:
         print(f"| {rate:g} | - | - | no deployment meets the SLOs | | |")

@@ -1,12 +1,12 @@
 """Sizing the prefill and decode pools from SLOs and measured traffic.
 
 ``profile`` fits what one worker of each pool does from a measured run of
-the batch-eval driver; ``sizing`` turns that, a traffic (rate and lengths)
-and SLOs into the fewest workers per pool, a deployment's predicted TTFT
-and TPOT, or the highest rate it serves. ``tools/plan_pools.py`` is the
-command line. It is offline today; the router's metrics carry the same
-quantities (prefill time, TTFT, rows per decode worker), which is where a
-planner that resizes a running deployment will read them.
+the batch-eval driver; ``traffic`` reads the rate and lengths a running
+router finishes off its metrics; ``sizing`` turns a profile, a traffic and
+SLOs into the fewest workers per pool, a deployment's predicted TTFT and
+TPOT, or the highest rate it serves. ``tools/plan_pools.py`` is the
+command line. It advises; resizing a running deployment (workers joining
+and leaving the router's registry) is the step after.
 """
 
 from pdjax.planner.profile import (DecodeModel, PrefillModel, Profile,

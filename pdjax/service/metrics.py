@@ -20,6 +20,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # A decode iteration is a few to a few hundred ms: fine steps there.
 _ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03,
                       0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# Request lengths in tokens: powers of two to the longest contexts served.
+TOKEN_BUCKETS = tuple(float(2 ** k) for k in range(18))
 # What jax's Device.memory_stats() calls them -> this metric's stat label.
 _MEMORY_STATS = {"bytes_in_use": "in_use", "peak_bytes_in_use": "peak",
                  "bytes_limit": "limit",
@@ -82,6 +84,15 @@ class Metrics:
         ["transport"], registry=r)
     self.tokens = Counter(
         "pdjax_generated_tokens_total", "Tokens generated.", registry=r)
+    # The traffic a planner sizes pools for: finished requests' lengths
+    # (the router's; vLLM's request_prompt/generation_tokens).
+    self.request_prompt_tokens = Histogram(
+        "pdjax_request_prompt_tokens", "Prompt tokens of finished requests.",
+        buckets=TOKEN_BUCKETS, registry=r)
+    self.request_generation_tokens = Histogram(
+        "pdjax_request_generation_tokens",
+        "Generated tokens of finished requests.", buckets=TOKEN_BUCKETS,
+        registry=r)
     self.compilations = Gauge(
         "pdjax_xla_compilations", "XLA compilations in this process.",
         registry=r)

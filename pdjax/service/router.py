@@ -188,6 +188,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           outcome = common_pb2.FinishReason.Name(msg.finish_reason).split(
               "_")[-1].lower()
           self.metrics.e2e.observe(usage.total_time_s)
+          self.metrics.request_prompt_tokens.observe(usage.prompt_tokens)
+          self.metrics.request_generation_tokens.observe(
+              usage.completion_tokens)
         yield out
         if msg.finish_reason:
           break
