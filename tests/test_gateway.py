@@ -437,6 +437,34 @@ def test_n_choices_with_seed_use_seed_plus_i(router):
     assert mine[-1]["finish_reason"] == "length"
 
 
+def test_a_batch_of_prompts_numbers_choices_as_vllm(router):
+  """Prompt i's choice j is choice i * n + j; each prompt's choices sample
+  with seed + j; usage counts each prompt once and every choice's tokens."""
+  fake = router[0]
+  status, data = _post(router, "/v1/completions", {
+      "prompt": ["batch-a", [7, 8, 9]], "n": 2, "max_tokens": 3,
+      "seed": 5})
+  assert status == 200, data
+  assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+  base = _rid(data["id"])
+  sent = [fake.requests[f"{base}-{k}"] for k in range(4)]
+  assert [r.text for r in sent[:2]] == ["batch-a", "batch-a"]
+  assert [list(r.token_ids.ids) for r in sent[2:]] == [[7, 8, 9]] * 2
+  assert [r.sampling.seed for r in sent] == [5, 6, 5, 6]
+  assert data["usage"] == {
+      "prompt_tokens": len("batch-a") + 3, "completion_tokens": 12,
+      "total_tokens": len("batch-a") + 3 + 12,
+      "prompt_tokens_details": {"cached_tokens": 2 * _CACHED}}
+  # Streamed, each choice's chunks carry its own index.
+  events = _stream(router, "/v1/completions", {
+      "prompt": ["batch-b", "batch-c"], "max_tokens": 2, "stream": True})
+  texts = {}
+  for e in events:
+    for c in e["choices"]:
+      texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+  assert texts == {0: "<100><101>", 1: "<100><101>"}
+
+
 def test_logprobs_are_the_chosen_tokens(router):
   status, data = _post(router, "/v1/completions",
                        {"prompt": "hello", "max_tokens": 3, "logprobs": 0})
@@ -532,7 +560,9 @@ _BAD = [
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
     ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": ["a", [1, "x"]]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": ["a"] * 9, "n": 128}, "prompt"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 1.5}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": True}, "max_tokens"),

@@ -26,7 +26,8 @@ from pdjax.gateway.errors import bad_request
 
 log = logging.getLogger(__name__)
 
-MAX_N = 128                # choices per request (OpenAI's own limit)
+MAX_N = 128                # choices per prompt (OpenAI's own limit)
+MAX_CHOICES = 1024         # choices per request, over a batch of prompts
 _INT32_MAX = 2**31 - 1     # max_tokens, top_k, token ids are int32 in the proto
 _SEED_LIMIT = 2**63        # the engines take seeds in [0, 2**63)
 
@@ -71,11 +72,18 @@ class Params:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt, as text or as token ids (exactly one is set)."""
+  text: str | None = None
+  token_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class CompletionRequest:
-  """``POST /v1/completions``: one prompt, as text or as token ids."""
+  """``POST /v1/completions``: one prompt or a batch of them; prompt i's
+  choice j is choice ``i * n + j`` of the response, as vLLM numbers them."""
   params: Params
-  prompt: str | None = None
-  prompt_token_ids: tuple[int, ...] | None = None
+  prompts: tuple[Prompt, ...]
   add_special_tokens: bool | None = None
 
 
@@ -290,40 +298,44 @@ _NO_TOP = ("pdjax returns the logprob of the chosen token only, not of "
 
 
 # ------------------------------------------------------------- completions
-def _prompt(v: Any) -> tuple[str | None, tuple[int, ...] | None]:
-  """A text or token-id prompt; a batch of one is unwrapped."""
-  if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-    v = v[0]
+def _one_prompt(v: Any, name: str) -> Prompt:
   if isinstance(v, str):
     if not v:
-      raise bad_request("prompt", "is empty")
-    return v, None
+      raise bad_request(name, "is empty")
+    return Prompt(text=v)
   if isinstance(v, list) and v and all(_is_int(t) for t in v):
-    return None, _token_ids(v, "prompt")
-  if isinstance(v, list) and len(v) > 1 and all(
-      isinstance(p, (str, list)) for p in v):
-    raise bad_request("prompt", f"got a batch of {len(v)} prompts; this "
-                      "gateway serves one prompt per request (send them as "
-                      "separate, concurrent requests)")
+    return Prompt(token_ids=_token_ids(v, name))
+  raise bad_request(name, "must be a non-empty string or a non-empty "
+                    "list of token ids")
+
+
+def _prompts(v: Any, n: int) -> tuple[Prompt, ...]:
+  """A text or token-id prompt, or a list of them (a batch)."""
   if v is None:
     raise bad_request("prompt", "is required")
-  raise bad_request("prompt", "must be a non-empty string or a non-empty "
-                    "list of token ids")
+  if isinstance(v, list) and v and all(isinstance(p, (str, list))
+                                       for p in v):
+    prompts = tuple(_one_prompt(p, f"prompt[{i}]") for i, p in enumerate(v))
+  else:
+    prompts = (_one_prompt(v, "prompt"),)
+  if len(prompts) * n > MAX_CHOICES:
+    raise bad_request("prompt", f"{len(prompts)} prompts x n={n} is more "
+                      f"than {MAX_CHOICES} choices in one request; split it")
+  return prompts
 
 
 def parse_completion(raw: Any) -> CompletionRequest:
   body = _Body(raw)
   _refuse_unsupported(body, _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION)
-  prompt, ids = _prompt(body.raw("prompt"))
   logprobs = body.int("logprobs", 0)
   if logprobs is not None and logprobs > 1:
     raise bad_request("logprobs", f"at most 1: {_NO_TOP} (got {logprobs})")
   params = _params(body, max_tokens=body.int("max_tokens", 1),
                    logprobs=logprobs is not None)
+  prompts = _prompts(body.raw("prompt"), params.n)
   add_special = body.bool("add_special_tokens", None)
   _log_unknown(body, "completions")
-  return CompletionRequest(params=params, prompt=prompt,
-                           prompt_token_ids=ids,
+  return CompletionRequest(params=params, prompts=prompts,
                            add_special_tokens=add_special)
 
 
@@ -378,5 +390,5 @@ def parse_chat(raw: Any) -> ChatRequest:
   return ChatRequest(params=params, messages=messages)
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "MAX_N", "Params",
-           "parse_chat", "parse_completion"]
+__all__ = ["ChatRequest", "CompletionRequest", "MAX_CHOICES", "MAX_N",
+           "Params", "Prompt", "parse_chat", "parse_completion"]

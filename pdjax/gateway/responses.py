@@ -9,7 +9,7 @@ differ only in how a choice's text is wrapped (``text`` against a chat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pdjax.client import Usage
@@ -30,29 +30,36 @@ class UsageTally:
 
   Completion tokens are counted as received (so a choice a stop string
   ended counts the tokens that reached the gateway, not what the router
-  would have generated). Prompt tokens come from the router's usage; when
-  no choice got that far (every one ended by a stop string, whose early
-  close means the router's last message never came), from ``prompt_tokens``,
-  with the cached-token count then unknown.
+  would have generated). Each prompt's tokens count once, however many
+  choices it has: from the router's usage of any of its choices, or, when
+  none got that far (every one ended by a stop string, whose early close
+  means the router's last message never came), from that prompt's counter,
+  the cached-token count then unknown.
   """
 
-  def __init__(self, prompt_tokens: Callable[[], int | None]):
-    self._prompt_tokens = prompt_tokens
+  def __init__(self, prompt_tokens: Sequence[Callable[[], int | None]], *,
+               choices_per_prompt: int = 1):
+    self._prompt_tokens = list(prompt_tokens)
+    self._n = choices_per_prompt
     self._completion = 0
-    self._router: Usage | None = None
+    self._router: dict[int, Usage] = {}    # by prompt
 
   def add(self, d: ChoiceDelta) -> None:
     self._completion += len(d.token_ids)
-    if d.usage is not None and self._router is None:
-      self._router = d.usage
+    if d.usage is not None:
+      self._router.setdefault(d.index // self._n, d.usage)
 
   def to_json(self) -> dict[str, Any]:
-    cached = None
-    if self._router is not None:
-      prompt = self._router.prompt_tokens
-      cached = self._router.cached_prompt_tokens
-    else:
-      prompt = self._prompt_tokens() or 0
+    prompt, cached = 0, 0
+    for i, count in enumerate(self._prompt_tokens):
+      usage = self._router.get(i)
+      if usage is None:
+        prompt += count() or 0
+        cached = None
+      else:
+        prompt += usage.prompt_tokens
+        if cached is not None:
+          cached += usage.cached_prompt_tokens
     out: dict[str, Any] = {"prompt_tokens": prompt,
                            "completion_tokens": self._completion,
                            "total_tokens": prompt + self._completion}

@@ -223,13 +223,20 @@ def _sse(obj: Any) -> bytes:
   return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-def _calls(base_id: str, params: protocol.Params, prompt: str | None,
-           extra: dict[str, Any]) -> list[RouterCall]:
-  """One router call per choice; request ids ``base`` or ``base-i``."""
+def _calls(base_id: str, params: protocol.Params,
+           prompts: list[tuple[str | None, dict[str, Any]]]
+           ) -> list[RouterCall]:
+  """One router call per choice of each prompt (a text, or None with the
+  token ids among its call options): prompt i's choice j is choice
+  ``i * n + j`` and samples with seed + j. Request ids: ``base``, or
+  ``base-k`` for choice k when there are several."""
   calls = []
-  for i in range(params.n):
-    rid = base_id if params.n == 1 else f"{base_id}-{i}"
-    calls.append(RouterCall(i, prompt, {**params.router_options(i, rid),
+  total = len(prompts) * params.n
+  for i, (text, extra) in enumerate(prompts):
+    for j in range(params.n):
+      k = i * params.n + j
+      rid = base_id if total == 1 else f"{base_id}-{k}"
+      calls.append(RouterCall(k, text, {**params.router_options(j, rid),
                                         **extra}))
   return calls
 
@@ -293,7 +300,8 @@ async def _stream_events(request: web.Request, stream: AsyncIterator,
 
 def _prompt_counter(state: _State, text: str | None,
                     ids: tuple[int, ...] | None, add_bos: bool):
-  """Prompt tokens for usage when the router's count never arrived."""
+  """Prompt tokens for usage when the router's count never arrived (None
+  without a tokenizer)."""
   def count() -> int | None:
     if ids is not None:
       return len(ids)
@@ -334,15 +342,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
   card = await state.card(request.app[CLIENT])
   _check_model(req.params, card)
   base = uuid.uuid4().hex
-  extra: dict[str, Any] = {"add_special_tokens": req.add_special_tokens}
-  if req.prompt_token_ids is not None:
-    extra["prompt_token_ids"] = list(req.prompt_token_ids)
-  calls = _calls(base, req.params, req.prompt, extra)
+  prompts = []
+  for p in req.prompts:
+    extra: dict[str, Any] = {"add_special_tokens": req.add_special_tokens}
+    if p.token_ids is not None:
+      extra["prompt_token_ids"] = list(p.token_ids)
+    prompts.append((p.text, extra))
+  calls = _calls(base, req.params, prompts)
   fmt = CompletionFormatter(f"cmpl-{base}", card.name, int(time.time()),
                             req.params, state.token_text)
-  usage = UsageTally(_prompt_counter(
-      state, req.prompt, req.prompt_token_ids,
-      req.add_special_tokens is not False))
+  usage = UsageTally(
+      [_prompt_counter(state, p.text, p.token_ids,
+                       req.add_special_tokens is not False)
+       for p in req.prompts], choices_per_prompt=req.params.n)
   return await _respond(request, req.params, calls, fmt, usage)
 
 
@@ -367,10 +379,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # As vLLM: up to the end of the context (the engines stop there).
     params = dataclasses.replace(params, max_tokens=card.max_model_len)
   base = uuid.uuid4().hex
-  calls = _calls(base, params, prompt, {"add_special_tokens": False})
+  calls = _calls(base, params, [(prompt, {"add_special_tokens": False})])
   fmt = ChatFormatter(f"chatcmpl-{base}", card.name, int(time.time()),
                       params, state.token_text)
-  usage = UsageTally(_prompt_counter(state, prompt, None, False))
+  usage = UsageTally([_prompt_counter(state, prompt, None, False)],
+                     choices_per_prompt=params.n)
   return await _respond(request, params, calls, fmt, usage)
 
 
