@@ -6,6 +6,7 @@ defaults live in ``pdjax.config``.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from absl import flags
@@ -165,6 +166,12 @@ def router_client_settings():
   return TlsConfig(root_ca=sec.ca, cert=sec.cert if sec.tls else None,
                    key=sec.key if sec.tls else None,
                    server_name=sec.server_name), sec.token
+
+
+def setup_logging() -> None:
+  """Every launcher's log lines: --log_level, one format."""
+  logging.basicConfig(level=LOG_LEVEL.value,
+                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def write_port_file(port: int, metrics_port: int) -> None:

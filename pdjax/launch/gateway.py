@@ -143,8 +143,7 @@ async def serve() -> None:
 
 def main(argv) -> None:
   del argv
-  logging.basicConfig(level=F.LOG_LEVEL.value,
-                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  F.setup_logging()
   asyncio.run(serve())
 
 

@@ -395,8 +395,7 @@ async def _run_until_signal(server, health, names, workers) -> None:
 
 
 def run(role: str) -> None:
-  logging.basicConfig(level=F.LOG_LEVEL.value,
-                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  F.setup_logging()
   # Not asyncio.run: its teardown joins the default executor's threads
   # without a bound, and one still blocked there (a hand-off waiting on a
   # peer) would hold the exit; the process leaves by os._exit below anyway,
