@@ -31,33 +31,42 @@ def scrape(url: str, timeout_s: float = 10.0) -> str:
     return r.read().decode()
 
 
-def _histogram(text: str, name: str) -> tuple[list[tuple[float, float]],
-                                              float, float]:
-  """(cumulative (upper bound, count) pairs, count, sum) of a histogram."""
-  buckets, count, total = [], None, None
+_Histogram = tuple[list[tuple[float, float]], float, float]
+
+
+def _histograms(text: str) -> dict[str, _Histogram]:
+  """The two length histograms of an exposition, parsed once: (cumulative
+  (upper bound, count) pairs, count, sum) by name."""
+  found: dict[str, dict] = {}
   for family in text_string_to_metric_families(text):
-    if family.name != name:
+    if family.name not in (PROMPT_METRIC, OUTPUT_METRIC):
       continue
+    h = found.setdefault(family.name, {"buckets": []})
     for s in family.samples:
-      if s.name == f"{name}_bucket":
-        buckets.append((float(s.labels["le"]), s.value))
-      elif s.name == f"{name}_count":
-        count = s.value
-      elif s.name == f"{name}_sum":
-        total = s.value
-  if count is None or total is None:
-    raise ValueError(f"no {name} histogram in these metrics (is this a "
-                     "pdjax router's /metrics?)")
-  return sorted(buckets), count, total
+      if s.name == f"{family.name}_bucket":
+        h["buckets"].append((float(s.labels["le"]), s.value))
+      elif s.name == f"{family.name}_count":
+        h["count"] = s.value
+      elif s.name == f"{family.name}_sum":
+        h["sum"] = s.value
+  out = {}
+  for name in (PROMPT_METRIC, OUTPUT_METRIC):
+    h = found.get(name, {})
+    if "count" not in h or "sum" not in h:
+      raise ValueError(f"no {name} histogram in these metrics (is this a "
+                       "pdjax router's /metrics?)")
+    out[name] = (sorted(h["buckets"]), h["count"], h["sum"])
+  return out
 
 
-def _lengths(before: str, after: str, name: str) -> tuple[int, ...]:
-  """The window's lengths: bucket middles, scaled to the exact mean."""
-  b0, n0, s0 = _histogram(before, name)
-  b1, n1, s1 = _histogram(after, name)
+def _window(before: _Histogram, after: _Histogram
+            ) -> tuple[float, tuple[int, ...]]:
+  """(requests, their lengths) between two scrapes of one histogram: bucket
+  middles, scaled to the exact mean."""
+  (b0, n0, s0), (b1, n1, s1) = before, after
   n = n1 - n0
   if n <= 0:
-    return ()
+    return n, ()
   previous = dict(b0)
   lengths, counts, lower, below = [], [], 0.0, 0.0
   for upper, cumulative in b1:
@@ -72,20 +81,20 @@ def _lengths(before: str, after: str, name: str) -> tuple[int, ...]:
   reps = np.maximum(1, np.round(weights * min(n, _MAX_LENGTHS))).astype(int)
   sample = np.repeat(np.asarray(lengths), reps)
   sample *= ((s1 - s0) / n) / sample.mean()
-  return tuple(int(max(1, round(v))) for v in sample)
+  return n, tuple(int(max(1, round(v))) for v in sample)
 
 
 def traffic_between(before: str, after: str, window_s: float) -> Traffic:
   """The traffic the router finished between two scrapes ``window_s``
   apart (see the module docstring)."""
-  _, n0, _ = _histogram(before, PROMPT_METRIC)
-  _, n1, _ = _histogram(after, PROMPT_METRIC)
-  if n1 - n0 <= 0:
+  h0, h1 = _histograms(before), _histograms(after)
+  n, prompts = _window(h0[PROMPT_METRIC], h1[PROMPT_METRIC])
+  if n <= 0:
     raise ValueError(f"no request finished in the {window_s:g} s window: "
                      "measure while the deployment serves traffic")
-  return Traffic(rate=(n1 - n0) / window_s,
-                 prompt_tokens=_lengths(before, after, PROMPT_METRIC),
-                 output_tokens=_lengths(before, after, OUTPUT_METRIC))
+  _, outputs = _window(h0[OUTPUT_METRIC], h1[OUTPUT_METRIC])
+  return Traffic(rate=n / window_s, prompt_tokens=prompts,
+                 output_tokens=outputs)
 
 
 __all__ = ["OUTPUT_METRIC", "PROMPT_METRIC", "scrape", "traffic_between"]
