@@ -1133,7 +1133,7 @@ def test_decode_dispatch_picks_the_program_for_its_rows(local_prefill,
   programs = rep.programs
   real = programs.generate
   try:
-    programs.generate = lambda g: used.append(g) or real(g)
+    programs.generate = lambda g, rows: used.append(g) or real(g, rows)
     col = Collector()
     reqs = [("pg0", prompt(20, 71), GREEDY),
             ("pg1", prompt(20, 72), seeded(3, 4))]
@@ -1153,12 +1153,16 @@ def test_decode_dispatch_picks_the_program_for_its_rows(local_prefill,
 
 def test_generate_gemm_choice():
   """The generate program's GEMM kernels: cuBLAS from CUBLAS_MIN_ROWS rows
-  on GPUs unless told otherwise; no option at all off GPUs (a CPU compiler
-  rejects GPU options)."""
+  on GPUs unless told otherwise, decided per program's row count; no option
+  at all off GPUs (a CPU compiler rejects GPU options)."""
   from pdjax.engine.decode_programs import (CUBLAS_MIN_ROWS,
                                             generate_compiler_options)
   many = DecodeConfig(max_seqs=CUBLAS_MIN_ROWS)
   one = DecodeConfig(max_seqs=1)
+  # A pool's programs of fewer rows than CUBLAS_MIN_ROWS take Triton.
+  assert generate_compiler_options(
+      DecodeConfig(max_seqs=64), "gpu", rows=CUBLAS_MIN_ROWS - 1) == \
+      generate_compiler_options(one, "gpu")
   apart = {"xla_gpu_dot_merger_threshold_mb": 0}
   assert generate_compiler_options(many, "gpu") == {
       "xla_gpu_enable_triton_gemm": False, **apart}

@@ -142,6 +142,7 @@ def _layout(cfg, B: int, C: int, S: int):
   """DecodeConfig for B rows at context C that stay live for the whole
   measurement; plus the memory estimate of the fit check."""
   from pdjax.engine.decode import DecodeConfig
+  from pdjax.engine.decode_config import MIN_PROGRAM_ROWS
   from pdjax.engine.kv import pages_for, payload_pages
   P = FLAGS.page_size
   total_calls = 2 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
@@ -152,9 +153,13 @@ def _layout(cfg, B: int, C: int, S: int):
   # One page-table width (every row is at the same length): one program.
   # Pages rounded so layers x pages is a multiple of B (cuDNN's paged
   # attention wants the pool's blocks to be B x a table width).
-  step = B // math.gcd(B, cfg.num_layers)
-  dcfg = DecodeConfig(max_seqs=B, page_size=P,
-                      num_pages=_round_up(B * M + 1, step),
+  # A pool of at least MIN_PROGRAM_ROWS rows: B live rows run the program
+  # serving would run them with (one stream runs the smallest program,
+  # DecodeConfig.row_buckets).
+  rows = max(B, MIN_PROGRAM_ROWS)
+  step = rows // math.gcd(rows, cfg.num_layers)
+  dcfg = DecodeConfig(max_seqs=rows, page_size=P,
+                      num_pages=_round_up(rows * M + 1, step),
                       max_seq_len=max_seq_len, steps_per_call=S,
                       table_buckets=(M,), triton_gemm=FLAGS.triton_gemm,
                       merge_dots=FLAGS.merge_dots,
@@ -199,8 +204,9 @@ def new_engine(params, cfg, mesh, rules, dcfg):
   from pdjax.engine.decode import DecodeEngine
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
   if FLAGS.sampling_path == "device":
-    on_device = engine.programs.generate_program(None)
-    engine.programs.generate = lambda all_greedy: on_device
+    on_device = {rows: engine.programs.generate_program(None, rows)
+                 for rows in dcfg.row_counts}
+    engine.programs.generate = lambda all_greedy, rows: on_device[rows]
   return engine
 
 
@@ -227,9 +233,9 @@ def timed_call(engine):
 
   def call():
     if FLAGS.timed == "dispatch":
-      return rep.dispatch()[0]
+      return rep.dispatch().out
     engine.step()
-    return engine._inflight[0][1]  # pylint: disable=protected-access
+    return engine._inflight[0][1].out  # pylint: disable=protected-access
   return call
 
 
@@ -239,7 +245,8 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   from pdjax.engine import compile_stats
 
   dcfg, mem = _layout(cfg, B, C, S)
-  params_rec = {"batch": B, "context": C, "steps_per_call": S,
+  params_rec = {"batch": B, "program_rows": dcfg.rows_for(B), "context": C,
+                "steps_per_call": S,
                 "calls_per_sample": FLAGS.calls_per_sample,
                 "page_size": dcfg.page_size, "max_seq_len": dcfg.max_seq_len,
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
@@ -258,14 +265,17 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                         {"reason": "does not fit", **mem,
                          "budget_bytes": budget})
   engine = new_engine(params, cfg, mesh, rules, dcfg)
-  compiler_options = engine.programs.compiler_options
-  paged_attention = engine.programs.paged_attention
+  program_rows = dcfg.rows_for(B)
+  compiler_options = engine.programs.compiler_options[program_rows]
+  paged_attention = engine.programs.paged_attention[program_rows]
   rep = engine.replicas[0]
   try:
     mem_analysis = None
     if FLAGS.memory_analysis:
-      compiled = engine.programs.generate(True).lower(
-          rep.params, rep.state, rep._slot_inputs()).compile()  # pylint: disable=protected-access
+      rows = list(range(B))
+      compiled = engine.programs.generate(True, program_rows).lower(
+          rep.params, rep.state, rep._slot_inputs(rows, rows, rep._width(rows))  # pylint: disable=protected-access
+      ).compile()
       m = compiled.memory_analysis()
       mem_analysis = {k: getattr(m, k, None) for k in (
           "temp_size_in_bytes", "argument_size_in_bytes",
@@ -291,7 +301,10 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
     valid = np.asarray(out.valid)
     positions = np.asarray(rep.state.positions)
     calls = 2 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
-    rows_ok = bool(valid.all()) and bool((positions == C + S * calls).all())
+    # The call's first B columns are the B live rows (state rows 0..B-1);
+    # the rest pad the program's row count.
+    rows_ok = (bool(valid[:, :B].all())
+               and bool((positions[:B] == C + S * calls).all()))
   finally:
     del engine, rep
     gc.collect()

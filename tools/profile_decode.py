@@ -184,7 +184,7 @@ def profile_point(params, cfg, mesh, rules, B: int, C: int, S: int,
         traced_s = _timed_calls(call, n)
       finally:
         jax.profiler.stop_trace()
-    paged = engine.programs.paged_attention
+    paged = engine.programs.paged_attention[engine.dcfg.max_seqs]
   finally:
     del engine, rep, call
     gc.collect()

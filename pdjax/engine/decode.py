@@ -45,8 +45,8 @@ from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.borrowed_kv import BorrowedKvReturns
 from pdjax.engine.cache_events import CacheEventLog
 from pdjax.engine.decode_config import DecodeConfig
-from pdjax.engine.decode_programs import DecodeState, StepOutput, _Programs
-from pdjax.engine.decode_replica import DecodeReplica, Reservation
+from pdjax.engine.decode_programs import DecodeState, _Programs
+from pdjax.engine.decode_replica import Call, DecodeReplica, Reservation
 from pdjax.engine.kv import pages_for, payload_pages
 from pdjax.engine.prefix_cache import block_hashes
 from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
@@ -101,8 +101,11 @@ class DecodeEngine:
     self.programs = _Programs(
         cfg, dcfg, self.eos_ids, mesh.devices.flat[0].platform,
         mesh.size // mesh.shape.get("dp", 1))
-    log.info("decode attention: %s; generate compiler options: %s",
-             "cuDNN paged" if self.programs.paged_attention else "gather",
+    log.info("generate programs of %s rows; decode attention (cuDNN paged "
+             "or gather) by rows: %s; compiler options by rows: %s",
+             "/".join(map(str, dcfg.row_counts)),
+             {r: "paged" if p else "gather"
+              for r, p in self.programs.paged_attention.items()},
              self.programs.compiler_options)
     sub_rules = rules.without("dp")
     # KV-aware routing: every replica's block-set changes, for the router.
@@ -124,7 +127,7 @@ class DecodeEngine:
     self._inbox: collections.deque[_Pending] = collections.deque()
     self._cancelled: set[str] = set()
     self._where: dict[str, tuple[int, int]] = {}   # request -> (replica, row)
-    self._inflight: list[tuple[int, StepOutput, list]] = []
+    self._inflight: list[tuple[int, Call]] = []
     self._reservations: dict[str, Reservation] = {}
     self._seq = itertools.count()
     self.stats = collections.Counter()
@@ -351,9 +354,9 @@ class DecodeEngine:
     self._admit()
     launched = []
     for rep in self.replicas:
-      if rep.live_rows:
-        out, owners = rep.dispatch()
-        launched.append((rep.index, out, owners))
+      call = rep.dispatch() if rep.live_rows else None
+      if call is not None:
+        launched.append((rep.index, call))
     previous, self._inflight = self._inflight, launched
     t1 = time.perf_counter()
     for item in previous:
@@ -434,27 +437,28 @@ class DecodeEngine:
       self.stats["cancelled"] += 1
       req.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
 
-  def _deliver(self, replica: int, out: StepOutput, owners: list) -> None:
+  def _deliver(self, replica: int, call: Call) -> None:
     rep = self.replicas[replica]
+    out = call.out
     tokens = np.asarray(out.tokens)
     logprobs = np.asarray(out.logprobs)
     valid = np.asarray(out.valid)
     finished = np.asarray(out.finished)
     stopped = np.asarray(out.stopped)
-    for row, owner in enumerate(owners):
-      if owner is None or self._where.get(owner) != (replica, row):
-        continue
-      sel = valid[:, row]
+    for col, (owner, row) in enumerate(call.owners):
+      if self._where.get(owner) != (replica, row):
+        continue   # cancelled (or failed) since the call was launched
+      sel = valid[:, col]
       if not sel.any():
         continue
-      toks = tokens[sel, row].tolist()
-      lps = logprobs[sel, row].tolist()
+      toks = tokens[sel, col].tolist()
+      lps = logprobs[sel, col].tolist()
       r = rep.rows[row]
       r.tokens_out += len(toks)
       r.generated.extend(toks)
       reason = None
-      if finished[:, row].any():
-        reason = (FinishReason.STOP if stopped[:, row].any()
+      if finished[:, col].any():
+        reason = (FinishReason.STOP if stopped[:, col].any()
                   else FinishReason.LENGTH)
         rep.release(row)
         del self._where[owner]

@@ -10,6 +10,10 @@ from pdjax.engine.xla_options import check_on_off
 from pdjax.model.config import ModelConfig
 
 
+# The smallest generate program (DecodeConfig.row_buckets says why).
+MIN_PROGRAM_ROWS = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   max_seqs: int = 8          # rows per replica
@@ -22,6 +26,15 @@ class DecodeConfig:
   # what the batch needs, not max_seq_len for everyone. One program per
   # width; () = powers of two up to max_seq_len / page_size.
   table_buckets: tuple[int, ...] = ()
+  # Row counts of the generate programs. Each call runs the smallest that
+  # holds the rows it advances (the others keep their state untouched), so
+  # one stream does not pay for a program of max_seqs rows. One program per
+  # count; () = MIN_PROGRAM_ROWS x powers of 4 below max_seqs, then
+  # max_seqs. The smallest is 2, not 1: on GPUs a one-row program's GEMMs
+  # are matrix-vector products that neither cuBLAS nor XLA's Triton GEMMs
+  # run at HBM rate (H200, 8B: 19.4 / 12.6 ms at one row against 5.6 ms
+  # at two with cuBLAS).
+  row_buckets: tuple[int, ...] = ()
   # Keep finished sequences' full blocks, named by content, for requests
   # that share a prefix (they are evicted, least recently used first, only
   # when pages are needed).
@@ -30,12 +43,12 @@ class DecodeConfig:
   # kept in host memory, up to this many, and uploaded back on a later hit
   # instead of recomputed. 0 = off; needs prefix_caching.
   host_cache_blocks: int = 0
-  # GEMM kernels of the generate program on GPUs: XLA's Triton GEMMs ("on"),
-  # the vendor library's ("off": cuBLAS), or "auto": cuBLAS from
-  # CUBLAS_MIN_ROWS rows on, Triton below. At decode shapes (a few rows
-  # times a whole weight matrix) cuBLAS steps 1.6-1.9x faster from 4 rows
-  # on and 1.5x slower at 1 (H200, BENCHMARKS.md "XLA flags against the
-  # decode gap").
+  # GEMM kernels of the generate programs on GPUs: XLA's Triton GEMMs
+  # ("on"), the vendor library's ("off": cuBLAS), or "auto": per program,
+  # cuBLAS from CUBLAS_MIN_ROWS rows on, Triton below. At decode shapes (a
+  # few rows times a whole weight matrix) cuBLAS steps 1.6-2.1x faster from
+  # 2 rows on and 1.5x slower at 1 (H200, 8B: 5.6 vs 12.0 ms at 2 rows,
+  # 19.4 vs 12.6 ms at 1).
   triton_gemm: str = "auto"
   # XLA's DotMerger ("on", XLA's default) turns dots that share an input
   # (q/k/v of a layer) into one dot against the concatenation of their
@@ -64,6 +77,9 @@ class DecodeConfig:
     for b in self.table_buckets:
       if not 0 < b <= self.pages_per_seq:
         raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
+    for b in self.row_buckets:
+      if not 0 < b <= self.max_seqs:
+        raise ValueError(f"row bucket {b} outside (0, {self.max_seqs}]")
 
   @property
   def pages_per_seq(self) -> int:
@@ -86,9 +102,28 @@ class DecodeConfig:
   def width_for(self, pages: int) -> int:
     return next(w for w in self.widths if w >= pages)
 
+  @property
+  def row_counts(self) -> tuple[int, ...]:
+    """Row counts of the generate programs, increasing, the last always
+    max_seqs."""
+    if self.row_buckets:
+      out = sorted(set(self.row_buckets))
+    else:
+      out, b = [], MIN_PROGRAM_ROWS
+      while b < self.max_seqs:
+        out.append(b)
+        b *= 4
+    if not out or out[-1] != self.max_seqs:
+      out.append(self.max_seqs)
+    return tuple(out)
+
+  def rows_for(self, rows: int) -> int:
+    """The row count of the program that advances ``rows`` rows."""
+    return next(b for b in self.row_counts if b >= rows)
+
   def kv_bytes(self, cfg: ModelConfig) -> int:
     """Device bytes of one replica's KV pool (the explicit accounting)."""
     return self.num_pages * self.page_size * cfg.kv_bytes_per_token()
 
 
-__all__ = ["DecodeConfig"]
+__all__ = ["DecodeConfig", "MIN_PROGRAM_ROWS"]

@@ -37,24 +37,28 @@ class DecodeState:
 
 @struct.dataclass
 class SlotInputs:
-  """Per-row inputs the host owns; uploaded with each generate call."""
-  page_table: jax.Array   # [B, M]
-  active: jax.Array       # [B] bool
+  """Per-row inputs the host owns; uploaded with each generate call. A call
+  advances ``b`` rows of the pool's ``max_seqs`` (its program's row count):
+  ``rows`` names them, and every other field is theirs, in that order."""
+  rows: jax.Array         # [b] distinct state rows; padding rows inactive
+  page_table: jax.Array   # [b, M]
+  active: jax.Array       # [b] bool
   temperature: jax.Array
   top_p: jax.Array
   top_k: jax.Array
   seed: jax.Array
-  max_tokens: jax.Array   # [B]
-  stop_ids: jax.Array     # [B, S] (-1 padded)
-  use_eos: jax.Array      # [B] bool
+  max_tokens: jax.Array   # [b]
+  stop_ids: jax.Array     # [b, S] (-1 padded)
+  use_eos: jax.Array      # [b] bool
 
 
 class StepOutput(struct.PyTreeNode):
-  tokens: jax.Array     # [S, B]
-  logprobs: jax.Array   # [S, B]
-  valid: jax.Array      # [S, B] the row produced a token at this step
-  finished: jax.Array   # [S, B] ... and it was its last
-  stopped: jax.Array    # [S, B] ... because of EOS / a stop id
+  """Per step and per row of the call (``SlotInputs.rows`` order)."""
+  tokens: jax.Array     # [S, b]
+  logprobs: jax.Array   # [S, b]
+  valid: jax.Array      # [S, b] the row produced a token at this step
+  finished: jax.Array   # [S, b] ... and it was its last
+  stopped: jax.Array    # [S, b] ... because of EOS / a stop id
 
 
 def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
@@ -123,85 +127,118 @@ def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
 POOL_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
 
 
-CUBLAS_MIN_ROWS = 4
+CUBLAS_MIN_ROWS = 2
 
 
-def generate_compiler_options(dcfg: DecodeConfig,
-                              platform: str) -> dict[str, bool | int] | None:
-  """XLA options of the generate program (None: XLA's defaults). Only GPU
-  compilers know the GEMM options."""
+def generate_compiler_options(dcfg: DecodeConfig, platform: str,
+                              rows: int | None = None
+                              ) -> dict[str, bool | int] | None:
+  """XLA options of the generate program of ``rows`` rows (default
+  max_seqs; None: XLA's defaults). Only GPU compilers know the GEMM
+  options."""
   if platform not in ("gpu", "cuda"):
     return None
+  rows = dcfg.max_seqs if rows is None else rows
   triton = dcfg.triton_gemm == "on" or (
-      dcfg.triton_gemm == "auto" and dcfg.max_seqs < CUBLAS_MIN_ROWS)
+      dcfg.triton_gemm == "auto" and rows < CUBLAS_MIN_ROWS)
   return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
 
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
-                        devices_per_replica: int) -> bool:
-  """Resolves ``DecodeConfig.attention``. cuDNN's paged kernel has no
-  partitioning rule, so a replica spanning devices gathers."""
+                        devices_per_replica: int,
+                        rows: int | None = None) -> bool:
+  """Resolves ``DecodeConfig.attention`` for the program of ``rows`` rows
+  (default max_seqs). cuDNN's paged kernel has no partitioning rule, so a
+  replica spanning devices gathers."""
   if dcfg.attention == "gather":
     return False
+  rows = dcfg.max_seqs if rows is None else rows
   blocks = cfg.num_layers * dcfg.num_pages
   one_gpu = platform in ("gpu", "cuda") and devices_per_replica == 1
   applies = one_gpu and cudnn_paged_attention_applies(
-      cfg, blocks, dcfg.max_seqs, dcfg.pages_per_seq)
+      cfg, blocks, rows, dcfg.pages_per_seq)
   if (not applies and dcfg.attention == "auto" and one_gpu
-      and blocks % dcfg.max_seqs):
-    step = dcfg.max_seqs // math.gcd(dcfg.max_seqs, cfg.num_layers)
-    log.warning("decode attention gathers pages: cuDNN's paged attention "
-                "needs layers x num_pages (%d) to be a multiple of max_seqs "
-                "(%d); a num_pages that is a multiple of %d would allow it",
-                blocks, dcfg.max_seqs, step)
+      and blocks % rows):
+    step = rows // math.gcd(rows, cfg.num_layers)
+    log.warning("decode attention of the %d-row program gathers pages: "
+                "cuDNN's paged attention needs layers x num_pages (%d) to "
+                "be a multiple of its rows; a num_pages that is a multiple "
+                "of %d would allow it", rows, blocks, step)
   if dcfg.attention == "paged" and not applies:
     raise ValueError(
         "attention='paged' needs a GPU with cuDNN attention for this model "
         "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), "
         "one device per decode replica, and layers x num_pages a multiple "
-        "of max_seqs; use 'auto' or 'gather'")
+        f"of every program's rows ({rows} here); use 'auto' or 'gather'")
   return applies
 
 
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
-  executable per device set)."""
+  executable per device set and argument shapes)."""
 
   def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
                eos_ids: tuple[int, ...], platform: str,
                devices_per_replica: int):
-    self.compiler_options = generate_compiler_options(dcfg, platform)
-    self.paged_attention = use_paged_attention(cfg, dcfg, platform,
-                                               devices_per_replica)
-    self._entry = functools.partial(
-        _generate_entry, cfg=cfg, num_steps=dcfg.steps_per_call,
-        eos_ids=eos_ids, capacity=dcfg.max_seq_len,
-        paged=self.paged_attention)
-    # Two generate programs, the sampling path chosen on the host per call
-    # (``DecodeReplica.dispatch``): one deciding on device would be a
-    # lax.cond, which XLA's GPU runtime resolves on the host, so each call
-    # would block until it had run and nothing could be dispatched ahead
-    # (the next call, the other replicas' calls, the host's delivery).
-    self.generate_greedy = self.generate_program(True)
-    self.generate_sampled = self.generate_program(False)
+    self.cfg = cfg
+    self.dcfg = dcfg
+    self.platform = platform
+    self.devices_per_replica = devices_per_replica
+    self.eos_ids = eos_ids
+    # Per row count: the GEMM kernels and the attention path.
+    self.compiler_options = {
+        rows: generate_compiler_options(dcfg, platform, rows)
+        for rows in dcfg.row_counts}
+    self.paged_attention = {
+        rows: use_paged_attention(cfg, dcfg, platform, devices_per_replica,
+                                  rows)
+        for rows in dcfg.row_counts}
+    # Two generate programs per row count, the sampling path chosen on the
+    # host per call (``DecodeReplica.dispatch``): one deciding on device
+    # would be a lax.cond, which XLA's GPU runtime resolves on the host, so
+    # each call would block until it had run and nothing could be
+    # dispatched ahead (the next call, the other replicas' calls, the
+    # host's delivery).
+    self._generate = {(all_greedy, rows): self.generate_program(all_greedy,
+                                                                rows)
+                      for rows in dcfg.row_counts
+                      for all_greedy in (True, False)}
     self.insert = jax.jit(_insert, donate_argnums=(0,))
 
-  def generate_program(self, all_greedy: bool | None):
-    """A new jitted generate program; ``all_greedy`` None decides on device
-    (``sample``'s ``lax.cond``: the benchmarks' baseline, not served)."""
-    return jax.jit(functools.partial(self._entry, all_greedy=all_greedy),
-                   donate_argnums=(1,), compiler_options=self.compiler_options)
+  def generate_program(self, all_greedy: bool | None, rows: int):
+    """A new jitted generate program for calls of ``rows`` rows;
+    ``all_greedy`` None decides on device (``sample``'s ``lax.cond``: the
+    benchmarks' baseline, not served)."""
+    entry = functools.partial(
+        _generate_entry, cfg=self.cfg, num_steps=self.dcfg.steps_per_call,
+        eos_ids=self.eos_ids, capacity=self.dcfg.max_seq_len,
+        paged=self.paged_attention[rows], all_greedy=all_greedy)
+    return jax.jit(entry, donate_argnums=(1,),
+                   compiler_options=self.compiler_options[rows])
 
-  def generate(self, all_greedy: bool):
-    """The generate program for a batch that is (or is not) all greedy."""
-    return self.generate_greedy if all_greedy else self.generate_sampled
+  def generate(self, all_greedy: bool, rows: int):
+    """The generate program for a call of ``rows`` rows (a row count of
+    the pool) that are (or are not) all greedy."""
+    return self._generate[(all_greedy, rows)]
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
                     capacity, paged=False, all_greedy=None):
+  """Advances the call's rows (``slots.rows``) by ``num_steps``: their
+  per-row state is gathered, stepped, and scattered back; the pools are
+  shared by every row and updated in place."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  return _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
-                     paged, all_greedy)
+  rows = slots.rows
+  sub = DecodeState(k=state.k, v=state.v, tokens=state.tokens[rows],
+                    positions=state.positions[rows],
+                    generated=state.generated[rows], done=state.done[rows])
+  sub, out = _scan_steps(params, sub, slots, cfg, num_steps, eos, capacity,
+                         paged, all_greedy)
+  return DecodeState(
+      k=sub.k, v=sub.v, tokens=state.tokens.at[rows].set(sub.tokens),
+      positions=state.positions.at[rows].set(sub.positions),
+      generated=state.generated.at[rows].set(sub.generated),
+      done=state.done.at[rows].set(sub.done)), out
 
 
 __all__ = ["CUBLAS_MIN_ROWS", "DecodeState", "POOL_AXES", "SlotInputs",

@@ -19,7 +19,7 @@ from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.decode_programs import (POOL_AXES, DecodeState, SlotInputs,
-                                          _init_state, _Programs)
+                                          StepOutput, _init_state, _Programs)
 from pdjax.engine.kv import (kv_sharding, pages_for, request_kv_shape,
                              reshard_kv)
 from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
@@ -56,11 +56,19 @@ class _Row:
   request: DecodeRequest
   pages: list[int]
   reserved_left: int      # pages still promised to this row
-  host_pos: int           # upper bound of the device position
-  budget_pos: int         # the row never needs a position past this
+  # Steps the row can take before a length limit ends it on device
+  # (max_tokens or the context), and steps already dispatched for it: a
+  # row whose dispatched steps cover its limit is in no later call, so a
+  # call is never launched only to find its rows finished.
+  steps_needed: int
+  steps_dispatched: int = 0
   tokens_out: int = 1
   status: RequestStatus = RequestStatus.RUNNING
   generated: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def wants_steps(self) -> bool:
+    return self.steps_dispatched < self.steps_needed
 
 
 class DecodeReplica:
@@ -108,9 +116,10 @@ class DecodeReplica:
     self.max_tokens = np.ones((B,), np.int32)
     self.stop_ids = np.full((B, MAX_STOP_TOKEN_IDS), -1, np.int32)
     self.use_eos = np.ones((B,), bool)
+    # The last upload of slot inputs, reused while nothing changed.
     self._slots_dirty = True
     self._slots_dev: SlotInputs | None = None
-    self._slots_width = 0
+    self._slots_key: tuple | None = None
 
   # ---------------------------------------------------------------- counts
   @property
@@ -164,12 +173,14 @@ class DecodeReplica:
         self.state, kv.kv, jax.device_put(dest, self.replicated),
         np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
     # The row keeps the request, not its KV: the payload is in the pools now.
+    # The first token came with the KV; each step adds one, and the device
+    # ends the row at max_tokens or when the sequence fills max_seq_len.
+    steps_needed = min(req.sampling.max_tokens - 1,
+                       self.dcfg.max_seq_len - prompt_len - 1)
     self.rows[row] = _Row(dataclasses.replace(req, kv=None), pages,
                           reserved_left=reservation.pages - (len(pages)
                                                              - len(cached)),
-                          host_pos=prompt_len,
-                          budget_pos=min(prompt_len + req.sampling.max_tokens,
-                                         self.dcfg.max_seq_len),
+                          steps_needed=steps_needed,
                           generated=[req.first_token])
     # Only now: until the row is taken, the reservation must still count as
     # pending, or a concurrent reserve() sees a free row twice.
@@ -209,15 +220,23 @@ class DecodeReplica:
     self._slots_dirty = True
 
   # ---------------------------------------------------------------- step
-  def _grow(self) -> None:
-    """Allocates pages so the next call (and the one in flight) can write."""
+  def _rows_to_advance(self) -> list[int]:
+    """The rows the next call advances: live, and not already at their
+    length limit once the calls in flight have run."""
+    return [row for row, r in enumerate(self.rows)
+            if r is not None and r.wants_steps]
+
+  def _grow(self, rows: Sequence[int]) -> None:
+    """Allocates the pages the next call writes for ``rows``, and counts
+    its steps as dispatched."""
     P, S = self.dcfg.page_size, self.dcfg.steps_per_call
-    for row, r in enumerate(self.rows):
-      if r is None:
-        continue
-      r.host_pos = min(r.host_pos + S, r.budget_pos)
-      need = min(pages_for(r.host_pos + S, P),
-                 pages_for(r.budget_pos, P)) - len(r.pages)
+    for row in rows:
+      r = self.rows[row]
+      r.steps_dispatched = min(r.steps_dispatched + S, r.steps_needed)
+      # The last step dispatched writes the KV of position
+      # prompt_len + steps_dispatched - 1.
+      need = pages_for(len(r.request.prompt_ids) + r.steps_dispatched,
+                       P) - len(r.pages)
       need = min(need, r.reserved_left)
       if need > 0:
         new = self.pool.allocate(need, reserved=True)
@@ -226,26 +245,39 @@ class DecodeReplica:
         r.pages.extend(new)
         self._slots_dirty = True
 
-  def _width(self) -> int:
-    """Page-table width of the next call: covers every row's pages."""
-    need = max((len(r.pages) for r in self.rows if r is not None), default=1)
-    return self.dcfg.width_for(need)
+  def _call_rows(self, rows: Sequence[int]) -> list[int]:
+    """``rows`` padded with other (distinct) rows to the program's row
+    count; the padding is inactive in the call."""
+    b = self.dcfg.rows_for(len(rows))
+    taken = set(rows)
+    pad = [i for i in range(self.dcfg.max_seqs) if i not in taken]
+    return list(rows) + pad[:b - len(rows)]
 
-  def _slot_inputs(self, width: int | None = None) -> SlotInputs:
-    width = self._width() if width is None else width
-    if (self._slots_dirty or self._slots_dev is None
-        or width != self._slots_width):
+  def _slot_inputs(self, rows: Sequence[int], call_rows: Sequence[int],
+                   width: int) -> SlotInputs:
+    """The call's slot inputs (uploaded only when they changed)."""
+    key = (tuple(rows), tuple(call_rows), width)
+    if self._slots_dirty or self._slots_dev is None or key != self._slots_key:
+      idx = np.asarray(call_rows, np.int32)
+      active = self.active[idx].copy()
+      active[len(rows):] = False
       host = SlotInputs(
-          page_table=np.ascontiguousarray(self.page_table[:, :width]),
-          active=self.active,
-          temperature=self.samp.temperature, top_p=self.samp.top_p,
-          top_k=self.samp.top_k, seed=self.samp.seed,
-          max_tokens=self.max_tokens, stop_ids=self.stop_ids,
-          use_eos=self.use_eos)
+          rows=idx,
+          page_table=np.ascontiguousarray(self.page_table[idx, :width]),
+          active=active,
+          temperature=self.samp.temperature[idx], top_p=self.samp.top_p[idx],
+          top_k=self.samp.top_k[idx], seed=self.samp.seed[idx],
+          max_tokens=self.max_tokens[idx], stop_ids=self.stop_ids[idx],
+          use_eos=self.use_eos[idx])
       self._slots_dev = jax.device_put(host, self.replicated)
       self._slots_dirty = False
-      self._slots_width = width
+      self._slots_key = key
     return self._slots_dev
+
+  def _width(self, rows: Sequence[int]) -> int:
+    """Page-table width of a call: covers its rows' pages."""
+    need = max((len(self.rows[row].pages) for row in rows), default=1)
+    return self.dcfg.width_for(need)
 
   def warmup(self, payload_page_counts: Sequence[int],
              source_sharding: Callable[[int], Sharding] | None = None
@@ -280,26 +312,43 @@ class DecodeReplica:
                                              zero, zero)
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
-    for width in self.dcfg.widths:
-      slots = self._slot_inputs(width)
-      for all_greedy in (True, True, False, False):
-        self.state, out = self.programs.generate(all_greedy)(
-            self.params, self.state, slots)
+    for rows in self.dcfg.row_counts:
+      call_rows = list(range(rows))   # none active: nothing changes
+      for width in self.dcfg.widths:
+        slots = self._slot_inputs([], call_rows, width)
+        for all_greedy in (True, True, False, False):
+          self.state, out = self.programs.generate(all_greedy, rows)(
+              self.params, self.state, slots)
     jax.block_until_ready((self.state, out))
 
-  def all_greedy(self) -> bool:
-    """Whether every active row samples greedily (picks the program)."""
-    return not bool(np.any(self.samp.temperature[self.active] != 0.0))
+  def all_greedy(self, rows: Sequence[int] | None = None) -> bool:
+    """Whether every one of ``rows`` (default: the active ones) samples
+    greedily (picks the program)."""
+    idx = self.active if rows is None else np.asarray(rows, np.int32)
+    return not bool(np.any(self.samp.temperature[idx] != 0.0))
 
-  def dispatch(self):
-    """Launches one generate call; returns (outputs, row owners)."""
-    self._grow()
+  def dispatch(self) -> Call | None:
+    """Launches one generate call for the rows that still want steps (None
+    when no row does: the calls in flight finish every live row)."""
+    rows = self._rows_to_advance()
+    if not rows:
+      return None
+    self._grow(rows)
     host_tier.flush(self.host_tier)   # queued tier copies go first
-    slots = self._slot_inputs()
-    self.state, out = self.programs.generate(self.all_greedy())(
-        self.params, self.state, slots)
-    owners = [None if r is None else r.request.request_id for r in self.rows]
-    return out, owners
+    call_rows = self._call_rows(rows)
+    slots = self._slot_inputs(rows, call_rows, self._width(rows))
+    self.state, out = self.programs.generate(
+        self.all_greedy(rows), len(call_rows))(self.params, self.state, slots)
+    return Call(out, [(self.rows[row].request.request_id, row)
+                      for row in rows])
+
+
+@dataclasses.dataclass
+class Call:
+  """A generate call in flight: its outputs (column ``i`` is row
+  ``owners[i][1]``'s) and who owned each advanced row when it launched."""
+  out: StepOutput
+  owners: list[tuple[str, int]]
 
 
 class ReplicaPrefixStore:
@@ -339,4 +388,4 @@ class ReplicaPrefixStore:
     jax.block_until_ready(self.gather_into([], k, v))
 
 
-__all__ = ["DecodeReplica", "ReplicaPrefixStore", "Reservation"]
+__all__ = ["Call", "DecodeReplica", "ReplicaPrefixStore", "Reservation"]

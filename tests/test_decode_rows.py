@@ -1,0 +1,140 @@
+"""The decode pool's generate programs by row count: a call advances only
+the rows that still want steps, in the smallest program that holds them,
+and no call is launched for rows whose length limit the calls in flight
+already reach."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.decode_config import MIN_PROGRAM_ROWS, DecodeConfig
+from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.sampling import SamplingParams
+
+PCFG = PrefillConfig(buckets=(16, 32), max_batch=4, page_size=16,
+                     max_seq_len=128)
+DCFG = DecodeConfig(max_seqs=16, page_size=16, num_pages=64, max_seq_len=128,
+                    steps_per_call=4)
+
+
+def _engine(tiny_decode_params, dcfg=DCFG):
+  params, cfg, mesh, rules = tiny_decode_params
+  return ColocatedEngine(params, cfg, mesh, rules, PCFG, dcfg)
+
+
+class _Recorder:
+  """Wraps a pool's programs: the row count of every generate call."""
+
+  def __init__(self, engine):
+    self.programs = engine.decode.programs
+    self.real = self.programs.generate
+    self.rows: list[int] = []
+    self.programs.generate = self
+
+  def __call__(self, all_greedy, rows):
+    self.rows.append(rows)
+    return self.real(all_greedy, rows)
+
+  def close(self):
+    del self.programs.generate
+
+
+def _run(engine, requests):
+  """Submits (rid, prompt, sampling) requests at once; their tokens."""
+  out = collections.defaultdict(list)
+  reasons = {}
+
+  def callback(ev):
+    out[ev.request_id].extend(ev.token_ids)
+    if ev.finish_reason is not None:
+      reasons[ev.request_id] = ev.finish_reason
+  for rid, p, s in requests:
+    engine.submit(rid, p, s, callback, seed_u32=s.seed_u32(0))
+  engine.drain()
+  assert set(reasons) == {rid for rid, _, _ in requests}
+  return dict(out)
+
+
+def _requests(n, max_tokens=9, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    p = rng.integers(3, 300, int(rng.integers(5, 30))).tolist()
+    s = (SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                        ignore_eos=True) if i % 2 == 0 else
+         SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9,
+                        seed=100 + i, ignore_eos=True))
+    out.append((f"r{i}", p, s))
+  return out
+
+
+def test_row_counts():
+  assert DCFG.row_counts == (MIN_PROGRAM_ROWS, 8, 16)
+  assert [DCFG.rows_for(n) for n in (1, 2, 3, 8, 9, 16)] == [2, 2, 8, 8, 16,
+                                                            16]
+  assert DecodeConfig(max_seqs=1).row_counts == (1,)
+  assert DecodeConfig(max_seqs=128).row_counts == (2, 8, 32, 128)
+  assert DecodeConfig(max_seqs=16, row_buckets=(4,)).row_counts == (4, 16)
+  with pytest.raises(ValueError, match="row bucket"):
+    DecodeConfig(max_seqs=8, row_buckets=(16,))
+
+
+def test_calls_use_the_smallest_program_and_tokens_do_not_change(
+    tiny_decode_params):
+  """One stream runs the 2-row program, three the 8-row one; tokens
+  (greedy and seeded) equal a pool whose every call runs all 16 rows."""
+  small = _engine(tiny_decode_params)
+  full = _engine(tiny_decode_params,
+                 DecodeConfig(**{**DCFG.__dict__, "row_buckets": (16,)}))
+  rec = _Recorder(small)
+  try:
+    one = _requests(1)
+    assert _run(small, one) == _run(full, one)
+    assert set(rec.rows) == {2}
+    rec.rows.clear()
+    three = _requests(3, seed=1)
+    assert _run(small, three) == _run(full, three)
+    assert set(rec.rows) == {8}
+  finally:
+    rec.close()
+
+
+def test_rows_at_their_length_limit_are_in_no_further_call(tiny_decode_params):
+  """max_tokens - 1 steps after the first token: with 4 steps per call,
+  max_tokens 9 takes exactly 2 calls, 10 takes 3; a row near the end of
+  the context stops at the context. No call is launched only to find its
+  rows already finished (that call would hold up the next prefill)."""
+  engine = _engine(tiny_decode_params)
+  rec = _Recorder(engine)
+  try:
+    for max_tokens, calls in ((9, 2), (10, 3), (2, 1)):
+      rec.rows.clear()
+      toks = _run(engine, _requests(1, max_tokens=max_tokens))
+      assert len(toks["r0"]) == max_tokens
+      assert len(rec.rows) == calls, (max_tokens, rec.rows)
+    # 120-token prompt, max_seq_len 128: 7 more tokens fit (8 with the
+    # first), two calls, whatever max_tokens says.
+    rec.rows.clear()
+    p = list(range(3, 123))
+    s = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    toks = _run(engine, [("long", p, s)])
+    assert len(toks["long"]) == 128 - 120
+    assert len(rec.rows) == 2
+    # Two rows of different budgets: the longer one's last call runs
+    # without the shorter one.
+    rec.rows.clear()
+    reqs = [("a", list(range(3, 10)), SamplingParams(
+        max_tokens=5, temperature=0.0, ignore_eos=True)),
+            ("b", list(range(3, 12)), SamplingParams(
+                max_tokens=13, temperature=0.0, ignore_eos=True))]
+    toks = _run(engine, reqs)
+    assert (len(toks["a"]), len(toks["b"])) == (5, 13)
+    assert len(rec.rows) == 3
+  finally:
+    rec.close()
+  u = engine.decode.kv_usage()
+  assert u["rows_live"] == 0 and u["pages_used"] == 0 and u["reservations"] == 0
