@@ -61,6 +61,25 @@ def metric(text: str, name: str, labels: str = "") -> float:
   return 0.0
 
 
+def check_ttft_stages(usage) -> None:
+  """A response's TTFT breakdown: every stage >= 0, together ttft_s; a
+  remote prefill reserved KV first and was timed, a local one was timed
+  and reserved nothing."""
+  st = usage.ttft_stages
+  assert set(st) == {"prepare", "reserve", "queue", "prefill", "kv_handoff",
+                     "return"}, st
+  assert all(v >= 0 for v in st.values()), st
+  # Each stage is a sub-interval of the router's TTFT, measured by the
+  # process it runs in: the router attributes the rest to "return", so the
+  # sum is TTFT up to float64 rounding of a few additions.
+  assert abs(sum(st.values()) - usage.ttft_s) <= 1e-9 * max(usage.ttft_s, 1)
+  assert st["prefill"] > 0 and st["prepare"] > 0, st
+  if usage.prefill_worker:
+    assert st["reserve"] > 0, st
+  else:
+    assert st["reserve"] == 0 and st["kv_handoff"] == 0, st
+
+
 class Cluster:
   """A deployment of ``configs/deployments/test.toml`` on loopback."""
 

@@ -619,3 +619,28 @@ def test_client_adapter_maps_the_stream():
       prompt=None, prompt_token_ids=[1, 2, 3], max_tokens=2, temperature=0.0,
       top_p=1.0, top_k=0, seed=14, stop_token_ids=None, ignore_eos=True,
       request_id="x")
+
+
+def test_ttft_stages_are_summarized_per_stage():
+  """The router's per-request TTFT breakdown becomes one distribution per
+  stage (in the server's order) over the completed requests that report
+  it; it survives the summary's JSON and shows in the report."""
+  recs = []
+  for i in range(4):
+    r = _rec(f"r{i}", times=(0.1, 0.2))
+    r.usage = {"ttft_stages": {"prepare": 0.001 * (i + 1), "queue": 0.0,
+                               "prefill": 0.01 * (i + 1), "return": 0.002}}
+    recs.append(r)
+  recs.append(_rec("plain", times=(0.1, 0.2)))      # reported no stages
+  recs.append(_rec("bad", error="x", code="INTERNAL"))
+  s = stats.summarize(recs, 1.0, 1.0, 1.0)
+  assert list(s.ttft_stages) == ["prepare", "queue", "prefill", "return"]
+  assert s.ttft_stages["prefill"].count == 4
+  assert s.ttft_stages["prefill"].p50 == pytest.approx(0.025)
+  assert s.ttft_stages["queue"].max == 0.0
+  back = stats.Summary.from_dict(json.loads(s.to_json()))
+  assert back == s
+  table = stats.format_table(s)
+  assert "TTFT by stage" in table and "prefill" in table
+  assert "TTFT by stage" not in stats.format_table(
+      stats.summarize(recs[4:], 1.0, 1.0, 1.0))

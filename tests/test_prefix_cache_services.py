@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cluster_helpers import Cluster, metric
+from cluster_helpers import Cluster, check_ttft_stages, metric
 from pdjax.client import Client
 
 pytestmark = pytest.mark.timeout(900)
@@ -85,6 +85,7 @@ def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
                               ignore_eos=True, **_sampling(i, seeded))
           assert r.token_ids == reference[(seeded, i)], (transport, seeded, i)
           assert bool(r.usage.prefill_worker) == (len(p) >= local_prefill)
+          check_ttft_stages(r.usage)
           reported.append(r.usage.cached_prompt_tokens)
     assert reported[0] == 0 and reported[1] > 0   # the same prompt again
     pname = "pd0" if transport == "local" else "prefill0"

@@ -19,8 +19,8 @@ import time
 import grpc
 import pytest
 
-from cluster_helpers import (MAX_NEW, Cluster, make_prompts, metric,
-                             reference_tokens)
+from cluster_helpers import (MAX_NEW, Cluster, check_ttft_stages,
+                             make_prompts, metric, reference_tokens)
 from pdjax.client import Client, GenerationError
 
 pytestmark = pytest.mark.timeout(900)
@@ -75,6 +75,11 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
     assert r.usage.completion_tokens == MAX_NEW
     assert r.usage.prefill_worker  # went through a prefill worker
     assert r.usage.kv_transfer_s > 0
+    check_ttft_stages(r.usage)
+  text = grpc_cluster.metrics("router")
+  for stage in ("prepare", "reserve", "queue", "prefill", "return"):
+    assert metric(text, "pdjax_ttft_stage_seconds_count",
+                  f'stage="{stage}"') >= len(prompts), stage
 
 
 @pytest.mark.parametrize("transport,layer_groups", [("device", 2),

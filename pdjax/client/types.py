@@ -119,10 +119,19 @@ class Usage:
   kv_send_s: float = 0.0
   kv_receive_s: float = 0.0
   cached_prompt_tokens: int = 0
+  # Where ttft_s went: stage -> seconds (``pdjax.v1.TtftStages``: prepare,
+  # reserve, queue, prefill, kv_handoff, return), adding up to ttft_s;
+  # empty when the server reported none.
+  ttft_stages: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_proto(cls, u: common_pb2.Usage) -> Usage:
-    return cls(**{f.name: getattr(u, f.name) for f in dataclasses.fields(cls)})
+    fields = {f.name: getattr(u, f.name) for f in dataclasses.fields(cls)
+              if f.name != "ttft_stages"}
+    stages = ({f.name[:-len("_s")]: getattr(u.ttft_stages, f.name)
+               for f in u.ttft_stages.DESCRIPTOR.fields}
+              if u.HasField("ttft_stages") else {})
+    return cls(**fields, ttft_stages=stages)
 
 
 @dataclasses.dataclass

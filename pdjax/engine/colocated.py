@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 from typing import Sequence
 
 from jax.sharding import Mesh
@@ -39,6 +40,7 @@ class _Waiting:
   callback: TokenCallback
   forced_first_token: int | None = None
   cache_salt: str = ""
+  submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class ColocatedEngine:
@@ -166,18 +168,28 @@ class ColocatedEngine:
     for w in aborted:
       w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
     for replica, items in per_replica.items():
+      started = time.perf_counter()
+
+      def first_token(i, r, items=items, started=started):
+        """Each request's first token goes out as soon as it is known (a
+        call may prefill several, one after another)."""
+        w = items[i][0]
+        if w.forced_first_token is None:
+          w.callback(TokenEvent(
+              w.request_id, [r.first_token], [r.first_logprob],
+              cached_tokens=r.cached_tokens,
+              queue_s=started - w.submitted,
+              prefill_s=time.perf_counter() - started))
+
       results = self.prefill[replica].prefill(
           [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32,
                           cache_salt=w.cache_salt,
                           skip_pages=res.cached_blocks,
                           prefix_pages=res.cached_pages)
-           for w, res in items])
+           for w, res in items], on_result=first_token)
       for (w, res), r in zip(items, results):
         first, logprob = r.first_token, r.first_logprob
-        if w.forced_first_token is None:
-          w.callback(TokenEvent(w.request_id, [first], [logprob],
-                                cached_tokens=r.cached_tokens))
-        else:
+        if w.forced_first_token is not None:
           first, logprob = w.forced_first_token, 0.0
         self.decode.submit(DecodeRequest(
             w.request_id, w.prompt_ids, first, logprob, r.kv,

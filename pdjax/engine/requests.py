@@ -63,8 +63,11 @@ class TokenEvent:
   finish_reason: FinishReason | None = None
   error: str | None = None
   # A locally prefilled request's first event: prompt tokens whose KV came
-  # from a prefix cache instead of being computed.
+  # from a prefix cache instead of being computed, and how long it waited
+  # for its prefill and took in it (seconds).
   cached_tokens: int = 0
+  queue_s: float = 0.0
+  prefill_s: float = 0.0
 
 
 TokenCallback = Callable[[TokenEvent], None]

@@ -188,6 +188,11 @@ class Summary:
   goodput: float | None
   # status code name (or "error" when none) -> count, over failed requests.
   errors: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Where the server says TTFT went (its usage's ``ttft_stages``): stage ->
+  # distribution over the completed requests that reported it; empty for
+  # servers that report no stages.
+  ttft_stages: dict[str, Distribution] = dataclasses.field(
+      default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     return to_jsonable(dataclasses.asdict(self))
@@ -201,6 +206,8 @@ class Summary:
     d = dict(d)
     for name in ("ttft", "tpot", "itl", "e2e"):
       d[name] = Distribution(**d.get(name) or {})
+    d["ttft_stages"] = {k: Distribution(**v) for k, v in
+                        (d.get("ttft_stages") or {}).items()}
     for name in ("rate", "ttft_slo", "tpot_slo"):
       if isinstance(d.get(name), str):
         d[name] = float(d[name])
@@ -278,7 +285,18 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
       e2e=Distribution.of(r.e2e for r in done if r.e2e is not None),
       ttft_slo=ttft_slo, tpot_slo=tpot_slo, slo_met=met,
       slo_attainment=met / judged if judged else None,
-      goodput=per_s(met), errors=errors)
+      goodput=per_s(met), errors=errors, ttft_stages=ttft_stages(done))
+
+
+def ttft_stages(records: Iterable[RequestRecord]) -> dict[str, Distribution]:
+  """Per stage of the server's TTFT breakdown (``usage["ttft_stages"]``,
+  seconds), its distribution over the records that report one, in the
+  order the server lists the stages."""
+  values: dict[str, list[float]] = {}
+  for r in records:
+    for stage, v in ((r.usage or {}).get("ttft_stages") or {}).items():
+      values.setdefault(stage, []).append(float(v))
+  return {stage: Distribution.of(v) for stage, v in values.items()}
 
 
 class _SweepPoint(Protocol):
@@ -345,6 +363,13 @@ def format_table(s: Summary) -> str:
                   ("E2E", s.e2e)):
     lines.append(f"{name:<8}{_ms(d.mean):>10}{_ms(d.p50):>10}"
                  f"{_ms(d.p90):>10}{_ms(d.p99):>10}{d.count:>12}")
+  if s.ttft_stages:
+    lines.append(" TTFT by stage, server-side (ms) ".center(w + 16, "-"))
+    lines.append(f"{'':<12}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"
+                 f"{'n':>8}")
+    for name, d in s.ttft_stages.items():
+      lines.append(f"{name:<12}{_ms(d.mean):>10}{_ms(d.p50):>10}"
+                   f"{_ms(d.p90):>10}{_ms(d.p99):>10}{d.count:>8}")
   if s.errors:
     lines.append(" Errors ".center(w + 16, "-"))
     for code, n in sorted(s.errors.items()):

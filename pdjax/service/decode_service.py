@@ -306,11 +306,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     finished = False
     submitted = False   # the engine holds the request (cancel frees it)
     transfer_s = 0.0
-    prefill_s = 0.0
     w.streams += 1
     try:
       if request.local_prefill:
-        t0 = time.perf_counter()
         try:
           forced = (request.forced_first_token
                     if request.HasField("forced_first_token") else None)
@@ -385,9 +383,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if not ev.token_ids and ev.finish_reason is None:
           continue
         now = time.perf_counter()
-        if first and request.local_prefill:
-          prefill_s = now - t0
-        elif not first:
+        if not first:
           w.metrics.itl.observe(now - last)
         last = now
         w.metrics.tokens.inc(len(ev.token_ids))
@@ -395,7 +391,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             token_ids=ev.token_ids, logprobs=ev.logprobs,
             finish_reason=FINISH_TO_PROTO[ev.finish_reason])
         if first:
-          msg.prefill_s = prefill_s
+          if request.local_prefill:
+            msg.queue_s, msg.prefill_s = ev.queue_s, ev.prefill_s
+            w.metrics.ttft_stage.labels("queue").observe(ev.queue_s)
+            w.metrics.ttft_stage.labels("prefill").observe(ev.prefill_s)
           msg.kv_transfer_s = transfer_s
           msg.cached_tokens = ev.cached_tokens
           first = False

@@ -20,6 +20,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # A decode iteration is a few to a few hundred ms: fine steps there.
 _ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03,
                       0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# Stages of the time to first token: fractions of a ms to seconds.
+_STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
+                  0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Request lengths in tokens: powers of two to the longest contexts served.
 TOKEN_BUCKETS = tuple(float(2 ** k) for k in range(18))
 # What jax's Device.memory_stats() calls them -> this metric's stat label.
@@ -45,6 +48,12 @@ class Metrics:
     self.ttft = Histogram(
         "pdjax_time_to_first_token_seconds", "Arrival to first token.",
         buckets=LATENCY_BUCKETS, registry=r)
+    # Where the time to first token goes (the router: every stage of
+    # TtftStages; a worker: the stages it runs).
+    self.ttft_stage = Histogram(
+        "pdjax_ttft_stage_seconds", "Time to first token by stage: "
+        "prepare, reserve, queue, prefill, kv_handoff, return.",
+        ["stage"], buckets=_STAGE_BUCKETS, registry=r)
     self.itl = Histogram(
         "pdjax_inter_token_latency_seconds",
         "Gap between consecutive token messages of a stream.",

@@ -50,6 +50,7 @@ class _Job:
   future: asyncio.Future
   loop: asyncio.AbstractEventLoop
   enqueued: float = dataclasses.field(default_factory=time.monotonic)
+  queue_s: float = 0.0     # enqueued -> its batch started
   landing: object = None   # a pending LendLanding answer (same-host IPC)
 
   def resolve(self, value=None, error: BaseException | None = None) -> None:
@@ -211,6 +212,10 @@ class PrefillWorker:
       # the batch's last (the engine runs cached-prefix requests one by
       # one): one future per request.
       t0 = time.perf_counter()
+      started = time.monotonic()
+      for j in live:
+        j.queue_s = started - j.enqueued
+        self.metrics.ttft_stage.labels("queue").observe(j.queue_s)
       done = [concurrent.futures.Future() for _ in live]
       started: set[int] = set()
 
@@ -283,6 +288,8 @@ class PrefillWorker:
       result, prefill_s, t_prefilled = done.result()
       # What the hand-off added to TTFT: the part after the prefill ended.
       transfer_s = max(0.0, t_sent - max(t0, t_prefilled))
+      self.metrics.ttft_stage.labels("prefill").observe(prefill_s)
+      self.metrics.ttft_stage.labels("kv_handoff").observe(transfer_s)
       name = self.sender.name
       self.metrics.transfer_bytes.labels(name, "sent").inc(kv.nbytes)
       if kv.first_page:
@@ -293,7 +300,7 @@ class PrefillWorker:
       job.resolve(prefill_pb2.PrefillResponse(
           first_token=result.first_token, first_logprob=result.first_logprob,
           kv=handle, prefill_s=prefill_s, transfer_s=transfer_s,
-          cached_tokens=result.cached_tokens))
+          cached_tokens=result.cached_tokens, queue_s=job.queue_s))
       if job.abandoned:
         # The caller left while we were sending: nobody will redeem it.
         self.sender.release(job.destination.transfer_id)

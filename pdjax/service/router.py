@@ -156,6 +156,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                                     request.skip_special_tokens)
              if self.tokenizer else None)
     usage = common_pb2.Usage(prompt_tokens=len(ids))
+    usage.ttft_stages.prepare_s = time.perf_counter() - arrival
     self.inflight += 1
     self.metrics.running.set(self.inflight)
     first_at = None
@@ -171,6 +172,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
             first_at = now
             usage.ttft_s = now - arrival
             self.metrics.ttft.observe(usage.ttft_s)
+            self._close_stages(usage)
           elif last_at is not None:
             self.metrics.itl.observe(now - last_at)
           last_at = now
@@ -210,6 +212,16 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       self.inflight -= 1
       self.metrics.running.set(self.inflight)
       self.metrics.requests.labels(outcome).inc()
+
+  def _close_stages(self, usage: common_pb2.Usage) -> None:
+    """At the first token: what no stage measured is the first token's way
+    back (and RPC overheads); every stage goes to the histogram."""
+    st = usage.ttft_stages
+    measured = (st.prepare_s + st.reserve_s + st.queue_s + st.prefill_s
+                + st.kv_handoff_s)
+    st.return_s = max(0.0, usage.ttft_s - measured)
+    for field, value in st.ListFields():
+      self.metrics.ttft_stage.labels(field.name[:-2]).observe(value)
 
   # ---------------------------------------------------------------- routing
   def _timeout(self, context, default: float | None = None):
@@ -327,8 +339,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def _disaggregated(self, rid, ids, sampling, seed, context, usage,
                            tried_p, tried_d, salt="", keys=()):
+    t0 = time.perf_counter()
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
                                               tried_d, salt, keys)
+    usage.ttft_stages.reserve_s = time.perf_counter() - t0
     usage.decode_worker = d.address
     info = d.info
     # Prefer a prefill worker not tried yet; after a failed hand-off (not a
@@ -368,6 +382,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       await self._unreserve(d, rid)
       raise
     usage.prefill_s = pre.prefill_s
+    usage.ttft_stages.queue_s = pre.queue_s
+    usage.ttft_stages.prefill_s = pre.prefill_s
+    usage.ttft_stages.kv_handoff_s = pre.transfer_s
     usage.cached_prompt_tokens = pre.cached_tokens
     usage.kv_transfer_s = pre.transfer_s
     usage.kv_send_s = pre.transfer_s
@@ -433,6 +450,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           if msg.prefill_s:
             usage.prefill_s = msg.prefill_s
             usage.cached_prompt_tokens = msg.cached_tokens
+            if not first_token_sent:   # this prefill made the first token
+              usage.ttft_stages.queue_s = msg.queue_s
+              usage.ttft_stages.prefill_s = msg.prefill_s
           yield msg
           if msg.finish_reason:
             return

@@ -39,7 +39,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "total_time_s", "prefill_s", "kv_transfer_s", "prefill_worker", "decode_worker", "kv_path", "kv_send_s", "kv_receive_s", "cached_prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "total_time_s", "prefill_s", "kv_transfer_s", "prefill_worker", "decode_worker", "kv_path", "kv_send_s", "kv_receive_s", "cached_prompt_tokens", "ttft_stages")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Usage(_message.Message):
     KV_SEND_S_FIELD_NUMBER: _ClassVar[int]
     KV_RECEIVE_S_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_STAGES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float
@@ -64,7 +65,24 @@ class Usage(_message.Message):
     kv_send_s: float
     kv_receive_s: float
     cached_prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_path: _Optional[str] = ..., kv_send_s: _Optional[float] = ..., kv_receive_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    ttft_stages: TtftStages
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_path: _Optional[str] = ..., kv_send_s: _Optional[float] = ..., kv_receive_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., ttft_stages: _Optional[_Union[TtftStages, _Mapping]] = ...) -> None: ...
+
+class TtftStages(_message.Message):
+    __slots__ = ("prepare_s", "reserve_s", "queue_s", "prefill_s", "kv_handoff_s", "return_s")
+    PREPARE_S_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
+    RETURN_S_FIELD_NUMBER: _ClassVar[int]
+    prepare_s: float
+    reserve_s: float
+    queue_s: float
+    prefill_s: float
+    kv_handoff_s: float
+    return_s: float
+    def __init__(self, prepare_s: _Optional[float] = ..., reserve_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_handoff_s: _Optional[float] = ..., return_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "fingerprint", "vocab_size", "max_seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "dtype", "eos_token_ids", "bos_token_id", "layout_fingerprint")
