@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-tool call on the four-GPU kind (nvidia-h100-x4), two chains at
-# once:
+# A prefill pool spanning two processes checked against colocated tokens,
+# beside a goodput sweep, in one device-tool call on the four-GPU kind
+# (nvidia-h100-x4), two chains at once:
 #   GPUs 0,1: the CUDA IPC GPU test, the hand-off bandwidth table (both
 #     sender signals, single hand-offs and back-to-back streams), the
 #     disaggregated-over-IPC tokens against colocated
@@ -10,22 +11,22 @@
 #   GPUs 2,3: run_goodput.sh's SWEEP_CONFIGS (default tp2) sweep, with the
 #     run_goodput.sh knobs given (CHAT_RATES, CHAT_DUR, ...).
 #
-#   bash tools/gpu/run_call4.sh OUT_DIR        (carry .whl)
+#   bash tools/gpu/run_span_prefill_and_goodput.sh OUT_DIR        (carry .whl)
 #
 # OUT_DIR: ipc.tar.gz (ipc.json, overheads.json, ipc_tokens.json,
 # span_tokens.json and their logs), the sweep's goodput_runs.tar.gz, plots
 # and summary.txt, env.txt, logs.tar.gz.
 set -u
-OUT=${1:?usage: run_call4.sh OUT_DIR}
+OUT=${1:?usage: run_span_prefill_and_goodput.sh OUT_DIR}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-tp2}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 start_call "$OUT"
-S=/tmp/pdjax_call4; rm -rf "$S"; mkdir -p "$S/ipc"
+S=/tmp/pdjax_span_goodput; rm -rf "$S"; mkdir -p "$S/ipc"
 (
   export CUDA_VISIBLE_DEVICES=0,1
-  STEPS=test,bw,tokens BUDGET_S=400 bash tools/gpu/run_call2.sh "$S/ipc"
+  STEPS=test,bw,tokens BUDGET_S=400 bash tools/gpu/run_ipc_and_goodput.sh "$S/ipc"
   echo "=== spanning prefill pool (2 processes, TP=2) vs colocated tokens"
   CUDA_VISIBLE_DEVICES=0,1,0 DISAGG_ARGS="--num_prefill=1 --num_decode=1 \
 --prefill_mesh=tp=2 --prefill_processes=2 --decode_mesh=dp=1 --kv_transport=device" \

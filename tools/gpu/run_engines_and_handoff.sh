@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One device-tool call on the two-GPU kind: environment facts, the two-GPU
-# hand-off correctness check, the CUDA IPC test and bandwidth table, and the
-# engine benchmarks (prefill TP=1/2, decode roofline, transfers). Every part
-# is bounded; results land in OUT_DIR as at most 8 files.
+# Engines and the KV hand-off on two GPUs, in one device-tool call:
+# environment facts, the two-GPU hand-off correctness check (TP=2 prefill,
+# TP=1 decode), the CUDA IPC test and bandwidth table, and the engine
+# benchmarks (prefill TP=1/2, decode against its roofline, transfers). Every
+# part is bounded; results land in OUT_DIR as at most 8 files
+# (engine_and_transfer.tar.gz holds every record and log).
 set -u
-OUT=${1:?usage: run_call1.sh OUT_DIR}
+OUT=${1:?usage: run_engines_and_handoff.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
-W=/tmp/pdjax_call1; rm -rf "$W"; mkdir -p "$W"
+W=/tmp/pdjax_engines_handoff; rm -rf "$W"; mkdir -p "$W"
 START=$SECONDS
 install_carried_wheels
 python3 -m pip install -q --no-deps --no-index -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
@@ -30,6 +32,6 @@ echo "exit $?"; grep -v "^W0000\|^I0000" "$W/ipc_bw.log" | tail -14
 echo "=== [$((SECONDS-START)) s] engine benchmarks"
 DECODE_BATCHES=1,32,128 BUDGET_S=$(( 545 - (SECONDS - START) )) PYTHON=python3 bash tools/gpu/run_engine_benchmarks.sh "$W/bench" > "$W/bench.log" 2>&1
 echo "exit $?"; tail -80 "$W/bench.log"
-tar -C "$W" -czf "$OUT/call1.tar.gz" .
+tar -C "$W" -czf "$OUT/engine_and_transfer.tar.gz" .
 cp "$W/bench.log" "$OUT/bench.log" 2>/dev/null
 echo "done after $((SECONDS-START)) s"

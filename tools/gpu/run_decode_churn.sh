@@ -13,9 +13,9 @@
 # BENCHMARKS.md "An open problem: decode steps slow down after a chat
 # load") reproduces it; the variant whose ratio falls to 1 names the cause.
 #
-#   bash tools/gpu/run_churn.sh OUT_DIR      (VARIANTS="merged" for the fourth)
+#   bash tools/gpu/run_decode_churn.sh OUT_DIR      (VARIANTS="merged" for the fourth)
 set -u
-OUT=${1:?usage: run_churn.sh OUT_DIR}
+OUT=${1:?usage: run_decode_churn.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# One device-tool call on the two-GPU kind, for the hand-off under prefill
-# (prefill in layer groups, each group's KV copied over CUDA IPC while the
-# next computes): the GPU IPC test, the overlap table on a
+# How much of the KV hand-off hides under the prefill, on two GPUs in one
+# device-tool call (prefill in layer groups, each group's KV copied over CUDA
+# IPC while the next computes): the GPU IPC test, the overlap table on a
 # Llama-3-8B-shaped model (tools/gpu/handoff_overlap.py), tokens through
 # the real two-process path with the prefill in groups, then (time
 # allowing) the disaggregated goodput at a few rates with the default
 # (auto) layer groups.
 #
-#   bash tools/gpu/run_call3.sh OUT_DIR        (carry .whl)
+#   bash tools/gpu/run_handoff_overlap.sh OUT_DIR        (carry .whl)
 #
 # STEPS (default test,overlap,tokens,sweep) picks the parts.
 set -u
 STEPS=${STEPS:-test,overlap,tokens,sweep}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
-OUT=${1:?usage: run_call3.sh OUT_DIR}
+OUT=${1:?usage: run_handoff_overlap.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
@@ -37,9 +37,9 @@ LEFT=$(( BUDGET_S - (SECONDS - START) ))
 if has sweep && (( LEFT > 200 )); then
   echo "=== [$((SECONDS-START)) s] chat sweep disagg ($LEFT s left)"
   BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=${CHAT_RATES:-8,16,32} CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
-    bash tools/gpu/run_goodput.sh /tmp/pdjax_call3_goodput disagg > "$OUT/goodput.log" 2>&1
-  cp /tmp/pdjax_call3_goodput/goodput_runs.tar.gz "$OUT/goodput_disagg.tar.gz" 2>/dev/null
-  cp /tmp/pdjax_call3_goodput/summary.txt "$OUT/" 2>/dev/null
+    bash tools/gpu/run_goodput.sh /tmp/pdjax_overlap_goodput disagg > "$OUT/goodput.log" 2>&1
+  cp /tmp/pdjax_overlap_goodput/goodput_runs.tar.gz "$OUT/goodput_disagg.tar.gz" 2>/dev/null
+  cp /tmp/pdjax_overlap_goodput/summary.txt "$OUT/" 2>/dev/null
   grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
 fi
 echo "done after $((SECONDS-START)) s"

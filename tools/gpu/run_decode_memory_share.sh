@@ -3,9 +3,9 @@
 # (two GPUs): run_goodput.sh's disagg (gpu-8b: 0.85) and disagg_mem75
 # (0.75) at one summarize rate, with nvidia-smi's memory every 5 s.
 #
-#   bash tools/gpu/run_mem_bisect.sh OUT_DIR      (carry .whl)
+#   bash tools/gpu/run_decode_memory_share.sh OUT_DIR      (carry .whl)
 set -u
-OUT=${1:?usage: run_mem_bisect.sh OUT_DIR}
+OUT=${1:?usage: run_decode_memory_share.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 ( while true; do date -u +%T; nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader; sleep 5; done ) > "$OUT/nvidia_smi.log" 2>&1 &

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device-tool call on the two-GPU kind, for the zero-copy CUDA IPC
-# receiver: the GPU IPC test, the hand-off bandwidth table (128 MiB..4 GiB,
-# every path against the raw copy), disaggregated-over-IPC tokens against
-# colocated ones, then (time allowing) the disaggregated `chat` sweep again.
+# The same-host CUDA IPC hand-off and the goodput it serves, on two GPUs in
+# one device-tool call: the GPU IPC test, the hand-off bandwidth table
+# (128 MiB..4 GiB, every path against the raw copy), disaggregated-over-IPC
+# tokens against colocated ones, then (time allowing) a `chat` goodput
+# sweep.
 #
-#   bash tools/gpu/run_call2.sh OUT_DIR        (carry .whl)
+#   bash tools/gpu/run_ipc_and_goodput.sh OUT_DIR        (carry .whl)
 #
 # STEPS (default test,bw,tokens,sweep; also probe: the per-call fixed costs)
 # picks the parts; SWEEP_CONFIGS (default disagg) the run_goodput.sh
@@ -14,7 +15,7 @@ set -u
 STEPS=${STEPS:-test,bw,tokens,sweep}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-disagg}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
-OUT=${1:?usage: run_call2.sh OUT_DIR}
+OUT=${1:?usage: run_ipc_and_goodput.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
@@ -40,10 +41,10 @@ LEFT=$(( BUDGET_S - (SECONDS - START) ))
 if has sweep && (( LEFT > 200 )); then
   echo "=== [$((SECONDS-START)) s] chat sweep $SWEEP_CONFIGS ($LEFT s left)"
   BUDGET_S=$(( LEFT - 10 )) CHAT_RATES=${SWEEP_RATES:-8,16,32} CHAT_N=96 CHAT_EVAL=--length_scale=0.25 PRESETS=chat \
-    bash tools/gpu/run_goodput.sh /tmp/pdjax_call2_goodput "$SWEEP_CONFIGS" > "$OUT/goodput.log" 2>&1
-  cp /tmp/pdjax_call2_goodput/goodput_runs.tar.gz "$OUT/goodput_${SWEEP_CONFIGS//,/_}.tar.gz" 2>/dev/null
-  cp /tmp/pdjax_call2_goodput/chat_goodput.png "$OUT/" 2>/dev/null
-  cp /tmp/pdjax_call2_goodput/summary.txt "$OUT/" 2>/dev/null
+    bash tools/gpu/run_goodput.sh /tmp/pdjax_ipc_goodput "$SWEEP_CONFIGS" > "$OUT/goodput.log" 2>&1
+  cp /tmp/pdjax_ipc_goodput/goodput_runs.tar.gz "$OUT/goodput_${SWEEP_CONFIGS//,/_}.tar.gz" 2>/dev/null
+  cp /tmp/pdjax_ipc_goodput/chat_goodput.png "$OUT/" 2>/dev/null
+  cp /tmp/pdjax_ipc_goodput/summary.txt "$OUT/" 2>/dev/null
   grep -B1 -A6 "rate    attain" "$OUT/summary.txt" 2>/dev/null || tail -30 "$OUT/goodput.log"
 fi
 # The device tool returns at most 8 files: the logs travel as one archive.
