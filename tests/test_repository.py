@@ -24,15 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve().relative_to(REPO).as_posix()
 MAX_BYTES = 1_000_000
 # References that lead out of the repository. An issue number: "issue 11",
-# "Issue #11", "issues 3 and 4"; "(#12)" as a tracker's pull-request
-# suffix; "fixes #12", "see #12", "PR #12". Plain prose ("issues the copy",
-# "an issue with", a Markdown heading "# 2.", "fusion#3" in a kernel name)
-# does not match.
+# "Issue #11", "issues #3"; "(#12)" as a tracker's pull-request suffix;
+# "fixes #12", "see #12", "PR #12". Plain prose ("issues the copy", "the
+# router issues 2 ids", "an issue with", a Markdown heading "# 2.",
+# "fusion#3" in a kernel name) does not match; the verb "issue" before a
+# bare number does, so write "issuing the copies" there.
 OUTSIDE = (
     ("a sibling checkout", re.compile(r"\.\./shared\b")),
     ("a path of the development machine", re.compile(r"/work/")),
     ("an issue number",
-     re.compile(r"\bissues?\s+#?\d+\b|\(#\d+\)|"
+     re.compile(r"\bissue\s+#?\d+\b|\bissues\s+#\d+\b|\(#\d+\)|"
                 r"\b(?:fix(?:es|ed)?|close[sd]?|resolve[sd]?|see|PR)\s+#\d+\b",
                 re.I)),
     ("notes kept outside the repository",
