@@ -119,3 +119,21 @@ def test_markdown_links_resolve():
         line = text.count("\n", 0, m.start()) + 1
         broken.append(f"  {path}:{line}: {m.group(1)}")
   assert not broken, "Markdown links to nothing tracked:\n" + "\n".join(broken)
+
+
+def test_cited_docs_exist():
+  """Code and scripts cite the dated notes by path (``docs/notes/...md``):
+  each path cited must be a tracked file."""
+  files = set(tracked())
+  missing = []
+  for path in tracked():
+    if path == THIS:
+      continue
+    text = text_of(path)
+    if text is None:
+      continue
+    for m in re.finditer(r"\bdocs/[\w./-]*\w\.md\b", text):
+      if m.group(0) not in files:
+        line = text.count("\n", 0, m.start()) + 1
+        missing.append(f"  {path}:{line}: {m.group(0)}")
+  assert not missing, "cited docs that are not tracked:\n" + "\n".join(missing)
