@@ -19,7 +19,7 @@ from pdjax.sharding import REPO_ROOT
 CONFIGS_DIR = REPO_ROOT / "configs"
 # Layer groups of an auto-configured prefill worker whose hand-offs can take
 # the CUDA IPC path: the hand-off left after the prefill is about a quarter
-# of the KV's copy (BENCHMARKS.md, "hand-off under prefill").
+# of the KV's copy (docs/notes/2026-11-26-h200x2-handoff-overlap.md).
 AUTO_LAYER_GROUPS = 4
 
 

@@ -9,9 +9,9 @@ they live here so the tools agree on them:
   shardings: an 8B model never passes through host memory), the built-in
   ``tiny`` config for CPU, or ``custom`` (a Hugging Face ``config.json``).
 * **Limits** the ratios are taken against. ``--hbm_bw`` and ``--matmul_flops``
-  default to the ceilings measured on an H100 through JAX 0.11.2
-  (/work/shared/README.md: 2.55e12 B/s read+write elementwise, 689e12 FLOP/s
-  bf16 matmul); ``--spec_hbm_bw``/``--spec_matmul_flops`` to the H100 SXM
+  default to the ceilings measured on an H100 SXM through JAX 0.11.2
+  (2.55e12 B/s read+write of an elementwise op, 689e12 FLOP/s bf16 matmul
+  of 8192^3); ``--spec_hbm_bw``/``--spec_matmul_flops`` to the H100 SXM
   datasheet (3.35e12, 989e12). The measured defaults apply only on a device
   whose kind matches ``--limits_device`` (H100 by default) unless a flag is
   given: on CPU, or on an H200, the ratios print as "n/a" rather than as a
@@ -72,7 +72,7 @@ from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# Measured on an H100 SXM through JAX 0.11.2 (/work/shared/README.md).
+# Measured on an H100 SXM through JAX 0.11.2.
 H100_MEASURED_HBM_BW = 2.55e12      # B/s, read+write bytes of an elementwise op
 H100_MEASURED_MATMUL = 689e12       # FLOP/s, bf16 8192^3
 # Datasheet figures by device kind (substring match, first hit wins).

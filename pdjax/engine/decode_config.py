@@ -47,8 +47,9 @@ class DecodeConfig:
   # ("on"), the vendor library's ("off": cuBLAS), or "auto": per program,
   # cuBLAS from CUBLAS_MIN_ROWS rows on, Triton below. At decode shapes (a
   # few rows times a whole weight matrix) cuBLAS steps 1.6-2.1x faster from
-  # 2 rows on and 1.5x slower at 1 (H200, 8B: 5.6 vs 12.0 ms at 2 rows,
-  # 19.4 vs 12.6 ms at 1).
+  # 2 rows on and 1.5x slower at 1 (H200, 8B, 2026-12-05: 5.6 vs 12.0 ms
+  # at 2 rows, 19.4 vs 12.6 ms at 1; earlier row counts in
+  # docs/notes/2026-11-26-h200-decode-kernels.md).
   triton_gemm: str = "auto"
   # XLA's DotMerger ("on", XLA's default) turns dots that share an input
   # (q/k/v of a layer) into one dot against the concatenation of their
@@ -56,7 +57,7 @@ class DecodeConfig:
   # concatenation is a copy of those weights on every step: 1.3 ms of a
   # 9.5 ms step at 32 rows (8B, H100, tools/profile_decode.py). "off" keeps
   # the dots apart; "auto": off (8.5 vs 9.4 ms at 32 rows, 13.8 vs 14.6 at
-  # 128, BENCHMARKS.md "DotMerger").
+  # 128, docs/notes/2026-11-26-h100-dot-merger.md).
   merge_dots: str = "auto"
   # How attention reads a row's pages: "gather" them into a dense buffer
   # per layer (every backend), "paged": cuDNN's paged attention reads them

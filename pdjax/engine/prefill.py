@@ -58,8 +58,9 @@ class PrefillConfig:
   layer_groups: int = 1
   # GEMM kernels of the prefill programs on GPUs: "on" Triton (XLA's
   # default), "off" cuBLAS, "auto" cuBLAS: at 128-8192 tokens it runs the
-  # 8B prefill 1.57x-1.07x faster than Triton (H200, BENCHMARKS.md "Prefill
-  # GEMM kernels"), and prefill programs always have at least 16 rows.
+  # 8B prefill 1.57x-1.07x faster than Triton (H200,
+  # docs/notes/2026-11-26-h200-prefill-gemm.md), and prefill programs
+  # always have at least 16 rows.
   triton_gemm: str = "auto"
   # XLA's DotMerger: "on" (XLA's default) joins the q/k/v dots of a layer
   # into one against their weights' concatenation, a copy of those weights

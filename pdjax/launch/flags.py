@@ -105,7 +105,8 @@ GPU_MEMORY_FRACTION = flags.DEFINE_float(
     "gpu_memory_fraction", None, "Share of each GPU's memory XLA may use "
     "(XLA_PYTHON_CLIENT_MEM_FRACTION; default: XLA's 0.75). An 8B decode "
     "worker on an 80 GB card holds 47 of XLA's 59.4 GiB after warm-up "
-    "(BENCHMARKS.md); CUDA IPC landing buffers are allocated outside it.")
+    "(docs/notes/2026-11-26-h100x4-steady-goodput.md); CUDA IPC landing "
+    "buffers are allocated outside it.")
 MAX_RECEIVE_MIB = flags.DEFINE_integer(
     "max_receive_mib", None, "Decode workers: device memory (MiB) that KV "
     "receives in flight may allocate at once; a receive past it waits, up "

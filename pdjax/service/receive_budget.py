@@ -7,9 +7,10 @@ allocate nothing. Unbounded, a burst of long prompts asks the allocator for
 more than is left: XLA's allocator then retries each failing allocation for
 up to ten seconds, on the thread that asked, so decode steps stall and every
 stream on the worker misses its TPOT (8B summarize at 2 req/s on an H100:
-TPOT p50 0.8 s, 101 of 120 requests lost at 8 req/s; BENCHMARKS.md). Here a
-receive waits its turn for memory instead, up to its deadline, and is then
-answered RESOURCE_EXHAUSTED, the router's cue to hand it elsewhere.
+TPOT p50 0.8 s, 101 of 120 requests lost at 8 req/s;
+docs/notes/2026-11-26-h100x4-transports-steady.md). Here a receive waits
+its turn for memory instead, up to its deadline, and is then answered
+RESOURCE_EXHAUSTED, the router's cue to hand it elsewhere.
 
 A receive holds its bytes until it returns; the KV it brings is inserted
 into the pool at the engine's next iteration and freed there, so what is

@@ -2,7 +2,7 @@
 
 ``jax.experimental.transfer`` moves KV through pinned host memory and TCP:
 about 7 GB/s between two processes on one host, where NVLink between two
-H100s carries about 395 GB/s (``/work/shared/README.md``). So the ``device``
+H100s carries about 395 GB/s (a CUDA IPC peer copy, measured). So the ``device``
 transport picks the best path per hand-off, by itself:
 
 * same process (``--role=both``): the array is parked in a process-wide
@@ -51,8 +51,9 @@ no event, and the receiver reads at once. The one device-local copy of the
 hand-off is the insert every path has; an earlier version copied the region
 out first, which held the hand-off to 62% of the link.
 
-Ownership of a landing region (the failure modes of FIELD_NOTES §4: data
-overwritten before it was read, memory stranded by peers that vanished):
+Ownership of a landing region (against the ways memory shared between
+processes fails: data overwritten before it was read, memory stranded by
+peers that vanished):
 
 * it is lent under one transfer id issued to the worker (a reserved
   request), when the prefill worker starts that request's prefill

@@ -4,10 +4,10 @@ The CUDA IPC path lands a request's KV in a buffer the decode worker
 allocated with ``cuMemAlloc`` (XLA's own buffers cannot be exported). Copying
 it out into a JAX array costs a full read and write of the KV on the
 receiving GPU, which made the same-host hand-off run at 62% of the link
-(BENCHMARKS.md). Instead the landing region is handed to JAX as a view
-through DLPack: the decode engine's insert program reads the KV straight
-from the landing buffer into its page pools, the one device-local copy the
-hand-off needs.
+(docs/notes/2026-11-25-h100x2-engines.md). Instead the landing region is
+handed to JAX as a view through DLPack: the decode engine's insert program
+reads the KV straight from the landing buffer into its page pools, the one
+device-local copy the hand-off needs.
 
 DLPack is the interchange JAX imports zero-copy (``jax.dlpack.from_dlpack``
 makes a view when the memory is on one of its devices and suitably

@@ -52,7 +52,8 @@ class CudaIpcReceiver(IssuedKvReceiver):
   # Views kept for reuse. Regions recur at the same offsets with the same
   # shapes (payloads are bucketed, regions carved best-fit from each
   # buffer's start), and an import costs about 0.3 ms whatever the size
-  # (BENCHMARKS.md): most of a small hand-off's receive.
+  # (docs/notes/2026-11-26-h200x2-ipc-receiver.md): most of a small
+  # hand-off's receive.
   MAX_VIEWS = 256
   # Senders' events kept open: one per prefill device that sends here (a
   # restarted prefill worker brings new ones; the least recently used go).
@@ -133,7 +134,8 @@ class CudaIpcReceiver(IssuedKvReceiver):
       return False
     # Blocking, not polling: a receiver polling the event for up to 5 ms
     # before it blocked was no faster (0.437 vs 0.442 ms end to end for
-    # 128 MiB, H100; BENCHMARKS.md), and polling would take a core.
+    # 128 MiB, H100; docs/notes/2026-11-26-h100x4-ipc-event.md), and
+    # polling would take a core.
     driver.event_synchronize(ordinal, event)
     return True
 

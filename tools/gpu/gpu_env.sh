@@ -1,7 +1,8 @@
 # Sourced by the GPU scripts, from the repository root: the environment
 # every run on the device machine starts with (NVLink multicast off in every
-# process, KINDS.md says why), the wheels the image may lack (carried in
-# .whl), and a record of the machine for the results folder.
+# process: a program that uses it can take a shared host's GPUs out of
+# service), the wheels the image may lack (carried in .whl), and a record of
+# the machine for the results folder.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 install_carried_wheels() {

@@ -2,9 +2,10 @@ r"""Where a small CUDA IPC hand-off's fixed time goes, call by call.
 
 A 128 MiB hand-off copies for about 0.34 ms over NVLink; everything else the
 sender and receiver do is fixed cost, and 60 us of it is the difference
-between 85% of the link and less (issue 11). ``ipc_bandwidth.py`` measures
-the phases between two processes; this probe times each call they are made
-of, in one process on two GPUs, median of ``--reps``:
+between 85% of the link (the share a same-host hand-off should reach) and
+less. ``ipc_bandwidth.py`` measures the phases between two processes; this
+probe times each call they are made of, in one process on two GPUs, median
+of ``--reps``:
 
 * driver calls: making the context current, issuing a 4 KiB peer copy,
   synchronising an idle stream, a 4 KiB copy and its sync;

@@ -15,7 +15,8 @@
 # DECODE_CONTEXTS (1024,4096), DECODE_STEPS (steps per generate call, 16),
 # TRANSFER_SIZES (MiB: 128,512,2048,4096), EXTRA_TRITON_OFF=1|0 (default 1:
 # if time is left, re-time B=1,32 at the first context with Triton GEMMs off,
-# which FIELD_NOTES §3 says helps small-batch matmuls).
+# which helps small-batch matmuls: XLA's default GEMMs reach about a
+# quarter of HBM bandwidth at decode shapes).
 
 set -u
 OUT=${1:?usage: run_engine_benchmarks.sh OUT_DIR}
