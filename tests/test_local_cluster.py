@@ -5,33 +5,81 @@ transfer server is advertised at."""
 
 import pytest
 
-from pdjax.launch.cluster import LocalCluster, UsageError, visible_gpus
+from pdjax.launch.cluster import (GpuAssignment, GpuWorker, LocalCluster,
+                                  UsageError, assign_gpus, machine_gpus,
+                                  visible_gpus)
 
 
-def _gpu_envs(tmp_path, monkeypatch, visible, sizes):
+def _assign(visible, sizes, fractions=None, monkeypatch=None, tmp_path=None):
+  """Each worker's CUDA_VISIBLE_DEVICES and flags, as the cluster starts
+  it, for workers of ``sizes`` GPUs with the launcher's ``visible``."""
   if visible is None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   else:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+  fractions = fractions or [None] * len(sizes)
   cluster = LocalCluster(tmp_path, platform="gpu")
-  return [cluster._env(n)["CUDA_VISIBLE_DEVICES"] for n in sizes]
-
-
-def test_workers_get_consecutive_gpus_from_zero(tmp_path, monkeypatch):
-  assert _gpu_envs(tmp_path, monkeypatch, None, [2, 1, 1]) == ["0,1", "2",
-                                                                "3"]
+  cluster.assign([GpuWorker(f"w{i}", n, f)
+                  for i, (n, f) in enumerate(zip(sizes, fractions))])
+  out = []
+  for i in range(len(sizes)):
+    env = cluster._env(sizes[i], f"w{i}")
+    assert env["JAX_PLATFORMS"] == "cuda"    # never a silent CPU fallback
+    out.append((env["CUDA_VISIBLE_DEVICES"], cluster.gpu_flags(f"w{i}")))
+  return out
 
 
 def test_workers_get_the_launchers_visible_gpus(tmp_path, monkeypatch):
   # Two deployments on one host: the second one launched with GPUs 2 and 3.
-  assert _gpu_envs(tmp_path, monkeypatch, "2,3", [1, 1]) == ["2", "3"]
-  assert _gpu_envs(tmp_path, monkeypatch, "GPU-a, GPU-b,GPU-c",
-                   [2, 1]) == ["GPU-a,GPU-b", "GPU-c"]
+  assert _assign("2,3", [1, 1], monkeypatch=monkeypatch,
+                 tmp_path=tmp_path) == [("2", []), ("3", [])]
+  assert _assign("GPU-a, GPU-b,GPU-c", [2, 1], monkeypatch=monkeypatch,
+                 tmp_path=tmp_path) == [("GPU-a,GPU-b", []), ("GPU-c", [])]
 
 
-def test_more_gpus_than_visible_is_a_usage_error(tmp_path, monkeypatch):
-  with pytest.raises(UsageError, match="CUDA_VISIBLE_DEVICES=4,5"):
-    _gpu_envs(tmp_path, monkeypatch, "4,5", [2, 1])
+def test_without_cuda_visible_devices_the_driver_lists_the_gpus(
+    tmp_path, monkeypatch):
+  import subprocess
+  listing = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-x)\n"
+             "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-y)\n")
+  monkeypatch.setattr(subprocess, "run", lambda *a, **k:
+                      subprocess.CompletedProcess(a, 0, listing, ""))
+  assert machine_gpus(None) == ["0", "1"]
+  assert _assign(None, [1, 1], monkeypatch=monkeypatch,
+                 tmp_path=tmp_path) == [("0", []), ("1", [])]
+
+
+def test_one_gpu_is_shared_with_the_deployments_memory_split(tmp_path,
+                                                              monkeypatch):
+  """Prefill and decode on one card: each takes its pool's share; one
+  with none set splits what is left."""
+  assert _assign("0", [1, 1], [0.35, 0.55], monkeypatch=monkeypatch,
+                 tmp_path=tmp_path) == [
+                     ("0", ["--gpu_memory_fraction=0.35"]),
+                     ("0", ["--gpu_memory_fraction=0.55"])]
+  got = _assign("0", [1, 1, 1], [0.35, None, None],
+                monkeypatch=monkeypatch, tmp_path=tmp_path)
+  assert [g for g, _ in got] == ["0", "0", "0"]
+  assert [f for _, f in got] == [["--gpu_memory_fraction=0.35"],
+                                 ["--gpu_memory_fraction=0.3"],
+                                 ["--gpu_memory_fraction=0.3"]]
+  # A TP=2 prefill and a decode worker on two cards: the decode worker
+  # shares card 0 with half of the prefill mesh; card 1 is the prefill's.
+  got = assign_gpus([GpuWorker("p", 2, 0.4), GpuWorker("d", 1, 0.5)],
+                    ["0", "1"])
+  assert got == {"p": GpuAssignment(("0", "1"), 0.4),
+                 "d": GpuAssignment(("0",), 0.5)}
+
+
+def test_what_cannot_be_placed_is_a_usage_error():
+  with pytest.raises(UsageError, match="needs 2 GPUs for its mesh"):
+    assign_gpus([GpuWorker("prefill0", 2)], ["0"])
+  with pytest.raises(UsageError, match=r"add up to more than 0\.95"):
+    assign_gpus([GpuWorker("prefill0", 1, 0.85),
+                 GpuWorker("decode0", 1, 0.85)], ["0"])
+  with pytest.raises(UsageError, match="no GPU is visible"):
+    assign_gpus([GpuWorker("decode0", 1)], [])
+  assert assign_gpus([], []) == {}
 
 
 def test_visible_gpus_parsing():
@@ -41,15 +89,32 @@ def test_visible_gpus_parsing():
 
 
 def test_the_router_takes_no_gpu(tmp_path, monkeypatch):
-  # devices=0 (the router) between two workers: it takes none of their GPUs.
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
   cluster = LocalCluster(tmp_path, platform="gpu")
-  first = cluster._env(1)
+  cluster.assign([GpuWorker("decode0", 1)])
   router = cluster._env(0)
   assert (router["CUDA_VISIBLE_DEVICES"], router["JAX_PLATFORMS"]) == ("",
                                                                        "cpu")
-  assert (first["CUDA_VISIBLE_DEVICES"],
-          cluster._env(1)["CUDA_VISIBLE_DEVICES"]) == ("2", "3")
+  assert cluster._env(1, "decode0")["CUDA_VISIBLE_DEVICES"] == "2"
+
+
+def test_a_worker_that_cannot_see_its_gpu_fails_at_start(tmp_path):
+  """A worker started for a GPU it cannot see (here: none at all) stops
+  before loading anything, with a message that names the problem, instead
+  of running on the CPU."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cuda", CUDA_VISIBLE_DEVICES="1")
+  p = subprocess.run(
+      [sys.executable, "-m", "pdjax.launch.decode", "--config=test",
+       f"--port_file={tmp_path / 'port'}"], env=env, capture_output=True,
+      text=True, timeout=120)
+  assert p.returncode != 0
+  assert "cannot use the GPU it was started for" in p.stderr, p.stderr
+  assert "CUDA_VISIBLE_DEVICES=1" in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (tmp_path / "port").exists()
 
 
 def test_gpu_memory_fraction_becomes_xlas_setting():

@@ -46,8 +46,107 @@ class Proc:
     return None if p is None else p.get("metrics_port")
 
 
+# Share of a GPU the processes on it may take together when a deployment
+# shares cards: the rest is the CUDA contexts' and the CUDA IPC buffers'.
+SHARED_GPU_BUDGET = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuWorker:
+  """A process of a deployment that wants GPUs: how many, and the share of
+  each card its pool's settings give it (None: none set)."""
+  name: str
+  devices: int
+  memory_fraction: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuAssignment:
+  """The GPUs of one process (its CUDA_VISIBLE_DEVICES) and, where cards
+  are shared, the share of each it may take (None: its own setting)."""
+  gpus: tuple[str, ...]
+  memory_fraction: float | None = None
+
+
+def assign_gpus(workers: list[GpuWorker], gpus: list[str]
+                ) -> dict[str, GpuAssignment]:
+  """Places a deployment's processes on ``gpus``.
+
+  One card each where there are enough (the workers' own memory settings
+  apply). Otherwise the processes share cards, each taking the next of
+  its mesh's size in turn (a prefill and a decode worker on a one-GPU
+  machine share it): on a shared card the processes' memory shares must
+  add up to at most ``SHARED_GPU_BUDGET``; what the pools' settings leave
+  is split evenly between the processes that set none. Raises UsageError
+  when a mesh wants more GPUs than there are, or the shares set do not fit.
+  """
+  if not workers:
+    return {}
+  if not gpus:
+    raise UsageError("--platform=gpu but no GPU is visible (nvidia-smi -L "
+                     "lists none, or CUDA_VISIBLE_DEVICES is empty)")
+  need = sum(w.devices for w in workers)
+  for w in workers:
+    if w.devices > len(gpus):
+      raise UsageError(
+          f"{w.name} needs {w.devices} GPUs for its mesh and this machine "
+          f"shows {len(gpus)} ({','.join(gpus)}); ask for a smaller mesh")
+  if need <= len(gpus):
+    out, k = {}, 0
+    for w in workers:
+      out[w.name] = GpuAssignment(tuple(gpus[k:k + w.devices]))
+      k += w.devices
+    return out
+  placed, k = {}, 0
+  for w in workers:
+    placed[w.name] = tuple(gpus[(k + i) % len(gpus)]
+                           for i in range(w.devices))
+    k += w.devices
+  fraction: dict[str, float] = {}
+  for card in gpus:
+    on = [w for w in workers if card in placed[w.name]]
+    if not on:
+      continue
+    fixed = sum(w.memory_fraction for w in on
+                if w.memory_fraction is not None)
+    free = [w for w in on if w.memory_fraction is None]
+    if fixed > SHARED_GPU_BUDGET or (free and fixed >= SHARED_GPU_BUDGET):
+      shares = ", ".join(f"{w.name} {w.memory_fraction}" for w in on
+                         if w.memory_fraction is not None)
+      raise UsageError(
+          f"GPU {card} is shared by {', '.join(w.name for w in on)} "
+          f"(the deployment needs {need} GPUs, {len(gpus)} visible), but "
+          f"their pools' gpu_memory_fraction ({shares}) add up to more than "
+          f"{SHARED_GPU_BUDGET}; set [prefill]/[decode] gpu_memory_fraction "
+          "to fit one card (configs/deployments/gpu-8b-1gpu.toml does)")
+    for w in on:
+      share = (w.memory_fraction if w.memory_fraction is not None
+               else (SHARED_GPU_BUDGET - fixed) / len(free))
+      fraction[w.name] = min(fraction.get(w.name, 1.0), share)
+  return {w.name: GpuAssignment(placed[w.name], round(fraction[w.name], 4))
+          for w in workers}
+
+
+def machine_gpus(env_setting: str | None) -> list[str]:
+  """The GPUs a local deployment may use: ``CUDA_VISIBLE_DEVICES`` when
+  set (every CUDA program honours it, so two deployments can share a host
+  on disjoint GPUs), else the driver's list (``nvidia-smi -L``), else
+  none."""
+  listed = visible_gpus(env_setting)
+  if listed is not None:
+    return listed
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(
+      ln for ln in out.splitlines() if ln.startswith("GPU "))]
+
+
 class LocalCluster:
-  """The processes of one local deployment, started and stopped together."""
+  """The processes of one local deployment, started and stopped together.
+  On GPUs, ``assign`` places the processes on cards before they start."""
 
   def __init__(self, run_dir: Path, platform: str = "cpu",
                host: str = "127.0.0.1"):
@@ -56,11 +155,22 @@ class LocalCluster:
     self.platform = platform
     self.host = host
     self.procs: list[Proc] = []
-    # Worker k's GPUs are the next ones of this list, in order.
-    self._gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    self._next_gpu = 0
+    self.gpus: dict[str, GpuAssignment] = {}
 
-  def _env(self, devices: int) -> dict[str, str]:
+  def assign(self, workers: list[GpuWorker]) -> None:
+    """Places the GPU processes about to start (no-op off GPUs)."""
+    if self.platform == "gpu":
+      self.gpus = assign_gpus(
+          workers, machine_gpus(os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+  def gpu_flags(self, name: str) -> list[str]:
+    """The flags that give a process its share of a shared card."""
+    a = self.gpus.get(name)
+    if a is None or a.memory_fraction is None:
+      return []
+    return [f"--gpu_memory_fraction={a.memory_fraction}"]
+
+  def _env(self, devices: int, name: str = "") -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Every worker of a deployment compiles the same programs, and so does
@@ -81,16 +191,13 @@ class LocalCluster:
           [f for f in env.get("XLA_FLAGS", "").split()
            if "force_host_platform_device_count" not in f] + [flag])
     else:
-      ids = [str(i) for i in range(self._next_gpu, self._next_gpu + devices)]
-      if self._gpus is not None:
-        if self._next_gpu + devices > len(self._gpus):
-          raise UsageError(
-              f"the deployment needs more GPUs than CUDA_VISIBLE_DEVICES="
-              f"{','.join(self._gpus)} lists ({len(self._gpus)}); list more, "
-              "or ask for fewer workers or smaller meshes")
-        ids = self._gpus[self._next_gpu:self._next_gpu + devices]
-      self._next_gpu += devices
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+      if name not in self.gpus:
+        raise UsageError(f"{name} was not placed on a GPU (call assign "
+                         "with every GPU process first)")
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[name].gpus)
+      # A worker asked to run on GPUs runs there or fails at start, never
+      # on the CPU (launch.worker says what it could not see).
+      env["JAX_PLATFORMS"] = "cuda"
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       for k, v in (("NCCL_NVLS_ENABLE", "0"),
                    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -105,9 +212,10 @@ class LocalCluster:
     log = self.run_dir / f"{name}.log"
     cmd = [sys.executable, "-m", module, f"--port_file={port_file}",
            f"--host={self.host}", *args]
+    cmd += self.gpu_flags(name) if devices else []
     with open(log, "wb") as out:
       popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                               env=self._env(devices),
+                               env=self._env(devices, name),
                                start_new_session=True)
     p = Proc(name, popen, port_file, log)
     self.procs.append(p)
@@ -199,6 +307,19 @@ def launch(cluster: LocalCluster, *, config: str = "local",
             *worker_flags]
   if checkpoint:
     common.append(f"--checkpoint={checkpoint}")
+  pf, df = dep.prefill.gpu_memory_fraction, dep.decode.gpu_memory_fraction
+  if transport == "local":
+    both = max((f for f in (pf, df) if f is not None), default=None)
+    gpu_workers = [GpuWorker(f"pd{i}", mesh_size(pmesh) + mesh_size(dmesh),
+                             both) for i in range(num_decode)]
+  else:
+    gpu_workers = [
+        GpuWorker(f"prefill{i}" + (f"p{k}" if k else ""),
+                  mesh_size(pmesh) // max(prefill_processes, 1), pf)
+        for i in range(num_prefill) for k in range(prefill_processes)]
+    gpu_workers += [GpuWorker(f"decode{i}", mesh_size(dmesh), df)
+                    for i in range(num_decode)]
+  cluster.assign(gpu_workers)
   prefill, decode, followers = [], [], []
   if transport == "local":
     if num_prefill < 1:

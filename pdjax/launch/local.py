@@ -26,10 +26,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from pdjax.launch.cluster import (LocalCluster, launch,
+from pdjax.launch.cluster import (LocalCluster, UsageError, launch,
                                   router_client_settings, start_gateway, tail)
 
-CONFIG = flags.DEFINE_string("config", "local", "Deployment config.")
+CONFIG = flags.DEFINE_string(
+    "config", None, "Deployment config (default: 'local' on the CPU, "
+    "'local-gpu' with --platform=gpu).")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
                                  "deployment's, 'tiny').")
 KV_TRANSPORT = flags.DEFINE_enum("kv_transport", None,
@@ -71,6 +73,8 @@ GATEWAY_FLAGS = flags.DEFINE_list("gateway_flags", [], "Extra gateway "
 
 def main(argv) -> None:
   del argv
+  config = CONFIG.value or ("local-gpu" if PLATFORM.value == "gpu"
+                            else "local")
   run_dir = Path(LOG_DIR.value or tempfile.mkdtemp(prefix="pdjax-local-"))
   run_dir.mkdir(parents=True, exist_ok=True)
   cluster = LocalCluster(run_dir, PLATFORM.value, HOST.value)
@@ -85,7 +89,7 @@ def main(argv) -> None:
     print(f"starting (logs in {run_dir}) ...", flush=True)
     t0 = time.monotonic()
     address = launch(
-        cluster, config=CONFIG.value, checkpoint=CHECKPOINT.value,
+        cluster, config=config, checkpoint=CHECKPOINT.value,
         kv_transport=KV_TRANSPORT.value, num_prefill=NUM_PREFILL.value,
         num_decode=NUM_DECODE.value, prefill_mesh=PREFILL_MESH.value,
         decode_mesh=DECODE_MESH.value,
@@ -97,7 +101,7 @@ def main(argv) -> None:
           flush=True)
     if GATEWAY_PORT.value is not None:
       url = start_gateway(
-          cluster, address, config=CONFIG.value, checkpoint=CHECKPOINT.value,
+          cluster, address, config=config, checkpoint=CHECKPOINT.value,
           port=GATEWAY_PORT.value, router_flags=ROUTER_FLAGS.value,
           gateway_flags=GATEWAY_FLAGS.value)
       print(f"OpenAI-compatible gateway at {url}/v1", flush=True)
@@ -124,6 +128,8 @@ def main(argv) -> None:
         time.sleep(0.5)
   except KeyboardInterrupt:
     interrupted = True
+  except UsageError as e:    # the deployment cannot run here as asked
+    sys.exit(f"pdjax.launch.local: {e}")
   finally:
     print("shutting down ...", flush=True)
     cluster.stop()

@@ -49,6 +49,35 @@ def worker_memory_fraction(dep, role: str, flag: float | None
   return max(shares) if shares else None
 
 
+def wants_gpu(env) -> bool:
+  """Whether the process was started for GPUs only (``JAX_PLATFORMS``
+  names CUDA and not the CPU, as ``launch.local --platform=gpu`` does)."""
+  platforms = {p.strip() for p in env.get("JAX_PLATFORMS", "").split(",")}
+  return bool(platforms & {"cuda", "gpu"}) and "cpu" not in platforms
+
+
+def check_gpu(jax) -> None:
+  """A worker started for GPUs runs on them or stops here, saying why; it
+  never falls back to the CPU without a word."""
+  if not wants_gpu(os.environ):
+    return
+  try:
+    devices = jax.devices()
+    problem = ("" if devices and devices[0].platform == "gpu" else
+               f"JAX's devices are {devices}")
+  except Exception as e:  # noqa: BLE001 - JAX raises several kinds here
+    problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+  if problem:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise SystemExit(
+        "this worker cannot use the GPU it was started for (CUDA_VISIBLE_"
+        f"DEVICES={visible if visible is not None else '(unset)'}, "
+        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')}): JAX found no "
+        f"usable CUDA device ({problem}). Check that the GPU exists and is "
+        "visible to this process (nvidia-smi -L) and that jax has its CUDA "
+        "plugin; the worker does not fall back to the CPU.")
+
+
 def _init_jax(memory_fraction: float | None = None):
   os.environ.update(xla_memory_env(memory_fraction))
   import jax
@@ -78,6 +107,8 @@ def _init_jax(memory_fraction: float | None = None):
   if F.COMPILE_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", F.COMPILE_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # After jax.distributed (which must come before a backend starts).
+  check_gpu(jax)
   return jax
 
 
