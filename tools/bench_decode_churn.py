@@ -80,6 +80,15 @@ flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
 flags.DEFINE_bool("command_buffers", True,
                   "False: XLA runs without CUDA graphs "
                   "(--xla_gpu_enable_command_buffer= in XLA_FLAGS).")
+flags.DEFINE_enum("page_order", "lowest", ["lowest", "fifo"],
+                  "Which free pages a request gets: the lowest-numbered "
+                  "(the pool's policy) or first-in-first-out (the policy "
+                  "before it: after churn, every request's pages spread "
+                  "over the whole pool).")
+flags.DEFINE_string("row_buckets", "", "Row counts of the generate "
+                    "programs (default: the pool's; 'MAX' for max_seqs "
+                    "only, every call running every row as before row "
+                    "programs).")
 FLAGS = flags.FLAGS
 
 TOOL = "bench_decode_churn"
@@ -248,7 +257,11 @@ def main(argv) -> None:
                       steps_per_call=FLAGS.steps_per_call,
                       table_buckets=d["table_buckets"],
                       triton_gemm=FLAGS.triton_gemm,
-                      merge_dots=FLAGS.merge_dots, attention=FLAGS.attention)
+                      merge_dots=FLAGS.merge_dots, attention=FLAGS.attention,
+                      row_buckets=(() if not FLAGS.row_buckets else
+                                   (d["max_seqs"],)
+                                   if FLAGS.row_buckets == "MAX" else
+                                   tuple(bc.parse_ints(FLAGS.row_buckets))))
   if d["probe_context"] + FLAGS.steps_per_call * (FLAGS.probe_calls + 4) > (
       dcfg.max_seq_len):
     raise app.UsageError("--probe_context + the probe's steps exceed "
@@ -258,6 +271,10 @@ def main(argv) -> None:
   t0 = time.perf_counter()
   params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
   engine = DecodeEngine(params, cfg, mesh, rules, dcfg, eos_ids=())
+  if FLAGS.page_order != "lowest":
+    from pdjax.engine.block_pool import BlockPool
+    for rep in engine.replicas:    # before any page is handed out
+      rep.pool = BlockPool(dcfg.num_pages, order=FLAGS.page_order)
   engine.warmup()
   print(f"{TOOL}: {cfg.name} on {bc.device_kind()}, {dcfg.max_seqs} rows, "
         f"{dcfg.num_pages} pages, widths {dcfg.widths}; command buffers "
@@ -271,7 +288,8 @@ def main(argv) -> None:
                 "triton_gemm": FLAGS.triton_gemm,
                 "merge_dots": FLAGS.merge_dots,
                 "command_buffers": FLAGS.command_buffers,
-                "churn_kv": FLAGS.churn_kv}
+                "churn_kv": FLAGS.churn_kv, "page_order": FLAGS.page_order,
+                "row_counts": list(dcfg.row_counts)}
   before = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "before")
   print(f"  before: {before['call_ms']:.2f} ms per call", flush=True)
   traffic = churn(engine, cfg, d["churn_requests"], FLAGS.churn_kv == "fresh")

@@ -9,6 +9,12 @@ never read unmasked. Every other page is in exactly one of three places:
 * cached: ``ref_count == 0`` but its content is named by a block hash, kept
   for reuse until evicted (least recently used first) when space is needed.
 
+Free pages are handed out lowest-numbered first, so a pool's pages in use
+stay packed at its start however traffic churns them: a first-in-first-out
+free list would, after enough requests, spread every new sequence over the
+whole pool (tens of GB on a GPU), and the attention's page reads with it
+(``order="fifo"`` keeps that policy, for measuring the difference).
+
 Reservations are promises of future pages (decode-side admission reserves a
 request's whole budget before its KV is computed), so an admitted sequence
 never finds the pool empty mid-generation. ``available`` = free + cached -
@@ -18,6 +24,7 @@ reserved is what admission may still promise.
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
 from typing import Callable, Hashable, Iterable
 
@@ -34,12 +41,18 @@ def _check_count(n: int) -> None:
 class BlockPool:
 
   def __init__(self, num_pages: int,
-               on_event: Callable[[str, Hashable], None] | None = None):
+               on_event: Callable[[str, Hashable], None] | None = None,
+               *, order: str = "lowest"):
     if num_pages < 2:
       raise ValueError(f"a KV pool needs at least 2 pages, got {num_pages}")
+    if order not in ("lowest", "fifo"):
+      raise ValueError(f"order must be 'lowest' or 'fifo', got {order!r}")
     self.num_pages = num_pages
-    self._free: collections.deque[int] = collections.deque(
-        range(1, num_pages))
+    self.order = order
+    # "lowest": a heap of free page ids; "fifo": freed pages go last.
+    self._free: list[int] | collections.deque[int] = (
+        list(range(1, num_pages)) if order == "lowest"
+        else collections.deque(range(1, num_pages)))
     self._ref = [0] * num_pages
     self._hash_of: dict[int, Hashable] = {}
     self._page_of: dict[Hashable, int] = {}
@@ -117,7 +130,7 @@ class BlockPool:
       out = []
       for _ in range(n):
         if self._free:
-          page = self._free.popleft()
+          page = self._take_free()
         else:
           page, _ = self._evictable.popitem(last=False)
           evicted_hash = self._hash_of.get(page)   # host KV tier
@@ -143,7 +156,18 @@ class BlockPool:
           if page in self._hash_of:
             self._evictable[page] = None
           else:
-            self._free.append(page)
+            self._put_free(page)
+
+  def _take_free(self) -> int:
+    if self.order == "lowest":
+      return heapq.heappop(self._free)
+    return self._free.popleft()
+
+  def _put_free(self, page: int) -> None:
+    if self.order == "lowest":
+      heapq.heappush(self._free, page)
+    else:
+      self._free.append(page)
 
   def ref_count(self, page: int) -> int:
     return self._ref[page]
@@ -196,7 +220,7 @@ class BlockPool:
       while self._evictable:
         page, _ = self._evictable.popitem(last=False)
         self._forget(page)
-        self._free.append(page)
+        self._put_free(page)
       return n
 
   def _forget(self, page: int) -> None:
