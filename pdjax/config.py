@@ -43,6 +43,10 @@ class PoolConfig:
   num_pages: int = 512
   steps_per_call: int = 4
   table_buckets: tuple[int, ...] = ()
+  row_buckets: tuple[int, ...] = ()
+  # Decode workers that prefill (colocated): prompt tokens of prefill
+  # between two generate calls (DecodeConfig.prefill_token_budget).
+  prefill_token_budget: int = 0
   # Prefix caching: pages of the prefill worker's block store (0: off), and
   # whether decode workers keep finished sequences' blocks for reuse.
   cache_pages: int = 0
@@ -101,7 +105,7 @@ class DeploymentConfig:
     pools = {}
     for name in ("prefill", "decode"):
       table = dict(data.pop(name, {}))
-      for key in ("buckets", "table_buckets"):
+      for key in ("buckets", "table_buckets", "row_buckets"):
         if key in table:
           table[key] = tuple(table[key])
       unknown = set(table) - {f.name for f in dataclasses.fields(PoolConfig)}
@@ -131,6 +135,8 @@ class DeploymentConfig:
                         num_pages=d.num_pages, max_seq_len=self.max_seq_len,
                         steps_per_call=d.steps_per_call,
                         table_buckets=tuple(d.table_buckets),
+                        row_buckets=tuple(d.row_buckets),
+                        prefill_token_budget=d.prefill_token_budget,
                         triton_gemm=d.triton_gemm,
                         merge_dots=d.merge_dots,
                         attention=d.attention,

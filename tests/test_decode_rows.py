@@ -138,3 +138,85 @@ def test_rows_at_their_length_limit_are_in_no_further_call(tiny_decode_params):
     rec.close()
   u = engine.decode.kv_usage()
   assert u["rows_live"] == 0 and u["pages_used"] == 0 and u["reservations"] == 0
+
+
+def _prompt_tokens_per_iteration(engine, requests, running):
+  """Runs ``running`` (already decoding) and then ``requests``; per engine
+  iteration, the prompt tokens of compute its prefill programs took (chunk
+  and batch programs, by their bucket lengths)."""
+  pre = engine.prefill[0]
+  seen = []
+  real_chunk, real_prefill = pre._chunk, pre._prefill
+
+  def chunk(params, tokens, *a):
+    seen.append(tokens.shape[1])
+    return real_chunk(params, tokens, *a)
+
+  def batch(params, tokens, *a):
+    seen.append(tokens.shape[0] * tokens.shape[1])
+    return real_prefill(params, tokens, *a)
+  pre._chunk, pre._prefill = chunk, batch
+  out = collections.defaultdict(list)
+  per_iteration = []
+  try:
+    for rid, p, s in running + requests:
+      engine.submit(rid, p, s, lambda ev: out[ev.request_id].extend(
+          ev.token_ids), seed_u32=s.seed_u32(0))
+      if (rid, p, s) in running:
+        engine.step()   # prefilled and decoding before the others come
+    while engine.has_work:
+      seen.clear()
+      engine.step()
+      per_iteration.append(sum(seen))
+  finally:
+    pre._chunk, pre._prefill = real_chunk, real_prefill
+  return dict(out), per_iteration
+
+
+def test_prefill_token_budget_bounds_each_iteration(tiny_decode_params):
+  """With a per-iteration budget of 32 prompt tokens, a 100-token prompt
+  arriving while a row decodes is prefilled 32 tokens at a time between
+  generate calls (so the running row's next tokens wait for 32 tokens of
+  prefill, not 100), and every token is the same as without a budget."""
+  import dataclasses
+  greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+  running = [("run", list(range(5, 25)), greedy)]
+  late = [("long", list(range(3, 103)), greedy),
+          ("short", list(range(7, 17)), greedy)]
+  free = _engine(tiny_decode_params)
+  want, free_iters = _prompt_tokens_per_iteration(free, late, running)
+  assert max(free_iters) >= 100        # the whole prompt in one iteration
+  bounded = _engine(tiny_decode_params,
+                    dataclasses.replace(DCFG, prefill_token_budget=32))
+  got, iters = _prompt_tokens_per_iteration(bounded, late, running)
+  assert got == want
+  assert max(iters) <= 32
+  assert sum(1 for n in iters if n) >= 4    # 100 tokens: 4 chunks
+  u = bounded.decode.kv_usage()
+  assert u["rows_live"] == 0 and u["reservations"] == 0
+  with pytest.raises(ValueError, match="prefill_token_budget"):
+    DecodeConfig(prefill_token_budget=-1)
+
+
+def test_cancel_during_a_chunked_prefill(tiny_decode_params):
+  """A request cancelled part-way through its chunked prefill ends with
+  ABORT and returns its reservation; the next request runs."""
+  import dataclasses
+  from pdjax.engine.requests import FinishReason
+  engine = _engine(tiny_decode_params,
+                   dataclasses.replace(DCFG, prefill_token_budget=16))
+  events = collections.defaultdict(list)
+  greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+  engine.submit("long", list(range(3, 103)), greedy,
+                lambda ev: events[ev.request_id].append(ev))
+  engine.step()
+  assert engine.num_waiting == 1 and engine.decode.kv_usage()[
+      "reservations"] == 1
+  engine.cancel("long")
+  engine.submit("next", list(range(3, 20)), greedy,
+                lambda ev: events[ev.request_id].append(ev))
+  engine.drain()
+  assert events["long"][-1].finish_reason == FinishReason.ABORT
+  assert sum(len(e.token_ids) for e in events["next"]) == 5
+  u = engine.decode.kv_usage()
+  assert u["reservations"] == 0 and u["pages_used"] == 0

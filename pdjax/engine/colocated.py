@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 
 from pdjax.engine.decode import DecodeConfig, DecodeEngine
 from pdjax.engine.decode_replica import ReplicaPrefixStore
-from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+from pdjax.engine.prefill import (BufferedPrefill, PrefillConfig,
+                                  PrefillEngine)
 from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
                                    TokenCallback, TokenEvent)
 from pdjax.engine.sampling import SamplingParams
@@ -63,6 +64,8 @@ class ColocatedEngine:
     self.pcfg = pcfg
     self.max_waiting = max_waiting
     self._waiting: collections.deque[_Waiting] = collections.deque()
+    # Per replica, the prompt being prefilled a chunk budget at a time.
+    self._partial: dict[int, _Partial] = {}
     self._cancelled: set[str] = set()
     self._lock = threading.Lock()
 
@@ -105,7 +108,9 @@ class ColocatedEngine:
 
   def cancel(self, request_id: str) -> None:
     with self._lock:
-      if any(w.request_id == request_id for w in self._waiting):
+      if any(w.request_id == request_id for w in self._waiting) or any(
+          p.waiting.request_id == request_id
+          for p in self._partial.values()):
         self._cancelled.add(request_id)
         return
     self.decode.cancel(request_id)
@@ -113,6 +118,11 @@ class ColocatedEngine:
   def fail_all(self, message: str) -> None:
     with self._lock:
       waiting, self._waiting = list(self._waiting), collections.deque()
+      partial, self._partial = list(self._partial.values()), {}
+    for p in partial:
+      p.run.abort()
+      self.decode.unreserve(p.waiting.request_id)
+      waiting.append(p.waiting)
     for w in waiting:
       w.callback(TokenEvent(w.request_id, [], [], FinishReason.ERROR,
                             error=message))
@@ -120,11 +130,12 @@ class ColocatedEngine:
 
   @property
   def num_waiting(self) -> int:
-    return len(self._waiting)
+    """Requests not decoding yet: queued, or part-way through a prefill."""
+    return len(self._waiting) + len(self._partial)
 
   @property
   def has_work(self) -> bool:
-    return bool(self._waiting) or self.decode.has_work
+    return bool(self._waiting or self._partial) or self.decode.has_work
 
   def step(self) -> int:
     self._prefill_admitted()
@@ -137,12 +148,45 @@ class ColocatedEngine:
       self.step()
     raise RuntimeError("colocated engine did not drain")
 
+  # ---------------------------------------------------------------- prefill
+  def _cost(self, w: _Waiting) -> int | None:
+    """Prompt tokens of compute a batched prefill of ``w`` takes (its
+    bucket), or None when it runs chunked (longer than every bucket, or
+    longer than the per-iteration budget)."""
+    bucket = self.pcfg.bucket_for(len(w.prompt_ids))
+    budget = self.decode.dcfg.prefill_token_budget
+    if bucket is None or (budget and bucket > budget):
+      return None
+    return bucket
+
   def _prefill_admitted(self) -> None:
-    """Reserves capacity for waiting requests in arrival order and prefills
-    those that got it (at most max_batch per replica per iteration)."""
+    """One iteration's prefill work, per replica at most
+    ``prefill_token_budget`` prompt tokens (0: no bound) and ``max_batch``
+    new requests: first the next chunks of a prompt already part-way
+    through, then waiting requests in arrival order, batched when they fit
+    whole, or started as a chunked prefill of their own. Capacity (the
+    KV budget) is reserved before any prefill starts."""
+    budget = self.decode.dcfg.prefill_token_budget or None
+    spent: dict[int, int] = collections.Counter()
+    finished: list[tuple[_Waiting, object, _Partial]] = []
+    aborted: list[_Waiting] = []
+    # 1. Prompts part-way through: their next chunks.
+    for replica, p in list(self._partial.items()):
+      if self._take_cancelled(p.waiting.request_id):
+        del self._partial[replica]
+        p.run.abort()
+        self.decode.unreserve(p.waiting.request_id)
+        aborted.append(p.waiting)
+        continue
+      before = p.run.position
+      if p.run.advance(budget):
+        del self._partial[replica]
+        finished.append((p.waiting, p.reservation, p))
+      spent[replica] += p.run.position - before
+    # 2. Waiting requests, in arrival order.
     per_replica: dict[int, list[tuple[_Waiting, object]]] = (
         collections.defaultdict(list))
-    aborted: list[_Waiting] = []
+    chunked: dict[int, tuple[_Waiting, object]] = {}
     with self._lock:
       keep: collections.deque[_Waiting] = collections.deque()
       while self._waiting:
@@ -155,46 +199,112 @@ class ColocatedEngine:
                                   w.sampling.max_tokens,
                                   prompt_ids=w.prompt_ids,
                                   cache_salt=w.cache_salt)
-        if res is None or len(per_replica[res.replica]) >= self.pcfg.max_batch:
+        taken = res is not None and self._place(
+            w, res, per_replica, chunked, spent, budget)
+        if not taken:
           if res is not None:
             self.decode.unreserve(w.request_id)
           keep.append(w)
-          # Arrival order: do not let later requests overtake on capacity.
+          # Arrival order: do not let later requests overtake.
           keep.extend(self._waiting)
           self._waiting.clear()
           break
-        per_replica[res.replica].append((w, res))
       self._waiting = keep
     for w in aborted:
       w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+    for w, res, p in finished:
+      self._to_decode(w, res, p.run.result(), p.started)
     for replica, items in per_replica.items():
-      started = time.perf_counter()
+      self._prefill_batch(replica, items)
+    # 3. Chunked prefills that start now take what their replica's budget
+    # has left.
+    for replica, (w, res) in chunked.items():
+      p = _Partial(w, res, self.prefill[replica].start_chunked(
+          self._prefill_request(w, res)), time.perf_counter())
+      left = None if budget is None else max(budget - spent[replica], 1)
+      if p.run.advance(left):
+        self._to_decode(w, res, p.run.result(), p.started)
+      else:
+        self._partial[replica] = p
 
-      def first_token(i, r, items=items, started=started):
-        """Each request's first token goes out as soon as it is known (a
-        call may prefill several, one after another)."""
-        w = items[i][0]
-        if w.forced_first_token is None:
-          w.callback(TokenEvent(
-              w.request_id, [r.first_token], [r.first_logprob],
-              cached_tokens=r.cached_tokens,
-              queue_s=started - w.submitted,
-              prefill_s=time.perf_counter() - started))
+  def _place(self, w: _Waiting, res, per_replica, chunked, spent,
+             budget) -> bool:
+    """Puts a reserved request into this iteration's batch of its replica,
+    or marks it to start a chunked prefill there (then the replica takes
+    nothing more this iteration); False if neither fits now."""
+    replica = res.replica
+    if replica in chunked:
+      return False
+    cost = self._cost(w)
+    if cost is not None:
+      if len(per_replica[replica]) >= self.pcfg.max_batch:
+        return False
+      if budget and spent[replica] and spent[replica] + cost > budget:
+        return False
+      per_replica[replica].append((w, res))
+      spent[replica] += cost
+      return True
+    if replica in self._partial or (budget and spent[replica] >= budget):
+      return False
+    chunked[replica] = (w, res)
+    return True
 
-      results = self.prefill[replica].prefill(
-          [PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32,
+  def _take_cancelled(self, request_id: str) -> bool:
+    with self._lock:
+      if request_id in self._cancelled:
+        self._cancelled.discard(request_id)
+        return True
+      return False
+
+  @staticmethod
+  def _prefill_request(w: _Waiting, res) -> PrefillRequest:
+    return PrefillRequest(w.request_id, w.prompt_ids, w.sampling, w.seed_u32,
                           cache_salt=w.cache_salt,
                           skip_pages=res.cached_blocks,
                           prefix_pages=res.cached_pages)
-           for w, res in items], on_result=first_token)
-      for (w, res), r in zip(items, results):
-        first, logprob = r.first_token, r.first_logprob
-        if w.forced_first_token is not None:
-          first, logprob = w.forced_first_token, 0.0
-        self.decode.submit(DecodeRequest(
-            w.request_id, w.prompt_ids, first, logprob, r.kv,
-            w.sampling, w.seed_u32, w.callback, reservation=res,
-            cache_salt=w.cache_salt))
+
+  def _prefill_batch(self, replica: int, items) -> None:
+    started = time.perf_counter()
+
+    def first_token(i, r, items=items, started=started):
+      """Each request's first token goes out as soon as it is known (a
+      call may prefill several, one after another)."""
+      self._first_token(items[i][0], r, started)
+
+    results = self.prefill[replica].prefill(
+        [self._prefill_request(w, res) for w, res in items],
+        on_result=first_token)
+    for (w, res), r in zip(items, results):
+      self._submit_decode(w, res, r)
+
+  def _first_token(self, w: _Waiting, r, started: float) -> None:
+    if w.forced_first_token is None:
+      w.callback(TokenEvent(
+          w.request_id, [r.first_token], [r.first_logprob],
+          cached_tokens=r.cached_tokens, queue_s=started - w.submitted,
+          prefill_s=time.perf_counter() - started))
+
+  def _to_decode(self, w: _Waiting, res, r, started: float) -> None:
+    self._first_token(w, r, started)
+    self._submit_decode(w, res, r)
+
+  def _submit_decode(self, w: _Waiting, res, r) -> None:
+    first, logprob = r.first_token, r.first_logprob
+    if w.forced_first_token is not None:
+      first, logprob = w.forced_first_token, 0.0
+    self.decode.submit(DecodeRequest(
+        w.request_id, w.prompt_ids, first, logprob, r.kv,
+        w.sampling, w.seed_u32, w.callback, reservation=res,
+        cache_salt=w.cache_salt))
+
+
+@dataclasses.dataclass
+class _Partial:
+  """A prompt part-way through its chunked prefill on one replica."""
+  waiting: _Waiting
+  reservation: object
+  run: BufferedPrefill
+  started: float          # perf_counter() of its first chunk
 
 
 __all__ = ["ColocatedEngine"]

@@ -35,6 +35,14 @@ class DecodeConfig:
   # run at HBM rate (H200, 8B: 19.4 / 12.6 ms at one row against 5.6 ms
   # at two with cuBLAS).
   row_buckets: tuple[int, ...] = ()
+  # A decode worker that prefills its own requests (colocated serving):
+  # prompt tokens of prefill compute between two generate calls, at most
+  # (bucket lengths, as compiled). A prompt beyond it is prefilled in
+  # chunks over several iterations, so a long prompt delays the running
+  # rows' next tokens by one budget's compute, not by its whole prefill
+  # (vLLM's and SGLang's chunked prefill). 0: no bound (each iteration
+  # prefills up to max_batch waiting prompts whole).
+  prefill_token_budget: int = 0
   # Keep finished sequences' full blocks, named by content, for requests
   # that share a prefix (they are evicted, least recently used first, only
   # when pages are needed).
@@ -78,6 +86,9 @@ class DecodeConfig:
     for b in self.table_buckets:
       if not 0 < b <= self.pages_per_seq:
         raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
+    if self.prefill_token_budget < 0:
+      raise ValueError(f"prefill_token_budget must be >= 0 (0: no bound), "
+                       f"got {self.prefill_token_budget}")
     for b in self.row_buckets:
       if not 0 < b <= self.max_seqs:
         raise ValueError(f"row bucket {b} outside (0, {self.max_seqs}]")

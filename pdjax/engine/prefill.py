@@ -208,6 +208,102 @@ KvReady = Callable[[int, RequestKV], None]
 OnResult = Callable[[int, PrefillResult], None]
 
 
+class BufferedPrefill:
+  """One prompt through the prefill engine's KV buffer, a chunk at a time:
+  its cached prefix gathered in first, then bucket-sized chunks that each
+  attend to everything before them. ``advance`` runs chunks up to a token
+  budget, so a caller can interleave other programs between them (a
+  prompt's prefill spread over several iterations of a colocated engine);
+  ``result`` hands on the KV in page layout."""
+
+  def __init__(self, engine: "PrefillEngine", r: PrefillRequest,
+               prefix: list[int], owned: bool, hashes: list[bytes]):
+    self.engine = engine
+    self.request = r
+    self._prefix = prefix
+    self._owned = owned
+    self._hashes = hashes
+    cfg = engine.config
+    self._samp = tuple(engine._put(a) for a in SamplingArrays.stack(
+        [(r.sampling, r.seed_u32)], 1).as_tuple())
+    self._k, self._v = engine._zeros()
+    if prefix:
+      self._k, self._v = engine.prefix_store.gather_into(prefix, self._k,
+                                                         self._v)
+    self.position = len(prefix) * cfg.page_size
+    self._tok = self._lp = None
+    self._closed = False
+
+  @property
+  def done(self) -> bool:
+    return self.position >= len(self.request.prompt_ids)
+
+  def next_chunk(self, budget: int | None = None) -> int:
+    """Tokens of compute the next chunk takes (its bucket's length), the
+    chunk kept within ``budget`` where a bucket allows."""
+    return self.engine._chunk_len(len(self.request.prompt_ids)
+                                  - self.position, budget)
+
+  def advance(self, budget: int | None = None) -> bool:
+    """Runs chunks while their bucket lengths fit ``budget`` tokens (None:
+    to the end; at least one chunk always runs, the smallest bucket if
+    none fits). True once the prompt is done."""
+    e = self.engine
+    ids = self.request.prompt_ids
+    spent = 0
+    while not self.done:
+      C = self.next_chunk(None if budget is None else
+                          max(budget - spent, 1))
+      if spent and budget is not None and spent + C > budget:
+        break
+      part = np.zeros((1, C), np.int32)
+      piece = ids[self.position:self.position + C]
+      part[0, :len(piece)] = piece
+      try:
+        self._tok, self._lp, self._k, self._v = e._chunk(
+            e.params, e._put(part),
+            e._put(np.array([len(piece)], np.int32)), self._k, self._v,
+            e._put(np.array([self.position], np.int32)), self._samp)
+      except BaseException:
+        self.abort()
+        raise
+      self.position += C
+      spent += C
+    return self.done
+
+  def result(self) -> PrefillResult:
+    """The first token and the prompt's KV (the prompt must be done)."""
+    if not self.done:
+      raise RuntimeError("result() before the prompt's last chunk")
+    e = self.engine
+    P = e.config.page_size
+    n = len(self.request.prompt_ids)
+    try:
+      if self._owned:
+        e.prefix_store.store(self._hashes, len(self._prefix), self._k,
+                             self._v)
+    finally:
+      self._release()
+    skip = min(self.request.skip_pages, pages_for(n, P) - 1)
+    num = payload_pages(pages_for(n, P) - skip)
+    kv = e._pages_fn(num)(self._k, self._v, e._put(np.int32(skip)))
+    return PrefillResult(self.request.request_id,
+                         int(np.asarray(self._tok)[0]),
+                         float(np.asarray(self._lp)[0]),
+                         RequestKV(kv, n, first_page=skip), n,
+                         cached_tokens=len(self._prefix) * P)
+
+  def abort(self) -> None:
+    """Ends it without a result: the pinned prefix goes back."""
+    self._release()
+
+  def _release(self) -> None:
+    if not self._closed:
+      self._closed = True
+      if self._owned and self._prefix:
+        self.engine.prefix_store.release(self._prefix)
+
+
 def _announce(kvs: Sequence[RequestKV], kv_ready: KvReady | None) -> None:
   if kv_ready is not None:
     for i, kv in enumerate(kvs):
@@ -424,43 +520,32 @@ class PrefillEngine:
     C = self.config.chunk
     return -(-self.config.max_seq_len // C) * C + C
 
-  def _chunk_len(self, remaining: int) -> int:
-    return self.config.bucket_for(remaining) or self.config.chunk
+  def _chunk_len(self, remaining: int, max_chunk: int | None = None) -> int:
+    """The bucket the next chunk of a buffered prefill runs in: the one that
+    holds what remains, else the largest, within ``max_chunk`` tokens where
+    given (at least the smallest bucket)."""
+    b = self.config.bucket_for(remaining)
+    if b is not None and (max_chunk is None or b <= max_chunk):
+      return b
+    fits = [x for x in self.config.buckets
+            if max_chunk is None or x <= max_chunk]
+    return fits[-1] if fits else self.config.buckets[0]
 
   def _prefill_buffered(self, r: PrefillRequest, prefix: list[int],
                         owned: bool, hashes: list[bytes]) -> PrefillResult:
-    P = self.config.page_size
-    n = len(r.prompt_ids)
-    samp = tuple(self._put(a) for a in SamplingArrays.stack(
-        [(r.sampling, r.seed_u32)], 1).as_tuple())
-    k, v = self._zeros()
-    try:
-      if prefix:
-        k, v = self.prefix_store.gather_into(prefix, k, v)
-      start = len(prefix) * P
-      tok = lp = None
-      while start < n:
-        C = self._chunk_len(n - start)
-        part = np.zeros((1, C), np.int32)
-        piece = r.prompt_ids[start:start + C]
-        part[0, :len(piece)] = piece
-        tok, lp, k, v = self._chunk(
-            self.params, self._put(part),
-            self._put(np.array([len(piece)], np.int32)), k, v,
-            self._put(np.array([start], np.int32)), samp)
-        start += C
-      if owned:
-        self.prefix_store.store(hashes, len(prefix), k, v)
-    finally:
-      if owned and prefix:
-        self.prefix_store.release(prefix)
-    skip = min(r.skip_pages, pages_for(n, P) - 1)
-    num = payload_pages(pages_for(n, P) - skip)
-    kv = self._pages_fn(num)(k, v, self._put(np.int32(skip)))
-    return PrefillResult(r.request_id, int(np.asarray(tok)[0]),
-                         float(np.asarray(lp)[0]),
-                         RequestKV(kv, n, first_page=skip), n,
-                         cached_tokens=len(prefix) * P)
+    run = BufferedPrefill(self, r, prefix, owned, hashes)
+    run.advance()
+    return run.result()
+
+  def start_chunked(self, r: PrefillRequest) -> "BufferedPrefill":
+    """A prefill of ``r`` that runs a chunk budget at a time
+    (``BufferedPrefill.advance``), on the buffered path: a caller can put
+    other work between its chunks (a colocated engine's decode calls). Its
+    cached prefix, if any, is pinned now; ``result`` or ``abort`` ends
+    it."""
+    self.validate(r.prompt_ids)
+    prefix, owned, hashes = self._prefix_for(r)
+    return BufferedPrefill(self, r, prefix, owned, hashes)
 
   def _prefill_chunked(self, r: PrefillRequest) -> PrefillResult:
     return self._prefill_buffered(r, [], False, [])
@@ -510,4 +595,5 @@ class PrefillEngine:
     return self.config.payload_page_counts()
 
 
-__all__ = ["PrefillConfig", "PrefillEngine", "KvReady", "OnResult", "next_pow2"]
+__all__ = ["BufferedPrefill", "PrefillConfig", "PrefillEngine", "KvReady",
+           "OnResult", "next_pow2"]
