@@ -298,7 +298,8 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
           host.append(time.perf_counter() - h0)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / FLAGS.calls_per_sample)
-    valid = np.asarray(out.valid)
+    from pdjax.engine.decode_programs import unpack_step_output
+    valid = unpack_step_output(out).valid
     positions = np.asarray(rep.state.positions)
     calls = 2 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
     # The call's first B columns are the B live rows (state rows 0..B-1);

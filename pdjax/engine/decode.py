@@ -45,7 +45,8 @@ from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.borrowed_kv import BorrowedKvReturns
 from pdjax.engine.cache_events import CacheEventLog
 from pdjax.engine.decode_config import DecodeConfig
-from pdjax.engine.decode_programs import DecodeState, _Programs
+from pdjax.engine.decode_programs import (DecodeState, _Programs,
+                                          unpack_step_output)
 from pdjax.engine.decode_replica import Call, DecodeReplica, Reservation
 from pdjax.engine.kv import pages_for, payload_pages
 from pdjax.engine.prefix_cache import block_hashes
@@ -439,12 +440,9 @@ class DecodeEngine:
 
   def _deliver(self, replica: int, call: Call) -> None:
     rep = self.replicas[replica]
-    out = call.out
-    tokens = np.asarray(out.tokens)
-    logprobs = np.asarray(out.logprobs)
-    valid = np.asarray(out.valid)
-    finished = np.asarray(out.finished)
-    stopped = np.asarray(out.stopped)
+    out = unpack_step_output(call.out)   # waits for the call to finish
+    tokens, logprobs, valid = out.tokens, out.logprobs, out.valid
+    finished, stopped = out.finished, out.stopped
     for col, (owner, row) in enumerate(call.owners):
       if self._where.get(owner) != (replica, row):
         continue   # cancelled (or failed) since the call was launched

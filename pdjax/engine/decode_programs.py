@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from pdjax.engine.decode_config import DecodeConfig
@@ -238,8 +239,29 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
       k=sub.k, v=sub.v, tokens=state.tokens.at[rows].set(sub.tokens),
       positions=state.positions.at[rows].set(sub.positions),
       generated=state.generated.at[rows].set(sub.generated),
-      done=state.done.at[rows].set(sub.done)), out
+      done=state.done.at[rows].set(sub.done)), pack_step_output(out)
+
+
+def pack_step_output(out: StepOutput) -> jax.Array:
+  """A call's outputs as one int32 array ``[5, S, b]`` (tokens, logprobs'
+  bits, valid, finished, stopped): the host reads it with one transfer,
+  not five."""
+  return jnp.stack([out.tokens.astype(jnp.int32),
+                    jax.lax.bitcast_convert_type(
+                        out.logprobs.astype(jnp.float32), jnp.int32),
+                    out.valid.astype(jnp.int32),
+                    out.finished.astype(jnp.int32),
+                    out.stopped.astype(jnp.int32)])
+
+
+def unpack_step_output(packed) -> StepOutput:
+  """``pack_step_output``'s array, read on the host, as numpy fields."""
+  a = np.asarray(packed)
+  return StepOutput(tokens=a[0], logprobs=a[1].view(np.float32),
+                    valid=a[2].astype(bool), finished=a[3].astype(bool),
+                    stopped=a[4].astype(bool))
 
 
 __all__ = ["CUBLAS_MIN_ROWS", "DecodeState", "POOL_AXES", "SlotInputs",
-           "StepOutput", "generate_compiler_options", "use_paged_attention"]
+           "StepOutput", "generate_compiler_options", "pack_step_output",
+           "unpack_step_output", "use_paged_attention"]

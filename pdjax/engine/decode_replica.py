@@ -19,7 +19,7 @@ from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.decode_programs import (POOL_AXES, DecodeState, SlotInputs,
-                                          StepOutput, _init_state, _Programs)
+                                          _init_state, _Programs)
 from pdjax.engine.kv import (kv_sharding, pages_for, request_kv_shape,
                              reshard_kv)
 from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
@@ -345,9 +345,10 @@ class DecodeReplica:
 
 @dataclasses.dataclass
 class Call:
-  """A generate call in flight: its outputs (column ``i`` is row
-  ``owners[i][1]``'s) and who owned each advanced row when it launched."""
-  out: StepOutput
+  """A generate call in flight: its outputs (``pack_step_output``'s array;
+  column ``i`` is row ``owners[i][1]``'s) and who owned each advanced row
+  when it launched."""
+  out: jax.Array
   owners: list[tuple[str, int]]
 
 
