@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Serving latency on ONE GPU (Llama-3-8B shapes, random bf16): where the time
+# to first token goes, one stream's TPOT, and TPOT at 32 streams, for the
+# same card shared by a prefill and a decode worker (disaggregated, KV over
+# CUDA IPC on the card) and for one colocated worker, through
+# `python -m pdjax.launch.local --platform=gpu` and tools/batch_eval.py.
+# Workload: prompts of 512 random ids, 128 output tokens, greedy, EOS
+# ignored; 24 requests one at a time, then 128 at 32 concurrent.
+#   disagg      1 prefill + 1 decode worker, 4 steps per generate call
+#   disagg_s1   the same, 1 step per call (every token streamed as its step
+#               finishes)
+#   coloc       1 decode worker that prefills its own requests
+# Per deployment: batch_eval's results (TTFT by stage from the router's
+# usage), the decode worker's metrics after the runs, the launch log.
+#
+#   bash tools/gpu/run_serving_one_gpu.sh OUT_DIR
+set -u
+OUT=${1:?usage: run_serving_one_gpu.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+. tools/gpu/gpu_env.sh
+start_call "$OUT"
+BUDGET_S=${BUDGET_S:-560}
+export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export PDJAX_CACHE=/tmp/pdjax_cache
+DEPLOYMENTS=${DEPLOYMENTS:-disagg coloc disagg_s1}
+
+python3 - "$OUT" <<'EOF'
+import json, sys
+import numpy as np
+out = sys.argv[1]
+rng = np.random.default_rng(0)
+with open(f"{out}/prompts.jsonl", "w") as f:
+  for _ in range(160):
+    ids = rng.integers(1000, 120000, 512).tolist()
+    f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 128}) + "\n")
+base = open("configs/deployments/gpu-8b-1gpu.toml").read()
+for steps in (4, 1):
+  cfg = (base.replace("max_seq_len = 8192", "max_seq_len = 1024")
+         .replace("buckets = [128, 512, 1024, 2048, 4096, 8192]",
+                  "buckets = [512]")
+         .replace("max_seqs = 128", "max_seqs = 64")
+         .replace("table_buckets = [32, 128]", "table_buckets = [64]")
+         .replace("steps_per_call = 4", f"steps_per_call = {steps}"))
+  open(f"{out}/serving_s{steps}.toml", "w").write(cfg)
+EOF
+
+run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
+  local name=$1 cfg=$2 left; shift 2
+  left=$(( BUDGET_S - (SECONDS - START) ))
+  (( left < 90 )) && { echo "=== $name: skipped (budget spent)"; return; }
+  echo "=== [$((SECONDS - START)) s] $name"
+  python3 -m pdjax.launch.local --platform=gpu --config="$cfg" --serve \
+    --run_dir="$OUT/$name" --worker_flags=--metrics_port=0 "$@" \
+    > "$OUT/$name.launch.log" 2>&1 &
+  local pid=$! addr=""
+  for _ in $(seq 1 $(( left - 60 ))); do
+    addr=$(grep -o 'router ready at [0-9.:]*' "$OUT/$name.launch.log" | awk '{print $4}')
+    [[ -n "$addr" ]] && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 1
+  done
+  if [[ -z "$addr" ]]; then
+    echo "    not ready"; tail -20 "$OUT/$name.launch.log"
+    kill -TERM $pid 2>/dev/null; wait $pid; return
+  fi
+  echo "    ready at $addr after $((SECONDS - START)) s"
+  for c in 1 32; do
+    local n=24; (( c > 1 )) && n=128
+    timeout 150 python3 tools/batch_eval.py --target="$addr" \
+      --input="$OUT/prompts.jsonl" --num_requests=$n --concurrency=$c \
+      --ignore_eos --label="$name-c$c" --noprogress \
+      --out_dir="$OUT/$name/c$c" > "$OUT/$name/c$c.log" 2>&1
+    echo "    c=$c: exit $?"
+    awk '/=====/{p=1} p' "$OUT/$name/c$c.log" | grep -v "^$" | head -40
+  done
+  for f in "$OUT/$name"/decode0.port "$OUT/$name"/pd0.port; do
+    [[ -f "$f" ]] || continue
+    mp=$(python3 -c "import json,sys; print(json.load(open('$f')).get('metrics_port', ''))")
+    [[ -n "$mp" ]] && curl -s "http://127.0.0.1:$mp/metrics" > "$OUT/$name/decode_metrics.txt"
+  done
+  grep '^pdjax_decode_iteration_seconds_\(sum\|count\)' "$OUT/$name/decode_metrics.txt" 2>/dev/null
+  kill -TERM $pid 2>/dev/null; wait $pid
+  (cd "$OUT/$name" && tar czf ../"$name"_logs.tar.gz ./*.log 2>/dev/null)
+}
+
+for d in $DEPLOYMENTS; do
+  case $d in
+    disagg) run_deployment disagg "$OUT/serving_s4.toml" --num_prefill=1 ;;
+    disagg_s1) run_deployment disagg_s1 "$OUT/serving_s1.toml" --num_prefill=1 ;;
+    coloc) run_deployment coloc "$OUT/serving_s4.toml" --num_prefill=0 ;;
+  esac
+done
+echo "done after $((SECONDS - START)) s"
