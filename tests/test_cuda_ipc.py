@@ -1055,10 +1055,10 @@ def _lending_decode_service(registry):
     return reservations.setdefault(rid, Reservation(rid, 0, 4,
                                                     transfer_id=transfer_id))
 
-  decode = types.SimpleNamespace(reserve=reserve,
+  engine = types.SimpleNamespace(reserve=reserve,
                                  unreserve=lambda rid: reservations.pop(rid))
   worker = types.SimpleNamespace(draining=False, receiver=receiver,
-                                 engine=types.SimpleNamespace(decode=decode))
+                                 engine=engine)
   return DecodeServicer(worker, None), receiver
 
 
@@ -1192,10 +1192,10 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
 
   events = []
 
-  class Engine:
+  from fake_engines import FakePrefillEngine
+
+  class Engine(FakePrefillEngine):
     config = types.SimpleNamespace(max_batch=4)
-    prefix_store = None
-    mesh = types.SimpleNamespace(local_devices=[])   # no memory gauges
 
     def prefill(self, reqs, kv_ready=None, on_result=None):
       events.append("prefill")
@@ -1324,11 +1324,11 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
     def forget(self, tid):
       forgotten.append(tid)
 
-  decode = types.SimpleNamespace(
-      dcfg=types.SimpleNamespace(max_seq_len=64),
+  engine = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(vocab_size=64), max_seq_len=64,
       reservation=reservations.get,
       unreserve=lambda rid: reservations.pop(rid, None),
-      replicas=[types.SimpleNamespace(payload_sharding=lambda n: None)])
+      payload_sharding=lambda replica, n: None)
   counter = types.SimpleNamespace(inc=lambda: None)
   metrics = types.SimpleNamespace(transfer_failures=types.SimpleNamespace(
       labels=lambda *a: failures.append(a) or counter))
@@ -1336,8 +1336,7 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
       draining=False, streams=0, max_streams=8, receiver=Receiver(),
       metrics=metrics, receive_budget=budget,
       transfer_timeout_s=0.2 if error == "budget" else 5.0,
-      engine=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=64),
-                                   decode=decode))
+      engine=engine)
   ctx = _RecordingCtx()
   ctx.time_remaining = lambda: None
   request = decode_pb2.DecodeRequest(

@@ -47,7 +47,9 @@ def test_the_leader_hands_on_the_kv_its_result_carries(monkeypatch):
   sent = []
   monkeypatch.setattr(lockstep, "_broadcast", sent.append)
 
-  class Engine:
+  from fake_engines import FakePrefillEngine
+
+  class Engine(FakePrefillEngine):
     def validate(self, prompt_ids):
       if not prompt_ids:
         raise ValueError("empty")

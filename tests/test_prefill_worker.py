@@ -12,6 +12,7 @@ import types
 import jax.numpy as jnp
 import pytest
 
+from fake_engines import FakePrefillEngine
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import SamplingParams
 from pdjax.service.prefill_service import PrefillWorker, _Job
@@ -39,11 +40,8 @@ class _Sender(KvSender):
     self.released.append(transfer_id)
 
 
-class _Engine:
+class _Engine(FakePrefillEngine):
   """What the worker needs of an engine; ``prefill`` is each test's."""
-  config = types.SimpleNamespace(max_batch=2)
-  prefix_store = None
-  mesh = types.SimpleNamespace(local_devices=[])   # no memory gauges
 
 
 def _jobs(loop, n: int) -> list[_Job]:

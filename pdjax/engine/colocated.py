@@ -106,6 +106,87 @@ class ColocatedEngine:
                                     seed_u32, callback, forced_first_token,
                                     cache_salt))
 
+  # ------------------------------------------------ the DecodeBackend seam
+  @property
+  def max_seq_len(self) -> int:
+    return self.decode.dcfg.max_seq_len
+
+  @property
+  def devices(self) -> list:
+    """This process's devices of the pool's mesh."""
+    return list(self.decode.mesh.local_devices)
+
+  @property
+  def cache_events(self):
+    return self.decode.cache_events
+
+  def reserve(self, request_id: str, prompt_len: int, max_tokens: int, *,
+              transfer_id: str = "", prompt_ids: Sequence[int] | None = None,
+              cache_salt: str = ""):
+    """Decode-side admission of a request prefilled elsewhere
+    (``DecodeEngine.reserve``)."""
+    return self.decode.reserve(request_id, prompt_len, max_tokens,
+                               transfer_id=transfer_id,
+                               prompt_ids=prompt_ids, cache_salt=cache_salt)
+
+  def unreserve(self, request_id: str):
+    return self.decode.unreserve(request_id)
+
+  def reservation(self, request_id: str):
+    return self.decode.reservation(request_id)
+
+  def reap_reservations(self, ttl_s: float) -> list:
+    return self.decode.reap_reservations(ttl_s)
+
+  def payload_sharding(self, replica: int, num_pages: int):
+    """Where a request KV of ``num_pages`` pages for ``replica`` lands."""
+    return self.decode.replicas[replica].payload_sharding(num_pages)
+
+  def submit_decode(self, request: DecodeRequest) -> None:
+    """A request whose KV is here: it joins the continuous batch."""
+    self.decode.submit(request)
+
+  def last_iteration(self):
+    return self.decode.last_iteration
+
+  def kv_usage(self) -> dict[str, int]:
+    return self.decode.kv_usage()
+
+  def block_stats(self) -> dict[str, dict[str, int]]:
+    """Prefix-cache lookups and evictions, summed over replicas: the
+    device pools' ("decode") and, where there is one, the host tier's
+    ("decode_host")."""
+    out = {"decode": collections.Counter()}
+    for rep in self.decode.replicas:
+      for stat in ("hits", "misses", "evictions"):
+        out["decode"][stat] += rep.pool.stats[stat]
+      if rep.host_tier is not None:
+        host = out.setdefault("decode_host", collections.Counter())
+        for stat, n in rep.host_tier.tier.stats.items():
+          host[stat] += n
+    return {k: dict(v) for k, v in out.items()}
+
+  def prefill_tokens(self) -> tuple[int, int]:
+    """Prompt tokens prefilled here so far: (from a cache, computed)."""
+    cached = sum(p.stats["cached_tokens"] for p in self.prefill)
+    total = sum(p.stats["prompt_tokens"] for p in self.prefill)
+    return cached, total - cached
+
+  def close(self, timeout_s: float = 10.0) -> bool:
+    """Shutdown once nothing steps: requests still waiting or part-way
+    through a prefill are aborted, and the decode pool gives back every
+    KV it borrowed (``DecodeEngine.close``)."""
+    with self._lock:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+      partial, self._partial = list(self._partial.values()), {}
+    for p in partial:
+      p.run.abort()
+      self.decode.unreserve(p.waiting.request_id)
+      waiting.append(p.waiting)
+    for w in waiting:
+      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+    return self.decode.close(timeout_s)
+
   def cancel(self, request_id: str) -> None:
     with self._lock:
       if any(w.request_id == request_id for w in self._waiting) or any(

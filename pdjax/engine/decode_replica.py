@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from pdjax.engine import host_tier  # host KV tier
+from pdjax.engine.api import PrefixStore
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.decode_programs import (POOL_AXES, DecodeState, SlotInputs,
@@ -352,11 +353,12 @@ class Call:
   owners: list[tuple[str, int]]
 
 
-class ReplicaPrefixStore:
+class ReplicaPrefixStore(PrefixStore):
   """A decode replica's cached blocks, as its colocated prefill engine sees
   them: a request's cached prefix is pinned at reservation
   (``Reservation.cached_pages``) and gathered from the replica's pools into
-  the prefill buffer; the prefill computes only the rest."""
+  the prefill buffer; the prefill computes only the rest. The replica's
+  finished rows fill it (``DecodeReplica.release``), not the prefills."""
 
   def __init__(self, replica: "DecodeReplica"):
     self.replica = replica
@@ -375,6 +377,10 @@ class ReplicaPrefixStore:
 
   def release(self, pages) -> None:
     self.replica.pool.free(pages)
+
+  def block_stats(self) -> dict[str, int]:
+    return {k: self.replica.pool.stats[k]
+            for k in ("hits", "misses", "evictions")}
 
   def gather_into(self, pages, k_buf, v_buf):
     table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)

@@ -115,9 +115,12 @@ class LockstepPrefill:
   def __init__(self, engine):
     self.engine = engine
     self.closed = False
-
-  def __getattr__(self, name):
-    return getattr(self.engine, name)
+    # The engine's side of the PrefillBackend seam; a pool spanning
+    # processes has no prefix cache (refused at start-up).
+    self.cfg = engine.cfg
+    self.config = engine.config
+    self.mesh = engine.mesh
+    self.prefix_store = None
 
   def prefill(self, requests: Sequence[PrefillRequest], *,
               kv_ready=None, on_result=None) -> list[PrefillResult]:

@@ -287,11 +287,10 @@ class BufferedPrefill:
     skip = min(self.request.skip_pages, pages_for(n, P) - 1)
     num = payload_pages(pages_for(n, P) - skip)
     kv = e._pages_fn(num)(self._k, self._v, e._put(np.int32(skip)))
-    return PrefillResult(self.request.request_id,
-                         int(np.asarray(self._tok)[0]),
-                         float(np.asarray(self._lp)[0]),
-                         RequestKV(kv, n, first_page=skip), n,
-                         cached_tokens=len(self._prefix) * P)
+    return e._count(PrefillResult(
+        self.request.request_id, int(np.asarray(self._tok)[0]),
+        float(np.asarray(self._lp)[0]), RequestKV(kv, n, first_page=skip), n,
+        cached_tokens=len(self._prefix) * P))
 
   def abort(self) -> None:
     """Ends it without a result: the pinned prefix goes back."""
@@ -448,11 +447,13 @@ class PrefillEngine:
         if on_result is not None:
           for i, out in zip(group, outs):
             on_result(i, out)
-    out = [results[i] for i in range(len(requests))]
-    for r in out:
-      self.stats["prompt_tokens"] += r.prompt_len
-      self.stats["cached_tokens"] += r.cached_tokens
-    return out
+    return [results[i] for i in range(len(requests))]
+
+  def _count(self, r: PrefillResult) -> PrefillResult:
+    """Adds a finished prefill to the engine's token counts."""
+    self.stats["prompt_tokens"] += r.prompt_len
+    self.stats["cached_tokens"] += r.cached_tokens
+    return r
 
   def _prefix_for(self, r: PrefillRequest):
     """(cached pages to start from, whether this engine pinned them, block
@@ -503,11 +504,12 @@ class PrefillEngine:
       tok, lp = self._head(self.params, x, true_len, samp)
     tok, lp = np.asarray(tok), np.asarray(lp)
     store = self.prefix_store
-    if store is not None and hasattr(store, "store_pages"):
+    if store is not None and store.keeps_prefills:
       for r, kv in zip(reqs, kvs):
         store.store_pages(store.hashes(r.prompt_ids, r.cache_salt), kv.kv)
-    return [PrefillResult(r.request_id, int(tok[i]), float(lp[i]), kvs[i],
-                          len(r.prompt_ids))
+    return [self._count(PrefillResult(r.request_id, int(tok[i]),
+                                      float(lp[i]), kvs[i],
+                                      len(r.prompt_ids)))
             for i, r in enumerate(reqs)]
 
   @property
@@ -581,9 +583,13 @@ class PrefillEngine:
     first = self._put(np.int32(0))
     for num in self.buffered_payload_page_counts():
       self._pages_fn(num)(k, v, first)
-    if self.prefix_store is not None and hasattr(self.prefix_store,
-                                                 "warmup"):
+    if self.prefix_store is not None:
       self.prefix_store.warmup(self)
+    # The warm-up's dummy prompts are not traffic.
+    self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+
+  def close(self) -> None:
+    """Nothing to stop: a pool in one process has no followers."""
 
   def buffered_payload_page_counts(self) -> list[int]:
     top = payload_pages(self.config.max_seq_len // self.config.page_size)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from pdjax.engine.api import PrefixStore
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.cache_events import CacheEventLog
@@ -108,8 +109,10 @@ def _store_kv_pages(k_pool, v_pool, kv, pages, *, num_layers):
   return k_pool.at[rows].set(k), v_pool.at[rows].set(v)
 
 
-class PrefillKVStore:
+class PrefillKVStore(PrefixStore):
   """The prefill worker's block cache (device pool + names)."""
+
+  keeps_prefills = True
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules,
                num_pages: int, page_size: int, host_cache_blocks: int = 0):
@@ -154,6 +157,9 @@ class PrefillKVStore:
 
   def release(self, pages: Sequence[int]) -> None:
     self.pool.free(pages)
+
+  def block_stats(self) -> dict[str, int]:
+    return {k: self.pool.stats[k] for k in ("hits", "misses", "evictions")}
 
   def gather_into(self, pages: Sequence[int], k_buf, v_buf):
     """Chunk buffers whose head holds the cached ``pages`` (the rest is

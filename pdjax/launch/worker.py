@@ -235,8 +235,8 @@ async def serve(role: str) -> None:
           F.PREFILL_LAYER_GROUPS.value
           if F.PREFILL_LAYER_GROUPS.value is not None
           else dep.prefill.layer_groups,
-          layer_wise_sender=(not spans
-                             and getattr(sender, "ipc", None) is not None))
+          layer_wise_sender=(not spans and sender is not None
+                             and sender.writes_landing))
       engine = PrefillEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
@@ -256,7 +256,7 @@ async def serve(role: str) -> None:
                  jax.process_count(), mesh_spec)
         engine = lockstep.LockstepPrefill(engine)
       landing = None
-      if getattr(sender, "ipc", None) is not None:   # CUDA IPC fast path
+      if sender is not None and sender.writes_landing:   # CUDA IPC
         from pdjax.service.landing import LandingRequests
         landing = LandingRequests(sender, sec)
       worker = PrefillWorker(engine, sender, metrics=metrics,
@@ -297,9 +297,9 @@ async def serve(role: str) -> None:
                                 else F.MAX_RECEIVE_MIB.value) << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
-      if transport == "grpc":
+      if receiver.intake is not None:   # peers push KV streams here
         decode_pb2_grpc.add_KvTransferServicer_to_server(
-            KvTransferServicer(worker), server)
+            KvTransferServicer(receiver.intake), server)
       health_names.append("pdjax.v1.Decode")
     workers.append(worker)
 

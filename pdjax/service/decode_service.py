@@ -26,8 +26,7 @@ import time
 
 import grpc
 
-from pdjax.engine import host_tier  # host KV tier metrics
-from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.api import DecodeBackend
 from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
@@ -35,7 +34,7 @@ from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
-from pdjax.transfer.base import KvReceiver, TransferError
+from pdjax.transfer.base import KvReceiver, StreamIntake, TransferError
 from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
                       prefill_pb2, prefill_pb2_grpc)
 
@@ -53,7 +52,7 @@ FINISH_TO_PROTO = {
 class EngineLoop:
   """The thread that steps the engine whenever it has work."""
 
-  def __init__(self, engine: ColocatedEngine, *, on_tick=None,
+  def __init__(self, engine: DecodeBackend, *, on_tick=None,
                on_iteration=None, step_delay_s: float = 0.0):
     """``on_tick()``: about every 0.25 s; ``on_iteration(timing)``: after
     each engine iteration, with its ``IterationTiming``."""
@@ -87,7 +86,7 @@ class EngineLoop:
             time.sleep(self.step_delay_s)
           self.engine.step()
           if self._on_iteration:
-            self._on_iteration(self.engine.decode.last_iteration)
+            self._on_iteration(self.engine.last_iteration())
         else:
           self._wake.wait(0.02)
           self._wake.clear()
@@ -104,7 +103,7 @@ class EngineLoop:
 class DecodeWorker:
   """Owns the engine, its loop thread and the KV receiver."""
 
-  def __init__(self, engine: ColocatedEngine, receiver: KvReceiver, *,
+  def __init__(self, engine: DecodeBackend, receiver: KvReceiver, *,
                metrics: Metrics | None = None, security=common.Security(),
                transfer_timeout_s: float = 30.0,
                reservation_ttl_s: float = 60.0,
@@ -128,7 +127,7 @@ class DecodeWorker:
                            on_iteration=self.metrics.observe_iteration,
                            step_delay_s=fault_step_delay_s)
     # The memory gauges' devices: this process's part of the pool's mesh.
-    self._devices = engine.decode.mesh.local_devices
+    self._devices = engine.devices
     self._seen_cached = 0
     self._seen_computed = 0
 
@@ -139,14 +138,14 @@ class DecodeWorker:
     """Stops stepping, then gives back every borrowed KV the engine holds
     (landing regions) and ends its waiter thread."""
     self.loop.stop()
-    self.engine.decode.close()
+    self.engine.close()
 
   def _tick(self) -> None:
-    expired = self.engine.decode.reap_reservations(self.reservation_ttl_s)
+    expired = self.engine.reap_reservations(self.reservation_ttl_s)
     for res in expired:
       self.receiver.forget(res.transfer_id)
     self.receiver.reap()
-    usage = self.engine.decode.kv_usage()
+    usage = self.engine.kv_usage()
     m = self.metrics
     m.kv_pages.labels("used").set(usage["pages_used"])
     m.kv_pages.labels("reserved").set(usage["pages_reserved"])
@@ -158,22 +157,13 @@ class DecodeWorker:
     m.running.set(usage["rows_live"])
     m.queue_length.set(self.engine.num_waiting)
     m.observe_device_memory(self._devices)
-    for stat in ("hits", "misses", "evictions"):
-      m.cache_blocks.labels("decode", stat).set(
-          sum(rep.pool.stats[stat] for rep in self.engine.decode.replicas))
-    # --- host KV tier: its counters and size, summed over replicas ---
-    tiers = [rep.host_tier.tier for rep in self.engine.decode.replicas
-             if getattr(rep, "host_tier", None) is not None]
-    if tiers:
-      for stat in host_tier.STATS:
-        m.cache_blocks.labels("decode_host", stat).set(
-            sum(t.stats[stat] for t in tiers))
-    # --- end host KV tier ---
+    # Prefix-cache blocks: the device pools' and the host tier's, if any.
+    for pool, stats in self.engine.block_stats().items():
+      for stat, n in stats.items():
+        m.cache_blocks.labels(pool, stat).set(n)
     # Local prefill (colocated / short prompts): counters advance by the
-    # engines' totals since the last tick.
-    cached = sum(p.stats["cached_tokens"] for p in self.engine.prefill)
-    computed = sum(p.stats["prompt_tokens"] for p in self.engine.prefill
-                   ) - cached
+    # engine's totals since the last tick.
+    cached, computed = self.engine.prefill_tokens()
     m.prefill_tokens.labels("cache").inc(cached - self._seen_cached)
     m.prefill_tokens.labels("computed").inc(computed - self._seen_computed)
     self._seen_cached, self._seen_computed = cached, computed
@@ -183,7 +173,7 @@ class DecodeWorker:
     return self.streams + self.engine.num_waiting
 
   def load(self) -> common_pb2.WorkerLoad:
-    u = self.engine.decode.kv_usage()
+    u = self.engine.kv_usage()
     return common_pb2.WorkerLoad(
         queued=self.engine.num_waiting, running=u["rows_live"],
         kv_pages_total=u["pages_total"],
@@ -245,7 +235,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if ids is not None and len(ids) != request.prompt_tokens:
         raise InvalidRequest("prompt_token_ids", "length differs from "
                              "prompt_tokens")
-      res = w.engine.decode.reserve(request.request_id, request.prompt_tokens,
+      res = w.engine.reserve(request.request_id, request.prompt_tokens,
                                     request.max_tokens,
                                     transfer_id=request.transfer_id,
                                     prompt_ids=ids,
@@ -270,11 +260,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     path). receiver.forget (Unreserve, expiry, failure) returns it."""
     w = self.worker
     resp = decode_pb2.LendLandingResponse()
-    lend = getattr(w.receiver, "lend_landing", None)
-    if lend is None:
-      return resp
     try:
-      slot = lend(request.transfer_id, request.prompt_tokens)
+      slot = w.receiver.lend_landing(request.transfer_id,
+                                     request.prompt_tokens)
     except TransferError as e:   # not issued here, or already forgotten
       await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     if slot is not None:
@@ -286,7 +274,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     return resp
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
-    res = self.worker.engine.decode.unreserve(request.request_id)
+    res = self.worker.engine.unreserve(request.request_id)
     if res is not None:
       self.worker.receiver.forget(res.transfer_id)
     return common_pb2.Empty()
@@ -298,7 +286,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     info.load.CopyFrom(self.worker.load())
     # --- KV-aware routing: the block-set changes since the caller's seq ---
     kv_router.fill_cache_info(
-        info, getattr(self.worker.engine.decode, "cache_events", None),
+        info, self.worker.engine.cache_events,
         request.cache_events_since)
     # --- end KV-aware routing ---
     return info
@@ -317,7 +305,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                      vocab_size=cfg.vocab_size)
       ids = check_prompt_ids(request.prompt_token_ids,
                              vocab_size=cfg.vocab_size,
-                             max_prompt_len=engine.decode.dcfg.max_seq_len - 1)
+                             max_prompt_len=engine.max_seq_len - 1)
       if not rid:
         raise InvalidRequest("request_id", "is required")
     except InvalidRequest as e:
@@ -349,19 +337,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           await common.abort_exhausted(context, str(e))
         w.loop.wake()
       else:
-        res = engine.decode.reservation(rid)
+        res = engine.reservation(rid)
         if res is None:
           await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"no reservation for request {rid!r} (Reserve "
                               "first, or it expired)")
         if request.kv.transfer_id != res.transfer_id:
           # Only the id the router issued for *this* request redeems it.
-          engine.decode.unreserve(rid)
+          engine.unreserve(rid)
           w.receiver.forget(res.transfer_id)
           await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               "kv.transfer_id is not the one reserved for "
                               f"request {rid!r}")
-        rep = engine.decode.replicas[res.replica]
         t0 = time.perf_counter()
         timeout_s = _timeout(context, w.transfer_timeout_s)
         try:
@@ -371,7 +358,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                            timeout_s):
             kv = await _receive(
                 w.receiver, request.kv,
-                rep.payload_sharding(request.kv.shape[2]),
+                engine.payload_sharding(res.replica, request.kv.shape[2]),
                 timeout_s=max(0.001,
                               timeout_s - (time.perf_counter() - t0)))
         except Exception as e:  # noqa: BLE001 - answered with its status
@@ -391,7 +378,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             transfer_s)
         if request.kv.prefill_address:
           asyncio.ensure_future(self._confirm(request.kv))
-        engine.decode.submit(DecodeRequest(
+        engine.submit_decode(DecodeRequest(
             rid, ids, request.first_token, request.first_logprob, kv,
             sampling, request.seed, callback, reservation=res,
             cache_salt=request.cache_salt))
@@ -432,7 +419,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if not submitted and not request.local_prefill:
         # Gone before joining the batch (e.g. cancelled while the KV was
         # arriving): return the reservation now rather than at its TTL.
-        res = engine.decode.unreserve(rid)
+        res = engine.unreserve(rid)
         if res is not None:
           w.receiver.forget(res.transfer_id)
       if submitted and not finished:
@@ -472,29 +459,29 @@ def _release_unclaimed(fut: "asyncio.Future[RequestKV]") -> None:
 
 
 class KvTransferServicer(decode_pb2_grpc.KvTransferServicer):
-  """Host-staged KV intake for the grpc transport."""
+  """Pushed KV streams, into the receiver's ``StreamIntake`` (transports
+  whose senders push: grpc)."""
 
-  def __init__(self, worker: DecodeWorker):
-    self.receiver = worker.receiver
-    self.metrics = worker.metrics
+  def __init__(self, intake: StreamIntake):
+    self.intake = intake
 
   async def PushKv(self, request_iterator, context):
     staging = None
     try:
       async for chunk in request_iterator:
         if staging is None:
-          staging = self.receiver.begin(chunk)
+          staging = self.intake.begin(chunk)
         if chunk.last:
           break
-        staging.place(chunk)
-      return self.receiver.finish(staging)
+        self.intake.place(staging, chunk)
+      return self.intake.finish(staging)
     except (ValueError, TransferError) as e:
-      self.receiver.abandon(staging)
+      self.intake.abandon(staging)
       code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
               else common.status_for(e))
       await context.abort(code, str(e))
     except BaseException:
-      self.receiver.abandon(staging)
+      self.intake.abandon(staging)
       raise
 
 

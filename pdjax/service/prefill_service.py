@@ -28,7 +28,7 @@ import time
 import grpc
 
 from pdjax.engine import host_tier  # host KV tier metrics
-from pdjax.engine.prefill import PrefillEngine
+from pdjax.engine.api import PrefillBackend
 from pdjax.engine.requests import PrefillRequest, RequestKV
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
@@ -72,7 +72,7 @@ class _Job:
 class PrefillWorker:
   """Owns the engine, the queue, the batcher and the sender threads."""
 
-  def __init__(self, engine: PrefillEngine, sender: KvSender, *,
+  def __init__(self, engine: PrefillBackend, sender: KvSender, *,
                metrics: Metrics | None = None, max_queue: int = 256,
                transfer_timeout_s: float = 30.0, sender_threads: int = 4,
                fault_drop_kv: float = 0.0,
@@ -119,11 +119,10 @@ class PrefillWorker:
         self.metrics.kv_live.labels("prefill_held").set(self.sender.live())
         store = self.engine.prefix_store
         if store is not None:
-          for stat in ("hits", "misses", "evictions"):
-            self.metrics.cache_blocks.labels("prefill", stat).set(
-                store.pool.stats[stat])
+          for stat, n in store.block_stats().items():
+            self.metrics.cache_blocks.labels("prefill", stat).set(n)
           # --- host KV tier: its counters and size ---
-          link = getattr(store, "host_tier", None)
+          link = store.host_tier
           if link is not None:
             tier_stats = link.tier.stats
             for stat in host_tier.STATS:
@@ -146,9 +145,7 @@ class PrefillWorker:
     self._pool.shutdown(wait=False, cancel_futures=True)
     if self.landing is not None:
       self.landing.close()
-    close = getattr(self.engine, "close", None)
-    if close is not None:   # a pool spanning processes: stop the followers
-      close()
+    self.engine.close()   # a pool spanning processes stops its followers
 
   def active(self) -> int:
     """Requests queued or being prefilled/handed off (drain waits)."""
@@ -380,7 +377,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     info.load.running = self.worker.running
     # --- KV-aware routing: the block-set changes since the caller's seq ---
     store = self.worker.engine.prefix_store
-    kv_router.fill_cache_info(info, getattr(store, "cache_events", None),
+    kv_router.fill_cache_info(info, store.cache_events if store else None,
                               request.cache_events_since)
     # --- end KV-aware routing ---
     return info

@@ -13,7 +13,13 @@ Lifecycle of one hand-off (every step has a timeout, every buffer one owner):
      replica's layout, then confirms so the sender frees its copy.
 
 Transports implement the two halves; ``pdjax.transfer.make_transport``
-picks one by name (``--kv_transport``).
+picks one by name (``--kv_transport``). What a transport can do beyond
+that is part of the contract too, with a default for transports that
+cannot: a sender that ``writes_landing`` regions (CUDA IPC, layer group by
+layer group) wants one lent for a destination (``wants_landing``); a
+receiver may ``lend_landing`` such regions, and a receiver whose peers
+push KV to it hands out a ``StreamIntake`` (``intake``), which the decode
+worker serves as its ``KvTransfer`` service.
 """
 
 from __future__ import annotations
@@ -213,6 +219,15 @@ class KvSender(abc.ABC):
   """Prefill side of a transport."""
 
   name: str = ""
+  # Whether hand-offs may write the KV straight into a region the decode
+  # worker lends (CUDA IPC), layer group by layer group while the prefill
+  # computes: the prefill worker then asks for regions and runs its
+  # prompts in layer groups (``pdjax.service.landing``).
+  writes_landing: bool = False
+
+  def wants_landing(self, dest: kv_pb2.KvDestination) -> bool:
+    """Whether a lent region would let this hand-off take that path."""
+    return False
 
   @abc.abstractmethod
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
@@ -255,7 +270,21 @@ class KvReceiver(abc.ABC):
     most KV pages it may bring (its reservation)."""
 
   def forget(self, transfer_id: str) -> None:
-    """The reservation behind an id is gone: drop anything staged for it."""
+    """The reservation behind an id is gone: drop anything staged for it
+    (a region lent for it included)."""
+
+  def lend_landing(self, transfer_id: str, prompt_tokens: int):
+    """A region of this worker's memory the prefill worker may write the
+    transfer's KV into (a ``LandingSlot``), or None: this transport lends
+    none (or has none free, or the KV would not fit). ``TransferDenied``
+    for an id not issued here."""
+    return None
+
+  @property
+  def intake(self) -> "StreamIntake | None":
+    """Where pushed KV streams land, for transports whose senders push
+    (served as the ``KvTransfer`` service); None for the others."""
+    return None
 
   def reap(self) -> int:
     return 0
@@ -268,6 +297,25 @@ class KvReceiver(abc.ABC):
 
   def close(self) -> None:
     pass
+
+
+class StreamIntake(abc.ABC):
+  """A receiver's intake of pushed KV streams: ``begin`` opens staging for
+  a stream's first chunk (or refuses it), ``place`` stores each chunk,
+  ``finish`` checks the stream is whole and acknowledges it, ``abandon``
+  drops a stream that broke off."""
+
+  @abc.abstractmethod
+  def begin(self, first: kv_pb2.KvChunk): ...
+
+  @abc.abstractmethod
+  def place(self, staging, chunk: kv_pb2.KvChunk) -> None: ...
+
+  @abc.abstractmethod
+  def finish(self, staging) -> kv_pb2.KvAck: ...
+
+  @abc.abstractmethod
+  def abandon(self, staging) -> None: ...
 
 
 class IssuedKvReceiver(KvReceiver):
@@ -295,7 +343,7 @@ def handle_for(kv: RequestKV, transport: str, transfer_id: str
 
 
 __all__ = ["TransferError", "TransferTimeout", "TransferDenied",
-           "TransferExhausted", "KvSender", "check_kv_handle",
+           "TransferExhausted", "KvSender", "StreamIntake", "check_kv_handle",
            "IssuedTransfers", "KvReceiver", "IssuedKvReceiver", "LeaseTable",
            "new_transfer_id", "new_pull_uuid", "handle_for", "device_failure",
            "PATH_LOCAL", "PATH_CUDA_IPC", "PATH_TRANSFER"]

@@ -182,6 +182,10 @@ class AutoDeviceSender(KvSender):
     self.paths = collections.Counter()   # path -> hand-offs it carried
     self.fallbacks = collections.Counter()  # reason -> hand-offs
 
+  @property
+  def writes_landing(self) -> bool:
+    return self.ipc is not None
+
   def wants_landing(self, dest: kv_pb2.KvDestination) -> bool:
     """Whether a landing region would let this hand-off take the CUDA IPC
     path: the decode worker is another process on this host, and none is

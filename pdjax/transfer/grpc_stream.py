@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 
 from pdjax.engine.requests import RequestKV
 from pdjax.transfer.base import (IssuedKvReceiver, KvSender, LeaseTable,
-                                 TransferDenied, TransferError,
+                                 StreamIntake, TransferDenied, TransferError,
                                  TransferTimeout, check_kv_handle, handle_for)
 from pdjax.v1 import decode_pb2_grpc, kv_pb2
 
@@ -160,9 +160,9 @@ class _Staging:
     self.chunks += 1
 
 
-class GrpcStreamReceiver(IssuedKvReceiver):
-  """Decode side: also the ``KvTransfer`` servicer (registered by the
-  decode service)."""
+class GrpcStreamReceiver(IssuedKvReceiver, StreamIntake):
+  """Decode side: its own ``StreamIntake``, served by the decode worker as
+  the ``KvTransfer`` service."""
 
   name = "grpc"
 
@@ -185,7 +185,11 @@ class GrpcStreamReceiver(IssuedKvReceiver):
   def live(self) -> int:
     return len(self.staged)
 
-  # -------------------------------------------------- the KvTransfer servicer
+  @property
+  def intake(self) -> StreamIntake:
+    return self
+
+  # -------------------------------------------------- the stream intake
   def begin(self, first: kv_pb2.KvChunk) -> _Staging:
     """Opens staging for a stream's first chunk, or refuses it
     (TransferDenied for an id not issued to us, ValueError if malformed)."""
@@ -198,6 +202,9 @@ class GrpcStreamReceiver(IssuedKvReceiver):
     staging = _Staging(first.handle)
     self.staged.put(tid, staging, staging.expected)
     return staging
+
+  def place(self, staging: _Staging, chunk: kv_pb2.KvChunk) -> None:
+    staging.place(chunk)
 
   def finish(self, staging: _Staging | None) -> kv_pb2.KvAck:
     if staging is None:
@@ -224,7 +231,7 @@ class GrpcStreamReceiver(IssuedKvReceiver):
           staging = self.begin(c)
         if c.last:
           break
-        staging.place(c)
+        self.place(staging, c)
       return self.finish(staging)
     except BaseException:
       self.abandon(staging)
