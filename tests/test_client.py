@@ -191,6 +191,24 @@ def test_build_request_rejects(kwargs, exc):
     pc.build_request(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt="a", max_tokens=2**40), "max_tokens"),
+    (dict(prompt="a", max_tokens=-2**31 - 1), "max_tokens"),
+    (dict(prompt="a", top_k=2**31), "top_k"),
+    (dict(prompt_token_ids=[1, 2**31]), "prompt_token_ids[1]"),
+    (dict(prompt="a", stop_token_ids=[-2**31 - 1]), "stop_token_ids[0]"),
+    (dict(prompt="a", seed=-1), "seed"),
+    (dict(prompt="a", seed=2**64), "seed"),
+])
+def test_build_request_names_the_field_out_of_range(kwargs, field):
+  """Values the proto's fields cannot hold are a ValueError naming the
+  field (not protobuf's bare "Value out of range")."""
+  with pytest.raises(ValueError) as info:
+    pc.build_request(**kwargs)
+  assert str(info.value).startswith(field + ":"), str(info.value)
+  assert "out of range" in str(info.value)
+
+
 def test_generation_error_carries_status():
   e = pc.GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "top_p: bad")
   assert isinstance(e, RuntimeError)
