@@ -77,6 +77,14 @@ KV_TTL = flags.DEFINE_float(
 DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout_s", 60.0, "On SIGTERM, how long running requests may take "
     "to finish before they are cancelled.")
+ALLOW_LONG_MAX_SEQ_LEN = flags.DEFINE_bool(
+    "allow_long_max_seq_len",
+    os.environ.get("PDJAX_ALLOW_LONG_MAX_SEQ_LEN", "") not in ("", "0"),
+    "Workers: serve the deployment's max_seq_len even where it is longer "
+    "than the model's trained context (config.json max_position_embeddings,"
+    " stretched by linear rope scaling); outputs past it may be garbage. "
+    "Without it such a worker refuses to start (as vLLM without "
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN). Default: $PDJAX_ALLOW_LONG_MAX_SEQ_LEN.")
 PREFIX_CACHE_PAGES = flags.DEFINE_integer(
     "prefix_cache_pages", None, "Prefill worker: pages of its prefix-cache "
     "block store (0: off; default: the deployment's [prefill] cache_pages).")

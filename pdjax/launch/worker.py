@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -93,6 +94,19 @@ def check_spanning_pool(role: str, pool: str, cache_pages: int) -> None:
     raise app.UsageError("the prefix cache is not supported yet on a "
                          "prefill pool spanning processes; drop "
                          "--prefix_cache_pages / [prefill] cache_pages")
+
+
+def check_context(max_seq_len: int, cfg) -> None:
+  """Refuses (a one-line exit) to serve ``cfg`` past its trained context,
+  unless --allow_long_max_seq_len says to."""
+  from pdjax.model.config import context_length_problem
+  problem = context_length_problem(cfg, max_seq_len)
+  if problem is None:
+    return
+  if not F.ALLOW_LONG_MAX_SEQ_LEN.value:
+    raise SystemExit(f"error: {problem}")
+  log.warning("%s; serving anyway (--allow_long_max_seq_len)",
+              problem.split(": lower", 1)[0])
 
 
 def _mesh(jax, mesh_spec: str, devices: list | None, offset: int = 0):
@@ -179,7 +193,9 @@ async def serve(role: str) -> None:
     if spans:
       check_spanning_pool(role, r, cache_pages)
     rules = ShardingRules.load(rules_name)
-    params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
+    params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype,
+                               check_config=functools.partial(
+                                   check_context, dep.max_seq_len))
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),
