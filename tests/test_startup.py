@@ -77,3 +77,31 @@ def test_context_length_rule():
   assert context_length_problem(linear, 1025) is not None
   llama3 = cfg.replace(rope=RopeConfig(rope_type="llama3", factor=8.0))
   assert context_length_problem(llama3, 1024) is not None
+
+
+# ------------------------------------------------------------ port in use
+@pytest.fixture
+def held_port():
+  """A port a gRPC server listens on, with gRPC's default options: it sets
+  SO_REUSEPORT, as every pdjax service did, so a second process that sets
+  it too could bind the same port and share its connections."""
+  from concurrent import futures
+
+  import grpc
+  server = grpc.server(futures.ThreadPoolExecutor(1))
+  port = server.add_insecure_port("127.0.0.1:0")
+  server.start()
+  yield port
+  server.stop(0)
+
+
+@pytest.mark.parametrize("module, args", [
+    ("pdjax.launch.router", ["--decode_workers=127.0.0.1:1"]),
+    ("pdjax.launch.decode", ["--config=test", "--mesh=dp=1",
+                             "--nowarmup"]),
+    ("pdjax.launch.gateway", ["--router=127.0.0.1:1", "--wait_router_s=0"]),
+])
+def test_a_port_in_use_is_refused(held_port, module, args):
+  line = _refused(_run(module, "--host=127.0.0.1", f"--port={held_port}",
+                       *args))
+  assert f"127.0.0.1:{held_port}" in line and "in use" in line, line

@@ -17,6 +17,7 @@ calls). The router's TLS and token come from the usual ``--tls_*`` and
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -125,7 +126,15 @@ async def serve() -> None:
       except GenerationError as e:   # e.g. a wrong token: waiting won't help
         raise SystemExit(f"error: router {ROUTER.value}: {e}") from e
     site = web.TCPSite(runner, F.HOST.value, F.PORT.value)
-    await site.start()
+    try:
+      await site.start()
+    except OSError as e:
+      from pdjax.service.common import in_use_message
+      if e.errno == errno.EADDRINUSE:
+        raise SystemExit(
+            f"error: {in_use_message(F.HOST.value, F.PORT.value)}") from None
+      raise SystemExit(f"error: cannot serve on {F.HOST.value}:"
+                       f"{F.PORT.value}: {e.strerror or e}") from None
     port = runner.addresses[0][1]
     log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
              F.HOST.value, port, ROUTER.value,

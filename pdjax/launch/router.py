@@ -98,7 +98,10 @@ async def serve() -> None:
   server = common.make_server(sec, client_facing=True)
   generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
   health = common.add_health(server, ["pdjax.v1.Generation"])
-  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  try:
+    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  except common.BindError as e:
+    raise SystemExit(f"error: {e}") from None
   if WAIT_WORKERS.value > 0:
     ok = await registry.wait_ready(WAIT_WORKERS.value,
                                    prefill=min(1, len(PREFILL_WORKERS.value)),

@@ -162,7 +162,10 @@ async def serve(role: str) -> None:
   sec = F.security()
   devices = F.parse_devices(F.DEVICES.value)
   server = common.make_server(sec)
-  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  try:
+    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  except common.BindError as e:
+    raise SystemExit(f"error: {e}") from None
   address = F.ADVERTISE.value or f"{F.HOST.value}:{port}"
   roles = ("prefill", "decode") if role == "both" else (role,)
   exchange = None

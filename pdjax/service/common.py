@@ -6,6 +6,7 @@ health service, and the mapping from pdjax errors to gRPC status codes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hmac
 import logging
 import os
@@ -135,21 +136,65 @@ def make_server(security: Security = Security(), *, client_facing=False
   interceptors = []
   if client_facing and security.token:
     interceptors.append(BearerTokenInterceptor(security.token))
-  return grpc.aio.server(options=security.options(),
-                         interceptors=interceptors)
+  # gRPC sets SO_REUSEPORT on its listeners by default: a second service
+  # started on a port in use would then bind it too and silently take half
+  # of its connections. Off, the second one fails to bind (``bind``).
+  options = [*security.options(), ("grpc.so_reuseport", 0)]
+  return grpc.aio.server(options=options, interceptors=interceptors)
+
+
+class BindError(OSError):
+  """A service could not listen where it was told to (the message says
+  where and why, in one line for the launcher to print)."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+  """Whether something listens on ``host:port`` now (a bind there without
+  SO_REUSEPORT fails with EADDRINUSE); False for port 0 or a host that
+  does not resolve (the real bind reports those)."""
+  if not port:
+    return False
+  try:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+  except socket.gaierror:
+    return False
+  for family, kind, proto, _, addr in infos:
+    with socket.socket(family, kind, proto) as probe:
+      # As gRPC's listeners: connections in TIME_WAIT do not count.
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind(addr)
+      except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+          return True
+  return False
+
+
+def in_use_message(host: str, port: int) -> str:
+  return (f"cannot serve on {host}:{port}: the port is in use (another "
+          "process listens there); stop it or choose another --port")
 
 
 def bind(server: grpc.aio.Server, host: str, port: int,
          security: Security = Security()) -> int:
-  """Binds and returns the port (``port=0`` picks a free one)."""
+  """Binds and returns the port (``port=0`` picks a free one); raises
+  ``BindError`` if the port is in use or cannot be bound."""
   address = f"{host}:{port}"
+  if port_in_use(host, port):
+    raise BindError(in_use_message(host, port))
   creds = security.server_credentials()
-  if creds is None:
-    bound = server.add_insecure_port(address)
-  else:
-    bound = server.add_secure_port(address, creds)
+  try:
+    if creds is None:
+      bound = server.add_insecure_port(address)
+    else:
+      bound = server.add_secure_port(address, creds)
+  except RuntimeError as e:   # grpcio raises on a failed bind
+    if port_in_use(host, port):   # taken since the check above
+      raise BindError(in_use_message(host, port)) from e
+    raise BindError(f"cannot serve on {address}: {e}") from e
   if not bound:
-    raise OSError(f"could not bind {address}")
+    raise BindError(f"cannot serve on {address}")
   return bound
 
 
@@ -197,6 +242,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
   return grpc.StatusCode.INTERNAL
 
 
-__all__ = ["Security", "make_channel", "make_server", "bind", "add_health",
+__all__ = ["Security", "make_channel", "make_server", "bind", "BindError",
+           "port_in_use", "in_use_message", "add_health",
            "set_serving", "status_for", "PROCESS_ID", "abort_exhausted",
            "BearerTokenInterceptor"]
