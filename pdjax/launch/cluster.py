@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,6 +57,11 @@ class LocalCluster:
     self.platform = platform
     self.host = host
     self.procs: list[Proc] = []
+    # The deployment's internal credential (--service_token), handed to
+    # every process it starts through the environment (out of `ps`): one
+    # per deployment unless the caller's environment names one.
+    self.service_token = (os.environ.get("PDJAX_SERVICE_TOKEN")
+                          or secrets.token_urlsafe(32))
     # Worker k's GPUs are the next ones of this list, in order.
     self._gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"))
     self._next_gpu = 0
@@ -63,6 +69,7 @@ class LocalCluster:
   def _env(self, devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PDJAX_SERVICE_TOKEN"] = self.service_token
     # Every worker of a deployment compiles the same programs, and so does
     # every restart: share XLA's persistent compilation cache.
     cache_root = os.path.expanduser(os.environ.get("PDJAX_CACHE",

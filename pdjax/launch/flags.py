@@ -150,15 +150,30 @@ TLS_SERVER_NAME = flags.DEFINE_string(
 AUTH_TOKEN = flags.DEFINE_string(
     "auth_token", os.environ.get("PDJAX_AUTH_TOKEN"),
     "Bearer token required on the client-facing API (router).")
+SERVICE_TOKEN = flags.DEFINE_string(
+    "service_token", os.environ.get("PDJAX_SERVICE_TOKEN"),
+    "Credential of the deployment's internal RPCs (router -> workers, "
+    "worker -> worker): every process of a deployment gets the same one, no "
+    "client ever does. Workers refuse calls without it; it must differ "
+    "from --auth_token. Default: $PDJAX_SERVICE_TOKEN (pdjax.launch.local "
+    "makes one per deployment).")
 MAX_MESSAGE = flags.DEFINE_integer(
     "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit.")
 
 
 def security() -> Security:
-  return Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
-                  mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
-                  max_message_bytes=MAX_MESSAGE.value,
-                  server_name=TLS_SERVER_NAME.value)
+  """The security flags; a combination that defeats itself (the same
+  client and service token) is a one-line exit."""
+  sec = Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
+                 mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
+                 max_message_bytes=MAX_MESSAGE.value,
+                 server_name=TLS_SERVER_NAME.value,
+                 service_token=SERVICE_TOKEN.value or None)
+  try:
+    sec.check()
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  return sec
 
 
 def router_client_settings():

@@ -160,6 +160,11 @@ async def serve(role: str) -> None:
   dtype = F.DTYPE.value or dep.dtype
   transport = F.KV_TRANSPORT.value or dep.kv_transport
   sec = F.security()
+  if not sec.service_token:
+    log.warning("no --service_token: this worker's API (Reserve, Decode, "
+                "Prefill, ...) serves any caller that reaches its port and "
+                "passes its TLS; give the deployment's processes one shared "
+                "service token (docs/security.md)")
   devices = F.parse_devices(F.DEVICES.value)
   server = common.make_server(sec)
   try:

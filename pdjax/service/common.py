@@ -5,6 +5,7 @@ health service, and the mapping from pdjax errors to gRPC status codes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import hmac
@@ -27,7 +28,8 @@ PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
 @dataclasses.dataclass(frozen=True)
 class Security:
-  """TLS material (PEM file paths) and the client API's bearer token.
+  """TLS material (PEM file paths), the client API's bearer token and the
+  deployment's service token.
 
   ``cert``/``key``: this process's identity, served to peers and presented
   to servers under mutual TLS. ``ca``: the roots it trusts; when set on a
@@ -39,6 +41,11 @@ class Security:
   addresses are not names in the certificates (e.g. pod IPs behind one DNS
   name). Unset, gRPC verifies the dialed host: ``127.0.0.1:port`` needs an IP
   subjectAltName.
+  ``service_token``: the credential of pdjax's internal RPCs (router ->
+  workers, worker -> worker), shared by the deployment's processes and never
+  by its clients. Workers refuse calls without it (``make_server``); every
+  channel ``make_channel`` makes presents it. ``token`` is the client-facing
+  one, which only the router checks; the two must differ.
   """
   cert: str | None = None
   key: str | None = None
@@ -47,6 +54,15 @@ class Security:
   token: str | None = None
   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
   server_name: str | None = None
+  service_token: str | None = None
+
+  def check(self) -> None:
+    """Raises ValueError for settings that would defeat each other."""
+    if self.token and self.service_token and (
+        hmac.compare_digest(self.token.encode(), self.service_token.encode())):
+      raise ValueError("--service_token must differ from --auth_token: the "
+                       "client token would otherwise open the workers' "
+                       "internal API to every client")
 
   @property
   def tls(self) -> bool:
@@ -88,17 +104,113 @@ class Security:
             ("grpc.keepalive_timeout_ms", 10000)]
 
 
+SERVICE_TOKEN_KEY = "authorization"
+
+
+class _CallDetails(collections.namedtuple(
+    "_CallDetails", ("method", "timeout", "metadata", "credentials",
+                     "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+  """``grpc.ClientCallDetails`` for the sync interceptor below."""
+
+
+def _with_token(metadata, token: str) -> list[tuple[str, str]]:
+  return [*(metadata or ()), (SERVICE_TOKEN_KEY, f"Bearer {token}")]
+
+
+class _ServiceToken(grpc.UnaryUnaryClientInterceptor,
+                    grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamUnaryClientInterceptor,
+                    grpc.StreamStreamClientInterceptor):
+  """Adds the service token to every call of a (sync) channel."""
+
+  def __init__(self, token: str):
+    self._token = token
+
+  def _details(self, d):
+    return _CallDetails(d.method, d.timeout,
+                        _with_token(d.metadata, self._token), d.credentials,
+                        d.wait_for_ready, getattr(d, "compression", None))
+
+  def intercept_unary_unary(self, continuation, details, request):
+    return continuation(self._details(details), request)
+
+  def intercept_unary_stream(self, continuation, details, request):
+    return continuation(self._details(details), request)
+
+  def intercept_stream_unary(self, continuation, details, requests):
+    return continuation(self._details(details), requests)
+
+  def intercept_stream_stream(self, continuation, details, requests):
+    return continuation(self._details(details), requests)
+
+
+class _AioToken:
+  """Adds the service token to the calls of a ``grpc.aio`` channel. grpc.aio
+  files each interceptor under one call type only, so there is one
+  subclass per type (``_aio_token_interceptors``)."""
+
+  def __init__(self, token: str):
+    self._token = token
+
+  def _details(self, d):
+    return grpc.aio.ClientCallDetails(
+        d.method, d.timeout,
+        grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
+        d.credentials, d.wait_for_ready)
+
+
+class _AioUnaryUnaryToken(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):
+
+  async def intercept_unary_unary(self, continuation, details, request):
+    return await continuation(self._details(details), request)
+
+
+class _AioUnaryStreamToken(_AioToken, grpc.aio.UnaryStreamClientInterceptor):
+
+  async def intercept_unary_stream(self, continuation, details, request):
+    return await continuation(self._details(details), request)
+
+
+class _AioStreamUnaryToken(_AioToken, grpc.aio.StreamUnaryClientInterceptor):
+
+  async def intercept_stream_unary(self, continuation, details, requests):
+    return await continuation(self._details(details), requests)
+
+
+class _AioStreamStreamToken(_AioToken,
+                            grpc.aio.StreamStreamClientInterceptor):
+
+  async def intercept_stream_stream(self, continuation, details, requests):
+    return await continuation(self._details(details), requests)
+
+
+def _aio_token_interceptors(token: str) -> list[_AioToken]:
+  return [cls(token) for cls in (_AioUnaryUnaryToken, _AioUnaryStreamToken,
+                                 _AioStreamUnaryToken, _AioStreamStreamToken)]
+
+
 def make_channel(address: str, security: Security = Security(), *,
                  aio: bool = False):
-  """A channel to another pdjax service with this deployment's security."""
+  """A channel to another pdjax service with this deployment's security:
+  its TLS, and its service token on every call."""
   creds = security.channel_credentials()
-  mod = grpc.aio if aio else grpc
-  if creds is None:
-    return mod.insecure_channel(address, options=security.options())
   options: list[tuple[str, int | str]] = list(security.options())
-  if security.server_name:
+  if creds is not None and security.server_name:
     options.append(("grpc.ssl_target_name_override", security.server_name))
-  return mod.secure_channel(address, creds, options=options)
+  token = security.service_token
+  if aio:
+    kw = {"interceptors": _aio_token_interceptors(token)} if token else {}
+    if creds is None:
+      return grpc.aio.insecure_channel(address, options=options, **kw)
+    return grpc.aio.secure_channel(address, creds, options=options, **kw)
+  if creds is None:
+    channel = grpc.insecure_channel(address, options=options)
+  else:
+    channel = grpc.secure_channel(address, creds, options=options)
+  if token:
+    return grpc.intercept_channel(channel, _ServiceToken(token))
+  return channel
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -106,14 +218,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
   the health service (load balancers and Kubernetes probes speak it)."""
 
   def __init__(self, token: str, exempt: Sequence[str] = (
-      "/grpc.health.v1.Health/",)):
+      "/grpc.health.v1.Health/",), *,
+               refusal: str = "missing or invalid bearer token (send "
+               "'authorization: Bearer <token>' metadata)"):
     self._expected = f"Bearer {token}".encode()
     self._exempt = tuple(exempt)
 
     async def deny(request, context):
-      await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or invalid bearer token (send "
-                          "'authorization: Bearer <token>' metadata)")
+      await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
     self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
     self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
@@ -133,9 +245,19 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 def make_server(security: Security = Security(), *, client_facing=False
                 ) -> grpc.aio.Server:
+  """A server with the deployment's security: the client token on the
+  client-facing API (the router), the service token on internal ones (the
+  workers); the health service stays open on both."""
+  security.check()
   interceptors = []
   if client_facing and security.token:
     interceptors.append(BearerTokenInterceptor(security.token))
+  if not client_facing and security.service_token:
+    interceptors.append(BearerTokenInterceptor(
+        security.service_token,
+        refusal="missing or invalid service token: this is an internal "
+        "pdjax API, for the deployment's router and workers (their "
+        "--service_token); clients call the router"))
   # gRPC sets SO_REUSEPORT on its listeners by default: a second service
   # started on a port in use would then bind it too and silently take half
   # of its connections. Off, the second one fails to bind (``bind``).
