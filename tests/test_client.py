@@ -146,14 +146,13 @@ def test_build_request_leaves_unset_fields_unset():
   req = pc.build_request("hello")
   assert req.WhichOneof("prompt") == "text" and req.text == "hello"
   s = req.sampling
-  assert s.HasField("max_tokens") and s.max_tokens == 16
-  for name in ("temperature", "top_p", "top_k", "seed"):
+  # The router's default applies (16, or what the context leaves).
+  for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
     assert not s.HasField(name), name
   assert not req.HasField("add_special_tokens")
   assert list(s.stop_token_ids) == [] and not s.ignore_eos
   assert req.request_id == "" and req.cache_salt == ""
-  assert not pc.build_request("x", max_tokens=None).sampling.HasField(
-      "max_tokens")
+  assert pc.build_request("x", max_tokens=16).sampling.max_tokens == 16
 
 
 def test_build_request_sets_every_field():

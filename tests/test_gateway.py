@@ -46,6 +46,7 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
 
   "abort:CODE": fails with that status ("boom (retry after ~1500 ms)" for
   RESOURCE_EXHAUSTED, as the router's retry hint reads; "boom" otherwise).
+  "invalid:DETAILS": fails with INVALID_ARGUMENT and those details.
   "midfail": two messages, then RESOURCE_EXHAUSTED "out of KV pages".
   "hang": one token, then waits until the caller cancels.
   "finish:ABORT" / "finish:ERROR": one token with that finish reason.
@@ -99,6 +100,8 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
           request_id=rid, token_ids=ids, text=text,
           logprobs=[-t / 1000 for t in ids], **kw)
 
+    if text and text.startswith("invalid:"):
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.split(":", 1)[1])
     if text and text.startswith("abort:"):
       code = grpc.StatusCode[text.split(":", 1)[1]]
       context.abort(code, "boom (retry after ~1500 ms)"
@@ -316,13 +319,11 @@ def test_chat_sends_the_rendered_template_without_special_tokens(router):
                    {"role": "user", "content": [
                        {"type": "text", "text": "Hi"},
                        {"type": "text", "text": "there"}]}],
-      "temperature": 0.25, "top_k": 3, "seed": 1})
+      "temperature": 0.25, "top_k": 3, "seed": 1, "max_tokens": 4})
   assert status == 200, data
   req = fake.requests[_rid(data["id"])]
   assert req.text == "<s>System: Be brief.\nUser: Hi\nthere\nAssistant:"
   assert req.HasField("add_special_tokens") and not req.add_special_tokens
-  # No max tokens: up to the end of the context, as vLLM does.
-  assert req.sampling.max_tokens == 1024
   assert (req.sampling.temperature, req.sampling.top_k,
           req.sampling.seed) == (0.25, 3, 1)
   # max_completion_tokens wins over the older max_tokens.
@@ -330,6 +331,67 @@ def test_chat_sends_the_rendered_template_without_special_tokens(router):
       "messages": [{"role": "user", "content": "x"}],
       "max_completion_tokens": 3, "max_tokens": 9})
   assert fake.requests[_rid(data["id"])].sampling.max_tokens == 3
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(
+    router, tiny_model_dir):
+  """As vLLM: max_tokens = context - prompt, the prompt counted by the
+  gateway's tokenizer as the router will count it (no BOS added: the
+  template renders it)."""
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  fake = router[0]
+  status, data = _post(router, "/v1/chat/completions",
+                       {"messages": _CHAT, "temperature": 0}, tokenizer=tok)
+  assert status == 200, data
+  req = fake.requests[_rid(data["id"])]
+  prompt_len = len(tok.encode(req.text, add_bos=False))
+  assert req.sampling.max_tokens == 1024 - prompt_len
+  # A prompt that leaves no room is the messages' fault.
+  status, data = _post(router, "/v1/chat/completions", {"messages": [
+      {"role": "user", "content": "word " * 1100}]}, tokenizer=tok)
+  assert status == 400 and data["error"]["param"] == "messages", data
+  assert "maximum context length is 1024 tokens" in data["error"]["message"]
+  # Without a tokenizer the gateway cannot count: it asks for max_tokens
+  # rather than guess.
+  before = len(fake.order)
+  status, data = _post(router, "/v1/chat/completions", {"messages": _CHAT})
+  assert status == 400 and data["error"]["param"] == "max_tokens", data
+  assert len(fake.order) == before
+
+
+def test_max_tokens_past_the_context_is_a_400(router):
+  """prompt + max_tokens > the model's context (1024 here): a 400 naming
+  max_tokens with vLLM's message, not a silently shortened completion.
+  Token-id prompts are counted by the gateway; text prompts by the router,
+  whose refusal keeps its field."""
+  fake = router[0]
+  before = len(fake.order)
+  for max_tokens, batch in ((100, False), (10**9, False), (25, True)):
+    prompt = [7] * 1000
+    status, data = _post(router, "/v1/completions", {
+        "prompt": [[5], prompt] if batch else prompt,
+        "max_tokens": max_tokens})
+    assert status == 400, data
+    err = data["error"]
+    assert err["param"] == "max_tokens" and err["type"] == \
+        "invalid_request_error", err
+    assert ("This model's maximum context length is 1024 tokens. However, "
+            f"you requested {1000 + max_tokens} tokens (1000 in the "
+            f"messages, {max_tokens} in the completion)") in err["message"]
+  assert len(fake.order) == before          # no router call
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": [7] * 1000, "max_tokens": 24})
+  assert status == 200 and data["usage"]["completion_tokens"] == 24
+  # The router's refusal of a text prompt names the field as the gateway's
+  # own does.
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "invalid:sampling.max_tokens: This model's maximum context "
+      "length is 1024 tokens.", "max_tokens": 2000})
+  assert status == 400, data
+  assert data["error"]["param"] == "max_tokens"
+  assert data["error"]["message"] == ("max_tokens: This model's maximum "
+                                      "context length is 1024 tokens.")
 
 
 # -------------------------------------------------------------- responses
@@ -506,7 +568,7 @@ def test_stop_string_split_across_stream_deltas(router):
   # A template that sends the message as is, so the fake reads the script.
   events = _stream(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "script:" + json.dumps(
-          pieces)}], "stop": "STOP", "stream": True,
+          pieces)}], "stop": "STOP", "stream": True, "max_tokens": 9,
       "stream_options": {"include_usage": True}},
       chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
   content = [e["choices"][0] for e in events[1:-1]]
@@ -519,7 +581,8 @@ def test_stop_string_split_across_stream_deltas(router):
   # Deltas held back whole send nothing: the role chunk, then the text.
   events = _stream(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "script-end:" + json.dumps(
-          ["a", "b", "c"])}], "stop": "abcd", "stream": True},
+          ["a", "b", "c"])}], "stop": "abcd", "stream": True,
+      "max_tokens": 9},
       chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
   assert [e["choices"][0]["delta"] for e in events] == [
       {"role": "assistant", "content": ""}, {"content": "abc"}]

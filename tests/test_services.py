@@ -167,6 +167,9 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       (dict(prompt_token_ids=[5, 100000]), "token_ids"),
       (dict(prompt_token_ids=[7] * 300), "token_ids"),
       (dict(prompt=""), "text"),
+      # 200 + 57 > the 256 positions of the test deployment: refused, not
+      # cut to 56 tokens.
+      (dict(prompt_token_ids=[7] * 200, max_tokens=57), "max_tokens"),
   ]
   with Client(grpc_cluster.address, timeout_s=30) as client:
     for kw, field in cases:
@@ -175,6 +178,15 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       if isinstance(info.value, GenerationError):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
         assert field in info.value.details(), (kw, info.value.details())
+    assert info.value.details() == (
+        "sampling.max_tokens: This model's maximum context length is 256 "
+        "tokens. However, you requested 257 tokens (200 in the messages, 57 "
+        "in the completion). Please reduce the length of the messages or "
+        "completion.")
+    # The default max_tokens (16) is what the context leaves, as vLLM's.
+    r = client.generate(prompt_token_ids=[7] * 250, temperature=0.0,
+                        ignore_eos=True)
+    assert len(r.token_ids) == 6 and r.finish_reason == "length"
 
 
 def _live_rows(cluster, names) -> float:

@@ -216,7 +216,7 @@ def build_request(
     prompt: str | None = None,
     *,
     prompt_token_ids: Sequence[int] | None = None,
-    max_tokens: int | None = 16,
+    max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -239,7 +239,10 @@ def build_request(
   Args:
     prompt: text, tokenized by the router.
     prompt_token_ids: the prompt as token ids (sent as is: no BOS added).
-    max_tokens: output budget; None leaves it to the server (16).
+    max_tokens: output budget. The router refuses one the context cannot
+      hold (prompt + max_tokens > the model's max_seq_len). None leaves it
+      to the router: 16 (vLLM's default), or what the context leaves if
+      less.
     temperature: 0 is greedy; None: server default (1.0).
     top_p: nucleus mass in (0, 1]; None: server default (1.0).
     top_k: 0 or -1 disables; None: server default (off).

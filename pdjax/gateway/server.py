@@ -241,9 +241,32 @@ def _calls(base_id: str, params: protocol.Params,
   return calls
 
 
+def _context_error(max_model_len: int, prompt_len: int,
+                   max_tokens: int | None) -> str:
+  """vLLM's words for a request the context cannot hold."""
+  if max_tokens is None:
+    return (f"This model's maximum context length is {max_model_len} "
+            f"tokens. However, you requested {prompt_len} tokens in the "
+            "messages, Please reduce the length of the messages.")
+  return (f"This model's maximum context length is {max_model_len} tokens. "
+          f"However, you requested {prompt_len + max_tokens} tokens "
+          f"({prompt_len} in the messages, {max_tokens} in the completion). "
+          "Please reduce the length of the messages or completion.")
+
+
+def _check_context(card: ModelCard, prompt_len: int,
+                   max_tokens: int | None) -> None:
+  """A 400 naming max_tokens when prompt + max_tokens exceeds the context
+  (the router refuses it too; prompts counted here fail before any call)."""
+  if max_tokens is not None and prompt_len + max_tokens > card.max_model_len:
+    raise bad_request("max_tokens", _context_error(card.max_model_len,
+                                                   prompt_len, max_tokens))
+
+
 async def _respond(request: web.Request, params: protocol.Params,
                    calls: list[RouterCall], fmt: Formatter,
-                   usage: UsageTally) -> web.StreamResponse:
+                   usage: UsageTally, prompt_param: str = "prompt"
+                   ) -> web.StreamResponse:
   client = request.app[CLIENT]
   stream = run_choices(client, calls, params.stop)
   async with contextlib.aclosing(stream):
@@ -255,7 +278,7 @@ async def _respond(request: web.Request, params: protocol.Params,
         return web.json_response(fmt.response(collect(deltas), usage))
       first = await anext(stream)
     except GenerationError as e:
-      raise from_generation_error(e) from e
+      raise from_generation_error(e, prompt_param=prompt_param) from e
     return await _stream_events(request, stream, first, fmt, usage,
                                 params.include_usage)
 
@@ -346,6 +369,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   for p in req.prompts:
     extra: dict[str, Any] = {"add_special_tokens": req.add_special_tokens}
     if p.token_ids is not None:
+      _check_context(card, len(p.token_ids), req.params.max_tokens)
       extra["prompt_token_ids"] = list(p.token_ids)
     prompts.append((p.text, extra))
   calls = _calls(base, req.params, prompts)
@@ -376,15 +400,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raise bad_request("messages", str(e)) from e
   params = req.params
   if params.max_tokens is None:
-    # As vLLM: up to the end of the context (the engines stop there).
-    params = dataclasses.replace(params, max_tokens=card.max_model_len)
+    # As vLLM: up to the end of the context, which takes the prompt's
+    # length, counted as the router will count it.
+    tok = state.config.tokenizer
+    if tok is None:
+      raise bad_request("max_tokens", "is required here: this gateway has "
+                        "no tokenizer to count the prompt with, so it cannot "
+                        "run the completion to the end of the context (start "
+                        "it with the checkpoint's tokenizer.json)")
+    prompt_len = len(tok.encode(prompt, add_bos=False))
+    if prompt_len >= card.max_model_len:
+      raise bad_request("messages", _context_error(card.max_model_len,
+                                                   prompt_len, None))
+    params = dataclasses.replace(params,
+                                 max_tokens=card.max_model_len - prompt_len)
   base = uuid.uuid4().hex
   calls = _calls(base, params, [(prompt, {"add_special_tokens": False})])
   fmt = ChatFormatter(f"chatcmpl-{base}", card.name, int(time.time()),
                       params, state.token_text)
   usage = UsageTally([_prompt_counter(state, prompt, None, False)],
                      choices_per_prompt=params.n)
-  return await _respond(request, params, calls, fmt, usage)
+  return await _respond(request, params, calls, fmt, usage,
+                        prompt_param="messages")
 
 
 # ---------------------------------------------------------------------- app

@@ -135,6 +135,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     ids = validation.check_prompt_ids(ids, vocab_size=info.vocab_size,
                                       max_prompt_len=info.max_seq_len - 1,
                                       field=field)
+    sampling = validation.fit_context(
+        sampling, len(ids), info.max_seq_len,
+        explicit=request.sampling.HasField("max_tokens"))
     return rid, ids, sampling
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
