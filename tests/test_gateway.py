@@ -1020,17 +1020,32 @@ def test_health_follows_the_router(router):
     r = await client.get("/health")
     return r.status, await r.json()
 
+  async def probes(client):
+    out = {}
+    for path in ("/health", "/readyz", "/livez"):
+      r = await client.get(path)
+      out[path] = (r.status, await r.json())
+    return out
+
   assert _serve(router[2], probe) == (200, {"status": "SERVING"})
+  assert _serve(router[2], probes)["/readyz"] == (200, {"status": "SERVING"})
   health_servicer.set("pdjax.v1.Generation",
                       health_pb2.HealthCheckResponse.NOT_SERVING)
   try:
     assert _serve(router[2], probe) == (503, {"status": "NOT_SERVING"})
+    # Readiness (/health, /readyz) follows the router; liveness (/livez)
+    # only says the gateway runs, so Kubernetes restarts nothing.
+    got = _serve(router[2], probes)
+    assert got["/readyz"] == got["/health"] == (503,
+                                                {"status": "NOT_SERVING"})
+    assert got["/livez"] == (200, {"status": "alive"})
   finally:
     health_servicer.set("pdjax.v1.Generation",
                         health_pb2.HealthCheckResponse.SERVING)
   # No router at all: 503, and the API says the router is unavailable.
   status, data = _serve("127.0.0.1:1", probe)
   assert status == 503 and "unreachable" in data["status"]
+  assert _serve("127.0.0.1:1", probes)["/livez"][0] == 200
   status, data = _post(("", "", "127.0.0.1:1"), "/v1/completions",
                        {"prompt": "a"})
   assert status == 503 and data["error"]["code"] == "unavailable"

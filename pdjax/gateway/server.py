@@ -3,8 +3,9 @@
 One request, in order:
 
   1. auth (``Authorization: Bearer <api key>`` when the gateway has one)
-     on the API's ``/v1/`` paths; /health and /metrics are open, as load
-     balancers and Prometheus probe them;
+     on the API's ``/v1/`` paths; the probes (/health and /readyz:
+     readiness, /livez: liveness) and /metrics are open, as load balancers,
+     Kubernetes and Prometheus call them;
   2. parse and check the body (``protocol``), the model name, and for chat
      render the messages (``chat_template``): every refusal is a 400/404
      before any router call;
@@ -335,7 +336,8 @@ def _prompt_counter(state: _State, text: str | None,
 
 # ----------------------------------------------------------------- handlers
 async def health(request: web.Request) -> web.Response:
-  """200 while the router's Generation service is SERVING, else 503."""
+  """Readiness (/health, /readyz): 200 while the router's Generation
+  service is SERVING (it is while a decode worker is ready), else 503."""
   try:
     status = await request.app[CLIENT].health(GENERATION_SERVICE,
                                               timeout_s=_HEALTH_TIMEOUT_S)
@@ -343,6 +345,13 @@ async def health(request: web.Request) -> web.Response:
     status = f"router unreachable: {e}"
   return web.json_response({"status": status},
                            status=200 if status == "SERVING" else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+  """Liveness (/livez): 200 while the gateway's process serves HTTP,
+  whatever the router's state (a livenessProbe must not restart gateways
+  because the workers are down)."""
+  return web.json_response({"status": "alive"})
 
 
 async def prometheus(request: web.Request) -> web.Response:
@@ -442,6 +451,8 @@ def create_app(config: GatewayConfig) -> web.Application:
 
   app.cleanup_ctx.append(router_client)
   app.router.add_get("/health", health)
+  app.router.add_get("/readyz", health)
+  app.router.add_get("/livez", live)
   app.router.add_get("/metrics", prometheus)
   app.router.add_get("/v1/models", models)
   app.router.add_post("/v1/completions", completions)

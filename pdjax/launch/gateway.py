@@ -7,7 +7,9 @@ It loads no weights and needs no accelerator: only the checkpoint's
 tokenizer files (``tokenizer_config.json`` for the chat template and its
 special tokens, ``tokenizer.json`` for token counts and logprob token
 names), found as the router finds them (``--checkpoint``, else the
-deployment file's). It waits for the router, then serves HTTP; on SIGTERM
+deployment file's). It serves HTTP at once (/livez: liveness; /health and
+/readyz: readiness, 503 until the router is ready) and waits for the router
+before reporting ready to a launcher; on SIGTERM
 it stops accepting, lets running requests finish for up to
 ``--drain_timeout_s``, then cancels the rest (which cancels their router
 calls). The router's TLS and token come from the usual ``--tls_*`` and
@@ -45,8 +47,8 @@ REQUEST_TIMEOUT = flags.DEFINE_float(
     "client gets a 504 (unset: none).")
 WAIT_ROUTER = flags.DEFINE_float(
     "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
-    "before serving HTTP (then serve anyway: /health answers 503 until it "
-    "is).")
+    "before reporting ready to a launcher (--port_file); HTTP is served "
+    "meanwhile, /health and /readyz answering 503 until it is.")
 flags.mark_flag_as_required("router")
 # HTTP, where OpenAI-compatible servers (vLLM, SGLang) listen by default.
 flags.set_default(F.PORT, 8000)
@@ -118,13 +120,8 @@ async def serve() -> None:
   runner = make_runner(gateway, shutdown_timeout_s=F.DRAIN_TIMEOUT.value)
   await runner.setup()
   try:
-    if WAIT_ROUTER.value > 0:
-      try:
-        await gateway[CLIENT].wait_ready(WAIT_ROUTER.value)
-      except TimeoutError as e:
-        log.warning("%s; serving anyway", e)
-      except GenerationError as e:   # e.g. a wrong token: waiting won't help
-        raise SystemExit(f"error: router {ROUTER.value}: {e}") from e
+    # HTTP first: liveness (/livez) answers at once, readiness (/health,
+    # /readyz) 503 until the router is ready.
     site = web.TCPSite(runner, F.HOST.value, F.PORT.value)
     try:
       await site.start()
@@ -135,6 +132,13 @@ async def serve() -> None:
             f"error: {in_use_message(F.HOST.value, F.PORT.value)}") from None
       raise SystemExit(f"error: cannot serve on {F.HOST.value}:"
                        f"{F.PORT.value}: {e.strerror or e}") from None
+    if WAIT_ROUTER.value > 0:
+      try:
+        await gateway[CLIENT].wait_ready(WAIT_ROUTER.value)
+      except TimeoutError as e:
+        log.warning("%s; serving anyway", e)
+      except GenerationError as e:   # e.g. a wrong token: waiting won't help
+        raise SystemExit(f"error: router {ROUTER.value}: {e}") from e
     port = runner.addresses[0][1]
     log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
              F.HOST.value, port, ROUTER.value,

@@ -298,10 +298,11 @@ async def serve(role: str) -> None:
 
   from pdjax.engine import compile_stats
   compile_stats.warn_on_compile()
-  health = common.add_health(server, health_names)
+  health = await common.add_health(server, health_names)
   for w in workers:
     w.start()
   await server.start()
+  await common.set_live(health)
   await common.set_serving(health, health_names, True)
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,

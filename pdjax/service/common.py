@@ -320,18 +320,40 @@ def bind(server: grpc.aio.Server, host: str, port: int,
   return bound
 
 
-def add_health(server: grpc.aio.Server, services: Sequence[str]
-               ) -> health.aio.HealthServicer:
+# The standard health service (grpc.health.v1.Health) of every pdjax
+# server answers for three names:
+#   ""                  readiness: SERVING while the process takes requests
+#                       (a router: while a decode worker is ready), as
+#                       Kubernetes' grpc probe without a service name asks;
+#   the API's services  the same (e.g. "pdjax.v1.Generation");
+#   LIVENESS_SERVICE    liveness: SERVING while the process runs, whether or
+#                       not it can serve now (a livenessProbe's service).
+LIVENESS_SERVICE = "liveness"
+
+
+async def add_health(server: grpc.aio.Server, services: Sequence[str]
+                     ) -> health.aio.HealthServicer:
+  """The health service, every name NOT_SERVING until ``set_serving`` and
+  ``set_live`` (the servicer alone would answer "" SERVING at once)."""
   servicer = health.aio.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+  for s in ("", *services, LIVENESS_SERVICE):
+    await servicer.set(s, health_pb2.HealthCheckResponse.NOT_SERVING)
   return servicer
 
 
 async def set_serving(servicer, services: Sequence[str], serving: bool):
+  """Readiness: "" and ``services`` SERVING or NOT_SERVING."""
   status = (health_pb2.HealthCheckResponse.SERVING if serving else
             health_pb2.HealthCheckResponse.NOT_SERVING)
   for s in ("", *services):
     await servicer.set(s, status)
+
+
+async def set_live(servicer) -> None:
+  """Liveness: SERVING from now until the server stops."""
+  await servicer.set(LIVENESS_SERVICE,
+                     health_pb2.HealthCheckResponse.SERVING)
 
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -365,6 +387,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 __all__ = ["Security", "make_channel", "make_server", "bind", "BindError",
-           "port_in_use", "in_use_message", "add_health",
+           "port_in_use", "in_use_message", "add_health", "set_live",
+           "LIVENESS_SERVICE",
            "set_serving", "status_for", "PROCESS_ID", "abort_exhausted",
            "BearerTokenInterceptor"]

@@ -15,6 +15,11 @@ Before the first token reaches the client, an unreachable worker is routed
 around (another prefill worker; another decode worker). After it, a dying
 decode worker ends only its own streams, with UNAVAILABLE. A client that
 cancels cancels the downstream calls, which frees the decode slot at once.
+
+Health (``grpc.health.v1``): "" and ``pdjax.v1.Generation`` are SERVING
+while a request could be served (``ready``: a decode worker is ready, and
+it prefills by itself where no prefill worker is), NOT_SERVING otherwise;
+``liveness`` is SERVING while the process runs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
                       generate_pb2_grpc, kv_pb2, prefill_pb2)
 
 log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = "pdjax.v1.Generation"
 
 # Codes after which another worker may well succeed. Only UNAVAILABLE
 # takes the worker out of rotation (until its next successful poll).
@@ -97,6 +104,36 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     self.config = config
     self.metrics = metrics or Metrics("router")
     self.inflight = 0
+    self.draining = False
+    self._published: bool | None = None
+
+  # ------------------------------------------------------- health, drain
+  def ready(self) -> bool:
+    """Whether a request could be served now: not draining, and a decode
+    worker ready (without a ready prefill worker it prefills itself)."""
+    return not self.draining and bool(self.registry.usable("decode"))
+
+  async def publish_health(self, health) -> bool:
+    """Sets readiness ("" and the Generation service) from ``ready``."""
+    serving = self.ready()
+    if serving != self._published:
+      if serving:
+        log.info("ready: serving requests")
+      elif self._published is not None or not self.draining:
+        log.warning("not ready: %s", "draining" if self.draining else
+                    "no decode worker is ready")
+      self._published = serving
+    await common.set_serving(health, [GENERATION_SERVICE], serving)
+    return serving
+
+  async def watch_health(self, health, interval_s: float) -> None:
+    """Keeps readiness current (the registry's polls change it)."""
+    while True:
+      try:
+        await self.publish_health(health)
+      except Exception:  # noqa: BLE001 - never let the watch die
+        log.exception("updating health failed")
+      await asyncio.sleep(interval_s)
 
   # ---------------------------------------------------------------- info
   def model_info(self) -> common_pb2.ModelInfo:
@@ -466,4 +503,4 @@ def _tp_of(mesh: str) -> int:
   return 1
 
 
-__all__ = ["RouterServicer", "RouterConfig"]
+__all__ = ["GENERATION_SERVICE", "RouterServicer", "RouterConfig"]
