@@ -857,12 +857,12 @@ def test_request_timeout_is_a_504(router):
 
 
 # ------------------------------------------------------------ cancellation
-def _serve_for_real(address, test):
+def _serve_for_real(address, test, **config):
   """Runs ``await test(session, base_url)`` against the gateway served as
   the launcher serves it (``make_runner``), not through aiohttp's test
   server, which turns handler cancellation on by itself."""
   async def go():
-    runner = make_runner(create_app(GatewayConfig(address)),
+    runner = make_runner(create_app(GatewayConfig(address, **config)),
                          shutdown_timeout_s=1)
     await runner.setup()
     try:
@@ -924,6 +924,106 @@ def test_non_streaming_disconnect_cancels_too(router):
     assert _sample(text, "pdjax_gateway_running_requests") == 1  # /metrics
 
   _serve_for_real(router[2], test)
+
+
+# ---------------------------------------------------------- hostile clients
+async def _raw(url: str, head: bytes):
+  """A raw connection to the gateway that has sent ``head``."""
+  host, port = url.removeprefix("http://").split(":")
+  reader, writer = await asyncio.open_connection(host, int(port))
+  writer.write(head)
+  await writer.drain()
+  return reader, writer
+
+
+async def _closed_by_server(reader, within_s: float) -> bytes:
+  """What the server sent before closing the connection (fails if it is
+  still open after ``within_s``)."""
+  return await asyncio.wait_for(reader.read(), within_s)
+
+
+_PARTIAL_HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\n"
+                 b"Content-Type: application/json\r\n")
+
+
+def test_slow_clients_cannot_exhaust_the_gateway(router):
+  """Connections that never finish their headers are closed after the
+  header timeout; beyond the connection limit new ones are refused with a
+  503 at once (not left to exhaust file descriptors); a body that stops
+  arriving is a 408 after the body timeout; and then normal requests are
+  served again."""
+  limit, timeout = 12, 0.5
+
+  async def test(session, url):
+    slow = [await _raw(url, _PARTIAL_HEAD) for _ in range(limit)]
+    extra_reader, _ = await _raw(url, b"")
+    refused = await _closed_by_server(extra_reader, 2)
+    assert refused.startswith(b"HTTP/1.1 503"), refused
+    assert b'"code": "too_many_connections"' in refused
+    t0 = time.monotonic()
+    for reader, _ in slow:
+      assert await _closed_by_server(reader, 5) == b""
+    assert time.monotonic() - t0 < 3
+    # A body that never completes.
+    reader, _ = await _raw(url, b"POST /v1/completions HTTP/1.1\r\n"
+                           b"Host: gateway\r\nContent-Length: 100\r\n"
+                           b"Content-Type: application/json\r\n\r\n"
+                           b'{"prompt": ')
+    answer = await _closed_by_server(reader, 5)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request_timeout" in answer
+    async with session.post(f"{url}/v1/completions",
+                            json={"prompt": "a", "max_tokens": 1}) as r:
+      assert r.status == 200, await r.text()
+
+  _serve_for_real(router[2], test, max_connections=limit,
+                  header_timeout_s=timeout, body_timeout_s=timeout)
+
+
+def test_a_body_past_the_size_limit_is_a_413(router):
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "x" * 2000, "max_tokens": 1},
+                       max_body_bytes=1000)
+  assert status == 413 and "Request Entity Too Large" in data["error"][
+      "message"], data
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"prompt": "a\\ud800b"}', "prompt"),
+    (b'{"prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+    (b'{"messages": [{"role": "user", "content": "x\\ud83d"}], '
+     b'"max_tokens": 2}', "messages[0].content"),
+    (b'{"prompt": "a", "cache_salt": "\\ud800"}', "cache_salt"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(router, body, param):
+  """JSON may escape a lone UTF-16 surrogate; no valid Unicode text holds
+  one, and the tokenizer and protobuf cannot encode it."""
+  path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+
+  async def test(client):
+    r = await client.post(path, data=body,
+                          headers={"Content-Type": "application/json"})
+    return r.status, await r.json()
+
+  status, data = _serve(router[2], test)
+  assert status == 400, data
+  assert data["error"]["param"] == param
+  assert "surrogate" in data["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_400(router):
+  async def test(client):
+    out = []
+    for depth in (1000, 100_000, 70):
+      body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+      r = await client.post("/v1/completions", data=body,
+                            headers={"Content-Type": "application/json"})
+      out.append((r.status, await r.json()))
+    return out
+
+  for status, data in _serve(router[2], test):
+    assert status == 400, data
+    assert "nested" in data["error"]["message"], data
 
 
 # ------------------------------------------------------------ auth, health

@@ -20,6 +20,12 @@ One request, in order:
 The app is run with aiohttp's handler cancellation on (``make_runner``), so
 a client that disconnects cancels its handler, which closes the merged stream and with it
 every router call of the request (the router then frees the decode slots).
+
+Hostile or broken clients are bounded: ``make_runner`` limits open
+connections and the time a request head may take (``guard``); a body must
+arrive within ``body_timeout_s`` (408) and fit ``max_body_bytes`` (413);
+JSON nested deeper than ``MAX_JSON_DEPTH`` or holding a lone UTF-16
+surrogate (which no valid text has) is a 400 naming where.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from pdjax.gateway import protocol
 from pdjax.gateway.chat_template import ChatTemplate, ChatTemplateError
 from pdjax.gateway.choices import RouterCall, run_choices
 from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
+from pdjax.gateway.guard import (DEFAULT_HEADER_TIMEOUT_S, ConnectionGuard,
+                                 default_max_connections)
 from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
                                      Formatter, UsageTally, collect,
@@ -54,6 +62,9 @@ log = logging.getLogger(__name__)
 # Token-id prompts of a long context are a few MB of JSON; aiohttp's 1 MiB
 # default would refuse them.
 MAX_BODY_BYTES = 64 << 20
+# OpenAI request bodies nest a few levels (messages[i].content[j].text);
+# anything much deeper is not a request but an attack on the parser.
+MAX_JSON_DEPTH = 64
 _HEALTH_TIMEOUT_S = 5.0
 _MODEL_INFO_TIMEOUT_S = 10.0
 
@@ -72,6 +83,13 @@ class GatewayConfig:
       ended every choice early, and names tokens in logprobs.
     request_timeout_s: deadline of each router call (None: none).
     tls, router_token: how to dial the router (its TLS and bearer token).
+    max_body_bytes: larger request bodies are a 413.
+    body_timeout_s: a body must arrive within this long of its head (408).
+    header_timeout_s: a connection's first request head must arrive within
+      this long of its opening, a later one within this long of the previous
+      response (the connection is closed otherwise).
+    max_connections: open connections beyond it are refused with a 503
+      (None: the descriptor limit, less a reserve).
   """
   router: str
   served_model_name: str | None = None
@@ -81,6 +99,10 @@ class GatewayConfig:
   request_timeout_s: float | None = None
   tls: TlsConfig | None = None
   router_token: str | None = None
+  max_body_bytes: int = MAX_BODY_BYTES
+  body_timeout_s: float = 60.0
+  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+  max_connections: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +125,7 @@ class _State:
     self.created = int(time.time())
     self._card: ModelCard | None = None
     self._lock = asyncio.Lock()
+    self.guard: ConnectionGuard | None = None   # set by make_runner's runner
 
   async def card(self, client: AsyncClient) -> ModelCard:
     async with self._lock:
@@ -139,7 +162,10 @@ def _endpoint(request: web.Request) -> str:
 @web.middleware
 async def _measure(request: web.Request, handler):
   """Counts every request by endpoint and final status, and times it."""
-  metrics = request.app[_STATE].metrics
+  state = request.app[_STATE]
+  if state.guard is not None:       # the head arrived: no header timeout
+    state.guard.mark_started(request.transport)
+  metrics = state.metrics
   endpoint = _endpoint(request)
   request[_ARRIVAL] = time.perf_counter()
   metrics.running.inc()
@@ -164,7 +190,10 @@ def _internal_error() -> ApiError:
 
 
 def _error_response(e: ApiError) -> web.Response:
-  return web.json_response(e.body(), status=e.status, headers=e.headers())
+  resp = web.json_response(e.body(), status=e.status, headers=e.headers())
+  if e.status == 408:   # the rest of the body may still come: not reusable
+    resp.force_close()
+  return resp
 
 
 @web.middleware
@@ -206,11 +235,60 @@ def _auth(api_key: str | None):
 
 # ------------------------------------------------------------------ helpers
 async def _json_body(request: web.Request) -> Any:
-  raw = await request.read()
+  timeout = request.app[_STATE].config.body_timeout_s
   try:
-    return json.loads(raw)
+    async with asyncio.timeout(timeout):
+      raw = await request.read()
+  except TimeoutError as e:
+    raise ApiError(408, f"the request body did not arrive within "
+                   f"{timeout:g} s", code="request_timeout") from e
+  try:
+    body = json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise bad_request(None, f"the body is not valid JSON: {e}") from e
+  except RecursionError as e:
+    raise bad_request(None, f"the body is nested more than "
+                      f"{MAX_JSON_DEPTH} levels deep") from e
+  _check_json(body)
+  return body
+
+
+def _path(parts: tuple) -> str:
+  out = ""
+  for p in parts:
+    out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+  return out
+
+
+def _check_json(body: Any) -> None:
+  """400s for what JSON allows but no request may hold: nesting deeper than
+  MAX_JSON_DEPTH, and strings with a lone UTF-16 surrogate (JSON escapes
+  them, "\\ud800"; the tokenizer and protobuf cannot encode them). The
+  message names where (``messages[0].content``). Iterative: a deep body
+  must not exhaust the stack here either."""
+  stack: list[tuple[Any, tuple, int]] = [(body, (), 1)]
+  while stack:
+    value, where, depth = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise bad_request(_path(where) or None, f"contains a lone UTF-16 "
+                          f"surrogate (U+{ord(value[e.start]):04X}) at "
+                          f"character {e.start}; strings must be valid "
+                          "Unicode") from e
+      continue
+    if not isinstance(value, (dict, list)):
+      continue
+    if depth > MAX_JSON_DEPTH:
+      raise bad_request(None, f"the body is nested more than "
+                        f"{MAX_JSON_DEPTH} levels deep (at {_path(where)})")
+    if isinstance(value, dict):
+      for k, v in value.items():
+        stack.append((k, where, depth))   # a key: named by its object
+        stack.append((v, (*where, k), depth + 1))
+    elif not all(type(v) is int for v in value):   # token ids: nothing to do
+      stack.extend((v, (*where, i), depth + 1) for i, v in enumerate(value))
 
 
 def _check_model(params: protocol.Params, card: ModelCard) -> None:
@@ -436,7 +514,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- app
 def create_app(config: GatewayConfig) -> web.Application:
   """The gateway app; its router client lives from startup to cleanup."""
-  app = web.Application(client_max_size=MAX_BODY_BYTES,
+  app = web.Application(client_max_size=config.max_body_bytes,
                         middlewares=[_measure, _errors,
                                      _auth(config.api_key)])
   app[_STATE] = _State(config)
@@ -460,14 +538,39 @@ def create_app(config: GatewayConfig) -> web.Application:
   return app
 
 
+class _Runner(web.AppRunner):
+  """An AppRunner whose server (the protocol factory its sites listen
+  with) is behind the app's connection limits (``guard``)."""
+
+  async def _make_server(self):
+    server = await super()._make_server()
+    state = self.app[_STATE]
+    config = state.config
+    state.guard = ConnectionGuard(
+        server, header_timeout_s=config.header_timeout_s,
+        max_connections=(config.max_connections
+                         or default_max_connections()))
+    return state.guard
+
+
 def make_runner(app: web.Application, *,
                 shutdown_timeout_s: float = 60.0) -> web.AppRunner:
   """The runner to serve ``app`` with. Handler cancellation is on (aiohttp
   turned it off by default in 3.9): without it a client that disconnects
   while its router call is between tokens (or before the first) leaves the
-  call running, holding a decode slot, until the next write fails."""
-  return web.AppRunner(app, handler_cancellation=True,
-                       shutdown_timeout=shutdown_timeout_s)
+  call running, holding a decode slot, until the next write fails. Its
+  connections are bounded by the app's config (``guard``): their number,
+  and the time a request head may take (the keep-alive timeout is that too:
+  aiohttp closes a connection still waiting for a head that long after its
+  previous response). After an error answered before its body was read
+  (a 408, a 413), the rest of the body is drained for at most a second
+  (aiohttp's lingering close; its default is 10 s), not left to hold the
+  connection."""
+  config = app[_STATE].config
+  return _Runner(app, handler_cancellation=True,
+                 shutdown_timeout=shutdown_timeout_s,
+                 keepalive_timeout=config.header_timeout_s,
+                 lingering_time=1.0)
 
 
 __all__ = ["CLIENT", "GatewayConfig", "ModelCard", "create_app",

@@ -49,6 +49,20 @@ WAIT_ROUTER = flags.DEFINE_float(
     "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
     "before reporting ready to a launcher (--port_file); HTTP is served "
     "meanwhile, /health and /readyz answering 503 until it is.")
+HEADER_TIMEOUT = flags.DEFINE_float(
+    "header_timeout_s", 10.0, "A connection's first request head must "
+    "arrive within this long of its opening, a later one within this long "
+    "of the previous response (it is closed otherwise: clients that never "
+    "finish their headers cannot pile up).")
+BODY_TIMEOUT = flags.DEFINE_float(
+    "body_timeout_s", 60.0, "A request body must arrive within this long of "
+    "its head (408 otherwise).")
+MAX_CONNECTIONS = flags.DEFINE_integer(
+    "max_connections", 0, "Open HTTP connections beyond this are refused "
+    "with a 503 (0: the process's file descriptor limit, less a reserve).")
+MAX_BODY_MIB = flags.DEFINE_integer(
+    "max_body_mib", 64, "Larger request bodies are a 413 (token-id prompts "
+    "of a long context are a few MiB of JSON).")
 flags.mark_flag_as_required("router")
 # HTTP, where OpenAI-compatible servers (vLLM, SGLang) listen by default.
 flags.set_default(F.PORT, 8000)
@@ -115,7 +129,11 @@ async def serve() -> None:
       router=ROUTER.value, served_model_name=SERVED_MODEL_NAME.value,
       api_key=API_KEY.value or None, chat_template=template,
       tokenizer=load_tokenizer(directory),
-      request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token)
+      request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token,
+      header_timeout_s=HEADER_TIMEOUT.value,
+      body_timeout_s=BODY_TIMEOUT.value,
+      max_connections=MAX_CONNECTIONS.value or None,
+      max_body_bytes=MAX_BODY_MIB.value << 20)
   gateway = create_app(config)
   runner = make_runner(gateway, shutdown_timeout_s=F.DRAIN_TIMEOUT.value)
   await runner.setup()
