@@ -1,5 +1,5 @@
 """The router in process, over a fake decode worker: its health (readiness
-and liveness) and the context rule for max_tokens.
+and liveness), its drain on shutdown, and the context rule for max_tokens.
 
 The router is assembled as ``pdjax.launch.router`` assembles it (its gRPC
 server, health service and registry) and called through
@@ -161,6 +161,53 @@ def test_readiness_follows_the_decode_workers():
       assert await _collect(r.client, max_tokens=2) == ([100, 101], None)
       worker.up = False                 # the worker goes away again
       await r.wait_statuses(NOT_READY)
+
+  asyncio.run(run())
+
+
+# ------------------------------------------------------------------- drain
+def test_drain_finishes_running_streams_and_refuses_new_ones():
+  async def run():
+    async with Router(FakeDecode(step_s=0.02)) as r:
+      await r.wait_statuses(SERVING)
+      running = [asyncio.create_task(_collect(r.client, max_tokens=40))
+                 for _ in range(3)]
+      while r.servicer.inflight < 3:
+        await asyncio.sleep(0.01)
+      t0 = time.monotonic()
+      drain = asyncio.create_task(r.servicer.drain(30.0, r.health))
+      await r.wait_statuses(NOT_READY, timeout_s=1.0)
+      _, err = await _collect(r.client, max_tokens=2)
+      assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+      assert "draining" in err.details()
+      assert await drain == 0                  # none had to be cut
+      assert time.monotonic() - t0 < 10        # not the whole 30 s
+      for tokens, err in await asyncio.gather(*running):
+        assert err is None and tokens == list(range(100, 140))
+
+  asyncio.run(run())
+
+
+def test_drain_deadline_ends_streams_with_unavailable():
+  """Streams still running at the drain deadline end with UNAVAILABLE
+  (clients and the gateway retry that), and their decode calls are
+  cancelled, at the deadline (not at a fixed grace)."""
+  async def run():
+    worker = FakeDecode()
+    async with Router(worker) as r:
+      await r.wait_statuses(SERVING)
+      worker.gate.clear()                      # the worker stops streaming
+      stuck = asyncio.create_task(_collect(r.client, max_tokens=40))
+      while r.servicer.inflight < 1:
+        await asyncio.sleep(0.01)
+      t0 = time.monotonic()
+      assert await r.servicer.drain(0.5, r.health) == 1
+      tokens, err = await stuck
+      assert 0.4 < time.monotonic() - t0 < 5
+      assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+      assert "drain deadline" in err.details()
+      assert worker.calls[-1].cancelled
+      assert r.servicer.inflight == 0
 
   asyncio.run(run())
 

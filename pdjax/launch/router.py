@@ -3,7 +3,9 @@
 It loads only the tokenizer (no weights, no accelerator), learns the model
 from the workers' handshake, and routes each request across the pools. Its
 health service says whether it can serve (readiness: a decode worker is
-ready) and that it runs (the ``liveness`` service).
+ready) and that it runs (the ``liveness`` service). On SIGTERM it drains:
+readiness NOT_SERVING, new requests UNAVAILABLE, running ones finish for up
+to ``--drain_timeout_s``; those left then end with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -132,9 +134,10 @@ async def serve() -> None:
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
   watch.cancel()
-  await common.set_serving(health, [GENERATION_SERVICE], False)
-  await server.stop(grace=10)
+  await servicer.drain(F.DRAIN_TIMEOUT.value, health)
+  await server.stop(grace=1.0)
   await registry.close()
+  log.info("stopped")
 
 
 def main(argv) -> None:

@@ -18,8 +18,11 @@ cancels cancels the downstream calls, which frees the decode slot at once.
 
 Health (``grpc.health.v1``): "" and ``pdjax.v1.Generation`` are SERVING
 while a request could be served (``ready``: a decode worker is ready, and
-it prefills by itself where no prefill worker is), NOT_SERVING otherwise;
-``liveness`` is SERVING while the process runs.
+it prefills by itself where no prefill worker is), NOT_SERVING otherwise
+and while draining; ``liveness`` is SERVING while the process runs. On
+shutdown the router drains (``drain``): new requests get UNAVAILABLE, the
+running ones finish up to a deadline, and whatever is left then ends with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     self.metrics = metrics or Metrics("router")
     self.inflight = 0
     self.draining = False
+    # The handlers of admitted requests, so that a drain past its deadline
+    # can end them (with UNAVAILABLE, not gRPC's bare cancellation).
+    self._handlers: set[asyncio.Task] = set()
+    self._cutting = False
     self._published: bool | None = None
 
   # ------------------------------------------------------- health, drain
@@ -134,6 +141,29 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       except Exception:  # noqa: BLE001 - never let the watch die
         log.exception("updating health failed")
       await asyncio.sleep(interval_s)
+
+  async def drain(self, timeout_s: float, health=None) -> int:
+    """Stops admitting requests (UNAVAILABLE; readiness NOT_SERVING) and
+    waits up to ``timeout_s`` for the running ones; ends those still
+    running then with UNAVAILABLE. Returns how many it ended."""
+    self.draining = True
+    if health is not None:
+      await self.publish_health(health)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    log.info("draining: no new requests; waiting up to %.0f s for %d "
+             "running", timeout_s, self.inflight)
+    while self.inflight and loop.time() < deadline:
+      await asyncio.sleep(0.05)
+    left = [t for t in self._handlers if not t.done()]
+    if left:
+      log.warning("drain timeout: ending %d requests with UNAVAILABLE",
+                  len(left))
+      self._cutting = True
+      for t in left:
+        t.cancel()
+      await asyncio.wait(left, timeout=5.0)
+    return len(left)
 
   # ---------------------------------------------------------------- info
   def model_info(self) -> common_pb2.ModelInfo:
@@ -179,6 +209,11 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
     arrival = time.perf_counter()
+    if self.draining:
+      self.metrics.requests.labels("rejected").inc()
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the router is shutting down (draining): retry on "
+                          "another router")
     try:
       rid, ids, sampling = self._prepare(request)
     except InvalidRequest as e:
@@ -198,6 +233,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     usage = common_pb2.Usage(prompt_tokens=len(ids))
     self.inflight += 1
     self.metrics.running.set(self.inflight)
+    handler = asyncio.current_task()
+    self._handlers.add(handler)
     first_at = None
     last_at = None
     outcome = "error"
@@ -240,9 +277,17 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         await common.abort_exhausted(context, e.details, 500)
       await context.abort(e.code, e.details)
     except asyncio.CancelledError:
-      outcome = "cancelled"
-      raise
+      if not self._cutting:
+        outcome = "cancelled"
+        raise
+      # Ended by a drain past its deadline: the client may retry elsewhere.
+      outcome = "unavailable"
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the router shut down before the request finished "
+                          "(its drain deadline passed): retry on another "
+                          "router")
     finally:
+      self._handlers.discard(handler)
       # Close the downstream calls now (their generators' finally blocks),
       # not whenever the event loop finalizes them: a half-read stream keeps
       # the worker's RPC open and would stall its drain.
