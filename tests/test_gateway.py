@@ -1032,7 +1032,12 @@ def test_api_key(router):
     out = []
     for headers in ({}, {"Authorization": "Bearer wrong"},
                     {"Authorization": "sekret"},
-                    {"Authorization": "Bearer sekret"}):
+                    {"Authorization": "Basic sekret"},
+                    {"Authorization": "Bearersekret"},
+                    {"Authorization": "Bearer sekret"},
+                    # The scheme is case-insensitive (RFC 7235).
+                    {"Authorization": "bearer sekret"},
+                    {"Authorization": "BEARER  sekret"}):
       r = await client.post("/v1/completions", headers=headers,
                             json={"prompt": "a", "max_tokens": 1})
       out.append((r.status, await r.json()))
@@ -1044,8 +1049,10 @@ def test_api_key(router):
     out.append((r.status, await r.text()))
     return out
 
-  *denied, ok, models, health_, metrics_ = _serve(router[2], test,
-                                                  api_key="sekret")
+  *denied, ok, ok_lower, ok_upper, models, health_, metrics_ = _serve(
+      router[2], test, api_key="sekret")
+  for got in (ok_lower, ok_upper):
+    assert got[0] == 200 and got[1]["choices"][0]["text"] == "<100>", got
   assert metrics_[0] == 200 and "pdjax_gateway_requests_total" in metrics_[1]
   for status, data in denied:
     assert status == 401, data

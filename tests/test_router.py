@@ -90,14 +90,16 @@ class FakeDecode:
 class Router:
   """A router serving on loopback, as the launcher starts it."""
 
-  def __init__(self, worker: FakeDecode):
+  def __init__(self, worker: FakeDecode,
+               security: common.Security = common.Security()):
     self.worker = worker
+    self.security = security
 
   async def __aenter__(self):
     self.registry = WorkerRegistry(poll_interval_s=0.05)
     self.registry.add("127.0.0.1:1", "decode").stub = self.worker
     self.servicer = RouterServicer(self.registry, None, RouterConfig())
-    self.server = common.make_server(client_facing=True)
+    self.server = common.make_server(self.security, client_facing=True)
     generate_pb2_grpc.add_GenerationServicer_to_server(self.servicer,
                                                        self.server)
     self.health = await common.add_health(self.server, [GENERATION_SERVICE])
@@ -108,7 +110,9 @@ class Router:
     await common.set_live(self.health)
     self.watch = asyncio.ensure_future(
         self.servicer.watch_health(self.health, 0.05))
-    self.client = AsyncClient(f"127.0.0.1:{port}", timeout_s=30)
+    self.address = f"127.0.0.1:{port}"
+    self.client = AsyncClient(self.address, timeout_s=30,
+                              token=self.security.token)
     return self
 
   async def __aexit__(self, *exc):
@@ -208,6 +212,35 @@ def test_drain_deadline_ends_streams_with_unavailable():
       assert "drain deadline" in err.details()
       assert worker.calls[-1].cancelled
       assert r.servicer.inflight == 0
+
+  asyncio.run(run())
+
+
+# -------------------------------------------------------------------- auth
+def test_bearer_scheme_is_case_insensitive():
+  """RFC 7235: "bearer" and "BEARER" name the same scheme."""
+  from pdjax.client import build_request
+
+  async def code(address: str, header: str):
+    async with grpc.aio.insecure_channel(address) as ch:
+      call = generate_pb2_grpc.GenerationStub(ch).Generate(
+          build_request(prompt_token_ids=[5], max_tokens=1),
+          metadata=(("authorization", header),), timeout=10)
+      try:
+        async for _ in call:
+          pass
+      except grpc.aio.AioRpcError as e:
+        return e.code()
+      return None
+
+  async def run():
+    async with Router(FakeDecode(), security=common.Security(token="tok")
+                      ) as r:
+      for header in ("Bearer tok", "bearer tok", "BEARER   tok"):
+        assert await code(r.address, header) is None, header
+      for header in ("Bearer tok2", "Basic tok", "Bearertok", "tok"):
+        assert await code(r.address, header) == (
+            grpc.StatusCode.UNAUTHENTICATED), header
 
   asyncio.run(run())
 

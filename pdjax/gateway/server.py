@@ -55,6 +55,7 @@ from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
                                      Formatter, UsageTally, collect,
                                      token_id_text)
+from pdjax.service.common import bearer_credential
 from pdjax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -219,13 +220,14 @@ async def _errors(request: web.Request, handler):
 
 
 def _auth(api_key: str | None):
-  expected = f"Bearer {api_key}".encode()
+  expected = (api_key or "").encode()
 
   @web.middleware
   async def auth(request: web.Request, handler):
     if api_key and request.path.startswith("/v1/"):
-      got = request.headers.get("Authorization", "").encode()
-      if not hmac.compare_digest(got, expected):
+      # The scheme is case-insensitive (RFC 7235): "bearer" is "Bearer".
+      got = bearer_credential(request.headers.get("Authorization", ""))
+      if got is None or not hmac.compare_digest(got, expected):
         raise ApiError(401, "missing or invalid API key (send "
                        "'Authorization: Bearer <key>')",
                        code="invalid_api_key")

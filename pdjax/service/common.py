@@ -213,6 +213,16 @@ def make_channel(address: str, security: Security = Security(), *,
   return channel
 
 
+def bearer_credential(value: str | bytes) -> bytes | None:
+  """The credential of an ``Authorization: Bearer <credential>`` value, the
+  scheme matched case-insensitively (RFC 7235); None for another scheme."""
+  raw = value.encode() if isinstance(value, str) else value
+  scheme, _, credential = raw.strip().partition(b" ")
+  if scheme.lower() != b"bearer" or not credential.strip():
+    return None
+  return credential.strip()
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
   """Refuses calls without ``authorization: Bearer <token>`` metadata, except
   the health service (load balancers and Kubernetes probes speak it)."""
@@ -221,7 +231,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
       "/grpc.health.v1.Health/",), *,
                refusal: str = "missing or invalid bearer token (send "
                "'authorization: Bearer <token>' metadata)"):
-    self._expected = f"Bearer {token}".encode()
+    self._expected = token.encode()
     self._exempt = tuple(exempt)
 
     async def deny(request, context):
@@ -234,8 +244,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
       return await continuation(details)
     for key, value in details.invocation_metadata or ():
       if key == "authorization":
-        got = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(got, self._expected):
+        got = bearer_credential(value)
+        if got is not None and hmac.compare_digest(got, self._expected):
           return await continuation(details)
     handler = await continuation(details)
     if handler is not None and handler.response_streaming:
@@ -388,6 +398,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 __all__ = ["Security", "make_channel", "make_server", "bind", "BindError",
            "port_in_use", "in_use_message", "add_health", "set_live",
+           "bearer_credential",
            "LIVENESS_SERVICE",
            "set_serving", "status_for", "PROCESS_ID", "abort_exhausted",
            "BearerTokenInterceptor"]
