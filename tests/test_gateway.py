@@ -47,13 +47,16 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
   "abort:CODE": fails with that status ("boom (retry after ~1500 ms)" for
   RESOURCE_EXHAUSTED, as the router's retry hint reads; "boom" otherwise).
   "invalid:DETAILS": fails with INVALID_ARGUMENT and those details.
+  "tokens:[[id, text], ...]": one message per pair, the last finishing
+  with "length".
   "midfail": two messages, then RESOURCE_EXHAUSTED "out of KV pages".
   "hang": one token, then waits until the caller cancels.
   "finish:ABORT" / "finish:ERROR": one token with that finish reason.
   "nofinish": one token, then ends OK with no finish reason.
   "script:[json pieces]": one token (200, 201, ...) per piece, text the
   piece, then waits until the caller cancels; "script-end:" finishes with
-  "length" on the last piece instead.
+  "length" on the last piece instead. As the router, the first message
+  carries the prompt's usage (prompt and cached tokens).
   anything else, text or token ids: tokens 100, 101, ... up to max_tokens
   (16 unset), two per message, text "<id>" each, logprob -id/1000; an id
   in stop_token_ids ends it with "stop".
@@ -102,6 +105,16 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
 
     if text and text.startswith("invalid:"):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.split(":", 1)[1])
+    if text and text.startswith("tokens:"):
+      pairs = json.loads(text.split(":", 1)[1])
+      for k, (tid, piece) in enumerate(pairs):
+        if k == len(pairs) - 1:
+          self._finished.add(rid)
+          usage.completion_tokens = len(pairs)
+          yield msg([tid], piece, finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                    usage=usage)
+          return
+        yield msg([tid], piece)
     if text and text.startswith("abort:"):
       code = grpc.StatusCode[text.split(":", 1)[1]]
       context.abort(code, "boom (retry after ~1500 ms)"
@@ -136,7 +149,10 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
                     finish_reason=common_pb2.FINISH_REASON_LENGTH,
                     usage=usage)
           return
-        yield msg([200 + k], piece)
+        yield msg([200 + k], piece,
+                  usage=common_pb2.Usage(prompt_tokens=prompt_len,
+                                         cached_prompt_tokens=_CACHED)
+                  if k == 0 else None)
       self._wait_for_cancel(context)
       return
 
@@ -555,9 +571,11 @@ def test_stop_string_cuts_the_output_and_cancels_the_router_call(router):
   assert status == 200, data
   assert data["choices"][0]["text"] == "Hello, world"
   assert data["choices"][0]["finish_reason"] == "stop"
-  # The three tokens that reached the gateway; no router usage came.
+  # The three tokens that reached the gateway; the prompt's usage came with
+  # the first of them (the router's last message never did).
   assert data["usage"]["completion_tokens"] == 3
-  assert "prompt_tokens_details" not in data["usage"]
+  assert data["usage"]["prompt_tokens_details"] == {"cached_tokens": _CACHED}
+  assert data["usage"]["prompt_tokens"] == len("script:" + json.dumps(pieces))
   # The router call was cancelled (the fake never ends one by itself).
   assert fake.cancelled[_rid(data["id"])].wait(5)
 
@@ -590,9 +608,13 @@ def test_stop_string_split_across_stream_deltas(router):
 
 def test_stop_string_prompt_tokens_from_the_gateways_tokenizer(
     router, tiny_model_dir):
+  """A router that sends usage only on its last message (the fake's
+  "tokens:" path), every choice ended early by a stop string: the prompt is
+  counted with the gateway's tokenizer."""
   from pdjax.tokenizer import Tokenizer
   tok = Tokenizer.from_dir(tiny_model_dir)
-  prompt = "script:" + json.dumps(["a", "b", "STOP"])
+  prompt = "tokens:" + json.dumps([[200, "a"], [201, "b"], [202, "STOP"],
+                                   [203, "never"]])
   status, data = _post(router, "/v1/completions",
                        {"prompt": prompt, "stop": "STOP"}, tokenizer=tok)
   assert status == 200, data

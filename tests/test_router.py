@@ -23,6 +23,7 @@ from pdjax.service.router import (GENERATION_SERVICE, RouterConfig,
 from pdjax.v1 import common_pb2, decode_pb2, generate_pb2_grpc
 
 MAX_SEQ_LEN = 256
+CACHED = 2        # prompt tokens the fake's prefix cache held
 MODEL = common_pb2.ModelInfo(name="fake", fingerprint="f", vocab_size=320,
                              max_seq_len=MAX_SEQ_LEN, page_size=16)
 
@@ -54,10 +55,14 @@ class _Call:
       await self.worker.gate.wait()
       await asyncio.sleep(self.worker.step_s)
       last = i == n - 1
-      yield decode_pb2.DecodeResponse(
+      msg = decode_pb2.DecodeResponse(
           token_ids=[100 + i], logprobs=[-0.5],
           finish_reason=(common_pb2.FINISH_REASON_LENGTH if last
                          else common_pb2.FINISH_REASON_UNSPECIFIED))
+      if i == 0:   # a local prefill's first message reports it
+        msg.prefill_s = 0.001
+        msg.cached_tokens = CACHED
+      yield msg
 
   def cancel(self):
     self.cancelled = True
@@ -212,6 +217,26 @@ def test_drain_deadline_ends_streams_with_unavailable():
       assert "drain deadline" in err.details()
       assert worker.calls[-1].cancelled
       assert r.servicer.inflight == 0
+
+  asyncio.run(run())
+
+
+# ------------------------------------------------------------------- usage
+def test_the_first_message_carries_the_prompts_usage():
+  """The prompt's accounting (prompt and cached tokens) comes with the first
+  tokens, not only with the last message: a client that stops reading
+  early (the gateway, at a stop string) still has it."""
+  async def run():
+    async with Router(FakeDecode()) as r:
+      deltas = [d async for d in r.client.stream(prompt_token_ids=[5, 6, 7],
+                                                 max_tokens=3)]
+      first, last = deltas[0], deltas[-1]
+      assert first.token_ids and first.finish_reason is None
+      assert (first.usage.prompt_tokens,
+              first.usage.cached_prompt_tokens) == (3, CACHED)
+      assert first.usage.completion_tokens == 1
+      assert (last.usage.prompt_tokens, last.usage.cached_prompt_tokens,
+              last.usage.completion_tokens) == (3, CACHED, 3)
 
   asyncio.run(run())
 

@@ -129,8 +129,10 @@ class Usage:
 class StreamDelta:
   """One stream message: new tokens, their text and logprobs.
 
-  ``finish_reason`` ("stop", "length", "abort" or "error") and ``usage`` are
-  set on the last message only.
+  ``finish_reason`` ("stop", "length", "abort" or "error") is set on the
+  last message only; ``usage`` on the last (the whole request's) and, from
+  a pdjax router, on the first with tokens (the prompt's: prompt and cached
+  tokens, time to first token).
   """
   request_id: str
   token_ids: list[int]

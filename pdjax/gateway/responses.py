@@ -31,10 +31,11 @@ class UsageTally:
   Completion tokens are counted as received (so a choice a stop string
   ended counts the tokens that reached the gateway, not what the router
   would have generated). Each prompt's tokens count once, however many
-  choices it has: from the router's usage of any of its choices, or, when
-  none got that far (every one ended by a stop string, whose early close
-  means the router's last message never came), from that prompt's counter,
-  the cached-token count then unknown.
+  choices it has: from the router's usage of any of its choices (the
+  router sends the prompt's with a choice's first tokens, and all of it
+  with the last), or, when none came (a router that sends usage only at
+  the end, and every choice ended early by a stop string), from that
+  prompt's counter, the cached-token count then unknown.
   """
 
   def __init__(self, prompt_tokens: Sequence[Callable[[], int | None]], *,

@@ -243,8 +243,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     try:
       async for msg in route:
         now = time.perf_counter()
+        first = False
         if msg.token_ids:
           if first_at is None:
+            first = True
             first_at = now
             usage.ttft_s = now - arrival
             self.metrics.ttft.observe(usage.ttft_s)
@@ -255,6 +257,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         out = generate_pb2.GenerateResponse(
             request_id=rid, token_ids=msg.token_ids, logprobs=msg.logprobs,
             finish_reason=msg.finish_reason)
+        if first:
+          # The prompt's accounting is final once its first token is out:
+          # a client that stops reading early (a stop string) has it.
+          out.usage.CopyFrom(usage)
         if detok is not None:
           out.text = detok.push(list(msg.token_ids))
           if msg.finish_reason:
