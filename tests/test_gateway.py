@@ -551,7 +551,11 @@ def test_logprobs_are_the_chosen_tokens(router):
   assert lp["token_logprobs"] == pytest.approx([-0.1, -0.101, -0.102])
   assert lp["tokens"] == ["token_id:100", "token_id:101", "token_id:102"]
   assert lp["top_logprobs"][1] == {"token_id:101": pytest.approx(-0.101)}
-  assert lp["text_offset"] == [0, 12, 24]
+  # Without a tokenizer a message's text cannot be split between its
+  # tokens (the fake sends two a message): each starts where its message's
+  # text does, never past the text.
+  assert data["choices"][0]["text"] == "<100><101><102>"
+  assert lp["text_offset"] == [0, 0, 10]
   status, data = _post(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
       "logprobs": True, "top_logprobs": 0})
@@ -560,6 +564,44 @@ def test_logprobs_are_the_chosen_tokens(router):
   assert content[0]["logprob"] == pytest.approx(-0.1)
   assert content[0]["bytes"] == list(b"token_id:100")
   assert content[0]["top_logprobs"] == []
+
+
+def test_logprobs_of_tokens_inside_a_character(router, tiny_model_dir):
+  """A byte-level token that ends inside a UTF-8 character: its logprob
+  entry's bytes are the token's own bytes (not U+FFFD's), and the
+  completion's text_offset counts the text as it was released, never past
+  it. "é" is two tokens (bytes C3, A9) in the tiny tokenizer."""
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  ids = tok.encode("é€ b", add_bos=False)
+  assert len(ids) == 6 and tok.decode(ids[:1]) == "\ufffd"
+  # What the router streams: no text until a character completes.
+  pieces = ["", "é", "", "", "€", " b"]
+  script = "tokens:" + json.dumps([list(p) for p in zip(ids, pieces)])
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": script}], "logprobs": True,
+      "max_tokens": 6}, tokenizer=tok,
+      chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
+  assert status == 200, data
+  content = data["choices"][0]["logprobs"]["content"]
+  assert [bytes(c["bytes"]) for c in content] == [
+      b"\xc3", b"\xa9", b"\xe2", b"\x82", b"\xac", b" b"]
+  assert b"".join(bytes(c["bytes"]) for c in content) == "é€ b".encode()
+  for stream in (False, True):
+    body = {"prompt": script, "logprobs": 1, "max_tokens": 6,
+            "stream": stream}
+    if stream:
+      events = _stream(router, "/v1/completions", body, tokenizer=tok)
+      text = "".join(e["choices"][0]["text"] for e in events)
+      offsets = [o for e in events
+                 for o in e["choices"][0]["logprobs"]["text_offset"]]
+    else:
+      status, data = _post(router, "/v1/completions", body, tokenizer=tok)
+      choice = data["choices"][0]
+      text, offsets = choice["text"], choice["logprobs"]["text_offset"]
+    assert text == "é€ b"
+    # Each token starts where the text stood when it arrived.
+    assert offsets == [0, 0, 1, 1, 1, 2], (stream, offsets)
 
 
 # ------------------------------------------------------- stop strings (HTTP)

@@ -53,8 +53,7 @@ from pdjax.gateway.guard import (DEFAULT_HEADER_TIMEOUT_S, ConnectionGuard,
                                  default_max_connections)
 from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
-                                     Formatter, UsageTally, collect,
-                                     token_id_text)
+                                     Formatter, UsageTally)
 from pdjax.service.common import bearer_credential
 from pdjax.tokenizer import Tokenizer
 
@@ -139,12 +138,6 @@ class _State:
             name=self.config.served_model_name or info["name"],
             root=info["name"], max_model_len=int(info["max_seq_len"]))
       return self._card
-
-  def token_text(self, token_id: int) -> str:
-    tok = self.config.tokenizer
-    if tok is None:
-      return token_id_text(token_id)
-    return tok.decode([token_id], skip_special_tokens=False)
 
 
 _STATE = web.AppKey("pdjax_gateway_state", _State)
@@ -356,7 +349,7 @@ async def _respond(request: web.Request, params: protocol.Params,
         deltas = [d async for d in stream]
         for d in deltas:
           usage.add(d)
-        return web.json_response(fmt.response(collect(deltas), usage))
+        return web.json_response(fmt.response(deltas, usage))
       first = await anext(stream)
     except GenerationError as e:
       raise from_generation_error(e, prompt_param=prompt_param) from e
@@ -463,7 +456,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts.append((p.text, extra))
   calls = _calls(base, req.params, prompts)
   fmt = CompletionFormatter(f"cmpl-{base}", card.name, int(time.time()),
-                            req.params, state.token_text)
+                            req.params, state.config.tokenizer)
   usage = UsageTally(
       [_prompt_counter(state, p.text, p.token_ids,
                        req.add_special_tokens is not False)
@@ -506,7 +499,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   base = uuid.uuid4().hex
   calls = _calls(base, params, [(prompt, {"add_special_tokens": False})])
   fmt = ChatFormatter(f"chatcmpl-{base}", card.name, int(time.time()),
-                      params, state.token_text)
+                      params, state.config.tokenizer)
   usage = UsageTally([_prompt_counter(state, prompt, None, False)],
                      choices_per_prompt=params.n)
   return await _respond(request, params, calls, fmt, usage,
