@@ -182,8 +182,10 @@ def test_missing_or_wrong_token_is_unauthenticated(deployment):
 
 def test_health_needs_tls_but_no_token(deployment):
   with deployment.client(token=None) as c:
+    # Readiness follows the decode worker as the router's polls see it (a
+    # loaded machine can make them late): wait for it, then ask.
+    c.wait_ready(30)
     assert c.health("pdjax.v1.Generation", timeout_s=10) == "SERVING"
-    c.wait_ready(10)
   with deployment.client(tls=TlsConfig(root_ca=str(deployment.certs.ca)),
                          token=None) as c:
     with pytest.raises(GenerationError) as e:

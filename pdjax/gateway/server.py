@@ -321,7 +321,7 @@ def _context_error(max_model_len: int, prompt_len: int,
   if max_tokens is None:
     return (f"This model's maximum context length is {max_model_len} "
             f"tokens. However, you requested {prompt_len} tokens in the "
-            "messages, Please reduce the length of the messages.")
+            "messages. Please reduce the length of the messages.")
   return (f"This model's maximum context length is {max_model_len} tokens. "
           f"However, you requested {prompt_len + max_tokens} tokens "
           f"({prompt_len} in the messages, {max_tokens} in the completion). "

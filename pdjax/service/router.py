@@ -124,11 +124,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     """Sets readiness ("" and the Generation service) from ``ready``."""
     serving = self.ready()
     if serving != self._published:
+      why = "draining" if self.draining else "no decode worker is ready"
       if serving:
-        log.info("ready: serving requests")
-      elif self._published is not None or not self.draining:
-        log.warning("not ready: %s", "draining" if self.draining else
-                    "no decode worker is ready")
+        log.info("ready: a decode worker is")
+      elif self._published is None:       # starting up
+        log.info("not ready yet: %s", why)
+      elif not self.draining:             # drain() says it itself
+        log.warning("not ready: %s", why)
       self._published = serving
     await common.set_serving(health, [GENERATION_SERVICE], serving)
     return serving
