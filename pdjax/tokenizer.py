@@ -75,6 +75,37 @@ def _unique(ids: Iterable[int]) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))
 
 
+def _byte_level_decoder() -> dict[str, int]:
+  """The inverse of GPT-2's bytes_to_unicode: byte-level BPE writes each
+  byte of a token as one printable character."""
+  keep = (list(range(ord("!"), ord("~") + 1))
+          + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  chars = list(keep)
+  n = 0
+  for b in range(256):
+    if b not in keep:
+      keep.append(b)
+      chars.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _uses_decoder(tok: tokenizers.Tokenizer, kind: str) -> bool:
+  """Whether the tokenizer's decoder is (or chains) a ``kind`` decoder."""
+  try:
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+  except Exception:  # noqa: BLE001 - an unreadable config: assume not
+    return False
+  stack = [decoder]
+  while stack:
+    d = stack.pop()
+    if d.get("type") == kind:
+      return True
+    stack.extend(d.get("decoders") or ())
+  return False
+
+
 def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
   if not path.is_file():
     raise TokenizerError(
@@ -84,6 +115,9 @@ def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception.
     raise TokenizerError(f"{path}: not a valid tokenizer.json: {e}") from e
+
+
+_BYTE_LEVEL_DECODER = _byte_level_decoder()
 
 
 class Tokenizer:
@@ -137,6 +171,8 @@ class Tokenizer:
     self.special_ids: frozenset[int] = frozenset(
         i for i, t in tokenizer.get_added_tokens_decoder().items()
         if t.special)
+    self._added_ids = frozenset(tokenizer.get_added_tokens_decoder())
+    self._byte_level = _uses_decoder(tokenizer, "ByteLevel")
 
   # ---------------------------------------------------------------- loading
   @classmethod
@@ -238,6 +274,26 @@ class Tokenizer:
 
   def id_to_token(self, token_id: int) -> str | None:
     return self._tok.id_to_token(int(token_id))
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for, even where they end inside a UTF-8
+    character (``decode`` of such a token alone is U+FFFD): what OpenAI's
+    logprobs ``bytes`` hold. Byte-level BPE pieces map back to their bytes,
+    byte-fallback pieces ("<0xC3>") are their byte, SentencePiece pieces
+    have their "▁" as a space; added tokens are their text."""
+    token_id = int(token_id)
+    piece = self._tok.id_to_token(token_id)
+    if piece is None:
+      return b""
+    if token_id in self._added_ids:
+      return piece.encode("utf-8")
+    if token_id in self.byte_fallback_ids:
+      return bytes([int(piece[3:5], 16)])
+    if self._byte_level:
+      table = _BYTE_LEVEL_DECODER
+      if all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return piece.replace("\u2581", " ").encode("utf-8")
 
   def token_to_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)

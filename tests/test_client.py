@@ -146,14 +146,13 @@ def test_build_request_leaves_unset_fields_unset():
   req = pc.build_request("hello")
   assert req.WhichOneof("prompt") == "text" and req.text == "hello"
   s = req.sampling
-  assert s.HasField("max_tokens") and s.max_tokens == 16
-  for name in ("temperature", "top_p", "top_k", "seed"):
+  # The router's default applies (16, or what the context leaves).
+  for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
     assert not s.HasField(name), name
   assert not req.HasField("add_special_tokens")
   assert list(s.stop_token_ids) == [] and not s.ignore_eos
   assert req.request_id == "" and req.cache_salt == ""
-  assert not pc.build_request("x", max_tokens=None).sampling.HasField(
-      "max_tokens")
+  assert pc.build_request("x", max_tokens=16).sampling.max_tokens == 16
 
 
 def test_build_request_sets_every_field():
@@ -189,6 +188,24 @@ def test_build_request_sets_every_field():
 def test_build_request_rejects(kwargs, exc):
   with pytest.raises(exc):
     pc.build_request(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt="a", max_tokens=2**40), "max_tokens"),
+    (dict(prompt="a", max_tokens=-2**31 - 1), "max_tokens"),
+    (dict(prompt="a", top_k=2**31), "top_k"),
+    (dict(prompt_token_ids=[1, 2**31]), "prompt_token_ids[1]"),
+    (dict(prompt="a", stop_token_ids=[-2**31 - 1]), "stop_token_ids[0]"),
+    (dict(prompt="a", seed=-1), "seed"),
+    (dict(prompt="a", seed=2**64), "seed"),
+])
+def test_build_request_names_the_field_out_of_range(kwargs, field):
+  """Values the proto's fields cannot hold are a ValueError naming the
+  field (not protobuf's bare "Value out of range")."""
+  with pytest.raises(ValueError) as info:
+    pc.build_request(**kwargs)
+  assert str(info.value).startswith(field + ":"), str(info.value)
+  assert "out of range" in str(info.value)
 
 
 def test_generation_error_carries_status():

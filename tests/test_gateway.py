@@ -46,13 +46,17 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
 
   "abort:CODE": fails with that status ("boom (retry after ~1500 ms)" for
   RESOURCE_EXHAUSTED, as the router's retry hint reads; "boom" otherwise).
+  "invalid:DETAILS": fails with INVALID_ARGUMENT and those details.
+  "tokens:[[id, text], ...]": one message per pair, the last finishing
+  with "length".
   "midfail": two messages, then RESOURCE_EXHAUSTED "out of KV pages".
   "hang": one token, then waits until the caller cancels.
   "finish:ABORT" / "finish:ERROR": one token with that finish reason.
   "nofinish": one token, then ends OK with no finish reason.
   "script:[json pieces]": one token (200, 201, ...) per piece, text the
   piece, then waits until the caller cancels; "script-end:" finishes with
-  "length" on the last piece instead.
+  "length" on the last piece instead. As the router, the first message
+  carries the prompt's usage (prompt and cached tokens).
   anything else, text or token ids: tokens 100, 101, ... up to max_tokens
   (16 unset), two per message, text "<id>" each, logprob -id/1000; an id
   in stop_token_ids ends it with "stop".
@@ -99,6 +103,18 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
           request_id=rid, token_ids=ids, text=text,
           logprobs=[-t / 1000 for t in ids], **kw)
 
+    if text and text.startswith("invalid:"):
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.split(":", 1)[1])
+    if text and text.startswith("tokens:"):
+      pairs = json.loads(text.split(":", 1)[1])
+      for k, (tid, piece) in enumerate(pairs):
+        if k == len(pairs) - 1:
+          self._finished.add(rid)
+          usage.completion_tokens = len(pairs)
+          yield msg([tid], piece, finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                    usage=usage)
+          return
+        yield msg([tid], piece)
     if text and text.startswith("abort:"):
       code = grpc.StatusCode[text.split(":", 1)[1]]
       context.abort(code, "boom (retry after ~1500 ms)"
@@ -133,7 +149,10 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
                     finish_reason=common_pb2.FINISH_REASON_LENGTH,
                     usage=usage)
           return
-        yield msg([200 + k], piece)
+        yield msg([200 + k], piece,
+                  usage=common_pb2.Usage(prompt_tokens=prompt_len,
+                                         cached_prompt_tokens=_CACHED)
+                  if k == 0 else None)
       self._wait_for_cancel(context)
       return
 
@@ -316,13 +335,11 @@ def test_chat_sends_the_rendered_template_without_special_tokens(router):
                    {"role": "user", "content": [
                        {"type": "text", "text": "Hi"},
                        {"type": "text", "text": "there"}]}],
-      "temperature": 0.25, "top_k": 3, "seed": 1})
+      "temperature": 0.25, "top_k": 3, "seed": 1, "max_tokens": 4})
   assert status == 200, data
   req = fake.requests[_rid(data["id"])]
   assert req.text == "<s>System: Be brief.\nUser: Hi\nthere\nAssistant:"
   assert req.HasField("add_special_tokens") and not req.add_special_tokens
-  # No max tokens: up to the end of the context, as vLLM does.
-  assert req.sampling.max_tokens == 1024
   assert (req.sampling.temperature, req.sampling.top_k,
           req.sampling.seed) == (0.25, 3, 1)
   # max_completion_tokens wins over the older max_tokens.
@@ -330,6 +347,67 @@ def test_chat_sends_the_rendered_template_without_special_tokens(router):
       "messages": [{"role": "user", "content": "x"}],
       "max_completion_tokens": 3, "max_tokens": 9})
   assert fake.requests[_rid(data["id"])].sampling.max_tokens == 3
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(
+    router, tiny_model_dir):
+  """As vLLM: max_tokens = context - prompt, the prompt counted by the
+  gateway's tokenizer as the router will count it (no BOS added: the
+  template renders it)."""
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  fake = router[0]
+  status, data = _post(router, "/v1/chat/completions",
+                       {"messages": _CHAT, "temperature": 0}, tokenizer=tok)
+  assert status == 200, data
+  req = fake.requests[_rid(data["id"])]
+  prompt_len = len(tok.encode(req.text, add_bos=False))
+  assert req.sampling.max_tokens == 1024 - prompt_len
+  # A prompt that leaves no room is the messages' fault.
+  status, data = _post(router, "/v1/chat/completions", {"messages": [
+      {"role": "user", "content": "word " * 1100}]}, tokenizer=tok)
+  assert status == 400 and data["error"]["param"] == "messages", data
+  assert "maximum context length is 1024 tokens" in data["error"]["message"]
+  # Without a tokenizer the gateway cannot count: it asks for max_tokens
+  # rather than guess.
+  before = len(fake.order)
+  status, data = _post(router, "/v1/chat/completions", {"messages": _CHAT})
+  assert status == 400 and data["error"]["param"] == "max_tokens", data
+  assert len(fake.order) == before
+
+
+def test_max_tokens_past_the_context_is_a_400(router):
+  """prompt + max_tokens > the model's context (1024 here): a 400 naming
+  max_tokens with vLLM's message, not a silently shortened completion.
+  Token-id prompts are counted by the gateway; text prompts by the router,
+  whose refusal keeps its field."""
+  fake = router[0]
+  before = len(fake.order)
+  for max_tokens, batch in ((100, False), (10**9, False), (25, True)):
+    prompt = [7] * 1000
+    status, data = _post(router, "/v1/completions", {
+        "prompt": [[5], prompt] if batch else prompt,
+        "max_tokens": max_tokens})
+    assert status == 400, data
+    err = data["error"]
+    assert err["param"] == "max_tokens" and err["type"] == \
+        "invalid_request_error", err
+    assert ("This model's maximum context length is 1024 tokens. However, "
+            f"you requested {1000 + max_tokens} tokens (1000 in the "
+            f"messages, {max_tokens} in the completion)") in err["message"]
+  assert len(fake.order) == before          # no router call
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": [7] * 1000, "max_tokens": 24})
+  assert status == 200 and data["usage"]["completion_tokens"] == 24
+  # The router's refusal of a text prompt names the field as the gateway's
+  # own does.
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "invalid:sampling.max_tokens: This model's maximum context "
+      "length is 1024 tokens.", "max_tokens": 2000})
+  assert status == 400, data
+  assert data["error"]["param"] == "max_tokens"
+  assert data["error"]["message"] == ("max_tokens: This model's maximum "
+                                      "context length is 1024 tokens.")
 
 
 # -------------------------------------------------------------- responses
@@ -473,7 +551,11 @@ def test_logprobs_are_the_chosen_tokens(router):
   assert lp["token_logprobs"] == pytest.approx([-0.1, -0.101, -0.102])
   assert lp["tokens"] == ["token_id:100", "token_id:101", "token_id:102"]
   assert lp["top_logprobs"][1] == {"token_id:101": pytest.approx(-0.101)}
-  assert lp["text_offset"] == [0, 12, 24]
+  # Without a tokenizer a message's text cannot be split between its
+  # tokens (the fake sends two a message): each starts where its message's
+  # text does, never past the text.
+  assert data["choices"][0]["text"] == "<100><101><102>"
+  assert lp["text_offset"] == [0, 0, 10]
   status, data = _post(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
       "logprobs": True, "top_logprobs": 0})
@@ -482,6 +564,44 @@ def test_logprobs_are_the_chosen_tokens(router):
   assert content[0]["logprob"] == pytest.approx(-0.1)
   assert content[0]["bytes"] == list(b"token_id:100")
   assert content[0]["top_logprobs"] == []
+
+
+def test_logprobs_of_tokens_inside_a_character(router, tiny_model_dir):
+  """A byte-level token that ends inside a UTF-8 character: its logprob
+  entry's bytes are the token's own bytes (not U+FFFD's), and the
+  completion's text_offset counts the text as it was released, never past
+  it. "é" is two tokens (bytes C3, A9) in the tiny tokenizer."""
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  ids = tok.encode("é€ b", add_bos=False)
+  assert len(ids) == 6 and tok.decode(ids[:1]) == "\ufffd"
+  # What the router streams: no text until a character completes.
+  pieces = ["", "é", "", "", "€", " b"]
+  script = "tokens:" + json.dumps([list(p) for p in zip(ids, pieces)])
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": script}], "logprobs": True,
+      "max_tokens": 6}, tokenizer=tok,
+      chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
+  assert status == 200, data
+  content = data["choices"][0]["logprobs"]["content"]
+  assert [bytes(c["bytes"]) for c in content] == [
+      b"\xc3", b"\xa9", b"\xe2", b"\x82", b"\xac", b" b"]
+  assert b"".join(bytes(c["bytes"]) for c in content) == "é€ b".encode()
+  for stream in (False, True):
+    body = {"prompt": script, "logprobs": 1, "max_tokens": 6,
+            "stream": stream}
+    if stream:
+      events = _stream(router, "/v1/completions", body, tokenizer=tok)
+      text = "".join(e["choices"][0]["text"] for e in events)
+      offsets = [o for e in events
+                 for o in e["choices"][0]["logprobs"]["text_offset"]]
+    else:
+      status, data = _post(router, "/v1/completions", body, tokenizer=tok)
+      choice = data["choices"][0]
+      text, offsets = choice["text"], choice["logprobs"]["text_offset"]
+    assert text == "é€ b"
+    # Each token starts where the text stood when it arrived.
+    assert offsets == [0, 0, 1, 1, 1, 2], (stream, offsets)
 
 
 # ------------------------------------------------------- stop strings (HTTP)
@@ -493,9 +613,11 @@ def test_stop_string_cuts_the_output_and_cancels_the_router_call(router):
   assert status == 200, data
   assert data["choices"][0]["text"] == "Hello, world"
   assert data["choices"][0]["finish_reason"] == "stop"
-  # The three tokens that reached the gateway; no router usage came.
+  # The three tokens that reached the gateway; the prompt's usage came with
+  # the first of them (the router's last message never did).
   assert data["usage"]["completion_tokens"] == 3
-  assert "prompt_tokens_details" not in data["usage"]
+  assert data["usage"]["prompt_tokens_details"] == {"cached_tokens": _CACHED}
+  assert data["usage"]["prompt_tokens"] == len("script:" + json.dumps(pieces))
   # The router call was cancelled (the fake never ends one by itself).
   assert fake.cancelled[_rid(data["id"])].wait(5)
 
@@ -506,7 +628,7 @@ def test_stop_string_split_across_stream_deltas(router):
   # A template that sends the message as is, so the fake reads the script.
   events = _stream(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "script:" + json.dumps(
-          pieces)}], "stop": "STOP", "stream": True,
+          pieces)}], "stop": "STOP", "stream": True, "max_tokens": 9,
       "stream_options": {"include_usage": True}},
       chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
   content = [e["choices"][0] for e in events[1:-1]]
@@ -519,7 +641,8 @@ def test_stop_string_split_across_stream_deltas(router):
   # Deltas held back whole send nothing: the role chunk, then the text.
   events = _stream(router, "/v1/chat/completions", {
       "messages": [{"role": "user", "content": "script-end:" + json.dumps(
-          ["a", "b", "c"])}], "stop": "abcd", "stream": True},
+          ["a", "b", "c"])}], "stop": "abcd", "stream": True,
+      "max_tokens": 9},
       chat_template=ChatTemplate("{{ messages[-1]['content'] }}"))
   assert [e["choices"][0]["delta"] for e in events] == [
       {"role": "assistant", "content": ""}, {"content": "abc"}]
@@ -527,9 +650,13 @@ def test_stop_string_split_across_stream_deltas(router):
 
 def test_stop_string_prompt_tokens_from_the_gateways_tokenizer(
     router, tiny_model_dir):
+  """A router that sends usage only on its last message (the fake's
+  "tokens:" path), every choice ended early by a stop string: the prompt is
+  counted with the gateway's tokenizer."""
   from pdjax.tokenizer import Tokenizer
   tok = Tokenizer.from_dir(tiny_model_dir)
-  prompt = "script:" + json.dumps(["a", "b", "STOP"])
+  prompt = "tokens:" + json.dumps([[200, "a"], [201, "b"], [202, "STOP"],
+                                   [203, "never"]])
   status, data = _post(router, "/v1/completions",
                        {"prompt": prompt, "stop": "STOP"}, tokenizer=tok)
   assert status == 200, data
@@ -794,12 +921,12 @@ def test_request_timeout_is_a_504(router):
 
 
 # ------------------------------------------------------------ cancellation
-def _serve_for_real(address, test):
+def _serve_for_real(address, test, **config):
   """Runs ``await test(session, base_url)`` against the gateway served as
   the launcher serves it (``make_runner``), not through aiohttp's test
   server, which turns handler cancellation on by itself."""
   async def go():
-    runner = make_runner(create_app(GatewayConfig(address)),
+    runner = make_runner(create_app(GatewayConfig(address, **config)),
                          shutdown_timeout_s=1)
     await runner.setup()
     try:
@@ -863,13 +990,118 @@ def test_non_streaming_disconnect_cancels_too(router):
   _serve_for_real(router[2], test)
 
 
+# ---------------------------------------------------------- hostile clients
+async def _raw(url: str, head: bytes):
+  """A raw connection to the gateway that has sent ``head``."""
+  host, port = url.removeprefix("http://").split(":")
+  reader, writer = await asyncio.open_connection(host, int(port))
+  writer.write(head)
+  await writer.drain()
+  return reader, writer
+
+
+async def _closed_by_server(reader, within_s: float) -> bytes:
+  """What the server sent before closing the connection (fails if it is
+  still open after ``within_s``)."""
+  return await asyncio.wait_for(reader.read(), within_s)
+
+
+_PARTIAL_HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\n"
+                 b"Content-Type: application/json\r\n")
+
+
+def test_slow_clients_cannot_exhaust_the_gateway(router):
+  """Connections that never finish their headers are closed after the
+  header timeout; beyond the connection limit new ones are refused with a
+  503 at once (not left to exhaust file descriptors); a body that stops
+  arriving is a 408 after the body timeout; and then normal requests are
+  served again."""
+  limit, timeout = 12, 0.5
+
+  async def test(session, url):
+    slow = [await _raw(url, _PARTIAL_HEAD) for _ in range(limit)]
+    extra_reader, _ = await _raw(url, b"")
+    refused = await _closed_by_server(extra_reader, 2)
+    assert refused.startswith(b"HTTP/1.1 503"), refused
+    assert b'"code": "too_many_connections"' in refused
+    t0 = time.monotonic()
+    for reader, _ in slow:
+      assert await _closed_by_server(reader, 5) == b""
+    assert time.monotonic() - t0 < 3
+    # A body that never completes.
+    reader, _ = await _raw(url, b"POST /v1/completions HTTP/1.1\r\n"
+                           b"Host: gateway\r\nContent-Length: 100\r\n"
+                           b"Content-Type: application/json\r\n\r\n"
+                           b'{"prompt": ')
+    answer = await _closed_by_server(reader, 5)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request_timeout" in answer
+    async with session.post(f"{url}/v1/completions",
+                            json={"prompt": "a", "max_tokens": 1}) as r:
+      assert r.status == 200, await r.text()
+
+  _serve_for_real(router[2], test, max_connections=limit,
+                  header_timeout_s=timeout, body_timeout_s=timeout)
+
+
+def test_a_body_past_the_size_limit_is_a_413(router):
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "x" * 2000, "max_tokens": 1},
+                       max_body_bytes=1000)
+  assert status == 413 and "Request Entity Too Large" in data["error"][
+      "message"], data
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"prompt": "a\\ud800b"}', "prompt"),
+    (b'{"prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+    (b'{"messages": [{"role": "user", "content": "x\\ud83d"}], '
+     b'"max_tokens": 2}', "messages[0].content"),
+    (b'{"prompt": "a", "cache_salt": "\\ud800"}', "cache_salt"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(router, body, param):
+  """JSON may escape a lone UTF-16 surrogate; no valid Unicode text holds
+  one, and the tokenizer and protobuf cannot encode it."""
+  path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+
+  async def test(client):
+    r = await client.post(path, data=body,
+                          headers={"Content-Type": "application/json"})
+    return r.status, await r.json()
+
+  status, data = _serve(router[2], test)
+  assert status == 400, data
+  assert data["error"]["param"] == param
+  assert "surrogate" in data["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_400(router):
+  async def test(client):
+    out = []
+    for depth in (1000, 100_000, 70):
+      body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+      r = await client.post("/v1/completions", data=body,
+                            headers={"Content-Type": "application/json"})
+      out.append((r.status, await r.json()))
+    return out
+
+  for status, data in _serve(router[2], test):
+    assert status == 400, data
+    assert "nested" in data["error"]["message"], data
+
+
 # ------------------------------------------------------------ auth, health
 def test_api_key(router):
   async def test(client):
     out = []
     for headers in ({}, {"Authorization": "Bearer wrong"},
                     {"Authorization": "sekret"},
-                    {"Authorization": "Bearer sekret"}):
+                    {"Authorization": "Basic sekret"},
+                    {"Authorization": "Bearersekret"},
+                    {"Authorization": "Bearer sekret"},
+                    # The scheme is case-insensitive (RFC 7235).
+                    {"Authorization": "bearer sekret"},
+                    {"Authorization": "BEARER  sekret"}):
       r = await client.post("/v1/completions", headers=headers,
                             json={"prompt": "a", "max_tokens": 1})
       out.append((r.status, await r.json()))
@@ -881,8 +1113,10 @@ def test_api_key(router):
     out.append((r.status, await r.text()))
     return out
 
-  *denied, ok, models, health_, metrics_ = _serve(router[2], test,
-                                                  api_key="sekret")
+  *denied, ok, ok_lower, ok_upper, models, health_, metrics_ = _serve(
+      router[2], test, api_key="sekret")
+  for got in (ok_lower, ok_upper):
+    assert got[0] == 200 and got[1]["choices"][0]["text"] == "<100>", got
   assert metrics_[0] == 200 and "pdjax_gateway_requests_total" in metrics_[1]
   for status, data in denied:
     assert status == 401, data
@@ -957,17 +1191,32 @@ def test_health_follows_the_router(router):
     r = await client.get("/health")
     return r.status, await r.json()
 
+  async def probes(client):
+    out = {}
+    for path in ("/health", "/readyz", "/livez"):
+      r = await client.get(path)
+      out[path] = (r.status, await r.json())
+    return out
+
   assert _serve(router[2], probe) == (200, {"status": "SERVING"})
+  assert _serve(router[2], probes)["/readyz"] == (200, {"status": "SERVING"})
   health_servicer.set("pdjax.v1.Generation",
                       health_pb2.HealthCheckResponse.NOT_SERVING)
   try:
     assert _serve(router[2], probe) == (503, {"status": "NOT_SERVING"})
+    # Readiness (/health, /readyz) follows the router; liveness (/livez)
+    # only says the gateway runs, so Kubernetes restarts nothing.
+    got = _serve(router[2], probes)
+    assert got["/readyz"] == got["/health"] == (503,
+                                                {"status": "NOT_SERVING"})
+    assert got["/livez"] == (200, {"status": "alive"})
   finally:
     health_servicer.set("pdjax.v1.Generation",
                         health_pb2.HealthCheckResponse.SERVING)
   # No router at all: 503, and the API says the router is unavailable.
   status, data = _serve("127.0.0.1:1", probe)
   assert status == 503 and "unreachable" in data["status"]
+  assert _serve("127.0.0.1:1", probes)["/livez"][0] == 200
   status, data = _post(("", "", "127.0.0.1:1"), "/v1/completions",
                        {"prompt": "a"})
   assert status == 503 and data["error"]["code"] == "unavailable"

@@ -115,10 +115,48 @@ def test_containers_start_with_flags_their_launchers_define(path):
         assert flags.get("host") == "0.0.0.0", "bind beyond the pod's loopback"
         drain = float(flags.get("drain_timeout_s", 60))
         assert spec.get("terminationGracePeriodSeconds", 30) > drain
-        for probe in ("startupProbe", "readinessProbe"):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
           if probe in c:
             how = c[probe].get("grpc") or c[probe]["httpGet"]
             assert how["port"] == int(flags["port"]), probe
+
+
+def _gateway_paths() -> set[str]:
+  from pdjax.gateway import GatewayConfig, create_app
+  app = create_app(GatewayConfig("127.0.0.1:1"))
+  return {r.canonical for r in app.router.resources()}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_probes_ask_what_the_services_answer(path):
+  """Readiness asks whether a process can serve (a router: whether a
+  decode worker is ready; a gateway: whether its router is), liveness only
+  whether it runs, so that Kubernetes takes a process out of rotation when
+  its backends are gone but restarts only a hung one. Every serving
+  container has both; a gRPC liveness probe names the liveness service the
+  launchers register, an HTTP probe a path the gateway serves."""
+  from pdjax.service.common import LIVENESS_SERVICE
+  from pdjax.service.router import GENERATION_SERVICE
+  paths = _gateway_paths()
+  ready_paths = {"/health", "/readyz"} & paths
+  seen = 0
+  for doc in _docs(path).values():
+    for spec, _ in _pod_specs(doc):
+      for c in spec["containers"]:
+        if "readinessProbe" not in c:
+          continue
+        seen += 1
+        assert "livenessProbe" in c, c["name"]
+        ready, alive = c["readinessProbe"], c["livenessProbe"]
+        if "grpc" in ready:
+          assert ready["grpc"].get("service", "") in ("",
+                                                      GENERATION_SERVICE)
+          assert alive["grpc"].get("service") == LIVENESS_SERVICE, c["name"]
+        else:
+          assert ready["httpGet"]["path"] in ready_paths, c["name"]
+          assert alive["httpGet"]["path"] == "/livez", c["name"]
+          assert "/livez" in paths
+  assert seen >= 4      # decode, prefill leader, router, gateway
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)

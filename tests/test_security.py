@@ -39,6 +39,9 @@ pytestmark = pytest.mark.timeout(600)
 
 _ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-" + secrets.token_hex(8)
+# The deployment's internal credential (router <-> workers, worker <->
+# worker), distinct from the client-facing TOKEN.
+SERVICE_TOKEN = "service-token-" + secrets.token_hex(8)
 # The router's limit: small enough that a test request can exceed it.
 ROUTER_MAX_MESSAGE_BYTES = 1 << 20
 # The workers' limit: below the grpc transport's default 4 MiB chunk and
@@ -73,7 +76,7 @@ class _Deployment:
     # the workers with).
     self.service_security = common.Security(
         cert=str(certs.server_cert), key=str(certs.server_key),
-        ca=str(certs.ca), mtls=True)
+        ca=str(certs.ca), mtls=True, service_token=SERVICE_TOKEN)
 
   def proc(self, name: str):
     return next(p for p in self.cluster.procs if p.name == name)
@@ -112,9 +115,11 @@ def deployment(tmp_path_factory, certs):
         cluster, config="test", kv_transport="grpc", num_prefill=1,
         num_decode=1, ready_timeout_s=300,
         worker_flags=[*tls, "--metrics_port=0",
-                      f"--max_message_bytes={WORKER_MAX_MESSAGE_BYTES}"],
+                      f"--max_message_bytes={WORKER_MAX_MESSAGE_BYTES}",
+                      f"--service_token={SERVICE_TOKEN}"],
         router_flags=[*tls, f"--auth_token={TOKEN}",
-                      f"--max_message_bytes={ROUTER_MAX_MESSAGE_BYTES}"])
+                      f"--max_message_bytes={ROUTER_MAX_MESSAGE_BYTES}",
+                      f"--service_token={SERVICE_TOKEN}"])
     yield _Deployment(cluster, address, certs)
   finally:
     cluster.stop()
@@ -177,8 +182,10 @@ def test_missing_or_wrong_token_is_unauthenticated(deployment):
 
 def test_health_needs_tls_but_no_token(deployment):
   with deployment.client(token=None) as c:
+    # Readiness follows the decode worker as the router's polls see it (a
+    # loaded machine can make them late): wait for it, then ask.
+    c.wait_ready(30)
     assert c.health("pdjax.v1.Generation", timeout_s=10) == "SERVING"
-    c.wait_ready(10)
   with deployment.client(tls=TlsConfig(root_ca=str(deployment.certs.ca)),
                          token=None) as c:
     with pytest.raises(GenerationError) as e:
@@ -249,6 +256,89 @@ def test_workers_accept_only_deployment_certificates(deployment, foreign,
   for who, sec in outsiders.items():
     code = _rpc_code(lambda: _worker_info(address, sec, role))
     assert code == grpc.StatusCode.UNAVAILABLE, (who, code)
+
+
+def test_workers_refuse_internal_rpcs_without_the_service_token(deployment):
+  """A client certificate (what the quick start gives external callers)
+  gets through the workers' TLS, but not their API: every internal RPC
+  needs the service token, which the client token is not. Health stays
+  open (probes carry no token)."""
+  certs = deployment.certs
+  callers = {
+      "client cert": common.Security(cert=str(certs.client_cert),
+                                     key=str(certs.client_key),
+                                     ca=str(certs.ca)),
+      "client cert + client token": common.Security(
+          cert=str(certs.client_cert), key=str(certs.client_key),
+          ca=str(certs.ca), service_token=TOKEN),
+      "service cert, no token": common.Security(
+          cert=str(certs.server_cert), key=str(certs.server_key),
+          ca=str(certs.ca)),
+  }
+  decode = deployment.worker_address("decode0")
+  prefill = deployment.worker_address("prefill0")
+  sampling = common_pb2.SamplingParams(max_tokens=4, temperature=0.0)
+  for who, sec in callers.items():
+    with common.make_channel(decode, sec) as ch:
+      stub = decode_pb2_grpc.DecodeStub(ch)
+      reserve = _rpc_code(lambda: stub.Reserve(decode_pb2.ReserveRequest(
+          request_id="sec-intruder", prompt_tokens=3, max_tokens=4,
+          transfer_id=secrets.token_hex(16)), timeout=10))
+      local = _rpc_code(lambda: stub.Decode(decode_pb2.DecodeRequest(
+          request_id="sec-intruder", prompt_token_ids=[5, 6, 7],
+          sampling=sampling, local_prefill=True), timeout=10))
+      assert (reserve, local) == (grpc.StatusCode.UNAUTHENTICATED,) * 2, who
+      health_code = _rpc_code(lambda: health_pb2_grpc.HealthStub(ch).Check(
+          health_pb2.HealthCheckRequest(), timeout=10))
+      assert health_code is None, (who, health_code)
+    with common.make_channel(prefill, sec) as ch:
+      code = _rpc_code(lambda: prefill_pb2_grpc.PrefillStub(ch).Prefill(
+          prefill_pb2.PrefillRequest(request_id="sec-intruder",
+                                     prompt_token_ids=[5, 6, 7],
+                                     sampling=sampling), timeout=10))
+      assert code == grpc.StatusCode.UNAUTHENTICATED, who
+    for address, role in ((decode, "decode"), (prefill, "prefill")):
+      code = _rpc_code(lambda: _worker_info(address, sec, role))
+      assert code == grpc.StatusCode.UNAUTHENTICATED, (who, role)
+  # The deployment's own credential: generates locally on the decode worker.
+  with common.make_channel(decode, deployment.service_security) as ch:
+    msgs = list(decode_pb2_grpc.DecodeStub(ch).Decode(
+        decode_pb2.DecodeRequest(
+            request_id="sec-peer", prompt_token_ids=[5, 6, 7],
+            sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0.0,
+                                               ignore_eos=True),
+            local_prefill=True), timeout=30))
+  assert sum(len(m.token_ids) for m in msgs) == 2
+
+
+def test_service_token_must_differ_from_the_client_token():
+  """One secret for both would let every API client call the workers: a
+  server is not made with such settings (the launchers exit with the
+  message, pdjax.launch.flags.security)."""
+  same = common.Security(token="same", service_token="same")
+  with pytest.raises(ValueError, match="--service_token must differ"):
+    same.check()
+  with pytest.raises(ValueError, match="--service_token must differ"):
+    common.make_server(same)
+  common.Security(token="a", service_token="b").check()
+
+
+def test_make_dev_certs_needs_no_test_extra():
+  """The quick start's first step runs where tools/run_local.sh installs
+  pdjax (`pip install -e .`, no test extra): cryptography is a dependency
+  of the package, and without it the tool says what to install."""
+  import subprocess
+  import sys
+  import tomllib
+  project = tomllib.loads((_ROOT / "pyproject.toml").read_text())["project"]
+  assert any(re.match(r"cryptography\b", d) for d in project["dependencies"])
+  hide = ("import runpy, sys; sys.modules['cryptography'] = None; "
+          "sys.argv = ['make_dev_certs.py', '--out=/nonexistent/x']; "
+          "runpy.run_path('tools/make_dev_certs.py', run_name='__main__')")
+  out = subprocess.run([sys.executable, "-c", hide], capture_output=True,
+                       text=True, timeout=60, cwd=_ROOT)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+  assert "pip install" in out.stderr and "cryptography" in out.stderr
 
 
 def test_prefill_release_kv_over_mtls(deployment):

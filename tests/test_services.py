@@ -25,6 +25,8 @@ from pdjax.client import Client, GenerationError
 
 pytestmark = pytest.mark.timeout(900)
 
+ROUTER_DRAIN_S = 2.0
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
@@ -51,10 +53,12 @@ def grpc_cluster(tmp_path_factory):
   # Decode steps are slowed (50 ms each, 4 tokens a step) so that a stream
   # of 200 tokens is still being generated seconds after its first token:
   # the decode-death test can then kill a worker mid-stream on a loaded
-  # 2-core machine, where the router may relay tokens late.
+  # 2-core machine, where the router may relay tokens late. The router's
+  # drain is short, for the last test.
   c = Cluster(tmp_path_factory.mktemp("grpc"), kv_transport="grpc",
               num_prefill=2, num_decode=2,
-              worker_flags=["--fault_injection_decode_step_delay_s=0.05"])
+              worker_flags=["--fault_injection_decode_step_delay_s=0.05"],
+              router_flags=[f"--drain_timeout_s={ROUTER_DRAIN_S}"])
   yield c
   c.stop()
 
@@ -172,6 +176,9 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       (dict(prompt_token_ids=[5, 100000]), "token_ids"),
       (dict(prompt_token_ids=[7] * 300), "token_ids"),
       (dict(prompt=""), "text"),
+      # 200 + 57 > the 256 positions of the test deployment: refused, not
+      # cut to 56 tokens.
+      (dict(prompt_token_ids=[7] * 200, max_tokens=57), "max_tokens"),
   ]
   with Client(grpc_cluster.address, timeout_s=30) as client:
     for kw, field in cases:
@@ -180,6 +187,15 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       if isinstance(info.value, GenerationError):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
         assert field in info.value.details(), (kw, info.value.details())
+    assert info.value.details() == (
+        "sampling.max_tokens: This model's maximum context length is 256 "
+        "tokens. However, you requested 257 tokens (200 in the messages, 57 "
+        "in the completion). Please reduce the length of the messages or "
+        "completion.")
+    # The default max_tokens (16) is what the context leaves, as vLLM's.
+    r = client.generate(prompt_token_ids=[7] * 250, temperature=0.0,
+                        ignore_eos=True)
+    assert len(r.token_ids) == 6 and r.finish_reason == "length"
 
 
 def _live_rows(cluster, names) -> float:
@@ -293,3 +309,64 @@ def test_zzz_decode_death_ends_only_its_streams(grpc_cluster, reference):
   # And it keeps serving new requests.
   results = _generate_all(grpc_cluster.address, prompts[:2])
   assert [r.token_ids for r in results] == expected[:2]
+
+
+def test_zzzz_router_drain_ends_at_its_timeout(grpc_cluster):
+  """Runs last: it stops the router. On SIGTERM the router drains:
+  readiness NOT_SERVING (liveness still SERVING), new requests UNAVAILABLE,
+  running streams may finish for --drain_timeout_s; streams still running
+  then (their decode workers are frozen) end with UNAVAILABLE, and the
+  router exits, after the drain timeout, not after a fixed grace period."""
+  from pdjax.service.common import LIVENESS_SERVICE
+  outcomes = []
+  started = threading.Barrier(4)
+
+  def one():
+    with Client(grpc_cluster.address, timeout_s=120) as client:
+      toks = []
+      try:
+        for n, d in enumerate(client.stream(prompt_token_ids=[5, 6, 7],
+                                            max_tokens=200, temperature=0.0,
+                                            ignore_eos=True)):
+          toks.extend(d.token_ids)
+          if n == 2:
+            started.wait(timeout=60)
+        outcomes.append(("ok", len(toks), ""))
+      except GenerationError as e:
+        outcomes.append((e.code(), len(toks), e.details()))
+
+  threads = [threading.Thread(target=one) for _ in range(3)]
+  for t in threads:
+    t.start()
+  started.wait(timeout=60)
+  decoders = grpc_cluster.worker_names("decode")
+  for n in decoders:
+    grpc_cluster.kill(n, signal.SIGSTOP, wait=False)
+  try:
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    grpc_cluster.kill("router", signal.SIGTERM, wait=False)
+    with Client(grpc_cluster.address, timeout_s=10) as client:
+      while client.health() != "NOT_SERVING":
+        assert time.monotonic() - t0 < ROUTER_DRAIN_S, "still SERVING"
+        time.sleep(0.05)
+      assert client.health(LIVENESS_SERVICE) == "SERVING"
+      with pytest.raises(GenerationError) as refused:
+        client.generate(prompt_token_ids=[5, 6, 7], max_tokens=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "draining" in refused.value.details()
+    for t in threads:
+      t.join(timeout=60)
+    exit_code = grpc_cluster.proc("router").popen.wait(timeout=60)
+    took = time.monotonic() - t0
+  finally:
+    for n in decoders:
+      grpc_cluster.kill(n, signal.SIGCONT, wait=False)
+  assert len(outcomes) == 3
+  for code, got, details in outcomes:
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, got, details)
+    assert "drain deadline" in details and got < 200
+  assert exit_code == 0
+  # The drain timeout (2 s) and a second to stop; gRPC's old fixed grace
+  # was 10 s.
+  assert ROUTER_DRAIN_S <= took < ROUTER_DRAIN_S + 5, took

@@ -128,6 +128,20 @@ def test_round_trip(any_tok, text):
     assert any_tok.decode(any_tok.encode(text)) == text
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_are_the_tokens_own_bytes(any_tok, text):
+  """A token's bytes, even one that ends inside a character (whose decode
+  alone is U+FFFD): together a text's tokens are exactly its UTF-8 bytes
+  (after the SentencePiece normalizer's leading "▁")."""
+  ids = any_tok.encode(text, add_bos=False)
+  got = b"".join(any_tok.token_bytes(i) for i in ids)
+  want = text if any_tok.byte_fallback_ids == frozenset() else (
+      " " + text if text else "")
+  assert got == want.encode("utf-8")
+  assert any_tok.token_bytes(any_tok.bos_token_id) == any_tok.id_to_token(
+      any_tok.bos_token_id).encode()
+
+
 def test_decode_accepts_numpy_ids(tiny_tok):
   ids = np.array(tiny_tok.encode("numpy ids"), dtype=np.int64)
   assert tiny_tok.decode(ids) == "numpy ids"

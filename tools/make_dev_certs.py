@@ -29,7 +29,10 @@ _DAYS = flags.DEFINE_integer("days", 30, "Validity in days.")
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from pdjax.security.certs import write_dev_certs
+  try:
+    from pdjax.security.certs import write_dev_certs
+  except ImportError as e:
+    raise SystemExit(f"error: {e}") from None
   out = write_dev_certs(_OUT.value, hosts=_HOSTS.value, days=_DAYS.value)
   print(f"wrote {out.ca}, {out.server_cert}, {out.server_key}, "
         f"{out.client_cert}, {out.client_key}")

@@ -54,9 +54,9 @@ __all__ = [
     "build_request",
 ]
 
-# What wait_ready waits for by default: the router marks it SERVING once it
-# accepts requests and NOT_SERVING while draining. The "" service is SERVING
-# from the moment the health servicer exists, before the router is up.
+# What wait_ready waits for by default: the router marks it SERVING while it
+# can serve (a decode worker is ready) and NOT_SERVING otherwise and while
+# draining; "" says the same. Its "liveness" service is SERVING while it runs.
 GENERATION_SERVICE = "pdjax.v1.Generation"
 # wait_ready: gaps between health probes that answered but not SERVING.
 _BACKOFF_INITIAL_S = 0.05

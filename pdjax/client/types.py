@@ -138,8 +138,10 @@ class Usage:
 class StreamDelta:
   """One stream message: new tokens, their text and logprobs.
 
-  ``finish_reason`` ("stop", "length", "abort" or "error") and ``usage`` are
-  set on the last message only.
+  ``finish_reason`` ("stop", "length", "abort" or "error") is set on the
+  last message only; ``usage`` on the last (the whole request's) and, from
+  a pdjax router, on the first with tokens (the prompt's: prompt and cached
+  tokens, time to first token).
   """
   request_id: str
   token_ids: list[int]
@@ -193,20 +195,39 @@ def finish_reason_name(value: int) -> str | None:
   return f"unknown_{value}"
 
 
+# What the proto's integer fields can hold (int32: max_tokens, top_k, token
+# ids; uint64: seed). The server checks the values' meaning; a value outside
+# these cannot even be sent.
+_INT32 = (-2**31, 2**31 - 1)
+_UINT64 = (0, 2**64 - 1)
+
+
+def _in_range(value: int, field: str, bounds: tuple[int, int],
+              kind: str) -> int:
+  lo, hi = bounds
+  if not lo <= value <= hi:
+    raise ValueError(f"{field}: {value} is out of range for the request's "
+                     f"{kind} field (must be in [{lo}, {hi}])")
+  return value
+
+
 def _token_ids(ids: Iterable[int], field: str) -> list[int]:
   try:
     # operator.index accepts ints and numpy integers, and rejects floats and
     # strings that int() would silently convert.
-    return [operator.index(t) for t in ids]
+    out = [operator.index(t) for t in ids]
   except TypeError as e:
     raise TypeError(f"{field} must be integers: {e}") from e
+  for i, t in enumerate(out):
+    _in_range(t, f"{field}[{i}]", _INT32, "int32")
+  return out
 
 
 def build_request(
     prompt: str | None = None,
     *,
     prompt_token_ids: Sequence[int] | None = None,
-    max_tokens: int | None = 16,
+    max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -229,7 +250,10 @@ def build_request(
   Args:
     prompt: text, tokenized by the router.
     prompt_token_ids: the prompt as token ids (sent as is: no BOS added).
-    max_tokens: output budget; None leaves it to the server (16).
+    max_tokens: output budget. The router refuses one the context cannot
+      hold (prompt + max_tokens > the model's max_seq_len). None leaves it
+      to the router: 16 (vLLM's default), or what the context leaves if
+      less.
     temperature: 0 is greedy; None: server default (1.0).
     top_p: nucleus mass in (0, 1]; None: server default (1.0).
     top_k: 0 or -1 disables; None: server default (off).
@@ -242,8 +266,10 @@ def build_request(
     cache_salt: keeps tenants' cached KV apart (prefix cache isolation).
 
   Raises:
-    ValueError: not exactly one of ``prompt`` and ``prompt_token_ids``, or
-      an empty ``prompt_token_ids``.
+    ValueError: not exactly one of ``prompt`` and ``prompt_token_ids``, an
+      empty ``prompt_token_ids``, or an integer the request cannot hold
+      (the message names the field, e.g. ``max_tokens``, ``seed``,
+      ``prompt_token_ids[3]``).
     TypeError: a prompt of the wrong type, or non-integer token ids.
   """
   if (prompt is None) == (prompt_token_ids is None):
@@ -269,15 +295,16 @@ def build_request(
 
   s = req.sampling
   if max_tokens is not None:
-    s.max_tokens = max_tokens
+    s.max_tokens = _in_range(operator.index(max_tokens), "max_tokens", _INT32,
+                             "int32")
   if temperature is not None:
     s.temperature = temperature
   if top_p is not None:
     s.top_p = top_p
   if top_k is not None:
-    s.top_k = top_k
+    s.top_k = _in_range(operator.index(top_k), "top_k", _INT32, "int32")
   if seed is not None:
-    s.seed = seed
+    s.seed = _in_range(operator.index(seed), "seed", _UINT64, "uint64")
   if stop_token_ids:
     s.stop_token_ids.extend(_token_ids(stop_token_ids, "stop_token_ids"))
   s.ignore_eos = bool(ignore_eos)

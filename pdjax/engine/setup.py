@@ -11,6 +11,7 @@ every device).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +49,27 @@ def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
 
 
 def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
-                 mesh: Mesh, dtype=None) -> tuple[llama.Params, ModelConfig]:
+                 mesh: Mesh, dtype=None,
+                 check_config: Callable[[ModelConfig], None] | None = None
+                 ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
   ``random:<preset>`` (``pdjax.model.presets``) makes seeded random weights
-  on the devices instead."""
+  on the devices instead. ``check_config(cfg)`` runs once the config is
+  read, before any weight is (it raises to refuse the model)."""
   from pdjax.model import presets
+
+  def shardings(cfg: ModelConfig):
+    if check_config is not None:
+      check_config(cfg)
+    return param_shardings(cfg, rules, mesh)
+
   if presets.is_random(checkpoint_dir):
     cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
                                 dtype=dtype)
-    return llama.init_params(cfg, shardings=param_shardings(cfg, rules,
-                                                            mesh)), cfg
+    return llama.init_params(cfg, shardings=shardings(cfg)), cfg
   from pdjax.model.loading import load_model
-  return load_model(checkpoint_dir,
-                    lambda cfg: param_shardings(cfg, rules, mesh),
-                    dtype=dtype)
+  return load_model(checkpoint_dir, shardings, dtype=dtype)
 
 
 __all__ = ["param_shardings", "shard_params", "load_sharded"]

@@ -34,9 +34,9 @@ class ChoiceDelta:
   """New output of one choice.
 
   ``finish_reason`` ("stop" or "length") is set on the choice's last delta.
-  ``usage`` is the router's accounting, on the last delta of a choice the
-  router finished itself; None when a stop string ended it before the
-  router's last message.
+  ``usage`` is the router's accounting where a message carried it: the
+  prompt's with the first tokens, all of it on the last delta of a choice
+  the router finished itself.
   """
   index: int
   text: str
@@ -70,7 +70,8 @@ async def run_choice(client: AsyncClient, call: RouterCall,
                           d.usage)
         return
       if d.finish_reason is None:
-        yield ChoiceDelta(call.index, text, d.token_ids, d.logprobs)
+        yield ChoiceDelta(call.index, text, d.token_ids, d.logprobs,
+                          usage=d.usage)
         continue
       if d.finish_reason not in ("stop", "length"):
         raise GenerationError(

@@ -91,11 +91,34 @@ def bad_request(param: str | None, message: str) -> ApiError:
   return ApiError(400, text, param=param, code="invalid_request")
 
 
-def from_generation_error(e: GenerationError) -> ApiError:
+# Request fields as the router names them in INVALID_ARGUMENT messages
+# ("sampling.max_tokens: ...") -> the OpenAI parameter.
+_ROUTER_FIELDS = {
+    "sampling.max_tokens": "max_tokens",
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "sampling.seed": "seed",
+    "sampling.stop_token_ids": "stop_token_ids",
+    "cache_salt": "cache_salt",
+    "text": "prompt",
+    "token_ids": "prompt",
+}
+
+
+def from_generation_error(e: GenerationError, *,
+                          prompt_param: str = "prompt") -> ApiError:
   """The HTTP error for a failed router call; the router's message (which
-  names what to fix) is passed through."""
+  names what to fix) is passed through. A router refusal that names a
+  request field is a 400 naming the OpenAI parameter, as the gateway's own
+  checks are (the prompt's is ``prompt_param``: "messages" for chat)."""
   status = GRPC_TO_HTTP.get(e.code(), 500)
   details = e.details() or e.code().name
+  if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+    field, sep, rest = details.partition(": ")
+    param = _ROUTER_FIELDS.get(field) if sep else None
+    if param is not None:
+      return bad_request(prompt_param if param == "prompt" else param, rest)
   retry = None
   if (m := _RETRY_HINT.search(details)) is not None:
     retry = max(1, math.ceil(int(m.group(1)) / 1000))

@@ -4,6 +4,15 @@ One ``Formatter`` per request builds every object the client receives, so
 the id, ``created`` and ``model`` of its chunks agree. The two endpoints
 differ only in how a choice's text is wrapped (``text`` against a chat
 ``message``/``delta``) and in their logprobs layout.
+
+Logprobs name tokens with the gateway's tokenizer when it has one
+(``token_id:N`` otherwise, as vLLM's ``return_tokens_as_token_ids``); a
+token's ``bytes`` are its own bytes, also where it ends inside a UTF-8
+character. A completion's ``text_offset`` is where each token's text starts
+in the text the client received: the router sends a message's text for all
+its tokens at once, so the tokenizer splits it (a token that completes no
+character adds nothing), and without one every token of a message starts
+where the message's text does. Offsets never pass the text.
 """
 
 from __future__ import annotations
@@ -15,8 +24,7 @@ from typing import Any
 from pdjax.client import Usage
 from pdjax.gateway.choices import ChoiceDelta
 from pdjax.gateway.protocol import Params
-
-TokenText = Callable[[int], str]
+from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def token_id_text(token_id: int) -> str:
@@ -31,10 +39,11 @@ class UsageTally:
   Completion tokens are counted as received (so a choice a stop string
   ended counts the tokens that reached the gateway, not what the router
   would have generated). Each prompt's tokens count once, however many
-  choices it has: from the router's usage of any of its choices, or, when
-  none got that far (every one ended by a stop string, whose early close
-  means the router's last message never came), from that prompt's counter,
-  the cached-token count then unknown.
+  choices it has: from the router's usage of any of its choices (the
+  router sends the prompt's with a choice's first tokens, and all of it
+  with the last), or, when none came (a router that sends usage only at
+  the end, and every choice ended early by a stop string), from that
+  prompt's counter, the cached-token count then unknown.
   """
 
   def __init__(self, prompt_tokens: Sequence[Callable[[], int | None]], *,
@@ -82,19 +91,53 @@ def collect(deltas: Iterable[ChoiceDelta]) -> list[ChoiceDelta]:
 
 @dataclasses.dataclass
 class Formatter:
-  """Builds one request's JSON objects (subclasses: one per endpoint)."""
+  """Builds one request's JSON objects (subclasses: one per endpoint).
+  ``tokenizer`` (optional) names logprob tokens and splits text between
+  them."""
   request_id: str
   model: str
   created: int
   params: Params
-  token_text: TokenText = token_id_text
+  tokenizer: Tokenizer | None = None
 
   object_name = ""
   chunk_object = ""
 
   def __post_init__(self):
     self._started: set[int] = set()
-    self._offsets: dict[int, int] = {}
+    self._text_len: dict[int, int] = {}    # text sent so far, by choice
+    self._detok: dict[int, IncrementalDetokenizer] = {}
+    # A whole response's text offsets, by choice (``response``).
+    self._whole_offsets: dict[int, list[int]] | None = None
+
+  # ---- tokens
+  def token_text(self, token_id: int) -> str:
+    if self.tokenizer is None:
+      return token_id_text(token_id)
+    return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+  def token_bytes(self, token_id: int) -> list[int]:
+    if self.tokenizer is None:
+      return list(token_id_text(token_id).encode())
+    return list(self.tokenizer.token_bytes(token_id))
+
+  def _text_offsets(self, c: ChoiceDelta) -> list[int]:
+    """Where each of ``c``'s tokens starts in the choice's text (see the
+    module docstring); advances the choice's position by ``c.text``."""
+    start = self._text_len.get(c.index, 0)
+    end = start + len(c.text)
+    self._text_len[c.index] = end
+    if self.tokenizer is None:
+      return [start] * len(c.token_ids)
+    detok = self._detok.get(c.index)
+    if detok is None:
+      detok = self._detok[c.index] = IncrementalDetokenizer(
+          self.tokenizer, skip_special_tokens=self.params.skip_special_tokens)
+    offsets, pos = [], start
+    for t in c.token_ids:
+      offsets.append(min(pos, end))
+      pos += len(detok.push([t]))
+    return offsets
 
   # ---- per endpoint
   def _choice(self, c: ChoiceDelta) -> dict[str, Any]:
@@ -115,11 +158,20 @@ class Formatter:
       out["token_ids"] = list(c.token_ids)
     return out
 
-  def response(self, choices: list[ChoiceDelta],
+  def response(self, deltas: list[ChoiceDelta],
                usage: UsageTally) -> dict[str, Any]:
-    """The whole (non-streaming) response."""
+    """The whole (non-streaming) response, from every choice's deltas in
+    the order they arrived."""
+    if self.params.logprobs:
+      # Offsets by delta, as a stream would have them (a delta's text is
+      # what its tokens are known to make).
+      self._whole_offsets = {}
+      for d in deltas:
+        self._whole_offsets.setdefault(d.index, []).extend(
+            self._text_offsets(d))
     return {**self._head(self.object_name),
-            "choices": [self._extras(self._choice(c), c) for c in choices],
+            "choices": [self._extras(self._choice(c), c)
+                        for c in collect(deltas)],
             "usage": usage.to_json()}
 
   def chunks(self, d: ChoiceDelta) -> list[dict[str, Any]]:
@@ -145,14 +197,6 @@ class Formatter:
     return bool(d.text or d.finish_reason is not None
                 or (wants_tokens and d.token_ids))
 
-  def _advance_offsets(self, index: int, tokens: list[str]) -> list[int]:
-    start = self._offsets.get(index, 0)
-    offsets = []
-    for t in tokens:
-      offsets.append(start)
-      start += len(t)
-    self._offsets[index] = start
-    return offsets
 
 
 class CompletionFormatter(Formatter):
@@ -164,10 +208,12 @@ class CompletionFormatter(Formatter):
     if not self.params.logprobs:
       return None
     tokens = [self.token_text(t) for t in c.token_ids]
+    offsets = (self._text_offsets(c) if self._whole_offsets is None
+               else self._whole_offsets[c.index])
     return {"tokens": tokens, "token_logprobs": list(c.logprobs),
             # The chosen token only: pdjax returns no alternatives.
             "top_logprobs": [{t: lp} for t, lp in zip(tokens, c.logprobs)],
-            "text_offset": self._advance_offsets(c.index, tokens)}
+            "text_offset": offsets}
 
   def _choice(self, c: ChoiceDelta) -> dict[str, Any]:
     return {"index": c.index, "text": c.text, "logprobs": self._logprobs(c),
@@ -190,8 +236,7 @@ class ChatFormatter(Formatter):
     for t, lp in zip(c.token_ids, c.logprobs):
       text = self.token_text(t)
       content.append({"token": text, "logprob": lp,
-                      "bytes": list(text.encode("utf-8")),
-                      "top_logprobs": []})
+                      "bytes": self.token_bytes(t), "top_logprobs": []})
     return {"content": content}
 
   def _choice(self, c: ChoiceDelta) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 One request, in order:
 
   1. auth (``Authorization: Bearer <api key>`` when the gateway has one)
-     on the API's ``/v1/`` paths; /health and /metrics are open, as load
-     balancers and Prometheus probe them;
+     on the API's ``/v1/`` paths; the probes (/health and /readyz:
+     readiness, /livez: liveness) and /metrics are open, as load balancers,
+     Kubernetes and Prometheus call them;
   2. parse and check the body (``protocol``), the model name, and for chat
      render the messages (``chat_template``): every refusal is a 400/404
      before any router call;
@@ -19,6 +20,12 @@ One request, in order:
 The app is run with aiohttp's handler cancellation on (``make_runner``), so
 a client that disconnects cancels its handler, which closes the merged stream and with it
 every router call of the request (the router then frees the decode slots).
+
+Hostile or broken clients are bounded: ``make_runner`` limits open
+connections and the time a request head may take (``guard``); a body must
+arrive within ``body_timeout_s`` (408) and fit ``max_body_bytes`` (413);
+JSON nested deeper than ``MAX_JSON_DEPTH`` or holding a lone UTF-16
+surrogate (which no valid text has) is a 400 naming where.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ from pdjax.gateway import protocol
 from pdjax.gateway.chat_template import ChatTemplate, ChatTemplateError
 from pdjax.gateway.choices import RouterCall, run_choices
 from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
+from pdjax.gateway.guard import (DEFAULT_HEADER_TIMEOUT_S, ConnectionGuard,
+                                 default_max_connections)
 from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
-                                     Formatter, UsageTally, collect,
-                                     token_id_text)
+                                     Formatter, UsageTally)
+from pdjax.service.common import bearer_credential
 from pdjax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,9 @@ log = logging.getLogger(__name__)
 # Token-id prompts of a long context are a few MB of JSON; aiohttp's 1 MiB
 # default would refuse them.
 MAX_BODY_BYTES = 64 << 20
+# OpenAI request bodies nest a few levels (messages[i].content[j].text);
+# anything much deeper is not a request but an attack on the parser.
+MAX_JSON_DEPTH = 64
 _HEALTH_TIMEOUT_S = 5.0
 _MODEL_INFO_TIMEOUT_S = 10.0
 
@@ -71,6 +83,13 @@ class GatewayConfig:
       ended every choice early, and names tokens in logprobs.
     request_timeout_s: deadline of each router call (None: none).
     tls, router_token: how to dial the router (its TLS and bearer token).
+    max_body_bytes: larger request bodies are a 413.
+    body_timeout_s: a body must arrive within this long of its head (408).
+    header_timeout_s: a connection's first request head must arrive within
+      this long of its opening, a later one within this long of the previous
+      response (the connection is closed otherwise).
+    max_connections: open connections beyond it are refused with a 503
+      (None: the descriptor limit, less a reserve).
   """
   router: str
   served_model_name: str | None = None
@@ -80,6 +99,10 @@ class GatewayConfig:
   request_timeout_s: float | None = None
   tls: TlsConfig | None = None
   router_token: str | None = None
+  max_body_bytes: int = MAX_BODY_BYTES
+  body_timeout_s: float = 60.0
+  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+  max_connections: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +125,7 @@ class _State:
     self.created = int(time.time())
     self._card: ModelCard | None = None
     self._lock = asyncio.Lock()
+    self.guard: ConnectionGuard | None = None   # set by make_runner's runner
 
   async def card(self, client: AsyncClient) -> ModelCard:
     async with self._lock:
@@ -114,12 +138,6 @@ class _State:
             name=self.config.served_model_name or info["name"],
             root=info["name"], max_model_len=int(info["max_seq_len"]))
       return self._card
-
-  def token_text(self, token_id: int) -> str:
-    tok = self.config.tokenizer
-    if tok is None:
-      return token_id_text(token_id)
-    return tok.decode([token_id], skip_special_tokens=False)
 
 
 _STATE = web.AppKey("pdjax_gateway_state", _State)
@@ -138,7 +156,10 @@ def _endpoint(request: web.Request) -> str:
 @web.middleware
 async def _measure(request: web.Request, handler):
   """Counts every request by endpoint and final status, and times it."""
-  metrics = request.app[_STATE].metrics
+  state = request.app[_STATE]
+  if state.guard is not None:       # the head arrived: no header timeout
+    state.guard.mark_started(request.transport)
+  metrics = state.metrics
   endpoint = _endpoint(request)
   request[_ARRIVAL] = time.perf_counter()
   metrics.running.inc()
@@ -163,7 +184,10 @@ def _internal_error() -> ApiError:
 
 
 def _error_response(e: ApiError) -> web.Response:
-  return web.json_response(e.body(), status=e.status, headers=e.headers())
+  resp = web.json_response(e.body(), status=e.status, headers=e.headers())
+  if e.status == 408:   # the rest of the body may still come: not reusable
+    resp.force_close()
+  return resp
 
 
 @web.middleware
@@ -189,13 +213,14 @@ async def _errors(request: web.Request, handler):
 
 
 def _auth(api_key: str | None):
-  expected = f"Bearer {api_key}".encode()
+  expected = (api_key or "").encode()
 
   @web.middleware
   async def auth(request: web.Request, handler):
     if api_key and request.path.startswith("/v1/"):
-      got = request.headers.get("Authorization", "").encode()
-      if not hmac.compare_digest(got, expected):
+      # The scheme is case-insensitive (RFC 7235): "bearer" is "Bearer".
+      got = bearer_credential(request.headers.get("Authorization", ""))
+      if got is None or not hmac.compare_digest(got, expected):
         raise ApiError(401, "missing or invalid API key (send "
                        "'Authorization: Bearer <key>')",
                        code="invalid_api_key")
@@ -205,11 +230,60 @@ def _auth(api_key: str | None):
 
 # ------------------------------------------------------------------ helpers
 async def _json_body(request: web.Request) -> Any:
-  raw = await request.read()
+  timeout = request.app[_STATE].config.body_timeout_s
   try:
-    return json.loads(raw)
+    async with asyncio.timeout(timeout):
+      raw = await request.read()
+  except TimeoutError as e:
+    raise ApiError(408, f"the request body did not arrive within "
+                   f"{timeout:g} s", code="request_timeout") from e
+  try:
+    body = json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise bad_request(None, f"the body is not valid JSON: {e}") from e
+  except RecursionError as e:
+    raise bad_request(None, f"the body is nested more than "
+                      f"{MAX_JSON_DEPTH} levels deep") from e
+  _check_json(body)
+  return body
+
+
+def _path(parts: tuple) -> str:
+  out = ""
+  for p in parts:
+    out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+  return out
+
+
+def _check_json(body: Any) -> None:
+  """400s for what JSON allows but no request may hold: nesting deeper than
+  MAX_JSON_DEPTH, and strings with a lone UTF-16 surrogate (JSON escapes
+  them, "\\ud800"; the tokenizer and protobuf cannot encode them). The
+  message names where (``messages[0].content``). Iterative: a deep body
+  must not exhaust the stack here either."""
+  stack: list[tuple[Any, tuple, int]] = [(body, (), 1)]
+  while stack:
+    value, where, depth = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise bad_request(_path(where) or None, f"contains a lone UTF-16 "
+                          f"surrogate (U+{ord(value[e.start]):04X}) at "
+                          f"character {e.start}; strings must be valid "
+                          "Unicode") from e
+      continue
+    if not isinstance(value, (dict, list)):
+      continue
+    if depth > MAX_JSON_DEPTH:
+      raise bad_request(None, f"the body is nested more than "
+                        f"{MAX_JSON_DEPTH} levels deep (at {_path(where)})")
+    if isinstance(value, dict):
+      for k, v in value.items():
+        stack.append((k, where, depth))   # a key: named by its object
+        stack.append((v, (*where, k), depth + 1))
+    elif not all(type(v) is int for v in value):   # token ids: nothing to do
+      stack.extend((v, (*where, i), depth + 1) for i, v in enumerate(value))
 
 
 def _check_model(params: protocol.Params, card: ModelCard) -> None:
@@ -241,9 +315,32 @@ def _calls(base_id: str, params: protocol.Params,
   return calls
 
 
+def _context_error(max_model_len: int, prompt_len: int,
+                   max_tokens: int | None) -> str:
+  """vLLM's words for a request the context cannot hold."""
+  if max_tokens is None:
+    return (f"This model's maximum context length is {max_model_len} "
+            f"tokens. However, you requested {prompt_len} tokens in the "
+            "messages. Please reduce the length of the messages.")
+  return (f"This model's maximum context length is {max_model_len} tokens. "
+          f"However, you requested {prompt_len + max_tokens} tokens "
+          f"({prompt_len} in the messages, {max_tokens} in the completion). "
+          "Please reduce the length of the messages or completion.")
+
+
+def _check_context(card: ModelCard, prompt_len: int,
+                   max_tokens: int | None) -> None:
+  """A 400 naming max_tokens when prompt + max_tokens exceeds the context
+  (the router refuses it too; prompts counted here fail before any call)."""
+  if max_tokens is not None and prompt_len + max_tokens > card.max_model_len:
+    raise bad_request("max_tokens", _context_error(card.max_model_len,
+                                                   prompt_len, max_tokens))
+
+
 async def _respond(request: web.Request, params: protocol.Params,
                    calls: list[RouterCall], fmt: Formatter,
-                   usage: UsageTally) -> web.StreamResponse:
+                   usage: UsageTally, prompt_param: str = "prompt"
+                   ) -> web.StreamResponse:
   client = request.app[CLIENT]
   stream = run_choices(client, calls, params.stop)
   async with contextlib.aclosing(stream):
@@ -252,10 +349,10 @@ async def _respond(request: web.Request, params: protocol.Params,
         deltas = [d async for d in stream]
         for d in deltas:
           usage.add(d)
-        return web.json_response(fmt.response(collect(deltas), usage))
+        return web.json_response(fmt.response(deltas, usage))
       first = await anext(stream)
     except GenerationError as e:
-      raise from_generation_error(e) from e
+      raise from_generation_error(e, prompt_param=prompt_param) from e
     return await _stream_events(request, stream, first, fmt, usage,
                                 params.include_usage)
 
@@ -312,7 +409,8 @@ def _prompt_counter(state: _State, text: str | None,
 
 # ----------------------------------------------------------------- handlers
 async def health(request: web.Request) -> web.Response:
-  """200 while the router's Generation service is SERVING, else 503."""
+  """Readiness (/health, /readyz): 200 while the router's Generation
+  service is SERVING (it is while a decode worker is ready), else 503."""
   try:
     status = await request.app[CLIENT].health(GENERATION_SERVICE,
                                               timeout_s=_HEALTH_TIMEOUT_S)
@@ -320,6 +418,13 @@ async def health(request: web.Request) -> web.Response:
     status = f"router unreachable: {e}"
   return web.json_response({"status": status},
                            status=200 if status == "SERVING" else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+  """Liveness (/livez): 200 while the gateway's process serves HTTP,
+  whatever the router's state (a livenessProbe must not restart gateways
+  because the workers are down)."""
+  return web.json_response({"status": "alive"})
 
 
 async def prometheus(request: web.Request) -> web.Response:
@@ -346,11 +451,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
   for p in req.prompts:
     extra: dict[str, Any] = {"add_special_tokens": req.add_special_tokens}
     if p.token_ids is not None:
+      _check_context(card, len(p.token_ids), req.params.max_tokens)
       extra["prompt_token_ids"] = list(p.token_ids)
     prompts.append((p.text, extra))
   calls = _calls(base, req.params, prompts)
   fmt = CompletionFormatter(f"cmpl-{base}", card.name, int(time.time()),
-                            req.params, state.token_text)
+                            req.params, state.config.tokenizer)
   usage = UsageTally(
       [_prompt_counter(state, p.text, p.token_ids,
                        req.add_special_tokens is not False)
@@ -376,21 +482,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raise bad_request("messages", str(e)) from e
   params = req.params
   if params.max_tokens is None:
-    # As vLLM: up to the end of the context (the engines stop there).
-    params = dataclasses.replace(params, max_tokens=card.max_model_len)
+    # As vLLM: up to the end of the context, which takes the prompt's
+    # length, counted as the router will count it.
+    tok = state.config.tokenizer
+    if tok is None:
+      raise bad_request("max_tokens", "is required here: this gateway has "
+                        "no tokenizer to count the prompt with, so it cannot "
+                        "run the completion to the end of the context (start "
+                        "it with the checkpoint's tokenizer.json)")
+    prompt_len = len(tok.encode(prompt, add_bos=False))
+    if prompt_len >= card.max_model_len:
+      raise bad_request("messages", _context_error(card.max_model_len,
+                                                   prompt_len, None))
+    params = dataclasses.replace(params,
+                                 max_tokens=card.max_model_len - prompt_len)
   base = uuid.uuid4().hex
   calls = _calls(base, params, [(prompt, {"add_special_tokens": False})])
   fmt = ChatFormatter(f"chatcmpl-{base}", card.name, int(time.time()),
-                      params, state.token_text)
+                      params, state.config.tokenizer)
   usage = UsageTally([_prompt_counter(state, prompt, None, False)],
                      choices_per_prompt=params.n)
-  return await _respond(request, params, calls, fmt, usage)
+  return await _respond(request, params, calls, fmt, usage,
+                        prompt_param="messages")
 
 
 # ---------------------------------------------------------------------- app
 def create_app(config: GatewayConfig) -> web.Application:
   """The gateway app; its router client lives from startup to cleanup."""
-  app = web.Application(client_max_size=MAX_BODY_BYTES,
+  app = web.Application(client_max_size=config.max_body_bytes,
                         middlewares=[_measure, _errors,
                                      _auth(config.api_key)])
   app[_STATE] = _State(config)
@@ -405,6 +524,8 @@ def create_app(config: GatewayConfig) -> web.Application:
 
   app.cleanup_ctx.append(router_client)
   app.router.add_get("/health", health)
+  app.router.add_get("/readyz", health)
+  app.router.add_get("/livez", live)
   app.router.add_get("/metrics", prometheus)
   app.router.add_get("/v1/models", models)
   app.router.add_post("/v1/completions", completions)
@@ -412,14 +533,39 @@ def create_app(config: GatewayConfig) -> web.Application:
   return app
 
 
+class _Runner(web.AppRunner):
+  """An AppRunner whose server (the protocol factory its sites listen
+  with) is behind the app's connection limits (``guard``)."""
+
+  async def _make_server(self):
+    server = await super()._make_server()
+    state = self.app[_STATE]
+    config = state.config
+    state.guard = ConnectionGuard(
+        server, header_timeout_s=config.header_timeout_s,
+        max_connections=(config.max_connections
+                         or default_max_connections()))
+    return state.guard
+
+
 def make_runner(app: web.Application, *,
                 shutdown_timeout_s: float = 60.0) -> web.AppRunner:
   """The runner to serve ``app`` with. Handler cancellation is on (aiohttp
   turned it off by default in 3.9): without it a client that disconnects
   while its router call is between tokens (or before the first) leaves the
-  call running, holding a decode slot, until the next write fails."""
-  return web.AppRunner(app, handler_cancellation=True,
-                       shutdown_timeout=shutdown_timeout_s)
+  call running, holding a decode slot, until the next write fails. Its
+  connections are bounded by the app's config (``guard``): their number,
+  and the time a request head may take (the keep-alive timeout is that too:
+  aiohttp closes a connection still waiting for a head that long after its
+  previous response). After an error answered before its body was read
+  (a 408, a 413), the rest of the body is drained for at most a second
+  (aiohttp's lingering close; its default is 10 s), not left to hold the
+  connection."""
+  config = app[_STATE].config
+  return _Runner(app, handler_cancellation=True,
+                 shutdown_timeout=shutdown_timeout_s,
+                 keepalive_timeout=config.header_timeout_s,
+                 lingering_time=1.0)
 
 
 __all__ = ["CLIENT", "GatewayConfig", "ModelCard", "create_app",

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -156,6 +157,11 @@ class LocalCluster:
     self.host = host
     self.procs: list[Proc] = []
     self.gpus: dict[str, GpuAssignment] = {}
+    # The deployment's internal credential (--service_token), handed to
+    # every process it starts through the environment (out of `ps`): one
+    # per deployment unless the caller's environment names one.
+    self.service_token = (os.environ.get("PDJAX_SERVICE_TOKEN")
+                          or secrets.token_urlsafe(32))
 
   def assign(self, workers: list[GpuWorker]) -> None:
     """Places the GPU processes about to start (no-op off GPUs)."""
@@ -173,6 +179,7 @@ class LocalCluster:
   def _env(self, devices: int, name: str = "") -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PDJAX_SERVICE_TOKEN"] = self.service_token
     # Every worker of a deployment compiles the same programs, and so does
     # every restart: share XLA's persistent compilation cache.
     cache_root = os.path.expanduser(os.environ.get("PDJAX_CACHE",

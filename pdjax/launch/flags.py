@@ -77,6 +77,14 @@ KV_TTL = flags.DEFINE_float(
 DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout_s", 60.0, "On SIGTERM, how long running requests may take "
     "to finish before they are cancelled.")
+ALLOW_LONG_MAX_SEQ_LEN = flags.DEFINE_bool(
+    "allow_long_max_seq_len",
+    os.environ.get("PDJAX_ALLOW_LONG_MAX_SEQ_LEN", "") not in ("", "0"),
+    "Workers: serve the deployment's max_seq_len even where it is longer "
+    "than the model's trained context (config.json max_position_embeddings,"
+    " stretched by linear rope scaling); outputs past it may be garbage. "
+    "Without it such a worker refuses to start (as vLLM without "
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN). Default: $PDJAX_ALLOW_LONG_MAX_SEQ_LEN.")
 PREFIX_CACHE_PAGES = flags.DEFINE_integer(
     "prefix_cache_pages", None, "Prefill worker: pages of its prefix-cache "
     "block store (0: off; default: the deployment's [prefill] cache_pages).")
@@ -143,15 +151,30 @@ TLS_SERVER_NAME = flags.DEFINE_string(
 AUTH_TOKEN = flags.DEFINE_string(
     "auth_token", os.environ.get("PDJAX_AUTH_TOKEN"),
     "Bearer token required on the client-facing API (router).")
+SERVICE_TOKEN = flags.DEFINE_string(
+    "service_token", os.environ.get("PDJAX_SERVICE_TOKEN"),
+    "Credential of the deployment's internal RPCs (router -> workers, "
+    "worker -> worker): every process of a deployment gets the same one, no "
+    "client ever does. Workers refuse calls without it; it must differ "
+    "from --auth_token. Default: $PDJAX_SERVICE_TOKEN (pdjax.launch.local "
+    "makes one per deployment).")
 MAX_MESSAGE = flags.DEFINE_integer(
     "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit.")
 
 
 def security() -> Security:
-  return Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
-                  mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
-                  max_message_bytes=MAX_MESSAGE.value,
-                  server_name=TLS_SERVER_NAME.value)
+  """The security flags; a combination that defeats itself (the same
+  client and service token) is a one-line exit."""
+  sec = Security(cert=TLS_CERT.value, key=TLS_KEY.value, ca=TLS_CA.value,
+                 mtls=TLS_MTLS.value, token=AUTH_TOKEN.value,
+                 max_message_bytes=MAX_MESSAGE.value,
+                 server_name=TLS_SERVER_NAME.value,
+                 service_token=SERVICE_TOKEN.value or None)
+  try:
+    sec.check()
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  return sec
 
 
 def router_client_settings():

@@ -7,7 +7,9 @@ It loads no weights and needs no accelerator: only the checkpoint's
 tokenizer files (``tokenizer_config.json`` for the chat template and its
 special tokens, ``tokenizer.json`` for token counts and logprob token
 names), found as the router finds them (``--checkpoint``, else the
-deployment file's). It waits for the router, then serves HTTP; on SIGTERM
+deployment file's). It serves HTTP at once (/livez: liveness; /health and
+/readyz: readiness, 503 until the router is ready) and waits for the router
+before reporting ready to a launcher; on SIGTERM
 it stops accepting, lets running requests finish for up to
 ``--drain_timeout_s``, then cancels the rest (which cancels their router
 calls). The router's TLS and token come from the usual ``--tls_*`` and
@@ -17,6 +19,7 @@ calls). The router's TLS and token come from the usual ``--tls_*`` and
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -44,8 +47,22 @@ REQUEST_TIMEOUT = flags.DEFINE_float(
     "client gets a 504 (unset: none).")
 WAIT_ROUTER = flags.DEFINE_float(
     "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
-    "before serving HTTP (then serve anyway: /health answers 503 until it "
-    "is).")
+    "before reporting ready to a launcher (--port_file); HTTP is served "
+    "meanwhile, /health and /readyz answering 503 until it is.")
+HEADER_TIMEOUT = flags.DEFINE_float(
+    "header_timeout_s", 10.0, "A connection's first request head must "
+    "arrive within this long of its opening, a later one within this long "
+    "of the previous response (it is closed otherwise: clients that never "
+    "finish their headers cannot pile up).")
+BODY_TIMEOUT = flags.DEFINE_float(
+    "body_timeout_s", 60.0, "A request body must arrive within this long of "
+    "its head (408 otherwise).")
+MAX_CONNECTIONS = flags.DEFINE_integer(
+    "max_connections", 0, "Open HTTP connections beyond this are refused "
+    "with a 503 (0: the process's file descriptor limit, less a reserve).")
+MAX_BODY_MIB = flags.DEFINE_integer(
+    "max_body_mib", 64, "Larger request bodies are a 413 (token-id prompts "
+    "of a long context are a few MiB of JSON).")
 flags.mark_flag_as_required("router")
 # HTTP, where OpenAI-compatible servers (vLLM, SGLang) listen by default.
 flags.set_default(F.PORT, 8000)
@@ -112,11 +129,27 @@ async def serve() -> None:
       router=ROUTER.value, served_model_name=SERVED_MODEL_NAME.value,
       api_key=API_KEY.value or None, chat_template=template,
       tokenizer=load_tokenizer(directory),
-      request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token)
+      request_timeout_s=REQUEST_TIMEOUT.value, tls=tls, router_token=token,
+      header_timeout_s=HEADER_TIMEOUT.value,
+      body_timeout_s=BODY_TIMEOUT.value,
+      max_connections=MAX_CONNECTIONS.value or None,
+      max_body_bytes=MAX_BODY_MIB.value << 20)
   gateway = create_app(config)
   runner = make_runner(gateway, shutdown_timeout_s=F.DRAIN_TIMEOUT.value)
   await runner.setup()
   try:
+    # HTTP first: liveness (/livez) answers at once, readiness (/health,
+    # /readyz) 503 until the router is ready.
+    site = web.TCPSite(runner, F.HOST.value, F.PORT.value)
+    try:
+      await site.start()
+    except OSError as e:
+      from pdjax.service.common import in_use_message
+      if e.errno == errno.EADDRINUSE:
+        raise SystemExit(
+            f"error: {in_use_message(F.HOST.value, F.PORT.value)}") from None
+      raise SystemExit(f"error: cannot serve on {F.HOST.value}:"
+                       f"{F.PORT.value}: {e.strerror or e}") from None
     if WAIT_ROUTER.value > 0:
       try:
         await gateway[CLIENT].wait_ready(WAIT_ROUTER.value)
@@ -124,8 +157,6 @@ async def serve() -> None:
         log.warning("%s; serving anyway", e)
       except GenerationError as e:   # e.g. a wrong token: waiting won't help
         raise SystemExit(f"error: router {ROUTER.value}: {e}") from e
-    site = web.TCPSite(runner, F.HOST.value, F.PORT.value)
-    await site.start()
     port = runner.addresses[0][1]
     log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
              F.HOST.value, port, ROUTER.value,

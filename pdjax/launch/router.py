@@ -1,7 +1,11 @@
 """``python -m pdjax.launch.router``: the client-facing router.
 
 It loads only the tokenizer (no weights, no accelerator), learns the model
-from the workers' handshake, and routes each request across the pools.
+from the workers' handshake, and routes each request across the pools. Its
+health service says whether it can serve (readiness: a decode worker is
+ready) and that it runs (the ``liveness`` service). On SIGTERM it drains:
+readiness NOT_SERVING, new requests UNAVAILABLE, running ones finish for up
+to ``--drain_timeout_s``; those left then end with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ KV_STALE_AFTER = flags.DEFINE_float(
     "last polled longer ago than this is judged on load alone.")
 WAIT_WORKERS = flags.DEFINE_float(
     "wait_workers_s", 0.0, "Wait this long for workers to join before "
-    "serving (0: serve at once; requests fail until one joins).")
+    "reporting ready to a launcher (--port_file); the health service "
+    "answers meanwhile, readiness NOT_SERVING until a decode worker is "
+    "ready (0: do not wait; requests fail until one joins).")
 
 log = logging.getLogger("pdjax.router")
 
@@ -54,7 +60,8 @@ async def serve() -> None:
   from pdjax.service import common
   from pdjax.service.metrics import Metrics
   from pdjax.service.registry import WorkerRegistry
-  from pdjax.service.router import RouterConfig, RouterServicer
+  from pdjax.service.router import (GENERATION_SERVICE, RouterConfig,
+                                    RouterServicer)
   from pdjax.tokenizer import Tokenizer
   from pdjax.v1 import generate_pb2_grpc
 
@@ -97,8 +104,17 @@ async def serve() -> None:
   servicer = RouterServicer(registry, tokenizer, config, metrics)
   server = common.make_server(sec, client_facing=True)
   generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-  health = common.add_health(server, ["pdjax.v1.Generation"])
-  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  health = await common.add_health(server, [GENERATION_SERVICE])
+  try:
+    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  except common.BindError as e:
+    raise SystemExit(f"error: {e}") from None
+  # Health answers from the start: live at once, ready (readiness SERVING)
+  # once a decode worker is.
+  await server.start()
+  await common.set_live(health)
+  watch = asyncio.ensure_future(
+      servicer.watch_health(health, registry.poll_interval_s))
   if WAIT_WORKERS.value > 0:
     ok = await registry.wait_ready(WAIT_WORKERS.value,
                                    prefill=min(1, len(PREFILL_WORKERS.value)),
@@ -107,8 +123,6 @@ async def serve() -> None:
       log.warning("workers not ready after %.0f s; serving anyway",
                   WAIT_WORKERS.value)
   registry.start()
-  await server.start()
-  await common.set_serving(health, ["pdjax.v1.Generation"], True)
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("router serving on %s:%d (%d prefill, %d decode workers)",
            F.HOST.value, port, len(PREFILL_WORKERS.value),
@@ -119,9 +133,11 @@ async def serve() -> None:
   for sig in (signal.SIGINT, signal.SIGTERM):
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
-  await common.set_serving(health, ["pdjax.v1.Generation"], False)
-  await server.stop(grace=10)
+  watch.cancel()
+  await servicer.drain(F.DRAIN_TIMEOUT.value, health)
+  await server.stop(grace=1.0)
   await registry.close()
+  log.info("stopped")
 
 
 def main(argv) -> None:

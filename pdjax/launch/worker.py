@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -126,6 +127,19 @@ def check_spanning_pool(role: str, pool: str, cache_pages: int) -> None:
                          "--prefix_cache_pages / [prefill] cache_pages")
 
 
+def check_context(max_seq_len: int, cfg) -> None:
+  """Refuses (a one-line exit) to serve ``cfg`` past its trained context,
+  unless --allow_long_max_seq_len says to."""
+  from pdjax.model.config import context_length_problem
+  problem = context_length_problem(cfg, max_seq_len)
+  if problem is None:
+    return
+  if not F.ALLOW_LONG_MAX_SEQ_LEN.value:
+    raise SystemExit(f"error: {problem}")
+  log.warning("%s; serving anyway (--allow_long_max_seq_len)",
+              problem.split(": lower", 1)[0])
+
+
 def _mesh(jax, mesh_spec: str, devices: list | None, offset: int = 0):
   from pdjax.sharding import make_mesh, parse_mesh
   axes = parse_mesh(mesh_spec)
@@ -177,9 +191,17 @@ async def serve(role: str) -> None:
   dtype = F.DTYPE.value or dep.dtype
   transport = F.KV_TRANSPORT.value or dep.kv_transport
   sec = F.security()
+  if not sec.service_token:
+    log.warning("no --service_token: this worker's API (Reserve, Decode, "
+                "Prefill, ...) serves any caller that reaches its port and "
+                "passes its TLS; give the deployment's processes one shared "
+                "service token (docs/security.md)")
   devices = F.parse_devices(F.DEVICES.value)
   server = common.make_server(sec)
-  port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  try:
+    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+  except common.BindError as e:
+    raise SystemExit(f"error: {e}") from None
   address = F.ADVERTISE.value or f"{F.HOST.value}:{port}"
   roles = ("prefill", "decode") if role == "both" else (role,)
   exchange = None
@@ -210,7 +232,9 @@ async def serve(role: str) -> None:
     if spans:
       check_spanning_pool(role, r, cache_pages)
     rules = ShardingRules.load(rules_name)
-    params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype)
+    params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype,
+                               check_config=functools.partial(
+                                   check_context, dep.max_seq_len))
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),
@@ -305,10 +329,11 @@ async def serve(role: str) -> None:
 
   from pdjax.engine import compile_stats
   compile_stats.warn_on_compile()
-  health = common.add_health(server, health_names)
+  health = await common.add_health(server, health_names)
   for w in workers:
     w.start()
   await server.start()
+  await common.set_live(health)
   await common.set_serving(health, health_names, True)
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,

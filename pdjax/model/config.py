@@ -273,6 +273,34 @@ class ModelConfig:
     return out
 
 
+def trained_context(cfg: ModelConfig) -> int:
+  """The longest sequence the model is made for, as vLLM derives a model's
+  length: ``max_position_embeddings``, stretched by the factor of linear
+  rope scaling (whose config keeps the original length). llama3 scaling's
+  config already states the extended length."""
+  n = cfg.max_position_embeddings
+  if cfg.rope.rope_type == "linear":
+    n = int(n * cfg.rope.factor)
+  return n
+
+
+def context_length_problem(cfg: ModelConfig, max_seq_len: int) -> str | None:
+  """Why serving ``cfg`` with ``max_seq_len`` positions would run it past
+  its trained context (None if it would not). Past it a model's output is
+  not what it was trained to give: vLLM refuses such a length unless told
+  otherwise, and so do the pdjax workers (``--allow_long_max_seq_len``)."""
+  limit = trained_context(cfg)
+  if max_seq_len <= limit:
+    return None
+  rope = ("" if cfg.rope.rope_type != "linear" else
+          f" x linear rope scaling factor {cfg.rope.factor:g}")
+  return (f"max_seq_len {max_seq_len} of the deployment is longer than "
+          f"{cfg.name}'s trained context (max_position_embeddings "
+          f"{cfg.max_position_embeddings}{rope} = {limit} positions): lower "
+          "max_seq_len in the deployment file, or pass "
+          "--allow_long_max_seq_len to serve past it anyway")
+
+
 def _parse_rope(hf: dict[str, Any], source: str) -> RopeConfig:
   params = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}

@@ -15,7 +15,7 @@ This is for tests and development (keys are written unencrypted, validity is
 short); production deployments should use their own PKI (cert-manager, a
 corporate CA, ...). ``tools/make_dev_certs.py`` is the command-line front end.
 
-Needs the ``cryptography`` package (in pdjax's ``test`` extra).
+Needs the ``cryptography`` package (a dependency of pdjax).
 """
 
 from __future__ import annotations
@@ -27,10 +27,16 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+try:
+  from cryptography import x509
+  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError as e:   # an environment installed without it
+  raise ImportError(
+      "pdjax.security.certs needs the 'cryptography' package, a dependency "
+      "of pdjax that this environment lacks: pip install 'cryptography>=42' "
+      "(or reinstall pdjax: pip install -e .)") from e
 
 # Names a single-machine deployment is dialed by (launch.local binds
 # 127.0.0.1 and advertises host:port).

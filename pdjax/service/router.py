@@ -15,6 +15,14 @@ Before the first token reaches the client, an unreachable worker is routed
 around (another prefill worker; another decode worker). After it, a dying
 decode worker ends only its own streams, with UNAVAILABLE. A client that
 cancels cancels the downstream calls, which frees the decode slot at once.
+
+Health (``grpc.health.v1``): "" and ``pdjax.v1.Generation`` are SERVING
+while a request could be served (``ready``: a decode worker is ready, and
+it prefills by itself where no prefill worker is), NOT_SERVING otherwise
+and while draining; ``liveness`` is SERVING while the process runs. On
+shutdown the router drains (``drain``): new requests get UNAVAILABLE, the
+running ones finish up to a deadline, and whatever is left then ends with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
                       generate_pb2_grpc, kv_pb2, prefill_pb2)
 
 log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = "pdjax.v1.Generation"
 
 # Codes after which another worker may well succeed. Only UNAVAILABLE
 # takes the worker out of rotation (until its next successful poll).
@@ -97,6 +107,65 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     self.config = config
     self.metrics = metrics or Metrics("router")
     self.inflight = 0
+    self.draining = False
+    # The handlers of admitted requests, so that a drain past its deadline
+    # can end them (with UNAVAILABLE, not gRPC's bare cancellation).
+    self._handlers: set[asyncio.Task] = set()
+    self._cutting = False
+    self._published: bool | None = None
+
+  # ------------------------------------------------------- health, drain
+  def ready(self) -> bool:
+    """Whether a request could be served now: not draining, and a decode
+    worker ready (without a ready prefill worker it prefills itself)."""
+    return not self.draining and bool(self.registry.usable("decode"))
+
+  async def publish_health(self, health) -> bool:
+    """Sets readiness ("" and the Generation service) from ``ready``."""
+    serving = self.ready()
+    if serving != self._published:
+      why = "draining" if self.draining else "no decode worker is ready"
+      if serving:
+        log.info("ready: a decode worker is")
+      elif self._published is None:       # starting up
+        log.info("not ready yet: %s", why)
+      elif not self.draining:             # drain() says it itself
+        log.warning("not ready: %s", why)
+      self._published = serving
+    await common.set_serving(health, [GENERATION_SERVICE], serving)
+    return serving
+
+  async def watch_health(self, health, interval_s: float) -> None:
+    """Keeps readiness current (the registry's polls change it)."""
+    while True:
+      try:
+        await self.publish_health(health)
+      except Exception:  # noqa: BLE001 - never let the watch die
+        log.exception("updating health failed")
+      await asyncio.sleep(interval_s)
+
+  async def drain(self, timeout_s: float, health=None) -> int:
+    """Stops admitting requests (UNAVAILABLE; readiness NOT_SERVING) and
+    waits up to ``timeout_s`` for the running ones; ends those still
+    running then with UNAVAILABLE. Returns how many it ended."""
+    self.draining = True
+    if health is not None:
+      await self.publish_health(health)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    log.info("draining: no new requests; waiting up to %.0f s for %d "
+             "running", timeout_s, self.inflight)
+    while self.inflight and loop.time() < deadline:
+      await asyncio.sleep(0.05)
+    left = [t for t in self._handlers if not t.done()]
+    if left:
+      log.warning("drain timeout: ending %d requests with UNAVAILABLE",
+                  len(left))
+      self._cutting = True
+      for t in left:
+        t.cancel()
+      await asyncio.wait(left, timeout=5.0)
+    return len(left)
 
   # ---------------------------------------------------------------- info
   def model_info(self) -> common_pb2.ModelInfo:
@@ -135,10 +204,18 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     ids = validation.check_prompt_ids(ids, vocab_size=info.vocab_size,
                                       max_prompt_len=info.max_seq_len - 1,
                                       field=field)
+    sampling = validation.fit_context(
+        sampling, len(ids), info.max_seq_len,
+        explicit=request.sampling.HasField("max_tokens"))
     return rid, ids, sampling
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
     arrival = time.perf_counter()
+    if self.draining:
+      self.metrics.requests.labels("rejected").inc()
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the router is shutting down (draining): retry on "
+                          "another router")
     try:
       rid, ids, sampling = self._prepare(request)
     except InvalidRequest as e:
@@ -159,6 +236,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     usage.ttft_stages.prepare_s = time.perf_counter() - arrival
     self.inflight += 1
     self.metrics.running.set(self.inflight)
+    handler = asyncio.current_task()
+    self._handlers.add(handler)
     first_at = None
     last_at = None
     outcome = "error"
@@ -167,8 +246,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     try:
       async for msg in route:
         now = time.perf_counter()
+        first = False
         if msg.token_ids:
           if first_at is None:
+            first = True
             first_at = now
             usage.ttft_s = now - arrival
             self.metrics.ttft.observe(usage.ttft_s)
@@ -180,6 +261,10 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         out = generate_pb2.GenerateResponse(
             request_id=rid, token_ids=msg.token_ids, logprobs=msg.logprobs,
             finish_reason=msg.finish_reason)
+        if first:
+          # The prompt's accounting is final once its first token is out:
+          # a client that stops reading early (a stop string) has it.
+          out.usage.CopyFrom(usage)
         if detok is not None:
           out.text = detok.push(list(msg.token_ids))
           if msg.finish_reason:
@@ -202,9 +287,17 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         await common.abort_exhausted(context, e.details, 500)
       await context.abort(e.code, e.details)
     except asyncio.CancelledError:
-      outcome = "cancelled"
-      raise
+      if not self._cutting:
+        outcome = "cancelled"
+        raise
+      # Ended by a drain past its deadline: the client may retry elsewhere.
+      outcome = "unavailable"
+      await context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the router shut down before the request finished "
+                          "(its drain deadline passed): retry on another "
+                          "router")
     finally:
+      self._handlers.discard(handler)
       # Close the downstream calls now (their generators' finally blocks),
       # not whenever the event loop finalizes them: a half-read stream keeps
       # the worker's RPC open and would stall its drain.
@@ -483,4 +576,4 @@ def _tp_of(mesh: str) -> int:
   return 1
 
 
-__all__ = ["RouterServicer", "RouterConfig"]
+__all__ = ["GENERATION_SERVICE", "RouterServicer", "RouterConfig"]

@@ -7,6 +7,7 @@ fix (the services turn it into INVALID_ARGUMENT). Defaults are vLLM's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from typing import Sequence
@@ -100,11 +101,32 @@ def check_text(text: str) -> str:
   return text
 
 
+def fit_context(sampling: SamplingParams, prompt_len: int, max_seq_len: int,
+                *, explicit: bool) -> SamplingParams:
+  """``sampling`` for a prompt of ``prompt_len`` tokens in a context of
+  ``max_seq_len``, as vLLM treats ``max_tokens``: a value the client set
+  that the context cannot hold (prompt + max_tokens > max_seq_len) is
+  refused, naming max_tokens, with vLLM's words; the default (16) is cut to
+  what the context leaves."""
+  room = max_seq_len - prompt_len
+  if sampling.max_tokens <= room:
+    return sampling
+  if explicit:
+    raise InvalidRequest(
+        "sampling.max_tokens",
+        f"This model's maximum context length is {max_seq_len} tokens. "
+        f"However, you requested {prompt_len + sampling.max_tokens} tokens "
+        f"({prompt_len} in the messages, {sampling.max_tokens} in the "
+        "completion). Please reduce the length of the messages or "
+        "completion.")
+  return dataclasses.replace(sampling, max_tokens=max(room, 1))
+
+
 def resolve_seed(s: SamplingParams) -> int:
   """The 32-bit key seed used on every pool for this request."""
   return s.seed_u32(secrets.randbits(32))
 
 
-__all__ = ["check_cache_salt", "sampling_from_proto", "sampling_to_proto", "check_request_id",
-           "check_prompt_ids", "check_text", "resolve_seed",
-           "DEFAULT_MAX_TOKENS"]
+__all__ = ["check_cache_salt", "sampling_from_proto", "sampling_to_proto",
+           "check_request_id", "check_prompt_ids", "check_text",
+           "fit_context", "resolve_seed", "DEFAULT_MAX_TOKENS"]

@@ -52,7 +52,8 @@ class GenerationServicer:
 
     def Generate(self, request, context):
         """Streams a completion: each message carries new tokens and their text;
-        the last one carries finish_reason and usage.
+        the first with tokens carries the prompt's usage, the last one
+        finish_reason and the whole usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

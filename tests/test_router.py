@@ -1,0 +1,313 @@
+"""The router in process, over a fake decode worker: its health (readiness
+and liveness), its drain on shutdown, and the context rule for max_tokens.
+
+The router is assembled as ``pdjax.launch.router`` assembles it (its gRPC
+server, health service and registry) and called through
+``pdjax.client.AsyncClient``; only the decode worker is a stub (no JAX, no
+worker process), whose stream is paced by ``step_s`` and can be held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from pdjax.client import AsyncClient, GenerationError
+from pdjax.service import common
+from pdjax.service.registry import WorkerRegistry
+from pdjax.service.router import (GENERATION_SERVICE, RouterConfig,
+                                  RouterServicer)
+from pdjax.v1 import common_pb2, decode_pb2, generate_pb2_grpc
+
+MAX_SEQ_LEN = 256
+CACHED = 2        # prompt tokens the fake's prefix cache held
+MODEL = common_pb2.ModelInfo(name="fake", fingerprint="f", vocab_size=320,
+                             max_seq_len=MAX_SEQ_LEN, page_size=16)
+
+
+class _Down(grpc.RpcError):
+
+  def code(self):
+    return grpc.StatusCode.UNAVAILABLE
+
+  def details(self):
+    return "connection refused"
+
+
+class _Call:
+  """A Decode call: tokens 100, 101, ... one per ``step_s`` while the
+  worker's gate is open, the last with finish reason "length"."""
+
+  def __init__(self, worker: "FakeDecode", request):
+    self.worker = worker
+    self.request = request
+    self.cancelled = False
+
+  def __aiter__(self):
+    return self._stream()
+
+  async def _stream(self):
+    n = self.request.sampling.max_tokens
+    for i in range(n):
+      await self.worker.gate.wait()
+      await asyncio.sleep(self.worker.step_s)
+      last = i == n - 1
+      msg = decode_pb2.DecodeResponse(
+          token_ids=[100 + i], logprobs=[-0.5],
+          finish_reason=(common_pb2.FINISH_REASON_LENGTH if last
+                         else common_pb2.FINISH_REASON_UNSPECIFIED))
+      if i == 0:   # a local prefill's first message reports it
+        msg.prefill_s = 0.001
+        msg.cached_tokens = CACHED
+      yield msg
+
+  def cancel(self):
+    self.cancelled = True
+
+
+class FakeDecode:
+  """A decode worker's stub, as the registry and router call it."""
+
+  def __init__(self, step_s: float = 0.01):
+    self.up = True
+    self.step_s = step_s
+    self.gate = asyncio.Event()
+    self.gate.set()
+    self.calls: list[_Call] = []
+
+  async def GetWorkerInfo(self, request, timeout=None):
+    if not self.up:
+      raise _Down()
+    return common_pb2.WorkerInfo(
+        role="decode", model=MODEL, process_id="fake",
+        load=common_pb2.WorkerLoad(kv_pages_total=1000,
+                                   kv_pages_available=1000, rows_free=64))
+
+  def Decode(self, request, timeout=None):
+    call = _Call(self, request)
+    self.calls.append(call)
+    return call
+
+
+class Router:
+  """A router serving on loopback, as the launcher starts it."""
+
+  def __init__(self, worker: FakeDecode,
+               security: common.Security = common.Security()):
+    self.worker = worker
+    self.security = security
+
+  async def __aenter__(self):
+    self.registry = WorkerRegistry(poll_interval_s=0.05)
+    self.registry.add("127.0.0.1:1", "decode").stub = self.worker
+    self.servicer = RouterServicer(self.registry, None, RouterConfig())
+    self.server = common.make_server(self.security, client_facing=True)
+    generate_pb2_grpc.add_GenerationServicer_to_server(self.servicer,
+                                                       self.server)
+    self.health = await common.add_health(self.server, [GENERATION_SERVICE])
+    port = common.bind(self.server, "127.0.0.1", 0)
+    await self.registry.poll_once()
+    self.registry.start()
+    await self.server.start()
+    await common.set_live(self.health)
+    self.watch = asyncio.ensure_future(
+        self.servicer.watch_health(self.health, 0.05))
+    self.address = f"127.0.0.1:{port}"
+    self.client = AsyncClient(self.address, timeout_s=30,
+                              token=self.security.token)
+    return self
+
+  async def __aexit__(self, *exc):
+    self.watch.cancel()
+    await self.client.close()
+    await self.server.stop(0)
+    await self.registry.close()
+
+  async def statuses(self) -> tuple[str, str, str]:
+    """("" , Generation, liveness) as a probe reads them."""
+    return tuple([await self.client.health(s, timeout_s=5) for s in (
+        "", GENERATION_SERVICE, common.LIVENESS_SERVICE)])
+
+  async def wait_statuses(self, want, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while (got := await self.statuses()) != want:
+      assert time.monotonic() < deadline, got
+      await asyncio.sleep(0.02)
+
+
+async def _collect(client: AsyncClient, **kw):
+  """(tokens, None) of a whole stream, or (tokens so far, GenerationError)."""
+  tokens = []
+  try:
+    async for d in client.stream(prompt_token_ids=[5, 6, 7], **kw):
+      tokens.extend(d.token_ids)
+  except GenerationError as e:
+    return tokens, e
+  return tokens, None
+
+
+SERVING = ("SERVING", "SERVING", "SERVING")
+NOT_READY = ("NOT_SERVING", "NOT_SERVING", "SERVING")
+
+
+# ------------------------------------------------------------------ health
+def test_readiness_follows_the_decode_workers():
+  """Readiness ("" and the Generation service, what probes and the gateway
+  ask) is NOT_SERVING while no decode worker is ready, when every request
+  would fail; liveness stays SERVING."""
+  async def run():
+    worker = FakeDecode()
+    worker.up = False
+    async with Router(worker) as r:
+      await r.wait_statuses(NOT_READY)
+      tokens, err = await _collect(r.client, max_tokens=2)
+      assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
+      worker.up = True
+      await r.wait_statuses(SERVING)
+      assert await _collect(r.client, max_tokens=2) == ([100, 101], None)
+      worker.up = False                 # the worker goes away again
+      await r.wait_statuses(NOT_READY)
+
+  asyncio.run(run())
+
+
+# ------------------------------------------------------------------- drain
+def test_drain_finishes_running_streams_and_refuses_new_ones():
+  async def run():
+    async with Router(FakeDecode(step_s=0.02)) as r:
+      await r.wait_statuses(SERVING)
+      running = [asyncio.create_task(_collect(r.client, max_tokens=40))
+                 for _ in range(3)]
+      while r.servicer.inflight < 3:
+        await asyncio.sleep(0.01)
+      t0 = time.monotonic()
+      drain = asyncio.create_task(r.servicer.drain(30.0, r.health))
+      await r.wait_statuses(NOT_READY, timeout_s=1.0)
+      _, err = await _collect(r.client, max_tokens=2)
+      assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+      assert "draining" in err.details()
+      assert await drain == 0                  # none had to be cut
+      assert time.monotonic() - t0 < 10        # not the whole 30 s
+      for tokens, err in await asyncio.gather(*running):
+        assert err is None and tokens == list(range(100, 140))
+
+  asyncio.run(run())
+
+
+def test_drain_deadline_ends_streams_with_unavailable():
+  """Streams still running at the drain deadline end with UNAVAILABLE
+  (clients and the gateway retry that), and their decode calls are
+  cancelled, at the deadline (not at a fixed grace)."""
+  async def run():
+    worker = FakeDecode()
+    async with Router(worker) as r:
+      await r.wait_statuses(SERVING)
+      worker.gate.clear()                      # the worker stops streaming
+      stuck = asyncio.create_task(_collect(r.client, max_tokens=40))
+      while r.servicer.inflight < 1:
+        await asyncio.sleep(0.01)
+      t0 = time.monotonic()
+      assert await r.servicer.drain(0.5, r.health) == 1
+      tokens, err = await stuck
+      assert 0.4 < time.monotonic() - t0 < 5
+      assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+      assert "drain deadline" in err.details()
+      assert worker.calls[-1].cancelled
+      assert r.servicer.inflight == 0
+
+  asyncio.run(run())
+
+
+# ------------------------------------------------------------------- usage
+def test_the_first_message_carries_the_prompts_usage():
+  """The prompt's accounting (prompt and cached tokens) comes with the first
+  tokens, not only with the last message: a client that stops reading
+  early (the gateway, at a stop string) still has it."""
+  async def run():
+    async with Router(FakeDecode()) as r:
+      deltas = [d async for d in r.client.stream(prompt_token_ids=[5, 6, 7],
+                                                 max_tokens=3)]
+      first, last = deltas[0], deltas[-1]
+      assert first.token_ids and first.finish_reason is None
+      assert (first.usage.prompt_tokens,
+              first.usage.cached_prompt_tokens) == (3, CACHED)
+      assert first.usage.completion_tokens == 1
+      assert (last.usage.prompt_tokens, last.usage.cached_prompt_tokens,
+              last.usage.completion_tokens) == (3, CACHED, 3)
+
+  asyncio.run(run())
+
+
+# -------------------------------------------------------------------- auth
+def test_bearer_scheme_is_case_insensitive():
+  """RFC 7235: "bearer" and "BEARER" name the same scheme."""
+  from pdjax.client import build_request
+
+  async def code(address: str, header: str):
+    async with grpc.aio.insecure_channel(address) as ch:
+      call = generate_pb2_grpc.GenerationStub(ch).Generate(
+          build_request(prompt_token_ids=[5], max_tokens=1),
+          metadata=(("authorization", header),), timeout=10)
+      try:
+        async for _ in call:
+          pass
+      except grpc.aio.AioRpcError as e:
+        return e.code()
+      return None
+
+  async def run():
+    async with Router(FakeDecode(), security=common.Security(token="tok")
+                      ) as r:
+      for header in ("Bearer tok", "bearer tok", "BEARER   tok"):
+        assert await code(r.address, header) is None, header
+      for header in ("Bearer tok2", "Basic tok", "Bearertok", "tok"):
+        assert await code(r.address, header) == (
+            grpc.StatusCode.UNAUTHENTICATED), header
+
+  asyncio.run(run())
+
+
+# -------------------------------------------------------- max_tokens rule
+def test_max_tokens_past_the_context_is_invalid_argument():
+  async def run():
+    worker = FakeDecode(step_s=0)
+    async with Router(worker) as r:
+      with pytest.raises(GenerationError) as info:
+        await r.client.generate(prompt_token_ids=[7] * 200, max_tokens=57)
+      assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+      assert info.value.details().startswith(
+          "sampling.max_tokens: This model's maximum context length is 256 "
+          "tokens. However, you requested 257 tokens (200 in the messages, "
+          "57 in the completion).")
+      assert not worker.calls                  # refused before any worker
+      ok = await r.client.generate(prompt_token_ids=[7] * 200, max_tokens=56)
+      assert len(ok.token_ids) == 56
+      # Unset, max_tokens is vLLM's default (16) cut to what the context
+      # leaves.
+      short = await r.client.generate(prompt_token_ids=[7] * 250)
+      assert worker.calls[-1].request.sampling.max_tokens == 6
+      assert len(short.token_ids) == 6
+
+  asyncio.run(run())
+
+
+def test_router_process_is_live_but_not_ready_without_workers(tmp_path):
+  """The launcher's wiring: a router whose only decode worker does not
+  exist answers its probes at once, live but not ready (every request
+  would fail), as the gateway's /health and Kubernetes read them."""
+  from pdjax.client import Client
+  from pdjax.launch.cluster import LocalCluster
+  cluster = LocalCluster(tmp_path)
+  try:
+    router = cluster.start("router", "pdjax.launch.router",
+                           ["--decode_workers=127.0.0.1:1"], devices=0)
+    cluster.wait_ready([router], 120)
+    with Client(f"127.0.0.1:{router.port()}", timeout_s=10) as c:
+      got = tuple(c.health(s) for s in ("", GENERATION_SERVICE,
+                                         common.LIVENESS_SERVICE))
+    assert got == NOT_READY, got
+  finally:
+    cluster.stop()
