@@ -10,6 +10,8 @@
 #   disagg_s1   the same, 1 step per call (every token streamed as its step
 #               finishes)
 #   coloc       1 decode worker that prefills its own requests
+#   disagg_lg1  disagg with the prefill in one program (no layer groups)
+#   coloc_budget  coloc with a prefill token budget of 512 per iteration
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -44,6 +46,9 @@ for steps in (4, 1):
          .replace("table_buckets = [32, 128]", "table_buckets = [64]")
          .replace("steps_per_call = 4", f"steps_per_call = {steps}"))
   open(f"{out}/serving_s{steps}.toml", "w").write(cfg)
+  if steps == 4:
+    open(f"{out}/serving_budget.toml", "w").write(cfg.replace(
+        "[decode]\n", "[decode]\nprefill_token_budget = 512\n", 1))
 EOF
 
 run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
@@ -90,6 +95,10 @@ for d in $DEPLOYMENTS; do
     disagg) run_deployment disagg "$OUT/serving_s4.toml" --num_prefill=1 ;;
     disagg_s1) run_deployment disagg_s1 "$OUT/serving_s1.toml" --num_prefill=1 ;;
     coloc) run_deployment coloc "$OUT/serving_s4.toml" --num_prefill=0 ;;
+    disagg_lg1) run_deployment disagg_lg1 "$OUT/serving_s4.toml" \
+      --num_prefill=1 --worker_flags=--metrics_port=0,--prefill_layer_groups=1 ;;
+    coloc_budget) run_deployment coloc_budget "$OUT/serving_budget.toml" \
+      --num_prefill=0 ;;
   esac
 done
 echo "done after $((SECONDS - START)) s"
