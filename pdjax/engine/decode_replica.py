@@ -218,6 +218,12 @@ class DecodeReplica:
     self.rows[row] = None
     self.active[row] = False
     self.page_table[row] = 0
+    # A free row's settings are a fresh pool's: a call that pads with it
+    # never sees the last occupant's sampling, budget or stops.
+    self.samp.clear_row(row)
+    self.max_tokens[row] = 1
+    self.stop_ids[row] = -1
+    self.use_eos[row] = True
     self._slots_dirty = True
 
   # ---------------------------------------------------------------- step

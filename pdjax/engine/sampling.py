@@ -87,6 +87,13 @@ class SamplingArrays:
     self.top_k[row] = max(params.top_k, 0)
     self.seed[row] = seed_u32
 
+  def clear_row(self, row: int) -> None:
+    """Back to ``empty``'s values (greedy, no top-p/top-k, seed 0)."""
+    self.temperature[row] = 0.0
+    self.top_p[row] = 1.0
+    self.top_k[row] = 0
+    self.seed[row] = 0
+
   @classmethod
   def stack(cls, rows: Sequence[tuple[SamplingParams, int]], batch: int):
     out = cls.empty(batch)
