@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import tomllib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -202,7 +203,8 @@ def _hf_weights(seed: int, vocab: int, tie: bool) -> dict[str, np.ndarray]:
 def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
                      tie: bool = False, seed: int = 0, arch: str = "llama",
                      tensor_types: dict[str, str] | None = None,
-                     tokenizer_model: str = "gpt2") -> Path:
+                     tokenizer_model: str = "gpt2",
+                     rope_scaling: tuple[str, float] | None = None) -> Path:
   """A small Llama GGUF as llama.cpp's converter lays one out."""
   tokens, merges, types, template = _tiny_vocab(str(tiny_dir))
   w = gguf.GGUFWriter(str(path), arch=arch)
@@ -216,6 +218,9 @@ def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
   w.add_rope_dimension_count(HEAD_DIM)
   w.add_rope_freq_base(ROPE_THETA)
   w.add_layer_norm_rms_eps(RMS_EPS)
+  if rope_scaling is not None:
+    w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
+    w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
   w.add_vocab_size(len(tokens))
   w.add_tokenizer_model(tokenizer_model)
   w.add_tokenizer_pre("default")
@@ -243,19 +248,19 @@ def _rtol(cfg: ModelConfig) -> float:
   """How far two float32 evaluations of the same weights may drift apart.
 
   Both loaders dequantize the same blocks to the same float32 values
-  (checked below), so only the order of float32 operations differs. A dot
-  product of length n summed in any order is, with probability at least
-  1 - 2n exp(-lambda^2 / 2), within lambda * sqrt(n) * u of the exact one
-  relative to its absolute terms (Higham and Mary's probabilistic rounding
-  analysis; u = 2**-24): lambda = 6 makes that certain enough for every
-  product here. The logits sit behind 7 such products per layer (q, k, v,
-  scores, values, output projection, MLP up/gate and down counted as
-  their longest) plus the LM head; errors of successive products add.
+  (checked below), so only the order of float32 operations differs. In the
+  probabilistic model of rounding (Higham and Mary, 2019: independent,
+  mean-zero errors of at most u = 2**-24 each), N roundings along a
+  computation perturb its result by at most lambda * sqrt(N) * u relative
+  to its magnitude, except with probability 2N exp(-lambda^2 / 2); lambda
+  = 6 makes that negligible here. A logit is behind 7 dot products per
+  layer (q, k, v, scores, values, output projection, MLP, counted at the
+  longest length n) and the LM head, each of n roundings.
   """
   n = max(cfg.hidden_size, cfg.intermediate_size,
           cfg.num_heads * cfg.head_dim)
-  products = 7 * cfg.num_layers + 1
-  return products * 6 * math.sqrt(n) * 2.0**-24
+  roundings = (7 * cfg.num_layers + 1) * n
+  return 6 * math.sqrt(roundings) * 2.0**-24
 
 
 def _rel_err(got, ref) -> float:
@@ -277,12 +282,18 @@ def _hf_logits(model, ids) -> np.ndarray:
     return model(torch.tensor([list(ids)])).logits[0].numpy()
 
 
-def _hf_greedy(model, ids, n: int) -> list[int]:
-  """n argmax tokens by full forward passes (past EOS, as greedy_generate)."""
-  seq = list(ids)
-  for _ in range(n):
-    seq.append(int(_hf_logits(model, seq)[-1].argmax()))
-  return seq[len(ids):]
+def _greedy_like_transformers(params, cfg, hf, prompt, n: int) -> list[int]:
+  """pdjax's n greedy tokens (prefill, then paged decode steps), checked
+  against transformers on the same prefixes: one forward pass over the
+  prompt and the generated tokens gives transformers' logits for every
+  step, which must match pdjax's and pick the same tokens (so transformers'
+  greedy decoding would produce this sequence too)."""
+  tokens, logits = greedy_generate(params, cfg, np.asarray(prompt), n,
+                                   return_logits=True)
+  ref = _hf_logits(hf, [*prompt, *tokens[:-1]])[len(prompt) - 1:]
+  assert _rel_err(logits, ref) <= _rtol(cfg)
+  assert list(tokens) == ref.argmax(axis=-1).tolist()
+  return list(tokens)
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +324,7 @@ def test_matches_transformers(tmp_path, tiny_model_dir, prompt, qtype, tie):
       params, jnp.asarray(prompt[None]), cfg=cfg))[0]
   ref = _hf_logits(hf, prompt)
   assert _rel_err(ours, ref) <= _rtol(cfg)
-  tokens = greedy_generate(params, cfg, [prompt], NEW_TOKENS)[0]
-  assert list(tokens) == _hf_greedy(hf, prompt, NEW_TOKENS)
+  _greedy_like_transformers(params, cfg, hf, prompt, NEW_TOKENS)
 
 
 def test_rope_rows_must_be_unpermuted(tmp_path, tiny_model_dir, prompt,
@@ -348,6 +358,19 @@ def test_config_from_metadata(tmp_path, tiny_model_dir):
   assert gguf_file.read_config(path, dtype="float32").dtype == "float32"
 
 
+def test_rope_scaling_from_metadata(tmp_path, tiny_model_dir):
+  path = write_llama_gguf(tmp_path / "l.gguf", tiny_model_dir, "F16",
+                          rope_scaling=("linear", 4.0))
+  rope = gguf_file.read_config(path).rope
+  assert (rope.rope_type, rope.factor, rope.theta) == ("linear", 4.0,
+                                                       ROPE_THETA)
+  path = write_llama_gguf(tmp_path / "y.gguf", tiny_model_dir, "F16",
+                          rope_scaling=("yarn", 4.0))
+  with pytest.raises(GGUFError, match="rope scaling 'yarn' is not "
+                     "supported"):
+    gguf_file.read_config(path)
+
+
 # ------------------------------------------------------ formats and paths
 def test_a_gguf_resolves_as_file_and_as_directory(tmp_path, tiny_model_dir):
   (tmp_path / "m").mkdir()
@@ -361,6 +384,10 @@ def test_a_gguf_resolves_as_file_and_as_directory(tmp_path, tiny_model_dir):
   b, _ = load_model(path, dtype="float32")
   np.testing.assert_array_equal(np.asarray(a["embed"]), np.asarray(b["embed"]))
   assert cfg_a.dtype == "float32" and a["embed"].dtype == jnp.float32
+  c, cfg_c = load_model(path)          # quantized: bfloat16 by default
+  assert cfg_c.dtype == "bfloat16" and c["layers"]["wq"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(c["layers"]["wq"], np.float32),
+                             np.asarray(a["layers"]["wq"]), rtol=2.0**-8)
   (path.parent / "other.gguf").write_bytes(path.read_bytes())
   with pytest.raises(GGUFError, match="several GGUF files"):
     detect_format(path.parent)
@@ -457,10 +484,34 @@ def smollm2_path() -> Path:
     pytest.skip(str(e))
 
 
+def test_local_deployment_fits_its_model(smollm2_path):
+  """The default deployment (configs/deployments/local.toml) serves the
+  packaged SmolLM2: its pools' rules divide the model's heads and vocab on
+  their meshes, and its context fits the model's."""
+  import jax
+
+  from pdjax.config import DeploymentConfig
+  from pdjax.engine.setup import param_shardings
+  from pdjax.launch.cluster import mesh_size
+  from pdjax.sharding import ShardingRules, make_mesh, parse_mesh
+  dep = DeploymentConfig.load("local")
+  path = registry.resolve_checkpoint(dep.checkpoint)
+  assert path == smollm2_path
+  spec = tomllib.loads((Path(__file__).parents[1] / "configs" / "models" /
+                        f"{SMOLLM2}.toml").read_text())
+  assert registry.resolve_checkpoint(spec["source"]) == path
+  cfg = gguf_file.read_config(path, dtype=dep.dtype)
+  assert dep.max_seq_len <= cfg.max_position_embeddings
+  for pool in (dep.prefill, dep.decode):
+    mesh = make_mesh(parse_mesh(pool.mesh), jax.devices()[:mesh_size(
+        pool.mesh)])
+    param_shardings(cfg, ShardingRules.load(pool.sharding), mesh)
+
+
 def test_smollm2_answers_like_transformers(smollm2_path):
-  """The real SmolLM2-135M-Instruct GGUF (Q4_1 with a Q8_0 embedding): the
-  chat prompt's logits match transformers' GGUF load, and greedy decoding
-  answers the question the way transformers does."""
+  """The real SmolLM2-135M-Instruct GGUF (Q4_1 with a Q8_0 embedding) on a
+  chat prompt: logits match transformers' GGUF load at every greedy step,
+  and the answer names Paris."""
   params, cfg = load_model(smollm2_path, dtype="float32")
   assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
           cfg.head_dim, cfg.vocab_size, cfg.rope.theta,
@@ -470,14 +521,9 @@ def test_smollm2_answers_like_transformers(smollm2_path):
   template = load_chat_template(None, smollm2_path)
   text = template.render([{"role": "user",
                            "content": "What is the capital of France?"}])
-  ids = np.asarray(tok.encode(text), np.int32)
-  hf = _hf_model(smollm2_path)
-  ref = _hf_logits(hf, ids)[-1]
-  out = llama.prefill_forward(params, jnp.asarray(ids[None]),
-                              jnp.asarray([len(ids)]), cfg=cfg)
-  assert _rel_err(np.asarray(out.logits)[0], ref) <= _rtol(cfg)
-  n = 8
-  tokens = greedy_generate(params, cfg, [ids], n)[0]
-  assert list(tokens) == _hf_greedy(hf, ids, n)
+  ids = tok.encode(text)
+  assert ids[:2] == [tok.bos_token_id, tok.token_to_id("system")]
+  tokens = _greedy_like_transformers(params, cfg, _hf_model(smollm2_path),
+                                     ids, 8)
   answer = tok.decode(tokens)
   assert "Paris" in answer, answer

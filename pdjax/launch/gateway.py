@@ -7,10 +7,10 @@ It loads no weights and needs no accelerator: only the checkpoint's
 tokenizer files (``tokenizer_config.json`` for the chat template and its
 special tokens, ``tokenizer.json`` for token counts and logprob token
 names; a GGUF's metadata holds both), found as the router finds them
-(``--checkpoint``, else the deployment file's). It waits for the router, then serves HTTP; on SIGTERM
-it stops accepting, lets running requests finish for up to
-``--drain_timeout_s``, then cancels the rest (which cancels their router
-calls). The router's TLS and token come from the usual ``--tls_*`` and
+(``--checkpoint``, else the deployment file's). It waits for the router,
+then serves HTTP; on SIGTERM it stops accepting, lets running requests
+finish for up to ``--drain_timeout_s``, then cancels the rest (which
+cancels their router calls). The router's TLS and token come from the usual ``--tls_*`` and
 ``--auth_token`` flags; ``--api_key`` is the gateway's own key.
 """
 

@@ -24,7 +24,6 @@ A GGUF checkpoint is a ``.gguf`` file, or a directory holding exactly one
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +281,6 @@ def read_config(path: str | Path, **kw) -> ModelConfig:
   return model_config(open_gguf(found), **kw)
 
 
-def metadata_summary(f: GGUFFile) -> Mapping[str, Any]:
-  """The scalar metadata (no token lists), for logs and messages."""
-  return {k: v for k, v in f.metadata.items() if not isinstance(v, list)}
-
-
 __all__ = ["GGUFError", "GGUFFile", "GGUF_SUFFIX", "SUPPORTED_ARCHITECTURES",
            "SUPPORTED_TENSOR_TYPES", "find_gguf", "open_gguf", "model_config",
-           "read_config", "token_id", "metadata_summary"]
+           "read_config", "token_id"]

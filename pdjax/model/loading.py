@@ -3,8 +3,9 @@ directory or a GGUF file.
 
 Servers and tools take a single ``--checkpoint`` path and should not care
 which of the formats it is; the format is recognised from the path (a
-``.gguf`` file, or a directory holding one) or the files in the directory. Shardings depend on the config (head counts, vocab size), which is
-only known once the directory has been read, so the caller passes a function
+``.gguf`` file, or a directory holding one) or the files in the directory.
+Shardings depend on the config (head counts, vocab size), which is only
+known once the checkpoint has been read, so the caller passes a function
 ``shardings_fn(cfg)`` instead of a ready-made sharding tree; the weights are
 then placed straight into that sharding by whichever loader applies.
 """
