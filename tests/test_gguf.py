@@ -36,10 +36,16 @@ from pdjax.tokenizer import Tokenizer
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# The K-quants: super-blocks of 256 values.
+K_QUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+K_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 # The tiny test Llama: GQA, head_dim 16, 2 layers; every matrix row a
 # multiple of the 32-element quantization block.
 LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 2, 64, 128, 4, 2, 16
+DIMS = dict(hidden=HIDDEN, ffn=FFN, head_dim=HEAD_DIM)
+# Rows of 256 for the K-quants' super-blocks.
+WIDE_DIMS = dict(hidden=256, ffn=512, head_dim=64)
 ROPE_THETA, RMS_EPS, CONTEXT = 50000.0, 1e-5, 512
 PROMPT_LEN, NEW_TOKENS = 24, 8
 
@@ -82,6 +88,86 @@ def reference_dequantize(raw: np.ndarray, qtype: str, n: int) -> np.ndarray:
   return (d * q + _f16(blocks[:, 2:4])).reshape(-1)[:n]
 
 
+def _k_scale_min(scales: np.ndarray, j: int) -> tuple[int, int]:
+  """Sub-block j's 6-bit scale and minimum from a K block's 12 scale bytes
+  (ggml's get_scale_min_k4): j < 4 in the low 6 bits of bytes j and j + 4;
+  j >= 4 from byte j + 4's nibbles plus the top 2 bits of bytes j - 4, j."""
+  q = [int(b) for b in scales]
+  if j < 4:
+    return q[j] & 63, q[j + 4] & 63
+  return ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+          (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+
+
+def _reference_k_block(b: np.ndarray, qtype: str) -> np.ndarray:
+  """One 256-value K-quant super-block, as ggml-quants.c's
+  dequantize_row_q{4,5,6}_K describe it.
+
+  * Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales/mins for 8
+    sub-blocks of 32, 128 bytes of nibbles; each 64 values take 32 bytes,
+    low nibbles first: x = d * sc * q - dmin * m.
+  * Q5_K (176 bytes): as Q4_K with 32 bytes of fifth bits (qh) before the
+    nibbles; chunk c's low/high halves take bits 2c and 2c + 1 of qh.
+  * Q6_K (210 bytes): 128 bytes of low nibbles (ql), 64 of 2-bit highs (qh),
+    16 int8 scales, f16 d; x = d * scale * (q - 32).
+  """
+  f32 = np.float32
+  y = np.empty(256, f32)
+  if qtype in ("Q4_K", "Q5_K"):
+    d, dmin = _f16(b[0:2])[0], _f16(b[2:4])[0]
+    scales = b[4:16]
+    qh = b[16:48] if qtype == "Q5_K" else None
+    qs = b[48:176] if qtype == "Q5_K" else b[16:144]
+    for c in range(4):                    # 64 values per chunk
+      ql = qs[32 * c:32 * c + 32].astype(np.int32)
+      for half, j in ((0, 2 * c), (1, 2 * c + 1)):
+        sc, m = _k_scale_min(scales, j)
+        q = (ql >> (4 * half)) & 0xF
+        if qh is not None:
+          q = q + 16 * ((qh.astype(np.int32) >> j) & 1)
+        y[64 * c + 32 * half:64 * c + 32 * half + 32] = (
+            f32(d * f32(sc)) * q.astype(f32) - f32(dmin * f32(m)))
+    return y
+  ql, qh = b[0:128].astype(np.int32), b[128:192].astype(np.int32)
+  sc = b[192:208].view(np.int8).astype(f32)
+  d = _f16(b[208:210])[0]
+  for n in range(2):                      # 128 values per half
+    lo, hi, s = ql[64 * n:64 * n + 64], qh[32 * n:32 * n + 32], sc[8 * n:]
+    for l in range(32):
+      i = l // 16
+      q = (((lo[l] & 0xF) | (((hi[l] >> 0) & 3) << 4)) - 32,
+           ((lo[l + 32] & 0xF) | (((hi[l] >> 2) & 3) << 4)) - 32,
+           ((lo[l] >> 4) | (((hi[l] >> 4) & 3) << 4)) - 32,
+           ((lo[l + 32] >> 4) | (((hi[l] >> 6) & 3) << 4)) - 32)
+      for k in range(4):
+        y[128 * n + l + 32 * k] = f32(d * s[i + 2 * k]) * f32(q[k])
+  return y
+
+
+def reference_dequantize_k(raw: np.ndarray, qtype: str, n: int) -> np.ndarray:
+  size = K_BLOCK_BYTES[qtype]
+  blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, size)
+  return np.concatenate([_reference_k_block(b, qtype) for b in blocks])[:n]
+
+
+def random_k_blocks(rng, qtype: str, rows: int, cols: int,
+                    scale: float) -> np.ndarray:
+  """Random K-quant bytes (gguf cannot quantize to these types) whose f16
+  scales are finite, sized so values spread about +-``scale``."""
+  size = K_BLOCK_BYTES[qtype]
+  raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+  d = (rng.uniform(0.5, 1.5, (rows, cols // 256)) * scale).astype(np.float16)
+  if qtype == "Q6_K":                     # |x| ~ d * |scale| * |q| ~ 64 * 16 d
+    raw[..., 208:210] = (d / 1024).view(np.uint8).reshape(
+        rows, cols // 256, 2)
+  else:                                   # mean d*sc*q ~ dmin*m: zero-centred
+    levels = 15.5 if qtype == "Q5_K" else 7.5
+    raw[..., 0:2] = (d / 32 / levels).view(np.uint8).reshape(
+        rows, cols // 256, 2)
+    raw[..., 2:4] = (d / 32).view(np.uint8).reshape(rows, cols // 256, 2)
+  return raw.reshape(rows, -1)
+
+
 def test_reference_dequantize_on_hand_made_blocks():
   """The reference itself, on blocks whose values follow from the spec by
   hand: scale 0.5 (f16 0x3800), minimum -1 (0xBC00)."""
@@ -99,6 +185,49 @@ def test_reference_dequantize_on_hand_made_blocks():
   bf16 = np.array([0x80, 0x3F, 0x00, 0xC0], np.uint8)       # 1.0, -2.0
   np.testing.assert_array_equal(reference_dequantize(bf16, "BF16", 2),
                                 [1.0, -2.0])
+
+
+def test_reference_k_quants_on_hand_made_blocks():
+  """Sub-block scales and minimums land where the spec puts them: Q4_K
+  with d = 1, dmin = 0.5, sub-block j's scale j + 1 and minimum 2 (j < 4
+  packed in the low bits, j >= 4 split over nibbles and top bits), every
+  nibble 3; Q6_K with d = 0.5, scale i for group i, every q = 33."""
+  b = np.zeros(144, np.uint8)
+  b[0:4] = [0x00, 0x3C, 0x00, 0x38]       # f16 1.0 and 0.5
+  for j in range(8):
+    sc, m = j + 1, 2
+    if j < 4:
+      b[4 + j] |= sc
+      b[8 + j] |= m
+    else:
+      b[8 + j] |= (sc & 0xF) | ((m & 0xF) << 4)
+      b[j] |= (sc >> 4) << 6
+      b[4 + j] |= (m >> 4) << 6
+  b[16:] = 0x33
+  want = np.repeat(np.arange(1, 9) * 3.0 - 1.0, 32)
+  np.testing.assert_array_equal(reference_dequantize_k(b, "Q4_K", 256), want)
+  b = np.zeros(210, np.uint8)
+  b[0:128] = 0x11                          # low nibbles 1
+  b[128:192] = 0xAA                        # high pairs 2: q = 33 - 32 = 1
+  b[192:208] = np.arange(16, dtype=np.int8).view(np.uint8)
+  b[208:210] = [0x00, 0x38]                # d = 0.5
+  # Value v of the block belongs to scale group v // 16.
+  want = np.repeat(np.arange(16) * 0.5, 16)
+  np.testing.assert_array_equal(reference_dequantize_k(b, "Q6_K", 256), want)
+
+
+@pytest.mark.parametrize("qtype", K_QUANT_TYPES)
+def test_k_quants_match_the_spec(tmp_path, qtype):
+  raw = random_k_blocks(np.random.default_rng(11), qtype, 4, 512, 1.0)
+  path = tmp_path / "t.gguf"
+  w = gguf.GGUFWriter(str(path), arch="llama")
+  w.add_tensor("t", raw, raw_dtype=Q[qtype])
+  _finish(w)
+  got = gguf_file.GGUFFile(path).read("t")
+  assert got.shape == (4, 512)
+  want = reference_dequantize_k(raw, qtype, got.size).reshape(got.shape)
+  np.testing.assert_array_equal(got, want)
+  assert np.isfinite(got).all() and 0.1 < np.abs(got).mean() < 10
 
 
 def _quantize(x: np.ndarray, qtype: str) -> np.ndarray:
@@ -173,7 +302,8 @@ def _tiny_vocab(tiny_dir: str):
   return tokens, merges, types, template
 
 
-def _hf_weights(seed: int, vocab: int, tie: bool) -> dict[str, np.ndarray]:
+def _hf_weights(seed: int, vocab: int, tie: bool, hidden: int, ffn: int,
+                head_dim: int) -> dict[str, np.ndarray]:
   """Random weights in Hugging Face's layout, under GGUF's names. Scales as
   pdjax-tiny's, so logits span a few units and greedy decoding wanders."""
   rng = np.random.default_rng(seed)
@@ -181,21 +311,22 @@ def _hf_weights(seed: int, vocab: int, tie: bool) -> dict[str, np.ndarray]:
   def normal(std, *shape):
     return rng.normal(0, std, shape).astype(np.float32)
 
-  out = {"token_embd.weight": normal(1.0, vocab, HIDDEN),
-         "output_norm.weight": 1 + normal(0.1, HIDDEN)}
+  q, kv = HEADS * head_dim, KV_HEADS * head_dim
+  out = {"token_embd.weight": normal(1.0, vocab, hidden),
+         "output_norm.weight": 1 + normal(0.1, hidden)}
   if not tie:
-    out["output.weight"] = normal(0.3, vocab, HIDDEN)
+    out["output.weight"] = normal(0.3, vocab, hidden)
   for i in range(LAYERS):
     out.update({
-        f"blk.{i}.attn_norm.weight": 1 + normal(0.1, HIDDEN),
-        f"blk.{i}.ffn_norm.weight": 1 + normal(0.1, HIDDEN),
-        f"blk.{i}.attn_q.weight": normal(0.25, HEADS * HEAD_DIM, HIDDEN),
-        f"blk.{i}.attn_k.weight": normal(0.25, KV_HEADS * HEAD_DIM, HIDDEN),
-        f"blk.{i}.attn_v.weight": normal(0.25, KV_HEADS * HEAD_DIM, HIDDEN),
-        f"blk.{i}.attn_output.weight": normal(0.25, HIDDEN, HEADS * HEAD_DIM),
-        f"blk.{i}.ffn_gate.weight": normal(0.2, FFN, HIDDEN),
-        f"blk.{i}.ffn_up.weight": normal(0.2, FFN, HIDDEN),
-        f"blk.{i}.ffn_down.weight": normal(0.2, HIDDEN, FFN),
+        f"blk.{i}.attn_norm.weight": 1 + normal(0.1, hidden),
+        f"blk.{i}.ffn_norm.weight": 1 + normal(0.1, hidden),
+        f"blk.{i}.attn_q.weight": normal(0.25, q, hidden),
+        f"blk.{i}.attn_k.weight": normal(0.25, kv, hidden),
+        f"blk.{i}.attn_v.weight": normal(0.25, kv, hidden),
+        f"blk.{i}.attn_output.weight": normal(0.25, hidden, q),
+        f"blk.{i}.ffn_gate.weight": normal(0.2, ffn, hidden),
+        f"blk.{i}.ffn_up.weight": normal(0.2, ffn, hidden),
+        f"blk.{i}.ffn_down.weight": normal(0.2, hidden, ffn),
     })
   return out
 
@@ -204,18 +335,21 @@ def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
                      tie: bool = False, seed: int = 0, arch: str = "llama",
                      tensor_types: dict[str, str] | None = None,
                      tokenizer_model: str = "gpt2",
-                     rope_scaling: tuple[str, float] | None = None) -> Path:
-  """A small Llama GGUF as llama.cpp's converter lays one out."""
+                     rope_scaling: tuple[str, float] | None = None,
+                     dims: dict[str, int] = DIMS) -> Path:
+  """A small Llama GGUF as llama.cpp's converter lays one out. K-quant
+  tensors hold random blocks (gguf cannot quantize to them) of the scale
+  the float weights would have had."""
   tokens, merges, types, template = _tiny_vocab(str(tiny_dir))
   w = gguf.GGUFWriter(str(path), arch=arch)
   w.add_name("tiny-test")
   w.add_block_count(LAYERS)
   w.add_context_length(CONTEXT)
-  w.add_embedding_length(HIDDEN)
-  w.add_feed_forward_length(FFN)
+  w.add_embedding_length(dims["hidden"])
+  w.add_feed_forward_length(dims["ffn"])
   w.add_head_count(HEADS)
   w.add_head_count_kv(KV_HEADS)
-  w.add_rope_dimension_count(HEAD_DIM)
+  w.add_rope_dimension_count(dims["head_dim"])
   w.add_rope_freq_base(ROPE_THETA)
   w.add_layer_norm_rms_eps(RMS_EPS)
   if rope_scaling is not None:
@@ -232,12 +366,15 @@ def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
   w.add_pad_token_id(2)
   w.add_add_bos_token(True)
   w.add_chat_template(template)
-  for name, x in _hf_weights(seed, len(tokens), tie).items():
+  rng = np.random.default_rng(seed + 1)
+  for name, x in _hf_weights(seed, len(tokens), tie, **dims).items():
     if name.endswith(("attn_q.weight", "attn_k.weight")):
       heads = HEADS if "attn_q" in name else KV_HEADS
       x = gguf_weights.permute_rope_rows(x, heads)
     kind = (tensor_types or {}).get(name, qtype if x.ndim == 2 else "F32")
-    w.add_tensor(name, _quantize(x, kind),
+    raw = (random_k_blocks(rng, kind, *x.shape, float(x.std()))
+           if kind in K_QUANT_TYPES else _quantize(x, kind))
+    w.add_tensor(name, raw,
                  raw_dtype=None if kind in ("F32", "F16") else Q[kind])
   _finish(w)
   return path
@@ -324,6 +461,22 @@ def test_matches_transformers(tmp_path, tiny_model_dir, prompt, qtype, tie):
       params, jnp.asarray(prompt[None]), cfg=cfg))[0]
   ref = _hf_logits(hf, prompt)
   assert _rel_err(ours, ref) <= _rtol(cfg)
+  _greedy_like_transformers(params, cfg, hf, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("qtype", K_QUANT_TYPES)
+def test_k_quants_match_transformers(tmp_path, tiny_model_dir, prompt, qtype):
+  """A K-quant file (every matrix in ``qtype``, rows of 256): transformers
+  dequantizes with its own torch code, pdjax with gguf's numpy code; both
+  must give the same model."""
+  path = write_llama_gguf(tmp_path / f"k-{qtype}.gguf", tiny_model_dir,
+                          qtype, dims=WIDE_DIMS)
+  params, cfg = load_model(path, dtype="float32")
+  assert cfg.hidden_size == 256 and cfg.head_dim == 64
+  hf = _hf_model(path)
+  ours = np.asarray(llama.reference_forward(
+      params, jnp.asarray(prompt[None]), cfg=cfg))[0]
+  assert _rel_err(ours, _hf_logits(hf, prompt)) <= _rtol(cfg)
   _greedy_like_transformers(params, cfg, hf, prompt, NEW_TOKENS)
 
 

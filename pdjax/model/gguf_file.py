@@ -12,10 +12,11 @@ What pdjax serves from a GGUF, and refuses up front with a message naming
 the file and the offending value:
 
 * ``general.architecture`` ``llama`` (Llama 1/2/3, SmolLM, TinyLlama, ...);
-* tensors in F32, F16, BF16, Q8_0, Q4_0 or Q4_1, dequantized block by block
-  to float32 (then cast to the pool's dtype by the weight loader). The
-  dequantization is ``gguf.quants.dequantize``; the tests pin it against an
-  independent numpy implementation of the block formats.
+* tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1 or the K-quants Q4_K, Q5_K,
+  Q6_K (what llama.cpp's Q4_K_M, Q5_K_M and Q6_K files hold), dequantized
+  block by block to float32 (then cast to the pool's dtype by the weight
+  loader). The dequantization is ``gguf.quants.dequantize``; the tests pin
+  it against an independent numpy implementation of the block formats.
 
 A GGUF checkpoint is a ``.gguf`` file, or a directory holding exactly one
 (and no ``config.json``, which would make it a Hugging Face directory).
@@ -34,7 +35,8 @@ from pdjax.model.config import ModelConfig, ModelConfigError, RopeConfig
 GGUF_SUFFIX = ".gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)
 # ggml type names pdjax dequantizes (gguf.GGMLQuantizationType members).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1",
+                          "Q4_K", "Q5_K", "Q6_K")
 # Rope scaling types read from ``<arch>.rope.scaling.type``.
 _ROPE_SCALING = {"none": "default", "linear": "linear"}
 
