@@ -27,7 +27,7 @@ import pytest
 
 from pdjax.gateway.chat_template import load_chat_template
 from pdjax.model import gguf_file, gguf_weights, llama, registry
-from pdjax.model.config import ModelConfig
+from pdjax.model.config import ModelConfig, RopeConfig, rope_inv_freq
 from pdjax.model.generate import greedy_generate
 from pdjax.model.gguf_file import GGUFError
 from pdjax.model.loading import detect_format, load_model
@@ -336,7 +336,9 @@ def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
                      tensor_types: dict[str, str] | None = None,
                      tokenizer_model: str = "gpt2",
                      rope_scaling: tuple[str, float] | None = None,
-                     dims: dict[str, int] = DIMS) -> Path:
+                     dims: dict[str, int] = DIMS, theta: float = ROPE_THETA,
+                     rope_freqs: np.ndarray | None = None,
+                     original_context: int | None = None) -> Path:
   """A small Llama GGUF as llama.cpp's converter lays one out. K-quant
   tensors hold random blocks (gguf cannot quantize to them) of the scale
   the float weights would have had."""
@@ -350,7 +352,12 @@ def write_llama_gguf(path: Path, tiny_dir: Path, qtype: str, *,
   w.add_head_count(HEADS)
   w.add_head_count_kv(KV_HEADS)
   w.add_rope_dimension_count(dims["head_dim"])
-  w.add_rope_freq_base(ROPE_THETA)
+  w.add_rope_freq_base(theta)
+  if original_context is not None:
+    w.add_uint32(f"{arch}.rope.scaling.original_context_length",
+                 original_context)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
   w.add_layer_norm_rms_eps(RMS_EPS)
   if rope_scaling is not None:
     w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
@@ -522,6 +529,48 @@ def test_rope_scaling_from_metadata(tmp_path, tiny_model_dir):
   with pytest.raises(GGUFError, match="rope scaling 'yarn' is not "
                      "supported"):
     gguf_file.read_config(path)
+
+
+def _llama3_divisors(theta, head_dim, factor, low, high, old_ctx):
+  """Per-frequency rope divisors as llama.cpp's converter computes them
+  from a Llama 3.1 rope_scaling (in float64, stored as float32)."""
+  divisors = []
+  for i in range(0, head_dim, 2):
+    wavelen = 2 * math.pi * theta ** (i / head_dim)
+    if wavelen < old_ctx / high:
+      divisors.append(1.0)
+    elif wavelen > old_ctx / low:
+      divisors.append(factor)
+    else:
+      smooth = (old_ctx / wavelen - low) / (high - low)
+      divisors.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(divisors)
+
+
+def test_llama3_rope_from_rope_freqs(tmp_path, tiny_model_dir):
+  """A rope_freqs tensor (Llama 3.1 style) becomes pdjax's llama3 rope
+  scaling. theta 10000 and head dim 16 with an original context of 64
+  put the 8 frequencies in all three bands, two of them in between."""
+  divisors = _llama3_divisors(10000.0, HEAD_DIM, 8.0, 1.0, 4.0, 64)
+  assert ((divisors > 1) & (divisors < 8)).sum() == 2
+  assert (divisors == 1).any() and (divisors == 8).any()
+  path = write_llama_gguf(tmp_path / "r.gguf", tiny_model_dir, "F16",
+                          theta=10000.0, rope_freqs=divisors,
+                          original_context=64)
+  rope = gguf_file.read_config(path).rope
+  assert rope == RopeConfig(theta=10000.0, rope_type="llama3", factor=8.0,
+                            low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=64)
+  base = rope_inv_freq(RopeConfig(theta=10000.0), HEAD_DIM)
+  np.testing.assert_allclose(rope_inv_freq(rope, HEAD_DIM),
+                             base / divisors.astype(np.float32), rtol=1e-6)
+  params, cfg = load_model(path, dtype="float32")   # the tensor is no weight
+  assert cfg.rope == rope and "rope_freqs" not in str(params.keys())
+  shuffled = write_llama_gguf(tmp_path / "s.gguf", tiny_model_dir, "F16",
+                              theta=10000.0, rope_freqs=divisors[::-1],
+                              original_context=64)
+  with pytest.raises(GGUFError, match="not llama3 rope scaling"):
+    gguf_file.read_config(shuffled)
 
 
 # ------------------------------------------------------ formats and paths

@@ -11,7 +11,8 @@ tokenizer and the template) can use it.
 What pdjax serves from a GGUF, and refuses up front with a message naming
 the file and the offending value:
 
-* ``general.architecture`` ``llama`` (Llama 1/2/3, SmolLM, TinyLlama, ...);
+* ``general.architecture`` ``llama`` (Llama 1/2/3, SmolLM, TinyLlama, ...),
+  with plain, linear or (a ``rope_freqs`` tensor) llama3 rope scaling;
 * tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1 or the K-quants Q4_K, Q5_K,
   Q6_K (what llama.cpp's Q4_K_M, Q5_K_M and Q6_K files hold), dequantized
   block by block to float32 (then cast to the pool's dtype by the weight
@@ -25,12 +26,14 @@ A GGUF checkpoint is a ``.gguf`` file, or a directory holding exactly one
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pdjax.model.config import ModelConfig, ModelConfigError, RopeConfig
+from pdjax.model.config import (ModelConfig, ModelConfigError, RopeConfig,
+                                rope_inv_freq)
 
 GGUF_SUFFIX = ".gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -39,6 +42,8 @@ SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1",
                           "Q4_K", "Q5_K", "Q6_K")
 # Rope scaling types read from ``<arch>.rope.scaling.type``.
 _ROPE_SCALING = {"none": "default", "linear": "linear"}
+# Per-frequency rope divisors (Llama 3.1 style scaling).
+ROPE_FREQS = "rope_freqs.weight"
 
 
 class GGUFError(ValueError):
@@ -161,21 +166,67 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 
 # ------------------------------------------------------------------ config
-def _rope(f: GGUFFile) -> RopeConfig:
+def _rope(f: GGUFFile, head_dim: int) -> RopeConfig:
   theta = float(f.get(f.arch_key("rope.freq_base"), 10000.0))
   kind = f.get(f.arch_key("rope.scaling.type"), "none")
   if kind not in _ROPE_SCALING:
     raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported "
                     f"(supported: {', '.join(_ROPE_SCALING)})")
-  if "rope_freqs.weight" in f.tensors:
-    raise GGUFError(f"{f.path}: per-frequency rope factors (tensor "
-                    "'rope_freqs.weight', Llama 3.1 style rope scaling) are "
-                    "not supported")
+  if ROPE_FREQS in f.tensors:
+    return _llama3_rope(f, theta, head_dim)
   rope_type = _ROPE_SCALING[kind]
   factor = float(f.get(f.arch_key("rope.scaling.factor"), 1.0))
   if rope_type == "default" or factor == 1.0:
     return RopeConfig(theta=theta)
   return RopeConfig(theta=theta, rope_type=rope_type, factor=factor)
+
+
+def _round(x: float) -> float:
+  return float(f"{x:.6g}")
+
+
+def _llama3_rope(f: GGUFFile, theta: float, head_dim: int) -> RopeConfig:
+  """The ``llama3`` rope scaling a ``rope_freqs`` tensor encodes.
+
+  llama.cpp's converter stores Llama 3.1 style scaling as one divisor per
+  frequency: 1 for short wavelengths, ``factor`` for long ones, and
+  ``1 / ((1 - s) / factor + s)`` between, where ``s = (old_context /
+  wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``
+  is linear in 1 / wavelength. ``factor`` is the largest divisor; a line
+  through the in-between ones gives the two band parameters for the
+  original context (metadata ``rope.scaling.original_context_length``,
+  else Llama 3's 8192). The result must reproduce every divisor (to
+  float32 rounding, amplified a little by the fit), or the file is
+  refused: its factors are not the llama3 shape pdjax implements.
+  """
+  divisors = f.read(ROPE_FREQS).reshape(-1).astype(np.float64)
+  base = rope_inv_freq(RopeConfig(theta=theta), head_dim).astype(np.float64)
+  if divisors.shape != base.shape:
+    raise GGUFError(f"{f.path}: tensor {ROPE_FREQS!r} has {divisors.size} "
+                    f"factors, head dim {head_dim} needs {base.size}")
+  if np.all(divisors == 1.0):
+    return RopeConfig(theta=theta)
+  factor = float(divisors.max())
+  old_ctx = int(f.get(f.arch_key("rope.scaling.original_context_length"),
+                      8192))
+  low, high = 1.0, 4.0
+  medium = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+  if medium.sum() >= 2 and factor > 1:
+    smooth = (1 / divisors[medium] - 1 / factor) / (1 - 1 / factor)
+    x = old_ctx * base[medium] / (2 * math.pi)     # old_ctx / wavelength
+    slope, intercept = np.polyfit(x, smooth, 1)
+    low = _round(-intercept / slope)
+    high = _round(low + 1 / slope)
+  rope = RopeConfig(theta=theta, rope_type="llama3", factor=_round(factor),
+                    low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=old_ctx)
+  got = rope_inv_freq(rope, head_dim).astype(np.float64)
+  if not np.allclose(got, base / divisors, rtol=1e-5, atol=0):
+    raise GGUFError(
+        f"{f.path}: the per-frequency rope factors of tensor "
+        f"{ROPE_FREQS!r} are not llama3 rope scaling (the only kind pdjax "
+        "implements)")
+  return rope
 
 
 def token_id(f: GGUFFile, key: str) -> int | None:
@@ -226,7 +277,7 @@ def model_config(f: GGUFFile, *, dtype: str | None = None,
         head_dim=head_dim,
         rms_norm_eps=float(f.get(f.arch_key(
             "attention.layer_norm_rms_epsilon"), 1e-5)),
-        rope=_rope(f),
+        rope=_rope(f, head_dim),
         max_position_embeddings=int(f.get(f.arch_key("context_length"),
                                           4096)),
         tie_word_embeddings="output.weight" not in f.tensors,
@@ -267,10 +318,10 @@ def _check_shapes(f: GGUFFile, cfg: ModelConfig) -> None:
     elif f.tensor_shape(name) != shape:
       problems.append(f"tensor {name!r} has shape {f.tensor_shape(name)}, "
                       f"the metadata implies {shape}")
-  extra = sorted(set(f.tensors) - set(want))
+  extra = sorted(set(f.tensors) - set(want) - {ROPE_FREQS})
   if extra:
     problems.append(f"tensors {extra[:4]} are not part of the Llama layout "
-                    "pdjax serves (biases, rope factors, ...)")
+                    "pdjax serves (biases, ...)")
   if problems:
     raise GGUFError(f"{f.path}: " + "; ".join(problems[:6]))
 
