@@ -235,6 +235,30 @@ class Tokenizer:
                add_bos=None if add_bos is None else bool(add_bos),
                source=str(tok_file))
 
+  @classmethod
+  def from_checkpoint(cls, path: str | Path) -> "Tokenizer | None":
+    """The tokenizer of any checkpoint ``pdjax.model.loading`` serves, or
+    None when it has none.
+
+    A GGUF (a ``.gguf`` file, or a directory holding one) carries its
+    tokenizer in its metadata (``pdjax.model.gguf_tokenizer``); a Hugging
+    Face or pdjax directory has ``tokenizer.json``, with BOS/EOS from its
+    ``config.json`` where there is one (``from_dir``).
+    """
+    from pdjax.model.gguf_file import find_gguf
+    gguf_path = find_gguf(path)
+    if gguf_path is not None:
+      from pdjax.model.gguf_tokenizer import build_tokenizer
+      return build_tokenizer(gguf_path)
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+      return None
+    cfg = None
+    if (path / "config.json").exists():
+      from pdjax.model.config import ModelConfig
+      cfg = ModelConfig.from_hf_dir(path)
+    return cls.from_dir(path, model_config=cfg)
+
   def _probe_post_processor_bos(self) -> bool:
     if self.bos_token_id is None:
       return False

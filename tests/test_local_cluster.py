@@ -140,3 +140,13 @@ def test_device_transfer_server_is_advertised_at_the_workers_address():
                         advertise_host=advertised_host("10.4.0.7:50061"))
   host, port = sender.address().rsplit(":", 1)
   assert host == "10.4.0.7" and int(port) > 0
+
+
+def test_prompt_goes_through_the_models_chat_template(tiny_model_dir):
+  """``launch.local --prompt`` sends the text as a user message rendered
+  with the model's template; a model without one gets the text as is."""
+  from pdjax.launch.cluster import chat_prompt
+  text, origin = chat_prompt("test", None, "Hi there")
+  assert text == "<|bos|>User: Hi there\nAssistant:"
+  assert origin.endswith("tokenizer_config.json")
+  assert chat_prompt("test", "random:tiny", "Hi") is None

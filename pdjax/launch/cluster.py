@@ -407,6 +407,25 @@ def start_gateway(cluster: LocalCluster, router_address: str, *,
   return f"http://{cluster.host}:{gateway.port()}"
 
 
+def chat_prompt(config: str, checkpoint: str | None, prompt: str
+                ) -> tuple[str, str] | None:
+  """``prompt`` as one user message rendered with the chat template of the
+  deployment's model (``checkpoint``, else the deployment file's), and
+  where the template came from; None when the model has none."""
+  from pdjax.config import DeploymentConfig
+  from pdjax.gateway.chat_template import load_chat_template
+  from pdjax.model import presets
+  from pdjax.model.registry import resolve_checkpoint
+  spec = checkpoint or DeploymentConfig.load(config).checkpoint
+  if presets.is_random(spec):
+    return None
+  template = load_chat_template(None, resolve_checkpoint(spec))
+  if template is None:
+    return None
+  return (template.render([{"role": "user", "content": prompt}]),
+          template.origin)
+
+
 def router_client_settings(router_flags) -> tuple:
   """(TlsConfig or None, token) to dial a router started with these flags.
 

@@ -6,11 +6,11 @@
 It loads no weights and needs no accelerator: only the checkpoint's
 tokenizer files (``tokenizer_config.json`` for the chat template and its
 special tokens, ``tokenizer.json`` for token counts and logprob token
-names), found as the router finds them (``--checkpoint``, else the
-deployment file's). It serves HTTP at once (/livez: liveness; /health and
-/readyz: readiness, 503 until the router is ready) and waits for the router
-before reporting ready to a launcher; on SIGTERM
-it stops accepting, lets running requests finish for up to
+names; a GGUF's metadata holds both), found as the router finds them
+(``--checkpoint``, else the deployment file's). It serves HTTP at once
+(/livez: liveness; /health and /readyz: readiness, 503 until the router is
+ready) and waits for the router before reporting ready to a launcher; on
+SIGTERM it stops accepting, lets running requests finish for up to
 ``--drain_timeout_s``, then cancels the rest (which cancels their router
 calls). The router's TLS and token come from the usual ``--tls_*`` and
 ``--auth_token`` flags; ``--api_key`` is the gateway's own key.
@@ -81,8 +81,8 @@ def template_path(spec: str) -> Path:
 
 
 def model_dir() -> Path | None:
-  """The checkpoint directory holding the tokenizer files (None for
-  random-weight presets, which have none)."""
+  """The checkpoint holding the tokenizer: a directory with its files, or a
+  GGUF file (None for random-weight presets, which have none)."""
   from pdjax.config import DeploymentConfig
   from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
@@ -95,13 +95,10 @@ def model_dir() -> Path | None:
 
 def load_tokenizer(path: Path | None):
   """The model's tokenizer, loaded as the router loads it, or None."""
-  if path is None or not (path / "tokenizer.json").exists():
+  if path is None:
     return None
-  from pdjax.model.config import ModelConfig
   from pdjax.tokenizer import Tokenizer
-  cfg = (ModelConfig.from_hf_dir(path) if (path / "config.json").exists()
-         else None)
-  return Tokenizer.from_dir(path, model_config=cfg)
+  return Tokenizer.from_checkpoint(path)
 
 
 async def serve() -> None:
@@ -121,9 +118,9 @@ async def serve() -> None:
   except ChatTemplateError as e:
     raise SystemExit(f"error: {e}") from e
   if template is None:
-    log.warning("no chat template in %s/tokenizer_config.json and no "
-                "--chat_template: /v1/chat/completions answers 400",
-                directory)
+    log.warning("no chat template in %s (tokenizer_config.json or GGUF "
+                "metadata) and no --chat_template: /v1/chat/completions "
+                "answers 400", directory)
   tls, token = F.router_client_settings()
   config = GatewayConfig(
       router=ROUTER.value, served_model_name=SERVED_MODEL_NAME.value,

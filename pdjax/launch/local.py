@@ -6,7 +6,8 @@ own devices (CPU: ``--xla_force_host_platform_device_count`` per process;
 GPU: ``CUDA_VISIBLE_DEVICES``), waits until every one is serving, prints the
 router's address (and with ``--gateway_port`` starts the OpenAI-compatible
 HTTP gateway in front of it), and with ``--prompt`` runs a generation
-through it. Ctrl-C
+through it: as the one user message of a chat, rendered with the model's
+chat template when it has one (``--nochat``: the raw text). Ctrl-C
 (or the end of ``--prompt`` without ``--serve``) shuts everything down:
 SIGTERM (workers drain), then SIGKILL after a grace period.
 
@@ -26,14 +27,15 @@ from pathlib import Path
 
 from absl import app, flags
 
-from pdjax.launch.cluster import (LocalCluster, UsageError, launch,
-                                  router_client_settings, start_gateway, tail)
+from pdjax.launch.cluster import (LocalCluster, UsageError, chat_prompt,
+                                  launch, router_client_settings,
+                                  start_gateway, tail)
 
 CONFIG = flags.DEFINE_string(
     "config", None, "Deployment config (default: 'local' on the CPU, "
     "'local-gpu' with --platform=gpu).")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
-                                 "deployment's, 'tiny').")
+                                 "deployment's).")
 KV_TRANSPORT = flags.DEFINE_enum("kv_transport", None,
                                  ["grpc", "device", "local"],
                                  "KV transport (default: the deployment's).")
@@ -55,6 +57,10 @@ LOCAL_PREFILL = flags.DEFINE_integer("local_prefill_threshold", None,
 PROMPT = flags.DEFINE_string("prompt", None, "Generate from this prompt "
                              "through the router once everything is up.")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "For --prompt.")
+CHAT = flags.DEFINE_bool("chat", True, "For --prompt: send it as a user "
+                         "message through the model's chat template (when "
+                         "the checkpoint has one); --nochat sends the text "
+                         "as is.")
 SERVE = flags.DEFINE_bool("serve", None, "Keep serving until Ctrl-C "
                           "(default: true unless --prompt is given).")
 READY_TIMEOUT = flags.DEFINE_float("ready_timeout_s", 600.0,
@@ -107,11 +113,20 @@ def main(argv) -> None:
       print(f"OpenAI-compatible gateway at {url}/v1", flush=True)
     if PROMPT.value is not None:
       from pdjax.client import Client
+      chat = (chat_prompt(config, CHECKPOINT.value, PROMPT.value)
+              if CHAT.value else None)
+      # A rendered template holds its special tokens (BOS where the model
+      # wants one) as text: no BOS on top, and none in the answer's text.
+      text, options = PROMPT.value, {}
+      if chat is not None:
+        text = chat[0]
+        options = dict(add_special_tokens=False, skip_special_tokens=True)
       tls, token = router_client_settings(ROUTER_FLAGS.value)
       with Client(address, tls=tls, token=token) as client:
-        result = client.generate(PROMPT.value, max_tokens=MAX_TOKENS.value,
-                                 temperature=0.0)
-      print(f"prompt: {PROMPT.value!r}")
+        result = client.generate(text, max_tokens=MAX_TOKENS.value,
+                                 temperature=0.0, **options)
+      print(f"prompt: {PROMPT.value!r}"
+            + (f" (chat template of {chat[1]})" if chat else ""))
       print(f"completion: {result.text!r}")
       u = result.usage
       print(f"{u.completion_tokens} tokens, finish={result.finish_reason}, "

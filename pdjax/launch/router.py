@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
-
 from absl import app, flags
 
 from pdjax.launch import flags as F
@@ -73,16 +71,11 @@ async def serve() -> None:
   if presets.is_random(checkpoint):
     log.info("random weights (%s): no tokenizer, clients send token ids",
              checkpoint)
-  elif (Path(resolve_checkpoint(checkpoint)) / "tokenizer.json").exists():
-    checkpoint = resolve_checkpoint(checkpoint)
-    from pdjax.model.config import ModelConfig
-    cfg = None
-    if (Path(checkpoint) / "config.json").exists():
-      cfg = ModelConfig.from_hf_dir(checkpoint)
-    tokenizer = Tokenizer.from_dir(checkpoint, model_config=cfg)
   else:
-    log.warning("no tokenizer.json in %s: clients must send token ids",
-                checkpoint)
+    tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(checkpoint))
+    if tokenizer is None:
+      log.warning("no tokenizer in %s: clients must send token ids",
+                  checkpoint)
   metrics = Metrics("router")
   registry = WorkerRegistry(sec, metrics=metrics,
                             kv_overlap_weight=KV_OVERLAP_WEIGHT.value,

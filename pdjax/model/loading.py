@@ -1,9 +1,11 @@
-"""One entry point for weights: a pdjax orbax checkpoint or a HF directory.
+"""One entry point for weights: a pdjax orbax checkpoint, a Hugging Face
+directory or a GGUF file.
 
 Servers and tools take a single ``--checkpoint`` path and should not care
-which of the two formats it is; the format is recognised from the files in the
-directory. Shardings depend on the config (head counts, vocab size), which is
-only known once the directory has been read, so the caller passes a function
+which of the formats it is; the format is recognised from the path (a
+``.gguf`` file, or a directory holding one) or the files in the directory.
+Shardings depend on the config (head counts, vocab size), which is only
+known once the checkpoint has been read, so the caller passes a function
 ``shardings_fn(cfg)`` instead of a ready-made sharding tree; the weights are
 then placed straight into that sharding by whichever loader applies.
 """
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from pdjax.model import checkpoint as ckpt
 from pdjax.model.config import ModelConfig
+from pdjax.model.gguf_file import find_gguf
 from pdjax.model.llama import Params
 from pdjax.model.weights import WeightsError, load_hf_params
 
@@ -30,18 +33,23 @@ def _dtype_name(dtype) -> str | None:
 
 
 def detect_format(path: str | Path) -> str:
-  """"pdjax" or "hf" for a model directory; raises if it is neither."""
+  """"pdjax", "hf" or "gguf" for a checkpoint path; raises if it is none."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(
         f"{path}: no such model directory (pdjax loads local directories "
         "only; download Hugging Face models first)")
-  if not path.is_dir():
-    raise WeightsError(f"{path}: expected a model directory, got a file")
+  if path.is_file():
+    if find_gguf(path) is not None:
+      return "gguf"
+    raise WeightsError(f"{path}: expected a model directory or a .gguf "
+                       "file, got another file")
   if (path / ckpt.METADATA_FILE).exists():
     return "pdjax"
   if (path / "config.json").exists():
     return "hf"
+  if find_gguf(path) is not None:
+    return "gguf"
   hint = ""
   if path.name == ckpt.PARAMS_DIR and (
       path.parent / ckpt.METADATA_FILE).exists():
@@ -49,18 +57,21 @@ def detect_format(path: str | Path) -> str:
   found = sorted(p.name for p in path.iterdir())[:20]
   raise WeightsError(
       f"{path}: neither a pdjax checkpoint (no {ckpt.METADATA_FILE}) nor a "
-      f"Hugging Face model directory (no config.json){hint}; found {found}")
+      f"Hugging Face model directory (no config.json) nor a GGUF "
+      f"(no .gguf file){hint}; found {found}")
 
 
 def load_model(checkpoint: str | Path,
                shardings_fn: ShardingsFn | None = None, *,
                dtype=None) -> tuple[Params, ModelConfig]:
-  """Loads weights and config from a pdjax checkpoint or a HF directory.
+  """Loads weights and config from a pdjax checkpoint, a HF directory or a
+  GGUF file.
 
   Args:
     checkpoint: a directory written by ``save_checkpoint`` (has
-      ``pdjax_model.json``) or a Hugging Face model directory (has
-      ``config.json`` and safetensors).
+      ``pdjax_model.json``), a Hugging Face model directory (has
+      ``config.json`` and safetensors), or a ``.gguf`` file (or a directory
+      holding one), dequantized on load.
     shardings_fn: ``cfg -> sharding pytree | None``, called once the config
       is known; None places everything on the default device.
     dtype: storage dtype to load as ("bfloat16", "float32", "float16" or a
@@ -71,8 +82,9 @@ def load_model(checkpoint: str | Path,
 
   Raises:
     FileNotFoundError: the path does not exist.
-    WeightsError / ModelConfigError: the directory is neither format, or its
-      files are broken; the message names the file and the problem.
+    WeightsError / ModelConfigError / GGUFError: the path is no known
+      format, its files are broken, or a GGUF's architecture or tensor
+      types are not supported; the message names the file and the problem.
   """
   path = Path(checkpoint)
   fmt = detect_format(path)
@@ -83,6 +95,9 @@ def load_model(checkpoint: str | Path,
       cfg = cfg.replace(dtype=dtype)
     shardings = shardings_fn(cfg) if shardings_fn is not None else None
     return ckpt.restore_checkpoint(path, shardings, cfg=cfg)
+  if fmt == "gguf":
+    from pdjax.model.gguf_weights import load_gguf
+    return load_gguf(find_gguf(path), shardings_fn, dtype=dtype)
   cfg = ModelConfig.from_hf_dir(path, dtype=dtype)
   shardings = shardings_fn(cfg) if shardings_fn is not None else None
   return load_hf_params(path, cfg, shardings), cfg

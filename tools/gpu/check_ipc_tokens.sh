@@ -6,7 +6,8 @@
 #
 #   bash tools/gpu/check_ipc_tokens.sh OUT_DIR
 #
-# The default tiny model in float32 (configs/deployments/local.toml), the
+# The tiny model in float32 (configs/deployments/local.toml's settings,
+# --checkpoint=tiny: the batch-eval prompts below are tiny token ids), the
 # batch-eval driver's `chat` prompts, greedy, one request at a time
 # (--concurrency=1: the same program shapes in both deployments, so the
 # tokens must be identical, not merely close). Writes OUT_DIR/ipc_tokens.json
@@ -42,7 +43,8 @@ for cfg in disagg coloc; do
   esac
   dir=$RUNS/$cfg
   # shellcheck disable=SC2086
-  deploy_up "$dir" 50161 200 --config=local --platform=$PLATFORM $args || exit 1
+  deploy_up "$dir" 50161 200 --config=local --checkpoint=tiny \
+    --platform=$PLATFORM $args || exit 1
   timeout 120 $PY tools/batch_eval.py --target=127.0.0.1:50161 --preset=chat \
     --num_requests=$N --concurrency=1 --length_scale=0.25 --max_model_len=1024 \
     --vocab_size=512 --max_tokens=32 --ignore_eos --label=$cfg \
