@@ -71,6 +71,25 @@ def test_one_gpu_is_shared_with_the_deployments_memory_split(tmp_path,
                  "d": GpuAssignment(("0",), 0.5)}
 
 
+def test_a_prefill_sharing_a_card_with_decode_runs_one_program(
+    tmp_path, monkeypatch):
+  """On a card a decode worker shares, the prefill worker's prompts run in
+  one program (layer groups overlap nothing within a card); on cards of
+  its own, and when the caller says otherwise, it keeps its setting."""
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+  one = LocalCluster(tmp_path, platform="gpu")
+  one.assign([GpuWorker("prefill0", 1, 0.3), GpuWorker("decode0", 1, 0.6)])
+  assert one.prefill_flags("prefill0", ["decode0"]) == [
+      "--prefill_layer_groups=1"]
+  assert one.prefill_flags("prefill0", ["decode0"],
+                           ["--prefill_layer_groups=4"]) == []
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+  two = LocalCluster(tmp_path, platform="gpu")
+  two.assign([GpuWorker("prefill0", 1), GpuWorker("decode0", 1)])
+  assert two.prefill_flags("prefill0", ["decode0"]) == []
+  assert LocalCluster(tmp_path).prefill_flags("prefill0", ["decode0"]) == []
+
+
 def test_what_cannot_be_placed_is_a_usage_error():
   with pytest.raises(UsageError, match="needs 2 GPUs for its mesh"):
     assign_gpus([GpuWorker("prefill0", 2)], ["0"])
