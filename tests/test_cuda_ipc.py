@@ -1041,24 +1041,14 @@ class _RecordingCtx:
 def _lending_decode_service(registry):
   """A DecodeServicer over a fake engine whose receiver has a landing pool
   of one buffer (fake CUDA driver)."""
-  from pdjax.engine.decode import Reservation
-  from pdjax.service.decode_service import DecodeServicer
+  from fake_engines import FakeDecodeBackend
+  from pdjax.service.decode_service import DecodeServicer, DecodeWorker
   devs = _devices()
   receiver = ci.make_receiver(
       DeviceReceiver(devs[1]), devs[1],
       geometry=(2, 4, 2, 8, "bfloat16", 16), landing_buffers=1,
       driver=ci.FakeCudaDriver(registry))
-  reservations = {}
-
-  def reserve(rid, prompt, max_tokens, *, transfer_id="", prompt_ids=None,
-              cache_salt=""):
-    return reservations.setdefault(rid, Reservation(rid, 0, 4,
-                                                    transfer_id=transfer_id))
-
-  engine = types.SimpleNamespace(reserve=reserve,
-                                 unreserve=lambda rid: reservations.pop(rid))
-  worker = types.SimpleNamespace(draining=False, receiver=receiver,
-                                 engine=engine)
+  worker = DecodeWorker(FakeDecodeBackend(page_size=4), receiver)
   return DecodeServicer(worker, None), receiver
 
 
@@ -1300,22 +1290,17 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
   deadline) gets the gRPC code it means, with the message, and the
   request's reservation and issued id go back at once."""
   import grpc
-  from pdjax.engine.decode import Reservation
-  from pdjax.service.decode_service import DecodeServicer
-  from pdjax.service.receive_budget import ReceiveBudget
-  from pdjax.transfer.base import TransferExhausted
+  from fake_engines import FakeDecodeBackend
+  from pdjax.service.decode_service import DecodeServicer, DecodeWorker
+  from pdjax.transfer.base import KvReceiver, TransferExhausted
   raised = {"exhausted": TransferExhausted("KV pull t1: the device is out "
                                            "of memory"),
             "unforeseen": RuntimeError("boom"),
             "timeout": TransferTimeout("KV pull t1 did not complete"),
             "budget": AssertionError("never received: no room")}[error]
-  budget = ReceiveBudget(1024)
-  if error == "budget":
-    budget.held = 1000      # another receive holds most of it
   forgotten, failures = [], []
-  reservations = {"r1": Reservation("r1", 0, 4, transfer_id="t1")}
 
-  class Receiver:
+  class Receiver(KvReceiver):
     name = "device"
 
     def receive(self, handle, sharding, *, timeout_s):
@@ -1324,19 +1309,19 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
     def forget(self, tid):
       forgotten.append(tid)
 
-  engine = types.SimpleNamespace(
-      cfg=types.SimpleNamespace(vocab_size=64), max_seq_len=64,
-      reservation=reservations.get,
-      unreserve=lambda rid: reservations.pop(rid, None),
-      payload_sharding=lambda replica, n: None)
+  engine = FakeDecodeBackend()
+  worker = DecodeWorker(engine, Receiver(), max_receive_bytes=1024,
+                        transfer_timeout_s=0.2 if error == "budget" else 5.0)
+  budget = worker.receive_budget
+  if error == "budget":
+    budget.held = 1000      # another receive holds most of it
   counter = types.SimpleNamespace(inc=lambda: None)
-  metrics = types.SimpleNamespace(transfer_failures=types.SimpleNamespace(
-      labels=lambda *a: failures.append(a) or counter))
-  worker = types.SimpleNamespace(
-      draining=False, streams=0, max_streams=8, receiver=Receiver(),
-      metrics=metrics, receive_budget=budget,
-      transfer_timeout_s=0.2 if error == "budget" else 5.0,
-      engine=engine)
+  worker.metrics = types.SimpleNamespace(
+      transfer_failures=types.SimpleNamespace(
+          labels=lambda *a: failures.append(a) or counter))
+  asyncio.run(DecodeServicer(worker, None).Reserve(
+      decode_pb2.ReserveRequest(request_id="r1", prompt_tokens=3,
+                                max_tokens=4, transfer_id="t1"), _Ctx()))
   ctx = _RecordingCtx()
   ctx.time_remaining = lambda: None
   request = decode_pb2.DecodeRequest(
@@ -1355,7 +1340,8 @@ def test_failed_receive_answers_its_status_and_returns_the_slot(error, code):
                                       "budget": "receive budget"}[error]):
     asyncio.run(run())
   assert ctx.code == getattr(grpc.StatusCode, code)
-  assert reservations == {} and forgotten[0] == "t1"
+  assert engine.reservations == {} and engine.returned == 1
+  assert forgotten == ["t1"] and len(worker.handoffs) == 0
   want = "TransferExhausted" if error == "budget" else type(raised).__name__
   assert worker.streams == 0 and failures[0][1] == want
   assert budget.held == (1000 if error == "budget" else 0)

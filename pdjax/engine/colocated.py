@@ -135,9 +135,6 @@ class ColocatedEngine:
   def reservation(self, request_id: str):
     return self.decode.reservation(request_id)
 
-  def reap_reservations(self, ttl_s: float) -> list:
-    return self.decode.reap_reservations(ttl_s)
-
   def payload_sharding(self, replica: int, num_pages: int):
     """Where a request KV of ``num_pages`` pages for ``replica`` lands."""
     return self.decode.replicas[replica].payload_sharding(num_pages)

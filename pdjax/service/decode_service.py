@@ -34,7 +34,9 @@ from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
-from pdjax.transfer.base import KvReceiver, StreamIntake, TransferError
+from pdjax.service.handoffs import Handoffs
+from pdjax.transfer.base import (KvReceiver, StreamIntake, TransferDenied,
+                                 TransferError)
 from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
                       prefill_pb2, prefill_pb2_grpc)
 
@@ -120,6 +122,8 @@ class DecodeWorker:
     self.reservation_ttl_s = reservation_ttl_s
     self.max_streams = max_streams
     self.receive_budget = ReceiveBudget(max_receive_bytes)
+    # The hand-offs reserved here and not yet in the engine: one owner each.
+    self.handoffs = Handoffs(engine, receiver, self.receive_budget)
     self.streams = 0
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
@@ -141,9 +145,7 @@ class DecodeWorker:
     self.engine.close()
 
   def _tick(self) -> None:
-    expired = self.engine.reap_reservations(self.reservation_ttl_s)
-    for res in expired:
-      self.receiver.forget(res.transfer_id)
+    self.handoffs.reap(self.reservation_ttl_s)
     self.receiver.reap()
     usage = self.engine.kv_usage()
     m = self.metrics
@@ -235,19 +237,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if ids is not None and len(ids) != request.prompt_tokens:
         raise InvalidRequest("prompt_token_ids", "length differs from "
                              "prompt_tokens")
-      res = w.engine.reserve(request.request_id, request.prompt_tokens,
-                                    request.max_tokens,
-                                    transfer_id=request.transfer_id,
-                                    prompt_ids=ids,
-                                    cache_salt=request.cache_salt)
+      h = w.handoffs.reserve(request.request_id, request.prompt_tokens,
+                             request.max_tokens,
+                             transfer_id=request.transfer_id, prompt_ids=ids,
+                             cache_salt=request.cache_salt)
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    if res is None:
+    if h is None:
       await common.abort_exhausted(
           context, "decode KV capacity is full; retry later or on another "
           "worker")
-    w.receiver.expect(request.transfer_id, request.request_id,
-                      max_pages=res.pages)
+    res = h.reservation
     resp = decode_pb2.ReserveResponse(replica=res.replica, pages=res.pages,
                                       cached_blocks=res.cached_blocks)
     # CUDA IPC landing regions are lent later, when the prefill starts
@@ -274,9 +274,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     return resp
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
-    res = self.worker.engine.unreserve(request.request_id)
-    if res is not None:
-      self.worker.receiver.forget(res.transfer_id)
+    self.worker.handoffs.close(request.request_id)
     return common_pb2.Empty()
 
   async def GetWorkerInfo(self, request, context):
@@ -317,6 +315,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     callback = self._relay.callback_for(q)
     finished = False
     submitted = False   # the engine holds the request (cancel frees it)
+    handoff = None      # a remote prefill's, until the engine takes it
     transfer_s = 0.0
     w.streams += 1
     try:
@@ -337,25 +336,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           await common.abort_exhausted(context, str(e))
         w.loop.wake()
       else:
-        res = engine.reservation(rid)
-        if res is None:
+        try:
+          # Only the id the router issued for *this* request redeems it.
+          handoff = w.handoffs.redeem(rid, request.kv.transfer_id)
+        except KeyError:
           await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"no reservation for request {rid!r} (Reserve "
                               "first, or it expired)")
-        if request.kv.transfer_id != res.transfer_id:
-          # Only the id the router issued for *this* request redeems it.
-          engine.unreserve(rid)
-          w.receiver.forget(res.transfer_id)
-          await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              "kv.transfer_id is not the one reserved for "
-                              f"request {rid!r}")
+        except TransferDenied as e:
+          await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        res = handoff.reservation
         t0 = time.perf_counter()
         timeout_s = _timeout(context, w.transfer_timeout_s)
         try:
           # Memory first (a receive that allocates waits for room), then
           # the KV, both within the one transfer deadline.
-          async with w.receive_budget.hold(receive_bytes(request.kv),
-                                           timeout_s):
+          async with handoff.receiving(receive_bytes(request.kv), timeout_s):
             kv = await _receive(
                 w.receiver, request.kv,
                 engine.payload_sharding(res.replica, request.kv.shape[2]),
@@ -363,8 +359,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                               timeout_s - (time.perf_counter() - t0)))
         except Exception as e:  # noqa: BLE001 - answered with its status
           # Whatever failed (a transfer error, or one no transport foresaw),
-          # the request was never submitted: the ``finally`` below returns
-          # its reservation and issued id before the status goes out.
+          # the request was never submitted: the ``finally`` below closes
+          # its hand-off before the status goes out.
           w.metrics.transfer_failures.labels(w.receiver.name,
                                              type(e).__name__).inc()
           if not isinstance(e, TransferError):
@@ -382,6 +378,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             rid, ids, request.first_token, request.first_logprob, kv,
             sampling, request.seed, callback, reservation=res,
             cache_salt=request.cache_salt))
+        handoff.submitted()
         submitted = True
         w.loop.wake()
       first = True
@@ -416,12 +413,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           return
     finally:
       w.streams -= 1
-      if not submitted and not request.local_prefill:
+      if handoff is not None and not submitted:
         # Gone before joining the batch (e.g. cancelled while the KV was
-        # arriving): return the reservation now rather than at its TTL.
-        res = engine.unreserve(rid)
-        if res is not None:
-          w.receiver.forget(res.transfer_id)
+        # arriving): give back what it holds now rather than at its TTL.
+        handoff.close()
       if submitted and not finished:
         # Cancelled by the caller (or failed): free the slot now.
         engine.cancel(rid)
