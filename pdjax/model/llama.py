@@ -458,6 +458,55 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
   return DecodeOut(logits, k_pool, v_pool)
 
 
+def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
+                          page_table, *, cfg: ModelConfig) -> DecodeOut:
+  """``T`` consecutive tokens for each of B sequences in one pass (the
+  verify step of speculative decoding): token ``t`` of a row sits at
+  position ``start[b] + t``, its K/V is written to the row's page for that
+  position, and it attends to every key up to its own position (the row's
+  cached tokens and the part's earlier ones). tokens: [B, T]; start: [B];
+  page_table: [B, M] (page 0 for idle rows, as in ``decode_forward``).
+  Returns logits [B, T, V] and the updated pools. Reads the pages by
+  gathering them (any backend); equals T calls of ``decode_forward``."""
+  B, T = tokens.shape
+  L = cfg.num_layers
+  N = k_pool.shape[0] // L
+  P = k_pool.shape[1]
+  M = page_table.shape[1]
+  K, hd = cfg.num_kv_heads, cfg.head_dim
+  positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  cos, sin = rope_tables(cfg, positions)
+  x = _embed(params, tokens)
+  write_page = jnp.take_along_axis(page_table, positions // P, axis=1)
+  write_off = positions % P                          # [B, T]
+  kpos = jnp.arange(M * P, dtype=jnp.int32)[None, None, :]
+  qpos = positions[:, :, None]
+  mask = kpos <= qpos
+  if cfg.sliding_window is not None:
+    mask = mask & (kpos > qpos - cfg.sliding_window)
+  mask = mask[:, None]                               # [B, 1, T, M * P]
+
+  def layer(carry, xs):
+    x, kp, vp = carry
+    lp, li = xs
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(cfg, lp, h, cos, sin)
+    rows = li * N + write_page
+    kp = kp.at[rows, write_off].set(k.astype(kp.dtype))
+    vp = vp.at[rows, write_off].set(v.astype(vp.dtype))
+    table = li * N + page_table
+    kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
+    vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
+    attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
+                                        implementation="xla")
+    return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
+
+  layer_ids = jnp.arange(L, dtype=jnp.int32)
+  (x, k_pool, v_pool), _ = jax.lax.scan(
+      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
+  return DecodeOut(_logits(cfg, params, x), k_pool, v_pool)
+
+
 def reference_forward(params: Params, tokens, *, cfg: ModelConfig):
   """Full-sequence logits [B, T, V] in one pass, for tests."""
   B, T = tokens.shape
@@ -473,7 +522,8 @@ __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
-    "prefill_last_logits", "decode_forward", "reference_forward",
+    "prefill_last_logits", "decode_forward", "decode_forward_tokens",
+    "reference_forward",
     "PrefillOut", "DecodeOut", "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]

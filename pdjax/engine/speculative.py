@@ -1,0 +1,127 @@
+"""Speculative decoding: propose a few tokens cheaply, check them all with
+one pass of the target model, keep the longest prefix it agrees with.
+
+A row whose next tokens are drafted ``d_1..d_k`` runs the target over
+``[t_0, d_1, .., d_k]`` (``t_0`` its current token) at positions
+``p..p+k`` (``llama.decode_forward_tokens``): position ``i``'s logits are
+the target's distribution for the token after ``d_i``. Acceptance
+(``accept``), per row:
+
+* greedy: ``d_{i+1}`` is kept while it equals the argmax at position ``i``;
+  the first disagreement (or position ``k``) gives the target's own token.
+  The tokens are exactly plain greedy decoding's, one to ``k + 1`` a pass.
+* sampled: the draft of a deterministic proposer puts all its mass on
+  ``d_{i+1}``, so it is kept with probability ``p_i(d_{i+1})`` (the
+  target's filtered distribution: temperature, top-k, top-p), and on the
+  first rejection the token is drawn from ``p_i`` with ``d_{i+1}`` removed
+  and renormalised; if all are kept, one more is drawn from ``p_k``. Each
+  emitted token is then distributed exactly as the target's (Leviathan et
+  al.'s rule with a one-hot draft distribution); the random stream is not
+  plain decoding's, so seeded tokens differ from it while their
+  distribution does not.
+
+Proposer: prompt lookup (``propose_ngram``): the latest earlier occurrence
+of the sequence's last n tokens (n from ``max_n`` down to ``min_n``), and
+the tokens that followed it, from the prompt and the output so far. No
+model; it pays on outputs that repeat their input (summaries, code edits).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
+                  min_n: int = 1) -> list[int]:
+  """Up to ``k`` tokens that followed the latest earlier occurrence of the
+  history's last n tokens (the longest n that occurs); [] when none."""
+  h = np.asarray(history, np.int64)
+  L = len(h)
+  for n in range(min(max_n, L - 1), min_n - 1, -1):
+    tail = h[L - n:]
+    # Windows starting at 0 .. L - n - 1 (an earlier occurrence that has at
+    # least one token after it).
+    windows = np.lib.stride_tricks.sliding_window_view(h[:L - 1], n)
+    hits = np.nonzero((windows == tail).all(axis=1))[0]
+    if len(hits):
+      start = int(hits[-1]) + n
+      return h[start:start + k].tolist()
+  return []
+
+
+def _filtered_logits(logits, temperature, top_p, top_k):
+  """[V] logits -> the target's sampling distribution as logits in vocab
+  order: temperature, then top-k and top-p (the kept tokens; -inf
+  elsewhere), as ``sampling._sample_row`` samples."""
+  vocab = logits.shape[-1]
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  order = jnp.argsort(-scaled)
+  sorted_logits = scaled[order]
+  rank = jnp.arange(vocab)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  keep = rank < k
+  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+  cum_before = jnp.cumsum(probs) - probs
+  keep = keep & (cum_before < top_p)
+  kept_sorted = jnp.where(keep, sorted_logits, -jnp.inf)
+  return jnp.full((vocab,), -jnp.inf, scaled.dtype).at[order].set(
+      kept_sorted)
+
+
+def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
+                index):
+  """One row: logits [T, V] (T = k + 1), drafts [k] (the first
+  ``num_drafts`` real) -> (tokens [T], emitted count in 1..num_drafts+1)."""
+  T = logits.shape[0]
+  k = T - 1
+  greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)     # [T]
+  ok_greedy = drafts == greedy_tok[:k]
+  # Sampled: u_i < p_i(d_{i+1}) keeps the draft.
+  filt = jax.vmap(_filtered_logits, in_axes=(0, None, None, None))(
+      logits, temperature, top_p, top_k)                           # [T, V]
+  probs = jax.nn.softmax(filt, axis=-1)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed),
+                                               index + i))(jnp.arange(T))
+  split = jax.vmap(jax.random.split)(keys)                         # [T, 2]
+  u = jax.vmap(jax.random.uniform)(split[:, 0])
+  p_draft = jnp.take_along_axis(probs[:k], drafts[:, None], axis=1)[:, 0]
+  ok_sampled = u[:k] < p_draft
+  greedy = temperature == 0.0
+  ok = jnp.where(greedy, ok_greedy, ok_sampled)
+  ok = ok & (jnp.arange(k) < num_drafts)
+  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))                 # accepted
+  # The token at position n: the target's own (greedy), or a draw from the
+  # residual (the draft removed) after a rejection, from p_n otherwise.
+  rejected = n < num_drafts
+  residual = jnp.where(
+      rejected & (jnp.arange(filt.shape[1]) == drafts[jnp.minimum(n, k - 1)]),
+      -jnp.inf, filt[n])
+  drawn = jax.random.categorical(split[n, 1], residual).astype(jnp.int32)
+  last = jnp.where(greedy, greedy_tok[n], drawn)
+  padded = jnp.concatenate([drafts, jnp.zeros((1,), jnp.int32)])
+  tokens = jnp.where(jnp.arange(T) < n, padded, 0)
+  tokens = tokens.at[n].set(last)
+  return tokens, n + 1
+
+
+def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
+           index):
+  """Acceptance for a batch (see the module docstring). logits [B, k+1, V]
+  f32; drafts [B, k] int32, ``num_drafts`` [B] of them real (rows with
+  fewer proposals, or none, decode one token as usual); sampling arrays
+  [B]; index [B]: tokens each row generated before this pass. Returns
+  (tokens [B, k+1], count [B]): each row emits its first ``count``
+  tokens, and logprobs [B, k+1] of the raw distribution."""
+  tokens, count = jax.vmap(_accept_row)(
+      logits.astype(jnp.float32), drafts, num_drafts, temperature, top_p,
+      top_k, seed, index)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logprobs = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  return tokens, count, logprobs
+
+
+__all__ = ["accept", "propose_ngram"]
