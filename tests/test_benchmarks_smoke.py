@@ -142,31 +142,52 @@ def test_decode_skips_what_does_not_fit(tmp_path):
   assert x["estimated_need_bytes"] > x["budget_bytes"]
 
 
-@pytest.mark.parametrize("order", ["lowest", "fifo"])
-def test_decode_churn(tmp_path, order):
-  """The probe before and after a churn of chat-shaped requests: every
-  churn request served, several at once; the probe's pages contiguous in a
-  fresh pool, and after the churn too with the pool's lowest-first pages,
-  but scattered over the pool with a first-in-first-out free list."""
+COMMON_CHURN = ["--probe_context=40", "--probe_calls=3", "--max_seqs=4",
+                "--num_pages=128", "--max_seq_len=512", "--table_buckets=4",
+                "--steps_per_call=2"]
+
+
+def test_decode_churn(tmp_path):
+  """The probe (2 rows) before and after a churn of chat and summarize
+  requests, a third of them cancelled part-way: every churn request ends,
+  several at once; the probe's pages are one run of the pool in a fresh
+  pool and after the churn too (lowest free pages first)."""
   stdout, records = run_tool(
-      "bench_decode_churn.py", tmp_path / "churn.jsonl", "--probe_context=40",
-      "--probe_calls=3", "--churn_requests=10", "--max_seqs=4",
-      "--num_pages=128", "--max_seq_len=512", "--table_buckets=4",
-      "--steps_per_call=2", f"--page_order={order}")
+      "bench_decode_churn.py", tmp_path / "churn.jsonl", *COMMON_CHURN,
+      "--churn_requests=10", "--churn_presets=chat,summarize",
+      "--cancel_share=0.34", "--probe_rows=2")
   (r,) = records
   assert r["measurement"] == "probe_ratio"
   x = r["results"]
   before, after, churn = x["before"], x["after"], x["churn"]
   assert churn["requests"] == 10 and churn["output_tokens"] > 0
+  assert churn["presets"] == ["chat", "summarize"]
   assert churn["peak_live_rows"] > 1
   for p in (before, after):
-    assert p["compiles_during_timing"] == 0
+    assert p["compiles_during_timing"] == 0 and p["rows"] == 2
     close(p["step_ms"], p["call_ms"] / 2)
     assert p["pages"] == 40 // 16 + 1
-  assert before["page_runs"] == 1
-  assert (after["page_runs"] == 1) == (order == "lowest")
+    assert p["page_runs"] == 1
   close(x["ratio"], after["call_ms"] / before["call_ms"])
   assert f"after / before: {x['ratio']:.2f}x" in stdout
+
+
+def test_decode_soak_with_fifo_pages(tmp_path):
+  """The soak: rounds of churn and probe, each a record and a point of the
+  chart; with a first-in-first-out free list the probe's pages spread over
+  the pool after the churn (what the lowest-first order prevents)."""
+  chart = tmp_path / "soak.png"
+  stdout, records = run_tool(
+      "bench_decode_churn.py", tmp_path / "soak.jsonl", *COMMON_CHURN,
+      "--churn_requests=10", "--page_order=fifo", "--soak_minutes=0.001",
+      f"--chart={chart}")
+  assert [r["measurement"] for r in records] == ["soak_round"]
+  x = records[0]["results"]
+  assert x["round"] == 1 and x["churn"]["requests"] == 10
+  assert x["probe"]["page_runs"] > 1
+  close(x["ratio"], x["probe"]["call_ms"] / x["before_call_ms"])
+  assert chart.stat().st_size > 0
+  assert "round 1" in stdout
 
 
 def test_transfer(tmp_path):

@@ -80,6 +80,19 @@ flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
 flags.DEFINE_bool("command_buffers", True,
                   "False: XLA runs without CUDA graphs "
                   "(--xla_gpu_enable_command_buffer= in XLA_FLAGS).")
+flags.DEFINE_list("churn_presets", ["chat"], "Workload presets the churn "
+                  "mixes, request by request (chat, summarize, multiturn, "
+                  "code, shared-prefix).")
+flags.DEFINE_float("cancel_share", 0.0, "Share of churn requests cancelled "
+                   "part-way (after a random number of iterations).")
+flags.DEFINE_integer("probe_rows", 1, "Requests the probe runs together "
+                     "(more than a row program's count exercises the next "
+                     "program, padded with free rows).")
+flags.DEFINE_float("soak_minutes", 0.0, "Soak: churn and probe again, round "
+                   "after round, for this long; every round's probe is a "
+                   "record and a point of --chart (0: one churn).")
+flags.DEFINE_string("chart", None, "Soak: a PNG of the probe's time per "
+                    "call against time.")
 flags.DEFINE_enum("page_order", "lowest", ["lowest", "fifo"],
                   "Which free pages a request gets: the lowest-numbered "
                   "(the pool's policy) or first-in-first-out (the policy "
@@ -143,8 +156,10 @@ def _runs(pages: list[int]) -> int:
   return 1 + sum(b != a + 1 for a, b in zip(pages, pages[1:]))
 
 
-def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
-  """Times ``calls`` serving-loop iterations of one request alone."""
+def probe(engine, cfg, context: int, calls: int, tag: str,
+          rows: int = 1) -> dict:
+  """Times ``calls`` serving-loop iterations of ``rows`` requests of
+  ``context`` tokens alone."""
   import jax
   from pdjax.engine import compile_stats
   rep = engine.replicas[0]
@@ -153,10 +168,11 @@ def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
   # Two iterations to admit and fill the pipeline, the timed ones, and one
   # more to deliver the last of them.
   max_tokens = S * (calls + 4)
-  if not _submit(engine, cfg, f"probe-{tag}", context, max_tokens,
-                 bc.zero_request_kv(engine, cfg, context),
-                 lambda rid, ev: done.append(ev)):
-    raise RuntimeError("the pool refused the probe request")
+  kv = bc.zero_request_kv(engine, cfg, context)
+  for i in range(rows):
+    if not _submit(engine, cfg, f"probe-{tag}-{i}", context, max_tokens, kv,
+                   lambda rid, ev: done.append(ev)):
+      raise RuntimeError(f"the pool refused probe request {i} of {rows}")
   host_s = []
   dispatch = rep.dispatch
 
@@ -181,11 +197,11 @@ def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
     jax.block_until_ready(rep.state)
   finally:
     rep.dispatch = dispatch
-  if not done or done[0].error:
+  if len(done) != rows or any(ev.error for ev in done):
     raise RuntimeError(f"probe {tag} did not finish cleanly: {done}")
   per_call = [b - a for a, b in zip(stamps, stamps[1:])]
   call_s = statistics.median(per_call)
-  return {"context": context, "calls": calls,
+  return {"context": context, "calls": calls, "rows": rows,
           "call_ms": call_s * 1e3, "step_ms": call_s / S * 1e3,
           "call_ms_max": max(per_call) * 1e3,
           "dispatch_host_ms": statistics.median(timed_host) * 1e3,
@@ -195,19 +211,35 @@ def probe(engine, cfg, context: int, calls: int, tag: str) -> dict:
           "memory": _device_memory()}
 
 
-def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
-  """Serves chat-shaped requests, as many at once as the pool takes, until
-  all have finished."""
-  import jax
+def _churn_items(cfg, num_requests: int, max_seq_len: int, seed: int):
+  """(request id, prompt tokens, output tokens) of the churn: the presets'
+  requests, interleaved."""
   from pdjax.eval import workloads
-  items = workloads.generate("chat", num_requests,
-                             vocab_size=cfg.vocab_size,
-                             max_model_len=engine.dcfg.max_seq_len,
-                             seed=FLAGS.seed)
-  pending = [(it.request_id, len(it.prompt_token_ids), it.max_tokens)
-             for it in items]
+  presets = list(FLAGS.churn_presets)
+  per = [workloads.generate(p, -(-num_requests // len(presets)),
+                            vocab_size=cfg.vocab_size,
+                            max_model_len=max_seq_len, seed=seed)
+         for p in presets]
+  out = []
+  for i in range(num_requests):
+    it = per[i % len(presets)][i // len(presets)]
+    out.append((f"{presets[i % len(presets)]}-{seed}-{i}",
+                it.num_prompt_tokens, it.max_tokens))
+  return out
+
+
+def churn(engine, cfg, num_requests: int, fresh_kv: bool,
+          seed: int = 0) -> dict:
+  """Serves the churn's requests, as many at once as the pool takes, until
+  all have finished; ``--cancel_share`` of them are cancelled part-way."""
+  import random
+
+  import jax
+  rng = random.Random(seed)
+  pending = _churn_items(cfg, num_requests, engine.dcfg.max_seq_len, seed)
   shared: dict[int, object] = {}   # payload pages -> the one KV of them
   finished: dict[str, object] = {}
+  cancel_at: dict[int, list[str]] = {}
   t0 = time.perf_counter()
   iterations = tokens = peak_live = 0
   while pending or engine.has_work:
@@ -225,6 +257,11 @@ def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
         break
       pending.pop(0)
       tokens += out
+      if rng.random() < FLAGS.cancel_share:
+        when = iterations + rng.randint(1, max(out // 4, 2))
+        cancel_at.setdefault(when, []).append(rid)
+    for rid in cancel_at.pop(iterations, ()):
+      engine.cancel(rid)
     peak_live = max(peak_live, engine.step())
     iterations += 1
   jax.block_until_ready(engine.replicas[0].state)
@@ -232,10 +269,51 @@ def churn(engine, cfg, num_requests: int, fresh_kv: bool) -> dict:
   if len(finished) != num_requests or errors:
     raise RuntimeError(f"churn: {len(finished)} of {num_requests} finished, "
                        f"{len(errors)} with errors")
+  cancelled = sum(ev.finish_reason is not None
+                  and ev.finish_reason.value == "abort"
+                  for ev in finished.values())
   return {"requests": num_requests, "output_tokens": tokens,
+          "cancelled": cancelled, "presets": list(FLAGS.churn_presets),
           "iterations": iterations, "peak_live_rows": peak_live,
           "seconds": time.perf_counter() - t0, "kv": FLAGS.churn_kv}
 
+
+def soak(engine, cfg, d, writer, params_rec, before) -> None:
+  """Churn then probe, round after round, for ``--soak_minutes``: the
+  probe's time per call over time (a line going up is the slowdown)."""
+  start = time.monotonic()
+  points = [(0.0, before["call_ms"])]
+  rnd = 0
+  while time.monotonic() - start < FLAGS.soak_minutes * 60:
+    rnd += 1
+    traffic = churn(engine, cfg, d["churn_requests"],
+                    FLAGS.churn_kv == "fresh", seed=FLAGS.seed + rnd)
+    p = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls,
+              f"round{rnd}", FLAGS.probe_rows)
+    minutes = (time.monotonic() - start) / 60
+    points.append((minutes, p["call_ms"]))
+    writer.write(TOOL, "soak_round", params_rec,
+                 {"round": rnd, "minutes": minutes, "churn": traffic,
+                  "probe": p, "before_call_ms": before["call_ms"],
+                  "ratio": p["call_ms"] / before["call_ms"]})
+    print(f"  [{minutes:7.2f} min] round {rnd}: {traffic['requests']} "
+          f"requests ({traffic['cancelled']} cancelled); probe "
+          f"{p['call_ms']:.2f} ms per call, "
+          f"{p['call_ms'] / before['call_ms']:.2f}x of the fresh engine",
+          flush=True)
+  if FLAGS.chart:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([m for m, _ in points], [c for _, c in points], marker="o")
+    ax.set_xlabel("minutes of traffic")
+    ax.set_ylabel("probe ms per generate call")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{cfg.name}: one {d['probe_context']}-token request "
+                 f"between rounds of {d['churn_requests']} requests")
+    fig.tight_layout()
+    fig.savefig(FLAGS.chart, dpi=100)
 
 
 def main(argv) -> None:
@@ -290,13 +368,21 @@ def main(argv) -> None:
                 "command_buffers": FLAGS.command_buffers,
                 "churn_kv": FLAGS.churn_kv, "page_order": FLAGS.page_order,
                 "row_counts": list(dcfg.row_counts)}
-  before = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "before")
+  params_rec.update(churn_presets=list(FLAGS.churn_presets),
+                    cancel_share=FLAGS.cancel_share,
+                    probe_rows=FLAGS.probe_rows)
+  before = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "before",
+                 FLAGS.probe_rows)
   print(f"  before: {before['call_ms']:.2f} ms per call", flush=True)
+  if FLAGS.soak_minutes:
+    soak(engine, cfg, d, writer, params_rec, before)
+    return
   traffic = churn(engine, cfg, d["churn_requests"], FLAGS.churn_kv == "fresh")
   print(f"  churn: {traffic['requests']} requests, {traffic['iterations']} "
         f"iterations, up to {traffic['peak_live_rows']} rows, "
         f"{traffic['seconds']:.1f} s", flush=True)
-  after = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "after")
+  after = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "after",
+                FLAGS.probe_rows)
   ratio = after["call_ms"] / before["call_ms"]
   writer.write(TOOL, "probe_ratio", params_rec,
                {"before": before, "churn": traffic, "after": after,
@@ -311,8 +397,9 @@ def main(argv) -> None:
                  bc.fmt(m.get("bytes_in_use", 0) / 2**30, ".2f"),
                  bc.fmt(m.get("num_allocs"))])
   bc.print_table(
-      f"one {d['probe_context']}-token request, before and after "
-      f"{traffic['requests']} chat requests",
+      f"{FLAGS.probe_rows} x {d['probe_context']}-token request(s), before "
+      f"and after {traffic['requests']} requests "
+      f"({'/'.join(FLAGS.churn_presets)}, {traffic['cancelled']} cancelled)",
       ["probe", "ms/call", "ms/step", "max ms/call", "dispatch host ms",
        "pages/runs", "GiB in use", "allocs"], rows,
       note=f"after / before: {ratio:.2f}x")

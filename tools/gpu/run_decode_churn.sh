@@ -9,9 +9,11 @@
 #   merged          DotMerger on (the setting before 2026-11-26); not in the
 #                   default VARIANTS: three parts of up to PART_TIMEOUT s each
 #                   fit the device tool's 600 s call, four may not.
-# A ratio after/before near 2.6 (110 vs 42 ms per call in the deployment,
-# BENCHMARKS.md "An open problem: decode steps slow down after a chat
-# load") reproduces it; the variant whose ratio falls to 1 names the cause.
+# A ratio after/before near 2.6 (110 vs 42 ms per call in the deployment;
+# docs/notes/2026-11-26-decode-slowdown-after-chat.md) reproduces it; the
+# variant whose ratio falls to 1 names the cause. (Reproduced at 3.05x with
+# every call running all rows, gone with row programs:
+# docs/notes/2026-12-05-h100-serving-latency.md.)
 #
 #   bash tools/gpu/run_decode_churn.sh OUT_DIR      (VARIANTS="merged" for the fourth)
 set -u
