@@ -62,6 +62,11 @@ class PoolConfig:
   attention: str = "auto"
   # XLA's DotMerger in the pool's programs (Prefill/DecodeConfig.merge_dots).
   merge_dots: str = "auto"
+  # Storage of the layers' projection weights: None (the model's dtype) or
+  # "float8_e4m3fn" (quantized as the pool loads them, a scale per output
+  # channel; pdjax.model.quant). It names the model's fingerprint, so a
+  # deployment's pools must agree.
+  weight_dtype: str | None = None
   # Share of each GPU's memory XLA may use in the pool's workers (None:
   # XLA's 0.75; --gpu_memory_fraction overrides).
   gpu_memory_fraction: float | None = None

@@ -38,25 +38,27 @@ def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
   converted to ``cfg.dtype`` so the engines' programs see one dtype.
   """
   shardings = param_shardings(cfg, rules, mesh)
-  dtype = cfg.jnp_dtype
 
-  def place(x, sharding):
+  def place(x, sharding, dtype):
     if getattr(x, "dtype", None) != dtype:
       x = x.astype(dtype)
     return jax.device_put(x, sharding)
 
-  return jax.tree.map(place, params, shardings)
+  return jax.tree.map(place, params, shardings, llama.param_dtypes(cfg))
 
 
 def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  mesh: Mesh, dtype=None,
-                 check_config: Callable[[ModelConfig], None] | None = None
+                 check_config: Callable[[ModelConfig], None] | None = None,
+                 weight_dtype: str | None = None
                  ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
   ``random:<preset>`` (``pdjax.model.presets``) makes seeded random weights
   on the devices instead. ``check_config(cfg)`` runs once the config is
-  read, before any weight is (it raises to refuse the model)."""
+  read, before any weight is (it raises to refuse the model).
+  ``weight_dtype``: "float8_e4m3fn" quantizes the layers' projections as
+  they are placed (``pdjax.model.quant``)."""
   from pdjax.model import presets
 
   def shardings(cfg: ModelConfig):
@@ -67,9 +69,19 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if presets.is_random(checkpoint_dir):
     cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
                                 dtype=dtype)
-    return llama.init_params(cfg, shardings=shardings(cfg)), cfg
-  from pdjax.model.loading import load_model
-  return load_model(checkpoint_dir, shardings, dtype=dtype)
+    params = llama.init_params(cfg, shardings=shardings(cfg))
+  else:
+    from pdjax.model.loading import load_model
+    params, cfg = load_model(checkpoint_dir, shardings, dtype=dtype)
+  if weight_dtype is None:
+    return params, cfg
+  from pdjax.model import quant
+  if weight_dtype != quant.FP8:
+    raise ValueError(f"weight_dtype {weight_dtype!r}: pdjax stores weights "
+                     f"in {quant.FP8} or in the model's dtype")
+  qcfg = cfg.replace(weight_dtype=weight_dtype)
+  return quant.quantize_params(params, cfg,
+                               param_shardings(qcfg, rules, mesh))
 
 
 __all__ = ["param_shardings", "shard_params", "load_sharded"]

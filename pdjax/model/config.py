@@ -27,6 +27,8 @@ _DTYPES = {
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
+# Quantized storage of the projection weights (ModelConfig.weight_dtype).
+WEIGHT_DTYPES = ("float8_e4m3fn",)
 
 
 class ModelConfigError(ValueError):
@@ -69,6 +71,11 @@ class ModelConfig:
   # Storage dtype of the weights and the KV cache; activations follow it,
   # norms, softmax and rotary math always run in float32.
   dtype: str = "bfloat16"
+  # Storage of the layers' projection weights when it differs from
+  # ``dtype``: "float8_e4m3fn" keeps them in FP8 with a float32 scale per
+  # output channel (``pdjax.model.quant``), computing in ``dtype``. None:
+  # ``dtype``.
+  weight_dtype: str | None = None
   name: str = "model"
 
   def __post_init__(self):
@@ -79,6 +86,10 @@ class ModelConfig:
     if self.dtype not in _DTYPES:
       raise ModelConfigError(
           f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+    if self.weight_dtype not in (None,) + WEIGHT_DTYPES:
+      raise ModelConfigError(
+          f"weight_dtype {self.weight_dtype!r} is not one of "
+          f"{list(WEIGHT_DTYPES)} (or unset)")
 
   @property
   def jnp_dtype(self):

@@ -58,6 +58,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     layers["b_gate"] = ((L, F), ("layers", "mlp"))
     layers["b_up"] = ((L, F), ("layers", "mlp"))
     layers["b_down"] = ((L, D), ("layers", "embed"))
+  if cfg.weight_dtype is not None:
+    _add_scales(layers)
   out = {
       "embed": ((V, D), ("vocab", "embed")),
       "layers": layers,
@@ -68,6 +70,24 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   return out
 
 
+# The layers' projections that ``ModelConfig.weight_dtype`` quantizes, with
+# how many of their leading axes (after "layers") the matmul contracts: the
+# rest are output channels, each with its own scale.
+QUANTIZED = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
+             "w_down": 1}
+SCALE_SUFFIX = "_scale"
+
+
+def _add_scales(layers: dict) -> None:
+  """Adds a ``<name>_scale`` leaf per quantized projection: float32, one
+  per output channel, laid out as those channels."""
+  for name, contracted in QUANTIZED.items():
+    shape, axes = layers[name]
+    layers[name + SCALE_SUFFIX] = (
+        (shape[0],) + shape[1 + contracted:],
+        (axes[0],) + axes[1 + contracted:])
+
+
 def _is_leaf(x):
   return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
 
@@ -76,15 +96,31 @@ def param_logical_axes(cfg: ModelConfig):
   return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_leaf)
 
 
+def param_dtypes(cfg: ModelConfig):
+  """The storage dtype of every weight: ``cfg.dtype``, except quantized
+  projections (``cfg.weight_dtype``) and their float32 scales."""
+  def dtype(path, _):
+    name = path[-1].key
+    if cfg.weight_dtype is not None and name in QUANTIZED:
+      return jnp.dtype(cfg.weight_dtype)
+    if name.endswith(SCALE_SUFFIX):
+      return jnp.dtype(jnp.float32)
+    return jnp.dtype(cfg.jnp_dtype)
+  return jax.tree_util.tree_map_with_path(dtype, param_shapes(cfg),
+                                          is_leaf=_is_leaf)
+
+
 def abstract_params(cfg: ModelConfig, shardings=None):
   """ShapeDtypeStructs of the weights (optionally carrying shardings)."""
   shapes = jax.tree.map(lambda s: s[0], param_shapes(cfg), is_leaf=_is_leaf)
+  dtypes = param_dtypes(cfg)
   if shardings is None:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, cfg.jnp_dtype),
-                        shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s, d),
+                        shapes, dtypes,
+                        is_leaf=lambda x: isinstance(x, tuple))
   return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s, cfg.jnp_dtype, sharding=sh),
-      shapes, shardings, is_leaf=lambda x: isinstance(x, tuple))
+      lambda s, d, sh: jax.ShapeDtypeStruct(s, d, sharding=sh),
+      shapes, dtypes, shardings, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, *, std: float = 0.02,
@@ -149,6 +185,20 @@ def _dot(x, w, subscripts):
                     ).astype(x.dtype)
 
 
+def _proj(x, lp, name: str, subscripts: str):
+  """``x`` through a layer's projection ``name``. A quantized one (a
+  ``<name>_scale`` beside it) is read in its storage dtype, widened to the
+  activations' inside the program, and its output channels scaled:
+  x @ (w_q * s) == (x @ w_q) * s for a scale per output channel."""
+  w = lp[name]
+  scale = lp.get(name + SCALE_SUFFIX)
+  if scale is None:
+    return _dot(x, w, subscripts)
+  y = jnp.einsum(subscripts, x, w.astype(x.dtype),
+                 preferred_element_type=jnp.float32)
+  return (y * scale).astype(x.dtype)
+
+
 def attention_impl(dtype, head_dim: int) -> str | None:
   """cuDNN on GPU where it applies, XLA elsewhere (CPU, fp32, odd head dims)."""
   if jax.default_backend() != "gpu":
@@ -161,9 +211,9 @@ def attention_impl(dtype, head_dim: int) -> str | None:
 
 
 def _qkv(cfg: ModelConfig, lp, h, cos, sin):
-  q = _dot(h, lp["wq"], "btd,dnh->btnh")
-  k = _dot(h, lp["wk"], "btd,dkh->btkh")
-  v = _dot(h, lp["wv"], "btd,dkh->btkh")
+  q = _proj(h, lp, "wq", "btd,dnh->btnh")
+  k = _proj(h, lp, "wk", "btd,dkh->btkh")
+  v = _proj(h, lp, "wv", "btd,dkh->btkh")
   if cfg.qkv_bias:
     q = q + lp["bq"]
     k = k + lp["bk"]
@@ -172,17 +222,17 @@ def _qkv(cfg: ModelConfig, lp, h, cos, sin):
 
 
 def _attn_out_and_mlp(cfg: ModelConfig, lp, x, attn):
-  o = _dot(attn, lp["wo"], "btnh,nhd->btd")
+  o = _proj(attn, lp, "wo", "btnh,nhd->btd")
   if cfg.o_bias:
     o = o + lp["bo"]
   x = x + o
   h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-  gate = _dot(h, lp["w_gate"], "btd,df->btf")
-  up = _dot(h, lp["w_up"], "btd,df->btf")
+  gate = _proj(h, lp, "w_gate", "btd,df->btf")
+  up = _proj(h, lp, "w_up", "btd,df->btf")
   if cfg.mlp_bias:
     gate = gate + lp["b_gate"]
     up = up + lp["b_up"]
-  down = _dot(jax.nn.silu(gate) * up, lp["w_down"], "btf,fd->btd")
+  down = _proj(jax.nn.silu(gate) * up, lp, "w_down", "btf,fd->btd")
   if cfg.mlp_bias:
     down = down + lp["b_down"]
   return x + down
@@ -520,6 +570,7 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
+    "param_dtypes", "QUANTIZED", "SCALE_SUFFIX",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",

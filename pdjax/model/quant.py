@@ -1,0 +1,97 @@
+"""FP8 weights: the layers' projections stored in float8 (e4m3), each output
+channel with its own float32 scale.
+
+``w ~= q * s``: for every output channel, ``s = max|w| / 448`` over the
+inputs it is contracted with (448: e4m3's largest finite value), and
+``q = round_to_e4m3(w / s)``. e4m3 keeps 3 mantissa bits: a value in the
+normal range (``|w / s| >= 2**-6``) is rounded to within 2**-4 of itself
+relative, and one below it to within half the smallest subnormal step,
+``2**-10`` absolute (times ``s``). The model multiplies by ``q`` widened to
+the activations' dtype and scales the output channels
+(``llama._proj``), so a projection reads half the bytes of bf16 from memory
+where the compiler fuses the widening into the GEMM.
+
+Weights are quantized when a pool loads them (``quantize_params``): any
+checkpoint pdjax reads can be served in FP8.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.model import llama
+from pdjax.model.config import ModelConfig
+
+FP8 = "float8_e4m3fn"
+FP8_MAX = 448.0
+_INV_MAX = np.float32(1.0 / FP8_MAX)
+
+
+def quantize_fp8(w, contracted: int):
+  """(q, scale) of ``w`` [layers, *in (``contracted`` axes), *out]: one
+  float32 scale per layer and output channel."""
+  axes = tuple(range(1, 1 + contracted))
+  w32 = w.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w32), axis=axes)
+  # Multiplied by 1/448 (what XLA would make of the division anyway), and
+  # kept normal: a zero channel's scale must not flush to zero.
+  scale = jnp.maximum(amax * _INV_MAX, jnp.finfo(jnp.float32).tiny)
+  expand = scale.reshape(scale.shape[:1] + (1,) * contracted
+                         + scale.shape[1:])
+  q = jnp.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  return q, scale
+
+
+def dequantize(q, scale, contracted: int, dtype=jnp.float32):
+  """``q * scale`` back in ``dtype`` (tests and reference paths)."""
+  expand = scale.reshape(scale.shape[:1] + (1,) * contracted
+                         + scale.shape[1:])
+  return (q.astype(jnp.float32) * expand).astype(dtype)
+
+
+def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
+                    ) -> tuple[llama.Params, ModelConfig]:
+  """The weights with every projection of ``llama.QUANTIZED`` in FP8 (and
+  its scales), and the config that says so. ``shardings``: the quantized
+  config's tree (``setup.param_shardings``) to place the results in;
+  None keeps each input's."""
+  if cfg.weight_dtype is not None:
+    raise ValueError(f"the weights are already {cfg.weight_dtype}")
+  qcfg = cfg.replace(weight_dtype=FP8)
+  layers = dict(params["layers"])
+  for name, contracted in llama.QUANTIZED.items():
+    fn = functools.partial(quantize_fp8, contracted=contracted)
+    if shardings is not None:
+      fn = jax.jit(fn, out_shardings=(
+          shardings["layers"][name],
+          shardings["layers"][name + llama.SCALE_SUFFIX]))
+    else:
+      fn = jax.jit(fn)
+    q, scale = fn(layers[name])
+    layers[name] = q
+    layers[name + llama.SCALE_SUFFIX] = scale
+  return {**params, "layers": layers}, qcfg
+
+
+def quantize_fp8_numpy(w: np.ndarray, contracted: int):
+  """The same arithmetic in numpy (``ml_dtypes``' e4m3), the reference the
+  tests hold ``quantize_fp8`` to."""
+  import ml_dtypes
+  axes = tuple(range(1, 1 + contracted))
+  w32 = np.asarray(w, np.float32)
+  amax = np.max(np.abs(w32), axis=axes)
+  scale = np.maximum(amax * _INV_MAX, np.finfo(np.float32).tiny).astype(
+      np.float32)
+  expand = scale.reshape(scale.shape[:1] + (1,) * contracted
+                         + scale.shape[1:])
+  q = np.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(
+      ml_dtypes.float8_e4m3fn)
+  return q, scale
+
+
+__all__ = ["FP8", "FP8_MAX", "dequantize", "quantize_fp8",
+           "quantize_fp8_numpy", "quantize_params"]

@@ -1,0 +1,134 @@
+"""FP8 weights (``pdjax.model.quant``): the quantization's arithmetic against
+a numpy reference and its rounding bound, the model computing with FP8
+projections as with their dequantized values, and engines serving them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdjax.model import llama, quant
+
+
+def _weights(seed=0):
+  """A [layers, in, out] matrix with columns of very different sizes, one
+  all zero, and entries down in e4m3's subnormal range."""
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(2, 64, 12)).astype(np.float32)
+  w *= np.logspace(-3, 2, 12, dtype=np.float32)[None, None, :]
+  w[:, :, 3] = 0.0
+  w[0, :5, 7] = 1e-6
+  return w
+
+
+@pytest.mark.parametrize("contracted", [1, 2])
+def test_quantization_matches_the_numpy_reference(contracted):
+  w = _weights()
+  if contracted == 2:
+    w = w.reshape(2, 8, 8, 12)
+  q, scale = jax.jit(quant.quantize_fp8, static_argnums=1)(
+      jnp.asarray(w), contracted)
+  q_ref, scale_ref = quant.quantize_fp8_numpy(w, contracted)
+  np.testing.assert_array_equal(np.asarray(scale), scale_ref)
+  np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
+                                q_ref.view(np.uint8))
+
+
+def test_rounding_stays_within_e4m3s_bound():
+  """|q s - w| <= 2**-4 |w| (normal range: 3 mantissa bits, round to
+  nearest) + 2**-10 s (half the smallest subnormal step), plus the float32
+  roundoff of w / s and q * s."""
+  w = _weights(1)
+  q, scale = quant.quantize_fp8(jnp.asarray(w), 1)
+  back = np.asarray(quant.dequantize(q, scale, 1))
+  s = np.asarray(scale)[:, None, :]
+  eps = np.finfo(np.float32).eps
+  bound = 2.0**-4 * np.abs(w) + 2.0**-10 * s + 4 * eps * np.abs(w)
+  assert (np.abs(back - w) <= bound).all()
+  # The largest entry of every channel is representable exactly (448 * s).
+  amax = np.abs(w).max(axis=1)
+  assert np.allclose(np.abs(back).max(axis=1), amax, rtol=4 * eps)
+  assert (back[:, :, 3] == 0).all()          # a zero channel stays zero
+  assert np.isfinite(np.asarray(scale)).all() and (np.asarray(scale) > 0).all()
+
+
+def _dequantized(params, cfg):
+  """The float32 weights FP8 params stand for."""
+  layers = dict(params["layers"])
+  for name, contracted in llama.QUANTIZED.items():
+    layers[name] = quant.dequantize(
+        layers.pop(name), layers.pop(name + llama.SCALE_SUFFIX), contracted)
+  return {**params, "layers": layers}
+
+
+def test_the_model_computes_with_the_dequantized_weights(tiny_decode_params):
+  """Logits of the FP8 model equal those of a float32 model holding the
+  dequantized weights, up to float32 reassociation ((x q) s against
+  x (q s)); the FP8 model's own distance from the original is reported
+  by tools/measure_fp8_accuracy.py, not assumed."""
+  params, cfg, _, _ = tiny_decode_params
+  qparams, qcfg = quant.quantize_params(params, cfg)
+  assert qcfg.weight_dtype == quant.FP8
+  assert qparams["layers"]["wq"].dtype == jnp.float8_e4m3fn
+  assert qcfg.fingerprint() != cfg.fingerprint()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 24)),
+                       jnp.int32)
+  fwd = jax.jit(llama.reference_forward, static_argnames="cfg")
+  got = np.asarray(fwd(qparams, tokens, cfg=qcfg))
+  want = np.asarray(fwd(_dequantized(qparams, qcfg), tokens, cfg=cfg))
+  scale = np.abs(want).max()
+  # Each projection sums D products before its scale multiplies: a few
+  # float32 roundings per layer of values as large as the logits.
+  tol = 16 * cfg.num_layers * cfg.hidden_size * np.finfo(np.float32).eps
+  np.testing.assert_allclose(got, want, atol=tol * scale, rtol=0)
+  with pytest.raises(ValueError, match="already"):
+    quant.quantize_params(qparams, qcfg)
+
+
+def test_engines_serve_fp8_weights(tiny_model_dir):
+  """A colocated engine loaded with weight_dtype=FP8 (the weights
+  quantized as they are placed on a TP=2 mesh and on one device)
+  produces the greedy tokens of an engine on the dequantized float32
+  weights."""
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+  from pdjax.engine.requests import PrefillRequest
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import load_sharded, shard_params
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  qparams, qcfg = load_sharded(tiny_model_dir, rules, mesh,
+                               weight_dtype=quant.FP8)
+  pcfg = PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
+                       max_seq_len=128)
+  dcfg = DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
+                      max_seq_len=128, steps_per_call=4)
+  fp8 = ColocatedEngine(qparams, qcfg, mesh, rules, pcfg, dcfg)
+  plain_cfg = qcfg.replace(weight_dtype=None)
+  deq = shard_params(_dequantized(qparams, qcfg), plain_cfg, rules, mesh)
+  ref = ColocatedEngine(deq, plain_cfg, mesh, rules, pcfg, dcfg)
+  greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+  out = {}
+  for name, engine in (("fp8", fp8), ("ref", ref)):
+    toks = {}
+    for i in range(3):
+      p = np.random.default_rng(i).integers(3, 300, 20 + 9 * i).tolist()
+      engine.submit(f"r{i}", p, greedy, lambda ev: toks.setdefault(
+          ev.request_id, []).extend(ev.token_ids))
+    engine.drain()
+    out[name] = toks
+  assert out["fp8"] == out["ref"]
+  # TP=2: the scales split with their channels.
+  prules = ShardingRules.load("prefill_tp")
+  tp = make_mesh({"tp": 2}, jax.devices()[2:4])
+  tparams, tcfg = load_sharded(tiny_model_dir, prules, tp,
+                               weight_dtype=quant.FP8)
+  r = PrefillEngine(tparams, tcfg, tp, prules, pcfg).prefill(
+      [PrefillRequest("t", list(range(3, 23)), greedy)])[0]
+  want = ref.prefill[0].prefill(
+      [PrefillRequest("t", list(range(3, 23)), greedy)])[0]
+  assert r.first_token == want.first_token

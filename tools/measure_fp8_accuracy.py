@@ -1,0 +1,121 @@
+r"""How far FP8 weights move a model: greedy agreement and logit error
+against the same checkpoint in its own precision.
+
+For each prompt (a few fixed English prompts through the model's
+tokenizer), the baseline (``--dtype``, default bfloat16) and the FP8 model
+(``weight_dtype=float8_e4m3fn``, the same dtype for activations) each
+decode ``--new_tokens`` greedy tokens; reported: the share of prompts
+whose whole continuation is identical, the mean length of the matching
+prefix, and on every position both models saw the same context: the
+largest and mean |log p_fp8 - log p_base| over the vocabulary's top-k,
+and the KL divergence KL(base || fp8).
+
+  python tools/measure_fp8_accuracy.py --checkpoint=smollm2-135m-instruct
+  python tools/measure_fp8_accuracy.py --checkpoint=tiny --dtype=float32
+
+A JSON record with every figure goes to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "smollm2-135m-instruct", "Model.")
+flags.DEFINE_string("dtype", "bfloat16", "Activations and the baseline's "
+                    "weights.")
+flags.DEFINE_integer("new_tokens", 32, "Greedy tokens per prompt.")
+flags.DEFINE_integer("top_k", 20, "Vocabulary entries the logit error "
+                     "looks at (the baseline's most likely).")
+flags.DEFINE_string("out", None, "JSON record.")
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village,",
+    "The three laws of thermodynamics state that",
+    "To make a cup of tea, first",
+    "In 1969, the Apollo 11 mission",
+    "A prime number is a natural number",
+)
+
+
+def _greedy(forward, params, cfg, prompt, n):
+  """(tokens, per-step log-probs [n, V]) of n greedy tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  seq = list(prompt)
+  logps = []
+  for _ in range(n):
+    logits = forward(params, jnp.asarray([seq], jnp.int32), cfg=cfg)[0, -1]
+    lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+    logps.append(lp)
+    seq.append(int(lp.argmax()))
+  return seq[len(prompt):], np.stack(logps)
+
+
+def main(argv) -> None:
+  del argv
+  import jax
+  import numpy as np
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model import llama, quant
+  from pdjax.model.registry import resolve_checkpoint
+  from pdjax.sharding import ShardingRules, make_mesh
+  from pdjax.tokenizer import Tokenizer
+  t0 = time.perf_counter()
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  path = resolve_checkpoint(FLAGS.checkpoint)
+  base, cfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype)
+  fp8, qcfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype,
+                           weight_dtype=quant.FP8)
+  tok = Tokenizer.from_checkpoint(path)
+  forward = jax.jit(llama.reference_forward, static_argnames="cfg")
+  same, prefix, max_err, mean_err, kls = 0, [], 0.0, [], []
+  for text in PROMPTS:
+    ids = tok.encode(text)
+    a, la = _greedy(forward, base, cfg, ids, FLAGS.new_tokens)
+    b, lb = _greedy(forward, fp8, qcfg, ids, FLAGS.new_tokens)
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    prefix.append(n)
+    same += n == len(a)
+    # Positions where both saw the same context: up to the first
+    # disagreement (its own distribution included).
+    k = min(n + 1, len(a))
+    top = np.argsort(-la[:k], axis=1)[:, :FLAGS.top_k]
+    diff = np.abs(np.take_along_axis(lb[:k], top, 1)
+                  - np.take_along_axis(la[:k], top, 1))
+    max_err = max(max_err, float(diff.max()))
+    mean_err.append(float(diff.mean()))
+    pa = np.exp(la[:k])
+    kls.extend((pa * (la[:k] - lb[:k])).sum(axis=1).tolist())
+    print(f"  {text!r}: {n}/{len(a)} tokens agree", flush=True)
+  rec = {"checkpoint": FLAGS.checkpoint, "model": cfg.name,
+         "dtype": FLAGS.dtype, "weight_dtype": quant.FP8,
+         "prompts": len(PROMPTS), "new_tokens": FLAGS.new_tokens,
+         "identical_continuations": same,
+         "mean_matching_prefix": float(np.mean(prefix)),
+         "top_k": FLAGS.top_k, "max_abs_logprob_error": max_err,
+         "mean_abs_logprob_error": float(np.mean(mean_err)),
+         "mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)),
+         "seconds": time.perf_counter() - t0,
+         "device": jax.devices()[0].device_kind}
+  print(f"{cfg.name}, {FLAGS.dtype} against FP8 weights: {same}/"
+        f"{len(PROMPTS)} continuations identical ({FLAGS.new_tokens} greedy "
+        f"tokens), matching prefix {rec['mean_matching_prefix']:.1f} on "
+        f"average; |d log p| over the top {FLAGS.top_k}: max "
+        f"{max_err:.3f}, mean {rec['mean_abs_logprob_error']:.4f}; KL mean "
+        f"{rec['mean_kl']:.5f}, max {rec['max_kl']:.5f}", flush=True)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
