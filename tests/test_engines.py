@@ -816,7 +816,8 @@ def test_closing_the_decode_engine_aborts_queued_requests_and_gives_kv_back(
 
 # ------------------------------------------------------------------ serving
 def test_no_compiles_while_serving(colo):
-  """After warm-up, 200 requests of random shapes compile nothing."""
+  """After warm-up, 200 requests of random shapes compile nothing, rows
+  preempted and resumed (swapped out and back) included."""
   rng = np.random.default_rng(2024)
   col = Collector()
   reqs = []
@@ -828,7 +829,12 @@ def test_no_compiles_while_serving(colo):
                 stop_token_ids=stops) if i % 3 else
          dataclasses.replace(GREEDY, max_tokens=mt, ignore_eos=bool(i % 2)))
     reqs.append((f"z{i}", prompt(n, 5000 + i), s))
+  # Then whole contexts, more than there are rows: a row admitted as
+  # another ends takes pages the older rows then need, and is swapped out.
+  longs = [(f"long{i}", prompt(30 + i, 6000 + i),
+            dataclasses.replace(GREEDY, max_tokens=1000)) for i in range(12)]
   before = compile_stats.compile_count()
+  swapped = colo.decode.preemption_stats()["preempted_swap"]
   with compile_stats.CompileCounter() as c:
     pending = collections.deque(reqs)
     while pending or colo.has_work:
@@ -838,8 +844,13 @@ def test_no_compiles_while_serving(colo):
           rid, p, s = pending.popleft()
           colo.submit(rid, p, s, col, seed_u32=s.seed_u32(0))
       colo.step()
+    for rid, p, s in longs:
+      colo.submit(rid, p, s, col)
+    colo.drain()
+  reqs += longs
   assert c.count == 0, f"serving compiled: {c.names}"
   assert compile_stats.compile_count() == before
+  assert colo.decode.preemption_stats()["preempted_swap"] > swapped
   assert_clean(colo)
   reasons = collections.Counter(col.reason(rid) for rid, _, _ in reqs)
   assert reasons[FinishReason.STOP] >= 5 and reasons[FinishReason.LENGTH] > 100

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from pdjax.engine import host_tier
+from pdjax.engine import compile_stats, host_tier
 from pdjax.engine.colocated import ColocatedEngine
 from pdjax.engine.decode import DecodeConfig
 from pdjax.engine.host_tier import HostKVTier, match_with_tier
@@ -245,14 +245,18 @@ def test_swap_space_round_trip_and_accounting():
   swap = host_tier.SwapSpace(5, lambda: tuple(pools), set_pools,
                              num_layers=L, page_shape=(L, P, K, hd),
                              dtype=np.float32, max_batch=2)
+  swap.warmup()
+  assert swap.used == 0
   before = [np.asarray(x) for x in pools]
-  swap.swap_out("a", [3, 1, 4])
-  swap.swap_out("b", [2, 5])
-  assert swap.used == 5 and not swap.fits(1) and swap.held("a") == 3
-  with pytest.raises(AssertionError, match="do not fit"):
-    swap.swap_out("c", [6])
-  swap.land()
-  swap.swap_in("a", [6, 7, 8])
+  with compile_stats.CompileCounter() as compiled:   # warmup compiled all
+    swap.swap_out("a", [3, 1, 4])
+    swap.swap_out("b", [2, 5])
+    assert swap.used == 5 and not swap.fits(1) and swap.held("a") == 3
+    with pytest.raises(AssertionError, match="do not fit"):
+      swap.swap_out("c", [6])
+    swap.land()
+    swap.swap_in("a", [6, 7, 8])
+  assert compiled.count == 0, compiled.names
   k, v = (np.asarray(x) for x in pools)
   for src, dst in zip([3, 1, 4], [6, 7, 8]):
     for layer in range(L):

@@ -202,6 +202,30 @@ def test_cancels_at_any_point_return_everything(tiny_decode_params,
   assert_clean(engine)
 
 
+def test_engine_failure_ends_preempted_requests_too(tiny_decode_params):
+  """``fail_all`` (the loop's step raised) while rows are swapped out and
+  an evicted request waits to be recomputed: every stream ends with an
+  error and nothing stays held."""
+  engine = _engine(tiny_decode_params, dataclasses.replace(DCFG,
+                                                           swap_pages=2))
+  col = Collector()
+  reqs = _requests()
+  _submit(engine, reqs, col)
+  for _ in range(200):
+    engine.step()
+    u = engine.kv_usage()
+    if u["rows_swapped"] and any(w.tokens_generated > 1
+                                 for w in engine._waiting):
+      break
+  else:
+    pytest.fail("no row was swapped out while another waited to be "
+                "recomputed")
+  engine.fail_all("decode engine failed: boom")
+  for rid, _, _ in reqs:
+    assert col.reason(rid) == FinishReason.ERROR, rid
+  assert_clean(engine)
+
+
 def test_reservations_promise_what_a_request_holds_now(tiny_decode_params):
   """The disaggregated path's Reserve: the prompt's pages and its first
   two calls', not the whole budget (whole-budget admission: all of it); a
