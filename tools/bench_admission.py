@@ -90,8 +90,8 @@ flags.DEFINE_integer("steps_per_call", 4, "Decode steps per generate call.")
 flags.DEFINE_integer("swap_pages", -1, "Host pages for preempted rows' KV "
                      "(DecodeConfig.swap_pages; -1: the pool's size).")
 flags.DEFINE_float("queue_timeout_s", 30.0,
-                   "Deadline of the queue in front of the pool (the decode "
-                   "worker's default); 0: none.")
+                   "Deadline of the queue in front of the pool (a decode "
+                   "worker's --queue_deadline_s default); 0: none.")
 flags.DEFINE_integer("max_waiting", 1024, "Bound of that queue.")
 flags.DEFINE_integer("rounds", 1, "Runs of each policy, alternating; the "
                      "table shows medians.")

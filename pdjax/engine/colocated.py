@@ -72,7 +72,7 @@ class ColocatedEngine:
                dcfg: DecodeConfig = DecodeConfig(), *,
                eos_ids: Sequence[int] | None = None,
                max_waiting: int | None = None,
-               queue_timeout_s: float | None = 30.0):
+               queue_timeout_s: float | None = None):
     """``max_waiting``: requests the queue holds (None: no bound);
     ``queue_timeout_s``: how long one may wait to be admitted (None: no
     deadline)."""
