@@ -190,6 +190,28 @@ def test_decode_soak_with_fifo_pages(tmp_path):
   assert "round 1" in stdout
 
 
+def test_admission(tmp_path):
+  """Streams without max_tokens on a pool of four whole contexts and eight
+  rows: whole-budget admission runs four at a time, on-demand more; every
+  stream answered under both, with the same tokens; the throughput is the
+  quotient it claims."""
+  stdout, records = run_tool(
+      "bench_admission.py", tmp_path / "adm.jsonl", "--streams=16",
+      "--max_seqs=8", "--num_pages=17", "--max_seq_len=64",
+      "--table_buckets=2", "--length_scale=0.05", "--temperature=0")
+  runs = {r["params"]["admission"]: r["results"] for r in records
+          if r["measurement"] == "admission"}
+  (summary,) = [r for r in records if r["measurement"] == "summary"]
+  assert set(runs) == {"full", "on_demand"}
+  for x in runs.values():
+    assert x["answered"] == 16 and x["refused"] == x["errors"] == 0
+    close(x["tokens_per_s"], x["output_tokens"] / x["wall_s"])
+  assert runs["full"]["peak_rows"] == 4 < runs["on_demand"]["peak_rows"]
+  assert runs["full"]["preempted_swap"] == 0
+  assert summary["results"]["tokens_mismatched"] == []
+  assert "on_demand / full" in stdout
+
+
 def test_transfer(tmp_path):
   stdout, records = run_tool(
       "bench_transfer.py", tmp_path / "transfer.jsonl", "--sizes_mib=1",

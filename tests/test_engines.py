@@ -101,10 +101,12 @@ def assert_clean(engine) -> None:
   assert u["pages_cached"] == 0, u
   assert u["reservations"] == 0, u
   assert u["rows_live"] == 0, u
+  assert u["rows_swapped"] == 0 and u["pages_swapped"] == 0, u
   assert u["pages_available"] == u["pages_total"], u
   for rep in engine.replicas:
     rep.pool.check_invariants()
     assert not rep.active.any()
+    assert not rep._evicted
 
 
 def prefill_requests(engine: PrefillEngine, reqs) -> list[PrefillResult]:
@@ -814,7 +816,8 @@ def test_closing_the_decode_engine_aborts_queued_requests_and_gives_kv_back(
 
 # ------------------------------------------------------------------ serving
 def test_no_compiles_while_serving(colo):
-  """After warm-up, 200 requests of random shapes compile nothing."""
+  """After warm-up, 200 requests of random shapes compile nothing, rows
+  preempted and resumed (swapped out and back) included."""
   rng = np.random.default_rng(2024)
   col = Collector()
   reqs = []
@@ -826,7 +829,12 @@ def test_no_compiles_while_serving(colo):
                 stop_token_ids=stops) if i % 3 else
          dataclasses.replace(GREEDY, max_tokens=mt, ignore_eos=bool(i % 2)))
     reqs.append((f"z{i}", prompt(n, 5000 + i), s))
+  # Then whole contexts, more than there are rows: a row admitted as
+  # another ends takes pages the older rows then need, and is swapped out.
+  longs = [(f"long{i}", prompt(30 + i, 6000 + i),
+            dataclasses.replace(GREEDY, max_tokens=1000)) for i in range(12)]
   before = compile_stats.compile_count()
+  swapped = colo.decode.preemption_stats()["preempted_swap"]
   with compile_stats.CompileCounter() as c:
     pending = collections.deque(reqs)
     while pending or colo.has_work:
@@ -836,8 +844,13 @@ def test_no_compiles_while_serving(colo):
           rid, p, s = pending.popleft()
           colo.submit(rid, p, s, col, seed_u32=s.seed_u32(0))
       colo.step()
+    for rid, p, s in longs:
+      colo.submit(rid, p, s, col)
+    colo.drain()
+  reqs += longs
   assert c.count == 0, f"serving compiled: {c.names}"
   assert compile_stats.compile_count() == before
+  assert colo.decode.preemption_stats()["preempted_swap"] > swapped
   assert_clean(colo)
   reasons = collections.Counter(col.reason(rid) for rid, _, _ in reqs)
   assert reasons[FinishReason.STOP] >= 5 and reasons[FinishReason.LENGTH] > 100
@@ -911,8 +924,9 @@ def test_invalid_requests(tiny, rules, colo):
 
 
 def test_cache_full_requests_queue(colo):
-  """More full-length budgets than the pool holds: requests wait for
-  capacity, then all complete."""
+  """More whole contexts than the pool holds: requests take rows as they
+  come (their pages are allocated as they grow), wait for a row when none
+  is free, are preempted as they fill the pool, and all complete."""
   reqs = [(f"q{i}", prompt(30 + i, 400 + i),
            dataclasses.replace(GREEDY, max_tokens=1000)) for i in range(10)]
   col = Collector()
@@ -920,11 +934,13 @@ def test_cache_full_requests_queue(colo):
     colo.submit(rid, p, s, col)
   for _ in range(3):                     # admits max_batch per replica a step
     colo.step()
-  # 8 pages each, 31 per replica: three run per replica, the rest wait.
-  assert colo.num_waiting == 4
-  assert colo.decode.kv_usage()["pages_available"] == 2 * (31 - 3 * 8)
+  # 4 rows per replica: eight run, the rest wait (whole budgets of 8 pages
+  # in 31 would have run three per replica).
+  assert colo.num_waiting == 2
+  assert colo.decode.kv_usage()["rows_live"] == 8
   colo.drain()
   assert_clean(colo)
+  assert colo.decode.preemption_stats()["preempted_swap"] > 0
   for rid, p, _ in reqs:
     assert col.reason(rid) == FinishReason.LENGTH
     assert len(p) + len(col.tokens(rid)) == MAX_SEQ
@@ -932,16 +948,20 @@ def test_cache_full_requests_queue(colo):
 
 def test_reserve_returns_none_when_full(decoders):
   engine = decoders["dp1"]
-  # Pages run out: 8 pages per full-length budget, 31 pages.
-  got = [engine.reserve(f"r{i}", 30, 1000) for i in range(4)]
+  # Pages run out: a 120-token prompt takes its whole context, 8 pages
+  # (prompt and first calls), and the pool has 31.
+  got = [engine.reserve(f"r{i}", 120, 1000) for i in range(4)]
   assert [g is not None for g in got] == [True, True, True, False]
   assert engine.kv_usage()["pages_reserved"] == 24
   assert engine.reserve("r0", 30, 1000) is got[0]       # idempotent
   for i in range(3):
     engine.unreserve(f"r{i}")
-  # Rows run out: 4 rows even though pages remain.
-  got = [engine.reserve(f"s{i}", 5, 5) for i in range(5)]
+  # Rows run out: 4 rows even though pages remain. A 30-token prompt
+  # without a small max_tokens is promised 3 pages (its prompt and first
+  # two calls' tokens), not its budget of 8.
+  got = [engine.reserve(f"s{i}", 30, 1000) for i in range(5)]
   assert [g is not None for g in got] == [True] * 4 + [False]
+  assert engine.kv_usage()["pages_reserved"] == 12
   for i in range(4):
     engine.unreserve(f"s{i}")
   assert_clean(engine)

@@ -5,7 +5,8 @@ a later request, with tokens identical to a cache-free run; the tier's LRU
 bound holds; a block pinned by a running request is never demoted; a
 promoted block is bit-identical to the one evicted (pinned-host and numpy
 storage, sharded pools, a block promoted and evicted again before its upload
-ran); with the tier off nothing changes.
+ran); with the tier off nothing changes. The swap space that holds
+preempted decode rows' KV uses the same copies: pages come back bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from pdjax.engine import host_tier
+from pdjax.engine import compile_stats, host_tier
 from pdjax.engine.colocated import ColocatedEngine
 from pdjax.engine.decode import DecodeConfig
 from pdjax.engine.host_tier import HostKVTier, match_with_tier
@@ -227,3 +228,44 @@ def test_off_path_is_unchanged(tiny_decode_params):
       assert rep.host_tier is None and rep.pool.on_evict is None
   with pytest.raises(ValueError):
     _dcfg(host_cache_blocks=-1)
+
+
+def test_swap_space_round_trip_and_accounting():
+  """Pages swapped out come back bit for bit into other pages; capacity is
+  enforced and every page held is released by swap_in or drop."""
+  dev = jax.devices()[0]
+  L, N, P, K, hd = 2, 9, 4, 2, 8
+  rng = np.random.default_rng(0)
+  pools = [jax.device_put(rng.standard_normal((L * N, P, K, hd)).astype(
+      np.float32), dev) for _ in range(2)]
+
+  def set_pools(k, v):
+    pools[:] = [k, v]
+
+  swap = host_tier.SwapSpace(5, lambda: tuple(pools), set_pools,
+                             num_layers=L, page_shape=(L, P, K, hd),
+                             dtype=np.float32, max_batch=2)
+  swap.warmup()
+  assert swap.used == 0
+  before = [np.asarray(x) for x in pools]
+  with compile_stats.CompileCounter() as compiled:   # warmup compiled all
+    swap.swap_out("a", [3, 1, 4])
+    swap.swap_out("b", [2, 5])
+    assert swap.used == 5 and not swap.fits(1) and swap.held("a") == 3
+    with pytest.raises(AssertionError, match="do not fit"):
+      swap.swap_out("c", [6])
+    swap.land()
+    swap.swap_in("a", [6, 7, 8])
+  assert compiled.count == 0, compiled.names
+  k, v = (np.asarray(x) for x in pools)
+  for src, dst in zip([3, 1, 4], [6, 7, 8]):
+    for layer in range(L):
+      np.testing.assert_array_equal(k[layer * N + dst],
+                                    before[0][layer * N + src])
+      np.testing.assert_array_equal(v[layer * N + dst],
+                                    before[1][layer * N + src])
+  with pytest.raises(AssertionError, match="given back"):
+    swap.swap_in("b", [1])
+  swap.drop("b")
+  swap.drop("b")
+  assert swap.used == 0 and swap.fits(5)

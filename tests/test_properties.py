@@ -16,7 +16,12 @@ oracle or reference model, not against the code's own branches:
   it, after every step, with a reference model (page states, reference
   counts, LRU order, what each page holds);
 * ``LeaseTable``: with a fake clock, every lease is freed exactly once, by
-  ``pop`` or by ``reap``, and ``reap`` frees only what is past its deadline.
+  ``pop`` or by ``reap``, and ``reap`` frees only what is past its deadline;
+* decode pages on demand: a replica's host side (admission, growth,
+  preemption by swap or eviction, resumption, release) through random
+  admissions, calls, finishes and cancels keeps every page owned once and
+  each row's KV where its page table says, always advances its oldest
+  row, and gives everything back.
 
 The allocator machine found that a prefix ``lookup`` could revive a cached
 page already promised to a reservation (reserved > free + cached, so the
@@ -42,8 +47,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
 from pdjax.engine.block_pool import BlockPool, PoolExhausted
+from pdjax.engine.requests import DecodeRequest
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
-                                   SamplingParams)
+                                   SamplingArrays, SamplingParams)
 from pdjax.service.validation import (DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LEN,
                                       MAX_TEXT_CHARS,
                                       check_prompt_ids, check_request_id,
@@ -684,6 +690,216 @@ BlockPoolMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestBlockPool = BlockPoolMachine.TestCase
+
+
+# ==================================================== decode pages on demand
+class _FakeSwap:
+  """``SwapSpace``'s contract without device copies: the content tags of
+  the pages each row swapped out, written back into the pages it gets."""
+
+  def __init__(self, capacity: int, content: dict[int, tuple]):
+    self.capacity_pages = capacity
+    self.content = content
+    self.rows: dict[int, list[tuple]] = {}
+    self.used = 0
+
+  def fits(self, n: int) -> bool:
+    return self.used + n <= self.capacity_pages
+
+  def held(self, key: int) -> int:
+    return len(self.rows.get(key, ()))
+
+  def swap_out(self, key: int, pages) -> None:
+    assert key not in self.rows and self.fits(len(pages))
+    self.rows[key] = [self.content[p] for p in pages]
+    self.used += len(pages)
+
+  def swap_in(self, key: int, pages) -> None:
+    tags = self.rows.pop(key)
+    assert len(tags) == len(pages)
+    self.used -= len(tags)
+    for page, tag in zip(pages, tags):
+      self.content[page] = tag
+
+  def drop(self, key: int) -> None:
+    self.used -= len(self.rows.pop(key, ()))
+
+  def land(self) -> None:
+    pass
+
+
+class DecodePagingMachine(RuleBasedStateMachine):
+  """A decode replica's host side (``DecodeReplica``: admission, growth,
+  preemption by swap or eviction, resumption, release) through random
+  admissions, calls, finishes and cancels, with the device played by the
+  test: every page a row gets is tagged (row, index), and the tags must
+  stay where the row's page table says they are (swapped out and back
+  included). After every step: the pool's pages are each owned once, by
+  rows that cover their dispatched steps; swapped rows hold no pages and
+  the swap space exactly their KV; a call advances some row whenever any
+  wants steps (the oldest always gets its pages); and at the end every
+  page and swapped page is back."""
+
+  def __init__(self):
+    super().__init__()
+    self.rep = None
+
+  @initialize(num_pages=st.integers(5, 16), max_seqs=st.integers(1, 6),
+              steps=st.integers(1, 3), swap=st.integers(0, 12),
+              watermark=st.sampled_from([0.0, 0.1]))
+  def init_replica(self, num_pages, max_seqs, steps, swap, watermark):
+    import itertools
+
+    import numpy as np
+
+    from pdjax.engine.decode_config import DecodeConfig
+    from pdjax.engine.decode_replica import DecodeReplica
+    self.dcfg = DecodeConfig(max_seqs=max_seqs, page_size=4,
+                             num_pages=num_pages, max_seq_len=16,
+                             steps_per_call=steps, swap_pages=swap,
+                             admission_watermark=watermark)
+    rep = object.__new__(DecodeReplica)   # no device state: host side only
+    rep.dcfg, rep.pool = self.dcfg, BlockPool(num_pages)
+    rep.fingerprint = rep.host_tier = None
+    self.content: dict[int, tuple] = {}
+    rep.swap = _FakeSwap(swap, self.content) if swap else None
+    rep._arrivals, rep._evicted = itertools.count(), []
+    rep.stats = collections.Counter()
+    rep.rows = [None] * max_seqs
+    rep.page_table = np.zeros((max_seqs, self.dcfg.pages_per_seq), np.int32)
+    rep.active = np.zeros((max_seqs,), bool)
+    rep.samp = SamplingArrays.empty(max_seqs)
+    rep.max_tokens = np.ones((max_seqs,), np.int32)
+    rep.stop_ids = np.full((max_seqs, MAX_STOP_TOKEN_IDS), -1, np.int32)
+    rep.use_eos = np.ones((max_seqs,), bool)
+    rep._slots_dirty = True
+    self.rep = rep
+    self.next_id = 0
+
+  def _tag_new_pages(self, row: int, r, known: int) -> None:
+    for i in range(known, len(r.pages)):
+      self.content[r.pages[i]] = (r.request.request_id, i)
+
+  @rule(reqs=st.lists(st.tuples(st.integers(1, 14), st.integers(1, 40)),
+                      min_size=1, max_size=6))
+  def admit_some(self, reqs):
+    for prompt_len, max_tokens in reqs:
+      self.admit(prompt_len, max_tokens)
+
+  def admit(self, prompt_len, max_tokens):
+    """``DecodeEngine.reserve`` then ``insert``'s host side."""
+    from pdjax.engine.decode_replica import _Row
+    rep = self.rep
+    steps_needed = min(max_tokens - 1, self.dcfg.max_seq_len - prompt_len - 1)
+    if None not in rep.rows or rep.num_swapped or steps_needed <= 0:
+      return
+    n = rep.admission_pages(prompt_len, max_tokens)
+    if rep.pool.available - n < rep.headroom() or not rep.pool.reserve(n):
+      return
+    row = rep.rows.index(None)
+    rid = f"q{self.next_id}"
+    self.next_id += 1
+    req = DecodeRequest(rid, [3] * prompt_len, 0, 0.0, None,
+                        SamplingParams(max_tokens=max_tokens), 0, None)
+    r = _Row(req, rep.pool.allocate(n, reserved=True), reserved_left=0,
+             steps_needed=steps_needed, arrival=next(rep._arrivals),
+             generated=[0])
+    rep.rows[row] = r
+    rep.page_table[row, :n] = r.pages
+    self._tag_new_pages(row, r, 0)
+
+  @rule(calls=st.integers(1, 12))
+  def calls(self, calls):
+    for _ in range(calls):
+      self.call()
+
+  @rule(prompt_len=st.integers(1, 8), calls=st.integers(4, 24))
+  def fill_and_run(self, prompt_len, calls):
+    """Long requests admitted until admission refuses, then calls: the
+    rows outgrow the pool, so rows are preempted and resumed."""
+    for _ in range(self.dcfg.max_seqs):
+      self.admit(prompt_len, 40)
+    for _ in range(calls):
+      self.call()
+
+  def call(self):
+    """One dispatch's host side, then the delivery of rows that reached
+    their length (they are released)."""
+    rep = self.rep
+    if rep.swap is not None:
+      idle = not any(r is not None and not r.swapped for r in rep.rows)
+      swapped = rep.num_swapped
+      rep._resume_swapped()
+      if idle and swapped:
+        assert rep.num_swapped < swapped, "swapped rows never come back"
+    before = {i: len(r.pages) for i, r in enumerate(rep.rows)
+              if r is not None}
+    wanted = rep._rows_to_advance()
+    granted = rep._grow(wanted)
+    if wanted:
+      assert granted, "no row advanced though some wanted steps"
+    for i, r in enumerate(rep.rows):
+      if r is not None and not r.swapped:
+        self._tag_new_pages(i, r, min(before.get(i, 0), len(r.pages)))
+    for req in rep.evicted():   # to be recomputed: they hold nothing
+      assert req.request_id not in {r.request.request_id for r in rep.rows
+                                    if r is not None}
+      assert req.prompt_ids[:1] == [3] and req.tokens_generated == 1
+    for i, r in enumerate(rep.rows):
+      if r is not None and not r.swapped and not r.wants_steps:
+        rep.release(i)
+
+  @rule(data=st.data(), often=st.integers(0, 3))
+  def cancel(self, data, often):
+    """A cancel (a quarter of the time, so rows live long enough to fill
+    the pool)."""
+    live = [i for i, r in enumerate(self.rep.rows) if r is not None]
+    if live and not often:
+      self.rep.release(data.draw(st.sampled_from(live)))
+
+  def teardown(self):
+    if self.rep is None:
+      return
+    for i in range(len(self.rep.rows)):
+      self.rep.release(i)
+    p = self.rep.pool
+    p.check_invariants()
+    assert p.num_used == 0 and p.reserved == 0
+    assert self.rep.swap is None or self.rep.swap.used == 0
+
+  @invariant()
+  def pages_are_owned_once_and_hold_their_rows_kv(self):
+    if self.rep is None:
+      return
+    rep, P = self.rep, self.dcfg.page_size
+    rep.pool.check_invariants()
+    assert rep.pool.reserved == 0
+    owned = [p for r in rep.rows if r is not None for p in r.pages]
+    assert len(owned) == len(set(owned)) == rep.pool.num_used
+    assert 0 not in owned
+    swapped = 0
+    for i, r in enumerate(rep.rows):
+      if r is None:
+        continue
+      if r.swapped:
+        assert not r.pages and rep.swap.held(i) > 0
+        swapped += rep.swap.held(i)
+        continue
+      assert len(r.pages) >= math.ceil(
+          (len(r.request.prompt_ids) + r.steps_dispatched) / P)
+      assert list(rep.page_table[i, :len(r.pages)]) == r.pages
+      for k, page in enumerate(r.pages):
+        assert self.content[page] == (r.request.request_id, k)
+    if rep.swap is not None:
+      assert rep.swap.used == swapped
+      assert set(rep.swap.rows) == {i for i, r in enumerate(rep.rows)
+                                    if r is not None and r.swapped}
+
+
+DecodePagingMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestDecodePaging = DecodePagingMachine.TestCase
 
 
 # ============================================================== lease table

@@ -15,10 +15,12 @@ free list would, after enough requests, spread every new sequence over the
 whole pool (tens of GB on a GPU), and the attention's page reads with it
 (``order="fifo"`` keeps that policy, for measuring the difference).
 
-Reservations are promises of future pages (decode-side admission reserves a
-request's whole budget before its KV is computed), so an admitted sequence
-never finds the pool empty mid-generation. ``available`` = free + cached -
-reserved is what admission may still promise.
+Reservations are promises of future pages: decode-side admission reserves
+the pages a request's insert will take (or, with whole-budget admission,
+every page it may ever need) before its KV is computed, so the KV always
+finds its pages. ``available`` = free + cached - reserved is what
+admission may still promise, and what rows growing beyond their
+reservations may take.
 """
 
 from __future__ import annotations

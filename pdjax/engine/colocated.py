@@ -3,11 +3,21 @@
 This is the baseline disaggregation is measured against (vLLM's and
 JetStream's interleaved mode) and also what a decode worker does for prompts
 under the local-prefill threshold. Each loop iteration admits waiting
-requests that fit (reserving their KV budget), prefills up to
-``max_prefill_batch`` of them per replica on that replica's own devices, and
-then runs one decode call: a long prompt therefore delays the running
-sequences' next tokens, which is exactly the interference disaggregation
-removes.
+requests that fit (reserving their KV pages, ``DecodeEngine.reserve``),
+prefills up to ``max_prefill_batch`` of them per replica on that replica's
+own devices, and then runs one decode call: a long prompt therefore delays
+the running sequences' next tokens, which is exactly the interference
+disaggregation removes.
+
+The waiting queue is admission's queue: first come, first admitted (a
+request that does not fit holds back the later ones), bounded
+(``max_waiting``: ``submit`` raises ``OverflowError`` past it) and with a
+deadline (``queue_timeout_s``: a request not admitted by then ends with an
+``exhausted`` event, which the decode service answers as
+RESOURCE_EXHAUSTED). Rows the decode pool preempts without room to swap
+their KV come back to the head of this queue, their prompt and generated
+tokens to be prefilled again, and continue from their last token
+(``forced_first_token``): they never expire.
 """
 
 from __future__ import annotations
@@ -42,6 +52,16 @@ class _Waiting:
   forced_first_token: int | None = None
   cache_salt: str = ""
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
+  # Output tokens already generated (``DecodeRequest.tokens_generated``):
+  # above 1 for a preempted request to be recomputed.
+  tokens_generated: int = 1
+  # perf_counter() by which it must be admitted (None: no deadline).
+  deadline: float | None = None
+
+  @property
+  def remaining_tokens(self) -> int:
+    """Output tokens still to come, the (forced) first token included."""
+    return self.sampling.max_tokens - self.tokens_generated + 1
 
 
 class ColocatedEngine:
@@ -51,10 +71,15 @@ class ColocatedEngine:
                rules: ShardingRules, pcfg: PrefillConfig = PrefillConfig(),
                dcfg: DecodeConfig = DecodeConfig(), *,
                eos_ids: Sequence[int] | None = None,
-               max_waiting: int | None = None):
+               max_waiting: int | None = None,
+               queue_timeout_s: float | None = None):
+    """``max_waiting``: requests the queue holds (None: no bound);
+    ``queue_timeout_s``: how long one may wait to be admitted (None: no
+    deadline)."""
     self.cfg = cfg
     self.decode = DecodeEngine(params, cfg, mesh, rules, dcfg,
                                eos_ids=eos_ids)
+    self.decode.on_recompute = self._requeue
     sub_rules = rules.without("dp")
     self.prefill = [PrefillEngine(
         rep.params, cfg, rep.mesh, sub_rules, pcfg,
@@ -63,6 +88,8 @@ class ColocatedEngine:
                     for rep in self.decode.replicas]
     self.pcfg = pcfg
     self.max_waiting = max_waiting
+    self.queue_timeout_s = queue_timeout_s
+    self.stats = collections.Counter()
     self._waiting: collections.deque[_Waiting] = collections.deque()
     # Per replica, the prompt being prefilled a chunk budget at a time.
     self._partial: dict[int, _Partial] = {}
@@ -99,12 +126,35 @@ class ColocatedEngine:
     here and continue from that token instead of sampling a new one; no
     event is sent for it."""
     self.validate(prompt_ids, sampling)
+    w = _Waiting(request_id, list(prompt_ids), sampling, seed_u32, callback,
+                 forced_first_token, cache_salt)
+    if self.queue_timeout_s is not None:
+      w.deadline = w.submitted + self.queue_timeout_s
     with self._lock:
       if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+        self.stats["refused_full"] += 1
         raise OverflowError(f"{len(self._waiting)} requests already waiting")
-      self._waiting.append(_Waiting(request_id, list(prompt_ids), sampling,
-                                    seed_u32, callback, forced_first_token,
-                                    cache_salt))
+      self._waiting.append(w)
+
+  def _requeue(self, req: DecodeRequest) -> None:
+    """``DecodeEngine.on_recompute``: a preempted request whose KV was
+    dropped goes to the head of the queue, to be prefilled again (its
+    prompt now ends with the tokens it generated) and to continue from
+    its last token, unless a cancel of it is pending."""
+    w = _Waiting(req.request_id, list(req.prompt_ids), req.sampling,
+                 req.seed_u32, req.callback,
+                 forced_first_token=req.first_token,
+                 cache_salt=req.cache_salt,
+                 tokens_generated=req.tokens_generated)
+    with self._lock:
+      # Under the lock that ``cancel`` holds while it looks for a request
+      # and, not finding it here, cancels it in the decode pool: either
+      # that cancel is pending there now, or it will find it queued.
+      cancelled = self.decode.take_cancel(req.request_id)
+      if not cancelled:
+        self._waiting.appendleft(w)
+    if cancelled:
+      req.callback(TokenEvent(req.request_id, [], [], FinishReason.ABORT))
 
   # ------------------------------------------------ the DecodeBackend seam
   @property
@@ -163,6 +213,14 @@ class ColocatedEngine:
           host[stat] += n
     return {k: dict(v) for k, v in out.items()}
 
+  def preemption_stats(self) -> dict[str, int]:
+    """Rows preempted so far (``DecodeEngine.preemption_stats``) and
+    requests the queue refused: full (``refused_full``) or past its
+    deadline (``refused_timeout``)."""
+    return {**self.decode.preemption_stats(),
+            "refused_full": self.stats["refused_full"],
+            "refused_timeout": self.stats["refused_timeout"]}
+
   def prefill_tokens(self) -> tuple[int, int]:
     """Prompt tokens prefilled here so far: (from a cache, computed)."""
     cached = sum(p.stats["cached_tokens"] for p in self.prefill)
@@ -191,7 +249,9 @@ class ColocatedEngine:
           for p in self._partial.values()):
         self._cancelled.add(request_id)
         return
-    self.decode.cancel(request_id)
+      # Still under the lock: a request moving back here from the decode
+      # pool (``_requeue``) sees this cancel.
+      self.decode.cancel(request_id)
 
   def fail_all(self, message: str) -> None:
     with self._lock:
@@ -248,6 +308,7 @@ class ColocatedEngine:
     spent: dict[int, int] = collections.Counter()
     finished: list[tuple[_Waiting, object, _Partial]] = []
     aborted: list[_Waiting] = []
+    self._expire_waiting()
     # 1. Prompts part-way through: their next chunks.
     for replica, p in list(self._partial.items()):
       if self._take_cancelled(p.waiting.request_id):
@@ -274,7 +335,7 @@ class ColocatedEngine:
           aborted.append(w)
           continue
         res = self.decode.reserve(w.request_id, len(w.prompt_ids),
-                                  w.sampling.max_tokens,
+                                  w.remaining_tokens,
                                   prompt_ids=w.prompt_ids,
                                   cache_salt=w.cache_salt)
         taken = res is not None and self._place(
@@ -304,6 +365,31 @@ class ColocatedEngine:
         self._to_decode(w, res, p.run.result(), p.started)
       else:
         self._partial[replica] = p
+
+  def _expire_waiting(self) -> None:
+    """Ends the requests that waited past their deadline without being
+    admitted (cancelled ones with ABORT, as admission would)."""
+    now = time.perf_counter()
+    with self._lock:
+      if not any(w.deadline is not None and now > w.deadline
+                 for w in self._waiting):
+        return
+      expired = [w for w in self._waiting
+                 if w.deadline is not None and now > w.deadline]
+      self._waiting = collections.deque(
+          w for w in self._waiting
+          if w.deadline is None or now <= w.deadline)
+      cancelled = {w.request_id for w in expired} & self._cancelled
+      self._cancelled -= cancelled
+    for w in expired:
+      if w.request_id in cancelled:
+        w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+        continue
+      self.stats["refused_timeout"] += 1
+      w.callback(TokenEvent(
+          w.request_id, [], [], FinishReason.ABORT, exhausted=True,
+          error=f"not admitted within {self.queue_timeout_s:g} s: the "
+          "decode pool's KV pages and rows are taken; retry later"))
 
   def _place(self, w: _Waiting, res, per_replica, chunked, spent,
              budget) -> bool:
@@ -373,7 +459,7 @@ class ColocatedEngine:
     self.decode.submit(DecodeRequest(
         w.request_id, w.prompt_ids, first, logprob, r.kv,
         w.sampling, w.seed_u32, w.callback, reservation=res,
-        cache_salt=w.cache_salt))
+        cache_salt=w.cache_salt, tokens_generated=w.tokens_generated))
 
 
 @dataclasses.dataclass

@@ -2,19 +2,40 @@
 
 Lifecycle of a sequence in a replica (the host side of it):
 
-  1. ``reserve``: decode-side admission promises the pages of the request's
-     whole budget (prompt + max_tokens, capped by max_seq_len) before its KV
-     exists, so a sequence never stalls for memory mid-generation.
-  2. ``insert``: the prompt's pages are allocated from the reservation and a
-     jitted, donating scatter writes the request KV into them; the row's
-     first token, position and counters are set on device.
+  1. ``reserve``: decode-side admission promises pages before the request's
+     KV exists (it may still be on its way from a prefill worker). With
+     ``kv_admission="on_demand"`` (the default) it promises what the
+     request holds once inserted, its prompt's pages and those of its first
+     two generate calls, and only while the pool keeps a headroom free for
+     the running rows' growth (the larger of ``admission_watermark`` and
+     their next two calls' pages) and no preempted row waits to come back;
+     a chat request without max_tokens no longer holds a whole context of
+     pages. With ``"full"`` it promises the whole budget (prompt +
+     max_tokens, capped by max_seq_len), so a sequence never needs more.
+     A request that can never fit (prompt or budget beyond the pool) is
+     refused (``InvalidRequest``); one that does not fit now gets None,
+     and its caller queues it (``ColocatedEngine``'s bounded queue with a
+     deadline, the router's retries) or refuses it.
+  2. ``insert``: the reserved pages are allocated and a jitted, donating
+     scatter writes the request KV into them; the row's first token,
+     position and counters are set on device.
   3. ``generate``: a jitted, donating program advances every live row by
      ``steps_per_call`` tokens (``lax.scan``), sampling per row and applying
      the stop conditions (EOS, stop ids, max_tokens, capacity) on device, so
      a finished row stops writing at once. The host dispatches call i+1
-     before reading call i's tokens: Python never stalls the device.
+     before reading call i's tokens: Python never stalls the device. Before
+     each call a row gets the pages it will write (``DecodeReplica._grow``);
+     when the pool runs out, the newest rows are preempted: their KV goes to
+     host memory and comes back bit for bit (swap), or, when the swap space
+     is full, is dropped and the request is handed to ``on_recompute``
+     (a colocated engine prefills its prompt and generated tokens again and
+     continues from its last token). Either way the stream only pauses: it
+     keeps the tokens it has, and greedy or seeded sampling continues as if
+     nothing happened (the sampler's randomness is per request and token
+     index).
   4. release: when the host reads a finished (or cancelled) row, its pages
-     go back to the pool and the unused rest of its reservation is returned.
+     go back to the pool (and its swapped KV, if any, is dropped) and the
+     unused rest of its reservation is returned.
 
 Data parallelism: a pool of ``dp`` replicas, each with its own sub-mesh,
 weights view, KV pool and rows (JetStream's one engine per slice). Requests go
@@ -31,7 +52,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -130,8 +150,10 @@ class DecodeEngine:
     self._where: dict[str, tuple[int, int]] = {}   # request -> (replica, row)
     self._inflight: list[tuple[int, Call]] = []
     self._reservations: dict[str, Reservation] = {}
-    self._seq = itertools.count()
     self.stats = collections.Counter()
+    # Rows evicted for recompute go here (``ColocatedEngine`` prefills them
+    # again); None: they end with an error.
+    self.on_recompute: Callable[[DecodeRequest], None] | None = None
     self.last_iteration: IterationTiming | None = None
     # Request KVs that are views of a transport's memory go back to it once
     # their insert has completed.
@@ -154,7 +176,8 @@ class DecodeEngine:
               transfer_id: str = "", prompt_ids: Sequence[int] | None = None,
               cache_salt: str = "") -> Reservation | None:
     """Promises capacity for a request, or None when the pool is full (the
-    caller queues or refuses, by its policy).
+    caller queues or refuses, by its policy). ``max_tokens``: the output
+    tokens still to come, the first token included.
 
     With prefix caching and ``prompt_ids``, the replica holding the longest
     cached prefix of the prompt is preferred, and those blocks are pinned
@@ -186,9 +209,12 @@ class DecodeEngine:
         rep = self.replicas[i]
         if rep.free_rows - pending_rows[i] <= 0:
           continue
+        if rep.num_swapped:
+          continue   # its preempted rows come back first
         pages = host_tier.match_with_tier(rep.pool, hashes, rep.host_tier)
-        n = rep.budget_pages(prompt_len, max_tokens) - len(pages)
-        if rep.pool.reserve(n):
+        n = rep.admission_pages(prompt_len, max_tokens) - len(pages)
+        if (rep.pool.available - n >= rep.headroom()
+            and rep.pool.reserve(n)):
           res = Reservation(request_id, i, n, transfer_id=transfer_id,
                             cached_pages=pages)
           self._reservations[request_id] = res
@@ -240,6 +266,11 @@ class DecodeEngine:
     """Ends every request this engine holds with an error (the engine is
     broken); frees their rows and reservations."""
     self._drop_queued(FinishReason.ERROR, message)
+    for rep in self.replicas:
+      for req in rep.evicted():
+        self._where.pop(req.request_id, None)
+        req.callback(TokenEvent(req.request_id, [], [], FinishReason.ERROR,
+                                error=message))
     for rid, (ri, row) in list(self._where.items()):
       rep = self.replicas[ri]
       req = rep.rows[row].request
@@ -289,7 +320,7 @@ class DecodeEngine:
     if res is None:
       try:
         res = self.reserve(req.request_id, len(req.prompt_ids),
-                           req.sampling.max_tokens)
+                           req.sampling.max_tokens - req.tokens_generated + 1)
         if res is None:
           raise RuntimeError("decode pool is full")
       except BaseException:
@@ -303,13 +334,24 @@ class DecodeEngine:
     if (not s.ignore_eos and req.first_token in self.eos_ids) or (
         req.first_token in s.stop_token_ids):
       return FinishReason.STOP
-    if s.max_tokens <= 1 or len(req.prompt_ids) + 1 >= self.dcfg.max_seq_len:
+    if (s.max_tokens <= req.tokens_generated
+        or len(req.prompt_ids) + 1 >= self.dcfg.max_seq_len):
       return FinishReason.LENGTH
     return None
 
   def cancel(self, request_id: str) -> None:
     with self._lock:
       self._cancelled.add(request_id)
+
+  def take_cancel(self, request_id: str) -> bool:
+    """Whether a cancel of ``request_id`` is pending (and consumes it): a
+    request leaving this engine (evicted for recompute) is aborted rather
+    than handed on."""
+    with self._lock:
+      if request_id in self._cancelled:
+        self._cancelled.discard(request_id)
+        return True
+      return False
 
   # ---------------------------------------------------------------- loop
   @property
@@ -358,6 +400,8 @@ class DecodeEngine:
       call = rep.dispatch() if rep.live_rows else None
       if call is not None:
         launched.append((rep.index, call))
+      for req in rep.evicted():
+        self._hand_on(req)
     previous, self._inflight = self._inflight, launched
     t1 = time.perf_counter()
     for item in previous:
@@ -438,6 +482,20 @@ class DecodeEngine:
       self.stats["cancelled"] += 1
       req.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
 
+  def _hand_on(self, req: DecodeRequest) -> None:
+    """A request whose row was evicted (its KV dropped) for recompute: to
+    ``on_recompute``, or ended with an error where nothing recomputes."""
+    rid = req.request_id
+    del self._where[rid]
+    self.stats["recomputed"] += 1
+    if self.on_recompute is not None:
+      self.on_recompute(req)
+      return
+    req.callback(TokenEvent(
+        rid, [], [], FinishReason.ERROR, error="preempted: the KV pool ran "
+        "out of pages, the swap space had no room for this request's KV "
+        "and nothing here can recompute it"))
+
   def _deliver(self, replica: int, call: Call) -> None:
     rep = self.replicas[replica]
     out = unpack_step_output(call.out)   # waits for the call to finish
@@ -475,8 +533,21 @@ class DecodeEngine:
       out["pages_available"] += rep.pool.available
       out["rows_live"] += rep.live_rows
       out["rows_total"] += self.dcfg.max_seqs
+      out["rows_swapped"] += rep.num_swapped
+      out["pages_swapped"] += rep.pages_swapped
     out["reservations"] = len(self._reservations)
     return dict(out)
+
+  def preemption_stats(self) -> dict[str, int]:
+    """Preemptions so far, summed over replicas: rows swapped out
+    (``preempted_swap``) and back (``resumed_swap``), rows evicted for
+    recompute (``preempted_recompute``), and calls a row sat out for want
+    of pages with no newer row to preempt (``stalled``)."""
+    out = collections.Counter()
+    for rep in self.replicas:
+      out.update(rep.stats)
+    return {k: out[k] for k in ("preempted_swap", "resumed_swap",
+                                "preempted_recompute", "stalled")}
 
   def free_capacity(self) -> float:
     """Share of KV pages still promisable (the router's load signal)."""

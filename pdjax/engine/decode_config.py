@@ -5,6 +5,7 @@ pool)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from pdjax.engine.xla_options import check_on_off
 from pdjax.model.config import ModelConfig
@@ -43,6 +44,28 @@ class DecodeConfig:
   # (vLLM's and SGLang's chunked prefill). 0: no bound (each iteration
   # prefills up to max_batch waiting prompts whole).
   prefill_token_budget: int = 0
+  # How admission promises KV pages. "on_demand": a request's reservation
+  # covers its prompt and its first two calls' tokens, and admission keeps
+  # ``admission_watermark`` of the pool free for the running rows; a row
+  # then allocates pages as it generates, and when the pool cannot give a
+  # row the pages of its next call the newest rows are preempted (their KV
+  # moved to host memory, ``swap_pages``, or dropped and recomputed) and
+  # resumed once pages free up: vLLM's and SGLang's paged scheduling.
+  # "full": a request's whole budget (prompt + max_tokens, capped by
+  # max_seq_len) is reserved before its KV exists and nothing is ever
+  # preempted; a chat request without max_tokens then holds a whole
+  # context of pages (the policy before on-demand paging, kept for
+  # comparison).
+  kv_admission: str = "on_demand"
+  # on_demand: share of the pool's pages admission leaves free for the
+  # running rows' growth (vLLM's watermark), while rows run.
+  admission_watermark: float = 0.01
+  # on_demand: host memory for preempted rows' KV, in pool pages (each
+  # page_size tokens of every layer's K and V). A preempted row whose pages
+  # fit is swapped out and back bit for bit; one that does not is dropped
+  # and recomputed (prompt and tokens so far prefilled again). -1: as many
+  # pages as the pool holds; 0: recompute only.
+  swap_pages: int = -1
   # Keep finished sequences' full blocks, named by content, for requests
   # that share a prefix (they are evicted, least recently used first, only
   # when pages are needed).
@@ -78,6 +101,15 @@ class DecodeConfig:
                        f"{self.attention!r}")
     check_on_off("triton_gemm", self.triton_gemm)
     check_on_off("merge_dots", self.merge_dots)
+    if self.kv_admission not in ("on_demand", "full"):
+      raise ValueError(f"kv_admission must be on_demand or full, got "
+                       f"{self.kv_admission!r}")
+    if not 0.0 <= self.admission_watermark < 1.0:
+      raise ValueError(f"admission_watermark must be in [0, 1), got "
+                       f"{self.admission_watermark}")
+    if self.swap_pages < -1:
+      raise ValueError(f"swap_pages must be >= -1 (-1: the pool's size), "
+                       f"got {self.swap_pages}")
     if self.host_cache_blocks < 0:
       raise ValueError(f"host_cache_blocks {self.host_cache_blocks} < 0")
     if self.max_seq_len % self.page_size:
@@ -92,6 +124,23 @@ class DecodeConfig:
     for b in self.row_buckets:
       if not 0 < b <= self.max_seqs:
         raise ValueError(f"row bucket {b} outside (0, {self.max_seqs}]")
+
+  @property
+  def on_demand(self) -> bool:
+    """Pages allocated as rows grow, with preemption (``kv_admission``)."""
+    return self.kv_admission == "on_demand"
+
+  @property
+  def swap_capacity(self) -> int:
+    """Host pages for preempted rows' KV per replica (0: none)."""
+    if not self.on_demand:
+      return 0
+    return self.num_pages - 1 if self.swap_pages < 0 else self.swap_pages
+
+  @property
+  def watermark_pages(self) -> int:
+    """Pages on_demand admission leaves free while rows run."""
+    return math.ceil(self.admission_watermark * (self.num_pages - 1))
 
   @property
   def pages_per_seq(self) -> int:

@@ -92,11 +92,15 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
   return jax.lax.scan(step, state, None, length=num_steps)
 
 
-def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
+def _insert(state: DecodeState, kv, dest_pages, row, first_token, position,
+            generated):
   """Writes a request KV ``[L, 2, n, P, K, hd]`` into the pools' rows
-  ``l * N + dest_pages`` and arms ``row``. Also returns a receipt: a scalar
-  that is ready when this program has finished reading ``kv``
-  (``BorrowedKvReturns``)."""
+  ``l * N + dest_pages`` and arms ``row``: its next input is
+  ``first_token`` at ``position``, after ``generated`` tokens of output (1
+  for a new request; more for one resumed after preemption, so that its
+  seeded sampling and max_tokens continue where they were). Also returns a
+  receipt: a scalar that is ready when this program has finished reading
+  ``kv`` (``BorrowedKvReturns``)."""
   L, _, n = kv.shape[:3]
   N = state.k.shape[0] // L
   rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
@@ -109,7 +113,7 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position):
       k=k, v=v,
       tokens=state.tokens.at[row].set(first_token),
       positions=positions,
-      generated=state.generated.at[row].set(1),
+      generated=state.generated.at[row].set(generated),
       done=state.done.at[row].set(False)), positions[row]
 
 

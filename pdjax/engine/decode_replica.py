@@ -2,12 +2,41 @@
 (``BlockPool``), its rows and what the host keeps per row (page table,
 sampling settings, budgets), and the calls it launches. The engine
 (``pdjax.engine.decode``) owns the replicas, the admission queue and the
-loop; a replica owns everything about one slice of devices."""
+loop; a replica owns everything about one slice of devices.
+
+Pages as rows grow (``DecodeConfig.kv_admission == "on_demand"``): before
+each call, ``_grow`` gives every row it advances the pages that call
+writes, oldest row first. When the pool cannot, the newest rows are
+preempted (vLLM's policy: latest arrival first) until it can:
+
+* swapped: the row's pages are copied to the replica's ``SwapSpace`` and
+  freed; the row keeps its slot and its device state (next token, position,
+  counters), is in no call, and resumes, its KV written back into fresh
+  pages, once the pool has room for it and the running rows' headroom
+  (oldest swapped row first). The call in flight still advances it, and
+  its tokens are delivered as usual.
+* evicted: when the swap space has no room, the row is freed and the engine
+  hands its request on to be recomputed (its prompt and the tokens
+  delivered so far prefilled again, ``DecodeEngine.on_recompute``); the
+  tokens the call in flight makes for it are dropped at delivery (the row
+  is gone) and made again after the recompute, identical.
+
+Pages are freed at once, though the call in flight may still be writing
+them: every program that reads or writes the pools (the next generate
+call, an insert, a swap copy, a prefix gather, a host tier copy) takes the
+state that call returns, so it runs after the call has written them.
+
+A row that gets no pages and has no newer row to preempt waits (is in no
+call) until pages free up: the rows older than it keep advancing, and
+reservations and finishing rows give their pages back.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable, Sequence
 
@@ -62,14 +91,18 @@ class _Row:
   # row whose dispatched steps cover its limit is in no later call, so a
   # call is never launched only to find its rows finished.
   steps_needed: int
+  # Insert order on the replica: preemption takes the newest rows first.
+  arrival: int = 0
   steps_dispatched: int = 0
   tokens_out: int = 1
   status: RequestStatus = RequestStatus.RUNNING
   generated: list[int] = dataclasses.field(default_factory=list)
+  # Preempted: the KV is in the swap space (no pages held).
+  swapped: bool = False
 
   @property
   def wants_steps(self) -> bool:
-    return self.steps_dispatched < self.steps_needed
+    return self.steps_dispatched < self.steps_needed and not self.swapped
 
 
 class DecodeReplica:
@@ -110,6 +143,15 @@ class DecodeReplica:
         dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
         cfg, dcfg.page_size, lambda: (self.state.k, self.state.v),
         lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)))
+    # --- preempted rows' KV: host memory (on_demand admission) ---
+    self.swap = host_tier.make_swap(
+        dcfg.swap_capacity, cfg, dcfg.page_size,
+        lambda: (self.state.k, self.state.v),
+        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)))
+    self._arrivals = itertools.count()
+    # Rows evicted for recompute, for the engine to hand on (``evicted``).
+    self._evicted: list[_Row] = []
+    self.stats: collections.Counter[str] = collections.Counter()
     self.rows: list[_Row | None] = [None] * B
     self.page_table = np.zeros((B, M), np.int32)
     self.active = np.zeros((B,), bool)
@@ -131,9 +173,46 @@ class DecodeReplica:
   def live_rows(self) -> int:
     return self.dcfg.max_seqs - self.free_rows
 
+  @property
+  def num_swapped(self) -> int:
+    """Rows whose KV is in the swap space."""
+    return sum(r is not None and r.swapped for r in self.rows)
+
+  @property
+  def pages_swapped(self) -> int:
+    return self.swap.used if self.swap is not None else 0
+
   def budget_pages(self, prompt_len: int, max_tokens: int) -> int:
     n = min(prompt_len + max_tokens, self.dcfg.max_seq_len)
     return pages_for(n, self.dcfg.page_size)
+
+  def initial_pages(self, prompt_len: int, max_tokens: int) -> int:
+    """Pages an insert allocates: the prompt's, and those its first two
+    generate calls write (the first call, and the one dispatched before
+    the first call's tokens are read)."""
+    return min(self.budget_pages(prompt_len, max_tokens),
+               pages_for(prompt_len + 2 * self.dcfg.steps_per_call,
+                         self.dcfg.page_size))
+
+  def admission_pages(self, prompt_len: int, max_tokens: int) -> int:
+    """Pages admission promises a request: on_demand, its insert's; full,
+    its whole budget."""
+    if self.dcfg.on_demand:
+      return self.initial_pages(prompt_len, max_tokens)
+    return self.budget_pages(prompt_len, max_tokens)
+
+  def headroom(self) -> int:
+    """Free pages admission (and a swapped row's return) must leave for the
+    running rows' growth: the larger of the watermark and the pages every
+    running row's next two calls may write; none when no row runs (full
+    admission: none, its reservations cover growth)."""
+    if not self.dcfg.on_demand:
+      return 0
+    running = sum(r is not None and not r.swapped for r in self.rows)
+    if not running:
+      return 0
+    per_row = pages_for(2 * self.dcfg.steps_per_call, self.dcfg.page_size)
+    return max(self.dcfg.watermark_pages, running * per_row)
 
   def payload_sharding(self, num_pages: int) -> NamedSharding:
     """Where an incoming request KV of ``num_pages`` pages must be placed."""
@@ -148,12 +227,13 @@ class DecodeReplica:
     row = self.rows.index(None)
     P = self.dcfg.page_size
     prompt_len = len(req.prompt_ids)
-    budget = self.budget_pages(prompt_len, req.sampling.max_tokens)
+    # Output tokens still to come, the first token included (a resumed
+    # request has produced tokens_generated of its max_tokens already).
+    remaining = req.sampling.max_tokens - req.tokens_generated + 1
     n_prompt = pages_for(prompt_len, P)
-    # The first generate call writes at positions prompt_len.. +steps: have
-    # those pages too.
-    n_now = min(budget, pages_for(prompt_len + 2 * self.dcfg.steps_per_call,
-                                  P))
+    # The first generate calls write at positions prompt_len..: have those
+    # pages too.
+    n_now = self.initial_pages(prompt_len, remaining)
     cached = list(reservation.cached_pages)
     first = req.kv.first_page
     if first > len(cached):
@@ -172,16 +252,17 @@ class DecodeReplica:
     host_tier.flush(self.host_tier)   # queued tier copies go first
     self.state, receipt = self.programs.insert(
         self.state, kv.kv, jax.device_put(dest, self.replicated),
-        np.int32(row), np.int32(req.first_token), np.int32(prompt_len))
+        np.int32(row), np.int32(req.first_token), np.int32(prompt_len),
+        np.int32(req.tokens_generated))
     # The row keeps the request, not its KV: the payload is in the pools now.
     # The first token came with the KV; each step adds one, and the device
     # ends the row at max_tokens or when the sequence fills max_seq_len.
-    steps_needed = min(req.sampling.max_tokens - 1,
-                       self.dcfg.max_seq_len - prompt_len - 1)
+    steps_needed = min(remaining - 1, self.dcfg.max_seq_len - prompt_len - 1)
     self.rows[row] = _Row(dataclasses.replace(req, kv=None), pages,
                           reserved_left=reservation.pages - (len(pages)
                                                              - len(cached)),
                           steps_needed=steps_needed,
+                          arrival=next(self._arrivals),
                           generated=[req.first_token])
     # Only now: until the row is taken, the reservation must still count as
     # pending, or a concurrent reserve() sees a free row twice.
@@ -205,6 +286,8 @@ class DecodeReplica:
     r = self.rows[row]
     if r is None:
       return
+    if r.swapped:
+      self.swap.drop(row)
     if cache and self.fingerprint is not None:
       written = (list(r.request.prompt_ids) + r.generated)[
           :len(r.request.prompt_ids) + r.tokens_out - 1]
@@ -233,24 +316,96 @@ class DecodeReplica:
     return [row for row, r in enumerate(self.rows)
             if r is not None and r.wants_steps]
 
-  def _grow(self, rows: Sequence[int]) -> None:
-    """Allocates the pages the next call writes for ``rows``, and counts
-    its steps as dispatched."""
+  def _grow(self, rows: Sequence[int]) -> list[int]:
+    """Allocates the pages the next call writes for ``rows``, oldest row
+    first, and counts its steps as dispatched. Pages come from the row's
+    reservation, then from the pool; when the pool has too few, newer rows
+    are preempted (newest first) until it has enough. Returns the rows
+    that got their pages (the call's rows), in ``rows`` order."""
     P, S = self.dcfg.page_size, self.dcfg.steps_per_call
-    for row in rows:
+    order = sorted(rows, key=lambda i: self.rows[i].arrival)
+    granted, out = set(), set()
+    for row in order:
+      if row in out:
+        continue   # preempted for an older row
       r = self.rows[row]
-      r.steps_dispatched = min(r.steps_dispatched + S, r.steps_needed)
+      steps = min(r.steps_dispatched + S, r.steps_needed)
       # The last step dispatched writes the KV of position
-      # prompt_len + steps_dispatched - 1.
-      need = pages_for(len(r.request.prompt_ids) + r.steps_dispatched,
-                       P) - len(r.pages)
-      need = min(need, r.reserved_left)
-      if need > 0:
-        new = self.pool.allocate(need, reserved=True)
-        r.reserved_left -= need
-        self.page_table[row, len(r.pages):len(r.pages) + need] = new
+      # prompt_len + steps - 1.
+      need = max(pages_for(len(r.request.prompt_ids) + steps, P)
+                 - len(r.pages), 0)
+      own = min(need, r.reserved_left)
+      extra = need - own
+      while extra > self.pool.available:
+        victim = next((v for v in reversed(order) if v not in out
+                       and self.rows[v].arrival > r.arrival), None)
+        if victim is None:
+          break
+        out.add(victim)
+        self._preempt(victim)
+      if extra > self.pool.available:
+        self.stats["stalled"] += 1
+        continue
+      new = (self.pool.allocate(own, reserved=True)
+             + self.pool.allocate(extra))
+      r.reserved_left -= own
+      if new:
+        self.page_table[row, len(r.pages):len(r.pages) + len(new)] = new
         r.pages.extend(new)
         self._slots_dirty = True
+      r.steps_dispatched = steps
+      granted.add(row)
+    return [row for row in rows if row in granted]
+
+  def _preempt(self, row: int) -> None:
+    """Preempts ``row`` for an older one, freeing its pages: swapped out
+    when the swap space has room for them, else evicted for recompute."""
+    r = self.rows[row]
+    if self.swap is not None and self.swap.fits(len(r.pages)):
+      host_tier.flush(self.host_tier)   # queued tier copies go first
+      self.swap.swap_out(row, r.pages)
+      self.pool.free(r.pages)
+      r.pages = []
+      r.swapped = True
+      self.page_table[row] = 0
+      self._slots_dirty = True
+      self.stats["preempted_swap"] += 1
+      return
+    # Its full blocks stay cached where prefix caching is on, so the
+    # recompute may find them (the call in flight writes only past them).
+    self.release(row)
+    self._evicted.append(r)
+    self.stats["preempted_recompute"] += 1
+
+  def evicted(self) -> list[DecodeRequest]:
+    """The requests of rows evicted since the last call, each as it must
+    be resumed: its prompt followed by the tokens it generated before its
+    last one, which is its first token now (the engine hands them on)."""
+    out, self._evicted = self._evicted, []
+    return [dataclasses.replace(
+        r.request, prompt_ids=list(r.request.prompt_ids) + r.generated[:-1],
+        first_token=r.generated[-1], first_logprob=0.0, reservation=None,
+        tokens_generated=r.request.tokens_generated - 1 + len(r.generated))
+            for r in out]
+
+  def _resume_swapped(self) -> None:
+    """Writes swapped rows back, oldest first, while the pool has room for
+    one and the running rows' headroom."""
+    swapped = sorted((r.arrival, row) for row, r in enumerate(self.rows)
+                     if r is not None and r.swapped)
+    for _, row in swapped:
+      n = self.swap.held(row)
+      if self.pool.available - n < self.headroom():
+        return
+      pages = self.pool.allocate(n)
+      host_tier.flush(self.host_tier)   # reads of pages it evicted first
+      self.swap.swap_in(row, pages)
+      r = self.rows[row]
+      r.pages = pages
+      r.swapped = False
+      self.page_table[row, :n] = pages
+      self._slots_dirty = True
+      self.stats["resumed_swap"] += 1
 
   def _call_rows(self, rows: Sequence[int]) -> list[int]:
     """``rows`` padded with other (distinct) rows to the program's row
@@ -316,9 +471,11 @@ class DecodeReplica:
       dest = jax.device_put(np.zeros((n,), np.int32), self.replicated)
       for _ in range(2):
         self.state, _ = self.programs.insert(self.state, kv, dest, zero,
-                                             zero, zero)
+                                             zero, zero, zero)
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
+    if self.swap is not None:        # preempted rows' swap programs
+      self.swap.warmup()
     for rows in self.dcfg.row_counts:
       call_rows = list(range(rows))   # none active: nothing changes
       for width in self.dcfg.widths:
@@ -336,11 +493,15 @@ class DecodeReplica:
 
   def dispatch(self) -> Call | None:
     """Launches one generate call for the rows that still want steps (None
-    when no row does: the calls in flight finish every live row)."""
-    rows = self._rows_to_advance()
+    when no row does: the calls in flight finish every live row, or the
+    rows wait for pages). First writes swapped rows back where they
+    fit."""
+    if self.swap is not None:
+      self.swap.land()
+      self._resume_swapped()
+    rows = self._grow(self._rows_to_advance())
     if not rows:
       return None
-    self._grow(rows)
     host_tier.flush(self.host_tier)   # queued tier copies go first
     call_rows = self._call_rows(rows)
     slots = self._slot_inputs(rows, call_rows, self._width(rows))

@@ -31,6 +31,11 @@ directions are asynchronous DMA; otherwise they are numpy arrays.
 
 The tier is inclusive: a promoted block stays on the host too (touched as
 recently used), so evicting it from the device again costs no copy.
+
+``SwapSpace`` uses the same copies for another purpose: the KV of decode
+rows preempted when the pool runs out of pages (``DecodeReplica``), held by
+row rather than by content, and written back into fresh pages when the row
+resumes.
 """
 
 from __future__ import annotations
@@ -165,28 +170,35 @@ class HostKVTier:
     if not self.use_pinned_host:
       return None
     key = device_sharding
-    if key in self._host_shardings:
-      return self._host_shardings[key]
-    host = None
-    try:
-      for dev in device_sharding.device_set:
-        kinds = {m.kind for m in dev.addressable_memories()}
-        if PINNED_HOST not in kinds:
-          raise ValueError(f"{dev} has no {PINNED_HOST} memory")
-      cand = device_sharding.with_memory_kind(PINNED_HOST)
-      probe = np.arange(math.prod(self.block_shape)).astype(
-          self.dtype).reshape(self.block_shape)
-      x = jax.device_put(probe, device_sharding)
-      h = jax.device_put(x, cand)
-      back = np.asarray(jax.device_put(h, device_sharding))
-      if h.sharding.memory_kind != PINNED_HOST or not np.array_equal(
-          back, probe):
-        raise ValueError("pinned_host round trip changed the data")
-      host = cand
-    except Exception as e:  # noqa: BLE001 - any failure: numpy fallback
-      log.info("host KV tier: no %s memory (%s); using numpy", PINNED_HOST, e)
-    self._host_shardings[key] = host
-    return host
+    if key not in self._host_shardings:
+      self._host_shardings[key] = pinned_host_sharding(
+          device_sharding, self.block_shape, self.dtype)
+    return self._host_shardings[key]
+
+
+def pinned_host_sharding(device_sharding, block_shape, dtype):
+  """``device_sharding`` in pinned host memory, or None where the backend
+  (or this JAX version) lacks it, checked with a real round trip of one
+  ``block_shape`` block of ``dtype``."""
+  try:
+    for dev in device_sharding.device_set:
+      kinds = {m.kind for m in dev.addressable_memories()}
+      if PINNED_HOST not in kinds:
+        raise ValueError(f"{dev} has no {PINNED_HOST} memory")
+    cand = device_sharding.with_memory_kind(PINNED_HOST)
+    probe = np.arange(math.prod(block_shape)).astype(dtype).reshape(
+        block_shape)
+    x = jax.device_put(probe, device_sharding)
+    h = jax.device_put(x, cand)
+    back = np.asarray(jax.device_put(h, device_sharding))
+    if h.sharding.memory_kind != PINNED_HOST or not np.array_equal(
+        back, probe):
+      raise ValueError("pinned_host round trip changed the data")
+    return cand
+  except Exception as e:  # noqa: BLE001 - any failure: numpy fallback
+    log.info("host KV blocks: no %s memory (%s); using numpy", PINNED_HOST,
+             e)
+    return None
 
 
 def _next_pow2(n: int) -> int:
@@ -215,6 +227,23 @@ def _write_pages(k_pool, v_pool, pages, blocks, *, num_layers):
   k = b[:, 0].reshape(n * L, *b.shape[3:]).astype(k_pool.dtype)
   v = b[:, 1].reshape(n * L, *b.shape[3:]).astype(v_pool.dtype)
   return k_pool.at[rows].set(k), v_pool.at[rows].set(v)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_program(num_layers: int, n: int, block_sharding):
+  """The jitted ``_read_pages`` of ``n`` pages (shared by every tier and
+  swap space of the same layout, so each compiles once)."""
+  return jax.jit(functools.partial(_read_pages, num_layers=num_layers),
+                 out_shardings=(block_sharding,) * n)
+
+
+@functools.lru_cache(maxsize=None)
+def _write_program(num_layers: int, pool_sharding):
+  """The jitted, pool-donating ``_write_pages`` (one executable per batch
+  size in its cache)."""
+  return jax.jit(functools.partial(_write_pages, num_layers=num_layers),
+                 out_shardings=(pool_sharding, pool_sharding),
+                 donate_argnums=(0, 1))
 
 
 def _block_sharding(pool_sharding):
@@ -254,8 +283,6 @@ class HostTierLink:
     self._demote: list[tuple[int, _Block]] = []
     self._upload: dict[int, _Block] = {}       # page -> source, FIFO
     self._unlanded: list[_Block] = []          # numpy mode: device copies
-    self._read_fns: dict[int, Callable] = {}
-    self._write_fns: dict[int, Callable] = {}
     self.stats = collections.Counter()         # device-side: promotions...
     pool.on_evict = self._on_evict
 
@@ -327,19 +354,11 @@ class HostTierLink:
       self._write(list(upload.items()))
 
   def _read_fn(self, n: int):
-    if n not in self._read_fns:
-      self._read_fns[n] = jax.jit(
-          functools.partial(_read_pages, num_layers=self.num_layers),
-          out_shardings=(self._block_sharding,) * n)
-    return self._read_fns[n]
+    return _read_program(self.num_layers, n, self._block_sharding)
 
   def _write_fn(self, n: int):
-    if n not in self._write_fns:
-      self._write_fns[n] = jax.jit(
-          functools.partial(_write_pages, num_layers=self.num_layers),
-          out_shardings=(self._pool_sharding, self._pool_sharding),
-          donate_argnums=(0, 1))
-    return self._write_fns[n]
+    del n   # one program, an executable per batch size
+    return _write_program(self.num_layers, self._pool_sharding)
 
   def _chunks(self, items):
     for s in range(0, len(items), self.max_batch):
@@ -399,6 +418,158 @@ class HostTierLink:
     jax.block_until_ready(self._get_pools())
 
 
+class SwapSpace:
+  """Host memory for the KV of rows a decode replica preempted (vLLM's swap
+  space): ``swap_out`` copies a row's pages to the host before the replica
+  frees them, ``swap_in`` writes them, bit for bit, into the pages the row
+  gets back. At most ``capacity_pages`` pages are held at once.
+
+  Both run on the replica's own thread, between its programs, which JAX
+  runs in dispatch order: a swap-out reads the pages after every generate
+  call already dispatched has written them (a call in flight included),
+  and the pages it frees are written by later calls only after it has
+  read them. Blocks live where the tier's do: pinned host memory, or numpy
+  arrays (their device copies land in ``land``).
+  """
+
+  def __init__(self, capacity_pages: int,
+               get_pools: Callable[[], tuple[jax.Array, jax.Array]],
+               set_pools: Callable[[jax.Array, jax.Array], None], *,
+               num_layers: int, page_shape: Sequence[int], dtype,
+               max_batch: int = 32, use_pinned_host: bool = True):
+    if capacity_pages < 1:
+      raise ValueError(f"a swap space needs capacity >= 1, got "
+                       f"{capacity_pages}")
+    self.capacity_pages = capacity_pages
+    self._get_pools = get_pools
+    self._set_pools = set_pools
+    self.num_layers = num_layers
+    # A row of more pages than the space holds is never swapped out.
+    self.max_batch = _next_pow2(min(max_batch, capacity_pages))
+    k, _ = get_pools()
+    self._pool_sharding = k.sharding
+    self._block_sharding = _block_sharding(k.sharding)
+    block_shape = (2, *(int(d) for d in page_shape))
+    self.block_bytes = math.prod(block_shape) * np.dtype(dtype).itemsize
+    self._host_sharding = (pinned_host_sharding(
+        self._block_sharding, block_shape, np.dtype(dtype))
+                           if use_pinned_host else None)
+    self._rows: dict[Hashable, list[_Block]] = {}
+    self._unlanded: list[_Block] = []
+    self.used = 0                                 # pages held
+    self.stats = collections.Counter()
+
+  @property
+  def memory_kind(self) -> str:
+    return PINNED_HOST if self._host_sharding is not None else "numpy"
+
+  def fits(self, num_pages: int) -> bool:
+    return self.used + num_pages <= self.capacity_pages
+
+  def held(self, key: Hashable) -> int:
+    """Pages held for ``key`` (0: none)."""
+    return len(self._rows.get(key, ()))
+
+  def _chunks(self, pages: Sequence[int]):
+    for s in range(0, len(pages), self.max_batch):
+      part = list(pages[s:s + self.max_batch])
+      n = _next_pow2(len(part))
+      idx = np.zeros((n,), np.int32)
+      idx[:len(part)] = part
+      yield len(part), n, idx
+
+  def swap_out(self, key: Hashable, pages: Sequence[int]) -> None:
+    """Copies ``pages`` (in order) to the host under ``key``; the caller
+    may free them as soon as this returns."""
+    if key in self._rows:
+      raise AssertionError(f"swap space already holds {key!r}")
+    if not self.fits(len(pages)):
+      raise AssertionError(f"{len(pages)} pages do not fit the swap space "
+                           f"({self.used} of {self.capacity_pages} held)")
+    self._rows[key] = self._read(pages)
+    self.used += len(pages)
+    self.stats["swapped_out"] += len(pages)
+
+  def swap_in(self, key: Hashable, pages: Sequence[int]) -> None:
+    """Writes ``key``'s blocks into ``pages`` (as many as were swapped
+    out) and forgets them."""
+    blocks = self._rows[key]
+    if len(blocks) != len(pages):
+      raise AssertionError(f"{key!r}: {len(blocks)} pages swapped out, "
+                           f"{len(pages)} given back")
+    del self._rows[key]
+    self.used -= len(blocks)
+    self._write(blocks, pages)
+    self.stats["swapped_in"] += len(blocks)
+
+  def _read(self, pages: Sequence[int]) -> list[_Block]:
+    blocks = []
+    for m, n, idx in self._chunks(pages):
+      k, v = self._get_pools()
+      outs = _read_program(self.num_layers, n, self._block_sharding)(k, v,
+                                                                      idx)
+      for out in outs[:m]:
+        blk = _Block()
+        blk.data = self._to_host(out, blk)
+        blocks.append(blk)
+    return blocks
+
+  def _write(self, blocks: Sequence[_Block], pages: Sequence[int]) -> None:
+    done = 0
+    for m, n, idx in self._chunks(pages):
+      dev = [jax.device_put(b.data, self._block_sharding)
+             for b in blocks[done:done + m]]
+      dev += [dev[0]] * (n - m)               # padding -> the null page
+      done += m
+      k, v = self._get_pools()
+      self._set_pools(*_write_program(self.num_layers, self._pool_sharding)(
+          k, v, idx, tuple(dev)))
+
+  def drop(self, key: Hashable) -> None:
+    """Forgets ``key``'s blocks (its row finished or was cancelled)."""
+    blocks = self._rows.pop(key, None)
+    if blocks is not None:
+      self.used -= len(blocks)
+
+  def _to_host(self, out: jax.Array, blk: _Block):
+    if self._host_sharding is not None:
+      return jax.device_put(out, self._host_sharding)   # async DMA
+    out.copy_to_host_async()
+    self._unlanded.append(blk)
+    return out
+
+  def land(self) -> None:
+    """numpy mode: turns earlier swap-outs' device copies into numpy
+    (their transfers were started then), freeing the device memory."""
+    landing, self._unlanded = self._unlanded, []
+    for blk in landing:
+      if isinstance(blk.data, jax.Array):
+        blk.data = np.asarray(blk.data)
+
+  def warmup(self) -> None:
+    """Compiles every read and write program (batch sizes up to
+    ``max_batch``) on the null page; holds nothing afterwards."""
+    n = 1
+    while n <= self.max_batch:
+      blocks = self._read([0] * n)
+      self.land()
+      self._write(blocks, [0] * n)
+      n *= 2
+    jax.block_until_ready(self._get_pools())
+
+
+def make_swap(capacity_pages: int, cfg, page_size: int, get_pools, set_pools,
+              **kw) -> SwapSpace | None:
+  """A swap space of ``capacity_pages`` pool pages (None when 0: off)."""
+  if capacity_pages <= 0:
+    return None
+  return SwapSpace(capacity_pages, get_pools, set_pools,
+                   num_layers=cfg.num_layers,
+                   page_shape=(cfg.num_layers, page_size, cfg.num_kv_heads,
+                               cfg.head_dim),
+                   dtype=cfg.jnp_dtype, **kw)
+
+
 def make_link(capacity_blocks: int, pool: BlockPool, cfg, page_size: int,
               get_pools, set_pools, **kw) -> HostTierLink | None:
   """A tier of ``capacity_blocks`` linked to ``pool`` (None when 0: off)."""
@@ -434,5 +605,6 @@ def flush(link: HostTierLink | None) -> None:
     link.flush()
 
 
-__all__ = ["HostKVTier", "HostTierLink", "make_link", "match_with_tier",
-           "flush", "STATS", "PINNED_HOST"]
+__all__ = ["HostKVTier", "HostTierLink", "SwapSpace", "make_link",
+           "make_swap", "match_with_tier", "flush", "pinned_host_sharding",
+           "STATS", "PINNED_HOST"]

@@ -62,6 +62,10 @@ class TokenEvent:
   logprobs: list[float]
   finish_reason: FinishReason | None = None
   error: str | None = None
+  # Set on the event that ends a request refused for capacity (it waited in
+  # the admission queue past its deadline): the service answers
+  # RESOURCE_EXHAUSTED, a retry later may well succeed.
+  exhausted: bool = False
   # A locally prefilled request's first event: prompt tokens whose KV came
   # from a prefix cache instead of being computed, and how long it waited
   # for its prefill and took in it (seconds).
@@ -209,6 +213,11 @@ class DecodeRequest:
   # The decode step resumes at position len(prompt_ids).
   reservation: "object | None" = None
   cache_salt: str = ""
+  # Output tokens already generated, ``first_token`` the last of them: 1 for
+  # a new request; more for one resumed after its row was preempted and
+  # its KV recomputed, whose ``prompt_ids`` then end with the tokens it had
+  # generated before ``first_token`` (the stream has them all already).
+  tokens_generated: int = 1
 
 
 __all__ = ["RequestStatus", "FinishReason", "TokenEvent", "TokenCallback",

@@ -69,6 +69,10 @@ WARMUP = flags.DEFINE_bool(
     "warmup", True, "Compile every serving program before reporting ready.")
 MAX_QUEUE = flags.DEFINE_integer(
     "max_queue", 256, "Requests a worker queues before RESOURCE_EXHAUSTED.")
+QUEUE_DEADLINE = flags.DEFINE_float(
+    "queue_deadline_s", 30.0, "Decode workers: how long a request prefilled "
+    "there may wait in the admission queue for KV pages and a row before "
+    "RESOURCE_EXHAUSTED (0: no deadline).")
 TRANSFER_TIMEOUT = flags.DEFINE_float(
     "transfer_timeout_s", 30.0, "Longest a KV hand-off may take.")
 KV_TTL = flags.DEFINE_float(

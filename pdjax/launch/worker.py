@@ -305,7 +305,8 @@ async def serve(role: str) -> None:
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
-          max_waiting=F.MAX_QUEUE.value)
+          max_waiting=F.MAX_QUEUE.value,
+          queue_timeout_s=F.QUEUE_DEADLINE.value or None)
       if F.WARMUP.value:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(

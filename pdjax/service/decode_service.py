@@ -3,8 +3,11 @@
 
 Lifecycle of a disaggregated request here:
 
-  1. ``Reserve`` (router): decode-side admission. The request's KV budget is
-     promised under the router's transfer id, or RESOURCE_EXHAUSTED.
+  1. ``Reserve`` (router): decode-side admission. The pages the request
+     holds once its KV is in (its prompt's and its first calls'; rows grow
+     their pages as they generate) are promised under the router's
+     transfer id, or RESOURCE_EXHAUSTED (the router retries until its
+     queue timeout).
   2. The prefill worker hands the KV over (pushes it to ``KvTransfer``, or
      registers it for a pull).
   3. ``Decode`` (router): redeems the handle into the reserved replica's
@@ -12,8 +15,10 @@ Lifecycle of a disaggregated request here:
      streams tokens. Cancelling the call frees the slot at once.
 
 A request under the local-prefill threshold skips steps 1-2: ``Decode`` with
-``local_prefill`` prefills it here (conditional disaggregation). A
-reservation that is never redeemed expires after ``reservation_ttl_s``.
+``local_prefill`` prefills it here (conditional disaggregation); it waits
+for capacity in the engine's bounded queue, and one still waiting at the
+queue's deadline is answered RESOURCE_EXHAUSTED. A reservation that is
+never redeemed expires after ``reservation_ttl_s``.
 """
 
 from __future__ import annotations
@@ -153,6 +158,8 @@ class DecodeWorker:
     m.kv_pages.labels("reserved").set(usage["pages_reserved"])
     m.kv_pages.labels("cached").set(usage["pages_cached"])
     m.kv_pages.labels("available").set(usage["pages_available"])
+    # Preempted rows' KV in host memory (swapped out, to come back).
+    m.kv_pages.labels("swapped").set(usage.get("pages_swapped", 0))
     m.kv_live.labels("decode_rows").set(usage["rows_live"])
     m.kv_live.labels("reservations").set(usage["reservations"])
     m.kv_live.labels("staged_transfers").set(self.receiver.live())
@@ -385,6 +392,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       last = time.perf_counter()
       while True:
         ev: TokenEvent = await q.get()
+        if ev.exhausted:   # not admitted before the queue's deadline
+          finished = True
+          await common.abort_exhausted(context, ev.error or "decode pool "
+                                       "is full", retry_after_ms=1000)
         if ev.error:
           finished = True
           await context.abort(grpc.StatusCode.INTERNAL, ev.error)
