@@ -117,5 +117,9 @@ class FakeDecodeBackend:
   def prefill_tokens(self):
     return 0, 0
 
+  def preemption_stats(self):
+    return {"preempted_swap": 0, "resumed_swap": 0,
+            "preempted_recompute": 0, "stalled": 0}
+
   def close(self, timeout_s: float = 10.0) -> bool:
     return True

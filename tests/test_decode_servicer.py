@@ -251,3 +251,19 @@ def test_every_path_returns_every_hand_off_once(ops, capacity):
                   decode_pb2.UnreserveRequest(request_id=f"r{i}"))
   asyncio.run(go())
   _assert_all_returned(worker, engine, receiver)
+
+
+def test_the_worker_publishes_the_engines_admission_events():
+  """The reaper's tick copies the engine's preemption and refusal counts
+  to ``pdjax_kv_admission_events`` and closes hand-offs past their TTL."""
+  from prometheus_client import generate_latest
+  worker, engine, receiver, servicer = _worker()
+  engine.preemption_stats = lambda: {"preempted_swap": 3, "stalled": 1}
+  asyncio.run(_call(servicer.Reserve, _reserve_req(0)))
+  worker.reservation_ttl_s = -1.0
+  worker._tick()
+  text = generate_latest(worker.metrics.registry).decode()
+  assert 'pdjax_kv_admission_events{event="preempted_swap"} 3.0' in text
+  assert 'pdjax_kv_admission_events{event="stalled"} 1.0' in text
+  _assert_all_returned(worker, engine, receiver)
+  assert receiver.forgotten == ["t0"]

@@ -166,6 +166,8 @@ class DecodeWorker:
     m.running.set(usage["rows_live"])
     m.queue_length.set(self.engine.num_waiting)
     m.observe_device_memory(self._devices)
+    for event, n in self.engine.preemption_stats().items():
+      m.kv_admission.labels(event).set(n)
     # Prefix-cache blocks: the device pools' and the host tier's, if any.
     for pool, stats in self.engine.block_stats().items():
       for stat, n in stats.items():

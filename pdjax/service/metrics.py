@@ -87,6 +87,12 @@ class Metrics:
         "pdjax_prefix_cache_blocks",
         "Prefix-cache block lookups and evictions (cumulative) by pool.",
         ["pool", "stat"], registry=r)
+    self.kv_admission = Gauge(
+        "pdjax_kv_admission_events",
+        "Decode workers' KV admission (cumulative): rows preempted to host "
+        "memory and back, evicted for recompute, calls a row sat out for "
+        "want of pages; requests the queue refused, full or past its "
+        "deadline.", ["event"], registry=r)
     self.kv_skipped_bytes = Counter(
         "pdjax_kv_transfer_skipped_bytes_total",
         "KV bytes not sent because the decode worker already held them.",
