@@ -220,3 +220,74 @@ def test_cancel_during_a_chunked_prefill(tiny_decode_params):
   assert sum(len(e.token_ids) for e in events["next"]) == 5
   u = engine.decode.kv_usage()
   assert u["reservations"] == 0 and u["pages_used"] == 0
+
+
+def _spec_engine(tiny_decode_params, **kw):
+  import dataclasses
+  return _engine(tiny_decode_params, dataclasses.replace(
+      DCFG, speculative="ngram", spec_tokens=4, **kw))
+
+
+def _repetitive_requests():
+  """Prompts that repeat themselves (what prompt lookup drafts from), and
+  one that does not; greedy and seeded; one with a stop token."""
+  rng = np.random.default_rng(7)
+  out = []
+  for i in range(4):
+    unit = rng.integers(3, 300, 6).tolist()
+    p = unit * 4 + rng.integers(3, 300, 3).tolist()
+    s = (SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+         if i % 2 == 0 else
+         SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                        stop_token_ids=(unit[2],)))
+    out.append((f"rep{i}", p, s))
+  out.append(("plain", rng.integers(3, 300, 17).tolist(),
+              SamplingParams(max_tokens=15, temperature=0.0,
+                             ignore_eos=True)))
+  out.append(("optout", list(range(5, 12)) * 3, SamplingParams(
+      max_tokens=12, temperature=0.0, ignore_eos=True, speculative=False)))
+  return out
+
+
+def test_speculative_greedy_tokens_equal_plain_decoding(tiny_decode_params):
+  """A pool that drafts by prompt lookup and verifies: greedy tokens (and
+  stops, and max_tokens) exactly as plain decoding's; drafts were made and
+  some kept; a request that opted out drafts nothing."""
+  reqs = _repetitive_requests()
+  plain = _run(_engine(tiny_decode_params), reqs)
+  spec_engine = _spec_engine(tiny_decode_params)
+  events = {}
+  out = collections.defaultdict(list)
+
+  def callback(ev):
+    out[ev.request_id].extend(ev.token_ids)
+    if ev.finish_reason is not None:
+      events[ev.request_id] = ev
+  for rid, p, s in reqs:
+    spec_engine.submit(rid, p, s, callback, seed_u32=s.seed_u32(0))
+  spec_engine.drain()
+  assert dict(out) == plain
+  stats = spec_engine.decode.stats
+  assert stats["spec_drafted"] > 0 and 0 < stats["spec_accepted"] <= \
+      stats["spec_drafted"]
+  assert events["optout"].spec_drafted == 0
+  assert sum(ev.spec_accepted for ev in events.values()) == \
+      stats["spec_accepted"]
+  u = spec_engine.decode.kv_usage()
+  assert u["rows_live"] == 0 and u["pages_used"] == 0
+
+
+def test_speculative_sampled_requests_finish_with_their_budget(
+    tiny_decode_params):
+  """Sampled rows in a speculating pool: every request ends with exactly
+  max_tokens tokens (the distribution is checked in test_speculative),
+  near the end of the context too."""
+  engine = _spec_engine(tiny_decode_params)
+  reqs = [(f"s{i}", (list(range(3, 9)) * 5)[:25 + i], SamplingParams(
+      max_tokens=13, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True))
+          for i in range(3)]
+  reqs.append(("edge", list(range(3, 9)) * 20, SamplingParams(
+      max_tokens=50, temperature=0.0, ignore_eos=True)))
+  toks = _run(engine, reqs)
+  assert [len(toks[f"s{i}"]) for i in range(3)] == [13, 13, 13]
+  assert len(toks["edge"]) == 128 - 120

@@ -394,6 +394,12 @@ class DecodeEngine:
     timing is in ``last_iteration``."""
     t0 = time.perf_counter()
     self._apply_cancellations()
+    if self.programs.speculative:
+      # Drafts come from the rows' tokens so far: the last call's tokens
+      # are read before the next call is launched.
+      previous, self._inflight = self._inflight, []
+      for item in previous:
+        self._deliver(*item)
     self._admit()
     launched = []
     for rep in self.replicas:
@@ -512,6 +518,11 @@ class DecodeEngine:
       r = rep.rows[row]
       r.tokens_out += len(toks)
       r.generated.extend(toks)
+      if call.drafted is not None:   # a speculating call
+        drafted = call.drafted[col]
+        rep.delivered(row, drafted, len(toks))
+        self.stats["spec_drafted"] += drafted
+        self.stats["spec_accepted"] += min(max(len(toks) - 1, 0), drafted)
       reason = None
       if finished[:, col].any():
         reason = (FinishReason.STOP if stopped[:, col].any()
@@ -519,7 +530,10 @@ class DecodeEngine:
         rep.release(row)
         del self._where[owner]
         self.stats["finished"] += 1
-      r.request.callback(TokenEvent(owner, toks, lps, reason))
+      r.request.callback(TokenEvent(
+          owner, toks, lps, reason,
+          spec_drafted=r.spec_drafted if reason else 0,
+          spec_accepted=r.spec_accepted if reason else 0))
 
   # ---------------------------------------------------------------- metrics
   def kv_usage(self) -> dict[str, int]:

@@ -36,6 +36,16 @@ class DecodeConfig:
   # run at HBM rate (H200, 8B: 19.4 / 12.6 ms at one row against 5.6 ms
   # at two with cuBLAS).
   row_buckets: tuple[int, ...] = ()
+  # Speculative decoding: "ngram" drafts up to ``spec_tokens`` tokens per
+  # row and call by prompt lookup (the latest earlier occurrence of the
+  # sequence's last ``spec_ngram`` .. 1 tokens) and checks them in one pass
+  # of the model (``pdjax.engine.speculative``); a row keeps the longest
+  # prefix the model agrees with, plus one token of its own. "off": plain
+  # decoding. Drafts need the previous call's tokens, so a speculating pool
+  # does not dispatch a call before the last one's tokens are read.
+  speculative: str = "off"
+  spec_tokens: int = 4
+  spec_ngram: int = 3
   # A decode worker that prefills its own requests (colocated serving):
   # prompt tokens of prefill compute between two generate calls, at most
   # (bucket lengths, as compiled). A prompt beyond it is prefilled in
@@ -118,6 +128,12 @@ class DecodeConfig:
     for b in self.table_buckets:
       if not 0 < b <= self.pages_per_seq:
         raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
+    if self.speculative not in ("off", "ngram"):
+      raise ValueError(f"speculative must be 'off' or 'ngram', got "
+                       f"{self.speculative!r}")
+    if self.spec_tokens < 1 or self.spec_ngram < 1:
+      raise ValueError(f"spec_tokens ({self.spec_tokens}) and spec_ngram "
+                       f"({self.spec_ngram}) must be >= 1")
     if self.prefill_token_budget < 0:
       raise ValueError(f"prefill_token_budget must be >= 0 (0: no bound), "
                        f"got {self.prefill_token_budget}")
@@ -141,6 +157,13 @@ class DecodeConfig:
   def watermark_pages(self) -> int:
     """Pages on_demand admission leaves free while rows run."""
     return math.ceil(self.admission_watermark * (self.num_pages - 1))
+
+  @property
+  def tokens_per_call(self) -> int:
+    """The most tokens one call advances a row by (and writes the KV of)."""
+    if self.speculative != "off":
+      return self.spec_tokens + 1
+    return self.steps_per_call
 
   @property
   def pages_per_seq(self) -> int:

@@ -19,9 +19,11 @@ from flax import struct
 
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.sampling import sample
+from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import cudnn_paged_attention_applies, decode_forward
+from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
+                               decode_forward_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,12 @@ class _Programs:
     # each call would block until it had run and nothing could be
     # dispatched ahead (the next call, the other replicas' calls, the
     # host's delivery).
-    self._generate = {(all_greedy, rows): self.generate_program(all_greedy,
-                                                                rows)
+    # A speculating pool runs verify programs (``_verify_entry``) instead,
+    # one per row count and sampling path too.
+    self.speculative = dcfg.speculative != "off"
+    make = (self.verify_program if self.speculative
+            else self.generate_program)
+    self._generate = {(all_greedy, rows): make(all_greedy, rows)
                       for rows in dcfg.row_counts
                       for all_greedy in (True, False)}
     self.insert = jax.jit(_insert, donate_argnums=(0,))
@@ -221,9 +227,19 @@ class _Programs:
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
+  def verify_program(self, all_greedy: bool, rows: int):
+    """A new jitted verify program (speculative decoding) for calls of
+    ``rows`` rows: (params, state, slots, drafts, num_drafts)."""
+    entry = functools.partial(
+        _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
+        capacity=self.dcfg.max_seq_len, all_greedy=all_greedy)
+    return jax.jit(entry, donate_argnums=(1,),
+                   compiler_options=self.compiler_options[rows])
+
   def generate(self, all_greedy: bool, rows: int):
-    """The generate program for a call of ``rows`` rows (a row count of
-    the pool) that are (or are not) all greedy."""
+    """The program for a call of ``rows`` rows (a row count of the pool)
+    that are (or are not) all greedy: generate, or verify in a
+    speculating pool."""
     return self._generate[(all_greedy, rows)]
 
 
@@ -244,6 +260,61 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
       positions=state.positions.at[rows].set(sub.positions),
       generated=state.generated.at[rows].set(sub.generated),
       done=state.done.at[rows].set(sub.done)), pack_step_output(out)
+
+
+def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
+                  eos_ids, capacity, all_greedy):
+  """Speculative decoding's call: each of the call's rows runs its current
+  token and its ``num_drafts`` drafted tokens (``drafts`` [b, k], the rest
+  padding) through the model in one pass, keeps the drafts the model
+  agrees with and one token of the model's own
+  (``pdjax.engine.speculative.accept``), and stops at the first EOS, stop
+  id, max_tokens or the context's end among them. Outputs as a generate
+  call's of k + 1 steps: step ``i`` holds the row's ``i``-th new token,
+  ``valid`` where there is one."""
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  rows = slots.rows
+  tokens0, pos = state.tokens[rows], state.positions[rows]
+  gen, done = state.generated[rows], state.done[rows]
+  live = slots.active & ~done
+  table = jnp.where(live[:, None], slots.page_table, 0)
+  start = jnp.where(live, pos, 0)
+  num = jnp.where(live, num_drafts, 0)
+  T = drafts.shape[1] + 1
+  out = decode_forward_tokens(
+      params, jnp.concatenate([tokens0[:, None], drafts], axis=1), start,
+      state.k, state.v, table, cfg=cfg, num_kept=num)
+  toks, count, logprobs = accept(
+      out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
+      slots.seed, gen, all_greedy=all_greedy)
+  valid, finished, stopped = [], [], []
+  ended = ~live
+  for i in range(T):
+    tok = toks[:, i]
+    emitted = ~ended & (i < count)
+    is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
+        slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
+    at_len = gen + i + 1 >= slots.max_tokens
+    at_cap = pos + i + 2 >= capacity
+    fin = emitted & (is_stop | at_len | at_cap)
+    valid.append(emitted)
+    finished.append(fin)
+    stopped.append(emitted & is_stop)
+    ended = ended | fin | ~emitted
+  valid = jnp.stack(valid)                             # [T, b]
+  n_emit = jnp.sum(valid, axis=0).astype(jnp.int32)
+  last = jnp.take_along_axis(toks, jnp.maximum(n_emit - 1, 0)[:, None],
+                             axis=1)[:, 0]
+  finished = jnp.stack(finished)
+  step_out = StepOutput(toks.T, logprobs.T, valid, finished,
+                        jnp.stack(stopped))
+  return DecodeState(
+      k=out.k_pool, v=out.v_pool,
+      tokens=state.tokens.at[rows].set(jnp.where(live, last, tokens0)),
+      positions=state.positions.at[rows].set(pos + n_emit),
+      generated=state.generated.at[rows].set(gen + n_emit),
+      done=state.done.at[rows].set(done | jnp.any(finished, axis=0))
+  ), pack_step_output(step_out)
 
 
 def pack_step_output(out: StepOutput) -> jax.Array:

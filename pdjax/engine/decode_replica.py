@@ -56,6 +56,7 @@ from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
 from pdjax.engine.sampling import MAX_STOP_TOKEN_IDS, SamplingArrays
+from pdjax.engine.speculative import propose_ngram
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params
 from pdjax.sharding import ShardingRules
@@ -99,6 +100,9 @@ class _Row:
   generated: list[int] = dataclasses.field(default_factory=list)
   # Preempted: the KV is in the swap space (no pages held).
   swapped: bool = False
+  # Speculative decoding: tokens drafted for the row, and drafts kept.
+  spec_drafted: int = 0
+  spec_accepted: int = 0
 
   @property
   def wants_steps(self) -> bool:
@@ -191,7 +195,7 @@ class DecodeReplica:
     generate calls write (the first call, and the one dispatched before
     the first call's tokens are read)."""
     return min(self.budget_pages(prompt_len, max_tokens),
-               pages_for(prompt_len + 2 * self.dcfg.steps_per_call,
+               pages_for(prompt_len + 2 * self.dcfg.tokens_per_call,
                          self.dcfg.page_size))
 
   def admission_pages(self, prompt_len: int, max_tokens: int) -> int:
@@ -211,7 +215,7 @@ class DecodeReplica:
     running = sum(r is not None and not r.swapped for r in self.rows)
     if not running:
       return 0
-    per_row = pages_for(2 * self.dcfg.steps_per_call, self.dcfg.page_size)
+    per_row = pages_for(2 * self.dcfg.tokens_per_call, self.dcfg.page_size)
     return max(self.dcfg.watermark_pages, running * per_row)
 
   def payload_sharding(self, num_pages: int) -> NamedSharding:
@@ -322,7 +326,7 @@ class DecodeReplica:
     reservation, then from the pool; when the pool has too few, newer rows
     are preempted (newest first) until it has enough. Returns the rows
     that got their pages (the call's rows), in ``rows`` order."""
-    P, S = self.dcfg.page_size, self.dcfg.steps_per_call
+    P, S = self.dcfg.page_size, self.dcfg.tokens_per_call
     order = sorted(rows, key=lambda i: self.rows[i].arrival)
     granted, out = set(), set()
     for row in order:
@@ -478,11 +482,16 @@ class DecodeReplica:
       self.swap.warmup()
     for rows in self.dcfg.row_counts:
       call_rows = list(range(rows))   # none active: nothing changes
+      extra = ()
+      if self.programs.speculative:   # no drafts
+        extra = tuple(jax.device_put(a, self.replicated) for a in (
+            np.zeros((rows, self.dcfg.spec_tokens), np.int32),
+            np.zeros((rows,), np.int32)))
       for width in self.dcfg.widths:
         slots = self._slot_inputs([], call_rows, width)
         for all_greedy in (True, True, False, False):
           self.state, out = self.programs.generate(all_greedy, rows)(
-              self.params, self.state, slots)
+              self.params, self.state, slots, *extra)
     jax.block_until_ready((self.state, out))
 
   def all_greedy(self, rows: Sequence[int] | None = None) -> bool:
@@ -499,25 +508,64 @@ class DecodeReplica:
     if self.swap is not None:
       self.swap.land()
       self._resume_swapped()
-    rows = self._grow(self._rows_to_advance())
+    wanting = self._rows_to_advance()
+    # What each row may still take (speculation drafts within it).
+    left = {row: self.rows[row].steps_needed - self.rows[row].steps_dispatched
+            for row in wanting}
+    rows = self._grow(wanting)
     if not rows:
       return None
     host_tier.flush(self.host_tier)   # queued tier copies go first
     call_rows = self._call_rows(rows)
     slots = self._slot_inputs(rows, call_rows, self._width(rows))
-    self.state, out = self.programs.generate(
-        self.all_greedy(rows), len(call_rows))(self.params, self.state, slots)
-    return Call(out, [(self.rows[row].request.request_id, row)
-                      for row in rows])
+    program = self.programs.generate(self.all_greedy(rows), len(call_rows))
+    owners = [(self.rows[row].request.request_id, row) for row in rows]
+    if not self.programs.speculative:
+      self.state, out = program(self.params, self.state, slots)
+      return Call(out, owners)
+    drafts, num = self._drafts(rows, len(call_rows), left)
+    self.state, out = program(self.params, self.state, slots,
+                              jax.device_put(drafts, self.replicated),
+                              jax.device_put(num, self.replicated))
+    return Call(out, owners, drafted=num[:len(rows)].tolist())
+
+  def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int]):
+    """Prompt-lookup drafts for a speculating call: per row of the call,
+    up to ``spec_tokens`` tokens, within what the row may still generate
+    (it emits at most one token more than it drafts); none for rows that
+    opted out. The row's tokens so far are on the host (a speculating pool
+    reads each call's tokens before the next call)."""
+    k = self.dcfg.spec_tokens
+    drafts = np.zeros((width, k), np.int32)
+    num = np.zeros((width,), np.int32)
+    for i, row in enumerate(rows):
+      r = self.rows[row]
+      if not r.request.sampling.speculative:
+        continue
+      d = propose_ngram(list(r.request.prompt_ids) + r.generated,
+                        min(k, left[row] - 1), max_n=self.dcfg.spec_ngram)
+      drafts[i, :len(d)] = d
+      num[i] = len(d)
+    return drafts, num
+
+  def delivered(self, row: int, drafted: int, emitted: int) -> None:
+    """After a speculating call's tokens are read: the row advanced by what
+    it emitted (not by the most it could), and its acceptance counts."""
+    r = self.rows[row]
+    r.steps_dispatched = r.tokens_out - 1
+    r.spec_drafted += drafted
+    r.spec_accepted += min(max(emitted - 1, 0), drafted)
 
 
 @dataclasses.dataclass
 class Call:
   """A generate call in flight: its outputs (``pack_step_output``'s array;
   column ``i`` is row ``owners[i][1]``'s) and who owned each advanced row
-  when it launched."""
+  when it launched; for a speculating call, how many tokens each row
+  drafted."""
   out: jax.Array
   owners: list[tuple[str, int]]
+  drafted: list[int] | None = None
 
 
 class ReplicaPrefixStore(PrefixStore):

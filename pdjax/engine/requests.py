@@ -72,6 +72,10 @@ class TokenEvent:
   cached_tokens: int = 0
   queue_s: float = 0.0
   prefill_s: float = 0.0
+  # The last event of a request its pool speculated for: tokens drafted
+  # for it, and drafts the model kept.
+  spec_drafted: int = 0
+  spec_accepted: int = 0
 
 
 TokenCallback = Callable[[TokenEvent], None]

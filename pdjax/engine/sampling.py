@@ -35,6 +35,9 @@ class SamplingParams:
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  # In a pool that speculates (DecodeConfig.speculative), whether this
+  # request's tokens are drafted and verified (False: plain decoding).
+  speculative: bool = True
 
   @property
   def greedy(self) -> bool:

@@ -72,6 +72,16 @@ def _filtered_logits(logits, temperature, top_p, top_k):
       kept_sorted)
 
 
+def _accept_greedy_row(logits, drafts, num_drafts):
+  """``_accept_row`` for a greedy row, without the sampled path's work."""
+  T = logits.shape[0]
+  greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)     # [T]
+  ok = (drafts == greedy_tok[:T - 1]) & (jnp.arange(T - 1) < num_drafts)
+  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+  tokens = jnp.where(jnp.arange(T) <= n, greedy_tok, 0)
+  return tokens, n + 1
+
+
 def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
                 index):
   """One row: logits [T, V] (T = k + 1), drafts [k] (the first
@@ -109,17 +119,21 @@ def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
 
 
 def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
-           index):
+           index, *, all_greedy: bool | None = None):
   """Acceptance for a batch (see the module docstring). logits [B, k+1, V]
   f32; drafts [B, k] int32, ``num_drafts`` [B] of them real (rows with
   fewer proposals, or none, decode one token as usual); sampling arrays
   [B]; index [B]: tokens each row generated before this pass. Returns
   (tokens [B, k+1], count [B]): each row emits its first ``count``
-  tokens, and logprobs [B, k+1] of the raw distribution."""
-  tokens, count = jax.vmap(_accept_row)(
-      logits.astype(jnp.float32), drafts, num_drafts, temperature, top_p,
-      top_k, seed, index)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  tokens, and logprobs [B, k+1] of the raw distribution. ``all_greedy``:
+  every row is greedy (the caller knows; only that path is computed)."""
+  logits = logits.astype(jnp.float32)
+  if all_greedy:
+    tokens, count = jax.vmap(_accept_greedy_row)(logits, drafts, num_drafts)
+  else:
+    tokens, count = jax.vmap(_accept_row)(
+        logits, drafts, num_drafts, temperature, top_p, top_k, seed, index)
+  logp = jax.nn.log_softmax(logits, axis=-1)
   logprobs = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
   return tokens, count, logprobs
 

@@ -509,7 +509,8 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
 
 
 def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
-                          page_table, *, cfg: ModelConfig) -> DecodeOut:
+                          page_table, *, cfg: ModelConfig,
+                          num_kept=None) -> DecodeOut:
   """``T`` consecutive tokens for each of B sequences in one pass (the
   verify step of speculative decoding): token ``t`` of a row sits at
   position ``start[b] + t``, its K/V is written to the row's page for that
@@ -517,7 +518,10 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
   cached tokens and the part's earlier ones). tokens: [B, T]; start: [B];
   page_table: [B, M] (page 0 for idle rows, as in ``decode_forward``).
   Returns logits [B, T, V] and the updated pools. Reads the pages by
-  gathering them (any backend); equals T calls of ``decode_forward``."""
+  gathering them (any backend); equals T calls of ``decode_forward``.
+  ``num_kept`` [B]: only tokens ``0 .. num_kept[b]`` of a row write their
+  K/V to its pages (the rest, whose positions may lie past the pages the
+  row holds, write to the null page); None: all of them."""
   B, T = tokens.shape
   L = cfg.num_layers
   N = k_pool.shape[0] // L
@@ -527,7 +531,11 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
   positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   cos, sin = rope_tables(cfg, positions)
   x = _embed(params, tokens)
-  write_page = jnp.take_along_axis(page_table, positions // P, axis=1)
+  write_page = jnp.take_along_axis(
+      page_table, jnp.minimum(positions // P, M - 1), axis=1)
+  if num_kept is not None:
+    kept = jnp.arange(T, dtype=jnp.int32)[None, :] <= num_kept[:, None]
+    write_page = jnp.where(kept, write_page, 0)
   write_off = positions % P                          # [B, T]
   kpos = jnp.arange(M * P, dtype=jnp.int32)[None, None, :]
   qpos = positions[:, :, None]
