@@ -147,27 +147,34 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
 # heaviest first, so that neither worker is left with a long one at the end.
 #
 # A group is a file, except the files that start deployments (several
-# processes each, with latency bounds such as "cancel frees the row within
-# 1.5 s"): they run one after another in one group, so that two deployments
-# never compete for CI's two cores.
+# processes each): those are two groups, each running its files one after
+# another, and balanced so that the two workers finish together. With the
+# suite's CPU shared out this way, the two groups overlap only partly;
+# the services' latency bounds (e.g. "cancel frees the row") are loose
+# enough for a deployment that shares the two cores with another's.
 #
 # The grouping is done by the scheduler below rather than by xdist_group
 # marks: xdist's loadgroup reads those through the test ids it rewrites,
 # which pytest 9.2 no longer lets it do, and then every test is scheduled
 # on its own (fixtures made in both workers).
-_DEPLOYMENT_FILES = {
-    "test_batch_eval_e2e.py", "test_gateway.py", "test_kv_router.py",
-    "test_prefix_cache_services.py", "test_reliability.py",
-    "test_security.py", "test_services.py",
+_DEPLOYMENT_GROUPS = {
+    "test_services.py": "deployments-a",
+    "test_prefix_cache_services.py": "deployments-a",
+    "test_batch_eval_e2e.py": "deployments-a",
+    "test_reliability.py": "deployments-b",
+    "test_security.py": "deployments-b",
+    "test_kv_router.py": "deployments-b",
+    "test_gateway.py": "deployments-b",
 }
-# Longest first (on a 2-core machine); groups not named here come after, in
-# collection order.
-_HEAVY_GROUPS = ("deployments", "test_engines.py", "test_benchmarks_smoke.py",
-                 "test_prefix_cache.py", "test_reference.py")
+# Handed out in this order (longest first, the two deployment groups apart);
+# groups not named here come after, in collection order.
+_HEAVY_GROUPS = ("deployments-a", "test_engines.py", "deployments-b",
+                 "test_benchmarks_smoke.py", "test_prefix_cache.py",
+                 "test_reference.py")
 
 
 def _group(file_name: str) -> str:
-  return "deployments" if file_name in _DEPLOYMENT_FILES else file_name
+  return _DEPLOYMENT_GROUPS.get(file_name, file_name)
 
 
 def _group_rank(file_name: str) -> int:
