@@ -141,23 +141,68 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
 
 
 # --------------------------------------------- two test processes (xdist)
-# Files that start deployments (several processes each, with latency bounds
-# such as "cancel frees the row within 1.5 s") run one after another in one
-# pytest-xdist worker; the in-process tests share the other. Two deployments
-# at once on CI's two cores would starve each other's routers.
-_DEPLOYMENT_FILES = {
-    "test_batch_eval_e2e.py", "test_client.py", "test_gateway.py",
-    "test_kv_router.py", "test_prefix_cache_services.py", "test_reliability.py",
-    "test_security.py", "test_services.py",
+# tools/run_tests.sh runs the suite in two pytest-xdist workers with
+# ``--dist loadgroup``. Each group below runs whole in one worker, so module
+# fixtures (engines, deployments) are made once, and groups are handed out
+# heaviest first, so that neither worker is left with a long one at the end.
+#
+# A group is a file, except the files that start deployments (several
+# processes each): those are two groups, each running its files one after
+# another, and balanced so that the two workers finish together. With the
+# suite's CPU shared out this way, the two groups overlap only partly;
+# the services' latency bounds (e.g. "cancel frees the row") are loose
+# enough for a deployment that shares the two cores with another's.
+#
+# The grouping is done by the scheduler below rather than by xdist_group
+# marks: xdist's loadgroup reads those through the test ids it rewrites,
+# which pytest 9.2 no longer lets it do, and then every test is scheduled
+# on its own (fixtures made in both workers).
+_DEPLOYMENT_GROUPS = {
+    "test_services.py": "deployments-a",
+    "test_prefix_cache_services.py": "deployments-a",
+    "test_batch_eval_e2e.py": "deployments-a",
+    "test_reliability.py": "deployments-b",
+    "test_security.py": "deployments-b",
+    "test_kv_router.py": "deployments-b",
+    "test_gateway.py": "deployments-b",
 }
+# Handed out in this order (longest first, the two deployment groups apart);
+# groups not named here come after, in collection order.
+_HEAVY_GROUPS = ("deployments-a", "test_engines.py", "deployments-b",
+                 "test_benchmarks_smoke.py", "test_prefix_cache.py",
+                 "test_reference.py")
+
+
+def _group(file_name: str) -> str:
+  return _DEPLOYMENT_GROUPS.get(file_name, file_name)
+
+
+def _group_rank(file_name: str) -> int:
+  group = _group(file_name)
+  return (_HEAVY_GROUPS.index(group) if group in _HEAVY_GROUPS
+          else len(_HEAVY_GROUPS))
 
 
 def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.path.name in _DEPLOYMENT_FILES:
-      item.add_marker(pytest.mark.xdist_group("deployments"))
-    else:
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
+  # Heavy groups first; the order within a file is kept (sort is stable).
+  items.sort(key=lambda item: _group_rank(item.path.name))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadgroup`` as described above: xdist's scheduler of whole
+  scopes, a scope being the test's group; scopes in collection order."""
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class GroupScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      return _group(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+
+  config.option.loadscopereorder = False     # keep the order given above
+  return GroupScheduling(config, log)
 
 
 # ------------------------------------------------- the default tiny model

@@ -40,15 +40,20 @@ from pdjax.model.llama import param_shapes
 from pdjax.model.tiny import ensure_tiny_model
 from pdjax.model.weights import load_hf_params
 from pdjax.sharding import ShardingError, ShardingRules, make_mesh
+from tolerances import (BF16, assert_close, assert_kv_close, logit_scale,
+                        logprob_tolerance, positive, rounding_flip, signed,
+                        tolerance)
 
 PAGE = 16
 MAX_SEQ = 128
 PCFG = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
                      max_seq_len=MAX_SEQ)
 # 31 usable pages per replica, 8 for a sequence of max_seq_len: three such
-# sequences fill a replica, so capacity limits are easy to reach.
+# sequences fill a replica, so capacity limits are easy to reach. Page-table
+# widths 4 and 8: rows still move from one generate program to the other
+# as they grow, with half the programs of every power of two.
 DCFG = DecodeConfig(max_seqs=4, page_size=PAGE, num_pages=32,
-                    max_seq_len=MAX_SEQ, steps_per_call=4)
+                    max_seq_len=MAX_SEQ, steps_per_call=4, table_buckets=(4,))
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -199,14 +204,14 @@ def prefill_tp(tiny, rules):
 
 @pytest.fixture(scope="module")
 def decoders(tiny, rules):
-  """Decode pools with one DecodeConfig: dp=1, 2, 4 and dp=2 x tp=2. Their
-  replicas share devices 0..3, so equal programs compile once (the
-  persistent compilation cache) however many pools use them."""
+  """Decode pools with one DecodeConfig: dp=1, 2 and dp=2 x tp=2. Their
+  one-device replicas are on devices 0 and 1, those of the colocated engine
+  too, so equal programs compile once (the persistent compilation cache
+  keys a CPU program by its devices) however many pools use them."""
   d = jax.devices()
   return {
       "dp1": _decode_engine(tiny, rules, {"dp": 1}, d[:1]),
       "dp2": _decode_engine(tiny, rules, {"dp": 2}, d[:2]),
-      "dp4": _decode_engine(tiny, rules, {"dp": 4}, d[:4]),
       "dp2tp2": _decode_engine(tiny, rules, {"dp": 2, "tp": 2}, d[:4],
                                name="decode_dp_tp"),
   }
@@ -380,17 +385,22 @@ def test_warmup_covers_every_payload_size(prefill_tp, decoders):
 def test_tp_prefill_equivalence(tiny, rules, prefill_tp):
   """TP=1, 2, 4 prefill: same first tokens and KV for a mixed-length batch
   and a chunked prompt; chunked equals one bucket holding the prompt."""
+  cfg, params, _ = tiny
   reqs = [("a", prompt(40, 1), GREEDY), ("b", prompt(64, 2), seeded(7)),
           ("long", prompt(100, 3), GREEDY)]  # 100 > 64: two chunks
   out = {tp: prefill_requests(e, reqs) for tp, e in prefill_tp.items()}
+  # TP sums the output and down projections' partial products across
+  # shards, in another order than TP=1: equal up to rounding, bounded in
+  # tests/tolerances.py.
+  lp_tol = logprob_tolerance(cfg, MAX_SEQ, logit_scale(params, cfg))
   for tp in (2, 4):
     for r1, r in zip(out[1], out[tp]):
       assert r.first_token == r1.first_token, (tp, r.request_id)
       assert r.kv.num_tokens == r1.kv.num_tokens == r.prompt_len
       assert r.kv.kv.shape == r1.kv.kv.shape
-      np.testing.assert_allclose(kv_tokens(r), kv_tokens(r1), rtol=1e-5,
-                                 atol=1e-5, err_msg=f"tp={tp} {r.request_id}")
-      assert abs(r.first_logprob - r1.first_logprob) < 1e-4
+      assert_kv_close(kv_tokens(r), kv_tokens(r1), cfg, MAX_SEQ,
+                      err_msg=f"tp={tp} {r.request_id}")
+      assert abs(r.first_logprob - r1.first_logprob) <= lp_tol
   # The chunked payload is padded to a power-of-two page count.
   assert out[1][2].kv.kv.shape[2] == 8
   # KV sharding: kv_heads split over tp.
@@ -402,8 +412,9 @@ def test_tp_prefill_equivalence(tiny, rules, prefill_tp):
       dataclasses.replace(PCFG, buckets=(128,)))
   (ref,) = prefill_requests(whole, reqs[2:])
   assert ref.first_token == out[1][2].first_token
-  np.testing.assert_allclose(kv_tokens(out[1][2]), kv_tokens(ref),
-                             rtol=1e-5, atol=1e-5)
+  # Chunked attention sums over the keys in another order.
+  assert_kv_close(kv_tokens(out[1][2]), kv_tokens(ref), cfg, MAX_SEQ,
+                  err_msg="chunked")
 
 
 def test_layer_group_settings():
@@ -428,7 +439,8 @@ def test_prefill_in_layer_groups_equals_fused(tiny, rules):
   both group programs exist) at TP=2: the fused program's first tokens and
   KV. Each bucketed request's KV comes as its groups, and reaches
   ``kv_ready`` (the same object the result carries); the chunked prompt
-  runs fused."""
+  runs fused. The bucketed prompts are two pairs of one bucket: every
+  program of the model is compiled once."""
   from pdjax.model.llama import init_params
   cfg = tiny[0].replace(num_layers=3)
   mesh = make_mesh({"tp": 2}, jax.devices()[4:6])
@@ -437,26 +449,28 @@ def test_prefill_in_layer_groups_equals_fused(tiny, rules):
   fused = PrefillEngine(params, cfg, mesh, rules["prefill_tp"], PCFG)
   grouped = PrefillEngine(params, cfg, mesh, rules["prefill_tp"],
                           dataclasses.replace(PCFG, layer_groups=2))
-  reqs = [("a", prompt(40, 11), GREEDY), ("b", prompt(27, 12), seeded(7)),
-          ("c", prompt(9, 13), GREEDY),
+  reqs = [("a", prompt(40, 11), GREEDY), ("b", prompt(57, 12), seeded(7)),
+          ("c", prompt(33, 13), GREEDY), ("d", prompt(64, 15), seeded(8)),
           ("long", prompt(100, 14), GREEDY)]   # two chunks: fused
   seen = {}
   out = grouped.prefill([PrefillRequest(rid, p, s, s.seed_u32(0))
                          for rid, p, s in reqs],
                         kv_ready=lambda i, kv: seen.setdefault(i, kv))
   ref = prefill_requests(fused, reqs)
-  assert sorted(seen) == [0, 1, 2, 3]
+  assert sorted(seen) == [0, 1, 2, 3, 4]
+  # One program against several: XLA may fuse and block them differently.
+  lp_tol = logprob_tolerance(cfg, MAX_SEQ, logit_scale(params, cfg))
   for i, (r, f) in enumerate(zip(out, ref)):
     assert seen[i] is r.kv
     assert r.first_token == f.first_token, r.request_id
-    assert abs(r.first_logprob - f.first_logprob) < 1e-5
+    assert abs(r.first_logprob - f.first_logprob) <= lp_tol
     assert r.kv.shape == f.kv.kv.shape
-    np.testing.assert_allclose(kv_tokens(r), kv_tokens(f), rtol=1e-6,
-                               atol=1e-6, err_msg=r.request_id)
-  for r in out[:3]:
+    assert_kv_close(kv_tokens(r), kv_tokens(f), cfg, MAX_SEQ,
+                    err_msg=r.request_id)
+  for r in out[:4]:
     assert [g.shape[0] for g in r.kv.layer_groups] == [2, 1]
     assert r.kv.layer_groups[0].sharding.spec[4] == "tp"
-  assert out[3].kv.layer_groups == ()
+  assert out[4].kv.layer_groups == ()
   with pytest.raises(ValueError, match="layer_groups"):
     PrefillConfig(layer_groups=0)
 
@@ -470,7 +484,7 @@ def _mixed_requests(tag: str, n: int = 6):
 
 
 def test_dp_decode_equivalence(local_prefill, decoders):
-  """dp=1, 2, 4 and dp=2 x tp=2 decode pools: identical tokens."""
+  """dp=1, 2 and dp=2 x tp=2 decode pools: identical tokens."""
   reqs = _mixed_requests("dp")
   results = prefill_requests(local_prefill, reqs)
   outs = {}
@@ -1135,7 +1149,9 @@ def test_sampling_path_chosen_on_the_host_matches_the_device_choice():
   want, want_lp = sample(logits, mixed_t, *args[1:])
   got, got_lp = sample(logits, mixed_t, *args[1:], all_greedy=False)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  np.testing.assert_allclose(np.asarray(got_lp), np.asarray(want_lp))
+  # The same log_softmax of the same logits at the same tokens, whichever
+  # path chose them: bit for bit.
+  np.testing.assert_array_equal(np.asarray(got_lp), np.asarray(want_lp))
   assert (np.asarray(got)[[0, 2]] == argmax[[0, 2]]).all()
   # A sampled batch does draw: on flat logits, tokens off the argmax.
   flat = logits / 10
@@ -1232,8 +1248,9 @@ def test_prefill_batch_token_cap(tiny, rules, prefill_tp, monkeypatch):
   assert sorted(sizes) == [(16, 2), (64, 1), (64, 1)]
   for g, w in zip(got, want):
     assert g.first_token == w.first_token
-    np.testing.assert_allclose(np.asarray(g.kv.kv), np.asarray(w.kv.kv),
-                               atol=1e-5)
+    # Another batch size: the matmuls may be blocked differently.
+    assert_kv_close(np.asarray(g.kv.kv), np.asarray(w.kv.kv), tiny[0],
+                    MAX_SEQ, err_msg=g.request_id)
   dep = DeploymentConfig.load("gpu-8b")
   assert dep.prefill_engine_config().max_batch_tokens == 8192
 
@@ -1313,8 +1330,14 @@ def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
     out[paged] = llama.decode_forward(params, tokens, positions, pool, pool,
                                       table, cfg=cfg, paged_attention=paged)
   assert calls == [(B, 1, L * N // B, 1)]   # the layer loop traces once
-  np.testing.assert_allclose(np.asarray(out[True].logits),
-                             np.asarray(out[False].logits), atol=2e-2)
+  # Both run XLA's attention, the stand-in over all L * N // B pages a row
+  # may hold (masked) rather than M: its float32 sums run in another order,
+  # so a bfloat16 rounding of the scores, the probabilities or the output
+  # of a layer's attention may land the other way (tests/tolerances.py).
+  keys = L * N // B * P                # the keys the stand-in reads
+  before = tolerance([signed(hd), positive(keys), positive(keys)], 1.0)
+  assert_close(out[True].logits, out[False].logits,
+               [rounding_flip(before, BF16)] * 3 * L, err_msg="logits")
   np.testing.assert_array_equal(np.asarray(out[True].k_pool),
                                 np.asarray(out[False].k_pool))
   # Off GPUs the gather always; "paged" asked for there is refused.

@@ -153,22 +153,24 @@ def test_tiny_cache_under_pressure_stays_correct(tiny_decode_params):
   assert on.decode.replicas[0].pool.stats["evictions"] > 0
 
 
-def test_disaggregated_reuse_on_both_sides(tiny_model_dir):
+def test_disaggregated_reuse_on_both_sides(tiny_model_dir,
+                                          tiny_decode_params):
   """Prefill worker store + decode-side block reuse: the second and third
   requests compute fewer prompt tokens and move fewer KV pages, and their
-  tokens equal a cache-free colocated run."""
+  tokens equal a cache-free colocated run. The decode pool and the
+  reference use device 0 like the tests above (their programs are compiled
+  already), the prefill devices 2 and 3."""
   prules = ShardingRules.load("prefill_tp")
   pmesh = make_mesh({"tp": 2}, jax.devices()[2:4])
   pparams, cfg = load_sharded(tiny_model_dir, prules, pmesh)
   store = PrefillKVStore(cfg, pmesh, prules, num_pages=64, page_size=PAGE)
   pe = PrefillEngine(pparams, cfg, pmesh, prules, PCFG, prefix_store=store)
   drules = ShardingRules.load("decode_dp")
-  dmesh = make_mesh({"dp": 2}, jax.devices()[4:6])
+  dmesh = make_mesh({"dp": 2}, jax.devices()[:2])
   dparams, _ = load_sharded(tiny_model_dir, drules, dmesh)
   de = DecodeEngine(dparams, cfg, dmesh, drules, _dcfg(prefix_caching=True))
-  ref = ColocatedEngine(*load_sharded(tiny_model_dir, drules, make_mesh(
-      {"dp": 1}, jax.devices()[6:7]))[:2], make_mesh(
-          {"dp": 1}, jax.devices()[6:7]), drules, PCFG, _dcfg())
+  params, _, mesh, rules = tiny_decode_params
+  ref = ColocatedEngine(params, cfg, mesh, rules, PCFG, _dcfg())
 
   prompts = _prompts()[:5]
   want = _run(ref, prompts, _greedy)
