@@ -20,7 +20,7 @@ def test_peer_model_has_the_presets_shapes():
   sys.path.insert(0, str(TOOLS))
   import torch
   import transformers
-  from bench_peer import hf_config
+  from peer_model import hf_config  # flag-free, unlike bench_peer
   from pdjax.model.presets import preset_config
   for name in ("tiny", "llama3-1b"):
     cfg = preset_config(name)
