@@ -19,6 +19,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling is most of the suite's time on a cold cache (as on CI), and the
+# tests' programs are tiny: LLVM's optimisations cost more than they save.
+# Comparisons with the reference use tolerances derived from the arithmetic,
+# not from one compiler's rounding, and every worker a test starts inherits
+# the setting, so programs compared across processes are compiled alike.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # Persistent XLA compilation cache. Engine tests build many engines whose
 # programs are identical (same shapes, same devices) but belong to different
