@@ -1,4 +1,5 @@
-"""Deployment configuration: what each pool runs, read from ``configs/``.
+"""Deployment configuration: what each pool runs, read from a deployment
+file (a path, or a name the package ships under ``pdjax/configs/deployments``).
 
 A deployment file (TOML) has shared keys (checkpoint, dtype, page size,
 context length, transport: the things pools must agree on) and one table per
@@ -14,9 +15,6 @@ from typing import Any
 
 from pdjax.engine.decode import DecodeConfig
 from pdjax.engine.prefill import PrefillConfig
-from pdjax.sharding import REPO_ROOT
-
-CONFIGS_DIR = REPO_ROOT / "configs"
 # Layer groups of an auto-configured prefill worker whose hand-offs can take
 # the CUDA IPC path: the hand-off left after the prefill is about a quarter
 # of the KV's copy (docs/notes/2026-11-26-h200x2-handoff-overlap.md).
@@ -93,15 +91,12 @@ class DeploymentConfig:
 
   @classmethod
   def load(cls, path: str | Path | None) -> "DeploymentConfig":
-    """A deployment file, by path or by name under configs/deployments/."""
+    """A deployment file, by path or by a name the package ships."""
     if path is None:
       return cls()
-    p = Path(path)
-    if not p.exists() and not p.suffix:
-      p = CONFIGS_DIR / "deployments" / f"{path}.toml"
-    if not p.exists():
-      raise FileNotFoundError(f"deployment config {path} not found")
-    data = tomllib.loads(p.read_text())
+    from pdjax import resources
+    text, p = resources.read("deployment", path)
+    data = tomllib.loads(text)
     pools = {}
     for name in ("prefill", "decode"):
       table = dict(data.pop(name, {}))
@@ -143,5 +138,5 @@ class DeploymentConfig:
                         prefix_caching=d.prefix_caching)
 
 
-__all__ = ["DeploymentConfig", "PoolConfig", "CONFIGS_DIR", "AUTO_LAYER_GROUPS",
+__all__ = ["DeploymentConfig", "PoolConfig", "AUTO_LAYER_GROUPS",
            "resolve_layer_groups"]

@@ -119,7 +119,7 @@ def assign_gpus(workers: list[GpuWorker], gpus: list[str]
           f"(the deployment needs {need} GPUs, {len(gpus)} visible), but "
           f"their pools' gpu_memory_fraction ({shares}) add up to more than "
           f"{SHARED_GPU_BUDGET}; set [prefill]/[decode] gpu_memory_fraction "
-          "to fit one card (configs/deployments/gpu-8b-1gpu.toml does)")
+          "to fit one card (the gpu-8b-1gpu deployment does)")
     for w in on:
       share = (w.memory_fraction if w.memory_fraction is not None
                else (SHARED_GPU_BUDGET - fixed) / len(free))

@@ -32,7 +32,7 @@ from pdjax.launch import flags as F
 ROUTER = flags.DEFINE_string("router", None, "The router's host:port.")
 CHAT_TEMPLATE = flags.DEFINE_string(
     "chat_template", None, "Jinja chat template for /v1/chat/completions: "
-    "a file, or a name under configs/chat_templates/ (e.g. 'plain'); "
+    "a file, or a packaged name (pdjax/configs/chat_templates: 'plain'); "
     "default: the checkpoint's tokenizer_config.json chat_template.")
 SERVED_MODEL_NAME = flags.DEFINE_string(
     "served_model_name", None, "The model name clients send and see "
@@ -71,13 +71,10 @@ log = logging.getLogger("pdjax.gateway")
 
 
 def template_path(spec: str) -> Path:
-  """A template file, or a bare name under configs/chat_templates/."""
-  from pdjax.config import CONFIGS_DIR
-  path = Path(spec)
-  named = CONFIGS_DIR / "chat_templates" / f"{spec}.jinja"
-  if not path.exists() and not path.suffix and named.exists():
-    return named
-  return path
+  """A template file, or a packaged template's name (``plain``)."""
+  from pdjax import resources
+  found = resources.find("chat_template", spec)
+  return Path(str(found)) if found is not None else Path(spec)
 
 
 def model_dir() -> Path | None:
