@@ -1239,14 +1239,15 @@ def test_prefill_gemm_choice():
       "xla_gpu_enable_triton_gemm": False}
   with pytest.raises(ValueError, match="merge_dots"):
     PrefillConfig(merge_dots="never")
+  from pdjax.config import resolve
   dep = DeploymentConfig.load("gpu-8b")
   assert dep.prefill_engine_config().triton_gemm == "auto"
-  dep.prefill.triton_gemm = "on"
+  dep = resolve("gpu-8b", {"prefill": {"triton_gemm": "on"}})
   assert dep.prefill_engine_config().triton_gemm == "on"
   # The deployment file's DotMerger settings reach both engines.
   assert dep.prefill_engine_config().merge_dots == "auto"
   assert dep.decode_engine_config().merge_dots == "auto"
-  dep.decode.merge_dots = "on"
+  dep = resolve("gpu-8b", {"decode": {"merge_dots": "on"}})
   assert dep.decode_engine_config().merge_dots == "on"
 
 

@@ -14,6 +14,7 @@ need certificates a deployment would not use.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import ipaddress
 import re
 import secrets
@@ -484,17 +485,16 @@ def test_decode_cannot_redeem_another_requests_transfer_id(deployment):
 # ------------------------------------------------------------- binding
 def test_services_listen_on_loopback_only(deployment):
   psutil = pytest.importorskip("psutil")
-  import subprocess
-  import sys
   from pdjax.launch.cluster import LocalCluster
-  # The launchers' --host defaults, read in a fresh interpreter (their absl
-  # flags must not be defined in the test process).
-  for module in ("pdjax.launch.flags", "pdjax.launch.local"):
-    out = subprocess.run(
-        [sys.executable, "-c", f"import {module} as m; "
-         "print(m.HOST.default)"], capture_output=True, text=True,
-        timeout=60, cwd=_ROOT)
-    assert out.stdout.strip() == "127.0.0.1", (module, out.stderr)
+  # The launchers' --host defaults (each defines its flags on a throwaway
+  # FlagValues here).
+  from absl import flags
+  for module in ("pdjax.launch.prefill", "pdjax.launch.decode",
+                 "pdjax.launch.worker", "pdjax.launch.router",
+                 "pdjax.launch.gateway", "pdjax.launch.local"):
+    fv = flags.FlagValues()
+    importlib.import_module(module).define_flags(fv)
+    assert fv["host"].default == "127.0.0.1", module
   assert LocalCluster(Path(".")).host == "127.0.0.1"
   for p in deployment.cluster.procs:
     listening = [c.laddr for c in psutil.Process(p.popen.pid).net_connections(
