@@ -70,8 +70,18 @@ class ModelConfig:
   # norms, softmax and rotary math always run in float32.
   dtype: str = "bfloat16"
   name: str = "model"
+  # Rows added to the embedding and the LM head so the vocabulary splits
+  # evenly over a tensor-parallel mesh (as vLLM's VocabParallelEmbedding
+  # pads): zeros, never looked up (token ids are checked against
+  # vocab_size), their logits -inf (never sampled) and cut from logits a
+  # caller gets. Set by pdjax.engine.setup for the mesh a pool runs on; not
+  # part of the fingerprint (it changes no KV).
+  vocab_padding: int = 0
 
   def __post_init__(self):
+    if self.vocab_padding < 0:
+      raise ModelConfigError(f"vocab_padding must be >= 0, got "
+                             f"{self.vocab_padding}")
     if self.num_heads % self.num_kv_heads:
       raise ModelConfigError(
           f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -79,6 +89,11 @@ class ModelConfig:
     if self.dtype not in _DTYPES:
       raise ModelConfigError(
           f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding (columns of the LM head) as stored."""
+    return self.vocab_size + self.vocab_padding
 
   @property
   def jnp_dtype(self):
@@ -115,6 +130,7 @@ class ModelConfig:
     import hashlib
     fields = dataclasses.asdict(self)
     fields.pop("name")
+    fields.pop("vocab_padding")
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
