@@ -22,7 +22,6 @@ from pdjax import config as C
 from pdjax import resources
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.prefill import PrefillConfig
-from pdjax.launch import config_flags
 from pdjax.service.router import RouterConfig
 
 

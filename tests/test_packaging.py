@@ -115,3 +115,35 @@ def test_the_installed_package_resolves_names_outside_the_checkout(
   assert Path(where) == installed / "pdjax"
   assert mesh == "tp=3" and rules == "prefill_tp" and same == "True"
   assert Path(template).is_relative_to(installed)
+
+
+def test_the_wheel_installs_the_pdjax_command(wheel):
+  with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist()
+                if n.endswith(".dist-info/entry_points.txt"))
+    entry_points = z.read(name).decode()
+  assert "[console_scripts]" in entry_points
+  assert "pdjax = pdjax.cli:main" in entry_points
+
+
+def test_the_command_runs_outside_the_checkout(installed, tmp_path):
+  out = _run_installed(installed, tmp_path, "-m", "pdjax.cli", "--help")
+  assert out.returncode == 0, out.stderr[-3000:]
+  for command in ("serve", "bench", "plan"):
+    assert f"  {command} " in out.stdout
+  out = _run_installed(installed, tmp_path, "-m", "pdjax.cli", "serve",
+                       "--helpfull")       # absl's help exits with 1
+  assert "pdjax serve" in out.stdout, out.stderr[-3000:]
+  for flag in ("--config", "--prompt", "--prefill_mesh", "--decode_max_seqs",
+               "--max_inflight"):
+    assert flag in out.stdout, flag
+  # A deployment name is looked up among the packaged ones, which the
+  # refusal lists; nothing is started.
+  out = _run_installed(installed, tmp_path, "-m", "pdjax.cli", "serve",
+                       "--config=no-such", "--prompt=hi",
+                       f"--run_dir={tmp_path / 'run'}")
+  assert out.returncode != 0
+  assert "no-such" in out.stderr and "local, local-gpu" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = _run_installed(installed, tmp_path, "-m", "pdjax.cli", "nonsense")
+  assert out.returncode == 2 and "unknown command" in out.stderr

@@ -106,8 +106,6 @@ class _Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, certs):
-  # Imported here, not at the top: pdjax.launch.local defines absl flags
-  # that clash with other modules' (tools/batch_eval.py) in one process.
   from pdjax.launch.cluster import LocalCluster, launch
   tls = certs.service_flags(mtls=True)
   cluster = LocalCluster(tmp_path_factory.mktemp("tls_cluster"))
@@ -682,19 +680,23 @@ def test_make_dev_certs_cli(tmp_path):
 
 
 def test_local_launcher_prompt_speaks_the_routers_security(certs, tmp_path):
-  """``python -m pdjax.launch.local --prompt`` on a TLS + mTLS + token
-  deployment (the docs' quick start) dials the router with its security."""
+  """``pdjax serve MODEL --prompt`` (pdjax.launch.local) on a TLS + mTLS +
+  token deployment (the docs' quick start) dials the router with its
+  security; run from outside the checkout, it finds its deployment file
+  and the model's chat template in the package."""
   import subprocess
   import sys
   tls = ",".join(certs.service_flags(mtls=True))
   out = subprocess.run(
-      [sys.executable, "-m", "pdjax.launch.local", "--config=test",
-       "--prompt=Once upon a time", "--max_tokens=4", f"--run_dir={tmp_path}",
-       f"--worker_flags={tls}", f"--router_flags={tls},--auth_token={TOKEN}"],
-      capture_output=True, text=True, timeout=300, cwd=_ROOT)
+      [sys.executable, "-m", "pdjax.cli", "serve", "tiny", "--config=test",
+       "--prompt=Once upon a time", "--max_tokens=4",
+       f"--run_dir={tmp_path / 'run'}", f"--worker_flags={tls}",
+       f"--router_flags={tls},--auth_token={TOKEN}"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "completion:" in out.stdout
   assert "4 tokens" in out.stdout
+  assert "chat template of" in out.stdout
 
 
 def test_router_client_settings():

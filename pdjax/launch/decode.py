@@ -3,6 +3,7 @@ also prefills prompts under the router's local-prefill threshold)."""
 
 from absl import app, flags
 
+from pdjax.launch import flags as F
 from pdjax.launch import worker
 
 
@@ -11,5 +12,5 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS):
 
 
 if __name__ == "__main__":
-  _CONFIG = define_flags()
+  _CONFIG = F.define_for_main(define_flags)
   app.run(lambda argv: worker.run("decode", _CONFIG))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import flags
 
@@ -187,6 +188,18 @@ def parse_devices(spec: str) -> list[int] | None:
   return out
 
 
+def define_for_main(define, *args, fv: flags.FlagValues = FLAGS, **kwargs):
+  """Runs ``define(fv, *args, **kwargs)`` for the program about to run and
+  makes the flags it defined the program's own, the ones ``--help`` lists
+  (absl lists the main module's, and a launcher's groups are defined in
+  other modules). Returns what ``define`` returns."""
+  before = set(fv)
+  out = define(fv, *args, **kwargs)
+  for name in sorted(set(fv) - before):
+    fv.register_key_flag_for_module(sys.argv[0], fv[name])
+  return out
+
+
 def names(define, *args, **kwargs) -> frozenset[str]:
   """The flags ``define(flag_values, *args, **kwargs)`` defines (aliases
   included), found on a throwaway ``FlagValues``."""
@@ -195,7 +208,7 @@ def names(define, *args, **kwargs) -> frozenset[str]:
   return frozenset(fv)
 
 
-__all__ = ["SECURITY_ROLES", "define_distributed", "define_process",
-           "define_security", "names", "parse_devices",
+__all__ = ["SECURITY_ROLES", "define_distributed", "define_for_main",
+           "define_process", "define_security", "names", "parse_devices",
            "router_client_settings", "security", "setup_logging",
            "write_port_file"]

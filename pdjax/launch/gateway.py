@@ -186,5 +186,5 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
 
 
 if __name__ == "__main__":
-  _CONFIG = define_flags()
+  _CONFIG = F.define_for_main(define_flags)
   app.run(lambda argv: main(argv, _CONFIG))

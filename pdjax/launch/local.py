@@ -169,7 +169,8 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
 
 def run(argv=None) -> None:
   """``pdjax serve``: defines the flags, parses ``argv``, runs."""
-  cfg_flags = define_flags()
+  from pdjax.launch.flags import define_for_main
+  cfg_flags = define_for_main(define_flags)
   app.run(lambda argv: main(argv, cfg_flags), argv=argv)
 
 

@@ -34,7 +34,6 @@ from pdjax.launch import flags as F
 
 log = logging.getLogger("pdjax.worker")
 FLAGS = flags.FLAGS
-ROLES = ("prefill", "decode", "both")
 # Settings of the pool(s) a worker process serves, by their table key.
 PROCESS_POOL_FLAGS = ("mesh", "sharding", "gpu_memory_fraction",
                       "host_cache_blocks")
@@ -604,5 +603,5 @@ def run(role: str, cfg_flags: config_flags.ConfigFlags) -> None:
 
 
 if __name__ == "__main__":
-  _CONFIG = define_flags(FLAGS)
+  _CONFIG = F.define_for_main(define_flags)
   app.run(lambda argv: run(FLAGS.role, _CONFIG))
