@@ -62,6 +62,12 @@ def resolve_layer_groups(setting: int, *, layer_wise_sender: bool) -> int:
   return AUTO_LAYER_GROUPS if layer_wise_sender else 1
 
 
+# A worker's serving limits, the same defaults in both pools' tables.
+MAX_QUEUE = 256            # requests queued before RESOURCE_EXHAUSTED
+TRANSFER_TIMEOUT_S = 30.0  # the longest a KV hand-off may take
+KV_TTL_S = 60.0            # unclaimed KV and unredeemed reservations
+
+
 def _default(cls, name: str):
   """The default of ``cls.name``: a pool table's engine setting starts
   where the engine's own default is."""
@@ -92,6 +98,11 @@ class PrefillPoolConfig:
   # Share of each GPU's memory XLA may use in this pool's workers (None:
   # XLA's 0.75).
   gpu_memory_fraction: float | None = None
+  # Serving: requests queued, the KV hand-off's deadline, how long KV a
+  # decode worker has not claimed is kept.
+  max_queue: int = MAX_QUEUE
+  transfer_timeout_s: float = TRANSFER_TIMEOUT_S
+  kv_ttl_s: float = KV_TTL_S
 
   def __post_init__(self):
     _check_pool(self)
@@ -131,12 +142,24 @@ class DecodePoolConfig:
   # Device memory that KV receives in flight may allocate at once (MiB; 0:
   # no bound; pdjax.service.receive_budget).
   max_receive_mib: int = 2048
+  # Serving: requests queued (prompts waiting for the worker's own
+  # prefill), the KV hand-off's deadline, how long a reservation and KV
+  # not yet redeemed are kept.
+  max_queue: int = MAX_QUEUE
+  transfer_timeout_s: float = TRANSFER_TIMEOUT_S
+  kv_ttl_s: float = KV_TTL_S
+  # --kv_transport=device on GPUs: CUDA IPC landing buffers lent to
+  # same-host prefill workers (0: no CUDA IPC), and the bytes of each (0:
+  # the largest KV payload the worker accepts, so every request fits one).
+  ipc_landing_buffers: int = 2
+  ipc_landing_bytes: int = 0
 
   def __post_init__(self):
     _check_pool(self)
-    if self.max_receive_mib < 0:
-      raise ValueError(f"max_receive_mib must be >= 0, got "
-                       f"{self.max_receive_mib}")
+    for name in ("max_receive_mib", "ipc_landing_buffers",
+                 "ipc_landing_bytes"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _check_pool(pool) -> None:
@@ -148,6 +171,11 @@ def _check_pool(pool) -> None:
   if pool.host_cache_blocks < 0:
     raise ValueError(f"host_cache_blocks must be >= 0, got "
                      f"{pool.host_cache_blocks}")
+  if pool.max_queue < 1:
+    raise ValueError(f"max_queue must be >= 1, got {pool.max_queue}")
+  for name in ("transfer_timeout_s", "kv_ttl_s"):
+    if not getattr(pool, name) > 0:
+      raise ValueError(f"{name} must be > 0, got {getattr(pool, name)}")
 
 
 # Table -> the dataclass its keys are the fields of.

@@ -170,9 +170,13 @@ def test_a_both_worker_takes_each_pools_mesh():
                      "--decode_mesh"):
     _worker("both", "pdjax.launch.worker", ["--mesh=tp=1"])
   both = _worker("both", "pdjax.launch.worker",
-                 ["--gpu_memory_fraction=0.4", "--host_cache_blocks=8"])
+                 ["--gpu_memory_fraction=0.4", "--host_cache_blocks=8",
+                  "--kv_ttl_s=5", "--decode_max_queue=3"])
   for pool in (both.prefill, both.decode):
     assert pool.gpu_memory_fraction == 0.4 and pool.host_cache_blocks == 8
+    assert pool.kv_ttl_s == 5.0
+  assert (both.prefill.max_queue, both.decode.max_queue) == (
+      C.MAX_QUEUE, 3)
 
 
 def test_a_worker_resolves_its_pool_flags():
@@ -184,9 +188,12 @@ def test_a_worker_resolves_its_pool_flags():
   assert dep.decode == C.resolve("test").decode          # not this worker's
   dep = _worker("decode", "pdjax.launch.decode", [
       "--mesh=dp=2", "--prefix_caching", "--max_receive_mib=64",
-      "--prefill_buckets=32"])
+      "--prefill_buckets=32", "--ipc_landing_buffers=4",
+      "--transfer_timeout_s=2"])
   assert dep.decode.mesh == "dp=2" and dep.decode.prefix_caching
   assert dep.decode.max_receive_mib == 64
+  assert dep.decode.ipc_landing_buffers == 4
+  assert dep.decode.transfer_timeout_s == 2.0
   assert dep.prefill_engine_config().buckets == (32,)
   with pytest.raises(app.UsageError, match="disagree"):
     _worker("decode", "pdjax.launch.decode",
@@ -195,6 +202,8 @@ def test_a_worker_resolves_its_pool_flags():
     _worker("prefill", "pdjax.launch.worker", ["--decode_max_seqs=4"])
   with pytest.raises(SystemExit, match="is not a multiple of page_size"):
     _worker("prefill", "pdjax.launch.prefill", ["--prefill_buckets=20"])
+  with pytest.raises(SystemExit, match="kv_ttl_s must be > 0"):
+    _worker("prefill", "pdjax.launch.prefill", ["--kv_ttl_s=0"])
 
 
 def test_local_launch_routes_worker_flags_by_launcher():

@@ -147,3 +147,21 @@ def test_the_command_runs_outside_the_checkout(installed, tmp_path):
   assert "Traceback" not in out.stderr
   out = _run_installed(installed, tmp_path, "-m", "pdjax.cli", "nonsense")
   assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_bench_and_plan_import_no_jax(installed, tmp_path):
+  """The measuring side runs where there is no accelerator stack: defining
+  and parsing ``pdjax bench``'s and ``pdjax plan``'s flags imports no JAX
+  (pdjax.eval's contract)."""
+  for module in ("pdjax.eval.cli", "pdjax.planner.cli"):
+    script = (
+        "import sys\n"
+        f"import {module} as m\n"
+        "from pdjax.launch.flags import define_for_main\n"
+        "define_for_main(m.define_flags)\n"
+        "from absl import flags\n"
+        "flags.FLAGS(['prog'])\n"
+        "print('jax' in sys.modules)\n")
+    out = _run_installed(installed, tmp_path, "-c", script)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False"], module

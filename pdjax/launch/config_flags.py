@@ -67,6 +67,22 @@ HELP: dict[tuple[str | None, str], str] = {
     ("decode", "max_receive_mib"): "Device memory (MiB) that KV receives "
     "in flight may allocate at once; a receive past it waits, up to its "
     "deadline, then gets RESOURCE_EXHAUSTED (0: no bound).",
+    ("decode", "ipc_landing_buffers"): "--kv_transport=device on GPU: CUDA "
+    "IPC landing buffers to allocate once and lend (in regions, one per "
+    "request) to same-host prefill workers; 0 turns CUDA IPC off.",
+    ("decode", "ipc_landing_bytes"): "Bytes of each CUDA IPC landing buffer "
+    "(0: the largest KV payload this worker accepts, so every request fits "
+    "one).",
+    ("prefill", "max_queue"): "Requests a prefill worker queues before "
+    "RESOURCE_EXHAUSTED.",
+    ("decode", "max_queue"): "Prompts a decode worker queues for its own "
+    "prefill before RESOURCE_EXHAUSTED.",
+    ("prefill", "transfer_timeout_s"): "Longest a KV hand-off may take.",
+    ("decode", "transfer_timeout_s"): "Longest a KV hand-off may take.",
+    ("prefill", "kv_ttl_s"): "KV a decode worker has not claimed is freed "
+    "after this long.",
+    ("decode", "kv_ttl_s"): "Reservations and KV not redeemed are freed "
+    "after this long.",
     ("router", "local_prefill_threshold"): "Prompts shorter than this many "
     "tokens are prefilled on the decode worker.",
     ("router", "max_inflight"): "Requests the router admits at once; "
@@ -107,13 +123,25 @@ def _fields(cls, only: Iterable[str] | None, skip: Iterable[str] = ()
   return [f for f in fields if f.name in only]
 
 
-def _define(fv: flags.FlagValues, name: str, hint, default, help_: str
-            ) -> None:
+def define_field(fv: flags.FlagValues, name: str, cls, key: str,
+                 help_: str | None = None) -> None:
+  """Defines ``--name`` for the field ``key`` of the configuration class
+  ``cls``: typed by the field, unset by default (a launcher's own flag
+  that sets that field, as a worker's ``--mesh`` sets its pool's)."""
+  f = cls.__dataclass_fields__[key]
+  table = next((t for t, c in C.SECTIONS.items() if c is cls), None)
+  _define(fv, name, C._hints(cls)[key], f.default,
+          help_ or HELP.get((table, key), f"[{table}] {key}."),
+          whose="its pool's")
+
+
+def _define(fv: flags.FlagValues, name: str, hint, default, help_: str, *,
+            whose: str = "the deployment file's") -> None:
   base, choices, _ = C.field_type(hint)
   shown = ("unset" if default is None else
            ",".join(map(str, default)) if isinstance(default, tuple) else
            str(default).lower() if isinstance(default, bool) else default)
-  help_ = f"{help_} (default: the deployment file's, else {shown})"
+  help_ = f"{help_} (default: {whose}, else {shown})"
   kw = dict(default=None, help=help_, flag_values=fv)
   if choices is not None:
     flags.DEFINE_enum(name, enum_values=list(choices), **kw)
@@ -232,4 +260,5 @@ def _deployment_names() -> list[str]:
   return resources.names("deployment")
 
 
-__all__ = ["ALL", "ConfigFlags", "HELP", "define", "flag_name", "merge"]
+__all__ = ["ALL", "ConfigFlags", "HELP", "define", "define_field",
+           "flag_name", "merge"]

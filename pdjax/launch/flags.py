@@ -19,7 +19,8 @@ import sys
 
 from absl import flags
 
-from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES, Security
+# Imported by programs that run no service (pdjax bench, pdjax plan) for
+# ``define_for_main``: the service modules are imported where used.
 
 FLAGS = flags.FLAGS
 
@@ -114,6 +115,7 @@ def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
         "Bearer token required on the client-facing API (router)" if serves
         else "Bearer token presented to the router", flag_values=fv)
   if serves:
+    from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES
     flags.DEFINE_string(
         "service_token", os.environ.get("PDJAX_SERVICE_TOKEN"),
         "Credential of the deployment's internal RPCs (router -> workers, "
@@ -125,9 +127,11 @@ def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
                          "gRPC message size limit.", flag_values=fv)
 
 
-def security(fv: flags.FlagValues = FLAGS) -> Security:
-  """The security flags; a combination that defeats itself (the same
-  client and service token) is a one-line exit."""
+def security(fv: flags.FlagValues = FLAGS):
+  """The security flags (``pdjax.service.common.Security``); a combination
+  that defeats itself (the same client and service token) is a one-line
+  exit."""
+  from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES, Security
   sec = Security(cert=_value(fv, "tls_cert"), key=_value(fv, "tls_key"),
                  ca=_value(fv, "tls_ca"), mtls=_value(fv, "tls_mtls", False),
                  token=_value(fv, "auth_token"),

@@ -6,11 +6,11 @@ two pools in one process, for the ``local`` transport).
 ``define_flags(role)`` gives each exactly the flags it reads: the shared
 keys and its pools' tables of the deployment configuration (a decode
 worker also reads ``[prefill] buckets``: the KV sizes it must accept), the
-worker settings below, and the process and security groups. ``--mesh``,
-``--sharding``, ``--gpu_memory_fraction`` and ``--host_cache_blocks`` set
-the pool(s) the process serves (``--prefill_mesh`` and the like name one);
-``worker_config`` resolves them with the file into the one configuration
-the worker runs, and logs it.
+worker settings below, and the process and security groups. The flags of
+``PROCESS_POOL_FLAGS`` (``--mesh``, ``--sharding``, ``--max_queue``,
+``--kv_ttl_s``, ...) set the pool(s) the process serves (``--prefill_mesh``
+and the like name one); ``worker_config`` resolves them with the file into
+the one configuration the worker runs, and logs it.
 
 Start-up order matters and is the same for every role: jax.distributed (if
 the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
@@ -29,14 +29,35 @@ import sys
 
 from absl import app, flags
 
+from pdjax import config as C
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
 
 log = logging.getLogger("pdjax.worker")
 FLAGS = flags.FLAGS
-# Settings of the pool(s) a worker process serves, by their table key.
-PROCESS_POOL_FLAGS = ("mesh", "sharding", "gpu_memory_fraction",
-                      "host_cache_blocks")
+# Settings of the pool(s) a worker process serves, by their table key: the
+# flag sets the key of each pool the process serves (``--mesh``: only one).
+PROCESS_POOL_FLAGS = {
+    "mesh": "This worker's mesh, e.g. 'tp=2' or 'dp=2,tp=1' (a --role=both "
+            "worker takes --prefill_mesh and --decode_mesh).",
+    "sharding": "This worker's sharding rule set: a packaged name "
+                "(prefill_tp, decode_dp, decode_dp_tp) or a TOML path.",
+    "gpu_memory_fraction": "Share of each GPU's memory XLA may use in this "
+                           "process (XLA_PYTHON_CLIENT_MEM_FRACTION). An 8B "
+                           "decode worker on an 80 GB card holds 47 of XLA's "
+                           "59.4 GiB after warm-up (docs/notes/2026-11-26-"
+                           "h100x4-steady-goodput.md); CUDA IPC landing "
+                           "buffers are allocated outside it.",
+    "host_cache_blocks": "KV blocks evicted from this worker's device prefix "
+                         "cache kept in host memory (pinned where the backend "
+                         "has it) and uploaded back on a later hit instead "
+                         "of recomputed (0: off; decode needs prefix "
+                         "caching).",
+    "max_queue": "Requests a worker queues before RESOURCE_EXHAUSTED.",
+    "transfer_timeout_s": "Longest a KV hand-off may take.",
+    "kv_ttl_s": "Unclaimed KV (and unredeemed reservations) are freed after "
+                "this long.",
+}
 
 
 def _pools(role: str) -> tuple[str, ...]:
@@ -58,42 +79,18 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
   if "prefill" in pools:
     aliases["prefix_cache_pages"] = "prefill_cache_pages"
   if "decode" in pools:
-    aliases["prefix_caching"] = "decode_prefix_caching"
-    aliases["max_receive_mib"] = "decode_max_receive_mib"
+    for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
+                "ipc_landing_bytes"):
+      aliases[key] = f"decode_{key}"
   cfg_flags = config_flags.define(fv, tables=tables, aliases=aliases)
-  flags.DEFINE_string(
-      "mesh", None, "This worker's mesh, e.g. 'tp=2' or 'dp=2,tp=1' (sets "
-      "[prefill] or [decode] mesh; a --role=both worker takes "
-      "--prefill_mesh and --decode_mesh).", flag_values=fv)
-  flags.DEFINE_string(
-      "sharding", None, "This worker's sharding rule set: a packaged name "
-      "(prefill_tp, decode_dp, decode_dp_tp) or a TOML path (sets its "
-      "pool's sharding).", flag_values=fv)
-  flags.DEFINE_float(
-      "gpu_memory_fraction", None, "Share of each GPU's memory XLA may use "
-      "in this process (XLA_PYTHON_CLIENT_MEM_FRACTION; sets its pools' "
-      "gpu_memory_fraction; default: the deployment's, else XLA's 0.75). "
-      "An 8B decode worker on an 80 GB card holds 47 of XLA's 59.4 GiB after "
-      "warm-up (docs/notes/2026-11-26-h100x4-steady-goodput.md); CUDA IPC "
-      "landing buffers are allocated outside it.", flag_values=fv)
-  flags.DEFINE_integer(
-      "host_cache_blocks", None, "KV blocks evicted from this worker's "
-      "device prefix cache kept in host memory (pinned where the backend has "
-      "it) and uploaded back on a later hit instead of recomputed (0: off; "
-      "sets its pools' host_cache_blocks; decode needs prefix caching).",
-      flag_values=fv)
+  for key, help_ in PROCESS_POOL_FLAGS.items():
+    cls = C.SECTIONS[pools[0]]
+    config_flags.define_field(fv, key, cls, key, help_)
   flags.DEFINE_string(
       "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "
       "'4,5' (default: the first ones the mesh needs).", flag_values=fv)
   flags.DEFINE_bool("warmup", True, "Compile every serving program before "
                     "reporting ready.", flag_values=fv)
-  flags.DEFINE_integer("max_queue", 256, "Requests a worker queues before "
-                       "RESOURCE_EXHAUSTED.", flag_values=fv)
-  flags.DEFINE_float("transfer_timeout_s", 30.0, "Longest a KV hand-off may "
-                     "take.", flag_values=fv)
-  flags.DEFINE_float("kv_ttl_s", 60.0, "Unclaimed KV (and unredeemed "
-                     "reservations) are freed after this long.",
-                     flag_values=fv)
   flags.DEFINE_enum(
       "kv_fast_path", "auto", ["auto", "off"],
       "--kv_transport=device: hand KV to a decode worker in this process by "
@@ -120,15 +117,6 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
         "a prefill worker silently drops (exercises the recovery path).",
         flag_values=fv)
   if "decode" in pools:
-    flags.DEFINE_integer(
-        "ipc_landing_buffers", 2, "--kv_transport=device on GPU: CUDA IPC "
-        "landing buffers to allocate once and lend (in regions, one per "
-        "request) to same-host prefill workers; 0 turns CUDA IPC off.",
-        flag_values=fv)
-    flags.DEFINE_integer(
-        "ipc_landing_bytes", 0, "Bytes of each CUDA IPC landing buffer (0: "
-        "the largest KV payload this worker accepts, so every request fits "
-        "one).", flag_values=fv)
     flags.DEFINE_float(
         "fault_injection_decode_step_delay_s", 0.0, "TESTING ONLY: a decode "
         "worker sleeps this long before each engine step (a slow device), "
@@ -347,7 +335,7 @@ async def serve(role: str, dep) -> None:
       raise app.UsageError("--kv_transport=local needs both pools in one "
                            "process (launch.worker --role=both)")
     from pdjax.transfer.local import LocalKvExchange
-    exchange = LocalKvExchange(FLAGS.kv_ttl_s)
+    exchange = LocalKvExchange(dep.decode.kv_ttl_s)
 
   metrics = Metrics(role)
   workers = []
@@ -383,7 +371,8 @@ async def serve(role: str, dep) -> None:
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
                                host_cache_blocks=pool.host_cache_blocks)
       leader = jax.process_index() == 0
-      sender = _sender(transport, mesh, sec, exchange) if leader else None
+      sender = (_sender(transport, mesh, sec, exchange, pool.kv_ttl_s)
+                if leader else None)
       if sender is not None:
         info.kv_transfer_address = sender.address()
       # Every process of a pool must build the same programs: auto layer
@@ -414,8 +403,8 @@ async def serve(role: str, dep) -> None:
         from pdjax.service.landing import LandingRequests
         landing = LandingRequests(sender, sec)
       worker = PrefillWorker(engine, sender, metrics=metrics,
-                             max_queue=FLAGS.max_queue,
-                             transfer_timeout_s=FLAGS.transfer_timeout_s,
+                             max_queue=pool.max_queue,
+                             transfer_timeout_s=pool.transfer_timeout_s,
                              fault_drop_kv=FLAGS.fault_injection_drop_kv,
                              landing=landing)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
@@ -429,16 +418,16 @@ async def serve(role: str, dep) -> None:
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
-          max_waiting=FLAGS.max_queue)
+          max_waiting=pool.max_queue)
       if FLAGS.warmup:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
-          max(engine.decode.default_payload_page_counts()),
+          max(engine.decode.default_payload_page_counts()), pool,
           prefill_buckets=dep.prefill_engine_config().buckets)
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
-                            transfer_timeout_s=FLAGS.transfer_timeout_s,
-                            reservation_ttl_s=FLAGS.kv_ttl_s,
+                            transfer_timeout_s=pool.transfer_timeout_s,
+                            reservation_ttl_s=pool.kv_ttl_s,
                             fault_step_delay_s=FLAGS.fault_injection_decode_step_delay_s,
                             max_receive_bytes=pool.max_receive_mib << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
@@ -474,7 +463,7 @@ def advertised_host(advertise: str | None) -> str | None:
   return advertise.rsplit(":", 1)[0]
 
 
-def _sender(transport, mesh, sec, exchange):
+def _sender(transport, mesh, sec, exchange, ttl_s: float):
   from pdjax.service import common
   if transport == "local":
     from pdjax.transfer.local import LocalSender
@@ -486,7 +475,7 @@ def _sender(transport, mesh, sec, exchange):
     return make_sender(
         DeviceSender(mesh.devices.flat[0], host=FLAGS.host,
                      advertise_host=advertised_host(FLAGS.advertise_address),
-                     ttl_s=FLAGS.kv_ttl_s),
+                     ttl_s=ttl_s),
         fast_path=FLAGS.kv_fast_path, process_id=common.PROCESS_ID)
   from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
                                           GrpcStreamSender)
@@ -498,7 +487,7 @@ def _sender(transport, mesh, sec, exchange):
 
 
 def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
-              prefill_buckets=None):
+              pool, prefill_buckets=None):
   geometry = (cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
               cfg.dtype, max_payload_pages)
   if transport == "local":
@@ -512,11 +501,11 @@ def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
         DeviceReceiver(mesh.devices.flat[0], host=FLAGS.host),
         mesh.devices.flat[0], geometry=geometry,
         fast_path=FLAGS.kv_fast_path,
-        landing_buffers=FLAGS.ipc_landing_buffers,
-        landing_bytes=FLAGS.ipc_landing_bytes,
-        prefill_buckets=prefill_buckets, lease_s=FLAGS.kv_ttl_s)
+        landing_buffers=pool.ipc_landing_buffers,
+        landing_bytes=pool.ipc_landing_bytes,
+        prefill_buckets=prefill_buckets, lease_s=pool.kv_ttl_s)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
-  return GrpcStreamReceiver(ttl_s=FLAGS.kv_ttl_s, geometry=geometry)
+  return GrpcStreamReceiver(ttl_s=pool.kv_ttl_s, geometry=geometry)
 
 
 def memory_note() -> str:
