@@ -10,34 +10,26 @@ sleeps, so the whole file stays fast and needs no server.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from absl import flags
 
 from pdjax.eval import load, stats, workloads
 from pdjax.eval.load import Delta
 from pdjax.eval.stats import RequestRecord
 from pdjax.eval.workloads import WorkItem
 
-_TOOL = Path(__file__).resolve().parents[1] / "tools" / "batch_eval.py"
-
 
 def _batch_eval():
-  """tools/batch_eval.py, imported once (it defines absl flags)."""
-  name = "pdjax_tools_batch_eval"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-  return sys.modules[name]
+  """The batch-eval driver (``pdjax bench``, tools/batch_eval.py)."""
+  from pdjax.eval import cli
+  return cli
 
 
 def _rec(rid="r", send=0.0, times=(), error=None, code=None, cancelled=False,
@@ -569,11 +561,10 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   argv = ["batch_eval", f"--input={data}", "--num_requests=6",
           "--concurrency=2", f"--out_dir={tmp_path / 'o'}", "--noprogress",
           "--temperature=0.7", "--top_k=5", "--stop_token_ids=9,10"]
-  be.FLAGS(argv)
-  try:
-    assert be.main(["batch_eval"]) == 0
-  finally:
-    be.FLAGS.unparse_flags()
+  fv = flags.FlagValues()
+  be.define_flags(fv)
+  fv(argv)
+  assert be.main(["batch_eval"], fv) == 0
   _check_run_dir(tmp_path / "o", fake, 6)
   assert made == [(("localhost:50051", "pdjax"),
                    {"model": None, "api_key": None})]

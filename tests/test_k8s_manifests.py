@@ -1,4 +1,4 @@
-"""The Kubernetes example (configs/k8s/) against the code it runs: every
+"""The Kubernetes example (deploy/k8s/) against the code it runs: every
 flag a container passes is one its launcher defines, every ``$(VAR)`` is
 set for the container (by its env or by the LeaderWorkerSet controller),
 the deployment files it names exist, the router's worker addresses are the
@@ -19,7 +19,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
-MANIFESTS = sorted((REPO / "configs" / "k8s").glob("*.yaml"))
+MANIFESTS = sorted((REPO / "deploy" / "k8s").glob("*.yaml"))
 # Launchers of the pools (they hold a mesh of GPUs).
 WORKERS = ("pdjax.launch.prefill", "pdjax.launch.decode",
            "pdjax.launch.worker")
@@ -75,7 +75,7 @@ def _mesh_size(spec: str) -> int:
 
 
 def test_there_is_an_example():
-  assert MANIFESTS, "configs/k8s/ has no manifest"
+  assert MANIFESTS, "deploy/k8s/ has no manifest"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -98,8 +98,8 @@ def test_containers_start_with_flags_their_launchers_define(path):
             assert var in env, f"{c['name']}: $({var}) is never set"
         config = flags.get("config")
         if config:
-          assert (REPO / "configs" / "deployments" / f"{config}.toml"
-                  ).exists(), config
+          from pdjax import resources
+          assert resources.packaged("deployment", config), config
         if module in WORKERS:
           # A mesh may not ask for more devices than the pod has: the
           # local ones, times the processes of a group spanning pods.

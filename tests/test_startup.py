@@ -52,7 +52,7 @@ def _short_context_model(src: Path, dst: Path, n: int) -> Path:
 
 def test_a_model_is_not_served_past_its_trained_context(tiny_model_dir,
                                                         tmp_path):
-  """configs/deployments/test.toml serves 256 positions; a checkpoint
+  """pdjax/configs/deployments/test.toml serves 256 positions; a checkpoint
   trained for 128 is refused by the worker before it loads a weight."""
   ckpt = _short_context_model(tiny_model_dir, tmp_path / "short", 128)
   out = _run("pdjax.launch.decode", "--config=test", f"--checkpoint={ckpt}",

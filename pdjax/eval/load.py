@@ -40,11 +40,40 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pdjax.eval.stats import (COMPLETED, RequestRecord, Summary, summarize,
                               wall_duration)
 from pdjax.eval.workloads import WorkItem
+
+
+def eval_extra_missing(module: str) -> ImportError:
+  """The error for an evaluation dependency that is not installed: they are
+  the ``eval`` extra (``pip install 'pdjax[eval]'``), not the server's."""
+  return ImportError(f"{module} is needed by pdjax's evaluation tools and is "
+                     "not installed: pip install 'pdjax[eval]'")
+
+
+class _NoBar:
+  """A progress bar that shows nothing (``progress=False``)."""
+
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def set_postfix(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _progress_bar(total: int, progress: bool):
+  if not progress:
+    return _NoBar()
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:
+    raise eval_extra_missing("tqdm") from None
+  return tqdm(total=total, delay=1.0, unit="req", dynamic_ncols=True)
 
 
 @dataclasses.dataclass
@@ -158,8 +187,7 @@ async def run_workload(
       for it in items if it.conversation_id is not None
       and it.turn is not None}
   records: dict[int, RequestRecord] = {}
-  bar = tqdm(total=len(items), disable=not progress, delay=1.0, unit="req",
-             dynamic_ncols=True)
+  bar = _progress_bar(len(items), progress)
   n_failed = 0
   t0 = time.perf_counter()
 

@@ -1,14 +1,27 @@
 """Processes of a local deployment: start, wait until serving, stop.
 
-``LocalCluster`` is what ``python -m pdjax.launch.local`` and the end-to-end
-tests use to run router + prefill + decode workers as separate processes on
-this machine. It defines no flags, so tests and tools can import it freely.
+``LocalCluster`` is what ``python -m pdjax.launch.local`` (``pdjax serve``)
+and the end-to-end tests use to run router + prefill + decode workers as
+separate processes on this machine. It defines no flags, so tests and tools
+can import it freely.
+
+``launch`` resolves the deployment once (the file, then the caller's
+overrides: meshes, transport, any ``[prefill]``/``[decode]``/``[router]``
+key) and writes the result to the run folder as ``deployment.toml``, which
+every process it starts is given as ``--config``: the workers, the router
+and the gateway run one configuration, a ``--role=both`` worker included.
+Extra per-process flags (``worker_flags``) go to each worker whose
+launcher defines them (``--prefix_caching`` to decode workers,
+``--fault_injection_drop_kv`` to prefill workers); one that no launcher
+started defines is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import importlib
 import json
 import os
 import secrets
@@ -119,7 +132,7 @@ def assign_gpus(workers: list[GpuWorker], gpus: list[str]
           f"(the deployment needs {need} GPUs, {len(gpus)} visible), but "
           f"their pools' gpu_memory_fraction ({shares}) add up to more than "
           f"{SHARED_GPU_BUDGET}; set [prefill]/[decode] gpu_memory_fraction "
-          "to fit one card (configs/deployments/gpu-8b-1gpu.toml does)")
+          "to fit one card (the gpu-8b-1gpu deployment does)")
     for w in on:
       share = (w.memory_fraction if w.memory_fraction is not None
                else (SHARED_GPU_BUDGET - fixed) / len(free))
@@ -157,11 +170,22 @@ class LocalCluster:
     self.host = host
     self.procs: list[Proc] = []
     self.gpus: dict[str, GpuAssignment] = {}
+    # The resolved deployment every process runs (``write_config``).
+    self.config_path: Path | None = None
     # The deployment's internal credential (--service_token), handed to
     # every process it starts through the environment (out of `ps`): one
     # per deployment unless the caller's environment names one.
     self.service_token = (os.environ.get("PDJAX_SERVICE_TOKEN")
                           or secrets.token_urlsafe(32))
+
+  def write_config(self, dep) -> Path:
+    """Writes the deployment's resolved configuration for its processes."""
+    path = self.run_dir / "deployment.toml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dep.to_toml())
+    tmp.replace(path)
+    self.config_path = path
+    return path
 
   def assign(self, workers: list[GpuWorker]) -> None:
     """Places the GPU processes about to start (no-op off GPUs)."""
@@ -313,7 +337,57 @@ def mesh_size(spec: str) -> int:
   return n
 
 
-def launch(cluster: LocalCluster, *, config: str = "local",
+@functools.lru_cache(maxsize=None)
+def launcher_flags(module: str) -> frozenset[str]:
+  """The flags ``python -m module`` defines (its ``define_flags``, run on a
+  throwaway ``FlagValues``: nothing is defined in this process)."""
+  from absl import flags
+  fv = flags.FlagValues()
+  importlib.import_module(module).define_flags(fv)
+  return frozenset(fv)
+
+
+def _flag_name(arg: str) -> str:
+  return arg.lstrip("-").partition("=")[0]
+
+
+def flags_for(module: str, args) -> list[str]:
+  """The flags of ``args`` that ``module``'s launcher defines (a boolean
+  flag's ``--noname`` form included)."""
+  defined = launcher_flags(module)
+  return [a for a in args if _flag_name(a) in defined or (
+      _flag_name(a).startswith("no") and _flag_name(a)[2:] in defined)]
+
+
+def resolve_deployment(config: str, overrides=None, *,
+                       checkpoint: str | None = None,
+                       kv_transport: str | None = None,
+                       prefill_mesh: str | None = None,
+                       decode_mesh: str | None = None,
+                       local_prefill_threshold: int | None = None):
+  """The configuration a local deployment runs: ``config``'s file with
+  ``overrides`` (``pdjax.config.resolve``'s form) and the named settings
+  on top. Raises UsageError naming what is wrong."""
+  from pdjax.config import resolve
+  from pdjax.launch.config_flags import merge
+  named: dict = {}
+  if checkpoint:
+    named["checkpoint"] = checkpoint
+  if kv_transport:
+    named["kv_transport"] = kv_transport
+  if prefill_mesh:
+    named["prefill"] = {"mesh": prefill_mesh}
+  if decode_mesh:
+    named["decode"] = {"mesh": decode_mesh}
+  if local_prefill_threshold is not None:
+    named["router"] = {"local_prefill_threshold": local_prefill_threshold}
+  try:
+    return resolve(config, merge(overrides or {}, named))
+  except (OSError, ValueError) as e:
+    raise UsageError(str(e)) from None
+
+
+def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
            checkpoint: str | None = None, kv_transport: str | None = None,
            num_prefill: int = 1, num_decode: int = 1,
            prefill_mesh: str | None = None, decode_mesh: str | None = None,
@@ -323,18 +397,28 @@ def launch(cluster: LocalCluster, *, config: str = "local",
            ) -> str:
   """Starts a deployment; returns the router address once all are ready.
 
+  ``config`` is a deployment file (path or packaged name); ``overrides``
+  and the named settings change it (``resolve_deployment``), and every
+  process runs the result, written to ``cluster.config_path``.
   ``prefill_processes`` > 1: each prefill worker is that many processes
   over jax.distributed, its mesh spread evenly over them, as the pods of one
   multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``)."""
-  from pdjax.config import DeploymentConfig
-  dep = DeploymentConfig.load(config)
-  transport = kv_transport or dep.kv_transport
-  pmesh = prefill_mesh or dep.prefill.mesh
-  dmesh = decode_mesh or dep.decode.mesh
-  common = [f"--config={config}", f"--kv_transport={transport}",
-            *worker_flags]
-  if checkpoint:
-    common.append(f"--checkpoint={checkpoint}")
+  dep = resolve_deployment(
+      config, overrides, checkpoint=checkpoint, kv_transport=kv_transport,
+      prefill_mesh=prefill_mesh, decode_mesh=decode_mesh,
+      local_prefill_threshold=local_prefill_threshold)
+  path = cluster.write_config(dep)
+  transport = dep.kv_transport
+  pmesh, dmesh = dep.prefill.mesh, dep.decode.mesh
+  worker_flags = list(worker_flags)
+  modules = (["pdjax.launch.worker"] if transport == "local" else
+             ["pdjax.launch.prefill"] * bool(num_prefill)
+             + ["pdjax.launch.decode"] * bool(num_decode))
+  unread = [f for f in worker_flags
+            if not any(flags_for(m, [f]) for m in modules)]
+  if unread:
+    raise UsageError(f"no worker of this deployment reads {unread}")
+  common = [f"--config={path}"]
   pf, df = dep.prefill.gpu_memory_fraction, dep.decode.gpu_memory_fraction
   if transport == "local":
     both = max((f for f in (pf, df) if f is not None), default=None)
@@ -354,7 +438,7 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       raise UsageError("--kv_transport=local needs a prefill pool")
     for i in range(num_decode):
       p = cluster.start(f"pd{i}", "pdjax.launch.worker",
-                        ["--role=both", *common],
+                        ["--role=both", *common, *worker_flags],
                         devices=mesh_size(pmesh) + mesh_size(dmesh))
       prefill.append(p)
       decode.append(p)
@@ -364,11 +448,13 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       raise UsageError(f"prefill mesh {pmesh} ({size} devices) does not "
                        f"split over {prefill_processes} processes")
     decode_names = [f"decode{i}" for i in range(num_decode)]
+    pflags = flags_for("pdjax.launch.prefill", worker_flags)
+    dflags = flags_for("pdjax.launch.decode", worker_flags)
     for i in range(num_prefill):
       if prefill_processes == 1:
         prefill.append(cluster.start(
             f"prefill{i}", "pdjax.launch.prefill",
-            [f"--mesh={pmesh}", *common,
+            [*common, *pflags,
              *cluster.prefill_flags(f"prefill{i}", decode_names,
                                     worker_flags)], devices=size))
         continue
@@ -376,9 +462,9 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       for k in range(prefill_processes):
         p = cluster.start(
             f"prefill{i}" + (f"p{k}" if k else ""), "pdjax.launch.prefill",
-            [f"--mesh={pmesh}", f"--coordinator_address={coordinator}",
+            [f"--coordinator_address={coordinator}",
              f"--num_processes={prefill_processes}", f"--process_id={k}",
-             *common], devices=size // prefill_processes)
+             *common, *pflags], devices=size // prefill_processes)
         if k == 0:
           prefill.append(p)        # serves; the others follow it
         else:
@@ -386,7 +472,7 @@ def launch(cluster: LocalCluster, *, config: str = "local",
     for i in range(num_decode):
       decode.append(cluster.start(
           f"decode{i}", "pdjax.launch.decode",
-          [f"--mesh={dmesh}", *common], devices=mesh_size(dmesh)))
+          [*common, *dflags], devices=mesh_size(dmesh)))
   workers = list(dict.fromkeys(prefill + decode))
   cluster.wait_ready(workers, ready_timeout_s)
   for p in followers:        # they serve nothing, but must still be there
@@ -395,14 +481,10 @@ def launch(cluster: LocalCluster, *, config: str = "local",
                          f"{p.log}:\n{tail(p.log)}")
   host = cluster.host
   router_args = [
-      f"--config={config}", f"--kv_transport={transport}",
+      f"--config={path}",
       f"--prefill_workers={','.join(f'{host}:{p.port()}' for p in prefill)}",
       f"--decode_workers={','.join(f'{host}:{p.port()}' for p in decode)}",
       f"--port={router_port}", "--wait_workers_s=60", *router_flags]
-  if checkpoint:
-    router_args.append(f"--checkpoint={checkpoint}")
-  if local_prefill_threshold is not None:
-    router_args.append(f"--local_prefill_threshold={local_prefill_threshold}")
   router = cluster.start("router", "pdjax.launch.router", router_args,
                          devices=0)
   cluster.wait_ready([router], ready_timeout_s)
@@ -414,14 +496,18 @@ _ROUTER_SECURITY_FLAGS = ("tls_", "notls_", "auth_token")
 
 
 def start_gateway(cluster: LocalCluster, router_address: str, *,
-                  config: str = "local", checkpoint: str | None = None,
+                  config: str | None = None, checkpoint: str | None = None,
                   port: int = 0, router_flags=(), gateway_flags=(),
                   ready_timeout_s: float = 120.0) -> str:
   """Starts the OpenAI-compatible gateway in front of a router ``launch``
-  started; returns its base URL once it serves. It dials the router with
-  the router's own TLS and token flags (``router_flags``)."""
-  security = [f for f in router_flags
-              if f.lstrip("-").startswith(_ROUTER_SECURITY_FLAGS)]
+  started; returns its base URL once it serves. It reads the deployment
+  ``launch`` resolved (``config``: another file) and dials the router with
+  the router's own TLS and token flags (``router_flags``) that a client
+  takes."""
+  security = flags_for("pdjax.launch.gateway", [
+      f for f in router_flags
+      if f.lstrip("-").startswith(_ROUTER_SECURITY_FLAGS)])
+  config = config or cluster.config_path or "local"
   args = [f"--router={router_address}", f"--config={config}",
           f"--port={port}", *security, *gateway_flags]
   if checkpoint:
@@ -431,7 +517,7 @@ def start_gateway(cluster: LocalCluster, router_address: str, *,
   return f"http://{cluster.host}:{gateway.port()}"
 
 
-def chat_prompt(config: str, checkpoint: str | None, prompt: str
+def chat_prompt(config, checkpoint: str | None, prompt: str
                 ) -> tuple[str, str] | None:
   """``prompt`` as one user message rendered with the chat template of the
   deployment's model (``checkpoint``, else the deployment file's), and

@@ -1,4 +1,5 @@
-"""``python -m pdjax.launch.local``: a whole deployment on this machine.
+"""``pdjax serve`` (``python -m pdjax.launch.local``): a whole deployment on
+this machine.
 
 Starts prefill and decode workers and a router as separate processes (each
 initialises JAX itself; nothing is forked after JAX starts), gives each its
@@ -15,6 +16,13 @@ Deployments: the default is disaggregated (``--num_prefill`` prefill
 workers + ``--num_decode`` decode workers). ``--num_prefill=0`` is the
 colocated baseline (decode workers prefill locally). ``--kv_transport=local``
 runs both pools in one worker process.
+
+Configuration: ``--config`` (default ``local``, or ``local-gpu`` with
+``--platform=gpu``) and every configuration flag (``--checkpoint``,
+``--prefill_mesh``, ``--decode_max_seqs``, ``--max_inflight``, ...) resolve
+into one deployment file that every process runs
+(``pdjax.launch.cluster.launch``); ``--worker_flags``, ``--router_flags``
+and ``--gateway_flags`` pass other flags to those processes.
 """
 
 from __future__ import annotations
@@ -27,64 +35,73 @@ from pathlib import Path
 
 from absl import app, flags
 
+from pdjax.launch import config_flags
 from pdjax.launch.cluster import (LocalCluster, UsageError, chat_prompt,
                                   launch, router_client_settings,
                                   start_gateway, tail)
 
-CONFIG = flags.DEFINE_string(
-    "config", None, "Deployment config (default: 'local' on the CPU, "
-    "'local-gpu' with --platform=gpu).")
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: the "
-                                 "deployment's).")
-KV_TRANSPORT = flags.DEFINE_enum("kv_transport", None,
-                                 ["grpc", "device", "local"],
-                                 "KV transport (default: the deployment's).")
-NUM_PREFILL = flags.DEFINE_integer("num_prefill", 1,
-                                   "Prefill workers (0: colocated).")
-NUM_DECODE = flags.DEFINE_integer("num_decode", 1, "Decode workers.")
-PREFILL_MESH = flags.DEFINE_string("prefill_mesh", None, "e.g. tp=2.")
-PREFILL_PROCESSES = flags.DEFINE_integer(
-    "prefill_processes", 1, "Processes per prefill worker (jax.distributed, "
-    "the mesh spread over them; as the hosts of a multi-host pool).")
-DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "e.g. dp=2.")
-PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"],
-                             "Where the workers run.")
-PORT = flags.DEFINE_integer("port", 0, "Router port (0: a free one).")
-HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address of every "
-                           "service.")
-LOCAL_PREFILL = flags.DEFINE_integer("local_prefill_threshold", None,
-                                     "Router's local-prefill threshold.")
-PROMPT = flags.DEFINE_string("prompt", None, "Generate from this prompt "
-                             "through the router once everything is up.")
-MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "For --prompt.")
-CHAT = flags.DEFINE_bool("chat", True, "For --prompt: send it as a user "
-                         "message through the model's chat template (when "
-                         "the checkpoint has one); --nochat sends the text "
-                         "as is.")
-SERVE = flags.DEFINE_bool("serve", None, "Keep serving until Ctrl-C "
-                          "(default: true unless --prompt is given).")
-READY_TIMEOUT = flags.DEFINE_float("ready_timeout_s", 600.0,
-                                   "Longest wait for every process to be up.")
-LOG_DIR = flags.DEFINE_string("run_dir", None, "Per-process logs and port files (default: a "
-                              "temporary directory).")
-EXTRA = flags.DEFINE_list("worker_flags", [], "Extra flags for every worker, "
-                          "e.g. --worker_flags=--kv_ttl_s=30.")
-ROUTER_FLAGS = flags.DEFINE_list("router_flags", [], "Extra router flags.")
-GATEWAY_PORT = flags.DEFINE_integer(
-    "gateway_port", None, "Also serve the OpenAI-compatible HTTP API "
-    "(pdjax.launch.gateway) on this port (0: a free one); unset: no gateway.")
-GATEWAY_FLAGS = flags.DEFINE_list("gateway_flags", [], "Extra gateway "
-                                  "flags, e.g. --gateway_flags=--api_key=k.")
+FLAGS = flags.FLAGS
 
 
-def main(argv) -> None:
+def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
+  """The local launcher's flags: the processes to start, ``--prompt``, and
+  the whole deployment configuration (every table)."""
+  cfg_flags = config_flags.define(
+      fv, config_default=None,
+      tables={"prefill": config_flags.ALL, "decode": config_flags.ALL,
+              "router": config_flags.ALL})
+  fv["config"].help = ("Deployment file: a TOML path or a packaged name "
+                       "(default: 'local' on the CPU, 'local-gpu' with "
+                       "--platform=gpu).")
+  flags.DEFINE_integer("num_prefill", 1, "Prefill workers (0: colocated).",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_decode", 1, "Decode workers.", flag_values=fv)
+  flags.DEFINE_integer(
+      "prefill_processes", 1, "Processes per prefill worker (jax.distributed"
+      ", the mesh spread over them; as the hosts of a multi-host pool).",
+      flag_values=fv)
+  flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"],
+                    "Where the workers run.", flag_values=fv)
+  flags.DEFINE_integer("port", 0, "Router port (0: a free one).",
+                       flag_values=fv)
+  flags.DEFINE_string("host", "127.0.0.1", "Bind address of every "
+                      "service.", flag_values=fv)
+  flags.DEFINE_string("prompt", None, "Generate from this prompt through "
+                      "the router once everything is up.", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 32, "For --prompt.", flag_values=fv)
+  flags.DEFINE_bool("chat", True, "For --prompt: send it as a user message "
+                    "through the model's chat template (when the checkpoint "
+                    "has one); --nochat sends the text as is.",
+                    flag_values=fv)
+  flags.DEFINE_bool("serve", None, "Keep serving until Ctrl-C (default: "
+                    "true unless --prompt is given).", flag_values=fv)
+  flags.DEFINE_float("ready_timeout_s", 600.0, "Longest wait for every "
+                     "process to be up.", flag_values=fv)
+  flags.DEFINE_string("run_dir", None, "Per-process logs and port files, "
+                      "and the resolved deployment.toml (default: a "
+                      "temporary directory).", flag_values=fv)
+  flags.DEFINE_list("worker_flags", [], "Extra flags for the workers (each "
+                    "goes to those whose launcher defines it), e.g. "
+                    "--worker_flags=--kv_ttl_s=30.", flag_values=fv)
+  flags.DEFINE_list("router_flags", [], "Extra router flags.",
+                    flag_values=fv)
+  flags.DEFINE_integer(
+      "gateway_port", None, "Also serve the OpenAI-compatible HTTP API "
+      "(pdjax.launch.gateway) on this port (0: a free one); unset: no "
+      "gateway.", flag_values=fv)
+  flags.DEFINE_list("gateway_flags", [], "Extra gateway flags, e.g. "
+                    "--gateway_flags=--api_key=k.", flag_values=fv)
+  return cfg_flags
+
+
+def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
   del argv
-  config = CONFIG.value or ("local-gpu" if PLATFORM.value == "gpu"
+  config = FLAGS.config or ("local-gpu" if FLAGS.platform == "gpu"
                             else "local")
-  run_dir = Path(LOG_DIR.value or tempfile.mkdtemp(prefix="pdjax-local-"))
+  run_dir = Path(FLAGS.run_dir or tempfile.mkdtemp(prefix="pdjax-local-"))
   run_dir.mkdir(parents=True, exist_ok=True)
-  cluster = LocalCluster(run_dir, PLATFORM.value, HOST.value)
-  serve = SERVE.value if SERVE.value is not None else PROMPT.value is None
+  cluster = LocalCluster(run_dir, FLAGS.platform, FLAGS.host)
+  serve = FLAGS.serve if FLAGS.serve is not None else FLAGS.prompt is None
   interrupted = False
 
   def on_signal(signum, frame):
@@ -95,37 +112,35 @@ def main(argv) -> None:
     print(f"starting (logs in {run_dir}) ...", flush=True)
     t0 = time.monotonic()
     address = launch(
-        cluster, config=config, checkpoint=CHECKPOINT.value,
-        kv_transport=KV_TRANSPORT.value, num_prefill=NUM_PREFILL.value,
-        num_decode=NUM_DECODE.value, prefill_mesh=PREFILL_MESH.value,
-        decode_mesh=DECODE_MESH.value,
-        prefill_processes=PREFILL_PROCESSES.value, router_port=PORT.value,
-        local_prefill_threshold=LOCAL_PREFILL.value,
-        worker_flags=EXTRA.value, router_flags=ROUTER_FLAGS.value,
-        ready_timeout_s=READY_TIMEOUT.value)
+        cluster, config=config, overrides=cfg_flags.overrides(),
+        num_prefill=FLAGS.num_prefill, num_decode=FLAGS.num_decode,
+        prefill_processes=FLAGS.prefill_processes, router_port=FLAGS.port,
+        worker_flags=FLAGS.worker_flags, router_flags=FLAGS.router_flags,
+        ready_timeout_s=FLAGS.ready_timeout_s)
+    print(f"configuration: {cluster.config_path}", flush=True)
     print(f"router ready at {address} ({time.monotonic() - t0:.1f} s)",
           flush=True)
-    if GATEWAY_PORT.value is not None:
+    if FLAGS.gateway_port is not None:
       url = start_gateway(
-          cluster, address, config=config, checkpoint=CHECKPOINT.value,
-          port=GATEWAY_PORT.value, router_flags=ROUTER_FLAGS.value,
-          gateway_flags=GATEWAY_FLAGS.value)
+          cluster, address, port=FLAGS.gateway_port,
+          router_flags=FLAGS.router_flags,
+          gateway_flags=FLAGS.gateway_flags)
       print(f"OpenAI-compatible gateway at {url}/v1", flush=True)
-    if PROMPT.value is not None:
+    if FLAGS.prompt is not None:
       from pdjax.client import Client
-      chat = (chat_prompt(config, CHECKPOINT.value, PROMPT.value)
-              if CHAT.value else None)
+      chat = (chat_prompt(cluster.config_path, None, FLAGS.prompt)
+              if FLAGS.chat else None)
       # A rendered template holds its special tokens (BOS where the model
       # wants one) as text: no BOS on top, and none in the answer's text.
-      text, options = PROMPT.value, {}
+      text, options = FLAGS.prompt, {}
       if chat is not None:
         text = chat[0]
         options = dict(add_special_tokens=False, skip_special_tokens=True)
-      tls, token = router_client_settings(ROUTER_FLAGS.value)
+      tls, token = router_client_settings(FLAGS.router_flags)
       with Client(address, tls=tls, token=token) as client:
-        result = client.generate(text, max_tokens=MAX_TOKENS.value,
+        result = client.generate(text, max_tokens=FLAGS.max_tokens,
                                  temperature=0.0, **options)
-      print(f"prompt: {PROMPT.value!r}"
+      print(f"prompt: {FLAGS.prompt!r}"
             + (f" (chat template of {chat[1]})" if chat else ""))
       print(f"completion: {result.text!r}")
       u = result.usage
@@ -152,5 +167,12 @@ def main(argv) -> None:
     sys.exit(130 if not serve else 0)
 
 
+def run(argv=None) -> None:
+  """``pdjax serve``: defines the flags, parses ``argv``, runs."""
+  from pdjax.launch.flags import define_for_main
+  cfg_flags = define_for_main(define_flags)
+  app.run(lambda argv: main(argv, cfg_flags), argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,6 +1,17 @@
 """Builds and serves a pool worker: ``prefill``, ``decode``, or ``both`` (the
 two pools in one process, for the ``local`` transport).
 
+``python -m pdjax.launch.worker --role=ROLE`` runs any of them;
+``pdjax.launch.prefill`` and ``pdjax.launch.decode`` are one role each.
+``define_flags(role)`` gives each exactly the flags it reads: the shared
+keys and its pools' tables of the deployment configuration (a decode
+worker also reads ``[prefill] buckets``: the KV sizes it must accept), the
+worker settings below, and the process and security groups. The flags of
+``PROCESS_POOL_FLAGS`` (``--mesh``, ``--sharding``, ``--max_queue``,
+``--kv_ttl_s``, ...) set the pool(s) the process serves (``--prefill_mesh``
+and the like name one); ``worker_config`` resolves them with the file into
+the one configuration the worker runs, and logs it.
+
 Start-up order matters and is the same for every role: jax.distributed (if
 the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
 -> warm-up (every program compiled) -> gRPC server -> health SERVING -> port
@@ -10,18 +21,146 @@ file. A worker reports ready only when serving can no longer compile.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 
-from absl import app
+from absl import app, flags
 
+from pdjax import config as C
+from pdjax.launch import config_flags
 from pdjax.launch import flags as F
 
 log = logging.getLogger("pdjax.worker")
+FLAGS = flags.FLAGS
+# Settings of the pool(s) a worker process serves, by their table key: the
+# flag sets the key of each pool the process serves (``--mesh``: only one).
+PROCESS_POOL_FLAGS = {
+    "mesh": "This worker's mesh, e.g. 'tp=2' or 'dp=2,tp=1' (a --role=both "
+            "worker takes --prefill_mesh and --decode_mesh).",
+    "sharding": "This worker's sharding rule set: a packaged name "
+                "(prefill_tp, decode_dp, decode_dp_tp) or a TOML path.",
+    "gpu_memory_fraction": "Share of each GPU's memory XLA may use in this "
+                           "process (XLA_PYTHON_CLIENT_MEM_FRACTION). An 8B "
+                           "decode worker on an 80 GB card holds 47 of XLA's "
+                           "59.4 GiB after warm-up (docs/notes/2026-11-26-"
+                           "h100x4-steady-goodput.md); CUDA IPC landing "
+                           "buffers are allocated outside it.",
+    "host_cache_blocks": "KV blocks evicted from this worker's device prefix "
+                         "cache kept in host memory (pinned where the backend "
+                         "has it) and uploaded back on a later hit instead "
+                         "of recomputed (0: off; decode needs prefix "
+                         "caching).",
+    "max_queue": "Requests a worker queues before RESOURCE_EXHAUSTED.",
+    "transfer_timeout_s": "Longest a KV hand-off may take.",
+    "kv_ttl_s": "Unclaimed KV (and unredeemed reservations) are freed after "
+                "this long.",
+}
+
+
+def _pools(role: str) -> tuple[str, ...]:
+  return ("prefill", "decode") if role == "both" else (role,)
+
+
+def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
+                 ) -> config_flags.ConfigFlags:
+  """The flags of a worker of ``role`` (``both``: a worker that may run
+  any role, ``python -m pdjax.launch.worker``); returns its configuration
+  flags."""
+  pools = _pools(role)
+  tables: dict = {p: config_flags.ALL for p in pools}
+  if "decode" in pools and "prefill" not in pools:
+    # The KV sizes a prefill worker may send (insert programs, landing
+    # buffers).
+    tables["prefill"] = ["buckets"]
+  aliases = {}
+  if "prefill" in pools:
+    aliases["prefix_cache_pages"] = "prefill_cache_pages"
+  if "decode" in pools:
+    for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
+                "ipc_landing_bytes", "queue_deadline_s"):
+      aliases[key] = f"decode_{key}"
+  cfg_flags = config_flags.define(fv, tables=tables, aliases=aliases)
+  for key, help_ in PROCESS_POOL_FLAGS.items():
+    cls = C.SECTIONS[pools[0]]
+    config_flags.define_field(fv, key, cls, key, help_)
+  flags.DEFINE_string(
+      "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "
+      "'4,5' (default: the first ones the mesh needs).", flag_values=fv)
+  flags.DEFINE_bool("warmup", True, "Compile every serving program before "
+                    "reporting ready.", flag_values=fv)
+  flags.DEFINE_enum(
+      "kv_fast_path", "auto", ["auto", "off"],
+      "--kv_transport=device: hand KV to a decode worker in this process by "
+      "device_put, and to one on this host by CUDA IPC into a landing buffer "
+      "it lends (NVLink), else by jax.experimental.transfer. auto: on when "
+      "the backend is GPU (cuda-bindings and CuPy importable); off: always "
+      "jax.experimental.transfer.", flag_values=fv)
+  flags.DEFINE_bool(
+      "allow_long_max_seq_len",
+      os.environ.get("PDJAX_ALLOW_LONG_MAX_SEQ_LEN", "") not in ("", "0"),
+      "Serve the deployment's max_seq_len even where it is longer than the "
+      "model's trained context (config.json max_position_embeddings, "
+      "stretched by linear rope scaling); outputs past it may be garbage. "
+      "Without it such a worker refuses to start (as vLLM without "
+      "VLLM_ALLOW_LONG_MAX_MODEL_LEN). Default: "
+      "$PDJAX_ALLOW_LONG_MAX_SEQ_LEN.", flag_values=fv)
+  flags.DEFINE_string(
+      "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
+      "JAX persistent compilation cache directory (speeds up restarts).",
+      flag_values=fv)
+  if "prefill" in pools:
+    flags.DEFINE_float(
+        "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs "
+        "a prefill worker silently drops (exercises the recovery path).",
+        flag_values=fv)
+  if "decode" in pools:
+    flags.DEFINE_float(
+        "fault_injection_decode_step_delay_s", 0.0, "TESTING ONLY: a decode "
+        "worker sleeps this long before each engine step (a slow device), "
+        "so tests can act on streams that are certainly mid-generation.",
+        flag_values=fv)
+  F.define_distributed(fv)
+  F.define_process(fv, advertise=True)
+  F.define_security(fv, role="worker")
+  if role == "both":
+    flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
+                      "Which pool(s) this process serves.", flag_values=fv)
+  return cfg_flags
+
+
+def worker_config(role: str, cfg_flags: config_flags.ConfigFlags,
+                  fv: flags.FlagValues = FLAGS):
+  """The configuration a worker of ``role`` runs: the deployment file, its
+  configuration flags, and the process's pool flags (``--mesh`` and the
+  like) on the pool(s) it serves; logged once resolved."""
+  pools = _pools(role)
+  extra: dict = {}
+  given = cfg_flags.overrides()
+  for key in PROCESS_POOL_FLAGS:
+    value = fv[key].value
+    if value is None:
+      continue
+    if len(pools) > 1 and key in ("mesh", "sharding"):
+      raise app.UsageError(
+          f"--{key} names one pool's {key}; a worker serving both pools "
+          f"takes --prefill_{key} and --decode_{key}")
+    for pool in pools:
+      own = given.get(pool, {}).get(key)
+      if own is not None and own != value:
+        raise app.UsageError(f"--{key}={value} and --{pool}_{key}={own} "
+                             "disagree")
+      extra.setdefault(pool, {})[key] = value
+  if role != "both":
+    # Flags of the other pool (a --role worker defines both) are not read.
+    other = [f"--{config_flags.flag_name(t, k)}" for t, keys in given.items()
+             if t in ("prefill", "decode") and t not in pools
+             for k in keys if not (t == "prefill" and k == "buckets")]
+    if other:
+      raise app.UsageError(f"a {role} worker does not read {', '.join(other)}")
+  return cfg_flags.resolve(extra, what=f"{role} worker ")
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -34,20 +173,6 @@ def xla_memory_env(fraction: float | None) -> dict[str, str]:
     raise app.UsageError(f"--gpu_memory_fraction must be in (0, 1], got "
                          f"{fraction}")
   return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)}
-
-
-def worker_memory_fraction(dep, role: str, flag: float | None
-                           ) -> float | None:
-  """XLA's share of each GPU in a worker of ``role``: the flag, else its
-  pool's ``gpu_memory_fraction`` (the larger of the two pools' for a
-  worker running both)."""
-  if flag is not None:
-    return flag
-  pools = {"prefill": [dep.prefill], "decode": [dep.decode],
-           "both": [dep.prefill, dep.decode]}[role]
-  shares = [p.gpu_memory_fraction for p in pools
-            if p.gpu_memory_fraction is not None]
-  return max(shares) if shares else None
 
 
 def wants_gpu(env) -> bool:
@@ -82,7 +207,7 @@ def check_gpu(jax) -> None:
 def _init_jax(memory_fraction: float | None = None):
   os.environ.update(xla_memory_env(memory_fraction))
   import jax
-  if F.COORDINATOR.value:
+  if FLAGS.coordinator_address:
     # Collectives between processes' CPU devices (tests, CPU deployments);
     # GPUs use NCCL whatever this says.
     try:
@@ -99,14 +224,14 @@ def _init_jax(memory_fraction: float | None = None):
     except AttributeError:  # a JAX without the service
       pass
     timeouts = dict(
-        shutdown_timeout_seconds=F.DISTRIBUTED_SHUTDOWN_S.value)
-    if F.COORDINATOR.value == "auto":
+        shutdown_timeout_seconds=FLAGS.distributed_shutdown_timeout_s)
+    if FLAGS.coordinator_address == "auto":
       jax.distributed.initialize(**timeouts)
     else:
-      jax.distributed.initialize(F.COORDINATOR.value, F.NUM_PROCESSES.value,
-                                 F.PROCESS_ID.value, **timeouts)
-  if F.COMPILE_CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", F.COMPILE_CACHE.value)
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id, **timeouts)
+  if FLAGS.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # After jax.distributed (which must come before a backend starts).
   check_gpu(jax)
@@ -134,7 +259,7 @@ def check_context(max_seq_len: int, cfg) -> None:
   problem = context_length_problem(cfg, max_seq_len)
   if problem is None:
     return
-  if not F.ALLOW_LONG_MAX_SEQ_LEN.value:
+  if not FLAGS.allow_long_max_seq_len:
     raise SystemExit(f"error: {problem}")
   log.warning("%s; serving anyway (--allow_long_max_seq_len)",
               problem.split(": lower", 1)[0])
@@ -169,12 +294,13 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
   return info
 
 
-async def serve(role: str) -> None:
-  from pdjax.config import DeploymentConfig, resolve_layer_groups
-  # Read before JAX starts a backend: the file may set XLA's memory share.
-  dep = DeploymentConfig.load(F.CONFIG.value)
-  jax = _init_jax(worker_memory_fraction(dep, role,
-                                         F.GPU_MEMORY_FRACTION.value))
+async def serve(role: str, dep) -> None:
+  """Serves ``dep`` (the resolved configuration) as a worker of ``role``
+  until SIGTERM."""
+  from pdjax.config import resolve_layer_groups
+  roles = _pools(role)
+  # Before JAX starts a backend: the pools may set XLA's memory share.
+  jax = _init_jax(dep.memory_fraction(roles))
   import socket
 
   from pdjax.engine.setup import load_sharded
@@ -185,32 +311,31 @@ async def serve(role: str) -> None:
 
   from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
-  checkpoint = F.CHECKPOINT.value or dep.checkpoint
+  checkpoint = dep.checkpoint
   if not presets.is_random(checkpoint):
     checkpoint = resolve_checkpoint(checkpoint)
-  dtype = F.DTYPE.value or dep.dtype
-  transport = F.KV_TRANSPORT.value or dep.kv_transport
+  dtype = dep.dtype
+  transport = dep.kv_transport
   sec = F.security()
   if not sec.service_token:
     log.warning("no --service_token: this worker's API (Reserve, Decode, "
                 "Prefill, ...) serves any caller that reaches its port and "
                 "passes its TLS; give the deployment's processes one shared "
                 "service token (docs/security.md)")
-  devices = F.parse_devices(F.DEVICES.value)
+  devices = F.parse_devices(FLAGS.devices)
   server = common.make_server(sec)
   try:
-    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+    port = common.bind(server, FLAGS.host, FLAGS.port, sec)
   except common.BindError as e:
     raise SystemExit(f"error: {e}") from None
-  address = F.ADVERTISE.value or f"{F.HOST.value}:{port}"
-  roles = ("prefill", "decode") if role == "both" else (role,)
+  address = FLAGS.advertise_address or f"{FLAGS.host}:{port}"
   exchange = None
   if transport == "local":
     if role != "both":
       raise app.UsageError("--kv_transport=local needs both pools in one "
                            "process (launch.worker --role=both)")
     from pdjax.transfer.local import LocalKvExchange
-    exchange = LocalKvExchange(F.KV_TTL.value)
+    exchange = LocalKvExchange(dep.decode.kv_ttl_s)
 
   metrics = Metrics(role)
   workers = []
@@ -218,14 +343,10 @@ async def serve(role: str) -> None:
   offset = 0
   cfg = None
   from pdjax.engine import lockstep
-  cache_pages = (F.PREFIX_CACHE_PAGES.value
-                 if F.PREFIX_CACHE_PAGES.value is not None
-                 else dep.prefill.cache_pages)   # the prefill worker's store
+  cache_pages = dep.prefill.cache_pages    # the prefill worker's store
   for r in roles:
-    pool = dep.prefill if r == "prefill" else dep.decode
-    mesh_spec = F.MESH.value if (F.MESH.value and role != "both") else pool.mesh
-    rules_name = (F.SHARDING.value if (F.SHARDING.value and role != "both")
-                  else pool.sharding)
+    pool = dep.pool(r)
+    mesh_spec, rules_name = pool.mesh, pool.sharding
     mesh = _mesh(jax, mesh_spec, devices, offset)
     offset += mesh.size
     spans = lockstep.spans_processes(mesh)
@@ -249,25 +370,23 @@ async def serve(role: str) -> None:
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
-                               host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
+                               host_cache_blocks=pool.host_cache_blocks)
       leader = jax.process_index() == 0
-      sender = _sender(transport, mesh, sec, exchange) if leader else None
+      sender = (_sender(transport, mesh, sec, exchange, pool.kv_ttl_s)
+                if leader else None)
       if sender is not None:
         info.kv_transfer_address = sender.address()
       # Every process of a pool must build the same programs: auto layer
       # groups may not depend on what one process's sender can do.
       groups = resolve_layer_groups(
-          F.PREFILL_LAYER_GROUPS.value
-          if F.PREFILL_LAYER_GROUPS.value is not None
-          else dep.prefill.layer_groups,
-          layer_wise_sender=(not spans and sender is not None
+          pool.layer_groups, layer_wise_sender=(not spans and sender is not None
                              and sender.writes_landing))
       engine = PrefillEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
       log.info("prefill runs bucketed prompts in %d layer group(s) %s",
                len(engine.layer_group_sizes), engine.layer_group_sizes)
-      if F.WARMUP.value:
+      if FLAGS.warmup:
         engine.warmup()
       if spans and not leader:
         log.info("prefill process %d of %d: replaying the leader's batches",
@@ -285,9 +404,9 @@ async def serve(role: str) -> None:
         from pdjax.service.landing import LandingRequests
         landing = LandingRequests(sender, sec)
       worker = PrefillWorker(engine, sender, metrics=metrics,
-                             max_queue=F.MAX_QUEUE.value,
-                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                             fault_drop_kv=F.FAULT_DROP_KV.value,
+                             max_queue=pool.max_queue,
+                             transfer_timeout_s=pool.transfer_timeout_s,
+                             fault_drop_kv=FLAGS.fault_injection_drop_kv,
                              landing=landing)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
@@ -297,30 +416,22 @@ async def serve(role: str) -> None:
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
                                                 KvTransferServicer)
       dcfg = dep.decode_engine_config()
-      if F.PREFIX_CACHING.value is not None:
-        dcfg = dataclasses.replace(dcfg, prefix_caching=F.PREFIX_CACHING.value)
-      if F.HOST_CACHE_BLOCKS.value:   # host KV tier
-        dcfg = dataclasses.replace(dcfg,
-                                   host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
-          max_waiting=F.MAX_QUEUE.value,
-          queue_timeout_s=F.QUEUE_DEADLINE.value or None)
-      if F.WARMUP.value:
+          max_waiting=pool.max_queue,
+          queue_timeout_s=pool.queue_deadline_s or None)
+      if FLAGS.warmup:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
-          max(engine.decode.default_payload_page_counts()),
+          max(engine.decode.default_payload_page_counts()), pool,
           prefill_buckets=dep.prefill_engine_config().buckets)
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
-                            transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                            reservation_ttl_s=F.KV_TTL.value,
-                            fault_step_delay_s=F.FAULT_STEP_DELAY.value,
-                            max_receive_bytes=(
-                                dep.decode.max_receive_mib
-                                if F.MAX_RECEIVE_MIB.value is None
-                                else F.MAX_RECEIVE_MIB.value) << 20)
+                            transfer_timeout_s=pool.transfer_timeout_s,
+                            reservation_ttl_s=pool.kv_ttl_s,
+                            fault_step_delay_s=FLAGS.fault_injection_decode_step_delay_s,
+                            max_receive_bytes=pool.max_receive_mib << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
       if receiver.intake is not None:   # peers push KV streams here
@@ -337,7 +448,7 @@ async def serve(role: str) -> None:
   await server.start()
   await common.set_live(health)
   await common.set_serving(health, health_names, True)
-  metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
+  metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
   log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,
            cfg.name, address, transport, metrics_port, memory_note())
   F.write_port_file(port, metrics_port)
@@ -354,7 +465,7 @@ def advertised_host(advertise: str | None) -> str | None:
   return advertise.rsplit(":", 1)[0]
 
 
-def _sender(transport, mesh, sec, exchange):
+def _sender(transport, mesh, sec, exchange, ttl_s: float):
   from pdjax.service import common
   if transport == "local":
     from pdjax.transfer.local import LocalSender
@@ -364,10 +475,10 @@ def _sender(transport, mesh, sec, exchange):
     from pdjax.transfer.device import DeviceSender
     # Picks same-process / CUDA IPC / jax.experimental.transfer per hand-off.
     return make_sender(
-        DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
-                     advertise_host=advertised_host(F.ADVERTISE.value),
-                     ttl_s=F.KV_TTL.value),
-        fast_path=F.KV_FAST_PATH.value, process_id=common.PROCESS_ID)
+        DeviceSender(mesh.devices.flat[0], host=FLAGS.host,
+                     advertise_host=advertised_host(FLAGS.advertise_address),
+                     ttl_s=ttl_s),
+        fast_path=FLAGS.kv_fast_path, process_id=common.PROCESS_ID)
   from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
                                           GrpcStreamSender)
   # A chunk is one gRPC message: keep it well under --max_message_bytes, or
@@ -378,7 +489,7 @@ def _sender(transport, mesh, sec, exchange):
 
 
 def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
-              prefill_buckets=None):
+              pool, prefill_buckets=None):
   geometry = (cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
               cfg.dtype, max_payload_pages)
   if transport == "local":
@@ -389,14 +500,14 @@ def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
     from pdjax.transfer.device import DeviceReceiver
     # Lends CUDA IPC landing buffers at Reserve when the fast path is on.
     return make_receiver(
-        DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value),
+        DeviceReceiver(mesh.devices.flat[0], host=FLAGS.host),
         mesh.devices.flat[0], geometry=geometry,
-        fast_path=F.KV_FAST_PATH.value,
-        landing_buffers=F.IPC_LANDING_BUFFERS.value,
-        landing_bytes=F.IPC_LANDING_BYTES.value,
-        prefill_buckets=prefill_buckets, lease_s=F.KV_TTL.value)
+        fast_path=FLAGS.kv_fast_path,
+        landing_buffers=pool.ipc_landing_buffers,
+        landing_bytes=pool.ipc_landing_bytes,
+        prefill_buckets=prefill_buckets, lease_s=pool.kv_ttl_s)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
-  return GrpcStreamReceiver(ttl_s=F.KV_TTL.value, geometry=geometry)
+  return GrpcStreamReceiver(ttl_s=pool.kv_ttl_s, geometry=geometry)
 
 
 def memory_note() -> str:
@@ -440,7 +551,7 @@ async def _run_until_signal(server, health, names, workers) -> None:
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)
-  deadline = loop.time() + F.DRAIN_TIMEOUT.value
+  deadline = loop.time() + FLAGS.drain_timeout_s
   while any(w.active() for w in workers) and loop.time() < deadline:
     await asyncio.sleep(0.05)
   left = sum(w.active() for w in workers)
@@ -452,16 +563,18 @@ async def _run_until_signal(server, health, names, workers) -> None:
   log.info("stopped")
 
 
-def run(role: str) -> None:
+def run(role: str, cfg_flags: config_flags.ConfigFlags) -> None:
+  """The worker process: resolve its configuration, serve, drain, exit."""
   F.setup_logging()
+  dep = worker_config(role, cfg_flags)
   # Not asyncio.run: its teardown joins the default executor's threads
   # without a bound, and one still blocked there (a hand-off waiting on a
   # peer) would hold the exit; the process leaves by os._exit below anyway,
   # once serve() has drained and stopped.
   loop = asyncio.new_event_loop()
   asyncio.set_event_loop(loop)
-  loop.run_until_complete(serve(role))
-  if F.COORDINATOR.value:
+  loop.run_until_complete(serve(role, dep))
+  if FLAGS.coordinator_address:
     # Leave the jax.distributed job together: process 0 hosts its
     # coordination service, and a peer that finds it gone aborts. Bounded
     # by --distributed_shutdown_timeout_s; logged, so a slow exit shows
@@ -481,7 +594,5 @@ def run(role: str) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags as _flags
-  _ROLE = _flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
-                             "Which pool(s) this process serves.")
-  app.run(lambda argv: run(_ROLE.value))
+  _CONFIG = F.define_for_main(define_flags)
+  app.run(lambda argv: run(FLAGS.role, _CONFIG))

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import Literal
 
 import grpc
 
@@ -53,19 +54,39 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
               grpc.StatusCode.UNKNOWN)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RouterConfig:
+  """The router's settings: a deployment file's ``[router]`` table (its
+  ``kv_transport`` is the deployment's), overridden by the router's flags
+  (``pdjax.config``, ``pdjax.launch.config_flags``)."""
   local_prefill_threshold: int = 0   # prompts shorter than this skip P
   max_attempts: int = 3              # workers tried before the first token
-  kv_transport: str = "grpc"
+  kv_transport: Literal["grpc", "device", "local"] = "grpc"
   transfer_timeout_s: float = 30.0
   max_inflight: int = 4096           # admission bound of the router
-  on_full: str = "queue"             # "queue" (wait for capacity) | "reject"
+  # When decode KV capacity is full: wait for it (up to queue_timeout_s) or
+  # refuse at once.
+  on_full: Literal["queue", "reject"] = "queue"
   queue_timeout_s: float = 30.0
   # After a failed KV hand-off: "recompute" the prompt on a decode worker
   # (continuing from the first token already sent) or "fail" the request
   # (vLLM's kv_load_failure_policy).
-  kv_failure_policy: str = "recompute"
+  kv_failure_policy: Literal["recompute", "fail"] = "recompute"
+  # KV-aware routing (the worker registry, pdjax.service.kv_router): a
+  # worker's score is this times the request's prompt blocks it holds,
+  # minus its load (0: load only) ...
+  kv_overlap_weight: float = 0.0
+  # ... judged on load alone when its cache was last polled longer ago.
+  kv_stale_after_s: float = kv_router.DEFAULT_STALE_AFTER_S
+
+  def __post_init__(self):
+    for name in ("max_attempts", "max_inflight"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("local_prefill_threshold", "transfer_timeout_s",
+                 "queue_timeout_s", "kv_overlap_weight", "kv_stale_after_s"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class _Failed(Exception):
