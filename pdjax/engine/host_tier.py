@@ -294,6 +294,23 @@ class HostTierLink:
     blk = self.tier.get(block_hash)
     if blk is None:
       return None
+    return self._promote(block_hash, blk)
+
+  def promote_block(self, block_hash: Hashable, data) -> int | None:
+    """A block from elsewhere (``pdjax.engine.remote_tier``: a peer or a
+    store), ``[2, L, P, K, hd]`` in host memory: kept in the host tier
+    (so a later eviction costs no copy) and uploaded into a fresh device
+    page named ``block_hash``, as ``promote``; None when no page is
+    available."""
+    if self.pool.available < 1:
+      return None
+    blk = _Block()
+    blk.data = data
+    self.tier.put(block_hash, blk)
+    self.stats["remote_blocks"] += 1
+    return self._promote(block_hash, blk)
+
+  def _promote(self, block_hash: Hashable, blk: _Block) -> int | None:
     try:
       (page,) = self.pool.allocate(1)   # may evict: its read queues first
     except PoolExhausted:
@@ -325,6 +342,25 @@ class HostTierLink:
       self._read(demote)
     if upload:
       self._write(list(upload.items()))
+
+  def read_blocks(self, pages: Sequence[int]) -> list[jax.Array]:
+    """Owner thread: the blocks ``[2, L, P, K, hd]`` of device ``pages``
+    as device arrays, their programs dispatched now (after every queued
+    copy: call ``flush`` first where uploads may be queued). The arrays
+    are the caller's; reading them on the host may happen on any
+    thread."""
+    out: list[jax.Array] = []
+    for part, n, arr in self._chunks([(p, None) for p in pages]):
+      k, v = self._get_pools()
+      out.extend(self._read_fn(n)(k, v, arr)[:len(part)])
+    return out
+
+  def host_block(self, block_hash: Hashable):
+    """The host tier's data of ``block_hash`` (counted as neither hit nor
+    miss), or None when absent or still being read from the device."""
+    with self.tier._lock:  # pylint: disable=protected-access
+      blk = self.tier._blocks.get(block_hash)  # pylint: disable=protected-access
+    return None if blk is None else blk.data
 
   def _read_fn(self, n: int):
     if n not in self._read_fns:

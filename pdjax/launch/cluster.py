@@ -319,13 +319,17 @@ def launch(cluster: LocalCluster, *, config: str = "local",
            prefill_mesh: str | None = None, decode_mesh: str | None = None,
            prefill_processes: int = 1,
            router_port: int = 0, local_prefill_threshold: int | None = None,
-           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
-           ) -> str:
+           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0,
+           kv_store: bool = False, kv_store_flags=()) -> str:
   """Starts a deployment; returns the router address once all are ready.
 
   ``prefill_processes`` > 1: each prefill worker is that many processes
   over jax.distributed, its mesh spread evenly over them, as the pods of one
-  multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``)."""
+  multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``).
+  ``kv_store``: a KV store process (``kvstore0``, ``pdjax.launch.kvstore``
+  with ``kv_store_flags``) shared by the prefill workers, which then
+  fetch (``--kv_fetch``, auto unless ``worker_flags`` say) and write
+  through to it; the router counts its blocks."""
   from pdjax.config import DeploymentConfig
   dep = DeploymentConfig.load(config)
   transport = kv_transport or dep.kv_transport
@@ -333,6 +337,16 @@ def launch(cluster: LocalCluster, *, config: str = "local",
   dmesh = decode_mesh or dep.decode.mesh
   common = [f"--config={config}", f"--kv_transport={transport}",
             *worker_flags]
+  store_flags: list[str] = []
+  if kv_store:
+    store = cluster.start("kvstore0", "pdjax.launch.kvstore",
+                          ["--metrics_port=0", *kv_store_flags], devices=0)
+    cluster.wait_ready([store], ready_timeout_s)
+    store_address = f"{cluster.host}:{store.port()}"
+    store_flags = [f"--kv_store={store_address}"]
+    if not any(f.lstrip("-").startswith("kv_fetch=") for f in worker_flags):
+      store_flags.append("--kv_fetch=auto")
+    router_flags = [f"--kv_stores={store_address}", *router_flags]
   if checkpoint:
     common.append(f"--checkpoint={checkpoint}")
   pf, df = dep.prefill.gpu_memory_fraction, dep.decode.gpu_memory_fraction
@@ -354,7 +368,7 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       raise UsageError("--kv_transport=local needs a prefill pool")
     for i in range(num_decode):
       p = cluster.start(f"pd{i}", "pdjax.launch.worker",
-                        ["--role=both", *common],
+                        ["--role=both", *common, *store_flags],
                         devices=mesh_size(pmesh) + mesh_size(dmesh))
       prefill.append(p)
       decode.append(p)
@@ -368,7 +382,7 @@ def launch(cluster: LocalCluster, *, config: str = "local",
       if prefill_processes == 1:
         prefill.append(cluster.start(
             f"prefill{i}", "pdjax.launch.prefill",
-            [f"--mesh={pmesh}", *common,
+            [f"--mesh={pmesh}", *common, *store_flags,
              *cluster.prefill_flags(f"prefill{i}", decode_names,
                                     worker_flags)], devices=size))
         continue

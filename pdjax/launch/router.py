@@ -40,6 +40,14 @@ KV_OVERLAP_WEIGHT = flags.DEFINE_float(
     "kv_overlap_weight", 0.0, "KV-aware routing: a worker's score is this "
     "times the request's prompt blocks it holds cached, minus its load "
     "(prefill: queued requests; decode: KV pages); 0: load only.")
+KV_FETCH_WEIGHT = flags.DEFINE_float(
+    "kv_fetch_weight", 0.5, "Shared KV: a prompt block a prefill worker "
+    "can fetch from a peer or a store counts this much (0..1) of a block it "
+    "holds in its KV-aware score.")
+KV_STORES = flags.DEFINE_list(
+    "kv_stores", [], "Shared KV: KV store addresses (python -m "
+    "pdjax.launch.kvstore); their blocks count as fetchable and are named "
+    "to prefill workers as sources.")
 KV_STALE_AFTER = flags.DEFINE_float(
     "kv_stale_after_s", 2.0, "KV-aware routing: a worker whose cache was "
     "last polled longer ago than this is judged on load alone.")
@@ -79,9 +87,12 @@ async def serve() -> None:
   metrics = Metrics("router")
   registry = WorkerRegistry(sec, metrics=metrics,
                             kv_overlap_weight=KV_OVERLAP_WEIGHT.value,
-                            kv_stale_after_s=KV_STALE_AFTER.value)
+                            kv_stale_after_s=KV_STALE_AFTER.value,
+                            kv_fetch_weight=KV_FETCH_WEIGHT.value)
   for a in PREFILL_WORKERS.value:
     registry.add(a, "prefill")
+  for a in KV_STORES.value:
+    registry.add(a, "kvstore")
   for a in DECODE_WORKERS.value:
     registry.add(a, "decode")
   threshold = LOCAL_PREFILL.value

@@ -17,11 +17,32 @@ import os
 import signal
 import sys
 
-from absl import app
+from absl import app, flags
 
 from pdjax.launch import flags as F
 
 log = logging.getLogger("pdjax.worker")
+
+# --- shared KV (pdjax.engine.remote_tier, pdjax.service.kvstore) ----------
+KV_FETCH = flags.DEFINE_enum(
+    "kv_fetch", "off", ["off", "auto", "always"],
+    "Prefill workers with a prefix cache: share it with the deployment. "
+    "The worker serves its cached blocks to peer prefill workers "
+    "(BlockStore on its port), and a prompt whose leading blocks it lacks "
+    "fetches them from the peers the router names and from --kv_store "
+    "instead of computing them: 'auto' where the fetch is predicted faster "
+    "than the prefill it saves (measured rates), 'always' whenever a "
+    "source has them; 'off': neither.")
+KV_STORE = flags.DEFINE_string(
+    "kv_store", None, "Prefill workers, with --kv_fetch: host:port of the "
+    "KV store process of this host (python -m pdjax.launch.kvstore): every "
+    "block this worker computes is written through to it, and it is asked "
+    "for blocks no peer has.")
+KV_FETCH_TIMEOUT = flags.DEFINE_float(
+    "kv_fetch_timeout_s", 2.0, "Shared KV: longest one fetch from a peer or "
+    "the store, or one write-through, may take (then the prompt is "
+    "computed; a failed source is skipped for a backoff).")
+# --- end shared KV ---------------------------------------------------------
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -245,10 +266,15 @@ async def serve(role: str) -> None:
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
       store = None
+      remote = _remote_tier(cfg, dep, cache_pages, sec, address, metrics)
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
+        host_blocks = F.HOST_CACHE_BLOCKS.value
+        if remote is not None and not host_blocks:
+          # Fetched blocks land in the host tier: room for two prompts.
+          host_blocks = 2 * (dep.max_seq_len // dep.page_size)
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
-                               host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
+                               host_cache_blocks=host_blocks, remote=remote)
       leader = jax.process_index() == 0
       sender = _sender(transport, mesh, sec, exchange) if leader else None
       if sender is not None:
@@ -291,6 +317,14 @@ async def serve(role: str) -> None:
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
+      if remote is not None:   # shared KV: peers fetch from this cache
+        from pdjax.service.kvstore import PeerServicer
+        from pdjax.v1 import blockstore_pb2_grpc
+        blockstore_pb2_grpc.add_BlockStoreServicer_to_server(
+            PeerServicer(store, timeout_s=KV_FETCH_TIMEOUT.value), server)
+        info.serves_blocks = True
+        log.info("sharing the prefix cache: fetch policy %s, store %s",
+                 KV_FETCH.value, KV_STORE.value or "none")
     else:
       from pdjax.engine.colocated import ColocatedEngine
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
@@ -340,6 +374,28 @@ async def serve(role: str) -> None:
            cfg.name, address, transport, metrics_port, memory_note())
   F.write_port_file(port, metrics_port)
   await _run_until_signal(server, health, health_names, workers)
+
+
+def _remote_tier(cfg, dep, cache_pages: int, sec, address: str, metrics):
+  """The shared-KV tier of a prefill worker's cache (--kv_fetch,
+  --kv_store), or None when off."""
+  if KV_FETCH.value == "off":
+    if KV_STORE.value:
+      raise app.UsageError("--kv_store needs --kv_fetch=auto or always (a "
+                           "worker that uses a store also shares its cache)")
+    return None
+  if not cache_pages:
+    raise app.UsageError("--kv_fetch shares the prefix cache: give the "
+                         "prefill worker one (--prefix_cache_pages)")
+  from pdjax.engine.remote_tier import RemoteTier, layout_of
+  from pdjax.service.kvstore import GrpcBlockSource
+  return RemoteTier(
+      layout_of(cfg, dep.page_size), dep.page_size,
+      lambda a: GrpcBlockSource(a, sec), store=KV_STORE.value,
+      policy=KV_FETCH.value, timeout_s=KV_FETCH_TIMEOUT.value,
+      self_address=address,
+      on_fetch=lambda kind, blocks, nbytes, s: (
+          metrics.kv_fetch_time.labels(kind).observe(s)))
 
 
 def advertised_host(advertise: str | None) -> str | None:

@@ -459,12 +459,15 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     dest.decode_hostname = info.hostname if info else ""
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
+    # Shared KV: where the chosen worker may fetch the blocks it lacks.
+    sources = [prefill_pb2.KvSource(address=a, blocks=n)
+               for a, n in self.registry.kv_sources(p, keys)]
     try:
       with self.registry.busy(p):
         pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids,
             sampling=validation.sampling_to_proto(sampling), seed=seed,
-            destination=dest, cache_salt=salt),
+            destination=dest, cache_salt=salt, kv_sources=sources),
             timeout=self._timeout(context))
     except grpc.aio.AioRpcError as e:
       await self._unreserve(d, rid)
