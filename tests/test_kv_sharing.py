@@ -6,7 +6,9 @@ thread as in a worker, serving their caches to each other
 A conversation whose turns alternate between the two: every turn after the
 first fetches the earlier turns' blocks from the other worker instead of
 computing them (counted), and its first token and KV are exactly what one
-worker with a local cache gives (first tokens equal a cache-free run). The
+worker with a local cache gives (first tokens equal a cache-free run).
+Peers with transfer servers (a ``device`` deployment) pull the blocks
+device to device instead; one without falls back to the stream. The
 store outlives a worker: a fresh one fetches from it. Salts and model
 layouts isolate; a source that dies mid-fetch leaves a correct prefill.
 """
@@ -32,6 +34,7 @@ from pdjax.service import common
 from pdjax.service.kvstore import (BlockStoreCore, GrpcBlockSource,
                                    PeerServicer, StoreServicer, store_info)
 from pdjax.sharding import ShardingRules, make_mesh
+from pdjax.transfer.device import BlockPulls
 from test_kvstore import _Loop, _serve
 
 PAGE = 16
@@ -47,7 +50,9 @@ class Worker:
   server."""
 
   def __init__(self, loop, model_dir, devices, *, store=None,
-               policy="always", cache=True):
+               policy="always", cache=True, pulls=False):
+    """``pulls``: offers and pulls blocks device to device (a ``device``
+    transport deployment's workers)."""
     rules = ShardingRules.load("prefill_tp")
     mesh = make_mesh({"tp": 2}, devices)
     params, cfg = load_sharded(model_dir, rules, mesh)
@@ -55,15 +60,17 @@ class Worker:
     self.remote = None
     self.pstore = None
     self.address = ""
+    self.pulls = BlockPulls(devices[0]) if pulls else None
     if cache:
       self.remote = RemoteTier(
-          _layout(cfg), PAGE, lambda a: GrpcBlockSource(a, SEC), store=store,
+          _layout(cfg), PAGE,
+          lambda a: GrpcBlockSource(a, SEC, pulls=self.pulls), store=store,
           policy=policy, timeout_s=5.0)
       self.pstore = PrefillKVStore(cfg, mesh, rules, num_pages=64,
                                    page_size=PAGE, host_cache_blocks=24,
                                    remote=self.remote)
       self.server, self.address = loop.run(_serve(
-          PeerServicer(self.pstore, timeout_s=5.0), SEC))
+          PeerServicer(self.pstore, timeout_s=5.0, pulls=self.pulls), SEC))
       self.remote.self_address = self.address
       self.pstore.wake = lambda: self._q.put(None)
     self.engine = PrefillEngine(params, cfg, mesh, rules, PCFG,
@@ -132,7 +139,9 @@ def store(loop):
 @pytest.fixture(scope="module")
 def workers(loop, store, tiny_model_dir):
   devs = jax.devices()
-  a = Worker(loop, tiny_model_dir, devs[0:2], store=store[1])
+  # a offers device pulls, b does not: b streams from a, and a's pulls
+  # from b fall back to streams.
+  a = Worker(loop, tiny_model_dir, devs[0:2], store=store[1], pulls=True)
   b = Worker(loop, tiny_model_dir, devs[2:4], store=store[1])
   plain = Worker(loop, tiny_model_dir, devs[4:6], cache=False)
   return a, b, plain
@@ -183,6 +192,32 @@ def test_turns_alternating_between_workers_fetch_instead_of_compute(
   for w in (a, b):
     w.pstore.pool.check_invariants()
     assert w.pstore.pool.num_used == 0
+  # a asked b for device pulls once, was told b offers none, and streamed.
+  assert b.address in a.remote._no_pull  # pylint: disable=protected-access
+  assert a.remote.stats["pulled_blocks"] == 0
+
+
+def test_peers_of_a_device_deployment_pull_blocks_device_to_device(
+    workers, tiny_model_dir, loop):
+  """Both sides with transfer servers: the blocks move by
+  jax.experimental.transfer, and land exactly as streamed ones would."""
+  a, _, plain = workers
+  c = Worker(loop, tiny_model_dir, jax.devices()[6:8], pulls=True)
+  ids = _conversation(seed=17, turns=1)[0] + list(range(200, 260))
+  a.prefill(ids, salt="pull")
+  tok, kv_c, r = c.prefill(ids, salt="pull", sources=a.hint(ids, "pull"))
+  blocks = (len(ids) - 1) // PAGE
+  assert r.cached_tokens == blocks * PAGE
+  assert c.remote.stats["pulled_blocks"] == blocks
+  assert c.remote.stats["peer_blocks"] == blocks
+  assert tok == plain.prefill(ids)[0]
+  # The same KV as the worker that computed it (the cached blocks are its
+  # bits; the rest is computed after them, as a local hit would be).
+  _, kv_again, r2 = a.prefill(ids, salt="pull")
+  assert r2.cached_tokens == blocks * PAGE
+  np.testing.assert_array_equal(kv_c, kv_again)
+  assert a.pulls.held_bytes() > 0   # offers are held until their TTL
+  c.pstore.pool.check_invariants()
 
 
 def test_salts_and_layouts_isolate(workers, store):

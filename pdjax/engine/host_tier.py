@@ -298,17 +298,25 @@ class HostTierLink:
 
   def promote_block(self, block_hash: Hashable, data) -> int | None:
     """A block from elsewhere (``pdjax.engine.remote_tier``: a peer or a
-    store), ``[2, L, P, K, hd]`` in host memory: kept in the host tier
-    (so a later eviction costs no copy) and uploaded into a fresh device
-    page named ``block_hash``, as ``promote``; None when no page is
-    available."""
+    store), ``[2, L, P, K, hd]`` in host memory or (pulled) on a device of
+    this process: kept in the host tier (so a later eviction costs no
+    copy) and uploaded into a fresh device page named ``block_hash``, as
+    ``promote``; None when no page is available. Owner thread."""
     if self.pool.available < 1:
       return None
     blk = _Block()
-    blk.data = data
+    if isinstance(data, jax.Array):
+      # Pulled onto a device: uploaded from there, and copied to the host
+      # for the tier (asynchronously, as a demotion's read).
+      source = _Block()
+      source.data = jax.device_put(data, self._block_sharding)
+      blk.data = self._to_host(source.data, blk)
+    else:
+      source = blk
+      blk.data = data
     self.tier.put(block_hash, blk)
     self.stats["remote_blocks"] += 1
-    return self._promote(block_hash, blk)
+    return self._promote(block_hash, source)
 
   def _promote(self, block_hash: Hashable, blk: _Block) -> int | None:
     try:

@@ -15,9 +15,14 @@ misses locally asks, in order:
    block a prefill computes, as LMCache and Mooncake Store keep them), so a
    prefix outlives the worker that computed it and its device pool's LRU.
 
-Fetched blocks land in the host tier and are uploaded into device pages
-exactly like blocks promoted from it (``HostTierLink.promote_block``): the
-prefill then starts after them. Anything that goes wrong (a source down, a
+Blocks move host-staged over gRPC (``FetchBlocks``: the source copies them
+to its host, streams them, each with its CRC, and they land in this
+worker's host tier) on every transport; in a ``device`` transport
+deployment a peer's blocks are pulled instead, device to device with
+``jax.experimental.transfer`` (``PullBlocks``; a store's are always
+streamed). Either way they are uploaded into device pages exactly like
+blocks promoted from the host tier (``HostTierLink.promote_block``, which
+keeps a host copy): the prefill then starts after them. Anything that goes wrong (a source down, a
 stream cut, a deadline, a block failing its checks) ends that source's
 part: the blocks before it are kept, the rest is computed, as without this
 module.
@@ -73,7 +78,8 @@ HASH_BYTES = 16
 MAX_FETCH_BLOCKS = 4096
 # The counters RemoteTier.stats reports (metric stats).
 STATS = ("fetches", "fetched_blocks", "fetched_bytes", "peer_blocks",
-         "store_blocks", "declined_blocks", "refused_blocks", "failures",
+         "store_blocks", "pulled_blocks", "declined_blocks",
+         "refused_blocks", "failures",
          "published_blocks", "published_bytes", "publish_dropped",
          "publish_failures")
 
@@ -133,11 +139,38 @@ def check_block(layout: BlockLayout, want_hash: bytes, got_hash: bytes,
   return np.frombuffer(data, _np_dtype(layout.dtype)).reshape(layout.shape)
 
 
+def check_pulled(layout: BlockLayout, want: Sequence[bytes],
+                 names: Sequence[bytes], got_layout: BlockLayout, array
+                 ) -> None:
+  """BlockRefused unless a pulled run is a leading run of the names asked
+  for, of this layout, one block ``[2, L, P, K, hd]`` per name. (Device
+  data carries no CRC: the transfer's own transport checks it.)"""
+  if list(names) != list(want[:len(names)]):
+    raise BlockRefused("the pulled blocks are not the ones asked for")
+  if got_layout != layout:
+    raise BlockRefused("pulled blocks of another model or layout")
+  if (tuple(array.shape) != (len(names), *layout.shape)
+      or str(np.dtype(array.dtype)) != layout.dtype):
+    raise BlockRefused(f"pulled array {tuple(array.shape)} {array.dtype}, "
+                       f"expected {(len(names), *layout.shape)} "
+                       f"{layout.dtype}")
+
+
 class BlockSource:
   """A place blocks can be fetched from (and, for a store, kept in), as the
   remote tier reaches it (``pdjax.service.kvstore.GrpcBlockSource``)."""
 
   address: str = ""
+  # Whether ``pull`` may work: the blocks move device to device
+  # (``jax.experimental.transfer``) instead of through both hosts.
+  can_pull: bool = False
+
+  def pull(self, layout: BlockLayout, hashes: Sequence[bytes], *,
+           timeout_s: float):
+    """(names, layout, device array ``[n, 2, L, P, K, hd]``) of the
+    leading run held there, pulled onto this worker's device; raises
+    NotImplementedError where the source cannot offer device pulls."""
+    raise NotImplementedError
 
   def fetch(self, layout: BlockLayout, hashes: Sequence[bytes], *,
             timeout_s: float
@@ -292,6 +325,7 @@ class RemoteTier:
     self.stats = collections.Counter({s: 0 for s in STATS})
     self._connect = connect
     self._sources: dict[str, BlockSource] = {}
+    self._no_pull: set[str] = set()
     self._down = _Down(clock)
     self._lock = threading.Lock()
     self._on_fetch = on_fetch
@@ -349,10 +383,11 @@ class RemoteTier:
             wait: Callable[[concurrent.futures.Future], Any] | None = None
             ) -> list[tuple[bytes, np.ndarray]]:
     """Blocks ``first ..`` of ``hashes`` (a prompt's names; the first
-    ``first`` are held here), as (name, host array) of the leading run
-    found elsewhere. Never raises: a source that fails gives what it had
-    checked before failing, and the next one is asked."""
-    got: list[tuple[bytes, np.ndarray]] = []
+    ``first`` are held here), as (name, array) of the leading run found
+    elsewhere: host arrays, or device arrays where a peer's blocks were
+    pulled. Never raises: a source that fails gives what it had checked
+    before failing, and the next one is asked."""
+    got: list[tuple[bytes, Any]] = []
     for kind, address, blocks in self.plan(len(hashes), first, sources):
       start = first + len(got)
       n = blocks - start
@@ -376,14 +411,28 @@ class RemoteTier:
     return got
 
   def _fetch_from(self, kind: str, address: str, want: list[bytes]
-                  ) -> list[tuple[bytes, np.ndarray]]:
-    out: list[tuple[bytes, np.ndarray]] = []
+                  ) -> list[tuple[bytes, Any]]:
+    out: list[tuple[bytes, Any]] = []
     t0 = time.perf_counter()
     nbytes = 0
     failed = False
+    pulled = False
     try:
-      stream = self._source(address).fetch(self.layout, want,
-                                            timeout_s=self.timeout_s)
+      src = self._source(address)
+      if kind == "peer" and src.can_pull and address not in self._no_pull:
+        try:
+          names, got_layout, array = src.pull(self.layout, want,
+                                              timeout_s=self.timeout_s)
+          pulled = True
+        except NotImplementedError:
+          self._no_pull.add(address)   # a peer without a transfer server
+      if pulled:
+        if names:
+          check_pulled(self.layout, want, names, got_layout, array)
+          out = [(h, array[i]) for i, h in enumerate(names)]
+          nbytes = len(out) * self.layout.block_bytes
+      stream = () if pulled else src.fetch(self.layout, want,
+                                           timeout_s=self.timeout_s)
       for got_hash, got_layout, data, crc in stream:
         if len(out) >= len(want):
           raise BlockRefused("more blocks arrived than were asked for")
@@ -407,6 +456,8 @@ class RemoteTier:
       self.stats["fetched_blocks"] += len(out)
       self.stats["fetched_bytes"] += nbytes
       self.stats[f"{kind}_blocks"] += len(out)
+      if pulled:
+        self.stats["pulled_blocks"] += len(out)
     if failed:
       self._down.failed(address)
     else:
@@ -495,4 +546,4 @@ class RemoteTier:
 
 __all__ = ["BlockLayout", "BlockRefused", "BlockSource", "FetchCosts",
            "LinearFit", "MAX_FETCH_BLOCKS", "POLICIES", "RemoteTier",
-           "STATS", "check_block", "layout_of"]
+           "STATS", "check_block", "check_pulled", "layout_of"]

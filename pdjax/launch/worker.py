@@ -266,7 +266,9 @@ async def serve(role: str) -> None:
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
       store = None
-      remote = _remote_tier(cfg, dep, cache_pages, sec, address, metrics)
+      pulls = _block_pulls(transport, mesh)
+      remote = _remote_tier(cfg, dep, cache_pages, sec, address, metrics,
+                            pulls)
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
         host_blocks = F.HOST_CACHE_BLOCKS.value
@@ -321,7 +323,8 @@ async def serve(role: str) -> None:
         from pdjax.service.kvstore import PeerServicer
         from pdjax.v1 import blockstore_pb2_grpc
         blockstore_pb2_grpc.add_BlockStoreServicer_to_server(
-            PeerServicer(store, timeout_s=KV_FETCH_TIMEOUT.value), server)
+            PeerServicer(store, timeout_s=KV_FETCH_TIMEOUT.value,
+                         pulls=pulls), server)
         info.serves_blocks = True
         log.info("sharing the prefix cache: fetch policy %s, store %s",
                  KV_FETCH.value, KV_STORE.value or "none")
@@ -376,7 +379,19 @@ async def serve(role: str) -> None:
   await _run_until_signal(server, health, health_names, workers)
 
 
-def _remote_tier(cfg, dep, cache_pages: int, sec, address: str, metrics):
+def _block_pulls(transport: str, mesh):
+  """Shared KV in a ``device`` transport deployment: peers' blocks move
+  device to device (jax.experimental.transfer) instead of host-staged."""
+  if KV_FETCH.value == "off" or transport != "device":
+    return None
+  from pdjax.transfer.device import BlockPulls
+  return BlockPulls(mesh.devices.flat[0], host=F.HOST.value,
+                    advertise_host=advertised_host(F.ADVERTISE.value),
+                    ttl_s=max(2 * KV_FETCH_TIMEOUT.value, 1.0))
+
+
+def _remote_tier(cfg, dep, cache_pages: int, sec, address: str, metrics,
+                 pulls=None):
   """The shared-KV tier of a prefill worker's cache (--kv_fetch,
   --kv_store), or None when off."""
   if KV_FETCH.value == "off":
@@ -391,7 +406,7 @@ def _remote_tier(cfg, dep, cache_pages: int, sec, address: str, metrics):
   from pdjax.service.kvstore import GrpcBlockSource
   return RemoteTier(
       layout_of(cfg, dep.page_size), dep.page_size,
-      lambda a: GrpcBlockSource(a, sec), store=KV_STORE.value,
+      lambda a: GrpcBlockSource(a, sec, pulls=pulls), store=KV_STORE.value,
       policy=KV_FETCH.value, timeout_s=KV_FETCH_TIMEOUT.value,
       self_address=address,
       on_fetch=lambda kind, blocks, nbytes, s: (

@@ -50,7 +50,7 @@ import grpc
 
 from pdjax.engine.cache_events import CacheEventLog
 from pdjax.engine.remote_tier import (HASH_BYTES, MAX_FETCH_BLOCKS,
-                                      BlockLayout, BlockSource)
+                                      BlockLayout, BlockRefused, BlockSource)
 from pdjax.service import common, kv_router
 from pdjax.v1 import blockstore_pb2, blockstore_pb2_grpc, common_pb2
 
@@ -426,32 +426,58 @@ class StoreServicer(blockstore_pb2_grpc.BlockStoreServicer):
 
 
 class PeerServicer(blockstore_pb2_grpc.BlockStoreServicer):
-  """A prefill worker's ``BlockStore``: fetches from its prefix cache."""
+  """A prefill worker's ``BlockStore``: fetches (and, with ``pulls``,
+  device pulls) from its prefix cache."""
 
-  def __init__(self, store, *, timeout_s: float = 2.0):
-    """``store``: the engine's ``PrefixStore`` (its ``export`` reads)."""
+  def __init__(self, store, *, timeout_s: float = 2.0, pulls=None):
+    """``store``: the engine's ``PrefixStore`` (its ``export`` reads).
+    ``pulls``: a ``pdjax.transfer.device.BlockPulls`` (``PullBlocks``;
+    None: UNIMPLEMENTED)."""
     self.store = store
     self.layout = store.block_layout
     self.timeout_s = timeout_s
+    self.pulls = pulls
 
-  async def FetchBlocks(self, request, context):
+  async def _export(self, request, context):
+    """The blocks held of a request's leading run (empty: another layout,
+    which this worker holds none of, as a store would answer)."""
     layout = layout_from_proto(request.layout)
     problem = check_hashes(request.hashes)
     if problem:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
     if layout != self.layout:
-      # Not an error of the caller's request as such: this worker holds no
-      # block of that layout. An empty answer, as a store gives.
-      return
+      return []
     remaining = context.time_remaining()
     timeout = self.timeout_s if remaining is None else min(
         self.timeout_s, max(remaining, 0.001))
     try:
-      blocks = await asyncio.to_thread(self.store.export,
-                                       list(request.hashes), timeout)
+      return await asyncio.to_thread(self.store.export,
+                                     list(request.hashes), timeout)
     except TimeoutError as e:
       await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-    wire = layout_to_proto(layout)
+
+  async def PullBlocks(self, request, context):
+    if self.pulls is None:
+      await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          "this worker offers no device pulls (its "
+                          "deployment's transport is not 'device')")
+    blocks = await self._export(request, context)
+    out = blockstore_pb2.BlockPull(layout=layout_to_proto(self.layout))
+    if not blocks:
+      return out
+    try:
+      address, uuid = await asyncio.to_thread(
+          self.pulls.offer, [array for _, array in blocks])
+    except OverflowError as e:
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    out.hashes.extend(name for name, _ in blocks)
+    out.transfer_address = address
+    out.pull_uuid = uuid
+    return out
+
+  async def FetchBlocks(self, request, context):
+    blocks = await self._export(request, context)
+    wire = layout_to_proto(self.layout)
     for name, array in blocks:
       data = await asyncio.to_thread(_host_bytes, array)
       yield blockstore_pb2.KvBlock(hash=name, layout=wire, data=data,
@@ -476,10 +502,41 @@ def store_info(address: str) -> common_pb2.WorkerInfo:
 class GrpcBlockSource(BlockSource):
   """A peer or a store as the remote tier reaches it (sync gRPC)."""
 
-  def __init__(self, address: str, security: common.Security = common.Security()):
+  def __init__(self, address: str,
+               security: common.Security = common.Security(), *,
+               pulls=None):
+    """``pulls``: this worker's ``pdjax.transfer.device.BlockPulls``, to
+    pull peers' blocks device to device (None: streams only)."""
     self.address = address
     self._channel = common.make_channel(address, security)
     self._stub = blockstore_pb2_grpc.BlockStoreStub(self._channel)
+    self._pulls = pulls
+    self.can_pull = pulls is not None
+
+  def pull(self, layout: BlockLayout, hashes: Sequence[bytes], *,
+           timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    try:
+      offer = self._stub.PullBlocks(blockstore_pb2.FetchBlocksRequest(
+          layout=layout_to_proto(layout), hashes=list(hashes)),
+          timeout=timeout_s)
+    except grpc.RpcError as e:
+      if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        raise NotImplementedError(e.details()) from e
+      raise
+    names = [bytes(h) for h in offer.hashes]
+    got = layout_from_proto(offer.layout)
+    if not names:
+      return [], got, None
+    if got != layout:   # not pulled at all
+      raise BlockRefused("offered blocks of another model or layout")
+    import ml_dtypes  # noqa: F401 - names bfloat16 & co. for numpy
+    import numpy as np
+    array = self._pulls.pull(offer.transfer_address, offer.pull_uuid,
+                             (len(names), *got.shape), np.dtype(got.dtype),
+                             timeout_s=max(deadline - time.monotonic(),
+                                           0.001))
+    return names, got, array
 
   def fetch(self, layout: BlockLayout, hashes: Sequence[bytes], *,
             timeout_s: float

@@ -37,6 +37,18 @@ class KvBlock(_message.Message):
     crc32: int
     def __init__(self, hash: _Optional[bytes] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
+class BlockPull(_message.Message):
+    __slots__ = ("hashes", "layout", "transfer_address", "pull_uuid")
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PULL_UUID_FIELD_NUMBER: _ClassVar[int]
+    hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    layout: BlockLayout
+    transfer_address: str
+    pull_uuid: int
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ...) -> None: ...
+
 class PutBlocksAck(_message.Message):
     __slots__ = ("stored", "present", "refused", "bytes")
     STORED_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class BlockStoreStub:
                 request_serializer=pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_blockstore__pb2.KvBlock.FromString,
                 _registered_method=True)
+        self.PullBlocks = channel.unary_unary(
+                '/pdjax.v1.BlockStore/PullBlocks',
+                request_serializer=pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_blockstore__pb2.BlockPull.FromString,
+                _registered_method=True)
         self.PutBlocks = channel.stream_unary(
                 '/pdjax.v1.BlockStore/PutBlocks',
                 request_serializer=pdjax_dot_v1_dot_blockstore__pb2.KvBlock.SerializeToString,
@@ -59,6 +64,17 @@ class BlockStoreServicer:
         """The longest leading run of `hashes` held here, one message per block,
         in the order asked; it ends at the first block not held (an empty
         stream: not even the first). Blocks of another layout are not held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullBlocks(self, request, context):
+        """The same run as FetchBlocks, left on the server's devices for the
+        caller to pull with jax.experimental.transfer (workers of a `device`
+        transport deployment; no host copy on either side): one array
+        [n, 2, layers, page_size, kv_heads, head_dim]. A server without a
+        transfer server answers UNIMPLEMENTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +103,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.FetchBlocks,
                     request_deserializer=pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_blockstore__pb2.KvBlock.SerializeToString,
+            ),
+            'PullBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullBlocks,
+                    request_deserializer=pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_blockstore__pb2.BlockPull.SerializeToString,
             ),
             'PutBlocks': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlocks,
@@ -126,6 +147,33 @@ class BlockStore:
             '/pdjax.v1.BlockStore/FetchBlocks',
             pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.SerializeToString,
             pdjax_dot_v1_dot_blockstore__pb2.KvBlock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdjax.v1.BlockStore/PullBlocks',
+            pdjax_dot_v1_dot_blockstore__pb2.FetchBlocksRequest.SerializeToString,
+            pdjax_dot_v1_dot_blockstore__pb2.BlockPull.FromString,
             options,
             channel_credentials,
             insecure,
