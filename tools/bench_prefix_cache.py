@@ -200,7 +200,8 @@ def main(argv) -> None:
           "ttft_p90_cached_ms", "ttft_p90_uncached_ms",
           "prompt_tokens_computed",
           "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
-          "kv_peer_blocks", "kv_store_blocks", "kv_fetched_bytes",
+          "kv_peer_blocks", "kv_store_blocks", "kv_pulled_blocks",
+          "kv_fetched_bytes",
           "kv_declined_blocks", "kv_published_bytes", "decode_cache_hits")
   print(" | ".join(cols + ("requests per prefill worker",)))
   for r in rows:

@@ -32,7 +32,7 @@ import functools
 import hashlib
 import logging
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
