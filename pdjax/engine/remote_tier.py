@@ -280,17 +280,21 @@ class _Down:
     self._clock = clock
     self._first, self._max = first_s, max_s
     self._until: dict[str, tuple[float, float]] = {}
+    self._lock = threading.Lock()
 
   def failed(self, source: str) -> None:
-    _, backoff = self._until.get(source, (0.0, self._first / 2))
-    backoff = min(backoff * 2, self._max)
-    self._until[source] = (self._clock() + backoff, backoff)
+    with self._lock:
+      _, backoff = self._until.get(source, (0.0, self._first / 2))
+      backoff = min(backoff * 2, self._max)
+      self._until[source] = (self._clock() + backoff, backoff)
 
   def ok(self, source: str) -> None:
-    self._until.pop(source, None)
+    with self._lock:
+      self._until.pop(source, None)
 
   def down(self, source: str) -> bool:
-    entry = self._until.get(source)
+    with self._lock:
+      entry = self._until.get(source)
     return entry is not None and self._clock() < entry[0]
 
 
@@ -478,12 +482,13 @@ class RemoteTier:
       return
     size = len(blocks) * self.layout.block_bytes
     with self._cond:
-      if self._queued_bytes + size > self.publish_bytes:
-        self.stats["publish_dropped"] += len(blocks)
-        return
-      self._queue.append(list(blocks))
-      self._queued_bytes += size
-      self._cond.notify()
+      full = self._queued_bytes + size > self.publish_bytes
+      if not full:
+        self._queue.append(list(blocks))
+        self._queued_bytes += size
+        self._cond.notify()
+    if full:
+      self.count("publish_dropped", len(blocks))
 
   def _publish_loop(self) -> None:
     while True:
