@@ -50,7 +50,8 @@ class Worker:
   server."""
 
   def __init__(self, loop, model_dir, devices, *, store=None,
-               policy="always", cache=True, pulls=False):
+               policy="always", cache=True, pulls=False, write="through",
+               num_pages=64, host_blocks=24):
     """``pulls``: offers and pulls blocks device to device (a ``device``
     transport deployment's workers)."""
     rules = ShardingRules.load("prefill_tp")
@@ -65,9 +66,10 @@ class Worker:
       self.remote = RemoteTier(
           _layout(cfg), PAGE,
           lambda a: GrpcBlockSource(a, SEC, pulls=self.pulls), store=store,
-          policy=policy, timeout_s=5.0)
-      self.pstore = PrefillKVStore(cfg, mesh, rules, num_pages=64,
-                                   page_size=PAGE, host_cache_blocks=24,
+          policy=policy, timeout_s=5.0, write=write)
+      self.pstore = PrefillKVStore(cfg, mesh, rules, num_pages=num_pages,
+                                   page_size=PAGE,
+                                   host_cache_blocks=host_blocks,
                                    remote=self.remote)
       self.server, self.address = loop.run(_serve(
           PeerServicer(self.pstore, timeout_s=5.0, pulls=self.pulls), SEC))
@@ -291,11 +293,41 @@ def test_a_source_dying_mid_fetch_leaves_a_correct_prefill(
     def close(self):
       self.inner.close()
 
-  b.remote._sources[store[1]] = Dying(store[1])  # pylint: disable=protected-access
+  sources = b.remote._sources  # pylint: disable=protected-access
+  sources[store[1]] = Dying(store[1])
   before = b.remote.snapshot()
-  tok, _, r = b.prefill(ids, salt="dying")
+  try:
+    tok, _, r = b.prefill(ids, salt="dying")
+  finally:                       # the store comes back for later tests
+    sources.pop(store[1])
+    b.remote._down.ok(store[1])  # pylint: disable=protected-access
   after = b.remote.snapshot()
   assert after["failures"] == before["failures"] + 1
   assert after["store_blocks"] - before["store_blocks"] == 2
   assert r.cached_tokens == 2 * PAGE
   assert tok == plain.prefill(ids)[0]
+
+
+def test_evict_mode_sends_the_blocks_a_worker_drops(workers, store,
+                                                    tiny_model_dir, loop):
+  """write="evict": nothing is written through; the blocks the host
+  tier's LRU drops go to the store, where another worker finds them."""
+  _, b, plain = workers
+  core, address = store
+  w = Worker(loop, tiny_model_dir, jax.devices()[4:6], store=address,
+             write="evict", num_pages=8, host_blocks=6)
+  rng = np.random.RandomState(41)
+  x = rng.randint(3, 300, size=65).tolist()          # 4 full blocks
+  w.prefill(x, salt="evict")
+  assert w.remote.flush_publish()
+  assert w.remote.stats["published_blocks"] == 0      # not written through
+  for _ in range(4):   # fillers push x down to the host tier, then out
+    w.prefill(rng.randint(3, 300, size=65).tolist(), salt="evict")
+  assert w.remote.flush_publish()
+  dropped = w.pstore.host_tier.tier.stats["evictions"]
+  assert dropped >= 4
+  assert w.remote.stats["published_blocks"] == dropped
+  names = w.pstore.hashes(x, "evict")
+  assert len(core.fetch(names, _layout(w.cfg))) == 4
+  tok, _, r = b.prefill(x, salt="evict")
+  assert r.cached_tokens == 4 * PAGE and tok == plain.prefill(x)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import zlib
 
 import grpc
@@ -170,7 +171,9 @@ class FakeSource(BlockSource):
   """Serves from a dict; ``cut_after`` blocks then fails; ``tamper``
   changes what it sends."""
 
-  def __init__(self, address, blocks, *, cut_after=None, tamper=None):
+  def __init__(self, address, blocks, *, cut_after=None, tamper=None,
+               delay_s=0.0):
+    self.delay_s = delay_s
     self.address = address
     self.blocks = blocks
     self.cut_after = cut_after
@@ -180,6 +183,7 @@ class FakeSource(BlockSource):
 
   def fetch(self, layout, hashes, *, timeout_s):
     self.asked.append(list(hashes))
+    time.sleep(self.delay_s)
     for i, h in enumerate(hashes):
       if self.cut_after is not None and i >= self.cut_after:
         raise ConnectionError("the store went away mid-fetch")
@@ -205,7 +209,8 @@ def test_plan_fetch_order_partial_and_refused_sources():
   store = FakeSource("s", {n: _data(i) for i, n in enumerate(names)})
   tier = _tier({"a": a, "b": b, "s": store}, store="s", self_address="me")
   assert tier.plan(6, 1, [("a", 3), ("me", 6), ("b", 5), ("x", 1)]) == [
-      ("peer", "b", 5), ("peer", "a", 3), ("store", "s", 6)]
+      ("peer", "b", 5, True), ("peer", "a", 3, True),
+      ("store", "s", 6, False)]
   # 1 held here; b gives 1..4, a has nothing past 4, the store gives 5.
   got = tier.fetch(names, 1, [("a", 3), ("b", 5)])
   assert [h for h, _ in got] == names[1:]
@@ -249,6 +254,30 @@ def test_auto_declines_fetches_slower_than_the_prefill():
   for n in (64, 128):                   # a slow one: 1 ms a token
     tier.costs.observe_prefill(n, 1e-3 * n)
   assert len(tier.fetch(names, 0, [("p", 4)])) == 4
+
+
+def test_an_unhinted_store_is_asked_by_what_it_lately_held():
+  """auto: the store, asked without a hint, is weighed by the share of
+  asked blocks it brought lately; one that keeps missing is asked once a
+  second only, and a hint is taken at its word."""
+  names = [_name(i) for i in range(4)]
+  now = [0.0]
+  store = FakeSource("s", {}, delay_s=1e-3)   # a round trip: 1 ms
+  tier = _tier({"s": store}, store="s", policy="auto", clock=lambda: now[0])
+  for n in (64, 128):                   # prefill: 1 ms a token
+    tier.costs.observe_prefill(n, 1e-3 * n)
+  # Unknown yield: worth it (4 blocks of 4 tokens save 16 ms).
+  assert tier.fetch(names, 0) == [] and len(store.asked) == 1
+  for t in range(1, 20):                # keeps missing: then 1 ask a second
+    now[0] = t * 0.25
+    tier.fetch(names, 0)
+  assert len(store.asked) <= 10, len(store.asked)
+  assert tier.stats["declined_blocks"] > 0
+  # Hinted by the router (its mirror saw them): asked.
+  store.blocks = {n: _data(i) for i, n in enumerate(names)}
+  asked = len(store.asked)
+  assert len(tier.fetch(names, 0, [("s", 4)])) == 4
+  assert len(store.asked) == asked + 1
 
 
 def test_write_through_is_bounded_and_survives_a_dead_store():

@@ -16,7 +16,8 @@ Scenarios (``--scenarios``, comma list):
              fetches the blocks the router says a peer holds instead of
              computing them, when the measured rates say it pays
   store0     share0 plus a KV store process the workers write through to
-             and fetch from (python -m pdjax.launch.kvstore)
+             (or, --kv_store_write=evict, evict to) and fetch from
+             (python -m pdjax.launch.kvstore)
 Reported per scenario: TTFT p50/p90, and apart for the requests a cache
 served part of (their usage's ``cached_prompt_tokens``) and the others,
 prompt tokens computed vs served from a cache (prefill side), KV bytes
@@ -73,9 +74,12 @@ SCENARIO_ARGS = {
                    router=["--kv_overlap_weight=0"]),
     "store0": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
                                           "--prefix_caching",
-                                          "--kv_fetch={fetch}"],
+                                          "--kv_fetch={fetch}",
+                                          "--kv_store_write={write}"],
                    router=["--kv_overlap_weight=0"], kv_store=True),
 }
+WRITE = flags.DEFINE_enum("kv_store_write", "through", ["through", "evict"],
+                          "When store0's workers write blocks to the store.")
 FETCH = flags.DEFINE_enum("kv_fetch", "auto", ["auto", "always"],
                           "Fetch policy of the shared-KV scenarios.")
 TRANSPORT = flags.DEFINE_enum("kv_transport", None, ["grpc", "device"],
@@ -102,8 +106,8 @@ def _scrape(proc) -> str:
 def run_scenario(name: str, work: Path) -> dict:
   from pdjax.launch.cluster import LocalCluster, launch
   spec = SCENARIO_ARGS[name]
-  worker = [f.format(pages=CACHE_PAGES.value, fetch=FETCH.value)
-            for f in spec["worker"]]
+  worker = [f.format(pages=CACHE_PAGES.value, fetch=FETCH.value,
+                     write=WRITE.value) for f in spec["worker"]]
   cluster = LocalCluster(work / name, PLATFORM.value)
   try:
     address = launch(cluster, config=CONFIG.value,
@@ -211,6 +215,7 @@ def main(argv) -> None:
     Path(OUT.value).write_text(json.dumps(
         {"preset": PRESET.value, "num_requests": NUM.value,
          "kv_fetch": FETCH.value, "kv_transport": TRANSPORT.value,
+         "kv_store_write": WRITE.value,
          "rate": RATE.value, "length_scale": LENGTH_SCALE.value,
          "config": CONFIG.value, "platform": PLATFORM.value,
          "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))

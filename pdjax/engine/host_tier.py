@@ -95,6 +95,10 @@ class HostKVTier:
     self._lock = threading.RLock()
     self._counts = collections.Counter()
     self._host_shardings: dict = {}
+    # Told (name, data) of each block the LRU drops for good, outside the
+    # lock (shared KV: written to the host's store on eviction); a block
+    # whose read from the device is still queued (no data) is not told.
+    self.on_drop: Callable[[Hashable, object], None] | None = None
 
   # ---------------------------------------------------------------- store
   def __len__(self) -> int:
@@ -122,6 +126,7 @@ class HostKVTier:
 
   def put(self, block_hash: Hashable, blk: _Block) -> None:
     """Adds (or refreshes) an entry, dropping LRU ones beyond capacity."""
+    dropped = []
     with self._lock:
       old = self._blocks.pop(block_hash, None)
       if old is not None and old is not blk:
@@ -129,9 +134,14 @@ class HostKVTier:
       self._blocks[block_hash] = blk
       blk.in_tier = True
       while len(self._blocks) > self.capacity_blocks:
-        _, gone = self._blocks.popitem(last=False)
+        name, gone = self._blocks.popitem(last=False)
         gone.in_tier = False
         self._counts["evictions"] += 1
+        dropped.append((name, gone.data))
+    if self.on_drop is not None:
+      for name, data in dropped:
+        if data is not None:
+          self.on_drop(name, data)
 
   def count(self, stat: str, n: int = 1) -> None:
     with self._lock:

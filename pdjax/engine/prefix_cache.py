@@ -177,6 +177,10 @@ class PrefillKVStore(PrefixStore):
         lambda: (self.k, self.v), self._set_pools)
     # --- shared KV: peers and the host's store (pdjax.engine.remote_tier)
     self.remote = remote
+    if remote is not None and remote.publishes and remote.write == "evict":
+      # Blocks go to the store as they leave the last local tier.
+      self.host_tier.tier.on_drop = (
+          lambda name, data: remote.publish([(name, data)]))
     self._exports: list[_Export] = []
     self._exports_lock = threading.Lock()
     self._work = threading.Event()     # an export queued while fetching
@@ -300,7 +304,8 @@ class PrefillKVStore(PrefixStore):
   def _publish(self, names: Sequence[bytes], pages: Sequence[int]) -> None:
     """Write-through: the new blocks ``pages`` (named ``names``) go to the
     host's store, read by a program dispatched now."""
-    if self.remote is None or not self.remote.publishes or not pages:
+    if (self.remote is None or not self.remote.publishes or not pages
+        or self.remote.write != "through"):
       return
     try:
       self.remote.publish(list(zip(names,

@@ -40,10 +40,19 @@ Whether to fetch is decided per request and per source (``FetchCosts``):
 the predicted fetch time, from a least-squares fit of each source's past
 fetches (seconds against bytes), against the prefill it saves, from a fit
 of this worker's past prefills (seconds against computed tokens; only the
-per-token slope counts, since the rest of the prompt is still prefilled).
-Until a prefill has been measured, a fetch is assumed worth it. The policy
-``always`` fetches whenever a source is named (tests, benchmarks);
-``auto`` fetches only where the fit says it pays.
+per-token slope counts, since the rest of the prompt is still prefilled),
+both for the blocks expected to come: a hint's count, or, for an unhinted
+ask of the store, the asked blocks times the share its recent asks
+brought (so a store that lately held nothing costs a round trip per
+``EXPLORE_S`` at most). Until a prefill has been measured, a fetch is
+assumed worth it. The policy ``always`` fetches whenever a source may
+have blocks (tests, benchmarks); ``auto`` only where the fits say it pays.
+
+Blocks reach the store written through (``write="through"``, the
+default: every block as a prefill computes it, so the store has a prefix
+at once and after any restart) or on eviction (``"evict"``: as the LRU of
+the worker's host tier drops it, which moves far fewer bytes but leaves
+the store without what the worker still holds).
 
 Threads and ownership: a fetch runs on the tier's helper thread while the
 calling engine thread waits (``wait`` lets it serve its own peers
@@ -72,10 +81,18 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 POLICIES = ("off", "auto", "always")
+# When a worker's blocks go to the store: each new block as it is computed
+# ("through"), or each block as it leaves the worker's last tier ("evict").
+WRITES = ("through", "evict")
+# Blocks sent to the store in one PutBlocks call at most.
+PUT_BATCH_BLOCKS = 64
 HASH_BYTES = 16
 # A fetch asks for at most this many blocks (a 128K-token prompt in 32-token
 # pages); servers refuse longer requests.
 MAX_FETCH_BLOCKS = 4096
+# An unhinted source the cost model declines is still asked once in this
+# many seconds, to learn how much it holds again.
+EXPLORE_S = 1.0
 # The counters RemoteTier.stats reports (metric stats).
 STATS = ("fetches", "fetched_blocks", "fetched_bytes", "peer_blocks",
          "store_blocks", "pulled_blocks", "declined_blocks",
@@ -252,14 +269,14 @@ class FetchCosts:
     with self._lock:
       self._fetch.setdefault(source, LinearFit()).add(float(nbytes), seconds)
 
-  def fetch_s(self, source: str, blocks: int) -> float:
+  def fetch_s(self, source: str, blocks: float) -> float:
     with self._lock:
       fit = self._fetch.get(source)
       coef = fit.coefficients() if fit is not None and fit.n >= 2 else None
     a, b = coef or self.prior
     return a + b * blocks * self.block_bytes
 
-  def saved_s(self, blocks: int) -> float | None:
+  def saved_s(self, blocks: float) -> float | None:
     """Prefill seconds ``blocks`` cached blocks save (None: unmeasured)."""
     with self._lock:
       coef = self.prefill.coefficients()
@@ -267,7 +284,9 @@ class FetchCosts:
       return None
     return coef[1] * blocks * self.page_size
 
-  def worth(self, source: str, blocks: int) -> bool:
+  def worth(self, source: str, blocks: float) -> bool:
+    """Whether fetching ``blocks`` (the number expected to come) from
+    ``source`` is predicted faster than computing them."""
     saved = self.saved_s(blocks)
     return saved is None or self.fetch_s(source, blocks) < saved
 
@@ -311,13 +330,17 @@ class RemoteTier:
                store: str | None = None, policy: str = "auto",
                timeout_s: float = 2.0, publish_bytes: int = 256 << 20,
                self_address: str = "", clock=time.monotonic,
-               on_fetch: Callable[[str, int, int, float], None] | None = None
-               ):
+               on_fetch: Callable[[str, int, int, float], None] | None = None,
+               write: str = "through"):
     """``on_fetch(kind, blocks, bytes, seconds)``: told of every fetch that
-    brought blocks (kind "peer" or "store"), e.g. for a histogram."""
+    brought blocks (kind "peer" or "store"), e.g. for a histogram.
+    ``write``: when blocks go to the store (``WRITES``)."""
     if policy not in POLICIES or policy == "off":
       raise ValueError(f"a remote tier's policy is 'auto' or 'always', got "
                        f"{policy!r}")
+    if write not in WRITES:
+      raise ValueError(f"store writes are one of {WRITES}, got {write!r}")
+    self.write = write
     if timeout_s <= 0:
       raise ValueError(f"fetch timeout must be > 0, got {timeout_s}")
     self.layout = layout
@@ -331,6 +354,9 @@ class RemoteTier:
     self._sources: dict[str, BlockSource] = {}
     self._no_pull: set[str] = set()
     self._down = _Down(clock)
+    self._clock = clock
+    self._yield: dict[str, float] = {}     # unhinted asks: got / asked
+    self._asked_at: dict[str, float] = {}
     self._lock = threading.Lock()
     self._on_fetch = on_fetch
     self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -349,7 +375,7 @@ class RemoteTier:
 
   @property
   def publishes(self) -> bool:
-    """Whether new blocks are written through to a store."""
+    """Whether blocks are written to a store (``write`` says when)."""
     return self.store is not None
 
   def _source(self, address: str) -> BlockSource:
@@ -366,10 +392,10 @@ class RemoteTier:
   # ---------------------------------------------------------------- fetch
   def plan(self, num_hashes: int, first: int,
            sources: Sequence[tuple[str, int]] = ()
-           ) -> list[tuple[str, str, int]]:
-    """(kind, address, blocks it may hold) to ask, in order: the hinted
-    peers best first (their counts include the ``first`` blocks held
-    here), then the store for whatever is left."""
+           ) -> list[tuple[str, str, int, bool]]:
+    """(kind, address, blocks it may hold, hinted) to ask, in order: the
+    hinted peers best first (their counts include the ``first`` blocks
+    held here), then, unhinted, the store for whatever is left."""
     out = []
     seen = {self.self_address}
     for address, blocks in sorted(sources, key=lambda s: -s[1]):
@@ -377,10 +403,28 @@ class RemoteTier:
         continue
       seen.add(address)
       kind = "store" if address == self.store else "peer"
-      out.append((kind, address, min(blocks, num_hashes)))
+      out.append((kind, address, min(blocks, num_hashes), True))
     if self.store is not None and self.store not in seen:
-      out.append(("store", self.store, num_hashes))
+      out.append(("store", self.store, num_hashes, False))
     return out
+
+  def expected(self, address: str, n: int) -> float:
+    """Blocks an unhinted ask for ``n`` is expected to bring: ``n`` times
+    the share of what was asked that came, lately."""
+    with self._lock:
+      return n * self._yield.get(address, 1.0)
+
+  def _learn_yield(self, address: str, asked: int, got: int) -> None:
+    with self._lock:
+      old = self._yield.get(address, 1.0)
+      self._yield[address] = 0.5 * old + 0.5 * (got / max(asked, 1))
+      self._asked_at[address] = self._clock()
+
+  def _explore(self, address: str) -> bool:
+    """Whether an unhinted source not worth asking is asked anyway, to
+    learn its yield again (once per ``EXPLORE_S``)."""
+    with self._lock:
+      return self._clock() - self._asked_at.get(address, -1e9) > EXPLORE_S
 
   def fetch(self, hashes: Sequence[bytes], first: int,
             sources: Sequence[tuple[str, int]] = (),
@@ -392,14 +436,19 @@ class RemoteTier:
     pulled. Never raises: a source that fails gives what it had checked
     before failing, and the next one is asked."""
     got: list[tuple[bytes, Any]] = []
-    for kind, address, blocks in self.plan(len(hashes), first, sources):
+    for kind, address, blocks, hinted in self.plan(len(hashes), first,
+                                                    sources):
       start = first + len(got)
       n = blocks - start
       if n <= 0:
         continue
       if self._down.down(address):
         continue
-      if self.policy == "auto" and not self.costs.worth(address, n):
+      # A hint says how many are there; an unhinted ask (the store, for
+      # what the router's mirror had not seen) brings what it lately did.
+      expect = n if hinted else self.expected(address, n)
+      if (self.policy == "auto" and not self.costs.worth(address, expect)
+          and (hinted or not self._explore(address))):
         self.count("declined_blocks", n)
         continue
       want = list(hashes[start:start + n])
@@ -409,6 +458,8 @@ class RemoteTier:
       except Exception:  # noqa: BLE001 - _fetch_from reports its own
         log.exception("fetching KV blocks from %s failed", address)
         part = []
+      if not hinted:
+        self._learn_yield(address, n, len(part))
       got.extend(part)
       if first + len(got) >= len(hashes):
         break
@@ -497,7 +548,12 @@ class RemoteTier:
           self._cond.wait()
         if self._closed:
           return
+        # One call for what is queued (up to PUT_BATCH_BLOCKS): evictions
+        # come one block at a time.
         batch = self._queue.popleft()
+        while (self._queue and len(batch) + len(self._queue[0])
+               <= PUT_BATCH_BLOCKS):
+          batch = batch + self._queue.popleft()
       size = len(batch) * self.layout.block_bytes
       try:
         if self._down.down(self.store):
@@ -551,4 +607,4 @@ class RemoteTier:
 
 __all__ = ["BlockLayout", "BlockRefused", "BlockSource", "FetchCosts",
            "LinearFit", "MAX_FETCH_BLOCKS", "POLICIES", "RemoteTier",
-           "STATS", "check_block", "check_pulled", "layout_of"]
+           "STATS", "WRITES", "check_block", "check_pulled", "layout_of"]

@@ -38,6 +38,11 @@ KV_STORE = flags.DEFINE_string(
     "KV store process of this host (python -m pdjax.launch.kvstore): every "
     "block this worker computes is written through to it, and it is asked "
     "for blocks no peer has.")
+KV_STORE_WRITE = flags.DEFINE_enum(
+    "kv_store_write", "through", ["through", "evict"],
+    "With --kv_store: write every block this worker computes through to "
+    "the store (it has a prefix at once, and after a restart), or only the "
+    "blocks its host tier evicts (far fewer bytes).")
 KV_FETCH_TIMEOUT = flags.DEFINE_float(
     "kv_fetch_timeout_s", 2.0, "Shared KV: longest one fetch from a peer or "
     "the store, or one write-through, may take (then the prompt is "
@@ -408,7 +413,7 @@ def _remote_tier(cfg, dep, cache_pages: int, sec, address: str, metrics,
       layout_of(cfg, dep.page_size), dep.page_size,
       lambda a: GrpcBlockSource(a, sec, pulls=pulls), store=KV_STORE.value,
       policy=KV_FETCH.value, timeout_s=KV_FETCH_TIMEOUT.value,
-      self_address=address,
+      self_address=address, write=KV_STORE_WRITE.value,
       on_fetch=lambda kind, blocks, nbytes, s: (
           metrics.kv_fetch_time.labels(kind).observe(s)))
 
