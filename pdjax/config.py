@@ -102,6 +102,17 @@ class PrefillPoolConfig:
   # channel; pdjax.model.quant). It names the model's fingerprint, so a
   # deployment's pools must agree.
   weight_dtype: WeightDtype | None = None
+  # Shared KV (pdjax.engine.remote_tier): a worker with a prefix cache
+  # serves its blocks to peers and fetches a prompt's leading blocks it
+  # lacks from the peers the router names and from its host's KV store
+  # (the worker's --kv_store) instead of computing them: "auto" where the
+  # fetch is predicted faster than the prefill it saves, "always" whenever
+  # a source has them, "off" neither. What it writes to the store
+  # ("through": every block it computes; "evict": the blocks its host tier
+  # drops), and the longest one fetch or write may take.
+  kv_fetch: Literal["off", "auto", "always"] = "off"
+  kv_store_write: Literal["through", "evict"] = "through"
+  kv_fetch_timeout_s: float = 2.0
   # Share of each GPU's memory XLA may use in this pool's workers (None:
   # XLA's 0.75).
   gpu_memory_fraction: float | None = None
@@ -118,6 +129,9 @@ class PrefillPoolConfig:
                        f"{self.layer_groups}")
     if self.cache_pages < 0:
       raise ValueError(f"cache_pages must be >= 0, got {self.cache_pages}")
+    if not self.kv_fetch_timeout_s > 0:
+      raise ValueError(f"kv_fetch_timeout_s must be > 0, got "
+                       f"{self.kv_fetch_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True)

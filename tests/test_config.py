@@ -128,6 +128,12 @@ def test_each_launcher_defines_only_what_it_reads():
       "prefill_buckets"}
   assert {"prefill_mesh", "decode_mesh", "max_inflight",
           "decode_max_seqs"} <= names["local"]
+  # Shared KV: the store's address is a prefill worker's, the stores the
+  # router polls and the fetch weight the router's.
+  assert {"kv_store", "kv_fetch", "prefill_kv_fetch"} <= names["prefill"]
+  assert not {"kv_store", "kv_fetch"} & names["decode"]
+  assert {"kv_stores", "kv_fetch_weight"} <= names["router"]
+  assert not {"kv_store", "kv_fetch", "kv_stores"} & names["gateway"]
   assert "ipc_landing_buffers" not in names["local"]
   assert names["worker"] >= names["prefill"] | names["decode"]
 

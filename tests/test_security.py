@@ -489,7 +489,8 @@ def test_services_listen_on_loopback_only(deployment):
   from absl import flags
   for module in ("pdjax.launch.prefill", "pdjax.launch.decode",
                  "pdjax.launch.worker", "pdjax.launch.router",
-                 "pdjax.launch.gateway", "pdjax.launch.local"):
+                 "pdjax.launch.gateway", "pdjax.launch.local",
+                 "pdjax.launch.kvstore"):
     fv = flags.FlagValues()
     importlib.import_module(module).define_flags(fv)
     assert fv["host"].default == "127.0.0.1", module

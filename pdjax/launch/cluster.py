@@ -393,8 +393,8 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
            prefill_mesh: str | None = None, decode_mesh: str | None = None,
            prefill_processes: int = 1,
            router_port: int = 0, local_prefill_threshold: int | None = None,
-           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0
-           ) -> str:
+           worker_flags=(), router_flags=(), ready_timeout_s: float = 600.0,
+           kv_store: bool = False, kv_store_flags=()) -> str:
   """Starts a deployment; returns the router address once all are ready.
 
   ``config`` is a deployment file (path or packaged name); ``overrides``
@@ -402,11 +402,19 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
   process runs the result, written to ``cluster.config_path``.
   ``prefill_processes`` > 1: each prefill worker is that many processes
   over jax.distributed, its mesh spread evenly over them, as the pods of one
-  multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``)."""
+  multi-host pool would be; process 0 serves (``pdjax.engine.lockstep``).
+  ``kv_store``: a KV store process (``kvstore0``, ``pdjax.launch.kvstore``
+  with ``kv_store_flags``) shared by the prefill workers, which then
+  fetch (``[prefill] kv_fetch``: auto where the deployment has it off) and
+  write through to it; the router counts its blocks."""
   dep = resolve_deployment(
       config, overrides, checkpoint=checkpoint, kv_transport=kv_transport,
       prefill_mesh=prefill_mesh, decode_mesh=decode_mesh,
       local_prefill_threshold=local_prefill_threshold)
+  if kv_store and dep.prefill.kv_fetch == "off":
+    # A worker that uses a store also shares its cache.
+    dep = dataclasses.replace(dep, prefill=dataclasses.replace(
+        dep.prefill, kv_fetch="auto"))
   path = cluster.write_config(dep)
   transport = dep.kv_transport
   pmesh, dmesh = dep.prefill.mesh, dep.decode.mesh
@@ -419,6 +427,14 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
   if unread:
     raise UsageError(f"no worker of this deployment reads {unread}")
   common = [f"--config={path}"]
+  store_flags: list[str] = []
+  if kv_store:
+    store = cluster.start("kvstore0", "pdjax.launch.kvstore",
+                          ["--metrics_port=0", *kv_store_flags], devices=0)
+    cluster.wait_ready([store], ready_timeout_s)
+    store_address = f"{cluster.host}:{store.port()}"
+    store_flags = [f"--kv_store={store_address}"]
+    router_flags = [f"--kv_stores={store_address}", *router_flags]
   pf, df = dep.prefill.gpu_memory_fraction, dep.decode.gpu_memory_fraction
   if transport == "local":
     both = max((f for f in (pf, df) if f is not None), default=None)
@@ -438,7 +454,8 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
       raise UsageError("--kv_transport=local needs a prefill pool")
     for i in range(num_decode):
       p = cluster.start(f"pd{i}", "pdjax.launch.worker",
-                        ["--role=both", *common, *worker_flags],
+                        ["--role=both", *common, *worker_flags,
+                         *store_flags],
                         devices=mesh_size(pmesh) + mesh_size(dmesh))
       prefill.append(p)
       decode.append(p)
@@ -454,7 +471,7 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
       if prefill_processes == 1:
         prefill.append(cluster.start(
             f"prefill{i}", "pdjax.launch.prefill",
-            [*common, *pflags,
+            [*common, *pflags, *store_flags,
              *cluster.prefill_flags(f"prefill{i}", decode_names,
                                     worker_flags)], devices=size))
         continue

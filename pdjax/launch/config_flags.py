@@ -56,6 +56,20 @@ HELP: dict[tuple[str | None, str], str] = {
     "can take the CUDA IPC path).",
     ("prefill", "cache_pages"): "Pages of the prefill worker's prefix-cache "
     "block store (0: off).",
+    ("prefill", "kv_fetch"): "Prefill workers with a prefix cache: share "
+    "it with the deployment. The worker serves its cached blocks to peer "
+    "prefill workers (BlockStore on its port), and a prompt whose leading "
+    "blocks it lacks fetches them from the peers the router names and from "
+    "--kv_store instead of computing them: 'auto' where the fetch is "
+    "predicted faster than the prefill it saves (measured rates), 'always' "
+    "whenever a source has them; 'off': neither.",
+    ("prefill", "kv_store_write"): "With --kv_store: write every block the "
+    "worker computes through to the store (it has a prefix at once, and "
+    "after a restart), or only the blocks its host tier evicts (far fewer "
+    "bytes).",
+    ("prefill", "kv_fetch_timeout_s"): "Shared KV: longest one fetch from a "
+    "peer or the store, or one write-through, may take (then the prompt is "
+    "computed; a failed source is skipped for a backoff).",
     ("decode", "prefix_caching"): "Keep finished sequences' KV blocks for "
     "requests sharing a prefix.",
     ("prefill", "host_cache_blocks"): "KV blocks evicted from the device "
@@ -119,6 +133,9 @@ HELP: dict[tuple[str | None, str], str] = {
     ("router", "kv_overlap_weight"): "KV-aware routing: a worker's score is "
     "this times the request's prompt blocks it holds cached, minus its load "
     "(prefill: queued requests; decode: KV pages); 0: load only.",
+    ("router", "kv_fetch_weight"): "Shared KV: a prompt block a prefill "
+    "worker can fetch from a peer or a store counts this much (0..1) of a "
+    "block it holds in its KV-aware score.",
     ("router", "kv_stale_after_s"): "KV-aware routing: a worker whose cache "
     "was last polled longer ago than this is judged on load alone.",
     ("router", "transfer_timeout_s"): "Longest the router waits for a KV "

@@ -30,6 +30,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
                     "(host:port).", flag_values=fv)
   flags.DEFINE_list("decode_workers", [], "Decode worker addresses "
                     "(host:port).", flag_values=fv)
+  flags.DEFINE_list(
+      "kv_stores", [], "Shared KV: KV store addresses (python -m "
+      "pdjax.launch.kvstore); their blocks count as fetchable and are named "
+      "to prefill workers as sources.", flag_values=fv)
   flags.DEFINE_float(
       "wait_workers_s", 0.0, "Wait this long for workers to join before "
       "reporting ready to a launcher (--port_file); the health service "
@@ -72,9 +76,12 @@ async def serve(dep) -> None:
   config = dep.router
   registry = WorkerRegistry(sec, metrics=metrics,
                             kv_overlap_weight=config.kv_overlap_weight,
-                            kv_stale_after_s=config.kv_stale_after_s)
+                            kv_stale_after_s=config.kv_stale_after_s,
+                            kv_fetch_weight=config.kv_fetch_weight)
   for a in FLAGS.prefill_workers:
     registry.add(a, "prefill")
+  for a in FLAGS.kv_stores:
+    registry.add(a, "kvstore")
   for a in FLAGS.decode_workers:
     registry.add(a, "decode")
   servicer = RouterServicer(registry, tokenizer, config, metrics)

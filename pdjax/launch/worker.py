@@ -78,6 +78,8 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
   aliases = {}
   if "prefill" in pools:
     aliases["prefix_cache_pages"] = "prefill_cache_pages"
+    for key in ("kv_fetch", "kv_store_write", "kv_fetch_timeout_s"):
+      aliases[key] = f"prefill_{key}"
   if "decode" in pools:
     for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
                 "ipc_landing_bytes", "queue_deadline_s"):
@@ -112,6 +114,12 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
       "JAX persistent compilation cache directory (speeds up restarts).",
       flag_values=fv)
   if "prefill" in pools:
+    flags.DEFINE_string(
+        "kv_store", None, "Prefill workers sharing KV ([prefill] kv_fetch): "
+        "host:port of the KV store process of this host (python -m "
+        "pdjax.launch.kvstore): blocks this worker computes are written to "
+        "it ([prefill] kv_store_write), and it is asked for blocks no peer "
+        "has.", flag_values=fv)
     flags.DEFINE_float(
         "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs "
         "a prefill worker silently drops (exercises the recovery path).",
@@ -161,6 +169,7 @@ def worker_config(role: str, cfg_flags: config_flags.ConfigFlags,
     if other:
       raise app.UsageError(f"a {role} worker does not read {', '.join(other)}")
   return cfg_flags.resolve(extra, what=f"{role} worker ")
+
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -367,10 +376,17 @@ async def serve(role: str, dep) -> None:
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
       store = None
+      pulls = _block_pulls(transport, mesh, pool)
+      remote = _remote_tier(cfg, dep, pool, cache_pages, sec, address,
+                            metrics, pulls)
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
+        host_blocks = pool.host_cache_blocks
+        if remote is not None and not host_blocks:
+          # Fetched blocks land in the host tier: room for two prompts.
+          host_blocks = 2 * (dep.max_seq_len // dep.page_size)
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
-                               host_cache_blocks=pool.host_cache_blocks)
+                               host_cache_blocks=host_blocks, remote=remote)
       leader = jax.process_index() == 0
       sender = (_sender(transport, mesh, sec, exchange, pool.kv_ttl_s)
                 if leader else None)
@@ -411,6 +427,15 @@ async def serve(role: str, dep) -> None:
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
+      if remote is not None:   # shared KV: peers fetch from this cache
+        from pdjax.service.kvstore import PeerServicer
+        from pdjax.v1 import blockstore_pb2_grpc
+        blockstore_pb2_grpc.add_BlockStoreServicer_to_server(
+            PeerServicer(store, timeout_s=pool.kv_fetch_timeout_s,
+                         pulls=pulls), server)
+        info.serves_blocks = True
+        log.info("sharing the prefix cache: fetch policy %s, store %s",
+                 pool.kv_fetch, FLAGS.kv_store or "none")
     else:
       from pdjax.engine.colocated import ColocatedEngine
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
@@ -453,6 +478,41 @@ async def serve(role: str, dep) -> None:
            cfg.name, address, transport, metrics_port, memory_note())
   F.write_port_file(port, metrics_port)
   await _run_until_signal(server, health, health_names, workers)
+
+
+def _block_pulls(transport: str, mesh, pool):
+  """Shared KV in a ``device`` transport deployment: peers' blocks move
+  device to device (jax.experimental.transfer) instead of host-staged."""
+  if pool.kv_fetch == "off" or transport != "device":
+    return None
+  from pdjax.transfer.device import BlockPulls
+  return BlockPulls(mesh.devices.flat[0], host=FLAGS.host,
+                    advertise_host=advertised_host(FLAGS.advertise_address),
+                    ttl_s=max(2 * pool.kv_fetch_timeout_s, 1.0))
+
+
+def _remote_tier(cfg, dep, pool, cache_pages: int, sec, address: str,
+                 metrics, pulls=None):
+  """The shared-KV tier of a prefill worker's cache ([prefill] kv_fetch,
+  --kv_store), or None when off."""
+  if pool.kv_fetch == "off":
+    if FLAGS.kv_store:
+      raise app.UsageError("--kv_store needs [prefill] kv_fetch auto or "
+                           "always (--kv_fetch; a worker that uses a store "
+                           "also shares its cache)")
+    return None
+  if not cache_pages:
+    raise app.UsageError("[prefill] kv_fetch shares the prefix cache: give "
+                         "the prefill worker one (--prefix_cache_pages)")
+  from pdjax.engine.remote_tier import RemoteTier, layout_of
+  from pdjax.service.kvstore import GrpcBlockSource
+  return RemoteTier(
+      layout_of(cfg, dep.page_size), dep.page_size,
+      lambda a: GrpcBlockSource(a, sec, pulls=pulls), store=FLAGS.kv_store,
+      policy=pool.kv_fetch, timeout_s=pool.kv_fetch_timeout_s,
+      self_address=address, write=pool.kv_store_write,
+      on_fetch=lambda kind, blocks, nbytes, s: (
+          metrics.kv_fetch_time.labels(kind).observe(s)))
 
 
 def advertised_host(advertise: str | None) -> str | None:

@@ -21,9 +21,11 @@ import time
 import grpc
 
 from pdjax.service import common
-from pdjax.service.kv_router import (DEFAULT_STALE_AFTER_S, CacheMirror,
+from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
+                                     DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
-from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
+from pdjax.v1 import (blockstore_pb2_grpc, common_pb2, decode_pb2_grpc,
+                      prefill_pb2_grpc)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class WorkerState(enum.Enum):
 @dataclasses.dataclass
 class Worker:
   address: str
-  role: str                     # "prefill" | "decode"
+  role: str                     # "prefill" | "decode" | "kvstore"
   channel: grpc.aio.Channel
   stub: object
   state: WorkerState = WorkerState.JOINING
@@ -74,7 +76,8 @@ class WorkerRegistry:
                expected_model: common_pb2.ModelInfo | None = None,
                metrics=None, kv_overlap_weight: float = 0.0,
                kv_stale_after_s: float = DEFAULT_STALE_AFTER_S,
-               late_polls_down: int = 3):
+               late_polls_down: int = 3,
+               kv_fetch_weight: float = DEFAULT_FETCH_WEIGHT):
     self.security = security
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
@@ -87,7 +90,8 @@ class WorkerRegistry:
     self.metrics = metrics
     self.workers: dict[tuple[str, str], Worker] = {}
     # KV-aware routing (pdjax.service.kv_router); weight 0: load only.
-    self.kv = KvScorer(kv_overlap_weight, kv_stale_after_s, metrics)
+    self.kv = KvScorer(kv_overlap_weight, kv_stale_after_s, metrics,
+                       fetch_weight=kv_fetch_weight)
     self._task: asyncio.Task | None = None
 
   # ---------------------------------------------------------------- members
@@ -95,9 +99,14 @@ class WorkerRegistry:
     key = (role, address)
     if key in self.workers:
       return self.workers[key]
+    if role not in ("prefill", "decode", "kvstore"):
+      raise ValueError(f"unknown worker role {role!r}")
     channel = common.make_channel(address, self.security, aio=True)
-    stub = (prefill_pb2_grpc.PrefillStub(channel) if role == "prefill"
-            else decode_pb2_grpc.DecodeStub(channel))
+    stub = {"prefill": prefill_pb2_grpc.PrefillStub,
+            "decode": decode_pb2_grpc.DecodeStub,
+            # Shared KV: a store is polled (its blocks count as fetchable),
+            # never routed to.
+            "kvstore": blockstore_pb2_grpc.BlockStoreStub}[role](channel)
     w = Worker(address, role, channel, stub)
     self.workers[key] = w
     return w
@@ -136,10 +145,26 @@ class WorkerRegistry:
 
   # ---------------------------------------------------------------- choice
   def pick_prefill(self, exclude=(), keys=()) -> Worker | None:
-    """Shortest queue, less the cached prefix of the request's block
-    ``keys`` times the KV overlap weight (``kv_router.KvScorer``)."""
+    """Shortest queue, less the cached (or fetchable) prefix of the
+    request's block ``keys`` times the KV overlap weight
+    (``kv_router.KvScorer``)."""
     cands = [w for w in self.usable("prefill") if w.address not in exclude]
-    return self.kv.pick("prefill", cands, keys)
+    return self.kv.pick("prefill", cands, keys,
+                        sources=self.block_sources())
+
+  def block_sources(self) -> list[Worker]:
+    """Shared KV: the ready prefill workers that serve their blocks, and
+    the ready stores."""
+    return [w for w in self.usable("prefill")
+            if w.info is not None and w.info.serves_blocks] + self.usable(
+                "kvstore")
+
+  def kv_sources(self, chosen: Worker, keys=()) -> list[tuple[str, int]]:
+    """(address, blocks) of the sources holding more of the request's
+    leading blocks than ``chosen`` (``PrefillRequest.kv_sources``)."""
+    if chosen.info is None or not chosen.info.serves_blocks:
+      return []
+    return self.kv.sources(chosen, keys, self.block_sources())
 
   def pick_decode(self, exclude=(), keys=()) -> Worker | None:
     """Most free KV capacity (plus the weighted cached prefix of ``keys``),
@@ -156,7 +181,7 @@ class WorkerRegistry:
   async def poll_once(self) -> None:
     await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
     if self.metrics is not None:
-      for role in ("prefill", "decode"):
+      for role in ("prefill", "decode", "kvstore"):
         for state in WorkerState:
           self.metrics.workers.labels(role, state.value).set(
               sum(w.state is state for w in self.of_role(role)))
@@ -185,7 +210,8 @@ class WorkerRegistry:
       return
     if w.state is WorkerState.INCOMPATIBLE:
       return
-    problem = self.check_compatible(info)
+    # A store holds blocks of any model (each served to its own layout).
+    problem = None if w.role == "kvstore" else self.check_compatible(info)
     if problem:
       log.error("refusing %s worker %s: %s", w.role, w.address, problem)
       w.state = WorkerState.INCOMPATIBLE

@@ -78,6 +78,9 @@ class RouterConfig:
   kv_overlap_weight: float = 0.0
   # ... judged on load alone when its cache was last polled longer ago.
   kv_stale_after_s: float = kv_router.DEFAULT_STALE_AFTER_S
+  # Shared KV: a prompt block a prefill worker can fetch from a peer or a
+  # store counts this much (0..1) of a block it holds.
+  kv_fetch_weight: float = kv_router.DEFAULT_FETCH_WEIGHT
 
   def __post_init__(self):
     for name in ("max_attempts", "max_inflight"):
@@ -87,6 +90,9 @@ class RouterConfig:
                  "queue_timeout_s", "kv_overlap_weight", "kv_stale_after_s"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not 0 <= self.kv_fetch_weight <= 1:
+      raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
+                       f"{self.kv_fetch_weight}")
 
 
 class _Failed(Exception):
@@ -480,12 +486,15 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     dest.decode_hostname = info.hostname if info else ""
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
+    # Shared KV: where the chosen worker may fetch the blocks it lacks.
+    sources = [prefill_pb2.KvSource(address=a, blocks=n)
+               for a, n in self.registry.kv_sources(p, keys)]
     try:
       with self.registry.busy(p):
         pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids,
             sampling=validation.sampling_to_proto(sampling), seed=seed,
-            destination=dest, cache_salt=salt),
+            destination=dest, cache_salt=salt, kv_sources=sources),
             timeout=self._timeout(context))
     except grpc.aio.AioRpcError as e:
       await self._unreserve(d, rid)
