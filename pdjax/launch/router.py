@@ -1,7 +1,14 @@
 """``python -m pdjax.launch.router``: the client-facing router.
 
 It loads only the tokenizer (no weights, no accelerator), learns the model
-from the workers' handshake, and routes each request across the pools. Its
+from the workers' handshake, and routes each request across the pools.
+Workers join three ways, in any mix: listed here (``--prefill_workers``,
+``--decode_workers``), announcing themselves (a worker started with
+``--router`` registers through the ``pdjax.v1.Registry`` service this
+process serves, behind the service token; ``pdjax.service.discovery``),
+or found as the ready pods of a label selector per pool
+(``--k8s_prefill_selector``, ``--k8s_decode_selector``;
+``pdjax.service.k8s_discovery``). Its
 health service says whether it can serve (readiness: a decode worker is
 ready) and that it runs (the ``liveness`` service). On SIGTERM it drains:
 readiness NOT_SERVING, new requests UNAVAILABLE, running ones finish for up
@@ -49,19 +56,43 @@ WAIT_WORKERS = flags.DEFINE_float(
     "answers meanwhile, readiness NOT_SERVING until a decode worker is "
     "ready (0: do not wait; requests fail until one joins).")
 
+LEASE = flags.DEFINE_float(
+    "lease_s", 10.0, "Lease of a worker that registers (pdjax.v1.Registry) "
+    "when it asks for none: a worker that has not renewed for this long is "
+    "dropped.")
+K8S_PREFILL = flags.DEFINE_string(
+    "k8s_prefill_selector", None, "Kubernetes discovery: the label selector "
+    "of the prefill pool's serving pods (e.g. 'app=pdjax-prefill,"
+    "role=leader'); ready ones join, others leave.")
+K8S_DECODE = flags.DEFINE_string(
+    "k8s_decode_selector", None, "Kubernetes discovery: the label selector "
+    "of the decode pool's pods (e.g. 'app=pdjax-decode').")
+K8S_NAMESPACE = flags.DEFINE_string(
+    "k8s_namespace", None, "Kubernetes discovery: the pods' namespace "
+    "(default: the router pod's own, else 'default').")
+K8S_PORT_NAME = flags.DEFINE_string(
+    "k8s_port_name", "grpc", "Kubernetes discovery: the container port "
+    "(by name) a worker pod serves on.")
+K8S_PORT = flags.DEFINE_integer(
+    "k8s_port", None, "Kubernetes discovery: a fixed port instead of "
+    "--k8s_port_name.")
+K8S_API = flags.DEFINE_string(
+    "k8s_api", None, "Kubernetes discovery: the API server's URL (default: "
+    "the pod's service account, else the local kubeconfig).")
+
 log = logging.getLogger("pdjax.router")
 
 
 async def serve() -> None:
   from pdjax.config import DeploymentConfig
   from pdjax.model.registry import resolve_checkpoint
-  from pdjax.service import common
+  from pdjax.service import common, discovery
   from pdjax.service.metrics import Metrics
   from pdjax.service.registry import WorkerRegistry
   from pdjax.service.router import (GENERATION_SERVICE, RouterConfig,
                                     RouterServicer)
   from pdjax.tokenizer import Tokenizer
-  from pdjax.v1 import generate_pb2_grpc
+  from pdjax.v1 import generate_pb2_grpc, registry_pb2_grpc
 
   dep = DeploymentConfig.load(F.CONFIG.value)
   sec = F.security()
@@ -95,8 +126,19 @@ async def serve() -> None:
       queue_timeout_s=QUEUE_TIMEOUT.value,
       kv_failure_policy=KV_FAILURE_POLICY.value)
   servicer = RouterServicer(registry, tokenizer, config, metrics)
-  server = common.make_server(sec, client_facing=True)
+  server = common.make_server(sec, client_facing=True,
+                              internal=discovery.INTERNAL_PREFIXES)
   generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+  registry_pb2_grpc.add_RegistryServicer_to_server(
+      discovery.RegistryServicer(registry, default_lease_s=LEASE.value),
+      server)
+  if not sec.service_token:
+    log.warning("no --service_token: any caller that reaches this port can "
+                "register a worker (pdjax.v1.Registry); give the "
+                "deployment's processes one shared service token "
+                "(docs/security.md)")
+  pods = None
+  selectors = {"prefill": K8S_PREFILL.value, "decode": K8S_DECODE.value}
   health = await common.add_health(server, [GENERATION_SERVICE])
   try:
     port = common.bind(server, F.HOST.value, F.PORT.value, sec)
@@ -108,10 +150,23 @@ async def serve() -> None:
   await common.set_live(health)
   watch = asyncio.ensure_future(
       servicer.watch_health(health, registry.poll_interval_s))
+  if any(selectors.values()):
+    from pdjax.service.k8s_discovery import (PodWatch, current_namespace,
+                                             load_api)
+    try:
+      api = load_api(K8S_API.value)
+    except Exception as e:  # noqa: BLE001 - no cluster configuration
+      raise SystemExit(f"error: Kubernetes discovery needs the API server: "
+                       f"{type(e).__name__}: {e}") from None
+    pods = PodWatch(registry, selectors, current_namespace(K8S_NAMESPACE.value),
+                    port_name=K8S_PORT_NAME.value, port=K8S_PORT.value,
+                    api=api)
+    pods.start()
   if WAIT_WORKERS.value > 0:
-    ok = await registry.wait_ready(WAIT_WORKERS.value,
-                                   prefill=min(1, len(PREFILL_WORKERS.value)),
-                                   decode=min(1, len(DECODE_WORKERS.value)))
+    ok = await registry.wait_ready(
+        WAIT_WORKERS.value,
+        prefill=min(1, len(PREFILL_WORKERS.value) + bool(K8S_PREFILL.value)),
+        decode=min(1, len(DECODE_WORKERS.value) + bool(K8S_DECODE.value)))
     if not ok:
       log.warning("workers not ready after %.0f s; serving anyway",
                   WAIT_WORKERS.value)
@@ -127,6 +182,8 @@ async def serve() -> None:
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
   watch.cancel()
+  if pods is not None:
+    pods.stop()
   await servicer.drain(F.DRAIN_TIMEOUT.value, health)
   await server.stop(grace=1.0)
   await registry.close()

@@ -5,6 +5,13 @@ Start-up order matters and is the same for every role: jax.distributed (if
 the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
 -> warm-up (every program compiled) -> gRPC server -> health SERVING -> port
 file. A worker reports ready only when serving can no longer compile.
+
+Membership: with ``--router`` the worker registers each pool it serves with
+that router once it serves (``pdjax.service.discovery.Announcer``), renews
+its lease, and deregisters first thing when it drains; without it the
+router must list it (``--prefill_workers``/``--decode_workers``). A worker
+of both pools (``--role=both``) serves ``--serve_role`` of them at start and
+can be moved between them while it runs (``pdjax.v1.WorkerControl``).
 """
 
 from __future__ import annotations
@@ -17,11 +24,47 @@ import os
 import signal
 import sys
 
-from absl import app
+from absl import app, flags
 
 from pdjax.launch import flags as F
 
+ROUTER = flags.DEFINE_string(
+    "router", None, "Register with the router at this host:port "
+    "(pdjax.v1.Registry) once serving, renew the lease, and deregister when "
+    "draining; the router then needs no --prefill_workers/--decode_workers "
+    "entry for this worker. Internal: give it the deployment's "
+    "--service_token.")
+LEASE = flags.DEFINE_float(
+    "lease_s", 10.0, "With --router: the lease asked for; renewed every "
+    "third of it. A worker gone this long is dropped by the router.")
+SERVE_ROLE = flags.DEFINE_enum(
+    "serve_role", "both", ["prefill", "decode", "both"], "--role=both: the "
+    "pool(s) this worker serves at start (it holds both programs, and "
+    "pdjax.v1.WorkerControl.SetRole moves it between the pools).")
+EMULATE_PREFILL = flags.DEFINE_list(
+    "emulate_prefill_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B x "
+    "prompt tokens before each prefill batch, standing in for an "
+    "accelerator's time on a CPU machine (where extra worker processes add "
+    "no compute).")
+EMULATE_DECODE = flags.DEFINE_list(
+    "emulate_decode_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B x "
+    "live rows before each decode step (see --emulate_prefill_s).")
+
 log = logging.getLogger("pdjax.worker")
+
+
+def emulated_delay(value: list[str], name: str) -> tuple[float, float]:
+  """(A, B) of an --emulate_*_s flag; (0, 0) when unset."""
+  if not value:
+    return 0.0, 0.0
+  try:
+    a, b = (float(v) for v in value)
+  except ValueError:
+    raise app.UsageError(f"--{name} takes 'A,B' (seconds, seconds per "
+                         f"unit), got {','.join(value)!r}") from None
+  if a < 0 or b < 0:
+    raise app.UsageError(f"--{name}: A and B must be >= 0")
+  return a, b
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -215,6 +258,8 @@ async def serve(role: str) -> None:
   metrics = Metrics(role)
   workers = []
   health_names = []
+  infos: dict[str, object] = {}
+  pools: dict[str, object] = {}
   offset = 0
   cfg = None
   from pdjax.engine import lockstep
@@ -240,6 +285,8 @@ async def serve(role: str) -> None:
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),
         kv_transport=transport, mesh=mesh_spec, sharding=rules.name,
         process_id=common.PROCESS_ID, hostname=socket.gethostname())
+    info.roles.extend(roles)
+    infos[r] = info
     if r == "prefill":
       from pdjax.engine.prefill import PrefillEngine
       from pdjax.service.prefill_service import (PrefillServicer,
@@ -287,7 +334,9 @@ async def serve(role: str) -> None:
                              max_queue=F.MAX_QUEUE.value,
                              transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                              fault_drop_kv=F.FAULT_DROP_KV.value,
-                             landing=landing)
+                             landing=landing,
+                             batch_delay_s=emulated_delay(
+                                 EMULATE_PREFILL.value, "emulate_prefill_s"))
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
@@ -311,10 +360,13 @@ async def serve(role: str) -> None:
           transport, mesh, exchange, cfg, dep.page_size,
           max(engine.decode.default_payload_page_counts()),
           prefill_buckets=dep.prefill_engine_config().buckets)
+      step_a, step_b = emulated_delay(EMULATE_DECODE.value,
+                                      "emulate_decode_s")
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
                             reservation_ttl_s=F.KV_TTL.value,
-                            fault_step_delay_s=F.FAULT_STEP_DELAY.value,
+                            fault_step_delay_s=F.FAULT_STEP_DELAY.value
+                            + step_a, step_delay_per_row_s=step_b,
                             max_receive_bytes=(
                                 dep.decode.max_receive_mib
                                 if F.MAX_RECEIVE_MIB.value is None
@@ -326,20 +378,43 @@ async def serve(role: str) -> None:
             KvTransferServicer(receiver.intake), server)
       health_names.append("pdjax.v1.Decode")
     workers.append(worker)
+    pools[r] = worker
 
   from pdjax.engine import compile_stats
+  from pdjax.service import discovery
+  from pdjax.v1 import registry_pb2_grpc
   compile_stats.warn_on_compile()
   health = await common.add_health(server, health_names)
+  active = set(roles) if SERVE_ROLE.value == "both" else {SERVE_ROLE.value}
+  if not active <= set(roles):
+    raise app.UsageError(f"--serve_role={SERVE_ROLE.value} needs that "
+                         f"pool's programs: start with --role=both")
+  if len(roles) == 2 and transport == "local" and active != set(roles):
+    raise app.UsageError("--kv_transport=local serves both pools in one "
+                         "process: --serve_role must be both")
+  announcer = None
+  if ROUTER.value:
+    announcer = discovery.Announcer(
+        ROUTER.value, sec, lambda r: infos[r], lease_s=LEASE.value)
+  control = discovery.RoleControl(
+      pools, active, announcer=announcer, health=health,
+      health_names={"prefill": "pdjax.v1.Prefill",
+                    "decode": "pdjax.v1.Decode"},
+      drain_timeout_s=F.DRAIN_TIMEOUT.value)
+  registry_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
   for w in workers:
     w.start()
   await server.start()
   await common.set_live(health)
   await common.set_serving(health, health_names, True)
+  await control.start()
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
-  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,
-           cfg.name, address, transport, metrics_port, memory_note())
+  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s%s",
+           role, cfg.name, address, transport, metrics_port,
+           f"; pools {'/'.join(sorted(active))}" if len(roles) == 2 else "",
+           memory_note())
   F.write_port_file(port, metrics_port)
-  await _run_until_signal(server, health, health_names, workers)
+  await _run_until_signal(server, health, health_names, workers, control)
 
 
 def advertised_host(advertise: str | None) -> str | None:
@@ -424,9 +499,11 @@ def _follow_through_sigterm() -> None:
     signal.signal(sig, note)
 
 
-async def _run_until_signal(server, health, names, workers) -> None:
-  """Serves until SIGINT/SIGTERM, then drains: health NOT_SERVING, no new
-  requests, running ones finish (bounded), then exit."""
+async def _run_until_signal(server, health, names, workers,
+                            control=None) -> None:
+  """Serves until SIGINT/SIGTERM, then drains: leaves the router's pools
+  (deregisters), health NOT_SERVING, no new requests, running ones finish
+  (bounded), then exit."""
   from pdjax.service import common
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
@@ -435,6 +512,8 @@ async def _run_until_signal(server, health, names, workers) -> None:
   await stop.wait()
   log.info("draining: no new requests; waiting for %d running",
            sum(w.active() for w in workers))
+  if control is not None:   # the router sends nothing new from here on
+    await control.leave_all()
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)
