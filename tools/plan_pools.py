@@ -104,6 +104,7 @@ def main(argv) -> None:
   sys.path.insert(0, str(ROOT))
   from pdjax.planner import (Batching, Slo, Traffic, capacity, fit_profile,
                              plan, predict)
+  from pdjax.planner.profile import profile_to_dict
   if bool(SWEEP.value) == bool(PROFILE.value):
     raise app.UsageError("give one of --sweep or --profile")
   config: dict = {}
@@ -142,10 +143,9 @@ def main(argv) -> None:
   result: dict = {
       "slo": dataclasses.asdict(slo),
       "batching": dataclasses.asdict(batching), "max_rows": MAX_ROWS.value,
-      "profile": {"prefill": dataclasses.asdict(p),
-                  "decode": dataclasses.asdict(d),
-                  "overhead_s": profile.overhead_s,
-                  "requests": profile.requests}}
+      # What the planner loop (python -m pdjax.launch.planner --profile)
+      # reads back.
+      "profile": profile_to_dict(profile)}
   cap = capacity(profile, slo, 1, 1, max_rows=MAX_ROWS.value,
                  batching=batching)
   print(f"  1 prefill + 1 decode worker: up to {cap:.1f} req/s\n")

@@ -211,6 +211,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
     arrival = time.perf_counter()
+    self.metrics.arrivals.inc()
     if self.draining:
       self.metrics.requests.labels("rejected").inc()
       await context.abort(grpc.StatusCode.UNAVAILABLE,
