@@ -146,7 +146,8 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
 # pytest-xdist worker; the in-process tests share the other. Two deployments
 # at once on CI's two cores would starve each other's routers.
 _DEPLOYMENT_FILES = {
-    "test_batch_eval_e2e.py", "test_client.py", "test_gateway.py",
+    "test_batch_eval_e2e.py", "test_client.py", "test_elastic.py",
+    "test_gateway.py",
     "test_kv_router.py", "test_prefix_cache_services.py", "test_reliability.py",
     "test_security.py", "test_services.py",
 }

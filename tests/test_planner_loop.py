@@ -109,6 +109,15 @@ def test_pools_grow_at_once_and_shrink_slowly_one_at_a_time():
   assert all(b - a >= 20 for a, b in zip(per_role, per_role[1:]))
 
 
+def test_a_pool_that_cannot_keep_up_does_not_size_the_other():
+  """Past what the prefill pool's bound can serve, it is held at its
+  bound; the decode pool is still sized for the rate on its own."""
+  p = _planner(max_workers={"prefill": 1, "decode": 4})
+  s = p.size(30.0)
+  assert not s.feasible
+  assert s.need == {"prefill": 1, "decode": 1}
+
+
 def test_a_noisy_rate_does_not_flap_the_pools():
   """A rate that wanders +-20% around where the prefill pool goes from 1
   to 2 workers grows it once, and keeps it."""

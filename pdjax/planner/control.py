@@ -44,7 +44,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdjax.planner.profile import Profile
-from pdjax.planner.sizing import Batching, Slo, Traffic, plan
+from pdjax.planner.sizing import (Batching, Slo, Traffic, plan,
+                                  predict_tpot, predict_ttft)
 from pdjax.planner.traffic import scrape, traffic_between
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,27 @@ class PoolPlanner:
 
   def _plan(self, rate: float, lengths) -> tuple[dict, bool]:
     lo, hi = self.policy.min_workers, self.policy.max_workers
-    prompts, outputs = lengths
-    pl = plan(self.profile, Traffic(rate, prompts, outputs), self.slo,
+    traffic = Traffic(rate, *lengths)
+    pl = plan(self.profile, traffic, self.slo,
               max_workers=max(hi.values()), max_rows=self.max_rows,
               batching=self.batching)
-    if pl is None:
-      return dict(hi), False
-    need = {"prefill": pl.num_prefill, "decode": pl.num_decode}
-    return {r: min(max(need[r], lo[r]), hi[r]) for r in ROLES}, True
+    if pl is not None:
+      need = {"prefill": pl.num_prefill, "decode": pl.num_decode}
+      return ({r: min(max(need[r], lo[r]), hi[r]) for r in ROLES},
+              all(need[r] <= hi[r] for r in ROLES))
+    # One pool cannot meet its SLO within its bound: that pool goes to its
+    # bound, the other is sized on its own (the pools are independent).
+    q = self.slo.attainment
+    ttft = lambda n: predict_ttft(self.profile, traffic, n, q,
+                                  self.batching)[0]
+    tpot = lambda n: predict_tpot(self.profile, traffic, n,
+                                  self.max_rows)[0]
+    need = {"prefill": next((n for n in range(max(lo["prefill"], 1),
+                                              hi["prefill"] + 1)
+                             if ttft(n) <= self.slo.ttft_s), hi["prefill"]),
+            "decode": next((n for n in range(lo["decode"], hi["decode"] + 1)
+                            if tpot(n) <= self.slo.tpot_s), hi["decode"])}
+    return {r: min(max(need[r], lo[r]), hi[r]) for r in ROLES}, False
 
   def size(self, rate: float, lengths=None) -> Sizing:
     lengths = lengths or (self.profile.prompt_tokens,

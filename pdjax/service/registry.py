@@ -66,6 +66,7 @@ class Worker:
   lease_expires: float = 0.0    # time.monotonic() when the lease lapses
   lease_s: float = 0.0          # the lease's length, granted at register
   retired: bool = False         # left: finishing the router's requests
+  holds: int = 0                # requests that will still call it (hold)
 
   @property
   def usable(self) -> bool:
@@ -148,7 +149,7 @@ class WorkerRegistry:
 
   async def _close_when_idle(self, w: Worker) -> None:
     try:
-      while w.inflight > 0:
+      while w.inflight > 0 or w.holds > 0:
         await asyncio.sleep(0.05)
     finally:
       self.retiring.discard(w)
@@ -238,6 +239,17 @@ class WorkerRegistry:
     finally:
       w.inflight -= 1
       self._show_inflight(w)
+
+  @contextlib.contextmanager
+  def hold(self, w: Worker):
+    """Keeps ``w``'s channel open for as long as the block runs, should it
+    leave meanwhile: a request that reserved KV there still calls it
+    (Decode, Unreserve) after other awaits. Not a load signal."""
+    w.holds += 1
+    try:
+      yield w
+    finally:
+      w.holds -= 1
 
   def _show_inflight(self, w: Worker) -> None:
     if self.metrics is not None:

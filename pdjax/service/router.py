@@ -28,6 +28,7 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -407,13 +408,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       estimate = self._page_estimate(len(ids), sampling)
       d.reserved_pages += estimate
       try:
-        res = await d.stub.Reserve(decode_pb2.ReserveRequest(
-            request_id=rid, prompt_tokens=len(ids),
-            max_tokens=sampling.max_tokens, transfer_id=transfer_id,
-            prompt_token_ids=ids, cache_salt=salt),
-            # A busy worker may answer slowly; the request's own deadline
-            # is what bounds this.
-            timeout=self._timeout(context, self.config.queue_timeout_s))
+        with self.registry.hold(d):
+          res = await d.stub.Reserve(decode_pb2.ReserveRequest(
+              request_id=rid, prompt_tokens=len(ids),
+              max_tokens=sampling.max_tokens, transfer_id=transfer_id,
+              prompt_token_ids=ids, cache_salt=salt),
+              # A busy worker may answer slowly; the request's own deadline
+              # is what bounds this.
+              timeout=self._timeout(context, self.config.queue_timeout_s))
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate
@@ -436,6 +438,17 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     t0 = time.perf_counter()
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
                                               tried_d, salt, keys)
+    # The reservation is d's until Decode redeems it: d's channel stays
+    # open that long even if d leaves its pool meanwhile.
+    with self.registry.hold(d):
+      async with contextlib.aclosing(self._handed_off(
+          rid, ids, sampling, seed, context, usage, tried_p, d, res,
+          transfer_id, t0, salt, keys)) as stream:
+        async for msg in stream:
+          yield msg
+
+  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
+                        tried_p, d, res, transfer_id, t0, salt, keys):
     usage.ttft_stages.reserve_s = time.perf_counter() - t0
     usage.decode_worker = d.address
     info = d.info
