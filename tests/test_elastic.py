@@ -6,8 +6,10 @@ supervises it.
 * the launcher killed with SIGKILL leaves no process behind;
 * a worker of both pools moves between the pools under load, and every
   greedy request's tokens are those of a fixed deployment;
-* the planner's loop, finding the prefill pool short and the decode pool
-  with a worker to spare, moves that worker (no process starts);
+* a short load ramp through ``pdjax.eval.ramp`` (tools/elastic_ramp.py's
+  measuring) with the planner's loop on: finding the prefill pool short and
+  the decode pool with a worker to spare, it moves that worker (no process
+  starts), and no request fails;
 * a worker that dies is restarted on its port and rejoins while the others
   serve; a restarted router gets its workers back by their registrations;
 * scale-down under load drains the worker away: no request fails.
@@ -32,8 +34,7 @@ from cluster_helpers import MAX_NEW, make_prompts, reference_tokens
 from pdjax.client import AsyncClient, Client
 from pdjax.launch.cluster import (LocalCluster, Supervisor, launch_elastic,
                                   router_security, router_workers, tail)
-from pdjax.planner.control import (Policy, RouterClient, build_loop,
-                                   load_settings)
+from pdjax.planner.control import Policy, RouterClient, load_settings
 from pdjax.planner.profile import (DecodeModel, PrefillModel, Profile,
                                    profile_to_dict)
 from pdjax.planner.scaler import LocalScaler
@@ -254,41 +255,36 @@ def _profile_file(tmp_path: Path) -> Path:
   return path
 
 
-def test_the_planner_moves_a_worker_to_the_short_pool(elastic, reference,
-                                                      tmp_path):
+def test_a_short_ramp_with_the_planner_on(elastic, tmp_path):
+  """tools/elastic_ramp.py's measuring (pdjax.eval.ramp) on this
+  deployment: 1 then 3 req/s with the planner's loop acting. Under the
+  profile the prefill pool is short and the decode pool has a worker of
+  both pools to spare: the loop moves it (no process starts), no request
+  fails, and the step table and chart are written."""
+  from pdjax.eval import ramp
   p0, d0 = elastic.address_of("prefill0"), elastic.address_of("decode0")
   flex = elastic.address_of("flex0")
   router = elastic.proc("router")
   settings = load_settings(str(_profile_file(tmp_path)))
   policy = Policy(max_workers={"prefill": 2, "decode": 2}, up_cooldown_s=0)
-  scaler = LocalScaler(elastic.cluster)
-
-  async def run():
-    loop, client = build_loop(
-        elastic.address, f"http://127.0.0.1:{router.metrics_port}/metrics",
-        scaler, router_security(elastic.cluster), settings, policy,
-        interval_s=1.0, window_s=4.0)
-    load = Load(elastic.address, reference, streams=3)
-    task = asyncio.ensure_future(load.run())
-    steps = []
-    for _ in range(20):
-      steps.append(await loop.step())
-      if steps[-1].actions:
-        break
-      await asyncio.sleep(1.0)
-    await asyncio.sleep(1.0)
-    load.stop()
-    await task
-    await client.close()
-    return steps, load
-
-  steps, load = asyncio.run(run())
-  assert steps[-1].actions == [["move", flex, "decode", "prefill"]], steps
-  assert steps[-1].need == {"prefill": 2, "decode": 1}, steps[-1]
+  schedule = [(1.0, 4.0), (3.0, 6.0)]
+  records, timeline, steps = asyncio.run(ramp.run_ramp(
+      elastic.cluster, elastic.address, router.metrics_port, schedule,
+      settings, policy, tmp_path, interval_s=1.0, window_s=3.0,
+      workload=dict(length_scale=0.1)))
+  summary = ramp.write_results(tmp_path, schedule, records, timeline, steps,
+                               (settings[1].ttft_s, settings[1].tpot_s), {},
+                               bin_s=2.0)
+  assert summary["requests"] == len(records) > 10
+  assert summary["failed"] == 0, [r.error for r in records if r.error][:3]
+  moves = [a for st in steps for a in st["actions"]]
+  assert moves == [["move", flex, "decode", "prefill"]], moves
   assert elastic.pools() == {"prefill": {p0, flex}, "decode": {d0}}
   assert [p.name for p in elastic.cluster.procs] == [
       "router", "prefill0", "decode0", "flex0"]       # nothing started
-  assert not load.failures, load.failures[:5]
+  assert max(r["prefill"] for r in timeline) == 2
+  assert "| 4-10 s | 3 |" in (tmp_path / "ramp.md").read_text()
+  assert (tmp_path / "ramp.png").stat().st_size > 10_000
   asyncio.run(elastic.set_role("flex0", "decode"))
 
 

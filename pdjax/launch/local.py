@@ -170,7 +170,7 @@ def make_planner(cluster: LocalCluster, metrics_port: int, router_flags):
     settings = load_settings(PLANNER_PROFILE.value, ttft_s=TTFT_SLO.value,
                              tpot_s=TPOT_SLO.value)
     policy = Policy(max_workers={"prefill": MAX_PREFILL.value,
-                                 "decode": MAX_DECODE.value})
+                                 "decode": MAX_DECODE.value}, headroom=0.2)
   except ValueError as e:
     raise UsageError(f"--planner_profile: {e}") from None
   loop, _ = build_loop(

@@ -62,6 +62,9 @@ MAX_DECODE = flags.DEFINE_integer("max_decode", 4, "")
 DOWN_MARGIN = flags.DEFINE_float(
     "down_margin", 0.25, "Hysteresis: shrink a pool only if it is larger "
     "than needed at the predicted rate times (1 + this).")
+HEADROOM = flags.DEFINE_float(
+    "headroom", 0.2, "Size the pools for the predicted rate times (1 + "
+    "this): what the profile did not measure.")
 UP_COOLDOWN = flags.DEFINE_float("up_cooldown_s", 10.0, "Least time "
                                  "between a pool's change and its growth.")
 DOWN_COOLDOWN = flags.DEFINE_float("down_cooldown_s", 30.0, "Least time "
@@ -95,7 +98,7 @@ def policy_from_flags():
                                "decode": MIN_DECODE.value},
                   max_workers={"prefill": MAX_PREFILL.value,
                                "decode": MAX_DECODE.value},
-                  down_margin=DOWN_MARGIN.value,
+                  down_margin=DOWN_MARGIN.value, headroom=HEADROOM.value,
                   up_cooldown_s=UP_COOLDOWN.value,
                   down_cooldown_s=DOWN_COOLDOWN.value,
                   down_after_s=DOWN_AFTER.value)

@@ -18,7 +18,8 @@ Every ``interval_s`` the loop
      otherwise workers are added or removed. A removed worker drains
      first (its requests finish; none fails).
 
-Against flapping (``Policy``): a pool grows at once (then waits
+Pools are sized for the predicted rate times ``1 + headroom``. Against
+flapping (``Policy``): a pool grows at once (then waits
 ``up_cooldown_s`` before growing again), but shrinks only when the pool
 sized for the predicted rate plus ``down_margin`` is still smaller than it
 is, and has been for ``down_after_s``, at most one worker at a time and
@@ -111,6 +112,11 @@ class Policy:
   max_workers: dict = dataclasses.field(
       default_factory=lambda: {"prefill": 4, "decode": 4})
   down_margin: float = 0.25
+  # Pools are sized for the predicted rate times (1 + headroom): the
+  # profile's model leaves out what it did not measure (a busy host, a
+  # worker starting beside the others), and a plan at the SLO's edge
+  # misses it by half of its requests' luck.
+  headroom: float = 0.0
   up_cooldown_s: float = 10.0
   down_cooldown_s: float = 30.0
   down_after_s: float = 20.0
@@ -122,8 +128,8 @@ class Policy:
         raise ValueError(f"{role}: need 0 <= min ({lo}) <= max ({hi})")
     if self.min_workers["decode"] < 1:
       raise ValueError("the decode pool needs at least one worker")
-    if self.down_margin < 0:
-      raise ValueError("down_margin must be >= 0")
+    if self.down_margin < 0 or self.headroom < 0:
+      raise ValueError("down_margin and headroom must be >= 0")
 
 
 @dataclasses.dataclass
@@ -151,9 +157,8 @@ class PoolPlanner:
     self._cache: dict = {}
 
   def _size(self, rate: float, lengths) -> tuple[dict, bool]:
-    lo, hi = self.policy.min_workers, self.policy.max_workers
     if rate <= 0:
-      return dict(lo), True
+      return dict(self.policy.min_workers), True
     # A plan simulates the prefill queue (tens of ms per pool size): rates
     # are rounded up to 3 significant digits and their plans kept.
     digits = 2 - math.floor(math.log10(rate))
@@ -193,8 +198,9 @@ class PoolPlanner:
   def size(self, rate: float, lengths=None) -> Sizing:
     lengths = lengths or (self.profile.prompt_tokens,
                           self.profile.output_tokens)
-    need, ok = self._size(rate, lengths)
-    down, _ = self._size(rate * (1 + self.policy.down_margin), lengths)
+    up = rate * (1 + self.policy.headroom)
+    need, ok = self._size(up, lengths)
+    down, _ = self._size(up * (1 + self.policy.down_margin), lengths)
     return Sizing(rate, need, down, ok)
 
   def targets(self, now: float, sizing: Sizing, current: dict) -> dict:
@@ -256,14 +262,15 @@ class TrafficMeter:
 
   def sample(self, now: float):
     """(rate or None, (prompt lengths, output lengths) or None): None
-    until two scrapes span some time; no lengths when nothing finished."""
+    until the scrapes span a whole window (a rate over a moment is noise);
+    no lengths when nothing finished."""
     text = self.fetch()
     self._scrapes.append((now, text))
     while (len(self._scrapes) > 2
            and now - self._scrapes[1][0] >= self.window_s):
       self._scrapes.popleft()
     t0, first = self._scrapes[0]
-    if now - t0 <= 0:
+    if now - t0 < self.window_s * 0.999:   # not a whole window yet
       return None, None
     rate = max(0.0, (arrivals(text) - arrivals(first)) / (now - t0))
     try:

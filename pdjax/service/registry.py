@@ -12,7 +12,8 @@ Members come from three sources (``Worker.source``): the router's flags
 worker announced itself through ``pdjax.v1.Registry`` and holds a lease it
 renews; ``register`` runs the handshake before admitting it and polls it
 once, so it is routed to as soon as the call returns; a lease that lapses
-drops the worker), and a Kubernetes pod watch (``kubernetes``,
+drops the worker; a listed worker that also registers stays listed), and a
+Kubernetes pod watch (``kubernetes``,
 ``pdjax.service.k8s_discovery``). A worker leaves by ``retire``: it is no
 longer picked for new requests at once, and its channel is closed only when
 the requests the router has on it have finished, so leaving loses none.
@@ -178,8 +179,6 @@ class WorkerRegistry:
       self.retire(old, "replaced by a new process at its address")
       old = None
     w = old or self.add(info.address, info.role, "registered")
-    if w.source == "static":
-      w.source = "registered"
     if not w.lease_id:
       w.lease_id = uuid.uuid4().hex
       self.leases[w.lease_id] = w
@@ -199,19 +198,29 @@ class WorkerRegistry:
     return w
 
   def deregister(self, lease_id: str) -> Worker | None:
+    """Ends a lease: the worker leaves (one the router's flags list stays
+    a member, its polls telling whether it serves)."""
     w = self.leases.get(lease_id)
     if w is not None:
-      self.retire(w, "deregistered")
+      self._end_lease(w, "deregistered")
     return w
+
+  def _end_lease(self, w: Worker, why: str) -> None:
+    if w.source == "static":
+      self.leases.pop(w.lease_id, None)
+      w.lease_id = ""
+    else:
+      self.retire(w, why)
 
   def expire_leases(self) -> list[Worker]:
     now = time.monotonic()
     lapsed = [w for w in self.leases.values() if w.lease_expires < now]
     for w in lapsed:
       log.warning("%s worker %s: its lease lapsed (%.1f s without a "
-                  "renewal); dropped", w.role, w.address,
-                  now - w.lease_expires)
-      self.retire(w, "lease lapsed")
+                  "renewal); %s", w.role, w.address, now - w.lease_expires,
+                  "polling it as listed" if w.source == "static"
+                  else "dropped")
+      self._end_lease(w, "lease lapsed")
     return lapsed
 
   async def remove(self, address: str, role: str) -> None:
