@@ -147,10 +147,15 @@ async def serve() -> None:
       policy_from_flags(), interval_s=INTERVAL.value, window_s=WINDOW.value,
       predictor=PREDICTOR.value, on_step=step_writer(STEP_LOG.value))
   if isinstance(scaler, StaticScaler):
-    # Start the advice from the pools the router has.
-    for w in await client.workers():
-      if len(w.roles) < 2 and w.state in ("ready", "joining"):
-        scaler.asked[w.role] = scaler.asked.get(w.role, 0) + 1
+    # Start the advice from the pools the router has now.
+    import grpc
+    try:
+      for w in await client.workers():
+        if len(w.roles) < 2 and w.state in ("ready", "joining"):
+          scaler.asked[w.role] = scaler.asked.get(w.role, 0) + 1
+    except grpc.aio.AioRpcError as e:
+      log.warning("the router at %s did not list its workers (%s); "
+                  "advising from empty pools", ROUTER.value, e.code().name)
   stop = asyncio.Event()
   aloop = asyncio.get_running_loop()
   for sig in (signal.SIGINT, signal.SIGTERM):

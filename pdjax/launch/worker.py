@@ -212,10 +212,25 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
   return info
 
 
+def check_serve_role(role: str, serve_role: str, transport: str) -> None:
+  """Refuses, before anything loads, a --serve_role the worker's programs
+  cannot serve."""
+  if serve_role not in ("both", role) and role != "both":
+    raise app.UsageError(f"--serve_role={serve_role} needs that pool's "
+                         f"programs: start with --role=both")
+  if role == "both" and transport == "local" and serve_role != "both":
+    raise app.UsageError("--kv_transport=local serves both pools in one "
+                         "process: --serve_role must be both")
+
+
 async def serve(role: str) -> None:
   from pdjax.config import DeploymentConfig, resolve_layer_groups
   # Read before JAX starts a backend: the file may set XLA's memory share.
   dep = DeploymentConfig.load(F.CONFIG.value)
+  check_serve_role(role, SERVE_ROLE.value,
+                   F.KV_TRANSPORT.value or dep.kv_transport)
+  emulated_delay(EMULATE_PREFILL.value, "emulate_prefill_s")   # checked
+  emulated_delay(EMULATE_DECODE.value, "emulate_decode_s")     # early
   jax = _init_jax(worker_memory_fraction(dep, role,
                                          F.GPU_MEMORY_FRACTION.value))
   import socket
@@ -386,12 +401,6 @@ async def serve(role: str) -> None:
   compile_stats.warn_on_compile()
   health = await common.add_health(server, health_names)
   active = set(roles) if SERVE_ROLE.value == "both" else {SERVE_ROLE.value}
-  if not active <= set(roles):
-    raise app.UsageError(f"--serve_role={SERVE_ROLE.value} needs that "
-                         f"pool's programs: start with --role=both")
-  if len(roles) == 2 and transport == "local" and active != set(roles):
-    raise app.UsageError("--kv_transport=local serves both pools in one "
-                         "process: --serve_role must be both")
   announcer = None
   if ROUTER.value:
     announcer = discovery.Announcer(
@@ -406,8 +415,8 @@ async def serve(role: str) -> None:
     w.start()
   await server.start()
   await common.set_live(health)
-  await common.set_serving(health, health_names, True)
-  await control.start()
+  await common.set_serving(health, [], True)   # "": ready
+  await control.start()                        # each pool's name, joins
   metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
   log.info("%s worker serving %s on %s (transport %s, metrics %s)%s%s",
            role, cfg.name, address, transport, metrics_port,

@@ -302,6 +302,8 @@ class RoleControl(registry_pb2_grpc.WorkerControlServicer):
     self.drain_timeout_s = drain_timeout_s
     self._lock = asyncio.Lock()
     self.switches = 0
+    for role, w in pools.items():   # before the server takes a request
+      w.draining = role not in self.active
 
   async def _set_health(self, role: str, serving: bool) -> None:
     if self.health is None or role not in self.health_names:
@@ -313,9 +315,9 @@ class RoleControl(registry_pb2_grpc.WorkerControlServicer):
         health_pb2.HealthCheckResponse.NOT_SERVING)
 
   async def start(self) -> None:
-    """The initial state: pools not served draining, the served joined."""
-    for role, w in self.pools.items():
-      w.draining = role not in self.active
+    """Once serving: each pool's health name, and the served pools
+    joined at the router."""
+    for role in self.pools:
       await self._set_health(role, role in self.active)
     if self.announcer is not None:
       for role in sorted(self.active):
