@@ -161,6 +161,7 @@ _DEPLOYMENT_GROUPS = {
     "test_services.py": "deployments-a",
     "test_prefix_cache_services.py": "deployments-a",
     "test_batch_eval_e2e.py": "deployments-a",
+    "test_elastic.py": "deployments-a",
     "test_reliability.py": "deployments-b",
     "test_security.py": "deployments-b",
     "test_kv_router.py": "deployments-b",

@@ -117,8 +117,7 @@ def test_the_store_outlives_a_worker_restart(shared, tiny_model_dir):
   # The worker that computed it (and wrote it through) dies and comes back
   # empty, on its port; the other never had the prompt.
   old = _proc(c, name)
-  args = [a for a in old.popen.args[3:]
-          if not a.startswith(("--port_file=", "--host="))]
+  args = [a for a in old.args if not a.startswith("--port=")]
   c.kill(name)
   c.cluster.start(name, "pdjax.launch.prefill", [*args, f"--port={port}"],
                   devices=2)

@@ -105,3 +105,13 @@ def test_a_port_in_use_is_refused(held_port, module, args):
   line = _refused(_run(module, "--host=127.0.0.1", f"--port={held_port}",
                        *args))
   assert f"127.0.0.1:{held_port}" in line and "in use" in line, line
+
+
+def test_the_local_launcher_refuses_a_port_in_use_in_one_line(held_port):
+  """Before starting anything: exit status 2 (the deployment cannot run as
+  asked) and one line naming the port, no traceback."""
+  out = _run("pdjax.launch.local", "--config=test", f"--port={held_port}")
+  assert out.returncode == 2, out.stdout + out.stderr
+  line = _refused(out)
+  assert line.startswith("pdjax.launch.local: "), line
+  assert f"127.0.0.1:{held_port}" in line and "in use" in line, line

@@ -25,6 +25,11 @@ Examples:
   pdjax bench --backend=openai --target=http://localhost:8000 \
       --preset=chat --num_requests=500 --rate=4 --out_dir=runs/chat_gateway
 
+  # A load ramp: Poisson arrivals at 2, then 8, then 2 req/s, a minute
+  # each; summary.json and the table add each step's SLO attainment.
+  pdjax bench --target=... --preset=code \
+      --rate_schedule=2:60,8:60,2:60 --out_dir=runs/ramp
+
   # One chart of several deployments' sweeps (or single runs).
   pdjax bench --plot_only=runs/code_disagg,runs/code_coloc \
       --out_dir=runs/code_compare
@@ -114,6 +119,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("sweep_rates", None,
                     "Comma list of rates (req/s); one run per rate.",
                     flag_values=fv)
+  flags.DEFINE_list("rate_schedule", None,
+                    "A piecewise-constant Poisson rate, RATE:SECONDS,... "
+                    "(e.g. 2:60,8:60,2:60): one run whose offered rate steps "
+                    "through the segments; the requests are as many as the "
+                    "arrivals drawn, and each segment's SLO attainment is "
+                    "reported. Instead of --rate and --num_requests.",
+                    flag_values=fv)
   flags.DEFINE_float("ttft_slo", None, "TTFT SLO, seconds (default: preset's).",
                      flag_values=fv)
   flags.DEFINE_float("tpot_slo", None, "TPOT SLO, seconds (default: preset's).",
@@ -179,6 +191,7 @@ class EvalConfig:
   rate: float = math.inf
   concurrency: int | None = None
   sweep_rates: list[float] | None = None
+  rate_schedule: list[tuple[float, float]] | None = None
   ttft_slo: float | None = None
   tpot_slo: float | None = None
   attainment_target: float = 0.9
@@ -206,6 +219,15 @@ class EvalConfig:
       self.tpot_slo = preset.tpot_slo
     if self.ignore_eos is None:
       self.ignore_eos = self.input is None
+    if self.rate_schedule is not None:
+      if self.sweep_rates or self.duration_s is not None:
+        raise ValueError("rate_schedule is one run: not with sweep_rates "
+                         "or duration_s")
+      self.rate_schedule = [(float(r), float(d))
+                            for r, d in self.rate_schedule]
+      self.num_requests = len(self.arrival_times())
+      seconds = sum(d for _, d in self.rate_schedule)
+      self.rate = self.num_requests / seconds
     if self.duration_s is not None:
       if not self.duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
@@ -217,6 +239,12 @@ class EvalConfig:
       # prefix of it, so every rate sees the same first requests.
       self.num_requests = self.requests_at(max(self.sweep_rates
                                                or [self.rate]))
+
+  def arrival_times(self):
+    """The schedule's send offsets (None without a schedule)."""
+    if self.rate_schedule is None:
+      return None
+    return load.piecewise_arrival_times(self.rate_schedule, self.seed)
 
   def requests_at(self, rate: float) -> int:
     """Requests a run at ``rate`` sends."""
@@ -239,6 +267,8 @@ def config_from_flags(FLAGS: flags.FlagValues = FLAGS) -> EvalConfig:
       concurrency=FLAGS.concurrency,
       sweep_rates=([float(r) for r in FLAGS.sweep_rates]
                    if FLAGS.sweep_rates else None),
+      rate_schedule=(load.parse_schedule(FLAGS.rate_schedule)
+                     if FLAGS.rate_schedule else None),
       ttft_slo=FLAGS.ttft_slo, tpot_slo=FLAGS.tpot_slo,
       attainment_target=FLAGS.attainment_target, max_tokens=FLAGS.max_tokens,
       temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
@@ -353,16 +383,27 @@ async def run_eval(cfg: EvalConfig,
       writer = _ResultsWriter(run_dir / "results.jsonl",
                               dict(label=cfg.label, rate=rate))
       records = await load.run_workload(
-          backend, items[:cfg.requests_at(rate)], rate=rate, concurrency=cfg.concurrency,
-          sampling=cfg.sampling(), seed=cfg.seed, on_record=writer.append,
-          progress=cfg.progress)
+          backend, items[:cfg.requests_at(rate)], rate=rate,
+          concurrency=cfg.concurrency, sampling=cfg.sampling(),
+          seed=cfg.seed, on_record=writer.append, progress=cfg.progress,
+          arrival_times=cfg.arrival_times())
       interrupted = bool(task is not None and task.cancelling())
       writer.finish(records)
       summary = stats.summarize(
           records, stats.wall_duration(records), **slo, label=cfg.label,
           rate=rate, concurrency=cfg.concurrency)
+      extra = {}
+      if cfg.rate_schedule is not None:
+        extra["segments"] = segment_summaries(records, cfg)
+        for seg in extra["segments"]:
+          att = seg["slo_attainment"]
+          print(f"  {seg['start_s']:6.0f}-{seg['end_s']:<6.0f} s at "
+                f"{seg['rate']:g} req/s: {seg['requests']} requests, "
+                f"{seg['failed']} failed, SLO attainment "
+                + ("-" if att is None else f"{att:.1%}"), flush=True)
       _write_json(run_dir / "summary.json",
-                  {**summary.to_dict(), **meta, "interrupted": interrupted})
+                  {**summary.to_dict(), **meta, **extra,
+                   "interrupted": interrupted})
       if not sweep:
         plots.plot_latency_cdfs({cfg.label: records},
                                 run_dir / "latency_cdf.png", **slo,
@@ -392,6 +433,26 @@ async def run_eval(cfg: EvalConfig,
   finally:
     if own_backend:
       await _aclose(backend)
+
+
+def segment_summaries(records: Sequence[RequestRecord], cfg: EvalConfig,
+                      ) -> list[dict[str, Any]]:
+  """Per segment of the rate schedule: its requests (by send time), how
+  many failed, and their SLO attainment."""
+  out, start = [], 0.0
+  for i, (rate, seconds) in enumerate(cfg.rate_schedule):
+    mine = [r for r in records
+            if load.segment_of(r.send_time, cfg.rate_schedule) == i]
+    s = stats.summarize(mine, seconds, cfg.ttft_slo, cfg.tpot_slo,
+                        rate=rate) if mine else None
+    out.append({"rate": rate, "start_s": start, "end_s": start + seconds,
+                "requests": len(mine),
+                "failed": sum(r.error is not None for r in mine),
+                "slo_attainment": s.slo_attainment if s else None,
+                "ttft_p90": s.ttft.p90 if s else None,
+                "tpot_p90": s.tpot.p90 if s else None})
+    start += seconds
+  return out
 
 
 def _read_jsonl(path: Path) -> list[RequestRecord]:

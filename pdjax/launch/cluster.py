@@ -1,4 +1,5 @@
-"""Processes of a local deployment: start, wait until serving, stop.
+"""Processes of a local deployment: start, wait until serving, supervise,
+stop.
 
 ``LocalCluster`` is what ``python -m pdjax.launch.local`` (``pdjax serve``)
 and the end-to-end tests use to run router + prefill + decode workers as
@@ -14,6 +15,22 @@ Extra per-process flags (``worker_flags``) go to each worker whose
 launcher defines them (``--prefix_caching`` to decode workers,
 ``--fault_injection_drop_kv`` to prefill workers); one that no launcher
 started defines is refused.
+
+Supervision. Every process it starts dies with it: the child asks the kernel
+for a parent-death signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``, Linux) first
+thing after exec (``pdjax.launch.child`` runs the module), so a launcher
+killed with SIGKILL, or one whose terminal went away, leaves no worker
+running and holding its port (they drain and exit as on any SIGTERM); each
+child also runs in a process group of its own that ``stop`` signals as a
+whole. The signal follows the *thread* that
+started the child, so processes are only ever started from one long-lived
+thread (the launcher's main thread). ``Supervisor`` watches the processes:
+one that exits while it was not being stopped is started again with the
+same arguments on the same port (the router keeps dialling that address, a
+registering worker registers again, a restarted router is found again by
+its workers), with a growing back-off; one that keeps dying (``max_restarts``
+within ``restart_window_s``) ends the deployment with ``ProcessFailed``,
+which says which process, its exit status and its log's last line.
 """
 
 from __future__ import annotations
@@ -32,9 +49,21 @@ import sys
 import time
 from pathlib import Path
 
+from pdjax.launch.child import PARENT_ENV
+
 
 class UsageError(ValueError):
   """A deployment that cannot be launched as asked."""
+
+
+class ProcessFailed(RuntimeError):
+  """A process of the deployment failed for good (at start, or restarted
+  too often); ``str()`` is one line for the launcher to print."""
+
+  def __init__(self, message: str, name: str = "", code: int | None = None):
+    super().__init__(message)
+    self.name = name
+    self.code = code
 
 
 @dataclasses.dataclass(eq=False)
@@ -43,6 +72,16 @@ class Proc:
   popen: subprocess.Popen
   port_file: Path
   log: Path
+  # How it was started (``restart`` starts it again the same way).
+  module: str = ""
+  args: list = dataclasses.field(default_factory=list)
+  devices: int = 1
+  role: str = ""                 # "router" | "prefill" | "decode" | ...
+  stopping: bool = False         # being stopped on purpose: not restarted
+  restarts: list = dataclasses.field(default_factory=list)  # when (monotonic)
+  last_port: int | None = None
+  # Processes of one jax.distributed job: restarted together.
+  group: list | None = None
 
   def ports(self) -> dict | None:
     try:
@@ -177,6 +216,11 @@ class LocalCluster:
     # per deployment unless the caller's environment names one.
     self.service_token = (os.environ.get("PDJAX_SERVICE_TOKEN")
                           or secrets.token_urlsafe(32))
+    # Elastic deployments (``launch(elastic=True)``): the router's address
+    # and how to start one more worker of each pool (``spawn_worker``).
+    self.router_address: str | None = None
+    self.worker_specs: dict[str, tuple[str, list[str], int]] = {}
+    self._serial: dict[str, int] = {}
 
   def write_config(self, dep) -> Path:
     """Writes the deployment's resolved configuration for its processes."""
@@ -257,21 +301,65 @@ class LocalCluster:
         env.setdefault(k, v)
     return env
 
-  def start(self, name: str, module: str, args: list[str], devices: int = 1
-            ) -> Proc:
+  def start(self, name: str, module: str, args: list[str], devices: int = 1,
+            role: str = "") -> Proc:
     port_file = self.run_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)  # a stale one from an earlier run
     log = self.run_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", module, f"--port_file={port_file}",
-           f"--host={self.host}", *args]
-    cmd += self.gpu_flags(name) if devices else []
-    with open(log, "wb") as out:
-      popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                               env=self._env(devices, name),
-                               start_new_session=True)
-    p = Proc(name, popen, port_file, log)
+    popen = self._popen(name, module, args, devices, port_file, log)
+    p = Proc(name, popen, port_file, log, module=module, args=list(args),
+             devices=devices, role=role or _role_of(module, args))
     self.procs.append(p)
     return p
+
+  def _popen(self, name, module, args, devices, port_file, log,
+             mode: str = "wb") -> subprocess.Popen:
+    # Through pdjax.launch.child: the process dies with this one.
+    cmd = [sys.executable, "-m", "pdjax.launch.child", module,
+           f"--port_file={port_file}", f"--host={self.host}", *args]
+    cmd += self.gpu_flags(name) if devices else []
+    env = self._env(devices, name)
+    env[PARENT_ENV] = str(os.getpid())
+    with open(log, mode) as out:
+      return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                              env=env, start_new_session=True)
+
+  def restart(self, p: Proc) -> None:
+    """Starts ``p`` again with its arguments, on the port it served on
+    (appending to its log)."""
+    port = p.port() or p.last_port
+    p.last_port = port
+    args = [a for a in p.args if not a.startswith("--port=")]
+    if port:
+      args.append(f"--port={port}")
+    p.port_file.unlink(missing_ok=True)
+    with open(p.log, "ab") as out:
+      out.write(f"\n----- restarted by the launcher ({len(p.restarts)}) "
+                "-----\n".encode())
+    p.args = args
+    p.popen = self._popen(p.name, p.module, args, p.devices, p.port_file,
+                          p.log, mode="ab")
+
+  def spawn_worker(self, role: str) -> Proc:
+    """One more worker of ``role`` in an elastic deployment (it registers
+    with the router itself)."""
+    if role not in self.worker_specs:
+      raise UsageError(f"no {role} worker spec: launch(elastic=True) first")
+    module, args, devices = self.worker_specs[role]
+    n = self._serial.get(role, 0)
+    names = {p.name for p in self.procs}
+    while f"{role}{n}" in names:
+      n += 1
+    self._serial[role] = n + 1
+    return self.start(f"{role}{n}", module, args, devices, role=role)
+
+  def stop_proc(self, p: Proc, sig: int = signal.SIGTERM) -> None:
+    """Stops one process on purpose (a worker drains on SIGTERM); the
+    supervisor does not restart it."""
+    p.stopping = True
+    if p.popen.poll() is None:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.popen.pid, sig)
 
   def wait_ready(self, procs: list[Proc], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
@@ -281,15 +369,19 @@ class LocalCluster:
         if p.port() is not None:
           pending.remove(p)
         elif p.popen.poll() is not None:
-          raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; "
-                             f"log {p.log}:\n{tail(p.log)}")
+          raise ProcessFailed(
+              f"{p.name} exited with {exit_status(p.popen.returncode)} "
+              f"before serving: {last_line(p.log)} (log {p.log})", p.name,
+              p.popen.returncode)
       if time.monotonic() > deadline:
         names = ", ".join(p.name for p in pending)
-        raise TimeoutError(f"not ready after {timeout_s:.0f} s: {names}")
+        raise ProcessFailed(f"not ready after {timeout_s:.0f} s: {names} "
+                            f"(logs in {self.run_dir})")
       time.sleep(0.1)
 
   def stop(self, grace_s: float = 20.0) -> None:
     for p in reversed(self.procs):
+      p.stopping = True
       if p.popen.poll() is None:
         with contextlib.suppress(ProcessLookupError):
           os.killpg(p.popen.pid, signal.SIGTERM)
@@ -302,6 +394,97 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
           os.killpg(p.popen.pid, signal.SIGKILL)
         p.popen.wait()
+
+
+def _role_of(module: str, args) -> str:
+  name = module.rsplit(".", 1)[-1]
+  if name == "worker":
+    for a in args:
+      if a.startswith("--role="):
+        return a.split("=", 1)[1]
+  return name
+
+
+def exit_status(code: int | None) -> str:
+  """'code 1' or 'signal SIGKILL' for a Popen returncode."""
+  if code is None:
+    return "no status"
+  if code < 0:
+    try:
+      return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+      return f"signal {-code}"
+  return f"code {code}"
+
+
+def last_line(path: Path) -> str:
+  """The last non-empty line of a log: what a failed process said last."""
+  lines = [ln for ln in tail(path, 40).splitlines() if ln.strip()]
+  for ln in reversed(lines):
+    if not ln.startswith(("  ", "Traceback", "----- ")):
+      return ln.strip()
+  return lines[-1].strip() if lines else "(empty log)"
+
+
+class Supervisor:
+  """Restarts the processes of a ``LocalCluster`` that die (see the module
+  docstring); call ``check`` every fraction of a second from the thread
+  that started them."""
+
+  def __init__(self, cluster: LocalCluster, *, max_restarts: int = 5,
+               restart_window_s: float = 120.0, backoff_s: float = 0.5,
+               max_backoff_s: float = 15.0, log=print):
+    self.cluster = cluster
+    self.max_restarts = max_restarts
+    self.restart_window_s = restart_window_s
+    self.backoff_s = backoff_s
+    self.max_backoff_s = max_backoff_s
+    self.log = log
+    self._due: dict[int, float] = {}    # id(proc) -> when to restart it
+    self.restarted: list[tuple[str, float]] = []
+
+  def check(self) -> None:
+    """Restarts what died (after its back-off); raises ``ProcessFailed``
+    for a process that died ``max_restarts`` times within the window."""
+    now = time.monotonic()
+    for p in list(self.cluster.procs):
+      if p.stopping or p.popen.poll() is None:
+        continue
+      unit = p.group[0] if p.group else p    # a jax.distributed job: as one
+      members = p.group or [p]
+      key = id(unit)
+      if key not in self._due:
+        recent = [t for t in unit.restarts if now - t < self.restart_window_s]
+        if len(recent) >= self.max_restarts:
+          raise ProcessFailed(
+              f"{p.name} exited with {exit_status(p.popen.returncode)} "
+              f"{len(recent) + 1} times within {self.restart_window_s:.0f} "
+              f"s; giving up: {last_line(p.log)} (log {p.log})", p.name,
+              p.popen.returncode)
+        delay = min(self.backoff_s * 2 ** len(recent), self.max_backoff_s)
+        self._due[key] = now + delay
+        for q in members:
+          q.last_port = q.port() or q.last_port
+          if q is not p and q.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+              os.killpg(q.popen.pid, signal.SIGKILL)
+            q.popen.wait()
+        self.log(f"{p.name} exited with {exit_status(p.popen.returncode)}; "
+                 f"restarting it in {delay:.1f} s")
+        continue
+      if now < self._due[key]:
+        continue
+      del self._due[key]
+      if p.group:
+        coordinator = f"{self.cluster.host}:{free_port(self.cluster.host)}"
+        for q in members:
+          q.args = [f"--coordinator_address={coordinator}"
+                    if a.startswith("--coordinator_address=") else a
+                    for a in q.args]
+      for q in members:
+        q.restarts.append(now)
+        self.cluster.restart(q)
+        self.restarted.append((q.name, now))
 
 
 def visible_gpus(setting: str | None) -> list[str] | None:
@@ -484,8 +667,11 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
              *common, *pflags], devices=size // prefill_processes)
         if k == 0:
           prefill.append(p)        # serves; the others follow it
+          p.group = [p]
         else:
           followers.append(p)
+          p.group = prefill[-1].group
+          p.group.append(p)
     for i in range(num_decode):
       decode.append(cluster.start(
           f"decode{i}", "pdjax.launch.decode",
@@ -494,8 +680,10 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
   cluster.wait_ready(workers, ready_timeout_s)
   for p in followers:        # they serve nothing, but must still be there
     if p.popen.poll() is not None:
-      raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log "
-                         f"{p.log}:\n{tail(p.log)}")
+      raise ProcessFailed(f"{p.name} exited with "
+                          f"{exit_status(p.popen.returncode)}: "
+                          f"{last_line(p.log)} (log {p.log})", p.name,
+                          p.popen.returncode)
   host = cluster.host
   router_args = [
       f"--config={path}",
@@ -506,6 +694,145 @@ def launch(cluster: LocalCluster, *, config: str = "local", overrides=None,
                          devices=0)
   cluster.wait_ready([router], ready_timeout_s)
   return f"{host}:{router.port()}"
+
+
+def launch_elastic(cluster: LocalCluster, *, config: str = "local",
+                   overrides=None, checkpoint: str | None = None,
+                   kv_transport: str | None = None, num_prefill: int = 1,
+                   num_decode: int = 1, num_flex: int = 0,
+                   flex_role: str = "decode",
+                   prefill_mesh: str | None = None,
+                   decode_mesh: str | None = None, router_port: int = 0,
+                   local_prefill_threshold: int | None = None,
+                   worker_flags=(), router_flags=(), lease_s: float = 5.0,
+                   ready_timeout_s: float = 600.0) -> str:
+  """An elastic deployment: the router first, then workers that register
+  with it (``--router``) instead of being listed, so that pools grow and
+  shrink while it runs (``LocalCluster.spawn_worker`` starts one more,
+  ``stop_proc`` drains one away). ``num_flex`` workers hold both pools'
+  programs (``--role=both``) and serve ``flex_role`` at start; they can be
+  moved between the pools. The deployment is resolved once, as ``launch``
+  resolves it, with ``[router] lease_s`` set to ``lease_s`` (the lease the
+  workers ask for). Returns the router's address once every worker is
+  registered and ready."""
+  from pdjax.launch.config_flags import merge
+  dep = resolve_deployment(
+      config, merge(overrides or {}, {"router": {"lease_s": lease_s}}),
+      checkpoint=checkpoint, kv_transport=kv_transport,
+      prefill_mesh=prefill_mesh, decode_mesh=decode_mesh,
+      local_prefill_threshold=local_prefill_threshold)
+  transport = dep.kv_transport
+  if transport == "local":
+    raise UsageError("an elastic deployment moves KV between processes: "
+                     "--kv_transport=grpc or device, not local")
+  if num_decode + (num_flex if flex_role == "decode" else 0) < 1:
+    raise UsageError("an elastic deployment needs a decode worker to start")
+  pmesh, dmesh = dep.prefill.mesh, dep.decode.mesh
+  worker_flags = list(worker_flags)
+  modules = {"prefill": "pdjax.launch.prefill",
+             "decode": "pdjax.launch.decode",
+             "flex": "pdjax.launch.worker"}
+  unread = [f for f in worker_flags
+            if not any(flags_for(m, [f]) for m in modules.values())]
+  if unread:
+    raise UsageError(f"no worker of this deployment reads {unread}")
+  path = cluster.write_config(dep)
+  names = ([f"prefill{i}" for i in range(num_prefill)]
+           + [f"decode{i}" for i in range(num_decode)]
+           + [f"flex{i}" for i in range(num_flex)])
+  gpu_workers = (
+      [GpuWorker(n, mesh_size(pmesh), dep.prefill.gpu_memory_fraction)
+       for n in names if n.startswith("prefill")]
+      + [GpuWorker(n, mesh_size(dmesh), dep.decode.gpu_memory_fraction)
+         for n in names if n.startswith("decode")]
+      + [GpuWorker(n, mesh_size(pmesh) + mesh_size(dmesh))
+         for n in names if n.startswith("flex")])
+  cluster.assign(gpu_workers)
+  router_args = [f"--config={path}", f"--port={router_port}",
+                 "--wait_workers_s=0", *router_flags]
+  router = cluster.start("router", "pdjax.launch.router", router_args,
+                         devices=0)
+  cluster.wait_ready([router], ready_timeout_s)
+  address = f"{cluster.host}:{router.port()}"
+  cluster.router_address = address
+  common = [f"--config={path}", f"--router={address}"]
+  cluster.worker_specs = {
+      "prefill": (modules["prefill"],
+                  [*common, *flags_for(modules["prefill"], worker_flags)],
+                  mesh_size(pmesh)),
+      "decode": (modules["decode"],
+                 [*common, *flags_for(modules["decode"], worker_flags)],
+                 mesh_size(dmesh)),
+      "flex": (modules["flex"],
+               ["--role=both", f"--serve_role={flex_role}", *common,
+                *flags_for(modules["flex"], worker_flags)],
+               mesh_size(pmesh) + mesh_size(dmesh)),
+  }
+  procs = [cluster.spawn_worker(role) for role in ("prefill",) * num_prefill
+           + ("decode",) * num_decode + ("flex",) * num_flex]
+  cluster.wait_ready(procs, ready_timeout_s)
+  want = {"prefill": num_prefill + (num_flex if flex_role == "prefill"
+                                    else 0),
+          "decode": num_decode + (num_flex if flex_role == "decode" else 0)}
+  wait_pools(cluster, want, ready_timeout_s, router_flags)
+  return address
+
+
+def router_security(cluster: LocalCluster, router_flags=()):
+  """The ``Security`` of a launcher's internal calls to its router
+  (``pdjax.v1.Registry``): the deployment's service token, and the
+  router's TLS where it serves TLS."""
+  from pdjax.service.common import Security
+  values: dict[str, str] = {}
+  for f in router_flags:
+    name, _, value = f.lstrip("-").partition("=")
+    values[name] = value
+  tls = bool(values.get("tls_cert"))
+  return Security(ca=values.get("tls_ca") if tls else None,
+                  cert=values.get("tls_cert") if tls else None,
+                  key=values.get("tls_key") if tls else None,
+                  server_name=values.get("tls_server_name"),
+                  service_token=cluster.service_token)
+
+
+def router_workers(cluster: LocalCluster, router_flags=(),
+                   timeout_s: float = 5.0) -> list:
+  """The router's ``ListWorkers`` (``WorkerStatus`` messages)."""
+  from pdjax.service.common import make_channel
+  from pdjax.v1 import registry_pb2, registry_pb2_grpc
+  with make_channel(cluster.router_address,
+                    router_security(cluster, router_flags)) as ch:
+    return list(registry_pb2_grpc.RegistryStub(ch).ListWorkers(
+        registry_pb2.ListWorkersRequest(), timeout=timeout_s).workers)
+
+
+def wait_pools(cluster: LocalCluster, want: dict[str, int],
+               timeout_s: float, router_flags=()) -> None:
+  """Waits until the router has ``want[role]`` ready workers per pool."""
+  import grpc
+  deadline = time.monotonic() + timeout_s
+  ready: dict[str, int] = {}
+  while True:
+    try:
+      ready = {}
+      for w in router_workers(cluster, router_flags):
+        if w.state == "ready":
+          ready[w.role] = ready.get(w.role, 0) + 1
+      if all(ready.get(r, 0) >= n for r, n in want.items()):
+        return
+    except grpc.RpcError:
+      pass
+    for p in cluster.procs:
+      if not p.stopping and p.popen.poll() is not None:
+        raise ProcessFailed(f"{p.name} exited with "
+                            f"{exit_status(p.popen.returncode)}: "
+                            f"{last_line(p.log)} (log {p.log})", p.name,
+                            p.popen.returncode)
+    if time.monotonic() > deadline:
+      raise ProcessFailed(f"the router has {ready} ready workers after "
+                          f"{timeout_s:.0f} s, not {want} (logs in "
+                          f"{cluster.run_dir})")
+    time.sleep(0.2)
 
 
 # Router flags a client of the router must share (its TLS and bearer token).

@@ -136,6 +136,10 @@ HELP: dict[tuple[str | None, str], str] = {
     ("router", "kv_fetch_weight"): "Shared KV: a prompt block a prefill "
     "worker can fetch from a peer or a store counts this much (0..1) of a "
     "block it holds in its KV-aware score.",
+    ("router", "lease_s"): "Elastic pools: the lease of a worker that "
+    "registers with the router (pdjax.v1.Registry; workers started with "
+    "--router ask for it): one that has not renewed for this long is "
+    "dropped.",
     ("router", "kv_stale_after_s"): "KV-aware routing: a worker whose cache "
     "was last polled longer ago than this is judged on load alone.",
     ("router", "transfer_timeout_s"): "Longest the router waits for a KV "

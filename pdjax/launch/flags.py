@@ -80,9 +80,11 @@ def write_port_file(port: int, metrics_port: int,
 
 # ---------------------------------------------------------------- security
 # Who a process is to the deployment's security: a worker (internal API,
-# service token), the router (client API and internal calls), or a client
-# of the router (the OpenAI gateway).
-SECURITY_ROLES = ("worker", "router", "client")
+# service token), the router (client API and internal calls), a client of
+# the router (the OpenAI gateway), or an internal caller that serves
+# nothing (the planner: the router's registry and the workers' SetRole,
+# with the service token).
+SECURITY_ROLES = ("worker", "router", "client", "internal")
 
 
 def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
@@ -90,10 +92,10 @@ def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
   if role not in SECURITY_ROLES:
     raise ValueError(f"security role {role!r} is not one of "
                      f"{SECURITY_ROLES}")
-  serves = role != "client"
+  serves = role in ("worker", "router")
   flags.DEFINE_string("tls_cert", None, "PEM certificate: enables TLS on "
                       "this service." if serves else "PEM certificate "
-                      "presented to a router that asks for one (mutual "
+                      "presented to the services that ask for one (mutual "
                       "TLS).", flag_values=fv)
   flags.DEFINE_string("tls_key", None, "PEM private key.", flag_values=fv)
   flags.DEFINE_string("tls_ca", None, "PEM CA bundle: verifies peers"
@@ -114,8 +116,7 @@ def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
         "auth_token", os.environ.get("PDJAX_AUTH_TOKEN"),
         "Bearer token required on the client-facing API (router)" if serves
         else "Bearer token presented to the router", flag_values=fv)
-  if serves:
-    from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES
+  if role != "client":
     flags.DEFINE_string(
         "service_token", os.environ.get("PDJAX_SERVICE_TOKEN"),
         "Credential of the deployment's internal RPCs (router -> workers, "
@@ -123,6 +124,8 @@ def define_security(fv: flags.FlagValues = FLAGS, *, role: str) -> None:
         "one, no client ever does. Workers refuse calls without it; it must "
         "differ from --auth_token. Default: $PDJAX_SERVICE_TOKEN "
         "(pdjax.launch.local makes one per deployment).", flag_values=fv)
+  if serves:
+    from pdjax.service.common import DEFAULT_MAX_MESSAGE_BYTES
     flags.DEFINE_integer("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES,
                          "gRPC message size limit.", flag_values=fv)
 

@@ -15,7 +15,22 @@ SIGTERM (workers drain), then SIGKILL after a grace period.
 Deployments: the default is disaggregated (``--num_prefill`` prefill
 workers + ``--num_decode`` decode workers). ``--num_prefill=0`` is the
 colocated baseline (decode workers prefill locally). ``--kv_transport=local``
-runs both pools in one worker process.
+runs both pools in one worker process. ``--elastic`` starts the router
+first and the workers register with it (``--router``), so pools can change
+while it serves; ``--num_flex`` adds workers holding both pools' programs
+(movable between the pools); ``--planner_profile`` runs the planner's
+control loop here, starting and stopping worker processes
+(``pdjax.planner.scaler.LocalScaler``) and moving the flexible ones.
+
+The launcher supervises what it starts (``pdjax.launch.cluster``): every
+process dies with it (a parent-death signal, so also when the launcher is
+killed with SIGKILL; SIGHUP, SIGTERM and Ctrl-C stop the deployment
+gracefully), and a process that exits while serving is restarted on its
+port and rejoins while the others keep serving. Exit status and the last
+line say what happened: 0 stopped (a signal, or the end of ``--prompt``);
+130 ``--prompt`` interrupted; 1 a process failed (it exited before
+serving, or kept dying: its name, status and last log line); 2 the
+deployment cannot run as asked (a port in use, a bad flag combination).
 
 Configuration: ``--config`` (default ``local``, or ``local-gpu`` with
 ``--platform=gpu``) and every configuration flag (``--checkpoint``,
@@ -36,9 +51,10 @@ from pathlib import Path
 from absl import app, flags
 
 from pdjax.launch import config_flags
-from pdjax.launch.cluster import (LocalCluster, UsageError, chat_prompt,
-                                  launch, router_client_settings,
-                                  start_gateway, tail)
+from pdjax.launch.cluster import (LocalCluster, ProcessFailed, Supervisor,
+                                  UsageError, chat_prompt, launch,
+                                  launch_elastic, router_client_settings,
+                                  router_security, start_gateway)
 
 FLAGS = flags.FLAGS
 
@@ -91,7 +107,98 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
       "gateway.", flag_values=fv)
   flags.DEFINE_list("gateway_flags", [], "Extra gateway flags, e.g. "
                     "--gateway_flags=--api_key=k.", flag_values=fv)
+  # Elastic pools and the planner's control loop.
+  flags.DEFINE_bool(
+      "elastic", False, "Start the router first and let the workers "
+      "register with it (--router) instead of listing them, so the pools "
+      "can grow, shrink and move while it serves.", flag_values=fv)
+  flags.DEFINE_integer(
+      "num_flex", 0, "--elastic: workers holding both pools' programs "
+      "(--role=both), serving --flex_role at start; the planner moves them "
+      "between the pools.", flag_values=fv)
+  flags.DEFINE_enum("flex_role", "decode", ["prefill", "decode"],
+                    "The pool the --num_flex workers start in.",
+                    flag_values=fv)
+  flags.DEFINE_bool(
+      "restart", True, "Restart a process that exits while serving (on its "
+      "port; it rejoins); without it, one that exits stops the deployment.",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "planner_profile", None, "Run the planner's control loop with this "
+      "worker profile (pdjax plan --out): it sizes the pools for the "
+      "router's live traffic and starts, stops and moves workers here. "
+      "Implies --elastic.", flag_values=fv)
+  flags.DEFINE_float("ttft_slo", None, "Planner: TTFT SLO in seconds "
+                     "(default: the profile file's).", flag_values=fv)
+  flags.DEFINE_float("tpot_slo", None, "Planner: TPOT SLO in seconds "
+                     "(default: the profile file's).", flag_values=fv)
+  flags.DEFINE_integer("max_prefill", 4, "Planner: most prefill workers.",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_decode", 4, "Planner: most decode workers.",
+                       flag_values=fv)
+  flags.DEFINE_float("planner_interval_s", 5.0, "Planner: seconds between "
+                     "passes.", flag_values=fv)
+  flags.DEFINE_string("planner_log", None, "Planner: append one JSON line "
+                      "per pass here.", flag_values=fv)
   return cfg_flags
+
+
+def fail(code: int, message: str):
+  """Ends the launcher with one line on stderr (no traceback)."""
+  print(f"pdjax.launch.local: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def check_port(host: str, port: int) -> None:
+  from pdjax.service.common import in_use_message, port_in_use
+  if port_in_use(host, port):
+    raise UsageError(in_use_message(host, port))
+
+
+async def supervise(cluster: LocalCluster, supervisor: Supervisor | None,
+                    planner=None) -> None:
+  """Serves until stopped: restarts processes that die (or raises
+  ``ProcessFailed`` without ``--restart``), and runs the planner's loop
+  beside it. Both run on this (the main) thread."""
+  import asyncio
+  tasks = []
+  if planner is not None:
+    tasks.append(asyncio.ensure_future(planner.run()))
+  try:
+    while True:
+      if supervisor is not None:
+        supervisor.check()
+      else:
+        for p in cluster.procs:
+          if not p.stopping and p.popen.poll() is not None:
+            from pdjax.launch.cluster import exit_status, last_line
+            raise ProcessFailed(f"{p.name} exited with "
+                                f"{exit_status(p.popen.returncode)}: "
+                                f"{last_line(p.log)} (log {p.log})", p.name)
+      await asyncio.sleep(0.25)
+  finally:
+    for t in tasks:
+      t.cancel()
+
+
+def make_planner(cluster: LocalCluster, metrics_port: int, router_flags):
+  """The control loop with a local scaler, from the planner flags."""
+  from pdjax.planner.control import (Policy, build_loop, load_settings,
+                                     step_writer)
+  from pdjax.planner.scaler import LocalScaler
+  try:
+    settings = load_settings(FLAGS.planner_profile, ttft_s=FLAGS.ttft_slo,
+                             tpot_s=FLAGS.tpot_slo)
+    policy = Policy(max_workers={"prefill": FLAGS.max_prefill,
+                                 "decode": FLAGS.max_decode}, headroom=0.2)
+  except ValueError as e:
+    raise UsageError(f"--planner_profile: {e}") from None
+  loop, _ = build_loop(
+      cluster.router_address, f"http://{cluster.host}:{metrics_port}/metrics",
+      LocalScaler(cluster), router_security(cluster, router_flags),
+      settings, policy, interval_s=FLAGS.planner_interval_s,
+      on_step=step_writer(FLAGS.planner_log))
+  return loop
 
 
 def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
@@ -102,21 +209,43 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
   run_dir.mkdir(parents=True, exist_ok=True)
   cluster = LocalCluster(run_dir, FLAGS.platform, FLAGS.host)
   serve = FLAGS.serve if FLAGS.serve is not None else FLAGS.prompt is None
+  elastic = FLAGS.elastic or bool(FLAGS.planner_profile)
+  router_flags = list(FLAGS.router_flags)
+  if FLAGS.planner_profile and not any(
+      f.lstrip("-").startswith("metrics_port") for f in router_flags):
+    router_flags.append("--metrics_port=0")   # the planner reads it
   interrupted = False
+  code, message = 0, None
 
   def on_signal(signum, frame):
     raise KeyboardInterrupt
 
-  signal.signal(signal.SIGTERM, on_signal)
+  # SIGHUP: the terminal went away; stop as on Ctrl-C, never leave the
+  # deployment running without its launcher.
+  for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, on_signal)
   try:
+    check_port(FLAGS.host, FLAGS.port)
+    if FLAGS.gateway_port:
+      check_port(FLAGS.host, FLAGS.gateway_port)
     print(f"starting (logs in {run_dir}) ...", flush=True)
     t0 = time.monotonic()
-    address = launch(
-        cluster, config=config, overrides=cfg_flags.overrides(),
+    common = dict(
+        config=config, overrides=cfg_flags.overrides(),
         num_prefill=FLAGS.num_prefill, num_decode=FLAGS.num_decode,
-        prefill_processes=FLAGS.prefill_processes, router_port=FLAGS.port,
-        worker_flags=FLAGS.worker_flags, router_flags=FLAGS.router_flags,
-        ready_timeout_s=FLAGS.ready_timeout_s)
+        router_port=FLAGS.port, worker_flags=FLAGS.worker_flags,
+        router_flags=router_flags, ready_timeout_s=FLAGS.ready_timeout_s)
+    if elastic:
+      if FLAGS.prefill_processes != 1:
+        raise UsageError("--elastic runs one process per worker: drop "
+                         "--prefill_processes")
+      address = launch_elastic(cluster, num_flex=FLAGS.num_flex,
+                               flex_role=FLAGS.flex_role, **common)
+    else:
+      if FLAGS.num_flex:
+        raise UsageError("--num_flex needs --elastic")
+      address = launch(cluster, prefill_processes=FLAGS.prefill_processes,
+                       **common)
     print(f"configuration: {cluster.config_path}", flush=True)
     print(f"router ready at {address} ({time.monotonic() - t0:.1f} s)",
           flush=True)
@@ -149,20 +278,29 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
             f"ms (prefill {u.prefill_worker or 'local'} -> decode "
             f"{u.decode_worker})", flush=True)
     if serve:
+      import asyncio
+      planner = None
+      if FLAGS.planner_profile:
+        router = next(p for p in cluster.procs if p.name == "router")
+        if not router.metrics_port or router.metrics_port < 0:
+          raise UsageError("--planner_profile reads the router's metrics: "
+                           "drop --router_flags=--metrics_port=-1")
+        planner = make_planner(cluster, router.metrics_port, router_flags)
+      supervisor = (Supervisor(cluster, log=lambda m: print(m, flush=True))
+                    if FLAGS.restart else None)
       print("serving; Ctrl-C to stop", flush=True)
-      while True:
-        for p in cluster.procs:
-          if p.popen.poll() is not None:
-            raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:"
-                               f"\n{tail(p.log)}")
-        time.sleep(0.5)
+      asyncio.run(supervise(cluster, supervisor, planner))
   except KeyboardInterrupt:
     interrupted = True
   except UsageError as e:    # the deployment cannot run here as asked
-    sys.exit(f"pdjax.launch.local: {e}")
+    code, message = 2, str(e)
+  except ProcessFailed as e:
+    code, message = 1, str(e)
   finally:
     print("shutting down ...", flush=True)
     cluster.stop()
+  if message:
+    fail(code, message)
   if interrupted:
     sys.exit(130 if not serve else 0)
 

@@ -1,7 +1,14 @@
 """``python -m pdjax.launch.router``: the client-facing router.
 
 It loads only the tokenizer (no weights, no accelerator), learns the model
-from the workers' handshake, and routes each request across the pools. Its
+from the workers' handshake, and routes each request across the pools.
+Workers join three ways, in any mix: listed here (``--prefill_workers``,
+``--decode_workers``), announcing themselves (a worker started with
+``--router`` registers through the ``pdjax.v1.Registry`` service this
+process serves, behind the service token; ``pdjax.service.discovery``),
+or found as the ready pods of a label selector per pool
+(``--k8s_prefill_selector``, ``--k8s_decode_selector``;
+``pdjax.service.k8s_discovery``). Its
 health service says whether it can serve (readiness: a decode worker is
 ready) and that it runs (the ``liveness`` service). On SIGTERM it drains:
 readiness NOT_SERVING, new requests UNAVAILABLE, running ones finish for up
@@ -34,6 +41,28 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
       "kv_stores", [], "Shared KV: KV store addresses (python -m "
       "pdjax.launch.kvstore); their blocks count as fetchable and are named "
       "to prefill workers as sources.", flag_values=fv)
+  # Kubernetes discovery (pdjax.service.k8s_discovery): the ready pods of
+  # a label selector per pool join it.
+  flags.DEFINE_string(
+      "k8s_prefill_selector", None, "Kubernetes discovery: the label "
+      "selector of the prefill pool's serving pods (e.g. 'app=pdjax-prefill,"
+      "role=leader'); ready ones join, others leave.", flag_values=fv)
+  flags.DEFINE_string(
+      "k8s_decode_selector", None, "Kubernetes discovery: the label selector "
+      "of the decode pool's pods (e.g. 'app=pdjax-decode').", flag_values=fv)
+  flags.DEFINE_string(
+      "k8s_namespace", None, "Kubernetes discovery: the pods' namespace "
+      "(default: the router pod's own, else 'default').", flag_values=fv)
+  flags.DEFINE_string(
+      "k8s_port_name", "grpc", "Kubernetes discovery: the container port "
+      "(by name) a worker pod serves on.", flag_values=fv)
+  flags.DEFINE_integer(
+      "k8s_port", None, "Kubernetes discovery: a fixed port instead of "
+      "--k8s_port_name.", flag_values=fv)
+  flags.DEFINE_string(
+      "k8s_api", None, "Kubernetes discovery: the API server's URL (default: "
+      "the pod's service account, else the local kubeconfig).",
+      flag_values=fv)
   flags.DEFINE_float(
       "wait_workers_s", 0.0, "Wait this long for workers to join before "
       "reporting ready to a launcher (--port_file); the health service "
@@ -53,12 +82,12 @@ log = logging.getLogger("pdjax.router")
 
 async def serve(dep) -> None:
   from pdjax.model.registry import resolve_checkpoint
-  from pdjax.service import common
+  from pdjax.service import common, discovery
   from pdjax.service.metrics import Metrics
   from pdjax.service.registry import WorkerRegistry
   from pdjax.service.router import GENERATION_SERVICE, RouterServicer
   from pdjax.tokenizer import Tokenizer
-  from pdjax.v1 import generate_pb2_grpc
+  from pdjax.v1 import generate_pb2_grpc, registry_pb2_grpc
 
   sec = F.security()
   from pdjax.model import presets
@@ -85,8 +114,20 @@ async def serve(dep) -> None:
   for a in FLAGS.decode_workers:
     registry.add(a, "decode")
   servicer = RouterServicer(registry, tokenizer, config, metrics)
-  server = common.make_server(sec, client_facing=True)
+  server = common.make_server(sec, client_facing=True,
+                              internal=discovery.INTERNAL_PREFIXES)
   generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+  registry_pb2_grpc.add_RegistryServicer_to_server(
+      discovery.RegistryServicer(registry, default_lease_s=config.lease_s),
+      server)
+  if not sec.service_token:
+    log.warning("no --service_token: any caller that reaches this port can "
+                "register a worker (pdjax.v1.Registry); give the "
+                "deployment's processes one shared service token "
+                "(docs/security.md)")
+  pods = None
+  selectors = {"prefill": FLAGS.k8s_prefill_selector,
+               "decode": FLAGS.k8s_decode_selector}
   health = await common.add_health(server, [GENERATION_SERVICE])
   try:
     port = common.bind(server, FLAGS.host, FLAGS.port, sec)
@@ -98,10 +139,26 @@ async def serve(dep) -> None:
   await common.set_live(health)
   watch = asyncio.ensure_future(
       servicer.watch_health(health, registry.poll_interval_s))
+  if any(selectors.values()):
+    from pdjax.service.k8s_discovery import (PodWatch, current_namespace,
+                                             load_api)
+    try:
+      api = load_api(FLAGS.k8s_api)
+    except Exception as e:  # noqa: BLE001 - no cluster configuration
+      raise SystemExit(f"error: Kubernetes discovery needs the API server: "
+                       f"{type(e).__name__}: {e}") from None
+    pods = PodWatch(registry, selectors,
+                    current_namespace(FLAGS.k8s_namespace),
+                    port_name=FLAGS.k8s_port_name, port=FLAGS.k8s_port,
+                    api=api)
+    pods.start()
   if FLAGS.wait_workers_s > 0:
-    ok = await registry.wait_ready(FLAGS.wait_workers_s,
-                                   prefill=min(1, len(FLAGS.prefill_workers)),
-                                   decode=min(1, len(FLAGS.decode_workers)))
+    ok = await registry.wait_ready(
+        FLAGS.wait_workers_s,
+        prefill=min(1, len(FLAGS.prefill_workers)
+                    + bool(FLAGS.k8s_prefill_selector)),
+        decode=min(1, len(FLAGS.decode_workers)
+                   + bool(FLAGS.k8s_decode_selector)))
     if not ok:
       log.warning("workers not ready after %.0f s; serving anyway",
                   FLAGS.wait_workers_s)
@@ -117,6 +174,8 @@ async def serve(dep) -> None:
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
   watch.cancel()
+  if pods is not None:
+    pods.stop()
   await servicer.drain(FLAGS.drain_timeout_s, health)
   await server.stop(grace=1.0)
   await registry.close()

@@ -16,6 +16,13 @@ Start-up order matters and is the same for every role: jax.distributed (if
 the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
 -> warm-up (every program compiled) -> gRPC server -> health SERVING -> port
 file. A worker reports ready only when serving can no longer compile.
+
+Membership: with ``--router`` the worker registers each pool it serves with
+that router once it serves (``pdjax.service.discovery.Announcer``), renews
+its lease, and deregisters first thing when it drains; without it the
+router must list it (``--prefill_workers``/``--decode_workers``). A worker
+of both pools (``--role=both``) serves ``--serve_role`` of them at start and
+can be moved between them while it runs (``pdjax.v1.WorkerControl``).
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
     for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
                 "ipc_landing_bytes", "queue_deadline_s"):
       aliases[key] = f"decode_{key}"
+  # Elastic pools: the lease a worker started with --router asks for is
+  # the deployment's.
+  tables["router"] = ["lease_s"]
   cfg_flags = config_flags.define(fv, tables=tables, aliases=aliases)
   for key, help_ in PROCESS_POOL_FLAGS.items():
     cls = C.SECTIONS[pools[0]]
@@ -113,6 +123,23 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
       "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
       "JAX persistent compilation cache directory (speeds up restarts).",
       flag_values=fv)
+  flags.DEFINE_string(
+      "router", None, "Register with the router at this host:port "
+      "(pdjax.v1.Registry) once serving, renew the lease ([router] "
+      "lease_s), and deregister when draining; the router then needs no "
+      "--prefill_workers/--decode_workers entry for this worker. Internal: "
+      "give it the deployment's --service_token.", flag_values=fv)
+  if "prefill" in pools:
+    flags.DEFINE_list(
+        "emulate_prefill_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B "
+        "x prompt tokens before each prefill batch, standing in for an "
+        "accelerator's time on a CPU machine (where extra worker processes "
+        "add no compute).", flag_values=fv)
+  if "decode" in pools:
+    flags.DEFINE_list(
+        "emulate_decode_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B x "
+        "live rows before each decode step (see --emulate_prefill_s).",
+        flag_values=fv)
   if "prefill" in pools:
     flags.DEFINE_string(
         "kv_store", None, "Prefill workers sharing KV ([prefill] kv_fetch): "
@@ -136,6 +163,11 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
   if role == "both":
     flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
                       "Which pool(s) this process serves.", flag_values=fv)
+    flags.DEFINE_enum(
+        "serve_role", "both", ["prefill", "decode", "both"], "--role=both: "
+        "the pool(s) this worker serves at start (it holds both programs, "
+        "and pdjax.v1.WorkerControl.SetRole moves it between the pools).",
+        flag_values=fv)
   return cfg_flags
 
 
@@ -170,6 +202,20 @@ def worker_config(role: str, cfg_flags: config_flags.ConfigFlags,
       raise app.UsageError(f"a {role} worker does not read {', '.join(other)}")
   return cfg_flags.resolve(extra, what=f"{role} worker ")
 
+
+
+def emulated_delay(value: list[str], name: str) -> tuple[float, float]:
+  """(A, B) of an --emulate_*_s flag; (0, 0) when unset."""
+  if not value:
+    return 0.0, 0.0
+  try:
+    a, b = (float(v) for v in value)
+  except ValueError:
+    raise app.UsageError(f"--{name} takes 'A,B' (seconds, seconds per "
+                         f"unit), got {','.join(value)!r}") from None
+  if a < 0 or b < 0:
+    raise app.UsageError(f"--{name}: A and B must be >= 0")
+  return a, b
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -303,11 +349,33 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
   return info
 
 
+def check_serve_role(role: str, serve_role: str, transport: str) -> None:
+  """Refuses, before anything loads, a --serve_role the worker's programs
+  cannot serve."""
+  if serve_role not in ("both", role) and role != "both":
+    raise app.UsageError(f"--serve_role={serve_role} needs that pool's "
+                         f"programs: start with --role=both")
+  if role == "both" and transport == "local" and serve_role != "both":
+    raise app.UsageError("--kv_transport=local serves both pools in one "
+                         "process: --serve_role must be both")
+
+
+def _flag(name: str, default=None):
+  """A worker flag that only some roles define (``define_flags``)."""
+  return FLAGS[name].value if name in FLAGS else default
+
+
 async def serve(role: str, dep) -> None:
   """Serves ``dep`` (the resolved configuration) as a worker of ``role``
   until SIGTERM."""
   from pdjax.config import resolve_layer_groups
   roles = _pools(role)
+  serve_role = _flag("serve_role", "both")
+  check_serve_role(role, serve_role, dep.kv_transport)
+  emulate_prefill = emulated_delay(_flag("emulate_prefill_s", []),
+                                   "emulate_prefill_s")    # checked early
+  emulate_decode = emulated_delay(_flag("emulate_decode_s", []),
+                                  "emulate_decode_s")
   # Before JAX starts a backend: the pools may set XLA's memory share.
   jax = _init_jax(dep.memory_fraction(roles))
   import socket
@@ -349,6 +417,8 @@ async def serve(role: str, dep) -> None:
   metrics = Metrics(role)
   workers = []
   health_names = []
+  infos: dict[str, object] = {}
+  pools: dict[str, object] = {}
   offset = 0
   cfg = None
   from pdjax.engine import lockstep
@@ -371,6 +441,8 @@ async def serve(role: str, dep) -> None:
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),
         kv_transport=transport, mesh=mesh_spec, sharding=rules.name,
         process_id=common.PROCESS_ID, hostname=socket.gethostname())
+    info.roles.extend(roles)
+    infos[r] = info
     if r == "prefill":
       from pdjax.engine.prefill import PrefillEngine
       from pdjax.service.prefill_service import (PrefillServicer,
@@ -423,7 +495,8 @@ async def serve(role: str, dep) -> None:
                              max_queue=pool.max_queue,
                              transfer_timeout_s=pool.transfer_timeout_s,
                              fault_drop_kv=FLAGS.fault_injection_drop_kv,
-                             landing=landing)
+                             landing=landing,
+                             batch_delay_s=emulate_prefill)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
@@ -452,10 +525,13 @@ async def serve(role: str, dep) -> None:
           transport, mesh, exchange, cfg, dep.page_size,
           max(engine.decode.default_payload_page_counts()), pool,
           prefill_buckets=dep.prefill_engine_config().buckets)
+      step_a, step_b = emulate_decode
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=pool.transfer_timeout_s,
                             reservation_ttl_s=pool.kv_ttl_s,
-                            fault_step_delay_s=FLAGS.fault_injection_decode_step_delay_s,
+                            fault_step_delay_s=(
+                                FLAGS.fault_injection_decode_step_delay_s
+                                + step_a), step_delay_per_row_s=step_b,
                             max_receive_bytes=pool.max_receive_mib << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
@@ -464,20 +540,37 @@ async def serve(role: str, dep) -> None:
             KvTransferServicer(receiver.intake), server)
       health_names.append("pdjax.v1.Decode")
     workers.append(worker)
+    pools[r] = worker
 
   from pdjax.engine import compile_stats
+  from pdjax.service import discovery
+  from pdjax.v1 import registry_pb2_grpc
   compile_stats.warn_on_compile()
   health = await common.add_health(server, health_names)
+  active = set(roles) if serve_role == "both" else {serve_role}
+  announcer = None
+  if FLAGS.router:
+    announcer = discovery.Announcer(
+        FLAGS.router, sec, lambda r: infos[r], lease_s=dep.router.lease_s)
+  control = discovery.RoleControl(
+      pools, active, announcer=announcer, health=health,
+      health_names={"prefill": "pdjax.v1.Prefill",
+                    "decode": "pdjax.v1.Decode"},
+      drain_timeout_s=FLAGS.drain_timeout_s)
+  registry_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
   for w in workers:
     w.start()
   await server.start()
   await common.set_live(health)
-  await common.set_serving(health, health_names, True)
+  await common.set_serving(health, [], True)   # "": ready
+  await control.start()                        # each pool's name, joins
   metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
-  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,
-           cfg.name, address, transport, metrics_port, memory_note())
+  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s%s",
+           role, cfg.name, address, transport, metrics_port,
+           f"; pools {'/'.join(sorted(active))}" if len(roles) == 2 else "",
+           memory_note())
   F.write_port_file(port, metrics_port)
-  await _run_until_signal(server, health, health_names, workers)
+  await _run_until_signal(server, health, health_names, workers, control)
 
 
 def _block_pulls(transport: str, mesh, pool):
@@ -597,9 +690,11 @@ def _follow_through_sigterm() -> None:
     signal.signal(sig, note)
 
 
-async def _run_until_signal(server, health, names, workers) -> None:
-  """Serves until SIGINT/SIGTERM, then drains: health NOT_SERVING, no new
-  requests, running ones finish (bounded), then exit."""
+async def _run_until_signal(server, health, names, workers,
+                            control=None) -> None:
+  """Serves until SIGINT/SIGTERM, then drains: leaves the router's pools
+  (deregisters), health NOT_SERVING, no new requests, running ones finish
+  (bounded), then exit."""
   from pdjax.service import common
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
@@ -608,6 +703,8 @@ async def _run_until_signal(server, health, names, workers) -> None:
   await stop.wait()
   log.info("draining: no new requests; waiting for %d running",
            sum(w.active() for w in workers))
+  if control is not None:   # the router sends nothing new from here on
+    await control.leave_all()
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)

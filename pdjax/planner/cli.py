@@ -20,7 +20,9 @@ batching and decode rows (``[prefill] max_batch``, ``max_batch_tokens``,
 ``[decode] max_seqs``). ``--router_metrics`` plans for the traffic a
 running deployment's router finished over ``--window_s`` (its request
 rate and lengths, ``pdjax.planner.traffic``). Prints tables; ``--out``
-writes them as JSON. ``tools/plan_pools.py`` runs the same from a checkout.
+writes them as JSON, the whole fitted profile included (what the planner's
+control loop, ``python -m pdjax.launch.planner --profile``, reads back).
+``tools/plan_pools.py`` runs the same from a checkout.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main(argv) -> None:
   del argv
   from pdjax.planner import (Batching, Slo, Traffic, capacity, fit_profile,
                              plan, predict)
+  from pdjax.planner.profile import profile_to_dict
   if bool(FLAGS.sweep) == bool(FLAGS.profile):
     raise app.UsageError("give one of --sweep or --profile")
   config: dict = {}
@@ -148,10 +151,9 @@ def main(argv) -> None:
   result: dict = {
       "slo": dataclasses.asdict(slo),
       "batching": dataclasses.asdict(batching), "max_rows": FLAGS.max_rows,
-      "profile": {"prefill": dataclasses.asdict(p),
-                  "decode": dataclasses.asdict(d),
-                  "overhead_s": profile.overhead_s,
-                  "requests": profile.requests}}
+      # What the planner loop (python -m pdjax.launch.planner --profile)
+      # reads back.
+      "profile": profile_to_dict(profile)}
   cap = capacity(profile, slo, 1, 1, max_rows=FLAGS.max_rows,
                  batching=batching)
   print(f"  1 prefill + 1 decode worker: up to {cap:.1f} req/s\n")

@@ -40,6 +40,10 @@ class Metrics:
     self.requests = Counter(
         "pdjax_requests_total", "Requests by final outcome.",
         ["outcome"], registry=r)
+    # Counted as requests arrive, whatever becomes of them: the offered
+    # rate a planner sizes pools for (pdjax.planner.control).
+    self.arrivals = Counter(
+        "pdjax_request_arrivals_total", "Requests received.", registry=r)
     self.queue_length = Gauge(
         "pdjax_queue_length", "Requests waiting for this service.",
         registry=r)

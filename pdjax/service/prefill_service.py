@@ -80,9 +80,14 @@ class PrefillWorker:
                metrics: Metrics | None = None, max_queue: int = 256,
                transfer_timeout_s: float = 30.0, sender_threads: int = 4,
                fault_drop_kv: float = 0.0,
-               landing: LandingRequests | None = None):
+               landing: LandingRequests | None = None,
+               batch_delay_s: tuple[float, float] = (0.0, 0.0)):
     """``landing``: asks same-host decode workers for CUDA IPC landing
-    regions as each prefill starts (None: the sender cannot use them)."""
+    regions as each prefill starts (None: the sender cannot use them).
+    ``batch_delay_s`` (a, b): a sleep of a + b x prompt tokens before each
+    batch's prefill (the CPU demos' stand-in for an accelerator's time;
+    never in serving)."""
+    self.batch_delay_s = batch_delay_s
     self.engine = engine
     self.sender = sender
     self.landing = landing
@@ -262,6 +267,9 @@ class PrefillWorker:
         now = time.perf_counter()
         done[i].set_result((r, now - t0, now))
 
+      a, b = self.batch_delay_s
+      if a or b:
+        time.sleep(a + b * sum(len(j.request.prompt_ids) for j in live))
       try:
         results = self.engine.prefill([j.request for j in live],
                                       kv_ready=kv_ready, on_result=on_result)

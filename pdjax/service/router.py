@@ -28,6 +28,7 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -36,7 +37,7 @@ from typing import Literal
 import grpc
 
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
-from pdjax.service import common, kv_router, validation
+from pdjax.service import common, discovery, kv_router, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -81,6 +82,10 @@ class RouterConfig:
   # Shared KV: a prompt block a prefill worker can fetch from a peer or a
   # store counts this much (0..1) of a block it holds.
   kv_fetch_weight: float = kv_router.DEFAULT_FETCH_WEIGHT
+  # Elastic pools (pdjax.v1.Registry): the lease a worker registers for
+  # (workers started with --router ask for it); one that has not renewed
+  # for this long is dropped.
+  lease_s: float = discovery.DEFAULT_LEASE_S
 
   def __post_init__(self):
     for name in ("max_attempts", "max_inflight"):
@@ -90,6 +95,8 @@ class RouterConfig:
                  "queue_timeout_s", "kv_overlap_weight", "kv_stale_after_s"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not self.lease_s > 0:
+      raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
     if not 0 <= self.kv_fetch_weight <= 1:
       raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
                        f"{self.kv_fetch_weight}")
@@ -238,6 +245,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
     arrival = time.perf_counter()
+    self.metrics.arrivals.inc()
     if self.draining:
       self.metrics.requests.labels("rejected").inc()
       await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -433,13 +441,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       estimate = self._page_estimate(len(ids), sampling)
       d.reserved_pages += estimate
       try:
-        res = await d.stub.Reserve(decode_pb2.ReserveRequest(
-            request_id=rid, prompt_tokens=len(ids),
-            max_tokens=sampling.max_tokens, transfer_id=transfer_id,
-            prompt_token_ids=ids, cache_salt=salt),
-            # A busy worker may answer slowly; the request's own deadline
-            # is what bounds this.
-            timeout=self._timeout(context, self.config.queue_timeout_s))
+        with self.registry.hold(d):
+          res = await d.stub.Reserve(decode_pb2.ReserveRequest(
+              request_id=rid, prompt_tokens=len(ids),
+              max_tokens=sampling.max_tokens, transfer_id=transfer_id,
+              prompt_token_ids=ids, cache_salt=salt),
+              # A busy worker may answer slowly; the request's own deadline
+              # is what bounds this.
+              timeout=self._timeout(context, self.config.queue_timeout_s))
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate
@@ -462,6 +471,17 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     t0 = time.perf_counter()
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
                                               tried_d, salt, keys)
+    # The reservation is d's until Decode redeems it: d's channel stays
+    # open that long even if d leaves its pool meanwhile.
+    with self.registry.hold(d):
+      async with contextlib.aclosing(self._handed_off(
+          rid, ids, sampling, seed, context, usage, tried_p, d, res,
+          transfer_id, t0, salt, keys)) as stream:
+        async for msg in stream:
+          yield msg
+
+  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
+                        tried_p, d, res, transfer_id, t0, salt, keys):
     usage.ttft_stages.reserve_s = time.perf_counter() - t0
     usage.decode_worker = d.address
     info = d.info
