@@ -160,8 +160,8 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
 _DEPLOYMENT_GROUPS = {
     "test_services.py": "deployments-a",
     "test_prefix_cache_services.py": "deployments-a",
-    "test_batch_eval_e2e.py": "deployments-a",
     "test_elastic.py": "deployments-a",
+    "test_batch_eval_e2e.py": "deployments-b",
     "test_reliability.py": "deployments-b",
     "test_security.py": "deployments-b",
     "test_kv_router.py": "deployments-b",
