@@ -2,7 +2,7 @@ r"""New prefill capacity, two ways: move a worker of both pools from the
 decode pool (``WorkerControl.SetRole``), or start a fresh prefill worker;
 the time from the decision until the new capacity serves its first request.
 
-An elastic deployment of ``configs/deployments/test.toml`` (the router, one
+An elastic deployment of ``pdjax/configs/deployments/test.toml`` (the router, one
 prefill and one decode worker, one worker of both pools serving decode)
 serves a steady closed-loop load of greedy requests; each request's
 ``usage.prefill_worker`` says which worker prefilled it. Per repeat:

@@ -3,7 +3,7 @@ pools grow and shrink with the offered rate, is the SLO kept after the
 planner's reaction time, and does any request fail?
 
 What runs, all on this machine (CPU, the tiny model of
-``configs/deployments/test.toml``):
+``pdjax/configs/deployments/test.toml``):
 
   1. an elastic deployment (``pdjax.launch.cluster.launch_elastic``): the
      router, one prefill and one decode worker, and ``--num_flex`` workers

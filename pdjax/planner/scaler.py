@@ -18,7 +18,7 @@ request.
   router finds through its pod watch, or which register themselves) or
   terminates them (SIGTERM: the same drain, within the pod's
   ``terminationGracePeriodSeconds``). Needs RBAC to ``get`` and ``patch``
-  the ``<kind>/scale`` subresource (configs/k8s/).
+  the ``<kind>/scale`` subresource (deploy/k8s/).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ finish.
 The pods' readiness is the workers' own (their gRPC health): a worker that
 drains reports NOT_SERVING, its pod stops being Ready, and it leaves the
 pool here as it does through its own polls. The router needs RBAC to
-``get``, ``list`` and ``watch`` pods in its namespace (configs/k8s/).
+``get``, ``list`` and ``watch`` pods in its namespace (deploy/k8s/).
 """
 
 from __future__ import annotations
