@@ -1,5 +1,6 @@
 """Declarative sharding: logical axes -> mesh axes, from the rule files in
-``shardings/``.
+``pdjax/shardings/`` (package data: ``--sharding=prefill_tp``) or any TOML
+file.
 
 The model names each array dimension by what it means (``vocab``, ``heads``,
 ``kv_heads``, ``mlp``, ``replica``...). A rule set maps those names to mesh
@@ -23,8 +24,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARDINGS_DIR = REPO_ROOT / "shardings"
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
                 "layers", "batch", "seq", "replica", "pages", "page_slot", "kv")
 
@@ -41,16 +40,16 @@ class ShardingRules:
 
   @classmethod
   def load(cls, name_or_path: str | Path) -> "ShardingRules":
-    """Loads ``shardings/<name>.toml`` or a TOML file path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-      path = SHARDINGS_DIR / f"{name_or_path}.toml"
-    if not path.exists():
-      known = sorted(p.stem for p in SHARDINGS_DIR.glob("*.toml"))
+    """Loads a packaged rule set by name (``pdjax/shardings/<name>.toml``)
+    or a TOML file path."""
+    from pdjax import resources
+    try:
+      text, source = resources.read("sharding", name_or_path)
+    except FileNotFoundError:
+      known = resources.names("sharding")
       raise ShardingError(f"sharding rule set {str(name_or_path)!r} not found "
-                          f"(known: {', '.join(known)})")
-    data = tomllib.loads(path.read_text())
-    return cls.from_dict(data, source=str(path))
+                          f"(known: {', '.join(known)})") from None
+    return cls.from_dict(tomllib.loads(text), source=source)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any], source: str = "<dict>"):
@@ -206,4 +205,4 @@ def replica_view(x: jax.Array, sub_mesh: Mesh, spec: PartitionSpec
 
 
 __all__ = ["ShardingRules", "ShardingError", "parse_mesh", "make_mesh",
-           "replica_meshes", "replica_view", "LOGICAL_AXES", "REPO_ROOT"]
+           "replica_meshes", "replica_view", "LOGICAL_AXES"]

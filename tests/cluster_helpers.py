@@ -13,7 +13,7 @@ import numpy as np
 from pdjax.launch.cluster import LocalCluster, launch, tail
 
 MAX_NEW = 12
-# Lengths cover both prefill buckets (32, 128) of configs/deployments/test
+# Lengths cover both prefill buckets (32, 128) of pdjax/configs/deployments/test
 # and chunked prefill (> 128).
 PROMPT_LENGTHS = (3, 17, 40, 100, 150, 200)
 
@@ -81,7 +81,7 @@ def check_ttft_stages(usage) -> None:
 
 
 class Cluster:
-  """A deployment of ``configs/deployments/test.toml`` on loopback."""
+  """A deployment of ``pdjax/configs/deployments/test.toml`` on loopback."""
 
   def __init__(self, tmp_dir, *, worker_flags=(), router_flags=(), **kw):
     self.cluster = LocalCluster(tmp_dir)

@@ -167,11 +167,13 @@ def hf_model_dir_factory(tmp_path_factory) -> Callable[..., Path]:
 _DEPLOYMENT_GROUPS = {
     "test_services.py": "deployments-a",
     "test_prefix_cache_services.py": "deployments-a",
-    "test_batch_eval_e2e.py": "deployments-a",
+    "test_elastic.py": "deployments-a",
+    "test_batch_eval_e2e.py": "deployments-b",
     "test_reliability.py": "deployments-b",
     "test_security.py": "deployments-b",
     "test_kv_router.py": "deployments-b",
     "test_gateway.py": "deployments-b",
+    "test_kv_sharing_cluster.py": "deployments-b",
 }
 # Handed out in this order (longest first, the two deployment groups apart);
 # groups not named here come after, in collection order.

@@ -1,5 +1,5 @@
 """The batch-eval driver against a real local deployment (issue: batch-eval
-driver): 32 requests through ``tools/batch_eval.py`` into a router started by
+driver): 32 requests through ``pdjax bench`` into a router started by
 ``pdjax.launch`` processes; the results file and summary must be complete and
 consistent with what was streamed."""
 
@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cluster_helpers import Cluster, metric
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -24,7 +22,7 @@ def test_driver_against_local_cluster(tmp_path):
   try:
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "batch_eval.py"),
+        [sys.executable, "-m", "pdjax.cli", "bench",
          f"--target={c.address}", "--preset=chat", "--length_scale=0.05",
          "--max_model_len=256", "--vocab_size=512", "--num_requests=32",
          "--rate=16", "--seed=3", f"--out_dir={out}", "--label=disagg",

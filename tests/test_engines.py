@@ -417,6 +417,62 @@ def test_tp_prefill_equivalence(tiny, rules, prefill_tp):
                   err_msg="chunked")
 
 
+def test_tp_pads_an_odd_vocabulary(tiny, rules, tmp_path):
+  """A 1013-token vocabulary at TP=2: the embedding and LM head are padded
+  to 1014 rows (as vLLM pads), not refused; the padded id is never sampled,
+  even where its logit would win, and logits a caller gets stop at 1013.
+  Prefill (greedy and seeded) and greedy decoding give TP=1's tokens, and a
+  checkpoint of that vocabulary loads straight into the padded layout."""
+  from pdjax.engine.setup import fit_vocab
+  from pdjax.model.checkpoint import save_checkpoint
+  from pdjax.model.generate import greedy_generate
+  from pdjax.model.llama import init_params
+  cfg = tiny[0].replace(vocab_size=1013)
+  host = jax.device_get(init_params(cfg, seed=5))
+  tp_rules = rules["prefill_tp"]
+  with pytest.raises(ShardingError, match="not divisible"):   # unpadded
+    tp_rules.tree(make_mesh({"tp": 2}, jax.devices()[4:6]),
+                  param_shapes(cfg))
+  reqs = [("a", prompt(40, 21), GREEDY), ("b", prompt(9, 22), seeded(3)),
+          ("c", [1012, 1011, 5, 1012], seeded(4, temperature=1.5))]
+  out, gen = {}, {}
+  for tp, devices in ((1, jax.devices()[6:7]), (2, jax.devices()[4:6])):
+    mesh = make_mesh({"tp": tp}, devices)
+    pcfg = fit_vocab(cfg, tp_rules, mesh)
+    assert pcfg.vocab_padding == tp - 1 and pcfg.padded_vocab % tp == 0
+    assert pcfg.fingerprint() == cfg.fingerprint()
+    params = shard_params(host, pcfg, tp_rules, mesh)
+    assert params["lm_head"].shape == (cfg.hidden_size, pcfg.padded_vocab)
+    if tp == 2:
+      np.testing.assert_array_equal(
+          np.asarray(params["embed"])[:1013], host["embed"])
+      assert not np.asarray(params["embed"])[1013:].any()
+      # Make the padded id's logit the largest by far, were it not masked.
+      head = params["lm_head"].at[:, 1013].set(50.0)
+      params = dict(params, lm_head=jax.device_put(
+          head, params["lm_head"].sharding))
+    engine = PrefillEngine(params, pcfg, mesh, tp_rules, PCFG)
+    out[tp] = prefill_requests(engine, reqs)
+    gen[tp] = greedy_generate(params, pcfg, [r[1] for r in reqs[:2]], 6,
+                              return_logits=True)
+  for r1, r2 in zip(out[1], out[2]):
+    assert r2.first_token == r1.first_token < 1013, r2.request_id
+    assert abs(r2.first_logprob - r1.first_logprob) < 1e-4
+  (t1, l1), (t2, l2) = gen[1], gen[2]
+  np.testing.assert_array_equal(t2, t1)
+  assert l2.shape[-1] == l1.shape[-1] == 1013
+  np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
+  # A checkpoint of the odd vocabulary, loaded for a TP=2 pool.
+  mesh = make_mesh({"tp": 2}, jax.devices()[4:6])
+  ckpt = save_checkpoint(tmp_path / "odd", host, cfg)
+  loaded, lcfg = load_sharded(ckpt, tp_rules, mesh)
+  assert lcfg.vocab_padding == 1 and lcfg.vocab_size == 1013
+  assert loaded["embed"].sharding.spec[0] == "tp"
+  np.testing.assert_array_equal(np.asarray(loaded["lm_head"])[:, :1013],
+                                host["lm_head"])
+  assert not np.asarray(loaded["lm_head"])[:, 1013:].any()
+
+
 def test_layer_group_settings():
   """Groups as even as possible; 0 means auto (groups only where the
   hand-off can write them one by one); a deployment file may set them."""
@@ -1276,14 +1332,15 @@ def test_prefill_gemm_choice():
       "xla_gpu_enable_triton_gemm": False}
   with pytest.raises(ValueError, match="merge_dots"):
     PrefillConfig(merge_dots="never")
+  from pdjax.config import resolve
   dep = DeploymentConfig.load("gpu-8b")
   assert dep.prefill_engine_config().triton_gemm == "auto"
-  dep.prefill.triton_gemm = "on"
+  dep = resolve("gpu-8b", {"prefill": {"triton_gemm": "on"}})
   assert dep.prefill_engine_config().triton_gemm == "on"
   # The deployment file's DotMerger settings reach both engines.
   assert dep.prefill_engine_config().merge_dots == "auto"
   assert dep.decode_engine_config().merge_dots == "auto"
-  dep.decode.merge_dots = "on"
+  dep = resolve("gpu-8b", {"decode": {"merge_dots": "on"}})
   assert dep.decode_engine_config().merge_dots == "on"
 
 

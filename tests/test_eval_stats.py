@@ -10,34 +10,26 @@ sleeps, so the whole file stays fast and needs no server.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from absl import flags
 
 from pdjax.eval import load, stats, workloads
 from pdjax.eval.load import Delta
 from pdjax.eval.stats import RequestRecord
 from pdjax.eval.workloads import WorkItem
 
-_TOOL = Path(__file__).resolve().parents[1] / "tools" / "batch_eval.py"
-
 
 def _batch_eval():
-  """tools/batch_eval.py, imported once (it defines absl flags)."""
-  name = "pdjax_tools_batch_eval"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-  return sys.modules[name]
+  """The batch-eval driver (``pdjax bench``, tools/batch_eval.py)."""
+  from pdjax.eval import cli
+  return cli
 
 
 def _rec(rid="r", send=0.0, times=(), error=None, code=None, cancelled=False,
@@ -557,6 +549,39 @@ def test_sweep_with_an_arrival_window_sends_rate_times_window(tmp_path):
     be.EvalConfig(duration_s=0.0, rate=4.0)
 
 
+def test_a_rate_schedule_steps_the_offered_rate(tmp_path):
+  """A piecewise rate: each segment's arrivals at its own rate, one run,
+  and each segment's attainment in summary.json."""
+  sched = load.parse_schedule("200:2,800:2,200:2")
+  assert sched == [(200.0, 2.0), (800.0, 2.0), (200.0, 2.0)]
+  t = load.piecewise_arrival_times(sched, seed=4)
+  counts = [np.sum((t >= a) & (t < a + 2)) for a in (0, 2, 4)]
+  assert 300 < counts[0] < 500 and 1400 < counts[1] < 1800
+  assert 300 < counts[2] < 500 and np.all(np.diff(t) > 0)
+  assert [load.segment_of(x, sched) for x in (0.1, 2.0, 5.9, 9)] == [
+      0, 1, 2, 2]
+  for bad in ("2", "2:0", "0:5", "inf:3", ""):
+    with pytest.raises(ValueError):
+      load.parse_schedule(bad)
+  be = _batch_eval()
+  fake = FakeBackend()
+  cfg = be.EvalConfig(preset="chat", rate_schedule=[(50, 0.1), (200, 0.1)],
+                      length_scale=0.02, vocab_size=320, label="ramp",
+                      out_dir=str(tmp_path / "ramp"), progress=False,
+                      ttft_slo=1.0, tpot_slo=1.0, seed=1)
+  n = len(load.piecewise_arrival_times([(50, 0.1), (200, 0.1)], 1))
+  assert cfg.num_requests == n and cfg.rate == pytest.approx(n / 0.2)
+  asyncio.run(be.run_eval(cfg, backend=fake))
+  summary = json.loads((tmp_path / "ramp" / "summary.json").read_text())
+  segs = summary["segments"]
+  assert [s["rate"] for s in segs] == [50, 200]
+  assert sum(s["requests"] for s in segs) == n
+  assert all(s["failed"] == 0 and s["slo_attainment"] == 1.0 for s in segs
+             if s["requests"])
+  with pytest.raises(ValueError, match="one run"):
+    be.EvalConfig(rate_schedule=[(1, 1)], sweep_rates=[1.0])
+
+
 def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   be = _batch_eval()
   fake = FakeBackend()
@@ -569,11 +594,10 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   argv = ["batch_eval", f"--input={data}", "--num_requests=6",
           "--concurrency=2", f"--out_dir={tmp_path / 'o'}", "--noprogress",
           "--temperature=0.7", "--top_k=5", "--stop_token_ids=9,10"]
-  be.FLAGS(argv)
-  try:
-    assert be.main(["batch_eval"]) == 0
-  finally:
-    be.FLAGS.unparse_flags()
+  fv = flags.FlagValues()
+  be.define_flags(fv)
+  fv(argv)
+  assert be.main(["batch_eval"], fv) == 0
   _check_run_dir(tmp_path / "o", fake, 6)
   assert made == [(("localhost:50051", "pdjax"),
                    {"model": None, "api_key": None})]

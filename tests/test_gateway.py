@@ -36,7 +36,7 @@ from pdjax.gateway.stops import StopMatcher
 from pdjax.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 
 _ROOT = Path(__file__).resolve().parents[1]
-_PLAIN = _ROOT / "configs" / "chat_templates" / "plain.jinja"
+_PLAIN = _ROOT / "pdjax" / "configs" / "chat_templates" / "plain.jinja"
 _CACHED = 3       # the fake's cached_prompt_tokens
 _MODEL = "fake-model"
 

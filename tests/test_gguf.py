@@ -687,7 +687,7 @@ def smollm2_path() -> Path:
 
 
 def test_local_deployment_fits_its_model(smollm2_path):
-  """The default deployment (configs/deployments/local.toml) serves the
+  """The default deployment (pdjax/configs/deployments/local.toml) serves the
   packaged SmolLM2: its pools' rules divide the model's heads and vocab on
   their meshes, and its context fits the model's."""
   import jax
@@ -699,8 +699,8 @@ def test_local_deployment_fits_its_model(smollm2_path):
   dep = DeploymentConfig.load("local")
   path = registry.resolve_checkpoint(dep.checkpoint)
   assert path == smollm2_path
-  spec = tomllib.loads((Path(__file__).parents[1] / "configs" / "models" /
-                        f"{SMOLLM2}.toml").read_text())
+  from pdjax import resources
+  spec = tomllib.loads(resources.read("model", SMOLLM2)[0])
   assert registry.resolve_checkpoint(spec["source"]) == path
   cfg = gguf_file.read_config(path, dtype=dep.dtype)
   assert dep.max_seq_len <= cfg.max_position_embeddings

@@ -1,10 +1,11 @@
-"""The Kubernetes example (configs/k8s/) against the code it runs: every
+"""The Kubernetes example (deploy/k8s/) against the code it runs: every
 flag a container passes is one its launcher defines, every ``$(VAR)`` is
 set for the container (by its env or by the LeaderWorkerSet controller),
-the deployment files it names exist, the router's worker addresses are the
-pods' stable names and ports, the meshes fit the GPUs each pod asks for,
-and the grace periods outlast the drains. No cluster is needed: a manifest
-that would fail at start-up fails here."""
+the deployment files it names exist, the router's label selectors pick the
+pools' serving pods (and its RBAC lets it watch them), the planner scales
+workloads that exist (and its RBAC lets it), the meshes fit the GPUs each
+pod asks for, and the grace periods outlast the drains. No cluster is
+needed: a manifest that would fail at start-up fails here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
-MANIFESTS = sorted((REPO / "configs" / "k8s").glob("*.yaml"))
+MANIFESTS = sorted((REPO / "deploy" / "k8s").glob("*.yaml"))
 # Launchers of the pools (they hold a mesh of GPUs).
 WORKERS = ("pdjax.launch.prefill", "pdjax.launch.decode",
            "pdjax.launch.worker")
@@ -75,7 +76,7 @@ def _mesh_size(spec: str) -> int:
 
 
 def test_there_is_an_example():
-  assert MANIFESTS, "configs/k8s/ has no manifest"
+  assert MANIFESTS, "deploy/k8s/ has no manifest"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -98,8 +99,8 @@ def test_containers_start_with_flags_their_launchers_define(path):
             assert var in env, f"{c['name']}: $({var}) is never set"
         config = flags.get("config")
         if config:
-          assert (REPO / "configs" / "deployments" / f"{config}.toml"
-                  ).exists(), config
+          from pdjax import resources
+          assert resources.packaged("deployment", config), config
         if module in WORKERS:
           # A mesh may not ask for more devices than the pod has: the
           # local ones, times the processes of a group spanning pods.
@@ -112,9 +113,12 @@ def test_containers_start_with_flags_their_launchers_define(path):
         # Serving workers are dialled at their pod IP.
         if "advertise_address" in flags:
           assert flags["advertise_address"].endswith(":" + flags["port"])
-        assert flags.get("host") == "0.0.0.0", "bind beyond the pod's loopback"
-        drain = float(flags.get("drain_timeout_s", 60))
-        assert spec.get("terminationGracePeriodSeconds", 30) > drain
+        if "port" in flags:     # a server (the planner serves nothing)
+          assert flags.get("host") == "0.0.0.0", (
+              "bind beyond the pod's loopback")
+        if "port" in flags:     # a server drains on SIGTERM
+          drain = float(flags.get("drain_timeout_s", 60))
+          assert spec.get("terminationGracePeriodSeconds", 30) > drain
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
           if probe in c:
             how = c[probe].get("grpc") or c[probe]["httpGet"]
@@ -159,34 +163,121 @@ def test_probes_ask_what_the_services_answer(path):
   assert seen >= 4      # decode, prefill leader, router, gateway
 
 
+def _selects(selector: str, labels: dict) -> bool:
+  """Whether an equality-based label selector ('a=b,c=d') matches."""
+  want = dict(part.split("=", 1) for part in selector.split(","))
+  return all(labels.get(k) == v for k, v in want.items())
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+  """The pod templates (metadata + spec) of a workload."""
+  if doc["kind"] == "LeaderWorkerSet":
+    t = doc["spec"]["leaderWorkerTemplate"]
+    return [t[k] for k in ("leaderTemplate", "workerTemplate") if k in t]
+  if doc["kind"] in ("Deployment", "StatefulSet"):
+    return [doc["spec"]["template"]]
+  return []
+
+
+def _role_allows(docs: dict, account: str, group: str, resource: str,
+                 verbs: set[str]) -> bool:
+  """Whether a Role bound to ServiceAccount ``account`` grants ``verbs``
+  on ``resource`` of API ``group``."""
+  for (kind, _), b in docs.items():
+    if kind != "RoleBinding" or not any(
+        s["kind"] == "ServiceAccount" and s["name"] == account
+        for s in b["subjects"]):
+      continue
+    role = docs.get(("Role", b["roleRef"]["name"]))
+    for rule in (role or {}).get("rules", []):
+      if (group in rule["apiGroups"] and resource in rule["resources"]
+          and verbs <= set(rule["verbs"])):
+        return True
+  return False
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_the_router_names_every_worker_at_its_stable_address(path):
+def test_the_router_watches_each_pools_serving_pods(path):
+  """Each pool's selector picks exactly the pods that serve it (an LWS
+  group's leader, not its followers), on a container port of the name the
+  router dials, and the router's service account may watch pods."""
   docs = _docs(path)
   (router,) = [d for (k, _), d in docs.items() if k == "Deployment"
-               and _pod_specs(d)[0][0]["containers"][0]["command"][2]
-               == "pdjax.launch.router"]
-  flags = _flags(_pod_specs(router)[0][0]["containers"][0])
-  expected = {"prefill_workers": [], "decode_workers": []}
-  for (kind, name), d in docs.items():
-    if kind == "StatefulSet":
-      assert ("Service", d["spec"]["serviceName"]) in docs, name
-      port = _flags(d["spec"]["template"]["spec"]["containers"][0])["port"]
-      expected["decode_workers"] += [
-          f"{name}-{i}.{d['spec']['serviceName']}:{port}"
-          for i in range(d["spec"]["replicas"])]
-    if kind == "LeaderWorkerSet":
-      leader = d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
-      port = _flags(leader["spec"]["containers"][0])["port"]
-      expected["prefill_workers"] += [f"{name}-{i}.{name}:{port}"
-                                      for i in range(d["spec"]["replicas"])]
-  for key, want in expected.items():
-    assert flags[key].split(",") == want, key
+               and _module(d) == "pdjax.launch.router"]
+  spec = _pod_specs(router)[0][0]
+  flags = _flags(spec["containers"][0])
+  assert "prefill_workers" not in flags and "decode_workers" not in flags
+  launchers = {"prefill": "pdjax.launch.prefill",
+               "decode": "pdjax.launch.decode"}
+  for role, module in launchers.items():
+    selector = flags[f"k8s_{role}_selector"]
+    picked = served = 0
+    for doc in docs.values():
+      for t in _pod_templates(doc):
+        c = t["spec"]["containers"][0]
+        if _selects(selector, t["metadata"]["labels"]):
+          picked += 1
+          assert c["command"][2] == module, (role, c["command"])
+          ports = {p.get("name"): p["containerPort"] for p in c["ports"]}
+          assert ports[flags["k8s_port_name"]] == int(_flags(c)["port"])
+          assert "readinessProbe" in c     # joins when Ready
+        elif c["command"][2] == module and "readinessProbe" in c:
+          served += 1                      # a serving pod left out
+    assert picked == 1 and served == 0, (role, picked, served)
+  account = spec.get("serviceAccountName")
+  assert account and ("ServiceAccount", account) in docs
+  assert _role_allows(docs, account, "", "pods", {"get", "list", "watch"})
   # Every worker serves the transport the router expects.
   for d in docs.values():
-    for spec, _ in _pod_specs(d):
-      c = spec["containers"][0]
+    for pspec, _ in _pod_specs(d):
+      c = pspec["containers"][0]
       if c["command"][2] in WORKERS:
         assert _flags(c)["kv_transport"] == flags["kv_transport"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_planner_scales_the_pools_workloads(path):
+  docs = _docs(path)
+  planners = [d for (k, _), d in docs.items() if k == "Deployment"
+              and _module(d) == "pdjax.launch.planner"]
+  if not planners:
+    pytest.skip("no planner in this example")
+  (planner,) = planners
+  assert planner["spec"]["replicas"] == 1      # one planner per deployment
+  spec = _pod_specs(planner)[0][0]
+  flags = _flags(spec["containers"][0])
+  assert flags["scaler"] == "kubernetes"
+  groups = {"statefulset": "apps", "deployment": "apps",
+            "leaderworkerset": "leaderworkerset.x-k8s.io"}
+  kinds = {"statefulset": "StatefulSet", "deployment": "Deployment",
+           "leaderworkerset": "LeaderWorkerSet"}
+  launchers = {"prefill": "pdjax.launch.prefill",
+               "decode": "pdjax.launch.decode"}
+  account = spec["serviceAccountName"]
+  for role, module in launchers.items():
+    kind, name = flags[f"{role}_workload"].split("/")
+    doc = docs[(kinds[kind], name)]
+    assert _module(doc) == module, (role, kind, name)
+    assert _role_allows(docs, account, groups[kind], f"{kind}s/scale",
+                        {"get", "patch"}), (role, kind)
+    lo, hi = int(flags[f"min_{role}"]), int(flags[f"max_{role}"])
+    assert 1 <= lo <= doc["spec"]["replicas"] <= hi, (role, lo, hi)
+  # It dials the router's Service: gRPC and metrics ports.
+  (router_svc,) = [d for (k, n), d in docs.items() if k == "Service"
+                   and d["spec"]["selector"].get("app") == "pdjax-router"]
+  ports = {p["name"]: p["port"] for p in router_svc["spec"]["ports"]}
+  host, _, port = flags["router"].partition(":")
+  assert host == router_svc["metadata"]["name"] and int(port) == ports["grpc"]
+  assert flags["router_metrics"] == (f"http://{host}:{ports['metrics']}"
+                                     "/metrics")
+  (router,) = [d for (k, _), d in docs.items() if k == "Deployment"
+               and _module(d) == "pdjax.launch.router"]
+  assert int(_flags(_pod_specs(router)[0][0]["containers"][0])[
+      "metrics_port"]) == ports["metrics"]
+  # The profile file is on a mounted volume.
+  mounts = spec["containers"][0]["volumeMounts"]
+  assert any(flags["profile"].startswith(m["mountPath"] + "/")
+             for m in mounts)
 
 
 def _module(doc: dict) -> str:

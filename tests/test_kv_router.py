@@ -227,6 +227,44 @@ def test_stale_mirrors_fall_back_to_load():
   assert 'pdjax_router_kv_query_blocks_total{role="prefill"} 18.0' in text
 
 
+def test_blocks_a_worker_can_fetch_count_at_the_fetch_weight():
+  """Shared KV: a worker that serves and fetches blocks may take a prefix
+  from a peer or a store, so those blocks count (at fetch_weight of a held
+  one); the sources named for the chosen worker are those holding more
+  than it, most first; a worker that does not share gets neither."""
+  import types
+  sharing = types.SimpleNamespace(serves_blocks=True)
+  holder = _W("a", queued=2, keys=KEYS[:4])
+  idle = _W("b", queued=0, keys=KEYS[:1])
+  store = _W("s", keys=KEYS[:5])
+  for w in (holder, idle):
+    w.info, w.role = sharing, "prefill"
+  store.info, store.role = sharing, "kvstore"
+  sources = [holder, idle, store]
+  scorer = KvScorer(1.0, fetch_weight=0.5)
+  choices = scorer.score("prefill", [holder, idle], KEYS, now=0,
+                         sources=sources)
+  # a: 4 held + 0.5 * (5 - 4) - 2; b: 1 held + 0.5 * (5 - 1) - 0.
+  assert [(c.overlap, c.fetchable, c.score) for c in choices] == [
+      (4, 1, 2.5), (1, 4, 3.0)]
+  assert scorer.pick("prefill", [holder, idle], KEYS, now=0,
+                     sources=sources) is idle
+  assert scorer.sources(idle, KEYS, sources, now=0) == [("s", 5), ("a", 4)]
+  assert scorer.sources(idle, KEYS, sources, limit=1, now=0) == [("s", 5)]
+  assert scorer.sources(store, KEYS, sources, now=0) == []
+  # Without the fetch weight (or without sharing) only held blocks count.
+  assert KvScorer(1.0, fetch_weight=0.0).pick(
+      "prefill", [holder, idle], KEYS, now=0, sources=sources) is holder
+  idle.info = types.SimpleNamespace(serves_blocks=False)
+  assert scorer.score("prefill", [idle], KEYS, now=0,
+                      sources=sources)[0].fetchable == 0
+  # A stale source is not counted.
+  store.cache.mark_failed()
+  assert scorer.sources(holder, KEYS, sources, now=0) == []
+  with pytest.raises(ValueError):
+    KvScorer(1.0, fetch_weight=1.5)
+
+
 def test_equal_scores_take_turns():
   scorer = KvScorer(0.0)
   ws = [_W("a"), _W("b"), _W("c")]

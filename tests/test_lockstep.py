@@ -18,7 +18,8 @@ def test_requests_survive_the_broadcast_encoding():
               stop_token_ids=(11, 12), ignore_eos=True), seed_u32=77,
               cache_salt="t", skip_pages=1),
           PrefillRequest("b", list(range(40)), SamplingParams(),
-                         prefix_pages=[3, 4])]
+                         prefix_pages=[3, 4],
+                         kv_sources=(("10.0.0.2:50061", 2),))]
   assert lockstep.decode(lockstep.encode(reqs)) == reqs
 
 

@@ -169,8 +169,9 @@ def test_capacity_is_where_predictions_cross_the_slo():
 
 
 def test_plan_pools_tool_on_a_sweep(tmp_path):
-  """The command line on a sweep directory as tools/batch_eval.py writes
-  it: profile, validation table and plans."""
+  """The command line (tools/plan_pools.py, the checkout's name for
+  ``pdjax plan``) on a sweep directory as ``pdjax bench`` writes it:
+  profile, validation table and plans."""
   sweep = tmp_path / "sweep"
   for rate in (1, 4):
     records, _ = _prefill_run(seed=rate)
@@ -265,7 +266,7 @@ def test_plan_pools_plans_for_a_routers_measured_traffic(tmp_path):
   out = tmp_path / "plan.json"
   try:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plan_pools.py"),
+        [sys.executable, "-m", "pdjax.cli", "plan",
          f"--profile={profile}", "--ttft_slo=0.5", "--tpot_slo=0.1",
          f"--router_metrics=http://127.0.0.1:{server.server_port}/metrics",
          "--window_s=2", f"--out={out}"],

@@ -149,3 +149,61 @@ def test_each_request_is_answered_when_its_result_is_known(fail):
   asyncio.run(go())
   assert calls == [2]
   assert sender.released == []
+
+
+def test_an_idle_worker_serves_its_peers_at_once():
+  """Shared KV: a peer's fetch waits for blocks only the batcher's thread
+  may read (``PrefixStore.serve_peers``). An idle batcher is woken for it,
+  without counting the wake-up as queued load; a busy one serves between
+  batches."""
+  from pdjax.engine.api import PrefixStore
+
+  class Store(PrefixStore):
+    page_size = 16
+    remote = types.SimpleNamespace(close=lambda: None)   # shares
+
+    def __init__(self):
+      self.threads = []
+
+    def hashes(self, token_ids, salt=""):
+      return []
+
+    def match(self, hashes, sources=()):
+      return []
+
+    def release(self, pages):
+      pass
+
+    def gather_into(self, pages, k_buf, v_buf):
+      return k_buf, v_buf
+
+    def block_stats(self):
+      return {}
+
+    def serve_peers(self):
+      self.threads.append(threading.current_thread().name)
+      return 1
+
+  class Engine(_Engine):
+    prefix_store = Store()
+
+    def prefill(self, reqs, kv_ready=None, on_result=None):
+      return [_result(r, 5) for r in reqs]
+
+  engine = Engine()
+  store = engine.prefix_store
+  worker = PrefillWorker(engine, _Sender())
+  assert store.wake is not None
+  worker.start()
+  try:
+    store.wake()
+    store.wake()                   # coalesced: one wake-up queued at most
+    assert worker.queued == 0
+    for _ in range(200):
+      if store.threads:
+        break
+      threading.Event().wait(0.01)
+    assert store.threads and set(store.threads) == {"prefill-batcher"}
+    assert worker.queued == 0
+  finally:
+    worker.stop()

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from pdjax.config import DeploymentConfig, PoolConfig
+from pdjax.config import (DecodePoolConfig, DeploymentConfig,
+                          PrefillPoolConfig, resolve)
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.transfer.base import TransferExhausted
 from pdjax.v1 import kv_pb2
@@ -110,17 +111,20 @@ def test_bytes_go_back_when_the_receive_fails():
 
 
 def test_pool_memory_settings_come_from_the_deployment_file():
-  from pdjax.launch.worker import worker_memory_fraction
   dep = DeploymentConfig.load("gpu-8b")
   assert dep.decode.gpu_memory_fraction == 0.85
   assert dep.prefill.gpu_memory_fraction is None
   assert dep.decode.max_receive_mib == 2048
-  assert worker_memory_fraction(dep, "decode", None) == 0.85
-  assert worker_memory_fraction(dep, "prefill", None) is None
-  assert worker_memory_fraction(dep, "both", None) == 0.85
-  assert worker_memory_fraction(dep, "prefill", 0.5) == 0.5   # the flag wins
-  assert worker_memory_fraction(DeploymentConfig(), "both", None) is None
+  assert dep.memory_fraction(("decode",)) == 0.85
+  assert dep.memory_fraction(("prefill",)) is None
+  assert dep.memory_fraction(("prefill", "decode")) == 0.85
+  # A flag is an override of the pool's setting (pdjax.launch.worker).
+  flagged = resolve("gpu-8b", {"prefill": {"gpu_memory_fraction": 0.5}})
+  assert flagged.memory_fraction(("prefill",)) == 0.5
+  assert DeploymentConfig().memory_fraction(("prefill", "decode")) is None
   with pytest.raises(ValueError, match="gpu_memory_fraction"):
-    PoolConfig(gpu_memory_fraction=1.5)
+    DecodePoolConfig(gpu_memory_fraction=1.5)
+  with pytest.raises(ValueError, match="gpu_memory_fraction"):
+    PrefillPoolConfig(gpu_memory_fraction=0.0)
   with pytest.raises(ValueError, match="max_receive_mib"):
-    PoolConfig(max_receive_mib=-1)
+    DecodePoolConfig(max_receive_mib=-1)

@@ -14,6 +14,7 @@ need certificates a deployment would not use.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import ipaddress
 import re
 import secrets
@@ -105,8 +106,6 @@ class _Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, certs):
-  # Imported here, not at the top: pdjax.launch.local defines absl flags
-  # that clash with other modules' (tools/batch_eval.py) in one process.
   from pdjax.launch.cluster import LocalCluster, launch
   tls = certs.service_flags(mtls=True)
   cluster = LocalCluster(tmp_path_factory.mktemp("tls_cluster"))
@@ -484,17 +483,17 @@ def test_decode_cannot_redeem_another_requests_transfer_id(deployment):
 # ------------------------------------------------------------- binding
 def test_services_listen_on_loopback_only(deployment):
   psutil = pytest.importorskip("psutil")
-  import subprocess
-  import sys
   from pdjax.launch.cluster import LocalCluster
-  # The launchers' --host defaults, read in a fresh interpreter (their absl
-  # flags must not be defined in the test process).
-  for module in ("pdjax.launch.flags", "pdjax.launch.local"):
-    out = subprocess.run(
-        [sys.executable, "-c", f"import {module} as m; "
-         "print(m.HOST.default)"], capture_output=True, text=True,
-        timeout=60, cwd=_ROOT)
-    assert out.stdout.strip() == "127.0.0.1", (module, out.stderr)
+  # The launchers' --host defaults (each defines its flags on a throwaway
+  # FlagValues here).
+  from absl import flags
+  for module in ("pdjax.launch.prefill", "pdjax.launch.decode",
+                 "pdjax.launch.worker", "pdjax.launch.router",
+                 "pdjax.launch.gateway", "pdjax.launch.local",
+                 "pdjax.launch.kvstore"):
+    fv = flags.FlagValues()
+    importlib.import_module(module).define_flags(fv)
+    assert fv["host"].default == "127.0.0.1", module
   assert LocalCluster(Path(".")).host == "127.0.0.1"
   for p in deployment.cluster.procs:
     listening = [c.laddr for c in psutil.Process(p.popen.pid).net_connections(
@@ -682,19 +681,23 @@ def test_make_dev_certs_cli(tmp_path):
 
 
 def test_local_launcher_prompt_speaks_the_routers_security(certs, tmp_path):
-  """``python -m pdjax.launch.local --prompt`` on a TLS + mTLS + token
-  deployment (the docs' quick start) dials the router with its security."""
+  """``pdjax serve MODEL --prompt`` (pdjax.launch.local) on a TLS + mTLS +
+  token deployment (the docs' quick start) dials the router with its
+  security; run from outside the checkout, it finds its deployment file
+  and the model's chat template in the package."""
   import subprocess
   import sys
   tls = ",".join(certs.service_flags(mtls=True))
   out = subprocess.run(
-      [sys.executable, "-m", "pdjax.launch.local", "--config=test",
-       "--prompt=Once upon a time", "--max_tokens=4", f"--run_dir={tmp_path}",
-       f"--worker_flags={tls}", f"--router_flags={tls},--auth_token={TOKEN}"],
-      capture_output=True, text=True, timeout=300, cwd=_ROOT)
+      [sys.executable, "-m", "pdjax.cli", "serve", "tiny", "--config=test",
+       "--prompt=Once upon a time", "--max_tokens=4",
+       f"--run_dir={tmp_path / 'run'}", f"--worker_flags={tls}",
+       f"--router_flags={tls},--auth_token={TOKEN}"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "completion:" in out.stdout
   assert "4 tokens" in out.stdout
+  assert "chat template of" in out.stdout
 
 
 def test_router_client_settings():

@@ -86,15 +86,18 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
                   f'stage="{stage}"') >= len(prompts), stage
 
 
-@pytest.mark.parametrize("transport,layer_groups", [("device", 2),
-                                                    ("local", 1)])
+@pytest.mark.parametrize("transport,layer_groups,prefill_mesh",
+                         [("device", 2, None), ("local", 1, "tp=1")])
 def test_other_transports_match_reference(transport, layer_groups,
-                                          tmp_path_factory, reference):
+                                          prefill_mesh, tmp_path_factory,
+                                          reference):
   """The device transport's worker runs its prefill in two layer groups:
   a hand-off that cannot write them one by one (no CUDA IPC on CPU) joins
-  them, with the same tokens."""
+  them, with the same tokens. The local transport's worker (both pools in
+  one process, ``--role=both``) runs the prefill mesh it is given, TP=1
+  where the file says TP=2, on the two devices the launcher gives it."""
   c = Cluster(tmp_path_factory.mktemp(transport), kv_transport=transport,
-              num_prefill=1, num_decode=1,
+              num_prefill=1, num_decode=1, prefill_mesh=prefill_mesh,
               worker_flags=[f"--prefill_layer_groups={layer_groups}"])
   try:
     prompts, expected = reference

@@ -52,7 +52,7 @@ def _short_context_model(src: Path, dst: Path, n: int) -> Path:
 
 def test_a_model_is_not_served_past_its_trained_context(tiny_model_dir,
                                                         tmp_path):
-  """configs/deployments/test.toml serves 256 positions; a checkpoint
+  """pdjax/configs/deployments/test.toml serves 256 positions; a checkpoint
   trained for 128 is refused by the worker before it loads a weight."""
   ckpt = _short_context_model(tiny_model_dir, tmp_path / "short", 128)
   out = _run("pdjax.launch.decode", "--config=test", f"--checkpoint={ckpt}",
@@ -104,4 +104,14 @@ def held_port():
 def test_a_port_in_use_is_refused(held_port, module, args):
   line = _refused(_run(module, "--host=127.0.0.1", f"--port={held_port}",
                        *args))
+  assert f"127.0.0.1:{held_port}" in line and "in use" in line, line
+
+
+def test_the_local_launcher_refuses_a_port_in_use_in_one_line(held_port):
+  """Before starting anything: exit status 2 (the deployment cannot run as
+  asked) and one line naming the port, no traceback."""
+  out = _run("pdjax.launch.local", "--config=test", f"--port={held_port}")
+  assert out.returncode == 2, out.stdout + out.stderr
+  line = _refused(out)
+  assert line.startswith("pdjax.launch.local: "), line
   assert f"127.0.0.1:{held_port}" in line and "in use" in line, line

@@ -276,7 +276,8 @@ def _copy_from(src: Path):
 
 
 def test_tiny_toml_names_the_builtin(monkeypatch, tmp_path, model_dir):
-  spec = tomllib.loads((REPO / "configs/models/tiny.toml").read_text())
+  from pdjax import resources
+  spec = tomllib.loads(resources.read("model", "tiny")[0])
   assert spec["name"] == tiny.TINY_MODEL_NAME
   assert (spec["dtype"], spec["max_seq_len"], spec["page_size"]) == (
       "float32", 1024, 16)

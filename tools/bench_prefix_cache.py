@@ -12,10 +12,18 @@ Scenarios (``--scenarios``, comma list):
              are sent)
   kv0, kv1   2 prefill workers with both caches; router KV-aware weight 0
              (load only) vs 1 (Dynamo-style overlap scoring)
+  share0     kv0 with the caches shared (--kv_fetch=auto): a prefill worker
+             fetches the blocks the router says a peer holds instead of
+             computing them, when the measured rates say it pays
+  store0     share0 plus a KV store process the workers write through to
+             (or, --kv_store_write=evict, evict to) and fetch from
+             (python -m pdjax.launch.kvstore)
 Reported per scenario: TTFT p50/p90, and apart for the requests a cache
 served part of (their usage's ``cached_prompt_tokens``) and the others,
 prompt tokens computed vs served from a cache (prefill side), KV bytes
-sent vs skipped (decode-side reuse), and the prefill workers that served.
+sent vs skipped (decode-side reuse), KV bytes fetched from peers and the
+store and written through to it (shared KV), and the prefill workers that
+served.
 """
 
 from __future__ import annotations
@@ -60,7 +68,22 @@ SCENARIO_ARGS = {
     "kv1": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
                                        "--prefix_caching"],
                 router=["--kv_overlap_weight=1"]),
+    "share0": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
+                                          "--prefix_caching",
+                                          "--kv_fetch={fetch}"],
+                   router=["--kv_overlap_weight=0"]),
+    "store0": dict(num_prefill=2, worker=["--prefix_cache_pages={pages}",
+                                          "--prefix_caching",
+                                          "--kv_fetch={fetch}",
+                                          "--kv_store_write={write}"],
+                   router=["--kv_overlap_weight=0"], kv_store=True),
 }
+WRITE = flags.DEFINE_enum("kv_store_write", "through", ["through", "evict"],
+                          "When store0's workers write blocks to the store.")
+FETCH = flags.DEFINE_enum("kv_fetch", "auto", ["auto", "always"],
+                          "Fetch policy of the shared-KV scenarios.")
+TRANSPORT = flags.DEFINE_enum("kv_transport", None, ["grpc", "device"],
+                              "KV transport (default: the deployment's).")
 
 
 def _metric_sum(text: str, name: str, label: str = "") -> float:
@@ -83,14 +106,17 @@ def _scrape(proc) -> str:
 def run_scenario(name: str, work: Path) -> dict:
   from pdjax.launch.cluster import LocalCluster, launch
   spec = SCENARIO_ARGS[name]
-  worker = [f.format(pages=CACHE_PAGES.value) for f in spec["worker"]]
+  worker = [f.format(pages=CACHE_PAGES.value, fetch=FETCH.value,
+                     write=WRITE.value) for f in spec["worker"]]
   cluster = LocalCluster(work / name, PLATFORM.value)
   try:
     address = launch(cluster, config=CONFIG.value,
-                     checkpoint=CHECKPOINT.value, kv_transport=None,
+                     checkpoint=CHECKPOINT.value,
+                     kv_transport=TRANSPORT.value,
                      num_prefill=spec["num_prefill"], num_decode=1,
                      worker_flags=["--metrics_port=0", *worker],
-                     router_flags=["--metrics_port=0", *spec["router"]])
+                     router_flags=["--metrics_port=0", *spec["router"]],
+                     kv_store=spec.get("kv_store", False))
     out = work / name / "eval"
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -108,6 +134,7 @@ def run_scenario(name: str, work: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     prefill = [p for p in cluster.procs if p.name.startswith("prefill")]
     decode = [p for p in cluster.procs if p.name.startswith("decode")]
+    time.sleep(0.6)   # the workers' gauges follow their counters in 0.25 s
     ptexts = [_scrape(p) for p in prefill]
     records = [json.loads(l) for l in
                (out / "results.jsonl").read_text().splitlines()]
@@ -134,6 +161,14 @@ def run_scenario(name: str, work: Path) -> dict:
                              for t in ptexts),
         "kv_bytes_skipped": sum(_metric_sum(
             t, "pdjax_kv_transfer_skipped_bytes_total") for t in ptexts),
+        # Shared KV: blocks fetched (from peers, from the store), their
+        # bytes, and the bytes written through to the store.
+        **{f"kv_{stat}": sum(_metric_sum(
+            t, "pdjax_prefix_cache_blocks",
+            f'pool="prefill_remote",stat="{stat}"') for t in ptexts)
+           for stat in ("peer_blocks", "store_blocks", "pulled_blocks",
+                        "fetched_bytes",
+                        "declined_blocks", "published_bytes")},
         "decode_cache_hits": sum(_metric_sum(
             _scrape(p), "pdjax_prefix_cache_blocks",
             'pool="decode",stat="hits"') for p in decode),
@@ -169,7 +204,9 @@ def main(argv) -> None:
           "ttft_p90_cached_ms", "ttft_p90_uncached_ms",
           "prompt_tokens_computed",
           "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
-          "decode_cache_hits")
+          "kv_peer_blocks", "kv_store_blocks", "kv_pulled_blocks",
+          "kv_fetched_bytes",
+          "kv_declined_blocks", "kv_published_bytes", "decode_cache_hits")
   print(" | ".join(cols + ("requests per prefill worker",)))
   for r in rows:
     print(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
@@ -177,6 +214,8 @@ def main(argv) -> None:
   if OUT.value:
     Path(OUT.value).write_text(json.dumps(
         {"preset": PRESET.value, "num_requests": NUM.value,
+         "kv_fetch": FETCH.value, "kv_transport": TRANSPORT.value,
+         "kv_store_write": WRITE.value,
          "rate": RATE.value, "length_scale": LENGTH_SCALE.value,
          "config": CONFIG.value, "platform": PLATFORM.value,
          "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))

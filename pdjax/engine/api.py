@@ -14,7 +14,10 @@ the services' tests (``tests/fake_engines.py``):
   a prompt to prefill here), the loop's step, and the accounting the worker
   publishes.
 * ``PrefixStore``: where a prefill engine finds cached prompt blocks (the
-  prefill worker's own block cache, or a colocated replica's pools).
+  prefill worker's own block cache, or a colocated replica's pools). A
+  store may look past its own tiers (the deployment's shared KV,
+  ``pdjax.engine.remote_tier``) inside ``match``, and serve its blocks to
+  peers (``export``, answered on its owner's thread by ``serve_peers``).
 
 The KV transports' contract is ``pdjax.transfer.base`` (``KvSender``,
 ``KvReceiver`` and their capabilities).
@@ -48,14 +51,22 @@ class PrefixStore(abc.ABC):
   cache_events: Any = None
   # Its host-memory tier (``pdjax.engine.host_tier``), if it has one.
   host_tier: Any = None
+  # Shared KV (``pdjax.engine.remote_tier.RemoteTier``), if it has one.
+  remote: Any = None
+  # Called (any thread) when a peer's request waits for the owner's
+  # ``serve_peers``: the owner's loop sets it to wake itself.
+  wake: Callable[[], None] | None = None
 
   @abc.abstractmethod
   def hashes(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
     """The block names of a prompt."""
 
   @abc.abstractmethod
-  def match(self, hashes: Sequence[bytes]) -> list[int]:
-    """Pages of the longest cached prefix of ``hashes``, each pinned."""
+  def match(self, hashes: Sequence[bytes],
+            sources: Sequence[tuple[str, int]] = ()) -> list[int]:
+    """Pages of the longest cached prefix of ``hashes``, each pinned.
+    ``sources``: (address, blocks) of peers said to hold more of it (a
+    store with a remote tier may fetch from them; others ignore it)."""
 
   @abc.abstractmethod
   def release(self, pages: Sequence[int]) -> None:
@@ -76,6 +87,20 @@ class PrefixStore(abc.ABC):
 
   def warmup(self, engine) -> None:
     """Compiles the store's programs for ``engine``'s shapes."""
+
+  def observe_prefill(self, tokens: int, seconds: float) -> None:
+    """A prefill computed ``tokens`` prompt tokens in ``seconds`` (a store
+    that fetches weighs fetches against this rate)."""
+
+  def export(self, hashes: Sequence[bytes], timeout_s: float
+             ) -> list[tuple[bytes, Any]]:
+    """Any thread: (name, array) of the leading run of ``hashes`` held
+    here, for a peer (empty: this store serves none)."""
+    return []
+
+  def serve_peers(self) -> int:
+    """The owner's thread: answers queued ``export`` calls."""
+    return 0
 
   @abc.abstractmethod
   def block_stats(self) -> dict[str, int]:

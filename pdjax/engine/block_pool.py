@@ -197,6 +197,11 @@ class BlockPool:
   def contains(self, block_hash: Hashable) -> bool:
     return block_hash in self._page_of
 
+  def peek(self, block_hash: Hashable) -> int | None:
+    """The page holding ``block_hash``, taking no reference and counting
+    no lookup (its owner reading it for a peer, on its own thread)."""
+    return self._page_of.get(block_hash)
+
   def register(self, page: int, block_hash: Hashable) -> int:
     """Names an in-use page by its content. If another page already holds
     that content, the existing one wins and is returned (the caller may swap

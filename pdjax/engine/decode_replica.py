@@ -586,7 +586,7 @@ class ReplicaPrefixStore(PrefixStore):
     return block_hashes(token_ids, self.page_size, self.replica.fingerprint,
                         salt)
 
-  def match(self, hashes) -> list[int]:
+  def match(self, hashes, sources=()) -> list[int]:
     return host_tier.match_with_tier(self.replica.pool, hashes,
                                      self.replica.host_tier)
 

@@ -100,6 +100,10 @@ class HostKVTier:
     self._lock = threading.RLock()
     self._counts = collections.Counter()
     self._host_shardings: dict = {}
+    # Told (name, data) of each block the LRU drops for good, outside the
+    # lock (shared KV: written to the host's store on eviction); a block
+    # whose read from the device is still queued (no data) is not told.
+    self.on_drop: Callable[[Hashable, object], None] | None = None
 
   # ---------------------------------------------------------------- store
   def __len__(self) -> int:
@@ -127,6 +131,7 @@ class HostKVTier:
 
   def put(self, block_hash: Hashable, blk: _Block) -> None:
     """Adds (or refreshes) an entry, dropping LRU ones beyond capacity."""
+    dropped = []
     with self._lock:
       old = self._blocks.pop(block_hash, None)
       if old is not None and old is not blk:
@@ -134,9 +139,14 @@ class HostKVTier:
       self._blocks[block_hash] = blk
       blk.in_tier = True
       while len(self._blocks) > self.capacity_blocks:
-        _, gone = self._blocks.popitem(last=False)
+        name, gone = self._blocks.popitem(last=False)
         gone.in_tier = False
         self._counts["evictions"] += 1
+        dropped.append((name, gone.data))
+    if self.on_drop is not None:
+      for name, data in dropped:
+        if data is not None:
+          self.on_drop(name, data)
 
   def count(self, stat: str, n: int = 1) -> None:
     with self._lock:
@@ -321,6 +331,31 @@ class HostTierLink:
     blk = self.tier.get(block_hash)
     if blk is None:
       return None
+    return self._promote(block_hash, blk)
+
+  def promote_block(self, block_hash: Hashable, data) -> int | None:
+    """A block from elsewhere (``pdjax.engine.remote_tier``: a peer or a
+    store), ``[2, L, P, K, hd]`` in host memory or (pulled) on a device of
+    this process: kept in the host tier (so a later eviction costs no
+    copy) and uploaded into a fresh device page named ``block_hash``, as
+    ``promote``; None when no page is available. Owner thread."""
+    if self.pool.available < 1:
+      return None
+    blk = _Block()
+    if isinstance(data, jax.Array):
+      # Pulled onto a device: uploaded from there, and copied to the host
+      # for the tier (asynchronously, as a demotion's read).
+      source = _Block()
+      source.data = jax.device_put(data, self._block_sharding)
+      blk.data = self._to_host(source.data, blk)
+    else:
+      source = blk
+      blk.data = data
+    self.tier.put(block_hash, blk)
+    self.stats["remote_blocks"] += 1
+    return self._promote(block_hash, source)
+
+  def _promote(self, block_hash: Hashable, blk: _Block) -> int | None:
     try:
       (page,) = self.pool.allocate(1)   # may evict: its read queues first
     except PoolExhausted:
@@ -352,6 +387,25 @@ class HostTierLink:
       self._read(demote)
     if upload:
       self._write(list(upload.items()))
+
+  def read_blocks(self, pages: Sequence[int]) -> list[jax.Array]:
+    """Owner thread: the blocks ``[2, L, P, K, hd]`` of device ``pages``
+    as device arrays, their programs dispatched now (after every queued
+    copy: call ``flush`` first where uploads may be queued). The arrays
+    are the caller's; reading them on the host may happen on any
+    thread."""
+    out: list[jax.Array] = []
+    for part, n, arr in self._chunks([(p, None) for p in pages]):
+      k, v = self._get_pools()
+      out.extend(self._read_fn(n)(k, v, arr)[:len(part)])
+    return out
+
+  def host_block(self, block_hash: Hashable):
+    """The host tier's data of ``block_hash`` (counted as neither hit nor
+    miss), or None when absent or still being read from the device."""
+    with self.tier._lock:  # pylint: disable=protected-access
+      blk = self.tier._blocks.get(block_hash)  # pylint: disable=protected-access
+    return None if blk is None else blk.data
 
   def _read_fn(self, n: int):
     return _read_program(self.num_layers, n, self._block_sharding)

@@ -62,6 +62,8 @@ def decode(payload: bytes) -> list[PrefillRequest]:
     s["stop_token_ids"] = tuple(s["stop_token_ids"])
     if d.get("prefix_pages") is not None:
       d["prefix_pages"] = list(d["prefix_pages"])
+    # Shared KV's (address, blocks) sources: JSON makes them lists.
+    d["kv_sources"] = tuple(tuple(src) for src in d.get("kv_sources", ()))
     out.append(PrefillRequest(sampling=SamplingParams(**s), **d))
   return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -361,6 +362,7 @@ class PrefillEngine:
                           out_shardings=(self._buf_sharding,
                                          self._buf_sharding))
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+    self._warming = False   # warm-up prefills (compiling) are not timed
 
   @property
   def layer_group_sizes(self) -> list[int]:
@@ -466,11 +468,13 @@ class PrefillEngine:
     if r.prefix_pages is not None:
       return list(r.prefix_pages)[:limit], False, []
     hashes = store.hashes(r.prompt_ids, r.cache_salt)
-    pages = store.match(hashes[:limit])
+    pages = (store.match(hashes[:limit], r.kv_sources) if r.kv_sources
+             else store.match(hashes[:limit]))
     return pages, True, hashes
 
   def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int, *,
                      kv_ready: KvReady | None = None):
+    t0 = time.perf_counter()
     batch = next(b for b in self.config.batch_sizes(bucket)
                  if b >= len(reqs))
     tokens = np.zeros((batch, bucket), np.int32)
@@ -503,6 +507,8 @@ class PrefillEngine:
       _announce(kvs, kv_ready)
       tok, lp = self._head(self.params, x, true_len, samp)
     tok, lp = np.asarray(tok), np.asarray(lp)
+    self._observe(sum(len(r.prompt_ids) for r in reqs),
+                  time.perf_counter() - t0)
     store = self.prefix_store
     if store is not None and store.keeps_prefills:
       for r, kv in zip(reqs, kvs):
@@ -535,9 +541,19 @@ class PrefillEngine:
 
   def _prefill_buffered(self, r: PrefillRequest, prefix: list[int],
                         owned: bool, hashes: list[bytes]) -> PrefillResult:
+    t0 = time.perf_counter()
     run = BufferedPrefill(self, r, prefix, owned, hashes)
     run.advance()
-    return run.result()
+    out = run.result()
+    self._observe(out.prompt_len - out.cached_tokens,
+                  time.perf_counter() - t0)
+    return out
+
+  def _observe(self, tokens: int, seconds: float) -> None:
+    """Tells the prefix store what computing ``tokens`` prompt tokens took
+    (a store that can fetch blocks weighs fetches against it)."""
+    if self.prefix_store is not None and not self._warming:
+      self.prefix_store.observe_prefill(tokens, seconds)
 
   def start_chunked(self, r: PrefillRequest) -> "BufferedPrefill":
     """A prefill of ``r`` that runs a chunk budget at a time
@@ -563,6 +579,13 @@ class PrefillEngine:
   # ---------------------------------------------------------------- warmup
   def warmup(self) -> None:
     """Compiles every program serving can need, so serving never does."""
+    self._warming = True
+    try:
+      self._warmup()
+    finally:
+      self._warming = False
+
+  def _warmup(self) -> None:
     from pdjax.engine.sampling import SamplingParams
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     for bucket in self.config.buckets:

@@ -191,6 +191,9 @@ class PrefillRequest:
   # Cached leading blocks already pinned by the caller (colocated: in the
   # decode replica's pools); None = look them up in the engine's store.
   prefix_pages: Sequence[int] | None = None
+  # Shared KV: (address, leading blocks held) of peers or stores the
+  # router says hold more of the prompt than this worker, best first.
+  kv_sources: Sequence[tuple[str, int]] = ()
 
 
 @dataclasses.dataclass

@@ -7,15 +7,23 @@ sharding tree. Loading goes through ``pdjax.model.loading.load_model``, so a
 pdjax orbax checkpoint and a Hugging Face directory are both accepted and
 each array is placed straight into its final sharding (no full host copy on
 every device).
+
+A vocabulary that a pool's mesh does not divide (1013 tokens on a TP=2
+prefill mesh) is padded to the next multiple, as vLLM pads its
+vocabulary-parallel embedding: ``fit_vocab`` gives the config of the padded
+model, whose extra logits are -inf (``pdjax.model.llama``), and the
+weights are padded with zero rows once read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pdjax.model import llama
@@ -29,13 +37,65 @@ def param_shardings(cfg: ModelConfig, rules: ShardingRules, mesh: Mesh):
   return rules.tree(mesh, llama.param_shapes(cfg))
 
 
+def vocab_shards(rules: ShardingRules, mesh: Mesh) -> int:
+  """How many ways ``rules`` split the vocabulary on ``mesh``."""
+  n = 1
+  for axis in rules.rules.get("vocab", ()):
+    n *= mesh.shape.get(axis, 1)
+  return n
+
+
+def fit_vocab(cfg: ModelConfig, rules: ShardingRules, mesh: Mesh
+              ) -> ModelConfig:
+  """``cfg`` with its vocabulary padded to a multiple of the ways ``rules``
+  split it on ``mesh`` (``ModelConfig.vocab_padding``; none where it
+  divides): a TP=2 pool serves a 1013-token vocabulary as 1014 rows, as
+  vLLM's VocabParallelEmbedding pads, instead of refusing it."""
+  return cfg.replace(vocab_padding=-cfg.vocab_size % vocab_shards(rules, mesh))
+
+
+def _vocab_whole(rules: ShardingRules) -> ShardingRules:
+  """``rules`` with the vocabulary not split (weights are read so, then
+  padded and split)."""
+  return dataclasses.replace(rules, rules={**rules.rules, "vocab": ()})
+
+
+_VOCAB_AXIS = {"embed": 0, "lm_head": 1}
+
+
+def pad_vocab(params: llama.Params, cfg: ModelConfig, rules: ShardingRules,
+              mesh: Mesh) -> llama.Params:
+  """``params`` with the embedding rows and LM head columns of
+  ``cfg.padded_vocab`` (the real ones kept, zeros after them), placed by
+  ``rules`` on ``mesh``. Weights already of that size are left alone."""
+  shardings = param_shardings(cfg, rules, mesh)
+  out = dict(params)
+  for name, axis in _VOCAB_AXIS.items():
+    if name not in params or params[name].shape[axis] == cfg.padded_vocab:
+      continue
+    out[name] = _fit_rows(params[name], axis, cfg.vocab_size,
+                          cfg.vocab_padding, shardings[name])
+  return out
+
+
+def _fit_rows(x, axis: int, keep: int, pad: int, sharding):
+  def fit(x):
+    x = jax.lax.slice_in_dim(x, 0, keep, axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+  return jax.jit(fit, out_shardings=sharding)(x)
+
+
 def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
                  mesh: Mesh) -> llama.Params:
   """Places weights (host numpy arrays or jax arrays anywhere) on ``mesh``.
 
   Already-placed arrays are moved device to device; this is how one loaded
   copy feeds several pools of a test or a colocated benchmark. The dtype is
-  converted to ``cfg.dtype`` so the engines' programs see one dtype.
+  converted to ``cfg.dtype`` so the engines' programs see one dtype. A
+  ``cfg`` with a padded vocabulary (``fit_vocab``) gets the weights padded
+  to it.
   """
   shardings = param_shardings(cfg, rules, mesh)
 
@@ -44,7 +104,16 @@ def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
       x = x.astype(dtype)
     return jax.device_put(x, sharding)
 
-  return jax.tree.map(place, params, shardings, llama.param_dtypes(cfg))
+  dtypes = llama.param_dtypes(cfg)
+  padded = {n for n, axis in _VOCAB_AXIS.items()
+            if n in params and params[n].shape[axis] != cfg.padded_vocab}
+  if not padded:
+    return jax.tree.map(place, params, shardings, dtypes)
+  whole = param_shardings(cfg, _vocab_whole(rules), mesh)
+  out = {k: (jax.tree.map(place, v, shardings[k], dtypes[k])
+             if k not in padded else place(v, whole[k], dtypes[k]))
+         for k, v in params.items()}
+  return pad_vocab(out, cfg, rules, mesh)
 
 
 def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
@@ -58,13 +127,21 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   on the devices instead. ``check_config(cfg)`` runs once the config is
   read, before any weight is (it raises to refuse the model).
   ``weight_dtype``: "float8_e4m3fn" quantizes the layers' projections as
-  they are placed (``pdjax.model.quant``)."""
+  they are placed (``pdjax.model.quant``).
+
+  A vocabulary the mesh does not divide is padded (``fit_vocab``): its
+  weights are read with the vocabulary whole, then padded and split; the
+  config returned says so (``vocab_padding``)."""
   from pdjax.model import presets
+  fitted: dict[str, ModelConfig] = {}
 
   def shardings(cfg: ModelConfig):
     if check_config is not None:
       check_config(cfg)
-    return param_shardings(cfg, rules, mesh)
+    fitted["cfg"] = fit_vocab(cfg, rules, mesh)
+    if fitted["cfg"].vocab_padding == cfg.vocab_padding:
+      return param_shardings(cfg, rules, mesh)
+    return param_shardings(cfg, _vocab_whole(rules), mesh)
 
   if presets.is_random(checkpoint_dir):
     cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
@@ -73,15 +150,19 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   else:
     from pdjax.model.loading import load_model
     params, cfg = load_model(checkpoint_dir, shardings, dtype=dtype)
+  target = cfg.replace(vocab_padding=fitted["cfg"].vocab_padding)
+  if target.vocab_padding != cfg.vocab_padding:
+    params = pad_vocab(params, target, rules, mesh)
   if weight_dtype is None:
-    return params, cfg
+    return params, target
   from pdjax.model import quant
   if weight_dtype != quant.FP8:
     raise ValueError(f"weight_dtype {weight_dtype!r}: pdjax stores weights "
                      f"in {quant.FP8} or in the model's dtype")
-  qcfg = cfg.replace(weight_dtype=weight_dtype)
-  return quant.quantize_params(params, cfg,
+  qcfg = target.replace(weight_dtype=weight_dtype)
+  return quant.quantize_params(params, target,
                                param_shardings(qcfg, rules, mesh))
 
 
-__all__ = ["param_shardings", "shard_params", "load_sharded"]
+__all__ = ["fit_vocab", "load_sharded", "pad_vocab", "param_shardings",
+           "shard_params", "vocab_shards"]

@@ -40,11 +40,40 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pdjax.eval.stats import (COMPLETED, RequestRecord, Summary, summarize,
                               wall_duration)
 from pdjax.eval.workloads import WorkItem
+
+
+def eval_extra_missing(module: str) -> ImportError:
+  """The error for an evaluation dependency that is not installed: they are
+  the ``eval`` extra (``pip install 'pdjax[eval]'``), not the server's."""
+  return ImportError(f"{module} is needed by pdjax's evaluation tools and is "
+                     "not installed: pip install 'pdjax[eval]'")
+
+
+class _NoBar:
+  """A progress bar that shows nothing (``progress=False``)."""
+
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def set_postfix(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _progress_bar(total: int, progress: bool):
+  if not progress:
+    return _NoBar()
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:
+    raise eval_extra_missing("tqdm") from None
+  return tqdm(total=total, delay=1.0, unit="req", dynamic_ncols=True)
 
 
 @dataclasses.dataclass
@@ -87,6 +116,56 @@ def poisson_arrival_times(n: int, rate: float | None,
   return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
+def parse_schedule(spec: Sequence[str] | str) -> list[tuple[float, float]]:
+  """'2:60,8:60,2:60' (or its items) -> [(rate, seconds), ...]."""
+  items = spec.split(",") if isinstance(spec, str) else list(spec)
+  out = []
+  for item in items:
+    rate, sep, seconds = str(item).partition(":")
+    try:
+      seg = (float(rate), float(seconds))
+    except ValueError:
+      seg = None
+    if not sep or seg is None or not (seg[0] > 0 and seg[1] > 0
+                                      and math.isfinite(seg[0])):
+      raise ValueError(f"a rate schedule is RATE:SECONDS,... with both > 0 "
+                       f"and the rate finite, got {item!r}")
+    out.append(seg)
+  if not out:
+    raise ValueError("the rate schedule is empty")
+  return out
+
+
+def piecewise_arrival_times(schedule: Sequence[tuple[float, float]],
+                            seed: int = 0) -> np.ndarray:
+  """Planned send offsets (s) of a Poisson process whose rate is constant
+  within each ``(rate, seconds)`` segment, the segments one after another
+  (a load ramp: ``[(2, 60), (8, 60), (2, 60)]``). Exponential gaps are
+  memoryless, so each segment starts its own draw at its start. Seeded."""
+  rng = np.random.default_rng(seed)
+  out: list[float] = []
+  start = 0.0
+  for rate, seconds in schedule:
+    t = start
+    while True:
+      t += rng.exponential(1.0 / rate)
+      if t >= start + seconds:
+        break
+      out.append(t)
+    start += seconds
+  return np.asarray(out)
+
+
+def segment_of(t: float, schedule: Sequence[tuple[float, float]]) -> int:
+  """The index of the schedule segment offset ``t`` falls in."""
+  end = 0.0
+  for i, (_, seconds) in enumerate(schedule):
+    end += seconds
+    if t < end:
+      return i
+  return len(schedule) - 1
+
+
 def _status_code(e: BaseException) -> str | None:
   code = getattr(e, "code", None)
   if not callable(code):
@@ -123,6 +202,7 @@ async def run_workload(
     on_record: Callable[[RequestRecord], None] | None = None,
     progress: bool = True,
     closed_loop: bool = True,
+    arrival_times: Sequence[float] | None = None,
 ) -> list[RequestRecord]:
   """Sends ``items`` to ``backend`` and records what came back.
 
@@ -141,6 +221,8 @@ async def run_workload(
     progress: show a tqdm bar (it appears only on runs longer than 1 s).
     closed_loop: rebuild multiturn prompts from the generated history (see
       the module docstring); False sends the synthetic history as is.
+    arrival_times: planned send offsets, one per item, instead of ``rate``
+      (e.g. ``piecewise_arrival_times``).
 
   Returns:
     One record per request that was sent, in ``items`` order. Requests not
@@ -149,7 +231,13 @@ async def run_workload(
   if concurrency is not None and concurrency < 1:
     raise ValueError(f"concurrency must be >= 1, got {concurrency}")
   sampling = dict(sampling or {})
-  plan = poisson_arrival_times(len(items), rate, seed)
+  if arrival_times is not None:
+    if len(arrival_times) != len(items):
+      raise ValueError(f"{len(arrival_times)} arrival times for "
+                       f"{len(items)} items")
+    plan = np.asarray(arrival_times, dtype=np.float64)
+  else:
+    plan = poisson_arrival_times(len(items), rate, seed)
   sem = asyncio.Semaphore(concurrency) if concurrency else None
   loop = asyncio.get_running_loop()
   # (conversation_id, turn) -> future of (sent prompt ids, record or None).
@@ -158,8 +246,7 @@ async def run_workload(
       for it in items if it.conversation_id is not None
       and it.turn is not None}
   records: dict[int, RequestRecord] = {}
-  bar = tqdm(total=len(items), disable=not progress, delay=1.0, unit="req",
-             dynamic_ncols=True)
+  bar = _progress_bar(len(items), progress)
   n_failed = 0
   t0 = time.perf_counter()
 

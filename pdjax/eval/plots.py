@@ -14,13 +14,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pdjax.eval.stats import COMPLETED, RequestRecord, Summary, max_goodput_rate
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _figure(**kwargs):
+  """A new Figure; matplotlib is imported here, not with the module: it is
+  the ``eval`` extra, not a server dependency."""
+  try:
+    from matplotlib.figure import Figure
+  except ImportError:
+    from pdjax.eval.load import eval_extra_missing
+    raise eval_extra_missing("matplotlib") from None
+  return Figure(**kwargs)
+
+
+def _save(fig, path: str | Path) -> Path:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
@@ -41,7 +51,7 @@ def plot_latency_cdfs(runs: Mapping[str, Sequence[RequestRecord]],
 
   Only completed requests are drawn; SLOs, when given, are dashed verticals.
   """
-  fig = Figure(figsize=(15, 4.5))
+  fig = _figure(figsize=(15, 4.5))
   fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.86,
                       wspace=0.22)
   axes = fig.subplots(1, 3)
@@ -89,7 +99,7 @@ def plot_sweep(sweeps: Mapping[str, Sequence[Summary]], path: str | Path, *,
   goodput panel draws goodput = offered rate as a grey reference. Points with
   an infinite or missing rate are skipped.
   """
-  fig = Figure(figsize=(12, 4.5))
+  fig = _figure(figsize=(12, 4.5))
   fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.86,
                       wspace=0.22)
   ax_att, ax_gp = fig.subplots(1, 2)

@@ -471,8 +471,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   if template is None:
     raise bad_request("messages", "this model has no chat template (its "
                       "tokenizer_config.json has none): start the gateway "
-                      "with --chat_template=FILE (e.g. "
-                      "configs/chat_templates/plain.jinja), or use "
+                      "with --chat_template=FILE (or a packaged one, "
+                      "e.g. --chat_template=plain), or use "
                       "/v1/completions")
   card = await state.card(request.app[CLIENT])
   _check_model(req.params, card)

@@ -1,27 +1,221 @@
 """Builds and serves a pool worker: ``prefill``, ``decode``, or ``both`` (the
 two pools in one process, for the ``local`` transport).
 
+``python -m pdjax.launch.worker --role=ROLE`` runs any of them;
+``pdjax.launch.prefill`` and ``pdjax.launch.decode`` are one role each.
+``define_flags(role)`` gives each exactly the flags it reads: the shared
+keys and its pools' tables of the deployment configuration (a decode
+worker also reads ``[prefill] buckets``: the KV sizes it must accept), the
+worker settings below, and the process and security groups. The flags of
+``PROCESS_POOL_FLAGS`` (``--mesh``, ``--sharding``, ``--max_queue``,
+``--kv_ttl_s``, ...) set the pool(s) the process serves (``--prefill_mesh``
+and the like name one); ``worker_config`` resolves them with the file into
+the one configuration the worker runs, and logs it.
+
 Start-up order matters and is the same for every role: jax.distributed (if
 the pool spans hosts) -> devices and mesh -> weights, born sharded -> engines
 -> warm-up (every program compiled) -> gRPC server -> health SERVING -> port
 file. A worker reports ready only when serving can no longer compile.
+
+Membership: with ``--router`` the worker registers each pool it serves with
+that router once it serves (``pdjax.service.discovery.Announcer``), renews
+its lease, and deregisters first thing when it drains; without it the
+router must list it (``--prefill_workers``/``--decode_workers``). A worker
+of both pools (``--role=both``) serves ``--serve_role`` of them at start and
+can be moved between them while it runs (``pdjax.v1.WorkerControl``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 
-from absl import app
+from absl import app, flags
 
+from pdjax import config as C
+from pdjax.launch import config_flags
 from pdjax.launch import flags as F
 
 log = logging.getLogger("pdjax.worker")
+FLAGS = flags.FLAGS
+# Settings of the pool(s) a worker process serves, by their table key: the
+# flag sets the key of each pool the process serves (``--mesh``: only one).
+PROCESS_POOL_FLAGS = {
+    "mesh": "This worker's mesh, e.g. 'tp=2' or 'dp=2,tp=1' (a --role=both "
+            "worker takes --prefill_mesh and --decode_mesh).",
+    "sharding": "This worker's sharding rule set: a packaged name "
+                "(prefill_tp, decode_dp, decode_dp_tp) or a TOML path.",
+    "gpu_memory_fraction": "Share of each GPU's memory XLA may use in this "
+                           "process (XLA_PYTHON_CLIENT_MEM_FRACTION). An 8B "
+                           "decode worker on an 80 GB card holds 47 of XLA's "
+                           "59.4 GiB after warm-up (docs/notes/2026-11-26-"
+                           "h100x4-steady-goodput.md); CUDA IPC landing "
+                           "buffers are allocated outside it.",
+    "host_cache_blocks": "KV blocks evicted from this worker's device prefix "
+                         "cache kept in host memory (pinned where the backend "
+                         "has it) and uploaded back on a later hit instead "
+                         "of recomputed (0: off; decode needs prefix "
+                         "caching).",
+    "max_queue": "Requests a worker queues before RESOURCE_EXHAUSTED.",
+    "transfer_timeout_s": "Longest a KV hand-off may take.",
+    "kv_ttl_s": "Unclaimed KV (and unredeemed reservations) are freed after "
+                "this long.",
+}
+
+
+def _pools(role: str) -> tuple[str, ...]:
+  return ("prefill", "decode") if role == "both" else (role,)
+
+
+def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
+                 ) -> config_flags.ConfigFlags:
+  """The flags of a worker of ``role`` (``both``: a worker that may run
+  any role, ``python -m pdjax.launch.worker``); returns its configuration
+  flags."""
+  pools = _pools(role)
+  tables: dict = {p: config_flags.ALL for p in pools}
+  if "decode" in pools and "prefill" not in pools:
+    # The KV sizes a prefill worker may send (insert programs, landing
+    # buffers).
+    tables["prefill"] = ["buckets"]
+  aliases = {}
+  if "prefill" in pools:
+    aliases["prefix_cache_pages"] = "prefill_cache_pages"
+    for key in ("kv_fetch", "kv_store_write", "kv_fetch_timeout_s"):
+      aliases[key] = f"prefill_{key}"
+  if "decode" in pools:
+    for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
+                "ipc_landing_bytes", "queue_deadline_s"):
+      aliases[key] = f"decode_{key}"
+  # Elastic pools: the lease a worker started with --router asks for is
+  # the deployment's.
+  tables["router"] = ["lease_s"]
+  cfg_flags = config_flags.define(fv, tables=tables, aliases=aliases)
+  for key, help_ in PROCESS_POOL_FLAGS.items():
+    cls = C.SECTIONS[pools[0]]
+    config_flags.define_field(fv, key, cls, key, help_)
+  flags.DEFINE_string(
+      "devices", "", "Local device ids for this worker's mesh, e.g. '0-3' or "
+      "'4,5' (default: the first ones the mesh needs).", flag_values=fv)
+  flags.DEFINE_bool("warmup", True, "Compile every serving program before "
+                    "reporting ready.", flag_values=fv)
+  flags.DEFINE_enum(
+      "kv_fast_path", "auto", ["auto", "off"],
+      "--kv_transport=device: hand KV to a decode worker in this process by "
+      "device_put, and to one on this host by CUDA IPC into a landing buffer "
+      "it lends (NVLink), else by jax.experimental.transfer. auto: on when "
+      "the backend is GPU (cuda-bindings and CuPy importable); off: always "
+      "jax.experimental.transfer.", flag_values=fv)
+  flags.DEFINE_bool(
+      "allow_long_max_seq_len",
+      os.environ.get("PDJAX_ALLOW_LONG_MAX_SEQ_LEN", "") not in ("", "0"),
+      "Serve the deployment's max_seq_len even where it is longer than the "
+      "model's trained context (config.json max_position_embeddings, "
+      "stretched by linear rope scaling); outputs past it may be garbage. "
+      "Without it such a worker refuses to start (as vLLM without "
+      "VLLM_ALLOW_LONG_MAX_MODEL_LEN). Default: "
+      "$PDJAX_ALLOW_LONG_MAX_SEQ_LEN.", flag_values=fv)
+  flags.DEFINE_string(
+      "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
+      "JAX persistent compilation cache directory (speeds up restarts).",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "router", None, "Register with the router at this host:port "
+      "(pdjax.v1.Registry) once serving, renew the lease ([router] "
+      "lease_s), and deregister when draining; the router then needs no "
+      "--prefill_workers/--decode_workers entry for this worker. Internal: "
+      "give it the deployment's --service_token.", flag_values=fv)
+  if "prefill" in pools:
+    flags.DEFINE_list(
+        "emulate_prefill_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B "
+        "x prompt tokens before each prefill batch, standing in for an "
+        "accelerator's time on a CPU machine (where extra worker processes "
+        "add no compute).", flag_values=fv)
+  if "decode" in pools:
+    flags.DEFINE_list(
+        "emulate_decode_s", [], "DEMOS AND TESTS ONLY: 'A,B': sleep A + B x "
+        "live rows before each decode step (see --emulate_prefill_s).",
+        flag_values=fv)
+  if "prefill" in pools:
+    flags.DEFINE_string(
+        "kv_store", None, "Prefill workers sharing KV ([prefill] kv_fetch): "
+        "host:port of the KV store process of this host (python -m "
+        "pdjax.launch.kvstore): blocks this worker computes are written to "
+        "it ([prefill] kv_store_write), and it is asked for blocks no peer "
+        "has.", flag_values=fv)
+    flags.DEFINE_float(
+        "fault_injection_drop_kv", 0.0, "TESTING ONLY: share of KV hand-offs "
+        "a prefill worker silently drops (exercises the recovery path).",
+        flag_values=fv)
+  if "decode" in pools:
+    flags.DEFINE_float(
+        "fault_injection_decode_step_delay_s", 0.0, "TESTING ONLY: a decode "
+        "worker sleeps this long before each engine step (a slow device), "
+        "so tests can act on streams that are certainly mid-generation.",
+        flag_values=fv)
+  F.define_distributed(fv)
+  F.define_process(fv, advertise=True)
+  F.define_security(fv, role="worker")
+  if role == "both":
+    flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
+                      "Which pool(s) this process serves.", flag_values=fv)
+    flags.DEFINE_enum(
+        "serve_role", "both", ["prefill", "decode", "both"], "--role=both: "
+        "the pool(s) this worker serves at start (it holds both programs, "
+        "and pdjax.v1.WorkerControl.SetRole moves it between the pools).",
+        flag_values=fv)
+  return cfg_flags
+
+
+def worker_config(role: str, cfg_flags: config_flags.ConfigFlags,
+                  fv: flags.FlagValues = FLAGS):
+  """The configuration a worker of ``role`` runs: the deployment file, its
+  configuration flags, and the process's pool flags (``--mesh`` and the
+  like) on the pool(s) it serves; logged once resolved."""
+  pools = _pools(role)
+  extra: dict = {}
+  given = cfg_flags.overrides()
+  for key in PROCESS_POOL_FLAGS:
+    value = fv[key].value
+    if value is None:
+      continue
+    if len(pools) > 1 and key in ("mesh", "sharding"):
+      raise app.UsageError(
+          f"--{key} names one pool's {key}; a worker serving both pools "
+          f"takes --prefill_{key} and --decode_{key}")
+    for pool in pools:
+      own = given.get(pool, {}).get(key)
+      if own is not None and own != value:
+        raise app.UsageError(f"--{key}={value} and --{pool}_{key}={own} "
+                             "disagree")
+      extra.setdefault(pool, {})[key] = value
+  if role != "both":
+    # Flags of the other pool (a --role worker defines both) are not read.
+    other = [f"--{config_flags.flag_name(t, k)}" for t, keys in given.items()
+             if t in ("prefill", "decode") and t not in pools
+             for k in keys if not (t == "prefill" and k == "buckets")]
+    if other:
+      raise app.UsageError(f"a {role} worker does not read {', '.join(other)}")
+  return cfg_flags.resolve(extra, what=f"{role} worker ")
+
+
+
+def emulated_delay(value: list[str], name: str) -> tuple[float, float]:
+  """(A, B) of an --emulate_*_s flag; (0, 0) when unset."""
+  if not value:
+    return 0.0, 0.0
+  try:
+    a, b = (float(v) for v in value)
+  except ValueError:
+    raise app.UsageError(f"--{name} takes 'A,B' (seconds, seconds per "
+                         f"unit), got {','.join(value)!r}") from None
+  if a < 0 or b < 0:
+    raise app.UsageError(f"--{name}: A and B must be >= 0")
+  return a, b
 
 
 def xla_memory_env(fraction: float | None) -> dict[str, str]:
@@ -34,20 +228,6 @@ def xla_memory_env(fraction: float | None) -> dict[str, str]:
     raise app.UsageError(f"--gpu_memory_fraction must be in (0, 1], got "
                          f"{fraction}")
   return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)}
-
-
-def worker_memory_fraction(dep, role: str, flag: float | None
-                           ) -> float | None:
-  """XLA's share of each GPU in a worker of ``role``: the flag, else its
-  pool's ``gpu_memory_fraction`` (the larger of the two pools' for a
-  worker running both)."""
-  if flag is not None:
-    return flag
-  pools = {"prefill": [dep.prefill], "decode": [dep.decode],
-           "both": [dep.prefill, dep.decode]}[role]
-  shares = [p.gpu_memory_fraction for p in pools
-            if p.gpu_memory_fraction is not None]
-  return max(shares) if shares else None
 
 
 def wants_gpu(env) -> bool:
@@ -82,7 +262,7 @@ def check_gpu(jax) -> None:
 def _init_jax(memory_fraction: float | None = None):
   os.environ.update(xla_memory_env(memory_fraction))
   import jax
-  if F.COORDINATOR.value:
+  if FLAGS.coordinator_address:
     # Collectives between processes' CPU devices (tests, CPU deployments);
     # GPUs use NCCL whatever this says.
     try:
@@ -99,14 +279,14 @@ def _init_jax(memory_fraction: float | None = None):
     except AttributeError:  # a JAX without the service
       pass
     timeouts = dict(
-        shutdown_timeout_seconds=F.DISTRIBUTED_SHUTDOWN_S.value)
-    if F.COORDINATOR.value == "auto":
+        shutdown_timeout_seconds=FLAGS.distributed_shutdown_timeout_s)
+    if FLAGS.coordinator_address == "auto":
       jax.distributed.initialize(**timeouts)
     else:
-      jax.distributed.initialize(F.COORDINATOR.value, F.NUM_PROCESSES.value,
-                                 F.PROCESS_ID.value, **timeouts)
-  if F.COMPILE_CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", F.COMPILE_CACHE.value)
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id, **timeouts)
+  if FLAGS.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # After jax.distributed (which must come before a backend starts).
   check_gpu(jax)
@@ -134,7 +314,7 @@ def check_context(max_seq_len: int, cfg) -> None:
   problem = context_length_problem(cfg, max_seq_len)
   if problem is None:
     return
-  if not F.ALLOW_LONG_MAX_SEQ_LEN.value:
+  if not FLAGS.allow_long_max_seq_len:
     raise SystemExit(f"error: {problem}")
   log.warning("%s; serving anyway (--allow_long_max_seq_len)",
               problem.split(": lower", 1)[0])
@@ -169,12 +349,35 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
   return info
 
 
-async def serve(role: str) -> None:
-  from pdjax.config import DeploymentConfig, resolve_layer_groups
-  # Read before JAX starts a backend: the file may set XLA's memory share.
-  dep = DeploymentConfig.load(F.CONFIG.value)
-  jax = _init_jax(worker_memory_fraction(dep, role,
-                                         F.GPU_MEMORY_FRACTION.value))
+def check_serve_role(role: str, serve_role: str, transport: str) -> None:
+  """Refuses, before anything loads, a --serve_role the worker's programs
+  cannot serve."""
+  if serve_role not in ("both", role) and role != "both":
+    raise app.UsageError(f"--serve_role={serve_role} needs that pool's "
+                         f"programs: start with --role=both")
+  if role == "both" and transport == "local" and serve_role != "both":
+    raise app.UsageError("--kv_transport=local serves both pools in one "
+                         "process: --serve_role must be both")
+
+
+def _flag(name: str, default=None):
+  """A worker flag that only some roles define (``define_flags``)."""
+  return FLAGS[name].value if name in FLAGS else default
+
+
+async def serve(role: str, dep) -> None:
+  """Serves ``dep`` (the resolved configuration) as a worker of ``role``
+  until SIGTERM."""
+  from pdjax.config import resolve_layer_groups
+  roles = _pools(role)
+  serve_role = _flag("serve_role", "both")
+  check_serve_role(role, serve_role, dep.kv_transport)
+  emulate_prefill = emulated_delay(_flag("emulate_prefill_s", []),
+                                   "emulate_prefill_s")    # checked early
+  emulate_decode = emulated_delay(_flag("emulate_decode_s", []),
+                                  "emulate_decode_s")
+  # Before JAX starts a backend: the pools may set XLA's memory share.
+  jax = _init_jax(dep.memory_fraction(roles))
   import socket
 
   from pdjax.engine.setup import load_sharded
@@ -185,47 +388,44 @@ async def serve(role: str) -> None:
 
   from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
-  checkpoint = F.CHECKPOINT.value or dep.checkpoint
+  checkpoint = dep.checkpoint
   if not presets.is_random(checkpoint):
     checkpoint = resolve_checkpoint(checkpoint)
-  dtype = F.DTYPE.value or dep.dtype
-  transport = F.KV_TRANSPORT.value or dep.kv_transport
+  dtype = dep.dtype
+  transport = dep.kv_transport
   sec = F.security()
   if not sec.service_token:
     log.warning("no --service_token: this worker's API (Reserve, Decode, "
                 "Prefill, ...) serves any caller that reaches its port and "
                 "passes its TLS; give the deployment's processes one shared "
                 "service token (docs/security.md)")
-  devices = F.parse_devices(F.DEVICES.value)
+  devices = F.parse_devices(FLAGS.devices)
   server = common.make_server(sec)
   try:
-    port = common.bind(server, F.HOST.value, F.PORT.value, sec)
+    port = common.bind(server, FLAGS.host, FLAGS.port, sec)
   except common.BindError as e:
     raise SystemExit(f"error: {e}") from None
-  address = F.ADVERTISE.value or f"{F.HOST.value}:{port}"
-  roles = ("prefill", "decode") if role == "both" else (role,)
+  address = FLAGS.advertise_address or f"{FLAGS.host}:{port}"
   exchange = None
   if transport == "local":
     if role != "both":
       raise app.UsageError("--kv_transport=local needs both pools in one "
                            "process (launch.worker --role=both)")
     from pdjax.transfer.local import LocalKvExchange
-    exchange = LocalKvExchange(F.KV_TTL.value)
+    exchange = LocalKvExchange(dep.decode.kv_ttl_s)
 
   metrics = Metrics(role)
   workers = []
   health_names = []
+  infos: dict[str, object] = {}
+  pools: dict[str, object] = {}
   offset = 0
   cfg = None
   from pdjax.engine import lockstep
-  cache_pages = (F.PREFIX_CACHE_PAGES.value
-                 if F.PREFIX_CACHE_PAGES.value is not None
-                 else dep.prefill.cache_pages)   # the prefill worker's store
+  cache_pages = dep.prefill.cache_pages    # the prefill worker's store
   for r in roles:
-    pool = dep.prefill if r == "prefill" else dep.decode
-    mesh_spec = F.MESH.value if (F.MESH.value and role != "both") else pool.mesh
-    rules_name = (F.SHARDING.value if (F.SHARDING.value and role != "both")
-                  else pool.sharding)
+    pool = dep.pool(r)
+    mesh_spec, rules_name = pool.mesh, pool.sharding
     mesh = _mesh(jax, mesh_spec, devices, offset)
     offset += mesh.size
     spans = lockstep.spans_processes(mesh)
@@ -241,33 +441,40 @@ async def serve(role: str) -> None:
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),
         kv_transport=transport, mesh=mesh_spec, sharding=rules.name,
         process_id=common.PROCESS_ID, hostname=socket.gethostname())
+    info.roles.extend(roles)
+    infos[r] = info
     if r == "prefill":
       from pdjax.engine.prefill import PrefillEngine
       from pdjax.service.prefill_service import (PrefillServicer,
                                                  PrefillWorker)
       store = None
+      pulls = _block_pulls(transport, mesh, pool)
+      remote = _remote_tier(cfg, dep, pool, cache_pages, sec, address,
+                            metrics, pulls)
       if cache_pages:
         from pdjax.engine.prefix_cache import PrefillKVStore
+        host_blocks = pool.host_cache_blocks
+        if remote is not None and not host_blocks:
+          # Fetched blocks land in the host tier: room for two prompts.
+          host_blocks = 2 * (dep.max_seq_len // dep.page_size)
         store = PrefillKVStore(cfg, mesh, rules, cache_pages, dep.page_size,
-                               host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
+                               host_cache_blocks=host_blocks, remote=remote)
       leader = jax.process_index() == 0
-      sender = _sender(transport, mesh, sec, exchange) if leader else None
+      sender = (_sender(transport, mesh, sec, exchange, pool.kv_ttl_s)
+                if leader else None)
       if sender is not None:
         info.kv_transfer_address = sender.address()
       # Every process of a pool must build the same programs: auto layer
       # groups may not depend on what one process's sender can do.
       groups = resolve_layer_groups(
-          F.PREFILL_LAYER_GROUPS.value
-          if F.PREFILL_LAYER_GROUPS.value is not None
-          else dep.prefill.layer_groups,
-          layer_wise_sender=(not spans and sender is not None
+          pool.layer_groups, layer_wise_sender=(not spans and sender is not None
                              and sender.writes_landing))
       engine = PrefillEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
       log.info("prefill runs bucketed prompts in %d layer group(s) %s",
                len(engine.layer_group_sizes), engine.layer_group_sizes)
-      if F.WARMUP.value:
+      if FLAGS.warmup:
         engine.warmup()
       if spans and not leader:
         log.info("prefill process %d of %d: replaying the leader's batches",
@@ -285,42 +492,47 @@ async def serve(role: str) -> None:
         from pdjax.service.landing import LandingRequests
         landing = LandingRequests(sender, sec)
       worker = PrefillWorker(engine, sender, metrics=metrics,
-                             max_queue=F.MAX_QUEUE.value,
-                             transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                             fault_drop_kv=F.FAULT_DROP_KV.value,
-                             landing=landing)
+                             max_queue=pool.max_queue,
+                             transfer_timeout_s=pool.transfer_timeout_s,
+                             fault_drop_kv=FLAGS.fault_injection_drop_kv,
+                             landing=landing,
+                             batch_delay_s=emulate_prefill)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
           PrefillServicer(worker, info), server)
       health_names.append("pdjax.v1.Prefill")
+      if remote is not None:   # shared KV: peers fetch from this cache
+        from pdjax.service.kvstore import PeerServicer
+        from pdjax.v1 import blockstore_pb2_grpc
+        blockstore_pb2_grpc.add_BlockStoreServicer_to_server(
+            PeerServicer(store, timeout_s=pool.kv_fetch_timeout_s,
+                         pulls=pulls), server)
+        info.serves_blocks = True
+        log.info("sharing the prefix cache: fetch policy %s, store %s",
+                 pool.kv_fetch, FLAGS.kv_store or "none")
     else:
       from pdjax.engine.colocated import ColocatedEngine
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
                                                 KvTransferServicer)
       dcfg = dep.decode_engine_config()
-      if F.PREFIX_CACHING.value is not None:
-        dcfg = dataclasses.replace(dcfg, prefix_caching=F.PREFIX_CACHING.value)
-      if F.HOST_CACHE_BLOCKS.value:   # host KV tier
-        dcfg = dataclasses.replace(dcfg,
-                                   host_cache_blocks=F.HOST_CACHE_BLOCKS.value)
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
-          max_waiting=F.MAX_QUEUE.value,
-          queue_timeout_s=F.QUEUE_DEADLINE.value or None)
-      if F.WARMUP.value:
+          max_waiting=pool.max_queue,
+          queue_timeout_s=pool.queue_deadline_s or None)
+      if FLAGS.warmup:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
-          max(engine.decode.default_payload_page_counts()),
+          max(engine.decode.default_payload_page_counts()), pool,
           prefill_buckets=dep.prefill_engine_config().buckets)
+      step_a, step_b = emulate_decode
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
-                            transfer_timeout_s=F.TRANSFER_TIMEOUT.value,
-                            reservation_ttl_s=F.KV_TTL.value,
-                            fault_step_delay_s=F.FAULT_STEP_DELAY.value,
-                            max_receive_bytes=(
-                                dep.decode.max_receive_mib
-                                if F.MAX_RECEIVE_MIB.value is None
-                                else F.MAX_RECEIVE_MIB.value) << 20)
+                            transfer_timeout_s=pool.transfer_timeout_s,
+                            reservation_ttl_s=pool.kv_ttl_s,
+                            fault_step_delay_s=(
+                                FLAGS.fault_injection_decode_step_delay_s
+                                + step_a), step_delay_per_row_s=step_b,
+                            max_receive_bytes=pool.max_receive_mib << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
           DecodeServicer(worker, info), server)
       if receiver.intake is not None:   # peers push KV streams here
@@ -328,20 +540,72 @@ async def serve(role: str) -> None:
             KvTransferServicer(receiver.intake), server)
       health_names.append("pdjax.v1.Decode")
     workers.append(worker)
+    pools[r] = worker
 
   from pdjax.engine import compile_stats
+  from pdjax.service import discovery
+  from pdjax.v1 import registry_pb2_grpc
   compile_stats.warn_on_compile()
   health = await common.add_health(server, health_names)
+  active = set(roles) if serve_role == "both" else {serve_role}
+  announcer = None
+  if FLAGS.router:
+    announcer = discovery.Announcer(
+        FLAGS.router, sec, lambda r: infos[r], lease_s=dep.router.lease_s)
+  control = discovery.RoleControl(
+      pools, active, announcer=announcer, health=health,
+      health_names={"prefill": "pdjax.v1.Prefill",
+                    "decode": "pdjax.v1.Decode"},
+      drain_timeout_s=FLAGS.drain_timeout_s)
+  registry_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
   for w in workers:
     w.start()
   await server.start()
   await common.set_live(health)
-  await common.set_serving(health, health_names, True)
-  metrics_port = metrics.serve(F.METRICS_PORT.value, F.HOST.value)
-  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s", role,
-           cfg.name, address, transport, metrics_port, memory_note())
+  await common.set_serving(health, [], True)   # "": ready
+  await control.start()                        # each pool's name, joins
+  metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
+  log.info("%s worker serving %s on %s (transport %s, metrics %s)%s%s",
+           role, cfg.name, address, transport, metrics_port,
+           f"; pools {'/'.join(sorted(active))}" if len(roles) == 2 else "",
+           memory_note())
   F.write_port_file(port, metrics_port)
-  await _run_until_signal(server, health, health_names, workers)
+  await _run_until_signal(server, health, health_names, workers, control)
+
+
+def _block_pulls(transport: str, mesh, pool):
+  """Shared KV in a ``device`` transport deployment: peers' blocks move
+  device to device (jax.experimental.transfer) instead of host-staged."""
+  if pool.kv_fetch == "off" or transport != "device":
+    return None
+  from pdjax.transfer.device import BlockPulls
+  return BlockPulls(mesh.devices.flat[0], host=FLAGS.host,
+                    advertise_host=advertised_host(FLAGS.advertise_address),
+                    ttl_s=max(2 * pool.kv_fetch_timeout_s, 1.0))
+
+
+def _remote_tier(cfg, dep, pool, cache_pages: int, sec, address: str,
+                 metrics, pulls=None):
+  """The shared-KV tier of a prefill worker's cache ([prefill] kv_fetch,
+  --kv_store), or None when off."""
+  if pool.kv_fetch == "off":
+    if FLAGS.kv_store:
+      raise app.UsageError("--kv_store needs [prefill] kv_fetch auto or "
+                           "always (--kv_fetch; a worker that uses a store "
+                           "also shares its cache)")
+    return None
+  if not cache_pages:
+    raise app.UsageError("[prefill] kv_fetch shares the prefix cache: give "
+                         "the prefill worker one (--prefix_cache_pages)")
+  from pdjax.engine.remote_tier import RemoteTier, layout_of
+  from pdjax.service.kvstore import GrpcBlockSource
+  return RemoteTier(
+      layout_of(cfg, dep.page_size), dep.page_size,
+      lambda a: GrpcBlockSource(a, sec, pulls=pulls), store=FLAGS.kv_store,
+      policy=pool.kv_fetch, timeout_s=pool.kv_fetch_timeout_s,
+      self_address=address, write=pool.kv_store_write,
+      on_fetch=lambda kind, blocks, nbytes, s: (
+          metrics.kv_fetch_time.labels(kind).observe(s)))
 
 
 def advertised_host(advertise: str | None) -> str | None:
@@ -354,7 +618,7 @@ def advertised_host(advertise: str | None) -> str | None:
   return advertise.rsplit(":", 1)[0]
 
 
-def _sender(transport, mesh, sec, exchange):
+def _sender(transport, mesh, sec, exchange, ttl_s: float):
   from pdjax.service import common
   if transport == "local":
     from pdjax.transfer.local import LocalSender
@@ -364,10 +628,10 @@ def _sender(transport, mesh, sec, exchange):
     from pdjax.transfer.device import DeviceSender
     # Picks same-process / CUDA IPC / jax.experimental.transfer per hand-off.
     return make_sender(
-        DeviceSender(mesh.devices.flat[0], host=F.HOST.value,
-                     advertise_host=advertised_host(F.ADVERTISE.value),
-                     ttl_s=F.KV_TTL.value),
-        fast_path=F.KV_FAST_PATH.value, process_id=common.PROCESS_ID)
+        DeviceSender(mesh.devices.flat[0], host=FLAGS.host,
+                     advertise_host=advertised_host(FLAGS.advertise_address),
+                     ttl_s=ttl_s),
+        fast_path=FLAGS.kv_fast_path, process_id=common.PROCESS_ID)
   from pdjax.transfer.grpc_stream import (DEFAULT_CHUNK_BYTES,
                                           GrpcStreamSender)
   # A chunk is one gRPC message: keep it well under --max_message_bytes, or
@@ -378,7 +642,7 @@ def _sender(transport, mesh, sec, exchange):
 
 
 def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
-              prefill_buckets=None):
+              pool, prefill_buckets=None):
   geometry = (cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
               cfg.dtype, max_payload_pages)
   if transport == "local":
@@ -389,14 +653,14 @@ def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
     from pdjax.transfer.device import DeviceReceiver
     # Lends CUDA IPC landing buffers at Reserve when the fast path is on.
     return make_receiver(
-        DeviceReceiver(mesh.devices.flat[0], host=F.HOST.value),
+        DeviceReceiver(mesh.devices.flat[0], host=FLAGS.host),
         mesh.devices.flat[0], geometry=geometry,
-        fast_path=F.KV_FAST_PATH.value,
-        landing_buffers=F.IPC_LANDING_BUFFERS.value,
-        landing_bytes=F.IPC_LANDING_BYTES.value,
-        prefill_buckets=prefill_buckets, lease_s=F.KV_TTL.value)
+        fast_path=FLAGS.kv_fast_path,
+        landing_buffers=pool.ipc_landing_buffers,
+        landing_bytes=pool.ipc_landing_bytes,
+        prefill_buckets=prefill_buckets, lease_s=pool.kv_ttl_s)
   from pdjax.transfer.grpc_stream import GrpcStreamReceiver
-  return GrpcStreamReceiver(ttl_s=F.KV_TTL.value, geometry=geometry)
+  return GrpcStreamReceiver(ttl_s=pool.kv_ttl_s, geometry=geometry)
 
 
 def memory_note() -> str:
@@ -426,9 +690,11 @@ def _follow_through_sigterm() -> None:
     signal.signal(sig, note)
 
 
-async def _run_until_signal(server, health, names, workers) -> None:
-  """Serves until SIGINT/SIGTERM, then drains: health NOT_SERVING, no new
-  requests, running ones finish (bounded), then exit."""
+async def _run_until_signal(server, health, names, workers,
+                            control=None) -> None:
+  """Serves until SIGINT/SIGTERM, then drains: leaves the router's pools
+  (deregisters), health NOT_SERVING, no new requests, running ones finish
+  (bounded), then exit."""
   from pdjax.service import common
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
@@ -437,10 +703,12 @@ async def _run_until_signal(server, health, names, workers) -> None:
   await stop.wait()
   log.info("draining: no new requests; waiting for %d running",
            sum(w.active() for w in workers))
+  if control is not None:   # the router sends nothing new from here on
+    await control.leave_all()
   for w in workers:
     w.draining = True
   await common.set_serving(health, names, False)
-  deadline = loop.time() + F.DRAIN_TIMEOUT.value
+  deadline = loop.time() + FLAGS.drain_timeout_s
   while any(w.active() for w in workers) and loop.time() < deadline:
     await asyncio.sleep(0.05)
   left = sum(w.active() for w in workers)
@@ -452,16 +720,18 @@ async def _run_until_signal(server, health, names, workers) -> None:
   log.info("stopped")
 
 
-def run(role: str) -> None:
+def run(role: str, cfg_flags: config_flags.ConfigFlags) -> None:
+  """The worker process: resolve its configuration, serve, drain, exit."""
   F.setup_logging()
+  dep = worker_config(role, cfg_flags)
   # Not asyncio.run: its teardown joins the default executor's threads
   # without a bound, and one still blocked there (a hand-off waiting on a
   # peer) would hold the exit; the process leaves by os._exit below anyway,
   # once serve() has drained and stopped.
   loop = asyncio.new_event_loop()
   asyncio.set_event_loop(loop)
-  loop.run_until_complete(serve(role))
-  if F.COORDINATOR.value:
+  loop.run_until_complete(serve(role, dep))
+  if FLAGS.coordinator_address:
     # Leave the jax.distributed job together: process 0 hosts its
     # coordination service, and a peer that finds it gone aborts. Bounded
     # by --distributed_shutdown_timeout_s; logged, so a slow exit shows
@@ -481,7 +751,5 @@ def run(role: str) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags as _flags
-  _ROLE = _flags.DEFINE_enum("role", "decode", ["prefill", "decode", "both"],
-                             "Which pool(s) this process serves.")
-  app.run(lambda argv: run(_ROLE.value))
+  _CONFIG = F.define_for_main(define_flags)
+  app.run(lambda argv: run(FLAGS.role, _CONFIG))

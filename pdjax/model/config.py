@@ -77,8 +77,18 @@ class ModelConfig:
   # ``dtype``.
   weight_dtype: str | None = None
   name: str = "model"
+  # Rows added to the embedding and the LM head so the vocabulary splits
+  # evenly over a tensor-parallel mesh (as vLLM's VocabParallelEmbedding
+  # pads): zeros, never looked up (token ids are checked against
+  # vocab_size), their logits -inf (never sampled) and cut from logits a
+  # caller gets. Set by pdjax.engine.setup for the mesh a pool runs on; not
+  # part of the fingerprint (it changes no KV).
+  vocab_padding: int = 0
 
   def __post_init__(self):
+    if self.vocab_padding < 0:
+      raise ModelConfigError(f"vocab_padding must be >= 0, got "
+                             f"{self.vocab_padding}")
     if self.num_heads % self.num_kv_heads:
       raise ModelConfigError(
           f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -90,6 +100,11 @@ class ModelConfig:
       raise ModelConfigError(
           f"weight_dtype {self.weight_dtype!r} is not one of "
           f"{list(WEIGHT_DTYPES)} (or unset)")
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding (columns of the LM head) as stored."""
+    return self.vocab_size + self.vocab_padding
 
   @property
   def jnp_dtype(self):
@@ -126,6 +141,7 @@ class ModelConfig:
     import hashlib
     fields = dataclasses.asdict(self)
     fields.pop("name")
+    fields.pop("vocab_padding")
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -132,7 +132,8 @@ def greedy_generate(params: llama.Params, cfg: ModelConfig,
     out_logits.append(logits)
 
   result = np.asarray(jnp.stack(out_tokens, axis=1))
-  logits = np.asarray(jnp.stack(out_logits, axis=1)) if return_logits else None
+  logits = (np.asarray(jnp.stack(out_logits, axis=1)[..., :cfg.vocab_size])
+            if return_logits else None)
   if single:
     result = result[0]
     logits = None if logits is None else logits[0]

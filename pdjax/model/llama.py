@@ -36,7 +36,8 @@ Params = dict[str, Any]
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   """Shape and logical axes of every weight, as a pytree of (shape, axes)."""
   L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-  H, K, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  V = cfg.padded_vocab
   layers = {
       "attn_norm": ((L, D), ("layers", "embed")),
       "wq": ((L, D, H, hd), ("layers", "embed", "heads", "head_dim")),
@@ -239,9 +240,17 @@ def _attn_out_and_mlp(cfg: ModelConfig, lp, x, attn):
 
 
 def _logits(cfg: ModelConfig, params, x):
+  """Float32 logits over the stored vocabulary; padded ids
+  (``cfg.vocab_padding``) are -inf, so sampling never picks them and they
+  take no probability mass."""
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...d,dv->...v", x, w,
+                      preferred_element_type=jnp.float32)
+  if cfg.vocab_padding:
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    logits = jnp.where(ids < cfg.vocab_size, logits, -jnp.inf)
+  return logits
 
 
 def _embed(params, tokens):
@@ -566,10 +575,12 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
 
 
 def reference_forward(params: Params, tokens, *, cfg: ModelConfig):
-  """Full-sequence logits [B, T, V] in one pass, for tests."""
+  """Full-sequence logits [B, T, V] in one pass, for tests (the padded
+  vocabulary cut off)."""
   B, T = tokens.shape
-  return prefill_forward(params, tokens, jnp.full((B,), T, jnp.int32),
-                         cfg=cfg, all_logits=True).logits
+  out = prefill_forward(params, tokens, jnp.full((B,), T, jnp.int32),
+                        cfg=cfg, all_logits=True)
+  return out.logits[..., :cfg.vocab_size]
 
 
 def num_pages_for(tokens: int, page_size: int) -> int:

@@ -167,11 +167,12 @@ def tiny_params(cfg: ModelConfig | None = None, seed: int = WEIGHTS_SEED
 
 # ------------------------------------------------------------------ writing
 def _chat_template() -> str:
-  """The plain "Role: content" template (configs/chat_templates/plain.jinja):
-  instruct checkpoints carry their chat template in tokenizer_config.json,
-  and so does pdjax-tiny, so its chat serving runs the same code path."""
-  from pdjax.config import CONFIGS_DIR
-  return (CONFIGS_DIR / "chat_templates" / "plain.jinja").read_text()
+  """The plain "Role: content" template (the packaged chat template
+  ``plain``, pdjax/configs/chat_templates/plain.jinja): instruct checkpoints
+  carry their chat template in tokenizer_config.json, and so does
+  pdjax-tiny, so its chat serving runs the same code path."""
+  from pdjax import resources
+  return resources.read("chat_template", "plain")[0]
 
 
 def _tokenizer_config(cfg: ModelConfig) -> dict:

@@ -69,6 +69,30 @@ class Profile:
   requests: int
 
 
+def profile_to_dict(profile: Profile) -> dict:
+  """A profile as JSON-able data (``tools/plan_pools.py --out`` writes it;
+  the planner loop reads it back with ``profile_from_dict``)."""
+  return {"prefill": dataclasses.asdict(profile.prefill),
+          "decode": dataclasses.asdict(profile.decode),
+          "overhead_s": profile.overhead_s, "requests": profile.requests,
+          "prompt_tokens": list(profile.prompt_tokens),
+          "output_tokens": list(profile.output_tokens)}
+
+
+def profile_from_dict(d: dict) -> Profile:
+  try:
+    return Profile(prefill=PrefillModel(**d["prefill"]),
+                   decode=DecodeModel(**d["decode"]),
+                   overhead_s=float(d["overhead_s"]),
+                   prompt_tokens=tuple(int(v) for v in d["prompt_tokens"]),
+                   output_tokens=tuple(int(v) for v in d["output_tokens"]),
+                   requests=int(d.get("requests", 0)))
+  except (KeyError, TypeError) as e:
+    raise ProfileError(f"not a profile (tools/plan_pools.py --out writes "
+                       f"one under 'profile'): {type(e).__name__}: {e}"
+                       ) from None
+
+
 class ProfileError(ValueError):
   """Records that cannot give a model; the message says what is missing."""
 
@@ -168,4 +192,5 @@ def fit_profile(records: Sequence[RequestRecord],
 
 
 __all__ = ["DecodeModel", "PrefillModel", "Profile", "ProfileError",
+           "profile_from_dict", "profile_to_dict",
            "concurrency", "fit_decode", "fit_prefill", "fit_profile"]

@@ -230,9 +230,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
   def __init__(self, token: str, exempt: Sequence[str] = (
       "/grpc.health.v1.Health/",), *,
                refusal: str = "missing or invalid bearer token (send "
-               "'authorization: Bearer <token>' metadata)"):
+               "'authorization: Bearer <token>' metadata)",
+               only: Sequence[str] | None = None):
+    """``only``: method prefixes this token guards (None: every method but
+    ``exempt``)."""
     self._expected = token.encode()
     self._exempt = tuple(exempt)
+    self._only = None if only is None else tuple(only)
 
     async def deny(request, context):
       await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
@@ -240,7 +244,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
   async def intercept_service(self, continuation, details):
-    if details.method.startswith(self._exempt):
+    if details.method.startswith(self._exempt) or (
+        self._only is not None and not details.method.startswith(
+            self._only)):
       return await continuation(details)
     for key, value in details.invocation_metadata or ():
       if key == "authorization":
@@ -253,21 +259,30 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     return self._deny_unary
 
 
-def make_server(security: Security = Security(), *, client_facing=False
-                ) -> grpc.aio.Server:
+_INTERNAL_REFUSAL = ("missing or invalid service token: this is an internal "
+                     "pdjax API, for the deployment's router and workers "
+                     "(their --service_token); clients call the router")
+
+
+def make_server(security: Security = Security(), *, client_facing=False,
+                internal: Sequence[str] = ()) -> grpc.aio.Server:
   """A server with the deployment's security: the client token on the
   client-facing API (the router), the service token on internal ones (the
-  workers); the health service stays open on both."""
+  workers, and on a client-facing server the methods under the
+  ``internal`` prefixes, e.g. the router's ``pdjax.v1.Registry``); the
+  health service stays open on both."""
   security.check()
   interceptors = []
   if client_facing and security.token:
-    interceptors.append(BearerTokenInterceptor(security.token))
+    interceptors.append(BearerTokenInterceptor(
+        security.token, exempt=("/grpc.health.v1.Health/", *internal)))
+  if client_facing and internal and security.service_token:
+    interceptors.append(BearerTokenInterceptor(
+        security.service_token, only=tuple(internal),
+        refusal=_INTERNAL_REFUSAL))
   if not client_facing and security.service_token:
     interceptors.append(BearerTokenInterceptor(
-        security.service_token,
-        refusal="missing or invalid service token: this is an internal "
-        "pdjax API, for the deployment's router and workers (their "
-        "--service_token); clients call the router"))
+        security.service_token, refusal=_INTERNAL_REFUSAL))
   # gRPC sets SO_REUSEPORT on its listeners by default: a second service
   # started on a port in use would then bind it too and silently take half
   # of its connections. Off, the second one fails to bind (``bind``).

@@ -60,11 +60,16 @@ class EngineLoop:
   """The thread that steps the engine whenever it has work."""
 
   def __init__(self, engine: DecodeBackend, *, on_tick=None,
-               on_iteration=None, step_delay_s: float = 0.0):
+               on_iteration=None, step_delay_s: float = 0.0,
+               step_delay_per_row_s: float = 0.0):
     """``on_tick()``: about every 0.25 s; ``on_iteration(timing)``: after
-    each engine iteration, with its ``IterationTiming``."""
+    each engine iteration, with its ``IterationTiming``.
+    ``step_delay_s`` + ``step_delay_per_row_s`` x live rows: a sleep before
+    each step (tests, and the CPU demos that stand in for an accelerator's
+    time; never in serving)."""
     self.engine = engine
-    self.step_delay_s = step_delay_s   # fault injection (tests) only
+    self.step_delay_s = step_delay_s
+    self.step_delay_per_row_s = step_delay_per_row_s
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._on_tick = on_tick
@@ -89,8 +94,10 @@ class EngineLoop:
     while not self._stop.is_set():
       try:
         if self.engine.has_work:
-          if self.step_delay_s:
-            time.sleep(self.step_delay_s)
+          if self.step_delay_s or self.step_delay_per_row_s:
+            rows = (self.engine.kv_usage()["rows_live"]
+                    if self.step_delay_per_row_s else 0)
+            time.sleep(self.step_delay_s + self.step_delay_per_row_s * rows)
           self.engine.step()
           if self._on_iteration:
             self._on_iteration(self.engine.last_iteration())
@@ -116,9 +123,12 @@ class DecodeWorker:
                reservation_ttl_s: float = 60.0,
                fault_step_delay_s: float = 0.0,
                max_streams: int = 1024,
-               max_receive_bytes: int = 0):
+               max_receive_bytes: int = 0,
+               step_delay_per_row_s: float = 0.0):
     """``max_receive_bytes``: device memory KV receives in flight may
-    allocate at once (``ReceiveBudget``; 0: no bound)."""
+    allocate at once (``ReceiveBudget``; 0: no bound).
+    ``fault_step_delay_s`` + ``step_delay_per_row_s`` x live rows: a sleep
+    per engine step (``EngineLoop``; tests and CPU demos only)."""
     self.engine = engine
     self.receiver = receiver
     self.metrics = metrics or Metrics("decode")
@@ -134,7 +144,8 @@ class DecodeWorker:
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
     self.loop = EngineLoop(engine, on_tick=self._tick,
                            on_iteration=self.metrics.observe_iteration,
-                           step_delay_s=fault_step_delay_s)
+                           step_delay_s=fault_step_delay_s,
+                           step_delay_per_row_s=step_delay_per_row_s)
     # The memory gauges' devices: this process's part of the pool's mesh.
     self._devices = engine.devices
     self._seen_cached = 0
@@ -180,8 +191,11 @@ class DecodeWorker:
     self._seen_cached, self._seen_computed = cached, computed
 
   def active(self) -> int:
-    """Requests still being served (drain waits for zero)."""
-    return self.streams + self.engine.num_waiting
+    """Requests still being served (drain waits for zero): streams, those
+    waiting to join the batch, and reservations not redeemed yet (a
+    request whose prompt a prefill worker is computing now)."""
+    return (self.streams + self.engine.num_waiting
+            + self.engine.kv_usage().get("reservations", 0))
 
   def load(self) -> common_pb2.WorkerLoad:
     u = self.engine.kv_usage()

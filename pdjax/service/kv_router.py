@@ -29,6 +29,20 @@ Dynamo's KV router, on pdjax's poll loop. Three parts:
   then to the worker chosen least recently, so equally loaded workers take
   turns. ``overlap_weight = 0`` is load-only routing.
 
+  Shared KV (``pdjax.service.kvstore``): a prefill worker that shares its
+  cache can fetch the blocks a peer or a store holds instead of computing
+  them, so a block it can fetch counts too, at ``fetch_weight`` (0..1) of a
+  block it holds:
+
+    overlap_blocks = own + fetch_weight * max(0, fetchable - own)
+
+  where ``fetchable`` is the longest prefix held by any block source (a
+  prefill worker that serves blocks, or a store the router polls) other
+  than the candidate. After the pick, ``sources`` names the sources that
+  hold more than the chosen worker (``PrefillRequest.kv_sources``): the
+  worker fetches from them, whatever the weights (load-only routing
+  included).
+
 The router names blocks itself, exactly as the workers do
 (``pdjax.engine.prefix_cache.block_hashes``) with the layout fingerprint the
 workers announce in the handshake (``ModelInfo.layout_fingerprint``), once
@@ -50,6 +64,8 @@ from pdjax.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER_S = 2.0
+# Shared KV: a block a prefill worker can fetch, as a share of one it holds.
+DEFAULT_FETCH_WEIGHT = 0.5
 
 
 # ------------------------------------------------------------------ worker
@@ -160,17 +176,38 @@ class Choice:
   load: float
   score: float
   stale: bool
+  fetchable: int = 0      # blocks past ``overlap`` it could fetch
+
+
+def _serves_blocks(w) -> bool:
+  """Whether ``w`` fetches and serves blocks (its last poll said so)."""
+  return bool(getattr(getattr(w, "info", None), "serves_blocks", False))
+
+
+def _fresh_overlap(w, keys, stale_after_s: float, now: float) -> int | None:
+  """Leading ``keys`` in ``w``'s mirror, or None when it is not to be
+  trusted (never synced, or stale)."""
+  mirror = w.cache
+  if mirror.synced_at is None or (mirror.enabled and
+                                  mirror.stale(stale_after_s, now)):
+    return None
+  return mirror.overlap(keys) if keys else 0
 
 
 class KvScorer:
   """Picks a worker by ``overlap_weight * overlap - load`` (module doc)."""
 
   def __init__(self, overlap_weight: float = 0.0,
-               stale_after_s: float = DEFAULT_STALE_AFTER_S, metrics=None):
+               stale_after_s: float = DEFAULT_STALE_AFTER_S, metrics=None,
+               fetch_weight: float = DEFAULT_FETCH_WEIGHT):
     if overlap_weight < 0:
       raise ValueError(f"kv_overlap_weight must be >= 0, got "
                        f"{overlap_weight}")
+    if not 0 <= fetch_weight <= 1:
+      raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
+                       f"{fetch_weight}")
     self.overlap_weight = overlap_weight
+    self.fetch_weight = fetch_weight
     self.stale_after_s = stale_after_s
     self._picks = itertools.count(1)
     self._last_pick: dict[tuple[str, str], int] = {}
@@ -192,9 +229,17 @@ class KvScorer:
           "pdjax_router_kv_stale_fallbacks",
           "Routing choices with a candidate judged on load alone because "
           "its cache mirror was stale.", ["role"], registry=r)
+      self._fetchable_blocks = Counter(
+          "pdjax_router_kv_fetchable_blocks_total",
+          "Prompt blocks past its own cached prefix the chosen prefill "
+          "worker could fetch from a peer or a store, summed over routing "
+          "choices.", ["role"], registry=r)
 
   def score(self, role: str, workers: Sequence, keys: Sequence[bytes],
-            now: float | None = None) -> list[Choice]:
+            now: float | None = None, sources: Sequence = ()
+            ) -> list[Choice]:
+    """Each candidate's terms. ``sources``: workers and stores that serve
+    blocks (their mirrors say what a candidate could fetch)."""
     now = time.monotonic() if now is None else now
     if role == "prefill":
       loads = [float(w.load_score()) for w in workers]
@@ -202,25 +247,56 @@ class KvScorer:
       free = [w.free_pages() for w in workers]
       top = max(free, default=0)
       loads = [float(top - f) for f in free]
+    held = []
+    if keys:
+      for s in sources:
+        n = _fresh_overlap(s, keys, self.stale_after_s, now)
+        if n:
+          held.append((s.address, getattr(s, "role", ""), n))
     out = []
     for w, load in zip(workers, loads):
-      mirror = w.cache
       # Never synced: nothing known. A worker without a cache has nothing
       # to be stale about.
-      stale = mirror.synced_at is None or (
-          mirror.enabled and mirror.stale(self.stale_after_s, now))
-      overlap = 0 if stale or not keys else mirror.overlap(keys)
+      fresh = _fresh_overlap(w, keys, self.stale_after_s, now)
+      stale = fresh is None
+      overlap = fresh or 0
+      fetchable = 0
+      if not stale and _serves_blocks(w):
+        me = (w.address, getattr(w, "role", ""))
+        best = max((n for a, r, n in held if (a, r) != me), default=0)
+        fetchable = max(0, best - overlap)
+      blocks = overlap + self.fetch_weight * fetchable
       out.append(Choice(w, overlap, load,
-                        self.overlap_weight * overlap - load, stale))
+                        self.overlap_weight * blocks - load, stale,
+                        fetchable))
     return out
 
+  def sources(self, chosen, keys: Sequence[bytes], sources: Sequence, *,
+              limit: int = 2, now: float | None = None
+              ) -> list[tuple[str, int]]:
+    """(address, blocks) of the block sources holding more of ``keys``
+    than ``chosen``, most first (at most ``limit``)."""
+    if not keys:
+      return []
+    now = time.monotonic() if now is None else now
+    own = _fresh_overlap(chosen, keys, self.stale_after_s, now) or 0
+    found = []
+    for s in sources:
+      if s is chosen:
+        continue
+      n = _fresh_overlap(s, keys, self.stale_after_s, now)
+      if n and n > own:
+        found.append((s.address, n))
+    found.sort(key=lambda f: -f[1])
+    return found[:limit]
+
   def pick(self, role: str, workers: Sequence, keys: Sequence[bytes] = (),
-           now: float | None = None):
+           now: float | None = None, sources: Sequence = ()):
     """The best of ``workers`` (all of ``role``) for a request whose block
     keys are ``keys``, or None when there are none."""
     if not workers:
       return None
-    choices = self.score(role, workers, keys, now)
+    choices = self.score(role, workers, keys, now, sources)
 
     def rank(c: Choice):
       streams = c.worker.inflight if role == "decode" else 0
@@ -231,11 +307,13 @@ class KvScorer:
     self._last_pick[(role, best.worker.address)] = next(self._picks)
     if self._overlap_blocks is not None and keys:
       self._overlap_blocks.labels(role).inc(best.overlap)
+      self._fetchable_blocks.labels(role).inc(best.fetchable)
       self._query_blocks.labels(role).inc(len(keys))
       if self.overlap_weight > 0 and any(c.stale for c in choices):
         self._stale.labels(role).inc()
     return best.worker
 
 
-__all__ = ["CacheMirror", "Choice", "DEFAULT_STALE_AFTER_S", "KvScorer",
+__all__ = ["CacheMirror", "Choice", "DEFAULT_FETCH_WEIGHT",
+           "DEFAULT_STALE_AFTER_S", "KvScorer",
            "fill_cache_info", "request_keys"]

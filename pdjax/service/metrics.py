@@ -40,6 +40,10 @@ class Metrics:
     self.requests = Counter(
         "pdjax_requests_total", "Requests by final outcome.",
         ["outcome"], registry=r)
+    # Counted as requests arrive, whatever becomes of them: the offered
+    # rate a planner sizes pools for (pdjax.planner.control).
+    self.arrivals = Counter(
+        "pdjax_request_arrivals_total", "Requests received.", registry=r)
     self.queue_length = Gauge(
         "pdjax_queue_length", "Requests waiting for this service.",
         registry=r)
@@ -93,6 +97,12 @@ class Metrics:
         "memory and back, evicted for recompute, calls a row sat out for "
         "want of pages; requests the queue refused, full or past its "
         "deadline.", ["event"], registry=r)
+    # Shared KV (pdjax.engine.remote_tier): a prefill worker's fetches of
+    # blocks from peers and the host's store.
+    self.kv_fetch_time = Histogram(
+        "pdjax_kv_fetch_seconds", "Time of a fetch of prefix blocks that "
+        "brought some, by source kind: peer or store.", ["source"],
+        buckets=_STAGE_BUCKETS, registry=r)
     self.kv_skipped_bytes = Counter(
         "pdjax_kv_transfer_skipped_bytes_total",
         "KV bytes not sent because the decode worker already held them.",

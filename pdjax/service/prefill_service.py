@@ -41,6 +41,10 @@ from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
 
 log = logging.getLogger(__name__)
 
+# Put in the queue to wake the batcher without a request: a peer waits for
+# blocks only its thread may read (``PrefixStore.serve_peers``).
+_WAKE = object()
+
 
 @dataclasses.dataclass
 class _Job:
@@ -76,9 +80,14 @@ class PrefillWorker:
                metrics: Metrics | None = None, max_queue: int = 256,
                transfer_timeout_s: float = 30.0, sender_threads: int = 4,
                fault_drop_kv: float = 0.0,
-               landing: LandingRequests | None = None):
+               landing: LandingRequests | None = None,
+               batch_delay_s: tuple[float, float] = (0.0, 0.0)):
     """``landing``: asks same-host decode workers for CUDA IPC landing
-    regions as each prefill starts (None: the sender cannot use them)."""
+    regions as each prefill starts (None: the sender cannot use them).
+    ``batch_delay_s`` (a, b): a sleep of a + b x prompt tokens before each
+    batch's prefill (the CPU demos' stand-in for an accelerator's time;
+    never in serving)."""
+    self.batch_delay_s = batch_delay_s
     self.engine = engine
     self.sender = sender
     self.landing = landing
@@ -105,6 +114,24 @@ class PrefillWorker:
     self.draining = False
     # The memory gauges' devices: this process's part of the pool's mesh.
     self._devices = engine.mesh.local_devices
+    # --- shared KV: peers' fetches are read on the batcher's thread ---
+    self._wake_pending = threading.Event()
+    store = engine.prefix_store
+    if store is not None and store.remote is not None:
+      store.wake = self._wake
+
+  def _wake(self) -> None:
+    if not self._wake_pending.is_set():
+      self._wake_pending.set()
+      self._queue.put(_WAKE)
+
+  def _serve_peers(self) -> None:
+    store = self.engine.prefix_store
+    if store is not None:
+      try:
+        store.serve_peers()
+      except Exception:  # noqa: BLE001 - a peer recomputes
+        log.exception("serving blocks to peers failed")
 
   def start(self) -> None:
     self._thread.start()
@@ -129,6 +156,12 @@ class PrefillWorker:
               self.metrics.cache_blocks.labels("prefill_host", stat).set(
                   tier_stats[stat])
           # --- end host KV tier ---
+          # --- shared KV: fetched, declined, published, served ---
+          if store.remote is not None:
+            for stat, n in store.remote.snapshot().items():
+              self.metrics.cache_blocks.labels("prefill_remote", stat).set(n)
+            for stat, n in store.stats.items():
+              self.metrics.cache_blocks.labels("prefill_peers", stat).set(n)
         self.metrics.running.set(self._running)
         self.metrics.observe_device_memory(self._devices)
       except Exception:  # noqa: BLE001
@@ -145,6 +178,9 @@ class PrefillWorker:
     self._pool.shutdown(wait=False, cancel_futures=True)
     if self.landing is not None:
       self.landing.close()
+    store = self.engine.prefix_store
+    if store is not None and store.remote is not None:
+      store.remote.close()
     self.engine.close()   # a pool spanning processes stops its followers
 
   def active(self) -> int:
@@ -153,22 +189,25 @@ class PrefillWorker:
 
   @property
   def queued(self) -> int:
-    return self._queue.qsize()
+    return max(0, self._queue.qsize() - self._wake_pending.is_set())
 
   @property
   def running(self) -> int:
     return self._running
 
   def submit(self, job: _Job) -> None:
-    if self._queue.qsize() >= self.max_queue:
+    if self.queued >= self.max_queue:
       raise OverflowError(f"prefill queue is full ({self.max_queue} waiting);"
                           " retry later or on another worker")
     self._queue.put(job)
-    self.metrics.queue_length.set(self._queue.qsize())
+    self.metrics.queue_length.set(self.queued)
 
   # ---------------------------------------------------------------- threads
   def _take_batch(self) -> list[_Job]:
     job = self._queue.get()
+    if job is _WAKE:
+      self._wake_pending.clear()
+      return []
     if job is None:
       return []
     jobs = [job]
@@ -177,6 +216,9 @@ class PrefillWorker:
         nxt = self._queue.get_nowait()
       except queue.Empty:
         break
+      if nxt is _WAKE:
+        self._wake_pending.clear()
+        continue
       if nxt is None:
         self._stop.set()
         break
@@ -186,7 +228,8 @@ class PrefillWorker:
   def _batch_loop(self) -> None:
     while not self._stop.is_set():
       jobs = self._take_batch()
-      self.metrics.queue_length.set(self._queue.qsize())
+      self._serve_peers()   # shared KV: blocks peers asked for
+      self.metrics.queue_length.set(self.queued)
       now = time.monotonic()
       live = []
       for j in jobs:
@@ -224,6 +267,9 @@ class PrefillWorker:
         now = time.perf_counter()
         done[i].set_result((r, now - t0, now))
 
+      a, b = self.batch_delay_s
+      if a or b:
+        time.sleep(a + b * sum(len(j.request.prompt_ids) for j in live))
       try:
         results = self.engine.prefill([j.request for j in live],
                                       kv_ready=kv_ready, on_result=on_result)
@@ -338,7 +384,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     loop = asyncio.get_running_loop()
     job = _Job(PrefillRequest(request.request_id, ids, sampling,
                               request.seed, cache_salt=request.cache_salt,
-                              skip_pages=request.destination.skip_pages),
+                              skip_pages=request.destination.skip_pages,
+                              kv_sources=[(s.address, s.blocks)
+                                          for s in request.kv_sources[:8]]),
                request.destination,
                None if remaining is None else time.monotonic() + remaining,
                loop.create_future(), loop)

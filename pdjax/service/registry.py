@@ -5,8 +5,18 @@ answer is the compatibility handshake: a worker whose model fingerprint,
 page size or KV dtype differs from the deployment's is refused (logged, never
 routed to), since a mismatch would otherwise surface as garbage tokens at the
 first hand-off. A worker that stops answering is marked down and routed
-around; one that answers again rejoins. Workers can be added and removed
-while the router runs (the registry a future discovery service will feed).
+around; one that answers again rejoins.
+
+Members come from three sources (``Worker.source``): the router's flags
+(``static``: kept for the router's life), registration (``registered``: a
+worker announced itself through ``pdjax.v1.Registry`` and holds a lease it
+renews; ``register`` runs the handshake before admitting it and polls it
+once, so it is routed to as soon as the call returns; a lease that lapses
+drops the worker; a listed worker that also registers stays listed), and a
+Kubernetes pod watch (``kubernetes``,
+``pdjax.service.k8s_discovery``). A worker leaves by ``retire``: it is no
+longer picked for new requests at once, and its channel is closed only when
+the requests the router has on it have finished, so leaving loses none.
 """
 
 from __future__ import annotations
@@ -17,13 +27,16 @@ import dataclasses
 import enum
 import logging
 import time
+import uuid
 
 import grpc
 
 from pdjax.service import common
-from pdjax.service.kv_router import (DEFAULT_STALE_AFTER_S, CacheMirror,
+from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
+                                     DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
-from pdjax.v1 import (common_pb2, decode_pb2_grpc, prefill_pb2_grpc)
+from pdjax.v1 import (blockstore_pb2_grpc, common_pb2, decode_pb2_grpc,
+                      prefill_pb2_grpc)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +49,10 @@ class WorkerState(enum.Enum):
   INCOMPATIBLE = "incompatible"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)   # one object per membership: by identity
 class Worker:
   address: str
-  role: str                     # "prefill" | "decode"
+  role: str                     # "prefill" | "decode" | "kvstore"
   channel: grpc.aio.Channel
   stub: object
   state: WorkerState = WorkerState.JOINING
@@ -50,6 +63,13 @@ class Worker:
   poll_failures: int = 0        # polls unanswered in a row
   # KV-aware routing: the worker's cached blocks, as last polled.
   cache: CacheMirror = dataclasses.field(default_factory=CacheMirror)
+  # Membership: where the worker came from; a registered one's lease.
+  source: str = "static"        # "static" | "registered" | "kubernetes"
+  lease_id: str = ""
+  lease_expires: float = 0.0    # time.monotonic() when the lease lapses
+  lease_s: float = 0.0          # the lease's length, granted at register
+  retired: bool = False         # left: finishing the router's requests
+  holds: int = 0                # requests that will still call it (hold)
 
   @property
   def usable(self) -> bool:
@@ -74,7 +94,8 @@ class WorkerRegistry:
                expected_model: common_pb2.ModelInfo | None = None,
                metrics=None, kv_overlap_weight: float = 0.0,
                kv_stale_after_s: float = DEFAULT_STALE_AFTER_S,
-               late_polls_down: int = 3):
+               late_polls_down: int = 3,
+               kv_fetch_weight: float = DEFAULT_FETCH_WEIGHT):
     self.security = security
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
@@ -87,24 +108,136 @@ class WorkerRegistry:
     self.metrics = metrics
     self.workers: dict[tuple[str, str], Worker] = {}
     # KV-aware routing (pdjax.service.kv_router); weight 0: load only.
-    self.kv = KvScorer(kv_overlap_weight, kv_stale_after_s, metrics)
+    self.kv = KvScorer(kv_overlap_weight, kv_stale_after_s, metrics,
+                       fetch_weight=kv_fetch_weight)
     self._task: asyncio.Task | None = None
+    # Registered workers by lease id, and workers that left but still run
+    # requests of this router (their channels close when those end).
+    self.leases: dict[str, Worker] = {}
+    self.retiring: set[Worker] = set()
+    self._closers: set[asyncio.Task] = set()
 
   # ---------------------------------------------------------------- members
-  def add(self, address: str, role: str) -> Worker:
+  def add(self, address: str, role: str, source: str = "static") -> Worker:
+    if role not in ("prefill", "decode", "kvstore"):
+      raise ValueError(f"role must be prefill, decode or kvstore, got "
+                       f"{role!r}")
     key = (role, address)
     if key in self.workers:
       return self.workers[key]
     channel = common.make_channel(address, self.security, aio=True)
-    stub = (prefill_pb2_grpc.PrefillStub(channel) if role == "prefill"
-            else decode_pb2_grpc.DecodeStub(channel))
-    w = Worker(address, role, channel, stub)
+    stub = {"prefill": prefill_pb2_grpc.PrefillStub,
+            "decode": decode_pb2_grpc.DecodeStub,
+            # Shared KV: a store is polled (its blocks count as fetchable),
+            # never routed to.
+            "kvstore": blockstore_pb2_grpc.BlockStoreStub}[role](channel)
+    w = Worker(address, role, channel, stub, source=source)
     self.workers[key] = w
     return w
 
+  def get(self, address: str, role: str) -> Worker | None:
+    return self.workers.get((role, address))
+
+  def retire(self, w: Worker, why: str) -> None:
+    """Takes ``w`` out of its pool now (no new request picks it); its
+    channel closes once the requests the router has on it have ended."""
+    if self.workers.get((w.role, w.address)) is w:
+      del self.workers[(w.role, w.address)]
+    if w.lease_id:
+      self.leases.pop(w.lease_id, None)
+    if w.retired:
+      return
+    w.retired = True
+    w.state = WorkerState.DRAINING
+    log.info("%s worker %s leaves the pool (%s); %d request(s) of this "
+             "router still on it", w.role, w.address, why, w.inflight)
+    self.retiring.add(w)
+    task = asyncio.ensure_future(self._close_when_idle(w))
+    self._closers.add(task)
+    task.add_done_callback(self._closers.discard)
+
+  async def _close_when_idle(self, w: Worker) -> None:
+    try:
+      while w.inflight > 0 or w.holds > 0:
+        await asyncio.sleep(0.05)
+    finally:
+      self.retiring.discard(w)
+      if self.metrics is not None:
+        try:
+          self.metrics.worker_inflight.remove(w.role, w.address)
+        except KeyError:
+          pass
+      await w.channel.close()
+
+  # ------------------------------------------------------------ registration
+  async def register(self, info: common_pb2.WorkerInfo, lease_s: float
+                     ) -> tuple[Worker, str | None]:
+    """Admits a worker that announced itself: (the worker, None) once it
+    passed the handshake and answered a poll, else (it or None, why not).
+    The worker holds a lease of ``lease_s`` from now."""
+    problem = self.check_compatible(info)
+    if problem:
+      log.error("refusing %s worker %s: %s", info.role, info.address,
+                problem)
+      return None, problem
+    old = self.get(info.address, info.role)
+    if old is not None and old.info is not None and (
+        old.info.process_id != info.process_id):
+      # Another process at a known address (a restart): start afresh.
+      self.retire(old, "replaced by a new process at its address")
+      old = None
+    w = old or self.add(info.address, info.role, "registered")
+    if not w.lease_id:
+      w.lease_id = uuid.uuid4().hex
+      self.leases[w.lease_id] = w
+    w.lease_s = lease_s
+    w.lease_expires = time.monotonic() + lease_s
+    if w.state is not WorkerState.READY:
+      await self._poll(w)
+      if w.state is WorkerState.INCOMPATIBLE:
+        self.retire(w, "incompatible")
+        return w, self.check_compatible(w.info) or "incompatible"
+    return w, None
+
+  def renew(self, lease_id: str, lease_s: float) -> Worker | None:
+    w = self.leases.get(lease_id)
+    if w is not None:
+      w.lease_expires = time.monotonic() + lease_s
+    return w
+
+  def deregister(self, lease_id: str) -> Worker | None:
+    """Ends a lease: the worker leaves (one the router's flags list stays
+    a member, its polls telling whether it serves)."""
+    w = self.leases.get(lease_id)
+    if w is not None:
+      self._end_lease(w, "deregistered")
+    return w
+
+  def _end_lease(self, w: Worker, why: str) -> None:
+    if w.source == "static":
+      self.leases.pop(w.lease_id, None)
+      w.lease_id = ""
+    else:
+      self.retire(w, why)
+
+  def expire_leases(self) -> list[Worker]:
+    now = time.monotonic()
+    lapsed = [w for w in self.leases.values() if w.lease_expires < now]
+    for w in lapsed:
+      log.warning("%s worker %s: its lease lapsed (%.1f s without a "
+                  "renewal); %s", w.role, w.address, now - w.lease_expires,
+                  "polling it as listed" if w.source == "static"
+                  else "dropped")
+      self._end_lease(w, "lease lapsed")
+    return lapsed
+
   async def remove(self, address: str, role: str) -> None:
+    """Drops a worker at once, closing its channel (requests still on it
+    fail); ``retire`` lets them finish."""
     w = self.workers.pop((role, address), None)
     if w is not None:
+      if w.lease_id:
+        self.leases.pop(w.lease_id, None)
       if self.metrics is not None:
         try:
           self.metrics.worker_inflight.remove(role, address)
@@ -124,6 +257,17 @@ class WorkerRegistry:
       w.inflight -= 1
       self._show_inflight(w)
 
+  @contextlib.contextmanager
+  def hold(self, w: Worker):
+    """Keeps ``w``'s channel open for as long as the block runs, should it
+    leave meanwhile: a request that reserved KV there still calls it
+    (Decode, Unreserve) after other awaits. Not a load signal."""
+    w.holds += 1
+    try:
+      yield w
+    finally:
+      w.holds -= 1
+
   def _show_inflight(self, w: Worker) -> None:
     if self.metrics is not None:
       self.metrics.worker_inflight.labels(w.role, w.address).set(w.inflight)
@@ -136,10 +280,26 @@ class WorkerRegistry:
 
   # ---------------------------------------------------------------- choice
   def pick_prefill(self, exclude=(), keys=()) -> Worker | None:
-    """Shortest queue, less the cached prefix of the request's block
-    ``keys`` times the KV overlap weight (``kv_router.KvScorer``)."""
+    """Shortest queue, less the cached (or fetchable) prefix of the
+    request's block ``keys`` times the KV overlap weight
+    (``kv_router.KvScorer``)."""
     cands = [w for w in self.usable("prefill") if w.address not in exclude]
-    return self.kv.pick("prefill", cands, keys)
+    return self.kv.pick("prefill", cands, keys,
+                        sources=self.block_sources())
+
+  def block_sources(self) -> list[Worker]:
+    """Shared KV: the ready prefill workers that serve their blocks, and
+    the ready stores."""
+    return [w for w in self.usable("prefill")
+            if w.info is not None and w.info.serves_blocks] + self.usable(
+                "kvstore")
+
+  def kv_sources(self, chosen: Worker, keys=()) -> list[tuple[str, int]]:
+    """(address, blocks) of the sources holding more of the request's
+    leading blocks than ``chosen`` (``PrefillRequest.kv_sources``)."""
+    if chosen.info is None or not chosen.info.serves_blocks:
+      return []
+    return self.kv.sources(chosen, keys, self.block_sources())
 
   def pick_decode(self, exclude=(), keys=()) -> Worker | None:
     """Most free KV capacity (plus the weighted cached prefix of ``keys``),
@@ -154,12 +314,15 @@ class WorkerRegistry:
 
   # ---------------------------------------------------------------- polling
   async def poll_once(self) -> None:
+    self.expire_leases()
     await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
     if self.metrics is not None:
-      for role in ("prefill", "decode"):
+      for role in ("prefill", "decode", "kvstore"):
         for state in WorkerState:
           self.metrics.workers.labels(role, state.value).set(
-              sum(w.state is state for w in self.of_role(role)))
+              sum(w.state is state for w in self.of_role(role))
+              + (state is WorkerState.DRAINING) * sum(
+                  w.role == role for w in self.retiring))
 
   async def _poll(self, w: Worker) -> None:
     try:
@@ -183,9 +346,10 @@ class WorkerRegistry:
         w.state = (WorkerState.DOWN if w.state is not
                    WorkerState.INCOMPATIBLE else w.state)
       return
-    if w.state is WorkerState.INCOMPATIBLE:
+    if w.state is WorkerState.INCOMPATIBLE or w.retired:
       return
-    problem = self.check_compatible(info)
+    # A store holds blocks of any model (each served to its own layout).
+    problem = None if w.role == "kvstore" else self.check_compatible(info)
     if problem:
       log.error("refusing %s worker %s: %s", w.role, w.address, problem)
       w.state = WorkerState.INCOMPATIBLE
@@ -245,7 +409,9 @@ class WorkerRegistry:
   async def close(self) -> None:
     if self._task is not None:
       self._task.cancel()
-    for w in self.workers.values():
+    for t in list(self._closers):
+      t.cancel()
+    for w in [*self.workers.values(), *self.retiring]:
       await w.channel.close()
 
 

@@ -28,14 +28,16 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
+from typing import Literal
 
 import grpc
 
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
-from pdjax.service import common, kv_router, validation
+from pdjax.service import common, discovery, kv_router, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -53,19 +55,51 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
               grpc.StatusCode.UNKNOWN)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RouterConfig:
+  """The router's settings: a deployment file's ``[router]`` table (its
+  ``kv_transport`` is the deployment's), overridden by the router's flags
+  (``pdjax.config``, ``pdjax.launch.config_flags``)."""
   local_prefill_threshold: int = 0   # prompts shorter than this skip P
   max_attempts: int = 3              # workers tried before the first token
-  kv_transport: str = "grpc"
+  kv_transport: Literal["grpc", "device", "local"] = "grpc"
   transfer_timeout_s: float = 30.0
   max_inflight: int = 4096           # admission bound of the router
-  on_full: str = "queue"             # "queue" (wait for capacity) | "reject"
+  # When decode KV capacity is full: wait for it (up to queue_timeout_s) or
+  # refuse at once.
+  on_full: Literal["queue", "reject"] = "queue"
   queue_timeout_s: float = 30.0
   # After a failed KV hand-off: "recompute" the prompt on a decode worker
   # (continuing from the first token already sent) or "fail" the request
   # (vLLM's kv_load_failure_policy).
-  kv_failure_policy: str = "recompute"
+  kv_failure_policy: Literal["recompute", "fail"] = "recompute"
+  # KV-aware routing (the worker registry, pdjax.service.kv_router): a
+  # worker's score is this times the request's prompt blocks it holds,
+  # minus its load (0: load only) ...
+  kv_overlap_weight: float = 0.0
+  # ... judged on load alone when its cache was last polled longer ago.
+  kv_stale_after_s: float = kv_router.DEFAULT_STALE_AFTER_S
+  # Shared KV: a prompt block a prefill worker can fetch from a peer or a
+  # store counts this much (0..1) of a block it holds.
+  kv_fetch_weight: float = kv_router.DEFAULT_FETCH_WEIGHT
+  # Elastic pools (pdjax.v1.Registry): the lease a worker registers for
+  # (workers started with --router ask for it); one that has not renewed
+  # for this long is dropped.
+  lease_s: float = discovery.DEFAULT_LEASE_S
+
+  def __post_init__(self):
+    for name in ("max_attempts", "max_inflight"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("local_prefill_threshold", "transfer_timeout_s",
+                 "queue_timeout_s", "kv_overlap_weight", "kv_stale_after_s"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not self.lease_s > 0:
+      raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+    if not 0 <= self.kv_fetch_weight <= 1:
+      raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
+                       f"{self.kv_fetch_weight}")
 
 
 class _Failed(Exception):
@@ -211,6 +245,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
     arrival = time.perf_counter()
+    self.metrics.arrivals.inc()
     if self.draining:
       self.metrics.requests.labels("rejected").inc()
       await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -406,13 +441,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       estimate = self._page_estimate(len(ids), sampling)
       d.reserved_pages += estimate
       try:
-        res = await d.stub.Reserve(decode_pb2.ReserveRequest(
-            request_id=rid, prompt_tokens=len(ids),
-            max_tokens=sampling.max_tokens, transfer_id=transfer_id,
-            prompt_token_ids=ids, cache_salt=salt),
-            # A busy worker may answer slowly; the request's own deadline
-            # is what bounds this.
-            timeout=self._timeout(context, self.config.queue_timeout_s))
+        with self.registry.hold(d):
+          res = await d.stub.Reserve(decode_pb2.ReserveRequest(
+              request_id=rid, prompt_tokens=len(ids),
+              max_tokens=sampling.max_tokens, transfer_id=transfer_id,
+              prompt_token_ids=ids, cache_salt=salt),
+              # A busy worker may answer slowly; the request's own deadline
+              # is what bounds this.
+              timeout=self._timeout(context, self.config.queue_timeout_s))
         return d, res, transfer_id
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate
@@ -435,6 +471,17 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     t0 = time.perf_counter()
     d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
                                               tried_d, salt, keys)
+    # The reservation is d's until Decode redeems it: d's channel stays
+    # open that long even if d leaves its pool meanwhile.
+    with self.registry.hold(d):
+      async with contextlib.aclosing(self._handed_off(
+          rid, ids, sampling, seed, context, usage, tried_p, d, res,
+          transfer_id, t0, salt, keys)) as stream:
+        async for msg in stream:
+          yield msg
+
+  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
+                        tried_p, d, res, transfer_id, t0, salt, keys):
     usage.ttft_stages.reserve_s = time.perf_counter() - t0
     usage.decode_worker = d.address
     info = d.info
@@ -459,12 +506,15 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     dest.decode_hostname = info.hostname if info else ""
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
+    # Shared KV: where the chosen worker may fetch the blocks it lacks.
+    sources = [prefill_pb2.KvSource(address=a, blocks=n)
+               for a, n in self.registry.kv_sources(p, keys)]
     try:
       with self.registry.busy(p):
         pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids,
             sampling=validation.sampling_to_proto(sampling), seed=seed,
-            destination=dest, cache_salt=salt),
+            destination=dest, cache_salt=salt, kv_sources=sources),
             timeout=self._timeout(context))
     except grpc.aio.AioRpcError as e:
       await self._unreserve(d, rid)

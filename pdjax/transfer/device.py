@@ -16,6 +16,7 @@ reports ``TransferTimeout``; the orphaned destination buffer is dropped.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import threading
@@ -148,6 +149,87 @@ class DeviceReceiver(IssuedKvReceiver):
     return out
 
 
+class BlockPulls:
+  """Shared KV over ``jax.experimental.transfer`` (``pdjax.service.kvstore``
+  ``PullBlocks``): a prefill worker offers a run of prefix blocks, stacked
+  on one of its devices, for a peer to pull straight into its own devices,
+  and pulls the runs its peers offer. Offered arrays are held (one owner:
+  the lease table) until their TTL, whether pulled or not; the transfer
+  server drops an unpulled registration at the same deadline."""
+
+  def __init__(self, device, *, host: str = "127.0.0.1",
+               advertise_host: str | None = None, ttl_s: float = 10.0,
+               max_bytes: int = 1 << 30, connections: int = 2):
+    """``max_bytes``: device memory offers may hold at once (past it an
+    offer raises OverflowError: the peer computes instead)."""
+    self.device = device
+    self.ttl_s = ttl_s
+    self.max_bytes = max_bytes
+    self._server = _start_server(device, host, connections)
+    self._advertise = _advertised(self._server.address(), advertise_host)
+    self._offers: collections.deque = collections.deque()  # (deadline, arr)
+    self._offered_bytes = 0
+    self._conns: dict[str, object] = {}
+    self._lock = threading.Lock()
+
+  def address(self) -> str:
+    return self._advertise
+
+  def held_bytes(self) -> int:
+    with self._lock:
+      self._expire()
+      return self._offered_bytes
+
+  def _expire(self) -> None:
+    now = time.monotonic()
+    while self._offers and self._offers[0][0] < now:
+      _, arr = self._offers.popleft()
+      self._offered_bytes -= arr.nbytes
+
+  def offer(self, blocks) -> tuple[str, int]:
+    """Stacks ``blocks`` (arrays ``[2, L, P, K, hd]``, on devices or the
+    host) on this server's device and registers them for one pull; returns
+    (transfer address, pull id)."""
+    one = jax.sharding.SingleDeviceSharding(self.device)
+    arr = jax.device_put(
+        jax.numpy.stack([jax.device_put(b, one) for b in blocks]),
+        transfer_sharding([self.device], 1))
+    with self._lock:
+      self._expire()
+      if self._offered_bytes + arr.nbytes > self.max_bytes:
+        raise OverflowError(f"blocks offered to peers hold "
+                            f"{self._offered_bytes} bytes; at most "
+                            f"{self.max_bytes}")
+      self._offers.append((time.monotonic() + self.ttl_s, arr))
+      self._offered_bytes += arr.nbytes
+    uuid = new_pull_uuid()
+    expiry = datetime.datetime.now() + datetime.timedelta(seconds=self.ttl_s)
+    self._server.await_pull(uuid, [arr], timeout=expiry)
+    return self._advertise, uuid
+
+  def pull(self, address: str, uuid: int, shape, dtype, *,
+           timeout_s: float) -> jax.Array:
+    """The array offered at ``address`` under ``uuid``, on this server's
+    device (TransferTimeout past ``timeout_s``)."""
+    with self._lock:
+      conn = self._conns.get(address)
+      if conn is None:
+        conn = self._conns[address] = self._server.connect(address)
+    spec = jax.ShapeDtypeStruct(tuple(shape), dtype,
+                                sharding=transfer_sharding([self.device], 1))
+    deadline = time.monotonic() + timeout_s
+    try:
+      (arr,) = conn.pull(uuid, [spec])
+      while not arr.is_ready():
+        if time.monotonic() > deadline:
+          raise TransferTimeout(f"block pull from {address} did not "
+                                f"complete within {timeout_s:.1f} s")
+        time.sleep(0.0005)
+    except jax.errors.JaxRuntimeError as e:
+      raise device_failure(e, f"block pull from {address}") from e
+    return arr
+
+
 def _advertised(address: str, host: str | None) -> str:
   if not host:
     return address
@@ -155,5 +237,5 @@ def _advertised(address: str, host: str | None) -> str:
   return f"{host}:{port}"
 
 
-__all__ = ["DeviceSender", "DeviceReceiver", "kv_head_shards",
+__all__ = ["BlockPulls", "DeviceSender", "DeviceReceiver", "kv_head_shards",
            "transfer_sharding"]

@@ -121,7 +121,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self, cache_events_since: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load", "cache_stored", "cache_evicted", "cache_seq", "cache_complete", "prefix_caching")
+    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load", "cache_stored", "cache_evicted", "cache_seq", "cache_complete", "prefix_caching", "serves_blocks", "roles")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,8 @@ class WorkerInfo(_message.Message):
     CACHE_SEQ_FIELD_NUMBER: _ClassVar[int]
     CACHE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    SERVES_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     model: ModelInfo
@@ -154,7 +156,9 @@ class WorkerInfo(_message.Message):
     cache_seq: int
     cache_complete: bool
     prefix_caching: bool
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., cache_stored: _Optional[_Iterable[bytes]] = ..., cache_evicted: _Optional[_Iterable[bytes]] = ..., cache_seq: _Optional[int] = ..., cache_complete: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    serves_blocks: bool
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., cache_stored: _Optional[_Iterable[bytes]] = ..., cache_evicted: _Optional[_Iterable[bytes]] = ..., cache_seq: _Optional[int] = ..., cache_complete: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., serves_blocks: _Optional[bool] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("queued", "running", "kv_pages_total", "kv_pages_available", "rows_free")

@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu/check_ipc_tokens.sh OUT_DIR
 #
-# The tiny model in float32 (configs/deployments/local.toml's settings,
+# The tiny model in float32 (pdjax/configs/deployments/local.toml's settings,
 # --checkpoint=tiny: the batch-eval prompts below are tiny token ids), the
 # batch-eval driver's `chat` prompts, greedy, one request at a time
 # (--concurrency=1: the same program shapes in both deployments, so the

@@ -37,7 +37,7 @@ with open(f"{out}/prompts.jsonl", "w") as f:
   for _ in range(160):
     ids = rng.integers(1000, 120000, 512).tolist()
     f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 128}) + "\n")
-base = open("configs/deployments/gpu-8b-1gpu.toml").read()
+base = open("pdjax/configs/deployments/gpu-8b-1gpu.toml").read()
 for steps in (4, 1):
   cfg = (base.replace("max_seq_len = 8192", "max_seq_len = 1024")
          .replace("buckets = [128, 512, 1024, 2048, 4096, 8192]",
