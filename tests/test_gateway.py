@@ -1421,6 +1421,12 @@ def test_openai_backend_counts_chunks_without_token_ids():
       "prompt_tokens_details": {"cached_tokens": 2}}})
   assert u.token_ids == [] and u.usage == {
       "prompt_tokens": 4, "completion_tokens": 2, "cached_prompt_tokens": 2}
+  # Speculative drafts (OpenAI's prediction tokens) under the router's names.
+  u = OpenAIBackend._delta({"choices": [], "usage": {
+      "prompt_tokens": 4, "completion_tokens": 9, "completion_tokens_details":
+      {"accepted_prediction_tokens": 5, "rejected_prediction_tokens": 7}}})
+  assert u.usage == {"prompt_tokens": 4, "completion_tokens": 9,
+                     "spec_draft_tokens": 12, "spec_accepted_tokens": 5}
   with pytest.raises(OpenAIError, match="out of KV"):
     OpenAIBackend._delta({"error": {"message": "out of KV pages"}})
   assert base_url("h:1") == base_url("http://h:1/") == "http://h:1/v1"
