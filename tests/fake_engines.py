@@ -26,7 +26,9 @@ class FakeDecodeBackend:
   """A ``DecodeBackend`` with room for ``capacity`` reservations, which
   answers every request at once: a remote-prefilled one (``submit_decode``)
   with ``tokens`` then LENGTH, a local one (``submit``) with its first token
-  too. It counts what it was given and what it gave back."""
+  too. It counts what it was given and what it gave back. ``spec``:
+  (drafted, accepted) on each request's last event, as a pool that
+  speculates reports them."""
   cfg = types.SimpleNamespace(vocab_size=64)
   max_seq_len = 64
   devices: list = []
@@ -35,8 +37,10 @@ class FakeDecodeBackend:
   num_waiting = 0
 
   def __init__(self, capacity: int = 8, tokens=(7, 8, 9),
-               page_size: int = 16):
+               page_size: int = 16, spec: tuple[int, int] = (0, 0)):
     self.capacity = capacity
+    self.spec = spec
+    self.sampling: dict = {}    # request id -> the SamplingParams given
     self.page_size = page_size
     self.tokens = list(tokens)
     self.reservations: dict = {}
@@ -77,20 +81,26 @@ class FakeDecodeBackend:
              *, forced_first_token=None, cache_salt=""):
     from pdjax.engine.requests import FinishReason, TokenEvent
     self.local.append(request_id)
+    self.sampling[request_id] = sampling
     callback(TokenEvent(request_id, self.tokens[:1], [0.0]))
     callback(TokenEvent(request_id, self.tokens[1:], [0.0] *
-                        (len(self.tokens) - 1), FinishReason.LENGTH))
+                        (len(self.tokens) - 1), FinishReason.LENGTH,
+                        spec_drafted=self.spec[0],
+                        spec_accepted=self.spec[1]))
 
   def submit_decode(self, request) -> None:
     from pdjax.engine.requests import FinishReason, TokenEvent
     res = self.reservations.pop(request.request_id)
     assert res is request.reservation
     self.taken.append(request.request_id)
+    self.sampling[request.request_id] = request.sampling
     if request.kv is not None:
       request.kv.release()     # read (a transport's memory goes back)
     request.callback(TokenEvent(request.request_id, self.tokens,
                                 [0.0] * len(self.tokens),
-                                FinishReason.LENGTH))
+                                FinishReason.LENGTH,
+                                spec_drafted=self.spec[0],
+                                spec_accepted=self.spec[1]))
 
   def cancel(self, request_id):
     self.cancelled.append(request_id)

@@ -175,6 +175,32 @@ def test_build_request_sets_every_field():
   assert not pc.build_request("x", ignore_eos=None).sampling.ignore_eos
 
 
+def test_speculative_opt_out_round_trips_through_the_protos():
+  """``speculative``: unset unless given; the router reads an absent field
+  as "the pool's setting applies" (True) and forwards only an opt-out, so
+  the decode worker sees what the client asked."""
+  from pdjax.service.validation import sampling_from_proto, sampling_to_proto
+  assert not pc.build_request("x").sampling.HasField("speculative")
+  for given, want in ((None, True), (True, True), (False, False)):
+    p = pc.build_request("x", speculative=given).sampling
+    assert p.HasField("speculative") == (given is not None)
+    s = sampling_from_proto(p, vocab_size=10)
+    assert s.speculative is want
+    forwarded = sampling_to_proto(s)
+    assert forwarded.HasField("speculative") == (not want)
+    assert sampling_from_proto(forwarded, vocab_size=10) == s
+  with pytest.raises(TypeError, match="speculative"):
+    pc.build_request("x", speculative="no")
+
+
+def test_usage_carries_the_speculative_counts():
+  u = pc.Usage.from_proto(common_pb2.Usage(
+      prompt_tokens=3, completion_tokens=9, spec_draft_tokens=12,
+      spec_accepted_tokens=5))
+  assert (u.spec_draft_tokens, u.spec_accepted_tokens) == (12, 5)
+  assert pc.Usage.from_proto(common_pb2.Usage()).spec_draft_tokens == 0
+
+
 @pytest.mark.parametrize("kwargs, exc", [
     (dict(), ValueError),
     (dict(prompt="a", prompt_token_ids=[1]), ValueError),

@@ -88,8 +88,8 @@ class _Ctx:
     self.trailing = metadata
 
 
-def _worker(capacity=8):
-  engine = FakeDecodeBackend(capacity=capacity)
+def _worker(capacity=8, **engine_kw):
+  engine = FakeDecodeBackend(capacity=capacity, **engine_kw)
   receiver = FakeReceiver()
   worker = DecodeWorker(engine, receiver, transfer_timeout_s=2.0,
                         reservation_ttl_s=60.0, max_receive_bytes=1 << 20)
@@ -267,3 +267,56 @@ def test_the_worker_publishes_the_engines_admission_events():
   assert 'pdjax_kv_admission_events{event="stalled"} 1.0' in text
   _assert_all_returned(worker, engine, receiver)
   assert receiver.forgotten == ["t0"]
+
+
+async def _messages(servicer, req):
+  ctx = _Ctx()
+  out = [m async for m in servicer.Decode(req, ctx)]
+  assert ctx.code is None
+  return out
+
+
+def test_speculative_counts_go_on_the_final_message_and_the_metrics():
+  """The engine's per-request draft/accepted counts (its last event) go on
+  the final DecodeResponse only, for local and remote prefill alike, and
+  advance the worker's counters; the request's opt-out reaches the
+  engine."""
+  from prometheus_client import generate_latest
+  worker, engine, receiver, servicer = _worker(spec=(12, 5))
+
+  async def go():
+    await _call(servicer.Reserve, _reserve_req(0))
+    remote = await _messages(servicer, _decode_req(0))
+    local = _decode_req(1)
+    local.local_prefill = True
+    local.ClearField("kv")
+    local.sampling.speculative = False
+    local_msgs = await _messages(servicer, local)
+    return remote, local_msgs
+  remote, local = asyncio.run(go())
+  for msgs in (remote, local):
+    *rest, last = msgs
+    assert last.finish_reason and (last.spec_draft_tokens,
+                                   last.spec_accepted_tokens) == (12, 5)
+    assert all(m.spec_draft_tokens == m.spec_accepted_tokens == 0
+               for m in rest)
+  assert len(local) == 2
+  assert engine.sampling["r0"].speculative      # absent: the pool's setting
+  assert not engine.sampling["r1"].speculative  # opted out
+  text = generate_latest(worker.metrics.registry).decode()
+  assert "pdjax_spec_draft_tokens_total 24.0" in text
+  assert "pdjax_spec_accepted_tokens_total 10.0" in text
+  _assert_all_returned(worker, engine, receiver)
+
+
+def test_no_speculative_counts_without_drafts():
+  from prometheus_client import generate_latest
+  worker, engine, receiver, servicer = _worker()
+
+  async def go():
+    await _call(servicer.Reserve, _reserve_req(0))
+    return await _messages(servicer, _decode_req(0))
+  (last,) = asyncio.run(go())
+  assert last.spec_draft_tokens == last.spec_accepted_tokens == 0
+  text = generate_latest(worker.metrics.registry).decode()
+  assert "pdjax_spec_draft_tokens_total 0.0" in text

@@ -668,3 +668,28 @@ def test_ttft_stages_are_summarized_per_stage():
   assert "TTFT by stage" in table and "prefill" in table
   assert "TTFT by stage" not in stats.format_table(
       stats.summarize(recs[4:], 1.0, 1.0, 1.0))
+
+
+def test_speculative_acceptance_is_summarized_when_drafted():
+  """The server's draft/accepted counts sum over completed requests (the
+  router's usage names; failed ones are left out) into the acceptance
+  rate, which the report shows only when something was drafted."""
+  recs = []
+  for i, (drafted, accepted) in enumerate(((10, 4), (6, 6), (0, 0))):
+    r = _rec(f"r{i}", times=(0.1, 0.2))
+    r.usage = {"spec_draft_tokens": drafted,
+               "spec_accepted_tokens": accepted}
+    recs.append(r)
+  recs.append(_rec("plain", times=(0.1, 0.2)))      # no usage at all
+  bad = _rec("bad", error="x", code="INTERNAL")
+  bad.usage = {"spec_draft_tokens": 100, "spec_accepted_tokens": 0}
+  recs.append(bad)
+  s = stats.summarize(recs, 1.0, 1.0, 1.0)
+  assert (s.spec_draft_tokens, s.spec_accepted_tokens) == (16, 10)
+  assert s.spec_acceptance == pytest.approx(10 / 16)
+  assert stats.Summary.from_dict(json.loads(s.to_json())) == s
+  table = stats.format_table(s)
+  assert "acceptance rate" in table and "62.5%" in table
+  plain = stats.summarize(recs[2:4], 1.0, 1.0, 1.0)
+  assert plain.spec_acceptance is None
+  assert "acceptance" not in stats.format_table(plain)

@@ -59,7 +59,9 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
   carries the prompt's usage (prompt and cached tokens).
   anything else, text or token ids: tokens 100, 101, ... up to max_tokens
   (16 unset), two per message, text "<id>" each, logprob -id/1000; an id
-  in stop_token_ids ends it with "stop".
+  in stop_token_ids ends it with "stop". A text "spec:D,A" is answered so
+  too, its last usage reporting D tokens drafted and A accepted, as a
+  speculating decode pool's.
 
   Records every request by id (in ``order`` too), its metadata, and sets
   ``cancelled[id]`` when the call ended before the servicer finished it
@@ -168,6 +170,9 @@ class _FakeRouter(generate_pb2_grpc.GenerationServicer):
     for chunk in chunks[:-1]:
       yield msg(chunk)
     usage.completion_tokens = len(ids)
+    if text and text.startswith("spec:"):
+      usage.spec_draft_tokens, usage.spec_accepted_tokens = map(
+          int, text.split(":", 1)[1].split(","))
     self._finished.add(rid)
     yield msg(chunks[-1], finish_reason=reason, usage=usage)
 
@@ -484,6 +489,59 @@ def test_chat_response_and_stream(router):
   assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
 
 
+def test_speculative_counts_are_the_prediction_token_details(router):
+  """A request the decode pool speculated for reports its drafts as
+  OpenAI's completion_tokens_details: accepted, and drafted - accepted
+  rejected, summed over the choices; streamed, in the usage chunk."""
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "spec:12,5", "max_tokens": 4})
+  assert status == 200, data
+  assert data["usage"]["completion_tokens_details"] == {
+      "accepted_prediction_tokens": 5, "rejected_prediction_tokens": 7}
+  assert data["usage"]["completion_tokens"] == 4
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "spec:12,5", "max_tokens": 4, "n": 2})
+  assert data["usage"]["completion_tokens_details"] == {
+      "accepted_prediction_tokens": 10, "rejected_prediction_tokens": 14}
+  events = _stream(router, "/v1/completions", {
+      "prompt": "spec:3,3", "max_tokens": 2, "stream": True,
+      "stream_options": {"include_usage": True}})
+  assert events[-1]["usage"]["completion_tokens_details"] == {
+      "accepted_prediction_tokens": 3, "rejected_prediction_tokens": 0}
+  # Nothing drafted: no details (test_completion_response has the rest).
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "spec:0,0", "max_tokens": 2})
+  assert "completion_tokens_details" not in data["usage"]
+
+
+def test_speculative_field_reaches_the_router(router):
+  """``speculative`` (a vLLM-style extra field): false opts the request
+  out, true is sent as given, absent stays absent (the pool decides)."""
+  fake = router[0]
+  for value in (False, True, None):
+    body = {"prompt": "hello", "max_tokens": 1}
+    if value is not None:
+      body["speculative"] = value
+    status, data = _post(router, "/v1/completions", body)
+    assert status == 200, data
+    s = fake.requests[_rid(data["id"])].sampling
+    assert s.HasField("speculative") == (value is not None)
+    assert s.speculative == bool(value)
+  status, data = _post(router, "/v1/chat/completions", {
+      "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+      "n": 2, "speculative": False})
+  assert status == 200, data
+  base = _rid(data["id"])
+  assert all(fake.requests[f"{base}-{i}"].sampling.HasField("speculative")
+             and not fake.requests[f"{base}-{i}"].sampling.speculative
+             for i in range(2))
+  status, data = _post(router, "/v1/completions",
+                       {"prompt": "hello", "speculative": "false"})
+  assert status == 400 and data["error"]["param"] == "speculative"
+  assert data["error"]["message"] == (
+      "speculative: must be true or false, got 'false'")
+
+
 def test_n_choices_with_seed_use_seed_plus_i(router):
   fake = router[0]
   status, data = _post(router, "/v1/completions",
@@ -709,6 +767,9 @@ _BAD = [
     ("/v1/completions", {"prompt": "a", "stop_token_ids": [1.0]},
      "stop_token_ids"),
     ("/v1/completions", {"prompt": "a", "ignore_eos": 1}, "ignore_eos"),
+    ("/v1/completions", {"prompt": "a", "speculative": "no"}, "speculative"),
+    ("/v1/chat/completions", {"messages": _CHAT, "speculative": 0},
+     "speculative"),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "a", "stream_options": {
         "include_usage": True}}, "stream_options"),
@@ -1360,6 +1421,12 @@ def test_openai_backend_counts_chunks_without_token_ids():
       "prompt_tokens_details": {"cached_tokens": 2}}})
   assert u.token_ids == [] and u.usage == {
       "prompt_tokens": 4, "completion_tokens": 2, "cached_prompt_tokens": 2}
+  # Speculative drafts (OpenAI's prediction tokens) under the router's names.
+  u = OpenAIBackend._delta({"choices": [], "usage": {
+      "prompt_tokens": 4, "completion_tokens": 9, "completion_tokens_details":
+      {"accepted_prediction_tokens": 5, "rejected_prediction_tokens": 7}}})
+  assert u.usage == {"prompt_tokens": 4, "completion_tokens": 9,
+                     "spec_draft_tokens": 12, "spec_accepted_tokens": 5}
   with pytest.raises(OpenAIError, match="out of KV"):
     OpenAIBackend._delta({"error": {"message": "out of KV pages"}})
   assert base_url("h:1") == base_url("http://h:1/") == "http://h:1/v1"

@@ -123,6 +123,8 @@ def _proto_fields(draw):
     kw["stop_token_ids"] = draw(_stop_ids(vocab))
   if draw(st.booleans()):
     kw["ignore_eos"] = draw(st.booleans())
+  if draw(st.booleans()):
+    kw["speculative"] = draw(st.booleans())
   return vocab, kw
 
 
@@ -149,6 +151,8 @@ def _valid_proto_fields(draw):
                                          max_size=MAX_STOP_TOKEN_IDS))
   if draw(st.booleans()):
     kw["ignore_eos"] = draw(st.booleans())
+  if draw(st.booleans()):
+    kw["speculative"] = draw(st.booleans())
   return vocab, kw
 
 
@@ -240,6 +244,9 @@ def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
   assert s.seed == (p.seed if p.HasField("seed") else None)
   assert s.stop_token_ids == tuple(p.stop_token_ids)
   assert s.ignore_eos == p.ignore_eos
+  # Absent: the pool's setting applies (the engine reads True).
+  assert s.speculative == (p.speculative if p.HasField("speculative")
+                           else True)
   # An accepted request's params must survive the engine's own check too
   # (the decode side calls validate again on what the router forwarded).
   s.validate(vocab)

@@ -62,6 +62,8 @@ class _Call:
       if i == 0:   # a local prefill's first message reports it
         msg.prefill_s = 0.001
         msg.cached_tokens = CACHED
+      if last:     # a speculating pool's counts come with the end
+        msg.spec_draft_tokens, msg.spec_accepted_tokens = self.worker.spec
       yield msg
 
   def cancel(self):
@@ -74,6 +76,7 @@ class FakeDecode:
   def __init__(self, step_s: float = 0.01):
     self.up = True
     self.step_s = step_s
+    self.spec = (0, 0)       # (drafted, accepted) on each call's end
     self.gate = asyncio.Event()
     self.gate.set()
     self.calls: list[_Call] = []
@@ -237,6 +240,28 @@ def test_the_first_message_carries_the_prompts_usage():
       assert first.usage.completion_tokens == 1
       assert (last.usage.prompt_tokens, last.usage.cached_prompt_tokens,
               last.usage.completion_tokens) == (3, CACHED, 3)
+
+  asyncio.run(run())
+
+
+def test_speculative_counts_and_the_opt_out_pass_through():
+  """The decode worker's draft/accepted counts (its final message) reach
+  the request's final usage, not the first; the client's opt-out reaches
+  the decode worker, and an absent one stays absent (the pool decides)."""
+  async def run():
+    worker = FakeDecode(step_s=0)
+    worker.spec = (9, 4)
+    async with Router(worker) as r:
+      deltas = [d async for d in r.client.stream(prompt_token_ids=[5, 6, 7],
+                                                 max_tokens=3)]
+      assert not worker.calls[-1].request.sampling.HasField("speculative")
+      first, last = deltas[0].usage, deltas[-1].usage
+      assert (first.spec_draft_tokens, first.spec_accepted_tokens) == (0, 0)
+      assert (last.spec_draft_tokens, last.spec_accepted_tokens) == (9, 4)
+      await r.client.generate(prompt_token_ids=[5, 6, 7], max_tokens=2,
+                              speculative=False)
+      s = worker.calls[-1].request.sampling
+      assert s.HasField("speculative") and not s.speculative
 
   asyncio.run(run())
 

@@ -39,6 +39,9 @@ flags.DEFINE_integer("top_k", None, "Top-k (0/-1 off); unset: server default.")
 flags.DEFINE_integer("seed", None, "Sampling seed (reproducible output).")
 flags.DEFINE_list("stop_token_ids", None, "Comma list of stop token ids.")
 flags.DEFINE_bool("ignore_eos", False, "Generate past EOS.")
+flags.DEFINE_bool("speculative", None,
+                  "false: opt out of the decode pool's speculative decoding; "
+                  "unset: the pool's setting applies.")
 flags.DEFINE_bool("add_special_tokens", None,
                   "BOS for text prompts; unset: server default (true).")
 flags.DEFINE_bool("skip_special_tokens", False,
@@ -85,7 +88,8 @@ def _request_options() -> dict[str, Any]:
       max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
       top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed,
       stop_token_ids=_ints(FLAGS.stop_token_ids, "stop_token_ids"),
-      ignore_eos=FLAGS.ignore_eos, request_id=FLAGS.request_id,
+      ignore_eos=FLAGS.ignore_eos, speculative=FLAGS.speculative,
+      request_id=FLAGS.request_id,
       add_special_tokens=FLAGS.add_special_tokens,
       skip_special_tokens=FLAGS.skip_special_tokens,
       cache_salt=FLAGS.cache_salt)
@@ -99,6 +103,8 @@ def _summary(r: GenerationResult, client_ttft_s: float | None,
   if u is not None:
     parts.append(f"tokens={u.prompt_tokens}+{u.completion_tokens}")
     parts.append(f"ttft={u.ttft_s * 1e3:.1f}ms total={u.total_time_s:.3f}s")
+    if u.spec_draft_tokens:
+      parts.append(f"spec={u.spec_accepted_tokens}/{u.spec_draft_tokens}")
     if u.prefill_worker or u.decode_worker:
       parts.append(f"workers={u.prefill_worker or 'local'}->"
                    f"{u.decode_worker or '?'}")

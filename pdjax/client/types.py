@@ -119,6 +119,11 @@ class Usage:
   kv_send_s: float = 0.0
   kv_receive_s: float = 0.0
   cached_prompt_tokens: int = 0
+  # Speculative decoding: tokens drafted for the request and how many of
+  # them the model accepted (0 and 0 when it was not speculated; reported
+  # with the request's end).
+  spec_draft_tokens: int = 0
+  spec_accepted_tokens: int = 0
   # Where ttft_s went: stage -> seconds (``pdjax.v1.TtftStages``: prepare,
   # reserve, queue, prefill, kv_handoff, return), adding up to ttft_s;
   # empty when the server reported none.
@@ -179,6 +184,7 @@ class GenerateOptions(TypedDict, total=False):
   seed: int | None
   stop_token_ids: Sequence[int] | None
   ignore_eos: bool | None
+  speculative: bool | None
   request_id: str | None
   add_special_tokens: bool | None
   skip_special_tokens: bool
@@ -234,6 +240,7 @@ def build_request(
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool | None = False,
+    speculative: bool | None = None,
     request_id: str | None = None,
     add_special_tokens: bool | None = None,
     skip_special_tokens: bool = False,
@@ -260,6 +267,8 @@ def build_request(
     seed: same seed, same tokens whatever the batch; None: unseeded.
     stop_token_ids: ids that end the completion (finish reason "stop").
     ignore_eos: keep going past EOS (None is False).
+    speculative: False opts this request out of speculative decoding where
+      the decode pool runs it; None (or True): the pool's setting applies.
     request_id: the caller's id; empty or None lets the router assign one.
     add_special_tokens: BOS for text prompts; None: server default (True).
     skip_special_tokens: drop special tokens from the text deltas.
@@ -270,7 +279,8 @@ def build_request(
       empty ``prompt_token_ids``, or an integer the request cannot hold
       (the message names the field, e.g. ``max_tokens``, ``seed``,
       ``prompt_token_ids[3]``).
-    TypeError: a prompt of the wrong type, or non-integer token ids.
+    TypeError: a prompt of the wrong type, non-integer token ids, or a
+      ``speculative`` that is not a bool.
   """
   if (prompt is None) == (prompt_token_ids is None):
     raise ValueError("set exactly one of prompt and prompt_token_ids")
@@ -308,6 +318,11 @@ def build_request(
   if stop_token_ids:
     s.stop_token_ids.extend(_token_ids(stop_token_ids, "stop_token_ids"))
   s.ignore_eos = bool(ignore_eos)
+  if speculative is not None:
+    if not isinstance(speculative, bool):
+      raise TypeError(f"speculative must be a bool or None, got "
+                      f"{type(speculative).__name__}")
+    s.speculative = speculative
   return req
 
 

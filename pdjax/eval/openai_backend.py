@@ -140,6 +140,14 @@ class OpenAIBackend:
       details = usage.pop("prompt_tokens_details", None) or {}
       if details.get("cached_tokens") is not None:
         usage["cached_prompt_tokens"] = details["cached_tokens"]
+      # Speculative decoding's drafts (pdjax's gateway reports them as
+      # OpenAI's prediction tokens): as the router's usage names them.
+      details = usage.pop("completion_tokens_details", None) or {}
+      accepted = details.get("accepted_prediction_tokens")
+      if accepted is not None:
+        usage["spec_accepted_tokens"] = accepted
+        usage["spec_draft_tokens"] = accepted + (
+            details.get("rejected_prediction_tokens") or 0)
     choices = chunk.get("choices") or []
     if not choices:
       return None if usage is None else Delta([], usage=usage)

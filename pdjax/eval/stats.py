@@ -28,6 +28,9 @@ message? failed requests in the SLO denominator?) change the headline numbers:
   offered rate whose attainment is >= the target (90% by default).
 * Latency distributions (TTFT/TPOT/ITL/E2E) cover completed requests only; a
   failed request's partial timings would bias them.
+* Speculative decoding: the server's drafted and accepted token counts
+  (its usage's ``spec_draft_tokens`` / ``spec_accepted_tokens``), summed
+  over completed requests; the acceptance rate is accepted / drafted.
 * Percentiles use linear interpolation between closest ranks (numpy's default
   ``method="linear"``): p50 of [1, 2, 3, 4] is 2.5.
 
@@ -193,6 +196,17 @@ class Summary:
   # servers that report no stages.
   ttft_stages: dict[str, Distribution] = dataclasses.field(
       default_factory=dict)
+  # Speculative decoding, as the server reports it (0 and 0 for servers and
+  # pools that do not speculate).
+  spec_draft_tokens: int = 0
+  spec_accepted_tokens: int = 0
+
+  @property
+  def spec_acceptance(self) -> float | None:
+    """Accepted / drafted tokens; None when nothing was drafted."""
+    if not self.spec_draft_tokens:
+      return None
+    return self.spec_accepted_tokens / self.spec_draft_tokens
 
   def to_dict(self) -> dict[str, Any]:
     return to_jsonable(dataclasses.asdict(self))
@@ -266,6 +280,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
     key = r.status_code or "error"
     errors[key] = errors.get(key, 0) + 1
   in_tok = sum(r.prompt_tokens for r in done)
+  spec = [(r.usage or {}) for r in done]
   out_tok = sum(len(r.token_times) for r in done)
 
   def per_s(x: float) -> float | None:
@@ -285,7 +300,11 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
       e2e=Distribution.of(r.e2e for r in done if r.e2e is not None),
       ttft_slo=ttft_slo, tpot_slo=tpot_slo, slo_met=met,
       slo_attainment=met / judged if judged else None,
-      goodput=per_s(met), errors=errors, ttft_stages=ttft_stages(done))
+      goodput=per_s(met), errors=errors, ttft_stages=ttft_stages(done),
+      spec_draft_tokens=sum(int(u.get("spec_draft_tokens") or 0)
+                            for u in spec),
+      spec_accepted_tokens=sum(int(u.get("spec_accepted_tokens") or 0)
+                               for u in spec))
 
 
 def ttft_stages(records: Iterable[RequestRecord]) -> dict[str, Distribution]:
@@ -356,6 +375,10 @@ def format_table(s: Summary) -> str:
       f"TPOT<={s.tpot_slo * 1e3:g}ms)",
       "-" if s.slo_attainment is None else f"{100 * s.slo_attainment:.1f}%")
   row("Goodput (req/s)", _num(s.goodput))
+  if s.spec_acceptance is not None:
+    row("Spec. decoding accepted/drafted", f"{s.spec_accepted_tokens}/"
+        f"{s.spec_draft_tokens}")
+    row("Spec. decoding acceptance rate", f"{100 * s.spec_acceptance:.1f}%")
   lines.append(" Latency (ms) ".center(w + 16, "-"))
   lines.append(f"{'':<8}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"
                f"{'n':>12}")

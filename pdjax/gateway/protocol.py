@@ -53,6 +53,9 @@ class Params:
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  # False opts out of the decode pool's speculative decoding; None: the
+  # pool's setting applies.
+  speculative: bool | None = None
   skip_special_tokens: bool = True
   cache_salt: str | None = None
 
@@ -66,7 +69,8 @@ class Params:
     return dict(max_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k, seed=seed,
                 stop_token_ids=list(self.stop_token_ids) or None,
-                ignore_eos=self.ignore_eos, request_id=request_id,
+                ignore_eos=self.ignore_eos, speculative=self.speculative,
+                request_id=request_id,
                 skip_special_tokens=self.skip_special_tokens,
                 cache_salt=self.cache_salt)
 
@@ -283,6 +287,7 @@ def _params(body: _Body, *, max_tokens: int | None, logprobs: bool
       stop_token_ids=(() if stop_ids is None
                       else _token_ids(stop_ids, "stop_token_ids")),
       ignore_eos=body.bool("ignore_eos", False),
+      speculative=body.bool("speculative", None),
       skip_special_tokens=body.bool("skip_special_tokens", True),
       cache_salt=body.str("cache_salt") or None)
 

@@ -44,6 +44,12 @@ class UsageTally:
   with the last), or, when none came (a router that sends usage only at
   the end, and every choice ended early by a stop string), from that
   prompt's counter, the cached-token count then unknown.
+
+  Speculative decoding's counts come with each choice's last router
+  message; a choice that had drafts reports them in
+  ``completion_tokens_details`` (OpenAI's accepted/rejected prediction
+  tokens), summed over the choices, and the details are left out when
+  nothing was drafted.
   """
 
   def __init__(self, prompt_tokens: Sequence[Callable[[], int | None]], *,
@@ -52,11 +58,15 @@ class UsageTally:
     self._n = choices_per_prompt
     self._completion = 0
     self._router: dict[int, Usage] = {}    # by prompt
+    self._spec: dict[int, tuple[int, int]] = {}   # by choice
 
   def add(self, d: ChoiceDelta) -> None:
     self._completion += len(d.token_ids)
     if d.usage is not None:
       self._router.setdefault(d.index // self._n, d.usage)
+      if d.usage.spec_draft_tokens:
+        self._spec[d.index] = (d.usage.spec_draft_tokens,
+                               d.usage.spec_accepted_tokens)
 
   def to_json(self) -> dict[str, Any]:
     prompt, cached = 0, 0
@@ -74,6 +84,12 @@ class UsageTally:
                            "total_tokens": prompt + self._completion}
     if cached is not None:
       out["prompt_tokens_details"] = {"cached_tokens": cached}
+    drafted = sum(d for d, _ in self._spec.values())
+    if drafted:
+      accepted = sum(a for _, a in self._spec.values())
+      out["completion_tokens_details"] = {
+          "accepted_prediction_tokens": accepted,
+          "rejected_prediction_tokens": drafted - accepted}
     return out
 
 

@@ -433,6 +433,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           msg.kv_transfer_s = transfer_s
           msg.cached_tokens = ev.cached_tokens
           first = False
+        if ev.finish_reason is not None and ev.spec_drafted:
+          msg.spec_draft_tokens = ev.spec_drafted
+          msg.spec_accepted_tokens = ev.spec_accepted
+          w.metrics.spec_draft_tokens.inc(ev.spec_drafted)
+          w.metrics.spec_accepted_tokens.inc(ev.spec_accepted)
         yield msg
         if ev.finish_reason is not None:
           finished = True

@@ -109,6 +109,17 @@ class Metrics:
         ["transport"], registry=r)
     self.tokens = Counter(
         "pdjax_generated_tokens_total", "Tokens generated.", registry=r)
+    # Speculative decoding (decode workers; vLLM's
+    # spec_decode_num_draft_tokens / num_accepted_tokens), counted as
+    # requests finish: accepted / drafted is the acceptance rate.
+    self.spec_draft_tokens = Counter(
+        "pdjax_spec_draft_tokens_total",
+        "Tokens speculative decoding drafted, of finished requests.",
+        registry=r)
+    self.spec_accepted_tokens = Counter(
+        "pdjax_spec_accepted_tokens_total",
+        "Drafted tokens the target model accepted, of finished requests.",
+        registry=r)
     # The traffic a planner sizes pools for: finished requests' lengths
     # (the router's; vLLM's request_prompt/generation_tokens).
     self.request_prompt_tokens = Histogram(

@@ -596,6 +596,11 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
             if not first_token_sent:   # this prefill made the first token
               usage.ttft_stages.queue_s = msg.queue_s
               usage.ttft_stages.prefill_s = msg.prefill_s
+          if msg.finish_reason:
+            # Speculative decoding's counts, on the final message (local
+            # and remote prefill alike: this is the decode worker's stream).
+            usage.spec_draft_tokens = msg.spec_draft_tokens
+            usage.spec_accepted_tokens = msg.spec_accepted_tokens
           yield msg
           if msg.finish_reason:
             return

@@ -40,7 +40,9 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
       top_p=float(top_p), top_k=int(top_k),
       seed=int(p.seed) if p.HasField("seed") else None,
       stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
-      ignore_eos=bool(p.ignore_eos))
+      ignore_eos=bool(p.ignore_eos),
+      # Absent: the pool's setting applies (a pool that speculates does).
+      speculative=p.speculative if p.HasField("speculative") else True)
   try:
     params.validate(vocab_size)
   except InvalidRequest as e:
@@ -55,6 +57,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
       ignore_eos=s.ignore_eos)
   if s.seed is not None:
     out.seed = s.seed
+  if not s.speculative:   # an opt-out; left unset, the pool's setting applies
+    out.speculative = False
   return out
 
 
