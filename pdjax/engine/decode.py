@@ -37,6 +37,12 @@ Lifecycle of a sequence in a replica (the host side of it):
      go back to the pool (and its swapped KV, if any, is dropped) and the
      unused rest of its reservation is returned.
 
+A request's state through these steps is its ``Lifecycle``
+(``pdjax.engine.requests``): WAITING_FOR_KV from reservation to insert,
+then RUNNING or PREEMPTED_SWAPPED while it holds a row, PREEMPTED_RECOMPUTE
+once evicted, and a finished status, reached once, whose reason its last
+event carries.
+
 Data parallelism: a pool of ``dp`` replicas, each with its own sub-mesh,
 weights view, KV pool and rows (JetStream's one engine per slice). Requests go
 to the replica with the most free KV capacity.
