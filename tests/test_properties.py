@@ -47,7 +47,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
 from pdjax.engine.block_pool import BlockPool, PoolExhausted
-from pdjax.engine.requests import DecodeRequest
+from pdjax.engine.requests import DecodeRequest, RequestStatus
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
                                    SamplingArrays, SamplingParams)
 from pdjax.service.validation import (DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LEN,
@@ -808,6 +808,7 @@ class DecodePagingMachine(RuleBasedStateMachine):
     self.next_id += 1
     req = DecodeRequest(rid, [3] * prompt_len, 0, 0.0, None,
                         SamplingParams(max_tokens=max_tokens), 0, None)
+    req.lifecycle.advance(RequestStatus.RUNNING)   # ``insert``'s move
     r = _Row(req, rep.pool.allocate(n, reserved=True), reserved_left=0,
              steps_needed=steps_needed, arrival=next(rep._arrivals),
              generated=[0])
@@ -852,9 +853,10 @@ class DecodePagingMachine(RuleBasedStateMachine):
       assert req.request_id not in {r.request.request_id for r in rep.rows
                                     if r is not None}
       assert req.prompt_ids[:1] == [3] and req.tokens_generated == 1
+      assert req.lifecycle.status is RequestStatus.PREEMPTED_RECOMPUTE
     for i, r in enumerate(rep.rows):
       if r is not None and not r.swapped and not r.wants_steps:
-        rep.release(i)
+        rep.release(i, RequestStatus.FINISHED_LENGTH)
 
   @rule(data=st.data(), often=st.integers(0, 3))
   def cancel(self, data, often):
@@ -862,13 +864,14 @@ class DecodePagingMachine(RuleBasedStateMachine):
     the pool)."""
     live = [i for i, r in enumerate(self.rep.rows) if r is not None]
     if live and not often:
-      self.rep.release(data.draw(st.sampled_from(live)))
+      self.rep.release(data.draw(st.sampled_from(live)),
+                       RequestStatus.FINISHED_ABORTED)
 
   def teardown(self):
     if self.rep is None:
       return
     for i in range(len(self.rep.rows)):
-      self.rep.release(i)
+      self.rep.release(i, RequestStatus.FINISHED_ABORTED)
     p = self.rep.pool
     p.check_invariants()
     assert p.num_used == 0 and p.reserved == 0
@@ -888,6 +891,9 @@ class DecodePagingMachine(RuleBasedStateMachine):
     for i, r in enumerate(rep.rows):
       if r is None:
         continue
+      # A held row's request is live in it: running, or swapped out.
+      assert r.status in (RequestStatus.RUNNING,
+                          RequestStatus.PREEMPTED_SWAPPED)
       if r.swapped:
         assert not r.pages and rep.swap.held(i) > 0
         swapped += rep.swap.held(i)

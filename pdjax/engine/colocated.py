@@ -34,7 +34,8 @@ from pdjax.engine.decode import DecodeConfig, DecodeEngine
 from pdjax.engine.decode_replica import ReplicaPrefixStore
 from pdjax.engine.prefill import (BufferedPrefill, PrefillConfig,
                                   PrefillEngine)
-from pdjax.engine.requests import (DecodeRequest, FinishReason, PrefillRequest,
+from pdjax.engine.requests import (DecodeRequest, FinishReason, Lifecycle,
+                                   PrefillRequest, RequestStatus,
                                    TokenCallback, TokenEvent)
 from pdjax.engine.sampling import SamplingParams
 from pdjax.model.config import ModelConfig
@@ -57,6 +58,9 @@ class _Waiting:
   tokens_generated: int = 1
   # perf_counter() by which it must be admitted (None: no deadline).
   deadline: float | None = None
+  # WAITING here; WAITING_FOR_KV once reserved and prefilling; the decode
+  # engine moves it on (a recomputed request brings its own back).
+  lifecycle: Lifecycle = dataclasses.field(default_factory=Lifecycle)
 
   @property
   def remaining_tokens(self) -> int:
@@ -145,16 +149,19 @@ class ColocatedEngine:
                  req.seed_u32, req.callback,
                  forced_first_token=req.first_token,
                  cache_salt=req.cache_salt,
-                 tokens_generated=req.tokens_generated)
+                 tokens_generated=req.tokens_generated,
+                 lifecycle=req.lifecycle)
     with self._lock:
       # Under the lock that ``cancel`` holds while it looks for a request
       # and, not finding it here, cancels it in the decode pool: either
       # that cancel is pending there now, or it will find it queued.
       cancelled = self.decode.take_cancel(req.request_id)
       if not cancelled:
+        w.lifecycle.advance(RequestStatus.WAITING)
         self._waiting.appendleft(w)
     if cancelled:
-      req.callback(TokenEvent(req.request_id, [], [], FinishReason.ABORT))
+      req.callback(TokenEvent(req.request_id, [], [],
+                              req.lifecycle.finish(FinishReason.ABORT)))
 
   # ------------------------------------------------ the DecodeBackend seam
   @property
@@ -239,7 +246,8 @@ class ColocatedEngine:
       self.decode.unreserve(p.waiting.request_id)
       waiting.append(p.waiting)
     for w in waiting:
-      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+      w.callback(TokenEvent(w.request_id, [], [],
+                            w.lifecycle.finish(FinishReason.ABORT)))
     return self.decode.close(timeout_s)
 
   def cancel(self, request_id: str) -> None:
@@ -262,7 +270,8 @@ class ColocatedEngine:
       self.decode.unreserve(p.waiting.request_id)
       waiting.append(p.waiting)
     for w in waiting:
-      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ERROR,
+      w.callback(TokenEvent(w.request_id, [], [],
+                            w.lifecycle.finish(FinishReason.ERROR),
                             error=message))
     self.decode.fail_all(message)
 
@@ -340,7 +349,9 @@ class ColocatedEngine:
                                   cache_salt=w.cache_salt)
         taken = res is not None and self._place(
             w, res, per_replica, chunked, spent, budget)
-        if not taken:
+        if taken:
+          w.lifecycle.advance(RequestStatus.WAITING_FOR_KV)
+        else:
           if res is not None:
             self.decode.unreserve(w.request_id)
           keep.append(w)
@@ -350,7 +361,8 @@ class ColocatedEngine:
           break
       self._waiting = keep
     for w in aborted:
-      w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+      w.callback(TokenEvent(w.request_id, [], [],
+                            w.lifecycle.finish(FinishReason.ABORT)))
     for w, res, p in finished:
       self._to_decode(w, res, p.run.result(), p.started)
     for replica, items in per_replica.items():
@@ -383,11 +395,13 @@ class ColocatedEngine:
       self._cancelled -= cancelled
     for w in expired:
       if w.request_id in cancelled:
-        w.callback(TokenEvent(w.request_id, [], [], FinishReason.ABORT))
+        w.callback(TokenEvent(w.request_id, [], [],
+                              w.lifecycle.finish(FinishReason.ABORT)))
         continue
       self.stats["refused_timeout"] += 1
       w.callback(TokenEvent(
-          w.request_id, [], [], FinishReason.ABORT, exhausted=True,
+          w.request_id, [], [], w.lifecycle.finish(FinishReason.ABORT),
+          exhausted=True,
           error=f"not admitted within {self.queue_timeout_s:g} s: the "
           "decode pool's KV pages and rows are taken; retry later"))
 
@@ -459,7 +473,8 @@ class ColocatedEngine:
     self.decode.submit(DecodeRequest(
         w.request_id, w.prompt_ids, first, logprob, r.kv,
         w.sampling, w.seed_u32, w.callback, reservation=res,
-        cache_salt=w.cache_salt, tokens_generated=w.tokens_generated))
+        cache_salt=w.cache_salt, tokens_generated=w.tokens_generated,
+        lifecycle=w.lifecycle))
 
 
 @dataclasses.dataclass

@@ -37,6 +37,12 @@ Lifecycle of a sequence in a replica (the host side of it):
      go back to the pool (and its swapped KV, if any, is dropped) and the
      unused rest of its reservation is returned.
 
+A request's state through these steps is its ``Lifecycle``
+(``pdjax.engine.requests``): WAITING_FOR_KV from reservation to insert,
+then RUNNING or PREEMPTED_SWAPPED while it holds a row, PREEMPTED_RECOMPUTE
+once evicted, and a finished status, reached once, whose reason its last
+event carries.
+
 Data parallelism: a pool of ``dp`` replicas, each with its own sub-mesh,
 weights view, KV pool and rows (JetStream's one engine per slice). Requests go
 to the replica with the most free KV capacity.
@@ -70,8 +76,9 @@ from pdjax.engine.decode_programs import (DecodeState, _Programs,
 from pdjax.engine.decode_replica import Call, DecodeReplica, Reservation
 from pdjax.engine.kv import pages_for, payload_pages
 from pdjax.engine.prefix_cache import block_hashes
-from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
-                                   TokenEvent)
+from pdjax.engine.requests import (DecodeRequest, FinishReason,
+                                   IllegalTransition, RequestKV,
+                                   RequestStatus, TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params
@@ -269,14 +276,13 @@ class DecodeEngine:
     for rep in self.replicas:
       for req in rep.evicted():
         self._where.pop(req.request_id, None)
-        req.callback(TokenEvent(req.request_id, [], [], FinishReason.ERROR,
+        req.callback(TokenEvent(req.request_id, [], [],
+                                req.lifecycle.finish(FinishReason.ERROR),
                                 error=message))
     for rid, (ri, row) in list(self._where.items()):
-      rep = self.replicas[ri]
-      req = rep.rows[row].request
-      rep.release(row, cache=False)
-      del self._where[rid]
-      req.callback(TokenEvent(rid, [], [], FinishReason.ERROR, error=message))
+      req = self._end_row(ri, row, RequestStatus.FINISHED_ERROR, cache=False)
+      req.callback(TokenEvent(rid, [], [], req.lifecycle.reason,
+                              error=message))
     self._inflight = []
 
   def close(self, timeout_s: float = 10.0) -> bool:
@@ -298,24 +304,34 @@ class DecodeEngine:
     for p in queued:
       self.borrowed.after(None, p.request.kv)   # dropped unread
       self.unreserve(p.request.request_id)
-      p.request.callback(TokenEvent(p.request.request_id, [], [], reason,
+      p.request.callback(TokenEvent(p.request.request_id, [], [],
+                                    p.request.lifecycle.finish(reason),
                                     error=error))
 
   def submit(self, req: DecodeRequest) -> None:
     """Queues a request whose KV is ready; it joins the batch at the next
     step. Reserves on the spot if the caller did not. From here on the
-    engine owns ``req.kv``: a borrowed one is given back on every path."""
+    engine owns ``req.kv``: a borrowed one is given back on every path.
+    The request is WAITING_FOR_KV (``IllegalTransition`` otherwise: it ran
+    or ended already)."""
+    if req.lifecycle.status is not RequestStatus.WAITING_FOR_KV:
+      if req.kv is not None:
+        self.borrowed.after(None, req.kv)
+      raise IllegalTransition(f"{req.request_id} submitted to the decode "
+                              f"engine while {req.lifecycle.status.name}")
     first_done = self._first_token_finishes(req)
     if first_done is not None:
       self.borrowed.after(None, req.kv)
       self.unreserve(req.request_id)
-      req.callback(TokenEvent(req.request_id, [], [], first_done))
+      req.callback(TokenEvent(req.request_id, [], [],
+                              req.lifecycle.finish(first_done)))
       return
     res = req.reservation or self._reservations.get(req.request_id)
     if res is not None and res.cancelled:
       self.borrowed.after(None, req.kv)
       self.unreserve(req.request_id)
-      req.callback(TokenEvent(req.request_id, [], [], FinishReason.ABORT))
+      req.callback(TokenEvent(req.request_id, [], [],
+                              req.lifecycle.finish(FinishReason.ABORT)))
       return
     if res is None:
       try:
@@ -451,7 +467,9 @@ class DecodeEngine:
       self.borrowed.after(None, p.request.kv)
       rep.pool.unreserve(p.reservation.pages)
       rep.pool.free(p.reservation.cached_pages)
-      p.request.callback(TokenEvent(rid, [], [], reason, error=error))
+      p.request.callback(TokenEvent(rid, [], [],
+                                    p.request.lifecycle.finish(reason),
+                                    error=error))
 
     if rid in self._cancelled:
       self._cancelled.discard(rid)
@@ -479,14 +497,23 @@ class DecodeEngine:
           res.cancelled = True
       self._cancelled = {rid for rid in cancelled if rid in inbox_ids}
     for rid in cancelled:
-      where = self._where.pop(rid, None)
+      where = self._where.get(rid)
       if where is None:
-        continue
-      rep = self.replicas[where[0]]
-      req = rep.rows[where[1]].request
-      rep.release(where[1])
+        continue   # not in a row: queued, on its way, or not here (ended)
+      req = self._end_row(*where, RequestStatus.FINISHED_ABORTED)
       self.stats["cancelled"] += 1
-      req.callback(TokenEvent(rid, [], [], FinishReason.ABORT))
+      req.callback(TokenEvent(rid, [], [], req.lifecycle.reason))
+
+  def _end_row(self, replica: int, row: int, status: RequestStatus, *,
+               cache: bool = True) -> DecodeRequest:
+    """Ends the request in ``row`` with the finished ``status`` (raises if
+    it ended already): its row, its pages or swapped KV and the rest of its
+    reservation go back. Returns the request, for its last event."""
+    rep = self.replicas[replica]
+    req = rep.rows[row].request
+    rep.release(row, status, cache=cache)
+    del self._where[req.request_id]
+    return req
 
   def _hand_on(self, req: DecodeRequest) -> None:
     """A request whose row was evicted (its KV dropped) for recompute: to
@@ -498,7 +525,8 @@ class DecodeEngine:
       self.on_recompute(req)
       return
     req.callback(TokenEvent(
-        rid, [], [], FinishReason.ERROR, error="preempted: the KV pool ran "
+        rid, [], [], req.lifecycle.finish(FinishReason.ERROR),
+        error="preempted: the KV pool ran "
         "out of pages, the swap space had no room for this request's KV "
         "and nothing here can recompute it"))
 
@@ -523,13 +551,12 @@ class DecodeEngine:
         rep.delivered(row, drafted, len(toks))
         self.stats["spec_drafted"] += drafted
         self.stats["spec_accepted"] += min(max(len(toks) - 1, 0), drafted)
-      reason = None
       if finished[:, col].any():
-        reason = (FinishReason.STOP if stopped[:, col].any()
-                  else FinishReason.LENGTH)
-        rep.release(row)
-        del self._where[owner]
+        self._end_row(replica, row, RequestStatus.FINISHED_STOPPED
+                      if stopped[:, col].any()
+                      else RequestStatus.FINISHED_LENGTH)
         self.stats["finished"] += 1
+      reason = r.request.lifecycle.reason   # the last event: None till then
       r.request.callback(TokenEvent(
           owner, toks, lps, reason,
           spec_drafted=r.spec_drafted if reason else 0,

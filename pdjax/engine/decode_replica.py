@@ -9,17 +9,18 @@ each call, ``_grow`` gives every row it advances the pages that call
 writes, oldest row first. When the pool cannot, the newest rows are
 preempted (vLLM's policy: latest arrival first) until it can:
 
-* swapped: the row's pages are copied to the replica's ``SwapSpace`` and
-  freed; the row keeps its slot and its device state (next token, position,
-  counters), is in no call, and resumes, its KV written back into fresh
-  pages, once the pool has room for it and the running rows' headroom
-  (oldest swapped row first). The call in flight still advances it, and
-  its tokens are delivered as usual.
-* evicted: when the swap space has no room, the row is freed and the engine
-  hands its request on to be recomputed (its prompt and the tokens
-  delivered so far prefilled again, ``DecodeEngine.on_recompute``); the
-  tokens the call in flight makes for it are dropped at delivery (the row
-  is gone) and made again after the recompute, identical.
+* swapped (``PREEMPTED_SWAPPED``): the row's pages are copied to the
+  replica's ``SwapSpace`` and freed; the row keeps its slot and its device
+  state (next token, position, counters), is in no call, and resumes, its
+  KV written back into fresh pages, once the pool has room for it and the
+  running rows' headroom (oldest swapped row first). The call in flight
+  still advances it, and its tokens are delivered as usual.
+* evicted (``PREEMPTED_RECOMPUTE``): when the swap space has no room, the
+  row is freed and the engine hands its request on to be recomputed (its
+  prompt and the tokens delivered so far prefilled again,
+  ``DecodeEngine.on_recompute``); the tokens the call in flight makes for
+  it are dropped at delivery (the row is gone) and made again after the
+  recompute, identical.
 
 Pages are freed at once, though the call in flight may still be writing
 them: every program that reads or writes the pools (the next generate
@@ -96,17 +97,30 @@ class _Row:
   arrival: int = 0
   steps_dispatched: int = 0
   tokens_out: int = 1
-  status: RequestStatus = RequestStatus.RUNNING
   generated: list[int] = dataclasses.field(default_factory=list)
-  # Preempted: the KV is in the swap space (no pages held).
-  swapped: bool = False
   # Speculative decoding: tokens drafted for the row, and drafts kept.
   spec_drafted: int = 0
   spec_accepted: int = 0
 
   @property
+  def status(self) -> RequestStatus:
+    """The request's lifecycle: RUNNING (holds pages, takes part in calls,
+    may be preempted) or PREEMPTED_SWAPPED (its KV in the swap space, no
+    pages) while the row is held; a released row's request has moved on
+    (finished, or to be recomputed)."""
+    return self.request.lifecycle.status
+
+  @property
+  def swapped(self) -> bool:
+    return self.status is RequestStatus.PREEMPTED_SWAPPED
+
+  @property
+  def running(self) -> bool:
+    return self.status is RequestStatus.RUNNING
+
+  @property
   def wants_steps(self) -> bool:
-    return self.steps_dispatched < self.steps_needed and not self.swapped
+    return self.running and self.steps_dispatched < self.steps_needed
 
 
 class DecodeReplica:
@@ -212,7 +226,7 @@ class DecodeReplica:
     admission: none, its reservations cover growth)."""
     if not self.dcfg.on_demand:
       return 0
-    running = sum(r is not None and not r.swapped for r in self.rows)
+    running = sum(r is not None and r.running for r in self.rows)
     if not running:
       return 0
     per_row = pages_for(2 * self.dcfg.tokens_per_call, self.dcfg.page_size)
@@ -262,6 +276,7 @@ class DecodeReplica:
     # The first token came with the KV; each step adds one, and the device
     # ends the row at max_tokens or when the sequence fills max_seq_len.
     steps_needed = min(remaining - 1, self.dcfg.max_seq_len - prompt_len - 1)
+    req.lifecycle.advance(RequestStatus.RUNNING)
     self.rows[row] = _Row(dataclasses.replace(req, kv=None), pages,
                           reserved_left=reservation.pages - (len(pages)
                                                              - len(cached)),
@@ -283,15 +298,20 @@ class DecodeReplica:
     self._slots_dirty = True
     return row, receipt
 
-  def release(self, row: int, *, cache: bool = True) -> None:
-    """Frees a row. With prefix caching, its full blocks (prompt and
-    generated tokens whose KV was written) stay in the pool, named, for
-    later requests; pages beyond them are free at once."""
+  def release(self, row: int, status: RequestStatus, *,
+              cache: bool = True) -> None:
+    """Frees a row, its request moving to ``status`` (a finished one, or
+    PREEMPTED_RECOMPUTE): a swapped row's KV is dropped from the swap
+    space, a running row's pages go back. With prefix caching, its full
+    blocks (prompt and generated tokens whose KV was written) stay in the
+    pool, named, for later requests; pages beyond them are free at once."""
     r = self.rows[row]
     if r is None:
       return
-    if r.swapped:
-      self.swap.drop(row)
+    held = r.status
+    r.request.lifecycle.advance(status)   # raises if it ended already
+    if held is RequestStatus.PREEMPTED_SWAPPED:
+      self.swap.drop(row)   # its KV; it holds no pages
     if cache and self.fingerprint is not None:
       written = (list(r.request.prompt_ids) + r.generated)[
           :len(r.request.prompt_ids) + r.tokens_out - 1]
@@ -328,10 +348,14 @@ class DecodeReplica:
     that got their pages (the call's rows), in ``rows`` order."""
     P, S = self.dcfg.page_size, self.dcfg.tokens_per_call
     order = sorted(rows, key=lambda i: self.rows[i].arrival)
-    granted, out = set(), set()
+    granted = set()
+
+    def running(row: int) -> bool:   # not preempted for an older row
+      return self.rows[row] is not None and self.rows[row].running
+
     for row in order:
-      if row in out:
-        continue   # preempted for an older row
+      if not running(row):
+        continue
       r = self.rows[row]
       steps = min(r.steps_dispatched + S, r.steps_needed)
       # The last step dispatched writes the KV of position
@@ -341,11 +365,10 @@ class DecodeReplica:
       own = min(need, r.reserved_left)
       extra = need - own
       while extra > self.pool.available:
-        victim = next((v for v in reversed(order) if v not in out
+        victim = next((v for v in reversed(order) if running(v)
                        and self.rows[v].arrival > r.arrival), None)
         if victim is None:
           break
-        out.add(victim)
         self._preempt(victim)
       if extra > self.pool.available:
         self.stats["stalled"] += 1
@@ -370,14 +393,14 @@ class DecodeReplica:
       self.swap.swap_out(row, r.pages)
       self.pool.free(r.pages)
       r.pages = []
-      r.swapped = True
+      r.request.lifecycle.advance(RequestStatus.PREEMPTED_SWAPPED)
       self.page_table[row] = 0
       self._slots_dirty = True
       self.stats["preempted_swap"] += 1
       return
     # Its full blocks stay cached where prefix caching is on, so the
     # recompute may find them (the call in flight writes only past them).
-    self.release(row)
+    self.release(row, RequestStatus.PREEMPTED_RECOMPUTE)
     self._evicted.append(r)
     self.stats["preempted_recompute"] += 1
 
@@ -406,7 +429,7 @@ class DecodeReplica:
       self.swap.swap_in(row, pages)
       r = self.rows[row]
       r.pages = pages
-      r.swapped = False
+      r.request.lifecycle.advance(RequestStatus.RUNNING)
       self.page_table[row, :n] = pages
       self._slots_dirty = True
       self.stats["resumed_swap"] += 1

@@ -1,12 +1,49 @@
 """Request lifecycle types shared by the engines and the services.
 
-A request moves through an ordered set of states (vLLM's convention: every
-state after RUNNING is a finished one, so ``is_finished`` is a comparison):
+A request's status (``RequestStatus``) moves only through
+``RequestStatus.advance``, which checks the move against ``TRANSITIONS``
+and raises ``IllegalTransition`` (a bug) on any other: a finished request
+is never finished twice nor resumed. The states are ordered as vLLM's
+(every state after the live ones is a finished one, so ``is_finished`` is
+a comparison). In the decode engine, and the colocated engine in front of
+it:
 
-  WAITING -> [WAITING_FOR_KV] -> RUNNING -> FINISHED_{STOPPED,LENGTH,ABORTED,ERROR}
+  WAITING ---> WAITING_FOR_KV ---> RUNNING <---> PREEMPTED_SWAPPED
+     ^                                |
+     |                                v
+     +--------------------- PREEMPTED_RECOMPUTE
 
-WAITING: admitted, no decode capacity yet. WAITING_FOR_KV: capacity reserved,
-the prompt's KV is being computed or transferred. RUNNING: in a decode slot.
+and from every one of them to FINISHED_{STOPPED,LENGTH,ABORTED,ERROR}
+(which ones, below; ``TRANSITIONS`` is the table).
+
+WAITING: in the colocated engine's admission queue, nothing reserved;
+ended ABORTED when cancelled, past the queue's deadline or at shutdown. A
+request evicted for recompute waits here again (with no deadline).
+
+WAITING_FOR_KV: capacity reserved on a decode replica; the prompt's KV is
+being prefilled (colocated) or transferred (disaggregated: a
+``DecodeRequest`` starts here), or waits in the decode engine's inbox to
+be written into the pool. Ends here when its first token already finishes
+it (STOPPED, LENGTH), when cancelled (ABORTED) or when the insert is
+refused (ERROR).
+
+RUNNING: holds a row and pages; advanced by generate calls. Ends at
+delivery (STOPPED, LENGTH) or by a cancel (ABORTED).
+
+PREEMPTED_SWAPPED: still holds its row, its KV is in the replica's swap
+space and it holds no pages; in no call. Back to RUNNING once the pool
+has room; the call in flight when it was swapped out may still finish it.
+
+PREEMPTED_RECOMPUTE: its row and pages are freed and its KV dropped; handed
+on to be prefilled again (back to WAITING, at the head of the colocated
+queue), or ended: ABORTED when a cancel is pending, ERROR where nothing
+recomputes.
+
+A failing engine (``fail_all``) ends every live request with ERROR.
+
+``Lifecycle`` holds one request's status; every copy of a request
+(``dataclasses.replace``) shares it, so it follows the request from the
+queue to a row, out to recompute and back.
 """
 
 from __future__ import annotations
@@ -23,18 +60,64 @@ import numpy as np
 from pdjax.engine.sampling import SamplingParams
 
 
+class IllegalTransition(RuntimeError):
+  """A request moved where its lifecycle does not go (a bug): finished
+  twice, resumed after it ended, or skipping a state."""
+
+
 class RequestStatus(enum.IntEnum):
   WAITING = 0
   WAITING_FOR_KV = 1
   RUNNING = 2
-  FINISHED_STOPPED = 3
-  FINISHED_LENGTH = 4
-  FINISHED_ABORTED = 5
-  FINISHED_ERROR = 6
+  PREEMPTED_SWAPPED = 3
+  PREEMPTED_RECOMPUTE = 4
+  FINISHED_STOPPED = 5
+  FINISHED_LENGTH = 6
+  FINISHED_ABORTED = 7
+  FINISHED_ERROR = 8
 
   @property
   def is_finished(self) -> bool:
-    return self > RequestStatus.RUNNING
+    return self >= RequestStatus.FINISHED_STOPPED
+
+  @classmethod
+  def finished(cls, reason: "FinishReason") -> "RequestStatus":
+    """The finished status of ``reason``."""
+    return _FINISHED[reason]
+
+  def advance(self, new: "RequestStatus") -> "RequestStatus":
+    """The one transition function: ``new`` when ``self -> new`` is a move
+    of the lifecycle (``TRANSITIONS``), else ``IllegalTransition``. Also
+    called as ``RequestStatus.advance(old, new)``."""
+    new = RequestStatus(new)
+    if new not in TRANSITIONS[self]:
+      raise IllegalTransition(f"a request cannot go from {self.name} to "
+                              f"{new.name}")
+    return new
+
+
+_ENDS = frozenset({RequestStatus.FINISHED_STOPPED,
+                   RequestStatus.FINISHED_LENGTH,
+                   RequestStatus.FINISHED_ABORTED,
+                   RequestStatus.FINISHED_ERROR})
+
+# The allowed moves (the module docstring's diagram); finished states have
+# none.
+TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.WAITING: frozenset({
+        RequestStatus.WAITING_FOR_KV, RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR}),
+    RequestStatus.WAITING_FOR_KV: frozenset({RequestStatus.RUNNING}) | _ENDS,
+    RequestStatus.RUNNING: frozenset({
+        RequestStatus.PREEMPTED_SWAPPED,
+        RequestStatus.PREEMPTED_RECOMPUTE}) | _ENDS,
+    RequestStatus.PREEMPTED_SWAPPED: frozenset({RequestStatus.RUNNING})
+                                     | _ENDS,
+    RequestStatus.PREEMPTED_RECOMPUTE: frozenset({
+        RequestStatus.WAITING, RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR}),
+    **{s: frozenset() for s in _ENDS},
+}
 
 
 class FinishReason(str, enum.Enum):
@@ -51,6 +134,41 @@ class FinishReason(str, enum.Enum):
         RequestStatus.FINISHED_ABORTED: cls.ABORT,
         RequestStatus.FINISHED_ERROR: cls.ERROR,
     }.get(status)
+
+
+_FINISHED = {FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+             FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+             FinishReason.ABORT: RequestStatus.FINISHED_ABORTED,
+             FinishReason.ERROR: RequestStatus.FINISHED_ERROR}
+
+
+class Lifecycle:
+  """One request's status, moved only by ``advance`` (``finish``). The
+  engines read it to decide: whether a row takes part in a call, may be
+  preempted or what its release frees, and the finish reason of the
+  request's last event."""
+
+  __slots__ = ("status",)
+
+  def __init__(self, status: RequestStatus = RequestStatus.WAITING):
+    self.status = RequestStatus(status)
+
+  def advance(self, new: RequestStatus) -> None:
+    self.status = self.status.advance(new)
+
+  def finish(self, reason: FinishReason) -> FinishReason:
+    """Ends the request with ``reason`` (raises if it has ended already)
+    and returns ``reason``, for its last event."""
+    self.advance(RequestStatus.finished(reason))
+    return reason
+
+  @property
+  def reason(self) -> FinishReason | None:
+    """The finish reason once finished; None while live."""
+    return FinishReason.from_status(self.status)
+
+  def __repr__(self) -> str:
+    return f"Lifecycle({self.status.name})"
 
 
 @dataclasses.dataclass
@@ -225,7 +343,12 @@ class DecodeRequest:
   # its KV recomputed, whose ``prompt_ids`` then end with the tokens it had
   # generated before ``first_token`` (the stream has them all already).
   tokens_generated: int = 1
+  # Where the request is (shared by its copies). A request handed to the
+  # decode engine has its capacity reserved, or gets it at ``submit``.
+  lifecycle: Lifecycle = dataclasses.field(
+      default_factory=lambda: Lifecycle(RequestStatus.WAITING_FOR_KV))
 
 
-__all__ = ["RequestStatus", "FinishReason", "TokenEvent", "TokenCallback",
+__all__ = ["RequestStatus", "IllegalTransition", "TRANSITIONS", "Lifecycle",
+           "FinishReason", "TokenEvent", "TokenCallback",
            "RequestKV", "PrefillRequest", "PrefillResult", "DecodeRequest"]
