@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARDINGS_DIR = REPO_ROOT / "shardings"
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-                "layers", "batch", "seq", "replica", "pages", "page_slot", "kv")
+                "layers", "batch", "seq", "replica", "pages", "page_slot", "kv",
+                "layer_pages")
 
 
 class ShardingError(ValueError):
