@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-                "layers", "batch", "seq", "replica", "pages", "page_slot", "kv")
+                "layers", "batch", "seq", "replica", "pages", "page_slot", "kv",
+                "layer_pages")
 
 
 class ShardingError(ValueError):

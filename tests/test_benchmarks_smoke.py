@@ -113,6 +113,29 @@ def test_decode(tmp_path):
   assert "dispatch overhead" in stdout
 
 
+def test_pipeline(tmp_path):
+  stdout, records = run_tool(
+      "bench_pipeline.py", tmp_path / "pipeline.jsonl", "--num_layers=2",
+      "--pp=1,2", "--microbatches=2", "--batch=4", "--context=16",
+      "--steps_per_call=2", "--warmup=1", "--repeat=2", *LIMITS)
+  rows = {(r["params"]["pp"], r["params"]["microbatches"]): r
+          for r in records if r["measurement"] == "pipeline"}
+  assert set(rows) == {(1, 1), (2, 2)}
+  t1 = rows[(1, 1)]["results"]["step_time_s"]
+  for (pp, m), r in rows.items():
+    p, x = r["params"], r["results"]
+    assert x["rows_live_every_step"] and x["compiles_during_timing"] == 0
+    assert (x["stages"], x["microbatches"]) == (pp, m)
+    step = x["step_time_s"]
+    close(step, x["call_time_s"]["median"] / p["steps_per_call"])
+    close(x["bubble_ideal"], (pp - 1) / (m + pp - 1))
+    close(x["work_ratio_ideal"], (m + pp - 1) / m)
+    close(x["bubble_measured"], 1 - t1 / (pp * step))
+    close(x["work_ratio"], step / t1)
+    assert p["microbatch_rows"] == -(-p["batch"] // m)
+  assert "bubble_ideal" in stdout
+
+
 @pytest.mark.parametrize("args", [
     ("--timed=step", "--temperature=0.7"),
     ("--sampling_path=device",)])

@@ -128,7 +128,13 @@ class DecodeEngine:
     self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     self.programs = _Programs(
         cfg, dcfg, self.eos_ids, mesh.devices.flat[0].platform,
-        mesh.size // mesh.shape.get("dp", 1))
+        mesh.size // mesh.shape.get("dp", 1),
+        replica_mesh=replica_meshes(mesh, "dp")[0])
+    if self.programs.stages > 1:
+      log.info("pipeline-parallel decode: %d stages of %d layers, %d "
+               "microbatches per call", self.programs.stages,
+               cfg.num_layers // self.programs.stages,
+               self.programs.num_microbatches)
     log.info("generate programs of %s rows; decode attention (cuDNN paged "
              "or gather) by rows: %s; compiler options by rows: %s",
              "/".join(map(str, dcfg.row_counts)),

@@ -104,6 +104,12 @@ class DecodeConfig:
   # per layer (every backend), "paged": cuDNN's paged attention reads them
   # in place (GPUs, one device per replica), "auto": paged where it applies.
   attention: str = "auto"
+  # Pipeline-parallel pools (a ``pp`` mesh axis, shardings/decode_dp_pp):
+  # each generate call's rows run through the stages in this many
+  # microbatches, padded with inactive rows to a multiple of it; a step
+  # leaves the stages idle (pp - 1) / (num_microbatches + pp - 1) of the
+  # time. 0: one microbatch per stage. Pools without stages ignore it.
+  num_microbatches: int = 0
 
   def __post_init__(self):
     if self.attention not in ("auto", "paged", "gather"):
@@ -134,6 +140,9 @@ class DecodeConfig:
     if self.spec_tokens < 1 or self.spec_ngram < 1:
       raise ValueError(f"spec_tokens ({self.spec_tokens}) and spec_ngram "
                        f"({self.spec_ngram}) must be >= 1")
+    if self.num_microbatches < 0:
+      raise ValueError(f"num_microbatches must be >= 0 (0: one per "
+                       f"pipeline stage), got {self.num_microbatches}")
     if self.prefill_token_budget < 0:
       raise ValueError(f"prefill_token_budget must be >= 0 (0: no bound), "
                        f"got {self.prefill_token_budget}")

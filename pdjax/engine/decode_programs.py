@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.sampling import sample
@@ -24,6 +25,8 @@ from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
                                decode_forward_tokens)
+from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
+                                  shard_map_stages, stage_count)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,16 @@ class StepOutput(struct.PyTreeNode):
 
 
 def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
-                paged=False, all_greedy=None):
+                paged=False, all_greedy=None, forward=decode_forward):
+  """``num_steps`` decode steps; ``forward`` is ``decode_forward`` or a
+  function with its signature (the pipelined one: each step is then a
+  full pass through the pipeline)."""
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
     table = jnp.where(live[:, None], slots.page_table, 0)
     positions = jnp.where(live, state.positions, 0)
-    out = decode_forward(params, state.tokens, positions, state.k, state.v,
-                         table, cfg=cfg, paged_attention=paged)
+    out = forward(params, state.tokens, positions, state.k, state.v,
+                  table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.seed, state.generated, all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
@@ -131,7 +137,24 @@ def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
       done=jnp.ones((B,), bool))
 
 
-POOL_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
+# The pools' row axis is layer-major (layer l's page p at row l * N + p):
+# its own logical axis, so that a rule set can split it by layer
+# (``layer_pages = "pp"``: each pipeline stage holds its layers' pages).
+POOL_AXES = ("layer_pages", "page_slot", "kv_heads", "head_dim")
+
+
+def staged_insert(mesh, axis: str = STAGE_AXIS):
+  """``_insert`` for a pool split into pipeline stages over ``axis``: each
+  stage writes its own layers of the payload (split over ``axis`` on its
+  layers axis, as ``DecodeReplica.payload_sharding`` places it) into its
+  own pages; no payload page crosses stages. Row state is whole on every
+  stage and updated alike."""
+  split, whole = PartitionSpec(axis), PartitionSpec()
+  state_specs = DecodeState(k=split, v=split, tokens=whole, positions=whole,
+                            generated=whole, done=whole)
+  return shard_map_stages(
+      _insert, mesh, (state_specs, split, whole, whole, whole, whole, whole),
+      (state_specs, whole), axis)
 
 
 CUBLAS_MIN_ROWS = 2
@@ -186,12 +209,31 @@ class _Programs:
 
   def __init__(self, cfg: ModelConfig, dcfg: DecodeConfig,
                eos_ids: tuple[int, ...], platform: str,
-               devices_per_replica: int):
+               devices_per_replica: int, replica_mesh=None):
+    """``replica_mesh``: one replica's mesh (any of them: the programs
+    use its shape only). With a ``pp`` axis of more than one stage, the
+    generate programs run the pipelined decode
+    (``pdjax.model.pipeline``) in ``dcfg.num_microbatches`` microbatches
+    (0: one per stage), and insert writes each stage's layers on that
+    stage."""
     self.cfg = cfg
     self.dcfg = dcfg
     self.platform = platform
     self.devices_per_replica = devices_per_replica
     self.eos_ids = eos_ids
+    self.stages = 1 if replica_mesh is None else stage_count(replica_mesh)
+    self.num_microbatches = dcfg.num_microbatches or self.stages
+    self._forward = decode_forward
+    if self.stages > 1:
+      if dcfg.speculative != "off":
+        raise ValueError("speculative decoding is not supported in a "
+                         "pipeline-parallel (pp > 1) decode pool")
+      if cfg.num_layers % self.stages:
+        raise ValueError(f"{cfg.num_layers} layers do not split into "
+                         f"{self.stages} pipeline stages")
+      self._forward = functools.partial(
+          pipelined_decode_forward, mesh=replica_mesh.abstract_mesh,
+          num_microbatches=self.num_microbatches)
     # Per row count: the GEMM kernels and the attention path.
     self.compiler_options = {
         rows: generate_compiler_options(dcfg, platform, rows)
@@ -214,7 +256,9 @@ class _Programs:
     self._generate = {(all_greedy, rows): make(all_greedy, rows)
                       for rows in dcfg.row_counts
                       for all_greedy in (True, False)}
-    self.insert = jax.jit(_insert, donate_argnums=(0,))
+    self.insert = jax.jit(
+        _insert if self.stages == 1
+        else staged_insert(replica_mesh.abstract_mesh), donate_argnums=(0,))
 
   def generate_program(self, all_greedy: bool | None, rows: int):
     """A new jitted generate program for calls of ``rows`` rows;
@@ -223,7 +267,8 @@ class _Programs:
     entry = functools.partial(
         _generate_entry, cfg=self.cfg, num_steps=self.dcfg.steps_per_call,
         eos_ids=self.eos_ids, capacity=self.dcfg.max_seq_len,
-        paged=self.paged_attention[rows], all_greedy=all_greedy)
+        paged=self.paged_attention[rows], all_greedy=all_greedy,
+        forward=self._forward)
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
@@ -244,17 +289,21 @@ class _Programs:
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
-                    capacity, paged=False, all_greedy=None):
+                    capacity, paged=False, all_greedy=None,
+                    forward=decode_forward):
   """Advances the call's rows (``slots.rows``) by ``num_steps``: their
   per-row state is gathered, stepped, and scattered back; the pools are
-  shared by every row and updated in place."""
+  shared by every row and updated in place. ``forward``: the model's
+  decode step (``decode_forward``, or the pipelined one in a pool with
+  pipeline stages, where each of the ``num_steps`` steps is a full pass
+  through the pipeline: fill, steady ticks and drain)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   rows = slots.rows
   sub = DecodeState(k=state.k, v=state.v, tokens=state.tokens[rows],
                     positions=state.positions[rows],
                     generated=state.generated[rows], done=state.done[rows])
   sub, out = _scan_steps(params, sub, slots, cfg, num_steps, eos, capacity,
-                         paged, all_greedy)
+                         paged, all_greedy, forward)
   return DecodeState(
       k=sub.k, v=sub.v, tokens=state.tokens.at[rows].set(sub.tokens),
       positions=state.positions.at[rows].set(sub.positions),

@@ -447,35 +447,20 @@ def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
       mask_type=fa.MaskType.PADDING, qkv_layout="BTNH")
 
 
-def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
-                   page_table, *, cfg: ModelConfig,
-                   paged_attention: bool = False) -> DecodeOut:
-  """One token for each of B sequences; not jitted here (the engine jits it
-  with the pools donated).
-
-  The pools hold every layer's pages on one axis: layer ``l``'s page ``p``
-  is row ``l * N + p`` of ``[L * N, P, K, hd]``. Writes and reads are then a
-  scatter and a gather on the whole pool by computed row ids, never a slice
-  of one layer (a slice of a loop-carried buffer is a copy: of the entire
-  pool, every step).
-
-  tokens, positions: [B]; page_table: [B, M] page ids of each row's first M
-  pages (page 0 is the null page idle rows point at). The token at
-  ``positions[b]`` is written to ``page_table[b, pos // P]`` at offset
-  ``pos % P``; attention reads the row's M pages, masked by its length, so
-  stale data in a recycled page is never visible. ``paged_attention``: read
-  them in place with cuDNN's paged attention (GPUs,
-  ``cudnn_paged_attention_applies``) instead of gathering them first.
-  """
-  B = tokens.shape[0]
-  L = cfg.num_layers
-  N = k_pool.shape[0] // L
-  P = k_pool.shape[1]
+def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
+                 page_size: int, dtype, paged_attention: bool = False):
+  """The body of ``decode_forward``'s layer loop for one batch of rows:
+  ``layer((x, k_pool, v_pool), (layer_weights, layer_index))`` runs one
+  layer on the residual stream x [B, 1, D], writing the rows' new K/V into
+  the pools at ``layer_index * num_pages + page`` and reading their pages.
+  The pipelined decode (``pdjax.model.pipeline``) runs the same body over
+  a stage's own layers and pages, so both compute the same thing."""
+  B = positions.shape[0]
+  N, P = num_pages, page_size
   M = page_table.shape[1]
   K, hd = cfg.num_kv_heads, cfg.head_dim
   cos, sin = rope_tables(cfg, positions[:, None])
-  x = _embed(params, tokens[:, None])
-  impl = attention_impl(x.dtype, cfg.head_dim)
+  impl = attention_impl(dtype, cfg.head_dim)
   write_page = jnp.take_along_axis(page_table, (positions // P)[:, None],
                                    axis=1)[:, 0]
   write_off = positions % P
@@ -510,6 +495,35 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
           key_value_seq_lengths=kv_len, implementation=impl)
     return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
 
+  return layer
+
+
+def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
+                   page_table, *, cfg: ModelConfig,
+                   paged_attention: bool = False) -> DecodeOut:
+  """One token for each of B sequences; not jitted here (the engine jits it
+  with the pools donated).
+
+  The pools hold every layer's pages on one axis: layer ``l``'s page ``p``
+  is row ``l * N + p`` of ``[L * N, P, K, hd]``. Writes and reads are then a
+  scatter and a gather on the whole pool by computed row ids, never a slice
+  of one layer (a slice of a loop-carried buffer is a copy: of the entire
+  pool, every step).
+
+  tokens, positions: [B]; page_table: [B, M] page ids of each row's first M
+  pages (page 0 is the null page idle rows point at). The token at
+  ``positions[b]`` is written to ``page_table[b, pos // P]`` at offset
+  ``pos % P``; attention reads the row's M pages, masked by its length, so
+  stale data in a recycled page is never visible. ``paged_attention``: read
+  them in place with cuDNN's paged attention (GPUs,
+  ``cudnn_paged_attention_applies``) instead of gathering them first.
+  """
+  L = cfg.num_layers
+  x = _embed(params, tokens[:, None])
+  layer = decode_layer(cfg, positions, page_table,
+                       num_pages=k_pool.shape[0] // L,
+                       page_size=k_pool.shape[1], dtype=x.dtype,
+                       paged_attention=paged_attention)
   layer_ids = jnp.arange(L, dtype=jnp.int32)
   (x, k_pool, v_pool), _ = jax.lax.scan(
       layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
@@ -594,6 +608,6 @@ __all__ = [
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
     "reference_forward",
-    "PrefillOut", "DecodeOut", "rms_norm", "apply_rope", "rope_tables",
+    "PrefillOut", "DecodeOut", "decode_layer", "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]
