@@ -152,6 +152,8 @@ class DecodePoolConfig:
                                                  "speculative")
   spec_tokens: int = _default(DecodeConfig, "spec_tokens")
   spec_ngram: int = _default(DecodeConfig, "spec_ngram")
+  # Pipeline-parallel pools (a pp mesh axis): microbatches per call.
+  num_microbatches: int = _default(DecodeConfig, "num_microbatches")
   # KV admission ("on_demand" paging with preemption, or "full"), the share
   # of pages kept free for running rows, host pages for preempted rows.
   kv_admission: Literal["on_demand", "full"] = _default(DecodeConfig,
@@ -283,6 +285,7 @@ class DeploymentConfig:
                         speculative=d.speculative,
                         spec_tokens=d.spec_tokens,
                         spec_ngram=d.spec_ngram,
+                        num_microbatches=d.num_microbatches,
                         kv_admission=d.kv_admission,
                         admission_watermark=d.admission_watermark,
                         swap_pages=d.swap_pages,

@@ -104,7 +104,7 @@ class DecodeConfig:
   # per layer (every backend), "paged": cuDNN's paged attention reads them
   # in place (GPUs, one device per replica), "auto": paged where it applies.
   attention: str = "auto"
-  # Pipeline-parallel pools (a ``pp`` mesh axis, shardings/decode_dp_pp):
+  # Pipeline-parallel pools (a ``pp`` mesh axis, pdjax/shardings/decode_dp_pp):
   # each generate call's rows run through the stages in this many
   # microbatches, padded with inactive rows to a multiple of it; a step
   # leaves the stages idle (pp - 1) / (num_microbatches + pp - 1) of the

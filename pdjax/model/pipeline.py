@@ -78,7 +78,7 @@ def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
   of ``mesh``'s ``axis``, the rows in ``num_microbatches`` microbatches.
 
   The pools and ``params["layers"]`` must be split over ``axis`` on their
-  leading axis (``shardings/decode_dp_pp.toml``); tokens, positions and the
+  leading axis (``pdjax/shardings/decode_dp_pp.toml``); tokens, positions and the
   page table are whole on every stage. A row count that ``num_microbatches``
   does not divide is padded with inactive rows (position 0, null pages).
   """
