@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pdjax.engine.decode_config import DecodeConfig
-from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.service.router import RouterConfig
 
 # Layer groups of an auto-configured prefill worker whose hand-offs can take

@@ -231,7 +231,8 @@ def test_local_launch_writes_the_one_configuration(tmp_path):
   launcher's settings on top, written once."""
   from pdjax.launch.cluster import LocalCluster, UsageError, launch
   from pdjax.launch.cluster import resolve_deployment
-  dep = resolve_deployment("test", {"decode": {"max_seqs": 4}},
+  dep = resolve_deployment("test", {"decode": {"max_seqs": 4,
+                                               "row_buckets": [4]}},
                            kv_transport="local", prefill_mesh="tp=1",
                            local_prefill_threshold=8)
   assert dep.kv_transport == "local" and dep.prefill.mesh == "tp=1"
@@ -241,6 +242,8 @@ def test_local_launch_writes_the_one_configuration(tmp_path):
   assert C.resolve(cluster.write_config(dep)) == dep
   with pytest.raises(UsageError, match="bucket"):
     resolve_deployment("test", {"prefill": {"buckets": [20]}})
+  with pytest.raises(UsageError, match="row bucket 16"):
+    resolve_deployment("test", {"decode": {"max_seqs": 4}})
   with pytest.raises(UsageError, match="no worker of this deployment reads"):
     launch(cluster, config="test", num_prefill=0,
            worker_flags=["--fault_injection_drop_kv=0.5"])

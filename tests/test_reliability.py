@@ -101,7 +101,7 @@ async def _one(client: AsyncClient, rng: random.Random, i: int):
     return f"error:{e.code().name}:{e.details()}", got
 
 
-def test_soak_2000_requests_leave_nothing_behind(cluster):
+def test_soak_800_requests_leave_nothing_behind(cluster):
   rng = random.Random(1234)
   decoders = cluster.worker_names("decode")
 
@@ -113,28 +113,30 @@ def test_soak_2000_requests_leave_nothing_behind(cluster):
           return await _one(client, rng, i)
       return await asyncio.gather(*(guarded(i) for i in range(n)))
 
-  warm = asyncio.run(run(300))
+  warm = asyncio.run(run(150))
   rss_before = {n: cluster.rss_bytes(n) for n in decoders}
-  results = warm + asyncio.run(run(1700))
+  results = warm + asyncio.run(run(650))
   outcomes = {}
   for o, _ in results:
     outcomes[o] = outcomes.get(o, 0) + 1
-  assert sum(outcomes.values()) == 2000
+  assert sum(outcomes.values()) == 800
   unexpected = {k: v for k, v in outcomes.items()
                 if k not in ("completed", "cancelled", "deadline")}
   assert not unexpected, outcomes
-  assert outcomes.get("completed", 0) > 1400, outcomes
-  assert outcomes.get("cancelled", 0) > 200, outcomes
-  assert outcomes.get("deadline", 0) > 20, outcomes
+  # Of 800: 75% expected to complete, 20% cancelled, 5% past a deadline.
+  assert outcomes.get("completed", 0) > 540, outcomes
+  assert outcomes.get("cancelled", 0) > 120, outcomes
+  assert outcomes.get("deadline", 0) > 15, outcomes
   assert _wait_idle(cluster) == {}, "KV allocations left behind"
   for n in decoders:
     grown = cluster.rss_bytes(n) - rss_before[n]
+    # 650 requests after the warm-up: a leak of 128 KiB a request shows.
     assert grown < 64 << 20, f"{n} grew {grown / 2**20:.0f} MiB"
     # The decode loop's iterations are in its metrics, both phases.
     text = cluster.metrics(n)
     count = "pdjax_decode_iteration_seconds_count"
     launched = metric(text, count, 'phase="launch"')
-    assert launched > 100, (n, launched)
+    assert launched > 50, (n, launched)
     assert metric(text, count, 'phase="deliver"') == launched
 
 

@@ -115,3 +115,14 @@ def test_the_local_launcher_refuses_a_port_in_use_in_one_line(held_port):
   line = _refused(out)
   assert line.startswith("pdjax.launch.local: "), line
   assert f"127.0.0.1:{held_port}" in line and "in use" in line, line
+
+
+def test_the_router_and_gateway_start_without_jax():
+  """The router and the gateway run no programs: importing them loads no
+  JAX (1.5 s of every start, and a backend they must not hold)."""
+  code = ("import sys, pdjax.launch.router, pdjax.launch.gateway, "
+          "pdjax.launch.kvstore; "
+          "print(sorted(m for m in ('jax', 'jaxlib') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, check=True).stdout
+  assert out.strip() == "[]", out

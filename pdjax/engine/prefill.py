@@ -19,7 +19,6 @@ array, never of slicing a batch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Callable, Sequence
@@ -32,103 +31,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
                              request_kv_shape)
 from pdjax.engine.lockstep import spans_processes
+from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
-from pdjax.engine.xla_options import check_on_off, gemm_options
+from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (Params, prefill_chunk, prefill_embed,
                                prefill_forward, prefill_last_logits,
                                prefill_layer_group)
 from pdjax.sharding import ShardingRules
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefillConfig:
-  buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-  max_batch: int = 4
-  # Prompt tokens one batched program may hold (0: no cap), as vLLM's
-  # max_num_batched_tokens: long buckets run fewer prompts at a time, which
-  # bounds what one program allocates (4 x 8192 tokens of an 8B model want
-  # 7.7 GiB at once, beside a decode worker's page pool).
-  max_batch_tokens: int = 0
-  page_size: int = 16
-  max_seq_len: int = 1024
-  # Bucketed prompts run their layers as this many programs, so each
-  # group's KV can be handed off while later layers compute (1: one fused
-  # program). Chunked and prefix-cached prompts always run fused.
-  layer_groups: int = 1
-  # GEMM kernels of the prefill programs on GPUs: "on" Triton (XLA's
-  # default), "off" cuBLAS, "auto" cuBLAS: at 128-8192 tokens it runs the
-  # 8B prefill 1.57x-1.07x faster than Triton (H200,
-  # docs/notes/2026-11-26-h200-prefill-gemm.md), and prefill programs
-  # always have at least 16 rows.
-  triton_gemm: str = "auto"
-  # XLA's DotMerger: "on" (XLA's default) joins the q/k/v dots of a layer
-  # into one against their weights' concatenation, a copy of those weights
-  # per call (DecodeConfig.merge_dots); "off" keeps them apart. "auto": off.
-  # The one wider GEMM does not make up for the copy: 8B prefill on an
-  # H100, 54.5 ms either way at 2K tokens, 233.9 (off) vs 236.1 ms at 8K.
-  merge_dots: str = "auto"
-
-  def __post_init__(self):
-    check_on_off("triton_gemm", self.triton_gemm)
-    check_on_off("merge_dots", self.merge_dots)
-    if self.layer_groups < 1:
-      raise ValueError(f"layer_groups must be >= 1, got {self.layer_groups}")
-    if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
-      raise ValueError(f"buckets must be increasing, got {self.buckets}")
-    for b in self.buckets:
-      if b % self.page_size:
-        raise ValueError(f"bucket {b} is not a multiple of page_size "
-                         f"{self.page_size}")
-    if self.max_seq_len % self.page_size:
-      raise ValueError(f"max_seq_len {self.max_seq_len} is not a multiple of "
-                       f"page_size {self.page_size}")
-    if self.max_batch_tokens < 0:
-      raise ValueError(f"max_batch_tokens must be >= 0 (0: no cap), got "
-                       f"{self.max_batch_tokens}")
-
-  @property
-  def chunk(self) -> int:
-    return self.buckets[-1]
-
-  def bucket_for(self, n: int) -> int | None:
-    for b in self.buckets:
-      if n <= b:
-        return b
-    return None
-
-  def payload_page_counts(self) -> list[int]:
-    """Every page count ``RequestKV.kv.shape[2]`` a prefill with this config
-    can produce (a decode pool compiles one insert program per count): the
-    buckets' page counts, and every power of two up to the longest prompt's
-    (the buffered path: chunked prompts, cached prefixes, skipped pages)."""
-    top = payload_pages(self.max_seq_len // self.page_size)
-    counts = {b // self.page_size for b in self.buckets}
-    counts.update(1 << i for i in range(top.bit_length()))
-    return sorted(counts)
-
-  def layer_group_sizes(self, num_layers: int) -> list[int]:
-    """Layers per group, as even as possible (at most two sizes, so at
-    most two group programs per bucket and batch size)."""
-    g = min(self.layer_groups, num_layers)
-    return [num_layers // g + (i < num_layers % g) for i in range(g)]
-
-  def batch_limit(self, bucket: int) -> int:
-    """Prompts one program of ``bucket`` tokens runs at most (always 1 or
-    more: a prompt longer than the cap still runs, alone)."""
-    if not self.max_batch_tokens:
-      return self.max_batch
-    return max(1, min(self.max_batch, self.max_batch_tokens // bucket))
-
-  def batch_sizes(self, bucket: int) -> list[int]:
-    """The batch sizes compiled for ``bucket``: powers of two, then its
-    limit."""
-    limit, out, b = self.batch_limit(bucket), [], 1
-    while b < limit:
-      out.append(b)
-      b *= 2
-    return out + [limit]
 
 
 def prefill_compiler_options(config: PrefillConfig,

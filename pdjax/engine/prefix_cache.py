@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import logging
 import threading
 from typing import Any, Sequence
@@ -40,6 +39,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pdjax.engine.api import PrefixStore
+from pdjax.engine.block_names import (HASH_BYTES, block_hashes,
+                                       layout_fingerprint)
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.cache_events import CacheEventLog
@@ -49,33 +50,6 @@ from pdjax.sharding import ShardingRules
 log = logging.getLogger(__name__)
 
 POOL_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
-HASH_BYTES = 16
-
-
-def layout_fingerprint(cfg: ModelConfig, page_size: int) -> bytes:
-  """What must match for two pools to exchange blocks."""
-  return hashlib.blake2b(f"{cfg.fingerprint()}:{page_size}".encode(),
-                         digest_size=HASH_BYTES).digest()
-
-
-def block_hashes(token_ids: Sequence[int], page_size: int, fingerprint: bytes,
-                 salt: str = "") -> list[bytes]:
-  """Names of the full blocks of ``token_ids``, in order (chained)."""
-  ids = np.asarray(token_ids, dtype="<i4")
-  n = len(ids) // page_size
-  salt_b = salt.encode()
-  out: list[bytes] = []
-  parent = b""
-  for i in range(n):
-    h = hashlib.blake2b(digest_size=HASH_BYTES)
-    h.update(parent)
-    h.update(fingerprint)
-    h.update(len(salt_b).to_bytes(4, "little"))
-    h.update(salt_b)
-    h.update(ids[i * page_size:(i + 1) * page_size].tobytes())
-    parent = h.digest()
-    out.append(parent)
-  return out
 
 
 # ------------------------------------------------------------------ programs

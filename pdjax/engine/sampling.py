@@ -1,4 +1,5 @@
-"""Sampling parameters (named as vLLM names them) and the batched sampler.
+"""The batched sampler (the parameters, named as vLLM names them, are in
+``sampling_params``).
 
 Reproducibility is per sequence: the randomness for the n-th generated token
 of a request comes from ``fold_in(key(seed), n)`` and is drawn for that row
@@ -15,60 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_STOP_TOKEN_IDS = 16
-
-
-class InvalidRequest(ValueError):
-  """A request field with an unusable value; ``field`` names it."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field = field
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  max_tokens: int = 16
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0          # 0 or -1: no top-k
-  seed: int | None = None
-  stop_token_ids: tuple[int, ...] = ()
-  ignore_eos: bool = False
-  # In a pool that speculates (DecodeConfig.speculative), whether this
-  # request's tokens are drafted and verified (False: plain decoding).
-  speculative: bool = True
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
-
-  def validate(self, vocab_size: int | None = None) -> None:
-    if self.max_tokens is None or self.max_tokens <= 0:
-      raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
-    if not np.isfinite(self.temperature) or self.temperature < 0:
-      raise InvalidRequest("temperature",
-                           f"must be >= 0 (0 = greedy), got {self.temperature}")
-    if not (0.0 < self.top_p <= 1.0):
-      raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
-    if self.top_k < -1:
-      raise InvalidRequest("top_k", f"must be -1, 0 (disabled) or >= 1, got "
-                           f"{self.top_k}")
-    if self.seed is not None and not (0 <= self.seed < 2**63):
-      raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
-    if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-      raise InvalidRequest("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} "
-                           f"ids, got {len(self.stop_token_ids)}")
-    if vocab_size is not None:
-      for t in self.stop_token_ids:
-        if not 0 <= t < vocab_size:
-          raise InvalidRequest("stop_token_ids", f"id {t} is outside the "
-                               f"vocabulary [0, {vocab_size})")
-
-  def seed_u32(self, fallback: int) -> int:
-    """The 32-bit key seed for this request (``fallback`` when unseeded)."""
-    s = fallback if self.seed is None else self.seed
-    return (s ^ (s >> 32)) & 0xFFFFFFFF
+from pdjax.engine.sampling_params import (MAX_STOP_TOKEN_IDS,  # noqa: F401
+                                          InvalidRequest, SamplingParams)
 
 
 @dataclasses.dataclass

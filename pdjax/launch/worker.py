@@ -262,6 +262,9 @@ def check_gpu(jax) -> None:
 def _init_jax(memory_fraction: float | None = None):
   os.environ.update(xla_memory_env(memory_fraction))
   import jax
+
+  from pdjax.engine import compile_stats  # counts from the first compile
+  compile_stats.install()
   if FLAGS.coordinator_address:
     # Collectives between processes' CPU devices (tests, CPU deployments);
     # GPUs use NCCL whatever this says.

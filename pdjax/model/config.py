@@ -14,19 +14,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+# The activation/KV dtypes by name, and their sizes in bytes (the dtypes
+# themselves come from jax.numpy when asked for: configs are read where no
+# JAX backend is wanted, e.g. the router).
+_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Quantized storage of the projection weights (ModelConfig.weight_dtype).
 WEIGHT_DTYPES = ("float8_e4m3fn",)
 
@@ -108,7 +105,8 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
-    return _DTYPES[self.dtype]
+    import jax.numpy as jnp
+    return getattr(jnp, self.dtype)
 
   @property
   def q_per_kv(self) -> int:
@@ -116,7 +114,7 @@ class ModelConfig:
 
   def kv_bytes_per_token(self) -> int:
     """Bytes of K and V for one token across all layers."""
-    itemsize = jnp.dtype(self.jnp_dtype).itemsize
+    itemsize = _DTYPES[self.dtype]
     return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
   def param_count(self) -> int:

@@ -18,7 +18,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pdjax.engine.sampling import InvalidRequest
+from pdjax.engine.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ import time
 from typing import Sequence
 
 from pdjax.engine.cache_events import CacheEventLog, routing_key
-from pdjax.engine.prefix_cache import block_hashes
+from pdjax.engine.block_names import block_hashes
 from pdjax.v1 import common_pb2
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ base units (seconds, bytes), ``_total`` for counters.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, start_http_server)
 
-from pdjax.engine import compile_stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -29,6 +29,14 @@ TOKEN_BUCKETS = tuple(float(2 ** k) for k in range(18))
 _MEMORY_STATS = {"bytes_in_use": "in_use", "peak_bytes_in_use": "peak",
                  "bytes_limit": "limit",
                  "largest_free_block_bytes": "largest_free_block"}
+
+
+def _compile_count() -> int:
+  """XLA compilations in this process (0 where JAX was never imported: a
+  router or gateway, which compile nothing)."""
+  if "pdjax.engine.compile_stats" not in sys.modules:
+    return 0
+  return sys.modules["pdjax.engine.compile_stats"].compile_count()
 
 
 class Metrics:
@@ -132,7 +140,7 @@ class Metrics:
     self.compilations = Gauge(
         "pdjax_xla_compilations", "XLA compilations in this process.",
         registry=r)
-    self.compilations.set_function(compile_stats.compile_count)
+    self.compilations.set_function(_compile_count)
     self.workers = Gauge(
         "pdjax_workers", "Workers known to the router by role and state.",
         ["role", "state"], registry=r)

@@ -36,12 +36,12 @@ from typing import Literal
 
 import grpc
 
-from pdjax.engine.sampling import InvalidRequest, SamplingParams
+from pdjax.engine.sampling_params import InvalidRequest, SamplingParams
 from pdjax.service import common, discovery, kv_router, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
-from pdjax.transfer.base import new_transfer_id
+from pdjax.transfer.ids import new_transfer_id
 from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
                       generate_pb2_grpc, kv_pb2, prefill_pb2)
 

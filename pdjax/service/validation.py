@@ -12,8 +12,8 @@ import math
 import secrets
 from typing import Sequence
 
-from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
-                                   SamplingParams)
+from pdjax.engine.sampling_params import (MAX_STOP_TOKEN_IDS,
+                                          InvalidRequest, SamplingParams)
 from pdjax.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 16

@@ -7,11 +7,17 @@
 See ``pdjax.transfer.base`` for the hand-off lifecycle.
 """
 
-from pdjax.transfer.base import (KvReceiver, KvSender, LeaseTable,
-                                 TransferDenied, TransferError,
-                                 TransferTimeout, new_transfer_id)
-
 TRANSPORTS = ("local", "device", "grpc")
+
+
+def __getattr__(name: str):
+  # The transports' types load JAX; importing this package (for an id, from
+  # the router) does not.
+  if name in __all__:
+    from pdjax.transfer import base
+    return getattr(base, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["KvReceiver", "KvSender", "LeaseTable", "TransferDenied",
            "TransferError", "TransferTimeout", "new_transfer_id",

@@ -28,7 +28,6 @@ import abc
 import dataclasses
 import functools
 import logging
-import secrets
 import threading
 import time
 from typing import Callable
@@ -38,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pdjax.engine.kv import pages_for
+from pdjax.transfer.ids import new_pull_uuid, new_transfer_id  # noqa: F401
 from pdjax.engine.requests import RequestKV
 from pdjax.v1 import kv_pb2
 
@@ -141,14 +141,6 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
     raise error(f"KV of {data_pages} pages exceeds the {max_pages} reserved "
                 "for it")
   return shape, dtype
-
-
-def new_transfer_id() -> str:
-  return secrets.token_hex(16)
-
-
-def new_pull_uuid() -> int:
-  return secrets.randbits(63) or 1
 
 
 @dataclasses.dataclass
