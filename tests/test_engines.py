@@ -52,8 +52,11 @@ PCFG = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
 # sequences fill a replica, so capacity limits are easy to reach. Page-table
 # widths 4 and 8: rows still move from one generate program to the other
 # as they grow, with half the programs of every power of two.
+# One row count (all four rows): the programs by row count, and that they
+# give the same tokens, are tests/test_decode_rows.py's.
 DCFG = DecodeConfig(max_seqs=4, page_size=PAGE, num_pages=32,
-                    max_seq_len=MAX_SEQ, steps_per_call=4, table_buckets=(4,))
+                    max_seq_len=MAX_SEQ, steps_per_call=4, table_buckets=(4,),
+                    row_buckets=(4,))
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

@@ -106,7 +106,7 @@ def test_engines_serve_fp8_weights(tiny_model_dir):
   pcfg = PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
                        max_seq_len=128)
   dcfg = DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
-                      max_seq_len=128, steps_per_call=4)
+                      max_seq_len=128, steps_per_call=4, row_buckets=(4,))
   fp8 = ColocatedEngine(qparams, qcfg, mesh, rules, pcfg, dcfg)
   plain_cfg = qcfg.replace(weight_dtype=None)
   deq = shard_params(_dequantized(qparams, qcfg), plain_cfg, rules, mesh)
