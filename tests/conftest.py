@@ -174,6 +174,7 @@ _DEPLOYMENT_GROUPS = {
     "test_kv_router.py": "deployments-b",
     "test_gateway.py": "deployments-b",
     "test_kv_sharing_cluster.py": "deployments-b",
+    "test_chaos.py": "deployments-b",
 }
 # Handed out in this order (longest first, the two deployment groups apart);
 # groups not named here come after, in collection order.
