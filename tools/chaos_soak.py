@@ -38,7 +38,7 @@ GATEWAY_SHARE = flags.DEFINE_float(
 CONCURRENCY = flags.DEFINE_integer("concurrency", 32,
                                    "Requests in flight at once.")
 KILL_AT = flags.DEFINE_float(
-    "kill_at", 0.5, "Fraction of the run after which a worker is killed "
+    "kill_at", 0.1, "Fraction of the run after which a worker is killed "
     "with SIGKILL (the supervisor restarts it); negative: no kill.")
 KILL_ROLE = flags.DEFINE_enum("kill_role", "decode", ["decode", "prefill"],
                               "Which pool's first worker is killed.")

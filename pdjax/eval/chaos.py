@@ -68,7 +68,7 @@ class ChaosConfig:
   deadline_share: float = 0.03
   gateway_share: float = 0.1       # of the requests, sent through the gateway
   concurrency: int = 32
-  kill_at: float | None = 0.5      # fraction of the run; None: no kill
+  kill_at: float | None = 0.1      # fraction of the run; None: no kill
   kill_role: str = "decode"        # "decode" | "prefill"
   slow_clients: int = 20
   slow_at: float = 0.2             # fraction of the run they start at
@@ -548,6 +548,7 @@ async def _chaos(cfg: ChaosConfig, dep: Deployment, log) -> dict:
   t = time.monotonic()
   await _load(run)
   load_s = time.monotonic() - t
+  load_end_t = run.now()
   log(f"load: {cfg.num_requests} requests in {load_s:.1f} s")
   side_errors = []
   for task in side:
@@ -555,6 +556,10 @@ async def _chaos(cfg: ChaosConfig, dep: Deployment, log) -> dict:
       await asyncio.wait_for(task, cfg.restart_timeout_s)
     except Exception as e:   # noqa: BLE001 - reported as a failed check
       side_errors.append(repr(e)[:300])
+  if run.kill:
+    # Whether the restarted worker was back while the load still ran.
+    run.kill["rejoined_under_load"] = bool(
+        run.kill.get("serving_t") and run.kill["serving_t"] < load_end_t)
   async with AsyncClient(dep.address) as client:
     serves = (await _serves_again(run, client)
               if cfg.kill_at is not None else None)
@@ -664,6 +669,8 @@ def format_table(s: dict) -> str:
           f"{kill['worker']} at {kill['at_request']}" if kill else "none")),
       ("restart to serving (s)", (
           f"{kill['restart_s']:.1f}" if kill.get("restart_s") else "-")),
+      ("restarted worker back while the load ran",
+       kill.get("rejoined_under_load", "-")),
       ("restarted worker serves again",
        (s["restarted_worker_serves"] or {}).get("served", "-")),
       ("slow clients closed by the gateway", (
