@@ -10,6 +10,7 @@ import urllib.request
 
 import numpy as np
 
+from pdjax.eval.chaos import metric  # noqa: F401  (the tests read metrics)
 from pdjax.launch.cluster import LocalCluster, launch, tail
 
 MAX_NEW = 12
@@ -52,13 +53,6 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW) -> list[list[int]]:
   return [out[str(i)] for i in range(len(prompts))]
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-  """One sample of a Prometheus text exposition (0 if absent)."""
-  head = name + (("{" + labels + "}") if labels else "")
-  for line in text.splitlines():
-    if line.startswith(head + " "):
-      return float(line.rsplit(" ", 1)[1])
-  return 0.0
 
 
 def check_ttft_stages(usage) -> None:
