@@ -61,10 +61,7 @@ async def serve() -> None:
                         disk_capacity_bytes=FLAGS.disk_capacity_mib << 20,
                         max_block_bytes=FLAGS.max_block_mib << 20)
   server = common.make_server(sec)
-  try:
-    port = common.bind(server, FLAGS.host, FLAGS.port, sec)
-  except common.BindError as e:
-    raise SystemExit(f"error: {e}") from None
+  port = common.bind_or_exit(server, FLAGS.host, FLAGS.port, sec)
   address = FLAGS.advertise_address or f"{FLAGS.host}:{port}"
   metrics = Metrics("kvstore")
   store_metrics = StoreMetrics(metrics)

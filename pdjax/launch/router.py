@@ -129,10 +129,7 @@ async def serve(dep) -> None:
   selectors = {"prefill": FLAGS.k8s_prefill_selector,
                "decode": FLAGS.k8s_decode_selector}
   health = await common.add_health(server, [GENERATION_SERVICE])
-  try:
-    port = common.bind(server, FLAGS.host, FLAGS.port, sec)
-  except common.BindError as e:
-    raise SystemExit(f"error: {e}") from None
+  port = common.bind_or_exit(server, FLAGS.host, FLAGS.port, sec)
   # Health answers from the start: live at once, ready (readiness SERVING)
   # once a decode worker is.
   await server.start()

@@ -404,10 +404,7 @@ async def serve(role: str, dep) -> None:
                 "service token (docs/security.md)")
   devices = F.parse_devices(FLAGS.devices)
   server = common.make_server(sec)
-  try:
-    port = common.bind(server, FLAGS.host, FLAGS.port, sec)
-  except common.BindError as e:
-    raise SystemExit(f"error: {e}") from None
+  port = common.bind_or_exit(server, FLAGS.host, FLAGS.port, sec)
   address = FLAGS.advertise_address or f"{FLAGS.host}:{port}"
   exchange = None
   if transport == "local":

@@ -345,6 +345,16 @@ def bind(server: grpc.aio.Server, host: str, port: int,
   return bound
 
 
+def bind_or_exit(server: grpc.aio.Server, host: str, port: int,
+                 security: Security = Security()) -> int:
+  """``bind`` for a launcher: a port it cannot take ends the process with
+  one line (``error: ...``), not a traceback."""
+  try:
+    return bind(server, host, port, security)
+  except BindError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
 # The standard health service (grpc.health.v1.Health) of every pdjax
 # server answers for three names:
 #   ""                  readiness: SERVING while the process takes requests
