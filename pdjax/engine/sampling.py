@@ -57,13 +57,13 @@ class SamplingArrays:
     return (self.temperature, self.top_p, self.top_k, self.seed)
 
 
-def _sample_row(logits, temperature, top_p, top_k, seed, index):
-  """One row: logits [V] f32 -> token. Greedy when temperature == 0."""
+def filtered_sorted_logits(logits, temperature, top_p, top_k):
+  """One row's sampling distribution: logits [V] scaled by the temperature
+  and sorted (descending), with what top-k and top-p drop at -inf (both
+  no-ops when off); returns (order, masked), ``masked[i]`` being the logit
+  of token ``order[i]``."""
   vocab = logits.shape[-1]
-  greedy_tok = jnp.argmax(logits).astype(jnp.int32)
-  key = jax.random.fold_in(jax.random.key(seed), index)
   scaled = logits / jnp.maximum(temperature, 1e-6)
-  # top-k and top-p on the sorted distribution; both are no-ops when off.
   order = jnp.argsort(-scaled)
   sorted_logits = scaled[order]
   rank = jnp.arange(vocab)
@@ -72,7 +72,14 @@ def _sample_row(logits, temperature, top_p, top_k, seed, index):
   probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
   cum_before = jnp.cumsum(probs) - probs
   keep = keep & (cum_before < top_p)
-  masked = jnp.where(keep, sorted_logits, -jnp.inf)
+  return order, jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def _sample_row(logits, temperature, top_p, top_k, seed, index):
+  """One row: logits [V] f32 -> token. Greedy when temperature == 0."""
+  greedy_tok = jnp.argmax(logits).astype(jnp.int32)
+  key = jax.random.fold_in(jax.random.key(seed), index)
+  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k)
   choice = jax.random.categorical(key, masked)
   sampled_tok = order[choice].astype(jnp.int32)
   return jnp.where(temperature == 0.0, greedy_tok, sampled_tok)
@@ -111,4 +118,5 @@ def sample(logits, temperature, top_p, top_k, seed, index, *,
 
 
 __all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
+           "filtered_sorted_logits",
            "MAX_STOP_TOKEN_IDS"]

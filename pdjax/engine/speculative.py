@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdjax.engine.sampling import filtered_sorted_logits
+
 
 def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
                   min_n: int = 1) -> list[int]:
@@ -55,21 +57,10 @@ def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
 
 def _filtered_logits(logits, temperature, top_p, top_k):
   """[V] logits -> the target's sampling distribution as logits in vocab
-  order: temperature, then top-k and top-p (the kept tokens; -inf
-  elsewhere), as ``sampling._sample_row`` samples."""
-  vocab = logits.shape[-1]
-  scaled = logits / jnp.maximum(temperature, 1e-6)
-  order = jnp.argsort(-scaled)
-  sorted_logits = scaled[order]
-  rank = jnp.arange(vocab)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  keep = rank < k
-  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
-  cum_before = jnp.cumsum(probs) - probs
-  keep = keep & (cum_before < top_p)
-  kept_sorted = jnp.where(keep, sorted_logits, -jnp.inf)
-  return jnp.full((vocab,), -jnp.inf, scaled.dtype).at[order].set(
-      kept_sorted)
+  order (the kept tokens; -inf elsewhere), as ``sampling._sample_row``
+  samples."""
+  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k)
+  return jnp.full(logits.shape, -jnp.inf, masked.dtype).at[order].set(masked)
 
 
 def _accept_greedy_row(logits, drafts, num_drafts):
