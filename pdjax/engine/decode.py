@@ -554,9 +554,8 @@ class DecodeEngine:
       r.generated.extend(toks)
       if call.drafted is not None:   # a speculating call
         drafted = call.drafted[col]
-        rep.delivered(row, drafted, len(toks))
         self.stats["spec_drafted"] += drafted
-        self.stats["spec_accepted"] += min(max(len(toks) - 1, 0), drafted)
+        self.stats["spec_accepted"] += rep.delivered(row, drafted, len(toks))
       if finished[:, col].any():
         self._end_row(replica, row, RequestStatus.FINISHED_STOPPED
                       if stopped[:, col].any()

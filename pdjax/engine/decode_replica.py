@@ -571,13 +571,16 @@ class DecodeReplica:
       num[i] = len(d)
     return drafts, num
 
-  def delivered(self, row: int, drafted: int, emitted: int) -> None:
+  def delivered(self, row: int, drafted: int, emitted: int) -> int:
     """After a speculating call's tokens are read: the row advanced by what
-    it emitted (not by the most it could), and its acceptance counts."""
+    it emitted (not by the most it could), and its acceptance counts.
+    Returns the drafts it kept."""
     r = self.rows[row]
     r.steps_dispatched = r.tokens_out - 1
+    accepted = min(max(emitted - 1, 0), drafted)
     r.spec_drafted += drafted
-    r.spec_accepted += min(max(emitted - 1, 0), drafted)
+    r.spec_accepted += accepted
+    return accepted
 
 
 @dataclasses.dataclass
