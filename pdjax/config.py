@@ -76,6 +76,17 @@ def _default(cls, name: str):
   return cls.__dataclass_fields__[name].default
 
 
+def _engine_config(cls, pool, **given):
+  """The engine config ``cls`` with every setting of it that the pool
+  table ``pool`` holds (sequences as tuples), and ``given`` on top."""
+  kw = {}
+  for f in dataclasses.fields(cls):
+    if hasattr(pool, f.name):
+      v = getattr(pool, f.name)
+      kw[f.name] = tuple(v) if isinstance(v, list) else v
+  return cls(**{**kw, **given})
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillPoolConfig:
   """``[prefill]``: what a prefill worker runs."""
@@ -266,34 +277,13 @@ class DeploymentConfig:
     """The prefill engine of the prefill pool, or of ``pool`` (the decode
     pool: a decode worker's own prefill)."""
     pool = pool or self.prefill
-    return PrefillConfig(buckets=tuple(pool.buckets), max_batch=pool.max_batch,
-                         max_batch_tokens=pool.max_batch_tokens,
-                         page_size=self.page_size,
-                         max_seq_len=self.max_seq_len,
-                         layer_groups=layer_groups,
-                         triton_gemm=pool.triton_gemm,
-                         merge_dots=pool.merge_dots)
+    return _engine_config(PrefillConfig, pool, page_size=self.page_size,
+                          max_seq_len=self.max_seq_len,
+                          layer_groups=layer_groups)
 
   def decode_engine_config(self) -> DecodeConfig:
-    d = self.decode
-    return DecodeConfig(max_seqs=d.max_seqs, page_size=self.page_size,
-                        num_pages=d.num_pages, max_seq_len=self.max_seq_len,
-                        steps_per_call=d.steps_per_call,
-                        table_buckets=tuple(d.table_buckets),
-                        row_buckets=tuple(d.row_buckets),
-                        prefill_token_budget=d.prefill_token_budget,
-                        speculative=d.speculative,
-                        spec_tokens=d.spec_tokens,
-                        spec_ngram=d.spec_ngram,
-                        num_microbatches=d.num_microbatches,
-                        kv_admission=d.kv_admission,
-                        admission_watermark=d.admission_watermark,
-                        swap_pages=d.swap_pages,
-                        prefix_caching=d.prefix_caching,
-                        host_cache_blocks=d.host_cache_blocks,
-                        triton_gemm=d.triton_gemm,
-                        merge_dots=d.merge_dots,
-                        attention=d.attention)
+    return _engine_config(DecodeConfig, self.decode, page_size=self.page_size,
+                          max_seq_len=self.max_seq_len)
 
   def memory_fraction(self, roles: tuple[str, ...]) -> float | None:
     """XLA's share of each GPU in a worker running ``roles``: its pool's
