@@ -102,7 +102,15 @@ flags.DEFINE_string("row_buckets", "", "Row counts of the generate "
                     "programs (default: the pool's; 'MAX' for max_seqs "
                     "only, every call running every row as before row "
                     "programs).")
+flags.DEFINE_list("reset_after_churn", [], "Which device-side state of the "
+                  "free rows to set back to a fresh engine's after the churn, "
+                  "one more probe after each (cumulative, in the order "
+                  "given): tokens, positions, generated, done, null_page "
+                  "(the null page's KV zeroed). Names the state a slowdown "
+                  "comes from.")
 FLAGS = flags.FLAGS
+
+RESETTABLE = ("tokens", "positions", "generated", "done", "null_page")
 
 TOOL = "bench_decode_churn"
 
@@ -209,6 +217,25 @@ def probe(engine, cfg, context: int, calls: int, tag: str,
           "first_page": min(pages), "last_page": max(pages),
           "compiles_during_timing": compiled.count,
           "memory": _device_memory()}
+
+
+def reset_free_rows(engine, what: str) -> None:
+  """Sets one part of the free rows' device state (or the null page's KV)
+  back to what a fresh engine holds."""
+  import jax.numpy as jnp
+  import numpy as np
+  for rep in engine.replicas:
+    st = rep.state
+    if what == "null_page":
+      n = st.k.shape[0] // rep.cfg.num_layers
+      null = jnp.asarray(np.arange(rep.cfg.num_layers) * n, jnp.int32)
+      rep.state = st.replace(k=st.k.at[null].set(0), v=st.v.at[null].set(0))
+      continue
+    free = jnp.asarray([i for i, r in enumerate(rep.rows) if r is None],
+                       jnp.int32)
+    field = getattr(st, what)
+    rep.state = st.replace(**{what: field.at[free].set(
+        jnp.zeros((), field.dtype))})
 
 
 def _churn_items(cfg, num_requests: int, max_seq_len: int, seed: int):
@@ -318,6 +345,10 @@ def soak(engine, cfg, d, writer, params_rec, before) -> None:
 
 def main(argv) -> None:
   del argv
+  unknown = set(FLAGS.reset_after_churn) - set(RESETTABLE)
+  if unknown:
+    raise app.UsageError(f"--reset_after_churn: unknown {sorted(unknown)}; "
+                         f"choose from {', '.join(RESETTABLE)}")
   if not FLAGS.command_buffers:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_gpu_enable_command_buffer=").strip()
@@ -384,9 +415,19 @@ def main(argv) -> None:
   after = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls, "after",
                 FLAGS.probe_rows)
   ratio = after["call_ms"] / before["call_ms"]
+  resets, reset_probes = [], []
+  for what in FLAGS.reset_after_churn:
+    reset_free_rows(engine, what)
+    resets.append(what)
+    p = probe(engine, cfg, d["probe_context"], FLAGS.probe_calls,
+              "reset-" + what, FLAGS.probe_rows)
+    reset_probes.append({"reset": list(resets), "call_ms": p["call_ms"],
+                         "ratio": p["call_ms"] / before["call_ms"]})
+    print(f"  after resetting {'+'.join(resets)}: {p['call_ms']:.2f} ms per "
+          f"call, {p['call_ms'] / before['call_ms']:.2f}x", flush=True)
   writer.write(TOOL, "probe_ratio", params_rec,
                {"before": before, "churn": traffic, "after": after,
-                "ratio": ratio})
+                "ratio": ratio, "after_resets": reset_probes})
   rows = []
   for name, p in (("before", before), ("after", after)):
     m = p["memory"]

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Does decode stay as fast as a fresh engine's under long mixed traffic?
 # (tools/bench_decode_churn.py, Llama-3-8B shapes, gpu-8b's decode pool, one
-# GPU.) Two parts:
+# GPU.) Parts (PARTS, default "mixed"):
+#   cause   the slowdown's cause: every call running all 128 rows (the
+#           engine before row programs), 240 chat requests, then the probe
+#           again after setting each part of the free rows' device state
+#           back to a fresh engine's, one part more per probe;
 #   mixed   one probe (1 row, then 33 rows: the 128-row program padded with
 #           free rows) before and after 2,400 requests of chat, summarize and
 #           multiturn, a fifth of them cancelled part-way; target: after /
@@ -17,14 +21,25 @@ cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 start_call "$OUT"
+export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 MIX="--churn_presets=chat,summarize,multiturn --cancel_share=0.2"
 for part in ${PARTS:-mixed}; do
   case $part in
+    cause)
+      echo "=== [$((SECONDS-START)) s] cause, every call all 128 rows"
+      timeout ${PART_TIMEOUT:-300} python3 tools/bench_decode_churn.py \
+        --model=llama3-8b --churn_requests=240 --probe_calls=12 \
+        --row_buckets=MAX \
+        --reset_after_churn=tokens,positions,generated,done,null_page \
+        --out="$OUT/cause.jsonl" > "$OUT/cause.log" 2>&1
+      echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/cause.log" | tail -16 ;;
     mixed)
-      for rows in 1 33; do
+      for rows in ${MIXED_ROWS:-1 33}; do
         echo "=== [$((SECONDS-START)) s] mixed, probe of $rows row(s)"
-        python3 tools/bench_decode_churn.py --model=llama3-8b $MIX \
-          --churn_requests=2400 --probe_rows=$rows --probe_context=2048 \
+        timeout ${PART_TIMEOUT:-600} python3 tools/bench_decode_churn.py \
+          --model=llama3-8b $MIX \
+          --churn_requests=${CHURN:-2400} --probe_rows=$rows --probe_context=2048 \
           --out="$OUT/mixed.jsonl" > "$OUT/mixed_$rows.log" 2>&1
         echo "exit $?"; awk '/^== /{p=1} p' "$OUT/mixed_$rows.log"
       done ;;
