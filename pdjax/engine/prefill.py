@@ -395,8 +395,12 @@ class PrefillEngine:
       true_len[i] = len(r.prompt_ids)
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
-    samp = tuple(self._put(a) for a in samp.as_tuple())
-    tokens, true_len = self._put(tokens), self._put(true_len)
+    # One transfer call for every input, one for both outputs: each
+    # separate host<->device copy costs a round of runtime overhead on the
+    # first token's path.
+    tokens, true_len, *samp = self._put((tokens, true_len,
+                                         *samp.as_tuple()))
+    samp = tuple(samp)
     # kv_ready goes out before any program that samples: sampling branches
     # on a device value (``lax.cond``: all rows greedy?), which XLA's GPU
     # runtime resolves on the host, so that call returns only once the
@@ -417,7 +421,7 @@ class PrefillEngine:
              for i, r in enumerate(reqs)]
       _announce(kvs, kv_ready)
       tok, lp = self._head(self.params, x, true_len, samp)
-    tok, lp = np.asarray(tok), np.asarray(lp)
+    tok, lp = jax.device_get((tok, lp))
     self._observe(sum(len(r.prompt_ids) for r in reqs),
                   time.perf_counter() - t0)
     store = self.prefix_store
