@@ -336,3 +336,24 @@ def test_router_process_is_live_but_not_ready_without_workers(tmp_path):
     assert got == NOT_READY, got
   finally:
     cluster.stop()
+
+
+def test_placement_counts_the_pages_the_worker_admits_with():
+  """Between polls the router counts, per request it places, the pages the
+  worker's admission promises: the prompt's and the first calls' where the
+  worker allocates pages on demand, the whole budget where it does not."""
+  from pdjax.engine.sampling_params import SamplingParams
+  from pdjax.service.registry import Worker
+
+  servicer = RouterServicer(WorkerRegistry(), None, RouterConfig())
+  servicer.registry.expected = MODEL
+  sampling = SamplingParams(max_tokens=200)
+  on_demand = Worker("a:1", "decode", None, None, info=common_pb2.WorkerInfo(
+      admission_tokens_past_prompt=8))
+  whole = Worker("b:1", "decode", None, None, info=common_pb2.WorkerInfo())
+  assert servicer._page_estimate(on_demand, 40, sampling) == 3   # 48 / 16
+  assert servicer._page_estimate(whole, 40, sampling) == 15      # 240 / 16
+  # Never past the context, nor past max_tokens when that is shorter.
+  assert servicer._page_estimate(whole, 200, sampling) == MAX_SEQ_LEN // 16
+  assert servicer._page_estimate(on_demand, 47,
+                                 SamplingParams(max_tokens=1)) == 3   # 48

@@ -521,6 +521,8 @@ async def serve(role: str, dep) -> None:
       from pdjax.service.decode_service import (DecodeServicer, DecodeWorker,
                                                 KvTransferServicer)
       dcfg = dep.decode_engine_config()
+      if dcfg.on_demand:   # what the router's placement counts per request
+        info.admission_tokens_past_prompt = 2 * dcfg.tokens_per_call
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,

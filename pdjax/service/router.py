@@ -408,17 +408,22 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       raise _Failed(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready")
     return d
 
-  def _page_estimate(self, prompt_len: int, sampling) -> int:
-    """KV pages a request will reserve on its decode worker."""
-    info = self.registry.expected
-    tokens = min(prompt_len + sampling.max_tokens, info.max_seq_len)
-    return -(-tokens // max(info.page_size, 1))
+  def _page_estimate(self, d: Worker, prompt_len: int, sampling) -> int:
+    """KV pages admission on decode worker ``d`` will promise a request:
+    its prompt's and, where the worker allocates pages on demand, those of
+    the first tokens it generates; else its whole budget."""
+    model = self.registry.expected
+    past = sampling.max_tokens
+    if d.info is not None and d.info.admission_tokens_past_prompt:
+      past = min(past, d.info.admission_tokens_past_prompt)
+    tokens = min(prompt_len + past, model.max_seq_len)
+    return -(-tokens // max(model.page_size, 1))
 
   async def _local(self, d: Worker, rid, ids, sampling, seed, context, usage,
                    salt=""):
     usage.decode_worker = d.address
     # Seen by the next pick before the worker's own accounting is polled.
-    d.reserved_pages += self._page_estimate(len(ids), sampling)
+    d.reserved_pages += self._page_estimate(d, len(ids), sampling)
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,
         sampling=validation.sampling_to_proto(sampling), seed=seed,
@@ -438,7 +443,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       transfer_id = new_transfer_id()
       # Count the pages before the call: requests arriving together must
       # see each other's reservations, or they all pick the same worker.
-      estimate = self._page_estimate(len(ids), sampling)
+      estimate = self._page_estimate(d, len(ids), sampling)
       d.reserved_pages += estimate
       try:
         with self.registry.hold(d):

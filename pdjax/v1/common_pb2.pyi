@@ -127,7 +127,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self, cache_events_since: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load", "cache_stored", "cache_evicted", "cache_seq", "cache_complete", "prefix_caching", "serves_blocks", "roles")
+    __slots__ = ("role", "address", "model", "kv_transport", "mesh", "sharding", "kv_transfer_address", "process_id", "hostname", "draining", "load", "cache_stored", "cache_evicted", "cache_seq", "cache_complete", "prefix_caching", "serves_blocks", "roles", "admission_tokens_past_prompt")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class WorkerInfo(_message.Message):
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     SERVES_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_TOKENS_PAST_PROMPT_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     model: ModelInfo
@@ -164,7 +165,8 @@ class WorkerInfo(_message.Message):
     prefix_caching: bool
     serves_blocks: bool
     roles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., cache_stored: _Optional[_Iterable[bytes]] = ..., cache_evicted: _Optional[_Iterable[bytes]] = ..., cache_seq: _Optional[int] = ..., cache_complete: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., serves_blocks: _Optional[bool] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+    admission_tokens_past_prompt: int
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_transport: _Optional[str] = ..., mesh: _Optional[str] = ..., sharding: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ..., draining: _Optional[bool] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., cache_stored: _Optional[_Iterable[bytes]] = ..., cache_evicted: _Optional[_Iterable[bytes]] = ..., cache_seq: _Optional[int] = ..., cache_complete: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., serves_blocks: _Optional[bool] = ..., roles: _Optional[_Iterable[str]] = ..., admission_tokens_past_prompt: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("queued", "running", "kv_pages_total", "kv_pages_available", "rows_free")
