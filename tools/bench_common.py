@@ -98,6 +98,11 @@ def define_common_flags() -> None:
                       "Override the preset's weight/KV dtype (bfloat16, "
                       "float32, float16).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
+  flags.DEFINE_enum("weight_dtype", "", ["", "fp8"],
+                    "fp8: the layers' projections quantized to float8 e4m3 "
+                    "with per-output-channel scales, as a pool with "
+                    "weight_dtype = \"fp8\" loads them (tools that build "
+                    "their weights with bc.benchmark_weights).")
   flags.DEFINE_string("out", None,
                       "JSON-lines file the records are appended to.")
   flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.")
@@ -166,12 +171,41 @@ def random_params(cfg, rules, mesh, seed: int = 0, std: float = 0.02):
   return params
 
 
+def benchmark_weights(cfg, rules, mesh, seed: int = 0):
+  """(params, cfg): random weights in ``rules``' layout, quantized as
+  ``--weight_dtype`` says (the returned config says so too)."""
+  params = random_params(cfg, rules, mesh, seed=seed)
+  if not FLAGS.weight_dtype:
+    return params, cfg
+  import jax
+  from pdjax.engine.setup import param_shardings
+  from pdjax.model.quant import quantize_params
+  qcfg = cfg.replace(weight_dtype="float8_e4m3fn")
+  params, qcfg = quantize_params(params, cfg,
+                                 param_shardings(qcfg, rules, mesh))
+  jax.block_until_ready(params)
+  return params, qcfg
+
+
+def quantized_param_count(cfg) -> int:
+  """Weights stored in FP8 when ``cfg.weight_dtype`` is set (the layers'
+  projections), else 0."""
+  if cfg.weight_dtype is None:
+    return 0
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  per_layer = (d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+               + 3 * d * f)
+  return cfg.num_layers * per_layer
+
+
 def param_bytes(cfg) -> dict[str, int]:
   """Bytes of the weights: total, and the embedding table's share (a decode
-  step reads only B of its rows; a tied table is read whole as the LM head)."""
+  step reads only B of its rows; a tied table is read whole as the LM head).
+  FP8 projections count one byte each (their scales are negligible)."""
   import jax.numpy as jnp
   item = jnp.dtype(cfg.jnp_dtype).itemsize
-  total = cfg.param_count() * item
+  q = quantized_param_count(cfg)
+  total = (cfg.param_count() - q) * item + q
   embed = cfg.vocab_size * cfg.hidden_size * item
   return {"total": total, "embed": embed}
 
@@ -371,6 +405,7 @@ class RecordWriter:
         "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
         "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "dtype": cfg.dtype, "param_count": cfg.param_count(),
+        "weight_dtype": FLAGS.weight_dtype or cfg.dtype,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()}
     self.limits = limits
     self.records: list[dict[str, Any]] = []

@@ -375,7 +375,7 @@ def main(argv) -> None:
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
   t0 = time.perf_counter()
-  params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
+  params, cfg = bc.benchmark_weights(cfg, rules, mesh, seed=FLAGS.seed)
   budget = bc.hbm_budget_bytes(FLAGS.hbm_gib)
   print(f"decode benchmark: {cfg.name} ({cfg.param_count() / 1e9:.2f}B, "
         f"{cfg.dtype}) on {bc.device_kind()}, weights ready in "

@@ -154,15 +154,15 @@ def main(argv) -> None:
       continue
     mesh = make_mesh({"tp": tp}, devices[:tp])
     t0 = time.perf_counter()
-    params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
+    params, run_cfg = bc.benchmark_weights(cfg, rules, mesh, seed=FLAGS.seed)
     print(f"tp={tp}: weights ready in {time.perf_counter() - t0:.1f} s",
           flush=True)
-    engine = PrefillEngine(params, cfg, mesh, rules, PrefillConfig(
+    engine = PrefillEngine(params, run_cfg, mesh, rules, PrefillConfig(
         buckets=tuple(lengths), max_batch=1, page_size=P,
         max_seq_len=lengths[-1] + P, triton_gemm=FLAGS.triton_gemm,
         merge_dots=FLAGS.merge_dots))
     for T in lengths:
-      rec = _run_one(engine, params, cfg, tp, T, limits, writer)
+      rec = _run_one(engine, params, run_cfg, tp, T, limits, writer)
       r = rec["results"]
       print(f"  tp={tp} T={T}: {r['time_s']['median'] * 1e3:.2f} ms, "
             f"{r['achieved_flops'] / 1e12:.2f} TFLOP/s, MFU "
