@@ -38,7 +38,7 @@ for part in ${PARTS:-mixed}; do
       for rows in ${MIXED_ROWS:-1 33}; do
         echo "=== [$((SECONDS-START)) s] mixed, probe of $rows row(s)"
         timeout ${PART_TIMEOUT:-600} python3 tools/bench_decode_churn.py \
-          --model=llama3-8b $MIX \
+          --model=llama3-8b $MIX --churn_kv=${CHURN_KV:-fresh} \
           --churn_requests=${CHURN:-2400} --probe_rows=$rows --probe_context=2048 \
           --out="$OUT/mixed.jsonl" > "$OUT/mixed_$rows.log" 2>&1
         echo "exit $?"; awk '/^== /{p=1} p' "$OUT/mixed_$rows.log"
