@@ -373,3 +373,23 @@ def test_zzzz_router_drain_ends_at_its_timeout(grpc_cluster):
   # The drain timeout (2 s) and a second to stop; gRPC's old fixed grace
   # was 10 s.
   assert ROUTER_DRAIN_S <= took < ROUTER_DRAIN_S + 5, took
+
+
+@pytest.mark.parametrize("transport", ["grpc", "device"])
+def test_pipelined_decode_pool_matches_reference(transport, tmp_path_factory,
+                                                 reference):
+  """A decode worker whose pool is a pipeline of two stages (``dp=1,pp=2``,
+  ``decode_dp_pp``) takes the TP=2 prefill's hand-off across processes:
+  each stage lands its own layers' pages. The tokens are the reference's."""
+  c = Cluster(tmp_path_factory.mktemp(f"pp-{transport}"),
+              kv_transport=transport, num_prefill=1, num_decode=1,
+              overrides={"decode": {"mesh": "dp=1,pp=2",
+                                    "sharding": "decode_dp_pp"}})
+  try:
+    prompts, expected = reference
+    results = _generate_all(c.address, prompts)
+    assert [r.token_ids for r in results] == expected
+    assert all(r.usage.prefill_worker for r in results)
+    assert {r.usage.kv_path for r in results} == {transport}
+  finally:
+    c.stop()
