@@ -291,3 +291,51 @@ def test_speculative_sampled_requests_finish_with_their_budget(
   toks = _run(engine, reqs)
   assert [len(toks[f"s{i}"]) for i in range(3)] == [13, 13, 13]
   assert len(toks["edge"]) == 128 - 120
+
+
+def test_rows_not_live_reach_the_model_as_a_fresh_pools():
+  """What a free (or finished) row last held never reaches the model: the
+  generate step feeds every row that is not live token 0 at position 0 of
+  the null page, whatever its stale device state, as a fresh pool's free
+  rows are. (Stale tokens in a 128-row program's free rows made every step
+  3.1x slower on a GPU after a chat load.) A stand-in model encodes its
+  inputs in the token it picks, so the call's outputs show what it saw."""
+  import jax.numpy as jnp
+
+  from pdjax.engine import decode_programs as dp
+  from pdjax.model.llama import DecodeOut
+
+  V = 64
+
+  def spy(params, tokens, positions, k, v, table, *, cfg, paged_attention):
+    code = tokens * 4 + (positions > 0) * 2 + (table[:, 0] > 0)
+    return DecodeOut(jax.nn.one_hot(code, V) * 10.0, k, v)
+
+  import jax
+  b = 4
+  pool = jnp.zeros((8, 16, 1, 2), jnp.float32)
+  state = dp.DecodeState(
+      k=pool, v=pool,
+      tokens=jnp.asarray([3, 7, 9, 11], jnp.int32),       # stale past row 0
+      positions=jnp.asarray([5, 40, 60, 80], jnp.int32),
+      generated=jnp.asarray([1, 30, 50, 70], jnp.int32),
+      done=jnp.asarray([False, True, False, False]))
+  slots = dp.SlotInputs(
+      rows=jnp.arange(b, dtype=jnp.int32),
+      page_table=jnp.asarray([[1, 2], [3, 4], [5, 6], [7, 0]], jnp.int32),
+      active=jnp.asarray([True, True, False, False]),   # row 1: done
+      temperature=jnp.zeros((b,)), top_p=jnp.ones((b,)),
+      top_k=jnp.zeros((b,), jnp.int32), seed=jnp.zeros((b,), jnp.uint32),
+      max_tokens=jnp.full((b,), 100, jnp.int32),
+      stop_ids=jnp.full((b, 1), -1, jnp.int32),
+      use_eos=jnp.zeros((b,), bool))
+  _, out = dp._scan_steps(None, state, slots, None, 2,
+                          jnp.asarray([-1], jnp.int32), 1000,
+                          all_greedy=True, forward=spy)
+  tokens = np.asarray(out.tokens)          # [steps, rows]
+  # The live row's inputs are its own: token 3 at position 5 of page 1,
+  # then the token it picked (15) at position 6.
+  assert tokens[:, 0].tolist() == [3 * 4 + 2 + 1, 15 * 4 + 2 + 1]
+  # Every other row saw token 0 at position 0 of the null page.
+  assert (tokens[:, 1:] == 0).all(), tokens
+  assert np.asarray(out.valid)[:, 1:].sum() == 0

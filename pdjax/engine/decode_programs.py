@@ -67,16 +67,27 @@ class StepOutput(struct.PyTreeNode):
   stopped: jax.Array    # [S, b] ... because of EOS / a stop id
 
 
+def idle_rows_fresh(live, tokens, positions, page_table):
+  """A call's model inputs with every row that is not live (padding, or
+  finished within the call) given a fresh pool's: token 0 at position 0 of
+  the null page. What a free row last held must not reach the model: after
+  a chat load, the stale tokens of a 128-row program's free rows made every
+  step 3.1x slower on an H100 until they were set back to 0 (the
+  slowdown after load, in the benchmarks' notes)."""
+  return (live, jnp.where(live, tokens, 0), jnp.where(live, positions, 0),
+          jnp.where(live[:, None], page_table, 0))
+
+
 def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
                 paged=False, all_greedy=None, forward=decode_forward):
   """``num_steps`` decode steps; ``forward`` is ``decode_forward`` or a
   function with its signature (the pipelined one: each step is then a
   full pass through the pipeline)."""
   def step(state: DecodeState, _):
-    live = slots.active & ~state.done
-    table = jnp.where(live[:, None], slots.page_table, 0)
-    positions = jnp.where(live, state.positions, 0)
-    out = forward(params, state.tokens, positions, state.k, state.v,
+    live, tokens, positions, table = idle_rows_fresh(
+        slots.active & ~state.done, state.tokens, state.positions,
+        slots.page_table)
+    out = forward(params, tokens, positions, state.k, state.v,
                   table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.seed, state.generated, all_greedy=all_greedy)
@@ -325,14 +336,14 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
-  live = slots.active & ~done
-  table = jnp.where(live[:, None], slots.page_table, 0)
-  start = jnp.where(live, pos, 0)
+  live, first, start, table = idle_rows_fresh(
+      slots.active & ~done, tokens0, pos, slots.page_table)
   num = jnp.where(live, num_drafts, 0)
   T = drafts.shape[1] + 1
   out = decode_forward_tokens(
-      params, jnp.concatenate([tokens0[:, None], drafts], axis=1), start,
-      state.k, state.v, table, cfg=cfg, num_kept=num)
+      params, jnp.concatenate(
+          [first[:, None], jnp.where(live[:, None], drafts, 0)], axis=1),
+      start, state.k, state.v, table, cfg=cfg, num_kept=num)
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
       slots.seed, gen, all_greedy=all_greedy)
