@@ -15,6 +15,9 @@
 #   coloc_gil, disagg_gil  the same with the workers' GIL switch interval at
 #               0.5 ms instead of Python's 5 ms
 # (gpu-8b-1gpu runs the prefill in one program; disagg_lg4 in 4 layer groups.)
+# AFTER_CHURN=N (default 0): after those runs, N chat-shaped requests at 96
+# concurrent (lengths scaled to the 1K context), then the 32-stream run again
+# (label -c32after): does the serving loop stay as fast as it was fresh?
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -83,6 +86,21 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
     echo "    c=$c: exit $?"
     awk '/=====/{p=1} p' "$OUT/$name/c$c.log" | grep -v "^$" | head -40
   done
+  if (( ${AFTER_CHURN:-0} > 0 )); then
+    timeout 200 python3 tools/batch_eval.py --target="$addr" --preset=chat \
+      --length_scale=0.25 --max_model_len=1024 --vocab_size=128256 \
+      --num_requests="$AFTER_CHURN" --concurrency=96 --ignore_eos \
+      --label="$name-churn" --noprogress --out_dir="$OUT/$name/churn" \
+      > "$OUT/$name/churn.log" 2>&1
+    echo "    churn of $AFTER_CHURN chat requests: exit $?"
+    grep -E "Requests (completed|failed)|Duration" "$OUT/$name/churn.log"
+    timeout 150 python3 tools/batch_eval.py --target="$addr" \
+      --input="$OUT/prompts.jsonl" --num_requests=128 --concurrency=32 \
+      --ignore_eos --label="$name-c32after" --noprogress \
+      --out_dir="$OUT/$name/c32after" > "$OUT/$name/c32after.log" 2>&1
+    echo "    c=32 after the churn: exit $?"
+    awk '/=====/{p=1} p' "$OUT/$name/c32after.log" | grep -v "^$" | head -40
+  fi
   for f in "$OUT/$name"/decode0.port "$OUT/$name"/pd0.port; do
     [[ -f "$f" ]] || continue
     mp=$(python3 -c "import json,sys; print(json.load(open('$f')).get('metrics_port', ''))")
