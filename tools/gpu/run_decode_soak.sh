@@ -10,8 +10,9 @@
 #           free rows) before and after 2,400 requests of chat, summarize and
 #           multiturn, a fifth of them cancelled part-way; target: after /
 #           before within 1.05x;
-#   soak    rounds of 400 such requests and a probe for SOAK_MINUTES (default
-#           480: hours), each round a record and a point of soak.png.
+#   soak    rounds of SOAK_CHURN (400) such requests and a probe of
+#           SOAK_ROWS (1) rows for SOAK_MINUTES (default 480: hours), each
+#           round a record and a point of soak.png.
 # The device tool's calls end after 10 minutes: run the soak on a machine of
 # your own (`bash tools/gpu/run_decode_soak.sh OUT_DIR`, PARTS=soak).
 set -u
@@ -46,7 +47,8 @@ for part in ${PARTS:-mixed}; do
     soak)
       echo "=== [$((SECONDS-START)) s] soak, ${SOAK_MINUTES:-480} min"
       python3 tools/bench_decode_churn.py --model=llama3-8b $MIX \
-        --churn_requests=400 --probe_context=2048 \
+        --churn_kv=${CHURN_KV:-fresh} --probe_rows=${SOAK_ROWS:-1} \
+        --churn_requests=${SOAK_CHURN:-400} --probe_context=2048 \
         --soak_minutes="${SOAK_MINUTES:-480}" --chart="$OUT/soak.png" \
         --out="$OUT/soak.jsonl" 2>&1 | tee "$OUT/soak.log" | grep round ;;
   esac
