@@ -125,8 +125,12 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position,
   rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
           + dest_pages[None, :]).reshape(L * n)
   flat = kv.astype(state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
-  k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]))
-  v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]))
+  # Padding pages all land on the null page: unique_indices as the decode
+  # step's writes (llama._KV_WRITE).
+  k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]),
+                           unique_indices=True)
+  v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]),
+                           unique_indices=True)
   positions = state.positions.at[row].set(position)
   return DecodeState(
       k=k, v=v,

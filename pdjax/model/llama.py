@@ -447,6 +447,18 @@ def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
       mask_type=fa.MaskType.PADDING, qkv_layout="BTNH")
 
 
+# How decode steps write K/V into the pools. Every live row's token goes to
+# its own (page, offset); only writes nobody reads share a place: rows that
+# are not live, and tokens past what a row keeps, all go to the null page.
+# Declaring the indices unique lets XLA store without atomics: a scatter
+# that may see duplicates updates 16-bit values by compare-and-swap on their
+# 32-bit words, and many rows writing different values to one null-page
+# slot then retry against each other (on an H100, stale tokens of 127 free
+# rows made a 128-row step 3.1x slower that way). Which duplicate wins on
+# the null page does not matter.
+_KV_WRITE = {"unique_indices": True}
+
+
 def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
                  page_size: int, dtype, paged_attention: bool = False):
   """The body of ``decode_forward``'s layer loop for one batch of rows:
@@ -478,8 +490,9 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
     rows = li * N + write_page
-    kp = kp.at[rows, write_off].set(k[:, 0].astype(kp.dtype))
-    vp = vp.at[rows, write_off].set(v[:, 0].astype(vp.dtype))
+    # unique_indices: see _KV_WRITE.
+    kp = kp.at[rows, write_off].set(k[:, 0].astype(kp.dtype), **_KV_WRITE)
+    vp = vp.at[rows, write_off].set(v[:, 0].astype(vp.dtype), **_KV_WRITE)
     table = li * N + page_table
     if paged_attention:
       attn = _cudnn_paged_attention(q, kp, vp, table, kv_len)
@@ -573,8 +586,8 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
     rows = li * N + write_page
-    kp = kp.at[rows, write_off].set(k.astype(kp.dtype))
-    vp = vp.at[rows, write_off].set(v.astype(vp.dtype))
+    kp = kp.at[rows, write_off].set(k.astype(kp.dtype), **_KV_WRITE)
+    vp = vp.at[rows, write_off].set(v.astype(vp.dtype), **_KV_WRITE)
     table = li * N + page_table
     kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
