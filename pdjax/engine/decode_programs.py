@@ -72,8 +72,8 @@ def idle_rows_fresh(live, tokens, positions, page_table):
   finished within the call) given a fresh pool's: token 0 at position 0 of
   the null page. What a free row last held must not reach the model: after
   a chat load, the stale tokens of a 128-row program's free rows made every
-  step 3.1x slower on an H100 until they were set back to 0 (the
-  slowdown after load, in the benchmarks' notes)."""
+  step 3.1x slower on an H100, and setting them back to 0 alone restored
+  the speed (the slowdown after load, in the benchmarks' notes)."""
   return (live, jnp.where(live, tokens, 0), jnp.where(live, positions, 0),
           jnp.where(live[:, None], page_table, 0))
 

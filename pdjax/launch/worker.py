@@ -119,12 +119,6 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
       "Without it such a worker refuses to start (as vLLM without "
       "VLLM_ALLOW_LONG_MAX_MODEL_LEN). Default: "
       "$PDJAX_ALLOW_LONG_MAX_SEQ_LEN.", flag_values=fv)
-  flags.DEFINE_float(
-      "gil_switch_interval_ms", 5.0, "How long the engine's thread may hold "
-      "the GIL while the RPC event loop waits for it (sys.setswitchinterval; "
-      "5 is Python's default): a token event or a new request waits up to "
-      "this long behind an engine iteration that is busy on the host.",
-      lower_bound=0.01, flag_values=fv)
   flags.DEFINE_string(
       "compilation_cache_dir", os.environ.get("PDJAX_COMPILATION_CACHE"),
       "JAX persistent compilation cache directory (speeds up restarts).",
@@ -266,7 +260,6 @@ def check_gpu(jax) -> None:
 
 
 def _init_jax(memory_fraction: float | None = None):
-  sys.setswitchinterval(FLAGS.gil_switch_interval_ms / 1e3)
   os.environ.update(xla_memory_env(memory_fraction))
   import jax
 

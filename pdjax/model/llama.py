@@ -449,13 +449,15 @@ def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
 
 # How decode steps write K/V into the pools. Every live row's token goes to
 # its own (page, offset); only writes nobody reads share a place: rows that
-# are not live, and tokens past what a row keeps, all go to the null page.
-# Declaring the indices unique lets XLA store without atomics: a scatter
-# that may see duplicates updates 16-bit values by compare-and-swap on their
-# 32-bit words, and many rows writing different values to one null-page
-# slot then retry against each other (on an H100, stale tokens of 127 free
-# rows made a 128-row step 3.1x slower that way). Which duplicate wins on
-# the null page does not matter.
+# are not live, and tokens past what a row keeps, all go to the null page,
+# where it does not matter which duplicate wins. Declaring the indices
+# unique lets XLA store without atomics; a scatter that may see duplicates
+# can update 16-bit values by compare-and-swap on their 32-bit words, where
+# many rows writing different values to one slot retry against each other.
+# (That is the suspected mechanism of a 3.1x slower 128-row step on an H100
+# when free rows were fed their stale tokens; the measured fix is feeding
+# them token 0, ``decode_programs.idle_rows_fresh``. This declaration is
+# not measured on its own.)
 _KV_WRITE = {"unique_indices": True}
 
 

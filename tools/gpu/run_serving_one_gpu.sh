@@ -12,8 +12,6 @@
 #   coloc       1 decode worker that prefills its own requests
 #   disagg_lg1  disagg with the prefill in one program (no layer groups)
 #   coloc_budget  coloc with a prefill token budget of 512 per iteration
-#   coloc_gil, disagg_gil  the same with the workers' GIL switch interval at
-#               0.5 ms instead of Python's 5 ms
 # (gpu-8b-1gpu runs the prefill in one program; disagg_lg4 in 4 layer groups.)
 # AFTER_CHURN=N (default 0): after those runs, N chat-shaped requests at 96
 # concurrent (lengths scaled to the 1K context), then the 32-stream run again
@@ -118,10 +116,7 @@ for d in $DEPLOYMENTS; do
     coloc) run_deployment coloc "$OUT/serving_s4.toml" --num_prefill=0 ;;
     disagg_lg4) run_deployment disagg_lg4 "$OUT/serving_s4.toml" \
       --num_prefill=1 --worker_flags=--metrics_port=0,--prefill_layer_groups=4 ;;
-    coloc_gil) run_deployment coloc_gil "$OUT/serving_s4.toml" --num_prefill=0 \
-      --worker_flags=--metrics_port=0,--gil_switch_interval_ms=0.5 ;;
-    disagg_gil) run_deployment disagg_gil "$OUT/serving_s4.toml" \
-      --num_prefill=1 --worker_flags=--metrics_port=0,--gil_switch_interval_ms=0.5 ;;
+
     coloc_budget) run_deployment coloc_budget "$OUT/serving_budget.toml" \
       --num_prefill=0 ;;
   esac
