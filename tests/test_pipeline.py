@@ -304,6 +304,52 @@ def test_colocated_pipelined_pool(params, baseline):
   assert_clean(colo.decode)
 
 
+SPEC_DCFG = dataclasses.replace(DCFG, speculative="ngram", spec_tokens=3,
+                                spec_ngram=2, num_microbatches=3)
+
+
+def test_speculating_pipelined_pool(params, prefilled, baseline):
+  """Speculative decoding in a pp=2 pool (3 microbatches: calls padded):
+  the verify pass runs through the pipeline and the greedy tokens are
+  plain decoding's, rows finishing mid-call and a cancellation included;
+  with prompts that repeat themselves, drafts are kept, and the tokens
+  are still the unpipelined plain pool's."""
+  engine = decode_engine(params, {"dp": 1, "pp": 2}, jax.devices()[2:4],
+                         "decode_dp_pp", SPEC_DCFG)
+  plain, cancelled = baseline
+  check_tokens(run(engine, prefilled), plain)
+  check_tokens(run(engine, prefilled, cancel=CANCELLED), cancelled,
+               cancelled=CANCELLED)
+
+  # Prompts of a 2-token unit repeated (27 tokens), 30 tokens each: enough
+  # of the model's continuations repeat for drafts to be kept (3 and 2 of
+  # these two sets' drafts on the machine this was written on).
+  reqs = []
+  for seed in (0, 4):
+    rng = np.random.default_rng(seed)
+    for i in range(4):
+      unit = rng.integers(3, 500, 2).tolist()
+      reqs.append((f"rep{seed}-{i}", (unit * 14)[:27], greedy(30)))
+
+  def colocated(axes, devices, rules, dcfg):
+    mesh = make_mesh(axes, devices)
+    rules = ShardingRules.load(rules)
+    colo = ColocatedEngine(shard_params(params, CFG, rules, mesh), CFG, mesh,
+                           rules, PCFG, dcfg)
+    col = Collector()
+    for rid, p, s in reqs:
+      colo.submit(rid, p, s, col, seed_u32=s.seed_u32(0))
+    colo.drain()
+    assert_clean(colo.decode)
+    return {rid: col.tokens(rid) for rid, _, _ in reqs}, colo.decode.stats
+
+  want, _ = colocated({"dp": 1}, jax.devices()[:1], "decode_dp", DCFG)
+  got, stats = colocated({"dp": 1, "pp": 2}, jax.devices()[2:4],
+                         "decode_dp_pp", SPEC_DCFG)
+  assert got == want
+  assert 0 < stats["spec_accepted"] <= stats["spec_drafted"], stats
+
+
 def check_tokens_subset(col, want, rids):
   for rid in rids:
     assert col.tokens(rid) == want.tokens(rid), rid
@@ -319,7 +365,3 @@ def test_pipeline_limits(params):
     shard_params(params, CFG, ShardingRules.load("decode_dp_pp"), mesh)
   with pytest.raises(ValueError, match="num_microbatches"):
     DecodeConfig(num_microbatches=-1)
-  with pytest.raises(ValueError, match="speculative"):
-    decode_engine(params, {"dp": 1, "pp": 2}, jax.devices()[:2],
-                  "decode_dp_pp",
-                  dataclasses.replace(DCFG, speculative="ngram"))

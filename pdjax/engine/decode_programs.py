@@ -26,6 +26,7 @@ from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
                                decode_forward_tokens)
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
+                                  pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
 
 log = logging.getLogger(__name__)
@@ -239,16 +240,16 @@ class _Programs:
     self.stages = 1 if replica_mesh is None else stage_count(replica_mesh)
     self.num_microbatches = dcfg.num_microbatches or self.stages
     self._forward = decode_forward
+    self._forward_tokens = decode_forward_tokens
     if self.stages > 1:
-      if dcfg.speculative != "off":
-        raise ValueError("speculative decoding is not supported in a "
-                         "pipeline-parallel (pp > 1) decode pool")
       if cfg.num_layers % self.stages:
         raise ValueError(f"{cfg.num_layers} layers do not split into "
                          f"{self.stages} pipeline stages")
-      self._forward = functools.partial(
-          pipelined_decode_forward, mesh=replica_mesh.abstract_mesh,
-          num_microbatches=self.num_microbatches)
+      staged = dict(mesh=replica_mesh.abstract_mesh,
+                    num_microbatches=self.num_microbatches)
+      self._forward = functools.partial(pipelined_decode_forward, **staged)
+      self._forward_tokens = functools.partial(
+          pipelined_decode_forward_tokens, **staged)
     # Per row count: the GEMM kernels and the attention path.
     self.compiler_options = {
         rows: generate_compiler_options(dcfg, platform, rows)
@@ -292,7 +293,8 @@ class _Programs:
     ``rows`` rows: (params, state, slots, drafts, num_drafts)."""
     entry = functools.partial(
         _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
-        capacity=self.dcfg.max_seq_len, all_greedy=all_greedy)
+        capacity=self.dcfg.max_seq_len, all_greedy=all_greedy,
+        forward_tokens=self._forward_tokens)
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
@@ -327,7 +329,8 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
 
 
 def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
-                  eos_ids, capacity, all_greedy):
+                  eos_ids, capacity, all_greedy,
+                  forward_tokens=decode_forward_tokens):
   """Speculative decoding's call: each of the call's rows runs its current
   token and its ``num_drafts`` drafted tokens (``drafts`` [b, k], the rest
   padding) through the model in one pass, keeps the drafts the model
@@ -344,7 +347,7 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       slots.active & ~done, tokens0, pos, slots.page_table)
   num = jnp.where(live, num_drafts, 0)
   T = drafts.shape[1] + 1
-  out = decode_forward_tokens(
+  out = forward_tokens(
       params, jnp.concatenate(
           [first[:, None], jnp.where(live[:, None], drafts, 0)], axis=1),
       start, state.k, state.v, table, cfg=cfg, num_kept=num)

@@ -560,20 +560,40 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
   ``num_kept`` [B]: only tokens ``0 .. num_kept[b]`` of a row write their
   K/V to its pages (the rest, whose positions may lie past the pages the
   row holds, write to the null page); None: all of them."""
-  B, T = tokens.shape
   L = cfg.num_layers
-  N = k_pool.shape[0] // L
-  P = k_pool.shape[1]
+  x = _embed(params, tokens)
+  if num_kept is None:
+    num_kept = jnp.full(start.shape, tokens.shape[1], jnp.int32)
+  layer = decode_tokens_layer(cfg, start, page_table, num_kept,
+                              num_tokens=tokens.shape[1],
+                              num_pages=k_pool.shape[0] // L,
+                              page_size=k_pool.shape[1])
+  layer_ids = jnp.arange(L, dtype=jnp.int32)
+  (x, k_pool, v_pool), _ = jax.lax.scan(
+      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
+  return DecodeOut(_logits(cfg, params, x), k_pool, v_pool)
+
+
+def decode_tokens_layer(cfg: ModelConfig, start, page_table, num_kept, *,
+                        num_tokens: int, num_pages: int, page_size: int):
+  """The body of ``decode_forward_tokens``' layer loop for one batch of
+  rows: ``layer((x, k_pool, v_pool), (layer_weights, layer_index))`` runs
+  one layer on x [B, T, D] (T = ``num_tokens`` consecutive tokens per row,
+  from position ``start[b]``), writing the K/V of tokens ``0 ..
+  num_kept[b]`` to the row's pages (the others to the null page) and
+  attending causally over the row's pages. The pipelined verify
+  (``pdjax.model.pipeline``) runs the same body over a stage's own layers
+  and pages."""
+  B, T = start.shape[0], num_tokens
+  N, P = num_pages, page_size
   M = page_table.shape[1]
   K, hd = cfg.num_kv_heads, cfg.head_dim
   positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   cos, sin = rope_tables(cfg, positions)
-  x = _embed(params, tokens)
   write_page = jnp.take_along_axis(
       page_table, jnp.minimum(positions // P, M - 1), axis=1)
-  if num_kept is not None:
-    kept = jnp.arange(T, dtype=jnp.int32)[None, :] <= num_kept[:, None]
-    write_page = jnp.where(kept, write_page, 0)
+  kept = jnp.arange(T, dtype=jnp.int32)[None, :] <= num_kept[:, None]
+  write_page = jnp.where(kept, write_page, 0)
   write_off = positions % P                          # [B, T]
   kpos = jnp.arange(M * P, dtype=jnp.int32)[None, None, :]
   qpos = positions[:, :, None]
@@ -597,10 +617,7 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
                                         implementation="xla")
     return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
 
-  layer_ids = jnp.arange(L, dtype=jnp.int32)
-  (x, k_pool, v_pool), _ = jax.lax.scan(
-      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
-  return DecodeOut(_logits(cfg, params, x), k_pool, v_pool)
+  return layer
 
 
 def reference_forward(params: Params, tokens, *, cfg: ModelConfig):
@@ -623,6 +640,7 @@ __all__ = [
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
     "reference_forward",
-    "PrefillOut", "DecodeOut", "decode_layer", "rms_norm", "apply_rope", "rope_tables",
+    "PrefillOut", "DecodeOut", "decode_layer", "decode_tokens_layer",
+    "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]

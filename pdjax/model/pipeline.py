@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec
 
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (DecodeOut, Params, _embed, _logits,
-                               decode_layer)
+                               decode_layer, decode_tokens_layer)
 
 STAGE_AXIS = "pp"
 
@@ -85,29 +85,72 @@ def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
   if paged_attention:
     raise ValueError("the pipelined decode gathers pages (cuDNN's paged "
                      "attention has no partitioning rule)")
+  N = k_pool.shape[0] // cfg.num_layers
+  x = _embed(params, tokens[:, None])
+
+  def layer(pos, table):
+    return decode_layer(cfg, pos, table, num_pages=N,
+                        page_size=k_pool.shape[1], dtype=x.dtype)
+
+  h, k_pool, v_pool = _pipeline(
+      params, x, (positions, page_table),
+      layer, k_pool, v_pool, cfg=cfg, mesh=mesh,
+      num_microbatches=num_microbatches, axis=axis)
+  return DecodeOut(_logits(cfg, params, h[:, 0]), k_pool, v_pool)
+
+
+def pipelined_decode_forward_tokens(params: Params, tokens, start, k_pool,
+                                    v_pool, page_table, *, cfg: ModelConfig,
+                                    mesh, num_microbatches: int,
+                                    axis: str = STAGE_AXIS,
+                                    num_kept=None) -> DecodeOut:
+  """``llama.decode_forward_tokens`` (speculative decoding's verify pass:
+  T tokens per row) over the stages of ``mesh``'s ``axis``, as
+  ``pipelined_decode_forward`` runs one token per row."""
+  B, T = tokens.shape
+  if num_kept is None:
+    num_kept = jnp.full((B,), T, jnp.int32)
+  N = k_pool.shape[0] // cfg.num_layers
+
+  def layer(st, table, kept):
+    return decode_tokens_layer(cfg, st, table, kept, num_tokens=T,
+                               num_pages=N, page_size=k_pool.shape[1])
+
+  h, k_pool, v_pool = _pipeline(
+      params, _embed(params, tokens), (start, page_table, num_kept), layer,
+      k_pool, v_pool, cfg=cfg, mesh=mesh, num_microbatches=num_microbatches,
+      axis=axis)
+  return DecodeOut(_logits(cfg, params, h), k_pool, v_pool)
+
+
+def _pipeline(params: Params, x, row_inputs, make_layer, k_pool, v_pool, *,
+              cfg: ModelConfig, mesh, num_microbatches: int, axis: str):
+  """Runs the layers on the residual stream ``x`` [B, T, D] as a pipeline
+  over the stages of ``mesh``'s ``axis``: the rows in ``num_microbatches``
+  microbatches (padded with rows whose ``row_inputs`` are all zeros:
+  position 0, null pages, nothing kept), stage ``s`` running its own
+  layers on microbatch ``t - s`` at tick ``t``, the activations passed on
+  by a collective permute. ``make_layer(*inputs)`` is the layer body
+  (``llama.decode_layer`` or ``decode_tokens_layer``) for one
+  microbatch's slices of ``row_inputs`` (per-row arrays, leading axis B).
+  Returns x after the last layer, [B, T, D], and the pools."""
   S = stage_count(mesh, axis)
   m = int(num_microbatches)
   L = cfg.num_layers
   if L % S:
     raise ValueError(f"{L} layers do not split into {S} pipeline stages")
-  B = tokens.shape[0]
+  B, T, D = x.shape
   mb = microbatch_rows(B, m)
   pad = mb * m - B
   if pad:
-    tokens = jnp.pad(tokens, (0, pad))
-    positions = jnp.pad(positions, (0, pad))
-    page_table = jnp.pad(page_table, ((0, pad), (0, 0)))
-  x = _embed(params, tokens[:, None])                      # [B', 1, D]
-  D = x.shape[-1]
-  xs = x.reshape(m, mb, 1, D)
-  pos = positions.reshape(m, mb)
-  tab = page_table.reshape(m, mb, page_table.shape[1])
-  N = k_pool.shape[0] // L
-  page_size = k_pool.shape[1]
-  dtype = x.dtype
+    x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
+    row_inputs = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+                       for a in row_inputs)
+  xs = x.reshape(m, mb, T, D)
+  ins = tuple(a.reshape((m, mb) + a.shape[1:]) for a in row_inputs)
   perm = [(i, i + 1) for i in range(S - 1)]
 
-  def stage(layers, kp, vp, xs, pos, tab):
+  def stage(layers, kp, vp, xs, ins):
     s = jax.lax.axis_index(axis)
     layer_ids = jnp.arange(L // S, dtype=jnp.int32)   # the stage's own
 
@@ -118,10 +161,7 @@ def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
       jc = jnp.clip(j, 0, m - 1)
       inp = jnp.where(s == 0, xs[jnp.clip(t, 0, m - 1)], act)
       # Fill and drain ticks: null pages, position 0 (nothing real moves).
-      p_j = jnp.where(valid, pos[jc], 0)
-      t_j = jnp.where(valid, tab[jc], 0)
-      layer = decode_layer(cfg, p_j, t_j, num_pages=N, page_size=page_size,
-                           dtype=dtype)
+      layer = make_layer(*(jnp.where(valid, a[jc], 0) for a in ins))
       (y, kp, vp), _ = jax.lax.scan(layer, (inp, kp, vp),
                                     (layers, layer_ids))
       keep = valid & (s == S - 1)
@@ -142,13 +182,13 @@ def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
   split = PartitionSpec(axis)
   whole = PartitionSpec()
   layer_specs = jax.tree.map(lambda _: split, params["layers"])
+  in_specs = jax.tree.map(lambda _: whole, ins)
   out, k_pool, v_pool = shard_map_stages(
-      stage, mesh, (layer_specs, split, split, whole, whole, whole),
-      (whole, split, split), axis)(params["layers"], k_pool, v_pool, xs, pos,
-                                   tab)
-  h = out.reshape(m * mb, D)[:B]
-  return DecodeOut(_logits(cfg, params, h), k_pool, v_pool)
+      stage, mesh, (layer_specs, split, split, whole, in_specs),
+      (whole, split, split), axis)(params["layers"], k_pool, v_pool, xs, ins)
+  return out.reshape(m * mb, T, D)[:B], k_pool, v_pool
 
 
 __all__ = ["STAGE_AXIS", "bubble_fraction", "microbatch_rows",
-           "pipelined_decode_forward", "shard_map_stages", "stage_count"]
+           "pipelined_decode_forward", "pipelined_decode_forward_tokens",
+           "shard_map_stages", "stage_count"]
