@@ -174,6 +174,8 @@ class DecodePoolConfig:
   prefix_caching: bool = _default(DecodeConfig, "prefix_caching")
   host_cache_blocks: int = _default(DecodeConfig, "host_cache_blocks")
   attention: str = _default(DecodeConfig, "attention")
+  # The KV pool's storage ("auto": the model's dtype; "fp8": e4m3).
+  kv_dtype: Literal["auto", "fp8"] = _default(DecodeConfig, "kv_dtype")
   # The GEMM kernels and DotMerger setting of every program of the pool,
   # its own prefill's included.
   triton_gemm: str = _default(DecodeConfig, "triton_gemm")

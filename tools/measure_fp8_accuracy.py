@@ -1,5 +1,6 @@
-r"""How far FP8 weights move a model: greedy agreement and logit error
-against the same checkpoint in its own precision.
+r"""How far FP8 weights (``--what=weights``) or an FP8 KV pool
+(``--what=kv``) move a model: greedy agreement and logit error against the
+same checkpoint in its own precision.
 
 For each prompt (a few fixed English prompts through the model's
 tokenizer), the baseline (``--dtype``, default bfloat16) and the FP8 model
@@ -12,6 +13,12 @@ and the KL divergence KL(base || fp8).
 
   python tools/measure_fp8_accuracy.py --checkpoint=smollm2-135m-instruct
   python tools/measure_fp8_accuracy.py --checkpoint=tiny --dtype=float32
+
+``--what=kv``: both runs go through a colocated engine (prefill, then
+decode steps over the paged KV), one with a pool of ``--dtype`` and one
+with ``kv_dtype="fp8"``; the engine reports the chosen tokens' log-probs
+only, so the error is |d log p| of the baseline's token on the positions
+both saw the same context (no KL).
 
 A JSON record with every figure goes to --out.
 """
@@ -31,6 +38,7 @@ flags.DEFINE_integer("new_tokens", 32, "Greedy tokens per prompt.")
 flags.DEFINE_integer("top_k", 20, "Vocabulary entries the logit error "
                      "looks at (the baseline's most likely).")
 flags.DEFINE_string("out", None, "JSON record.")
+flags.DEFINE_enum("what", "weights", ["weights", "kv"], "What is in FP8.")
 
 PROMPTS = (
     "The capital of France is",
@@ -59,6 +67,69 @@ def _greedy(forward, params, cfg, prompt, n):
   return seq[len(prompt):], np.stack(logps)
 
 
+def _engine_greedy(path, dtype, kv_dtype, prompts, n):
+  """{prompt index: (tokens, log-probs)} of n greedy tokens through a
+  colocated engine whose KV pool is ``kv_dtype``."""
+  import jax
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(path, rules, mesh, dtype=dtype)
+  engine = ColocatedEngine(
+      params, cfg, mesh, rules,
+      PrefillConfig(buckets=(32,), max_batch=1, page_size=16,
+                    max_seq_len=128),
+      DecodeConfig(max_seqs=len(prompts), num_pages=64, page_size=16,
+                   max_seq_len=128, steps_per_call=4, kv_dtype=kv_dtype,
+                   row_buckets=(len(prompts),)))
+  out = {i: ([], []) for i in range(len(prompts))}
+  s = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+  def callback(ev):
+    i = int(ev.request_id)
+    out[i][0].extend(ev.token_ids)
+    out[i][1].extend(ev.logprobs)
+  for i, ids in enumerate(prompts):
+    engine.submit(str(i), ids, s, callback, seed_u32=0)
+  engine.drain()
+  return out, cfg
+
+
+def _kv_accuracy(path, tok) -> dict:
+  import numpy as np
+  prompts = [tok.encode(t) for t in PROMPTS]
+  base, cfg = _engine_greedy(path, FLAGS.dtype, "auto", prompts,
+                             FLAGS.new_tokens)
+  fp8, _ = _engine_greedy(path, FLAGS.dtype, "fp8", prompts,
+                          FLAGS.new_tokens)
+  same, prefix, errs = 0, [], []
+  for i, text in enumerate(PROMPTS):
+    (a, la), (b, lb) = base[i], fp8[i]
+    n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    prefix.append(n)
+    same += n == len(a)
+    errs.extend(abs(x - y) for x, y in zip(la[:n], lb[:n]))
+    print(f"  {text!r}: {n}/{len(a)} tokens agree", flush=True)
+  rec = {"what": "kv", "model": cfg.name, "dtype": FLAGS.dtype,
+         "kv_dtype": "fp8", "prompts": len(PROMPTS),
+         "new_tokens": FLAGS.new_tokens, "identical_continuations": same,
+         "mean_matching_prefix": float(np.mean(prefix)),
+         "max_abs_logprob_error": float(max(errs)),
+         "mean_abs_logprob_error": float(np.mean(errs))}
+  print(f"{cfg.name}, a {FLAGS.dtype} KV pool against FP8: {same}/"
+        f"{len(PROMPTS)} continuations identical ({FLAGS.new_tokens} greedy "
+        f"tokens), matching prefix {rec['mean_matching_prefix']:.1f} on "
+        f"average; |d log p| of the chosen token on the common prefix: max "
+        f"{rec['max_abs_logprob_error']:.4f}, mean "
+        f"{rec['mean_abs_logprob_error']:.5f}", flush=True)
+  return rec
+
+
 def main(argv) -> None:
   del argv
   import jax
@@ -72,6 +143,15 @@ def main(argv) -> None:
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
   path = resolve_checkpoint(FLAGS.checkpoint)
+  if FLAGS.what == "kv":
+    rec = _kv_accuracy(path, Tokenizer.from_checkpoint(path))
+    rec.update(checkpoint=FLAGS.checkpoint,
+               seconds=time.perf_counter() - t0,
+               device=jax.devices()[0].device_kind)
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    return
   base, cfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype)
   fp8, qcfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype,
                            weight_dtype=quant.FP8)

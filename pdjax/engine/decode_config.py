@@ -13,6 +13,7 @@ from pdjax.model.config import ModelConfig
 
 # The smallest generate program (DecodeConfig.row_buckets says why).
 MIN_PROGRAM_ROWS = 2
+KV_DTYPES = ("auto", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,12 @@ class DecodeConfig:
   speculative: str = "off"
   spec_tokens: int = 4
   spec_ngram: int = 3
+  # Storage of the KV pool's pages: "auto" (the model's dtype) or "fp8"
+  # (float8 e4m3, half a bf16 pool's bytes: twice the tokens in the same
+  # memory). Values are stored unscaled, as vLLM's fp8 KV cache does by
+  # default, and saturate at +-448; attention widens them to the model's
+  # dtype, gathering the pages (cuDNN's paged attention does not read FP8).
+  kv_dtype: str = "auto"
   # A decode worker that prefills its own requests (colocated serving):
   # prompt tokens of prefill compute between two generate calls, at most
   # (bucket lengths, as compiled). A prompt beyond it is prefilled in
@@ -134,6 +141,9 @@ class DecodeConfig:
     for b in self.table_buckets:
       if not 0 < b <= self.pages_per_seq:
         raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
+    if self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, "
+                       f"got {self.kv_dtype!r}")
     if self.speculative not in ("off", "ngram"):
       raise ValueError(f"speculative must be 'off' or 'ngram', got "
                        f"{self.speculative!r}")
@@ -166,6 +176,13 @@ class DecodeConfig:
   def watermark_pages(self) -> int:
     """Pages on_demand admission leaves free while rows run."""
     return math.ceil(self.admission_watermark * (self.num_pages - 1))
+
+  def kv_storage_dtype(self, model_dtype):
+    """The pool's dtype for a model of ``model_dtype``."""
+    if self.kv_dtype == "fp8":
+      import jax.numpy as jnp   # this module is read by JAX-free processes
+      return jnp.float8_e4m3fn
+    return model_dtype
 
   @property
   def tokens_per_call(self) -> int:

@@ -24,7 +24,7 @@ from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
-                               decode_forward_tokens)
+                               decode_forward_tokens, kv_to_pool)
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
                                   pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
@@ -125,7 +125,7 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position,
   N = state.k.shape[0] // L
   rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
           + dest_pages[None, :]).reshape(L * n)
-  flat = kv.astype(state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
+  flat = kv_to_pool(kv, state.k.dtype).reshape(L, 2, n, *kv.shape[3:])
   # Padding pages all land on the null page: unique_indices as the decode
   # step's writes (llama._KV_WRITE).
   k = state.k.at[rows].set(flat[:, 0].reshape(L * n, *kv.shape[3:]),
@@ -145,8 +145,9 @@ def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
   L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
   B = dcfg.max_seqs
   pool = (L * dcfg.num_pages, dcfg.page_size, K, hd)
+  dtype = dcfg.kv_storage_dtype(cfg.jnp_dtype)
   return DecodeState(
-      k=jnp.zeros(pool, cfg.jnp_dtype), v=jnp.zeros(pool, cfg.jnp_dtype),
+      k=jnp.zeros(pool, dtype), v=jnp.zeros(pool, dtype),
       tokens=jnp.zeros((B,), jnp.int32),
       positions=jnp.zeros((B,), jnp.int32),
       generated=jnp.zeros((B,), jnp.int32),
@@ -201,8 +202,8 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
   rows = dcfg.max_seqs if rows is None else rows
   blocks = cfg.num_layers * dcfg.num_pages
   one_gpu = platform in ("gpu", "cuda") and devices_per_replica == 1
-  applies = one_gpu and cudnn_paged_attention_applies(
-      cfg, blocks, rows, dcfg.pages_per_seq)
+  applies = one_gpu and dcfg.kv_dtype == "auto" and (
+      cudnn_paged_attention_applies(cfg, blocks, rows, dcfg.pages_per_seq))
   if (not applies and dcfg.attention == "auto" and one_gpu
       and blocks % rows):
     step = rows // math.gcd(rows, cfg.num_layers)
@@ -213,7 +214,8 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
   if dcfg.attention == "paged" and not applies:
     raise ValueError(
         "attention='paged' needs a GPU with cuDNN attention for this model "
-        "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), "
+        "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window; "
+        "a pool of the model's dtype, not kv_dtype='fp8'), "
         "one device per decode replica, and layers x num_pages a multiple "
         f"of every program's rows ({rows} here); use 'auto' or 'gather'")
   return applies

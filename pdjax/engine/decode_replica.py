@@ -160,12 +160,14 @@ class DecodeReplica:
     self.host_tier = host_tier.make_link(
         dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
         cfg, dcfg.page_size, lambda: (self.state.k, self.state.v),
-        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)))
+        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)),
+        dtype=self.state.k.dtype)
     # --- preempted rows' KV: host memory (on_demand admission) ---
     self.swap = host_tier.make_swap(
         dcfg.swap_capacity, cfg, dcfg.page_size,
         lambda: (self.state.k, self.state.v),
-        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)))
+        lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)),
+        dtype=self.state.k.dtype)
     self._arrivals = itertools.count()
     # Rows evicted for recompute, for the engine to hand on (``evicted``).
     self._evicted: list[_Row] = []

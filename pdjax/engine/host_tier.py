@@ -613,25 +613,27 @@ class SwapSpace:
 
 
 def make_swap(capacity_pages: int, cfg, page_size: int, get_pools, set_pools,
-              **kw) -> SwapSpace | None:
-  """A swap space of ``capacity_pages`` pool pages (None when 0: off)."""
+              dtype=None, **kw) -> SwapSpace | None:
+  """A swap space of ``capacity_pages`` pool pages (None when 0: off);
+  ``dtype``: the pool's (default the model's)."""
   if capacity_pages <= 0:
     return None
   return SwapSpace(capacity_pages, get_pools, set_pools,
                    num_layers=cfg.num_layers,
                    page_shape=(cfg.num_layers, page_size, cfg.num_kv_heads,
                                cfg.head_dim),
-                   dtype=cfg.jnp_dtype, **kw)
+                   dtype=cfg.jnp_dtype if dtype is None else dtype, **kw)
 
 
 def make_link(capacity_blocks: int, pool: BlockPool, cfg, page_size: int,
-              get_pools, set_pools, **kw) -> HostTierLink | None:
-  """A tier of ``capacity_blocks`` linked to ``pool`` (None when 0: off)."""
+              get_pools, set_pools, dtype=None, **kw) -> HostTierLink | None:
+  """A tier of ``capacity_blocks`` linked to ``pool`` (None when 0: off);
+  ``dtype``: the pool's (default the model's)."""
   if capacity_blocks <= 0:
     return None
   tier = HostKVTier(capacity_blocks, (cfg.num_layers, page_size,
                                       cfg.num_kv_heads, cfg.head_dim),
-                    cfg.jnp_dtype, **kw)
+                    cfg.jnp_dtype if dtype is None else dtype, **kw)
   return HostTierLink(tier, pool, get_pools, set_pools,
                       num_layers=cfg.num_layers)
 

@@ -45,6 +45,7 @@ from pdjax.engine.block_pool import BlockPool
 from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.cache_events import CacheEventLog
 from pdjax.model.config import ModelConfig
+from pdjax.model.llama import kv_to_pool
 from pdjax.sharding import ShardingRules
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def _store_blocks(k_pool, v_pool, k_buf, v_buf, pages, *, num_layers):
           + pages[None, :]).reshape(-1)
   k = k_buf.reshape(L * n, P, *k_buf.shape[3:])
   v = v_buf.reshape(L * n, P, *v_buf.shape[3:])
-  return (k_pool.at[rows].set(k.astype(k_pool.dtype)),
-          v_pool.at[rows].set(v.astype(v_pool.dtype)))
+  return (k_pool.at[rows].set(kv_to_pool(k, k_pool.dtype)),
+          v_pool.at[rows].set(kv_to_pool(v, v_pool.dtype)))
 
 
 def _store_kv_pages(k_pool, v_pool, kv, pages, *, num_layers):
@@ -92,8 +93,8 @@ def _store_kv_pages(k_pool, v_pool, kv, pages, *, num_layers):
   n = kv.shape[2]
   rows = (jnp.arange(L, dtype=jnp.int32)[:, None] * N
           + pages[None, :]).reshape(-1)
-  k = kv[:, 0].reshape(L * n, *kv.shape[3:]).astype(k_pool.dtype)
-  v = kv[:, 1].reshape(L * n, *kv.shape[3:]).astype(v_pool.dtype)
+  k = kv_to_pool(kv[:, 0].reshape(L * n, *kv.shape[3:]), k_pool.dtype)
+  v = kv_to_pool(kv[:, 1].reshape(L * n, *kv.shape[3:]), v_pool.dtype)
   return k_pool.at[rows].set(k), v_pool.at[rows].set(v)
 
 

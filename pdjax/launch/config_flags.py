@@ -105,6 +105,9 @@ HELP: dict[tuple[str | None, str], str] = {
     ("decode", "queue_deadline_s"): "How long a request prefilled on a "
     "decode worker may wait in the admission queue for KV pages and a row "
     "before RESOURCE_EXHAUSTED (0: no deadline).",
+    ("decode", "kv_dtype"): "Storage of the KV pool's pages: auto (the "
+    "model's dtype) or fp8 (float8 e4m3, unscaled, saturating at +-448: "
+    "twice the tokens per byte; pages are gathered for attention).",
     ("prefill", "weight_dtype"): "Storage of the layers' projection weights "
     "(unset: the model's dtype; float8_e4m3fn: quantized as the pool loads "
     "them, a scale per output channel). Both pools must agree.",

@@ -460,6 +460,18 @@ def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
 # not measured on its own.)
 _KV_WRITE = {"unique_indices": True}
 
+# float8 e4m3's largest finite value: an FP8 pool saturates there (a plain
+# cast would make NaN of anything beyond it).
+_FP8_MAX = 448.0
+
+
+def kv_to_pool(x, dtype):
+  """K or V values as a pool of ``dtype`` stores them: a plain cast, or for
+  an FP8 pool one that saturates at +-448."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
+    x = jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX)
+  return x.astype(dtype)
+
 
 def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
                  page_size: int, dtype, paged_attention: bool = False):
@@ -493,8 +505,10 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
     q, k, v = _qkv(cfg, lp, h, cos, sin)
     rows = li * N + write_page
     # unique_indices: see _KV_WRITE.
-    kp = kp.at[rows, write_off].set(k[:, 0].astype(kp.dtype), **_KV_WRITE)
-    vp = vp.at[rows, write_off].set(v[:, 0].astype(vp.dtype), **_KV_WRITE)
+    kp = kp.at[rows, write_off].set(kv_to_pool(k[:, 0], kp.dtype),
+                                    **_KV_WRITE)
+    vp = vp.at[rows, write_off].set(kv_to_pool(v[:, 0], vp.dtype),
+                                    **_KV_WRITE)
     table = li * N + page_table
     if paged_attention:
       attn = _cudnn_paged_attention(q, kp, vp, table, kv_len)
@@ -608,8 +622,8 @@ def decode_tokens_layer(cfg: ModelConfig, start, page_table, num_kept, *,
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
     rows = li * N + write_page
-    kp = kp.at[rows, write_off].set(k.astype(kp.dtype), **_KV_WRITE)
-    vp = vp.at[rows, write_off].set(v.astype(vp.dtype), **_KV_WRITE)
+    kp = kp.at[rows, write_off].set(kv_to_pool(k, kp.dtype), **_KV_WRITE)
+    vp = vp.at[rows, write_off].set(kv_to_pool(v, vp.dtype), **_KV_WRITE)
     table = li * N + page_table
     kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
@@ -641,6 +655,7 @@ __all__ = [
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
     "reference_forward",
     "PrefillOut", "DecodeOut", "decode_layer", "decode_tokens_layer",
+    "kv_to_pool",
     "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]

@@ -1,0 +1,133 @@
+"""An FP8 KV pool (``DecodeConfig.kv_dtype="fp8"``): K/V stored as float8
+e4m3, unscaled, saturating at +-448.
+
+The cast is pinned against ml_dtypes' own e4m3 rounding (numpy); an engine
+with an FP8 pool stores exactly that rounding of what it is given, decodes
+to the end with every page back and keeps its first tokens (the prefill
+does not read the pool); its pages take a quarter of a float32 pool's
+bytes. How far it moves a trained
+model is measured, not assumed: tools/measure_fp8_accuracy.py --what=kv
+(BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.decode_config import DecodeConfig
+from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.sampling import SamplingParams
+from pdjax.model.llama import kv_to_pool
+
+E4M3 = ml_dtypes.float8_e4m3fn
+
+PCFG = PrefillConfig(buckets=(16, 32), max_batch=4, page_size=16,
+                     max_seq_len=128)
+DCFG = DecodeConfig(max_seqs=8, page_size=16, num_pages=64, max_seq_len=128,
+                    steps_per_call=4, row_buckets=(8,))
+
+
+def test_cast_is_e4m3_rounding_saturated():
+  rng = np.random.default_rng(0)
+  # Normal and subnormal magnitudes, exact e4m3 values, ties, and beyond.
+  x = np.concatenate([
+      rng.standard_normal(2000) * 10.0 ** rng.uniform(-4, 2.5, 2000),
+      np.asarray([0.0, -0.0, 448.0, -448.0, 449.0, 465.0, -1e6, 1e6,
+                  2.0 ** -9, 2.0 ** -10, 1.0 + 2.0 ** -4, 1.0 + 3 * 2.0 ** -4]),
+  ]).astype(np.float32)
+  got = np.asarray(kv_to_pool(jnp.asarray(x), jnp.float8_e4m3fn))
+  want = np.clip(x, -448.0, 448.0).astype(E4M3)
+  assert got.dtype == E4M3
+  np.testing.assert_array_equal(got.astype(np.float32),
+                                want.astype(np.float32))
+  assert not np.isnan(got.astype(np.float32)).any()
+  # Other pools: a plain cast, bit for bit.
+  for dtype in (jnp.float32, jnp.bfloat16):
+    np.testing.assert_array_equal(
+        np.asarray(kv_to_pool(jnp.asarray(x), dtype)),
+        np.asarray(jnp.asarray(x).astype(dtype)))
+
+
+def test_kv_dtype_is_checked():
+  with pytest.raises(ValueError, match="kv_dtype"):
+    DecodeConfig(kv_dtype="int8")
+
+
+def _run(engine, reqs):
+  out, logprobs = {}, {}
+
+  def callback(ev):
+    out.setdefault(ev.request_id, []).extend(ev.token_ids)
+    logprobs.setdefault(ev.request_id, []).extend(ev.logprobs)
+  for rid, p, s in reqs:
+    engine.submit(rid, p, s, callback, seed_u32=s.seed_u32(0))
+  engine.drain()
+  return out, logprobs
+
+
+def test_fp8_pool_serves_to_the_end(tiny_decode_params):
+  params, cfg, mesh, rules = tiny_decode_params
+  rng = np.random.default_rng(5)
+  reqs = [(f"r{i}", rng.integers(3, 300, n).tolist(),
+           SamplingParams(max_tokens=t, temperature=0.0, ignore_eos=True))
+          for i, (n, t) in enumerate([(9, 20), (17, 12), (30, 25), (5, 30)])]
+  base = ColocatedEngine(params, cfg, mesh, rules, PCFG, DCFG)
+  fp8 = ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                        dataclasses.replace(DCFG, kv_dtype="fp8"))
+  rep = fp8.decode.replicas[0]
+  assert rep.state.k.dtype == jnp.float8_e4m3fn
+  assert rep.state.k.nbytes * 4 == base.decode.replicas[0].state.k.nbytes
+  want, want_lp = _run(base, reqs)
+  got, got_lp = _run(fp8, reqs)
+  u = fp8.decode.kv_usage()
+  assert u["pages_used"] == u["rows_live"] == 0, u
+  for rid, _, s in reqs:
+    assert len(got[rid]) == s.max_tokens
+    # The first token comes from the prefill, which reads no pool.
+    assert got[rid][0] == want[rid][0]
+    assert got_lp[rid][0] == want_lp[rid][0]
+  # Later tokens are not compared here: the tiny model's logits are nearly
+  # flat, so one e4m3 rounding can flip a token; how far an FP8 pool moves a
+  # trained model is the accuracy tool's figure.
+
+
+def test_insert_stores_the_e4m3_rounding(tiny_decode_params):
+  """What an FP8 pool holds for a prompt is the saturated e4m3 rounding of
+  the prefill's float32 KV, exactly."""
+  params, cfg, mesh, rules = tiny_decode_params
+  engine = ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                           dataclasses.replace(DCFG, kv_dtype="fp8"))
+  prompt = list(range(5, 37))    # 2 full pages
+  kv = engine.prefill[0].prefill([_prefill_request(prompt)])[0].kv
+  payload = np.asarray(kv.kv, np.float32)       # [L, 2, n, P, K, hd]
+  rep = engine.decode.replicas[0]
+  res = engine.decode.reserve("x", len(prompt), 4)
+  seen = []
+  from pdjax.engine.requests import DecodeRequest
+  s = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+  engine.decode.submit(DecodeRequest("x", prompt, 7, 0.0, kv, s,
+                                     s.seed_u32(0), seen.append,
+                                     reservation=res))
+  engine.decode.step()      # admits: the insert runs
+  row = next(r for r in rep.rows if r is not None)
+  L, N = cfg.num_layers, DCFG.num_pages
+  k = np.asarray(rep.state.k.astype(jnp.float32))
+  for layer in range(L):
+    for i, page in enumerate(row.pages[:2]):
+      want = np.clip(payload[layer, 0, i], -448, 448).astype(E4M3)
+      np.testing.assert_array_equal(k[layer * N + page],
+                                    want.astype(np.float32))
+  engine.decode.drain()
+
+
+def _prefill_request(prompt):
+  from pdjax.engine.requests import PrefillRequest
+  s = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+  return PrefillRequest("x", prompt, s, s.seed_u32(0))
