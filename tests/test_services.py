@@ -375,14 +375,18 @@ def test_zzzz_router_drain_ends_at_its_timeout(grpc_cluster):
   assert ROUTER_DRAIN_S <= took < ROUTER_DRAIN_S + 5, took
 
 
-@pytest.mark.parametrize("transport", ["grpc", "device"])
-def test_pipelined_decode_pool_matches_reference(transport, tmp_path_factory,
-                                                 reference):
-  """A decode worker whose pool is a pipeline of two stages (``dp=1,pp=2``,
-  ``decode_dp_pp``) takes the TP=2 prefill's hand-off across processes:
-  each stage lands its own layers' pages. The tokens are the reference's."""
+@pytest.mark.parametrize("transport,prefill_mesh",
+                         [("grpc", None), ("device", None), ("local", "tp=1")])
+def test_pipelined_decode_pool_matches_reference(transport, prefill_mesh,
+                                                 tmp_path_factory, reference):
+  """A decode pool that is a pipeline of two stages (``dp=1,pp=2``,
+  ``decode_dp_pp``) takes the prefill's hand-off over every transport:
+  from the TP=2 prefill worker across processes (grpc, device), and in
+  one process from a TP=1 prefill pool beside it (local); each stage lands
+  its own layers' pages. The tokens are the reference's."""
   c = Cluster(tmp_path_factory.mktemp(f"pp-{transport}"),
               kv_transport=transport, num_prefill=1, num_decode=1,
+              prefill_mesh=prefill_mesh,
               overrides={"decode": {"mesh": "dp=1,pp=2",
                                     "sharding": "decode_dp_pp"}})
   try:
