@@ -75,7 +75,7 @@ def idle_rows_fresh(live, tokens, positions, page_table):
   a chat load, the stale tokens of a 128-row program's free rows made every
   step 3.1x slower on an H100, and setting them back to 0 alone restored
   the speed (the slowdown after load, in the benchmarks' notes)."""
-  return (live, jnp.where(live, tokens, 0), jnp.where(live, positions, 0),
+  return (jnp.where(live, tokens, 0), jnp.where(live, positions, 0),
           jnp.where(live[:, None], page_table, 0))
 
 
@@ -85,9 +85,9 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
   function with its signature (the pipelined one: each step is then a
   full pass through the pipeline)."""
   def step(state: DecodeState, _):
-    live, tokens, positions, table = idle_rows_fresh(
-        slots.active & ~state.done, state.tokens, state.positions,
-        slots.page_table)
+    live = slots.active & ~state.done
+    tokens, positions, table = idle_rows_fresh(
+        live, state.tokens, state.positions, slots.page_table)
     out = forward(params, tokens, positions, state.k, state.v,
                   table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
@@ -345,8 +345,8 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
-  live, first, start, table = idle_rows_fresh(
-      slots.active & ~done, tokens0, pos, slots.page_table)
+  live = slots.active & ~done
+  first, start, table = idle_rows_fresh(live, tokens0, pos, slots.page_table)
   num = jnp.where(live, num_drafts, 0)
   T = drafts.shape[1] + 1
   out = forward_tokens(
