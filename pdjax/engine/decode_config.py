@@ -185,6 +185,13 @@ class DecodeConfig:
     return model_dtype
 
   @property
+  def first_calls_tokens(self) -> int:
+    """Tokens past the prompt whose pages a row gets at insert, before it
+    grows: its first two generate calls' (the first call, and the one
+    dispatched before the first call's tokens are read)."""
+    return 2 * self.tokens_per_call
+
+  @property
   def tokens_per_call(self) -> int:
     """The most tokens one call advances a row by (and writes the KV of)."""
     if self.speculative != "off":

@@ -207,11 +207,10 @@ class DecodeReplica:
     return pages_for(n, self.dcfg.page_size)
 
   def initial_pages(self, prompt_len: int, max_tokens: int) -> int:
-    """Pages an insert allocates: the prompt's, and those its first two
-    generate calls write (the first call, and the one dispatched before
-    the first call's tokens are read)."""
+    """Pages an insert allocates: the prompt's, and those its first
+    generate calls write (``DecodeConfig.first_calls_tokens``)."""
     return min(self.budget_pages(prompt_len, max_tokens),
-               pages_for(prompt_len + 2 * self.dcfg.tokens_per_call,
+               pages_for(prompt_len + self.dcfg.first_calls_tokens,
                          self.dcfg.page_size))
 
   def admission_pages(self, prompt_len: int, max_tokens: int) -> int:

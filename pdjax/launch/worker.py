@@ -515,7 +515,7 @@ async def serve(role: str, dep) -> None:
                                                 KvTransferServicer)
       dcfg = dep.decode_engine_config()
       if dcfg.on_demand:   # what the router's placement counts per request
-        info.admission_tokens_past_prompt = 2 * dcfg.tokens_per_call
+        info.admission_tokens_past_prompt = dcfg.first_calls_tokens
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
