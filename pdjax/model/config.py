@@ -158,6 +158,8 @@ class ModelConfig:
         raise ModelConfigError(f"{source}: required field {key!r} is missing")
       return hf[key]
 
+    from pdjax.model.hf_fp8 import check_quantization
+    check_quantization(hf, source)
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     arch = None

@@ -16,11 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import ml_dtypes  # registers bfloat16 with numpy; float8 for FP8 weights
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from pdjax.model import hf_fp8
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params, param_shapes
 
@@ -127,6 +128,15 @@ class SafetensorsIndex:
                            f"{e}") from e
     return self._handles[f]
 
+  def has(self, name: str) -> bool:
+    return name in self.where
+
+  def get_any(self, name: str) -> np.ndarray:
+    """A tensor of any shape (an FP8 weight's scale)."""
+    f = self.where[name]
+    shape = tuple(self._open(f).get_slice(name).get_shape())
+    return self.get(name, shape)
+
   def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
     f = self.where.get(name)
     if f is None:
@@ -142,6 +152,8 @@ class SafetensorsIndex:
       raise WeightsError(f"{f}: tensor {name!r} has shape {shape}, expected "
                          f"{tuple(expected_shape)} from config.json")
     try:
+      if handle.get_slice(name).get_dtype() == "F8_E4M3":
+        return hf_fp8.read_raw(f, name)   # numpy has no float8 of its own
       return handle.get_tensor(name)
     except (SafetensorError, ValueError, OSError) as e:
       raise WeightsError(f"{f}: tensor {name!r} could not be read (corrupt "
@@ -178,7 +190,7 @@ def load_hf_params(path: str | Path, cfg: ModelConfig, shardings=None,
     hf_shape = _hf_shape(kind, per_layer)
     stacked = np.empty(shape, dtype)
     for i in range(cfg.num_layers):
-      x = index.get(pattern.format(i=i), hf_shape)
+      x = _read_weight(index, pattern.format(i=i), hf_shape, path)
       stacked[i] = _hf_to_pdjax(x, kind, per_layer).astype(dtype)
     params["layers"][key] = _place(stacked, dtype, shard_tree["layers"][key])
     del stacked
@@ -187,9 +199,30 @@ def load_hf_params(path: str | Path, cfg: ModelConfig, shardings=None,
       continue
     shape = spec[key][0]
     name, kind = _TOP_MAP[key]
-    x = index.get(name, _hf_shape(kind, shape))
+    x = _read_weight(index, name, _hf_shape(kind, shape), path)
     params[key] = _place(_hf_to_pdjax(x, kind, shape), dtype, shard_tree[key])
   return params
+
+
+def _read_weight(index: SafetensorsIndex, name: str, shape, path: Path):
+  """A checkpoint tensor, an FP8 one dequantized with its scale
+  (``pdjax.model.hf_fp8``)."""
+  x = index.get(name, shape)
+  if x.dtype != ml_dtypes.float8_e4m3fn:
+    return x
+  base = name[:-len("weight")] if name.endswith("weight") else name + "_"
+  try:
+    if index.has(base + "weight_scale"):
+      return hf_fp8.dequantize(x, scale=index.get_any(base + "weight_scale"))
+    if index.has(base + "weight_scale_inv"):
+      hf = json.loads((path / "config.json").read_text())
+      return hf_fp8.dequantize(
+          x, scale_inv=index.get_any(base + "weight_scale_inv"),
+          block=hf_fp8.block_size(hf))
+  except ValueError as e:
+    raise WeightsError(f"{path}: tensor {name!r}: {e}") from e
+  raise WeightsError(f"{path}: tensor {name!r} is FP8 but the checkpoint "
+                     f"has no {base}weight_scale or {base}weight_scale_inv")
 
 
 # ------------------------------------------------------------------ writing

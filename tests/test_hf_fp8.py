@@ -1,0 +1,173 @@
+"""Hugging Face FP8 checkpoints (``pdjax.model.hf_fp8``): the tiny model's
+projections written in F8_E4M3 with their scales, as llm-compressor /
+fbgemm (a scale per output channel, or one per tensor) and transformers'
+fine-grained FP8 (a scale per 128 x 128 block, here 16 x 32) publish them,
+load to exactly ``q * scale`` in pdjax's layout; the unquantized tensors
+load as they are; a model served from them decodes; an unsupported
+quantization method is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from safetensors.numpy import load_file   # noqa: E402
+from safetensors.torch import save_file   # noqa: E402
+
+from pdjax.model.config import ModelConfigError   # noqa: E402
+from pdjax.model.hf_fp8 import dequantize   # noqa: E402
+from pdjax.model.loading import load_model   # noqa: E402
+from pdjax.model.weights import _LAYER_MAP, _hf_to_pdjax   # noqa: E402
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+        "down_proj")
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def _quantize(w: np.ndarray, scheme: str, block=(16, 32)):
+  """(q, scale name, scale) of a float32 [out, in] weight."""
+  if scheme == "channel":
+    s = np.abs(w).max(axis=1, keepdims=True) / 448.0
+    return (w / s).astype(E4M3), "weight_scale", s.astype(np.float32)
+  if scheme == "tensor":
+    s = np.float32(np.abs(w).max() / 448.0)
+    return (w / s).astype(E4M3), "weight_scale", np.asarray(s)
+  bo, bi = block
+  nb = (-(-w.shape[0] // bo), -(-w.shape[1] // bi))
+  s = np.zeros(nb, np.float32)
+  q = np.zeros(w.shape, E4M3)
+  for a in range(nb[0]):
+    for b in range(nb[1]):
+      blk = w[a * bo:(a + 1) * bo, b * bi:(b + 1) * bi]
+      s[a, b] = np.abs(blk).max() / 448.0
+      q[a * bo:(a + 1) * bo, b * bi:(b + 1) * bi] = (blk / s[a, b]).astype(
+          E4M3)
+  return q, "weight_scale_inv", s
+
+
+QUANT_CONFIGS = {
+    "channel": {"quant_method": "compressed-tensors", "format":
+                "float-quantized", "config_groups": {"group_0": {
+                    "weights": {"num_bits": 8, "type": "float",
+                                "strategy": "channel"}}}},
+    "tensor": {"quant_method": "fbgemm_fp8"},
+    "block": {"quant_method": "fp8", "fmt": "e4m3",
+              "weight_block_size": [16, 32]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(QUANT_CONFIGS))
+def fp8_checkpoint(request, tiny_model_dir, tmp_path_factory):
+  """(directory, {tensor name: float32 dequantized weight}) of the tiny
+  model with its projections in FP8."""
+  scheme = request.param
+  out = tmp_path_factory.mktemp(f"fp8-{scheme}")
+  for f in tiny_model_dir.iterdir():
+    if f.name != "model.safetensors":
+      shutil.copy(f, out / f.name)
+  tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+  written, want = {}, {}
+  for name, x in tensors.items():
+    if any(f".{p}.weight" in name for p in PROJ):
+      q, sname, s = _quantize(x.astype(np.float32), scheme)
+      written[name] = torch.from_numpy(q.view(np.uint8)).view(
+          torch.float8_e4m3fn)
+      written[name[:-len("weight")] + sname] = torch.from_numpy(s)
+      want[name] = dequantize(
+          q, **({"scale_inv": s, "block": (16, 32)} if scheme == "block"
+                else {"scale": s}))
+    else:
+      written[name] = torch.from_numpy(np.ascontiguousarray(x))
+  save_file(written, str(out / "model.safetensors"))
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["quantization_config"] = QUANT_CONFIGS[scheme]
+  (out / "config.json").write_text(json.dumps(cfg))
+  return out, want
+
+
+def test_dequantize_arithmetic():
+  q = np.asarray([[1.0, -2.0, 0.5], [448.0, 0.0, -0.25]], E4M3)
+  np.testing.assert_array_equal(
+      dequantize(q, scale=np.asarray([[2.0], [0.5]], np.float32)),
+      [[2.0, -4.0, 1.0], [224.0, 0.0, -0.125]])
+  np.testing.assert_array_equal(dequantize(q, scale=np.float32(3.0)),
+                                q.astype(np.float32) * 3)
+  np.testing.assert_array_equal(
+      dequantize(q, scale_inv=np.asarray([[2.0, 4.0]], np.float32),
+                 block=(2, 2)),
+      [[2.0, -4.0, 2.0], [896.0, 0.0, -1.0]])
+  with pytest.raises(ValueError, match="output channels"):
+    dequantize(q, scale=np.ones((3, 1), np.float32))
+  with pytest.raises(ValueError, match="blocks"):
+    dequantize(q, scale_inv=np.ones((2, 2), np.float32), block=(2, 2))
+
+
+def test_fp8_checkpoint_loads_to_q_times_scale(fp8_checkpoint, tiny_model_dir):
+  path, want = fp8_checkpoint
+  params, cfg = load_model(path, dtype="float32")
+  plain, _ = load_model(tiny_model_dir, dtype="float32")
+  for key, (pattern, kind) in _LAYER_MAP.items():
+    if key not in params["layers"]:
+      continue
+    got = np.asarray(params["layers"][key])
+    for i in range(cfg.num_layers):
+      name = pattern.format(i=i)
+      if name in want:
+        exp = _hf_to_pdjax(want[name], kind, got.shape[1:])
+        np.testing.assert_array_equal(got[i], exp, err_msg=name)
+      else:   # norms: as they were
+        np.testing.assert_array_equal(got[i],
+                                      np.asarray(plain["layers"][key])[i])
+  np.testing.assert_array_equal(np.asarray(params["embed"]),
+                                np.asarray(plain["embed"]))
+
+
+def test_fp8_checkpoint_serves(fp8_checkpoint):
+  """Greedy generation from the FP8 checkpoint, through an engine, with
+  pdjax's own FP8 weights on top (quantized again per channel at load)."""
+  import jax
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  path, _ = fp8_checkpoint
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(path, rules, mesh, weight_dtype="float8_e4m3fn")
+  engine = ColocatedEngine(
+      params, cfg, mesh, rules,
+      PrefillConfig(buckets=(16,), max_batch=1, page_size=16,
+                    max_seq_len=64),
+      DecodeConfig(max_seqs=2, num_pages=16, page_size=16, max_seq_len=64,
+                   row_buckets=(2,)))
+  out = []
+  s = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+  engine.submit("a", [5, 6, 7, 8], s, lambda ev: out.extend(ev.token_ids),
+                seed_u32=0)
+  engine.drain()
+  assert len(out) == 6 and all(0 <= t < cfg.vocab_size for t in out)
+
+
+def test_other_quantization_methods_are_refused(tiny_model_dir, tmp_path):
+  for f in tiny_model_dir.iterdir():
+    shutil.copy(f, tmp_path / f.name)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelConfigError, match="'gptq' is not supported"):
+    load_model(tmp_path)
+  cfg["quantization_config"] = {
+      "quant_method": "compressed-tensors",
+      "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelConfigError, match="4-bit int"):
+    load_model(tmp_path)
