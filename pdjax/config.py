@@ -158,9 +158,12 @@ class DecodePoolConfig:
   table_buckets: tuple[int, ...] = _default(DecodeConfig, "table_buckets")
   row_buckets: tuple[int, ...] = _default(DecodeConfig, "row_buckets")
   prefill_token_budget: int = _default(DecodeConfig, "prefill_token_budget")
-  # Speculative decoding (DecodeConfig.speculative: "off" or "ngram").
-  speculative: Literal["off", "ngram"] = _default(DecodeConfig,
-                                                 "speculative")
+  # Speculative decoding (DecodeConfig.speculative: "off", "ngram" or
+  # "draft"; with "draft", the draft model's checkpoint, loaded as the
+  # target is: a directory, GGUF file or model name).
+  speculative: Literal["off", "ngram", "draft"] = _default(DecodeConfig,
+                                                          "speculative")
+  draft_checkpoint: str = ""
   spec_tokens: int = _default(DecodeConfig, "spec_tokens")
   spec_ngram: int = _default(DecodeConfig, "spec_ngram")
   # Pipeline-parallel pools (a pp mesh axis): microbatches per call.

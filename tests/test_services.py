@@ -397,3 +397,25 @@ def test_pipelined_decode_pool_matches_reference(transport, prefill_mesh,
     assert {r.usage.kv_path for r in results} == {transport}
   finally:
     c.stop()
+
+
+def test_draft_model_speculation_matches_reference(tmp_path_factory,
+                                                   reference):
+  """A decode worker that drafts with a draft model (``speculative =
+  "draft"``, here the tiny model drafting for itself) behind a prefill
+  worker: it computes the draft's KV itself after the hand-off, keeps the
+  drafts it verifies, and streams the reference's tokens."""
+  c = Cluster(tmp_path_factory.mktemp("draft"), kv_transport="grpc",
+              num_prefill=1, num_decode=1,
+              overrides={"decode": {"speculative": "draft",
+                                    "draft_checkpoint": "tiny",
+                                    "spec_tokens": 3}})
+  try:
+    prompts, expected = reference
+    results = _generate_all(c.address, prompts)
+    assert [r.token_ids for r in results] == expected
+    drafted = sum(r.usage.spec_draft_tokens for r in results)
+    accepted = sum(r.usage.spec_accepted_tokens for r in results)
+    assert drafted > 0 and accepted >= 0.9 * drafted, (drafted, accepted)
+  finally:
+    c.stop()

@@ -76,13 +76,15 @@ class ColocatedEngine:
                dcfg: DecodeConfig = DecodeConfig(), *,
                eos_ids: Sequence[int] | None = None,
                max_waiting: int | None = None,
-               queue_timeout_s: float | None = None):
+               queue_timeout_s: float | None = None,
+               draft=None):
     """``max_waiting``: requests the queue holds (None: no bound);
     ``queue_timeout_s``: how long one may wait to be admitted (None: no
-    deadline)."""
+    deadline); ``draft``: the draft model's (params, config) for
+    ``speculative = "draft"`` (``DecodeEngine``)."""
     self.cfg = cfg
     self.decode = DecodeEngine(params, cfg, mesh, rules, dcfg,
-                               eos_ids=eos_ids)
+                               eos_ids=eos_ids, draft=draft)
     self.decode.on_recompute = self._requeue
     sub_rules = rules.without("dp")
     self.prefill = [PrefillEngine(

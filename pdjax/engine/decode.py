@@ -120,7 +120,10 @@ class DecodeEngine:
 
   def __init__(self, params: Params, cfg: ModelConfig, mesh: Mesh,
                rules: ShardingRules, dcfg: DecodeConfig = DecodeConfig(),
-               *, eos_ids: Sequence[int] | None = None):
+               *, eos_ids: Sequence[int] | None = None,
+               draft: tuple[Params, ModelConfig] | None = None):
+    """``draft``: the draft model's (params, config), laid out by ``rules``
+    on ``mesh`` as the target's are (``speculative = "draft"``)."""
     self.cfg = cfg
     self.dcfg = dcfg
     self.mesh = mesh
@@ -150,13 +153,21 @@ class DecodeEngine:
         lambda s: sub_rules.partition_spec(s[1]), param_shapes(cfg),
         is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
         and isinstance(x[1], tuple))
+    draft_specs = None if draft is None else jax.tree.map(
+        lambda s: sub_rules.partition_spec(s[1]), param_shapes(draft[1]),
+        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+        and isinstance(x[1], tuple))
     for i, sub in enumerate(replica_meshes(mesh, "dp")):
       view = jax.tree.map(lambda x, s, sub=sub: replica_view(x, sub, s),
                           params, specs)
+      draft_view = None if draft is None else (jax.tree.map(
+          lambda x, s, sub=sub: replica_view(x, sub, s), draft[0],
+          draft_specs), draft[1])
       self.replicas.append(DecodeReplica(
           i, view, cfg, sub, sub_rules, dcfg, self.eos_ids, self.programs,
           on_cache_event=(self.cache_events.on_event
-                          if self.cache_events else None)))
+                          if self.cache_events else None),
+          draft=draft_view))
     self._lock = threading.Lock()
     self._inbox: collections.deque[_Pending] = collections.deque()
     self._cancelled: set[str] = set()

@@ -41,9 +41,12 @@ class DecodeConfig:
   # row and call by prompt lookup (the latest earlier occurrence of the
   # sequence's last ``spec_ngram`` .. 1 tokens) and checks them in one pass
   # of the model (``pdjax.engine.speculative``); a row keeps the longest
-  # prefix the model agrees with, plus one token of its own. "off": plain
-  # decoding. Drafts need the previous call's tokens, so a speculating pool
-  # does not dispatch a call before the last one's tokens are read.
+  # prefix the model agrees with, plus one token of its own. "draft": a
+  # smaller model of the same tokenizer drafts them (its greedy tokens,
+  # with its own paged KV: ``pdjax.engine.draft_model``; the engine is given
+  # its weights). "off": plain decoding. Drafts need the previous call's
+  # tokens, so a speculating pool does not dispatch a call before the last
+  # one's tokens are read.
   speculative: str = "off"
   spec_tokens: int = 4
   spec_ngram: int = 3
@@ -144,8 +147,8 @@ class DecodeConfig:
     if self.kv_dtype not in KV_DTYPES:
       raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, "
                        f"got {self.kv_dtype!r}")
-    if self.speculative not in ("off", "ngram"):
-      raise ValueError(f"speculative must be 'off' or 'ngram', got "
+    if self.speculative not in ("off", "ngram", "draft"):
+      raise ValueError(f"speculative must be 'off', 'ngram' or 'draft', got "
                        f"{self.speculative!r}")
     if self.spec_tokens < 1 or self.spec_ngram < 1:
       raise ValueError(f"spec_tokens ({self.spec_tokens}) and spec_ngram "

@@ -57,6 +57,7 @@ from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
 from pdjax.engine.sampling import MAX_STOP_TOKEN_IDS, SamplingArrays
+from pdjax.engine.draft_model import DraftModel
 from pdjax.engine.speculative import propose_ngram
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params
@@ -129,7 +130,9 @@ class DecodeReplica:
   def __init__(self, index: int, params: Params, cfg: ModelConfig,
                mesh: Mesh, rules: ShardingRules, dcfg: DecodeConfig,
                eos_ids: Sequence[int], programs: _Programs,
-               on_cache_event=None):
+               on_cache_event=None, draft=None):
+    """``draft``: (params, config) of the draft model (its weights on this
+    replica's devices), with ``speculative = "draft"``."""
     self.index = index
     self.params = params
     self.cfg = cfg
@@ -156,6 +159,15 @@ class DecodeReplica:
         done=self.replicated)
     self.state = jax.jit(functools.partial(_init_state, cfg, dcfg),
                          out_shardings=state_sharding)()
+    self.draft = None
+    if dcfg.speculative == "draft":
+      if draft is None:
+        raise ValueError("speculative='draft' needs the draft model's "
+                         "weights")
+      if mesh.size != 1:
+        raise ValueError("a draft model runs on replicas of one device "
+                         f"(this one has {mesh.size})")
+      self.draft = DraftModel(draft[0], draft[1], cfg, dcfg, self.replicated)
     # --- host KV tier: evicted cached blocks go to host memory ---
     self.host_tier = host_tier.make_link(
         dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
@@ -289,6 +301,8 @@ class DecodeReplica:
     reservation.used = True
     self.page_table[row] = 0
     self.page_table[row, :len(pages)] = pages
+    if self.draft is not None:
+      self.draft.forget(row)
     self.active[row] = True
     self.samp.set_row(row, req.sampling, req.seed_u32)
     self.max_tokens[row] = req.sampling.max_tokens
@@ -432,6 +446,8 @@ class DecodeReplica:
       r.pages = pages
       r.request.lifecycle.advance(RequestStatus.RUNNING)
       self.page_table[row, :n] = pages
+      if self.draft is not None:   # its draft KV stayed in the old pages
+        self.draft.forget(row)
       self._slots_dirty = True
       self.stats["resumed_swap"] += 1
 
@@ -502,6 +518,8 @@ class DecodeReplica:
                                              zero, zero, zero)
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
+    if self.draft is not None:       # the draft model's programs
+      self.draft.warmup(self.dcfg.row_counts, self.dcfg.widths)
     if self.swap is not None:        # preempted rows' swap programs
       self.swap.warmup()
     for rows in self.dcfg.row_counts:
@@ -547,27 +565,36 @@ class DecodeReplica:
     if not self.programs.speculative:
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
-    drafts, num = self._drafts(rows, len(call_rows), left)
+    drafts, num = self._drafts(rows, len(call_rows), left, slots)
     self.state, out = program(self.params, self.state, slots,
                               jax.device_put(drafts, self.replicated),
                               jax.device_put(num, self.replicated))
     return Call(out, owners, drafted=num[:len(rows)].tolist())
 
-  def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int]):
-    """Prompt-lookup drafts for a speculating call: per row of the call,
-    up to ``spec_tokens`` tokens, within what the row may still generate
-    (it emits at most one token more than it drafts); none for rows that
-    opted out. The row's tokens so far are on the host (a speculating pool
-    reads each call's tokens before the next call)."""
+  def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int],
+              slots: SlotInputs):
+    """Drafts for a speculating call: per row of the call, up to
+    ``spec_tokens`` tokens (by prompt lookup, or the draft model's, on
+    device), of which the verify program checks ``num`` per row: within
+    what the row may still generate (it emits at most one token more than
+    it drafts), none for rows that opted out. The row's tokens so far are
+    on the host (a speculating pool reads each call's tokens before the
+    next call)."""
     k = self.dcfg.spec_tokens
-    drafts = np.zeros((width, k), np.int32)
     num = np.zeros((width,), np.int32)
+    seqs = [list(self.rows[row].request.prompt_ids) + self.rows[row].generated
+            for row in rows]
+    if self.draft is not None:
+      for i, row in enumerate(rows):
+        if self.rows[row].request.sampling.speculative:
+          num[i] = max(min(k, left[row] - 1), 0)
+      return self.draft.propose(rows, width, slots.page_table, seqs), num
+    drafts = np.zeros((width, k), np.int32)
     for i, row in enumerate(rows):
-      r = self.rows[row]
-      if not r.request.sampling.speculative:
+      if not self.rows[row].request.sampling.speculative:
         continue
-      d = propose_ngram(list(r.request.prompt_ids) + r.generated,
-                        min(k, left[row] - 1), max_n=self.dcfg.spec_ngram)
+      d = propose_ngram(seqs[i], min(k, left[row] - 1),
+                        max_n=self.dcfg.spec_ngram)
       drafts[i, :len(d)] = d
       num[i] = len(d)
     return drafts, num
@@ -579,6 +606,9 @@ class DecodeReplica:
     r = self.rows[row]
     r.steps_dispatched = r.tokens_out - 1
     accepted = min(max(emitted - 1, 0), drafted)
+    if self.draft is not None:   # the call started at the token before these
+      pos = len(r.request.prompt_ids) + len(r.generated) - emitted - 1
+      self.draft.advance(row, pos, accepted)
     r.spec_drafted += drafted
     r.spec_accepted += accepted
     return accepted

@@ -88,8 +88,11 @@ HELP: dict[tuple[str | None, str], str] = {
     "(0: the largest KV payload this worker accepts, so every request fits "
     "one).",
     ("decode", "speculative"): "Speculative decoding: 'ngram' drafts up to "
-    "spec_tokens ids per row by prompt lookup and verifies them in one pass "
-    "of the model; 'off': plain decoding.",
+    "spec_tokens ids per row by prompt lookup, 'draft' by the draft model "
+    "(draft_checkpoint), and one pass of the model verifies them; 'off': "
+    "plain decoding.",
+    ("decode", "draft_checkpoint"): "speculative='draft': the draft model "
+    "(same tokenizer, smaller), loaded as the checkpoint is.",
     ("decode", "spec_tokens"): "Speculative decoding: draft tokens per row "
     "and call.",
     ("decode", "spec_ngram"): "Speculative decoding: the longest n-gram the "

@@ -516,11 +516,22 @@ async def serve(role: str, dep) -> None:
       dcfg = dep.decode_engine_config()
       if dcfg.on_demand:   # what the router's placement counts per request
         info.admission_tokens_past_prompt = dcfg.first_calls_tokens
+      draft = None
+      if dcfg.speculative == "draft":
+        if not pool.draft_checkpoint:
+          raise app.UsageError("[decode] speculative = 'draft' needs "
+                               "draft_checkpoint")
+        draft_path = pool.draft_checkpoint
+        if not presets.is_random(draft_path):
+          draft_path = resolve_checkpoint(draft_path)
+        draft = load_sharded(draft_path, rules, mesh, dtype=dtype)
+        log.info("draft model %s: %d layers", draft[1].name,
+                 draft[1].num_layers)
       engine = ColocatedEngine(
           params, cfg, mesh, rules,
           dep.prefill_engine_config(dep.decode), dcfg,
           max_waiting=pool.max_queue,
-          queue_timeout_s=pool.queue_deadline_s or None)
+          queue_timeout_s=pool.queue_deadline_s or None, draft=draft)
       if FLAGS.warmup:
         engine.warmup(dep.prefill_engine_config().payload_page_counts())
       receiver = _receiver(
