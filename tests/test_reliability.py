@@ -40,8 +40,10 @@ def reference(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+  # Without warm-up (cluster_helpers.Cluster): the soak's first 150
+  # requests, before its memory baseline, compile what serving needs.
   c = Cluster(tmp_path_factory.mktemp("rel"), kv_transport="grpc",
-              num_prefill=2, num_decode=2,
+              num_prefill=2, num_decode=2, warmup=False,
               worker_flags=["--kv_ttl_s=5"])
   yield c
   c.stop()
