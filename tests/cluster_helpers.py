@@ -75,10 +75,21 @@ def check_ttft_stages(usage) -> None:
 
 
 class Cluster:
-  """A deployment of ``pdjax/configs/deployments/test.toml`` on loopback."""
+  """A deployment of ``pdjax/configs/deployments/test.toml`` on loopback.
 
-  def __init__(self, tmp_dir, *, worker_flags=(), router_flags=(), **kw):
+  ``warmup=False`` starts the workers with ``--nowarmup``: they compile a
+  program when a request first needs it instead of every serving program
+  up front (on a cold compilation cache, a worker's warm-up is most of its
+  start). For tests that check what a deployment answers, not that it
+  never compiles while serving: the warm-up itself is tested on the
+  engines (tests/test_engines.py) and by the deployments left warming up.
+  """
+
+  def __init__(self, tmp_dir, *, worker_flags=(), router_flags=(),
+               warmup: bool = True, **kw):
     self.cluster = LocalCluster(tmp_dir)
+    if not warmup:
+      worker_flags = ["--nowarmup", *worker_flags]
     self.address = launch(self.cluster, config="test", ready_timeout_s=600,
                           worker_flags=["--metrics_port=0", *worker_flags],
                           router_flags=["--metrics_port=0", *router_flags],

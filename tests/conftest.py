@@ -27,6 +27,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
+
+def _xla_accepts(flags: str) -> bool:
+  """Whether the installed jaxlib's XLA accepts ``flags`` (an unknown flag
+  in XLA_FLAGS aborts the process): tried once in a child process, since
+  they must be set before this one imports jax. The test processes xdist
+  starts inherit the result with the environment."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  try:
+    return subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        timeout=120).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+# Two more settings of XLA:CPU's code generation, most of a compile at
+# that level: the MLIR fusion emitters take twice the time of the classic
+# elemental emitters for these programs (the compile of a test deployment's
+# decode worker warm-up: 12.7 CPU-s -> 5.9), and splitting a module's code
+# generation over threads only adds work on the suite's two cores (-> 5.0).
+# Both choose how a program is turned into machine code, not what it
+# computes, and are inherited like the flag above.
+_CODEGEN_FLAGS = ("--xla_cpu_use_fusion_emitters=false "
+                  "--xla_cpu_parallel_codegen_split_count=1")
+if ("xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]
+    and "xla_cpu_parallel_codegen_split_count" not in os.environ["XLA_FLAGS"]
+    and _xla_accepts(_CODEGEN_FLAGS)):
+  os.environ["XLA_FLAGS"] += " " + _CODEGEN_FLAGS
+
 # Persistent XLA compilation cache. Engine tests build many engines whose
 # programs are identical (same shapes, same devices) but belong to different
 # jit objects, so each would compile again; with the cache a repeat is a file

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def test_driver_against_local_cluster(tmp_path):
   c = Cluster(tmp_path / "cluster", kv_transport="grpc", num_prefill=1,
-              num_decode=1)
+              num_decode=1, warmup=False)
   try:
     out = tmp_path / "eval"
     proc = subprocess.run(

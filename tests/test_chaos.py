@@ -19,8 +19,11 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
+  # --nowarmup: the soak checks what every request got, not that serving
+  # never compiles (cluster_helpers.Cluster's warmup=False says why).
   d = Deployment(tmp_path_factory.mktemp("chaos"), num_prefill=1,
-                 num_decode=2, header_timeout_s=1.0)
+                 num_decode=2, header_timeout_s=1.0,
+                 worker_flags=["--nowarmup"])
   yield d
   d.stop()
 

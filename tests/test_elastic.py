@@ -103,7 +103,10 @@ class Elastic:
     self.address = launch_elastic(
         self.cluster, config="test", num_prefill=1, num_decode=1,
         num_flex=1, flex_role="decode", lease_s=2.0,
-        router_flags=["--metrics_port=0"], worker_flags=["--metrics_port=0"],
+        router_flags=["--metrics_port=0"],
+        # Programs compile when first used (cluster_helpers.Cluster's
+        # warmup=False): these tests check pools, moves and restarts.
+        worker_flags=["--metrics_port=0", "--nowarmup"],
         ready_timeout_s=600)
     self.supervisor = Supervisor(self.cluster, backoff_s=0.2)
     self._stop = threading.Event()

@@ -1450,7 +1450,7 @@ def test_gateway_on_a_local_deployment(tmp_path):
 
   from pdjax.client import Client
   from pdjax.launch.cluster import start_gateway
-  cluster = Cluster(tmp_path)
+  cluster = Cluster(tmp_path, warmup=False)
   try:
     url = start_gateway(cluster.cluster, cluster.address, config="test")
     prompt = "The quick brown fox"

@@ -73,7 +73,7 @@ def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
   how many prompt tokens came from a cache; together they are what the
   workers counted."""
   c = Cluster(tmp_path / transport, kv_transport=transport, num_prefill=1,
-              num_decode=1,
+              num_decode=1, warmup=False,
               worker_flags=["--prefix_cache_pages=64", "--prefix_caching"],
               router_flags=[f"--local_prefill_threshold={local_prefill}"])
   try:

@@ -40,8 +40,10 @@ def reference(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+  # Without warm-up (cluster_helpers.Cluster): the soak's first 150
+  # requests, before its memory baseline, compile what serving needs.
   c = Cluster(tmp_path_factory.mktemp("rel"), kv_transport="grpc",
-              num_prefill=2, num_decode=2,
+              num_prefill=2, num_decode=2, warmup=False,
               worker_flags=["--kv_ttl_s=5"])
   yield c
   c.stop()
@@ -146,7 +148,7 @@ def test_dropped_kv_is_recomputed(tmp_path_factory, reference):
   continuing from the first token the client already has."""
   prompts, expected = reference
   c = Cluster(tmp_path_factory.mktemp("drop"), kv_transport="grpc",
-              num_prefill=1, num_decode=1,
+              num_prefill=1, num_decode=1, warmup=False,
               worker_flags=["--fault_injection_drop_kv=0.5",
                             "--transfer_timeout_s=1"])
   try:
@@ -166,7 +168,7 @@ def test_dropped_kv_is_recomputed(tmp_path_factory, reference):
 def test_overload_is_refused_fast(tmp_path_factory):
   bound = 8
   c = Cluster(tmp_path_factory.mktemp("over"), kv_transport="grpc",
-              num_prefill=1, num_decode=1,
+              num_prefill=1, num_decode=1, warmup=False,
               router_flags=[f"--max_inflight={bound}"])
   try:
     async def one(client, i):
@@ -241,7 +243,7 @@ def test_kill_workers_under_load(cluster, reference):
 def test_sigterm_drains_and_replacement_rejoins(tmp_path_factory, reference):
   prompts, expected = reference
   c = Cluster(tmp_path_factory.mktemp("drain"), kv_transport="grpc",
-              num_prefill=1, num_decode=2)
+              num_prefill=1, num_decode=2, warmup=False)
   try:
     sent = []
 
@@ -270,7 +272,7 @@ def test_sigterm_drains_and_replacement_rejoins(tmp_path_factory, reference):
     port = old.port()
     new = c.cluster.start("decode0b", "pdjax.launch.decode",
                           ["--config=test", "--kv_transport=grpc",
-                           "--mesh=dp=1", f"--port={port}"])
+                           "--mesh=dp=1", f"--port={port}", "--nowarmup"])
     c.cluster.wait_ready([new], 300)
     seen = set()
     with Client(c.address, timeout_s=60) as client:

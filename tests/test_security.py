@@ -113,7 +113,8 @@ def deployment(tmp_path_factory, certs):
     address = launch(
         cluster, config="test", kv_transport="grpc", num_prefill=1,
         num_decode=1, ready_timeout_s=300,
-        worker_flags=[*tls, "--metrics_port=0",
+        # --nowarmup: these tests check who may call what, not compiles.
+        worker_flags=[*tls, "--metrics_port=0", "--nowarmup",
                       f"--max_message_bytes={WORKER_MAX_MESSAGE_BYTES}",
                       f"--service_token={SERVICE_TOKEN}"],
         router_flags=[*tls, f"--auth_token={TOKEN}",
@@ -694,7 +695,7 @@ def test_local_launcher_prompt_speaks_the_routers_security(certs, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "pdjax.cli", "serve", "tiny", "--config=test",
        "--prompt=Once upon a time", "--max_tokens=4",
-       f"--run_dir={tmp_path / 'run'}", f"--worker_flags={tls}",
+       f"--run_dir={tmp_path / 'run'}", f"--worker_flags={tls},--nowarmup",
        f"--router_flags={tls},--auth_token={TOKEN}"],
       capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -98,6 +98,7 @@ def test_other_transports_match_reference(transport, layer_groups,
   where the file says TP=2, on the two devices the launcher gives it."""
   c = Cluster(tmp_path_factory.mktemp(transport), kv_transport=transport,
               num_prefill=1, num_decode=1, prefill_mesh=prefill_mesh,
+              warmup=False,
               worker_flags=[f"--prefill_layer_groups={layer_groups}"])
   try:
     prompts, expected = reference
