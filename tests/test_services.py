@@ -385,7 +385,7 @@ def test_pipelined_decode_pool_matches_reference(transport, prefill_mesh,
   from the TP=2 prefill worker across processes (grpc, device), and in
   one process from a TP=1 prefill pool beside it (local); each stage lands
   its own layers' pages. The tokens are the reference's."""
-  c = Cluster(tmp_path_factory.mktemp(f"pp-{transport}"),
+  c = Cluster(tmp_path_factory.mktemp(f"pp-{transport}"), warmup=False,
               kv_transport=transport, num_prefill=1, num_decode=1,
               prefill_mesh=prefill_mesh,
               overrides={"decode": {"mesh": "dp=1,pp=2",
@@ -407,6 +407,7 @@ def test_draft_model_speculation_matches_reference(tmp_path_factory,
   worker: it computes the draft's KV itself after the hand-off, keeps the
   drafts it verifies, and streams the reference's tokens."""
   c = Cluster(tmp_path_factory.mktemp("draft"), kv_transport="grpc",
+              warmup=False,
               num_prefill=1, num_decode=1,
               overrides={"decode": {"speculative": "draft",
                                     "draft_checkpoint": "tiny",
