@@ -767,7 +767,7 @@ class DecodePagingMachine(RuleBasedStateMachine):
                              admission_watermark=watermark)
     rep = object.__new__(DecodeReplica)   # no device state: host side only
     rep.dcfg, rep.pool = self.dcfg, BlockPool(num_pages)
-    rep.fingerprint = rep.host_tier = None
+    rep.fingerprint = rep.host_tier = rep.draft = None
     self.content: dict[int, tuple] = {}
     rep.swap = _FakeSwap(swap, self.content) if swap else None
     rep._arrivals, rep._evicted = itertools.count(), []
