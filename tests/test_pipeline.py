@@ -365,3 +365,42 @@ def test_pipeline_limits(params):
     shard_params(params, CFG, ShardingRules.load("decode_dp_pp"), mesh)
   with pytest.raises(ValueError, match="num_microbatches"):
     DecodeConfig(num_microbatches=-1)
+
+
+def test_device_transport_lands_each_stage_its_own_layers(params):
+  """Over the device transport a KV bound for a pipelined replica goes as
+  one array per stage, each pulled onto its stage's device: no stage
+  receives another's layers. The KV arrives whole and equal."""
+  from pdjax.engine.requests import RequestKV
+  from pdjax.transfer.device import DeviceReceiver, DeviceSender
+  from pdjax.v1 import kv_pb2
+  devs = jax.devices()
+  shape = (CFG.num_layers, 2, 4, PAGE, CFG.num_kv_heads, CFG.head_dim)
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  heads = NamedSharding(jax.sharding.Mesh(np.array(devs[:2]), ("tp",)),
+                        PartitionSpec(None, None, None, None, "tp", None))
+  kv = RequestKV(jax.device_put(x, heads), 30)      # as a TP=2 prefill holds it
+  engine = decode_engine(params, {"dp": 1, "pp": 2}, devs[4:6],
+                         "decode_dp_pp")
+  target = engine.replicas[0].payload_sharding(4)
+  sender, receiver = DeviceSender(devs[0]), DeviceReceiver(devs[4])
+  try:
+    receiver.expect("t1", "r1")
+    handle = sender.send(kv, kv_pb2.KvDestination(
+        transport="device", transfer_id="t1", decode_pp=2), timeout_s=10)
+    assert handle.layer_shards == 2
+    out = receiver.receive(handle, target, timeout_s=10)
+    np.testing.assert_array_equal(np.asarray(out.kv), x)
+    assert out.kv.sharding.is_equivalent_to(target, len(shape))
+    for shard in out.kv.addressable_shards:     # each stage: its layers
+      assert shard.data.shape[0] == CFG.num_layers // 2
+    # Without stages, one array as before.
+    receiver.expect("t2", "r2")
+    whole = sender.send(kv, kv_pb2.KvDestination(
+        transport="device", transfer_id="t2", decode_tp=1), timeout_s=10)
+    assert whole.layer_shards == 0
+    np.testing.assert_array_equal(
+        np.asarray(receiver.receive(whole, target, timeout_s=10).kv), x)
+  finally:
+    sender.close()
+    receiver.close()

@@ -504,7 +504,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         transport=self.config.kv_transport, transfer_id=transfer_id,
         decode_address=d.address, replica=res.replica,
         decode_process_id=info.process_id if info else "",
-        decode_tp=_tp_of(info.mesh if info else ""))
+        decode_tp=_axis_size(info.mesh if info else "", "tp"),
+        decode_pp=_axis_size(info.mesh if info else "", "pp"))
     # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
     # Only where the decode worker runs: the prefill worker asks it for a
     # landing region (LendLanding) when the prefill starts, not the router.
@@ -629,10 +630,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         call.cancel()
 
 
-def _tp_of(mesh: str) -> int:
+def _axis_size(mesh: str, axis: str) -> int:
+  """The size of ``axis`` in a mesh spec such as "dp=1,pp=2" (1 if
+  absent)."""
   for part in mesh.split(","):
-    if part.strip().startswith("tp="):
-      return int(part.split("=")[1])
+    name, _, size = part.strip().partition("=")
+    if name == axis:
+      return int(size)
   return 1
 
 

@@ -60,6 +60,25 @@ def transfer_sharding(devices, shards: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def layer_groups(num_layers: int, stages: int) -> int:
+  """How many layer groups a KV for a destination of ``stages`` pipeline
+  stages is sent in: one per stage, or 1 (whole) when there are none."""
+  if stages > 1 and num_layers % stages == 0:
+    return stages
+  return 1
+
+
+def stage_leaders(sharding: NamedSharding, stages: int) -> list:
+  """The first device of each pipeline stage (the ``pp`` axis) of a
+  replica's layout, in stage order."""
+  mesh = sharding.mesh
+  if "pp" not in mesh.axis_names or mesh.shape["pp"] != stages:
+    raise ValueError(f"a KV sent in {stages} layer groups needs a layout "
+                     f"with {stages} pipeline stages, got mesh {mesh.shape}")
+  devs = np.moveaxis(mesh.devices, mesh.axis_names.index("pp"), 0)
+  return list(devs.reshape(stages, -1)[:, 0])
+
+
 def _ordered_devices(sharding) -> list:
   mesh = getattr(sharding, "mesh", None)
   if mesh is not None:
@@ -83,17 +102,30 @@ class DeviceSender(KvSender):
 
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
            timeout_s: float) -> kv_pb2.KvHandle:
-    shards = math.gcd(kv_head_shards(kv.kv.sharding), max(dest.decode_tp, 1))
-    target = transfer_sharding(_ordered_devices(kv.kv.sharding), shards)
-    arr = jax.device_put(kv.kv, target)
+    stages = layer_groups(kv.kv.shape[0], dest.decode_pp)
+    if stages > 1:
+      # A pipelined replica: one array per stage, its layers only, each
+      # pulled straight onto that stage's devices.
+      devices = _ordered_devices(kv.kv.sharding)
+      step = kv.kv.shape[0] // stages
+      arrs = [jax.device_put(kv.kv[s * step:(s + 1) * step],
+                             transfer_sharding([devices[s % len(devices)]], 1))
+              for s in range(stages)]
+      shards = 1
+    else:
+      shards = math.gcd(kv_head_shards(kv.kv.sharding),
+                        max(dest.decode_tp, 1))
+      target = transfer_sharding(_ordered_devices(kv.kv.sharding), shards)
+      arrs = [jax.device_put(kv.kv, target)]
     uuid = new_pull_uuid()
     expiry = datetime.datetime.now() + datetime.timedelta(seconds=self.ttl_s)
-    self._server.await_pull(uuid, [arr], timeout=expiry)
-    self.leases.put(dest.transfer_id, arr, kv.nbytes)
+    self._server.await_pull(uuid, arrs, timeout=expiry)
+    self.leases.put(dest.transfer_id, arrs, kv.nbytes)
     handle = handle_for(kv, self.name, dest.transfer_id)
     handle.transfer_address = self._advertise
     handle.pull_uuid = uuid
     handle.shards = shards
+    handle.layer_shards = stages if stages > 1 else 0
     return handle
 
   def release(self, transfer_id: str) -> None:
@@ -126,20 +158,38 @@ class DeviceReceiver(IssuedKvReceiver):
               timeout_s: float) -> RequestKV:
     self._issued.check(handle.transfer_id)
     dtype = jax.numpy.dtype(handle.dtype)
-    landing = transfer_sharding(_ordered_devices(sharding),
-                                max(handle.shards, 1))
-    spec = jax.ShapeDtypeStruct(tuple(handle.shape), dtype, sharding=landing)
+    shape = tuple(handle.shape)
+    stages = handle.layer_shards
+    if stages > 1:   # one array per pipeline stage, onto its first device
+      stage_devices = stage_leaders(sharding, stages)
+      part = (shape[0] // stages,) + shape[1:]
+      specs = [jax.ShapeDtypeStruct(part, dtype,
+                                    sharding=transfer_sharding([d], 1))
+               for d in stage_devices]
+    else:
+      landing = transfer_sharding(_ordered_devices(sharding),
+                                  max(handle.shards, 1))
+      specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=landing)]
     deadline = time.monotonic() + timeout_s
     try:
-      (arr,) = self._connection(handle.transfer_address).pull(
-          handle.pull_uuid, [spec])
-      while not arr.is_ready():
-        if time.monotonic() > deadline:
-          raise TransferTimeout(
-              f"KV pull {handle.transfer_id} from {handle.transfer_address} "
-              f"did not complete within {timeout_s:.1f} s")
-        time.sleep(0.0005)
+      arrs = self._connection(handle.transfer_address).pull(
+          handle.pull_uuid, specs)
+      for a in arrs:
+        while not a.is_ready():
+          if time.monotonic() > deadline:
+            raise TransferTimeout(
+                f"KV pull {handle.transfer_id} from "
+                f"{handle.transfer_address} did not complete within "
+                f"{timeout_s:.1f} s")
+          time.sleep(0.0005)
       self.forget(handle.transfer_id)
+      if stages > 1:
+        arr = jax.make_array_from_single_device_arrays(
+            shape, NamedSharding(Mesh(np.array(stage_devices, dtype=object),
+                                      ("pp",)), PartitionSpec("pp")),
+            [a.addressable_data(0) for a in arrs])
+      else:
+        (arr,) = arrs
       out = reshard_kv(RequestKV(arr, handle.num_tokens, handle.first_page),
                        sharding)
       out.kv.block_until_ready()
@@ -238,4 +288,4 @@ def _advertised(address: str, host: str | None) -> str:
 
 
 __all__ = ["BlockPulls", "DeviceSender", "DeviceReceiver", "kv_head_shards",
-           "transfer_sharding"]
+           "layer_groups", "stage_leaders", "transfer_sharding"]

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvDestination(_message.Message):
-    __slots__ = ("transport", "transfer_id", "decode_address", "replica", "decode_process_id", "decode_tp", "ipc_handle", "ipc_offset", "ipc_bytes", "decode_hostname", "ipc_deadline_ms", "skip_pages")
+    __slots__ = ("transport", "transfer_id", "decode_address", "replica", "decode_process_id", "decode_tp", "ipc_handle", "ipc_offset", "ipc_bytes", "decode_hostname", "ipc_deadline_ms", "skip_pages", "decode_pp")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class KvDestination(_message.Message):
     DECODE_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PP_FIELD_NUMBER: _ClassVar[int]
     transport: str
     transfer_id: str
     decode_address: str
@@ -32,10 +33,11 @@ class KvDestination(_message.Message):
     decode_hostname: str
     ipc_deadline_ms: int
     skip_pages: int
-    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., replica: _Optional[int] = ..., decode_process_id: _Optional[str] = ..., decode_tp: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., decode_hostname: _Optional[str] = ..., ipc_deadline_ms: _Optional[int] = ..., skip_pages: _Optional[int] = ...) -> None: ...
+    decode_pp: int
+    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., replica: _Optional[int] = ..., decode_process_id: _Optional[str] = ..., decode_tp: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., decode_hostname: _Optional[str] = ..., ipc_deadline_ms: _Optional[int] = ..., skip_pages: _Optional[int] = ..., decode_pp: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transport", "transfer_id", "num_tokens", "first_page", "shape", "dtype", "transfer_address", "pull_uuid", "shards", "prefill_address", "ipc_event_handle")
+    __slots__ = ("transport", "transfer_id", "num_tokens", "first_page", "shape", "dtype", "transfer_address", "pull_uuid", "shards", "prefill_address", "ipc_event_handle", "layer_shards")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class KvHandle(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IPC_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SHARDS_FIELD_NUMBER: _ClassVar[int]
     transport: str
     transfer_id: str
     num_tokens: int
@@ -58,7 +61,8 @@ class KvHandle(_message.Message):
     shards: int
     prefill_address: str
     ipc_event_handle: bytes
-    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., first_page: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., shards: _Optional[int] = ..., prefill_address: _Optional[str] = ..., ipc_event_handle: _Optional[bytes] = ...) -> None: ...
+    layer_shards: int
+    def __init__(self, transport: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., first_page: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., shards: _Optional[int] = ..., prefill_address: _Optional[str] = ..., ipc_event_handle: _Optional[bytes] = ..., layer_shards: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("handle", "layer", "kv", "page_start", "num_pages", "head_start", "num_heads", "data", "crc32", "last")
