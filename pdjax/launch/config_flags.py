@@ -189,7 +189,7 @@ def define_field(fv: flags.FlagValues, name: str, cls, key: str,
 def _define(fv: flags.FlagValues, name: str, hint, default, help_: str, *,
             whose: str = "the deployment file's") -> None:
   base, choices, _ = C.field_type(hint)
-  shown = ("unset" if default is None else
+  shown = ("unset" if default is None or default == "" else
            ",".join(map(str, default)) if isinstance(default, tuple) else
            str(default).lower() if isinstance(default, bool) else default)
   help_ = f"{help_} (default: {whose}, else {shown})"
