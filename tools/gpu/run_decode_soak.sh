@@ -2,6 +2,9 @@
 # Does decode stay as fast as a fresh engine's under long mixed traffic?
 # (tools/bench_decode_churn.py, Llama-3-8B shapes, gpu-8b's decode pool, one
 # GPU.) Parts (PARTS, default "mixed"):
+#   scatter the KV write alone (tools/gpu/probe_scatter_duplicates.py):
+#           rows sharing the null page's slot with equal or different
+#           values, indices declared unique or not;
 #   cause   the slowdown's cause: every call running all 128 rows (the
 #           engine before row programs), 240 chat requests, then the probe
 #           again after setting each part of the free rows' device state
@@ -27,6 +30,10 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 MIX="--churn_presets=chat,summarize,multiturn --cancel_share=0.2"
 for part in ${PARTS:-mixed}; do
   case $part in
+    scatter)
+      echo "=== [$((SECONDS-START)) s] scatter"
+      timeout 120 python3 tools/gpu/probe_scatter_duplicates.py \
+        --out="$OUT/scatter.json" 2>&1 | grep -v "^[WI][0-9]" ;;
     cause)
       echo "=== [$((SECONDS-START)) s] cause, every call all 128 rows"
       timeout ${PART_TIMEOUT:-300} python3 tools/bench_decode_churn.py \
