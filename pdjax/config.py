@@ -218,7 +218,7 @@ class DecodePoolConfig:
 
 
 def _check_pool(pool) -> None:
-  from pdjax.sharding import parse_mesh
+  from pdjax.mesh_spec import parse_mesh
   parse_mesh(pool.mesh)           # raises ShardingError, naming the mesh
   f = pool.gpu_memory_fraction
   if f is not None and not 0 < f <= 1:

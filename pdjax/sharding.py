@@ -24,13 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pdjax.mesh_spec import ShardingError, parse_mesh
+
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
                 "layers", "batch", "seq", "replica", "pages", "page_slot", "kv",
                 "layer_pages")
-
-
-class ShardingError(ValueError):
-  """A rule set that cannot shard a given array on a given mesh."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,25 +143,6 @@ def _is_shape_axes(x) -> bool:
 
 
 # ------------------------------------------------------------------ meshes
-def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
-  """``"dp=2,tp=4"`` (or a mapping) -> ordered {axis: size}."""
-  if isinstance(spec, Mapping):
-    return {str(k): int(v) for k, v in spec.items()}
-  out: dict[str, int] = {}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    if "=" not in part:
-      raise ShardingError(f"mesh {spec!r}: expected axis=size items like "
-                          "'tp=2' or 'dp=2,tp=1'")
-    k, v = part.split("=", 1)
-    if not v.strip().isdigit() or int(v) < 1:
-      raise ShardingError(f"mesh {spec!r}: size of axis {k!r} must be a "
-                          "positive integer")
-    out[k.strip()] = int(v)
-  if not out:
-    raise ShardingError(f"mesh {spec!r} is empty")
-  return out
-
-
 def make_mesh(axes: Mapping[str, int], devices: Sequence[Any] | None = None
               ) -> Mesh:
   """A mesh over the first prod(sizes) of ``devices`` (default: all devices,

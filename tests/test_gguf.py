@@ -694,7 +694,7 @@ def test_local_deployment_fits_its_model(smollm2_path):
 
   from pdjax.config import DeploymentConfig
   from pdjax.engine.setup import param_shardings
-  from pdjax.launch.cluster import mesh_size
+  from pdjax.mesh_spec import mesh_size
   from pdjax.sharding import ShardingRules, make_mesh, parse_mesh
   dep = DeploymentConfig.load("local")
   path = registry.resolve_checkpoint(dep.checkpoint)

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from pdjax.launch.child import PARENT_ENV
+from pdjax.mesh_spec import mesh_size
 
 
 class UsageError(ValueError):
@@ -510,14 +511,6 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
   except FileNotFoundError:
     return "(no log)"
-
-
-def mesh_size(spec: str) -> int:
-  from pdjax.sharding import parse_mesh
-  n = 1
-  for v in parse_mesh(spec).values():
-    n *= v
-  return n
 
 
 @functools.lru_cache(maxsize=None)

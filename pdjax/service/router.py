@@ -37,6 +37,7 @@ from typing import Literal
 import grpc
 
 from pdjax.engine.sampling_params import InvalidRequest, SamplingParams
+from pdjax.mesh_spec import axis_size
 from pdjax.service import common, discovery, kv_router, validation
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import Worker, WorkerRegistry
@@ -504,8 +505,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         transport=self.config.kv_transport, transfer_id=transfer_id,
         decode_address=d.address, replica=res.replica,
         decode_process_id=info.process_id if info else "",
-        decode_tp=_axis_size(info.mesh if info else "", "tp"),
-        decode_pp=_axis_size(info.mesh if info else "", "pp"))
+        decode_tp=axis_size(info.mesh if info else "", "tp"),
+        decode_pp=axis_size(info.mesh if info else "", "pp"))
     # --- same-host fast path (pdjax.transfer.cuda_ipc) ---------------------
     # Only where the decode worker runs: the prefill worker asks it for a
     # landing region (LendLanding) when the prefill starts, not the router.
@@ -628,16 +629,6 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                       retry=code in _RETRYABLE, worker=d) from e
       finally:
         call.cancel()
-
-
-def _axis_size(mesh: str, axis: str) -> int:
-  """The size of ``axis`` in a mesh spec such as "dp=1,pp=2" (1 if
-  absent)."""
-  for part in mesh.split(","):
-    name, _, size = part.strip().partition("=")
-    if name == axis:
-      return int(size)
-  return 1
 
 
 __all__ = ["GENERATION_SERVICE", "RouterServicer", "RouterConfig"]
