@@ -149,20 +149,21 @@ class DecodeEngine:
     self.cache_events = (CacheEventLog() if dcfg.prefix_caching else None)
     self.replicas: list[DecodeReplica] = []
     from pdjax.model.llama import param_shapes
-    specs = jax.tree.map(
-        lambda s: sub_rules.partition_spec(s[1]), param_shapes(cfg),
-        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-        and isinstance(x[1], tuple))
-    draft_specs = None if draft is None else jax.tree.map(
-        lambda s: sub_rules.partition_spec(s[1]), param_shapes(draft[1]),
-        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-        and isinstance(x[1], tuple))
-    for i, sub in enumerate(replica_meshes(mesh, "dp")):
-      view = jax.tree.map(lambda x, s, sub=sub: replica_view(x, sub, s),
-                          params, specs)
-      draft_view = None if draft is None else (jax.tree.map(
-          lambda x, s, sub=sub: replica_view(x, sub, s), draft[0],
-          draft_specs), draft[1])
+
+    def views(tree, model: ModelConfig):
+      """A weights tree as each replica's devices hold it."""
+      specs = jax.tree.map(
+          lambda s: sub_rules.partition_spec(s[1]), param_shapes(model),
+          is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+          and isinstance(x[1], tuple))
+      return [jax.tree.map(lambda x, s, sub=sub: replica_view(x, sub, s),
+                           tree, specs)
+              for sub in replica_meshes(mesh, "dp")]
+    draft_views = (None if draft is None
+                   else [(v, draft[1]) for v in views(draft[0], draft[1])])
+    for i, (sub, view) in enumerate(zip(replica_meshes(mesh, "dp"),
+                                        views(params, cfg))):
+      draft_view = None if draft_views is None else draft_views[i]
       self.replicas.append(DecodeReplica(
           i, view, cfg, sub, sub_rules, dcfg, self.eos_ids, self.programs,
           on_cache_event=(self.cache_events.on_event

@@ -582,18 +582,20 @@ class DecodeReplica:
     next call)."""
     k = self.dcfg.spec_tokens
     num = np.zeros((width,), np.int32)
-    seqs = [list(self.rows[row].request.prompt_ids) + self.rows[row].generated
-            for row in rows]
-    if self.draft is not None:
+
+    def sequence(row):
+      return list(self.rows[row].request.prompt_ids) + self.rows[row].generated
+    if self.draft is not None:   # every row drafts: the draft's KV follows
       for i, row in enumerate(rows):
         if self.rows[row].request.sampling.speculative:
           num[i] = max(min(k, left[row] - 1), 0)
-      return self.draft.propose(rows, width, slots.page_table, seqs), num
+      return self.draft.propose(rows, width, slots.page_table,
+                                [sequence(row) for row in rows]), num
     drafts = np.zeros((width, k), np.int32)
     for i, row in enumerate(rows):
       if not self.rows[row].request.sampling.speculative:
         continue
-      d = propose_ngram(seqs[i], min(k, left[row] - 1),
+      d = propose_ngram(sequence(row), min(k, left[row] - 1),
                         max_n=self.dcfg.spec_ngram)
       drafts[i, :len(d)] = d
       num[i] = len(d)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdjax.engine.decode_config import DecodeConfig
+from pdjax.engine.decode_programs import idle_rows_fresh
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params, decode_forward, decode_forward_tokens
 
@@ -50,14 +51,13 @@ def _propose(params, k_pool, v_pool, first, pos, table, live, *, cfg,
              num_tokens):
   """``num_tokens`` greedy draft tokens per live row, from its current
   token ``first`` at ``pos`` (written to the draft KV as it goes); rows
-  that are not live run token 0 at position 0 of the null page."""
-  first = jnp.where(live, first, 0)
-  table = jnp.where(live[:, None], table, 0)
-
+  that are not live run a fresh pool's inputs
+  (``decode_programs.idle_rows_fresh``)."""
   def step(carry, i):
     tok, kp, vp = carry
-    out = decode_forward(params, tok, jnp.where(live, pos + i, 0), kp, vp,
-                         table, cfg=cfg)
+    tok, positions, rows_table = idle_rows_fresh(live, tok, pos + i, table)
+    out = decode_forward(params, tok, positions, kp, vp, rows_table,
+                         cfg=cfg)
     nxt = jnp.argmax(out.logits[:, :cfg.vocab_size], axis=-1)
     nxt = jnp.where(live, nxt.astype(jnp.int32), 0)
     return (nxt, out.k_pool, out.v_pool), nxt
@@ -87,7 +87,7 @@ class DraftModel:
                              jnp.zeros(shape, cfg.jnp_dtype)),
                     out_shardings=(sharding, sharding))
     self.k, self.v = zeros()
-    self.sharding = sharding
+    self._put = functools.partial(jax.device_put, device=sharding)
     # Per row: leading positions of its sequence whose draft KV is written.
     self.filled = np.zeros((dcfg.max_seqs,), np.int64)
     self._catch_up = jax.jit(functools.partial(_catch_up, cfg=cfg),
@@ -126,17 +126,16 @@ class DraftModel:
         tokens[i, :n] = sequences[i][a:a + n]
         start[i], count[i] = a, n
         self.filled[row] = a + n
-      put = functools.partial(jax.device_put, device=self.sharding)
       self.k, self.v = self._catch_up(self.params, self.k, self.v,
-                                      put(tokens), put(start), table,
-                                      put(count))
+                                      self._put(tokens), self._put(start),
+                                      table, self._put(count))
     first = np.zeros((width,), np.int32)
     live = np.zeros((width,), bool)
     for i, seq in enumerate(sequences):
       first[i], live[i] = seq[-1], True
-    put = functools.partial(jax.device_put, device=self.sharding)
     drafts, self.k, self.v = self._propose(
-        self.params, self.k, self.v, put(first), put(pos), table, put(live))
+        self.params, self.k, self.v, self._put(first), self._put(pos), table,
+        self._put(live))
     return drafts
 
   def advance(self, row: int, pos: int, accepted: int) -> None:
@@ -148,7 +147,7 @@ class DraftModel:
   def warmup(self, row_counts: Sequence[int], widths: Sequence[int]) -> None:
     """Compiles the catch-up and propose programs for every call shape
     (nothing is written: no row is live, every count is 0)."""
-    put = functools.partial(jax.device_put, device=self.sharding)
+    put = self._put
     for b in row_counts:
       for m in widths:
         table = put(np.zeros((b, m), np.int32))
