@@ -178,11 +178,9 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   if not FLAGS.weight_dtype:
     return params, cfg
   import jax
-  from pdjax.engine.setup import param_shardings
-  from pdjax.model.quant import quantize_params
-  qcfg = cfg.replace(weight_dtype="float8_e4m3fn")
-  params, qcfg = quantize_params(params, cfg,
-                                 param_shardings(qcfg, rules, mesh))
+  from pdjax.engine.setup import quantize_sharded
+  from pdjax.model.quant import FP8
+  params, qcfg = quantize_sharded(params, cfg, rules, mesh, FP8)
   jax.block_until_ready(params)
   return params, qcfg
 

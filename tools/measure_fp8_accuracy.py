@@ -67,19 +67,13 @@ def _greedy(forward, params, cfg, prompt, n):
   return seq[len(prompt):], np.stack(logps)
 
 
-def _engine_greedy(path, dtype, kv_dtype, prompts, n):
+def _engine_greedy(params, cfg, rules, mesh, kv_dtype, prompts, n):
   """{prompt index: (tokens, log-probs)} of n greedy tokens through a
   colocated engine whose KV pool is ``kv_dtype``."""
-  import jax
   from pdjax.engine.colocated import ColocatedEngine
   from pdjax.engine.decode_config import DecodeConfig
   from pdjax.engine.prefill import PrefillConfig
   from pdjax.engine.sampling import SamplingParams
-  from pdjax.engine.setup import load_sharded
-  from pdjax.sharding import ShardingRules, make_mesh
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(path, rules, mesh, dtype=dtype)
   engine = ColocatedEngine(
       params, cfg, mesh, rules,
       PrefillConfig(buckets=(32,), max_batch=1, page_size=16,
@@ -97,16 +91,14 @@ def _engine_greedy(path, dtype, kv_dtype, prompts, n):
   for i, ids in enumerate(prompts):
     engine.submit(str(i), ids, s, callback, seed_u32=0)
   engine.drain()
-  return out, cfg
+  return out
 
 
-def _kv_accuracy(path, tok) -> dict:
+def _kv_accuracy(params, cfg, rules, mesh, tok) -> dict:
   import numpy as np
   prompts = [tok.encode(t) for t in PROMPTS]
-  base, cfg = _engine_greedy(path, FLAGS.dtype, "auto", prompts,
-                             FLAGS.new_tokens)
-  fp8, _ = _engine_greedy(path, FLAGS.dtype, "fp8", prompts,
-                          FLAGS.new_tokens)
+  base, fp8 = (_engine_greedy(params, cfg, rules, mesh, kv_dtype, prompts,
+                              FLAGS.new_tokens) for kv_dtype in ("auto", "fp8"))
   same, prefix, errs = 0, [], []
   for i, text in enumerate(PROMPTS):
     (a, la), (b, lb) = base[i], fp8[i]
@@ -143,8 +135,9 @@ def main(argv) -> None:
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
   path = resolve_checkpoint(FLAGS.checkpoint)
+  base, cfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype)
   if FLAGS.what == "kv":
-    rec = _kv_accuracy(path, Tokenizer.from_checkpoint(path))
+    rec = _kv_accuracy(base, cfg, rules, mesh, Tokenizer.from_checkpoint(path))
     rec.update(checkpoint=FLAGS.checkpoint,
                seconds=time.perf_counter() - t0,
                device=jax.devices()[0].device_kind)
@@ -152,7 +145,6 @@ def main(argv) -> None:
       with open(FLAGS.out, "w") as f:
         json.dump(rec, f, indent=1)
     return
-  base, cfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype)
   fp8, qcfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype,
                            weight_dtype=quant.FP8)
   tok = Tokenizer.from_checkpoint(path)

@@ -155,14 +155,20 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
     params = pad_vocab(params, target, rules, mesh)
   if weight_dtype is None:
     return params, target
+  return quantize_sharded(params, target, rules, mesh, weight_dtype)
+
+
+def quantize_sharded(params: llama.Params, cfg: ModelConfig,
+                     rules: ShardingRules, mesh: Mesh, weight_dtype: str):
+  """(params, cfg) with the layers' projections stored in ``weight_dtype``
+  (FP8), born in ``rules``' layout on ``mesh``."""
   from pdjax.model import quant
   if weight_dtype != quant.FP8:
     raise ValueError(f"weight_dtype {weight_dtype!r}: pdjax stores weights "
                      f"in {quant.FP8} or in the model's dtype")
-  qcfg = target.replace(weight_dtype=weight_dtype)
-  return quant.quantize_params(params, target,
-                               param_shardings(qcfg, rules, mesh))
+  qcfg = cfg.replace(weight_dtype=weight_dtype)
+  return quant.quantize_params(params, cfg, param_shardings(qcfg, rules, mesh))
 
 
 __all__ = ["fit_vocab", "load_sharded", "pad_vocab", "param_shardings",
-           "shard_params", "vocab_shards"]
+           "quantize_sharded", "shard_params", "vocab_shards"]

@@ -391,9 +391,10 @@ async def serve(role: str, dep) -> None:
 
   from pdjax.model import presets
   from pdjax.model.registry import resolve_checkpoint
-  checkpoint = dep.checkpoint
-  if not presets.is_random(checkpoint):
-    checkpoint = resolve_checkpoint(checkpoint)
+  def resolved(name: str) -> str:
+    """A checkpoint name or path as load_sharded takes it."""
+    return name if presets.is_random(name) else resolve_checkpoint(name)
+  checkpoint = resolved(dep.checkpoint)
   dtype = dep.dtype
   transport = dep.kv_transport
   sec = F.security()
@@ -521,10 +522,8 @@ async def serve(role: str, dep) -> None:
         if not pool.draft_checkpoint:
           raise app.UsageError("[decode] speculative = 'draft' needs "
                                "draft_checkpoint")
-        draft_path = pool.draft_checkpoint
-        if not presets.is_random(draft_path):
-          draft_path = resolve_checkpoint(draft_path)
-        draft = load_sharded(draft_path, rules, mesh, dtype=dtype)
+        draft = load_sharded(resolved(pool.draft_checkpoint), rules, mesh,
+                             dtype=dtype)
         log.info("draft model %s: %d layers", draft[1].name,
                  draft[1].num_layers)
       engine = ColocatedEngine(

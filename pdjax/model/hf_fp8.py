@@ -27,6 +27,7 @@ bytes with ``ml_dtypes``' e4m3.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -97,21 +98,36 @@ def dequantize(q: np.ndarray, *, scale: np.ndarray | None = None,
   raise ValueError("an FP8 weight needs a weight_scale or weight_scale_inv")
 
 
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+  """(bytes before the data, the tensors' table) of a safetensors file,
+  read once per version of the file however many of its tensors are
+  read."""
+  st = path.stat()
+  return _header_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _header_of(path: Path, mtime_ns: int, size: int):
+  del mtime_ns, size   # the cache key: a rewritten file is read again
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n, json.loads(f.read(n))
+
+
 def read_raw(path: Path, name: str) -> np.ndarray:
   """Tensor ``name`` of a safetensors file, read from its header and bytes
   (for dtypes numpy lacks: F8_E4M3 as ml_dtypes' float8_e4m3fn)."""
   import ml_dtypes
   dtypes = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F32": np.float32,
             "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+  base, header = _header(Path(path))
+  meta = header[name]
+  start, end = meta["data_offsets"]
+  dtype = dtypes.get(meta["dtype"])
+  if dtype is None:
+    raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}")
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    meta = header[name]
-    start, end = meta["data_offsets"]
-    dtype = dtypes.get(meta["dtype"])
-    if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}")
-    f.seek(8 + n + start)
+    f.seek(base + start)
     data = f.read(end - start)
   return np.frombuffer(data, dtype=dtype).reshape(meta["shape"])
 

@@ -460,16 +460,17 @@ def _cudnn_paged_attention(q, k_pool, v_pool, table, kv_len):
 # not measured on its own.)
 _KV_WRITE = {"unique_indices": True}
 
-# float8 e4m3's largest finite value: an FP8 pool saturates there (a plain
-# cast would make NaN of anything beyond it).
-_FP8_MAX = 448.0
+# float8 e4m3's largest finite value: FP8 weights are scaled to it
+# (``pdjax.model.quant``) and an FP8 pool saturates there (a plain cast
+# would make NaN of anything beyond it).
+FP8_MAX = 448.0
 
 
 def kv_to_pool(x, dtype):
   """K or V values as a pool of ``dtype`` stores them: a plain cast, or for
   an FP8 pool one that saturates at +-448."""
   if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
-    x = jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX)
+    x = jnp.clip(x.astype(jnp.float32), -FP8_MAX, FP8_MAX)
   return x.astype(dtype)
 
 
@@ -655,7 +656,7 @@ __all__ = [
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
     "reference_forward",
     "PrefillOut", "DecodeOut", "decode_layer", "decode_tokens_layer",
-    "kv_to_pool",
+    "kv_to_pool", "FP8_MAX",
     "rms_norm", "apply_rope", "rope_tables",
     "num_pages_for",
 ]

@@ -27,7 +27,7 @@ from pdjax.model import llama
 from pdjax.model.config import ModelConfig
 
 FP8 = "float8_e4m3fn"
-FP8_MAX = 448.0
+FP8_MAX = llama.FP8_MAX   # e4m3's largest finite value
 _INV_MAX = np.float32(1.0 / FP8_MAX)
 
 
