@@ -589,8 +589,10 @@ class DecodeReplica:
       for i, row in enumerate(rows):
         if self.rows[row].request.sampling.speculative:
           num[i] = max(min(k, left[row] - 1), 0)
-      return self.draft.propose(rows, width, slots.page_table,
-                                [sequence(row) for row in rows]), num
+      lengths = [len(self.rows[row].request.prompt_ids)
+                 + len(self.rows[row].generated) for row in rows]
+      return self.draft.propose(rows, width, slots.page_table, lengths,
+                                self._tokens), num
     drafts = np.zeros((width, k), np.int32)
     for i, row in enumerate(rows):
       if not self.rows[row].request.sampling.speculative:
@@ -600,6 +602,13 @@ class DecodeReplica:
       drafts[i, :len(d)] = d
       num[i] = len(d)
     return drafts, num
+
+  def _tokens(self, row: int, a: int, b: int) -> list[int]:
+    """Tokens ``a .. b - 1`` of a row's prompt and output so far."""
+    r = self.rows[row]
+    n = len(r.request.prompt_ids)
+    return (list(r.request.prompt_ids[a:min(b, n)])
+            + r.generated[max(a - n, 0):max(b - n, 0)])
 
   def delivered(self, row: int, drafted: int, emitted: int) -> int:
     """After a speculating call's tokens are read: the row advanced by what

@@ -22,7 +22,7 @@ so sampled rows keep the target's distribution.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,21 +101,23 @@ class DraftModel:
     self.filled[row] = 0
 
   def propose(self, rows: Sequence[int], width: int, table,
-              sequences: Sequence[Sequence[int]]) -> jax.Array:
+              lengths: Sequence[int],
+              tokens: Callable[[int, int, int], Sequence[int]]) -> jax.Array:
     """Drafts [width, spec_tokens] (on device) for a call of ``width``
-    rows whose first ``len(rows)`` are ``rows`` (``sequences[i]``: row
-    ``rows[i]``'s prompt and output so far; its last token is the current
-    one), with the call's page table ``table`` [width, M] (device)."""
+    rows whose first ``len(rows)`` are ``rows``, with the call's page table
+    ``table`` [width, M] (device). ``lengths[i]``: how many tokens row
+    ``rows[i]`` has (prompt and output; the last is its current token);
+    ``tokens(row, a, b)``: its tokens ``a .. b - 1`` (only what the draft
+    has not seen is asked for, not the whole sequence every call)."""
     pos = np.zeros((width,), np.int32)
-    for i, seq in enumerate(sequences):
-      pos[i] = len(seq) - 1
+    pos[:len(rows)] = np.asarray(lengths, np.int32) - 1
     while True:   # catch up: draft KV for positions filled .. pos - 1
       gaps = [int(pos[i] - self.filled[row]) for i, row in enumerate(rows)]
       gap = max(gaps, default=0)
       if gap <= 0:
         break
       w = next((w for w in WINDOWS if w >= gap), WINDOWS[-1])
-      tokens = np.zeros((width, w), np.int32)
+      window = np.zeros((width, w), np.int32)
       start = np.zeros((width,), np.int32)
       count = np.zeros((width,), np.int32)
       for i, row in enumerate(rows):
@@ -123,16 +125,17 @@ class DraftModel:
         if n <= 0:
           continue
         a = int(self.filled[row])
-        tokens[i, :n] = sequences[i][a:a + n]
+        window[i, :n] = tokens(row, a, a + n)
         start[i], count[i] = a, n
         self.filled[row] = a + n
       self.k, self.v = self._catch_up(self.params, self.k, self.v,
-                                      self._put(tokens), self._put(start),
+                                      self._put(window), self._put(start),
                                       table, self._put(count))
     first = np.zeros((width,), np.int32)
     live = np.zeros((width,), bool)
-    for i, seq in enumerate(sequences):
-      first[i], live[i] = seq[-1], True
+    for i, row in enumerate(rows):
+      (first[i],) = tokens(row, pos[i], pos[i] + 1)
+      live[i] = True
     drafts, self.k, self.v = self._propose(
         self.params, self.k, self.v, self._put(first), self._put(pos), table,
         self._put(live))
