@@ -332,19 +332,24 @@ def soak(engine, cfg, d, writer, params_rec, before) -> None:
           f"{p['call_ms']:.2f} ms per call, "
           f"{p['call_ms'] / before['call_ms']:.2f}x of the fresh engine",
           flush=True)
-  if FLAGS.chart:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([m for m, _ in points], [c for _, c in points], marker="o")
-    ax.set_xlabel("minutes of traffic")
-    ax.set_ylabel("probe ms per generate call")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{cfg.name}: one {d['probe_context']}-token request "
-                 f"between rounds of {d['churn_requests']} requests")
-    fig.tight_layout()
-    fig.savefig(FLAGS.chart, dpi=100)
+    if FLAGS.chart:    # every round: a run cut short still leaves its chart
+      _soak_chart(points, cfg, d)
+
+
+def _soak_chart(points, cfg, d) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot([m for m, _ in points], [c for _, c in points], marker="o")
+  ax.set_xlabel("minutes of traffic")
+  ax.set_ylabel("probe ms per generate call")
+  ax.set_ylim(bottom=0)
+  ax.set_title(f"{cfg.name}: {FLAGS.probe_rows} x {d['probe_context']}-token "
+               f"probe between rounds of {d['churn_requests']} requests")
+  fig.tight_layout()
+  fig.savefig(FLAGS.chart, dpi=100)
+  plt.close(fig)
 
 
 def main(argv) -> None:
