@@ -320,3 +320,91 @@ def test_no_speculative_counts_without_drafts():
   assert last.spec_draft_tokens == last.spec_accepted_tokens == 0
   text = generate_latest(worker.metrics.registry).decode()
   assert "pdjax_spec_draft_tokens_total 0.0" in text
+
+
+# ------------------------------------------------ waiting for room to free
+def _waiting_reserve_req(i, wait_ms):
+  req = _reserve_req(i)
+  req.wait_ms = wait_ms
+  return req
+
+
+def test_a_full_pool_answers_at_once_unless_the_caller_waits():
+  """Without ``wait_ms`` a full pool answers RESOURCE_EXHAUSTED (with the
+  retry hint) at once; nobody is left waiting."""
+  worker, engine, receiver, servicer = _worker(capacity=1)
+
+  async def go():
+    assert (await _call(servicer.Reserve, _reserve_req(0)))[1] is None
+    resp, code = await _call(servicer.Reserve, _reserve_req(1))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert worker.room.waiting == 0
+    assert (await _decode(servicer, _decode_req(0)))[1] is None
+  asyncio.run(go())
+  assert receiver.issued == set()
+  _assert_all_returned(worker, engine, receiver)
+
+
+@pytest.mark.parametrize("frees_by", ["stream_ends", "unreserve"])
+def test_a_waiting_reserve_takes_the_room_a_stream_or_unreserve_frees(
+    frees_by):
+  """A Reserve that may wait is held while the pool is full and answered
+  as soon as room frees: woken by the stream that ended or the Unreserve
+  (the fallback poll is set far beyond the test's patience, so only the
+  wake-up can answer it)."""
+  worker, engine, receiver, servicer = _worker(capacity=1)
+  worker.room.poll_s = 3600
+
+  async def go():
+    assert (await _call(servicer.Reserve, _reserve_req(0)))[1] is None
+    waiting = asyncio.ensure_future(
+        _call(servicer.Reserve, _waiting_reserve_req(1, 600_000)))
+    for _ in range(100):
+      await asyncio.sleep(0.01)
+      if worker.room.waiting:
+        break
+    assert worker.room.waiting == 1 and not waiting.done()
+    assert "r1" not in engine.reservations
+    if frees_by == "stream_ends":
+      assert (await _decode(servicer, _decode_req(0)))[1] is None
+    else:
+      await servicer.Unreserve(decode_pb2.UnreserveRequest(request_id="r0"),
+                               _Ctx())
+    resp, code = await asyncio.wait_for(waiting, 10)
+    assert code is None and "r1" in engine.reservations
+    assert worker.room.waiting == 0
+    assert (await _decode(servicer, _decode_req(1)))[1] is None
+  asyncio.run(go())
+  _assert_all_returned(worker, engine, receiver)
+
+
+def test_a_waiting_reserve_ends_with_its_deadline_or_the_drain():
+  """The wait is bounded by the call's deadline (a wait_ms past it is cut
+  to it) and ends when the worker starts draining (UNAVAILABLE: another
+  worker may serve it)."""
+  worker, engine, receiver, servicer = _worker(capacity=1)
+  worker.room.poll_s = 0.01
+
+  class _Deadline(_Ctx):
+    def time_remaining(self):
+      return 0.2
+
+  async def go():
+    assert (await _call(servicer.Reserve, _reserve_req(0)))[1] is None
+    ctx = _Deadline()
+    with pytest.raises(_Aborted):
+      await asyncio.wait_for(
+          servicer.Reserve(_waiting_reserve_req(1, 600_000), ctx), 10)
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    waiting = asyncio.ensure_future(
+        _call(servicer.Reserve, _waiting_reserve_req(2, 600_000)))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    worker.draining = True
+    resp, code = await asyncio.wait_for(waiting, 10)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    worker.draining = False
+    assert (await _decode(servicer, _decode_req(0)))[1] is None
+  asyncio.run(go())
+  assert worker.room.waiting == 0
+  _assert_all_returned(worker, engine, receiver)

@@ -347,6 +347,7 @@ def test_decode_service_answers_an_expired_request_with_resource_exhausted():
 
   from pdjax.service import common
   from pdjax.service.decode_service import DecodeServicer
+  from pdjax.service.room_waiters import RoomWaiters
   from pdjax.v1 import decode_pb2
 
   class Ctx:
@@ -371,7 +372,7 @@ def test_decode_service_answers_an_expired_request_with_resource_exhausted():
   counter = types.SimpleNamespace(inc=lambda *a: None)
   worker = types.SimpleNamespace(
       draining=False, streams=0, max_streams=8, engine=engine,
-      loop=types.SimpleNamespace(wake=lambda: None),
+      loop=types.SimpleNamespace(wake=lambda: None), room=RoomWaiters(),
       metrics=types.SimpleNamespace(
           requests=types.SimpleNamespace(labels=lambda *a: counter)))
   request = decode_pb2.DecodeRequest(request_id="r1", prompt_token_ids=[1, 2],

@@ -303,7 +303,11 @@ async def _load(run: _Run) -> None:
   import aiohttp
   cfg = run.cfg
   sem = asyncio.Semaphore(cfg.concurrency)
-  conn = aiohttp.TCPConnector(limit=0)
+  # The gateway closes a connection idle for its header timeout (its
+  # keep-alive timeout); a pooled connection reused just as it closes
+  # fails the request sent on it. Idle connections are dropped here first.
+  conn = aiohttp.TCPConnector(limit=0,
+                              keepalive_timeout=run.dep.header_timeout_s / 2)
   async with AsyncClient(run.dep.address) as client, \
       aiohttp.ClientSession(connector=conn) as session:
 

@@ -71,7 +71,10 @@ class OpenAIBackend:
     self._session = aiohttp.ClientSession(
         headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
         # No pool cap: a rate sweep keeps many requests in flight at once.
-        connector=aiohttp.TCPConnector(limit=0))
+        # Idle connections are dropped before servers drop them (uvicorn
+        # after 5 s, the pdjax gateway after its header timeout): a request
+        # sent on a connection the server is closing fails.
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0))
 
   async def _model(self) -> str:
     """The served model: --model, else the first of ``/v1/models``."""

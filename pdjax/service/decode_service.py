@@ -40,6 +40,7 @@ from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.service.handoffs import Handoffs
+from pdjax.service.room_waiters import RoomWaiters
 from pdjax.transfer.base import (KvReceiver, StreamIntake, TransferDenied,
                                  TransferError)
 from pdjax.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2,
@@ -139,6 +140,8 @@ class DecodeWorker:
     self.receive_budget = ReceiveBudget(max_receive_bytes)
     # The hand-offs reserved here and not yet in the engine: one owner each.
     self.handoffs = Handoffs(engine, receiver, self.receive_budget)
+    # Reserve calls waiting for room in a full pool (router's queue policy).
+    self.room = RoomWaiters()
     self.streams = 0
     self.draining = False
     self._prefill_channels: dict[str, grpc.aio.Channel] = {}
@@ -260,13 +263,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if ids is not None and len(ids) != request.prompt_tokens:
         raise InvalidRequest("prompt_token_ids", "length differs from "
                              "prompt_tokens")
-      h = w.handoffs.reserve(request.request_id, request.prompt_tokens,
-                             request.max_tokens,
-                             transfer_id=request.transfer_id, prompt_ids=ids,
-                             cache_salt=request.cache_salt)
+
+      def attempt():
+        return w.handoffs.reserve(
+            request.request_id, request.prompt_tokens, request.max_tokens,
+            transfer_id=request.transfer_id, prompt_ids=ids,
+            cache_salt=request.cache_salt)
+
+      # A full pool: wait here for room as long as the caller allows
+      # (within its deadline), woken as streams end.
+      wait_s = request.wait_ms / 1000
+      remaining = context.time_remaining() if wait_s else None
+      if remaining is not None:
+        wait_s = min(wait_s, max(remaining - 0.05, 0.0))
+      h = await w.room.wait_for(attempt, wait_s,
+                                give_up=lambda: w.draining)
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if h is None:
+      if w.draining:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            "worker is draining")
       await common.abort_exhausted(
           context, "decode KV capacity is full; retry later or on another "
           "worker")
@@ -298,6 +315,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
   async def Unreserve(self, request: decode_pb2.UnreserveRequest, context):
     self.worker.handoffs.close(request.request_id)
+    self.worker.room.freed()
     return common_pb2.Empty()
 
   async def GetWorkerInfo(self, request, context):
@@ -454,6 +472,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         engine.cancel(rid)
         w.metrics.requests.labels("cancelled").inc()
         w.loop.wake()
+      # Its row and pages are free (or will be once the engine takes the
+      # cancel): waiting reservations try again.
+      w.room.freed()
 
   async def _confirm(self, handle: kv_pb2.KvHandle) -> None:
     try:

@@ -55,6 +55,11 @@ GENERATION_SERVICE = "pdjax.v1.Generation"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
               grpc.StatusCode.UNKNOWN)
 
+# Queueing on a full pool: how long one Reserve may wait at the chosen
+# worker for room before the router picks again (another worker may have
+# freed room meanwhile).
+_RESERVE_WAIT_S = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
@@ -438,6 +443,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     """Reserves on the decode worker with most room; waits for room when
     the policy is to queue."""
     deadline = time.monotonic() + self.config.queue_timeout_s
+    queue = self.config.on_full == "queue"
     backoff = 0.005
     while True:
       d = await self._pick_decode(tried_d, context, keys)
@@ -446,12 +452,18 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       # see each other's reservations, or they all pick the same worker.
       estimate = self._page_estimate(d, len(ids), sampling)
       d.reserved_pages += estimate
+      # Queueing: the worker holds the call until room frees, for a while
+      # (then another worker may have room: the pick is made again).
+      wait_s = (min(_RESERVE_WAIT_S, max(deadline - time.monotonic(), 0.0))
+                if queue else 0.0)
+      asked = time.monotonic()
       try:
         with self.registry.hold(d):
           res = await d.stub.Reserve(decode_pb2.ReserveRequest(
               request_id=rid, prompt_tokens=len(ids),
               max_tokens=sampling.max_tokens, transfer_id=transfer_id,
-              prompt_token_ids=ids, cache_salt=salt),
+              prompt_token_ids=ids, cache_salt=salt,
+              wait_ms=int(wait_s * 1000)),
               # A busy worker may answer slowly; the request's own deadline
               # is what bounds this.
               timeout=self._timeout(context, self.config.queue_timeout_s))
@@ -459,12 +471,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-          if (self.config.on_full != "queue"
-              or time.monotonic() > deadline):
+          if not queue or time.monotonic() > deadline:
             raise _Failed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           "decode capacity is full; retry later") from e
-          await asyncio.sleep(backoff)
-          backoff = min(backoff * 2, 0.2)
+          if time.monotonic() - asked < wait_s / 2:
+            # Answered at once (a worker that does not wait): back off.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 0.2)
           continue
         if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
           raise _Failed(e.code(), e.details()) from e
