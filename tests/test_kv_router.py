@@ -319,7 +319,7 @@ MAX_NEW = 6
 def kv_cluster(tmp_path_factory):
   from cluster_helpers import Cluster
   c = Cluster(tmp_path_factory.mktemp("kv_router"), kv_transport="grpc",
-              num_prefill=2, num_decode=1,
+              num_prefill=2, num_decode=1, warmup=False,
               worker_flags=["--prefix_cache_pages=64", "--prefix_caching"],
               router_flags=["--kv_overlap_weight=1"])
   yield c
