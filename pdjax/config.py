@@ -113,6 +113,10 @@ class PrefillPoolConfig:
   # channel; pdjax.model.quant). It names the model's fingerprint, so a
   # deployment's pools must agree.
   weight_dtype: WeightDtype | None = None
+  # The activations those FP8 projections read: None (the model's dtype)
+  # or "float8_e4m3fn" (each token scaled to e4m3 by its own max: FP8
+  # GEMMs, W8A8). Needs weight_dtype; in the fingerprint too.
+  activation_dtype: WeightDtype | None = None
   # Shared KV (pdjax.engine.remote_tier): a worker with a prefix cache
   # serves its blocks to peers and fetches a prompt's leading blocks it
   # lacks from the peers the router names and from its host's KV store
@@ -188,8 +192,10 @@ class DecodePoolConfig:
   buckets: tuple[int, ...] = _default(PrefillConfig, "buckets")
   max_batch: int = _default(PrefillConfig, "max_batch")
   max_batch_tokens: int = _default(PrefillConfig, "max_batch_tokens")
-  # The layers' projection weights' storage (as [prefill] weight_dtype).
+  # The layers' projection weights' storage and the activations they read
+  # (as [prefill] weight_dtype, activation_dtype).
   weight_dtype: WeightDtype | None = None
+  activation_dtype: WeightDtype | None = None
   gpu_memory_fraction: float | None = None
   # Device memory that KV receives in flight may allocate at once (MiB; 0:
   # no bound; pdjax.service.receive_budget).

@@ -132,3 +132,110 @@ def test_engines_serve_fp8_weights(tiny_model_dir):
   want = ref.prefill[0].prefill(
       [PrefillRequest("t", list(range(3, 23)), greedy)])[0]
   assert r.first_token == want.first_token
+
+
+# --------------------------------------------- FP8 activations (W8A8)
+@pytest.mark.parametrize("subscripts,shape", [
+    ("btd,df->btf", (2, 5, 64)), ("btnh,nhd->btd", (2, 5, 4, 16))])
+def test_each_token_is_quantized_by_its_own_scale(subscripts, shape):
+  """x ~= x_q * s for every token, within e4m3's rounding (as the weights'
+  bound), each token's largest entry exactly representable, a zero token
+  kept zero; the scale is laid out to broadcast against the output."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=shape).astype(np.float32)
+  x *= np.logspace(-4, 3, shape[1], dtype=np.float32)[None, :, None] if (
+      len(shape) == 3) else np.logspace(-4, 3, shape[1], dtype=np.float32)[
+          None, :, None, None]
+  x[1, 2] = 0.0
+  xq, s = llama.quantize_tokens(jnp.asarray(x), subscripts,
+                                jnp.float8_e4m3fn)
+  out_rank = len(subscripts.split("->")[1])
+  assert xq.dtype == jnp.float8_e4m3fn
+  assert s.shape == shape[:2] + (1,) * (out_rank - 2)
+  s_x = np.asarray(s).reshape(shape[:2] + (1,) * (len(shape) - 2))
+  back = np.asarray(xq.astype(jnp.float32)) * s_x
+  eps = np.finfo(np.float32).eps
+  bound = 2.0**-4 * np.abs(x) + 2.0**-10 * s_x + 4 * eps * np.abs(x)
+  assert (np.abs(back - x) <= bound).all()
+  axes = tuple(range(2, len(shape)))
+  np.testing.assert_allclose(np.abs(back).max(axis=axes),
+                             np.abs(x).max(axis=axes), rtol=4 * eps)
+  assert (back[1, 2] == 0).all()
+
+
+def test_w8a8_projection_sums_the_fp8_products_in_float32():
+  """A W8A8 projection is sum_d x_q[d] w_q[d] in float32 (each product of
+  two e4m3 values is exact in float32), times the token's and the
+  channel's scales: against float64 the error is a float32 sum's
+  roundoff, D * eps of the summed magnitudes."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 3, 64)).astype(np.float32) * 3.0
+  w = _weights(7)[0]                                   # [64, 12]
+  q, scale = quant.quantize_fp8(jnp.asarray(w)[None], 1)
+  lp = {"w": q[0], "w_scale": scale[0]}
+  got = np.asarray(llama._proj(jnp.asarray(x), lp, "w", "btd,df->btf",
+                               jnp.float8_e4m3fn))
+  xq, s = llama.quantize_tokens(jnp.asarray(x), "btd,df->btf",
+                                jnp.float8_e4m3fn)
+  xq64 = np.asarray(xq.astype(jnp.float32)).astype(np.float64)
+  wq64 = np.asarray(q[0].astype(jnp.float32)).astype(np.float64)
+  scales = np.asarray(s, np.float64) * np.asarray(scale[0], np.float64)
+  want = np.einsum("btd,df->btf", xq64, wq64) * scales
+  size = np.einsum("btd,df->btf", np.abs(xq64), np.abs(wq64)) * scales
+  eps = np.finfo(np.float32).eps
+  assert (np.abs(got - want) <= (64 + 2) * eps * size + 1e-30).all()
+
+
+def test_fp8_activations_need_fp8_weights_and_name_the_fingerprint(
+    tiny_model_dir):
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model.config import ModelConfigError
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  with pytest.raises(ValueError, match="needs weight_dtype"):
+    load_sharded(tiny_model_dir, rules, mesh, activation_dtype=quant.FP8)
+  _, w8 = load_sharded(tiny_model_dir, rules, mesh, weight_dtype=quant.FP8)
+  _, w8a8 = load_sharded(tiny_model_dir, rules, mesh, weight_dtype=quant.FP8,
+                         activation_dtype=quant.FP8)
+  assert w8a8.activation_dtype == quant.FP8
+  assert w8a8.fingerprint() != w8.fingerprint()
+  with pytest.raises(ModelConfigError, match="needs weight_dtype"):
+    w8.replace(weight_dtype=None, activation_dtype=quant.FP8)
+
+
+def test_engines_serve_fp8_activations_as_the_reference_model(
+    tiny_model_dir):
+  """W8A8 quantizes each token by itself, so a prompt's tokens get the same
+  activations whether a prefill computes them together or decode steps one
+  by one: a colocated engine (prefill, then paged decode steps) produces
+  the greedy tokens of the reference model with the same weights and
+  config."""
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model.generate import greedy_generate
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh,
+                             weight_dtype=quant.FP8,
+                             activation_dtype=quant.FP8)
+  pcfg = PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
+                       max_seq_len=128)
+  dcfg = DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
+                      max_seq_len=128, steps_per_call=4, row_buckets=(4,))
+  engine = ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)
+  greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+  prompts = [np.random.default_rng(i).integers(3, 300, 20 + 9 * i).tolist()
+             for i in range(3)]
+  toks = {}
+  for i, p in enumerate(prompts):
+    engine.submit(f"r{i}", p, greedy, lambda ev: toks.setdefault(
+        ev.request_id, []).extend(ev.token_ids))
+  engine.drain()
+  for i, p in enumerate(prompts):
+    want = greedy_generate(params, cfg, np.asarray(p), 10)
+    assert toks[f"r{i}"] == np.asarray(want).reshape(-1).tolist(), i

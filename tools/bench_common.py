@@ -103,6 +103,10 @@ def define_common_flags() -> None:
                     "with per-output-channel scales, as a pool with "
                     "weight_dtype = \"fp8\" loads them (tools that build "
                     "their weights with bc.benchmark_weights).")
+  flags.DEFINE_bool("fp8_activations", False,
+                    "With --weight_dtype=fp8: the projections read FP8 "
+                    "activations too, each token by its own scale (W8A8, "
+                    "activation_dtype = \"float8_e4m3fn\"): FP8 GEMMs.")
   flags.DEFINE_string("out", None,
                       "JSON-lines file the records are appended to.")
   flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.")
@@ -180,7 +184,9 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   import jax
   from pdjax.engine.setup import quantize_sharded
   from pdjax.model.quant import FP8
-  params, qcfg = quantize_sharded(params, cfg, rules, mesh, FP8)
+  params, qcfg = quantize_sharded(
+      params, cfg, rules, mesh, FP8,
+      FP8 if FLAGS.fp8_activations else None)
   jax.block_until_ready(params)
   return params, qcfg
 
@@ -404,6 +410,7 @@ class RecordWriter:
         "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "dtype": cfg.dtype, "param_count": cfg.param_count(),
         "weight_dtype": FLAGS.weight_dtype or cfg.dtype,
+        "activation_dtype": cfg.activation_dtype or cfg.dtype,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()}
     self.limits = limits
     self.records: list[dict[str, Any]] = []

@@ -1,4 +1,5 @@
-r"""How far FP8 weights (``--what=weights``) or an FP8 KV pool
+r"""How far FP8 weights (``--what=weights``), FP8 weights and activations
+(``--what=w8a8``: ``activation_dtype=float8_e4m3fn``) or an FP8 KV pool
 (``--what=kv``) move a model: greedy agreement and logit error against the
 same checkpoint in its own precision.
 
@@ -38,7 +39,8 @@ flags.DEFINE_integer("new_tokens", 32, "Greedy tokens per prompt.")
 flags.DEFINE_integer("top_k", 20, "Vocabulary entries the logit error "
                      "looks at (the baseline's most likely).")
 flags.DEFINE_string("out", None, "JSON record.")
-flags.DEFINE_enum("what", "weights", ["weights", "kv"], "What is in FP8.")
+flags.DEFINE_enum("what", "weights", ["weights", "w8a8", "kv"],
+                  "What is in FP8.")
 
 PROMPTS = (
     "The capital of France is",
@@ -145,8 +147,9 @@ def main(argv) -> None:
       with open(FLAGS.out, "w") as f:
         json.dump(rec, f, indent=1)
     return
-  fp8, qcfg = load_sharded(path, rules, mesh, dtype=FLAGS.dtype,
-                           weight_dtype=quant.FP8)
+  fp8, qcfg = load_sharded(
+      path, rules, mesh, dtype=FLAGS.dtype, weight_dtype=quant.FP8,
+      activation_dtype=quant.FP8 if FLAGS.what == "w8a8" else None)
   tok = Tokenizer.from_checkpoint(path)
   forward = jax.jit(llama.reference_forward, static_argnames="cfg")
   same, prefix, max_err, mean_err, kls = 0, [], 0.0, [], []
@@ -170,6 +173,7 @@ def main(argv) -> None:
     print(f"  {text!r}: {n}/{len(a)} tokens agree", flush=True)
   rec = {"checkpoint": FLAGS.checkpoint, "model": cfg.name,
          "dtype": FLAGS.dtype, "weight_dtype": quant.FP8,
+         "activation_dtype": qcfg.activation_dtype or FLAGS.dtype,
          "prompts": len(PROMPTS), "new_tokens": FLAGS.new_tokens,
          "identical_continuations": same,
          "mean_matching_prefix": float(np.mean(prefix)),

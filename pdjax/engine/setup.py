@@ -119,7 +119,8 @@ def shard_params(params: Any, cfg: ModelConfig, rules: ShardingRules,
 def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  mesh: Mesh, dtype=None,
                  check_config: Callable[[ModelConfig], None] | None = None,
-                 weight_dtype: str | None = None
+                 weight_dtype: str | None = None,
+                 activation_dtype: str | None = None
                  ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
@@ -127,7 +128,8 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   on the devices instead. ``check_config(cfg)`` runs once the config is
   read, before any weight is (it raises to refuse the model).
   ``weight_dtype``: "float8_e4m3fn" quantizes the layers' projections as
-  they are placed (``pdjax.model.quant``).
+  they are placed (``pdjax.model.quant``); ``activation_dtype`` the same
+  has them read FP8 activations (``ModelConfig.activation_dtype``).
 
   A vocabulary the mesh does not divide is padded (``fit_vocab``): its
   weights are read with the vocabulary whole, then padded and split; the
@@ -154,20 +156,28 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)
   if weight_dtype is None:
+    if activation_dtype is not None:
+      raise ValueError("activation_dtype needs weight_dtype: FP8 "
+                       "activations feed GEMMs whose weights are FP8 too")
     return params, target
-  return quantize_sharded(params, target, rules, mesh, weight_dtype)
+  return quantize_sharded(params, target, rules, mesh, weight_dtype,
+                          activation_dtype)
 
 
 def quantize_sharded(params: llama.Params, cfg: ModelConfig,
-                     rules: ShardingRules, mesh: Mesh, weight_dtype: str):
+                     rules: ShardingRules, mesh: Mesh, weight_dtype: str,
+                     activation_dtype: str | None = None):
   """(params, cfg) with the layers' projections stored in ``weight_dtype``
-  (FP8), born in ``rules``' layout on ``mesh``."""
+  (FP8), born in ``rules``' layout on ``mesh``; the config's
+  ``activation_dtype`` as given."""
   from pdjax.model import quant
   if weight_dtype != quant.FP8:
     raise ValueError(f"weight_dtype {weight_dtype!r}: pdjax stores weights "
                      f"in {quant.FP8} or in the model's dtype")
   qcfg = cfg.replace(weight_dtype=weight_dtype)
-  return quant.quantize_params(params, cfg, param_shardings(qcfg, rules, mesh))
+  params, qcfg = quant.quantize_params(params, cfg,
+                                       param_shardings(qcfg, rules, mesh))
+  return params, qcfg.replace(activation_dtype=activation_dtype)
 
 
 __all__ = ["fit_vocab", "load_sharded", "pad_vocab", "param_shardings",

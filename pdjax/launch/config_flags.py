@@ -117,6 +117,12 @@ HELP: dict[tuple[str | None, str], str] = {
     ("decode", "weight_dtype"): "Storage of the layers' projection weights "
     "(unset: the model's dtype; float8_e4m3fn: quantized as the pool loads "
     "them, a scale per output channel). Both pools must agree.",
+    ("prefill", "activation_dtype"): "The activations the FP8 projections "
+    "read (unset: the model's dtype; float8_e4m3fn: each token quantized by "
+    "its own scale, FP8 GEMMs). Needs weight_dtype; both pools must agree.",
+    ("decode", "activation_dtype"): "The activations the FP8 projections "
+    "read (unset: the model's dtype; float8_e4m3fn: each token quantized by "
+    "its own scale, FP8 GEMMs). Needs weight_dtype; both pools must agree.",
     ("prefill", "max_queue"): "Requests a prefill worker queues before "
     "RESOURCE_EXHAUSTED.",
     ("decode", "max_queue"): "Prompts a decode worker queues for its own "

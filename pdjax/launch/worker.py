@@ -436,7 +436,8 @@ async def serve(role: str, dep) -> None:
     params, cfg = load_sharded(checkpoint, rules, mesh, dtype=dtype,
                                check_config=functools.partial(
                                    check_context, dep.max_seq_len),
-                               weight_dtype=pool.weight_dtype)
+                               weight_dtype=pool.weight_dtype,
+                               activation_dtype=pool.activation_dtype)
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len),

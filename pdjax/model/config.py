@@ -73,6 +73,11 @@ class ModelConfig:
   # output channel (``pdjax.model.quant``), computing in ``dtype``. None:
   # ``dtype``.
   weight_dtype: str | None = None
+  # The activations the quantized projections read: None (``dtype``, the
+  # weights widened to it) or "float8_e4m3fn" (each token's activations
+  # scaled to e4m3 by their own max, so both operands of the GEMM are FP8:
+  # W8A8, as vLLM's dynamic FP8). Needs ``weight_dtype``.
+  activation_dtype: str | None = None
   name: str = "model"
   # Rows added to the embedding and the LM head so the vocabulary splits
   # evenly over a tensor-parallel mesh (as vLLM's VocabParallelEmbedding
@@ -97,6 +102,14 @@ class ModelConfig:
       raise ModelConfigError(
           f"weight_dtype {self.weight_dtype!r} is not one of "
           f"{list(WEIGHT_DTYPES)} (or unset)")
+    if self.activation_dtype not in (None,) + WEIGHT_DTYPES:
+      raise ModelConfigError(
+          f"activation_dtype {self.activation_dtype!r} is not one of "
+          f"{list(WEIGHT_DTYPES)} (or unset)")
+    if self.activation_dtype is not None and self.weight_dtype is None:
+      raise ModelConfigError(
+          "activation_dtype needs weight_dtype: FP8 activations feed GEMMs "
+          "whose weights are FP8 too")
 
   @property
   def padded_vocab(self) -> int:

@@ -186,18 +186,45 @@ def _dot(x, w, subscripts):
                     ).astype(x.dtype)
 
 
-def _proj(x, lp, name: str, subscripts: str):
+def _proj(x, lp, name: str, subscripts: str, act_dtype=None):
   """``x`` through a layer's projection ``name``. A quantized one (a
   ``<name>_scale`` beside it) is read in its storage dtype, widened to the
   activations' inside the program, and its output channels scaled:
-  x @ (w_q * s) == (x @ w_q) * s for a scale per output channel."""
+  x @ (w_q * s) == (x @ w_q) * s for a scale per output channel. With
+  ``act_dtype`` (FP8) the activations are quantized too, each token by its
+  own scale (``quantize_tokens``), and the GEMM reads both operands in FP8,
+  accumulating in float32; both scales are applied to its output."""
   w = lp[name]
   scale = lp.get(name + SCALE_SUFFIX)
   if scale is None:
     return _dot(x, w, subscripts)
+  if act_dtype is not None:
+    xq, xs = quantize_tokens(x, subscripts, act_dtype)
+    y = jnp.einsum(subscripts, xq, w, preferred_element_type=jnp.float32)
+    return (y * xs * scale).astype(x.dtype)
   y = jnp.einsum(subscripts, x, w.astype(x.dtype),
                  preferred_element_type=jnp.float32)
   return (y * scale).astype(x.dtype)
+
+
+def quantize_tokens(x, subscripts: str, dtype):
+  """(x_q, s): ``x`` in FP8 ``dtype``, each token (the axes ``subscripts``
+  keeps, which lead its output) scaled by its own max over the contracted
+  axes to e4m3's range, and that scale laid out to broadcast against the
+  projection's output. x ~= x_q * s, per token."""
+  inputs, out = subscripts.split("->")
+  xs = inputs.split(",")[0]
+  contracted = tuple(i for i, c in enumerate(xs) if c not in out)
+  kept = "".join(c for c in xs if c in out)
+  assert out.startswith(kept), subscripts
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
+  # Never 0 (nor flushed to 0): a token of zeros (a padding row) stays 0.
+  s = jnp.maximum(amax / FP8_MAX, jnp.finfo(jnp.float32).tiny)
+  xq = jnp.clip(x32 / s, -FP8_MAX, FP8_MAX).astype(dtype)
+  s_out = jnp.squeeze(s, axis=contracted)
+  s_out = s_out.reshape(s_out.shape + (1,) * (len(out) - len(kept)))
+  return xq, s_out
 
 
 def attention_impl(dtype, head_dim: int) -> str | None:
@@ -212,9 +239,10 @@ def attention_impl(dtype, head_dim: int) -> str | None:
 
 
 def _qkv(cfg: ModelConfig, lp, h, cos, sin):
-  q = _proj(h, lp, "wq", "btd,dnh->btnh")
-  k = _proj(h, lp, "wk", "btd,dkh->btkh")
-  v = _proj(h, lp, "wv", "btd,dkh->btkh")
+  a = cfg.activation_dtype
+  q = _proj(h, lp, "wq", "btd,dnh->btnh", a)
+  k = _proj(h, lp, "wk", "btd,dkh->btkh", a)
+  v = _proj(h, lp, "wv", "btd,dkh->btkh", a)
   if cfg.qkv_bias:
     q = q + lp["bq"]
     k = k + lp["bk"]
@@ -223,17 +251,18 @@ def _qkv(cfg: ModelConfig, lp, h, cos, sin):
 
 
 def _attn_out_and_mlp(cfg: ModelConfig, lp, x, attn):
-  o = _proj(attn, lp, "wo", "btnh,nhd->btd")
+  a = cfg.activation_dtype
+  o = _proj(attn, lp, "wo", "btnh,nhd->btd", a)
   if cfg.o_bias:
     o = o + lp["bo"]
   x = x + o
   h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-  gate = _proj(h, lp, "w_gate", "btd,df->btf")
-  up = _proj(h, lp, "w_up", "btd,df->btf")
+  gate = _proj(h, lp, "w_gate", "btd,df->btf", a)
+  up = _proj(h, lp, "w_up", "btd,df->btf", a)
   if cfg.mlp_bias:
     gate = gate + lp["b_gate"]
     up = up + lp["b_up"]
-  down = _proj(jax.nn.silu(gate) * up, lp, "w_down", "btf,fd->btd")
+  down = _proj(jax.nn.silu(gate) * up, lp, "w_down", "btf,fd->btd", a)
   if cfg.mlp_bias:
     down = down + lp["b_down"]
   return x + down
