@@ -365,6 +365,7 @@ def test_a_waiting_reserve_takes_the_room_a_stream_or_unreserve_frees(
         break
     assert worker.room.waiting == 1 and not waiting.done()
     assert "r1" not in engine.reservations
+    assert worker.load().queued == 1     # the router sees it queued here
     if frees_by == "stream_ends":
       assert (await _decode(servicer, _decode_req(0)))[1] is None
     else:

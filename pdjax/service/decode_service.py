@@ -178,7 +178,9 @@ class DecodeWorker:
     m.kv_live.labels("reservations").set(usage["reservations"])
     m.kv_live.labels("staged_transfers").set(self.receiver.live())
     m.running.set(usage["rows_live"])
-    m.queue_length.set(self.engine.num_waiting)
+    # Queued: prompts waiting for this worker's own prefill and pages, and
+    # Reserve calls waiting for room (the router's queue policy).
+    m.queue_length.set(self.engine.num_waiting + self.room.waiting)
     m.observe_device_memory(self._devices)
     for event, n in self.engine.preemption_stats().items():
       m.kv_admission.labels(event).set(n)
@@ -203,7 +205,8 @@ class DecodeWorker:
   def load(self) -> common_pb2.WorkerLoad:
     u = self.engine.kv_usage()
     return common_pb2.WorkerLoad(
-        queued=self.engine.num_waiting, running=u["rows_live"],
+        queued=self.engine.num_waiting + self.room.waiting,
+        running=u["rows_live"],
         kv_pages_total=u["pages_total"],
         kv_pages_available=max(u["pages_available"], 0),
         rows_free=u["rows_total"] - u["rows_live"])
