@@ -182,7 +182,9 @@ def main(argv) -> None:
          "mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)),
          "seconds": time.perf_counter() - t0,
          "device": jax.devices()[0].device_kind}
-  print(f"{cfg.name}, {FLAGS.dtype} against FP8 weights: {same}/"
+  what = ("FP8 weights and activations" if FLAGS.what == "w8a8"
+          else "FP8 weights")
+  print(f"{cfg.name}, {FLAGS.dtype} against {what}: {same}/"
         f"{len(PROMPTS)} continuations identical ({FLAGS.new_tokens} greedy "
         f"tokens), matching prefix {rec['mean_matching_prefix']:.1f} on "
         f"average; |d log p| over the top {FLAGS.top_k}: max "
