@@ -357,3 +357,62 @@ def test_placement_counts_the_pages_the_worker_admits_with():
   assert servicer._page_estimate(whole, 200, sampling) == MAX_SEQ_LEN // 16
   assert servicer._page_estimate(on_demand, 47,
                                  SamplingParams(max_tokens=1)) == 3   # 48
+
+
+# ------------------------------------------------------------ full pools
+class _FullFor(FakeDecode):
+  """A decode worker whose pool is full for its first ``full_for``
+  Reserve calls: each holds the call for the wait it is allowed (as a
+  worker waiting for room does), then answers RESOURCE_EXHAUSTED."""
+
+  def __init__(self, full_for: int):
+    super().__init__()
+    self.full_for = full_for
+    self.asks: list[int] = []
+
+  async def Reserve(self, request, timeout=None):
+    self.asks.append(request.wait_ms)
+    if len(self.asks) <= self.full_for:
+      await asyncio.sleep(request.wait_ms / 1000)
+      raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                 "decode KV capacity is full")
+    return decode_pb2.ReserveResponse(replica=0, pages=1)
+
+
+class _NoDeadline:
+  def time_remaining(self):
+    return None
+
+
+@pytest.mark.parametrize("on_full", ["queue", "reject"])
+def test_a_full_pool_is_waited_for_at_the_worker(on_full):
+  """Queueing, the router lets the worker hold each Reserve a while
+  (``wait_ms``) and asks again when it answers full; rejecting, it asks
+  once without a wait and answers RESOURCE_EXHAUSTED."""
+  from pdjax.engine.sampling_params import SamplingParams
+  from pdjax.service.router import _RESERVE_WAIT_S, _Failed
+
+  async def go():
+    worker = _FullFor(full_for=2)
+    registry = WorkerRegistry(poll_interval_s=60)
+    registry.add("127.0.0.1:1", "decode").stub = worker
+    await registry.poll_once()
+    servicer = RouterServicer(registry, None, RouterConfig(on_full=on_full))
+    servicer.registry.expected = MODEL
+    try:
+      d, res, _ = await servicer._reserve(
+          "r", [5, 6, 7], SamplingParams(max_tokens=4), _NoDeadline(), set())
+      got = ("reserved", res.pages)
+    except _Failed as e:
+      got = (e.code, None)
+    await registry.close()
+    return worker.asks, got
+
+  asks, got = asyncio.run(go())
+  if on_full == "queue":
+    assert got == ("reserved", 1)
+    assert asks == [int(_RESERVE_WAIT_S * 1000)] * 3
+  else:
+    assert got == (grpc.StatusCode.RESOURCE_EXHAUSTED, None)
+    assert asks == [0]
