@@ -87,14 +87,41 @@ def test_the_model_computes_with_the_dequantized_weights(tiny_decode_params):
     quant.quantize_params(qparams, qcfg)
 
 
+# The engines' shapes and prompts of the serving tests below.
+def _pool_configs():
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig
+  return (PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
+                        max_seq_len=128),
+          DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
+                       max_seq_len=128, steps_per_call=4, row_buckets=(4,)))
+
+
+PROMPTS = [np.random.default_rng(i).integers(3, 300, 20 + 9 * i).tolist()
+           for i in range(3)]
+GREEDY_TOKENS = 10
+
+
+def _greedy_tokens(engine) -> dict[str, list[int]]:
+  """Each of PROMPTS' greedy tokens from a colocated engine, by request."""
+  from pdjax.engine.sampling import SamplingParams
+  greedy = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0,
+                          ignore_eos=True)
+  toks = {}
+  for i, p in enumerate(PROMPTS):
+    engine.submit(f"r{i}", p, greedy, lambda ev: toks.setdefault(
+        ev.request_id, []).extend(ev.token_ids))
+  engine.drain()
+  return toks
+
+
 def test_engines_serve_fp8_weights(tiny_model_dir):
   """A colocated engine loaded with weight_dtype=FP8 (the weights
   quantized as they are placed on a TP=2 mesh and on one device)
   produces the greedy tokens of an engine on the dequantized float32
   weights."""
   from pdjax.engine.colocated import ColocatedEngine
-  from pdjax.engine.decode_config import DecodeConfig
-  from pdjax.engine.prefill import PrefillConfig, PrefillEngine
+  from pdjax.engine.prefill import PrefillEngine
   from pdjax.engine.requests import PrefillRequest
   from pdjax.engine.sampling import SamplingParams
   from pdjax.engine.setup import load_sharded, shard_params
@@ -103,25 +130,13 @@ def test_engines_serve_fp8_weights(tiny_model_dir):
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
   qparams, qcfg = load_sharded(tiny_model_dir, rules, mesh,
                                weight_dtype=quant.FP8)
-  pcfg = PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
-                       max_seq_len=128)
-  dcfg = DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
-                      max_seq_len=128, steps_per_call=4, row_buckets=(4,))
+  pcfg, dcfg = _pool_configs()
   fp8 = ColocatedEngine(qparams, qcfg, mesh, rules, pcfg, dcfg)
   plain_cfg = qcfg.replace(weight_dtype=None)
   deq = shard_params(_dequantized(qparams, qcfg), plain_cfg, rules, mesh)
   ref = ColocatedEngine(deq, plain_cfg, mesh, rules, pcfg, dcfg)
-  greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-  out = {}
-  for name, engine in (("fp8", fp8), ("ref", ref)):
-    toks = {}
-    for i in range(3):
-      p = np.random.default_rng(i).integers(3, 300, 20 + 9 * i).tolist()
-      engine.submit(f"r{i}", p, greedy, lambda ev: toks.setdefault(
-          ev.request_id, []).extend(ev.token_ids))
-    engine.drain()
-    out[name] = toks
-  assert out["fp8"] == out["ref"]
+  assert _greedy_tokens(fp8) == _greedy_tokens(ref)
+  greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
   # TP=2: the scales split with their channels.
   prules = ShardingRules.load("prefill_tp")
   tp = make_mesh({"tp": 2}, jax.devices()[2:4])
@@ -212,9 +227,6 @@ def test_engines_serve_fp8_activations_as_the_reference_model(
   the greedy tokens of the reference model with the same weights and
   config."""
   from pdjax.engine.colocated import ColocatedEngine
-  from pdjax.engine.decode_config import DecodeConfig
-  from pdjax.engine.prefill import PrefillConfig
-  from pdjax.engine.sampling import SamplingParams
   from pdjax.engine.setup import load_sharded
   from pdjax.model.generate import greedy_generate
   from pdjax.sharding import ShardingRules, make_mesh
@@ -223,19 +235,8 @@ def test_engines_serve_fp8_activations_as_the_reference_model(
   params, cfg = load_sharded(tiny_model_dir, rules, mesh,
                              weight_dtype=quant.FP8,
                              activation_dtype=quant.FP8)
-  pcfg = PrefillConfig(buckets=(16, 32), max_batch=2, page_size=16,
-                       max_seq_len=128)
-  dcfg = DecodeConfig(max_seqs=4, page_size=16, num_pages=32,
-                      max_seq_len=128, steps_per_call=4, row_buckets=(4,))
-  engine = ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)
-  greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-  prompts = [np.random.default_rng(i).integers(3, 300, 20 + 9 * i).tolist()
-             for i in range(3)]
-  toks = {}
-  for i, p in enumerate(prompts):
-    engine.submit(f"r{i}", p, greedy, lambda ev: toks.setdefault(
-        ev.request_id, []).extend(ev.token_ids))
-  engine.drain()
-  for i, p in enumerate(prompts):
-    want = greedy_generate(params, cfg, np.asarray(p), 10)
+  toks = _greedy_tokens(ColocatedEngine(params, cfg, mesh, rules,
+                                        *_pool_configs()))
+  for i, p in enumerate(PROMPTS):
+    want = greedy_generate(params, cfg, np.asarray(p), GREEDY_TOKENS)
     assert toks[f"r{i}"] == np.asarray(want).reshape(-1).tolist(), i
