@@ -293,3 +293,18 @@ def test_handoff_overlap_tool(tmp_path):
     assert r["tail_ms"] == tails[len(tails) // 2]
   assert rows[1]["hidden"] == pytest.approx(
       1 - rows[1]["tail_ms"] / rows[0]["tail_ms"])
+
+
+def test_prompt_lookup_tool(tmp_path):
+  """The prompt-lookup timing tool end to end: both ways' drafts agree
+  (the tool checks every call) and its figures are what it says."""
+  out = tmp_path / "lookup.json"
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / "bench_prompt_lookup.py"), "--rows=4",
+       "--context=64", "--calls=3", "--vocab=7", f"--out={out}"],
+      capture_output=True, text=True, timeout=240, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rec = json.loads(out.read_text())
+  assert (rec["rows"], rec["context"], rec["calls"]) == (4, 64, 3)
+  assert rec["speedup"] == pytest.approx(
+      rec["rescan_ms_per_call"] / rec["index_ms_per_call"])

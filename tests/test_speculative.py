@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from pdjax.engine.speculative import accept, propose_ngram
+from pdjax.engine.speculative import (PromptLookup, accept, propose_ngram,
+                                      token_bits)
 from pdjax.model import llama
 
 
@@ -23,6 +26,36 @@ def test_propose_ngram():
   assert propose_ngram([1, 2, 3, 4], 3) == []       # nothing repeats
   assert propose_ngram([3], 3) == []
   assert propose_ngram([4, 4], 2) == [4]            # n=1, one token after
+
+
+@hypothesis.settings(max_examples=300)
+@hypothesis.given(
+    tokens=st.lists(st.integers(0, 4), max_size=40),
+    chunks=st.lists(st.integers(1, 7), max_size=40),
+    max_n=st.integers(1, 4), k=st.integers(1, 6),
+    capacity=st.integers(1, 8))
+def test_prompt_lookup_answers_as_propose_ngram(tokens, chunks, max_n, k,
+                                                capacity):
+  """The index kept as a row's tokens arrive (in chunks of any size, past
+  its first capacity) proposes what a scan of the whole sequence does, at
+  every length."""
+  first = chunks[0] if chunks else len(tokens)
+  lookup = PromptLookup(tokens[:first], capacity, max_n=max_n,
+                        bits=token_bits(5))
+  at = min(first, len(tokens))
+  for size in chunks[1:] + [len(tokens)]:
+    assert lookup.length == at
+    assert lookup.propose(k) == propose_ngram(tokens[:at], k, max_n=max_n)
+    lookup.extend(tokens[at:at + size])
+    at = min(at + size, len(tokens))
+  assert lookup.propose(k) == propose_ngram(tokens, k, max_n=max_n)
+
+
+def test_prompt_lookup_packs_only_what_fits_an_int64():
+  assert token_bits(128256) == 17 and token_bits(2) == 1
+  PromptLookup([1, 2], 4, max_n=3, bits=21)
+  with pytest.raises(ValueError, match="int64"):
+    PromptLookup([1, 2], 4, max_n=4, bits=17)
 
 
 def test_many_tokens_equal_single_steps(tiny_decode_params):

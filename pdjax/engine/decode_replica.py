@@ -58,7 +58,7 @@ from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
 from pdjax.engine.sampling import MAX_STOP_TOKEN_IDS, SamplingArrays
 from pdjax.engine.draft_model import DraftModel
-from pdjax.engine.speculative import propose_ngram
+from pdjax.engine.speculative import PromptLookup, propose_ngram, token_bits
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params
 from pdjax.sharding import ShardingRules
@@ -99,9 +99,11 @@ class _Row:
   steps_dispatched: int = 0
   tokens_out: int = 1
   generated: list[int] = dataclasses.field(default_factory=list)
-  # Speculative decoding: tokens drafted for the row, and drafts kept.
+  # Speculative decoding: tokens drafted for the row, and drafts kept;
+  # prompt lookup's index of the row's tokens, once it drafts.
   spec_drafted: int = 0
   spec_accepted: int = 0
+  lookup: PromptLookup | None = None
 
   @property
   def status(self) -> RequestStatus:
@@ -582,9 +584,6 @@ class DecodeReplica:
     next call)."""
     k = self.dcfg.spec_tokens
     num = np.zeros((width,), np.int32)
-
-    def sequence(row):
-      return list(self.rows[row].request.prompt_ids) + self.rows[row].generated
     if self.draft is not None:   # every row drafts: the draft's KV follows
       for i, row in enumerate(rows):
         if self.rows[row].request.sampling.speculative:
@@ -597,11 +596,29 @@ class DecodeReplica:
     for i, row in enumerate(rows):
       if not self.rows[row].request.sampling.speculative:
         continue
-      d = propose_ngram(sequence(row), min(k, left[row] - 1),
-                        max_n=self.dcfg.spec_ngram)
+      d = self._prompt_lookup(row, min(k, left[row] - 1))
       drafts[i, :len(d)] = d
       num[i] = len(d)
     return drafts, num
+
+  def _prompt_lookup(self, row: int, k: int) -> list[int]:
+    """Prompt lookup's draft of up to ``k`` tokens for ``row``: from the
+    row's index (``PromptLookup``, brought up to the tokens it generated
+    since), or, where its n-grams do not pack into an int64 (a long
+    ``spec_ngram`` over a large vocabulary), from its whole sequence."""
+    r = self.rows[row]
+    prompt = r.request.prompt_ids
+    bits = token_bits(self.cfg.padded_vocab)
+    if self.dcfg.spec_ngram * bits > 63:
+      return propose_ngram(list(prompt) + r.generated, k,
+                           max_n=self.dcfg.spec_ngram)
+    if r.lookup is None:
+      r.lookup = PromptLookup(prompt, len(prompt) + 64,
+                              max_n=self.dcfg.spec_ngram, bits=bits)
+    seen = r.lookup.length - len(prompt)
+    if seen < len(r.generated):
+      r.lookup.extend(r.generated[seen:])
+    return r.lookup.propose(k)
 
   def _tokens(self, row: int, a: int, b: int) -> list[int]:
     """Tokens ``a .. b - 1`` of a row's prompt and output so far."""

@@ -55,6 +55,65 @@ def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
   return []
 
 
+class PromptLookup:
+  """``propose_ngram`` for one growing sequence (a decode row's prompt and
+  output), kept up as tokens are appended instead of rebuilt and scanned
+  on every call: the tokens sit in a numpy buffer, and for each n every
+  n-gram is packed into one int64 (``bits`` per token, exact while
+  ``n * bits <= 63``), so a lookup is one vectorized comparison per n over
+  the keys. The answers are ``propose_ngram``'s (the latest earlier
+  occurrence with a token after it, the longest n first)."""
+
+  def __init__(self, tokens: Sequence[int], capacity: int, *, max_n: int,
+               bits: int, min_n: int = 1):
+    if max_n * bits > 63:
+      raise ValueError(f"{max_n}-grams of {bits}-bit tokens do not pack "
+                       "into an int64")
+    self.max_n, self.min_n, self.bits = max_n, min_n, bits
+    self._tokens = np.zeros((capacity,), np.int64)
+    # _keys[n - 1][e]: the n-gram ending at position e (e >= n - 1).
+    self._keys = np.zeros((max_n, capacity), np.int64)
+    self.length = 0
+    self.extend(tokens)
+
+  def extend(self, tokens: Sequence[int]) -> None:
+    """Appends ``tokens`` to the sequence."""
+    new = np.asarray(tokens, np.int64)
+    a, b = self.length, self.length + len(new)
+    if b > len(self._tokens):
+      grown = max(b, 2 * len(self._tokens))
+      self._tokens = np.resize(self._tokens, grown)
+      self._keys = np.concatenate(
+          [self._keys, np.zeros((self.max_n, grown - self._keys.shape[1]),
+                                np.int64)], axis=1)
+    self._tokens[a:b] = new
+    # key_n[e] = key_{n-1}[e - 1] << bits | token[e]
+    self._keys[0, a:b] = new
+    for n in range(2, self.max_n + 1):
+      lo = max(a, n - 1)
+      if lo < b:
+        self._keys[n - 1, lo:b] = ((self._keys[n - 2, lo - 1:b - 1]
+                                    << self.bits) | self._tokens[lo:b])
+    self.length = b
+
+  def propose(self, k: int) -> list[int]:
+    """``propose_ngram(sequence, k, max_n=max_n, min_n=min_n)``."""
+    L = self.length
+    for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+      keys = self._keys[n - 1]
+      # Earlier n-grams with a token after them end at n - 1 .. L - 2.
+      hits = np.flatnonzero(keys[n - 1:L - 1] == keys[L - 1])
+      if len(hits):
+        start = int(hits[-1]) + n
+        return self._tokens[start:min(start + k, L)].tolist()
+    return []
+
+
+def token_bits(vocab_size: int) -> int:
+  """Bits that hold any token id below ``vocab_size``."""
+  return max(int(vocab_size - 1).bit_length(), 1)
+
+
 def _filtered_logits(logits, temperature, top_p, top_k):
   """[V] logits -> the target's sampling distribution as logits in vocab
   order (the kept tokens; -inf elsewhere), as ``sampling._sample_row``
@@ -129,4 +188,4 @@ def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
   return tokens, count, logprobs
 
 
-__all__ = ["accept", "propose_ngram"]
+__all__ = ["PromptLookup", "accept", "propose_ngram", "token_bits"]
