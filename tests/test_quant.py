@@ -240,3 +240,17 @@ def test_engines_serve_fp8_activations_as_the_reference_model(
   for i, p in enumerate(PROMPTS):
     want = greedy_generate(params, cfg, np.asarray(p), GREEDY_TOKENS)
     assert toks[f"r{i}"] == np.asarray(want).reshape(-1).tolist(), i
+  # TP=2: a token's scale is its max over the whole contracted axis, which
+  # the mesh splits (heads, MLP columns): the same first token.
+  from pdjax.engine.prefill import PrefillEngine
+  from pdjax.engine.requests import PrefillRequest
+  from pdjax.engine.sampling import SamplingParams
+  prules = ShardingRules.load("prefill_tp")
+  tp = make_mesh({"tp": 2}, jax.devices()[2:4])
+  tparams, tcfg = load_sharded(tiny_model_dir, prules, tp,
+                               weight_dtype=quant.FP8,
+                               activation_dtype=quant.FP8)
+  one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+  r = PrefillEngine(tparams, tcfg, tp, prules, _pool_configs()[0]).prefill(
+      [PrefillRequest("t", PROMPTS[0], one)])[0]
+  assert r.first_token == toks["r0"][0]
