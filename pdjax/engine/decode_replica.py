@@ -170,6 +170,10 @@ class DecodeReplica:
         raise ValueError("a draft model runs on replicas of one device "
                          f"(this one has {mesh.size})")
       self.draft = DraftModel(draft[0], draft[1], cfg, dcfg, self.replicated)
+    # Prompt lookup's rows keep an index where their n-grams pack into an
+    # int64 (the bits of one token id; None: they do not, rows scan).
+    bits = token_bits(cfg.padded_vocab)
+    self._lookup_bits = bits if dcfg.spec_ngram * bits <= 63 else None
     # --- host KV tier: evicted cached blocks go to host memory ---
     self.host_tier = host_tier.make_link(
         dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
@@ -608,13 +612,13 @@ class DecodeReplica:
     ``spec_ngram`` over a large vocabulary), from its whole sequence."""
     r = self.rows[row]
     prompt = r.request.prompt_ids
-    bits = token_bits(self.cfg.padded_vocab)
-    if self.dcfg.spec_ngram * bits > 63:
+    if self._lookup_bits is None:
       return propose_ngram(list(prompt) + r.generated, k,
                            max_n=self.dcfg.spec_ngram)
     if r.lookup is None:
       r.lookup = PromptLookup(prompt, len(prompt) + 64,
-                              max_n=self.dcfg.spec_ngram, bits=bits)
+                              max_n=self.dcfg.spec_ngram,
+                              bits=self._lookup_bits)
     seen = r.lookup.length - len(prompt)
     if seen < len(r.generated):
       r.lookup.extend(r.generated[seen:])

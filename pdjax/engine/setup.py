@@ -155,11 +155,8 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   target = cfg.replace(vocab_padding=fitted["cfg"].vocab_padding)
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)
-  if weight_dtype is None:
-    if activation_dtype is not None:
-      raise ValueError("activation_dtype needs weight_dtype: FP8 "
-                       "activations feed GEMMs whose weights are FP8 too")
-    return params, target
+  if weight_dtype is None:   # (ModelConfig refuses activations alone)
+    return params, target.replace(activation_dtype=activation_dtype)
   return quantize_sharded(params, target, rules, mesh, weight_dtype,
                           activation_dtype)
 
