@@ -128,7 +128,7 @@ def main(argv) -> None:
   del argv
   import jax
   import numpy as np
-  from pdjax.engine.setup import load_sharded
+  from pdjax.engine.setup import load_sharded, quantize_sharded
   from pdjax.model import llama, quant
   from pdjax.model.registry import resolve_checkpoint
   from pdjax.sharding import ShardingRules, make_mesh
@@ -147,9 +147,10 @@ def main(argv) -> None:
       with open(FLAGS.out, "w") as f:
         json.dump(rec, f, indent=1)
     return
-  fp8, qcfg = load_sharded(
-      path, rules, mesh, dtype=FLAGS.dtype, weight_dtype=quant.FP8,
-      activation_dtype=quant.FP8 if FLAGS.what == "w8a8" else None)
+  # The baseline's weights quantized as a pool loads them (not read again).
+  fp8, qcfg = quantize_sharded(
+      base, cfg, rules, mesh, quant.FP8,
+      quant.FP8 if FLAGS.what == "w8a8" else None)
   tok = Tokenizer.from_checkpoint(path)
   forward = jax.jit(llama.reference_forward, static_argnames="cfg")
   same, prefix, max_err, mean_err, kls = 0, [], 0.0, [], []
