@@ -1,7 +1,8 @@
 """The prefill worker's batching, with scripted engines and a fake sender:
 hand-offs start while the prefill runs, each request of a batch is answered
-once its own result is known, and a batch that fails part way keeps the
-results it had and gives back what it sent for the rest."""
+once its own result is known (its first token before its hand-off ends),
+and a batch that fails part way keeps the results it had and gives back
+what it sent for the rest."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fake_engines import FakePrefillEngine
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import SamplingParams
 from pdjax.service.prefill_service import PrefillWorker, _Job
-from pdjax.transfer.base import KvSender, handle_for
+from pdjax.transfer.base import KvSender, TransferError, handle_for
 from pdjax.v1 import kv_pb2
 
 
@@ -47,7 +48,8 @@ class _Engine(FakePrefillEngine):
 def _jobs(loop, n: int) -> list[_Job]:
   return [_Job(PrefillRequest(f"r{i}", [3, 4, 5], SamplingParams()),
                kv_pb2.KvDestination(transfer_id=f"t{i}"), None,
-               loop.create_future(), loop) for i in range(n)]
+               loop.create_future(), loop.create_future(), loop)
+          for i in range(n)]
 
 
 async def _wait_idle(worker: PrefillWorker) -> None:
@@ -86,11 +88,12 @@ def test_hand_off_starts_while_the_prefill_runs(fail):
       worker.submit(job)
       if fail:
         with pytest.raises(RuntimeError, match="prefill program failed"):
-          await asyncio.wait_for(job.future, 10)
+          await asyncio.wait_for(job.first, 10)
       else:
-        resp = await asyncio.wait_for(job.future, 10)
-        assert resp.first_token == 7 and resp.kv.transfer_id == "t0"
-        assert resp.transfer_s == 0.0 and resp.prefill_s > 0
+        first = await asyncio.wait_for(job.first, 10)
+        assert first.first_token == 7 and first.prefill_s > 0
+        sent = await asyncio.wait_for(job.future, 10)
+        assert sent.kv.transfer_id == "t0" and sent.transfer_s == 0.0
       await _wait_idle(worker)
     finally:
       worker.stop()
@@ -130,17 +133,19 @@ def test_each_request_is_answered_when_its_result_is_known(fail):
       worker.submit(j)
     worker.start()
     try:
-      first = await asyncio.wait_for(jobs[0].future, 10)
-      assert not jobs[1].future.done()
+      first = await asyncio.wait_for(jobs[0].first, 10)
+      sent = await asyncio.wait_for(jobs[0].future, 10)
+      assert not jobs[1].first.done()
       gate.set()
-      assert first.first_token == 11 and first.kv.transfer_id == "t0"
+      assert first.first_token == 11 and sent.kv.transfer_id == "t0"
       if fail:
         with pytest.raises(RuntimeError, match="second program failed"):
-          await asyncio.wait_for(jobs[1].future, 10)
+          await asyncio.wait_for(jobs[1].first, 10)
       else:
-        second = await asyncio.wait_for(jobs[1].future, 10)
+        second = await asyncio.wait_for(jobs[1].first, 10)
         assert second.first_token == 22
         assert second.prefill_s >= first.prefill_s
+        await asyncio.wait_for(jobs[1].future, 10)
       await _wait_idle(worker)
     finally:
       gate.set()
@@ -148,6 +153,55 @@ def test_each_request_is_answered_when_its_result_is_known(fail):
 
   asyncio.run(go())
   assert calls == [2]
+  assert sender.released == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_first_token_does_not_wait_for_the_hand_off(fail):
+  """The first token is answered while its KV is still being sent (the
+  sender here blocks until the test lets it go); the handle follows once
+  the send returns, or the send's error does."""
+  release = threading.Event()
+
+  class SlowSender(_Sender):
+    def send(self, kv, dest, *, timeout_s):
+      self.sent.set()
+      assert release.wait(10), "the first token waited for the hand-off"
+      if fail:
+        raise TransferError("the decode worker went away")
+      return super().send(kv, dest, timeout_s=timeout_s)
+
+  class Engine(_Engine):
+    def prefill(self, reqs, kv_ready=None, on_result=None):
+      out = [_result(r, 9) for r in reqs]
+      kv_ready(0, out[0].kv)
+      on_result(0, out[0])
+      return out
+
+  sender = SlowSender()
+
+  async def go():
+    worker = PrefillWorker(Engine(), sender)
+    worker.start()
+    try:
+      (job,) = _jobs(asyncio.get_running_loop(), 1)
+      worker.submit(job)
+      first = await asyncio.wait_for(job.first, 10)
+      assert first.first_token == 9 and not first.HasField("kv")
+      assert sender.sent.is_set() and not job.future.done()
+      release.set()
+      if fail:
+        with pytest.raises(TransferError, match="went away"):
+          await asyncio.wait_for(job.future, 10)
+      else:
+        sent = await asyncio.wait_for(job.future, 10)
+        assert sent.kv.transfer_id == "t0" and not sent.first_token
+      await _wait_idle(worker)
+    finally:
+      release.set()
+      worker.stop()
+
+  asyncio.run(go())
   assert sender.released == []
 
 

@@ -9,9 +9,10 @@ Lifecycle of a request here:
   3. Each result's KV goes to a sender thread that hands it to the chosen
      decode worker through the deployment's transport, so the next batch's
      prefill overlaps this batch's transfer.
-  4. The response carries the first token and the KV handle; the KV stays
-     owned by the transport until the decode side confirms (``ReleaseKv``)
-     or its TTL expires.
+  4. The call streams the first token as soon as it is known (its KV may
+     still be moving: the first token's wait does not include the hand-off),
+     then the KV handle once it is sent; the KV stays owned by the transport
+     until the decode side confirms (``ReleaseKv``) or its TTL expires.
 """
 
 from __future__ import annotations
@@ -51,20 +52,30 @@ class _Job:
   request: PrefillRequest
   destination: kv_pb2.KvDestination
   deadline: float | None
-  future: asyncio.Future
+  first: asyncio.Future    # the first token's message
+  future: asyncio.Future   # the KV handle's message, once it is sent
   loop: asyncio.AbstractEventLoop
   enqueued: float = dataclasses.field(default_factory=time.monotonic)
   queue_s: float = 0.0     # enqueued -> its batch started
   landing: object = None   # a pending LendLanding answer (same-host IPC)
 
-  def resolve(self, value=None, error: BaseException | None = None) -> None:
+  def resolve_first(self, message: prefill_pb2.PrefillResponse) -> None:
     def done():
-      if self.future.done():
+      if not self.first.done():
+        self.first.set_result(message)
+    self.loop.call_soon_threadsafe(done)
+
+  def resolve(self, value=None, error: BaseException | None = None) -> None:
+    """The call's end: the handle's message, or the error (its caller
+    waits on the first message until that is out, then on this one)."""
+    def done():
+      target = self.future if self.first.done() else self.first
+      if target.done():
         return
       if error is not None:
-        self.future.set_exception(error)
+        target.set_exception(error)
       else:
-        self.future.set_result(value)
+        target.set_result(value)
     self.loop.call_soon_threadsafe(done)
 
   @property
@@ -263,8 +274,9 @@ class PrefillWorker:
         started.add(i)
         self._pool.submit(self._hand_off, live[i], kv, done[i])
 
-      def on_result(i, r, done=done, t0=t0):
+      def on_result(i, r, done=done, t0=t0, live=live):
         now = time.perf_counter()
+        self._first_token(live[i], r, now - t0)
         done[i].set_result((r, now - t0, now))
 
       a, b = self.batch_delay_s
@@ -292,9 +304,19 @@ class PrefillWorker:
             r.prompt_len - r.cached_tokens)
       for i, (j, r) in enumerate(zip(live, results)):
         if not done[i].done():   # an engine that never called on_result
+          self._first_token(j, r, now - t0)
           done[i].set_result((r, now - t0, now))
         if i not in started:     # ... or kv_ready
           self._pool.submit(self._hand_off, j, r.kv, done[i])
+
+  def _first_token(self, job: _Job, result, prefill_s: float) -> None:
+    """Answers the first token as soon as it is known: its KV may still be
+    on its way to the decode worker."""
+    self.metrics.ttft_stage.labels("prefill").observe(prefill_s)
+    job.resolve_first(prefill_pb2.PrefillResponse(
+        first_token=result.first_token, first_logprob=result.first_logprob,
+        prefill_s=prefill_s, cached_tokens=result.cached_tokens,
+        queue_s=job.queue_s))
 
   def _ask_landing(self, job: _Job):
     try:
@@ -328,11 +350,10 @@ class PrefillWorker:
         handle = self.sender.send(kv, dest, timeout_s=timeout)
       sent = True
       t_sent = time.perf_counter()
-      result, prefill_s, t_prefilled = done.result()
-      # What the hand-off added to TTFT: the part after the prefill ended.
+      _, _, t_prefilled = done.result()
+      # The hand-off's part after the prefill ended (the first token does
+      # not wait for it; the second token does).
       transfer_s = max(0.0, t_sent - max(t0, t_prefilled))
-      self.metrics.ttft_stage.labels("prefill").observe(prefill_s)
-      self.metrics.ttft_stage.labels("kv_handoff").observe(transfer_s)
       name = self.sender.name
       self.metrics.transfer_bytes.labels(name, "sent").inc(kv.nbytes)
       if kv.first_page:
@@ -340,10 +361,8 @@ class PrefillWorker:
         self.metrics.kv_skipped_bytes.labels(name).inc(
             per_page * kv.first_page)
       self.metrics.transfer_time.labels(name, "sent").observe(t_sent - t0)
-      job.resolve(prefill_pb2.PrefillResponse(
-          first_token=result.first_token, first_logprob=result.first_logprob,
-          kv=handle, prefill_s=prefill_s, transfer_s=transfer_s,
-          cached_tokens=result.cached_tokens, queue_s=job.queue_s))
+      job.resolve(prefill_pb2.PrefillResponse(kv=handle,
+                                              transfer_s=transfer_s))
       if job.abandoned:
         # The caller left while we were sending: nobody will redeem it.
         self.sender.release(job.destination.transfer_id)
@@ -382,6 +401,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     remaining = context.time_remaining()
     loop = asyncio.get_running_loop()
+    first = loop.create_future()
     job = _Job(PrefillRequest(request.request_id, ids, sampling,
                               request.seed, cache_salt=request.cache_salt,
                               skip_pages=request.destination.skip_pages,
@@ -389,14 +409,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                           for s in request.kv_sources[:8]]),
                request.destination,
                None if remaining is None else time.monotonic() + remaining,
-               loop.create_future(), loop)
+               first, loop.create_future(), loop)
     try:
       w.submit(job)
     except OverflowError as e:
       await common.abort_exhausted(context, str(e))
     try:
-      return await job.future
+      yield await job.first
+      yield await job.future
     except asyncio.CancelledError:
+      job.first.cancel()
       job.future.cancel()
       raise
     except TimeoutError as e:

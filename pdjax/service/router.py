@@ -529,56 +529,79 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     # Shared KV: where the chosen worker may fetch the blocks it lacks.
     sources = [prefill_pb2.KvSource(address=a, blocks=n)
                for a, n in self.registry.kv_sources(p, keys)]
-    try:
-      with self.registry.busy(p):
-        pre = await p.stub.Prefill(prefill_pb2.PrefillRequest(
-            request_id=rid, prompt_token_ids=ids,
-            sampling=validation.sampling_to_proto(sampling), seed=seed,
-            destination=dest, cache_salt=salt, kv_sources=sources),
-            timeout=self._timeout(context))
-    except grpc.aio.AioRpcError as e:
-      await self._unreserve(d, rid)
-      retry = e.code() in _RETRYABLE
-      raise _Failed(e.code(), f"prefill worker {p.address}: {e.details()}",
-                    retry=retry, worker=p if retry else None) from e
-    except asyncio.CancelledError:
-      await self._unreserve(d, rid)
-      raise
-    usage.prefill_s = pre.prefill_s
-    usage.ttft_stages.queue_s = pre.queue_s
-    usage.ttft_stages.prefill_s = pre.prefill_s
-    usage.ttft_stages.kv_handoff_s = pre.transfer_s
-    usage.cached_prompt_tokens = pre.cached_tokens
-    usage.kv_transfer_s = pre.transfer_s
-    usage.kv_send_s = pre.transfer_s
-    usage.kv_path = pre.kv.transport
-    handle = pre.kv
-    handle.prefill_address = p.address
-    first = decode_pb2.DecodeResponse(
-        token_ids=[pre.first_token], logprobs=[pre.first_logprob])
-    yield first
-    req = decode_pb2.DecodeRequest(
-        request_id=rid, prompt_token_ids=ids,
-        sampling=validation.sampling_to_proto(sampling), seed=seed,
-        first_token=pre.first_token, first_logprob=pre.first_logprob,
-        kv=handle, cache_salt=salt)
-    try:
-      async for msg in self._stream_decode(d, req, context, usage,
-                                           first_token_sent=True,
-                                           kv_pending=True):
-        yield msg
-      return
-    except _KvLost as e:
-      if self.config.kv_failure_policy != "recompute":
-        raise _Failed(e.code, e.details) from e
-      self.metrics.requests.labels("kv_recomputed").inc()
-      log.warning("request %s: KV hand-off failed (%s); recomputing the "
-                  "prompt on a decode worker", rid, e.details)
-      if e.code == grpc.StatusCode.UNAVAILABLE:
-        self.registry.mark_down(d, e.details)
+    # The first token goes out as soon as the prefill worker has it, while
+    # its KV may still be moving, where a failed hand-off can be recovered
+    # (by recomputing the prompt, continuing from that token); otherwise it
+    # waits for the hand-off, so that a failure can still retry the request.
+    early = self.config.kv_failure_policy == "recompute"
+    lost: _Failed | None = None
+    with self.registry.busy(p):
+      call = p.stub.Prefill(prefill_pb2.PrefillRequest(
+          request_id=rid, prompt_token_ids=ids,
+          sampling=validation.sampling_to_proto(sampling), seed=seed,
+          destination=dest, cache_salt=salt, kv_sources=sources),
+          timeout=self._timeout(context))
+      try:
+        pre = await self._prefill_reply(call, p)
+        usage.prefill_s = pre.prefill_s
+        usage.cached_prompt_tokens = pre.cached_tokens
+        usage.ttft_stages.queue_s = pre.queue_s
+        usage.ttft_stages.prefill_s = pre.prefill_s
+        first = decode_pb2.DecodeResponse(
+            token_ids=[pre.first_token], logprobs=[pre.first_logprob])
+        if early:
+          yield first
+        try:
+          sent = await self._prefill_reply(call, p)
+        except _Failed as e:
+          if not early:
+            raise
+          lost = e
+          await self._unreserve(d, rid)
+          if e.code == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_down(p, e.details)
+      except BaseException:
+        # Failed, cancelled or closed before the decode worker was asked to
+        # redeem the KV: its reservation goes back now, not at its TTL.
+        if lost is None:
+          await self._unreserve(d, rid)
+        raise
+      finally:
+        call.cancel()
+    exclude: set[str] = set()
+    if lost is None:
+      usage.kv_transfer_s = sent.transfer_s
+      usage.kv_send_s = sent.transfer_s
+      usage.kv_path = sent.kv.transport
+      if not early:
+        usage.ttft_stages.kv_handoff_s = sent.transfer_s
+        yield first
+      handle = sent.kv
+      handle.prefill_address = p.address
+      req = decode_pb2.DecodeRequest(
+          request_id=rid, prompt_token_ids=ids,
+          sampling=validation.sampling_to_proto(sampling), seed=seed,
+          first_token=pre.first_token, first_logprob=pre.first_logprob,
+          kv=handle, cache_salt=salt)
+      try:
+        async for msg in self._stream_decode(d, req, context, usage,
+                                             first_token_sent=True,
+                                             kv_pending=True):
+          yield msg
+        return
+      except _KvLost as e:
+        if self.config.kv_failure_policy != "recompute":
+          raise _Failed(e.code, e.details) from e
+        lost = e
+        exclude.add(d.address)
+        if e.code == grpc.StatusCode.UNAVAILABLE:
+          self.registry.mark_down(d, e.details)
+    self.metrics.requests.labels("kv_recomputed").inc()
+    log.warning("request %s: KV hand-off failed (%s); recomputing the "
+                "prompt on a decode worker", rid, lost.details)
     # Fallback: prefill locally on a decode worker, forced to continue from
     # the first token the client already has.
-    d2 = await self._pick_decode({d.address}, context, keys)
+    d2 = await self._pick_decode(exclude, context, keys)
     usage.decode_worker = d2.address
     req = decode_pb2.DecodeRequest(
         request_id=rid, prompt_token_ids=ids,
@@ -588,6 +611,21 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     async for msg in self._stream_decode(d2, req, context, usage,
                                          first_token_sent=True):
       yield msg
+
+  async def _prefill_reply(self, call,
+                           p: Worker) -> prefill_pb2.PrefillResponse:
+    """The Prefill call's next message; its failures as ``_Failed``."""
+    try:
+      msg = await call.read()
+    except grpc.aio.AioRpcError as e:
+      retry = e.code() in _RETRYABLE
+      raise _Failed(e.code(), f"prefill worker {p.address}: {e.details()}",
+                    retry=retry, worker=p if retry else None) from e
+    if msg is grpc.aio.EOF:
+      raise _Failed(grpc.StatusCode.UNAVAILABLE,
+                    f"prefill worker {p.address} ended the call early",
+                    retry=True, worker=p)
+    return msg
 
   async def _unreserve(self, d: Worker, rid: str) -> None:
     try:

@@ -35,7 +35,7 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/pdjax.v1.Prefill/Prefill',
                 request_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
@@ -56,9 +56,11 @@ class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Computes the prompt's KV and first token, hands the KV to the decode
-        worker named in `destination`, and returns the first token with a
-        handle the decode worker redeems.
+        """Computes the prompt's KV and first token and hands the KV to the decode
+        worker named in `destination`. Two messages: the first token as soon as
+        it is known (its KV may still be moving), then the handle the decode
+        worker redeems, once the hand-off is done. A hand-off that fails after
+        the first message ends the call with its status (ABORTED: retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,7 +83,7 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
@@ -118,7 +120,7 @@ class Prefill:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/pdjax.v1.Prefill/Prefill',
