@@ -416,3 +416,118 @@ def test_a_full_pool_is_waited_for_at_the_worker(on_full):
   else:
     assert got == (grpc.StatusCode.RESOURCE_EXHAUSTED, None)
     assert asks == [0]
+
+
+# ------------------------------------------- the first token and the hand-off
+class _PrefillCall:
+  """A streaming Prefill call: the first token at once, then the KV
+  handle once the worker's ``handed`` event is set, or the hand-off's
+  failure (ABORTED) where the worker says so."""
+
+  def __init__(self, worker: "FakePrefill", request):
+    self.worker = worker
+    self.request = request
+    self.sent = 0
+
+  async def read(self):
+    from pdjax.v1 import kv_pb2, prefill_pb2
+    self.sent += 1
+    if self.sent == 1:
+      return prefill_pb2.PrefillResponse(first_token=42, first_logprob=-0.1,
+                                         prefill_s=0.001)
+    if self.sent > 2:
+      return grpc.aio.EOF
+    await self.worker.handed.wait()
+    if self.worker.failures:
+      self.worker.failures -= 1
+      raise grpc.aio.AioRpcError(grpc.StatusCode.ABORTED,
+                                 grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                 "KV hand-off failed: peer went away")
+    return prefill_pb2.PrefillResponse(
+        kv=kv_pb2.KvHandle(transport="grpc",
+                           transfer_id=self.request.destination.transfer_id),
+        transfer_s=0.002)
+
+  def cancel(self):
+    pass
+
+
+class FakePrefill:
+  def __init__(self, failures: int):
+    self.failures = failures
+    self.handed = asyncio.Event()
+    self.calls: list[_PrefillCall] = []
+
+  async def GetWorkerInfo(self, request, timeout=None):
+    return common_pb2.WorkerInfo(role="prefill", model=MODEL,
+                                 process_id="fake-p")
+
+  def Prefill(self, request, timeout=None):
+    self.calls.append(_PrefillCall(self, request))
+    return self.calls[-1]
+
+
+class _Reserving(FakeDecode):
+  def __init__(self):
+    super().__init__(step_s=0.0)
+    self.unreserved: list[str] = []
+
+  async def Reserve(self, request, timeout=None):
+    return decode_pb2.ReserveResponse(replica=0, pages=1)
+
+  async def Unreserve(self, request, timeout=None):
+    self.unreserved.append(request.request_id)
+    return common_pb2.Empty()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_the_first_token_and_a_failed_hand_off(policy):
+  """Recomputing after a failed hand-off, the router sends the prefill's
+  first token before the hand-off ends, and when the hand-off then fails it
+  gives the reservation back and continues from that token on a decode
+  worker (local prefill, the token forced). Failing instead, the first token
+  waits for the hand-off, so a failed one retries the whole request, the
+  client none the wiser. (The fake's hand-offs end once the client has a
+  token, or after 0.3 s.)"""
+
+  async def go():
+    decode, prefill = _Reserving(), FakePrefill(failures=1)
+    registry = WorkerRegistry(poll_interval_s=60)
+    registry.add("127.0.0.1:1", "decode").stub = decode
+    registry.add("127.0.0.1:2", "prefill").stub = prefill
+    await registry.poll_once()
+    servicer = RouterServicer(registry, None,
+                              RouterConfig(kv_failure_policy=policy))
+    server = common.make_server(common.Security(), client_facing=True)
+    generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    port = common.bind(server, "127.0.0.1", 0)
+    await server.start()
+    client = AsyncClient(f"127.0.0.1:{port}", timeout_s=30)
+    timer = asyncio.get_running_loop().call_later(0.3, prefill.handed.set)
+    tokens, early = [], None
+    try:
+      async for d in client.stream(prompt_token_ids=[5, 6, 7], max_tokens=3,
+                                   temperature=0.0):
+        if not tokens:
+          early = not prefill.handed.is_set()
+          prefill.handed.set()
+        tokens.extend(d.token_ids)
+    finally:
+      timer.cancel()
+      await client.close()
+      await server.stop(0)
+      await registry.close()
+    return tokens, early, decode, prefill
+
+  tokens, early, decode, prefill = asyncio.run(go())
+  assert len(decode.unreserved) == 1          # the failed attempt's room
+  (redeem,) = [c.request for c in decode.calls]
+  if policy == "recompute":
+    assert early and len(prefill.calls) == 1
+    assert redeem.local_prefill and redeem.forced_first_token == 42
+    # (the fake decode worker streams max_tokens tokens after the first)
+    assert tokens == [42, 100, 101, 102]
+  else:
+    assert not early and len(prefill.calls) == 2
+    assert not redeem.local_prefill and redeem.first_token == 42
+    assert redeem.kv.transfer_id and tokens == [42, 100, 101, 102]
