@@ -1224,10 +1224,11 @@ def test_prefill_worker_asks_for_a_region_before_prefill_and_uses_it():
     try:
       job = _Job(PrefillRequest("r1", [3, 4, 5], SamplingParams(max_tokens=4)),
                  kv_pb2.KvDestination(transfer_id="t1"), None,
-                 loop.create_future(), loop)
+                 loop.create_future(), loop.create_future(), loop)
       worker.submit(job)
-      resp = await asyncio.wait_for(job.future, 10)
-      assert resp.first_token == 5 and resp.kv.transfer_id == "t1"
+      first = await asyncio.wait_for(job.first, 10)
+      sent = await asyncio.wait_for(job.future, 10)
+      assert first.first_token == 5 and sent.kv.transfer_id == "t1"
     finally:
       worker.stop()
 
