@@ -211,6 +211,15 @@ def test_decode_soak_with_fifo_pages(tmp_path):
   close(x["ratio"], x["probe"]["call_ms"] / x["before_call_ms"])
   assert chart.stat().st_size > 0
   assert "round 1" in stdout
+  # The chart again from the records alone (a soak where matplotlib was
+  # missing draws it afterwards).
+  redrawn = tmp_path / "redrawn.png"
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / "bench_decode_churn.py"),
+       f"--chart_from={tmp_path / 'soak.jsonl'}", f"--chart={redrawn}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"{redrawn}: 1 rounds" in proc.stdout and redrawn.stat().st_size > 0
 
 
 def test_admission(tmp_path):

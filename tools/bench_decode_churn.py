@@ -93,6 +93,9 @@ flags.DEFINE_float("soak_minutes", 0.0, "Soak: churn and probe again, round "
                    "record and a point of --chart (0: one churn).")
 flags.DEFINE_string("chart", None, "Soak: a PNG of the probe's time per "
                     "call against time.")
+flags.DEFINE_string("chart_from", None, "Draw --chart from a soak's records "
+                    "(this file, JSON lines) and exit: for a soak run where "
+                    "matplotlib was missing.")
 flags.DEFINE_enum("page_order", "lowest", ["lowest", "fifo"],
                   "Which free pages a request gets: the lowest-numbered "
                   "(the pool's policy) or first-in-first-out (the policy "
@@ -335,13 +338,44 @@ def soak(engine, cfg, d, writer, params_rec, before) -> None:
           flush=True)
     if chart:    # every round: a run cut short still leaves its chart
       try:
-        _soak_chart(points, cfg, d)
+        _soak_chart(points, _soak_title(cfg.name, FLAGS.probe_rows, d),
+                    FLAGS.chart)
       except ImportError as e:   # the records still have every point
         print(f"  no chart: {e}", flush=True)
         chart = False
 
 
-def _soak_chart(points, cfg, d) -> None:
+def _soak_title(model: str, probe_rows: int, d: dict) -> str:
+  return (f"{model}: {probe_rows} x {d['probe_context']}-token probe "
+          f"between rounds of {d['churn_requests']} requests")
+
+
+def chart_from_records(records_path: str, out: str) -> int:
+  """The soak chart from its records (the ``soak_round`` lines of one run,
+  the last run in the file); returns the rounds drawn."""
+  import json
+  rounds = []
+  with open(records_path) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec.get("measurement") == "soak_round":
+        rounds.append(rec)
+  if not rounds:
+    raise app.UsageError(f"{records_path}: no soak_round records")
+  run = rounds[-1]["run_id"]
+  rounds = [r for r in rounds if r["run_id"] == run]
+  first = rounds[0]["results"]
+  points = [(0.0, first["before_call_ms"])] + [
+      (r["results"]["minutes"], r["results"]["probe"]["call_ms"])
+      for r in rounds]
+  d = {"probe_context": first["probe"].get("context", "?"),
+       "churn_requests": first["churn"]["requests"]}
+  _soak_chart(points, _soak_title(rounds[0]["model"],
+                                  rounds[0]["params"]["probe_rows"], d), out)
+  return len(rounds)
+
+
+def _soak_chart(points, title: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -350,15 +384,20 @@ def _soak_chart(points, cfg, d) -> None:
   ax.set_xlabel("minutes of traffic")
   ax.set_ylabel("probe ms per generate call")
   ax.set_ylim(bottom=0)
-  ax.set_title(f"{cfg.name}: {FLAGS.probe_rows} x {d['probe_context']}-token "
-               f"probe between rounds of {d['churn_requests']} requests")
+  ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(FLAGS.chart, dpi=100)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def main(argv) -> None:
   del argv
+  if FLAGS.chart_from:
+    if not FLAGS.chart:
+      raise app.UsageError("--chart_from needs --chart (the PNG to write)")
+    n = chart_from_records(FLAGS.chart_from, FLAGS.chart)
+    print(f"{FLAGS.chart}: {n} rounds")
+    return
   unknown = set(FLAGS.reset_after_churn) - set(RESETTABLE)
   if unknown:
     raise app.UsageError(f"--reset_after_churn: unknown {sorted(unknown)}; "
