@@ -30,6 +30,13 @@ start_call() {
   record_env "$1"
 }
 
+# use_compile_cache: compiled programs kept on disk across this call's
+# processes (each part of a call compiles the same programs).
+use_compile_cache() {
+  export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+}
+
 # ipc_gpu_test DIR LINES: the CUDA IPC GPU test, its log in DIR/ipc_test.log,
 # the last LINES lines shown.
 ipc_gpu_test() {

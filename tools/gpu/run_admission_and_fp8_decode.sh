@@ -17,8 +17,7 @@ cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 start_call "$OUT"
-export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+use_compile_cache
 BATCHES=${BATCHES:-1,8,32,128}
 CONTEXT=${CONTEXT:-1024}
 for part in ${PARTS:-admission fp8}; do

@@ -25,8 +25,7 @@ cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 start_call "$OUT"
-export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+use_compile_cache
 MIX="--churn_presets=chat,summarize,multiturn --cancel_share=0.2"
 for part in ${PARTS:-mixed}; do
   case $part in
