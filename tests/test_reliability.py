@@ -150,7 +150,7 @@ def test_dropped_kv_is_recomputed(tmp_path_factory, reference):
   c = Cluster(tmp_path_factory.mktemp("drop"), kv_transport="grpc",
               num_prefill=1, num_decode=1, warmup=False,
               worker_flags=["--fault_injection_drop_kv=0.5",
-                            "--transfer_timeout_s=1"])
+                            "--transfer_timeout_s=0.5"])
   try:
     with Client(c.address, timeout_s=60) as client:
       for _ in range(2):
