@@ -178,9 +178,7 @@ class DecodeWorker:
     m.kv_live.labels("reservations").set(usage["reservations"])
     m.kv_live.labels("staged_transfers").set(self.receiver.live())
     m.running.set(usage["rows_live"])
-    # Queued: prompts waiting for this worker's own prefill and pages, and
-    # Reserve calls waiting for room (the router's queue policy).
-    m.queue_length.set(self.engine.num_waiting + self.room.waiting)
+    m.queue_length.set(self.queued)
     m.observe_device_memory(self._devices)
     for event, n in self.engine.preemption_stats().items():
       m.kv_admission.labels(event).set(n)
@@ -202,10 +200,16 @@ class DecodeWorker:
     return (self.streams + self.engine.num_waiting
             + self.engine.kv_usage().get("reservations", 0))
 
+  @property
+  def queued(self) -> int:
+    """Prompts waiting for this worker's own prefill and pages, and
+    Reserve calls waiting for room (the router's queue policy)."""
+    return self.engine.num_waiting + self.room.waiting
+
   def load(self) -> common_pb2.WorkerLoad:
     u = self.engine.kv_usage()
     return common_pb2.WorkerLoad(
-        queued=self.engine.num_waiting + self.room.waiting,
+        queued=self.queued,
         running=u["rows_live"],
         kv_pages_total=u["pages_total"],
         kv_pages_available=max(u["pages_available"], 0),
