@@ -36,9 +36,9 @@ def test_propose_ngram():
     capacity=st.integers(1, 8))
 def test_prompt_lookup_answers_as_propose_ngram(tokens, chunks, max_n, k,
                                                 capacity):
-  """The index kept as a row's tokens arrive (in chunks of any size, past
-  its first capacity) proposes what a scan of the whole sequence does, at
-  every length."""
+  """The index kept as a row's tokens arrive (its output growing by chunks
+  of any size, past its first capacity) proposes what a scan of the whole
+  sequence does, at every length."""
   first = chunks[0] if chunks else len(tokens)
   lookup = PromptLookup(tokens[:first], capacity, max_n=max_n,
                         bits=token_bits(5))
@@ -46,7 +46,7 @@ def test_prompt_lookup_answers_as_propose_ngram(tokens, chunks, max_n, k,
   for size in chunks[1:] + [len(tokens)]:
     assert lookup.length == at
     assert lookup.propose(k) == propose_ngram(tokens[:at], k, max_n=max_n)
-    lookup.extend(tokens[at:at + size])
+    lookup.update(tokens[first:at + size])   # the row's output so far
     at = min(at + size, len(tokens))
   assert lookup.propose(k) == propose_ngram(tokens, k, max_n=max_n)
 

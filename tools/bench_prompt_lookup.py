@@ -54,9 +54,8 @@ def main(argv) -> None:
             for p, g in zip(prompts, generated)]
     t1 = time.perf_counter()
     got = []
-    for lookup, p, g in zip(lookups, prompts, generated):
-      seen = lookup.length - len(p)
-      lookup.extend(g[seen:])
+    for lookup, g in zip(lookups, generated):
+      lookup.update(g)
       got.append(lookup.propose(FLAGS.spec_tokens))
     t2 = time.perf_counter()
     if got != want:

@@ -173,7 +173,8 @@ class DecodeReplica:
     # Prompt lookup's rows keep an index where their n-grams pack into an
     # int64 (the bits of one token id; None: they do not, rows scan).
     bits = token_bits(cfg.padded_vocab)
-    self._lookup_bits = bits if dcfg.spec_ngram * bits <= 63 else None
+    self._lookup_bits = (bits if PromptLookup.packs(dcfg.spec_ngram, bits)
+                         else None)
     # --- host KV tier: evicted cached blocks go to host memory ---
     self.host_tier = host_tier.make_link(
         dcfg.host_cache_blocks if dcfg.prefix_caching else 0, self.pool,
@@ -619,9 +620,7 @@ class DecodeReplica:
       r.lookup = PromptLookup(prompt, len(prompt) + 64,
                               max_n=self.dcfg.spec_ngram,
                               bits=self._lookup_bits)
-    seen = r.lookup.length - len(prompt)
-    if seen < len(r.generated):
-      r.lookup.extend(r.generated[seen:])
+    r.lookup.update(r.generated)
     return r.lookup.propose(k)
 
   def _tokens(self, row: int, a: int, b: int) -> list[int]:

@@ -66,15 +66,29 @@ class PromptLookup:
 
   def __init__(self, tokens: Sequence[int], capacity: int, *, max_n: int,
                bits: int, min_n: int = 1):
-    if max_n * bits > 63:
+    """``tokens``: the prompt (``update`` appends what follows it)."""
+    if not self.packs(max_n, bits):
       raise ValueError(f"{max_n}-grams of {bits}-bit tokens do not pack "
                        "into an int64")
     self.max_n, self.min_n, self.bits = max_n, min_n, bits
+    self.prompt_len = len(tokens)
     self._tokens = np.zeros((capacity,), np.int64)
     # _keys[n - 1][e]: the n-gram ending at position e (e >= n - 1).
     self._keys = np.zeros((max_n, capacity), np.int64)
     self.length = 0
     self.extend(tokens)
+
+  @staticmethod
+  def packs(max_n: int, bits: int) -> bool:
+    """Whether ``max_n``-grams of ``bits``-bit tokens fit an int64 key."""
+    return max_n * bits <= 63
+
+  def update(self, generated: Sequence[int]) -> None:
+    """Brings the sequence up to the prompt followed by ``generated``
+    (a row's output so far, which only grows): appends what is new."""
+    seen = self.length - self.prompt_len
+    if seen < len(generated):
+      self.extend(generated[seen:])
 
   def extend(self, tokens: Sequence[int]) -> None:
     """Appends ``tokens`` to the sequence."""
