@@ -368,7 +368,7 @@ def chart_from_records(records_path: str, out: str) -> int:
   points = [(0.0, first["before_call_ms"])] + [
       (r["results"]["minutes"], r["results"]["probe"]["call_ms"])
       for r in rounds]
-  d = {"probe_context": first["probe"].get("context", "?"),
+  d = {"probe_context": first["probe"]["context"],
        "churn_requests": first["churn"]["requests"]}
   _soak_chart(points, _soak_title(rounds[0]["model"],
                                   rounds[0]["params"]["probe_rows"], d), out)
