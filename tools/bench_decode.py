@@ -115,6 +115,12 @@ flags.DEFINE_bool("compare_steps_per_call", False,
 flags.DEFINE_string("compare_at", "",
                     "BxC combos for --compare_steps_per_call, e.g. "
                     "'32x1024,1x1024' (empty: every combo).")
+flags.DEFINE_string("verify_tokens", "",
+                    "Speculative decoding's verify call: for each k listed "
+                    "(e.g. 0,1,2,4,8), also times the verify program over k "
+                    "drafted tokens per row (one pass of k + 1 tokens; k = 0 "
+                    "is one step through the same path) at every point, "
+                    "against the generate step.")
 flags.DEFINE_bool("memory_analysis", False,
                   "Also compile the generate program ahead of time and "
                   "record XLA's memory analysis (one more compile per combo).")
@@ -148,7 +154,11 @@ def _layout(cfg, B: int, C: int, S: int):
   total_calls = 2 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
   # The last step writes at C + S*calls - 1; the row finishes once
   # position + 2 reaches max_seq_len, so leave room past it.
-  max_seq_len = _round_up(C + S * total_calls + 2, P)
+  # Verify calls (--verify_tokens) start again from the same positions for
+  # each k and write k + 1 positions per call.
+  verify_ks = bc.parse_ints(FLAGS.verify_tokens) if FLAGS.verify_tokens else []
+  verify_room = (max(verify_ks) + 1) * (verify_calls() + 1) if verify_ks else 0
+  max_seq_len = _round_up(C + S * total_calls + verify_room + 2, P)
   M = max_seq_len // P
   # One page-table width (every row is at the same length): one program.
   # Pages rounded so layers x pages is a multiple of B (cuDNN's paged
@@ -239,6 +249,72 @@ def timed_call(engine):
   return call
 
 
+def verify_calls() -> int:
+  """Verify calls per k: one that compiles, the warm-up, the samples."""
+  return 1 + FLAGS.warmup + max(FLAGS.repeat, 1) * FLAGS.calls_per_sample
+
+
+def _time_verify(engine, cfg, B: int, ks: list[int]) -> dict[int, dict]:
+  """Speculative decoding's verify call over k drafted tokens per row, for
+  each k: the pool's verify program (``DecodeProgramSet.verify_program``)
+  called on the B live rows as they stand after the generate timing, each
+  row on pages of its own (row i on pages 1 + i*M ..), random drafts (the
+  model keeps next to none: each call emits about one token per row, as a
+  call whose drafts all miss; its cost does not depend on how many it
+  keeps). Every k starts from the same positions. Returns per k the call
+  time and whether every live row emitted a token in every call."""
+  import jax
+  import numpy as np
+  rep = engine.replicas[0]
+  rows = list(range(B))
+  call_rows = rep._call_rows(rows)  # pylint: disable=protected-access
+  b, M = len(call_rows), engine.dcfg.pages_per_seq
+  program = engine.programs.verify_program(True, b)
+  table = np.zeros((b, M), np.int32)
+  table[:B] = 1 + np.arange(B * M, dtype=np.int32).reshape(B, M)
+  slots = rep._slot_inputs(rows, call_rows, M)  # pylint: disable=protected-access
+  slots = slots.replace(page_table=jax.device_put(table, rep.replicated))
+  start = {f: np.asarray(getattr(rep.state, f))
+           for f in ("tokens", "positions", "generated", "done")}
+  rng = np.random.default_rng(FLAGS.seed)
+  out = {}
+  for k in ks:
+    rep.state = rep.state.replace(**{
+        f: jax.device_put(v, getattr(rep.state, f).sharding)
+        for f, v in start.items()})
+    drafts = jax.device_put(
+        rng.integers(3, cfg.vocab_size, (b, k)).astype(np.int32),
+        rep.replicated)
+    num = jax.device_put(np.where(np.arange(b) < B, k, 0).astype(np.int32),
+                         rep.replicated)
+    ok = True
+
+    def call():
+      rep.state, packed = program(rep.params, rep.state, slots, drafts, num)
+      return packed
+    with compile_stats_counter() as cc:
+      jax.block_until_ready(call())
+    for _ in range(FLAGS.warmup):
+      jax.block_until_ready(call())
+    samples = []
+    for _ in range(max(FLAGS.repeat, 1)):
+      t0 = time.perf_counter()
+      outs = [call() for _ in range(FLAGS.calls_per_sample)]
+      jax.block_until_ready(outs)
+      samples.append((time.perf_counter() - t0) / FLAGS.calls_per_sample)
+      from pdjax.engine.decode_programs import unpack_step_output
+      ok = ok and all(bool(unpack_step_output(o).valid[0, :B].all())
+                      for o in outs)
+    out[k] = {"call_time_s": bc.Timing(samples).as_dict(),
+              "compile_s": cc.seconds, "rows_emitted_every_call": ok}
+  return out
+
+
+def compile_stats_counter():
+  from pdjax.engine import compile_stats
+  return compile_stats.CompileCounter()
+
+
 def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   import jax
   import numpy as np
@@ -306,6 +382,8 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
     # the rest pad the program's row count.
     rows_ok = (bool(valid[:, :B].all())
                and bool((positions[:B] == C + S * calls).all()))
+    verify = (_time_verify(engine, cfg, B, bc.parse_ints(FLAGS.verify_tokens))
+              if FLAGS.verify_tokens else None)
   finally:
     del engine, rep
     gc.collect()
@@ -336,12 +414,22 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
       "ratio_spec": bc.ratio(step_s, roof(limits.spec_hbm_bw)),
       "ratio_run": bc.ratio(step_s, roof(limits.run_hbm_bw)),
       "memory_analysis": mem_analysis, **mem}
+  if verify is not None:
+    # A verify call of k drafts against one step of the generate call.
+    results["verify"] = {
+        str(k): {**v, "vs_step": v["call_time_s"]["median"] / step_s}
+        for k, v in verify.items()}
   rec = writer.write(TOOL, "decode", params_rec, results)
   print(f"  B={B} C={C} S={S}: step {step_s * 1e3:.3f} ms, roofline "
         f"{bc.fmt(results['roofline_s'] and results['roofline_s'] * 1e3, '.3f')}"
         f" ms, ratio {bc.fmt(results['ratio'], '.2f')}, "
         f"{B / step_s:.0f} tok/s (compile {cc.seconds:.1f} s)"
         + ("" if rows_ok else "  WARNING: rows finished early"), flush=True)
+  for k, v in (verify or {}).items():
+    print(f"    verify k={k}: {v['call_time_s']['median'] * 1e3:.3f} ms per "
+          f"call, {v['call_time_s']['median'] / step_s:.2f}x the step"
+          + ("" if v["rows_emitted_every_call"] else
+             "  WARNING: a row emitted nothing"), flush=True)
   return rec
 
 
@@ -448,6 +536,19 @@ def _print_summary(records, limits) -> None:
           bc.fmt(steps[(b, c, 1)] / steps[(b, c, s)], ".2f"),
           bc.fmt((steps[(b, c, 1)] - steps[(b, c, s)]) * 1e3, ".3f")]
          for b, c, s in pairs])
+  verify = [[r["params"]["batch"], r["params"]["context"], k,
+             bc.fmt(v["call_time_s"]["median"] * 1e3, ".3f"),
+             bc.fmt(v["vs_step"], ".2f"),
+             "ok" if v["rows_emitted_every_call"] else "ROW-EMPTY"]
+            for r in records if r["measurement"] == "decode"
+            for k, v in r["results"].get("verify", {}).items()]
+  if verify:
+    bc.print_table(
+        "verify call (speculative decoding) against one generate step",
+        ["B", "ctx", "k", "verify_ms", "x_step", "rows"], verify,
+        "x_step = verify call / (generate call / steps_per_call); a "
+        "speculating pool breaks even where the tokens a verify call emits "
+        "(kept drafts + 1) equal x_step.")
   skipped = [r for r in records if r["measurement"] in ("skipped", "oom",
                                                          "error")]
   if skipped:

@@ -8,6 +8,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 install_carried_wheels() {
   python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
   python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/gguf-*.whl 2>&1 | tail -1
 }
 
 # record_env DIR: date, GPUs, Python, jax and cuda.bindings into DIR/env.txt
