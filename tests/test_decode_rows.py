@@ -149,7 +149,7 @@ def _prompt_tokens_per_iteration(engine, requests, running):
   real_chunk, real_prefill = pre._chunk, pre._prefill
 
   def chunk(params, tokens, *a):
-    seen.append(tokens.shape[1])
+    seen.append(tokens.shape[0] * tokens.shape[1])
     return real_chunk(params, tokens, *a)
 
   def batch(params, tokens, *a):

@@ -22,6 +22,7 @@ from pdjax.engine.requests import DecodeRequest, PrefillRequest
 from pdjax.engine.sampling import SamplingParams
 from pdjax.engine.setup import load_sharded
 from pdjax.sharding import ShardingRules, make_mesh
+from tolerances import assert_kv_close
 
 PAGE = 16
 PCFG = PrefillConfig(buckets=(16, 32, 64), max_batch=2, page_size=PAGE,
@@ -195,6 +196,71 @@ def test_disaggregated_reuse_on_both_sides(tiny_model_dir,
   for rep in de.replicas:
     rep.pool.check_invariants()
     assert rep.pool.num_used == 0 and rep.pool.reserved == 0
+
+
+def _kv_tokens(r) -> np.ndarray:
+  """A result's KV as [layers, 2, tokens, kv_heads, head_dim] on host."""
+  kv = np.asarray(jax.device_get(r.kv.kv))
+  L, two, n, P, K, hd = kv.shape
+  return kv.reshape(L, two, n * P, K, hd)[:, :, :r.prompt_len]
+
+
+def test_cached_prompts_prefill_together(tiny_model_dir):
+  """Prompts whose leading blocks are cached and whose rest fits one bucket
+  run in one chunk program, a row each, not one after another: the same
+  first tokens and KV as each alone and as a cache-free engine, and the
+  pinned blocks all go back."""
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
+  cached = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
+  plain = PrefillEngine(params, cfg, mesh, rules, PCFG)
+  base, other = _prompts()[4], _prompts()[5]
+  greedy = SamplingParams(max_tokens=1, temperature=0.0)
+  # Two salts: the same cached blocks for the prompts run together and for
+  # the same prompts run alone (each run caches its prompts' blocks too).
+  for salt in ("together", "alone"):
+    cached.prefill([PrefillRequest("seed", base[:70], greedy,
+                                   cache_salt=salt)])
+  # 4 cached blocks + 20 to compute; 4 + 6; 1 + 30 (buckets 32, 16, 32);
+  # nothing cached (the batched path).
+  prompts = [base[:64] + other[:20], base[:70], base[:16] + other[:30],
+             other[:40]]
+
+  def requests(salt):
+    return [PrefillRequest(str(i), p, greedy, cache_salt=salt)
+            for i, p in enumerate(prompts)]
+  reqs = requests("together")
+  calls = []
+  real = cached._chunk
+
+  def chunk(params, tokens, *a):
+    calls.append(tokens.shape)
+    return real(params, tokens, *a)
+
+  cached._chunk = chunk
+  try:
+    together = cached.prefill(reqs)
+    assert sorted(calls) == [(1, 16), (2, 32)]
+    calls.clear()
+    alone = [cached.prefill([r])[0] for r in requests("alone")]
+    assert sorted(calls) == [(1, 16), (1, 32), (1, 32)]
+  finally:
+    cached._chunk = real
+  want = plain.prefill(reqs)
+  assert [r.cached_tokens for r in together] == [64, 64, 16, 0]
+  assert [r.cached_tokens for r in alone] == [64, 64, 16, 0]
+  for t, a, w in zip(together, alone, want):
+    assert t.first_token == a.first_token == w.first_token, t.request_id
+    # The batch's GEMMs may block rows differently from one row's; the
+    # cache-free prefill attends over the whole prompt at once.
+    assert_kv_close(_kv_tokens(t), _kv_tokens(a), cfg, PCFG.max_seq_len,
+                    err_msg=f"together/alone {t.request_id}")
+    assert_kv_close(_kv_tokens(t), _kv_tokens(w), cfg, PCFG.max_seq_len,
+                    err_msg=f"together/uncached {t.request_id}")
+  assert store.pool.num_used == 0
+  store.pool.check_invariants()
 
 
 def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(

@@ -4,13 +4,15 @@ Two paths, one model:
 
 * batched: one jitted program per (prompt-length bucket, batch size);
   prompts are right-padded to the smallest bucket that holds them.
-* buffered: one request at a time through a KV buffer of static size
-  (max_seq_len), in bucket-sized chunks that each attend to everything
-  before them. It serves prompts longer than the largest bucket (chunked
-  prefill) and prompts whose leading blocks are cached: those blocks are
-  gathered into the buffer and only the rest is computed. The same path
-  drops the leading pages the decode worker already holds from the KV it
-  hands on (``skip_pages``).
+* buffered: each request in a KV buffer of its own, of static size
+  (max_seq_len), filled in bucket-sized chunks that each attend to
+  everything before them. It serves prompts longer than the largest bucket
+  (chunked prefill, one request at a time) and prompts whose leading
+  blocks are cached: those blocks are gathered into the buffer and only the
+  rest is computed, in one chunk program for several such prompts whose
+  rest fits one bucket (one row per buffer), in an engine with a prefix
+  cache. The same path drops the leading pages the decode worker already
+  holds from the KV it hands on (``skip_pages``).
 
 The KV comes out in page layout and sharded by the rule set (kv_heads over
 ``tp``), one array per request, so handing it on is a matter of moving that
@@ -91,16 +93,23 @@ def _head_program(params, x, true_len, samp, *, cfg):
   return sample(logits, *samp, jnp.zeros(x.shape[:1], jnp.int32))
 
 
-def _chunk_program(params, tokens, true_len, k_buf, v_buf, start, samp, *,
+def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
                    cfg):
-  """One chunk of a prompt: writes its K/V into the buffers after the first
-  ``start`` positions (cached blocks and earlier chunks) and attends to
-  them. The buffers ``[L, 1, S, K, hd]`` have one static size, so a chunk
-  program exists once per chunk length; positions past the chunk are never
-  read, whatever they hold."""
+  """One chunk of each of ``B`` prompts (row ``b``: ``tokens[b]``, its
+  buffers ``k_bufs[b]``, ``v_bufs[b]``): writes the chunk's K/V into the
+  row's buffers after its first ``start[b]`` positions (cached blocks and
+  earlier chunks) and attends to them. The buffers ``[L, 1, S, K, hd]``
+  have one static size, so a chunk program exists once per chunk length
+  and row count; positions past the chunk are never read, whatever they
+  hold. Returns the sampled tokens, their logprobs and each row's buffers
+  (tuples, as they came)."""
+  B = len(k_bufs)
+  k_buf = k_bufs[0] if B == 1 else jnp.concatenate(k_bufs, axis=1)
+  v_buf = v_bufs[0] if B == 1 else jnp.concatenate(v_bufs, axis=1)
   out = prefill_chunk(params, tokens, true_len, k_buf, v_buf, start, cfg=cfg)
-  tok, lp = sample(out.logits, *samp, jnp.zeros((1,), jnp.int32))
-  return tok, lp, out.k, out.v
+  tok, lp = sample(out.logits, *samp, jnp.zeros((B,), jnp.int32))
+  return (tok, lp, tuple(out.k[:, b:b + 1] for b in range(B)),
+          tuple(out.v[:, b:b + 1] for b in range(B)))
 
 
 def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
@@ -172,16 +181,54 @@ class BufferedPrefill:
       piece = ids[self.position:self.position + C]
       part[0, :len(piece)] = piece
       try:
-        self._tok, self._lp, self._k, self._v = e._chunk(
+        self._tok, self._lp, (self._k,), (self._v,) = e._chunk(
             e.params, e._put(part),
-            e._put(np.array([len(piece)], np.int32)), self._k, self._v,
-            e._put(np.array([self.position], np.int32)), self._samp)
+            e._put(np.array([len(piece)], np.int32)), (self._k,),
+            (self._v,), e._put(np.array([self.position], np.int32)),
+            self._samp)
       except BaseException:
         self.abort()
         raise
       self.position += C
       spent += C
     return self.done
+
+  @staticmethod
+  def finish_together(runs: Sequence["BufferedPrefill"], chunk: int) -> None:
+    """Runs the last chunk of every one of ``runs`` (prefills of one engine
+    whose remaining tokens fit ``chunk``, a bucket) in one chunk program,
+    one row per prompt, padded to the engine's next batch size for that
+    bucket with rows of nothing. On a failure every run is aborted."""
+    e = runs[0].engine
+    batch = next(b for b in e.config.batch_sizes(chunk) if b >= len(runs))
+    tokens = np.zeros((batch, chunk), np.int32)
+    true_len = np.ones((batch,), np.int32)
+    start = np.zeros((batch,), np.int32)
+    for b, run in enumerate(runs):
+      piece = run.request.prompt_ids[run.position:]
+      tokens[b, :len(piece)] = piece
+      true_len[b] = len(piece)
+      start[b] = run.position
+    samp = SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
+                                 for run in runs], batch)
+    pads = [e._zeros() for _ in range(batch - len(runs))]
+    try:
+      tokens, true_len, start, *samp = e._put((tokens, true_len, start,
+                                               *samp.as_tuple()))
+      tok, lp, ks, vs = e._chunk(
+          e.params, tokens, true_len,
+          tuple(r._k for r in runs) + tuple(k for k, _ in pads),
+          tuple(r._v for r in runs) + tuple(v for _, v in pads),
+          start, tuple(samp))
+      tok, lp = jax.device_get((tok, lp))
+    except BaseException:
+      for run in runs:
+        run.abort()
+      raise
+    for b, run in enumerate(runs):
+      run._tok, run._lp = tok[b:b + 1], lp[b:b + 1]
+      run._k, run._v = ks[b], vs[b]
+      run.position = len(run.request.prompt_ids)
 
   def result(self) -> PrefillResult:
     """The first token and the prompt's KV (the prompt must be done)."""
@@ -317,7 +364,10 @@ class PrefillEngine:
               on_result: OnResult | None = None) -> list[PrefillResult]:
     """Prefills every request; results in the order given. Requests with
     nothing cached and nothing to skip that share a bucket run together, up
-    to ``max_batch`` at a time; the others run buffered, one by one.
+    to ``max_batch`` at a time; so do, in an engine with a prefix cache,
+    requests with a cached prefix (or pages to skip) whose rest fits one
+    bucket (``BufferedPrefill.finish_together``); the others (longer than
+    every bucket) run buffered, one by one.
 
     ``on_result(i, result)``, if given, is called with request ``i``'s
     result as soon as its first token is on the host, before the call goes
@@ -337,10 +387,15 @@ class PrefillEngine:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}
     by_bucket: dict[int, list[int]] = {}
+    by_chunk: dict[int, list[tuple[int, tuple]]] = {}
+    P = self.config.page_size
     for i, r in enumerate(requests):
       prefix, owned, hashes = self._prefix_for(r)
       b = self.config.bucket_for(len(r.prompt_ids))
-      if b is None or prefix or r.skip_pages:
+      rest = self.config.bucket_for(len(r.prompt_ids) - len(prefix) * P)
+      if (prefix or r.skip_pages) and rest is not None and self.batches_cached:
+        by_chunk.setdefault(rest, []).append((i, (prefix, owned, hashes)))
+      elif b is None or prefix or r.skip_pages:
         results[i] = self._prefill_buffered(r, prefix, owned, hashes)
         if kv_ready is not None:
           kv_ready(i, results[i].kv)
@@ -348,6 +403,18 @@ class PrefillEngine:
           on_result(i, results[i])
       else:
         by_bucket.setdefault(b, []).append(i)
+    for chunk, entries in by_chunk.items():
+      step = self.config.batch_limit(chunk)
+      for s in range(0, len(entries), step):
+        group = entries[s:s + step]
+        outs = self._prefill_cached([requests[i] for i, _ in group],
+                                    [found for _, found in group], chunk)
+        for (i, _), out in zip(group, outs):
+          results[i] = out
+          if kv_ready is not None:
+            kv_ready(i, out.kv)
+          if on_result is not None:
+            on_result(i, out)
     for bucket, idxs in by_bucket.items():
       step = self.config.batch_limit(bucket)
       for s in range(0, len(idxs), step):
@@ -464,6 +531,43 @@ class PrefillEngine:
                   time.perf_counter() - t0)
     return out
 
+  @property
+  def batches_cached(self) -> bool:
+    """Whether prompts with cached prefixes run batched (one chunk program
+    for several: ``BufferedPrefill.finish_together``): in an engine with a
+    prefix cache, whose warm-up compiles those programs."""
+    return self.prefix_store is not None
+
+  def _prefill_cached(self, reqs: Sequence[PrefillRequest], found,
+                      chunk: int) -> list[PrefillResult]:
+    """Prompts with a cached prefix (``found``: each one's prefix, whether
+    this engine pinned it, its block names) whose rest fits ``chunk``: one
+    chunk program for all of them."""
+    t0 = time.perf_counter()
+    runs = []
+    try:
+      for r, (prefix, owned, hashes) in zip(reqs, found):
+        runs.append(BufferedPrefill(self, r, prefix, owned, hashes))
+    except BaseException:
+      for run in runs:
+        run.abort()
+      for r, (prefix, owned, _) in list(zip(reqs, found))[len(runs):]:
+        if owned and prefix:
+          self.prefix_store.release(prefix)
+      raise
+    BufferedPrefill.finish_together(runs, chunk)
+    outs = []
+    for i, run in enumerate(runs):
+      try:
+        outs.append(run.result())
+      except BaseException:
+        for later in runs[i + 1:]:
+          later.abort()
+        raise
+    self._observe(sum(o.prompt_len - o.cached_tokens for o in outs),
+                  time.perf_counter() - t0)
+    return outs
+
   def _observe(self, tokens: int, seconds: float) -> None:
     """Tells the prefix store what computing ``tokens`` prompt tokens took
     (a store that can fetch blocks weighs fetches against it)."""
@@ -517,6 +621,15 @@ class PrefillEngine:
     for bucket in self.config.buckets:
       self._prefill_buffered(PrefillRequest("warmup", [1] * bucket, greedy),
                              [], False, [])
+    if self.batches_cached:   # cached prefixes, batched: every row count
+      for bucket in self.config.buckets:
+        for batch in self.config.batch_sizes(bucket)[1:]:
+          runs = [BufferedPrefill(self, PrefillRequest(
+              f"warmup-{i}", [1] * bucket, greedy), [], False, [])
+                  for i in range(batch)]
+          BufferedPrefill.finish_together(runs, bucket)
+          for run in runs:
+            run.abort()
     k, v = self._zeros()
     first = self._put(np.int32(0))
     for num in self.buffered_payload_page_counts():
