@@ -101,15 +101,14 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
   earlier chunks) and attends to them. The buffers ``[L, 1, S, K, hd]``
   have one static size, so a chunk program exists once per chunk length
   and row count; positions past the chunk are never read, whatever they
-  hold. Returns the sampled tokens, their logprobs and each row's buffers
-  (tuples, as they came)."""
-  B = len(k_bufs)
-  k_buf = k_bufs[0] if B == 1 else jnp.concatenate(k_bufs, axis=1)
-  v_buf = v_bufs[0] if B == 1 else jnp.concatenate(v_bufs, axis=1)
-  out = prefill_chunk(params, tokens, true_len, k_buf, v_buf, start, cfg=cfg)
-  tok, lp = sample(out.logits, *samp, jnp.zeros((B,), jnp.int32))
-  return (tok, lp, tuple(out.k[:, b:b + 1] for b in range(B)),
-          tuple(out.v[:, b:b + 1] for b in range(B)))
+  hold. The rows' buffers stay apart (no batch is copied together), each
+  updated in place. Returns the sampled tokens, their logprobs and each
+  row's buffers (tuples, as they came)."""
+  out = prefill_chunk(params, tokens, true_len, tuple(k_bufs),
+                      tuple(v_bufs), start, cfg=cfg)
+  tok, lp = sample(out.logits, *samp,
+                   jnp.zeros((tokens.shape[0],), jnp.int32))
+  return tok, lp, out.k, out.v
 
 
 def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):

@@ -322,7 +322,10 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
 
   tokens: [B, T] right-padded, true_len: [B] real tokens of the part;
   k_buf/v_buf: [L, B, S, K, hd], each row's first ``start[b]`` positions
-  holding its earlier tokens' K/V. The part's K/V are written at
+  holding its earlier tokens' K/V, or tuples of B arrays [L, 1, S, K, hd],
+  one per row (prompts each with a buffer of its own, run together: the
+  projections take every row at once, the attention reads each row's
+  buffer, and no buffer is copied into a batch). The part's K/V are written at
   ``[start, start + T)`` (the caller leaves that much room: a write that
   does not fit would be moved back over the prefix) and each query attends
   to the keys up to its own position: the causal diagonal shifted by
@@ -332,7 +335,8 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
   ``PrefillOut.k`` / ``.v``.
   """
   B, T = tokens.shape
-  S = k_buf.shape[2]
+  per_row = isinstance(k_buf, tuple)
+  S = (k_buf[0] if per_row else k_buf).shape[2]
   positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   cos, sin = rope_tables(cfg, positions)
   x = _embed(params, tokens)
@@ -347,17 +351,29 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
   write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(
       buf, new.astype(buf.dtype), (at, 0, 0)))
 
+  def attend(q, k, v, kb, vb, rows):
+    """The part's K/V written into buffers ``kb, vb`` ([n, S, K, hd]) of
+    ``rows``, then its queries' attention over them."""
+    kb, vb = write(kb, k, start[rows]), write(vb, v, start[rows])
+    # cuDNN takes the mask as an additive bias: still its fused kernel,
+    # about ten times XLA's masked attention on an H100.
+    attn = jax.nn.dot_product_attention(
+        q, kb.astype(q.dtype), vb.astype(q.dtype), mask=mask[rows],
+        key_value_seq_lengths=kv_len[rows], implementation=impl)
+    return attn, kb, vb
+
   def layer(x, xs):
     lp, kb, vb = xs                            # kb, vb: [B, S, K, hd]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
-    kb, vb = write(kb, k, start), write(vb, v, start)
-    # cuDNN takes the mask as an additive bias: still its fused kernel,
-    # about ten times XLA's masked attention on an H100.
-    attn = jax.nn.dot_product_attention(
-        q, kb.astype(q.dtype), vb.astype(q.dtype), mask=mask,
-        key_value_seq_lengths=kv_len, implementation=impl)
-    return _attn_out_and_mlp(cfg, lp, x, attn), (kb, vb)
+    if not per_row:
+      attn, kb, vb = attend(q, k, v, kb, vb, slice(None))
+      return _attn_out_and_mlp(cfg, lp, x, attn), (kb, vb)
+    parts = [attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], kb[b], vb[b],
+                    slice(b, b + 1)) for b in range(B)]
+    attn = jnp.concatenate([a for a, _, _ in parts], axis=0)
+    return (_attn_out_and_mlp(cfg, lp, x, attn),
+            (tuple(p[1] for p in parts), tuple(p[2] for p in parts)))
 
   x, (k_buf, v_buf) = jax.lax.scan(layer, x,
                                    (params["layers"], k_buf, v_buf))
