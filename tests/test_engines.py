@@ -1291,6 +1291,17 @@ def test_prefill_batch_token_cap(tiny, rules, prefill_tp, monkeypatch):
   assert [cap.batch_sizes(b) for b in (16, 32, 64)] == [[1, 2, 4], [1, 2],
                                                           [1]]
   assert PCFG.batch_sizes(64) == [1, 2]            # no cap: max_batch
+  # Prompts over a cached prefix: each row holds a whole chunk buffer
+  # (max_seq_len rounded up to the largest bucket, plus one), and those
+  # positions count against the cap.
+  eight_k = PrefillConfig(buckets=(512, 8192), max_batch=4,
+                          max_seq_len=8192, max_batch_tokens=8192)
+  assert eight_k.chunk_buffer_len == 16384
+  assert eight_k.cached_batch_sizes(512) == [1]
+  assert dataclasses.replace(
+      eight_k, max_batch_tokens=49152).cached_batch_sizes(512) == [1, 2, 3]
+  assert dataclasses.replace(
+      eight_k, max_batch_tokens=0).cached_batch_sizes(512) == [1, 2, 4]
   assert dataclasses.replace(cap, max_batch_tokens=8).batch_limit(16) == 1
   with pytest.raises(ValueError, match="max_batch_tokens"):
     dataclasses.replace(cap, max_batch_tokens=-1)

@@ -195,11 +195,13 @@ class BufferedPrefill:
   @staticmethod
   def finish_together(runs: Sequence["BufferedPrefill"], chunk: int) -> None:
     """Runs the last chunk of every one of ``runs`` (prefills of one engine
-    whose remaining tokens fit ``chunk``, a bucket) in one chunk program,
-    one row per prompt, padded to the engine's next batch size for that
-    bucket with rows of nothing. On a failure every run is aborted."""
+    whose remaining tokens fit ``chunk``, a bucket; at most
+    ``cached_batch_limit(chunk)`` of them) in one chunk program, one row
+    per prompt, padded to the next row count compiled for that bucket with
+    rows of nothing. On a failure every run is aborted."""
     e = runs[0].engine
-    batch = next(b for b in e.config.batch_sizes(chunk) if b >= len(runs))
+    batch = next(b for b in e.config.cached_batch_sizes(chunk)
+                 if b >= len(runs))
     tokens = np.zeros((batch, chunk), np.int32)
     true_len = np.ones((batch,), np.int32)
     start = np.zeros((batch,), np.int32)
@@ -403,7 +405,7 @@ class PrefillEngine:
       else:
         by_bucket.setdefault(b, []).append(i)
     for chunk, entries in by_chunk.items():
-      step = self.config.batch_limit(chunk)
+      step = self.config.cached_batch_limit(chunk)
       for s in range(0, len(entries), step):
         group = entries[s:s + step]
         outs = self._prefill_cached([requests[i] for i, _ in group],
@@ -501,13 +503,10 @@ class PrefillEngine:
 
   @property
   def chunk_buffer_len(self) -> int:
-    """Room for the longest prompt plus one chunk: a chunk is a whole bucket
-    however few of its tokens are real, and after a cached prefix it starts
-    at any page, so the last one may reach up to a bucket past the prompt.
-    (``dynamic_update_slice`` would move a write that does not fit back
-    over the prefix, silently.)"""
-    C = self.config.chunk
-    return -(-self.config.max_seq_len // C) * C + C
+    """``PrefillConfig.chunk_buffer_len``: without the chunk's room past
+    the prompt, ``dynamic_update_slice`` would move a write that does not
+    fit back over the prefix, silently."""
+    return self.config.chunk_buffer_len
 
   def _chunk_len(self, remaining: int, max_chunk: int | None = None) -> int:
     """The bucket the next chunk of a buffered prefill runs in: the one that
@@ -622,7 +621,7 @@ class PrefillEngine:
                              [], False, [])
     if self.batches_cached:   # cached prefixes, batched: every row count
       for bucket in self.config.buckets:
-        for batch in self.config.batch_sizes(bucket)[1:]:
+        for batch in self.config.cached_batch_sizes(bucket)[1:]:
           runs = [BufferedPrefill(self, PrefillRequest(
               f"warmup-{i}", [1] * bucket, greedy), [], False, [])
                   for i in range(batch)]

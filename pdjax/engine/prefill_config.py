@@ -91,11 +91,39 @@ class PrefillConfig:
   def batch_sizes(self, bucket: int) -> list[int]:
     """The batch sizes compiled for ``bucket``: powers of two, then its
     limit."""
-    limit, out, b = self.batch_limit(bucket), [], 1
-    while b < limit:
-      out.append(b)
-      b *= 2
-    return out + [limit]
+    return _ladder(self.batch_limit(bucket))
+
+  @property
+  def chunk_buffer_len(self) -> int:
+    """Positions of a buffered prefill's KV buffer: room for the longest
+    prompt plus one chunk (a chunk is a whole bucket however few of its
+    tokens are real, and after a cached prefix it starts at any page, so
+    the last one may reach up to a bucket past the prompt)."""
+    C = self.chunk
+    return -(-self.max_seq_len // C) * C + C
+
+  def cached_batch_limit(self, bucket: int) -> int:
+    """Prompts with a cached prefix one chunk program of ``bucket`` tokens
+    runs at most: as ``batch_limit``, and, where ``max_batch_tokens`` caps
+    what one program allocates, its rows' buffers (``chunk_buffer_len``
+    positions each) count against that cap."""
+    limit = self.batch_limit(bucket)
+    if self.max_batch_tokens:
+      limit = min(limit, self.max_batch_tokens // self.chunk_buffer_len)
+    return max(1, limit)
+
+  def cached_batch_sizes(self, bucket: int) -> list[int]:
+    """The row counts compiled for cached-prefix chunks of ``bucket``."""
+    return _ladder(self.cached_batch_limit(bucket))
+
+
+def _ladder(limit: int) -> list[int]:
+  """Powers of two below ``limit``, then ``limit``."""
+  out, b = [], 1
+  while b < limit:
+    out.append(b)
+    b *= 2
+  return out + [limit]
 
 
 __all__ = ["PrefillConfig"]
