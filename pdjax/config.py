@@ -181,8 +181,6 @@ class DecodePoolConfig:
   prefix_caching: bool = _default(DecodeConfig, "prefix_caching")
   host_cache_blocks: int = _default(DecodeConfig, "host_cache_blocks")
   attention: str = _default(DecodeConfig, "attention")
-  # The KV pool's storage ("auto": the model's dtype; "fp8": e4m3).
-  kv_dtype: Literal["auto", "fp8"] = _default(DecodeConfig, "kv_dtype")
   # The GEMM kernels and DotMerger setting of every program of the pool,
   # its own prefill's included.
   triton_gemm: str = _default(DecodeConfig, "triton_gemm")
@@ -257,6 +255,9 @@ class DeploymentConfig:
   kv_transport: Literal["grpc", "device", "local"] = "grpc"
   page_size: int = _default(DecodeConfig, "page_size")
   max_seq_len: int = _default(DecodeConfig, "max_seq_len")
+  # How the KV is stored, in the decode pool's pages and in every hand-off
+  # ("auto": the model's dtype; "fp8": e4m3; pdjax.engine.kv_dtype).
+  kv_dtype: Literal["auto", "fp8"] = _default(DecodeConfig, "kv_dtype")
   prefill: PrefillPoolConfig = dataclasses.field(
       default_factory=PrefillPoolConfig)
   decode: DecodePoolConfig = dataclasses.field(
@@ -290,11 +291,12 @@ class DeploymentConfig:
     pool = pool or self.prefill
     return _engine_config(PrefillConfig, pool, page_size=self.page_size,
                           max_seq_len=self.max_seq_len,
-                          layer_groups=layer_groups)
+                          kv_dtype=self.kv_dtype, layer_groups=layer_groups)
 
   def decode_engine_config(self) -> DecodeConfig:
     return _engine_config(DecodeConfig, self.decode, page_size=self.page_size,
-                          max_seq_len=self.max_seq_len)
+                          max_seq_len=self.max_seq_len,
+                          kv_dtype=self.kv_dtype)
 
   def memory_fraction(self, roles: tuple[str, ...]) -> float | None:
     """XLA's share of each GPU in a worker running ``roles``: its pool's

@@ -24,16 +24,19 @@ def make_prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
   return [rng.randint(3, 512, size=n).tolist() for n in lengths]
 
 
-def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW) -> list[list[int]]:
+def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
+                     overrides=None) -> list[list[int]]:
   """Greedy continuations (ignore_eos) from the in-process colocated engine
-  with the test deployment's settings."""
+  with the test deployment's settings (``overrides`` on top)."""
   import jax
   from pdjax.config import DeploymentConfig
   from pdjax.engine.colocated import ColocatedEngine
   from pdjax.engine.sampling import SamplingParams
   from pdjax.engine.setup import load_sharded
   from pdjax.sharding import ShardingRules, make_mesh
-  dep = DeploymentConfig.load("test")
+  from pdjax.config import resolve
+  dep = (resolve("test", overrides) if overrides
+         else DeploymentConfig.load("test"))
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
   params, cfg = load_sharded(tiny_dir, rules, mesh)

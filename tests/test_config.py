@@ -39,7 +39,7 @@ def test_packaged_deployments_resolve_and_round_trip(name, tmp_path):
 def test_one_default_per_setting():
   """The pool tables take the engines' defaults: a deployment that sets
   nothing runs the engine configs' own values."""
-  shared = {"page_size", "max_seq_len"}
+  shared = {"page_size", "max_seq_len", "kv_dtype"}
   prefill, decode = C.PrefillPoolConfig(), C.DecodePoolConfig()
   for f in dataclasses.fields(PrefillConfig):
     if f.name in shared or f.name == "layer_groups":   # resolved per worker
@@ -56,6 +56,7 @@ def test_one_default_per_setting():
   assert dep.router == RouterConfig()
   assert (dep.page_size, dep.max_seq_len) == (DecodeConfig.page_size,
                                               DecodeConfig.max_seq_len)
+  assert dep.kv_dtype == DecodeConfig.kv_dtype == PrefillConfig.kv_dtype
 
 
 def test_files_and_overrides_are_checked(tmp_path):

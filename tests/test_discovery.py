@@ -216,6 +216,21 @@ def test_a_worker_back_with_another_model_is_refused():
   asyncio.run(run())
 
 
+def test_a_worker_storing_kv_otherwise_is_refused():
+  """The KV's storage is part of the handshake: a worker that hands on (or
+  stores) FP8 KV cannot join a deployment of bfloat16 KV, whose other
+  workers could not read its hand-offs."""
+  reg = WorkerRegistry(expected_model=common_pb2.ModelInfo(
+      name="fake", fingerprint="f", dtype="bfloat16", kv_dtype="bfloat16"))
+  same = common_pb2.ModelInfo(name="fake", fingerprint="f", dtype="bfloat16",
+                              kv_dtype="bfloat16")
+  fp8 = common_pb2.ModelInfo(name="fake", fingerprint="f", dtype="bfloat16",
+                             kv_dtype="float8_e4m3fn")
+  assert reg.check_compatible(common_pb2.WorkerInfo(model=same)) is None
+  assert reg.check_compatible(common_pb2.WorkerInfo(model=fp8)) == (
+      "kv_dtype 'float8_e4m3fn' differs from the deployment's 'bfloat16'")
+
+
 def test_workers_register_again_after_the_router_restarts():
   async def run():
     fake = FakeDecode()

@@ -79,8 +79,7 @@ def test_fp8_pool_serves_to_the_end(tiny_decode_params):
            SamplingParams(max_tokens=t, temperature=0.0, ignore_eos=True))
           for i, (n, t) in enumerate([(9, 20), (17, 12), (30, 25), (5, 30)])]
   base = ColocatedEngine(params, cfg, mesh, rules, PCFG, DCFG)
-  fp8 = ColocatedEngine(params, cfg, mesh, rules, PCFG,
-                        dataclasses.replace(DCFG, kv_dtype="fp8"))
+  fp8 = ColocatedEngine(params, cfg, mesh, rules, *_fp8(PCFG, DCFG))
   rep = fp8.decode.replicas[0]
   assert rep.state.k.dtype == jnp.float8_e4m3fn
   assert rep.state.k.nbytes * 4 == base.decode.replicas[0].state.k.nbytes
@@ -98,15 +97,27 @@ def test_fp8_pool_serves_to_the_end(tiny_decode_params):
   # trained model is the accuracy tool's figure.
 
 
-def test_insert_stores_the_e4m3_rounding(tiny_decode_params):
-  """What an FP8 pool holds for a prompt is the saturated e4m3 rounding of
-  the prefill's float32 KV, exactly."""
+def _fp8(pcfg, dcfg):
+  return (dataclasses.replace(pcfg, kv_dtype="fp8"),
+          dataclasses.replace(dcfg, kv_dtype="fp8"))
+
+
+def test_the_prefill_hands_on_fp8_and_the_pool_stores_it(tiny_decode_params):
+  """An FP8 deployment's prefill hands on the saturated e4m3 rounding of
+  its float32 KV, exactly (a quarter of the bytes here, half of bf16's),
+  and the pool stores what arrives as it is."""
   params, cfg, mesh, rules = tiny_decode_params
-  engine = ColocatedEngine(params, cfg, mesh, rules, PCFG,
-                           dataclasses.replace(DCFG, kv_dtype="fp8"))
+  engine = ColocatedEngine(params, cfg, mesh, rules, *_fp8(PCFG, DCFG))
+  plain = ColocatedEngine(params, cfg, mesh, rules, PCFG, DCFG)
   prompt = list(range(5, 37))    # 2 full pages
   kv = engine.prefill[0].prefill([_prefill_request(prompt)])[0].kv
-  payload = np.asarray(kv.kv, np.float32)       # [L, 2, n, P, K, hd]
+  full = plain.prefill[0].prefill([_prefill_request(prompt)])[0].kv
+  assert kv.dtype == jnp.float8_e4m3fn and kv.kv.nbytes * 4 == full.kv.nbytes
+  exact = np.asarray(full.kv, np.float32)       # [L, 2, n, P, K, hd]
+  np.testing.assert_array_equal(
+      np.asarray(kv.kv.astype(jnp.float32)),
+      np.clip(exact, -448, 448).astype(E4M3).astype(np.float32))
+  payload = np.asarray(kv.kv.astype(jnp.float32))
   rep = engine.decode.replicas[0]
   res = engine.decode.reserve("x", len(prompt), 4)
   seen = []
@@ -121,10 +132,16 @@ def test_insert_stores_the_e4m3_rounding(tiny_decode_params):
   k = np.asarray(rep.state.k.astype(jnp.float32))
   for layer in range(L):
     for i, page in enumerate(row.pages[:2]):
-      want = np.clip(payload[layer, 0, i], -448, 448).astype(E4M3)
       np.testing.assert_array_equal(k[layer * N + page],
-                                    want.astype(np.float32))
+                                    payload[layer, 0, i])
   engine.decode.drain()
+
+
+def test_prefill_and_pool_must_store_kv_alike(tiny_decode_params):
+  params, cfg, mesh, rules = tiny_decode_params
+  with pytest.raises(ValueError, match="same kv_dtype"):
+    ColocatedEngine(params, cfg, mesh, rules, PCFG,
+                    dataclasses.replace(DCFG, kv_dtype="fp8"))
 
 
 def _prefill_request(prompt):

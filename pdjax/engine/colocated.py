@@ -82,6 +82,10 @@ class ColocatedEngine:
     ``queue_timeout_s``: how long one may wait to be admitted (None: no
     deadline); ``draft``: the draft model's (params, config) for
     ``speculative = "draft"`` (``DecodeEngine``)."""
+    if pcfg.kv_dtype != dcfg.kv_dtype:
+      raise ValueError(f"the prefill hands on KV as {pcfg.kv_dtype!r} but "
+                       f"the decode pool stores {dcfg.kv_dtype!r}: give both "
+                       "the same kv_dtype")
     self.cfg = cfg
     self.decode = DecodeEngine(params, cfg, mesh, rules, dcfg,
                                eos_ids=eos_ids, draft=draft)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from pdjax.engine.kv_dtype import (DEFAULT_KV_DTYPE, check_kv_dtype,
+                                   kv_storage_dtype)
 from pdjax.engine.xla_options import check_on_off
 from pdjax.model.config import ModelConfig
 
 
 # The smallest generate program (DecodeConfig.row_buckets says why).
 MIN_PROGRAM_ROWS = 2
-KV_DTYPES = ("auto", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +53,9 @@ class DecodeConfig:
   spec_ngram: int = 3
   # Storage of the KV pool's pages: "auto" (the model's dtype) or "fp8"
   # (float8 e4m3, half a bf16 pool's bytes: twice the tokens in the same
-  # memory). Values are stored unscaled, as vLLM's fp8 KV cache does by
-  # default, and saturate at +-448; attention widens them to the model's
+  # memory; pdjax.engine.kv_dtype). Attention widens them to the model's
   # dtype, gathering the pages (cuDNN's paged attention does not read FP8).
-  kv_dtype: str = "auto"
+  kv_dtype: str = DEFAULT_KV_DTYPE
   # A decode worker that prefills its own requests (colocated serving):
   # prompt tokens of prefill compute between two generate calls, at most
   # (bucket lengths, as compiled). A prompt beyond it is prefilled in
@@ -144,9 +144,7 @@ class DecodeConfig:
     for b in self.table_buckets:
       if not 0 < b <= self.pages_per_seq:
         raise ValueError(f"table bucket {b} outside (0, {self.pages_per_seq}]")
-    if self.kv_dtype not in KV_DTYPES:
-      raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, "
-                       f"got {self.kv_dtype!r}")
+    check_kv_dtype(self.kv_dtype)
     if self.speculative not in ("off", "ngram", "draft"):
       raise ValueError(f"speculative must be 'off', 'ngram' or 'draft', got "
                        f"{self.speculative!r}")
@@ -182,10 +180,7 @@ class DecodeConfig:
 
   def kv_storage_dtype(self, model_dtype):
     """The pool's dtype for a model of ``model_dtype``."""
-    if self.kv_dtype == "fp8":
-      import jax.numpy as jnp   # this module is read by JAX-free processes
-      return jnp.float8_e4m3fn
-    return model_dtype
+    return kv_storage_dtype(self.kv_dtype, model_dtype)
 
   @property
   def first_calls_tokens(self) -> int:

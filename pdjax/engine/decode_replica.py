@@ -513,7 +513,7 @@ class DecodeReplica:
     zero = np.int32(0)
     for n in payload_page_counts:
       shape = request_kv_shape(self.cfg, n, self.dcfg.page_size)
-      host = np.zeros(shape, self.cfg.jnp_dtype)
+      host = np.zeros(shape, self.state.k.dtype)   # as handed on
       if source_sharding is None:
         kv = jax.device_put(host, self.payload_sharding(n))
       else:

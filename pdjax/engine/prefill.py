@@ -38,9 +38,9 @@ from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import (Params, prefill_chunk, prefill_embed,
-                               prefill_forward, prefill_last_logits,
-                               prefill_layer_group)
+from pdjax.model.llama import (Params, kv_to_pool, prefill_chunk,
+                               prefill_embed, prefill_forward,
+                               prefill_last_logits, prefill_layer_group)
 from pdjax.sharding import ShardingRules
 
 
@@ -111,16 +111,18 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
   return tok, lp, out.k, out.v
 
 
-def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec):
+def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec,
+                     dtype):
   """Pages ``first .. first + num_pages`` of the buffers in request layout
-  (indices past the buffer are clamped: those are padding pages)."""
+  and the handed-on KV's ``dtype`` (indices past the buffer are clamped:
+  those are padding pages)."""
   L, _, S, K, hd = k_buf.shape
   nb = S // page_size
   idx = jnp.clip(first + jnp.arange(num_pages, dtype=jnp.int32), 0, nb - 1)
   kp = k_buf.reshape(L, nb, page_size, K, hd)[:, idx]
   vp = v_buf.reshape(L, nb, page_size, K, hd)[:, idx]
-  return jax.lax.with_sharding_constraint(jnp.stack([kp, vp], axis=1),
-                                          kv_spec)
+  return jax.lax.with_sharding_constraint(
+      kv_to_pool(jnp.stack([kp, vp], axis=1), dtype), kv_spec)
 
 
 # Called with (request index, its KV) once the KV's programs are dispatched.
@@ -311,6 +313,12 @@ class PrefillEngine:
       starts = np.cumsum([0] + self._group_sizes[:-1])
       self._group_starts = [self._put(np.int32(f)) for f in starts]
     self._pages_fns = {}
+    # The handed-on KV's dtype (PrefillConfig.kv_dtype); the programs
+    # compute, and the buffers and prefix cache keep, the model's.
+    self.kv_dtype = jnp.dtype(config.kv_storage_dtype(cfg.jnp_dtype))
+    self._to_payload = (
+        None if self.kv_dtype == jnp.dtype(cfg.jnp_dtype) else
+        jax.jit(functools.partial(kv_to_pool, dtype=self.kv_dtype)))
     shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
              cfg.head_dim)
     self._buf_sharding = rules.sharding(
@@ -473,10 +481,13 @@ class PrefillEngine:
     # on a device value (``lax.cond``: all rows greedy?), which XLA's GPU
     # runtime resolves on the host, so that call returns only once the
     # program has run (the layer groups' calls return at once).
+    # ``full``: each request's KV as computed (what the prefix cache
+    # keeps); ``kvs``: as handed on (in the KV dtype).
     if len(self._group_sizes) == 1:
       tok, lp, rows = self._prefill(self.params, tokens, true_len, samp)
-      kvs = [RequestKV(rows[i], len(r.prompt_ids))
-             for i, r in enumerate(reqs)]
+      full = [RequestKV(rows[i], len(r.prompt_ids))
+              for i, r in enumerate(reqs)]
+      kvs = [self._payload(kv) for kv in full]
       _announce(kvs, kv_ready)
     else:
       x = self._embed(self.params, tokens)
@@ -485,8 +496,9 @@ class PrefillEngine:
         x, rows = self._groups[n](self.params, x, first)
         for i in range(len(reqs)):
           pieces[i].append(rows[i])
-      kvs = [RequestKV(None, len(r.prompt_ids), layer_groups=pieces[i])
-             for i, r in enumerate(reqs)]
+      full = [RequestKV(None, len(r.prompt_ids), layer_groups=pieces[i])
+              for i, r in enumerate(reqs)]
+      kvs = [self._payload(kv) for kv in full]
       _announce(kvs, kv_ready)
       tok, lp = self._head(self.params, x, true_len, samp)
     tok, lp = jax.device_get((tok, lp))
@@ -494,12 +506,22 @@ class PrefillEngine:
                   time.perf_counter() - t0)
     store = self.prefix_store
     if store is not None and store.keeps_prefills:
-      for r, kv in zip(reqs, kvs):
+      for r, kv in zip(reqs, full):
         store.store_pages(store.hashes(r.prompt_ids, r.cache_salt), kv.kv)
     return [self._count(PrefillResult(r.request_id, int(tok[i]),
                                       float(lp[i]), kvs[i],
                                       len(r.prompt_ids)))
             for i, r in enumerate(reqs)]
+
+  def _payload(self, kv: RequestKV) -> RequestKV:
+    """A bucketed prefill's KV as handed on: in the KV dtype (each layer
+    group apart, so each can still go as soon as it is done)."""
+    if self._to_payload is None:
+      return kv
+    if kv.layer_groups:
+      return RequestKV(None, kv.num_tokens, layer_groups=[
+          self._to_payload(g) for g in kv.layer_groups])
+    return RequestKV(self._to_payload(kv.kv), kv.num_tokens)
 
   @property
   def chunk_buffer_len(self) -> int:
@@ -590,7 +612,7 @@ class PrefillEngine:
       self._pages_fns[num_pages] = jax.jit(functools.partial(
           _buffer_to_pages, num_pages=num_pages,
           page_size=self.config.page_size,
-          kv_spec=self.kv_sharding(num_pages)))
+          kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
     return self._pages_fns[num_pages]
 
   # ---------------------------------------------------------------- warmup

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pdjax.engine.kv_dtype import (DEFAULT_KV_DTYPE, check_kv_dtype,
+                                   kv_storage_dtype)
 from pdjax.engine.xla_options import check_on_off
 
 
@@ -35,8 +37,13 @@ class PrefillConfig:
   # The one wider GEMM does not make up for the copy: 8B prefill on an
   # H100, 54.5 ms either way at 2K tokens, 233.9 (off) vs 236.1 ms at 8K.
   merge_dots: str = "auto"
+  # The dtype of the KV this engine hands on ("auto": the model's; "fp8":
+  # e4m3, as the decode pool stores it: pdjax.engine.kv_dtype). Its own
+  # buffers and prefix cache keep the model's dtype.
+  kv_dtype: str = DEFAULT_KV_DTYPE
 
   def __post_init__(self):
+    check_kv_dtype(self.kv_dtype)
     check_on_off("triton_gemm", self.triton_gemm)
     check_on_off("merge_dots", self.merge_dots)
     if self.layer_groups < 1:
@@ -53,6 +60,10 @@ class PrefillConfig:
     if self.max_batch_tokens < 0:
       raise ValueError(f"max_batch_tokens must be >= 0 (0: no cap), got "
                        f"{self.max_batch_tokens}")
+
+  def kv_storage_dtype(self, model_dtype):
+    """The handed-on KV's dtype for a model of ``model_dtype``."""
+    return kv_storage_dtype(self.kv_dtype, model_dtype)
 
   @property
   def chunk(self) -> int:

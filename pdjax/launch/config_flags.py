@@ -41,6 +41,10 @@ HELP: dict[tuple[str | None, str], str] = {
     (None, "page_size"): "Tokens per KV page (every pool of a deployment "
     "must agree).",
     (None, "max_seq_len"): "Longest sequence, prompt + generated tokens.",
+    (None, "kv_dtype"): "How the KV is stored, in the decode pool's pages "
+    "and in every hand-off: auto (the model's dtype) or fp8 (float8 e4m3, "
+    "unscaled, saturating at +-448: half the bytes; pages are gathered for "
+    "attention). Every worker of a deployment must agree.",
     ("prefill", "mesh"): "The prefill worker's mesh, e.g. 'tp=2'.",
     ("decode", "mesh"): "The decode worker's mesh, e.g. 'dp=2' or "
     "'dp=2,tp=2'.",
@@ -108,9 +112,6 @@ HELP: dict[tuple[str | None, str], str] = {
     ("decode", "queue_deadline_s"): "How long a request prefilled on a "
     "decode worker may wait in the admission queue for KV pages and a row "
     "before RESOURCE_EXHAUSTED (0: no deadline).",
-    ("decode", "kv_dtype"): "Storage of the KV pool's pages: auto (the "
-    "model's dtype) or fp8 (float8 e4m3, unscaled, saturating at +-448: "
-    "twice the tokens per byte; pages are gathered for attention).",
     ("prefill", "weight_dtype"): "Storage of the layers' projection weights "
     "(unset: the model's dtype; float8_e4m3fn: quantized as the pool loads "
     "them, a scale per output channel). Both pools must agree.",

@@ -335,7 +335,8 @@ def _mesh(jax, mesh_spec: str, devices: list | None, offset: int = 0):
   return make_mesh(axes, chosen)
 
 
-def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
+def _model_info(cfg, dcfg_page_size: int, max_seq_len: int, kv_dtype: str):
+  from pdjax.engine.kv_dtype import kv_dtype_name
   from pdjax.v1 import common_pb2
   info = common_pb2.ModelInfo(
       name=cfg.name, architecture=cfg.architecture,
@@ -343,6 +344,7 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int):
       max_seq_len=max_seq_len, num_layers=cfg.num_layers,
       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       page_size=dcfg_page_size, dtype=cfg.dtype,
+      kv_dtype=kv_dtype_name(kv_dtype, cfg.dtype),
       eos_token_ids=list(cfg.eos_token_ids))
   if cfg.bos_token_id is not None:
     info.bos_token_id = cfg.bos_token_id
@@ -440,7 +442,7 @@ async def serve(role: str, dep) -> None:
                                activation_dtype=pool.activation_dtype)
     info = common_pb2.WorkerInfo(
         role=r, address=address,
-        model=_model_info(cfg, dep.page_size, dep.max_seq_len),
+        model=_model_info(cfg, dep.page_size, dep.max_seq_len, dep.kv_dtype),
         kv_transport=transport, mesh=mesh_spec, sharding=rules.name,
         process_id=common.PROCESS_ID, hostname=socket.gethostname())
     info.roles.extend(roles)
@@ -537,7 +539,7 @@ async def serve(role: str, dep) -> None:
       receiver = _receiver(
           transport, mesh, exchange, cfg, dep.page_size,
           max(engine.decode.default_payload_page_counts()), pool,
-          prefill_buckets=dep.prefill_engine_config().buckets)
+          dep.kv_dtype, prefill_buckets=dep.prefill_engine_config().buckets)
       step_a, step_b = emulate_decode
       worker = DecodeWorker(engine, receiver, metrics=metrics, security=sec,
                             transfer_timeout_s=pool.transfer_timeout_s,
@@ -655,9 +657,10 @@ def _sender(transport, mesh, sec, exchange, ttl_s: float):
 
 
 def _receiver(transport, mesh, exchange, cfg, page_size, max_payload_pages,
-              pool, prefill_buckets=None):
+              pool, kv_dtype, prefill_buckets=None):
+  from pdjax.engine.kv_dtype import kv_dtype_name
   geometry = (cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim,
-              cfg.dtype, max_payload_pages)
+              kv_dtype_name(kv_dtype, cfg.dtype), max_payload_pages)
   if transport == "local":
     from pdjax.transfer.local import LocalReceiver
     return LocalReceiver(exchange)

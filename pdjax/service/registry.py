@@ -376,8 +376,8 @@ class WorkerRegistry:
       self.expected = m
       return None
     e = self.expected
-    for field in ("fingerprint", "page_size", "dtype", "num_layers",
-                  "num_kv_heads", "head_dim", "vocab_size"):
+    for field in ("fingerprint", "page_size", "dtype", "kv_dtype",
+                  "num_layers", "num_kv_heads", "head_dim", "vocab_size"):
       if getattr(m, field) != getattr(e, field):
         return (f"{field} {getattr(m, field)!r} differs from the deployment's"
                 f" {getattr(e, field)!r}")

@@ -84,7 +84,8 @@ class CudaDriver(Protocol):
   def view(self, ordinal: int, ptr: int, shape: tuple[int, ...], dtype,
            device) -> jax.Array:
     """The memory at ``ptr`` as a ``shape`` / ``dtype`` array on ``device``,
-    without a copy: it must stay unchanged until nothing reads the array."""
+    without a copy: it must stay unchanged until nothing reads the array
+    (8-bit floats come as their bytes: ``foreign_memory.retype``)."""
     ...
 
 

@@ -18,6 +18,11 @@ builds the DLPack capsule itself with ``ctypes``: a few plain C structs
 the same code serves CPU memory in tests (``kDLCPU``) and GPU memory on GPUs
 (``kDLCUDA``).
 
+JAX's DLPack import has no 8-bit floats (an FP8 deployment's KV): ``view``
+gives those as their bytes (uint8), and ``retype`` reads the bytes as the
+dtype, one device copy of them (half a bf16 KV's) made each time it is
+called, so a view kept for later hand-offs stays a view.
+
 The view does not own the memory: whoever lent it must keep it unchanged and
 allocated until nothing reads the array (``RequestKV.release`` says when).
 """
@@ -107,8 +112,16 @@ def _dl_dtype(dtype) -> _DLDataType:
   return _DLDataType(code, dt.itemsize * 8, 1)
 
 
+def _byte_float(dtype) -> bool:
+  """An 8-bit float (ml_dtypes' float8 types): no DLPack code JAX imports."""
+  dt = np.dtype(dtype)
+  return dt.itemsize == 1 and dt.kind not in "iub"
+
+
 def viewable(dtype) -> bool:
-  """Whether ``view`` can describe this dtype to DLPack."""
+  """Whether ``view`` can import this dtype (8-bit floats as bytes)."""
+  if _byte_float(dtype):
+    return True
   try:
     _dl_dtype(dtype)
     return True
@@ -177,7 +190,8 @@ class _Producer:
 
 def view(ptr: int, shape, dtype, device: jax.Device) -> jax.Array:
   """``shape`` elements of ``dtype`` at ``ptr`` (compact, row-major) as a
-  JAX array on ``device``, sharing the memory. ``ptr`` is an address in
+  JAX array on ``device``, sharing the memory (8-bit floats as uint8:
+  ``retype``). ``ptr`` is an address in
   this process: GPU memory of ``device`` on GPUs, host memory on CPU.
 
   Raises ``TypeError`` / ``BufferError`` / ``RuntimeError`` where JAX cannot
@@ -189,14 +203,23 @@ def view(ptr: int, shape, dtype, device: jax.Device) -> jax.Array:
   else:
     raise RuntimeError(f"no DLPack view of memory on {device.platform}")
   hw = getattr(device, "local_hardware_id", None)
-  producer = _Producer(ptr, shape, dtype, device_type,
-                       int(device.id if hw is None else hw))
+  byte_float = _byte_float(dtype)
+  producer = _Producer(ptr, shape, np.uint8 if byte_float else dtype,
+                       device_type, int(device.id if hw is None else hw))
   try:
     arr = jax.dlpack.from_dlpack(producer, copy=False)
   finally:
     producer.forget_if_unconsumed()
   if arr.devices() != {device}:
     raise RuntimeError(f"the view landed on {arr.devices()}, not {device}")
+  return arr
+
+
+def retype(arr: jax.Array, dtype) -> jax.Array:
+  """A ``view`` of ``dtype`` as that dtype: itself, or for an 8-bit float
+  (viewed as uint8) a copy of its bytes read as ``dtype``."""
+  if _byte_float(dtype) and arr.dtype != np.dtype(dtype):
+    return jax.lax.bitcast_convert_type(arr, np.dtype(dtype))
   return arr
 
 

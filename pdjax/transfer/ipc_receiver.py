@@ -95,7 +95,7 @@ class CudaIpcReceiver(IssuedKvReceiver):
       arr = self._views.get(key)
       if arr is not None:
         self._views.move_to_end(key)
-        return arr
+        return foreign_memory.retype(arr, dtype)
     arr = self.pool.driver.view(slot.device, slot.ptr, shape, dtype,
                                 self.device)
     if in_place:
@@ -108,7 +108,7 @@ class CudaIpcReceiver(IssuedKvReceiver):
         # Only the reference goes: a reader still holding it keeps the
         # array, and the memory lives as long as the pool.
         self._views.popitem(last=False)
-    return arr
+    return foreign_memory.retype(arr, dtype)
 
   def _wait_for_copies(self, event_handle: bytes) -> bool:
     """Returns once the sender's copies recorded before ``event_handle``'s
