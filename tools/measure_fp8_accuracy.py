@@ -79,7 +79,7 @@ def _engine_greedy(params, cfg, rules, mesh, kv_dtype, prompts, n):
   engine = ColocatedEngine(
       params, cfg, mesh, rules,
       PrefillConfig(buckets=(32,), max_batch=1, page_size=16,
-                    max_seq_len=128),
+                    max_seq_len=128, kv_dtype=kv_dtype),
       DecodeConfig(max_seqs=len(prompts), num_pages=64, page_size=16,
                    max_seq_len=128, steps_per_call=4, kv_dtype=kv_dtype,
                    row_buckets=(len(prompts),)))
