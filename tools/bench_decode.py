@@ -121,6 +121,10 @@ flags.DEFINE_string("verify_tokens", "",
                     "drafted tokens per row (one pass of k + 1 tokens; k = 0 "
                     "is one step through the same path) at every point, "
                     "against the generate step.")
+flags.DEFINE_enum("kv_dtype", "auto", ["auto", "fp8"],
+                  "The KV pool's storage (DecodeConfig.kv_dtype): the "
+                  "model's dtype, or fp8 (e4m3: the roofline reads a byte "
+                  "per K/V value).")
 flags.DEFINE_bool("memory_analysis", False,
                   "Also compile the generate program ahead of time and "
                   "record XLA's memory analysis (one more compile per combo).")
@@ -133,13 +137,22 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _kv_bytes_per_token(cfg) -> float:
+  """KV bytes a token takes in the pool (--kv_dtype)."""
+  per_token = cfg.kv_bytes_per_token()
+  if FLAGS.kv_dtype == "fp8":
+    import jax.numpy as jnp
+    per_token //= jnp.dtype(cfg.jnp_dtype).itemsize
+  return per_token
+
+
 def _step_bytes(cfg, B: int, ctx_mean: float) -> dict[str, float]:
   """HBM bytes a perfect decode step reads (module docstring)."""
   pb = bc.param_bytes(cfg)
   item = pb["embed"] // (cfg.vocab_size * cfg.hidden_size)
   weights = pb["total"] - (0 if cfg.tie_word_embeddings else pb["embed"])
   weights += B * cfg.hidden_size * item
-  kv = B * ctx_mean * cfg.kv_bytes_per_token()
+  kv = B * ctx_mean * _kv_bytes_per_token(cfg)
   return {"weights": float(weights), "kv": float(kv),
           "total": float(weights + kv)}
 
@@ -173,8 +186,8 @@ def _layout(cfg, B: int, C: int, S: int):
                       max_seq_len=max_seq_len, steps_per_call=S,
                       table_buckets=(M,), triton_gemm=FLAGS.triton_gemm,
                       merge_dots=FLAGS.merge_dots,
-                      attention=FLAGS.attention)
-  kvbpt = cfg.kv_bytes_per_token()
+                      attention=FLAGS.attention, kv_dtype=FLAGS.kv_dtype)
+  kvbpt = _kv_bytes_per_token(cfg)
   pool = dcfg.num_pages * P * kvbpt
   payload = payload_pages(pages_for(C, P)) * P * kvbpt
   gathered = B * M * P * kvbpt
@@ -328,7 +341,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "num_pages": dcfg.num_pages, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
                 "triton_gemm": dcfg.triton_gemm, "attention": dcfg.attention,
-                "merge_dots": dcfg.merge_dots,
+                "merge_dots": dcfg.merge_dots, "kv_dtype": dcfg.kv_dtype,
                 "temperature": FLAGS.temperature,
                 "sampling_path": FLAGS.sampling_path, "timed_call": FLAGS.timed,
                 "setup": "engine.submit of a zero KV -> insert program",
