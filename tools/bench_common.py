@@ -409,7 +409,7 @@ class RecordWriter:
         "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
         "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "dtype": cfg.dtype, "param_count": cfg.param_count(),
-        "weight_dtype": FLAGS.weight_dtype or cfg.dtype,
+        "weight_dtype": getattr(FLAGS, "weight_dtype", "") or cfg.dtype,
         "activation_dtype": cfg.activation_dtype or cfg.dtype,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()}
     self.limits = limits
