@@ -68,6 +68,12 @@ flags.DEFINE_integer("spec_ngram", 3, "Longest n-gram looked up.")
 flags.DEFINE_integer("steps_per_call", 4, "Decode steps per generate call "
                      "of the plain engine.")
 flags.DEFINE_integer("max_seq_len", 2048, "Context per sequence.")
+flags.DEFINE_bool("plain_alone", False, "Also decode each stream of a "
+                  "run of several rows alone, plainly, and report the streams "
+                  "whose greedy tokens differ from the same plain decoding "
+                  "among the others (the arithmetic's dependence on the "
+                  "batch, which speculation's verify pass is subject to "
+                  "too).")
 flags.DEFINE_string("out", None, "JSON-lines file the records are "
                     "appended to.")
 FLAGS = flags.FLAGS
@@ -252,6 +258,16 @@ def main(argv) -> None:
       differ = sorted(r for r in out["off"] if out["off"][r] !=
                       out["ngram"].get(r))
       parted += len(differ)
+      alone_differ = None
+      if FLAGS.plain_alone and n > 1:
+        alone_differ = []
+        for i, p in enumerate(prompts):
+          _, one = run(engines["off"], [p], f"{workload}{n}alone{i}")
+          (toks,) = one.values()
+          if toks != out["off"][str(i)]:
+            alone_differ.append(str(i))
+        print(f"  {workload} x{n}: plain decoding alone against among the "
+              f"others: {len(alone_differ)} of {n} streams differ", flush=True)
       speedup = (res["off"]["tpot_mean_s"] / res["ngram"]["tpot_mean_s"]
                  if res["off"]["tpot_mean_s"] and res["ngram"]["tpot_mean_s"]
                  else None)
@@ -264,7 +280,8 @@ def main(argv) -> None:
                         len(p) for p in prompts))}
       writer.write(TOOL, "speculative", params_rec, {
           "plain": res["off"], "ngram": res["ngram"],
-          "tpot_speedup": speedup, "streams_with_other_tokens": differ})
+          "tpot_speedup": speedup, "streams_with_other_tokens": differ,
+          "plain_alone_streams_differing": alone_differ})
       s = res["ngram"]
       table.append([workload, n, params_rec["prompt_tokens_median"],
                     bc.fmt(s["drafted_per_step"], ".2f"),
