@@ -262,6 +262,20 @@ def test_cached_prompts_prefill_together(tiny_model_dir):
   assert store.pool.num_used == 0
   store.pool.check_invariants()
 
+  # A chunk program that fails gives back every pinned prefix, those of
+  # the groups it never reached too.
+  def broken(*a):
+    raise RuntimeError("device lost")
+
+  cached._chunk = broken
+  try:
+    with pytest.raises(RuntimeError, match="device lost"):
+      cached.prefill(requests("together")[:3])
+  finally:
+    cached._chunk = real
+  assert store.pool.num_used == 0
+  store.pool.check_invariants()
+
 
 def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(
     tiny_decode_params):

@@ -396,34 +396,45 @@ class PrefillEngine:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}
     by_bucket: dict[int, list[int]] = {}
-    by_chunk: dict[int, list[tuple[int, tuple]]] = {}
+    by_chunk: dict[int, list[int]] = {}
+    # Cached prefixes found (and pinned, where this engine owns them) for
+    # requests not started yet: given back if the call fails before then.
+    found: dict[int, tuple] = {}
     P = self.config.page_size
-    for i, r in enumerate(requests):
-      prefix, owned, hashes = self._prefix_for(r)
-      b = self.config.bucket_for(len(r.prompt_ids))
-      rest = self.config.bucket_for(len(r.prompt_ids) - len(prefix) * P)
-      if (prefix or r.skip_pages) and rest is not None and self.batches_cached:
-        by_chunk.setdefault(rest, []).append((i, (prefix, owned, hashes)))
-      elif b is None or prefix or r.skip_pages:
-        results[i] = self._prefill_buffered(r, prefix, owned, hashes)
-        if kv_ready is not None:
-          kv_ready(i, results[i].kv)
-        if on_result is not None:
-          on_result(i, results[i])
-      else:
-        by_bucket.setdefault(b, []).append(i)
-    for chunk, entries in by_chunk.items():
-      step = self.config.cached_batch_limit(chunk)
-      for s in range(0, len(entries), step):
-        group = entries[s:s + step]
-        outs = self._prefill_cached([requests[i] for i, _ in group],
-                                    [found for _, found in group], chunk)
-        for (i, _), out in zip(group, outs):
-          results[i] = out
+    try:
+      for i, r in enumerate(requests):
+        prefix, owned, hashes = self._prefix_for(r)
+        b = self.config.bucket_for(len(r.prompt_ids))
+        rest = self.config.bucket_for(len(r.prompt_ids) - len(prefix) * P)
+        if ((prefix or r.skip_pages) and rest is not None
+            and self.batches_cached):
+          found[i] = (prefix, owned, hashes)
+          by_chunk.setdefault(rest, []).append(i)
+        elif b is None or prefix or r.skip_pages:
+          results[i] = self._prefill_buffered(r, prefix, owned, hashes)
           if kv_ready is not None:
-            kv_ready(i, out.kv)
+            kv_ready(i, results[i].kv)
           if on_result is not None:
-            on_result(i, out)
+            on_result(i, results[i])
+        else:
+          by_bucket.setdefault(b, []).append(i)
+      for chunk, idxs in by_chunk.items():
+        step = self.config.cached_batch_limit(chunk)
+        for s in range(0, len(idxs), step):
+          group = idxs[s:s + step]
+          outs = self._prefill_cached([requests[i] for i in group],
+                                      [found.pop(i) for i in group], chunk)
+          for i, out in zip(group, outs):
+            results[i] = out
+            if kv_ready is not None:
+              kv_ready(i, out.kv)
+            if on_result is not None:
+              on_result(i, out)
+    except BaseException:
+      for prefix, owned, _ in found.values():
+        if owned and prefix:
+          self.prefix_store.release(prefix)
+      raise
     for bucket, idxs in by_bucket.items():
       step = self.config.batch_limit(bucket)
       for s in range(0, len(idxs), step):
