@@ -1,11 +1,13 @@
-"""An FP8 KV pool (``DecodeConfig.kv_dtype="fp8"``): K/V stored as float8
-e4m3, unscaled, saturating at +-448.
+"""FP8 KV (``kv_dtype="fp8"``): K/V stored and handed on as float8 e4m3,
+unscaled, saturating at +-448.
 
-The cast is pinned against ml_dtypes' own e4m3 rounding (numpy); an engine
-with an FP8 pool stores exactly that rounding of what it is given, decodes
-to the end with every page back and keeps its first tokens (the prefill
-does not read the pool); its pages take a quarter of a float32 pool's
-bytes. How far it moves a trained
+The cast is pinned against ml_dtypes' own e4m3 rounding (numpy); a prefill
+hands on exactly that rounding of its KV, whichever way it made it (one
+program, layer groups, the buffered path), and the pool stores what
+arrives; an engine with an FP8 pool decodes to the end with every page back
+and keeps its first tokens (the prefill does not read the pool); its pages
+take a quarter of a float32 pool's bytes. A prefill and a pool that store
+KV otherwise are refused together. How far it moves a trained
 model is measured, not assumed: tools/measure_fp8_accuracy.py --what=kv
 (BENCHMARKS.md).
 """
@@ -135,6 +137,31 @@ def test_the_prefill_hands_on_fp8_and_the_pool_stores_it(tiny_decode_params):
       np.testing.assert_array_equal(k[layer * N + page],
                                     payload[layer, 0, i])
   engine.decode.drain()
+
+
+def test_layer_groups_and_chunks_hand_on_fp8(tiny_decode_params):
+  """Every way a prefill makes a payload hands it on in FP8, the same
+  rounding: a bucketed prompt run as two layer groups (each group cast on
+  its own, so each can still go as soon as it is done) and a prompt longer
+  than every bucket (the buffered path's pages)."""
+  from pdjax.engine.prefill import PrefillEngine
+  params, cfg, mesh, rules = tiny_decode_params
+  sub = rules.without("dp")
+  fp8 = dataclasses.replace(PCFG, kv_dtype="fp8")
+  plain = PrefillEngine(params, cfg, mesh, sub, PCFG)
+  grouped = PrefillEngine(params, cfg, mesh, sub,
+                          dataclasses.replace(fp8, layer_groups=2))
+  for prompt in (list(range(5, 29)), list(range(5, 45))):   # 24, 40 > 32
+    want = plain.prefill([_prefill_request(prompt)])[0].kv
+    got = grouped.prefill([_prefill_request(prompt)])[0].kv
+    if len(prompt) <= PCFG.buckets[-1]:
+      assert len(got.layer_groups) == 2
+      assert {g.dtype for g in got.layer_groups} == {jnp.dtype(E4M3)}
+    assert got.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(
+        np.asarray(got.kv.astype(jnp.float32)),
+        np.clip(np.asarray(want.kv, np.float32), -448, 448).astype(
+            E4M3).astype(np.float32))
 
 
 def test_prefill_and_pool_must_store_kv_alike(tiny_decode_params):
