@@ -277,6 +277,36 @@ def test_speculative_greedy_tokens_equal_plain_decoding(tiny_decode_params):
   assert u["rows_live"] == 0 and u["pages_used"] == 0
 
 
+def test_a_call_without_drafts_runs_one_plain_step(tiny_decode_params):
+  """A prompt-lookup pool runs a call in which no row found a draft as one
+  plain step, not a verify pass of k + 1 positions per row (the tokens are
+  the same: the test above); a call with drafts verifies them."""
+  engine = _spec_engine(tiny_decode_params)
+  programs = engine.decode.programs
+  calls = collections.Counter()
+
+  def counted(kind, get):
+    def program(all_greedy, rows):
+      real = get(all_greedy, rows)
+      if real is None:
+        return None
+
+      def run(*args):
+        calls[kind] += 1
+        return real(*args)
+      return run
+    return program
+  programs.plain = counted("plain", programs.plain)
+  programs.generate = counted("verify", programs.generate)
+  reqs = {rid: (rid, p, s) for rid, p, s in _repetitive_requests()}
+  # Opted out: it never drafts, so every call is one plain step.
+  _run(engine, [reqs["optout"]])
+  assert calls == {"plain": 12 - 1}
+  calls.clear()
+  _run(engine, list(reqs.values()))   # rows that draft (the test above)
+  assert calls["verify"] > 0 and calls["plain"] > 0
+
+
 def test_speculative_sampled_requests_finish_with_their_budget(
     tiny_decode_params):
   """Sampled rows in a speculating pool: every request ends with exactly

@@ -274,16 +274,30 @@ class _Programs:
     self._generate = {(all_greedy, rows): make(all_greedy, rows)
                       for rows in dcfg.row_counts
                       for all_greedy in (True, False)}
+    # A pool drafting by prompt lookup runs a call in which no row found a
+    # draft as one plain step (``plain``): it emits the same token a
+    # verify call of no drafts would, without running k + 1 positions per
+    # row (a verify call costs up to 1.5x a step at 16 rows, 8B, H100),
+    # and the rows look up drafts again after it, as after any call.
+    self._plain = {}
+    if dcfg.speculative == "ngram":
+      self._plain = {
+          (all_greedy, rows): self.generate_program(all_greedy, rows,
+                                                    num_steps=1)
+          for rows in dcfg.row_counts for all_greedy in (True, False)}
     self.insert = jax.jit(
         _insert if self.stages == 1
         else staged_insert(replica_mesh.abstract_mesh), donate_argnums=(0,))
 
-  def generate_program(self, all_greedy: bool | None, rows: int):
-    """A new jitted generate program for calls of ``rows`` rows;
+  def generate_program(self, all_greedy: bool | None, rows: int, *,
+                       num_steps: int | None = None):
+    """A new jitted generate program for calls of ``rows`` rows and
+    ``num_steps`` steps (default: the pool's ``steps_per_call``);
     ``all_greedy`` None decides on device (``sample``'s ``lax.cond``: the
     benchmarks' baseline, not served)."""
     entry = functools.partial(
-        _generate_entry, cfg=self.cfg, num_steps=self.dcfg.steps_per_call,
+        _generate_entry, cfg=self.cfg,
+        num_steps=num_steps or self.dcfg.steps_per_call,
         eos_ids=self.eos_ids, capacity=self.dcfg.max_seq_len,
         paged=self.paged_attention[rows], all_greedy=all_greedy,
         forward=self._forward)
@@ -305,6 +319,11 @@ class _Programs:
     that are (or are not) all greedy: generate, or verify in a
     speculating pool."""
     return self._generate[(all_greedy, rows)]
+
+  def plain(self, all_greedy: bool, rows: int):
+    """A prompt-lookup pool's generate program of one step, for a call in
+    which no row drafted; None in other pools."""
+    return self._plain.get((all_greedy, rows))
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,

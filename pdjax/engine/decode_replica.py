@@ -541,6 +541,9 @@ class DecodeReplica:
         for all_greedy in (True, True, False, False):
           self.state, out = self.programs.generate(all_greedy, rows)(
               self.params, self.state, slots, *extra)
+          plain = self.programs.plain(all_greedy, rows)
+          if plain is not None:
+            self.state, out = plain(self.params, self.state, slots)
     jax.block_until_ready((self.state, out))
 
   def all_greedy(self, rows: Sequence[int] | None = None) -> bool:
@@ -573,9 +576,14 @@ class DecodeReplica:
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
     drafts, num = self._drafts(rows, len(call_rows), left, slots)
-    self.state, out = program(self.params, self.state, slots,
-                              jax.device_put(drafts, self.replicated),
-                              jax.device_put(num, self.replicated))
+    plain = (None if num.any() else
+             self.programs.plain(self.all_greedy(rows), len(call_rows)))
+    if plain is not None:   # nothing drafted: one step, not k + 1
+      self.state, out = plain(self.params, self.state, slots)
+    else:
+      self.state, out = program(self.params, self.state, slots,
+                                jax.device_put(drafts, self.replicated),
+                                jax.device_put(num, self.replicated))
     return Call(out, owners, drafted=num[:len(rows)].tolist())
 
   def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int],
