@@ -401,28 +401,34 @@ def test_pipelined_decode_pool_matches_reference(transport, prefill_mesh,
 
 
 def test_fp8_kv_is_handed_on_as_fp8(tmp_path_factory, tiny_model_dir):
-  """A deployment storing its KV in FP8 hands it on in FP8 (half the bytes
-  of bf16, a quarter of the tiny model's float32) over the grpc stream, and
-  its tokens are the colocated FP8 engine's: the KV is rounded once, by the
-  prefill, whatever the deployment's shape."""
+  """A deployment storing its KV in FP8 hands it on in FP8 over the grpc
+  stream, a byte per K/V value of each page sent (half of bf16's, a
+  quarter of the tiny model's float32), and its tokens are the colocated
+  FP8 engine's: the KV is rounded once, by the prefill, whatever the
+  deployment's shape."""
+  from pdjax.config import resolve
+  from pdjax.engine.kv import pages_for
+  from pdjax.model.config import ModelConfig
   fp8 = {"kv_dtype": "fp8"}
   prompts = make_prompts()[:4]
   expected = reference_tokens(tiny_model_dir, prompts, overrides=fp8)
-  sent = {}
-  for name, over in (("float32", None), ("fp8", fp8)):
-    c = Cluster(tmp_path_factory.mktemp(name), kv_transport="grpc",
-                warmup=False, num_prefill=1, num_decode=1, overrides=over)
-    try:
-      results = _generate_all(c.address, prompts)
-      assert all(r.usage.prefill_worker for r in results)
-      if over:
-        assert [r.token_ids for r in results] == expected
-      (prefill,) = c.worker_names("prefill")
-      sent[name] = metric(c.metrics(prefill), "pdjax_kv_transfer_bytes_total",
-                          'direction="sent",transport="grpc"')
-    finally:
-      c.stop()
-  assert sent["fp8"] * 4 == sent["float32"] > 0, sent
+  # The stream sends the pages that hold a prompt's tokens.
+  page = resolve("test", fp8).page_size
+  cfg = ModelConfig.from_hf_dir(tiny_model_dir)
+  page_values = cfg.num_layers * 2 * page * cfg.num_kv_heads * cfg.head_dim
+  want_bytes = sum(pages_for(len(p), page) * page_values for p in prompts)
+  c = Cluster(tmp_path_factory.mktemp("fp8"), kv_transport="grpc",
+              warmup=False, num_prefill=1, num_decode=1, overrides=fp8)
+  try:
+    results = _generate_all(c.address, prompts)
+    assert all(r.usage.prefill_worker for r in results)
+    assert [r.token_ids for r in results] == expected
+    (prefill,) = c.worker_names("prefill")
+    sent = metric(c.metrics(prefill), "pdjax_kv_transfer_bytes_total",
+                  'direction="sent",transport="grpc"')
+  finally:
+    c.stop()
+  assert sent == want_bytes, (sent, want_bytes)
 
 
 def test_draft_model_speculation_matches_reference(tmp_path_factory,
