@@ -3,8 +3,10 @@
 #   admission  on-demand KV admission against whole-budget admission under
 #              200 chat streams (tools/bench_admission.py): rows decoding at
 #              once, output tokens/s, TTFT;
-#   fp8        the decode step in bf16, FP8 weights (W8A16), FP8 weights
-#              and activations (W8A8) and an FP8 KV pool (bf16 weights), the
+#   fp8        the decode step in bf16, FP8 weights (W8A16; also with
+#              XLA's Triton GEMMs, which can widen the weights inside the
+#              GEMM where cuBLAS needs them widened first), FP8 weights and
+#              activations (W8A8) and an FP8 KV pool (bf16 weights), the
 #              same batch sizes and context, one process each
 #              (tools/bench_decode.py);
 #   fp8prefill the 8B prefill at 2K and 8K tokens in bf16 and W8A8
@@ -33,6 +35,7 @@ for part in ${PARTS:-admission fp8}; do
       echo "exit $?"; grep -v "^W0000\|^I0000" "$OUT/admission.log" | tail -14 ;;
     fp8)
       for v in "bf16=" "w8a16=--weight_dtype=fp8" \
+               "w8a16_triton=--weight_dtype=fp8 --triton_gemm=on" \
                "w8a8=--weight_dtype=fp8 --fp8_activations" \
                "kv8=--kv_dtype=fp8"; do
         name=${v%%=*}; extra=${v#*=}
