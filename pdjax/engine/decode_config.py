@@ -10,7 +10,6 @@ import math
 from pdjax.engine.kv_dtype import (DEFAULT_KV_DTYPE, check_kv_dtype,
                                    kv_storage_dtype)
 from pdjax.engine.xla_options import check_on_off
-from pdjax.model.config import ModelConfig
 
 
 # The smallest generate program (DecodeConfig.row_buckets says why).
@@ -235,10 +234,6 @@ class DecodeConfig:
   def rows_for(self, rows: int) -> int:
     """The row count of the program that advances ``rows`` rows."""
     return next(b for b in self.row_counts if b >= rows)
-
-  def kv_bytes(self, cfg: ModelConfig) -> int:
-    """Device bytes of one replica's KV pool (the explicit accounting)."""
-    return self.num_pages * self.page_size * cfg.kv_bytes_per_token()
 
 
 __all__ = ["DecodeConfig", "MIN_PROGRAM_ROWS"]
