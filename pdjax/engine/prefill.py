@@ -261,8 +261,7 @@ class BufferedPrefill:
   def _release(self) -> None:
     if not self._closed:
       self._closed = True
-      if self._owned and self._prefix:
-        self.engine.prefix_store.release(self._prefix)
+      self.engine._unpin(self._prefix, self._owned)
 
 
 def _announce(kvs: Sequence[RequestKV], kv_ready: KvReady | None) -> None:
@@ -422,8 +421,7 @@ class PrefillEngine:
         step = self.config.cached_batch_limit(chunk)
         for s in range(0, len(idxs), step):
           group = idxs[s:s + step]
-          outs = self._prefill_cached([requests[i] for i in group],
-                                      [found.pop(i) for i in group], chunk)
+          outs = self._prefill_cached(requests, group, found, chunk)
           for i, out in zip(group, outs):
             results[i] = out
             if kv_ready is not None:
@@ -432,8 +430,7 @@ class PrefillEngine:
               on_result(i, out)
     except BaseException:
       for prefix, owned, _ in found.values():
-        if owned and prefix:
-          self.prefix_store.release(prefix)
+        self._unpin(prefix, owned)
       raise
     for bucket, idxs in by_bucket.items():
       step = self.config.batch_limit(bucket)
@@ -569,22 +566,28 @@ class PrefillEngine:
     prefix cache, whose warm-up compiles those programs."""
     return self.prefix_store is not None
 
-  def _prefill_cached(self, reqs: Sequence[PrefillRequest], found,
+  def _unpin(self, prefix: list[int], owned: bool) -> None:
+    """Gives back a cached prefix this engine pinned (``_prefix_for``)."""
+    if owned and prefix:
+      self.prefix_store.release(prefix)
+
+  def _prefill_cached(self, requests: Sequence[PrefillRequest],
+                      group: Sequence[int], found: dict[int, tuple],
                       chunk: int) -> list[PrefillResult]:
-    """Prompts with a cached prefix (``found``: each one's prefix, whether
-    this engine pinned it, its block names) whose rest fits ``chunk``: one
-    chunk program for all of them."""
+    """Requests ``group`` of ``requests``, with a cached prefix whose rest
+    fits ``chunk``: one chunk program for all of them. Each one's prefix
+    (whether this engine pinned it, its block names) is taken out of
+    ``found`` once its run has started, and is the run's to give back from
+    then on; what is left in ``found`` is the caller's."""
     t0 = time.perf_counter()
     runs = []
     try:
-      for r, (prefix, owned, hashes) in zip(reqs, found):
-        runs.append(BufferedPrefill(self, r, prefix, owned, hashes))
+      for i in group:
+        runs.append(BufferedPrefill(self, requests[i], *found[i]))
+        del found[i]
     except BaseException:
       for run in runs:
         run.abort()
-      for r, (prefix, owned, _) in list(zip(reqs, found))[len(runs):]:
-        if owned and prefix:
-          self.prefix_store.release(prefix)
       raise
     BufferedPrefill.finish_together(runs, chunk)
     outs = []
