@@ -570,14 +570,15 @@ class DecodeReplica:
     host_tier.flush(self.host_tier)   # queued tier copies go first
     call_rows = self._call_rows(rows)
     slots = self._slot_inputs(rows, call_rows, self._width(rows))
-    program = self.programs.generate(self.all_greedy(rows), len(call_rows))
+    all_greedy = self.all_greedy(rows)
+    program = self.programs.generate(all_greedy, len(call_rows))
     owners = [(self.rows[row].request.request_id, row) for row in rows]
     if not self.programs.speculative:
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
     drafts, num = self._drafts(rows, len(call_rows), left, slots)
     plain = (None if num.any() else
-             self.programs.plain(self.all_greedy(rows), len(call_rows)))
+             self.programs.plain(all_greedy, len(call_rows)))
     if plain is not None:   # nothing drafted: one step, not k + 1
       self.state, out = plain(self.params, self.state, slots)
     else:

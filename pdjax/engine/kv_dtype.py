@@ -32,4 +32,6 @@ def kv_storage_dtype(kv_dtype: str, model_dtype):
 
 def kv_dtype_name(kv_dtype: str, model_dtype: str) -> str:
   """The stored dtype's name (the handshake's ``ModelInfo.kv_dtype``)."""
-  return "float8_e4m3fn" if kv_dtype == "fp8" else str(model_dtype)
+  import numpy as np
+  import ml_dtypes  # noqa: F401 - names bfloat16 & co. for numpy
+  return np.dtype(kv_storage_dtype(kv_dtype, model_dtype)).name
