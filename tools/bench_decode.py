@@ -269,7 +269,7 @@ def verify_calls() -> int:
 
 def _time_verify(engine, cfg, B: int, ks: list[int]) -> dict[int, dict]:
   """Speculative decoding's verify call over k drafted tokens per row, for
-  each k: the pool's verify program (``DecodeProgramSet.verify_program``)
+  each k: the pool's verify program (``engine.programs.verify_program``)
   called on the B live rows as they stand after the generate timing, each
   row on pages of its own (row i on pages 1 + i*M ..), random drafts (the
   model keeps next to none: each call emits about one token per row, as a
@@ -278,6 +278,8 @@ def _time_verify(engine, cfg, B: int, ks: list[int]) -> dict[int, dict]:
   time and whether every live row emitted a token in every call."""
   import jax
   import numpy as np
+  from pdjax.engine import compile_stats
+  from pdjax.engine.decode_programs import unpack_step_output
   rep = engine.replicas[0]
   rows = list(range(B))
   call_rows = rep._call_rows(rows)  # pylint: disable=protected-access
@@ -305,7 +307,7 @@ def _time_verify(engine, cfg, B: int, ks: list[int]) -> dict[int, dict]:
     def call():
       rep.state, packed = program(rep.params, rep.state, slots, drafts, num)
       return packed
-    with compile_stats_counter() as cc:
+    with compile_stats.CompileCounter() as cc:
       jax.block_until_ready(call())
     for _ in range(FLAGS.warmup):
       jax.block_until_ready(call())
@@ -315,17 +317,11 @@ def _time_verify(engine, cfg, B: int, ks: list[int]) -> dict[int, dict]:
       outs = [call() for _ in range(FLAGS.calls_per_sample)]
       jax.block_until_ready(outs)
       samples.append((time.perf_counter() - t0) / FLAGS.calls_per_sample)
-      from pdjax.engine.decode_programs import unpack_step_output
       ok = ok and all(bool(unpack_step_output(o).valid[0, :B].all())
                       for o in outs)
     out[k] = {"call_time_s": bc.Timing(samples).as_dict(),
               "compile_s": cc.seconds, "rows_emitted_every_call": ok}
   return out
-
-
-def compile_stats_counter():
-  from pdjax.engine import compile_stats
-  return compile_stats.CompileCounter()
 
 
 def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
