@@ -27,12 +27,16 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 start_call "$OUT"
 use_compile_cache
 MODEL=/tmp/pdjax_model/smollm2.gguf
+# stage_halves: the model's halves this call carries, kept in /tmp for the
+# next call on the same machine.
+stage_halves() {
+  mkdir -p /tmp/pdjax_model
+  cp .model/smollm2.part0* /tmp/pdjax_model/ 2>/dev/null
+}
 for part in ${PARTS:-verify real}; do
   case $part in
     stage)
-      mkdir -p /tmp/pdjax_model
-      for f in .model/smollm2.part0*; do cp "$f" /tmp/pdjax_model/; done
-      ls -l /tmp/pdjax_model ;;
+      stage_halves; ls -l /tmp/pdjax_model ;;
     verify)
       echo "=== [$((SECONDS-START)) s] verify against the step, 8B shapes"
       timeout ${PART_TIMEOUT:-240} python3 tools/bench_decode.py \
@@ -42,8 +46,7 @@ for part in ${PARTS:-verify real}; do
         --out="$OUT/verify.jsonl" > "$OUT/verify.log" 2>&1
       echo "exit $?"; awk '/^== verify/{p=1} p' "$OUT/verify.log" ;;
     real)
-      mkdir -p /tmp/pdjax_model
-      cp .model/smollm2.part0* /tmp/pdjax_model/ 2>/dev/null
+      stage_halves
       cat /tmp/pdjax_model/smollm2.part00 /tmp/pdjax_model/smollm2.part01 \
         > "$MODEL" || { echo "model halves missing"; continue; }
       (cd /tmp/pdjax_model && sha256sum smollm2.gguf)
