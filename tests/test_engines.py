@@ -1431,3 +1431,63 @@ def test_auto_attention_says_which_pool_size_would_allow_paged(tiny, caplog):
   with caplog.at_level(logging.WARNING, logger="pdjax.engine.decode_programs"):
     assert not use_paged_attention(cfg, dcfg, "gpu", 1)
   assert "multiple of 4" in caplog.text
+
+
+def test_prefill_inputs_travel_packed_exactly():
+  """A bucketed prefill's inputs go to the device as one int32 array: the
+  prompt, its length and every sampling setting come out of it bit for bit
+  (a seed past 2**31, float settings as their bits), and the first tokens
+  and logprobs come back out of one array likewise."""
+  from pdjax.engine.prefill import (_pack_outputs, _unpack_inputs,
+                                    pack_inputs, unpack_outputs)
+  from pdjax.engine.sampling import SamplingArrays
+  tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+  true_len = np.array([6, 3], np.int32)
+  samp = SamplingArrays.stack(
+      [(SamplingParams(temperature=0.7, top_p=0.93, top_k=40), 0xFFFFFFF0),
+       (SamplingParams(temperature=0.0), 5)], 2)
+  packed = pack_inputs(tokens, true_len, samp)
+  assert packed.shape == (2, 6 + 5) and packed.dtype == np.int32
+  got_tokens, got_len, got_samp = jax.jit(_unpack_inputs)(packed)
+  np.testing.assert_array_equal(got_tokens, tokens)
+  np.testing.assert_array_equal(got_len, true_len)
+  for got, want in zip(got_samp, samp.as_tuple()):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+  tok = jnp.array([3, 49151], jnp.int32)
+  lp = jnp.array([-0.125, -17.3], jnp.float32)
+  got_tok, got_lp = unpack_outputs(jax.device_get(jax.jit(_pack_outputs)(
+      tok, lp)))
+  np.testing.assert_array_equal(got_tok, np.asarray(tok))
+  np.testing.assert_array_equal(got_lp, np.asarray(lp))
+
+
+def test_first_tokens_go_out_before_the_prefix_cache_takes_the_pages(
+    prefill_tp):
+  """``on_result`` answers a bucketed prompt before the engine's prefix
+  cache stores its pages (that copy is off the first token's path)."""
+  engine = prefill_tp[1]
+  order = []
+
+  class Store:
+    keeps_prefills = True
+
+    def hashes(self, ids, salt):
+      return [bytes([i]) for i in range(len(ids) // PCFG.page_size)]
+
+    def match(self, hashes, sources=None):
+      return []
+
+    def store_pages(self, hashes, kv):
+      order.append("stored")
+
+    def observe_prefill(self, tokens, seconds):
+      pass
+
+  engine.prefix_store = Store()
+  try:
+    engine.prefill([PrefillRequest("a", prompt(40, 3), GREEDY)],
+                   on_result=lambda i, r: order.append("answered"))
+  finally:
+    engine.prefix_store = None
+  assert order == ["answered", "stored"]

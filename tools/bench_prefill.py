@@ -65,23 +65,23 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
   from pdjax.engine import compile_stats
+  from pdjax.engine.prefill import pack_inputs
   from pdjax.engine.requests import PrefillRequest
   from pdjax.engine.sampling import SamplingArrays, SamplingParams
 
   rng = np.random.default_rng(FLAGS.seed + T)
   prompt = rng.integers(3, cfg.vocab_size, T).astype(np.int32)
   rep = NamedSharding(engine.mesh, PartitionSpec())
-  tokens = jax.device_put(prompt[None, :], rep)
-  true_len = jax.device_put(np.array([T], np.int32), rep)
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
-  samp = tuple(jax.device_put(a, rep) for a in SamplingArrays.stack(
-      [(greedy, 0)], 1).as_tuple())
+  packed = jax.device_put(pack_inputs(
+      prompt[None, :], np.array([T], np.int32),
+      SamplingArrays.stack([(greedy, 0)], 1)), rep)
   # The engine's own jitted program (private attribute: the engine has no
   # public handle on it yet; see the report in run_engine_benchmarks.sh).
   program = engine._prefill  # pylint: disable=protected-access
 
   def call():
-    return program(params, tokens, true_len, samp)
+    return program(params, packed)
 
   with compile_stats.CompileCounter() as cc:
     t0 = time.perf_counter()
