@@ -128,6 +128,10 @@ class PrefillPoolConfig:
   kv_fetch: Literal["off", "auto", "always"] = "off"
   kv_store_write: Literal["through", "evict"] = "through"
   kv_fetch_timeout_s: float = 2.0
+  # --kv_transport=device on GPU: the CUDA IPC landing buffer (MiB) that
+  # peers on this host copy the blocks asked of them into (0: none; blocks
+  # that do not fit are pulled with jax.experimental.transfer).
+  kv_pull_landing_mib: int = 256
   # Share of each GPU's memory XLA may use in this pool's workers (None:
   # XLA's 0.75).
   gpu_memory_fraction: float | None = None
@@ -147,6 +151,9 @@ class PrefillPoolConfig:
     if not self.kv_fetch_timeout_s > 0:
       raise ValueError(f"kv_fetch_timeout_s must be > 0, got "
                        f"{self.kv_fetch_timeout_s}")
+    if self.kv_pull_landing_mib < 0:
+      raise ValueError(f"kv_pull_landing_mib must be >= 0, got "
+                       f"{self.kv_pull_landing_mib}")
 
 
 @dataclasses.dataclass(frozen=True)

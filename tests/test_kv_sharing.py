@@ -8,9 +8,11 @@ first fetches the earlier turns' blocks from the other worker instead of
 computing them (counted), and its first token and KV are exactly what one
 worker with a local cache gives (first tokens equal a cache-free run).
 Peers with transfer servers (a ``device`` deployment) pull the blocks
-device to device instead; one without falls back to the stream. The
-store outlives a worker: a fresh one fetches from it. Salts and model
-layouts isolate; a source that dies mid-fetch leaves a correct prefill.
+device to device instead, by CUDA IPC where both are "on one host" (the
+fake CUDA driver) and by jax.experimental.transfer otherwise; one without
+falls back to the stream. The store outlives a worker: a fresh one
+fetches from it. Salts and model layouts isolate; a source that dies
+mid-fetch leaves a correct prefill.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pdjax.service import common
 from pdjax.service.kvstore import (BlockStoreCore, GrpcBlockSource,
                                    PeerServicer, StoreServicer, store_info)
 from pdjax.sharding import ShardingRules, make_mesh
+from pdjax.transfer import cuda_ipc
+from pdjax.transfer.block_pulls import make_block_pulls
 from pdjax.transfer.device import BlockPulls
 from test_kvstore import _Loop, _serve
 
@@ -42,6 +46,8 @@ PCFG = PrefillConfig(buckets=(64,), max_batch=1, page_size=PAGE,
                      max_seq_len=192)
 SEC = common.Security(service_token="shared-kv-test")
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+# The CUDA driver the "processes" of host A share (fake: host memory).
+HOST_A = cuda_ipc.FakeIpcRegistry()
 
 
 class Worker:
@@ -53,7 +59,8 @@ class Worker:
                policy="always", cache=True, pulls=False, write="through",
                num_pages=64, host_blocks=24):
     """``pulls``: offers and pulls blocks device to device (a ``device``
-    transport deployment's workers)."""
+    transport deployment's workers): True by jax.experimental.transfer, a
+    process id of host A by CUDA IPC with the others of host A too."""
     rules = ShardingRules.load("prefill_tp")
     mesh = make_mesh({"tp": 2}, devices)
     params, cfg = load_sharded(model_dir, rules, mesh)
@@ -61,12 +68,18 @@ class Worker:
     self.remote = None
     self.pstore = None
     self.address = ""
-    self.pulls = BlockPulls(devices[0]) if pulls else None
+    self.pulls = None
+    if pulls:
+      ipc = ({} if pulls is True else dict(
+          process_id=pulls, hostname="hostA", landing_bytes=1 << 20,
+          driver=cuda_ipc.FakeCudaDriver(HOST_A)))
+      self.pulls = make_block_pulls(BlockPulls(devices[0]), fast_path="off",
+                                    **ipc)
     if cache:
       self.remote = RemoteTier(
           _layout(cfg), PAGE,
           lambda a: GrpcBlockSource(a, SEC, pulls=self.pulls), store=store,
-          policy=policy, timeout_s=5.0, write=write)
+          policy=policy, timeout_s=5.0, write=write, pulls=self.pulls)
       self.pstore = PrefillKVStore(cfg, mesh, rules, num_pages=num_pages,
                                    page_size=PAGE,
                                    host_cache_blocks=host_blocks,
@@ -141,9 +154,10 @@ def store(loop):
 @pytest.fixture(scope="module")
 def workers(loop, store, tiny_model_dir):
   devs = jax.devices()
-  # a offers device pulls, b does not: b streams from a, and a's pulls
-  # from b fall back to streams.
-  a = Worker(loop, tiny_model_dir, devs[0:2], store=store[1], pulls=True)
+  # a offers device pulls (by CUDA IPC to the others of host A), b does
+  # not: b streams from a, and a's pulls from b fall back to streams.
+  a = Worker(loop, tiny_model_dir, devs[0:2], store=store[1],
+             pulls="hostA:1:a")
   b = Worker(loop, tiny_model_dir, devs[2:4], store=store[1])
   plain = Worker(loop, tiny_model_dir, devs[4:6], cache=False)
   return a, b, plain
@@ -194,15 +208,19 @@ def test_turns_alternating_between_workers_fetch_instead_of_compute(
   for w in (a, b):
     w.pstore.pool.check_invariants()
     assert w.pstore.pool.num_used == 0
-  # a asked b for device pulls once, was told b offers none, and streamed.
+  # a asked b for device pulls once, was told b offers none, and streamed;
+  # the landing region it lent for that ask is free again.
   assert b.address in a.remote._no_pull  # pylint: disable=protected-access
   assert a.remote.stats["pulled_blocks"] == 0
+  assert a.pulls.pool.counts["lent"] == 1
+  assert a.pulls.pool.free_bytes() == a.pulls.pool.total_bytes
 
 
 def test_peers_of_a_device_deployment_pull_blocks_device_to_device(
     workers, tiny_model_dir, loop):
-  """Both sides with transfer servers: the blocks move by
-  jax.experimental.transfer, and land exactly as streamed ones would."""
+  """Both sides with transfer servers, c without CUDA IPC: the blocks move
+  by jax.experimental.transfer, and land exactly as streamed ones
+  would."""
   a, _, plain = workers
   c = Worker(loop, tiny_model_dir, jax.devices()[6:8], pulls=True)
   ids = _conversation(seed=17, turns=1)[0] + list(range(200, 260))
@@ -211,6 +229,7 @@ def test_peers_of_a_device_deployment_pull_blocks_device_to_device(
   blocks = (len(ids) - 1) // PAGE
   assert r.cached_tokens == blocks * PAGE
   assert c.remote.stats["pulled_blocks"] == blocks
+  assert c.remote.stats["pulled_transfer_blocks"] == blocks
   assert c.remote.stats["peer_blocks"] == blocks
   assert tok == plain.prefill(ids)[0]
   # The same KV as the worker that computed it (the cached blocks are its
@@ -218,8 +237,32 @@ def test_peers_of_a_device_deployment_pull_blocks_device_to_device(
   _, kv_again, r2 = a.prefill(ids, salt="pull")
   assert r2.cached_tokens == blocks * PAGE
   np.testing.assert_array_equal(kv_c, kv_again)
-  assert a.pulls.held_bytes() > 0   # offers are held until their TTL
+  assert a.pulls.transfer.held_bytes() > 0   # held until their TTL
   c.pstore.pool.check_invariants()
+
+
+def test_peers_of_one_host_pull_blocks_by_cuda_ipc(workers, tiny_model_dir,
+                                                   loop):
+  """Both on host A with the fast path: the blocks are copied into the
+  landing region the worker asking lent, and give the tokens and KV of
+  the worker that computed them; the region is back once they are in."""
+  a, _, plain = workers
+  d = Worker(loop, tiny_model_dir, jax.devices()[6:8], pulls="hostA:2:d")
+  ids = _conversation(seed=19, turns=1)[0] + list(range(140, 200))
+  a.prefill(ids, salt="ipc")
+  tok, kv_d, r = d.prefill(ids, salt="ipc", sources=a.hint(ids, "ipc"))
+  blocks = (len(ids) - 1) // PAGE
+  assert r.cached_tokens == blocks * PAGE
+  assert d.remote.stats["pulled_cuda_ipc_blocks"] == blocks
+  assert d.remote.stats["pulled_transfer_blocks"] == 0
+  assert a.pulls.offers["cuda_ipc"] == 1
+  assert tok == plain.prefill(ids)[0]
+  _, kv_a, _ = a.prefill(ids, salt="ipc")
+  np.testing.assert_array_equal(kv_d, kv_a)
+  pool = d.pulls.pool
+  assert pool.live() == pool.quarantined() == 0
+  assert pool.free_bytes() == pool.total_bytes
+  d.pstore.pool.check_invariants()
 
 
 def test_salts_and_layouts_isolate(workers, store):

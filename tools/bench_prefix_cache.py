@@ -161,12 +161,15 @@ def run_scenario(name: str, work: Path) -> dict:
                              for t in ptexts),
         "kv_bytes_skipped": sum(_metric_sum(
             t, "pdjax_kv_transfer_skipped_bytes_total") for t in ptexts),
-        # Shared KV: blocks fetched (from peers, from the store), their
-        # bytes, and the bytes written through to the store.
+        # Shared KV: blocks fetched (from peers, from the store; the
+        # peers' pulled device to device, by CUDA IPC or
+        # jax.experimental.transfer), their bytes, and the bytes written
+        # through to the store.
         **{f"kv_{stat}": sum(_metric_sum(
             t, "pdjax_prefix_cache_blocks",
             f'pool="prefill_remote",stat="{stat}"') for t in ptexts)
            for stat in ("peer_blocks", "store_blocks", "pulled_blocks",
+                        "pulled_cuda_ipc_blocks", "pulled_transfer_blocks",
                         "fetched_bytes",
                         "declined_blocks", "published_bytes")},
         "decode_cache_hits": sum(_metric_sum(
@@ -205,6 +208,7 @@ def main(argv) -> None:
           "prompt_tokens_computed",
           "prompt_tokens_cached", "kv_bytes_sent", "kv_bytes_skipped",
           "kv_peer_blocks", "kv_store_blocks", "kv_pulled_blocks",
+          "kv_pulled_cuda_ipc_blocks", "kv_pulled_transfer_blocks",
           "kv_fetched_bytes",
           "kv_declined_blocks", "kv_published_bytes", "decode_cache_hits")
   print(" | ".join(cols + ("requests per prefill worker",)))

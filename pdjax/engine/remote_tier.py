@@ -18,14 +18,19 @@ misses locally asks, in order:
 Blocks move host-staged over gRPC (``FetchBlocks``: the source copies them
 to its host, streams them, each with its CRC, and they land in this
 worker's host tier) on every transport; in a ``device`` transport
-deployment a peer's blocks are pulled instead, device to device with
-``jax.experimental.transfer`` (``PullBlocks``; a store's are always
-streamed). Either way they are uploaded into device pages exactly like
-blocks promoted from the host tier (``HostTierLink.promote_block``, which
-keeps a host copy): the prefill then starts after them. Anything that goes wrong (a source down, a
-stream cut, a deadline, a block failing its checks) ends that source's
-part: the blocks before it are kept, the rest is computed, as without this
-module.
+deployment a peer's blocks are pulled instead, device to device
+(``PullBlocks``, ``pdjax.transfer.block_pulls``; a store's are always
+streamed): from a peer on this host, with the CUDA IPC fast path on, by a
+copy into a landing region this worker lends (as a KV hand-off's), else
+with ``jax.experimental.transfer``, which is also where a fast-path
+problem falls back to. Either way they are uploaded into device pages
+exactly like blocks promoted from the host tier
+(``HostTierLink.promote_block``, which keeps a host copy): the prefill
+then starts after them. ``pulled_cuda_ipc_blocks`` and
+``pulled_transfer_blocks`` count the pulled blocks by path. Anything that
+goes wrong (a source down, a stream cut, a deadline, a block failing its
+checks) ends that source's part: the blocks before it are kept, the rest
+is computed, as without this module.
 
 Identity, end to end: blocks are named by the same chained hashes as the
 local tiers (tokens, the layout fingerprint and the request's
@@ -95,10 +100,13 @@ MAX_FETCH_BLOCKS = 4096
 EXPLORE_S = 1.0
 # The counters RemoteTier.stats reports (metric stats).
 STATS = ("fetches", "fetched_blocks", "fetched_bytes", "peer_blocks",
-         "store_blocks", "pulled_blocks", "declined_blocks",
+         "store_blocks", "pulled_blocks", "pulled_cuda_ipc_blocks",
+         "pulled_transfer_blocks", "declined_blocks",
          "refused_blocks", "failures",
          "published_blocks", "published_bytes", "publish_dropped",
          "publish_failures")
+# The paths a pulled block may take (``pulled_<path>_blocks`` counts them).
+PULL_PATHS = ("cuda_ipc", "transfer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +169,8 @@ def check_pulled(layout: BlockLayout, want: Sequence[bytes],
                  ) -> None:
   """BlockRefused unless a pulled run is a leading run of the names asked
   for, of this layout, one block ``[2, L, P, K, hd]`` per name. (Device
-  data carries no CRC: the transfer's own transport checks it.)"""
+  data carries no CRC: it moves device to device, by a CUDA IPC copy or
+  the transfer's own checked transport.)"""
   if list(names) != list(want[:len(names)]):
     raise BlockRefused("the pulled blocks are not the ones asked for")
   if got_layout != layout:
@@ -178,15 +187,17 @@ class BlockSource:
   remote tier reaches it (``pdjax.service.kvstore.GrpcBlockSource``)."""
 
   address: str = ""
-  # Whether ``pull`` may work: the blocks move device to device
-  # (``jax.experimental.transfer``) instead of through both hosts.
+  # Whether ``pull`` may work: the blocks move device to device (CUDA IPC
+  # or ``jax.experimental.transfer``) instead of through both hosts.
   can_pull: bool = False
 
   def pull(self, layout: BlockLayout, hashes: Sequence[bytes], *,
            timeout_s: float):
-    """(names, layout, device array ``[n, 2, L, P, K, hd]``) of the
-    leading run held there, pulled onto this worker's device; raises
-    NotImplementedError where the source cannot offer device pulls."""
+    """(names, layout, device array ``[n, 2, L, P, K, hd]``, path) of the
+    leading run held there, pulled onto this worker's device by ``path``
+    (one of ``PULL_PATHS``; the array None and the path "" when none is
+    held); raises NotImplementedError where the source cannot offer device
+    pulls."""
     raise NotImplementedError
 
   def fetch(self, layout: BlockLayout, hashes: Sequence[bytes], *,
@@ -331,10 +342,13 @@ class RemoteTier:
                timeout_s: float = 2.0, publish_bytes: int = 256 << 20,
                self_address: str = "", clock=time.monotonic,
                on_fetch: Callable[[str, int, int, float], None] | None = None,
-               write: str = "through"):
+               write: str = "through", pulls=None):
     """``on_fetch(kind, blocks, bytes, seconds)``: told of every fetch that
     brought blocks (kind "peer" or "store"), e.g. for a histogram.
-    ``write``: when blocks go to the store (``WRITES``)."""
+    ``write``: when blocks go to the store (``WRITES``). ``pulls``: the
+    device pulls the sources ``connect`` makes share
+    (``pdjax.transfer.block_pulls.AutoBlockPulls``), closed with the
+    tier."""
     if policy not in POLICIES or policy == "off":
       raise ValueError(f"a remote tier's policy is 'auto' or 'always', got "
                        f"{policy!r}")
@@ -351,6 +365,7 @@ class RemoteTier:
     self.costs = FetchCosts(layout.block_bytes, page_size)
     self.stats = collections.Counter({s: 0 for s in STATS})
     self._connect = connect
+    self._pulls = pulls
     self._sources: dict[str, BlockSource] = {}
     self._no_pull: set[str] = set()
     self._down = _Down(clock)
@@ -472,12 +487,13 @@ class RemoteTier:
     nbytes = 0
     failed = False
     pulled = False
+    path = ""
     try:
       src = self._source(address)
       if kind == "peer" and src.can_pull and address not in self._no_pull:
         try:
-          names, got_layout, array = src.pull(self.layout, want,
-                                              timeout_s=self.timeout_s)
+          names, got_layout, array, path = src.pull(
+              self.layout, want, timeout_s=self.timeout_s)
           pulled = True
         except NotImplementedError:
           self._no_pull.add(address)   # a peer without a transfer server
@@ -513,6 +529,8 @@ class RemoteTier:
       self.stats[f"{kind}_blocks"] += len(out)
       if pulled:
         self.stats["pulled_blocks"] += len(out)
+        if path in PULL_PATHS:
+          self.stats[f"pulled_{path}_blocks"] += len(out)
     if failed:
       self._down.failed(address)
     else:
@@ -603,8 +621,11 @@ class RemoteTier:
       sources, self._sources = list(self._sources.values()), {}
     for s in sources:
       s.close()
+    if self._pulls is not None:
+      self._pulls.close()
 
 
 __all__ = ["BlockLayout", "BlockRefused", "BlockSource", "FetchCosts",
-           "LinearFit", "MAX_FETCH_BLOCKS", "POLICIES", "RemoteTier",
+           "LinearFit", "MAX_FETCH_BLOCKS", "POLICIES", "PULL_PATHS",
+           "RemoteTier",
            "STATS", "WRITES", "check_block", "check_pulled", "layout_of"]

@@ -74,6 +74,10 @@ HELP: dict[tuple[str | None, str], str] = {
     ("prefill", "kv_fetch_timeout_s"): "Shared KV: longest one fetch from a "
     "peer or the store, or one write-through, may take (then the prompt is "
     "computed; a failed source is skipped for a backoff).",
+    ("prefill", "kv_pull_landing_mib"): "Shared KV, --kv_transport=device "
+    "on GPU: MiB of the CUDA IPC landing buffer that peer prefill workers "
+    "on this host copy the blocks asked of them into (0: none; blocks "
+    "that do not fit are pulled with jax.experimental.transfer).",
     ("decode", "prefix_caching"): "Keep finished sequences' KV blocks for "
     "requests sharing a prefix.",
     ("prefill", "host_cache_blocks"): "KV blocks evicted from the device "

@@ -85,7 +85,8 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
   aliases = {}
   if "prefill" in pools:
     aliases["prefix_cache_pages"] = "prefill_cache_pages"
-    for key in ("kv_fetch", "kv_store_write", "kv_fetch_timeout_s"):
+    for key in ("kv_fetch", "kv_store_write", "kv_fetch_timeout_s",
+                "kv_pull_landing_mib"):
       aliases[key] = f"prefill_{key}"
   if "decode" in pools:
     for key in ("prefix_caching", "max_receive_mib", "ipc_landing_buffers",
@@ -107,9 +108,10 @@ def define_flags(fv: flags.FlagValues = FLAGS, role: str = "both"
       "kv_fast_path", "auto", ["auto", "off"],
       "--kv_transport=device: hand KV to a decode worker in this process by "
       "device_put, and to one on this host by CUDA IPC into a landing buffer "
-      "it lends (NVLink), else by jax.experimental.transfer. auto: on when "
-      "the backend is GPU (cuda-bindings and CuPy importable); off: always "
-      "jax.experimental.transfer.", flag_values=fv)
+      "it lends (NVLink), else by jax.experimental.transfer; shared KV's "
+      "pulls from a peer prefill worker on this host also take CUDA IPC. "
+      "auto: on when the backend is GPU (cuda-bindings and CuPy "
+      "importable); off: always jax.experimental.transfer.", flag_values=fv)
   flags.DEFINE_bool(
       "allow_long_max_seq_len",
       os.environ.get("PDJAX_ALLOW_LONG_MAX_SEQ_LEN", "") not in ("", "0"),
@@ -590,13 +592,23 @@ async def serve(role: str, dep) -> None:
 
 def _block_pulls(transport: str, mesh, pool):
   """Shared KV in a ``device`` transport deployment: peers' blocks move
-  device to device (jax.experimental.transfer) instead of host-staged."""
+  device to device instead of host-staged: by CUDA IPC between workers of
+  one host (--kv_fast_path, as hand-offs), else by
+  jax.experimental.transfer."""
   if pool.kv_fetch == "off" or transport != "device":
     return None
+  from pdjax.service import common
+  from pdjax.transfer.block_pulls import make_block_pulls
   from pdjax.transfer.device import BlockPulls
-  return BlockPulls(mesh.devices.flat[0], host=FLAGS.host,
-                    advertise_host=advertised_host(FLAGS.advertise_address),
-                    ttl_s=max(2 * pool.kv_fetch_timeout_s, 1.0))
+  return make_block_pulls(
+      BlockPulls(mesh.devices.flat[0], host=FLAGS.host,
+                 advertise_host=advertised_host(FLAGS.advertise_address),
+                 ttl_s=max(2 * pool.kv_fetch_timeout_s, 1.0)),
+      fast_path=FLAGS.kv_fast_path, process_id=common.PROCESS_ID,
+      landing_bytes=pool.kv_pull_landing_mib << 20,
+      # A peer may write until the fetch's deadline, and its writer stops a
+      # second (its margin) before the lease ends.
+      lease_s=pool.kv_fetch_timeout_s + 2.0)
 
 
 def _remote_tier(cfg, dep, pool, cache_pages: int, sec, address: str,
@@ -618,7 +630,7 @@ def _remote_tier(cfg, dep, pool, cache_pages: int, sec, address: str,
       layout_of(cfg, dep.page_size), dep.page_size,
       lambda a: GrpcBlockSource(a, sec, pulls=pulls), store=FLAGS.kv_store,
       policy=pool.kv_fetch, timeout_s=pool.kv_fetch_timeout_s,
-      self_address=address, write=pool.kv_store_write,
+      self_address=address, write=pool.kv_store_write, pulls=pulls,
       on_fetch=lambda kind, blocks, nbytes, s: (
           metrics.kv_fetch_time.labels(kind).observe(s)))
 

@@ -431,8 +431,9 @@ class PeerServicer(blockstore_pb2_grpc.BlockStoreServicer):
 
   def __init__(self, store, *, timeout_s: float = 2.0, pulls=None):
     """``store``: the engine's ``PrefixStore`` (its ``export`` reads).
-    ``pulls``: a ``pdjax.transfer.device.BlockPulls`` (``PullBlocks``;
-    None: UNIMPLEMENTED)."""
+    ``pulls``: the worker's ``pdjax.transfer.block_pulls.AutoBlockPulls``
+    (``PullBlocks``: by CUDA IPC into the region a worker of this host
+    lent, else by jax.experimental.transfer; None: UNIMPLEMENTED)."""
     self.store = store
     self.layout = store.block_layout
     self.timeout_s = timeout_s
@@ -462,17 +463,16 @@ class PeerServicer(blockstore_pb2_grpc.BlockStoreServicer):
                           "this worker offers no device pulls (its "
                           "deployment's transport is not 'device')")
     blocks = await self._export(request, context)
-    out = blockstore_pb2.BlockPull(layout=layout_to_proto(self.layout))
     if not blocks:
-      return out
+      return blockstore_pb2.BlockPull(layout=layout_to_proto(self.layout))
+    landing = request.landing if request.HasField("landing") else None
     try:
-      address, uuid = await asyncio.to_thread(
-          self.pulls.offer, [array for _, array in blocks])
+      out = await asyncio.to_thread(
+          self.pulls.offer, [array for _, array in blocks], landing)
     except OverflowError as e:
       await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    out.layout.CopyFrom(layout_to_proto(self.layout))
     out.hashes.extend(name for name, _ in blocks)
-    out.transfer_address = address
-    out.pull_uuid = uuid
     return out
 
   async def FetchBlocks(self, request, context):
@@ -499,14 +499,19 @@ def store_info(address: str) -> common_pb2.WorkerInfo:
 
 
 # ------------------------------------------------------------------ client
+def _left(deadline: float) -> float:
+  return max(deadline - time.monotonic(), 0.001)
+
+
 class GrpcBlockSource(BlockSource):
   """A peer or a store as the remote tier reaches it (sync gRPC)."""
 
   def __init__(self, address: str,
                security: common.Security = common.Security(), *,
                pulls=None):
-    """``pulls``: this worker's ``pdjax.transfer.device.BlockPulls``, to
-    pull peers' blocks device to device (None: streams only)."""
+    """``pulls``: this worker's ``pdjax.transfer.block_pulls
+    .AutoBlockPulls``, to pull peers' blocks device to device (None:
+    streams only)."""
     self.address = address
     self._channel = common.make_channel(address, security)
     self._stub = blockstore_pb2_grpc.BlockStoreStub(self._channel)
@@ -515,28 +520,42 @@ class GrpcBlockSource(BlockSource):
 
   def pull(self, layout: BlockLayout, hashes: Sequence[bytes], *,
            timeout_s: float):
+    from pdjax.transfer.cuda_driver import CudaError
     deadline = time.monotonic() + timeout_s
     try:
-      offer = self._stub.PullBlocks(blockstore_pb2.FetchBlocksRequest(
-          layout=layout_to_proto(layout), hashes=list(hashes)),
-          timeout=timeout_s)
-    except grpc.RpcError as e:
-      if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-        raise NotImplementedError(e.details()) from e
-      raise
-    names = [bytes(h) for h in offer.hashes]
-    got = layout_from_proto(offer.layout)
-    if not names:
-      return [], got, None
-    if got != layout:   # not pulled at all
-      raise BlockRefused("offered blocks of another model or layout")
+      return self._pull(layout, hashes, deadline)
+    except CudaError as e:
+      # This worker's side of CUDA IPC failed (it lends no more regions):
+      # the same blocks once more, by the transfer path.
+      log.warning("CUDA IPC pull from %s failed (%s); pulling with "
+                  "jax.experimental.transfer", self.address, e)
+      return self._pull(layout, hashes, deadline)
+
+  def _pull(self, layout: BlockLayout, hashes: Sequence[bytes],
+            deadline: float):
+    """One ``PullBlocks`` call, with a landing region where one is lent
+    (given back as it returns or raises)."""
     import ml_dtypes  # noqa: F401 - names bfloat16 & co. for numpy
     import numpy as np
-    array = self._pulls.pull(offer.transfer_address, offer.pull_uuid,
-                             (len(names), *got.shape), np.dtype(got.dtype),
-                             timeout_s=max(deadline - time.monotonic(),
-                                           0.001))
-    return names, got, array
+    with self._pulls.lend(self.address,
+                          len(hashes) * layout.block_bytes) as lent:
+      try:
+        offer = self._stub.PullBlocks(blockstore_pb2.FetchBlocksRequest(
+            layout=layout_to_proto(layout), hashes=list(hashes),
+            landing=lent.landing), timeout=_left(deadline))
+      except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+          lent.unwritten = True     # a peer without pulls writes nothing
+          raise NotImplementedError(e.details()) from e
+        raise
+      names = [bytes(h) for h in offer.hashes]
+      got = layout_from_proto(offer.layout)
+      if names and got != layout:   # not pulled at all
+        raise BlockRefused("offered blocks of another model or layout")
+      array, path = self._pulls.pull(
+          offer, lent, (len(names), *layout.shape), np.dtype(layout.dtype),
+          timeout_s=_left(deadline))
+    return names, got, array, path
 
   def fetch(self, layout: BlockLayout, hashes: Sequence[bytes], *,
             timeout_s: float

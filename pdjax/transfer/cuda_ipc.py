@@ -11,6 +11,9 @@ transport picks the best path per hand-off, by itself:
   straight into that buffer (the ``cuda_ipc`` path, below);
 * otherwise ``jax.experimental.transfer`` (``pdjax.transfer.device``).
 
+Shared KV's pulls of a peer prefill worker's blocks take the same CUDA IPC
+path between workers of one host (``pdjax.transfer.block_pulls``).
+
 The handle's ``transport`` says which path carried the KV, so the receiver
 redeems it the matching way; a sender may always fall back to the transfer
 path (and says so in the handle), so every fast-path problem costs speed,
@@ -121,16 +124,25 @@ def _host_of(process_id: str) -> str:
   return parts[0] if len(parts) == 3 else ""
 
 
-def _decode_is(dest: kv_pb2.KvDestination, *, my_process_id: str,
-               my_hostname: str) -> str:
-  """Where ``dest``'s decode worker runs from here: ``"this process"``,
-  ``"this host"`` or ``"elsewhere"`` (also when nothing says)."""
-  if dest.decode_process_id and dest.decode_process_id == my_process_id:
+def locate(process_id: str, hostname: str, *, my_process_id: str,
+           my_hostname: str) -> str:
+  """Where the process ``process_id`` (on ``hostname``; empty: the host in
+  its id) runs from here: ``"this process"``, ``"this host"`` or
+  ``"elsewhere"`` (also when nothing says). A hand-off's sender asks it of
+  its decode worker, a peer asked for blocks of the worker asking."""
+  if process_id and process_id == my_process_id:
     return "this process"
-  host = dest.decode_hostname or _host_of(dest.decode_process_id)
+  host = hostname or _host_of(process_id)
   if host and my_hostname and host == my_hostname:
     return "this host"
   return "elsewhere"
+
+
+def _decode_is(dest: kv_pb2.KvDestination, *, my_process_id: str,
+               my_hostname: str) -> str:
+  """Where ``dest``'s decode worker runs from here (``locate``)."""
+  return locate(dest.decode_process_id, dest.decode_hostname,
+                my_process_id=my_process_id, my_hostname=my_hostname)
 
 
 def select_path(dest: kv_pb2.KvDestination, *, my_process_id: str,
@@ -373,12 +385,15 @@ def fast_path_on(setting: str) -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _real_driver() -> RealCudaDriver | None:
+def real_driver() -> RealCudaDriver | None:
+  """The CUDA driver, or None (logged) where it does not load: then every
+  same-host move (hand-offs, peers' block pulls) takes
+  jax.experimental.transfer."""
   try:
     return RealCudaDriver()
   except (CudaError, ImportError, OSError, RuntimeError) as e:
     log.warning("CUDA IPC KV fast path unavailable (%s); same-host hand-offs "
-                "use jax.experimental.transfer", e)
+                "and block pulls use jax.experimental.transfer", e)
     return None
 
 
@@ -390,7 +405,7 @@ def make_sender(transfer: KvSender, *, fast_path: str = "auto",
   loads (``driver`` overrides it, for tests)."""
   if driver is None and not fast_path_on(fast_path):
     return AutoDeviceSender(transfer)
-  driver = driver or _real_driver()
+  driver = driver or real_driver()
   ipc = CudaIpcSender(driver) if driver is not None else None
   return AutoDeviceSender(transfer, ipc=ipc, local=True,
                           process_id=process_id, hostname=hostname)
@@ -413,7 +428,7 @@ def make_receiver(transfer: KvReceiver, device, *, geometry,
   ipc = None
   page_bytes = page_bytes_of(geometry)
   if landing_buffers > 0:
-    driver = driver or _real_driver()
+    driver = driver or real_driver()
     if driver is not None:
       size = landing_bytes or page_bytes * geometry[5]
       try:
@@ -439,4 +454,4 @@ __all__ = ["IPC_HANDLE_BYTES", "IPC_EVENT_HANDLE_BYTES", "REGION_ALIGN",
            "CudaIpcReceiver", "AutoDeviceSender", "AutoDeviceReceiver",
            "select_path", "landing_payload_bytes", "make_sender",
            "make_receiver", "process_exchange", "device_ordinal",
-           "check_kv_handle", "fast_path_on"]
+           "check_kv_handle", "fast_path_on", "locate", "real_driver"]

@@ -236,14 +236,22 @@ class BlockPulls:
       _, arr = self._offers.popleft()
       self._offered_bytes -= arr.nbytes
 
-  def offer(self, blocks) -> tuple[str, int]:
-    """Stacks ``blocks`` (arrays ``[2, L, P, K, hd]``, on devices or the
-    host) on this server's device and registers them for one pull; returns
-    (transfer address, pull id)."""
+  def stack(self, blocks) -> jax.Array:
+    """``blocks`` (arrays ``[2, L, P, K, hd]``, on devices or the host) as
+    one array ``[n, 2, L, P, K, hd]`` on this server's device."""
     one = jax.sharding.SingleDeviceSharding(self.device)
-    arr = jax.device_put(
+    return jax.device_put(
         jax.numpy.stack([jax.device_put(b, one) for b in blocks]),
         transfer_sharding([self.device], 1))
+
+  def offer(self, blocks) -> tuple[str, int]:
+    """Stacks ``blocks`` (``stack``) and registers them for one pull;
+    returns (transfer address, pull id)."""
+    return self.offer_stacked(self.stack(blocks))
+
+  def offer_stacked(self, arr: jax.Array) -> tuple[str, int]:
+    """Registers a ``stack``ed run for one pull; returns (transfer address,
+    pull id). OverflowError past ``max_bytes`` held."""
     with self._lock:
       self._expire()
       if self._offered_bytes + arr.nbytes > self.max_bytes:

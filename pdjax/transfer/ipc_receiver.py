@@ -36,6 +36,60 @@ def check_kv_handle(h: kv_pb2.KvHandle, geometry=None,
   return shape, dtype
 
 
+class IpcEvents:
+  """The interprocess events of the senders that copy into one device's
+  landing memory, each opened once (opening costs, and a second open could
+  race the first) and kept: at most ``max_events``, one per sending device
+  (a restarted sender brings new ones; the least recently used go)."""
+
+  def __init__(self, driver, ordinal: int, max_events: int):
+    self.driver = driver
+    self.ordinal = ordinal
+    self.max_events = max_events
+    self._events: collections.OrderedDict[bytes, object] = (
+        collections.OrderedDict())
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    with self._lock:
+      return len(self._events)
+
+  def wait(self, event_handle: bytes) -> bool:
+    """Returns once the sender's copies recorded before ``event_handle``'s
+    event have run; True when they were still running as it was asked (the
+    copy overlapped the handle's trip)."""
+    driver, ordinal = self.driver, self.ordinal
+    with self._lock:
+      event = self._events.get(event_handle)
+      if event is None:
+        event = driver.event_open(ordinal, event_handle)
+        self._events[event_handle] = event
+        while len(self._events) > self.max_events:
+          # The least recently used: max_events other senders' events were
+          # used since (its sender is gone, most likely), so nothing is
+          # waiting on it.
+          _, old = self._events.popitem(last=False)
+          release_quietly("destroying a sender's CUDA IPC event",
+                          driver.event_destroy, ordinal, old)
+      else:
+        self._events.move_to_end(event_handle)
+    if driver.event_query(ordinal, event):
+      return False
+    # Blocking, not polling: a receiver polling the event for up to 5 ms
+    # before it blocked was no faster (0.437 vs 0.442 ms end to end for
+    # 128 MiB, H100; docs/notes/2026-11-26-h100x4-ipc-event.md), and
+    # polling would take a core.
+    driver.event_synchronize(ordinal, event)
+    return True
+
+  def close(self) -> None:
+    with self._lock:
+      events, self._events = self._events, collections.OrderedDict()
+    for event in events.values():
+      release_quietly("destroying a sender's CUDA IPC event",
+                      self.driver.event_destroy, self.ordinal, event)
+
+
 class CudaIpcReceiver(IssuedKvReceiver):
   """Decode side of the ``cuda_ipc`` path: lends landing regions (``lend``,
   when the prefill starts) and imports what the sender copied into them.
@@ -70,9 +124,7 @@ class CudaIpcReceiver(IssuedKvReceiver):
         collections.OrderedDict())
     self._views_lock = threading.Lock()
     self.view_imports = 0
-    self._events: collections.OrderedDict[bytes, object] = (
-        collections.OrderedDict())
-    self._events_lock = threading.Lock()
+    self._events = IpcEvents(pool.driver, pool.device, self.MAX_EVENTS)
     # The latest receive's phases (ms), as CudaIpcSender.last_phases.
     self.last_phases: dict[str, float] = {}
 
@@ -112,32 +164,8 @@ class CudaIpcReceiver(IssuedKvReceiver):
 
   def _wait_for_copies(self, event_handle: bytes) -> bool:
     """Returns once the sender's copies recorded before ``event_handle``'s
-    event have run; True when they were still running as the handle came
-    (the copy overlapped the handle's trip). The event is opened under the
-    lock, once per handle: a second open could race the first."""
-    driver, ordinal = self.pool.driver, self.pool.device
-    with self._events_lock:
-      event = self._events.get(event_handle)
-      if event is None:
-        event = driver.event_open(ordinal, event_handle)
-        self._events[event_handle] = event
-        while len(self._events) > self.MAX_EVENTS:
-          # The least recently used: MAX_EVENTS other senders' events were
-          # used since (its sender is gone, most likely), so nothing is
-          # waiting on it.
-          _, old = self._events.popitem(last=False)
-          release_quietly("destroying a sender's CUDA IPC event",
-                          driver.event_destroy, ordinal, old)
-      else:
-        self._events.move_to_end(event_handle)
-    if driver.event_query(ordinal, event):
-      return False
-    # Blocking, not polling: a receiver polling the event for up to 5 ms
-    # before it blocked was no faster (0.437 vs 0.442 ms end to end for
-    # 128 MiB, H100; docs/notes/2026-11-26-h100x4-ipc-event.md), and
-    # polling would take a core.
-    driver.event_synchronize(ordinal, event)
-    return True
+    event have run (``IpcEvents.wait``)."""
+    return self._events.wait(event_handle)
 
   def lend(self, transfer_id: str, nbytes: int) -> LandingSlot | None:
     """A region for a transfer issued to this worker (``TransferDenied``
@@ -162,11 +190,7 @@ class CudaIpcReceiver(IssuedKvReceiver):
   def close(self) -> None:
     with self._views_lock:
       self._views.clear()     # before the memory they describe is freed
-    with self._events_lock:
-      events, self._events = self._events, collections.OrderedDict()
-    for event in events.values():
-      release_quietly("destroying a sender's CUDA IPC event",
-                      self.pool.driver.event_destroy, self.pool.device, event)
+    self._events.close()
     self.pool.close()
 
   def receive(self, handle: kv_pb2.KvHandle, sharding: NamedSharding, *,
@@ -224,4 +248,4 @@ class CudaIpcReceiver(IssuedKvReceiver):
       self._issued.discard(tid)
 
 
-__all__ = ["CudaIpcReceiver", "check_kv_handle"]
+__all__ = ["CudaIpcReceiver", "IpcEvents", "check_kv_handle"]

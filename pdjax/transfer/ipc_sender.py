@@ -1,7 +1,9 @@
 """Prefill side of the ``cuda_ipc`` path (``pdjax.transfer.cuda_ipc`` says
 how the path works and who owns a landing region when): copies a request's
 KV into the landing region its decode worker lent, and signals the copies'
-completion with an interprocess event that travels in the handle."""
+completion with an interprocess event that travels in the handle. A peer's
+block pull (``pdjax.transfer.block_pulls``) is written the same way, into
+the region the pulling worker lent (``CudaIpcSender.write``)."""
 
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ class _Retirement:
 
 class CudaIpcSender(KvSender):
   """Prefill side of the ``cuda_ipc`` path: device-to-device copies into the
-  landing region the decode worker lent. ``release`` has nothing to do.
+  landing region the decode worker lent (``send``; ``write`` copies any
+  arrays into any region lent). ``release`` has nothing to do.
 
   The KV's layer axis leads, so each layer group of a prefill run in groups
   (``RequestKV.layer_groups``) is one contiguous byte range of the region:
@@ -239,30 +242,52 @@ class CudaIpcSender(KvSender):
     self.driver.event_record(ordinal, made[0])
     return made[1]
 
-  def _check_lease(self, dest: kv_pb2.KvDestination) -> None:
-    if dest.ipc_deadline_ms and (self._clock() * 1000 > dest.ipc_deadline_ms
-                                 - self.deadline_margin_s * 1000):
-      raise TransferError(f"the landing buffer lent for transfer "
-                          f"{dest.transfer_id} is past its lease; not "
-                          "writing into it")
+  def _check_lease(self, deadline_ms: int, what: str) -> None:
+    if deadline_ms and (self._clock() * 1000
+                        > deadline_ms - self.deadline_margin_s * 1000):
+      raise TransferError(f"the landing buffer lent for {what} is past its "
+                          "lease; not writing into it")
 
   def send(self, kv: RequestKV, dest: kv_pb2.KvDestination, *,
            timeout_s: float) -> kv_pb2.KvHandle:
-    t0 = time.perf_counter()
     if not dest.ipc_handle:
       raise TransferError(f"transfer {dest.transfer_id}: the decode worker "
                           "lent no landing buffer")
-    self._check_lease(dest)
+    what = f"transfer {dest.transfer_id}"
+    self._check_lease(dest.ipc_deadline_ms, what)
     nbytes = kv.payload_bytes
     if nbytes > dest.ipc_bytes:
       raise TransferError(
           f"KV payload of {nbytes} bytes ({list(kv.shape)} "
           f"{jnp.dtype(kv.dtype)}) does not fit the {dest.ipc_bytes}-byte "
-          f"landing buffer lent for transfer {dest.transfer_id}")
-    sources, offset, ordinal, copying = [], dest.ipc_offset, None, None
+          f"landing buffer lent for {what}")
+    event = self.write(kv.pieces, dest.ipc_handle, dest.ipc_offset,
+                       dest.ipc_bytes, deadline_ms=dest.ipc_deadline_ms,
+                       what=what)
+    handle = handle_for(kv, self.name, dest.transfer_id)
+    handle.shards = 1
+    handle.ipc_event_handle = event
+    return handle
+
+  def write(self, pieces, ipc_handle: bytes, offset: int, nbytes: int, *,
+            deadline_ms: int = 0, what: str = "a peer") -> bytes:
+    """Copies ``pieces`` (arrays, each as one device's contiguous bytes),
+    one after the other, into the region of a peer's landing buffer
+    ``ipc_handle`` that starts at ``offset``, ``nbytes`` long, lent until
+    ``deadline_ms`` (0: no lease) for ``what``; returns the handle of the
+    event recorded after the copies (``signal="event"``), or b"" (the copies
+    have run: ``"sync"``, or nothing to copy). TransferError (a CudaError
+    from the driver) when it cannot, with nothing left writing."""
+    t0 = time.perf_counter()
+    total = sum(p.nbytes for p in pieces)
+    if total > nbytes:
+      raise TransferError(f"{total} bytes do not fit the {nbytes}-byte "
+                          f"landing buffer lent for {what}")
+    sources, ordinal, copying = [], None, None
     waited = issued = synced = first_copy = 0.0
+    event = b""
     try:
-      for piece in kv.pieces:
+      for piece in pieces:
         arr = _single_device(piece)
         t = time.perf_counter()
         arr.block_until_ready()     # this group's program has finished
@@ -273,10 +298,11 @@ class CudaIpcSender(KvSender):
         src = arr.unsafe_buffer_pointer()
         t = time.perf_counter()
         with self._lock:
-          base = self.remote_pointer(ordinal, dest.ipc_handle)
-          self._check_lease(dest)   # a group or the open may have been slow
+          base = self.remote_pointer(ordinal, ipc_handle)
+          # A group or the open may have been slow.
+          self._check_lease(deadline_ms, what)
           if copying is None:
-            copying = (ordinal, bytes(dest.ipc_handle))
+            copying = (ordinal, bytes(ipc_handle))
             self._copying[copying] += 1
           self.driver.memcpy_dtod(ordinal, base + offset, src, arr.nbytes)
         if not sources:
@@ -284,13 +310,9 @@ class CudaIpcSender(KvSender):
         issued += time.perf_counter() - t
         sources.append(arr)         # must live until its copy has run
         offset += arr.nbytes
-      # Built while the last copy runs: the fixed cost of a small hand-off
-      # is mostly host work, and this part of it need not wait.
-      handle = handle_for(kv, self.name, dest.transfer_id)
-      handle.shards = 1
       if copying is not None and self.signal == "event":
         t = time.perf_counter()
-        handle.ipc_event_handle = self._record(ordinal)
+        event = self._record(ordinal)
         issued += time.perf_counter() - t
       elif copying is not None:
         t = time.perf_counter()
@@ -313,7 +335,7 @@ class CudaIpcSender(KvSender):
                         "first_copy_ms": first_copy * 1e3,
                         "sync_ms": synced * 1e3,
                         "total_ms": (time.perf_counter() - t0) * 1e3}
-    return handle
+    return event
 
   def close(self) -> None:
     # Every copy has run before a buffer is unmapped or an event destroyed.

@@ -1,5 +1,7 @@
 """Landing buffers a decode worker allocates once, exports by CUDA IPC and
-lends in regions to the prefill workers on its host.
+lends in regions to the prefill workers on its host (a prefill worker
+pulling a peer's blocks lends regions of its own the same way:
+``pdjax.transfer.block_pulls``).
 
 Who may write or read a region, and when it is reused, follows the rules in
 ``pdjax.transfer.cuda_ipc``'s docstring; this module is the bookkeeping that

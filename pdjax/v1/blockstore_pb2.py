@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdjax.v1 import common_pb2 as pdjax_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdjax/v1/blockstore.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\"@\n\x0b\x42lockLayout\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"K\n\x12\x46\x65tchBlocksRequest\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\"[\n\x07KvBlock\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"o\n\tBlockPull\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x18\n\x10transfer_address\x18\x03 \x01(\t\x12\x11\n\tpull_uuid\x18\x04 \x01(\x04\"O\n\x0cPutBlocksAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07refused\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x32\x8d\x02\n\nBlockStore\x12@\n\x0b\x46\x65tchBlocks\x12\x1c.pdjax.v1.FetchBlocksRequest\x1a\x11.pdjax.v1.KvBlock0\x01\x12?\n\nPullBlocks\x12\x1c.pdjax.v1.FetchBlocksRequest\x1a\x13.pdjax.v1.BlockPull\x12\x38\n\tPutBlocks\x12\x11.pdjax.v1.KvBlock\x1a\x16.pdjax.v1.PutBlocksAck(\x01\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdjax/v1/blockstore.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\"@\n\x0b\x42lockLayout\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"t\n\x12\x46\x65tchBlocksRequest\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\'\n\x07landing\x18\x03 \x01(\x0b\x32\x16.pdjax.v1.BlockLanding\"\x88\x01\n\x0c\x42lockLanding\x12\x12\n\nipc_handle\x18\x01 \x01(\x0c\x12\x12\n\nipc_offset\x18\x02 \x01(\x04\x12\x11\n\tipc_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fipc_deadline_ms\x18\x04 \x01(\x04\x12\x12\n\nprocess_id\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\"[\n\x07KvBlock\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\xc2\x01\n\tBlockPull\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.pdjax.v1.BlockLayout\x12\x18\n\x10transfer_address\x18\x03 \x01(\t\x12\x11\n\tpull_uuid\x18\x04 \x01(\x04\x12\x11\n\ttransport\x18\x05 \x01(\t\x12\x18\n\x10ipc_event_handle\x18\x06 \x01(\x0c\x12\x12\n\nprocess_id\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x08 \x01(\t\"O\n\x0cPutBlocksAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\x12\x0f\n\x07refused\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x32\x8d\x02\n\nBlockStore\x12@\n\x0b\x46\x65tchBlocks\x12\x1c.pdjax.v1.FetchBlocksRequest\x1a\x11.pdjax.v1.KvBlock0\x01\x12?\n\nPullBlocks\x12\x1c.pdjax.v1.FetchBlocksRequest\x1a\x13.pdjax.v1.BlockPull\x12\x38\n\tPutBlocks\x12\x11.pdjax.v1.KvBlock\x1a\x16.pdjax.v1.PutBlocksAck(\x01\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKLAYOUT']._serialized_start=62
   _globals['_BLOCKLAYOUT']._serialized_end=126
   _globals['_FETCHBLOCKSREQUEST']._serialized_start=128
-  _globals['_FETCHBLOCKSREQUEST']._serialized_end=203
-  _globals['_KVBLOCK']._serialized_start=205
-  _globals['_KVBLOCK']._serialized_end=296
-  _globals['_BLOCKPULL']._serialized_start=298
-  _globals['_BLOCKPULL']._serialized_end=409
-  _globals['_PUTBLOCKSACK']._serialized_start=411
-  _globals['_PUTBLOCKSACK']._serialized_end=490
-  _globals['_BLOCKSTORE']._serialized_start=493
-  _globals['_BLOCKSTORE']._serialized_end=762
+  _globals['_FETCHBLOCKSREQUEST']._serialized_end=244
+  _globals['_BLOCKLANDING']._serialized_start=247
+  _globals['_BLOCKLANDING']._serialized_end=383
+  _globals['_KVBLOCK']._serialized_start=385
+  _globals['_KVBLOCK']._serialized_end=476
+  _globals['_BLOCKPULL']._serialized_start=479
+  _globals['_BLOCKPULL']._serialized_end=673
+  _globals['_PUTBLOCKSACK']._serialized_start=675
+  _globals['_PUTBLOCKSACK']._serialized_end=754
+  _globals['_BLOCKSTORE']._serialized_start=757
+  _globals['_BLOCKSTORE']._serialized_end=1026
 # @@protoc_insertion_point(module_scope)

@@ -18,12 +18,30 @@ class BlockLayout(_message.Message):
     def __init__(self, fingerprint: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
-    __slots__ = ("layout", "hashes")
+    __slots__ = ("layout", "hashes", "landing")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    LANDING_FIELD_NUMBER: _ClassVar[int]
     layout: BlockLayout
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    landing: BlockLanding
+    def __init__(self, layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., hashes: _Optional[_Iterable[bytes]] = ..., landing: _Optional[_Union[BlockLanding, _Mapping]] = ...) -> None: ...
+
+class BlockLanding(_message.Message):
+    __slots__ = ("ipc_handle", "ipc_offset", "ipc_bytes", "ipc_deadline_ms", "process_id", "hostname")
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ipc_handle: bytes
+    ipc_offset: int
+    ipc_bytes: int
+    ipc_deadline_ms: int
+    process_id: str
+    hostname: str
+    def __init__(self, ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ..., ipc_bytes: _Optional[int] = ..., ipc_deadline_ms: _Optional[int] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class KvBlock(_message.Message):
     __slots__ = ("hash", "layout", "data", "crc32")
@@ -38,16 +56,24 @@ class KvBlock(_message.Message):
     def __init__(self, hash: _Optional[bytes] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class BlockPull(_message.Message):
-    __slots__ = ("hashes", "layout", "transfer_address", "pull_uuid")
+    __slots__ = ("hashes", "layout", "transfer_address", "pull_uuid", "transport", "ipc_event_handle", "process_id", "hostname")
     HASHES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PULL_UUID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     layout: BlockLayout
     transfer_address: str
     pull_uuid: int
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ...) -> None: ...
+    transport: str
+    ipc_event_handle: bytes
+    process_id: str
+    hostname: str
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., transfer_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., transport: _Optional[str] = ..., ipc_event_handle: _Optional[bytes] = ..., process_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class PutBlocksAck(_message.Message):
     __slots__ = ("stored", "present", "refused", "bytes")

@@ -70,11 +70,13 @@ class BlockStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullBlocks(self, request, context):
-        """The same run as FetchBlocks, left on the server's devices for the
-        caller to pull with jax.experimental.transfer (workers of a `device`
-        transport deployment; no host copy on either side): one array
-        [n, 2, layers, page_size, kv_heads, head_dim]. A server without a
-        transfer server answers UNIMPLEMENTED.
+        """The same run as FetchBlocks, as one array [n, 2, layers, page_size,
+        kv_heads, head_dim] moved device to device (workers of a `device`
+        transport deployment; no host copy on either side): copied by CUDA IPC
+        into the landing region the caller lent (a caller on the server's
+        host), else left on the server's devices for the caller to pull with
+        jax.experimental.transfer. A server without a transfer server answers
+        UNIMPLEMENTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
