@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from needs import missing
+
 # Two JAX processes share the GPU(s): neither may take most of the memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -52,21 +54,6 @@ def _blocks(dtype: str) -> list[np.ndarray]:
   rng = np.random.default_rng(11)
   host = rng.standard_normal((BLOCKS, *SHAPE)).astype(np.float32) * 3
   return list(host.astype(np.dtype(dtype)))
-
-
-def _why_not() -> str | None:
-  import jax
-  if jax.default_backend() != "gpu":
-    return f"needs a GPU backend (is {jax.default_backend()}; run with " \
-           "JAX_PLATFORMS=cuda)"
-  try:
-    from cuda.bindings import driver  # noqa: F401
-  except ImportError:
-    try:
-      from cuda import cuda  # noqa: F401
-    except ImportError:
-      return "needs cuda-bindings (pip install 'pdjax[cuda-ipc]')"
-  return None
 
 
 def _serve(dtype: str) -> None:
@@ -117,7 +104,7 @@ def _serve(dtype: str) -> None:
 @pytest.fixture(scope="module", params=["bfloat16", "float8_e4m3fn"])
 def peer(request):
   """(address, dtype) of a child serving the blocks in ``dtype``."""
-  reason = _why_not()
+  reason = missing()
   if reason:
     pytest.skip(reason)
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import missing
+
 # This process may initialise CUDA for the check below; the two processes it
 # starts need the memory, so it must not take most of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -31,28 +33,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "gpu" / "ipc_bandwidth.py"
 
 
-def _why_not() -> str | None:
-  import jax
-  if jax.default_backend() != "gpu":
-    return f"needs a GPU backend (is {jax.default_backend()}; run with " \
-           "JAX_PLATFORMS=cuda)"
-  if len(jax.devices()) < 2:
-    return "needs 2 GPUs"
-  try:
-    from cuda.bindings import driver  # noqa: F401
-  except ImportError:
-    try:
-      from cuda import cuda  # noqa: F401
-    except ImportError:
-      return "needs cuda-bindings (pip install 'pdjax[cuda-ipc]')"
-  return None
-
-
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> dict[int, dict]:
   """One run of tools/gpu/ipc_bandwidth.py (two processes, each starting
   JAX on a GPU: the slow part), its rows by size in MiB."""
-  reason = _why_not()
+  reason = missing(2)
   if reason:
     pytest.skip(reason)
   out = tmp_path_factory.mktemp("ipc") / "ipc.json"
