@@ -12,7 +12,7 @@ import pytest
 
 from pdjax.engine.colocated import ColocatedEngine
 from pdjax.engine.decode_config import MIN_PROGRAM_ROWS, DecodeConfig
-from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.prefill import COLUMNS_PAST_PROMPT, PrefillConfig
 from pdjax.engine.sampling import SamplingParams
 
 PCFG = PrefillConfig(buckets=(16, 32), max_batch=4, page_size=16,
@@ -152,9 +152,10 @@ def _prompt_tokens_per_iteration(engine, requests, running):
     seen.append(tokens.shape[0] * tokens.shape[1])
     return real_chunk(params, tokens, *a)
 
-  def batch(params, tokens, *a):
-    seen.append(tokens.shape[0] * tokens.shape[1])
-    return real_prefill(params, tokens, *a)
+  def batch(params, packed, *a):
+    # One array: the prompts, then their lengths and sampling settings.
+    seen.append(packed.shape[0] * (packed.shape[1] - COLUMNS_PAST_PROMPT))
+    return real_prefill(params, packed, *a)
   pre._chunk, pre._prefill = chunk, batch
   out = collections.defaultdict(list)
   per_iteration = []

@@ -1439,7 +1439,8 @@ def test_prefill_inputs_travel_packed_exactly():
   (a seed past 2**31, float settings as their bits), and the first tokens
   and logprobs come back out of one array likewise."""
   from pdjax.engine.prefill import (_pack_outputs, _unpack_inputs,
-                                    pack_inputs, unpack_outputs)
+                                    _unpack_sampling, pack_inputs,
+                                    unpack_outputs)
   from pdjax.engine.sampling import SamplingArrays
   tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
   true_len = np.array([6, 3], np.int32)
@@ -1448,7 +1449,8 @@ def test_prefill_inputs_travel_packed_exactly():
        (SamplingParams(temperature=0.0), 5)], 2)
   packed = pack_inputs(tokens, true_len, samp)
   assert packed.shape == (2, 6 + 5) and packed.dtype == np.int32
-  got_tokens, got_len, got_samp = jax.jit(_unpack_inputs)(packed)
+  got_tokens, got_len, cols = jax.jit(_unpack_inputs)(packed)
+  got_samp = jax.jit(_unpack_sampling)(cols)
   np.testing.assert_array_equal(got_tokens, tokens)
   np.testing.assert_array_equal(got_len, true_len)
   for got, want in zip(got_samp, samp.as_tuple()):

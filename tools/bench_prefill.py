@@ -76,12 +76,14 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   packed = jax.device_put(pack_inputs(
       prompt[None, :], np.array([T], np.int32),
       SamplingArrays.stack([(greedy, 0)], 1)), rep)
-  # The engine's own jitted program (private attribute: the engine has no
-  # public handle on it yet; see the report in run_engine_benchmarks.sh).
+  # The engine's own jitted programs (private attributes: the engine has no
+  # public handle on them yet): the prefill, then the greedy first token.
   program = engine._prefill  # pylint: disable=protected-access
+  first_token = engine._first_token[True]  # pylint: disable=protected-access
 
   def call():
-    return program(params, packed)
+    logits, cols, rows = program(params, packed)
+    return first_token(logits, cols), rows
 
   with compile_stats.CompileCounter() as cc:
     t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   params_rec = {"tp": tp, "prompt_len": T, "batch": 1,
                 "page_size": FLAGS.page_size, "warmup": FLAGS.warmup,
                 "repeat": FLAGS.repeat, "rules": "prefill_tp",
-                "program": "PrefillEngine._prefill",
+                "program": "PrefillEngine._prefill + _first_token",
                 "triton_gemm": FLAGS.triton_gemm,
                 "merge_dots": FLAGS.merge_dots,
                 "compiler_options": engine.compiler_options}

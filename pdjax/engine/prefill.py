@@ -21,6 +21,7 @@ array, never of slicing a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Callable, Sequence
@@ -69,6 +70,8 @@ def _to_pages(k, v, page_size):
 # true length, then the sampling settings (temperature, top_p as float32
 # bits, top_k, the seed as uint32 bits).
 _SAMPLING_COLUMNS = 4
+# Columns of ``pack_inputs``' array past the prompt's.
+COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS
 
 
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
@@ -84,15 +87,18 @@ def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
 
 
 def _unpack_inputs(packed):
-  """In a program: ``pack_inputs``' array -> (tokens, true_len, sampling
-  arrays as ``sample`` takes them)."""
-  T = packed.shape[1] - _SAMPLING_COLUMNS - 1
-  tail = packed[:, T:]
+  """In a program: ``pack_inputs``' array -> (tokens, true_len, the
+  sampling columns ``[B, 4]``)."""
+  T = packed.shape[1] - COLUMNS_PAST_PROMPT
+  return packed[:, :T], packed[:, T], packed[:, T + 1:]
+
+
+def _unpack_sampling(cols):
+  """In a program: the sampling columns -> the arrays ``sample`` takes."""
   as_f32 = functools.partial(jax.lax.bitcast_convert_type,
                              new_dtype=jnp.float32)
-  samp = (as_f32(tail[:, 1]), as_f32(tail[:, 2]), tail[:, 3],
-          jax.lax.bitcast_convert_type(tail[:, 4], jnp.uint32))
-  return packed[:, :T], tail[:, 0], samp
+  return (as_f32(cols[:, 0]), as_f32(cols[:, 1]), cols[:, 2],
+          jax.lax.bitcast_convert_type(cols[:, 3], jnp.uint32))
 
 
 def _pack_outputs(tok, lp):
@@ -109,13 +115,24 @@ def unpack_outputs(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prefill_program(params, packed, *, cfg, page_size, kv_spec):
-  tokens, true_len, samp = _unpack_inputs(packed)
+  """The fused prefill: the last positions' logits, the sampling columns
+  (for ``_first_token_program``) and each row's KV pages. It does not
+  sample: sampling that branches on a device value (``sample``'s
+  ``lax.cond``) makes XLA's GPU runtime read the branch on the host, so
+  the call would return only once the program has run; the host knows
+  whether every row is greedy and picks the sampling program instead."""
+  tokens, true_len, cols = _unpack_inputs(packed)
   out = prefill_forward(params, tokens, true_len, cfg=cfg)
-  index = jnp.zeros(tokens.shape[:1], jnp.int32)
-  tok, lp = sample(out.logits, *samp, index)
   rows = _to_pages(out.k, out.v, page_size)
   rows = [jax.lax.with_sharding_constraint(r, kv_spec) for r in rows]
-  return _pack_outputs(tok, lp), rows
+  return out.logits, cols, rows
+
+
+def _first_token_program(logits, cols, *, all_greedy):
+  """A batch's first tokens and logprobs, packed (``_pack_outputs``)."""
+  index = jnp.zeros(logits.shape[:1], jnp.int32)
+  return _pack_outputs(*sample(logits, *_unpack_sampling(cols), index,
+                               all_greedy=all_greedy))
 
 
 def _embed_program(params, packed, *, x_spec):
@@ -136,10 +153,10 @@ def _group_program(params, x, first_layer, *, cfg, num_layers, page_size,
 
 
 def _head_program(params, x, packed, *, cfg):
-  _, true_len, samp = _unpack_inputs(packed)
-  logits = prefill_last_logits(params, x, true_len, cfg=cfg)
-  return _pack_outputs(*sample(logits, *samp,
-                               jnp.zeros(x.shape[:1], jnp.int32)))
+  """The last layer group's residual stream -> (logits, sampling columns),
+  as ``_prefill_program`` returns them."""
+  _, true_len, cols = _unpack_inputs(packed)
+  return prefill_last_logits(params, x, true_len, cfg=cfg), cols
 
 
 def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
@@ -360,6 +377,11 @@ class PrefillEngine:
       self._head = jit(functools.partial(_head_program, cfg=cfg))
       starts = np.cumsum([0] + self._group_sizes[:-1])
       self._group_starts = [self._put(np.int32(f)) for f in starts]
+    # The first tokens, by whether every row is greedy (the host knows).
+    self._first_token = {
+        greedy: jax.jit(functools.partial(_first_token_program,
+                                          all_greedy=greedy))
+        for greedy in (True, False)}
     self._pages_fns = {}
     # The handed-on KV's dtype (PrefillConfig.kv_dtype); the programs
     # compute, and the buffers and prefix cache keep, the model's.
@@ -435,11 +457,12 @@ class PrefillEngine:
 
     ``kv_ready(i, kv)``, if given, is called with request ``i``'s KV as soon
     as the programs computing it are dispatched, so a hand-off can start
-    while the prefill still runs. That pays with ``layer_groups`` > 1: the
-    group programs' calls return at once and each group's KV is done while
-    later ones compute. (A program that samples, the fused one included,
-    returns only once it has run; see ``_prefill_batch``.) The KV is the
-    same object the result carries."""
+    while the prefill still runs. That pays with ``layer_groups`` > 1:
+    each group's KV is done while later ones compute (the fused program's
+    is done when the whole prefill is). The bucketed path's calls return
+    at once (``_prefill_program``); a chunk program samples on a device
+    branch and returns once it has run. The KV is the same object the
+    result carries."""
     for r in requests:
       self.validate(r.prompt_ids)
     results: dict[int, PrefillResult] = {}
@@ -529,14 +552,12 @@ class PrefillEngine:
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
     packed = self._put(pack_inputs(tokens, true_len, samp))
-    # kv_ready goes out before any program that samples: sampling branches
-    # on a device value (``lax.cond``: all rows greedy?), which XLA's GPU
-    # runtime resolves on the host, so that call returns only once the
-    # program has run (the layer groups' calls return at once).
-    # ``full``: each request's KV as computed (what the prefix cache
-    # keeps); ``kvs``: as handed on (in the KV dtype).
+    # No program here samples on a device branch, so every call returns
+    # at once and kv_ready goes out as soon as the KV's programs are
+    # dispatched. ``full``: each request's KV as computed (what the prefix
+    # cache keeps); ``kvs``: as handed on (in the KV dtype).
     if len(self._group_sizes) == 1:
-      out, rows = self._prefill(self.params, packed)
+      logits, cols, rows = self._prefill(self.params, packed)
       full = [RequestKV(rows[i], len(r.prompt_ids))
               for i, r in enumerate(reqs)]
       kvs = [self._payload(kv) for kv in full]
@@ -552,7 +573,9 @@ class PrefillEngine:
               for i, r in enumerate(reqs)]
       kvs = [self._payload(kv) for kv in full]
       _announce(kvs, kv_ready)
-      out = self._head(self.params, x, packed)
+      logits, cols = self._head(self.params, x, packed)
+    all_greedy = all(r.sampling.temperature == 0.0 for r in reqs)
+    out = self._first_token[all_greedy](logits, cols)
     tok, lp = unpack_outputs(jax.device_get(out))
     self._observe(sum(len(r.prompt_ids) for r in reqs),
                   time.perf_counter() - t0)
@@ -690,11 +713,17 @@ class PrefillEngine:
   def _warmup(self) -> None:
     from pdjax.engine.sampling import SamplingParams
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    sampled = SamplingParams(max_tokens=1, temperature=1.0)
+    sampled_rows: set[int] = set()   # first-token programs by batch size
     for bucket in self.config.buckets:
       for batch in self.config.batch_sizes(bucket):
         reqs = [PrefillRequest(f"warmup-{i}", [1] * bucket, greedy)
                 for i in range(batch)]
         out = self._prefill_batch(reqs, bucket)
+        if batch not in sampled_rows:
+          sampled_rows.add(batch)
+          self._prefill_batch([dataclasses.replace(r, sampling=sampled)
+                               for r in reqs], bucket)
       # Layer groups joined into one array: a hand-off that falls back
       # from CUDA IPC to a path that moves the whole KV.
       if out[0].kv.layer_groups:
