@@ -57,7 +57,9 @@ class _Job:
   loop: asyncio.AbstractEventLoop
   enqueued: float = dataclasses.field(default_factory=time.monotonic)
   queue_s: float = 0.0     # enqueued -> its batch started
-  landing: object = None   # a pending LendLanding answer (same-host IPC)
+  # Same-host IPC: the asking of a LendLanding (a future of its pending
+  # answer, or of None where the hand-off cannot use a region).
+  landing: concurrent.futures.Future | None = None
 
   def resolve_first(self, message: prefill_pb2.PrefillResponse) -> None:
     def done():
@@ -253,9 +255,12 @@ class PrefillWorker:
       if not live:
         continue
       self._add_running(len(live))
-      if self.landing is not None:   # answered while the prefill runs
+      if self.landing is not None:
+        # Asked from the pool, answered while the prefill runs: starting
+        # the calls here held the prefill's dispatch up (about 0.4 ms of
+        # an H100 worker's time to first token).
         for j in live:
-          j.landing = self._ask_landing(j)
+          j.landing = self._pool.submit(self._ask_landing, j)
       # Hand-offs start as soon as each request's KV is dispatched: they
       # wait for its programs (layer group by layer group, where the engine
       # runs groups) and move it while the rest of the prefill computes.
@@ -337,8 +342,8 @@ class PrefillWorker:
         return
       t0 = time.perf_counter()   # the hand-off's time includes the lend
       dest = job.destination
-      if self.landing is not None:
-        dest = self.landing.apply(dest, job.landing)
+      if self.landing is not None and job.landing is not None:
+        dest = self.landing.apply(dest, job.landing.result())
       timeout = self.transfer_timeout_s
       if job.deadline is not None:
         timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
