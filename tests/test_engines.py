@@ -1248,8 +1248,9 @@ def test_decode_dispatch_picks_the_program_for_its_rows(local_prefill,
 
 def test_generate_gemm_choice():
   """The generate program's GEMM kernels: cuBLAS from CUBLAS_MIN_ROWS rows
-  on GPUs unless told otherwise, decided per program's row count; no option
-  at all off GPUs (a CPU compiler rejects GPU options)."""
+  on GPUs unless told otherwise (or the projections are FP8 read by bf16
+  activations), decided per program's row count; no option at all off
+  GPUs (a CPU compiler rejects GPU options)."""
   from pdjax.engine.decode_programs import (CUBLAS_MIN_ROWS,
                                             generate_compiler_options)
   many = DecodeConfig(max_seqs=CUBLAS_MIN_ROWS)
@@ -1274,6 +1275,15 @@ def test_generate_gemm_choice():
       dataclasses.replace(many, merge_dots="on"), "gpu") == {
           "xla_gpu_enable_triton_gemm": False}
   assert generate_compiler_options(many, "cpu") is None
+  # FP8 projections read by bf16 activations: Triton at every row count,
+  # unless told otherwise.
+  assert generate_compiler_options(
+      DecodeConfig(max_seqs=128), "gpu", rows=128, fp8_weights_only=True) \
+      == {"xla_gpu_enable_triton_gemm": True, **apart}
+  assert generate_compiler_options(
+      dataclasses.replace(many, triton_gemm="off"), "gpu",
+      fp8_weights_only=True) == {
+          "xla_gpu_enable_triton_gemm": False, **apart}
   with pytest.raises(ValueError, match="triton_gemm"):
     DecodeConfig(triton_gemm="cublas")
   with pytest.raises(ValueError, match="merge_dots"):
