@@ -55,6 +55,12 @@ def _remote(c, stat) -> float:
              for n in ("prefill0", "prefill1"))
 
 
+def _published(c, name) -> float:
+  """Blocks worker ``name`` has written through to the store."""
+  return metric(_metrics(c, name), "pdjax_prefix_cache_blocks",
+                'pool="prefill_remote",stat="published_blocks"')
+
+
 def _generate(client, ids):
   return client.generate(prompt_token_ids=ids, max_tokens=NEW,
                          temperature=0.0, ignore_eos=True)
@@ -106,6 +112,7 @@ def test_the_store_outlives_a_worker_restart(shared, tiny_model_dir):
   ids = np.random.RandomState(8).randint(3, 500, size=100).tolist()
   blocks = (len(ids) - 1) // PAGE
   want = reference_tokens(tiny_model_dir, [ids], NEW)[0]
+  published = {n: _published(c, n) for n in ("prefill0", "prefill1")}
   with Client(c.address, timeout_s=120) as client:
     first = _generate(client, ids)
   assert first.token_ids == want and first.usage.cached_prompt_tokens == 0
@@ -114,6 +121,12 @@ def test_the_store_outlives_a_worker_restart(shared, tiny_model_dir):
               if _proc(c, n).port() == port)
   before = metric(_metrics(c, "kvstore0"), "pdjax_kvstore_blocks_total",
                   'event="fetched"')
+  # Written through off the request's path: wait until the store has the
+  # blocks before the worker that computed them dies.
+  deadline = time.monotonic() + 60
+  while _published(c, name) < published[name] + blocks:
+    assert time.monotonic() < deadline, "the blocks never reached the store"
+    time.sleep(0.1)
   # The worker that computed it (and wrote it through) dies and comes back
   # empty, on its port; the other never had the prompt.
   old = _proc(c, name)
