@@ -574,7 +574,7 @@ class PrefillEngine:
       kvs = [self._payload(kv) for kv in full]
       _announce(kvs, kv_ready)
       logits, cols = self._head(self.params, x, packed)
-    all_greedy = all(r.sampling.temperature == 0.0 for r in reqs)
+    all_greedy = all(r.sampling.greedy for r in reqs)
     out = self._first_token[all_greedy](logits, cols)
     tok, lp = unpack_outputs(jax.device_get(out))
     self._observe(sum(len(r.prompt_ids) for r in reqs),
