@@ -217,21 +217,34 @@ class Load:
   def stop(self):
     self._stop.set()
 
+  async def answered(self, n: int, until=lambda: True,
+                     timeout_s: float = 120) -> None:
+    """Waits until ``n`` more requests have been answered and ``until()``
+    holds, or until one has failed (the caller's checks report it)."""
+    want = self.ok + n
+    deadline = time.monotonic() + timeout_s
+    while (self.ok < want or not until()) and not self.failures:
+      assert time.monotonic() < deadline, (self.ok, want)
+      await asyncio.sleep(0.05)
+
 
 def test_a_worker_moves_between_pools_under_load(elastic, reference):
+  """Each move is made while both streams have a request in flight, and
+  answered requests are waited for before and after it: on the way, one
+  that the moved worker prefilled."""
   flex = elastic.address_of("flex0")
   p0, d0 = elastic.address_of("prefill0"), elastic.address_of("decode0")
 
   async def run():
     load = Load(elastic.address, reference)
     task = asyncio.ensure_future(load.run())
-    await asyncio.sleep(2)
+    await load.answered(2)
     moved = await elastic.set_role("flex0", "prefill")
     assert elastic.pools() == {"prefill": {p0, flex}, "decode": {d0}}
-    await asyncio.sleep(3)
+    await load.answered(2, until=lambda: flex in load.prefill_workers)
     back = await elastic.set_role("flex0", "decode")
     assert elastic.pools() == {"prefill": {p0}, "decode": {d0, flex}}
-    await asyncio.sleep(2)
+    await load.answered(2)
     load.stop()
     await task
     return load, moved, back
@@ -347,11 +360,11 @@ def test_scale_down_drains_the_worker_under_load(elastic, reference):
     assert await scaler.replicas("decode") == 1
     load = Load(elastic.address, reference, streams=3, max_tokens=40)
     task = asyncio.ensure_future(load.run())
-    await asyncio.sleep(3)
+    await load.answered(3)
     await scaler.scale("decode", 0)     # decode0 goes; flex0 stays
     assert await scaler.replicas("decode") == 0
     code = await asyncio.to_thread(decode0.popen.wait, 120)
-    await asyncio.sleep(1)
+    await load.answered(3)              # flex0 alone serves on
     load.stop()
     await task
     return load, code

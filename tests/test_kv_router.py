@@ -357,12 +357,13 @@ def _shared_prefix_run(address, salt):
   prefix = rng.randint(3, 512, size=PREFIX_LEN).tolist()
   out = []
   with Client(address, timeout_s=120) as client:
-    for _ in range(NUM_REQUESTS):
+    for i in range(NUM_REQUESTS):
+      if i:
+        time.sleep(1.2)
       ids = prefix + rng.randint(3, 512, size=SUFFIX_LEN).tolist()
       r = client.generate(prompt_token_ids=ids, max_tokens=MAX_NEW,
                           temperature=0.0, ignore_eos=True, cache_salt=salt)
       out.append((r.usage.prefill_worker, r.token_ids))
-      time.sleep(1.2)
   return out
 
 

@@ -1,6 +1,6 @@
 """Reliability under load, faults and overload, with real processes.
 
-* soak: 2,000 requests of random lengths, 20% cancelled at random points,
+* soak: 600 requests of random lengths, 20% cancelled at random points,
   5% with tiny deadlines; afterwards every request is accounted for, every
   KV allocation on every worker is back to zero, and worker memory is flat;
 * faults: kill -9 a decode and a prefill worker under load: the others'
@@ -103,7 +103,7 @@ async def _one(client: AsyncClient, rng: random.Random, i: int):
     return f"error:{e.code().name}:{e.details()}", got
 
 
-def test_soak_800_requests_leave_nothing_behind(cluster):
+def test_soak_600_requests_leave_nothing_behind(cluster):
   rng = random.Random(1234)
   decoders = cluster.worker_names("decode")
 
@@ -117,23 +117,28 @@ def test_soak_800_requests_leave_nothing_behind(cluster):
 
   warm = asyncio.run(run(150))
   rss_before = {n: cluster.rss_bytes(n) for n in decoders}
-  results = warm + asyncio.run(run(650))
+  results = warm + asyncio.run(run(450))
   outcomes = {}
   for o, _ in results:
     outcomes[o] = outcomes.get(o, 0) + 1
-  assert sum(outcomes.values()) == 800
+  assert sum(outcomes.values()) == 600
   unexpected = {k: v for k, v in outcomes.items()
                 if k not in ("completed", "cancelled", "deadline")}
   assert not unexpected, outcomes
-  # Of 800: 75% expected to complete, 20% cancelled, 5% past a deadline.
-  assert outcomes.get("completed", 0) > 540, outcomes
-  assert outcomes.get("cancelled", 0) > 120, outcomes
-  assert outcomes.get("deadline", 0) > 15, outcomes
+  # The seeded draws of these 600 ask for 458 to complete, 106 to be
+  # cancelled (a cancel point at or past max_tokens completes instead) and
+  # 36 to end past a deadline of 1-20 ms (a fast one may complete first);
+  # the bounds are 88%, 85% and 31% of that.
+  assert outcomes.get("completed", 0) > 405, outcomes
+  assert outcomes.get("cancelled", 0) > 90, outcomes
+  assert outcomes.get("deadline", 0) > 11, outcomes
   assert _wait_idle(cluster) == {}, "KV allocations left behind"
   for n in decoders:
     grown = cluster.rss_bytes(n) - rss_before[n]
-    # 650 requests after the warm-up: a leak of 128 KiB a request shows.
-    assert grown < 64 << 20, f"{n} grew {grown / 2**20:.0f} MiB"
+    # 450 requests after the warm-up: a leak of 103 KiB a request (45.3
+    # MiB) shows. Serving them grows a worker by a few MiB, and by about
+    # 10 more for each program first compiled after the warm-up.
+    assert grown < 45 << 20, f"{n} grew {grown / 2**20:.0f} MiB"
     # The decode loop's iterations are in its metrics, both phases.
     text = cluster.metrics(n)
     count = "pdjax_decode_iteration_seconds_count"

@@ -327,8 +327,11 @@ def test_router_process_is_live_but_not_ready_without_workers(tmp_path):
   from pdjax.launch.cluster import LocalCluster
   cluster = LocalCluster(tmp_path)
   try:
+    # The test deployment's tiny tokenizer, not the default SmolLM2's (4 s
+    # to parse from its GGUF).
     router = cluster.start("router", "pdjax.launch.router",
-                           ["--decode_workers=127.0.0.1:1"], devices=0)
+                           ["--config=test", "--decode_workers=127.0.0.1:1"],
+                           devices=0)
     cluster.wait_ready([router], 120)
     with Client(f"127.0.0.1:{router.port()}", timeout_s=10) as c:
       got = tuple(c.health(s) for s in ("", GENERATION_SERVICE,

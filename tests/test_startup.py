@@ -95,11 +95,16 @@ def held_port():
   server.stop(0)
 
 
+# The test deployment throughout: the default one's model is SmolLM2,
+# whose tokenizer (a 49,152-token vocabulary parsed from its GGUF) the
+# router and the gateway would load before binding, 4 s of each start.
 @pytest.mark.parametrize("module, args", [
-    ("pdjax.launch.router", ["--decode_workers=127.0.0.1:1"]),
+    ("pdjax.launch.router", ["--config=test",
+                             "--decode_workers=127.0.0.1:1"]),
     ("pdjax.launch.decode", ["--config=test", "--mesh=dp=1",
                              "--nowarmup"]),
-    ("pdjax.launch.gateway", ["--router=127.0.0.1:1", "--wait_router_s=0"]),
+    ("pdjax.launch.gateway", ["--config=test", "--router=127.0.0.1:1",
+                              "--wait_router_s=0"]),
 ])
 def test_a_port_in_use_is_refused(held_port, module, args):
   line = _refused(_run(module, "--host=127.0.0.1", f"--port={held_port}",

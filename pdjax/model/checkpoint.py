@@ -40,7 +40,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from pdjax.model import llama
 from pdjax.model.config import ModelConfig, RopeConfig
@@ -62,6 +61,15 @@ TOKENIZER_FILES = (
 
 
 # ------------------------------------------------------------------ helpers
+def _checkpointer():
+  """orbax's ``StandardCheckpointer``. orbax (and tensorstore under it) is
+  imported here, when a checkpoint is saved or restored: every worker and
+  tool imports this module (``pdjax.model.loading``) whatever format it
+  loads, and the import was a fifth of a second of CPU at each start."""
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer()
+
+
 def _flatten(tree) -> dict[str, Any]:
   """{"layers/wq": leaf, ...} for a nested dict pytree."""
   out = {}
@@ -185,7 +193,7 @@ def save_checkpoint(path: str | Path, params: llama.Params, cfg: ModelConfig,
     # Until the new arrays are committed the directory is not a checkpoint.
     (path / METADATA_FILE).unlink()
 
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = _checkpointer()
   try:
     checkpointer.save(path / PARAMS_DIR, params, force=overwrite)
     checkpointer.wait_until_finished()
@@ -291,7 +299,7 @@ def restore_checkpoint(path: str | Path, shardings=None, *,
     shardings = jax.tree.map(lambda _: shardings, llama.abstract_params(cfg))
   target = llama.abstract_params(cfg, shardings)
 
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = _checkpointer()
   try:
     params = checkpointer.restore(path / PARAMS_DIR, target)
   except Exception as e:  # orbax/tensorstore raise many types; add context.
