@@ -32,7 +32,7 @@ from pdjax.transfer import cuda_ipc as ci
 from pdjax.transfer.block_pulls import AutoBlockPulls, make_block_pulls
 from pdjax.transfer.device import BlockPulls
 from test_cuda_ipc import Clock, HeldGpu, _bits
-from test_kvstore import _Loop, _serve
+from test_kvstore import _serve, loop  # noqa: F401 (a fixture)
 
 SHAPE = (2, 2, 4, 2, 8)       # [2, layers, page, kv_heads, head_dim]
 SEC = common.Security(service_token="block-pulls-test")
@@ -80,13 +80,6 @@ class Cache:
     if self.rename:
       out = [(n, a) for n, (_, a) in zip(self.rename, out)]
     return out
-
-
-@pytest.fixture(scope="module")
-def loop():
-  lp = _Loop()
-  yield lp
-  lp.close()
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from pdjax.sharding import ShardingRules, make_mesh
 from pdjax.transfer import cuda_ipc
 from pdjax.transfer.block_pulls import make_block_pulls
 from pdjax.transfer.device import BlockPulls
-from test_kvstore import _Loop, _serve
+from test_kvstore import _serve, loop  # noqa: F401 (a fixture)
 
 PAGE = 16
 PCFG = PrefillConfig(buckets=(64,), max_batch=1, page_size=PAGE,
@@ -133,13 +133,6 @@ class Worker:
 def _layout(cfg):
   from pdjax.engine.remote_tier import layout_of
   return layout_of(cfg, PAGE)
-
-
-@pytest.fixture(scope="module")
-def loop():
-  lp = _Loop()
-  yield lp
-  lp.close()
 
 
 @pytest.fixture(scope="module")

@@ -317,6 +317,14 @@ class _Loop:
     self.thread.join(5)
 
 
+@pytest.fixture(scope="module")
+def loop():
+  """A module's ``_Loop`` for its in-process servers."""
+  lp = _Loop()
+  yield lp
+  lp.close()
+
+
 async def _serve(servicer, security):
   server = common.make_server(security)
   blockstore_pb2_grpc.add_BlockStoreServicer_to_server(servicer, server)
