@@ -229,9 +229,10 @@ class Load:
 
 
 def test_a_worker_moves_between_pools_under_load(elastic, reference):
-  """Each move is made while both streams have a request in flight, and
-  answered requests are waited for before and after it: on the way, one
-  that the moved worker prefilled."""
+  """The moves are made under load (two streams of requests, back to
+  back): the first once two requests are answered, the second once two
+  more are and the moved worker has prefilled one; the load runs on until
+  two more are answered after it."""
   flex = elastic.address_of("flex0")
   p0, d0 = elastic.address_of("prefill0"), elastic.address_of("decode0")
 

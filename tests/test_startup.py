@@ -122,11 +122,15 @@ def test_the_local_launcher_refuses_a_port_in_use_in_one_line(held_port):
   assert f"127.0.0.1:{held_port}" in line and "in use" in line, line
 
 
-def test_the_router_and_gateway_start_without_jax():
-  """The router and the gateway run no programs: importing them loads no
-  JAX (1.5 s of every start, and a backend they must not hold)."""
+def test_the_router_and_gateway_start_without_jax(tiny_model_dir):
+  """The router and the gateway run no programs: importing them, and
+  loading the model's tokenizer as they do at start, loads no JAX (1.5 s
+  of every start, and a backend they must not hold)."""
   code = ("import sys, pdjax.launch.router, pdjax.launch.gateway, "
           "pdjax.launch.kvstore; "
+          "from pdjax.model.registry import resolve_checkpoint; "
+          "from pdjax.tokenizer import Tokenizer; "
+          "Tokenizer.from_checkpoint(resolve_checkpoint('tiny')); "
           "print(sorted(m for m in ('jax', 'jaxlib') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=120, check=True).stdout

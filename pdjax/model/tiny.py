@@ -30,7 +30,6 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from pdjax.model.config import ModelConfig, RopeConfig
-from pdjax.model.llama import param_shapes
 
 TINY_MODEL_NAME = "pdjax-tiny"
 TINY_MODEL_VERSION = "v2"  # v2: a chat template in tokenizer_config.json
@@ -145,6 +144,7 @@ def _bitexact_normal(seed: int, name: str, shape: tuple[int, ...]
 def tiny_params(cfg: ModelConfig | None = None, seed: int = WEIGHTS_SEED
                 ) -> dict:
   """The weights as a pytree of float32 numpy arrays in pdjax layout."""
+  from pdjax.model.llama import param_shapes  # Imports jax.
   cfg = cfg or tiny_config()
   spec = param_shapes(cfg)
 
