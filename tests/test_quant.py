@@ -31,6 +31,9 @@ def test_quantization_matches_the_numpy_reference(contracted):
   q, scale = jax.jit(quant.quantize_fp8, static_argnums=1)(
       jnp.asarray(w), contracted)
   q_ref, scale_ref = quant.quantize_fp8_numpy(w, contracted)
+  # Stored output-major: the contracted axes minor, as FP8 GEMMs read them.
+  assert q.shape == (2, 12) + w.shape[1:1 + contracted]
+  assert scale.shape == (2, 12)
   np.testing.assert_array_equal(np.asarray(scale), scale_ref)
   np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
                                 q_ref.view(np.uint8))
@@ -72,6 +75,9 @@ def test_the_model_computes_with_the_dequantized_weights(tiny_decode_params):
   qparams, qcfg = quant.quantize_params(params, cfg)
   assert qcfg.weight_dtype == quant.FP8
   assert qparams["layers"]["wq"].dtype == jnp.float8_e4m3fn
+  # The layout the pools place and load quantized weights in is theirs.
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), qparams) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), llama.abstract_params(qcfg))
   assert qcfg.fingerprint() != cfg.fingerprint()
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 24)),
                        jnp.int32)
@@ -193,7 +199,7 @@ def test_w8a8_projection_sums_the_fp8_products_in_float32():
   xq, s = llama.quantize_tokens(jnp.asarray(x), "btd,df->btf",
                                 jnp.float8_e4m3fn)
   xq64 = np.asarray(xq.astype(jnp.float32)).astype(np.float64)
-  wq64 = np.asarray(q[0].astype(jnp.float32)).astype(np.float64)
+  wq64 = np.asarray(q[0].astype(jnp.float32)).astype(np.float64).T
   scales = np.asarray(s, np.float64) * np.asarray(scale[0], np.float64)
   want = np.einsum("btd,df->btf", xq64, wq64) * scales
   size = np.einsum("btd,df->btf", np.abs(xq64), np.abs(wq64)) * scales

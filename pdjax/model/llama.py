@@ -60,7 +60,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     layers["b_up"] = ((L, F), ("layers", "mlp"))
     layers["b_down"] = ((L, D), ("layers", "embed"))
   if cfg.weight_dtype is not None:
-    _add_scales(layers)
+    _quantized_layout(layers)
   out = {
       "embed": ((V, D), ("vocab", "embed")),
       "layers": layers,
@@ -79,11 +79,26 @@ QUANTIZED = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
 SCALE_SUFFIX = "_scale"
 
 
-def _add_scales(layers: dict) -> None:
-  """Adds a ``<name>_scale`` leaf per quantized projection: float32, one
-  per output channel, laid out as those channels."""
+def output_major(axes: tuple, contracted: int) -> tuple:
+  """A projection's axes ``(layers, *in, *out)`` (``contracted`` of them
+  in) as a quantized projection stores them: ``(layers, *out, *in)``.
+
+  The contracted axes are minor because that is how FP8 GEMMs read both
+  operands (cuBLASLt's FP8 kernels take only the "TN" layout): stored
+  input-major, every FP8 weight would be transposed, in HBM, by every
+  step that reads it."""
+  return (axes[0],) + tuple(axes[1 + contracted:]) + tuple(
+      axes[1:1 + contracted])
+
+
+def _quantized_layout(layers: dict) -> None:
+  """Quantized projections: stored output-major (``output_major``), each
+  with a ``<name>_scale`` leaf beside it, float32, one per output channel,
+  laid out as those channels."""
   for name, contracted in QUANTIZED.items():
     shape, axes = layers[name]
+    layers[name] = (output_major(shape, contracted),
+                    output_major(axes, contracted))
     layers[name + SCALE_SUFFIX] = (
         (shape[0],) + shape[1 + contracted:],
         (axes[0],) + axes[1 + contracted:])
@@ -188,23 +203,38 @@ def _dot(x, w, subscripts):
 
 def _proj(x, lp, name: str, subscripts: str, act_dtype=None):
   """``x`` through a layer's projection ``name``. A quantized one (a
-  ``<name>_scale`` beside it) is read in its storage dtype, widened to the
-  activations' inside the program, and its output channels scaled:
-  x @ (w_q * s) == (x @ w_q) * s for a scale per output channel. With
-  ``act_dtype`` (FP8) the activations are quantized too, each token by its
-  own scale (``quantize_tokens``), and the GEMM reads both operands in FP8,
-  accumulating in float32; both scales are applied to its output."""
+  ``<name>_scale`` beside it) is read in its storage dtype and layout
+  (output-major: ``output_major``), widened to the activations' inside the
+  program, and its output channels scaled: x @ (w_q * s) == (x @ w_q) * s
+  for a scale per output channel. With ``act_dtype`` (FP8) the activations
+  are quantized too, each token by its own scale (``quantize_tokens``),
+  and the GEMM reads both operands in FP8, accumulating in float32; both
+  scales are applied to its output. ``subscripts`` name the weight's axes
+  as the unquantized model lays them out (input-major)."""
   w = lp[name]
   scale = lp.get(name + SCALE_SUFFIX)
   if scale is None:
     return _dot(x, w, subscripts)
+  stored = _output_major_subscripts(subscripts)
   if act_dtype is not None:
     xq, xs = quantize_tokens(x, subscripts, act_dtype)
-    y = jnp.einsum(subscripts, xq, w, preferred_element_type=jnp.float32)
+    y = jnp.einsum(stored, xq, w, preferred_element_type=jnp.float32)
     return (y * xs * scale).astype(x.dtype)
-  y = jnp.einsum(subscripts, x, w.astype(x.dtype),
+  y = jnp.einsum(stored, x, w.astype(x.dtype),
                  preferred_element_type=jnp.float32)
   return (y * scale).astype(x.dtype)
+
+
+def _output_major_subscripts(subscripts: str) -> str:
+  """``subscripts`` of a projection with its weight's contracted axes
+  moved last, as a quantized weight is stored ("btd,dnh->btnh" ->
+  "btd,nhd->btnh")."""
+  inputs, out = subscripts.split("->")
+  x_axes, w_axes = inputs.split(",")
+  contracted = "".join(c for c in w_axes if c not in out)
+  kept = "".join(c for c in w_axes if c in out)
+  assert w_axes == contracted + kept, subscripts
+  return f"{x_axes},{kept + contracted}->{out}"
 
 
 def quantize_tokens(x, subscripts: str, dtype):
@@ -695,7 +725,7 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
-    "param_dtypes", "QUANTIZED", "SCALE_SUFFIX",
+    "param_dtypes", "QUANTIZED", "SCALE_SUFFIX", "output_major",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",

@@ -3,7 +3,8 @@ channel with its own float32 scale.
 
 ``w ~= q * s``: for every output channel, ``s = max|w| / 448`` over the
 inputs it is contracted with (448: e4m3's largest finite value), and
-``q = round_to_e4m3(w / s)``. e4m3 keeps 3 mantissa bits: a value in the
+``q = round_to_e4m3(w / s)``, stored output-major (the contracted axes
+minor: ``llama.output_major``). e4m3 keeps 3 mantissa bits: a value in the
 normal range (``|w / s| >= 2**-6``) is rounded to within 2**-4 of itself
 relative, and one below it to within half the smallest subnormal step,
 ``2**-10`` absolute (times ``s``). The model multiplies by ``q`` widened to
@@ -31,9 +32,23 @@ FP8_MAX = llama.FP8_MAX   # e4m3's largest finite value
 _INV_MAX = np.float32(1.0 / FP8_MAX)
 
 
+def _to_output_major(w, contracted: int):
+  """``w`` [layers, *in, *out] transposed to [layers, *out, *in]."""
+  return w.transpose(llama.output_major(tuple(range(w.ndim)), contracted))
+
+
+def _to_input_major(q, contracted: int):
+  """The inverse of ``_to_output_major`` (``q``'s last ``contracted`` axes
+  back after the layers)."""
+  outs = q.ndim - 1 - contracted
+  return q.transpose((0,) + tuple(range(1 + outs, q.ndim))
+                     + tuple(range(1, 1 + outs)))
+
+
 def quantize_fp8(w, contracted: int):
   """(q, scale) of ``w`` [layers, *in (``contracted`` axes), *out]: one
-  float32 scale per layer and output channel."""
+  float32 scale per layer and output channel, and ``q`` stored
+  output-major, [layers, *out, *in] (``llama.output_major``)."""
   axes = tuple(range(1, 1 + contracted))
   w32 = w.astype(jnp.float32)
   amax = jnp.max(jnp.abs(w32), axis=axes)
@@ -43,14 +58,15 @@ def quantize_fp8(w, contracted: int):
   expand = scale.reshape(scale.shape[:1] + (1,) * contracted
                          + scale.shape[1:])
   q = jnp.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-  return q, scale
+  return _to_output_major(q, contracted), scale
 
 
 def dequantize(q, scale, contracted: int, dtype=jnp.float32):
-  """``q * scale`` back in ``dtype`` (tests and reference paths)."""
-  expand = scale.reshape(scale.shape[:1] + (1,) * contracted
-                         + scale.shape[1:])
-  return (q.astype(jnp.float32) * expand).astype(dtype)
+  """``q * scale`` back in ``dtype`` and in the model's layout
+  ([layers, *in, *out]: tests and reference paths)."""
+  expand = scale.reshape(scale.shape + (1,) * contracted)
+  return _to_input_major((q.astype(jnp.float32) * expand).astype(dtype),
+                         contracted)
 
 
 def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
@@ -90,7 +106,7 @@ def quantize_fp8_numpy(w: np.ndarray, contracted: int):
                          + scale.shape[1:])
   q = np.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(
       ml_dtypes.float8_e4m3fn)
-  return q, scale
+  return _to_output_major(q, contracted), scale
 
 
 __all__ = ["FP8", "FP8_MAX", "dequantize", "quantize_fp8",
