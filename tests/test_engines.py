@@ -493,18 +493,23 @@ def test_layer_group_settings():
   assert dep.prefill_engine_config(layer_groups=4).layer_groups == 4
 
 
-def test_prefill_in_layer_groups_equals_fused(tiny, rules):
+@pytest.mark.parametrize("weights", ["model", "fp8"])
+def test_prefill_in_layer_groups_equals_fused(tiny, rules, weights):
   """Prefill run as layer-group programs (3 layers in groups of 2 and 1, so
   both group programs exist) at TP=2: the fused program's first tokens and
   KV. Each bucketed request's KV comes as its groups, and reaches
   ``kv_ready`` (the same object the result carries); the chunked prompt
   runs fused. The bucketed prompts are two pairs of one bucket: every
-  program of the model is compiled once."""
+  program of the model is compiled once. FP8 weights are stored one array
+  per layer, and each group's program picks its own layers' arrays."""
   from pdjax.model.llama import init_params
+  from pdjax.model.quant import quantize_params
   cfg = tiny[0].replace(num_layers=3)
   mesh = make_mesh({"tp": 2}, jax.devices()[4:6])
-  params = shard_params(init_params(cfg, seed=3), cfg, rules["prefill_tp"],
-                        mesh)
+  params = init_params(cfg, seed=3)
+  if weights == "fp8":
+    params, cfg = quantize_params(params, cfg)
+  params = shard_params(params, cfg, rules["prefill_tp"], mesh)
   fused = PrefillEngine(params, cfg, mesh, rules["prefill_tp"], PCFG)
   grouped = PrefillEngine(params, cfg, mesh, rules["prefill_tp"],
                           dataclasses.replace(PCFG, layer_groups=2))

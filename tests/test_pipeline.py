@@ -365,6 +365,13 @@ def test_pipeline_limits(params):
     shard_params(params, CFG, ShardingRules.load("decode_dp_pp"), mesh)
   with pytest.raises(ValueError, match="num_microbatches"):
     DecodeConfig(num_microbatches=-1)
+  # FP8 weights are stored one array per layer, which stages cannot split.
+  from pdjax.model.quant import quantize_params
+  qparams, qcfg = quantize_params(params, CFG)
+  mesh = make_mesh({"dp": 1, "pp": 2}, jax.devices()[:2])
+  rules = ShardingRules.load("decode_dp_pp")
+  with pytest.raises(ValueError, match="pipeline stages"):
+    DecodeEngine(qparams, qcfg, mesh, rules, DCFG)
 
 
 def test_device_transport_lands_each_stage_its_own_layers(params):

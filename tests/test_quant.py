@@ -74,7 +74,10 @@ def test_the_model_computes_with_the_dequantized_weights(tiny_decode_params):
   params, cfg, _, _ = tiny_decode_params
   qparams, qcfg = quant.quantize_params(params, cfg)
   assert qcfg.weight_dtype == quant.FP8
-  assert qparams["layers"]["wq"].dtype == jnp.float8_e4m3fn
+  # One array per layer (llama.per_layer), each in FP8.
+  wq = qparams["layers"]["wq"]
+  assert isinstance(wq, list) and len(wq) == cfg.num_layers
+  assert all(w.dtype == jnp.float8_e4m3fn for w in wq)
   # The layout the pools place and load quantized weights in is theirs.
   assert jax.tree.map(lambda a: (a.shape, a.dtype), qparams) == jax.tree.map(
       lambda a: (a.shape, a.dtype), llama.abstract_params(qcfg))

@@ -308,7 +308,7 @@ def main(argv) -> None:
   trace_root = Path(FLAGS.trace_dir or tempfile.mkdtemp(prefix=TOOL + "_"))
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params = bc.random_params(cfg, rules, mesh, seed=FLAGS.seed)
+  params, cfg = bc.benchmark_weights(cfg, rules, mesh, seed=FLAGS.seed)
   budget = bc.hbm_budget_bytes(FLAGS.hbm_gib)
   print(f"profile_decode: {cfg.name} ({cfg.param_count() / 1e9:.2f}B, "
         f"{cfg.dtype}) on {bc.device_kind()}; bandwidth "

@@ -251,6 +251,12 @@ class _Programs:
     self._forward = decode_forward
     self._forward_tokens = decode_forward_tokens
     if self.stages > 1:
+      if cfg.weight_dtype is not None:
+        # Quantized projections are stored one array per layer
+        # (llama.per_layer), which pipeline stages cannot split by layer.
+        raise ValueError(f"weight_dtype {cfg.weight_dtype!r} with "
+                         f"{self.stages} pipeline stages: FP8 weights are "
+                         "served by pools without a pp axis")
       if cfg.num_layers % self.stages:
         raise ValueError(f"{cfg.num_layers} layers do not split into "
                          f"{self.stages} pipeline stages")

@@ -39,7 +39,7 @@ from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import (Params, kv_to_pool, prefill_chunk,
+from pdjax.model.llama import (Params, kv_to_pool, per_layer, prefill_chunk,
                                prefill_embed, prefill_forward,
                                prefill_last_logits, prefill_layer_group)
 from pdjax.sharding import ShardingRules
@@ -141,7 +141,7 @@ def _embed_program(params, packed, *, x_spec):
                                           x_spec)
 
 
-def _group_program(params, x, first_layer, *, cfg, num_layers, page_size,
+def _group_program(params, x, *, first_layer, cfg, num_layers, page_size,
                    kv_spec, x_spec):
   """One layer group of a batch: the residual stream on, and the group's
   KV per request (``[num_layers, 2, T/P, P, K, hd]``)."""
@@ -369,14 +369,24 @@ class PrefillEngine:
                               (config.max_batch, config.chunk,
                                cfg.hidden_size), what="residual stream")
       self._embed = jax.jit(functools.partial(_embed_program, x_spec=x_spec))
-      self._groups = {
-          n: jit(functools.partial(
-              _group_program, cfg=cfg, num_layers=n, page_size=P,
-              kv_spec=kv_spec, x_spec=x_spec))
-          for n in set(self._group_sizes)}
+      starts = [int(f) for f in np.cumsum([0] + self._group_sizes[:-1])]
+      group = functools.partial(_group_program, cfg=cfg, page_size=P,
+                                kv_spec=kv_spec, x_spec=x_spec)
+      # (params, x) -> (x, rows) of each group, in order.
+      if per_layer(params["layers"]):
+        # Weights stored per layer: each group's program picks its own
+        # layers' arrays, so one program per group (first_layer fixed).
+        self._group_calls = [
+            jit(functools.partial(group, num_layers=n, first_layer=f))
+            for n, f in zip(self._group_sizes, starts)]
+      else:
+        # One program per group size, the first layer an argument.
+        programs = {n: jit(functools.partial(group, num_layers=n))
+                    for n in set(self._group_sizes)}
+        self._group_calls = [
+            functools.partial(programs[n], first_layer=self._put(np.int32(f)))
+            for n, f in zip(self._group_sizes, starts)]
       self._head = jit(functools.partial(_head_program, cfg=cfg))
-      starts = np.cumsum([0] + self._group_sizes[:-1])
-      self._group_starts = [self._put(np.int32(f)) for f in starts]
     # The first tokens, by whether every row is greedy (the host knows).
     self._first_token = {
         greedy: jax.jit(functools.partial(_first_token_program,
@@ -565,8 +575,8 @@ class PrefillEngine:
     else:
       x = self._embed(self.params, packed)
       pieces = [[] for _ in reqs]
-      for n, first in zip(self._group_sizes, self._group_starts):
-        x, rows = self._groups[n](self.params, x, first)
+      for run_group in self._group_calls:
+        x, rows = run_group(self.params, x)
         for i in range(len(reqs)):
           pieces[i].append(rows[i])
       full = [RequestKV(None, len(r.prompt_ids), layer_groups=pieces[i])

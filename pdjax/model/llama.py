@@ -16,7 +16,9 @@ Three entry points share one layer body:
 
 Layers are stacked on a leading axis and run with ``lax.scan``: compile time
 does not grow with depth, and the per-layer weights keep one array per kind,
-which is what the sharding rules and orbax checkpoints address.
+which is what the sharding rules and orbax checkpoints address. Quantized
+(FP8) projections are the exception: one array per layer, and the loops
+over layers unrolled where they are (``per_layer`` says why).
 """
 
 from __future__ import annotations
@@ -92,16 +94,55 @@ def output_major(axes: tuple, contracted: int) -> tuple:
 
 
 def _quantized_layout(layers: dict) -> None:
-  """Quantized projections: stored output-major (``output_major``), each
-  with a ``<name>_scale`` leaf beside it, float32, one per output channel,
-  laid out as those channels."""
+  """Quantized projections: one array per layer (a list: ``per_layer``),
+  each output-major (``output_major``), with a stacked ``<name>_scale``
+  leaf beside it, float32, one per layer and output channel."""
   for name, contracted in QUANTIZED.items():
     shape, axes = layers[name]
-    layers[name] = (output_major(shape, contracted),
-                    output_major(axes, contracted))
+    one = (output_major(shape, contracted)[1:],
+           output_major(axes, contracted)[1:])
+    layers[name] = [one] * shape[0]
     layers[name + SCALE_SUFFIX] = (
         (shape[0],) + shape[1 + contracted:],
         (axes[0],) + axes[1 + contracted:])
+
+
+# Weights stored one array per layer (lists in ``params["layers"]``; today
+# the FP8 projections), not stacked on a leading layer axis. A layer's slice
+# of a stacked array is read in place only by the GEMMs XLA can point into
+# a slice (cuBLAS's bf16/f32 ones): every other consumer, cuBLASLt's FP8
+# GEMMs and the Triton GEMMs that widen FP8 weights included, gets a copy
+# of it first, so a stacked FP8 model copied its weights on every step
+# (an 8B decode step on an H100: 5.1 of its 11 ms in those copies). Loops
+# over layers run unrolled where such lists are (``scan_layers``).
+def per_layer(layers: dict) -> bool:
+  """Whether any of ``layers``' leaves is stored one array per layer."""
+  return any(isinstance(v, list) for v in layers.values())
+
+
+def layer_params(layers: dict, i):
+  """Layer ``i``'s weights: its array of each per-layer leaf, its slice of
+  each stacked one (``i`` a Python int where any leaf is per layer)."""
+  return {k: v[i] for k, v in layers.items()}
+
+
+def scan_layers(layer, carry, layers: dict, xs=None):
+  """``jax.lax.scan(layer, carry, (layers, xs))`` over the model's layers
+  (``xs``: per-layer inputs stacked on axis 0, or None), unrolled into one
+  call per layer where weights are stored per layer (``per_layer``).
+  Returns (carry, stacked outputs) as scan does."""
+  if not per_layer(layers):
+    return jax.lax.scan(layer, carry, layers if xs is None else (layers, xs))
+  num = len(next(v for v in layers.values() if isinstance(v, list)))
+  outs = []
+  for i in range(num):
+    lp = layer_params(layers, i)
+    x_i = lp if xs is None else (lp, jax.tree.map(lambda a: a[i], xs))
+    carry, y = layer(carry, x_i)
+    outs.append(y)
+  if outs[0] is None:
+    return carry, None
+  return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
 
 def _is_leaf(x):
@@ -116,7 +157,8 @@ def param_dtypes(cfg: ModelConfig):
   """The storage dtype of every weight: ``cfg.dtype``, except quantized
   projections (``cfg.weight_dtype``) and their float32 scales."""
   def dtype(path, _):
-    name = path[-1].key
+    name = next(k.key for k in reversed(path)
+                if isinstance(k, jax.tree_util.DictKey))
     if cfg.weight_dtype is not None and name in QUANTIZED:
       return jnp.dtype(cfg.weight_dtype)
     if name.endswith(SCALE_SUFFIX):
@@ -340,7 +382,7 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
   def layer(x, lp):
     return _causal_layer(cfg, lp, x, cos, sin, impl)
 
-  x, (k_all, v_all) = jax.lax.scan(layer, x, params["layers"])
+  x, (k_all, v_all) = scan_layers(layer, x, params["layers"])
   return PrefillOut(_prefill_logits(params, x, true_len, cfg, all_logits),
                     k_all, v_all)
 
@@ -393,7 +435,7 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
     return attn, kb, vb
 
   def layer(x, xs):
-    lp, kb, vb = xs                            # kb, vb: [B, S, K, hd]
+    lp, (kb, vb) = xs                          # kb, vb: [B, S, K, hd]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(cfg, lp, h, cos, sin)
     if not per_row:
@@ -405,8 +447,8 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
     return (_attn_out_and_mlp(cfg, lp, x, attn),
             (tuple(p[1] for p in parts), tuple(p[2] for p in parts)))
 
-  x, (k_buf, v_buf) = jax.lax.scan(layer, x,
-                                   (params["layers"], k_buf, v_buf))
+  x, (k_buf, v_buf) = scan_layers(layer, x, params["layers"],
+                                  (k_buf, v_buf))
   return PrefillOut(_prefill_logits(params, x, true_len, cfg, all_logits),
                     k_buf, v_buf)
 
@@ -447,26 +489,41 @@ def prefill_layer_group(params: Params, x, first_layer, *, cfg: ModelConfig,
   """Layers ``first_layer .. first_layer + num_layers`` over whole prompts
   (positions from 0; right padding is harmless, as in ``prefill_forward``).
 
-  ``first_layer`` is a traced int32, so one compiled program serves every
-  group of the same size: each layer's weights are indexed out of the
-  stacked ones inside the loop, as ``lax.scan`` over the stack does.
-  Returns (x, k, v), k/v: [num_layers, B, T, K, hd].
+  ``first_layer`` is a traced int32 where the weights are stacked, so one
+  compiled program serves every group of the same size: each layer's
+  weights are indexed out of the stacked ones inside the loop, as
+  ``lax.scan`` over the stack does. Weights stored per layer
+  (``per_layer``) need it a Python int: the group's own arrays are picked
+  when the program is traced. Returns (x, k, v), k/v: [num_layers, B, T,
+  K, hd].
   """
   B, T = x.shape[:2]
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   cos, sin = rope_tables(cfg, positions)
   impl = attention_impl(x.dtype, cfg.head_dim)
-  stacked = params["layers"]
+  layers = params["layers"]
 
-  def layer(x, li):
+  def layer(x, lp):
+    return _causal_layer(cfg, lp, x, cos, sin, impl)
+
+  if per_layer(layers):
+    if not isinstance(first_layer, int):
+      raise TypeError("weights stored per layer need the group's "
+                      "first_layer as a Python int")
+    group = {k: v[first_layer:first_layer + num_layers]
+             for k, v in layers.items()}
+    x, (k, v) = scan_layers(layer, x, group)
+    return x, k, v
+
+  def indexed_layer(x, li):
     lp = jax.tree.map(
         lambda w: jax.lax.dynamic_index_in_dim(w, li, 0, keepdims=False),
-        stacked)
-    return _causal_layer(cfg, lp, x, cos, sin, impl)
+        layers)
+    return layer(x, lp)
 
   ids = jnp.asarray(first_layer, jnp.int32) + jnp.arange(num_layers,
                                                          dtype=jnp.int32)
-  x, (k, v) = jax.lax.scan(layer, x, ids)
+  x, (k, v) = jax.lax.scan(indexed_layer, x, ids)
   return x, k, v
 
 
@@ -630,8 +687,8 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
                        page_size=k_pool.shape[1], dtype=x.dtype,
                        paged_attention=paged_attention)
   layer_ids = jnp.arange(L, dtype=jnp.int32)
-  (x, k_pool, v_pool), _ = jax.lax.scan(
-      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
+  (x, k_pool, v_pool), _ = scan_layers(
+      layer, (x, k_pool, v_pool), params["layers"], layer_ids)
   logits = _logits(cfg, params, x[:, 0])
   return DecodeOut(logits, k_pool, v_pool)
 
@@ -659,8 +716,8 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
                               num_pages=k_pool.shape[0] // L,
                               page_size=k_pool.shape[1])
   layer_ids = jnp.arange(L, dtype=jnp.int32)
-  (x, k_pool, v_pool), _ = jax.lax.scan(
-      layer, (x, k_pool, v_pool), (params["layers"], layer_ids))
+  (x, k_pool, v_pool), _ = scan_layers(
+      layer, (x, k_pool, v_pool), params["layers"], layer_ids)
   return DecodeOut(_logits(cfg, params, x), k_pool, v_pool)
 
 
@@ -726,6 +783,7 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
     "param_dtypes", "QUANTIZED", "SCALE_SUFFIX", "output_major",
+    "per_layer", "layer_params", "scan_layers",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",

@@ -63,24 +63,35 @@ def quantize_fp8(w, contracted: int):
 
 def dequantize(q, scale, contracted: int, dtype=jnp.float32):
   """``q * scale`` back in ``dtype`` and in the model's layout
-  ([layers, *in, *out]: tests and reference paths)."""
+  ([layers, *in, *out]: tests and reference paths). ``q``: stacked, or
+  one array per layer as the model stores it."""
+  if isinstance(q, (list, tuple)):
+    q = jnp.stack(q)
   expand = scale.reshape(scale.shape + (1,) * contracted)
   return _to_input_major((q.astype(jnp.float32) * expand).astype(dtype),
                          contracted)
 
 
+def _quantize_per_layer(w, contracted: int):
+  """``quantize_fp8`` with ``q`` as the model stores it: a list of one
+  array per layer (``llama.per_layer``)."""
+  q, scale = quantize_fp8(w, contracted)
+  return [q[i] for i in range(q.shape[0])], scale
+
+
 def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
                     ) -> tuple[llama.Params, ModelConfig]:
-  """The weights with every projection of ``llama.QUANTIZED`` in FP8 (and
-  its scales), and the config that says so. ``shardings``: the quantized
-  config's tree (``setup.param_shardings``) to place the results in;
+  """The weights with every projection of ``llama.QUANTIZED`` in FP8, one
+  array per layer (and its scales, stacked), and the config that says so.
+  ``shardings``: the quantized config's tree (``setup.param_shardings``)
+  to place the results in;
   None keeps each input's."""
   if cfg.weight_dtype is not None:
     raise ValueError(f"the weights are already {cfg.weight_dtype}")
   qcfg = cfg.replace(weight_dtype=FP8)
   layers = dict(params["layers"])
   for name, contracted in llama.QUANTIZED.items():
-    fn = functools.partial(quantize_fp8, contracted=contracted)
+    fn = functools.partial(_quantize_per_layer, contracted=contracted)
     if shardings is not None:
       fn = jax.jit(fn, out_shardings=(
           shardings["layers"][name],
