@@ -21,10 +21,11 @@ from jax.sharding import PartitionSpec
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.sampling import sample
 from pdjax.engine.speculative import accept
-from pdjax.engine.xla_options import gemm_options
+from pdjax.engine.xla_options import FIXED_KERNELS, gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
-                               decode_forward_tokens, kv_to_pool)
+                               decode_forward_tokens, decode_tokens_as_steps,
+                               kv_to_pool)
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
                                   pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
@@ -188,14 +189,18 @@ def generate_compiler_options(dcfg: DecodeConfig, platform: str,
   activations (``fp8_weights_only``, W8A16): cuBLAS widens such weights
   in a pass of their own before its GEMM, Triton's GEMM reads them as
   they are (Llama-3-8B shapes on an H100: 1.2-1.7x faster steps at 1 to
-  128 rows)."""
+  128 rows). A batch-invariant pool's programs are not autotuned
+  (``FIXED_KERNELS``)."""
   if platform not in ("gpu", "cuda"):
     return None
   rows = dcfg.max_seqs if rows is None else rows
   triton = dcfg.triton_gemm == "on" or (
       dcfg.triton_gemm == "auto"
       and (rows < CUBLAS_MIN_ROWS or fp8_weights_only))
-  return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
+  out = gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
+  if dcfg.batch_invariant:
+    out.update(FIXED_KERNELS)
+  return out
 
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
@@ -315,11 +320,19 @@ class _Programs:
 
   def verify_program(self, all_greedy: bool, rows: int):
     """A new jitted verify program (speculative decoding) for calls of
-    ``rows`` rows: (params, state, slots, drafts, num_drafts)."""
+    ``rows`` rows: (params, state, slots, drafts, num_drafts), verifying
+    the call's first ``dcfg.verify_rows(rows)`` rows (``drafts``' rows).
+    A batch-invariant pool's runs their tokens as the rows of one decode
+    step of ``rows`` rows, the generate program's."""
+    forward_tokens = self._forward_tokens
+    if self.dcfg.batch_invariant:
+      forward_tokens = functools.partial(
+          decode_tokens_as_steps, rows=rows, forward=self._forward,
+          paged_attention=self.paged_attention[rows])
     entry = functools.partial(
         _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
         capacity=self.dcfg.max_seq_len, all_greedy=all_greedy,
-        forward_tokens=self._forward_tokens)
+        forward_tokens=forward_tokens)
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
@@ -368,8 +381,11 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   (``pdjax.engine.speculative.accept``), and stops at the first EOS, stop
   id, max_tokens or the context's end among them. Outputs as a generate
   call's of k + 1 steps: step ``i`` holds the row's ``i``-th new token,
-  ``valid`` where there is one."""
+  ``valid`` where there is one. The rows verified are the call's first
+  ``drafts.shape[0]`` (all of them but in a batch-invariant pool, whose
+  calls have more rows than a verify pass holds; the others are padding)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  slots = jax.tree.map(lambda a: a[:drafts.shape[0]], slots)
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
