@@ -19,7 +19,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
-from pdjax.engine.sampling import sample
+from pdjax.engine.sampling import sample, token_logprobs
 from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import FIXED_KERNELS, gemm_options
 from pdjax.model.config import ModelConfig
@@ -324,15 +324,16 @@ class _Programs:
     the call's first ``dcfg.verify_rows(rows)`` rows (``drafts``' rows).
     A batch-invariant pool's runs their tokens as the rows of one decode
     step of ``rows`` rows, the generate program's."""
-    forward_tokens = self._forward_tokens
+    forward_tokens, step_rows = self._forward_tokens, None
     if self.dcfg.batch_invariant:
       forward_tokens = functools.partial(
           decode_tokens_as_steps, rows=rows, forward=self._forward,
           paged_attention=self.paged_attention[rows])
+      step_rows = rows
     entry = functools.partial(
         _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
         capacity=self.dcfg.max_seq_len, all_greedy=all_greedy,
-        forward_tokens=forward_tokens)
+        forward_tokens=forward_tokens, step_rows=step_rows)
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
@@ -373,7 +374,7 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
 
 def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
                   eos_ids, capacity, all_greedy,
-                  forward_tokens=decode_forward_tokens):
+                  forward_tokens=decode_forward_tokens, step_rows=None):
   """Speculative decoding's call: each of the call's rows runs its current
   token and its ``num_drafts`` drafted tokens (``drafts`` [b, k], the rest
   padding) through the model in one pass, keeps the drafts the model
@@ -383,7 +384,10 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   call's of k + 1 steps: step ``i`` holds the row's ``i``-th new token,
   ``valid`` where there is one. The rows verified are the call's first
   ``drafts.shape[0]`` (all of them but in a batch-invariant pool, whose
-  calls have more rows than a verify pass holds; the others are padding)."""
+  calls have more rows than a verify pass holds; the others are padding).
+  ``step_rows``: a batch-invariant pool's decode step rows, which
+  ``forward_tokens`` runs the tokens as; their logprobs are then computed
+  as that step's sampler computes its rows' (``logprobs_as_steps``)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   slots = jax.tree.map(lambda a: a[:drafts.shape[0]], slots)
   rows = slots.rows
@@ -400,6 +404,8 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
       slots.seed, gen, all_greedy=all_greedy)
+  if step_rows is not None:
+    logprobs = logprobs_as_steps(out.logits, toks, step_rows)
   valid, finished, stopped = [], [], []
   ended = ~live
   for i in range(T):
@@ -428,6 +434,19 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       generated=state.generated.at[rows].set(gen + n_emit),
       done=state.done.at[rows].set(done | jnp.any(finished, axis=0))
   ), pack_step_output(step_out)
+
+
+def logprobs_as_steps(logits, tokens, rows: int):
+  """The log-probabilities of ``tokens`` [B, T] under ``logits`` [B, T, V]
+  computed as the sampler of a decode step of ``rows`` rows computes its
+  rows' (``sampling.token_logprobs`` over [rows, V]): the B x T positions
+  laid out as that step's rows, padded, so that each is that step's, bit
+  for bit (a reduction over another shape may round differently)."""
+  B, T, V = logits.shape
+  pad = rows - B * T
+  flat = jnp.pad(logits.reshape(B * T, V), ((0, pad), (0, 0)))
+  flat_tokens = jnp.pad(tokens.reshape(B * T), (0, pad))
+  return token_logprobs(flat, flat_tokens)[:B * T].reshape(B, T)
 
 
 def pack_step_output(out: StepOutput) -> jax.Array:
