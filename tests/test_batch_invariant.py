@@ -87,12 +87,20 @@ def test_impossible_combinations_are_refused(settings, message):
 
 
 def test_deployment_key_and_flag(tmp_path):
+  """``[decode] batch_invariant`` and ``--decode_batch_invariant`` reach
+  the pool's DecodeConfig; an impossible combination in a file is refused
+  when it is resolved."""
+  from absl import flags
+
+  from pdjax.launch import decode
   path = tmp_path / "d.toml"
   path.write_text("[decode]\nmax_seqs = 8\nbatch_invariant = true\n")
-  dep = C.resolve(path)
-  assert dep.decode_engine_config().batch_invariant
-  assert not C.resolve(path, {"decode": {"batch_invariant": False}}
-                       ).decode_engine_config().batch_invariant
+  assert C.resolve(path).decode_engine_config().batch_invariant
+  fv = flags.FlagValues()
+  cfg = decode.define_flags(fv)
+  fv(["prog", f"--config={path}", "--nodecode_batch_invariant"])
+  assert cfg.overrides() == {"decode": {"batch_invariant": False}}
+  assert not cfg.resolve(log_it=False).decode_engine_config().batch_invariant
   path.write_text("[decode]\nmax_seqs = 4\nbatch_invariant = true\n"
                   "speculative = \"ngram\"\nspec_tokens = 4\n")
   with pytest.raises(ValueError, match="spec_tokens must be below"):
@@ -186,7 +194,8 @@ def test_verify_calls_take_the_rows_that_waited_longest():
   wanting = [0, 1, 2, 3, 4]
   drafted = {row: [5] * (row % 2) for row in wanting}
   assert DecodeReplica._turn(replica, wanting, drafted) == [1, 2]
-  assert DecodeReplica._turn(replica, wanting, None) == [1, 2]   # a draft
+  # A draft model's pool: every call verifies.
+  assert DecodeReplica._turn(replica, wanting, None) == [1, 2]
   assert DecodeReplica._turn(replica, wanting,
                              dict.fromkeys(wanting, [])) == wanting
   replica.dcfg = dataclasses.replace(NGRAM, batch_invariant=False)
@@ -243,7 +252,7 @@ def _engine(model, dcfg, monkeypatch, **kw):
 
 def _run(engine, requests):
   """Submits (rid, prompt, sampling) at once, drains; per request its
-  tokens and logprobs, and the drafts kept."""
+  tokens and logprobs."""
   tokens = collections.defaultdict(list)
   logprobs = collections.defaultdict(list)
 
@@ -265,9 +274,8 @@ def _greedy(max_tokens):
 
 
 def _alone_and_among_others():
-  """A stream, and five others of other prompt and output lengths (the
-  rows come and go while it decodes, and one's context outgrows 16
-  tokens' pages)."""
+  """A stream, and five others of other prompt and output lengths (rows
+  come and go while it decodes, holding 1 to 4 pages)."""
   rng = np.random.default_rng(3)
   me = ("me", rng.integers(3, 300, 11).tolist(), _greedy(24))
   others = [(f"o{i}", rng.integers(3, 300, n).tolist(), _greedy(t))
