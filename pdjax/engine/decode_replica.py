@@ -563,8 +563,9 @@ class DecodeReplica:
   def dispatch(self) -> Call | None:
     """Launches one generate call for the rows that still want steps (None
     when no row does: the calls in flight finish every live row, or the
-    rows wait for pages). First writes swapped rows back where they
-    fit."""
+    rows wait for pages; a batch-invariant pool's verify call takes as
+    many as it holds, ``_turn``). First writes swapped rows back where
+    they fit."""
     if self.swap is not None:
       self.swap.land()
       self._resume_swapped()
