@@ -177,6 +177,10 @@ class DecodePoolConfig:
   draft_checkpoint: str = ""
   spec_tokens: int = _default(DecodeConfig, "spec_tokens")
   spec_ngram: int = _default(DecodeConfig, "spec_ngram")
+  # Batch-invariant decoding (DecodeConfig.batch_invariant): one program
+  # shape for every call, so a stream's tokens do not depend on the others
+  # decoded with it, nor on speculation.
+  batch_invariant: bool = _default(DecodeConfig, "batch_invariant")
   # Pipeline-parallel pools (a pp mesh axis): microbatches per call.
   num_microbatches: int = _default(DecodeConfig, "num_microbatches")
   # KV admission ("on_demand" paging with preemption, or "full"), the share

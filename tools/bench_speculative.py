@@ -29,11 +29,26 @@ after the first over the verify calls that made them), TPOT of each
 engine (mean over streams of (last token - first token) / (tokens - 1))
 and the speed-up (plain TPOT / speculative TPOT).
 
+Identity (``--plain_alone``): each stream of a run of several rows is also
+decoded alone, plainly, and the tool counts the streams whose greedy tokens
+differ between plain decoding alone and among the others, between
+speculative and plain decoding among the others, and between speculative
+decoding and plain decoding alone. In bf16 on a GPU the first two part
+because a row's arithmetic depends on the program that runs it;
+``--batch_invariant`` runs both engines in the batch-invariant mode
+(``DecodeConfig.batch_invariant``: one program shape, the verify pass as
+decode steps of that shape), where all three must be 0, and prefills one
+prompt per program (``--prefill_max_batch`` default 1 there), since the
+mode covers the decode pool only: a prefill of several prompts would make
+a stream's first token and KV depend on its batch too.
+
 Examples:
   python tools/bench_speculative.py                          # CPU, SmolLM2
   python tools/bench_speculative.py --rows=1,4,16 --out=/tmp/spec.jsonl
   python tools/bench_speculative.py --checkpoint=tiny --rows=1,2 \
       --max_tokens=8 --workloads=code                     # a smoke run
+  python tools/bench_speculative.py --dtype=bfloat16 --plain_alone \
+      --batch_invariant                          # identity, mode on
 """
 
 from __future__ import annotations
@@ -74,6 +89,14 @@ flags.DEFINE_bool("plain_alone", False, "Also decode each stream of a "
                   "among the others (the arithmetic's dependence on the "
                   "batch, which speculation's verify pass is subject to "
                   "too).")
+flags.DEFINE_bool("batch_invariant", False, "Run both engines in the "
+                  "batch-invariant mode (DecodeConfig.batch_invariant): "
+                  "greedy tokens must then be the same alone, among the "
+                  "others and speculating.")
+flags.DEFINE_integer("prefill_max_batch", None, "Prompts per prefill "
+                     "program (default: 4; 1 with --batch_invariant, so "
+                     "that a stream's prefill does not depend on the "
+                     "others either).")
 flags.DEFINE_string("out", None, "JSON-lines file the records are "
                     "appended to.")
 FLAGS = flags.FLAGS
@@ -200,8 +223,8 @@ def make_engine(params, cfg, mesh, rules, max_rows: int, speculative: str):
   page = 16
   buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096)
                   if b <= L)
-  pcfg = PrefillConfig(buckets=buckets, max_batch=4, page_size=page,
-                       max_seq_len=L)
+  pcfg = PrefillConfig(buckets=buckets, max_batch=prefill_max_batch(),
+                       page_size=page, max_seq_len=L)
   dcfg = DecodeConfig(max_seqs=max_rows,
                       num_pages=max_rows * (-(-L // page)) + 1,
                       max_seq_len=L, page_size=page,
@@ -209,10 +232,22 @@ def make_engine(params, cfg, mesh, rules, max_rows: int, speculative: str):
                       table_buckets=(-(-L // page),),
                       speculative=speculative,
                       spec_tokens=FLAGS.spec_tokens,
-                      spec_ngram=FLAGS.spec_ngram)
+                      spec_ngram=FLAGS.spec_ngram,
+                      batch_invariant=FLAGS.batch_invariant)
   engine = ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)
   engine.warmup()
   return engine
+
+
+def prefill_max_batch() -> int:
+  if FLAGS.prefill_max_batch is not None:
+    return FLAGS.prefill_max_batch
+  return 1 if FLAGS.batch_invariant else 4
+
+
+def differing(a: dict, b: dict) -> list[str]:
+  """Streams (keys of ``a``) whose tokens differ in ``b``."""
+  return sorted(r for r in a if a[r] != b.get(r))
 
 
 def main(argv) -> None:
@@ -239,11 +274,17 @@ def main(argv) -> None:
                                             source="none"))
   engines = {mode: make_engine(params, cfg, mesh, rules, max(rows), mode)
              for mode in ("off", "ngram")}
+  decode_mode = "batch-invariant" if FLAGS.batch_invariant else "default"
   print(f"{TOOL}: {cfg.name} ({dtype}) on {bc.device_kind()}; k="
         f"{FLAGS.spec_tokens}, n-grams up to {FLAGS.spec_ngram}, "
-        f"{FLAGS.max_tokens} tokens per stream; ready in "
+        f"{FLAGS.max_tokens} tokens per stream; {decode_mode} decode, "
+        f"{prefill_max_batch()} prompts per prefill; ready in "
         f"{time.perf_counter() - t0:.1f} s", flush=True)
   table, parted = [], 0
+  # Identity over every run of several rows: streams compared, and those
+  # differing per comparison.
+  identity = {"streams": 0, "alone_vs_among": 0, "spec_vs_plain": 0,
+              "spec_vs_alone": 0}
   for workload in FLAGS.workloads:
     for n in rows:
       prompts = []
@@ -255,19 +296,24 @@ def main(argv) -> None:
       res, out = {}, {}
       for mode, engine in engines.items():
         res[mode], out[mode] = run(engine, prompts, f"{workload}{n}{mode}")
-      differ = sorted(r for r in out["off"] if out["off"][r] !=
-                      out["ngram"].get(r))
+      differ = differing(out["off"], out["ngram"])
       parted += len(differ)
-      alone_differ = None
+      alone_differ = spec_alone_differ = None
       if FLAGS.plain_alone and n > 1:
-        alone_differ = []
+        alone = {}
         for i, p in enumerate(prompts):
           _, one = run(engines["off"], [p], f"{workload}{n}alone{i}")
-          (toks,) = one.values()
-          if toks != out["off"][str(i)]:
-            alone_differ.append(str(i))
-        print(f"  {workload} x{n}: plain decoding alone against among the "
-              f"others: {len(alone_differ)} of {n} streams differ", flush=True)
+          (alone[str(i)],) = one.values()
+        alone_differ = differing(alone, out["off"])
+        spec_alone_differ = differing(alone, out["ngram"])
+        identity["streams"] += n
+        identity["alone_vs_among"] += len(alone_differ)
+        identity["spec_vs_plain"] += len(differ)
+        identity["spec_vs_alone"] += len(spec_alone_differ)
+        print(f"  {workload} x{n} ({decode_mode}): streams differing, "
+              f"plain alone vs among the others {len(alone_differ)} of {n}, "
+              f"speculative vs plain {len(differ)} of {n}, speculative vs "
+              f"plain alone {len(spec_alone_differ)} of {n}", flush=True)
       speedup = (res["off"]["tpot_mean_s"] / res["ngram"]["tpot_mean_s"]
                  if res["off"]["tpot_mean_s"] and res["ngram"]["tpot_mean_s"]
                  else None)
@@ -276,12 +322,15 @@ def main(argv) -> None:
                     "spec_tokens": FLAGS.spec_tokens,
                     "spec_ngram": FLAGS.spec_ngram,
                     "steps_per_call": FLAGS.steps_per_call,
+                    "batch_invariant": FLAGS.batch_invariant,
+                    "prefill_max_batch": prefill_max_batch(),
                     "prompt_tokens_median": round(statistics.median(
                         len(p) for p in prompts))}
       writer.write(TOOL, "speculative", params_rec, {
           "plain": res["off"], "ngram": res["ngram"],
           "tpot_speedup": speedup, "streams_with_other_tokens": differ,
-          "plain_alone_streams_differing": alone_differ})
+          "plain_alone_streams_differing": alone_differ,
+          "spec_vs_plain_alone_streams_differing": spec_alone_differ})
       s = res["ngram"]
       table.append([workload, n, params_rec["prompt_tokens_median"],
                     bc.fmt(s["drafted_per_step"], ".2f"),
@@ -296,13 +345,21 @@ def main(argv) -> None:
   for engine in engines.values():
     engine.close()
   bc.print_table(
-      f"prompt lookup on {cfg.name} ({dtype}, {bc.device_kind()}), k="
-      f"{FLAGS.spec_tokens}, greedy, {FLAGS.max_tokens} tokens",
+      f"prompt lookup on {cfg.name} ({dtype}, {bc.device_kind()}, "
+      f"{decode_mode} decode), k={FLAGS.spec_tokens}, greedy, "
+      f"{FLAGS.max_tokens} tokens",
       ["workload", "rows", "prompt", "drafts/step", "accepted",
        "tokens/step", "plain TPOT ms", "spec TPOT ms", "speed-up",
        "streams differing"], table,
       note=("speed-up: plain TPOT / speculative TPOT; a speculating pool "
             "reads each call's tokens before it dispatches the next"))
+  if identity["streams"]:
+    print(f"identity ({decode_mode} decode, {dtype}, {prefill_max_batch()} "
+          f"prompts per prefill), streams differing of "
+          f"{identity['streams']}: "
+          f"plain alone vs among the others {identity['alone_vs_among']}, "
+          f"speculative vs plain {identity['spec_vs_plain']}, speculative "
+          f"vs plain alone {identity['spec_vs_alone']}", flush=True)
   if parted:
     raise SystemExit(f"{parted} streams' tokens differ between plain and "
                      f"speculative greedy decoding")

@@ -119,6 +119,23 @@ class DecodeConfig:
   # leaves the stages idle (pp - 1) / (num_microbatches + pp - 1) of the
   # time. 0: one microbatch per stage. Pools without stages ignore it.
   num_microbatches: int = 0
+  # Batch-invariant decoding: a row's arithmetic never depends on the other
+  # rows of its calls, so a greedy stream's tokens are the same alone or
+  # beside any others, and with speculation on or off. GPU kernels (cuBLAS,
+  # cuDNN, XLA's fusions) are chosen per shape, and a row of a kernel of a
+  # fixed shape does not depend on the other rows' values; so every
+  # generate call runs one program shape, max_seqs rows and a page table of
+  # pages_per_seq pages, and a speculating pool's verify runs each of a
+  # row's spec_tokens + 1 positions as one row of a max_seqs-row decode
+  # step (``llama.decode_tokens_as_steps``). On GPUs its programs take the
+  # kernels XLA and cuBLAS pick by shape, not autotuned ones
+  # (``generate_compiler_options``). What it costs: one stream pays for a
+  # max_seqs-row step reading every page-table column (the row and width
+  # buckets are off), and a verify call checks max_seqs // (spec_tokens +
+  # 1) rows (the others wait for a later call), so speculation pays only
+  # while few rows run. The prefill of a prompt is not covered: it still
+  # depends on the prompts batched with it (PrefillConfig.max_batch).
+  batch_invariant: bool = False
 
   def __post_init__(self):
     if self.attention not in ("auto", "paged", "gather"):
@@ -159,6 +176,29 @@ class DecodeConfig:
     for b in self.row_buckets:
       if not 0 < b <= self.max_seqs:
         raise ValueError(f"row bucket {b} outside (0, {self.max_seqs}]")
+    if self.batch_invariant:
+      self._check_batch_invariant()
+
+  def _check_batch_invariant(self) -> None:
+    """A batch-invariant pool runs one program shape; its verify calls
+    need room for at least one row's positions."""
+    if set(self.row_buckets) - {self.max_seqs}:
+      raise ValueError(
+          f"batch_invariant runs every generate call at max_seqs "
+          f"({self.max_seqs}) rows: row_buckets {self.row_buckets} would "
+          "give a row a program of another shape; leave them empty")
+    if set(self.table_buckets) - {self.pages_per_seq}:
+      raise ValueError(
+          f"batch_invariant runs every generate call with the whole page "
+          f"table ({self.pages_per_seq} pages): table_buckets "
+          f"{self.table_buckets} would give a row a program of another "
+          "shape; leave them empty")
+    if self.speculative != "off" and self.spec_tokens + 1 > self.max_seqs:
+      raise ValueError(
+          f"batch_invariant verifies each of a row's spec_tokens + 1 "
+          f"({self.spec_tokens + 1}) positions as one of the decode "
+          f"step's max_seqs ({self.max_seqs}) rows: spec_tokens must be "
+          f"below max_seqs")
 
   @property
   def on_demand(self) -> bool:
@@ -201,7 +241,10 @@ class DecodeConfig:
 
   @property
   def widths(self) -> tuple[int, ...]:
-    """Page-table widths, increasing, the last always pages_per_seq."""
+    """Page-table widths, increasing, the last always pages_per_seq (the
+    only one in a batch-invariant pool)."""
+    if self.batch_invariant:
+      return (self.pages_per_seq,)
     if self.table_buckets:
       out = sorted(set(self.table_buckets))
     else:
@@ -219,7 +262,9 @@ class DecodeConfig:
   @property
   def row_counts(self) -> tuple[int, ...]:
     """Row counts of the generate programs, increasing, the last always
-    max_seqs."""
+    max_seqs (the only one in a batch-invariant pool)."""
+    if self.batch_invariant:
+      return (self.max_seqs,)
     if self.row_buckets:
       out = sorted(set(self.row_buckets))
     else:
@@ -234,6 +279,21 @@ class DecodeConfig:
   def rows_for(self, rows: int) -> int:
     """The row count of the program that advances ``rows`` rows."""
     return next(b for b in self.row_counts if b >= rows)
+
+  @property
+  def rows_per_verify(self) -> int:
+    """The most rows one verify call (speculative decoding) checks: all of
+    the call's, but in a batch-invariant pool, whose verify runs each of a
+    row's spec_tokens + 1 positions as one row of a max_seqs-row step,
+    max_seqs // (spec_tokens + 1)."""
+    if self.batch_invariant:
+      return self.max_seqs // (self.spec_tokens + 1)
+    return self.max_seqs
+
+  def verify_rows(self, call_rows: int) -> int:
+    """Rows a verify call of a ``call_rows``-row program checks: its
+    first ones, up to ``rows_per_verify``."""
+    return min(call_rows, self.rows_per_verify)
 
 
 __all__ = ["DecodeConfig", "MIN_PROGRAM_ROWS"]

@@ -19,12 +19,13 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
-from pdjax.engine.sampling import sample
+from pdjax.engine.sampling import sample, token_logprobs
 from pdjax.engine.speculative import accept
-from pdjax.engine.xla_options import gemm_options
+from pdjax.engine.xla_options import FIXED_KERNELS, gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
-                               decode_forward_tokens, kv_to_pool)
+                               decode_forward_tokens, decode_tokens_as_steps,
+                               kv_to_pool)
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
                                   pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
@@ -188,14 +189,18 @@ def generate_compiler_options(dcfg: DecodeConfig, platform: str,
   activations (``fp8_weights_only``, W8A16): cuBLAS widens such weights
   in a pass of their own before its GEMM, Triton's GEMM reads them as
   they are (Llama-3-8B shapes on an H100: 1.2-1.7x faster steps at 1 to
-  128 rows)."""
+  128 rows). A batch-invariant pool's programs are not autotuned
+  (``FIXED_KERNELS``)."""
   if platform not in ("gpu", "cuda"):
     return None
   rows = dcfg.max_seqs if rows is None else rows
   triton = dcfg.triton_gemm == "on" or (
       dcfg.triton_gemm == "auto"
       and (rows < CUBLAS_MIN_ROWS or fp8_weights_only))
-  return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
+  out = gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
+  if dcfg.batch_invariant:
+    out.update(FIXED_KERNELS)
+  return out
 
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
@@ -321,11 +326,20 @@ class _Programs:
 
   def verify_program(self, all_greedy: bool, rows: int):
     """A new jitted verify program (speculative decoding) for calls of
-    ``rows`` rows: (params, state, slots, drafts, num_drafts)."""
+    ``rows`` rows: (params, state, slots, drafts, num_drafts), verifying
+    the call's first ``dcfg.verify_rows(rows)`` rows (``drafts``' rows).
+    A batch-invariant pool's runs their tokens as the rows of one decode
+    step of ``rows`` rows, the generate program's."""
+    forward_tokens, step_rows = self._forward_tokens, None
+    if self.dcfg.batch_invariant:
+      forward_tokens = functools.partial(
+          decode_tokens_as_steps, rows=rows, forward=self._forward,
+          paged_attention=self.paged_attention[rows])
+      step_rows = rows
     entry = functools.partial(
         _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
         capacity=self.dcfg.max_seq_len, all_greedy=all_greedy,
-        forward_tokens=self._forward_tokens)
+        forward_tokens=forward_tokens, step_rows=step_rows)
     return jax.jit(entry, donate_argnums=(1,),
                    compiler_options=self.compiler_options[rows])
 
@@ -366,7 +380,7 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
 
 def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
                   eos_ids, capacity, all_greedy,
-                  forward_tokens=decode_forward_tokens):
+                  forward_tokens=decode_forward_tokens, step_rows=None):
   """Speculative decoding's call: each of the call's rows runs its current
   token and its ``num_drafts`` drafted tokens (``drafts`` [b, k], the rest
   padding) through the model in one pass, keeps the drafts the model
@@ -374,8 +388,14 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   (``pdjax.engine.speculative.accept``), and stops at the first EOS, stop
   id, max_tokens or the context's end among them. Outputs as a generate
   call's of k + 1 steps: step ``i`` holds the row's ``i``-th new token,
-  ``valid`` where there is one."""
+  ``valid`` where there is one. The rows verified are the call's first
+  ``drafts.shape[0]`` (all of them but in a batch-invariant pool, whose
+  calls have more rows than a verify pass holds; the others are padding).
+  ``step_rows``: a batch-invariant pool's decode step rows, which
+  ``forward_tokens`` runs the tokens as; their logprobs are then computed
+  as that step's sampler computes its rows' (``logprobs_as_steps``)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  slots = jax.tree.map(lambda a: a[:drafts.shape[0]], slots)
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
@@ -390,6 +410,8 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
       slots.seed, gen, all_greedy=all_greedy)
+  if step_rows is not None:
+    logprobs = logprobs_as_steps(out.logits, toks, step_rows)
   valid, finished, stopped = [], [], []
   ended = ~live
   for i in range(T):
@@ -418,6 +440,19 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       generated=state.generated.at[rows].set(gen + n_emit),
       done=state.done.at[rows].set(done | jnp.any(finished, axis=0))
   ), pack_step_output(step_out)
+
+
+def logprobs_as_steps(logits, tokens, rows: int):
+  """The log-probabilities of ``tokens`` [B, T] under ``logits`` [B, T, V]
+  computed as the sampler of a decode step of ``rows`` rows computes its
+  rows' (``sampling.token_logprobs`` over [rows, V]): the B x T positions
+  laid out as that step's rows, padded, so that each is that step's, bit
+  for bit (a reduction over another shape may round differently)."""
+  B, T, V = logits.shape
+  pad = rows - B * T
+  flat = jnp.pad(logits.reshape(B * T, V), ((0, pad), (0, 0)))
+  flat_tokens = jnp.pad(tokens.reshape(B * T), (0, pad))
+  return token_logprobs(flat, flat_tokens)[:B * T].reshape(B, T)
 
 
 def pack_step_output(out: StepOutput) -> jax.Array:

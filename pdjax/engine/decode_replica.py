@@ -96,6 +96,10 @@ class _Row:
   steps_needed: int
   # Insert order on the replica: preemption takes the newest rows first.
   arrival: int = 0
+  # The replica's number of the last call that advanced the row (0: none
+  # yet): calls that hold fewer rows than want steps take the rows that
+  # waited longest (``DecodeReplica._turn``).
+  last_call: int = 0
   steps_dispatched: int = 0
   tokens_out: int = 1
   generated: list[int] = dataclasses.field(default_factory=list)
@@ -188,6 +192,7 @@ class DecodeReplica:
         lambda k, v: setattr(self, "state", self.state.replace(k=k, v=v)),
         dtype=self.state.k.dtype)
     self._arrivals = itertools.count()
+    self._calls = itertools.count(1)
     # Rows evicted for recompute, for the engine to hand on (``evicted``).
     self._evicted: list[_Row] = []
     self.stats: collections.Counter[str] = collections.Counter()
@@ -526,16 +531,19 @@ class DecodeReplica:
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
     if self.draft is not None:       # the draft model's programs
-      self.draft.warmup(self.dcfg.row_counts, self.dcfg.widths)
+      self.draft.warmup(sorted({self.dcfg.verify_rows(rows)
+                                for rows in self.dcfg.row_counts}),
+                        self.dcfg.widths)
     if self.swap is not None:        # preempted rows' swap programs
       self.swap.warmup()
     for rows in self.dcfg.row_counts:
       call_rows = list(range(rows))   # none active: nothing changes
       extra = ()
       if self.programs.speculative:   # no drafts
+        verified = self.dcfg.verify_rows(rows)
         extra = tuple(jax.device_put(a, self.replicated) for a in (
-            np.zeros((rows, self.dcfg.spec_tokens), np.int32),
-            np.zeros((rows,), np.int32)))
+            np.zeros((verified, self.dcfg.spec_tokens), np.int32),
+            np.zeros((verified,), np.int32)))
       for width in self.dcfg.widths:
         slots = self._slot_inputs([], call_rows, width)
         for all_greedy in (True, True, False, False):
@@ -555,8 +563,9 @@ class DecodeReplica:
   def dispatch(self) -> Call | None:
     """Launches one generate call for the rows that still want steps (None
     when no row does: the calls in flight finish every live row, or the
-    rows wait for pages). First writes swapped rows back where they
-    fit."""
+    rows wait for pages; a batch-invariant pool's verify call takes as
+    many as it holds, ``_turn``). First writes swapped rows back where
+    they fit."""
     if self.swap is not None:
       self.swap.land()
       self._resume_swapped()
@@ -564,38 +573,74 @@ class DecodeReplica:
     # What each row may still take (speculation drafts within it).
     left = {row: self.rows[row].steps_needed - self.rows[row].steps_dispatched
             for row in wanting}
-    rows = self._grow(wanting)
+    lookups = self._lookups(wanting, left)
+    rows = self._grow(self._turn(wanting, lookups))
     if not rows:
       return None
     host_tier.flush(self.host_tier)   # queued tier copies go first
     call_rows = self._call_rows(rows)
     slots = self._slot_inputs(rows, call_rows, self._width(rows))
     all_greedy = self.all_greedy(rows)
-    program = self.programs.generate(all_greedy, len(call_rows))
     owners = [(self.rows[row].request.request_id, row) for row in rows]
+    call = next(self._calls)
+    for row in rows:
+      self.rows[row].last_call = call
     if not self.programs.speculative:
+      program = self.programs.generate(all_greedy, len(call_rows))
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
-    drafts, num = self._drafts(rows, len(call_rows), left, slots)
-    plain = (None if num.any() else
-             self.programs.plain(all_greedy, len(call_rows)))
-    if plain is not None:   # nothing drafted: one step, not k + 1
+    if lookups is not None and not any(lookups[row] for row in rows):
+      # Nothing drafted: one step, not k + 1.
+      plain = self.programs.plain(all_greedy, len(call_rows))
       self.state, out = plain(self.params, self.state, slots)
-    else:
-      self.state, out = program(self.params, self.state, slots,
-                                jax.device_put(drafts, self.replicated),
-                                jax.device_put(num, self.replicated))
+      return Call(out, owners, drafted=[0] * len(rows))
+    # The call's first rows are verified (``_turn`` keeps them within
+    # what one verify pass holds).
+    width = self.dcfg.verify_rows(len(call_rows))
+    drafts, num = self._drafts(rows, width, left, slots, lookups)
+    program = self.programs.generate(all_greedy, len(call_rows))
+    self.state, out = program(self.params, self.state, slots,
+                              jax.device_put(drafts, self.replicated),
+                              jax.device_put(num, self.replicated))
     return Call(out, owners, drafted=num[:len(rows)].tolist())
 
+  def _lookups(self, rows: Sequence[int], left: dict[int, int]
+               ) -> dict[int, list[int]] | None:
+    """Prompt lookup's drafts for ``rows``, each within what the row may
+    still generate (it emits at most one token more than it drafts; none
+    for rows that opted out); None in a pool that does not draft by prompt
+    lookup. They come from the rows' tokens on the host (a speculating
+    pool reads each call's tokens before the next), so they are known
+    before the call's rows are chosen."""
+    if self.dcfg.speculative != "ngram":
+      return None
+    k = self.dcfg.spec_tokens
+    return {row: (self._prompt_lookup(row, min(k, left[row] - 1))
+                  if self.rows[row].request.sampling.speculative else [])
+            for row in rows}
+
+  def _turn(self, wanting: Sequence[int],
+            lookups: dict[int, list[int]] | None) -> list[int]:
+    """The rows the next call may advance: every row that wants steps,
+    except when a batch-invariant pool verifies drafts. Its verify pass
+    holds ``rows_per_verify`` rows, and it takes those that were advanced
+    least recently (the others wait for a later call); a call in which no
+    row drafted is one plain step, which holds them all."""
+    if not (self.programs.speculative and self.dcfg.batch_invariant):
+      return list(wanting)
+    if lookups is not None and not any(lookups.values()):
+      return list(wanting)
+    waited = sorted(wanting, key=lambda row: (self.rows[row].last_call,
+                                              self.rows[row].arrival))
+    return sorted(waited[:self.dcfg.rows_per_verify])
+
   def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int],
-              slots: SlotInputs):
-    """Drafts for a speculating call: per row of the call, up to
-    ``spec_tokens`` tokens (by prompt lookup, or the draft model's, on
-    device), of which the verify program checks ``num`` per row: within
-    what the row may still generate (it emits at most one token more than
-    it drafts), none for rows that opted out. The row's tokens so far are
-    on the host (a speculating pool reads each call's tokens before the
-    next call)."""
+              slots: SlotInputs, lookups: dict[int, list[int]] | None):
+    """Drafts for a verify call of ``width`` rows, its first ``rows``:
+    per row up to ``spec_tokens`` tokens (prompt lookup's ``lookups``, or
+    the draft model's, on device), of which the verify program checks
+    ``num`` per row: within what the row may still generate, none for
+    rows that opted out."""
     k = self.dcfg.spec_tokens
     num = np.zeros((width,), np.int32)
     if self.draft is not None:   # every row drafts: the draft's KV follows
@@ -604,13 +649,14 @@ class DecodeReplica:
           num[i] = max(min(k, left[row] - 1), 0)
       lengths = [len(self.rows[row].request.prompt_ids)
                  + len(self.rows[row].generated) for row in rows]
-      return self.draft.propose(rows, width, slots.page_table, lengths,
+      table = slots.page_table
+      if table.shape[0] != width:   # a batch-invariant pool's call
+        table = table[:width]
+      return self.draft.propose(rows, width, table, lengths,
                                 self._tokens), num
     drafts = np.zeros((width, k), np.int32)
     for i, row in enumerate(rows):
-      if not self.rows[row].request.sampling.speculative:
-        continue
-      d = self._prompt_lookup(row, min(k, left[row] - 1))
+      d = lookups[row]
       drafts[i, :len(d)] = d
       num[i] = len(d)
     return drafts, num

@@ -112,11 +112,16 @@ def sample(logits, temperature, top_p, top_k, seed, index, *,
                           sampled)
   else:
     tokens = greedy if all_greedy else sampled()
+  return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits, tokens):
+  """logits [..., V] f32, tokens [...] -> each token's log-probability
+  under the raw distribution of its logits."""
   logp = jax.nn.log_softmax(logits, axis=-1)
-  logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  return tokens, logprobs
+  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
 __all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
-           "filtered_sorted_logits",
+           "filtered_sorted_logits", "token_logprobs",
            "MAX_STOP_TOKEN_IDS"]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.engine.sampling import filtered_sorted_logits
+from pdjax.engine.sampling import filtered_sorted_logits, token_logprobs
 
 
 def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
@@ -197,9 +197,7 @@ def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
   else:
     tokens, count = jax.vmap(_accept_row)(
         logits, drafts, num_drafts, temperature, top_p, top_k, seed, index)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  logprobs = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-  return tokens, count, logprobs
+  return tokens, count, token_logprobs(logits, tokens)
 
 
 __all__ = ["PromptLookup", "accept", "propose_ngram", "token_bits"]

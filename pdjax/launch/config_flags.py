@@ -105,6 +105,13 @@ HELP: dict[tuple[str | None, str], str] = {
     "and call.",
     ("decode", "spec_ngram"): "Speculative decoding: the longest n-gram the "
     "prompt lookup matches.",
+    ("decode", "batch_invariant"): "Batch-invariant decoding: every "
+    "generate call runs max_seqs rows with the whole page table, and "
+    "speculation verifies each drafted position as a row of that decode "
+    "step, so a greedy stream's tokens are the same alone, beside any "
+    "others, and with speculation on or off (GPU programs are not "
+    "autotuned). Costs: one stream pays for a max_seqs-row step, and a "
+    "verify call checks max_seqs // (spec_tokens + 1) rows.",
     ("decode", "kv_admission"): "How admission promises KV pages: "
     "on_demand (pages as rows grow, newest rows preempted when the pool is "
     "short) or full (a request's whole budget reserved up front).",

@@ -721,6 +721,50 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
   return DecodeOut(_logits(cfg, params, x), k_pool, v_pool)
 
 
+def decode_tokens_as_steps(params: Params, tokens, start, k_pool, v_pool,
+                           page_table, *, cfg: ModelConfig, num_kept=None,
+                           rows: int, forward=decode_forward,
+                           paged_attention: bool = False) -> DecodeOut:
+  """``decode_forward_tokens`` (same arguments and result) computed by one
+  decode step of ``rows`` rows: each of the B x T tokens is a row of that
+  step (a "pseudo-row"), a single query at its own position attending to
+  the keys up to it through the sequence's page table, so a token's
+  arithmetic is that of the decode step that would run it in a program of
+  ``rows`` rows (batch-invariant decoding: ``DecodeConfig.batch_invariant``
+  verifies drafts this way, bit for bit as plain decoding would compute
+  them). ``forward``: ``decode_forward`` or a function with its signature
+  (the pipelined decode).
+
+  Within a layer every pseudo-row writes its K/V before any attends, so a
+  token sees its row's earlier tokens of the same pass; keys past its own
+  position are masked by its length. Tokens past ``num_kept[b]`` (and the
+  rows up to ``rows`` that B x T leaves) run as idle rows do: token 0 at
+  position 0 of the null page, whose K/V nobody reads; their logits are
+  not the tokens'. Needs B x T <= ``rows``."""
+  B, T = tokens.shape
+  if B * T > rows:
+    raise ValueError(f"{B} rows x {T} tokens do not fit a decode step of "
+                     f"{rows} rows")
+  if num_kept is None:
+    num_kept = jnp.full((B,), T, jnp.int32)
+  positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  kept = jnp.arange(T, dtype=jnp.int32)[None, :] <= num_kept[:, None]
+  pad = rows - B * T
+
+  def pseudo_rows(x):   # [B, T, ...] -> [rows, ...], idle rows zeros
+    flat = x.reshape((B * T,) + x.shape[2:])
+    return jnp.pad(flat, ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
+
+  table = jnp.broadcast_to(page_table[:, None, :], (B, T) +
+                           page_table.shape[1:])
+  out = forward(params, pseudo_rows(jnp.where(kept, tokens, 0)),
+                pseudo_rows(jnp.where(kept, positions, 0)), k_pool, v_pool,
+                pseudo_rows(jnp.where(kept[..., None], table, 0)), cfg=cfg,
+                paged_attention=paged_attention)
+  logits = out.logits[:B * T].reshape((B, T) + out.logits.shape[1:])
+  return DecodeOut(logits, out.k_pool, out.v_pool)
+
+
 def decode_tokens_layer(cfg: ModelConfig, start, page_table, num_kept, *,
                         num_tokens: int, num_pages: int, page_size: int):
   """The body of ``decode_forward_tokens``' layer loop for one batch of
@@ -787,6 +831,7 @@ __all__ = [
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
+    "decode_tokens_as_steps",
     "reference_forward",
     "PrefillOut", "DecodeOut", "decode_layer", "decode_tokens_layer",
     "kv_to_pool", "FP8_MAX",

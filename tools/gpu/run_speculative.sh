@@ -10,14 +10,24 @@
 #           each k in SPEC_KS (default 4), in float32 and bf16, each
 #           stream also decoded alone, plainly, to tell the batch's effect
 #           on bf16 greedy tokens from speculation's
-#           (tools/bench_speculative.py --plain_alone).
+#           (tools/bench_speculative.py --plain_alone);
+#   invariant the same identity check in bf16 only, k in SPEC_KS, twice
+#           more: the default pools with one prompt per prefill program
+#           (--prefill_max_batch=1: what of the batch's effect is the
+#           decode pool's), then both engines batch-invariant
+#           (--batch_invariant: one program shape, verify as decode
+#           steps, no autotuning), where plain alone, plain among the
+#           others and speculative must all give the same tokens. Each
+#           prints "identity (...)": streams differing per comparison.
+#           Needs the model halves staged as "real" does.
 #
 #   bash tools/gpu/run_speculative.sh OUT_DIR
 #
 # The real model is 98 MB, over what one device call carries: two calls on
 # the same warm machine carry .model/smollm2.part00 and .part01 in turn,
 # and PARTS=stage (the first call) keeps the first half in /tmp. The joined
-# file must hash to .model/sha256. PARTS (default "verify real").
+# file must hash to .model/sha256. PARTS (default "verify real"; add
+# "invariant" for the batch-invariant identity check).
 set -u
 OUT=${1:?usage: run_speculative.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -60,6 +70,29 @@ for part in ${PARTS:-verify real}; do
             --spec_tokens=$k --plain_alone --out="$OUT/speculative.jsonl" \
             > "$OUT/speculative_${dtype}_$k.log" 2>&1
           echo "exit $?"; awk '/^== prompt/{p=1} p' "$OUT/speculative_${dtype}_$k.log"
+        done
+      done ;;
+    invariant)
+      stage_halves
+      [ -f "$MODEL" ] || cat /tmp/pdjax_model/smollm2.part00 \
+        /tmp/pdjax_model/smollm2.part01 > "$MODEL" \
+        || { echo "model halves missing"; continue; }
+      grep -q "$(sha256sum "$MODEL" | cut -d' ' -f1)" .model/sha256 \
+        || { echo "joined model does not match .model/sha256"; continue; }
+      for k in ${SPEC_KS:-4}; do
+        for mode in prefill1 batch_invariant; do
+          case $mode in
+            prefill1) extra="--prefill_max_batch=1" ;;
+            batch_invariant) extra="--batch_invariant" ;;
+          esac
+          echo "=== [$((SECONDS-START)) s] identity, bfloat16, k=$k, $mode"
+          timeout ${PART_TIMEOUT:-240} python3 tools/bench_speculative.py \
+            --checkpoint="$MODEL" --dtype=bfloat16 --rows=1,4,16 \
+            --spec_tokens=$k --plain_alone $extra \
+            --out="$OUT/identity.jsonl" \
+            > "$OUT/identity_${mode}_$k.log" 2>&1
+          echo "exit $?"; grep -E "^identity|streams differing," \
+            "$OUT/identity_${mode}_$k.log"
         done
       done ;;
   esac

@@ -1,0 +1,411 @@
+"""Batch-invariant decoding (``DecodeConfig.batch_invariant``), on CPU with
+the tiny model.
+
+On a GPU a decode row's bf16 arithmetic depends on the shape of the program
+that runs it (cuBLAS, cuDNN and XLA choose kernels per shape), and so on the
+rows decoded beside it; on the CPU it rarely does, so equal tokens there
+would show nothing. The engine tests therefore decode with a stand-in
+model whose logits depend on the program's shape as a GPU's may: the tiny
+model's, plus a small offset drawn from the step's row count and page-table
+width (``_shape_dependent``). Without the mode a stream's tokens then
+change with the rows beside it; with it they do not, and speculation
+(prompt lookup, a draft model) keeps plain decoding's tokens, bit for bit
+with their logprobs. The verify pass itself is checked on the real model:
+its logits at every kept position are those of the decode steps that would
+run them, bit for bit, in float32 and bf16.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import types
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdjax import config as C
+from pdjax.engine import decode_programs
+from pdjax.engine.colocated import ColocatedEngine
+from pdjax.engine.decode_config import DecodeConfig
+from pdjax.engine.decode_programs import generate_compiler_options
+from pdjax.engine.decode_replica import DecodeReplica
+from pdjax.engine.prefill import PrefillConfig
+from pdjax.engine.sampling import SamplingParams
+from pdjax.model import llama
+
+# One prompt per prefill program: a prompt's prefill (and so its first
+# token and KV) does not depend on the prompts batched with it, which the
+# mode does not cover.
+PCFG = PrefillConfig(buckets=(16, 32), max_batch=1, page_size=16,
+                     max_seq_len=64)
+PLAIN = DecodeConfig(max_seqs=8, page_size=16, num_pages=40, max_seq_len=64,
+                     steps_per_call=4)
+INVARIANT = dataclasses.replace(PLAIN, batch_invariant=True)
+# Verify calls of 2 rows: max_seqs // (2 + 1), the 8-row step's last 2
+# rows idle, and max_seqs // (3 + 1), all 8 rows the two rows' tokens.
+NGRAM = dataclasses.replace(INVARIANT, speculative="ngram", spec_tokens=2)
+DRAFT = dataclasses.replace(INVARIANT, speculative="draft", spec_tokens=3)
+
+# How far the stand-in's logits move with the program's shape (the tiny
+# model's logits are O(1) apart at the top; this flips near ties).
+WOBBLE = 0.3
+
+
+# --------------------------------------------------------------- config
+def test_one_program_shape_and_verify_rows():
+  assert PLAIN.row_counts == (2, 8) and PLAIN.widths == (1, 2, 4)
+  assert INVARIANT.row_counts == (8,) and INVARIANT.widths == (4,)
+  assert [INVARIANT.rows_for(n) for n in (1, 5, 8)] == [8, 8, 8]
+  assert INVARIANT.width_for(1) == 4
+  assert NGRAM.rows_per_verify == 2 and NGRAM.verify_rows(8) == 2
+  assert DRAFT.rows_per_verify == 2
+  assert dataclasses.replace(NGRAM, spec_tokens=1).rows_per_verify == 4
+  assert PLAIN.rows_per_verify == 8 and PLAIN.verify_rows(2) == 2
+  # Buckets that name the one shape are allowed.
+  DecodeConfig(max_seqs=8, max_seq_len=64, batch_invariant=True,
+               row_buckets=(8,), table_buckets=(4,))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(row_buckets=(2,)), "row_buckets"),
+    (dict(table_buckets=(2,)), "table_buckets"),
+    (dict(speculative="ngram", spec_tokens=8), "spec_tokens must be below "
+     "max_seqs"),
+    (dict(speculative="draft", spec_tokens=9), "spec_tokens must be below "
+     "max_seqs"),
+])
+def test_impossible_combinations_are_refused(settings, message):
+  with pytest.raises(ValueError, match=message):
+    DecodeConfig(max_seqs=8, max_seq_len=64, batch_invariant=True,
+                 **settings)
+  DecodeConfig(max_seqs=8, max_seq_len=64, **settings)   # fine without it
+
+
+def test_deployment_key_and_flag(tmp_path):
+  """``[decode] batch_invariant`` and ``--decode_batch_invariant`` reach
+  the pool's DecodeConfig; an impossible combination in a file is refused
+  when it is resolved."""
+  from absl import flags
+
+  from pdjax.launch import decode
+  path = tmp_path / "d.toml"
+  path.write_text("[decode]\nmax_seqs = 8\nbatch_invariant = true\n")
+  assert C.resolve(path).decode_engine_config().batch_invariant
+  fv = flags.FlagValues()
+  cfg = decode.define_flags(fv)
+  fv(["prog", f"--config={path}", "--nodecode_batch_invariant"])
+  assert cfg.overrides() == {"decode": {"batch_invariant": False}}
+  assert not cfg.resolve(log_it=False).decode_engine_config().batch_invariant
+  path.write_text("[decode]\nmax_seqs = 4\nbatch_invariant = true\n"
+                  "speculative = \"ngram\"\nspec_tokens = 4\n")
+  with pytest.raises(ValueError, match="spec_tokens must be below"):
+    C.resolve(path)
+
+
+def test_gpu_programs_are_not_autotuned():
+  options = generate_compiler_options(INVARIANT, "gpu")
+  assert options["xla_gpu_autotune_level"] == 0
+  assert "xla_gpu_autotune_level" not in generate_compiler_options(PLAIN,
+                                                                   "gpu")
+  assert generate_compiler_options(INVARIANT, "cpu") is None
+
+
+# ----------------------------------------------------- the verify pass
+@pytest.fixture(scope="module")
+def bf16_params(tiny_model_dir):
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh, dtype="bfloat16")
+  return params, cfg, mesh, rules
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def model(request, tiny_decode_params, bf16_params):
+  return tiny_decode_params if request.param == "float32" else bf16_params
+
+
+def test_verify_positions_are_decode_steps(model):
+  """Two rows' tokens at kept positions (3 and 2 drafts of 3), as pseudo-
+  rows of one 12-row step (8 of them the tokens, 4 idle): each kept
+  position's logits and K/V are, bit for bit, those of the decode steps of
+  a 12-row program that run the row's tokens one by one beside another
+  live row; positions past a row's kept ones write nothing of the row's."""
+  params, cfg, _, _ = model
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  P, N, M, T, R = 4, 24, 6, 4, 12
+  rng = np.random.default_rng(0)
+  pool = jnp.asarray(rng.normal(size=(L * N, P, K, hd)),
+                     cfg.jnp_dtype)
+  table = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], np.int32)
+  start = np.array([5, 13], np.int32)
+  tokens = rng.integers(3, cfg.vocab_size, (2, T)).astype(np.int32)
+  kept = np.array([3, 2], np.int32)
+  verify = jax.jit(functools.partial(llama.decode_tokens_as_steps, rows=R),
+                   static_argnames="cfg")(
+      params, jnp.asarray(tokens), jnp.asarray(start), pool, pool,
+      jnp.asarray(table), cfg=cfg, num_kept=jnp.asarray(kept))
+  step = jax.jit(llama.decode_forward, static_argnames=("cfg",
+                                                       "paged_attention"))
+  kp = vp = pool
+  want = {}
+  for t in range(T):
+    tok, pos = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+    tab = np.zeros((R, M), np.int32)
+    tok[0], pos[0], tab[0, :2] = 7, 6, (13, 14)   # another live row
+    for b, slot in ((0, 3), (1, 9)):
+      if t <= kept[b]:
+        tok[slot], pos[slot], tab[slot] = tokens[b, t], start[b] + t, table[b]
+    out = step(params, jnp.asarray(tok), jnp.asarray(pos), kp, vp,
+               jnp.asarray(tab), cfg=cfg)
+    kp, vp = out.k_pool, out.v_pool
+    for b, slot in ((0, 3), (1, 9)):
+      want[b, t] = np.asarray(out.logits[slot])
+  got = np.asarray(verify.logits)
+  for b in range(2):
+    for t in range(kept[b] + 1):
+      np.testing.assert_array_equal(got[b, t], want[b, t], f"{b}, {t}")
+  # The rows' pages (1..12 of every layer) hold the same K/V: the kept
+  # positions', and the pool's old values past them.
+  pages = (np.arange(L)[:, None] * N + table.reshape(1, -1)).reshape(-1)
+  for mine, theirs in ((verify.k_pool, kp), (verify.v_pool, vp)):
+    np.testing.assert_array_equal(np.asarray(mine[pages]),
+                                  np.asarray(theirs[pages]))
+  last = (start[1] + kept[1] + 1) // P, (start[1] + kept[1] + 1) % P
+  page = table[1, last[0]]
+  np.testing.assert_array_equal(np.asarray(verify.k_pool[page, last[1]]),
+                                np.asarray(pool[page, last[1]]))
+
+
+def test_verify_calls_take_the_rows_that_waited_longest():
+  """A batch-invariant pool's verify call holds 2 of the 5 rows that want
+  steps: those advanced least recently (then the oldest); a call in which
+  no row drafted is a plain step of all 5."""
+  Row = collections.namedtuple("Row", "last_call arrival")
+  replica = types.SimpleNamespace(
+      dcfg=NGRAM, programs=types.SimpleNamespace(speculative=True),
+      rows=[Row(7, 0), Row(3, 1), Row(0, 4), Row(3, 2), Row(9, 3)])
+  wanting = [0, 1, 2, 3, 4]
+  drafted = {row: [5] * (row % 2) for row in wanting}
+  assert DecodeReplica._turn(replica, wanting, drafted) == [1, 2]
+  # A draft model's pool: every call verifies.
+  assert DecodeReplica._turn(replica, wanting, None) == [1, 2]
+  assert DecodeReplica._turn(replica, wanting,
+                             dict.fromkeys(wanting, [])) == wanting
+  replica.dcfg = dataclasses.replace(NGRAM, batch_invariant=False)
+  assert DecodeReplica._turn(replica, wanting, drafted) == wanting
+
+
+# -------------------------------------------------------------- engines
+def _shape_dependent(forward):
+  """``forward`` (``llama.decode_forward``) whose logits move with the
+  step's row count and page-table width, as kernels chosen per shape may
+  round them, and not with any row's values."""
+  def run(params, tokens, positions, k_pool, v_pool, table, *, cfg,
+          paged_attention=False):
+    out = forward(params, tokens, positions, k_pool, v_pool, table, cfg=cfg,
+                  paged_attention=paged_attention)
+    key = jax.random.key(1000 * tokens.shape[0] + table.shape[1])
+    wobble = WOBBLE * jax.random.normal(key, out.logits.shape[-1:])
+    return out._replace(logits=out.logits + wobble)
+  return run
+
+
+class _Shapes:
+  """Records the (rows, page-table width) of every call a pool's
+  programs run, and the rows each verify call checks."""
+
+  def __init__(self, engine):
+    programs = engine.decode.programs
+    self.calls: list[tuple[int, int]] = []
+    self.verified: list[int] = []
+    for name in ("generate", "plain"):
+      setattr(programs, name, self._wrap(getattr(programs, name)))
+
+  def _wrap(self, get):
+    def program(all_greedy, rows):
+      real = get(all_greedy, rows)
+      if real is None:
+        return None
+
+      def run(params, state, slots, *drafts):
+        self.calls.append(tuple(slots.page_table.shape))
+        if drafts:
+          self.verified.append(drafts[1].shape[0])
+        return real(params, state, slots, *drafts)
+      return run
+    return program
+
+
+def _engine(model, dcfg, monkeypatch, **kw):
+  params, cfg, mesh, rules = model
+  monkeypatch.setattr(decode_programs, "decode_forward",
+                      _shape_dependent(llama.decode_forward))
+  return ColocatedEngine(params, cfg, mesh, rules, PCFG, dcfg, **kw)
+
+
+def _run(engine, requests):
+  """Submits (rid, prompt, sampling) at once, drains; per request its
+  tokens and logprobs."""
+  tokens = collections.defaultdict(list)
+  logprobs = collections.defaultdict(list)
+
+  def callback(ev):
+    tokens[ev.request_id].extend(ev.token_ids)
+    logprobs[ev.request_id].extend(ev.logprobs)
+  for rid, p, s in requests:
+    engine.submit(rid, p, s, callback, seed_u32=s.seed_u32(0))
+  engine.drain()
+  u = engine.decode.kv_usage()
+  assert u["rows_live"] == 0 and u["pages_used"] == 0, u
+  return {rid: (tokens[rid], np.asarray(logprobs[rid], np.float32))
+          for rid, _, _ in requests}
+
+
+def _greedy(max_tokens):
+  return SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                        ignore_eos=True)
+
+
+def _alone_and_among_others():
+  """A stream, and five others of other prompt and output lengths (rows
+  come and go while it decodes, holding 1 to 4 pages)."""
+  rng = np.random.default_rng(3)
+  me = ("me", rng.integers(3, 300, 11).tolist(), _greedy(24))
+  others = [(f"o{i}", rng.integers(3, 300, n).tolist(), _greedy(t))
+            for i, (n, t) in enumerate([(5, 9), (30, 20), (17, 30), (8, 4),
+                                        (25, 12)])]
+  return me, others
+
+
+def _same(a, b):
+  """Tokens equal, logprobs bit for bit."""
+  return a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def invariant_plain(tiny_decode_params):
+  """The batch-invariant plain pool's outputs (float32): the stream
+  alone, among the others, and the speculation tests' requests."""
+  with pytest.MonkeyPatch.context() as mp:
+    engine = _engine(tiny_decode_params, INVARIANT, mp)
+    shapes = _Shapes(engine)
+    me, others = _alone_and_among_others()
+    out = {"alone": _run(engine, [me]),
+           "among": _run(engine, [me] + others),
+           "speculation": _run(engine, _requests()),
+           "shapes": set(shapes.calls)}
+  return out
+
+
+def test_a_stream_alone_and_among_others(invariant_plain):
+  """The stream's tokens and logprobs alone are those among the others,
+  bit for bit: every call ran the one program shape."""
+  out = invariant_plain
+  assert out["shapes"] == {(8, 4)}
+  assert _same(out["alone"]["me"], out["among"]["me"])
+
+
+def test_without_the_mode_shapes_and_tokens_vary(tiny_decode_params,
+                                                 invariant_plain,
+                                                 monkeypatch):
+  """The same pool without the mode runs the stream alone in 2-row
+  programs and among the others in 8-row ones, with page tables as wide as
+  each call needs, and the stand-in's tokens change with them: what the
+  test above would see if the mode did not hold the shape."""
+  engine = _engine(tiny_decode_params, PLAIN, monkeypatch)
+  shapes = _Shapes(engine)
+  me, others = _alone_and_among_others()
+  alone = _run(engine, [me])
+  alone_shapes = set(shapes.calls)
+  shapes.calls.clear()
+  among = _run(engine, [me] + others)
+  assert {rows for rows, _ in alone_shapes} == {2}
+  assert {rows for rows, _ in shapes.calls} == {2, 8}
+  assert len({width for _, width in shapes.calls}) > 1
+  assert alone["me"][0] != among["me"][0]
+
+
+def test_bf16_stream_alone_and_among_others(bf16_params, monkeypatch):
+  engine = _engine(bf16_params, INVARIANT, monkeypatch)
+  me, others = _alone_and_among_others()
+  alone = _run(engine, [me])
+  among = _run(engine, [me] + others)
+  assert _same(alone["me"], among["me"])
+
+
+def _requests():
+  """Ten greedy requests (more than the pool's 8 rows, so rows are reused)
+  of other prompt and output lengths; one opts out of speculation."""
+  rng = np.random.default_rng(7)
+  out = []
+  for i, (n, t) in enumerate([(9, 30), (17, 12), (30, 25), (5, 40), (12, 7),
+                              (20, 18), (3, 22), (26, 9), (14, 35), (7, 16)]):
+    s = SamplingParams(max_tokens=t, temperature=0.0, ignore_eos=True,
+                       speculative=(i != 4))
+    out.append((f"r{i}", rng.integers(3, 300, n).tolist(), s))
+  return out
+
+
+def _oracle_lookup(want, vocab_size):
+  """Prompt lookup replaced by drafts from the plain pool's tokens
+  (``want``): a row's next k tokens, wrong from a position that varies by
+  row and call, or none at all, so rows keep different numbers of drafts
+  and some calls are plain steps (the tiny model's random weights repeat
+  nothing for a real lookup to find)."""
+  def lookup(replica, row, k):
+    r = replica.rows[row]
+    done = len(r.generated)
+    rid = r.request.request_id
+    upcoming = want[rid][0][done:done + k]
+    h = zlib.crc32(f"{rid}/{done}".encode())
+    if h % 4 == 0:
+      return []
+    right = h % (len(upcoming) + 1)
+    wrong = [(t + 1) % vocab_size for t in upcoming[right:right + 1]]
+    return upcoming[:right] + wrong
+  return lookup
+
+
+def test_prompt_lookup_keeps_plain_decodings_tokens(tiny_decode_params,
+                                                    invariant_plain,
+                                                    monkeypatch):
+  """A batch-invariant pool drafting by prompt lookup: every stream's
+  tokens and logprobs are the plain pool's, bit for bit (the stand-in
+  moves logits per shape, so a verify pass of any other shape would part
+  from them); each verify call checked 2 rows, and every call ran the
+  one program shape."""
+  want = invariant_plain["speculation"]
+  monkeypatch.setattr(DecodeReplica, "_prompt_lookup", _oracle_lookup(
+      want, tiny_decode_params[1].vocab_size))
+  engine = _engine(tiny_decode_params, NGRAM, monkeypatch)
+  shapes = _Shapes(engine)
+  got = _run(engine, _requests())
+  assert [rid for rid in want if not _same(got[rid], want[rid])] == []
+  stats = engine.decode.stats
+  assert 0 < stats["spec_accepted"] < stats["spec_drafted"], stats
+  assert set(shapes.calls) == {(8, 4)}
+  assert shapes.verified and set(shapes.verified) == {2}
+  assert len(shapes.verified) < len(shapes.calls)   # plain steps too
+
+
+def test_a_draft_model_keeps_plain_decodings_tokens(tiny_decode_params,
+                                                    invariant_plain,
+                                                    monkeypatch):
+  """The same with the target as its own draft model: its drafts (the
+  model without the stand-in's offsets, in programs of 2 rows) are mostly
+  the target's tokens, and the verify keeps what it agrees with."""
+  params, cfg, _, _ = tiny_decode_params
+  engine = _engine(tiny_decode_params, DRAFT, monkeypatch,
+                   draft=(params, cfg))
+  got = _run(engine, _requests())
+  want = invariant_plain["speculation"]
+  assert [rid for rid in want if not _same(got[rid], want[rid])] == []
+  stats = engine.decode.stats
+  assert 0 < stats["spec_accepted"] < stats["spec_drafted"], stats
