@@ -127,9 +127,7 @@ class DecodeConfig:
   # generate call runs one program shape, max_seqs rows and a page table of
   # pages_per_seq pages, and a speculating pool's verify runs each of a
   # row's spec_tokens + 1 positions as one row of a max_seqs-row decode
-  # step (``llama.decode_tokens_as_steps``). On GPUs its programs take the
-  # kernels XLA and cuBLAS pick by shape, not autotuned ones
-  # (``generate_compiler_options``). What it costs: one stream pays for a
+  # step (``llama.decode_tokens_as_steps``). What it costs: one stream pays for a
   # max_seqs-row step reading every page-table column (the row and width
   # buckets are off), and a verify call checks max_seqs // (spec_tokens +
   # 1) rows (the others wait for a later call), so speculation pays only

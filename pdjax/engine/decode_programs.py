@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.sampling import sample, token_logprobs
 from pdjax.engine.speculative import accept
-from pdjax.engine.xla_options import FIXED_KERNELS, gemm_options
+from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
                                decode_forward_tokens, decode_tokens_as_steps,
@@ -189,18 +189,17 @@ def generate_compiler_options(dcfg: DecodeConfig, platform: str,
   activations (``fp8_weights_only``, W8A16): cuBLAS widens such weights
   in a pass of their own before its GEMM, Triton's GEMM reads them as
   they are (Llama-3-8B shapes on an H100: 1.2-1.7x faster steps at 1 to
-  128 rows). A batch-invariant pool's programs are not autotuned
-  (``FIXED_KERNELS``)."""
+  128 rows). A batch-invariant pool's programs keep XLA's autotuning:
+  within a process it keeps one kernel per GEMM shape, and with it off
+  (``xla_gpu_autotune_level=0``) an 8B decode step's row did depend on
+  its neighbours on an H100 (``tools/gpu/probe_batch_invariance.py``)."""
   if platform not in ("gpu", "cuda"):
     return None
   rows = dcfg.max_seqs if rows is None else rows
   triton = dcfg.triton_gemm == "on" or (
       dcfg.triton_gemm == "auto"
       and (rows < CUBLAS_MIN_ROWS or fp8_weights_only))
-  out = gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
-  if dcfg.batch_invariant:
-    out.update(FIXED_KERNELS)
-  return out
+  return gemm_options(triton=triton, merge_dots=dcfg.merge_dots == "on")
 
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,

@@ -27,14 +27,4 @@ def gemm_options(*, triton: bool, merge_dots: bool) -> dict[str, bool | int]:
   return out
 
 
-# GPU programs whose kernels must be a function of their shapes alone
-# (batch-invariant decoding, ``DecodeConfig.batch_invariant``): autotuning
-# off, so each GEMM runs the kernel cuBLAS's heuristics (or XLA's default
-# Triton tiling) pick for its shape. An autotuner times candidate kernels
-# at compile time and keeps the fastest, so two compilations of one shape
-# (a pool's generate and verify programs, or the same program after a
-# restart) could run different kernels, whose sums round differently.
-FIXED_KERNELS: dict[str, bool | int] = {"xla_gpu_autotune_level": 0}
-
-
-__all__ = ["FIXED_KERNELS", "ON_OFF", "check_on_off", "gemm_options"]
+__all__ = ["ON_OFF", "check_on_off", "gemm_options"]

@@ -109,8 +109,7 @@ HELP: dict[tuple[str | None, str], str] = {
     "generate call runs max_seqs rows with the whole page table, and "
     "speculation verifies each drafted position as a row of that decode "
     "step, so a greedy stream's tokens are the same alone, beside any "
-    "others, and with speculation on or off (GPU programs are not "
-    "autotuned). Costs: one stream pays for a max_seqs-row step, and a "
+    "others, and with speculation on or off. Costs: one stream pays for a max_seqs-row step, and a "
     "verify call checks max_seqs // (spec_tokens + 1) rows.",
     ("decode", "kv_admission"): "How admission promises KV pages: "
     "on_demand (pages as rows grow, newest rows preempted when the pool is "

@@ -11,8 +11,9 @@
 #           stream also decoded alone, plainly, to tell the batch's effect
 #           on bf16 greedy tokens from speculation's
 #           (tools/bench_speculative.py --plain_alone);
-#   invariant the same identity check in bf16 only, k in SPEC_KS, twice
-#           more: the default pools with one prompt per prefill program
+#   invariant the same identity check in bf16 only, k in SPEC_KS, for
+#           each of INVARIANT_MODES (default: all three): the default pools
+#           ("default"), the default pools with one prompt per prefill program
 #           (--prefill_max_batch=1: what of the batch's effect is the
 #           decode pool's), then both engines batch-invariant
 #           (--batch_invariant: one program shape, verify as decode
@@ -80,8 +81,9 @@ for part in ${PARTS:-verify real}; do
       grep -q "$(sha256sum "$MODEL" | cut -d' ' -f1)" .model/sha256 \
         || { echo "joined model does not match .model/sha256"; continue; }
       for k in ${SPEC_KS:-4}; do
-        for mode in prefill1 batch_invariant; do
+        for mode in ${INVARIANT_MODES:-default prefill1 batch_invariant}; do
           case $mode in
+            default) extra="" ;;
             prefill1) extra="--prefill_max_batch=1" ;;
             batch_invariant) extra="--batch_invariant" ;;
           esac
