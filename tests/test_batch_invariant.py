@@ -74,6 +74,7 @@ def test_one_program_shape_and_verify_rows():
 @pytest.mark.parametrize("settings, message", [
     (dict(row_buckets=(2,)), "row_buckets"),
     (dict(table_buckets=(2,)), "table_buckets"),
+    (dict(attention="paged"), "attention='paged'"),
     (dict(speculative="ngram", spec_tokens=8), "spec_tokens must be below "
      "max_seqs"),
     (dict(speculative="draft", spec_tokens=9), "spec_tokens must be below "
@@ -118,6 +119,27 @@ def test_gpu_programs_keep_the_plain_pools_kernel_options():
   assert "xla_gpu_autotune_level" not in generate_compiler_options(
       INVARIANT, "gpu")
   assert generate_compiler_options(INVARIANT, "cpu") is None
+
+
+def test_attention_is_xlas_not_cudnns(tiny_decode_params, monkeypatch):
+  """cuDNN's decode attention does not give the same bits run to run on a
+  GPU, so a batch-invariant pool's step attends with XLA's over gathered
+  pages. Here every attention that asks the backend's choice is told
+  "cudnn", which the CPU cannot run: the pool's step still runs, a plain
+  step does not; and on a GPU the pool never takes the paged kernel."""
+  params, cfg, _, _ = tiny_decode_params
+  monkeypatch.setattr(llama, "attention_impl", lambda dtype, hd: "cudnn")
+  programs = decode_programs._Programs(cfg, INVARIANT, (), "cpu", 1)
+  B, M, P = 2, 2, INVARIANT.page_size
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  pool = jnp.zeros((L * (B * M + 1), P, K, hd), cfg.jnp_dtype)
+  args = (params, jnp.array([5, 7], jnp.int32), jnp.array([3, 9], jnp.int32),
+          pool, pool, jnp.array([[1, 2], [3, 4]], jnp.int32))
+  out = programs._forward(*args, cfg=cfg, paged_attention=False)
+  assert np.isfinite(np.asarray(out.logits, np.float32)).all()
+  with pytest.raises(Exception, match="(?i)cudnn"):
+    llama.decode_forward(*args, cfg=cfg)
+  assert not decode_programs.use_paged_attention(cfg, INVARIANT, "gpu", 1)
 
 
 # ----------------------------------------------------- the verify pass
@@ -213,9 +235,9 @@ def _shape_dependent(forward):
   step's row count and page-table width, as kernels chosen per shape may
   round them, and not with any row's values."""
   def run(params, tokens, positions, k_pool, v_pool, table, *, cfg,
-          paged_attention=False):
+          **attention):
     out = forward(params, tokens, positions, k_pool, v_pool, table, cfg=cfg,
-                  paged_attention=paged_attention)
+                  **attention)
     key = jax.random.key(1000 * tokens.shape[0] + table.shape[1])
     wobble = WOBBLE * jax.random.normal(key, out.logits.shape[-1:])
     return out._replace(logits=out.logits + wobble)

@@ -127,7 +127,9 @@ class DecodeConfig:
   # generate call runs one program shape, max_seqs rows and a page table of
   # pages_per_seq pages, and a speculating pool's verify runs each of a
   # row's spec_tokens + 1 positions as one row of a max_seqs-row decode
-  # step (``llama.decode_tokens_as_steps``). What it costs: one stream pays for a
+  # step (``llama.decode_tokens_as_steps``). Attention is XLA's, over the
+  # gathered pages: cuDNN's decode attention is not deterministic run to
+  # run on GPUs (``_Programs``). What it costs: one stream pays for a
   # max_seqs-row step reading every page-table column (the row and width
   # buckets are off), and a verify call checks max_seqs // (spec_tokens +
   # 1) rows (the others wait for a later call), so speculation pays only
@@ -191,6 +193,12 @@ class DecodeConfig:
           f"table ({self.pages_per_seq} pages): table_buckets "
           f"{self.table_buckets} would give a row a program of another "
           "shape; leave them empty")
+    if self.attention == "paged":
+      raise ValueError(
+          "batch_invariant attends with XLA's attention over gathered "
+          "pages (cuDNN's decode attention, the paged kernel included, "
+          "is not deterministic run to run): attention='paged' cannot "
+          "apply; use 'auto' or 'gather'")
     if self.speculative != "off" and self.spec_tokens + 1 > self.max_seqs:
       raise ValueError(
           f"batch_invariant verifies each of a row's spec_tokens + 1 "

@@ -208,7 +208,9 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
   """Resolves ``DecodeConfig.attention`` for the program of ``rows`` rows
   (default max_seqs). cuDNN's paged kernel has no partitioning rule, so a
   replica spanning devices gathers."""
-  if dcfg.attention == "gather":
+  if dcfg.attention == "gather" or dcfg.batch_invariant:
+    # Batch-invariant pools attend with XLA's attention (cuDNN's decode
+    # kernels are not deterministic run to run: _Programs).
     return False
   rows = dcfg.max_seqs if rows is None else rows
   blocks = cfg.num_layers * dcfg.num_pages
@@ -269,6 +271,13 @@ class _Programs:
       self._forward = functools.partial(pipelined_decode_forward, **staged)
       self._forward_tokens = functools.partial(
           pipelined_decode_forward_tokens, **staged)
+    if dcfg.batch_invariant:
+      # A fixed-shape step computes each row apart from the others, but
+      # cuDNN's decode attention does not give the same bits run to run
+      # (an H100: the same inputs, 20 calls, 12-14 equal to the first;
+      # with XLA's attention, 20): a stream's tokens would depend on the
+      # run, alone or not. XLA's attention over the gathered pages is.
+      self._forward = functools.partial(self._forward, xla_attention=True)
     # Per row count: the GEMM kernels and the attention path.
     w8a16 = cfg.weight_dtype is not None and cfg.activation_dtype is None
     self.compiler_options = {

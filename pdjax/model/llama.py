@@ -607,7 +607,8 @@ def kv_to_pool(x, dtype):
 
 
 def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
-                 page_size: int, dtype, paged_attention: bool = False):
+                 page_size: int, dtype, paged_attention: bool = False,
+                 xla_attention: bool = False):
   """The body of ``decode_forward``'s layer loop for one batch of rows:
   ``layer((x, k_pool, v_pool), (layer_weights, layer_index))`` runs one
   layer on the residual stream x [B, 1, D], writing the rows' new K/V into
@@ -619,7 +620,13 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
   M = page_table.shape[1]
   K, hd = cfg.num_kv_heads, cfg.head_dim
   cos, sin = rope_tables(cfg, positions[:, None])
-  impl = attention_impl(dtype, cfg.head_dim)
+  # ``xla_attention``: XLA's own attention, not cuDNN's, whose decode
+  # kernels do not give the same bits run to run on an H100 (the same
+  # step's inputs, 20 calls: 12-14 equal to the first with cuDNN, 20 with
+  # XLA's; tools/gpu/probe_batch_invariance.py).
+  impl = "xla" if xla_attention else attention_impl(dtype, cfg.head_dim)
+  if xla_attention and paged_attention:
+    raise ValueError("paged attention is cuDNN's: not with xla_attention")
   write_page = jnp.take_along_axis(page_table, (positions // P)[:, None],
                                    axis=1)[:, 0]
   write_off = positions % P
@@ -662,7 +669,8 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
 
 def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
                    page_table, *, cfg: ModelConfig,
-                   paged_attention: bool = False) -> DecodeOut:
+                   paged_attention: bool = False,
+                   xla_attention: bool = False) -> DecodeOut:
   """One token for each of B sequences; not jitted here (the engine jits it
   with the pools donated).
 
@@ -679,13 +687,16 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
   stale data in a recycled page is never visible. ``paged_attention``: read
   them in place with cuDNN's paged attention (GPUs,
   ``cudnn_paged_attention_applies``) instead of gathering them first.
+  ``xla_attention``: attend over the gathered pages with XLA's attention,
+  never cuDNN's (deterministic: ``decode_layer``).
   """
   L = cfg.num_layers
   x = _embed(params, tokens[:, None])
   layer = decode_layer(cfg, positions, page_table,
                        num_pages=k_pool.shape[0] // L,
                        page_size=k_pool.shape[1], dtype=x.dtype,
-                       paged_attention=paged_attention)
+                       paged_attention=paged_attention,
+                       xla_attention=xla_attention)
   layer_ids = jnp.arange(L, dtype=jnp.int32)
   (x, k_pool, v_pool), _ = scan_layers(
       layer, (x, k_pool, v_pool), params["layers"], layer_ids)

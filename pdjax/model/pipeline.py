@@ -73,7 +73,8 @@ def shard_map_stages(f, mesh, in_specs, out_specs, axis: str = STAGE_AXIS):
 def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
                              v_pool, page_table, *, cfg: ModelConfig, mesh,
                              num_microbatches: int, axis: str = STAGE_AXIS,
-                             paged_attention: bool = False) -> DecodeOut:
+                             paged_attention: bool = False,
+                             xla_attention: bool = False) -> DecodeOut:
   """``llama.decode_forward`` (same arguments and result) over the stages
   of ``mesh``'s ``axis``, the rows in ``num_microbatches`` microbatches.
 
@@ -90,7 +91,8 @@ def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
 
   def layer(pos, table):
     return decode_layer(cfg, pos, table, num_pages=N,
-                        page_size=k_pool.shape[1], dtype=x.dtype)
+                        page_size=k_pool.shape[1], dtype=x.dtype,
+                        xla_attention=xla_attention)
 
   h, k_pool, v_pool = _pipeline(
       params, x, (positions, page_table),

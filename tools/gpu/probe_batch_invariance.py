@@ -13,8 +13,11 @@ sequence, against the same step with
 
 for the whole decode step (``decode_forward``, gathered and cuDNN paged
 attention), the attention alone, one projection's GEMM alone, and the
-RMSNorm alone. Prints one JSON line per check: whether row 0's output is
-bitwise equal, and the largest difference.
+RMSNorm alone; then (``--engine_streams``) a batch-invariant colocated
+engine serving one stream alone, alone again, and among others. Prints one
+JSON line per check: whether row 0's output (or the stream's tokens and
+logprobs) is bitwise equal, and the largest difference (or the first
+differing position).
 
   python3 tools/gpu/probe_batch_invariance.py --model=llama3-1b --out x.json
 """
@@ -42,6 +45,16 @@ def main(argv=None) -> int:
   ap.add_argument("--autotune_level", type=int, default=0,
                   help="xla_gpu_autotune_level of the compiled steps "
                   "(0: the batch-invariant mode's; -1: XLA's default)")
+  ap.add_argument("--engine_streams", type=int, default=8,
+                  help="Also serve this many random prompts through a "
+                  "batch-invariant colocated engine (0: skip): stream 0 alone "
+                  "twice and among the others, its logprobs compared step "
+                  "by step")
+  ap.add_argument("--engine_tokens", type=int, default=32)
+  ap.add_argument("--engine_attention", default="auto",
+                  choices=["auto", "paged", "gather"],
+                  help="The engine's DecodeConfig.attention")
+  ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   import jax
@@ -95,6 +108,19 @@ def main(argv=None) -> int:
     results.append(r)
     print(json.dumps(r), flush=True)
 
+  def repeat(name, fn):
+    """The same batch (every row live) run ``--repeats`` times: is the
+    step itself deterministic?"""
+    inputs = batch(B - 1, 0)
+    first = np.asarray(jax.device_get(fn(*inputs)), np.float32)
+    same = sum(np.array_equal(first, np.asarray(jax.device_get(fn(*inputs)),
+                                                np.float32), equal_nan=True)
+               for _ in range(args.repeats - 1))
+    r = {"check": name, "bitwise_equal": same == args.repeats - 1,
+         "calls_equal_to_the_first": int(same) + 1}
+    results.append(r)
+    print(json.dumps(r), flush=True)
+
   for paged in (False, True):
     if paged and not llama.cudnn_paged_attention_applies(cfg, L * N, B, M):
       continue
@@ -105,6 +131,8 @@ def main(argv=None) -> int:
     def logits(t, p, tab, step=step):
       return step(params, t, p, kp, vp, tab).logits
     tag = "paged" if paged else "gathered"
+    repeat(f"decode step ({tag}): the same inputs, {args.repeats} calls",
+           logits)
     check(f"decode step ({tag}): neighbours live vs idle", logits)
     check(f"decode step ({tag}): row 0 vs row {B // 2 + 1}", logits,
           seq_rows=(0, B // 2 + 1), lives=(0, 0))
@@ -126,13 +154,93 @@ def main(argv=None) -> int:
       return fn(x)
     return run
   check("GEMM (w_up): neighbours live vs idle", rows_of(gemm))
+  from pdjax.engine.sampling import sample
+  greedy = jax.jit(lambda logits: sample(
+      logits, jnp.zeros(B), jnp.ones(B), jnp.zeros(B, jnp.int32),
+      jnp.zeros(B, jnp.uint32), jnp.zeros(B, jnp.int32), all_greedy=True))
+  big = jnp.asarray(rng.normal(size=(B, cfg.padded_vocab)) * 3, jnp.float32)
+  repeat(f"greedy sampling's logprobs ({cfg.padded_vocab} logits), "
+         f"{args.repeats} calls", lambda t, p, tab: greedy(big)[1][:, None])
   check("RMSNorm: neighbours live vs idle", rows_of(norm))
+  if args.engine_streams:
+    results.extend(_engine_checks(params, cfg, args.engine_streams,
+                                  args.engine_tokens, args.engine_attention))
   if args.out:
     Path(args.out).write_text(json.dumps(
         {"device": str(jax.devices()[0]), "model": args.model, "rows": B,
          "autotune_level": args.autotune_level, "results": results},
         indent=1))
   return 0
+
+
+def _engine_checks(params, cfg, streams: int, max_tokens: int,
+                   attention: str) -> list:
+  """Stream 0's greedy tokens and logprobs from a batch-invariant
+  colocated engine (one prompt per prefill program): alone, alone again
+  (is the engine deterministic run to run?), and among ``streams - 1``
+  others. Each comparison: the first output position whose token differs,
+  and the first whose logprob's bits do (None: none)."""
+  import jax
+  import numpy as np
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.decode_config import DecodeConfig
+  from pdjax.engine.prefill import PrefillConfig
+  from pdjax.engine.sampling import SamplingParams
+  from pdjax.engine.setup import shard_params
+  from pdjax.sharding import ShardingRules, make_mesh
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params = shard_params(params, cfg, rules, mesh)
+  L, page = 1024, 16
+  pcfg = PrefillConfig(buckets=(128, 256, 512, 1024), max_batch=1,
+                       page_size=page, max_seq_len=L)
+  dcfg = DecodeConfig(max_seqs=streams, num_pages=streams * (L // page) + 1,
+                      max_seq_len=L, page_size=page, steps_per_call=4,
+                      table_buckets=(L // page,), batch_invariant=True,
+                      attention=attention)
+  engine = ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)
+  engine.warmup()
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, cfg.vocab_size, int(n)).tolist()
+             for n in rng.integers(100, 600, streams)]
+
+  def serve(ps, tag):
+    got = {}
+    def on(ev):
+      toks, lps = got.setdefault(ev.request_id, ([], []))
+      toks.extend(ev.token_ids)
+      lps.extend(np.float32(x) for x in ev.logprobs)
+    for i, p in enumerate(ps):
+      engine.submit(f"{tag}-{i}", p, SamplingParams(
+          max_tokens=max_tokens, temperature=0.0, ignore_eos=True), on)
+    while engine.has_work:
+      engine.step()
+    return got[f"{tag}-0"]
+
+  def first_difference(a, b):
+    """(first position whose token differs, first whose logprob's bits
+    differ), None where none does."""
+    tok = next((i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y),
+               None)
+    lp = next((i for i, (x, y) in enumerate(zip(a[1], b[1]))
+               if x.tobytes() != y.tobytes()), None)
+    return tok, lp
+
+  alone = serve(prompts[:1], "alone")
+  again = serve(prompts[:1], "again")
+  among = serve(prompts, "among")
+  out = []
+  for name, other in (("engine: alone, run twice", again),
+                      (f"engine: alone vs among {streams - 1} others",
+                       among)):
+    tok, lp = first_difference(alone, other)
+    r = {"check": f"{name} (attention {attention})",
+         "bitwise_equal": tok is None and lp is None,
+         "first_differing_token": tok, "first_differing_logprob": lp,
+         "tokens": len(alone[0])}
+    print(json.dumps(r), flush=True)
+    out.append(r)
+  return out
 
 
 if __name__ == "__main__":
