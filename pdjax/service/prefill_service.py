@@ -91,10 +91,10 @@ class PendingDestinations:
   def complete(self, dest: kv_pb2.KvDestination) -> None:
     """The whole destination of ``dest.transfer_id`` (a repeat is
     ignored: the first one is where the KV goes)."""
-    future = self._entry(dest.transfer_id)
-    with self._lock:
-      if not future.done():
-        future.set_result(dest)
+    try:
+      self._entry(dest.transfer_id).set_result(dest)
+    except concurrent.futures.InvalidStateError:
+      pass   # a repeat, or its call has ended
 
   def drop(self, transfer_id: str) -> None:
     """The Prefill call ended: a hand-off still waiting stops (cancelled)."""
@@ -394,23 +394,20 @@ class PrefillWorker:
         queue_s=job.queue_s))
 
   def _start_landing(self, job: _Job) -> None:
-    """Asks for the job's landing region from the pool, answered while the
-    prefill runs (starting the calls on the batch thread held the prefill's
-    dispatch up: about 0.4 ms of an H100 worker's time to first token); a
-    pending destination's once it is complete (the decode worker lends only
-    under a transfer id its Reserve issued)."""
+    """Asks for the job's landing region, answered while the prefill runs;
+    for a pending destination, once it is complete (the decode worker lends
+    only under a transfer id its Reserve issued)."""
     job.landing = concurrent.futures.Future()
-
-    def ask(_=None):
-      try:
-        self._pool.submit(self._ask_landing, job)
-      except RuntimeError:   # the worker is stopping
-        job.landing.set_result(None)
-
-    if job.completed is None:
-      ask()
+    if job.completed is None or job.completed.done():
+      # From the pool: starting the calls on the batch thread held the
+      # prefill's dispatch up (about 0.4 ms of an H100 worker's time to
+      # first token). Queued before the batch's hand-offs, it runs first.
+      self._pool.submit(self._ask_landing, job)
     else:
-      job.completed.add_done_callback(ask)
+      # On the thread that brings the destination (the event loop's, idle
+      # while the prefill computes), not from the pool: its threads may
+      # all be hand-offs waiting for these very answers.
+      job.completed.add_done_callback(lambda _: self._ask_landing(job))
 
   def _ask_landing(self, job: _Job) -> None:
     """Resolves ``job.landing`` with the call's pending answer, or None."""
