@@ -789,6 +789,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     the reservation's failure where that is why the call was cancelled."""
     try:
       msg = await call.read()
+    except asyncio.CancelledError:
+      # The call was cancelled for the reservation's failure
+      # (``_complete_destination``), not the request: that failure is what
+      # the request answers, and it may be retried.
+      if (reservation is not None and reservation.failure is not None
+          and not asyncio.current_task().cancelling()):
+        raise reservation.failure from None
+      raise
     except grpc.aio.AioRpcError as e:
       if reservation is not None and reservation.failure is not None:
         raise reservation.failure from e
