@@ -168,20 +168,24 @@ class _Deployment:
 
   async def assert_nothing_left(self) -> None:
     """Every worker's accounting back at its start: no prefill running or
-    KV parked, no destination awaited, no reservation or hand-off open.
-    (The router's last clean-up calls may still be on their way.)"""
+    KV parked, no destination awaited, no reservation or hand-off open;
+    the router counts no call on a worker nor holds its channel. (The
+    router's last clean-up calls may still be on their way.)"""
     deadline = time.monotonic() + 5
     while True:
       left = {"prefill running": self.prefill.running,
               "KV parked": self.sender.live(),
               "destinations": len(self.prefill.destinations)}
+      for w in self.registry.workers.values():
+        left[f"router's calls on {w.address}"] = w.inflight
+        left[f"router's holds on {w.address}"] = w.holds
       for i, (servicer, backend) in enumerate(self.decodes):
         left[f"d{i} hand-offs"] = len(servicer.worker.handoffs)
         left[f"d{i} reservations"] = len(backend.reservations)
       if not any(left.values()) or time.monotonic() > deadline:
         break
       await asyncio.sleep(0.02)
-    assert not any(left.values()), left
+    assert not any(left.values()), {k: v for k, v in left.items() if v}
 
 
 def _reserves(metrics, order: str) -> float:

@@ -161,10 +161,16 @@ _KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
 class _Reservation:
   """A request's Reserve: a task beside its prefill (or awaited before it).
   The router gives back what it reserved on every way out, unless a Decode
-  call took it over (``settled``: the decode worker owns it then)."""
+  call took it over (``settled``: the decode worker owns it then). The
+  reservation is its decode worker's until then: that worker's channel
+  stays open (``WorkerRegistry.hold``) until ``close``, even if the worker
+  leaves its pool meanwhile."""
 
-  def __init__(self, reserve: Callable[[], Awaitable]):
+  def __init__(self, registry: WorkerRegistry,
+               reserve: Callable[[], Awaitable]):
+    self._registry = registry
     self._reserve = reserve
+    self._held = contextlib.ExitStack()
     self.task: asyncio.Task | None = None
     self.settled = False
     # Where the reservation (or its delivery to the prefill worker) failed,
@@ -174,8 +180,18 @@ class _Reservation:
   def start(self) -> asyncio.Task:
     """Starts the Reserve call (once)."""
     if self.task is None:
-      self.task = asyncio.ensure_future(self._reserve())
+      self.task = asyncio.ensure_future(self._made())
     return self.task
+
+  async def _made(self):
+    d, res = await self._reserve()
+    # In the step that left the call's own hold: no moment without one.
+    self._held.enter_context(self._registry.hold(d))
+    return d, res
+
+  def close(self) -> None:
+    """The request is done with the reservation's worker."""
+    self._held.close()
 
   def made(self) -> tuple[Worker, decode_pb2.ReserveResponse] | None:
     """(worker, answer) once made; None while running, or if it failed."""
@@ -439,9 +455,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         else:
           stream = self._disaggregated(rid, ids, sampling, seed, context,
                                        usage, tried_p, tried_d, salt, keys)
-        async for msg in stream:
-          started = True
-          yield msg
+        # Closed with the request, not whenever the collector finds it (a
+        # retry's error holds this frame in a cycle): its calls end and its
+        # workers' counts and holds go back at once.
+        async with contextlib.aclosing(stream):
+          async for msg in stream:
+            started = True
+            yield msg
         return
       except _Failed as e:
         last_error = e
@@ -587,24 +607,27 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     with the KV handle."""
     t0 = time.perf_counter()
     d = await self._pick_decode(tried_d, context, keys)
-    p = self._pick_prefill(tried_p, keys)
     beside = self._reserve_beside_prefill(d, len(ids), sampling)
     transfer_id = new_transfer_id()
     # Beside the prefill, the Reserve call starts once the Prefill call
     # has (``_handed_off``): the prefill's start is the one that matters.
-    reservation = _Reservation(functools.partial(
+    reservation = _Reservation(self.registry, functools.partial(
         self._reserve, rid, ids, sampling, context, tried_d, salt, keys,
         first=d, transfer_id=transfer_id, beside_prefill=beside))
-    try:
-      if not beside:
-        await reservation.start()     # its answer shapes the prefill
-      stream = self._handed_off(rid, ids, sampling, seed, context, usage, p,
-                                reservation, transfer_id, t0, salt, keys)
-      async with contextlib.aclosing(stream):
-        async for msg in stream:
-          yield msg
-    finally:
-      await self._give_back(reservation, rid)
+    # ``d``'s channel stays open until its Reserve call holds it.
+    with self.registry.hold(d):
+      try:
+        if not beside:
+          await reservation.start()     # its answer shapes the prefill
+        stream = self._handed_off(rid, ids, sampling, seed, context, usage,
+                                  tried_p, reservation, transfer_id, t0,
+                                  salt, keys)
+        async with contextlib.aclosing(stream):
+          async for msg in stream:
+            yield msg
+      finally:
+        await self._give_back(reservation, rid)
+        reservation.close()
 
   def _destination(self, d: Worker, res: decode_pb2.ReserveResponse,
                    transfer_id: str) -> kv_pb2.KvDestination:
@@ -624,8 +647,9 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     dest.skip_pages = res.cached_blocks
     return dest
 
-  async def _handed_off(self, rid, ids, sampling, seed, context, usage, p,
-                        reservation, transfer_id, t0, salt, keys):
+  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
+                        tried_p, reservation, transfer_id, t0, salt, keys):
+    p = self._pick_prefill(tried_p, keys)
     usage.prefill_worker = p.address
     made = reservation.made()   # made already where the prefill waited
     dest = (self._destination(*made, transfer_id) if made else
@@ -640,79 +664,75 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     # waits for the hand-off, so that a failure can still retry the request.
     early = self.config.kv_failure_policy == "recompute"
     lost: _Failed | None = None
-    with contextlib.ExitStack() as held:
-      with self.registry.busy(p):
-        usage.ttft_stages.reserve_s = time.perf_counter() - t0
-        call = p.stub.Prefill(prefill_pb2.PrefillRequest(
-            request_id=rid, prompt_token_ids=ids,
-            sampling=validation.sampling_to_proto(sampling), seed=seed,
-            destination=dest, destination_pending=made is None,
-            cache_salt=salt, kv_sources=sources),
-            timeout=self._timeout(context))
-        reservation.start()
-        completing = None if made else asyncio.ensure_future(
-            self._complete_destination(
-                p, call, reservation, transfer_id,
-                self._timeout(context, self.config.transfer_timeout_s)))
-        try:
-          pre = await self._prefill_reply(call, p, reservation)
-          usage.prefill_s = pre.prefill_s
-          usage.cached_prompt_tokens = pre.cached_tokens
-          usage.ttft_stages.queue_s = pre.queue_s
-          usage.ttft_stages.prefill_s = pre.prefill_s
-          d, _ = await self._reserved(reservation, usage)
-          # The reservation is d's until Decode redeems it: d's channel
-          # stays open that long even if d leaves its pool meanwhile.
-          held.enter_context(self.registry.hold(d))
-          usage.decode_worker = d.address
-          first = decode_pb2.DecodeResponse(
-              token_ids=[pre.first_token], logprobs=[pre.first_logprob])
-          if early:
-            yield first
-          try:
-            sent = await self._prefill_reply(call, p, reservation)
-          except _Failed as e:
-            if not early:
-              raise
-            lost = e
-            await self._give_back(reservation, rid)
-            if e.code == grpc.StatusCode.UNAVAILABLE:
-              self.registry.mark_down(p, e.details)
-        finally:
-          call.cancel()
-          if completing is not None:
-            completing.cancel()
-      exclude: set[str] = set()
-      if lost is None:
-        usage.kv_transfer_s = sent.transfer_s
-        usage.kv_send_s = sent.transfer_s
-        usage.kv_path = sent.kv.transport
-        if not early:
-          usage.ttft_stages.kv_handoff_s = sent.transfer_s
+    with self.registry.busy(p):
+      usage.ttft_stages.reserve_s = time.perf_counter() - t0
+      call = p.stub.Prefill(prefill_pb2.PrefillRequest(
+          request_id=rid, prompt_token_ids=ids,
+          sampling=validation.sampling_to_proto(sampling), seed=seed,
+          destination=dest, destination_pending=made is None,
+          cache_salt=salt, kv_sources=sources),
+          timeout=self._timeout(context))
+      reservation.start()
+      completing = None if made else asyncio.ensure_future(
+          self._complete_destination(
+              p, call, reservation, transfer_id,
+              self._timeout(context, self.config.transfer_timeout_s)))
+      try:
+        pre = await self._prefill_reply(call, p, reservation)
+        usage.prefill_s = pre.prefill_s
+        usage.cached_prompt_tokens = pre.cached_tokens
+        usage.ttft_stages.queue_s = pre.queue_s
+        usage.ttft_stages.prefill_s = pre.prefill_s
+        d, _ = await self._reserved(reservation, usage)
+        usage.decode_worker = d.address
+        first = decode_pb2.DecodeResponse(
+            token_ids=[pre.first_token], logprobs=[pre.first_logprob])
+        if early:
           yield first
-        handle = sent.kv
-        handle.prefill_address = p.address
-        req = decode_pb2.DecodeRequest(
-            request_id=rid, prompt_token_ids=ids,
-            sampling=validation.sampling_to_proto(sampling), seed=seed,
-            first_token=pre.first_token, first_logprob=pre.first_logprob,
-            kv=handle, cache_salt=salt)
-        # The decode worker owns the reservation now: Decode redeems it, or
-        # gives it back where it fails.
-        reservation.settled = True
         try:
-          async for msg in self._stream_decode(d, req, context, usage,
-                                               first_token_sent=True,
-                                               kv_pending=True):
-            yield msg
-          return
-        except _KvLost as e:
-          if self.config.kv_failure_policy != "recompute":
-            raise _Failed(e.code, e.details) from e
+          sent = await self._prefill_reply(call, p, reservation)
+        except _Failed as e:
+          if not early:
+            raise
           lost = e
-          exclude.add(d.address)
+          await self._give_back(reservation, rid)
           if e.code == grpc.StatusCode.UNAVAILABLE:
-            self.registry.mark_down(d, e.details)
+            self.registry.mark_down(p, e.details)
+      finally:
+        call.cancel()
+        if completing is not None:
+          completing.cancel()
+    exclude: set[str] = set()
+    if lost is None:
+      usage.kv_transfer_s = sent.transfer_s
+      usage.kv_send_s = sent.transfer_s
+      usage.kv_path = sent.kv.transport
+      if not early:
+        usage.ttft_stages.kv_handoff_s = sent.transfer_s
+        yield first
+      handle = sent.kv
+      handle.prefill_address = p.address
+      req = decode_pb2.DecodeRequest(
+          request_id=rid, prompt_token_ids=ids,
+          sampling=validation.sampling_to_proto(sampling), seed=seed,
+          first_token=pre.first_token, first_logprob=pre.first_logprob,
+          kv=handle, cache_salt=salt)
+      # The decode worker owns the reservation now: Decode redeems it, or
+      # gives it back where it fails.
+      reservation.settled = True
+      try:
+        async for msg in self._stream_decode(d, req, context, usage,
+                                             first_token_sent=True,
+                                             kv_pending=True):
+          yield msg
+        return
+      except _KvLost as e:
+        if self.config.kv_failure_policy != "recompute":
+          raise _Failed(e.code, e.details) from e
+        lost = e
+        exclude.add(d.address)
+        if e.code == grpc.StatusCode.UNAVAILABLE:
+          self.registry.mark_down(d, e.details)
     self.metrics.requests.labels("kv_recomputed").inc()
     log.warning("request %s: KV hand-off failed (%s); recomputing the "
                 "prompt on a decode worker", rid, lost.details)
@@ -778,9 +798,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       await asyncio.wait([task])
     made = reservation.made()
     if made is not None:
-      d = made[0]
-      with self.registry.hold(d):
-        await self._unreserve(d, rid)
+      await self._unreserve(made[0], rid)
 
   async def _prefill_reply(self, call, p: Worker,
                            reservation: _Reservation | None = None
