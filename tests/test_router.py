@@ -472,6 +472,9 @@ class FakePrefill:
   async def CompleteDestination(self, request, timeout=None):
     return common_pb2.Empty()
 
+  async def ReleaseKv(self, request, timeout=None):
+    return common_pb2.Empty()
+
 
 class _Reserving(FakeDecode):
   def __init__(self):

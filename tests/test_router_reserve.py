@@ -8,10 +8,12 @@ refuses.
 Checked: the prefill starts while Reserve is still unanswered and its KV
 waits for the destination; the tokens are those of the order where Reserve
 goes first (a decode worker keeping a prefix cache); a reservation refused
-after the prefill ran answers the client RESOURCE_EXHAUSTED, or is waited
-for under the queue policy, and a decode worker gone is routed around;
-a client that cancels while Reserve is held leaves nothing behind. After
-each request every worker's accounting is back where it started.
+while the prefill computes or after it ran answers the client
+RESOURCE_EXHAUSTED, or is waited for under the queue policy, and a decode
+worker gone is routed around; a client that cancels while Reserve is held,
+or before the decode worker took the KV, leaves nothing behind. After each
+request every worker's accounting (and the router's) is back where it
+started.
 """
 
 from __future__ import annotations
@@ -89,6 +91,17 @@ class _Decode(DecodeServicer):
     self.refusals = 1 << 30
     self.refused = threading.Event()
     self.held_until_set: list[bool] = []   # per call: was the hold set?
+    self.decode_called = threading.Event()
+    self.hold_decode: threading.Event | None = None
+
+  async def Decode(self, request, context):
+    """Held (``hold_decode``) before it touches the hand-off: a call
+    cancelled meanwhile leaves the reservation as Reserve made it."""
+    self.decode_called.set()
+    if self.hold_decode is not None:
+      await asyncio.to_thread(self.hold_decode.wait, 10)
+    async for message in super().Decode(request, context):
+      yield message
 
   async def Reserve(self, request, context):
     if self.hold is not None:
@@ -324,5 +337,28 @@ def test_a_client_that_cancels_while_reserve_is_held_leaves_nothing():
         await request
       release.set()
       await dep.assert_nothing_left()
+
+  asyncio.run(go())
+
+
+def test_a_client_that_cancels_before_decode_answers_leaves_nothing():
+  """The client goes away once it has the first token, while the router's
+  Decode call has not reached the decode worker's hand-off (held there):
+  the router gives the reservation back itself, and has the prefill worker
+  free the KV no one will redeem (rather than at their TTLs)."""
+
+  async def go():
+    async with _Deployment() as dep:
+      decode, _ = dep.decodes[0]
+      release = threading.Event()
+      decode.hold_decode = release
+      stream = dep.client.stream(prompt_token_ids=PROMPT, max_tokens=4,
+                                 temperature=0.0)
+      first = await stream.__anext__()
+      assert first.token_ids == [FIRST]
+      assert await asyncio.to_thread(decode.decode_called.wait, 10)
+      await stream.aclose()
+      await dep.assert_nothing_left()
+      release.set()
 
   asyncio.run(go())

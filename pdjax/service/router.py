@@ -160,11 +160,11 @@ _KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
 
 class _Reservation:
   """A request's Reserve: a task beside its prefill (or awaited before it).
-  The router gives back what it reserved on every way out, unless a Decode
-  call took it over (``settled``: the decode worker owns it then). The
-  reservation is its decode worker's until then: that worker's channel
-  stays open (``WorkerRegistry.hold``) until ``close``, even if the worker
-  leaves its pool meanwhile."""
+  The router gives back what it reserved on every way out, unless the
+  decode worker took it over (``settled``: a Decode call redeemed it). Its
+  decode worker's channel stays open (``WorkerRegistry.hold``) until
+  ``close``, even if the worker leaves its pool meanwhile: the request may
+  still call it (Decode, Unreserve)."""
 
   def __init__(self, registry: WorkerRegistry,
                reserve: Callable[[], Awaitable]):
@@ -717,22 +717,28 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           sampling=validation.sampling_to_proto(sampling), seed=seed,
           first_token=pre.first_token, first_logprob=pre.first_logprob,
           kv=handle, cache_salt=salt)
-      # The decode worker owns the reservation now: Decode redeems it, or
-      # gives it back where it fails.
-      reservation.settled = True
+      redeemed = False
       try:
         async for msg in self._stream_decode(d, req, context, usage,
                                              first_token_sent=True,
                                              kv_pending=True):
+          # The decode worker redeemed the KV and the reservation. Until it
+          # answers, a request that ends (cancelled, or its call failed)
+          # gives both back itself: the call may never have reached it.
+          redeemed = reservation.settled = True
           yield msg
         return
       except _KvLost as e:
+        await self._give_back(reservation, rid)   # now, not after recompute
         if self.config.kv_failure_policy != "recompute":
           raise _Failed(e.code, e.details) from e
         lost = e
         exclude.add(d.address)
         if e.code == grpc.StatusCode.UNAVAILABLE:
           self.registry.mark_down(d, e.details)
+      finally:
+        if not redeemed:
+          await self._release_kv(p, handle.transfer_id)
     self.metrics.requests.labels("kv_recomputed").inc()
     log.warning("request %s: KV hand-off failed (%s); recomputing the "
                 "prompt on a decode worker", rid, lost.details)
@@ -788,7 +794,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
   async def _give_back(self, reservation: _Reservation, rid: str) -> None:
     """Ends what the router still owns of a reservation, once: a Reserve
     still running is cancelled (it gives back what it may have reserved),
-    one made is given back unless a Decode call took it over."""
+    one made is given back unless the decode worker took it over."""
     if reservation.settled:
       return
     reservation.settled = True
@@ -826,6 +832,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                     f"prefill worker {p.address} ended the call early",
                     retry=True, worker=p)
     return msg
+
+  async def _release_kv(self, p: Worker, transfer_id: str) -> None:
+    """Frees a sent KV that no one will redeem now, not at its TTL."""
+    try:
+      await p.stub.ReleaseKv(prefill_pb2.ReleaseKvRequest(
+          transfer_id=transfer_id), timeout=self.registry.rpc_timeout_s)
+    except (grpc.RpcError, grpc.aio.UsageError):
+      pass   # its TTL frees it (the worker gone, or its channel closed)
 
   async def _unreserve(self, d: Worker, rid: str) -> None:
     try:
