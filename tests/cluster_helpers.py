@@ -60,8 +60,9 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
 
 def check_ttft_stages(usage) -> None:
   """A response's TTFT breakdown: every stage >= 0, together ttft_s; a
-  remote prefill reserved KV first and was timed, a local one was timed
-  and reserved nothing."""
+  remote prefill reserved KV (its first token waited for some of it: the
+  Reserve call, or the part the prefill beside it did not hide, at least
+  the picks) and was timed, a local one was timed and reserved nothing."""
   st = usage.ttft_stages
   assert set(st) == {"prepare", "reserve", "queue", "prefill", "kv_handoff",
                      "return"}, st

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import types
 
 import jax.numpy as jnp
@@ -261,3 +262,156 @@ def test_an_idle_worker_serves_its_peers_at_once():
     assert worker.queued == 0
   finally:
     worker.stop()
+
+
+# --------------------------------------------- destinations completed later
+class _RecordingSender(_Sender):
+  def __init__(self):
+    super().__init__()
+    self.destinations = []
+
+  def send(self, kv, dest, *, timeout_s):
+    self.destinations.append(dest)
+    return super().send(kv, dest, timeout_s=timeout_s)
+
+
+class _Prefills(_Engine):
+  def prefill(self, reqs, kv_ready=None, on_result=None):
+    out = [_result(r, 9) for r in reqs]
+    for i, r in enumerate(out):
+      kv_ready(i, r.kv)
+      on_result(i, r)
+    return out
+
+
+def _pending_job(loop, worker: PrefillWorker, deadline=None) -> _Job:
+  """A job whose destination the router completes later (t0)."""
+  (job,) = _jobs(loop, 1)
+  job.deadline = deadline
+  job.completed = worker.destinations.awaited("t0")
+  return job
+
+
+def test_a_pending_destination_holds_the_hand_off_not_the_first_token():
+  """Reserved beside the prefill: the first token is answered at once, the
+  KV is sent only once ``CompleteDestination`` brings its destination, and
+  there (the whole one, not the pending one)."""
+  sender = _RecordingSender()
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(_Prefills(), sender)
+    worker.start()
+    try:
+      job = _pending_job(loop, worker)
+      worker.submit(job)
+      first = await asyncio.wait_for(job.first, 10)
+      assert first.first_token == 9
+      await asyncio.sleep(0.05)
+      assert not sender.sent.is_set() and not job.future.done()
+      worker.destinations.complete(kv_pb2.KvDestination(
+          transfer_id="t0", decode_address="decode:1", replica=1))
+      sent = await asyncio.wait_for(job.future, 10)
+      assert sent.kv.transfer_id == "t0"
+      await _wait_idle(worker)
+      sample = worker.metrics.registry.get_sample_value
+      assert sample("pdjax_kv_destination_wait_seconds_count") == 1
+      assert sample("pdjax_kv_destination_wait_seconds_sum") >= 0.05
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  (dest,) = sender.destinations
+  assert (dest.decode_address, dest.replica) == ("decode:1", 1)
+
+
+@pytest.mark.parametrize("ends_by", ["deadline", "the call ending"])
+def test_a_destination_that_never_comes_sends_nothing(ends_by):
+  """A hand-off waits for its destination within its time (the deadline
+  here): past it the call fails with a TransferTimeout (ABORTED: the
+  router recomputes or retries); a call that ends meanwhile (the router
+  cancelled: no reservation) stops the wait. Nothing is sent either way,
+  and nothing is left counted."""
+  sender = _RecordingSender()
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(_Prefills(), sender)
+    worker.start()
+    try:
+      deadline = time.monotonic() + 0.3 if ends_by == "deadline" else None
+      job = _pending_job(loop, worker, deadline)
+      worker.submit(job)
+      await asyncio.wait_for(job.first, 10)
+      if ends_by == "deadline":
+        with pytest.raises(TransferError, match="no destination"):
+          await asyncio.wait_for(job.future, 10)
+      else:
+        job.future.cancel()              # what the servicer does ...
+        worker.destinations.drop("t0")   # ... as the call ends
+      await _wait_idle(worker)
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert sender.destinations == [] and sender.released == []
+
+
+def test_pending_destinations_meet_in_either_order():
+  """Whichever of the Prefill call and CompleteDestination comes first
+  makes the entry; the call's end drops it; one whose call never came is
+  reaped; a repeat does not move a completed destination."""
+  from pdjax.service.prefill_service import PendingDestinations
+  board = PendingDestinations(ttl_s=0.05)
+  board.complete(kv_pb2.KvDestination(transfer_id="early", replica=1))
+  board.complete(kv_pb2.KvDestination(transfer_id="early", replica=2))
+  early = board.awaited("early")
+  assert early.done() and early.result().replica == 1
+  late = board.awaited("late")
+  assert not late.done()
+  board.complete(kv_pb2.KvDestination(transfer_id="late", replica=3))
+  assert late.result().replica == 3
+  board.drop("early")
+  board.drop("late")
+  assert len(board) == 0
+  orphan = board.awaited("orphan")
+  time.sleep(0.06)
+  assert board.reap() == 1 and len(board) == 0 and orphan.cancelled()
+
+
+def test_a_landing_region_is_asked_for_once_the_destination_is_complete():
+  """Same-host IPC: the decode worker lends only under a transfer id its
+  Reserve issued, so a pending destination's region is asked for when the
+  destination comes (from the pool), with that destination."""
+  asked = []
+
+  class Landing:
+    def request(self, dest, prompt_tokens):
+      asked.append(dest.decode_address)
+      return "answer"
+
+    def apply(self, dest, pending):
+      assert pending == "answer"
+      return dest
+
+    def close(self):
+      pass
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(_Prefills(), _Sender(), landing=Landing())
+    worker.start()
+    try:
+      job = _pending_job(loop, worker)
+      worker.submit(job)
+      await asyncio.wait_for(job.first, 10)
+      await asyncio.sleep(0.05)
+      assert asked == []
+      worker.destinations.complete(kv_pb2.KvDestination(
+          transfer_id="t0", decode_address="decode:1"))
+      await asyncio.wait_for(job.future, 10)
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert asked == ["decode:1"]

@@ -404,7 +404,7 @@ def test_a_full_pool_is_waited_for_at_the_worker(on_full):
     servicer = RouterServicer(registry, None, RouterConfig(on_full=on_full))
     servicer.registry.expected = MODEL
     try:
-      d, res, _ = await servicer._reserve(
+      d, res = await servicer._reserve(
           "r", [5, 6, 7], SamplingParams(max_tokens=4), _NoDeadline(), set())
       got = ("reserved", res.pages)
     except _Failed as e:
@@ -468,6 +468,12 @@ class FakePrefill:
   def Prefill(self, request, timeout=None):
     self.calls.append(_PrefillCall(self, request))
     return self.calls[-1]
+
+  async def CompleteDestination(self, request, timeout=None):
+    return common_pb2.Empty()
+
+  async def ReleaseKv(self, request, timeout=None):
+    return common_pb2.Empty()
 
 
 class _Reserving(FakeDecode):

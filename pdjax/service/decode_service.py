@@ -3,13 +3,17 @@
 
 Lifecycle of a disaggregated request here:
 
-  1. ``Reserve`` (router): decode-side admission. The pages the request
-     holds once its KV is in (its prompt's and its first calls'; rows grow
-     their pages as they generate) are promised under the router's
-     transfer id, or RESOURCE_EXHAUSTED (the router retries until its
-     queue timeout).
+  1. ``Reserve`` (router, usually while the request's prefill already
+     runs): decode-side admission. The pages the request holds once its KV
+     is in (its prompt's and its first calls'; rows grow their pages as
+     they generate) are promised under the router's transfer id, or
+     RESOURCE_EXHAUSTED (the router retries until its queue timeout).
+     Without the prompt's ids (the prefill runs beside the call, computing
+     every page) no cached blocks are pinned.
   2. The prefill worker hands the KV over (pushes it to ``KvTransfer``, or
-     registers it for a pull).
+     registers it for a pull) once the router told it this reservation
+     (``Prefill.CompleteDestination``); a hand-off under a transfer id no
+     Reserve issued here is refused.
   3. ``Decode`` (router): redeems the handle into the reserved replica's
      layout, confirms to the prefill worker, joins the continuous batch and
      streams tokens. Cancelling the call frees the slot at once.

@@ -7,8 +7,10 @@ one up for as long as its request queued for prefill: under load every
 region was lent to a queued request, and the hand-offs that were ready fell
 back to ``jax.experimental.transfer`` (summarize on two H200s,
 docs/notes/2026-11-26-h200x2-goodput.md). So the prefill worker asks when
-it takes the request into a batch, with a non-blocking ``LendLanding`` call
-answered while the prefill runs, and puts
+it takes the request into a batch (a destination still pending, reserved
+beside the prefill, once the router completes it: the decode worker lends
+only under a transfer id its Reserve issued), with a non-blocking
+``LendLanding`` call answered while the prefill runs, and puts
 the region into the request's ``KvDestination`` just before the hand-off.
 Any failure (no region free, the call failed or timed out) leaves the
 destination as it was: the hand-off takes another path, never fails.

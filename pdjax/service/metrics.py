@@ -111,6 +111,18 @@ class Metrics:
         "pdjax_kv_fetch_seconds", "Time of a fetch of prefix blocks that "
         "brought some, by source kind: peer or store.", ["source"],
         buckets=_STAGE_BUCKETS, registry=r)
+    # The reservation beside the prefill (pdjax.service.router): its whole
+    # call on the router, by whether the prefill ran beside it or waited;
+    # on a prefill worker, how long a computed KV waited for its
+    # destination (the part of the reservation the prefill did not hide).
+    self.reserve_time = Histogram(
+        "pdjax_reserve_seconds", "Reserve calls on decode workers, by "
+        "order to the prefill: beside, before.", ["order"],
+        buckets=_STAGE_BUCKETS, registry=r)
+    self.destination_wait = Histogram(
+        "pdjax_kv_destination_wait_seconds", "Time a prefilled KV waited "
+        "for its destination (the router's reservation) after its prefill "
+        "ended.", buckets=_STAGE_BUCKETS, registry=r)
     self.kv_skipped_bytes = Counter(
         "pdjax_kv_transfer_skipped_bytes_total",
         "KV bytes not sent because the decode worker already held them.",

@@ -13,6 +13,19 @@ Lifecycle of a request here:
      still be moving: the first token's wait does not include the hand-off),
      then the KV handle once it is sent; the KV stays owned by the transport
      until the decode side confirms (``ReleaseKv``) or its TTL expires.
+
+Where to send the KV: the router usually reserves the decode worker's room
+beside the prefill rather than before it (``pdjax.service.router``), so a
+request may come with its destination pending (``destination_pending``:
+only the transport and the transfer id). The rest comes by
+``CompleteDestination``, keyed by that transfer id (``PendingDestinations``:
+whichever of the two calls arrives first makes the entry). Only the
+hand-off waits for it, within the hand-off's time (``transfer_timeout_s``
+and the caller's deadline), and so does a same-host landing region's ask
+(``LendLanding`` redeems only a transfer id the decode worker issued at
+Reserve). The router, when it cannot reserve, cancels the Prefill call
+instead: the KV is dropped unsent. A destination whose call never came is
+forgotten after ``PendingDestinations.ttl_s``.
 """
 
 from __future__ import annotations
@@ -36,7 +49,8 @@ from pdjax.service import common, kv_router
 from pdjax.service.landing import LandingRequests
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
-from pdjax.transfer.base import KvSender, TransferError, handle_for
+from pdjax.transfer.base import (KvSender, TransferError, TransferTimeout,
+                                 handle_for)
 from pdjax.v1 import (common_pb2, kv_pb2, prefill_pb2,
                       prefill_pb2_grpc)
 
@@ -45,6 +59,58 @@ log = logging.getLogger(__name__)
 # Put in the queue to wake the batcher without a request: a peer waits for
 # blocks only its thread may read (``PrefixStore.serve_peers``).
 _WAKE = object()
+
+
+class PendingDestinations:
+  """Destinations completed after their Prefill call started, by transfer
+  id: one future each, made by whichever of the Prefill call (``awaited``)
+  and ``CompleteDestination`` (``complete``) comes first. The Prefill call
+  drops its entry when it ends; an entry whose call never came (it failed
+  on the way) is dropped by ``reap`` after ``ttl_s``."""
+
+  def __init__(self, ttl_s: float = 60.0):
+    self.ttl_s = ttl_s
+    self._entries: dict[str, tuple[concurrent.futures.Future, float]] = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def _entry(self, transfer_id: str) -> concurrent.futures.Future:
+    with self._lock:
+      entry = self._entries.get(transfer_id)
+      if entry is None:
+        entry = self._entries[transfer_id] = (concurrent.futures.Future(),
+                                              time.monotonic())
+      return entry[0]
+
+  def awaited(self, transfer_id: str) -> concurrent.futures.Future:
+    """The future the Prefill call's hand-off waits on."""
+    return self._entry(transfer_id)
+
+  def complete(self, dest: kv_pb2.KvDestination) -> None:
+    """The whole destination of ``dest.transfer_id`` (a repeat is
+    ignored: the first one is where the KV goes)."""
+    try:
+      self._entry(dest.transfer_id).set_result(dest)
+    except concurrent.futures.InvalidStateError:
+      pass   # a repeat, or its call has ended
+
+  def drop(self, transfer_id: str) -> None:
+    """The Prefill call ended: a hand-off still waiting stops (cancelled)."""
+    with self._lock:
+      entry = self._entries.pop(transfer_id, None)
+    if entry is not None:
+      entry[0].cancel()
+
+  def reap(self) -> int:
+    """Drops the entries older than ``ttl_s`` (their call never came)."""
+    cutoff = time.monotonic() - self.ttl_s
+    with self._lock:
+      old = [t for t, (_, made) in self._entries.items() if made < cutoff]
+    for t in old:
+      self.drop(t)
+    return len(old)
 
 
 @dataclasses.dataclass
@@ -60,6 +126,10 @@ class _Job:
   # Same-host IPC: the asking of a LendLanding (a future of its pending
   # answer, or of None where the hand-off cannot use a region).
   landing: concurrent.futures.Future | None = None
+  # A pending destination (``destination_pending``): the whole one, once
+  # the router's reservation is made (PendingDestinations); None where
+  # ``destination`` is whole already.
+  completed: concurrent.futures.Future | None = None
 
   def resolve_first(self, message: prefill_pb2.PrefillResponse) -> None:
     def done():
@@ -118,6 +188,8 @@ class PrefillWorker:
         max(sender_threads, 2 * engine.config.max_batch),
         thread_name_prefix="kv-send")
     self._running = 0
+    # Destinations the router completes after the prefill started.
+    self.destinations = PendingDestinations()
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._batch_loop, daemon=True,
                                     name="prefill-batcher")
@@ -156,6 +228,7 @@ class PrefillWorker:
     while not self._stop.wait(0.25):
       try:
         self.sender.reap()
+        self.destinations.reap()
         self.metrics.kv_live.labels("prefill_held").set(self.sender.live())
         store = self.engine.prefix_store
         if store is not None:
@@ -256,11 +329,8 @@ class PrefillWorker:
         continue
       self._add_running(len(live))
       if self.landing is not None:
-        # Asked from the pool, answered while the prefill runs: starting
-        # the calls here held the prefill's dispatch up (about 0.4 ms of
-        # an H100 worker's time to first token).
         for j in live:
-          j.landing = self._pool.submit(self._ask_landing, j)
+          self._start_landing(j)
       # Hand-offs start as soon as each request's KV is dispatched: they
       # wait for its programs (layer group by layer group, where the engine
       # runs groups) and move it while the rest of the prefill computes.
@@ -323,13 +393,63 @@ class PrefillWorker:
         prefill_s=prefill_s, cached_tokens=result.cached_tokens,
         queue_s=job.queue_s))
 
-  def _ask_landing(self, job: _Job):
+  def _start_landing(self, job: _Job) -> None:
+    """Asks for the job's landing region, answered while the prefill runs;
+    for a pending destination, once it is complete (the decode worker lends
+    only under a transfer id its Reserve issued)."""
+    job.landing = concurrent.futures.Future()
+    if job.completed is None or job.completed.done():
+      # From the pool: starting the calls on the batch thread held the
+      # prefill's dispatch up (about 0.4 ms of an H100 worker's time to
+      # first token). Queued before the batch's hand-offs, it runs first.
+      self._pool.submit(self._ask_landing, job)
+    else:
+      # On the thread that brings the destination (the event loop's, idle
+      # while the prefill computes), not from the pool: its threads may
+      # all be hand-offs waiting for these very answers.
+      job.completed.add_done_callback(lambda _: self._ask_landing(job))
+
+  def _ask_landing(self, job: _Job) -> None:
+    """Resolves ``job.landing`` with the call's pending answer, or None."""
+    pending = None
     try:
-      return self.landing.request(job.destination,
-                                  len(job.request.prompt_ids))
+      if job.completed is None:
+        dest = job.destination
+      elif job.completed.cancelled():   # the call ended without one
+        dest = None
+      else:
+        dest = job.completed.result()
+      if dest is not None:
+        pending = self.landing.request(dest, len(job.request.prompt_ids))
     except Exception:  # noqa: BLE001 - costs the fast path, not the request
       log.exception("asking for a landing region failed")
-      return None
+    job.landing.set_result(pending)
+
+  def _handoff_timeout(self, job: _Job) -> float:
+    """The hand-off's time: ``transfer_timeout_s``, within the deadline."""
+    timeout = self.transfer_timeout_s
+    if job.deadline is not None:
+      timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
+    return timeout
+
+  def _destination(self, job: _Job) -> kv_pb2.KvDestination:
+    """Where the job's KV goes: its request's destination, or a pending
+    one's completion, waited for within the hand-off's time (its caller
+    gone: ``concurrent.futures.CancelledError``)."""
+    if job.completed is None:
+      return job.destination
+    timeout = self._handoff_timeout(job)
+    try:
+      dest = job.completed.result(timeout)
+    except concurrent.futures.TimeoutError:
+      raise TransferTimeout(f"no destination for the KV of "
+                            f"{job.request.request_id} within {timeout:.1f} "
+                            "s (the router's reservation never came)") from None
+    if dest.skip_pages != job.request.skip_pages:
+      # The prefill ran without knowing it: its KV has every page.
+      raise InvalidRequest("destination.skip_pages", "differs from the "
+                           "pending destination's")
+    return dest
 
   def _hand_off(self, job: _Job, kv: RequestKV,
                 done: concurrent.futures.Future):
@@ -337,25 +457,30 @@ class PrefillWorker:
     the caller once its first token is known (``done``: the result, the
     seconds from the batch's start to it, and when it came)."""
     sent = False
+    transfer_id = job.destination.transfer_id   # a completion keeps it
     try:
       if job.abandoned:
         return
       t0 = time.perf_counter()   # the hand-off's time includes the lend
-      dest = job.destination
+      dest = self._destination(job)
+      t_destined = time.perf_counter()
       if self.landing is not None and job.landing is not None:
         dest = self.landing.apply(dest, job.landing.result())
-      timeout = self.transfer_timeout_s
-      if job.deadline is not None:
-        timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
+      timeout = self._handoff_timeout(job)
       if self.fault_drop_kv and self._rng.random() < self.fault_drop_kv:
         log.warning("fault injection: dropping the KV of %s",
                     job.request.request_id)
-        handle = handle_for(kv, self.sender.name, job.destination.transfer_id)
+        handle = handle_for(kv, self.sender.name, transfer_id)
       else:
         handle = self.sender.send(kv, dest, timeout_s=timeout)
       sent = True
       t_sent = time.perf_counter()
       _, _, t_prefilled = done.result()
+      if job.completed is not None:
+        # How long the KV waited for its destination once computed (the
+        # reservation's time the prefill did not hide).
+        self.metrics.destination_wait.observe(
+            max(0.0, t_destined - t_prefilled))
       # The hand-off's part after the prefill ended (the first token does
       # not wait for it; the second token does).
       transfer_s = max(0.0, t_sent - max(t0, t_prefilled))
@@ -370,10 +495,12 @@ class PrefillWorker:
                                               transfer_s=transfer_s))
       if job.abandoned:
         # The caller left while we were sending: nobody will redeem it.
-        self.sender.release(job.destination.transfer_id)
+        self.sender.release(transfer_id)
+    except concurrent.futures.CancelledError:
+      pass   # the call ended before its destination came: nothing was sent
     except Exception as e:  # noqa: BLE001
       if sent:   # the prefill failed after the KV was sent: nobody redeems it
-        self.sender.release(job.destination.transfer_id)
+        self.sender.release(transfer_id)
       else:
         reason = type(e).__name__
         self.metrics.transfer_failures.labels(self.sender.name, reason).inc()
@@ -402,6 +529,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                              max_prompt_len=w.engine.config.max_seq_len - 1)
       if not request.destination.transfer_id:
         raise InvalidRequest("destination.transfer_id", "is required")
+      if request.destination_pending and request.destination.skip_pages:
+        raise InvalidRequest("destination.skip_pages", "a pending "
+                             "destination has nothing to skip yet")
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     remaining = context.time_remaining()
@@ -415,9 +545,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                request.destination,
                None if remaining is None else time.monotonic() + remaining,
                first, loop.create_future(), loop)
+    if request.destination_pending:
+      job.completed = w.destinations.awaited(request.destination.transfer_id)
     try:
       w.submit(job)
     except OverflowError as e:
+      self._drop_destination(job)
       await common.abort_exhausted(context, str(e))
     try:
       yield await job.first
@@ -439,6 +572,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
       log.exception("prefill of %s failed", request.request_id)
       await context.abort(grpc.StatusCode.INTERNAL,
                           f"prefill failed: {type(e).__name__}: {e}")
+    finally:
+      self._drop_destination(job)
+
+  def _drop_destination(self, job: _Job) -> None:
+    """The call ends: a hand-off still waiting for its destination stops."""
+    if job.completed is not None:
+      self.worker.destinations.drop(job.destination.transfer_id)
+
+  async def CompleteDestination(
+      self, request: prefill_pb2.CompleteDestinationRequest, context):
+    if not request.destination.transfer_id:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "destination.transfer_id: is required")
+    self.worker.destinations.complete(request.destination)
+    return common_pb2.Empty()
 
   async def ReleaseKv(self, request: prefill_pb2.ReleaseKvRequest, context):
     self.worker.sender.release(request.transfer_id)
@@ -458,4 +606,4 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     return info
 
 
-__all__ = ["PrefillWorker", "PrefillServicer"]
+__all__ = ["PendingDestinations", "PrefillWorker", "PrefillServicer"]

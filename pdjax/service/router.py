@@ -6,10 +6,30 @@ The data path of one request, top to bottom:
   2. short prompts (under ``local_prefill_threshold``) or a deployment
      without prefill workers: ``Decode(local_prefill)`` on the decode worker
      with the most free KV capacity, and stream;
-  3. otherwise reserve KV capacity on that decode worker under a fresh
-     transfer id, ``Prefill`` on the prefill worker with the shortest queue
-     (the KV goes straight to the reserved decode worker), send the first
-     token, then ``Decode`` with the KV handle and stream the rest.
+  3. otherwise, under a fresh transfer id, ``Reserve`` KV capacity on that
+     decode worker and ``Prefill`` on the prefill worker with the shortest
+     queue, side by side (the KV goes straight to the reserved decode
+     worker), send the first token, then ``Decode`` with the KV handle and
+     stream the rest.
+
+The reservation beside the prefill: the prefill needs its destination only
+when it hands the KV over, after its programs ran, so the router sends both
+calls at once and the Reserve round trip hides behind the prefill's
+compute. The Prefill call says its destination is pending (it carries the
+transport and the transfer id); once Reserve answers, the router completes
+it with ``CompleteDestination`` on the prefill worker, which sends the KV
+only then. The router is the one that learns the reservation's outcome, and
+it may end on another decode worker than the first picked (the queue policy
+picks again), so it is the router, not the decode worker, that tells the
+prefill worker. The first token goes out once the reservation is made, so
+that a reservation's failure (no room, the worker gone) still comes before
+any token and the request may be retried; a failed one cancels the Prefill
+call, and the prefill worker drops the KV. Where the answer could change the
+prefill (a decode worker keeping a prefix cache names the prompt blocks it
+holds, which the prefill then skips), or where the router's view says the
+decode worker has no room (its Reserve would wait, and the prefill would hold
+its KV that long), the Reserve goes first, as one round trip before the
+prefill (``_reserve_beside_prefill``).
 
 Before the first token reaches the client, an unreachable worker is routed
 around (another prefill worker; another decode worker). After it, a dying
@@ -30,9 +50,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from typing import Literal
+from typing import Awaitable, Callable, Literal
 
 import grpc
 
@@ -135,6 +156,50 @@ _KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.PERMISSION_DENIED,
                   grpc.StatusCode.FAILED_PRECONDITION,
                   grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class _Reservation:
+  """A request's Reserve: a task beside its prefill (or awaited before it).
+  The router gives back what it reserved on every way out, unless the
+  decode worker took it over (``settled``: a Decode call redeemed it). Its
+  decode worker's channel stays open (``WorkerRegistry.hold``) until
+  ``close``, even if the worker leaves its pool meanwhile: the request may
+  still call it (Decode, Unreserve)."""
+
+  def __init__(self, registry: WorkerRegistry,
+               reserve: Callable[[], Awaitable]):
+    self._registry = registry
+    self._reserve = reserve
+    self._held = contextlib.ExitStack()
+    self.task: asyncio.Task | None = None
+    self.settled = False
+    # Where the reservation (or its delivery to the prefill worker) failed,
+    # the Prefill call was cancelled: this is what the request answers.
+    self.failure: BaseException | None = None
+
+  def start(self) -> asyncio.Task:
+    """Starts the Reserve call (once)."""
+    if self.task is None:
+      self.task = asyncio.ensure_future(self._made())
+    return self.task
+
+  async def _made(self):
+    d, res = await self._reserve()
+    # In the step that left the call's own hold: no moment without one.
+    self._held.enter_context(self._registry.hold(d))
+    return d, res
+
+  def close(self) -> None:
+    """The request is done with the reservation's worker."""
+    self._held.close()
+
+  def made(self) -> tuple[Worker, decode_pb2.ReserveResponse] | None:
+    """(worker, answer) once made; None while running, or if it failed."""
+    t = self.task
+    if (t is None or not t.done() or t.cancelled()
+        or t.exception() is not None):
+      return None
+    return t.result()
 
 
 class RouterServicer(generate_pb2_grpc.GenerationServicer):
@@ -390,9 +455,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
         else:
           stream = self._disaggregated(rid, ids, sampling, seed, context,
                                        usage, tried_p, tried_d, salt, keys)
-        async for msg in stream:
-          started = True
-          yield msg
+        # Closed with the request, not whenever the collector finds it (a
+        # retry's error holds this frame in a cycle): its calls end and its
+        # workers' counts and holds go back at once.
+        async with contextlib.aclosing(stream):
+          async for msg in stream:
+            started = True
+            yield msg
         return
       except _Failed as e:
         last_error = e
@@ -438,36 +507,80 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                                          first_token_sent=False):
       yield msg
 
+  def _pick_prefill(self, tried_p: set[str], keys=()) -> Worker:
+    # Prefer a prefill worker not tried yet; after a failed hand-off (not a
+    # dead worker) the same one may well succeed.
+    p = (self.registry.pick_prefill(tried_p, keys)
+         or self.registry.pick_prefill(keys=keys))
+    if p is None:
+      raise _Failed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready",
+                    retry=True)
+    tried_p.add(p.address)
+    return p
+
+  def _reserve_beside_prefill(self, d: Worker, prompt_len: int,
+                              sampling) -> bool:
+    """Whether to reserve on ``d`` beside the prefill rather than before
+    it. Before it where the answer could change the prefill: a decode
+    worker keeping a prefix cache names the prompt's leading blocks it
+    holds, and the prefill then neither sends them nor runs them in the
+    plain batched program (``skip_pages``). Before it, too, where the
+    router's view says ``d`` has no room: its Reserve would wait for some
+    (the queue policy), and a prefill run meanwhile would hold its KV on
+    the prefill worker for as long."""
+    info = d.info
+    if info is None or info.prefix_caching:
+      return False
+    return (info.load.rows_free > 0 and d.free_pages()
+            >= self._page_estimate(d, prompt_len, sampling))
+
   async def _reserve(self, rid, ids, sampling, context, tried_d, salt="",
-                     keys=()):
-    """Reserves on the decode worker with most room; waits for room when
-    the policy is to queue."""
+                     keys=(), *, first: Worker | None = None,
+                     transfer_id: str = "", beside_prefill: bool = False):
+    """Reserves under ``transfer_id`` on ``first`` (else the decode worker
+    with most room); waits for room when the policy is to queue, picking
+    again between waits. Returns (worker, answer). Beside the prefill the
+    prompt is not sent: the worker pins no cached blocks for a prefill that
+    computes and sends them all. Cancelled, it gives back what its call
+    may have reserved before the cancel reached the worker."""
+    transfer_id = transfer_id or new_transfer_id()
     deadline = time.monotonic() + self.config.queue_timeout_s
     queue = self.config.on_full == "queue"
     backoff = 0.005
+    started = time.perf_counter()
+    d = first
     while True:
-      d = await self._pick_decode(tried_d, context, keys)
-      transfer_id = new_transfer_id()
-      # Count the pages before the call: requests arriving together must
-      # see each other's reservations, or they all pick the same worker.
-      estimate = self._page_estimate(d, len(ids), sampling)
-      d.reserved_pages += estimate
+      if d is None:
+        d = await self._pick_decode(tried_d, context, keys)
+      # A busy worker may answer slowly; the request's own deadline is what
+      # bounds the call.
+      timeout = self._timeout(context, self.config.queue_timeout_s)
       # Queueing: the worker holds the call until room frees, for a while
       # (then another worker may have room: the pick is made again).
       wait_s = (min(_RESERVE_WAIT_S, max(deadline - time.monotonic(), 0.0))
                 if queue else 0.0)
+      # Count the pages before the call: requests arriving together must
+      # see each other's reservations, or they all pick the same worker.
+      estimate = self._page_estimate(d, len(ids), sampling)
+      d.reserved_pages += estimate
       asked = time.monotonic()
       try:
         with self.registry.hold(d):
-          res = await d.stub.Reserve(decode_pb2.ReserveRequest(
-              request_id=rid, prompt_tokens=len(ids),
-              max_tokens=sampling.max_tokens, transfer_id=transfer_id,
-              prompt_token_ids=ids, cache_salt=salt,
-              wait_ms=int(wait_s * 1000)),
-              # A busy worker may answer slowly; the request's own deadline
-              # is what bounds this.
-              timeout=self._timeout(context, self.config.queue_timeout_s))
-        return d, res, transfer_id
+          try:
+            res = await d.stub.Reserve(decode_pb2.ReserveRequest(
+                request_id=rid, prompt_tokens=len(ids),
+                max_tokens=sampling.max_tokens, transfer_id=transfer_id,
+                prompt_token_ids=[] if beside_prefill else ids,
+                cache_salt=salt, wait_ms=int(wait_s * 1000)),
+                timeout=timeout)
+          except asyncio.CancelledError:
+            d.reserved_pages -= estimate
+            await self._unreserve(d, rid)
+            raise
+        self.metrics.reserve_time.labels(
+            "beside" if beside_prefill else "before").observe(
+                time.perf_counter() - started)
+        return d, res
       except grpc.aio.AioRpcError as e:
         d.reserved_pages -= estimate
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -478,6 +591,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
             # Answered at once (a worker that does not wait): back off.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 0.2)
+          d = None
           continue
         if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
           raise _Failed(e.code(), e.details()) from e
@@ -487,33 +601,38 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
 
   async def _disaggregated(self, rid, ids, sampling, seed, context, usage,
                            tried_p, tried_d, salt="", keys=()):
+    """Reserve on a decode worker and Prefill on a prefill worker, side by
+    side where the reservation's answer cannot change the prefill
+    (``_reserve_beside_prefill``), else one after the other; then Decode
+    with the KV handle."""
     t0 = time.perf_counter()
-    d, res, transfer_id = await self._reserve(rid, ids, sampling, context,
-                                              tried_d, salt, keys)
-    # The reservation is d's until Decode redeems it: d's channel stays
-    # open that long even if d leaves its pool meanwhile.
+    d = await self._pick_decode(tried_d, context, keys)
+    beside = self._reserve_beside_prefill(d, len(ids), sampling)
+    transfer_id = new_transfer_id()
+    # Beside the prefill, the Reserve call starts once the Prefill call
+    # has (``_handed_off``): the prefill's start is the one that matters.
+    reservation = _Reservation(self.registry, functools.partial(
+        self._reserve, rid, ids, sampling, context, tried_d, salt, keys,
+        first=d, transfer_id=transfer_id, beside_prefill=beside))
+    # ``d``'s channel stays open until its Reserve call holds it.
     with self.registry.hold(d):
-      async with contextlib.aclosing(self._handed_off(
-          rid, ids, sampling, seed, context, usage, tried_p, d, res,
-          transfer_id, t0, salt, keys)) as stream:
-        async for msg in stream:
-          yield msg
+      try:
+        if not beside:
+          await reservation.start()     # its answer shapes the prefill
+        stream = self._handed_off(rid, ids, sampling, seed, context, usage,
+                                  tried_p, reservation, transfer_id, t0,
+                                  salt, keys)
+        async with contextlib.aclosing(stream):
+          async for msg in stream:
+            yield msg
+      finally:
+        await self._give_back(reservation, rid)
+        reservation.close()
 
-  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
-                        tried_p, d, res, transfer_id, t0, salt, keys):
-    usage.ttft_stages.reserve_s = time.perf_counter() - t0
-    usage.decode_worker = d.address
+  def _destination(self, d: Worker, res: decode_pb2.ReserveResponse,
+                   transfer_id: str) -> kv_pb2.KvDestination:
+    """Where the prefill worker sends the KV reserved on ``d``."""
     info = d.info
-    # Prefer a prefill worker not tried yet; after a failed hand-off (not a
-    # dead worker) the same one may well succeed.
-    p = (self.registry.pick_prefill(tried_p, keys)
-         or self.registry.pick_prefill(keys=keys))
-    if p is None:
-      await self._unreserve(d, rid)
-      raise _Failed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready",
-                    retry=True)
-    tried_p.add(p.address)
-    usage.prefill_worker = p.address
     dest = kv_pb2.KvDestination(
         transport=self.config.kv_transport, transfer_id=transfer_id,
         decode_address=d.address, replica=res.replica,
@@ -526,6 +645,16 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     dest.decode_hostname = info.hostname if info else ""
     # --- end fast path -----------------------------------------------------
     dest.skip_pages = res.cached_blocks
+    return dest
+
+  async def _handed_off(self, rid, ids, sampling, seed, context, usage,
+                        tried_p, reservation, transfer_id, t0, salt, keys):
+    p = self._pick_prefill(tried_p, keys)
+    usage.prefill_worker = p.address
+    made = reservation.made()   # made already where the prefill waited
+    dest = (self._destination(*made, transfer_id) if made else
+            kv_pb2.KvDestination(transport=self.config.kv_transport,
+                                 transfer_id=transfer_id))
     # Shared KV: where the chosen worker may fetch the blocks it lacks.
     sources = [prefill_pb2.KvSource(address=a, blocks=n)
                for a, n in self.registry.kv_sources(p, keys)]
@@ -536,38 +665,43 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     early = self.config.kv_failure_policy == "recompute"
     lost: _Failed | None = None
     with self.registry.busy(p):
+      usage.ttft_stages.reserve_s = time.perf_counter() - t0
       call = p.stub.Prefill(prefill_pb2.PrefillRequest(
           request_id=rid, prompt_token_ids=ids,
           sampling=validation.sampling_to_proto(sampling), seed=seed,
-          destination=dest, cache_salt=salt, kv_sources=sources),
+          destination=dest, destination_pending=made is None,
+          cache_salt=salt, kv_sources=sources),
           timeout=self._timeout(context))
+      reservation.start()
+      completing = None if made else asyncio.ensure_future(
+          self._complete_destination(
+              p, call, reservation, transfer_id,
+              self._timeout(context, self.config.transfer_timeout_s)))
       try:
-        pre = await self._prefill_reply(call, p)
+        pre = await self._prefill_reply(call, p, reservation)
         usage.prefill_s = pre.prefill_s
         usage.cached_prompt_tokens = pre.cached_tokens
         usage.ttft_stages.queue_s = pre.queue_s
         usage.ttft_stages.prefill_s = pre.prefill_s
+        d, _ = await self._reserved(reservation, usage)
+        usage.decode_worker = d.address
         first = decode_pb2.DecodeResponse(
             token_ids=[pre.first_token], logprobs=[pre.first_logprob])
         if early:
           yield first
         try:
-          sent = await self._prefill_reply(call, p)
+          sent = await self._prefill_reply(call, p, reservation)
         except _Failed as e:
           if not early:
             raise
           lost = e
-          await self._unreserve(d, rid)
+          await self._give_back(reservation, rid)
           if e.code == grpc.StatusCode.UNAVAILABLE:
             self.registry.mark_down(p, e.details)
-      except BaseException:
-        # Failed, cancelled or closed before the decode worker was asked to
-        # redeem the KV: its reservation goes back now, not at its TTL.
-        if lost is None:
-          await self._unreserve(d, rid)
-        raise
       finally:
         call.cancel()
+        if completing is not None:
+          completing.cancel()
     exclude: set[str] = set()
     if lost is None:
       usage.kv_transfer_s = sent.transfer_s
@@ -583,19 +717,28 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           sampling=validation.sampling_to_proto(sampling), seed=seed,
           first_token=pre.first_token, first_logprob=pre.first_logprob,
           kv=handle, cache_salt=salt)
+      redeemed = False
       try:
         async for msg in self._stream_decode(d, req, context, usage,
                                              first_token_sent=True,
                                              kv_pending=True):
+          # The decode worker redeemed the KV and the reservation. Until it
+          # answers, a request that ends (cancelled, or its call failed)
+          # gives both back itself: the call may never have reached it.
+          redeemed = reservation.settled = True
           yield msg
         return
       except _KvLost as e:
+        await self._give_back(reservation, rid)   # now, not after recompute
         if self.config.kv_failure_policy != "recompute":
           raise _Failed(e.code, e.details) from e
         lost = e
         exclude.add(d.address)
         if e.code == grpc.StatusCode.UNAVAILABLE:
           self.registry.mark_down(d, e.details)
+      finally:
+        if not redeemed:
+          await self._release_kv(p, handle.transfer_id)
     self.metrics.requests.labels("kv_recomputed").inc()
     log.warning("request %s: KV hand-off failed (%s); recomputing the "
                 "prompt on a decode worker", rid, lost.details)
@@ -612,12 +755,75 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                                          first_token_sent=True):
       yield msg
 
-  async def _prefill_reply(self, call,
-                           p: Worker) -> prefill_pb2.PrefillResponse:
-    """The Prefill call's next message; its failures as ``_Failed``."""
+  async def _reserved(self, reservation: _Reservation,
+                      usage: common_pb2.Usage):
+    """(worker, answer) of the reservation, once made. Where the prefill
+    answered first, its first token waits for it (the wait counts in
+    ``reserve_s``): a reservation that then fails fails a request that has
+    sent nothing yet, which may still be retried."""
+    if not reservation.task.done():
+      waited = time.perf_counter()
+      await asyncio.wait([reservation.task])
+      usage.ttft_stages.reserve_s += time.perf_counter() - waited
+    return reservation.task.result()
+
+  async def _complete_destination(self, p: Worker, call,
+                                  reservation: _Reservation,
+                                  transfer_id: str, timeout) -> None:
+    """Sends the prefill worker the whole destination once the reservation
+    beside its prefill is made. Where it is not made (or cannot be sent),
+    the Prefill call is cancelled, so that the worker drops the KV; that
+    failure is what the request answers (``_prefill_reply``)."""
+    await asyncio.wait([reservation.task])
+    made = reservation.made()
+    if made is None:
+      task = reservation.task
+      reservation.failure = None if task.cancelled() else task.exception()
+      call.cancel()
+      return
+    try:
+      await p.stub.CompleteDestination(prefill_pb2.CompleteDestinationRequest(
+          destination=self._destination(*made, transfer_id)), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+      retry = e.code() in _RETRYABLE
+      reservation.failure = _Failed(
+          e.code(), f"prefill worker {p.address}: {e.details()}",
+          retry=retry, worker=p if retry else None)
+      call.cancel()
+
+  async def _give_back(self, reservation: _Reservation, rid: str) -> None:
+    """Ends what the router still owns of a reservation, once: a Reserve
+    still running is cancelled (it gives back what it may have reserved),
+    one made is given back unless the decode worker took it over."""
+    if reservation.settled:
+      return
+    reservation.settled = True
+    task = reservation.task
+    if task is not None and not task.done():
+      task.cancel()
+      await asyncio.wait([task])
+    made = reservation.made()
+    if made is not None:
+      await self._unreserve(made[0], rid)
+
+  async def _prefill_reply(self, call, p: Worker,
+                           reservation: _Reservation | None = None
+                           ) -> prefill_pb2.PrefillResponse:
+    """The Prefill call's next message; its failures as ``_Failed``, or as
+    the reservation's failure where that is why the call was cancelled."""
     try:
       msg = await call.read()
+    except asyncio.CancelledError:
+      # The call was cancelled for the reservation's failure
+      # (``_complete_destination``), not the request: that failure is what
+      # the request answers, and it may be retried.
+      if (reservation is not None and reservation.failure is not None
+          and not asyncio.current_task().cancelling()):
+        raise reservation.failure from None
+      raise
     except grpc.aio.AioRpcError as e:
+      if reservation is not None and reservation.failure is not None:
+        raise reservation.failure from e
       retry = e.code() in _RETRYABLE
       raise _Failed(e.code(), f"prefill worker {p.address}: {e.details()}",
                     retry=retry, worker=p if retry else None) from e
@@ -626,6 +832,14 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                     f"prefill worker {p.address} ended the call early",
                     retry=True, worker=p)
     return msg
+
+  async def _release_kv(self, p: Worker, transfer_id: str) -> None:
+    """Frees a sent KV that no one will redeem now, not at its TTL."""
+    try:
+      await p.stub.ReleaseKv(prefill_pb2.ReleaseKvRequest(
+          transfer_id=transfer_id), timeout=self.registry.rpc_timeout_s)
+    except (grpc.RpcError, grpc.aio.UsageError):
+      pass   # its TTL frees it (the worker gone, or its channel closed)
 
   async def _unreserve(self, d: Worker, rid: str) -> None:
     try:

@@ -67,9 +67,9 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reserve(self, request, context):
-        """Decode-side admission: promises KV capacity for a request before its
-        prefill starts, bound to a transfer id the router issued. Refused with
-        RESOURCE_EXHAUSTED when the worker is full.
+        """Decode-side admission: promises KV capacity for a request while (or
+        before) its prefill runs, bound to a transfer id the router issued.
+        Refused with RESOURCE_EXHAUSTED when the worker is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

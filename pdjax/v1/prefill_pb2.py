@@ -26,7 +26,7 @@ from pdjax.v1 import common_pb2 as pdjax_dot_v1_dot_common__pb2
 from pdjax.v1 import kv_pb2 as pdjax_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdjax/v1/prefill.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xe2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12&\n\nkv_sources\x18\x07 \x03(\x0b\x32\x12.pdjax.v1.KvSource\"+\n\x08KvSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"\xac\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x1e\n\x02kv\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t2\xc9\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x18.pdjax.v1.PrefillRequest\x1a\x19.pdjax.v1.PrefillResponse0\x01\x12\x38\n\tReleaseKv\x12\x1a.pdjax.v1.ReleaseKvRequest\x1a\x0f.pdjax.v1.Empty\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdjax/v1/prefill.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xff\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12&\n\nkv_sources\x18\x07 \x03(\x0b\x32\x12.pdjax.v1.KvSource\x12\x1b\n\x13\x64\x65stination_pending\x18\x08 \x01(\x08\"J\n\x1a\x43ompleteDestinationRequest\x12,\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\"+\n\x08KvSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"\xac\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x1e\n\x02kv\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t2\x97\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x18.pdjax.v1.PrefillRequest\x1a\x19.pdjax.v1.PrefillResponse0\x01\x12L\n\x13\x43ompleteDestination\x12$.pdjax.v1.CompleteDestinationRequest\x1a\x0f.pdjax.v1.Empty\x12\x38\n\tReleaseKv\x12\x1a.pdjax.v1.ReleaseKvRequest\x1a\x0f.pdjax.v1.Empty\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdjax.v1.prefill_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=79
-  _globals['_PREFILLREQUEST']._serialized_end=305
-  _globals['_KVSOURCE']._serialized_start=307
-  _globals['_KVSOURCE']._serialized_end=350
-  _globals['_PREFILLRESPONSE']._serialized_start=353
-  _globals['_PREFILLRESPONSE']._serialized_end=525
-  _globals['_RELEASEKVREQUEST']._serialized_start=527
-  _globals['_RELEASEKVREQUEST']._serialized_end=566
-  _globals['_PREFILL']._serialized_start=569
-  _globals['_PREFILL']._serialized_end=770
+  _globals['_PREFILLREQUEST']._serialized_end=334
+  _globals['_COMPLETEDESTINATIONREQUEST']._serialized_start=336
+  _globals['_COMPLETEDESTINATIONREQUEST']._serialized_end=410
+  _globals['_KVSOURCE']._serialized_start=412
+  _globals['_KVSOURCE']._serialized_end=455
+  _globals['_PREFILLRESPONSE']._serialized_start=458
+  _globals['_PREFILLRESPONSE']._serialized_end=630
+  _globals['_RELEASEKVREQUEST']._serialized_start=632
+  _globals['_RELEASEKVREQUEST']._serialized_end=671
+  _globals['_PREFILL']._serialized_start=674
+  _globals['_PREFILL']._serialized_end=953
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "seed", "destination", "cache_salt", "kv_sources")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "seed", "destination", "cache_salt", "kv_sources", "destination_pending")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class PrefillRequest(_message.Message):
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     KV_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_PENDING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -24,7 +25,14 @@ class PrefillRequest(_message.Message):
     destination: _kv_pb2.KvDestination
     cache_salt: str
     kv_sources: _containers.RepeatedCompositeFieldContainer[KvSource]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., destination: _Optional[_Union[_kv_pb2.KvDestination, _Mapping]] = ..., cache_salt: _Optional[str] = ..., kv_sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ...) -> None: ...
+    destination_pending: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., destination: _Optional[_Union[_kv_pb2.KvDestination, _Mapping]] = ..., cache_salt: _Optional[str] = ..., kv_sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ..., destination_pending: _Optional[bool] = ...) -> None: ...
+
+class CompleteDestinationRequest(_message.Message):
+    __slots__ = ("destination",)
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    destination: _kv_pb2.KvDestination
+    def __init__(self, destination: _Optional[_Union[_kv_pb2.KvDestination, _Mapping]] = ...) -> None: ...
 
 class KvSource(_message.Message):
     __slots__ = ("address", "blocks")

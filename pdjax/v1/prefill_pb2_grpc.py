@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.CompleteDestination = channel.unary_unary(
+                '/pdjax.v1.Prefill/CompleteDestination',
+                request_serializer=pdjax_dot_v1_dot_prefill__pb2.CompleteDestinationRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
         self.ReleaseKv = channel.unary_unary(
                 '/pdjax.v1.Prefill/ReleaseKv',
                 request_serializer=pdjax_dot_v1_dot_prefill__pb2.ReleaseKvRequest.SerializeToString,
@@ -61,6 +66,19 @@ class PrefillServicer:
         it is known (its KV may still be moving), then the handle the decode
         worker redeems, once the hand-off is done. A hand-off that fails after
         the first message ends the call with its status (ABORTED: retry).
+        With `destination_pending` the hand-off waits for CompleteDestination
+        (the first token does not); a caller that cannot complete it cancels
+        the call, and the KV is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteDestination(self, request, context):
+        """The rest of a pending destination, once the router's reservation on a
+        decode worker is made (the router reserves beside the prefill rather
+        than before it). Names its Prefill call by the destination's
+        transfer_id; may arrive before that call does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +105,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'CompleteDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteDestination,
+                    request_deserializer=pdjax_dot_v1_dot_prefill__pb2.CompleteDestinationRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_common__pb2.Empty.SerializeToString,
             ),
             'ReleaseKv': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKv,
@@ -126,6 +149,33 @@ class Prefill:
             '/pdjax.v1.Prefill/Prefill',
             pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdjax.v1.Prefill/CompleteDestination',
+            pdjax_dot_v1_dot_prefill__pb2.CompleteDestinationRequest.SerializeToString,
+            pdjax_dot_v1_dot_common__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
