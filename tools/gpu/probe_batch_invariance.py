@@ -12,9 +12,12 @@ sequence, against the same step with
   row_index   the sequence in another row (the others idle);
 
 for the whole decode step (``decode_forward``, gathered and cuDNN paged
-attention), the attention alone, one projection's GEMM alone, and the
-RMSNorm alone; then (``--engine_streams``) a batch-invariant colocated
-engine serving one stream alone, alone again, and among others. Prints one
+attention), one projection's GEMM alone, and the RMSNorm alone; whether a
+decode step, a 256-token prefill and greedy sampling give the same bits
+over ``--repeats`` calls on the same inputs; then (``--engine_streams``) a
+batch-invariant colocated engine serving one stream alone, alone again,
+and among others. ``--xla_attention``: every attention XLA's, never
+cuDNN's (as the batch-invariant mode's decode step). Prints one
 JSON line per check: whether row 0's output (or the stream's tokens and
 logprobs) is bitwise equal, and the largest difference (or the first
 differing position).
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
                   choices=["auto", "paged", "gather"],
                   help="The engine's DecodeConfig.attention")
   ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--xla_attention", action="store_true",
+                  help="Attention by XLA everywhere, not cuDNN")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   import jax
@@ -63,6 +68,8 @@ def main(argv=None) -> int:
   from bench_common import preset_config
   from pdjax.model import llama
 
+  if args.xla_attention:
+    llama.attention_impl = lambda dtype, head_dim: "xla"
   cfg = preset_config(args.model, model_config=None, dtype="bfloat16")
   params = llama.init_params(cfg, seed=0)
   B, M, P = args.rows, args.pages_per_row, args.page_size
@@ -137,6 +144,16 @@ def main(argv=None) -> int:
     check(f"decode step ({tag}): row 0 vs row {B // 2 + 1}", logits,
           seq_rows=(0, B // 2 + 1), lives=(0, 0))
 
+  # The prefill (outside the mode: one prompt per program keeps its batch
+  # out of the question, not its kernels' repeatability).
+  prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (1, 256)), jnp.int32)
+  prefill = jax.jit(functools.partial(llama.prefill_forward, cfg=cfg),
+                    compiler_options=options or None)
+  repeat(f"prefill of 256 tokens (cuDNN's attention where it applies), "
+         f"{args.repeats} calls",
+         lambda t, p, tab: prefill(params, prompt,
+                                   jnp.array([256], jnp.int32)).logits)
+
   # The pieces, on activations of the model's sizes.
   D = cfg.hidden_size
   x_all = jnp.asarray(rng.normal(size=(B, D)), jnp.bfloat16)
@@ -168,7 +185,8 @@ def main(argv=None) -> int:
   if args.out:
     Path(args.out).write_text(json.dumps(
         {"device": str(jax.devices()[0]), "model": args.model, "rows": B,
-         "autotune_level": args.autotune_level, "results": results},
+         "autotune_level": args.autotune_level,
+         "xla_attention": args.xla_attention, "results": results},
         indent=1))
   return 0
 
