@@ -120,12 +120,6 @@ def per_layer(layers: dict) -> bool:
   return any(isinstance(v, list) for v in layers.values())
 
 
-def layer_params(layers: dict, i):
-  """Layer ``i``'s weights: its array of each per-layer leaf, its slice of
-  each stacked one (``i`` a Python int where any leaf is per layer)."""
-  return {k: v[i] for k, v in layers.items()}
-
-
 def scan_layers(layer, carry, layers: dict, xs=None):
   """``jax.lax.scan(layer, carry, (layers, xs))`` over the model's layers
   (``xs``: per-layer inputs stacked on axis 0, or None), unrolled into one
@@ -136,7 +130,7 @@ def scan_layers(layer, carry, layers: dict, xs=None):
   num = len(next(v for v in layers.values() if isinstance(v, list)))
   outs = []
   for i in range(num):
-    lp = layer_params(layers, i)
+    lp = {k: v[i] for k, v in layers.items()}   # arrays, or stacked slices
     x_i = lp if xs is None else (lp, jax.tree.map(lambda a: a[i], xs))
     carry, y = layer(carry, x_i)
     outs.append(y)
@@ -838,7 +832,7 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
     "param_dtypes", "QUANTIZED", "SCALE_SUFFIX", "output_major",
-    "per_layer", "layer_params", "scan_layers",
+    "per_layer", "scan_layers",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",

@@ -38,11 +38,9 @@ def _to_output_major(w, contracted: int):
 
 
 def _to_input_major(q, contracted: int):
-  """The inverse of ``_to_output_major`` (``q``'s last ``contracted`` axes
-  back after the layers)."""
-  outs = q.ndim - 1 - contracted
-  return q.transpose((0,) + tuple(range(1 + outs, q.ndim))
-                     + tuple(range(1, 1 + outs)))
+  """The inverse of ``_to_output_major``: its permutation undone."""
+  perm = llama.output_major(tuple(range(q.ndim)), contracted)
+  return q.transpose(tuple(int(a) for a in np.argsort(perm)))
 
 
 def quantize_fp8(w, contracted: int):
