@@ -46,8 +46,8 @@ PCFG = PrefillConfig(buckets=(16, 32), max_batch=1, page_size=16,
 PLAIN = DecodeConfig(max_seqs=8, page_size=16, num_pages=40, max_seq_len=64,
                      steps_per_call=4)
 INVARIANT = dataclasses.replace(PLAIN, batch_invariant=True)
-# Verify calls of 2 rows: max_seqs // (2 + 1), the 8-row step's last 2
-# rows idle, and max_seqs // (3 + 1), all 8 rows the two rows' tokens.
+# Verify calls whose live rows and drafts share the 8-row step: up to 2
+# or 3 drafts a row, fewer where more rows run.
 NGRAM = dataclasses.replace(INVARIANT, speculative="ngram", spec_tokens=2)
 DRAFT = dataclasses.replace(INVARIANT, speculative="draft", spec_tokens=3)
 
@@ -57,15 +57,16 @@ WOBBLE = 0.3
 
 
 # --------------------------------------------------------------- config
-def test_one_program_shape_and_verify_rows():
+def test_one_program_shape_and_draft_room():
   assert PLAIN.row_counts == (2, 8) and PLAIN.widths == (1, 2, 4)
   assert INVARIANT.row_counts == (8,) and INVARIANT.widths == (4,)
   assert [INVARIANT.rows_for(n) for n in (1, 5, 8)] == [8, 8, 8]
   assert INVARIANT.width_for(1) == 4
-  assert NGRAM.rows_per_verify == 2 and NGRAM.verify_rows(8) == 2
-  assert DRAFT.rows_per_verify == 2
-  assert dataclasses.replace(NGRAM, spec_tokens=1).rows_per_verify == 4
-  assert PLAIN.rows_per_verify == 8 and PLAIN.verify_rows(2) == 2
+  # A verify call's drafts take what its live rows leave of the step.
+  assert [NGRAM.draft_room(n) for n in (1, 5, 8)] == [7, 3, 0]
+  assert DRAFT.draft_room(2) == 6
+  plain_ngram = dataclasses.replace(NGRAM, batch_invariant=False)
+  assert [plain_ngram.draft_room(n) for n in (1, 8)] == [2, 16]
   # Buckets that name the one shape are allowed.
   DecodeConfig(max_seqs=8, max_seq_len=64, batch_invariant=True,
                row_buckets=(8,), table_buckets=(4,))
@@ -158,75 +159,106 @@ def model(request, tiny_decode_params, bf16_params):
   return tiny_decode_params if request.param == "float32" else bf16_params
 
 
-def test_verify_positions_are_decode_steps(model):
-  """Two rows' tokens at kept positions (3 and 2 drafts of 3), as pseudo-
-  rows of one 12-row step (8 of them the tokens, 4 idle): each kept
-  position's logits and K/V are, bit for bit, those of the decode steps of
-  a 12-row program that run the row's tokens one by one beside another
-  live row; positions past a row's kept ones write nothing of the row's."""
+# (kept drafts per row, -1: a row not run; the step's rows; where each run
+# row sits in the reference steps): two rows' tokens as 7 of 12 step rows,
+# the others idle; three rows' 12 positions, of which the 6 kept fill a
+# 6-row step, one row running none.
+@pytest.mark.parametrize("kept, R, slots", [
+    ((3, 2), 12, (3, 9)),
+    ((3, -1, 1), 6, (2, None, 4)),
+], ids=["padded", "packed"])
+def test_verify_positions_are_decode_steps(model, kept, R, slots):
+  """Rows' tokens at kept positions (up to 3 drafts each), as pseudo-rows
+  of one R-row step: each kept position's logits and K/V are, bit for
+  bit, those of the decode steps of an R-row program that run the row's
+  tokens one by one beside another live row; positions past a row's kept
+  ones, and a row that keeps none, write nothing of the row's."""
   params, cfg, _, _ = model
   L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-  P, N, M, T, R = 4, 24, 6, 4, 12
+  P, N, M, T = 4, 24, 6, 4
+  B = len(kept)
   rng = np.random.default_rng(0)
   pool = jnp.asarray(rng.normal(size=(L * N, P, K, hd)),
                      cfg.jnp_dtype)
-  table = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], np.int32)
-  start = np.array([5, 13], np.int32)
-  tokens = rng.integers(3, cfg.vocab_size, (2, T)).astype(np.int32)
-  kept = np.array([3, 2], np.int32)
+  table = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12],
+                    [15, 16, 17, 18, 19, 20]][:B], np.int32)
+  start = np.array([5, 13, 9][:B], np.int32)
+  tokens = rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32)
+  kept = np.array(kept, np.int32)
   verify = jax.jit(functools.partial(llama.decode_tokens_as_steps, rows=R),
                    static_argnames="cfg")(
       params, jnp.asarray(tokens), jnp.asarray(start), pool, pool,
       jnp.asarray(table), cfg=cfg, num_kept=jnp.asarray(kept))
   step = jax.jit(llama.decode_forward, static_argnames=("cfg",
                                                        "paged_attention"))
+  run = [(b, slot) for b, slot in enumerate(slots) if slot is not None]
   kp = vp = pool
   want = {}
   for t in range(T):
     tok, pos = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
     tab = np.zeros((R, M), np.int32)
     tok[0], pos[0], tab[0, :2] = 7, 6, (13, 14)   # another live row
-    for b, slot in ((0, 3), (1, 9)):
+    for b, slot in run:
       if t <= kept[b]:
         tok[slot], pos[slot], tab[slot] = tokens[b, t], start[b] + t, table[b]
     out = step(params, jnp.asarray(tok), jnp.asarray(pos), kp, vp,
                jnp.asarray(tab), cfg=cfg)
     kp, vp = out.k_pool, out.v_pool
-    for b, slot in ((0, 3), (1, 9)):
+    for b, slot in run:
       want[b, t] = np.asarray(out.logits[slot])
   got = np.asarray(verify.logits)
-  for b in range(2):
+  for b, _ in run:
     for t in range(kept[b] + 1):
       np.testing.assert_array_equal(got[b, t], want[b, t], f"{b}, {t}")
-  # The rows' pages (1..12 of every layer) hold the same K/V: the kept
-  # positions', and the pool's old values past them.
+  # The rows' pages of every layer hold the same K/V: the kept positions',
+  # and the pool's old values past them (all of them for a row run not).
   pages = (np.arange(L)[:, None] * N + table.reshape(1, -1)).reshape(-1)
   for mine, theirs in ((verify.k_pool, kp), (verify.v_pool, vp)):
     np.testing.assert_array_equal(np.asarray(mine[pages]),
                                   np.asarray(theirs[pages]))
-  last = (start[1] + kept[1] + 1) // P, (start[1] + kept[1] + 1) % P
-  page = table[1, last[0]]
-  np.testing.assert_array_equal(np.asarray(verify.k_pool[page, last[1]]),
-                                np.asarray(pool[page, last[1]]))
+  for b in range(B):
+    nxt = start[b] + kept[b] + 1
+    page = table[b, nxt // P]
+    np.testing.assert_array_equal(np.asarray(verify.k_pool[page, nxt % P]),
+                                  np.asarray(pool[page, nxt % P]))
 
 
-def test_verify_calls_take_the_rows_that_waited_longest():
-  """A batch-invariant pool's verify call holds 2 of the 5 rows that want
-  steps: those advanced least recently (then the oldest); a call in which
-  no row drafted is a plain step of all 5."""
-  Row = collections.namedtuple("Row", "last_call arrival")
+def test_logprobs_as_steps_are_the_steps_sampler_s(model):
+  """A verify pass's logprobs at kept positions, packed as the step ran
+  them, are those the R-row step's sampler computes for its rows."""
+  from pdjax.engine.sampling import token_logprobs
+  _, cfg, _, _ = model
+  B, T, R, V = 3, 4, 6, cfg.vocab_size
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(B, T, V)) * 4, jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+  kept = jnp.asarray([1, -1, 3], jnp.int32)
+  got = np.asarray(decode_programs.logprobs_as_steps(logits, tokens, kept, R))
+  rows = [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3)]
+  step = np.asarray(token_logprobs(
+      jnp.stack([logits[b, t] for b, t in rows]),
+      jnp.stack([tokens[b, t] for b, t in rows])))
+  for i, (b, t) in enumerate(rows):
+    assert got[b, t].tobytes() == step[i].tobytes(), (b, t)
+
+
+def test_drafts_that_do_not_fit_go_to_the_rows_that_waited_longest():
+  """A batch-invariant pool's verify call of 5 live rows holds 3 drafts
+  (8 step rows less 5): the rows whose drafts were verified least
+  recently (then the oldest) take them first, each up to what it wants;
+  a pool without the mode checks every row's drafts."""
+  Row = collections.namedtuple("Row", "last_drafted arrival")
   replica = types.SimpleNamespace(
-      dcfg=NGRAM, programs=types.SimpleNamespace(speculative=True),
+      dcfg=NGRAM,
       rows=[Row(7, 0), Row(3, 1), Row(0, 4), Row(3, 2), Row(9, 3)])
-  wanting = [0, 1, 2, 3, 4]
-  drafted = {row: [5] * (row % 2) for row in wanting}
-  assert DecodeReplica._turn(replica, wanting, drafted) == [1, 2]
-  # A draft model's pool: every call verifies.
-  assert DecodeReplica._turn(replica, wanting, None) == [1, 2]
-  assert DecodeReplica._turn(replica, wanting,
-                             dict.fromkeys(wanting, [])) == wanting
+  rows, wanted = [0, 1, 2, 3, 4], [2, 2, 1, 2, 2]
+  # Order: row 2 (never), row 1 (call 3, older), row 3, row 0, row 4.
+  assert DecodeReplica._fit(replica, rows, 8, wanted).tolist() == [
+      0, 2, 1, 0, 0, 0, 0, 0]
+  assert DecodeReplica._fit(replica, rows[:2], 8, [2, 2]).tolist() == [
+      2, 2, 0, 0, 0, 0, 0, 0]
   replica.dcfg = dataclasses.replace(NGRAM, batch_invariant=False)
-  assert DecodeReplica._turn(replica, wanting, drafted) == wanting
+  assert DecodeReplica._fit(replica, rows, 5, wanted).tolist() == wanted
 
 
 # -------------------------------------------------------------- engines
@@ -246,7 +278,7 @@ def _shape_dependent(forward):
 
 class _Shapes:
   """Records the (rows, page-table width) of every call a pool's
-  programs run, and the rows each verify call checks."""
+  programs run, and what each verify call checks."""
 
   def __init__(self, engine):
     programs = engine.decode.programs
@@ -263,8 +295,10 @@ class _Shapes:
 
       def run(params, state, slots, *drafts):
         self.calls.append(tuple(slots.page_table.shape))
-        if drafts:
-          self.verified.append(drafts[1].shape[0])
+        if drafts:   # (live rows, drafts checked, rows with drafts)
+          num = np.asarray(drafts[1])
+          self.verified.append((int(np.asarray(slots.active).sum()),
+                                int(num.sum()), int(np.count_nonzero(num))))
         return real(params, state, slots, *drafts)
       return run
     return program
@@ -406,8 +440,9 @@ def test_prompt_lookup_keeps_plain_decodings_tokens(tiny_decode_params,
   """A batch-invariant pool drafting by prompt lookup: every stream's
   tokens and logprobs are the plain pool's, bit for bit (the stand-in
   moves logits per shape, so a verify pass of any other shape would part
-  from them); each verify call checked 2 rows, and every call ran the
-  one program shape."""
+  from them); each verify call's live rows and drafts fit its 8-row
+  step, some held drafts of more rows than a verify of 3 positions a row
+  could, and every call ran the one program shape."""
   want = invariant_plain["speculation"]
   monkeypatch.setattr(DecodeReplica, "_prompt_lookup", _oracle_lookup(
       want, tiny_decode_params[1].vocab_size))
@@ -418,7 +453,9 @@ def test_prompt_lookup_keeps_plain_decodings_tokens(tiny_decode_params,
   stats = engine.decode.stats
   assert 0 < stats["spec_accepted"] < stats["spec_drafted"], stats
   assert set(shapes.calls) == {(8, 4)}
-  assert shapes.verified and set(shapes.verified) == {2}
+  assert shapes.verified
+  assert all(live + drafts <= 8 for live, drafts, _ in shapes.verified)
+  assert max(rows for _, _, rows in shapes.verified) > 8 // 3
   assert len(shapes.verified) < len(shapes.calls)   # plain steps too
 
 

@@ -131,10 +131,11 @@ class DecodeConfig:
   # gathered pages: cuDNN's decode attention is not deterministic run to
   # run on GPUs (``_Programs``). What it costs: one stream pays for a
   # max_seqs-row step reading every page-table column (the row and width
-  # buckets are off), and a verify call checks max_seqs // (spec_tokens +
-  # 1) rows (the others wait for a later call), so speculation pays only
-  # while few rows run. The prefill of a prompt is not covered: it still
-  # depends on the prompts batched with it (PrefillConfig.max_batch).
+  # buckets are off), and a verify call's drafts share what the step's
+  # rows leave (max_seqs less the live rows: ``draft_room``), so
+  # speculation drafts less as more rows run. The prefill of a prompt is
+  # not covered: it still depends on the prompts batched with it
+  # (PrefillConfig.max_batch).
   batch_invariant: bool = False
 
   def __post_init__(self):
@@ -286,20 +287,14 @@ class DecodeConfig:
     """The row count of the program that advances ``rows`` rows."""
     return next(b for b in self.row_counts if b >= rows)
 
-  @property
-  def rows_per_verify(self) -> int:
-    """The most rows one verify call (speculative decoding) checks: all of
-    the call's, but in a batch-invariant pool, whose verify runs each of a
-    row's spec_tokens + 1 positions as one row of a max_seqs-row step,
-    max_seqs // (spec_tokens + 1)."""
+  def draft_room(self, live_rows: int) -> int:
+    """The most drafts one verify call may check for ``live_rows`` rows:
+    each row's spec_tokens, but in a batch-invariant pool, whose verify
+    runs every live row's current token and drafts as rows of one
+    max_seqs-row decode step, what the live rows leave of it."""
     if self.batch_invariant:
-      return self.max_seqs // (self.spec_tokens + 1)
-    return self.max_seqs
-
-  def verify_rows(self, call_rows: int) -> int:
-    """Rows a verify call of a ``call_rows``-row program checks: its
-    first ones, up to ``rows_per_verify``."""
-    return min(call_rows, self.rows_per_verify)
+      return max(self.max_seqs - live_rows, 0)
+    return live_rows * self.spec_tokens
 
 
 __all__ = ["DecodeConfig", "MIN_PROGRAM_ROWS"]

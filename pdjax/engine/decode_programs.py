@@ -25,7 +25,7 @@ from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
                                decode_forward_tokens, decode_tokens_as_steps,
-                               kv_to_pool)
+                               kv_to_pool, pseudo_rows_of)
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
                                   pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
@@ -334,10 +334,9 @@ class _Programs:
 
   def verify_program(self, all_greedy: bool, rows: int):
     """A new jitted verify program (speculative decoding) for calls of
-    ``rows`` rows: (params, state, slots, drafts, num_drafts), verifying
-    the call's first ``dcfg.verify_rows(rows)`` rows (``drafts``' rows).
-    A batch-invariant pool's runs their tokens as the rows of one decode
-    step of ``rows`` rows, the generate program's."""
+    ``rows`` rows: (params, state, slots, drafts, num_drafts). A
+    batch-invariant pool's runs the live rows' tokens as the rows of one
+    decode step of ``rows`` rows, the generate program's."""
     forward_tokens, step_rows = self._forward_tokens, None
     if self.dcfg.batch_invariant:
       forward_tokens = functools.partial(
@@ -396,30 +395,30 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   (``pdjax.engine.speculative.accept``), and stops at the first EOS, stop
   id, max_tokens or the context's end among them. Outputs as a generate
   call's of k + 1 steps: step ``i`` holds the row's ``i``-th new token,
-  ``valid`` where there is one. The rows verified are the call's first
-  ``drafts.shape[0]`` (all of them but in a batch-invariant pool, whose
-  calls have more rows than a verify pass holds; the others are padding).
-  ``step_rows``: a batch-invariant pool's decode step rows, which
-  ``forward_tokens`` runs the tokens as; their logprobs are then computed
-  as that step's sampler computes its rows' (``logprobs_as_steps``)."""
+  ``valid`` where there is one. ``step_rows``: a batch-invariant pool's
+  decode step rows, which ``forward_tokens`` runs the live rows' tokens as
+  (one row of the step per token: the host keeps the call's live rows
+  plus their drafts within it); their logprobs are then computed as that
+  step's sampler computes its rows' (``logprobs_as_steps``)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  slots = jax.tree.map(lambda a: a[:drafts.shape[0]], slots)
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
   live = slots.active & ~done
   first, start, table = idle_rows_fresh(live, tokens0, pos, slots.page_table)
   num = jnp.where(live, num_drafts, 0)
+  # As steps, a row that is not live takes none of the step's rows.
+  kept = num if step_rows is None else jnp.where(live, num, -1)
   T = drafts.shape[1] + 1
   out = forward_tokens(
       params, jnp.concatenate(
           [first[:, None], jnp.where(live[:, None], drafts, 0)], axis=1),
-      start, state.k, state.v, table, cfg=cfg, num_kept=num)
+      start, state.k, state.v, table, cfg=cfg, num_kept=kept)
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
       slots.seed, gen, all_greedy=all_greedy)
   if step_rows is not None:
-    logprobs = logprobs_as_steps(out.logits, toks, step_rows)
+    logprobs = logprobs_as_steps(out.logits, toks, kept, step_rows)
   valid, finished, stopped = [], [], []
   ended = ~live
   for i in range(T):
@@ -450,17 +449,21 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   ), pack_step_output(step_out)
 
 
-def logprobs_as_steps(logits, tokens, rows: int):
+def logprobs_as_steps(logits, tokens, num_kept, rows: int):
   """The log-probabilities of ``tokens`` [B, T] under ``logits`` [B, T, V]
   computed as the sampler of a decode step of ``rows`` rows computes its
-  rows' (``sampling.token_logprobs`` over [rows, V]): the B x T positions
-  laid out as that step's rows, padded, so that each is that step's, bit
-  for bit (a reduction over another shape may round differently)."""
+  rows' (``sampling.token_logprobs`` over [rows, V]): the kept positions
+  laid out as ``llama.decode_tokens_as_steps`` ran them (``num_kept``),
+  so that each is that step's, bit for bit (a reduction over another
+  shape may round differently); the others' are not theirs."""
   B, T, V = logits.shape
-  pad = rows - B * T
-  flat = jnp.pad(logits.reshape(B * T, V), ((0, pad), (0, 0)))
-  flat_tokens = jnp.pad(tokens.reshape(B * T), (0, pad))
-  return token_logprobs(flat, flat_tokens)[:B * T].reshape(B, T)
+  index = pseudo_rows_of(num_kept, T, rows)
+  flat = jnp.zeros((rows, V), logits.dtype).at[index].set(
+      logits.reshape(B * T, V), mode="drop")
+  flat_tokens = jnp.zeros((rows,), tokens.dtype).at[index].set(
+      tokens.reshape(B * T), mode="drop")
+  out = token_logprobs(flat, flat_tokens)[jnp.minimum(index, rows - 1)]
+  return out.reshape(B, T)
 
 
 def pack_step_output(out: StepOutput) -> jax.Array:

@@ -96,10 +96,10 @@ class _Row:
   steps_needed: int
   # Insert order on the replica: preemption takes the newest rows first.
   arrival: int = 0
-  # The replica's number of the last call that advanced the row (0: none
-  # yet): calls that hold fewer rows than want steps take the rows that
-  # waited longest (``DecodeReplica._turn``).
-  last_call: int = 0
+  # The replica's number of the last call that verified drafts of the row
+  # (0: none yet): where a call's drafts do not all fit (a batch-invariant
+  # pool), the rows that waited longest draft first (``_drafts``).
+  last_drafted: int = 0
   steps_dispatched: int = 0
   tokens_out: int = 1
   generated: list[int] = dataclasses.field(default_factory=list)
@@ -531,19 +531,16 @@ class DecodeReplica:
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
     if self.draft is not None:       # the draft model's programs
-      self.draft.warmup(sorted({self.dcfg.verify_rows(rows)
-                                for rows in self.dcfg.row_counts}),
-                        self.dcfg.widths)
+      self.draft.warmup(self.dcfg.row_counts, self.dcfg.widths)
     if self.swap is not None:        # preempted rows' swap programs
       self.swap.warmup()
     for rows in self.dcfg.row_counts:
       call_rows = list(range(rows))   # none active: nothing changes
       extra = ()
       if self.programs.speculative:   # no drafts
-        verified = self.dcfg.verify_rows(rows)
         extra = tuple(jax.device_put(a, self.replicated) for a in (
-            np.zeros((verified, self.dcfg.spec_tokens), np.int32),
-            np.zeros((verified,), np.int32)))
+            np.zeros((rows, self.dcfg.spec_tokens), np.int32),
+            np.zeros((rows,), np.int32)))
       for width in self.dcfg.widths:
         slots = self._slot_inputs([], call_rows, width)
         for all_greedy in (True, True, False, False):
@@ -563,9 +560,8 @@ class DecodeReplica:
   def dispatch(self) -> Call | None:
     """Launches one generate call for the rows that still want steps (None
     when no row does: the calls in flight finish every live row, or the
-    rows wait for pages; a batch-invariant pool's verify call takes as
-    many as it holds, ``_turn``). First writes swapped rows back where
-    they fit."""
+    rows wait for pages). First writes swapped rows back where they
+    fit."""
     if self.swap is not None:
       self.swap.land()
       self._resume_swapped()
@@ -574,7 +570,7 @@ class DecodeReplica:
     left = {row: self.rows[row].steps_needed - self.rows[row].steps_dispatched
             for row in wanting}
     lookups = self._lookups(wanting, left)
-    rows = self._grow(self._turn(wanting, lookups))
+    rows = self._grow(wanting)
     if not rows:
       return None
     host_tier.flush(self.host_tier)   # queued tier copies go first
@@ -583,8 +579,6 @@ class DecodeReplica:
     all_greedy = self.all_greedy(rows)
     owners = [(self.rows[row].request.request_id, row) for row in rows]
     call = next(self._calls)
-    for row in rows:
-      self.rows[row].last_call = call
     if not self.programs.speculative:
       program = self.programs.generate(all_greedy, len(call_rows))
       self.state, out = program(self.params, self.state, slots)
@@ -594,10 +588,10 @@ class DecodeReplica:
       plain = self.programs.plain(all_greedy, len(call_rows))
       self.state, out = plain(self.params, self.state, slots)
       return Call(out, owners, drafted=[0] * len(rows))
-    # The call's first rows are verified (``_turn`` keeps them within
-    # what one verify pass holds).
-    width = self.dcfg.verify_rows(len(call_rows))
-    drafts, num = self._drafts(rows, width, left, slots, lookups)
+    drafts, num = self._drafts(rows, len(call_rows), left, slots, lookups)
+    for row, n in zip(rows, num):
+      if n:
+        self.rows[row].last_drafted = call
     program = self.programs.generate(all_greedy, len(call_rows))
     self.state, out = program(self.params, self.state, slots,
                               jax.device_put(drafts, self.replicated),
@@ -619,47 +613,43 @@ class DecodeReplica:
                   if self.rows[row].request.sampling.speculative else [])
             for row in rows}
 
-  def _turn(self, wanting: Sequence[int],
-            lookups: dict[int, list[int]] | None) -> list[int]:
-    """The rows the next call may advance: every row that wants steps,
-    except when a batch-invariant pool verifies drafts. Its verify pass
-    holds ``rows_per_verify`` rows, and it takes those that were advanced
-    least recently (the others wait for a later call); a call in which no
-    row drafted is one plain step, which holds them all."""
-    if not (self.programs.speculative and self.dcfg.batch_invariant):
-      return list(wanting)
-    if lookups is not None and not any(lookups.values()):
-      return list(wanting)
-    waited = sorted(wanting, key=lambda row: (self.rows[row].last_call,
-                                              self.rows[row].arrival))
-    return sorted(waited[:self.dcfg.rows_per_verify])
-
   def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int],
               slots: SlotInputs, lookups: dict[int, list[int]] | None):
     """Drafts for a verify call of ``width`` rows, its first ``rows``:
     per row up to ``spec_tokens`` tokens (prompt lookup's ``lookups``, or
     the draft model's, on device), of which the verify program checks
     ``num`` per row: within what the row may still generate, none for
-    rows that opted out."""
+    rows that opted out, and within what the call holds (``_fit``)."""
     k = self.dcfg.spec_tokens
-    num = np.zeros((width,), np.int32)
     if self.draft is not None:   # every row drafts: the draft's KV follows
-      for i, row in enumerate(rows):
-        if self.rows[row].request.sampling.speculative:
-          num[i] = max(min(k, left[row] - 1), 0)
+      num = self._fit(rows, width, [
+          max(min(k, left[row] - 1), 0)
+          if self.rows[row].request.sampling.speculative else 0
+          for row in rows])
       lengths = [len(self.rows[row].request.prompt_ids)
                  + len(self.rows[row].generated) for row in rows]
-      table = slots.page_table
-      if table.shape[0] != width:   # a batch-invariant pool's call
-        table = table[:width]
-      return self.draft.propose(rows, width, table, lengths,
+      return self.draft.propose(rows, width, slots.page_table, lengths,
                                 self._tokens), num
+    num = self._fit(rows, width, [len(lookups[row]) for row in rows])
     drafts = np.zeros((width, k), np.int32)
     for i, row in enumerate(rows):
-      d = lookups[row]
-      drafts[i, :len(d)] = d
-      num[i] = len(d)
+      drafts[i, :num[i]] = lookups[row][:num[i]]
     return drafts, num
+
+  def _fit(self, rows: Sequence[int], width: int,
+           wanted: Sequence[int]) -> np.ndarray:
+    """How many of the ``wanted`` drafts of each of ``rows`` a verify call
+    of ``width`` rows checks: all of them, unless they exceed the call's
+    room (``DecodeConfig.draft_room``: a batch-invariant pool's), where
+    the rows that waited longest for a verified draft go first."""
+    num = np.zeros((width,), np.int32)
+    room = self.dcfg.draft_room(len(rows))
+    for i in sorted(range(len(rows)),
+                    key=lambda i: (self.rows[rows[i]].last_drafted,
+                                   self.rows[rows[i]].arrival)):
+      num[i] = min(wanted[i], room)
+      room -= num[i]
+    return num
 
   def _prompt_lookup(self, row: int, k: int) -> list[int]:
     """Prompt lookup's draft of up to ``k`` tokens for ``row``: from the

@@ -109,8 +109,9 @@ HELP: dict[tuple[str | None, str], str] = {
     "generate call runs max_seqs rows with the whole page table, and "
     "speculation verifies each drafted position as a row of that decode "
     "step, so a greedy stream's tokens are the same alone, beside any "
-    "others, and with speculation on or off. Costs: one stream pays for a max_seqs-row step, and a "
-    "verify call checks max_seqs // (spec_tokens + 1) rows.",
+    "others, and with speculation on or off. Costs: one stream pays for a "
+    "max_seqs-row step, and a verify call's drafts share the rows the live "
+    "rows leave of it.",
     ("decode", "kv_admission"): "How admission promises KV pages: "
     "on_demand (pages as rows grow, newest rows preempted when the pool is "
     "short) or full (a request's whole budget reserved up front).",

@@ -731,43 +731,54 @@ def decode_tokens_as_steps(params: Params, tokens, start, k_pool, v_pool,
                            rows: int, forward=decode_forward,
                            paged_attention: bool = False) -> DecodeOut:
   """``decode_forward_tokens`` (same arguments and result) computed by one
-  decode step of ``rows`` rows: each of the B x T tokens is a row of that
-  step (a "pseudo-row"), a single query at its own position attending to
-  the keys up to it through the sequence's page table, so a token's
-  arithmetic is that of the decode step that would run it in a program of
-  ``rows`` rows (batch-invariant decoding: ``DecodeConfig.batch_invariant``
-  verifies drafts this way, bit for bit as plain decoding would compute
-  them). ``forward``: ``decode_forward`` or a function with its signature
-  (the pipelined decode).
+  decode step of ``rows`` rows: each kept token (``t <= num_kept[b]``) is a
+  row of that step (a "pseudo-row", ``pseudo_rows_of``), a single query at
+  its own position attending to the keys up to it through the sequence's
+  page table, so a token's arithmetic is that of the decode step that
+  would run it in a program of ``rows`` rows (batch-invariant decoding:
+  ``DecodeConfig.batch_invariant`` verifies drafts this way, bit for bit
+  as plain decoding would compute them). ``forward``: ``decode_forward``
+  or a function with its signature (the pipelined decode).
 
   Within a layer every pseudo-row writes its K/V before any attends, so a
   token sees its row's earlier tokens of the same pass; keys past its own
-  position are masked by its length. Tokens past ``num_kept[b]`` (and the
-  rows up to ``rows`` that B x T leaves) run as idle rows do: token 0 at
-  position 0 of the null page, whose K/V nobody reads; their logits are
-  not the tokens'. Needs B x T <= ``rows``."""
+  position are masked by its length. The step's rows that no kept token
+  takes run as idle rows do: token 0 at position 0 of the null page,
+  whose K/V nobody reads. A row with ``num_kept`` -1 runs no token. Kept
+  tokens past the step's ``rows`` are not run (the caller keeps
+  ``sum(num_kept + 1)`` within ``rows``); the logits of tokens not run are
+  not theirs."""
   B, T = tokens.shape
-  if B * T > rows:
-    raise ValueError(f"{B} rows x {T} tokens do not fit a decode step of "
-                     f"{rows} rows")
   if num_kept is None:
-    num_kept = jnp.full((B,), T, jnp.int32)
+    num_kept = jnp.full((B,), T - 1, jnp.int32)
+  index = pseudo_rows_of(num_kept, T, rows)
   positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-  kept = jnp.arange(T, dtype=jnp.int32)[None, :] <= num_kept[:, None]
-  pad = rows - B * T
 
   def pseudo_rows(x):   # [B, T, ...] -> [rows, ...], idle rows zeros
     flat = x.reshape((B * T,) + x.shape[2:])
-    return jnp.pad(flat, ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
+    return jnp.zeros((rows,) + flat.shape[1:], flat.dtype).at[index].set(
+        flat, mode="drop")
 
   table = jnp.broadcast_to(page_table[:, None, :], (B, T) +
                            page_table.shape[1:])
-  out = forward(params, pseudo_rows(jnp.where(kept, tokens, 0)),
-                pseudo_rows(jnp.where(kept, positions, 0)), k_pool, v_pool,
-                pseudo_rows(jnp.where(kept[..., None], table, 0)), cfg=cfg,
+  out = forward(params, pseudo_rows(tokens), pseudo_rows(positions), k_pool,
+                v_pool, pseudo_rows(table), cfg=cfg,
                 paged_attention=paged_attention)
-  logits = out.logits[:B * T].reshape((B, T) + out.logits.shape[1:])
-  return DecodeOut(logits, out.k_pool, out.v_pool)
+  logits = out.logits[jnp.minimum(index, rows - 1)]
+  return DecodeOut(logits.reshape((B, T) + logits.shape[1:]), out.k_pool,
+                   out.v_pool)
+
+
+def pseudo_rows_of(num_kept, num_tokens: int, rows: int):
+  """Which row of a ``rows``-row decode step runs each of B x
+  ``num_tokens`` tokens in ``decode_tokens_as_steps``: [B * num_tokens],
+  the kept tokens (``t <= num_kept[b]``) packed in order from row 0,
+  ``rows`` (out of range: dropped by scatters) for the others and for kept
+  ones past the step's rows."""
+  kept = (jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+          <= num_kept[:, None]).reshape(-1)
+  index = jnp.cumsum(kept, dtype=jnp.int32) - 1
+  return jnp.where(kept & (index < rows), index, rows)
 
 
 def decode_tokens_layer(cfg: ModelConfig, start, page_table, num_kept, *,
@@ -836,7 +847,7 @@ __all__ = [
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",
     "prefill_last_logits", "decode_forward", "decode_forward_tokens",
-    "decode_tokens_as_steps",
+    "decode_tokens_as_steps", "pseudo_rows_of",
     "reference_forward",
     "PrefillOut", "DecodeOut", "decode_layer", "decode_tokens_layer",
     "kv_to_pool", "FP8_MAX",
