@@ -19,7 +19,10 @@ Scenarios (``--scenarios``, comma list):
              (or, --kv_store_write=evict, evict to) and fetch from
              (python -m pdjax.launch.kvstore)
 Reported per scenario: TTFT p50/p90, and apart for the requests a cache
-served part of (their usage's ``cached_prompt_tokens``) and the others,
+served part of (their usage's ``cached_prompt_tokens``) and the others
+(and, with ``off`` among the scenarios, those requests' TTFT against the
+same requests uncached: all of them, and those with half the prompt or
+more cached),
 prompt tokens computed vs served from a cache (prefill side), KV bytes
 sent vs skipped (decode-side reuse), KV bytes fetched from peers and the
 store and written through to it (shared KV), and the prefill workers that
@@ -176,6 +179,16 @@ def run_scenario(name: str, work: Path) -> dict:
             _scrape(p), "pdjax_prefix_cache_blocks",
             'pool="decode",stat="hits"') for p in decode),
         "prefill_workers_served": served,
+        # Per request, in the workload's order (the same in every
+        # scenario: one seed), for pairing a scenario's requests with the
+        # same ones uncached (``_paired``).
+        "requests": [{
+            "prompt_tokens": r["prompt_tokens"],
+            "cached_prompt_tokens": int((r.get("usage") or {}).get(
+                "cached_prompt_tokens") or 0),
+            "ttft_ms": (r["ttft"] * 1e3 if r.get("ttft") is not None
+                        and r.get("status") == "completed" else None)}
+                     for r in records],
     }
   finally:
     cluster.stop()
@@ -199,6 +212,26 @@ def _ttft_by_cache(records) -> dict:
   return out
 
 
+def _paired(row: dict, off: dict) -> dict:
+  """TTFT of ``row``'s requests that a cache served part of against the
+  same requests in the scenario without caching (``off``), p50 and p90,
+  for those with any prompt cached and for those with half or more."""
+  import numpy as np
+  out = {}
+  for key, least in (("cached", 1e-9), ("half_cached", 0.5)):
+    pairs = [(a["ttft_ms"], b["ttft_ms"])
+             for a, b in zip(row["requests"], off["requests"])
+             if a["ttft_ms"] is not None and b["ttft_ms"] is not None
+             and a["cached_prompt_tokens"] >= least * a["prompt_tokens"]]
+    out[f"{key}_pairs"] = len(pairs)
+    for q in (50, 90):
+      out[f"{key}_ttft_p{q}_ms"] = (float(np.percentile(
+          [a for a, _ in pairs], q)) if pairs else None)
+      out[f"{key}_ttft_p{q}_off_ms"] = (float(np.percentile(
+          [b for _, b in pairs], q)) if pairs else None)
+  return out
+
+
 def main(argv) -> None:
   del argv
   work = Path(tempfile.mkdtemp(prefix="pdjax-prefix-"))
@@ -215,6 +248,21 @@ def main(argv) -> None:
   for r in rows:
     print(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
                      for c in cols), "|", r["prefill_workers_served"])
+  off = next((r for r in rows if r["scenario"] == "off"), None)
+  if off is not None:
+    print("the requests a cache served part of, TTFT (ms) against the same "
+          "requests without caching:")
+    for r in rows:
+      if r is off:
+        continue
+      r["paired"] = p = _paired(r, off)
+      for key in ("cached", "half_cached"):
+        if p[f"{key}_pairs"]:
+          print(f"  {r['scenario']}, {key} ({p[f'{key}_pairs']}): p50 "
+                f"{p[f'{key}_ttft_p50_ms']:.1f} against "
+                f"{p[f'{key}_ttft_p50_off_ms']:.1f}, p90 "
+                f"{p[f'{key}_ttft_p90_ms']:.1f} against "
+                f"{p[f'{key}_ttft_p90_off_ms']:.1f}")
   if OUT.value:
     Path(OUT.value).write_text(json.dumps(
         {"preset": PRESET.value, "num_requests": NUM.value,
