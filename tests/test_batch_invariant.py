@@ -454,7 +454,8 @@ def test_prompt_lookup_keeps_plain_decodings_tokens(tiny_decode_params,
   assert 0 < stats["spec_accepted"] < stats["spec_drafted"], stats
   assert set(shapes.calls) == {(8, 4)}
   assert shapes.verified
-  assert all(live + drafts <= 8 for live, drafts, _ in shapes.verified)
+  assert all(live + drafts <= 8 and drafts > 0
+             for live, drafts, _ in shapes.verified)
   assert max(rows for _, _, rows in shapes.verified) > 8 // 3
   assert len(shapes.verified) < len(shapes.calls)   # plain steps too
 
@@ -464,12 +465,18 @@ def test_a_draft_model_keeps_plain_decodings_tokens(tiny_decode_params,
                                                     monkeypatch):
   """The same with the target as its own draft model: its drafts (the
   model without the stand-in's offsets, in programs of 2 rows) are mostly
-  the target's tokens, and the verify keeps what it agrees with."""
+  the target's tokens, and the verify keeps what it agrees with. While
+  the 8 rows are all live they leave no room for drafts: those calls are
+  plain steps."""
   params, cfg, _, _ = tiny_decode_params
   engine = _engine(tiny_decode_params, DRAFT, monkeypatch,
                    draft=(params, cfg))
+  shapes = _Shapes(engine)
   got = _run(engine, _requests())
   want = invariant_plain["speculation"]
   assert [rid for rid in want if not _same(got[rid], want[rid])] == []
   stats = engine.decode.stats
   assert 0 < stats["spec_accepted"] < stats["spec_drafted"], stats
+  assert all(live + drafts <= 8 and drafts > 0
+             for live, drafts, _ in shapes.verified)
+  assert 0 < len(shapes.verified) < len(shapes.calls)

@@ -306,9 +306,12 @@ class _Programs:
     # draft as one plain step (``plain``): it emits the same token a
     # verify call of no drafts would, without running k + 1 positions per
     # row (a verify call costs up to 1.5x a step at 16 rows, 8B, H100),
-    # and the rows look up drafts again after it, as after any call.
+    # and the rows look up drafts again after it, as after any call. So
+    # does a batch-invariant pool whose live rows leave no room for drafts
+    # (``DecodeConfig.draft_room``), whatever drafts them.
     self._plain = {}
-    if dcfg.speculative == "ngram":
+    if self.speculative and (dcfg.speculative == "ngram"
+                             or dcfg.batch_invariant):
       self._plain = {
           (all_greedy, rows): self.generate_program(all_greedy, rows,
                                                     num_steps=1)
@@ -357,8 +360,9 @@ class _Programs:
     return self._generate[(all_greedy, rows)]
 
   def plain(self, all_greedy: bool, rows: int):
-    """A prompt-lookup pool's generate program of one step, for a call in
-    which no row drafted; None in other pools."""
+    """A prompt-lookup or batch-invariant speculating pool's generate
+    program of one step, for a call with no drafts to verify; None in
+    other pools."""
     return self._plain.get((all_greedy, rows))
 
 

@@ -583,12 +583,13 @@ class DecodeReplica:
       program = self.programs.generate(all_greedy, len(call_rows))
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
-    if lookups is not None and not any(lookups[row] for row in rows):
-      # Nothing drafted: one step, not k + 1.
-      plain = self.programs.plain(all_greedy, len(call_rows))
+    drafts, num = self._drafts(rows, len(call_rows), left, slots, lookups)
+    plain = self.programs.plain(all_greedy, len(call_rows))
+    if plain is not None and not num.any():
+      # Nothing to verify (none drafted, or no room for the drafts): one
+      # step, not k + 1.
       self.state, out = plain(self.params, self.state, slots)
       return Call(out, owners, drafted=[0] * len(rows))
-    drafts, num = self._drafts(rows, len(call_rows), left, slots, lookups)
     for row, n in zip(rows, num):
       if n:
         self.rows[row].last_drafted = call
