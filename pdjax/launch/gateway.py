@@ -29,6 +29,7 @@ from absl import app, flags
 
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
+from pdjax.service import gc_pauses
 
 FLAGS = flags.FLAGS
 
@@ -164,6 +165,7 @@ async def serve(dep) -> None:
       except GenerationError as e:   # e.g. a wrong token: waiting won't help
         raise SystemExit(f"error: router {FLAGS.router}: {e}") from e
     port = runner.addresses[0][1]
+    gc_pauses.freeze_startup_heap()
     log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
              FLAGS.host, port, FLAGS.router,
              template.origin if template else "none")

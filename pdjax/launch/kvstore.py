@@ -20,6 +20,7 @@ import signal
 from absl import app, flags
 
 from pdjax.launch import flags as F
+from pdjax.service import gc_pauses
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +73,7 @@ async def serve() -> None:
   await server.start()
   await common.set_live(health)
   await common.set_serving(health, names, True)
+  gc_pauses.freeze_startup_heap()
   metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
   log.info("KV store serving on %s: %d MiB of memory, disk %s (metrics %s)",
            address, FLAGS.capacity_mib,

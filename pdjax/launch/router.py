@@ -25,6 +25,7 @@ from absl import app, flags
 
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
+from pdjax.service import gc_pauses
 
 FLAGS = flags.FLAGS
 
@@ -160,6 +161,7 @@ async def serve(dep) -> None:
       log.warning("workers not ready after %.0f s; serving anyway",
                   FLAGS.wait_workers_s)
   registry.start()
+  gc_pauses.freeze_startup_heap()
   metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
   log.info("router serving on %s:%d (%d prefill, %d decode workers)",
            FLAGS.host, port, len(FLAGS.prefill_workers),

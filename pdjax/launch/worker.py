@@ -39,6 +39,7 @@ from absl import app, flags
 from pdjax import config as C
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
+from pdjax.service import gc_pauses
 
 log = logging.getLogger("pdjax.worker")
 FLAGS = flags.FLAGS
@@ -575,6 +576,7 @@ async def serve(role: str, dep) -> None:
                     "decode": "pdjax.v1.Decode"},
       drain_timeout_s=FLAGS.drain_timeout_s)
   registry_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
+  gc_pauses.freeze_startup_heap()   # the model, the programs: long-lived
   for w in workers:
     w.start()
   await server.start()

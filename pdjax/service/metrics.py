@@ -14,6 +14,8 @@ import threading
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, start_http_server)
 
+from pdjax.service import gc_pauses
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -167,6 +169,12 @@ class Metrics:
         "(admissions and dispatching the generate calls) and deliver "
         "(waiting for the previous calls' tokens and streaming them).",
         ["phase"], buckets=_ITERATION_BUCKETS, registry=r)
+    self.gc_pause = Histogram(
+        "pdjax_gc_pause_seconds",
+        "Pauses of Python's garbage collector in this process, by "
+        "generation (every thread stops for them).",
+        ["generation"], buckets=_STAGE_BUCKETS, registry=r)
+    gc_pauses.observe(self.gc_pause)
     self.device_memory = Gauge(
         "pdjax_device_memory_bytes",
         "Device memory of this process's devices as XLA's allocator "
