@@ -269,6 +269,10 @@ class DeploymentConfig:
   # How the KV is stored, in the decode pool's pages and in every hand-off
   # ("auto": the model's dtype; "fp8": e4m3; pdjax.engine.kv_dtype).
   kv_dtype: Literal["auto", "fp8"] = _default(DecodeConfig, "kv_dtype")
+  # An FP8 KV's per-head scales: a JSON file (tools/calibrate_kv_scales.py)
+  # every pool folds into its weights (pdjax.model.kv_scales). None: the
+  # checkpoint's own where it has them, else unscaled.
+  kv_scales: str | None = None
   prefill: PrefillPoolConfig = dataclasses.field(
       default_factory=PrefillPoolConfig)
   decode: DecodePoolConfig = dataclasses.field(
@@ -276,6 +280,11 @@ class DeploymentConfig:
   router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
 
   def __post_init__(self):
+    if self.kv_scales == "":            # an empty --kv_scales: unset
+      object.__setattr__(self, "kv_scales", None)
+    if self.kv_scales is not None and self.kv_dtype != "fp8":
+      raise ValueError(f"kv_scales ({self.kv_scales}) scales an FP8 KV: it "
+                       f"needs kv_dtype = 'fp8', not {self.kv_dtype!r}")
     # The router hands KV over as the deployment does.
     if self.router.kv_transport != self.kv_transport:
       object.__setattr__(self, "router", dataclasses.replace(

@@ -19,7 +19,12 @@ and the KL divergence KL(base || fp8).
 decode steps over the paged KV), one with a pool of ``--dtype`` and one
 with ``kv_dtype="fp8"``; the engine reports the chosen tokens' log-probs
 only, so the error is |d log p| of the baseline's token on the positions
-both saw the same context (no KL).
+both saw the same context (no KL). ``--kv_scales`` gives the FP8 run
+per-head scales (a file as tools/calibrate_kv_scales.py writes, folded into
+its weights as a deployment's ``kv_scales`` is); unset, its KV is unscaled.
+
+  python tools/measure_fp8_accuracy.py --what=kv --dtype=bfloat16 \
+      --kv_scales=smollm2-kv-scales.json
 
 A JSON record with every figure goes to --out.
 """
@@ -41,6 +46,9 @@ flags.DEFINE_integer("top_k", 20, "Vocabulary entries the logit error "
 flags.DEFINE_string("out", None, "JSON record.")
 flags.DEFINE_enum("what", "weights", ["weights", "w8a8", "kv"],
                   "What is in FP8.")
+flags.DEFINE_string("kv_scales", None, "--what=kv: the FP8 pool's per-head "
+                    "scales file (tools/calibrate_kv_scales.py), folded "
+                    "into the FP8 run's weights (unset: unscaled).")
 
 PROMPTS = (
     "The capital of France is",
@@ -99,8 +107,15 @@ def _engine_greedy(params, cfg, rules, mesh, kv_dtype, prompts, n):
 def _kv_accuracy(params, cfg, rules, mesh, tok) -> dict:
   import numpy as np
   prompts = [tok.encode(t) for t in PROMPTS]
-  base, fp8 = (_engine_greedy(params, cfg, rules, mesh, kv_dtype, prompts,
-                              FLAGS.new_tokens) for kv_dtype in ("auto", "fp8"))
+  scaled = (params, cfg)
+  if FLAGS.kv_scales:
+    from pdjax.model import kv_scales
+    from pdjax.model.kv_fold import fold_kv_scales
+    scaled = fold_kv_scales(params, cfg,
+                            kv_scales.read_file(FLAGS.kv_scales, cfg))
+  base = _engine_greedy(params, cfg, rules, mesh, "auto", prompts,
+                        FLAGS.new_tokens)
+  fp8 = _engine_greedy(*scaled, rules, mesh, "fp8", prompts, FLAGS.new_tokens)
   same, prefix, errs = 0, [], []
   for i, text in enumerate(PROMPTS):
     (a, la), (b, lb) = base[i], fp8[i]
@@ -110,12 +125,14 @@ def _kv_accuracy(params, cfg, rules, mesh, tok) -> dict:
     errs.extend(abs(x - y) for x, y in zip(la[:n], lb[:n]))
     print(f"  {text!r}: {n}/{len(a)} tokens agree", flush=True)
   rec = {"what": "kv", "model": cfg.name, "dtype": FLAGS.dtype,
-         "kv_dtype": "fp8", "prompts": len(PROMPTS),
+         "kv_dtype": "fp8", "kv_scales": FLAGS.kv_scales,
+         "kv_scales_digest": scaled[1].kv_scales, "prompts": len(PROMPTS),
          "new_tokens": FLAGS.new_tokens, "identical_continuations": same,
          "mean_matching_prefix": float(np.mean(prefix)),
          "max_abs_logprob_error": float(max(errs)),
          "mean_abs_logprob_error": float(np.mean(errs))}
-  print(f"{cfg.name}, a {FLAGS.dtype} KV pool against FP8: {same}/"
+  how = f"FP8 scaled by {FLAGS.kv_scales}" if FLAGS.kv_scales else "FP8"
+  print(f"{cfg.name}, a {FLAGS.dtype} KV pool against {how}: {same}/"
         f"{len(PROMPTS)} continuations identical ({FLAGS.new_tokens} greedy "
         f"tokens), matching prefix {rec['mean_matching_prefix']:.1f} on "
         f"average; |d log p| of the chosen token on the common prefix: max "
@@ -133,6 +150,8 @@ def main(argv) -> None:
   from pdjax.model.registry import resolve_checkpoint
   from pdjax.sharding import ShardingRules, make_mesh
   from pdjax.tokenizer import Tokenizer
+  if FLAGS.kv_scales and FLAGS.what != "kv":
+    raise app.UsageError("--kv_scales scales an FP8 KV: it needs --what=kv")
   t0 = time.perf_counter()
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])

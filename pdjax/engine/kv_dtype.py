@@ -2,12 +2,17 @@
 the configuration and the router read it).
 
 ``"auto"`` stores K/V in the model's dtype; ``"fp8"`` in float8 e4m3,
-unscaled and saturating at +-448 (as vLLM's fp8 KV cache does by default),
-half a bf16 KV's bytes. The decode pool's pages are stored so, and so is
-the KV a prefill hands on: an FP8 deployment moves half the bytes per
-hand-off, and the decode worker's insert stores what arrives as it is. The
-compatibility handshake refuses a worker whose setting differs from the
-deployment's (``ModelInfo.kv_dtype``).
+saturating at +-448, half a bf16 KV's bytes. The decode pool's pages are
+stored so, and so is the KV a prefill hands on: an FP8 deployment moves
+half the bytes per hand-off, and the decode worker's insert stores what
+arrives as it is. The compatibility handshake refuses a worker whose
+setting differs from the deployment's (``ModelInfo.kv_dtype``).
+
+The cast itself is unscaled (as vLLM's fp8 KV cache is by default); the
+K/V it casts are scaled per (layer, KV head) where the deployment has
+scales (``kv_scales``, or the checkpoint's own): they are folded into the
+weights, so the model computes K / s_k and V / s_v itself
+(``pdjax.model.kv_scales``, ``pdjax.model.kv_fold``).
 """
 
 from __future__ import annotations

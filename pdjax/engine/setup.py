@@ -120,7 +120,8 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  mesh: Mesh, dtype=None,
                  check_config: Callable[[ModelConfig], None] | None = None,
                  weight_dtype: str | None = None,
-                 activation_dtype: str | None = None
+                 activation_dtype: str | None = None,
+                 kv_dtype: str = "auto", kv_scales: str | None = None
                  ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
@@ -130,22 +131,32 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   ``weight_dtype``: "float8_e4m3fn" quantizes the layers' projections as
   they are placed (``pdjax.model.quant``); ``activation_dtype`` the same
   has them read FP8 activations (``ModelConfig.activation_dtype``).
+  ``kv_dtype`` "fp8": the per-head KV scales of the file ``kv_scales``
+  names, else the checkpoint's own, are read (a file that does not fit the
+  model refused) before any weight is, and folded into the weights before
+  they are quantized (``pdjax.model.kv_scales``, ``kv_fold``); the config
+  returned names them (``ModelConfig.kv_scales``).
 
   A vocabulary the mesh does not divide is padded (``fit_vocab``): its
   weights are read with the vocabulary whole, then padded and split; the
   config returned says so (``vocab_padding``)."""
+  from pdjax.model import kv_scales as kvs
   from pdjax.model import presets
-  fitted: dict[str, ModelConfig] = {}
+  random = presets.is_random(checkpoint_dir)
+  fitted: dict[str, Any] = {}
 
   def shardings(cfg: ModelConfig):
     if check_config is not None:
       check_config(cfg)
+    # Read (and checked against the model) before any weight is.
+    fitted["scales"] = kvs.for_deployment(
+        cfg, kv_dtype, kv_scales, None if random else checkpoint_dir)
     fitted["cfg"] = fit_vocab(cfg, rules, mesh)
     if fitted["cfg"].vocab_padding == cfg.vocab_padding:
       return param_shardings(cfg, rules, mesh)
     return param_shardings(cfg, _vocab_whole(rules), mesh)
 
-  if presets.is_random(checkpoint_dir):
+  if random:
     cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
                                 dtype=dtype)
     params = llama.init_params(cfg, shardings=shardings(cfg))
@@ -155,6 +166,9 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   target = cfg.replace(vocab_padding=fitted["cfg"].vocab_padding)
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)
+  if fitted["scales"] is not None:
+    from pdjax.model.kv_fold import fold_kv_scales
+    params, target = fold_kv_scales(params, target, fitted["scales"])
   if weight_dtype is None:   # (ModelConfig refuses activations alone)
     return params, target.replace(activation_dtype=activation_dtype)
   return quantize_sharded(params, target, rules, mesh, weight_dtype,

@@ -43,8 +43,14 @@ HELP: dict[tuple[str | None, str], str] = {
     (None, "max_seq_len"): "Longest sequence, prompt + generated tokens.",
     (None, "kv_dtype"): "How the KV is stored, in the decode pool's pages "
     "and in every hand-off: auto (the model's dtype) or fp8 (float8 e4m3, "
-    "unscaled, saturating at +-448: half the bytes; pages are gathered for "
-    "attention). Every worker of a deployment must agree.",
+    "saturating at +-448, scaled per head by --kv_scales: half the bytes; "
+    "pages are gathered for attention). Every worker of a deployment must "
+    "agree.",
+    (None, "kv_scales"): "kv_dtype=fp8: a JSON file of per-head K and V "
+    "scales (tools/calibrate_kv_scales.py), folded into the attention "
+    "weights so each head's KV uses e4m3's range (unset: the checkpoint's "
+    "own k_scale/v_scale where it has them, else unscaled). Every worker "
+    "of a deployment must read the same scales.",
     ("prefill", "mesh"): "The prefill worker's mesh, e.g. 'tp=2'.",
     ("decode", "mesh"): "The decode worker's mesh, e.g. 'dp=2' or "
     "'dp=2,tp=2'.",

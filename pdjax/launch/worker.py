@@ -348,6 +348,7 @@ def _model_info(cfg, dcfg_page_size: int, max_seq_len: int, kv_dtype: str):
       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       page_size=dcfg_page_size, dtype=cfg.dtype,
       kv_dtype=kv_dtype_name(kv_dtype, cfg.dtype),
+      kv_scales=cfg.kv_scales or "",
       eos_token_ids=list(cfg.eos_token_ids))
   if cfg.bos_token_id is not None:
     info.bos_token_id = cfg.bos_token_id
@@ -442,7 +443,9 @@ async def serve(role: str, dep) -> None:
                                check_config=functools.partial(
                                    check_context, dep.max_seq_len),
                                weight_dtype=pool.weight_dtype,
-                               activation_dtype=pool.activation_dtype)
+                               activation_dtype=pool.activation_dtype,
+                               kv_dtype=dep.kv_dtype,
+                               kv_scales=dep.kv_scales)
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len, dep.kv_dtype),

@@ -78,6 +78,11 @@ class ModelConfig:
   # scaled to e4m3 by their own max, so both operands of the GEMM are FP8:
   # W8A8, as vLLM's dynamic FP8). Needs ``weight_dtype``.
   activation_dtype: str | None = None
+  # A short hash of the per-head K/V scales folded into the attention
+  # weights for an FP8 KV cache (``pdjax.model.kv_fold``): the K and V
+  # this model computes are the checkpoint's divided by them. None: not
+  # folded (left out of the fingerprint, which then stays what it was).
+  kv_scales: str | None = None
   name: str = "model"
   # Rows added to the embedding and the LM head so the vocabulary splits
   # evenly over a tensor-parallel mesh (as vLLM's VocabParallelEmbedding
@@ -153,6 +158,8 @@ class ModelConfig:
     fields = dataclasses.asdict(self)
     fields.pop("name")
     fields.pop("vocab_padding")
+    if fields["kv_scales"] is None:
+      fields.pop("kv_scales")
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

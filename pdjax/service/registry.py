@@ -2,9 +2,9 @@
 
 Workers are polled (``GetWorkerInfo``) every ``poll_interval_s``. The first
 answer is the compatibility handshake: a worker whose model fingerprint,
-page size or KV dtype differs from the deployment's is refused (logged, never
-routed to), since a mismatch would otherwise surface as garbage tokens at the
-first hand-off. A worker that stops answering is marked down and routed
+page size, KV dtype or KV scales differ from the deployment's is refused
+(logged, never routed to), since a mismatch would otherwise surface as
+garbage tokens at the first hand-off. A worker that stops answering is marked down and routed
 around; one that answers again rejoins.
 
 Members come from three sources (``Worker.source``): the router's flags
@@ -376,8 +376,11 @@ class WorkerRegistry:
       self.expected = m
       return None
     e = self.expected
-    for field in ("fingerprint", "page_size", "dtype", "kv_dtype",
-                  "num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+    # kv_scales first: the fingerprint covers them too, but a mismatch
+    # of scales alone is best named as such.
+    for field in ("kv_scales", "fingerprint", "page_size", "dtype",
+                  "kv_dtype", "num_layers", "num_kv_heads", "head_dim",
+                  "vocab_size"):
       if getattr(m, field) != getattr(e, field):
         return (f"{field} {getattr(m, field)!r} differs from the deployment's"
                 f" {getattr(e, field)!r}")

@@ -91,7 +91,7 @@ class TtftStages(_message.Message):
     def __init__(self, prepare_s: _Optional[float] = ..., reserve_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_handoff_s: _Optional[float] = ..., return_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "fingerprint", "vocab_size", "max_seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "dtype", "eos_token_ids", "bos_token_id", "layout_fingerprint", "kv_dtype")
+    __slots__ = ("name", "architecture", "fingerprint", "vocab_size", "max_seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "dtype", "eos_token_ids", "bos_token_id", "layout_fingerprint", "kv_dtype", "kv_scales")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class ModelInfo(_message.Message):
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_SCALES_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     fingerprint: str
@@ -120,7 +121,8 @@ class ModelInfo(_message.Message):
     bos_token_id: int
     layout_fingerprint: bytes
     kv_dtype: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., layout_fingerprint: _Optional[bytes] = ..., kv_dtype: _Optional[str] = ...) -> None: ...
+    kv_scales: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., layout_fingerprint: _Optional[bytes] = ..., kv_dtype: _Optional[str] = ..., kv_scales: _Optional[str] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ("cache_events_since",)

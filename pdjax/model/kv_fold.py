@@ -1,0 +1,114 @@
+"""Per-head KV scales folded into the attention weights.
+
+With scales s_k, s_v [layers, kv_heads] (``pdjax.model.kv_scales``), the
+weights are changed so that the K and V the model computes, and so stores,
+are K / s_k and V / s_v of their KV head, and nothing else it computes
+changes:
+
+* the K and V projections' output channels of KV head h, and their biases,
+  are divided by s_k[h] and s_v[h];
+* the Q projection's output channels of the query heads that attend to h
+  (h * G .. h * G + G - 1, G = num_heads // num_kv_heads, as GQA groups
+  them), and their biases, are multiplied by s_k[h]: q.k is unchanged;
+* the O projection's input rows of those query heads are multiplied by
+  s_v[h]: a head's attention output, a convex combination of V / s_v, is
+  scaled back where the heads are mixed.
+
+RoPE rotates each head's channel pairs by the same angles whatever their
+size, so it commutes with scaling a head, and attention's 1/sqrt(head_dim)
+multiplies q.k as before. The architectures pdjax serves (Llama, Mistral,
+Qwen2) have no QK norm and no logit soft-capping, which would not commute
+(``FOLDABLE``). Every scale is a power of two, so every product, sum and
+rounding of the folded model is the unfolded one's times a power of two,
+exactly, while the values stay normal in the model's dtype: its logits are
+the same bits (``tests/test_kv_scales.py`` holds it to that). bfloat16 and
+float32 have float32's exponent range, which scales up to
+2**``MAX_EXPONENT`` leave far from its ends; float16 is narrow, and the
+folded weights are checked to have stayed in it (its activations are not).
+
+Fold before quantizing the weights (``pdjax.model.quant``, one scale per
+output channel): Q, K and V's output channels scaled by a power of two
+quantize to the same e4m3 values, their channel scales times s, so for them
+the order does not matter; O's output channels each mix every head, scaled
+differently, so O is quantized on the folded weights' own grid (the same
+error bound, not the same bits as the unfolded model's).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.model.config import ModelConfig
+from pdjax.model.kv_scales import KvScales, KvScalesError
+from pdjax.model.llama import Params
+
+FOLDABLE = ("llama", "mistral", "qwen2")
+
+
+def fold_kv_scales(params: Params, cfg: ModelConfig, scales: KvScales
+                   ) -> tuple[Params, ModelConfig]:
+  """(params, cfg) with ``scales`` folded in (the module docstring says
+  how); the config's ``kv_scales`` names them, so the fingerprint of a
+  model whose KV is scaled differs from the unscaled one's. Scales of 1
+  change nothing (the same params and config come back). Each weight
+  keeps its sharding."""
+  if cfg.architecture not in FOLDABLE:
+    raise KvScalesError(f"KV scales cannot be folded into a "
+                        f"{cfg.architecture!r} model (pdjax folds them into "
+                        f"{', '.join(FOLDABLE)})")
+  if cfg.weight_dtype is not None:
+    raise KvScalesError("KV scales are folded before the weights are "
+                        f"quantized ({cfg.weight_dtype}), not after")
+  if cfg.kv_scales is not None:
+    raise KvScalesError(f"{cfg.name} already has KV scales folded in "
+                        f"({cfg.kv_scales})")
+  scales.check_model(cfg)
+  if scales.is_unit():
+    return params, cfg
+  G = cfg.q_per_kv
+  k, v = scales.k, scales.v                      # [L, K]
+  q_k = np.repeat(k, G, axis=1)                  # [L, H]: each query head's
+  q_v = np.repeat(v, G, axis=1)
+  by = {"wq": q_k[:, None, :, None],             # [L, D, H, hd]
+        "wk": (1 / k)[:, None, :, None],         # [L, D, K, hd]
+        "wv": (1 / v)[:, None, :, None],
+        "wo": q_v[:, :, None, None]}             # [L, H, hd, D]
+  if cfg.qkv_bias:
+    by.update(bq=q_k[:, :, None], bk=(1 / k)[:, :, None],
+              bv=(1 / v)[:, :, None])
+  layers = dict(params["layers"])
+  for name, factor in by.items():
+    layers[name], ok = _scaled(layers[name], factor)
+    if not ok:
+      ek, ev = scales.exponents()
+      lo, hi = min(ek.min(), ev.min()), max(ek.max(), ev.max())
+      raise KvScalesError(
+          f"{scales.source or 'KV scales'}: folded into {cfg.name}'s "
+          f"{cfg.dtype} weights, scales from 2**{lo} to 2**{hi} take "
+          f"{name} out of the dtype's normal range")
+  return {**params, "layers": layers}, cfg.replace(kv_scales=scales.digest())
+
+
+def _scaled(w, factor: np.ndarray):
+  """(w * factor in w's dtype and sharding, whether every value normal in
+  that dtype came out exactly w * factor: no overflow, no loss of bits
+  below the normal range; values subnormal already are not held to it)."""
+  factor = np.asarray(factor, np.float32)
+
+  def scale(w):
+    w32 = w.astype(jnp.float32)
+    out = (w32 * factor).astype(w.dtype)
+    normal = jnp.abs(w32) >= jnp.finfo(w.dtype).tiny
+    exact = out.astype(jnp.float32) / factor == w32
+    return out, ~(normal & ~exact).any()
+
+  sharding = getattr(w, "sharding", None)
+  fn = (jax.jit(scale) if sharding is None else
+        jax.jit(scale, out_shardings=(sharding, None)))
+  out, ok = fn(w)
+  return out, bool(ok)
+
+
+__all__ = ["FOLDABLE", "fold_kv_scales"]
