@@ -296,3 +296,23 @@ def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(
                        _dcfg(prefix_caching=True))
   assert _run(on, prompts, short) == _run(off, prompts, short)
   assert on.prefill[0].stats["cached_tokens"] == 208
+
+
+def test_a_warm_prefill_engine_with_a_store_compiles_nothing(tiny_model_dir):
+  """After warm-up, prompts sharing blocks with earlier ones (the store's
+  gathers and stores of every length, chunks after a cached prefix, whole
+  prompts stored page by page) run without one compilation: a page table
+  handed to a store program as a jax array of a new length used to compile
+  a program of its own on the serving path."""
+  from pdjax.engine import compile_stats
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
+  pe = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
+  pe.warmup()
+  with compile_stats.CompileCounter() as c:
+    for i, p in enumerate(_prompts()):
+      pe.prefill([PrefillRequest(str(i), p, _greedy(i))])
+  assert c.count == 0, f"serving compiled: {c.names}"
+  assert store.block_stats()["hits"] > 0

@@ -263,8 +263,7 @@ class PrefillKVStore(PrefixStore):
   def _read_pages(self, pages: Sequence[int]) -> list[jax.Array]:
     """Device pages as blocks without a host tier (one program per page
     count; only the tests' stores lack a tier)."""
-    return list(self._read(self.k, self.v,
-                           jnp.asarray(np.asarray(pages, np.int32))))
+    return list(self._read(self.k, self.v, np.asarray(pages, np.int32)))
 
   def _wait_serving(self, fut: concurrent.futures.Future):
     """Waits for a fetch, serving this store's peers meanwhile (two
@@ -300,7 +299,7 @@ class PrefillKVStore(PrefixStore):
     table = np.zeros((k_buf.shape[2] // self.page_size,), np.int32)
     table[:len(pages)] = pages
     host_tier.flush(self.host_tier)   # promoted pages land first
-    return self._gather(self.k, self.v, jnp.asarray(table), k_buf, v_buf)
+    return self._gather(self.k, self.v, table, k_buf, v_buf)
 
   def _claim(self, hashes: Sequence[bytes], first: int, table: np.ndarray,
              names: list[bytes] | None = None) -> list[int]:
@@ -332,8 +331,7 @@ class PrefillKVStore(PrefixStore):
     new = self._claim(hashes, first, table, names)
     if new:
       host_tier.flush(self.host_tier)   # evicted pages are read first
-      self.k, self.v = self._store(self.k, self.v, k_buf, v_buf,
-                                   jnp.asarray(table))
+      self.k, self.v = self._store(self.k, self.v, k_buf, v_buf, table)
       self._publish(names, new)
       self.pool.free(new)   # unreferenced now: cached, evictable
     return len(new)
@@ -345,7 +343,7 @@ class PrefillKVStore(PrefixStore):
     new = self._claim(hashes, 0, table, names)
     if new:
       host_tier.flush(self.host_tier)   # evicted pages are read first
-      self.k, self.v = self._store_kv(self.k, self.v, kv, jnp.asarray(table))
+      self.k, self.v = self._store_kv(self.k, self.v, kv, table)
       self._publish(names, new)
       self.pool.free(new)
     return len(new)
