@@ -99,6 +99,10 @@ class PrefillPoolConfig:
   max_batch_tokens: int = _default(PrefillConfig, "max_batch_tokens")
   triton_gemm: str = _default(PrefillConfig, "triton_gemm")
   merge_dots: str = _default(PrefillConfig, "merge_dots")
+  # Which cached prefixes a prompt starts from ("shrinking", "always":
+  # PrefillConfig.cached_prefix).
+  cached_prefix: Literal["shrinking", "always"] = _default(
+      PrefillConfig, "cached_prefix")
   # Bucketed prompts' layers run as this many programs so the KV hand-off
   # moves each group under the rest of the prefill (0: auto,
   # ``AUTO_LAYER_GROUPS`` when hand-offs can take the CUDA IPC path, which
@@ -201,6 +205,8 @@ class DecodePoolConfig:
   buckets: tuple[int, ...] = _default(PrefillConfig, "buckets")
   max_batch: int = _default(PrefillConfig, "max_batch")
   max_batch_tokens: int = _default(PrefillConfig, "max_batch_tokens")
+  cached_prefix: Literal["shrinking", "always"] = _default(
+      PrefillConfig, "cached_prefix")
   # The layers' projection weights' storage and the activations they read
   # (as [prefill] weight_dtype, activation_dtype).
   weight_dtype: WeightDtype | None = None

@@ -573,7 +573,9 @@ def test_prefill_results_come_out_as_each_is_known(local_prefill):
   """``on_result`` hands each request's result over as soon as its first
   token is on the host: a buffered request's before the next request
   starts, a batch's together once it has run; the same objects the call
-  returns, whose tokens are those of a call without it."""
+  returns, whose tokens are those of a call without it. A request with
+  pages to skip and no cached prefix of its own runs bucketed, its KV
+  handed on from the first page the receiver lacks."""
   reqs = [PrefillRequest("skip", prompt(40, 1), GREEDY, skip_pages=1),
           PrefillRequest("b1", prompt(10, 2), GREEDY),
           PrefillRequest("b2", prompt(12, 3), GREEDY),
@@ -587,9 +589,10 @@ def test_prefill_results_come_out_as_each_is_known(local_prefill):
   out = local_prefill.prefill(
       reqs, kv_ready=lambda i, kv: events.append(("kv", i)),
       on_result=on_result)
-  assert events == [("kv", 0), ("result", 0), ("kv", 3), ("result", 3),
+  assert events == [("kv", 3), ("result", 3), ("kv", 0), ("result", 0),
                     ("kv", 1), ("kv", 2), ("result", 1), ("result", 2)]
   assert all(early[i] is r for i, r in enumerate(out))
+  assert out[0].kv.first_page == 1
   plain = local_prefill.prefill(reqs)
   assert [(r.first_token, r.prompt_len) for r in out] == [
       (r.first_token, r.prompt_len) for r in plain]

@@ -42,8 +42,9 @@ from pdjax.transfer.device import BlockPulls
 from test_kvstore import _serve, loop  # noqa: F401 (a fixture)
 
 PAGE = 16
+# Any cached prefix is used: these tests count the blocks fetched.
 PCFG = PrefillConfig(buckets=(64,), max_batch=1, page_size=PAGE,
-                     max_seq_len=192)
+                     max_seq_len=192, cached_prefix="always")
 SEC = common.Security(service_token="shared-kv-test")
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 # The CUDA driver the "processes" of host A share (fake: host memory).

@@ -27,7 +27,9 @@ POLL_S = 1.2       # the router polls every 0.5 s: time to see new blocks
 def shared(tmp_path_factory):
   c = Cluster(tmp_path_factory.mktemp("kv_sharing"), kv_transport="grpc",
               num_prefill=2, num_decode=1, kv_store=True, warmup=False,
-              worker_flags=["--prefix_cache_pages=64", "--kv_fetch=always"],
+              worker_flags=["--prefix_cache_pages=64", "--kv_fetch=always",
+                            # every cached prefix: the test counts them
+                            "--prefill_cached_prefix=always"],
               router_flags=["--kv_overlap_weight=0"])
   yield c
   c.stop()

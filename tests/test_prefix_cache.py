@@ -301,7 +301,8 @@ def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(
 def test_a_warm_prefill_engine_with_a_store_compiles_nothing(tiny_model_dir):
   """After warm-up, prompts sharing blocks with earlier ones (the store's
   gathers and stores of every length, chunks after a cached prefix, whole
-  prompts stored page by page) run without one compilation: a page table
+  prompts stored page by page, pages the receiver holds left out of what
+  is handed on) run without one compilation: a page table
   handed to a store program as a jax array of a new length used to compile
   a program of its own on the serving path."""
   from pdjax.engine import compile_stats
@@ -312,7 +313,60 @@ def test_a_warm_prefill_engine_with_a_store_compiles_nothing(tiny_model_dir):
   pe = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
   pe.warmup()
   with compile_stats.CompileCounter() as c:
-    for i, p in enumerate(_prompts()):
-      pe.prefill([PrefillRequest(str(i), p, _greedy(i))])
+    for i, p in enumerate(_prompts()):   # some with pages to skip
+      pe.prefill([PrefillRequest(str(i), p, _greedy(i), skip_pages=i % 3)])
   assert c.count == 0, f"serving compiled: {c.names}"
   assert store.block_stats()["hits"] > 0
+
+
+def test_a_prefix_that_does_not_shrink_the_bucket_is_not_used(
+    tiny_model_dir):
+  """A chunk after a cached prefix costs more than the bucketed program
+  of the same length, so a prompt that fits a bucket takes its cached
+  prefix only where the rest fits a smaller one: 60 tokens with one block
+  cached (44 left: bucket 64 either way) run bucketed, their KV handed on
+  from the page the receiver does not hold, as a chunked run's would be;
+  with two blocks cached (28 left: bucket 32) they run after the prefix.
+  A prompt of the smallest bucket is not looked up at all. The first
+  tokens and KV are the cache-free engine's, and no page stays pinned."""
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
+  cached = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
+  plain = PrefillEngine(params, cfg, mesh, rules, PCFG)
+  base, other = _prompts()[4], _prompts()[5]
+  greedy = SamplingParams(max_tokens=1, temperature=0.0)
+  cached.prefill([PrefillRequest("seed", base[:40], greedy)])  # 2 blocks
+  one, two = base[:16] + other[:44], base[:32] + other[:28]
+  chunks = []
+  real = cached._chunk
+
+  def chunk(params, tokens, *a):
+    chunks.append(tokens.shape)
+    return real(params, tokens, *a)
+
+  cached._chunk = chunk
+  try:
+    lookups = dict(store.block_stats())
+    [short] = cached.prefill([PrefillRequest("short", base[:16], greedy)])
+    assert store.block_stats() == lookups and short.cached_tokens == 0
+    [r1] = cached.prefill([PrefillRequest("one", one, greedy, skip_pages=1)])
+    assert chunks == [] and r1.cached_tokens == 0
+    assert r1.kv.first_page == 1 and r1.kv.num_pages == 3
+    [r2] = cached.prefill([PrefillRequest("two", two, greedy, skip_pages=1)])
+    assert chunks == [(1, 32)] and r2.cached_tokens == 2 * PAGE
+    assert r2.kv.first_page == 1
+  finally:
+    cached._chunk = real
+  want = plain.prefill([PrefillRequest("one", one, greedy),
+                        PrefillRequest("two", two, greedy)])
+  assert [r1.first_token, r2.first_token] == [w.first_token for w in want]
+  # Tokens 16.. of the prompt, from the pages handed on.
+  got = np.asarray(jax.device_get(r1.kv.kv))
+  L, two, n, P, K, hd = got.shape
+  got = got.reshape(L, two, n * P, K, hd)[:, :, :len(one) - PAGE]
+  assert_kv_close(got, _kv_tokens(want[0])[:, :, PAGE:], cfg,
+                  PCFG.max_seq_len, err_msg="one block cached, bucketed")
+  assert store.pool.num_used == 0
+  store.pool.check_invariants()

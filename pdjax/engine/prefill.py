@@ -191,6 +191,16 @@ def _buffer_to_pages(k_buf, v_buf, first, *, num_pages, page_size, kv_spec,
       kv_to_pool(jnp.stack([kp, vp], axis=1), dtype), kv_spec)
 
 
+def _skip_pages(kv, first, *, num_pages, kv_spec, dtype):
+  """Pages ``first .. first + num_pages`` of a request's KV ``[L, 2, n, P,
+  K, hd]`` in the handed-on KV's ``dtype`` (indices past its pages are
+  clamped: those are padding pages)."""
+  idx = jnp.clip(first + jnp.arange(num_pages, dtype=jnp.int32), 0,
+                 kv.shape[2] - 1)
+  return jax.lax.with_sharding_constraint(kv_to_pool(kv[:, :, idx], dtype),
+                                          kv_spec)
+
+
 # Called with (request index, its KV) once the KV's programs are dispatched.
 KvReady = Callable[[int, RequestKV], None]
 OnResult = Callable[[int, PrefillResult], None]
@@ -393,6 +403,7 @@ class PrefillEngine:
                                           all_greedy=greedy))
         for greedy in (True, False)}
     self._pages_fns = {}
+    self._skip_fns = {}
     # The handed-on KV's dtype (PrefillConfig.kv_dtype); the programs
     # compute, and the buffers and prefix cache keep, the model's.
     self.kv_dtype = jnp.dtype(config.kv_storage_dtype(cfg.jnp_dtype))
@@ -452,11 +463,16 @@ class PrefillEngine:
               kv_ready: KvReady | None = None,
               on_result: OnResult | None = None) -> list[PrefillResult]:
     """Prefills every request; results in the order given. Requests with
-    nothing cached and nothing to skip that share a bucket run together, up
-    to ``max_batch`` at a time; so do, in an engine with a prefix cache,
-    requests with a cached prefix (or pages to skip) whose rest fits one
-    bucket (``BufferedPrefill.finish_together``); the others (longer than
-    every bucket) run buffered, one by one.
+    nothing cached that share a bucket run together, up to ``max_batch`` at
+    a time; so do, in an engine with a prefix cache, requests with a cached
+    prefix whose rest fits one bucket (``BufferedPrefill.finish_together``);
+    the others (longer than every bucket) run buffered, one by one. Where
+    ``PrefillConfig.cached_prefix`` is "shrinking", a cached prefix that
+    would not put the rest in a smaller bucket than the whole prompt's is
+    not used (``_prefix_for``). Every path hands the KV on from the first
+    page the receiver does not hold (``skip_pages``), but a bucketed
+    prefill in layer groups, which hands it on whole (the receiver does
+    not write the pages it holds).
 
     ``on_result(i, result)``, if given, is called with request ``i``'s
     result as soon as its first token is on the host, before the call goes
@@ -484,14 +500,14 @@ class PrefillEngine:
     P = self.config.page_size
     try:
       for i, r in enumerate(requests):
-        prefix, owned, hashes = self._prefix_for(r)
+        prefix, owned, hashes = self._prefix_for(
+            r, shrinking=self.config.cached_prefix == "shrinking")
         b = self.config.bucket_for(len(r.prompt_ids))
         rest = self.config.bucket_for(len(r.prompt_ids) - len(prefix) * P)
-        if ((prefix or r.skip_pages) and rest is not None
-            and self.batches_cached):
+        if prefix and rest is not None and self.batches_cached:
           found[i] = (prefix, owned, hashes)
           by_chunk.setdefault(rest, []).append(i)
-        elif b is None or prefix or r.skip_pages:
+        elif b is None or prefix:
           results[i] = self._prefill_buffered(r, prefix, owned, hashes)
           if kv_ready is not None:
             kv_ready(i, results[i].kv)
@@ -533,20 +549,44 @@ class PrefillEngine:
     self.stats["cached_tokens"] += r.cached_tokens
     return r
 
-  def _prefix_for(self, r: PrefillRequest):
+  def _prefix_for(self, r: PrefillRequest, *, shrinking: bool = False):
     """(cached pages to start from, whether this engine pinned them, block
     names). At least one prompt token is always computed: its logits give
-    the first token."""
+    the first token. ``shrinking``: only a prefix that leaves the rest to a
+    smaller bucket than the whole prompt's (none where no prefix could,
+    looked up not at all), so that a cached prefix never makes a prompt
+    that fits a bucket slower."""
     store = self.prefix_store
     if store is None:
       return [], False, []
-    limit = (len(r.prompt_ids) - 1) // self.config.page_size
+    n = len(r.prompt_ids)
+    limit = (n - 1) // self.config.page_size
+    least = self._least_prefix(n) if shrinking else 1
     if r.prefix_pages is not None:
-      return list(r.prefix_pages)[:limit], False, []
+      pages = list(r.prefix_pages)[:limit]
+      return (pages if len(pages) >= least else []), False, []
     hashes = store.hashes(r.prompt_ids, r.cache_salt)
+    if least > limit:
+      return [], True, hashes
     pages = (store.match(hashes[:limit], r.kv_sources) if r.kv_sources
              else store.match(hashes[:limit]))
+    if len(pages) < least:
+      if pages:
+        store.release(pages)
+      pages = []
     return pages, True, hashes
+
+  def _least_prefix(self, n: int) -> int:
+    """The fewest cached pages that put the rest of an ``n``-token prompt
+    in a smaller bucket than the prompt's own (1 for a prompt longer than
+    every bucket: any prefix saves chunks)."""
+    b = self.config.bucket_for(n)
+    if b is None:
+      return 1
+    smaller = [x for x in self.config.buckets if x < b]
+    if not smaller:
+      return n   # more than any prompt may take from a cache
+    return -(-(n - smaller[-1]) // self.config.page_size)
 
   def _prefill_batch(self, reqs: Sequence[PrefillRequest], bucket: int, *,
                      kv_ready: KvReady | None = None,
@@ -570,7 +610,7 @@ class PrefillEngine:
       logits, cols, rows = self._prefill(self.params, packed)
       full = [RequestKV(rows[i], len(r.prompt_ids))
               for i, r in enumerate(reqs)]
-      kvs = [self._payload(kv) for kv in full]
+      kvs = [self._handed_on(kv, r.skip_pages) for kv, r in zip(full, reqs)]
       _announce(kvs, kv_ready)
     else:
       x = self._embed(self.params, packed)
@@ -711,6 +751,27 @@ class PrefillEngine:
           kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
     return self._pages_fns[num_pages]
 
+  def _skip_fn(self, pages_in: int, num_pages: int):
+    key = (pages_in, num_pages)
+    if key not in self._skip_fns:
+      self._skip_fns[key] = jax.jit(functools.partial(
+          _skip_pages, num_pages=num_pages,
+          kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
+    return self._skip_fns[key]
+
+  def _handed_on(self, kv: RequestKV, skip: int) -> RequestKV:
+    """A bucketed prompt's KV as handed on: from its first page the
+    receiver does not hold (``PrefillRequest.skip_pages``; at least its
+    last page goes), in the KV dtype; whole where its layers ran as
+    groups."""
+    P = self.config.page_size
+    skip = min(skip, pages_for(kv.num_tokens, P) - 1)
+    if skip <= 0 or kv.layer_groups:
+      return self._payload(kv)
+    num = payload_pages(pages_for(kv.num_tokens, P) - skip)
+    out = self._skip_fn(kv.kv.shape[2], num)(kv.kv, self._put(np.int32(skip)))
+    return RequestKV(out, kv.num_tokens, first_page=skip)
+
   # ---------------------------------------------------------------- warmup
   def warmup(self) -> None:
     """Compiles every program serving can need, so serving never does."""
@@ -756,6 +817,13 @@ class PrefillEngine:
     first = self._put(np.int32(0))
     for num in self.buffered_payload_page_counts():
       self._pages_fn(num)(k, v, first)
+    if len(self._group_sizes) == 1:   # bucketed prompts' pages to skip
+      for bucket in self.config.buckets:
+        n = bucket // self.config.page_size
+        kv = jnp.zeros(request_kv_shape(self.cfg, n, self.config.page_size),
+                       self.cfg.jnp_dtype, device=self.kv_sharding(n))
+        for num in sorted({payload_pages(k) for k in range(1, n)}):
+          self._skip_fn(n, num)(kv, first)
     if self.prefix_store is not None:
       self.prefix_store.warmup(self)
     # The warm-up's dummy prompts are not traffic.

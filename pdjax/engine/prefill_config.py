@@ -10,6 +10,9 @@ from pdjax.engine.kv_dtype import (DEFAULT_KV_DTYPE, check_kv_dtype,
 from pdjax.engine.xla_options import check_on_off
 
 
+CACHED_PREFIX = ("shrinking", "always")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
   buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
@@ -41,9 +44,22 @@ class PrefillConfig:
   # e4m3, as the decode pool stores it: pdjax.engine.kv_dtype). Its own
   # buffers and prefix cache keep the model's dtype.
   kv_dtype: str = DEFAULT_KV_DTYPE
+  # Which cached prefixes a prompt that fits a bucket starts from: "always"
+  # any, "shrinking" only one that leaves the rest to a smaller bucket than
+  # the whole prompt's (a prompt longer than every bucket takes any). A
+  # chunk after a cached prefix runs a costlier program than the bucketed
+  # one of its length: on an H100 (8B, multiturn), prompts whose rest
+  # stayed in their bucket took 1.5-3x longer to a first token from their
+  # prefix than without it (docs/notes/2026-12-06-h100-reserve-gc-prefix-
+  # identity.md).
+  cached_prefix: str = "shrinking"
 
   def __post_init__(self):
     check_kv_dtype(self.kv_dtype)
+    if self.cached_prefix not in CACHED_PREFIX:
+      raise ValueError(f"cached_prefix must be one of "
+                       f"{', '.join(CACHED_PREFIX)}, got "
+                       f"{self.cached_prefix!r}")
     check_on_off("triton_gemm", self.triton_gemm)
     check_on_off("merge_dots", self.merge_dots)
     if self.layer_groups < 1:

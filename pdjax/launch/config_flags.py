@@ -60,6 +60,12 @@ HELP: dict[tuple[str | None, str], str] = {
     "packaged name (decode_dp, decode_dp_tp) or a TOML path.",
     ("prefill", "buckets"): "Prompt-length buckets of the prefill programs, "
     "e.g. 32,128 (longer prompts run in chunks of the largest).",
+    ("prefill", "cached_prefix"): "Which cached prefixes a prompt that "
+    "fits a bucket starts from: shrinking (only one that leaves the rest "
+    "to a smaller bucket: a chunk after a prefix costs more than the "
+    "bucketed program of its length) or always.",
+    ("decode", "cached_prefix"): "As --prefill_cached_prefix, for the "
+    "decode worker's own prefills.",
     ("prefill", "layer_groups"): "Run each bucketed prompt's layers as this "
     "many programs, so the CUDA IPC hand-off copies each group's KV while "
     "later layers compute (1: one fused program; 0: auto, 4 when hand-offs "
