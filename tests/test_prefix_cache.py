@@ -9,6 +9,8 @@ work through the disaggregated path, which then moves fewer KV bytes.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -198,6 +200,37 @@ def test_disaggregated_reuse_on_both_sides(tiny_model_dir,
     assert rep.pool.num_used == 0 and rep.pool.reserved == 0
 
 
+@pytest.fixture(scope="module")
+def prefill_engines(tiny_model_dir):
+  """A warm prefill engine with a block store, and one without (tp=2 on
+  devices 2 and 3), shared by the tests below: each keeps to cache salts
+  of its own."""
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
+  cached = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
+  cached.warmup()
+  plain = PrefillEngine(params, cfg, mesh, rules, PCFG)
+  return cfg, store, cached, plain
+
+
+@contextlib.contextmanager
+def _chunk_calls(engine):
+  """The tokens' shapes of every chunk program ``engine`` runs meanwhile."""
+  calls, real = [], engine._chunk
+
+  def chunk(params, tokens, *a):
+    calls.append(tokens.shape)
+    return real(params, tokens, *a)
+
+  engine._chunk = chunk
+  try:
+    yield calls
+  finally:
+    engine._chunk = real
+
+
 def _kv_tokens(r) -> np.ndarray:
   """A result's KV as [layers, 2, tokens, kv_heads, head_dim] on host."""
   kv = np.asarray(jax.device_get(r.kv.kv))
@@ -205,17 +238,12 @@ def _kv_tokens(r) -> np.ndarray:
   return kv.reshape(L, two, n * P, K, hd)[:, :, :r.prompt_len]
 
 
-def test_cached_prompts_prefill_together(tiny_model_dir):
+def test_cached_prompts_prefill_together(prefill_engines):
   """Prompts whose leading blocks are cached and whose rest fits one bucket
   run in one chunk program, a row each, not one after another: the same
   first tokens and KV as each alone and as a cache-free engine, and the
   pinned blocks all go back."""
-  rules = ShardingRules.load("prefill_tp")
-  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
-  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
-  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
-  cached = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
-  plain = PrefillEngine(params, cfg, mesh, rules, PCFG)
+  cfg, store, cached, plain = prefill_engines
   base, other = _prompts()[4], _prompts()[5]
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
   # Two salts: the same cached blocks for the prompts run together and for
@@ -232,22 +260,12 @@ def test_cached_prompts_prefill_together(tiny_model_dir):
     return [PrefillRequest(str(i), p, greedy, cache_salt=salt)
             for i, p in enumerate(prompts)]
   reqs = requests("together")
-  calls = []
-  real = cached._chunk
-
-  def chunk(params, tokens, *a):
-    calls.append(tokens.shape)
-    return real(params, tokens, *a)
-
-  cached._chunk = chunk
-  try:
+  with _chunk_calls(cached) as calls:
     together = cached.prefill(reqs)
     assert sorted(calls) == [(1, 16), (2, 32)]
     calls.clear()
     alone = [cached.prefill([r])[0] for r in requests("alone")]
     assert sorted(calls) == [(1, 16), (1, 32), (1, 32)]
-  finally:
-    cached._chunk = real
   want = plain.prefill(reqs)
   assert [r.cached_tokens for r in together] == [64, 64, 16, 0]
   assert [r.cached_tokens for r in alone] == [64, 64, 16, 0]
@@ -267,6 +285,7 @@ def test_cached_prompts_prefill_together(tiny_model_dir):
   def broken(*a):
     raise RuntimeError("device lost")
 
+  real = cached._chunk
   cached._chunk = broken
   try:
     with pytest.raises(RuntimeError, match="device lost"):
@@ -298,7 +317,7 @@ def test_a_last_chunk_reaching_past_the_buffer_lands_where_it_belongs(
   assert on.prefill[0].stats["cached_tokens"] == 208
 
 
-def test_a_warm_prefill_engine_with_a_store_compiles_nothing(tiny_model_dir):
+def test_a_warm_prefill_engine_with_a_store_compiles_nothing(prefill_engines):
   """After warm-up, prompts sharing blocks with earlier ones (the store's
   gathers and stores of every length, chunks after a cached prefix, whole
   prompts stored page by page, pages the receiver holds left out of what
@@ -306,21 +325,18 @@ def test_a_warm_prefill_engine_with_a_store_compiles_nothing(tiny_model_dir):
   handed to a store program as a jax array of a new length used to compile
   a program of its own on the serving path."""
   from pdjax.engine import compile_stats
-  rules = ShardingRules.load("prefill_tp")
-  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
-  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
-  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
-  pe = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
-  pe.warmup()
+  _, store, pe, _ = prefill_engines
+  hits = store.block_stats()["hits"]
   with compile_stats.CompileCounter() as c:
     for i, p in enumerate(_prompts()):   # some with pages to skip
-      pe.prefill([PrefillRequest(str(i), p, _greedy(i), skip_pages=i % 3)])
+      pe.prefill([PrefillRequest(str(i), p, _greedy(i), skip_pages=i % 3,
+                                 cache_salt="warm")])
   assert c.count == 0, f"serving compiled: {c.names}"
-  assert store.block_stats()["hits"] > 0
+  assert store.block_stats()["hits"] > hits
 
 
 def test_a_prefix_that_does_not_shrink_the_bucket_is_not_used(
-    tiny_model_dir):
+    prefill_engines):
   """A chunk after a cached prefix costs more than the bucketed program
   of the same length, so a prompt that fits a bucket takes its cached
   prefix only where the rest fits a smaller one: 60 tokens with one block
@@ -329,38 +345,25 @@ def test_a_prefix_that_does_not_shrink_the_bucket_is_not_used(
   with two blocks cached (28 left: bucket 32) they run after the prefix.
   A prompt of the smallest bucket is not looked up at all. The first
   tokens and KV are the cache-free engine's, and no page stays pinned."""
-  rules = ShardingRules.load("prefill_tp")
-  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
-  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
-  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
-  cached = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
-  plain = PrefillEngine(params, cfg, mesh, rules, PCFG)
+  cfg, store, cached, plain = prefill_engines
   base, other = _prompts()[4], _prompts()[5]
-  greedy = SamplingParams(max_tokens=1, temperature=0.0)
-  cached.prefill([PrefillRequest("seed", base[:40], greedy)])  # 2 blocks
+
+  def request(rid, prompt, skip=0):
+    return PrefillRequest(rid, prompt, SamplingParams(
+        max_tokens=1, temperature=0.0), skip_pages=skip, cache_salt="shrink")
+  cached.prefill([request("seed", base[:40])])  # 2 blocks
   one, two = base[:16] + other[:44], base[:32] + other[:28]
-  chunks = []
-  real = cached._chunk
-
-  def chunk(params, tokens, *a):
-    chunks.append(tokens.shape)
-    return real(params, tokens, *a)
-
-  cached._chunk = chunk
-  try:
+  with _chunk_calls(cached) as chunks:
     lookups = dict(store.block_stats())
-    [short] = cached.prefill([PrefillRequest("short", base[:16], greedy)])
+    [short] = cached.prefill([request("short", base[:16])])
     assert store.block_stats() == lookups and short.cached_tokens == 0
-    [r1] = cached.prefill([PrefillRequest("one", one, greedy, skip_pages=1)])
+    [r1] = cached.prefill([request("one", one, skip=1)])
     assert chunks == [] and r1.cached_tokens == 0
     assert r1.kv.first_page == 1 and r1.kv.num_pages == 3
-    [r2] = cached.prefill([PrefillRequest("two", two, greedy, skip_pages=1)])
+    [r2] = cached.prefill([request("two", two, skip=1)])
     assert chunks == [(1, 32)] and r2.cached_tokens == 2 * PAGE
     assert r2.kv.first_page == 1
-  finally:
-    cached._chunk = real
-  want = plain.prefill([PrefillRequest("one", one, greedy),
-                        PrefillRequest("two", two, greedy)])
+  want = plain.prefill([request("one", one), request("two", two)])
   assert [r1.first_token, r2.first_token] == [w.first_token for w in want]
   # Tokens 16.. of the prompt, from the pages handed on.
   got = np.asarray(jax.device_get(r1.kv.kv))

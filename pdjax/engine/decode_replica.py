@@ -98,7 +98,7 @@ class _Row:
   arrival: int = 0
   # The replica's number of the last call that verified drafts of the row
   # (0: none yet): where a call's drafts do not all fit (a batch-invariant
-  # pool), the rows that waited longest draft first (``_drafts``).
+  # pool), the rows that waited longest draft first (``_fit``).
   last_drafted: int = 0
   steps_dispatched: int = 0
   tokens_out: int = 1
