@@ -278,18 +278,20 @@ def _shape_dependent(forward):
 
 class _Shapes:
   """Records the (rows, page-table width) of every call a pool's
-  programs run, and what each verify call checks."""
+  programs run, what each verify call checks, and how many steps each
+  plain call of a speculating pool runs."""
 
   def __init__(self, engine):
     programs = engine.decode.programs
     self.calls: list[tuple[int, int]] = []
     self.verified: list[int] = []
+    self.plain_steps: list[int] = []
     for name in ("generate", "plain"):
-      setattr(programs, name, self._wrap(getattr(programs, name)))
+      setattr(programs, name, self._wrap(getattr(programs, name), name))
 
-  def _wrap(self, get):
-    def program(all_greedy, rows):
-      real = get(all_greedy, rows)
+  def _wrap(self, get, name):
+    def program(all_greedy, rows, *steps):
+      real = get(all_greedy, rows, *steps)
       if real is None:
         return None
 
@@ -299,7 +301,10 @@ class _Shapes:
           num = np.asarray(drafts[1])
           self.verified.append((int(np.asarray(slots.active).sum()),
                                 int(num.sum()), int(np.count_nonzero(num))))
-        return real(params, state, slots, *drafts)
+        state, out = real(params, state, slots, *drafts)
+        if name == "plain":   # out: [fields, steps, rows]
+          self.plain_steps.append(out.shape[1])
+        return state, out
       return run
     return program
 
@@ -458,6 +463,9 @@ def test_prompt_lookup_keeps_plain_decodings_tokens(tiny_decode_params,
              for live, drafts, _ in shapes.verified)
   assert max(rows for _, _, rows in shapes.verified) > 8 // 3
   assert len(shapes.verified) < len(shapes.calls)   # plain steps too
+  # One step where nothing was drafted; 3 (steps_per_call within k + 1)
+  # while the 8 live rows leave no room.
+  assert set(shapes.plain_steps) == {1, NGRAM.steps_without_room} == {1, 3}
 
 
 def test_a_draft_model_keeps_plain_decodings_tokens(tiny_decode_params,
@@ -466,8 +474,9 @@ def test_a_draft_model_keeps_plain_decodings_tokens(tiny_decode_params,
   """The same with the target as its own draft model: its drafts (the
   model without the stand-in's offsets, in programs of 2 rows) are mostly
   the target's tokens, and the verify keeps what it agrees with. While
-  the 8 rows are all live they leave no room for drafts: those calls are
-  plain steps."""
+  the 8 rows are all live they leave no room for drafts: those calls run
+  plain steps, steps_per_call of them (within the 4 tokens a call's pages
+  are allocated for)."""
   params, cfg, _, _ = tiny_decode_params
   engine = _engine(tiny_decode_params, DRAFT, monkeypatch,
                    draft=(params, cfg))
@@ -480,3 +489,4 @@ def test_a_draft_model_keeps_plain_decodings_tokens(tiny_decode_params,
   assert all(live + drafts <= 8 and drafts > 0
              for live, drafts, _ in shapes.verified)
   assert 0 < len(shapes.verified) < len(shapes.calls)
+  assert DRAFT.steps_without_room == 4 and 4 in shapes.plain_steps

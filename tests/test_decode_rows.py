@@ -287,8 +287,8 @@ def test_a_call_without_drafts_runs_one_plain_step(tiny_decode_params):
   calls = collections.Counter()
 
   def counted(kind, get):
-    def program(all_greedy, rows):
-      real = get(all_greedy, rows)
+    def program(all_greedy, rows, *steps):
+      real = get(all_greedy, rows, *steps)
       if real is None:
         return None
 

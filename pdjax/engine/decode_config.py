@@ -287,6 +287,13 @@ class DecodeConfig:
     """The row count of the program that advances ``rows`` rows."""
     return next(b for b in self.row_counts if b >= rows)
 
+  @property
+  def steps_without_room(self) -> int:
+    """Steps of a batch-invariant speculating pool's call whose live rows
+    leave no room for drafts: steps_per_call, within the spec_tokens + 1
+    tokens a speculating call's pages are allocated for."""
+    return min(self.steps_per_call, self.spec_tokens + 1)
+
   def draft_room(self, live_rows: int) -> int:
     """The most drafts one verify call may check for ``live_rows`` rows:
     each row's spec_tokens, but in a batch-invariant pool, whose verify

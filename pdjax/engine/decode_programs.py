@@ -306,16 +306,21 @@ class _Programs:
     # draft as one plain step (``plain``): it emits the same token a
     # verify call of no drafts would, without running k + 1 positions per
     # row (a verify call costs up to 1.5x a step at 16 rows, 8B, H100),
-    # and the rows look up drafts again after it, as after any call. So
-    # does a batch-invariant pool whose live rows leave no room for drafts
-    # (``DecodeConfig.draft_room``), whatever drafts them.
-    self._plain = {}
-    if self.speculative and (dcfg.speculative == "ngram"
-                             or dcfg.batch_invariant):
-      self._plain = {
-          (all_greedy, rows): self.generate_program(all_greedy, rows,
-                                                    num_steps=1)
-          for rows in dcfg.row_counts for all_greedy in (True, False)}
+    # and the rows look up drafts again after it, as after any call. A
+    # batch-invariant pool whose live rows leave no room for drafts
+    # (``DecodeConfig.draft_room``) runs plain steps too, whatever drafts
+    # for it: ``steps_without_room`` of them a call, since none will fit
+    # until a row ends.
+    plain_steps = set()
+    if self.speculative and dcfg.speculative == "ngram":
+      plain_steps.add(1)
+    if self.speculative and dcfg.batch_invariant:
+      plain_steps.add(dcfg.steps_without_room)
+    self._plain = {
+        (all_greedy, rows, steps): self.generate_program(
+            all_greedy, rows, num_steps=steps)
+        for rows in dcfg.row_counts for all_greedy in (True, False)
+        for steps in plain_steps}
     self.insert = jax.jit(
         _insert if self.stages == 1
         else staged_insert(replica_mesh.abstract_mesh), donate_argnums=(0,))
@@ -359,11 +364,12 @@ class _Programs:
     speculating pool."""
     return self._generate[(all_greedy, rows)]
 
-  def plain(self, all_greedy: bool, rows: int):
-    """A prompt-lookup or batch-invariant speculating pool's generate
-    program of one step, for a call with no drafts to verify; None in
-    other pools."""
-    return self._plain.get((all_greedy, rows))
+  def plain(self, all_greedy: bool, rows: int, steps: int = 1):
+    """A speculating pool's generate program of ``steps`` steps, for a
+    call with no drafts to verify (one step in a prompt-lookup pool,
+    ``steps_without_room`` in a batch-invariant one); None where the pool
+    has none."""
+    return self._plain.get((all_greedy, rows, steps))
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,

@@ -546,9 +546,10 @@ class DecodeReplica:
         for all_greedy in (True, True, False, False):
           self.state, out = self.programs.generate(all_greedy, rows)(
               self.params, self.state, slots, *extra)
-          plain = self.programs.plain(all_greedy, rows)
-          if plain is not None:
-            self.state, out = plain(self.params, self.state, slots)
+          for steps in {1, self.dcfg.steps_without_room}:
+            plain = self.programs.plain(all_greedy, rows, steps)
+            if plain is not None:
+              self.state, out = plain(self.params, self.state, slots)
     jax.block_until_ready((self.state, out))
 
   def all_greedy(self, rows: Sequence[int] | None = None) -> bool:
@@ -584,12 +585,15 @@ class DecodeReplica:
       self.state, out = program(self.params, self.state, slots)
       return Call(out, owners)
     drafts, num = self._drafts(rows, len(call_rows), left, slots, lookups)
-    plain = self.programs.plain(all_greedy, len(call_rows))
-    if plain is not None and not num.any():
-      # Nothing to verify (none drafted, or no room for the drafts): one
-      # step, not k + 1.
-      self.state, out = plain(self.params, self.state, slots)
-      return Call(out, owners, drafted=[0] * len(rows))
+    if not num.any():
+      # Nothing to verify: plain steps, one where nothing was drafted (the
+      # rows look up drafts again after it), more where no draft fits.
+      steps = (self.dcfg.steps_without_room
+               if self.dcfg.draft_room(len(rows)) == 0 else 1)
+      plain = self.programs.plain(all_greedy, len(call_rows), steps)
+      if plain is not None:
+        self.state, out = plain(self.params, self.state, slots)
+        return Call(out, owners, drafted=[0] * len(rows))
     for row, n in zip(rows, num):
       if n:
         self.rows[row].last_drafted = call
