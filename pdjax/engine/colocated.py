@@ -114,8 +114,8 @@ class ColocatedEngine:
     clean: nothing waiting, no rows, pages or reservations used."""
     if self.has_work:
       raise RuntimeError("warm up the colocated engine before it serves")
-    for p in self.prefill:
-      p.warmup()
+    for p in self.prefill:   # pages to skip: the pool's own cached blocks
+      p.warmup(skip_pages=self.decode.dcfg.prefix_caching)
     self.decode.warmup(sorted(set(self.prefill[0].payload_page_counts())
                               | set(remote_payload_page_counts)))
 

@@ -773,15 +773,18 @@ class PrefillEngine:
     return RequestKV(out, kv.num_tokens, first_page=skip)
 
   # ---------------------------------------------------------------- warmup
-  def warmup(self) -> None:
-    """Compiles every program serving can need, so serving never does."""
+  def warmup(self, *, skip_pages: bool = True) -> None:
+    """Compiles every program serving can need, so serving never does.
+    ``skip_pages``: whether prompts may come with pages to skip (their
+    decode pool caches prefixes), which a bucketed prompt's hand-off then
+    leaves out with programs of their own."""
     self._warming = True
     try:
-      self._warmup()
+      self._warmup(skip_pages)
     finally:
       self._warming = False
 
-  def _warmup(self) -> None:
+  def _warmup(self, skip_pages: bool) -> None:
     from pdjax.engine.sampling import SamplingParams
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     sampled = SamplingParams(max_tokens=1, temperature=1.0)
@@ -817,7 +820,7 @@ class PrefillEngine:
     first = self._put(np.int32(0))
     for num in self.buffered_payload_page_counts():
       self._pages_fn(num)(k, v, first)
-    if len(self._group_sizes) == 1:   # bucketed prompts' pages to skip
+    if skip_pages and len(self._group_sizes) == 1:   # see _handed_on
       for bucket in self.config.buckets:
         n = bucket // self.config.page_size
         kv = jnp.zeros(request_kv_shape(self.cfg, n, self.config.page_size),

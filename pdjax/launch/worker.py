@@ -484,8 +484,8 @@ async def serve(role: str, dep) -> None:
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
       log.info("prefill runs bucketed prompts in %d layer group(s) %s",
                len(engine.layer_group_sizes), engine.layer_group_sizes)
-      if FLAGS.warmup:
-        engine.warmup()
+      if FLAGS.warmup:   # pages to skip: those the decode pool has cached
+        engine.warmup(skip_pages=dep.decode.prefix_caching)
       if spans and not leader:
         log.info("prefill process %d of %d: replaying the leader's batches",
                  jax.process_index(), jax.process_count())
