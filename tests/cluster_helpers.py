@@ -4,6 +4,8 @@ in-process colocated engine."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import urllib.request
@@ -28,21 +30,10 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
                      overrides=None) -> list[list[int]]:
   """Greedy continuations (ignore_eos) from the in-process colocated engine
   with the test deployment's settings (``overrides`` on top)."""
-  import jax
-  from pdjax.config import DeploymentConfig
-  from pdjax.engine.colocated import ColocatedEngine
   from pdjax.engine.sampling import SamplingParams
-  from pdjax.engine.setup import load_sharded
-  from pdjax.sharding import ShardingRules, make_mesh
-  from pdjax.config import resolve
-  dep = (resolve("test", overrides) if overrides
-         else DeploymentConfig.load("test"))
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(tiny_dir, rules, mesh)
-  engine = ColocatedEngine(params, cfg, mesh, rules,
-                           dep.prefill_engine_config(dep.decode),
-                           dep.decode_engine_config())
+  engine = _reference_engine(
+      str(tiny_dir), json.dumps(overrides, sort_keys=True)
+      if overrides else "")
   out: dict[str, list[int]] = {}
 
   def cb(ev):
@@ -54,6 +45,26 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
                                             ignore_eos=True), cb)
   engine.drain()
   return [out[str(i)] for i in range(len(prompts))]
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_engine(tiny_dir: str, overrides: str):
+  """The reference's colocated engine, one per test process and settings
+  (``overrides`` as JSON; ""): built and compiled once, drained between
+  uses."""
+  import jax
+  from pdjax.config import DeploymentConfig, resolve
+  from pdjax.engine.colocated import ColocatedEngine
+  from pdjax.engine.setup import load_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+  dep = (resolve("test", json.loads(overrides)) if overrides
+         else DeploymentConfig.load("test"))
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(tiny_dir, rules, mesh)
+  return ColocatedEngine(params, cfg, mesh, rules,
+                         dep.prefill_engine_config(dep.decode),
+                         dep.decode_engine_config())
 
 
 
