@@ -11,22 +11,33 @@ do): later collections walk only what was allocated since. Objects frozen
 are still freed by reference counting; only reference cycles among them
 stay until the process ends.
 
-``observe`` reports every collection's pause, by generation, to the
-histograms of the services of this process (``pdjax_gc_pause_seconds``).
+Every collection's pause is counted, by generation, in the process's own
+histogram (a ``gc.callbacks`` hook, installed once, that does a few
+additions: it runs on every collection, thousands a second in a busy
+loop); each service's metrics registry shows it as
+``pdjax_gc_pause_seconds`` (``PauseCollector``).
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import time
-import weakref
+
+from prometheus_client.core import HistogramMetricFamily
 
 log = logging.getLogger(__name__)
 
-# The histograms fed (one per service's metrics); held weakly, so a
-# service that is gone stops being fed without being unregistered.
-_histograms: weakref.WeakSet = weakref.WeakSet()
+NAME = "pdjax_gc_pause_seconds"
+# Pauses from a fraction of a ms (young generations) to whole seconds.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+           0.1, 0.25, 0.5, 1.0, 2.5)
+_GENERATIONS = (0, 1, 2)
+# Per generation: counts per bucket (the last: past every bound), the sum
+# of the pauses, and when the collection under way started.
+_counts = {g: [0] * (len(BUCKETS) + 1) for g in _GENERATIONS}
+_sums = dict.fromkeys(_GENERATIONS, 0.0)
 _started: dict[int, float] = {}
 
 
@@ -36,19 +47,36 @@ def _on_gc(phase: str, info: dict) -> None:
     _started[generation] = time.perf_counter()
     return
   began = _started.pop(generation, None)
-  if began is None:
+  if began is None or generation not in _counts:
     return
   pause = time.perf_counter() - began
-  for histogram in list(_histograms):
-    histogram.labels(str(generation)).observe(pause)
+  _counts[generation][bisect.bisect_left(BUCKETS, pause)] += 1
+  _sums[generation] += pause
 
 
-def observe(histogram) -> None:
-  """Feeds ``histogram`` (labelled by ``generation``) every collection's
-  pause from now on."""
+def install() -> None:
+  """Starts counting this process's collections (once; idempotent)."""
   if _on_gc not in gc.callbacks:
     gc.callbacks.append(_on_gc)
-  _histograms.add(histogram)
+
+
+class PauseCollector:
+  """The process's collector pauses as a Prometheus histogram, for a
+  service's own registry (``registry.register(PauseCollector())``)."""
+
+  def collect(self):
+    family = HistogramMetricFamily(
+        NAME, "Pauses of Python's garbage collector in this process, by "
+        "generation (every thread stops for them).", labels=["generation"])
+    for g in _GENERATIONS:
+      counts, total = list(_counts[g]), _sums[g]
+      running, buckets = 0, []
+      for bound, n in zip(BUCKETS + (float("inf"),), counts):
+        running += n
+        buckets.append((str(bound) if bound != float("inf") else "+Inf",
+                        running))
+      family.add_metric([str(g)], buckets, total)
+    yield family
 
 
 def freeze_startup_heap() -> int:
@@ -64,4 +92,5 @@ def freeze_startup_heap() -> int:
   return frozen
 
 
-__all__ = ["observe", "freeze_startup_heap"]
+__all__ = ["BUCKETS", "NAME", "PauseCollector", "install",
+           "freeze_startup_heap"]

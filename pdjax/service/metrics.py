@@ -169,12 +169,9 @@ class Metrics:
         "(admissions and dispatching the generate calls) and deliver "
         "(waiting for the previous calls' tokens and streaming them).",
         ["phase"], buckets=_ITERATION_BUCKETS, registry=r)
-    self.gc_pause = Histogram(
-        "pdjax_gc_pause_seconds",
-        "Pauses of Python's garbage collector in this process, by "
-        "generation (every thread stops for them).",
-        ["generation"], buckets=_STAGE_BUCKETS, registry=r)
-    gc_pauses.observe(self.gc_pause)
+    # The process's garbage-collector pauses (pdjax_gc_pause_seconds).
+    gc_pauses.install()
+    r.register(gc_pauses.PauseCollector())
     self.device_memory = Gauge(
         "pdjax_device_memory_bytes",
         "Device memory of this process's devices as XLA's allocator "
