@@ -16,6 +16,10 @@
 # AFTER_CHURN=N (default 0): after those runs, N chat-shaped requests at 96
 # concurrent (lengths scaled to the 1K context), then the 32-stream run again
 # (label -c32after): does the serving loop stay as fast as it was fresh?
+# DECODE_BOUND=1: then 64 requests of 16 prompt ids and 512 output tokens at
+# 32 concurrent (label -c32decode): the serving loop's own overhead, with
+# little prefill work sharing the card (prefill compute about 1% of the
+# decode's), to set beside `bench_decode.py` at 32 rows and 256-512 context.
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -41,6 +45,10 @@ with open(f"{out}/prompts.jsonl", "w") as f:
   for _ in range(160):
     ids = rng.integers(1000, 120000, 512).tolist()
     f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 128}) + "\n")
+with open(f"{out}/prompts_decode_bound.jsonl", "w") as f:
+  for _ in range(64):
+    ids = rng.integers(1000, 120000, 16).tolist()
+    f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 512}) + "\n")
 base = open("pdjax/configs/deployments/gpu-8b-1gpu.toml").read()
 for steps in (4, 1):
   cfg = (base.replace("max_seq_len = 8192", "max_seq_len = 1024")
@@ -84,6 +92,14 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
     echo "    c=$c: exit $?"
     awk '/=====/{p=1} p' "$OUT/$name/c$c.log" | grep -v "^$" | head -40
   done
+  if (( ${DECODE_BOUND:-0} > 0 )); then
+    timeout 150 python3 tools/batch_eval.py --target="$addr" \
+      --input="$OUT/prompts_decode_bound.jsonl" --num_requests=64 \
+      --concurrency=32 --ignore_eos --label="$name-c32decode" --noprogress \
+      --out_dir="$OUT/$name/c32decode" > "$OUT/$name/c32decode.log" 2>&1
+    echo "    c=32, decode-bound: exit $?"
+    awk '/=====/{p=1} p' "$OUT/$name/c32decode.log" | grep -v "^$" | head -40
+  fi
   if (( ${AFTER_CHURN:-0} > 0 )); then
     timeout 200 python3 tools/batch_eval.py --target="$addr" --preset=chat \
       --length_scale=0.25 --max_model_len=1024 --vocab_size=128256 \
