@@ -146,6 +146,21 @@ def test_gpu_memory_fraction_becomes_xlas_setting():
       xla_memory_env(bad)
 
 
+def test_the_gil_switch_interval_is_set_in_milliseconds():
+  import sys
+  from absl import app
+  from pdjax.launch.worker import set_switch_interval
+  before = sys.getswitchinterval()
+  try:
+    set_switch_interval(0.5)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    for bad in (0.0, -1.0):
+      with pytest.raises(app.UsageError, match="gil_switch_interval_ms"):
+        set_switch_interval(bad)
+  finally:
+    sys.setswitchinterval(before)
+
+
 def test_device_transfer_server_is_advertised_at_the_workers_address():
   """A worker bound to 0.0.0.0 (a Kubernetes pod) tells decode workers to
   pull its KVs from its --advertise_address host, not from 0.0.0.0."""
