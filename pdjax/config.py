@@ -211,6 +211,10 @@ class DecodePoolConfig:
   # (as [prefill] weight_dtype, activation_dtype).
   weight_dtype: WeightDtype | None = None
   activation_dtype: WeightDtype | None = None
+  # q/k/v and gate/up each stored as one matrix (pdjax.model.fused), so a
+  # step at a few rows reads each group in one GEMM; needs a mesh that
+  # splits neither heads nor the MLP width (the decode_dp sharding).
+  fuse_projections: bool = False
   gpu_memory_fraction: float | None = None
   # Device memory that KV receives in flight may allocate at once (MiB; 0:
   # no bound; pdjax.service.receive_budget).

@@ -103,6 +103,9 @@ def define_common_flags() -> None:
                     "with per-output-channel scales, as a pool with "
                     "weight_dtype = \"fp8\" loads them (tools that build "
                     "their weights with bc.benchmark_weights).")
+  flags.DEFINE_bool("fuse_projections", False,
+                    "q/k/v and gate/up joined into one matrix each, as a "
+                    "decode pool with fuse_projections = true stores them.")
   flags.DEFINE_bool("fp8_activations", False,
                     "With --weight_dtype=fp8: the projections read FP8 "
                     "activations too, each token by its own scale (W8A8, "
@@ -179,6 +182,9 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   """(params, cfg): random weights in ``rules``' layout, quantized as
   ``--weight_dtype`` says (the returned config says so too)."""
   params = random_params(cfg, rules, mesh, seed=seed)
+  if getattr(FLAGS, "fuse_projections", False):
+    from pdjax.engine.setup import fuse_sharded
+    params, cfg = fuse_sharded(params, cfg, rules, mesh)
   if not FLAGS.weight_dtype:
     return params, cfg
   import jax
@@ -411,6 +417,7 @@ class RecordWriter:
         "dtype": cfg.dtype, "param_count": cfg.param_count(),
         "weight_dtype": getattr(FLAGS, "weight_dtype", "") or cfg.dtype,
         "activation_dtype": cfg.activation_dtype or cfg.dtype,
+        "fused_projections": cfg.fused_projections,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()}
     self.limits = limits
     self.records: list[dict[str, Any]] = []

@@ -121,7 +121,8 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  check_config: Callable[[ModelConfig], None] | None = None,
                  weight_dtype: str | None = None,
                  activation_dtype: str | None = None,
-                 kv_dtype: str = "auto", kv_scales: str | None = None
+                 kv_dtype: str = "auto", kv_scales: str | None = None,
+                 fuse_projections: bool = False
                  ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
@@ -135,7 +136,9 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   names, else the checkpoint's own, are read (a file that does not fit the
   model refused) before any weight is, and folded into the weights before
   they are quantized (``pdjax.model.kv_scales``, ``kv_fold``); the config
-  returned names them (``ModelConfig.kv_scales``).
+  returned names them (``ModelConfig.kv_scales``). ``fuse_projections``:
+  q/k/v and gate/up joined (``pdjax.model.fused``), before quantizing; a
+  mesh that splits heads or the MLP width cannot (ValueError).
 
   A vocabulary the mesh does not divide is padded (``fit_vocab``): its
   weights are read with the vocabulary whole, then padded and split; the
@@ -169,10 +172,28 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if fitted["scales"] is not None:
     from pdjax.model.kv_fold import fold_kv_scales
     params, target = fold_kv_scales(params, target, fitted["scales"])
+  if fuse_projections:
+    params, target = fuse_sharded(params, target, rules, mesh)
   if weight_dtype is None:   # (ModelConfig refuses activations alone)
     return params, target.replace(activation_dtype=activation_dtype)
   return quantize_sharded(params, target, rules, mesh, weight_dtype,
                           activation_dtype)
+
+
+def fuse_sharded(params: llama.Params, cfg: ModelConfig,
+                 rules: ShardingRules, mesh: Mesh):
+  """(params, cfg) with q/k/v and gate/up joined (``pdjax.model.fused``),
+  placed in ``rules``' layout on ``mesh``; a ValueError where that layout
+  splits what they join."""
+  from pdjax.model import fused
+  if not fused.can_fuse(rules, mesh):
+    raise ValueError(
+        f"fuse_projections: sharding {rules.name!r} on mesh "
+        f"{dict(mesh.shape)} splits attention heads or the MLP width; "
+        "joined projections need them whole on each device")
+  return fused.fuse_projections(
+      params, cfg, param_shardings(cfg.replace(fused_projections=True),
+                                   rules, mesh))
 
 
 def quantize_sharded(params: llama.Params, cfg: ModelConfig,
@@ -191,5 +212,5 @@ def quantize_sharded(params: llama.Params, cfg: ModelConfig,
   return params, qcfg.replace(activation_dtype=activation_dtype)
 
 
-__all__ = ["fit_vocab", "load_sharded", "pad_vocab", "param_shardings",
+__all__ = ["fit_vocab", "fuse_sharded", "load_sharded", "pad_vocab", "param_shardings",
            "quantize_sharded", "shard_params", "vocab_shards"]

@@ -463,7 +463,9 @@ async def serve(role: str, dep) -> None:
                                weight_dtype=pool.weight_dtype,
                                activation_dtype=pool.activation_dtype,
                                kv_dtype=dep.kv_dtype,
-                               kv_scales=dep.kv_scales)
+                               kv_scales=dep.kv_scales,
+                               fuse_projections=(
+                                   r == "decode" and pool.fuse_projections))
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len, dep.kv_dtype),

@@ -91,6 +91,13 @@ class ModelConfig:
   # caller gets. Set by pdjax.engine.setup for the mesh a pool runs on; not
   # part of the fingerprint (it changes no KV).
   vocab_padding: int = 0
+  # The layer's projections that read the same input stored as one matrix
+  # each (``pdjax.model.fused``): q, k and v as ``wqkv``, gate and up as
+  # ``w_gate_up``, so a decode step at a few rows reads each in one GEMM
+  # rather than in thin ones that leave HBM idle. The model's numbers are
+  # those of the separate matrices (not part of the fingerprint). Set by
+  # a pool that fuses (``DecodeConfig.fuse_projections``).
+  fused_projections: bool = False
 
   def __post_init__(self):
     if self.vocab_padding < 0:
@@ -158,6 +165,7 @@ class ModelConfig:
     fields = dataclasses.asdict(self)
     fields.pop("name")
     fields.pop("vocab_padding")
+    fields.pop("fused_projections")
     if fields["kv_scales"] is None:
       fields.pop("kv_scales")
     blob = json.dumps(fields, sort_keys=True).encode()

@@ -61,8 +61,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     layers["b_gate"] = ((L, F), ("layers", "mlp"))
     layers["b_up"] = ((L, F), ("layers", "mlp"))
     layers["b_down"] = ((L, D), ("layers", "embed"))
+  if cfg.fused_projections:
+    _fused_layout(layers)
   if cfg.weight_dtype is not None:
-    _quantized_layout(layers)
+    _quantized_layout(layers, quantized_projections(cfg))
   out = {
       "embed": ((V, D), ("vocab", "embed")),
       "layers": layers,
@@ -79,6 +81,37 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
 QUANTIZED = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
              "w_down": 1}
 SCALE_SUFFIX = "_scale"
+# ``ModelConfig.fused_projections``: each fused weight (and bias) and the
+# ones it joins, in order, along its last output axis (heads for q/k/v, the
+# MLP width for gate/up).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up"),
+         "bqkv": ("bq", "bk", "bv"), "b_gate_up": ("b_gate", "b_up")}
+
+
+def quantized_projections(cfg: ModelConfig) -> dict[str, int]:
+  """``QUANTIZED`` in ``cfg``'s layout: fused projections in place of
+  the ones they join."""
+  if not cfg.fused_projections:
+    return QUANTIZED
+  out = {}
+  for name, contracted in QUANTIZED.items():
+    fused = next((f for f, parts in FUSED.items() if name in parts), name)
+    out[fused] = contracted
+  return out
+
+
+def _fused_layout(layers: dict) -> None:
+  """``FUSED``: the joined weights in place of their parts, concatenated
+  along the parts' last output axis (the heads of q, k and v; the MLP
+  width of gate and up), whose logical axis is the first part's."""
+  for fused, parts in FUSED.items():
+    if parts[0] not in layers:
+      continue
+    shapes = [layers.pop(p) for p in parts]
+    axis = len(shapes[0][0]) - (2 if fused in ("wqkv", "bqkv") else 1)
+    shape = list(shapes[0][0])
+    shape[axis] = sum(s[0][axis] for s in shapes)
+    layers[fused] = (tuple(shape), shapes[0][1])
 
 
 def output_major(axes: tuple, contracted: int) -> tuple:
@@ -93,11 +126,11 @@ def output_major(axes: tuple, contracted: int) -> tuple:
       axes[1:1 + contracted])
 
 
-def _quantized_layout(layers: dict) -> None:
+def _quantized_layout(layers: dict, quantized: dict[str, int]) -> None:
   """Quantized projections: one array per layer (a list: ``per_layer``),
   each output-major (``output_major``), with a stacked ``<name>_scale``
   leaf beside it, float32, one per layer and output channel."""
-  for name, contracted in QUANTIZED.items():
+  for name, contracted in quantized.items():
     shape, axes = layers[name]
     one = (output_major(shape, contracted)[1:],
            output_major(axes, contracted)[1:])
@@ -153,7 +186,7 @@ def param_dtypes(cfg: ModelConfig):
   def dtype(path, _):
     name = next(k.key for k in reversed(path)
                 if isinstance(k, jax.tree_util.DictKey))
-    if cfg.weight_dtype is not None and name in QUANTIZED:
+    if cfg.weight_dtype is not None and name in quantized_projections(cfg):
       return jnp.dtype(cfg.weight_dtype)
     if name.endswith(SCALE_SUFFIX):
       return jnp.dtype(jnp.float32)
@@ -306,13 +339,20 @@ def attention_impl(dtype, head_dim: int) -> str | None:
 
 def _qkv(cfg: ModelConfig, lp, h, cos, sin):
   a = cfg.activation_dtype
-  q = _proj(h, lp, "wq", "btd,dnh->btnh", a)
-  k = _proj(h, lp, "wk", "btd,dkh->btkh", a)
-  v = _proj(h, lp, "wv", "btd,dkh->btkh", a)
-  if cfg.qkv_bias:
-    q = q + lp["bq"]
-    k = k + lp["bk"]
-    v = v + lp["bv"]
+  if "wqkv" in lp:
+    qkv = _proj(h, lp, "wqkv", "btd,dnh->btnh", a)
+    if cfg.qkv_bias:
+      qkv = qkv + lp["bqkv"]
+    H, K = cfg.num_heads, cfg.num_kv_heads
+    q, k, v = qkv[:, :, :H], qkv[:, :, H:H + K], qkv[:, :, H + K:]
+  else:
+    q = _proj(h, lp, "wq", "btd,dnh->btnh", a)
+    k = _proj(h, lp, "wk", "btd,dkh->btkh", a)
+    v = _proj(h, lp, "wv", "btd,dkh->btkh", a)
+    if cfg.qkv_bias:
+      q = q + lp["bq"]
+      k = k + lp["bk"]
+      v = v + lp["bv"]
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -323,11 +363,17 @@ def _attn_out_and_mlp(cfg: ModelConfig, lp, x, attn):
     o = o + lp["bo"]
   x = x + o
   h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-  gate = _proj(h, lp, "w_gate", "btd,df->btf", a)
-  up = _proj(h, lp, "w_up", "btd,df->btf", a)
-  if cfg.mlp_bias:
-    gate = gate + lp["b_gate"]
-    up = up + lp["b_up"]
+  if "w_gate_up" in lp:
+    gate_up = _proj(h, lp, "w_gate_up", "btd,df->btf", a)
+    if cfg.mlp_bias:
+      gate_up = gate_up + lp["b_gate_up"]
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+  else:
+    gate = _proj(h, lp, "w_gate", "btd,df->btf", a)
+    up = _proj(h, lp, "w_up", "btd,df->btf", a)
+    if cfg.mlp_bias:
+      gate = gate + lp["b_gate"]
+      up = up + lp["b_up"]
   down = _proj(jax.nn.silu(gate) * up, lp, "w_down", "btf,fd->btd", a)
   if cfg.mlp_bias:
     down = down + lp["b_down"]
@@ -842,7 +888,8 @@ def num_pages_for(tokens: int, page_size: int) -> int:
 
 __all__ = [
     "Params", "param_shapes", "param_logical_axes", "abstract_params",
-    "param_dtypes", "QUANTIZED", "SCALE_SUFFIX", "output_major",
+    "param_dtypes", "QUANTIZED", "FUSED", "SCALE_SUFFIX", "output_major",
+    "quantized_projections",
     "per_layer", "scan_layers",
     "init_params", "prefill_forward", "prefill_chunk", "prefill_embed",
     "prefill_layer_group",

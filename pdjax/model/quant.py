@@ -88,7 +88,7 @@ def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
     raise ValueError(f"the weights are already {cfg.weight_dtype}")
   qcfg = cfg.replace(weight_dtype=FP8)
   layers = dict(params["layers"])
-  for name, contracted in llama.QUANTIZED.items():
+  for name, contracted in llama.quantized_projections(cfg).items():
     fn = functools.partial(_quantize_per_layer, contracted=contracted)
     if shardings is not None:
       fn = jax.jit(fn, out_shardings=(

@@ -20,6 +20,8 @@
 # 32 concurrent (label -c32decode): the serving loop's own overhead, with
 # little prefill work sharing the card (prefill compute about 1% of the
 # decode's), to set beside `bench_decode.py` at 32 rows and 256-512 context.
+# DECODE_SETTINGS: TOML lines added to every deployment's [decode] table
+# (e.g. "fuse_projections = true").
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -37,7 +39,7 @@ export PDJAX_CACHE=/tmp/pdjax_cache
 DEPLOYMENTS=${DEPLOYMENTS:-disagg coloc disagg_s1}
 
 python3 - "$OUT" <<'EOF'
-import json, sys
+import json, os, sys
 import numpy as np
 out = sys.argv[1]
 rng = np.random.default_rng(0)
@@ -56,7 +58,9 @@ for steps in (4, 1):
                   "buckets = [512]")
          .replace("max_seqs = 128", "max_seqs = 64")
          .replace("table_buckets = [32, 128]", "table_buckets = [64]")
-         .replace("steps_per_call = 4", f"steps_per_call = {steps}"))
+         .replace("steps_per_call = 4", f"steps_per_call = {steps}")
+         .replace("[decode]\n", "[decode]\n" + os.environ.get(
+             "DECODE_SETTINGS", "").replace("\\n", "\n").strip() + "\n", 1))
   open(f"{out}/serving_s{steps}.toml", "w").write(cfg)
   if steps == 4:
     open(f"{out}/serving_budget.toml", "w").write(cfg.replace(
