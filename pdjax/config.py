@@ -212,9 +212,11 @@ class DecodePoolConfig:
   weight_dtype: WeightDtype | None = None
   activation_dtype: WeightDtype | None = None
   # q/k/v and gate/up each stored as one matrix (pdjax.model.fused), so a
-  # step at a few rows reads each group in one GEMM; needs a mesh that
-  # splits neither heads nor the MLP width (the decode_dp sharding).
-  fuse_projections: bool = False
+  # step at a few rows reads each group in one GEMM: "auto" where the mesh
+  # splits neither heads nor the MLP width (decode_dp), "on" (a mesh that
+  # does is refused), "off". Llama-3-8B shapes on an H100: decode steps
+  # 6-8% faster at 1-32 rows in bf16, 9-11% with FP8 weights.
+  fuse_projections: Literal["auto", "on", "off"] = "auto"
   gpu_memory_fraction: float | None = None
   # Device memory that KV receives in flight may allocate at once (MiB; 0:
   # no bound; pdjax.service.receive_budget).

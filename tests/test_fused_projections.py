@@ -51,7 +51,9 @@ def test_the_fused_model_computes_the_separate_projections():
   logits within a few units of rounding of the whole forward pass (the
   GEMMs of the joined shapes may add in another order)."""
   params = llama.init_params(CFG, seed=3, std=0.3)
-  fparams, fcfg = fuse_projections(params, CFG)
+  # (fusing consumes its tree's parts: a copy of the tree, same arrays)
+  fparams, fcfg = fuse_projections(
+      {**params, "layers": dict(params["layers"])}, CFG)
   assert fcfg.fused_projections and "wqkv" in fparams["layers"]
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 11)),
                        jnp.int32)
@@ -85,12 +87,12 @@ def test_engines_serve_fused_projections(tiny_model_dir):
   pcfg, dcfg = _pool_configs()
   for weight_dtype in (None, quant.FP8):
     tokens = []
-    for fuse in (False, True):
+    for fuse in ("off", "auto"):
       params, cfg = load_sharded(tiny_model_dir, rules, mesh,
                                  weight_dtype=weight_dtype,
                                  fuse_projections=fuse)
-      assert cfg.fused_projections == fuse
-      assert ("wqkv" in params["layers"]) == fuse
+      assert cfg.fused_projections == (fuse == "auto")
+      assert ("wqkv" in params["layers"]) == cfg.fused_projections
       tokens.append(_greedy_tokens(
           ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)))
     assert tokens[0] == tokens[1], weight_dtype
@@ -105,4 +107,7 @@ def test_a_mesh_that_splits_heads_keeps_them_separate(tiny_model_dir):
   tp2 = make_mesh({"tp": 2}, jax.devices()[:2])
   assert not can_fuse(tp_rules, tp2)
   with pytest.raises(ValueError, match="splits attention heads"):
-    load_sharded(tiny_model_dir, tp_rules, tp2, fuse_projections=True)
+    load_sharded(tiny_model_dir, tp_rules, tp2, fuse_projections="on")
+  _, cfg = load_sharded(tiny_model_dir, tp_rules, tp2,
+                        fuse_projections="auto")
+  assert not cfg.fused_projections

@@ -185,6 +185,7 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   if getattr(FLAGS, "fuse_projections", False):
     from pdjax.engine.setup import fuse_sharded
     params, cfg = fuse_sharded(params, cfg, rules, mesh)
+    jax.block_until_ready(params)
   if not FLAGS.weight_dtype:
     return params, cfg
   import jax

@@ -122,7 +122,7 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                  weight_dtype: str | None = None,
                  activation_dtype: str | None = None,
                  kv_dtype: str = "auto", kv_scales: str | None = None,
-                 fuse_projections: bool = False
+                 fuse_projections: str = "off"
                  ) -> tuple[llama.Params, ModelConfig]:
   """Loads a pdjax checkpoint or HF directory straight into ``rules`` on
   ``mesh``. ``dtype`` overrides the checkpoint's storage dtype.
@@ -136,9 +136,10 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   names, else the checkpoint's own, are read (a file that does not fit the
   model refused) before any weight is, and folded into the weights before
   they are quantized (``pdjax.model.kv_scales``, ``kv_fold``); the config
-  returned names them (``ModelConfig.kv_scales``). ``fuse_projections``:
-  q/k/v and gate/up joined (``pdjax.model.fused``), before quantizing; a
-  mesh that splits heads or the MLP width cannot (ValueError).
+  returned names them (``ModelConfig.kv_scales``). ``fuse_projections``
+  "on" / "auto": q/k/v and gate/up joined (``pdjax.model.fused``) before
+  quantizing; where the mesh splits heads or the MLP width, "on" is a
+  ValueError and "auto" keeps them separate.
 
   A vocabulary the mesh does not divide is padded (``fit_vocab``): its
   weights are read with the vocabulary whole, then padded and split; the
@@ -172,7 +173,9 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if fitted["scales"] is not None:
     from pdjax.model.kv_fold import fold_kv_scales
     params, target = fold_kv_scales(params, target, fitted["scales"])
-  if fuse_projections:
+  from pdjax.model.fused import can_fuse
+  if fuse_projections == "on" or (fuse_projections == "auto"
+                                  and can_fuse(rules, mesh)):
     params, target = fuse_sharded(params, target, rules, mesh)
   if weight_dtype is None:   # (ModelConfig refuses activations alone)
     return params, target.replace(activation_dtype=activation_dtype)
@@ -182,9 +185,9 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
 
 def fuse_sharded(params: llama.Params, cfg: ModelConfig,
                  rules: ShardingRules, mesh: Mesh):
-  """(params, cfg) with q/k/v and gate/up joined (``pdjax.model.fused``),
-  placed in ``rules``' layout on ``mesh``; a ValueError where that layout
-  splits what they join."""
+  """(params, cfg) with q/k/v and gate/up joined (``pdjax.model.fused``,
+  which takes the parts out of ``params``), placed in ``rules``' layout on
+  ``mesh``; a ValueError where that layout splits what they join."""
   from pdjax.model import fused
   if not fused.can_fuse(rules, mesh):
     raise ValueError(

@@ -465,7 +465,8 @@ async def serve(role: str, dep) -> None:
                                kv_dtype=dep.kv_dtype,
                                kv_scales=dep.kv_scales,
                                fuse_projections=(
-                                   r == "decode" and pool.fuse_projections))
+                                   pool.fuse_projections if r == "decode"
+                                   else "off"))
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len, dep.kv_dtype),
