@@ -1,5 +1,5 @@
-"""The few-rows GEMM kernel (``pdjax.model.small_gemm``), run through
-Pallas' interpreter on the CPU, against float64 numpy.
+"""The few-rows GEMM kernel of the GPU probes (``tools/gpu/small_gemm.py``),
+run through Pallas' interpreter on the CPU, against float64 numpy.
 
 Tolerances come from the arithmetic: with float32 operands every product
 is exact in float64 and each of the K additions (within a block's
@@ -11,12 +11,16 @@ exactly, and its scale adds one more rounding.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import jax.numpy as jnp
 
-from pdjax.model.small_gemm import Tiling, padded_rows, small_gemm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "gpu"))
+from small_gemm import Tiling, padded_rows, small_gemm  # noqa: E402
 
 U = 2.0 ** -24
 K, N = 256, 192

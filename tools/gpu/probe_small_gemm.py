@@ -1,5 +1,5 @@
-r"""Decode's projections at a few rows: XLA's GEMM against pdjax's
-``small_gemm`` (Pallas, Triton backend), weight bytes read per second.
+r"""Decode's projections at a few rows: XLA's GEMM against ``small_gemm``
+(beside this: Pallas, Triton backend), weight bytes read per second.
 
 For each projection of Llama-3-8B (q, k, o, gate, down, the LM head) and
 each row count, in bf16 (input-major ``[K, N]``, as the model stores it) and
@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+for _p in (ROOT, Path(__file__).resolve().parent):
+  if str(_p) not in sys.path:
+    sys.path.insert(0, str(_p))
 
 # (name, K, N) of Llama-3-8B's projections
 # (q's shape is o's too; k's is v's, gate's is up's.)
@@ -40,7 +41,7 @@ def tilings(k: int, n: int, m: int, sms: int):
   shapes, each with the contraction split for about 2 and 4 blocks per SM,
   within what keeps the float32 partial sums (split x m x n x 4 bytes)
   under 6% of the weight's bytes."""
-  from pdjax.model.small_gemm import Tiling
+  from small_gemm import Tiling
   max_split = max(1, int(0.06 * k * n / (m * n * 4)))
   out = []
   for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4),
@@ -78,7 +79,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from pdjax.model.small_gemm import small_gemm
+  from small_gemm import small_gemm
 
   dev = jax.devices()[0]
   sms = getattr(dev, "core_count", None) or 132
