@@ -19,6 +19,12 @@ float32 scale per output channel: ``y = (x @ q.T) * scale``), read in its
 storage dtype and widened to the activations' in registers.
 
 ``interpret=True`` runs the same kernel on any backend (the CPU tests).
+
+Measured against XLA's GEMM on an H100 (``probe_small_gemm.py``, beside
+this): 2.95x faster on a thin [4096, 1024] weight at one row, 1.5x at
+eight, level or slower on the larger shapes. Thin GEMMs are what joining
+q/k/v and gate/up removed from the model (``pdjax.model.fused``), so the
+model does not use this kernel; it stays with its probe.
 """
 
 from __future__ import annotations
