@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.sampling import sample, token_logprobs
+from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
@@ -321,7 +322,7 @@ class _Programs:
             all_greedy, rows, num_steps=steps)
         for rows in dcfg.row_counts for all_greedy in (True, False)
         for steps in plain_steps}
-    self.insert = jax.jit(
+    self.insert = shared_jit(
         _insert if self.stages == 1
         else staged_insert(replica_mesh.abstract_mesh), donate_argnums=(0,))
 
@@ -337,8 +338,8 @@ class _Programs:
         eos_ids=self.eos_ids, capacity=self.dcfg.max_seq_len,
         paged=self.paged_attention[rows], all_greedy=all_greedy,
         forward=self._forward)
-    return jax.jit(entry, donate_argnums=(1,),
-                   compiler_options=self.compiler_options[rows])
+    return shared_jit(entry, donate_argnums=(1,),
+                      compiler_options=self.compiler_options[rows])
 
   def verify_program(self, all_greedy: bool, rows: int):
     """A new jitted verify program (speculative decoding) for calls of
@@ -355,8 +356,8 @@ class _Programs:
         _verify_entry, cfg=self.cfg, eos_ids=self.eos_ids,
         capacity=self.dcfg.max_seq_len, all_greedy=all_greedy,
         forward_tokens=forward_tokens, step_rows=step_rows)
-    return jax.jit(entry, donate_argnums=(1,),
-                   compiler_options=self.compiler_options[rows])
+    return shared_jit(entry, donate_argnums=(1,),
+                      compiler_options=self.compiler_options[rows])
 
   def generate(self, all_greedy: bool, rows: int):
     """The program for a call of ``rows`` rows (a row count of the pool)

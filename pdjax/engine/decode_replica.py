@@ -57,6 +57,7 @@ from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
 from pdjax.engine.sampling import MAX_STOP_TOKEN_IDS, SamplingArrays
+from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.draft_model import DraftModel
 from pdjax.engine.speculative import PromptLookup, propose_ngram, token_bits
 from pdjax.model.config import ModelConfig
@@ -163,8 +164,8 @@ class DecodeReplica:
         k=pool_sharding, v=pool_sharding, tokens=self.replicated,
         positions=self.replicated, generated=self.replicated,
         done=self.replicated)
-    self.state = jax.jit(functools.partial(_init_state, cfg, dcfg),
-                         out_shardings=state_sharding)()
+    self.state = shared_jit(functools.partial(_init_state, cfg, dcfg),
+                            out_shardings=state_sharding)()
     self.draft = None
     if dcfg.speculative == "draft":
       if draft is None:
@@ -719,7 +720,7 @@ class ReplicaPrefixStore(PrefixStore):
   def __init__(self, replica: "DecodeReplica"):
     self.replica = replica
     self.page_size = replica.dcfg.page_size
-    self._gather = jax.jit(
+    self._gather = shared_jit(
         functools.partial(_gather_blocks, num_layers=replica.cfg.num_layers),
         donate_argnums=(3, 4))
 

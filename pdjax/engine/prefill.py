@@ -37,6 +37,7 @@ from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
+from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (Params, kv_to_pool, per_layer, prefill_chunk,
@@ -53,6 +54,11 @@ def prefill_compiler_options(config: PrefillConfig,
     return None
   return gemm_options(triton=config.triton_gemm == "on",
                       merge_dots=config.merge_dots == "on")
+
+
+def _zero_buffers(*, shape, dtype):
+  """A chunk buffer's K and V, zeros."""
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def _to_pages(k, v, page_size):
@@ -367,7 +373,8 @@ class PrefillEngine:
     kv_spec = self.kv_sharding(payload_pages(config.chunk // P))
     self.compiler_options = prefill_compiler_options(
         config, mesh.devices.flat[0].platform)
-    jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
+    jit = functools.partial(shared_jit,
+                            compiler_options=self.compiler_options)
     self._prefill = jit(
         functools.partial(_prefill_program, cfg=cfg, page_size=P,
                           kv_spec=kv_spec))
@@ -378,7 +385,8 @@ class PrefillEngine:
       x_spec = rules.sharding(mesh, ("batch", "seq", "embed"),
                               (config.max_batch, config.chunk,
                                cfg.hidden_size), what="residual stream")
-      self._embed = jax.jit(functools.partial(_embed_program, x_spec=x_spec))
+      self._embed = shared_jit(functools.partial(_embed_program,
+                                                 x_spec=x_spec))
       starts = [int(f) for f in np.cumsum([0] + self._group_sizes[:-1])]
       group = functools.partial(_group_program, cfg=cfg, page_size=P,
                                 kv_spec=kv_spec, x_spec=x_spec)
@@ -399,8 +407,8 @@ class PrefillEngine:
       self._head = jit(functools.partial(_head_program, cfg=cfg))
     # The first tokens, by whether every row is greedy (the host knows).
     self._first_token = {
-        greedy: jax.jit(functools.partial(_first_token_program,
-                                          all_greedy=greedy))
+        greedy: shared_jit(functools.partial(_first_token_program,
+                                             all_greedy=greedy))
         for greedy in (True, False)}
     self._pages_fns = {}
     self._skip_fns = {}
@@ -409,16 +417,15 @@ class PrefillEngine:
     self.kv_dtype = jnp.dtype(config.kv_storage_dtype(cfg.jnp_dtype))
     self._to_payload = (
         None if self.kv_dtype == jnp.dtype(cfg.jnp_dtype) else
-        jax.jit(functools.partial(kv_to_pool, dtype=self.kv_dtype)))
+        shared_jit(functools.partial(kv_to_pool, dtype=self.kv_dtype)))
     shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
              cfg.head_dim)
     self._buf_sharding = rules.sharding(
         mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
         what="chunk buffer")
-    self._zeros = jax.jit(lambda: (jnp.zeros(shape, cfg.jnp_dtype),
-                                   jnp.zeros(shape, cfg.jnp_dtype)),
-                          out_shardings=(self._buf_sharding,
-                                         self._buf_sharding))
+    self._zeros = shared_jit(
+        functools.partial(_zero_buffers, shape=shape, dtype=cfg.dtype),
+        out_shardings=(self._buf_sharding, self._buf_sharding))
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
     self._warming = False   # warm-up prefills (compiling) are not timed
 
@@ -745,7 +752,7 @@ class PrefillEngine:
 
   def _pages_fn(self, num_pages: int):
     if num_pages not in self._pages_fns:
-      self._pages_fns[num_pages] = jax.jit(functools.partial(
+      self._pages_fns[num_pages] = shared_jit(functools.partial(
           _buffer_to_pages, num_pages=num_pages,
           page_size=self.config.page_size,
           kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
@@ -754,7 +761,7 @@ class PrefillEngine:
   def _skip_fn(self, pages_in: int, num_pages: int):
     key = (pages_in, num_pages)
     if key not in self._skip_fns:
-      self._skip_fns[key] = jax.jit(functools.partial(
+      self._skip_fns[key] = shared_jit(functools.partial(
           _skip_pages, num_pages=num_pages,
           kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
     return self._skip_fns[key]

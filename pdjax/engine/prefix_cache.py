@@ -44,6 +44,7 @@ from pdjax.engine.block_names import (HASH_BYTES, block_hashes,
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.cache_events import CacheEventLog
+from pdjax.engine.shared_jit import shared_jit
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import kv_to_pool
 from pdjax.sharding import ShardingRules
@@ -132,19 +133,19 @@ class PrefillKVStore(PrefixStore):
     shape = (cfg.num_layers * num_pages, page_size, cfg.num_kv_heads,
              cfg.head_dim)
     sharding = rules.sharding(mesh, POOL_AXES, shape, what="prefix cache")
-    zeros = jax.jit(lambda: jnp.zeros(shape, cfg.jnp_dtype),
-                    out_shardings=sharding)
+    zeros = shared_jit(functools.partial(jnp.zeros, shape, cfg.dtype),
+                       out_shardings=sharding)
     self.k = zeros()
     self.v = zeros()
     L = cfg.num_layers
-    self._gather = jax.jit(functools.partial(_gather_blocks, num_layers=L),
-                           donate_argnums=(3, 4))
-    self._store = jax.jit(functools.partial(_store_blocks, num_layers=L),
-                          donate_argnums=(0, 1))
-    self._store_kv = jax.jit(functools.partial(_store_kv_pages,
-                                               num_layers=L),
+    self._gather = shared_jit(functools.partial(_gather_blocks, num_layers=L),
+                              donate_argnums=(3, 4))
+    self._store = shared_jit(functools.partial(_store_blocks, num_layers=L),
                              donate_argnums=(0, 1))
-    self._read = jax.jit(functools.partial(
+    self._store_kv = shared_jit(functools.partial(_store_kv_pages,
+                                                  num_layers=L),
+                                donate_argnums=(0, 1))
+    self._read = shared_jit(functools.partial(
         host_tier._read_pages, num_layers=L))  # pylint: disable=protected-access
     # --- host KV tier: evicted cached blocks go to host memory ---
     self.host_tier = host_tier.make_link(
