@@ -93,6 +93,10 @@ flags.DEFINE_float("queue_timeout_s", 30.0,
                    "Deadline of the queue in front of the pool (a decode "
                    "worker's --queue_deadline_s default); 0: none.")
 flags.DEFINE_integer("max_waiting", 1024, "Bound of that queue.")
+flags.DEFINE_bool("engine_warmup", True, "Compile every serving program before "
+                  "the runs. Off, each compiles when first needed, inside the "
+                  "first run's wall time: for smoke tests of the tool, "
+                  "whose checks do not depend on its timings.")
 flags.DEFINE_integer("rounds", 1, "Runs of each policy, alternating; the "
                      "table shows medians.")
 FLAGS = flags.FLAGS
@@ -252,7 +256,8 @@ def main(argv) -> None:
   engine = ColocatedEngine(
       params, cfg, mesh, rules, pcfg, dcfg, max_waiting=FLAGS.max_waiting,
       queue_timeout_s=FLAGS.queue_timeout_s or None)
-  engine.warmup()
+  if FLAGS.engine_warmup:
+    engine.warmup()
   items = workloads.generate(FLAGS.preset, FLAGS.streams,
                              vocab_size=cfg.vocab_size, max_model_len=L,
                              seed=FLAGS.seed, length_scale=d["length_scale"],
