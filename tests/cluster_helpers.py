@@ -61,7 +61,10 @@ def _reference_engine(tiny_dir: str, overrides: str):
          else DeploymentConfig.load("test"))
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(tiny_dir, rules, mesh)
+  # As a decode worker of the deployment loads them (its programs, and
+  # the compiled ones the worker processes find in the cache, the same).
+  params, cfg = load_sharded(tiny_dir, rules, mesh,
+                             fuse_projections=dep.decode.fuse_projections)
   return ColocatedEngine(params, cfg, mesh, rules,
                          dep.prefill_engine_config(dep.decode),
                          dep.decode_engine_config())
