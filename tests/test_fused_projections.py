@@ -111,3 +111,19 @@ def test_a_mesh_that_splits_heads_keeps_them_separate(tiny_model_dir):
   _, cfg = load_sharded(tiny_model_dir, tp_rules, tp2,
                         fuse_projections="auto")
   assert not cfg.fused_projections
+
+
+def test_each_pool_says_whether_it_joins(tmp_path):
+  """[decode] joins where it can by default, [prefill] not unless asked;
+  a value that is not auto, on or off is refused by name."""
+  from pdjax import config as C
+  dep = C.DeploymentConfig.load("test")
+  assert dep.decode.fuse_projections == "auto"
+  assert dep.prefill.fuse_projections == "off"
+  asked = C.resolve("test", {"prefill": {"fuse_projections": "auto"}})
+  assert asked.prefill.fuse_projections == "auto"
+  bad = tmp_path / "bad.toml"
+  bad.write_text('[decode]\nfuse_projections = "yes"\n')
+  with pytest.raises(ValueError, match="fuse_projections: 'yes' is not one "
+                     "of auto, on, off"):
+    C.resolve(str(bad))

@@ -464,9 +464,7 @@ async def serve(role: str, dep) -> None:
                                activation_dtype=pool.activation_dtype,
                                kv_dtype=dep.kv_dtype,
                                kv_scales=dep.kv_scales,
-                               fuse_projections=(
-                                   pool.fuse_projections if r == "decode"
-                                   else "off"))
+                               fuse_projections=pool.fuse_projections)
     info = common_pb2.WorkerInfo(
         role=r, address=address,
         model=_model_info(cfg, dep.page_size, dep.max_seq_len, dep.kv_dtype),

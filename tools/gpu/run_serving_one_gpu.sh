@@ -21,7 +21,8 @@
 # little prefill work sharing the card (prefill compute about 1% of the
 # decode's), to set beside `bench_decode.py` at 32 rows and 256-512 context.
 # DECODE_SETTINGS: TOML lines added to every deployment's [decode] table
-# (e.g. "fuse_projections = true").
+# (e.g. 'fuse_projections = "off"'); WORKER_FLAGS: flags added to every
+# worker's (comma-separated, e.g. --gil_switch_interval_ms=5).
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -73,7 +74,8 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
   (( left < 90 )) && { echo "=== $name: skipped (budget spent)"; return; }
   echo "=== [$((SECONDS - START)) s] $name"
   python3 -m pdjax.launch.local --platform=gpu --config="$cfg" --serve \
-    --run_dir="$OUT/$name" --worker_flags=--metrics_port=0 "$@" \
+    --run_dir="$OUT/$name" \
+    --worker_flags=--metrics_port=0${WORKER_FLAGS:+,$WORKER_FLAGS} "$@" \
     > "$OUT/$name.launch.log" 2>&1 &
   local pid=$! addr=""
   for _ in $(seq 1 $(( left - 60 ))); do
