@@ -30,6 +30,7 @@ import numpy as np
 
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.decode_programs import idle_rows_fresh
+from pdjax.engine.kv import zero_kv
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import Params, decode_forward, decode_forward_tokens
@@ -37,11 +38,6 @@ from pdjax.model.llama import Params, decode_forward, decode_forward_tokens
 # Catch-up windows (tokens per row per call): the smallest that holds the
 # largest gap of the call; longer gaps take several calls.
 WINDOWS = (8, 64)
-
-
-def _zero_pools(*, shape, dtype):
-  """The draft model's K and V pools, zeros."""
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def _catch_up(params, k_pool, v_pool, tokens, start, table, count, *, cfg):
@@ -89,10 +85,9 @@ class DraftModel:
     self.k_tokens = dcfg.spec_tokens
     shape = (cfg.num_layers * dcfg.num_pages, dcfg.page_size,
              cfg.num_kv_heads, cfg.head_dim)
-    zeros = shared_jit(functools.partial(_zero_pools, shape=shape,
-                                         dtype=cfg.dtype),
-                       out_shardings=(sharding, sharding))
-    self.k, self.v = zeros()
+    self.k, self.v = shared_jit(
+        functools.partial(zero_kv, shape=shape, dtype=cfg.dtype),
+        out_shardings=(sharding, sharding))()
     self._put = functools.partial(jax.device_put, device=sharding)
     # Per row: leading positions of its sequence whose draft KV is written.
     self.filled = np.zeros((dcfg.max_seqs,), np.int64)

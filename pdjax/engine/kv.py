@@ -15,6 +15,7 @@ transport ends in it, so layout rules live in one spot.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -37,6 +38,12 @@ def payload_pages(num_pages: int) -> int:
   """Padded page count of a KV payload: powers of two, so consumers compile
   one program per size class instead of one per prompt length."""
   return next_pow2(max(num_pages, 1))
+
+
+def zero_kv(*, shape, dtype):
+  """A K and a V array of ``shape``, zeros (jitted with their shardings
+  where a pool, buffer or cache is made)."""
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def request_kv_shape(cfg: ModelConfig, num_pages: int, page_size: int):

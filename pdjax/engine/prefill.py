@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
-                             request_kv_shape)
+                             request_kv_shape, zero_kv)
 from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
@@ -54,11 +54,6 @@ def prefill_compiler_options(config: PrefillConfig,
     return None
   return gemm_options(triton=config.triton_gemm == "on",
                       merge_dots=config.merge_dots == "on")
-
-
-def _zero_buffers(*, shape, dtype):
-  """A chunk buffer's K and V, zeros."""
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def _to_pages(k, v, page_size):
@@ -424,7 +419,7 @@ class PrefillEngine:
         mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
         what="chunk buffer")
     self._zeros = shared_jit(
-        functools.partial(_zero_buffers, shape=shape, dtype=cfg.dtype),
+        functools.partial(zero_kv, shape=shape, dtype=cfg.dtype),
         out_shardings=(self._buf_sharding, self._buf_sharding))
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
     self._warming = False   # warm-up prefills (compiling) are not timed
@@ -758,13 +753,12 @@ class PrefillEngine:
           kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
     return self._pages_fns[num_pages]
 
-  def _skip_fn(self, pages_in: int, num_pages: int):
-    key = (pages_in, num_pages)
-    if key not in self._skip_fns:
-      self._skip_fns[key] = shared_jit(functools.partial(
+  def _skip_fn(self, num_pages: int):
+    if num_pages not in self._skip_fns:
+      self._skip_fns[num_pages] = shared_jit(functools.partial(
           _skip_pages, num_pages=num_pages,
           kv_spec=self.kv_sharding(num_pages), dtype=self.kv_dtype))
-    return self._skip_fns[key]
+    return self._skip_fns[num_pages]
 
   def _handed_on(self, kv: RequestKV, skip: int) -> RequestKV:
     """A bucketed prompt's KV as handed on: from its first page the
@@ -776,7 +770,7 @@ class PrefillEngine:
     if skip <= 0 or kv.layer_groups:
       return self._payload(kv)
     num = payload_pages(pages_for(kv.num_tokens, P) - skip)
-    out = self._skip_fn(kv.kv.shape[2], num)(kv.kv, self._put(np.int32(skip)))
+    out = self._skip_fn(num)(kv.kv, self._put(np.int32(skip)))
     return RequestKV(out, kv.num_tokens, first_page=skip)
 
   # ---------------------------------------------------------------- warmup
@@ -833,7 +827,7 @@ class PrefillEngine:
         kv = jnp.zeros(request_kv_shape(self.cfg, n, self.config.page_size),
                        self.cfg.jnp_dtype, device=self.kv_sharding(n))
         for num in sorted({payload_pages(k) for k in range(1, n)}):
-          self._skip_fn(n, num)(kv, first)
+          self._skip_fn(num)(kv, first)
     if self.prefix_store is not None:
       self.prefix_store.warmup(self)
     # The warm-up's dummy prompts are not traffic.

@@ -44,6 +44,7 @@ from pdjax.engine.block_names import (HASH_BYTES, block_hashes,
 from pdjax.engine.block_pool import BlockPool
 from pdjax.engine import host_tier  # host KV tier
 from pdjax.engine.cache_events import CacheEventLog
+from pdjax.engine.kv import zero_kv
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import kv_to_pool
@@ -133,10 +134,9 @@ class PrefillKVStore(PrefixStore):
     shape = (cfg.num_layers * num_pages, page_size, cfg.num_kv_heads,
              cfg.head_dim)
     sharding = rules.sharding(mesh, POOL_AXES, shape, what="prefix cache")
-    zeros = shared_jit(functools.partial(jnp.zeros, shape, cfg.dtype),
-                       out_shardings=sharding)
-    self.k = zeros()
-    self.v = zeros()
+    self.k, self.v = shared_jit(
+        functools.partial(zero_kv, shape=shape, dtype=cfg.dtype),
+        out_shardings=(sharding, sharding))()
     L = cfg.num_layers
     self._gather = shared_jit(functools.partial(_gather_blocks, num_layers=L),
                               donate_argnums=(3, 4))
