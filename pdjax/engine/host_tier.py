@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pdjax.engine.block_pool import BlockPool, PoolExhausted
+from pdjax.engine.shared_jit import shared_jit
 
 log = logging.getLogger(__name__)
 
@@ -239,21 +240,19 @@ def _write_pages(k_pool, v_pool, pages, blocks, *, num_layers):
   return k_pool.at[rows].set(k), v_pool.at[rows].set(v)
 
 
-@functools.lru_cache(maxsize=None)
 def _read_program(num_layers: int, n: int, block_sharding):
   """The jitted ``_read_pages`` of ``n`` pages (shared by every tier and
   swap space of the same layout, so each compiles once)."""
-  return jax.jit(functools.partial(_read_pages, num_layers=num_layers),
-                 out_shardings=(block_sharding,) * n)
+  return shared_jit(functools.partial(_read_pages, num_layers=num_layers),
+                    out_shardings=(block_sharding,) * n)
 
 
-@functools.lru_cache(maxsize=None)
 def _write_program(num_layers: int, pool_sharding):
   """The jitted, pool-donating ``_write_pages`` (one executable per batch
   size in its cache)."""
-  return jax.jit(functools.partial(_write_pages, num_layers=num_layers),
-                 out_shardings=(pool_sharding, pool_sharding),
-                 donate_argnums=(0, 1))
+  return shared_jit(functools.partial(_write_pages, num_layers=num_layers),
+                    out_shardings=(pool_sharding, pool_sharding),
+                    donate_argnums=(0, 1))
 
 
 def _block_sharding(pool_sharding):
