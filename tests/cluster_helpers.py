@@ -70,8 +70,6 @@ def _reference_engine(tiny_dir: str, overrides: str):
                          dep.decode_engine_config())
 
 
-
-
 def check_ttft_stages(usage) -> None:
   """A response's TTFT breakdown: every stage >= 0, together ttft_s; a
   remote prefill reserved KV (its first token waited for some of it: the

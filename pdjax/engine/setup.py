@@ -215,5 +215,6 @@ def quantize_sharded(params: llama.Params, cfg: ModelConfig,
   return params, qcfg.replace(activation_dtype=activation_dtype)
 
 
-__all__ = ["fit_vocab", "fuse_sharded", "load_sharded", "pad_vocab", "param_shardings",
-           "quantize_sharded", "shard_params", "vocab_shards"]
+__all__ = ["fit_vocab", "fuse_sharded", "load_sharded", "pad_vocab",
+           "param_shardings", "quantize_sharded", "shard_params",
+           "vocab_shards"]

@@ -96,7 +96,7 @@ class ModelConfig:
   # ``w_gate_up``, so a decode step at a few rows reads each in one GEMM
   # rather than in thin ones that leave HBM idle. The model's numbers are
   # those of the separate matrices (not part of the fingerprint). Set by
-  # a pool that fuses (``DecodeConfig.fuse_projections``).
+  # a pool that fuses (``[decode] fuse_projections``).
   fused_projections: bool = False
 
   def __post_init__(self):

@@ -137,7 +137,8 @@ for d in $DEPLOYMENTS; do
     disagg_s1) run_deployment disagg_s1 "$OUT/serving_s1.toml" --num_prefill=1 ;;
     coloc) run_deployment coloc "$OUT/serving_s4.toml" --num_prefill=0 ;;
     disagg_lg4) run_deployment disagg_lg4 "$OUT/serving_s4.toml" \
-      --num_prefill=1 --worker_flags=--metrics_port=0,--prefill_layer_groups=4 ;;
+      --num_prefill=1 \
+      --worker_flags=--metrics_port=0,--prefill_layer_groups=4${WORKER_FLAGS:+,$WORKER_FLAGS} ;;
 
     coloc_budget) run_deployment coloc_budget "$OUT/serving_budget.toml" \
       --num_prefill=0 ;;
