@@ -85,6 +85,15 @@ def test_prefill(tmp_path):
   assert "speedup" in stdout and "MFU" in stdout
 
 
+def test_prefill_with_joined_projections(tmp_path):
+  _, records = run_tool(
+      "bench_prefill.py", tmp_path / "prefill.jsonl", "--prompt_lengths=16",
+      "--tp=1", "--warmup=1", "--repeat=1", "--fuse_projections", *LIMITS)
+  rows = [r for r in records if r["measurement"] == "prefill"]
+  assert len(rows) == 1 and rows[0]["params"]["fused_projections"] is True
+  assert rows[0]["results"]["time_s"]["median"] > 0
+
+
 def test_decode(tmp_path):
   stdout, records = run_tool(
       "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1,2",

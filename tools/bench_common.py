@@ -181,6 +181,7 @@ def random_params(cfg, rules, mesh, seed: int = 0, std: float = 0.02):
 def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   """(params, cfg): random weights in ``rules``' layout, quantized as
   ``--weight_dtype`` says (the returned config says so too)."""
+  import jax
   params = random_params(cfg, rules, mesh, seed=seed)
   if getattr(FLAGS, "fuse_projections", False):
     from pdjax.engine.setup import fuse_sharded
@@ -188,7 +189,6 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
     jax.block_until_ready(params)
   if not FLAGS.weight_dtype:
     return params, cfg
-  import jax
   from pdjax.engine.setup import quantize_sharded
   from pdjax.model.quant import FP8
   params, qcfg = quantize_sharded(

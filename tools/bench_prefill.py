@@ -118,6 +118,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
                 "program": "PrefillEngine._prefill + _first_token",
                 "triton_gemm": FLAGS.triton_gemm,
                 "merge_dots": FLAGS.merge_dots,
+                "fused_projections": cfg.fused_projections,
                 "compiler_options": engine.compiler_options}
   return writer.write(TOOL, "prefill", params_rec, results)
 

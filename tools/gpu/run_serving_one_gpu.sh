@@ -21,8 +21,12 @@
 # little prefill work sharing the card (prefill compute about 1% of the
 # decode's), to set beside `bench_decode.py` at 32 rows and 256-512 context.
 # DECODE_SETTINGS: TOML lines added to every deployment's [decode] table
-# (e.g. 'fuse_projections = "off"'); WORKER_FLAGS: flags added to every
+# (e.g. 'fuse_projections = "off"'), PREFILL_SETTINGS the same for
+# [prefill]; WORKER_FLAGS: flags added to every
 # worker's (comma-separated, e.g. --gil_switch_interval_ms=5).
+# PROMPT_LEN (default 512): the prompts' length (the context grows to the
+# next power of two above prompt + 128 tokens, the prefill bucket to the
+# prompt); CONCURRENCIES (default "1 32"): the batch_eval runs per deployment.
 # Per deployment: batch_eval's results (TTFT by stage from the router's
 # usage), the decode worker's metrics after the runs, the launch log.
 #
@@ -38,15 +42,19 @@ export JAX_COMPILATION_CACHE_DIR=/tmp/pdjax_jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export PDJAX_CACHE=/tmp/pdjax_cache
 DEPLOYMENTS=${DEPLOYMENTS:-disagg coloc disagg_s1}
+export PROMPT_LEN=${PROMPT_LEN:-512}
+CONCURRENCIES=${CONCURRENCIES:-1 32}
 
 python3 - "$OUT" <<'EOF'
 import json, os, sys
 import numpy as np
 out = sys.argv[1]
 rng = np.random.default_rng(0)
+prompt_len = int(os.environ["PROMPT_LEN"])
+context = 1 << (prompt_len + 128 - 1).bit_length()
 with open(f"{out}/prompts.jsonl", "w") as f:
   for _ in range(160):
-    ids = rng.integers(1000, 120000, 512).tolist()
+    ids = rng.integers(1000, 120000, prompt_len).tolist()
     f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 128}) + "\n")
 with open(f"{out}/prompts_decode_bound.jsonl", "w") as f:
   for _ in range(64):
@@ -54,14 +62,17 @@ with open(f"{out}/prompts_decode_bound.jsonl", "w") as f:
     f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 512}) + "\n")
 base = open("pdjax/configs/deployments/gpu-8b-1gpu.toml").read()
 for steps in (4, 1):
-  cfg = (base.replace("max_seq_len = 8192", "max_seq_len = 1024")
+  cfg = (base.replace("max_seq_len = 8192", f"max_seq_len = {context}")
          .replace("buckets = [128, 512, 1024, 2048, 4096, 8192]",
-                  "buckets = [512]")
+                  f"buckets = [{prompt_len}]")
          .replace("max_seqs = 128", "max_seqs = 64")
-         .replace("table_buckets = [32, 128]", "table_buckets = [64]")
+         .replace("table_buckets = [32, 128]",
+                  f"table_buckets = [{context // 16}]")
          .replace("steps_per_call = 4", f"steps_per_call = {steps}")
          .replace("[decode]\n", "[decode]\n" + os.environ.get(
-             "DECODE_SETTINGS", "").replace("\\n", "\n").strip() + "\n", 1))
+             "DECODE_SETTINGS", "").replace("\\n", "\n").strip() + "\n", 1)
+         .replace("[prefill]\n", "[prefill]\n" + os.environ.get(
+             "PREFILL_SETTINGS", "").replace("\\n", "\n").strip() + "\n", 1))
   open(f"{out}/serving_s{steps}.toml", "w").write(cfg)
   if steps == 4:
     open(f"{out}/serving_budget.toml", "w").write(cfg.replace(
@@ -89,7 +100,7 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
     kill -TERM $pid 2>/dev/null; wait $pid; return
   fi
   echo "    ready at $addr after $((SECONDS - START)) s"
-  for c in 1 32; do
+  for c in $CONCURRENCIES; do
     local n=24; (( c > 1 )) && n=128
     timeout 150 python3 tools/batch_eval.py --target="$addr" \
       --input="$OUT/prompts.jsonl" --num_requests=$n --concurrency=$c \
