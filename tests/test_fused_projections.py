@@ -119,9 +119,9 @@ def test_each_pool_says_whether_it_joins(tmp_path):
   from pdjax import config as C
   dep = C.DeploymentConfig.load("test")
   assert dep.decode.fuse_projections == "auto"
-  assert dep.prefill.fuse_projections == "off"
-  asked = C.resolve("test", {"prefill": {"fuse_projections": "auto"}})
-  assert asked.prefill.fuse_projections == "auto"
+  assert dep.prefill.fuse_projections == "auto"
+  asked = C.resolve("test", {"prefill": {"fuse_projections": "off"}})
+  assert asked.prefill.fuse_projections == "off"
   bad = tmp_path / "bad.toml"
   bad.write_text('[decode]\nfuse_projections = "yes"\n')
   with pytest.raises(ValueError, match="fuse_projections: 'yes' is not one "
