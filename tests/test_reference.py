@@ -224,9 +224,10 @@ def test_chunked_prefill_matches_unchunked(model):
                                 cfg=cfg)
   rest = [p[s:] for p, s in zip(model.prompts, split)]
   rest_tokens, rest_lens = _padded(rest, length=288)
-  # Room for the longest prefix plus the second part; junk past each row's
-  # prefix must never be read.
-  S = int(split.max()) + 288
+  # Room for the longest prefix plus the second part, and 64 positions
+  # more; junk past each row's prefix must never be read.
+  span = int(split.max()) + 288
+  S = span + 64
   T1 = first.k.shape[2]
 
   def buffer(part):
@@ -237,6 +238,20 @@ def test_chunked_prefill_matches_unchunked(model):
       params, rest_tokens, rest_lens, buffer(first.k), buffer(first.v),
       jnp.asarray(split), cfg=cfg, all_logits=True)
   assert second.k.shape[2] == S and T1 <= S
+  # Attending over the buffers' first ``span`` positions only (all that the
+  # rows hold) computes the same: the keys left out were masked.
+  spanned = llama.prefill_chunk(
+      params, rest_tokens, rest_lens, buffer(first.k), buffer(first.v),
+      jnp.asarray(split), cfg=cfg, all_logits=True, span=span)
+  for b, r in enumerate(rest):
+    _assert_logits_close(spanned.logits[b, :len(r)],
+                         second.logits[b, :len(r)], cfg, (model.arch, b))
+    for buf, ref in ((spanned.k, second.k), (spanned.v, second.v)):
+      _assert_kv_close(buf[:, b], ref[:, b], cfg, (model.arch, b, "span"))
+  with pytest.raises(ValueError, match="span"):
+    llama.prefill_chunk(params, rest_tokens, rest_lens, buffer(first.k),
+                        buffer(first.v), jnp.asarray(split), cfg=cfg,
+                        span=S + 1)
 
   for b, (s, r) in enumerate(zip(split, rest)):
     n = len(r)

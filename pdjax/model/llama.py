@@ -427,9 +427,10 @@ def prefill_forward(params: Params, tokens, true_len, *, cfg: ModelConfig,
                     k_all, v_all)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "span"))
 def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
-                  cfg: ModelConfig, all_logits: bool = False) -> PrefillOut:
+                  cfg: ModelConfig, all_logits: bool = False,
+                  span: int | None = None) -> PrefillOut:
   """The next part of prompts whose earlier tokens' K/V are in buffers.
 
   tokens: [B, T] right-padded, true_len: [B] real tokens of the part;
@@ -443,12 +444,18 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
   to the keys up to its own position: the causal diagonal shifted by
   ``start``. Keys from ``start + T`` on are padding, which cuDNN skips
   (``key_value_seq_lengths``), so a part costs what its prefix holds, not
-  what the buffer could. Returns the logits and the updated buffers as
-  ``PrefillOut.k`` / ``.v``.
+  what the buffer could. ``span`` (static; None: the whole buffer): the
+  attention reads only the buffers' first ``span`` positions, which must
+  hold every row's ``start + T`` (the caller's to ensure). Returns the
+  logits and the updated buffers as ``PrefillOut.k`` / ``.v``.
   """
   B, T = tokens.shape
   per_row = isinstance(k_buf, tuple)
   S = (k_buf[0] if per_row else k_buf).shape[2]
+  if span is not None:
+    if not T <= span <= S:
+      raise ValueError(f"span {span} outside [{T}, {S}]")
+    S = span
   positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   cos, sin = rope_tables(cfg, positions)
   x = _embed(params, tokens)
@@ -470,8 +477,9 @@ def prefill_chunk(params: Params, tokens, true_len, k_buf, v_buf, start, *,
     # cuDNN takes the mask as an additive bias: still its fused kernel,
     # about ten times XLA's masked attention on an H100.
     attn = jax.nn.dot_product_attention(
-        q, kb.astype(q.dtype), vb.astype(q.dtype), mask=mask[rows],
-        key_value_seq_lengths=kv_len[rows], implementation=impl)
+        q, kb[:, :S].astype(q.dtype), vb[:, :S].astype(q.dtype),
+        mask=mask[rows], key_value_seq_lengths=kv_len[rows],
+        implementation=impl)
     return attn, kb, vb
 
   def layer(x, xs):

@@ -15,9 +15,14 @@ weights) for several (prefix length, T), in two formulations:
   shifted causal mask and ``key_value_seq_lengths = start + T``.
 
 Both use the attention implementation the model picks (cuDNN on GPUs, the
-mask as a bias). Logits of the two are compared (they must agree), and
-each row reports ms and model TFLOP/s (matmuls + causal attention over the
-real prefix).
+mask as a bias). Beside them, as the engine runs the second (its buffers
+donated, so updated in place): ``donated`` attends over the whole buffer,
+``span`` over its first ``span`` positions only (the next power of two that
+holds prefix + T); and ``bucketed``, the plain prefill of T tokens with no
+prefix (``llama.prefill_forward``), the cost a chunk would have without its
+buffer. Logits of the buffered ones are compared with ``concat``'s (they
+must agree), and each row reports ms and model TFLOP/s (matmuls + causal
+attention over the real prefix).
 
   python tools/gpu/probe_chunk_prefill.py --out /tmp/chunk.json
   python tools/gpu/probe_chunk_prefill.py --model tiny --cases 0:32,32:32 \
@@ -74,11 +79,27 @@ def concat_chunk(params, tokens, true_len, k_buf, v_buf, start, *, cfg):
   return logits, k_buf, v_buf
 
 
-def in_buffer_chunk(params, tokens, true_len, k_buf, v_buf, start, *, cfg):
+def in_buffer_chunk(params, tokens, true_len, k_buf, v_buf, start, *, cfg,
+                    span=None):
   from pdjax.model import llama
   out = llama.prefill_chunk(params, tokens, true_len, k_buf, v_buf, start,
-                            cfg=cfg)
+                            cfg=cfg, span=span)
   return out.logits, out.k, out.v
+
+
+def chunk_with_span(cfg, span):
+  """``in_buffer_chunk`` attending over ``span`` positions (a constant of
+  the program, not an argument)."""
+  def chunk(params, tokens, true_len, k_buf, v_buf, start):
+    return in_buffer_chunk(params, tokens, true_len, k_buf, v_buf, start,
+                           cfg=cfg, span=span)
+  return chunk
+
+
+def span_for(prefix: int, T: int, S: int) -> int:
+  """The attention span of a chunk: the next power of two that holds its
+  prefix and itself, within the buffer."""
+  return min(S, max(T, 1 << (prefix + T - 1).bit_length()))
 
 
 def main(argv=None) -> int:
@@ -98,6 +119,7 @@ def main(argv=None) -> int:
   import numpy as np
 
   import bench_common as bc
+  from pdjax.model import llama
   from pdjax.sharding import ShardingRules, make_mesh
 
   cfg = bc.preset_config(args.model)
@@ -112,6 +134,9 @@ def main(argv=None) -> int:
   progs = {name: jax.jit(functools.partial(fn, cfg=cfg))
            for name, fn in (("concat", concat_chunk),
                             ("in_buffer", in_buffer_chunk))}
+  donated = {}
+  plain = jax.jit(lambda p, t, n: llama.prefill_forward(p, t, n,
+                                                         cfg=cfg).logits)
   matmul = bc.matmul_params_per_token(cfg)
   rows = []
   for case in args.cases.split(","):
@@ -138,15 +163,42 @@ def main(argv=None) -> int:
       row[f"{name}_ms"] = t.median * 1e3
       row[f"{name}_tflops"] = flops / t.median / 1e12
       del out
+    # As the engine calls it: buffers donated, each call's output the next
+    # one's input (the prefix positions never change).
+    span = span_for(prefix, T, S)
+    row["span"] = span
+    for name, sp in (("donated", None), ("span", span)):
+      if sp not in donated:
+        donated[sp] = jax.jit(chunk_with_span(cfg, sp),
+                              donate_argnums=(3, 4))
+      prog = donated[sp]
+      state = [k0 + 0, v0 + 0]
+
+      def call(prog=prog, state=state):
+        out = prog(params, tokens, true_len, state[0], state[1], start)
+        state[0], state[1] = out[1], out[2]
+        return out[0]
+      logits[name] = np.asarray(call(), np.float32)
+      t = bc.time_calls(call, warmup=1, repeat=args.reps)
+      row[f"{name}_ms"] = t.median * 1e3
+      row[f"{name}_tflops"] = flops / t.median / 1e12
+      del state[:]
+    t = bc.time_calls(lambda: plain(params, tokens, true_len), warmup=1,
+                      repeat=args.reps)
+    row["bucketed_ms"] = t.median * 1e3
     ref = logits["concat"]
-    row["max_abs_logit_diff"] = float(np.max(np.abs(logits["in_buffer"]
-                                                     - ref)))
+    for name in ("in_buffer", "donated", "span"):
+      row[f"max_abs_logit_diff_{name}"] = float(np.max(np.abs(
+          logits[name] - ref)))
+    row["max_abs_logit_diff"] = row["max_abs_logit_diff_in_buffer"]
     row["logit_scale"] = float(np.max(np.abs(ref)))
     row["speedup"] = row["concat_ms"] / row["in_buffer_ms"]
+    row["span_speedup"] = row["donated_ms"] / row["span_ms"]
     rows.append(row)
     print(json.dumps(row), flush=True)
-  cols = ("prefix", "chunk", "concat_ms", "in_buffer_ms", "speedup",
-          "in_buffer_tflops", "max_abs_logit_diff")
+  cols = ("prefix", "chunk", "span", "concat_ms", "in_buffer_ms",
+          "donated_ms", "span_ms", "bucketed_ms", "span_speedup",
+          "span_tflops", "max_abs_logit_diff_span")
   print(" | ".join(cols))
   for r in rows:
     print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
