@@ -373,3 +373,77 @@ def test_a_prefix_that_does_not_shrink_the_bucket_is_not_used(
                   PCFG.max_seq_len, err_msg="one block cached, bucketed")
   assert store.pool.num_used == 0
   store.pool.check_invariants()
+
+
+def test_a_short_prompt_after_a_prefix_takes_a_short_buffer(prefill_engines):
+  """A chunk program moves its whole buffer through every layer, so a
+  prompt takes the shortest buffer length that holds it: 42 tokens after a
+  cached 32 run in 80 positions, 94 after 64 in the longest (320), with the
+  first tokens and KV of the cache-free engine."""
+  cfg, store, cached, plain = prefill_engines
+  assert PCFG.chunk_buffer_lens == [80, 320]
+  base, other = _prompts()[4], _prompts()[5]
+  greedy = SamplingParams(max_tokens=1, temperature=0.0)
+  cached.prefill([PrefillRequest("seed", base[:64], greedy,
+                                 cache_salt="short")])
+  lengths, real = [], cached._chunk
+
+  def chunk(params, tokens, true_len, k_bufs, *a):
+    lengths.append(k_bufs[0].shape[2])
+    return real(params, tokens, true_len, k_bufs, *a)
+
+  reqs = [PrefillRequest("a", base[:32] + other[:10], greedy,
+                         cache_salt="short"),
+          PrefillRequest("b", base[:64] + other[:30], greedy,
+                         cache_salt="short")]
+  cached._chunk = chunk
+  try:
+    got = [cached.prefill([r])[0] for r in reqs]
+  finally:
+    cached._chunk = real
+  assert lengths == [80, 320]   # a: 10 tokens (bucket 16), b: 30 (32)
+  assert [r.cached_tokens for r in got] == [32, 64]
+  for g, w in zip(got, plain.prefill(reqs)):
+    assert g.first_token == w.first_token, g.request_id
+    assert_kv_close(_kv_tokens(g), _kv_tokens(w), cfg, PCFG.max_seq_len,
+                    err_msg=g.request_id)
+  assert store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("pcfg", [
+    PCFG, PrefillConfig(buckets=(128, 512, 1024, 2048, 4096, 8192),
+                        max_batch=4, page_size=16, max_seq_len=8192)])
+def test_every_chunk_ends_inside_the_buffer_its_prompt_takes(pcfg):
+  """``buffer_len_for`` bounds where any chunk of a prompt can end: for
+  every cached prefix and token budget (the colocated engine cuts chunks
+  by its per-iteration budget), chunks chosen as ``PrefillEngine._chunk_len``
+  chooses them end inside the buffer, and a longer buffer is taken only
+  where a shorter one could not hold the prompt and its last bucket."""
+  import types
+  lens = pcfg.chunk_buffer_lens
+  assert lens[-1] == pcfg.chunk_buffer_len
+  assert all(n % pcfg.page_size == 0 and n >= pcfg.buckets[0] for n in lens)
+  engine = types.SimpleNamespace(config=pcfg)
+  chunk_len = lambda rem, cap: PrefillEngine._chunk_len(engine, rem, cap)
+  P = pcfg.page_size
+  step = max(1, pcfg.max_seq_len // 64)
+  for n in list(range(1, pcfg.max_seq_len, step)) + [pcfg.max_seq_len - 1]:
+    for cached_tokens in sorted({0, (n - 1) // P * P, n // 2 // P * P}):
+      length = pcfg.buffer_len_for(n, cached_tokens)
+      for budget in (None, pcfg.buckets[0], pcfg.buckets[0] + 1,
+                     2 * pcfg.buckets[-1]):
+        pos, end = cached_tokens, 0
+        while pos < n:   # one advance(budget) after another
+          spent = 0
+          while pos < n:
+            c = chunk_len(n - pos, None if budget is None
+                          else max(budget - spent, 1))
+            if spent and budget is not None and spent + c > budget:
+              break
+            end, pos, spent = max(end, pos + c), pos + c, spent + c
+        assert end <= length, (n, cached_tokens, budget, end, length)
+      shorter = [m for m in lens if m < length]
+      if shorter:
+        rest = n - cached_tokens
+        last = min(pcfg.bucket_for(rest) or pcfg.chunk, pcfg.chunk)
+        assert shorter[-1] < n + last

@@ -748,8 +748,9 @@ class ReplicaPrefixStore(PrefixStore):
         table, self.replica.replicated), k_buf, v_buf)
 
   def warmup(self, engine) -> None:
-    k, v = engine._zeros()  # pylint: disable=protected-access
-    jax.block_until_ready(self.gather_into([], k, v))
+    for length in engine.chunk_buffer_lens:
+      jax.block_until_ready(self.gather_into([], *engine.empty_buffers(
+          length)))
 
 
 __all__ = ["Call", "DecodeReplica", "ReplicaPrefixStore", "Reservation"]

@@ -216,7 +216,10 @@ class BufferedPrefill:
   ``result`` hands on the KV in page layout."""
 
   def __init__(self, engine: "PrefillEngine", r: PrefillRequest,
-               prefix: list[int], owned: bool, hashes: list[bytes]):
+               prefix: list[int], owned: bool, hashes: list[bytes],
+               buffer_len: int | None = None):
+    """``buffer_len``: the buffers' positions (None: the shortest of the
+    engine's lengths that holds this prompt, ``buffer_len_for``)."""
     self.engine = engine
     self.request = r
     self._prefix = prefix
@@ -225,7 +228,10 @@ class BufferedPrefill:
     cfg = engine.config
     self._samp = tuple(engine._put(a) for a in SamplingArrays.stack(
         [(r.sampling, r.seed_u32)], 1).as_tuple())
-    self._k, self._v = engine._zeros()
+    if buffer_len is None:
+      buffer_len = cfg.buffer_len_for(len(r.prompt_ids),
+                                      len(prefix) * cfg.page_size)
+    self._k, self._v = engine.empty_buffers(buffer_len)
     if prefix:
       self._k, self._v = engine.prefix_store.gather_into(prefix, self._k,
                                                          self._v)
@@ -236,6 +242,10 @@ class BufferedPrefill:
   @property
   def done(self) -> bool:
     return self.position >= len(self.request.prompt_ids)
+
+  @property
+  def buffer_len(self) -> int:
+    return self._k.shape[2]
 
   def next_chunk(self, budget: int | None = None) -> int:
     """Tokens of compute the next chunk takes (its bucket's length), the
@@ -291,7 +301,10 @@ class BufferedPrefill:
       start[b] = run.position
     samp = SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
                                  for run in runs], batch)
-    pads = [e._zeros() for _ in range(batch - len(runs))]
+    length = runs[0].buffer_len
+    if any(run.buffer_len != length for run in runs):
+      raise ValueError("runs finished together share one buffer length")
+    pads = [e.empty_buffers(length) for _ in range(batch - len(runs))]
     try:
       tokens, true_len, start, *samp = e._put((tokens, true_len, start,
                                                *samp.as_tuple()))
@@ -413,14 +426,7 @@ class PrefillEngine:
     self._to_payload = (
         None if self.kv_dtype == jnp.dtype(cfg.jnp_dtype) else
         shared_jit(functools.partial(kv_to_pool, dtype=self.kv_dtype)))
-    shape = (cfg.num_layers, 1, self.chunk_buffer_len, cfg.num_kv_heads,
-             cfg.head_dim)
-    self._buf_sharding = rules.sharding(
-        mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape,
-        what="chunk buffer")
-    self._zeros = shared_jit(
-        functools.partial(zero_kv, shape=shape, dtype=cfg.dtype),
-        out_shardings=(self._buf_sharding, self._buf_sharding))
+    self._zeros_fns = {}   # buffer length -> its K/V zeros program
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
     self._warming = False   # warm-up prefills (compiling) are not timed
 
@@ -662,6 +668,26 @@ class PrefillEngine:
     fit back over the prefix, silently."""
     return self.config.chunk_buffer_len
 
+  @property
+  def chunk_buffer_lens(self) -> list[int]:
+    """The buffers' lengths (``PrefillConfig.chunk_buffer_lens``)."""
+    return self.config.chunk_buffer_lens
+
+  def empty_buffers(self, length: int):
+    """A buffered prefill's K and V buffers of ``length`` positions
+    (``[layers, 1, length, kv_heads, head_dim]``, zeros, laid out as the
+    chunk programs read them)."""
+    if length not in self._zeros_fns:
+      cfg = self.cfg
+      shape = (cfg.num_layers, 1, length, cfg.num_kv_heads, cfg.head_dim)
+      sharding = self.rules.sharding(
+          self.mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"),
+          shape, what="chunk buffer")
+      self._zeros_fns[length] = shared_jit(
+          functools.partial(zero_kv, shape=shape, dtype=cfg.dtype),
+          out_shardings=(sharding, sharding))
+    return self._zeros_fns[length]()
+
   def _chunk_len(self, remaining: int, max_chunk: int | None = None) -> int:
     """The bucket the next chunk of a buffered prefill runs in: the one that
     holds what remains, else the largest, within ``max_chunk`` tokens where
@@ -705,9 +731,14 @@ class PrefillEngine:
     then on; what is left in ``found`` is the caller's."""
     t0 = time.perf_counter()
     runs = []
+    P = self.config.page_size
+    length = max(self.config.buffer_len_for(len(requests[i].prompt_ids),
+                                            len(found[i][0]) * P)
+                 for i in group)   # one program: one buffer length
     try:
       for i in group:
-        runs.append(BufferedPrefill(self, requests[i], *found[i]))
+        runs.append(BufferedPrefill(self, requests[i], *found[i],
+                                    buffer_len=length))
         del found[i]
     except BaseException:
       for run in runs:
@@ -803,24 +834,30 @@ class PrefillEngine:
       # from CUDA IPC to a path that moves the whole KV.
       if out[0].kv.layer_groups:
         out[0].kv.kv.block_until_ready()
-    # Buffered path: one chunk program per chunk length (the buckets),
-    # page extraction for every payload size, and the cache's programs.
-    for bucket in self.config.buckets:
-      self._prefill_buffered(PrefillRequest("warmup", [1] * bucket, greedy),
-                             [], False, [])
-    if self.batches_cached:   # cached prefixes, batched: every row count
+    # Buffered path: one chunk program per chunk length (the buckets) and
+    # buffer length, page extraction for every payload size a buffer can
+    # hold, and the cache's programs.
+    rows = (self.config.cached_batch_sizes if self.batches_cached
+            else lambda bucket: [1])   # cached prefixes run batched
+    first = self._put(np.int32(0))
+    for length in self.chunk_buffer_lens:
       for bucket in self.config.buckets:
-        for batch in self.config.cached_batch_sizes(bucket)[1:]:
+        if bucket > length:
+          continue
+        for batch in rows(bucket):
           runs = [BufferedPrefill(self, PrefillRequest(
-              f"warmup-{i}", [1] * bucket, greedy), [], False, [])
+              f"warmup-{i}", [1] * bucket, greedy), [], False, [],
+                                  buffer_len=length)
                   for i in range(batch)]
-          BufferedPrefill.finish_together(runs, bucket)
+          if batch == 1:
+            runs[0].advance()
+          else:
+            BufferedPrefill.finish_together(runs, bucket)
           for run in runs:
             run.abort()
-    k, v = self._zeros()
-    first = self._put(np.int32(0))
-    for num in self.buffered_payload_page_counts():
-      self._pages_fn(num)(k, v, first)
+      k, v = self.empty_buffers(length)
+      for num in self.buffered_payload_page_counts(length):
+        self._pages_fn(num)(k, v, first)
     if skip_pages and len(self._group_sizes) == 1:   # see _handed_on
       for bucket in self.config.buckets:
         n = bucket // self.config.page_size
@@ -836,8 +873,11 @@ class PrefillEngine:
   def close(self) -> None:
     """Nothing to stop: a pool in one process has no followers."""
 
-  def buffered_payload_page_counts(self) -> list[int]:
-    top = payload_pages(self.config.max_seq_len // self.config.page_size)
+  def buffered_payload_page_counts(self, buffer_len: int) -> list[int]:
+    """The payload page counts a buffer of ``buffer_len`` positions hands
+    on (the prompt it holds is shorter than the buffer)."""
+    pages = min(self.config.max_seq_len, buffer_len) // self.config.page_size
+    top = payload_pages(pages)
     return [1 << i for i in range(top.bit_length())]
 
   def payload_page_counts(self) -> list[int]:

@@ -352,10 +352,11 @@ class PrefillKVStore(PrefixStore):
   def warmup(self, engine) -> None:
     """Compiles the store's programs for ``engine``'s shapes, caching
     nothing (every page entry is the null page)."""
-    k, v = engine._zeros()  # pylint: disable=protected-access
-    table = jnp.zeros((k.shape[2] // self.page_size,), jnp.int32)
-    k, v = self._gather(self.k, self.v, table, k, v)
-    self.k, self.v = self._store(self.k, self.v, k, v, table)
+    for length in engine.chunk_buffer_lens:
+      k, v = engine.empty_buffers(length)
+      table = jnp.zeros((length // self.page_size,), jnp.int32)
+      k, v = self._gather(self.k, self.v, table, k, v)
+      self.k, self.v = self._store(self.k, self.v, k, v, table)
     for bucket in engine.config.buckets:
       n = bucket // self.page_size
       kv = jnp.zeros((self.cfg.num_layers, 2, n, self.page_size,
