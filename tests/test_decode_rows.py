@@ -370,3 +370,30 @@ def test_rows_not_live_reach_the_model_as_a_fresh_pools():
   # Every other row saw token 0 at position 0 of the null page.
   assert (tokens[:, 1:] == 0).all(), tokens
   assert np.asarray(out.valid)[:, 1:].sum() == 0
+
+
+def test_every_prompt_a_budget_cuts_finds_its_buffer_warmed(
+    tiny_decode_params):
+  """A prompt whose bucket passes the per-iteration budget runs chunked
+  however short it is, so a colocated engine with a budget warms the
+  chunk buffers such prompts take (the store-less prefill engine alone
+  would warm only those of prompts past every bucket)."""
+  import dataclasses
+  params, cfg, mesh, rules = tiny_decode_params
+  pcfg = PrefillConfig(buckets=(16, 32, 256), max_batch=4, page_size=16,
+                       max_seq_len=256)
+  dcfg = dataclasses.replace(DCFG, max_seq_len=256, num_pages=32)
+  assert pcfg.chunk_buffer_lens == [32, 128, 512]
+  free = ColocatedEngine(params, cfg, mesh, rules, pcfg, dcfg)
+  assert free.prefill[0].chunk_buffer_lens == [512]
+  for budget in (16, 40):
+    engine = ColocatedEngine(params, cfg, mesh, rules, pcfg,
+                             dataclasses.replace(
+                                 dcfg, prefill_token_budget=budget))
+    pre = engine.prefill[0]
+    chunked = [n for n in range(1, 256)
+               if pcfg.bucket_for(n) > budget]   # what _cost sends there
+    assert min(chunked) == pre.buffered_from
+    assert {pcfg.buffer_len_for(n, 0) for n in chunked} <= set(
+        pre.chunk_buffer_lens)
+  assert pre.chunk_buffer_lens == [128, 512]

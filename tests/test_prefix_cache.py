@@ -382,6 +382,14 @@ def test_a_short_prompt_after_a_prefix_takes_a_short_buffer(prefill_engines):
   first tokens and KV of the cache-free engine."""
   cfg, store, cached, plain = prefill_engines
   assert PCFG.chunk_buffer_lens == [80, 320]
+  # Warm-up compiles the lengths an engine's prompts can take: after a
+  # cached page, any; without a store, only prompts past every bucket
+  # (65 tokens and a 16-token chunk need more than 80).
+  assert cached.chunk_buffer_lens == [80, 320]
+  assert plain.chunk_buffer_lens == [320]
+  with pytest.raises(ValueError, match="from 65"):
+    plain.start_chunked(PrefillRequest("short", [5] * 64, SamplingParams(
+        max_tokens=1, temperature=0.0)))
   base, other = _prompts()[4], _prompts()[5]
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
   cached.prefill([PrefillRequest("seed", base[:64], greedy,

@@ -96,6 +96,11 @@ class ColocatedEngine:
         prefix_store=(ReplicaPrefixStore(rep) if dcfg.prefix_caching
                       else None))
                     for rep in self.decode.replicas]
+    budget = dcfg.prefill_token_budget
+    if budget:   # a prompt whose bucket passes the budget runs chunked
+      fits = [b for b in pcfg.buckets if b <= budget]
+      for p in self.prefill:
+        p.buffered_from = min(p.buffered_from, fits[-1] + 1 if fits else 1)
     self.pcfg = pcfg
     self.max_waiting = max_waiting
     self.queue_timeout_s = queue_timeout_s

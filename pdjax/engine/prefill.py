@@ -427,6 +427,11 @@ class PrefillEngine:
         None if self.kv_dtype == jnp.dtype(cfg.jnp_dtype) else
         shared_jit(functools.partial(kv_to_pool, dtype=self.kv_dtype)))
     self._zeros_fns = {}   # buffer length -> its K/V zeros program
+    # The shortest prompt that can run buffered: after a cached page, or
+    # (no prefix store) longer than every bucket; an engine that cuts
+    # prompts by a token budget (``start_chunked``) lowers it.
+    self.buffered_from = (P + 1 if prefix_store is not None
+                          else config.chunk + 1)
     self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
     self._warming = False   # warm-up prefills (compiling) are not timed
 
@@ -670,8 +675,14 @@ class PrefillEngine:
 
   @property
   def chunk_buffer_lens(self) -> list[int]:
-    """The buffers' lengths (``PrefillConfig.chunk_buffer_lens``)."""
-    return self.config.chunk_buffer_lens
+    """The buffer lengths this engine's prompts can take, of
+    ``PrefillConfig.chunk_buffer_lens`` (the ones warm-up compiles for):
+    none shorter than the shortest buffered prompt (``buffered_from``)
+    and a chunk; the longest always."""
+    c = self.config
+    shortest = self.buffered_from + c.buckets[0]   # a prompt + a chunk
+    lens = c.chunk_buffer_lens
+    return [n for n in lens[:-1] if n >= shortest] + lens[-1:]
 
   def empty_buffers(self, length: int):
     """A buffered prefill's K and V buffers of ``length`` positions
@@ -768,8 +779,12 @@ class PrefillEngine:
     (``BufferedPrefill.advance``), on the buffered path: a caller can put
     other work between its chunks (a colocated engine's decode calls). Its
     cached prefix, if any, is pinned now; ``result`` or ``abort`` ends
-    it."""
+    it. A prompt shorter than ``buffered_from`` is refused: warm-up left
+    out the buffer it would take."""
     self.validate(r.prompt_ids)
+    if len(r.prompt_ids) < self.buffered_from:
+      raise ValueError(f"a chunked prefill of {len(r.prompt_ids)} tokens: "
+                       f"this engine runs them from {self.buffered_from}")
     prefix, owned, hashes = self._prefix_for(r)
     return BufferedPrefill(self, r, prefix, owned, hashes)
 
