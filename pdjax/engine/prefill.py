@@ -667,13 +667,6 @@ class PrefillEngine:
     return RequestKV(self._to_payload(kv.kv), kv.num_tokens)
 
   @property
-  def chunk_buffer_len(self) -> int:
-    """``PrefillConfig.chunk_buffer_len``: without the chunk's room past
-    the prompt, ``dynamic_update_slice`` would move a write that does not
-    fit back over the prefix, silently."""
-    return self.config.chunk_buffer_len
-
-  @property
   def chunk_buffer_lens(self) -> list[int]:
     """The buffer lengths this engine's prompts can take, of
     ``PrefillConfig.chunk_buffer_lens`` (the ones warm-up compiles for):

@@ -125,7 +125,9 @@ class PrefillConfig:
     """Positions of a buffered prefill's KV buffer: room for the longest
     prompt plus one chunk (a chunk is a whole bucket however few of its
     tokens are real, and after a cached prefix it starts at any page, so
-    the last one may reach up to a bucket past the prompt)."""
+    the last one may reach up to a bucket past the prompt; without that
+    room ``dynamic_update_slice`` would move a write that does not fit back
+    over the prefix, silently)."""
     C = self.chunk
     return -(-self.max_seq_len // C) * C + C
 
