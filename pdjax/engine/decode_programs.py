@@ -8,6 +8,7 @@ the pools are updated in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -15,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
@@ -34,7 +34,19 @@ from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
 log = logging.getLogger(__name__)
 
 
-@struct.dataclass
+def _pytree_dataclass(cls):
+  """A frozen dataclass whose fields are pytree children, with
+  ``replace``: what ``flax.struct.dataclass`` makes, without importing
+  flax (its import, linen and all, is a quarter of a second of every
+  worker's start)."""
+  cls = dataclasses.dataclass(frozen=True)(cls)
+  cls.replace = lambda self, **updates: dataclasses.replace(self, **updates)
+  fields = [f.name for f in dataclasses.fields(cls)]
+  return jax.tree_util.register_dataclass(cls, data_fields=fields,
+                                         meta_fields=[])
+
+
+@_pytree_dataclass
 class DecodeState:
   k: jax.Array          # [L * N, P, K, hd] (see llama.decode_forward)
   v: jax.Array
@@ -44,7 +56,7 @@ class DecodeState:
   done: jax.Array       # [B] finished on device
 
 
-@struct.dataclass
+@_pytree_dataclass
 class SlotInputs:
   """Per-row inputs the host owns; uploaded with each generate call. A call
   advances ``b`` rows of the pool's ``max_seqs`` (its program's row count):
@@ -61,7 +73,8 @@ class SlotInputs:
   use_eos: jax.Array      # [b] bool
 
 
-class StepOutput(struct.PyTreeNode):
+@_pytree_dataclass
+class StepOutput:
   """Per step and per row of the call (``SlotInputs.rows`` order)."""
   tokens: jax.Array     # [S, b]
   logprobs: jax.Array   # [S, b]
