@@ -163,7 +163,9 @@ class SafetensorsIndex:
 def _place(host: np.ndarray, dtype, sharding) -> jax.Array:
   host = host.astype(dtype, copy=False)
   if sharding is None:
-    return jnp.asarray(host)
+    # A copy to the default device; jnp.asarray would compile (and cache)
+    # a program of each weight's shape to do the same.
+    return jax.device_put(host)
   return jax.make_array_from_callback(host.shape, sharding,
                                       lambda idx: host[idx])
 
