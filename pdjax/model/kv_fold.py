@@ -36,6 +36,8 @@ error bound, not the same bits as the unfolded model's).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,20 +97,27 @@ def _scaled(w, factor: np.ndarray):
   """(w * factor in w's dtype and sharding, whether every value normal in
   that dtype came out exactly w * factor: no overflow, no loss of bits
   below the normal range; values subnormal already are not held to it)."""
-  factor = np.asarray(factor, np.float32)
-
-  def scale(w):
-    w32 = w.astype(jnp.float32)
-    out = (w32 * factor).astype(w.dtype)
-    normal = jnp.abs(w32) >= jnp.finfo(w.dtype).tiny
-    exact = out.astype(jnp.float32) / factor == w32
-    return out, ~(normal & ~exact).any()
-
-  sharding = getattr(w, "sharding", None)
-  fn = (jax.jit(scale) if sharding is None else
-        jax.jit(scale, out_shardings=(sharding, None)))
-  out, ok = fn(w)
+  out, ok = _scale_program(getattr(w, "sharding", None))(
+      w, np.asarray(factor, np.float32))
   return out, bool(ok)
+
+
+def _scale(w, factor):
+  w32 = w.astype(jnp.float32)
+  out = (w32 * factor).astype(w.dtype)
+  normal = jnp.abs(w32) >= jnp.finfo(w.dtype).tiny
+  exact = out.astype(jnp.float32) / factor == w32
+  return out, ~(normal & ~exact).any()
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_program(sharding):
+  """``_scale`` jitted with its output in ``sharding`` (None: where XLA
+  puts it). The factor is an argument, not a constant: a model's weights
+  of one shape share a program, and models of one shape theirs."""
+  if sharding is None:
+    return jax.jit(_scale)
+  return jax.jit(_scale, out_shardings=(sharding, None))
 
 
 __all__ = ["FOLDABLE", "fold_kv_scales"]
