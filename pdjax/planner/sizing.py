@@ -97,15 +97,19 @@ def simulate_prefill(profile: Profile, traffic: Traffic, num_prefill: int,
   if num_prefill < 1:
     raise ValueError(f"num_prefill must be >= 1, got {num_prefill}")
   rng = np.random.default_rng(seed)
-  arrive = np.cumsum(rng.exponential(1.0 / traffic.rate, samples))
-  lengths = rng.choice(np.asarray(traffic.prompt_tokens), samples)
-  own = profile.prefill.service_s(lengths) - profile.prefill.a
+  arrive_np = np.cumsum(rng.exponential(1.0 / traffic.rate, samples))
+  lengths_np = rng.choice(np.asarray(traffic.prompt_tokens), samples)
+  own_np = profile.prefill.service_s(lengths_np) - profile.prefill.a
+  # The event loop reads one element at a time: Python floats and ints,
+  # not numpy scalars (a fifth of the time of indexing the arrays).
+  arrive, lengths = arrive_np.tolist(), lengths_np.tolist()
+  own = own_np.tolist()
   fixed = profile.prefill.a
   cap = batching.max_batch_tokens or math.inf
   free = [0.0] * num_prefill
   queues: list[collections.deque] = [collections.deque()
                                      for _ in range(num_prefill)]
-  done = np.empty(samples)
+  done = [0.0] * samples
 
   def run(w: int, until: float) -> None:
     q = queues[w]
@@ -118,8 +122,9 @@ def simulate_prefill(profile: Profile, traffic: Traffic, num_prefill: int,
         i = q.popleft()
         batch.append(i)
         tokens += lengths[i]
-      free[w] = start + fixed + float(own[batch].sum())
-      done[batch] = free[w]
+      free[w] = start + fixed + _batch_time(own, own_np, batch)
+      for i in batch:
+        done[i] = free[w]
 
   for i in range(samples):
     for w in range(num_prefill):
@@ -130,7 +135,20 @@ def simulate_prefill(profile: Profile, traffic: Traffic, num_prefill: int,
     run(w, arrive[i])
   for w in range(num_prefill):
     run(w, math.inf)
-  return (done - arrive)[samples // 10:]
+  return (np.asarray(done) - arrive_np)[samples // 10:]
+
+
+def _batch_time(own: list[float], own_np: np.ndarray, batch: list[int]
+                ) -> float:
+  """``own[batch].sum()`` of the numpy array, to the bit: numpy adds fewer
+  than 8 values one after another, as this loop does; more in 8 running
+  sums (its pairwise summation), left to numpy."""
+  if len(batch) >= 8:
+    return float(own_np[batch].sum())
+  total = 0.0
+  for i in batch:
+    total += own[i]
+  return total
 
 
 def _stable_prefill(profile: Profile, traffic: Traffic,
