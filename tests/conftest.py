@@ -28,20 +28,33 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 
-def _xla_accepts(flags: str) -> bool:
-  """Whether the installed jaxlib's XLA accepts ``flags`` (an unknown flag
-  in XLA_FLAGS aborts the process): tried once in a child process, since
-  they must be set before this one imports jax. The test processes xdist
+def _xla_check(flags: str):
+  """Starts trying whether the installed jaxlib's XLA accepts ``flags`` (an
+  unknown flag in XLA_FLAGS aborts the process) in a child process, since
+  they must be set before this one imports jax; ``_accepted`` waits for
+  the answer, so that this process imports the rest meanwhile (the child
+  takes a second, most of it importing jax). The test processes xdist
   starts inherit the result with the environment."""
   import subprocess
   import sys
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   try:
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", "import jax; jax.devices()"], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        timeout=120).returncode == 0
-  except (OSError, subprocess.SubprocessError):
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  except OSError:
+    return None
+
+
+def _accepted(check) -> bool:
+  import subprocess
+  if check is None:
+    return False
+  try:
+    return check.wait(timeout=120) == 0
+  except subprocess.TimeoutExpired:
+    check.kill()
+    check.wait()
     return False
 
 
@@ -51,13 +64,15 @@ def _xla_accepts(flags: str) -> bool:
 # decode worker warm-up: 12.7 CPU-s -> 5.9), and splitting a module's code
 # generation over threads only adds work on the suite's two cores (-> 5.0).
 # Both choose how a program is turned into machine code, not what it
-# computes, and are inherited like the flag above.
+# computes, and are inherited like the flag above. Added below, once the
+# check has answered.
 _CODEGEN_FLAGS = ("--xla_cpu_use_fusion_emitters=false "
                   "--xla_cpu_parallel_codegen_split_count=1")
-if ("xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]
-    and "xla_cpu_parallel_codegen_split_count" not in os.environ["XLA_FLAGS"]
-    and _xla_accepts(_CODEGEN_FLAGS)):
-  os.environ["XLA_FLAGS"] += " " + _CODEGEN_FLAGS
+_CODEGEN_CHECK = (
+    None if ("xla_cpu_use_fusion_emitters" in os.environ["XLA_FLAGS"]
+             or "xla_cpu_parallel_codegen_split_count"
+             in os.environ["XLA_FLAGS"])
+    else _xla_check(_CODEGEN_FLAGS))
 
 # Persistent XLA compilation cache. Engine tests build many engines whose
 # programs are identical (same shapes, same devices) but belong to different
@@ -88,6 +103,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import pytest  # noqa: E402
+
+if _accepted(_CODEGEN_CHECK):    # before anything here imports jax
+  os.environ["XLA_FLAGS"] += " " + _CODEGEN_FLAGS
 
 # Small dims shared by the random-weight models unless a test overrides them.
 TINY_DIMS = dict(
