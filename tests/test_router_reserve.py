@@ -256,12 +256,14 @@ def test_the_tokens_do_not_depend_on_the_order(prefix_caching):
 def _refuse(dep: _Deployment, decode: _Decode, code: grpc.StatusCode,
             when: str) -> None:
   """``decode`` refuses Reserve with ``code`` once the prefill has run
-  (``when="after"``), or while it still computes (``"before"``: the
-  prefill goes on once the refusal is out)."""
+  (``when="after"``), or while it still computes (``"before"``: once its
+  batch has started, which goes on once the refusal is out; a refusal
+  sent earlier could have the prefill cancelled before it ran)."""
   decode.refuse = code
   if when == "after":
     decode.hold = dep.engine.finished
   else:
+    decode.hold = dep.engine.started
     dep.engine.gate = decode.refused
 
 
@@ -319,9 +321,9 @@ def test_a_decode_worker_gone_at_reserve_is_routed_around(when):
   result, batches, taken_by_other = asyncio.run(go())
   assert result.token_ids == TOKENS
   assert len(taken_by_other) == 1
-  # Refused while the prefill computed, the first call may be cancelled
-  # before its batch starts (then one batch runs).
-  assert batches == 2 if when == "after" else batches in (1, 2)
+  # The first prefill ran (``_refuse`` refuses once its batch started),
+  # then the one for the other worker.
+  assert batches == 2
 
 
 def test_a_client_that_cancels_while_reserve_is_held_leaves_nothing():
