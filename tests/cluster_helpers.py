@@ -31,9 +31,7 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
   """Greedy continuations (ignore_eos) from the in-process colocated engine
   with the test deployment's settings (``overrides`` on top)."""
   from pdjax.engine.sampling import SamplingParams
-  engine = _reference_engine(
-      str(tiny_dir), json.dumps(overrides, sort_keys=True)
-      if overrides else "")
+  engine = reference_engine(tiny_dir, overrides)
   out: dict[str, list[int]] = {}
 
   def cb(ev):
@@ -45,6 +43,14 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
                                             ignore_eos=True), cb)
   engine.drain()
   return [out[str(i)] for i in range(len(prompts))]
+
+
+def reference_engine(tiny_dir, overrides=None):
+  """The in-process colocated engine of the test deployment's settings
+  (``overrides`` on top), idle: made and compiled once per test process
+  and settings, for tests that submit their own requests (drain it)."""
+  return _reference_engine(str(tiny_dir), json.dumps(
+      overrides, sort_keys=True) if overrides else "")
 
 
 @functools.lru_cache(maxsize=4)

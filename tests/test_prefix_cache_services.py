@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from cluster_helpers import Cluster, check_ttft_stages, metric
+from cluster_helpers import (Cluster, check_ttft_stages, metric,
+                             reference_engine)
 from pdjax.client import Client
 
 pytestmark = pytest.mark.timeout(900)
@@ -34,23 +35,12 @@ def _sampling(i, seeded):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tiny_model_dir):
   """Tokens of the same requests from the in-process colocated engine,
-  prefix caching off."""
-  import jax
-  from pdjax.config import DeploymentConfig
-  from pdjax.engine.colocated import ColocatedEngine
+  prefix caching off (the test deployment's reference engine, which the
+  other deployment tests of this process share)."""
   from pdjax.engine.sampling import SamplingParams
-  from pdjax.engine.setup import load_sharded
-  from pdjax.model.tiny import ensure_tiny_model
-  from pdjax.sharding import ShardingRules, make_mesh
-  dep = DeploymentConfig.load("test")
-  rules = ShardingRules.load("decode_dp")
-  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
-  params, cfg = load_sharded(ensure_tiny_model(), rules, mesh)
-  eng = ColocatedEngine(params, cfg, mesh, rules,
-                        dep.prefill_engine_config(dep.decode),
-                        dep.decode_engine_config())
+  eng = reference_engine(tiny_model_dir)
   out = {}
   for seeded in (False, True):
     for i, p in enumerate(_family()):
