@@ -295,12 +295,7 @@ def test_a_reservation_refused_beside_the_prefill(on_full, when):
     assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
   else:
     assert got == TOKENS
-  if on_full == "reject" and when == "before":
-    # The router cancels the prefill on the refusal: a prefill worker
-    # whose engine had not taken the prompt yet drops it uncomputed.
-    assert batches in (0, 1)
-  else:
-    assert batches == 1   # computed once, waiting for room if queueing
+  assert batches == 1   # computed once, waiting for room if queueing
 
 
 @pytest.mark.parametrize("when", WHEN)
