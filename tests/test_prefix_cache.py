@@ -455,3 +455,41 @@ def test_every_chunk_ends_inside_the_buffer_its_prompt_takes(pcfg):
         rest = n - cached_tokens
         last = min(pcfg.bucket_for(rest) or pcfg.chunk, pcfg.chunk)
         assert shorter[-1] < n + last
+
+
+def test_warmup_holds_no_buffers_of_its_own_while_the_store_warms(
+    tiny_model_dir):
+  """Warm-up's peak memory is one program's: while the store compiles its
+  programs (writing a request's KV into its pool: the largest bucket's is a
+  GiB in 8B), nothing warm-up made before is still held, neither a
+  bucketed batch's KV nor a buffer pair (on one H100 they together ran a
+  prefill worker out of its share of the card)."""
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 2}, jax.devices()[2:4])
+  params, cfg = load_sharded(tiny_model_dir, rules, mesh)
+  store = PrefillKVStore(cfg, mesh, rules, num_pages=64, page_size=PAGE)
+  engine = PrefillEngine(params, cfg, mesh, rules, PCFG, prefix_store=store)
+  before = {id(a) for a in jax.live_arrays()}
+  held = []
+
+  def made_since(*args):
+    """Bytes of the arrays made since ``before``, but ``args``."""
+    skip = {id(x) for x in args}
+    return sum(a.nbytes for a in jax.live_arrays()
+               if id(a) not in before and id(a) not in skip)
+
+  real_warmup, real_store_kv = store.warmup, store._store_kv
+
+  def warmup(e):
+    held.append(made_since(store.k, store.v))
+    store._store_kv = lambda *a: (held.append(made_since(*a)),
+                                  real_store_kv(*a))[1]
+    real_warmup(e)
+
+  store.warmup = warmup
+  engine.warmup()
+  # A few scalars and a page table are what may be left (the engine's
+  # constants), far below a buffer pair of the shortest length.
+  shortest = engine.empty_buffers(engine.chunk_buffer_lens[0])[0].nbytes
+  assert len(held) == 1 + len(PCFG.buckets)
+  assert max(held) < shortest // 8, (held, shortest)

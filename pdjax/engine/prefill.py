@@ -825,6 +825,21 @@ class PrefillEngine:
       self._warming = False
 
   def _warmup(self, skip_pages: bool) -> None:
+    # Each part in a method of its own: what one part holds (a batch's KV,
+    # a buffer pair of the longest length) is freed before the next runs,
+    # so warm-up's peak is one program's, not the sum of every part's.
+    self._warm_bucketed()
+    self._warm_buffered()
+    if skip_pages and len(self._group_sizes) == 1:   # see _handed_on
+      self._warm_skipped_pages()
+    if self.prefix_store is not None:
+      self.prefix_store.warmup(self)
+    # The warm-up's dummy prompts are not traffic.
+    self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+
+  def _warm_bucketed(self) -> None:
+    """Every bucketed program: each bucket at each batch size, greedy, and
+    sampled once per batch size (the first-token programs)."""
     from pdjax.engine.sampling import SamplingParams
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     sampled = SamplingParams(max_tokens=1, temperature=1.0)
@@ -842,9 +857,13 @@ class PrefillEngine:
       # from CUDA IPC to a path that moves the whole KV.
       if out[0].kv.layer_groups:
         out[0].kv.kv.block_until_ready()
-    # Buffered path: one chunk program per chunk length (the buckets) and
-    # buffer length, page extraction for every payload size a buffer can
-    # hold, and the cache's programs.
+
+  def _warm_buffered(self) -> None:
+    """The buffered path: one chunk program per chunk length (the buckets)
+    and buffer length, at every row count cached prefixes run with, and
+    page extraction for every payload size a buffer can hold."""
+    from pdjax.engine.sampling import SamplingParams
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
     rows = (self.config.cached_batch_sizes if self.batches_cached
             else lambda bucket: [1])   # cached prefixes run batched
     first = self._put(np.int32(0))
@@ -866,17 +885,18 @@ class PrefillEngine:
       k, v = self.empty_buffers(length)
       for num in self.buffered_payload_page_counts(length):
         self._pages_fn(num)(k, v, first)
-    if skip_pages and len(self._group_sizes) == 1:   # see _handed_on
-      for bucket in self.config.buckets:
-        n = bucket // self.config.page_size
-        kv = jnp.zeros(request_kv_shape(self.cfg, n, self.config.page_size),
-                       self.cfg.jnp_dtype, device=self.kv_sharding(n))
-        for num in sorted({payload_pages(k) for k in range(1, n)}):
-          self._skip_fn(num)(kv, first)
-    if self.prefix_store is not None:
-      self.prefix_store.warmup(self)
-    # The warm-up's dummy prompts are not traffic.
-    self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+      del k, v   # before the next length's pair is made
+
+  def _warm_skipped_pages(self) -> None:
+    """The programs that leave out of a bucketed prompt's hand-off the
+    pages its receiver holds, for every bucket and page count."""
+    first = self._put(np.int32(0))
+    for bucket in self.config.buckets:
+      n = bucket // self.config.page_size
+      kv = jnp.zeros(request_kv_shape(self.cfg, n, self.config.page_size),
+                     self.cfg.jnp_dtype, device=self.kv_sharding(n))
+      for num in sorted({payload_pages(k) for k in range(1, n)}):
+        self._skip_fn(num)(kv, first)
 
   def close(self) -> None:
     """Nothing to stop: a pool in one process has no followers."""

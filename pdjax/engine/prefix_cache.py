@@ -357,6 +357,7 @@ class PrefillKVStore(PrefixStore):
       table = jnp.zeros((length // self.page_size,), jnp.int32)
       k, v = self._gather(self.k, self.v, table, k, v)
       self.k, self.v = self._store(self.k, self.v, k, v, table)
+      del k, v   # the pair goes before the next, and before the stores below
     for bucket in engine.config.buckets:
       n = bucket // self.page_size
       kv = jnp.zeros((self.cfg.num_layers, 2, n, self.page_size,
@@ -365,6 +366,7 @@ class PrefillKVStore(PrefixStore):
                      device=engine.kv_sharding(n))
       self.k, self.v = self._store_kv(self.k, self.v, kv,
                                       jnp.zeros((n,), jnp.int32))
+      del kv
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
     jax.block_until_ready((self.k, self.v))
