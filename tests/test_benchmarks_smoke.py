@@ -88,10 +88,39 @@ def test_prefill(tmp_path):
 def test_prefill_with_joined_projections(tmp_path):
   _, records = run_tool(
       "bench_prefill.py", tmp_path / "prefill.jsonl", "--prompt_lengths=16",
-      "--tp=1", "--warmup=1", "--repeat=1", "--fuse_projections", *LIMITS)
+      "--tp=1", "--warmup=1", "--repeat=1", "--fuse_projections",
+      "--pause_ms=30", *LIMITS)
   rows = [r for r in records if r["measurement"] == "prefill"]
   assert len(rows) == 1 and rows[0]["params"]["fused_projections"] is True
+  assert rows[0]["params"]["pause_ms"] == 30
   assert rows[0]["results"]["time_s"]["median"] > 0
+
+
+def test_timed_calls_pause_before_each_sample_outside_it():
+  """``time_calls(pause_s=...)`` sleeps before every timed call, and the
+  sleep is not in the samples: the run lasts at least the pauses, while
+  the samples add up to the calls' own time."""
+  import importlib.util
+  import time
+  spec = importlib.util.spec_from_file_location(
+      "bench_common_under_test", TOOLS / "bench_common.py")
+  bench_common = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench_common   # (its dataclasses look it up)
+  spec.loader.exec_module(bench_common)
+  calls = []
+
+  def fn():
+    calls.append(time.perf_counter())
+    return []
+
+  t0 = time.perf_counter()
+  timing = bench_common.time_calls(fn, warmup=1, repeat=3, pause_s=0.05)
+  wall = time.perf_counter() - t0
+  assert len(calls) == 4 and len(timing.samples) == 3
+  assert wall >= 3 * 0.05
+  # Each gap between timed calls holds a whole pause.
+  assert all(b - a >= 0.05 for a, b in zip(calls[1:], calls[2:]))
+  assert sum(timing.samples) < wall - 3 * 0.05 + 1e-3
 
 
 def test_decode(tmp_path):

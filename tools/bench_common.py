@@ -347,14 +347,19 @@ class Timing:
             "samples": self.samples}
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeat: int) -> Timing:
+def time_calls(fn: Callable[[], Any], *, warmup: int, repeat: int,
+               pause_s: float = 0.0) -> Timing:
   """Times ``fn`` (which returns jax arrays), blocking on each result: each
-  sample is one call's wall time, dispatch included."""
+  sample is one call's wall time, dispatch included. ``pause_s``: the
+  device left idle that long before each timed call (as between one-at-a-
+  time requests, rather than calls back to back)."""
   import jax
   for _ in range(warmup):
     jax.block_until_ready(fn())
   samples = []
   for _ in range(max(repeat, 1)):
+    if pause_s > 0:
+      time.sleep(pause_s)
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     samples.append(time.perf_counter() - t0)

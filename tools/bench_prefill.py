@@ -52,6 +52,11 @@ flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
 flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
                   "XLA's DotMerger in the prefill programs "
                   "(PrefillConfig.merge_dots; auto: off).")
+flags.DEFINE_integer("pause_ms", 0, "The device left idle this long before "
+                     "each timed call (0: back to back). A compute-bound "
+                     "program run back to back may hold the GPU at its power "
+                     "limit, at lower clocks than one-at-a-time serving "
+                     "finds it.")
 flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
                   "host path around the same program).")
 FLAGS = flags.FLAGS
@@ -90,7 +95,8 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
     jax.block_until_ready(call())
     first_s = time.perf_counter() - t0
   with compile_stats.CompileCounter() as timed_cc:
-    t = bc.time_calls(call, warmup=FLAGS.warmup, repeat=FLAGS.repeat)
+    t = bc.time_calls(call, warmup=FLAGS.warmup, repeat=FLAGS.repeat,
+                      pause_s=FLAGS.pause_ms / 1000)
   e2e = None
   if FLAGS.e2e:
     req = [PrefillRequest("bench", prompt.tolist(), greedy)]
@@ -114,7 +120,8 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   }
   params_rec = {"tp": tp, "prompt_len": T, "batch": 1,
                 "page_size": FLAGS.page_size, "warmup": FLAGS.warmup,
-                "repeat": FLAGS.repeat, "rules": "prefill_tp",
+                "repeat": FLAGS.repeat, "pause_ms": FLAGS.pause_ms,
+                "rules": "prefill_tp",
                 "program": "PrefillEngine._prefill + _first_token",
                 "triton_gemm": FLAGS.triton_gemm,
                 "merge_dots": FLAGS.merge_dots,
