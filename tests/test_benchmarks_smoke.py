@@ -123,6 +123,21 @@ def test_timed_calls_pause_before_each_sample_outside_it():
   assert sum(timing.samples) < wall - 3 * 0.05 + 1e-3
 
 
+def test_grpc_hop_tool_times_both_ways_of_crossing():
+  """``bench_grpc_hop.py`` starts its server process and times a new call
+  and a message pair on an open stream, each a round trip."""
+  proc = subprocess.run(
+      [sys.executable, str(TOOLS / "bench_grpc_hop.py"), "--calls=20",
+       "--warmup=5", "--gap_ms=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = [l for l in proc.stdout.splitlines() if "round trip" in l]
+  assert [l.split()[0] for l in lines] == ["call", "stream"], proc.stdout
+  for line in lines:
+    p50 = float(line.split("p50 ")[1].split(" ms")[0])
+    assert p50 > 0 and "n=20" in line and "service token on" in line
+
+
 def test_decode(tmp_path):
   stdout, records = run_tool(
       "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1,2",
