@@ -503,8 +503,12 @@ async def serve(role: str, dep) -> None:
           dep.prefill_engine_config(layer_groups=groups), prefix_store=store)
       log.info("prefill runs bucketed prompts in %d layer group(s) %s",
                len(engine.layer_group_sizes), engine.layer_group_sizes)
-      if FLAGS.warmup:   # pages to skip: those the decode pool has cached
-        engine.warmup(skip_pages=dep.decode.prefix_caching)
+      if FLAGS.warmup:
+        # With the programs that leave out of a hand-off the pages its
+        # decode worker holds: any decode worker may cache prefixes (its
+        # own --prefix_caching, or one that joins later), whatever this
+        # deployment file says of the pool.
+        engine.warmup(skip_pages=True)
       if spans and not leader:
         log.info("prefill process %d of %d: replaying the leader's batches",
                  jax.process_index(), jax.process_count())
