@@ -179,15 +179,30 @@ def run_scenario(name: str, work: Path) -> dict:
             _scrape(p), "pdjax_prefix_cache_blocks",
             'pool="decode",stat="hits"') for p in decode),
         "prefill_workers_served": served,
+        # Full collections of each worker's garbage collector (count and
+        # seconds stopped): a pause of tens of ms lands on whatever request
+        # the worker was serving.
+        "gc_full_collections": {
+            p.name: {"count": _metric_sum(
+                t, "pdjax_gc_pause_seconds_count", 'generation="2"'),
+                     "seconds": _metric_sum(
+                t, "pdjax_gc_pause_seconds_sum", 'generation="2"')}
+            for p, t in [*zip(prefill, ptexts),
+                         *((d, _scrape(d)) for d in decode)]},
         # Per request, in the workload's order (the same in every
         # scenario: one seed), for pairing a scenario's requests with the
         # same ones uncached (``_paired``).
+        # With when it was sent (s from the first) and where its TTFT went
+        # (the router's stages, ms).
         "requests": [{
             "prompt_tokens": r["prompt_tokens"],
             "cached_prompt_tokens": int((r.get("usage") or {}).get(
                 "cached_prompt_tokens") or 0),
             "ttft_ms": (r["ttft"] * 1e3 if r.get("ttft") is not None
-                        and r.get("status") == "completed" else None)}
+                        and r.get("status") == "completed" else None),
+            "send_s": r.get("send_time"),
+            "stages_ms": {k: v * 1e3 for k, v in ((r.get("usage") or {}).get(
+                "ttft_stages") or {}).items()}}
                      for r in records],
     }
   finally:
