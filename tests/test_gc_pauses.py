@@ -41,7 +41,10 @@ def test_the_start_up_heap_is_frozen_out_of_collections():
   kept = [object() for _ in range(1000)] + [[] for _ in range(1000)]
   try:
     frozen = gc_pauses.freeze_startup_heap()
-    assert frozen == gc.get_freeze_count() > len(kept)
+    # A frozen object another thread frees since leaves the count (two did
+    # in a full run, whose earlier tests left threads behind): at most
+    # what was frozen, never fewer than what this test keeps.
+    assert frozen >= gc.get_freeze_count() > len(kept)
     # (other threads of the test process may allocate meanwhile)
     assert len(gc.get_objects(generation=2)) < 100
   finally:
