@@ -100,13 +100,10 @@ def test_timed_calls_pause_before_each_sample_outside_it():
   """``time_calls(pause_s=...)`` sleeps before every timed call, and the
   sleep is not in the samples: the run lasts at least the pauses, while
   the samples add up to the calls' own time."""
-  import importlib.util
   import time
-  spec = importlib.util.spec_from_file_location(
-      "bench_common_under_test", TOOLS / "bench_common.py")
-  bench_common = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench_common   # (its dataclasses look it up)
-  spec.loader.exec_module(bench_common)
+  if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+  import bench_common
   calls = []
 
   def fn():

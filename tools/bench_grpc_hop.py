@@ -125,10 +125,8 @@ def main(argv) -> None:
     if FLAGS.transport == "unix":
       address = f"unix://{tmp}/hop.sock"
     else:
-      import socket
-      with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+      from pdjax.launch.cluster import free_port
+      address = f"127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, __file__, f"--serve={address}",
          f"--service_token={FLAGS.service_token}"],

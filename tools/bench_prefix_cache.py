@@ -139,6 +139,7 @@ def run_scenario(name: str, work: Path) -> dict:
     decode = [p for p in cluster.procs if p.name.startswith("decode")]
     time.sleep(0.6)   # the workers' gauges follow their counters in 0.25 s
     ptexts = [_scrape(p) for p in prefill]
+    dtexts = [_scrape(p) for p in decode]
     records = [json.loads(l) for l in
                (out / "results.jsonl").read_text().splitlines()]
     served = {}
@@ -176,8 +177,8 @@ def run_scenario(name: str, work: Path) -> dict:
                         "fetched_bytes",
                         "declined_blocks", "published_bytes")},
         "decode_cache_hits": sum(_metric_sum(
-            _scrape(p), "pdjax_prefix_cache_blocks",
-            'pool="decode",stat="hits"') for p in decode),
+            t, "pdjax_prefix_cache_blocks",
+            'pool="decode",stat="hits"') for t in dtexts),
         "prefill_workers_served": served,
         # Full collections of each worker's garbage collector (count and
         # seconds stopped): a pause of tens of ms lands on whatever request
@@ -187,8 +188,7 @@ def run_scenario(name: str, work: Path) -> dict:
                 t, "pdjax_gc_pause_seconds_count", 'generation="2"'),
                      "seconds": _metric_sum(
                 t, "pdjax_gc_pause_seconds_sum", 'generation="2"')}
-            for p, t in [*zip(prefill, ptexts),
-                         *((d, _scrape(d)) for d in decode)]},
+            for p, t in [*zip(prefill, ptexts), *zip(decode, dtexts)]},
         # Per request, in the workload's order (the same in every
         # scenario: one seed), for pairing a scenario's requests with the
         # same ones uncached (``_paired``).

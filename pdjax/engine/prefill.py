@@ -36,7 +36,8 @@ from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
 from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
-from pdjax.engine.sampling import InvalidRequest, SamplingArrays, sample
+from pdjax.engine.sampling import (InvalidRequest, SamplingArrays,
+                                   SamplingParams, sample)
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
@@ -358,6 +359,12 @@ def _announce(kvs: Sequence[RequestKV], kv_ready: KvReady | None) -> None:
   if kv_ready is not None:
     for i, kv in enumerate(kvs):
       kv_ready(i, kv)
+
+
+# Warm-up's dummy prompts: one token, greedy (the greedy first-token
+# programs) or sampled (the sampling ones).
+_WARMUP_GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+_WARMUP_SAMPLED = SamplingParams(max_tokens=1, temperature=1.0)
 
 
 class PrefillEngine:
@@ -840,9 +847,7 @@ class PrefillEngine:
   def _warm_bucketed(self) -> None:
     """Every bucketed program: each bucket at each batch size, greedy, and
     sampled once per batch size (the first-token programs)."""
-    from pdjax.engine.sampling import SamplingParams
-    greedy = SamplingParams(max_tokens=1, temperature=0.0)
-    sampled = SamplingParams(max_tokens=1, temperature=1.0)
+    greedy, sampled = _WARMUP_GREEDY, _WARMUP_SAMPLED
     sampled_rows: set[int] = set()   # first-token programs by batch size
     for bucket in self.config.buckets:
       for batch in self.config.batch_sizes(bucket):
@@ -862,8 +867,7 @@ class PrefillEngine:
     """The buffered path: one chunk program per chunk length (the buckets)
     and buffer length, at every row count cached prefixes run with, and
     page extraction for every payload size a buffer can hold."""
-    from pdjax.engine.sampling import SamplingParams
-    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    greedy = _WARMUP_GREEDY
     rows = (self.config.cached_batch_sizes if self.batches_cached
             else lambda bucket: [1])   # cached prefixes run batched
     first = self._put(np.int32(0))
