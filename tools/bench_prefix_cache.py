@@ -98,6 +98,14 @@ def _metric_sum(text: str, name: str, label: str = "") -> float:
   return total
 
 
+def _gc_full(text: str) -> dict[str, float]:
+  """A worker's full (generation 2) collections so far: count, seconds."""
+  return {"count": _metric_sum(text, "pdjax_gc_pause_seconds_count",
+                               'generation="2"'),
+          "seconds": _metric_sum(text, "pdjax_gc_pause_seconds_sum",
+                                 'generation="2"')}
+
+
 def _scrape(proc) -> str:
   import urllib.request
   port = proc.metrics_port
@@ -121,6 +129,11 @@ def run_scenario(name: str, work: Path) -> dict:
                      router_flags=["--metrics_port=0", *spec["router"]],
                      kv_store=spec.get("kv_store", False))
     out = work / name / "eval"
+    workers = [p for p in cluster.procs
+               if p.name.startswith(("prefill", "decode"))]
+    # Full collections before the requests (start-up and warm-up ones,
+    # the start-up heap's freeze among them), taken off the counts after.
+    gc_before = {p.name: _gc_full(_scrape(p)) for p in workers}
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "batch_eval.py"),
@@ -180,14 +193,12 @@ def run_scenario(name: str, work: Path) -> dict:
             t, "pdjax_prefix_cache_blocks",
             'pool="decode",stat="hits"') for t in dtexts),
         "prefill_workers_served": served,
-        # Full collections of each worker's garbage collector (count and
-        # seconds stopped): a pause of tens of ms lands on whatever request
-        # the worker was serving.
+        # Full collections of each worker's garbage collector while the
+        # requests ran (count and seconds stopped): a pause of tens of ms
+        # lands on whatever request the worker was serving.
         "gc_full_collections": {
-            p.name: {"count": _metric_sum(
-                t, "pdjax_gc_pause_seconds_count", 'generation="2"'),
-                     "seconds": _metric_sum(
-                t, "pdjax_gc_pause_seconds_sum", 'generation="2"')}
+            p.name: {k: v - gc_before[p.name][k]
+                     for k, v in _gc_full(t).items()}
             for p, t in [*zip(prefill, ptexts), *zip(decode, dtexts)]},
         # Per request, in the workload's order (the same in every
         # scenario: one seed), for pairing a scenario's requests with the
