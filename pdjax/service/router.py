@@ -304,7 +304,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       ids = self.tokenizer.encode(text, add_bos=add)
       field = "text"
     else:
-      ids = list(request.token_ids.ids)
+      ids = request.token_ids.ids   # check_prompt_ids makes the list
       field = "token_ids"
     ids = validation.check_prompt_ids(ids, vocab_size=info.vocab_size,
                                       max_prompt_len=info.max_seq_len - 1,

