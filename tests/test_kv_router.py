@@ -308,6 +308,29 @@ def test_registry_polls_cache_events():
   assert asked == [0, 0, 2]
 
 
+def test_block_keys_are_named_only_where_something_caches():
+  """The router hashes a prompt into block keys only where they can weigh
+  in a choice: a ready worker that caches, or a ready store."""
+  from pdjax.service.registry import WorkerRegistry, WorkerState
+
+  async def run():
+    reg = WorkerRegistry()
+    d = reg.add("127.0.0.1:1", "decode")
+    d.state = WorkerState.READY
+    assert not reg.caches_prefixes()          # no cache anywhere
+    d.cache.apply(common_pb2.WorkerInfo(process_id="p", prefix_caching=True))
+    assert reg.caches_prefixes()
+    d.state = WorkerState.DOWN                # a cache gone with its worker
+    assert not reg.caches_prefixes()
+    store = reg.add("127.0.0.1:2", "kvstore")
+    assert not reg.caches_prefixes()          # not ready yet
+    store.state = WorkerState.READY
+    assert reg.caches_prefixes()
+    await reg.close()
+
+  asyncio.run(run())
+
+
 # ------------------------------------------------------------------ e2e
 PREFIX_LEN = 160          # 10 blocks of 16
 SUFFIX_LEN = 20

@@ -278,6 +278,13 @@ class WorkerRegistry:
   def usable(self, role: str) -> list[Worker]:
     return [w for w in self.of_role(role) if w.usable]
 
+  def caches_prefixes(self) -> bool:
+    """Whether a ready worker caches prompt blocks or a store serves them:
+    only then can a request's block keys (``kv_router.request_keys``) weigh
+    in a choice."""
+    return any(w.usable and (w.cache.enabled or w.role == "kvstore")
+               for w in self.workers.values())
+
   # ---------------------------------------------------------------- choice
   def pick_prefill(self, exclude=(), keys=()) -> Worker | None:
     """Shortest queue, less the cached (or fetchable) prefix of the
