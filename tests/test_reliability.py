@@ -182,37 +182,36 @@ def test_dropped_kv_is_recomputed(tmp_path_factory, reference):
     c.stop()
 
 
-def test_overload_is_refused_fast(tmp_path_factory):
+def test_overload_is_refused_fast(cluster):
+  """Runs before the kill test, on the soak's workers behind a router of
+  its own: the admission bound is the router's (``--max_inflight``), what
+  it fronts is any deployment's workers."""
   bound = 8
-  c = Cluster(tmp_path_factory.mktemp("over"), kv_transport="grpc",
-              num_prefill=1, num_decode=1, warmup=False,
-              router_flags=[f"--max_inflight={bound}"])
-  try:
-    async def one(client, i):
-      t0 = time.monotonic()
-      try:
-        r = await client.generate(prompt_token_ids=[5 + i % 50] * 20,
-                                  max_tokens=64, temperature=0.0,
-                                  ignore_eos=True)
-        return "ok", time.monotonic() - t0, len(r.token_ids)
-      except GenerationError as e:
-        return e.code(), time.monotonic() - t0, e.details()
+  address = cluster.add_router("router_over", [f"--max_inflight={bound}"])
 
-    async def run():
-      async with AsyncClient(c.address, timeout_s=120) as client:
-        return await asyncio.gather(*(one(client, i)
-                                      for i in range(5 * bound)))
+  async def one(client, i):
+    t0 = time.monotonic()
+    try:
+      r = await client.generate(prompt_token_ids=[5 + i % 50] * 20,
+                                max_tokens=64, temperature=0.0,
+                                ignore_eos=True)
+      return "ok", time.monotonic() - t0, len(r.token_ids)
+    except GenerationError as e:
+      return e.code(), time.monotonic() - t0, e.details()
 
-    results = asyncio.run(run())
-    ok = [r for r in results if r[0] == "ok"]
-    refused = [r for r in results if r[0] != "ok"]
-    assert len(ok) >= bound and refused, results
-    assert all(r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
-    assert all("retry after" in r[2] for r in refused)
-    assert max(r[1] for r in refused) < 2.0
-    assert all(r[2] == 64 for r in ok)
-  finally:
-    c.stop()
+  async def run():
+    async with AsyncClient(address, timeout_s=120) as client:
+      return await asyncio.gather(*(one(client, i)
+                                    for i in range(5 * bound)))
+
+  results = asyncio.run(run())
+  ok = [r for r in results if r[0] == "ok"]
+  refused = [r for r in results if r[0] != "ok"]
+  assert len(ok) >= bound and refused, results
+  assert all(r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+  assert all("retry after" in r[2] for r in refused)
+  assert max(r[1] for r in refused) < 2.0
+  assert all(r[2] == 64 for r in ok)
 
 
 def test_kill_workers_under_load(cluster, reference):
