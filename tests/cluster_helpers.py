@@ -130,6 +130,26 @@ class Cluster:
     if wait:
       p.popen.wait()
 
+  def add_router(self, name: str, router_flags=()) -> str:
+    """Starts another router over this deployment's prefill and decode
+    workers (grpc or device transport), as ``launch`` starts its own, with
+    the deployment's configuration and ``router_flags``; returns its
+    address once it serves. A case that differs from another in router
+    flags only runs behind one on the same workers instead of starting a
+    deployment of its own; ``stop`` stops it with the rest."""
+    host = self.cluster.host
+    workers = {role: ",".join(f"{host}:{self.proc(n).port()}"
+                              for n in self.worker_names(role))
+               for role in ("prefill", "decode")}
+    r = self.cluster.start(name, "pdjax.launch.router", [
+        f"--config={self.cluster.config_path}",
+        f"--prefill_workers={workers['prefill']}",
+        f"--decode_workers={workers['decode']}", "--port=0",
+        "--wait_workers_s=60", "--metrics_port=0", *router_flags],
+                           devices=0)
+    self.cluster.wait_ready([r], 120)
+    return f"{host}:{r.port()}"
+
   def metrics(self, name) -> str:
     port = self.proc(name).metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",

@@ -216,7 +216,7 @@ def test_decode_skips_what_does_not_fit(tmp_path):
 
 
 COMMON_CHURN = ["--probe_context=40", "--probe_calls=3", "--max_seqs=4",
-                "--num_pages=128", "--max_seq_len=512", "--table_buckets=4",
+                "--num_pages=128", "--max_seq_len=256", "--table_buckets=4",
                 "--steps_per_call=2"]
 
 

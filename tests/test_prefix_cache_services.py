@@ -18,6 +18,7 @@ from pdjax.client import Client
 
 pytestmark = pytest.mark.timeout(900)
 NEW = 8
+WORKER_FLAGS = ["--prefix_cache_pages=64", "--prefix_caching"]
 
 
 def _family():
@@ -54,10 +55,48 @@ def reference(tiny_model_dir):
   return out
 
 
+@pytest.fixture(scope="module")
+def grpc_cluster(tmp_path_factory):
+  """The grpc deployment, warmed up, that both grpc cases share: they
+  start the same workers and differ in the router's
+  ``--local_prefill_threshold`` only, so the second case runs behind a
+  router of its own over these workers (``Cluster.add_router``)."""
+  c = Cluster(tmp_path_factory.mktemp("grpc"), kv_transport="grpc",
+              num_prefill=1, num_decode=1, warmup=True,
+              worker_flags=WORKER_FLAGS,
+              router_flags=["--local_prefill_threshold=0"])
+  yield c
+  c.stop()
+
+
+def _decode_cached(c) -> float:
+  """Prompt tokens the decode worker's own prefills took from its cache."""
+  return metric(c.metrics("decode0"), "pdjax_prefill_tokens_total",
+                'source="cache"')
+
+
+def _counts(c, pname: str, transport: str) -> dict[str, float]:
+  """The counters the test checks, on the prefill side (``pname``) and
+  the decode worker's own prefills."""
+  text = c.metrics(pname)
+  out = {
+      "cached": metric(text, "pdjax_prefill_tokens_total", 'source="cache"'),
+      "computed": metric(text, "pdjax_prefill_tokens_total",
+                         'source="computed"'),
+      "skipped": sum(
+          metric(text, "pdjax_kv_transfer_skipped_bytes_total",
+                 f'transport="{t}"') for t in ("grpc", "device", "local")),
+      "compiled": metric(text, "pdjax_xla_compilations"),
+  }
+  if transport != "local":
+    out["local"] = _decode_cached(c)
+  return out
+
+
 @pytest.mark.parametrize("transport,local_prefill", [
     ("grpc", 0), ("device", 0), ("local", 0), ("grpc", 70)])
 def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
-                                   reference):
+                                   reference, request):
   """``local_prefill``: prompts shorter than this are prefilled on the
   decode worker, from its own cached blocks. Every response's usage says
   how many prompt tokens came from a cache; together they are what the
@@ -68,46 +107,56 @@ def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
   its own (the deployment file says nothing of it), so the prefill's
   hand-offs leave out pages it holds, with programs warm-up must have made
   (they compiled on the first requests, 70 ms each, when the prefill worker
-  warmed them only where the file said the decode pool caches)."""
-  warm = transport == "grpc" and not local_prefill
-  c = Cluster(tmp_path / transport, kv_transport=transport, num_prefill=1,
-              num_decode=1, warmup=warm,
-              worker_flags=["--prefix_cache_pages=64", "--prefix_caching"],
-              router_flags=[f"--local_prefill_threshold={local_prefill}"])
+  warmed them only where the file said the decode pool caches).
+
+  Both grpc cases run on that one deployment (the workers they start are
+  the same), each behind a router with its threshold; the one behind the
+  second router sends a cache salt, so that it finds none of the other's
+  blocks, as on a fresh deployment. Counts are what the workers' counters
+  advanced by during the case."""
+  warm = transport == "grpc"
+  if warm:
+    c = request.getfixturevalue("grpc_cluster")
+    address = c.address
+    if local_prefill:
+      address = c.add_router(
+          "router_lp", [f"--local_prefill_threshold={local_prefill}"])
+  else:
+    c = Cluster(tmp_path / transport, kv_transport=transport, num_prefill=1,
+                num_decode=1, warmup=False, worker_flags=WORKER_FLAGS,
+                router_flags=[f"--local_prefill_threshold={local_prefill}"])
+    address = c.address
+  # The second router's case keeps its blocks apart from the first's.
+  salt = f"threshold-{local_prefill}" if warm and local_prefill else None
+  pname = "pd0" if transport == "local" else "prefill0"
   try:
+    before = _counts(c, pname, transport)
     if warm:
-      compiled = metric(c.metrics("prefill0"), "pdjax_xla_compilations")
-      assert compiled > 0   # (counted)
+      assert before["compiled"] > 0   # (counted)
     reported = []
-    with Client(c.address, timeout_s=120) as client:
+    with Client(address, timeout_s=120) as client:
       for seeded in (False, True):
         for i, p in enumerate(_family()):
           r = client.generate(prompt_token_ids=p, max_tokens=NEW,
-                              ignore_eos=True, **_sampling(i, seeded))
+                              ignore_eos=True, cache_salt=salt,
+                              **_sampling(i, seeded))
           assert r.token_ids == reference[(seeded, i)], (transport, seeded, i)
           assert bool(r.usage.prefill_worker) == (len(p) >= local_prefill)
           check_ttft_stages(r.usage)
           reported.append(r.usage.cached_prompt_tokens)
     assert reported[0] == 0 and reported[1] > 0   # the same prompt again
-    pname = "pd0" if transport == "local" else "prefill0"
-    text = c.metrics(pname)
-    cached = metric(text, "pdjax_prefill_tokens_total", 'source="cache"')
-    computed = metric(text, "pdjax_prefill_tokens_total",
-                      'source="computed"')
-    skipped = sum(
-        metric(text, "pdjax_kv_transfer_skipped_bytes_total",
-               f'transport="{t}"') for t in ("grpc", "device", "local"))
-    assert cached > 0 and computed > 0
-    assert skipped > 0
+    after = _counts(c, pname, transport)
+    cached = after["cached"] - before["cached"]
+    assert cached > 0 and after["computed"] > before["computed"]
+    assert after["skipped"] > before["skipped"]
     if warm:
-      assert metric(text, "pdjax_xla_compilations") == compiled
+      assert after["compiled"] == before["compiled"]
     if transport != "local":
       # The decode worker's own prefills: its counters advance on its loop's
       # tick (every 0.25 s), so the last request's may still be on the way.
       deadline = time.monotonic() + 10
       while True:
-        local = metric(c.metrics("decode0"), "pdjax_prefill_tokens_total",
-                       'source="cache"')
+        local = _decode_cached(c) - before["local"]
         if sum(reported) == cached + local or time.monotonic() > deadline:
           break
         time.sleep(0.1)
@@ -115,4 +164,5 @@ def test_prefix_caching_end_to_end(transport, local_prefill, tmp_path,
       cached += local
     assert sum(reported) == cached
   finally:
-    c.stop()
+    if not warm:
+      c.stop()

@@ -86,29 +86,6 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
                   f'stage="{stage}"') >= len(prompts), stage
 
 
-@pytest.mark.parametrize("transport,layer_groups,prefill_mesh",
-                         [("device", 2, None), ("local", 1, "tp=1")])
-def test_other_transports_match_reference(transport, layer_groups,
-                                          prefill_mesh, tmp_path_factory,
-                                          reference):
-  """The device transport's worker runs its prefill in two layer groups:
-  a hand-off that cannot write them one by one (no CUDA IPC on CPU) joins
-  them, with the same tokens. The local transport's worker (both pools in
-  one process, ``--role=both``) runs the prefill mesh it is given, TP=1
-  where the file says TP=2, on the two devices the launcher gives it."""
-  c = Cluster(tmp_path_factory.mktemp(transport), kv_transport=transport,
-              num_prefill=1, num_decode=1, prefill_mesh=prefill_mesh,
-              warmup=False,
-              worker_flags=[f"--prefill_layer_groups={layer_groups}"])
-  try:
-    prompts, expected = reference
-    results = _generate_all(c.address, prompts)
-    assert [r.token_ids for r in results] == expected
-    assert all(r.usage.prefill_worker for r in results)
-  finally:
-    c.stop()
-
-
 def test_prefill_pool_spanning_two_processes_matches_reference(
     tmp_path_factory, reference):
   """One prefill worker made of two processes over jax.distributed (its
@@ -376,18 +353,31 @@ def test_zzzz_router_drain_ends_at_its_timeout(grpc_cluster):
   assert ROUTER_DRAIN_S <= took < ROUTER_DRAIN_S + 5, took
 
 
-@pytest.mark.parametrize("transport,prefill_mesh",
-                         [("grpc", None), ("device", None), ("local", "tp=1")])
-def test_pipelined_decode_pool_matches_reference(transport, prefill_mesh,
+@pytest.mark.parametrize("transport,layer_groups,prefill_mesh",
+                         [("grpc", 1, None), ("device", 2, None),
+                          ("local", 1, "tp=1")])
+def test_pipelined_decode_pool_matches_reference(transport, layer_groups,
+                                                 prefill_mesh,
                                                  tmp_path_factory, reference):
   """A decode pool that is a pipeline of two stages (``dp=1,pp=2``,
   ``decode_dp_pp``) takes the prefill's hand-off over every transport:
   from the TP=2 prefill worker across processes (grpc, device), and in
   one process from a TP=1 prefill pool beside it (local); each stage lands
-  its own layers' pages. The tokens are the reference's."""
+  its own layers' pages. The tokens are the reference's.
+
+  The device transport's prefill worker runs its prompts in two layer
+  groups: a hand-off that cannot write them one by one (no CUDA IPC on
+  CPU) joins them (``DeviceSender.send``, before it looks at the
+  destination), with the same tokens. The local transport's worker (both
+  pools in one process, ``--role=both``) runs the prefill mesh it is
+  given, TP=1 where the file says TP=2, on the devices the launcher gives
+  it. (Both transports into a decode pool of one stage:
+  tests/test_prefix_cache_services.py's deployments, against the same
+  reference engine.)"""
   c = Cluster(tmp_path_factory.mktemp(f"pp-{transport}"), warmup=False,
               kv_transport=transport, num_prefill=1, num_decode=1,
               prefill_mesh=prefill_mesh,
+              worker_flags=[f"--prefill_layer_groups={layer_groups}"],
               overrides={"decode": {"mesh": "dp=1,pp=2",
                                     "sharding": "decode_dp_pp"}})
   try:
