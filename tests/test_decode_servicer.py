@@ -199,6 +199,61 @@ def test_a_cancelled_receive_gives_everything_back():
   _assert_all_returned(worker, engine, receiver)
 
 
+@pytest.mark.parametrize("closer", ["unreserve", "reap"])
+def test_unreserve_or_the_reaper_leave_a_landing_kv_to_its_call(closer):
+  """Unreserve (a client's deadline reached the router) or the TTL reaper
+  while the KV is landing: the hand-off stays the Decode call's, so the
+  reservation it submits with is still held; the request joins the engine
+  once and nothing is given back twice. (Closing it there freed the
+  reservation under the receive: the engine then admitted the request on
+  pages it no longer held and failed its whole batch.)"""
+  worker, engine, receiver, servicer = _worker()
+  receiver.gate = threading.Event()
+
+  async def go():
+    await _call(servicer.Reserve, _reserve_req(0))
+    task = asyncio.ensure_future(_decode(servicer, _decode_req(0)))
+    for _ in range(500):
+      await asyncio.sleep(0.01)
+      if worker.handoffs._open["r0"].state == HandoffState.RECEIVING:
+        break
+    if closer == "unreserve":
+      _, code = await _call(servicer.Unreserve,
+                            decode_pb2.UnreserveRequest(request_id="r0"))
+      assert code is None
+    else:
+      assert worker.handoffs.reap(-1.0) == []
+    assert worker.handoffs._open["r0"].state == HandoffState.RECEIVING
+    assert engine.returned == 0 and receiver.forgotten == []
+    receiver.gate.set()
+    tokens, code = await task
+    assert code is None and tokens == [7, 8, 9]
+  asyncio.run(go())
+  assert engine.taken == ["r0"] and engine.returned == 0
+  _assert_all_returned(worker, engine, receiver)
+
+
+def test_a_receive_after_the_hand_off_closed_is_refused():
+  """The reaper (the worker's loop thread) closes a reserved hand-off
+  between a Decode call's redeem and its receive: the receive is refused
+  (FAILED_PRECONDITION, as for a reservation already gone) and nothing
+  is given back twice."""
+  from pdjax.service.handoffs import HandoffClosed
+  worker, engine, receiver, _ = _worker()
+
+  async def go():
+    h = worker.handoffs.reserve("r0", 3, 4, transfer_id="t0")
+    assert worker.handoffs.redeem("r0", "t0") is h
+    assert worker.handoffs.reap(-1.0) == [h]
+    with pytest.raises(HandoffClosed):
+      async with h.receiving(16, 1.0):
+        pass
+    assert h.close()                  # the call's own close: a no-op now
+  asyncio.run(go())
+  assert engine.returned == 1 and receiver.forgotten == ["t0"]
+  _assert_all_returned(worker, engine, receiver)
+
+
 OPS = ("reserve", "lend", "decode", "decode_fail", "decode_timeout",
        "decode_wrong_id", "unreserve", "reap")
 

@@ -43,7 +43,7 @@ from pdjax.service import common, kv_router
 from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
-from pdjax.service.handoffs import Handoffs
+from pdjax.service.handoffs import HandoffClosed, Handoffs
 from pdjax.service.room_waiters import RoomWaiters
 from pdjax.transfer.base import (KvReceiver, StreamIntake, TransferDenied,
                                  TransferError)
@@ -413,6 +413,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
           # Whatever failed (a transfer error, or one no transport foresaw),
           # the request was never submitted: the ``finally`` below closes
           # its hand-off before the status goes out.
+          if isinstance(e, HandoffClosed):   # given back just before
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
           w.metrics.transfer_failures.labels(w.receiver.name,
                                              type(e).__name__).inc()
           if not isinstance(e, TransferError):

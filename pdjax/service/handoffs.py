@@ -15,6 +15,11 @@ of the receive budget. A ``Handoff`` owns them together and moves through
                       receive, the reservation's TTL): the reservation and
                       the id go back, once.
 
+Once a Decode call receives the KV, the hand-off is that call's: only the
+call closes it (if it ends without submitting). Unreserve and the reaper
+close a hand-off that is still RESERVED, or leave it: closing one under a
+receive would free the reservation that the call then submits with.
+
 ``Handoffs`` is the table of them by request id: the servicer's RPCs and
 the worker's reaper go through it, never to the engine's reservations and
 the receiver's ids separately.
@@ -40,6 +45,10 @@ class HandoffState(enum.Enum):
   CLOSED = "closed"           # everything it held was given back
 
 
+class HandoffClosed(Exception):
+  """The hand-off was closed (Unreserve, its TTL) before its KV came."""
+
+
 class Handoff:
   """One request's reservation and transfer id on this worker."""
 
@@ -63,7 +72,12 @@ class Handoff:
   async def receiving(self, nbytes: int, timeout_s: float):
     """The receive: RESERVED -> RECEIVING, holding ``nbytes`` of the
     receive budget until it ends (TimeoutError if the budget has no room
-    in time)."""
+    in time; ``HandoffClosed`` if the hand-off was closed first)."""
+    with self._owner._lock:
+      if self.state is HandoffState.CLOSED:
+        raise HandoffClosed(f"the reservation of request "
+                            f"{self.request_id!r} was given back (Unreserve "
+                            "or its TTL) before its KV came")
     self._move(HandoffState.RECEIVING, HandoffState.RESERVED)
     async with self._owner.budget.hold(nbytes, timeout_s):
       yield
@@ -77,17 +91,31 @@ class Handoff:
   def close(self) -> bool:
     """Gives back what the hand-off still holds: the engine's reservation
     and the receiver's id (and whatever it staged or lent under it). Once;
-    a no-op after ``submitted``. False when the engine is admitting the
-    request right now (it frees or uses the reservation itself)."""
+    a no-op after ``submitted``. For the Decode call that redeemed it (or
+    before any did). False when the engine is admitting the request right
+    now (it frees or uses the reservation itself)."""
+    return self._close(HandoffState.RESERVED, HandoffState.RECEIVING)
+
+  def abandon(self) -> bool:
+    """``close`` from outside the Decode call (Unreserve, the reaper): only
+    while no call receives the KV; False, leaving it open, once one does
+    (the call closes it if it ends without submitting)."""
+    return self._close(HandoffState.RESERVED)
+
+  def _close(self, *closable: HandoffState) -> bool:
     with self._owner._lock:
       if self.state in (HandoffState.SUBMITTED, HandoffState.CLOSED):
         return True
+      if self.state not in closable:
+        return False
+      # Closed from here on: a receive that starts now finds it closed.
+      was, self.state = self.state, HandoffState.CLOSED
     if self._owner.engine.unreserve(self.request_id) is None and (
         self._owner.engine.reservation(self.request_id) is not None):
+      with self._owner._lock:
+        self.state = was
       return False
     self._owner.receiver.forget(self.transfer_id)
-    with self._owner._lock:
-      self.state = HandoffState.CLOSED
     self._owner._drop(self)
     return True
 
@@ -141,20 +169,23 @@ class Handoffs:
     return h
 
   def close(self, request_id: str) -> None:
-    """Unreserve: the router gave up on the request before its KV came."""
+    """Unreserve: the router gave up on the request. A hand-off whose KV
+    a Decode call is receiving stays that call's to close (the router
+    cancels the call too)."""
     with self._lock:
       h = self._open.get(request_id)
     if h is not None:
-      h.close()
+      h.abandon()
 
   def reap(self, ttl_s: float) -> list[Handoff]:
     """Closes the hand-offs reserved more than ``ttl_s`` ago whose KV never
-    came (the router or the prefill worker died in between)."""
+    came (the router or the prefill worker died in between): those still
+    RESERVED when their turn comes."""
     now = time.monotonic()
     with self._lock:
       old = [h for h in self._open.values()
              if h.state == HandoffState.RESERVED and now - h.created > ttl_s]
-    return [h for h in old if h.close()]
+    return [h for h in old if h.abandon()]
 
   def _drop(self, h: Handoff) -> None:
     with self._lock:
@@ -162,4 +193,4 @@ class Handoffs:
         del self._open[h.request_id]
 
 
-__all__ = ["Handoff", "HandoffState", "Handoffs"]
+__all__ = ["Handoff", "HandoffClosed", "HandoffState", "Handoffs"]
