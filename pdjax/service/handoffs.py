@@ -73,12 +73,12 @@ class Handoff:
     """The receive: RESERVED -> RECEIVING, holding ``nbytes`` of the
     receive budget until it ends (TimeoutError if the budget has no room
     in time; ``HandoffClosed`` if the hand-off was closed first)."""
-    with self._owner._lock:
+    with self._owner._lock:   # one look: the reaper runs on another thread
       if self.state is HandoffState.CLOSED:
         raise HandoffClosed(f"the reservation of request "
                             f"{self.request_id!r} was given back (Unreserve "
                             "or its TTL) before its KV came")
-    self._move(HandoffState.RECEIVING, HandoffState.RESERVED)
+      self._move(HandoffState.RECEIVING, HandoffState.RESERVED)
     async with self._owner.budget.hold(nbytes, timeout_s):
       yield
 
