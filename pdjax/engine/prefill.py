@@ -38,6 +38,7 @@ from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import (InvalidRequest, SamplingArrays,
                                    SamplingParams, sample)
+from pdjax.engine.sampling_params import check_in_vocabulary
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.xla_options import gemm_options
 from pdjax.model.config import ModelConfig
@@ -472,11 +473,7 @@ class PrefillEngine:
           "prompt", f"has {n} tokens; this deployment accepts at most "
           f"{self.config.max_seq_len - 1} (max_seq_len {self.config.max_seq_len}"
           " counts the generated tokens too)")
-    arr = np.asarray(prompt_ids)
-    if arr.min() < 0 or arr.max() >= self.cfg.vocab_size:
-      bad = int(arr[(arr < 0) | (arr >= self.cfg.vocab_size)][0])
-      raise InvalidRequest("prompt_token_ids", f"token id {bad} is outside "
-                           f"the vocabulary [0, {self.cfg.vocab_size})")
+    check_in_vocabulary(np.asarray(prompt_ids), self.cfg.vocab_size)
 
   # ---------------------------------------------------------------- run
   def prefill(self, requests: Sequence[PrefillRequest], *,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 
 MAX_STOP_TOKEN_IDS = 16
 
@@ -16,6 +18,22 @@ class InvalidRequest(ValueError):
   def __init__(self, field: str, message: str):
     super().__init__(f"{field}: {message}")
     self.field = field
+
+
+def outside_vocabulary(field: str, token_id: int, vocab_size: int
+                       ) -> InvalidRequest:
+  """The refusal of a token id outside ``[0, vocab_size)``."""
+  return InvalidRequest(field, f"token id {token_id} is outside the "
+                        f"vocabulary [0, {vocab_size})")
+
+
+def check_in_vocabulary(ids: np.ndarray, vocab_size: int,
+                        field: str = "prompt_token_ids") -> None:
+  """Refuses the integer array ``ids`` naming its first id outside the
+  vocabulary (one array comparison, not a loop over the ids)."""
+  outside = (ids < 0) | (ids >= vocab_size)
+  if outside.any():
+    raise outside_vocabulary(field, int(ids[np.argmax(outside)]), vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,4 +81,5 @@ class SamplingParams:
     return (s ^ (s >> 32)) & 0xFFFFFFFF
 
 
-__all__ = ["SamplingParams", "InvalidRequest", "MAX_STOP_TOKEN_IDS"]
+__all__ = ["SamplingParams", "InvalidRequest", "MAX_STOP_TOKEN_IDS",
+           "check_in_vocabulary", "outside_vocabulary"]

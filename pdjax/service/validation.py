@@ -15,7 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from pdjax.engine.sampling_params import (MAX_STOP_TOKEN_IDS,
-                                          InvalidRequest, SamplingParams)
+                                          InvalidRequest, SamplingParams,
+                                          check_in_vocabulary,
+                                          outside_vocabulary)
 from pdjax.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -97,19 +99,10 @@ def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
     out = [int(t) for t in ids]
     for t in out:
       if not 0 <= t < vocab_size:
-        raise _outside_vocabulary(field, t, vocab_size)
+        raise outside_vocabulary(field, t, vocab_size)
     return out
-  outside = (arr < 0) | (arr >= vocab_size)
-  if outside.any():
-    raise _outside_vocabulary(field, int(arr[np.argmax(outside)]),
-                              vocab_size)
+  check_in_vocabulary(arr, vocab_size, field)
   return arr.tolist()
-
-
-def _outside_vocabulary(field: str, t: int, vocab_size: int
-                        ) -> InvalidRequest:
-  return InvalidRequest(field, f"token id {t} is outside the vocabulary "
-                        f"[0, {vocab_size})")
 
 
 MAX_CACHE_SALT_LEN = 256
