@@ -129,11 +129,11 @@ def run_scenario(name: str, work: Path) -> dict:
                      router_flags=["--metrics_port=0", *spec["router"]],
                      kv_store=spec.get("kv_store", False))
     out = work / name / "eval"
-    workers = [p for p in cluster.procs
-               if p.name.startswith(("prefill", "decode"))]
+    prefill = [p for p in cluster.procs if p.name.startswith("prefill")]
+    decode = [p for p in cluster.procs if p.name.startswith("decode")]
     # Full collections before the requests (start-up and warm-up ones,
     # the start-up heap's freeze among them), taken off the counts after.
-    gc_before = {p.name: _gc_full(_scrape(p)) for p in workers}
+    gc_before = {p.name: _gc_full(_scrape(p)) for p in [*prefill, *decode]}
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "batch_eval.py"),
@@ -148,8 +148,6 @@ def run_scenario(name: str, work: Path) -> dict:
       raise RuntimeError(f"batch_eval failed: {proc.stderr[-2000:]}")
     wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
-    prefill = [p for p in cluster.procs if p.name.startswith("prefill")]
-    decode = [p for p in cluster.procs if p.name.startswith("decode")]
     time.sleep(0.6)   # the workers' gauges follow their counters in 0.25 s
     ptexts = [_scrape(p) for p in prefill]
     dtexts = [_scrape(p) for p in decode]
