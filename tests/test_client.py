@@ -234,6 +234,23 @@ def test_build_request_names_the_field_out_of_range(kwargs, field):
   assert "out of range" in str(info.value)
 
 
+def test_build_request_token_ids_any_integer_sequence():
+  """Ids from a list, a tuple, a numpy array or a generator go out as the
+  same repeated field; a long prompt's one bad id is named by its index."""
+  ids = list(range(3000))
+  want = pc.build_request(prompt_token_ids=ids).token_ids.ids
+  for given in (tuple(ids), np.arange(3000, dtype=np.int64),
+                np.arange(3000, dtype=np.uint16), iter(ids)):
+    assert pc.build_request(prompt_token_ids=given).token_ids.ids == want
+  assert pc.build_request(prompt_token_ids=[True, 2]).token_ids.ids == [1, 2]
+  with pytest.raises(ValueError, match=r"^prompt_token_ids\[2999\]:"):
+    pc.build_request(prompt_token_ids=ids[:-1] + [2**31])
+  with pytest.raises(ValueError, match=r"^prompt_token_ids\[5\]:"):
+    pc.build_request(prompt_token_ids=np.r_[np.zeros(5, np.int64), -2**31 - 1])
+  with pytest.raises(TypeError):
+    pc.build_request(prompt_token_ids=np.ones(4))
+
+
 def test_generation_error_carries_status():
   e = pc.GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "top_p: bad")
   assert isinstance(e, RuntimeError)

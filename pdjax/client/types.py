@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import grpc
+import numpy as np
 
 from pdjax.v1 import common_pb2, generate_pb2
 
@@ -218,6 +219,17 @@ def _in_range(value: int, field: str, bounds: tuple[int, int],
 
 
 def _token_ids(ids: Iterable[int], field: str) -> list[int]:
+  # The common case as one array comparison: a loop over 2,048 ids takes
+  # about a millisecond, all of it in the caller's time to first token.
+  try:
+    arr = np.asarray(ids)
+  except (OverflowError, TypeError, ValueError):
+    arr = None
+  if (arr is not None and arr.ndim == 1 and arr.size
+      and arr.dtype.kind in "iu" and _INT32[0] <= arr.min()
+      and arr.max() <= _INT32[1]):
+    return arr.tolist()
+  # Anything else one id at a time, for the message naming the first bad one.
   try:
     # operator.index accepts ints and numpy integers, and rejects floats and
     # strings that int() would silently convert.
