@@ -46,7 +46,7 @@ export PROMPT_LEN=${PROMPT_LEN:-512}
 CONCURRENCIES=${CONCURRENCIES:-1 32}
 
 python3 - "$OUT" <<'EOF'
-import json, os, sys
+import json, os, re, sys
 import numpy as np
 out = sys.argv[1]
 rng = np.random.default_rng(0)
@@ -62,9 +62,9 @@ with open(f"{out}/prompts_decode_bound.jsonl", "w") as f:
     f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": 512}) + "\n")
 base = open("pdjax/configs/deployments/gpu-8b-1gpu.toml").read()
 for steps in (4, 1):
-  cfg = (base.replace("max_seq_len = 8192", f"max_seq_len = {context}")
-         .replace("buckets = [128, 512, 1024, 2048, 4096, 8192]",
-                  f"buckets = [{prompt_len}]")
+  cfg = (re.sub(r"^buckets = \[[0-9, ]*\]$", f"buckets = [{prompt_len}]",
+                base, flags=re.M)
+         .replace("max_seq_len = 8192", f"max_seq_len = {context}")
          .replace("max_seqs = 128", "max_seqs = 64")
          .replace("table_buckets = [32, 128]",
                   f"table_buckets = [{context // 16}]")
