@@ -399,7 +399,12 @@ def test_fp8_kv_is_handed_on_as_fp8(tmp_path_factory, tiny_model_dir):
   from pdjax.config import resolve
   from pdjax.engine.kv import pages_for
   from pdjax.model.config import ModelConfig
-  fp8 = {"kv_dtype": "fp8"}
+  # A pool of 32 pages (the 4 prompts need at most 14 at once), not the
+  # deployment's 300: XLA:CPU has no float8 arithmetic and widens a whole
+  # FP8 pool to update a page of it, every layer of every step, so the
+  # decode calls take the time of the pool's size (0.9 s a request at 300
+  # pages, 0.2 at 32). What is sent, and the tokens, do not depend on it.
+  fp8 = {"kv_dtype": "fp8", "decode": {"num_pages": 32}}
   prompts = make_prompts()[:4]
   expected = reference_tokens(tiny_model_dir, prompts, overrides=fp8)
   # The stream sends the pages that hold a prompt's tokens.
