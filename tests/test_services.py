@@ -54,9 +54,15 @@ def grpc_cluster(tmp_path_factory):
   # of 200 tokens is still being generated seconds after its first token:
   # the decode-death test can then kill a worker mid-stream on a loaded
   # 2-core machine, where the router may relay tokens late. The router's
-  # drain is short, for the last test.
+  # drain is short, for the last test. Without warm-up (Cluster's
+  # warmup=False): these tests check what the services answer, and four
+  # workers warming up at once on a cold cache each compiled every serving
+  # program, two of a kind at the same time (13 of these tests' 44 CPU-s);
+  # worker warm-up is run by the spanning prefill pool's deployment below
+  # and by tests/test_prefix_cache_services.py's, which checks that its
+  # prefill worker then compiles nothing while serving.
   c = Cluster(tmp_path_factory.mktemp("grpc"), kv_transport="grpc",
-              num_prefill=2, num_decode=2,
+              num_prefill=2, num_decode=2, warmup=False,
               worker_flags=["--fault_injection_decode_step_delay_s=0.05"],
               router_flags=[f"--drain_timeout_s={ROUTER_DRAIN_S}"])
   yield c
