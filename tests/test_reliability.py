@@ -214,11 +214,60 @@ def test_overload_is_refused_fast(cluster):
   assert all(r[2] == 64 for r in ok)
 
 
+def test_sigterm_drains_and_replacement_rejoins(cluster, reference):
+  """Runs after the overload test and before the kill test, on the soak's
+  workers (two decode workers; the soak compiled what serving needs): a
+  decode worker told to stop finishes its streams and exits cleanly, and a
+  replacement started on its address is routed to."""
+  prompts, expected = reference
+  c = cluster
+  sent = []
+
+  async def stream_all():
+    async with AsyncClient(c.address, timeout_s=120) as client:
+      async def one(i):
+        toks = []
+        async for d in client.stream(prompt_token_ids=prompts[i % 3],
+                                     max_tokens=120, temperature=0.0,
+                                     ignore_eos=True):
+          toks.extend(d.token_ids)
+          if len(toks) >= 2 and not sent:
+            sent.append(time.monotonic())
+            c.kill("decode0", sig=signal.SIGTERM, wait=False)
+        return toks
+      return await asyncio.gather(*(one(i) for i in range(6)))
+
+  results = asyncio.run(stream_all())
+  assert sent, "SIGTERM was never sent"
+  assert all(len(t) == 120 for t in results)   # nobody was cut off
+  for i, t in enumerate(results):
+    assert t[:MAX_NEW] == expected[i % 3]
+  assert c.proc("decode0").popen.wait(timeout=60) == 0
+  # A replacement on the same address rejoins and is routed to.
+  old = c.proc("decode0")
+  port = old.port()
+  new = c.cluster.start("decode0b", "pdjax.launch.decode",
+                        ["--config=test", "--kv_transport=grpc",
+                         "--mesh=dp=1", f"--port={port}", "--nowarmup"])
+  c.cluster.wait_ready([new], 300)
+  seen = set()
+  with Client(c.address, timeout_s=60) as client:
+    deadline = time.monotonic() + 30
+    while f"127.0.0.1:{port}" not in seen:
+      assert time.monotonic() < deadline, seen
+      r = client.generate(prompt_token_ids=prompts[0], max_tokens=MAX_NEW,
+                          temperature=0.0, ignore_eos=True)
+      assert r.token_ids == expected[0]
+      seen.add(r.usage.decode_worker)
+
+
 def test_kill_workers_under_load(cluster, reference):
   """Runs after the soak (same cluster). Kills one decode worker mid-load
   and one prefill worker; the rest finishes correctly."""
   prompts, expected = reference
   n = 24
+  # decode0 was stopped by the drain test; its replacement serves.
+  victim = cluster.worker_names("decode")[0]
 
   async def one(client, i):
     p = i % len(prompts)
@@ -237,7 +286,7 @@ def test_kill_workers_under_load(cluster, reference):
     async with AsyncClient(cluster.address, timeout_s=120) as client:
       tasks = [asyncio.create_task(one(client, i)) for i in range(n)]
       await asyncio.sleep(0.3)
-      cluster.kill("decode0", wait=False)
+      cluster.kill(victim, wait=False)
       cluster.kill("prefill0", wait=False)
       return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
@@ -254,50 +303,3 @@ def test_kill_workers_under_load(cluster, reference):
       assert client.generate(prompt_token_ids=p, max_tokens=MAX_NEW,
                              temperature=0.0,
                              ignore_eos=True).token_ids == want
-
-
-def test_sigterm_drains_and_replacement_rejoins(tmp_path_factory, reference):
-  prompts, expected = reference
-  c = Cluster(tmp_path_factory.mktemp("drain"), kv_transport="grpc",
-              num_prefill=1, num_decode=2, warmup=False)
-  try:
-    sent = []
-
-    async def stream_all():
-      async with AsyncClient(c.address, timeout_s=120) as client:
-        async def one(i):
-          toks = []
-          async for d in client.stream(prompt_token_ids=prompts[i % 3],
-                                       max_tokens=120, temperature=0.0,
-                                       ignore_eos=True):
-            toks.extend(d.token_ids)
-            if len(toks) >= 2 and not sent:
-              sent.append(time.monotonic())
-              c.kill("decode0", sig=signal.SIGTERM, wait=False)
-          return toks
-        return await asyncio.gather(*(one(i) for i in range(6)))
-
-    results = asyncio.run(stream_all())
-    assert sent, "SIGTERM was never sent"
-    assert all(len(t) == 120 for t in results)   # nobody was cut off
-    for i, t in enumerate(results):
-      assert t[:MAX_NEW] == expected[i % 3]
-    assert c.proc("decode0").popen.wait(timeout=60) == 0
-    # A replacement on the same address rejoins and is routed to.
-    old = c.proc("decode0")
-    port = old.port()
-    new = c.cluster.start("decode0b", "pdjax.launch.decode",
-                          ["--config=test", "--kv_transport=grpc",
-                           "--mesh=dp=1", f"--port={port}", "--nowarmup"])
-    c.cluster.wait_ready([new], 300)
-    seen = set()
-    with Client(c.address, timeout_s=60) as client:
-      deadline = time.monotonic() + 30
-      while f"127.0.0.1:{port}" not in seen:
-        assert time.monotonic() < deadline, seen
-        r = client.generate(prompt_token_ids=prompts[0], max_tokens=MAX_NEW,
-                            temperature=0.0, ignore_eos=True)
-        assert r.token_ids == expected[0]
-        seen.add(r.usage.decode_worker)
-  finally:
-    c.stop()

@@ -54,9 +54,15 @@ def grpc_cluster(tmp_path_factory):
   # of 200 tokens is still being generated seconds after its first token:
   # the decode-death test can then kill a worker mid-stream on a loaded
   # 2-core machine, where the router may relay tokens late. The router's
-  # drain is short, for the last test.
+  # drain is short, for the last test. Without warm-up (Cluster's
+  # warmup=False): these tests check what the services answer, and four
+  # workers warming up at once on a cold cache each compiled every serving
+  # program, two of a kind at the same time (13 of these tests' 44 CPU-s);
+  # worker warm-up is run by the spanning prefill pool's deployment below
+  # and by tests/test_prefix_cache_services.py's, which checks that its
+  # prefill worker then compiles nothing while serving.
   c = Cluster(tmp_path_factory.mktemp("grpc"), kv_transport="grpc",
-              num_prefill=2, num_decode=2,
+              num_prefill=2, num_decode=2, warmup=False,
               worker_flags=["--fault_injection_decode_step_delay_s=0.05"],
               router_flags=[f"--drain_timeout_s={ROUTER_DRAIN_S}"])
   yield c
@@ -399,7 +405,12 @@ def test_fp8_kv_is_handed_on_as_fp8(tmp_path_factory, tiny_model_dir):
   from pdjax.config import resolve
   from pdjax.engine.kv import pages_for
   from pdjax.model.config import ModelConfig
-  fp8 = {"kv_dtype": "fp8"}
+  # A pool of 32 pages (the 4 prompts need at most 14 at once), not the
+  # deployment's 300: XLA:CPU has no float8 arithmetic and widens a whole
+  # FP8 pool to update a page of it, every layer of every step, so the
+  # decode calls take the time of the pool's size (0.9 s a request at 300
+  # pages, 0.2 at 32). What is sent, and the tokens, do not depend on it.
+  fp8 = {"kv_dtype": "fp8", "decode": {"num_pages": 32}}
   prompts = make_prompts()[:4]
   expected = reference_tokens(tiny_model_dir, prompts, overrides=fp8)
   # The stream sends the pages that hold a prompt's tokens.
