@@ -73,6 +73,7 @@ def test_files_and_overrides_are_checked(tmp_path):
       ("[prefill]\nbuckets = [24]\n", "bucket 24 is not a multiple of "
        "page_size 16"),
       ("[decode]\nmesh = \"dp\"\n", "mesh 'dp'"),
+      ("[router]\npoll_interval_s = 0\n", "poll_interval_s must be > 0"),
   ]
   for text, message in cases:
     bad.write_text(text)

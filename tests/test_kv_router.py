@@ -335,6 +335,8 @@ def test_block_keys_are_named_only_where_something_caches():
 PREFIX_LEN = 160          # 10 blocks of 16
 SUFFIX_LEN = 20
 NUM_REQUESTS = 4
+# The routers' poll interval here (the default is 0.5 s).
+POLL_S = 0.1
 MAX_NEW = 6
 
 
@@ -344,7 +346,8 @@ def kv_cluster(tmp_path_factory):
   c = Cluster(tmp_path_factory.mktemp("kv_router"), kv_transport="grpc",
               num_prefill=2, num_decode=1, warmup=False,
               worker_flags=["--prefix_cache_pages=64", "--prefix_caching"],
-              router_flags=["--kv_overlap_weight=1"])
+              router_flags=["--kv_overlap_weight=1",
+                            f"--poll_interval_s={POLL_S}"])
   yield c
   c.stop()
 
@@ -361,7 +364,7 @@ def _second_router(c, weight: float) -> str:
       f"--prefill_workers={addrs['prefill']}",
       f"--decode_workers={addrs['decode']}", "--port=0",
       "--wait_workers_s=60", "--metrics_port=0",
-      f"--kv_overlap_weight={weight:g}"])
+      f"--kv_overlap_weight={weight:g}", f"--poll_interval_s={POLL_S}"])
   c.cluster.wait_ready([r], 120)
   return f"{host}:{r.port()}", name
 
@@ -374,7 +377,7 @@ def _cached_tokens(c) -> float:
 
 def _shared_prefix_run(address, salt):
   """Sequential requests behind one long prefix. Between them, time for
-  the router's next poll (every 0.5 s) to see the new blocks."""
+  four of the router's polls (``POLL_S``) to see the new blocks."""
   from pdjax.client import Client
   rng = np.random.RandomState(7)
   prefix = rng.randint(3, 512, size=PREFIX_LEN).tolist()
@@ -382,7 +385,7 @@ def _shared_prefix_run(address, salt):
   with Client(address, timeout_s=120) as client:
     for i in range(NUM_REQUESTS):
       if i:
-        time.sleep(1.2)
+        time.sleep(4 * POLL_S)
       ids = prefix + rng.randint(3, 512, size=SUFFIX_LEN).tolist()
       r = client.generate(prompt_token_ids=ids, max_tokens=MAX_NEW,
                           temperature=0.0, ignore_eos=True, cache_salt=salt)

@@ -105,6 +105,7 @@ async def serve(dep) -> None:
   metrics = Metrics("router")
   config = dep.router
   registry = WorkerRegistry(sec, metrics=metrics,
+                            poll_interval_s=config.poll_interval_s,
                             kv_overlap_weight=config.kv_overlap_weight,
                             kv_stale_after_s=config.kv_stale_after_s,
                             kv_fetch_weight=config.kv_fetch_weight)

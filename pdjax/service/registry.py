@@ -40,6 +40,9 @@ from pdjax.v1 import (blockstore_pb2_grpc, common_pb2, decode_pb2_grpc,
 
 log = logging.getLogger(__name__)
 
+# How often each worker is asked for its state (GetWorkerInfo).
+DEFAULT_POLL_INTERVAL_S = 0.5
+
 
 class WorkerState(enum.Enum):
   JOINING = "joining"          # never answered yet
@@ -90,7 +93,8 @@ class Worker:
 class WorkerRegistry:
 
   def __init__(self, security: common.Security = common.Security(), *,
-               poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0,
+               poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+               rpc_timeout_s: float = 2.0,
                expected_model: common_pb2.ModelInfo | None = None,
                metrics=None, kv_overlap_weight: float = 0.0,
                kv_stale_after_s: float = DEFAULT_STALE_AFTER_S,

@@ -61,7 +61,8 @@ from pdjax.engine.sampling_params import InvalidRequest, SamplingParams
 from pdjax.mesh_spec import axis_size
 from pdjax.service import common, discovery, kv_router, validation
 from pdjax.service.metrics import Metrics
-from pdjax.service.registry import Worker, WorkerRegistry
+from pdjax.service.registry import (DEFAULT_POLL_INTERVAL_S, Worker,
+                                    WorkerRegistry)
 from pdjax.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdjax.transfer.ids import new_transfer_id
 from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
@@ -92,6 +93,10 @@ class RouterConfig:
   kv_transport: Literal["grpc", "device", "local"] = "grpc"
   transfer_timeout_s: float = 30.0
   max_inflight: int = 4096           # admission bound of the router
+  # How often the router asks each worker for its load, its cached blocks
+  # and whether it serves (GetWorkerInfo): what routing decides on is at
+  # most this old.
+  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
   # When decode KV capacity is full: wait for it (up to queue_timeout_s) or
   # refuse at once.
   on_full: Literal["queue", "reject"] = "queue"
@@ -122,8 +127,9 @@ class RouterConfig:
                  "queue_timeout_s", "kv_overlap_weight", "kv_stale_after_s"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-    if not self.lease_s > 0:
-      raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+    for name in ("lease_s", "poll_interval_s"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
     if not 0 <= self.kv_fetch_weight <= 1:
       raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
                        f"{self.kv_fetch_weight}")
