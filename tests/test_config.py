@@ -74,6 +74,8 @@ def test_files_and_overrides_are_checked(tmp_path):
        "page_size 16"),
       ("[decode]\nmesh = \"dp\"\n", "mesh 'dp'"),
       ("[router]\npoll_interval_s = 0\n", "poll_interval_s must be > 0"),
+      ("[router]\nkv_overlap_weight = 1\npoll_interval_s = 3\n",
+       "poll_interval_s (3) must be shorter than kv_stale_after_s (2)"),
   ]
   for text, message in cases:
     bad.write_text(text)

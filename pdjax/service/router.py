@@ -130,6 +130,13 @@ class RouterConfig:
     for name in ("lease_s", "poll_interval_s"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.kv_overlap_weight > 0 and (self.poll_interval_s
+                                       >= self.kv_stale_after_s):
+      raise ValueError(
+          f"poll_interval_s ({self.poll_interval_s:g}) must be shorter than "
+          f"kv_stale_after_s ({self.kv_stale_after_s:g}) for KV-aware "
+          "routing: every worker's cached blocks would be stale before its "
+          "next poll, and routing would weigh load alone")
     if not 0 <= self.kv_fetch_weight <= 1:
       raise ValueError(f"kv_fetch_weight must be in [0, 1], got "
                        f"{self.kv_fetch_weight}")
