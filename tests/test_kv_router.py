@@ -352,21 +352,12 @@ def kv_cluster(tmp_path_factory):
   c.stop()
 
 
-def _second_router(c, weight: float) -> str:
-  """Another router over the same workers, with another overlap weight."""
-  host = c.cluster.host
-  addrs = {role: ",".join(f"{host}:{c.proc(n).port()}"
-                          for n in c.worker_names(role))
-           for role in ("prefill", "decode")}
+def _second_router(c, weight: float) -> tuple[str, str]:
+  """Another router over the same workers, with another overlap weight:
+  its address and name."""
   name = f"router_w{weight:g}"
-  r = c.cluster.start(name, "pdjax.launch.router", [
-      "--config=test", "--kv_transport=grpc",
-      f"--prefill_workers={addrs['prefill']}",
-      f"--decode_workers={addrs['decode']}", "--port=0",
-      "--wait_workers_s=60", "--metrics_port=0",
-      f"--kv_overlap_weight={weight:g}", f"--poll_interval_s={POLL_S}"])
-  c.cluster.wait_ready([r], 120)
-  return f"{host}:{r.port()}", name
+  return c.add_router(name, [f"--kv_overlap_weight={weight:g}",
+                             f"--poll_interval_s={POLL_S}"]), name
 
 
 def _cached_tokens(c) -> float:
