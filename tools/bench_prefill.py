@@ -53,7 +53,8 @@ flags.DEFINE_enum("merge_dots", "auto", ["auto", "on", "off"],
                   "XLA's DotMerger in the prefill programs "
                   "(PrefillConfig.merge_dots; auto: off).")
 flags.DEFINE_integer("pause_ms", 0, "The device left idle this long before "
-                     "each timed call (0: back to back). A compute-bound "
+                     "each timed call, the program's and the e2e call's "
+                     "(0: back to back). A compute-bound "
                      "program run back to back may hold the GPU at its power "
                      "limit, at lower clocks than one-at-a-time serving "
                      "finds it.")
@@ -101,7 +102,8 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   if FLAGS.e2e:
     req = [PrefillRequest("bench", prompt.tolist(), greedy)]
     e2e = bc.time_calls(lambda: engine.prefill(req)[0].kv.kv,
-                        warmup=1, repeat=FLAGS.repeat)
+                        warmup=1, repeat=FLAGS.repeat,
+                        pause_s=FLAGS.pause_ms / 1000)
   fl = bc.prefill_flops(cfg, 1, T)
   sec = t.median
   achieved = fl["total"] / sec

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Where one stream's time to first token goes, hop by hop, on ONE GPU
+# (gpu-8b-1gpu shapes, random bf16): the idle compute first
+# (bench_prefill at a 300 ms pause: the program alone and
+# PrefillEngine.prefill in-process), then run_serving_one_gpu.sh at one
+# stream with ttft_hops.patch applied to this tree for the runs (reverted
+# on exit), and tools/gpu/ttft_hops.py's table per run.
+# RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
+# deployment per run. SWITCH_INTERVAL_MS (optional): the workers' and, via
+# sys.setswitchinterval in a sitecustomize, the router's and the client's
+# GIL switch interval.
+#
+#   bash tools/gpu/run_ttft_hops.sh OUT_DIR
+set -u
+OUT=${1:?usage: run_ttft_hops.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+. tools/gpu/gpu_env.sh
+start_call "$OUT" > /dev/null
+use_compile_cache
+python3 tools/bench_prefill.py --model=llama3-8b --prompt_lengths=512,2048 \
+  --tp=1 --warmup=2 --repeat=9 --pause_ms=300 --fuse_projections --e2e \
+  --out="$OUT/prefill_idle.jsonl" > "$OUT/prefill_idle.log" 2>&1
+grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
+git apply tools/gpu/ttft_hops.patch || exit 1
+trap 'git apply -R tools/gpu/ttft_hops.patch' EXIT
+export PYTHONPATH=$PWD
+if [ -n "${SWITCH_INTERVAL_MS:-}" ]; then
+  mkdir -p "$OUT/site"
+  echo "import sys; sys.setswitchinterval(${SWITCH_INTERVAL_MS} / 1000)" \
+    > "$OUT/site/sitecustomize.py"
+  export PYTHONPATH=$PWD:$OUT/site
+  export WORKER_FLAGS=--gil_switch_interval_ms=$SWITCH_INTERVAL_MS
+fi
+mkdir -p "$OUT/trace"
+for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
+  len=${run%%:*} dep=${run##*:}
+  echo "===== $len tokens, $dep"
+  PDJAX_TRACE=$OUT/trace/${len}_$dep CONCURRENCIES=1 DEPLOYMENTS=$dep \
+    PROMPT_LEN=$len BUDGET_S=200 \
+    bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_${len}_$dep" 2>&1 |
+    grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) "
+  python3 tools/gpu/ttft_hops.py "$OUT/trace/${len}_$dep" |
+    tee "$OUT/hops_${len}_$dep.txt"
+done
