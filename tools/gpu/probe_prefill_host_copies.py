@@ -1,0 +1,140 @@
+r"""What the host adds around one bucketed prefill on an idle card: the
+prompt's upload and the first token's download, apart and in the ways JAX
+offers them.
+
+For each prompt length (batch 1, Llama-3-8B shapes, random bf16, joined
+projections, the card idle ``--pause_ms`` before each call), the median of
+``--repeat`` calls of:
+
+  program        the prefill and first-token programs on inputs already on
+                 the device, blocking on the result (bench_prefill's figure)
+  engine         PrefillEngine.prefill() as serving calls it
+  put_get        jax.device_put of the packed inputs, the programs,
+                 jax.device_get of the first token (the engine's copies)
+  put_async      the same, the first token's copy to the host requested
+                 (copy_to_host_async) as soon as its program is dispatched
+  arg_get        the packed inputs passed to the program as a NumPy array
+                 (the jitted call uploads them), device_get
+  arg_async      the NumPy argument and copy_to_host_async
+
+and, per variant, when the upload returned and when the programs' calls
+returned, from the call's start.
+
+  python3 tools/gpu/probe_prefill_host_copies.py --out $OUT/host_copies.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for _p in (ROOT, ROOT / "tools"):
+  if str(_p) not in sys.path:
+    sys.path.insert(0, str(_p))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="llama3-8b")
+  ap.add_argument("--prompt_lengths", default="2048,512")
+  ap.add_argument("--repeat", type=int, default=9)
+  ap.add_argument("--pause_ms", type=float, default=300)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+
+  import bench_common as bc  # Sets XLA_FLAGS before jax is imported.
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  from pdjax.engine.prefill import PrefillEngine, pack_inputs
+  from pdjax.engine.prefill_config import PrefillConfig
+  from pdjax.engine.requests import PrefillRequest
+  from pdjax.engine.sampling import SamplingArrays, SamplingParams
+  from pdjax.engine.setup import fuse_sharded
+  from pdjax.sharding import ShardingRules, make_mesh
+
+  lengths = [int(x) for x in args.prompt_lengths.split(",")]
+  cfg = bc.preset_config(args.model)
+  rules = ShardingRules.load("prefill_tp")
+  mesh = make_mesh({"tp": 1}, jax.devices()[:1])
+  params = bc.random_params(cfg, rules, mesh)
+  params, cfg = fuse_sharded(params, cfg, rules, mesh)
+  jax.block_until_ready(params)
+  engine = PrefillEngine(params, cfg, mesh, rules, PrefillConfig(
+      buckets=tuple(sorted(lengths)), max_batch=1, page_size=16,
+      max_seq_len=max(lengths) + 16))
+  rep = NamedSharding(mesh, PartitionSpec())
+  prog = engine._prefill  # pylint: disable=protected-access
+  first = engine._first_token[True]  # pylint: disable=protected-access
+  greedy = SamplingParams(max_tokens=1, temperature=0.0)
+  results = {"device": bc.device_kind(), "pause_ms": args.pause_ms}
+
+  for T in lengths:
+    prompt = np.random.default_rng(T).integers(3, cfg.vocab_size, T)
+    host = pack_inputs(prompt[None, :].astype(np.int32),
+                       np.array([T], np.int32),
+                       SamplingArrays.stack([(greedy, 0)], 1))
+    on_device = jax.device_put(host, rep)
+    req = [PrefillRequest("probe", prompt.tolist(), greedy)]
+
+    def variant(upload: str, download: str):
+      def call(marks):
+        t0 = time.perf_counter()
+        packed = (on_device if upload == "none" else
+                  jax.device_put(host, rep) if upload == "put" else host)
+        marks.append(time.perf_counter() - t0)
+        logits, cols, rows = prog(params, packed)
+        out = first(logits, cols)
+        marks.append(time.perf_counter() - t0)
+        if download == "async":
+          out.copy_to_host_async()
+        if download == "block":
+          jax.block_until_ready((out, rows))
+        else:
+          np.asarray(out)
+        marks.append(time.perf_counter() - t0)
+      return call
+
+    def engine_call(marks):
+      t0 = time.perf_counter()
+      engine.prefill(req)
+      marks.append(time.perf_counter() - t0)
+
+    variants = {
+        "program": variant("none", "block"),
+        "engine": engine_call,
+        "put_get": variant("put", "get"),
+        "put_async": variant("put", "async"),
+        "arg_get": variant("arg", "get"),
+        "arg_async": variant("arg", "async"),
+    }
+    for fn in variants.values():   # compile and warm every path
+      for _ in range(2):
+        fn([])
+    samples = {name: [] for name in variants}
+    for _ in range(args.repeat):   # interleaved: drift hits every variant
+      for name, fn in variants.items():
+        time.sleep(args.pause_ms / 1000)
+        marks: list[float] = []
+        fn(marks)
+        samples[name].append(marks)
+    row = {}
+    for name, runs in samples.items():
+      cols = list(zip(*runs))
+      row[name] = [statistics.median(c) * 1e3 for c in cols]
+    results[str(T)] = row
+    print(f"T={T} (ms from the call's start, median of {args.repeat}):")
+    for name, ms in row.items():
+      label = ("done" if len(ms) == 1 else
+               "upload %.3f, dispatched %.3f, done" % (ms[0], ms[1]))
+      print(f"  {name:<10} {label} {ms[-1]:.3f}")
+  if args.out:
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()
