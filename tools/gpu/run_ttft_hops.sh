@@ -2,7 +2,9 @@
 # Where one stream's time to first token goes, hop by hop, on ONE GPU
 # (gpu-8b-1gpu shapes, random bf16): the idle compute first
 # (bench_prefill at a 300 ms pause: the program alone and
-# PrefillEngine.prefill in-process), then run_serving_one_gpu.sh at one
+# PrefillEngine.prefill in-process; probe_prefill_host_copies.py: the
+# prompt's upload and the first token's read, each way JAX offers them,
+# around the same programs), then run_serving_one_gpu.sh at one
 # stream with ttft_hops.patch applied to this tree for the runs (reverted
 # on exit), and tools/gpu/ttft_hops.py's table per run.
 # RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
@@ -22,6 +24,8 @@ python3 tools/bench_prefill.py --model=llama3-8b --prompt_lengths=512,2048 \
   --tp=1 --warmup=2 --repeat=9 --pause_ms=300 --fuse_projections --e2e \
   --out="$OUT/prefill_idle.jsonl" > "$OUT/prefill_idle.log" 2>&1
 grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
+python3 tools/gpu/probe_prefill_host_copies.py --out="$OUT/host_copies.json" \
+  2>&1 | grep -E "^T=|^  [a-z_]+ +(upload|done)"
 git apply tools/gpu/ttft_hops.patch || exit 1
 trap 'git apply -R tools/gpu/ttft_hops.patch' EXIT
 export PYTHONPATH=$PWD
