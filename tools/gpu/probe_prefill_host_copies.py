@@ -1,6 +1,5 @@
 r"""What the host adds around one bucketed prefill on an idle card: the
-prompt's upload and the first token's download, apart and in the ways JAX
-offers them.
+prompt's upload, both ways JAX offers it, and the first token's read.
 
 For each prompt length (batch 1, Llama-3-8B shapes, random bf16, joined
 projections, the card idle ``--pause_ms`` before each call), the median of
@@ -10,12 +9,15 @@ projections, the card idle ``--pause_ms`` before each call), the median of
                  the device, blocking on the result (bench_prefill's figure)
   engine         PrefillEngine.prefill() as serving calls it
   put_get        jax.device_put of the packed inputs, the programs,
-                 jax.device_get of the first token (the engine's copies)
-  put_async      the same, the first token's copy to the host requested
-                 (copy_to_host_async) as soon as its program is dispatched
+                 jax.device_get of the first token (the engine's copies
+                 before the upload moved into the call)
   arg_get        the packed inputs passed to the program as a NumPy array
-                 (the jitted call uploads them), device_get
-  arg_async      the NumPy argument and copy_to_host_async
+                 (the jitted call uploads them), device_get (the engine's
+                 copies now)
+  arg_ready_get  the same, blocking until the programs are done before the
+                 device_get: what the read costs once the result is ready
+                 (device_get queues the copy itself, so ``arg_get``'s copy
+                 already waits on the device, not on the host)
 
 and, per variant, when the upload returned and when the programs' calls
 returned, from the call's start.
@@ -90,12 +92,10 @@ def main() -> None:
         logits, cols, rows = prog(params, packed)
         out = first(logits, cols)
         marks.append(time.perf_counter() - t0)
-        if download == "async":
-          out.copy_to_host_async()
-        if download == "block":
+        if download in ("block", "ready_get"):
           jax.block_until_ready((out, rows))
-        else:
-          np.asarray(out)
+        if download != "block":
+          jax.device_get(out)
         marks.append(time.perf_counter() - t0)
       return call
 
@@ -108,9 +108,8 @@ def main() -> None:
         "program": variant("none", "block"),
         "engine": engine_call,
         "put_get": variant("put", "get"),
-        "put_async": variant("put", "async"),
         "arg_get": variant("arg", "get"),
-        "arg_async": variant("arg", "async"),
+        "arg_ready_get": variant("arg", "ready_get"),
     }
     for fn in variants.values():   # compile and warm every path
       for _ in range(2):
@@ -131,7 +130,7 @@ def main() -> None:
     for name, ms in row.items():
       label = ("done" if len(ms) == 1 else
                "upload %.3f, dispatched %.3f, done" % (ms[0], ms[1]))
-      print(f"  {name:<10} {label} {ms[-1]:.3f}")
+      print(f"  {name:<13} {label} {ms[-1]:.3f}")
   if args.out:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
