@@ -25,7 +25,7 @@ python3 tools/bench_prefill.py --model=llama3-8b --prompt_lengths=512,2048 \
   --out="$OUT/prefill_idle.jsonl" > "$OUT/prefill_idle.log" 2>&1
 grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
 python3 tools/gpu/probe_prefill_host_copies.py --out="$OUT/host_copies.json" \
-  2>&1 | grep -E "^T=|^  [a-z_]+ +(upload|done)"
+  2>&1 | grep -E "^T=|^  [a-z_]+(: left out| +(upload|done))"
 git apply tools/gpu/ttft_hops.patch || exit 1
 trap 'git apply -R tools/gpu/ttft_hops.patch' EXIT
 export PYTHONPATH=$PWD
