@@ -386,13 +386,6 @@ class PrefillEngine:
     P = config.page_size
     self._kv_sharding = {}
     self._replicated = NamedSharding(mesh, PartitionSpec())
-    # A bucketed prompt's packed inputs go to the one fused program as a
-    # NumPy array, which the jitted call uploads itself: a ``device_put``
-    # first took 0.4 ms of a first token's way on an H100 (serving, one
-    # stream), and the whole call is 0.4 ms shorter without it on the
-    # development CPU. Layer groups read the inputs twice, and a mesh over
-    # several processes needs the global array ``device_put`` makes.
-    self._upload_in_call = not spans_processes(mesh)
     kv_spec = self.kv_sharding(payload_pages(config.chunk // P))
     self.compiler_options = prefill_compiler_options(
         config, mesh.devices.flat[0].platform)
@@ -404,6 +397,14 @@ class PrefillEngine:
     self._chunk = jit(functools.partial(_chunk_program, cfg=cfg),
                       donate_argnums=(3, 4))
     self._group_sizes = config.layer_group_sizes(cfg.num_layers)
+    # A bucketed prompt's packed inputs go to the one fused program as a
+    # NumPy array, which the jitted call uploads itself: a ``device_put``
+    # first took 0.4 ms of a first token's way on an H100 (serving, one
+    # stream), and the whole call is 0.4 ms shorter without it on the
+    # development CPU. Layer groups read the inputs twice, and a mesh over
+    # several processes needs the global array ``device_put`` makes.
+    self._upload_in_call = (len(self._group_sizes) == 1
+                            and not spans_processes(mesh))
     if len(self._group_sizes) > 1:
       x_spec = rules.sharding(mesh, ("batch", "seq", "embed"),
                               (config.max_batch, config.chunk,
@@ -626,7 +627,7 @@ class PrefillEngine:
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
     packed = pack_inputs(tokens, true_len, samp)
-    if not self._upload_in_call or len(self._group_sizes) > 1:
+    if not self._upload_in_call:
       packed = self._put(packed)
     # No program here samples on a device branch, so every call returns
     # at once and kv_ready goes out as soon as the KV's programs are
