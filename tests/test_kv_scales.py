@@ -35,6 +35,8 @@ from pdjax.model.kv_calibrate import kv_amax
 from pdjax.model.kv_fold import fold_kv_scales
 from pdjax.model.tiny import tiny_config
 
+from tolerances import assert_close, kv_weights
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -256,8 +258,14 @@ def test_kv_amax_counts_real_tokens_only(tiny_decode_params):
   prompts = _prompts(2, 21)
   a = kv_amax(params, cfg, prompts, bucket=32)
   b = kv_amax(params, cfg, prompts, bucket=64)
-  np.testing.assert_array_equal(a[0], b[0])
-  np.testing.assert_array_equal(a[1], b[1])
+  # The two buckets' programs may round differently (another blocking of
+  # the same sums): each layer's maxima within the bound of its K/V, taken
+  # at the maxima's own size (above the K/V values' RMS, so looser).
+  for layer in range(cfg.num_layers):
+    weights = kv_weights(cfg, layer, context=64)
+    for i in (0, 1):
+      assert_close(a[i][layer], b[i][layer], weights,
+                   err_msg=f"layer {layer} {'KV'[i]}")
   assert a[2] == b[2] == 42
   folded = fold_kv_scales(params, cfg, _random_scales(cfg))
   with pytest.raises(ValueError, match="folded in already"):
