@@ -106,7 +106,10 @@ class Router:
   async def __aenter__(self):
     self.registry = WorkerRegistry(poll_interval_s=0.05)
     self.registry.add("127.0.0.1:1", "decode").stub = self.worker
-    self.servicer = RouterServicer(self.registry, None, RouterConfig())
+    # The fake answers Decode calls of their own (sessions are the real
+    # servicer's: tests/test_decode_sessions.py).
+    self.servicer = RouterServicer(self.registry, None,
+                                   RouterConfig(decode_sessions=False))
     self.server = common.make_server(self.security, client_facing=True)
     generate_pb2_grpc.add_GenerationServicer_to_server(self.servicer,
                                                        self.server)
@@ -506,7 +509,8 @@ def test_the_first_token_and_a_failed_hand_off(policy):
     registry.add("127.0.0.1:2", "prefill").stub = prefill
     await registry.poll_once()
     servicer = RouterServicer(registry, None,
-                              RouterConfig(kv_failure_policy=policy))
+                              RouterConfig(kv_failure_policy=policy,
+                                           decode_sessions=False))
     server = common.make_server(common.Security(), client_facing=True)
     generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     port = common.bind(server, "127.0.0.1", 0)

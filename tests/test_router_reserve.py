@@ -94,13 +94,14 @@ class _Decode(DecodeServicer):
     self.decode_called = threading.Event()
     self.hold_decode: threading.Event | None = None
 
-  async def Decode(self, request, context):
-    """Held (``hold_decode``) before it touches the hand-off: a call
-    cancelled meanwhile leaves the reservation as Reserve made it."""
+  async def _decode(self, request, context):
+    """A Decode call's body (a call of its own or in a session), held
+    (``hold_decode``) before it touches the hand-off: a call cancelled
+    meanwhile leaves the reservation as Reserve made it."""
     self.decode_called.set()
     if self.hold_decode is not None:
       await asyncio.to_thread(self.hold_decode.wait, 10)
-    async for message in super().Decode(request, context):
+    async for message in super()._decode(request, context):
       yield message
 
   async def Reserve(self, request, context):

@@ -40,6 +40,7 @@ from pdjax import config as C
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
 from pdjax.service import gc_pauses
+from pdjax.service.call_sessions import CallSessions
 
 log = logging.getLogger("pdjax.worker")
 FLAGS = flags.FLAGS
@@ -440,6 +441,7 @@ async def serve(role: str, dep) -> None:
     exchange = LocalKvExchange(dep.decode.kv_ttl_s)
 
   metrics = Metrics(role)
+  sessions = CallSessions()   # the router's streams to this process
   workers = []
   health_names = []
   infos: dict[str, object] = {}
@@ -578,7 +580,7 @@ async def serve(role: str, dep) -> None:
                                 + step_a), step_delay_per_row_s=step_b,
                             max_receive_bytes=pool.max_receive_mib << 20)
       decode_pb2_grpc.add_DecodeServicer_to_server(
-          DecodeServicer(worker, info), server)
+          DecodeServicer(worker, info, sessions), server)
       if receiver.intake is not None:   # peers push KV streams here
         decode_pb2_grpc.add_KvTransferServicer_to_server(
             KvTransferServicer(receiver.intake), server)
@@ -616,7 +618,8 @@ async def serve(role: str, dep) -> None:
            f"; pools {'/'.join(sorted(active))}" if len(roles) == 2 else "",
            memory_note())
   F.write_port_file(port, metrics_port)
-  await _run_until_signal(server, health, health_names, workers, control)
+  await _run_until_signal(server, health, health_names, workers, sessions,
+                          control)
 
 
 def _block_pulls(transport: str, mesh, pool):
@@ -747,11 +750,11 @@ def _follow_through_sigterm() -> None:
     signal.signal(sig, note)
 
 
-async def _run_until_signal(server, health, names, workers,
+async def _run_until_signal(server, health, names, workers, sessions,
                             control=None) -> None:
   """Serves until SIGINT/SIGTERM, then drains: leaves the router's pools
   (deregisters), health NOT_SERVING, no new requests, running ones finish
-  (bounded), then exit."""
+  (bounded), the routers' sessions end, then exit."""
   from pdjax.service import common
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
@@ -771,6 +774,7 @@ async def _run_until_signal(server, health, names, workers,
   left = sum(w.active() for w in workers)
   if left:
     log.warning("drain timeout: cancelling %d requests", left)
+  await sessions.end()
   await server.stop(grace=1.0)
   for w in workers:
     w.stop()

@@ -40,6 +40,7 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
+from pdjax.service.call_sessions import CallSessions
 from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
@@ -257,9 +258,13 @@ class EventRelay:
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
-  def __init__(self, worker: DecodeWorker, info: common_pb2.WorkerInfo):
+  def __init__(self, worker: DecodeWorker, info: common_pb2.WorkerInfo,
+               sessions: CallSessions | None = None):
+    """``sessions``: the process's open sessions (``DecodeSession``),
+    which its drain ends; a servicer of its own by default."""
     self.worker = worker
     self.info = info
+    self.sessions = sessions or CallSessions()
     self._relay: EventRelay | None = None
 
   async def Reserve(self, request: decode_pb2.ReserveRequest, context):
@@ -342,6 +347,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     return info
 
   async def Decode(self, request: decode_pb2.DecodeRequest, context):
+    async for msg in self._decode(request, context):
+      yield msg
+
+  async def DecodeSession(self, request_iterator, context):
+    """Decode calls as messages on one long-lived stream
+    (``pdjax.service.call_sessions``): each runs ``_decode`` as its own
+    call would."""
+    await self.sessions.serve(request_iterator, context, self._decode)
+
+  async def _decode(self, request: decode_pb2.DecodeRequest, context):
+    """One Decode call's body; ``context`` is gRPC's, or a session's
+    stand-in for it."""
     w = self.worker
     engine = w.engine
     cfg = engine.cfg

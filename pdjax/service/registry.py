@@ -32,6 +32,7 @@ import uuid
 import grpc
 
 from pdjax.service import common
+from pdjax.service.decode_session import DecodeSession
 from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
                                      DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
@@ -73,6 +74,8 @@ class Worker:
   lease_s: float = 0.0          # the lease's length, granted at register
   retired: bool = False         # left: finishing the router's requests
   holds: int = 0                # requests that will still call it (hold)
+  # Decode: the router's Decode calls to it, as messages on one stream.
+  session: DecodeSession | None = None
 
   @property
   def usable(self) -> bool:
@@ -88,6 +91,13 @@ class Worker:
     if self.info is None:
       return 0
     return self.info.load.kv_pages_available - self.reserved_pages
+
+  async def close(self) -> None:
+    """Ends the router's session and channel to the worker (calls still on
+    them fail)."""
+    if self.session is not None:
+      await self.session.close()
+    await self.channel.close()
 
 
 class WorkerRegistry:
@@ -135,7 +145,9 @@ class WorkerRegistry:
             # Shared KV: a store is polled (its blocks count as fetchable),
             # never routed to.
             "kvstore": blockstore_pb2_grpc.BlockStoreStub}[role](channel)
-    w = Worker(address, role, channel, stub, source=source)
+    w = Worker(address, role, channel, stub, source=source,
+               session=(DecodeSession(stub, address) if role == "decode"
+                        else None))
     self.workers[key] = w
     return w
 
@@ -171,7 +183,7 @@ class WorkerRegistry:
           self.metrics.worker_inflight.remove(w.role, w.address)
         except KeyError:
           pass
-      await w.channel.close()
+      await w.close()
 
   # ------------------------------------------------------------ registration
   async def register(self, info: common_pb2.WorkerInfo, lease_s: float
@@ -247,7 +259,7 @@ class WorkerRegistry:
           self.metrics.worker_inflight.remove(role, address)
         except KeyError:
           pass
-      await w.channel.close()
+      await w.close()
 
   @contextlib.contextmanager
   def busy(self, w: Worker):
@@ -426,7 +438,7 @@ class WorkerRegistry:
     for t in list(self._closers):
       t.cancel()
     for w in [*self.workers.values(), *self.retiring]:
-      await w.channel.close()
+      await w.close()
 
 
 __all__ = ["Worker", "WorkerRegistry", "WorkerState"]

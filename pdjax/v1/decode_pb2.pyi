@@ -111,3 +111,37 @@ class DecodeResponse(_message.Message):
     spec_draft_tokens: int
     spec_accepted_tokens: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
+
+class DecodeSessionRequest(_message.Message):
+    __slots__ = ("call", "start", "cancel")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    start: DecodeCall
+    cancel: bool
+    def __init__(self, call: _Optional[int] = ..., start: _Optional[_Union[DecodeCall, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class DecodeCall(_message.Message):
+    __slots__ = ("request", "timeout_ms")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request: DecodeRequest
+    timeout_ms: int
+    def __init__(self, request: _Optional[_Union[DecodeRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class DecodeSessionResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DecodeCallEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DecodeCallEvent, _Mapping]]] = ...) -> None: ...
+
+class DecodeCallEvent(_message.Message):
+    __slots__ = ("call", "message", "end")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    message: DecodeResponse
+    end: _common_pb2.CallStatus
+    def __init__(self, call: _Optional[int] = ..., message: _Optional[_Union[DecodeResponse, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.CallStatus, _Mapping]] = ...) -> None: ...

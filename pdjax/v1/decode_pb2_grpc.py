@@ -51,6 +51,11 @@ class DecodeStub:
                 request_serializer=pdjax_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeSession = channel.stream_stream(
+                '/pdjax.v1.Decode/DecodeSession',
+                request_serializer=pdjax_dot_v1_dot_decode__pb2.DecodeSessionRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_decode__pb2.DecodeSessionResponse.FromString,
+                _registered_method=True)
         self.GetWorkerInfo = channel.unary_unary(
                 '/pdjax.v1.Decode/GetWorkerInfo',
                 request_serializer=pdjax_dot_v1_dot_common__pb2.WorkerInfoRequest.SerializeToString,
@@ -91,6 +96,19 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeSession(self, request_iterator, context):
+        """Many Decode calls over one long-lived stream (the router keeps one to
+        each decode worker), so that a request costs a message each way rather
+        than a new call: `start` runs what Decode runs, its responses and its
+        end (the status Decode would have ended with) come back tagged with the
+        caller's call id, several to a message when they are ready together.
+        `cancel` (or the session's end) cancels a call as cancelling Decode
+        would. A worker that drains ends its sessions once nothing runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkerInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -126,6 +144,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=pdjax_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeSession,
+                    request_deserializer=pdjax_dot_v1_dot_decode__pb2.DecodeSessionRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_decode__pb2.DecodeSessionResponse.SerializeToString,
             ),
             'GetWorkerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerInfo,
@@ -219,6 +242,33 @@ class Decode:
             '/pdjax.v1.Decode/Decode',
             pdjax_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
             pdjax_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdjax.v1.Decode/DecodeSession',
+            pdjax_dot_v1_dot_decode__pb2.DecodeSessionRequest.SerializeToString,
+            pdjax_dot_v1_dot_decode__pb2.DecodeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

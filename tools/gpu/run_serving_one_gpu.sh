@@ -23,7 +23,8 @@
 # DECODE_SETTINGS: TOML lines added to every deployment's [decode] table
 # (e.g. 'fuse_projections = "off"'), PREFILL_SETTINGS the same for
 # [prefill]; WORKER_FLAGS: flags added to every
-# worker's (comma-separated, e.g. --gil_switch_interval_ms=5).
+# worker's (comma-separated, e.g. --gil_switch_interval_ms=5);
+# ROUTER_FLAGS the same for the router's (e.g. --nodecode_sessions).
 # PROMPT_LEN (default 512): the prompts' length (the context grows to the
 # next power of two above prompt + 128 tokens, the prefill bucket to the
 # prompt); CONCURRENCIES (default "1 32"): the batch_eval runs per deployment.
@@ -86,7 +87,8 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
   echo "=== [$((SECONDS - START)) s] $name"
   python3 -m pdjax.launch.local --platform=gpu --config="$cfg" --serve \
     --run_dir="$OUT/$name" \
-    --worker_flags=--metrics_port=0${WORKER_FLAGS:+,$WORKER_FLAGS} "$@" \
+    --worker_flags=--metrics_port=0${WORKER_FLAGS:+,$WORKER_FLAGS} \
+    ${ROUTER_FLAGS:+--router_flags=$ROUTER_FLAGS} "$@" \
     > "$OUT/$name.launch.log" 2>&1 &
   local pid=$! addr=""
   for _ in $(seq 1 $(( left - 60 ))); do

@@ -8,7 +8,8 @@
 # stream with ttft_hops.patch applied to this tree for the runs (reverted
 # on exit), and tools/gpu/ttft_hops.py's table per run.
 # RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
-# deployment per run. SWITCH_INTERVAL_MS (optional): the workers' and, via
+# deployment per run, with ":calls" after them for a router that makes a
+# Decode call per request (--nodecode_sessions) rather than sessions. SWITCH_INTERVAL_MS (optional): the workers' and, via
 # sys.setswitchinterval in a sitecustomize, the router's and the client's
 # GIL switch interval.
 #
@@ -38,12 +39,15 @@ if [ -n "${SWITCH_INTERVAL_MS:-}" ]; then
 fi
 mkdir -p "$OUT/trace"
 for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
-  len=${run%%:*} dep=${run##*:}
-  echo "===== $len tokens, $dep"
-  PDJAX_TRACE=$OUT/trace/${len}_$dep CONCURRENCIES=1 DEPLOYMENTS=$dep \
-    PROMPT_LEN=$len BUDGET_S=200 \
-    bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_${len}_$dep" 2>&1 |
+  IFS=: read -r len dep variant <<< "$run"
+  name=${len}_$dep${variant:+_$variant}
+  router_flags=
+  [ "$variant" = calls ] && router_flags=--nodecode_sessions
+  echo "===== $len tokens, $dep${variant:+, $variant}"
+  PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 DEPLOYMENTS=$dep \
+    PROMPT_LEN=$len BUDGET_S=200 ROUTER_FLAGS=$router_flags \
+    bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_$name" 2>&1 |
     grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) "
-  python3 tools/gpu/ttft_hops.py "$OUT/trace/${len}_$dep" |
-    tee "$OUT/hops_${len}_$dep.txt"
+  python3 tools/gpu/ttft_hops.py "$OUT/trace/$name" |
+    tee "$OUT/hops_$name.txt"
 done

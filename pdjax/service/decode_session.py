@@ -1,0 +1,264 @@
+"""The router's side of a session: Decode calls as messages on one stream.
+
+``DecodeSession`` keeps one long-lived ``DecodeSession`` stream open to a
+decode worker (opened by the first call, opened again by the next call
+after it ends) and multiplexes calls over it; ``call`` returns a
+``SessionCall`` with the part of ``grpc.aio``'s server-streaming call the
+router uses: async iteration over the ``DecodeResponse``s, failures as
+``grpc.aio.AioRpcError`` with the code, details and trailing metadata the
+worker's end carried, ``cancel``, and the call's own deadline. A request
+thus costs a message each way instead of a new call
+(``pdjax.service.call_sessions`` is the worker's side).
+
+A session that breaks (the worker gone, the channel closed) ends every call
+still on it with the session's status (UNAVAILABLE where the stream ended
+without one), as each call of its own would have ended. A worker that does
+not serve sessions (an older one, through a rolling upgrade) answers the
+first with UNIMPLEMENTED: its calls then go as ``Decode`` calls of their own,
+that first one included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+
+import grpc
+
+from pdjax.v1 import decode_pb2
+
+log = logging.getLogger(__name__)
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _rpc_error(code: grpc.StatusCode, details: str,
+               trailing=()) -> grpc.aio.AioRpcError:
+  return grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
+                              grpc.aio.Metadata(*trailing), details)
+
+
+class DecodeSession:
+  """Decode calls to one worker over one stream (``stub``: its
+  ``DecodeStub``). ``close`` ends the stream and the calls on it."""
+
+  def __init__(self, stub, address: str = ""):
+    self._stub = stub
+    self.address = address
+    self._stream = None
+    self._reader: asyncio.Task | None = None
+    self._calls: dict[int, SessionCall] = {}
+    self._ids = itertools.count(1)
+    self._write_lock = asyncio.Lock()
+    self._closed = False
+    # False once the worker answered UNIMPLEMENTED: calls of their own.
+    self.supported = True
+
+  @property
+  def calls(self) -> int:
+    """Calls running on the session now."""
+    return len(self._calls)
+
+  def call(self, request: decode_pb2.DecodeRequest,
+           timeout: float | None = None) -> "SessionCall":
+    """A Decode call on the session (sent when first read, as gRPC sends
+    its calls)."""
+    if self._closed:
+      raise grpc.aio.UsageError("the session is closed")
+    if not self.supported:
+      return self._stub.Decode(request, timeout=timeout)
+    c = SessionCall(self, next(self._ids), request, timeout)
+    self._calls[c.id] = c
+    return c
+
+  async def _send(self, msg: decode_pb2.DecodeSessionRequest) -> None:
+    async with self._write_lock:
+      stream = self._open()
+      await stream.write(msg)
+
+  def _open(self):
+    if self._stream is None:
+      stream = self._stream = self._stub.DecodeSession()
+      self._reader = asyncio.ensure_future(self._read(stream))
+    return self._stream
+
+  async def _read(self, stream) -> None:
+    code, details, trailing = (grpc.StatusCode.UNAVAILABLE,
+                               "the worker ended the session", ())
+    try:
+      async for resp in stream:
+        for ev in resp.events:
+          c = self._calls.get(ev.call)
+          if c is None:
+            continue            # cancelled here; its end is not wanted
+          if ev.HasField("end"):
+            del self._calls[ev.call]
+            c._finish(ev.end)
+          else:
+            c._queue.put_nowait(ev.message)
+    except grpc.aio.AioRpcError as e:
+      code, details = e.code(), e.details() or e.code().name
+      trailing = tuple(e.trailing_metadata() or ())
+      if code == grpc.StatusCode.UNIMPLEMENTED:
+        log.warning("decode worker %s serves no sessions (%s): a Decode "
+                    "call per request", self.address, details)
+        self.supported = False
+    except asyncio.CancelledError:
+      code, details = grpc.StatusCode.CANCELLED, "the session was closed"
+    except Exception as e:  # noqa: BLE001 - every call still must end
+      log.exception("decode session to %s", self.address)
+      code, details = grpc.StatusCode.UNKNOWN, repr(e)
+    finally:
+      if self._stream is stream:
+        self._stream = None
+        self._reader = None
+      # Calls started on this stream end with it; those registered but not
+      # sent yet start on the next one.
+      for cid, c in list(self._calls.items()):
+        if c._stream is stream:
+          del self._calls[cid]
+          c._fail(code, f"decode session: {details}", trailing)
+      stream.cancel()
+
+  def _forget(self, c: "SessionCall", cancel_sent: bool) -> None:
+    if self._calls.pop(c.id, None) is not None and cancel_sent:
+      asyncio.ensure_future(self._send_cancel(c.id))
+
+  async def _send_cancel(self, cid: int) -> None:
+    with contextlib.suppress(Exception):
+      await self._send(decode_pb2.DecodeSessionRequest(call=cid, cancel=True))
+
+  async def close(self) -> None:
+    """Ends the stream: calls still on it end CANCELLED."""
+    self._closed = True
+    reader, stream = self._reader, self._stream
+    if stream is not None:
+      stream.cancel()
+    if reader is not None:
+      reader.cancel()
+      await asyncio.wait([reader])
+    for c in list(self._calls.values()):
+      c._fail(grpc.StatusCode.CANCELLED, "the session was closed")
+    self._calls.clear()
+
+
+class SessionCall:
+  """One Decode call on a session: ``async for msg in call``; raises
+  ``grpc.aio.AioRpcError`` as the call would have failed."""
+
+  _END = object()
+
+  def __init__(self, session: DecodeSession, cid: int,
+               request: decode_pb2.DecodeRequest, timeout: float | None):
+    self._session = session
+    self.id = cid
+    self._request = request
+    self._timeout = timeout
+    self._queue: asyncio.Queue = asyncio.Queue()
+    self._stream = None          # the session stream it was sent on
+    self._sent = False
+    self._status: tuple | None = None   # (code, details, trailing) once done
+    self._started = None         # the start message, once sent
+    self._own = None             # a Decode call of its own (no sessions)
+    self._own_iter = None
+    self._deadline = (None if timeout is None else
+                      time.monotonic() + timeout)
+    # Its deadline, kept here too: a worker that stops answering cannot
+    # hold the call past it.
+    self._timer = (None if timeout is None else
+                   asyncio.get_running_loop().call_later(
+                       max(0.0, timeout), self._cancel_with,
+                       grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+  def __aiter__(self):
+    return self
+
+  async def __anext__(self) -> decode_pb2.DecodeResponse:
+    if self._own is not None:
+      return await self._own_iter.__anext__()
+    if not self._sent:
+      await self._start()
+    item = await self._queue.get()
+    if item is self._END:
+      self._queue.put_nowait(item)      # every later read ends too
+      code, details, trailing = self._status
+      if code == grpc.StatusCode.OK:
+        raise StopAsyncIteration
+      if (code == grpc.StatusCode.UNIMPLEMENTED and self._started is not None
+          and not self._session.supported):
+        # The worker serves no sessions: this call as one of its own.
+        remaining = (None if self._deadline is None else
+                     max(0.001, self._deadline - time.monotonic()))
+        self._own = self._session._stub.Decode(self._started.start.request,
+                                               timeout=remaining)
+        self._own_iter = self._own.__aiter__()
+        return await self._own_iter.__anext__()
+      raise _rpc_error(code, details, trailing)
+    return item
+
+  async def _start(self) -> None:
+    self._sent = True
+    if self._status is not None:
+      return                            # cancelled (or past its deadline)
+    s = self._session
+    msg = decode_pb2.DecodeSessionRequest(call=self.id)
+    msg.start.request.CopyFrom(self._request)
+    if self._timeout is not None:
+      msg.start.timeout_ms = max(1, int(self._timeout * 1000))
+    self._request = None
+    self._started = msg
+    try:
+      async with s._write_lock:
+        self._stream = s._open()
+        await self._stream.write(msg)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError,
+            asyncio.InvalidStateError) as e:
+      # The stream broke before the start went out (its reader may not
+      # have seen it yet): the call ends as the session did.
+      s._calls.pop(self.id, None)
+      code = (e.code() if isinstance(e, grpc.aio.AioRpcError)
+              else grpc.StatusCode.UNAVAILABLE)
+      if code == grpc.StatusCode.UNIMPLEMENTED:
+        s.supported = False
+      self._fail(code, f"decode session: {e}")
+
+  def _finish(self, end) -> None:
+    self._fail(_CODES.get(end.code, grpc.StatusCode.UNKNOWN), end.details,
+               tuple((m.key, m.value) for m in end.trailing_metadata))
+
+  def _fail(self, code: grpc.StatusCode, details: str, trailing=()) -> bool:
+    if self._status is not None:
+      return False
+    self._status = (code, details, tuple(trailing))
+    self._queue.put_nowait(self._END)
+    if self._timer is not None:
+      self._timer.cancel()
+    return True
+
+  def _cancel_with(self, code: grpc.StatusCode, details: str) -> bool:
+    if not self._fail(code, details):
+      return False
+    self._session._forget(self, cancel_sent=self._sent)
+    return True
+
+  def cancel(self) -> bool:
+    """Cancels the call (the worker frees its slot at once); False when it
+    had ended already."""
+    if self._own is not None:
+      return self._own.cancel()
+    return self._cancel_with(grpc.StatusCode.CANCELLED, "Cancelled")
+
+  def done(self) -> bool:
+    return self._status is not None
+
+  def code(self) -> grpc.StatusCode | None:
+    return self._status[0] if self._status else None
+
+  def details(self) -> str | None:
+    return self._status[1] if self._status else None
+
+
+__all__ = ["DecodeSession", "SessionCall"]
