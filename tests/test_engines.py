@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -537,6 +538,39 @@ def test_prefill_in_layer_groups_equals_fused(tiny, rules, weights):
   assert out[4].kv.layer_groups == ()
   with pytest.raises(ValueError, match="layer_groups"):
     PrefillConfig(layer_groups=0)
+
+
+def test_first_tokens_written_to_pinned_host_memory_are_the_same(
+    tiny, rules, monkeypatch):
+  """Where the devices have pinned host memory (the CPU devices do, as
+  GPUs do), the first-token programs write there and the engine reads
+  them without a copy: the same first tokens and log-probabilities, bit
+  for bit (the same program, only its output's place differs), as an
+  engine that copies them from the device. A mesh whose device lacks that
+  memory gets the device copy."""
+  from pdjax.engine import prefill as prefill_module
+  on_host = _prefill_engine(tiny, rules, 2, jax.devices()[:2])
+  assert on_host._first_token_on_host
+  monkeypatch.setattr(prefill_module, "pinned_host_sharding",
+                      lambda mesh: None)
+  copied = _prefill_engine(tiny, rules, 2, jax.devices()[:2])
+  assert not copied._first_token_on_host
+  reqs = [("a", prompt(40, 21), GREEDY), ("b", prompt(20, 22), seeded(5))]
+  for got, want in zip(prefill_requests(on_host, reqs),
+                       prefill_requests(copied, reqs)):
+    assert (got.first_token, got.first_logprob) == (want.first_token,
+                                                    want.first_logprob)
+  monkeypatch.undo()
+
+  class _NoPinned:
+    platform = "cpu"
+
+    def addressable_memories(self):
+      return [types.SimpleNamespace(kind="device")]
+
+  mesh = types.SimpleNamespace(devices=np.array([_NoPinned()]))
+  monkeypatch.setattr(prefill_module, "spans_processes", lambda m: False)
+  assert prefill_module.pinned_host_sharding(mesh) is None
 
 
 # ------------------------------------------------------------------ decode

@@ -117,6 +117,23 @@ def unpack_outputs(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return out[:, 0], np.ascontiguousarray(out[:, 1]).view(np.float32)
 
 
+def pinned_host_sharding(mesh: Mesh) -> NamedSharding | None:
+  """A replicated sharding in the host's pinned memory, where a program can
+  write a small result the host reads at once: None where a device of
+  ``mesh`` has no such memory, or where the mesh spans processes (one
+  host buffer per process: not tried there)."""
+  if spans_processes(mesh):
+    return None
+  for d in mesh.devices.flat:
+    try:
+      kinds = {m.kind for m in d.addressable_memories()}
+    except Exception:  # noqa: BLE001 - a backend without memory kinds
+      return None
+    if "pinned_host" not in kinds:
+      return None
+  return NamedSharding(mesh, PartitionSpec(), memory_kind="pinned_host")
+
+
 def _prefill_program(params, packed, *, cfg, page_size, kv_spec):
   """The fused prefill: the last positions' logits, the sampling columns
   (for ``_first_token_program``) and each row's KV pages. It does not
@@ -429,11 +446,18 @@ class PrefillEngine:
             functools.partial(programs[n], first_layer=self._put(np.int32(f)))
             for n, f in zip(self._group_sizes, starts)]
       self._head = jit(functools.partial(_head_program, cfg=cfg))
-    # The first tokens, by whether every row is greedy (the host knows).
+    # The first tokens, by whether every row is greedy (the host knows),
+    # written by their program straight to pinned host memory where the
+    # devices have it: no copy after the programs (on an H200 the first
+    # token reached the host 0.3-0.7 ms sooner than through a
+    # ``device_get``, the programs idle).
+    host = pinned_host_sharding(mesh)
     self._first_token = {
         greedy: shared_jit(functools.partial(_first_token_program,
-                                             all_greedy=greedy))
+                                             all_greedy=greedy),
+                           **({"out_shardings": host} if host else {}))
         for greedy in (True, False)}
+    self._first_token_on_host = host is not None
     self._pages_fns = {}
     self._skip_fns = {}
     # The handed-on KV's dtype (PrefillConfig.kv_dtype); the programs
@@ -653,7 +677,8 @@ class PrefillEngine:
       logits, cols = self._head(self.params, x, packed)
     all_greedy = all(r.sampling.greedy for r in reqs)
     out = self._first_token[all_greedy](logits, cols)
-    tok, lp = unpack_outputs(jax.device_get(out))
+    tok, lp = unpack_outputs(out if self._first_token_on_host
+                             else jax.device_get(out))
     self._observe(sum(len(r.prompt_ids) for r in reqs),
                   time.perf_counter() - t0)
     results = [self._count(PrefillResult(r.request_id, int(tok[i]),

@@ -13,7 +13,7 @@ projections, the card idle ``--pause_ms`` before each call), the median of
                  before the upload moved into the call)
   arg_get        the packed inputs passed to the program as a NumPy array
                  (the jitted call uploads them), device_get (the engine's
-                 copies now)
+                 copies where the devices have no pinned host memory)
   arg_ready_get  the same, blocking until the programs are done before the
                  device_get: what the read costs once the result is ready
                  (device_get queues the copy itself, so ``arg_get``'s copy
@@ -21,6 +21,7 @@ projections, the card idle ``--pause_ms`` before each call), the median of
   arg_pinned     the NumPy argument, the first-token program writing its
                  result to pinned host memory (``out_shardings`` with
                  ``memory_kind="pinned_host"``): no copy after the programs
+                 (the engine's copies where the devices have that memory)
 
 and, per variant, when the upload returned and when the programs' calls
 returned, from the call's start.
@@ -77,12 +78,14 @@ def main() -> None:
       max_seq_len=max(lengths) + 16))
   rep = NamedSharding(mesh, PartitionSpec())
   prog = engine._prefill  # pylint: disable=protected-access
-  first = engine._first_token[True]  # pylint: disable=protected-access
+  # The first-token program both ways, whichever the engine uses: its
+  # result on the device (read by a copy) and in pinned host memory.
   # pylint: disable-next=protected-access
-  first_pinned = jax.jit(functools.partial(
-      prefill_module._first_token_program, all_greedy=True),
-      out_shardings=NamedSharding(mesh, PartitionSpec(),
-                                  memory_kind="pinned_host"))
+  greedy_first = functools.partial(prefill_module._first_token_program,
+                                   all_greedy=True)
+  first = jax.jit(greedy_first)
+  first_pinned = jax.jit(greedy_first, out_shardings=NamedSharding(
+      mesh, PartitionSpec(), memory_kind="pinned_host"))
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
   results = {"device": bc.device_kind(), "pause_ms": args.pause_ms}
 
