@@ -107,9 +107,9 @@ class Router:
     self.registry = WorkerRegistry(poll_interval_s=0.05)
     self.registry.add("127.0.0.1:1", "decode").stub = self.worker
     # The fake answers Decode calls of their own (sessions are the real
-    # servicer's: tests/test_decode_sessions.py).
+    # servicer's: tests/test_worker_sessions.py).
     self.servicer = RouterServicer(self.registry, None,
-                                   RouterConfig(decode_sessions=False))
+                                   RouterConfig(worker_sessions=False))
     self.server = common.make_server(self.security, client_facing=True)
     generate_pb2_grpc.add_GenerationServicer_to_server(self.servicer,
                                                        self.server)
@@ -510,7 +510,7 @@ def test_the_first_token_and_a_failed_hand_off(policy):
     await registry.poll_once()
     servicer = RouterServicer(registry, None,
                               RouterConfig(kv_failure_policy=policy,
-                                           decode_sessions=False))
+                                           worker_sessions=False))
     server = common.make_server(common.Security(), client_facing=True)
     generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     port = common.bind(server, "127.0.0.1", 0)

@@ -182,9 +182,9 @@ HELP: dict[tuple[str | None, str], str] = {
     "hand-off.",
     ("router", "max_attempts"): "Workers tried for a request before its "
     "first token.",
-    ("router", "decode_sessions"): "Send Decode calls as messages on one "
-    "long-lived stream to each decode worker (DecodeSession) rather than a "
-    "new call each.",
+    ("router", "worker_sessions"): "Send Decode and Prefill calls as "
+    "messages on one long-lived stream to each worker (DecodeSession, "
+    "PrefillSession) rather than a new call each.",
 }
 
 

@@ -533,7 +533,7 @@ async def serve(role: str, dep) -> None:
                              landing=landing,
                              batch_delay_s=emulate_prefill)
       prefill_pb2_grpc.add_PrefillServicer_to_server(
-          PrefillServicer(worker, info), server)
+          PrefillServicer(worker, info, sessions), server)
       health_names.append("pdjax.v1.Prefill")
       if remote is not None:   # shared KV: peers fetch from this cache
         from pdjax.service.kvstore import PeerServicer

@@ -3,11 +3,13 @@
 A new gRPC call costs a request its own HTTP/2 stream, a handler task and
 the call's set-up on both ends: on one request's way to its first token,
 more than a message on a stream already open. So the router keeps one
-long-lived stream to each worker (``DecodeSession``) and sends each
-request's call as a ``start`` message on it; this module runs them:
+long-lived stream to each worker (``DecodeSession``, ``PrefillSession``)
+and sends each request's call as a ``start`` message on it; this module
+runs them:
 
 * each ``start`` runs the same handler body a call of its own would run
-  (``DecodeServicer._decode``), with a ``SessionCallContext`` standing in
+  (``DecodeServicer._decode``, ``PrefillServicer._prefill``), with a
+  ``SessionCallContext`` standing in
   for gRPC's: ``abort`` ends the call with its status, ``time_remaining``
   counts down the deadline the start carried, trailing metadata goes out
   with the end;
@@ -27,17 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import AsyncIterator, Callable
 
 import grpc
 
-from pdjax.v1 import common_pb2, decode_pb2
+from pdjax.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 _OK = common_pb2.CallStatus()
+
+# In a session's headers: the worker serves it (one without sessions
+# answers UNIMPLEMENTED, with no headers of its own).
+SESSION_HEADER = "pdjax-session"
 
 
 class CallAborted(Exception):
@@ -97,6 +104,14 @@ class SessionCallContext:
 Body = Callable[[object, SessionCallContext], AsyncIterator]
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionMessages:
+  """A session RPC's own messages: a call's event (one of its responses, or
+  its end) and the message that carries the events ready together."""
+  event: type
+  response: type
+
+
 class CallSessions:
   """The sessions this process serves: runs each one (``serve``) and ends
   them all at a drain's end (``end``)."""
@@ -109,13 +124,17 @@ class CallSessions:
   def open(self) -> int:
     return len(self._sessions)
 
-  async def serve(self, request_iterator, context, body: Body) -> None:
+  async def serve(self, request_iterator, context, body: Body,
+                  messages: SessionMessages) -> None:
     """Runs one session until the caller ends it, the stream breaks, or
     ``end``: each ``start`` through ``body(request, call_context)``."""
-    session = _Session(context, body)
+    session = _Session(context, body, messages)
     me = asyncio.current_task()
     self._sessions.add(me)
     try:
+      # Headers at once, saying so: the caller waits for them before its
+      # first start (its check that this worker serves sessions).
+      await context.send_initial_metadata(((SESSION_HEADER, "1"),))
       await session.run(request_iterator, self._ending)
     finally:
       self._sessions.discard(me)
@@ -130,11 +149,12 @@ class CallSessions:
 
 class _Session:
 
-  def __init__(self, context, body: Body):
+  def __init__(self, context, body: Body, messages: SessionMessages):
     self._context = context
     self._body = body
+    self._messages = messages
     self._calls: dict[int, asyncio.Task] = {}
-    self._pending: list[decode_pb2.DecodeCallEvent] = []
+    self._pending: list = []
     self._wake = asyncio.Event()
     self._closed = False
 
@@ -178,7 +198,7 @@ class _Session:
         if task is not None:
           task.cancel()
 
-  async def _run_call(self, call: int, start: decode_pb2.DecodeCall) -> None:
+  async def _run_call(self, call: int, start) -> None:
     ctx = SessionCallContext(self._context, start.timeout_ms)
     status = _OK
     timer = None
@@ -213,7 +233,7 @@ class _Session:
   def _emit(self, call: int, **kind) -> None:
     if self._closed:
       return
-    self._pending.append(decode_pb2.DecodeCallEvent(call=call, **kind))
+    self._pending.append(self._messages.event(call=call, **kind))
     self._wake.set()
 
   async def _write(self) -> None:
@@ -222,11 +242,10 @@ class _Session:
       self._wake.clear()
       if self._pending:
         batch, self._pending = self._pending, []
-        await self._context.write(
-            decode_pb2.DecodeSessionResponse(events=batch))
+        await self._context.write(self._messages.response(events=batch))
       if self._closed and not self._pending:
         return
 
 
-__all__ = ["CallAborted", "CallSessions", "SessionCallContext",
-           "call_status"]
+__all__ = ["CallAborted", "CallSessions", "SESSION_HEADER",
+           "SessionCallContext", "SessionMessages", "call_status"]

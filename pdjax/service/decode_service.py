@@ -40,7 +40,7 @@ from pdjax.engine.requests import (DecodeRequest, FinishReason, RequestKV,
                                    TokenEvent)
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
-from pdjax.service.call_sessions import CallSessions
+from pdjax.service.call_sessions import CallSessions, SessionMessages
 from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
@@ -256,6 +256,10 @@ class EventRelay:
       q.put_nowait(ev)
 
 
+_SESSION_MESSAGES = SessionMessages(decode_pb2.DecodeCallEvent,
+                                    decode_pb2.DecodeSessionResponse)
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
   def __init__(self, worker: DecodeWorker, info: common_pb2.WorkerInfo,
@@ -354,7 +358,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     """Decode calls as messages on one long-lived stream
     (``pdjax.service.call_sessions``): each runs ``_decode`` as its own
     call would."""
-    await self.sessions.serve(request_iterator, context, self._decode)
+    await self.sessions.serve(request_iterator, context, self._decode,
+                              _SESSION_MESSAGES)
 
   async def _decode(self, request: decode_pb2.DecodeRequest, context):
     """One Decode call's body; ``context`` is gRPC's, or a session's

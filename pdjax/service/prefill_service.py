@@ -46,6 +46,7 @@ from pdjax.engine.api import PrefillBackend
 from pdjax.engine.requests import PrefillRequest, RequestKV
 from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
+from pdjax.service.call_sessions import CallSessions, SessionMessages
 from pdjax.service.landing import LandingRequests
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
@@ -509,13 +510,34 @@ class PrefillWorker:
       self._add_running(-1)
 
 
+_SESSION_MESSAGES = SessionMessages(prefill_pb2.PrefillCallEvent,
+                                    prefill_pb2.PrefillSessionResponse)
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
-  def __init__(self, worker: PrefillWorker, info: common_pb2.WorkerInfo):
+  def __init__(self, worker: PrefillWorker, info: common_pb2.WorkerInfo,
+               sessions: CallSessions | None = None):
+    """``sessions``: the process's open sessions (``PrefillSession``),
+    which its drain ends; a servicer of its own by default."""
     self.worker = worker
     self.info = info
+    self.sessions = sessions or CallSessions()
 
   async def Prefill(self, request: prefill_pb2.PrefillRequest, context):
+    async for msg in self._prefill(request, context):
+      yield msg
+
+  async def PrefillSession(self, request_iterator, context):
+    """Prefill calls as messages on one long-lived stream
+    (``pdjax.service.call_sessions``): each runs ``_prefill`` as its own
+    call would."""
+    await self.sessions.serve(request_iterator, context, self._prefill,
+                              _SESSION_MESSAGES)
+
+  async def _prefill(self, request: prefill_pb2.PrefillRequest, context):
+    """One Prefill call's body; ``context`` is gRPC's, or a session's
+    stand-in for it."""
     w = self.worker
     if w.draining:
       await context.abort(grpc.StatusCode.UNAVAILABLE,

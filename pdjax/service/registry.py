@@ -32,14 +32,19 @@ import uuid
 import grpc
 
 from pdjax.service import common
-from pdjax.service.decode_session import DecodeSession
+from pdjax.service.worker_session import WorkerSession
 from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
                                      DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
-from pdjax.v1 import (blockstore_pb2_grpc, common_pb2, decode_pb2_grpc,
-                      prefill_pb2_grpc)
+from pdjax.v1 import (blockstore_pb2_grpc, common_pb2, decode_pb2,
+                      decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc)
 
 log = logging.getLogger(__name__)
+
+# The calls the router makes on a session with each kind of worker: the
+# method and the session's request message.
+_SESSIONS = {"prefill": ("Prefill", prefill_pb2.PrefillSessionRequest),
+             "decode": ("Decode", decode_pb2.DecodeSessionRequest)}
 
 # How often each worker is asked for its state (GetWorkerInfo).
 DEFAULT_POLL_INTERVAL_S = 0.5
@@ -74,8 +79,9 @@ class Worker:
   lease_s: float = 0.0          # the lease's length, granted at register
   retired: bool = False         # left: finishing the router's requests
   holds: int = 0                # requests that will still call it (hold)
-  # Decode: the router's Decode calls to it, as messages on one stream.
-  session: DecodeSession | None = None
+  # Decode and prefill workers: the router's Decode or Prefill calls to it,
+  # as messages on one stream.
+  session: WorkerSession | None = None
 
   @property
   def usable(self) -> bool:
@@ -145,9 +151,9 @@ class WorkerRegistry:
             # Shared KV: a store is polled (its blocks count as fetchable),
             # never routed to.
             "kvstore": blockstore_pb2_grpc.BlockStoreStub}[role](channel)
+    method = _SESSIONS.get(role)
     w = Worker(address, role, channel, stub, source=source,
-               session=(DecodeSession(stub, address) if role == "decode"
-                        else None))
+               session=method and WorkerSession(stub, *method, address))
     self.workers[key] = w
     return w
 

@@ -118,10 +118,11 @@ class RouterConfig:
   # (workers started with --router ask for it); one that has not renewed
   # for this long is dropped.
   lease_s: float = discovery.DEFAULT_LEASE_S
-  # Decode calls as messages on one long-lived stream to each decode worker
-  # (``DecodeSession``), not a new call each: on a request's way to its
-  # first token, a message each way costs less than a call's set-up.
-  decode_sessions: bool = True
+  # Decode and Prefill calls as messages on one long-lived stream to each
+  # worker (``DecodeSession``, ``PrefillSession``), not a new call each: on
+  # a request's way to its first token, a message each way costs less than
+  # a call's set-up.
+  worker_sessions: bool = True
 
   def __post_init__(self):
     for name in ("max_attempts", "max_inflight"):
@@ -688,12 +689,15 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     lost: _Failed | None = None
     with self.registry.busy(p):
       usage.ttft_stages.reserve_s = time.perf_counter() - t0
-      call = p.stub.Prefill(prefill_pb2.PrefillRequest(
+      prefill_req = prefill_pb2.PrefillRequest(
           request_id=rid, prompt_token_ids=ids,
           sampling=validation.sampling_to_proto(sampling), seed=seed,
           destination=dest, destination_pending=made is None,
-          cache_salt=salt, kv_sources=sources),
-          timeout=self._timeout(context))
+          cache_salt=salt, kv_sources=sources)
+      timeout = self._timeout(context)
+      call = (p.session.call(prefill_req, timeout)
+              if self.config.worker_sessions
+              else p.stub.Prefill(prefill_req, timeout=timeout))
       reservation.start()
       completing = None if made else asyncio.ensure_future(
           self._complete_destination(
@@ -877,7 +881,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     redeemed and no token came back; UNAVAILABLE mid-stream otherwise."""
     with self.registry.busy(d):
       timeout = self._timeout(context)
-      call = (d.session.call(req, timeout) if self.config.decode_sessions
+      call = (d.session.call(req, timeout) if self.config.worker_sessions
               else d.stub.Decode(req, timeout=timeout))
       received = False
       try:

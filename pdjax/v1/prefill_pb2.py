@@ -26,7 +26,7 @@ from pdjax.v1 import common_pb2 as pdjax_dot_v1_dot_common__pb2
 from pdjax.v1 import kv_pb2 as pdjax_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdjax/v1/prefill.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xff\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12&\n\nkv_sources\x18\x07 \x03(\x0b\x32\x12.pdjax.v1.KvSource\x12\x1b\n\x13\x64\x65stination_pending\x18\x08 \x01(\x08\"J\n\x1a\x43ompleteDestinationRequest\x12,\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\"+\n\x08KvSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"\xac\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x1e\n\x02kv\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t2\x97\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x18.pdjax.v1.PrefillRequest\x1a\x19.pdjax.v1.PrefillResponse0\x01\x12L\n\x13\x43ompleteDestination\x12$.pdjax.v1.CompleteDestinationRequest\x1a\x0f.pdjax.v1.Empty\x12\x38\n\tReleaseKv\x12\x1a.pdjax.v1.ReleaseKvRequest\x1a\x0f.pdjax.v1.Empty\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdjax/v1/prefill.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xff\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12&\n\nkv_sources\x18\x07 \x03(\x0b\x32\x12.pdjax.v1.KvSource\x12\x1b\n\x13\x64\x65stination_pending\x18\x08 \x01(\x08\"J\n\x1a\x43ompleteDestinationRequest\x12,\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x17.pdjax.v1.KvDestination\"+\n\x08KvSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"\xac\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x1e\n\x02kv\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"g\n\x15PrefillSessionRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12&\n\x05start\x18\x02 \x01(\x0b\x32\x15.pdjax.v1.PrefillCallH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"L\n\x0bPrefillCall\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.pdjax.v1.PrefillRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"D\n\x16PrefillSessionResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.pdjax.v1.PrefillCallEvent\"{\n\x10PrefillCallEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x19.pdjax.v1.PrefillResponseH\x00\x12#\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x14.pdjax.v1.CallStatusH\x00\x42\x06\n\x04kind2\xf0\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x18.pdjax.v1.PrefillRequest\x1a\x19.pdjax.v1.PrefillResponse0\x01\x12W\n\x0ePrefillSession\x12\x1f.pdjax.v1.PrefillSessionRequest\x1a .pdjax.v1.PrefillSessionResponse(\x01\x30\x01\x12L\n\x13\x43ompleteDestination\x12$.pdjax.v1.CompleteDestinationRequest\x1a\x0f.pdjax.v1.Empty\x12\x38\n\tReleaseKv\x12\x1a.pdjax.v1.ReleaseKvRequest\x1a\x0f.pdjax.v1.Empty\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_end=630
   _globals['_RELEASEKVREQUEST']._serialized_start=632
   _globals['_RELEASEKVREQUEST']._serialized_end=671
-  _globals['_PREFILL']._serialized_start=674
-  _globals['_PREFILL']._serialized_end=953
+  _globals['_PREFILLSESSIONREQUEST']._serialized_start=673
+  _globals['_PREFILLSESSIONREQUEST']._serialized_end=776
+  _globals['_PREFILLCALL']._serialized_start=778
+  _globals['_PREFILLCALL']._serialized_end=854
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_start=856
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_end=924
+  _globals['_PREFILLCALLEVENT']._serialized_start=926
+  _globals['_PREFILLCALLEVENT']._serialized_end=1049
+  _globals['_PREFILL']._serialized_start=1052
+  _globals['_PREFILL']._serialized_end=1420
 # @@protoc_insertion_point(module_scope)

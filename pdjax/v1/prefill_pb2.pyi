@@ -65,3 +65,37 @@ class ReleaseKvRequest(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     def __init__(self, transfer_id: _Optional[str] = ...) -> None: ...
+
+class PrefillSessionRequest(_message.Message):
+    __slots__ = ("call", "start", "cancel")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    start: PrefillCall
+    cancel: bool
+    def __init__(self, call: _Optional[int] = ..., start: _Optional[_Union[PrefillCall, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class PrefillCall(_message.Message):
+    __slots__ = ("request", "timeout_ms")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request: PrefillRequest
+    timeout_ms: int
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class PrefillSessionResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[PrefillCallEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[PrefillCallEvent, _Mapping]]] = ...) -> None: ...
+
+class PrefillCallEvent(_message.Message):
+    __slots__ = ("call", "message", "end")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    message: PrefillResponse
+    end: _common_pb2.CallStatus
+    def __init__(self, call: _Optional[int] = ..., message: _Optional[_Union[PrefillResponse, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.CallStatus, _Mapping]] = ...) -> None: ...

@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillSession = channel.stream_stream(
+                '/pdjax.v1.Prefill/PrefillSession',
+                request_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillSessionRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillSessionResponse.FromString,
+                _registered_method=True)
         self.CompleteDestination = channel.unary_unary(
                 '/pdjax.v1.Prefill/CompleteDestination',
                 request_serializer=pdjax_dot_v1_dot_prefill__pb2.CompleteDestinationRequest.SerializeToString,
@@ -69,6 +74,14 @@ class PrefillServicer:
         With `destination_pending` the hand-off waits for CompleteDestination
         (the first token does not); a caller that cannot complete it cancels
         the call, and the KV is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillSession(self, request_iterator, context):
+        """Many Prefill calls over one long-lived stream (the router keeps one to
+        each prefill worker), as Decode.DecodeSession carries Decode calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +118,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrefillSession,
+                    request_deserializer=pdjax_dot_v1_dot_prefill__pb2.PrefillSessionRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_prefill__pb2.PrefillSessionResponse.SerializeToString,
             ),
             'CompleteDestination': grpc.unary_unary_rpc_method_handler(
                     servicer.CompleteDestination,
@@ -149,6 +167,33 @@ class Prefill:
             '/pdjax.v1.Prefill/Prefill',
             pdjax_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             pdjax_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdjax.v1.Prefill/PrefillSession',
+            pdjax_dot_v1_dot_prefill__pb2.PrefillSessionRequest.SerializeToString,
+            pdjax_dot_v1_dot_prefill__pb2.PrefillSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@
 # (e.g. 'fuse_projections = "off"'), PREFILL_SETTINGS the same for
 # [prefill]; WORKER_FLAGS: flags added to every
 # worker's (comma-separated, e.g. --gil_switch_interval_ms=5);
-# ROUTER_FLAGS the same for the router's (e.g. --nodecode_sessions).
+# ROUTER_FLAGS the same for the router's (e.g. --noworker_sessions).
 # PROMPT_LEN (default 512): the prompts' length (the context grows to the
 # next power of two above prompt + 128 tokens, the prefill bucket to the
 # prompt); CONCURRENCIES (default "1 32"): the batch_eval runs per deployment.

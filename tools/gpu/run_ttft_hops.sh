@@ -9,9 +9,10 @@
 # on exit), and tools/gpu/ttft_hops.py's table per run.
 # RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
 # deployment per run, with ":calls" after them for a router that makes a
-# Decode call per request (--nodecode_sessions) rather than sessions. SWITCH_INTERVAL_MS (optional): the workers' and, via
-# sys.setswitchinterval in a sitecustomize, the router's and the client's
-# GIL switch interval.
+# call per request to the workers (--noworker_sessions) rather than using
+# its sessions with them. SWITCH_INTERVAL_MS (optional): the workers' and,
+# via sys.setswitchinterval in a sitecustomize, the router's and the
+# client's GIL switch interval.
 #
 #   bash tools/gpu/run_ttft_hops.sh OUT_DIR
 set -u
@@ -42,7 +43,7 @@ for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   IFS=: read -r len dep variant <<< "$run"
   name=${len}_$dep${variant:+_$variant}
   router_flags=
-  [ "$variant" = calls ] && router_flags=--nodecode_sessions
+  [ "$variant" = calls ] && router_flags=--noworker_sessions
   echo "===== $len tokens, $dep${variant:+, $variant}"
   PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 DEPLOYMENTS=$dep \
     PROMPT_LEN=$len BUDGET_S=200 ROUTER_FLAGS=$router_flags \

@@ -1,10 +1,10 @@
-"""Decode calls as messages on one long-lived stream (``DecodeSession``):
-the router's side (``pdjax.service.decode_session``) against the decode
-worker's real servicer (``pdjax.service.call_sessions``) over loopback
-gRPC, with a fake engine. A call in a session ends as the same call of its
-own ends: the same messages, the same status, details and trailing
-metadata; cancelling it, its deadline, and the session's end free what the
-worker holds for it."""
+"""Calls as messages on one long-lived stream (``DecodeSession``,
+``PrefillSession``): the router's side (``pdjax.service.worker_session``)
+against the workers' real servicers (``pdjax.service.call_sessions``) over
+loopback gRPC, with fake engines. A call in a session ends as the same
+call of its own ends: the same messages, the same status, details and
+trailing metadata; cancelling it, its deadline, and the session's end free
+what the worker holds for it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from fake_engines import FakeDecodeBackend
 from pdjax.service import common
 from pdjax.service.decode_service import DecodeServicer, DecodeWorker
-from pdjax.service.decode_session import DecodeSession
+from pdjax.service.worker_session import WorkerSession
 from pdjax.v1 import decode_pb2, decode_pb2_grpc
 
 from test_decode_servicer import FakeReceiver
@@ -63,7 +63,9 @@ class _Worker:
     self.channel = common.make_channel(self.address, common.Security(),
                                        aio=True)
     self.stub = decode_pb2_grpc.DecodeStub(self.channel)
-    self.session = DecodeSession(self.stub, self.address)
+    self.session = WorkerSession(self.stub, "Decode",
+                                 decode_pb2.DecodeSessionRequest,
+                                 self.address)
     return self
 
   async def __aexit__(self, *exc):
@@ -148,6 +150,34 @@ def test_cancel_frees_the_slot_and_the_session_carries_on():
       msgs, status = await _outcome(w.session.call(_local("r2"), timeout=10))
       assert status is None and msgs[-1].finish_reason
       assert w.servicer.sessions.open == 1
+
+  asyncio.run(go())
+
+
+def test_a_read_waiting_when_the_call_is_cancelled_raises_cancelled():
+  """As on gRPC's own calls (the router cancels a Prefill call from another
+  task while its handler waits in ``read``, and tells the two apart by
+  this); the worker frees both."""
+
+  async def go():
+    async with _Worker() as w:
+      own = w.stub.Decode(_local("held-own"), timeout=10)
+      mine = w.session.call(_local("held-session"), timeout=10)
+      reads = [asyncio.ensure_future(c.read()) for c in (own, mine)]
+      for _ in range(500):
+        if len(w.engine.held) == 2:
+          break
+        await asyncio.sleep(0.01)
+      assert len(w.engine.held) == 2
+      assert own.cancel() and mine.cancel()
+      for r in reads:
+        with pytest.raises(asyncio.CancelledError):
+          await r
+      for _ in range(200):
+        if len(w.engine.cancelled) == 2:
+          break
+        await asyncio.sleep(0.01)
+      assert sorted(w.engine.cancelled) == ["held-own", "held-session"]
 
   asyncio.run(go())
 
@@ -250,7 +280,7 @@ def test_a_worker_without_sessions_gets_calls_of_their_own():
 @pytest.mark.parametrize("sessions", [True, False])
 def test_the_router_streams_a_request_either_way(sessions):
   """The router's Decode path over sessions and over calls of their own
-  gives the same tokens (its setting, ``decode_sessions``)."""
+  gives the same tokens (its setting, ``worker_sessions``)."""
   from pdjax.client import AsyncClient
   from pdjax.service.registry import WorkerRegistry
   from pdjax.service.router import RouterConfig, RouterServicer
@@ -268,7 +298,7 @@ def test_the_router_streams_a_request_either_way(sessions):
       registry.add(w.address, "decode")
       await registry.poll_once()
       servicer = RouterServicer(registry, None,
-                                RouterConfig(decode_sessions=sessions))
+                                RouterConfig(worker_sessions=sessions))
       server = common.make_server(common.Security(), client_facing=True)
       generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
       port = common.bind(server, "127.0.0.1", 0)

@@ -1,21 +1,23 @@
-"""The router's side of a session: Decode calls as messages on one stream.
+"""The router's side of a session: a worker's calls as messages on one stream.
 
-``DecodeSession`` keeps one long-lived ``DecodeSession`` stream open to a
-decode worker (opened by the first call, opened again by the next call
-after it ends) and multiplexes calls over it; ``call`` returns a
-``SessionCall`` with the part of ``grpc.aio``'s server-streaming call the
-router uses: async iteration over the ``DecodeResponse``s, failures as
+``WorkerSession`` keeps one long-lived session stream open to a worker
+(``DecodeSession`` for ``Decode`` calls, ``PrefillSession`` for
+``Prefill``; opened by the first call, opened again by the next call after
+it ends) and multiplexes calls over it; ``call`` returns a ``SessionCall``
+with the part of ``grpc.aio``'s server-streaming call the router uses:
+async iteration and ``read`` over the responses, failures as
 ``grpc.aio.AioRpcError`` with the code, details and trailing metadata the
-worker's end carried, ``cancel``, and the call's own deadline. A request
-thus costs a message each way instead of a new call
+worker's end carried, ``cancel`` (a read waiting then raises
+``asyncio.CancelledError``, as gRPC's does), and the call's own deadline. A
+request thus costs a message each way instead of a new call
 (``pdjax.service.call_sessions`` is the worker's side).
 
 A session that breaks (the worker gone, the channel closed) ends every call
 still on it with the session's status (UNAVAILABLE where the stream ended
 without one), as each call of its own would have ended. A worker that does
 not serve sessions (an older one, through a rolling upgrade) answers the
-first with UNIMPLEMENTED: its calls then go as ``Decode`` calls of their own,
-that first one included.
+first with UNIMPLEMENTED: its calls then go as calls of their own, that
+first one included.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 
 import grpc
 
-from pdjax.v1 import decode_pb2
+from pdjax.service.call_sessions import SESSION_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,17 @@ def _rpc_error(code: grpc.StatusCode, details: str,
                               grpc.aio.Metadata(*trailing), details)
 
 
-class DecodeSession:
-  """Decode calls to one worker over one stream (``stub``: its
-  ``DecodeStub``). ``close`` ends the stream and the calls on it."""
+class WorkerSession:
+  """``method`` calls (``"Decode"``, ``"Prefill"``) to one worker over one
+  ``<method>Session`` stream (``stub``: the worker's service stub,
+  ``request_type``: the session's request message). ``close`` ends the
+  stream and the calls on it."""
 
-  def __init__(self, stub, address: str = ""):
+  def __init__(self, stub, method: str, request_type: type,
+               address: str = ""):
     self._stub = stub
+    self._method = method
+    self._request_type = request_type
     self.address = address
     self._stream = None
     self._reader: asyncio.Task | None = None
@@ -56,33 +63,48 @@ class DecodeSession:
     self._closed = False
     # False once the worker answered UNIMPLEMENTED: calls of their own.
     self.supported = True
+    self._last_end = (grpc.StatusCode.UNAVAILABLE, "no session", ())
 
   @property
   def calls(self) -> int:
     """Calls running on the session now."""
     return len(self._calls)
 
-  def call(self, request: decode_pb2.DecodeRequest,
-           timeout: float | None = None) -> "SessionCall":
-    """A Decode call on the session (sent when first read, as gRPC sends
-    its calls)."""
+  def call(self, request, timeout: float | None = None) -> "SessionCall":
+    """A call on the session (sent when first read, as gRPC sends its
+    calls)."""
     if self._closed:
       raise grpc.aio.UsageError("the session is closed")
     if not self.supported:
-      return self._stub.Decode(request, timeout=timeout)
+      return self._own_call(request, timeout)
     c = SessionCall(self, next(self._ids), request, timeout)
     self._calls[c.id] = c
     return c
 
-  async def _send(self, msg: decode_pb2.DecodeSessionRequest) -> None:
-    async with self._write_lock:
-      stream = self._open()
-      await stream.write(msg)
+  def _own_call(self, request, timeout: float | None):
+    return getattr(self._stub, self._method)(request, timeout=timeout)
 
-  def _open(self):
+  async def _open(self):
+    """The session's stream, opened if there is none and answered: the
+    worker's headers say it serves sessions. None where it does not (a
+    worker without sessions answers UNIMPLEMENTED, and ``supported`` turns
+    False) or the stream ended at once. Nothing is written before the
+    answer: a write racing a stream's end makes its status INTERNAL,
+    hiding the worker's."""
     if self._stream is None:
-      stream = self._stream = self._stub.DecodeSession()
-      self._reader = asyncio.ensure_future(self._read(stream))
+      stream = self._stream = getattr(self._stub,
+                                      f"{self._method}Session")()
+      reader = self._reader = asyncio.ensure_future(self._read(stream))
+      try:
+        headers = dict(await stream.initial_metadata() or ())
+      except grpc.aio.AioRpcError:
+        headers = {}
+      if headers.get(SESSION_HEADER) != "1":
+        await asyncio.wait([reader], timeout=5.0)   # its end, and status
+        if self._stream is stream:
+          stream.cancel()
+          await asyncio.wait([reader])
+        return None
     return self._stream
 
   async def _read(self, stream) -> None:
@@ -102,16 +124,22 @@ class DecodeSession:
     except grpc.aio.AioRpcError as e:
       code, details = e.code(), e.details() or e.code().name
       trailing = tuple(e.trailing_metadata() or ())
+      if code == grpc.StatusCode.INTERNAL:
+        # The transport's, not the worker's (which ends a session OK or
+        # not at all): a write that raced the stream's end. The calls on
+        # it end as calls to a worker gone do.
+        code, details = grpc.StatusCode.UNAVAILABLE, f"{details} (INTERNAL)"
       if code == grpc.StatusCode.UNIMPLEMENTED:
-        log.warning("decode worker %s serves no sessions (%s): a Decode "
-                    "call per request", self.address, details)
+        log.warning("worker %s serves no %s sessions (%s): a call per "
+                    "request", self.address, self._method, details)
         self.supported = False
     except asyncio.CancelledError:
       code, details = grpc.StatusCode.CANCELLED, "the session was closed"
     except Exception as e:  # noqa: BLE001 - every call still must end
-      log.exception("decode session to %s", self.address)
+      log.exception("%s session to %s", self._method, self.address)
       code, details = grpc.StatusCode.UNKNOWN, repr(e)
     finally:
+      self._last_end = (code, f"{self._method} session: {details}", trailing)
       if self._stream is stream:
         self._stream = None
         self._reader = None
@@ -120,16 +148,21 @@ class DecodeSession:
       for cid, c in list(self._calls.items()):
         if c._stream is stream:
           del self._calls[cid]
-          c._fail(code, f"decode session: {details}", trailing)
+          c._fail(code, f"{self._method} session: {details}", trailing)
       stream.cancel()
 
   def _forget(self, c: "SessionCall", cancel_sent: bool) -> None:
     if self._calls.pop(c.id, None) is not None and cancel_sent:
-      asyncio.ensure_future(self._send_cancel(c.id))
+      asyncio.ensure_future(self._send_cancel(c))
 
-  async def _send_cancel(self, cid: int) -> None:
-    with contextlib.suppress(Exception):
-      await self._send(decode_pb2.DecodeSessionRequest(call=cid, cancel=True))
+  async def _send_cancel(self, c: "SessionCall") -> None:
+    async with self._write_lock:
+      # Only on the stream the call went out on: a new one knows nothing
+      # of it (and an ended one cancelled it already).
+      if c._stream is not None and c._stream is self._stream:
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
+                                 asyncio.InvalidStateError):
+          await c._stream.write(self._request_type(call=c.id, cancel=True))
 
   async def close(self) -> None:
     """Ends the stream: calls still on it end CANCELLED."""
@@ -146,13 +179,14 @@ class DecodeSession:
 
 
 class SessionCall:
-  """One Decode call on a session: ``async for msg in call``; raises
-  ``grpc.aio.AioRpcError`` as the call would have failed."""
+  """One call on a session: ``async for msg in call`` or ``await
+  call.read()``; raises ``grpc.aio.AioRpcError`` as the call would have
+  failed."""
 
   _END = object()
 
-  def __init__(self, session: DecodeSession, cid: int,
-               request: decode_pb2.DecodeRequest, timeout: float | None):
+  def __init__(self, session: WorkerSession, cid: int, request,
+               timeout: float | None):
     self._session = session
     self.id = cid
     self._request = request
@@ -162,8 +196,8 @@ class SessionCall:
     self._sent = False
     self._status: tuple | None = None   # (code, details, trailing) once done
     self._started = None         # the start message, once sent
-    self._own = None             # a Decode call of its own (no sessions)
-    self._own_iter = None
+    self._own = None             # a call of its own (no sessions)
+    self._cancelled = False      # by ``cancel``, here
     self._deadline = (None if timeout is None else
                       time.monotonic() + timeout)
     # Its deadline, kept here too: a worker that stops answering cannot
@@ -176,9 +210,16 @@ class SessionCall:
   def __aiter__(self):
     return self
 
-  async def __anext__(self) -> decode_pb2.DecodeResponse:
+  async def __anext__(self):
+    msg = await self.read()
+    if msg is grpc.aio.EOF:
+      raise StopAsyncIteration
+    return msg
+
+  async def read(self):
+    """The call's next response, or ``grpc.aio.EOF`` once it ended OK."""
     if self._own is not None:
-      return await self._own_iter.__anext__()
+      return await self._own.read()
     if not self._sent:
       await self._start()
     item = await self._queue.get()
@@ -186,16 +227,17 @@ class SessionCall:
       self._queue.put_nowait(item)      # every later read ends too
       code, details, trailing = self._status
       if code == grpc.StatusCode.OK:
-        raise StopAsyncIteration
+        return grpc.aio.EOF
+      if self._cancelled:
+        raise asyncio.CancelledError()
       if (code == grpc.StatusCode.UNIMPLEMENTED and self._started is not None
           and not self._session.supported):
         # The worker serves no sessions: this call as one of its own.
         remaining = (None if self._deadline is None else
                      max(0.001, self._deadline - time.monotonic()))
-        self._own = self._session._stub.Decode(self._started.start.request,
-                                               timeout=remaining)
-        self._own_iter = self._own.__aiter__()
-        return await self._own_iter.__anext__()
+        self._own = self._session._own_call(self._started.start.request,
+                                            remaining)
+        return await self._own.read()
       raise _rpc_error(code, details, trailing)
     return item
 
@@ -204,26 +246,39 @@ class SessionCall:
     if self._status is not None:
       return                            # cancelled (or past its deadline)
     s = self._session
-    msg = decode_pb2.DecodeSessionRequest(call=self.id)
+    msg = s._request_type(call=self.id)
     msg.start.request.CopyFrom(self._request)
     if self._timeout is not None:
       msg.start.timeout_ms = max(1, int(self._timeout * 1000))
     self._request = None
     self._started = msg
+    reader = None
     try:
       async with s._write_lock:
-        self._stream = s._open()
+        self._stream = await s._open()
+        if self._stream is None:
+          # No session there: this call as one of its own (``read``), or
+          # ended as the stream did.
+          if not s.supported:
+            self._fail(grpc.StatusCode.UNIMPLEMENTED, f"no {s._method} "
+                       "sessions on this worker")
+          else:
+            self._fail(*s._last_end)
+          s._calls.pop(self.id, None)
+          return
+        reader = s._reader
         await self._stream.write(msg)
     except (grpc.aio.AioRpcError, grpc.aio.UsageError,
             asyncio.InvalidStateError) as e:
-      # The stream broke before the start went out (its reader may not
-      # have seen it yet): the call ends as the session did.
-      s._calls.pop(self.id, None)
-      code = (e.code() if isinstance(e, grpc.aio.AioRpcError)
-              else grpc.StatusCode.UNAVAILABLE)
-      if code == grpc.StatusCode.UNIMPLEMENTED:
-        s.supported = False
-      self._fail(code, f"decode session: {e}")
+      # The stream ended before the start went out: its reader ends the
+      # call (it is on that stream) with the stream's status, which the
+      # failed write does not tell (a worker without sessions answers
+      # UNIMPLEMENTED, a write racing that "RPC already finished").
+      if reader is not None and self._status is None:
+        await asyncio.wait([reader], timeout=5.0)
+      if self._status is None:
+        s._calls.pop(self.id, None)
+        self._fail(grpc.StatusCode.UNAVAILABLE, f"{s._method} session: {e}")
 
   def _finish(self, end) -> None:
     self._fail(_CODES.get(end.code, grpc.StatusCode.UNKNOWN), end.details,
@@ -249,6 +304,9 @@ class SessionCall:
     had ended already."""
     if self._own is not None:
       return self._own.cancel()
+    if self._status is not None:
+      return False
+    self._cancelled = True
     return self._cancel_with(grpc.StatusCode.CANCELLED, "Cancelled")
 
   def done(self) -> bool:
@@ -261,4 +319,4 @@ class SessionCall:
     return self._status[1] if self._status else None
 
 
-__all__ = ["DecodeSession", "SessionCall"]
+__all__ = ["SessionCall", "WorkerSession"]
