@@ -6,7 +6,10 @@
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 install_carried_wheels() {
-  python3 -c "import grpc_health" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
+  # Its generated code refuses a grpcio older than the one it was made
+  # with, so the check imports it (the wheel must match the image's grpcio:
+  # 1.84.0 on the GPU machines).
+  python3 -c "from grpc_health.v1 import health" 2>/dev/null || python3 -m pip install -q --force-reinstall --no-deps --no-index .whl/grpcio_health_checking-*.whl 2>&1 | tail -1
   python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/cuda_*.whl 2>&1 | tail -1
   python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/gguf-*.whl 2>&1 | tail -1
 }
