@@ -300,6 +300,26 @@ def test_workers_refuse_internal_rpcs_without_the_service_token(deployment):
                                      prompt_token_ids=[5, 6, 7],
                                      sampling=sampling), timeout=10))
       assert code == grpc.StatusCode.UNAUTHENTICATED, who
+    # The sessions that carry the router's calls: refused alike, by the
+    # interceptor, before the session's handler could run a call.
+    for address, stub_cls, req in (
+        (decode, decode_pb2_grpc.DecodeStub, decode_pb2.DecodeSessionRequest(
+            call=1, start=decode_pb2.DecodeCall(
+                request=decode_pb2.DecodeRequest(
+                    request_id="sec-intruder", prompt_token_ids=[5, 6, 7],
+                    sampling=sampling, local_prefill=True)))),
+        (prefill, prefill_pb2_grpc.PrefillStub,
+         prefill_pb2.PrefillSessionRequest(
+             call=1, start=prefill_pb2.PrefillCall(
+                 request=prefill_pb2.PrefillRequest(
+                     request_id="sec-intruder", prompt_token_ids=[5, 6, 7],
+                     sampling=sampling))))):
+      with common.make_channel(address, sec) as ch:
+        method = ("DecodeSession" if stub_cls is decode_pb2_grpc.DecodeStub
+                  else "PrefillSession")
+        session = getattr(stub_cls(ch), method)
+        code = _rpc_code(lambda: session(iter([req]), timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (who, method)
     for address, role in ((decode, "decode"), (prefill, "prefill")):
       code = _rpc_code(lambda: _worker_info(address, sec, role))
       assert code == grpc.StatusCode.UNAUTHENTICATED, (who, role)
