@@ -90,6 +90,14 @@ def test_grpc_transport_matches_reference(grpc_cluster, reference):
   for stage in ("prepare", "reserve", "queue", "prefill", "return"):
     assert metric(text, "pdjax_ttft_stage_seconds_count",
                   f'stage="{stage}"') >= len(prompts), stage
+  # The router's Prefill and Decode calls went as messages on one session
+  # with each worker it used (here or in an earlier test: sessions stay).
+  used = ({r.usage.prefill_worker for r in results}
+          | {r.usage.decode_worker for r in results})
+  for n in ("prefill0", "prefill1", "decode0", "decode1"):
+    open_ = metric(grpc_cluster.metrics(n), "pdjax_sessions")
+    address = f"127.0.0.1:{grpc_cluster.proc(n).port()}"
+    assert open_ == 1 if address in used else open_ <= 1, (n, open_)
 
 
 def test_prefill_pool_spanning_two_processes_matches_reference(

@@ -442,6 +442,7 @@ async def serve(role: str, dep) -> None:
 
   metrics = Metrics(role)
   sessions = CallSessions()   # the router's streams to this process
+  metrics.sessions.set_function(lambda: sessions.open)
   workers = []
   health_names = []
   infos: dict[str, object] = {}

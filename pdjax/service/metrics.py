@@ -158,6 +158,10 @@ class Metrics:
     self.workers = Gauge(
         "pdjax_workers", "Workers known to the router by role and state.",
         ["role", "state"], registry=r)
+    self.sessions = Gauge(
+        "pdjax_sessions",
+        "Sessions open on this worker: the routers' long-lived streams that "
+        "carry their Decode and Prefill calls.", registry=r)
     self.worker_inflight = Gauge(
         "pdjax_worker_inflight",
         "Requests the router has on each worker now (set as they start and "
