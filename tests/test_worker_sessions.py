@@ -247,6 +247,34 @@ def test_a_drain_ends_the_sessions_once_nothing_runs():
   asyncio.run(go())
 
 
+class _Silent(DecodeServicer):
+  """A worker that takes the session and never answers it (hung)."""
+
+  async def DecodeSession(self, request_iterator, context):
+    await asyncio.sleep(3600)
+
+
+def test_a_worker_that_never_answers_the_session_holds_no_call(monkeypatch):
+  """A session that gets no headers: a call with a deadline ends at it
+  (DEADLINE_EXCEEDED), one without when the opening times out
+  (UNAVAILABLE, which the router retries elsewhere); neither waits on."""
+  from pdjax.service import worker_session
+  monkeypatch.setattr(worker_session, "_OPEN_TIMEOUT_S", 0.5)
+
+  async def go():
+    async with _Worker(servicer_cls=_Silent) as w:
+      msgs, status = await asyncio.wait_for(
+          _outcome(w.session.call(_local("a"), timeout=0.2)), 5)
+      assert msgs == [] and status[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+      msgs, status = await asyncio.wait_for(
+          _outcome(w.session.call(_local("b"))), 5)
+      assert msgs == [] and status[0] == grpc.StatusCode.UNAVAILABLE
+      assert "no answer" in status[1]
+      assert w.session.calls == 0 and w.engine.local == []
+
+  asyncio.run(go())
+
+
 class _CallsOnly(decode_pb2_grpc.DecodeServicer):
   """A worker from before sessions: Decode calls only."""
 

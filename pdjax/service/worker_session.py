@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
+# How long a new session may wait for the worker's headers: past it, the
+# worker is taken for gone (its calls end UNAVAILABLE, and the router
+# retries them elsewhere), not waited for while every call queues.
+_OPEN_TIMEOUT_S = 10.0
+
 
 def _rpc_error(code: grpc.StatusCode, details: str,
                trailing=()) -> grpc.aio.AioRpcError:
@@ -96,9 +101,23 @@ class WorkerSession:
                                       f"{self._method}Session")()
       reader = self._reader = asyncio.ensure_future(self._read(stream))
       try:
-        headers = dict(await stream.initial_metadata() or ())
+        headers = dict(await asyncio.wait_for(stream.initial_metadata(),
+                                              _OPEN_TIMEOUT_S) or ())
       except grpc.aio.AioRpcError:
         headers = {}
+      except asyncio.TimeoutError:
+        stream.cancel()
+        await asyncio.wait([reader])
+        self._last_end = (grpc.StatusCode.UNAVAILABLE,
+                          f"{self._method} session: no answer from the "
+                          f"worker in {_OPEN_TIMEOUT_S:g} s", ())
+        return None
+      except asyncio.CancelledError:
+        # The caller gave up (its deadline): no stream left half-opened;
+        # the next call opens another.
+        self._stream = None
+        stream.cancel()
+        raise
       if headers.get(SESSION_HEADER) != "1":
         await asyncio.wait([reader], timeout=5.0)   # its end, and status
         if self._stream is stream:
@@ -221,7 +240,15 @@ class SessionCall:
     if self._own is not None:
       return await self._own.read()
     if not self._sent:
-      await self._start()
+      if self._deadline is None:
+        await self._start()
+      else:
+        # A worker that does not take the start (a session still opening,
+        # another call's write held up) cannot hold the call past its
+        # deadline: its timer has ended it by then.
+        with contextlib.suppress(asyncio.TimeoutError):
+          await asyncio.wait_for(
+              self._start(), max(0.0, self._deadline - time.monotonic()))
     item = await self._queue.get()
     if item is self._END:
       self._queue.put_nowait(item)      # every later read ends too
