@@ -357,6 +357,45 @@ def test_a_destination_that_never_comes_sends_nothing(ends_by):
   assert sender.destinations == [] and sender.released == []
 
 
+def test_hand_offs_waiting_for_destinations_hold_up_no_other():
+  """More requests than the worker has hand-off threads wait for their
+  destinations (their reservations queued on a full decode pool): a
+  request whose destination is known still has its KV sent at once. (When
+  the waiting hand-offs held the threads, its KV waited for them to give
+  up, and the decode pool, which would have freed the room they waited
+  for by serving it, waited too.)"""
+  sender = _RecordingSender()
+
+  async def go():
+    loop = asyncio.get_running_loop()
+    worker = PrefillWorker(_Prefills(), sender)
+    worker.start()
+    threads = worker._pool._max_workers
+    try:
+      waiting = _jobs(loop, threads + 1)
+      for i, job in enumerate(waiting):
+        job.completed = worker.destinations.awaited(f"t{i}")
+        worker.submit(job)
+      for job in waiting:
+        await asyncio.wait_for(job.first, 10)
+      (whole,) = _jobs(loop, 1)
+      whole.destination = kv_pb2.KvDestination(transfer_id="whole")
+      whole.request = PrefillRequest("whole", [3, 4, 5], SamplingParams())
+      worker.submit(whole)
+      sent = await asyncio.wait_for(whole.future, 5)
+      assert sent.kv.transfer_id == "whole"
+      assert not any(job.future.done() for job in waiting)
+      for i, job in enumerate(waiting):   # the router gives up on them
+        job.future.cancel()
+        worker.destinations.drop(f"t{i}")
+      await _wait_idle(worker)
+    finally:
+      worker.stop()
+
+  asyncio.run(go())
+  assert [d.transfer_id for d in sender.destinations] == ["whole"]
+
+
 def test_pending_destinations_meet_in_either_order():
   """Whichever of the Prefill call and CompleteDestination comes first
   makes the entry; the call's end drops it; one whose call never came is

@@ -131,6 +131,9 @@ class _Job:
   # the router's reservation is made (PendingDestinations); None where
   # ``destination`` is whole already.
   completed: concurrent.futures.Future | None = None
+  # How long its hand-off waits for a pending destination (set when it
+  # starts waiting).
+  destination_timeout_s: float = 0.0
 
   def resolve_first(self, message: prefill_pb2.PrefillResponse) -> None:
     def done():
@@ -348,7 +351,7 @@ class PrefillWorker:
 
       def kv_ready(i, kv, live=live, done=done, started=started):
         started.add(i)
-        self._pool.submit(self._hand_off, live[i], kv, done[i])
+        self._submit_hand_off(live[i], kv, done[i])
 
       def on_result(i, r, done=done, t0=t0, live=live):
         now = time.perf_counter()
@@ -383,7 +386,7 @@ class PrefillWorker:
           self._first_token(j, r, now - t0)
           done[i].set_result((r, now - t0, now))
         if i not in started:     # ... or kv_ready
-          self._pool.submit(self._hand_off, j, r.kv, done[i])
+          self._submit_hand_off(j, r.kv, done[i])
 
   def _first_token(self, job: _Job, result, prefill_s: float) -> None:
     """Answers the first token as soon as it is known: its KV may still be
@@ -433,19 +436,50 @@ class PrefillWorker:
       timeout = min(timeout, max(0.001, job.deadline - time.monotonic()))
     return timeout
 
+  def _submit_hand_off(self, job: _Job, kv: RequestKV,
+                       done: concurrent.futures.Future) -> None:
+    """Queues the job's hand-off on the pool once its destination is known
+    (at once where it is), or once the hand-off's time has passed without
+    it. A hand-off waiting for a pending destination must not hold a pool
+    thread: its reservation may be queued on a full decode pool, and with
+    every thread held so, no other request's KV would move, the decode
+    pool would admit nothing and free no room, and the reservations would
+    wait for that room: a stall until they gave up."""
+    completed = job.completed
+    if completed is None or completed.done():
+      self._pool.submit(self._hand_off, job, kv, done)
+      return
+    lock = threading.Lock()
+    queued = []
+
+    def queue_it(_=None):
+      with lock:
+        if queued:
+          return
+        queued.append(True)
+      timer.cancel()
+      self._pool.submit(self._hand_off, job, kv, done)
+
+    job.destination_timeout_s = self._handoff_timeout(job)
+    timer = threading.Timer(job.destination_timeout_s, queue_it)
+    timer.daemon = True
+    timer.start()
+    completed.add_done_callback(queue_it)
+
   def _destination(self, job: _Job) -> kv_pb2.KvDestination:
     """Where the job's KV goes: its request's destination, or a pending
-    one's completion, waited for within the hand-off's time (its caller
-    gone: ``concurrent.futures.CancelledError``)."""
+    one's completion (``_submit_hand_off`` runs the hand-off once it came
+    or its time passed; its caller gone: ``concurrent.futures.
+    CancelledError``)."""
     if job.completed is None:
       return job.destination
-    timeout = self._handoff_timeout(job)
     try:
-      dest = job.completed.result(timeout)
+      dest = job.completed.result(timeout=0)
     except concurrent.futures.TimeoutError:
-      raise TransferTimeout(f"no destination for the KV of "
-                            f"{job.request.request_id} within {timeout:.1f} "
-                            "s (the router's reservation never came)") from None
+      raise TransferTimeout(
+          f"no destination for the KV of {job.request.request_id} within "
+          f"{job.destination_timeout_s:.1f} s (the router's reservation "
+          "never came)") from None
     if dest.skip_pages != job.request.skip_pages:
       # The prefill ran without knowing it: its KV has every page.
       raise InvalidRequest("destination.skip_pages", "differs from the "
