@@ -458,7 +458,10 @@ class PrefillWorker:
           return
         queued.append(True)
       timer.cancel()
-      self._pool.submit(self._hand_off, job, kv, done)
+      try:
+        self._pool.submit(self._hand_off, job, kv, done)
+      except RuntimeError:   # the worker stopped meanwhile
+        pass
 
     job.destination_timeout_s = self._handoff_timeout(job)
     timer = threading.Timer(job.destination_timeout_s, queue_it)
