@@ -186,8 +186,10 @@ class PrefillWorker:
     self.fault_drop_kv = fault_drop_kv
     self._rng = random.Random()
     self._queue: queue.Queue[_Job | None] = queue.Queue()
-    # A hand-off occupies its thread from dispatch to answer: two batches'
-    # worth, so the next batch's hand-offs never queue behind this one's.
+    # A hand-off occupies its thread from its destination known (at
+    # dispatch, or when a pending one comes: ``_submit_hand_off``) to its
+    # answer: two batches' worth, so the next batch's hand-offs never queue
+    # behind this one's.
     self._pool = concurrent.futures.ThreadPoolExecutor(
         max(sender_threads, 2 * engine.config.max_batch),
         thread_name_prefix="kv-send")
