@@ -209,7 +209,6 @@ class SessionCall:
     self._session = session
     self.id = cid
     self._request = request
-    self._timeout = timeout
     self._queue: asyncio.Queue = asyncio.Queue()
     self._stream = None          # the session stream it was sent on
     self._sent = False
@@ -225,6 +224,12 @@ class SessionCall:
                    asyncio.get_running_loop().call_later(
                        max(0.0, timeout), self._cancel_with,
                        grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+  def _remaining(self) -> float | None:
+    """Seconds to the call's deadline (None: none)."""
+    if self._deadline is None:
+      return None
+    return max(0.0, self._deadline - time.monotonic())
 
   def __aiter__(self):
     return self
@@ -247,8 +252,7 @@ class SessionCall:
         # another call's write held up) cannot hold the call past its
         # deadline: its timer has ended it by then.
         with contextlib.suppress(asyncio.TimeoutError):
-          await asyncio.wait_for(
-              self._start(), max(0.0, self._deadline - time.monotonic()))
+          await asyncio.wait_for(self._start(), self._remaining())
     item = await self._queue.get()
     if item is self._END:
       self._queue.put_nowait(item)      # every later read ends too
@@ -260,10 +264,10 @@ class SessionCall:
       if (code == grpc.StatusCode.UNIMPLEMENTED and self._started is not None
           and not self._session.supported):
         # The worker serves no sessions: this call as one of its own.
-        remaining = (None if self._deadline is None else
-                     max(0.001, self._deadline - time.monotonic()))
-        self._own = self._session._own_call(self._started.start.request,
-                                            remaining)
+        remaining = self._remaining()
+        self._own = self._session._own_call(
+            self._started.start.request,
+            None if remaining is None else max(0.001, remaining))
         return await self._own.read()
       raise _rpc_error(code, details, trailing)
     return item
@@ -275,8 +279,9 @@ class SessionCall:
     s = self._session
     msg = s._request_type(call=self.id)
     msg.start.request.CopyFrom(self._request)
-    if self._timeout is not None:
-      msg.start.timeout_ms = max(1, int(self._timeout * 1000))
+    remaining = self._remaining()
+    if remaining is not None:   # the worker's deadline is the router's
+      msg.start.timeout_ms = max(1, int(remaining * 1000))
     self._request = None
     self._started = msg
     reader = None
@@ -335,15 +340,6 @@ class SessionCall:
       return False
     self._cancelled = True
     return self._cancel_with(grpc.StatusCode.CANCELLED, "Cancelled")
-
-  def done(self) -> bool:
-    return self._status is not None
-
-  def code(self) -> grpc.StatusCode | None:
-    return self._status[0] if self._status else None
-
-  def details(self) -> str | None:
-    return self._status[1] if self._status else None
 
 
 __all__ = ["SessionCall", "WorkerSession"]
