@@ -196,6 +196,11 @@ class PrefillWorker:
     self._running = 0
     # Destinations the router completes after the prefill started.
     self.destinations = PendingDestinations()
+    # Hand-offs waiting for theirs, by transfer id: (job, KV, its result's
+    # future, when it stops waiting); queued on the pool by whichever of the
+    # destination and the reaper comes first.
+    self._waiting: dict[str, tuple] = {}
+    self._waiting_lock = threading.Lock()
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._batch_loop, daemon=True,
                                     name="prefill-batcher")
@@ -229,12 +234,14 @@ class PrefillWorker:
     self._reaper.start()
 
   def _reap_loop(self) -> None:
-    """Frees KV no decode worker claimed within its TTL; publishes the
-    live count (it must return to zero when idle)."""
+    """Frees KV no decode worker claimed within its TTL, and lets
+    hand-offs past their wait for a destination go on (to fail); publishes
+    the live count (it must return to zero when idle)."""
     while not self._stop.wait(0.25):
       try:
         self.sender.reap()
         self.destinations.reap()
+        self._expire_destination_waits()
         self.metrics.kv_live.labels("prefill_held").set(self.sender.live())
         store = self.engine.prefix_store
         if store is not None:
@@ -451,31 +458,40 @@ class PrefillWorker:
     if completed is None or completed.done():
       self._pool.submit(self._hand_off, job, kv, done)
       return
-    lock = threading.Lock()
-    queued = []
-
-    def queue_it(_=None):
-      with lock:
-        if queued:
-          return
-        queued.append(True)
-      timer.cancel()
-      try:
-        self._pool.submit(self._hand_off, job, kv, done)
-      except RuntimeError:   # the worker stopped meanwhile
-        pass
-
     job.destination_timeout_s = self._handoff_timeout(job)
-    timer = threading.Timer(job.destination_timeout_s, queue_it)
-    timer.daemon = True
-    timer.start()
-    completed.add_done_callback(queue_it)
+    transfer_id = job.destination.transfer_id
+    with self._waiting_lock:
+      self._waiting[transfer_id] = (
+          job, kv, done, time.monotonic() + job.destination_timeout_s)
+    completed.add_done_callback(lambda _: self._queue_waiting(transfer_id))
+
+  def _queue_waiting(self, transfer_id: str) -> None:
+    """Queues a waiting hand-off on the pool (once: the destination's
+    arrival and the reaper may both ask)."""
+    with self._waiting_lock:
+      entry = self._waiting.pop(transfer_id, None)
+    if entry is None:
+      return
+    job, kv, done, _ = entry
+    try:
+      self._pool.submit(self._hand_off, job, kv, done)
+    except RuntimeError:   # the worker stopped meanwhile
+      pass
+
+  def _expire_destination_waits(self) -> None:
+    """The reaper's part: hand-offs whose destination did not come in
+    their time go on, to fail with a ``TransferTimeout``."""
+    now = time.monotonic()
+    with self._waiting_lock:
+      late = [t for t, e in self._waiting.items() if e[3] <= now]
+    for transfer_id in late:
+      self._queue_waiting(transfer_id)
 
   def _destination(self, job: _Job) -> kv_pb2.KvDestination:
     """Where the job's KV goes: its request's destination, or a pending
-    one's completion (``_submit_hand_off`` runs the hand-off once it came
-    or its time passed; its caller gone: ``concurrent.futures.
-    CancelledError``)."""
+    one's completion (``_submit_hand_off`` runs the hand-off once it came,
+    or the reaper once its time passed; its caller gone:
+    ``concurrent.futures.CancelledError``)."""
     if job.completed is None:
       return job.destination
     try:
