@@ -1,66 +1,101 @@
 """Reserve calls that wait on a full decode worker for room to free.
 
 With the router's ``on_full = "queue"`` policy a request that finds every
-decode worker full waits. It used to wait in the router, asking again
-after a growing back-off (5 ms to 200 ms): each ask an RPC and an engine
-reservation attempt, and a request could sit up to 200 ms after its room
-freed. Instead the router's Reserve says how long it may wait
-(``ReserveRequest.wait_ms``) and the worker holds the call, trying again
-whenever a stream ends or a reservation is given back (``freed``), and at
+decode worker full waits. The router's Reserve says how long it may wait
+(``ReserveRequest.wait_ms``) and the worker holds the call in a line: first
+come, first served. Only the call at the head of the line tries to reserve,
+whenever a stream ends or a reservation is given back (``freed``) and at
 least every ``POLL_S`` for room freed where no stream saw it (preempted
-rows swapped back in, reservations reaped by their TTL). Waiters are woken
-in the order they came.
+rows swapped back in, reservations reaped by their TTL); once it has its
+room, the next call tries at once (the freed room may hold several). A
+call that arrives while others wait joins the end of the line, even if its
+own request would fit: as in vLLM's first-come-first-served scheduler, a
+large request at the head is not overtaken for ever by small ones, and no
+request waits behind requests that came after it (the tail of the wait is
+the line's length, not luck).
+
+Each attempt runs in its own call's task, so a call cancelled while it
+waits holds nothing: a reservation is only ever made by the call that
+returns it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-# The longest a waiter sleeps without a wake-up before it tries again.
+# The longest the head of the line sleeps without a wake-up before it tries
+# again (and the longest any waiter goes without looking at ``give_up``).
 POLL_S = 0.05
 
 
+class _Waiter:
+  __slots__ = ("turn",)
+
+  def __init__(self):
+    self.turn = asyncio.Event()
+
+
 class RoomWaiters:
-  """The waiting Reserve calls of one decode worker (its event loop's)."""
+  """The waiting Reserve calls of one decode worker (its event loop's), in
+  the order they came."""
 
   def __init__(self, poll_s: float = POLL_S):
     self.poll_s = poll_s
-    self._event: asyncio.Event | None = None
-    self.waiting = 0
+    self._line: collections.deque[_Waiter] = collections.deque()
+
+  @property
+  def waiting(self) -> int:
+    """How many calls wait for room now."""
+    return len(self._line)
 
   def freed(self) -> None:
     """Room may have been freed (a stream ended, a reservation went back):
-    every waiter tries again. Called on the worker's event loop."""
-    if self._event is not None:
-      self._event.set()
-      self._event = None
+    the head of the line tries again. Called on the worker's event loop."""
+    if self._line:
+      self._line[0].turn.set()
 
   async def wait_for(self, attempt: Callable[[], T | None], wait_s: float,
                      *, give_up: Callable[[], bool] = lambda: False
                      ) -> T | None:
     """``attempt()`` until it returns something, for up to ``wait_s``
-    seconds; None if it never did (or ``give_up()`` turned true, e.g. the
-    worker began draining)."""
-    got = attempt()
+    seconds, in turn with the other waiting calls; None if it never did
+    (or ``give_up()`` turned true, e.g. the worker began draining). With
+    nobody waiting the first attempt is made at once; with calls waiting,
+    one that may not wait (``wait_s`` 0) gets None without an attempt,
+    the room that frees being theirs."""
+    tried = not self._line
+    if tried:
+      got = attempt()
+      if got is not None or wait_s <= 0:
+        return got
     deadline = time.monotonic() + wait_s
-    self.waiting += 1
+    me = _Waiter()
+    self._line.append(me)
     try:
-      while got is None and not give_up():
+      while not give_up():
+        if self._line[0] is me and not tried:
+          got = attempt()
+          if got is not None:
+            return got
+        tried = False
         left = deadline - time.monotonic()
         if left <= 0:
           return None
-        if self._event is None:
-          self._event = asyncio.Event()
         try:
-          await asyncio.wait_for(self._event.wait(),
-                                 min(left, self.poll_s))
+          await asyncio.wait_for(me.turn.wait(), min(left, self.poll_s))
         except asyncio.TimeoutError:
           pass
-        got = attempt()
-      return got
+        me.turn.clear()
+      return None
     finally:
-      self.waiting -= 1
+      head = self._line[0] is me
+      self._line.remove(me)
+      if head:
+        # The next in line tries now: the room this one took may have
+        # left some, and a call that gave up or failed took none.
+        self.freed()
