@@ -140,3 +140,26 @@ def test_an_attempt_that_raises_ends_only_its_own_wait():
     assert isinstance(first.exception(), ValueError)
     assert await asyncio.wait_for(second, 5) == "ok"
   asyncio.run(go())
+
+
+def test_a_request_asked_again_keeps_its_place_ahead_of_later_ones():
+  """The router asks again after a while (``waited_s``: how long the
+  request has waited already): it goes ahead of calls whose requests began
+  to wait after it, and, ahead of every waiter, tries at once."""
+  async def go():
+    room, pool = _waiters(), _Pool(free=0)
+    fresh = asyncio.ensure_future(room.wait_for(pool.take("fresh", 1), 60))
+    await _settle()
+    await asyncio.sleep(0.02)
+    newer = asyncio.ensure_future(room.wait_for(pool.take("newer", 1), 60,
+                                                waited_s=0.01))
+    await _settle()
+    pool.free = 1   # freed where no stream saw it: no wake-up
+    old = asyncio.ensure_future(room.wait_for(pool.take("old", 1), 60,
+                                              waited_s=5.0))
+    assert await asyncio.wait_for(old, 5) == "old"
+    pool.free = 2
+    room.freed()
+    assert await asyncio.gather(fresh, newer) == ["fresh", "newer"]
+    assert pool.taken == ["old", "fresh", "newer"]
+  asyncio.run(go())

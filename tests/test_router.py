@@ -375,9 +375,11 @@ class _FullFor(FakeDecode):
     super().__init__()
     self.full_for = full_for
     self.asks: list[int] = []
+    self.waited: list[int] = []
 
   async def Reserve(self, request, timeout=None):
     self.asks.append(request.wait_ms)
+    self.waited.append(request.waited_ms)
     if len(self.asks) <= self.full_for:
       await asyncio.sleep(request.wait_ms / 1000)
       raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -394,8 +396,10 @@ class _NoDeadline:
 @pytest.mark.parametrize("on_full", ["queue", "reject"])
 def test_a_full_pool_is_waited_for_at_the_worker(on_full):
   """Queueing, the router lets the worker hold each Reserve a while
-  (``wait_ms``) and asks again when it answers full; rejecting, it asks
-  once without a wait and answers RESOURCE_EXHAUSTED."""
+  (``wait_ms``) and asks again when it answers full, saying how long the
+  request has waited so far (``waited_ms``: its place in the worker's
+  line); rejecting, it asks once without a wait and answers
+  RESOURCE_EXHAUSTED."""
   from pdjax.engine.sampling_params import SamplingParams
   from pdjax.service.router import _RESERVE_WAIT_S, _Failed
 
@@ -413,15 +417,19 @@ def test_a_full_pool_is_waited_for_at_the_worker(on_full):
     except _Failed as e:
       got = (e.code, None)
     await registry.close()
-    return worker.asks, got
+    return worker.asks, worker.waited, got
 
-  asks, got = asyncio.run(go())
+  asks, waited, got = asyncio.run(go())
   if on_full == "queue":
     assert got == ("reserved", 1)
     assert asks == [int(_RESERVE_WAIT_S * 1000)] * 3
+    # Each ask after a full wait carries at least the waits before it.
+    wait_ms = int(_RESERVE_WAIT_S * 1000)
+    assert waited[0] < wait_ms
+    assert waited[1] >= wait_ms and waited[2] >= 2 * wait_ms
   else:
     assert got == (grpc.StatusCode.RESOURCE_EXHAUSTED, None)
-    assert asks == [0]
+    assert asks == [0] and waited == [0]
 
 
 # ------------------------------------------- the first token and the hand-off

@@ -297,7 +297,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
       if remaining is not None:
         wait_s = min(wait_s, max(remaining - 0.05, 0.0))
       h = await w.room.wait_for(attempt, wait_s,
-                                give_up=lambda: w.draining)
+                                give_up=lambda: w.draining,
+                                waited_s=request.waited_ms / 1000)
     except InvalidRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if h is None:

@@ -3,13 +3,18 @@
 With the router's ``on_full = "queue"`` policy a request that finds every
 decode worker full waits. The router's Reserve says how long it may wait
 (``ReserveRequest.wait_ms``) and the worker holds the call in a line: first
-come, first served. Only the call at the head of the line tries to reserve,
+come, first served, by when each request began to wait. The router asks
+again after a while (another worker may have room by then) and says how
+long the request has waited so far (``ReserveRequest.waited_ms``): asked
+again, here or on another worker, it keeps its place ahead of requests that
+began to wait after it. Only the call at the head of the line tries to
+reserve,
 whenever a stream ends or a reservation is given back (``freed``) and at
 least every ``POLL_S`` for room freed where no stream saw it (preempted
 rows swapped back in, reservations reaped by their TTL); once it has its
 room, the next call tries at once (the freed room may hold several). A
-call that arrives while others wait joins the end of the line, even if its
-own request would fit: as in vLLM's first-come-first-served scheduler, a
+call that arrives while earlier requests wait joins the line behind them,
+even if its own request would fit: as in vLLM's first-come-first-served scheduler, a
 large request at the head is not overtaken for ever by small ones, and no
 request waits behind requests that came after it (the tail of the wait is
 the line's length, not luck).
@@ -22,7 +27,7 @@ returns it.
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import time
 from typing import Callable, TypeVar
 
@@ -34,9 +39,10 @@ POLL_S = 0.05
 
 
 class _Waiter:
-  __slots__ = ("turn",)
+  __slots__ = ("since", "turn")
 
-  def __init__(self):
+  def __init__(self, since: float):
+    self.since = since   # when its request began to wait (monotonic s)
     self.turn = asyncio.Event()
 
 
@@ -46,7 +52,7 @@ class RoomWaiters:
 
   def __init__(self, poll_s: float = POLL_S):
     self.poll_s = poll_s
-    self._line: collections.deque[_Waiter] = collections.deque()
+    self._line: list[_Waiter] = []   # by ``since``, the head first
 
   @property
   def waiting(self) -> int:
@@ -60,22 +66,25 @@ class RoomWaiters:
       self._line[0].turn.set()
 
   async def wait_for(self, attempt: Callable[[], T | None], wait_s: float,
-                     *, give_up: Callable[[], bool] = lambda: False
-                     ) -> T | None:
+                     *, give_up: Callable[[], bool] = lambda: False,
+                     waited_s: float = 0.0) -> T | None:
     """``attempt()`` until it returns something, for up to ``wait_s``
     seconds, in turn with the other waiting calls; None if it never did
-    (or ``give_up()`` turned true, e.g. the worker began draining). With
-    nobody waiting the first attempt is made at once; with calls waiting,
-    one that may not wait (``wait_s`` 0) gets None without an attempt,
-    the room that frees being theirs."""
-    tried = not self._line
+    (or ``give_up()`` turned true, e.g. the worker began draining).
+    ``waited_s``: how long the request waited before this call; its place
+    in the line is by when it began to wait. With nobody waiting ahead of
+    it the first attempt is made at once; behind others, a call that may
+    not wait (``wait_s`` 0) gets None without an attempt, the room that
+    frees being theirs."""
+    now = time.monotonic()
+    me = _Waiter(now - max(waited_s, 0.0))
+    tried = not self._line or me.since < self._line[0].since
     if tried:
       got = attempt()
       if got is not None or wait_s <= 0:
         return got
-    deadline = time.monotonic() + wait_s
-    me = _Waiter()
-    self._line.append(me)
+    deadline = now + wait_s
+    bisect.insort(self._line, me, key=lambda w: w.since)
     try:
       while not give_up():
         if self._line[0] is me and not tried:

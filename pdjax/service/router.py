@@ -571,6 +571,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     queue = self.config.on_full == "queue"
     backoff = 0.005
     started = time.perf_counter()
+    started_wait = time.monotonic()   # its place in the workers' lines
     d = first
     while True:
       if d is None:
@@ -594,7 +595,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
                 request_id=rid, prompt_tokens=len(ids),
                 max_tokens=sampling.max_tokens, transfer_id=transfer_id,
                 prompt_token_ids=[] if beside_prefill else ids,
-                cache_salt=salt, wait_ms=int(wait_s * 1000)),
+                cache_salt=salt, wait_ms=int(wait_s * 1000),
+                waited_ms=int((asked - started_wait) * 1000)),
                 timeout=timeout)
           except asyncio.CancelledError:
             d.reserved_pages -= estimate

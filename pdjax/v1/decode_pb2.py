@@ -26,7 +26,7 @@ from pdjax.v1 import common_pb2 as pdjax_dot_v1_dot_common__pb2
 from pdjax.v1 import kv_pb2 as pdjax_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdjax/v1/decode.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xa3\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07wait_ms\x18\x07 \x01(\r\"\xb9\x01\n\x0fReserveResponse\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\r\n\x05pages\x18\x02 \x01(\r\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\t \x01(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\nipc_handleR\nipc_offsetR\tipc_bytesR\nipc_deviceR\x0fipc_deadline_ms\"@\n\x12LendLandingRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"}\n\x13LendLandingResponse\x12\x12\n\nipc_handle\x18\x01 \x01(\x0c\x12\x12\n\nipc_offset\x18\x02 \x01(\x04\x12\x11\n\tipc_bytes\x18\x03 \x01(\x04\x12\x12\n\nipc_device\x18\x04 \x01(\r\x12\x17\n\x0fipc_deadline_ms\x18\x05 \x01(\x04\"&\n\x10UnreserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa6\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\rlocal_prefill\x18\x05 \x01(\x08\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x07 \x01(\x02\x12\x1e\n\x02kv\x18\x08 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x1f\n\x12\x66orced_first_token\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x12\n\ncache_salt\x18\n \x01(\tB\x15\n\x13_forced_first_token\"\xef\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.pdjax.v1.FinishReason\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x19\n\x11spec_draft_tokens\x18\x08 \x01(\r\x12\x1c\n\x14spec_accepted_tokens\x18\t \x01(\r\"e\n\x14\x44\x65\x63odeSessionRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12%\n\x05start\x18\x02 \x01(\x0b\x32\x14.pdjax.v1.DecodeCallH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"J\n\nDecodeCall\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.pdjax.v1.DecodeRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"B\n\x15\x44\x65\x63odeSessionResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.pdjax.v1.DecodeCallEvent\"y\n\x0f\x44\x65\x63odeCallEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12+\n\x07message\x18\x02 \x01(\x0b\x32\x18.pdjax.v1.DecodeResponseH\x00\x12#\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x14.pdjax.v1.CallStatusH\x00\x42\x06\n\x04kind2\xa7\x03\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x18.pdjax.v1.ReserveRequest\x1a\x19.pdjax.v1.ReserveResponse\x12\x38\n\tUnreserve\x12\x1a.pdjax.v1.UnreserveRequest\x1a\x0f.pdjax.v1.Empty\x12=\n\x06\x44\x65\x63ode\x12\x17.pdjax.v1.DecodeRequest\x1a\x18.pdjax.v1.DecodeResponse0\x01\x12T\n\rDecodeSession\x12\x1e.pdjax.v1.DecodeSessionRequest\x1a\x1f.pdjax.v1.DecodeSessionResponse(\x01\x30\x01\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfo\x12J\n\x0bLendLanding\x12\x1c.pdjax.v1.LendLandingRequest\x1a\x1d.pdjax.v1.LendLandingResponse2<\n\nKvTransfer\x12.\n\x06PushKv\x12\x11.pdjax.v1.KvChunk\x1a\x0f.pdjax.v1.KvAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdjax/v1/decode.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\x1a\x11pdjax/v1/kv.proto\"\xb6\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07wait_ms\x18\x07 \x01(\r\x12\x11\n\twaited_ms\x18\x08 \x01(\r\"\xb9\x01\n\x0fReserveResponse\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\r\n\x05pages\x18\x02 \x01(\r\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\t \x01(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\nipc_handleR\nipc_offsetR\tipc_bytesR\nipc_deviceR\x0fipc_deadline_ms\"@\n\x12LendLandingRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"}\n\x13LendLandingResponse\x12\x12\n\nipc_handle\x18\x01 \x01(\x0c\x12\x12\n\nipc_offset\x18\x02 \x01(\x04\x12\x11\n\tipc_bytes\x18\x03 \x01(\x04\x12\x12\n\nipc_device\x18\x04 \x01(\r\x12\x17\n\x0fipc_deadline_ms\x18\x05 \x01(\x04\"&\n\x10UnreserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa6\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\rlocal_prefill\x18\x05 \x01(\x08\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x07 \x01(\x02\x12\x1e\n\x02kv\x18\x08 \x01(\x0b\x32\x12.pdjax.v1.KvHandle\x12\x1f\n\x12\x66orced_first_token\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x12\n\ncache_salt\x18\n \x01(\tB\x15\n\x13_forced_first_token\"\xef\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.pdjax.v1.FinishReason\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x19\n\x11spec_draft_tokens\x18\x08 \x01(\r\x12\x1c\n\x14spec_accepted_tokens\x18\t \x01(\r\"e\n\x14\x44\x65\x63odeSessionRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12%\n\x05start\x18\x02 \x01(\x0b\x32\x14.pdjax.v1.DecodeCallH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"J\n\nDecodeCall\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.pdjax.v1.DecodeRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"B\n\x15\x44\x65\x63odeSessionResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.pdjax.v1.DecodeCallEvent\"y\n\x0f\x44\x65\x63odeCallEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12+\n\x07message\x18\x02 \x01(\x0b\x32\x18.pdjax.v1.DecodeResponseH\x00\x12#\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x14.pdjax.v1.CallStatusH\x00\x42\x06\n\x04kind2\xa7\x03\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x18.pdjax.v1.ReserveRequest\x1a\x19.pdjax.v1.ReserveResponse\x12\x38\n\tUnreserve\x12\x1a.pdjax.v1.UnreserveRequest\x1a\x0f.pdjax.v1.Empty\x12=\n\x06\x44\x65\x63ode\x12\x17.pdjax.v1.DecodeRequest\x1a\x18.pdjax.v1.DecodeResponse0\x01\x12T\n\rDecodeSession\x12\x1e.pdjax.v1.DecodeSessionRequest\x1a\x1f.pdjax.v1.DecodeSessionResponse(\x01\x30\x01\x12\x42\n\rGetWorkerInfo\x12\x1b.pdjax.v1.WorkerInfoRequest\x1a\x14.pdjax.v1.WorkerInfo\x12J\n\x0bLendLanding\x12\x1c.pdjax.v1.LendLandingRequest\x1a\x1d.pdjax.v1.LendLandingResponse2<\n\nKvTransfer\x12.\n\x06PushKv\x12\x11.pdjax.v1.KvChunk\x1a\x0f.pdjax.v1.KvAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdjax.v1.decode_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=78
-  _globals['_RESERVEREQUEST']._serialized_end=241
-  _globals['_RESERVERESPONSE']._serialized_start=244
-  _globals['_RESERVERESPONSE']._serialized_end=429
-  _globals['_LENDLANDINGREQUEST']._serialized_start=431
-  _globals['_LENDLANDINGREQUEST']._serialized_end=495
-  _globals['_LENDLANDINGRESPONSE']._serialized_start=497
-  _globals['_LENDLANDINGRESPONSE']._serialized_end=622
-  _globals['_UNRESERVEREQUEST']._serialized_start=624
-  _globals['_UNRESERVEREQUEST']._serialized_end=662
-  _globals['_DECODEREQUEST']._serialized_start=665
-  _globals['_DECODEREQUEST']._serialized_end=959
-  _globals['_DECODERESPONSE']._serialized_start=962
-  _globals['_DECODERESPONSE']._serialized_end=1201
-  _globals['_DECODESESSIONREQUEST']._serialized_start=1203
-  _globals['_DECODESESSIONREQUEST']._serialized_end=1304
-  _globals['_DECODECALL']._serialized_start=1306
-  _globals['_DECODECALL']._serialized_end=1380
-  _globals['_DECODESESSIONRESPONSE']._serialized_start=1382
-  _globals['_DECODESESSIONRESPONSE']._serialized_end=1448
-  _globals['_DECODECALLEVENT']._serialized_start=1450
-  _globals['_DECODECALLEVENT']._serialized_end=1571
-  _globals['_DECODE']._serialized_start=1574
-  _globals['_DECODE']._serialized_end=1997
-  _globals['_KVTRANSFER']._serialized_start=1999
-  _globals['_KVTRANSFER']._serialized_end=2059
+  _globals['_RESERVEREQUEST']._serialized_end=260
+  _globals['_RESERVERESPONSE']._serialized_start=263
+  _globals['_RESERVERESPONSE']._serialized_end=448
+  _globals['_LENDLANDINGREQUEST']._serialized_start=450
+  _globals['_LENDLANDINGREQUEST']._serialized_end=514
+  _globals['_LENDLANDINGRESPONSE']._serialized_start=516
+  _globals['_LENDLANDINGRESPONSE']._serialized_end=641
+  _globals['_UNRESERVEREQUEST']._serialized_start=643
+  _globals['_UNRESERVEREQUEST']._serialized_end=681
+  _globals['_DECODEREQUEST']._serialized_start=684
+  _globals['_DECODEREQUEST']._serialized_end=978
+  _globals['_DECODERESPONSE']._serialized_start=981
+  _globals['_DECODERESPONSE']._serialized_end=1220
+  _globals['_DECODESESSIONREQUEST']._serialized_start=1222
+  _globals['_DECODESESSIONREQUEST']._serialized_end=1323
+  _globals['_DECODECALL']._serialized_start=1325
+  _globals['_DECODECALL']._serialized_end=1399
+  _globals['_DECODESESSIONRESPONSE']._serialized_start=1401
+  _globals['_DECODESESSIONRESPONSE']._serialized_end=1467
+  _globals['_DECODECALLEVENT']._serialized_start=1469
+  _globals['_DECODECALLEVENT']._serialized_end=1590
+  _globals['_DECODE']._serialized_start=1593
+  _globals['_DECODE']._serialized_end=2016
+  _globals['_KVTRANSFER']._serialized_start=2018
+  _globals['_KVTRANSFER']._serialized_end=2078
 # @@protoc_insertion_point(module_scope)
