@@ -136,7 +136,7 @@ def test_attention_is_xlas_not_cudnns(tiny_decode_params, monkeypatch):
   pool = jnp.zeros((L * (B * M + 1), P, K, hd), cfg.jnp_dtype)
   args = (params, jnp.array([5, 7], jnp.int32), jnp.array([3, 9], jnp.int32),
           pool, pool, jnp.array([[1, 2], [3, 4]], jnp.int32))
-  out = programs._forward(*args, cfg=cfg, paged_attention=False)
+  out = programs._forward(*args, cfg=cfg, paged_attention=None)
   assert np.isfinite(np.asarray(out.logits, np.float32)).all()
   with pytest.raises(Exception, match="(?i)cudnn"):
     llama.decode_forward(*args, cfg=cfg)

@@ -1449,9 +1449,10 @@ def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
   positions = jnp.asarray([20, 7], jnp.int32)
   tokens = jnp.asarray([5, 9], jnp.int32)
   out = {}
-  for paged in (False, True):
-    out[paged] = llama.decode_forward(params, tokens, positions, pool, pool,
-                                      table, cfg=cfg, paged_attention=paged)
+  for paged in (None, "cudnn"):
+    out[bool(paged)] = llama.decode_forward(
+        params, tokens, positions, pool, pool, table, cfg=cfg,
+        paged_attention=paged)
   assert calls == [(B, 1, L * N // B, 1)]   # the layer loop traces once
   # Both run XLA's attention, the stand-in over all L * N // B pages a row
   # may hold (masked) rather than M: its float32 sums run in another order,
@@ -1471,6 +1472,76 @@ def test_paged_attention_glue_matches_the_gather(tiny, monkeypatch):
                         "cpu", 1)
   with pytest.raises(ValueError, match="attention"):
     DecodeConfig(attention="flash")
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_pallas_paged_attention_in_the_step_matches_the_gather(tiny,
+                                                               kv_dtype):
+  """decode_forward with the Pallas kernel reading the pages in place
+  (interpreted on CPU) against the gather, float32 model over a float32 or
+  an FP8 pool (widened exactly): the same logits but for the order of
+  float32 sums, the same pools. (The kernel's bf16 arithmetic is held to
+  the float32 reference in tests/test_pallas_attention.py.)"""
+  import jax.numpy as jnp
+  from pdjax.model import llama
+  from tolerances import kv_weights, logit_weights
+  cfg, params, _ = tiny
+  N, P, M = 6, 16, 3
+  L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  rng = np.random.default_rng(0)
+  pool_dtype = jnp.float8_e4m3fn if kv_dtype == "fp8" else jnp.float32
+  k = jnp.asarray(rng.normal(size=(L * N, P, K, hd)), pool_dtype)
+  v = jnp.asarray(rng.normal(size=(L * N, P, K, hd)), pool_dtype)
+  # Rows of 36, 8 and 1 keys; stale pages past them hold other values.
+  table = jnp.asarray([[1, 2, 3], [4, 0, 0], [5, 3, 2]], jnp.int32)
+  positions = jnp.asarray([35, 7, 0], jnp.int32)
+  tokens = jnp.asarray([5, 9, 2], jnp.int32)
+  out = {paged: llama.decode_forward(params, tokens, positions, k, v, table,
+                                     cfg=cfg, paged_attention=paged)
+         for paged in (None, "pallas")}
+  weights = logit_weights(cfg, M * P)
+  if kv_dtype == "fp8":
+    # Layer 1's new K/V, within float32 rounding of each other, are stored
+    # in e4m3 (u = 2**-4): a store may round the other way.
+    before = tolerance(kv_weights(cfg, 1, M * P), 1.0)
+    weights += [rounding_flip(before, 2.0 ** -4)] * 2
+  assert_close(out["pallas"].logits, out[None].logits, weights,
+               scale=logit_scale(params, cfg), err_msg="logits")
+  # Layer 0's writes come before any attention: the same bits.
+  for name in ("k_pool", "v_pool"):
+    np.testing.assert_array_equal(
+        np.asarray(getattr(out["pallas"], name)[:N]).view(np.uint8),
+        np.asarray(getattr(out[None], name)[:N]).view(np.uint8))
+
+
+def test_auto_attention_reads_fp8_pools_in_place_with_pallas(tiny):
+  """On one GPU an FP8 pool's pages are read in place by the Pallas kernel
+  (cuDNN's reads no FP8); a bf16 pool's by cuDNN where it applies, else
+  gathered (not Pallas unless asked). Off GPUs, or a replica spanning
+  devices, the gather; "pallas" asked for where it cannot run is an error
+  that says why, and batch-invariant pools refuse it."""
+  from pdjax.engine.decode_programs import use_paged_attention
+  cfg = tiny[0].replace(dtype="bfloat16")
+  fp8 = DecodeConfig(max_seqs=8, num_pages=33, page_size=16, max_seq_len=64,
+                     kv_dtype="fp8")
+  assert use_paged_attention(cfg, fp8, "gpu", 1) == "pallas"
+  assert use_paged_attention(cfg, fp8, "gpu", 2) is None
+  assert use_paged_attention(cfg, fp8, "cpu", 1) is None
+  bf16 = dataclasses.replace(fp8, kv_dtype="auto")
+  assert use_paged_attention(cfg, bf16, "gpu", 1) is None  # 66 % 8 blocks
+  assert use_paged_attention(
+      cfg, dataclasses.replace(bf16, attention="pallas"), "gpu", 1) == "pallas"
+  assert use_paged_attention(
+      cfg, dataclasses.replace(fp8, attention="gather"), "gpu", 1) is None
+  with pytest.raises(ValueError, match="attention='pallas' needs a GPU"):
+    use_paged_attention(cfg, dataclasses.replace(fp8, attention="pallas"),
+                        "cpu", 1)
+  with pytest.raises(ValueError, match="page_size powers of two"):
+    use_paged_attention(
+        cfg, dataclasses.replace(fp8, attention="pallas", page_size=12,
+                                 max_seq_len=48), "gpu", 1)
+  with pytest.raises(ValueError, match="batch_invariant"):
+    dataclasses.replace(fp8, attention="pallas", batch_invariant=True)
 
 
 def test_auto_attention_says_which_pool_size_would_allow_paged(tiny, caplog):

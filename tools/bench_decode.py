@@ -79,7 +79,8 @@ flags.DEFINE_integer("steps_per_call", 8, "Decode steps per generate call.")
 flags.DEFINE_integer("calls_per_sample", 4,
                      "Generate calls dispatched back to back per sample.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
-flags.DEFINE_enum("attention", "auto", ["auto", "paged", "gather"],
+flags.DEFINE_enum("attention", "auto",
+                  ["auto", "paged", "pallas", "gather"],
                   "How attention reads the pages (DecodeConfig.attention).")
 flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "GEMM kernels of the generate program on GPUs "

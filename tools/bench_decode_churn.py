@@ -71,7 +71,8 @@ flags.DEFINE_integer("max_seq_len", None,
 flags.DEFINE_string("table_buckets", None,
                     "Page-table widths (default: 32,128 as gpu-8b.toml).")
 flags.DEFINE_integer("steps_per_call", 4, "Decode steps per generate call.")
-flags.DEFINE_enum("attention", "auto", ["auto", "paged", "gather"],
+flags.DEFINE_enum("attention", "auto",
+                  ["auto", "paged", "pallas", "gather"],
                   "Attention over the pages (DecodeConfig.attention).")
 flags.DEFINE_enum("triton_gemm", "auto", ["auto", "on", "off"],
                   "DecodeConfig.triton_gemm.")

@@ -138,12 +138,13 @@ class DecodeEngine:
                "microbatches per call", self.programs.stages,
                cfg.num_layers // self.programs.stages,
                self.programs.num_microbatches)
-    log.info("generate programs of %s rows%s; decode attention (cuDNN "
-             "paged or gather) by rows: %s; compiler options by rows: %s",
+    log.info("generate programs of %s rows%s; decode attention (paged "
+             "in place by cuDNN or Pallas, or gather) by rows: %s; compiler "
+             "options by rows: %s",
              "/".join(map(str, dcfg.row_counts)),
              (f" and {dcfg.pages_per_seq} pages, batch-invariant"
               if dcfg.batch_invariant else ""),
-             {r: "paged" if p else "gather"
+             {r: p or "gather"
               for r, p in self.programs.paged_attention.items()},
              self.programs.compiler_options)
     sub_rules = rules.without("dp")

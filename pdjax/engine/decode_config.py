@@ -53,7 +53,8 @@ class DecodeConfig:
   # Storage of the KV pool's pages: "auto" (the model's dtype) or "fp8"
   # (float8 e4m3, half a bf16 pool's bytes: twice the tokens in the same
   # memory; pdjax.engine.kv_dtype). Attention widens them to the model's
-  # dtype, gathering the pages (cuDNN's paged attention does not read FP8).
+  # dtype: on one GPU in place, by pdjax's Pallas kernel (attention "auto";
+  # cuDNN's paged attention reads no FP8), else gathering the pages.
   kv_dtype: str = DEFAULT_KV_DTYPE
   # A decode worker that prefills its own requests (colocated serving):
   # prompt tokens of prefill compute between two generate calls, at most
@@ -110,8 +111,11 @@ class DecodeConfig:
   # 128, docs/notes/2026-11-26-h100-dot-merger.md).
   merge_dots: str = "auto"
   # How attention reads a row's pages: "gather" them into a dense buffer
-  # per layer (every backend), "paged": cuDNN's paged attention reads them
-  # in place (GPUs, one device per replica), "auto": paged where it applies.
+  # per layer (every backend); "paged": cuDNN's paged attention reads them
+  # in place (GPUs, one device per replica, a pool of the model's dtype);
+  # "pallas": pdjax's Pallas kernel reads them in place (GPUs, one device
+  # per replica, any pool dtype: pdjax.model.pallas_attention); "auto":
+  # cuDNN's where it applies, Pallas for an FP8 pool, else the gather.
   attention: str = "auto"
   # Pipeline-parallel pools (a ``pp`` mesh axis, pdjax/shardings/decode_dp_pp):
   # each generate call's rows run through the stages in this many
@@ -139,9 +143,9 @@ class DecodeConfig:
   batch_invariant: bool = False
 
   def __post_init__(self):
-    if self.attention not in ("auto", "paged", "gather"):
-      raise ValueError(f"attention must be auto, paged or gather, got "
-                       f"{self.attention!r}")
+    if self.attention not in ("auto", "paged", "pallas", "gather"):
+      raise ValueError(f"attention must be auto, paged, pallas or gather, "
+                       f"got {self.attention!r}")
     check_on_off("triton_gemm", self.triton_gemm)
     check_on_off("merge_dots", self.merge_dots)
     if self.kv_admission not in ("on_demand", "full"):
@@ -194,11 +198,12 @@ class DecodeConfig:
           f"table ({self.pages_per_seq} pages): table_buckets "
           f"{self.table_buckets} would give a row a program of another "
           "shape; leave them empty")
-    if self.attention == "paged":
+    if self.attention in ("paged", "pallas"):
       raise ValueError(
           "batch_invariant attends with XLA's attention over gathered "
           "pages (cuDNN's decode attention, the paged kernel included, "
-          "is not deterministic run to run): attention='paged' cannot "
+          "is not deterministic run to run, and a paged kernel's blocking "
+          f"depends on the rows): attention={self.attention!r} cannot "
           "apply; use 'auto' or 'gather'")
     if self.speculative != "off" and self.spec_tokens + 1 > self.max_seqs:
       raise ValueError(

@@ -19,10 +19,12 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
+from pdjax.engine.kv_dtype import kv_storage_dtype
 from pdjax.engine.sampling import sample, token_logprobs
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import gemm_options
+from pdjax.model import pallas_attention
 from pdjax.model.config import ModelConfig
 from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
                                decode_forward_tokens, decode_tokens_as_steps,
@@ -95,7 +97,7 @@ def idle_rows_fresh(live, tokens, positions, page_table):
 
 
 def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
-                paged=False, all_greedy=None, forward=decode_forward):
+                paged=None, all_greedy=None, forward=decode_forward):
   """``num_steps`` decode steps; ``forward`` is ``decode_forward`` or a
   function with its signature (the pipelined one: each step is then a
   full pass through the pipeline)."""
@@ -218,35 +220,56 @@ def generate_compiler_options(dcfg: DecodeConfig, platform: str,
 
 def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
                         devices_per_replica: int,
-                        rows: int | None = None) -> bool:
+                        rows: int | None = None) -> str | None:
   """Resolves ``DecodeConfig.attention`` for the program of ``rows`` rows
-  (default max_seqs). cuDNN's paged kernel has no partitioning rule, so a
-  replica spanning devices gathers."""
+  (default max_seqs): the kernel that reads the pages in place ("cudnn"
+  or "pallas", ``llama.decode_layer``), or None to gather them. Neither
+  kernel has a partitioning rule, so a replica spanning devices gathers.
+  "auto": cuDNN's where it applies (a pool of the model's dtype), the
+  Pallas kernel for an FP8 pool (cuDNN reads no FP8, and gathering widens
+  every page to bf16 on every step), else the gather."""
   if dcfg.attention == "gather" or dcfg.batch_invariant:
     # Batch-invariant pools attend with XLA's attention (cuDNN's decode
     # kernels are not deterministic run to run: _Programs).
-    return False
+    return None
   rows = dcfg.max_seqs if rows is None else rows
   blocks = cfg.num_layers * dcfg.num_pages
   one_gpu = platform in ("gpu", "cuda") and devices_per_replica == 1
-  applies = one_gpu and dcfg.kv_dtype == "auto" and (
+  cudnn = one_gpu and dcfg.kv_dtype == "auto" and (
       cudnn_paged_attention_applies(cfg, blocks, rows, dcfg.pages_per_seq))
-  if (not applies and dcfg.attention == "auto" and one_gpu
-      and blocks % rows):
+  pool = (blocks, dcfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+  pallas = one_gpu and cfg.sliding_window is None and (
+      pallas_attention.supports(pool, kv_storage_dtype(dcfg.kv_dtype,
+                                                    cfg.jnp_dtype)))
+  if dcfg.attention == "paged":
+    if not cudnn:
+      raise ValueError(
+          "attention='paged' needs a GPU with cuDNN attention for this "
+          "model (bf16/fp16, head_dim a multiple of 8 up to 256, no sliding "
+          "window; a pool of the model's dtype, not kv_dtype='fp8'), one "
+          "device per decode replica, and layers x num_pages a multiple of "
+          f"every program's rows ({rows} here); use 'auto', 'pallas' or "
+          "'gather'")
+    return "cudnn"
+  if dcfg.attention == "pallas":
+    if not pallas:
+      raise ValueError(
+          "attention='pallas' needs a GPU, one device per decode replica, "
+          "no sliding window, head_dim and page_size powers of two "
+          "(head_dim at least 16), and not an FP8 pool of 2-4 GiB; use "
+          "'auto' or 'gather'")
+    return "pallas"
+  if cudnn:
+    return "cudnn"
+  if pallas and dcfg.kv_dtype == "fp8":
+    return "pallas"
+  if one_gpu and dcfg.kv_dtype == "auto" and blocks % rows:
     step = rows // math.gcd(rows, cfg.num_layers)
     log.warning("decode attention of the %d-row program gathers pages: "
                 "cuDNN's paged attention needs layers x num_pages (%d) to "
                 "be a multiple of its rows; a num_pages that is a multiple "
                 "of %d would allow it", rows, blocks, step)
-  if dcfg.attention == "paged" and not applies:
-    raise ValueError(
-        "attention='paged' needs a GPU with cuDNN attention for this model "
-        "(bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window; "
-        "a pool of the model's dtype, not kv_dtype='fp8'), "
-        "one device per decode replica, and layers x num_pages a multiple "
-        f"of every program's rows ({rows} here); use 'auto' or 'gather'")
-  return applies
-
+  return None
 
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
@@ -387,7 +410,7 @@ class _Programs:
 
 
 def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
-                    capacity, paged=False, all_greedy=None,
+                    capacity, paged=None, all_greedy=None,
                     forward=decode_forward):
   """Advances the call's rows (``slots.rows``) by ``num_steps``: their
   per-row state is gathered, stepped, and scattered back; the pools are

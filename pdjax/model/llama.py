@@ -592,7 +592,7 @@ class DecodeOut(NamedTuple):
 
 def cudnn_paged_attention_applies(cfg: ModelConfig, num_blocks: int,
                                   batch: int, table_width: int) -> bool:
-  """Whether ``decode_forward(paged_attention=True)`` can run here: a GPU
+  """Whether ``decode_forward(paged_attention="cudnn")`` can run here: a GPU
   with cuDNN attention for this dtype and head size, no sliding window, and
   a pool whose block count cuDNN accepts (a multiple of the batch, at least
   the page-table width per row)."""
@@ -655,14 +655,18 @@ def kv_to_pool(x, dtype):
 
 
 def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
-                 page_size: int, dtype, paged_attention: bool = False,
+                 page_size: int, dtype, paged_attention: str | None = None,
                  xla_attention: bool = False):
   """The body of ``decode_forward``'s layer loop for one batch of rows:
   ``layer((x, k_pool, v_pool), (layer_weights, layer_index))`` runs one
   layer on the residual stream x [B, 1, D], writing the rows' new K/V into
   the pools at ``layer_index * num_pages + page`` and reading their pages.
   The pipelined decode (``pdjax.model.pipeline``) runs the same body over
-  a stage's own layers and pages, so both compute the same thing."""
+  a stage's own layers and pages, so both compute the same thing.
+  ``paged_attention``: the kernel that reads the rows' pages in place,
+  "cudnn" (``_cudnn_paged_attention``) or "pallas"
+  (``pallas_attention.paged_decode_attention``, interpreted off GPUs);
+  None gathers them first."""
   B = positions.shape[0]
   N, P = num_pages, page_size
   M = page_table.shape[1]
@@ -673,8 +677,14 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
   # step's inputs, 20 calls: 12-14 equal to the first with cuDNN, 20 with
   # XLA's; tools/gpu/probe_batch_invariance.py).
   impl = "xla" if xla_attention else attention_impl(dtype, cfg.head_dim)
+  if paged_attention not in (None, "cudnn", "pallas"):
+    raise ValueError(f"paged_attention must be None, 'cudnn' or 'pallas', "
+                     f"got {paged_attention!r}")
   if xla_attention and paged_attention:
-    raise ValueError("paged attention is cuDNN's: not with xla_attention")
+    raise ValueError("paged attention reads the pages with its own kernel: "
+                     "not with xla_attention")
+  if paged_attention and cfg.sliding_window is not None:
+    raise ValueError("paged attention has no sliding window: gather")
   write_page = jnp.take_along_axis(page_table, (positions // P)[:, None],
                                    axis=1)[:, 0]
   write_off = positions % P
@@ -698,8 +708,14 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
     vp = vp.at[rows, write_off].set(kv_to_pool(v[:, 0], vp.dtype),
                                     **_KV_WRITE)
     table = li * N + page_table
-    if paged_attention:
+    if paged_attention == "cudnn":
       attn = _cudnn_paged_attention(q, kp, vp, table, kv_len)
+      return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
+    if paged_attention == "pallas":
+      from pdjax.model.pallas_attention import paged_decode_attention
+      attn = paged_decode_attention(
+          q, kp, vp, table, kv_len,
+          interpret=jax.default_backend() not in ("gpu", "cuda"))
       return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
     kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
     vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
@@ -717,7 +733,7 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
 
 def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
                    page_table, *, cfg: ModelConfig,
-                   paged_attention: bool = False,
+                   paged_attention: str | None = None,
                    xla_attention: bool = False) -> DecodeOut:
   """One token for each of B sequences; not jitted here (the engine jits it
   with the pools donated).
@@ -733,8 +749,9 @@ def decode_forward(params: Params, tokens, positions, k_pool, v_pool,
   ``positions[b]`` is written to ``page_table[b, pos // P]`` at offset
   ``pos % P``; attention reads the row's M pages, masked by its length, so
   stale data in a recycled page is never visible. ``paged_attention``: read
-  them in place with cuDNN's paged attention (GPUs,
-  ``cudnn_paged_attention_applies``) instead of gathering them first.
+  them in place instead of gathering them first, with cuDNN's paged
+  attention ("cudnn": GPUs, ``cudnn_paged_attention_applies``) or
+  pdjax's Pallas kernel ("pallas": ``pallas_attention.supports``).
   ``xla_attention``: attend over the gathered pages with XLA's attention,
   never cuDNN's (deterministic: ``decode_layer``).
   """
@@ -783,7 +800,7 @@ def decode_forward_tokens(params: Params, tokens, start, k_pool, v_pool,
 def decode_tokens_as_steps(params: Params, tokens, start, k_pool, v_pool,
                            page_table, *, cfg: ModelConfig, num_kept=None,
                            rows: int, forward=decode_forward,
-                           paged_attention: bool = False) -> DecodeOut:
+                           paged_attention: str | None = None) -> DecodeOut:
   """``decode_forward_tokens`` (same arguments and result) computed by one
   decode step of ``rows`` rows: each kept token (``t <= num_kept[b]``) is a
   row of that step (a "pseudo-row", ``pseudo_rows_of``), a single query at

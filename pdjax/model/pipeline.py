@@ -73,7 +73,7 @@ def shard_map_stages(f, mesh, in_specs, out_specs, axis: str = STAGE_AXIS):
 def pipelined_decode_forward(params: Params, tokens, positions, k_pool,
                              v_pool, page_table, *, cfg: ModelConfig, mesh,
                              num_microbatches: int, axis: str = STAGE_AXIS,
-                             paged_attention: bool = False,
+                             paged_attention: str | None = None,
                              xla_attention: bool = False) -> DecodeOut:
   """``llama.decode_forward`` (same arguments and result) over the stages
   of ``mesh``'s ``axis``, the rows in ``num_microbatches`` microbatches.

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     results.append(r)
     print(json.dumps(r), flush=True)
 
-  for paged in (False, True):
+  for paged in (None, "cudnn"):
     if paged and not llama.cudnn_paged_attention_applies(cfg, L * N, B, M):
       continue
     step = jax.jit(functools.partial(llama.decode_forward, cfg=cfg,
