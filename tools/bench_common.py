@@ -531,8 +531,8 @@ def hbm_budget_bytes(flag_gib: float | None) -> int:
 
 # ------------------------------------------------------------------ check
 def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
-                      new_tokens: int = 12, tol: float | None = None
-                      ) -> dict[str, Any]:
+                      new_tokens: int = 12, tol: float | None = None,
+                      attention: str = "auto") -> dict[str, Any]:
   """Prefill (PrefillEngine, TP=1 and TP=2 where 2 devices exist) + decode
   (DecodeEngine) of a small random bf16 Llama against a full forward pass.
 
@@ -542,7 +542,8 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
   token must be the reference's argmax within ``tol`` (bf16 near-ties may
   legitimately flip an argmax; a wrong cache position or a stale page moves
   logprobs by whole units). head_dim is 128 so the GPU takes the cuDNN paths
-  the benchmarks time.
+  the benchmarks time; ``attention``: the decode pool's
+  (``DecodeConfig.attention``, e.g. "pallas" for the Pallas kernel).
   """
   import jax
   import jax.numpy as jnp
@@ -568,7 +569,7 @@ def correctness_check(devices=None, *, cfg=None, prompt_len: int = 50,
                        max_seq_len=128)
   # Rows enough for the GEMM kernels decode serves with (CUBLAS_MIN_ROWS).
   dcfg = DecodeConfig(max_seqs=4, page_size=page, num_pages=24,
-                      max_seq_len=128, steps_per_call=4)
+                      max_seq_len=128, steps_per_call=4, attention=attention)
   rng = np.random.default_rng(0)
   prompt = rng.integers(0, cfg.vocab_size, prompt_len).tolist()
   greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0,
@@ -631,13 +632,14 @@ def _check_main(argv) -> None:
   import jax
   cfg = preset_config("tiny") if FLAGS.check_model == "tiny" else None
   t0 = time.perf_counter()
-  result = correctness_check(cfg=cfg)
+  result = correctness_check(cfg=cfg, attention=FLAGS.check_attention)
   cfg = result.pop("cfg")
   writer = RecordWriter(FLAGS.out, model=FLAGS.check_model, cfg=cfg,
                         limits=Limits(None, None, None, None, source="n/a"))
   elapsed = time.perf_counter() - t0
   writer.write("check", "prefill_decode_vs_reference",
-               {"backend": jax.default_backend()},
+               {"backend": jax.default_backend(),
+                "attention": FLAGS.check_attention},
                {**result, "elapsed_s": elapsed})
   rows = [(c["path"], c["tp"], c["num_tokens"],
            fmt(c["max_logprob_diff"], ".4f"),
@@ -658,6 +660,9 @@ if __name__ == "__main__":
   define_common_flags()
   flags.DEFINE_bool("check", True, "Run the correctness check (the only "
                     "thing this module does as a program).")
+  flags.DEFINE_enum("check_attention", "auto",
+                    ["auto", "paged", "pallas", "gather"],
+                    "The decode pool's attention over the pages.")
   flags.DEFINE_enum("check_model", "random-bf16", ["random-bf16", "tiny"],
                     "random-bf16: 4 layers, head_dim 128, bf16 (the GPU "
                     "kernels' path); tiny: the built-in f32 config (fast "
