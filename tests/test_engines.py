@@ -1514,12 +1514,13 @@ def test_pallas_paged_attention_in_the_step_matches_the_gather(tiny,
         np.asarray(getattr(out[None], name)[:N]).view(np.uint8))
 
 
-def test_auto_attention_reads_fp8_pools_in_place_with_pallas(tiny):
+def test_auto_attention_reads_pages_in_place_with_pallas_where_cudnn_cannot(
+    tiny):
   """On one GPU an FP8 pool's pages are read in place by the Pallas kernel
-  (cuDNN's reads no FP8); a bf16 pool's by cuDNN where it applies, else
-  gathered (not Pallas unless asked). Off GPUs, or a replica spanning
-  devices, the gather; "pallas" asked for where it cannot run is an error
-  that says why, and batch-invariant pools refuse it."""
+  (cuDNN's reads no FP8), and so are a bf16 pool's where cuDNN's kernel
+  does not take its block count. Off GPUs, or a replica spanning devices,
+  the gather; "pallas" asked for where it cannot run is an error that
+  says why, and batch-invariant pools refuse it."""
   from pdjax.engine.decode_programs import use_paged_attention
   cfg = tiny[0].replace(dtype="bfloat16")
   fp8 = DecodeConfig(max_seqs=8, num_pages=33, page_size=16, max_seq_len=64,
@@ -1528,7 +1529,7 @@ def test_auto_attention_reads_fp8_pools_in_place_with_pallas(tiny):
   assert use_paged_attention(cfg, fp8, "gpu", 2) is None
   assert use_paged_attention(cfg, fp8, "cpu", 1) is None
   bf16 = dataclasses.replace(fp8, kv_dtype="auto")
-  assert use_paged_attention(cfg, bf16, "gpu", 1) is None  # 66 % 8 blocks
+  assert use_paged_attention(cfg, bf16, "gpu", 1) == "pallas"  # 66 % 8
   assert use_paged_attention(
       cfg, dataclasses.replace(bf16, attention="pallas"), "gpu", 1) == "pallas"
   assert use_paged_attention(
@@ -1542,18 +1543,6 @@ def test_auto_attention_reads_fp8_pools_in_place_with_pallas(tiny):
                                  max_seq_len=48), "gpu", 1)
   with pytest.raises(ValueError, match="batch_invariant"):
     dataclasses.replace(fp8, attention="pallas", batch_invariant=True)
-
-
-def test_auto_attention_says_which_pool_size_would_allow_paged(tiny, caplog):
-  """A GPU pool whose block count cuDNN cannot take falls back to the
-  gather, and says which num_pages would let it read the pages in place."""
-  import logging
-  from pdjax.engine.decode_programs import use_paged_attention
-  cfg = tiny[0].replace(dtype="bfloat16")          # 2 layers
-  dcfg = DecodeConfig(max_seqs=8, num_pages=33, page_size=16, max_seq_len=64)
-  with caplog.at_level(logging.WARNING, logger="pdjax.engine.decode_programs"):
-    assert not use_paged_attention(cfg, dcfg, "gpu", 1)
-  assert "multiple of 4" in caplog.text
 
 
 def test_prefill_inputs_travel_packed_exactly():

@@ -115,7 +115,8 @@ class DecodeConfig:
   # in place (GPUs, one device per replica, a pool of the model's dtype);
   # "pallas": pdjax's Pallas kernel reads them in place (GPUs, one device
   # per replica, any pool dtype: pdjax.model.pallas_attention); "auto":
-  # cuDNN's where it applies, Pallas for an FP8 pool, else the gather.
+  # cuDNN's where it applies, else Pallas (an FP8 pool, a block count
+  # cuDNN does not take), else the gather.
   attention: str = "auto"
   # Pipeline-parallel pools (a ``pp`` mesh axis, pdjax/shardings/decode_dp_pp):
   # each generate call's rows run through the stages in this many

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +30,6 @@ from pdjax.model.llama import (cudnn_paged_attention_applies, decode_forward,
 from pdjax.model.pipeline import (STAGE_AXIS, pipelined_decode_forward,
                                   pipelined_decode_forward_tokens,
                                   shard_map_stages, stage_count)
-
-log = logging.getLogger(__name__)
 
 
 def _pytree_dataclass(cls):
@@ -225,9 +221,10 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
   (default max_seqs): the kernel that reads the pages in place ("cudnn"
   or "pallas", ``llama.decode_layer``), or None to gather them. Neither
   kernel has a partitioning rule, so a replica spanning devices gathers.
-  "auto": cuDNN's where it applies (a pool of the model's dtype), the
-  Pallas kernel for an FP8 pool (cuDNN reads no FP8, and gathering widens
-  every page to bf16 on every step), else the gather."""
+  "auto": cuDNN's where it applies (a pool of the model's dtype whose
+  block count it takes), else the Pallas kernel (an FP8 pool: cuDNN reads
+  no FP8, and gathering widens every page to bf16 on every step), else
+  the gather."""
   if dcfg.attention == "gather" or dcfg.batch_invariant:
     # Batch-invariant pools attend with XLA's attention (cuDNN's decode
     # kernels are not deterministic run to run: _Programs).
@@ -261,14 +258,8 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
     return "pallas"
   if cudnn:
     return "cudnn"
-  if pallas and dcfg.kv_dtype == "fp8":
+  if pallas:
     return "pallas"
-  if one_gpu and dcfg.kv_dtype == "auto" and blocks % rows:
-    step = rows // math.gcd(rows, cfg.num_layers)
-    log.warning("decode attention of the %d-row program gathers pages: "
-                "cuDNN's paged attention needs layers x num_pages (%d) to "
-                "be a multiple of its rows; a num_pages that is a multiple "
-                "of %d would allow it", rows, blocks, step)
   return None
 
 class _Programs:
