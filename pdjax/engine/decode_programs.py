@@ -262,6 +262,7 @@ def use_paged_attention(cfg: ModelConfig, dcfg: DecodeConfig, platform: str,
     return "pallas"
   return None
 
+
 class _Programs:
   """The jitted programs of a pool, shared by its replicas (jit keeps one
   executable per device set and argument shapes)."""
