@@ -8,16 +8,15 @@ again after a while (another worker may have room by then) and says how
 long the request has waited so far (``ReserveRequest.waited_ms``): asked
 again, here or on another worker, it keeps its place ahead of requests that
 began to wait after it. Only the call at the head of the line tries to
-reserve,
-whenever a stream ends or a reservation is given back (``freed``) and at
-least every ``POLL_S`` for room freed where no stream saw it (preempted
-rows swapped back in, reservations reaped by their TTL); once it has its
-room, the next call tries at once (the freed room may hold several). A
-call that arrives while earlier requests wait joins the line behind them,
-even if its own request would fit: as in vLLM's first-come-first-served scheduler, a
-large request at the head is not overtaken for ever by small ones, and no
-request waits behind requests that came after it (the tail of the wait is
-the line's length, not luck).
+reserve, whenever a stream ends or a reservation is given back (``freed``)
+and at least every ``POLL_S`` for room freed where no stream saw it
+(preempted rows swapped back in, reservations reaped by their TTL); once it
+has its room, the next call tries at once (the freed room may hold
+several). A call that arrives while earlier requests wait joins the line
+behind them, even if its own request would fit: as in vLLM's
+first-come-first-served scheduler, a large request at the head is not
+overtaken for ever by small ones, and no request waits behind requests
+that came after it (the tail of the wait is the line's length, not luck).
 
 Each attempt runs in its own call's task, so a call cancelled while it
 waits holds nothing: a reservation is only ever made by the call that

@@ -32,7 +32,8 @@ also writes and reads its bf16 copy: ``moved_GB`` in the JSON). A variant
 that fails to compile or run prints its error and the others still run.
 
   python3 tools/gpu/probe_pallas_attention.py --out $OUT/pallas_attn.jsonl
-  python3 tools/gpu/probe_pallas_attention.py --kernel_configs=default,8:1:4:2,4:0:4:3,16:0:8:2 --rows=32,128 --out $OUT/sweep.jsonl
+  python3 tools/gpu/probe_pallas_attention.py --rows=32,128 \
+      --kernel_configs=default,8:1:4:2,4:0:4:3,16:0:8:2 --out $OUT/sweep.jsonl
   python3 tools/gpu/probe_pallas_attention.py --interpret --rows=2 \
       --contexts=64 --iters=2 --warmup=1 --out $OUT/pa.jsonl   # CPU smoke
 """
