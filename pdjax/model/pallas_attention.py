@@ -164,7 +164,7 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   if one != 1 or hd_k != hd or v_pool.shape != k_pool.shape or H % K:
     raise ValueError(f"shapes q {q.shape}, k_pool {k_pool.shape}, "
                      f"v_pool {v_pool.shape} do not fit")
-  if hd < MIN_DOT or hd & (hd - 1) or P & (P - 1):
+  if not _shape_supported(P, hd):
     raise ValueError(f"head_dim {hd} and page size {P} must be powers of "
                      f"two, head_dim at least {MIN_DOT}")
   _check_offsets(k_pool)
@@ -233,9 +233,13 @@ def supports(pool_shape, dtype) -> bool:
   16), and not a pool of 1-byte values between 2 and 4 GiB
   (``_check_offsets``)."""
   _, P, _, hd = pool_shape
-  if hd < MIN_DOT or hd & (hd - 1) or P & (P - 1):
-    return False
-  return not _offsets_overflow(pool_shape, dtype)
+  return _shape_supported(P, hd) and not _offsets_overflow(pool_shape, dtype)
+
+
+def _shape_supported(page_size: int, head_dim: int) -> bool:
+  """Both powers of two (Triton's blocks), head_dim at least ``MIN_DOT``."""
+  return (head_dim >= MIN_DOT and not head_dim & (head_dim - 1)
+          and not page_size & (page_size - 1))
 
 
 def _offsets_overflow(pool_shape, dtype) -> bool:
