@@ -60,9 +60,52 @@ flags.DEFINE_integer("pause_ms", 0, "The device left idle this long before "
                      "finds it.")
 flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
                   "host path around the same program).")
+flags.DEFINE_string("trace_dir", None, "Also trace --trace_calls calls of "
+                    "the program per prompt length (a folder each under "
+                    "this one) and report their kernels by category and "
+                    "the GEMMs' rate over the linear FLOPs "
+                    "(tools/trace_kernels.py).")
+flags.DEFINE_integer("trace_calls", 3, "Calls traced per prompt length "
+                     "(--trace_dir), --pause_ms apart.")
 FLAGS = flags.FLAGS
 
 TOOL = "bench_prefill"
+
+
+def _trace(call, T: int, flops: dict) -> dict:
+  """Kernels of ``--trace_calls`` calls of the program: per call by
+  category and the top ones, the GEMMs' rate over the linear and LM head
+  FLOPs, attention's over its own."""
+  import jax
+  from pathlib import Path
+  from trace_kernels import aggregate, find_xplane, load_events
+  trace_dir = Path(FLAGS.trace_dir) / f"T{T}"
+  n = max(FLAGS.trace_calls, 1)
+  jax.profiler.start_trace(str(trace_dir))
+  try:
+    for _ in range(n):
+      if FLAGS.pause_ms:
+        time.sleep(FLAGS.pause_ms / 1000)
+      jax.block_until_ready(call())
+  finally:
+    jax.profiler.stop_trace()
+  agg = aggregate(load_events(find_xplane(trace_dir))["events"], n)
+  cats = {k: v["us_per_step"] for k, v in agg["categories"].items()}
+
+  def rate(fl, cat):
+    us = cats.get(cat)
+    return fl / (us * 1e-6) if us else None
+
+  return {"trace_dir": str(trace_dir), "calls": n,
+          "kernel_us_per_call": agg["kernel_us_per_step"],
+          "busy_us_per_call": agg["busy_us_per_step"],
+          "us_per_call_by_category": cats,
+          "gemm_flops_per_s": rate(flops["linear"] + flops["lm_head"],
+                                   "gemm"),
+          "attention_flops_per_s": rate(flops["attention"], "attention"),
+          "top": [{k: r[k] for k in ("name", "category", "count_per_step",
+                                     "us_per_step", "share")}
+                  for r in agg["kernels"][:25]]}
 
 
 def _run_one(engine, params, cfg, tp, T, limits, writer):
@@ -105,6 +148,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
                         warmup=1, repeat=FLAGS.repeat,
                         pause_s=FLAGS.pause_ms / 1000)
   fl = bc.prefill_flops(cfg, 1, T)
+  traced = _trace(call, T, fl) if FLAGS.trace_dir else None
   sec = t.median
   achieved = fl["total"] / sec
 
@@ -119,6 +163,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
       "mfu": bc.ratio(achieved, per_dev(limits.matmul_flops)),
       "mfu_spec": bc.ratio(achieved, per_dev(limits.spec_matmul_flops)),
       "mfu_run_ceiling": bc.ratio(achieved, per_dev(limits.run_matmul_flops)),
+      "kernels": traced,
   }
   params_rec = {"tp": tp, "prompt_len": T, "batch": 1,
                 "page_size": FLAGS.page_size, "warmup": FLAGS.warmup,
@@ -180,6 +225,17 @@ def main(argv) -> None:
             f"{r['achieved_flops'] / 1e12:.2f} TFLOP/s, MFU "
             f"{bc.fmt(r['mfu'], '.1%')} (compile {r['compile_s']:.1f} s)",
             flush=True)
+      if r["kernels"]:
+        k = r["kernels"]
+        print("    kernels per call (us): " + ", ".join(
+            f"{c} {us:.0f}" for c, us in sorted(
+                k["us_per_call_by_category"].items(), key=lambda i: -i[1]))
+            + f"; busy {k['busy_us_per_call']:.0f}; GEMMs "
+            f"{bc.fmt(k['gemm_flops_per_s'] and k['gemm_flops_per_s'] / 1e12, '.0f')}"
+            " TFLOP/s", flush=True)
+        for row in k["top"][:12]:
+          print(f"      {row['us_per_step']:9.1f} us x{row['count_per_step']:g}"
+                f"  {row['category']:9s} {row['name'][:90]}", flush=True)
     del engine, params
     gc.collect()
   _print_summary(writer.records, limits)
