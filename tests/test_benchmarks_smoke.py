@@ -94,6 +94,27 @@ def test_prefill_with_joined_projections(tmp_path):
   assert len(rows) == 1 and rows[0]["params"]["fused_projections"] is True
   assert rows[0]["params"]["pause_ms"] == 30
   assert rows[0]["results"]["time_s"]["median"] > 0
+  assert rows[0]["results"]["kernels"] is None   # no --trace_dir
+
+
+def test_prefill_traced(tmp_path):
+  """--trace_dir: the traced calls' kernels (on CPU, the XLA runtime's
+  thunks) per call by category, whose sum is the kernels' time, and the
+  GEMMs' rate over the linear and LM head FLOPs."""
+  stdout, records = run_tool(
+      "bench_prefill.py", tmp_path / "prefill.jsonl", "--prompt_lengths=16",
+      "--tp=1", "--warmup=1", "--repeat=1", "--noe2e", "--trace_calls=2",
+      f"--trace_dir={tmp_path / 'traces'}", *LIMITS)
+  (row,) = [r for r in records if r["measurement"] == "prefill"]
+  k = row["results"]["kernels"]
+  assert k["calls"] == 2 and (tmp_path / "traces" / "T16").is_dir()
+  cats = k["us_per_call_by_category"]
+  close(sum(cats.values()), k["kernel_us_per_call"])
+  fl = row["results"]["flops"]
+  if cats.get("gemm"):
+    close(k["gemm_flops_per_s"],
+          (fl["linear"] + fl["lm_head"]) / (cats["gemm"] * 1e-6))
+  assert k["top"] and "kernels per call (us)" in stdout
 
 
 def test_timed_calls_pause_before_each_sample_outside_it():
