@@ -27,14 +27,21 @@ Examples:
   # GPU, Llama-3-8B shapes with random bf16 weights:
   python tools/bench_prefill.py --model=llama3-8b \
       --prompt_lengths=512,2048,8192 --tp=1,2 --out=/tmp/prefill.jsonl
+
+  # ... and where each length's time goes: a profiler trace of a few calls,
+  # their kernels summed by category (GEMMs, attention, fusions, copies):
+  python tools/bench_prefill.py --model=llama3-8b --tp=1 --pause_ms=300 \
+      --noe2e --trace_dir=/tmp/prefill_traces
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 import bench_common as bc  # Sets up sys.path and XLA_FLAGS before jax.
+from trace_kernels import aggregate, find_xplane, load_events
 
 from absl import app, flags
 
@@ -63,7 +70,7 @@ flags.DEFINE_bool("e2e", True, "Also time PrefillEngine.prefill() (the "
 flags.DEFINE_string("trace_dir", None, "Also trace --trace_calls calls of "
                     "the program per prompt length (a folder each under "
                     "this one) and report their kernels by category and "
-                    "the GEMMs' rate over the linear FLOPs "
+                    "the GEMMs' rate over the linear and LM head FLOPs "
                     "(tools/trace_kernels.py).")
 flags.DEFINE_integer("trace_calls", 3, "Calls traced per prompt length "
                      "(--trace_dir), --pause_ms apart.")
@@ -77,8 +84,6 @@ def _trace(call, T: int, flops: dict) -> dict:
   category and the top ones, the GEMMs' rate over the linear and LM head
   FLOPs, attention's over its own."""
   import jax
-  from pathlib import Path
-  from trace_kernels import aggregate, find_xplane, load_events
   trace_dir = Path(FLAGS.trace_dir) / f"T{T}"
   n = max(FLAGS.trace_calls, 1)
   jax.profiler.start_trace(str(trace_dir))
@@ -227,12 +232,13 @@ def main(argv) -> None:
             flush=True)
       if r["kernels"]:
         k = r["kernels"]
-        print("    kernels per call (us): " + ", ".join(
-            f"{c} {us:.0f}" for c, us in sorted(
-                k["us_per_call_by_category"].items(), key=lambda i: -i[1]))
-            + f"; busy {k['busy_us_per_call']:.0f}; GEMMs "
-            f"{bc.fmt(k['gemm_flops_per_s'] and k['gemm_flops_per_s'] / 1e12, '.0f')}"
-            " TFLOP/s", flush=True)
+        cats = sorted(k["us_per_call_by_category"].items(),
+                      key=lambda i: -i[1])
+        gemm = k["gemm_flops_per_s"]
+        print("    kernels per call (us): "
+              + ", ".join(f"{c} {us:.0f}" for c, us in cats)
+              + f"; busy {k['busy_us_per_call']:.0f}; GEMMs "
+              f"{bc.fmt(gemm and gemm / 1e12, '.0f')} TFLOP/s", flush=True)
         for row in k["top"][:12]:
           print(f"      {row['us_per_step']:9.1f} us x{row['count_per_step']:g}"
                 f"  {row['category']:9s} {row['name'][:90]}", flush=True)
