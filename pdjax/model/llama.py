@@ -728,22 +728,21 @@ def decode_layer(cfg: ModelConfig, positions, page_table, *, num_pages: int,
     table = li * N + page_table
     if paged_attention == "cudnn":
       attn = _cudnn_paged_attention(q, kp, vp, table, kv_len)
-      return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
-    if paged_attention == "pallas":
+    elif paged_attention == "pallas":
       from pdjax.model.pallas_attention import paged_decode_attention
       attn = paged_decode_attention(
           q, kp, vp, table, kv_len,
           interpret=jax.default_backend() not in ("gpu", "cuda"))
-      return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
-    kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
-    vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
-    if mask is not None:
-      attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
-                                          implementation="xla")
     else:
-      attn = jax.nn.dot_product_attention(
-          q, kk, vv, query_seq_lengths=jnp.ones((B,), jnp.int32),
-          key_value_seq_lengths=kv_len, implementation=impl)
+      kk = kp[table].reshape(B, M * P, K, hd).astype(q.dtype)
+      vv = vp[table].reshape(B, M * P, K, hd).astype(q.dtype)
+      if mask is not None:
+        attn = jax.nn.dot_product_attention(q, kk, vv, mask=mask,
+                                            implementation="xla")
+      else:
+        attn = jax.nn.dot_product_attention(
+            q, kk, vv, query_seq_lengths=jnp.ones((B,), jnp.int32),
+            key_value_seq_lengths=kv_len, implementation=impl)
     return (_attn_out_and_mlp(cfg, lp, x, attn), kp, vp), None
 
   return layer
