@@ -98,6 +98,15 @@ class Worker:
       return 0
     return self.info.load.kv_pages_available - self.reserved_pages
 
+  def call(self, request, timeout: float | None, *, on_session: bool):
+    """The router's Decode or Prefill call to this decode or prefill
+    worker (by its role): a message on its session (``on_session``), or
+    a call of its own."""
+    if on_session:
+      return self.session.call(request, timeout)
+    method = _SESSIONS[self.role][0]
+    return getattr(self.stub, method)(request, timeout=timeout)
+
   async def close(self) -> None:
     """Ends the router's session and channel to the worker (calls still on
     them fail)."""

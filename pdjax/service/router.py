@@ -697,9 +697,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
           destination=dest, destination_pending=made is None,
           cache_salt=salt, kv_sources=sources)
       timeout = self._timeout(context)
-      call = (p.session.call(prefill_req, timeout)
-              if self.config.worker_sessions
-              else p.stub.Prefill(prefill_req, timeout=timeout))
+      call = p.call(prefill_req, timeout,
+                    on_session=self.config.worker_sessions)
       reservation.start()
       completing = None if made else asyncio.ensure_future(
           self._complete_destination(
@@ -883,8 +882,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     redeemed and no token came back; UNAVAILABLE mid-stream otherwise."""
     with self.registry.busy(d):
       timeout = self._timeout(context)
-      call = (d.session.call(req, timeout) if self.config.worker_sessions
-              else d.stub.Decode(req, timeout=timeout))
+      call = d.call(req, timeout, on_session=self.config.worker_sessions)
       received = False
       try:
         async for msg in call:
