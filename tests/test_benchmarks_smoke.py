@@ -141,12 +141,15 @@ def test_timed_calls_pause_before_each_sample_outside_it():
   assert sum(timing.samples) < wall - 3 * 0.05 + 1e-3
 
 
-def test_grpc_hop_tool_times_both_ways_of_crossing():
+@pytest.mark.parametrize("loop_spin", [False, True])
+def test_grpc_hop_tool_times_both_ways_of_crossing(loop_spin):
   """``bench_grpc_hop.py`` starts its server process and times a new call
-  and a message pair on an open stream, each a round trip."""
+  and a message pair on an open stream, each a round trip; with
+  ``--loop_spin`` both ends' event loops keep polling through the gaps
+  (and the lines say so)."""
   proc = subprocess.run(
       [sys.executable, str(TOOLS / "bench_grpc_hop.py"), "--calls=20",
-       "--warmup=5", "--gap_ms=0"],
+       "--warmup=5", "--gap_ms=1", f"--loop_spin={loop_spin}"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if "round trip" in l]
@@ -154,6 +157,7 @@ def test_grpc_hop_tool_times_both_ways_of_crossing():
   for line in lines:
     p50 = float(line.split("p50 ")[1].split(" ms")[0])
     assert p50 > 0 and "n=20" in line and "service token on" in line
+    assert ("loops spinning" in line) == loop_spin, line
 
 
 def test_decode(tmp_path):

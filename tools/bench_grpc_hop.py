@@ -42,6 +42,9 @@ flags.DEFINE_integer("prompt_ids", 512, "Prompt ids in each request.")
 flags.DEFINE_float("gap_ms", 2.0, "Idle time before each round trip.")
 flags.DEFINE_bool("service_token", True, "With the deployment's service "
                   "token (interceptors on both ends).")
+flags.DEFINE_bool("loop_spin", False, "Keep both ends' event loops polling "
+                  "(never sleeping in epoll) through the idle gap: what a "
+                  "hop costs when the receiving loop need not be woken.")
 flags.DEFINE_string("serve", None, "Internal: run the server on this address.")
 FLAGS = flags.FLAGS
 
@@ -53,8 +56,15 @@ def _security():
   return Security(service_token="bench-hop" if FLAGS.service_token else None)
 
 
+async def _spin() -> None:
+  while True:
+    await asyncio.sleep(0)
+
+
 async def _serve(address: str) -> None:
   import grpc
+  if FLAGS.loop_spin:
+    spinner = asyncio.ensure_future(_spin())  # noqa: F841 - runs forever
   from pdjax.service.common import make_server
   from pdjax.v1 import decode_pb2, decode_pb2_grpc
 
@@ -80,6 +90,7 @@ async def _time(address: str) -> dict[str, list[float]]:
   from pdjax.service.common import make_channel
   from pdjax.v1 import decode_pb2, decode_pb2_grpc
   channel = make_channel(address, _security(), aio=True)
+  spinner = asyncio.ensure_future(_spin()) if FLAGS.loop_spin else None
   await asyncio.wait_for(channel.channel_ready(), 30)
   out: dict[str, list[float]] = {}
   n = FLAGS.warmup + FLAGS.calls
@@ -112,6 +123,8 @@ async def _time(address: str) -> dict[str, list[float]]:
       samples.append(time.perf_counter() - t0)
     call.cancel()
     out["stream"] = samples[FLAGS.warmup:]
+  if spinner is not None:
+    spinner.cancel()
   await channel.close()
   return out
 
@@ -129,7 +142,8 @@ def main(argv) -> None:
       address = f"127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, __file__, f"--serve={address}",
-         f"--service_token={FLAGS.service_token}"],
+         f"--service_token={FLAGS.service_token}",
+         f"--loop_spin={FLAGS.loop_spin}"],
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
       results = asyncio.run(_time(address))
@@ -141,7 +155,8 @@ def main(argv) -> None:
     print(f"{mode:6s} round trip (two hops): p50 {statistics.median(ms):.3f} "
           f"ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.3f} ms, n={len(ms)} "
           f"({FLAGS.transport}, service token "
-          f"{'on' if FLAGS.service_token else 'off'})")
+          f"{'on' if FLAGS.service_token else 'off'}"
+          f"{', loops spinning' if FLAGS.loop_spin else ''})")
 
 
 if __name__ == "__main__":

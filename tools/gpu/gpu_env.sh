@@ -41,6 +41,25 @@ use_compile_cache() {
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 }
 
+# cpus_busy_on / cpus_busy_off: one lowest-priority (nice 19) spinning
+# process per CPU, so that no CPU of the machine halts while they run: any
+# other thread that wakes preempts one at once, without the halted CPU's
+# wake-up (on a KVM guest without a polling idle driver, an exit to the
+# hypervisor and back). What a host that never idles would give.
+CPUS_BUSY_PIDS=()
+cpus_busy_on() {
+  local _
+  for _ in $(seq "$(nproc)"); do
+    nice -n 19 python3 -c "while True: pass" & CPUS_BUSY_PIDS+=($!)
+  done
+}
+cpus_busy_off() {
+  (( ${#CPUS_BUSY_PIDS[@]} )) || return 0
+  kill "${CPUS_BUSY_PIDS[@]}" 2>/dev/null
+  wait "${CPUS_BUSY_PIDS[@]}" 2>/dev/null
+  CPUS_BUSY_PIDS=()
+}
+
 # ipc_gpu_test DIR LINES: the CUDA IPC GPU test, its log in DIR/ipc_test.log,
 # the last LINES lines shown.
 ipc_gpu_test() {

@@ -10,9 +10,10 @@
 # RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
 # deployment per run, with ":calls" after them for a router that makes a
 # call per request to the workers (--noworker_sessions) rather than using
-# its sessions with them. SWITCH_INTERVAL_MS (optional): the workers' and,
-# via sys.setswitchinterval in a sitecustomize, the router's and the
-# client's GIL switch interval.
+# its sessions with them, or ":busy" for a run with every CPU kept from
+# halting (gpu_env.sh's cpus_busy_on: what a host that never idles gives).
+# SWITCH_INTERVAL_MS (optional): the workers' and, via sys.setswitchinterval
+# in a sitecustomize, the router's and the client's GIL switch interval.
 #
 #   bash tools/gpu/run_ttft_hops.sh OUT_DIR
 set -u
@@ -29,7 +30,7 @@ grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
 python3 tools/gpu/probe_prefill_host_copies.py --out="$OUT/host_copies.json" \
   2>&1 | grep -E "^T=|^  [a-z_]+(: left out| +(upload|done))"
 git apply tools/gpu/ttft_hops.patch || exit 1
-trap 'git apply -R tools/gpu/ttft_hops.patch' EXIT
+trap 'cpus_busy_off; git apply -R tools/gpu/ttft_hops.patch' EXIT
 export PYTHONPATH=$PWD
 if [ -n "${SWITCH_INTERVAL_MS:-}" ]; then
   mkdir -p "$OUT/site"
@@ -45,10 +46,12 @@ for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   router_flags=
   [ "$variant" = calls ] && router_flags=--noworker_sessions
   echo "===== $len tokens, $dep${variant:+, $variant}"
+  [ "$variant" = busy ] && cpus_busy_on
   PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 DEPLOYMENTS=$dep \
     PROMPT_LEN=$len BUDGET_S=200 ROUTER_FLAGS=$router_flags \
     bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_$name" 2>&1 |
     grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) "
+  cpus_busy_off
   python3 tools/gpu/ttft_hops.py "$OUT/trace/$name" |
     tee "$OUT/hops_$name.txt"
 done
