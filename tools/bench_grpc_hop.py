@@ -63,10 +63,10 @@ async def _spin() -> None:
 
 async def _serve(address: str) -> None:
   import grpc
-  if FLAGS.loop_spin:
-    spinner = asyncio.ensure_future(_spin())  # noqa: F841 - runs forever
   from pdjax.service.common import make_server
   from pdjax.v1 import decode_pb2, decode_pb2_grpc
+  # Held until the process ends (the loop keeps only a weak reference).
+  spinner = asyncio.ensure_future(_spin()) if FLAGS.loop_spin else None
 
   class Decode(decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request, context):

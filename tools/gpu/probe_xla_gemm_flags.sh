@@ -4,8 +4,7 @@
 # bf16 decode step at 1 / 8 / 32 rows with XLA's defaults and with
 # cuBLASLt (--xla_gpu_enable_cublaslt, which XLA autotunes among its
 # algorithms); the FP8-weight (W8A16) step at 8 / 32 rows with the Triton
-# GEMMs' default tilings and with the exhaustive tiling search. Also the
-# host's idle states and one gRPC hop after idle and back to back.
+# GEMMs' default tilings and with the exhaustive tiling search.
 #
 #   bash tools/gpu/probe_xla_gemm_flags.sh OUT_DIR
 set -u
@@ -14,17 +13,6 @@ mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 start_call "$OUT" > /dev/null
-{
-  nproc; cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>&1
-  for s in /sys/devices/system/cpu/cpu0/cpuidle/state*; do
-    echo "$s $(cat $s/name 2>/dev/null) latency_us=$(cat $s/latency 2>/dev/null) disabled=$(cat $s/disable 2>/dev/null)"
-  done
-  ls -l /dev/cpu_dma_latency 2>&1
-} > "$OUT/host.txt" 2>&1
-cat "$OUT/host.txt"
-for gap in 2 0; do
-  timeout 60 python3 tools/bench_grpc_hop.py --calls=800 --gap_ms=$gap 2>&1 | grep round
-done
 prefill() {  # prefill NAME [XLA flags]
   local name=$1; shift
   echo "=== [$((SECONDS - START)) s] prefill $name"
