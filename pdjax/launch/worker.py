@@ -39,6 +39,7 @@ from absl import app, flags
 from pdjax import config as C
 from pdjax.launch import config_flags
 from pdjax.launch import flags as F
+from pdjax.launch import host_latency
 from pdjax.service import gc_pauses
 from pdjax.service.call_sessions import CallSessions
 
@@ -428,6 +429,9 @@ async def serve(role: str, dep) -> None:
                 "Prefill, ...) serves any caller that reaches its port and "
                 "passes its TLS; give the deployment's processes one shared "
                 "service token (docs/security.md)")
+  note = host_latency.idle_wake_note()
+  if note:
+    log.warning("%s", note)
   devices = F.parse_devices(FLAGS.devices)
   server = common.make_server(sec)
   port = common.bind_or_exit(server, FLAGS.host, FLAGS.port, sec)
