@@ -44,8 +44,8 @@ HELP: dict[tuple[str | None, str], str] = {
     (None, "kv_dtype"): "How the KV is stored, in the decode pool's pages "
     "and in every hand-off: auto (the model's dtype) or fp8 (float8 e4m3, "
     "saturating at +-448, scaled per head by --kv_scales: half the bytes; "
-    "pages are gathered for attention). Every worker of a deployment must "
-    "agree.",
+    "on one GPU attention reads the pages in place, elsewhere it gathers "
+    "them). Every worker of a deployment must agree.",
     (None, "kv_scales"): "kv_dtype=fp8: a JSON file of per-head K and V "
     "scales (tools/calibrate_kv_scales.py), folded into the attention "
     "weights so each head's KV uses e4m3's range (unset: the checkpoint's "
