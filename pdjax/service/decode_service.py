@@ -45,6 +45,7 @@ from pdjax.service.metrics import Metrics
 from pdjax.service.receive_budget import ReceiveBudget, receive_bytes
 from pdjax.service.validation import (check_prompt_ids, sampling_from_proto)
 from pdjax.service.handoffs import HandoffClosed, Handoffs
+from pdjax.service.loop_handover import hand_over
 from pdjax.service.room_waiters import RoomWaiters
 from pdjax.transfer.base import (KvReceiver, StreamIntake, TransferDenied,
                                  TransferError)
@@ -240,12 +241,17 @@ class EventRelay:
     self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
 
   def callback_for(self, q: asyncio.Queue):
-    """The engine callback of one stream: its events go to ``q``."""
+    """The engine callback of one stream: its events go to ``q``. A first
+    token this worker's prefill made (its event carries ``prefill_s``) is
+    handed over (``loop_handover``): the engine thread waits, briefly, for
+    the loop to have sent it on."""
     def callback(ev: TokenEvent) -> None:
       with self._lock:
         wake = not self._pending
         self._pending.append((q, ev))
-      if wake:
+      if ev.prefill_s:
+        hand_over(self._loop, self._flush)
+      elif wake:
         self._loop.call_soon_threadsafe(self._flush)
     return callback
 

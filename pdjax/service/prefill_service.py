@@ -48,6 +48,7 @@ from pdjax.engine.sampling import InvalidRequest
 from pdjax.service import common, kv_router
 from pdjax.service.call_sessions import CallSessions, SessionMessages
 from pdjax.service.landing import LandingRequests
+from pdjax.service.loop_handover import hand_over
 from pdjax.service.metrics import Metrics
 from pdjax.service.validation import check_prompt_ids, sampling_from_proto
 from pdjax.transfer.base import (KvSender, TransferError, TransferTimeout,
@@ -136,10 +137,12 @@ class _Job:
   destination_timeout_s: float = 0.0
 
   def resolve_first(self, message: prefill_pb2.PrefillResponse) -> None:
+    """The first token's message, handed over to the loop (the caller, the
+    engine's thread, waits briefly for it to be sent on: ``loop_handover``)."""
     def done():
       if not self.first.done():
         self.first.set_result(message)
-    self.loop.call_soon_threadsafe(done)
+    hand_over(self.loop, done)
 
   def resolve(self, value=None, error: BaseException | None = None) -> None:
     """The call's end: the handle's message, or the error (its caller
