@@ -396,3 +396,13 @@ def test_prompt_lookup_tool(tmp_path):
   assert (rec["rows"], rec["context"], rec["calls"]) == (4, 64, 3)
   assert rec["speedup"] == pytest.approx(
       rec["rescan_ms_per_call"] / rec["index_ms_per_call"])
+
+
+def test_the_ttft_marks_patch_applies_to_this_tree():
+  """``tools/gpu/ttft_hops.patch`` (the marks ``run_ttft_hops.sh`` and
+  ``run_ttft_hops_cpu.sh`` apply for a run) still applies: checked only,
+  the tree is not touched."""
+  proc = subprocess.run(
+      ["git", "apply", "--check", str(TOOLS / "gpu" / "ttft_hops.patch")],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
