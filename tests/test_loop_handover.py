@@ -86,3 +86,23 @@ def test_a_closed_loop_is_not_waited_for():
   t0 = time.perf_counter()
   assert not hand_over(loop, lambda: None, wait_s=5.0)
   assert time.perf_counter() - t0 < 1.0
+
+
+def test_the_relay_hands_over_a_prefill_s_first_token(loop):
+  """A decode worker's first token from its own prefill (an event with
+  ``prefill_s``) is in the stream's queue when the engine's callback
+  returns; a decode step's event is only scheduled (the engine goes on)."""
+  from pdjax.engine.requests import TokenEvent
+  from pdjax.service.decode_service import EventRelay
+
+  async def make():
+    return EventRelay(loop), asyncio.Queue(), asyncio.Queue()
+
+  relay, first_q, step_q = asyncio.run_coroutine_threadsafe(
+      make(), loop).result(5)
+  relay.callback_for(first_q)(TokenEvent("a", [7], [-0.1], prefill_s=0.01))
+  assert first_q.qsize() == 1
+  relay.callback_for(step_q)(TokenEvent("b", [8], [-0.2]))
+  got = asyncio.run_coroutine_threadsafe(
+      asyncio.wait_for(step_q.get(), 5), loop).result(10)
+  assert got.token_ids == [8]
