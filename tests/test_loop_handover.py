@@ -88,12 +88,15 @@ def test_a_closed_loop_is_not_waited_for():
   assert time.perf_counter() - t0 < 1.0
 
 
-def test_the_relay_hands_over_a_prefill_s_first_token(loop):
+def test_the_relay_hands_over_a_prefill_s_first_token(loop, monkeypatch):
   """A decode worker's first token from its own prefill (an event with
   ``prefill_s``) is in the stream's queue when the engine's callback
-  returns; a decode step's event is only scheduled (the engine goes on)."""
+  returns; a decode step's event is only scheduled (the engine goes on).
+  The wait is stretched so that a loaded machine cannot time it out."""
   from pdjax.engine.requests import TokenEvent
+  from pdjax.service import loop_handover
   from pdjax.service.decode_service import EventRelay
+  monkeypatch.setattr(loop_handover, "HANDOVER_WAIT_S", 10.0)
 
   async def make():
     return EventRelay(loop), asyncio.Queue(), asyncio.Queue()

@@ -32,12 +32,13 @@ HANDOVER_WAIT_S = 0.001
 
 
 def hand_over(loop: asyncio.AbstractEventLoop, fn: Callable[[], None],
-              wait_s: float = HANDOVER_WAIT_S) -> bool:
+              wait_s: float | None = None) -> bool:
   """Runs ``fn()`` on ``loop`` and, called from another thread, waits at
-  most ``wait_s`` for the loop to have run it and two rounds of the
-  callbacks it made ready. Returns whether that happened in time; on the
-  loop's own thread (nothing to wait for: ``fn`` runs after the caller
-  returns to the loop) and once ``loop`` is closed, False at once."""
+  most ``wait_s`` (None: ``HANDOVER_WAIT_S``) for the loop to have run it
+  and two rounds of the callbacks it made ready. Returns whether that
+  happened in time; on the loop's own thread (nothing to wait for: ``fn``
+  runs after the caller returns to the loop) and once ``loop`` is closed,
+  False at once."""
   if loop.is_closed():
     return False
   done = threading.Event()
@@ -54,7 +55,7 @@ def hand_over(loop: asyncio.AbstractEventLoop, fn: Callable[[], None],
     return False
   if _on_loop_thread(loop):
     return False
-  return done.wait(wait_s)
+  return done.wait(HANDOVER_WAIT_S if wait_s is None else wait_s)
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
