@@ -11,7 +11,10 @@
 # deployment per run, with ":calls" after them for a router that makes a
 # call per request to the workers (--noworker_sessions) rather than using
 # its sessions with them, or ":busy" for a run with every CPU kept from
-# halting (gpu_env.sh's cpus_busy_on: what a host that never idles gives).
+# halting (gpu_env.sh's cpus_busy_on: what a host that never idles gives),
+# or ":base" for a run served from the earlier tree that
+# tools/gpu/stage_baseline.sh put in .baseline (the call's carry names it):
+# the same machine measures both.
 # SWITCH_INTERVAL_MS (optional): the workers' and, via sys.setswitchinterval
 # in a sitecustomize, the router's and the client's GIL switch interval.
 #
@@ -45,12 +48,23 @@ for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   name=${len}_$dep${variant:+_$variant}
   router_flags=
   [ "$variant" = calls ] && router_flags=--noworker_sessions
+  tree=.
+  if [ "$variant" = base ]; then
+    [ -f .baseline/COMMIT ] || { echo "no .baseline: stage_baseline.sh"; continue; }
+    tree=.baseline
+    variant="base, $(cat .baseline/COMMIT)"
+    # Its own marks, applied once (git kept from the enclosing repository).
+    grep -q _trace .baseline/pdjax/service/router.py ||
+      (cd .baseline && GIT_CEILING_DIRECTORIES=$(dirname "$PWD") \
+        git apply tools/gpu/ttft_hops.patch) || exit 1
+  fi
   echo "===== $len tokens, $dep${variant:+, $variant}"
   [ "$variant" = busy ] && cpus_busy_on
-  PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 DEPLOYMENTS=$dep \
-    PROMPT_LEN=$len BUDGET_S=200 ROUTER_FLAGS=$router_flags \
+  (cd "$tree" && PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 \
+    DEPLOYMENTS=$dep PROMPT_LEN=$len BUDGET_S=200 \
+    ROUTER_FLAGS=$router_flags \
     bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_$name" 2>&1 |
-    grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) "
+    grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) ")
   cpus_busy_off
   python3 tools/gpu/ttft_hops.py "$OUT/trace/$name" |
     tee "$OUT/hops_$name.txt"
