@@ -5,7 +5,9 @@
 # tools/gpu/ttft_hops.patch applied to this tree for the run (reverted on
 # exit) and tools/gpu/ttft_hops.py's table over the last N - 20 requests.
 # DEPLOYMENT: coloc (default; the decode worker prefills) or disagg (one
-# prefill worker, KV over the host-staged grpc transport).
+# prefill worker, KV over the host-staged grpc transport). BASELINE=1:
+# serve from the earlier tree tools/gpu/stage_baseline.sh put in .baseline
+# (its own marks applied there) instead of this one.
 #
 #   bash tools/run_ttft_hops_cpu.sh OUT_DIR [N=300]
 set -u
@@ -13,7 +15,12 @@ OUT=${1:?usage: run_ttft_hops_cpu.sh OUT_DIR [N]}
 N=${2:-300}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-$PWD/.venv/bin/python}
+if [ "${BASELINE:-0}" = 1 ]; then
+  [ -f .baseline/COMMIT ] || { echo "no .baseline: stage_baseline.sh"; exit 1; }
+  cd .baseline || exit 1
+  export GIT_CEILING_DIRECTORIES=$(dirname "$PWD")  # not the enclosing repo
+fi
 git apply tools/gpu/ttft_hops.patch || exit 1
 pid=
 cleanup() {
