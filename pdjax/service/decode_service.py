@@ -242,14 +242,16 @@ class EventRelay:
 
   def callback_for(self, q: asyncio.Queue):
     """The engine callback of one stream: its events go to ``q``. A first
-    token this worker's prefill made (its event carries ``prefill_s``) is
-    handed over (``loop_handover``): the engine thread waits, briefly, for
-    the loop to have sent it on."""
+    token this worker's prefill made (its event carries ``prefill_s``),
+    where the loop has taken every earlier event, is handed over
+    (``loop_handover``): the engine thread waits, briefly, for the loop to
+    have sent it on. Where events still wait for the loop (it is behind,
+    under load), the token joins them and the engine goes on."""
     def callback(ev: TokenEvent) -> None:
       with self._lock:
         wake = not self._pending
         self._pending.append((q, ev))
-      if ev.prefill_s:
+      if wake and ev.prefill_s:
         hand_over(self._loop, self._flush)
       elif wake:
         self._loop.call_soon_threadsafe(self._flush)
