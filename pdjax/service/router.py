@@ -567,11 +567,11 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     computes and sends them all. Cancelled, it gives back what its call
     may have reserved before the cancel reached the worker."""
     transfer_id = transfer_id or new_transfer_id()
-    deadline = time.monotonic() + self.config.queue_timeout_s
+    started_wait = time.monotonic()   # its place in the workers' lines
+    deadline = started_wait + self.config.queue_timeout_s
     queue = self.config.on_full == "queue"
     backoff = 0.005
     started = time.perf_counter()
-    started_wait = time.monotonic()   # its place in the workers' lines
     d = first
     while True:
       if d is None:
