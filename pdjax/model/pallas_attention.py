@@ -91,7 +91,7 @@ def blocking(batch: int, table_width: int, k_pool,
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
             pages_per_block: int, pages_per_split: int, scale: float,
-            compute_dtype, precision):
+            compute_dtype, precision, tokens_first: bool):
   """One (row, KV head, slice) program.
 
   q_ref [G, hd]: the query heads of this KV head (G padded to >= 16);
@@ -106,6 +106,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
   first = pl.program_id(2) * pages_per_split
   pages = jnp.clip(pl.cdiv(length, P) - first, 0, pages_per_split)
   q = q_ref[...].astype(compute_dtype)
+  if tokens_first:
+    q_t = q.T                                                    # [hd, G]
 
   def body(i, carry):
     acc, m, l = carry
@@ -114,20 +116,33 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
     k = k_ref[blocks].reshape(T, hd).astype(compute_dtype)
     v = v_ref[blocks].reshape(T, hd).astype(compute_dtype)
     valid = start * P + jnp.arange(T) < length                  # [T]
+    v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+    if tokens_first:
+      # The tokens as the matrix unit's row operand (T rows, not G): the
+      # widened keys and values feed it from registers.
+      s = plgpu.dot(k, q_t, precision=precision) * scale        # [T, G]
+      s = jnp.where(valid[:, None], s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=0))
+      p = jnp.exp(s - m_new[None, :])
+      pv = plgpu.dot(v, p.astype(compute_dtype), trans_a=True,
+                     precision=precision)                       # [hd, G]
+      alpha = jnp.exp(m - m_new)
+      return alpha[None, :] * acc + pv, m_new, alpha * l + p.sum(axis=0)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [G, T]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
-    v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
     pv = plgpu.dot(p.astype(compute_dtype), v, precision=precision)
     return alpha[:, None] * acc + pv, m_new, alpha * l + p.sum(axis=1)
 
-  acc = jnp.zeros((G, hd), jnp.float32)
+  acc = jnp.zeros((hd, G) if tokens_first else (G, hd), jnp.float32)
   m = jnp.full((G,), -jnp.inf, jnp.float32)
   l = jnp.zeros((G,), jnp.float32)
   acc, m, l = jax.lax.fori_loop(0, pl.cdiv(pages, pages_per_block), body,
                                 (acc, m, l))
+  if tokens_first:
+    acc = acc.T
   # An empty slice (past the row's length) has l = 0 and m = -inf: it
   # writes zeros and a log-sum-exp of -inf, which the merge weighs by 0.
   l_safe = jnp.where(l > 0, l, 1.0)
@@ -137,11 +152,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"))
+    "pages_per_block", "num_splits", "num_warps", "num_stages",
+    "tokens_first", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
                            pages_per_block: int | None = None,
                            num_splits: int | None = None,
                            num_warps: int = 4, num_stages: int = 2,
+                           tokens_first: bool = False,
                            interpret: bool = False):
   """Attention of one query token per row over the row's pages, in place.
 
@@ -155,7 +172,9 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   hd and P must be powers of two (hd >= 16). ``pages_per_block`` (a power of
   two: pages loaded per step) and ``num_splits`` (slices per row) default
   to ``default_pages_per_block`` and ``default_num_splits`` (``blocking``
-  resolves them); num_warps and num_stages are Triton's. ``interpret`` runs
+  resolves them); num_warps and num_stages are Triton's. ``tokens_first``
+  computes the two products transposed (keys and values as the matrix
+  unit's row operand, the query heads as its columns). ``interpret`` runs
   the kernel on any backend (tests on CPU).
   """
   B, one, H, hd = q.shape
@@ -186,7 +205,8 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
       compute_dtype=jnp.float32 if f32 else q.dtype,
       # Triton's default for float32 products is TF32; the reference's
       # float32 needs full precision.
-      precision=jax.lax.Precision.HIGHEST if f32 else None)
+      precision=jax.lax.Precision.HIGHEST if f32 else None,
+      tokens_first=tokens_first)
 
   pool_spec = pl.BlockSpec((N, P, None, hd), lambda b, h, s: (0, 0, h, 0))
   in_specs = [
