@@ -153,12 +153,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
 
 @functools.partial(jax.jit, static_argnames=(
     "pages_per_block", "num_splits", "num_warps", "num_stages",
-    "tokens_first", "interpret"))
+    "tokens_first", "heads_first", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
                            pages_per_block: int | None = None,
                            num_splits: int | None = None,
                            num_warps: int = 4, num_stages: int = 2,
                            tokens_first: bool = False,
+                           heads_first: bool = False,
                            interpret: bool = False):
   """Attention of one query token per row over the row's pages, in place.
 
@@ -174,7 +175,9 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   to ``default_pages_per_block`` and ``default_num_splits`` (``blocking``
   resolves them); num_warps and num_stages are Triton's. ``tokens_first``
   computes the two products transposed (keys and values as the matrix
-  unit's row operand, the query heads as its columns). ``interpret`` runs
+  unit's row operand, the query heads as its columns); ``heads_first``
+  launches a row's KV heads side by side rather than a head's rows (each
+  wave of programs then reads whole tokens of the pool). ``interpret`` runs
   the kernel on any backend (tests on CPU).
   """
   B, one, H, hd = q.shape
@@ -208,26 +211,34 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
       precision=jax.lax.Precision.HIGHEST if f32 else None,
       tokens_first=tokens_first)
 
-  pool_spec = pl.BlockSpec((N, P, None, hd), lambda b, h, s: (0, 0, h, 0))
+  # Grid axes in launch order, the first the fastest: rows first (each
+  # wave of programs reads one KV head of many rows), or the KV heads
+  # first (a wave reads every head of fewer rows: whole tokens).
+  if heads_first:
+    grid, at = (K, B, splits), lambda f: lambda h, b, s: f(b, h, s)
+  else:
+    grid, at = (B, K, splits), lambda f: f
+  pool_spec = pl.BlockSpec((N, P, None, hd), at(lambda b, h, s: (0, 0, h, 0)))
   in_specs = [
-      pl.BlockSpec((None, None, Gp, hd), lambda b, h, s: (b, h, 0, 0)),
+      pl.BlockSpec((None, None, Gp, hd), at(lambda b, h, s: (b, h, 0, 0))),
       pool_spec, pool_spec,
-      pl.BlockSpec((None, splits * pps), lambda b, h, s: (b, 0)),
-      pl.BlockSpec((None,), lambda b, h, s: (b,)),
+      pl.BlockSpec((None, splits * pps), at(lambda b, h, s: (b, 0))),
+      pl.BlockSpec((None,), at(lambda b, h, s: (b,))),
   ]
   if splits == 1:
     out_shape = [jax.ShapeDtypeStruct((B, K, Gp, hd), q.dtype)]
     out_specs = [pl.BlockSpec((None, None, Gp, hd),
-                              lambda b, h, s: (b, h, 0, 0))]
+                              at(lambda b, h, s: (b, h, 0, 0)))]
   else:
     out_shape = [jax.ShapeDtypeStruct((splits, B, K, Gp, hd), jnp.float32),
                  jax.ShapeDtypeStruct((splits, B, K, Gp), jnp.float32)]
     out_specs = [
         pl.BlockSpec((None, None, None, Gp, hd),
-                     lambda b, h, s: (s, b, h, 0, 0)),
-        pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0))]
+                     at(lambda b, h, s: (s, b, h, 0, 0))),
+        pl.BlockSpec((None, None, None, Gp),
+                     at(lambda b, h, s: (s, b, h, 0)))]
   outs = pl.pallas_call(
-      kernel, grid=(B, K, splits), in_specs=in_specs, out_specs=out_specs,
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
