@@ -39,7 +39,7 @@ for case in ${CASES:-float8_e4m3fn:32:1024 float8_e4m3fn:128:4096 bfloat16:128:4
         > "$OUT/$name.log" 2>&1
     tail -3 "$OUT/$name.log"
     "$NCU" --import "$OUT/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
-    grep -E "DRAM Throughput|Memory Throughput|Duration|Registers Per|Shared Memory Configuration Size|Dynamic Shared|Static Shared|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput" \
+    grep -E "DRAM Throughput|Memory Throughput|Duration|Registers Per|Shared Memory Configuration Size|Dynamic Shared|Static Shared|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|stalled" \
       "$OUT/$name.txt"
   done
 done
