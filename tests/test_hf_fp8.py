@@ -157,6 +157,60 @@ def test_fp8_checkpoint_serves(fp8_checkpoint):
   assert len(out) == 6 and all(0 <= t < cfg.vocab_size for t in out)
 
 
+@pytest.mark.parametrize("dtype,fuse", [(None, "off"), ("bfloat16", "on")])
+def test_fp8_weights_are_the_checkpoints_own(fp8_checkpoint, dtype, fuse):
+  """A pool that stores FP8 weights takes a per-tensor or per-channel
+  checkpoint's e4m3 values and scales as they are, bit for bit (read in
+  float32 or bf16, projections separate or joined); block scales do not
+  fit per-channel GEMMs, so those weights get scales of their own."""
+  import jax
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model import llama
+  from pdjax.model.hf_fp8 import read_raw
+  from pdjax.sharding import ShardingRules, make_mesh
+  path, _ = fp8_checkpoint
+  block = json.loads((path / "config.json").read_text())[
+      "quantization_config"]["quant_method"] == "fp8"
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  params, cfg = load_sharded(path, rules, mesh, dtype=dtype,
+                             weight_dtype="float8_e4m3fn",
+                             fuse_projections=fuse)
+  assert cfg.fused_projections == (fuse == "on")
+  layers = params["layers"]
+  f = path / "model.safetensors"
+  for i in range(cfg.num_layers):
+    for proj, (key, start) in {
+        "q_proj": ("wqkv", 0), "k_proj": ("wqkv", cfg.num_heads),
+        "v_proj": ("wqkv", cfg.num_heads + cfg.num_kv_heads),
+        "gate_proj": ("w_gate_up", 0),
+        "up_proj": ("w_gate_up", cfg.intermediate_size),
+        "o_proj": ("wo", 0), "down_proj": ("w_down", 0)}.items():
+      if fuse == "off":
+        key = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv",
+               "gate_proj": "w_gate", "up_proj": "w_up"}.get(proj, key)
+        start = 0
+      kind = "self_attn" if proj in ("q_proj", "k_proj", "v_proj",
+                                     "o_proj") else "mlp"
+      name = f"model.layers.{i}.{kind}.{proj}.weight"
+      q_ckpt = read_raw(f, name)                      # [out, in]
+      q = np.asarray(layers[key][i])                  # output-major
+      scale = np.asarray(layers[key + llama.SCALE_SUFFIX][i])
+      heads = proj in ("q_proj", "k_proj", "v_proj")
+      rows = q_ckpt.shape[0] // (cfg.head_dim if heads else 1)
+      q = q[start:start + rows].reshape(q_ckpt.shape[0], -1)
+      scale = scale[start:start + rows].reshape(-1)
+      if block:
+        assert (np.abs(scale) > 0).all()
+        continue
+      s_ckpt = np.broadcast_to(
+          read_raw(f, name[:-len("weight")] + "weight_scale").reshape(-1),
+          scale.shape)
+      np.testing.assert_array_equal(scale, s_ckpt, err_msg=name)
+      np.testing.assert_array_equal(q.view(np.uint8),
+                                    q_ckpt.view(np.uint8), err_msg=name)
+
+
 def test_other_quantization_methods_are_refused(tiny_model_dir, tmp_path):
   for f in tiny_model_dir.iterdir():
     shutil.copy(f, tmp_path / f.name)

@@ -57,6 +57,64 @@ def test_rounding_stays_within_e4m3s_bound():
   assert np.isfinite(np.asarray(scale)).all() and (np.asarray(scale) > 0).all()
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_given_scales_give_an_fp8_weights_values_back(dtype):
+  """A weight that is q * s (an FP8 checkpoint's, per tensor: most channels'
+  largest |q| under 448), read in bf16 or float32, quantized with s: q and s
+  bit for bit, where its own scales (max|w| / 448) quantize it again."""
+  import ml_dtypes
+  rng = np.random.default_rng(2)
+  s_tensor = np.float32(0.0123)
+  q = (rng.normal(size=(2, 64, 12)) * 40).clip(-448, 448).astype(
+      ml_dtypes.float8_e4m3fn)
+  q[0, 0, 0] = 448.0
+  q[1, :, 5] = 0.0                                    # a zero channel
+  w = jnp.asarray(q.astype(np.float32) * s_tensor).astype(dtype)
+  given = np.full((2, 12), s_tensor, np.float32)
+  got_q, got_s = jax.jit(quant.quantize_fp8, static_argnums=1)(w, 1, given)
+  want_q = np.swapaxes(q, 1, 2)                       # output-major
+  np.testing.assert_array_equal(np.asarray(got_q).view(np.uint8),
+                                want_q.view(np.uint8))
+  np.testing.assert_array_equal(np.asarray(got_s), given)
+  ref_q, ref_s = quant.quantize_fp8_numpy(np.asarray(w, np.float32), 1, given)
+  np.testing.assert_array_equal(np.asarray(got_q).view(np.uint8),
+                                ref_q.view(np.uint8))
+  # Its own scales round the same values onto another grid.
+  own_q, _ = quant.quantize_fp8(w, 1)
+  assert (np.asarray(own_q).view(np.uint8) != want_q.view(np.uint8)).any()
+
+
+def test_a_channel_the_given_scale_does_not_fit_takes_its_own():
+  """Channels changed since their scales were read (scaled by 1.5, or by
+  1.01) are quantized as if no scale were given; one scaled by a power of
+  two (as folded KV scales scale Q, K and V) is still q' * s on e4m3's grid
+  and keeps the given scale."""
+  import ml_dtypes
+  rng = np.random.default_rng(3)
+  q = (rng.normal(size=(2, 32, 6)) * 30).clip(-100, 100).astype(
+      ml_dtypes.float8_e4m3fn)
+  given = np.full((2, 6), 0.5, np.float32)
+  w = q.astype(np.float32) * 0.5
+  w[:, :, 1] *= 1.5
+  w[1, :, 4] *= 1.01
+  w[0, :, 2] *= 4.0
+  got_q, got_s = quant.quantize_fp8(jnp.asarray(w), 1, given)
+  own_q, own_s = quant.quantize_fp8(jnp.asarray(w), 1)
+  fits = np.ones((2, 6), bool)
+  fits[:, 1] = False
+  fits[1, 4] = False
+  np.testing.assert_array_equal(np.asarray(got_s),
+                                np.where(fits, given, np.asarray(own_s)))
+  got_q, own_q = np.asarray(got_q).view(np.uint8), np.asarray(own_q).view(
+      np.uint8)
+  np.testing.assert_array_equal(got_q[~fits], own_q[~fits])
+  want_q = q.astype(np.float32)
+  want_q[0, :, 2] *= 4.0
+  want_q = want_q.astype(ml_dtypes.float8_e4m3fn)
+  np.testing.assert_array_equal(
+      got_q[fits], np.swapaxes(want_q, 1, 2).view(np.uint8)[fits])
+
+
 def _dequantized(params, cfg):
   """The float32 weights FP8 params stand for."""
   layers = dict(params["layers"])

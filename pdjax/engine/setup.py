@@ -160,13 +160,18 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
       return param_shardings(cfg, rules, mesh)
     return param_shardings(cfg, _vocab_whole(rules), mesh)
 
+  fp8_scales = None     # an FP8 checkpoint's own, for FP8 weights
   if random:
     cfg = presets.preset_config(presets.random_preset(checkpoint_dir),
                                 dtype=dtype)
     params = llama.init_params(cfg, shardings=shardings(cfg))
   else:
-    from pdjax.model.loading import load_model
+    from pdjax.model.loading import detect_format, load_model
     params, cfg = load_model(checkpoint_dir, shardings, dtype=dtype)
+    if weight_dtype is not None and detect_format(
+        Path(checkpoint_dir)) == "hf":
+      from pdjax.model.weights import read_fp8_scales
+      fp8_scales = read_fp8_scales(checkpoint_dir, cfg)
   target = cfg.replace(vocab_padding=fitted["cfg"].vocab_padding)
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)
@@ -177,10 +182,13 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if fuse_projections == "on" or (fuse_projections == "auto"
                                   and can_fuse(rules, mesh)):
     params, target = fuse_sharded(params, target, rules, mesh)
+    if fp8_scales:
+      from pdjax.model.fused import join_scales
+      fp8_scales = join_scales(fp8_scales)
   if weight_dtype is None:   # (ModelConfig refuses activations alone)
     return params, target.replace(activation_dtype=activation_dtype)
   return quantize_sharded(params, target, rules, mesh, weight_dtype,
-                          activation_dtype)
+                          activation_dtype, scales=fp8_scales)
 
 
 def fuse_sharded(params: llama.Params, cfg: ModelConfig,
@@ -201,17 +209,19 @@ def fuse_sharded(params: llama.Params, cfg: ModelConfig,
 
 def quantize_sharded(params: llama.Params, cfg: ModelConfig,
                      rules: ShardingRules, mesh: Mesh, weight_dtype: str,
-                     activation_dtype: str | None = None):
+                     activation_dtype: str | None = None,
+                     scales: dict | None = None):
   """(params, cfg) with the layers' projections stored in ``weight_dtype``
   (FP8), born in ``rules``' layout on ``mesh``; the config's
-  ``activation_dtype`` as given."""
+  ``activation_dtype`` as given. ``scales``: an FP8 checkpoint's own
+  (``quant.quantize_params``)."""
   from pdjax.model import quant
   if weight_dtype != quant.FP8:
     raise ValueError(f"weight_dtype {weight_dtype!r}: pdjax stores weights "
                      f"in {quant.FP8} or in the model's dtype")
   qcfg = cfg.replace(weight_dtype=weight_dtype)
-  params, qcfg = quant.quantize_params(params, cfg,
-                                       param_shardings(qcfg, rules, mesh))
+  params, qcfg = quant.quantize_params(
+      params, cfg, param_shardings(qcfg, rules, mesh), scales)
   return params, qcfg.replace(activation_dtype=activation_dtype)
 
 

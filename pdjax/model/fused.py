@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pdjax.model import llama
 from pdjax.model.config import ModelConfig
@@ -68,4 +69,18 @@ def fuse_projections(params: llama.Params, cfg: ModelConfig,
   return {**params, "layers": layers}, fcfg
 
 
-__all__ = ["can_fuse", "fuse_projections"]
+def join_scales(scales: dict) -> dict:
+  """Per-channel scales of separate projections (``quant.quantize_fp8``'s
+  ``scale``: [layers, *out]) in the fused layout of ``cfg``: a joined
+  weight's scales are its parts', in its order, along the axis its output
+  channels were joined on (the heads of q/k/v, the MLP width of gate/up),
+  where every part has them; a part's alone are dropped."""
+  out = {k: v for k, v in scales.items()
+         if not any(k in parts for parts in llama.FUSED.values())}
+  for fused, parts in llama.FUSED.items():
+    if all(p in scales for p in parts):
+      out[fused] = np.concatenate([scales[p] for p in parts], axis=1)
+  return out
+
+
+__all__ = ["can_fuse", "fuse_projections", "join_scales"]

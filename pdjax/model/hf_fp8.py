@@ -16,9 +16,13 @@ beside it:
 ``config.json`` says which in ``quantization_config``; any other
 quantization method is refused at load, by name (``check_quantization``).
 Weights are dequantized on load to float32 and then go the way of every
-checkpoint (the pool's dtype, or FP8 again with pdjax's per-channel scales
-where the pool asks for ``weight_dtype``). Modules a checkpoint leaves
-unquantized (often ``lm_head``) are read as they are.
+checkpoint (the pool's dtype, or FP8 again where the pool asks for
+``weight_dtype``). A pool that stores FP8 weights takes a per-tensor or
+per-channel checkpoint's own scales (``channel_scales``, read by
+``weights.read_fp8_scales``) and so gets its e4m3 values back bit for bit;
+block scales do not fit pdjax's per-channel GEMMs, so those weights are
+quantized again per channel. Modules a checkpoint leaves unquantized (often
+``lm_head``) are read as they are.
 
 numpy has no float8 dtype of its own, so safetensors' numpy reader cannot
 return these tensors; ``read_raw`` reads them from the file's header and
@@ -72,6 +76,19 @@ def block_size(hf: dict[str, Any]) -> tuple[int, int]:
   return int(size[0]), int(size[1])
 
 
+def channel_scales(scale: np.ndarray, out: int) -> np.ndarray:
+  """A ``weight_scale`` (one for the tensor, or one per output channel) as
+  ``out`` float32 scales, one per output channel; a ValueError for any
+  other count."""
+  s = np.asarray(scale, np.float32)
+  if s.size == 1:
+    return np.full((out,), s.reshape(()), np.float32)
+  if s.size != out:
+    raise ValueError(f"weight_scale of {s.size} values for a weight of "
+                     f"{out} output channels")
+  return s.reshape(out)
+
+
 def dequantize(q: np.ndarray, *, scale: np.ndarray | None = None,
                scale_inv: np.ndarray | None = None,
                block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
@@ -79,13 +96,7 @@ def dequantize(q: np.ndarray, *, scale: np.ndarray | None = None,
   output channel) or ``q * scale_inv`` of each ``block``."""
   w = q.astype(np.float32)
   if scale is not None:
-    s = np.asarray(scale, np.float32)
-    if s.size == 1:
-      return w * s.reshape(())
-    if s.size != w.shape[0]:
-      raise ValueError(f"weight_scale of {s.size} values for a weight of "
-                       f"{w.shape[0]} output channels")
-    return w * s.reshape(-1, 1)
+    return w * channel_scales(scale, w.shape[0]).reshape(-1, 1)
   if scale_inv is not None:
     bo, bi = block
     s = np.asarray(scale_inv, np.float32)
@@ -132,5 +143,5 @@ def read_raw(path: Path, name: str) -> np.ndarray:
   return np.frombuffer(data, dtype=dtype).reshape(meta["shape"])
 
 
-__all__ = ["FP8_METHODS", "block_size", "check_quantization", "dequantize",
-           "read_raw"]
+__all__ = ["FP8_METHODS", "block_size", "channel_scales",
+           "check_quantization", "dequantize", "read_raw"]

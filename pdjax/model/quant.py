@@ -13,7 +13,17 @@ the activations' dtype and scales the output channels
 where the compiler fuses the widening into the GEMM.
 
 Weights are quantized when a pool loads them (``quantize_params``): any
-checkpoint pdjax reads can be served in FP8.
+checkpoint pdjax reads can be served in FP8. Given a weight's scales (an
+FP8 checkpoint's own: ``weights.read_fp8_scales``), ``q = w / s`` takes
+them in place of ``max|w| / 448``: a weight that is ``q * s`` read in the
+model's dtype gets its e4m3 values back exactly (bf16 rounds ``q * s`` by at
+most 2**-9 relative, far inside half of e4m3's smallest relative step,
+2**-5), where scales of its own would quantize the checkpoint's values a
+second time. A channel that the given scale does not give back within that
+rounding (changed since it was read: O's, with KV scales folded into it) is
+quantized with its own scale instead; one scaled by a power of two (Q, K
+and V's, by folded KV scales) is still on e4m3's grid and keeps it, unless
+pushed past 448.
 """
 
 from __future__ import annotations
@@ -43,20 +53,49 @@ def _to_input_major(q, contracted: int):
   return q.transpose(tuple(int(a) for a in np.argsort(perm)))
 
 
-def quantize_fp8(w, contracted: int):
-  """(q, scale) of ``w`` [layers, *in (``contracted`` axes), *out]: one
-  float32 scale per layer and output channel, and ``q`` stored
-  output-major, [layers, *out, *in] (``llama.output_major``)."""
-  axes = tuple(range(1, 1 + contracted))
-  w32 = w.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(w32), axis=axes)
+# How far a weight read in bf16 may be from q * s, relative, for ``s`` to be
+# its scales: bf16's rounding (2**-9), with room for float32's.
+GIVEN_SCALE_RTOL = 2.0**-8
+
+
+def _own_scale(w32, contracted: int):
+  """``max|w| / 448`` of each layer and output channel."""
+  amax = jnp.max(jnp.abs(w32), axis=tuple(range(1, 1 + contracted)))
   # Multiplied by 1/448 (what XLA would make of the division anyway), and
   # kept normal: a zero channel's scale must not flush to zero.
-  scale = jnp.maximum(amax * _INV_MAX, jnp.finfo(jnp.float32).tiny)
-  expand = scale.reshape(scale.shape[:1] + (1,) * contracted
-                         + scale.shape[1:])
-  q = jnp.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-  return _to_output_major(q, contracted), scale
+  return jnp.maximum(amax * _INV_MAX, jnp.finfo(jnp.float32).tiny)
+
+
+def _expand(scale, contracted: int):
+  """[layers, *out] -> [layers, 1 (x contracted), *out], against w."""
+  return scale.reshape(scale.shape[:1] + (1,) * contracted + scale.shape[1:])
+
+
+def _quantize_with(w32, scale, contracted: int):
+  return jnp.clip(w32 / _expand(scale, contracted), -FP8_MAX,
+                  FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def quantize_fp8(w, contracted: int, scale=None):
+  """(q, scale) of ``w`` [layers, *in (``contracted`` axes), *out]: one
+  float32 scale per layer and output channel, and ``q`` stored
+  output-major, [layers, *out, *in] (``llama.output_major``). ``scale``
+  [layers, *out]: the weight's own FP8 scales, taken where ``q * scale``
+  gives ``w`` back (module docstring), else ``max|w| / 448``."""
+  w32 = w.astype(jnp.float32)
+  own = _own_scale(w32, contracted)
+  q = _quantize_with(w32, own, contracted)
+  if scale is not None:
+    # Each channel takes the given scale where it gives the channel back.
+    given = jnp.maximum(jnp.asarray(scale, jnp.float32).reshape(own.shape),
+                        jnp.finfo(jnp.float32).tiny)
+    q_given = _quantize_with(w32, given, contracted)
+    err = jnp.abs(q_given.astype(jnp.float32) * _expand(given, contracted)
+                  - w32) - GIVEN_SCALE_RTOL * jnp.abs(w32)
+    fits = jnp.all(err <= 0, axis=tuple(range(1, 1 + contracted)))
+    q = jnp.where(_expand(fits, contracted), q_given, q)
+    own = jnp.where(fits, given, own)
+  return _to_output_major(q, contracted), own
 
 
 def dequantize(q, scale, contracted: int, dtype=jnp.float32):
@@ -70,20 +109,22 @@ def dequantize(q, scale, contracted: int, dtype=jnp.float32):
                          contracted)
 
 
-def _quantize_per_layer(w, contracted: int):
+def _quantize_per_layer(w, scale, contracted: int):
   """``quantize_fp8`` with ``q`` as the model stores it: a list of one
   array per layer (``llama.per_layer``)."""
-  q, scale = quantize_fp8(w, contracted)
+  q, scale = quantize_fp8(w, contracted, scale)
   return [q[i] for i in range(q.shape[0])], scale
 
 
-def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
+def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None,
+                    scales: dict | None = None
                     ) -> tuple[llama.Params, ModelConfig]:
   """The weights with every projection of ``llama.QUANTIZED`` in FP8, one
   array per layer (and its scales, stacked), and the config that says so.
   ``shardings``: the quantized config's tree (``setup.param_shardings``)
-  to place the results in;
-  None keeps each input's."""
+  to place the results in; None keeps each input's. ``scales``: a
+  checkpoint's own FP8 scales of some projections (``quantize_fp8``'s
+  ``scale``, by the names of ``cfg``'s layout)."""
   if cfg.weight_dtype is not None:
     raise ValueError(f"the weights are already {cfg.weight_dtype}")
   qcfg = cfg.replace(weight_dtype=FP8)
@@ -96,21 +137,23 @@ def quantize_params(params: llama.Params, cfg: ModelConfig, shardings=None
           shardings["layers"][name + llama.SCALE_SUFFIX]))
     else:
       fn = jax.jit(fn)
-    q, scale = fn(layers[name])
+    q, scale = fn(layers[name], (scales or {}).get(name))
     layers[name] = q
     layers[name + llama.SCALE_SUFFIX] = scale
   return {**params, "layers": layers}, qcfg
 
 
-def quantize_fp8_numpy(w: np.ndarray, contracted: int):
+def quantize_fp8_numpy(w: np.ndarray, contracted: int,
+                       scale: np.ndarray | None = None):
   """The same arithmetic in numpy (``ml_dtypes``' e4m3), the reference the
-  tests hold ``quantize_fp8`` to."""
+  tests hold ``quantize_fp8`` to; ``scale`` taken as given."""
   import ml_dtypes
   axes = tuple(range(1, 1 + contracted))
   w32 = np.asarray(w, np.float32)
-  amax = np.max(np.abs(w32), axis=axes)
-  scale = np.maximum(amax * _INV_MAX, np.finfo(np.float32).tiny).astype(
-      np.float32)
+  if scale is None:
+    amax = np.max(np.abs(w32), axis=axes)
+    scale = np.maximum(amax * _INV_MAX, np.finfo(np.float32).tiny)
+  scale = np.asarray(scale, np.float32)
   expand = scale.reshape(scale.shape[:1] + (1,) * contracted
                          + scale.shape[1:])
   q = np.clip(w32 / expand, -FP8_MAX, FP8_MAX).astype(
@@ -118,5 +161,5 @@ def quantize_fp8_numpy(w: np.ndarray, contracted: int):
   return _to_output_major(q, contracted), scale
 
 
-__all__ = ["FP8", "FP8_MAX", "dequantize", "quantize_fp8",
+__all__ = ["FP8", "FP8_MAX", "GIVEN_SCALE_RTOL", "dequantize", "quantize_fp8",
            "quantize_fp8_numpy", "quantize_params"]

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from pdjax.model import hf_fp8
 from pdjax.model.config import ModelConfig
-from pdjax.model.llama import Params, param_shapes
+from pdjax.model.llama import QUANTIZED, Params, param_shapes
 
 
 class WeightsError(ValueError):
@@ -131,6 +131,10 @@ class SafetensorsIndex:
   def has(self, name: str) -> bool:
     return name in self.where
 
+  def dtype(self, name: str) -> str:
+    """A tensor's safetensors dtype ("F8_E4M3", "BF16", ...), unread."""
+    return self._open(self.where[name]).get_slice(name).get_dtype()
+
   def get_any(self, name: str) -> np.ndarray:
     """A tensor of any shape (an FP8 weight's scale)."""
     f = self.where[name]
@@ -227,6 +231,38 @@ def _read_weight(index: SafetensorsIndex, name: str, shape, path: Path):
                      f"has no {base}weight_scale or {base}weight_scale_inv")
 
 
+def read_fp8_scales(path: str | Path, cfg: ModelConfig
+                    ) -> dict[str, np.ndarray]:
+  """The checkpoint's own FP8 scales, one per output channel, of each layer
+  projection (``llama.QUANTIZED``) that every layer stores in F8_E4M3 with a
+  ``weight_scale`` (one per tensor, repeated for every channel, or one per
+  output channel): ``{key: [layers, *out]}`` float32 in pdjax's layout,
+  ``quant.quantize_fp8``'s ``scale``. Projections stored otherwise (not
+  FP8, or in blocks: ``weight_scale_inv``) are left out. Reads the scales
+  only, not the weights."""
+  path = Path(path)
+  index = SafetensorsIndex(path)
+  spec = param_shapes(cfg)["layers"]
+  scales: dict[str, np.ndarray] = {}
+  for key, contracted in QUANTIZED.items():
+    if key not in spec:
+      continue
+    out_shape = spec[key][0][1 + contracted:]
+    pattern, _ = _LAYER_MAP[key]
+    names = [pattern.format(i=i) for i in range(cfg.num_layers)]
+    scale_names = [n[:-len("weight")] + "weight_scale" for n in names]
+    if not all(index.has(n) and index.dtype(n) == "F8_E4M3"
+               and index.has(sn) for n, sn in zip(names, scale_names)):
+      continue
+    try:
+      scales[key] = np.stack([
+          hf_fp8.channel_scales(index.get_any(sn), int(np.prod(out_shape)))
+          .reshape(out_shape) for sn in scale_names])
+    except ValueError as e:
+      raise WeightsError(f"{path}: {key}: {e}") from e
+  return scales
+
+
 # ------------------------------------------------------------------ writing
 def save_hf_checkpoint(params: Params, cfg: ModelConfig, path: str | Path, *,
                        max_shard_bytes: int | None = None,
@@ -281,5 +317,5 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, path: str | Path, *,
   return path
 
 
-__all__ = ["WeightsError", "load_hf_params", "save_hf_checkpoint",
-           "SafetensorsIndex"]
+__all__ = ["WeightsError", "load_hf_params", "read_fp8_scales",
+           "save_hf_checkpoint", "SafetensorsIndex"]
