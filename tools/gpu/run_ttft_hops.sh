@@ -15,6 +15,8 @@
 # or ":base" for a run served from the earlier tree that
 # tools/gpu/stage_baseline.sh put in .baseline (the call's carry names it):
 # the same machine measures both.
+# IDLE=0 leaves out the idle compute (for runs compared only with each
+# other, as :base against this tree).
 # SWITCH_INTERVAL_MS (optional): the workers' and, via sys.setswitchinterval
 # in a sitecustomize, the router's and the client's GIL switch interval.
 #
@@ -26,12 +28,15 @@ cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 start_call "$OUT" > /dev/null
 use_compile_cache
-python3 tools/bench_prefill.py --model=llama3-8b --prompt_lengths=512,2048 \
-  --tp=1 --warmup=2 --repeat=9 --pause_ms=300 --fuse_projections --e2e \
-  --out="$OUT/prefill_idle.jsonl" > "$OUT/prefill_idle.log" 2>&1
-grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
-python3 tools/gpu/probe_prefill_host_copies.py --out="$OUT/host_copies.json" \
-  2>&1 | grep -E "^T=|^  [a-z_]+(: left out| +(upload|done))"
+if [ "${IDLE:-1}" = 1 ]; then
+  python3 tools/bench_prefill.py --model=llama3-8b --prompt_lengths=512,2048 \
+    --tp=1 --warmup=2 --repeat=9 --pause_ms=300 --fuse_projections --e2e \
+    --out="$OUT/prefill_idle.jsonl" > "$OUT/prefill_idle.log" 2>&1
+  grep -A4 "e2e_ms" "$OUT/prefill_idle.log"
+  python3 tools/gpu/probe_prefill_host_copies.py \
+    --out="$OUT/host_copies.json" \
+    2>&1 | grep -E "^T=|^  [a-z_]+(: left out| +(upload|done))"
+fi
 git apply tools/gpu/ttft_hops.patch || exit 1
 trap 'cpus_busy_off; git apply -R tools/gpu/ttft_hops.patch' EXIT
 export PYTHONPATH=$PWD
