@@ -225,3 +225,43 @@ def test_other_quantization_methods_are_refused(tiny_model_dir, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ModelConfigError, match="4-bit int"):
     load_model(tmp_path)
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel"])
+def test_make_fp8_checkpoint_writes_what_pools_serve_as_is(
+    scheme, tiny_model_dir, tmp_path):
+  """tools/make_fp8_checkpoint.py: the tiny model's projections in FP8 with
+  a scale per tensor or channel; an FP8 pool loads them bit for bit."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  import jax
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model import llama
+  from pdjax.model.hf_fp8 import read_raw
+  from pdjax.sharding import ShardingRules, make_mesh
+  repo = Path(__file__).resolve().parents[1]
+  out = tmp_path / "fp8"
+  subprocess.run([sys.executable, str(repo / "tools/make_fp8_checkpoint.py"),
+                  f"--checkpoint={tiny_model_dir}", f"--scheme={scheme}",
+                  f"--out={out}"], check=True, capture_output=True,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  config = json.loads((out / "config.json").read_text())
+  assert config["quantization_config"]["config_groups"]["group_0"][
+      "weights"]["strategy"] == scheme
+  name = "model.layers.1.mlp.down_proj.weight"
+  q_ckpt = read_raw(out / "model.safetensors", name)
+  s_ckpt = read_raw(out / "model.safetensors",
+                    name[:-len("weight")] + "weight_scale")
+  assert s_ckpt.size == (1 if scheme == "tensor" else q_ckpt.shape[0])
+  params, _ = load_sharded(out, ShardingRules.load("decode_dp"),
+                           make_mesh({"dp": 1}, jax.devices()[:1]),
+                           weight_dtype="float8_e4m3fn")
+  np.testing.assert_array_equal(
+      np.asarray(params["layers"]["w_down"][1]).view(np.uint8),
+      q_ckpt.view(np.uint8))
+  np.testing.assert_array_equal(
+      np.asarray(params["layers"]["w_down" + llama.SCALE_SUFFIX][1]),
+      np.broadcast_to(s_ckpt.reshape(-1), (q_ckpt.shape[0],)))

@@ -15,6 +15,11 @@ and the KL divergence KL(base || fp8).
   python tools/measure_fp8_accuracy.py --checkpoint=smollm2-135m-instruct
   python tools/measure_fp8_accuracy.py --checkpoint=tiny --dtype=float32
 
+An FP8 checkpoint (tools/make_fp8_checkpoint.py) is its own baseline: its
+weights dequantized in ``--dtype``; the FP8 run takes its scales as a pool
+does (``--nocheckpoint_scales``: scales of its own, quantizing the
+checkpoint's values a second time).
+
 ``--what=kv``: both runs go through a colocated engine (prefill, then
 decode steps over the paged KV), one with a pool of ``--dtype`` and one
 with ``kv_dtype="fp8"``; the engine reports the chosen tokens' log-probs
@@ -46,6 +51,10 @@ flags.DEFINE_integer("top_k", 20, "Vocabulary entries the logit error "
 flags.DEFINE_string("out", None, "JSON record.")
 flags.DEFINE_enum("what", "weights", ["weights", "w8a8", "kv"],
                   "What is in FP8.")
+flags.DEFINE_bool("checkpoint_scales", True, "An FP8 checkpoint's own "
+                  "weight scales for the FP8 run, as a pool takes them "
+                  "(--nocheckpoint_scales: scales of its own, max|w| / 448, "
+                  "as for any other checkpoint).")
 flags.DEFINE_string("kv_scales", None, "--what=kv: the FP8 pool's per-head "
                     "scales file (tools/calibrate_kv_scales.py), folded "
                     "into the FP8 run's weights (unset: unscaled).")
@@ -147,7 +156,9 @@ def main(argv) -> None:
   import numpy as np
   from pdjax.engine.setup import load_sharded, quantize_sharded
   from pdjax.model import llama, quant
+  from pdjax.model.loading import detect_format
   from pdjax.model.registry import resolve_checkpoint
+  from pdjax.model.weights import read_fp8_scales
   from pdjax.sharding import ShardingRules, make_mesh
   from pdjax.tokenizer import Tokenizer
   if FLAGS.kv_scales and FLAGS.what != "kv":
@@ -166,10 +177,14 @@ def main(argv) -> None:
       with open(FLAGS.out, "w") as f:
         json.dump(rec, f, indent=1)
     return
-  # The baseline's weights quantized as a pool loads them (not read again).
+  # The baseline's weights quantized as a pool loads them (not read again),
+  # with an FP8 checkpoint's own scales.
+  scales = None
+  if FLAGS.checkpoint_scales and detect_format(path) == "hf":
+    scales = read_fp8_scales(path, cfg)
   fp8, qcfg = quantize_sharded(
       base, cfg, rules, mesh, quant.FP8,
-      quant.FP8 if FLAGS.what == "w8a8" else None)
+      quant.FP8 if FLAGS.what == "w8a8" else None, scales=scales)
   tok = Tokenizer.from_checkpoint(path)
   forward = jax.jit(llama.reference_forward, static_argnames="cfg")
   same, prefix, max_err, mean_err, kls = 0, [], 0.0, [], []
@@ -194,6 +209,7 @@ def main(argv) -> None:
   rec = {"checkpoint": FLAGS.checkpoint, "model": cfg.name,
          "dtype": FLAGS.dtype, "weight_dtype": quant.FP8,
          "activation_dtype": qcfg.activation_dtype or FLAGS.dtype,
+         "checkpoint_scales": sorted(scales or ()),
          "prompts": len(PROMPTS), "new_tokens": FLAGS.new_tokens,
          "identical_continuations": same,
          "mean_matching_prefix": float(np.mean(prefix)),
