@@ -80,18 +80,12 @@ LENGTHS = [1, 15, 16, 17, 128, 77]
 # One step of all 8 pages, one slice; or steps of 2 pages, two per slice,
 # in two slices (the running softmax and the merge of slices both work).
 @pytest.mark.parametrize("pages_per_block,num_splits", [(None, 1), (2, 2)])
-# The products as written or transposed (the tokens as the row operand);
-# the grid with rows or KV heads first.
-@pytest.mark.parametrize("tokens_first,heads_first", [(False, False),
-                                                      (True, True)])
 def test_matches_reference(q_dtype, pool_dtype, H, K, pages_per_block,
-                           num_splits, tokens_first, heads_first):
+                           num_splits):
   args = _case(LENGTHS, M=8, H=H, K=K, q_dtype=q_dtype,
                pool_dtype=pool_dtype)
   out = paged_decode_attention(*args, pages_per_block=pages_per_block,
-                               num_splits=num_splits,
-                               tokens_first=tokens_first,
-                               heads_first=heads_first, interpret=True)
+                               num_splits=num_splits, interpret=True)
   _check(args, out)
 
 
@@ -145,8 +139,7 @@ def test_nan_and_inf_past_the_length_do_not_matter():
          lengths)
   clean = (q, jnp.asarray(clean_k, BF16), jnp.asarray(clean_v, BF16), table,
            lengths)
-  for kw in ({}, {"pages_per_block": 1, "num_splits": 2},
-             {"tokens_first": True, "heads_first": True, "num_splits": 2}):
+  for kw in ({}, {"pages_per_block": 1, "num_splits": 2}):
     out = paged_decode_attention(*bad, interpret=True, **kw)
     assert bool(jnp.isfinite(out.astype(F32)).all())
     np.testing.assert_array_equal(

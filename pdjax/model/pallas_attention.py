@@ -91,7 +91,7 @@ def blocking(batch: int, table_width: int, k_pool,
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
             pages_per_block: int, pages_per_split: int, scale: float,
-            compute_dtype, precision, tokens_first: bool):
+            compute_dtype, precision):
   """One (row, KV head, slice) program.
 
   q_ref [G, hd]: the query heads of this KV head (G padded to >= 16);
@@ -106,8 +106,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
   first = pl.program_id(2) * pages_per_split
   pages = jnp.clip(pl.cdiv(length, P) - first, 0, pages_per_split)
   q = q_ref[...].astype(compute_dtype)
-  if tokens_first:
-    q_t = q.T                                                    # [hd, G]
 
   def body(i, carry):
     acc, m, l = carry
@@ -116,33 +114,20 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
     k = k_ref[blocks].reshape(T, hd).astype(compute_dtype)
     v = v_ref[blocks].reshape(T, hd).astype(compute_dtype)
     valid = start * P + jnp.arange(T) < length                  # [T]
-    v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-    if tokens_first:
-      # The tokens as the matrix unit's row operand (T rows, not G): the
-      # widened keys and values feed it from registers.
-      s = plgpu.dot(k, q_t, precision=precision) * scale        # [T, G]
-      s = jnp.where(valid[:, None], s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=0))
-      p = jnp.exp(s - m_new[None, :])
-      pv = plgpu.dot(v, p.astype(compute_dtype), trans_a=True,
-                     precision=precision)                       # [hd, G]
-      alpha = jnp.exp(m - m_new)
-      return alpha[None, :] * acc + pv, m_new, alpha * l + p.sum(axis=0)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [G, T]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
+    v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
     pv = plgpu.dot(p.astype(compute_dtype), v, precision=precision)
     return alpha[:, None] * acc + pv, m_new, alpha * l + p.sum(axis=1)
 
-  acc = jnp.zeros((hd, G) if tokens_first else (G, hd), jnp.float32)
+  acc = jnp.zeros((G, hd), jnp.float32)
   m = jnp.full((G,), -jnp.inf, jnp.float32)
   l = jnp.zeros((G,), jnp.float32)
   acc, m, l = jax.lax.fori_loop(0, pl.cdiv(pages, pages_per_block), body,
                                 (acc, m, l))
-  if tokens_first:
-    acc = acc.T
   # An empty slice (past the row's length) has l = 0 and m = -inf: it
   # writes zeros and a log-sum-exp of -inf, which the merge weighs by 0.
   l_safe = jnp.where(l > 0, l, 1.0)
@@ -152,14 +137,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "pages_per_block", "num_splits", "num_warps", "num_stages",
-    "tokens_first", "heads_first", "interpret"))
+    "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
                            pages_per_block: int | None = None,
                            num_splits: int | None = None,
                            num_warps: int = 4, num_stages: int = 2,
-                           tokens_first: bool = False,
-                           heads_first: bool = False,
                            interpret: bool = False):
   """Attention of one query token per row over the row's pages, in place.
 
@@ -173,11 +155,7 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   hd and P must be powers of two (hd >= 16). ``pages_per_block`` (a power of
   two: pages loaded per step) and ``num_splits`` (slices per row) default
   to ``default_pages_per_block`` and ``default_num_splits`` (``blocking``
-  resolves them); num_warps and num_stages are Triton's. ``tokens_first``
-  computes the two products transposed (keys and values as the matrix
-  unit's row operand, the query heads as its columns); ``heads_first``
-  launches a row's KV heads side by side rather than a head's rows (each
-  wave of programs then reads whole tokens of the pool). ``interpret`` runs
+  resolves them); num_warps and num_stages are Triton's. ``interpret`` runs
   the kernel on any backend (tests on CPU).
   """
   B, one, H, hd = q.shape
@@ -208,37 +186,28 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
       compute_dtype=jnp.float32 if f32 else q.dtype,
       # Triton's default for float32 products is TF32; the reference's
       # float32 needs full precision.
-      precision=jax.lax.Precision.HIGHEST if f32 else None,
-      tokens_first=tokens_first)
+      precision=jax.lax.Precision.HIGHEST if f32 else None)
 
-  # Grid axes in launch order, the first the fastest: rows first (each
-  # wave of programs reads one KV head of many rows), or the KV heads
-  # first (a wave reads every head of fewer rows: whole tokens).
-  if heads_first:
-    grid, at = (K, B, splits), lambda f: lambda h, b, s: f(b, h, s)
-  else:
-    grid, at = (B, K, splits), lambda f: f
-  pool_spec = pl.BlockSpec((N, P, None, hd), at(lambda b, h, s: (0, 0, h, 0)))
+  pool_spec = pl.BlockSpec((N, P, None, hd), lambda b, h, s: (0, 0, h, 0))
   in_specs = [
-      pl.BlockSpec((None, None, Gp, hd), at(lambda b, h, s: (b, h, 0, 0))),
+      pl.BlockSpec((None, None, Gp, hd), lambda b, h, s: (b, h, 0, 0)),
       pool_spec, pool_spec,
-      pl.BlockSpec((None, splits * pps), at(lambda b, h, s: (b, 0))),
-      pl.BlockSpec((None,), at(lambda b, h, s: (b,))),
+      pl.BlockSpec((None, splits * pps), lambda b, h, s: (b, 0)),
+      pl.BlockSpec((None,), lambda b, h, s: (b,)),
   ]
   if splits == 1:
     out_shape = [jax.ShapeDtypeStruct((B, K, Gp, hd), q.dtype)]
     out_specs = [pl.BlockSpec((None, None, Gp, hd),
-                              at(lambda b, h, s: (b, h, 0, 0)))]
+                              lambda b, h, s: (b, h, 0, 0))]
   else:
     out_shape = [jax.ShapeDtypeStruct((splits, B, K, Gp, hd), jnp.float32),
                  jax.ShapeDtypeStruct((splits, B, K, Gp), jnp.float32)]
     out_specs = [
         pl.BlockSpec((None, None, None, Gp, hd),
-                     at(lambda b, h, s: (s, b, h, 0, 0))),
-        pl.BlockSpec((None, None, None, Gp),
-                     at(lambda b, h, s: (s, b, h, 0)))]
+                     lambda b, h, s: (s, b, h, 0, 0)),
+        pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0))]
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      kernel, grid=(B, K, splits), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),

@@ -66,10 +66,8 @@ flags.DEFINE_integer("head_dim", 128, "Head dim.")
 flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 flags.DEFINE_list("kernel_configs", ["default"],
                   "Kernel variants: 'default', or pages_per_block:num_splits:"
-                  "num_warps:num_stages[:letters] with 0 for the kernel's "
-                  "default (e.g. 8:1:4:2); letters 't' for its tokens_first "
-                  "products, 'h' for its heads_first grid (letters alone: "
-                  "the defaults with them, e.g. 'th').")
+                  "num_warps:num_stages with 0 for the kernel's default "
+                  "(e.g. 8:1:4:2).")
 flags.DEFINE_list("variants", ["pallas", "gather", "cudnn"],
                   "Which of pallas, gather, cudnn to run.")
 flags.DEFINE_enum("gather_impl", "auto", ["auto", "cudnn", "xla"],
@@ -93,18 +91,8 @@ flags.DEFINE_string("out", None, "Write one JSON line per measurement here.")
 def _parse_config(text: str):
   if text == "default":
     return {}
-  fields = text.split(":")
-  if len(fields) == 1:
-    fields = ["0"] * 4 + fields
-  letters = fields[4] if len(fields) > 4 else ""
-  if set(letters) - set("th"):
-    raise ValueError(f"kernel config {text!r}: letters are t and h")
-  ppb, splits, warps, stages = (int(x) for x in fields[:4])
+  ppb, splits, warps, stages = (int(x) for x in text.split(":"))
   cfg = {"pages_per_block": ppb or None, "num_splits": splits or None}
-  if "t" in letters:
-    cfg["tokens_first"] = True
-  if "h" in letters:
-    cfg["heads_first"] = True
   if warps:
     cfg["num_warps"] = warps
   if stages:
@@ -184,9 +172,7 @@ def _variants(d, cfg):
         name, details = f"pallas[{text}]", {"config": text}
       else:
         name = (f"pallas[ppb={ppb},S={splits},w={kw.get('num_warps', 4)},"
-                f"st={kw.get('num_stages', 2)}"
-                f"{',t' if kw.get('tokens_first') else ''}"
-                f"{',h' if kw.get('heads_first') else ''}]")
+                f"st={kw.get('num_stages', 2)}]")
         details = {**kw, "pages_per_block": ppb, "num_splits": splits}
       fn = jax.jit(lambda q, kp, vp, t, n, kw=kw: pa.paged_decode_attention(
           q, kp, vp, t, n, interpret=FLAGS.interpret, **kw))
