@@ -51,6 +51,11 @@ mkdir -p "$OUT/trace"
 for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   IFS=: read -r len dep variant <<< "$run"
   name=${len}_$dep${variant:+_$variant}
+  # A run repeated in RUNS gets its own traces and results (_2, _3, ...).
+  n=1; base_name=$name
+  while [ -e "$OUT/trace/$name" ] || [ -e "$OUT/serving_$name" ]; do
+    n=$((n + 1)); name=${base_name}_$n
+  done
   router_flags=
   [ "$variant" = calls ] && router_flags=--noworker_sessions
   tree=.
