@@ -71,10 +71,11 @@ def fuse_projections(params: llama.Params, cfg: ModelConfig,
 
 def join_scales(scales: dict) -> dict:
   """Per-channel scales of separate projections (``quant.quantize_fp8``'s
-  ``scale``: [layers, *out]) in the fused layout of ``cfg``: a joined
-  weight's scales are its parts', in its order, along the axis its output
-  channels were joined on (the heads of q/k/v, the MLP width of gate/up),
-  where every part has them; a part's alone are dropped."""
+  ``scale``: [layers, *out]) in the fused layout (``llama.FUSED``): a
+  joined weight's scales are its parts', in its order, along the axis its
+  output channels were joined on (the heads of q/k/v, the MLP width of
+  gate/up; axis 1 of the scales either way), where every part has them; a
+  part's alone are dropped."""
   out = {k: v for k, v in scales.items()
          if not any(k in parts for parts in llama.FUSED.values())}
   for fused, parts in llama.FUSED.items():
