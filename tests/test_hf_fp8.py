@@ -265,3 +265,46 @@ def test_make_fp8_checkpoint_writes_what_pools_serve_as_is(
   np.testing.assert_array_equal(
       np.asarray(params["layers"]["w_down" + llama.SCALE_SUFFIX][1]),
       np.broadcast_to(s_ckpt.reshape(-1), (q_ckpt.shape[0],)))
+
+
+def test_fp8_checkpoint_with_folded_kv_scales(fp8_checkpoint, tmp_path):
+  """KV scales folded into the attention weights before they are quantized:
+  the MLP's projections, which folding leaves alone, keep the checkpoint's
+  e4m3 values; every channel of every projection gives its folded weight
+  back within e4m3's rounding (the checkpoint's scale where it fits, its
+  own elsewhere)."""
+  import jax
+  from pdjax.engine.setup import load_sharded
+  from pdjax.model import kv_scales as kvs
+  from pdjax.model import llama, quant
+  from pdjax.model.hf_fp8 import read_raw
+  from pdjax.model.kv_fold import fold_kv_scales
+  from pdjax.sharding import ShardingRules, make_mesh
+  path, _ = fp8_checkpoint
+  if json.loads((path / "config.json").read_text())[
+      "quantization_config"]["quant_method"] == "fp8":
+    pytest.skip("block scales: quantized per channel either way")
+  rules = ShardingRules.load("decode_dp")
+  mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  plain, cfg = load_sharded(path, rules, mesh, dtype="float32")
+  scales = kvs.KvScales(k=np.full((cfg.num_layers, cfg.num_kv_heads), 0.5),
+                        v=np.full((cfg.num_layers, cfg.num_kv_heads), 4.0))
+  kvs.write_file(tmp_path / "s.json", scales)
+  params, qcfg = load_sharded(path, rules, mesh, dtype="float32",
+                              weight_dtype="float8_e4m3fn", kv_dtype="fp8",
+                              kv_scales=str(tmp_path / "s.json"))
+  folded, _ = fold_kv_scales(plain, cfg, scales)
+  layers = params["layers"]
+  f = path / "model.safetensors"
+  name = "model.layers.0.mlp.down_proj.weight"
+  np.testing.assert_array_equal(
+      np.asarray(layers["w_down"][0]).view(np.uint8),
+      read_raw(f, name).view(np.uint8))
+  for key, contracted in llama.QUANTIZED.items():
+    back = np.asarray(quant.dequantize(
+        layers[key], layers[key + llama.SCALE_SUFFIX], contracted))
+    want = np.asarray(folded["layers"][key])
+    s = np.asarray(layers[key + llama.SCALE_SUFFIX])
+    s = s.reshape(s.shape[:1] + (1,) * contracted + s.shape[1:])
+    bound = 2.0**-4 * np.abs(want) + 2.0**-10 * s + 1e-6 * np.abs(want)
+    assert (np.abs(back - want) <= bound).all(), key
