@@ -269,10 +269,10 @@ def test_make_fp8_checkpoint_writes_what_pools_serve_as_is(
 
 def test_fp8_checkpoint_with_folded_kv_scales(fp8_checkpoint, tmp_path):
   """KV scales folded into the attention weights before they are quantized:
-  the MLP's projections, which folding leaves alone, keep the checkpoint's
-  e4m3 values; every channel of every projection gives its folded weight
-  back within e4m3's rounding (the checkpoint's scale where it fits, its
-  own elsewhere)."""
+  q, k and v (scaled by powers of two, their scales with them) and the
+  MLP's projections (left alone) keep the checkpoint's e4m3 values; o
+  (heads scaled differently, mixed) is quantized with its own scales; every
+  projection gives its folded weight back within e4m3's rounding."""
   import jax
   from pdjax.engine.setup import load_sharded
   from pdjax.model import kv_scales as kvs
@@ -296,10 +296,19 @@ def test_fp8_checkpoint_with_folded_kv_scales(fp8_checkpoint, tmp_path):
   folded, _ = fold_kv_scales(plain, cfg, scales)
   layers = params["layers"]
   f = path / "model.safetensors"
-  name = "model.layers.0.mlp.down_proj.weight"
-  np.testing.assert_array_equal(
-      np.asarray(layers["w_down"][0]).view(np.uint8),
-      read_raw(f, name).view(np.uint8))
+  for key, name, factor in (
+      ("w_down", "mlp.down_proj", 1.0), ("wq", "self_attn.q_proj", 0.5),
+      ("wk", "self_attn.k_proj", 2.0), ("wv", "self_attn.v_proj", 0.25)):
+    name = f"model.layers.0.{name}.weight"
+    q = np.asarray(layers[key][0])
+    q_ckpt = read_raw(f, name)
+    np.testing.assert_array_equal(q.reshape(q_ckpt.shape).view(np.uint8),
+                                  q_ckpt.view(np.uint8), err_msg=key)
+    s = np.asarray(layers[key + llama.SCALE_SUFFIX][0]).reshape(-1)
+    s_ckpt = read_raw(f, name[:-len("weight")] + "weight_scale").reshape(-1)
+    np.testing.assert_array_equal(
+        s, np.broadcast_to(s_ckpt * np.float32(factor), s.shape),
+        err_msg=key)
   for key, contracted in llama.QUANTIZED.items():
     back = np.asarray(quant.dequantize(
         layers[key], layers[key + llama.SCALE_SUFFIX], contracted))

@@ -176,8 +176,10 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)
   if fitted["scales"] is not None:
-    from pdjax.model.kv_fold import fold_kv_scales
+    from pdjax.model.kv_fold import fold_kv_scales, fold_weight_scales
     params, target = fold_kv_scales(params, target, fitted["scales"])
+    if fp8_scales:
+      fp8_scales = fold_weight_scales(fp8_scales, target, fitted["scales"])
   from pdjax.model.fused import can_fuse
   if fuse_projections == "on" or (fuse_projections == "auto"
                                   and can_fuse(rules, mesh)):

@@ -32,6 +32,9 @@ quantize to the same e4m3 values, their channel scales times s, so for them
 the order does not matter; O's output channels each mix every head, scaled
 differently, so O is quantized on the folded weights' own grid (the same
 error bound, not the same bits as the unfolded model's).
+An FP8 checkpoint's own weight scales, which a pool that stores FP8
+weights takes (``quant.quantize_fp8``), follow Q's, K's and V's channels
+(``fold_weight_scales``), so those keep the checkpoint's e4m3 values.
 """
 
 from __future__ import annotations
@@ -91,6 +94,27 @@ def fold_kv_scales(params: Params, cfg: ModelConfig, scales: KvScales
           f"{cfg.dtype} weights, scales from 2**{lo} to 2**{hi} take "
           f"{name} out of the dtype's normal range")
   return {**params, "layers": layers}, cfg.replace(kv_scales=scales.digest())
+
+
+def fold_weight_scales(weight_scales: dict, cfg: ModelConfig,
+                       scales: KvScales) -> dict:
+  """An FP8 checkpoint's per-channel weight scales (``quant.quantize_fp8``'s
+  ``scale``: [layers, *out], by projection) for the weights that
+  ``fold_kv_scales`` makes of its weights: Q's, K's and V's output channels
+  are multiplied by powers of two, and so are their scales, which keeps the
+  checkpoint's e4m3 values; O's output channels each mix heads scaled
+  differently, so its scales are left out (quantized with its own)."""
+  if scales.is_unit():
+    return weight_scales
+  G = cfg.q_per_kv
+  k, v = scales.k, scales.v                      # [L, K]
+  by = {"wq": np.repeat(k, G, axis=1)[:, :, None],   # [L, H, hd]
+        "wk": (1 / k)[:, :, None], "wv": (1 / v)[:, :, None]}
+  out = {name: s for name, s in weight_scales.items() if name != "wo"}
+  for name, factor in by.items():
+    if name in out:
+      out[name] = (out[name] * factor).astype(np.float32)
+  return out
 
 
 def _scaled(w, factor: np.ndarray):

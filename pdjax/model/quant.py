@@ -19,11 +19,11 @@ them in place of ``max|w| / 448``: a weight that is ``q * s`` read in the
 model's dtype gets its e4m3 values back exactly (bf16 rounds ``q * s`` by at
 most 2**-9 relative, far inside half of e4m3's smallest relative step,
 2**-5), where scales of its own would quantize the checkpoint's values a
-second time. A channel that the given scale does not give back within that
-rounding (changed since it was read: O's, with KV scales folded into it) is
-quantized with its own scale instead; one scaled by a power of two (Q, K
-and V's, by folded KV scales) is still on e4m3's grid and keeps it, unless
-pushed past 448.
+second time. Folded KV scales multiply Q's, K's and V's channels by powers
+of two, and their given scales with them (``kv_fold.fold_weight_scales``);
+a channel that its given scale does not give back within that rounding
+(O's, which mix heads scaled differently) is quantized with its own scale
+instead.
 """
 
 from __future__ import annotations
