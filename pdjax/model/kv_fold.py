@@ -72,17 +72,14 @@ def fold_kv_scales(params: Params, cfg: ModelConfig, scales: KvScales
   scales.check_model(cfg)
   if scales.is_unit():
     return params, cfg
-  G = cfg.q_per_kv
-  k, v = scales.k, scales.v                      # [L, K]
-  q_k = np.repeat(k, G, axis=1)                  # [L, H]: each query head's
-  q_v = np.repeat(v, G, axis=1)
-  by = {"wq": q_k[:, None, :, None],             # [L, D, H, hd]
-        "wk": (1 / k)[:, None, :, None],         # [L, D, K, hd]
-        "wv": (1 / v)[:, None, :, None],
-        "wo": q_v[:, :, None, None]}             # [L, H, hd, D]
+  f = _head_factors(cfg, scales)                 # [L, heads]
+  by = {"wq": f["wq"][:, None, :, None],         # [L, D, H, hd]
+        "wk": f["wk"][:, None, :, None],         # [L, D, K, hd]
+        "wv": f["wv"][:, None, :, None],
+        "wo": f["wo"][:, :, None, None]}         # [L, H, hd, D]
   if cfg.qkv_bias:
-    by.update(bq=q_k[:, :, None], bk=(1 / k)[:, :, None],
-              bv=(1 / v)[:, :, None])
+    by.update(bq=f["wq"][:, :, None], bk=f["wk"][:, :, None],
+              bv=f["wv"][:, :, None])
   layers = dict(params["layers"])
   for name, factor in by.items():
     layers[name], ok = _scaled(layers[name], factor)
@@ -106,15 +103,23 @@ def fold_weight_scales(weight_scales: dict, cfg: ModelConfig,
   differently, so its scales are left out (quantized with its own)."""
   if scales.is_unit():
     return weight_scales
+  f = _head_factors(cfg, scales)
+  out = {name: s for name, s in weight_scales.items() if name != "wo"}
+  for name in ("wq", "wk", "wv"):
+    if name in out:                              # [L, heads, hd]
+      out[name] = (out[name] * f[name][:, :, None]).astype(np.float32)
+  return out
+
+
+def _head_factors(cfg: ModelConfig, scales: KvScales) -> dict:
+  """What folding multiplies each projection's heads by, [layers, heads]:
+  Q's and O's query heads by their KV head's s_k and s_v, K's and V's KV
+  heads by 1 / s_k and 1 / s_v (Q, K, V: output channels; O: input
+  rows)."""
   G = cfg.q_per_kv
   k, v = scales.k, scales.v                      # [L, K]
-  by = {"wq": np.repeat(k, G, axis=1)[:, :, None],   # [L, H, hd]
-        "wk": (1 / k)[:, :, None], "wv": (1 / v)[:, :, None]}
-  out = {name: s for name, s in weight_scales.items() if name != "wo"}
-  for name, factor in by.items():
-    if name in out:
-      out[name] = (out[name] * factor).astype(np.float32)
-  return out
+  return {"wq": np.repeat(k, G, axis=1), "wk": 1 / k, "wv": 1 / v,
+          "wo": np.repeat(v, G, axis=1)}
 
 
 def _scaled(w, factor: np.ndarray):
