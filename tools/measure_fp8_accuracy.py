@@ -156,9 +156,8 @@ def main(argv) -> None:
   import numpy as np
   from pdjax.engine.setup import load_sharded, quantize_sharded
   from pdjax.model import llama, quant
-  from pdjax.model.loading import detect_format
+  from pdjax.model.loading import fp8_weight_scales
   from pdjax.model.registry import resolve_checkpoint
-  from pdjax.model.weights import read_fp8_scales
   from pdjax.sharding import ShardingRules, make_mesh
   from pdjax.tokenizer import Tokenizer
   if FLAGS.kv_scales and FLAGS.what != "kv":
@@ -179,9 +178,7 @@ def main(argv) -> None:
     return
   # The baseline's weights quantized as a pool loads them (not read again),
   # with an FP8 checkpoint's own scales.
-  scales = None
-  if FLAGS.checkpoint_scales and detect_format(path) == "hf":
-    scales = read_fp8_scales(path, cfg)
+  scales = fp8_weight_scales(path, cfg) if FLAGS.checkpoint_scales else None
   fp8, qcfg = quantize_sharded(
       base, cfg, rules, mesh, quant.FP8,
       quant.FP8 if FLAGS.what == "w8a8" else None, scales=scales)

@@ -166,12 +166,10 @@ def load_sharded(checkpoint_dir: str | Path, rules: ShardingRules,
                                 dtype=dtype)
     params = llama.init_params(cfg, shardings=shardings(cfg))
   else:
-    from pdjax.model.loading import detect_format, load_model
+    from pdjax.model.loading import fp8_weight_scales, load_model
     params, cfg = load_model(checkpoint_dir, shardings, dtype=dtype)
-    if weight_dtype is not None and detect_format(
-        Path(checkpoint_dir)) == "hf":
-      from pdjax.model.weights import read_fp8_scales
-      fp8_scales = read_fp8_scales(checkpoint_dir, cfg)
+    if weight_dtype is not None:
+      fp8_scales = fp8_weight_scales(checkpoint_dir, cfg)
   target = cfg.replace(vocab_padding=fitted["cfg"].vocab_padding)
   if target.vocab_padding != cfg.vocab_padding:
     params = pad_vocab(params, target, rules, mesh)

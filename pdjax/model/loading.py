@@ -21,7 +21,7 @@ from pdjax.model import checkpoint as ckpt
 from pdjax.model.config import ModelConfig
 from pdjax.model.gguf_file import find_gguf
 from pdjax.model.llama import Params
-from pdjax.model.weights import WeightsError, load_hf_params
+from pdjax.model.weights import WeightsError, load_hf_params, read_fp8_scales
 
 ShardingsFn = Callable[[ModelConfig], Any]
 
@@ -103,4 +103,14 @@ def load_model(checkpoint: str | Path,
   return load_hf_params(path, cfg, shardings), cfg
 
 
-__all__ = ["load_model", "detect_format", "ShardingsFn"]
+def fp8_weight_scales(checkpoint: str | Path, cfg: ModelConfig
+                      ) -> dict[str, Any]:
+  """A Hugging Face FP8 checkpoint's own weight scales, per output channel
+  (``weights.read_fp8_scales``), for a pool that stores FP8 weights to take
+  (``quant.quantize_params``); none for other checkpoints and formats."""
+  if detect_format(checkpoint) != "hf":
+    return {}
+  return read_fp8_scales(checkpoint, cfg)
+
+
+__all__ = ["load_model", "detect_format", "fp8_weight_scales", "ShardingsFn"]
