@@ -108,6 +108,10 @@ flags.DEFINE_enum("timed", "dispatch", ["dispatch", "step"],
                   "dispatch: DecodeReplica.dispatch alone. step: "
                   "DecodeEngine.step, which also delivers the previous "
                   "call's tokens to the requests (the serving loop).")
+flags.DEFINE_integer("program_rows", None,
+                     "Rows of the program that runs a batch (at least the "
+                     "batch; default: the program serving would pick, "
+                     "DecodeConfig.row_buckets). Padding rows idle.")
 flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
 flags.DEFINE_integer("cpu_max_context", 256,
                      "On CPU, longer contexts are skipped.")
@@ -177,15 +181,17 @@ def _layout(cfg, B: int, C: int, S: int):
   # One page-table width (every row is at the same length): one program.
   # Pages rounded so layers x pages is a multiple of B (cuDNN's paged
   # attention wants the pool's blocks to be B x a table width).
-  # A pool of at least MIN_PROGRAM_ROWS rows: B live rows run the program
-  # serving would run them with (one stream runs the smallest program,
-  # DecodeConfig.row_buckets).
-  rows = max(B, MIN_PROGRAM_ROWS)
+  # A pool of at least MIN_PROGRAM_ROWS rows (--program_rows: as many as
+  # asked), one program of that many: B live rows run the program serving
+  # would run them with (one stream runs the smallest program,
+  # DecodeConfig.row_buckets), the rest idle.
+  rows = max(B, FLAGS.program_rows or MIN_PROGRAM_ROWS)
   step = rows // math.gcd(rows, cfg.num_layers)
   dcfg = DecodeConfig(max_seqs=rows, page_size=P,
                       num_pages=_round_up(rows * M + 1, step),
                       max_seq_len=max_seq_len, steps_per_call=S,
-                      table_buckets=(M,), triton_gemm=FLAGS.triton_gemm,
+                      table_buckets=(M,), row_buckets=(rows,),
+                      triton_gemm=FLAGS.triton_gemm,
                       merge_dots=FLAGS.merge_dots,
                       attention=FLAGS.attention, kv_dtype=FLAGS.kv_dtype)
   kvbpt = _kv_bytes_per_token(cfg)

@@ -137,11 +137,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"))
+    "pages_per_block", "num_splits", "num_warps", "num_stages",
+    "widen_to", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
                            pages_per_block: int | None = None,
                            num_splits: int | None = None,
                            num_warps: int = 4, num_stages: int = 2,
+                           widen_to: str | None = None,
                            interpret: bool = False):
   """Attention of one query token per row over the row's pages, in place.
 
@@ -180,10 +182,13 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   if Gp != G:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
   f32 = jnp.dtype(q.dtype) == jnp.dtype(jnp.float32)
+  compute = jnp.float32 if f32 else q.dtype
+  if widen_to is not None:
+    compute = jnp.dtype(widen_to)
   kernel = functools.partial(
       _kernel, pages_per_block=ppb, pages_per_split=pps,
       scale=1.0 / math.sqrt(hd),
-      compute_dtype=jnp.float32 if f32 else q.dtype,
+      compute_dtype=compute,
       # Triton's default for float32 products is TF32; the reference's
       # float32 needs full precision.
       precision=jax.lax.Precision.HIGHEST if f32 else None)

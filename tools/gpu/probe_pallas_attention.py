@@ -67,7 +67,8 @@ flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 flags.DEFINE_list("kernel_configs", ["default"],
                   "Kernel variants: 'default', or pages_per_block:num_splits:"
                   "num_warps:num_stages with 0 for the kernel's default "
-                  "(e.g. 8:1:4:2).")
+                  "(e.g. 8:1:4:2); '+float16' after either widens the "
+                  "pool's values to float16 instead of the query's dtype.")
 flags.DEFINE_list("variants", ["pallas", "gather", "cudnn"],
                   "Which of pallas, gather, cudnn to run.")
 flags.DEFINE_enum("gather_impl", "auto", ["auto", "cudnn", "xla"],
@@ -89,10 +90,13 @@ flags.DEFINE_string("out", None, "Write one JSON line per measurement here.")
 
 
 def _parse_config(text: str):
+  text, _, widen = text.partition("+")
+  extra = {"widen_to": widen} if widen else {}
   if text == "default":
-    return {}
+    return extra
   ppb, splits, warps, stages = (int(x) for x in text.split(":"))
-  cfg = {"pages_per_block": ppb or None, "num_splits": splits or None}
+  cfg = {"pages_per_block": ppb or None, "num_splits": splits or None,
+         **extra}
   if warps:
     cfg["num_warps"] = warps
   if stages:
@@ -171,8 +175,9 @@ def _variants(d, cfg):
         # The call itself raises it again, and it is reported there.
         name, details = f"pallas[{text}]", {"config": text}
       else:
+        widen = f",{kw['widen_to']}" if "widen_to" in kw else ""
         name = (f"pallas[ppb={ppb},S={splits},w={kw.get('num_warps', 4)},"
-                f"st={kw.get('num_stages', 2)}]")
+                f"st={kw.get('num_stages', 2)}{widen}]")
         details = {**kw, "pages_per_block": ppb, "num_splits": splits}
       fn = jax.jit(lambda q, kp, vp, t, n, kw=kw: pa.paged_decode_attention(
           q, kp, vp, t, n, interpret=FLAGS.interpret, **kw))

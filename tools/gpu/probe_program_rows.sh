@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What a few live rows pay for the row count of the program they run in, on
+# ONE GPU (Llama-3-8B shapes, random bf16, joined projections, 1K context):
+# the decode step of 1 and 4 live rows in programs of 2 / 4 rows (serving's
+# smallest programs) against the same rows in a program of 8, whose GEMMs
+# need no padding (XLA pads a bf16 GEMM's rows to a multiple of 8 in a
+# kernel of its own before each product), runs alternating; then where the
+# time goes at one live row in each (profile_decode's kernel table).
+#
+#   bash tools/gpu/probe_program_rows.sh OUT_DIR
+set -u
+OUT=${1:?usage: probe_program_rows.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+. tools/gpu/gpu_env.sh
+start_call "$OUT" > /dev/null
+use_compile_cache
+decode() {  # decode NAME ROWS [FLAGS]
+  local name=$1 rows=$2; shift 2
+  echo "=== [$((SECONDS - START)) s] decode $name"
+  timeout 170 python3 tools/bench_decode.py --model=llama3-8b \
+    --batch_sizes=$rows --context_lengths=1024 --steps_per_call=4 \
+    --fuse_projections "$@" --out="$OUT/decode_$name.jsonl" \
+    > "$OUT/decode_$name.log" 2>&1
+  echo "exit $?"; grep -E "^ *[0-9]+ +1024 " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
+}
+profile() {  # profile NAME [FLAGS]
+  local name=$1; shift
+  echo "=== [$((SECONDS - START)) s] profile $name"
+  timeout 170 python3 tools/profile_decode.py --model=llama3-8b \
+    --batch_sizes=1 --context_lengths=1024 --steps_per_call=4 \
+    --fuse_projections "$@" --out="$OUT/profile_$name.json" \
+    > "$OUT/profile_$name.log" 2>&1
+  echo "exit $?"; tail -25 "$OUT/profile_$name.log"
+}
+decode rows_serving 1,4
+decode rows8 1,4 --program_rows=8
+decode rows_serving_2 1,4
+decode rows8_2 1,4 --program_rows=8
+[ "${PROFILE:-1}" = 1 ] && { profile rows2; profile rows8 --program_rows=8; }
+echo "done after $((SECONDS - START)) s"
