@@ -511,11 +511,16 @@ def test_slow_connect_is_waited_for(router):
 # Async client.
 
 
-def test_async_client(router):
+@pytest.mark.parametrize("sessions", [False, True])
+def test_async_client(router, sessions):
+  """Every method; with ``sessions`` against a router that serves no
+  ``GenerateSession`` (this fake): each request goes as a call of its own,
+  the first one included, with the same results, token and cancellations."""
   fake, _, address = router
 
   async def go():
-    async with pc.AsyncClient(address, token="t", timeout_s=10) as c:
+    async with pc.AsyncClient(address, token="t", timeout_s=10,
+                              sessions=sessions) as c:
       assert await c.health() == "SERVING"
       await c.wait_ready(2)
       assert (await c.model_info())["name"] == "fake"

@@ -593,14 +593,15 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
                             for i in range(4)))
   argv = ["batch_eval", f"--input={data}", "--num_requests=6",
           "--concurrency=2", f"--out_dir={tmp_path / 'o'}", "--noprogress",
-          "--temperature=0.7", "--top_k=5", "--stop_token_ids=9,10"]
+          "--temperature=0.7", "--top_k=5", "--stop_token_ids=9,10",
+          "--sessions"]
   fv = flags.FlagValues()
   be.define_flags(fv)
   fv(argv)
   assert be.main(["batch_eval"], fv) == 0
   _check_run_dir(tmp_path / "o", fake, 6)
   assert made == [(("localhost:50051", "pdjax"),
-                   {"model": None, "api_key": None})]
+                   {"model": None, "api_key": None, "sessions": True})]
   s = fake.sampling["req-000000"]
   assert s == {"temperature": 0.7, "top_p": 1.0, "top_k": 5, "seed": 0,
                "ignore_eos": False, "stop_token_ids": [9, 10]}

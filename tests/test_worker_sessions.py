@@ -1,5 +1,5 @@
 """Calls as messages on one long-lived stream (``DecodeSession``,
-``PrefillSession``): the router's side (``pdjax.service.worker_session``)
+``PrefillSession``): the router's side (``pdjax.client.sessions``)
 against the workers' real servicers (``pdjax.service.call_sessions``) over
 loopback gRPC, with fake engines. A call in a session ends as the same
 call of its own ends: the same messages, the same status, details and
@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from fake_engines import FakeDecodeBackend
+from pdjax.client.sessions import CallSession
 from pdjax.service import common
 from pdjax.service.decode_service import DecodeServicer, DecodeWorker
-from pdjax.service.worker_session import WorkerSession
 from pdjax.v1 import decode_pb2, decode_pb2_grpc
 
 from test_decode_servicer import FakeReceiver
@@ -46,16 +46,18 @@ class _Worker:
   """A decode worker's servicer on loopback: the real ``DecodeServicer``
   over ``_HeldBackend``; ``servicer_cls`` swaps it."""
 
-  def __init__(self, servicer_cls=DecodeServicer, port: int = 0):
+  def __init__(self, servicer_cls=DecodeServicer, port: int = 0,
+               security: common.Security = common.Security()):
     self.servicer_cls = servicer_cls
     self.port = port
+    self.security = security
 
   async def __aenter__(self):
     self.engine = _HeldBackend()
     self.worker = DecodeWorker(self.engine, FakeReceiver(),
                                transfer_timeout_s=2.0)
     self.servicer = self.servicer_cls(self.worker, None)
-    self.server = common.make_server(common.Security())
+    self.server = common.make_server(self.security)
     decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
     self.port = common.bind(self.server, "127.0.0.1", self.port)
     await self.server.start()
@@ -63,7 +65,7 @@ class _Worker:
     self.channel = common.make_channel(self.address, common.Security(),
                                        aio=True)
     self.stub = decode_pb2_grpc.DecodeStub(self.channel)
-    self.session = WorkerSession(self.stub, "Decode",
+    self.session = CallSession(self.stub, "Decode",
                                  decode_pb2.DecodeSessionRequest,
                                  self.address)
     return self
@@ -258,8 +260,8 @@ def test_a_worker_that_never_answers_the_session_holds_no_call(monkeypatch):
   """A session that gets no headers: a call with a deadline ends at it
   (DEADLINE_EXCEEDED), one without when the opening times out
   (UNAVAILABLE, which the router retries elsewhere); neither waits on."""
-  from pdjax.service import worker_session
-  monkeypatch.setattr(worker_session, "_OPEN_TIMEOUT_S", 0.5)
+  from pdjax.client import sessions
+  monkeypatch.setattr(sessions, "_OPEN_TIMEOUT_S", 0.5)
 
   async def go():
     async with _Worker(servicer_cls=_Silent) as w:
@@ -271,6 +273,21 @@ def test_a_worker_that_never_answers_the_session_holds_no_call(monkeypatch):
       assert msgs == [] and status[0] == grpc.StatusCode.UNAVAILABLE
       assert "no answer" in status[1]
       assert w.session.calls == 0 and w.engine.local == []
+
+  asyncio.run(go())
+
+
+def test_a_session_without_the_service_token_is_refused_at_once():
+  """A worker that wants the service token refuses a session without it
+  as soon as it opens (UNAUTHENTICATED), not after waiting for a first
+  message the session sends only once the worker has answered."""
+
+  async def go():
+    async with _Worker(security=common.Security(service_token="s3")) as w:
+      msgs, status = await asyncio.wait_for(
+          _outcome(w.session.call(_local("a"), timeout=10)), 5)
+      assert msgs == [] and status[0] == grpc.StatusCode.UNAUTHENTICATED
+      assert w.engine.local == []
 
   asyncio.run(go())
 

@@ -7,7 +7,9 @@
 # DEPLOYMENT: coloc (default; the decode worker prefills) or disagg (one
 # prefill worker, KV over the host-staged grpc transport). BASELINE=1:
 # serve from the earlier tree tools/gpu/stage_baseline.sh put in .baseline
-# (its own marks applied there) instead of this one.
+# (its own marks applied there) instead of this one. EVAL_FLAGS: flags added
+# to batch_eval's (e.g. --sessions: the requests on one session with the
+# router).
 #
 #   bash tools/run_ttft_hops_cpu.sh OUT_DIR [N=300]
 set -u
@@ -54,7 +56,7 @@ done
 [ -z "$addr" ] && { echo "not ready"; tail -20 "$OUT/launch.log"; exit 1; }
 PYTHONPATH=$PWD PDJAX_TRACE=$OUT/trace/t $PY tools/batch_eval.py \
   --target="$addr" --input="$OUT/prompts.jsonl" --num_requests="$N" \
-  --concurrency=1 --ignore_eos --label=cpu --noprogress \
+  --concurrency=1 --ignore_eos --label=cpu --noprogress ${EVAL_FLAGS:-} \
   --out_dir="$OUT/batch_eval" > "$OUT/batch_eval.log" 2>&1
 awk '/=====/{p=1} p' "$OUT/batch_eval.log" | grep -v "^results in"
 $PY tools/gpu/ttft_hops.py "$OUT/trace/t" --last=$((N - 20)) |

@@ -9,9 +9,15 @@ and ``AsyncClient`` (``grpc.aio``; create it inside the running event loop).
     for delta in c.stream(prompt_token_ids=[1, 15043], max_tokens=8):
       print(delta.text, end="", flush=True)
 
-  async with AsyncClient("127.0.0.1:50051") as c:
+  async with AsyncClient("127.0.0.1:50051", sessions=True) as c:
     async for delta in c.stream("Hello"):
       ...
+
+``AsyncClient(sessions=True)`` sends its requests as messages on one
+long-lived ``GenerateSession`` stream to the router (``pdjax.client.
+sessions``) rather than as a new call each: the same responses and errors,
+less set-up on each request's way to its first token; a router without
+sessions is sent calls of their own.
 
 Streams cancel their RPC when closed early (``close()`` on the sync
 iterator, which ``break`` triggers once the iterator is dropped;
@@ -32,6 +38,7 @@ from typing import Any, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdjax.client.sessions import CallSession
 from pdjax.client.types import (AUTHORIZATION_METADATA_KEY,
                                 DEFAULT_MAX_MESSAGE_BYTES, GenerateOptions,
                                 GenerationError, GenerationResult,
@@ -256,16 +263,23 @@ class AsyncClient(_ClientBase):
 
   Same arguments and methods as ``Client``, as coroutines, except ``stream``,
   which returns an async generator (``async for``; ``await aclose()`` to
-  stop early, which cancels the RPC).
+  stop early, which cancels the RPC). ``sessions``: requests go as
+  messages on one ``GenerateSession`` stream (opened by the first,
+  opened again after it ends) instead of a call each.
   """
 
   def __init__(self, address: str, *, timeout_s: float | None = None,
                tls: TlsConfig | None = None, token: str | None = None,
                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-               options: Sequence[tuple[str, Any]] = ()):
+               options: Sequence[tuple[str, Any]] = (),
+               sessions: bool = False):
     super().__init__(address, timeout_s=timeout_s, tls=tls, token=token,
                      max_message_bytes=max_message_bytes, options=options)
     self._init_stubs(self._make_channel(grpc.aio))
+    self._session = (CallSession(self._stub, "Generate",
+                                 generate_pb2.GenerateSessionRequest,
+                                 address, metadata=self._metadata)
+                     if sessions else None)
 
   async def generate(self, prompt: str | None = None, *,
                      timeout_s: float | None = None,
@@ -285,7 +299,11 @@ class AsyncClient(_ClientBase):
 
   async def _stream(self, req: generate_pb2.GenerateRequest,
                     timeout: float | None) -> AsyncIterator[StreamDelta]:
-    call = self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
+    if self._session is not None:
+      call = self._session.call(req, timeout)
+    else:
+      call = self._stub.Generate(req, timeout=timeout,
+                                 metadata=self._metadata)
     try:
       async for resp in call:
         yield delta_from_response(resp)
@@ -337,6 +355,8 @@ class AsyncClient(_ClientBase):
     raise _not_ready_error(self.address, timeout_s, last)
 
   async def close(self) -> None:
+    if self._session is not None:
+      await self._session.close()
     await self._channel.close()
 
   async def __aenter__(self) -> AsyncClient:

@@ -61,9 +61,11 @@ class RouterBackend:
 
 def make_backend(target: str, kind: str = "pdjax", *,
                  model: str | None = None,
-                 api_key: str | None = None) -> Backend:
+                 api_key: str | None = None,
+                 sessions: bool = False) -> Backend:
   """The server at ``target`` as a Backend (call inside the event loop):
-  pdjax's router (``host:port``), or an OpenAI-compatible server
+  pdjax's router (``host:port``; ``sessions``: its requests on one
+  ``GenerateSession`` stream), or an OpenAI-compatible server
   (``kind="openai"``, ``http://host:port``; ``model`` and ``api_key`` are
   its)."""
   if kind == "openai":
@@ -72,7 +74,7 @@ def make_backend(target: str, kind: str = "pdjax", *,
   if kind != "pdjax":
     raise ValueError(f"backend must be one of {KINDS}, got {kind!r}")
   from pdjax import client
-  return RouterBackend(client.AsyncClient(target))
+  return RouterBackend(client.AsyncClient(target, sessions=sessions))
 
 
 __all__ = ["KINDS", "RouterBackend", "make_backend"]

@@ -89,6 +89,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_string("api_key", None, "--backend=openai: sent as "
                       "'Authorization: Bearer'.", flag_values=fv)
+  flags.DEFINE_bool("sessions", False,
+                    "--backend=pdjax: requests as messages on one "
+                    "GenerateSession stream to the router, not a call each "
+                    "(pdjax.client.AsyncClient's sessions).", flag_values=fv)
   flags.DEFINE_string("input", None,
                       "JSONL (or JSON array) dataset: {'prompt': ...} lines, "
                       "{'prompt_token_ids': [...]} lines, or ShareGPT records. "
@@ -183,6 +187,7 @@ class EvalConfig:
   backend: str = "pdjax"
   model: str | None = None
   api_key: str | None = dataclasses.field(default=None, repr=False)
+  sessions: bool = False
   input: str | None = None
   preset: str = "chat"
   num_requests: int = 200
@@ -261,7 +266,8 @@ class EvalConfig:
 def config_from_flags(FLAGS: flags.FlagValues = FLAGS) -> EvalConfig:
   return EvalConfig(
       target=FLAGS.target, backend=FLAGS.backend, model=FLAGS.model,
-      api_key=FLAGS.api_key, input=FLAGS.input, preset=FLAGS.preset,
+      api_key=FLAGS.api_key, sessions=FLAGS.sessions, input=FLAGS.input,
+      preset=FLAGS.preset,
       num_requests=FLAGS.num_requests, duration_s=FLAGS.duration_s,
       seed=FLAGS.seed, rate=FLAGS.rate,
       concurrency=FLAGS.concurrency,
@@ -369,7 +375,7 @@ async def run_eval(cfg: EvalConfig,
   own_backend = backend is None
   if backend is None:
     backend = make_backend(cfg.target, cfg.backend, model=cfg.model,
-                           api_key=cfg.api_key)
+                           api_key=cfg.api_key, sessions=cfg.sessions)
   slo = dict(ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo)
   meta = dict(label=cfg.label, preset=None if cfg.input else cfg.preset,
               input=cfg.input, num_items=len(items))

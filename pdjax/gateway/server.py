@@ -83,6 +83,10 @@ class GatewayConfig:
       ended every choice early, and names tokens in logprobs.
     request_timeout_s: deadline of each router call (None: none).
     tls, router_token: how to dial the router (its TLS and bearer token).
+    router_sessions: send the requests to the router as messages on one
+      ``GenerateSession`` stream, not a new call each (less set-up on each
+      request's way to its first token; a router without sessions is sent
+      calls).
     max_body_bytes: larger request bodies are a 413.
     body_timeout_s: a body must arrive within this long of its head (408).
     header_timeout_s: a connection's first request head must arrive within
@@ -99,6 +103,7 @@ class GatewayConfig:
   request_timeout_s: float | None = None
   tls: TlsConfig | None = None
   router_token: str | None = None
+  router_sessions: bool = True
   max_body_bytes: int = MAX_BODY_BYTES
   body_timeout_s: float = 60.0
   header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
@@ -518,7 +523,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     # grpc.aio channels belong to the loop that creates them: this one.
     app[CLIENT] = AsyncClient(config.router, tls=config.tls,
                               token=config.router_token,
-                              timeout_s=config.request_timeout_s)
+                              timeout_s=config.request_timeout_s,
+                              sessions=config.router_sessions)
     yield
     await app[CLIENT].close()
 

@@ -55,6 +55,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
   flags.DEFINE_float(
       "request_timeout_s", None, "Deadline of each router call; past it the "
       "client gets a 504 (unset: none).", flag_values=fv)
+  flags.DEFINE_bool(
+      "router_sessions", True, "Send requests to the router as messages on "
+      "one long-lived GenerateSession stream rather than a new gRPC call "
+      "each (less set-up on a request's way to its first token).",
+      flag_values=fv)
   flags.DEFINE_float(
       "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
       "before reporting ready to a launcher (--port_file); HTTP is served "
@@ -137,6 +142,7 @@ async def serve(dep) -> None:
       api_key=FLAGS.api_key or None, chat_template=template,
       tokenizer=load_tokenizer(directory),
       request_timeout_s=FLAGS.request_timeout_s, tls=tls, router_token=token,
+      router_sessions=FLAGS.router_sessions,
       header_timeout_s=FLAGS.header_timeout_s,
       body_timeout_s=FLAGS.body_timeout_s,
       max_connections=FLAGS.max_connections or None,

@@ -1,15 +1,16 @@
-"""The worker's side of a session: many streaming calls over one stream.
+"""The server's side of a session: many streaming calls over one stream.
 
 A new gRPC call costs a request its own HTTP/2 stream, a handler task and
 the call's set-up on both ends: on one request's way to its first token,
 more than a message on a stream already open. So the router keeps one
-long-lived stream to each worker (``DecodeSession``, ``PrefillSession``)
-and sends each request's call as a ``start`` message on it; this module
-runs them:
+long-lived stream to each worker (``DecodeSession``, ``PrefillSession``),
+a client may keep one to the router (``GenerateSession``), and each
+request's call goes as a ``start`` message on it
+(``pdjax.client.sessions`` is the caller's side); this module runs them:
 
 * each ``start`` runs the same handler body a call of its own would run
-  (``DecodeServicer._decode``, ``PrefillServicer._prefill``), with a
-  ``SessionCallContext`` standing in
+  (``RouterServicer._generate``, ``DecodeServicer._decode``,
+  ``PrefillServicer._prefill``), with a ``SessionCallContext`` standing in
   for gRPC's: ``abort`` ends the call with its status, ``time_remaining``
   counts down the deadline the start carried, trailing metadata goes out
   with the end;
@@ -36,15 +37,12 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from pdjax.client.sessions import SESSION_HEADER
 from pdjax.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 _OK = common_pb2.CallStatus()
-
-# In a session's headers: the worker serves it (one without sessions
-# answers UNIMPLEMENTED, with no headers of its own).
-SESSION_HEADER = "pdjax-session"
 
 
 class CallAborted(Exception):
@@ -247,5 +245,5 @@ class _Session:
         return
 
 
-__all__ = ["CallAborted", "CallSessions", "SESSION_HEADER",
+__all__ = ["CallAborted", "CallSessions",
            "SessionCallContext", "SessionMessages", "call_status"]

@@ -238,10 +238,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     self._exempt = tuple(exempt)
     self._only = None if only is None else tuple(only)
 
-    async def deny(request, context):
+    async def deny(request_or_iterator, context):
       await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-    self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-    self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+    # One of the method's own shape: a refusal shaped as a unary request
+    # would wait for a streaming caller's first message (a session sends
+    # none before the server's headers) instead of refusing it at once.
+    self._deny = {
+        (False, False): grpc.unary_unary_rpc_method_handler(deny),
+        (False, True): grpc.unary_stream_rpc_method_handler(deny),
+        (True, False): grpc.stream_unary_rpc_method_handler(deny),
+        (True, True): grpc.stream_stream_rpc_method_handler(deny)}
 
   async def intercept_service(self, continuation, details):
     if details.method.startswith(self._exempt) or (
@@ -254,9 +260,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if got is not None and hmac.compare_digest(got, self._expected):
           return await continuation(details)
     handler = await continuation(details)
-    if handler is not None and handler.response_streaming:
-      return self._deny_stream
-    return self._deny_unary
+    if handler is None:
+      return self._deny[False, False]
+    return self._deny[handler.request_streaming, handler.response_streaming]
 
 
 _INTERNAL_REFUSAL = ("missing or invalid service token: this is an internal "

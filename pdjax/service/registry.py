@@ -32,7 +32,7 @@ import uuid
 import grpc
 
 from pdjax.service import common
-from pdjax.service.worker_session import WorkerSession
+from pdjax.client.sessions import CallSession
 from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
                                      DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
@@ -81,7 +81,7 @@ class Worker:
   holds: int = 0                # requests that will still call it (hold)
   # Decode and prefill workers: the router's Decode or Prefill calls to it,
   # as messages on one stream.
-  session: WorkerSession | None = None
+  session: CallSession | None = None
 
   @property
   def usable(self) -> bool:
@@ -162,7 +162,7 @@ class WorkerRegistry:
             "kvstore": blockstore_pb2_grpc.BlockStoreStub}[role](channel)
     method = _SESSIONS.get(role)
     w = Worker(address, role, channel, stub, source=source,
-               session=method and WorkerSession(stub, *method, address))
+               session=method and CallSession(stub, *method, address))
     self.workers[key] = w
     return w
 

@@ -12,6 +12,11 @@ The data path of one request, top to bottom:
      worker), send the first token, then ``Decode`` with the KV handle and
      stream the rest.
 
+A client may send its ``Generate`` calls as messages on one long-lived
+``GenerateSession`` stream instead (``pdjax.client.AsyncClient``'s
+``sessions``): each runs exactly as a call of its own would, and a request
+pays a message each way rather than a new call's set-up.
+
 The reservation beside the prefill: the prefill needs its destination only
 when it hands the KV over, after its programs ran, so the router sends both
 calls at once and the Reserve round trip hides behind the prefill's
@@ -41,8 +46,8 @@ while a request could be served (``ready``: a decode worker is ready, and
 it prefills by itself where no prefill worker is), NOT_SERVING otherwise
 and while draining; ``liveness`` is SERVING while the process runs. On
 shutdown the router drains (``drain``): new requests get UNAVAILABLE, the
-running ones finish up to a deadline, and whatever is left then ends with
-UNAVAILABLE.
+running ones finish up to a deadline, whatever is left then ends with
+UNAVAILABLE, and the clients' sessions end.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import grpc
 from pdjax.engine.sampling_params import InvalidRequest, SamplingParams
 from pdjax.mesh_spec import axis_size
 from pdjax.service import common, discovery, kv_router, validation
+from pdjax.service.call_sessions import CallSessions, SessionMessages
 from pdjax.service.metrics import Metrics
 from pdjax.service.registry import (DEFAULT_POLL_INTERVAL_S, Worker,
                                     WorkerRegistry)
@@ -71,6 +77,9 @@ from pdjax.v1 import (common_pb2, decode_pb2, generate_pb2,
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = "pdjax.v1.Generation"
+
+_SESSION_MESSAGES = SessionMessages(generate_pb2.GenerateCallEvent,
+                                    generate_pb2.GenerateSessionResponse)
 
 # Codes after which another worker may well succeed. Only UNAVAILABLE
 # takes the worker out of rotation (until its next successful poll).
@@ -236,6 +245,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     self._handlers: set[asyncio.Task] = set()
     self._cutting = False
     self._published: bool | None = None
+    # Clients' GenerateSession streams; a drain ends them at its end.
+    self.sessions = CallSessions()
 
   # ------------------------------------------------------- health, drain
   def ready(self) -> bool:
@@ -288,6 +299,8 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
       for t in left:
         t.cancel()
       await asyncio.wait(left, timeout=5.0)
+    # An open session would hold the server's graceful stop.
+    await self.sessions.end()
     return len(left)
 
   # ---------------------------------------------------------------- info
@@ -335,6 +348,19 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     return rid, ids, sampling
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
+    async for msg in self._generate(request, context):
+      yield msg
+
+  async def GenerateSession(self, request_iterator, context):
+    """Generate calls as messages on one long-lived stream
+    (``pdjax.service.call_sessions``): each runs ``_generate`` as its own
+    call would."""
+    await self.sessions.serve(request_iterator, context, self._generate,
+                              _SESSION_MESSAGES)
+
+  async def _generate(self, request: generate_pb2.GenerateRequest, context):
+    """One Generate call's body; ``context`` is gRPC's, or a session's
+    stand-in for it."""
     arrival = time.perf_counter()
     self.metrics.arrivals.inc()
     if self.draining:

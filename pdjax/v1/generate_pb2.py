@@ -25,21 +25,29 @@ _sym_db = _symbol_database.Default()
 from pdjax.v1 import common_pb2 as pdjax_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdjax/v1/generate.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xfd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x06 \x01(\x08\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x08\n\x06promptB\x15\n\x13_add_special_tokens\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.pdjax.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.pdjax.v1.Usage\"\x12\n\x10ModelInfoRequest2\x92\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x19.pdjax.v1.GenerateRequest\x1a\x1a.pdjax.v1.GenerateResponse0\x01\x12?\n\x0cGetModelInfo\x12\x1a.pdjax.v1.ModelInfoRequest\x1a\x13.pdjax.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdjax/v1/generate.proto\x12\x08pdjax.v1\x1a\x15pdjax/v1/common.proto\"i\n\x16GenerateSessionRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\'\n\x05start\x18\x02 \x01(\x0b\x32\x16.pdjax.v1.GenerateCallH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"N\n\x0cGenerateCall\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdjax.v1.GenerateRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"F\n\x17GenerateSessionResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.pdjax.v1.GenerateCallEvent\"}\n\x11GenerateCallEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x07message\x18\x02 \x01(\x0b\x32\x1a.pdjax.v1.GenerateResponseH\x00\x12#\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x14.pdjax.v1.CallStatusH\x00\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xfd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.pdjax.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.pdjax.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x06 \x01(\x08\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x08\n\x06promptB\x15\n\x13_add_special_tokens\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.pdjax.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.pdjax.v1.Usage\"\x12\n\x10ModelInfoRequest2\xee\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x19.pdjax.v1.GenerateRequest\x1a\x1a.pdjax.v1.GenerateResponse0\x01\x12Z\n\x0fGenerateSession\x12 .pdjax.v1.GenerateSessionRequest\x1a!.pdjax.v1.GenerateSessionResponse(\x01\x30\x01\x12?\n\x0cGetModelInfo\x12\x1a.pdjax.v1.ModelInfoRequest\x1a\x13.pdjax.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdjax.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIDS']._serialized_start=60
-  _globals['_TOKENIDS']._serialized_end=83
-  _globals['_GENERATEREQUEST']._serialized_start=86
-  _globals['_GENERATEREQUEST']._serialized_end=339
-  _globals['_GENERATERESPONSE']._serialized_start=342
-  _globals['_GENERATERESPONSE']._serialized_end=510
-  _globals['_MODELINFOREQUEST']._serialized_start=512
-  _globals['_MODELINFOREQUEST']._serialized_end=530
-  _globals['_GENERATION']._serialized_start=533
-  _globals['_GENERATION']._serialized_end=679
+  _globals['_GENERATESESSIONREQUEST']._serialized_start=60
+  _globals['_GENERATESESSIONREQUEST']._serialized_end=165
+  _globals['_GENERATECALL']._serialized_start=167
+  _globals['_GENERATECALL']._serialized_end=245
+  _globals['_GENERATESESSIONRESPONSE']._serialized_start=247
+  _globals['_GENERATESESSIONRESPONSE']._serialized_end=317
+  _globals['_GENERATECALLEVENT']._serialized_start=319
+  _globals['_GENERATECALLEVENT']._serialized_end=444
+  _globals['_TOKENIDS']._serialized_start=446
+  _globals['_TOKENIDS']._serialized_end=469
+  _globals['_GENERATEREQUEST']._serialized_start=472
+  _globals['_GENERATEREQUEST']._serialized_end=725
+  _globals['_GENERATERESPONSE']._serialized_start=728
+  _globals['_GENERATERESPONSE']._serialized_end=896
+  _globals['_MODELINFOREQUEST']._serialized_start=898
+  _globals['_MODELINFOREQUEST']._serialized_end=916
+  _globals['_GENERATION']._serialized_start=919
+  _globals['_GENERATION']._serialized_end=1157
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class GenerationStub:
                 request_serializer=pdjax_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pdjax_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateSession = channel.stream_stream(
+                '/pdjax.v1.Generation/GenerateSession',
+                request_serializer=pdjax_dot_v1_dot_generate__pb2.GenerateSessionRequest.SerializeToString,
+                response_deserializer=pdjax_dot_v1_dot_generate__pb2.GenerateSessionResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/pdjax.v1.Generation/GetModelInfo',
                 request_serializer=pdjax_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
@@ -59,6 +64,20 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateSession(self, request_iterator, context):
+        """Many Generate calls over one long-lived stream, so that a request costs
+        a message each way rather than a new call's set-up: `start` runs what
+        Generate runs; its responses and its end (the status Generate would
+        have ended with) come back tagged with the caller's call id, several to
+        a message when they are ready together. `cancel` (or the session's end)
+        cancels a call as cancelling Generate would. The router answers with
+        the header `pdjax-session: 1` before anything else; a router that
+        drains ends its sessions once nothing runs on them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -72,6 +91,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pdjax_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=pdjax_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateSession,
+                    request_deserializer=pdjax_dot_v1_dot_generate__pb2.GenerateSessionRequest.FromString,
+                    response_serializer=pdjax_dot_v1_dot_generate__pb2.GenerateSessionResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -106,6 +130,33 @@ class Generation:
             '/pdjax.v1.Generation/Generate',
             pdjax_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
             pdjax_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdjax.v1.Generation/GenerateSession',
+            pdjax_dot_v1_dot_generate__pb2.GenerateSessionRequest.SerializeToString,
+            pdjax_dot_v1_dot_generate__pb2.GenerateSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

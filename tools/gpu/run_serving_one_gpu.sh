@@ -24,7 +24,9 @@
 # (e.g. 'fuse_projections = "off"'), PREFILL_SETTINGS the same for
 # [prefill]; WORKER_FLAGS: flags added to every
 # worker's (comma-separated, e.g. --gil_switch_interval_ms=5);
-# ROUTER_FLAGS the same for the router's (e.g. --noworker_sessions).
+# ROUTER_FLAGS the same for the router's (e.g. --noworker_sessions);
+# EVAL_FLAGS: flags added to the concurrency runs' batch_eval (e.g.
+# --sessions).
 # PROMPT_LEN (default 512): the prompts' length (the context grows to the
 # next power of two above prompt + 128 tokens, the prefill bucket to the
 # prompt); CONCURRENCIES (default "1 32"): the batch_eval runs per deployment.
@@ -106,7 +108,7 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
     local n=24; (( c > 1 )) && n=128
     timeout 150 python3 tools/batch_eval.py --target="$addr" \
       --input="$OUT/prompts.jsonl" --num_requests=$n --concurrency=$c \
-      --ignore_eos --label="$name-c$c" --noprogress \
+      --ignore_eos --label="$name-c$c" --noprogress ${EVAL_FLAGS:-} \
       --out_dir="$OUT/$name/c$c" > "$OUT/$name/c$c.log" 2>&1
     echo "    c=$c: exit $?"
     awk '/=====/{p=1} p' "$OUT/$name/c$c.log" | grep -v "^$" | head -40

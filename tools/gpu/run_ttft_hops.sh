@@ -10,8 +10,10 @@
 # RUNS (default "2048:coloc 512:coloc 2048:disagg"): prompt length and
 # deployment per run, with ":calls" after them for a router that makes a
 # call per request to the workers (--noworker_sessions) rather than using
-# its sessions with them, or ":busy" for a run with every CPU kept from
-# halting (gpu_env.sh's cpus_busy_on: what a host that never idles gives),
+# its sessions with them, ":sessions" for a client that sends its requests
+# on one session with the router (batch_eval --sessions), or ":busy" for a
+# run with every CPU kept from halting (gpu_env.sh's cpus_busy_on: what a
+# host that never idles gives),
 # or ":base" for a run served from the earlier tree that
 # tools/gpu/stage_baseline.sh put in .baseline (the call's carry names it):
 # the same machine measures both.
@@ -56,8 +58,9 @@ for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   while [ -e "$OUT/trace/$name" ] || [ -e "$OUT/serving_$name" ]; do
     n=$((n + 1)); name=${base_name}_$n
   done
-  router_flags=
+  router_flags= eval_flags=
   [ "$variant" = calls ] && router_flags=--noworker_sessions
+  [ "$variant" = sessions ] && eval_flags=--sessions
   tree=.
   if [ "$variant" = base ]; then
     [ -f .baseline/COMMIT ] || { echo "no .baseline: stage_baseline.sh"; continue; }
@@ -72,7 +75,7 @@ for run in ${RUNS:-2048:coloc 512:coloc 2048:disagg}; do
   [ "$variant" = busy ] && cpus_busy_on
   (cd "$tree" && PDJAX_TRACE=$OUT/trace/$name CONCURRENCIES=1 \
     DEPLOYMENTS=$dep PROMPT_LEN=$len BUDGET_S=200 \
-    ROUTER_FLAGS=$router_flags \
+    ROUTER_FLAGS=$router_flags EVAL_FLAGS=$eval_flags \
     bash tools/gpu/run_serving_one_gpu.sh "$OUT/serving_$name" 2>&1 |
     grep -E "^(TTFT|TPOT|prepare|queue|prefill|return) ")
   cpus_busy_off

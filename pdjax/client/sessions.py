@@ -1,20 +1,22 @@
-"""The router's side of a session: a worker's calls as messages on one stream.
+"""The caller's side of a session: a service's calls as messages on one stream.
 
-``WorkerSession`` keeps one long-lived session stream open to a worker
-(``DecodeSession`` for ``Decode`` calls, ``PrefillSession`` for
-``Prefill``; opened by the first call, opened again by the next call after
+A new gRPC call costs a request its own HTTP/2 stream, a handler task and
+the call's set-up on both ends; a message on a stream already open costs
+less. ``CallSession`` keeps one long-lived session stream open to a server
+(``<method>Session``: the router's ``GenerateSession`` for a client's
+``Generate`` calls, a worker's ``DecodeSession`` and ``PrefillSession`` for
+the router's; opened by the first call, opened again by the next call after
 it ends) and multiplexes calls over it; ``call`` returns a ``SessionCall``
-with the part of ``grpc.aio``'s server-streaming call the router uses:
+with the part of ``grpc.aio``'s server-streaming call its callers use:
 async iteration and ``read`` over the responses, failures as
 ``grpc.aio.AioRpcError`` with the code, details and trailing metadata the
-worker's end carried, ``cancel`` (a read waiting then raises
-``asyncio.CancelledError``, as gRPC's does), and the call's own deadline. A
-request thus costs a message each way instead of a new call
-(``pdjax.service.call_sessions`` is the worker's side).
+server's end carried, ``cancel`` (a read waiting then raises
+``asyncio.CancelledError``, as gRPC's does), and the call's own deadline
+(``pdjax.service.call_sessions`` is the server's side).
 
-A session that breaks (the worker gone, the channel closed) ends every call
+A session that breaks (the server gone, the channel closed) ends every call
 still on it with the session's status (UNAVAILABLE where the stream ended
-without one), as each call of its own would have ended. A worker that does
+without one), as each call of its own would have ended. A server that does
 not serve sessions (an older one, through a rolling upgrade) answers the
 first with UNIMPLEMENTED: its calls then go as calls of their own, that
 first one included.
@@ -30,15 +32,17 @@ import time
 
 import grpc
 
-from pdjax.service.call_sessions import SESSION_HEADER
-
 log = logging.getLogger(__name__)
+
+# In a session's headers: the server serves it (one without sessions
+# answers UNIMPLEMENTED, with no headers of its own).
+SESSION_HEADER = "pdjax-session"
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
-# How long a new session may wait for the worker's headers: past it, the
-# worker is taken for gone (its calls end UNAVAILABLE, and the router
-# retries them elsewhere), not waited for while every call queues.
+# How long a new session may wait for the server's headers: past it, the
+# server is taken for gone (its calls end UNAVAILABLE: the router retries
+# them on another worker), not waited for while every call queues.
 _OPEN_TIMEOUT_S = 10.0
 
 
@@ -48,17 +52,19 @@ def _rpc_error(code: grpc.StatusCode, details: str,
                               grpc.aio.Metadata(*trailing), details)
 
 
-class WorkerSession:
-  """``method`` calls (``"Decode"``, ``"Prefill"``) to one worker over one
-  ``<method>Session`` stream (``stub``: the worker's service stub,
-  ``request_type``: the session's request message). ``close`` ends the
-  stream and the calls on it."""
+class CallSession:
+  """``method`` calls (``"Generate"``, ``"Decode"``, ``"Prefill"``) to one
+  server over one ``<method>Session`` stream (``stub``: the server's
+  service stub, ``request_type``: the session's request message,
+  ``metadata``: sent with the stream and with calls of their own).
+  ``close`` ends the stream and the calls on it."""
 
   def __init__(self, stub, method: str, request_type: type,
-               address: str = ""):
+               address: str = "", metadata=None):
     self._stub = stub
     self._method = method
     self._request_type = request_type
+    self._metadata = metadata
     self.address = address
     self._stream = None
     self._reader: asyncio.Task | None = None
@@ -66,7 +72,7 @@ class WorkerSession:
     self._ids = itertools.count(1)
     self._write_lock = asyncio.Lock()
     self._closed = False
-    # False once the worker answered UNIMPLEMENTED: calls of their own.
+    # False once the server answered UNIMPLEMENTED: calls of their own.
     self.supported = True
     self._last_end = (grpc.StatusCode.UNAVAILABLE, "no session", ())
 
@@ -87,18 +93,19 @@ class WorkerSession:
     return c
 
   def _own_call(self, request, timeout: float | None):
-    return getattr(self._stub, self._method)(request, timeout=timeout)
+    return getattr(self._stub, self._method)(request, timeout=timeout,
+                                             metadata=self._metadata)
 
   async def _open(self):
     """The session's stream, opened if there is none and answered: the
-    worker's headers say it serves sessions. None where it does not (a
-    worker without sessions answers UNIMPLEMENTED, and ``supported`` turns
+    server's headers say it serves sessions. None where it does not (a
+    server without sessions answers UNIMPLEMENTED, and ``supported`` turns
     False) or the stream ended at once. Nothing is written before the
     answer: a write racing a stream's end makes its status INTERNAL,
-    hiding the worker's."""
+    hiding the server's."""
     if self._stream is None:
-      stream = self._stream = getattr(self._stub,
-                                      f"{self._method}Session")()
+      stream = self._stream = getattr(self._stub, f"{self._method}Session")(
+          metadata=self._metadata)
       reader = self._reader = asyncio.ensure_future(self._read(stream))
       try:
         headers = dict(await asyncio.wait_for(stream.initial_metadata(),
@@ -109,8 +116,9 @@ class WorkerSession:
         stream.cancel()
         await asyncio.wait([reader])
         self._last_end = (grpc.StatusCode.UNAVAILABLE,
-                          f"{self._method} session: no answer from the "
-                          f"worker in {_OPEN_TIMEOUT_S:g} s", ())
+                          f"{self._method} session: no answer from "
+                          f"{self.address or 'the server'} in "
+                          f"{_OPEN_TIMEOUT_S:g} s", ())
         return None
       except asyncio.CancelledError:
         # The caller gave up (its deadline): no stream left half-opened;
@@ -128,7 +136,7 @@ class WorkerSession:
 
   async def _read(self, stream) -> None:
     code, details, trailing = (grpc.StatusCode.UNAVAILABLE,
-                               "the worker ended the session", ())
+                               "the server ended the session", ())
     try:
       async for resp in stream:
         for ev in resp.events:
@@ -144,13 +152,13 @@ class WorkerSession:
       code, details = e.code(), e.details() or e.code().name
       trailing = tuple(e.trailing_metadata() or ())
       if code == grpc.StatusCode.INTERNAL:
-        # The transport's, not the worker's (which ends a session OK or
+        # The transport's, not the server's (which ends a session OK or
         # not at all): a write that raced the stream's end. The calls on
-        # it end as calls to a worker gone do.
+        # it end as calls to a server gone do.
         code, details = grpc.StatusCode.UNAVAILABLE, f"{details} (INTERNAL)"
       if code == grpc.StatusCode.UNIMPLEMENTED:
-        log.warning("worker %s serves no %s sessions (%s): a call per "
-                    "request", self.address, self._method, details)
+        log.warning("%s serves no %s sessions (%s): a call per request",
+                    self.address or "the server", self._method, details)
         self.supported = False
     except asyncio.CancelledError:
       code, details = grpc.StatusCode.CANCELLED, "the session was closed"
@@ -204,7 +212,7 @@ class SessionCall:
 
   _END = object()
 
-  def __init__(self, session: WorkerSession, cid: int, request,
+  def __init__(self, session: CallSession, cid: int, request,
                timeout: float | None):
     self._session = session
     self.id = cid
@@ -218,7 +226,7 @@ class SessionCall:
     self._cancelled = False      # by ``cancel``, here
     self._deadline = (None if timeout is None else
                       time.monotonic() + timeout)
-    # Its deadline, kept here too: a worker that stops answering cannot
+    # Its deadline, kept here too: a server that stops answering cannot
     # hold the call past it.
     self._timer = (None if timeout is None else
                    asyncio.get_running_loop().call_later(
@@ -248,7 +256,7 @@ class SessionCall:
       if self._deadline is None:
         await self._start()
       else:
-        # A worker that does not take the start (a session still opening,
+        # A server that does not take the start (a session still opening,
         # another call's write held up) cannot hold the call past its
         # deadline: its timer has ended it by then.
         with contextlib.suppress(asyncio.TimeoutError):
@@ -263,7 +271,7 @@ class SessionCall:
         raise asyncio.CancelledError()
       if (code == grpc.StatusCode.UNIMPLEMENTED and self._started is not None
           and not self._session.supported):
-        # The worker serves no sessions: this call as one of its own.
+        # The server serves no sessions: this call as one of its own.
         remaining = self._remaining()
         self._own = self._session._own_call(
             self._started.start.request,
@@ -280,7 +288,7 @@ class SessionCall:
     msg = s._request_type(call=self.id)
     msg.start.request.CopyFrom(self._request)
     remaining = self._remaining()
-    if remaining is not None:   # the worker's deadline is the router's
+    if remaining is not None:   # the server's deadline is the caller's
       msg.start.timeout_ms = max(1, int(remaining * 1000))
     self._request = None
     self._started = msg
@@ -293,7 +301,7 @@ class SessionCall:
           # ended as the stream did.
           if not s.supported:
             self._fail(grpc.StatusCode.UNIMPLEMENTED, f"no {s._method} "
-                       "sessions on this worker")
+                       "sessions on this server")
           else:
             self._fail(*s._last_end)
           s._calls.pop(self.id, None)
@@ -304,7 +312,7 @@ class SessionCall:
             asyncio.InvalidStateError) as e:
       # The stream ended before the start went out: its reader ends the
       # call (it is on that stream) with the stream's status, which the
-      # failed write does not tell (a worker without sessions answers
+      # failed write does not tell (a server without sessions answers
       # UNIMPLEMENTED, a write racing that "RPC already finished").
       if reader is not None and self._status is None:
         await asyncio.wait([reader], timeout=5.0)
@@ -332,7 +340,7 @@ class SessionCall:
     return True
 
   def cancel(self) -> bool:
-    """Cancels the call (the worker frees its slot at once); False when it
+    """Cancels the call (the server frees what it holds at once); False when it
     had ended already."""
     if self._own is not None:
       return self._own.cancel()
@@ -342,4 +350,4 @@ class SessionCall:
     return self._cancel_with(grpc.StatusCode.CANCELLED, "Cancelled")
 
 
-__all__ = ["SessionCall", "WorkerSession"]
+__all__ = ["CallSession", "SESSION_HEADER", "SessionCall"]
