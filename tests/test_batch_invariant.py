@@ -58,7 +58,7 @@ WOBBLE = 0.3
 
 # --------------------------------------------------------------- config
 def test_one_program_shape_and_draft_room():
-  assert PLAIN.row_counts == (2, 8) and PLAIN.widths == (1, 2, 4)
+  assert PLAIN.row_counts == (8,) and PLAIN.widths == (1, 2, 4)
   assert INVARIANT.row_counts == (8,) and INVARIANT.widths == (4,)
   assert [INVARIANT.rows_for(n) for n in (1, 5, 8)] == [8, 8, 8]
   assert INVARIANT.width_for(1) == 4
@@ -381,11 +381,13 @@ def test_a_stream_alone_and_among_others(invariant_plain):
 def test_without_the_mode_shapes_and_tokens_vary(tiny_decode_params,
                                                  invariant_plain,
                                                  monkeypatch):
-  """The same pool without the mode runs the stream alone in 2-row
-  programs and among the others in 8-row ones, with page tables as wide as
-  each call needs, and the stand-in's tokens change with them: what the
-  test above would see if the mode did not hold the shape."""
-  engine = _engine(tiny_decode_params, PLAIN, monkeypatch)
+  """The same pool without the mode (and with a 2-row program beside the
+  8-row one) runs the stream alone in 2-row programs and among the others
+  in 8-row ones, with page tables as wide as each call needs, and the
+  stand-in's tokens change with them: what the test above would see if the
+  mode did not hold the shape."""
+  engine = _engine(tiny_decode_params,
+                   dataclasses.replace(PLAIN, row_buckets=(2,)), monkeypatch)
   shapes = _Shapes(engine)
   me, others = _alone_and_among_others()
   alone = _run(engine, [me])

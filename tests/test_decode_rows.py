@@ -73,11 +73,12 @@ def _requests(n, max_tokens=9, seed=0):
 
 
 def test_row_counts():
-  assert DCFG.row_counts == (MIN_PROGRAM_ROWS, 8, 16)
-  assert [DCFG.rows_for(n) for n in (1, 2, 3, 8, 9, 16)] == [2, 2, 8, 8, 16,
+  assert DCFG.row_counts == (MIN_PROGRAM_ROWS, 16) == (8, 16)
+  assert [DCFG.rows_for(n) for n in (1, 2, 3, 8, 9, 16)] == [8, 8, 8, 8, 16,
                                                             16]
   assert DecodeConfig(max_seqs=1).row_counts == (1,)
-  assert DecodeConfig(max_seqs=128).row_counts == (2, 8, 32, 128)
+  assert DecodeConfig(max_seqs=4).row_counts == (4,)
+  assert DecodeConfig(max_seqs=128).row_counts == (8, 32, 128)
   assert DecodeConfig(max_seqs=16, row_buckets=(4,)).row_counts == (4, 16)
   with pytest.raises(ValueError, match="row bucket"):
     DecodeConfig(max_seqs=8, row_buckets=(16,))
@@ -85,8 +86,9 @@ def test_row_counts():
 
 def test_calls_use_the_smallest_program_and_tokens_do_not_change(
     tiny_decode_params):
-  """One stream runs the 2-row program, three the 8-row one; tokens
-  (greedy and seeded) equal a pool whose every call runs all 16 rows."""
+  """One stream and three run the 8-row program, not the pool's 16 rows;
+  tokens (greedy and seeded) equal a pool whose every call runs all 16
+  rows."""
   small = _engine(tiny_decode_params)
   full = _engine(tiny_decode_params,
                  DecodeConfig(**{**DCFG.__dict__, "row_buckets": (16,)}))
@@ -94,7 +96,7 @@ def test_calls_use_the_smallest_program_and_tokens_do_not_change(
   try:
     one = _requests(1)
     assert _run(small, one) == _run(full, one)
-    assert set(rec.rows) == {2}
+    assert set(rec.rows) == {8}
     rec.rows.clear()
     three = _requests(3, seed=1)
     assert _run(small, three) == _run(full, three)

@@ -162,6 +162,13 @@ def _step_bytes(cfg, B: int, ctx_mean: float) -> dict[str, float]:
           "total": float(weights + kv)}
 
 
+def program_rows(B: int) -> int:
+  """Rows of the program a batch of B live rows runs in (--program_rows,
+  else serving's smallest that holds them)."""
+  from pdjax.engine.decode_config import MIN_PROGRAM_ROWS
+  return max(B, FLAGS.program_rows or MIN_PROGRAM_ROWS)
+
+
 def _layout(cfg, B: int, C: int, S: int):
   """DecodeConfig for B rows at context C that stay live for the whole
   measurement; plus the memory estimate of the fit check."""
@@ -185,7 +192,7 @@ def _layout(cfg, B: int, C: int, S: int):
   # asked), one program of that many: B live rows run the program serving
   # would run them with (one stream runs the smallest program,
   # DecodeConfig.row_buckets), the rest idle.
-  rows = max(B, FLAGS.program_rows or MIN_PROGRAM_ROWS)
+  rows = program_rows(B)
   step = rows // math.gcd(rows, cfg.num_layers)
   dcfg = DecodeConfig(max_seqs=rows, page_size=P,
                       num_pages=_round_up(rows * M + 1, step),

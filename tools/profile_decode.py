@@ -165,8 +165,8 @@ def profile_point(params, cfg, mesh, rules, B: int, C: int, S: int,
   import jax
   from pdjax.engine import compile_stats
   n = max(FLAGS.trace_calls, 1)
-  params_rec = {"batch": B, "program_rows": dcfg.rows_for(B), "context": C,
-                "steps_per_call": S,
+  params_rec = {"batch": B, "program_rows": bd.program_rows(B),
+                "context": C, "steps_per_call": S,
                 "trace_calls": n, "warmup": FLAGS.warmup,
                 "page_size": FLAGS.page_size, "attention": FLAGS.attention,
                 "triton_gemm": FLAGS.triton_gemm,

@@ -13,7 +13,7 @@ from pdjax.engine.xla_options import check_on_off
 
 
 # The smallest generate program (DecodeConfig.row_buckets says why).
-MIN_PROGRAM_ROWS = 2
+MIN_PROGRAM_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +32,14 @@ class DecodeConfig:
   # holds the rows it advances (the others keep their state untouched), so
   # one stream does not pay for a program of max_seqs rows. One program per
   # count; () = MIN_PROGRAM_ROWS x powers of 4 below max_seqs, then
-  # max_seqs. The smallest is 2, not 1: on GPUs a one-row program's GEMMs
-  # are matrix-vector products that neither cuBLAS nor XLA's Triton GEMMs
-  # run at HBM rate (H200, 8B: 19.4 / 12.6 ms at one row against 5.6 ms
-  # at two with cuBLAS).
+  # max_seqs. The smallest is 8: on GPUs XLA pads a bf16 GEMM's rows to a
+  # multiple of 8, in a kernel of its own before each product, so a
+  # program of fewer rows runs the same GEMMs plus those pads (Llama-3-8B,
+  # H100, 1K context: one live row 6.52-6.53 ms a step in an 8-row
+  # program against 6.67-6.84 in a 2-row one, four live rows 6.56-6.58
+  # against 6.79 in a 4-row one); and one row alone runs matrix-vector
+  # products that neither cuBLAS nor XLA's Triton GEMMs run at HBM rate
+  # (H200: 19.4 / 12.6 ms against 5.6 ms at two rows with cuBLAS).
   row_buckets: tuple[int, ...] = ()
   # Speculative decoding: "ngram" drafts up to ``spec_tokens`` tokens per
   # row and call by prompt lookup (the latest earlier occurrence of the
