@@ -115,6 +115,20 @@ def test_head_dim_128_fp8(pages_per_block):
                                       num_splits=1, interpret=True))
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_pool_widened_to_float16(num_splits):
+  """``widen_to="float16"``: with queries of ordinary size (float16 holds
+  these bf16 values exactly) the softmax weights round to float16, finer
+  than bf16's, so the result stays within the bf16 kernel's bound (and is
+  not the bf16 kernel's result)."""
+  args = _case(LENGTHS, M=8, pool_dtype=FP8)
+  kw = dict(pages_per_block=2, num_splits=num_splits, interpret=True)
+  out = paged_decode_attention(*args, widen_to="float16", **kw)
+  _check(args, out)
+  assert not np.array_equal(np.asarray(out, np.float32), np.asarray(
+      paged_decode_attention(*args, **kw), np.float32))
+
+
 def test_lengths_past_the_table_are_cut_to_it():
   """A length beyond M * P attends to the whole table, as the reference
   does, and never to the padding the kernel adds to the table."""

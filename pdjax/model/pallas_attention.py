@@ -157,8 +157,14 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   hd and P must be powers of two (hd >= 16). ``pages_per_block`` (a power of
   two: pages loaded per step) and ``num_splits`` (slices per row) default
   to ``default_pages_per_block`` and ``default_num_splits`` (``blocking``
-  resolves them); num_warps and num_stages are Triton's. ``interpret`` runs
-  the kernel on any backend (tests on CPU).
+  resolves them); num_warps and num_stages are Triton's. ``widen_to``
+  (e.g. "float16"): the dtype the pool's values, the query and the softmax
+  weights take for the two products (default: the query's). e4m3 values
+  widen to float16 exactly and in one conversion on Hopper where bf16
+  takes three; the query and the weights then round to float16, which
+  ``paged_decode_attention_error_bound`` does not cover (a probe's option,
+  not the engine's). ``interpret`` runs the kernel on any backend (tests
+  on CPU).
   """
   B, one, H, hd = q.shape
   N, P, K, hd_k = k_pool.shape
