@@ -1,51 +1,22 @@
 """A client's Generate calls as messages on one ``GenerateSession`` stream:
 ``pdjax.client.AsyncClient(sessions=True)`` against the real
 ``RouterServicer`` over loopback gRPC, in front of a decode worker with a
-fake engine (``test_worker_sessions._Worker``). A request on the session
-ends as the same request on a call of its own: the same tokens, the same
-status and details; cancelling it frees the decode slot; the client's token
-rides on the stream; a drain ends the sessions."""
+fake engine (``test_worker_sessions.router_with_a_worker``). A request on
+the session ends as the same request on a call of its own: the same
+tokens, the same status and details; cancelling it frees the decode slot;
+the client's token rides on the stream; a drain ends the sessions."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import pytest
 
 from pdjax.client import AsyncClient, GenerationError
 from pdjax.service import common
-from pdjax.service.registry import WorkerRegistry
-from pdjax.service.router import RouterConfig, RouterServicer
-from pdjax.v1 import common_pb2, generate_pb2_grpc
 
-from test_worker_sessions import _Worker
-
-
-@contextlib.asynccontextmanager
-async def _router(security: common.Security = common.Security()):
-  """(decode worker, router servicer, router address)."""
-  async with _Worker() as w:
-    w.servicer.info = common_pb2.WorkerInfo(
-        role="decode", process_id="p",
-        model=common_pb2.ModelInfo(name="fake", vocab_size=64,
-                                   max_seq_len=64, page_size=16),
-        load=common_pb2.WorkerLoad(kv_pages_total=100,
-                                   kv_pages_available=100, rows_free=8))
-    registry = WorkerRegistry(poll_interval_s=60)
-    registry.add(w.address, "decode")
-    await registry.poll_once()
-    servicer = RouterServicer(registry, None, RouterConfig())
-    server = common.make_server(security, client_facing=True)
-    generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    port = common.bind(server, "127.0.0.1", 0)
-    await server.start()
-    try:
-      yield w, servicer, f"127.0.0.1:{port}"
-    finally:
-      await server.stop(None)
-      await registry.close()
+from test_worker_sessions import router_with_a_worker
 
 
 async def _outcome(client: AsyncClient, **request):
@@ -65,7 +36,7 @@ def test_requests_on_a_session_end_as_calls_of_their_own():
   the session's requests shared one stream."""
 
   async def go():
-    async with _router() as (w, servicer, address):
+    async with router_with_a_worker() as (w, servicer, address):
       requests = [dict(prompt_token_ids=[1, 2, 3 + i], max_tokens=3)
                   for i in range(6)]
       requests.append(dict(prompt_token_ids=[1, 99], max_tokens=3))
@@ -91,7 +62,7 @@ def test_cancelling_a_request_on_a_session_frees_its_decode_slot():
   session stays open for the next request."""
 
   async def go():
-    async with _router() as (w, servicer, address):
+    async with router_with_a_worker() as (w, servicer, address):
       async with AsyncClient(address, timeout_s=10, sessions=True) as c:
         task = asyncio.ensure_future(_outcome(
             c, prompt_token_ids=[1, 2], max_tokens=3, request_id="held-1"))
@@ -119,8 +90,8 @@ def test_the_session_carries_the_clients_token():
   calls of their own would."""
 
   async def go():
-    async with _router(common.Security(token="secret")) as (_, servicer,
-                                                              address):
+    async with router_with_a_worker(
+        security=common.Security(token="secret")) as (_, servicer, address):
       async with AsyncClient(address, timeout_s=10, token="secret",
                              sessions=True) as c:
         tokens, status = await _outcome(c, prompt_token_ids=[1, 2],
@@ -143,7 +114,7 @@ def test_a_drain_ends_the_routers_sessions():
   the router draining: UNAVAILABLE, as a call of its own gets."""
 
   async def go():
-    async with _router() as (_, servicer, address):
+    async with router_with_a_worker() as (_, servicer, address):
       async with AsyncClient(address, timeout_s=10, sessions=True) as c:
         tokens, status = await _outcome(c, prompt_token_ids=[1, 2],
                                         max_tokens=2)

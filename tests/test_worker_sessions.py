@@ -9,6 +9,7 @@ what the worker holds for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -322,40 +323,48 @@ def test_a_worker_without_sessions_gets_calls_of_their_own():
   asyncio.run(go())
 
 
+@contextlib.asynccontextmanager
+async def router_with_a_worker(config=None, security=common.Security()):
+  """(worker, router servicer, router address): the real router on
+  loopback in front of one ``_Worker`` (a model of vocabulary 64)."""
+  from pdjax.service.registry import WorkerRegistry
+  from pdjax.service.router import RouterConfig, RouterServicer
+  from pdjax.v1 import common_pb2, generate_pb2_grpc
+  async with _Worker() as w:
+    w.servicer.info = common_pb2.WorkerInfo(
+        role="decode", process_id="p",
+        model=common_pb2.ModelInfo(name="fake", vocab_size=64,
+                                   max_seq_len=64, page_size=16),
+        load=common_pb2.WorkerLoad(kv_pages_total=100,
+                                   kv_pages_available=100, rows_free=8))
+    registry = WorkerRegistry(poll_interval_s=60)
+    registry.add(w.address, "decode")
+    await registry.poll_once()
+    servicer = RouterServicer(registry, None, config or RouterConfig())
+    server = common.make_server(security, client_facing=True)
+    generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    port = common.bind(server, "127.0.0.1", 0)
+    await server.start()
+    try:
+      yield w, servicer, f"127.0.0.1:{port}"
+    finally:
+      await server.stop(None)
+      await registry.close()
+
+
 @pytest.mark.parametrize("sessions", [True, False])
 def test_the_router_streams_a_request_either_way(sessions):
   """The router's Decode path over sessions and over calls of their own
   gives the same tokens (its setting, ``worker_sessions``)."""
   from pdjax.client import AsyncClient
-  from pdjax.service.registry import WorkerRegistry
-  from pdjax.service.router import RouterConfig, RouterServicer
-  from pdjax.v1 import common_pb2, generate_pb2_grpc
+  from pdjax.service.router import RouterConfig
 
   async def go():
-    async with _Worker() as w:
-      w.servicer.info = common_pb2.WorkerInfo(
-          role="decode", process_id="p",
-          model=common_pb2.ModelInfo(name="fake", vocab_size=64,
-                                     max_seq_len=64, page_size=16),
-          load=common_pb2.WorkerLoad(kv_pages_total=100,
-                                     kv_pages_available=100, rows_free=8))
-      registry = WorkerRegistry(poll_interval_s=60)
-      registry.add(w.address, "decode")
-      await registry.poll_once()
-      servicer = RouterServicer(registry, None,
-                                RouterConfig(worker_sessions=sessions))
-      server = common.make_server(common.Security(), client_facing=True)
-      generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-      port = common.bind(server, "127.0.0.1", 0)
-      await server.start()
-      client = AsyncClient(f"127.0.0.1:{port}", timeout_s=10)
-      try:
+    async with router_with_a_worker(
+        RouterConfig(worker_sessions=sessions)) as (w, _, address):
+      async with AsyncClient(address, timeout_s=10) as client:
         got = [d async for d in client.stream(prompt_token_ids=[1, 2, 3],
                                               max_tokens=3)]
-      finally:
-        await client.close()
-        await server.stop(None)
-        await registry.close()
       tokens = [t for d in got for t in d.token_ids]
       assert tokens == w.engine.tokens
       assert w.servicer.sessions.open == (1 if sessions else 0)
