@@ -47,6 +47,8 @@ def test_requests_on_a_session_end_as_calls_of_their_own():
           results[sessions] = await asyncio.gather(
               *[_outcome(c, **r) for r in requests])
           assert servicer.sessions.open == int(sessions)
+          (gauge,) = servicer.metrics.sessions.collect()
+          assert gauge.samples[0].value == int(sessions)   # pdjax_sessions
       assert results[True] == results[False]
       assert all(status is None and len(tokens) == 3
                  for tokens, status in results[True][:-1])

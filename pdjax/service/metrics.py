@@ -160,8 +160,9 @@ class Metrics:
         ["role", "state"], registry=r)
     self.sessions = Gauge(
         "pdjax_sessions",
-        "Sessions open on this worker: the routers' long-lived streams that "
-        "carry their Decode and Prefill calls.", registry=r)
+        "Sessions open on this process: the long-lived streams that carry "
+        "calls as messages (on a worker the routers' Decode and Prefill "
+        "calls, on the router its clients' Generate calls).", registry=r)
     self.worker_inflight = Gauge(
         "pdjax_worker_inflight",
         "Requests the router has on each worker now (set as they start and "

@@ -247,6 +247,7 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     self._published: bool | None = None
     # Clients' GenerateSession streams; a drain ends them at its end.
     self.sessions = CallSessions()
+    self.metrics.sessions.set_function(lambda: self.sessions.open)
 
   # ------------------------------------------------------- health, drain
   def ready(self) -> bool:
