@@ -169,6 +169,8 @@ def test_decode(tmp_path):
   rows = [r for r in records if r["measurement"] == "decode"]
   assert {(r["params"]["batch"], r["params"]["steps_per_call"])
           for r in rows} == {(1, 2), (2, 2), (2, 1)}
+  # Serving's smallest program holds both batches.
+  assert {r["params"]["program_rows"] for r in rows} == {8}
   for r in rows:
     p, x, lim = r["params"], r["results"], r["limits"]
     assert x["rows_live_every_step"], r
@@ -228,6 +230,20 @@ def test_decode_serving_loop_and_sampling_paths(tmp_path, args):
   assert r["params"]["timed_call"] == flags.get("timed", "dispatch")
   assert r["params"]["sampling_path"] == flags.get("sampling_path", "host")
   assert r["params"]["temperature"] == float(flags.get("temperature", 0))
+
+
+def test_decode_in_a_program_of_given_rows(tmp_path):
+  """--program_rows: the live row runs in a program of that many rows (the
+  rest idle), and is measured as one row."""
+  _, records = run_tool(
+      "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1",
+      "--program_rows=2", "--context_lengths=16", "--steps_per_call=2",
+      "--calls_per_sample=2", "--warmup=1", "--repeat=1", *LIMITS)
+  (r,) = [r for r in records if r["measurement"] == "decode"]
+  assert (r["params"]["batch"], r["params"]["program_rows"]) == (1, 2)
+  assert r["results"]["rows_live_every_step"]
+  assert r["results"]["compiles_during_timing"] == 0
+  close(r["results"]["tokens_per_s"], 1 / r["results"]["step_time_s"])
 
 
 def test_decode_skips_what_does_not_fit(tmp_path):
