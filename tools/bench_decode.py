@@ -112,6 +112,10 @@ flags.DEFINE_integer("program_rows", None,
                      "Rows of the program that runs a batch (at least the "
                      "batch; default: the program serving would pick, "
                      "DecodeConfig.row_buckets). Padding rows idle.")
+flags.DEFINE_string("pallas_widen_to", None,
+                    "The Pallas attention's widen_to for this run (e.g. "
+                    "float16: an FP8 pool's values widened to float16; a "
+                    "probe of the kernel's option, not an engine setting).")
 flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
 flags.DEFINE_integer("cpu_max_context", 256,
                      "On CPU, longer contexts are skipped.")
@@ -352,6 +356,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                 "repeat": FLAGS.repeat, "rules": "decode_dp", "dp": 1,
                 "triton_gemm": dcfg.triton_gemm, "attention": dcfg.attention,
                 "merge_dots": dcfg.merge_dots, "kv_dtype": dcfg.kv_dtype,
+                "pallas_widen_to": FLAGS.pallas_widen_to,
                 "temperature": FLAGS.temperature,
                 "sampling_path": FLAGS.sampling_path, "timed_call": FLAGS.timed,
                 "setup": "engine.submit of a zero KV -> insert program",
@@ -485,6 +490,12 @@ def main(argv) -> None:
                 for s in FLAGS.compare_at.split(",") if s}
   rules = ShardingRules.load("decode_dp")
   mesh = make_mesh({"dp": 1}, jax.devices()[:1])
+  if FLAGS.pallas_widen_to:
+    import functools
+    from pdjax.model import pallas_attention
+    pallas_attention.paged_decode_attention = functools.partial(
+        pallas_attention.paged_decode_attention,
+        widen_to=FLAGS.pallas_widen_to)
   t0 = time.perf_counter()
   params, cfg = bc.benchmark_weights(cfg, rules, mesh, seed=FLAGS.seed)
   budget = bc.hbm_budget_bytes(FLAGS.hbm_gib)
