@@ -73,7 +73,7 @@ def test_cancelling_a_request_on_a_session_frees_its_decode_slot():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
           await task
-        for _ in range(200):
+        for _ in range(500):
           if servicer.inflight == 0 and w.worker.streams == 0:
             break
           await asyncio.sleep(0.01)
