@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # What a few live rows pay for the row count of the program they run in, on
 # ONE GPU (Llama-3-8B shapes, random bf16, joined projections, 1K context):
-# the decode step of 1 and 4 live rows in programs of 2 / 4 rows (serving's
-# smallest programs) against the same rows in a program of 8, whose GEMMs
-# need no padding (XLA pads a bf16 GEMM's rows to a multiple of 8 in a
-# kernel of its own before each product), runs alternating; then where the
-# time goes at one live row in each (profile_decode's kernel table).
+# the decode step of 1 and 4 live rows in the smallest programs that hold
+# them (2 / 4 rows) against the same rows in a program of 8 (serving's
+# smallest), whose GEMMs need no padding (XLA pads a bf16 GEMM's rows to a
+# multiple of 8 in a kernel of its own before each product), runs
+# alternating; then where the time goes at one live row in each
+# (profile_decode's kernel table).
 #
 #   bash tools/gpu/probe_program_rows.sh OUT_DIR
 set -u
@@ -33,9 +34,10 @@ profile() {  # profile NAME [FLAGS]
     > "$OUT/profile_$name.log" 2>&1
   echo "exit $?"; tail -25 "$OUT/profile_$name.log"
 }
-decode rows_serving 1,4
+decode rows_small 1,4 --program_rows=2
 decode rows8 1,4 --program_rows=8
-decode rows_serving_2 1,4
+decode rows_small_2 1,4 --program_rows=2
 decode rows8_2 1,4 --program_rows=8
-[ "${PROFILE:-1}" = 1 ] && { profile rows2; profile rows8 --program_rows=8; }
+[ "${PROFILE:-1}" = 1 ] && {
+  profile rows2 --program_rows=2; profile rows8 --program_rows=8; }
 echo "done after $((SECONDS - START)) s"
