@@ -177,7 +177,6 @@ def _layout(cfg, B: int, C: int, S: int):
   """DecodeConfig for B rows at context C that stay live for the whole
   measurement; plus the memory estimate of the fit check."""
   from pdjax.engine.decode import DecodeConfig
-  from pdjax.engine.decode_config import MIN_PROGRAM_ROWS
   from pdjax.engine.kv import pages_for, payload_pages
   P = FLAGS.page_size
   total_calls = 2 + FLAGS.warmup + FLAGS.repeat * FLAGS.calls_per_sample
