@@ -300,16 +300,19 @@ def test_a_reservation_refused_beside_the_prefill(on_full, when):
 
 
 @pytest.mark.parametrize("when", WHEN)
-def test_a_decode_worker_gone_at_reserve_is_routed_around(when):
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.CANCELLED])
+def test_a_decode_worker_gone_at_reserve_is_routed_around(code, when):
   """The decode worker picked first (the most room) is gone (Reserve:
-  UNAVAILABLE) while the prefill computes or once it has run: the router
-  retries the request on the other one, and the first prefill's KV is
-  dropped."""
+  UNAVAILABLE) or gives the call up itself (CANCELLED, which the router
+  never asked for: a worker leaving the pool) while the prefill computes or
+  once it has run: the router retries the request on the other one, and
+  the first prefill's KV is dropped."""
 
   async def go():
     async with _Deployment(capacities=(16, 8)) as dep:
       gone, _ = dep.decodes[0]
-      _refuse(dep, gone, grpc.StatusCode.UNAVAILABLE, when)
+      _refuse(dep, gone, code, when)
       result = await dep.generate()
       await dep.assert_nothing_left()
       return result, dep.engine.batches, dep.decodes[1][1].taken

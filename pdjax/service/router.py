@@ -83,8 +83,12 @@ _SESSION_MESSAGES = SessionMessages(generate_pb2.GenerateCallEvent,
 
 # Codes after which another worker may well succeed. Only UNAVAILABLE
 # takes the worker out of rotation (until its next successful poll).
+# CANCELLED is one the router did not ask for (its own cancellation of a
+# call reaches it as asyncio.CancelledError, never as a status): the worker
+# or the stream between gave the call up, as a worker leaving the pool
+# may.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
-              grpc.StatusCode.UNKNOWN)
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
 
 # Queueing on a full pool: how long one Reserve may wait at the chosen
 # worker for room before the router picks again (another worker may have
@@ -180,6 +184,7 @@ class _KvLost(_Failed):
 # recomputed or the request fails, by the KV failure policy.
 _KV_LOST_CODES = (grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
+                  grpc.StatusCode.CANCELLED,
                   grpc.StatusCode.PERMISSION_DENIED,
                   grpc.StatusCode.FAILED_PRECONDITION,
                   grpc.StatusCode.RESOURCE_EXHAUSTED)
