@@ -246,6 +246,20 @@ def test_decode_in_a_program_of_given_rows(tmp_path):
   close(r["results"]["tokens_per_s"], 1 / r["results"]["step_time_s"])
 
 
+@pytest.mark.parametrize("flag", ["--unroll_layers", "--scan_unroll"])
+def test_decode_with_the_layer_loop_unrolled(tmp_path, flag):
+  """The probes' unrolled layer loops (weights split per layer, or the scan
+  unrolled over the stacked weights) serve the benchmark's decode calls,
+  with no compile while timed."""
+  _, records = run_tool(
+      "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1",
+      flag, "--context_lengths=16", "--steps_per_call=2",
+      "--calls_per_sample=2", "--warmup=1", "--repeat=1", *LIMITS)
+  (r,) = [r for r in records if r["measurement"] == "decode"]
+  assert r["results"]["compiles_during_timing"] == 0
+  close(r["results"]["tokens_per_s"], 1 / r["results"]["step_time_s"])
+
+
 def test_decode_skips_what_does_not_fit(tmp_path):
   _, records = run_tool(
       "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=4",

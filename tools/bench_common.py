@@ -106,6 +106,15 @@ def define_common_flags() -> None:
   flags.DEFINE_bool("fuse_projections", False,
                     "q/k/v and gate/up joined into one matrix each, as a "
                     "decode pool with fuse_projections = true stores them.")
+  flags.DEFINE_bool("unroll_layers", False,
+                    "Probe: every layer's weights as an array of its own "
+                    "(``llama.per_layer``), so the layer loops run unrolled "
+                    "(one call per layer) instead of as a lax.scan over "
+                    "the stacked weights, FP8 or not.")
+  flags.DEFINE_bool("scan_unroll", False,
+                    "Probe: the layer loops as lax.scan(..., unroll=True) "
+                    "over the stacked weights (straight-line code reading "
+                    "each layer's slice) instead of a loop.")
   flags.DEFINE_bool("fp8_activations", False,
                     "With --weight_dtype=fp8: the projections read FP8 "
                     "activations too, each token by its own scale (W8A8, "
@@ -187,15 +196,64 @@ def benchmark_weights(cfg, rules, mesh, seed: int = 0):
     from pdjax.engine.setup import fuse_sharded
     params, cfg = fuse_sharded(params, cfg, rules, mesh)
     jax.block_until_ready(params)
-  if not FLAGS.weight_dtype:
-    return params, cfg
-  from pdjax.engine.setup import quantize_sharded
-  from pdjax.model.quant import FP8
-  params, qcfg = quantize_sharded(
-      params, cfg, rules, mesh, FP8,
-      FP8 if FLAGS.fp8_activations else None)
-  jax.block_until_ready(params)
-  return params, qcfg
+  if FLAGS.weight_dtype:
+    from pdjax.engine.setup import quantize_sharded
+    from pdjax.model.quant import FP8
+    params, cfg = quantize_sharded(
+        params, cfg, rules, mesh, FP8,
+        FP8 if FLAGS.fp8_activations else None)
+    jax.block_until_ready(params)
+  if getattr(FLAGS, "unroll_layers", False):
+    params = unstack_layers(params, cfg.num_layers)
+  if getattr(FLAGS, "scan_unroll", False):
+    unroll_layer_scans()
+  return params, cfg
+
+
+def unroll_layer_scans() -> None:
+  """``llama.scan_layers`` made to unroll its scans (``unroll=True``): the
+  same stacked weights, straight-line code."""
+  import jax
+  from pdjax.model import llama
+  looped = llama.scan_layers
+  if getattr(looped, "unrolled", False):
+    return
+
+  def scan_layers(layer, carry, layers, xs=None):
+    if llama.per_layer(layers):
+      return looped(layer, carry, layers, xs)
+    return jax.lax.scan(layer, carry, layers if xs is None else (layers, xs),
+                        unroll=True)
+  scan_layers.unrolled = True
+  llama.scan_layers = scan_layers
+
+
+def unstack_layers(params, num_layers: int):
+  """``params`` with every stacked layer weight split into one array per
+  layer (a list, as ``llama.per_layer`` reads it), and ``llama.param_shapes``
+  (what the engines shard weights by) made to say so for every model."""
+  import jax
+  from pdjax.model import llama
+  if not getattr(llama.param_shapes, "unstacked", False):
+    stacked_shapes = llama.param_shapes
+
+    def param_shapes(cfg):
+      out = stacked_shapes(cfg)
+      out["layers"] = {
+          k: v if isinstance(v, list)
+          else [(v[0][1:], v[1][1:])] * cfg.num_layers
+          for k, v in out["layers"].items()}
+      return out
+    param_shapes.unstacked = True
+    llama.param_shapes = param_shapes
+  layers = dict(params["layers"])
+  for name in list(layers):
+    v = layers[name]
+    if not isinstance(v, list):
+      layers[name] = [v[i] for i in range(num_layers)]
+      jax.block_until_ready(layers[name])
+      del v
+  return {**params, "layers": layers}
 
 
 def quantized_param_count(cfg) -> int:
