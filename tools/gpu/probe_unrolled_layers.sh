@@ -9,7 +9,8 @@
 # the one-row step's time goes unrolled (profile_decode's kernel table).
 #
 #   bash tools/gpu/probe_unrolled_layers.sh OUT_DIR
-# PARTS: which of "layers widen profile" to run (default: all three).
+# PARTS: which of "layers widen profile" to run (default: all three);
+# LAYERS: which of "scan scan_unroll unrolled" the layers part runs.
 set -u
 OUT=${1:?usage: probe_unrolled_layers.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/../.." || exit 1
 start_call "$OUT" > /dev/null
 use_compile_cache
 PARTS=${PARTS:-layers widen profile}
+LAYERS=${LAYERS:-scan scan_unroll unrolled}
 decode() {  # decode NAME ROWS [FLAGS]
   local name=$1 rows=$2; shift 2
   echo "=== [$((SECONDS - START)) s] decode $name"
@@ -31,9 +33,13 @@ decode() {  # decode NAME ROWS [FLAGS]
 # each.
 for i in 1 2; do
   case " $PARTS " in *" layers "*)
-    decode scan_$i 1,8,32,128
-    decode scan_unroll_$i 1,8,32,128 --scan_unroll
-    decode unrolled_$i 1,8,32,128 --unroll_layers ;;
+    for v in $LAYERS; do
+      case $v in
+        scan) decode scan_$i 1,8,32,128 ;;
+        scan_unroll) decode scan_unroll_$i 1,8,32,128 --scan_unroll ;;
+        unrolled) decode unrolled_$i 1,8,32,128 --unroll_layers ;;
+      esac
+    done ;;
   esac
   case " $PARTS " in *" widen "*)
     decode fp8kv_bf16_$i 32,128 --kv_dtype=fp8
