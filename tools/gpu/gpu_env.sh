@@ -67,3 +67,18 @@ ipc_gpu_test() {
   JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python3 -m pytest -q -s tests/gpu/test_cuda_ipc_gpu.py > "$1/ipc_test.log" 2>&1
   echo "exit $?"; grep -v "^W0000\|^I0000" "$1/ipc_test.log" | tail -"$2"
 }
+
+# decode_1k NAME ROWS [FLAGS]: bench_decode on Llama-3-8B shapes (joined
+# projections, 1K context, 4 steps a call) with FLAGS, into
+# $OUT/decode_NAME.jsonl and .log, its table's rows shown (at most
+# DECODE_TIMEOUT seconds, 200 by default).
+decode_1k() {
+  local name=$1 rows=$2; shift 2
+  echo "=== [$((SECONDS - START)) s] decode $name"
+  timeout "${DECODE_TIMEOUT:-200}" python3 tools/bench_decode.py \
+    --model=llama3-8b --batch_sizes="$rows" --context_lengths=1024 \
+    --steps_per_call=4 --fuse_projections "$@" \
+    --out="$OUT/decode_$name.jsonl" > "$OUT/decode_$name.log" 2>&1
+  echo "exit $?"
+  grep -E "^ *[0-9]+ +1024 " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
+}

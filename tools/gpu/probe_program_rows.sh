@@ -16,15 +16,7 @@ cd "$(dirname "$0")/../.." || exit 1
 . tools/gpu/gpu_env.sh
 start_call "$OUT" > /dev/null
 use_compile_cache
-decode() {  # decode NAME ROWS [FLAGS]
-  local name=$1 rows=$2; shift 2
-  echo "=== [$((SECONDS - START)) s] decode $name"
-  timeout 170 python3 tools/bench_decode.py --model=llama3-8b \
-    --batch_sizes=$rows --context_lengths=1024 --steps_per_call=4 \
-    --fuse_projections "$@" --out="$OUT/decode_$name.jsonl" \
-    > "$OUT/decode_$name.log" 2>&1
-  echo "exit $?"; grep -E "^ *[0-9]+ +1024 " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
-}
+DECODE_TIMEOUT=170
 profile() {  # profile NAME [FLAGS]
   local name=$1; shift
   echo "=== [$((SECONDS - START)) s] profile $name"
@@ -34,10 +26,10 @@ profile() {  # profile NAME [FLAGS]
     > "$OUT/profile_$name.log" 2>&1
   echo "exit $?"; tail -25 "$OUT/profile_$name.log"
 }
-decode rows_small 1,4 --program_rows=2
-decode rows8 1,4 --program_rows=8
-decode rows_small_2 1,4 --program_rows=2
-decode rows8_2 1,4 --program_rows=8
+decode_1k rows_small 1,4 --program_rows=2
+decode_1k rows8 1,4 --program_rows=8
+decode_1k rows_small_2 1,4 --program_rows=2
+decode_1k rows8_2 1,4 --program_rows=8
 [ "${PROFILE:-1}" = 1 ] && {
   profile rows2 --program_rows=2; profile rows8 --program_rows=8; }
 echo "done after $((SECONDS - START)) s"

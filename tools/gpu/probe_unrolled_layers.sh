@@ -20,30 +20,21 @@ start_call "$OUT" > /dev/null
 use_compile_cache
 PARTS=${PARTS:-layers widen profile}
 LAYERS=${LAYERS:-scan scan_unroll unrolled}
-decode() {  # decode NAME ROWS [FLAGS]
-  local name=$1 rows=$2; shift 2
-  echo "=== [$((SECONDS - START)) s] decode $name"
-  timeout 200 python3 tools/bench_decode.py --model=llama3-8b \
-    --batch_sizes=$rows --context_lengths=1024 --steps_per_call=4 \
-    --fuse_projections "$@" --out="$OUT/decode_$name.jsonl" \
-    > "$OUT/decode_$name.log" 2>&1
-  echo "exit $?"; grep -E "^ *[0-9]+ +1024 " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
-}
 # Each pair twice, the pairs interleaved: a call cut short keeps a pair of
 # each.
 for i in 1 2; do
   case " $PARTS " in *" layers "*)
     for v in $LAYERS; do
       case $v in
-        scan) decode scan_$i 1,8,32,128 ;;
-        scan_unroll) decode scan_unroll_$i 1,8,32,128 --scan_unroll ;;
-        unrolled) decode unrolled_$i 1,8,32,128 --unroll_layers ;;
+        scan) decode_1k scan_$i 1,8,32,128 ;;
+        scan_unroll) decode_1k scan_unroll_$i 1,8,32,128 --scan_unroll ;;
+        unrolled) decode_1k unrolled_$i 1,8,32,128 --unroll_layers ;;
       esac
     done ;;
   esac
   case " $PARTS " in *" widen "*)
-    decode fp8kv_bf16_$i 32,128 --kv_dtype=fp8
-    decode fp8kv_f16_$i 32,128 --kv_dtype=fp8 --pallas_widen_to=float16 ;;
+    decode_1k fp8kv_bf16_$i 32,128 --kv_dtype=fp8
+    decode_1k fp8kv_f16_$i 32,128 --kv_dtype=fp8 --pallas_widen_to=float16 ;;
   esac
 done
 case " $PARTS " in *" profile "*)
