@@ -252,7 +252,6 @@ def unstack_layers(params, num_layers: int):
     if not isinstance(v, list):
       layers[name] = [v[i] for i in range(num_layers)]
       jax.block_until_ready(layers[name])
-      del v
   return {**params, "layers": layers}
 
 
