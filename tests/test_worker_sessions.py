@@ -67,8 +67,8 @@ class _Worker:
                                        aio=True)
     self.stub = decode_pb2_grpc.DecodeStub(self.channel)
     self.session = CallSession(self.stub, "Decode",
-                                 decode_pb2.DecodeSessionRequest,
-                                 self.address)
+                               decode_pb2.DecodeSessionRequest,
+                               self.address)
     return self
 
   async def __aexit__(self, *exc):

@@ -189,7 +189,10 @@ def random_params(cfg, rules, mesh, seed: int = 0, std: float = 0.02):
 
 def benchmark_weights(cfg, rules, mesh, seed: int = 0):
   """(params, cfg): random weights in ``rules``' layout, quantized as
-  ``--weight_dtype`` says (the returned config says so too)."""
+  ``--weight_dtype`` says (the returned config says so too); the probes'
+  ``--unroll_layers`` (weights split per layer) and ``--scan_unroll`` (the
+  model's layer loops unrolled, for this process) applied here, where every
+  tool that times the model builds its weights."""
   import jax
   params = random_params(cfg, rules, mesh, seed=seed)
   if getattr(FLAGS, "fuse_projections", False):

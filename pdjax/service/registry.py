@@ -31,8 +31,8 @@ import uuid
 
 import grpc
 
-from pdjax.service import common
 from pdjax.client.sessions import CallSession
+from pdjax.service import common
 from pdjax.service.kv_router import (DEFAULT_FETCH_WEIGHT,
                                      DEFAULT_STALE_AFTER_S, CacheMirror,
                                      KvScorer)
