@@ -253,6 +253,26 @@ def test_a_drain_ends_the_sessions_once_nothing_runs():
   asyncio.run(go())
 
 
+def test_a_call_the_drain_cuts_short_ends_unavailable():
+  """A call still running when ``CallSessions.end`` closes its session (a
+  drain that ran out of time, or a start that came in just before the end)
+  ends UNAVAILABLE, the status of a server going away, not CANCELLED: its
+  caller cancelled nothing; the worker frees what it held."""
+
+  async def go():
+    async with _Worker() as w:
+      call = asyncio.ensure_future(_outcome(w.session.call(
+          _local("held-1"), timeout=10)))
+      await asyncio.wait_for(w.engine.arrived.wait(), 5)
+      await w.servicer.sessions.end()
+      msgs, status = await call
+      assert msgs == [] and status[0] == grpc.StatusCode.UNAVAILABLE, status
+      assert "shutting down" in status[1]
+      assert w.engine.cancelled == ["held-1"] and w.worker.streams == 0
+
+  asyncio.run(go())
+
+
 class _Silent(DecodeServicer):
   """A worker that takes the session and never answers it (hung)."""
 

@@ -19,7 +19,9 @@ request's call goes as a ``start`` message on it
   live row), each call closed by an ``end`` carrying its status;
 * a ``cancel`` message, the call's deadline, or the session's end cancels
   the body as gRPC would cancel the call (its ``finally`` frees what it
-  holds).
+  holds); a call that ``CallSessions.end`` cuts short ends UNAVAILABLE, as
+  a call of its own on a server going away, never CANCELLED, which would
+  tell its caller of a cancellation it never made.
 
 ``CallSessions`` owns a process's open sessions: ``end`` closes them once a
 drain has nothing left running (an open stream would otherwise hold the
@@ -155,6 +157,9 @@ class _Session:
     self._pending: list = []
     self._wake = asyncio.Event()
     self._closed = False
+    # The status of a call cancelled other than by its deadline: set once
+    # the session itself ends.
+    self._cancelled = call_status(grpc.StatusCode.CANCELLED, "Cancelled")
 
   async def run(self, request_iterator, ending: asyncio.Event) -> None:
     writer = asyncio.ensure_future(self._write())
@@ -164,13 +169,18 @@ class _Session:
       await asyncio.wait([reader, writer, stop],
                          return_when=asyncio.FIRST_COMPLETED)
     finally:
+      if stop.done() and not stop.cancelled():
+        self._cancelled = call_status(
+            grpc.StatusCode.UNAVAILABLE,
+            "the server is shutting down: the call was ended before it "
+            "finished; try another server")
       reader.cancel()
       stop.cancel()
       calls = list(self._calls.values())
       for t in calls:
         t.cancel()
       if calls:
-        # Their ends go out (CANCELLED) while the stream still stands.
+        # Their ends go out while the stream still stands.
         await asyncio.wait(calls)
       self._closed = True
       self._wake.set()
@@ -217,8 +227,9 @@ class _Session:
         status = call_status(grpc.StatusCode.DEADLINE_EXCEEDED,
                              "Deadline Exceeded")
       else:
-        # Cancelled by the caller (no end wanted) or by the session's end.
-        status = call_status(grpc.StatusCode.CANCELLED, "Cancelled")
+        # Cancelled by the caller (no end wanted), by its stream's end, or
+        # by the server's.
+        status = self._cancelled
     except Exception as e:  # noqa: BLE001 - the call's status, as gRPC's
       log.exception("session call %d failed", call)
       status = call_status(grpc.StatusCode.UNKNOWN,
