@@ -21,7 +21,7 @@ import pytest
 from pdjax.model.pallas_attention import (
     default_num_splits, default_pages_per_block, paged_decode_attention,
     paged_decode_attention_error_bound, paged_decode_attention_reference,
-    _check_offsets)
+    products_dtype, _check_offsets)
 
 BF16, F32, FP8 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
 
@@ -52,9 +52,9 @@ def _case(lengths, *, M, P=16, H=8, K=2, hd=32, q_dtype=BF16,
           jnp.asarray(lengths, jnp.int32))
 
 
-def _check(args, out):
+def _check(args, out, widen_to=None):
   ref = paged_decode_attention_reference(*args)
-  bound = paged_decode_attention_error_bound(*args)
+  bound = paged_decode_attention_error_bound(*args, widen_to=widen_to)
   q = args[0]
   assert out.shape == q.shape and out.dtype == q.dtype
   # The bound is itself small: a few ulps of q's dtype (bf16: 2**-8 for
@@ -116,17 +116,53 @@ def test_head_dim_128_fp8(pages_per_block):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_fp8_pool_widened_to_float16(num_splits):
-  """``widen_to="float16"``: with queries of ordinary size (float16 holds
-  these bf16 values exactly) the softmax weights round to float16, finer
-  than bf16's, so the result stays within the bf16 kernel's bound (and is
-  not the bf16 kernel's result)."""
+def test_fp8_pool_products_in_float16(num_splits):
+  """Over a float8 pool, bf16 queries' products run in float16
+  (``products_dtype``): the result is the one ``widen_to="float16"``
+  gives, not the bf16 products' (``widen_to="bfloat16"``), and each stays
+  within its own bound."""
   args = _case(LENGTHS, M=8, pool_dtype=FP8)
+  assert products_dtype(BF16, FP8) == jnp.float16
+  assert products_dtype(BF16, BF16) == BF16
+  assert products_dtype(F32, FP8) == F32
   kw = dict(pages_per_block=2, num_splits=num_splits, interpret=True)
-  out = paged_decode_attention(*args, widen_to="float16", **kw)
+  out = paged_decode_attention(*args, **kw)
   _check(args, out)
-  assert not np.array_equal(np.asarray(out, np.float32), np.asarray(
-      paged_decode_attention(*args, **kw), np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(out, np.float32),
+      np.asarray(paged_decode_attention(*args, widen_to="float16", **kw),
+                 np.float32))
+  in_bf16 = paged_decode_attention(*args, widen_to="bfloat16", **kw)
+  _check(args, in_bf16, widen_to="bfloat16")
+  assert not np.array_equal(np.asarray(out, np.float32),
+                            np.asarray(in_bf16, np.float32))
+
+
+def _within_bound(args, out):
+  bound = paged_decode_attention_error_bound(*args)
+  ref = paged_decode_attention_reference(*args)
+  assert bool(jnp.isfinite(out).all())
+  err = jnp.abs(out.astype(F32) - ref.astype(F32))
+  assert float((err - bound).max()) <= 0, float(err.max())
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_float16_products_take_queries_past_its_range(num_splits):
+  """A query head with components past float16's range (65504) is scaled
+  by a power of two first (its logits scaled back): finite, within the
+  bound; plain rounding would make it inf and the row NaN. Queries below
+  float16's normal range (2**-14) round as its subnormals, which the bound
+  covers too."""
+  q, kp, vp, table, lengths = _case(LENGTHS, M=8, pool_dtype=FP8)
+  big = q.astype(F32).at[:, :, 0, 3].set(1e5).at[:, :, 1, :].multiply(3e4)
+  args = (big.astype(BF16), kp, vp, table, lengths)
+  _within_bound(args, paged_decode_attention(
+      *args, pages_per_block=2, num_splits=num_splits, interpret=True))
+  small = (q.astype(F32) * 2.0**-18).astype(BF16)
+  args = (small, kp, vp, table, lengths)
+  out = paged_decode_attention(*args, pages_per_block=2,
+                               num_splits=num_splits, interpret=True)
+  _check(args, out)
 
 
 def test_lengths_past_the_table_are_cut_to_it():

@@ -114,8 +114,9 @@ flags.DEFINE_integer("program_rows", None,
                      "DecodeConfig.row_buckets). Padding rows idle.")
 flags.DEFINE_string("pallas_widen_to", None,
                     "The Pallas attention's widen_to for this run (e.g. "
-                    "float16: an FP8 pool's values widened to float16; a "
-                    "probe of the kernel's option, not an engine setting).")
+                    "bfloat16: an FP8 pool's products in bf16, as before "
+                    "they ran in float16; a probe of the kernel's option, "
+                    "not an engine setting).")
 flags.DEFINE_integer("cpu_max_batch", 8, "On CPU, larger batches are skipped.")
 flags.DEFINE_integer("cpu_max_context", 256,
                      "On CPU, longer contexts are skipped.")

@@ -21,11 +21,17 @@ short rows cost little; pages past the length are never looked at, and the
 stale tokens at the end of a row's last page are masked out (keys and
 values both, so even NaN there cannot leak into the result).
 
-Float8 pools hold plain e4m3 values (no scales): the cast to bf16 or float32
-is exact. With bf16 queries, keys and values are in bf16 for the two matrix
-products, which accumulate in float32; the softmax weights are rounded to
-bf16 for the second product. ``paged_decode_attention_error_bound`` states
-what that costs against the float32 reference.
+Float8 pools hold plain e4m3 values (no scales). With bf16 queries over a
+bf16 pool, the two matrix products take bf16 operands and accumulate in
+float32; the softmax weights are rounded to bf16 for the second product.
+Over a float8 pool the products run in float16 instead (``products_dtype``):
+e4m3 values widen to float16 exactly and in one conversion on Hopper where
+bf16 takes three, and the softmax weights round to float16, three bits
+finer than bf16. A bf16 query is float16 exactly between 2**-14 and
+65504; one with a component of 2**15 or more is first scaled, per query
+head, by a power of two that brings it under (``up`` back on its logits),
+so no query overflows float16. ``paged_decode_attention_error_bound``
+states what each way costs against the float32 reference.
 """
 
 from __future__ import annotations
@@ -89,6 +95,29 @@ def blocking(batch: int, table_width: int, k_pool,
   return ppb, -(-blocks // per_split), per_split * ppb
 
 
+# float16's largest power of two whose double still fits it (65504): a
+# query head whose largest magnitude reaches it is scaled down first.
+_F16_QUERY_EXP = 15
+_F32_BIAS = 127
+
+
+def _pow2(e):
+  """2**e as float32, exactly (int32 ``e`` in [-126, 127])."""
+  return jax.lax.bitcast_convert_type((e + _F32_BIAS) << 23, jnp.float32)
+
+
+def _query_in_float16(q):
+  """(q / 2**k as float16, 2**k as float32 [G, 1]) with k per query head
+  the least that keeps the head's largest |q| under 2**15 (0 for every
+  query of ordinary size): a power of two, so the scaling is exact."""
+  qf = q.astype(jnp.float32)
+  top = jnp.abs(qf).max(axis=1, keepdims=True)                  # [G, 1]
+  # floor(log2(top)) from the float32 exponent bits (top >= 0).
+  e = (jax.lax.bitcast_convert_type(top, jnp.int32) >> 23) - _F32_BIAS
+  k = jnp.maximum(e - (_F16_QUERY_EXP - 1), 0)
+  return (qf * _pow2(-k)).astype(jnp.float16), _pow2(k)
+
+
 def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
             pages_per_block: int, pages_per_split: int, scale: float,
             compute_dtype, precision):
@@ -105,7 +134,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, *lse_ref,
   length = len_ref[...]
   first = pl.program_id(2) * pages_per_split
   pages = jnp.clip(pl.cdiv(length, P) - first, 0, pages_per_split)
-  q = q_ref[...].astype(compute_dtype)
+  q = q_ref[...]
+  if (jnp.dtype(compute_dtype) == jnp.dtype(jnp.float16)
+      and q.dtype != jnp.float16):
+    q, up = _query_in_float16(q)
+    scale = scale * up                                          # [G, 1]
+  else:
+    q = q.astype(compute_dtype)
 
   def body(i, carry):
     acc, m, l = carry
@@ -157,14 +192,13 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   hd and P must be powers of two (hd >= 16). ``pages_per_block`` (a power of
   two: pages loaded per step) and ``num_splits`` (slices per row) default
   to ``default_pages_per_block`` and ``default_num_splits`` (``blocking``
-  resolves them); num_warps and num_stages are Triton's. ``widen_to``
-  (e.g. "float16"): the dtype the pool's values, the query and the softmax
-  weights take for the two products (default: the query's). e4m3 values
-  widen to float16 exactly and in one conversion on Hopper where bf16
-  takes three; the query and the weights then round to float16, which
-  ``paged_decode_attention_error_bound`` does not cover (a probe's option,
-  not the engine's). ``interpret`` runs the kernel on any backend (tests
-  on CPU).
+  resolves them); num_warps and num_stages are Triton's. ``widen_to``:
+  the dtype the pool's values, the query and the softmax weights take for
+  the two products; None: ``products_dtype``'s choice (float16 over a
+  float8 pool for bf16 queries, else the query's dtype); "bfloat16" keeps
+  a float8 pool's products in bf16 (what the kernel did before float16,
+  for comparisons). ``interpret`` runs the kernel on any backend (tests on
+  CPU).
   """
   B, one, H, hd = q.shape
   N, P, K, hd_k = k_pool.shape
@@ -188,9 +222,7 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
   if Gp != G:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
   f32 = jnp.dtype(q.dtype) == jnp.dtype(jnp.float32)
-  compute = jnp.float32 if f32 else q.dtype
-  if widen_to is not None:
-    compute = jnp.dtype(widen_to)
+  compute = products_dtype(q.dtype, k_pool.dtype, widen_to)
   kernel = functools.partial(
       _kernel, pages_per_block=ppb, pages_per_split=pps,
       scale=1.0 / math.sqrt(hd),
@@ -236,6 +268,22 @@ def paged_decode_attention(q, k_pool, v_pool, table, kv_len, *,
                                                    1.0)[..., None]
     o = o.astype(q.dtype)
   return o[:, :, :G].reshape(B, 1, H, hd)
+
+
+def products_dtype(q_dtype, pool_dtype, widen_to: str | None = None):
+  """The dtype of the kernel's two products: ``widen_to`` where given;
+  float16 for bf16 queries over a pool of 1-byte floats (widened exactly,
+  in one conversion); else float32 for float32 queries, the query's dtype
+  otherwise."""
+  if widen_to is not None:
+    return jnp.dtype(widen_to)
+  q_dtype = jnp.dtype(q_dtype)
+  if q_dtype == jnp.dtype(jnp.float32):
+    return q_dtype
+  if (q_dtype == jnp.dtype(jnp.bfloat16)
+      and jnp.dtype(pool_dtype).itemsize == 1):
+    return jnp.dtype(jnp.float16)
+  return q_dtype
 
 
 def supports(pool_shape, dtype) -> bool:
@@ -290,9 +338,11 @@ def paged_decode_attention_reference(q, k_pool, v_pool, table, kv_len):
   return o.reshape(B, 1, H, hd).astype(q.dtype)
 
 
-def paged_decode_attention_error_bound(q, k_pool, v_pool, table, kv_len):
+def paged_decode_attention_error_bound(q, k_pool, v_pool, table, kv_len,
+                                       widen_to: str | None = None):
   """An elementwise bound [B, 1, H, hd] (float32) on how far the kernel's
-  output may be from the reference's, from the arithmetic of the two.
+  output (``widen_to`` as given to it) may be from the reference's, from
+  the arithmetic of the two.
 
   With u the unit roundoff of q's dtype (2**-8 for bf16, 2**-24 for
   float32) and u32 float32's:
@@ -305,7 +355,18 @@ def paged_decode_attention_error_bound(q, k_pool, v_pool, table, kv_len):
     1 + 4d: 4d * sum(p |v|);
   * the weighted sum of up to M * P values, the softmax's sum and a few ulps
     of exp, all float32: (M * P + 8) u32 * sum(p |v|).
-  Keys and values enter both as the pool's values cast to q's dtype.
+  Where the products run in float16 (``products_dtype``: bf16 queries over
+  a float8 pool), the weights round to float16 instead: u16 = 2**-11 of
+  each, or 2**-25 absolute where float16 is subnormal (below 2**-14), so
+  u16 * sum(p |v|) + 2**-25 * sum|v| over the row's tokens (a weight is
+  relative to the running maximum, and the later rescaling and division
+  only shrink its error). The query is exact in float16 but where a
+  component is subnormal there: 2**-25 * 2**k absolute, 2**k the head's
+  power-of-two scaling (at most max(1, max|q| * 2**-14)), which moves a
+  logit by at most 2**-25 * 2**k * max over tokens of sum|k| / sqrt(hd),
+  added to d.
+  Keys and values enter both as the pool's values cast to q's dtype (and
+  float8 values to float16 exactly).
   Pages past a row's length must hold finite values for this bound (the
   kernel itself ignores them whatever they hold)."""
   B, _, H, hd = q.shape
@@ -314,6 +375,12 @@ def paged_decode_attention_error_bound(q, k_pool, v_pool, table, kv_len):
   f32 = jnp.float32
   u = float(jnp.finfo(q.dtype).eps) / 2
   u32 = float(jnp.finfo(f32).eps) / 2
+  in_f16 = (products_dtype(q.dtype, k_pool.dtype, widen_to)
+            == jnp.dtype(jnp.float16))
+  if in_f16 and jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                           jnp.dtype(jnp.float16)):
+    raise ValueError(f"no bound for {jnp.dtype(q.dtype).name} queries "
+                     "rounded to float16")
   k_q = k_pool.astype(q.dtype)
   o = paged_decode_attention_reference(q, k_q, v_pool, table, kv_len)
   # sum over the row's tokens of p |v|, with the reference's weights.
@@ -327,6 +394,18 @@ def paged_decode_attention_error_bound(q, k_pool, v_pool, table, kv_len):
   valid = jnp.arange(T)[None, :] < kv_len[:, None]
   mag = jnp.where(valid[:, None, None, :], mag, 0.0).max(axis=-1)
   d = (hd * u32 / math.sqrt(hd)) * mag.reshape(B, 1, H, 1)
-  p_rounding = u if u > u32 else 0.0
+  absolute = 0.0
+  if in_f16:
+    tiny = 2.0**-25
+    up = jnp.maximum(1.0, qa.max(axis=-1) * 2.0**-14)           # [B, K, G]
+    ksum = jnp.where(valid[:, :, None], kk.sum(axis=-1), 0.0).max(axis=1)
+    d = d + (tiny / math.sqrt(hd)) * (up * ksum[:, :, None]).reshape(
+        B, 1, H, 1)
+    p_rounding = 2.0**-11
+    vv = jnp.abs(v_pool.astype(f32)[table].reshape(B, T, K, hd))
+    vsum = jnp.where(valid[:, :, None, None], vv, 0.0).sum(axis=1)
+    absolute = tiny * jnp.repeat(vsum, H // K, axis=1)[:, None]  # [B,1,H,hd]
+  else:
+    p_rounding = u if u > u32 else 0.0
   per_weight = p_rounding + 4 * d + (T + 8) * u32
-  return per_weight * wabs + 2 * u * jnp.abs(o.astype(f32))
+  return per_weight * wabs + absolute + 2 * u * jnp.abs(o.astype(f32))

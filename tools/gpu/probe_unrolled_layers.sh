@@ -33,7 +33,7 @@ for i in 1 2; do
     done ;;
   esac
   case " $PARTS " in *" widen "*)
-    decode_1k fp8kv_bf16_$i 32,128 --kv_dtype=fp8
+    decode_1k fp8kv_bf16_$i 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
     decode_1k fp8kv_f16_$i 32,128 --kv_dtype=fp8 --pallas_widen_to=float16 ;;
   esac
 done
