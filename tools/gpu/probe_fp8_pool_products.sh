@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# An FP8 KV pool's decode step with the Pallas kernel's products in float16
+# (the kernel's choice for bf16 queries over float8 pages) against bf16
+# products (`--pallas_widen_to=bfloat16`, the kernel before) and a bf16
+# pool, on ONE GPU (Llama-3-8B shapes, random bf16, joined projections,
+# runs alternating); first the kernel alone against the float32 reference
+# on the card (its error bound), which also shows it compiles there.
+#
+#   bash tools/gpu/probe_fp8_pool_products.sh OUT_DIR
+set -u
+OUT=${1:?usage: probe_fp8_pool_products.sh OUT_DIR}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+. tools/gpu/gpu_env.sh
+start_call "$OUT" > /dev/null
+use_compile_cache
+echo "=== [$((SECONDS - START)) s] kernel against the reference"
+timeout 150 python3 tools/gpu/probe_pallas_attention.py --rows=1,8,32,128 \
+  --contexts=1024,4096 --pool_dtypes=float8_e4m3fn --variants=pallas \
+  --iters=10 --out="$OUT/kernel.jsonl" > "$OUT/kernel.log" 2>&1
+echo "exit $?"; tail -12 "$OUT/kernel.log"
+# decode NAME CONTEXT ROWS [FLAGS]
+decode() {
+  local name=$1 ctx=$2 rows=$3; shift 3
+  echo "=== [$((SECONDS - START)) s] decode $name"
+  timeout 150 python3 tools/bench_decode.py --model=llama3-8b \
+    --batch_sizes="$rows" --context_lengths="$ctx" --steps_per_call=4 \
+    --fuse_projections "$@" --out="$OUT/decode_$name.jsonl" \
+    > "$OUT/decode_$name.log" 2>&1
+  echo "exit $?"
+  grep -E "^ *[0-9]+ +$ctx " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
+}
+for i in 1 2; do
+  decode f16_4k_$i 4096 8,32,64 --kv_dtype=fp8
+  decode bf16prod_4k_$i 4096 8,32,64 --kv_dtype=fp8 --pallas_widen_to=bfloat16
+  decode f16_1k_$i 1024 32,128 --kv_dtype=fp8
+  decode bf16prod_1k_$i 1024 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
+done
+decode bf16pool_4k 4096 8,32
+echo "done after $((SECONDS - START)) s"
