@@ -374,8 +374,10 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
   paged_attention = engine.programs.paged_attention[program_rows]
   rep = engine.replicas[0]
   try:
+    with compile_stats.CompileCounter() as cc:
+      setup_s = first_iteration(engine, cfg, B, C)
     mem_analysis = None
-    if FLAGS.memory_analysis:
+    if FLAGS.memory_analysis:   # the rows are admitted by now
       rows = list(range(B))
       compiled = engine.programs.generate(True, program_rows).lower(
           rep.params, rep.state, rep._slot_inputs(rows, rows, rep._width(rows))  # pylint: disable=protected-access
@@ -386,8 +388,6 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
           "output_size_in_bytes", "alias_size_in_bytes",
           "generated_code_size_in_bytes")}
       del compiled
-    with compile_stats.CompileCounter() as cc:
-      setup_s = first_iteration(engine, cfg, B, C)
     call = timed_call(engine)
     engine.step()  # the first iteration's tokens are delivered here
     for _ in range(FLAGS.warmup):

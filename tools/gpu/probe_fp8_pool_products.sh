@@ -4,7 +4,8 @@
 # products (`--pallas_widen_to=bfloat16`, the kernel before) and a bf16
 # pool, on ONE GPU (Llama-3-8B shapes, random bf16, joined projections,
 # runs alternating); first the kernel alone against the float32 reference
-# on the card (its error bound), which also shows it compiles there.
+# on the card (its error bound), which also shows it compiles there; last,
+# a bf16 pool's step with its program's memory analysis.
 #
 #   bash tools/gpu/probe_fp8_pool_products.sh OUT_DIR
 set -u
@@ -36,5 +37,16 @@ for i in 1 2; do
   decode f16_1k_$i 1024 32,128 --kv_dtype=fp8
   decode bf16prod_1k_$i 1024 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
 done
-decode bf16pool_4k 4096 8,32
+# A bf16 pool beside them, with its program's memory analysis (temp
+# bytes against the pool's: 32 x 8K and 64 x 4K did not fit a card
+# whose budget held the pool and the weights, a pool-sized allocation
+# failing in the generate program).
+decode bf16pool_4k 4096 8,32 --memory_analysis
+python3 - "$OUT/decode_bf16pool_4k.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+  r = json.loads(line)["results"]
+  if "memory_analysis" in r:
+    print({k: r.get(k) for k in ("memory_analysis", "pool_bytes")})
+PY
 echo "done after $((SECONDS - START)) s"
