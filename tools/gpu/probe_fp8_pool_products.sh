@@ -8,6 +8,7 @@
 # a bf16 pool's step with its program's memory analysis.
 #
 #   bash tools/gpu/probe_fp8_pool_products.sh OUT_DIR
+# ROUNDS: pairs of runs (default 2); SHORT=1: the 4K pair only.
 set -u
 OUT=${1:?usage: probe_fp8_pool_products.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -31,9 +32,10 @@ decode() {
   echo "exit $?"
   grep -E "^ *[0-9]+ +$ctx " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
 }
-for i in 1 2; do
+for i in $(seq "${ROUNDS:-2}"); do
   decode f16_4k_$i 4096 8,32,64 --kv_dtype=fp8
   decode bf16prod_4k_$i 4096 8,32,64 --kv_dtype=fp8 --pallas_widen_to=bfloat16
+  [ "${SHORT:-0}" = 1 ] && continue
   decode f16_1k_$i 1024 32,128 --kv_dtype=fp8
   decode bf16prod_1k_$i 1024 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
 done
