@@ -250,3 +250,24 @@ def test_a_row_of_length_0_gets_zeros(pages_per_block, num_splits):
   assert not bool(jnp.any(out[0] != 0))
   args = (q[1:], kp, vp, table[1:], jnp.asarray([40], jnp.int32))
   _check(args, out[1:])
+
+
+@pytest.mark.parametrize("pool_dtype,widen_to", [
+    (FP8, None), (FP8, "bfloat16"), (BF16, None)])
+def test_the_kernel_lowers_for_gpus(pool_dtype, widen_to):
+  """The kernel's JAX-to-Triton lowering for CUDA, without a GPU (what
+  interpret mode never exercises: every operation it uses must have a
+  Triton lowering), at Llama-3-8B's head layout."""
+  import functools
+  from jax import export
+  B, H, K, hd, P, N, M = 8, 32, 8, 128, 16, 64, 8
+  shape = jax.ShapeDtypeStruct
+  fn = jax.jit(functools.partial(paged_decode_attention, widen_to=widen_to))
+  exported = export.export(
+      fn, platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+          "__gpu$xla.gpu.triton")])(
+              shape((B, 1, H, hd), BF16), shape((N, P, K, hd), pool_dtype),
+              shape((N, P, K, hd), pool_dtype), shape((B, M), jnp.int32),
+              shape((B,), jnp.int32))
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
