@@ -68,17 +68,18 @@ ipc_gpu_test() {
   echo "exit $?"; grep -v "^W0000\|^I0000" "$1/ipc_test.log" | tail -"$2"
 }
 
-# decode_1k NAME ROWS [FLAGS]: bench_decode on Llama-3-8B shapes (joined
-# projections, 1K context, 4 steps a call) with FLAGS, into
+# decode_at CONTEXT NAME ROWS [FLAGS]: bench_decode on Llama-3-8B shapes
+# (joined projections, 4 steps a call) at CONTEXT with FLAGS, into
 # $OUT/decode_NAME.jsonl and .log, its table's rows shown (at most
-# DECODE_TIMEOUT seconds, 200 by default).
-decode_1k() {
-  local name=$1 rows=$2; shift 2
+# DECODE_TIMEOUT seconds, 200 by default); decode_1k: at 1K context.
+decode_at() {
+  local ctx=$1 name=$2 rows=$3; shift 3
   echo "=== [$((SECONDS - START)) s] decode $name"
   timeout "${DECODE_TIMEOUT:-200}" python3 tools/bench_decode.py \
-    --model=llama3-8b --batch_sizes="$rows" --context_lengths=1024 \
+    --model=llama3-8b --batch_sizes="$rows" --context_lengths="$ctx" \
     --steps_per_call=4 --fuse_projections "$@" \
     --out="$OUT/decode_$name.jsonl" > "$OUT/decode_$name.log" 2>&1
   echo "exit $?"
-  grep -E "^ *[0-9]+ +1024 " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
+  grep -E "^ *[0-9]+ +$ctx " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
 }
+decode_1k() { decode_at 1024 "$@"; }

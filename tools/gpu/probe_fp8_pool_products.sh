@@ -8,7 +8,8 @@
 # a bf16 pool's step with its program's memory analysis.
 #
 #   bash tools/gpu/probe_fp8_pool_products.sh OUT_DIR
-# ROUNDS: pairs of runs (default 2); SHORT=1: the 4K pair only.
+# ROUNDS: pairs of runs (default 2); SHORT=1: the 4K pair only, a
+# smaller kernel check.
 set -u
 OUT=${1:?usage: probe_fp8_pool_products.sh OUT_DIR}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -17,33 +18,28 @@ cd "$(dirname "$0")/../.." || exit 1
 start_call "$OUT" > /dev/null
 use_compile_cache
 echo "=== [$((SECONDS - START)) s] kernel against the reference"
-timeout 150 python3 tools/gpu/probe_pallas_attention.py --rows=1,8,32,128 \
-  --contexts=1024,4096 --pool_dtypes=float8_e4m3fn --variants=pallas \
-  --iters=10 --out="$OUT/kernel.jsonl" > "$OUT/kernel.log" 2>&1
+if [ "${SHORT:-0}" = 1 ]; then
+  shape="--rows=8,32 --contexts=4096 --iters=5"
+else
+  shape="--rows=1,8,32,128 --contexts=1024,4096 --iters=10"
+fi
+# shellcheck disable=SC2086
+timeout 150 python3 tools/gpu/probe_pallas_attention.py $shape \
+  --pool_dtypes=float8_e4m3fn --variants=pallas \
+  --out="$OUT/kernel.jsonl" > "$OUT/kernel.log" 2>&1
 echo "exit $?"; tail -12 "$OUT/kernel.log"
-# decode NAME CONTEXT ROWS [FLAGS]
-decode() {
-  local name=$1 ctx=$2 rows=$3; shift 3
-  echo "=== [$((SECONDS - START)) s] decode $name"
-  timeout 150 python3 tools/bench_decode.py --model=llama3-8b \
-    --batch_sizes="$rows" --context_lengths="$ctx" --steps_per_call=4 \
-    --fuse_projections "$@" --out="$OUT/decode_$name.jsonl" \
-    > "$OUT/decode_$name.log" 2>&1
-  echo "exit $?"
-  grep -E "^ *[0-9]+ +$ctx " "$OUT/decode_$name.log" || tail -3 "$OUT/decode_$name.log"
-}
 for i in $(seq "${ROUNDS:-2}"); do
-  decode f16_4k_$i 4096 8,32,64 --kv_dtype=fp8
-  decode bf16prod_4k_$i 4096 8,32,64 --kv_dtype=fp8 --pallas_widen_to=bfloat16
+  decode_at 4096 f16_4k_$i 8,32,64 --kv_dtype=fp8
+  decode_at 4096 bf16prod_4k_$i 8,32,64 --kv_dtype=fp8 --pallas_widen_to=bfloat16
   [ "${SHORT:-0}" = 1 ] && continue
-  decode f16_1k_$i 1024 32,128 --kv_dtype=fp8
-  decode bf16prod_1k_$i 1024 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
+  decode_at 1024 f16_1k_$i 32,128 --kv_dtype=fp8
+  decode_at 1024 bf16prod_1k_$i 32,128 --kv_dtype=fp8 --pallas_widen_to=bfloat16
 done
 # A bf16 pool beside them, with its program's memory analysis (temp
 # bytes against the pool's: 32 x 8K and 64 x 4K did not fit a card
 # whose budget held the pool and the weights, a pool-sized allocation
 # failing in the generate program).
-decode bf16pool_4k 4096 8,32 --memory_analysis
+decode_at 4096 bf16pool_4k 8,32 --memory_analysis
 python3 - "$OUT/decode_bf16pool_4k.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
