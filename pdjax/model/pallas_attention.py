@@ -95,8 +95,8 @@ def blocking(batch: int, table_width: int, k_pool,
   return ppb, -(-blocks // per_split), per_split * ppb
 
 
-# float16's largest power of two whose double still fits it (65504): a
-# query head whose largest magnitude reaches it is scaled down first.
+# Queries go into float16 (largest value 65504) below 2**15: a query head
+# whose largest magnitude reaches that is scaled down first.
 _F16_QUERY_EXP = 15
 _F32_BIAS = 127
 
