@@ -39,12 +39,18 @@ done
 # bytes against the pool's: 32 x 8K and 64 x 4K did not fit a card
 # whose budget held the pool and the weights, a pool-sized allocation
 # failing in the generate program).
+# cuDNN's paged attention (the default) and the Pallas kernel on the same
+# pool: cuDNN gets the whole pool with a table padded to blocks / rows
+# columns, and a workspace sized by that width would be pool-sized.
 decode_at 4096 bf16pool_4k 8,32 --memory_analysis
-python3 - "$OUT/decode_bf16pool_4k.jsonl" <<'PY'
+decode_at 4096 bf16pool_4k_pallas 8,32 --memory_analysis --attention=pallas
+python3 - "$OUT"/decode_bf16pool_4k*.jsonl <<'PY'
 import json, sys
-for line in open(sys.argv[1]):
-  r = json.loads(line)["results"]
-  if "memory_analysis" in r:
-    print({k: r.get(k) for k in ("memory_analysis", "pool_bytes")})
+for path in sys.argv[1:]:
+  for line in open(path):
+    r = json.loads(line)["results"]
+    if "memory_analysis" in r:
+      print(path.rsplit("/", 1)[-1],
+            {k: r.get(k) for k in ("memory_analysis", "pool_bytes")})
 PY
 echo "done after $((SECONDS - START)) s"
