@@ -393,3 +393,105 @@ def test_the_router_streams_a_request_either_way(sessions):
       assert w.servicer.sessions.open == (1 if sessions else 0)
 
   asyncio.run(go())
+
+
+class _HeldWrites:
+  """A session stream as grpc.aio's: headers at once, writes held until
+  ``release`` (a cancelled write cancels the whole stream, as grpc.aio
+  does), iteration that ends with CancelledError once cancelled."""
+
+  def __init__(self):
+    self.written = []
+    self.cancelled = False
+    self.gate = asyncio.Event()
+    self.writing = asyncio.Event()
+    self._ended = asyncio.Event()
+
+  async def initial_metadata(self):
+    from pdjax.client.sessions import SESSION_HEADER
+    return ((SESSION_HEADER, "1"),)
+
+  async def write(self, msg):
+    self.writing.set()
+    try:
+      await self.gate.wait()
+    except asyncio.CancelledError:
+      self.cancel()
+      raise
+    self.written.append(msg)
+
+  def cancel(self):
+    self.cancelled = True
+    self._ended.set()
+    return True
+
+  def __aiter__(self):
+    return self
+
+  async def __anext__(self):
+    await self._ended.wait()
+    raise asyncio.CancelledError()
+
+
+class _HeldStub:
+  def __init__(self):
+    self.streams = []
+
+  def DecodeSession(self, metadata=None):
+    self.streams.append(_HeldWrites())
+    return self.streams[-1]
+
+
+@pytest.mark.parametrize("how", ["caller cancelled", "deadline"])
+def test_a_call_given_up_while_its_start_is_written_leaves_the_session(how):
+  """A caller that gives up (its task cancelled, or its deadline passing)
+  while its start message is still being written: the write finishes and
+  a cancel follows it, and the session's stream stands for the other
+  calls on it (grpc.aio cancels the whole stream when a write is
+  cancelled: every call on the session would have ended CANCELLED)."""
+
+  async def go():
+    stub = _HeldStub()
+    session = CallSession(stub, "Decode", decode_pb2.DecodeSessionRequest,
+                          "held")
+    timeout = 0.05 if how == "deadline" else None
+    call = session.call(_local("r1"), timeout=timeout)
+    reading = asyncio.ensure_future(_outcome(call))
+    stream = None
+    for _ in range(500):
+      if stub.streams and stub.streams[0].writing.is_set():
+        stream = stub.streams[0]
+        break
+      await asyncio.sleep(0.001)
+    assert stream is not None
+    if how == "caller cancelled":
+      reading.cancel()
+    else:
+      await asyncio.sleep(0.1)       # past the deadline, the write held
+    await asyncio.sleep(0.01)
+    assert not stream.cancelled
+    stream.gate.set()
+    if how == "caller cancelled":
+      with pytest.raises(asyncio.CancelledError):
+        await reading
+      call.cancel()                  # as the router's callers do
+    else:
+      msgs, status = await reading
+      assert msgs == [] and status[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(500):
+      if len(stream.written) == 2:
+        break
+      await asyncio.sleep(0.001)
+    kinds = [m.WhichOneof("kind") for m in stream.written]
+    assert kinds == ["start", "cancel"] and not stream.cancelled
+    # The next call goes on the same stream.
+    nxt = asyncio.ensure_future(_outcome(session.call(_local("r2"))))
+    for _ in range(500):
+      if len(stream.written) == 3:
+        break
+      await asyncio.sleep(0.001)
+    assert len(stub.streams) == 1 and len(stream.written) == 3
+    nxt.cancel()
+    await session.close()
+
+  asyncio.run(go())

@@ -46,6 +46,27 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _OPEN_TIMEOUT_S = 10.0
 
 
+async def _run_to_end(aw):
+  """Awaits ``aw`` to its end even where the caller is cancelled meanwhile,
+  then raises the caller's cancellation. For writes on a session's
+  stream: grpc.aio cancels the whole RPC when a write is cancelled, which
+  would end every call on the session for one caller giving up."""
+  task = asyncio.ensure_future(aw)
+  cancelled = False
+  while not task.done():
+    try:
+      await asyncio.shield(task)
+    except asyncio.CancelledError:
+      if task.cancelled():
+        raise
+      cancelled = True
+  if cancelled:
+    if not task.cancelled():
+      task.exception()          # retrieved: the caller's cancellation wins
+    raise asyncio.CancelledError()
+  return task.result()
+
+
 def _rpc_error(code: grpc.StatusCode, details: str,
                trailing=()) -> grpc.aio.AioRpcError:
   return grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
@@ -189,7 +210,8 @@ class CallSession:
       if c._stream is not None and c._stream is self._stream:
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
                                  asyncio.InvalidStateError):
-          await c._stream.write(self._request_type(call=c.id, cancel=True))
+          await _run_to_end(c._stream.write(
+              self._request_type(call=c.id, cancel=True)))
 
   async def close(self) -> None:
     """Ends the stream: calls still on it end CANCELLED."""
@@ -307,7 +329,9 @@ class SessionCall:
           s._calls.pop(self.id, None)
           return
         reader = s._reader
-        await self._stream.write(msg)
+        # Written to the end whatever happens to this caller: a cancelled
+        # write would cancel the session's stream, and every call on it.
+        await _run_to_end(self._stream.write(msg))
     except (grpc.aio.AioRpcError, grpc.aio.UsageError,
             asyncio.InvalidStateError) as e:
       # The stream ended before the start went out: its reader ends the
