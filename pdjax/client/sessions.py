@@ -14,6 +14,10 @@ server's end carried, ``cancel`` (a read waiting then raises
 ``asyncio.CancelledError``, as gRPC's does), and the call's own deadline
 (``pdjax.service.call_sessions`` is the server's side).
 
+A caller that gives up never takes the stream with it: a start or cancel
+being written is written to its end (grpc.aio cancels the whole stream
+when a write is cancelled), and a call's cancel follows its start.
+
 A session that breaks (the server gone, the channel closed) ends every call
 still on it with the session's status (UNAVAILABLE where the stream ended
 without one), as each call of its own would have ended. A server that does
