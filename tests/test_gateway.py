@@ -910,7 +910,7 @@ def test_missing_or_refusing_chat_template(router):
     (grpc.StatusCode.PERMISSION_DENIED, 403),
     (grpc.StatusCode.NOT_FOUND, 404),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
-    (grpc.StatusCode.CANCELLED, 499),
+    (grpc.StatusCode.CANCELLED, 503),
     (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     (grpc.StatusCode.UNAVAILABLE, 503),
     (grpc.StatusCode.INTERNAL, 500),

@@ -20,8 +20,13 @@ import grpc
 
 from pdjax.client import GenerationError
 
-# gRPC code -> HTTP status, as google.rpc.Code documents it; anything not
-# listed (INTERNAL, UNKNOWN, ABORTED, DATA_LOSS, UNIMPLEMENTED...) is a 500.
+# gRPC code -> HTTP status, as google.rpc.Code documents it but for
+# CANCELLED (its 499, "client closed request"): a cancellation that reaches
+# an HTTP client still waiting for its answer was not that client's doing
+# (had it gone, no answer would be sent), but the service giving the
+# request up, as a server leaving does: a 503, which clients retry. Anything
+# not listed (INTERNAL, UNKNOWN, ABORTED, DATA_LOSS, UNIMPLEMENTED...) is a
+# 500.
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -30,7 +35,7 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.CANCELLED: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
