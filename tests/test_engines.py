@@ -1239,7 +1239,7 @@ def test_sampling_path_chosen_on_the_host_matches_the_device_choice():
   rng = np.random.default_rng(5)
   logits = jnp.asarray(rng.standard_normal((4, 64)) * 3, jnp.float32)
   args = (jnp.asarray([1.0, 1.0, 1.0, 1.0]), jnp.asarray([0.9] * 4),
-          jnp.asarray([8, 0, 8, 0], jnp.int32),
+          jnp.asarray([8, 0, 8, 0], jnp.int32), jnp.asarray([0.0, 0.05] * 2),
           jnp.asarray([1, 2, 3, 4], jnp.uint32), jnp.zeros((4,), jnp.int32))
   greedy_t = jnp.zeros((4,))
   mixed_t = jnp.asarray([0.0, 0.7, 0.0, 1.3])
@@ -1557,10 +1557,11 @@ def test_prefill_inputs_travel_packed_exactly():
   tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
   true_len = np.array([6, 3], np.int32)
   samp = SamplingArrays.stack(
-      [(SamplingParams(temperature=0.7, top_p=0.93, top_k=40), 0xFFFFFFF0),
+      [(SamplingParams(temperature=0.7, top_p=0.93, top_k=40, min_p=0.07),
+        0xFFFFFFF0),
        (SamplingParams(temperature=0.0), 5)], 2)
   packed = pack_inputs(tokens, true_len, samp)
-  assert packed.shape == (2, 6 + 5) and packed.dtype == np.int32
+  assert packed.shape == (2, 6 + 6) and packed.dtype == np.int32
   got_tokens, got_len, cols = jax.jit(_unpack_inputs)(packed)
   got_samp = jax.jit(_unpack_sampling)(cols)
   np.testing.assert_array_equal(got_tokens, tokens)

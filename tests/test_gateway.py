@@ -297,16 +297,16 @@ def test_every_completion_field_reaches_the_router_exactly(router):
   fake = router[0]
   status, data = _post(router, "/v1/completions", {
       "model": _MODEL, "prompt": "hello", "max_tokens": 7,
-      "temperature": 0.5, "top_p": 0.25, "top_k": 5, "seed": 42,
-      "stop_token_ids": [9, 10], "ignore_eos": True,
+      "temperature": 0.5, "top_p": 0.25, "top_k": 5, "min_p": 0.125,
+      "seed": 42, "stop_token_ids": [9, 10], "ignore_eos": True,
       "skip_special_tokens": False, "add_special_tokens": False,
       "cache_salt": "tenant-a", "user": "u1", "some_future_field": 1})
   assert status == 200, data
   req = fake.requests[_rid(data["id"])]
   assert req.WhichOneof("prompt") == "text" and req.text == "hello"
   s = req.sampling
-  assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (
-      7, 0.5, 0.25, 5, 42)
+  assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p,
+          s.seed) == (7, 0.5, 0.25, 5, 0.125, 42)
   assert list(s.stop_token_ids) == [9, 10] and s.ignore_eos
   assert not req.skip_special_tokens
   assert req.HasField("add_special_tokens") and not req.add_special_tokens
@@ -323,7 +323,7 @@ def test_unset_fields_stay_unset(router):
   s = req.sampling
   # temperature 0 (greedy) is a value, not "unset".
   assert s.HasField("temperature") and s.temperature == 0
-  for name in ("max_tokens", "top_p", "top_k", "seed"):
+  for name in ("max_tokens", "top_p", "top_k", "min_p", "seed"):
     assert not s.HasField(name), name
   assert list(s.stop_token_ids) == [] and not s.ignore_eos
   assert not req.HasField("add_special_tokens")
@@ -758,6 +758,8 @@ _BAD = [
     ("/v1/completions", {"prompt": "a", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "a", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "a", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "a", "min_p": -0.5}, "min_p"),
+    ("/v1/chat/completions", {"messages": _CHAT, "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "a", "seed": 2**63 - 1, "n": 2}, "seed"),
     ("/v1/completions", {"prompt": "a", "n": 0}, "n"),
@@ -1383,7 +1385,8 @@ def test_openai_backend_measures_through_the_gateway(router):
     try:
       records = await run_workload(
           backend, items, sampling=dict(temperature=0.0, seed=7, top_k=5,
-                                        ignore_eos=True, stop_token_ids=[9]),
+                                        min_p=0.5, ignore_eos=True,
+                                        stop_token_ids=[9]),
           progress=False)
     finally:
       await backend.aclose()
@@ -1402,8 +1405,8 @@ def test_openai_backend_measures_through_the_gateway(router):
   assert sent[(7, 8, 77)].sampling.seed == 7
   assert sent["ob1 hello"].sampling.seed == 8
   s = sent["ob1 hello"].sampling
-  assert (s.max_tokens, s.top_k, s.ignore_eos, list(s.stop_token_ids)) == (
-      3, 5, True, [9])
+  assert (s.max_tokens, s.top_k, s.min_p, s.ignore_eos,
+          list(s.stop_token_ids)) == (3, 5, 0.5, True, [9])
   assert refused.status_code == "HTTP 429" and "boom" in refused.error
 
 

@@ -117,6 +117,8 @@ def _proto_fields(draw):
   if draw(st.booleans()):
     kw["top_k"] = draw(_wide_ints(INT32_MIN, INT32_MAX))
   if draw(st.booleans()):
+    kw["min_p"] = draw(_any_float)
+  if draw(st.booleans()):
     kw["seed"] = draw(st.one_of(_wide_ints(0, UINT64_MAX),
                                 st.sampled_from([2**63 - 1, 2**63])))
   if draw(st.booleans()):
@@ -144,6 +146,10 @@ def _valid_proto_fields(draw):
         st.floats(F32_TINY, 1.0, width=32), st.just(1.0)))
   if draw(st.booleans()):
     kw["top_k"] = draw(st.integers(-1, INT32_MAX))
+  if draw(st.booleans()):
+    # [0, 1] in float32, both ends included.
+    kw["min_p"] = draw(st.one_of(st.floats(0.0, 1.0, width=32),
+                                 st.sampled_from([0.0, 1.0])))
   if draw(st.booleans()):
     kw["seed"] = draw(st.integers(0, 2**63 - 1))
   if draw(st.booleans()):
@@ -182,6 +188,10 @@ def _invalid_value(field: str, vocab: int) -> st.SearchStrategy:
                          st.sampled_from([1e-50, 1.0000001, 2.0]),
                          st.floats(min_value=1.0000001192092896, width=32)),
       "top_k": _wide_ints(INT32_MIN, -2),
+      # < 0, or just above 1 in float32.
+      "min_p": st.one_of(nonfinite, st.floats(max_value=-F32_TINY, width=32),
+                         st.sampled_from([1.0000001, 2.0]),
+                         st.floats(min_value=1.0000001192092896, width=32)),
       "seed": _wide_ints(2**63, UINT64_MAX),
       "stop_token_ids": _stop_ids_invalid(vocab),
   }[field]
@@ -194,7 +204,8 @@ def _one_bad_field(draw):
   check that is missing)."""
   vocab, kw = draw(_valid_proto_fields())
   field = draw(st.sampled_from(["max_tokens", "temperature", "top_p",
-                                "top_k", "seed", "stop_token_ids"]))
+                                "top_k", "min_p", "seed",
+                                "stop_token_ids"]))
   kw[field] = draw(_invalid_value(field, vocab))
   return vocab, kw, field
 
@@ -214,6 +225,9 @@ def _offending_fields(p: common_pb2.SamplingParams, vocab: int) -> set[str]:
     bad.add("sampling.top_p")
   if p.HasField("top_k") and p.top_k < -1:
     bad.add("sampling.top_k")
+  if p.HasField("min_p") and not (math.isfinite(p.min_p)
+                                  and 0 <= p.min_p <= 1):
+    bad.add("sampling.min_p")
   if p.HasField("seed") and not 0 <= p.seed < 2**63:
     bad.add("sampling.seed")
   if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
@@ -229,6 +243,7 @@ def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
   assert math.isfinite(s.temperature) and s.temperature >= 0
   assert isinstance(s.top_p, float) and 0 < s.top_p <= 1
   assert isinstance(s.top_k, int) and s.top_k >= -1
+  assert isinstance(s.min_p, float) and 0 <= s.min_p <= 1
   assert s.seed is None or (isinstance(s.seed, int) and 0 <= s.seed < 2**63)
   assert isinstance(s.stop_token_ids, tuple)
   assert len(s.stop_token_ids) <= MAX_STOP_TOKEN_IDS
@@ -241,6 +256,7 @@ def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
                            else 1.0)
   assert s.top_p == (p.top_p if p.HasField("top_p") else 1.0)
   assert s.top_k == (p.top_k if p.HasField("top_k") else 0)
+  assert s.min_p == (p.min_p if p.HasField("min_p") else 0.0)
   assert s.seed == (p.seed if p.HasField("seed") else None)
   assert s.stop_token_ids == tuple(p.stop_token_ids)
   assert s.ignore_eos == p.ignore_eos

@@ -162,12 +162,36 @@ def test_64_concurrent_streams(grpc_cluster, reference):
     assert toks == expected[i]
 
 
+def test_min_p_reaches_both_pools(grpc_cluster, reference):
+  """min_p = 1 leaves only the likeliest token: sampled at temperature 1.5
+  with any seed, a request's tokens are the greedy ones, its first drawn by
+  a prefill worker and the rest by a decode worker, so the setting crossed
+  the router, the hand-off and both pools' programs. The same seeds
+  without min_p draw other tokens (what makes the first half mean
+  anything)."""
+  prompts, expected = reference
+  with Client(grpc_cluster.address, timeout_s=120) as client:
+    def run(**kw):
+      return [client.generate(prompt_token_ids=p, max_tokens=MAX_NEW,
+                              temperature=1.5, seed=100 + i, ignore_eos=True,
+                              **kw)
+              for i, p in enumerate(prompts[:3])]
+    with_min_p = run(min_p=1.0)
+    without = run()
+  for r, want in zip(with_min_p, expected):
+    assert r.token_ids == want
+    assert r.usage.prefill_worker
+  assert any(r.token_ids != want for r, want in zip(without, expected))
+
+
 def test_invalid_requests_name_the_field(grpc_cluster):
   cases = [
       (dict(prompt_token_ids=[5], max_tokens=0), "max_tokens"),
       (dict(prompt_token_ids=[5], temperature=-1.0), "temperature"),
       (dict(prompt_token_ids=[5], top_p=0.0), "top_p"),
       (dict(prompt_token_ids=[5], top_p=1.5), "top_p"),
+      (dict(prompt_token_ids=[5], min_p=1.5), "min_p"),
+      (dict(prompt_token_ids=[5], min_p=-0.25), "min_p"),
       (dict(prompt_token_ids=[5, 100000]), "token_ids"),
       (dict(prompt_token_ids=[7] * 300), "token_ids"),
       (dict(prompt=""), "text"),

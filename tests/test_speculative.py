@@ -120,7 +120,7 @@ def test_greedy_acceptance_is_plain_greedy(drafts, num, want_tokens,
   tokens, count, logprobs = accept(
       jnp.asarray(logits), jnp.asarray(drafts, jnp.int32),
       jnp.asarray(num, jnp.int32), zeros, jnp.ones((2,)),
-      jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.uint32),
+      jnp.zeros((2,), jnp.int32), zeros, jnp.zeros((2,), jnp.uint32),
       jnp.zeros((2,), jnp.int32))
   count = np.asarray(count)
   assert count.tolist() == want_count
@@ -134,27 +134,34 @@ def test_greedy_acceptance_is_plain_greedy(drafts, num, want_tokens,
       assert got[b, i] == pytest.approx(lp[b, i, want_tokens[b][i]])
 
 
-def test_sampled_acceptance_keeps_the_target_distribution():
+@pytest.mark.parametrize("top_k, min_p", [(5, 0.0), (0, 0.4), (6, 0.1)])
+def test_sampled_acceptance_keeps_the_target_distribution(top_k, min_p):
   """Over many seeds, with the draft a fixed token: the first emitted token
-  is distributed as the target's (temperature 0.8, top-k 5) at position
-  0, and the second, when the draft was kept, as the target's at position
-  1. Tolerance: 5 standard deviations of a binomial frequency."""
+  is distributed as the target's (temperature 0.8, then min-p over the
+  scaled distribution, then top-k) at position 0, and the second, when the
+  draft was kept, as the target's at position 1. Tolerance: 5 standard
+  deviations of a binomial frequency."""
   V, n = 8, 40000
   rng = np.random.default_rng(1)
   base = rng.normal(size=(2, V)).astype(np.float32) * 1.5
   logits = jnp.broadcast_to(jnp.asarray(base), (n, 2, V))
-  temperature, top_k = 0.8, 5
+  temperature = 0.8
   draft = int(np.argsort(-base[0])[1])   # kept about a third of the time
   tokens, count, _ = jax.jit(accept)(
       logits, jnp.full((n, 1), draft, jnp.int32), jnp.ones((n,), jnp.int32),
       jnp.full((n,), temperature, jnp.float32), jnp.ones((n,)),
-      jnp.full((n,), top_k, jnp.int32),
+      jnp.full((n,), top_k, jnp.int32), jnp.full((n,), min_p, jnp.float32),
       jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
   tokens, count = np.asarray(tokens), np.asarray(count)
 
   def target(row):
-    z = base[row] / temperature
-    keep = np.argsort(-z)[:top_k]
+    z = base[row].astype(np.float64) / temperature
+    p_full = np.exp(z - z.max())
+    p_full /= p_full.sum()
+    order = np.argsort(-z)
+    keep = order[p_full[order] >= min_p * p_full.max()]
+    if top_k:
+      keep = keep[:top_k]
     p = np.zeros(V)
     p[keep] = np.exp(z[keep] - z[keep].max())
     return p / p.sum()
@@ -165,6 +172,7 @@ def test_sampled_acceptance_keeps_the_target_distribution():
     assert (np.abs(freq - p) <= 5 * sd + 1e-12).all(), (freq, p)
 
   p0 = target(0)
+  assert p0[draft] > 0.1 and (p0 == 0).sum() >= 2  # the filters bite
   check(tokens[:, 0], p0)
   kept = tokens[:, 0] == draft
   assert (count[kept] == 2).all() and (count[~kept] == 1).all()

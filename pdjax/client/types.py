@@ -182,6 +182,7 @@ class GenerateOptions(TypedDict, total=False):
   temperature: float | None
   top_p: float | None
   top_k: int | None
+  min_p: float | None
   seed: int | None
   stop_token_ids: Sequence[int] | None
   ignore_eos: bool | None
@@ -264,6 +265,7 @@ def build_request(
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool | None = False,
@@ -291,6 +293,8 @@ def build_request(
     temperature: 0 is greedy; None: server default (1.0).
     top_p: nucleus mass in (0, 1]; None: server default (1.0).
     top_k: 0 or -1 disables; None: server default (off).
+    min_p: in [0, 1], tokens less likely than min_p times the likeliest
+      are not sampled; None: server default (0, off).
     seed: same seed, same tokens whatever the batch; None: unseeded.
     stop_token_ids: ids that end the completion (finish reason "stop").
     ignore_eos: keep going past EOS (None is False).
@@ -339,6 +343,8 @@ def build_request(
     s.top_p = top_p
   if top_k is not None:
     s.top_k = _in_range(operator.index(top_k), "top_k", _INT32, "int32")
+  if min_p is not None:
+    s.min_p = min_p
   if seed is not None:
     s.seed = _in_range(operator.index(seed), "seed", _UINT64, "uint64")
   if stop_token_ids:

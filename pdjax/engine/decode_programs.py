@@ -65,6 +65,7 @@ class SlotInputs:
   temperature: jax.Array
   top_p: jax.Array
   top_k: jax.Array
+  min_p: jax.Array
   seed: jax.Array
   max_tokens: jax.Array   # [b]
   stop_ids: jax.Array     # [b, S] (-1 padded)
@@ -104,7 +105,8 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
     out = forward(params, tokens, positions, state.k, state.v,
                   table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
-                     slots.seed, state.generated, all_greedy=all_greedy)
+                     slots.min_p, slots.seed, state.generated,
+                     all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
         slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
@@ -455,7 +457,7 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       start, state.k, state.v, table, cfg=cfg, num_kept=kept)
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
-      slots.seed, gen, all_greedy=all_greedy)
+      slots.min_p, slots.seed, gen, all_greedy=all_greedy)
   if step_rows is not None:
     logprobs = logprobs_as_steps(out.logits, toks, kept, step_rows)
   valid, finished, stopped = [], [], []

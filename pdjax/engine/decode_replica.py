@@ -485,7 +485,8 @@ class DecodeReplica:
           page_table=np.ascontiguousarray(self.page_table[idx, :width]),
           active=active,
           temperature=self.samp.temperature[idx], top_p=self.samp.top_p[idx],
-          top_k=self.samp.top_k[idx], seed=self.samp.seed[idx],
+          top_k=self.samp.top_k[idx], min_p=self.samp.min_p[idx],
+          seed=self.samp.seed[idx],
           max_tokens=self.max_tokens[idx], stop_ids=self.stop_ids[idx],
           use_eos=self.use_eos[idx])
       self._slots_dev = jax.device_put(host, self.replicated)

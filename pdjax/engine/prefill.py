@@ -71,8 +71,8 @@ def _to_pages(k, v, page_size):
 # of runtime work on the first token's path (on an H100 about 0.1 ms a
 # buffer, the six inputs apart took 0.55 ms). Columns: the prompt (T), its
 # true length, then the sampling settings (temperature, top_p as float32
-# bits, top_k, the seed as uint32 bits).
-_SAMPLING_COLUMNS = 4
+# bits, top_k, min_p as float32 bits, the seed as uint32 bits).
+_SAMPLING_COLUMNS = 5
 # Columns of ``pack_inputs``' array past the prompt's.
 COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS
 
@@ -80,18 +80,19 @@ COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
                 samp: SamplingArrays) -> np.ndarray:
   """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling -> one
-  ``[B, T + 5]`` int32 array (``_unpack_inputs`` reads it in a program)."""
+  ``[B, T + 6]`` int32 array (``_unpack_inputs`` reads it in a program)."""
   cols = [tokens.astype(np.int32), true_len.astype(np.int32)[:, None],
           samp.temperature.astype(np.float32).view(np.int32)[:, None],
           samp.top_p.astype(np.float32).view(np.int32)[:, None],
           samp.top_k.astype(np.int32)[:, None],
+          samp.min_p.astype(np.float32).view(np.int32)[:, None],
           samp.seed.astype(np.uint32).view(np.int32)[:, None]]
   return np.concatenate(cols, axis=1)
 
 
 def _unpack_inputs(packed):
   """In a program: ``pack_inputs``' array -> (tokens, true_len, the
-  sampling columns ``[B, 4]``)."""
+  sampling columns ``[B, 5]``)."""
   T = packed.shape[1] - COLUMNS_PAST_PROMPT
   return packed[:, :T], packed[:, T], packed[:, T + 1:]
 
@@ -101,7 +102,8 @@ def _unpack_sampling(cols):
   as_f32 = functools.partial(jax.lax.bitcast_convert_type,
                              new_dtype=jnp.float32)
   return (as_f32(cols[:, 0]), as_f32(cols[:, 1]), cols[:, 2],
-          jax.lax.bitcast_convert_type(cols[:, 3], jnp.uint32))
+          as_f32(cols[:, 3]),
+          jax.lax.bitcast_convert_type(cols[:, 4], jnp.uint32))
 
 
 def _pack_outputs(tok, lp):

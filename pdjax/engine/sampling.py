@@ -26,24 +26,29 @@ class SamplingArrays:
   temperature: np.ndarray  # [B] f32
   top_p: np.ndarray        # [B] f32
   top_k: np.ndarray        # [B] i32 (0 = off)
+  min_p: np.ndarray        # [B] f32 (0 = off)
   seed: np.ndarray         # [B] u32
 
   @classmethod
   def empty(cls, batch: int) -> "SamplingArrays":
     return cls(np.zeros((batch,), np.float32), np.ones((batch,), np.float32),
-               np.zeros((batch,), np.int32), np.zeros((batch,), np.uint32))
+               np.zeros((batch,), np.int32), np.zeros((batch,), np.float32),
+               np.zeros((batch,), np.uint32))
 
   def set_row(self, row: int, params: SamplingParams, seed_u32: int) -> None:
     self.temperature[row] = params.temperature
     self.top_p[row] = params.top_p
     self.top_k[row] = max(params.top_k, 0)
+    self.min_p[row] = params.min_p
     self.seed[row] = seed_u32
 
   def clear_row(self, row: int) -> None:
-    """Back to ``empty``'s values (greedy, no top-p/top-k, seed 0)."""
+    """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, seed
+    0)."""
     self.temperature[row] = 0.0
     self.top_p[row] = 1.0
     self.top_k[row] = 0
+    self.min_p[row] = 0.0
     self.seed[row] = 0
 
   @classmethod
@@ -54,44 +59,51 @@ class SamplingArrays:
     return out
 
   def as_tuple(self):
-    return (self.temperature, self.top_p, self.top_k, self.seed)
+    return (self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
 
 
-def filtered_sorted_logits(logits, temperature, top_p, top_k):
+def filtered_sorted_logits(logits, temperature, top_p, top_k, min_p):
   """One row's sampling distribution: logits [V] scaled by the temperature
-  and sorted (descending), with what top-k and top-p drop at -inf (both
-  no-ops when off); returns (order, masked), ``masked[i]`` being the logit
-  of token ``order[i]``."""
+  and sorted (descending), with what min-p, top-k and top-p drop at -inf
+  (each a no-op when off), in vLLM's order: min-p over the whole scaled
+  distribution, then top-k, then top-p over what is left, renormalised.
+  Returns (order, masked), ``masked[i]`` being the logit of token
+  ``order[i]``.
+
+  min-p keeps p_i >= min_p * p_max, that is l_i - l_max >= log(min_p) in
+  the scaled logits (the softmax's normaliser cancels): the likeliest
+  token always stays."""
   vocab = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)
   order = jnp.argsort(-scaled)
   sorted_logits = scaled[order]
   rank = jnp.arange(vocab)
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  keep = rank < k
+  keep = (rank < k) & (sorted_logits - sorted_logits[0] >= jnp.log(min_p))
   probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
   cum_before = jnp.cumsum(probs) - probs
   keep = keep & (cum_before < top_p)
   return order, jnp.where(keep, sorted_logits, -jnp.inf)
 
 
-def _sample_row(logits, temperature, top_p, top_k, seed, index):
+def _sample_row(logits, temperature, top_p, top_k, min_p, seed, index):
   """One row: logits [V] f32 -> token. Greedy when temperature == 0."""
   greedy_tok = jnp.argmax(logits).astype(jnp.int32)
   key = jax.random.fold_in(jax.random.key(seed), index)
-  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k)
+  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k,
+                                         min_p)
   choice = jax.random.categorical(key, masked)
   sampled_tok = order[choice].astype(jnp.int32)
   return jnp.where(temperature == 0.0, greedy_tok, sampled_tok)
 
 
-def sample(logits, temperature, top_p, top_k, seed, index, *,
+def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
            all_greedy: bool | None = None):
   """Batched sampler: logits [B, V] f32 -> (tokens [B], logprobs [B]).
 
   ``index`` [B] is the number of tokens the row has generated before this
   one (0 for the first token, sampled at prefill). The logprob is that of
-  the raw model distribution (before temperature/top-k/top-p), as vLLM
+  the raw model distribution (before temperature/min-p/top-k/top-p), as vLLM
   reports by default.
 
   ``all_greedy``: whether every row is greedy, when the caller knows it
@@ -104,8 +116,8 @@ def sample(logits, temperature, top_p, top_k, seed, index, *,
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def sampled():
-    return jax.vmap(_sample_row)(logits, temperature, top_p, top_k, seed,
-                                 index)
+    return jax.vmap(_sample_row)(logits, temperature, top_p, top_k, min_p,
+                                 seed, index)
 
   if all_greedy is None:
     tokens = jax.lax.cond(jnp.all(temperature == 0.0), lambda: greedy,

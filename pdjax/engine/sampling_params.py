@@ -42,6 +42,9 @@ class SamplingParams:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0          # 0 or -1: no top-k
+  # Tokens less likely than min_p times the likeliest one are dropped
+  # (after the temperature, before top-k and top-p; 0: off), as vLLM does.
+  min_p: float = 0.0
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
@@ -61,6 +64,8 @@ class SamplingParams:
                            f"must be >= 0 (0 = greedy), got {self.temperature}")
     if not (0.0 < self.top_p <= 1.0):
       raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+    if not (0.0 <= self.min_p <= 1.0):
+      raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p}")
     if self.top_k < -1:
       raise InvalidRequest("top_k", f"must be -1, 0 (disabled) or >= 1, got "
                            f"{self.top_k}")

@@ -128,11 +128,12 @@ def token_bits(vocab_size: int) -> int:
   return max(int(vocab_size - 1).bit_length(), 1)
 
 
-def _filtered_logits(logits, temperature, top_p, top_k):
+def _filtered_logits(logits, temperature, top_p, top_k, min_p):
   """[V] logits -> the target's sampling distribution as logits in vocab
   order (the kept tokens; -inf elsewhere), as ``sampling._sample_row``
   samples."""
-  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k)
+  order, masked = filtered_sorted_logits(logits, temperature, top_p, top_k,
+                                         min_p)
   return jnp.full(logits.shape, -jnp.inf, masked.dtype).at[order].set(masked)
 
 
@@ -146,8 +147,8 @@ def _accept_greedy_row(logits, drafts, num_drafts):
   return tokens, n + 1
 
 
-def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
-                index):
+def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, min_p,
+                seed, index):
   """One row: logits [T, V] (T = k + 1), drafts [k] (the first
   ``num_drafts`` real) -> (tokens [T], emitted count in 1..num_drafts+1)."""
   T = logits.shape[0]
@@ -155,8 +156,8 @@ def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
   greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)     # [T]
   ok_greedy = drafts == greedy_tok[:k]
   # Sampled: u_i < p_i(d_{i+1}) keeps the draft.
-  filt = jax.vmap(_filtered_logits, in_axes=(0, None, None, None))(
-      logits, temperature, top_p, top_k)                           # [T, V]
+  filt = jax.vmap(_filtered_logits, in_axes=(0, None, None, None, None))(
+      logits, temperature, top_p, top_k, min_p)                    # [T, V]
   probs = jax.nn.softmax(filt, axis=-1)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed),
                                                index + i))(jnp.arange(T))
@@ -182,8 +183,8 @@ def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
   return tokens, n + 1
 
 
-def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
-           index, *, all_greedy: bool | None = None):
+def accept(logits, drafts, num_drafts, temperature, top_p, top_k, min_p,
+           seed, index, *, all_greedy: bool | None = None):
   """Acceptance for a batch (see the module docstring). logits [B, k+1, V]
   f32; drafts [B, k] int32, ``num_drafts`` [B] of them real (rows with
   fewer proposals, or none, decode one token as usual); sampling arrays
@@ -196,7 +197,8 @@ def accept(logits, drafts, num_drafts, temperature, top_p, top_k, seed,
     tokens, count = jax.vmap(_accept_greedy_row)(logits, drafts, num_drafts)
   else:
     tokens, count = jax.vmap(_accept_row)(
-        logits, drafts, num_drafts, temperature, top_p, top_k, seed, index)
+        logits, drafts, num_drafts, temperature, top_p, top_k, min_p, seed,
+        index)
   return tokens, count, token_logprobs(logits, tokens)
 
 

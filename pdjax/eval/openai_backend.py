@@ -7,7 +7,7 @@ pdjax's router directly, which tells the gateway's own cost.
 
 Each request is one streamed ``POST /v1/completions`` with the prompt as
 token ids (or text), ``stream_options.include_usage`` for the server's token
-counts, and vLLM's extensions where the run sets them (``top_k``,
+counts, and vLLM's extensions where the run sets them (``top_k``, ``min_p``,
 ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``). Token times come
 from the chunks: a chunk that carries ``token_ids`` (pdjax's gateway, vLLM
 with ``return_token_ids``) counts those; one without counts as one token per
@@ -99,8 +99,9 @@ class OpenAIBackend:
     for name in ("temperature", "top_p"):
       if sampling.get(name) is not None:
         body[name] = sampling[name]
-    if sampling.get("top_k"):
-      body["top_k"] = sampling["top_k"]
+    for name in ("top_k", "min_p"):   # vLLM's extensions, where set
+      if sampling.get(name):
+        body[name] = sampling[name]
     if sampling.get("seed") is not None:
       body["seed"] = sampling["seed"] + item.index
     if sampling.get("ignore_eos"):

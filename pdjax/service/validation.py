@@ -31,17 +31,20 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
   temperature = p.temperature if p.HasField("temperature") else 1.0
   top_p = p.top_p if p.HasField("top_p") else 1.0
   top_k = p.top_k if p.HasField("top_k") else 0
+  min_p = p.min_p if p.HasField("min_p") else 0.0
   if not math.isfinite(temperature):
     raise InvalidRequest("sampling.temperature", "must be a finite number")
   if not math.isfinite(top_p):
     raise InvalidRequest("sampling.top_p", "must be a finite number")
+  if not math.isfinite(min_p):
+    raise InvalidRequest("sampling.min_p", "must be a finite number")
   if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
     raise InvalidRequest("sampling.stop_token_ids",
                          f"at most {MAX_STOP_TOKEN_IDS} ids, got "
                          f"{len(p.stop_token_ids)}")
   params = SamplingParams(
       max_tokens=int(max_tokens), temperature=float(temperature),
-      top_p=float(top_p), top_k=int(top_k),
+      top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
       seed=int(p.seed) if p.HasField("seed") else None,
       stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
       ignore_eos=bool(p.ignore_eos),
@@ -61,6 +64,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
       ignore_eos=s.ignore_eos)
   if s.seed is not None:
     out.seed = s.seed
+  if s.min_p:
+    out.min_p = s.min_p
   if not s.speculative:   # an opt-out; left unset, the pool's setting applies
     out.speculative = False
   return out

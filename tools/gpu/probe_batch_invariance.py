@@ -174,7 +174,7 @@ def main(argv=None) -> int:
   from pdjax.engine.sampling import sample
   greedy = jax.jit(lambda logits: sample(
       logits, jnp.zeros(B), jnp.ones(B), jnp.zeros(B, jnp.int32),
-      jnp.zeros(B, jnp.uint32), jnp.zeros(B, jnp.int32), all_greedy=True))
+      jnp.zeros(B), jnp.zeros(B, jnp.uint32), jnp.zeros(B, jnp.int32), all_greedy=True))
   big = jnp.asarray(rng.normal(size=(B, cfg.padded_vocab)) * 3, jnp.float32)
   repeat(f"greedy sampling's logprobs ({cfg.padded_vocab} logits), "
          f"{args.repeats} calls", lambda t, p, tab: greedy(big)[1][:, None])
