@@ -160,6 +160,38 @@ def test_grpc_hop_tool_times_both_ways_of_crossing(loop_spin):
     assert ("loops spinning" in line) == loop_spin, line
 
 
+_LIVE_BYTES_PER_COMBO = """
+import sys, jax
+sys.path.insert(0, "tools")
+import bench_decode
+from absl import app
+run_combo = bench_decode._run_combo
+def counted(*args, **kwargs):
+  print("live bytes", sum(a.nbytes for a in jax.live_arrays()), flush=True)
+  return run_combo(*args, **kwargs)
+bench_decode._run_combo = counted
+app.run(bench_decode.main, argv=["bench_decode", *sys.argv[1:]])
+"""
+
+
+def test_decode_frees_each_combos_pool_before_the_next(tmp_path):
+  """The device memory live when each combination starts is the weights'
+  alone, the same every time: an engine left for the collector to find
+  later kept an 8B pool of 35 GB alive into the next combination, which
+  then could not allocate its own on an H100."""
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.run(
+      [sys.executable, "-c", _LIVE_BYTES_PER_COMBO, "--batch_sizes=4,1",
+       "--context_lengths=16", "--steps_per_call=2", "--calls_per_sample=1",
+       "--warmup=0", "--repeat=1", f"--out={tmp_path / 'd.jsonl'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  live = [int(l.split()[-1]) for l in proc.stdout.splitlines()
+          if l.startswith("live bytes")]
+  assert len(live) == 2 and live[0] > 0 and live[1] == live[0], live
+
+
 def test_decode(tmp_path):
   stdout, records = run_tool(
       "bench_decode.py", tmp_path / "decode.jsonl", "--batch_sizes=1,2",

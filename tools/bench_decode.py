@@ -369,6 +369,7 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
                         {"reason": "does not fit", **mem,
                          "budget_bytes": budget})
   engine = new_engine(params, cfg, mesh, rules, dcfg)
+  call = None
   program_rows = dcfg.rows_for(B)
   compiler_options = engine.programs.compiler_options[program_rows]
   paged_attention = engine.programs.paged_attention[program_rows]
@@ -413,7 +414,12 @@ def _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer, budget):
     verify = (_time_verify(engine, cfg, B, bc.parse_ints(FLAGS.verify_tokens))
               if FLAGS.verify_tokens else None)
   finally:
-    del engine, rep
+    # Every reference to the engine goes before the collection: the
+    # engine's objects refer to each other, so only the collector frees
+    # its pools, and a closure over it (``call``) that outlived this
+    # collect kept both pools of a 64-row x 4K combo alive into the next
+    # combo, which then failed to allocate its own (H100, 8.2 GiB short).
+    del engine, rep, call
     gc.collect()
   timing = bc.Timing(samples)
   step_s = timing.median / S
@@ -503,40 +509,34 @@ def main(argv) -> None:
         f"{cfg.dtype}) on {bc.device_kind()}, weights ready in "
         f"{time.perf_counter() - t0:.1f} s; memory budget "
         f"{budget / 2**30:.1f} GiB; limits: {limits.source}", flush=True)
-  # The largest KV pool first, while the device allocator's free memory
-  # is still in one piece: on an H100 with a 59 GiB budget, 64 rows x 4K
-  # (a 16.4 GiB K pool) failed to allocate after 8 and 32 rows had run in
-  # the same process (its log shows the allocator's memory in fragments)
-  # and ran in a process of its own. The table is in (context, rows)
-  # order all the same.
-  for B, C in sorted(((B, C) for C in contexts for B in batches),
-                     key=lambda bc_: (-bc_[0] * bc_[1], bc_[1])):
-    steps = [FLAGS.steps_per_call]
-    if FLAGS.compare_steps_per_call and FLAGS.steps_per_call != 1 and (
-        not compare_at or (B, C) in compare_at):
-      steps.append(1)
-    for S in steps:
-      try:
-        _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer,
-                   budget)
-      except Exception as e:  # pylint: disable=broad-except
-        oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(
-            e).lower()
-        print(f"  B={B} C={C} S={S}: {'OOM' if oom else 'FAILED'}: "
-              f"{str(e)[:300]}", flush=True)
-        if not oom:
-          traceback.print_exc()
-        writer.write(TOOL, "oom" if oom else "error",
-                     {"batch": B, "context": C, "steps_per_call": S},
-                     {"error": str(e)[:2000]})
-        gc.collect()
+  # Context-major: the whole batch sweep at the first context comes first,
+  # so a run cut short by its timeout still has a throughput curve.
+  for C in contexts:
+    for B in batches:
+      steps = [FLAGS.steps_per_call]
+      if FLAGS.compare_steps_per_call and FLAGS.steps_per_call != 1 and (
+          not compare_at or (B, C) in compare_at):
+        steps.append(1)
+      for S in steps:
+        try:
+          _run_combo(params, cfg, mesh, rules, B, C, S, limits, writer,
+                     budget)
+        except Exception as e:  # pylint: disable=broad-except
+          oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(
+              e).lower()
+          print(f"  B={B} C={C} S={S}: {'OOM' if oom else 'FAILED'}: "
+                f"{str(e)[:300]}", flush=True)
+          if not oom:
+            traceback.print_exc()
+          writer.write(TOOL, "oom" if oom else "error",
+                       {"batch": B, "context": C, "steps_per_call": S},
+                       {"error": str(e)[:2000]})
+          gc.collect()
   _print_summary(writer.records, limits)
 
 
 def _print_summary(records, limits) -> None:
   rows, steps = [], {}
-  records = sorted(records, key=lambda r: (r["params"].get("context", 0),
-                                           r["params"].get("batch", 0)))
   for r in records:
     p, x = r["params"], r["results"]
     if r["measurement"] != "decode":
