@@ -245,8 +245,8 @@ def _rid(response_id: str) -> str:
 
 
 # ------------------------------------------------------------- stop strings
-def _feed(stops, deltas):
-  m = StopMatcher(stops)
+def _feed(stops, deltas, include_stop=False):
+  m = StopMatcher(stops, include_stop)
   out = [m.push(d) for d in deltas]
   if not m.stopped:
     out.append(m.flush())
@@ -279,17 +279,24 @@ def test_the_stop_string_completed_first_wins_and_ends_the_output():
 @given(text=st.text(alphabet="abc", max_size=30),
        cuts=st.lists(st.integers(0, 30), max_size=6),
        stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
-                      min_size=1, max_size=3))
+                      min_size=1, max_size=3),
+       include_stop=st.booleans())
 def test_stop_strings_any_split_gives_the_text_before_the_first_stop(
-    text, cuts, stops):
+    text, cuts, stops, include_stop):
+  """Cut before the first stop string to complete, or after it where the
+  request includes it (``include_stop_str_in_output``)."""
   bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
   deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
   # (end, start) of each stop string's first occurrence: the one that ends
   # first is what a character-by-character scan finds.
   hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
-  out, stopped = _feed(stops, deltas)
+  out, stopped = _feed(stops, deltas, include_stop)
   assert stopped == bool(hits)
-  assert "".join(out) == (text[:min(hits)[1]] if hits else text)
+  want = text
+  if hits:
+    end, start = min(hits)
+    want = text[:end if include_stop else start]
+  assert "".join(out) == want
 
 
 # --------------------------------------------------------- request mapping
@@ -678,6 +685,25 @@ def test_stop_string_cuts_the_output_and_cancels_the_router_call(router):
   assert data["usage"]["prompt_tokens"] == len("script:" + json.dumps(pieces))
   # The router call was cancelled (the fake never ends one by itself).
   assert fake.cancelled[_rid(data["id"])].wait(5)
+
+
+def test_stop_string_kept_where_the_request_includes_it(router):
+  """``include_stop_str_in_output``: the output ends with the stop string
+  (split across deltas here), the call cancelled as without it."""
+  fake = router[0]
+  pieces = ["Hel", "lo, wor", "ld! T", "he end", " never sent"]
+  for include, want in ((True, "Hello, world! T"), (False, "Hello, world")):
+    status, data = _post(router, "/v1/completions", {
+        "prompt": "script:" + json.dumps(pieces), "stop": ["! T", "zzz"],
+        "include_stop_str_in_output": include})
+    assert status == 200, data
+    assert data["choices"][0]["text"] == want
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert fake.cancelled[_rid(data["id"])].wait(5)
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "a", "stop": "x", "include_stop_str_in_output": "yes"})
+  assert status == 400 and data["error"]["param"] == (
+      "include_stop_str_in_output"), data
 
 
 def test_stop_string_split_across_stream_deltas(router):

@@ -55,9 +55,11 @@ class RouterCall:
 
 
 async def run_choice(client: AsyncClient, call: RouterCall,
-                     stops: Sequence[str]) -> AsyncIterator[ChoiceDelta]:
-  """Streams one choice, ending it at the first stop string."""
-  matcher = StopMatcher(stops)
+                     stops: Sequence[str], include_stop: bool = False
+                     ) -> AsyncIterator[ChoiceDelta]:
+  """Streams one choice, ending it at the first stop string (its text
+  included with ``include_stop``)."""
+  matcher = StopMatcher(stops, include_stop)
   stream = client.stream(call.prompt, **call.options)
   async with contextlib.aclosing(stream):
     async for d in stream:
@@ -129,9 +131,10 @@ async def merge(streams: Sequence[AsyncIterator[ChoiceDelta]]
 
 
 def run_choices(client: AsyncClient, calls: Sequence[RouterCall],
-                stops: Sequence[str]) -> AsyncIterator[ChoiceDelta]:
+                stops: Sequence[str], include_stop: bool = False
+                ) -> AsyncIterator[ChoiceDelta]:
   """Every choice's deltas, merged (see the module docstring)."""
-  return merge([run_choice(client, c, stops) for c in calls])
+  return merge([run_choice(client, c, stops, include_stop) for c in calls])
 
 
 __all__ = ["ChoiceDelta", "RouterCall", "merge", "run_choice", "run_choices"]

@@ -44,6 +44,8 @@ class Params:
   stream: bool = False
   include_usage: bool = False
   stop: tuple[str, ...] = ()
+  # The matched stop string ends the output text instead of being cut.
+  include_stop_str_in_output: bool = False
   logprobs: bool = False
   return_token_ids: bool = False
   max_tokens: int | None = None
@@ -204,8 +206,6 @@ _UNSUPPORTED_COMMON = (
     ("best_of", _one, "pdjax samples each choice once (use n)"),
     ("use_beam_search", _falsy, "pdjax has no beam search"),
     ("prompt_logprobs", _falsy, "pdjax returns no prompt logprobs"),
-    ("include_stop_str_in_output", _falsy,
-     "stop strings are always cut from the output"),
     ("response_format", _text_format,
      "pdjax has no structured (JSON/grammar) output"),
     ("guided_json", _falsy, "pdjax has no structured output"),
@@ -277,7 +277,10 @@ def _params(body: _Body, *, max_tokens: int | None, logprobs: bool
   body.str("user")   # accepted and unused, as OpenAI documents it
   return Params(
       model=model, n=n, stream=stream, include_usage=include_usage,
-      stop=_stop(body), logprobs=logprobs,
+      stop=_stop(body),
+      include_stop_str_in_output=body.bool("include_stop_str_in_output",
+                                           False),
+      logprobs=logprobs,
       return_token_ids=body.bool("return_token_ids", False),
       max_tokens=max_tokens,
       temperature=body.number("temperature", lambda v: v >= 0,

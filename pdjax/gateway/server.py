@@ -347,7 +347,8 @@ async def _respond(request: web.Request, params: protocol.Params,
                    usage: UsageTally, prompt_param: str = "prompt"
                    ) -> web.StreamResponse:
   client = request.app[CLIENT]
-  stream = run_choices(client, calls, params.stop)
+  stream = run_choices(client, calls, params.stop,
+                       params.include_stop_str_in_output)
   async with contextlib.aclosing(stream):
     try:
       if not params.stream:

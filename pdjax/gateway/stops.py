@@ -5,9 +5,10 @@ tokens and several stream messages, so the gateway matches it on the
 accumulated text. Text that might be the start of a stop string (the last
 ``len(longest stop) - 1`` characters) is held back until the next delta
 settles it, so a stop string split across deltas never reaches the client.
-On a match the output ends just before the stop string (which is not
-included), with finish reason "stop"; of several stop strings, the one whose
-last character arrives first wins.
+On a match the output ends just before the stop string, or with it where
+the request asked for it (vLLM's ``include_stop_str_in_output``), with
+finish reason "stop"; of several stop strings, the one whose last
+character arrives first wins.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Sequence
 class StopMatcher:
   """Feeds text deltas; releases the text that is certainly output."""
 
-  def __init__(self, stops: Sequence[str]):
+  def __init__(self, stops: Sequence[str], include_stop: bool = False):
     self._stops = tuple(stops)
+    self._include_stop = include_stop
     self._hold = max((len(s) for s in self._stops), default=1) - 1
     self._text = ""
     self._released = 0      # self._text[:_released] went to the client
@@ -29,7 +31,8 @@ class StopMatcher:
     """Adds a delta; returns the text now safe to release.
 
     Sets ``stopped`` when a stop string completed: the returned text then
-    ends right before it, and nothing more is ever released.
+    ends right before it (with it, ``include_stop``), and nothing more is
+    ever released.
     """
     if self.stopped:
       return ""
@@ -44,7 +47,8 @@ class StopMatcher:
             if (i := self._text.find(s, start)) >= 0]
     if hits:
       self.stopped = True
-      return self._take(min(hits)[1])
+      end, start = min(hits)
+      return self._take(end if self._include_stop else start)
     return self._take(max(self._released, len(self._text) - self._hold))
 
   def flush(self) -> str:
