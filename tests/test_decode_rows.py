@@ -359,6 +359,7 @@ def test_rows_not_live_reach_the_model_as_a_fresh_pools():
       active=jnp.asarray([True, True, False, False]),   # row 1: done
       temperature=jnp.zeros((b,)), top_p=jnp.ones((b,)),
       top_k=jnp.zeros((b,), jnp.int32), min_p=jnp.zeros((b,)),
+      min_tokens=jnp.zeros((b,), jnp.int32),
       seed=jnp.zeros((b,), jnp.uint32),
       max_tokens=jnp.full((b,), 100, jnp.int32),
       stop_ids=jnp.full((b, 1), -1, jnp.int32),

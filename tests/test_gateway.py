@@ -305,7 +305,8 @@ def test_every_completion_field_reaches_the_router_exactly(router):
   status, data = _post(router, "/v1/completions", {
       "model": _MODEL, "prompt": "hello", "max_tokens": 7,
       "temperature": 0.5, "top_p": 0.25, "top_k": 5, "min_p": 0.125,
-      "seed": 42, "stop_token_ids": [9, 10], "ignore_eos": True,
+      "min_tokens": 3, "seed": 42, "stop_token_ids": [9, 10],
+      "ignore_eos": True,
       "skip_special_tokens": False, "add_special_tokens": False,
       "cache_salt": "tenant-a", "user": "u1", "some_future_field": 1})
   assert status == 200, data
@@ -313,7 +314,7 @@ def test_every_completion_field_reaches_the_router_exactly(router):
   assert req.WhichOneof("prompt") == "text" and req.text == "hello"
   s = req.sampling
   assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p,
-          s.seed) == (7, 0.5, 0.25, 5, 0.125, 42)
+          s.min_tokens, s.seed) == (7, 0.5, 0.25, 5, 0.125, 3, 42)
   assert list(s.stop_token_ids) == [9, 10] and s.ignore_eos
   assert not req.skip_special_tokens
   assert req.HasField("add_special_tokens") and not req.add_special_tokens
@@ -330,7 +331,7 @@ def test_unset_fields_stay_unset(router):
   s = req.sampling
   # temperature 0 (greedy) is a value, not "unset".
   assert s.HasField("temperature") and s.temperature == 0
-  for name in ("max_tokens", "top_p", "top_k", "min_p", "seed"):
+  for name in ("max_tokens", "top_p", "top_k", "min_p", "min_tokens", "seed"):
     assert not s.HasField(name), name
   assert list(s.stop_token_ids) == [] and not s.ignore_eos
   assert not req.HasField("add_special_tokens")
@@ -706,6 +707,21 @@ def test_stop_string_kept_where_the_request_includes_it(router):
       "include_stop_str_in_output"), data
 
 
+def test_no_stop_string_before_min_tokens(router):
+  """As vLLM: stop strings end a choice only once it holds min_tokens
+  tokens; the text before is output whole, stop strings and all."""
+  fake = router[0]
+  pieces = ["a STOP", "b", "STOP", "more", " never sent"]
+  for min_tokens, want in ((2, "a STOPb"), (0, "a ")):
+    status, data = _post(router, "/v1/completions", {
+        "prompt": "script:" + json.dumps(pieces), "stop": "STOP",
+        "min_tokens": min_tokens})
+    assert status == 200, data
+    assert data["choices"][0]["text"] == want
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert fake.cancelled[_rid(data["id"])].wait(5)
+
+
 def test_stop_string_split_across_stream_deltas(router):
   fake = router[0]
   pieces = ["Hi S", "T", "OP", "more"]
@@ -785,6 +801,8 @@ _BAD = [
     ("/v1/completions", {"prompt": "a", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "a", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "a", "min_p": -0.5}, "min_p"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": -1}, "min_tokens"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": 1.5}, "min_tokens"),
     ("/v1/chat/completions", {"messages": _CHAT, "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "a", "seed": 2**63 - 1, "n": 2}, "seed"),

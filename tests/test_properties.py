@@ -119,6 +119,8 @@ def _proto_fields(draw):
   if draw(st.booleans()):
     kw["min_p"] = draw(_any_float)
   if draw(st.booleans()):
+    kw["min_tokens"] = draw(_wide_ints(INT32_MIN, INT32_MAX))
+  if draw(st.booleans()):
     kw["seed"] = draw(st.one_of(_wide_ints(0, UINT64_MAX),
                                 st.sampled_from([2**63 - 1, 2**63])))
   if draw(st.booleans()):
@@ -150,6 +152,9 @@ def _valid_proto_fields(draw):
     # [0, 1] in float32, both ends included.
     kw["min_p"] = draw(st.one_of(st.floats(0.0, 1.0, width=32),
                                  st.sampled_from([0.0, 1.0])))
+  if draw(st.booleans()):
+    # At most the request's max_tokens (16 when it is absent).
+    kw["min_tokens"] = draw(st.integers(0, kw.get("max_tokens", 16)))
   if draw(st.booleans()):
     kw["seed"] = draw(st.integers(0, 2**63 - 1))
   if draw(st.booleans()):
@@ -192,6 +197,7 @@ def _invalid_value(field: str, vocab: int) -> st.SearchStrategy:
       "min_p": st.one_of(nonfinite, st.floats(max_value=-F32_TINY, width=32),
                          st.sampled_from([1.0000001, 2.0]),
                          st.floats(min_value=1.0000001192092896, width=32)),
+      "min_tokens": _wide_ints(INT32_MIN, -1),
       "seed": _wide_ints(2**63, UINT64_MAX),
       "stop_token_ids": _stop_ids_invalid(vocab),
   }[field]
@@ -204,7 +210,7 @@ def _one_bad_field(draw):
   check that is missing)."""
   vocab, kw = draw(_valid_proto_fields())
   field = draw(st.sampled_from(["max_tokens", "temperature", "top_p",
-                                "top_k", "min_p", "seed",
+                                "top_k", "min_p", "min_tokens", "seed",
                                 "stop_token_ids"]))
   kw[field] = draw(_invalid_value(field, vocab))
   return vocab, kw, field
@@ -228,6 +234,11 @@ def _offending_fields(p: common_pb2.SamplingParams, vocab: int) -> set[str]:
   if p.HasField("min_p") and not (math.isfinite(p.min_p)
                                   and 0 <= p.min_p <= 1):
     bad.add("sampling.min_p")
+  # At most max_tokens: a relation, judged against a valid max_tokens only.
+  max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+  if p.HasField("min_tokens") and (
+      p.min_tokens < 0 or 1 <= max_tokens < p.min_tokens):
+    bad.add("sampling.min_tokens")
   if p.HasField("seed") and not 0 <= p.seed < 2**63:
     bad.add("sampling.seed")
   if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
@@ -244,6 +255,7 @@ def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
   assert isinstance(s.top_p, float) and 0 < s.top_p <= 1
   assert isinstance(s.top_k, int) and s.top_k >= -1
   assert isinstance(s.min_p, float) and 0 <= s.min_p <= 1
+  assert isinstance(s.min_tokens, int) and 0 <= s.min_tokens <= s.max_tokens
   assert s.seed is None or (isinstance(s.seed, int) and 0 <= s.seed < 2**63)
   assert isinstance(s.stop_token_ids, tuple)
   assert len(s.stop_token_ids) <= MAX_STOP_TOKEN_IDS
@@ -257,6 +269,7 @@ def _assert_documented_invariants(s: SamplingParams, p, vocab: int) -> None:
   assert s.top_p == (p.top_p if p.HasField("top_p") else 1.0)
   assert s.top_k == (p.top_k if p.HasField("top_k") else 0)
   assert s.min_p == (p.min_p if p.HasField("min_p") else 0.0)
+  assert s.min_tokens == (p.min_tokens if p.HasField("min_tokens") else 0)
   assert s.seed == (p.seed if p.HasField("seed") else None)
   assert s.stop_token_ids == tuple(p.stop_token_ids)
   assert s.ignore_eos == p.ignore_eos

@@ -184,6 +184,30 @@ def test_min_p_reaches_both_pools(grpc_cluster, reference):
   assert any(r.token_ids != want for r, want in zip(without, expected))
 
 
+def test_min_tokens_holds_back_a_stop_in_both_pools(grpc_cluster, reference):
+  """A stop id that is the greedy first token ends a request at once; with
+  min_tokens = 3 the prefill worker samples another first token. One that
+  is the greedy second token: the decode worker holds it back at its first
+  two steps instead."""
+  prompts, expected = reference
+  p, want = next((p, w) for p, w in zip(prompts, expected) if w[0] != w[1])
+  with Client(grpc_cluster.address, timeout_s=120) as client:
+    def run(stop, **kw):
+      return client.generate(prompt_token_ids=p, max_tokens=MAX_NEW,
+                             temperature=0.0, stop_token_ids=[stop],
+                             ignore_eos=True, **kw)
+    r = run(want[0])
+    assert (r.token_ids, r.finish_reason) == ([want[0]], "stop")
+    r = run(want[0], min_tokens=3)
+    assert len(r.token_ids) >= 3 and want[0] not in r.token_ids[:3], r
+    assert r.usage.prefill_worker
+    r = run(want[1])
+    assert (r.token_ids, r.finish_reason) == (want[:2], "stop")
+    r = run(want[1], min_tokens=3)
+    assert r.token_ids[0] == want[0] and want[1] not in r.token_ids[:3], r
+    assert len(r.token_ids) >= 3
+
+
 def test_invalid_requests_name_the_field(grpc_cluster):
   cases = [
       (dict(prompt_token_ids=[5], max_tokens=0), "max_tokens"),
@@ -192,6 +216,7 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       (dict(prompt_token_ids=[5], top_p=1.5), "top_p"),
       (dict(prompt_token_ids=[5], min_p=1.5), "min_p"),
       (dict(prompt_token_ids=[5], min_p=-0.25), "min_p"),
+      (dict(prompt_token_ids=[5], max_tokens=4, min_tokens=5), "min_tokens"),
       (dict(prompt_token_ids=[5, 100000]), "token_ids"),
       (dict(prompt_token_ids=[7] * 300), "token_ids"),
       (dict(prompt=""), "text"),

@@ -183,6 +183,7 @@ class GenerateOptions(TypedDict, total=False):
   top_p: float | None
   top_k: int | None
   min_p: float | None
+  min_tokens: int | None
   seed: int | None
   stop_token_ids: Sequence[int] | None
   ignore_eos: bool | None
@@ -266,6 +267,7 @@ def build_request(
     top_p: float | None = None,
     top_k: int | None = None,
     min_p: float | None = None,
+    min_tokens: int | None = None,
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool | None = False,
@@ -295,6 +297,8 @@ def build_request(
     top_k: 0 or -1 disables; None: server default (off).
     min_p: in [0, 1], tokens less likely than min_p times the likeliest
       are not sampled; None: server default (0, off).
+    min_tokens: EOS and stop ids cannot end the output before this many
+      tokens (at most max_tokens); None: server default (0, off).
     seed: same seed, same tokens whatever the batch; None: unseeded.
     stop_token_ids: ids that end the completion (finish reason "stop").
     ignore_eos: keep going past EOS (None is False).
@@ -345,6 +349,9 @@ def build_request(
     s.top_k = _in_range(operator.index(top_k), "top_k", _INT32, "int32")
   if min_p is not None:
     s.min_p = min_p
+  if min_tokens is not None:
+    s.min_tokens = _in_range(operator.index(min_tokens), "min_tokens",
+                             _INT32, "int32")
   if seed is not None:
     s.seed = _in_range(operator.index(seed), "seed", _UINT64, "uint64")
   if stop_token_ids:

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.kv_dtype import kv_storage_dtype
-from pdjax.engine.sampling import sample, token_logprobs
+from pdjax.engine.sampling import sample, stop_set, token_logprobs
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.speculative import accept
 from pdjax.engine.xla_options import gemm_options
@@ -66,6 +66,7 @@ class SlotInputs:
   top_p: jax.Array
   top_k: jax.Array
   min_p: jax.Array
+  min_tokens: jax.Array   # [b]
   seed: jax.Array
   max_tokens: jax.Array   # [b]
   stop_ids: jax.Array     # [b, S] (-1 padded)
@@ -98,6 +99,8 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
   """``num_steps`` decode steps; ``forward`` is ``decode_forward`` or a
   function with its signature (the pipelined one: each step is then a
   full pass through the pipeline)."""
+  held_back = (slots.min_tokens, stop_set(slots.stop_ids, slots.use_eos, eos))
+
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
     tokens, positions, table = idle_rows_fresh(
@@ -106,7 +109,7 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
                   table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.min_p, slots.seed, state.generated,
-                     all_greedy=all_greedy)
+                     held_back=held_back, all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
         slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
@@ -457,7 +460,10 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       start, state.k, state.v, table, cfg=cfg, num_kept=kept)
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
-      slots.min_p, slots.seed, gen, all_greedy=all_greedy)
+      slots.min_p, slots.seed, gen,
+      held_back=(slots.min_tokens,
+                 stop_set(slots.stop_ids, slots.use_eos, eos)),
+      all_greedy=all_greedy)
   if step_rows is not None:
     logprobs = logprobs_as_steps(out.logits, toks, kept, step_rows)
   valid, finished, stopped = [], [], []

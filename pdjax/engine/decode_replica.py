@@ -486,6 +486,7 @@ class DecodeReplica:
           active=active,
           temperature=self.samp.temperature[idx], top_p=self.samp.top_p[idx],
           top_k=self.samp.top_k[idx], min_p=self.samp.min_p[idx],
+          min_tokens=self.samp.min_tokens[idx],
           seed=self.samp.seed[idx],
           max_tokens=self.max_tokens[idx], stop_ids=self.stop_ids[idx],
           use_eos=self.use_eos[idx])

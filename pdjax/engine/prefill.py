@@ -36,8 +36,9 @@ from pdjax.engine.kv import (kv_sharding, next_pow2, pages_for, payload_pages,
 from pdjax.engine.lockstep import spans_processes
 from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
-from pdjax.engine.sampling import (InvalidRequest, SamplingArrays,
-                                   SamplingParams, sample)
+from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
+                                   SamplingArrays, SamplingParams, sample,
+                                   stop_set)
 from pdjax.engine.sampling_params import check_in_vocabulary
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.xla_options import gemm_options
@@ -71,34 +72,62 @@ def _to_pages(k, v, page_size):
 # of runtime work on the first token's path (on an H100 about 0.1 ms a
 # buffer, the six inputs apart took 0.55 ms). Columns: the prompt (T), its
 # true length, then the sampling settings (temperature, top_p as float32
-# bits, top_k, min_p as float32 bits, the seed as uint32 bits).
+# bits, top_k, min_p as float32 bits, the seed as uint32 bits), then what
+# min_tokens holds back (``hold_back_columns``).
 _SAMPLING_COLUMNS = 5
+_HOLD_BACK_COLUMNS = 2 + MAX_STOP_TOKEN_IDS
 # Columns of ``pack_inputs``' array past the prompt's.
-COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS
+COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS + _HOLD_BACK_COLUMNS
+
+
+def hold_back_columns(samp: SamplingArrays,
+                      params: Sequence[SamplingParams]) -> np.ndarray:
+  """What a first token's ``min_tokens`` holds back, per row of ``samp``
+  (rows past ``params`` hold nothing back): ``[B, 2 + MAX_STOP_TOKEN_IDS]``
+  int32, the row's min_tokens, whether its EOS counts, its stop ids (-1
+  padded); ``_held_back`` reads it in a program."""
+  out = np.full((len(samp.min_tokens), _HOLD_BACK_COLUMNS), -1, np.int32)
+  out[:, 0] = samp.min_tokens
+  out[:, 1] = 0
+  for i, p in enumerate(params):
+    out[i, 1] = not p.ignore_eos
+    stops = list(p.stop_token_ids)[:MAX_STOP_TOKEN_IDS]
+    out[i, 2:2 + len(stops)] = stops
+  return out
+
+
+def _held_back(cols, eos_ids):
+  """In a program: ``hold_back_columns`` -> ``sample``'s ``held_back``."""
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  return cols[:, 0], stop_set(cols[:, 2:], cols[:, 1] != 0, eos)
 
 
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
-                samp: SamplingArrays) -> np.ndarray:
-  """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling -> one
-  ``[B, T + 6]`` int32 array (``_unpack_inputs`` reads it in a program)."""
+                samp: SamplingArrays,
+                params: Sequence[SamplingParams]) -> np.ndarray:
+  """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling (their
+  ``params`` for the stops) -> one ``[B, T + COLUMNS_PAST_PROMPT]`` int32
+  array (``_unpack_inputs`` reads it in a program)."""
   cols = [tokens.astype(np.int32), true_len.astype(np.int32)[:, None],
           samp.temperature.astype(np.float32).view(np.int32)[:, None],
           samp.top_p.astype(np.float32).view(np.int32)[:, None],
           samp.top_k.astype(np.int32)[:, None],
           samp.min_p.astype(np.float32).view(np.int32)[:, None],
-          samp.seed.astype(np.uint32).view(np.int32)[:, None]]
+          samp.seed.astype(np.uint32).view(np.int32)[:, None],
+          hold_back_columns(samp, params)]
   return np.concatenate(cols, axis=1)
 
 
 def _unpack_inputs(packed):
   """In a program: ``pack_inputs``' array -> (tokens, true_len, the
-  sampling columns ``[B, 5]``)."""
+  sampling columns ``[B, COLUMNS_PAST_PROMPT - 1]``)."""
   T = packed.shape[1] - COLUMNS_PAST_PROMPT
   return packed[:, :T], packed[:, T], packed[:, T + 1:]
 
 
 def _unpack_sampling(cols):
-  """In a program: the sampling columns -> the arrays ``sample`` takes."""
+  """In a program: the sampling columns -> the arrays ``sample`` takes
+  (its positional ones; ``_held_back(cols[:, 5:], ...)`` the rest)."""
   as_f32 = functools.partial(jax.lax.bitcast_convert_type,
                              new_dtype=jnp.float32)
   return (as_f32(cols[:, 0]), as_f32(cols[:, 1]), cols[:, 2],
@@ -150,11 +179,13 @@ def _prefill_program(params, packed, *, cfg, page_size, kv_spec):
   return out.logits, cols, rows
 
 
-def _first_token_program(logits, cols, *, all_greedy):
+def _first_token_program(logits, cols, *, all_greedy, eos_ids):
   """A batch's first tokens and logprobs, packed (``_pack_outputs``)."""
   index = jnp.zeros(logits.shape[:1], jnp.int32)
-  return _pack_outputs(*sample(logits, *_unpack_sampling(cols), index,
-                               all_greedy=all_greedy))
+  return _pack_outputs(*sample(
+      logits, *_unpack_sampling(cols), index,
+      held_back=_held_back(cols[:, _SAMPLING_COLUMNS:], eos_ids),
+      all_greedy=all_greedy))
 
 
 def _embed_program(params, packed, *, x_spec):
@@ -181,8 +212,8 @@ def _head_program(params, x, packed, *, cfg):
   return prefill_last_logits(params, x, true_len, cfg=cfg), cols
 
 
-def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
-                   cfg):
+def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp,
+                   held, *, cfg):
   """One chunk of each of ``B`` prompts (row ``b``: ``tokens[b]``, its
   buffers ``k_bufs[b]``, ``v_bufs[b]``): writes the chunk's K/V into the
   row's buffers after its first ``start[b]`` positions (cached blocks and
@@ -190,12 +221,14 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp, *,
   have one static size, so a chunk program exists once per chunk length
   and row count; positions past the chunk are never read, whatever they
   hold. The rows' buffers stay apart (no batch is copied together), each
-  updated in place. Returns the sampled tokens, their logprobs and each
-  row's buffers (tuples, as they came)."""
+  updated in place. ``samp``: ``sample``'s per-row arguments; ``held``:
+  the rows' ``hold_back_columns``. Returns the sampled tokens, their
+  logprobs and each row's buffers (tuples, as they came)."""
   out = prefill_chunk(params, tokens, true_len, tuple(k_bufs),
                       tuple(v_bufs), start, cfg=cfg)
   tok, lp = sample(out.logits, *samp,
-                   jnp.zeros((tokens.shape[0],), jnp.int32))
+                   jnp.zeros((tokens.shape[0],), jnp.int32),
+                   held_back=_held_back(held, cfg.eos_token_ids))
   return tok, lp, out.k, out.v
 
 
@@ -247,8 +280,9 @@ class BufferedPrefill:
     self._owned = owned
     self._hashes = hashes
     cfg = engine.config
-    self._samp = tuple(engine._put(a) for a in SamplingArrays.stack(
-        [(r.sampling, r.seed_u32)], 1).as_tuple())
+    samp = SamplingArrays.stack([(r.sampling, r.seed_u32)], 1)
+    self._samp = tuple(engine._put(a) for a in samp.as_tuple())
+    self._held = engine._put(hold_back_columns(samp, [r.sampling]))
     if buffer_len is None:
       buffer_len = cfg.buffer_len_for(len(r.prompt_ids),
                                       len(prefix) * cfg.page_size)
@@ -294,7 +328,7 @@ class BufferedPrefill:
             e.params, e._put(part),
             e._put(np.array([len(piece)], np.int32)), (self._k,),
             (self._v,), e._put(np.array([self.position], np.int32)),
-            self._samp)
+            self._samp, self._held)
       except BaseException:
         self.abort()
         raise
@@ -322,18 +356,19 @@ class BufferedPrefill:
       start[b] = run.position
     samp = SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
                                  for run in runs], batch)
+    held = hold_back_columns(samp, [run.request.sampling for run in runs])
     length = runs[0].buffer_len
     if any(run.buffer_len != length for run in runs):
       raise ValueError("runs finished together share one buffer length")
     pads = [e.empty_buffers(length) for _ in range(batch - len(runs))]
     try:
-      tokens, true_len, start, *samp = e._put((tokens, true_len, start,
-                                               *samp.as_tuple()))
+      tokens, true_len, start, held, *samp = e._put(
+          (tokens, true_len, start, held, *samp.as_tuple()))
       tok, lp, ks, vs = e._chunk(
           e.params, tokens, true_len,
           tuple(r._k for r in runs) + tuple(k for k, _ in pads),
           tuple(r._v for r in runs) + tuple(v for _, v in pads),
-          start, tuple(samp))
+          start, tuple(samp), held)
       tok, lp = jax.device_get((tok, lp))
     except BaseException:
       for run in runs:
@@ -456,7 +491,8 @@ class PrefillEngine:
     host = pinned_host_sharding(mesh)
     self._first_token = {
         greedy: shared_jit(functools.partial(_first_token_program,
-                                             all_greedy=greedy),
+                                             all_greedy=greedy,
+                                             eos_ids=cfg.eos_token_ids),
                            **({"out_shardings": host} if host else {}))
         for greedy in (True, False)}
     self._first_token_on_host = host is not None
@@ -652,7 +688,7 @@ class PrefillEngine:
       true_len[i] = len(r.prompt_ids)
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
-    packed = pack_inputs(tokens, true_len, samp)
+    packed = pack_inputs(tokens, true_len, samp, [r.sampling for r in reqs])
     if not self._upload_in_call:
       packed = self._put(packed)
     # No program here samples on a device branch, so every call returns

@@ -28,12 +28,14 @@ class SamplingArrays:
   top_k: np.ndarray        # [B] i32 (0 = off)
   min_p: np.ndarray        # [B] f32 (0 = off)
   seed: np.ndarray         # [B] u32
+  min_tokens: np.ndarray   # [B] i32 (0 = off; not one of ``sample``'s
+                           # arguments: see its ``held_back``)
 
   @classmethod
   def empty(cls, batch: int) -> "SamplingArrays":
     return cls(np.zeros((batch,), np.float32), np.ones((batch,), np.float32),
                np.zeros((batch,), np.int32), np.zeros((batch,), np.float32),
-               np.zeros((batch,), np.uint32))
+               np.zeros((batch,), np.uint32), np.zeros((batch,), np.int32))
 
   def set_row(self, row: int, params: SamplingParams, seed_u32: int) -> None:
     self.temperature[row] = params.temperature
@@ -41,6 +43,7 @@ class SamplingArrays:
     self.top_k[row] = max(params.top_k, 0)
     self.min_p[row] = params.min_p
     self.seed[row] = seed_u32
+    self.min_tokens[row] = params.min_tokens
 
   def clear_row(self, row: int) -> None:
     """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, seed
@@ -49,6 +52,7 @@ class SamplingArrays:
     self.top_p[row] = 1.0
     self.top_k[row] = 0
     self.min_p[row] = 0.0
+    self.min_tokens[row] = 0
     self.seed[row] = 0
 
   @classmethod
@@ -59,6 +63,7 @@ class SamplingArrays:
     return out
 
   def as_tuple(self):
+    """``sample``'s per-row arguments, in its order."""
     return (self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
 
 
@@ -97,14 +102,41 @@ def _sample_row(logits, temperature, top_p, top_k, min_p, seed, index):
   return jnp.where(temperature == 0.0, greedy_tok, sampled_tok)
 
 
+def stop_set(stop_ids, use_eos, eos):
+  """The ids a row's ``min_tokens`` holds back: its stop ids ``[..., S]``
+  (-1 padded) and, where ``use_eos`` [...], the model's EOS ids ``eos``
+  [E]; -1 pads. Returns ``[..., S + E]``."""
+  eos = jnp.broadcast_to(eos, (*use_eos.shape, eos.shape[-1]))
+  return jnp.concatenate(
+      [stop_ids, jnp.where(use_eos[..., None], eos, -1)], axis=-1)
+
+
+def hold_back_stops(logits, index, min_tokens, stops):
+  """``logits`` [..., V] with the ids of ``stops`` [..., N] (-1: none) at
+  -inf where the row has generated fewer than ``min_tokens`` tokens
+  (``index`` [...]): vLLM's min_tokens. An elementwise mask (N compares
+  per logit, fused with the sampler's reading of the logits): nothing is
+  gathered or scattered, and a row it holds nothing back for keeps its
+  logits bit for bit."""
+  vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  hit = jnp.zeros(logits.shape, bool)
+  for j in range(stops.shape[-1]):
+    hit = hit | (vocab == stops[..., j:j + 1])
+  return jnp.where(hit & (index < min_tokens)[..., None], -jnp.inf, logits)
+
+
 def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
-           all_greedy: bool | None = None):
+           held_back=None, all_greedy: bool | None = None):
   """Batched sampler: logits [B, V] f32 -> (tokens [B], logprobs [B]).
 
   ``index`` [B] is the number of tokens the row has generated before this
   one (0 for the first token, sampled at prefill). The logprob is that of
   the raw model distribution (before temperature/min-p/top-k/top-p), as vLLM
   reports by default.
+
+  ``held_back``: None, or (min_tokens [B], stops [B, N]): a row's stop
+  ids are not sampled before its ``min_tokens``-th token
+  (``hold_back_stops``); the logprob stays the raw distribution's.
 
   ``all_greedy``: whether every row is greedy, when the caller knows it
   (then the program has only that path); None decides on device with a
@@ -113,10 +145,12 @@ def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
   that dispatch ahead (the decode loop) choose the path on the host.
   """
   logits = logits.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  choose = logits if held_back is None else hold_back_stops(
+      logits, index, *held_back)
+  greedy = jnp.argmax(choose, axis=-1).astype(jnp.int32)
 
   def sampled():
-    return jax.vmap(_sample_row)(logits, temperature, top_p, top_k, min_p,
+    return jax.vmap(_sample_row)(choose, temperature, top_p, top_k, min_p,
                                  seed, index)
 
   if all_greedy is None:
@@ -135,5 +169,6 @@ def token_logprobs(logits, tokens):
 
 
 __all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
-           "filtered_sorted_logits", "token_logprobs",
+           "filtered_sorted_logits", "hold_back_stops", "stop_set",
+           "token_logprobs",
            "MAX_STOP_TOKEN_IDS"]

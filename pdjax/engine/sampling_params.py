@@ -45,6 +45,9 @@ class SamplingParams:
   # Tokens less likely than min_p times the likeliest one are dropped
   # (after the temperature, before top-k and top-p; 0: off), as vLLM does.
   min_p: float = 0.0
+  # EOS and the stop ids cannot be sampled before this many tokens (vLLM's
+  # min_tokens; 0: off).
+  min_tokens: int = 0
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
@@ -64,6 +67,9 @@ class SamplingParams:
                            f"must be >= 0 (0 = greedy), got {self.temperature}")
     if not (0.0 < self.top_p <= 1.0):
       raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+    if not 0 <= self.min_tokens <= self.max_tokens:
+      raise InvalidRequest("min_tokens", f"must be in [0, max_tokens = "
+                           f"{self.max_tokens}], got {self.min_tokens}")
     if not (0.0 <= self.min_p <= 1.0):
       raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p}")
     if self.top_k < -1:

@@ -37,6 +37,7 @@ class RouterBackend:
         max_tokens=item.max_tokens, temperature=sampling.get("temperature"),
         top_p=sampling.get("top_p"), top_k=sampling.get("top_k"),
         min_p=sampling.get("min_p") or None,
+        min_tokens=sampling.get("min_tokens") or None,
         seed=None if seed is None else seed + item.index,
         stop_token_ids=sampling.get("stop_token_ids"),
         ignore_eos=sampling.get("ignore_eos"), request_id=item.request_id):

@@ -147,6 +147,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_float("min_p", 0.0, "Min-p sampling in [0, 1]; 0 disables.",
                      flag_values=fv)
+  flags.DEFINE_integer("min_tokens", 0, "No EOS or stop id before this many "
+                       "tokens (at most each request's max_tokens); 0: off.",
+                       flag_values=fv)
   flags.DEFINE_bool("ignore_eos", None,
                     "Generate max_tokens regardless of EOS (default: on for "
                     "presets, off for --input).", flag_values=fv)
@@ -207,6 +210,7 @@ class EvalConfig:
   top_p: float = 1.0
   top_k: int = 0
   min_p: float = 0.0
+  min_tokens: int = 0
   ignore_eos: bool | None = None
   stop_token_ids: list[int] = dataclasses.field(default_factory=list)
   length_scale: float = 1.0
@@ -262,7 +266,8 @@ class EvalConfig:
 
   def sampling(self) -> dict[str, Any]:
     return dict(temperature=self.temperature, top_p=self.top_p,
-                top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+                top_k=self.top_k, min_p=self.min_p,
+                min_tokens=self.min_tokens, seed=self.seed,
                 ignore_eos=self.ignore_eos,
                 stop_token_ids=list(self.stop_token_ids) or None)
 
@@ -282,7 +287,8 @@ def config_from_flags(FLAGS: flags.FlagValues = FLAGS) -> EvalConfig:
       ttft_slo=FLAGS.ttft_slo, tpot_slo=FLAGS.tpot_slo,
       attainment_target=FLAGS.attainment_target, max_tokens=FLAGS.max_tokens,
       temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-      min_p=FLAGS.min_p, ignore_eos=FLAGS.ignore_eos,
+      min_p=FLAGS.min_p, min_tokens=FLAGS.min_tokens,
+      ignore_eos=FLAGS.ignore_eos,
       stop_token_ids=[int(t) for t in FLAGS.stop_token_ids],
       length_scale=FLAGS.length_scale, max_model_len=FLAGS.max_model_len,
       vocab_size=FLAGS.vocab_size,

@@ -7,8 +7,9 @@ pdjax's router directly, which tells the gateway's own cost.
 
 Each request is one streamed ``POST /v1/completions`` with the prompt as
 token ids (or text), ``stream_options.include_usage`` for the server's token
-counts, and vLLM's extensions where the run sets them (``top_k``, ``min_p``,
-``ignore_eos``, ``stop_token_ids``, ``return_token_ids``). Token times come
+counts, and vLLM's extensions where the run sets them (``top_k``,
+``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``return_token_ids``). Token times come
 from the chunks: a chunk that carries ``token_ids`` (pdjax's gateway, vLLM
 with ``return_token_ids``) counts those; one without counts as one token per
 non-empty chunk, as vLLM's own serving benchmark counts, with -1 as the id.
@@ -99,7 +100,8 @@ class OpenAIBackend:
     for name in ("temperature", "top_p"):
       if sampling.get(name) is not None:
         body[name] = sampling[name]
-    for name in ("top_k", "min_p"):   # vLLM's extensions, where set
+    # vLLM's extensions, where set.
+    for name in ("top_k", "min_p", "min_tokens"):
       if sampling.get(name):
         body[name] = sampling[name]
     if sampling.get("seed") is not None:

@@ -58,12 +58,17 @@ async def run_choice(client: AsyncClient, call: RouterCall,
                      stops: Sequence[str], include_stop: bool = False
                      ) -> AsyncIterator[ChoiceDelta]:
   """Streams one choice, ending it at the first stop string (its text
-  included with ``include_stop``)."""
+  included with ``include_stop``). As vLLM, none is matched before the
+  output holds ``min_tokens`` tokens (a message is matched whole once its
+  last token reaches that count)."""
   matcher = StopMatcher(stops, include_stop)
+  min_tokens = call.options.get("min_tokens") or 0
+  received = 0
   stream = client.stream(call.prompt, **call.options)
   async with contextlib.aclosing(stream):
     async for d in stream:
-      text = matcher.push(d.text)
+      received += len(d.token_ids)
+      text = matcher.push(d.text, match=received >= min_tokens)
       if matcher.stopped:
         # Cancel the router call before telling anyone: the slot is free
         # by the time the client sees the end.

@@ -53,6 +53,7 @@ class Params:
   top_p: float | None = None
   top_k: int | None = None
   min_p: float | None = None
+  min_tokens: int | None = None
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
@@ -71,7 +72,7 @@ class Params:
     seed = None if self.seed is None else self.seed + index
     return dict(max_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                seed=seed,
+                min_tokens=self.min_tokens, seed=seed,
                 stop_token_ids=list(self.stop_token_ids) or None,
                 ignore_eos=self.ignore_eos, speculative=self.speculative,
                 request_id=request_id,
@@ -202,7 +203,6 @@ _UNSUPPORTED_COMMON = (
     ("frequency_penalty", _zero, "pdjax has no frequency penalty"),
     ("repetition_penalty", _one, "pdjax has no repetition penalty"),
     ("logit_bias", _falsy, "pdjax cannot bias logits"),
-    ("min_tokens", _zero, "pdjax has no minimum output length"),
     ("best_of", _one, "pdjax samples each choice once (use n)"),
     ("use_beam_search", _falsy, "pdjax has no beam search"),
     ("prompt_logprobs", _falsy, "pdjax returns no prompt logprobs"),
@@ -288,6 +288,7 @@ def _params(body: _Body, *, max_tokens: int | None, logprobs: bool
       top_p=body.number("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
       top_k=body.int("top_k", -1),
       min_p=body.number("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+      min_tokens=body.int("min_tokens", 0),
       seed=seed,
       stop_token_ids=(() if stop_ids is None
                       else _token_ids(stop_ids, "stop_token_ids")),

@@ -27,15 +27,20 @@ class StopMatcher:
     self._released = 0      # self._text[:_released] went to the client
     self.stopped = False
 
-  def push(self, delta: str) -> str:
+  def push(self, delta: str, match: bool = True) -> str:
     """Adds a delta; returns the text now safe to release.
 
     Sets ``stopped`` when a stop string completed: the returned text then
     ends right before it (with it, ``include_stop``), and nothing more is
-    ever released.
+    ever released. ``match=False``: the delta is output as it is, no stop
+    string matched in it (the tokens before a request's ``min_tokens``, as
+    vLLM does).
     """
     if self.stopped:
       return ""
+    if not match:
+      self._text += delta
+      return self._take(len(self._text))
     # A match that ends in the new text starts no earlier than this; any
     # earlier one would have been found by an earlier push.
     start = max(self._released, len(self._text) - self._hold)

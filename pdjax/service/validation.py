@@ -32,6 +32,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
   top_p = p.top_p if p.HasField("top_p") else 1.0
   top_k = p.top_k if p.HasField("top_k") else 0
   min_p = p.min_p if p.HasField("min_p") else 0.0
+  min_tokens = p.min_tokens if p.HasField("min_tokens") else 0
   if not math.isfinite(temperature):
     raise InvalidRequest("sampling.temperature", "must be a finite number")
   if not math.isfinite(top_p):
@@ -45,6 +46,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
   params = SamplingParams(
       max_tokens=int(max_tokens), temperature=float(temperature),
       top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
+      min_tokens=int(min_tokens),
       seed=int(p.seed) if p.HasField("seed") else None,
       stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
       ignore_eos=bool(p.ignore_eos),
@@ -66,6 +68,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     out.seed = s.seed
   if s.min_p:
     out.min_p = s.min_p
+  if s.min_tokens:
+    out.min_tokens = s.min_tokens
   if not s.speculative:   # an opt-out; left unset, the pool's setting applies
     out.speculative = False
   return out

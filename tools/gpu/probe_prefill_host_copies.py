@@ -82,7 +82,8 @@ def main() -> None:
   # result on the device (read by a copy) and in pinned host memory.
   # pylint: disable-next=protected-access
   greedy_first = functools.partial(prefill_module._first_token_program,
-                                   all_greedy=True)
+                                   all_greedy=True,
+                                   eos_ids=cfg.eos_token_ids)
   first = jax.jit(greedy_first)
   first_pinned = jax.jit(greedy_first, out_shardings=NamedSharding(
       mesh, PartitionSpec(), memory_kind="pinned_host"))
@@ -93,7 +94,7 @@ def main() -> None:
     prompt = np.random.default_rng(T).integers(3, cfg.vocab_size, T)
     host = pack_inputs(prompt[None, :].astype(np.int32),
                        np.array([T], np.int32),
-                       SamplingArrays.stack([(greedy, 0)], 1))
+                       SamplingArrays.stack([(greedy, 0)], 1), [greedy])
     on_device = jax.device_put(host, rep)
     req = [PrefillRequest("probe", prompt.tolist(), greedy)]
 
