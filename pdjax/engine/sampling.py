@@ -46,8 +46,8 @@ class SamplingArrays:
     self.min_tokens[row] = params.min_tokens
 
   def clear_row(self, row: int) -> None:
-    """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, seed
-    0)."""
+    """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, no
+    min_tokens, seed 0)."""
     self.temperature[row] = 0.0
     self.top_p[row] = 1.0
     self.top_k[row] = 0
