@@ -75,6 +75,37 @@ class _Block:
     self.in_tier = False
 
 
+class _HostCopies:
+  """Blocks' device -> host copies, as the host's memory allows: into
+  pinned host memory by an asynchronous DMA (a ``host_sharding``), or, in
+  numpy mode (None), a device copy whose transfer starts at once and
+  which ``land`` later turns into numpy, freeing the device memory."""
+
+  def __init__(self, host_sharding):
+    self.host_sharding = host_sharding
+    self._unlanded: list[_Block] = []
+
+  @property
+  def memory_kind(self) -> str:
+    """Where the blocks live: ``pinned_host`` or ``numpy``."""
+    return PINNED_HOST if self.host_sharding is not None else "numpy"
+
+  def start(self, out: jax.Array, blk: _Block):
+    """``out`` on its way to the host, as ``blk``'s data from now on."""
+    if self.host_sharding is not None:
+      return jax.device_put(out, self.host_sharding)   # async DMA
+    out.copy_to_host_async()
+    self._unlanded.append(blk)
+    return out
+
+  def land(self) -> None:
+    """numpy mode: the copies started before, as numpy."""
+    landing, self._unlanded = self._unlanded, []
+    for blk in landing:
+      if isinstance(blk.data, jax.Array):
+        blk.data = np.asarray(blk.data)
+
+
 class HostKVTier:
   """LRU store of KV blocks in host memory, by block hash.
 
@@ -287,18 +318,17 @@ class HostTierLink:
     k, _ = get_pools()
     self._pool_sharding = k.sharding
     self._block_sharding = _block_sharding(k.sharding)
-    self._host_sharding = tier.host_sharding(self._block_sharding)
+    self._copies = _HostCopies(tier.host_sharding(self._block_sharding))
     self._lock = threading.Lock()
     self._demote: list[tuple[int, _Block]] = []
     self._upload: dict[int, _Block] = {}       # page -> source, FIFO
-    self._unlanded: list[_Block] = []          # numpy mode: device copies
     self.stats = collections.Counter()         # device-side: promotions...
     pool.on_evict = self._on_evict
 
   @property
   def memory_kind(self) -> str:
     """Where tier blocks live: ``pinned_host`` or ``numpy``."""
-    return PINNED_HOST if self._host_sharding is not None else "numpy"
+    return self._copies.memory_kind
 
   # ---------------------------------------------------------------- hooks
   def _on_evict(self, page: int, block_hash: Hashable | None) -> None:
@@ -346,7 +376,7 @@ class HostTierLink:
       # for the tier (asynchronously, as a demotion's read).
       source = _Block()
       source.data = jax.device_put(data, self._block_sharding)
-      blk.data = self._to_host(source.data, blk)
+      blk.data = self._copies.start(source.data, blk)
     else:
       source = blk
       blk.data = data
@@ -377,7 +407,7 @@ class HostTierLink:
     with self._lock:
       demote, self._demote = self._demote, []
       upload, self._upload = self._upload, {}
-    self._land()
+    self._copies.land()
     if demote:
       needed = {id(b) for b in upload.values()}
       # Blocks the tier already dropped again need no copy, unless an
@@ -426,7 +456,7 @@ class HostTierLink:
       k, v = self._get_pools()
       outs = self._read_fn(n)(k, v, pages)
       for (_, blk), out in zip(part, outs):
-        blk.data = self._to_host(out, blk)
+        blk.data = self._copies.start(out, blk)
       self.tier.count("demotions", len(part))
 
   def _write(self, items: list[tuple[int, _Block]]) -> None:
@@ -436,21 +466,6 @@ class HostTierLink:
       blocks += [blocks[0]] * (n - len(part))   # padding -> the null page
       k, v = self._get_pools()
       self._set_pools(*self._write_fn(n)(k, v, pages, tuple(blocks)))
-
-  def _to_host(self, out: jax.Array, blk: _Block):
-    if self._host_sharding is not None:
-      return jax.device_put(out, self._host_sharding)   # async DMA
-    out.copy_to_host_async()
-    self._unlanded.append(blk)
-    return out
-
-  def _land(self) -> None:
-    """numpy mode: turns the previous flushes' device copies into numpy
-    (their transfers were started then), freeing the device memory."""
-    landing, self._unlanded = self._unlanded, []
-    for blk in landing:
-      if isinstance(blk.data, jax.Array):
-        blk.data = np.asarray(blk.data)
 
   def warmup(self) -> None:
     """Compiles every read and upload program (batch sizes up to
@@ -462,8 +477,8 @@ class HostTierLink:
       pages = np.zeros((n,), np.int32)
       outs = self._read_fn(n)(k, v, pages)
       blk = _Block()
-      blk.data = self._to_host(outs[0], blk)
-      self._land()
+      blk.data = self._copies.start(outs[0], blk)
+      self._copies.land()
       dev = jax.device_put(blk.data, self._block_sharding)
       k, v = self._get_pools()
       self._set_pools(*self._write_fn(n)(k, v, pages, (dev,) * n))
@@ -504,17 +519,16 @@ class SwapSpace:
     self._block_sharding = _block_sharding(k.sharding)
     block_shape = (2, *(int(d) for d in page_shape))
     self.block_bytes = math.prod(block_shape) * np.dtype(dtype).itemsize
-    self._host_sharding = (pinned_host_sharding(
+    self._copies = _HostCopies(pinned_host_sharding(
         self._block_sharding, block_shape, np.dtype(dtype))
-                           if use_pinned_host else None)
+                               if use_pinned_host else None)
     self._rows: dict[Hashable, list[_Block]] = {}
-    self._unlanded: list[_Block] = []
     self.used = 0                                 # pages held
     self.stats = collections.Counter()
 
   @property
   def memory_kind(self) -> str:
-    return PINNED_HOST if self._host_sharding is not None else "numpy"
+    return self._copies.memory_kind
 
   def fits(self, num_pages: int) -> bool:
     return self.used + num_pages <= self.capacity_pages
@@ -563,7 +577,7 @@ class SwapSpace:
                                                                       idx)
       for out in outs[:m]:
         blk = _Block()
-        blk.data = self._to_host(out, blk)
+        blk.data = self._copies.start(out, blk)
         blocks.append(blk)
     return blocks
 
@@ -584,20 +598,10 @@ class SwapSpace:
     if blocks is not None:
       self.used -= len(blocks)
 
-  def _to_host(self, out: jax.Array, blk: _Block):
-    if self._host_sharding is not None:
-      return jax.device_put(out, self._host_sharding)   # async DMA
-    out.copy_to_host_async()
-    self._unlanded.append(blk)
-    return out
-
   def land(self) -> None:
     """numpy mode: turns earlier swap-outs' device copies into numpy
     (their transfers were started then), freeing the device memory."""
-    landing, self._unlanded = self._unlanded, []
-    for blk in landing:
-      if isinstance(blk.data, jax.Array):
-        blk.data = np.asarray(blk.data)
+    self._copies.land()
 
   def warmup(self) -> None:
     """Compiles every read and write program (batch sizes up to
