@@ -249,6 +249,13 @@ class ColocatedEngine:
     """Shutdown once nothing steps: requests still waiting or part-way
     through a prefill are aborted, and the decode pool gives back every
     KV it borrowed (``DecodeEngine.close``)."""
+    self._end_not_decoding(FinishReason.ABORT)
+    return self.decode.close(timeout_s)
+
+  def _end_not_decoding(self, reason: FinishReason,
+                        error: str | None = None) -> None:
+    """Ends every request that is not decoding yet (queued, or part-way
+    through a prefill, its reservation given back) with ``reason``."""
     with self._lock:
       waiting, self._waiting = list(self._waiting), collections.deque()
       partial, self._partial = list(self._partial.values()), {}
@@ -257,9 +264,8 @@ class ColocatedEngine:
       self.decode.unreserve(p.waiting.request_id)
       waiting.append(p.waiting)
     for w in waiting:
-      w.callback(TokenEvent(w.request_id, [], [],
-                            w.lifecycle.finish(FinishReason.ABORT)))
-    return self.decode.close(timeout_s)
+      w.callback(TokenEvent(w.request_id, [], [], w.lifecycle.finish(reason),
+                            error=error))
 
   def cancel(self, request_id: str) -> None:
     with self._lock:
@@ -273,17 +279,7 @@ class ColocatedEngine:
       self.decode.cancel(request_id)
 
   def fail_all(self, message: str) -> None:
-    with self._lock:
-      waiting, self._waiting = list(self._waiting), collections.deque()
-      partial, self._partial = list(self._partial.values()), {}
-    for p in partial:
-      p.run.abort()
-      self.decode.unreserve(p.waiting.request_id)
-      waiting.append(p.waiting)
-    for w in waiting:
-      w.callback(TokenEvent(w.request_id, [], [],
-                            w.lifecycle.finish(FinishReason.ERROR),
-                            error=message))
+    self._end_not_decoding(FinishReason.ERROR, message)
     self.decode.fail_all(message)
 
   @property
