@@ -632,6 +632,28 @@ def test_prefill_results_come_out_as_each_is_known(local_prefill):
       (r.first_token, r.prompt_len) for r in plain]
 
 
+@pytest.mark.parametrize("length", [20, 100])
+def test_min_tokens_holds_back_a_stop_as_the_first_token(local_prefill,
+                                                         length):
+  """A stop id that is the greedy first token: sampled without min_tokens,
+  held back with min_tokens 1, for a bucketed prompt (its packed inputs)
+  and one longer than every bucket (buffered: its chunks' sampling
+  columns); the token taken instead is less likely, its logprob the raw
+  distribution's."""
+  p = prompt(length, 9)
+
+  def first(**kw):
+    s = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **kw)
+    return local_prefill.prefill([PrefillRequest("m", p, s)])[0]
+
+  want = first()
+  stop = (want.first_token,)
+  assert first(stop_token_ids=stop).first_token == want.first_token
+  held = first(stop_token_ids=stop, min_tokens=1)
+  assert held.first_token != want.first_token
+  assert held.first_logprob < want.first_logprob
+
+
 def test_iteration_timing(local_prefill, decoders):
   """Each step says how long its launch and delivery took and how many
   generate calls it launched: one per replica with live rows; none once

@@ -73,7 +73,8 @@ def _to_pages(k, v, page_size):
 # buffer, the six inputs apart took 0.55 ms). Columns: the prompt (T), its
 # true length, then the sampling settings (temperature, top_p as float32
 # bits, top_k, min_p as float32 bits, the seed as uint32 bits), then what
-# min_tokens holds back (``hold_back_columns``).
+# min_tokens holds back (``hold_back_columns``). A chunk's sampling goes as
+# one array too (``sampling_columns``; five apart before).
 _SAMPLING_COLUMNS = 5
 _HOLD_BACK_COLUMNS = 2 + MAX_STOP_TOKEN_IDS
 # Columns of ``pack_inputs``' array past the prompt's.
@@ -102,20 +103,29 @@ def _held_back(cols, eos_ids):
   return cols[:, 0], stop_set(cols[:, 2:], cols[:, 1] != 0, eos)
 
 
+def sampling_columns(samp: SamplingArrays,
+                     params: Sequence[SamplingParams]) -> np.ndarray:
+  """The rows' sampling (their ``params`` for the stops) as one int32
+  array ``[B, COLUMNS_PAST_PROMPT - 1]``: one buffer to upload, which
+  ``_unpack_sampling`` and ``_held_back`` read in a program."""
+  return np.concatenate(
+      [samp.temperature.astype(np.float32).view(np.int32)[:, None],
+       samp.top_p.astype(np.float32).view(np.int32)[:, None],
+       samp.top_k.astype(np.int32)[:, None],
+       samp.min_p.astype(np.float32).view(np.int32)[:, None],
+       samp.seed.astype(np.uint32).view(np.int32)[:, None],
+       hold_back_columns(samp, params)], axis=1)
+
+
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
                 samp: SamplingArrays,
                 params: Sequence[SamplingParams]) -> np.ndarray:
   """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling (their
   ``params`` for the stops) -> one ``[B, T + COLUMNS_PAST_PROMPT]`` int32
   array (``_unpack_inputs`` reads it in a program)."""
-  cols = [tokens.astype(np.int32), true_len.astype(np.int32)[:, None],
-          samp.temperature.astype(np.float32).view(np.int32)[:, None],
-          samp.top_p.astype(np.float32).view(np.int32)[:, None],
-          samp.top_k.astype(np.int32)[:, None],
-          samp.min_p.astype(np.float32).view(np.int32)[:, None],
-          samp.seed.astype(np.uint32).view(np.int32)[:, None],
-          hold_back_columns(samp, params)]
-  return np.concatenate(cols, axis=1)
+  return np.concatenate([tokens.astype(np.int32),
+                         true_len.astype(np.int32)[:, None],
+                         sampling_columns(samp, params)], axis=1)
 
 
 def _unpack_inputs(packed):
@@ -212,8 +222,8 @@ def _head_program(params, x, packed, *, cfg):
   return prefill_last_logits(params, x, true_len, cfg=cfg), cols
 
 
-def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp,
-                   held, *, cfg):
+def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols, *,
+                   cfg):
   """One chunk of each of ``B`` prompts (row ``b``: ``tokens[b]``, its
   buffers ``k_bufs[b]``, ``v_bufs[b]``): writes the chunk's K/V into the
   row's buffers after its first ``start[b]`` positions (cached blocks and
@@ -221,14 +231,15 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, samp,
   have one static size, so a chunk program exists once per chunk length
   and row count; positions past the chunk are never read, whatever they
   hold. The rows' buffers stay apart (no batch is copied together), each
-  updated in place. ``samp``: ``sample``'s per-row arguments; ``held``:
-  the rows' ``hold_back_columns``. Returns the sampled tokens, their
-  logprobs and each row's buffers (tuples, as they came)."""
+  updated in place. ``cols``: the rows' ``sampling_columns``. Returns the
+  sampled tokens, their logprobs and each row's buffers (tuples, as they
+  came)."""
   out = prefill_chunk(params, tokens, true_len, tuple(k_bufs),
                       tuple(v_bufs), start, cfg=cfg)
-  tok, lp = sample(out.logits, *samp,
-                   jnp.zeros((tokens.shape[0],), jnp.int32),
-                   held_back=_held_back(held, cfg.eos_token_ids))
+  tok, lp = sample(
+      out.logits, *_unpack_sampling(cols),
+      jnp.zeros((tokens.shape[0],), jnp.int32),
+      held_back=_held_back(cols[:, _SAMPLING_COLUMNS:], cfg.eos_token_ids))
   return tok, lp, out.k, out.v
 
 
@@ -280,9 +291,8 @@ class BufferedPrefill:
     self._owned = owned
     self._hashes = hashes
     cfg = engine.config
-    samp = SamplingArrays.stack([(r.sampling, r.seed_u32)], 1)
-    self._samp = tuple(engine._put(a) for a in samp.as_tuple())
-    self._held = engine._put(hold_back_columns(samp, [r.sampling]))
+    self._cols = engine._put(sampling_columns(
+        SamplingArrays.stack([(r.sampling, r.seed_u32)], 1), [r.sampling]))
     if buffer_len is None:
       buffer_len = cfg.buffer_len_for(len(r.prompt_ids),
                                       len(prefix) * cfg.page_size)
@@ -328,7 +338,7 @@ class BufferedPrefill:
             e.params, e._put(part),
             e._put(np.array([len(piece)], np.int32)), (self._k,),
             (self._v,), e._put(np.array([self.position], np.int32)),
-            self._samp, self._held)
+            self._cols)
       except BaseException:
         self.abort()
         raise
@@ -354,21 +364,21 @@ class BufferedPrefill:
       tokens[b, :len(piece)] = piece
       true_len[b] = len(piece)
       start[b] = run.position
-    samp = SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
-                                 for run in runs], batch)
-    held = hold_back_columns(samp, [run.request.sampling for run in runs])
+    cols = sampling_columns(
+        SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
+                              for run in runs], batch),
+        [run.request.sampling for run in runs])
     length = runs[0].buffer_len
     if any(run.buffer_len != length for run in runs):
       raise ValueError("runs finished together share one buffer length")
     pads = [e.empty_buffers(length) for _ in range(batch - len(runs))]
     try:
-      tokens, true_len, start, held, *samp = e._put(
-          (tokens, true_len, start, held, *samp.as_tuple()))
+      tokens, true_len, start, cols = e._put((tokens, true_len, start, cols))
       tok, lp, ks, vs = e._chunk(
           e.params, tokens, true_len,
           tuple(r._k for r in runs) + tuple(k for k, _ in pads),
           tuple(r._v for r in runs) + tuple(v for _, v in pads),
-          start, tuple(samp), held)
+          start, cols)
       tok, lp = jax.device_get((tok, lp))
     except BaseException:
       for run in runs:
