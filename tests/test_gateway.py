@@ -421,6 +421,12 @@ def test_max_tokens_past_the_context_is_a_400(router):
   assert data["error"]["param"] == "max_tokens"
   assert data["error"]["message"] == ("max_tokens: This model's maximum "
                                       "context length is 1024 tokens.")
+  # min_tokens past max_tokens (the router's default of 16 here): the
+  # router's refusal, named as the gateway names it.
+  status, data = _post(router, "/v1/completions", {
+      "prompt": "invalid:sampling.min_tokens: must be in [0, max_tokens = "
+      "16], got 20", "min_tokens": 20})
+  assert status == 400 and data["error"]["param"] == "min_tokens", data
 
 
 # -------------------------------------------------------------- responses

@@ -103,6 +103,8 @@ _ROUTER_FIELDS = {
     "sampling.temperature": "temperature",
     "sampling.top_p": "top_p",
     "sampling.top_k": "top_k",
+    "sampling.min_p": "min_p",
+    "sampling.min_tokens": "min_tokens",
     "sampling.seed": "seed",
     "sampling.stop_token_ids": "stop_token_ids",
     "cache_salt": "cache_salt",
