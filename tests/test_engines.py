@@ -1583,7 +1583,7 @@ def test_prefill_inputs_travel_packed_exactly():
                            min_tokens=3, stop_token_ids=(9, 11)),
             SamplingParams(temperature=0.0, ignore_eos=True)]
   samp = SamplingArrays.stack([(params[0], 0xFFFFFFF0), (params[1], 5)], 2)
-  packed = pack_inputs(tokens, true_len, samp, params)
+  packed = pack_inputs(tokens, true_len, samp)
   assert packed.shape == (2, 6 + COLUMNS_PAST_PROMPT)
   assert packed.dtype == np.int32
   got_tokens, got_len, cols = jax.jit(_unpack_inputs)(packed)

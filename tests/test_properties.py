@@ -824,8 +824,6 @@ class DecodePagingMachine(RuleBasedStateMachine):
     rep.active = np.zeros((max_seqs,), bool)
     rep.samp = SamplingArrays.empty(max_seqs)
     rep.max_tokens = np.ones((max_seqs,), np.int32)
-    rep.stop_ids = np.full((max_seqs, MAX_STOP_TOKEN_IDS), -1, np.int32)
-    rep.use_eos = np.ones((max_seqs,), bool)
     rep._slots_dirty = True
     self.rep = rep
     self.next_id = 0

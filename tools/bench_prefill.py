@@ -129,7 +129,7 @@ def _run_one(engine, params, cfg, tp, T, limits, writer):
   greedy = SamplingParams(max_tokens=1, temperature=0.0)
   packed = jax.device_put(pack_inputs(
       prompt[None, :], np.array([T], np.int32),
-      SamplingArrays.stack([(greedy, 0)], 1), [greedy]), rep)
+      SamplingArrays.stack([(greedy, 0)], 1)), rep)
   # The engine's own jitted programs (private attributes: the engine has no
   # public handle on them yet): the prefill, then the greedy first token.
   program = engine._prefill  # pylint: disable=protected-access

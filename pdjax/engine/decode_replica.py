@@ -56,7 +56,7 @@ from pdjax.engine.kv import (kv_sharding, pages_for, request_kv_shape,
 from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
-from pdjax.engine.sampling import MAX_STOP_TOKEN_IDS, SamplingArrays
+from pdjax.engine.sampling import SamplingArrays
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.draft_model import DraftModel
 from pdjax.engine.speculative import PromptLookup, propose_ngram, token_bits
@@ -202,8 +202,6 @@ class DecodeReplica:
     self.active = np.zeros((B,), bool)
     self.samp = SamplingArrays.empty(B)
     self.max_tokens = np.ones((B,), np.int32)
-    self.stop_ids = np.full((B, MAX_STOP_TOKEN_IDS), -1, np.int32)
-    self.use_eos = np.ones((B,), bool)
     # The last upload of slot inputs, reused while nothing changed.
     self._slots_dirty = True
     self._slots_dev: SlotInputs | None = None
@@ -319,10 +317,6 @@ class DecodeReplica:
     self.active[row] = True
     self.samp.set_row(row, req.sampling, req.seed_u32)
     self.max_tokens[row] = req.sampling.max_tokens
-    self.stop_ids[row] = -1
-    stops = list(req.sampling.stop_token_ids)[:MAX_STOP_TOKEN_IDS]
-    self.stop_ids[row, :len(stops)] = stops
-    self.use_eos[row] = not req.sampling.ignore_eos
     self._slots_dirty = True
     return row, receipt
 
@@ -357,8 +351,6 @@ class DecodeReplica:
     # never sees the last occupant's sampling, budget or stops.
     self.samp.clear_row(row)
     self.max_tokens[row] = 1
-    self.stop_ids[row] = -1
-    self.use_eos[row] = True
     self._slots_dirty = True
 
   # ---------------------------------------------------------------- step
@@ -488,8 +480,8 @@ class DecodeReplica:
           top_k=self.samp.top_k[idx], min_p=self.samp.min_p[idx],
           min_tokens=self.samp.min_tokens[idx],
           seed=self.samp.seed[idx],
-          max_tokens=self.max_tokens[idx], stop_ids=self.stop_ids[idx],
-          use_eos=self.use_eos[idx])
+          max_tokens=self.max_tokens[idx], stop_ids=self.samp.stop_ids[idx],
+          use_eos=self.samp.use_eos[idx])
       self._slots_dev = jax.device_put(host, self.replicated)
       self._slots_dirty = False
       self._slots_key = key

@@ -81,20 +81,14 @@ _HOLD_BACK_COLUMNS = 2 + MAX_STOP_TOKEN_IDS
 COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS + _HOLD_BACK_COLUMNS
 
 
-def hold_back_columns(samp: SamplingArrays,
-                      params: Sequence[SamplingParams]) -> np.ndarray:
-  """What a first token's ``min_tokens`` holds back, per row of ``samp``
-  (rows past ``params`` hold nothing back): ``[B, 2 + MAX_STOP_TOKEN_IDS]``
-  int32, the row's min_tokens, whether its EOS counts, its stop ids (-1
-  padded); ``_held_back`` reads it in a program."""
-  out = np.full((len(samp.min_tokens), _HOLD_BACK_COLUMNS), -1, np.int32)
-  out[:, 0] = samp.min_tokens
-  out[:, 1] = 0
-  for i, p in enumerate(params):
-    out[i, 1] = not p.ignore_eos
-    stops = list(p.stop_token_ids)[:MAX_STOP_TOKEN_IDS]
-    out[i, 2:2 + len(stops)] = stops
-  return out
+def hold_back_columns(samp: SamplingArrays) -> np.ndarray:
+  """What a first token's ``min_tokens`` holds back, per row of ``samp``:
+  ``[B, 2 + MAX_STOP_TOKEN_IDS]`` int32, the row's min_tokens, whether its
+  EOS counts, its stop ids (-1 padded); ``_held_back`` reads it in a
+  program."""
+  return np.concatenate([samp.min_tokens.astype(np.int32)[:, None],
+                         samp.use_eos.astype(np.int32)[:, None],
+                         samp.stop_ids.astype(np.int32)], axis=1)
 
 
 def _held_back(cols, eos_ids):
@@ -103,10 +97,9 @@ def _held_back(cols, eos_ids):
   return cols[:, 0], stop_set(cols[:, 2:], cols[:, 1] != 0, eos)
 
 
-def sampling_columns(samp: SamplingArrays,
-                     params: Sequence[SamplingParams]) -> np.ndarray:
-  """The rows' sampling (their ``params`` for the stops) as one int32
-  array ``[B, COLUMNS_PAST_PROMPT - 1]``: one buffer to upload, which
+def sampling_columns(samp: SamplingArrays) -> np.ndarray:
+  """The rows' sampling as one int32 array ``[B, COLUMNS_PAST_PROMPT -
+  1]``: one buffer to upload, which
   ``_unpack_sampling`` and ``_held_back`` read in a program."""
   return np.concatenate(
       [samp.temperature.astype(np.float32).view(np.int32)[:, None],
@@ -114,18 +107,17 @@ def sampling_columns(samp: SamplingArrays,
        samp.top_k.astype(np.int32)[:, None],
        samp.min_p.astype(np.float32).view(np.int32)[:, None],
        samp.seed.astype(np.uint32).view(np.int32)[:, None],
-       hold_back_columns(samp, params)], axis=1)
+       hold_back_columns(samp)], axis=1)
 
 
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
-                samp: SamplingArrays,
-                params: Sequence[SamplingParams]) -> np.ndarray:
-  """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling (their
-  ``params`` for the stops) -> one ``[B, T + COLUMNS_PAST_PROMPT]`` int32
-  array (``_unpack_inputs`` reads it in a program)."""
+                samp: SamplingArrays) -> np.ndarray:
+  """``[B, T]`` prompt ids, ``[B]`` lengths, the rows' sampling -> one
+  ``[B, T + COLUMNS_PAST_PROMPT]`` int32 array (``_unpack_inputs`` reads
+  it in a program)."""
   return np.concatenate([tokens.astype(np.int32),
                          true_len.astype(np.int32)[:, None],
-                         sampling_columns(samp, params)], axis=1)
+                         sampling_columns(samp)], axis=1)
 
 
 def _unpack_inputs(packed):
@@ -292,7 +284,7 @@ class BufferedPrefill:
     self._hashes = hashes
     cfg = engine.config
     self._cols = engine._put(sampling_columns(
-        SamplingArrays.stack([(r.sampling, r.seed_u32)], 1), [r.sampling]))
+        SamplingArrays.stack([(r.sampling, r.seed_u32)], 1)))
     if buffer_len is None:
       buffer_len = cfg.buffer_len_for(len(r.prompt_ids),
                                       len(prefix) * cfg.page_size)
@@ -364,10 +356,9 @@ class BufferedPrefill:
       tokens[b, :len(piece)] = piece
       true_len[b] = len(piece)
       start[b] = run.position
-    cols = sampling_columns(
-        SamplingArrays.stack([(run.request.sampling, run.request.seed_u32)
-                              for run in runs], batch),
-        [run.request.sampling for run in runs])
+    cols = sampling_columns(SamplingArrays.stack(
+        [(run.request.sampling, run.request.seed_u32) for run in runs],
+        batch))
     length = runs[0].buffer_len
     if any(run.buffer_len != length for run in runs):
       raise ValueError("runs finished together share one buffer length")
@@ -698,7 +689,7 @@ class PrefillEngine:
       true_len[i] = len(r.prompt_ids)
     samp = SamplingArrays.stack([(r.sampling, r.seed_u32) for r in reqs],
                                 batch)
-    packed = pack_inputs(tokens, true_len, samp, [r.sampling for r in reqs])
+    packed = pack_inputs(tokens, true_len, samp)
     if not self._upload_in_call:
       packed = self._put(packed)
     # No program here samples on a device branch, so every call returns

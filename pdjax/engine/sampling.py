@@ -28,14 +28,19 @@ class SamplingArrays:
   top_k: np.ndarray        # [B] i32 (0 = off)
   min_p: np.ndarray        # [B] f32 (0 = off)
   seed: np.ndarray         # [B] u32
-  min_tokens: np.ndarray   # [B] i32 (0 = off; not one of ``sample``'s
-                           # arguments: see its ``held_back``)
+  # What ends a row, and what min_tokens holds back until then (not
+  # ``sample``'s positional arguments: see its ``held_back``).
+  min_tokens: np.ndarray   # [B] i32 (0 = off)
+  stop_ids: np.ndarray     # [B, MAX_STOP_TOKEN_IDS] i32 (-1 padded)
+  use_eos: np.ndarray      # [B] bool (False: ignore_eos)
 
   @classmethod
   def empty(cls, batch: int) -> "SamplingArrays":
     return cls(np.zeros((batch,), np.float32), np.ones((batch,), np.float32),
                np.zeros((batch,), np.int32), np.zeros((batch,), np.float32),
-               np.zeros((batch,), np.uint32), np.zeros((batch,), np.int32))
+               np.zeros((batch,), np.uint32), np.zeros((batch,), np.int32),
+               np.full((batch, MAX_STOP_TOKEN_IDS), -1, np.int32),
+               np.ones((batch,), bool))
 
   def set_row(self, row: int, params: SamplingParams, seed_u32: int) -> None:
     self.temperature[row] = params.temperature
@@ -44,15 +49,21 @@ class SamplingArrays:
     self.min_p[row] = params.min_p
     self.seed[row] = seed_u32
     self.min_tokens[row] = params.min_tokens
+    stops = list(params.stop_token_ids)[:MAX_STOP_TOKEN_IDS]
+    self.stop_ids[row] = -1
+    self.stop_ids[row, :len(stops)] = stops
+    self.use_eos[row] = not params.ignore_eos
 
   def clear_row(self, row: int) -> None:
     """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, no
-    min_tokens, seed 0)."""
+    min_tokens or stop ids, EOS counted, seed 0)."""
     self.temperature[row] = 0.0
     self.top_p[row] = 1.0
     self.top_k[row] = 0
     self.min_p[row] = 0.0
     self.min_tokens[row] = 0
+    self.stop_ids[row] = -1
+    self.use_eos[row] = True
     self.seed[row] = 0
 
   @classmethod

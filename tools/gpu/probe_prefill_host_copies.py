@@ -94,7 +94,7 @@ def main() -> None:
     prompt = np.random.default_rng(T).integers(3, cfg.vocab_size, T)
     host = pack_inputs(prompt[None, :].astype(np.int32),
                        np.array([T], np.int32),
-                       SamplingArrays.stack([(greedy, 0)], 1), [greedy])
+                       SamplingArrays.stack([(greedy, 0)], 1))
     on_device = jax.device_put(host, rep)
     req = [PrefillRequest("probe", prompt.tolist(), greedy)]
 
