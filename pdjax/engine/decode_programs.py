@@ -99,7 +99,9 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
   """``num_steps`` decode steps; ``forward`` is ``decode_forward`` or a
   function with its signature (the pipelined one: each step is then a
   full pass through the pipeline)."""
-  held_back = (slots.min_tokens, stop_set(slots.stop_ids, slots.use_eos, eos))
+  # The ids that end a row: what a sampled token is checked against, and
+  # what min_tokens holds back until then.
+  stops = stop_set(slots.stop_ids, slots.use_eos, eos)
 
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
@@ -109,10 +111,10 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
                   table, cfg=cfg, paged_attention=paged)
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.min_p, slots.seed, state.generated,
-                     held_back=held_back, all_greedy=all_greedy)
+                     held_back=(slots.min_tokens, stops),
+                     all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
-    is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
-        slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
+    is_stop = jnp.any(tok[:, None] == stops, axis=1)
     at_len = generated >= slots.max_tokens
     # The token just sampled sits at positions + 1, so the sequence now holds
     # positions + 2 tokens; max_seq_len bounds that (as at prefill, where
@@ -445,6 +447,7 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   plus their drafts within it); their logprobs are then computed as that
   step's sampler computes its rows' (``logprobs_as_steps``)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  stops = stop_set(slots.stop_ids, slots.use_eos, eos)
   rows = slots.rows
   tokens0, pos = state.tokens[rows], state.positions[rows]
   gen, done = state.generated[rows], state.done[rows]
@@ -460,9 +463,7 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       start, state.k, state.v, table, cfg=cfg, num_kept=kept)
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
-      slots.min_p, slots.seed, gen,
-      held_back=(slots.min_tokens,
-                 stop_set(slots.stop_ids, slots.use_eos, eos)),
+      slots.min_p, slots.seed, gen, held_back=(slots.min_tokens, stops),
       all_greedy=all_greedy)
   if step_rows is not None:
     logprobs = logprobs_as_steps(out.logits, toks, kept, step_rows)
@@ -471,8 +472,7 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
   for i in range(T):
     tok = toks[:, i]
     emitted = ~ended & (i < count)
-    is_stop = jnp.any(tok[:, None] == slots.stop_ids, axis=1) | (
-        slots.use_eos & jnp.any(tok[:, None] == eos[None, :], axis=1))
+    is_stop = jnp.any(tok[:, None] == stops, axis=1)
     at_len = gen + i + 1 >= slots.max_tokens
     at_cap = pos + i + 2 >= capacity
     fin = emitted & (is_stop | at_len | at_cap)
