@@ -1496,9 +1496,10 @@ def _http(url, path, body):
 
 
 def test_gateway_on_a_local_deployment(tmp_path):
-  """The launcher in front of a real router on the tiny model: greedy
-  completions match pdjax.client's, and chat streams, with the chat
-  template the checkpoint's tokenizer_config.json carries."""
+  """The launcher in front of a real router on the tiny model, and the HTTP
+  a router's own process serves (--http_port): greedy completions match
+  pdjax.client's, and chat streams, with the chat template the
+  checkpoint's tokenizer_config.json carries."""
   from cluster_helpers import Cluster
 
   from pdjax.client import Client
@@ -1506,6 +1507,8 @@ def test_gateway_on_a_local_deployment(tmp_path):
   cluster = Cluster(tmp_path, warmup=False)
   try:
     url = start_gateway(cluster.cluster, cluster.address, config="test")
+    cluster.add_router("router_http", ["--http_port=0"])
+    router_url = f"http://127.0.0.1:{cluster.proc('router_http').http_port}"
     prompt = "The quick brown fox"
     sampling = dict(max_tokens=8, temperature=0, ignore_eos=True)
     with Client(cluster.address, timeout_s=60) as c:
@@ -1516,25 +1519,27 @@ def test_gateway_on_a_local_deployment(tmp_path):
     with urllib.request.urlopen(
         f"{url}/v1/models", timeout=30) as r:
       model = json.loads(r.read())["data"][0]["id"]
-    out = json.loads(_http(url, "/v1/completions", {
-        "model": model, "prompt": prompt, "return_token_ids": True,
-        **sampling}))
-    choice, = out["choices"]
-    assert choice["token_ids"] == ref.token_ids
-    assert choice["text"] == ref.text and choice["finish_reason"] == "length"
-    assert out["usage"]["prompt_tokens"] == ref.usage.prompt_tokens
+    for base in (url, router_url):
+      out = json.loads(_http(base, "/v1/completions", {
+          "model": model, "prompt": prompt, "return_token_ids": True,
+          **sampling}))
+      choice, = out["choices"]
+      assert choice["token_ids"] == ref.token_ids
+      assert choice["text"] == ref.text
+      assert choice["finish_reason"] == "length"
+      assert out["usage"]["prompt_tokens"] == ref.usage.prompt_tokens
 
-    events = _events(_http(url, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "Hello"}], "stream": True,
-        "stream_options": {"include_usage": True}, **sampling}))
-    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(e["choices"][0]["delta"].get("content", "")
-                   for e in events[1:-1])
-    assert text == chat_ref.text
-    assert events[-2]["choices"][0]["finish_reason"] == "length"
-    assert events[-1]["usage"]["completion_tokens"] == 8
-    assert events[-1]["usage"]["prompt_tokens"] == \
-        chat_ref.usage.prompt_tokens
+      events = _events(_http(base, "/v1/chat/completions", {
+          "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+          "stream_options": {"include_usage": True}, **sampling}))
+      assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+      text = "".join(e["choices"][0]["delta"].get("content", "")
+                     for e in events[1:-1])
+      assert text == chat_ref.text
+      assert events[-2]["choices"][0]["finish_reason"] == "length"
+      assert events[-1]["usage"]["completion_tokens"] == 8
+      assert events[-1]["usage"]["prompt_tokens"] == \
+          chat_ref.usage.prompt_tokens
 
     # The batch-eval driver measures through the gateway.
     out = tmp_path / "eval"
@@ -1550,6 +1555,7 @@ def test_gateway_on_a_local_deployment(tmp_path):
     bench = subprocess.run(
         [sys.executable, str(_ROOT / "tools" / "bench_gateway.py"),
          f"--router={cluster.address}", f"--gateway={url}",
+         f"--router_http={router_url}",
          "--num_requests=6", "--rounds=2", "--rate=16",
          f"--out={tmp_path / 'gw.json'}"],
         capture_output=True, text=True, timeout=300)
@@ -1560,6 +1566,7 @@ def test_gateway_on_a_local_deployment(tmp_path):
   result = json.loads((tmp_path / "gw.json").read_text())
   assert result["identical_tokens"] == result["requests"] == 12
   assert result["summaries"]["gateway"]["completed"] == 12
+  assert result["summaries"]["router_http"]["completed"] == 12
   records = [json.loads(line) for line in
              (out / "results.jsonl").read_text().splitlines()]
   assert len(records) == 8

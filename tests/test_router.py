@@ -3,8 +3,11 @@ and liveness), its drain on shutdown, and the context rule for max_tokens.
 
 The router is assembled as ``pdjax.launch.router`` assembles it (its gRPC
 server, health service and registry) and called through
-``pdjax.client.AsyncClient``; only the decode worker is a stub (no JAX, no
-worker process), whose stream is paced by ``step_s`` and can be held.
+``pdjax.client.AsyncClient``, or (``in_process``) through
+``pdjax.service.router_in_process.InProcessRouterClient`` as the router's
+own HTTP API calls it: the same answers and errors either way. Only the
+decode worker is a stub (no JAX, no worker process), whose stream is paced
+by ``step_s`` and can be held.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pdjax.service import common
 from pdjax.service.registry import WorkerRegistry
 from pdjax.service.router import (GENERATION_SERVICE, RouterConfig,
                                   RouterServicer)
+from pdjax.service.router_in_process import InProcessRouterClient
 from pdjax.v1 import common_pb2, decode_pb2, generate_pb2_grpc
 
 MAX_SEQ_LEN = 256
@@ -96,12 +100,15 @@ class FakeDecode:
 
 
 class Router:
-  """A router serving on loopback, as the launcher starts it."""
+  """A router serving on loopback, as the launcher starts it; ``client``
+  calls it over gRPC, or in its process (``in_process``)."""
 
   def __init__(self, worker: FakeDecode,
-               security: common.Security = common.Security()):
+               security: common.Security = common.Security(),
+               in_process: bool = False):
     self.worker = worker
     self.security = security
+    self.in_process = in_process
 
   async def __aenter__(self):
     self.registry = WorkerRegistry(poll_interval_s=0.05)
@@ -122,8 +129,10 @@ class Router:
     self.watch = asyncio.ensure_future(
         self.servicer.watch_health(self.health, 0.05))
     self.address = f"127.0.0.1:{port}"
-    self.client = AsyncClient(self.address, timeout_s=30,
-                              token=self.security.token)
+    self.client = (InProcessRouterClient(self.servicer, timeout_s=30)
+                   if self.in_process else
+                   AsyncClient(self.address, timeout_s=30,
+                               token=self.security.token))
     return self
 
   async def __aexit__(self, *exc):
@@ -160,14 +169,16 @@ NOT_READY = ("NOT_SERVING", "NOT_SERVING", "SERVING")
 
 
 # ------------------------------------------------------------------ health
-def test_readiness_follows_the_decode_workers():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_readiness_follows_the_decode_workers(in_process):
   """Readiness ("" and the Generation service, what probes and the gateway
   ask) is NOT_SERVING while no decode worker is ready, when every request
   would fail; liveness stays SERVING."""
   async def run():
     worker = FakeDecode()
     worker.up = False
-    async with Router(worker) as r:
+    async with Router(worker, in_process=in_process) as r:
       await r.wait_statuses(NOT_READY)
       tokens, err = await _collect(r.client, max_tokens=2)
       assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
@@ -181,9 +192,11 @@ def test_readiness_follows_the_decode_workers():
 
 
 # ------------------------------------------------------------------- drain
-def test_drain_finishes_running_streams_and_refuses_new_ones():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_drain_finishes_running_streams_and_refuses_new_ones(in_process):
   async def run():
-    async with Router(FakeDecode(step_s=0.02)) as r:
+    async with Router(FakeDecode(step_s=0.02), in_process=in_process) as r:
       await r.wait_statuses(SERVING)
       running = [asyncio.create_task(_collect(r.client, max_tokens=40))
                  for _ in range(3)]
@@ -203,13 +216,15 @@ def test_drain_finishes_running_streams_and_refuses_new_ones():
   asyncio.run(run())
 
 
-def test_drain_deadline_ends_streams_with_unavailable():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_drain_deadline_ends_streams_with_unavailable(in_process):
   """Streams still running at the drain deadline end with UNAVAILABLE
   (clients and the gateway retry that), and their decode calls are
   cancelled, at the deadline (not at a fixed grace)."""
   async def run():
     worker = FakeDecode()
-    async with Router(worker) as r:
+    async with Router(worker, in_process=in_process) as r:
       await r.wait_statuses(SERVING)
       worker.gate.clear()                      # the worker stops streaming
       stuck = asyncio.create_task(_collect(r.client, max_tokens=40))
@@ -228,12 +243,14 @@ def test_drain_deadline_ends_streams_with_unavailable():
 
 
 # ------------------------------------------------------------------- usage
-def test_the_first_message_carries_the_prompts_usage():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_the_first_message_carries_the_prompts_usage(in_process):
   """The prompt's accounting (prompt and cached tokens) comes with the first
   tokens, not only with the last message: a client that stops reading
   early (the gateway, at a stop string) still has it."""
   async def run():
-    async with Router(FakeDecode()) as r:
+    async with Router(FakeDecode(), in_process=in_process) as r:
       deltas = [d async for d in r.client.stream(prompt_token_ids=[5, 6, 7],
                                                  max_tokens=3)]
       first, last = deltas[0], deltas[-1]
@@ -247,14 +264,16 @@ def test_the_first_message_carries_the_prompts_usage():
   asyncio.run(run())
 
 
-def test_speculative_counts_and_the_opt_out_pass_through():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_speculative_counts_and_the_opt_out_pass_through(in_process):
   """The decode worker's draft/accepted counts (its final message) reach
   the request's final usage, not the first; the client's opt-out reaches
   the decode worker, and an absent one stays absent (the pool decides)."""
   async def run():
     worker = FakeDecode(step_s=0)
     worker.spec = (9, 4)
-    async with Router(worker) as r:
+    async with Router(worker, in_process=in_process) as r:
       deltas = [d async for d in r.client.stream(prompt_token_ids=[5, 6, 7],
                                                  max_tokens=3)]
       assert not worker.calls[-1].request.sampling.HasField("speculative")
@@ -299,10 +318,12 @@ def test_bearer_scheme_is_case_insensitive():
 
 
 # -------------------------------------------------------- max_tokens rule
-def test_max_tokens_past_the_context_is_invalid_argument():
+@pytest.mark.parametrize("in_process", [False, True],
+                         ids=["grpc", "in_process"])
+def test_max_tokens_past_the_context_is_invalid_argument(in_process):
   async def run():
     worker = FakeDecode(step_s=0)
-    async with Router(worker) as r:
+    async with Router(worker, in_process=in_process) as r:
       with pytest.raises(GenerationError) as info:
         await r.client.generate(prompt_token_ids=[7] * 200, max_tokens=57)
       assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -325,7 +346,12 @@ def test_max_tokens_past_the_context_is_invalid_argument():
 def test_router_process_is_live_but_not_ready_without_workers(tmp_path):
   """The launcher's wiring: a router whose only decode worker does not
   exist answers its probes at once, live but not ready (every request
-  would fail), as the gateway's /health and Kubernetes read them."""
+  would fail), as the gateway's /health and Kubernetes read them; so does
+  the HTTP API it serves with --http_port."""
+  import json
+  import urllib.error
+  import urllib.request
+
   from pdjax.client import Client
   from pdjax.launch.cluster import LocalCluster
   cluster = LocalCluster(tmp_path)
@@ -333,13 +359,20 @@ def test_router_process_is_live_but_not_ready_without_workers(tmp_path):
     # The test deployment's tiny tokenizer, not the default SmolLM2's (4 s
     # to parse from its GGUF).
     router = cluster.start("router", "pdjax.launch.router",
-                           ["--config=test", "--decode_workers=127.0.0.1:1"],
-                           devices=0)
+                           ["--config=test", "--decode_workers=127.0.0.1:1",
+                            "--http_port=0"], devices=0)
     cluster.wait_ready([router], 120)
     with Client(f"127.0.0.1:{router.port()}", timeout_s=10) as c:
       got = tuple(c.health(s) for s in ("", GENERATION_SERVICE,
                                          common.LIVENESS_SERVICE))
     assert got == NOT_READY, got
+    url = f"http://127.0.0.1:{router.http_port}"
+    with urllib.request.urlopen(f"{url}/livez", timeout=10) as r:
+      assert r.status == 200
+    with pytest.raises(urllib.error.HTTPError) as info:
+      urllib.request.urlopen(f"{url}/health", timeout=10)
+    assert info.value.code == 503
+    assert json.loads(info.value.read())["status"] == "NOT_SERVING"
   finally:
     cluster.stop()
 
@@ -552,3 +585,95 @@ def test_the_first_token_and_a_failed_hand_off(policy):
     assert not early and len(prefill.calls) == 2
     assert not redeem.local_prefill and redeem.first_token == 42
     assert redeem.kv.transfer_id and tokens == [42, 100, 101, 102]
+
+
+# -------------------------------------------------------------- in process
+def test_in_process_deadline_and_early_close_free_the_worker_call():
+  """In the router's process a call's deadline ends it DEADLINE_EXCEEDED and
+  a caller that stops reading early ends it: either way the worker's call
+  is cancelled and the router holds nothing for it."""
+  async def run():
+    worker = FakeDecode(step_s=0.01)
+    async with Router(worker, in_process=True) as r:
+      await r.wait_statuses(SERVING)
+      worker.gate.clear()
+      t0 = time.monotonic()
+      tokens, err = await _collect(r.client, max_tokens=40, timeout_s=0.3)
+      assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+      assert 0.25 < time.monotonic() - t0 < 5
+      await _until(lambda: r.servicer.inflight == 0)
+      assert worker.calls[-1].cancelled
+      worker.gate.set()
+      stream = r.client.stream(prompt_token_ids=[5, 6, 7], max_tokens=40)
+      first = await stream.__anext__()
+      assert first.token_ids == [100]
+      await stream.aclose()
+      await _until(lambda: r.servicer.inflight == 0)
+      assert worker.calls[-1].cancelled
+      # A stream never read never reaches the router.
+      r.client.stream(prompt_token_ids=[5], max_tokens=2)
+      assert len(worker.calls) == 2
+
+  asyncio.run(run())
+
+
+async def _until(cond, timeout_s: float = 5.0):
+  deadline = time.monotonic() + timeout_s
+  while not cond():
+    assert time.monotonic() < deadline
+    await asyncio.sleep(0.01)
+
+
+def test_the_http_api_over_the_router_in_its_process():
+  """The OpenAI app (``pdjax.gateway``) over the router called in its own
+  process, as ``pdjax.launch.router --http_port`` serves it: completions
+  stream the worker's tokens, /health and /v1/models answer from the
+  router, a refusal keeps its HTTP status, a client that leaves cancels the
+  worker's call, and a drain answers new requests 503."""
+  from aiohttp.test_utils import TestClient, TestServer
+
+  from pdjax.gateway import GatewayConfig, create_app
+
+  async def run():
+    worker = FakeDecode(step_s=0.01)
+    async with Router(worker, in_process=True) as r:
+      await r.wait_statuses(SERVING)
+      app = create_app(GatewayConfig(), r.client)
+      async with TestClient(TestServer(app)) as http:
+        resp = await http.get("/health")
+        assert resp.status == 200, await resp.text()
+        models = await (await http.get("/v1/models")).json()
+        assert models["data"][0]["id"] == "fake"
+        resp = await http.post("/v1/completions", json={
+            "prompt": [5, 6, 7], "max_tokens": 4, "return_token_ids": True})
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert body["choices"][0]["token_ids"] == [100, 101, 102, 103]
+        assert body["usage"]["prompt_tokens"] == 3
+        resp = await http.post("/v1/completions", json={
+            "prompt": [7] * 200, "max_tokens": 57})
+        assert resp.status == 400
+        assert "maximum context length" in (await resp.json())[
+            "error"]["message"]
+        # A streaming client that leaves after its first event.
+        resp = await http.post("/v1/completions", json={
+            "prompt": [5, 6, 7], "max_tokens": 200, "stream": True})
+        assert resp.status == 200
+        await resp.content.readline()
+        resp.close()
+        await _until(lambda: r.servicer.inflight == 0)
+        assert worker.calls[-1].cancelled
+        drain = asyncio.create_task(r.servicer.drain(5.0, r.health))
+        await _until(lambda: r.servicer.draining)
+        resp = await http.post("/v1/completions", json={
+            "prompt": [5], "max_tokens": 2})
+        assert resp.status == 503, await resp.text()
+        assert (await http.get("/health")).status == 503
+        assert await drain == 0
+
+  asyncio.run(run())
+  with pytest.raises(ValueError, match="not both"):
+    create_app(GatewayConfig(router="127.0.0.1:1"), InProcessRouterClient(
+        RouterServicer(WorkerRegistry(), None)))
+  with pytest.raises(ValueError, match="either"):
+    create_app(GatewayConfig())

@@ -1,17 +1,19 @@
-"""What the OpenAI gateway costs: one workload offered to the router directly
-and through the gateway in front of it, in alternating rounds on the same
-deployment, with the same seeds.
+"""What the OpenAI HTTP API costs: one workload offered to the router
+directly (gRPC), through a gateway process in front of it
+(``pdjax.launch.gateway``), and through the HTTP the router's own process
+serves (``pdjax.launch.router --http_port``), in rounds that rotate the
+paths' order, on the same deployment, with the same seeds.
 
   python tools/bench_gateway.py --config=local --platform=cpu \\
       --num_requests=64 --rate=8 --out=/tmp/gateway.json
   # An existing deployment instead of a new local one:
   python tools/bench_gateway.py --router=HOST:PORT \\
-      --gateway=http://HOST:8000 ...
+      --gateway=http://HOST:8000 [--router_http=http://HOST:8001] ...
 
-The limit is the direct path: a gateway can at best add nothing, so the
-table gives each metric through the gateway as a ratio to direct (1.00 is
-the bound). Greedy sampling, so both paths must also produce the same
-tokens for every request; the tool counts the requests that do.
+The limit is the direct path: HTTP can at best add nothing, so the table
+gives each metric of the HTTP paths as a ratio to direct (1.00 is the
+bound). Greedy sampling, so every path must also produce the same tokens
+for every request; the tool counts the requests that do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ ROUTER = flags.DEFINE_string("router", None, "An existing router "
                              "(host:port); unset: start a local deployment.")
 GATEWAY = flags.DEFINE_string("gateway", None, "The gateway in front of "
                               "--router (http://host:port).")
+ROUTER_HTTP = flags.DEFINE_string(
+    "router_http", None, "The HTTP API --router's own process serves "
+    "(--http_port; http://host:port); a local deployment has it.")
 CONFIG = flags.DEFINE_string("config", "test", "Deployment config (local).")
 PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Where.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model override.")
@@ -43,7 +48,9 @@ MAX_LEN = flags.DEFINE_integer("max_model_len", 256, "Prompt + output cap.")
 VOCAB = flags.DEFINE_integer("vocab_size", 512, "Synthetic ids below this.")
 OUT = flags.DEFINE_string("out", None, "JSON results file.")
 
-PATHS = ("direct", "gateway")
+# Each path's column in the table.
+PATHS = {"direct": "direct (router, gRPC)", "gateway": "gateway process",
+         "router_http": "the router's HTTP"}
 
 
 async def _measure(targets: dict[str, tuple[str, str]], items, rounds: int,
@@ -54,13 +61,14 @@ async def _measure(targets: dict[str, tuple[str, str]], items, rounds: int,
   from pdjax.eval.backends import make_backend
   sampling = dict(temperature=0.0, seed=0, ignore_eos=True)
   backends = {p: make_backend(t, kind) for p, (t, kind) in targets.items()}
-  out: dict[str, list] = {p: [] for p in PATHS}
+  paths = list(targets)
+  out: dict[str, list] = {p: [] for p in paths}
   try:
-    for p in PATHS:
+    for p in paths:
       await load.run_workload(backends[p], items[:4], sampling=sampling,
                               progress=False)
     for r in range(rounds):
-      for p in (PATHS if r % 2 == 0 else PATHS[::-1]):
+      for p in paths[r % len(paths):] + paths[:r % len(paths)]:
         out[p].append(await load.run_workload(
             backends[p], items, rate=rate, sampling=sampling, seed=r,
             progress=False))
@@ -70,11 +78,14 @@ async def _measure(targets: dict[str, tuple[str, str]], items, rounds: int,
   return out
 
 
-def _row(name, direct, gateway, scale=1e3, unit="ms"):
-  ratio = (f"{gateway / direct:.2f}x" if direct and gateway is not None
-           else "-")
+def _row(name, direct, others, scale=1e3, unit="ms"):
+  """A metric's row: direct, then each HTTP path and its ratio to it."""
   fmt = lambda v: "-" if v is None else f"{v * scale:.2f}"  # noqa: E731
-  return f"| {name} ({unit}) | {fmt(direct)} | {fmt(gateway)} | {ratio} |"
+  cells = [fmt(direct)]
+  for v in others:
+    ratio = f"{v / direct:.2f}x" if direct and v is not None else "-"
+    cells.append(f"{fmt(v)} ({ratio})")
+  return f"| {name} ({unit}) | " + " | ".join(cells) + " |"
 
 
 def main(argv) -> None:
@@ -91,47 +102,57 @@ def main(argv) -> None:
   cluster = None
   try:
     router, gateway = ROUTER.value, GATEWAY.value
+    router_http = ROUTER_HTTP.value
     if router is None:
       cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="bench-gw-")),
                              PLATFORM.value)
       router = launch(cluster, config=CONFIG.value,
-                      checkpoint=CHECKPOINT.value)
+                      checkpoint=CHECKPOINT.value,
+                      router_flags=["--http_port=0"])
+      proc = next(p for p in cluster.procs if p.name == "router")
+      router_http = f"http://{cluster.host}:{proc.http_port}"
       gateway = start_gateway(cluster, router, config=CONFIG.value,
                               checkpoint=CHECKPOINT.value)
     elif gateway is None:
       raise app.UsageError("--router needs --gateway")
-    records = asyncio.run(_measure(
-        {"direct": (router, "pdjax"), "gateway": (gateway, "openai")},
-        items, ROUNDS.value, RATE.value))
+    targets = {"direct": (router, "pdjax"), "gateway": (gateway, "openai")}
+    if router_http:
+      targets["router_http"] = (router_http, "openai")
+    records = asyncio.run(_measure(targets, items, ROUNDS.value, RATE.value))
   finally:
     if cluster is not None:
       cluster.stop()
 
+  paths = list(records)
   summaries, failed = {}, 0
-  for p in PATHS:
+  for p in paths:
     flat = [rec for run in records[p] for rec in run]
     failed += sum(rec.error is not None for rec in flat)
     summaries[p] = stats.summarize(
         flat, sum(stats.wall_duration(run) for run in records[p]),
         preset.ttft_slo, preset.tpot_slo, label=p, rate=RATE.value)
+  by_id = lambda run: sorted(run, key=lambda r: r.request_id)  # noqa: E731
   same = sum(
-      a.token_ids == b.token_ids and a.error is None and b.error is None
-      for da, db in zip(records["direct"], records["gateway"])
-      for a, b in zip(sorted(da, key=lambda r: r.request_id),
-                      sorted(db, key=lambda r: r.request_id)))
+      all(r.error is None and r.token_ids == recs[0].token_ids
+          for r in recs)
+      for rounds in zip(*(records[p] for p in paths))
+      for recs in zip(*(by_id(run) for run in rounds)))
   total = NUM.value * ROUNDS.value
-  d, g = summaries["direct"], summaries["gateway"]
+  d = summaries["direct"]
+  others = [summaries[p] for p in paths[1:]]
   print(f"\n{PRESET.value}, {NUM.value} requests x {ROUNDS.value} rounds "
-        f"per path at {RATE.value:g} req/s; tokens identical on both paths: "
+        f"per path at {RATE.value:g} req/s; tokens identical on every path: "
         f"{same}/{total}; failed: {failed}\n")
-  print("| metric | direct (router) | through the gateway | gateway / "
-        "direct |\n|---|---|---|---|")
+  print("| metric | " + " | ".join(
+      PATHS[p] + ("" if p == "direct" else " (/ direct)") for p in paths)
+        + " |\n|---|" + "---|" * len(paths))
   for name in ("ttft", "tpot", "itl", "e2e"):
     for q in ("p50", "p90"):
       print(_row(f"{name.upper()} {q}", getattr(getattr(d, name), q),
-                 getattr(getattr(g, name), q)))
+                 [getattr(getattr(o, name), q) for o in others]))
   print(_row("output tokens/s", d.output_token_throughput,
-             g.output_token_throughput, scale=1, unit="tok/s"))
+             [o.output_token_throughput for o in others], scale=1,
+             unit="tok/s"))
   if OUT.value:
     Path(OUT.value).write_text(json.dumps(
         {"preset": PRESET.value, "rate": RATE.value, "rounds": ROUNDS.value,

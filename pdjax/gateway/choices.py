@@ -2,7 +2,7 @@
 
 Lifecycle of a request with ``n`` choices:
 
-  1. choice i is one ``AsyncClient.stream`` call (its own request id and,
+  1. choice i is one ``RouterConnection.stream`` call (its own request id and,
      with a seed, seed + i), started together with the others;
   2. each call's deltas go through that choice's ``StopMatcher``; a stop
      string ends the choice at once and closes its stream, which cancels
@@ -25,7 +25,8 @@ from typing import Any
 
 import grpc
 
-from pdjax.client import AsyncClient, GenerationError, Usage
+from pdjax.client import GenerationError, Usage
+from pdjax.gateway.router_connection import RouterConnection
 from pdjax.gateway.stops import StopMatcher
 
 
@@ -48,13 +49,13 @@ class ChoiceDelta:
 
 @dataclasses.dataclass(frozen=True)
 class RouterCall:
-  """One choice's router call: ``AsyncClient.stream`` arguments."""
+  """One choice's router call: ``RouterConnection.stream`` arguments."""
   index: int
   prompt: str | None
   options: dict[str, Any]
 
 
-async def run_choice(client: AsyncClient, call: RouterCall,
+async def run_choice(client: RouterConnection, call: RouterCall,
                      stops: Sequence[str], include_stop: bool = False
                      ) -> AsyncIterator[ChoiceDelta]:
   """Streams one choice, ending it at the first stop string (its text
@@ -135,7 +136,7 @@ async def merge(streams: Sequence[AsyncIterator[ChoiceDelta]]
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_choices(client: AsyncClient, calls: Sequence[RouterCall],
+def run_choices(client: RouterConnection, calls: Sequence[RouterCall],
                 stops: Sequence[str], include_stop: bool = False
                 ) -> AsyncIterator[ChoiceDelta]:
   """Every choice's deltas, merged (see the module docstring)."""

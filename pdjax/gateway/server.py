@@ -52,6 +52,7 @@ from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
 from pdjax.gateway.guard import (DEFAULT_HEADER_TIMEOUT_S, ConnectionGuard,
                                  default_max_connections)
 from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
+from pdjax.gateway.router_connection import RouterConnection
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
                                      Formatter, UsageTally)
 from pdjax.service.common import bearer_credential
@@ -74,7 +75,8 @@ class GatewayConfig:
   """What the gateway serves and how it reaches the router.
 
   Attributes:
-    router: the router's ``host:port``.
+    router: the router's ``host:port`` (None: ``create_app`` is given the
+      router itself, as in the router's own process).
     served_model_name: the name clients use (default: the router's model).
     api_key: required as ``Authorization: Bearer`` on every endpoint but
       /health; None: no auth.
@@ -95,7 +97,7 @@ class GatewayConfig:
     max_connections: open connections beyond it are refused with a 503
       (None: the descriptor limit, less a reserve).
   """
-  router: str
+  router: str | None = None
   served_model_name: str | None = None
   api_key: str | None = None
   chat_template: ChatTemplate | None = None
@@ -118,7 +120,7 @@ class ModelCard:
   max_model_len: int
 
 
-CLIENT = web.AppKey("pdjax_router_client", AsyncClient)
+CLIENT = web.AppKey("pdjax_router_client", RouterConnection)
 
 
 class _State:
@@ -132,7 +134,7 @@ class _State:
     self._lock = asyncio.Lock()
     self.guard: ConnectionGuard | None = None   # set by make_runner's runner
 
-  async def card(self, client: AsyncClient) -> ModelCard:
+  async def card(self, client: RouterConnection) -> ModelCard:
     async with self._lock:
       if self._card is None:
         try:
@@ -513,8 +515,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 # ---------------------------------------------------------------------- app
-def create_app(config: GatewayConfig) -> web.Application:
-  """The gateway app; its router client lives from startup to cleanup."""
+def create_app(config: GatewayConfig,
+               router: RouterConnection | None = None) -> web.Application:
+  """The gateway app. Its connection to the router: ``router`` when given
+  (its owner closes it), else a gRPC client of ``config.router`` that lives
+  from the app's startup to its cleanup."""
+  if (router is None) == (config.router is None):
+    raise ValueError("give the gateway either config.router (an address) "
+                     "or router (a connection), not both")
   app = web.Application(client_max_size=config.max_body_bytes,
                         middlewares=[_measure, _errors,
                                      _auth(config.api_key)])
@@ -529,7 +537,10 @@ def create_app(config: GatewayConfig) -> web.Application:
     yield
     await app[CLIENT].close()
 
-  app.cleanup_ctx.append(router_client)
+  if router is None:
+    app.cleanup_ctx.append(router_client)
+  else:
+    app[CLIENT] = router
   app.router.add_get("/health", health)
   app.router.add_get("/readyz", health)
   app.router.add_get("/livez", live)

@@ -81,6 +81,7 @@ class Proc:
   stopping: bool = False         # being stopped on purpose: not restarted
   restarts: list = dataclasses.field(default_factory=list)  # when (monotonic)
   last_port: int | None = None
+  last_http_port: int | None = None
   # Processes of one jax.distributed job: restarted together.
   group: list | None = None
 
@@ -98,6 +99,12 @@ class Proc:
   def metrics_port(self) -> int | None:
     p = self.ports()
     return None if p is None else p.get("metrics_port")
+
+  @property
+  def http_port(self) -> int | None:
+    """Where it serves HTTP too (a router started with --http_port)."""
+    p = self.ports()
+    return None if p is None else p.get("http_port")
 
 
 # Share of a GPU the processes on it may take together when a deployment
@@ -326,13 +333,18 @@ class LocalCluster:
                               env=env, start_new_session=True)
 
   def restart(self, p: Proc) -> None:
-    """Starts ``p`` again with its arguments, on the port it served on
+    """Starts ``p`` again with its arguments, on the ports it served on
     (appending to its log)."""
     port = p.port() or p.last_port
     p.last_port = port
-    args = [a for a in p.args if not a.startswith("--port=")]
+    http_port = p.http_port or p.last_http_port
+    p.last_http_port = http_port
+    args = [a for a in p.args if not a.startswith("--port=")
+            and not (http_port and a.startswith("--http_port="))]
     if port:
       args.append(f"--port={port}")
+    if http_port:
+      args.append(f"--http_port={http_port}")
     p.port_file.unlink(missing_ok=True)
     with open(p.log, "ab") as out:
       out.write(f"\n----- restarted by the launcher ({len(p.restarts)}) "

@@ -65,16 +65,21 @@ def setup_logging(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def write_port_file(port: int, metrics_port: int,
-                    fv: flags.FlagValues = FLAGS) -> None:
+                    fv: flags.FlagValues = FLAGS, *,
+                    http_port: int | None = None) -> None:
   """Tells a launcher (``pdjax.launch.local``) this process is serving:
-  written atomically, last thing before serving."""
+  written atomically, last thing before serving (``http_port``: where it
+  also serves HTTP, if it does)."""
   path = _value(fv, "port_file")
   if not path:
     return
   import json
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump({"port": port, "metrics_port": metrics_port}, f)
+    ports = {"port": port, "metrics_port": metrics_port}
+    if http_port is not None:
+      ports["http_port"] = http_port
+    json.dump(ports, f)
   os.replace(tmp, path)
 
 

@@ -14,6 +14,11 @@ SIGTERM it stops accepting, lets running requests finish for up to
 ``--drain_timeout_s``, then cancels the rest (which cancels their router
 calls). The router's TLS and token come from the usual ``--tls_*`` and
 ``--auth_token`` flags; ``--api_key`` is the gateway's own key.
+
+The router's process serves the same HTTP API itself with ``--http_port``
+(``pdjax.launch.router``; these flags, from ``define_http_flags``), two
+gRPC hops fewer on each request's way; this process scales the HTTP front
+apart from the router.
 """
 
 from __future__ import annotations
@@ -34,11 +39,10 @@ from pdjax.service import gc_pauses
 FLAGS = flags.FLAGS
 
 
-def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
-  """The gateway's flags: its router, HTTP limits, the checkpoint (for the
-  tokenizer files), where it listens and how it dials the router."""
-  flags.DEFINE_string("router", None, "The router's host:port.",
-                      flag_values=fv)
+def define_http_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """What the OpenAI HTTP API serves and its limits: the gateway's own
+  flags, and the router's where it serves the HTTP itself
+  (``pdjax.launch.router --http_port``)."""
   flags.DEFINE_string(
       "chat_template", None, "Jinja chat template for /v1/chat/completions: "
       "a file, or a packaged name (pdjax/configs/chat_templates: 'plain'); "
@@ -55,16 +59,6 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
   flags.DEFINE_float(
       "request_timeout_s", None, "Deadline of each router call; past it the "
       "client gets a 504 (unset: none).", flag_values=fv)
-  flags.DEFINE_bool(
-      "router_sessions", True, "Send requests to the router as messages on "
-      "one long-lived GenerateSession stream rather than a new gRPC call "
-      "each (less set-up on a request's way to its first token).",
-      flag_values=fv)
-  flags.DEFINE_float(
-      "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
-      "before reporting ready to a launcher (--port_file); HTTP is served "
-      "meanwhile, /health and /readyz answering 503 until it is.",
-      flag_values=fv)
   flags.DEFINE_float(
       "header_timeout_s", 10.0, "A connection's first request head must "
       "arrive within this long of its opening, a later one within this long "
@@ -80,6 +74,24 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
   flags.DEFINE_integer(
       "max_body_mib", 64, "Larger request bodies are a 413 (token-id prompts "
       "of a long context are a few MiB of JSON).", flag_values=fv)
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
+  """The gateway's flags: its router, HTTP limits, the checkpoint (for the
+  tokenizer files), where it listens and how it dials the router."""
+  flags.DEFINE_string("router", None, "The router's host:port.",
+                      flag_values=fv)
+  define_http_flags(fv)
+  flags.DEFINE_bool(
+      "router_sessions", True, "Send requests to the router as messages on "
+      "one long-lived GenerateSession stream rather than a new gRPC call "
+      "each (less set-up on a request's way to its first token).",
+      flag_values=fv)
+  flags.DEFINE_float(
+      "wait_router_s", 60.0, "Wait this long for the router to be SERVING "
+      "before reporting ready to a launcher (--port_file); HTTP is served "
+      "meanwhile, /health and /readyz answering 503 until it is.",
+      flag_values=fv)
   flags.mark_flag_as_required("router", flag_values=fv)
   cfg_flags = config_flags.define(fv, shared=["checkpoint"])
   # HTTP, where OpenAI-compatible servers (vLLM, SGLang) listen by default.
@@ -116,16 +128,15 @@ def load_tokenizer(path: Path | None):
   return Tokenizer.from_checkpoint(path)
 
 
-async def serve(dep) -> None:
-  from aiohttp import web
-
-  from pdjax.client import GenerationError
-  from pdjax.gateway import GatewayConfig, create_app
+def http_config(checkpoint: str, tokenizer, **router) -> "GatewayConfig":
+  """The HTTP API's configuration from ``define_http_flags``' flags: the
+  chat template (``--chat_template``, else the checkpoint's), ``tokenizer``
+  (the checkpoint's, or None), and how it reaches the router (``router``:
+  ``GatewayConfig``'s router fields)."""
+  from pdjax.gateway import GatewayConfig
   from pdjax.gateway.chat_template import (ChatTemplateError,
                                            load_chat_template)
-  from pdjax.gateway.server import CLIENT, make_runner
-
-  directory = model_dir(dep.checkpoint)
+  directory = model_dir(checkpoint)
   try:
     template = load_chat_template(
         template_path(FLAGS.chat_template) if FLAGS.chat_template else None,
@@ -136,33 +147,53 @@ async def serve(dep) -> None:
     log.warning("no chat template in %s (tokenizer_config.json or GGUF "
                 "metadata) and no --chat_template: /v1/chat/completions "
                 "answers 400", directory)
-  tls, token = F.router_client_settings()
-  config = GatewayConfig(
-      router=FLAGS.router, served_model_name=FLAGS.served_model_name,
+  return GatewayConfig(
+      served_model_name=FLAGS.served_model_name,
       api_key=FLAGS.api_key or None, chat_template=template,
-      tokenizer=load_tokenizer(directory),
-      request_timeout_s=FLAGS.request_timeout_s, tls=tls, router_token=token,
-      router_sessions=FLAGS.router_sessions,
+      tokenizer=tokenizer, request_timeout_s=FLAGS.request_timeout_s,
       header_timeout_s=FLAGS.header_timeout_s,
       body_timeout_s=FLAGS.body_timeout_s,
       max_connections=FLAGS.max_connections or None,
-      max_body_bytes=FLAGS.max_body_mib << 20)
-  gateway = create_app(config)
-  runner = make_runner(gateway, shutdown_timeout_s=FLAGS.drain_timeout_s)
+      max_body_bytes=FLAGS.max_body_mib << 20, **router)
+
+
+async def start_http(app, host: str, port: int):
+  """Serves ``app`` (``pdjax.gateway.create_app``) on ``host:port``; returns
+  its runner (``cleanup()`` drains it for up to ``--drain_timeout_s``) and
+  the bound port. A port in use ends the process with a message."""
+  from aiohttp import web
+
+  from pdjax.gateway.server import make_runner
+  runner = make_runner(app, shutdown_timeout_s=FLAGS.drain_timeout_s)
   await runner.setup()
+  site = web.TCPSite(runner, host, port)
   try:
-    # HTTP first: liveness (/livez) answers at once, readiness (/health,
-    # /readyz) 503 until the router is ready.
-    site = web.TCPSite(runner, FLAGS.host, FLAGS.port)
-    try:
-      await site.start()
-    except OSError as e:
-      from pdjax.service.common import in_use_message
-      if e.errno == errno.EADDRINUSE:
-        raise SystemExit(
-            f"error: {in_use_message(FLAGS.host, FLAGS.port)}") from None
-      raise SystemExit(f"error: cannot serve on {FLAGS.host}:"
-                       f"{FLAGS.port}: {e.strerror or e}") from None
+    await site.start()
+  except OSError as e:
+    await runner.cleanup()
+    from pdjax.service.common import in_use_message
+    if e.errno == errno.EADDRINUSE:
+      raise SystemExit(f"error: {in_use_message(host, port)}") from None
+    raise SystemExit(f"error: cannot serve on {host}:{port}: "
+                     f"{e.strerror or e}") from None
+  return runner, runner.addresses[0][1]
+
+
+async def serve(dep) -> None:
+  from pdjax.client import GenerationError
+  from pdjax.gateway import create_app
+  from pdjax.gateway.server import CLIENT
+
+  tls, token = F.router_client_settings()
+  config = http_config(
+      dep.checkpoint, load_tokenizer(model_dir(dep.checkpoint)),
+      router=FLAGS.router, tls=tls, router_token=token,
+      router_sessions=FLAGS.router_sessions)
+  gateway = create_app(config)
+  # HTTP first: liveness (/livez) answers at once, readiness (/health,
+  # /readyz) 503 until the router is ready.
+  runner, port = await start_http(gateway, FLAGS.host, FLAGS.port)
+  try:
     if FLAGS.wait_router_s > 0:
       try:
         await gateway[CLIENT].wait_ready(FLAGS.wait_router_s)
@@ -170,8 +201,8 @@ async def serve(dep) -> None:
         log.warning("%s; serving anyway", e)
       except GenerationError as e:   # e.g. a wrong token: waiting won't help
         raise SystemExit(f"error: router {FLAGS.router}: {e}") from e
-    port = runner.addresses[0][1]
     gc_pauses.freeze_startup_heap()
+    template = config.chat_template
     log.info("gateway serving http://%s:%d (router %s, chat template: %s)",
              FLAGS.host, port, FLAGS.router,
              template.origin if template else "none")

@@ -5,8 +5,8 @@ Starts prefill and decode workers and a router as separate processes (each
 initialises JAX itself; nothing is forked after JAX starts), gives each its
 own devices (CPU: ``--xla_force_host_platform_device_count`` per process;
 GPU: ``CUDA_VISIBLE_DEVICES``), waits until every one is serving, prints the
-router's address (and with ``--gateway_port`` starts the OpenAI-compatible
-HTTP gateway in front of it), and with ``--prompt`` runs a generation
+router's address (and with ``--gateway_port`` the router serves the
+OpenAI-compatible HTTP API too), and with ``--prompt`` runs a generation
 through it: as the one user message of a chat, rendered with the model's
 chat template when it has one (``--nochat``: the raw text). Ctrl-C
 (or the end of ``--prompt`` without ``--serve``) shuts everything down:
@@ -54,7 +54,7 @@ from pdjax.launch import config_flags
 from pdjax.launch.cluster import (LocalCluster, ProcessFailed, Supervisor,
                                   UsageError, chat_prompt, launch,
                                   launch_elastic, router_client_settings,
-                                  router_security, start_gateway)
+                                  router_security)
 
 FLAGS = flags.FLAGS
 
@@ -102,10 +102,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
   flags.DEFINE_list("router_flags", [], "Extra router flags.",
                     flag_values=fv)
   flags.DEFINE_integer(
-      "gateway_port", None, "Also serve the OpenAI-compatible HTTP API "
-      "(pdjax.launch.gateway) on this port (0: a free one); unset: no "
-      "gateway.", flag_values=fv)
-  flags.DEFINE_list("gateway_flags", [], "Extra gateway flags, e.g. "
+      "gateway_port", None, "Also serve the OpenAI-compatible HTTP API on "
+      "this port (0: a free one), from the router's process (its "
+      "--http_port); unset: gRPC only.", flag_values=fv)
+  flags.DEFINE_list("gateway_flags", [], "Extra flags of the HTTP API "
+                    "(pdjax.launch.gateway.define_http_flags), e.g. "
                     "--gateway_flags=--api_key=k.", flag_values=fv)
   # Elastic pools and the planner's control loop.
   flags.DEFINE_bool(
@@ -211,6 +212,9 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
   serve = FLAGS.serve if FLAGS.serve is not None else FLAGS.prompt is None
   elastic = FLAGS.elastic or bool(FLAGS.planner_profile)
   router_flags = list(FLAGS.router_flags)
+  if FLAGS.gateway_port is not None:
+    router_flags += [f"--http_port={FLAGS.gateway_port}",
+                     *FLAGS.gateway_flags]
   if FLAGS.planner_profile and not any(
       f.lstrip("-").startswith("metrics_port") for f in router_flags):
     router_flags.append("--metrics_port=0")   # the planner reads it
@@ -250,11 +254,9 @@ def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:
     print(f"router ready at {address} ({time.monotonic() - t0:.1f} s)",
           flush=True)
     if FLAGS.gateway_port is not None:
-      url = start_gateway(
-          cluster, address, port=FLAGS.gateway_port,
-          router_flags=FLAGS.router_flags,
-          gateway_flags=FLAGS.gateway_flags)
-      print(f"OpenAI-compatible gateway at {url}/v1", flush=True)
+      router = next(p for p in cluster.procs if p.name == "router")
+      print(f"OpenAI-compatible API at http://{cluster.host}:"
+            f"{router.http_port}/v1", flush=True)
     if FLAGS.prompt is not None:
       from pdjax.client import Client
       chat = (chat_prompt(cluster.config_path, None, FLAGS.prompt)

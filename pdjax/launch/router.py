@@ -13,6 +13,15 @@ health service says whether it can serve (readiness: a decode worker is
 ready) and that it runs (the ``liveness`` service). On SIGTERM it drains:
 readiness NOT_SERVING, new requests UNAVAILABLE, running ones finish for up
 to ``--drain_timeout_s``; those left then end with UNAVAILABLE.
+
+``--http_port`` also serves the OpenAI-compatible HTTP API
+(``pdjax.gateway``, the gateway's flags: ``--chat_template``,
+``--api_key``, ...) from this process, calling the router directly
+(``pdjax.service.router_in_process``): each request's first token crosses
+two gRPC hops (to a worker and back) instead of four through a gateway of
+its own (``pdjax.launch.gateway``, which scales apart from the router).
+Its /health and /readyz follow the router's readiness; a drain answers new
+HTTP requests 503.
 """
 
 from __future__ import annotations
@@ -70,6 +79,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> config_flags.ConfigFlags:
       "answers meanwhile, readiness NOT_SERVING until a decode worker is "
       "ready (0: do not wait; requests fail until one joins).",
       flag_values=fv)
+  flags.DEFINE_integer(
+      "http_port", None, "Also serve the OpenAI-compatible HTTP API on this "
+      "port (0: a free one), calling the router in this process; unset: "
+      "gRPC only.", flag_values=fv)
+  from pdjax.launch.gateway import define_http_flags
+  define_http_flags(fv)
   cfg_flags = config_flags.define(
       fv, shared=["checkpoint", "kv_transport"],
       tables={"router": config_flags.ALL})
@@ -162,12 +177,17 @@ async def serve(dep) -> None:
       log.warning("workers not ready after %.0f s; serving anyway",
                   FLAGS.wait_workers_s)
   registry.start()
+  http = None
+  if FLAGS.http_port is not None:
+    http = await _serve_http(dep, servicer, tokenizer)
   gc_pauses.freeze_startup_heap()
   metrics_port = metrics.serve(FLAGS.metrics_port, FLAGS.host)
-  log.info("router serving on %s:%d (%d prefill, %d decode workers)",
+  log.info("router serving on %s:%d (%d prefill, %d decode workers)%s",
            FLAGS.host, port, len(FLAGS.prefill_workers),
-           len(FLAGS.decode_workers))
-  F.write_port_file(port, metrics_port)
+           len(FLAGS.decode_workers),
+           f", HTTP on http://{FLAGS.host}:{http[1]}" if http else "")
+  F.write_port_file(port, metrics_port,
+                    http_port=http[1] if http else None)
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,9 +197,24 @@ async def serve(dep) -> None:
   if pods is not None:
     pods.stop()
   await servicer.drain(FLAGS.drain_timeout_s, health)
+  if http is not None:
+    # Its requests were the router's: the drain has ended them.
+    await http[0].cleanup()
   await server.stop(grace=1.0)
   await registry.close()
   log.info("stopped")
+
+
+async def _serve_http(dep, servicer, tokenizer):
+  """The OpenAI HTTP API over ``servicer`` on ``--http_port``: (its
+  runner, the bound port)."""
+  from pdjax.gateway import create_app
+  from pdjax.launch.gateway import http_config, start_http
+  from pdjax.service.router_in_process import InProcessRouterClient
+  config = http_config(dep.checkpoint, tokenizer)
+  router = InProcessRouterClient(servicer, timeout_s=config.request_timeout_s)
+  return await start_http(create_app(config, router), FLAGS.host,
+                          FLAGS.http_port)
 
 
 def main(argv, cfg_flags: config_flags.ConfigFlags) -> None:

@@ -9,7 +9,7 @@ request's call goes as a ``start`` message on it
 (``pdjax.client.sessions`` is the caller's side); this module runs them:
 
 * each ``start`` runs the same handler body a call of its own would run
-  (``RouterServicer._generate``, ``DecodeServicer._decode``,
+  (``RouterServicer.generate_body``, ``DecodeServicer._decode``,
   ``PrefillServicer._prefill``), with a ``SessionCallContext`` standing in
   for gRPC's: ``abort`` ends the call with its status, ``time_remaining``
   counts down the deadline the start carried, trailing metadata goes out
@@ -68,7 +68,9 @@ def call_status(code: grpc.StatusCode, details: str = "",
 
 class SessionCallContext:
   """What a handler body uses of ``grpc.aio.ServicerContext``, for one call
-  carried in a session."""
+  carried in a session (``session_context``: the session's own gRPC
+  context), or for a call made in the handler's own process (None: no
+  metadata, the peer ``in-process``)."""
 
   def __init__(self, session_context, timeout_ms: int):
     self._session = session_context
@@ -90,9 +92,13 @@ class SessionCallContext:
     self._trailing = tuple(metadata)
 
   def invocation_metadata(self):
+    if self._session is None:
+      return ()
     return self._session.invocation_metadata()
 
   def peer(self) -> str:
+    if self._session is None:
+      return "in-process"
     return self._session.peer()
 
   async def abort(self, code: grpc.StatusCode, details: str = "",

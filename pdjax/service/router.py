@@ -354,17 +354,20 @@ class RouterServicer(generate_pb2_grpc.GenerationServicer):
     return rid, ids, sampling
 
   async def Generate(self, request: generate_pb2.GenerateRequest, context):
-    async for msg in self._generate(request, context):
+    async for msg in self.generate_body(request, context):
       yield msg
 
   async def GenerateSession(self, request_iterator, context):
     """Generate calls as messages on one long-lived stream
-    (``pdjax.service.call_sessions``): each runs ``_generate`` as its own
-    call would."""
-    await self.sessions.serve(request_iterator, context, self._generate,
+    (``pdjax.service.call_sessions``): each runs ``generate_body`` as its
+    own call would."""
+    await self.sessions.serve(request_iterator, context, self.generate_body,
                               _SESSION_MESSAGES)
 
-  async def _generate(self, request: generate_pb2.GenerateRequest, context):
+  # Also what a caller in this process runs (``pdjax.service.
+  # router_in_process``: the gateway's HTTP served by the router's process).
+  async def generate_body(self, request: generate_pb2.GenerateRequest,
+                          context):
     """One Generate call's body; ``context`` is gRPC's, or a session's
     stand-in for it."""
     arrival = time.perf_counter()

@@ -27,6 +27,11 @@
 # ROUTER_FLAGS the same for the router's (e.g. --noworker_sessions);
 # EVAL_FLAGS: flags added to the concurrency runs' batch_eval (e.g.
 # --sessions).
+# PATHS (default "grpc"): how batch_eval reaches the deployment, each a run
+# of its own per concurrency, in this order: "grpc" (the router, pdjax's
+# client), "router_http" (OpenAI HTTP served by the router's process:
+# --gateway_port), "gateway" (OpenAI HTTP through a pdjax.launch.gateway
+# process in front of the router).
 # PROMPT_LEN (default 512): the prompts' length (the context grows to the
 # next power of two above prompt + 128 tokens, the prefill bucket to the
 # prompt); CONCURRENCIES (default "1 32"): the batch_eval runs per deployment.
@@ -82,6 +87,11 @@ for steps in (4, 1):
         "[decode]\n", "[decode]\nprefill_token_budget = 512\n", 1))
 EOF
 
+PATHS=${PATHS:-grpc}
+http_flag=
+[[ " $PATHS " == *" router_http "* || " $PATHS " == *" gateway "* ]] &&
+  http_flag=--gateway_port=0
+
 run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
   local name=$1 cfg=$2 left; shift 2
   left=$(( BUDGET_S - (SECONDS - START) ))
@@ -90,7 +100,7 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
   python3 -m pdjax.launch.local --platform=gpu --config="$cfg" --serve \
     --run_dir="$OUT/$name" \
     --worker_flags=--metrics_port=0${WORKER_FLAGS:+,$WORKER_FLAGS} \
-    ${ROUTER_FLAGS:+--router_flags=$ROUTER_FLAGS} "$@" \
+    ${ROUTER_FLAGS:+--router_flags=$ROUTER_FLAGS} $http_flag "$@" \
     > "$OUT/$name.launch.log" 2>&1 &
   local pid=$! addr=""
   for _ in $(seq 1 $(( left - 60 ))); do
@@ -104,15 +114,39 @@ run_deployment() {  # run_deployment NAME CONFIG LAUNCH_FLAGS...
     kill -TERM $pid 2>/dev/null; wait $pid; return
   fi
   echo "    ready at $addr after $((SECONDS - START)) s"
+  local router_http="" gateway="" gw_pid=""
+  if [[ -n "$http_flag" ]]; then
+    router_http=$(grep -o 'API at http://[0-9.:]*' "$OUT/$name.launch.log" |
+                  awk '{print $3}')
+  fi
+  if [[ " $PATHS " == *" gateway "* ]]; then
+    python3 -m pdjax.launch.gateway --router="$addr" --config="$cfg" \
+      --port=0 --port_file="$OUT/$name/gateway.port" \
+      > "$OUT/$name/gateway.log" 2>&1 &
+    gw_pid=$!
+    for _ in $(seq 1 60); do
+      [[ -f "$OUT/$name/gateway.port" ]] && break
+      sleep 1
+    done
+    gateway=http://127.0.0.1:$(python3 -c "import json; print(json.load(open('$OUT/$name/gateway.port'))['port'])")
+  fi
   for c in $CONCURRENCIES; do
     local n=24; (( c > 1 )) && n=128
-    timeout 150 python3 tools/batch_eval.py --target="$addr" \
-      --input="$OUT/prompts.jsonl" --num_requests=$n --concurrency=$c \
-      --ignore_eos --label="$name-c$c" --noprogress ${EVAL_FLAGS:-} \
-      --out_dir="$OUT/$name/c$c" > "$OUT/$name/c$c.log" 2>&1
-    echo "    c=$c: exit $?"
-    awk '/=====/{p=1} p' "$OUT/$name/c$c.log" | grep -v "^$" | head -40
+    for path in $PATHS; do
+      local target=$addr backend=pdjax run=c$c
+      [[ $path != grpc ]] && run=$path-c$c backend=openai
+      [[ $path == router_http ]] && target=$router_http
+      [[ $path == gateway ]] && target=$gateway
+      timeout 150 python3 tools/batch_eval.py --target="$target" \
+        --backend=$backend --input="$OUT/prompts.jsonl" --num_requests=$n \
+        --concurrency=$c --ignore_eos --label="$name-$run" --noprogress \
+        $([[ $path == grpc ]] && echo ${EVAL_FLAGS:-}) \
+        --out_dir="$OUT/$name/$run" > "$OUT/$name/$run.log" 2>&1
+      echo "    $run: exit $?"
+      awk '/=====/{p=1} p' "$OUT/$name/$run.log" | grep -v "^$" | head -40
+    done
   done
+  [[ -n "$gw_pid" ]] && { kill -TERM $gw_pid; wait $gw_pid; }
   if (( ${DECODE_BOUND:-0} > 0 )); then
     timeout 150 python3 tools/batch_eval.py --target="$addr" \
       --input="$OUT/prompts_decode_bound.jsonl" --num_requests=64 \
