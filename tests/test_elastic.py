@@ -67,11 +67,13 @@ def _alive(pid: int) -> bool:
 
 def test_no_process_outlives_a_launcher_killed_with_sigkill(tmp_path):
   """SIGKILL gives the launcher no chance to stop anything: its processes
-  get their parent-death signal, drain (nothing runs) and exit."""
+  get their parent-death signal, drain (nothing runs) and exit. (Its
+  --gateway_port is the router's own HTTP: no process of its own.)"""
+  import urllib.request
   launcher = subprocess.Popen(
       [sys.executable, "-m", "pdjax.launch.local", "--config=test",
        "--num_prefill=0", "--num_decode=1", "--worker_flags=--nowarmup",
-       f"--run_dir={tmp_path}"],
+       "--gateway_port=0", f"--run_dir={tmp_path}"],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)
   try:
@@ -81,6 +83,10 @@ def test_no_process_outlives_a_launcher_killed_with_sigkill(tmp_path):
       if line.startswith("serving"):
         break
     assert lines and lines[-1].startswith("serving"), "".join(lines)
+    url, = [line.split(" at ")[1].strip() for line in lines
+            if line.startswith("OpenAI-compatible API at ")]
+    with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+      assert r.status == 200
     kids = _children(launcher.pid)
     assert len(kids) == 2, kids           # the router and the worker
   finally:

@@ -1,7 +1,8 @@
 """How a local deployment hands GPUs to its workers, how much of each
 GPU's memory a worker gives XLA (no GPU needed: only the environment each
-worker would start with is checked), and the address a worker's KV
-transfer server is advertised at."""
+worker would start with is checked), the address a worker's KV
+transfer server is advertised at, and the ports a restarted process
+serves on."""
 
 import pytest
 
@@ -184,3 +185,26 @@ def test_prompt_goes_through_the_models_chat_template(tiny_model_dir):
   assert text == "<|bos|>User: Hi there\nAssistant:"
   assert origin.endswith("tokenizer_config.json")
   assert chat_prompt("test", "random:tiny", "Hi") is None
+
+
+def test_a_restart_serves_on_the_ports_it_served_on(tmp_path, monkeypatch):
+  """A restarted process gets the ports it had, the router's HTTP port
+  (--http_port) too, whatever it was started with (0: any free one)."""
+  import json
+
+  from pdjax.launch.cluster import Proc
+  cluster = LocalCluster(tmp_path)
+  started = []
+  monkeypatch.setattr(cluster, "_popen",
+                      lambda name, module, args, *a, **k: started.append(
+                          list(args)))
+  p = Proc("router", None, tmp_path / "router.port", tmp_path / "router.log",
+           module="pdjax.launch.router", devices=0,
+           args=["--config=test", "--port=0", "--http_port=0"])
+  p.port_file.write_text(json.dumps(
+      {"port": 5001, "metrics_port": -1, "http_port": 8001}))
+  cluster.restart(p)
+  assert started[-1] == ["--config=test", "--port=5001", "--http_port=8001"]
+  # Gone before it wrote its ports again: the last ones it served on.
+  cluster.restart(p)
+  assert started[-1] == ["--config=test", "--port=5001", "--http_port=8001"]

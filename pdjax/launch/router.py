@@ -212,6 +212,10 @@ async def _serve_http(dep, servicer, tokenizer):
   from pdjax.launch.gateway import http_config, start_http
   from pdjax.service.router_in_process import InProcessRouterClient
   config = http_config(dep.checkpoint, tokenizer)
+  if F.security().token and not config.api_key:
+    log.warning("the gRPC API takes a client token (--auth_token) but the "
+                "HTTP API on --http_port takes none: give it --api_key "
+                "(docs/security.md)")
   router = InProcessRouterClient(servicer, timeout_s=config.request_timeout_s)
   return await start_http(create_app(config, router), FLAGS.host,
                           FLAGS.http_port)
