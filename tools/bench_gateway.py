@@ -10,6 +10,10 @@ paths' order, on the same deployment, with the same seeds.
   python tools/bench_gateway.py --router=HOST:PORT \\
       --gateway=http://HOST:8000 [--router_http=http://HOST:8001] ...
 
+``--concurrency=1``: one stream (each request sent when the last ended:
+the time to first token with nothing queued). ``--num_prefill=0``: a local
+deployment colocated (its decode worker prefills).
+
 The limit is the direct path: HTTP can at best add nothing, so the table
 gives each metric of the HTTP paths as a ratio to direct (1.00 is the
 bound). Greedy sampling, so every path must also produce the same tokens
@@ -38,9 +42,18 @@ ROUTER_HTTP = flags.DEFINE_string(
 CONFIG = flags.DEFINE_string("config", "test", "Deployment config (local).")
 PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Where.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model override.")
+NUM_PREFILL = flags.DEFINE_integer(
+    "num_prefill", 1, "A local deployment's prefill workers (0: "
+    "colocated).")
 PRESET = flags.DEFINE_string("preset", "chat", "Batch-eval preset.")
 NUM = flags.DEFINE_integer("num_requests", 64, "Requests per round.")
 RATE = flags.DEFINE_float("rate", 8.0, "Offered load (req/s).")
+CONCURRENCY = flags.DEFINE_integer(
+    "concurrency", None, "At most this many requests in flight (1: one "
+    "stream, each request sent when the last ended, --rate ignored).")
+SESSIONS = flags.DEFINE_bool(
+    "sessions", True, "The direct path sends its requests on one "
+    "GenerateSession stream, as the gateway does (else a call each).")
 ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds per path, alternating.")
 LENGTH_SCALE = flags.DEFINE_float("length_scale", 0.05,
                                   "Preset length scale (CPU: small).")
@@ -54,13 +67,15 @@ PATHS = {"direct": "direct (router, gRPC)", "gateway": "gateway process",
 
 
 async def _measure(targets: dict[str, tuple[str, str]], items, rounds: int,
-                   rate: float) -> dict[str, list]:
+                   rate: float | None, concurrency: int | None
+                   ) -> dict[str, list]:
   """Records per path, the paths alternating round by round (a warm-up of
   a few requests each first: connections, any remaining compiles)."""
   from pdjax.eval import load
   from pdjax.eval.backends import make_backend
   sampling = dict(temperature=0.0, seed=0, ignore_eos=True)
-  backends = {p: make_backend(t, kind) for p, (t, kind) in targets.items()}
+  backends = {p: make_backend(t, kind, sessions=SESSIONS.value)
+              for p, (t, kind) in targets.items()}
   paths = list(targets)
   out: dict[str, list] = {p: [] for p in paths}
   try:
@@ -70,8 +85,8 @@ async def _measure(targets: dict[str, tuple[str, str]], items, rounds: int,
     for r in range(rounds):
       for p in paths[r % len(paths):] + paths[:r % len(paths)]:
         out[p].append(await load.run_workload(
-            backends[p], items, rate=rate, sampling=sampling, seed=r,
-            progress=False))
+            backends[p], items, rate=rate, concurrency=concurrency,
+            sampling=sampling, seed=r, progress=False))
   finally:
     for b in backends.values():
       await b.aclose()
@@ -108,6 +123,7 @@ def main(argv) -> None:
                              PLATFORM.value)
       router = launch(cluster, config=CONFIG.value,
                       checkpoint=CHECKPOINT.value,
+                      num_prefill=NUM_PREFILL.value,
                       router_flags=["--http_port=0"])
       proc = next(p for p in cluster.procs if p.name == "router")
       router_http = f"http://{cluster.host}:{proc.http_port}"
@@ -118,7 +134,10 @@ def main(argv) -> None:
     targets = {"direct": (router, "pdjax"), "gateway": (gateway, "openai")}
     if router_http:
       targets["router_http"] = (router_http, "openai")
-    records = asyncio.run(_measure(targets, items, ROUNDS.value, RATE.value))
+    one_stream = CONCURRENCY.value is not None
+    records = asyncio.run(_measure(
+        targets, items, ROUNDS.value, None if one_stream else RATE.value,
+        CONCURRENCY.value))
   finally:
     if cluster is not None:
       cluster.stop()
@@ -130,7 +149,9 @@ def main(argv) -> None:
     failed += sum(rec.error is not None for rec in flat)
     summaries[p] = stats.summarize(
         flat, sum(stats.wall_duration(run) for run in records[p]),
-        preset.ttft_slo, preset.tpot_slo, label=p, rate=RATE.value)
+        preset.ttft_slo, preset.tpot_slo, label=p,
+        rate=None if one_stream else RATE.value,
+        concurrency=CONCURRENCY.value)
   by_id = lambda run: sorted(run, key=lambda r: r.request_id)  # noqa: E731
   same = sum(
       all(r.error is None and r.token_ids == recs[0].token_ids
@@ -140,8 +161,10 @@ def main(argv) -> None:
   total = NUM.value * ROUNDS.value
   d = summaries["direct"]
   others = [summaries[p] for p in paths[1:]]
+  load_desc = (f"{CONCURRENCY.value} at a time" if one_stream
+               else f"{RATE.value:g} req/s")
   print(f"\n{PRESET.value}, {NUM.value} requests x {ROUNDS.value} rounds "
-        f"per path at {RATE.value:g} req/s; tokens identical on every path: "
+        f"per path, {load_desc}; tokens identical on every path: "
         f"{same}/{total}; failed: {failed}\n")
   print("| metric | " + " | ".join(
       PATHS[p] + ("" if p == "direct" else " (/ direct)") for p in paths)
@@ -155,7 +178,9 @@ def main(argv) -> None:
              unit="tok/s"))
   if OUT.value:
     Path(OUT.value).write_text(json.dumps(
-        {"preset": PRESET.value, "rate": RATE.value, "rounds": ROUNDS.value,
+        {"preset": PRESET.value, "rate": None if one_stream else RATE.value,
+         "concurrency": CONCURRENCY.value,
+         "direct_sessions": SESSIONS.value, "rounds": ROUNDS.value,
          "num_requests": NUM.value, "identical_tokens": same,
          "requests": total, "failed": failed,
          "summaries": {p: s.to_dict() for p, s in summaries.items()}},
