@@ -52,9 +52,9 @@ from pdjax.gateway.errors import ApiError, bad_request, from_generation_error
 from pdjax.gateway.guard import (DEFAULT_HEADER_TIMEOUT_S, ConnectionGuard,
                                  default_max_connections)
 from pdjax.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
-from pdjax.gateway.router_connection import RouterConnection
 from pdjax.gateway.responses import (ChatFormatter, CompletionFormatter,
                                      Formatter, UsageTally)
+from pdjax.gateway.router_connection import RouterConnection
 from pdjax.service.common import bearer_credential
 from pdjax.tokenizer import Tokenizer
 
@@ -289,7 +289,7 @@ def _check_json(body: Any) -> None:
       for k, v in value.items():
         stack.append((k, where, depth))   # a key: named by its object
         stack.append((v, (*where, k), depth + 1))
-    elif not all(type(v) is int for v in value):   # token ids: nothing to do
+    elif not protocol.all_ints(value):   # token ids: nothing to do
       stack.extend((v, (*where, i), depth + 1) for i, v in enumerate(value))
 
 
@@ -379,8 +379,11 @@ async def _stream_events(request: web.Request, stream: AsyncIterator,
     delta = first
     while delta is not None:
       usage.add(delta)
-      for chunk in fmt.chunks(delta):
-        await resp.write(_sse(chunk))
+      # A delta's events (a chat's first: the role's, then the text's) in
+      # one write.
+      events = b"".join(_sse(chunk) for chunk in fmt.chunks(delta))
+      if events:
+        await resp.write(events)
         if not sent_any:
           sent_any = True
           metrics.ttft.labels(endpoint).observe(
