@@ -603,6 +603,10 @@ def test_in_process_deadline_and_early_close_free_the_worker_call():
       assert 0.25 < time.monotonic() - t0 < 5
       await _until(lambda: r.servicer.inflight == 0)
       assert worker.calls[-1].cancelled
+      # Under a millisecond is a deadline too, not none.
+      _, err = await _collect(r.client, max_tokens=40, timeout_s=1e-4)
+      assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+      await _until(lambda: r.servicer.inflight == 0)
       worker.gate.set()
       stream = r.client.stream(prompt_token_ids=[5, 6, 7], max_tokens=40)
       first = await stream.__anext__()
@@ -611,8 +615,9 @@ def test_in_process_deadline_and_early_close_free_the_worker_call():
       await _until(lambda: r.servicer.inflight == 0)
       assert worker.calls[-1].cancelled
       # A stream never read never reaches the router.
+      calls = len(worker.calls)
       r.client.stream(prompt_token_ids=[5], max_tokens=2)
-      assert len(worker.calls) == 2
+      assert len(worker.calls) == calls
 
   asyncio.run(run())
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Unpack
@@ -108,7 +109,9 @@ class InProcessRouterClient:
                  timeout: float | None, queue: asyncio.Queue) -> None:
     """One request's body, to its end on ``queue``: ``_END`` after its last
     response, or the ``GenerationError`` a gRPC caller would get."""
-    ctx = SessionCallContext(None, int(timeout * 1000) if timeout else 0)
+    # A deadline of its own in whole ms (0 means none there): at least 1.
+    ctx = SessionCallContext(
+        None, 0 if timeout is None else max(1, math.ceil(timeout * 1000)))
     expired = []
     timer = None
     if ctx.deadline is not None:
