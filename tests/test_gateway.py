@@ -1227,10 +1227,16 @@ def test_api_key(router):
     out.append((r.status, await r.json()))
     r = await client.get("/metrics")   # nor does Prometheus
     out.append((r.status, await r.text()))
+    r = await client.post("/tokenize", json={"prompt": "a"})
+    out.append((r.status, await r.json()))
+    r = await client.get("/version")
+    out.append((r.status, await r.json()))
     return out
 
-  *denied, ok, ok_lower, ok_upper, models, health_, metrics_ = _serve(
-      router[2], test, api_key="sekret")
+  *denied, ok, ok_lower, ok_upper, models, health_, metrics_, tok, ver = (
+      _serve(router[2], test, api_key="sekret"))
+  assert tok[0] == 401, tok      # /tokenize is the API's
+  assert ver[0] == 200 and ver[1]["version"], ver
   for got in (ok_lower, ok_upper):
     assert got[0] == 200 and got[1]["choices"][0]["text"] == "<100>", got
   assert metrics_[0] == 200 and "pdjax_gateway_requests_total" in metrics_[1]
@@ -1487,6 +1493,60 @@ def test_openai_backend_counts_chunks_without_token_ids():
     OpenAIBackend._delta({"error": {"message": "out of KV pages"}})
   assert base_url("h:1") == base_url("http://h:1/") == "http://h:1/v1"
   assert base_url("https://h/v1") == "https://h/v1"
+
+
+# ---------------------------------------------------- tokenize, detokenize
+def test_tokenize_and_detokenize_as_vllm(router, tiny_model_dir):
+  """vLLM's /tokenize (a prompt, or chat messages rendered as the chat
+  completions render them) and /detokenize, with the gateway's tokenizer;
+  what cannot be served is a 400 naming its field."""
+  from pdjax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  template = ChatTemplate(_PLAIN.read_text(), {"bos_token": "<s>"})
+  chat = [{"role": "user", "content": "Hello there"}]
+  raw = tok.encode("hello world", add_bos=False)
+
+  async def test(client):
+    out = []
+    for path, body in (
+        ("/tokenize", {"prompt": "hello world"}),
+        ("/tokenize", {"prompt": "hello world", "add_special_tokens": False,
+                       "model": _MODEL}),
+        ("/tokenize", {"messages": chat}),
+        ("/tokenize", {"messages": chat, "add_generation_prompt": False}),
+        ("/detokenize", {"tokens": raw}),
+        ("/tokenize", {"prompt": "a", "messages": chat}),
+        ("/tokenize", {}),
+        ("/tokenize", {"prompt": 5}),
+        ("/detokenize", {"tokens": [1, tok.vocab_size]}),
+        ("/detokenize", {"tokens": [1, -1]}),
+        ("/detokenize", {}),
+        ("/detokenize", {"tokens": [1], "model": "other"})):
+      r = await client.post(path, json=body)
+      out.append((r.status, await r.json()))
+    return out
+
+  (prompt, prompt_raw, chat_gen, chat_plain, detok, *bad, other) = _serve(
+      router[2], test, tokenizer=tok, chat_template=template)
+  want = tok.encode("hello world", add_bos=True)
+  assert want != raw                       # the BOS makes a difference
+  assert prompt == (200, {"count": len(want), "max_model_len": 1024,
+                          "tokens": want, "token_strs": None})
+  assert prompt_raw[1]["tokens"] == raw
+  for got, gen in ((chat_gen, True), (chat_plain, False)):
+    ids = tok.encode(template.render(chat, add_generation_prompt=gen),
+                     add_bos=False)
+    assert got == (200, {"count": len(ids), "max_model_len": 1024,
+                         "tokens": ids, "token_strs": None}), got
+  assert chat_gen[1]["tokens"] != chat_plain[1]["tokens"]
+  assert detok == (200, {"prompt": "hello world"})
+  for (status, data), param in zip(bad, ("prompt", "prompt", "prompt",
+                                         "tokens", "tokens", "tokens")):
+    assert status == 400 and data["error"]["param"] == param, data
+  assert other[0] == 404 and other[1]["error"]["param"] == "model"
+  # No tokenizer: nothing to tokenize with.
+  status, data = _post(router, "/tokenize", {"prompt": "a"})
+  assert status == 400 and "no tokenizer" in data["error"]["message"]
 
 
 # -------------------------------------------------------------- end to end

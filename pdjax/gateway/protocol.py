@@ -415,5 +415,55 @@ def parse_chat(raw: Any) -> ChatRequest:
   return ChatRequest(params=params, messages=messages)
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "MAX_CHOICES", "MAX_N",
-           "Params", "Prompt", "parse_chat", "parse_completion"]
+# ------------------------------------------------------ tokenize, detokenize
+@dataclasses.dataclass(frozen=True)
+class TokenizeRequest:
+  """``POST /tokenize`` (vLLM's): a prompt's text, or chat messages that the
+  chat template renders first (``add_generation_prompt``). Special tokens
+  are added to a prompt by default, not to rendered messages (the template
+  writes its own)."""
+  model: str | None
+  prompt: str | None
+  messages: tuple[dict[str, Any], ...] | None
+  add_special_tokens: bool
+  add_generation_prompt: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DetokenizeRequest:
+  """``POST /detokenize`` (vLLM's): token ids back to text."""
+  model: str | None
+  tokens: tuple[int, ...]
+
+
+def parse_tokenize(raw: Any) -> TokenizeRequest:
+  body = _Body(raw)
+  model = body.str("model")
+  if (body.raw("prompt") is None) == (body.raw("messages") is None):
+    raise bad_request("prompt", "send either prompt (a text) or messages "
+                      "(a chat, rendered with the chat template)")
+  prompt = body.str("prompt")
+  messages = None if prompt is not None else _messages(body.raw("messages"))
+  add_special = body.bool("add_special_tokens", prompt is not None)
+  add_generation = body.bool("add_generation_prompt", True)
+  _log_unknown(body, "tokenize")
+  return TokenizeRequest(model=model, prompt=prompt, messages=messages,
+                         add_special_tokens=add_special,
+                         add_generation_prompt=add_generation)
+
+
+def parse_detokenize(raw: Any) -> DetokenizeRequest:
+  body = _Body(raw)
+  model = body.str("model")
+  tokens = body.raw("tokens")
+  if tokens is None:
+    raise bad_request("tokens", "is required: the token ids to decode")
+  out = DetokenizeRequest(model=model, tokens=_token_ids(tokens, "tokens"))
+  _log_unknown(body, "detokenize")
+  return out
+
+
+__all__ = ["ChatRequest", "CompletionRequest", "DetokenizeRequest",
+           "MAX_CHOICES", "MAX_N", "Params", "Prompt", "TokenizeRequest",
+           "parse_chat", "parse_completion", "parse_detokenize",
+           "parse_tokenize"]

@@ -1,16 +1,18 @@
-"""The gateway's HTTP app (aiohttp): OpenAI's endpoints over the router.
+"""The gateway's HTTP app (aiohttp): OpenAI's endpoints over the router,
+and vLLM's /tokenize, /detokenize and /version beside them.
 
 One request, in order:
 
   1. auth (``Authorization: Bearer <api key>`` when the gateway has one)
-     on the API's ``/v1/`` paths; the probes (/health and /readyz:
-     readiness, /livez: liveness) and /metrics are open, as load balancers,
-     Kubernetes and Prometheus call them;
+     on the API's paths (``/v1/``, /tokenize, /detokenize); the probes
+     (/health and /readyz: readiness, /livez: liveness), /metrics and
+     /version are open, as load balancers, Kubernetes and Prometheus call
+     them;
   2. parse and check the body (``protocol``), the model name, and for chat
      render the messages (``chat_template``): every refusal is a 400/404
      before any router call;
-  3. start one router call per choice (``choices``), through the shared
-     ``AsyncClient`` (its deadline: ``request_timeout_s``);
+  3. start one router call per choice (``choices``), through the app's
+     ``RouterConnection`` (its deadline: ``request_timeout_s``);
   4. non-streaming: wait for every choice and answer once. Streaming: wait
      for the first delta, so a router refusal still gets its own HTTP
      status; then send server-sent events, one chunk per delta, a usage
@@ -18,8 +20,9 @@ One request, in order:
      goes out as a last ``data: {"error": ...}`` event before ``[DONE]``.
 
 The app is run with aiohttp's handler cancellation on (``make_runner``), so
-a client that disconnects cancels its handler, which closes the merged stream and with it
-every router call of the request (the router then frees the decode slots).
+a client that disconnects cancels its handler, which closes the merged
+stream and with it every router call of the request (the router then
+frees the decode slots).
 
 Hostile or broken clients are bounded: ``make_runner`` limits open
 connections and the time a request head may take (``guard``); a body must
@@ -219,12 +222,16 @@ async def _errors(request: web.Request, handler):
     return _error_response(_internal_error())
 
 
+# What --api_key guards: the API, not the probes, /metrics or /version.
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+
+
 def _auth(api_key: str | None):
   expected = (api_key or "").encode()
 
   @web.middleware
   async def auth(request: web.Request, handler):
-    if api_key and request.path.startswith("/v1/"):
+    if api_key and request.path.startswith(_GUARDED):
       # The scheme is case-insensitive (RFC 7235): "bearer" is "Bearer".
       got = bearer_credential(request.headers.get("Authorization", ""))
       if got is None or not hmac.compare_digest(got, expected):
@@ -293,9 +300,9 @@ def _check_json(body: Any) -> None:
       stack.extend((v, (*where, i), depth + 1) for i, v in enumerate(value))
 
 
-def _check_model(params: protocol.Params, card: ModelCard) -> None:
-  if params.model is not None and params.model != card.name:
-    raise ApiError(404, f"the model {params.model!r} does not exist; this "
+def _check_model(model: str | None, card: ModelCard) -> None:
+  if model is not None and model != card.name:
+    raise ApiError(404, f"the model {model!r} does not exist; this "
                    f"gateway serves {card.name!r}", param="model",
                    code="model_not_found")
 
@@ -456,7 +463,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   state = request.app[_STATE]
   req = protocol.parse_completion(await _json_body(request))
   card = await state.card(request.app[CLIENT])
-  _check_model(req.params, card)
+  _check_model(req.params.model, card)
   base = uuid.uuid4().hex
   prompts = []
   for p in req.prompts:
@@ -486,7 +493,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                       "e.g. --chat_template=plain), or use "
                       "/v1/completions")
   card = await state.card(request.app[CLIENT])
-  _check_model(req.params, card)
+  _check_model(req.params.model, card)
   try:
     prompt = template.render(req.messages)
   except ChatTemplateError as e:
@@ -515,6 +522,67 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                      choices_per_prompt=params.n)
   return await _respond(request, params, calls, fmt, usage,
                         prompt_param="messages")
+
+
+async def tokenize(request: web.Request) -> web.Response:
+  """vLLM's ``POST /tokenize``: a prompt's token ids (or chat messages',
+  rendered with the chat template), as the completions would count them."""
+  state = request.app[_STATE]
+  req = protocol.parse_tokenize(await _json_body(request))
+  card = await state.card(request.app[CLIENT])
+  _check_model(req.model, card)
+  tok = _tokenizer(state, "prompt" if req.messages is None else "messages")
+  text = req.prompt
+  if req.messages is not None:
+    template = state.config.chat_template
+    if template is None:
+      raise bad_request("messages", "this model has no chat template: send "
+                        "prompt instead, or start the gateway with "
+                        "--chat_template")
+    try:
+      text = template.render(
+          req.messages, add_generation_prompt=req.add_generation_prompt)
+    except ChatTemplateError as e:
+      raise bad_request("messages", str(e)) from e
+  ids = tok.encode(text, add_bos=req.add_special_tokens)
+  return web.json_response({"count": len(ids),
+                            "max_model_len": card.max_model_len,
+                            "tokens": ids, "token_strs": None})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+  """vLLM's ``POST /detokenize``: token ids back to text (special tokens
+  kept)."""
+  state = request.app[_STATE]
+  req = protocol.parse_detokenize(await _json_body(request))
+  card = await state.card(request.app[CLIENT])
+  _check_model(req.model, card)
+  tok = _tokenizer(state, "tokens")
+  outside = [t for t in req.tokens if t >= tok.vocab_size]
+  if outside:
+    raise bad_request("tokens", f"token id {outside[0]} is outside the "
+                      f"vocabulary [0, {tok.vocab_size})")
+  return web.json_response(
+      {"prompt": tok.decode(list(req.tokens), skip_special_tokens=False)})
+
+
+def _tokenizer(state: _State, param: str) -> Tokenizer:
+  tok = state.config.tokenizer
+  if tok is None:
+    raise bad_request(param, "this gateway has no tokenizer (its checkpoint "
+                      "has no tokenizer.json, or the model's weights are "
+                      "random): it cannot tokenize")
+  return tok
+
+
+async def version(request: web.Request) -> web.Response:
+  """vLLM's ``GET /version``: the serving software's version."""
+  from importlib import metadata
+  try:
+    v = metadata.version("pdjax")
+  except metadata.PackageNotFoundError:
+    v = "unknown"
+  return web.json_response({"version": v})
 
 
 # ---------------------------------------------------------------------- app
@@ -551,6 +619,9 @@ def create_app(config: GatewayConfig,
   app.router.add_get("/v1/models", models)
   app.router.add_post("/v1/completions", completions)
   app.router.add_post("/v1/chat/completions", chat_completions)
+  app.router.add_post("/tokenize", tokenize)
+  app.router.add_post("/detokenize", detokenize)
+  app.router.add_get("/version", version)
   return app
 
 
