@@ -27,9 +27,10 @@ def make_prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
 
 
 def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
-                     overrides=None) -> list[list[int]]:
-  """Greedy continuations (ignore_eos) from the in-process colocated engine
-  with the test deployment's settings (``overrides`` on top)."""
+                     overrides=None, **sampling) -> list[list[int]]:
+  """Greedy continuations (ignore_eos; other ``SamplingParams`` fields from
+  ``sampling``) from the in-process colocated engine with the test
+  deployment's settings (``overrides`` on top)."""
   from pdjax.engine.sampling import SamplingParams
   engine = reference_engine(tiny_dir, overrides)
   out: dict[str, list[int]] = {}
@@ -40,7 +41,7 @@ def reference_tokens(tiny_dir, prompts, max_new=MAX_NEW,
   for i, p in enumerate(prompts):
     engine.submit(str(i), p, SamplingParams(max_tokens=max_new,
                                             temperature=0.0,
-                                            ignore_eos=True), cb)
+                                            ignore_eos=True, **sampling), cb)
   engine.drain()
   return [out[str(i)] for i in range(len(prompts))]
 

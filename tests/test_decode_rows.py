@@ -352,7 +352,8 @@ def test_rows_not_live_reach_the_model_as_a_fresh_pools():
       tokens=jnp.asarray([3, 7, 9, 11], jnp.int32),       # stale past row 0
       positions=jnp.asarray([5, 40, 60, 80], jnp.int32),
       generated=jnp.asarray([1, 30, 50, 70], jnp.int32),
-      done=jnp.asarray([False, True, False, False]))
+      done=jnp.asarray([False, True, False, False]),
+      counts=jnp.zeros((b, V), jnp.int32), seen=jnp.zeros((b, V), bool))
   slots = dp.SlotInputs(
       rows=jnp.arange(b, dtype=jnp.int32),
       page_table=jnp.asarray([[1, 2], [3, 4], [5, 6], [7, 0]], jnp.int32),
@@ -363,7 +364,8 @@ def test_rows_not_live_reach_the_model_as_a_fresh_pools():
       seed=jnp.zeros((b,), jnp.uint32),
       max_tokens=jnp.full((b,), 100, jnp.int32),
       stop_ids=jnp.full((b, 1), -1, jnp.int32),
-      use_eos=jnp.zeros((b,), bool))
+      use_eos=jnp.zeros((b,), bool), presence=jnp.zeros((b,)),
+      frequency=jnp.zeros((b,)), repetition=jnp.ones((b,)))
   _, out = dp._scan_steps(None, state, slots, None, 2,
                           jnp.asarray([-1], jnp.int32), 1000,
                           all_greedy=True, forward=spy)

@@ -1572,15 +1572,18 @@ def test_prefill_inputs_travel_packed_exactly():
   prompt, its length and every sampling setting come out of it bit for bit
   (a seed past 2**31, float settings as their bits), and the first tokens
   and logprobs come back out of one array likewise."""
-  from pdjax.engine.prefill import (COLUMNS_PAST_PROMPT, _held_back,
-                                    _pack_outputs, _unpack_inputs,
-                                    _unpack_sampling, pack_inputs,
+  from pdjax.engine.prefill import (COLUMNS_PAST_PROMPT, _held_back_of,
+                                    _pack_outputs, _penalties,
+                                    _unpack_inputs, _unpack_sampling,
+                                    pack_inputs, prompt_seen,
                                     unpack_outputs)
   from pdjax.engine.sampling import SamplingArrays
   tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
   true_len = np.array([6, 3], np.int32)
   params = [SamplingParams(temperature=0.7, top_p=0.93, top_k=40, min_p=0.07,
-                           min_tokens=3, stop_token_ids=(9, 11)),
+                           min_tokens=3, stop_token_ids=(9, 11),
+                           presence_penalty=-0.3, frequency_penalty=1.7,
+                           repetition_penalty=1.15),
             SamplingParams(temperature=0.0, ignore_eos=True)]
   samp = SamplingArrays.stack([(params[0], 0xFFFFFFF0), (params[1], 5)], 2)
   packed = pack_inputs(tokens, true_len, samp)
@@ -1595,12 +1598,23 @@ def test_prefill_inputs_travel_packed_exactly():
     np.testing.assert_array_equal(np.asarray(got), want)
   # What min_tokens holds back: row 0 its stops and the EOS ids, row 1
   # (ignore_eos, no stops) nothing.
-  min_tokens, stops = jax.jit(_held_back, static_argnums=1)(cols[:, 5:],
-                                                            (2, 7))
+  min_tokens, stops = jax.jit(_held_back_of, static_argnums=1)(cols,
+                                                               (2, 7))
   assert np.asarray(min_tokens).tolist() == [3, 0]
   assert sorted(t for t in np.asarray(stops)[0].tolist() if t >= 0) == [
       2, 7, 9, 11]
   assert (np.asarray(stops)[1] == -1).all()
+  # The penalties, and the prompts' tokens (row 1: its first three).
+  seen = jax.jit(prompt_seen, static_argnums=2)(got_tokens, got_len, 16)
+  counts, got_seen, *pen = jax.jit(_penalties)(cols, seen)
+  assert counts is None
+  np.testing.assert_array_equal(np.asarray(got_seen), np.asarray(seen))
+  assert np.flatnonzero(np.asarray(seen)[1]).tolist() == [6, 7, 8]
+  assert np.flatnonzero(np.asarray(seen)[0]).tolist() == list(range(6))
+  for got, want in zip(pen, (samp.presence, samp.frequency,
+                             samp.repetition)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert samp.repetition.tolist() == [np.float32(1.15), 1.0]
   tok = jnp.array([3, 49151], jnp.int32)
   lp = jnp.array([-0.125, -17.3], jnp.float32)
   got_tok, got_lp = unpack_outputs(jax.device_get(jax.jit(_pack_outputs)(

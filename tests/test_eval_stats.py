@@ -594,6 +594,7 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
   argv = ["batch_eval", f"--input={data}", "--num_requests=6",
           "--concurrency=2", f"--out_dir={tmp_path / 'o'}", "--noprogress",
           "--temperature=0.7", "--top_k=5", "--min_p=0.05", "--min_tokens=2",
+          "--presence_penalty=0.5", "--repetition_penalty=1.1",
           "--stop_token_ids=9,10",
           "--sessions"]
   fv = flags.FlagValues()
@@ -605,8 +606,9 @@ def test_cli_main_with_flags(tmp_path, monkeypatch, capsys):
                    {"model": None, "api_key": None, "sessions": True})]
   s = fake.sampling["req-000000"]
   assert s == {"temperature": 0.7, "top_p": 1.0, "top_k": 5, "min_p": 0.05,
-               "min_tokens": 2, "seed": 0, "ignore_eos": False,
-               "stop_token_ids": [9, 10]}
+               "min_tokens": 2, "presence_penalty": 0.5,
+               "frequency_penalty": 0.0, "repetition_penalty": 1.1,
+               "seed": 0, "ignore_eos": False, "stop_token_ids": [9, 10]}
   assert "TTFT" in capsys.readouterr().out
 
 
@@ -636,7 +638,8 @@ def test_client_adapter_maps_the_stream():
   async def go():
     return [d async for d in RouterBackend(Client()).stream(
         item, {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.25,
-               "min_tokens": 1, "seed": 10, "ignore_eos": True,
+               "min_tokens": 1, "frequency_penalty": 0.5,
+               "repetition_penalty": 1.0, "seed": 10, "ignore_eos": True,
                "stop_token_ids": None})]
 
   deltas = asyncio.run(go())
@@ -645,7 +648,8 @@ def test_client_adapter_maps_the_stream():
                                             "completion_tokens": 2})]
   assert Client.kwargs == dict(
       prompt=None, prompt_token_ids=[1, 2, 3], max_tokens=2, temperature=0.0,
-      top_p=1.0, top_k=0, min_p=0.25, min_tokens=1, seed=14,
+      top_p=1.0, top_k=0, min_p=0.25, min_tokens=1, presence_penalty=None,
+      frequency_penalty=0.5, repetition_penalty=None, seed=14,
       stop_token_ids=None, ignore_eos=True, request_id="x")
 
 

@@ -306,7 +306,8 @@ def test_every_completion_field_reaches_the_router_exactly(router):
       "model": _MODEL, "prompt": "hello", "max_tokens": 7,
       "temperature": 0.5, "top_p": 0.25, "top_k": 5, "min_p": 0.125,
       "min_tokens": 3, "seed": 42, "stop_token_ids": [9, 10],
-      "ignore_eos": True,
+      "ignore_eos": True, "presence_penalty": 0.5, "frequency_penalty": -1.5,
+      "repetition_penalty": 1.25,
       "skip_special_tokens": False, "add_special_tokens": False,
       "cache_salt": "tenant-a", "user": "u1", "some_future_field": 1})
   assert status == 200, data
@@ -315,6 +316,8 @@ def test_every_completion_field_reaches_the_router_exactly(router):
   s = req.sampling
   assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p,
           s.min_tokens, s.seed) == (7, 0.5, 0.25, 5, 0.125, 3, 42)
+  assert (s.presence_penalty, s.frequency_penalty,
+          s.repetition_penalty) == (0.5, -1.5, 1.25)
   assert list(s.stop_token_ids) == [9, 10] and s.ignore_eos
   assert not req.skip_special_tokens
   assert req.HasField("add_special_tokens") and not req.add_special_tokens
@@ -331,7 +334,9 @@ def test_unset_fields_stay_unset(router):
   s = req.sampling
   # temperature 0 (greedy) is a value, not "unset".
   assert s.HasField("temperature") and s.temperature == 0
-  for name in ("max_tokens", "top_p", "top_k", "min_p", "min_tokens", "seed"):
+  for name in ("max_tokens", "top_p", "top_k", "min_p", "min_tokens", "seed",
+               "presence_penalty", "frequency_penalty",
+               "repetition_penalty"):
     assert not s.HasField(name), name
   assert list(s.stop_token_ids) == [] and not s.ignore_eos
   assert not req.HasField("add_special_tokens")
@@ -834,10 +839,14 @@ _BAD = [
     ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
-    ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5},
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 2.5},
      "presence_penalty"),
-    ("/v1/completions", {"prompt": "a", "frequency_penalty": -1},
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": -2.1},
      "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a", "repetition_penalty": 0},
+     "repetition_penalty"),
+    ("/v1/completions", {"prompt": "a", "repetition_penalty": "x"},
+     "repetition_penalty"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 1}},
      "logit_bias"),
     ("/v1/completions", {"prompt": "a", "suffix": "end"}, "suffix"),
@@ -864,8 +873,8 @@ _BAD = [
         {"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"messages": _CHAT, "response_format": {
         "type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"messages": _CHAT, "frequency_penalty": 1},
-     "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": _CHAT, "logit_bias": {"5": 1}},
+     "logit_bias"),
 ]
 
 
@@ -1445,7 +1454,10 @@ def test_openai_backend_measures_through_the_gateway(router):
       records = await run_workload(
           backend, items, sampling=dict(temperature=0.0, seed=7, top_k=5,
                                         min_p=0.5, ignore_eos=True,
-                                        stop_token_ids=[9]),
+                                        stop_token_ids=[9],
+                                        presence_penalty=0.0,
+                                        frequency_penalty=0.25,
+                                        repetition_penalty=1.5),
           progress=False)
     finally:
       await backend.aclose()
@@ -1466,6 +1478,8 @@ def test_openai_backend_measures_through_the_gateway(router):
   s = sent["ob1 hello"].sampling
   assert (s.max_tokens, s.top_k, s.min_p, s.ignore_eos,
           list(s.stop_token_ids)) == (3, 5, 0.5, True, [9])
+  assert (s.HasField("presence_penalty"), s.frequency_penalty,
+          s.repetition_penalty) == (False, 0.25, 1.5)
   assert refused.status_code == "HTTP 429" and "boom" in refused.error
 
 

@@ -46,14 +46,15 @@ def _engine(tiny_decode_params, dcfg=DCFG, **kw):
   return ColocatedEngine(params, cfg, mesh, rules, PCFG, dcfg, **kw)
 
 
-def _requests(n: int = 8, seed: int = 0):
+def _requests(n: int = 8, seed: int = 0, **penalties):
   """Short prompts without max_tokens (to the end of the context, as the
-  gateway sets it), greedy and seeded alternately."""
+  gateway sets it), greedy and seeded alternately (with ``penalties``)."""
   rng = np.random.default_rng(seed)
   out = []
   for i in range(n):
     p = rng.integers(3, 512, int(rng.integers(5, 9))).tolist()
     s = SamplingParams(max_tokens=MAX_SEQ - len(p), ignore_eos=True,
+                       **penalties,
                        **({"temperature": 0.0} if i % 2 == 0 else
                           {"temperature": 0.9, "top_p": 0.9,
                            "seed": 100 + i}))
@@ -162,6 +163,30 @@ def test_recompute_keeps_tokens(tiny_decode_params, reference, swap_pages):
   if swap_pages == 0:
     assert stats["preempted_swap"] == 0
   assert_clean(engine)
+
+
+def test_penalized_rows_keep_their_tokens_swapped_or_recomputed(
+    tiny_decode_params, reference):
+  """A row's penalty state (its output's counts, its prompt's tokens)
+  survives a swap (its row keeps it) and a recompute (armed again from the
+  prompt and the tokens delivered: those count as output, not prompt):
+  the tokens equal a run without preemption."""
+  # A negative presence penalty favours the output's tokens: one that
+  # counted a recomputed row's earlier output as prompt would lose it.
+  reqs = _requests(presence_penalty=-1.5, frequency_penalty=0.3,
+                   repetition_penalty=1.2)
+  col, _ = _run(_engine(tiny_decode_params, FULL), reqs)
+  want = {rid: col.tokens(rid) for rid, _, _ in reqs}
+  assert all(want[rid] != toks for rid, toks in reference[1].items())
+  for swap_pages in (16, 0):
+    engine = _engine(tiny_decode_params,
+                     dataclasses.replace(DCFG, swap_pages=swap_pages))
+    col, _ = _run(engine, reqs)
+    assert {rid: col.tokens(rid) for rid, _, _ in reqs} == want, swap_pages
+    stats = engine.decode.preemption_stats()
+    assert stats["preempted_swap" if swap_pages else
+                 "preempted_recompute"] > 0, stats
+    assert_clean(engine)
 
 
 def test_cancels_at_any_point_return_everything(tiny_decode_params,

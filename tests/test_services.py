@@ -17,6 +17,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from cluster_helpers import (MAX_NEW, Cluster, check_ttft_stages,
@@ -208,6 +209,29 @@ def test_min_tokens_holds_back_a_stop_in_both_pools(grpc_cluster, reference):
     assert len(r.token_ids) >= 3
 
 
+def test_penalties_reach_both_pools(grpc_cluster, tiny_model_dir):
+  """A penalized request through the router, a prefill worker (its first
+  token), the KV hand-off and a decode worker (its penalty state armed at
+  insert) gives the in-process engine's tokens (which tests/
+  test_penalties.py holds to transformers), not the plain ones."""
+  # Prompts of few distinct ids (the penalties have tokens to act on), one
+  # past the largest bucket (prefilled in chunks).
+  rng = np.random.default_rng(8)
+  prompts = [rng.integers(3, 40, n).tolist() for n in (9, 20, 140)]
+  penalties = dict(presence_penalty=1.5, frequency_penalty=1.0,
+                   repetition_penalty=1.8)
+  new = 32   # long enough for the output to repeat itself
+  want = reference_tokens(tiny_model_dir, prompts, new, **penalties)
+  plain = reference_tokens(tiny_model_dir, prompts, new)
+  with Client(grpc_cluster.address, timeout_s=120) as client:
+    got = [client.generate(prompt_token_ids=p, max_tokens=new,
+                           temperature=0.0, ignore_eos=True, **penalties)
+           for p in prompts]
+  assert [r.token_ids for r in got] == want
+  assert all(r.usage.prefill_worker for r in got)
+  assert all(w != p for w, p in zip(want, plain)), (want, plain)
+
+
 def test_invalid_requests_name_the_field(grpc_cluster):
   cases = [
       (dict(prompt_token_ids=[5], max_tokens=0), "max_tokens"),
@@ -217,6 +241,9 @@ def test_invalid_requests_name_the_field(grpc_cluster):
       (dict(prompt_token_ids=[5], min_p=1.5), "min_p"),
       (dict(prompt_token_ids=[5], min_p=-0.25), "min_p"),
       (dict(prompt_token_ids=[5], max_tokens=4, min_tokens=5), "min_tokens"),
+      (dict(prompt_token_ids=[5], presence_penalty=2.5), "presence_penalty"),
+      (dict(prompt_token_ids=[5], repetition_penalty=0.0),
+       "repetition_penalty"),
       (dict(prompt_token_ids=[5, 100000]), "token_ids"),
       (dict(prompt_token_ids=[7] * 300), "token_ids"),
       (dict(prompt=""), "text"),

@@ -40,6 +40,12 @@ flags.DEFINE_float("min_p", None, "Min-p in [0, 1] (0 off); unset: server "
                    "default.")
 flags.DEFINE_integer("min_tokens", None, "No EOS or stop id before this many "
                      "tokens; unset: server default (0).")
+flags.DEFINE_float("presence_penalty", None, "In [-2, 2]; unset: server "
+                   "default (0, off).")
+flags.DEFINE_float("frequency_penalty", None, "In [-2, 2]; unset: server "
+                   "default (0, off).")
+flags.DEFINE_float("repetition_penalty", None, "In (0, 2]; unset: server "
+                   "default (1, off).")
 flags.DEFINE_integer("seed", None, "Sampling seed (reproducible output).")
 flags.DEFINE_list("stop_token_ids", None, "Comma list of stop token ids.")
 flags.DEFINE_bool("ignore_eos", False, "Generate past EOS.")
@@ -91,7 +97,10 @@ def _request_options() -> dict[str, Any]:
       prompt_token_ids=_ints(FLAGS.prompt_token_ids, "prompt_token_ids"),
       max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
       top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
-      min_tokens=FLAGS.min_tokens, seed=FLAGS.seed,
+      min_tokens=FLAGS.min_tokens,
+      presence_penalty=FLAGS.presence_penalty,
+      frequency_penalty=FLAGS.frequency_penalty,
+      repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
       stop_token_ids=_ints(FLAGS.stop_token_ids, "stop_token_ids"),
       ignore_eos=FLAGS.ignore_eos, speculative=FLAGS.speculative,
       request_id=FLAGS.request_id,

@@ -184,6 +184,9 @@ class GenerateOptions(TypedDict, total=False):
   top_k: int | None
   min_p: float | None
   min_tokens: int | None
+  presence_penalty: float | None
+  frequency_penalty: float | None
+  repetition_penalty: float | None
   seed: int | None
   stop_token_ids: Sequence[int] | None
   ignore_eos: bool | None
@@ -268,6 +271,9 @@ def build_request(
     top_k: int | None = None,
     min_p: float | None = None,
     min_tokens: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool | None = False,
@@ -299,6 +305,13 @@ def build_request(
       are not sampled; None: server default (0, off).
     min_tokens: EOS and stop ids cannot end the output before this many
       tokens (at most max_tokens); None: server default (0, off).
+    presence_penalty, frequency_penalty: in [-2, 2], subtracted from the
+      logit of a token the output holds, once / per occurrence; None:
+      server default (0, off).
+    repetition_penalty: in (0, 2], divides the positive logits (multiplies
+      the others) of the prompt's and the output's tokens; None: server
+      default (1, off). A request with a penalty is not drafted by
+      speculative decoding.
     seed: same seed, same tokens whatever the batch; None: unseeded.
     stop_token_ids: ids that end the completion (finish reason "stop").
     ignore_eos: keep going past EOS (None is False).
@@ -352,6 +365,12 @@ def build_request(
   if min_tokens is not None:
     s.min_tokens = _in_range(operator.index(min_tokens), "min_tokens",
                              _INT32, "int32")
+  if presence_penalty is not None:
+    s.presence_penalty = presence_penalty
+  if frequency_penalty is not None:
+    s.frequency_penalty = frequency_penalty
+  if repetition_penalty is not None:
+    s.repetition_penalty = repetition_penalty
   if seed is not None:
     s.seed = _in_range(operator.index(seed), "seed", _UINT64, "uint64")
   if stop_token_ids:

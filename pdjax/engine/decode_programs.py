@@ -52,6 +52,15 @@ class DecodeState:
   positions: jax.Array  # [B] where that token's KV goes
   generated: jax.Array  # [B] tokens generated so far (first token included)
   done: jax.Array       # [B] finished on device
+  # What a row's penalties read (``sampling.apply_penalties``): its output's
+  # count of each token, and its prompt's tokens. Kept only for rows with a
+  # penalty on (``_arm_penalties`` at insert; the steps count a row's tokens
+  # only while it has one): other rows' are stale and read as no-ops. Every
+  # step reads a call's rows of both (5 bytes per vocabulary entry a row:
+  # 82 MB a step at 128 rows of Llama-3's 128K vocabulary, about 0.2% of
+  # that step's bytes; not yet measured on a card).
+  counts: jax.Array     # [B, V] int32 (V: the padded vocabulary)
+  seen: jax.Array       # [B, V] bool
 
 
 @_pytree_dataclass
@@ -71,6 +80,9 @@ class SlotInputs:
   max_tokens: jax.Array   # [b]
   stop_ids: jax.Array     # [b, S] (-1 padded)
   use_eos: jax.Array      # [b] bool
+  presence: jax.Array     # [b] f32: the penalties (0, 0, 1: off)
+  frequency: jax.Array
+  repetition: jax.Array
 
 
 @_pytree_dataclass
@@ -103,6 +115,8 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
   # what min_tokens holds back until then.
   stops = stop_set(slots.stop_ids, slots.use_eos, eos)
 
+  counting = penalized(slots)
+
   def step(state: DecodeState, _):
     live = slots.active & ~state.done
     tokens, positions, table = idle_rows_fresh(
@@ -112,6 +126,7 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
     tok, lp = sample(out.logits, slots.temperature, slots.top_p, slots.top_k,
                      slots.min_p, slots.seed, state.generated,
                      held_back=(slots.min_tokens, stops),
+                     penalties=penalties(state, slots),
                      all_greedy=all_greedy)
     generated = state.generated + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == stops, axis=1)
@@ -126,10 +141,41 @@ def _scan_steps(params, state, slots, cfg, num_steps, eos, capacity,
         tokens=jnp.where(live, tok, state.tokens),
         positions=state.positions + live.astype(jnp.int32),
         generated=generated,
-        done=state.done | finished)
+        done=state.done | finished,
+        counts=count_tokens(state.counts, slots.rows, tok, live & counting),
+        seen=state.seen)
     return new, StepOutput(tok, lp, live, finished, live & is_stop)
 
   return jax.lax.scan(step, state, None, length=num_steps)
+
+
+def penalized(slots: SlotInputs):
+  """[b] bool: the rows with a penalty on."""
+  return ((slots.presence != 0) | (slots.frequency != 0)
+          | (slots.repetition != 1))
+
+
+def penalties(state: DecodeState, slots: SlotInputs):
+  """``sample``'s ``penalties`` for the call's rows. The penalty state
+  stays whole in a call (every row's), read here by row: gathered into the
+  sampler's elementwise pass, not copied out and back each call."""
+  return (state.counts[slots.rows], state.seen[slots.rows], slots.presence,
+          slots.frequency, slots.repetition)
+
+
+def count_tokens(counts, rows, tokens, where):
+  """``counts`` [B, V] with one more of ``tokens`` [b] in its ``rows``
+  [b] (distinct) where ``where`` [b]."""
+  return counts.at[rows, tokens].add(where.astype(counts.dtype),
+                                     unique_indices=True)
+
+
+def _arm_penalties(state: DecodeState, row, seen_row, counts_row):
+  """Sets ``row``'s penalty state: its prompt's tokens ``seen_row`` [V]
+  and its output's counts so far ``counts_row`` [V] (the first token; a
+  resumed request's earlier tokens too)."""
+  return state.replace(counts=state.counts.at[row].set(counts_row),
+                       seen=state.seen.at[row].set(seen_row))
 
 
 def _insert(state: DecodeState, kv, dest_pages, row, first_token, position,
@@ -153,7 +199,7 @@ def _insert(state: DecodeState, kv, dest_pages, row, first_token, position,
   v = state.v.at[rows].set(flat[:, 1].reshape(L * n, *kv.shape[3:]),
                            unique_indices=True)
   positions = state.positions.at[row].set(position)
-  return DecodeState(
+  return state.replace(
       k=k, v=v,
       tokens=state.tokens.at[row].set(first_token),
       positions=positions,
@@ -171,7 +217,9 @@ def _init_state(cfg: ModelConfig, dcfg: DecodeConfig):
       tokens=jnp.zeros((B,), jnp.int32),
       positions=jnp.zeros((B,), jnp.int32),
       generated=jnp.zeros((B,), jnp.int32),
-      done=jnp.ones((B,), bool))
+      done=jnp.ones((B,), bool),
+      counts=jnp.zeros((B, cfg.padded_vocab), jnp.int32),
+      seen=jnp.zeros((B, cfg.padded_vocab), bool))
 
 
 # The pools' row axis is layer-major (layer l's page p at row l * N + p):
@@ -188,7 +236,8 @@ def staged_insert(mesh, axis: str = STAGE_AXIS):
   stage and updated alike."""
   split, whole = PartitionSpec(axis), PartitionSpec()
   state_specs = DecodeState(k=split, v=split, tokens=whole, positions=whole,
-                            generated=whole, done=whole)
+                            generated=whole, done=whole, counts=whole,
+                            seen=whole)
   return shard_map_stages(
       _insert, mesh, (state_specs, split, whole, whole, whole, whole, whole),
       (state_specs, whole), axis)
@@ -360,6 +409,7 @@ class _Programs:
     self.insert = shared_jit(
         _insert if self.stages == 1
         else staged_insert(replica_mesh.abstract_mesh), donate_argnums=(0,))
+    self.arm_penalties = shared_jit(_arm_penalties, donate_argnums=(0,))
 
   def generate_program(self, all_greedy: bool | None, rows: int, *,
                        num_steps: int | None = None):
@@ -421,14 +471,16 @@ def _generate_entry(params, state, slots, *, cfg, num_steps, eos_ids,
   rows = slots.rows
   sub = DecodeState(k=state.k, v=state.v, tokens=state.tokens[rows],
                     positions=state.positions[rows],
-                    generated=state.generated[rows], done=state.done[rows])
+                    generated=state.generated[rows], done=state.done[rows],
+                    counts=state.counts, seen=state.seen)
   sub, out = _scan_steps(params, sub, slots, cfg, num_steps, eos, capacity,
                          paged, all_greedy, forward)
   return DecodeState(
       k=sub.k, v=sub.v, tokens=state.tokens.at[rows].set(sub.tokens),
       positions=state.positions.at[rows].set(sub.positions),
       generated=state.generated.at[rows].set(sub.generated),
-      done=state.done.at[rows].set(sub.done)), pack_step_output(out)
+      done=state.done.at[rows].set(sub.done), counts=sub.counts,
+      seen=state.seen), pack_step_output(out)
 
 
 def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
@@ -461,17 +513,20 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       params, jnp.concatenate(
           [first[:, None], jnp.where(live[:, None], drafts, 0)], axis=1),
       start, state.k, state.v, table, cfg=cfg, num_kept=kept)
+  counts = state.counts
   toks, count, logprobs = accept(
       out.logits, drafts, num, slots.temperature, slots.top_p, slots.top_k,
       slots.min_p, slots.seed, gen, held_back=(slots.min_tokens, stops),
-      all_greedy=all_greedy)
+      penalties=penalties(state, slots), all_greedy=all_greedy)
   if step_rows is not None:
     logprobs = logprobs_as_steps(out.logits, toks, kept, step_rows)
   valid, finished, stopped = [], [], []
   ended = ~live
+  counting = penalized(slots)
   for i in range(T):
     tok = toks[:, i]
     emitted = ~ended & (i < count)
+    counts = count_tokens(counts, rows, tok, emitted & counting)
     is_stop = jnp.any(tok[:, None] == stops, axis=1)
     at_len = gen + i + 1 >= slots.max_tokens
     at_cap = pos + i + 2 >= capacity
@@ -492,8 +547,8 @@ def _verify_entry(params, state, slots, drafts, num_drafts, *, cfg,
       tokens=state.tokens.at[rows].set(jnp.where(live, last, tokens0)),
       positions=state.positions.at[rows].set(pos + n_emit),
       generated=state.generated.at[rows].set(gen + n_emit),
-      done=state.done.at[rows].set(done | jnp.any(finished, axis=0))
-  ), pack_step_output(step_out)
+      done=state.done.at[rows].set(done | jnp.any(finished, axis=0)),
+      counts=counts, seen=state.seen), pack_step_output(step_out)
 
 
 def logprobs_as_steps(logits, tokens, num_kept, rows: int):

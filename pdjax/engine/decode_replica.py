@@ -163,7 +163,7 @@ class DecodeReplica:
     state_sharding = DecodeState(
         k=pool_sharding, v=pool_sharding, tokens=self.replicated,
         positions=self.replicated, generated=self.replicated,
-        done=self.replicated)
+        done=self.replicated, counts=self.replicated, seen=self.replicated)
     self.state = shared_jit(functools.partial(_init_state, cfg, dcfg),
                             out_shardings=state_sharding)()
     self.draft = None
@@ -296,6 +296,8 @@ class DecodeReplica:
         self.state, kv.kv, jax.device_put(dest, self.replicated),
         np.int32(row), np.int32(req.first_token), np.int32(prompt_len),
         np.int32(req.tokens_generated))
+    if req.sampling.penalized:
+      self._arm_penalties(row, req)
     # The row keeps the request, not its KV: the payload is in the pools now.
     # The first token came with the KV; each step adds one, and the device
     # ends the row at max_tokens or when the sequence fills max_seq_len.
@@ -319,6 +321,23 @@ class DecodeReplica:
     self.max_tokens[row] = req.sampling.max_tokens
     self._slots_dirty = True
     return row, receipt
+
+  def _arm_penalties(self, row: int, req: DecodeRequest) -> None:
+    """Uploads ``row``'s penalty state: its prompt's tokens, and its
+    output's so far. A request resumed after preemption carries its earlier
+    output at the end of its prompt (``evicted``): its last
+    ``tokens_generated - 1`` ids, counted as output."""
+    V = self.cfg.padded_vocab
+    ids = np.asarray(req.prompt_ids, np.int64)
+    earlier = req.tokens_generated - 1
+    prompt, output = ids[:len(ids) - earlier], ids[len(ids) - earlier:]
+    seen = np.zeros((V,), bool)
+    seen[prompt] = True
+    counts = np.bincount(np.append(output, req.first_token),
+                         minlength=V).astype(np.int32)
+    self.state = self.programs.arm_penalties(
+        self.state, np.int32(row), jax.device_put(seen, self.replicated),
+        jax.device_put(counts, self.replicated))
 
   def release(self, row: int, status: RequestStatus, *,
               cache: bool = True) -> None:
@@ -481,7 +500,9 @@ class DecodeReplica:
           min_tokens=self.samp.min_tokens[idx],
           seed=self.samp.seed[idx],
           max_tokens=self.max_tokens[idx], stop_ids=self.samp.stop_ids[idx],
-          use_eos=self.samp.use_eos[idx])
+          use_eos=self.samp.use_eos[idx], presence=self.samp.presence[idx],
+          frequency=self.samp.frequency[idx],
+          repetition=self.samp.repetition[idx])
       self._slots_dev = jax.device_put(host, self.replicated)
       self._slots_dirty = False
       self._slots_key = key
@@ -523,6 +544,14 @@ class DecodeReplica:
       for _ in range(2):
         self.state, _ = self.programs.insert(self.state, kv, dest, zero,
                                              zero, zero, zero)
+    # Row 0's penalty state, as a penalized request's insert sets it (no
+    # row is live: nothing reads it).
+    V = self.cfg.padded_vocab
+    for _ in range(2):
+      self.state = self.programs.arm_penalties(
+          self.state, zero,
+          jax.device_put(np.zeros((V,), bool), self.replicated),
+          jax.device_put(np.zeros((V,), np.int32), self.replicated))
     if self.host_tier is not None:   # host KV tier programs
       self.host_tier.warmup()
     if self.draft is not None:       # the draft model's programs
@@ -610,7 +639,7 @@ class DecodeReplica:
       return None
     k = self.dcfg.spec_tokens
     return {row: (self._prompt_lookup(row, min(k, left[row] - 1))
-                  if self.rows[row].request.sampling.speculative else [])
+                  if self.rows[row].request.sampling.drafted else [])
             for row in rows}
 
   def _drafts(self, rows: Sequence[int], width: int, left: dict[int, int],
@@ -624,7 +653,7 @@ class DecodeReplica:
     if self.draft is not None:   # every row drafts: the draft's KV follows
       num = self._fit(rows, width, [
           max(min(k, left[row] - 1), 0)
-          if self.rows[row].request.sampling.speculative else 0
+          if self.rows[row].request.sampling.drafted else 0
           for row in rows])
       lengths = [len(self.rows[row].request.prompt_ids)
                  + len(self.rows[row].generated) for row in rows]

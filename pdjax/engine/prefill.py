@@ -73,12 +73,14 @@ def _to_pages(k, v, page_size):
 # buffer, the six inputs apart took 0.55 ms). Columns: the prompt (T), its
 # true length, then the sampling settings (temperature, top_p as float32
 # bits, top_k, min_p as float32 bits, the seed as uint32 bits), then what
-# min_tokens holds back (``hold_back_columns``). A chunk's sampling goes as
-# one array too (``sampling_columns``; five apart before).
+# min_tokens holds back (``hold_back_columns``), then the penalties
+# (presence, frequency, repetition as float32 bits). A chunk's sampling goes
+# as one array too (``sampling_columns``; five apart before).
 _SAMPLING_COLUMNS = 5
 _HOLD_BACK_COLUMNS = 2 + MAX_STOP_TOKEN_IDS
+_PENALTIES_AT = _SAMPLING_COLUMNS + _HOLD_BACK_COLUMNS
 # Columns of ``pack_inputs``' array past the prompt's.
-COLUMNS_PAST_PROMPT = 1 + _SAMPLING_COLUMNS + _HOLD_BACK_COLUMNS
+COLUMNS_PAST_PROMPT = 1 + _PENALTIES_AT + 3
 
 
 def hold_back_columns(samp: SamplingArrays) -> np.ndarray:
@@ -99,15 +101,50 @@ def _held_back(cols, eos_ids):
 
 def sampling_columns(samp: SamplingArrays) -> np.ndarray:
   """The rows' sampling as one int32 array ``[B, COLUMNS_PAST_PROMPT -
-  1]``: one buffer to upload, which
-  ``_unpack_sampling`` and ``_held_back`` read in a program."""
+  1]``: one buffer to upload, which ``_unpack_sampling``, ``_held_back``
+  and ``_penalties`` read in a program."""
+  def f32_bits(a):
+    return a.astype(np.float32).view(np.int32)[:, None]
   return np.concatenate(
-      [samp.temperature.astype(np.float32).view(np.int32)[:, None],
-       samp.top_p.astype(np.float32).view(np.int32)[:, None],
-       samp.top_k.astype(np.int32)[:, None],
-       samp.min_p.astype(np.float32).view(np.int32)[:, None],
+      [f32_bits(samp.temperature), f32_bits(samp.top_p),
+       samp.top_k.astype(np.int32)[:, None], f32_bits(samp.min_p),
        samp.seed.astype(np.uint32).view(np.int32)[:, None],
-       hold_back_columns(samp)], axis=1)
+       hold_back_columns(samp), f32_bits(samp.presence),
+       f32_bits(samp.frequency), f32_bits(samp.repetition)], axis=1)
+
+
+def _penalties(cols, seen):
+  """In a program: ``sample``'s ``penalties`` for a first token, from the
+  sampling columns and the prompts' tokens ``seen`` [B, V] (no output
+  yet: only the repetition penalty can apply)."""
+  pen = jax.lax.bitcast_convert_type(cols[:, _PENALTIES_AT:], jnp.float32)
+  return None, seen, pen[:, 0], pen[:, 1], pen[:, 2]
+
+
+def _held_back_of(cols, eos_ids):
+  """``_held_back`` of the sampling columns' hold-back columns."""
+  return _held_back(cols[:, _SAMPLING_COLUMNS:_PENALTIES_AT], eos_ids)
+
+
+def prompt_seen(tokens, true_len, width: int):
+  """``[B, width]`` bool: the tokens of each row's prompt (its first
+  ``true_len`` of ``tokens`` [B, T]), what the repetition penalty reads;
+  in a program (``seen_rows`` makes it on the host)."""
+  B, T = tokens.shape
+  valid = jnp.arange(T)[None, :] < true_len[:, None]
+  return jnp.zeros((B, width), bool).at[
+      jnp.arange(B)[:, None], jnp.where(valid, tokens, width)].set(
+          True, mode="drop")
+
+
+def seen_rows(prompts: Sequence[Sequence[int]], batch: int,
+              width: int) -> np.ndarray:
+  """On the host: ``prompt_seen`` of whole prompts, padded to ``batch``
+  rows (a chunk program's, whose chunks hold a part of each prompt)."""
+  out = np.zeros((batch, width), bool)
+  for b, ids in enumerate(prompts):
+    out[b, np.asarray(ids, np.int64)] = True
+  return out
 
 
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
@@ -178,16 +215,20 @@ def _prefill_program(params, packed, *, cfg, page_size, kv_spec):
   out = prefill_forward(params, tokens, true_len, cfg=cfg)
   rows = _to_pages(out.k, out.v, page_size)
   rows = [jax.lax.with_sharding_constraint(r, kv_spec) for r in rows]
-  return out.logits, cols, rows
+  seen = prompt_seen(tokens, true_len, out.logits.shape[-1])
+  return out.logits, (cols, seen), rows
 
 
-def _first_token_program(logits, cols, *, all_greedy, eos_ids):
-  """A batch's first tokens and logprobs, packed (``_pack_outputs``)."""
+def _first_token_program(logits, sampling, *, all_greedy, eos_ids):
+  """A batch's first tokens and logprobs, packed (``_pack_outputs``);
+  ``sampling``: the sampling columns and the prompts' tokens, as the
+  prefill program returns them."""
+  cols, seen = sampling
   index = jnp.zeros(logits.shape[:1], jnp.int32)
   return _pack_outputs(*sample(
       logits, *_unpack_sampling(cols), index,
-      held_back=_held_back(cols[:, _SAMPLING_COLUMNS:], eos_ids),
-      all_greedy=all_greedy))
+      held_back=_held_back_of(cols, eos_ids),
+      penalties=_penalties(cols, seen), all_greedy=all_greedy))
 
 
 def _embed_program(params, packed, *, x_spec):
@@ -208,14 +249,15 @@ def _group_program(params, x, *, first_layer, cfg, num_layers, page_size,
 
 
 def _head_program(params, x, packed, *, cfg):
-  """The last layer group's residual stream -> (logits, sampling columns),
-  as ``_prefill_program`` returns them."""
-  _, true_len, cols = _unpack_inputs(packed)
-  return prefill_last_logits(params, x, true_len, cfg=cfg), cols
+  """The last layer group's residual stream -> (logits, (sampling
+  columns, prompts' tokens)), as ``_prefill_program`` returns them."""
+  tokens, true_len, cols = _unpack_inputs(packed)
+  logits = prefill_last_logits(params, x, true_len, cfg=cfg)
+  return logits, (cols, prompt_seen(tokens, true_len, logits.shape[-1]))
 
 
-def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols, *,
-                   cfg):
+def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols,
+                   seen, *, cfg):
   """One chunk of each of ``B`` prompts (row ``b``: ``tokens[b]``, its
   buffers ``k_bufs[b]``, ``v_bufs[b]``): writes the chunk's K/V into the
   row's buffers after its first ``start[b]`` positions (cached blocks and
@@ -223,7 +265,8 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols, *,
   have one static size, so a chunk program exists once per chunk length
   and row count; positions past the chunk are never read, whatever they
   hold. The rows' buffers stay apart (no batch is copied together), each
-  updated in place. ``cols``: the rows' ``sampling_columns``. Returns the
+  updated in place. ``cols``: the rows' ``sampling_columns``; ``seen``:
+  their whole prompts' tokens (``seen_rows``). Returns the
   sampled tokens, their logprobs and each row's buffers (tuples, as they
   came)."""
   out = prefill_chunk(params, tokens, true_len, tuple(k_bufs),
@@ -231,7 +274,8 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols, *,
   tok, lp = sample(
       out.logits, *_unpack_sampling(cols),
       jnp.zeros((tokens.shape[0],), jnp.int32),
-      held_back=_held_back(cols[:, _SAMPLING_COLUMNS:], cfg.eos_token_ids))
+      held_back=_held_back_of(cols, cfg.eos_token_ids),
+      penalties=_penalties(cols, seen))
   return tok, lp, out.k, out.v
 
 
@@ -285,6 +329,8 @@ class BufferedPrefill:
     cfg = engine.config
     self._cols = engine._put(sampling_columns(
         SamplingArrays.stack([(r.sampling, r.seed_u32)], 1)))
+    self._seen = engine._put(seen_rows([r.prompt_ids], 1,
+                                       engine.cfg.padded_vocab))
     if buffer_len is None:
       buffer_len = cfg.buffer_len_for(len(r.prompt_ids),
                                       len(prefix) * cfg.page_size)
@@ -330,7 +376,7 @@ class BufferedPrefill:
             e.params, e._put(part),
             e._put(np.array([len(piece)], np.int32)), (self._k,),
             (self._v,), e._put(np.array([self.position], np.int32)),
-            self._cols)
+            self._cols, self._seen)
       except BaseException:
         self.abort()
         raise
@@ -359,17 +405,20 @@ class BufferedPrefill:
     cols = sampling_columns(SamplingArrays.stack(
         [(run.request.sampling, run.request.seed_u32) for run in runs],
         batch))
+    seen = seen_rows([run.request.prompt_ids for run in runs], batch,
+                     e.cfg.padded_vocab)
     length = runs[0].buffer_len
     if any(run.buffer_len != length for run in runs):
       raise ValueError("runs finished together share one buffer length")
     pads = [e.empty_buffers(length) for _ in range(batch - len(runs))]
     try:
-      tokens, true_len, start, cols = e._put((tokens, true_len, start, cols))
+      tokens, true_len, start, cols, seen = e._put(
+          (tokens, true_len, start, cols, seen))
       tok, lp, ks, vs = e._chunk(
           e.params, tokens, true_len,
           tuple(r._k for r in runs) + tuple(k for k, _ in pads),
           tuple(r._v for r in runs) + tuple(v for _, v in pads),
-          start, cols)
+          start, cols, seen)
       tok, lp = jax.device_get((tok, lp))
     except BaseException:
       for run in runs:

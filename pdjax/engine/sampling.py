@@ -33,6 +33,10 @@ class SamplingArrays:
   min_tokens: np.ndarray   # [B] i32 (0 = off)
   stop_ids: np.ndarray     # [B, MAX_STOP_TOKEN_IDS] i32 (-1 padded)
   use_eos: np.ndarray      # [B] bool (False: ignore_eos)
+  # vLLM's penalties (``apply_penalties``; 0, 0, 1: off).
+  presence: np.ndarray     # [B] f32
+  frequency: np.ndarray    # [B] f32
+  repetition: np.ndarray   # [B] f32
 
   @classmethod
   def empty(cls, batch: int) -> "SamplingArrays":
@@ -40,7 +44,8 @@ class SamplingArrays:
                np.zeros((batch,), np.int32), np.zeros((batch,), np.float32),
                np.zeros((batch,), np.uint32), np.zeros((batch,), np.int32),
                np.full((batch, MAX_STOP_TOKEN_IDS), -1, np.int32),
-               np.ones((batch,), bool))
+               np.ones((batch,), bool), np.zeros((batch,), np.float32),
+               np.zeros((batch,), np.float32), np.ones((batch,), np.float32))
 
   def set_row(self, row: int, params: SamplingParams, seed_u32: int) -> None:
     self.temperature[row] = params.temperature
@@ -53,10 +58,13 @@ class SamplingArrays:
     self.stop_ids[row] = -1
     self.stop_ids[row, :len(stops)] = stops
     self.use_eos[row] = not params.ignore_eos
+    self.presence[row] = params.presence_penalty
+    self.frequency[row] = params.frequency_penalty
+    self.repetition[row] = params.repetition_penalty
 
   def clear_row(self, row: int) -> None:
     """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, no
-    min_tokens or stop ids, EOS counted, seed 0)."""
+    min_tokens, stop ids or penalties, EOS counted, seed 0)."""
     self.temperature[row] = 0.0
     self.top_p[row] = 1.0
     self.top_k[row] = 0
@@ -65,6 +73,9 @@ class SamplingArrays:
     self.stop_ids[row] = -1
     self.use_eos[row] = True
     self.seed[row] = 0
+    self.presence[row] = 0.0
+    self.frequency[row] = 0.0
+    self.repetition[row] = 1.0
 
   @classmethod
   def stack(cls, rows: Sequence[tuple[SamplingParams, int]], batch: int):
@@ -136,8 +147,29 @@ def hold_back_stops(logits, index, min_tokens, stops):
   return jnp.where(hit & (index < min_tokens)[..., None], -jnp.inf, logits)
 
 
+def apply_penalties(logits, counts, seen, presence, frequency, repetition):
+  """vLLM's penalties on ``logits`` [..., V] f32: ``counts`` [..., V] (the
+  output's occurrences of each token; None: none yet, as for a first
+  token), ``seen`` [..., V] bool (the prompt's tokens), and per row
+  ``presence``, ``frequency``, ``repetition`` [...]. A token of the prompt
+  or the output has its logit divided by ``repetition`` where positive,
+  multiplied where not; then one the output holds loses ``frequency`` per
+  occurrence and ``presence`` once. Elementwise: with the penalties off
+  (0, 0, 1) every logit stays bit for bit (x / 1, x * 1 and x - 0 are x)."""
+  rep = repetition[..., None]
+  if counts is not None:
+    c = counts.astype(jnp.float32)
+    seen = seen | (counts > 0)
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep),
+                     logits)
+  if counts is not None:
+    logits = (logits - frequency[..., None] * c
+              - presence[..., None] * (counts > 0).astype(jnp.float32))
+  return logits
+
+
 def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
-           held_back=None, all_greedy: bool | None = None):
+           held_back=None, penalties=None, all_greedy: bool | None = None):
   """Batched sampler: logits [B, V] f32 -> (tokens [B], logprobs [B]).
 
   ``index`` [B] is the number of tokens the row has generated before this
@@ -149,6 +181,10 @@ def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
   ids are not sampled before its ``min_tokens``-th token
   (``hold_back_stops``); the logprob stays the raw distribution's.
 
+  ``penalties``: None, or ``apply_penalties``' (counts, seen, presence,
+  frequency, repetition), applied first; the logprob stays the raw
+  distribution's (vLLM's default).
+
   ``all_greedy``: whether every row is greedy, when the caller knows it
   (then the program has only that path); None decides on device with a
   ``lax.cond``. XLA's GPU runtime reads a cond's predicate on the host, so
@@ -156,8 +192,10 @@ def sample(logits, temperature, top_p, top_k, min_p, seed, index, *,
   that dispatch ahead (the decode loop) choose the path on the host.
   """
   logits = logits.astype(jnp.float32)
-  choose = logits if held_back is None else hold_back_stops(
-      logits, index, *held_back)
+  choose = logits if penalties is None else apply_penalties(logits,
+                                                            *penalties)
+  if held_back is not None:
+    choose = hold_back_stops(choose, index, *held_back)
   greedy = jnp.argmax(choose, axis=-1).astype(jnp.int32)
 
   def sampled():
@@ -180,6 +218,7 @@ def token_logprobs(logits, tokens):
 
 
 __all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
+           "apply_penalties",
            "filtered_sorted_logits", "hold_back_stops", "stop_set",
            "token_logprobs",
            "MAX_STOP_TOKEN_IDS"]

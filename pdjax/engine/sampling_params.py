@@ -54,10 +54,30 @@ class SamplingParams:
   # In a pool that speculates (DecodeConfig.speculative), whether this
   # request's tokens are drafted and verified (False: plain decoding).
   speculative: bool = True
+  # vLLM's penalties (0, 0, 1: off), applied to the logits before the
+  # temperature: presence and frequency over the output's tokens,
+  # repetition over the prompt's and the output's.
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0.0
+
+  @property
+  def penalized(self) -> bool:
+    """Whether any penalty is on."""
+    return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0)
+
+  @property
+  def drafted(self) -> bool:
+    """Whether a speculating pool drafts this request's tokens: not where
+    it opted out, nor where a penalty is on (a drafted token's penalty
+    would depend on the drafts before it; vLLM serves such requests
+    without speculation too)."""
+    return self.speculative and not self.penalized
 
   def validate(self, vocab_size: int | None = None) -> None:
     if self.max_tokens is None or self.max_tokens <= 0:
@@ -75,6 +95,13 @@ class SamplingParams:
     if self.top_k < -1:
       raise InvalidRequest("top_k", f"must be -1, 0 (disabled) or >= 1, got "
                            f"{self.top_k}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      v = getattr(self, name)
+      if not -2.0 <= v <= 2.0:
+        raise InvalidRequest(name, f"must be in [-2, 2], got {v}")
+    if not 0.0 < self.repetition_penalty <= 2.0:
+      raise InvalidRequest("repetition_penalty", f"must be in (0, 2], got "
+                           f"{self.repetition_penalty}")
     if self.seed is not None and not (0 <= self.seed < 2**63):
       raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
     if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdjax.engine.sampling import (filtered_sorted_logits, hold_back_stops,
-                                   token_logprobs)
+from pdjax.engine.sampling import (apply_penalties, filtered_sorted_logits,
+                                   hold_back_stops, token_logprobs)
 
 
 def propose_ngram(history: Sequence[int], k: int, *, max_n: int = 3,
@@ -185,7 +185,8 @@ def _accept_row(logits, drafts, num_drafts, temperature, top_p, top_k, min_p,
 
 
 def accept(logits, drafts, num_drafts, temperature, top_p, top_k, min_p,
-           seed, index, *, held_back=None, all_greedy: bool | None = None):
+           seed, index, *, held_back=None, penalties=None,
+           all_greedy: bool | None = None):
   """Acceptance for a batch (see the module docstring). logits [B, k+1, V]
   f32; drafts [B, k] int32, ``num_drafts`` [B] of them real (rows with
   fewer proposals, or none, decode one token as usual); sampling arrays
@@ -194,14 +195,23 @@ def accept(logits, drafts, num_drafts, temperature, top_p, top_k, min_p,
   tokens, and logprobs [B, k+1] of the raw distribution. ``held_back``:
   None or (min_tokens [B], stops [B, N]), as ``sampling.sample`` takes
   them, position i of a row being its (index + i)-th token: a stop id
-  drafted too early is rejected. ``all_greedy``: every row is greedy (the
-  caller knows; only that path is computed)."""
+  drafted too early is rejected. ``penalties``: None or
+  ``sampling.apply_penalties``' (counts [B, V], seen [B, V], presence,
+  frequency, repetition [B]), the same at every position: a row with a
+  penalty on drafts nothing (``SamplingParams.drafted``), so only its
+  first position emits. ``all_greedy``: every row is greedy (the caller
+  knows; only that path is computed)."""
   logits = logits.astype(jnp.float32)
   choose = logits
+  if penalties is not None:
+    counts, seen, presence, frequency, repetition = penalties
+    choose = apply_penalties(choose, counts[:, None], seen[:, None],
+                             presence[:, None], frequency[:, None],
+                             repetition[:, None])
   if held_back is not None:
     min_tokens, stops = held_back
     positions = index[:, None] + jnp.arange(logits.shape[1])
-    choose = hold_back_stops(logits, positions, min_tokens[:, None],
+    choose = hold_back_stops(choose, positions, min_tokens[:, None],
                              stops[:, None, :])
   if all_greedy:
     tokens, count = jax.vmap(_accept_greedy_row)(choose, drafts, num_drafts)

@@ -38,6 +38,10 @@ class RouterBackend:
         top_p=sampling.get("top_p"), top_k=sampling.get("top_k"),
         min_p=sampling.get("min_p") or None,
         min_tokens=sampling.get("min_tokens") or None,
+        presence_penalty=sampling.get("presence_penalty") or None,
+        frequency_penalty=sampling.get("frequency_penalty") or None,
+        repetition_penalty=(None if sampling.get("repetition_penalty", 1)
+                            == 1 else sampling["repetition_penalty"]),
         seed=None if seed is None else seed + item.index,
         stop_token_ids=sampling.get("stop_token_ids"),
         ignore_eos=sampling.get("ignore_eos"), request_id=item.request_id):

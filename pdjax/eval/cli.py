@@ -150,6 +150,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("min_tokens", 0, "No EOS or stop id before this many "
                        "tokens (at most each request's max_tokens); 0: off.",
                        flag_values=fv)
+  flags.DEFINE_float("presence_penalty", 0.0, "vLLM's presence penalty in "
+                     "[-2, 2]; 0: off.", flag_values=fv)
+  flags.DEFINE_float("frequency_penalty", 0.0, "vLLM's frequency penalty in "
+                     "[-2, 2]; 0: off.", flag_values=fv)
+  flags.DEFINE_float("repetition_penalty", 1.0, "vLLM's repetition penalty "
+                     "in (0, 2]; 1: off.", flag_values=fv)
   flags.DEFINE_bool("ignore_eos", None,
                     "Generate max_tokens regardless of EOS (default: on for "
                     "presets, off for --input).", flag_values=fv)
@@ -211,6 +217,9 @@ class EvalConfig:
   top_k: int = 0
   min_p: float = 0.0
   min_tokens: int = 0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
   ignore_eos: bool | None = None
   stop_token_ids: list[int] = dataclasses.field(default_factory=list)
   length_scale: float = 1.0
@@ -267,7 +276,10 @@ class EvalConfig:
   def sampling(self) -> dict[str, Any]:
     return dict(temperature=self.temperature, top_p=self.top_p,
                 top_k=self.top_k, min_p=self.min_p,
-                min_tokens=self.min_tokens, seed=self.seed,
+                min_tokens=self.min_tokens,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, seed=self.seed,
                 ignore_eos=self.ignore_eos,
                 stop_token_ids=list(self.stop_token_ids) or None)
 
@@ -288,6 +300,9 @@ def config_from_flags(FLAGS: flags.FlagValues = FLAGS) -> EvalConfig:
       attainment_target=FLAGS.attainment_target, max_tokens=FLAGS.max_tokens,
       temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
       min_p=FLAGS.min_p, min_tokens=FLAGS.min_tokens,
+      presence_penalty=FLAGS.presence_penalty,
+      frequency_penalty=FLAGS.frequency_penalty,
+      repetition_penalty=FLAGS.repetition_penalty,
       ignore_eos=FLAGS.ignore_eos,
       stop_token_ids=[int(t) for t in FLAGS.stop_token_ids],
       length_scale=FLAGS.length_scale, max_model_len=FLAGS.max_model_len,

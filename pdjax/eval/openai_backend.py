@@ -8,7 +8,7 @@ pdjax's router directly, which tells the gateway's own cost.
 Each request is one streamed ``POST /v1/completions`` with the prompt as
 token ids (or text), ``stream_options.include_usage`` for the server's token
 counts, and vLLM's extensions where the run sets them (``top_k``,
-``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``min_p``, ``min_tokens``, the penalties, ``ignore_eos``, ``stop_token_ids``,
 ``return_token_ids``). Token times come
 from the chunks: a chunk that carries ``token_ids`` (pdjax's gateway, vLLM
 with ``return_token_ids``) counts those; one without counts as one token per
@@ -101,9 +101,12 @@ class OpenAIBackend:
       if sampling.get(name) is not None:
         body[name] = sampling[name]
     # vLLM's extensions, where set.
-    for name in ("top_k", "min_p", "min_tokens"):
+    for name in ("top_k", "min_p", "min_tokens", "presence_penalty",
+                 "frequency_penalty"):
       if sampling.get(name):
         body[name] = sampling[name]
+    if sampling.get("repetition_penalty", 1) != 1:
+      body["repetition_penalty"] = sampling["repetition_penalty"]
     if sampling.get("seed") is not None:
       body["seed"] = sampling["seed"] + item.index
     if sampling.get("ignore_eos"):

@@ -6,7 +6,7 @@ Every field is checked here, before any router call, and every refusal is a
 * supported: translated into ``pdjax.client.build_request`` arguments
   (sampling named as vLLM names it, so most pass straight through), plus
   the parts the gateway does itself (``n``, ``stop`` strings, streaming);
-* supported only at their default value (penalties, ``echo``, ``best_of``,
+* supported only at their default value (``echo``, ``best_of``,
   ``logit_bias``, tools...): pdjax has no engine support for them, so a
   request that sets them is refused rather than silently served without;
 * unknown: ignored, as vLLM and OpenAI ignore them (logged at debug).
@@ -54,6 +54,9 @@ class Params:
   top_k: int | None = None
   min_p: float | None = None
   min_tokens: int | None = None
+  presence_penalty: float | None = None
+  frequency_penalty: float | None = None
+  repetition_penalty: float | None = None
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
@@ -72,7 +75,10 @@ class Params:
     seed = None if self.seed is None else self.seed + index
     return dict(max_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                min_tokens=self.min_tokens, seed=seed,
+                min_tokens=self.min_tokens,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, seed=seed,
                 stop_token_ids=list(self.stop_token_ids) or None,
                 ignore_eos=self.ignore_eos, speculative=self.speculative,
                 request_id=request_id,
@@ -190,8 +196,8 @@ def _token_ids(v: Any, name: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------- unsupported fields
-def _zero(v: Any) -> bool:
-  return v == 0
+def _within_two(v: float) -> bool:
+  return -2 <= v <= 2
 
 
 def _falsy(v: Any) -> bool:
@@ -213,9 +219,6 @@ def _no_tool_choice(v: Any) -> bool:
 # (field, is its value the default?, why it is refused). JSON null is always
 # the default. Both endpoints.
 _UNSUPPORTED_COMMON = (
-    ("presence_penalty", _zero, "pdjax has no presence penalty"),
-    ("frequency_penalty", _zero, "pdjax has no frequency penalty"),
-    ("repetition_penalty", _one, "pdjax has no repetition penalty"),
     ("logit_bias", _falsy, "pdjax cannot bias logits"),
     ("best_of", _one, "pdjax samples each choice once (use n)"),
     ("use_beam_search", _falsy, "pdjax has no beam search"),
@@ -303,6 +306,12 @@ def _params(body: _Body, *, max_tokens: int | None, logprobs: bool
       top_k=body.int("top_k", -1),
       min_p=body.number("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
       min_tokens=body.int("min_tokens", 0),
+      presence_penalty=body.number("presence_penalty", _within_two,
+                                   "in [-2, 2]"),
+      frequency_penalty=body.number("frequency_penalty", _within_two,
+                                    "in [-2, 2]"),
+      repetition_penalty=body.number("repetition_penalty",
+                                     lambda v: 0 < v <= 2, "in (0, 2]"),
       seed=seed,
       stop_token_ids=(() if stop_ids is None
                       else _token_ids(stop_ids, "stop_token_ids")),

@@ -39,6 +39,11 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
     raise InvalidRequest("sampling.top_p", "must be a finite number")
   if not math.isfinite(min_p):
     raise InvalidRequest("sampling.min_p", "must be a finite number")
+  penalties = {name: float(getattr(p, name)) for name in _PENALTIES
+               if p.HasField(name)}
+  for name, v in penalties.items():
+    if not math.isfinite(v):
+      raise InvalidRequest(f"sampling.{name}", "must be a finite number")
   if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
     raise InvalidRequest("sampling.stop_token_ids",
                          f"at most {MAX_STOP_TOKEN_IDS} ids, got "
@@ -51,7 +56,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams, *,
       stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
       ignore_eos=bool(p.ignore_eos),
       # Absent: the pool's setting applies (a pool that speculates does).
-      speculative=p.speculative if p.HasField("speculative") else True)
+      speculative=p.speculative if p.HasField("speculative") else True,
+      **penalties)
   try:
     params.validate(vocab_size)
   except InvalidRequest as e:
@@ -72,7 +78,16 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     out.min_tokens = s.min_tokens
   if not s.speculative:   # an opt-out; left unset, the pool's setting applies
     out.speculative = False
+  for name in _PENALTIES:
+    if getattr(s, name) != getattr(_OFF, name):
+      setattr(out, name, getattr(s, name))
   return out
+
+
+# SamplingParams' penalties, named as the proto names them (``_OFF``: their
+# values that turn them off).
+_PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+_OFF = SamplingParams()
 
 
 def check_request_id(request_id: str) -> str:
