@@ -18,12 +18,13 @@ from pdjax.engine.decode_config import DecodeConfig
 from pdjax.engine.prefill import PrefillConfig
 from pdjax.engine.sampling import InvalidRequest, SamplingParams
 
-# Prompts of 9 and 20 ids: the first prefills in a bucket, the second
-# (past the largest bucket) in chunks.
-PCFG = PrefillConfig(buckets=(16,), max_batch=2, page_size=16,
+# tests/test_draft_model.py's pools (the programs compile once for both).
+# Prompts of 9 and 40 ids: the first prefills in a bucket, the second (past
+# the largest bucket) in chunks.
+PCFG = PrefillConfig(buckets=(16, 32), max_batch=4, page_size=16,
                      max_seq_len=128)
-DCFG = DecodeConfig(max_seqs=4, page_size=16, num_pages=48, max_seq_len=128,
-                    steps_per_call=4)
+DCFG = DecodeConfig(max_seqs=4, page_size=16, num_pages=64, max_seq_len=128,
+                    steps_per_call=4, row_buckets=(4,))
 NEW = 24
 
 
@@ -128,20 +129,25 @@ def _generate(engine, requests):
   return dict(out)
 
 
-def _prompts(vocab_size):
+def _prompts():
   rng = np.random.default_rng(5)
   # Few distinct ids, so that the output repeats the prompt's and its own.
-  return [rng.integers(3, 40, n).tolist() for n in (9, 20)]
+  return [rng.integers(3, 40, n).tolist() for n in (9, 40)]
 
 
-def _transformers_tokens(model_dir, prompt, penalties):
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  return transformers.LlamaForCausalLM.from_pretrained(
+      str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+def _transformers_tokens(hf, prompt, penalties):
   """Greedy tokens of transformers' model: its own repetition penalty
   (``generate``) where only that is on, else its logits step by step
   through ``reference_penalties``."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  hf = transformers.LlamaForCausalLM.from_pretrained(
-      str(model_dir), dtype=torch.float32).eval()
+  import torch
   presence, frequency, repetition = penalties
   with torch.no_grad():
     if presence == frequency == 0:
@@ -160,8 +166,7 @@ def _transformers_tokens(model_dir, prompt, penalties):
 
 @pytest.mark.parametrize("penalties", [(0.0, 0.0, 1.4), (0.8, 0.5, 1.2)],
                          ids=["repetition", "all"])
-def test_greedy_tokens_match_transformers(tiny_decode_params, tiny_model_dir,
-                                          penalties):
+def test_greedy_tokens_match_transformers(tiny_decode_params, hf, penalties):
   params, cfg, mesh, rules = tiny_decode_params
   presence, frequency, repetition = penalties
   s = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
@@ -169,7 +174,7 @@ def test_greedy_tokens_match_transformers(tiny_decode_params, tiny_model_dir,
                      repetition_penalty=repetition)
   plain = dataclasses.replace(s, presence_penalty=0.0,
                               frequency_penalty=0.0, repetition_penalty=1.0)
-  prompts = _prompts(cfg.vocab_size)
+  prompts = _prompts()
   # With requests beside them that have no penalty (their rows share the
   # calls), and a row reused by a penalized request after a plain one.
   reqs = ([(f"p{i}", p, s) for i, p in enumerate(prompts)]
@@ -179,11 +184,10 @@ def test_greedy_tokens_match_transformers(tiny_decode_params, tiny_model_dir,
   got_again = _generate(engine, [(f"again{i}", p, s)
                                  for i, p in enumerate(prompts)])
   for i, prompt in enumerate(prompts):
-    want = _transformers_tokens(tiny_model_dir, prompt, penalties)
+    want = _transformers_tokens(hf, prompt, penalties)
     assert got[f"p{i}"] == want, (i, got[f"p{i}"], want)
     assert got_again[f"again{i}"] == want
-    assert got[f"q{i}"] == _transformers_tokens(tiny_model_dir, prompt,
-                                                (0.0, 0.0, 1.0))
+    assert got[f"q{i}"] == _transformers_tokens(hf, prompt, (0.0, 0.0, 1.0))
     assert got[f"q{i}"] != want          # the penalties did something
 
 
@@ -193,7 +197,7 @@ def test_a_penalized_request_is_not_drafted(tiny_decode_params):
   params, cfg, mesh, rules = tiny_decode_params
   s = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
                      repetition_penalty=1.4, frequency_penalty=0.3)
-  prompts = _prompts(cfg.vocab_size)
+  prompts = _prompts()
   reqs = [(f"p{i}", p, s) for i, p in enumerate(prompts)]
   plain = _generate(ColocatedEngine(params, cfg, mesh, rules, PCFG, DCFG),
                     reqs)

@@ -214,10 +214,10 @@ def test_penalties_reach_both_pools(grpc_cluster, tiny_model_dir):
   token), the KV hand-off and a decode worker (its penalty state armed at
   insert) gives the in-process engine's tokens (which tests/
   test_penalties.py holds to transformers), not the plain ones."""
-  # Prompts of few distinct ids (the penalties have tokens to act on), one
-  # past the largest bucket (prefilled in chunks).
+  # Prompts of few distinct ids (the penalties have tokens to act on; the
+  # chunked prefill's are tests/test_penalties.py's).
   rng = np.random.default_rng(8)
-  prompts = [rng.integers(3, 40, n).tolist() for n in (9, 20, 140)]
+  prompts = [rng.integers(3, 40, n).tolist() for n in (9, 20)]
   penalties = dict(presence_penalty=1.5, frequency_penalty=1.0,
                    repetition_penalty=1.8)
   new = 32   # long enough for the output to repeat itself
