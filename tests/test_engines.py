@@ -1572,7 +1572,7 @@ def test_prefill_inputs_travel_packed_exactly():
   prompt, its length and every sampling setting come out of it bit for bit
   (a seed past 2**31, float settings as their bits), and the first tokens
   and logprobs come back out of one array likewise."""
-  from pdjax.engine.prefill import (COLUMNS_PAST_PROMPT, _held_back_of,
+  from pdjax.engine.prefill import (COLUMNS_PAST_PROMPT, _held_back,
                                     _pack_outputs, _penalties,
                                     _unpack_inputs, _unpack_sampling,
                                     pack_inputs, prompt_seen,
@@ -1598,7 +1598,7 @@ def test_prefill_inputs_travel_packed_exactly():
     np.testing.assert_array_equal(np.asarray(got), want)
   # What min_tokens holds back: row 0 its stops and the EOS ids, row 1
   # (ignore_eos, no stops) nothing.
-  min_tokens, stops = jax.jit(_held_back_of, static_argnums=1)(cols,
+  min_tokens, stops = jax.jit(_held_back, static_argnums=1)(cols,
                                                                (2, 7))
   assert np.asarray(min_tokens).tolist() == [3, 0]
   assert sorted(t for t in np.asarray(stops)[0].tolist() if t >= 0) == [

@@ -56,7 +56,7 @@ from pdjax.engine.kv import (kv_sharding, pages_for, request_kv_shape,
 from pdjax.engine.prefix_cache import (_gather_blocks, block_hashes,
                                       layout_fingerprint)
 from pdjax.engine.requests import DecodeRequest, RequestKV, RequestStatus
-from pdjax.engine.sampling import SamplingArrays
+from pdjax.engine.sampling import SamplingArrays, seen_rows
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.draft_model import DraftModel
 from pdjax.engine.speculative import PromptLookup, propose_ngram, token_bits
@@ -331,8 +331,7 @@ class DecodeReplica:
     ids = np.asarray(req.prompt_ids, np.int64)
     earlier = req.tokens_generated - 1
     prompt, output = ids[:len(ids) - earlier], ids[len(ids) - earlier:]
-    seen = np.zeros((V,), bool)
-    seen[prompt] = True
+    seen = seen_rows([prompt], 1, V)[0]
     counts = np.bincount(np.append(output, req.first_token),
                          minlength=V).astype(np.int32)
     self.state = self.programs.arm_penalties(

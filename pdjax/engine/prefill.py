@@ -38,7 +38,7 @@ from pdjax.engine.prefill_config import PrefillConfig
 from pdjax.engine.requests import PrefillRequest, PrefillResult, RequestKV
 from pdjax.engine.sampling import (MAX_STOP_TOKEN_IDS, InvalidRequest,
                                    SamplingArrays, SamplingParams, sample,
-                                   stop_set)
+                                   seen_rows, stop_set)
 from pdjax.engine.sampling_params import check_in_vocabulary
 from pdjax.engine.shared_jit import shared_jit
 from pdjax.engine.xla_options import gemm_options
@@ -87,16 +87,18 @@ def hold_back_columns(samp: SamplingArrays) -> np.ndarray:
   """What a first token's ``min_tokens`` holds back, per row of ``samp``:
   ``[B, 2 + MAX_STOP_TOKEN_IDS]`` int32, the row's min_tokens, whether its
   EOS counts, its stop ids (-1 padded); ``_held_back`` reads it in a
-  program."""
+  program, from the sampling columns."""
   return np.concatenate([samp.min_tokens.astype(np.int32)[:, None],
                          samp.use_eos.astype(np.int32)[:, None],
                          samp.stop_ids.astype(np.int32)], axis=1)
 
 
 def _held_back(cols, eos_ids):
-  """In a program: ``hold_back_columns`` -> ``sample``'s ``held_back``."""
+  """In a program: the sampling columns' ``hold_back_columns`` ->
+  ``sample``'s ``held_back``."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  return cols[:, 0], stop_set(cols[:, 2:], cols[:, 1] != 0, eos)
+  held = cols[:, _SAMPLING_COLUMNS:_PENALTIES_AT]
+  return held[:, 0], stop_set(held[:, 2:], held[:, 1] != 0, eos)
 
 
 def sampling_columns(samp: SamplingArrays) -> np.ndarray:
@@ -121,30 +123,15 @@ def _penalties(cols, seen):
   return None, seen, pen[:, 0], pen[:, 1], pen[:, 2]
 
 
-def _held_back_of(cols, eos_ids):
-  """``_held_back`` of the sampling columns' hold-back columns."""
-  return _held_back(cols[:, _SAMPLING_COLUMNS:_PENALTIES_AT], eos_ids)
-
-
 def prompt_seen(tokens, true_len, width: int):
   """``[B, width]`` bool: the tokens of each row's prompt (its first
   ``true_len`` of ``tokens`` [B, T]), what the repetition penalty reads;
-  in a program (``seen_rows`` makes it on the host)."""
+  in a program (``sampling.seen_rows`` makes it on the host)."""
   B, T = tokens.shape
   valid = jnp.arange(T)[None, :] < true_len[:, None]
   return jnp.zeros((B, width), bool).at[
       jnp.arange(B)[:, None], jnp.where(valid, tokens, width)].set(
           True, mode="drop")
-
-
-def seen_rows(prompts: Sequence[Sequence[int]], batch: int,
-              width: int) -> np.ndarray:
-  """On the host: ``prompt_seen`` of whole prompts, padded to ``batch``
-  rows (a chunk program's, whose chunks hold a part of each prompt)."""
-  out = np.zeros((batch, width), bool)
-  for b, ids in enumerate(prompts):
-    out[b, np.asarray(ids, np.int64)] = True
-  return out
 
 
 def pack_inputs(tokens: np.ndarray, true_len: np.ndarray,
@@ -166,7 +153,7 @@ def _unpack_inputs(packed):
 
 def _unpack_sampling(cols):
   """In a program: the sampling columns -> the arrays ``sample`` takes
-  (its positional ones; ``_held_back(cols[:, 5:], ...)`` the rest)."""
+  (its positional ones; ``_held_back`` and ``_penalties`` the rest)."""
   as_f32 = functools.partial(jax.lax.bitcast_convert_type,
                              new_dtype=jnp.float32)
   return (as_f32(cols[:, 0]), as_f32(cols[:, 1]), cols[:, 2],
@@ -227,7 +214,7 @@ def _first_token_program(logits, sampling, *, all_greedy, eos_ids):
   index = jnp.zeros(logits.shape[:1], jnp.int32)
   return _pack_outputs(*sample(
       logits, *_unpack_sampling(cols), index,
-      held_back=_held_back_of(cols, eos_ids),
+      held_back=_held_back(cols, eos_ids),
       penalties=_penalties(cols, seen), all_greedy=all_greedy))
 
 
@@ -274,7 +261,7 @@ def _chunk_program(params, tokens, true_len, k_bufs, v_bufs, start, cols,
   tok, lp = sample(
       out.logits, *_unpack_sampling(cols),
       jnp.zeros((tokens.shape[0],), jnp.int32),
-      held_back=_held_back_of(cols, cfg.eos_token_ids),
+      held_back=_held_back(cols, cfg.eos_token_ids),
       penalties=_penalties(cols, seen))
   return tok, lp, out.k, out.v
 

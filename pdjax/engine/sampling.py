@@ -65,17 +65,8 @@ class SamplingArrays:
   def clear_row(self, row: int) -> None:
     """Back to ``empty``'s values (greedy, no top-p/top-k/min-p, no
     min_tokens, stop ids or penalties, EOS counted, seed 0)."""
-    self.temperature[row] = 0.0
-    self.top_p[row] = 1.0
-    self.top_k[row] = 0
-    self.min_p[row] = 0.0
-    self.min_tokens[row] = 0
-    self.stop_ids[row] = -1
-    self.use_eos[row] = True
-    self.seed[row] = 0
-    self.presence[row] = 0.0
-    self.frequency[row] = 0.0
-    self.repetition[row] = 1.0
+    for f, a in dataclasses.asdict(_EMPTY_ROW).items():
+      getattr(self, f)[row] = a[0]
 
   @classmethod
   def stack(cls, rows: Sequence[tuple[SamplingParams, int]], batch: int):
@@ -88,6 +79,9 @@ class SamplingArrays:
     """``sample``'s per-row arguments, in its order."""
     return (self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
 
+
+# One row of ``SamplingArrays.empty``: what ``clear_row`` sets.
+_EMPTY_ROW = SamplingArrays.empty(1)
 
 def filtered_sorted_logits(logits, temperature, top_p, top_k, min_p):
   """One row's sampling distribution: logits [V] scaled by the temperature
@@ -145,6 +139,17 @@ def hold_back_stops(logits, index, min_tokens, stops):
   for j in range(stops.shape[-1]):
     hit = hit | (vocab == stops[..., j:j + 1])
   return jnp.where(hit & (index < min_tokens)[..., None], -jnp.inf, logits)
+
+
+def seen_rows(prompts: Sequence[Sequence[int]], batch: int,
+              width: int) -> np.ndarray:
+  """On the host: ``[batch, width]`` bool, row ``b`` the tokens of
+  ``prompts[b]`` (what the repetition penalty reads; rows past the
+  prompts: none)."""
+  out = np.zeros((batch, width), bool)
+  for b, ids in enumerate(prompts):
+    out[b, np.asarray(ids, np.int64)] = True
+  return out
 
 
 def apply_penalties(logits, counts, seen, presence, frequency, repetition):
@@ -218,7 +223,7 @@ def token_logprobs(logits, tokens):
 
 
 __all__ = ["SamplingParams", "SamplingArrays", "InvalidRequest", "sample",
-           "apply_penalties",
+           "apply_penalties", "seen_rows",
            "filtered_sorted_logits", "hold_back_stops", "stop_set",
            "token_logprobs",
            "MAX_STOP_TOKEN_IDS"]
